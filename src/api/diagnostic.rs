@@ -1,0 +1,79 @@
+//! `/diagnostic/heartbeat` (a real check of the store) and `/diagnostic/cluster`.
+
+use super::{json_reply, with_state, State, SERVICE_NAME, VERSION};
+use chrono::{SecondsFormat, Utc};
+use std::time::Duration;
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::Filter;
+
+/// How long the heartbeat waits for the store before calling it degraded.
+const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn routes(state: State) -> BoxedFilter<(Response,)> {
+    let heartbeat = warp::path!("diagnostic" / "heartbeat")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .then(heartbeat);
+    let cluster = warp::path!("diagnostic" / "cluster")
+        .and(warp::get())
+        .and(with_state(state))
+        .then(cluster);
+    heartbeat.or(cluster).unify().boxed()
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+async fn heartbeat(state: State) -> Response {
+    let check = tokio::time::timeout(STORE_CHECK_TIMEOUT, state.store.ping()).await;
+    let (status, code, problem) = match check {
+        Ok(Ok(())) => ("OK", StatusCode::OK, None),
+        Ok(Err(error)) => (
+            "DEGRADED",
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(error.to_string()),
+        ),
+        Err(_) => (
+            "DEGRADED",
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("store check timed out".to_string()),
+        ),
+    };
+    let mut body = serde_json::json!({
+        "generated_at": now(),
+        "service_id": state.service_id,
+        "service_name": SERVICE_NAME,
+        "status": status,
+        "version": VERSION,
+    });
+    if let Some(problem) = problem {
+        body["problem"] = serde_json::Value::String(problem);
+    }
+    json_reply(code, &body)
+}
+
+async fn cluster(state: State) -> Response {
+    let node = serde_json::json!({
+        "name": state.service_id,
+        "connected": true,
+        "connection_string": format!("http://{}", state.advertised),
+        "last_activity": now(),
+        "role": "leader",
+        "inflight": state.pool.inflight(),
+        "queued": state.pool.queued(),
+        "version": VERSION,
+        "started_at": state.started_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+    });
+    json_reply(
+        StatusCode::OK,
+        &serde_json::json!({
+            "generated_at": now(),
+            "leader_name": state.service_id,
+            "nodes": [node],
+            "nodes_count": 1,
+        }),
+    )
+}

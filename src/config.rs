@@ -1,0 +1,421 @@
+//! One `Config` for the whole node: TOML file, then command-line flags on top, validated once.
+//!
+//! Every key has a default, so no file is needed. `config/order-process.toml` is the commented
+//! sample that lists them all. A bad key or value is a [`ConfigError`] naming the key; `main`
+//! turns it into exit code 64.
+
+use crate::order::Step;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A config problem: which key, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config: {}: {}", self.key, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub pipeline: PipelineConfig,
+    pub simulate: SimulateConfig,
+    /// Per-step handler sections, keyed by step name (`[steps.Processing]`).
+    pub steps: BTreeMap<String, StepConfig>,
+    pub database: DatabaseConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// How long running steps may take to finish on SIGTERM before the node exits anyway.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+    pub max_body_bytes: u64,
+    /// The `Retry-After` a client is given with a 503.
+    #[serde(deserialize_with = "duration")]
+    pub retry_after: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            shutdown_grace: Duration::from_secs(30),
+            max_body_bytes: 64 * 1024,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter: a level (`info`) or directives (`info,order_process=debug`).
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// At most this many orders execute steps at once.
+    pub workers: NonZeroUsize,
+    /// Accepted orders waiting for a worker; when full, new orders get 503.
+    pub queue_capacity: NonZeroUsize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            workers: NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
+            queue_capacity: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
+/// The built-in `simulate` handler: each step sleeps `duration` and fails with `failure_rate`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimulateConfig {
+    #[serde(deserialize_with = "duration")]
+    pub duration: Duration,
+    pub failure_rate: f64,
+}
+
+impl Default for SimulateConfig {
+    fn default() -> Self {
+        SimulateConfig {
+            duration: Duration::from_secs(5),
+            failure_rate: 0.05,
+        }
+    }
+}
+
+/// One `[steps.<Step>]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepConfig {
+    pub handler: String,
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub duration: Option<Duration>,
+    #[serde(default)]
+    pub failure_rate: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `redis://…` selects the Redis store; empty means the embedded store in `data_dir`.
+    pub url: String,
+}
+
+/// Values given on the command line; each one overrides the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// Reads the file (if any), applies the flags and validates the result.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|error| {
+                    ConfigError::new(
+                        "--config",
+                        format!("cannot read {}: {error}", path.display()),
+                    )
+                })?;
+                Config::from_toml(&text)?
+            }
+            None => Config::default(),
+        };
+        if let Some(listen) = &overrides.listen {
+            config.server.listen = listen.parse().map_err(|_| {
+                ConfigError::new(
+                    "--listen",
+                    format!("`{listen}` is not an address like 127.0.0.1:8080"),
+                )
+            })?;
+        }
+        if let Some(dir) = &overrides.data_dir {
+            config.server.data_dir = dir.clone();
+        }
+        if let Some(level) = &overrides.log_level {
+            config.log.level = level.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; errors name the key (`pipeline.workers`) or the line of a syntax error.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let table: toml::Table = text.parse().map_err(|error: toml::de::Error| {
+            let line = error
+                .span()
+                .map(|span| text[..span.start.min(text.len())].lines().count().max(1))
+                .unwrap_or(0);
+            ConfigError::new(
+                format!("line {line}"),
+                error.message().trim().replace('\n', " "),
+            )
+        })?;
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
+            let key = error.path().to_string();
+            let problem = error.into_inner().to_string().trim().replace('\n', " ");
+            ConfigError::new(if key == "." { "config".into() } else { key }, problem)
+        })
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err()
+            || self.log.level.trim().is_empty()
+        {
+            return Err(ConfigError::new(
+                "log.level",
+                format!(
+                    "`{}` is not a level (error, warn, info, debug, trace) or filter",
+                    self.log.level
+                ),
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(ConfigError::new(
+                "server.max_body_bytes",
+                "must be at least 1",
+            ));
+        }
+        if self.server.retry_after.is_zero() {
+            return Err(ConfigError::new(
+                "server.retry_after",
+                "must be more than 0s",
+            ));
+        }
+        check_rate("simulate.failure_rate", self.simulate.failure_rate)?;
+        for (name, section) in &self.steps {
+            let step: Step = name.parse().map_err(|error: crate::order::UnknownStep| {
+                ConfigError::new(format!("steps.{name}"), error.to_string())
+            })?;
+            if step.is_terminal() {
+                return Err(ConfigError::new(
+                    format!("steps.{name}"),
+                    "only Scheduling, Pre-Processing, Processing and Post-Processing run handlers",
+                ));
+            }
+            match section.handler.as_str() {
+                "simulate" => {
+                    if let Some(rate) = section.failure_rate {
+                        check_rate(&format!("steps.{name}.failure_rate"), rate)?;
+                    }
+                }
+                other => {
+                    return Err(ConfigError::new(
+                        format!("steps.{name}.handler"),
+                        format!("unknown handler `{other}`, expected `simulate`"),
+                    ))
+                }
+            }
+        }
+        if !self.database.url.is_empty() && !self.database.url.starts_with("redis://") {
+            return Err(ConfigError::new(
+                "database.url",
+                "must be empty (embedded store) or start with redis://",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The simulate settings of one step: its own section, else `[simulate]`.
+    pub fn simulate_for(&self, step: Step) -> SimulateConfig {
+        let mut settings = self.simulate;
+        if let Some(section) = self.steps.get(step.as_str()) {
+            if let Some(duration) = section.duration {
+                settings.duration = duration;
+            }
+            if let Some(rate) = section.failure_rate {
+                settings.failure_rate = rate;
+            }
+        }
+        settings
+    }
+
+    /// A config for tests: fast steps that never fail at random, a port chosen by the OS.
+    pub fn for_test(data_dir: PathBuf) -> Config {
+        let mut config = Config::default();
+        config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.server.data_dir = data_dir;
+        config.simulate = SimulateConfig {
+            duration: Duration::from_millis(10),
+            failure_rate: 0.0,
+        };
+        config
+    }
+}
+
+fn check_rate(key: &str, rate: f64) -> Result<(), ConfigError> {
+    if (0.0..=1.0).contains(&rate) {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            key,
+            format!("{rate} is not between 0 and 1"),
+        ))
+    }
+}
+
+/// A humantime duration such as `500ms`, `5s` or `1m 30s`.
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(&text).map_err(|error| {
+        de::Error::custom(format!(
+            "`{text}` is not a duration like 500ms or 5s: {error}"
+        ))
+    })
+}
+
+fn duration_opt<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(
+            config.server.listen,
+            SocketAddr::from(([127, 0, 0, 1], 8080))
+        );
+        assert_eq!(config.simulate.duration, Duration::from_secs(5));
+        assert_eq!(config.simulate.failure_rate, 0.05);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn sample_config_is_the_defaults() {
+        let text = include_str!("../config/order-process.toml");
+        let sample = Config::from_toml(text).unwrap();
+        sample.validate().unwrap();
+        let defaults = Config::default();
+        assert_eq!(format!("{sample:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let error = Config::from_toml("[pipeline]\nworkers = \"lots\"\n").unwrap_err();
+        assert_eq!(error.key, "pipeline.workers");
+        let error = Config::from_toml("[pipeline]\nworkers = 0\n").unwrap_err();
+        assert_eq!(error.key, "pipeline.workers");
+        let error = Config::from_toml("[server]\nlisten_on = 1\n").unwrap_err();
+        assert!(error.problem.contains("listen_on"), "{error}");
+        let error = Config::from_toml("[simulate]\nduration = \"soon\"\n").unwrap_err();
+        assert_eq!(error.key, "simulate.duration");
+        let error = Config::from_toml("[server\n").unwrap_err();
+        assert_eq!(error.key, "line 1");
+        let config = Config::from_toml("[simulate]\nfailure_rate = 2.0\n").unwrap();
+        assert_eq!(config.validate().unwrap_err().key, "simulate.failure_rate");
+        let config = Config::from_toml("[log]\nlevel = \"loud[\"\n").unwrap();
+        assert_eq!(config.validate().unwrap_err().key, "log.level");
+        let config = Config::from_toml("[steps.Shipping]\nhandler = \"simulate\"\n").unwrap();
+        assert_eq!(config.validate().unwrap_err().key, "steps.Shipping");
+        let config = Config::from_toml("[steps.Processing]\nhandler = \"ftp\"\n").unwrap();
+        assert_eq!(
+            config.validate().unwrap_err().key,
+            "steps.Processing.handler"
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("op-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"127.0.0.1:9000\"\n[log]\nlevel = \"warn\"\n",
+        )
+        .unwrap();
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:9001".into()),
+            data_dir: None,
+            log_level: Some("debug".into()),
+        };
+        let config = Config::load(Some(&path), &overrides).unwrap();
+        assert_eq!(config.server.listen.port(), 9001);
+        assert_eq!(config.log.level, "debug");
+        let bad = Overrides {
+            listen: Some("nowhere".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(Config::load(Some(&path), &bad).unwrap_err().key, "--listen");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn step_sections_override_simulate() {
+        let config = Config::from_toml(
+            "[simulate]\nduration = \"1s\"\n[steps.Processing]\nhandler = \"simulate\"\nduration = \"2s\"\nfailure_rate = 0.5\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            config.simulate_for(Step::Scheduling).duration,
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            config.simulate_for(Step::Processing).duration,
+            Duration::from_secs(2)
+        );
+        assert_eq!(config.simulate_for(Step::Processing).failure_rate, 0.5);
+    }
+}

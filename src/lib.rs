@@ -1,0 +1,20 @@
+//! order-process: a clustered order-processing service.
+//!
+//! # Layout
+//!
+//! - [`config`]: one `Config` from TOML and flags, validated once.
+//! - [`order`]: the order model, the pure state machine and the JSON views.
+//! - [`store`]: the `OrderStore` trait and its embedded and Redis implementations.
+//! - [`pipeline`]: the bounded worker pool, the executor that drives an order to a terminal
+//!   state, and the step handlers.
+//! - [`api`]: the warp routes and the one place errors become JSON replies.
+//! - [`node`]: wires the above into a running node and owns its shutdown.
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+pub mod node;
+pub mod order;
+pub mod pipeline;
+pub mod store;

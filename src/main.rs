@@ -1,0 +1,125 @@
+//! The `order-process` binary: flags, config, logging, runtime; everything else is in the library.
+
+#![forbid(unsafe_code)]
+
+use argh::FromArgs;
+use order_process::config::{Config, LogFormat, Overrides};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit code for a bad flag or config (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(FromArgs)]
+/// A clustered order-processing service. With no arguments: one node on 127.0.0.1:8080 with its
+/// store in ./data.
+struct Args {
+    /// path of a TOML config file (see config/order-process.toml)
+    #[argh(option)]
+    config: Option<PathBuf>,
+    /// address to serve HTTP on, e.g. 127.0.0.1:8080
+    #[argh(option)]
+    listen: Option<String>,
+    /// directory for the node id and the embedded store
+    #[argh(option)]
+    data_dir: Option<PathBuf>,
+    /// log level or filter: error, warn, info, debug, trace
+    #[argh(option)]
+    log_level: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let raw: Vec<String> = std::env::args().collect();
+    let command = raw.first().map(String::as_str).unwrap_or("order-process");
+    let rest: Vec<&str> = raw.iter().skip(1).map(String::as_str).collect();
+    let args = match Args::from_args(&[command], &rest) {
+        Ok(args) => args,
+        Err(early) => {
+            return match early.status {
+                Ok(()) => {
+                    println!("{}", early.output);
+                    ExitCode::SUCCESS
+                }
+                Err(()) => {
+                    eprintln!("order-process: {}", early.output.trim());
+                    ExitCode::from(EXIT_USAGE)
+                }
+            };
+        }
+    };
+    let overrides = Overrides {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        log_level: args.log_level,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("order-process: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    init_tracing(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("order-process: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listen = config.server.listen;
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                eprintln!("order-process: cannot listen on {listen}: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match order_process::node::run(config, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("order-process: {error:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut stream) => {
+                stream.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    // Whichever signal comes first starts the drain.
+    tokio::select! {
+        _ = terminate => tracing::info!("received SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT"),
+    }
+}

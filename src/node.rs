@@ -1,0 +1,135 @@
+//! Wires config, store, worker pool and API into one running node, and owns its shutdown.
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::order::Step;
+use crate::pipeline::{Handlers, Job, Pool, Simulate};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::OrderStore;
+use anyhow::{bail, Context};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tracing::{info, warn, Instrument};
+
+/// How long the HTTP server may take to finish its open requests once the node has drained.
+const HTTP_DRAIN: Duration = Duration::from_secs(5);
+
+/// Reads the node id from `<data_dir>/service_id`, creating it on first start.
+pub fn service_id(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("service_id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = uuid::Uuid::try_parse(text.trim())
+                .with_context(|| format!("{} does not hold a UUID", path.display()))?;
+            Ok(id.to_string())
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::new_v4().to_string();
+            std::fs::write(&path, &id)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(id)
+        }
+        Err(error) => Err(error).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// The step handlers the config asks for.
+pub fn handlers(config: &Config) -> Handlers {
+    let mut handlers = Handlers::new(Arc::new(Simulate::new(config.simulate)));
+    for step in Step::WORK {
+        if config.steps.contains_key(step.as_str()) {
+            handlers.set(step, Arc::new(Simulate::new(config.simulate_for(step))));
+        }
+    }
+    handlers
+}
+
+/// Runs a node on `listener` until `shutdown` resolves, then drains: new orders get 503,
+/// running steps finish and commit (up to `server.shutdown_grace`), and the HTTP server stops.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let data_dir = &config.server.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let service_id = service_id(data_dir)?;
+    if !config.database.url.is_empty() {
+        bail!("database.url: the Redis store is not available in this build");
+    }
+    let store: Arc<dyn OrderStore> = Arc::new(EmbeddedStore::open(data_dir)?);
+    let advertised = listener
+        .local_addr()
+        .context("cannot read the listen address")?;
+    let pool = Pool::start(
+        service_id.clone(),
+        Arc::clone(&store),
+        handlers(&config),
+        config.pipeline.workers.get(),
+        config.pipeline.queue_capacity.get(),
+    );
+    spawn_resume(Arc::clone(&store), Arc::clone(&pool), service_id.clone());
+
+    let state = Arc::new(ApiState {
+        service_id: service_id.clone(),
+        advertised,
+        started_at: chrono::Utc::now(),
+        store,
+        pool: Arc::clone(&pool),
+        max_body_bytes: config.server.max_body_bytes,
+        retry_after: config.server.retry_after,
+    });
+    let (http_stop_tx, mut http_stop_rx) = tokio::sync::watch::channel(false);
+    let server = warp::serve(api::routes(state))
+        .incoming(listener)
+        .graceful(async move {
+            let _ = http_stop_rx.changed().await;
+        })
+        .run();
+    let server = tokio::spawn(server.instrument(tracing::info_span!("http")));
+    info!(service_id = %service_id, listen = %advertised, data_dir = %data_dir.display(), "listening");
+
+    shutdown.await;
+    info!("shutting down: no new orders, letting running steps finish");
+    pool.shutdown(config.server.shutdown_grace).await;
+    let _ = http_stop_tx.send(true);
+    if tokio::time::timeout(HTTP_DRAIN, server).await.is_err() {
+        warn!("http server did not stop in time");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Queues every unfinished order this node owns, so a restart resumes each at its current step.
+fn spawn_resume(store: Arc<dyn OrderStore>, pool: Arc<Pool>, service_id: String) {
+    let task = async move {
+        let mut delay = Duration::from_millis(100);
+        let ids = loop {
+            match store.owned_unfinished(&service_id).await {
+                Ok(ids) => break ids,
+                Err(error) => {
+                    warn!(error = %error, "cannot list unfinished orders, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    if pool.is_stopping() {
+                        return;
+                    }
+                }
+            }
+        };
+        if ids.is_empty() {
+            return;
+        }
+        info!(orders = ids.len(), "resuming unfinished orders");
+        for id in ids {
+            if !pool.enqueue(Job::Resume(id)).await {
+                return;
+            }
+        }
+    };
+    tokio::spawn(task.instrument(tracing::info_span!("resume")));
+}

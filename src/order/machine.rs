@@ -1,0 +1,551 @@
+//! The pure state machine: `(order, event, now) -> order`, and `order -> next action`.
+//!
+//! Forward path: `Scheduling → Pre-Processing → Processing → Post-Processing → Completed`.
+//! Completing a step and starting the next is one transition, so a stored order always names the
+//! step to run (or re-run, after a crash) next. On a failure in step S: S keeps no completion time,
+//! a completed `Failed` entry is appended, and S and every earlier step are rolled back newest
+//! first; the order is finished when the last rollback is done. A cancellation requested while a
+//! step runs takes effect once that step ends: the order then fails with reason `cancelled`.
+
+use super::model::{Failure, Order, Phase, RollbackState, Step, StepEntry};
+use chrono::{DateTime, Utc};
+
+/// The failure reason recorded for a cancelled order.
+pub const CANCELLED: &str = "cancelled";
+
+/// What has to happen next to an order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Run this step's handler.
+    Run(Step),
+    /// Cancellation was requested before the step ran: fail it without running it.
+    Cancel(Step),
+    /// Run this step's compensation.
+    Rollback(Step),
+    /// Nothing: the order is finished.
+    Done,
+}
+
+/// Something that happened to an order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    StepSucceeded {
+        step: Step,
+        output: Option<serde_json::Value>,
+    },
+    StepFailed {
+        step: Step,
+        reason: String,
+    },
+    /// Fail the current step with reason `cancelled` (it did not run).
+    Cancel {
+        step: Step,
+    },
+    RolledBack {
+        step: Step,
+    },
+    /// A compensation kept failing: park the order with its rollback incomplete.
+    RollbackFailed {
+        step: Step,
+        reason: String,
+    },
+    /// An operator asks to retry the parked compensations.
+    RetryRollback,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum TransitionError {
+    #[error("order is finished")]
+    Finished,
+    #[error("step {event} does not match the order's current step {current}")]
+    WrongStep { current: Step, event: Step },
+    #[error("event {event} is not allowed while the order is {phase:?}")]
+    WrongPhase { phase: Phase, event: &'static str },
+}
+
+pub fn next_action(order: &Order) -> Action {
+    match order.phase {
+        Phase::Forward if order.cancel_requested => Action::Cancel(order.current_step),
+        Phase::Forward => Action::Run(order.current_step),
+        Phase::RollingBack => match order.pending_rollback.first() {
+            Some(step) => Action::Rollback(*step),
+            None => Action::Done,
+        },
+        Phase::Finished => Action::Done,
+    }
+}
+
+/// Applies one event to a copy of the order. An illegal event is an error and changes nothing.
+pub fn apply(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, TransitionError> {
+    let mut next = order.clone();
+    match event {
+        Event::StepSucceeded { step, output } => {
+            expect_forward(&next, step, "step_succeeded")?;
+            if let Some(entry) = next.entry_mut(step) {
+                entry.step_complete_time = Some(now);
+                entry.output = output;
+            }
+            if next.cancel_requested {
+                fail(&mut next, step, CANCELLED.to_string(), now);
+                return Ok(next);
+            }
+            match step.successor() {
+                Some(Step::Completed) => {
+                    let mut done = StepEntry::started(Step::Completed, now);
+                    done.step_complete_time = Some(now);
+                    next.steps.push(done);
+                    next.current_step = Step::Completed;
+                    next.complete_time = Some(now);
+                    next.phase = Phase::Finished;
+                }
+                Some(following) => {
+                    next.steps.push(StepEntry::started(following, now));
+                    next.current_step = following;
+                }
+                None => unreachable_forward(step)?,
+            }
+        }
+        Event::StepFailed { step, reason } => {
+            expect_forward(&next, step, "step_failed")?;
+            fail(&mut next, step, reason, now);
+        }
+        Event::Cancel { step } => {
+            expect_forward(&next, step, "cancel")?;
+            fail(&mut next, step, CANCELLED.to_string(), now);
+        }
+        Event::RolledBack { step } => {
+            expect_rollback_head(&next, step, "rolled_back")?;
+            if let Some(entry) = next.entry_mut(step) {
+                entry.step_rollback_time = Some(now);
+            }
+            next.pending_rollback.remove(0);
+            if next.pending_rollback.is_empty() {
+                next.phase = Phase::Finished;
+                next.rollback_state = Some(RollbackState::Complete);
+                next.complete_time = Some(now);
+            }
+        }
+        Event::RollbackFailed { step, reason } => {
+            expect_rollback_head(&next, step, "rollback_failed")?;
+            next.phase = Phase::Finished;
+            next.rollback_state = Some(RollbackState::Incomplete);
+            next.complete_time = Some(now);
+            if let Some(failure) = next.failure.as_mut() {
+                failure.reason = format!("{}; rollback of {step} failed: {reason}", failure.reason);
+            }
+        }
+        Event::RetryRollback => {
+            if next.phase != Phase::Finished
+                || next.rollback_state != Some(RollbackState::Incomplete)
+            {
+                return Err(TransitionError::WrongPhase {
+                    phase: next.phase,
+                    event: "retry_rollback",
+                });
+            }
+            next.phase = Phase::RollingBack;
+            next.rollback_state = None;
+            next.complete_time = None;
+        }
+    }
+    Ok(next)
+}
+
+/// Records the failure of `step`, appends the completed `Failed` entry and queues the rollback of
+/// `step` and every earlier work step, newest first.
+fn fail(order: &mut Order, step: Step, reason: String, now: DateTime<Utc>) {
+    let mut failed = StepEntry::started(Step::Failed, now);
+    failed.step_complete_time = Some(now);
+    order.steps.push(failed);
+    order.current_step = Step::Failed;
+    order.failure = Some(Failure { step, reason });
+    order.pending_rollback = order
+        .steps
+        .iter()
+        .rev()
+        .map(|entry| entry.step_name)
+        .filter(|name| !name.is_terminal())
+        .collect();
+    order.phase = Phase::RollingBack;
+}
+
+fn expect_forward(order: &Order, step: Step, event: &'static str) -> Result<(), TransitionError> {
+    match order.phase {
+        Phase::Finished => Err(TransitionError::Finished),
+        Phase::RollingBack => Err(TransitionError::WrongPhase {
+            phase: order.phase,
+            event,
+        }),
+        Phase::Forward if order.current_step != step => Err(TransitionError::WrongStep {
+            current: order.current_step,
+            event: step,
+        }),
+        Phase::Forward => Ok(()),
+    }
+}
+
+fn expect_rollback_head(
+    order: &Order,
+    step: Step,
+    event: &'static str,
+) -> Result<(), TransitionError> {
+    match (order.phase, order.pending_rollback.first()) {
+        (Phase::Finished, _) => Err(TransitionError::Finished),
+        (Phase::RollingBack, Some(head)) if *head == step => Ok(()),
+        (Phase::RollingBack, Some(head)) => Err(TransitionError::WrongStep {
+            current: *head,
+            event: step,
+        }),
+        (phase, _) => Err(TransitionError::WrongPhase { phase, event }),
+    }
+}
+
+/// A forward order's current step is always a work step; anything else is a corrupt record.
+fn unreachable_forward(step: Step) -> Result<(), TransitionError> {
+    Err(TransitionError::WrongStep {
+        current: step,
+        event: step,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(second: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, second)
+            .single()
+            .unwrap_or_default()
+    }
+
+    fn new_order() -> Order {
+        Order::new(
+            uuid::Uuid::nil(),
+            "alice".into(),
+            serde_json::json!({}),
+            "node".into(),
+            at(0),
+        )
+    }
+
+    fn succeed(order: &Order, step: Step, second: u32) -> Order {
+        apply(
+            order,
+            Event::StepSucceeded { step, output: None },
+            at(second),
+        )
+        .unwrap()
+    }
+
+    fn names(order: &Order) -> Vec<Step> {
+        order.steps.iter().map(|entry| entry.step_name).collect()
+    }
+
+    #[test]
+    fn new_order_runs_scheduling() {
+        let order = new_order();
+        assert_eq!(order.current_step, Step::Scheduling);
+        assert_eq!(next_action(&order), Action::Run(Step::Scheduling));
+        assert_eq!(order.steps.len(), 1);
+        assert_eq!(order.steps[0].step_start_time, at(0));
+    }
+
+    #[test]
+    fn forward_path_completes_with_five_entries() {
+        let mut order = new_order();
+        for (index, step) in Step::WORK.into_iter().enumerate() {
+            assert_eq!(next_action(&order), Action::Run(step));
+            order = succeed(&order, step, index as u32 + 1);
+        }
+        assert_eq!(
+            names(&order),
+            vec![
+                Step::Scheduling,
+                Step::PreProcessing,
+                Step::Processing,
+                Step::PostProcessing,
+                Step::Completed
+            ]
+        );
+        assert_eq!(order.current_step, Step::Completed);
+        assert_eq!(order.phase, Phase::Finished);
+        assert_eq!(order.complete_time, Some(at(4)));
+        assert!(order.steps.iter().all(|e| e.step_complete_time.is_some()));
+        // Each step starts when the one before completes.
+        for pair in order.steps.windows(2) {
+            assert_eq!(Some(pair[1].step_start_time), pair[0].step_complete_time);
+        }
+        assert_eq!(next_action(&order), Action::Done);
+    }
+
+    #[test]
+    fn failure_at_each_step_rolls_back_that_step_and_earlier_newest_first() {
+        for (index, failing) in Step::WORK.into_iter().enumerate() {
+            let mut order = new_order();
+            for step in &Step::WORK[..index] {
+                order = succeed(&order, *step, 1);
+            }
+            order = apply(
+                &order,
+                Event::StepFailed {
+                    step: failing,
+                    reason: "boom".into(),
+                },
+                at(10),
+            )
+            .unwrap();
+            assert_eq!(order.current_step, Step::Failed);
+            assert_eq!(order.phase, Phase::RollingBack);
+            assert!(order.entry(failing).unwrap().step_complete_time.is_none());
+            let failed = order.steps.last().unwrap();
+            assert_eq!(failed.step_name, Step::Failed);
+            assert_eq!(failed.step_complete_time, Some(at(10)));
+            assert!(order.complete_time.is_none());
+            let expected: Vec<Step> = Step::WORK[..=index].iter().rev().copied().collect();
+            assert_eq!(order.pending_rollback, expected);
+            for (offset, step) in expected.iter().enumerate() {
+                assert_eq!(next_action(&order), Action::Rollback(*step));
+                order = apply(
+                    &order,
+                    Event::RolledBack { step: *step },
+                    at(11 + offset as u32),
+                )
+                .unwrap();
+            }
+            assert_eq!(order.phase, Phase::Finished);
+            assert_eq!(order.rollback_state, Some(RollbackState::Complete));
+            assert_eq!(order.complete_time, Some(at(11 + index as u32)));
+            assert_eq!(
+                order.failure,
+                Some(Failure {
+                    step: failing,
+                    reason: "boom".into()
+                })
+            );
+            assert_eq!(next_action(&order), Action::Done);
+        }
+    }
+
+    #[test]
+    fn cancel_before_a_step_runs_fails_that_step() {
+        let mut order = succeed(&new_order(), Step::Scheduling, 1);
+        order.cancel_requested = true;
+        assert_eq!(next_action(&order), Action::Cancel(Step::PreProcessing));
+        let order = apply(
+            &order,
+            Event::Cancel {
+                step: Step::PreProcessing,
+            },
+            at(2),
+        )
+        .unwrap();
+        assert_eq!(order.failure.as_ref().unwrap().reason, CANCELLED);
+        assert_eq!(
+            order.pending_rollback,
+            vec![Step::PreProcessing, Step::Scheduling]
+        );
+    }
+
+    #[test]
+    fn cancel_during_a_step_takes_effect_when_it_ends() {
+        let mut order = new_order();
+        order.cancel_requested = true;
+        let order = succeed(&order, Step::Scheduling, 1);
+        assert_eq!(order.current_step, Step::Failed);
+        assert_eq!(
+            order.entry(Step::Scheduling).unwrap().step_complete_time,
+            Some(at(1))
+        );
+        assert_eq!(order.pending_rollback, vec![Step::Scheduling]);
+        assert_eq!(
+            order.failure,
+            Some(Failure {
+                step: Step::Scheduling,
+                reason: CANCELLED.into()
+            })
+        );
+        // No later step was started.
+        assert_eq!(names(&order), vec![Step::Scheduling, Step::Failed]);
+    }
+
+    #[test]
+    fn step_output_is_kept_and_offered_to_later_steps() {
+        let order = apply(
+            &new_order(),
+            Event::StepSucceeded {
+                step: Step::Scheduling,
+                output: Some(serde_json::json!({"slot": 7})),
+            },
+            at(1),
+        )
+        .unwrap();
+        assert_eq!(
+            order.outputs()["Scheduling"],
+            serde_json::json!({"slot": 7})
+        );
+    }
+
+    #[test]
+    fn rollback_failure_parks_the_order_and_retry_resumes_it() {
+        let order = succeed(&new_order(), Step::Scheduling, 1);
+        let order = apply(
+            &order,
+            Event::StepFailed {
+                step: Step::PreProcessing,
+                reason: "no stock".into(),
+            },
+            at(2),
+        )
+        .unwrap();
+        let order = apply(
+            &order,
+            Event::RollbackFailed {
+                step: Step::PreProcessing,
+                reason: "timeout".into(),
+            },
+            at(3),
+        )
+        .unwrap();
+        assert_eq!(order.phase, Phase::Finished);
+        assert_eq!(order.rollback_state, Some(RollbackState::Incomplete));
+        assert_eq!(
+            order.pending_rollback,
+            vec![Step::PreProcessing, Step::Scheduling]
+        );
+        assert_eq!(next_action(&order), Action::Done);
+        let order = apply(&order, Event::RetryRollback, at(4)).unwrap();
+        assert_eq!(next_action(&order), Action::Rollback(Step::PreProcessing));
+        assert!(order.complete_time.is_none());
+    }
+
+    #[test]
+    fn illegal_transitions_are_refused() {
+        let order = new_order();
+        // Wrong step.
+        assert_eq!(
+            apply(
+                &order,
+                Event::StepSucceeded {
+                    step: Step::Processing,
+                    output: None
+                },
+                at(1)
+            ),
+            Err(TransitionError::WrongStep {
+                current: Step::Scheduling,
+                event: Step::Processing
+            })
+        );
+        // Rollback while running forward.
+        assert!(matches!(
+            apply(
+                &order,
+                Event::RolledBack {
+                    step: Step::Scheduling
+                },
+                at(1)
+            ),
+            Err(TransitionError::WrongPhase { .. })
+        ));
+        // Retry of a rollback that is not parked.
+        assert!(apply(&order, Event::RetryRollback, at(1)).is_err());
+        // Forward events while rolling back, and rollback out of order.
+        let failing = apply(
+            &order,
+            Event::StepFailed {
+                step: Step::Scheduling,
+                reason: "x".into(),
+            },
+            at(1),
+        )
+        .unwrap();
+        assert!(matches!(
+            apply(
+                &failing,
+                Event::StepSucceeded {
+                    step: Step::Scheduling,
+                    output: None
+                },
+                at(2)
+            ),
+            Err(TransitionError::WrongPhase { .. })
+        ));
+        assert!(matches!(
+            apply(
+                &failing,
+                Event::Cancel {
+                    step: Step::Scheduling
+                },
+                at(2)
+            ),
+            Err(TransitionError::WrongPhase { .. })
+        ));
+        assert!(matches!(
+            apply(
+                &failing,
+                Event::RolledBack {
+                    step: Step::Processing
+                },
+                at(2)
+            ),
+            Err(TransitionError::WrongStep { .. })
+        ));
+        // Anything on a finished order.
+        let mut done = order.clone();
+        for step in Step::WORK {
+            done = succeed(&done, step, 5);
+        }
+        for event in [
+            Event::StepSucceeded {
+                step: Step::Completed,
+                output: None,
+            },
+            Event::StepFailed {
+                step: Step::Completed,
+                reason: "x".into(),
+            },
+            Event::Cancel {
+                step: Step::Completed,
+            },
+            Event::RolledBack {
+                step: Step::Scheduling,
+            },
+            Event::RollbackFailed {
+                step: Step::Scheduling,
+                reason: "x".into(),
+            },
+        ] {
+            assert_eq!(apply(&done, event, at(6)), Err(TransitionError::Finished));
+        }
+        assert!(apply(&done, Event::RetryRollback, at(6)).is_err());
+    }
+
+    #[test]
+    fn failed_order_serializes_and_reads_back() {
+        let order = apply(
+            &new_order(),
+            Event::StepFailed {
+                step: Step::Scheduling,
+                reason: "x".into(),
+            },
+            at(1),
+        )
+        .unwrap();
+        let text = serde_json::to_string(&order).unwrap();
+        let back: Order = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, order);
+    }
+
+    #[test]
+    fn step_names_parse_and_print() {
+        for step in Step::ALL {
+            assert_eq!(step.as_str().parse::<Step>().unwrap(), step);
+            assert_eq!(
+                serde_json::to_value(step).unwrap(),
+                serde_json::json!(step.as_str())
+            );
+        }
+        assert!("Shipping".parse::<Step>().is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! The order: its stored model, the pure state machine that moves it along, and the JSON views
+//! users see.
+//!
+//! Nothing in here does I/O or reads a clock: callers pass `now` in, so every transition is a
+//! plain function that unit tests can drive exhaustively.
+
+mod machine;
+mod model;
+mod view;
+
+pub use machine::{apply, next_action, Action, Event, TransitionError, CANCELLED};
+pub use model::{
+    Attempt, Failure, Order, OrderId, Phase, RollbackState, Step, StepEntry, UnknownStep,
+};
+pub use view::{CreatedView, OrderView};

@@ -1,0 +1,250 @@
+//! The stored shape of an order.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use uuid::Uuid;
+
+/// An order's id: a UUID v4, shown in its hyphenated lower-case form.
+pub type OrderId = Uuid;
+
+/// The steps of the pipeline, plus the two terminal ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Step {
+    #[serde(rename = "Scheduling")]
+    Scheduling,
+    #[serde(rename = "Pre-Processing")]
+    PreProcessing,
+    #[serde(rename = "Processing")]
+    Processing,
+    #[serde(rename = "Post-Processing")]
+    PostProcessing,
+    #[serde(rename = "Completed")]
+    Completed,
+    #[serde(rename = "Failed")]
+    Failed,
+}
+
+impl Step {
+    /// The four steps that do work, in order.
+    pub const WORK: [Step; 4] = [
+        Step::Scheduling,
+        Step::PreProcessing,
+        Step::Processing,
+        Step::PostProcessing,
+    ];
+
+    /// Every step name, work steps first.
+    pub const ALL: [Step; 6] = [
+        Step::Scheduling,
+        Step::PreProcessing,
+        Step::Processing,
+        Step::PostProcessing,
+        Step::Completed,
+        Step::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Scheduling => "Scheduling",
+            Step::PreProcessing => "Pre-Processing",
+            Step::Processing => "Processing",
+            Step::PostProcessing => "Post-Processing",
+            Step::Completed => "Completed",
+            Step::Failed => "Failed",
+        }
+    }
+
+    /// The step that follows a work step on the forward path.
+    pub fn successor(self) -> Option<Step> {
+        match self {
+            Step::Scheduling => Some(Step::PreProcessing),
+            Step::PreProcessing => Some(Step::Processing),
+            Step::Processing => Some(Step::PostProcessing),
+            Step::PostProcessing => Some(Step::Completed),
+            Step::Completed | Step::Failed => None,
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Step::Completed | Step::Failed)
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown step `{0}`, expected one of Scheduling, Pre-Processing, Processing, Post-Processing, Completed, Failed")]
+pub struct UnknownStep(pub String);
+
+impl FromStr for Step {
+    type Err = UnknownStep;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Step::ALL
+            .into_iter()
+            .find(|step| step.as_str() == text)
+            .ok_or_else(|| UnknownStep(text.to_string()))
+    }
+}
+
+/// One attempt at running or rolling back a step, kept for operators.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub at: DateTime<Utc>,
+    pub rollback: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// One entry of an order's step history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepEntry {
+    pub step_name: Step,
+    pub step_start_time: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_complete_time: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_rollback_time: Option<DateTime<Utc>>,
+    /// The JSON a step handler answered with, handed to later steps and rollbacks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
+}
+
+impl StepEntry {
+    pub fn started(step: Step, now: DateTime<Utc>) -> Self {
+        StepEntry {
+            step_name: step,
+            step_start_time: now,
+            step_complete_time: None,
+            step_rollback_time: None,
+            output: None,
+            attempts: Vec::new(),
+        }
+    }
+}
+
+/// Why an order failed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub step: Step,
+    pub reason: String,
+}
+
+/// Where an order is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Running its steps forward.
+    Forward,
+    /// Failed; compensating the started steps newest first.
+    RollingBack,
+    /// Terminal: completed, or failed with every rollback done or parked.
+    Finished,
+}
+
+/// Whether the compensations of a failed order all ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackState {
+    Complete,
+    /// A compensation kept failing; `pending_rollback` lists what is left.
+    Incomplete,
+}
+
+/// The stored order. Owner and epoch fence writes in a cluster: a commit goes through only while
+/// the stored owner and epoch still match the writer's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Order {
+    pub order_id: OrderId,
+    pub user: String,
+    pub payload: serde_json::Value,
+    pub current_step: Step,
+    pub start_time: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete_time: Option<DateTime<Utc>>,
+    pub steps: Vec<StepEntry>,
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// Steps still to roll back, newest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_rollback: Vec<Step>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_state: Option<RollbackState>,
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// The node that runs this order.
+    pub owner: String,
+    /// Bumped each time the order changes owner.
+    pub epoch: u64,
+}
+
+impl Order {
+    /// A new order, just accepted: its first step is started at `now`.
+    pub fn new(
+        order_id: OrderId,
+        user: String,
+        payload: serde_json::Value,
+        owner: String,
+        now: DateTime<Utc>,
+    ) -> Self {
+        Order {
+            order_id,
+            user,
+            payload,
+            current_step: Step::Scheduling,
+            start_time: now,
+            complete_time: None,
+            steps: vec![StepEntry::started(Step::Scheduling, now)],
+            phase: Phase::Forward,
+            failure: None,
+            pending_rollback: Vec::new(),
+            rollback_state: None,
+            cancel_requested: false,
+            owner,
+            epoch: 1,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+    }
+
+    /// The newest entry of a step.
+    pub fn entry(&self, step: Step) -> Option<&StepEntry> {
+        self.steps
+            .iter()
+            .rev()
+            .find(|entry| entry.step_name == step)
+    }
+
+    pub fn entry_mut(&mut self, step: Step) -> Option<&mut StepEntry> {
+        self.steps
+            .iter_mut()
+            .rev()
+            .find(|entry| entry.step_name == step)
+    }
+
+    /// The outputs of completed steps, by step name, for handlers of later steps.
+    pub fn outputs(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.steps
+            .iter()
+            .filter_map(|entry| {
+                entry
+                    .output
+                    .as_ref()
+                    .map(|output| (entry.step_name.to_string(), output.clone()))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,116 @@
+//! The JSON users see: the original system's fields (`order_id`, `current_step`, `start_time`,
+//! `complete_time`, `steps[]`), plus payload, failure, rollback state and per-step rollback times.
+//! Fields are added, never renamed. Times are RFC 3339 UTC.
+
+use super::model::{Attempt, Failure, Order, OrderId, RollbackState, Step};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Serialize, Serializer};
+
+fn rfc3339<S: Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&time.to_rfc3339_opts(SecondsFormat::Micros, true))
+}
+
+fn rfc3339_opt<S: Serializer>(
+    time: &Option<DateTime<Utc>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match time {
+        Some(time) => rfc3339(time, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// The answer to `POST /orders`.
+#[derive(Debug, Serialize)]
+pub struct CreatedView {
+    pub order_id: OrderId,
+    #[serde(serialize_with = "rfc3339")]
+    pub start_time: DateTime<Utc>,
+}
+
+impl From<&Order> for CreatedView {
+    fn from(order: &Order) -> Self {
+        CreatedView {
+            order_id: order.order_id,
+            start_time: order.start_time,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct StepView<'a> {
+    pub step_name: Step,
+    #[serde(serialize_with = "rfc3339")]
+    pub step_start_time: DateTime<Utc>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339_opt"
+    )]
+    pub step_complete_time: Option<DateTime<Utc>>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339_opt"
+    )]
+    pub step_rollback_time: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub attempts: &'a [Attempt],
+}
+
+/// The answer to `GET /orders/{id}`.
+#[derive(Debug, Serialize)]
+pub struct OrderView<'a> {
+    pub order_id: OrderId,
+    pub current_step: Step,
+    #[serde(serialize_with = "rfc3339")]
+    pub start_time: DateTime<Utc>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339_opt"
+    )]
+    pub complete_time: Option<DateTime<Utc>>,
+    pub steps: Vec<StepView<'a>>,
+    pub payload: &'a serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<&'a Failure>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollback_state: Option<RollbackState>,
+    /// Steps whose compensation is still to run (only while rolling back or parked).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub pending_rollback: &'a [Step],
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
+}
+
+impl<'a> From<&'a Order> for OrderView<'a> {
+    fn from(order: &'a Order) -> Self {
+        OrderView {
+            order_id: order.order_id,
+            current_step: order.current_step,
+            start_time: order.start_time,
+            complete_time: order.complete_time,
+            steps: order
+                .steps
+                .iter()
+                .map(|entry| StepView {
+                    step_name: entry.step_name,
+                    step_start_time: entry.step_start_time,
+                    step_complete_time: entry.step_complete_time,
+                    step_rollback_time: entry.step_rollback_time,
+                    output: entry.output.as_ref(),
+                    attempts: &entry.attempts,
+                })
+                .collect(),
+            payload: &order.payload,
+            failure: order.failure.as_ref(),
+            rollback_state: order.rollback_state,
+            pending_rollback: if order.rollback_state == Some(RollbackState::Complete) {
+                &[]
+            } else {
+                &order.pending_rollback
+            },
+            cancel_requested: order.cancel_requested && !order.is_finished(),
+        }
+    }
+}

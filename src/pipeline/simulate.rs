@@ -1,0 +1,42 @@
+//! The built-in `simulate` handler: sleeps, then fails with a configured probability or where the
+//! payload says `{"simulate": {"fail_at": "<step>"}}`. Its rollback always succeeds.
+
+use super::handler::{StepContext, StepError, StepHandler};
+use crate::config::SimulateConfig;
+use async_trait::async_trait;
+use rand::Rng;
+
+pub struct Simulate {
+    settings: SimulateConfig,
+}
+
+impl Simulate {
+    pub fn new(settings: SimulateConfig) -> Self {
+        Simulate { settings }
+    }
+}
+
+/// The step a payload asks to fail at, if any.
+fn fail_at(payload: &serde_json::Value) -> Option<&str> {
+    payload.get("simulate")?.get("fail_at")?.as_str()
+}
+
+#[async_trait]
+impl StepHandler for Simulate {
+    async fn run(&self, context: &StepContext<'_>) -> Result<Option<serde_json::Value>, StepError> {
+        if !self.settings.duration.is_zero() {
+            tokio::time::sleep(self.settings.duration).await;
+        }
+        if fail_at(&context.order.payload) == Some(context.step.as_str()) {
+            return Err(StepError::new("simulated failure"));
+        }
+        if self.settings.failure_rate > 0.0 && rand::rng().random_bool(self.settings.failure_rate) {
+            return Err(StepError::new("random failure"));
+        }
+        Ok(None)
+    }
+
+    async fn rollback(&self, _context: &StepContext<'_>) -> Result<(), StepError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,422 @@
+//! The embedded store: one redb file in the data dir, for a node running alone.
+//!
+//! Writes go through one writer thread that gathers whatever requests are waiting into a single
+//! write transaction (group commit): one fsync makes a whole batch durable, and each caller hears
+//! back only after that fsync. Reads use redb's MVCC snapshots directly and never wait for the
+//! writer.
+
+use super::{
+    cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor, CancelOutcome,
+    Created, ListQuery, OrderStore, Page, StoreError, IDEMPOTENCY_TTL,
+};
+use crate::order::{Order, OrderId};
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// order id → order JSON.
+const ORDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("orders");
+/// (user, created µs, order id) → (): a user's orders in creation order.
+const BY_USER: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("orders_by_user");
+/// (node, order id) → (): unfinished orders by owner.
+const OWNED: TableDefinition<(&str, &str), ()> = TableDefinition::new("owned_unfinished");
+/// (user, key) → (order id, expiry as unix seconds).
+const IDEMPOTENCY: TableDefinition<(&str, &str), (&str, i64)> =
+    TableDefinition::new("idempotency_keys");
+
+/// The most requests one write transaction takes.
+const MAX_BATCH: usize = 512;
+
+enum WriteRequest {
+    Create {
+        order: Order,
+        idempotency_key: Option<String>,
+        reply: oneshot::Sender<Result<Created, StoreError>>,
+    },
+    Commit {
+        order: Order,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Cancel {
+        id: OrderId,
+        user: String,
+        reply: oneshot::Sender<Result<CancelOutcome, StoreError>>,
+    },
+}
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    writer_tx: mpsc::Sender<WriteRequest>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) `orders.redb` in `dir` and starts the writer thread, which ends once the
+    /// store is dropped.
+    pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
+        let path = dir.join("orders.redb");
+        let db = Database::create(&path).map_err(|error| match error {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                StoreError::Unavailable(format!("{} is in use by another process", path.display()))
+            }
+            other => StoreError::Unavailable(format!("cannot open {}: {other}", path.display())),
+        })?;
+        let db = Arc::new(db);
+        // Create the tables up front so readers never meet a missing table.
+        let txn = db.begin_write().map_err(unavailable)?;
+        {
+            txn.open_table(ORDERS).map_err(unavailable)?;
+            txn.open_table(BY_USER).map_err(unavailable)?;
+            txn.open_table(OWNED).map_err(unavailable)?;
+            txn.open_table(IDEMPOTENCY).map_err(unavailable)?;
+        }
+        txn.commit().map_err(unavailable)?;
+
+        let (writer_tx, writer_rx) = mpsc::channel(4 * MAX_BATCH);
+        let writer_db = Arc::clone(&db);
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(&writer_db, writer_rx))
+            .map_err(|error| StoreError::Unavailable(format!("cannot start writer: {error}")))?;
+        Ok(EmbeddedStore { db, writer_tx })
+    }
+
+    async fn send<T>(
+        &self,
+        request: WriteRequest,
+        reply_rx: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.writer_tx
+            .send(request)
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
+        reply_rx
+            .await
+            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+    }
+}
+
+fn unavailable(error: impl Into<redb::Error>) -> StoreError {
+    StoreError::Unavailable(error.into().to_string())
+}
+
+fn decode(bytes: &[u8]) -> Result<Order, StoreError> {
+    serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
+
+fn encode(order: &Order) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(order).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
+
+/// Runs on its own thread: takes a batch of requests, applies them in one transaction, commits
+/// (fsync), then answers each. A failed commit fails every request of the batch.
+fn writer_loop(db: &Database, mut requests_rx: mpsc::Receiver<WriteRequest>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = requests_rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match requests_rx.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        let outcomes = apply_batch(db, &mut batch);
+        match outcomes {
+            Ok(outcomes) => {
+                for (request, outcome) in batch.drain(..).zip(outcomes) {
+                    reply(request, outcome);
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "store write transaction failed");
+                for request in batch.drain(..) {
+                    reply(
+                        request,
+                        Outcome::Failed(StoreError::Unavailable(error.clone())),
+                    );
+                }
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Created(Result<Created, StoreError>),
+    Committed(Result<(), StoreError>),
+    Cancelled(Result<CancelOutcome, StoreError>),
+    Failed(StoreError),
+}
+
+fn reply(request: WriteRequest, outcome: Outcome) {
+    // A caller that gave up waiting has dropped its receiver; nothing to tell it.
+    match (request, outcome) {
+        (WriteRequest::Create { reply, .. }, Outcome::Created(result)) => {
+            let _ = reply.send(result);
+        }
+        (WriteRequest::Commit { reply, .. }, Outcome::Committed(result)) => {
+            let _ = reply.send(result);
+        }
+        (WriteRequest::Cancel { reply, .. }, Outcome::Cancelled(result)) => {
+            let _ = reply.send(result);
+        }
+        (WriteRequest::Create { reply, .. }, Outcome::Failed(error)) => {
+            let _ = reply.send(Err(error));
+        }
+        (WriteRequest::Commit { reply, .. }, Outcome::Failed(error)) => {
+            let _ = reply.send(Err(error));
+        }
+        (WriteRequest::Cancel { reply, .. }, Outcome::Failed(error)) => {
+            let _ = reply.send(Err(error));
+        }
+        (request, _) => {
+            let reply_error = StoreError::Unavailable("store writer mixed up a reply".into());
+            reply(request, Outcome::Failed(reply_error));
+        }
+    }
+}
+
+fn apply_batch(db: &Database, batch: &mut [WriteRequest]) -> Result<Vec<Outcome>, String> {
+    let txn = db.begin_write().map_err(|error| error.to_string())?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    {
+        let mut tables = Tables {
+            orders: txn.open_table(ORDERS).map_err(|error| error.to_string())?,
+            by_user: txn.open_table(BY_USER).map_err(|error| error.to_string())?,
+            owned: txn.open_table(OWNED).map_err(|error| error.to_string())?,
+            idempotency: txn
+                .open_table(IDEMPOTENCY)
+                .map_err(|error| error.to_string())?,
+        };
+        for request in batch.iter() {
+            outcomes.push(match request {
+                WriteRequest::Create {
+                    order,
+                    idempotency_key,
+                    ..
+                } => Outcome::Created(tables.create(order, idempotency_key.as_deref())),
+                WriteRequest::Commit { order, .. } => Outcome::Committed(tables.commit(order)),
+                WriteRequest::Cancel { id, user, .. } => {
+                    Outcome::Cancelled(tables.cancel(*id, user))
+                }
+            });
+        }
+    }
+    txn.commit().map_err(|error| error.to_string())?;
+    Ok(outcomes)
+}
+
+struct Tables<'txn> {
+    orders: redb::Table<'txn, &'static str, &'static [u8]>,
+    by_user: redb::Table<'txn, (&'static str, u64, &'static str), ()>,
+    owned: redb::Table<'txn, (&'static str, &'static str), ()>,
+    idempotency: redb::Table<'txn, (&'static str, &'static str), (&'static str, i64)>,
+}
+
+impl Tables<'_> {
+    fn read(&self, id: &str) -> Result<Option<Order>, StoreError> {
+        match self.orders.get(id).map_err(unavailable)? {
+            Some(bytes) => decode(bytes.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn write(&mut self, order: &Order) -> Result<(), StoreError> {
+        let id = order.order_id.to_string();
+        let bytes = encode(order)?;
+        self.orders
+            .insert(id.as_str(), bytes.as_slice())
+            .map_err(unavailable)?;
+        if order.is_finished() {
+            self.owned
+                .remove((order.owner.as_str(), id.as_str()))
+                .map_err(unavailable)?;
+        } else {
+            self.owned
+                .insert((order.owner.as_str(), id.as_str()), ())
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    fn create(&mut self, order: &Order, key: Option<&str>) -> Result<Created, StoreError> {
+        let id = order.order_id.to_string();
+        let now = chrono::Utc::now().timestamp();
+        if let Some(key) = key {
+            let existing = self
+                .idempotency
+                .get((order.user.as_str(), key))
+                .map_err(unavailable)?
+                .map(|guard| {
+                    let (id, expires) = guard.value();
+                    (id.to_string(), expires)
+                });
+            if let Some((first_id, expires)) = existing {
+                if expires > now {
+                    if let Some(first) = self.read(&first_id)? {
+                        return Ok(Created::Existing(Box::new(first)));
+                    }
+                }
+            }
+            let ttl = i64::try_from(IDEMPOTENCY_TTL.as_secs()).unwrap_or(i64::MAX);
+            self.idempotency
+                .insert(
+                    (order.user.as_str(), key),
+                    (id.as_str(), now.saturating_add(ttl)),
+                )
+                .map_err(unavailable)?;
+        }
+        self.write(order)?;
+        self.by_user
+            .insert(
+                (order.user.as_str(), created_micros(order), id.as_str()),
+                (),
+            )
+            .map_err(unavailable)?;
+        Ok(Created::New)
+    }
+
+    fn commit(&mut self, order: &Order) -> Result<(), StoreError> {
+        let stored = self
+            .read(&order.order_id.to_string())?
+            .ok_or(StoreError::NotFound)?;
+        check_commit(&stored, order)?;
+        let mut next = order.clone();
+        next.cancel_requested |= stored.cancel_requested;
+        self.write(&next)
+    }
+
+    fn cancel(&mut self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError> {
+        let stored = self
+            .read(&id.to_string())?
+            .filter(|order| order.user == user)
+            .ok_or(StoreError::NotFound)?;
+        let (outcome, changed) = cancel_outcome(stored);
+        if changed {
+            if let CancelOutcome::Accepted(order) = &outcome {
+                self.write(order)?;
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+#[async_trait]
+impl OrderStore for EmbeddedStore {
+    async fn create(
+        &self,
+        order: &Order,
+        idempotency_key: Option<&str>,
+    ) -> Result<Created, StoreError> {
+        let (reply, reply_rx) = oneshot::channel();
+        let request = WriteRequest::Create {
+            order: order.clone(),
+            idempotency_key: idempotency_key.map(str::to_string),
+            reply,
+        };
+        self.send(request, reply_rx).await
+    }
+
+    async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let orders = txn.open_table(ORDERS).map_err(unavailable)?;
+        let found = orders.get(id.to_string().as_str()).map_err(unavailable)?;
+        match found {
+            Some(bytes) => decode(bytes.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_for_user(&self, user: &str, query: &ListQuery) -> Result<Page, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let by_user = txn.open_table(BY_USER).map_err(unavailable)?;
+        let orders = txn.open_table(ORDERS).map_err(unavailable)?;
+        let upper_id;
+        let upper = match query.cursor.as_deref() {
+            Some(cursor) => {
+                let (micros, id) = decode_cursor(cursor).ok_or(StoreError::NotFound)?;
+                upper_id = id.to_string();
+                (user, micros, upper_id.as_str())
+            }
+            None => (user, u64::MAX, ""),
+        };
+        let range = by_user
+            .range((user, 0u64, "")..upper)
+            .map_err(unavailable)?;
+        let mut page = Page::default();
+        for entry in range.rev() {
+            let (key, _) = entry.map_err(unavailable)?;
+            let (_, micros, id) = key.value();
+            let Some(bytes) = orders.get(id).map_err(unavailable)? else {
+                continue;
+            };
+            let order = decode(bytes.value())?;
+            if query
+                .current_step
+                .is_some_and(|step| step != order.current_step)
+            {
+                continue;
+            }
+            page.orders.push(order);
+            if page.orders.len() >= query.limit {
+                if let Ok(order_id) = OrderId::try_parse(id) {
+                    page.next_cursor = Some(encode_cursor(micros, order_id));
+                }
+                break;
+            }
+        }
+        Ok(page)
+    }
+
+    async fn commit(&self, order: &Order) -> Result<(), StoreError> {
+        let (reply, reply_rx) = oneshot::channel();
+        self.send(
+            WriteRequest::Commit {
+                order: order.clone(),
+                reply,
+            },
+            reply_rx,
+        )
+        .await
+    }
+
+    async fn request_cancel(&self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError> {
+        let (reply, reply_rx) = oneshot::channel();
+        let request = WriteRequest::Cancel {
+            id,
+            user: user.to_string(),
+            reply,
+        };
+        self.send(request, reply_rx).await
+    }
+
+    async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let owned = txn.open_table(OWNED).map_err(unavailable)?;
+        let range = owned.range((node, "")..).map_err(unavailable)?;
+        let mut ids = Vec::new();
+        for entry in range {
+            let (key, _) = entry.map_err(unavailable)?;
+            let (owner, id) = key.value();
+            if owner != node {
+                break;
+            }
+            match OrderId::try_parse(id) {
+                Ok(id) => ids.push(id),
+                Err(_) => {
+                    tracing::warn!(order_id = %id, "skipping an unreadable id in the owner index")
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        txn.open_table(ORDERS).map_err(unavailable)?;
+        if self.writer_tx.is_closed() {
+            return Err(StoreError::Unavailable("store writer stopped".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,143 @@
+//! Where orders live. One trait, [`OrderStore`], and its implementations: the embedded store
+//! (one node, a durable file in the data dir) and, for clusters, Redis.
+//!
+//! Every write that changes an order is a compare-and-set on its owner and ownership epoch, so a
+//! node that has lost an order can never overwrite it.
+
+pub mod embedded;
+
+use crate::order::{Order, OrderId, Phase, Step};
+use async_trait::async_trait;
+use std::time::Duration;
+
+/// How long an idempotency key maps to the order it first created.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("order not found")]
+    NotFound,
+    /// The order belongs to another node (or another ownership epoch) now.
+    #[error("order is owned by another node")]
+    NotOwner,
+    /// A cancellation was recorded since the writer last read the order; it must apply it first.
+    #[error("order has a pending cancellation")]
+    CancelRequested,
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// The outcome of a create with an idempotency key.
+#[derive(Debug)]
+pub enum Created {
+    New,
+    /// The key was used before by the same user: here is the order it created.
+    Existing(Box<Order>),
+}
+
+/// What a cancellation request found.
+#[derive(Debug)]
+pub enum CancelOutcome {
+    /// Recorded (or already recorded); the order will stop after its running step.
+    Accepted(Order),
+    /// The order already finished.
+    Finished(Order),
+    /// The order is already rolling back after a failure.
+    AlreadyFailing(Order),
+}
+
+/// A page of a user's orders, newest first.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub orders: Vec<Order>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub limit: usize,
+    pub cursor: Option<String>,
+    pub current_step: Option<Step>,
+}
+
+#[async_trait]
+pub trait OrderStore: Send + Sync + 'static {
+    /// Stores a new order durably. With an idempotency key already used by the same user within
+    /// [`IDEMPOTENCY_TTL`], stores nothing and returns the first order.
+    async fn create(
+        &self,
+        order: &Order,
+        idempotency_key: Option<&str>,
+    ) -> Result<Created, StoreError>;
+
+    async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError>;
+
+    async fn list_for_user(&self, user: &str, query: &ListQuery) -> Result<Page, StoreError>;
+
+    /// Writes a transition, only if the stored owner and epoch equal the order's
+    /// ([`StoreError::NotOwner`] otherwise) and no cancellation is pending that the new state
+    /// ignores ([`StoreError::CancelRequested`]).
+    async fn commit(&self, order: &Order) -> Result<(), StoreError>;
+
+    /// Records a user's request to cancel an order.
+    async fn request_cancel(&self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError>;
+
+    /// The unfinished orders a node owns.
+    async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError>;
+
+    /// A real round trip to the store, for health checks.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Whether a commit of `new` over `stored` must be refused, and why. Shared by every store so
+/// they agree on the rule.
+pub fn check_commit(stored: &Order, new: &Order) -> Result<(), StoreError> {
+    if stored.owner != new.owner || stored.epoch != new.epoch {
+        return Err(StoreError::NotOwner);
+    }
+    if stored.cancel_requested && !new.cancel_requested && new.failure.is_none() {
+        return Err(StoreError::CancelRequested);
+    }
+    Ok(())
+}
+
+/// What a cancellation request does to a stored order, and whether the order in the outcome
+/// changed and must be written.
+pub fn cancel_outcome(stored: Order) -> (CancelOutcome, bool) {
+    match stored.phase {
+        Phase::Finished => (CancelOutcome::Finished(stored), false),
+        Phase::RollingBack => {
+            let by_cancel = stored
+                .failure
+                .as_ref()
+                .is_some_and(|failure| failure.reason == crate::order::CANCELLED);
+            if by_cancel {
+                (CancelOutcome::Accepted(stored), false)
+            } else {
+                (CancelOutcome::AlreadyFailing(stored), false)
+            }
+        }
+        Phase::Forward if stored.cancel_requested => (CancelOutcome::Accepted(stored), false),
+        Phase::Forward => {
+            let mut updated = stored;
+            updated.cancel_requested = true;
+            (CancelOutcome::Accepted(updated), true)
+        }
+    }
+}
+
+/// An opaque listing cursor: the creation time (µs) and id of the last order of a page.
+pub fn encode_cursor(created_micros: u64, id: OrderId) -> String {
+    format!("{created_micros}-{}", id.simple())
+}
+
+pub fn decode_cursor(cursor: &str) -> Option<(u64, OrderId)> {
+    let (micros, id) = cursor.split_once('-')?;
+    Some((micros.parse().ok()?, OrderId::try_parse(id).ok()?))
+}
+
+pub fn created_micros(order: &Order) -> u64 {
+    u64::try_from(order.start_time.timestamp_micros()).unwrap_or(0)
+}
