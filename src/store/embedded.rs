@@ -44,6 +44,11 @@ enum WriteRequest {
         user: String,
         reply: oneshot::Sender<Result<CancelOutcome, StoreError>>,
     },
+    Reassign {
+        from: String,
+        to: String,
+        reply: oneshot::Sender<Result<Vec<OrderId>, StoreError>>,
+    },
 }
 
 pub struct EmbeddedStore {
@@ -145,6 +150,7 @@ enum Outcome {
     Created(Result<Created, StoreError>),
     Committed(Result<(), StoreError>),
     Cancelled(Result<CancelOutcome, StoreError>),
+    Reassigned(Result<Vec<OrderId>, StoreError>),
     Failed(StoreError),
 }
 
@@ -167,6 +173,12 @@ fn reply(request: WriteRequest, outcome: Outcome) {
             let _ = reply.send(Err(error));
         }
         (WriteRequest::Cancel { reply, .. }, Outcome::Failed(error)) => {
+            let _ = reply.send(Err(error));
+        }
+        (WriteRequest::Reassign { reply, .. }, Outcome::Reassigned(result)) => {
+            let _ = reply.send(result);
+        }
+        (WriteRequest::Reassign { reply, .. }, Outcome::Failed(error)) => {
             let _ = reply.send(Err(error));
         }
         (request, _) => {
@@ -198,6 +210,9 @@ fn apply_batch(db: &Database, batch: &mut [WriteRequest]) -> Result<Vec<Outcome>
                 WriteRequest::Commit { order, .. } => Outcome::Committed(tables.commit(order)),
                 WriteRequest::Cancel { id, user, .. } => {
                     Outcome::Cancelled(tables.cancel(*id, user))
+                }
+                WriteRequest::Reassign { from, to, .. } => {
+                    Outcome::Reassigned(tables.reassign(from, to))
                 }
             });
         }
@@ -284,6 +299,35 @@ impl Tables<'_> {
         let mut next = order.clone();
         next.cancel_requested |= stored.cancel_requested;
         self.write(&next)
+    }
+
+    fn reassign(&mut self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
+        let mut ids = Vec::new();
+        for entry in self.owned.range((from, "")..).map_err(unavailable)? {
+            let (key, _) = entry.map_err(unavailable)?;
+            let (owner, id) = key.value();
+            if owner != from {
+                break;
+            }
+            ids.push(id.to_string());
+        }
+        let mut moved = Vec::new();
+        for id in ids {
+            self.owned
+                .remove((from, id.as_str()))
+                .map_err(unavailable)?;
+            let Some(mut order) = self.read(&id)? else {
+                continue;
+            };
+            if order.owner != from || order.is_finished() {
+                continue;
+            }
+            order.owner = to.to_string();
+            order.epoch += 1;
+            self.write(&order)?;
+            moved.push(order.order_id);
+        }
+        Ok(moved)
     }
 
     fn cancel(&mut self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError> {
@@ -409,6 +453,16 @@ impl OrderStore for EmbeddedStore {
             }
         }
         Ok(ids)
+    }
+
+    async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
+        let (reply, reply_rx) = oneshot::channel();
+        let request = WriteRequest::Reassign {
+            from: from.to_string(),
+            to: to.to_string(),
+            reply,
+        };
+        self.send(request, reply_rx).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

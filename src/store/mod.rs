@@ -5,6 +5,7 @@
 //! node that has lost an order can never overwrite it.
 
 pub mod embedded;
+pub mod redis;
 
 use crate::order::{Order, OrderId, Phase, Step};
 use async_trait::async_trait;
@@ -87,6 +88,11 @@ pub trait OrderStore: Send + Sync + 'static {
     /// The unfinished orders a node owns.
     async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError>;
 
+    /// Moves every unfinished order of `from` to `to`, one compare-and-set per order that bumps
+    /// its epoch, so `from` can no longer commit to it. Returns the orders `to` owns as a result
+    /// (including any it already owned from an earlier, interrupted move).
+    async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError>;
+
     /// A real round trip to the store, for health checks.
     async fn ping(&self) -> Result<(), StoreError>;
 }
@@ -129,8 +135,9 @@ pub fn cancel_outcome(stored: Order) -> (CancelOutcome, bool) {
 }
 
 /// An opaque listing cursor: the creation time (µs) and id of the last order of a page.
+/// Zero-padded, so cursors sort like the times they hold.
 pub fn encode_cursor(created_micros: u64, id: OrderId) -> String {
-    format!("{created_micros}-{}", id.simple())
+    format!("{created_micros:020}-{}", id.simple())
 }
 
 pub fn decode_cursor(cursor: &str) -> Option<(u64, OrderId)> {

@@ -1,0 +1,797 @@
+//! The Redis store, for clusters: every node reads and writes the same Redis.
+//!
+//! Layout (all keys under `op:`):
+//! - `op:order:{id}`: hash with `doc` (the order JSON), `owner`, `epoch`, `user`, `cancel`,
+//!   `state` (`forward`, `rolling_back`, `finished`) and `step`. `owner`, `epoch` and `cancel`
+//!   in the hash are the truth; the copies inside `doc` are refreshed on read.
+//! - `op:owned:{node}`: set of the node's unfinished orders.
+//! - `op:user:{user}`: sorted set (all scores 0) of `{created µs, 20 digits}-{id}`, for listing.
+//! - `op:idem:{user}:{key}`: the order an idempotency key created, expiring after 24 h.
+//! - `op:nodes`: hash node id → HTTP address of every node that ever started.
+//! - `op:alive:{node}`, `op:leader`, `op:leader:fence`: the liveness and leader leases.
+//!
+//! Every change to an order is one Lua script on its one key that writes only if the caller still
+//! owns it (owner and epoch compare-and-set). The index sets are kept up to date in the same round
+//! trip, idempotently, and [`RedisStore::repair_indexes`] rebuilds them from the order hashes.
+
+use super::{
+    cancel_outcome, decode_cursor, CancelOutcome, Created, ListQuery, OrderStore, Page,
+    StoreError, IDEMPOTENCY_TTL,
+};
+use crate::order::{Order, OrderId, Phase};
+use async_trait::async_trait;
+use deadpool_redis::redis::{self, Script, Value};
+use deadpool_redis::{Config as PoolSettings, Pool, PoolConfig, Runtime, Timeouts};
+use std::future::Future;
+use std::time::Duration;
+
+const NODES: &str = "op:nodes";
+const LEADER: &str = "op:leader";
+const LEADER_FENCE: &str = "op:leader:fence";
+
+fn order_key(id: &str) -> String {
+    format!("op:order:{id}")
+}
+fn owned_key(node: &str) -> String {
+    format!("op:owned:{node}")
+}
+fn user_key(user: &str) -> String {
+    format!("op:user:{user}")
+}
+fn idem_key(user: &str, key: &str) -> String {
+    format!("op:idem:{user}:{key}")
+}
+fn alive_key(node: &str) -> String {
+    format!("op:alive:{node}")
+}
+
+/// Commit a transition. KEYS[1] = order. ARGV: owner, epoch, doc, aware of cancellation (1/0),
+/// state, step. Why a script: the owner/epoch check and the write must be one atomic step, or a
+/// node that just lost the order could overwrite its new owner's progress.
+const COMMIT: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'cancel')
+if not cur[1] then return 'missing' end
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 'not_owner' end
+if cur[3] == '1' and ARGV[4] == '0' then return 'cancel' end
+redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6])
+return 'ok'
+";
+
+/// Record a cancellation. KEYS[1] = order. ARGV: user. Returns nil for another user's or an
+/// unknown order, else {doc, owner, epoch, cancel before}. Atomic so a cancellation is recorded
+/// only on an order still running forward.
+const CANCEL: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'user', 'state', 'cancel', 'doc', 'owner', 'epoch')
+if not cur[1] or cur[1] ~= ARGV[1] then return false end
+if cur[2] == 'forward' and cur[3] ~= '1' then
+  redis.call('HSET', KEYS[1], 'cancel', '1')
+end
+return {cur[4], cur[5], cur[6], cur[3] or '0'}
+";
+
+/// Move one order. KEYS[1] = order. ARGV: from, to. Returns 'moved', 'mine' (already `to`'s),
+/// 'finished', 'missing', or the current owner. Atomic: the owner check and the epoch bump
+/// must not interleave with a commit by the old owner.
+const REASSIGN: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'state')
+if not cur[1] then return 'missing' end
+if cur[2] == 'finished' then return 'finished' end
+if cur[1] == ARGV[2] then return 'mine' end
+if cur[1] ~= ARGV[1] then return cur[1] end
+redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+redis.call('HSET', KEYS[1], 'owner', ARGV[2])
+return 'moved'
+";
+
+/// Renew a lease held by ARGV[1] for ARGV[2] ms. Compare-and-set: only the holder may extend.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Release a lease held by ARGV[1]; compare-and-delete so a lapsed holder cannot delete a
+/// successor's lease.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Take the leader lease and a fencing token in one step. KEYS: lease, fence. ARGV: holder, ms.
+const ACQUIRE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return 0
+";
+
+struct Scripts {
+    commit: Script,
+    cancel: Script,
+    reassign: Script,
+    renew: Script,
+    release: Script,
+    acquire: Script,
+}
+
+pub struct RedisStore {
+    pool: Pool,
+    timeout: Duration,
+    scripts: Scripts,
+}
+
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(error.to_string())
+}
+
+fn state_name(order: &Order) -> &'static str {
+    match order.phase {
+        Phase::Forward => "forward",
+        Phase::RollingBack => "rolling_back",
+        Phase::Finished => "finished",
+    }
+}
+
+fn micros_member(order: &Order) -> String {
+    super::encode_cursor(super::created_micros(order), order.order_id)
+}
+
+impl RedisStore {
+    /// A store on `url`. Nothing is contacted yet; the first operation connects.
+    pub fn connect(url: &str, pool_size: usize, timeout: Duration) -> Result<RedisStore, StoreError> {
+        let mut settings = PoolSettings::from_url(url);
+        settings.pool = Some(PoolConfig {
+            max_size: pool_size,
+            timeouts: Timeouts {
+                wait: Some(timeout),
+                create: Some(timeout),
+                recycle: Some(timeout),
+            },
+            ..Default::default()
+        });
+        let pool = settings
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|error| StoreError::Unavailable(format!("bad redis url {url}: {error}")))?;
+        Ok(RedisStore {
+            pool,
+            timeout,
+            scripts: Scripts {
+                commit: Script::new(COMMIT),
+                cancel: Script::new(CANCEL),
+                reassign: Script::new(REASSIGN),
+                renew: Script::new(RENEW),
+                release: Script::new(RELEASE),
+                acquire: Script::new(ACQUIRE),
+            },
+        })
+    }
+
+    /// Runs one operation with a connection from the pool, bounded by the store timeout.
+    async fn with_conn<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let work = async {
+            let connection = self.pool.get().await.map_err(unavailable)?;
+            operation(connection).await
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| StoreError::Unavailable("redis did not answer in time".into()))?
+    }
+
+    /// Runs a pipeline that may hold script calls; loads the scripts and retries once when Redis
+    /// has forgotten them (after a restart). The pipelines used here are idempotent.
+    async fn run_pipeline<T: redis::FromRedisValue>(
+        &self,
+        connection: &mut deadpool_redis::Connection,
+        pipeline: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        match pipeline.query_async::<T>(connection).await {
+            Ok(value) => Ok(value),
+            Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                for script in [&self.scripts.commit, &self.scripts.reassign] {
+                    script
+                        .prepare_invoke()
+                        .load_async(connection)
+                        .await
+                        .map_err(unavailable)?;
+                }
+                pipeline.query_async::<T>(connection).await.map_err(unavailable)
+            }
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
+    /// Builds an order from the hash fields `doc`, `owner`, `epoch`, `cancel`.
+    fn decode(fields: Vec<Option<String>>) -> Result<Option<Order>, StoreError> {
+        let mut fields = fields.into_iter();
+        let Some(Some(doc)) = fields.next() else {
+            return Ok(None);
+        };
+        let mut order: Order =
+            serde_json::from_str(&doc).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        if let Some(Some(owner)) = fields.next() {
+            order.owner = owner;
+        }
+        if let Some(Some(epoch)) = fields.next() {
+            order.epoch = epoch
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("epoch `{epoch}`")))?;
+        }
+        if let Some(Some(cancel)) = fields.next() {
+            order.cancel_requested |= cancel == "1";
+        }
+        Ok(Some(order))
+    }
+
+    /// Registers a node and its HTTP address, so the leader can find its orders if it dies.
+    pub async fn register_node(&self, node: &str, http_addr: &str) -> Result<(), StoreError> {
+        self.with_conn(|mut connection| async move {
+            redis::cmd("HSET")
+                .arg(NODES)
+                .arg(node)
+                .arg(http_addr)
+                .query_async::<i64>(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every node registered, with its HTTP address.
+    pub async fn known_nodes(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.with_conn(|mut connection| async move {
+            redis::cmd("HGETALL")
+                .arg(NODES)
+                .query_async::<Vec<(String, String)>>(&mut connection)
+                .await
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn forget_node(&self, node: &str) -> Result<(), StoreError> {
+        self.with_conn(|mut connection| async move {
+            redis::cmd("HDEL")
+                .arg(NODES)
+                .arg(node)
+                .query_async::<i64>(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// For each node: whether its liveness lease is held, and how many orders it owns.
+    pub async fn node_status(&self, nodes: &[String]) -> Result<Vec<(bool, usize)>, StoreError> {
+        if nodes.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.with_conn(|mut connection| async move {
+            let mut pipeline = redis::pipe();
+            for node in nodes {
+                pipeline.cmd("EXISTS").arg(alive_key(node));
+                pipeline.cmd("SCARD").arg(owned_key(node));
+            }
+            let values: Vec<usize> = pipeline
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok(values
+                .chunks(2)
+                .map(|pair| (pair.first() == Some(&1), pair.get(1).copied().unwrap_or(0)))
+                .collect())
+        })
+        .await
+    }
+
+    /// Sets (or renews) a node's liveness lease.
+    pub async fn renew_alive(&self, node: &str, holder: &str, ttl: Duration) -> Result<(), StoreError> {
+        let ttl_ms = ttl.as_millis() as u64;
+        self.with_conn(|mut connection| async move {
+            redis::cmd("SET")
+                .arg(alive_key(node))
+                .arg(holder)
+                .arg("PX")
+                .arg(ttl_ms)
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    pub async fn release_alive(&self, node: &str, holder: &str) -> Result<(), StoreError> {
+        self.with_conn(|mut connection| async move {
+            self.scripts
+                .release
+                .key(alive_key(node))
+                .arg(holder)
+                .invoke_async::<i64>(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn is_alive(&self, node: &str) -> Result<bool, StoreError> {
+        self.with_conn(|mut connection| async move {
+            redis::cmd("EXISTS")
+                .arg(alive_key(node))
+                .query_async::<bool>(&mut connection)
+                .await
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    /// Tries to take the leader lease; `Some(fencing token)` on success.
+    pub async fn acquire_leader(&self, holder: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
+        let ttl_ms = ttl.as_millis() as u64;
+        self.with_conn(|mut connection| async move {
+            let token: u64 = self
+                .scripts
+                .acquire
+                .key(LEADER)
+                .key(LEADER_FENCE)
+                .arg(holder)
+                .arg(ttl_ms)
+                .invoke_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok((token > 0).then_some(token))
+        })
+        .await
+    }
+
+    /// Extends the leader lease if `holder` still has it.
+    pub async fn renew_leader(&self, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let ttl_ms = ttl.as_millis() as u64;
+        self.with_conn(|mut connection| async move {
+            let renewed: i64 = self
+                .scripts
+                .renew
+                .key(LEADER)
+                .arg(holder)
+                .arg(ttl_ms)
+                .invoke_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok(renewed == 1)
+        })
+        .await
+    }
+
+    pub async fn release_leader(&self, holder: &str) -> Result<(), StoreError> {
+        self.with_conn(|mut connection| async move {
+            self.scripts
+                .release
+                .key(LEADER)
+                .arg(holder)
+                .invoke_async::<i64>(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The current leader lease holder (`{node}:{term id}`) and the latest fencing token.
+    pub async fn leader(&self) -> Result<(Option<String>, u64), StoreError> {
+        self.with_conn(|mut connection| async move {
+            let (holder, fence): (Option<String>, Option<u64>) = redis::pipe()
+                .cmd("GET")
+                .arg(LEADER)
+                .cmd("GET")
+                .arg(LEADER_FENCE)
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok((holder, fence.unwrap_or(0)))
+        })
+        .await
+    }
+
+    /// Rebuilds the owner and user indexes from the order hashes. Idempotent; safe while nodes
+    /// run, since it only adds missing entries and removes finished or foreign ones.
+    pub async fn repair_indexes(&self) -> Result<usize, StoreError> {
+        let mut cursor: u64 = 0;
+        let mut repaired = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .with_conn(|mut connection| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg("op:order:*")
+                        .arg("COUNT")
+                        .arg(500)
+                        .query_async(&mut connection)
+                        .await
+                        .map_err(unavailable)
+                })
+                .await?;
+            if !keys.is_empty() {
+                repaired += self.repair_batch(&keys).await?;
+            }
+            if next == 0 {
+                return Ok(repaired);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn repair_batch(&self, keys: &[String]) -> Result<usize, StoreError> {
+        self.with_conn(|mut connection| async move {
+            let mut read = redis::pipe();
+            for key in keys {
+                read.cmd("HMGET").arg(key).arg("doc").arg("owner").arg("epoch").arg("cancel");
+            }
+            let rows: Vec<Vec<Option<String>>> =
+                read.query_async(&mut connection).await.map_err(unavailable)?;
+            let mut write = redis::pipe();
+            let mut count = 0;
+            for fields in rows {
+                let Some(order) = Self::decode(fields)? else {
+                    continue;
+                };
+                let id = order.order_id.to_string();
+                if order.is_finished() {
+                    write.cmd("SREM").arg(owned_key(&order.owner)).arg(&id).ignore();
+                } else {
+                    write.cmd("SADD").arg(owned_key(&order.owner)).arg(&id).ignore();
+                }
+                write
+                    .cmd("ZADD")
+                    .arg(user_key(&order.user))
+                    .arg(0)
+                    .arg(micros_member(&order))
+                    .ignore();
+                count += 1;
+            }
+            write
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok(count)
+        })
+        .await
+    }
+
+    /// Removes ids from an owner set when the order there is someone else's or finished.
+    async fn fix_owned(
+        &self,
+        connection: &mut deadpool_redis::Connection,
+        node: &str,
+        stale: &[(String, Option<String>)],
+    ) -> Result<(), StoreError> {
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let mut pipeline = redis::pipe();
+        for (id, actual_owner) in stale {
+            pipeline.cmd("SREM").arg(owned_key(node)).arg(id).ignore();
+            if let Some(owner) = actual_owner {
+                pipeline.cmd("SADD").arg(owned_key(owner)).arg(id).ignore();
+            }
+        }
+        pipeline
+            .query_async::<()>(connection)
+            .await
+            .map_err(unavailable)
+    }
+}
+
+#[async_trait]
+impl OrderStore for RedisStore {
+    async fn create(
+        &self,
+        order: &Order,
+        idempotency_key: Option<&str>,
+    ) -> Result<Created, StoreError> {
+        let id = order.order_id.to_string();
+        let doc = serde_json::to_string(order).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        if let Some(key) = idempotency_key {
+            let key = idem_key(&order.user, key);
+            let ttl = IDEMPOTENCY_TTL.as_secs();
+            let earlier: Option<String> = self
+                .with_conn(|mut connection| async move {
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(&id)
+                        .arg("NX")
+                        .arg("GET")
+                        .arg("EX")
+                        .arg(ttl)
+                        .query_async(&mut connection)
+                        .await
+                        .map_err(unavailable)
+                })
+                .await?;
+            if let Some(earlier) = earlier {
+                if let Some(first) = OrderId::try_parse(&earlier)
+                    .ok()
+                    .map(|earlier_id| self.get(earlier_id))
+                {
+                    if let Some(first) = first.await? {
+                        return Ok(Created::Existing(Box::new(first)));
+                    }
+                }
+                // The key points at an order that was never written (its creator failed midway):
+                // this request takes the key over.
+                let key = idem_key(&order.user, idempotency_key.unwrap_or_default());
+                let id = order.order_id.to_string();
+                self.with_conn(|mut connection| async move {
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(&id)
+                        .arg("EX")
+                        .arg(ttl)
+                        .query_async::<()>(&mut connection)
+                        .await
+                        .map_err(unavailable)
+                })
+                .await?;
+            }
+        }
+        let id = order.order_id.to_string();
+        self.with_conn(|mut connection| async move {
+            redis::pipe()
+                .cmd("HSET")
+                .arg(order_key(&id))
+                .arg("doc")
+                .arg(&doc)
+                .arg("owner")
+                .arg(&order.owner)
+                .arg("epoch")
+                .arg(order.epoch)
+                .arg("user")
+                .arg(&order.user)
+                .arg("state")
+                .arg(state_name(order))
+                .arg("step")
+                .arg(order.current_step.as_str())
+                .ignore()
+                .cmd("SADD")
+                .arg(owned_key(&order.owner))
+                .arg(&id)
+                .ignore()
+                .cmd("ZADD")
+                .arg(user_key(&order.user))
+                .arg(0)
+                .arg(micros_member(order))
+                .ignore()
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(unavailable)
+        })
+        .await?;
+        Ok(Created::New)
+    }
+
+    async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
+        let key = order_key(&id.to_string());
+        let fields: Vec<Option<String>> = self
+            .with_conn(|mut connection| async move {
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("doc")
+                    .arg("owner")
+                    .arg("epoch")
+                    .arg("cancel")
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        Self::decode(fields)
+    }
+
+    async fn list_for_user(&self, user: &str, query: &ListQuery) -> Result<Page, StoreError> {
+        let mut page = Page::default();
+        let mut upper = match query.cursor.as_deref() {
+            Some(cursor) => {
+                let (micros, id) = decode_cursor(cursor).ok_or(StoreError::NotFound)?;
+                format!("({}", super::encode_cursor(micros, id))
+            }
+            None => "+".to_string(),
+        };
+        let batch = query.limit.clamp(1, 500);
+        loop {
+            let key = user_key(user);
+            let bound = upper.clone();
+            let members: Vec<String> = self
+                .with_conn(|mut connection| async move {
+                    redis::cmd("ZRANGE")
+                        .arg(&key)
+                        .arg(&bound)
+                        .arg("-")
+                        .arg("BYLEX")
+                        .arg("REV")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(batch)
+                        .query_async(&mut connection)
+                        .await
+                        .map_err(unavailable)
+                })
+                .await?;
+            if members.is_empty() {
+                return Ok(page);
+            }
+            let ids: Vec<String> = members
+                .iter()
+                .filter_map(|member| member.split_once('-').map(|(_, id)| id.to_string()))
+                .collect();
+            let rows: Vec<Vec<Option<String>>> = self
+                .with_conn(|mut connection| async move {
+                    let mut pipeline = redis::pipe();
+                    for id in &ids {
+                        let key = OrderId::try_parse(id)
+                            .map(|id| order_key(&id.to_string()))
+                            .unwrap_or_default();
+                        pipeline.cmd("HMGET").arg(key).arg("doc").arg("owner").arg("epoch").arg("cancel");
+                    }
+                    pipeline.query_async(&mut connection).await.map_err(unavailable)
+                })
+                .await?;
+            let exhausted = members.len() < batch;
+            for (member, fields) in members.iter().zip(rows) {
+                upper = format!("({member}");
+                let Some(order) = Self::decode(fields)? else {
+                    continue;
+                };
+                if order.user != user
+                    || query
+                        .current_step
+                        .is_some_and(|step| step != order.current_step)
+                {
+                    continue;
+                }
+                page.orders.push(order);
+                if page.orders.len() >= query.limit {
+                    page.next_cursor = Some(member.clone());
+                    return Ok(page);
+                }
+            }
+            if exhausted {
+                return Ok(page);
+            }
+        }
+    }
+
+    async fn commit(&self, order: &Order) -> Result<(), StoreError> {
+        let id = order.order_id.to_string();
+        let doc = serde_json::to_string(order).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let aware = if order.cancel_requested || order.failure.is_some() {
+            "1"
+        } else {
+            "0"
+        };
+        let outcome: String = self
+            .with_conn(|mut connection| async move {
+                let mut pipeline = redis::pipe();
+                pipeline.invoke_script(
+                    self.scripts
+                        .commit
+                        .key(order_key(&id))
+                        .arg(&order.owner)
+                        .arg(order.epoch)
+                        .arg(&doc)
+                        .arg(aware)
+                        .arg(state_name(order))
+                        .arg(order.current_step.as_str()),
+                );
+                if order.is_finished() {
+                    // Idempotent, and right even if the commit was refused: a finished order (or
+                    // one that is not ours) does not belong in our set.
+                    pipeline.cmd("SREM").arg(owned_key(&order.owner)).arg(&id).ignore();
+                }
+                let (outcome,): (String,) = self.run_pipeline(&mut connection, &pipeline).await?;
+                Ok(outcome)
+            })
+            .await?;
+        match outcome.as_str() {
+            "ok" => Ok(()),
+            "not_owner" => Err(StoreError::NotOwner),
+            "cancel" => Err(StoreError::CancelRequested),
+            "missing" => Err(StoreError::NotFound),
+            other => Err(StoreError::Corrupt(format!("commit answered `{other}`"))),
+        }
+    }
+
+    async fn request_cancel(&self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError> {
+        let key = order_key(&id.to_string());
+        let reply: Value = self
+            .with_conn(|mut connection| async move {
+                self.scripts
+                    .cancel
+                    .key(&key)
+                    .arg(user)
+                    .invoke_async(&mut connection)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        let fields: Option<Vec<Option<String>>> =
+            redis::FromRedisValue::from_redis_value(reply).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let fields = fields.filter(|fields| !fields.is_empty()).ok_or(StoreError::NotFound)?;
+        let stored = Self::decode(fields)?.ok_or(StoreError::NotFound)?;
+        let (outcome, _) = cancel_outcome(stored);
+        Ok(outcome)
+    }
+
+    async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError> {
+        let key = owned_key(node);
+        let ids: Vec<String> = self
+            .with_conn(|mut connection| async move {
+                redis::cmd("SMEMBERS")
+                    .arg(&key)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(unavailable)
+            })
+            .await?;
+        Ok(ids
+            .iter()
+            .filter_map(|id| OrderId::try_parse(id).ok())
+            .collect())
+    }
+
+    async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
+        let ids = self.owned_unfinished(from).await?;
+        let mut owned = Vec::new();
+        for chunk in ids.chunks(256) {
+            let moved = self
+                .with_conn(|mut connection| async move {
+                    let mut pipeline = redis::pipe();
+                    for id in chunk {
+                        pipeline.invoke_script(
+                            self.scripts
+                                .reassign
+                                .key(order_key(&id.to_string()))
+                                .arg(from)
+                                .arg(to),
+                        );
+                    }
+                    let outcomes: Vec<String> = self.run_pipeline(&mut connection, &pipeline).await?;
+                    let mut ours = Vec::new();
+                    let mut stale = Vec::new();
+                    for (id, outcome) in chunk.iter().zip(outcomes) {
+                        match outcome.as_str() {
+                            "moved" | "mine" => {
+                                ours.push(*id);
+                                stale.push((id.to_string(), Some(to.to_string())));
+                            }
+                            "finished" | "missing" => stale.push((id.to_string(), None)),
+                            other_owner => stale.push((id.to_string(), Some(other_owner.to_string()))),
+                        }
+                    }
+                    self.fix_owned(&mut connection, from, &stale).await?;
+                    Ok(ours)
+                })
+                .await?;
+            owned.extend(moved);
+        }
+        Ok(owned)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with_conn(|mut connection| async move {
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,263 @@
+//! One conformance suite for every `OrderStore`: the embedded store in a temp dir and the Redis
+//! store against a real `redis-server` started by the test.
+
+use crate::redis::RedisServer;
+use chrono::{Duration as Span, Utc};
+use order_process::order::{apply, Event, Order, OrderId, Phase, Step};
+use order_process::store::embedded::EmbeddedStore;
+use order_process::store::redis::RedisStore;
+use order_process::store::{CancelOutcome, Created, ListQuery, OrderStore, StoreError};
+use std::time::Duration;
+
+fn new_order(user: &str, owner: &str, offset_ms: i64) -> Order {
+    Order::new(
+        OrderId::new_v4(),
+        user.to_string(),
+        serde_json::json!({"sku": "A1"}),
+        owner.to_string(),
+        Utc::now() + Span::milliseconds(offset_ms),
+    )
+}
+
+fn step(order: &Order, event: Event) -> Order {
+    apply(order, event, Utc::now()).expect("legal transition")
+}
+
+fn succeed(order: &Order) -> Order {
+    step(
+        order,
+        Event::StepSucceeded {
+            step: order.current_step,
+            output: None,
+        },
+    )
+}
+
+async fn create(store: &dyn OrderStore, order: &Order) {
+    match store.create(order, None).await.expect("create") {
+        Created::New => {}
+        Created::Existing(_) => panic!("a fresh order was taken for an existing one"),
+    }
+}
+
+async fn conformance(store: &dyn OrderStore) {
+    store.ping().await.expect("ping");
+    let user = format!("user-{}", uuid::Uuid::new_v4().simple());
+    let other = format!("other-{}", uuid::Uuid::new_v4().simple());
+
+    // Create and read back.
+    let order = new_order(&user, "node-a", 0);
+    create(store, &order).await;
+    assert_eq!(store.get(order.order_id).await.unwrap(), Some(order.clone()));
+    assert_eq!(store.get(OrderId::new_v4()).await.unwrap(), None);
+    assert!(store
+        .owned_unfinished("node-a")
+        .await
+        .unwrap()
+        .contains(&order.order_id));
+
+    // Idempotency keys are per user.
+    let first = new_order(&user, "node-a", 1);
+    assert!(matches!(
+        store.create(&first, Some("key-1")).await.unwrap(),
+        Created::New
+    ));
+    let again = new_order(&user, "node-a", 2);
+    match store.create(&again, Some("key-1")).await.unwrap() {
+        Created::Existing(existing) => assert_eq!(existing.order_id, first.order_id),
+        Created::New => panic!("same user and key created a second order"),
+    }
+    assert_eq!(store.get(again.order_id).await.unwrap(), None);
+    let theirs = new_order(&other, "node-a", 3);
+    assert!(matches!(
+        store.create(&theirs, Some("key-1")).await.unwrap(),
+        Created::New
+    ));
+
+    // Commits are compare-and-set on owner and epoch.
+    let next = succeed(&order);
+    let mut stranger = next.clone();
+    stranger.owner = "node-z".into();
+    assert!(matches!(
+        store.commit(&stranger).await,
+        Err(StoreError::NotOwner)
+    ));
+    let mut stale = next.clone();
+    stale.epoch += 1;
+    assert!(matches!(store.commit(&stale).await, Err(StoreError::NotOwner)));
+    store.commit(&next).await.expect("owner commits");
+    assert_eq!(store.get(order.order_id).await.unwrap(), Some(next.clone()));
+
+    // Finishing removes the order from its owner's unfinished set.
+    let mut done = next.clone();
+    while !done.is_finished() {
+        done = succeed(&done);
+        store.commit(&done).await.expect("commit step");
+    }
+    assert_eq!(done.current_step, Step::Completed);
+    assert!(!store
+        .owned_unfinished("node-a")
+        .await
+        .unwrap()
+        .contains(&order.order_id));
+
+    // Cancellation: recorded once, refused for others, enforced on the next forward commit.
+    assert!(matches!(
+        store.request_cancel(first.order_id, &other).await,
+        Err(StoreError::NotFound)
+    ));
+    match store.request_cancel(first.order_id, &user).await.unwrap() {
+        CancelOutcome::Accepted(order) => assert!(order.cancel_requested),
+        other => panic!("cancel of a running order: {other:?}"),
+    }
+    assert!(matches!(
+        store.request_cancel(first.order_id, &user).await.unwrap(),
+        CancelOutcome::Accepted(_)
+    ));
+    let unaware = succeed(&first);
+    assert!(matches!(
+        store.commit(&unaware).await,
+        Err(StoreError::CancelRequested)
+    ));
+    let mut aware = first.clone();
+    aware.cancel_requested = true;
+    let cancelled = succeed(&aware);
+    assert_eq!(cancelled.phase, Phase::RollingBack);
+    store.commit(&cancelled).await.expect("cancel-aware commit");
+    assert!(matches!(
+        store.request_cancel(order.order_id, &user).await.unwrap(),
+        CancelOutcome::Finished(_)
+    ));
+
+    // Listing: newest first, paged by cursor, filtered by step, per user.
+    let lister = format!("lister-{}", uuid::Uuid::new_v4().simple());
+    let mut ids = Vec::new();
+    for offset in 0..5 {
+        let order = new_order(&lister, "node-a", offset * 10);
+        create(store, &order).await;
+        ids.push(order.order_id);
+    }
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list_for_user(
+                &lister,
+                &ListQuery {
+                    limit: 2,
+                    cursor: cursor.clone(),
+                    current_step: None,
+                },
+            )
+            .await
+            .unwrap();
+        seen.extend(page.orders.iter().map(|order| order.order_id));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+        assert!(seen.len() <= 5, "paging does not end");
+    }
+    assert_eq!(seen, ids);
+    let failed_only = store
+        .list_for_user(
+            &user,
+            &ListQuery {
+                limit: 50,
+                cursor: None,
+                current_step: Some(Step::Completed),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        failed_only
+            .orders
+            .iter()
+            .map(|order| order.order_id)
+            .collect::<Vec<_>>(),
+        vec![order.order_id]
+    );
+
+    // Reassign moves unfinished orders, bumps epochs and fences the old owner out.
+    let moving = new_order(&user, "node-b", 0);
+    create(store, &moving).await;
+    let moved = store.reassign("node-b", "node-c").await.unwrap();
+    assert_eq!(moved, vec![moving.order_id]);
+    let now = store.get(moving.order_id).await.unwrap().unwrap();
+    assert_eq!(now.owner, "node-c");
+    assert_eq!(now.epoch, moving.epoch + 1);
+    assert!(matches!(
+        store.commit(&succeed(&moving)).await,
+        Err(StoreError::NotOwner)
+    ));
+    store.commit(&succeed(&now)).await.expect("new owner commits");
+    assert!(store.owned_unfinished("node-b").await.unwrap().is_empty());
+    assert_eq!(
+        store.owned_unfinished("node-c").await.unwrap(),
+        vec![moving.order_id]
+    );
+    assert!(store.reassign("node-b", "node-c").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn embedded_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    conformance(&store).await;
+}
+
+#[tokio::test]
+async fn embedded_store_keeps_orders_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let order = new_order("alice", "node-a", 0);
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        create(&store, &order).await;
+    }
+    // The writer thread lets go of the file once the store is dropped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let store = loop {
+        match EmbeddedStore::open(dir.path()) {
+            Ok(store) => break store,
+            Err(error) if std::time::Instant::now() > deadline => panic!("reopen: {error}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert_eq!(store.get(order.order_id).await.unwrap(), Some(order));
+}
+
+#[tokio::test]
+async fn redis_store_conforms() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 4, Duration::from_secs(2)).unwrap();
+    conformance(&store).await;
+    // The indexes can be rebuilt from the order hashes alone.
+    assert!(store.repair_indexes().await.unwrap() > 0);
+}
+
+#[tokio::test]
+async fn redis_store_fails_fast_when_redis_is_down_and_recovers() {
+    let mut redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 4, Duration::from_secs(1)).unwrap();
+    let order = new_order("alice", "node-a", 0);
+    create(&store, &order).await;
+    redis.kill();
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        store.get(order.order_id).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(started.elapsed() < Duration::from_secs(5), "store hung");
+    redis.restart();
+    // Scripts are gone after a restart; the commit loads them again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match store.commit(&succeed(&order)).await {
+            Ok(()) => break,
+            Err(error) if std::time::Instant::now() > deadline => panic!("commit: {error}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
