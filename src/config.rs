@@ -48,6 +48,7 @@ pub struct Config {
     /// Per-step handler sections, keyed by step name (`[steps.Processing]`).
     pub steps: BTreeMap<String, StepConfig>,
     pub database: DatabaseConfig,
+    pub cluster: ClusterConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,11 +148,84 @@ pub struct StepConfig {
     pub failure_rate: Option<f64>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// `redis://…` selects the Redis store; empty means the embedded store in `data_dir`.
+    /// `redis://…` selects the Redis store (cluster mode); empty means the embedded store in
+    /// `data_dir`.
     pub url: String,
+    /// Connections to Redis.
+    pub pool_size: NonZeroUsize,
+    /// Longest wait for one Redis operation before it counts as a failure.
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: String::new(),
+            pool_size: NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Nodes with another cluster id ignore each other's gossip.
+    pub id: String,
+    /// HTTP addresses (`host:port`) of members to join; gossip uses UDP on the same port.
+    pub seeds: Vec<String>,
+    /// Shared by all nodes; cluster-internal calls such as `/service/transfer` must carry it.
+    pub secret: String,
+    /// The address peers use to reach this node; empty means the listen address.
+    pub advertise: String,
+    #[serde(deserialize_with = "duration")]
+    pub gossip_interval: Duration,
+    /// The failure detector's prior for the heartbeat interval of a node it just met.
+    #[serde(deserialize_with = "duration")]
+    pub initial_interval: Duration,
+    pub phi_threshold: f64,
+    /// How long a dead node's gossip state is kept (shown in /diagnostic/cluster).
+    #[serde(deserialize_with = "duration")]
+    pub dead_node_grace_period: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub leader_lease_ttl: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub leader_renew_interval: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub liveness_ttl: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub liveness_renew_interval: Duration,
+    /// How often the leader looks for orders of nodes that are neither live nor leased.
+    #[serde(deserialize_with = "duration")]
+    pub sweep_interval: Duration,
+    /// Longest wait for a peer to answer a transfer request.
+    #[serde(deserialize_with = "duration")]
+    pub transfer_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            id: "order-process".into(),
+            seeds: Vec::new(),
+            secret: String::new(),
+            advertise: String::new(),
+            gossip_interval: Duration::from_millis(500),
+            initial_interval: Duration::from_millis(500),
+            phi_threshold: 6.0,
+            dead_node_grace_period: Duration::from_secs(600),
+            leader_lease_ttl: Duration::from_secs(3),
+            leader_renew_interval: Duration::from_secs(1),
+            liveness_ttl: Duration::from_secs(3),
+            liveness_renew_interval: Duration::from_secs(1),
+            sweep_interval: Duration::from_millis(500),
+            transfer_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Values given on the command line; each one overrides the file.
@@ -160,6 +234,10 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub log_level: Option<String>,
+    /// `--join`: seeds added to `cluster.seeds`.
+    pub join: Vec<String>,
+    /// `--redis`: sets `database.url`.
+    pub redis: Option<String>,
 }
 
 impl Config {
@@ -190,6 +268,10 @@ impl Config {
         }
         if let Some(level) = &overrides.log_level {
             config.log.level = level.clone();
+        }
+        config.cluster.seeds.extend(overrides.join.iter().cloned());
+        if let Some(url) = &overrides.redis {
+            config.database.url = url.clone();
         }
         config.validate()?;
         Ok(config)
@@ -268,6 +350,96 @@ impl Config {
             return Err(ConfigError::new(
                 "database.url",
                 "must be empty (embedded store) or start with redis://",
+            ));
+        }
+        if self.database.timeout.is_zero() {
+            return Err(ConfigError::new("database.timeout", "must be more than 0s"));
+        }
+        self.validate_cluster()
+    }
+
+    /// True when the node runs as a cluster member on Redis.
+    pub fn is_cluster(&self) -> bool {
+        !self.database.url.is_empty()
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let cluster = &self.cluster;
+        if !self.is_cluster() {
+            if !cluster.seeds.is_empty() {
+                return Err(ConfigError::new(
+                    "cluster.seeds",
+                    "joining a cluster needs a shared store: set database.url (or --redis) to redis://…",
+                ));
+            }
+            return Ok(());
+        }
+        if cluster.secret.trim().is_empty() {
+            return Err(ConfigError::new(
+                "cluster.secret",
+                "required in cluster mode (database.url is set): the same secret on every node",
+            ));
+        }
+        if cluster.id.trim().is_empty() {
+            return Err(ConfigError::new("cluster.id", "must not be empty"));
+        }
+        for seed in &cluster.seeds {
+            if seed
+                .rsplit_once(':')
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(ConfigError::new(
+                    "cluster.seeds",
+                    format!("`{seed}` is not host:port"),
+                ));
+            }
+        }
+        if !cluster.advertise.is_empty() && cluster.advertise.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::new(
+                "cluster.advertise",
+                format!(
+                    "`{}` is not an address like 10.0.0.5:8080",
+                    cluster.advertise
+                ),
+            ));
+        }
+        if cluster.advertise.is_empty() && self.server.listen.ip().is_unspecified() {
+            return Err(ConfigError::new(
+                "cluster.advertise",
+                "required when server.listen is a wildcard address: peers need a reachable one",
+            ));
+        }
+        if cluster.phi_threshold <= 0.0 {
+            return Err(ConfigError::new(
+                "cluster.phi_threshold",
+                "must be more than 0",
+            ));
+        }
+        for (key, value) in [
+            ("cluster.gossip_interval", cluster.gossip_interval),
+            ("cluster.initial_interval", cluster.initial_interval),
+            ("cluster.sweep_interval", cluster.sweep_interval),
+            ("cluster.transfer_timeout", cluster.transfer_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(key, "must be more than 0s"));
+            }
+        }
+        if cluster.leader_renew_interval.is_zero()
+            || cluster.leader_renew_interval * 2 > cluster.leader_lease_ttl
+        {
+            return Err(ConfigError::new(
+                "cluster.leader_renew_interval",
+                "must be more than 0s and at most half of cluster.leader_lease_ttl",
+            ));
+        }
+        if cluster.liveness_renew_interval.is_zero()
+            || cluster.liveness_renew_interval * 2 > cluster.liveness_ttl
+        {
+            return Err(ConfigError::new(
+                "cluster.liveness_renew_interval",
+                "must be more than 0s and at most half of cluster.liveness_ttl",
             ));
         }
         Ok(())
@@ -389,6 +561,7 @@ mod tests {
             listen: Some("127.0.0.1:9001".into()),
             data_dir: None,
             log_level: Some("debug".into()),
+            ..Overrides::default()
         };
         let config = Config::load(Some(&path), &overrides).unwrap();
         assert_eq!(config.server.listen.port(), 9001);
@@ -397,6 +570,23 @@ mod tests {
             listen: Some("nowhere".into()),
             ..Overrides::default()
         };
+        let joining = Overrides {
+            join: vec!["127.0.0.1:8081".into()],
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Config::load(Some(&path), &joining).unwrap_err().key,
+            "cluster.seeds"
+        );
+        let clustered = Overrides {
+            join: vec!["127.0.0.1:8081".into()],
+            redis: Some("redis://127.0.0.1:6390".into()),
+            ..Overrides::default()
+        };
+        assert_eq!(
+            Config::load(Some(&path), &clustered).unwrap_err().key,
+            "cluster.secret"
+        );
         assert_eq!(Config::load(Some(&path), &bad).unwrap_err().key, "--listen");
         std::fs::remove_dir_all(&dir).ok();
     }

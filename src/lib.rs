@@ -8,11 +8,13 @@
 //! - [`pipeline`]: the bounded worker pool, the executor that drives an order to a terminal
 //!   state, and the step handlers.
 //! - [`api`]: the warp routes and the one place errors become JSON replies.
+//! - [`cluster`]: gossip membership, the leader lease and the takeover of dead nodes' orders.
 //! - [`node`]: wires the above into a running node and owns its shutdown.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod node;
 pub mod order;

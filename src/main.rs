@@ -27,6 +27,12 @@ struct Args {
     /// log level or filter: error, warn, info, debug, trace
     #[argh(option)]
     log_level: Option<String>,
+    /// host:port of a cluster member to join (repeatable); needs --redis or database.url
+    #[argh(option)]
+    join: Vec<String>,
+    /// redis://host:port of the shared store; makes this node a cluster member
+    #[argh(option)]
+    redis: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -52,6 +58,8 @@ fn main() -> ExitCode {
         listen: args.listen,
         data_dir: args.data_dir,
         log_level: args.log_level,
+        join: args.join,
+        redis: args.redis,
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(config) => config,

@@ -1,12 +1,14 @@
 //! Wires config, store, worker pool and API into one running node, and owns its shutdown.
 
 use crate::api::{self, ApiState};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::order::Step;
-use crate::pipeline::{Handlers, Job, Pool, Simulate};
+use crate::pipeline::{Gate, Handlers, Job, Pool, Simulate};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::redis::RedisStore;
 use crate::store::OrderStore;
-use anyhow::{bail, Context};
+use anyhow::Context;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -58,21 +60,62 @@ pub async fn run(
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
     let service_id = service_id(data_dir)?;
-    if !config.database.url.is_empty() {
-        bail!("database.url: the Redis store is not available in this build");
-    }
-    let store: Arc<dyn OrderStore> = Arc::new(EmbeddedStore::open(data_dir)?);
-    let advertised = listener
+    let listen = listener
         .local_addr()
         .context("cannot read the listen address")?;
-    let pool = Pool::start(
-        service_id.clone(),
-        Arc::clone(&store),
-        handlers(&config),
-        config.pipeline.workers.get(),
-        config.pipeline.queue_capacity.get(),
-    );
-    spawn_resume(Arc::clone(&store), Arc::clone(&pool), service_id.clone());
+    let advertised = if config.cluster.advertise.is_empty() {
+        listen
+    } else {
+        config
+            .cluster
+            .advertise
+            .parse()
+            .context("cluster.advertise is not an address")?
+    };
+    let workers = config.pipeline.workers.get();
+    let queue = config.pipeline.queue_capacity.get();
+    let (store, pool, cluster): (Arc<dyn OrderStore>, Arc<Pool>, Option<Arc<Cluster>>) =
+        if config.is_cluster() {
+            let redis = Arc::new(RedisStore::connect(
+                &config.database.url,
+                config.database.pool_size.get(),
+                config.database.timeout,
+            )?);
+            let store: Arc<dyn OrderStore> = redis.clone();
+            // Closed until the first liveness renewal: no step starts before the lease is held.
+            let gate = Arc::new(Gate::closed());
+            let pool = Pool::start(
+                service_id.clone(),
+                Arc::clone(&store),
+                handlers(&config),
+                Arc::clone(&gate),
+                workers,
+                queue,
+            );
+            let cluster = Cluster::start(
+                service_id.clone(),
+                listen,
+                advertised,
+                config.cluster.clone(),
+                redis,
+                Arc::clone(&pool),
+                gate,
+            )
+            .await?;
+            (store, pool, Some(cluster))
+        } else {
+            let store: Arc<dyn OrderStore> = Arc::new(EmbeddedStore::open(data_dir)?);
+            let pool = Pool::start(
+                service_id.clone(),
+                Arc::clone(&store),
+                handlers(&config),
+                Arc::new(Gate::open()),
+                workers,
+                queue,
+            );
+            spawn_resume(Arc::clone(&store), Arc::clone(&pool), service_id.clone());
+            (store, pool, None)
+        };
 
     let state = Arc::new(ApiState {
         service_id: service_id.clone(),
@@ -80,6 +123,7 @@ pub async fn run(
         started_at: chrono::Utc::now(),
         store,
         pool: Arc::clone(&pool),
+        cluster: cluster.clone(),
         max_body_bytes: config.server.max_body_bytes,
         retry_after: config.server.retry_after,
     });
@@ -91,11 +135,20 @@ pub async fn run(
         })
         .run();
     let server = tokio::spawn(server.instrument(tracing::info_span!("http")));
-    info!(service_id = %service_id, listen = %advertised, data_dir = %data_dir.display(), "listening");
+    info!(
+        service_id = %service_id,
+        listen = %listen,
+        store = if cluster.is_some() { "redis" } else { "embedded" },
+        data_dir = %data_dir.display(),
+        "listening"
+    );
 
     shutdown.await;
     info!("shutting down: no new orders, letting running steps finish");
-    pool.shutdown(config.server.shutdown_grace).await;
+    match &cluster {
+        Some(cluster) => cluster.drain(config.server.shutdown_grace).await,
+        None => pool.shutdown(config.server.shutdown_grace).await,
+    }
     let _ = http_stop_tx.send(true);
     if tokio::time::timeout(HTTP_DRAIN, server).await.is_err() {
         warn!("http server did not stop in time");

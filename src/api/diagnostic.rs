@@ -56,6 +56,40 @@ async fn heartbeat(state: State) -> Response {
 }
 
 async fn cluster(state: State) -> Response {
+    if let Some(cluster) = state.cluster.as_ref() {
+        let (leader, nodes) = cluster.view().await;
+        let nodes: Vec<serde_json::Value> = nodes
+            .iter()
+            .map(|seen| {
+                let is_self = seen.member.node_id == state.service_id;
+                let role = if leader.as_deref() == Some(seen.member.node_id.as_str()) {
+                    "leader"
+                } else {
+                    "follower"
+                };
+                serde_json::json!({
+                    "name": seen.member.node_id,
+                    "connected": seen.live,
+                    "connection_string": seen.member.http_addr.map(|addr| format!("http://{addr}")),
+                    "last_activity": seen.last_seen.to_rfc3339_opts(SecondsFormat::Micros, true),
+                    "role": role,
+                    "inflight": if is_self { state.pool.inflight() } else { seen.member.inflight },
+                    "version": seen.member.version,
+                    "started_at": seen.member.started_at,
+                    "generation": seen.member.generation,
+                })
+            })
+            .collect();
+        return json_reply(
+            StatusCode::OK,
+            &serde_json::json!({
+                "generated_at": now(),
+                "leader_name": leader,
+                "nodes_count": nodes.len(),
+                "nodes": nodes,
+            }),
+        );
+    }
     let node = serde_json::json!({
         "name": state.service_id,
         "connected": true,

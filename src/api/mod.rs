@@ -8,9 +8,11 @@
 mod diagnostic;
 pub mod error;
 mod orders;
+mod service;
 
 pub use error::ApiError;
 
+use crate::cluster::Cluster;
 use crate::pipeline::Pool;
 use crate::store::OrderStore;
 use chrono::{DateTime, Utc};
@@ -33,6 +35,8 @@ pub struct ApiState {
     pub started_at: DateTime<Utc>,
     pub store: Arc<dyn OrderStore>,
     pub pool: Arc<Pool>,
+    /// Present in cluster mode.
+    pub cluster: Option<Arc<Cluster>>,
     pub max_body_bytes: u64,
     pub retry_after: Duration,
 }
@@ -51,7 +55,9 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     welcome
         .or(orders::routes(state.clone()))
         .unify()
-        .or(diagnostic::routes(state))
+        .or(diagnostic::routes(state.clone()))
+        .unify()
+        .or(service::routes(state))
         .unify()
         .recover(error::recover)
         .unify()

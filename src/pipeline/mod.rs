@@ -6,9 +6,11 @@
 //! is committed before the next step starts; a commit that finds the order owned by someone else
 //! ends its execution here.
 
+mod gate;
 mod handler;
 mod simulate;
 
+pub use gate::Gate;
 pub use handler::{Handlers, StepContext, StepError, StepHandler};
 pub use simulate::Simulate;
 
@@ -31,11 +33,30 @@ pub enum Job {
 }
 
 /// A reserved slot in the queue: holding one guarantees the job can be queued.
-pub struct Slot(mpsc::OwnedPermit<Job>);
+pub struct Slot(mpsc::OwnedPermit<Job>, Arc<Shared>);
 
 impl Slot {
     pub fn send(self, job: Job) {
+        if let Job::New(order) = &job {
+            self.1.mark_active(order.order_id);
+        }
         self.0.send(job);
+    }
+}
+
+impl Shared {
+    /// Records an order as queued or executing here; false if it already was.
+    fn mark_active(&self, id: OrderId) -> bool {
+        self.active
+            .lock()
+            .map(|mut active| active.insert(id))
+            .unwrap_or(true)
+    }
+
+    fn unmark_active(&self, id: OrderId) {
+        if let Ok(mut active) = self.active.lock() {
+            active.remove(&id);
+        }
     }
 }
 
@@ -46,6 +67,9 @@ struct Shared {
     inflight: AtomicUsize,
     /// Orders whose cancellation was requested through this node, checked before each step.
     cancelled: Mutex<HashSet<OrderId>>,
+    /// Orders executing or queued here, so a second resume of the same order is a no-op.
+    active: Mutex<HashSet<OrderId>>,
+    gate: Arc<Gate>,
     stop_rx: watch::Receiver<bool>,
 }
 
@@ -62,6 +86,7 @@ impl Pool {
         node_id: String,
         store: Arc<dyn OrderStore>,
         handlers: Handlers,
+        gate: Arc<Gate>,
         workers: usize,
         queue_capacity: usize,
     ) -> Arc<Pool> {
@@ -73,6 +98,8 @@ impl Pool {
             handlers,
             inflight: AtomicUsize::new(0),
             cancelled: Mutex::new(HashSet::new()),
+            active: Mutex::new(HashSet::new()),
+            gate,
             stop_rx,
         });
         let dispatcher = tokio::spawn(
@@ -93,20 +120,48 @@ impl Pool {
         if *self.stop_tx.borrow() {
             return None;
         }
-        self.queue_tx.clone().try_reserve_owned().ok().map(Slot)
+        self.queue_tx
+            .clone()
+            .try_reserve_owned()
+            .ok()
+            .map(|permit| Slot(permit, Arc::clone(&self.shared)))
     }
 
-    /// Queues a job, waiting for room; false once the pool stops.
+    /// Queues a job, waiting for room; false once the pool stops. An order already queued or
+    /// executing here is not queued twice.
     pub async fn enqueue(&self, job: Job) -> bool {
         let mut stop_rx = self.shared.stop_rx.clone();
         if *stop_rx.borrow() {
             return false;
         }
+        let id = match &job {
+            Job::New(order) => order.order_id,
+            Job::Resume(id) => *id,
+        };
+        if !self.shared.mark_active(id) {
+            return true;
+        }
         // Either room frees up in the queue, or the pool stops and the job stays in the store.
-        tokio::select! {
+        let sent = tokio::select! {
             sent = self.queue_tx.send(job) => sent.is_ok(),
             _ = stop_rx.changed() => false,
+        };
+        if !sent {
+            self.shared.unmark_active(id);
         }
+        sent
+    }
+
+    /// Queues the resumption of many orders in the background, in order.
+    pub fn resume_all(self: &Arc<Self>, ids: Vec<OrderId>) {
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            for id in ids {
+                if !pool.enqueue(Job::Resume(id)).await {
+                    return;
+                }
+            }
+        });
     }
 
     /// Orders executing now.
@@ -214,6 +269,11 @@ impl Drop for InflightGuard<'_> {
 
 async fn execute(shared: Arc<Shared>, job: Job) {
     let _inflight = InflightGuard::new(&shared.inflight);
+    let id = match &job {
+        Job::New(order) => order.order_id,
+        Job::Resume(id) => *id,
+    };
+    let _active = ActiveGuard(&shared, id);
     let order = match job {
         Job::New(order) => order,
         Job::Resume(id) => match load(&shared, id).await {
@@ -227,6 +287,15 @@ async fn execute(shared: Arc<Shared>, job: Job) {
         .await;
     if let Ok(mut cancelled) = shared.cancelled.lock() {
         cancelled.remove(&order_id);
+    }
+}
+
+/// Marks an order inactive when its execution ends, however it ends.
+struct ActiveGuard<'a>(&'a Shared, OrderId);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.unmark_active(self.1);
     }
 }
 
@@ -258,10 +327,28 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
 /// turns out to belong to another node.
 async fn drive(shared: &Shared, mut order: Order) {
     debug!(order_id = %order.order_id, current_step = %order.current_step, "order dispatched");
+    let mut lapses = shared.gate.lapses();
     loop {
         if *shared.stop_rx.borrow() {
             debug!(order_id = %order.order_id, "node stopping, order left to resume later");
             return;
+        }
+        if !shared.gate.is_open() {
+            debug!(order_id = %order.order_id, "liveness lease lapsed, waiting before the next step");
+        }
+        let mut stop_rx = shared.stop_rx.clone();
+        // Either the lease is current again, or the node stops and the order resumes elsewhere.
+        let now_lapses = tokio::select! {
+            lapses = shared.gate.wait_open() => lapses,
+            _ = stop_rx.changed() => continue,
+        };
+        if now_lapses != lapses {
+            // The lease lapsed while this order was ours: someone may have taken it over.
+            match still_ours(shared, &order).await {
+                Some(fresh) => order = fresh,
+                None => return,
+            }
+            lapses = now_lapses;
         }
         if !order.cancel_requested {
             let noted = shared
@@ -319,6 +406,17 @@ async fn drive(shared: &Shared, mut order: Order) {
             None => return,
         }
     }
+}
+
+/// Re-reads an order after a lease lapse: the stored copy when this node still owns it at the
+/// same epoch, `None` when it does not (or the node stops before the store answers).
+async fn still_ours(shared: &Shared, order: &Order) -> Option<Order> {
+    let stored = load(shared, order.order_id).await?;
+    if stored.epoch != order.epoch {
+        warn!(order_id = %order.order_id, "order was taken over while the liveness lease lapsed, dropping it");
+        return None;
+    }
+    Some(stored)
 }
 
 /// Applies an event and commits the result, retrying while the store is unreachable. `None`

@@ -15,8 +15,8 @@
 //! trip, idempotently, and [`RedisStore::repair_indexes`] rebuilds them from the order hashes.
 
 use super::{
-    cancel_outcome, decode_cursor, CancelOutcome, Created, ListQuery, OrderStore, Page,
-    StoreError, IDEMPOTENCY_TTL,
+    cancel_outcome, decode_cursor, CancelOutcome, Created, ListQuery, OrderStore, Page, StoreError,
+    IDEMPOTENCY_TTL,
 };
 use crate::order::{Order, OrderId, Phase};
 use async_trait::async_trait;
@@ -141,7 +141,11 @@ fn micros_member(order: &Order) -> String {
 
 impl RedisStore {
     /// A store on `url`. Nothing is contacted yet; the first operation connects.
-    pub fn connect(url: &str, pool_size: usize, timeout: Duration) -> Result<RedisStore, StoreError> {
+    pub fn connect(
+        url: &str,
+        pool_size: usize,
+        timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
         let mut settings = PoolSettings::from_url(url);
         settings.pool = Some(PoolConfig {
             max_size: pool_size,
@@ -193,7 +197,9 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         match pipeline.query_async::<T>(connection).await {
             Ok(value) => Ok(value),
-            Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            Err(error)
+                if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
                 for script in [&self.scripts.commit, &self.scripts.reassign] {
                     script
                         .prepare_invoke()
@@ -201,7 +207,10 @@ impl RedisStore {
                         .await
                         .map_err(unavailable)?;
                 }
-                pipeline.query_async::<T>(connection).await.map_err(unavailable)
+                pipeline
+                    .query_async::<T>(connection)
+                    .await
+                    .map_err(unavailable)
             }
             Err(error) => Err(unavailable(error)),
         }
@@ -293,7 +302,12 @@ impl RedisStore {
     }
 
     /// Sets (or renews) a node's liveness lease.
-    pub async fn renew_alive(&self, node: &str, holder: &str, ttl: Duration) -> Result<(), StoreError> {
+    pub async fn renew_alive(
+        &self,
+        node: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         let ttl_ms = ttl.as_millis() as u64;
         self.with_conn(|mut connection| async move {
             redis::cmd("SET")
@@ -334,7 +348,11 @@ impl RedisStore {
     }
 
     /// Tries to take the leader lease; `Some(fencing token)` on success.
-    pub async fn acquire_leader(&self, holder: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
+    pub async fn acquire_leader(
+        &self,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<u64>, StoreError> {
         let ttl_ms = ttl.as_millis() as u64;
         self.with_conn(|mut connection| async move {
             let token: u64 = self
@@ -433,10 +451,17 @@ impl RedisStore {
         self.with_conn(|mut connection| async move {
             let mut read = redis::pipe();
             for key in keys {
-                read.cmd("HMGET").arg(key).arg("doc").arg("owner").arg("epoch").arg("cancel");
+                read.cmd("HMGET")
+                    .arg(key)
+                    .arg("doc")
+                    .arg("owner")
+                    .arg("epoch")
+                    .arg("cancel");
             }
-            let rows: Vec<Vec<Option<String>>> =
-                read.query_async(&mut connection).await.map_err(unavailable)?;
+            let rows: Vec<Vec<Option<String>>> = read
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
             let mut write = redis::pipe();
             let mut count = 0;
             for fields in rows {
@@ -445,9 +470,17 @@ impl RedisStore {
                 };
                 let id = order.order_id.to_string();
                 if order.is_finished() {
-                    write.cmd("SREM").arg(owned_key(&order.owner)).arg(&id).ignore();
+                    write
+                        .cmd("SREM")
+                        .arg(owned_key(&order.owner))
+                        .arg(&id)
+                        .ignore();
                 } else {
-                    write.cmd("SADD").arg(owned_key(&order.owner)).arg(&id).ignore();
+                    write
+                        .cmd("SADD")
+                        .arg(owned_key(&order.owner))
+                        .arg(&id)
+                        .ignore();
                 }
                 write
                     .cmd("ZADD")
@@ -498,7 +531,8 @@ impl OrderStore for RedisStore {
         idempotency_key: Option<&str>,
     ) -> Result<Created, StoreError> {
         let id = order.order_id.to_string();
-        let doc = serde_json::to_string(order).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let doc =
+            serde_json::to_string(order).map_err(|error| StoreError::Corrupt(error.to_string()))?;
         if let Some(key) = idempotency_key {
             let key = idem_key(&order.user, key);
             let ttl = IDEMPOTENCY_TTL.as_secs();
@@ -638,9 +672,18 @@ impl OrderStore for RedisStore {
                         let key = OrderId::try_parse(id)
                             .map(|id| order_key(&id.to_string()))
                             .unwrap_or_default();
-                        pipeline.cmd("HMGET").arg(key).arg("doc").arg("owner").arg("epoch").arg("cancel");
+                        pipeline
+                            .cmd("HMGET")
+                            .arg(key)
+                            .arg("doc")
+                            .arg("owner")
+                            .arg("epoch")
+                            .arg("cancel");
                     }
-                    pipeline.query_async(&mut connection).await.map_err(unavailable)
+                    pipeline
+                        .query_async(&mut connection)
+                        .await
+                        .map_err(unavailable)
                 })
                 .await?;
             let exhausted = members.len() < batch;
@@ -670,7 +713,8 @@ impl OrderStore for RedisStore {
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
         let id = order.order_id.to_string();
-        let doc = serde_json::to_string(order).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let doc =
+            serde_json::to_string(order).map_err(|error| StoreError::Corrupt(error.to_string()))?;
         let aware = if order.cancel_requested || order.failure.is_some() {
             "1"
         } else {
@@ -693,7 +737,11 @@ impl OrderStore for RedisStore {
                 if order.is_finished() {
                     // Idempotent, and right even if the commit was refused: a finished order (or
                     // one that is not ours) does not belong in our set.
-                    pipeline.cmd("SREM").arg(owned_key(&order.owner)).arg(&id).ignore();
+                    pipeline
+                        .cmd("SREM")
+                        .arg(owned_key(&order.owner))
+                        .arg(&id)
+                        .ignore();
                 }
                 let (outcome,): (String,) = self.run_pipeline(&mut connection, &pipeline).await?;
                 Ok(outcome)
@@ -721,9 +769,11 @@ impl OrderStore for RedisStore {
                     .map_err(unavailable)
             })
             .await?;
-        let fields: Option<Vec<Option<String>>> =
-            redis::FromRedisValue::from_redis_value(reply).map_err(|error| StoreError::Corrupt(error.to_string()))?;
-        let fields = fields.filter(|fields| !fields.is_empty()).ok_or(StoreError::NotFound)?;
+        let fields: Option<Vec<Option<String>>> = redis::FromRedisValue::from_redis_value(reply)
+            .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let fields = fields
+            .filter(|fields| !fields.is_empty())
+            .ok_or(StoreError::NotFound)?;
         let stored = Self::decode(fields)?.ok_or(StoreError::NotFound)?;
         let (outcome, _) = cancel_outcome(stored);
         Ok(outcome)
@@ -762,7 +812,8 @@ impl OrderStore for RedisStore {
                                 .arg(to),
                         );
                     }
-                    let outcomes: Vec<String> = self.run_pipeline(&mut connection, &pipeline).await?;
+                    let outcomes: Vec<String> =
+                        self.run_pipeline(&mut connection, &pipeline).await?;
                     let mut ours = Vec::new();
                     let mut stale = Vec::new();
                     for (id, outcome) in chunk.iter().zip(outcomes) {
@@ -772,7 +823,9 @@ impl OrderStore for RedisStore {
                                 stale.push((id.to_string(), Some(to.to_string())));
                             }
                             "finished" | "missing" => stale.push((id.to_string(), None)),
-                            other_owner => stale.push((id.to_string(), Some(other_owner.to_string()))),
+                            other_owner => {
+                                stale.push((id.to_string(), Some(other_owner.to_string())))
+                            }
                         }
                     }
                     self.fix_owned(&mut connection, from, &stale).await?;

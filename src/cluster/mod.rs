@@ -1,0 +1,618 @@
+//! Cluster mode: membership by gossip, a leader chosen by a lease in Redis, and the takeover of a
+//! dead node's orders.
+//!
+//! - Every node keeps a liveness lease (`op:alive:{node}`); while it is current the node may
+//!   start steps (the pipeline's [`Gate`]).
+//! - One node holds the leader lease, renewed by compare-and-set; each term has a fencing token.
+//! - The leader sweeps: a registered node that gossip does not see live, whose liveness lease
+//!   has expired and which still owns orders is dead; the live node with the fewest orders in
+//!   flight is asked to take them over (`POST /service/transfer`).
+//! - On SIGTERM a node drains: it announces it is leaving, lets running steps finish, releases
+//!   its liveness lease and hands its remaining orders to a live peer.
+
+pub mod keys;
+mod membership;
+
+pub use membership::{Member, Membership, SeenNode};
+
+use crate::config::ClusterConfig;
+use crate::pipeline::{Gate, Pool};
+use crate::store::redis::RedisStore;
+use crate::store::OrderStore;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn, Instrument};
+
+/// Header that carries the cluster secret on cluster-internal calls.
+pub const SECRET_HEADER: &str = "x-cluster-secret";
+
+/// This node's current leader term, if any.
+#[derive(Clone, Debug)]
+struct Term {
+    holder: String,
+    token: u64,
+    until: Instant,
+}
+
+/// Why a transfer request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("a node cannot take over its own orders")]
+    OwnOrders,
+    #[error("node {0} is alive")]
+    Alive(String),
+    #[error("fencing token {given} is older than the current {current}")]
+    StaleLeader { given: u64, current: u64 },
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// What a transfer did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Transferred {
+    pub current_service_id: String,
+    pub transferred_service_id: String,
+    pub orders: usize,
+}
+
+pub struct Cluster {
+    node_id: String,
+    /// `{node}:{generation}`: the value of this process's liveness lease.
+    alive_holder: String,
+    advertise: SocketAddr,
+    config: ClusterConfig,
+    store: Arc<RedisStore>,
+    pool: Arc<Pool>,
+    gate: Arc<Gate>,
+    membership: tokio::sync::Mutex<Option<Membership>>,
+    term: Mutex<Option<Term>>,
+    http: reqwest::Client,
+    stop_tx: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Cluster {
+    /// Joins the cluster: starts gossip on the HTTP port number and the lease and sweep tasks.
+    /// Orders this node owns are resumed once its liveness lease is in place.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        node_id: String,
+        listen: SocketAddr,
+        advertise: SocketAddr,
+        config: ClusterConfig,
+        store: Arc<RedisStore>,
+        pool: Arc<Pool>,
+        gate: Arc<Gate>,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        let generation = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        let initial = vec![
+            (keys::HTTP_ADDR.to_string(), advertise.to_string()),
+            (keys::VERSION.to_string(), crate::api::VERSION.to_string()),
+            (keys::INFLIGHT.to_string(), "0".to_string()),
+            (
+                keys::STARTED_AT.to_string(),
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ),
+        ];
+        let membership =
+            Membership::start(&node_id, generation, listen, advertise, &config, initial).await?;
+        let http = reqwest::Client::builder()
+            .timeout(config.transfer_timeout)
+            .build()?;
+        let (stop_tx, _) = watch::channel(false);
+        let cluster = Arc::new(Cluster {
+            alive_holder: format!("{node_id}:{generation}"),
+            node_id,
+            advertise,
+            config,
+            store,
+            pool,
+            gate,
+            membership: tokio::sync::Mutex::new(Some(membership)),
+            term: Mutex::new(None),
+            http,
+            stop_tx,
+            tasks: Mutex::new(Vec::new()),
+        });
+        let tasks = vec![
+            tokio::spawn(
+                Arc::clone(&cluster)
+                    .keep_alive()
+                    .instrument(tracing::info_span!("liveness")),
+            ),
+            tokio::spawn(
+                Arc::clone(&cluster)
+                    .keep_leadership()
+                    .instrument(tracing::info_span!("leadership")),
+            ),
+            tokio::spawn(
+                Arc::clone(&cluster)
+                    .sweep()
+                    .instrument(tracing::info_span!("sweep")),
+            ),
+            tokio::spawn(
+                Arc::clone(&cluster)
+                    .publish_inflight()
+                    .instrument(tracing::info_span!("gossip")),
+            ),
+        ];
+        if let Ok(mut slot) = cluster.tasks.lock() {
+            slot.extend(tasks);
+        }
+        Ok(cluster)
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn secret_matches(&self, given: &str) -> bool {
+        constant_time_eq(given.as_bytes(), self.config.secret.as_bytes())
+    }
+
+    /// Sleeps `period`; true when the cluster began stopping meanwhile.
+    async fn pause(&self, period: Duration) -> bool {
+        let mut stop_rx = self.stop_tx.subscribe();
+        if *stop_rx.borrow() {
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => false,
+            _ = stop_rx.changed() => true,
+        }
+    }
+
+    /// Renews this node's liveness lease; the first success registers the node and resumes the
+    /// orders it owns.
+    async fn keep_alive(self: Arc<Self>) {
+        let ttl = self.config.liveness_ttl;
+        let mut registered = false;
+        let mut failing = false;
+        loop {
+            let sent = Instant::now();
+            match self
+                .store
+                .renew_alive(&self.node_id, &self.alive_holder, ttl)
+                .await
+            {
+                Ok(()) => {
+                    self.gate.renewed(sent + ttl);
+                    if failing {
+                        info!("liveness lease renewed again");
+                        failing = false;
+                    }
+                    if !registered {
+                        registered = self.register().await;
+                    }
+                }
+                Err(error) => {
+                    if !failing {
+                        warn!(error = %error, "cannot renew liveness lease; no new steps start until it is renewed");
+                        failing = true;
+                    }
+                }
+            }
+            if self.pause(self.config.liveness_renew_interval).await {
+                return;
+            }
+        }
+    }
+
+    /// Registers the node and queues the unfinished orders it owns; false to try again later.
+    async fn register(&self) -> bool {
+        if let Err(error) = self
+            .store
+            .register_node(&self.node_id, &self.advertise.to_string())
+            .await
+        {
+            warn!(error = %error, "cannot register node");
+            return false;
+        }
+        match self.store.owned_unfinished(&self.node_id).await {
+            Ok(ids) => {
+                if !ids.is_empty() {
+                    info!(orders = ids.len(), "resuming unfinished orders");
+                }
+                self.pool.resume_all(ids);
+                true
+            }
+            Err(error) => {
+                warn!(error = %error, "cannot list own unfinished orders");
+                false
+            }
+        }
+    }
+
+    /// True while this node holds a current leader term.
+    pub fn is_leader(&self) -> bool {
+        self.term
+            .lock()
+            .ok()
+            .and_then(|term| term.as_ref().map(|term| Instant::now() < term.until))
+            .unwrap_or(false)
+    }
+
+    fn current_term(&self) -> Option<Term> {
+        self.term
+            .lock()
+            .ok()
+            .and_then(|term| term.clone())
+            .filter(|term| Instant::now() < term.until)
+    }
+
+    fn set_term(&self, term: Option<Term>) {
+        if let Ok(mut slot) = self.term.lock() {
+            *slot = term;
+        }
+    }
+
+    /// Takes the leader lease when it is free and renews it while held. Leader duties stop the
+    /// moment a renewal fails or the lease runs out locally.
+    async fn keep_leadership(self: Arc<Self>) {
+        let ttl = self.config.leader_lease_ttl;
+        loop {
+            let sent = Instant::now();
+            match self.current_term() {
+                Some(term) => match self.store.renew_leader(&term.holder, ttl).await {
+                    Ok(true) => self.set_term(Some(Term {
+                        until: sent + ttl,
+                        ..term
+                    })),
+                    Ok(false) => {
+                        self.set_term(None);
+                        info!(token = term.token, "leader -> follower: lease lost");
+                    }
+                    Err(error) => {
+                        self.set_term(None);
+                        info!(token = term.token, error = %error, "leader -> follower: cannot renew lease");
+                    }
+                },
+                None => {
+                    let was_leader = self.term.lock().map(|t| t.is_some()).unwrap_or(false);
+                    if was_leader {
+                        self.set_term(None);
+                        info!("leader -> follower: lease expired before renewal");
+                    }
+                    if self.gate.is_open() {
+                        let holder = format!("{}:{}", self.node_id, uuid::Uuid::new_v4().simple());
+                        match self.store.acquire_leader(&holder, ttl).await {
+                            Ok(Some(token)) => {
+                                self.set_term(Some(Term {
+                                    holder,
+                                    token,
+                                    until: sent + ttl,
+                                }));
+                                info!(token, "follower -> leader");
+                                let store = Arc::clone(&self.store);
+                                tokio::spawn(async move {
+                                    match store.repair_indexes().await {
+                                        Ok(count) => debug!(orders = count, "indexes repaired"),
+                                        Err(error) => warn!(error = %error, "index repair failed"),
+                                    }
+                                });
+                            }
+                            Ok(None) => {}
+                            Err(error) => debug!(error = %error, "cannot try the leader lease"),
+                        }
+                    }
+                }
+            }
+            if self.pause(self.config.leader_renew_interval).await {
+                return;
+            }
+        }
+    }
+
+    /// The leader's sweep: finds nodes that are dead (not live in gossip, liveness lease expired)
+    /// yet own orders, and has a live node take them over. Deaths while there was no leader and
+    /// whole-cluster restarts are caught the same way.
+    async fn sweep(self: Arc<Self>) {
+        loop {
+            if self.pause(self.config.sweep_interval).await {
+                return;
+            }
+            let Some(term) = self.current_term() else {
+                continue;
+            };
+            if let Err(error) = self.sweep_once(term.token).await {
+                warn!(error = %error, "sweep failed");
+            }
+        }
+    }
+
+    async fn sweep_once(&self, token: u64) -> Result<(), crate::store::StoreError> {
+        let live = self.live_members().await;
+        let live_ids: HashSet<&str> = live.iter().map(|member| member.node_id.as_str()).collect();
+        let suspects: Vec<String> = self
+            .store
+            .known_nodes()
+            .await?
+            .into_iter()
+            .map(|(node, _)| node)
+            .filter(|node| node != &self.node_id && !live_ids.contains(node.as_str()))
+            .collect();
+        if suspects.is_empty() {
+            return Ok(());
+        }
+        let statuses = self.store.node_status(&suspects).await?;
+        for (node, (alive, owned)) in suspects.iter().zip(statuses) {
+            if alive {
+                continue;
+            }
+            if owned == 0 {
+                self.store.forget_node(node).await?;
+                debug!(node = %node, "forgot a dead node that owns no orders");
+                continue;
+            }
+            if !self.is_leader() {
+                return Ok(());
+            }
+            info!(node = %node, orders = owned, "node is dead and owns orders, transferring them");
+            self.transfer_to_best(node, token, &live).await;
+        }
+        Ok(())
+    }
+
+    /// Live members that can take work: this node included, draining ones excluded.
+    async fn live_members(&self) -> Vec<Member> {
+        let membership = self.membership.lock().await;
+        let mut live = membership.as_ref().map(|m| m.live()).unwrap_or_default();
+        if !live.iter().any(|member| member.node_id == self.node_id) && !self.pool.is_stopping() {
+            live.push(Member {
+                node_id: self.node_id.clone(),
+                generation: 0,
+                http_addr: Some(self.advertise),
+                version: Some(crate::api::VERSION.to_string()),
+                inflight: self.pool.inflight(),
+                started_at: None,
+            });
+        }
+        live
+    }
+
+    /// Asks live members, fewest orders in flight first, to take over `dead`'s orders.
+    async fn transfer_to_best(&self, dead: &str, token: u64, live: &[Member]) -> bool {
+        let mut candidates: Vec<&Member> = live
+            .iter()
+            .filter(|member| member.node_id != dead)
+            .filter(|member| member.node_id != self.node_id || !self.pool.is_stopping())
+            .collect();
+        candidates.sort_by_key(|member| (member.inflight, member.node_id.clone()));
+        for member in candidates {
+            let outcome = if member.node_id == self.node_id {
+                self.accept_transfer(dead, Some(token), false)
+                    .await
+                    .map_err(|error| error.to_string())
+            } else {
+                match member.http_addr {
+                    Some(addr) => self.request_transfer(addr, dead, Some(token), false).await,
+                    None => Err("no http address in gossip".to_string()),
+                }
+            };
+            match outcome {
+                Ok(done) => {
+                    info!(from = %dead, to = %done.current_service_id, orders = done.orders, "orders transferred");
+                    return true;
+                }
+                Err(error) => {
+                    warn!(from = %dead, to = %member.node_id, error = %error, "transfer failed, trying the next node");
+                }
+            }
+        }
+        false
+    }
+
+    async fn request_transfer(
+        &self,
+        addr: SocketAddr,
+        dead: &str,
+        token: Option<u64>,
+        handover: bool,
+    ) -> Result<Transferred, String> {
+        let response = self
+            .http
+            .post(format!("http://{addr}/service/transfer"))
+            .header(SECRET_HEADER, &self.config.secret)
+            .json(&serde_json::json!({ "service_id": dead, "fence": token, "handover": handover }))
+            .send()
+            .await
+            .map_err(|error| error.to_string())?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            return Err(format!("{status}: {text}"));
+        }
+        response
+            .json::<Transferred>()
+            .await
+            .map_err(|error| error.to_string())
+    }
+
+    /// Takes over `dead`'s unfinished orders: one owner compare-and-set per order, then each is
+    /// queued to resume at its current step.
+    /// `handover` marks a draining node handing over its own orders: it has released its
+    /// liveness lease, but peers may not have gossiped its `leaving` flag yet.
+    pub async fn accept_transfer(
+        &self,
+        dead: &str,
+        token: Option<u64>,
+        handover: bool,
+    ) -> Result<Transferred, TransferError> {
+        if dead == self.node_id {
+            return Err(TransferError::OwnOrders);
+        }
+        if self.store.is_alive(dead).await? {
+            return Err(TransferError::Alive(dead.to_string()));
+        }
+        if let Some(given) = token {
+            let (_, current) = self.store.leader().await?;
+            if given < current {
+                return Err(TransferError::StaleLeader { given, current });
+            }
+        }
+        let live = !handover && {
+            let membership = self.membership.lock().await;
+            membership.as_ref().is_some_and(|m| m.is_live(dead))
+        };
+        if live {
+            return Err(TransferError::Alive(dead.to_string()));
+        }
+        let ids = self.store.reassign(dead, &self.node_id).await?;
+        info!(from = %dead, orders = ids.len(), "took over orders");
+        let orders = ids.len();
+        self.pool.resume_all(ids);
+        Ok(Transferred {
+            current_service_id: self.node_id.clone(),
+            transferred_service_id: dead.to_string(),
+            orders,
+        })
+    }
+
+    /// Keeps this node's in-flight count in gossip, for the leader's choice of takeover target.
+    async fn publish_inflight(self: Arc<Self>) {
+        let mut last = usize::MAX;
+        loop {
+            let inflight = self.pool.inflight();
+            if inflight != last {
+                let membership = self.membership.lock().await;
+                if let Some(membership) = membership.as_ref() {
+                    membership.set(keys::INFLIGHT, inflight.to_string()).await;
+                }
+                last = inflight;
+            }
+            if self.pause(self.config.gossip_interval).await {
+                return;
+            }
+        }
+    }
+
+    /// The cluster view: every node gossip knows, with its role; and the leader's node id.
+    pub async fn view(&self) -> (Option<String>, Vec<SeenNode>) {
+        let nodes = {
+            let membership = self.membership.lock().await;
+            match membership.as_ref() {
+                Some(membership) => membership.all().await,
+                None => Vec::new(),
+            }
+        };
+        let leader = match self.store.leader().await {
+            Ok((holder, _)) => {
+                holder.and_then(|holder| holder.rsplit_once(':').map(|(node, _)| node.to_string()))
+            }
+            Err(_) => self.is_leader().then(|| self.node_id.clone()),
+        };
+        (leader, nodes)
+    }
+
+    /// Drains the node: announce leaving, let running steps finish (up to `grace`), release the
+    /// liveness lease, hand unfinished orders to a live peer, release the leader lease, leave.
+    pub async fn drain(&self, grace: Duration) {
+        {
+            let membership = self.membership.lock().await;
+            if let Some(membership) = membership.as_ref() {
+                membership.announce_leaving().await;
+            }
+        }
+        self.pool.shutdown(grace).await;
+        let _ = self.stop_tx.send(true);
+        let tasks: Vec<JoinHandle<()>> = self
+            .tasks
+            .lock()
+            .map(|mut tasks| tasks.drain(..).collect())
+            .unwrap_or_default();
+        for task in tasks {
+            let _ = task.await;
+        }
+        if let Err(error) = self
+            .store
+            .release_alive(&self.node_id, &self.alive_holder)
+            .await
+        {
+            warn!(error = %error, "cannot release liveness lease");
+        }
+        self.hand_over().await;
+        if let Some(term) = self.current_term() {
+            match self.store.release_leader(&term.holder).await {
+                Ok(()) => info!("leader -> follower: lease released"),
+                Err(error) => warn!(error = %error, "cannot release leader lease"),
+            }
+            self.set_term(None);
+        }
+        let membership = self.membership.lock().await.take();
+        if let Some(membership) = membership {
+            // One more gossip round or two so peers see `leaving` before we go quiet.
+            membership.shutdown(self.config.gossip_interval * 2).await;
+        }
+    }
+
+    /// Gives this node's unfinished orders to the live peer with the fewest in flight.
+    async fn hand_over(&self) {
+        let owned = match self.store.owned_unfinished(&self.node_id).await {
+            Ok(owned) => owned.len(),
+            Err(error) => {
+                warn!(error = %error, "cannot list unfinished orders to hand over; the leader will move them");
+                return;
+            }
+        };
+        if owned == 0 {
+            return;
+        }
+        let peers: Vec<Member> = {
+            let membership = self.membership.lock().await;
+            membership
+                .as_ref()
+                .map(|m| m.live())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|member| member.node_id != self.node_id)
+                .collect()
+        };
+        let mut peers = peers;
+        peers.sort_by_key(|member| member.inflight);
+        for peer in peers {
+            let Some(addr) = peer.http_addr else { continue };
+            match self.request_transfer(addr, &self.node_id, None, true).await {
+                Ok(done) => {
+                    info!(to = %peer.node_id, orders = done.orders, "handed unfinished orders over");
+                    return;
+                }
+                Err(error) => {
+                    warn!(to = %peer.node_id, error = %error, "peer refused the hand-over, trying the next");
+                }
+            }
+        }
+        error!(
+            orders = owned,
+            "no live peer took the unfinished orders; the leader's sweep will move them"
+        );
+    }
+}
+
+/// Compares secrets without leaking how much of them matched through timing.
+fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
+    let mut difference = left.len() ^ right.len();
+    for index in 0..left.len().max(right.len()) {
+        let a = left.get(index).copied().unwrap_or(0);
+        let b = right.get(index).copied().unwrap_or(0);
+        difference |= usize::from(a ^ b);
+    }
+    difference == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}
