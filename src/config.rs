@@ -292,6 +292,11 @@ impl Config {
         serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|error| {
             let key = error.path().to_string();
             let problem = error.into_inner().to_string().trim().replace('\n', " ");
+            // toml names the key itself too; say it once.
+            let problem = problem
+                .strip_suffix(&format!(" in `{key}`"))
+                .map(str::to_string)
+                .unwrap_or(problem);
             ConfigError::new(if key == "." { "config".into() } else { key }, problem)
         })
     }

@@ -48,7 +48,10 @@ async fn conformance(store: &dyn OrderStore) {
     // Create and read back.
     let order = new_order(&user, "node-a", 0);
     create(store, &order).await;
-    assert_eq!(store.get(order.order_id).await.unwrap(), Some(order.clone()));
+    assert_eq!(
+        store.get(order.order_id).await.unwrap(),
+        Some(order.clone())
+    );
     assert_eq!(store.get(OrderId::new_v4()).await.unwrap(), None);
     assert!(store
         .owned_unfinished("node-a")
@@ -84,7 +87,10 @@ async fn conformance(store: &dyn OrderStore) {
     ));
     let mut stale = next.clone();
     stale.epoch += 1;
-    assert!(matches!(store.commit(&stale).await, Err(StoreError::NotOwner)));
+    assert!(matches!(
+        store.commit(&stale).await,
+        Err(StoreError::NotOwner)
+    ));
     store.commit(&next).await.expect("owner commits");
     assert_eq!(store.get(order.order_id).await.unwrap(), Some(next.clone()));
 
@@ -192,7 +198,10 @@ async fn conformance(store: &dyn OrderStore) {
         store.commit(&succeed(&moving)).await,
         Err(StoreError::NotOwner)
     ));
-    store.commit(&succeed(&now)).await.expect("new owner commits");
+    store
+        .commit(&succeed(&now))
+        .await
+        .expect("new owner commits");
     assert!(store.owned_unfinished("node-b").await.unwrap().is_empty());
     assert_eq!(
         store.owned_unfinished("node-c").await.unwrap(),

@@ -1,0 +1,437 @@
+//! The orders HTTP API: input validation and JSON errors (401/400/413/404/405), idempotent
+//! submission, per-user isolation, listing with cursor paging and filters, and overload (503).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::util::{
+    assert_completed, order_ids, pretty, simulate, unique_user, Node, POLL, TERMINAL,
+};
+
+#[tokio::test]
+async fn bad_requests_get_json_errors_and_the_node_stays_healthy() {
+    let node = Node::start(&simulate("10ms")).await;
+    let user = unique_user("alice");
+    let id = node.create_order(&user, &json!({})).await;
+
+    // 401: no user.
+    let reply = node.call(Method::POST, "/orders").body("{}").send().await;
+    node.expect_error(&reply, 401, "POST /orders without Authorization");
+    let reply = node
+        .call(Method::POST, "/orders")
+        .user("")
+        .body("{}")
+        .send()
+        .await;
+    node.expect_error(&reply, 401, "POST /orders with an empty Authorization");
+    let reply = node.call(Method::GET, "/orders").send().await;
+    node.expect_error(&reply, 401, "GET /orders without Authorization");
+    let reply = node
+        .call(Method::GET, &format!("/orders/{id}"))
+        .send()
+        .await;
+    node.expect_error(&reply, 401, "GET /orders/{id} without Authorization");
+
+    // 400: the body must be one JSON object.
+    for body in [
+        "[]",
+        "\"x\"",
+        "null",
+        "42",
+        "true",
+        "{bad",
+        "",
+        "{\"a\":1} trailing",
+    ] {
+        let reply = node.post_order(&user, body).await;
+        node.expect_error(&reply, 400, &format!("POST /orders with body {body:?}"));
+    }
+
+    // 413: over max_body_bytes (64 KiB); just under it is fine.
+    let big = json!({"blob": "x".repeat(70 * 1024)}).to_string();
+    let reply = node.post_order(&user, &big).await;
+    node.expect_error(&reply, 413, "POST /orders with a 70 KiB body");
+    let near_limit = json!({"blob": "x".repeat(60 * 1024)}).to_string();
+    let reply = node.post_order(&user, &near_limit).await;
+    node.expect_json(&reply, 201, "POST /orders with a 60 KiB body");
+
+    // 404: unknown order, malformed id, unknown path.
+    let unknown = uuid::Uuid::new_v4().to_string();
+    node.expect_error(
+        &node.get_order(&user, &unknown).await,
+        404,
+        "GET of an unknown order id",
+    );
+    node.expect_error(
+        &node.get_order(&user, "not-a-uuid").await,
+        404,
+        "GET of a malformed order id",
+    );
+    let reply = node.call(Method::GET, "/no/such/path").send().await;
+    node.expect_error(&reply, 404, "GET of an unknown path");
+    let reply = node
+        .call(Method::GET, &format!("/orders/{id}/nope"))
+        .user(&user)
+        .send()
+        .await;
+    node.expect_error(&reply, 404, "GET of an unknown path under an order");
+
+    // 405: a known path with the wrong method (authorized, so only the method is wrong).
+    let reply = node
+        .call(Method::DELETE, "/orders")
+        .user(&user)
+        .send()
+        .await;
+    node.expect_error(&reply, 405, "DELETE /orders");
+    let reply = node
+        .call(Method::PUT, &format!("/orders/{id}"))
+        .user(&user)
+        .body("{}")
+        .send()
+        .await;
+    node.expect_error(&reply, 405, "PUT /orders/{id}");
+    let reply = node
+        .call(Method::GET, &format!("/orders/{id}/cancel"))
+        .user(&user)
+        .send()
+        .await;
+    node.expect_error(&reply, 405, "GET /orders/{id}/cancel");
+    let reply = node
+        .call(Method::POST, "/diagnostic/heartbeat")
+        .send()
+        .await;
+    node.expect_error(&reply, 405, "POST /diagnostic/heartbeat");
+
+    // Still healthy, and never panicked.
+    node.heartbeat().await;
+    let after = node
+        .create_order(&user, &json!({"after": "bad input"}))
+        .await;
+    assert_completed(&node.wait_terminal(&user, &after, TERMINAL).await);
+    assert!(
+        !node.log().contains("panicked"),
+        "the node panicked:\n{}",
+        node.log_tail()
+    );
+}
+
+/// The curl line of DESIGN.md (`curl -X POST -d '{…}'`) sends
+/// `Content-Type: application/x-www-form-urlencoded`; clients may also send no content type.
+/// Only the body decides.
+#[tokio::test]
+async fn content_type_does_not_matter_only_the_body() {
+    let node = Node::start(&simulate("10ms")).await;
+    let user = unique_user("curl");
+    let body = r#"{"sku":"A1","qty":2}"#;
+
+    let reply = node
+        .call(Method::POST, "/orders")
+        .user(&user)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await;
+    node.expect_json(&reply, 201, "POST /orders the way curl -d sends it");
+
+    let reply = node
+        .call(Method::POST, "/orders")
+        .user(&user)
+        .body(body)
+        .without_content_type()
+        .send()
+        .await;
+    node.expect_json(&reply, 201, "POST /orders without Content-Type");
+}
+
+#[tokio::test]
+async fn idempotency_key_is_per_user() {
+    let node = Node::start(&simulate("10ms")).await;
+    let alice = unique_user("alice");
+    let bob = unique_user("bob");
+    let key = uuid::Uuid::new_v4().to_string();
+
+    let first = node.expect_json(
+        &node.post_order_keyed(&alice, &key, "{}").await,
+        201,
+        "first keyed POST",
+    );
+    let again = node.expect_json(
+        &node.post_order_keyed(&alice, &key, "{}").await,
+        200,
+        "same user, same key",
+    );
+    assert_eq!(
+        again["order_id"], first["order_id"],
+        "a replay returns the same order"
+    );
+    assert_eq!(
+        again["start_time"], first["start_time"],
+        "a replay returns the same start_time"
+    );
+
+    let bobs = node.expect_json(
+        &node.post_order_keyed(&bob, &key, "{}").await,
+        201,
+        "other user, same key",
+    );
+    assert_ne!(
+        bobs["order_id"], first["order_id"],
+        "another user's key is another order"
+    );
+    let other = node.expect_json(
+        &node.post_order_keyed(&alice, "another-key", "{}").await,
+        201,
+        "new key",
+    );
+    assert_ne!(
+        other["order_id"], first["order_id"],
+        "another key is another order"
+    );
+
+    // The replay stored nothing new.
+    let mut listed = node.list_all_ids(&alice, &[]).await;
+    listed.sort();
+    let mut expected = vec![
+        first["order_id"].as_str().unwrap().to_string(),
+        other["order_id"].as_str().unwrap().to_string(),
+    ];
+    expected.sort();
+    assert_eq!(listed, expected, "alice's orders after a replay");
+}
+
+#[tokio::test]
+async fn users_only_see_their_own_orders() {
+    let node = Node::start(&simulate("10ms")).await;
+    let alice = unique_user("alice");
+    let bob = unique_user("bob");
+    let id = node.create_order(&alice, &json!({"secret": true})).await;
+
+    node.expect_error(
+        &node.get_order(&bob, &id).await,
+        404,
+        "bob reads alice's order",
+    );
+    node.expect_error(
+        &node.cancel(&bob, &id).await,
+        404,
+        "bob cancels alice's order",
+    );
+    let bobs = node.expect_json(&node.list(&bob, &[]).await, 200, "bob lists his orders");
+    assert_eq!(
+        order_ids(&bobs),
+        Vec::<String>::new(),
+        "bob's list: {}",
+        pretty(&bobs)
+    );
+
+    let unknown = uuid::Uuid::new_v4().to_string();
+    node.expect_error(
+        &node.cancel(&alice, &unknown).await,
+        404,
+        "cancel of an unknown order",
+    );
+
+    // Bob's attempts changed nothing for alice.
+    let order = node.wait_terminal(&alice, &id, TERMINAL).await;
+    assert_completed(&order);
+    assert_eq!(
+        node.list_all_ids(&alice, &[]).await,
+        vec![id],
+        "alice's list"
+    );
+}
+
+#[tokio::test]
+async fn listing_pages_newest_first_and_filters_by_step() {
+    let node = Node::start(&simulate("10ms")).await;
+    let user = unique_user("lister");
+
+    // Five orders, created one after the other; the 2nd and 4th fail.
+    let mut created = Vec::new();
+    for index in 0..5 {
+        let body = if index % 2 == 1 {
+            json!({"simulate": {"fail_at": "Scheduling"}})
+        } else {
+            json!({"n": index})
+        };
+        created.push(node.create_order(&user, &body).await);
+    }
+    let mut views = Vec::new();
+    for id in &created {
+        views.push(node.wait_terminal(&user, id, TERMINAL).await);
+    }
+    let newest_first: Vec<String> = created.iter().rev().cloned().collect();
+    let failed: Vec<String> = newest_first
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, id)| id.clone())
+        .collect();
+    let completed: Vec<String> = newest_first
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 0)
+        .map(|(_, id)| id.clone())
+        .collect();
+
+    // Default limit: everything on one page, no cursor; entries are the GET /orders/{id} view.
+    let page = node.expect_json(&node.list(&user, &[]).await, 200, "GET /orders");
+    assert_eq!(
+        order_ids(&page),
+        newest_first,
+        "GET /orders is newest first: {}",
+        pretty(&page)
+    );
+    assert_eq!(
+        page["next_cursor"],
+        Value::Null,
+        "one page only: {}",
+        pretty(&page)
+    );
+    for listed in page["orders"].as_array().unwrap() {
+        let single = views
+            .iter()
+            .find(|view| view["order_id"] == listed["order_id"])
+            .unwrap();
+        assert_eq!(
+            listed, single,
+            "a listed order is the same view as GET /orders/{{id}}"
+        );
+    }
+
+    // limit=2: pages of 2, 2, 1 through the cursor, nothing repeated or skipped.
+    let mut paged = Vec::new();
+    let mut sizes = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..5 {
+        let mut query = vec![("limit", "2")];
+        if let Some(cursor) = &cursor {
+            query.push(("cursor", cursor.as_str()));
+        }
+        let page = node.expect_json(&node.list(&user, &query).await, 200, "GET /orders?limit=2");
+        let ids = order_ids(&page);
+        sizes.push(ids.len());
+        paged.extend(ids);
+        match &page["next_cursor"] {
+            Value::String(next) => cursor = Some(next.clone()),
+            Value::Null => break,
+            other => panic!("next_cursor must be a string or null, got {other}"),
+        }
+    }
+    assert_eq!(sizes, [2, 2, 1], "page sizes with limit=2 over 5 orders");
+    assert_eq!(
+        paged, newest_first,
+        "paging with limit=2 yields every order once, newest first"
+    );
+    let unique: HashSet<&String> = paged.iter().collect();
+    assert_eq!(unique.len(), paged.len(), "no order appears on two pages");
+
+    // Filters, alone and with paging.
+    assert_eq!(
+        node.list_all_ids(&user, &[("current_step", "Failed")])
+            .await,
+        failed,
+        "current_step=Failed"
+    );
+    assert_eq!(
+        node.list_all_ids(&user, &[("current_step", "Completed")])
+            .await,
+        completed,
+        "current_step=Completed"
+    );
+    assert_eq!(
+        node.list_all_ids(&user, &[("current_step", "Completed"), ("limit", "1")])
+            .await,
+        completed,
+        "current_step=Completed&limit=1, paged"
+    );
+    node.expect_json(
+        &node.list(&user, &[("limit", "500")]).await,
+        200,
+        "limit=500 is allowed",
+    );
+
+    // Bad parameters.
+    for limit in ["0", "501", "abc", "-1", ""] {
+        let reply = node.list(&user, &[("limit", limit)]).await;
+        node.expect_error(&reply, 400, &format!("GET /orders?limit={limit}"));
+    }
+    let reply = node.list(&user, &[("current_step", "Bogus")]).await;
+    node.expect_error(&reply, 400, "GET /orders?current_step=Bogus");
+}
+
+#[tokio::test]
+async fn full_queue_answers_503_with_retry_after_and_stores_nothing() {
+    let config = "[pipeline]\nworkers = 1\nqueue_capacity = 1\n[simulate]\nduration = \"30s\"\nfailure_rate = 0.0\n";
+    let node = Node::start(config).await;
+    let user = unique_user("flood");
+
+    let mut accepted = vec![node.create_order(&user, &json!({"n": 0})).await];
+    // Let the only worker take the first order, so the second one fills the queue: poll the
+    // node's in-flight count (best effort, bounded; an order counted while queued is fine too).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline && inflight(&node.cluster().await) < 1 {
+        tokio::time::sleep(POLL).await;
+    }
+
+    let mut rejection = None;
+    for n in 1..=10 {
+        let reply = node.post_order(&user, &json!({"n": n}).to_string()).await;
+        match reply.status {
+            201 => accepted.push(
+                node.expect_json(&reply, 201, "POST /orders")["order_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            ),
+            503 => {
+                rejection = Some(reply);
+                break;
+            }
+            _ => panic!(
+                "POST /orders on a full queue: expected 201 or 503, got {reply}\n{}",
+                node.log_tail()
+            ),
+        }
+    }
+    let rejection = rejection.unwrap_or_else(|| {
+        panic!(
+            "no 503 after 10 orders with 1 worker and queue 1\n{}",
+            node.log_tail()
+        )
+    });
+    node.expect_error(&rejection, 503, "POST /orders on a full queue");
+    let retry_after = rejection
+        .header("retry-after")
+        .unwrap_or_else(|| panic!("503 without Retry-After: {rejection}"));
+    let seconds: u64 = retry_after
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("Retry-After {retry_after:?} is not seconds"));
+    assert!(
+        seconds >= 1,
+        "Retry-After of retry_after = 1s: {retry_after:?}"
+    );
+    assert_eq!(
+        accepted.len(),
+        2,
+        "with workers = 1 and queue_capacity = 1, exactly 2 orders are accepted"
+    );
+
+    // Nothing was stored for the 503.
+    let newest_first: Vec<String> = accepted.iter().rev().cloned().collect();
+    assert_eq!(
+        node.list_all_ids(&user, &[]).await,
+        newest_first,
+        "the user's orders are exactly the accepted ones"
+    );
+    node.heartbeat().await;
+}
+
+/// The `inflight` count of the (single) node in `GET /diagnostic/cluster`, 0 if absent.
+fn inflight(cluster: &Value) -> u64 {
+    cluster["nodes"][0]["inflight"].as_u64().unwrap_or(0)
+}

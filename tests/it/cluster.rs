@@ -1,0 +1,391 @@
+//! Cluster tests: three real nodes on 127.0.0.1 sharing one real `redis-server`, with real
+//! faults (SIGKILL, SIGSTOP, SIGTERM, Redis killed and restarted). Only one cluster test runs at
+//! a time, so the gossip failure detectors of one test are not starved by another's processes.
+
+use crate::redis::RedisServer;
+use crate::util::{assert_completed, pretty, unique_user, Node, POLL};
+use reqwest::Method;
+use serde_json::Value;
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, MutexGuard};
+
+const SECRET: &str = "test-cluster-secret";
+/// Takeover needs gossip to call the node dead (≈2 s) and its lease to lapse (3 s): allow plenty.
+const TAKEOVER: Duration = Duration::from_secs(40);
+
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+async fn exclusive() -> MutexGuard<'static, ()> {
+    ONE_CLUSTER_AT_A_TIME.lock().await
+}
+
+fn node_config(redis: &RedisServer, step: &str, seeds: &[u16]) -> String {
+    let seeds: Vec<String> = seeds
+        .iter()
+        .map(|port| format!("\"127.0.0.1:{port}\""))
+        .collect();
+    format!(
+        "[simulate]\nduration = \"{step}\"\nfailure_rate = 0.0\n\
+         [database]\nurl = \"{}\"\ntimeout = \"1s\"\n\
+         [cluster]\nsecret = \"{SECRET}\"\nseeds = [{}]\n",
+        redis.url(),
+        seeds.join(", ")
+    )
+}
+
+/// Starts `count` nodes joined through the first, and waits until every node sees all of them
+/// live and a leader is named.
+async fn start_cluster(redis: &RedisServer, count: usize, step: &str) -> Vec<Node> {
+    let first = Node::start(&node_config(redis, step, &[])).await;
+    let seed = first.port;
+    let mut nodes = vec![first];
+    for _ in 1..count {
+        nodes.push(Node::start(&node_config(redis, step, &[seed])).await);
+    }
+    wait_formed(&nodes, count).await;
+    nodes
+}
+
+fn live_count(view: &Value) -> usize {
+    view["nodes"]
+        .as_array()
+        .map(|nodes| {
+            nodes
+                .iter()
+                .filter(|node| node["connected"] == Value::Bool(true))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until every running node in `nodes` sees `live` live members and names a leader.
+async fn wait_formed(nodes: &[Node], live: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut formed = true;
+        let mut last = Value::Null;
+        for node in nodes {
+            let view = node.cluster().await;
+            if live_count(&view) != live || view["leader_name"].is_null() {
+                formed = false;
+                last = view;
+                break;
+            }
+        }
+        if formed {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster did not form with {live} live nodes; last view:\n{}",
+            pretty(&last)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn leader_of(node: &Node) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = node.cluster().await;
+        if let Some(leader) = view["leader_name"].as_str() {
+            return leader.to_string();
+        }
+        assert!(Instant::now() < deadline, "no leader:\n{}", pretty(&view));
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// A submitted order and the node it was submitted to.
+struct Submitted {
+    id: String,
+}
+
+async fn submit(node: &Node, user: &str, count: usize) -> Vec<Submitted> {
+    let mut orders = Vec::new();
+    for index in 0..count {
+        let id = node
+            .create_order(user, &serde_json::json!({ "n": index }))
+            .await;
+        orders.push(Submitted { id });
+    }
+    orders
+}
+
+/// Waits until every order is completed (read through `reader`), checking each history.
+async fn wait_all_completed(reader: &Node, user: &str, orders: &[Submitted], within: Duration) {
+    for order in orders {
+        let view = reader.wait_terminal(user, &order.id, within).await;
+        assert_completed(&view);
+    }
+}
+
+/// Waits until no order is at Scheduling any more (each started its first step somewhere).
+async fn wait_started(node: &Node, user: &str, orders: &[Submitted]) {
+    for order in orders {
+        node.wait_for(
+            user,
+            &order.id,
+            Duration::from_secs(20),
+            "past Scheduling",
+            |view| view["current_step"] != "Scheduling",
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn orders_submitted_to_every_node_complete() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, "50ms").await;
+    let user = unique_user("everywhere");
+    let mut all = Vec::new();
+    for node in &nodes {
+        all.extend(submit(node, &user, 5).await);
+    }
+    // Any node reads any order.
+    wait_all_completed(&nodes[2], &user, &all, Duration::from_secs(30)).await;
+    let listed = nodes[0]
+        .list_all_ids(&user, &[("current_step", "Completed")])
+        .await;
+    assert_eq!(listed.len(), 15);
+    let view = nodes[1].cluster().await;
+    assert_eq!(view["nodes_count"], 3, "{}", pretty(&view));
+    let leaders: Vec<&Value> = view["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|node| node["role"] == "leader")
+        .collect();
+    assert_eq!(leaders.len(), 1, "{}", pretty(&view));
+    for node in view["nodes"].as_array().unwrap() {
+        assert!(node["inflight"].is_u64(), "{}", pretty(node));
+        assert!(node["version"].is_string(), "{}", pretty(node));
+    }
+}
+
+#[tokio::test]
+async fn a_killed_nodes_orders_complete_on_the_others() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let mut nodes = start_cluster(&redis, 3, "1s").await;
+    let user = unique_user("killed");
+    let orders = submit(&nodes[1], &user, 20).await;
+    wait_started(&nodes[0], &user, &orders).await;
+    nodes[1].kill();
+    wait_all_completed(&nodes[0], &user, &orders, TAKEOVER).await;
+    let log = format!("{}{}", nodes[0].log(), nodes[2].log());
+    assert!(log.contains("took over orders"), "no takeover logged");
+}
+
+#[tokio::test]
+async fn a_killed_leader_is_replaced_and_its_orders_taken_over() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let mut nodes = start_cluster(&redis, 3, "1s").await;
+    let leader = leader_of(&nodes[0]).await;
+    let position = nodes
+        .iter()
+        .position(|node| node.service_id_file() == leader)
+        .expect("the leader is one of the nodes");
+    let user = unique_user("leader");
+    let orders = submit(&nodes[position], &user, 10).await;
+    let survivor = (position + 1) % 3;
+    wait_started(&nodes[survivor], &user, &orders).await;
+    nodes[position].kill();
+    // A new leader, which is not the dead one.
+    let deadline = Instant::now() + TAKEOVER;
+    loop {
+        let now = leader_of(&nodes[survivor]).await;
+        if now != leader {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead leader was never replaced"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    wait_all_completed(&nodes[survivor], &user, &orders, TAKEOVER).await;
+}
+
+#[tokio::test]
+async fn a_paused_node_loses_its_orders_and_commits_nothing_after_it_resumes() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, "2s").await;
+    let user = unique_user("paused");
+    let orders = submit(&nodes[1], &user, 10).await;
+    wait_started(&nodes[0], &user, &orders).await;
+    nodes[1].signal("STOP");
+    wait_all_completed(&nodes[0], &user, &orders, TAKEOVER).await;
+    let mut finished = Vec::new();
+    for order in &orders {
+        finished.push(nodes[0].order(&user, &order.id).await);
+    }
+    nodes[1].signal("CONT");
+    // The paused node rejoins: all three live again.
+    wait_formed(&nodes, 3).await;
+    // Wait until it has noticed that its orders are gone (every execution it had dropped).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = nodes[1].cluster().await;
+        let own = view["nodes"]
+            .as_array()
+            .and_then(|all| {
+                all.iter()
+                    .find(|node| node["name"] == Value::String(nodes[1].service_id_file()))
+                    .cloned()
+            })
+            .unwrap_or(Value::Null);
+        if own["inflight"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "paused node still runs orders it lost:\n{}",
+            pretty(&view)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    // Nothing it did after resuming changed any order.
+    for (order, before) in orders.iter().zip(finished) {
+        let after = nodes[2].order(&user, &order.id).await;
+        assert_eq!(after, before, "order {} changed after takeover", order.id);
+    }
+    assert!(nodes[1].log().contains("no longer ours") || nodes[1].log().contains("taken over"));
+    // And it takes new work again.
+    let fresh = submit(&nodes[1], &user, 2).await;
+    wait_all_completed(&nodes[1], &user, &fresh, Duration::from_secs(30)).await;
+}
+
+#[tokio::test]
+async fn redis_outage_answers_503_then_everything_completes() {
+    let _one = exclusive().await;
+    let mut redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 3, "300ms").await;
+    let user = unique_user("outage");
+    let mut orders = Vec::new();
+    for node in &nodes {
+        orders.extend(submit(node, &user, 5).await);
+    }
+    redis.kill();
+    // New orders are refused quickly with 503 and Retry-After; nothing hangs.
+    let started = Instant::now();
+    let reply = nodes[0].post_order(&user, "{}").await;
+    assert!(started.elapsed() < Duration::from_secs(10), "submit hung");
+    assert_eq!(reply.status, 503, "{reply}");
+    assert!(reply.header("retry-after").is_some(), "{reply}");
+    let heartbeat = nodes[1]
+        .call(Method::GET, "/diagnostic/heartbeat")
+        .send()
+        .await;
+    assert_eq!(heartbeat.status, 503, "{heartbeat}");
+    assert_eq!(heartbeat.try_json().unwrap()["status"], "DEGRADED");
+    tokio::time::sleep(Duration::from_secs(2)).await; // the outage itself, not a wait for state
+    redis.restart();
+    wait_all_completed(&nodes[2], &user, &orders, Duration::from_secs(60)).await;
+    // Accepting again.
+    let after = submit(&nodes[0], &user, 1).await;
+    wait_all_completed(&nodes[0], &user, &after, Duration::from_secs(30)).await;
+}
+
+#[tokio::test]
+async fn a_rolling_restart_under_load_loses_nothing() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let mut nodes = start_cluster(&redis, 3, "300ms").await;
+    let user = unique_user("rolling");
+    let mut accepted = Vec::new();
+    for index in 0..3 {
+        // Load on the two nodes that stay up, and on the one about to restart.
+        for node in &nodes {
+            accepted.extend(submit(node, &user, 4).await);
+        }
+        nodes[index].term();
+        let status = nodes[index].wait_exit(Duration::from_secs(60)).await;
+        assert!(status.success(), "drain exit: {status}");
+        for (other, node) in nodes.iter().enumerate() {
+            if other != index {
+                accepted.extend(submit(node, &user, 2).await);
+            }
+        }
+        nodes[index].restart().await;
+        wait_formed(&nodes, 3).await;
+    }
+    let reader = &nodes[0];
+    wait_all_completed(reader, &user, &accepted, Duration::from_secs(60)).await;
+    let ids: HashSet<String> = reader.list_all_ids(&user, &[]).await.into_iter().collect();
+    assert_eq!(ids.len(), accepted.len());
+}
+
+#[tokio::test]
+async fn transfer_needs_the_secret_and_refuses_live_or_own_nodes() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 2, "50ms").await;
+    let own = nodes[0].service_id_file();
+    let peer = nodes[1].service_id_file();
+    let body = |id: &str| serde_json::json!({ "service_id": id }).to_string();
+    let reply = nodes[0]
+        .call(Method::POST, "/service/transfer")
+        .body(body(&peer))
+        .send()
+        .await;
+    nodes[0].expect_error(&reply, 401, "transfer without the secret");
+    let reply = nodes[0]
+        .call(Method::POST, "/service/transfer")
+        .header("x-cluster-secret", "wrong")
+        .body(body(&peer))
+        .send()
+        .await;
+    nodes[0].expect_error(&reply, 401, "transfer with a wrong secret");
+    for (target, what) in [(&own, "own orders"), (&peer, "a live node's orders")] {
+        let reply = nodes[0]
+            .call(Method::POST, "/service/transfer")
+            .header("x-cluster-secret", SECRET)
+            .body(body(target))
+            .send()
+            .await;
+        nodes[0].expect_error(&reply, 409, what);
+    }
+    let reply = nodes[0]
+        .call(Method::POST, "/service/transfer")
+        .header("x-cluster-secret", SECRET)
+        .body("{\"id\": 1}")
+        .send()
+        .await;
+    nodes[0].expect_error(&reply, 400, "transfer with a bad body");
+    // A node that never existed has nothing: 200 with zero orders.
+    let reply = nodes[0]
+        .call(Method::POST, "/service/transfer")
+        .header("x-cluster-secret", SECRET)
+        .body(body("00000000-0000-4000-8000-000000000000"))
+        .send()
+        .await;
+    let done = nodes[0].expect_json(&reply, 200, "transfer of an unknown node");
+    assert_eq!(done["orders"], 0);
+    assert_eq!(done["current_service_id"], Value::String(own));
+}
+
+#[test]
+fn joining_a_cluster_on_the_embedded_store_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(crate::util::BIN)
+        .args([
+            "--join",
+            "127.0.0.1:9",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("database.url"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}

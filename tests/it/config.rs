@@ -1,0 +1,163 @@
+//! Startup errors: a bad config file or flag exits with code 64 and one line on stderr naming
+//! the key; a port already in use is a clean non-zero exit with a message, never a panic.
+
+use std::fs;
+use std::net::TcpListener;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use crate::util::{free_port, tail, Proc};
+
+/// How the binary ended and what it wrote to stderr.
+struct Outcome {
+    status: ExitStatus,
+    stderr: String,
+}
+
+/// Runs the binary with `config` (if any) as `--config`, a temp `--data-dir`, a free `--listen`
+/// port unless `args` has its own, then `args`; waits for it to exit (it must, within 20 s).
+async fn run_to_exit(config: Option<&str>, args: &[&str]) -> Outcome {
+    let dir = tempfile::tempdir().expect("create a temp dir");
+    let mut full_args: Vec<String> = Vec::new();
+    if let Some(config) = config {
+        let path = dir.path().join("config.toml");
+        fs::write(&path, config).expect("write config.toml");
+        full_args.extend(["--config".to_string(), path.display().to_string()]);
+    }
+    full_args.extend([
+        "--data-dir".to_string(),
+        dir.path().join("data").display().to_string(),
+    ]);
+    if !args.contains(&"--listen") {
+        full_args.extend(["--listen".to_string(), format!("127.0.0.1:{}", free_port())]);
+    }
+    full_args.extend(args.iter().map(|arg| arg.to_string()));
+
+    let stdout = dir.path().join("stdout.log");
+    let stderr = dir.path().join("stderr.log");
+    let mut process = Proc::spawn_split(&full_args, &stdout, &stderr);
+    let Some(status) = process.wait_exit(Duration::from_secs(20)).await else {
+        panic!(
+            "the binary kept running with {full_args:?}; expected it to exit\n{}\n{}",
+            tail(&stderr, 40),
+            tail(&stdout, 40)
+        );
+    };
+    Outcome {
+        status,
+        stderr: fs::read_to_string(&stderr).unwrap_or_default(),
+    }
+}
+
+/// Asserts exit code 64 and exactly one line on stderr that mentions `needle`, and no panic.
+fn assert_usage_error(outcome: &Outcome, needle: &str, what: &str) {
+    let Outcome { status, stderr } = outcome;
+    assert_eq!(
+        status.code(),
+        Some(64),
+        "{what}: exit code ({status}); stderr:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "{what}: the binary panicked; stderr:\n{stderr}"
+    );
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: expected one line on stderr, got:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "{what}: stderr should name {needle:?}, got:\n{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_type_in_config_exits_64_naming_the_key() {
+    let outcome = run_to_exit(Some("[pipeline]\nworkers = \"lots\"\n"), &[]).await;
+    assert_usage_error(&outcome, "workers", "[pipeline] workers = \"lots\"");
+}
+
+#[tokio::test]
+async fn unknown_config_key_exits_64_naming_the_key() {
+    let outcome = run_to_exit(Some("[pipeline]\nwrokers = 4\n"), &[]).await;
+    assert_usage_error(&outcome, "wrokers", "misspelled key [pipeline] wrokers");
+    let outcome = run_to_exit(Some("[bogus_section]\nx = 1\n"), &[]).await;
+    assert_usage_error(&outcome, "bogus_section", "unknown section [bogus_section]");
+}
+
+#[tokio::test]
+async fn invalid_duration_in_config_exits_64_naming_the_key() {
+    let outcome = run_to_exit(Some("[simulate]\nduration = \"soon\"\n"), &[]).await;
+    assert_usage_error(&outcome, "duration", "[simulate] duration = \"soon\"");
+}
+
+#[tokio::test]
+async fn malformed_toml_exits_64() {
+    let outcome = run_to_exit(Some("[server\nlisten = \n"), &[]).await;
+    assert_eq!(
+        outcome.status.code(),
+        Some(64),
+        "malformed TOML: {}; stderr:\n{}",
+        outcome.status,
+        outcome.stderr
+    );
+    assert!(
+        !outcome.stderr.trim().is_empty(),
+        "malformed TOML: stderr is empty"
+    );
+    assert!(
+        !outcome.stderr.contains("panicked"),
+        "malformed TOML: panicked:\n{}",
+        outcome.stderr
+    );
+}
+
+#[tokio::test]
+async fn bad_listen_flag_exits_64() {
+    let outcome = run_to_exit(None, &["--listen", "notanaddr"]).await;
+    assert_usage_error(&outcome, "listen", "--listen notanaddr");
+}
+
+#[tokio::test]
+async fn unknown_flag_exits_64() {
+    let outcome = run_to_exit(None, &["--no-such-flag"]).await;
+    assert_eq!(
+        outcome.status.code(),
+        Some(64),
+        "--no-such-flag: {}; stderr:\n{}",
+        outcome.status,
+        outcome.stderr
+    );
+    assert!(
+        outcome.stderr.contains("no-such-flag"),
+        "--no-such-flag: stderr should name it:\n{}",
+        outcome.stderr
+    );
+}
+
+#[tokio::test]
+async fn port_in_use_exits_non_zero_without_panicking() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind a TCP port");
+    let address = taken.local_addr().expect("local address").to_string();
+    let outcome = run_to_exit(None, &["--listen", &address]).await;
+    assert!(
+        !outcome.status.success(),
+        "started on a port in use ({address}); stderr:\n{}",
+        outcome.stderr
+    );
+    assert!(
+        !outcome.stderr.trim().is_empty(),
+        "port in use: no message on stderr"
+    );
+    assert!(
+        !outcome.stderr.contains("panicked"),
+        "port in use: panicked:\n{}",
+        outcome.stderr
+    );
+    drop(taken);
+}

@@ -1,0 +1,25 @@
+//! Integration tests for the `order-process` binary.
+//!
+//! One test binary (ripgrep style): every module below starts the real binary as a child
+//! process on a free loopback port with its own temporary data directory, and talks to it over
+//! real HTTP. `util` holds the process harness, the HTTP helpers and the shared order checks.
+//!
+//! Layout:
+//! - `util`       — `Node` (start / restart / kill / term / wait_exit / Drop), HTTP helpers, checks
+//! - `api`        — input validation, auth, idempotency, user isolation, listing, overload (503)
+//! - `pipeline`   — completed orders, deterministic failures with rollback, cancellation
+//! - `restart`    — SIGKILL and restart on the same data dir, SIGTERM drain
+//! - `config`     — bad config files and flags, port already in use
+//! - `diagnostic` — `/`, heartbeat and cluster views
+
+mod util;
+
+mod api;
+mod config;
+mod diagnostic;
+mod pipeline;
+mod restart;
+
+mod cluster;
+mod redis;
+mod store;
