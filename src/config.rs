@@ -63,6 +63,9 @@ pub struct ServerConfig {
     /// The `Retry-After` a client is given with a 503.
     #[serde(deserialize_with = "duration")]
     pub retry_after: Duration,
+    /// Threads running the node's async tasks: 0 is one per core, 1 runs everything on one
+    /// thread (often fastest on a small machine that also hosts Redis or clients).
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -73,6 +76,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             max_body_bytes: 64 * 1024,
             retry_after: Duration::from_secs(1),
+            worker_threads: 0,
         }
     }
 }
@@ -154,7 +158,7 @@ pub struct DatabaseConfig {
     /// `redis://…` selects the Redis store (cluster mode); empty means the embedded store in
     /// `data_dir`.
     pub url: String,
-    /// Connections to Redis.
+    /// Connections to Redis, each shared by all tasks (requests are pipelined on them).
     pub pool_size: NonZeroUsize,
     /// Longest wait for one Redis operation before it counts as a failure.
     #[serde(deserialize_with = "duration")]
@@ -165,7 +169,7 @@ impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: String::new(),
-            pool_size: NonZeroUsize::new(8).unwrap_or(NonZeroUsize::MIN),
+            pool_size: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
             timeout: Duration::from_secs(2),
         }
     }

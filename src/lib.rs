@@ -9,11 +9,13 @@
 //!   state, and the step handlers.
 //! - [`api`]: the warp routes and the one place errors become JSON replies.
 //! - [`cluster`]: gossip membership, the leader lease and the takeover of dead nodes' orders.
+//! - [`bench`]: the `order-process bench` load generator and history checker.
 //! - [`node`]: wires the above into a running node and owns its shutdown.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod bench;
 pub mod cluster;
 pub mod config;
 pub mod node;

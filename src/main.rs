@@ -33,6 +33,14 @@ struct Args {
     /// redis://host:port of the shared store; makes this node a cluster member
     #[argh(option)]
     redis: Option<String>,
+    #[argh(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Command {
+    Bench(order_process::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +62,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Some(Command::Bench(bench)) = args.command {
+        return order_process::bench::main(bench);
+    }
     let overrides = Overrides {
         listen: args.listen,
         data_dir: args.data_dir,
@@ -69,10 +80,16 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = match config.server.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        threads => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads);
+            builder
+        }
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("order-process: cannot start the runtime: {error}");

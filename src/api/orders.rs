@@ -8,6 +8,7 @@ use crate::store::{CancelOutcome, Created, ListQuery};
 use bytes::{Buf, BytesMut};
 use futures_util::{Stream, StreamExt};
 use std::collections::HashMap;
+use std::time::Duration;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -149,8 +150,37 @@ fn get(state: State) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state))
         .and(user_header())
-        .then(|id: String, state, user| async move { respond(get_order(state, user, id).await) })
+        .and(warp::query::<HashMap<String, String>>())
+        .then(|id: String, state, user, query| async move {
+            respond(get_order(state, user, id, query).await)
+        })
         .boxed()
+}
+
+/// The longest `?wait=` a long poll may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// How often a long poll re-reads the store, for orders that finish on another node.
+const WAIT_RECHECK: Duration = Duration::from_millis(250);
+
+fn parse_wait(params: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
+    for key in params.keys() {
+        if key != "wait" {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter `{key}`"
+            )));
+        }
+    }
+    params
+        .get("wait")
+        .map(|text| {
+            humantime::parse_duration(text)
+                .ok()
+                .filter(|wait| *wait <= MAX_WAIT)
+                .ok_or_else(|| {
+                    ApiError::bad_request("wait must be a duration like 30s, at most 60s")
+                })
+        })
+        .transpose()
 }
 
 /// Loads an order the caller may see; anything else is a 404.
@@ -165,13 +195,40 @@ async fn owned_order(state: &State, user: &str, id: &str) -> Result<Order, ApiEr
         .ok_or_else(ApiError::not_found)
 }
 
+/// `GET /orders/{id}`; with `?wait=30s` the answer waits until the order is finished (or the
+/// wait is over), so a client learns of the end without polling.
 async fn get_order(
     state: State,
     user_header: Option<String>,
     id: String,
+    params: HashMap<String, String>,
 ) -> Result<Response, ApiError> {
     let user = user(user_header)?;
+    let wait = parse_wait(&params)?;
     let order = owned_order(&state, &user, &id).await?;
+    let Some(wait) = wait.filter(|_| !order.is_finished()) else {
+        return Ok(json_reply(StatusCode::OK, &OrderView::from(&order)));
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    let order_id = order.order_id;
+    let mut done_rx = state.pool.waiters().register(order_id);
+    let order = loop {
+        // Woken when the order finishes here; otherwise re-read now and then, since it may be
+        // running on another node.
+        let woke = tokio::select! {
+            _ = &mut done_rx => true,
+            _ = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + WAIT_RECHECK)) => false,
+        };
+        let current = owned_order(&state, &user, &id).await?;
+        if current.is_finished() || tokio::time::Instant::now() >= deadline {
+            break current;
+        }
+        if woke {
+            done_rx = state.pool.waiters().register(order_id);
+        }
+    };
+    drop(done_rx);
+    state.pool.waiters().prune(order_id);
     Ok(json_reply(StatusCode::OK, &OrderView::from(&order)))
 }
 

@@ -9,10 +9,12 @@
 mod gate;
 mod handler;
 mod simulate;
+mod waiters;
 
 pub use gate::Gate;
 pub use handler::{Handlers, StepContext, StepError, StepHandler};
 pub use simulate::Simulate;
+pub use waiters::Waiters;
 
 use crate::order::{apply, next_action, Action, Event, Order, OrderId, TransitionError};
 use crate::store::{OrderStore, StoreError};
@@ -70,6 +72,8 @@ struct Shared {
     /// Orders executing or queued here, so a second resume of the same order is a no-op.
     active: Mutex<HashSet<OrderId>>,
     gate: Arc<Gate>,
+    /// Long polls waiting for orders to finish.
+    waiters: Waiters,
     stop_rx: watch::Receiver<bool>,
 }
 
@@ -100,6 +104,7 @@ impl Pool {
             cancelled: Mutex::new(HashSet::new()),
             active: Mutex::new(HashSet::new()),
             gate,
+            waiters: Waiters::default(),
             stop_rx,
         });
         let dispatcher = tokio::spawn(
@@ -172,6 +177,11 @@ impl Pool {
     /// Orders accepted and waiting for a worker.
     pub fn queued(&self) -> usize {
         self.capacity.saturating_sub(self.queue_tx.capacity())
+    }
+
+    /// Long polls: wait here for an order to finish on this node.
+    pub fn waiters(&self) -> &Waiters {
+        &self.shared.waiters
     }
 
     pub fn note_cancel(&self, id: OrderId) {
@@ -433,7 +443,12 @@ async fn commit(shared: &Shared, mut order: Order, event: Event) -> Option<Order
             }
         };
         match shared.store.commit(&next).await {
-            Ok(()) => return Some(next),
+            Ok(()) => {
+                if next.is_finished() {
+                    shared.waiters.notify(next.order_id);
+                }
+                return Some(next);
+            }
             Err(StoreError::CancelRequested) => {
                 // Someone asked to cancel while the step ran: apply the same event again, now
                 // knowing, so the order rolls back instead of moving on.

@@ -32,11 +32,13 @@ const MAX_BATCH: usize = 512;
 enum WriteRequest {
     Create {
         order: Order,
+        bytes: Vec<u8>,
         idempotency_key: Option<String>,
         reply: oneshot::Sender<Result<Created, StoreError>>,
     },
     Commit {
         order: Order,
+        bytes: Vec<u8>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Cancel {
@@ -118,6 +120,7 @@ fn encode(order: &Order) -> Result<Vec<u8>, StoreError> {
 /// (fsync), then answers each. A failed commit fails every request of the batch.
 fn writer_loop(db: &Database, mut requests_rx: mpsc::Receiver<WriteRequest>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut owners = Owners::new();
     while let Some(first) = requests_rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -126,7 +129,11 @@ fn writer_loop(db: &Database, mut requests_rx: mpsc::Receiver<WriteRequest>) {
                 Err(_) => break,
             }
         }
-        let outcomes = apply_batch(db, &mut batch);
+        let outcomes = apply_batch(db, &mut batch, &mut owners);
+        if outcomes.is_err() {
+            // The cache may hold changes that never reached the disk.
+            owners.clear();
+        }
         match outcomes {
             Ok(outcomes) => {
                 for (request, outcome) in batch.drain(..).zip(outcomes) {
@@ -188,7 +195,33 @@ fn reply(request: WriteRequest, outcome: Outcome) {
     }
 }
 
-fn apply_batch(db: &Database, batch: &mut [WriteRequest]) -> Result<Vec<Outcome>, String> {
+/// Who owns each unfinished order, at which epoch, and whether a cancellation is pending: what a
+/// commit checks. Kept by the writer thread (the only writer) so a commit need not decode the
+/// stored order; filled from the file on a miss, dropped when the order finishes.
+#[derive(Clone, Debug)]
+struct Ownership {
+    owner: String,
+    epoch: u64,
+    cancel_requested: bool,
+}
+
+type Owners = std::collections::HashMap<OrderId, Ownership>;
+
+impl From<&Order> for Ownership {
+    fn from(order: &Order) -> Self {
+        Ownership {
+            owner: order.owner.clone(),
+            epoch: order.epoch,
+            cancel_requested: order.cancel_requested,
+        }
+    }
+}
+
+fn apply_batch(
+    db: &Database,
+    batch: &mut [WriteRequest],
+    owners: &mut Owners,
+) -> Result<Vec<Outcome>, String> {
     let txn = db.begin_write().map_err(|error| error.to_string())?;
     let mut outcomes = Vec::with_capacity(batch.len());
     {
@@ -199,15 +232,19 @@ fn apply_batch(db: &Database, batch: &mut [WriteRequest]) -> Result<Vec<Outcome>
             idempotency: txn
                 .open_table(IDEMPOTENCY)
                 .map_err(|error| error.to_string())?,
+            owners,
         };
         for request in batch.iter() {
             outcomes.push(match request {
                 WriteRequest::Create {
                     order,
+                    bytes,
                     idempotency_key,
                     ..
-                } => Outcome::Created(tables.create(order, idempotency_key.as_deref())),
-                WriteRequest::Commit { order, .. } => Outcome::Committed(tables.commit(order)),
+                } => Outcome::Created(tables.create(order, bytes, idempotency_key.as_deref())),
+                WriteRequest::Commit { order, bytes, .. } => {
+                    Outcome::Committed(tables.commit(order, bytes))
+                }
                 WriteRequest::Cancel { id, user, .. } => {
                     Outcome::Cancelled(tables.cancel(*id, user))
                 }
@@ -221,14 +258,15 @@ fn apply_batch(db: &Database, batch: &mut [WriteRequest]) -> Result<Vec<Outcome>
     Ok(outcomes)
 }
 
-struct Tables<'txn> {
+struct Tables<'txn, 'cache> {
     orders: redb::Table<'txn, &'static str, &'static [u8]>,
     by_user: redb::Table<'txn, (&'static str, u64, &'static str), ()>,
     owned: redb::Table<'txn, (&'static str, &'static str), ()>,
     idempotency: redb::Table<'txn, (&'static str, &'static str), (&'static str, i64)>,
+    owners: &'cache mut Owners,
 }
 
-impl Tables<'_> {
+impl Tables<'_, '_> {
     fn read(&self, id: &str) -> Result<Option<Order>, StoreError> {
         match self.orders.get(id).map_err(unavailable)? {
             Some(bytes) => decode(bytes.value()).map(Some),
@@ -236,25 +274,35 @@ impl Tables<'_> {
         }
     }
 
-    fn write(&mut self, order: &Order) -> Result<(), StoreError> {
+    /// Stores an order's bytes and keeps the owner index and cache in step. `newly_owned` is set
+    /// when the order enters its owner's index (created or moved).
+    fn write(&mut self, order: &Order, bytes: &[u8], newly_owned: bool) -> Result<(), StoreError> {
         let id = order.order_id.to_string();
-        let bytes = encode(order)?;
         self.orders
-            .insert(id.as_str(), bytes.as_slice())
+            .insert(id.as_str(), bytes)
             .map_err(unavailable)?;
         if order.is_finished() {
             self.owned
                 .remove((order.owner.as_str(), id.as_str()))
                 .map_err(unavailable)?;
+            self.owners.remove(&order.order_id);
         } else {
-            self.owned
-                .insert((order.owner.as_str(), id.as_str()), ())
-                .map_err(unavailable)?;
+            if newly_owned {
+                self.owned
+                    .insert((order.owner.as_str(), id.as_str()), ())
+                    .map_err(unavailable)?;
+            }
+            self.owners.insert(order.order_id, Ownership::from(order));
         }
         Ok(())
     }
 
-    fn create(&mut self, order: &Order, key: Option<&str>) -> Result<Created, StoreError> {
+    fn create(
+        &mut self,
+        order: &Order,
+        bytes: &[u8],
+        key: Option<&str>,
+    ) -> Result<Created, StoreError> {
         let id = order.order_id.to_string();
         let now = chrono::Utc::now().timestamp();
         if let Some(key) = key {
@@ -281,7 +329,7 @@ impl Tables<'_> {
                 )
                 .map_err(unavailable)?;
         }
-        self.write(order)?;
+        self.write(order, bytes, true)?;
         self.by_user
             .insert(
                 (order.user.as_str(), created_micros(order), id.as_str()),
@@ -291,14 +339,29 @@ impl Tables<'_> {
         Ok(Created::New)
     }
 
-    fn commit(&mut self, order: &Order) -> Result<(), StoreError> {
-        let stored = self
-            .read(&order.order_id.to_string())?
-            .ok_or(StoreError::NotFound)?;
-        check_commit(&stored, order)?;
-        let mut next = order.clone();
-        next.cancel_requested |= stored.cancel_requested;
-        self.write(&next)
+    /// The ownership of an unfinished order, from the cache or, on a miss, the file.
+    fn ownership(&mut self, id: OrderId) -> Result<Ownership, StoreError> {
+        if let Some(found) = self.owners.get(&id) {
+            return Ok(found.clone());
+        }
+        let stored = self.read(&id.to_string())?.ok_or(StoreError::NotFound)?;
+        let found = Ownership::from(&stored);
+        if !stored.is_finished() {
+            self.owners.insert(id, found.clone());
+        }
+        Ok(found)
+    }
+
+    fn commit(&mut self, order: &Order, bytes: &[u8]) -> Result<(), StoreError> {
+        let stored = self.ownership(order.order_id)?;
+        check_commit(&stored.owner, stored.epoch, stored.cancel_requested, order)?;
+        if stored.cancel_requested && !order.cancel_requested {
+            // The writer knew of a failure but not of the cancellation: keep the flag.
+            let mut merged = order.clone();
+            merged.cancel_requested = true;
+            return self.write(&merged, &encode(&merged)?, false);
+        }
+        self.write(order, bytes, false)
     }
 
     fn reassign(&mut self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
@@ -324,7 +387,7 @@ impl Tables<'_> {
             }
             order.owner = to.to_string();
             order.epoch += 1;
-            self.write(&order)?;
+            self.write(&order, &encode(&order)?, true)?;
             moved.push(order.order_id);
         }
         Ok(moved)
@@ -338,7 +401,7 @@ impl Tables<'_> {
         let (outcome, changed) = cancel_outcome(stored);
         if changed {
             if let CancelOutcome::Accepted(order) = &outcome {
-                self.write(order)?;
+                self.write(order, &encode(order)?, false)?;
             }
         }
         Ok(outcome)
@@ -355,6 +418,7 @@ impl OrderStore for EmbeddedStore {
         let (reply, reply_rx) = oneshot::channel();
         let request = WriteRequest::Create {
             order: order.clone(),
+            bytes: encode(order)?,
             idempotency_key: idempotency_key.map(str::to_string),
             reply,
         };
@@ -417,6 +481,7 @@ impl OrderStore for EmbeddedStore {
         self.send(
             WriteRequest::Commit {
                 order: order.clone(),
+                bytes: encode(order)?,
                 reply,
             },
             reply_rx,

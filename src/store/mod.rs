@@ -97,13 +97,18 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
-/// Whether a commit of `new` over `stored` must be refused, and why. Shared by every store so
-/// they agree on the rule.
-pub fn check_commit(stored: &Order, new: &Order) -> Result<(), StoreError> {
-    if stored.owner != new.owner || stored.epoch != new.epoch {
+/// Whether a commit of `new` over a stored order with this owner, epoch and cancellation flag
+/// must be refused, and why. Shared by the stores so they agree on the rule.
+pub fn check_commit(
+    owner: &str,
+    epoch: u64,
+    cancel_requested: bool,
+    new: &Order,
+) -> Result<(), StoreError> {
+    if owner != new.owner || epoch != new.epoch {
         return Err(StoreError::NotOwner);
     }
-    if stored.cancel_requested && !new.cancel_requested && new.failure.is_none() {
+    if cancel_requested && !new.cancel_requested && new.failure.is_none() {
         return Err(StoreError::CancelRequested);
     }
     Ok(())

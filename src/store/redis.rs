@@ -20,6 +20,7 @@ use super::{
 };
 use crate::order::{Order, OrderId, Phase};
 use async_trait::async_trait;
+use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, Script, Value};
 use deadpool_redis::{Config as PoolSettings, Pool, PoolConfig, Runtime, Timeouts};
 use std::future::Future;
@@ -118,7 +119,14 @@ struct Scripts {
 }
 
 pub struct RedisStore {
+    /// Opens connections; they are then kept and shared, not checked out per operation.
     pool: Pool,
+    /// A few multiplexed connections, each shared by every task: redis-rs pipelines concurrent
+    /// requests on one socket, so a handful is faster than a pool checkout (which costs a PING
+    /// round trip) per operation. A slot is emptied when its connection fails and refilled on
+    /// next use.
+    slots: Vec<tokio::sync::Mutex<Option<MultiplexedConnection>>>,
+    next_slot: std::sync::atomic::AtomicUsize,
     timeout: Duration,
     scripts: Scripts,
 }
@@ -161,6 +169,10 @@ impl RedisStore {
             .map_err(|error| StoreError::Unavailable(format!("bad redis url {url}: {error}")))?;
         Ok(RedisStore {
             pool,
+            slots: (0..pool_size.max(1))
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next_slot: std::sync::atomic::AtomicUsize::new(0),
             timeout,
             scripts: Scripts {
                 commit: Script::new(COMMIT),
@@ -176,23 +188,54 @@ impl RedisStore {
     /// Runs one operation with a connection from the pool, bounded by the store timeout.
     async fn with_conn<T, F, Fut>(&self, operation: F) -> Result<T, StoreError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
+        let index = self
+            .next_slot
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % self.slots.len();
         let work = async {
-            let connection = self.pool.get().await.map_err(unavailable)?;
+            let connection = self.connection(index).await?;
             operation(connection).await
         };
-        tokio::time::timeout(self.timeout, work)
+        let outcome = tokio::time::timeout(self.timeout, work)
             .await
-            .map_err(|_| StoreError::Unavailable("redis did not answer in time".into()))?
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "redis did not answer in time".into(),
+                ))
+            });
+        if let Err(StoreError::Unavailable(_)) = &outcome {
+            // The connection may be broken (Redis restarted) or stuck: the next use opens another.
+            if let Some(slot) = self.slots.get(index) {
+                *slot.lock().await = None;
+            }
+        }
+        outcome
+    }
+
+    /// The shared connection of a slot, opened if the slot is empty.
+    async fn connection(&self, index: usize) -> Result<MultiplexedConnection, StoreError> {
+        let slot = self
+            .slots
+            .get(index)
+            .ok_or_else(|| StoreError::Unavailable("no connection slot".into()))?;
+        let mut slot = slot.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            return Ok(connection.clone());
+        }
+        let connection =
+            deadpool_redis::Connection::take(self.pool.get().await.map_err(unavailable)?);
+        *slot = Some(connection.clone());
+        Ok(connection)
     }
 
     /// Runs a pipeline that may hold script calls; loads the scripts and retries once when Redis
     /// has forgotten them (after a restart). The pipelines used here are idempotent.
     async fn run_pipeline<T: redis::FromRedisValue>(
         &self,
-        connection: &mut deadpool_redis::Connection,
+        connection: &mut MultiplexedConnection,
         pipeline: &redis::Pipeline,
     ) -> Result<T, StoreError> {
         match pipeline.query_async::<T>(connection).await {
@@ -502,7 +545,7 @@ impl RedisStore {
     /// Removes ids from an owner set when the order there is someone else's or finished.
     async fn fix_owned(
         &self,
-        connection: &mut deadpool_redis::Connection,
+        connection: &mut MultiplexedConnection,
         node: &str,
         stale: &[(String, Option<String>)],
     ) -> Result<(), StoreError> {

@@ -20,6 +20,7 @@ mod diagnostic;
 mod pipeline;
 mod restart;
 
+mod bench;
 mod cluster;
 mod redis;
 mod store;

@@ -1,0 +1,64 @@
+//! `order-process bench` as a correctness check: a small run against a real node must lose
+//! nothing and find every history right. (Its speed figures are not asserted; see scripts/bench.)
+
+use crate::util::{Node, BIN};
+
+#[tokio::test]
+async fn a_small_bench_run_loses_nothing_and_finds_every_history_right() {
+    let node = Node::start("[simulate]\nduration = \"0s\"\nfailure_rate = 0.0\n").await;
+    let output = tokio::process::Command::new(BIN)
+        .args([
+            "bench",
+            "--url",
+            &node.base,
+            "--orders",
+            "500",
+            "--concurrency",
+            "16",
+            "--fail-rate",
+            "0.2",
+            "--timeout",
+            "60s",
+            "--json",
+        ])
+        .output()
+        .await
+        .expect("run the bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench failed: {stdout}\n{}",
+        node.log_tail()
+    );
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
+    assert_eq!(summary["submitted"], 500, "{summary}");
+    assert_eq!(summary["lost"], 0, "{summary}");
+    assert_eq!(summary["mismatches"], 0, "{summary}");
+    let completed = summary["completed"].as_u64().unwrap_or(0);
+    let failed = summary["failed"].as_u64().unwrap_or(0);
+    assert_eq!(completed + failed, 500, "{summary}");
+    assert!(failed > 0, "some orders were asked to fail: {summary}");
+}
+
+#[tokio::test]
+async fn long_poll_answers_when_the_order_finishes() {
+    let node = Node::start("[simulate]\nduration = \"300ms\"\nfailure_rate = 0.0\n").await;
+    let id = node.create_order("poller", &serde_json::json!({})).await;
+    let started = std::time::Instant::now();
+    let reply = node
+        .call(reqwest::Method::GET, &format!("/orders/{id}"))
+        .user("poller")
+        .query("wait", "30s")
+        .send()
+        .await;
+    let order = node.expect_json(&reply, 200, "long poll");
+    assert_eq!(order["current_step"], "Completed", "{order}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(25));
+    let reply = node
+        .call(reqwest::Method::GET, &format!("/orders/{id}"))
+        .user("poller")
+        .query("wait", "forever")
+        .send()
+        .await;
+    node.expect_error(&reply, 400, "a bad wait");
+}
