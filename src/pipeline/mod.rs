@@ -5,18 +5,29 @@
 //! anything, so a full queue is a 503 and never an order stored but not queued. Each transition
 //! is committed before the next step starts; a commit that finds the order owned by someone else
 //! ends its execution here.
+//!
+//! The executor owns retries: a handler makes one attempt, and after a failed attempt worth
+//! retrying the executor commits the attempt and the time the next one is due, then waits. An
+//! order resumed after a restart or a takeover reads that schedule from the store and goes on
+//! with it.
 
 mod gate;
 mod handler;
+pub mod http;
+pub mod retry;
 mod simulate;
 
 pub use gate::Gate;
-pub use handler::{Handlers, StepContext, StepError, StepHandler};
+pub use handler::{Handlers, StepContext, StepDone, StepError, StepHandler};
+pub use http::Http;
+pub use retry::RetryPolicy;
 pub use simulate::Simulate;
 
-use crate::order::{apply, next_action, Action, Event, Order, OrderId, TransitionError};
+use crate::order::{
+    apply, next_action, retry_due, Action, Attempt, Event, Order, OrderId, Step, TransitionError,
+};
 use crate::store::{OrderStore, StoreError};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,8 +60,51 @@ impl Shared {
     fn mark_active(&self, id: OrderId) -> bool {
         self.active
             .lock()
-            .map(|mut active| active.insert(id))
+            .map(|mut active| match active.entry(id) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(false);
+                    true
+                }
+            })
             .unwrap_or(true)
+    }
+
+    /// Like `mark_active`, but an order already active here is flagged to be loaded and driven
+    /// once more when its execution ends (it may have changed in the store meanwhile, e.g. a
+    /// parked rollback retried just as the execution that parked it was ending).
+    fn mark_active_or_rerun(&self, id: OrderId) -> bool {
+        self.active
+            .lock()
+            .map(|mut active| match active.entry(id) {
+                std::collections::hash_map::Entry::Occupied(mut slot) => {
+                    slot.insert(true);
+                    false
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(false);
+                    true
+                }
+            })
+            .unwrap_or(true)
+    }
+
+    /// At the end of an execution: true (and the flag cleared) when a rerun was asked for, else
+    /// the order is no longer active. One lock, so a rerun request is never lost in between.
+    fn finish_or_rerun(&self, id: OrderId) -> bool {
+        let Ok(mut active) = self.active.lock() else {
+            return false;
+        };
+        match active.get_mut(&id) {
+            Some(rerun) if *rerun => {
+                *rerun = false;
+                true
+            }
+            _ => {
+                active.remove(&id);
+                false
+            }
+        }
     }
 
     fn unmark_active(&self, id: OrderId) {
@@ -67,8 +121,9 @@ struct Shared {
     inflight: AtomicUsize,
     /// Orders whose cancellation was requested through this node, checked before each step.
     cancelled: Mutex<HashSet<OrderId>>,
-    /// Orders executing or queued here, so a second resume of the same order is a no-op.
-    active: Mutex<HashSet<OrderId>>,
+    /// Orders executing or queued here (with whether a rerun was asked for), so a second resume
+    /// of the same order does not run it twice at once.
+    active: Mutex<HashMap<OrderId, bool>>,
     gate: Arc<Gate>,
     stop_rx: watch::Receiver<bool>,
 }
@@ -98,7 +153,7 @@ impl Pool {
             handlers,
             inflight: AtomicUsize::new(0),
             cancelled: Mutex::new(HashSet::new()),
-            active: Mutex::new(HashSet::new()),
+            active: Mutex::new(HashMap::new()),
             gate,
             stop_rx,
         });
@@ -134,11 +189,11 @@ impl Pool {
         if *stop_rx.borrow() {
             return false;
         }
-        let id = match &job {
-            Job::New(order) => order.order_id,
-            Job::Resume(id) => *id,
+        let (id, fresh) = match &job {
+            Job::New(order) => (order.order_id, self.shared.mark_active(order.order_id)),
+            Job::Resume(id) => (*id, self.shared.mark_active_or_rerun(*id)),
         };
-        if !self.shared.mark_active(id) {
+        if !fresh {
             return true;
         }
         // Either room frees up in the queue, or the pool stops and the job stays in the store.
@@ -273,29 +328,47 @@ async fn execute(shared: Arc<Shared>, job: Job) {
         Job::New(order) => order.order_id,
         Job::Resume(id) => *id,
     };
-    let _active = ActiveGuard(&shared, id);
-    let order = match job {
-        Job::New(order) => order,
-        Job::Resume(id) => match load(&shared, id).await {
-            Some(order) => order,
-            None => return,
-        },
+    let mut active = ActiveGuard {
+        shared: &shared,
+        id,
+        finished: false,
     };
-    let order_id = order.order_id;
-    drive(&shared, order)
-        .instrument(tracing::debug_span!("order", order_id = %order_id))
-        .await;
+    let mut job = Some(job);
+    loop {
+        let order = match job.take() {
+            Some(Job::New(order)) => Some(order),
+            Some(Job::Resume(_)) | None => load(&shared, id).await,
+        };
+        if let Some(order) = order {
+            drive(&shared, order)
+                .instrument(tracing::debug_span!("order", order_id = %id))
+                .await;
+        }
+        if !shared.finish_or_rerun(id) {
+            active.finished = true;
+            break;
+        }
+        debug!(order_id = %id, "order changed while it ran here, running it again");
+    }
     if let Ok(mut cancelled) = shared.cancelled.lock() {
-        cancelled.remove(&order_id);
+        cancelled.remove(&id);
     }
 }
 
-/// Marks an order inactive when its execution ends, however it ends.
-struct ActiveGuard<'a>(&'a Shared, OrderId);
+/// Marks an order inactive when its execution ends, however it ends (also when the task is
+/// abandoned at shutdown).
+struct ActiveGuard<'a> {
+    shared: &'a Shared,
+    id: OrderId,
+    /// Already marked inactive by `finish_or_rerun`.
+    finished: bool,
+}
 
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
-        self.0.unmark_active(self.1);
+        if !self.finished {
+            self.shared.unmark_active(self.id);
+        }
     }
 }
 
@@ -333,6 +406,21 @@ async fn drive(shared: &Shared, mut order: Order) {
             debug!(order_id = %order.order_id, "node stopping, order left to resume later");
             return;
         }
+        if let Some(due) = retry_due(&order) {
+            let wait = (due - chrono::Utc::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO);
+            if !wait.is_zero() {
+                debug!(order_id = %order.order_id, wait = ?wait, "waiting for the next attempt");
+                let mut stop_rx = shared.stop_rx.clone();
+                // Either the retry is due, or the node stops; the schedule is in the store, so
+                // whoever resumes the order keeps it.
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop_rx.changed() => continue,
+                }
+            }
+        }
         if !shared.gate.is_open() {
             debug!(order_id = %order.order_id, "liveness lease lapsed, waiting before the next step");
         }
@@ -358,54 +446,103 @@ async fn drive(shared: &Shared, mut order: Order) {
                 .unwrap_or(false);
             order.cancel_requested = noted;
         }
-        let event = match next_action(&order) {
-            Action::Run(step) => {
-                debug!(order_id = %order.order_id, step = %step, "step started");
-                let context = StepContext::new(&order, step);
-                match shared.handlers.for_step(step).run(&context).await {
-                    Ok(output) => {
-                        debug!(order_id = %order.order_id, step = %step, "step finished");
-                        Event::StepSucceeded { step, output }
-                    }
-                    Err(failure) => {
-                        debug!(order_id = %order.order_id, step = %step, reason = %failure.reason, "step failed");
-                        Event::StepFailed {
-                            step,
-                            reason: failure.reason,
-                        }
-                    }
-                }
-            }
+        let events = match next_action(&order) {
+            Action::Run(step) => attempt(shared, &order, step, false).await,
             Action::Cancel(step) => {
                 debug!(order_id = %order.order_id, step = %step, "order cancelled before step ran");
-                Event::Cancel { step }
+                vec![Event::Cancel { step }]
             }
-            Action::Rollback(step) => {
-                let context = StepContext::new(&order, step);
-                match shared.handlers.for_step(step).rollback(&context).await {
-                    Ok(()) => {
-                        debug!(order_id = %order.order_id, step = %step, "step rolled back");
-                        Event::RolledBack { step }
-                    }
-                    Err(failure) => {
-                        error!(order_id = %order.order_id, step = %step, reason = %failure.reason, "rollback failed, order parked");
-                        Event::RollbackFailed {
-                            step,
-                            reason: failure.reason,
-                        }
-                    }
-                }
-            }
+            Action::Rollback(step) => attempt(shared, &order, step, true).await,
             Action::Done => {
                 debug!(order_id = %order.order_id, current_step = %order.current_step, "order finished");
                 return;
             }
         };
-        match commit(shared, order, event).await {
+        match commit(shared, order, events).await {
             Some(next) => order = next,
             None => return,
         }
     }
+}
+
+/// Makes one attempt at running (or rolling back) a step and says what happened, as the events
+/// to commit: the attempt (for handlers with a retry policy), then the step's end or the retry.
+async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> Vec<Event> {
+    let handler = shared.handlers.for_step(step);
+    let policy = handler.retry_policy(rollback);
+    let entry = order.entry(step);
+    let number = entry
+        .map_or(0, |entry| entry.attempts_made(rollback))
+        .saturating_add(1);
+    let retries_done = entry.map_or(0, |entry| entry.retries);
+    let context = StepContext::attempt(order, step, rollback, number);
+    let direction = if rollback { "rollback" } else { "run" };
+    debug!(order_id = %order.order_id, step = %step, attempt = number, direction, "attempt started");
+    let started_at = chrono::Utc::now();
+    let started = std::time::Instant::now();
+    let result = if rollback {
+        handler.rollback(&context).await
+    } else {
+        handler.run(&context).await
+    };
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let mut events = Vec::with_capacity(2);
+    if policy.is_some() {
+        let (status, error) = match &result {
+            Ok(done) => (done.status, None),
+            Err(failure) => (failure.status, Some(failure.reason.clone())),
+        };
+        events.push(Event::Attempted {
+            step,
+            attempt: Attempt {
+                attempt: number,
+                at: started_at,
+                rollback,
+                status,
+                error,
+                duration_ms,
+            },
+        });
+    }
+    let failure = match result {
+        Ok(done) => {
+            debug!(order_id = %order.order_id, step = %step, attempt = number, direction, "attempt succeeded");
+            events.push(if rollback {
+                Event::RolledBack { step }
+            } else {
+                Event::StepSucceeded {
+                    step,
+                    output: done.output,
+                }
+            });
+            return events;
+        }
+        Err(failure) => failure,
+    };
+    match policy {
+        Some(policy) if failure.retryable && policy.allows_retry(retries_done) => {
+            let delay = policy.delay(retries_done.saturating_add(1), rand::random());
+            let at = chrono::Utc::now()
+                + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            warn!(order_id = %order.order_id, step = %step, attempt = number, direction, reason = %failure.reason, retry_in = ?delay, "attempt failed, retrying");
+            events.push(Event::RetryScheduled { step, rollback, at });
+        }
+        _ if rollback => {
+            error!(order_id = %order.order_id, step = %step, attempt = number, reason = %failure.reason, "rollback failed, order parked with its rollback incomplete");
+            events.push(Event::RollbackFailed {
+                step,
+                reason: failure.reason,
+            });
+        }
+        _ => {
+            info!(order_id = %order.order_id, step = %step, attempt = number, reason = %failure.reason, "step failed, rolling back");
+            events.push(Event::StepFailed {
+                step,
+                reason: failure.reason,
+            });
+        }
+    }
+    events
 }
 
 /// Re-reads an order after a lease lapse: the stored copy when this node still owns it at the
@@ -419,13 +556,18 @@ async fn still_ours(shared: &Shared, order: &Order) -> Option<Order> {
     Some(stored)
 }
 
-/// Applies an event and commits the result, retrying while the store is unreachable. `None`
-/// means this node must let the order go (lost ownership, illegal transition, stopping).
-async fn commit(shared: &Shared, mut order: Order, event: Event) -> Option<Order> {
+/// Applies events in order and commits the result as one write, retrying while the store is
+/// unreachable. `None` means this node must let the order go (lost ownership, illegal
+/// transition, stopping).
+async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option<Order> {
     let mut stop_rx = shared.stop_rx.clone();
     let mut delay = Duration::from_millis(100);
     loop {
-        let next = match apply(&order, event.clone(), chrono::Utc::now()) {
+        let now = chrono::Utc::now();
+        let next = events.iter().try_fold(order.clone(), |current, event| {
+            apply(&current, event.clone(), now)
+        });
+        let next = match next {
             Ok(next) => next,
             Err(error) => {
                 report_illegal(&order, &error);
