@@ -478,7 +478,8 @@ async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> 
     let context = StepContext::attempt(order, step, rollback, number);
     let direction = if rollback { "rollback" } else { "run" };
     debug!(order_id = %order.order_id, step = %step, attempt = number, direction, "attempt started");
-    let started_at = chrono::Utc::now();
+    // Microseconds, like every other time the API shows.
+    let started_at = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
     let started = std::time::Instant::now();
     let result = if rollback {
         handler.rollback(&context).await
