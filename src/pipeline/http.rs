@@ -185,3 +185,71 @@ impl StepHandler for Http {
         Some(RetryPolicy::from(&self.settings))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::order::Order;
+
+    fn settings(rollback_url: Option<&str>) -> HttpSettings {
+        HttpSettings {
+            url: reqwest::Url::parse("http://127.0.0.1:9/charge").unwrap(),
+            rollback_url: rollback_url.map(|url| reqwest::Url::parse(url).unwrap()),
+            timeout: Duration::from_secs(1),
+            retries: 4,
+            backoff: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn without_rollback_url_there_is_nothing_to_undo() {
+        let handler = Http::new(client().unwrap(), settings(None));
+        assert_eq!(handler.retry_policy(true), None);
+        assert_eq!(handler.retry_policy(false).map(|p| p.retries), Some(4));
+        let order = Order::new(
+            OrderId::nil(),
+            "alice".into(),
+            serde_json::json!({}),
+            "node".into(),
+            chrono::Utc::now(),
+        );
+        let context = StepContext::attempt(&order, Step::Processing, true, 1);
+        assert_eq!(handler.rollback(&context).await, Ok(StepDone::default()));
+        let with = Http::new(
+            client().unwrap(),
+            settings(Some("http://127.0.0.1:9/refund")),
+        );
+        assert!(with.retry_policy(true).is_some());
+    }
+
+    #[test]
+    fn idempotency_keys_differ_between_run_and_rollback() {
+        let order = Order::new(
+            OrderId::nil(),
+            "alice".into(),
+            serde_json::json!({}),
+            "node".into(),
+            chrono::Utc::now(),
+        );
+        let run = StepContext::attempt(&order, Step::Processing, false, 3);
+        let undo = StepContext::attempt(&order, Step::Processing, true, 1);
+        assert_eq!(
+            run.idempotency_key,
+            format!("{}:Processing", OrderId::nil())
+        );
+        assert_eq!(
+            undo.idempotency_key,
+            format!("{}:Processing:rollback", OrderId::nil())
+        );
+    }
+
+    #[test]
+    fn long_reasons_are_shortened_on_a_char_boundary() {
+        let long = "é".repeat(MAX_REASON_CHARS + 10);
+        let short = shorten(&long);
+        assert_eq!(short.chars().count(), MAX_REASON_CHARS + 1);
+        assert!(short.ends_with('…'));
+        assert_eq!(shorten("fine"), "fine");
+    }
+}
