@@ -328,7 +328,8 @@ async fn retry_parked_rollback(
         .map_err(|error| ApiError::from_store(error, state.retry_after))?;
     match outcome {
         RetryRollbackOutcome::Accepted(order) => {
-            tracing::info!(order_id = %order.order_id, pending = ?order.pending_rollback, "retrying parked rollback");
+            let pending: Vec<&str> = order.pending_rollback.iter().map(|step| step.as_str()).collect();
+            tracing::info!(order_id = %order.order_id, pending = %pending.join(", "), "retrying parked rollback");
             state.pool.resume_all(vec![order.order_id]);
             Ok(json_reply(StatusCode::ACCEPTED, &OrderView::from(&order)))
         }
