@@ -121,6 +121,8 @@ struct Shared {
     inflight: AtomicUsize,
     /// Orders whose cancellation was requested through this node, checked before each step.
     cancelled: Mutex<HashSet<OrderId>>,
+    /// Bumped on each noted cancellation, to wake orders waiting for a retry.
+    cancel_tx: watch::Sender<u64>,
     /// Orders executing or queued here (with whether a rerun was asked for), so a second resume
     /// of the same order does not run it twice at once.
     active: Mutex<HashMap<OrderId, bool>>,
@@ -153,6 +155,7 @@ impl Pool {
             handlers,
             inflight: AtomicUsize::new(0),
             cancelled: Mutex::new(HashSet::new()),
+            cancel_tx: watch::Sender::new(0),
             active: Mutex::new(HashMap::new()),
             gate,
             stop_rx,
@@ -233,6 +236,9 @@ impl Pool {
         if let Ok(mut cancelled) = self.shared.cancelled.lock() {
             cancelled.insert(id);
         }
+        self.shared
+            .cancel_tx
+            .send_modify(|count| *count = count.wrapping_add(1));
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -401,11 +407,14 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
 async fn drive(shared: &Shared, mut order: Order) {
     debug!(order_id = %order.order_id, current_step = %order.current_step, "order dispatched");
     let mut lapses = shared.gate.lapses();
+    let mut cancel_rx = shared.cancel_tx.subscribe();
     loop {
         if *shared.stop_rx.borrow() {
             debug!(order_id = %order.order_id, "node stopping, order left to resume later");
             return;
         }
+        cancel_rx.borrow_and_update();
+        note_cancel(shared, &mut order);
         if let Some(due) = retry_due(&order) {
             let wait = (due - chrono::Utc::now())
                 .to_std()
@@ -413,11 +422,13 @@ async fn drive(shared: &Shared, mut order: Order) {
             if !wait.is_zero() {
                 debug!(order_id = %order.order_id, wait = ?wait, "waiting for the next attempt");
                 let mut stop_rx = shared.stop_rx.clone();
-                // Either the retry is due, or the node stops; the schedule is in the store, so
-                // whoever resumes the order keeps it.
+                // Either the retry is due; or the node stops (the schedule is in the store, so
+                // whoever resumes the order keeps it); or a cancellation was noted, which may be
+                // this order's: look again.
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop_rx.changed() => continue,
+                    _ = cancel_rx.changed() => continue,
                 }
             }
         }
@@ -438,14 +449,7 @@ async fn drive(shared: &Shared, mut order: Order) {
             }
             lapses = now_lapses;
         }
-        if !order.cancel_requested {
-            let noted = shared
-                .cancelled
-                .lock()
-                .map(|cancelled| cancelled.contains(&order.order_id))
-                .unwrap_or(false);
-            order.cancel_requested = noted;
-        }
+        note_cancel(shared, &mut order);
         let events = match next_action(&order) {
             Action::Run(step) => attempt(shared, &order, step, false).await,
             Action::Cancel(step) => {
@@ -462,6 +466,17 @@ async fn drive(shared: &Shared, mut order: Order) {
             Some(next) => order = next,
             None => return,
         }
+    }
+}
+
+/// Marks the order cancelled if a cancellation was requested through this node.
+fn note_cancel(shared: &Shared, order: &mut Order) {
+    if !order.cancel_requested {
+        order.cancel_requested = shared
+            .cancelled
+            .lock()
+            .map(|cancelled| cancelled.contains(&order.order_id))
+            .unwrap_or(false);
     }
 }
 
