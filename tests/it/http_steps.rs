@@ -13,6 +13,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use warp::Filter;
 
+use crate::cluster::{exclusive, node_config, wait_formed, TAKEOVER};
+use crate::redis::RedisServer;
 use crate::util::{
     assert_completed, assert_failed_at, pretty, simulate, unique_user, Node, TERMINAL,
 };
@@ -186,7 +188,16 @@ impl Shop {
 
     /// A node config with every step on this shop; `special` overrides the timing of one step.
     fn config(&self, timing: &Timing, special: Option<(&str, Timing)>) -> String {
-        let mut config = simulate("10ms");
+        self.sections(simulate("10ms"), timing, special)
+    }
+
+    /// `config` followed by a section for every step.
+    fn sections(
+        &self,
+        mut config: String,
+        timing: &Timing,
+        special: Option<(&str, Timing)>,
+    ) -> String {
         for (step, _, _) in PATHS {
             match &special {
                 Some((name, own)) if *name == step => config.push_str(&self.section(step, own)),
@@ -581,4 +592,111 @@ async fn a_node_killed_between_attempts_resumes_the_retry_schedule() {
     );
     assert_eq!(after[1]["attempt"], 2);
     assert_eq!(after[1]["status"], 200);
+}
+
+#[tokio::test]
+async fn cancelling_an_order_waiting_to_retry_does_not_wait_for_the_retry() {
+    let shop = Shop::start().await;
+    shop.answer("/charge", Answer::Status(503, "busy".into()));
+    let patient = Timing {
+        timeout: "5s",
+        retries: 3,
+        backoff: "1h",
+        backoff_max: "1h",
+    };
+    let node = Node::start(&shop.config(&QUICK, Some(("Processing", patient)))).await;
+    let user = unique_user("heidi");
+    let id = node.create_order(&user, &json!({"sku": "H8"})).await;
+    node.wait_for(
+        &user,
+        &id,
+        TERMINAL,
+        "waiting to retry the charge",
+        |order| {
+            order["current_step"] == "Processing"
+                && step_entry(order, "Processing")
+                    .get("next_attempt_at")
+                    .is_some()
+        },
+    )
+    .await;
+    let reply = node.cancel(&user, &id).await;
+    node.expect_json(&reply, 202, "POST /orders/{id}/cancel");
+
+    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    assert_failed_at(&order, "Processing");
+    assert_eq!(order["failure"]["reason"], "cancelled");
+    assert_eq!(attempt_numbers(&shop.calls_to("/charge")), [1]);
+    assert!(step_entry(&order, "Processing")
+        .get("next_attempt_at")
+        .is_none());
+}
+
+#[tokio::test]
+async fn a_takeover_continues_the_retry_schedule_of_a_dead_node() {
+    let _one = exclusive().await;
+    let shop = Shop::start().await;
+    shop.queue("/charge", vec![Answer::Status(503, "busy".into())]);
+    let slow = Timing {
+        timeout: "5s",
+        retries: 3,
+        backoff: "4s",
+        backoff_max: "4s",
+    };
+    let redis = RedisServer::start();
+    let first = Node::start(&shop.sections(
+        node_config(&redis, "10ms", &[]),
+        &QUICK,
+        Some(("Processing", slow.clone())),
+    ))
+    .await;
+    let second = Node::start(&shop.sections(
+        node_config(&redis, "10ms", &[first.port]),
+        &QUICK,
+        Some(("Processing", slow)),
+    ))
+    .await;
+    let mut nodes = vec![first, second];
+    wait_formed(&nodes, 2).await;
+
+    let user = unique_user("ivan");
+    let id = nodes[0].create_order(&user, &json!({"sku": "I9"})).await;
+    let waiting = nodes[1]
+        .wait_for(
+            &user,
+            &id,
+            TERMINAL,
+            "waiting to retry the charge",
+            |order| {
+                order["current_step"] == "Processing"
+                    && step_entry(order, "Processing")
+                        .get("next_attempt_at")
+                        .is_some()
+            },
+        )
+        .await;
+    let before = attempts(&waiting, "Processing");
+    nodes[0].kill();
+
+    let order = nodes[1].wait_terminal(&user, &id, TAKEOVER).await;
+    assert_completed(&order);
+    let charges = shop.calls_to("/charge");
+    assert_eq!(
+        attempt_numbers(&charges),
+        [1, 2],
+        "numbering continues on the new owner"
+    );
+    assert_gaps(
+        &charges,
+        Duration::from_secs(4),
+        "/charge across a takeover",
+    );
+    let after = attempts(&order, "Processing");
+    assert_eq!(after.len(), 2, "{}", pretty(&order));
+    assert_eq!(after[0], before[0], "the dead node's attempt is kept");
+    assert!(
+        nodes[1].log().contains("took over orders"),
+        "no takeover logged\n{}",
+        nodes[1].log_tail()
+    );
 }
