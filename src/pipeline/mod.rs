@@ -7,9 +7,10 @@
 //! ends its execution here.
 //!
 //! The executor owns retries: a handler makes one attempt, and after a failed attempt worth
-//! retrying the executor commits the attempt and the time the next one is due, then waits. An
-//! order resumed after a restart or a takeover reads that schedule from the store and goes on
-//! with it.
+//! retrying the executor commits the attempt and the time the next one is due. The order then
+//! gives its worker back and waits outside the pool (a timer task that queues it again when the
+//! retry is due), so orders waiting on a failing service do not hold up the others. An order
+//! resumed after a restart or a takeover reads the schedule from the store and goes on with it.
 
 mod gate;
 mod handler;
@@ -123,6 +124,8 @@ struct Shared {
     cancelled: Mutex<HashSet<OrderId>>,
     /// Bumped on each noted cancellation, to wake orders waiting for a retry.
     cancel_tx: watch::Sender<u64>,
+    /// For orders coming back from a retry wait (already marked active).
+    queue_tx: mpsc::Sender<Job>,
     /// Orders executing or queued here (with whether a rerun was asked for), so a second resume
     /// of the same order does not run it twice at once.
     active: Mutex<HashMap<OrderId, bool>>,
@@ -156,6 +159,7 @@ impl Pool {
             inflight: AtomicUsize::new(0),
             cancelled: Mutex::new(HashSet::new()),
             cancel_tx: watch::Sender::new(0),
+            queue_tx: queue_tx.clone(),
             active: Mutex::new(HashMap::new()),
             gate,
             stop_rx,
@@ -345,10 +349,19 @@ async fn execute(shared: Arc<Shared>, job: Job) {
             Some(Job::New(order)) => Some(order),
             Some(Job::Resume(_)) | None => load(&shared, id).await,
         };
-        if let Some(order) = order {
-            drive(&shared, order)
-                .instrument(tracing::debug_span!("order", order_id = %id))
-                .await;
+        let retry_at = match order {
+            Some(order) => {
+                drive(&shared, order)
+                    .instrument(tracing::debug_span!("order", order_id = %id))
+                    .await
+            }
+            None => None,
+        };
+        if let Some(due) = retry_at {
+            // The order stays marked active while it waits, so it is not run twice meanwhile.
+            active.finished = true;
+            spawn_retry_wait(Arc::clone(&shared), id, due);
+            return;
         }
         if !shared.finish_or_rerun(id) {
             active.finished = true;
@@ -358,6 +371,58 @@ async fn execute(shared: Arc<Shared>, job: Job) {
     }
     if let Ok(mut cancelled) = shared.cancelled.lock() {
         cancelled.remove(&id);
+    }
+}
+
+/// Waits, without a worker, until an order's retry is due (or a cancellation of it is noted),
+/// then queues it again. When the node stops first, the order is left to resume with the schedule
+/// kept in the store.
+fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, due: chrono::DateTime<chrono::Utc>) {
+    let task = async move {
+        if !wait_then_queue(&shared, id, due).await {
+            shared.unmark_active(id);
+        }
+    };
+    tokio::spawn(task.instrument(tracing::debug_span!("retry_wait", order_id = %id)));
+}
+
+/// True once the order is queued again; false if the node stopped first.
+async fn wait_then_queue(shared: &Shared, id: OrderId, due: chrono::DateTime<chrono::Utc>) -> bool {
+    let mut stop_rx = shared.stop_rx.clone();
+    let mut cancel_rx = shared.cancel_tx.subscribe();
+    let wait = (due - chrono::Utc::now())
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    let sleep = tokio::time::sleep(wait);
+    tokio::pin!(sleep);
+    loop {
+        if *stop_rx.borrow() {
+            return false;
+        }
+        // The retry is due; or the node stops; or some cancellation was noted, which ends the
+        // wait only if it is this order's.
+        tokio::select! {
+            _ = &mut sleep => break,
+            _ = stop_rx.changed() => return false,
+            changed = cancel_rx.changed() => {
+                if changed.is_err() {
+                    return false;
+                }
+                let cancelled = shared
+                    .cancelled
+                    .lock()
+                    .map(|cancelled| cancelled.contains(&id))
+                    .unwrap_or(false);
+                if cancelled {
+                    break;
+                }
+            }
+        }
+    }
+    // Either there is room in the queue, or the node stops and the order resumes later.
+    tokio::select! {
+        sent = shared.queue_tx.send(Job::Resume(id)) => sent.is_ok(),
+        _ = stop_rx.changed() => false,
     }
 }
 
@@ -402,34 +467,22 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
     }
 }
 
-/// Runs an order's steps (or compensations) until it is finished, the node stops, or the order
-/// turns out to belong to another node.
-async fn drive(shared: &Shared, mut order: Order) {
+/// Runs an order's steps (or compensations) until it is finished, the node stops, the order
+/// turns out to belong to another node, or it has to wait for a retry: then the time it is due.
+async fn drive(shared: &Shared, mut order: Order) -> Option<chrono::DateTime<chrono::Utc>> {
     debug!(order_id = %order.order_id, current_step = %order.current_step, "order dispatched");
     let mut lapses = shared.gate.lapses();
-    let mut cancel_rx = shared.cancel_tx.subscribe();
     loop {
         if *shared.stop_rx.borrow() {
             debug!(order_id = %order.order_id, "node stopping, order left to resume later");
-            return;
+            return None;
         }
-        cancel_rx.borrow_and_update();
         note_cancel(shared, &mut order);
         if let Some(due) = retry_due(&order) {
-            let wait = (due - chrono::Utc::now())
-                .to_std()
-                .unwrap_or(Duration::ZERO);
-            if !wait.is_zero() {
-                debug!(order_id = %order.order_id, wait = ?wait, "waiting for the next attempt");
-                let mut stop_rx = shared.stop_rx.clone();
-                // Either the retry is due; or the node stops (the schedule is in the store, so
-                // whoever resumes the order keeps it); or a cancellation was noted, which may be
-                // this order's: look again.
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop_rx.changed() => continue,
-                    _ = cancel_rx.changed() => continue,
-                }
+            // A little early (clocks differ by a hair) counts as due.
+            if due - chrono::Utc::now() > chrono::Duration::milliseconds(2) {
+                debug!(order_id = %order.order_id, next_attempt_at = %due, "waiting for the next attempt");
+                return Some(due);
             }
         }
         if !shared.gate.is_open() {
@@ -445,7 +498,7 @@ async fn drive(shared: &Shared, mut order: Order) {
             // The lease lapsed while this order was ours: someone may have taken it over.
             match still_ours(shared, &order).await {
                 Some(fresh) => order = fresh,
-                None => return,
+                None => return None,
             }
             lapses = now_lapses;
         }
@@ -459,12 +512,12 @@ async fn drive(shared: &Shared, mut order: Order) {
             Action::Rollback(step) => attempt(shared, &order, step, true).await,
             Action::Done => {
                 debug!(order_id = %order.order_id, current_step = %order.current_step, "order finished");
-                return;
+                return None;
             }
         };
         match commit(shared, order, events).await {
             Some(next) => order = next,
-            None => return,
+            None => return None,
         }
     }
 }
