@@ -700,3 +700,41 @@ async fn a_takeover_continues_the_retry_schedule_of_a_dead_node() {
         nodes[1].log_tail()
     );
 }
+
+#[tokio::test]
+async fn an_order_waiting_to_retry_does_not_hold_a_worker() {
+    let shop = Shop::start().await;
+    shop.queue("/charge", vec![Answer::Status(503, "busy".into())]);
+    let patient = Timing {
+        timeout: "5s",
+        retries: 3,
+        backoff: "1h",
+        backoff_max: "1h",
+    };
+    let mut config = shop.config(&QUICK, Some(("Processing", patient)));
+    config.push_str("[pipeline]\nworkers = 1\n");
+    let node = Node::start(&config).await;
+    let user = unique_user("judy");
+    let waiting = node.create_order(&user, &json!({"sku": "J1"})).await;
+    node.wait_for(
+        &user,
+        &waiting,
+        TERMINAL,
+        "waiting to retry the charge",
+        |order| {
+            order["current_step"] == "Processing"
+                && step_entry(order, "Processing")
+                    .get("next_attempt_at")
+                    .is_some()
+        },
+    )
+    .await;
+
+    // The only worker is free for the next order while the first one waits.
+    let next = node.create_order(&user, &json!({"sku": "J2"})).await;
+    let order = node.wait_terminal(&user, &next, TERMINAL).await;
+    assert_completed(&order);
+    let first = node.order(&user, &waiting).await;
+    assert_eq!(first["current_step"], "Processing", "{}", pretty(&first));
+    assert_eq!(attempts(&first, "Processing").len(), 1);
+}
