@@ -21,11 +21,7 @@ pub struct StepContext<'a> {
 }
 
 impl<'a> StepContext<'a> {
-    /// The context of the first attempt at running `step`.
-    pub fn new(order: &'a Order, step: Step) -> Self {
-        StepContext::attempt(order, step, false, 1)
-    }
-
+    /// The context of attempt number `attempt` at running (or undoing) `step`.
     pub fn attempt(order: &'a Order, step: Step, rollback: bool, attempt: u32) -> Self {
         let idempotency_key = if rollback {
             format!("{}:{}:rollback", order.order_id, step)
