@@ -12,6 +12,7 @@
 //! retry is due), so orders waiting on a failing service do not hold up the others. An order
 //! resumed after a restart or a takeover reads the schedule from the store and goes on with it.
 
+mod active;
 mod gate;
 mod handler;
 pub mod http;
@@ -28,7 +29,8 @@ use crate::order::{
     apply, next_action, retry_due, Action, Attempt, Event, Order, OrderId, Step, TransitionError,
 };
 use crate::store::{OrderStore, StoreError};
-use std::collections::{HashMap, HashSet};
+use active::ActiveOrders;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,61 +59,20 @@ impl Slot {
 }
 
 impl Shared {
-    /// Records an order as queued or executing here; false if it already was.
     fn mark_active(&self, id: OrderId) -> bool {
-        self.active
-            .lock()
-            .map(|mut active| match active.entry(id) {
-                std::collections::hash_map::Entry::Occupied(_) => false,
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(false);
-                    true
-                }
-            })
-            .unwrap_or(true)
+        self.active.mark(id)
     }
 
-    /// Like `mark_active`, but an order already active here is flagged to be loaded and driven
-    /// once more when its execution ends (it may have changed in the store meanwhile, e.g. a
-    /// parked rollback retried just as the execution that parked it was ending).
     fn mark_active_or_rerun(&self, id: OrderId) -> bool {
-        self.active
-            .lock()
-            .map(|mut active| match active.entry(id) {
-                std::collections::hash_map::Entry::Occupied(mut slot) => {
-                    slot.insert(true);
-                    false
-                }
-                std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert(false);
-                    true
-                }
-            })
-            .unwrap_or(true)
+        self.active.mark_or_rerun(id)
     }
 
-    /// At the end of an execution: true (and the flag cleared) when a rerun was asked for, else
-    /// the order is no longer active. One lock, so a rerun request is never lost in between.
     fn finish_or_rerun(&self, id: OrderId) -> bool {
-        let Ok(mut active) = self.active.lock() else {
-            return false;
-        };
-        match active.get_mut(&id) {
-            Some(rerun) if *rerun => {
-                *rerun = false;
-                true
-            }
-            _ => {
-                active.remove(&id);
-                false
-            }
-        }
+        self.active.finish_or_rerun(id)
     }
 
     fn unmark_active(&self, id: OrderId) {
-        if let Ok(mut active) = self.active.lock() {
-            active.remove(&id);
-        }
+        self.active.unmark(id);
     }
 }
 
@@ -126,9 +87,8 @@ struct Shared {
     cancel_tx: watch::Sender<u64>,
     /// For orders coming back from a retry wait (already marked active).
     queue_tx: mpsc::Sender<Job>,
-    /// Orders executing or queued here (with whether a rerun was asked for), so a second resume
-    /// of the same order does not run it twice at once.
-    active: Mutex<HashMap<OrderId, bool>>,
+    /// Orders executing, queued or waiting to retry here, so none runs twice at once.
+    active: ActiveOrders,
     gate: Arc<Gate>,
     stop_rx: watch::Receiver<bool>,
 }
@@ -160,7 +120,7 @@ impl Pool {
             cancelled: Mutex::new(HashSet::new()),
             cancel_tx: watch::Sender::new(0),
             queue_tx: queue_tx.clone(),
-            active: Mutex::new(HashMap::new()),
+            active: ActiveOrders::default(),
             gate,
             stop_rx,
         });
