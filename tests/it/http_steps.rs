@@ -738,3 +738,77 @@ async fn an_order_waiting_to_retry_does_not_hold_a_worker() {
     assert_eq!(first["current_step"], "Processing", "{}", pretty(&first));
     assert_eq!(attempts(&first, "Processing").len(), 1);
 }
+
+#[tokio::test]
+async fn a_parked_rollback_can_be_retried_through_another_node() {
+    let _one = exclusive().await;
+    let shop = Shop::start().await;
+    shop.answer("/ship", Answer::Status(400, "bad address".into()));
+    shop.queue(
+        "/refund",
+        vec![
+            Answer::Status(500, "ledger down".into()),
+            Answer::Status(500, "ledger down".into()),
+        ],
+    );
+    let payment = Timing {
+        timeout: "5s",
+        retries: 1,
+        backoff: "50ms",
+        backoff_max: "50ms",
+    };
+    let redis = RedisServer::start();
+    let first = Node::start(&shop.sections(
+        node_config(&redis, "10ms", &[]),
+        &QUICK,
+        Some(("Processing", payment.clone())),
+    ))
+    .await;
+    let second = Node::start(&shop.sections(
+        node_config(&redis, "10ms", &[first.port]),
+        &QUICK,
+        Some(("Processing", payment)),
+    ))
+    .await;
+    let nodes = vec![first, second];
+    wait_formed(&nodes, 2).await;
+
+    let user = unique_user("kim");
+    let id = nodes[0].create_order(&user, &json!({"sku": "K1"})).await;
+    nodes[1]
+        .wait_for(&user, &id, TERMINAL, "parked", |order| {
+            order["rollback_state"] == "incomplete"
+        })
+        .await;
+    let listed = nodes[1]
+        .list_all_ids(&user, &[("rollback_state", "incomplete")])
+        .await;
+    assert_eq!(
+        listed,
+        std::slice::from_ref(&id),
+        "listed from the Redis store"
+    );
+
+    // The node asked runs the remaining compensations, whoever ran the order before.
+    let reply = nodes[1]
+        .call(Method::POST, &format!("/orders/{id}/rollback"))
+        .user(&user)
+        .send()
+        .await;
+    nodes[1].expect_json(&reply, 202, "POST /orders/{id}/rollback on the other node");
+    let order = nodes[0].wait_terminal(&user, &id, TERMINAL).await;
+    assert_failed_at(&order, "Post-Processing");
+    assert_eq!(order["rollback_state"], "complete", "{}", pretty(&order));
+    assert_eq!(attempt_numbers(&shop.calls_to("/refund")), [1, 2, 3]);
+    let paths = shop.paths();
+    assert_eq!(&paths[paths.len() - 2..], ["/release", "/unschedule"]);
+    let log = nodes[1].log();
+    assert!(
+        log.lines().any(|line| line.contains("attempt started")
+            && line.contains(&id)
+            && line.contains("attempt=3")
+            && line.contains("rollback")),
+        "the third refund was made by the node asked\n{}",
+        nodes[1].log_tail()
+    );
+}
