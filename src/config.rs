@@ -141,15 +141,83 @@ impl Default for SimulateConfig {
     }
 }
 
-/// One `[steps.<Step>]` section.
+/// One `[steps.<Step>]` section, as written. [`Config::handler_for`] turns it into typed
+/// [`HandlerSettings`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StepConfig {
+    /// `simulate` or `http`.
     pub handler: String,
+    // simulate
     #[serde(default, deserialize_with = "duration_opt")]
     pub duration: Option<Duration>,
     #[serde(default)]
     pub failure_rate: Option<f64>,
+    // http
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub rollback_url: Option<String>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub retries: Option<u32>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub backoff_max: Option<Duration>,
+}
+
+/// The handler a step runs with, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HandlerSettings {
+    Simulate(SimulateConfig),
+    Http(Box<HttpSettings>),
+}
+
+/// The `http` handler of one step: POST to `url` (and `rollback_url` to undo), each attempt
+/// bounded by `timeout`, up to `retries` retries after the first attempt, waiting `backoff`
+/// before the first retry and doubling up to `backoff_max`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSettings {
+    pub url: reqwest::Url,
+    pub rollback_url: Option<reqwest::Url>,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+}
+
+impl HttpSettings {
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const DEFAULT_RETRIES: u32 = 3;
+    pub const DEFAULT_BACKOFF: Duration = Duration::from_millis(200);
+    pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+}
+
+/// Parses a step URL: plain `http://host[:port]/path` (the binary has no TLS).
+fn step_url(key: &str, text: &str) -> Result<reqwest::Url, ConfigError> {
+    let url = reqwest::Url::parse(text)
+        .map_err(|error| ConfigError::new(key, format!("`{text}` is not a URL: {error}")))?;
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(ConfigError::new(
+                key,
+                format!("`{text}`: https is not supported by this build, use http (e.g. through a local TLS proxy)"),
+            ))
+        }
+        other => {
+            return Err(ConfigError::new(
+                key,
+                format!("`{text}`: scheme `{other}` is not supported, use http://"),
+            ))
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(ConfigError::new(key, format!("`{text}` has no host")));
+    }
+    Ok(url)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -331,7 +399,7 @@ impl Config {
             ));
         }
         check_rate("simulate.failure_rate", self.simulate.failure_rate)?;
-        for (name, section) in &self.steps {
+        for name in self.steps.keys() {
             let step: Step = name.parse().map_err(|error: crate::order::UnknownStep| {
                 ConfigError::new(format!("steps.{name}"), error.to_string())
             })?;
@@ -341,19 +409,7 @@ impl Config {
                     "only Scheduling, Pre-Processing, Processing and Post-Processing run handlers",
                 ));
             }
-            match section.handler.as_str() {
-                "simulate" => {
-                    if let Some(rate) = section.failure_rate {
-                        check_rate(&format!("steps.{name}.failure_rate"), rate)?;
-                    }
-                }
-                other => {
-                    return Err(ConfigError::new(
-                        format!("steps.{name}.handler"),
-                        format!("unknown handler `{other}`, expected `simulate`"),
-                    ))
-                }
-            }
+            self.handler_for(step)?;
         }
         if !self.database.url.is_empty() && !self.database.url.starts_with("redis://") {
             return Err(ConfigError::new(
@@ -452,6 +508,90 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The validated handler settings of one step: its `[steps.<Step>]` section, else the
+    /// `[simulate]` defaults.
+    pub fn handler_for(&self, step: Step) -> Result<HandlerSettings, ConfigError> {
+        let Some(section) = self.steps.get(step.as_str()) else {
+            return Ok(HandlerSettings::Simulate(self.simulate));
+        };
+        let key = |field: &str| format!("steps.{step}.{field}");
+        let only = |field: &str, set: bool, handler: &str| {
+            if set {
+                Err(ConfigError::new(
+                    key(field),
+                    format!("only used with handler = \"{handler}\""),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match section.handler.as_str() {
+            "simulate" => {
+                for (field, set) in [
+                    ("url", section.url.is_some()),
+                    ("rollback_url", section.rollback_url.is_some()),
+                    ("timeout", section.timeout.is_some()),
+                    ("retries", section.retries.is_some()),
+                    ("backoff", section.backoff.is_some()),
+                    ("backoff_max", section.backoff_max.is_some()),
+                ] {
+                    only(field, set, "http")?;
+                }
+                if let Some(rate) = section.failure_rate {
+                    check_rate(&key("failure_rate"), rate)?;
+                }
+                Ok(HandlerSettings::Simulate(self.simulate_for(step)))
+            }
+            "http" => {
+                only("duration", section.duration.is_some(), "simulate")?;
+                only("failure_rate", section.failure_rate.is_some(), "simulate")?;
+                let url = match section.url.as_deref() {
+                    Some(text) => step_url(&key("url"), text)?,
+                    None => {
+                        return Err(ConfigError::new(
+                            key("url"),
+                            "required with handler = \"http\"",
+                        ))
+                    }
+                };
+                let rollback_url = section
+                    .rollback_url
+                    .as_deref()
+                    .map(|text| step_url(&key("rollback_url"), text))
+                    .transpose()?;
+                let timeout = section.timeout.unwrap_or(HttpSettings::DEFAULT_TIMEOUT);
+                if timeout.is_zero() {
+                    return Err(ConfigError::new(key("timeout"), "must be more than 0s"));
+                }
+                let backoff = section.backoff.unwrap_or(HttpSettings::DEFAULT_BACKOFF);
+                if backoff.is_zero() {
+                    return Err(ConfigError::new(key("backoff"), "must be more than 0s"));
+                }
+                let backoff_max = section
+                    .backoff_max
+                    .unwrap_or(HttpSettings::DEFAULT_BACKOFF_MAX.max(backoff));
+                if backoff_max < backoff {
+                    return Err(ConfigError::new(
+                        key("backoff_max"),
+                        "must be at least backoff",
+                    ));
+                }
+                Ok(HandlerSettings::Http(Box::new(HttpSettings {
+                    url,
+                    rollback_url,
+                    timeout,
+                    retries: section.retries.unwrap_or(HttpSettings::DEFAULT_RETRIES),
+                    backoff,
+                    backoff_max,
+                })))
+            }
+            other => Err(ConfigError::new(
+                key("handler"),
+                format!("unknown handler `{other}`, expected `simulate` or `http`"),
+            )),
+        }
     }
 
     /// The simulate settings of one step: its own section, else `[simulate]`.
@@ -598,6 +738,117 @@ mod tests {
         );
         assert_eq!(Config::load(Some(&path), &bad).unwrap_err().key, "--listen");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn step_error(section: &str) -> ConfigError {
+        let config = Config::from_toml(&format!("[steps.Processing]\n{section}"))
+            .unwrap_or_else(|error| panic!("{section}: does not parse: {error}"));
+        config
+            .validate()
+            .expect_err(&format!("{section}: should be refused"))
+    }
+
+    #[test]
+    fn bad_step_sections_name_the_step_and_key() {
+        let http = "handler = \"http\"\n";
+        for (section, key, needle) in [
+            ("handler = \"grpc\"\n", "steps.Processing.handler", "grpc"),
+            (http, "steps.Processing.url", "required"),
+            (
+                &format!("{http}url = \"not a url\"\n"),
+                "steps.Processing.url",
+                "not a URL",
+            ),
+            (
+                &format!("{http}url = \"ftp://shop/charge\"\n"),
+                "steps.Processing.url",
+                "ftp",
+            ),
+            (
+                &format!("{http}url = \"https://shop/charge\"\n"),
+                "steps.Processing.url",
+                "https",
+            ),
+            (
+                &format!("{http}url = \"http://shop/charge\"\nrollback_url = \"refund\"\n"),
+                "steps.Processing.rollback_url",
+                "not a URL",
+            ),
+            (
+                &format!("{http}url = \"http://shop/charge\"\ntimeout = \"0s\"\n"),
+                "steps.Processing.timeout",
+                "more than 0s",
+            ),
+            (
+                &format!("{http}url = \"http://shop/charge\"\nbackoff = \"0s\"\n"),
+                "steps.Processing.backoff",
+                "more than 0s",
+            ),
+            (
+                &format!(
+                    "{http}url = \"http://shop/charge\"\nbackoff = \"2s\"\nbackoff_max = \"1s\"\n"
+                ),
+                "steps.Processing.backoff_max",
+                "at least backoff",
+            ),
+            (
+                &format!("{http}url = \"http://shop/charge\"\nduration = \"1s\"\n"),
+                "steps.Processing.duration",
+                "simulate",
+            ),
+            (
+                "handler = \"simulate\"\nurl = \"http://shop/charge\"\n",
+                "steps.Processing.url",
+                "http",
+            ),
+        ] {
+            let error = step_error(section);
+            assert_eq!(error.key, key, "{section}: {error}");
+            assert!(error.problem.contains(needle), "{section}: {error}");
+        }
+        // A negative retry count is a type error that names the key.
+        let error = Config::from_toml("[steps.Processing]\nhandler = \"http\"\nretries = -1\n")
+            .unwrap_err();
+        assert_eq!(error.key, "steps.Processing.retries");
+    }
+
+    #[test]
+    fn http_step_section_gives_typed_settings_with_defaults() {
+        let config = Config::from_toml(
+            "[steps.Processing]\nhandler = \"http\"\nurl = \"http://127.0.0.1:9001/charge\"\n\
+             rollback_url = \"http://127.0.0.1:9001/refund\"\ntimeout = \"2s\"\nretries = 5\n\
+             backoff = \"100ms\"\nbackoff_max = \"1s\"\n[steps.Scheduling]\nhandler = \"http\"\n\
+             url = \"http://localhost:9002/slot\"\n",
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let HandlerSettings::Http(processing) = config.handler_for(Step::Processing).unwrap()
+        else {
+            panic!("Processing should use http");
+        };
+        assert_eq!(processing.url.as_str(), "http://127.0.0.1:9001/charge");
+        assert_eq!(
+            processing.rollback_url.map(String::from),
+            Some("http://127.0.0.1:9001/refund".to_string())
+        );
+        assert_eq!(processing.timeout, Duration::from_secs(2));
+        assert_eq!(processing.retries, 5);
+        assert_eq!(processing.backoff, Duration::from_millis(100));
+        assert_eq!(processing.backoff_max, Duration::from_secs(1));
+        let HandlerSettings::Http(scheduling) = config.handler_for(Step::Scheduling).unwrap()
+        else {
+            panic!("Scheduling should use http");
+        };
+        assert_eq!(scheduling.rollback_url, None);
+        assert_eq!(scheduling.timeout, HttpSettings::DEFAULT_TIMEOUT);
+        assert_eq!(scheduling.retries, HttpSettings::DEFAULT_RETRIES);
+        assert_eq!(scheduling.backoff, HttpSettings::DEFAULT_BACKOFF);
+        assert_eq!(scheduling.backoff_max, HttpSettings::DEFAULT_BACKOFF_MAX);
+        // Steps without a section keep simulate.
+        assert_eq!(
+            config.handler_for(Step::PostProcessing).unwrap(),
+            HandlerSettings::Simulate(config.simulate)
+        );
     }
 
     #[test]

@@ -2,9 +2,9 @@
 
 use crate::api::{self, ApiState};
 use crate::cluster::Cluster;
-use crate::config::Config;
+use crate::config::{Config, HandlerSettings};
 use crate::order::Step;
-use crate::pipeline::{Gate, Handlers, Job, Pool, Simulate};
+use crate::pipeline::{http, Gate, Handlers, Http, Job, Pool, Simulate, StepHandler};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::redis::RedisStore;
 use crate::store::OrderStore;
@@ -38,15 +38,31 @@ pub fn service_id(data_dir: &Path) -> anyhow::Result<String> {
     }
 }
 
-/// The step handlers the config asks for.
-pub fn handlers(config: &Config) -> Handlers {
+/// The step handlers the config asks for. Every `http` step shares one HTTP client.
+pub fn handlers(config: &Config) -> anyhow::Result<Handlers> {
     let mut handlers = Handlers::new(Arc::new(Simulate::new(config.simulate)));
+    let mut client = None;
     for step in Step::WORK {
-        if config.steps.contains_key(step.as_str()) {
-            handlers.set(step, Arc::new(Simulate::new(config.simulate_for(step))));
+        if !config.steps.contains_key(step.as_str()) {
+            continue;
         }
+        let handler: Arc<dyn StepHandler> = match config.handler_for(step)? {
+            HandlerSettings::Simulate(settings) => Arc::new(Simulate::new(settings)),
+            HandlerSettings::Http(settings) => {
+                let client = match &client {
+                    Some(client) => Clone::clone(client),
+                    None => {
+                        let built = http::client().context("cannot build the HTTP client")?;
+                        client = Some(built.clone());
+                        built
+                    }
+                };
+                Arc::new(Http::new(client, *settings))
+            }
+        };
+        handlers.set(step, handler);
     }
-    handlers
+    Ok(handlers)
 }
 
 /// Runs a node on `listener` until `shutdown` resolves, then drains: new orders get 503,
@@ -72,6 +88,7 @@ pub async fn run(
             .parse()
             .context("cluster.advertise is not an address")?
     };
+    let handlers = handlers(&config)?;
     let workers = config.pipeline.workers.get();
     let queue = config.pipeline.queue_capacity.get();
     let (store, pool, cluster): (Arc<dyn OrderStore>, Arc<Pool>, Option<Arc<Cluster>>) =
@@ -87,7 +104,7 @@ pub async fn run(
             let pool = Pool::start(
                 service_id.clone(),
                 Arc::clone(&store),
-                handlers(&config),
+                handlers.clone(),
                 Arc::clone(&gate),
                 workers,
                 queue,
@@ -108,7 +125,7 @@ pub async fn run(
             let pool = Pool::start(
                 service_id.clone(),
                 Arc::clone(&store),
-                handlers(&config),
+                handlers.clone(),
                 Arc::new(Gate::open()),
                 workers,
                 queue,

@@ -2,9 +2,9 @@
 //! header and see only their own orders; anything else is a 404, as if it did not exist.
 
 use super::{json_reply, respond, with_state, ApiError, State};
-use crate::order::{CreatedView, Order, OrderId, OrderView, Step};
+use crate::order::{CreatedView, Order, OrderId, OrderView, RollbackState, Step};
 use crate::pipeline::Job;
-use crate::store::{CancelOutcome, Created, ListQuery};
+use crate::store::{CancelOutcome, Created, ListQuery, RetryRollbackOutcome};
 use bytes::{Buf, BytesMut};
 use futures_util::{Stream, StreamExt};
 use std::collections::HashMap;
@@ -25,7 +25,9 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .unify()
         .or(get(state.clone()))
         .unify()
-        .or(cancel(state))
+        .or(cancel(state.clone()))
+        .unify()
+        .or(retry_rollback(state))
         .unify()
         .boxed()
 }
@@ -259,6 +261,16 @@ fn parse_list_query(params: &HashMap<String, String>) -> Result<ListQuery, ApiEr
         .map(|text| text.parse::<Step>())
         .transpose()
         .map_err(|error| ApiError::bad_request(error.to_string()))?;
+    let rollback_state = match params.get("rollback_state").map(String::as_str) {
+        None => None,
+        Some("incomplete") => Some(RollbackState::Incomplete),
+        Some("complete") => Some(RollbackState::Complete),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "rollback_state must be `incomplete` or `complete`, not `{other}`"
+            )))
+        }
+    };
     let cursor = params.get("cursor").cloned();
     if cursor
         .as_deref()
@@ -267,7 +279,10 @@ fn parse_list_query(params: &HashMap<String, String>) -> Result<ListQuery, ApiEr
         return Err(ApiError::bad_request("invalid cursor"));
     }
     for key in params.keys() {
-        if !matches!(key.as_str(), "limit" | "cursor" | "current_step") {
+        if !matches!(
+            key.as_str(),
+            "limit" | "cursor" | "current_step" | "rollback_state"
+        ) {
             return Err(ApiError::bad_request(format!(
                 "unknown query parameter `{key}`"
             )));
@@ -277,6 +292,7 @@ fn parse_list_query(params: &HashMap<String, String>) -> Result<ListQuery, ApiEr
         limit,
         cursor,
         current_step,
+        rollback_state,
     })
 }
 
@@ -337,6 +353,50 @@ async fn cancel_order(
     }
 }
 
+fn retry_rollback(state: State) -> BoxedFilter<(Response,)> {
+    warp::path!("orders" / String / "rollback")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(user_header())
+        .then(|id: String, state, user| async move {
+            respond(retry_parked_rollback(state, user, id).await)
+        })
+        .boxed()
+}
+
+/// Retries the compensations of an order whose rollback is parked; this node runs them.
+async fn retry_parked_rollback(
+    state: State,
+    user_header: Option<String>,
+    id: String,
+) -> Result<Response, ApiError> {
+    let user = user(user_header)?;
+    let id = OrderId::try_parse(&id).map_err(|_| ApiError::not_found())?;
+    if state.pool.is_stopping() {
+        return Err(ApiError::overloaded(
+            "node is shutting down",
+            state.retry_after,
+        ));
+    }
+    let outcome = state
+        .store
+        .retry_rollback(id, &user, &state.service_id, chrono::Utc::now())
+        .await
+        .map_err(|error| ApiError::from_store(error, state.retry_after))?;
+    match outcome {
+        RetryRollbackOutcome::Accepted(order) => {
+            let pending: Vec<&str> = order.pending_rollback.iter().map(|step| step.as_str()).collect();
+            tracing::info!(order_id = %order.order_id, pending = %pending.join(", "), "retrying parked rollback");
+            state.pool.resume_all(vec![order.order_id]);
+            Ok(json_reply(StatusCode::ACCEPTED, &OrderView::from(&order)))
+        }
+        RetryRollbackOutcome::NotParked(_) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "order's rollback is not parked: only a failed order with rollback_state incomplete can retry it",
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,5 +432,12 @@ mod tests {
                 .current_step,
             Some(Step::Failed)
         );
+        assert_eq!(
+            parse_list_query(&params(&[("rollback_state", "incomplete")]))
+                .unwrap()
+                .rollback_state,
+            Some(RollbackState::Incomplete)
+        );
+        assert!(parse_list_query(&params(&[("rollback_state", "parked")])).is_err());
     }
 }

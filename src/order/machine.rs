@@ -6,8 +6,13 @@
 //! a completed `Failed` entry is appended, and S and every earlier step are rolled back newest
 //! first; the order is finished when the last rollback is done. A cancellation requested while a
 //! step runs takes effect once that step ends: the order then fails with reason `cancelled`.
+//!
+//! Retries are part of the stored order, not of a running task: each attempt is recorded on the
+//! step's entry (`Attempted`), and a retry is scheduled there with the time it is due
+//! (`RetryScheduled`), so whoever resumes the order continues the same schedule. Every event that
+//! ends a step's run or rollback clears the schedule.
 
-use super::model::{Failure, Order, Phase, RollbackState, Step, StepEntry};
+use super::model::{Attempt, Failure, Order, Phase, RollbackState, Step, StepEntry, MAX_ATTEMPTS};
 use chrono::{DateTime, Utc};
 
 /// The failure reason recorded for a cancelled order.
@@ -51,6 +56,17 @@ pub enum Event {
     },
     /// An operator asks to retry the parked compensations.
     RetryRollback,
+    /// One attempt at running (or, with `attempt.rollback`, rolling back) the step was made.
+    Attempted {
+        step: Step,
+        attempt: Attempt,
+    },
+    /// The last attempt failed in a way worth retrying: try again at `at`.
+    RetryScheduled {
+        step: Step,
+        rollback: bool,
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -84,6 +100,7 @@ pub fn apply(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, T
             if let Some(entry) = next.entry_mut(step) {
                 entry.step_complete_time = Some(now);
                 entry.output = output;
+                entry.clear_schedule();
             }
             if next.cancel_requested {
                 fail(&mut next, step, CANCELLED.to_string(), now);
@@ -117,6 +134,7 @@ pub fn apply(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, T
             expect_rollback_head(&next, step, "rolled_back")?;
             if let Some(entry) = next.entry_mut(step) {
                 entry.step_rollback_time = Some(now);
+                entry.clear_schedule();
             }
             next.pending_rollback.remove(0);
             if next.pending_rollback.is_empty() {
@@ -127,6 +145,9 @@ pub fn apply(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, T
         }
         Event::RollbackFailed { step, reason } => {
             expect_rollback_head(&next, step, "rollback_failed")?;
+            if let Some(entry) = next.entry_mut(step) {
+                entry.clear_schedule();
+            }
             next.phase = Phase::Finished;
             next.rollback_state = Some(RollbackState::Incomplete);
             next.complete_time = Some(now);
@@ -146,14 +167,64 @@ pub fn apply(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, T
             next.phase = Phase::RollingBack;
             next.rollback_state = None;
             next.complete_time = None;
+            for step in next.pending_rollback.clone() {
+                if let Some(entry) = next.entry_mut(step) {
+                    entry.clear_schedule();
+                }
+            }
+        }
+        Event::Attempted { step, attempt } => {
+            expect_direction(&next, step, attempt.rollback, "attempted")?;
+            if let Some(entry) = next.entry_mut(step) {
+                if attempt.rollback {
+                    entry.rollback_attempts = entry.rollback_attempts.saturating_add(1);
+                } else {
+                    entry.run_attempts = entry.run_attempts.saturating_add(1);
+                }
+                entry.attempts.push(attempt);
+                let excess = entry.attempts.len().saturating_sub(MAX_ATTEMPTS);
+                entry.attempts.drain(..excess);
+            }
+        }
+        Event::RetryScheduled { step, rollback, at } => {
+            expect_direction(&next, step, rollback, "retry_scheduled")?;
+            if let Some(entry) = next.entry_mut(step) {
+                entry.retries = entry.retries.saturating_add(1);
+                entry.next_attempt_at = Some(at);
+            }
         }
     }
     Ok(next)
 }
 
+/// When an order is (or may be) waiting to retry its next action: the time the retry is due.
+pub fn retry_due(order: &Order) -> Option<DateTime<Utc>> {
+    match next_action(order) {
+        Action::Run(step) | Action::Rollback(step) => order.entry(step)?.next_attempt_at,
+        Action::Cancel(_) | Action::Done => None,
+    }
+}
+
+/// Checks that `step` is being run (forward) or is the next to roll back.
+fn expect_direction(
+    order: &Order,
+    step: Step,
+    rollback: bool,
+    event: &'static str,
+) -> Result<(), TransitionError> {
+    if rollback {
+        expect_rollback_head(order, step, event)
+    } else {
+        expect_forward(order, step, event)
+    }
+}
+
 /// Records the failure of `step`, appends the completed `Failed` entry and queues the rollback of
 /// `step` and every earlier work step, newest first.
 fn fail(order: &mut Order, step: Step, reason: String, now: DateTime<Utc>) {
+    if let Some(entry) = order.entry_mut(step) {
+        entry.clear_schedule();
+    }
     let mut failed = StepEntry::started(Step::Failed, now);
     failed.step_complete_time = Some(now);
     order.steps.push(failed);
@@ -519,6 +590,164 @@ mod tests {
             assert_eq!(apply(&done, event, at(6)), Err(TransitionError::Finished));
         }
         assert!(apply(&done, Event::RetryRollback, at(6)).is_err());
+    }
+
+    fn attempt(number: u32, rollback: bool, second: u32) -> Attempt {
+        Attempt {
+            attempt: number,
+            at: at(second),
+            rollback,
+            status: Some(503),
+            error: Some("unavailable".into()),
+            duration_ms: 5,
+        }
+    }
+
+    #[test]
+    fn attempts_are_counted_and_only_the_newest_kept() {
+        let mut order = new_order();
+        for number in 1..=12 {
+            order = apply(
+                &order,
+                Event::Attempted {
+                    step: Step::Scheduling,
+                    attempt: attempt(number, false, number),
+                },
+                at(number),
+            )
+            .unwrap();
+        }
+        let entry = order.entry(Step::Scheduling).unwrap();
+        assert_eq!(entry.run_attempts, 12);
+        assert_eq!(entry.rollback_attempts, 0);
+        assert_eq!(entry.attempts.len(), MAX_ATTEMPTS);
+        assert_eq!(entry.attempts[0].attempt, 3);
+        assert_eq!(entry.attempts[MAX_ATTEMPTS - 1].attempt, 12);
+    }
+
+    #[test]
+    fn a_scheduled_retry_is_due_until_the_step_ends() {
+        let order = apply(
+            &new_order(),
+            Event::Attempted {
+                step: Step::Scheduling,
+                attempt: attempt(1, false, 1),
+            },
+            at(1),
+        )
+        .unwrap();
+        assert_eq!(retry_due(&order), None);
+        let order = apply(
+            &order,
+            Event::RetryScheduled {
+                step: Step::Scheduling,
+                rollback: false,
+                at: at(3),
+            },
+            at(1),
+        )
+        .unwrap();
+        assert_eq!(retry_due(&order), Some(at(3)));
+        assert_eq!(order.entry(Step::Scheduling).unwrap().retries, 1);
+        assert_eq!(next_action(&order), Action::Run(Step::Scheduling));
+        // Success clears the schedule and keeps the attempts.
+        let done = succeed(&order, Step::Scheduling, 4);
+        let entry = done.entry(Step::Scheduling).unwrap();
+        assert_eq!((entry.retries, entry.next_attempt_at), (0, None));
+        assert_eq!(entry.run_attempts, 1);
+        assert_eq!(retry_due(&done), None);
+        // Failure clears it too, so the rollback starts a schedule of its own.
+        let failed = apply(
+            &order,
+            Event::StepFailed {
+                step: Step::Scheduling,
+                reason: "gave up".into(),
+            },
+            at(4),
+        )
+        .unwrap();
+        let entry = failed.entry(Step::Scheduling).unwrap();
+        assert_eq!((entry.retries, entry.next_attempt_at), (0, None));
+        assert_eq!(next_action(&failed), Action::Rollback(Step::Scheduling));
+        assert_eq!(retry_due(&failed), None);
+    }
+
+    #[test]
+    fn rollback_attempts_have_their_own_count_and_schedule() {
+        let order = apply(
+            &new_order(),
+            Event::StepFailed {
+                step: Step::Scheduling,
+                reason: "declined".into(),
+            },
+            at(1),
+        )
+        .unwrap();
+        // A run attempt is refused while rolling back, a rollback attempt accepted.
+        assert!(matches!(
+            apply(
+                &order,
+                Event::Attempted {
+                    step: Step::Scheduling,
+                    attempt: attempt(1, false, 2),
+                },
+                at(2)
+            ),
+            Err(TransitionError::WrongPhase { .. })
+        ));
+        let order = apply(
+            &order,
+            Event::Attempted {
+                step: Step::Scheduling,
+                attempt: attempt(1, true, 2),
+            },
+            at(2),
+        )
+        .unwrap();
+        let order = apply(
+            &order,
+            Event::RetryScheduled {
+                step: Step::Scheduling,
+                rollback: true,
+                at: at(5),
+            },
+            at(2),
+        )
+        .unwrap();
+        assert_eq!(retry_due(&order), Some(at(5)));
+        let entry = order.entry(Step::Scheduling).unwrap();
+        assert_eq!((entry.run_attempts, entry.rollback_attempts), (0, 1));
+        let parked = apply(
+            &order,
+            Event::RollbackFailed {
+                step: Step::Scheduling,
+                reason: "refund service down".into(),
+            },
+            at(6),
+        )
+        .unwrap();
+        assert_eq!(retry_due(&parked), None);
+        assert_eq!(parked.entry(Step::Scheduling).unwrap().retries, 0);
+        // Forward-only events are refused on a parked order.
+        assert_eq!(
+            apply(
+                &parked,
+                Event::RetryScheduled {
+                    step: Step::Scheduling,
+                    rollback: true,
+                    at: at(7)
+                },
+                at(7)
+            ),
+            Err(TransitionError::Finished)
+        );
+        let retried = apply(&parked, Event::RetryRollback, at(8)).unwrap();
+        assert_eq!(next_action(&retried), Action::Rollback(Step::Scheduling));
+        assert_eq!(
+            retried.entry(Step::Scheduling).unwrap().rollback_attempts,
+            1,
+            "numbering continues after a retried rollback"
+        );
     }
 
     #[test]

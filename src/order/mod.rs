@@ -8,8 +8,9 @@ mod machine;
 mod model;
 mod view;
 
-pub use machine::{apply, next_action, Action, Event, TransitionError, CANCELLED};
+pub use machine::{apply, next_action, retry_due, Action, Event, TransitionError, CANCELLED};
 pub use model::{
     Attempt, Failure, Order, OrderId, Phase, RollbackState, Step, StepEntry, UnknownStep,
+    MAX_ATTEMPTS,
 };
 pub use view::{CreatedView, OrderView};

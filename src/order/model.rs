@@ -92,9 +92,15 @@ impl FromStr for Step {
     }
 }
 
+/// How many attempts each step entry keeps (the newest ones).
+pub const MAX_ATTEMPTS: usize = 10;
+
 /// One attempt at running or rolling back a step, kept for operators.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Attempt {
+    /// 1 for the first attempt; run and rollback attempts are numbered separately.
+    #[serde(default)]
+    pub attempt: u32,
     pub at: DateTime<Utc>,
     pub rollback: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,8 +122,25 @@ pub struct StepEntry {
     /// The JSON a step handler answered with, handed to later steps and rollbacks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<serde_json::Value>,
+    /// The newest [`MAX_ATTEMPTS`] attempts, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<Attempt>,
+    /// Attempts made at running this step, all told (numbering survives restarts).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub run_attempts: u32,
+    /// Attempts made at rolling this step back, all told.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rollback_attempts: u32,
+    /// Retries already scheduled in the current schedule (of the run, or of the rollback).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
+    /// When the next attempt is due, while a retry is scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 impl StepEntry {
@@ -129,7 +152,26 @@ impl StepEntry {
             step_rollback_time: None,
             output: None,
             attempts: Vec::new(),
+            run_attempts: 0,
+            rollback_attempts: 0,
+            retries: 0,
+            next_attempt_at: None,
         }
+    }
+
+    /// How many attempts were made in one direction (run or rollback).
+    pub fn attempts_made(&self, rollback: bool) -> u32 {
+        if rollback {
+            self.rollback_attempts
+        } else {
+            self.run_attempts
+        }
+    }
+
+    /// Ends a retry schedule: no retry is due and the next schedule starts from zero.
+    pub(crate) fn clear_schedule(&mut self) {
+        self.retries = 0;
+        self.next_attempt_at = None;
     }
 }
 

@@ -56,6 +56,12 @@ pub struct StepView<'a> {
     pub output: Option<&'a serde_json::Value>,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub attempts: &'a [Attempt],
+    /// When the next attempt is due, while a retry is scheduled.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339_opt"
+    )]
+    pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
 /// The answer to `GET /orders/{id}`.
@@ -100,6 +106,7 @@ impl<'a> From<&'a Order> for OrderView<'a> {
                     step_rollback_time: entry.step_rollback_time,
                     output: entry.output.as_ref(),
                     attempts: &entry.attempts,
+                    next_attempt_at: entry.next_attempt_at,
                 })
                 .collect(),
             payload: &order.payload,

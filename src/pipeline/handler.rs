@@ -1,26 +1,49 @@
 //! The step-handler trait: what runs (and compensates) one step of an order.
+//!
+//! A handler makes ONE attempt and says how it went; the executor owns retries, so the retry
+//! schedule can be stored with the order and survive restarts and takeovers.
 
+use super::retry::RetryPolicy;
 use crate::order::{Order, Step};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// What a handler is given. `idempotency_key` is `"{order_id}:{step}"`: the same for every
-/// attempt, so a service can recognise a repeat (execution is at-least-once per step).
+/// What a handler is given. `idempotency_key` is the same for every attempt of the same
+/// direction, so a service can recognise a repeat (execution is at-least-once per step):
+/// `"{order_id}:{step}"` to run the step, `"{order_id}:{step}:rollback"` to undo it.
 pub struct StepContext<'a> {
     pub order: &'a Order,
     pub step: Step,
     pub idempotency_key: String,
+    /// 1 for the first attempt in this direction; counts on across restarts.
+    pub attempt: u32,
 }
 
 impl<'a> StepContext<'a> {
-    pub fn new(order: &'a Order, step: Step) -> Self {
+    /// The context of attempt number `attempt` at running (or undoing) `step`.
+    pub fn attempt(order: &'a Order, step: Step, rollback: bool, attempt: u32) -> Self {
+        let idempotency_key = if rollback {
+            format!("{}:{}:rollback", order.order_id, step)
+        } else {
+            format!("{}:{}", order.order_id, step)
+        };
         StepContext {
             order,
             step,
-            idempotency_key: format!("{}:{}", order.order_id, step),
+            idempotency_key,
+            attempt,
         }
     }
+}
+
+/// A successful attempt.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepDone {
+    /// Kept as the step's output and handed to later steps and rollbacks (ignored for rollbacks).
+    pub output: Option<serde_json::Value>,
+    /// The HTTP status, for handlers that call a service.
+    pub status: Option<u16>,
 }
 
 /// Why a step (or its compensation) failed; `reason` is recorded in the order.
@@ -28,24 +51,51 @@ impl<'a> StepContext<'a> {
 #[error("{reason}")]
 pub struct StepError {
     pub reason: String,
+    /// Worth another attempt (a 5xx, a timeout, a refused connection); else permanent.
+    pub retryable: bool,
+    /// The HTTP status, when the service answered.
+    pub status: Option<u16>,
 }
 
 impl StepError {
+    /// A permanent failure.
     pub fn new(reason: impl Into<String>) -> Self {
         StepError {
             reason: reason.into(),
+            retryable: false,
+            status: None,
         }
+    }
+
+    /// A failure another attempt may get past.
+    pub fn retryable(reason: impl Into<String>) -> Self {
+        StepError {
+            reason: reason.into(),
+            retryable: true,
+            status: None,
+        }
+    }
+
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = Some(status);
+        self
     }
 }
 
 #[async_trait]
 pub trait StepHandler: Send + Sync + 'static {
-    /// Does the step's work. `Ok(Some(json))` is kept as the step's output for later steps.
-    async fn run(&self, context: &StepContext<'_>) -> Result<Option<serde_json::Value>, StepError>;
+    /// One attempt at the step's work. `output` of the success is kept for later steps.
+    async fn run(&self, context: &StepContext<'_>) -> Result<StepDone, StepError>;
 
-    /// Undoes the step's work. Called for the failed step too, so it must cope with work that
-    /// was never done.
-    async fn rollback(&self, context: &StepContext<'_>) -> Result<(), StepError>;
+    /// One attempt at undoing the step's work. Called for the failed step too, so it must cope
+    /// with work that was never done.
+    async fn rollback(&self, context: &StepContext<'_>) -> Result<StepDone, StepError>;
+
+    /// How failed attempts in one direction are retried. `None`: one attempt, no attempt
+    /// records, any failure is final (the `simulate` handler, or a rollback with nothing to undo).
+    fn retry_policy(&self, _rollback: bool) -> Option<RetryPolicy> {
+        None
+    }
 }
 
 /// The handler of each work step.

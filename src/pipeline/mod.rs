@@ -5,19 +5,33 @@
 //! anything, so a full queue is a 503 and never an order stored but not queued. Each transition
 //! is committed before the next step starts; a commit that finds the order owned by someone else
 //! ends its execution here.
+//!
+//! The executor owns retries: a handler makes one attempt, and after a failed attempt worth
+//! retrying the executor commits the attempt and the time the next one is due. The order then
+//! gives its worker back and waits outside the pool (a timer task that queues it again when the
+//! retry is due), so orders waiting on a failing service do not hold up the others. An order
+//! resumed after a restart or a takeover reads the schedule from the store and goes on with it.
 
+mod active;
 mod gate;
 mod handler;
+pub mod http;
+pub mod retry;
 mod simulate;
 mod waiters;
 
 pub use gate::Gate;
-pub use handler::{Handlers, StepContext, StepError, StepHandler};
+pub use handler::{Handlers, StepContext, StepDone, StepError, StepHandler};
+pub use http::Http;
+pub use retry::RetryPolicy;
 pub use simulate::Simulate;
 pub use waiters::Waiters;
 
-use crate::order::{apply, next_action, Action, Event, Order, OrderId, TransitionError};
+use crate::order::{
+    apply, next_action, retry_due, Action, Attempt, Event, Order, OrderId, Step, TransitionError,
+};
 use crate::store::{OrderStore, StoreError};
+use active::ActiveOrders;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,18 +61,20 @@ impl Slot {
 }
 
 impl Shared {
-    /// Records an order as queued or executing here; false if it already was.
     fn mark_active(&self, id: OrderId) -> bool {
-        self.active
-            .lock()
-            .map(|mut active| active.insert(id))
-            .unwrap_or(true)
+        self.active.mark(id)
+    }
+
+    fn mark_active_or_rerun(&self, id: OrderId) -> bool {
+        self.active.mark_or_rerun(id)
+    }
+
+    fn finish_or_rerun(&self, id: OrderId) -> bool {
+        self.active.finish_or_rerun(id)
     }
 
     fn unmark_active(&self, id: OrderId) {
-        if let Ok(mut active) = self.active.lock() {
-            active.remove(&id);
-        }
+        self.active.unmark(id);
     }
 }
 
@@ -69,8 +85,12 @@ struct Shared {
     inflight: AtomicUsize,
     /// Orders whose cancellation was requested through this node, checked before each step.
     cancelled: Mutex<HashSet<OrderId>>,
-    /// Orders executing or queued here, so a second resume of the same order is a no-op.
-    active: Mutex<HashSet<OrderId>>,
+    /// Bumped on each noted cancellation, to wake orders waiting for a retry.
+    cancel_tx: watch::Sender<u64>,
+    /// For orders coming back from a retry wait (already marked active).
+    queue_tx: mpsc::Sender<Job>,
+    /// Orders executing, queued or waiting to retry here, so none runs twice at once.
+    active: ActiveOrders,
     gate: Arc<Gate>,
     /// Long polls waiting for orders to finish.
     waiters: Waiters,
@@ -102,7 +122,9 @@ impl Pool {
             handlers,
             inflight: AtomicUsize::new(0),
             cancelled: Mutex::new(HashSet::new()),
-            active: Mutex::new(HashSet::new()),
+            cancel_tx: watch::Sender::new(0),
+            queue_tx: queue_tx.clone(),
+            active: ActiveOrders::default(),
             gate,
             waiters: Waiters::default(),
             stop_rx,
@@ -139,11 +161,11 @@ impl Pool {
         if *stop_rx.borrow() {
             return false;
         }
-        let id = match &job {
-            Job::New(order) => order.order_id,
-            Job::Resume(id) => *id,
+        let (id, fresh) = match &job {
+            Job::New(order) => (order.order_id, self.shared.mark_active(order.order_id)),
+            Job::Resume(id) => (*id, self.shared.mark_active_or_rerun(*id)),
         };
-        if !self.shared.mark_active(id) {
+        if !fresh {
             return true;
         }
         // Either room frees up in the queue, or the pool stops and the job stays in the store.
@@ -188,6 +210,9 @@ impl Pool {
         if let Ok(mut cancelled) = self.shared.cancelled.lock() {
             cancelled.insert(id);
         }
+        self.shared
+            .cancel_tx
+            .send_modify(|count| *count = count.wrapping_add(1));
     }
 
     pub fn is_stopping(&self) -> bool {
@@ -283,29 +308,108 @@ async fn execute(shared: Arc<Shared>, job: Job) {
         Job::New(order) => order.order_id,
         Job::Resume(id) => *id,
     };
-    let _active = ActiveGuard(&shared, id);
-    let order = match job {
-        Job::New(order) => order,
-        Job::Resume(id) => match load(&shared, id).await {
-            Some(order) => order,
-            None => return,
-        },
+    let mut active = ActiveGuard {
+        shared: &shared,
+        id,
+        finished: false,
     };
-    let order_id = order.order_id;
-    drive(&shared, order)
-        .instrument(tracing::debug_span!("order", order_id = %order_id))
-        .await;
+    let mut job = Some(job);
+    loop {
+        let order = match job.take() {
+            Some(Job::New(order)) => Some(order),
+            Some(Job::Resume(_)) | None => load(&shared, id).await,
+        };
+        let retry_at = match order {
+            Some(order) => {
+                drive(&shared, order)
+                    .instrument(tracing::debug_span!("order", order_id = %id))
+                    .await
+            }
+            None => None,
+        };
+        if let Some(due) = retry_at {
+            // The order stays marked active while it waits, so it is not run twice meanwhile.
+            active.finished = true;
+            spawn_retry_wait(Arc::clone(&shared), id, due);
+            return;
+        }
+        if !shared.finish_or_rerun(id) {
+            active.finished = true;
+            break;
+        }
+        debug!(order_id = %id, "order changed while it ran here, running it again");
+    }
     if let Ok(mut cancelled) = shared.cancelled.lock() {
-        cancelled.remove(&order_id);
+        cancelled.remove(&id);
     }
 }
 
-/// Marks an order inactive when its execution ends, however it ends.
-struct ActiveGuard<'a>(&'a Shared, OrderId);
+/// Waits, without a worker, until an order's retry is due (or a cancellation of it is noted),
+/// then queues it again. When the node stops first, the order is left to resume with the schedule
+/// kept in the store.
+fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, due: chrono::DateTime<chrono::Utc>) {
+    let task = async move {
+        if !wait_then_queue(&shared, id, due).await {
+            shared.unmark_active(id);
+        }
+    };
+    tokio::spawn(task.instrument(tracing::debug_span!("retry_wait", order_id = %id)));
+}
+
+/// True once the order is queued again; false if the node stopped first.
+async fn wait_then_queue(shared: &Shared, id: OrderId, due: chrono::DateTime<chrono::Utc>) -> bool {
+    let mut stop_rx = shared.stop_rx.clone();
+    let mut cancel_rx = shared.cancel_tx.subscribe();
+    let wait = (due - chrono::Utc::now())
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    let sleep = tokio::time::sleep(wait);
+    tokio::pin!(sleep);
+    loop {
+        if *stop_rx.borrow() {
+            return false;
+        }
+        // The retry is due; or the node stops; or some cancellation was noted, which ends the
+        // wait only if it is this order's.
+        tokio::select! {
+            _ = &mut sleep => break,
+            _ = stop_rx.changed() => return false,
+            changed = cancel_rx.changed() => {
+                if changed.is_err() {
+                    return false;
+                }
+                let cancelled = shared
+                    .cancelled
+                    .lock()
+                    .map(|cancelled| cancelled.contains(&id))
+                    .unwrap_or(false);
+                if cancelled {
+                    break;
+                }
+            }
+        }
+    }
+    // Either there is room in the queue, or the node stops and the order resumes later.
+    tokio::select! {
+        sent = shared.queue_tx.send(Job::Resume(id)) => sent.is_ok(),
+        _ = stop_rx.changed() => false,
+    }
+}
+
+/// Marks an order inactive when its execution ends, however it ends (also when the task is
+/// abandoned at shutdown).
+struct ActiveGuard<'a> {
+    shared: &'a Shared,
+    id: OrderId,
+    /// Already marked inactive by `finish_or_rerun`.
+    finished: bool,
+}
 
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
-        self.0.unmark_active(self.1);
+        if !self.finished {
+            self.shared.unmark_active(self.id);
+        }
     }
 }
 
@@ -333,15 +437,23 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
     }
 }
 
-/// Runs an order's steps (or compensations) until it is finished, the node stops, or the order
-/// turns out to belong to another node.
-async fn drive(shared: &Shared, mut order: Order) {
+/// Runs an order's steps (or compensations) until it is finished, the node stops, the order
+/// turns out to belong to another node, or it has to wait for a retry: then the time it is due.
+async fn drive(shared: &Shared, mut order: Order) -> Option<chrono::DateTime<chrono::Utc>> {
     debug!(order_id = %order.order_id, current_step = %order.current_step, "order dispatched");
     let mut lapses = shared.gate.lapses();
     loop {
         if *shared.stop_rx.borrow() {
             debug!(order_id = %order.order_id, "node stopping, order left to resume later");
-            return;
+            return None;
+        }
+        note_cancel(shared, &mut order);
+        if let Some(due) = retry_due(&order) {
+            // A little early (clocks differ by a hair) counts as due.
+            if due - chrono::Utc::now() > chrono::Duration::milliseconds(2) {
+                debug!(order_id = %order.order_id, next_attempt_at = %due, "waiting for the next attempt");
+                return Some(due);
+            }
         }
         if !shared.gate.is_open() {
             debug!(order_id = %order.order_id, "liveness lease lapsed, waiting before the next step");
@@ -356,66 +468,120 @@ async fn drive(shared: &Shared, mut order: Order) {
             // The lease lapsed while this order was ours: someone may have taken it over.
             match still_ours(shared, &order).await {
                 Some(fresh) => order = fresh,
-                None => return,
+                None => return None,
             }
             lapses = now_lapses;
         }
-        if !order.cancel_requested {
-            let noted = shared
-                .cancelled
-                .lock()
-                .map(|cancelled| cancelled.contains(&order.order_id))
-                .unwrap_or(false);
-            order.cancel_requested = noted;
-        }
-        let event = match next_action(&order) {
-            Action::Run(step) => {
-                debug!(order_id = %order.order_id, step = %step, "step started");
-                let context = StepContext::new(&order, step);
-                match shared.handlers.for_step(step).run(&context).await {
-                    Ok(output) => {
-                        debug!(order_id = %order.order_id, step = %step, "step finished");
-                        Event::StepSucceeded { step, output }
-                    }
-                    Err(failure) => {
-                        debug!(order_id = %order.order_id, step = %step, reason = %failure.reason, "step failed");
-                        Event::StepFailed {
-                            step,
-                            reason: failure.reason,
-                        }
-                    }
-                }
-            }
+        note_cancel(shared, &mut order);
+        let events = match next_action(&order) {
+            Action::Run(step) => attempt(shared, &order, step, false).await,
             Action::Cancel(step) => {
                 debug!(order_id = %order.order_id, step = %step, "order cancelled before step ran");
-                Event::Cancel { step }
+                vec![Event::Cancel { step }]
             }
-            Action::Rollback(step) => {
-                let context = StepContext::new(&order, step);
-                match shared.handlers.for_step(step).rollback(&context).await {
-                    Ok(()) => {
-                        debug!(order_id = %order.order_id, step = %step, "step rolled back");
-                        Event::RolledBack { step }
-                    }
-                    Err(failure) => {
-                        error!(order_id = %order.order_id, step = %step, reason = %failure.reason, "rollback failed, order parked");
-                        Event::RollbackFailed {
-                            step,
-                            reason: failure.reason,
-                        }
-                    }
-                }
-            }
+            Action::Rollback(step) => attempt(shared, &order, step, true).await,
             Action::Done => {
                 debug!(order_id = %order.order_id, current_step = %order.current_step, "order finished");
-                return;
+                return None;
             }
         };
-        match commit(shared, order, event).await {
+        match commit(shared, order, events).await {
             Some(next) => order = next,
-            None => return,
+            None => return None,
         }
     }
+}
+
+/// Marks the order cancelled if a cancellation was requested through this node.
+fn note_cancel(shared: &Shared, order: &mut Order) {
+    if !order.cancel_requested {
+        order.cancel_requested = shared
+            .cancelled
+            .lock()
+            .map(|cancelled| cancelled.contains(&order.order_id))
+            .unwrap_or(false);
+    }
+}
+
+/// Makes one attempt at running (or rolling back) a step and says what happened, as the events
+/// to commit: the attempt (for handlers with a retry policy), then the step's end or the retry.
+async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> Vec<Event> {
+    let handler = shared.handlers.for_step(step);
+    let policy = handler.retry_policy(rollback);
+    let entry = order.entry(step);
+    let number = entry
+        .map_or(0, |entry| entry.attempts_made(rollback))
+        .saturating_add(1);
+    let retries_done = entry.map_or(0, |entry| entry.retries);
+    let context = StepContext::attempt(order, step, rollback, number);
+    let direction = if rollback { "rollback" } else { "run" };
+    debug!(order_id = %order.order_id, step = %step, attempt = number, direction, "attempt started");
+    // Microseconds, like every other time the API shows.
+    let started_at = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
+    let started = std::time::Instant::now();
+    let result = if rollback {
+        handler.rollback(&context).await
+    } else {
+        handler.run(&context).await
+    };
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let mut events = Vec::with_capacity(2);
+    if policy.is_some() {
+        let (status, error) = match &result {
+            Ok(done) => (done.status, None),
+            Err(failure) => (failure.status, Some(failure.reason.clone())),
+        };
+        events.push(Event::Attempted {
+            step,
+            attempt: Attempt {
+                attempt: number,
+                at: started_at,
+                rollback,
+                status,
+                error,
+                duration_ms,
+            },
+        });
+    }
+    let failure = match result {
+        Ok(done) => {
+            debug!(order_id = %order.order_id, step = %step, attempt = number, direction, "attempt succeeded");
+            events.push(if rollback {
+                Event::RolledBack { step }
+            } else {
+                Event::StepSucceeded {
+                    step,
+                    output: done.output,
+                }
+            });
+            return events;
+        }
+        Err(failure) => failure,
+    };
+    match policy {
+        Some(policy) if failure.retryable && policy.allows_retry(retries_done) => {
+            let delay = policy.delay(retries_done.saturating_add(1), rand::random());
+            let at = chrono::Utc::now()
+                + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            warn!(order_id = %order.order_id, step = %step, attempt = number, direction, reason = %failure.reason, retry_in = ?delay, "attempt failed, retrying");
+            events.push(Event::RetryScheduled { step, rollback, at });
+        }
+        _ if rollback => {
+            error!(order_id = %order.order_id, step = %step, attempt = number, reason = %failure.reason, "rollback failed, order parked with its rollback incomplete");
+            events.push(Event::RollbackFailed {
+                step,
+                reason: failure.reason,
+            });
+        }
+        _ => {
+            info!(order_id = %order.order_id, step = %step, attempt = number, reason = %failure.reason, "step failed, rolling back");
+            events.push(Event::StepFailed {
+                step,
+                reason: failure.reason,
+            });
+        }
+    }
+    events
 }
 
 /// Re-reads an order after a lease lapse: the stored copy when this node still owns it at the
@@ -429,13 +595,18 @@ async fn still_ours(shared: &Shared, order: &Order) -> Option<Order> {
     Some(stored)
 }
 
-/// Applies an event and commits the result, retrying while the store is unreachable. `None`
-/// means this node must let the order go (lost ownership, illegal transition, stopping).
-async fn commit(shared: &Shared, mut order: Order, event: Event) -> Option<Order> {
+/// Applies events in order and commits the result as one write, retrying while the store is
+/// unreachable. `None` means this node must let the order go (lost ownership, illegal
+/// transition, stopping).
+async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option<Order> {
     let mut stop_rx = shared.stop_rx.clone();
     let mut delay = Duration::from_millis(100);
     loop {
-        let next = match apply(&order, event.clone(), chrono::Utc::now()) {
+        let now = chrono::Utc::now();
+        let next = events.iter().try_fold(order.clone(), |current, event| {
+            apply(&current, event.clone(), now)
+        });
+        let next = match next {
             Ok(next) => next,
             Err(error) => {
                 report_illegal(&order, &error);

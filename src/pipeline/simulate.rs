@@ -1,7 +1,7 @@
 //! The built-in `simulate` handler: sleeps, then fails with a configured probability or where the
 //! payload says `{"simulate": {"fail_at": "<step>"}}`. Its rollback always succeeds.
 
-use super::handler::{StepContext, StepError, StepHandler};
+use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use crate::config::SimulateConfig;
 use async_trait::async_trait;
 use rand::Rng;
@@ -23,7 +23,7 @@ fn fail_at(payload: &serde_json::Value) -> Option<&str> {
 
 #[async_trait]
 impl StepHandler for Simulate {
-    async fn run(&self, context: &StepContext<'_>) -> Result<Option<serde_json::Value>, StepError> {
+    async fn run(&self, context: &StepContext<'_>) -> Result<StepDone, StepError> {
         if !self.settings.duration.is_zero() {
             tokio::time::sleep(self.settings.duration).await;
         }
@@ -33,10 +33,10 @@ impl StepHandler for Simulate {
         if self.settings.failure_rate > 0.0 && rand::rng().random_bool(self.settings.failure_rate) {
             return Err(StepError::new("random failure"));
         }
-        Ok(None)
+        Ok(StepDone::default())
     }
 
-    async fn rollback(&self, _context: &StepContext<'_>) -> Result<(), StepError> {
-        Ok(())
+    async fn rollback(&self, _context: &StepContext<'_>) -> Result<StepDone, StepError> {
+        Ok(StepDone::default())
     }
 }

@@ -6,11 +6,13 @@
 //! writer.
 
 use super::{
-    cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor, CancelOutcome,
-    Created, ListQuery, OrderStore, Page, StoreError, IDEMPOTENCY_TTL,
+    cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor,
+    retry_rollback_outcome, CancelOutcome, Created, ListQuery, OrderStore, Page,
+    RetryRollbackOutcome, StoreError, IDEMPOTENCY_TTL,
 };
 use crate::order::{Order, OrderId};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
 use std::sync::Arc;
@@ -50,6 +52,13 @@ enum WriteRequest {
         from: String,
         to: String,
         reply: oneshot::Sender<Result<Vec<OrderId>, StoreError>>,
+    },
+    RetryRollback {
+        id: OrderId,
+        user: String,
+        node: String,
+        now: DateTime<Utc>,
+        reply: oneshot::Sender<Result<RetryRollbackOutcome, StoreError>>,
     },
 }
 
@@ -158,6 +167,7 @@ enum Outcome {
     Committed(Result<(), StoreError>),
     Cancelled(Result<CancelOutcome, StoreError>),
     Reassigned(Result<Vec<OrderId>, StoreError>),
+    RolledBackAgain(Result<RetryRollbackOutcome, StoreError>),
     Failed(StoreError),
 }
 
@@ -186,6 +196,12 @@ fn reply(request: WriteRequest, outcome: Outcome) {
             let _ = reply.send(result);
         }
         (WriteRequest::Reassign { reply, .. }, Outcome::Failed(error)) => {
+            let _ = reply.send(Err(error));
+        }
+        (WriteRequest::RetryRollback { reply, .. }, Outcome::RolledBackAgain(result)) => {
+            let _ = reply.send(result);
+        }
+        (WriteRequest::RetryRollback { reply, .. }, Outcome::Failed(error)) => {
             let _ = reply.send(Err(error));
         }
         (request, _) => {
@@ -251,6 +267,13 @@ fn apply_batch(
                 WriteRequest::Reassign { from, to, .. } => {
                     Outcome::Reassigned(tables.reassign(from, to))
                 }
+                WriteRequest::RetryRollback {
+                    id,
+                    user,
+                    node,
+                    now,
+                    ..
+                } => Outcome::RolledBackAgain(tables.retry_rollback(*id, user, node, *now)),
             });
         }
     }
@@ -393,6 +416,26 @@ impl Tables<'_, '_> {
         Ok(moved)
     }
 
+    fn retry_rollback(
+        &mut self,
+        id: OrderId,
+        user: &str,
+        node: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RetryRollbackOutcome, StoreError> {
+        let stored = self
+            .read(&id.to_string())?
+            .filter(|order| order.user == user)
+            .ok_or(StoreError::NotFound)?;
+        match retry_rollback_outcome(stored, node, now) {
+            Ok(next) => {
+                self.write(&next, &encode(&next)?, true)?;
+                Ok(RetryRollbackOutcome::Accepted(next))
+            }
+            Err(stored) => Ok(RetryRollbackOutcome::NotParked(*stored)),
+        }
+    }
+
     fn cancel(&mut self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError> {
         let stored = self
             .read(&id.to_string())?
@@ -459,10 +502,7 @@ impl OrderStore for EmbeddedStore {
                 continue;
             };
             let order = decode(bytes.value())?;
-            if query
-                .current_step
-                .is_some_and(|step| step != order.current_step)
-            {
+            if !query.matches(&order) {
                 continue;
             }
             page.orders.push(order);
@@ -494,6 +534,24 @@ impl OrderStore for EmbeddedStore {
         let request = WriteRequest::Cancel {
             id,
             user: user.to_string(),
+            reply,
+        };
+        self.send(request, reply_rx).await
+    }
+
+    async fn retry_rollback(
+        &self,
+        id: OrderId,
+        user: &str,
+        node: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RetryRollbackOutcome, StoreError> {
+        let (reply, reply_rx) = oneshot::channel();
+        let request = WriteRequest::RetryRollback {
+            id,
+            user: user.to_string(),
+            node: node.to_string(),
+            now,
             reply,
         };
         self.send(request, reply_rx).await

@@ -7,8 +7,9 @@
 pub mod embedded;
 pub mod redis;
 
-use crate::order::{Order, OrderId, Phase, Step};
+use crate::order::{apply, Event, Order, OrderId, Phase, RollbackState, Step};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use std::time::Duration;
 
 /// How long an idempotency key maps to the order it first created.
@@ -61,6 +62,28 @@ pub struct ListQuery {
     pub limit: usize,
     pub cursor: Option<String>,
     pub current_step: Option<Step>,
+    /// Only failed orders whose compensations all ran (`Complete`) or are parked (`Incomplete`).
+    pub rollback_state: Option<RollbackState>,
+}
+
+impl ListQuery {
+    /// Whether an order passes the query's filters.
+    pub fn matches(&self, order: &Order) -> bool {
+        self.current_step
+            .is_none_or(|step| step == order.current_step)
+            && self
+                .rollback_state
+                .is_none_or(|state| Some(state) == order.rollback_state)
+    }
+}
+
+/// What a request to retry a parked rollback found.
+#[derive(Debug)]
+pub enum RetryRollbackOutcome {
+    /// The order rolls back again, now owned by the requesting node.
+    Accepted(Order),
+    /// The order's rollback is not parked (still running, complete, or the order never failed).
+    NotParked(Order),
 }
 
 #[async_trait]
@@ -84,6 +107,17 @@ pub trait OrderStore: Send + Sync + 'static {
 
     /// Records a user's request to cancel an order.
     async fn request_cancel(&self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError>;
+
+    /// Re-opens an order whose rollback is parked so that `node` runs the rest of it: the order
+    /// rolls back again and becomes `node`'s (its epoch bumped if it changes hands), atomically,
+    /// so two concurrent requests cannot both re-open it. Another user's order is `NotFound`.
+    async fn retry_rollback(
+        &self,
+        id: OrderId,
+        user: &str,
+        node: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RetryRollbackOutcome, StoreError>;
 
     /// The unfinished orders a node owns.
     async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError>;
@@ -137,6 +171,23 @@ pub fn cancel_outcome(stored: Order) -> (CancelOutcome, bool) {
             (CancelOutcome::Accepted(updated), true)
         }
     }
+}
+
+/// The order a parked rollback is retried as (owned by `node`), or the stored order unchanged
+/// when its rollback is not parked. Shared by every store so they agree on the rule.
+pub fn retry_rollback_outcome(
+    stored: Order,
+    node: &str,
+    now: DateTime<Utc>,
+) -> Result<Order, Box<Order>> {
+    let Ok(mut next) = apply(&stored, Event::RetryRollback, now) else {
+        return Err(Box::new(stored));
+    };
+    if next.owner != node {
+        next.owner = node.to_string();
+        next.epoch = next.epoch.saturating_add(1);
+    }
+    Ok(next)
 }
 
 /// An opaque listing cursor: the creation time (µs) and id of the last order of a page.

@@ -15,11 +15,12 @@
 //! trip, idempotently, and [`RedisStore::repair_indexes`] rebuilds them from the order hashes.
 
 use super::{
-    cancel_outcome, decode_cursor, CancelOutcome, Created, ListQuery, OrderStore, Page, StoreError,
-    IDEMPOTENCY_TTL,
+    cancel_outcome, decode_cursor, retry_rollback_outcome, CancelOutcome, Created, ListQuery,
+    OrderStore, Page, RetryRollbackOutcome, StoreError, IDEMPOTENCY_TTL,
 };
 use crate::order::{Order, OrderId, Phase};
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use deadpool_redis::redis::aio::MultiplexedConnection;
 use deadpool_redis::redis::{self, Script, Value};
 use deadpool_redis::{Config as PoolSettings, Pool, PoolConfig, Runtime, Timeouts};
@@ -84,6 +85,20 @@ redis.call('HSET', KEYS[1], 'owner', ARGV[2])
 return 'moved'
 ";
 
+/// Re-open a parked order. KEYS[1] = order. ARGV: owner and epoch read, new doc, new owner, new
+/// epoch, state, step. Writes only if the order is still finished and unchanged since it was
+/// read (compare-and-set), so of two concurrent retries exactly one re-opens it.
+const REOPEN: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'state')
+if not cur[1] then return 'missing' end
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] or cur[3] ~= 'finished' then return 'changed' end
+redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'owner', ARGV[4], 'epoch', ARGV[5], 'state', ARGV[6], 'step', ARGV[7])
+return 'ok'
+";
+
+/// How often a retry of a parked rollback re-reads an order that changed under it.
+const REOPEN_TRIES: usize = 5;
+
 /// Renew a lease held by ARGV[1] for ARGV[2] ms. Compare-and-set: only the holder may extend.
 const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -113,6 +128,7 @@ struct Scripts {
     commit: Script,
     cancel: Script,
     reassign: Script,
+    reopen: Script,
     renew: Script,
     release: Script,
     acquire: Script,
@@ -178,6 +194,7 @@ impl RedisStore {
                 commit: Script::new(COMMIT),
                 cancel: Script::new(CANCEL),
                 reassign: Script::new(REASSIGN),
+                reopen: Script::new(REOPEN),
                 renew: Script::new(RENEW),
                 release: Script::new(RELEASE),
                 acquire: Script::new(ACQUIRE),
@@ -735,11 +752,7 @@ impl OrderStore for RedisStore {
                 let Some(order) = Self::decode(fields)? else {
                     continue;
                 };
-                if order.user != user
-                    || query
-                        .current_step
-                        .is_some_and(|step| step != order.current_step)
-                {
+                if order.user != user || !query.matches(&order) {
                     continue;
                 }
                 page.orders.push(order);
@@ -820,6 +833,73 @@ impl OrderStore for RedisStore {
         let stored = Self::decode(fields)?.ok_or(StoreError::NotFound)?;
         let (outcome, _) = cancel_outcome(stored);
         Ok(outcome)
+    }
+
+    async fn retry_rollback(
+        &self,
+        id: OrderId,
+        user: &str,
+        node: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RetryRollbackOutcome, StoreError> {
+        for _ in 0..REOPEN_TRIES {
+            let stored = self
+                .get(id)
+                .await?
+                .filter(|order| order.user == user)
+                .ok_or(StoreError::NotFound)?;
+            let (read_owner, read_epoch) = (stored.owner.clone(), stored.epoch);
+            let next = match retry_rollback_outcome(stored, node, now) {
+                Ok(next) => next,
+                Err(stored) => return Ok(RetryRollbackOutcome::NotParked(*stored)),
+            };
+            let doc = serde_json::to_string(&next)
+                .map_err(|error| StoreError::Corrupt(error.to_string()))?;
+            let key = order_key(&id.to_string());
+            let (owner, epoch) = (next.owner.as_str(), next.epoch);
+            let (state, step) = (state_name(&next), next.current_step.as_str());
+            let outcome: String = self
+                .with_conn(|mut connection| async move {
+                    self.scripts
+                        .reopen
+                        .key(&key)
+                        .arg(&read_owner)
+                        .arg(read_epoch)
+                        .arg(&doc)
+                        .arg(owner)
+                        .arg(epoch)
+                        .arg(state)
+                        .arg(step)
+                        .invoke_async(&mut connection)
+                        .await
+                        .map_err(unavailable)
+                })
+                .await?;
+            match outcome.as_str() {
+                "ok" => {
+                    // The owner index is idempotent; the repair sweep re-adds it if this is lost.
+                    let owned = owned_key(node);
+                    let member = id.to_string();
+                    self.with_conn(|mut connection| async move {
+                        redis::cmd("SADD")
+                            .arg(&owned)
+                            .arg(&member)
+                            .query_async::<i64>(&mut connection)
+                            .await
+                            .map_err(unavailable)?;
+                        Ok(())
+                    })
+                    .await?;
+                    return Ok(RetryRollbackOutcome::Accepted(next));
+                }
+                "missing" => return Err(StoreError::NotFound),
+                // Changed since read: read again and decide on the new state.
+                _ => continue,
+            }
+        }
+        Err(StoreError::Unavailable(
+            "order kept changing while its rollback was being retried".into(),
+        ))
     }
 
     async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError> {

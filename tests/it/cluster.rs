@@ -12,15 +12,15 @@ use tokio::sync::{Mutex, MutexGuard};
 
 const SECRET: &str = "test-cluster-secret";
 /// Takeover needs gossip to call the node dead (≈2 s) and its lease to lapse (3 s): allow plenty.
-const TAKEOVER: Duration = Duration::from_secs(40);
+pub(crate) const TAKEOVER: Duration = Duration::from_secs(40);
 
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
-async fn exclusive() -> MutexGuard<'static, ()> {
+pub(crate) async fn exclusive() -> MutexGuard<'static, ()> {
     ONE_CLUSTER_AT_A_TIME.lock().await
 }
 
-fn node_config(redis: &RedisServer, step: &str, seeds: &[u16]) -> String {
+pub(crate) fn node_config(redis: &RedisServer, step: &str, seeds: &[u16]) -> String {
     let seeds: Vec<String> = seeds
         .iter()
         .map(|port| format!("\"127.0.0.1:{port}\""))
@@ -60,7 +60,7 @@ fn live_count(view: &Value) -> usize {
 }
 
 /// Waits until every running node in `nodes` sees `live` live members and names a leader.
-async fn wait_formed(nodes: &[Node], live: usize) {
+pub(crate) async fn wait_formed(nodes: &[Node], live: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut formed = true;

@@ -161,3 +161,22 @@ async fn port_in_use_exits_non_zero_without_panicking() {
     );
     drop(taken);
 }
+
+#[tokio::test]
+async fn bad_http_step_sections_exit_64_naming_the_step_and_key() {
+    for (section, needle) in [
+        ("handler = \"grpc\"\n", "steps.Processing.handler"),
+        (
+            "handler = \"http\"\nurl = \"charge please\"\n",
+            "steps.Processing.url",
+        ),
+        (
+            "handler = \"http\"\nurl = \"http://127.0.0.1:9/charge\"\ntimeout = \"0s\"\n",
+            "steps.Processing.timeout",
+        ),
+    ] {
+        let config = format!("[steps.Processing]\n{section}");
+        let outcome = run_to_exit(Some(&config), &[]).await;
+        assert_usage_error(&outcome, needle, &config);
+    }
+}

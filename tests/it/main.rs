@@ -11,12 +11,15 @@
 //! - `restart`    — SIGKILL and restart on the same data dir, SIGTERM drain
 //! - `config`     — bad config files and flags, port already in use
 //! - `diagnostic` — `/`, heartbeat and cluster views
+//! - `http_steps` — the `http` step handler against a fake shop: calls, retries, timeouts,
+//!   outputs, parked rollbacks, restarts between attempts
 
 mod util;
 
 mod api;
 mod config;
 mod diagnostic;
+mod http_steps;
 mod pipeline;
 mod restart;
 

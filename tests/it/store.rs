@@ -3,10 +3,12 @@
 
 use crate::redis::RedisServer;
 use chrono::{Duration as Span, Utc};
-use order_process::order::{apply, Event, Order, OrderId, Phase, Step};
+use order_process::order::{apply, Event, Order, OrderId, Phase, RollbackState, Step};
 use order_process::store::embedded::EmbeddedStore;
 use order_process::store::redis::RedisStore;
-use order_process::store::{CancelOutcome, Created, ListQuery, OrderStore, StoreError};
+use order_process::store::{
+    CancelOutcome, Created, ListQuery, OrderStore, RetryRollbackOutcome, StoreError,
+};
 use std::time::Duration;
 
 fn new_order(user: &str, owner: &str, offset_ms: i64) -> Order {
@@ -154,6 +156,7 @@ async fn conformance(store: &dyn OrderStore) {
                     limit: 2,
                     cursor: cursor.clone(),
                     current_step: None,
+                    rollback_state: None,
                 },
             )
             .await
@@ -173,6 +176,7 @@ async fn conformance(store: &dyn OrderStore) {
                 limit: 50,
                 cursor: None,
                 current_step: Some(Step::Completed),
+                rollback_state: None,
             },
         )
         .await
@@ -208,6 +212,118 @@ async fn conformance(store: &dyn OrderStore) {
         vec![moving.order_id]
     );
     assert!(store.reassign("node-b", "node-c").await.unwrap().is_empty());
+
+    parked_rollbacks(store).await;
+}
+
+/// A parked rollback: listed by `rollback_state`, re-opened once for its owner user only, by
+/// (and for) the node that asks, and back in that node's unfinished set.
+async fn parked_rollbacks(store: &dyn OrderStore) {
+    let user = format!("parker-{}", uuid::Uuid::new_v4().simple());
+    let order = new_order(&user, "node-a", 0);
+    create(store, &order).await;
+    let failed = step(
+        &order,
+        Event::StepFailed {
+            step: Step::Scheduling,
+            reason: "declined".into(),
+        },
+    );
+    store.commit(&failed).await.expect("commit failure");
+    let parked = step(
+        &failed,
+        Event::RollbackFailed {
+            step: Step::Scheduling,
+            reason: "refund service down".into(),
+        },
+    );
+    store.commit(&parked).await.expect("commit parked");
+    assert!(!store
+        .owned_unfinished("node-a")
+        .await
+        .unwrap()
+        .contains(&order.order_id));
+    let done = new_order(&user, "node-a", 10);
+    create(store, &done).await;
+
+    let incomplete = ListQuery {
+        limit: 50,
+        rollback_state: Some(RollbackState::Incomplete),
+        ..ListQuery::default()
+    };
+    let listed: Vec<OrderId> = store
+        .list_for_user(&user, &incomplete)
+        .await
+        .unwrap()
+        .orders
+        .iter()
+        .map(|order| order.order_id)
+        .collect();
+    assert_eq!(listed, vec![order.order_id]);
+
+    assert!(matches!(
+        store
+            .retry_rollback(order.order_id, "someone-else", "node-b", Utc::now())
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store
+            .retry_rollback(done.order_id, &user, "node-b", Utc::now())
+            .await
+            .unwrap(),
+        RetryRollbackOutcome::NotParked(_)
+    ));
+    let reopened = match store
+        .retry_rollback(order.order_id, &user, "node-b", Utc::now())
+        .await
+        .unwrap()
+    {
+        RetryRollbackOutcome::Accepted(order) => order,
+        other => panic!("retry of a parked rollback: {other:?}"),
+    };
+    assert_eq!(reopened.phase, Phase::RollingBack);
+    assert_eq!(reopened.owner, "node-b");
+    assert_eq!(reopened.epoch, order.epoch + 1);
+    assert_eq!(
+        store.get(order.order_id).await.unwrap(),
+        Some(reopened.clone())
+    );
+    assert!(store
+        .owned_unfinished("node-b")
+        .await
+        .unwrap()
+        .contains(&order.order_id));
+    // Only once: it is rolling back now, and the old owner is fenced out.
+    assert!(matches!(
+        store
+            .retry_rollback(order.order_id, &user, "node-c", Utc::now())
+            .await
+            .unwrap(),
+        RetryRollbackOutcome::NotParked(_)
+    ));
+    assert!(matches!(
+        store.commit(&parked).await,
+        Err(StoreError::NotOwner)
+    ));
+    assert!(store
+        .list_for_user(&user, &incomplete)
+        .await
+        .unwrap()
+        .orders
+        .is_empty());
+    let rolled_back = step(
+        &reopened,
+        Event::RolledBack {
+            step: Step::Scheduling,
+        },
+    );
+    store.commit(&rolled_back).await.expect("new owner commits");
+    assert!(!store
+        .owned_unfinished("node-b")
+        .await
+        .unwrap()
+        .contains(&order.order_id));
 }
 
 #[tokio::test]

@@ -1,0 +1,121 @@
+//! Retry policy and backoff: when the executor tries a failed attempt again.
+//!
+//! The n-th retry waits a random time between half and all of `backoff × 2^(n−1)`, capped at
+//! `backoff_max`, and never less than `backoff`. So the first retry waits exactly `backoff`,
+//! waits grow by doubling, and concurrent orders that failed together spread out instead of
+//! hitting a recovering service at the same instant.
+
+use crate::config::HttpSettings;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt; 0 means one attempt only.
+    pub retries: u32,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+}
+
+impl From<&HttpSettings> for RetryPolicy {
+    fn from(settings: &HttpSettings) -> Self {
+        RetryPolicy {
+            retries: settings.retries,
+            backoff: settings.backoff,
+            backoff_max: settings.backoff_max,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (1 for the first retry). `random` in `[0, 1)` picks
+    /// the jitter; pass `rand::random()`.
+    pub fn delay(&self, retry: u32, random: f64) -> Duration {
+        let doublings = retry.saturating_sub(1).min(32);
+        let nominal = self
+            .backoff
+            .checked_mul(1u32 << doublings.min(31))
+            .unwrap_or(self.backoff_max)
+            .min(self.backoff_max);
+        let random = if random.is_finite() {
+            random.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        nominal.mul_f64(1.0 - random / 2.0).max(self.backoff)
+    }
+
+    /// Whether another attempt is allowed after `retries_done` retries.
+    pub fn allows_retry(&self, retries_done: u32) -> bool {
+        retries_done < self.retries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            retries: 5,
+            backoff: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn first_retry_waits_exactly_the_backoff() {
+        for random in [0.0, 0.3, 0.999] {
+            assert_eq!(policy().delay(1, random), Duration::from_millis(200));
+        }
+    }
+
+    #[test]
+    fn delays_double_within_half_of_nominal() {
+        let policy = policy();
+        for retry in 2..=6u32 {
+            let nominal = Duration::from_millis(200 * (1 << (retry - 1)));
+            let nominal = nominal.min(policy.backoff_max);
+            let longest = policy.delay(retry, 0.0);
+            let shortest = policy.delay(retry, 0.999_999);
+            assert_eq!(longest, nominal, "retry {retry}");
+            assert!(shortest >= nominal / 2, "retry {retry}: {shortest:?}");
+            assert!(shortest < longest, "retry {retry}: jitter");
+            assert!(shortest >= policy.backoff);
+        }
+    }
+
+    #[test]
+    fn delays_are_capped_and_never_below_backoff() {
+        let policy = policy();
+        for retry in [7, 10, 31, 32, 33, 1000, u32::MAX] {
+            for random in [0.0, 0.5, 0.999, f64::NAN, -1.0, 7.0] {
+                let delay = policy.delay(retry, random);
+                assert!(delay <= policy.backoff_max, "retry {retry}: {delay:?}");
+                assert!(delay >= policy.backoff_max / 2, "retry {retry}: {delay:?}");
+            }
+        }
+        let tight = RetryPolicy {
+            retries: 3,
+            backoff: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(2),
+        };
+        for retry in 1..5 {
+            assert_eq!(tight.delay(retry, 0.9), Duration::from_secs(2));
+        }
+    }
+
+    #[test]
+    fn retries_count_after_the_first_attempt() {
+        let once = RetryPolicy {
+            retries: 1,
+            ..policy()
+        };
+        assert!(once.allows_retry(0));
+        assert!(!once.allows_retry(1));
+        let never = RetryPolicy {
+            retries: 0,
+            ..policy()
+        };
+        assert!(!never.allows_retry(0));
+    }
+}

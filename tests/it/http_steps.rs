@@ -1,0 +1,814 @@
+//! The `http` step handler against a real HTTP service run by the test: a small warp server
+//! on 127.0.0.1:0 playing the shop's scheduling, stock, payment and shipping services. It records
+//! every call (path, idempotency key, body, time) and answers as each test scripts it: 200 with
+//! a body, a 4xx or 5xx with a text, or no answer at all. The node is the real binary, its
+//! steps pointed at the shop.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use warp::Filter;
+
+use crate::cluster::{exclusive, node_config, wait_formed, TAKEOVER};
+use crate::redis::RedisServer;
+use crate::util::{
+    assert_completed, assert_failed_at, pretty, simulate, unique_user, Node, TERMINAL,
+};
+
+/// Each step's run and rollback paths on the shop.
+const PATHS: [(&str, &str, &str); 4] = [
+    ("Scheduling", "/schedule", "/unschedule"),
+    ("Pre-Processing", "/reserve", "/release"),
+    ("Processing", "/charge", "/refund"),
+    ("Post-Processing", "/ship", "/cancel-shipment"),
+];
+
+/// How the shop answers one call.
+#[derive(Clone, Debug)]
+enum Answer {
+    /// This status and body (JSON if it parses, text otherwise).
+    Status(u16, String),
+    /// Never answers.
+    Hang,
+}
+
+fn ok() -> Answer {
+    Answer::Status(200, String::new())
+}
+
+/// One call the shop received.
+#[derive(Clone, Debug)]
+struct Call {
+    path: String,
+    key: String,
+    body: Value,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Script {
+    /// Answers to give next, per path, before falling back to the default.
+    queued: HashMap<String, VecDeque<Answer>>,
+    defaults: HashMap<String, Answer>,
+}
+
+/// The fake shop: a warp server on a free loopback port, aborted when dropped.
+struct Shop {
+    base: String,
+    calls: Arc<Mutex<Vec<Call>>>,
+    script: Arc<Mutex<Script>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Shop {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl Shop {
+    async fn start() -> Shop {
+        let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
+        let script: Arc<Mutex<Script>> = Arc::default();
+        let routes = warp::post()
+            .and(warp::path::full())
+            .and(warp::header::optional::<String>("idempotency-key"))
+            .and(warp::body::bytes())
+            .and(warp::any().map({
+                let calls = Arc::clone(&calls);
+                move || Arc::clone(&calls)
+            }))
+            .and(warp::any().map({
+                let script = Arc::clone(&script);
+                move || Arc::clone(&script)
+            }))
+            .then(
+                |path: warp::path::FullPath,
+                 key: Option<String>,
+                 body: bytes::Bytes,
+                 calls: Arc<Mutex<Vec<Call>>>,
+                 script: Arc<Mutex<Script>>| async move {
+                    let path = path.as_str().to_string();
+                    calls.lock().unwrap().push(Call {
+                        path: path.clone(),
+                        key: key.unwrap_or_default(),
+                        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                        at: Instant::now(),
+                    });
+                    let answer = {
+                        let mut script = script.lock().unwrap();
+                        let queued = script.queued.get_mut(&path).and_then(VecDeque::pop_front);
+                        queued
+                            .or_else(|| script.defaults.get(&path).cloned())
+                            .unwrap_or_else(ok)
+                    };
+                    match answer {
+                        Answer::Status(status, body) => {
+                            let status = warp::http::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, Infallible>(
+                                warp::http::Response::builder()
+                                    .status(status)
+                                    .body(body)
+                                    .unwrap(),
+                            )
+                        }
+                        Answer::Hang => {
+                            std::future::pending::<()>().await;
+                            unreachable!()
+                        }
+                    }
+                },
+            )
+            .map(|reply: Result<_, Infallible>| match reply {
+                Ok(response) => response,
+                Err(never) => match never {},
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(warp::serve(routes).incoming(listener).run());
+        Shop {
+            base,
+            calls,
+            script,
+            server,
+        }
+    }
+
+    /// Answers for the next calls to `path`, in order; then its default.
+    fn queue(&self, path: &str, answers: Vec<Answer>) {
+        let mut script = self.script.lock().unwrap();
+        script
+            .queued
+            .entry(path.to_string())
+            .or_default()
+            .extend(answers);
+    }
+
+    /// How `path` answers once its queue is empty (200 with no body unless set).
+    fn answer(&self, path: &str, answer: Answer) {
+        let mut script = self.script.lock().unwrap();
+        script.defaults.insert(path.to_string(), answer);
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn calls_to(&self, path: &str) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|call| call.path == path)
+            .collect()
+    }
+
+    fn paths(&self) -> Vec<String> {
+        self.calls().into_iter().map(|call| call.path).collect()
+    }
+
+    /// A `[steps.<Step>]` section pointing `step` at this shop.
+    fn section(&self, step: &str, timing: &Timing) -> String {
+        let (_, run, rollback) = PATHS
+            .iter()
+            .find(|(name, _, _)| *name == step)
+            .expect("a work step");
+        format!(
+            "[steps.{step}]\nhandler = \"http\"\nurl = \"{base}{run}\"\nrollback_url = \"{base}{rollback}\"\n\
+             timeout = \"{}\"\nretries = {}\nbackoff = \"{}\"\nbackoff_max = \"{}\"\n",
+            timing.timeout,
+            timing.retries,
+            timing.backoff,
+            timing.backoff_max,
+            base = self.base
+        )
+    }
+
+    /// A node config with every step on this shop; `special` overrides the timing of one step.
+    fn config(&self, timing: &Timing, special: Option<(&str, Timing)>) -> String {
+        self.sections(simulate("10ms"), timing, special)
+    }
+
+    /// `config` followed by a section for every step.
+    fn sections(
+        &self,
+        mut config: String,
+        timing: &Timing,
+        special: Option<(&str, Timing)>,
+    ) -> String {
+        for (step, _, _) in PATHS {
+            match &special {
+                Some((name, own)) if *name == step => config.push_str(&self.section(step, own)),
+                _ => config.push_str(&self.section(step, timing)),
+            }
+        }
+        config
+    }
+}
+
+/// Timeout, retries and backoff of one step.
+#[derive(Clone)]
+struct Timing {
+    timeout: &'static str,
+    retries: u32,
+    backoff: &'static str,
+    backoff_max: &'static str,
+}
+
+const QUICK: Timing = Timing {
+    timeout: "5s",
+    retries: 3,
+    backoff: "50ms",
+    backoff_max: "200ms",
+};
+
+fn step_entry<'a>(order: &'a Value, step: &str) -> &'a Value {
+    order["steps"]
+        .as_array()
+        .and_then(|steps| steps.iter().find(|entry| entry["step_name"] == step))
+        .unwrap_or_else(|| panic!("no {step} entry in {}", pretty(order)))
+}
+
+fn attempts(order: &Value, step: &str) -> Vec<Value> {
+    step_entry(order, step)["attempts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn attempt_numbers(calls: &[Call]) -> Vec<u64> {
+    calls
+        .iter()
+        .map(|call| call.body["attempt"].as_u64().unwrap_or(0))
+        .collect()
+}
+
+/// Asserts that consecutive calls are at least `at_least` apart.
+fn assert_gaps(calls: &[Call], at_least: Duration, what: &str) {
+    for pair in calls.windows(2) {
+        let gap = pair[1].at.duration_since(pair[0].at);
+        assert!(
+            gap >= at_least,
+            "{what}: retry after {gap:?}, before the backoff of {at_least:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn steps_call_the_services_in_order_with_idempotency_keys() {
+    let shop = Shop::start().await;
+    let node = Node::start(&shop.config(&QUICK, None)).await;
+    let user = unique_user("alice");
+    let payload = json!({"sku": "A1", "qty": 2});
+    let id = node.create_order(&user, &payload).await;
+    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    assert_completed(&order);
+
+    let calls = shop.calls();
+    let paths: Vec<&str> = calls.iter().map(|call| call.path.as_str()).collect();
+    assert_eq!(paths, ["/schedule", "/reserve", "/charge", "/ship"]);
+    for (call, (step, _, _)) in calls.iter().zip(PATHS) {
+        assert_eq!(
+            call.key,
+            format!("{id}:{step}"),
+            "Idempotency-Key of {step}"
+        );
+        assert_eq!(call.body["order_id"], id.as_str());
+        assert_eq!(call.body["step"], step);
+        assert_eq!(call.body["attempt"], 1);
+        assert_eq!(call.body["rollback"], false);
+        assert_eq!(call.body["user"], user.as_str());
+        assert_eq!(call.body["payload"], payload);
+        assert!(call.body["outputs"].is_object(), "{}", call.body);
+        // One attempt per step is recorded, with its status and duration.
+        let recorded = attempts(&order, step);
+        assert_eq!(recorded.len(), 1, "{step}: {}", pretty(&order));
+        assert_eq!(recorded[0]["attempt"], 1);
+        assert_eq!(recorded[0]["status"], 200);
+        assert_eq!(recorded[0]["rollback"], false);
+        assert!(recorded[0]["duration_ms"].is_u64());
+        assert!(recorded[0].get("error").is_none());
+    }
+}
+
+#[tokio::test]
+async fn client_error_fails_the_step_at_once_and_compensates_newest_first() {
+    let shop = Shop::start().await;
+    shop.answer(
+        "/ship",
+        Answer::Status(422, "address is not deliverable".into()),
+    );
+    let node = Node::start(&shop.config(&QUICK, None)).await;
+    let user = unique_user("bob");
+    let id = node.create_order(&user, &json!({"sku": "B2"})).await;
+    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    assert_failed_at(&order, "Post-Processing");
+    assert_eq!(order["failure"]["reason"], "address is not deliverable");
+    assert_eq!(order["rollback_state"], "complete");
+
+    assert_eq!(
+        shop.paths(),
+        [
+            "/schedule",
+            "/reserve",
+            "/charge",
+            "/ship",
+            "/cancel-shipment",
+            "/refund",
+            "/release",
+            "/unschedule"
+        ],
+        "a 4xx is not retried, and compensation runs newest first"
+    );
+    for call in &shop.calls()[4..] {
+        let step = call.body["step"].as_str().unwrap_or_default();
+        assert_eq!(call.body["rollback"], true, "{}", call.path);
+        assert_eq!(call.key, format!("{id}:{step}:rollback"), "{}", call.path);
+    }
+    // One attempt at shipping (no retry), then its rollback, on the same entry.
+    let shipping = attempts(&order, "Post-Processing");
+    assert_eq!(shipping.len(), 2, "{}", pretty(&order));
+    assert_eq!(shipping[0]["rollback"], false);
+    assert_eq!(shipping[0]["status"], 422);
+    assert_eq!(shipping[0]["error"], "address is not deliverable");
+    assert_eq!(shipping[1]["rollback"], true);
+    let charge = attempts(&order, "Processing");
+    assert_eq!(charge.len(), 2, "{}", pretty(&order));
+    assert_eq!(charge[1]["rollback"], true);
+    assert_eq!(charge[1]["status"], 200);
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_after_the_backoff() {
+    let shop = Shop::start().await;
+    shop.queue(
+        "/charge",
+        vec![
+            Answer::Status(503, "try later".into()),
+            Answer::Status(503, "try later".into()),
+        ],
+    );
+    let timing = Timing {
+        timeout: "5s",
+        retries: 5,
+        backoff: "300ms",
+        backoff_max: "2s",
+    };
+    let node = Node::start(&shop.config(&timing, None)).await;
+    let user = unique_user("carol");
+    let id = node.create_order(&user, &json!({"sku": "C3"})).await;
+    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    assert_completed(&order);
+
+    let charges = shop.calls_to("/charge");
+    assert_eq!(attempt_numbers(&charges), [1, 2, 3]);
+    assert!(charges
+        .iter()
+        .all(|call| call.key == format!("{id}:Processing")));
+    assert_gaps(&charges, Duration::from_millis(300), "/charge");
+    let recorded = attempts(&order, "Processing");
+    let statuses: Vec<&Value> = recorded.iter().map(|attempt| &attempt["status"]).collect();
+    assert_eq!(statuses, [&json!(503), &json!(503), &json!(200)]);
+    assert_eq!(recorded[0]["error"], "HTTP 503: try later");
+    assert!(
+        step_entry(&order, "Processing")
+            .get("next_attempt_at")
+            .is_none(),
+        "no retry is due once the step succeeded: {}",
+        pretty(&order)
+    );
+}
+
+#[tokio::test]
+async fn a_service_that_never_answers_times_out_retries_and_fails_the_step() {
+    let shop = Shop::start().await;
+    shop.answer("/reserve", Answer::Hang);
+    let timing = Timing {
+        timeout: "300ms",
+        retries: 2,
+        backoff: "100ms",
+        backoff_max: "100ms",
+    };
+    let node = Node::start(&shop.config(&timing, None)).await;
+    let user = unique_user("dave");
+    let id = node.create_order(&user, &json!({"sku": "D4"})).await;
+    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    assert_failed_at(&order, "Pre-Processing");
+
+    assert_eq!(attempt_numbers(&shop.calls_to("/reserve")), [1, 2, 3]);
+    let reason = order["failure"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no answer within 300ms"), "{reason}");
+    let recorded = attempts(&order, "Pre-Processing");
+    let runs: Vec<&Value> = recorded
+        .iter()
+        .filter(|attempt| attempt["rollback"] == false)
+        .collect();
+    assert_eq!(runs.len(), 3, "{}", pretty(&order));
+    for attempt in runs {
+        assert!(attempt.get("status").is_none(), "{attempt}");
+        assert!(
+            attempt["duration_ms"].as_u64().unwrap_or(0) >= 300,
+            "{attempt}"
+        );
+    }
+    // The step that never answered is compensated too, then the one before it.
+    let paths = shop.paths();
+    assert_eq!(&paths[paths.len() - 2..], ["/release", "/unschedule"]);
+}
+
+#[tokio::test]
+async fn outputs_reach_later_steps_and_rollbacks() {
+    let shop = Shop::start().await;
+    shop.answer("/schedule", Answer::Status(200, r#"{"slot": 7}"#.into()));
+    shop.answer(
+        "/charge",
+        Answer::Status(201, r#"{"payment_id": "pay_123"}"#.into()),
+    );
+    shop.answer("/ship", Answer::Status(409, "no courier".into()));
+    let node = Node::start(&shop.config(&QUICK, None)).await;
+    let user = unique_user("erin");
+    let id = node.create_order(&user, &json!({"sku": "E5"})).await;
+    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    assert_failed_at(&order, "Post-Processing");
+    assert_eq!(
+        step_entry(&order, "Processing")["output"],
+        json!({"payment_id": "pay_123"})
+    );
+    assert!(step_entry(&order, "Pre-Processing").get("output").is_none());
+
+    let body = |path: &str| {
+        shop.calls_to(path)
+            .first()
+            .map(|call| call.body.clone())
+            .unwrap_or_else(|| panic!("no call to {path}: {:?}", shop.paths()))
+    };
+    assert_eq!(
+        body("/reserve")["outputs"],
+        json!({"Scheduling": {"slot": 7}})
+    );
+    let everything = json!({"Scheduling": {"slot": 7}, "Processing": {"payment_id": "pay_123"}});
+    assert_eq!(body("/ship")["outputs"], everything);
+    // The refund learns the payment id from the charge's answer.
+    assert_eq!(body("/refund")["outputs"], everything);
+    assert_eq!(body("/refund")["rollback"], true);
+}
+
+#[tokio::test]
+async fn a_failing_compensation_parks_the_order_until_retried_on_request() {
+    let shop = Shop::start().await;
+    shop.answer("/ship", Answer::Status(400, "bad address".into()));
+    shop.queue(
+        "/refund",
+        vec![
+            Answer::Status(500, "ledger down".into()),
+            Answer::Status(500, "ledger down".into()),
+            Answer::Status(500, "ledger down".into()),
+        ],
+    );
+    let payment = Timing {
+        timeout: "5s",
+        retries: 1,
+        backoff: "50ms",
+        backoff_max: "50ms",
+    };
+    let node = Node::start(&shop.config(&QUICK, Some(("Processing", payment)))).await;
+    let user = unique_user("frank");
+    let id = node.create_order(&user, &json!({"sku": "F6"})).await;
+
+    let parked = node
+        .wait_for(&user, &id, TERMINAL, "parked", |order| {
+            order["rollback_state"] == "incomplete"
+        })
+        .await;
+    assert_eq!(parked["current_step"], "Failed");
+    assert_eq!(
+        parked["pending_rollback"],
+        json!(["Processing", "Pre-Processing", "Scheduling"]),
+        "{}",
+        pretty(&parked)
+    );
+    let reason = parked["failure"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("bad address"), "{reason}");
+    assert!(reason.contains("ledger down"), "{reason}");
+    assert_eq!(attempt_numbers(&shop.calls_to("/refund")), [1, 2]);
+    assert!(
+        shop.calls_to("/release").is_empty(),
+        "stopped at the refund"
+    );
+    let log = node.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("ERROR") && line.contains("rollback failed")),
+        "a parked rollback is logged at error level\n{}",
+        node.log_tail()
+    );
+
+    // Operators find it by its rollback state.
+    let listed = node
+        .list_all_ids(&user, &[("rollback_state", "incomplete")])
+        .await;
+    assert_eq!(listed, std::slice::from_ref(&id));
+    let reply = node.list(&user, &[("rollback_state", "maybe")]).await;
+    node.expect_error(&reply, 400, "GET /orders?rollback_state=maybe");
+
+    // Only its owner may retry it.
+    let path = format!("/orders/{id}/rollback");
+    let reply = node.call(Method::POST, &path).user("mallory").send().await;
+    node.expect_error(&reply, 404, "POST rollback by another user");
+    let reply = node.call(Method::POST, &path).user(&user).send().await;
+    let accepted = node.expect_json(&reply, 202, "POST /orders/{id}/rollback");
+    assert!(
+        accepted.get("rollback_state").is_none(),
+        "{}",
+        pretty(&accepted)
+    );
+
+    // Third refund fails, the retry after it succeeds, and the rest is compensated.
+    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    assert_failed_at(&order, "Post-Processing");
+    assert_eq!(order["rollback_state"], "complete", "{}", pretty(&order));
+    assert_eq!(attempt_numbers(&shop.calls_to("/refund")), [1, 2, 3, 4]);
+    let paths = shop.paths();
+    assert_eq!(&paths[paths.len() - 2..], ["/release", "/unschedule"]);
+    assert!(node
+        .list_all_ids(&user, &[("rollback_state", "incomplete")])
+        .await
+        .is_empty());
+
+    // Nothing parked any more: a second retry is a conflict.
+    let reply = node.call(Method::POST, &path).user(&user).send().await;
+    node.expect_error(&reply, 409, "POST rollback of a rolled-back order");
+}
+
+#[tokio::test]
+async fn a_node_killed_between_attempts_resumes_the_retry_schedule() {
+    let shop = Shop::start().await;
+    shop.queue("/charge", vec![Answer::Status(503, "busy".into())]);
+    let slow = Timing {
+        timeout: "5s",
+        retries: 3,
+        backoff: "2s",
+        backoff_max: "2s",
+    };
+    let mut node = Node::start(&shop.config(&QUICK, Some(("Processing", slow)))).await;
+    let user = unique_user("grace");
+    let id = node.create_order(&user, &json!({"sku": "G7"})).await;
+
+    let waiting = node
+        .wait_for(
+            &user,
+            &id,
+            TERMINAL,
+            "waiting to retry the charge",
+            |order| {
+                order["current_step"] == "Processing"
+                    && step_entry(order, "Processing")
+                        .get("next_attempt_at")
+                        .is_some()
+            },
+        )
+        .await;
+    let before = attempts(&waiting, "Processing");
+    assert_eq!(before.len(), 1, "{}", pretty(&waiting));
+    node.kill();
+    node.restart().await;
+
+    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    assert_completed(&order);
+    let charges = shop.calls_to("/charge");
+    assert_eq!(
+        attempt_numbers(&charges),
+        [1, 2],
+        "numbering continues after the restart"
+    );
+    assert_gaps(&charges, Duration::from_secs(2), "/charge across a restart");
+    let after = attempts(&order, "Processing");
+    assert_eq!(after.len(), 2, "{}", pretty(&order));
+    assert_eq!(
+        after[0], before[0],
+        "the attempt made before the kill is kept"
+    );
+    assert_eq!(after[1]["attempt"], 2);
+    assert_eq!(after[1]["status"], 200);
+}
+
+#[tokio::test]
+async fn cancelling_an_order_waiting_to_retry_does_not_wait_for_the_retry() {
+    let shop = Shop::start().await;
+    shop.answer("/charge", Answer::Status(503, "busy".into()));
+    let patient = Timing {
+        timeout: "5s",
+        retries: 3,
+        backoff: "1h",
+        backoff_max: "1h",
+    };
+    let node = Node::start(&shop.config(&QUICK, Some(("Processing", patient)))).await;
+    let user = unique_user("heidi");
+    let id = node.create_order(&user, &json!({"sku": "H8"})).await;
+    node.wait_for(
+        &user,
+        &id,
+        TERMINAL,
+        "waiting to retry the charge",
+        |order| {
+            order["current_step"] == "Processing"
+                && step_entry(order, "Processing")
+                    .get("next_attempt_at")
+                    .is_some()
+        },
+    )
+    .await;
+    let reply = node.cancel(&user, &id).await;
+    node.expect_json(&reply, 202, "POST /orders/{id}/cancel");
+
+    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    assert_failed_at(&order, "Processing");
+    assert_eq!(order["failure"]["reason"], "cancelled");
+    assert_eq!(attempt_numbers(&shop.calls_to("/charge")), [1]);
+    assert!(step_entry(&order, "Processing")
+        .get("next_attempt_at")
+        .is_none());
+}
+
+#[tokio::test]
+async fn a_takeover_continues_the_retry_schedule_of_a_dead_node() {
+    let _one = exclusive().await;
+    let shop = Shop::start().await;
+    shop.queue("/charge", vec![Answer::Status(503, "busy".into())]);
+    let slow = Timing {
+        timeout: "5s",
+        retries: 3,
+        backoff: "4s",
+        backoff_max: "4s",
+    };
+    let redis = RedisServer::start();
+    let first = Node::start(&shop.sections(
+        node_config(&redis, "10ms", &[]),
+        &QUICK,
+        Some(("Processing", slow.clone())),
+    ))
+    .await;
+    let second = Node::start(&shop.sections(
+        node_config(&redis, "10ms", &[first.port]),
+        &QUICK,
+        Some(("Processing", slow)),
+    ))
+    .await;
+    let mut nodes = vec![first, second];
+    wait_formed(&nodes, 2).await;
+
+    let user = unique_user("ivan");
+    let id = nodes[0].create_order(&user, &json!({"sku": "I9"})).await;
+    let waiting = nodes[1]
+        .wait_for(
+            &user,
+            &id,
+            TERMINAL,
+            "waiting to retry the charge",
+            |order| {
+                order["current_step"] == "Processing"
+                    && step_entry(order, "Processing")
+                        .get("next_attempt_at")
+                        .is_some()
+            },
+        )
+        .await;
+    let before = attempts(&waiting, "Processing");
+    nodes[0].kill();
+
+    let order = nodes[1].wait_terminal(&user, &id, TAKEOVER).await;
+    assert_completed(&order);
+    let charges = shop.calls_to("/charge");
+    assert_eq!(
+        attempt_numbers(&charges),
+        [1, 2],
+        "numbering continues on the new owner"
+    );
+    assert_gaps(
+        &charges,
+        Duration::from_secs(4),
+        "/charge across a takeover",
+    );
+    let after = attempts(&order, "Processing");
+    assert_eq!(after.len(), 2, "{}", pretty(&order));
+    assert_eq!(after[0], before[0], "the dead node's attempt is kept");
+    assert!(
+        nodes[1].log().contains("took over orders"),
+        "no takeover logged\n{}",
+        nodes[1].log_tail()
+    );
+}
+
+#[tokio::test]
+async fn an_order_waiting_to_retry_does_not_hold_a_worker() {
+    let shop = Shop::start().await;
+    shop.queue("/charge", vec![Answer::Status(503, "busy".into())]);
+    let patient = Timing {
+        timeout: "5s",
+        retries: 3,
+        backoff: "1h",
+        backoff_max: "1h",
+    };
+    let mut config = shop.config(&QUICK, Some(("Processing", patient)));
+    config.push_str("[pipeline]\nworkers = 1\n");
+    let node = Node::start(&config).await;
+    let user = unique_user("judy");
+    let waiting = node.create_order(&user, &json!({"sku": "J1"})).await;
+    node.wait_for(
+        &user,
+        &waiting,
+        TERMINAL,
+        "waiting to retry the charge",
+        |order| {
+            order["current_step"] == "Processing"
+                && step_entry(order, "Processing")
+                    .get("next_attempt_at")
+                    .is_some()
+        },
+    )
+    .await;
+
+    // The only worker is free for the next order while the first one waits.
+    let next = node.create_order(&user, &json!({"sku": "J2"})).await;
+    let order = node.wait_terminal(&user, &next, TERMINAL).await;
+    assert_completed(&order);
+    let first = node.order(&user, &waiting).await;
+    assert_eq!(first["current_step"], "Processing", "{}", pretty(&first));
+    assert_eq!(attempts(&first, "Processing").len(), 1);
+}
+
+#[tokio::test]
+async fn a_parked_rollback_can_be_retried_through_another_node() {
+    let _one = exclusive().await;
+    let shop = Shop::start().await;
+    shop.answer("/ship", Answer::Status(400, "bad address".into()));
+    shop.queue(
+        "/refund",
+        vec![
+            Answer::Status(500, "ledger down".into()),
+            Answer::Status(500, "ledger down".into()),
+        ],
+    );
+    let payment = Timing {
+        timeout: "5s",
+        retries: 1,
+        backoff: "50ms",
+        backoff_max: "50ms",
+    };
+    let redis = RedisServer::start();
+    let first = Node::start(&shop.sections(
+        node_config(&redis, "10ms", &[]),
+        &QUICK,
+        Some(("Processing", payment.clone())),
+    ))
+    .await;
+    let second = Node::start(&shop.sections(
+        node_config(&redis, "10ms", &[first.port]),
+        &QUICK,
+        Some(("Processing", payment)),
+    ))
+    .await;
+    let nodes = vec![first, second];
+    wait_formed(&nodes, 2).await;
+
+    let user = unique_user("kim");
+    let id = nodes[0].create_order(&user, &json!({"sku": "K1"})).await;
+    nodes[1]
+        .wait_for(&user, &id, TERMINAL, "parked", |order| {
+            order["rollback_state"] == "incomplete"
+        })
+        .await;
+    let listed = nodes[1]
+        .list_all_ids(&user, &[("rollback_state", "incomplete")])
+        .await;
+    assert_eq!(
+        listed,
+        std::slice::from_ref(&id),
+        "listed from the Redis store"
+    );
+
+    // The node asked runs the remaining compensations, whoever ran the order before.
+    let reply = nodes[1]
+        .call(Method::POST, &format!("/orders/{id}/rollback"))
+        .user(&user)
+        .send()
+        .await;
+    nodes[1].expect_json(&reply, 202, "POST /orders/{id}/rollback on the other node");
+    let order = nodes[0].wait_terminal(&user, &id, TERMINAL).await;
+    assert_failed_at(&order, "Post-Processing");
+    assert_eq!(order["rollback_state"], "complete", "{}", pretty(&order));
+    assert_eq!(attempt_numbers(&shop.calls_to("/refund")), [1, 2, 3]);
+    let paths = shop.paths();
+    assert_eq!(&paths[paths.len() - 2..], ["/release", "/unschedule"]);
+    let log = nodes[1].log();
+    assert!(
+        log.lines().any(|line| line.contains("attempt started")
+            && line.contains(&id)
+            && line.contains("attempt=3")
+            && line.contains("rollback")),
+        "the third refund was made by the node asked\n{}",
+        nodes[1].log_tail()
+    );
+}
