@@ -3,9 +3,11 @@
 use crate::api::{self, ApiState};
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::order::Step;
 use crate::pipeline::{Gate, Handlers, Job, Pool, Simulate};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::metered::MeteredStore;
 use crate::store::redis::RedisStore;
 use crate::store::OrderStore;
 use anyhow::Context;
@@ -74,6 +76,7 @@ pub async fn run(
     };
     let workers = config.pipeline.workers.get();
     let queue = config.pipeline.queue_capacity.get();
+    let metrics = Arc::new(Metrics::new());
     let (store, pool, cluster): (Arc<dyn OrderStore>, Arc<Pool>, Option<Arc<Cluster>>) =
         if config.is_cluster() {
             let redis = Arc::new(RedisStore::connect(
@@ -81,7 +84,8 @@ pub async fn run(
                 config.database.pool_size.get(),
                 config.database.timeout,
             )?);
-            let store: Arc<dyn OrderStore> = redis.clone();
+            let store: Arc<dyn OrderStore> =
+                Arc::new(MeteredStore::new(redis.clone(), Arc::clone(&metrics)));
             // Closed until the first liveness renewal: no step starts before the lease is held.
             let gate = Arc::new(Gate::closed());
             let pool = Pool::start(
@@ -91,6 +95,7 @@ pub async fn run(
                 Arc::clone(&gate),
                 workers,
                 queue,
+                Arc::clone(&metrics),
             );
             let cluster = Cluster::start(
                 service_id.clone(),
@@ -100,11 +105,15 @@ pub async fn run(
                 redis,
                 Arc::clone(&pool),
                 gate,
+                Arc::clone(&metrics),
             )
             .await?;
             (store, pool, Some(cluster))
         } else {
-            let store: Arc<dyn OrderStore> = Arc::new(EmbeddedStore::open(data_dir)?);
+            let store: Arc<dyn OrderStore> = Arc::new(MeteredStore::new(
+                Arc::new(EmbeddedStore::open(data_dir)?),
+                Arc::clone(&metrics),
+            ));
             let pool = Pool::start(
                 service_id.clone(),
                 Arc::clone(&store),
@@ -112,6 +121,7 @@ pub async fn run(
                 Arc::new(Gate::open()),
                 workers,
                 queue,
+                Arc::clone(&metrics),
             );
             spawn_resume(Arc::clone(&store), Arc::clone(&pool), service_id.clone());
             (store, pool, None)
@@ -124,6 +134,7 @@ pub async fn run(
         store,
         pool: Arc::clone(&pool),
         cluster: cluster.clone(),
+        metrics,
         max_body_bytes: config.server.max_body_bytes,
         retry_after: config.server.retry_after,
     });

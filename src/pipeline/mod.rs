@@ -14,12 +14,13 @@ pub use gate::Gate;
 pub use handler::{Handlers, StepContext, StepError, StepHandler};
 pub use simulate::Simulate;
 
+use crate::metrics::{Metrics, StepOutcome};
 use crate::order::{apply, next_action, Action, Event, Order, OrderId, TransitionError};
 use crate::store::{OrderStore, StoreError};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn, Instrument};
@@ -71,12 +72,14 @@ struct Shared {
     active: Mutex<HashSet<OrderId>>,
     gate: Arc<Gate>,
     stop_rx: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 }
 
 pub struct Pool {
     shared: Arc<Shared>,
     queue_tx: mpsc::Sender<Job>,
     capacity: usize,
+    workers: usize,
     stop_tx: watch::Sender<bool>,
     dispatcher: tokio::sync::Mutex<Option<tokio::task::JoinHandle<JoinSet<()>>>>,
 }
@@ -89,6 +92,7 @@ impl Pool {
         gate: Arc<Gate>,
         workers: usize,
         queue_capacity: usize,
+        metrics: Arc<Metrics>,
     ) -> Arc<Pool> {
         let (queue_tx, queue_rx) = mpsc::channel(queue_capacity);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -101,6 +105,7 @@ impl Pool {
             active: Mutex::new(HashSet::new()),
             gate,
             stop_rx,
+            metrics,
         });
         let dispatcher = tokio::spawn(
             dispatch(Arc::clone(&shared), queue_rx, workers)
@@ -110,6 +115,7 @@ impl Pool {
             shared,
             queue_tx,
             capacity: queue_capacity,
+            workers,
             stop_tx,
             dispatcher: tokio::sync::Mutex::new(Some(dispatcher)),
         })
@@ -172,6 +178,16 @@ impl Pool {
     /// Orders accepted and waiting for a worker.
     pub fn queued(&self) -> usize {
         self.capacity.saturating_sub(self.queue_tx.capacity())
+    }
+
+    /// Orders that may execute at once.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// The size of the queue.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     pub fn note_cancel(&self, id: OrderId) {
@@ -327,6 +343,7 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
 /// turns out to belong to another node.
 async fn drive(shared: &Shared, mut order: Order) {
     debug!(order_id = %order.order_id, current_step = %order.current_step, "order dispatched");
+    let mut tracker = shared.metrics.track(order.current_step);
     let mut lapses = shared.gate.lapses();
     loop {
         if *shared.stop_rx.borrow() {
@@ -345,7 +362,10 @@ async fn drive(shared: &Shared, mut order: Order) {
         if now_lapses != lapses {
             // The lease lapsed while this order was ours: someone may have taken it over.
             match still_ours(shared, &order).await {
-                Some(fresh) => order = fresh,
+                Some(fresh) => {
+                    tracker.move_to(fresh.current_step);
+                    order = fresh;
+                }
                 None => return,
             }
             lapses = now_lapses;
@@ -362,13 +382,22 @@ async fn drive(shared: &Shared, mut order: Order) {
             Action::Run(step) => {
                 debug!(order_id = %order.order_id, step = %step, "step started");
                 let context = StepContext::new(&order, step);
+                let started = Instant::now();
                 match shared.handlers.for_step(step).run(&context).await {
                     Ok(output) => {
                         debug!(order_id = %order.order_id, step = %step, "step finished");
+                        shared.metrics.step_finished(
+                            step,
+                            StepOutcome::Succeeded,
+                            started.elapsed(),
+                        );
                         Event::StepSucceeded { step, output }
                     }
                     Err(failure) => {
                         debug!(order_id = %order.order_id, step = %step, reason = %failure.reason, "step failed");
+                        shared
+                            .metrics
+                            .step_finished(step, StepOutcome::Failed, started.elapsed());
                         Event::StepFailed {
                             step,
                             reason: failure.reason,
@@ -382,13 +411,24 @@ async fn drive(shared: &Shared, mut order: Order) {
             }
             Action::Rollback(step) => {
                 let context = StepContext::new(&order, step);
+                let started = Instant::now();
                 match shared.handlers.for_step(step).rollback(&context).await {
                     Ok(()) => {
                         debug!(order_id = %order.order_id, step = %step, "step rolled back");
+                        shared.metrics.step_finished(
+                            step,
+                            StepOutcome::RolledBack,
+                            started.elapsed(),
+                        );
                         Event::RolledBack { step }
                     }
                     Err(failure) => {
                         error!(order_id = %order.order_id, step = %step, reason = %failure.reason, "rollback failed, order parked");
+                        shared.metrics.step_finished(
+                            step,
+                            StepOutcome::RollbackFailed,
+                            started.elapsed(),
+                        );
                         Event::RollbackFailed {
                             step,
                             reason: failure.reason,
@@ -402,7 +442,11 @@ async fn drive(shared: &Shared, mut order: Order) {
             }
         };
         match commit(shared, order, event).await {
-            Some(next) => order = next,
+            Some(next) => {
+                tracker.move_to(next.current_step);
+                shared.metrics.order_finished(&next);
+                order = next;
+            }
             None => return,
         }
     }

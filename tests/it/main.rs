@@ -11,12 +11,15 @@
 //! - `restart`    — SIGKILL and restart on the same data dir, SIGTERM drain
 //! - `config`     — bad config files and flags, port already in use
 //! - `diagnostic` — `/`, heartbeat and cluster views
+//! - `metrics`    — `/metrics` counters, `/diagnostic/summary`, `/openapi.json` against the router
+//! - `status_page` — the HTML status page in headless Chromium (skipped without Chromium)
 
 mod util;
 
 mod api;
 mod config;
 mod diagnostic;
+mod metrics;
 mod pipeline;
 mod restart;
 
