@@ -22,6 +22,7 @@ mod diagnostic;
 mod metrics;
 mod pipeline;
 mod restart;
+mod status_page;
 
 mod cluster;
 mod redis;
