@@ -1,4 +1,5 @@
-//! `GET /metrics` (counters move with the orders a node runs), `GET /diagnostic/summary`, and
+//! `GET /metrics` (counters move with the orders a node runs; in a cluster, leadership, gossip
+//! membership and takeovers show), `GET /diagnostic/summary`, and
 //! `GET /openapi.json` against the router: every listed route is served, every other method on
 //! those paths is refused.
 
@@ -7,6 +8,10 @@ use std::collections::{BTreeSet, HashMap};
 use reqwest::Method;
 use serde_json::{json, Value};
 
+use crate::cluster::{
+    exclusive, start_cluster, submit, wait_all_completed, wait_started, TAKEOVER,
+};
+use crate::redis::RedisServer;
 use crate::util::{simulate, unique_user, Node, TERMINAL};
 
 /// Parses the Prometheus text exposition into `series → value` (series with their labels, as
@@ -225,4 +230,57 @@ async fn every_described_route_is_served() {
             );
         }
     }
+}
+
+/// Sums one series over several nodes' scrapes.
+async fn sum(nodes: &[&Node], series: &str) -> f64 {
+    let mut total = 0.0;
+    for node in nodes {
+        total += value(&scrape(node).await, series);
+    }
+    total
+}
+
+#[tokio::test]
+async fn cluster_metrics_show_leadership_gossip_and_takeover() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let mut nodes = start_cluster(&redis, 3, "1s").await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    assert_eq!(
+        sum(&all, "order_process_is_leader").await,
+        1.0,
+        "one leader"
+    );
+    assert!(sum(&all, "order_process_leader_changes_total").await >= 1.0);
+    for node in &nodes {
+        let metrics = scrape(node).await;
+        assert_eq!(
+            value(&metrics, "order_process_gossip_nodes{state=\"live\"}"),
+            3.0,
+            "node on port {} sees 3 live nodes",
+            node.port
+        );
+    }
+
+    let user = unique_user("metrics-takeover");
+    let orders = submit(&nodes[1], &user, 10).await;
+    wait_started(&nodes[0], &user, &orders).await;
+    nodes[1].kill();
+    wait_all_completed(&nodes[0], &user, &orders, TAKEOVER).await;
+
+    let survivors = [&nodes[0], &nodes[2]];
+    assert!(sum(&survivors, "order_process_transfers_total").await >= 1.0);
+    assert!(sum(&survivors, "order_process_transferred_orders_total").await >= 1.0);
+    assert!(sum(&survivors, "order_process_orders_completed_total").await >= 1.0);
+    assert_eq!(sum(&survivors, "order_process_is_leader").await, 1.0);
+    let metrics = scrape(&nodes[0]).await;
+    assert_eq!(
+        value(&metrics, "order_process_gossip_nodes{state=\"live\"}"),
+        2.0
+    );
+    assert_eq!(
+        value(&metrics, "order_process_gossip_nodes{state=\"dead\"}"),
+        1.0
+    );
 }
