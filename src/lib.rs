@@ -7,7 +7,9 @@
 //! - [`store`]: the `OrderStore` trait and its embedded and Redis implementations.
 //! - [`pipeline`]: the bounded worker pool, the executor that drives an order to a terminal
 //!   state, and the step handlers.
-//! - [`api`]: the warp routes and the one place errors become JSON replies.
+//! - [`api`]: the warp routes and the one place errors become JSON replies; the OpenAPI
+//!   description and the status page are files served from the binary.
+//! - [`metrics`]: the Prometheus metrics and the in-memory summary of this node's orders.
 //! - [`cluster`]: gossip membership, the leader lease and the takeover of dead nodes' orders.
 //! - [`bench`]: the `order-process bench` load generator and history checker.
 //! - [`node`]: wires the above into a running node and owns its shutdown.
@@ -18,6 +20,7 @@ pub mod api;
 pub mod bench;
 pub mod cluster;
 pub mod config;
+pub mod metrics;
 pub mod node;
 pub mod order;
 pub mod pipeline;

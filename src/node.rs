@@ -3,9 +3,11 @@
 use crate::api::{self, ApiState};
 use crate::cluster::Cluster;
 use crate::config::{Config, HandlerSettings};
+use crate::metrics::Metrics;
 use crate::order::Step;
 use crate::pipeline::{http, Gate, Handlers, Http, Job, Pool, Simulate, StepHandler};
 use crate::store::embedded::EmbeddedStore;
+use crate::store::metered::MeteredStore;
 use crate::store::redis::RedisStore;
 use crate::store::OrderStore;
 use anyhow::Context;
@@ -91,6 +93,7 @@ pub async fn run(
     let handlers = handlers(&config)?;
     let workers = config.pipeline.workers.get();
     let queue = config.pipeline.queue_capacity.get();
+    let metrics = Arc::new(Metrics::new());
     let (store, pool, cluster): (Arc<dyn OrderStore>, Arc<Pool>, Option<Arc<Cluster>>) =
         if config.is_cluster() {
             let redis = Arc::new(RedisStore::connect(
@@ -98,7 +101,8 @@ pub async fn run(
                 config.database.pool_size.get(),
                 config.database.timeout,
             )?);
-            let store: Arc<dyn OrderStore> = redis.clone();
+            let store: Arc<dyn OrderStore> =
+                Arc::new(MeteredStore::new(redis.clone(), Arc::clone(&metrics)));
             // Closed until the first liveness renewal: no step starts before the lease is held.
             let gate = Arc::new(Gate::closed());
             let pool = Pool::start(
@@ -108,6 +112,7 @@ pub async fn run(
                 Arc::clone(&gate),
                 workers,
                 queue,
+                Arc::clone(&metrics),
             );
             let cluster = Cluster::start(
                 service_id.clone(),
@@ -117,11 +122,15 @@ pub async fn run(
                 redis,
                 Arc::clone(&pool),
                 gate,
+                Arc::clone(&metrics),
             )
             .await?;
             (store, pool, Some(cluster))
         } else {
-            let store: Arc<dyn OrderStore> = Arc::new(EmbeddedStore::open(data_dir)?);
+            let store: Arc<dyn OrderStore> = Arc::new(MeteredStore::new(
+                Arc::new(EmbeddedStore::open(data_dir)?),
+                Arc::clone(&metrics),
+            ));
             let pool = Pool::start(
                 service_id.clone(),
                 Arc::clone(&store),
@@ -129,6 +138,7 @@ pub async fn run(
                 Arc::new(Gate::open()),
                 workers,
                 queue,
+                Arc::clone(&metrics),
             );
             spawn_resume(Arc::clone(&store), Arc::clone(&pool), service_id.clone());
             (store, pool, None)
@@ -141,6 +151,7 @@ pub async fn run(
         store,
         pool: Arc::clone(&pool),
         cluster: cluster.clone(),
+        metrics,
         max_body_bytes: config.server.max_body_bytes,
         retry_after: config.server.retry_after,
     });

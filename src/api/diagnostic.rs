@@ -1,4 +1,6 @@
-//! `/diagnostic/heartbeat` (a real check of the store) and `/diagnostic/cluster`.
+//! `/diagnostic/heartbeat` (a real check of the store), `/diagnostic/cluster` and
+//! `/diagnostic/summary` (this node's orders by current step and its recent failures, from
+//! memory: no store query, bounded size).
 
 use super::{json_reply, with_state, State, SERVICE_NAME, VERSION};
 use chrono::{SecondsFormat, Utc};
@@ -18,9 +20,13 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .then(heartbeat);
     let cluster = warp::path!("diagnostic" / "cluster")
         .and(warp::get())
-        .and(with_state(state))
+        .and(with_state(state.clone()))
         .then(cluster);
-    heartbeat.or(cluster).unify().boxed()
+    let summary = warp::path!("diagnostic" / "summary")
+        .and(warp::get())
+        .and(with_state(state))
+        .then(summary);
+    heartbeat.or(cluster).unify().or(summary).unify().boxed()
 }
 
 fn now() -> String {
@@ -108,6 +114,27 @@ async fn cluster(state: State) -> Response {
             "leader_name": state.service_id,
             "nodes": [node],
             "nodes_count": 1,
+        }),
+    )
+}
+
+async fn summary(state: State) -> Response {
+    let by_step: serde_json::Map<String, serde_json::Value> = state
+        .metrics
+        .in_step()
+        .into_iter()
+        .map(|(step, count)| (step.as_str().to_string(), serde_json::Value::from(count)))
+        .collect();
+    json_reply(
+        StatusCode::OK,
+        &serde_json::json!({
+            "generated_at": now(),
+            "service_id": state.service_id,
+            "inflight": state.pool.inflight(),
+            "queued": state.pool.queued(),
+            "inflight_by_step": by_step,
+            "totals": state.metrics.totals(),
+            "recent_failures": state.metrics.recent_failures(),
         }),
     )
 }

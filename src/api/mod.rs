@@ -2,17 +2,23 @@
 //! that answer with a reply or an [`ApiError`]; [`error::recover`] turns every rejection into the
 //! same JSON error shape.
 //!
+//! [`ROUTES`] lists every route; `openapi.json` (served at `/openapi.json`) describes exactly
+//! those, which a test checks. `GET /` answers a browser with the status page (`status.html`)
+//! and anyone else with the welcome text.
+//!
 //! Paths are matched before methods, so a known path with the wrong method is a 405 and an
 //! unknown path a 404.
 
 mod diagnostic;
 pub mod error;
+mod metrics;
 mod orders;
 mod service;
 
 pub use error::ApiError;
 
 use crate::cluster::Cluster;
+use crate::metrics::Metrics;
 use crate::pipeline::Pool;
 use crate::store::OrderStore;
 use chrono::{DateTime, Utc};
@@ -37,6 +43,7 @@ pub struct ApiState {
     pub pool: Arc<Pool>,
     /// Present in cluster mode.
     pub cluster: Option<Arc<Cluster>>,
+    pub metrics: Arc<Metrics>,
     pub max_body_bytes: u64,
     pub retry_after: Duration,
 }
@@ -47,12 +54,61 @@ fn with_state(state: State) -> impl Filter<Extract = (State,), Error = Infallibl
     warp::any().map(move || Arc::clone(&state))
 }
 
+/// Every route the router serves, as (method, path) with OpenAPI-style `{parameters}`. The
+/// OpenAPI description must list exactly these (checked by a test).
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/"),
+    ("GET", "/openapi.json"),
+    ("GET", "/metrics"),
+    ("POST", "/orders"),
+    ("GET", "/orders"),
+    ("GET", "/orders/{order_id}"),
+    ("POST", "/orders/{order_id}/cancel"),
+    ("POST", "/orders/{order_id}/rollback"),
+    ("GET", "/diagnostic/heartbeat"),
+    ("GET", "/diagnostic/cluster"),
+    ("GET", "/diagnostic/summary"),
+    ("POST", "/service/transfer"),
+];
+
+/// The OpenAPI 3 description of [`ROUTES`].
+pub const OPENAPI: &str = include_str!("openapi.json");
+/// The status page: one self-contained HTML file that polls the JSON diagnostics.
+const STATUS_PAGE: &str = include_str!("status.html");
+const WELCOME: &str = "Welcome to Order Processing System!";
+
+/// `GET /`: the status page for a browser (`Accept` naming `text/html`), the welcome text for
+/// everyone else.
+fn root() -> BoxedFilter<(Response,)> {
+    warp::path::end()
+        .and(warp::get())
+        .and(warp::header::optional::<String>("accept"))
+        .map(|accept: Option<String>| {
+            if accept.is_some_and(|accept| accept.contains("text/html")) {
+                warp::reply::html(STATUS_PAGE).into_response()
+            } else {
+                WELCOME.into_response()
+            }
+        })
+        .boxed()
+}
+
+fn openapi() -> BoxedFilter<(Response,)> {
+    warp::path!("openapi.json")
+        .and(warp::get())
+        .map(|| {
+            warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response()
+        })
+        .boxed()
+}
+
 /// Every route, with errors recovered into JSON.
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
-    let welcome = warp::path::end()
-        .and(warp::get())
-        .map(|| "Welcome to Order Processing System!".into_response());
-    welcome
+    root()
+        .or(openapi())
+        .unify()
+        .or(metrics::routes(state.clone()))
+        .unify()
         .or(orders::routes(state.clone()))
         .unify()
         .or(diagnostic::routes(state.clone()))
@@ -84,4 +140,69 @@ fn respond<T: Reply>(result: Result<T, ApiError>) -> Response {
 
 fn json_reply<T: serde::Serialize>(status: warp::http::StatusCode, value: &T) -> Response {
     warp::reply::with_status(warp::reply::json(value), status).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{OPENAPI, ROUTES};
+    use std::collections::BTreeSet;
+
+    fn described() -> BTreeSet<(String, String)> {
+        let document: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert!(
+            document["openapi"].as_str().unwrap().starts_with("3."),
+            "an OpenAPI 3 document"
+        );
+        let mut found = BTreeSet::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                if matches!(method.as_str(), "get" | "post" | "put" | "delete" | "patch") {
+                    found.insert((method.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn openapi_describes_exactly_the_routes() {
+        let routes: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|(method, path)| (method.to_string(), path.to_string()))
+            .collect();
+        assert_eq!(routes.len(), ROUTES.len(), "no route listed twice");
+        let described = described();
+        let undocumented: Vec<_> = routes.difference(&described).collect();
+        let unserved: Vec<_> = described.difference(&routes).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes missing from openapi.json: {undocumented:?}"
+        );
+        assert!(
+            unserved.is_empty(),
+            "openapi.json lists routes the router lacks: {unserved:?}"
+        );
+    }
+
+    #[test]
+    fn openapi_references_resolve() {
+        let document: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut stack = vec![&document];
+        while let Some(value) = stack.pop() {
+            match value {
+                serde_json::Value::Object(map) => {
+                    if let Some(reference) = map.get("$ref").and_then(|r| r.as_str()) {
+                        let pointer = reference.trim_start_matches('#');
+                        assert!(
+                            document.pointer(pointer).is_some(),
+                            "dangling $ref {reference}"
+                        );
+                    }
+                    stack.extend(map.values());
+                }
+                serde_json::Value::Array(items) => stack.extend(items),
+                _ => {}
+            }
+        }
+    }
 }

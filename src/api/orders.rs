@@ -137,6 +137,7 @@ where
         Created::New => {
             tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created");
             let view = CreatedView::from(&order);
+            state.metrics.order_accepted();
             slot.send(Job::New(order));
             Ok(json_reply(StatusCode::CREATED, &view))
         }

@@ -16,6 +16,7 @@ mod membership;
 pub use membership::{Member, Membership, SeenNode};
 
 use crate::config::ClusterConfig;
+use crate::metrics::Metrics;
 use crate::pipeline::{Gate, Pool};
 use crate::store::redis::RedisStore;
 use crate::store::OrderStore;
@@ -68,6 +69,7 @@ pub struct Cluster {
     store: Arc<RedisStore>,
     pool: Arc<Pool>,
     gate: Arc<Gate>,
+    metrics: Arc<Metrics>,
     membership: tokio::sync::Mutex<Option<Membership>>,
     term: Mutex<Option<Term>>,
     http: reqwest::Client,
@@ -87,6 +89,7 @@ impl Cluster {
         store: Arc<RedisStore>,
         pool: Arc<Pool>,
         gate: Arc<Gate>,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Cluster>> {
         let generation = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
         let initial = vec![
@@ -112,6 +115,7 @@ impl Cluster {
             store,
             pool,
             gate,
+            metrics,
             membership: tokio::sync::Mutex::new(Some(membership)),
             term: Mutex::new(None),
             http,
@@ -264,10 +268,12 @@ impl Cluster {
                     })),
                     Ok(false) => {
                         self.set_term(None);
+                        self.metrics.leadership_changed(false);
                         info!(token = term.token, "leader -> follower: lease lost");
                     }
                     Err(error) => {
                         self.set_term(None);
+                        self.metrics.leadership_changed(false);
                         info!(token = term.token, error = %error, "leader -> follower: cannot renew lease");
                     }
                 },
@@ -275,6 +281,7 @@ impl Cluster {
                     let was_leader = self.term.lock().map(|t| t.is_some()).unwrap_or(false);
                     if was_leader {
                         self.set_term(None);
+                        self.metrics.leadership_changed(false);
                         info!("leader -> follower: lease expired before renewal");
                     }
                     if self.gate.is_open() {
@@ -286,6 +293,7 @@ impl Cluster {
                                     token,
                                     until: sent + ttl,
                                 }));
+                                self.metrics.leadership_changed(true);
                                 info!(token, "follower -> leader");
                                 let store = Arc::clone(&self.store);
                                 tokio::spawn(async move {
@@ -464,6 +472,7 @@ impl Cluster {
         let ids = self.store.reassign(dead, &self.node_id).await?;
         info!(from = %dead, orders = ids.len(), "took over orders");
         let orders = ids.len();
+        self.metrics.transfer_accepted(orders);
         self.pool.resume_all(ids);
         Ok(Transferred {
             current_service_id: self.node_id.clone(),
@@ -536,6 +545,7 @@ impl Cluster {
         }
         self.hand_over().await;
         if let Some(term) = self.current_term() {
+            self.metrics.leadership_changed(false);
             match self.store.release_leader(&term.holder).await {
                 Ok(()) => info!("leader -> follower: lease released"),
                 Err(error) => warn!(error = %error, "cannot release leader lease"),

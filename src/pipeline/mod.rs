@@ -27,6 +27,7 @@ pub use retry::RetryPolicy;
 pub use simulate::Simulate;
 pub use waiters::Waiters;
 
+use crate::metrics::{Metrics, StepOutcome};
 use crate::order::{
     apply, next_action, retry_due, Action, Attempt, Event, Order, OrderId, Step, TransitionError,
 };
@@ -95,12 +96,14 @@ struct Shared {
     /// Long polls waiting for orders to finish.
     waiters: Waiters,
     stop_rx: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 }
 
 pub struct Pool {
     shared: Arc<Shared>,
     queue_tx: mpsc::Sender<Job>,
     capacity: usize,
+    workers: usize,
     stop_tx: watch::Sender<bool>,
     dispatcher: tokio::sync::Mutex<Option<tokio::task::JoinHandle<JoinSet<()>>>>,
 }
@@ -113,6 +116,7 @@ impl Pool {
         gate: Arc<Gate>,
         workers: usize,
         queue_capacity: usize,
+        metrics: Arc<Metrics>,
     ) -> Arc<Pool> {
         let (queue_tx, queue_rx) = mpsc::channel(queue_capacity);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -128,6 +132,7 @@ impl Pool {
             gate,
             waiters: Waiters::default(),
             stop_rx,
+            metrics,
         });
         let dispatcher = tokio::spawn(
             dispatch(Arc::clone(&shared), queue_rx, workers)
@@ -137,6 +142,7 @@ impl Pool {
             shared,
             queue_tx,
             capacity: queue_capacity,
+            workers,
             stop_tx,
             dispatcher: tokio::sync::Mutex::new(Some(dispatcher)),
         })
@@ -204,6 +210,16 @@ impl Pool {
     /// Long polls: wait here for an order to finish on this node.
     pub fn waiters(&self) -> &Waiters {
         &self.shared.waiters
+    }
+
+    /// Orders that may execute at once.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// The size of the queue.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     pub fn note_cancel(&self, id: OrderId) {
@@ -441,6 +457,7 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
 /// turns out to belong to another node, or it has to wait for a retry: then the time it is due.
 async fn drive(shared: &Shared, mut order: Order) -> Option<chrono::DateTime<chrono::Utc>> {
     debug!(order_id = %order.order_id, current_step = %order.current_step, "order dispatched");
+    let mut tracker = shared.metrics.track(order.current_step);
     let mut lapses = shared.gate.lapses();
     loop {
         if *shared.stop_rx.borrow() {
@@ -467,7 +484,10 @@ async fn drive(shared: &Shared, mut order: Order) -> Option<chrono::DateTime<chr
         if now_lapses != lapses {
             // The lease lapsed while this order was ours: someone may have taken it over.
             match still_ours(shared, &order).await {
-                Some(fresh) => order = fresh,
+                Some(fresh) => {
+                    tracker.move_to(fresh.current_step);
+                    order = fresh;
+                }
                 None => return None,
             }
             lapses = now_lapses;
@@ -486,7 +506,11 @@ async fn drive(shared: &Shared, mut order: Order) -> Option<chrono::DateTime<chr
             }
         };
         match commit(shared, order, events).await {
-            Some(next) => order = next,
+            Some(next) => {
+                tracker.move_to(next.current_step);
+                shared.metrics.order_finished(&next);
+                order = next;
+            }
             None => return None,
         }
     }
@@ -524,7 +548,15 @@ async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> 
     } else {
         handler.run(&context).await
     };
-    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let elapsed = started.elapsed();
+    let outcome = match (&result, rollback) {
+        (Ok(_), false) => StepOutcome::Succeeded,
+        (Err(_), false) => StepOutcome::Failed,
+        (Ok(_), true) => StepOutcome::RolledBack,
+        (Err(_), true) => StepOutcome::RollbackFailed,
+    };
+    shared.metrics.step_finished(step, outcome, elapsed);
+    let duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
     let mut events = Vec::with_capacity(2);
     if policy.is_some() {
         let (status, error) = match &result {

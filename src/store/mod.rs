@@ -5,6 +5,7 @@
 //! node that has lost an order can never overwrite it.
 
 pub mod embedded;
+pub mod metered;
 pub mod redis;
 
 use crate::order::{apply, Event, Order, OrderId, Phase, RollbackState, Step};

@@ -36,7 +36,7 @@ pub(crate) fn node_config(redis: &RedisServer, step: &str, seeds: &[u16]) -> Str
 
 /// Starts `count` nodes joined through the first, and waits until every node sees all of them
 /// live and a leader is named.
-async fn start_cluster(redis: &RedisServer, count: usize, step: &str) -> Vec<Node> {
+pub(crate) async fn start_cluster(redis: &RedisServer, count: usize, step: &str) -> Vec<Node> {
     let first = Node::start(&node_config(redis, step, &[])).await;
     let seed = first.port;
     let mut nodes = vec![first];
@@ -98,11 +98,11 @@ async fn leader_of(node: &Node) -> String {
 }
 
 /// A submitted order and the node it was submitted to.
-struct Submitted {
+pub(crate) struct Submitted {
     id: String,
 }
 
-async fn submit(node: &Node, user: &str, count: usize) -> Vec<Submitted> {
+pub(crate) async fn submit(node: &Node, user: &str, count: usize) -> Vec<Submitted> {
     let mut orders = Vec::new();
     for index in 0..count {
         let id = node
@@ -114,7 +114,12 @@ async fn submit(node: &Node, user: &str, count: usize) -> Vec<Submitted> {
 }
 
 /// Waits until every order is completed (read through `reader`), checking each history.
-async fn wait_all_completed(reader: &Node, user: &str, orders: &[Submitted], within: Duration) {
+pub(crate) async fn wait_all_completed(
+    reader: &Node,
+    user: &str,
+    orders: &[Submitted],
+    within: Duration,
+) {
     for order in orders {
         let view = reader.wait_terminal(user, &order.id, within).await;
         assert_completed(&view);
@@ -122,7 +127,7 @@ async fn wait_all_completed(reader: &Node, user: &str, orders: &[Submitted], wit
 }
 
 /// Waits until no order is at Scheduling any more (each started its first step somewhere).
-async fn wait_started(node: &Node, user: &str, orders: &[Submitted]) {
+pub(crate) async fn wait_started(node: &Node, user: &str, orders: &[Submitted]) {
     for order in orders {
         node.wait_for(
             user,

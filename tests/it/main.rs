@@ -13,6 +13,8 @@
 //! - `diagnostic` — `/`, heartbeat and cluster views
 //! - `http_steps` — the `http` step handler against a fake shop: calls, retries, timeouts,
 //!   outputs, parked rollbacks, restarts between attempts
+//! - `metrics`    — `/metrics` counters, `/diagnostic/summary`, `/openapi.json` against the router
+//! - `status_page` — the HTML status page in headless Chromium (skipped without Chromium)
 
 mod util;
 
@@ -20,8 +22,10 @@ mod api;
 mod config;
 mod diagnostic;
 mod http_steps;
+mod metrics;
 mod pipeline;
 mod restart;
+mod status_page;
 
 mod bench;
 mod cluster;
