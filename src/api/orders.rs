@@ -122,7 +122,7 @@ where
         return Err(ApiError::overloaded(reason, state.retry_after));
     };
     let order = Order::new(
-        OrderId::new_v4(),
+        OrderId::now_v7(),
         user,
         payload,
         state.service_id.clone(),

@@ -6,7 +6,8 @@ use std::fmt;
 use std::str::FromStr;
 use uuid::Uuid;
 
-/// An order's id: a UUID v4, shown in its hyphenated lower-case form.
+/// An order's id: a UUID, shown in its hyphenated lower-case form. New orders get time-ordered
+/// v7 ids, so orders created together sit together in the embedded store's B-tree.
 pub type OrderId = Uuid;
 
 /// The steps of the pipeline, plus the two terminal ones.
