@@ -208,31 +208,49 @@ async fn get_order(
 ) -> Result<Response, ApiError> {
     let user = user(user_header)?;
     let wait = parse_wait(&params)?;
-    let order = owned_order(&state, &user, &id).await?;
-    let Some(wait) = wait.filter(|_| !order.is_finished()) else {
+    let Some(wait) = wait else {
+        let order = owned_order(&state, &user, &id).await?;
         return Ok(json_reply(StatusCode::OK, &OrderView::from(&order)));
     };
-    let deadline = tokio::time::Instant::now() + wait;
-    let order_id = order.order_id;
-    let mut done_rx = state.pool.waiters().register(order_id);
-    let order = loop {
-        // Woken when the order finishes here; otherwise re-read now and then, since it may be
-        // running on another node.
-        let woke = tokio::select! {
-            _ = &mut done_rx => true,
-            _ = tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + WAIT_RECHECK)) => false,
-        };
-        let current = owned_order(&state, &user, &id).await?;
-        if current.is_finished() || tokio::time::Instant::now() >= deadline {
-            break current;
-        }
-        if woke {
-            done_rx = state.pool.waiters().register(order_id);
-        }
-    };
+    let order_id = OrderId::try_parse(&id).map_err(|_| ApiError::not_found())?;
+    // Registered before the first read, so a finish in between is not missed.
+    let waiters = state.pool.waiters();
+    let mut done_rx = waiters.register(order_id);
+    let answer = wait_finished(&state, &user, &id, wait, &mut done_rx).await;
     drop(done_rx);
-    state.pool.waiters().prune(order_id);
-    Ok(json_reply(StatusCode::OK, &OrderView::from(&order)))
+    waiters.prune(order_id);
+    let order = answer?;
+    Ok(json_reply(StatusCode::OK, &OrderView::from(order.as_ref())))
+}
+
+/// The order once it is finished, or as it is when `wait` is over.
+async fn wait_finished(
+    state: &State,
+    user: &str,
+    id: &str,
+    wait: Duration,
+    done_rx: &mut tokio::sync::oneshot::Receiver<std::sync::Arc<Order>>,
+) -> Result<std::sync::Arc<Order>, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut order = std::sync::Arc::new(owned_order(state, user, id).await?);
+    let mut woken = false;
+    while !order.is_finished() && tokio::time::Instant::now() < deadline {
+        // Handed the finished order when it ends on this node; otherwise re-read now and then,
+        // since it may be running on another node.
+        let recheck = deadline.min(tokio::time::Instant::now() + WAIT_RECHECK);
+        let finished = tokio::select! {
+            finished = &mut *done_rx, if !woken => {
+                woken = true;
+                finished.ok()
+            }
+            _ = tokio::time::sleep_until(recheck) => None,
+        };
+        order = match finished {
+            Some(finished) if finished.user == user => finished,
+            _ => std::sync::Arc::new(owned_order(state, user, id).await?),
+        };
+    }
+    Ok(order)
 }
 
 fn list(state: State) -> BoxedFilter<(Response,)> {

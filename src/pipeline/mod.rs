@@ -648,7 +648,7 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
         match shared.store.commit(&next).await {
             Ok(()) => {
                 if next.is_finished() {
-                    shared.waiters.notify(next.order_id);
+                    shared.waiters.notify(&next);
                 }
                 return Some(next);
             }

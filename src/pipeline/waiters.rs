@@ -1,19 +1,20 @@
 //! Long-poll support: requests waiting for an order to finish register here, and the executor
-//! wakes them when it commits the order's final transition on this node.
+//! hands them the finished order when it commits its final transition on this node, so the
+//! request needs no second read of the store.
 
-use crate::order::OrderId;
+use crate::order::{Order, OrderId};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 #[derive(Default)]
 pub struct Waiters {
-    by_order: Mutex<HashMap<OrderId, Vec<oneshot::Sender<()>>>>,
+    by_order: Mutex<HashMap<OrderId, Vec<oneshot::Sender<Arc<Order>>>>>,
 }
 
 impl Waiters {
-    /// A receiver that resolves once `id` finishes on this node.
-    pub fn register(&self, id: OrderId) -> oneshot::Receiver<()> {
+    /// A receiver that resolves with the order once it finishes on this node.
+    pub fn register(&self, id: OrderId) -> oneshot::Receiver<Arc<Order>> {
         let (done_tx, done_rx) = oneshot::channel();
         if let Ok(mut by_order) = self.by_order.lock() {
             by_order.entry(id).or_default().push(done_tx);
@@ -21,14 +22,16 @@ impl Waiters {
         done_rx
     }
 
-    /// Wakes everyone waiting for `id`.
-    pub fn notify(&self, id: OrderId) {
+    /// Hands the finished order to everyone waiting for it.
+    pub fn notify(&self, order: &Order) {
         let waiting = match self.by_order.lock() {
-            Ok(mut by_order) if !by_order.is_empty() => by_order.remove(&id),
+            Ok(mut by_order) if !by_order.is_empty() => by_order.remove(&order.order_id),
             _ => None,
         };
-        for done_tx in waiting.into_iter().flatten() {
-            let _ = done_tx.send(());
+        let Some(waiting) = waiting else { return };
+        let finished = Arc::new(order.clone());
+        for done_tx in waiting {
+            let _ = done_tx.send(Arc::clone(&finished));
         }
     }
 
@@ -64,14 +67,21 @@ mod tests {
     #[tokio::test]
     async fn notify_wakes_and_prune_forgets() {
         let waiters = Waiters::default();
-        let id = OrderId::new_v4();
+        let order = Order::new(
+            OrderId::new_v4(),
+            "alice".into(),
+            serde_json::json!({}),
+            "node".into(),
+            chrono::Utc::now(),
+        );
+        let id = order.order_id;
         let first = waiters.register(id);
         let second = waiters.register(id);
         drop(second);
         waiters.prune(id);
         assert_eq!(waiters.len(), 1);
-        waiters.notify(id);
-        assert!(first.await.is_ok());
+        waiters.notify(&order);
+        assert_eq!(first.await.map(|got| got.order_id).ok(), Some(id));
         assert!(waiters.is_empty());
         let gone = waiters.register(OrderId::new_v4());
         drop(gone);
