@@ -28,6 +28,10 @@ const OWNED: TableDefinition<(&str, &str), ()> = TableDefinition::new("owned_unf
 const IDEMPOTENCY: TableDefinition<(&str, &str), (&str, i64)> =
     TableDefinition::new("idempotency_keys");
 
+/// The page cache. Orders in flight sit in a few recent pages (ids are time-ordered), so a
+/// modest cache serves them; it bounds memory however many orders the file holds.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// The most requests one write transaction takes.
 const MAX_BATCH: usize = 512;
 
@@ -72,12 +76,18 @@ impl EmbeddedStore {
     /// store is dropped.
     pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
         let path = dir.join("orders.redb");
-        let db = Database::create(&path).map_err(|error| match error {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                StoreError::Unavailable(format!("{} is in use by another process", path.display()))
-            }
-            other => StoreError::Unavailable(format!("cannot open {}: {other}", path.display())),
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|error| match error {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
+                    "{} is in use by another process",
+                    path.display()
+                )),
+                other => {
+                    StoreError::Unavailable(format!("cannot open {}: {other}", path.display()))
+                }
+            })?;
         let db = Arc::new(db);
         // Create the tables up front so readers never meet a missing table.
         let txn = db.begin_write().map_err(unavailable)?;
