@@ -1,6 +1,7 @@
-//! `order-process bench`: a load generator that drives running nodes over HTTP, learns when each
-//! order finishes through long polls (`GET /orders/{id}?wait=30s`, one request per order), checks
-//! every order's step history, and reports throughput, latency, errors and CPU.
+//! `order-process bench`: a load generator that drives running nodes over HTTP, learns when
+//! orders finish through batched long polls (`POST /orders/wait`, one request per batch of up to
+//! `--batch` orders), checks every order's step history, and reports throughput, latency, errors
+//! and CPU.
 
 use crate::order::Step;
 use argh::FromArgs;
@@ -35,9 +36,12 @@ pub struct BenchArgs {
     /// how long to wait for all orders to finish, e.g. 120s
     #[argh(option, default = "String::from(\"120s\")")]
     pub timeout: String,
-    /// long polls in flight at once, waiting for orders to finish
-    #[argh(option, default = "256")]
+    /// long polls in flight at once, each waiting for a batch of orders to finish
+    #[argh(option, default = "16")]
     pub waiters: usize,
+    /// orders named in one long poll (POST /orders/wait)
+    #[argh(option, default = "100")]
+    pub batch: usize,
     /// user name the orders are submitted as
     #[argh(option, default = "String::from(\"bench\")")]
     pub user: String,
@@ -103,7 +107,6 @@ pub struct Summary {
 
 /// An accepted order and the outcome it asked for.
 struct Accepted {
-    url: String,
     id: String,
     fail_at: Option<Step>,
 }
@@ -181,7 +184,7 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
     }
     let concurrency = args.concurrency.max(1);
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency + args.waiters)
+        .pool_max_idle_per_host(concurrency + args.waiters.max(1))
         .timeout(Duration::from_secs(90))
         .build()
         .map_err(|error| error.to_string())?;
@@ -191,19 +194,25 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let next = Arc::new(AtomicUsize::new(0));
     let finished = Arc::new(AtomicUsize::new(0));
-    let (accepted_tx, accepted_rx) = mpsc::unbounded_channel::<Accepted>();
-    let accepted_rx = Arc::new(tokio::sync::Mutex::new(accepted_rx));
+    // One queue of accepted orders per node: a long poll names orders of the node it asks.
+    let (accepted_txs, accepted_rxs): (Vec<_>, Vec<_>) = urls
+        .iter()
+        .map(|_| {
+            let (accepted_tx, accepted_rx) = mpsc::unbounded_channel::<Accepted>();
+            (accepted_tx, Arc::new(tokio::sync::Mutex::new(accepted_rx)))
+        })
+        .unzip();
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
 
     let mut submitters = Vec::new();
     for _ in 0..concurrency {
-        let (client, urls, tally, next, accepted_tx) = (
+        let (client, urls, tally, next, accepted_txs) = (
             client.clone(),
             urls.clone(),
             Arc::clone(&tally),
             Arc::clone(&next),
-            accepted_tx.clone(),
+            accepted_txs.clone(),
         );
         let (orders, rate, fail_rate, user) =
             (args.orders, args.rate, args.fail_rate, args.user.clone());
@@ -245,11 +254,7 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
                             tally.submit_ms.push(elapsed_ms);
                             tally.submitted += 1;
                         }
-                        let _ = accepted_tx.send(Accepted {
-                            url: url.clone(),
-                            id,
-                            fail_at,
-                        });
+                        let _ = accepted_txs[index % urls.len()].send(Accepted { id, fail_at });
                     }
                     Ok(response) => {
                         let status = response.status().as_u16();
@@ -276,22 +281,38 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
             }
         }));
     }
-    drop(accepted_tx);
+    drop(accepted_txs);
 
     let mut waiters = Vec::new();
-    for _ in 0..args.waiters.max(1) {
-        let (client, tally, accepted_rx, finished) = (
-            client.clone(),
-            Arc::clone(&tally),
-            Arc::clone(&accepted_rx),
-            Arc::clone(&finished),
-        );
-        let user = args.user.clone();
+    for index in 0..args.waiters.max(urls.len()) {
+        let (client, tally, finished) = (client.clone(), Arc::clone(&tally), Arc::clone(&finished));
+        let accepted_rx = Arc::clone(&accepted_rxs[index % urls.len()]);
+        let url = urls[index % urls.len()].clone();
+        let (user, batch) = (args.user.clone(), args.batch.clamp(1, 500));
         waiters.push(tokio::spawn(async move {
+            let mut waiting: Vec<Accepted> = Vec::new();
             loop {
-                let next = accepted_rx.lock().await.recv().await;
-                let Some(order) = next else { return };
-                if let Some(view) = wait_finished(&client, &user, &order, deadline).await {
+                if waiting.len() < batch {
+                    let mut accepted_rx = accepted_rx.lock().await;
+                    if waiting.is_empty() {
+                        match accepted_rx.recv().await {
+                            Some(order) => waiting.push(order),
+                            None => return,
+                        }
+                    }
+                    while waiting.len() < batch {
+                        match accepted_rx.try_recv() {
+                            Ok(order) => waiting.push(order),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    // Whatever is still waiting counts as lost.
+                    return;
+                }
+                for (order, view) in wait_batch(&client, &url, &user, &mut waiting, deadline).await
+                {
                     finished.fetch_add(1, Ordering::Relaxed);
                     record(&tally, &order, &view);
                 }
@@ -346,36 +367,47 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
     })
 }
 
-/// Long-polls an order until it is finished; `None` if the deadline passes first.
-async fn wait_finished(
+/// One long poll for a batch of orders (`POST /orders/wait`); takes the finished ones out of
+/// `waiting` and returns them with their final views.
+async fn wait_batch(
     client: &reqwest::Client,
+    url: &str,
     user: &str,
-    order: &Accepted,
+    waiting: &mut Vec<Accepted>,
     deadline: tokio::time::Instant,
-) -> Option<Value> {
-    while tokio::time::Instant::now() < deadline {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let wait = left.min(Duration::from_secs(30)).as_secs().max(1);
-        let reply = client
-            .get(format!("{}/orders/{}?wait={wait}s", order.url, order.id))
-            .header("authorization", user)
-            .send()
-            .await;
-        match reply {
-            Ok(response) if response.status().is_success() => {
-                if let Ok(view) = response.json::<Value>().await {
-                    if view
-                        .get("complete_time")
-                        .is_some_and(|time| !time.is_null())
-                    {
-                        return Some(view);
-                    }
-                }
-            }
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+) -> Vec<(Accepted, Value)> {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let wait = left.min(Duration::from_secs(30)).as_secs().max(1);
+    let ids: Vec<&str> = waiting.iter().map(|order| order.id.as_str()).collect();
+    let reply = client
+        .post(format!("{url}/orders/wait"))
+        .header("authorization", user)
+        .json(&serde_json::json!({ "order_ids": ids, "wait": format!("{wait}s") }))
+        .send()
+        .await;
+    let body = match reply {
+        Ok(response) if response.status().is_success() => response.json::<Value>().await.ok(),
+        _ => None,
+    };
+    let Some(body) = body else {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        return Vec::new();
+    };
+    let mut done = Vec::new();
+    for view in body["orders"].as_array().into_iter().flatten() {
+        let id = view["order_id"].as_str().unwrap_or_default();
+        if let Some(position) = waiting.iter().position(|order| order.id == id) {
+            done.push((waiting.swap_remove(position), view.clone()));
         }
     }
-    None
+    for id in body["missing"].as_array().into_iter().flatten() {
+        let id = id.as_str().unwrap_or_default();
+        if let Some(position) = waiting.iter().position(|order| order.id == id) {
+            let order = waiting.swap_remove(position);
+            done.push((order, serde_json::json!({ "missing": id })));
+        }
+    }
+    done
 }
 
 fn record(tally: &Mutex<Tally>, order: &Accepted, view: &Value) {

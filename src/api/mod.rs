@@ -62,6 +62,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
     ("POST", "/orders"),
     ("GET", "/orders"),
+    ("POST", "/orders/wait"),
     ("GET", "/orders/{order_id}"),
     ("POST", "/orders/{order_id}/cancel"),
     ("POST", "/orders/{order_id}/rollback"),

@@ -27,7 +27,9 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .unify()
         .or(cancel(state.clone()))
         .unify()
-        .or(retry_rollback(state))
+        .or(retry_rollback(state.clone()))
+        .unify()
+        .or(wait_many(state))
         .unify()
         .boxed()
 }
@@ -160,6 +162,140 @@ fn get(state: State) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
+/// The most orders one `POST /orders/wait` may name.
+const MAX_WAIT_IDS: usize = 500;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitRequest {
+    order_ids: Vec<String>,
+    /// How long to wait at most, e.g. `30s` (default), at most 60 s.
+    #[serde(default)]
+    wait: Option<String>,
+}
+
+fn wait_many(state: State) -> BoxedFilter<(Response,)> {
+    warp::path!("orders" / "wait")
+        .and(warp::post())
+        .and(with_state(state))
+        .and(user_header())
+        .and(warp::body::content_length_limit(64 * 1024))
+        .and(warp::body::bytes())
+        .then(|state, user, body| async move { respond(wait_for_many(state, user, body).await) })
+        .boxed()
+}
+
+/// `POST /orders/wait {"order_ids": [...], "wait": "30s"}`: a long poll for many orders at
+/// once. Answers once every named order is finished, or when the wait is over, with the
+/// finished ones in `orders`, the rest in `pending`, and ids that are not the caller's orders
+/// in `missing`.
+async fn wait_for_many(
+    state: State,
+    user_header: Option<String>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let user = user(user_header)?;
+    let request: WaitRequest = serde_json::from_slice(&body).map_err(|error| {
+        ApiError::bad_request(format!(
+            "body must be {{\"order_ids\": [...], \"wait\": \"30s\"}}: {error}"
+        ))
+    })?;
+    if request.order_ids.len() > MAX_WAIT_IDS {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_WAIT_IDS} order_ids"
+        )));
+    }
+    let wait = match request.wait.as_deref() {
+        None => Duration::from_secs(30),
+        Some(text) => humantime::parse_duration(text)
+            .ok()
+            .filter(|wait| *wait <= MAX_WAIT)
+            .ok_or_else(|| {
+                ApiError::bad_request("wait must be a duration like 30s, at most 60s")
+            })?,
+    };
+    let mut missing = Vec::new();
+    let mut ids = Vec::new();
+    for text in &request.order_ids {
+        match OrderId::try_parse(text) {
+            Ok(id) if !ids.contains(&id) => ids.push(id),
+            Ok(_) => {}
+            Err(_) => missing.push(text.clone()),
+        }
+    }
+    // Registered before the first read, so a finish in between is not missed.
+    let waiters = state.pool.waiters();
+    let mut woken: futures_util::stream::FuturesUnordered<_> = ids
+        .iter()
+        .map(|id| {
+            let done_rx = waiters.register(*id);
+            let id = *id;
+            async move { (id, done_rx.await) }
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut finished: Vec<std::sync::Arc<Order>> = Vec::new();
+    let mut pending: Vec<OrderId> = ids.clone();
+    let mut outcome = Ok(());
+    let mut first = true;
+    while !pending.is_empty() {
+        if !first {
+            let recheck = deadline.min(tokio::time::Instant::now() + WAIT_RECHECK);
+            // Handed finished orders as they end on this node; the rest (running elsewhere, or
+            // finished between registration and the first read) are read again now and then.
+            tokio::select! {
+                Some((id, Ok(order))) = woken.next() => {
+                    if order.user == user {
+                        if let Some(position) = pending.iter().position(|pending| *pending == id) {
+                            pending.swap_remove(position);
+                            finished.push(order);
+                        }
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(recheck) => {}
+            }
+        }
+        first = false;
+        let reads =
+            futures_util::future::join_all(pending.iter().map(|id| state.store.get(*id))).await;
+        let mut still = Vec::new();
+        for (id, read) in pending.iter().zip(reads) {
+            match read {
+                Ok(Some(order)) if order.user == user => {
+                    if order.is_finished() {
+                        finished.push(std::sync::Arc::new(order));
+                    } else {
+                        still.push(*id);
+                    }
+                }
+                Ok(_) => missing.push(id.to_string()),
+                Err(error) => {
+                    outcome = Err(ApiError::from_store(error, state.retry_after));
+                    still.push(*id);
+                }
+            }
+        }
+        pending = still;
+        if outcome.is_err() || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    drop(woken);
+    for id in &ids {
+        waiters.prune(*id);
+    }
+    outcome?;
+    let orders: Vec<OrderView<'_>> = finished
+        .iter()
+        .map(|order| OrderView::from(order.as_ref()))
+        .collect();
+    Ok(json_reply(
+        StatusCode::OK,
+        &serde_json::json!({ "orders": orders, "pending": pending, "missing": missing }),
+    ))
+}
+
 /// The longest `?wait=` a long poll may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(60);
 /// How often a long poll re-reads the store, for orders that finish on another node.
@@ -206,6 +342,13 @@ async fn get_order(
     id: String,
     params: HashMap<String, String>,
 ) -> Result<Response, ApiError> {
+    if id == "wait" {
+        // `/orders/wait` is the batch long poll, which only takes POST.
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed on this path",
+        ));
+    }
     let user = user(user_header)?;
     let wait = parse_wait(&params)?;
     let Some(wait) = wait else {

@@ -62,3 +62,57 @@ async fn long_poll_answers_when_the_order_finishes() {
         .await;
     node.expect_error(&reply, 400, "a bad wait");
 }
+
+#[tokio::test]
+async fn waiting_for_many_orders_answers_with_finished_pending_and_missing() {
+    let node = Node::start("[simulate]\nduration = \"200ms\"\nfailure_rate = 0.0\n").await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(node.create_order("batcher", &serde_json::json!({})).await);
+    }
+    let foreign = node
+        .create_order("someone-else", &serde_json::json!({}))
+        .await;
+    let mut named = ids.clone();
+    named.push(foreign.clone());
+    named.push("not-an-id".to_string());
+    let reply = node
+        .call(reqwest::Method::POST, "/orders/wait")
+        .user("batcher")
+        .body(serde_json::json!({ "order_ids": named, "wait": "30s" }).to_string())
+        .send()
+        .await;
+    let body = node.expect_json(&reply, 200, "batch wait");
+    let finished: Vec<&str> = body["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|order| {
+            assert_eq!(order["current_step"], "Completed", "{order}");
+            order["order_id"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(finished.len(), 3, "{body}");
+    assert!(ids.iter().all(|id| finished.contains(&id.as_str())));
+    assert_eq!(body["pending"], serde_json::json!([]));
+    let missing = body["missing"].as_array().unwrap();
+    assert!(missing.contains(&serde_json::json!(foreign)), "{body}");
+    assert!(missing.contains(&serde_json::json!("not-an-id")), "{body}");
+    // A short wait on an unfinished order leaves it pending.
+    let slow = node.create_order("batcher", &serde_json::json!({})).await;
+    let reply = node
+        .call(reqwest::Method::POST, "/orders/wait")
+        .user("batcher")
+        .body(serde_json::json!({ "order_ids": [slow], "wait": "1ms" }).to_string())
+        .send()
+        .await;
+    let body = node.expect_json(&reply, 200, "short batch wait");
+    assert_eq!(body["pending"], serde_json::json!([slow]), "{body}");
+    let reply = node
+        .call(reqwest::Method::POST, "/orders/wait")
+        .user("batcher")
+        .body("{\"ids\": []}")
+        .send()
+        .await;
+    node.expect_error(&reply, 400, "a bad batch wait body");
+}
