@@ -5,9 +5,12 @@
 //! Paths are matched before methods, so a known path with the wrong method is a 405 and an
 //! unknown path a 404.
 
+pub mod auth;
 mod diagnostic;
 pub mod error;
+pub mod limits;
 mod orders;
+pub mod serve;
 mod service;
 
 pub use error::ApiError;
@@ -39,6 +42,8 @@ pub struct ApiState {
     pub cluster: Option<Arc<Cluster>>,
     pub max_body_bytes: u64,
     pub retry_after: Duration,
+    /// Authentication and per-client limits.
+    pub security: auth::Security,
 }
 
 pub type State = Arc<ApiState>;

@@ -593,7 +593,7 @@ impl Cluster {
 }
 
 /// Compares secrets without leaking how much of them matched through timing.
-fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
+pub fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
     let mut difference = left.len() ^ right.len();
     for index in 0..left.len().max(right.len()) {
         let a = left.get(index).copied().unwrap_or(0);
