@@ -13,6 +13,7 @@
 //! - `diagnostic` — `/`, heartbeat and cluster views
 //! - `http_steps` — the `http` step handler against a fake shop: calls, retries, timeouts,
 //!   outputs, parked rollbacks, restarts between attempts
+//! - `security`   — tokens, roles, SIGHUP reload, rate and in-flight limits, slow clients
 
 mod util;
 
@@ -22,6 +23,7 @@ mod diagnostic;
 mod http_steps;
 mod pipeline;
 mod restart;
+mod security;
 
 mod bench;
 mod cluster;
