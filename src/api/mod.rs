@@ -10,6 +10,8 @@ mod diagnostic;
 pub mod error;
 pub mod limits;
 mod orders;
+#[cfg(test)]
+mod props;
 pub mod serve;
 mod service;
 

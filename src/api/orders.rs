@@ -155,7 +155,7 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 /// How often a long poll re-reads the store, for orders that finish on another node.
 const WAIT_RECHECK: Duration = Duration::from_millis(250);
 
-fn parse_wait(params: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
+pub(super) fn parse_wait(params: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
     for key in params.keys() {
         if key != "wait" {
             return Err(ApiError::bad_request(format!(
@@ -238,7 +238,7 @@ fn list(state: State) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-fn parse_list_query(params: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
+pub(super) fn parse_list_query(params: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
     let limit = match params.get("limit") {
         None => DEFAULT_LIMIT,
         Some(text) => match text.parse::<usize>() {
