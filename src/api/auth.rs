@@ -207,6 +207,12 @@ fn parse_tokens(text: &str) -> Result<Vec<Entry>, TokensError> {
     Ok(entries)
 }
 
+/// Checks a tokens file's text; the number of entries, or what is wrong. (For the fuzz targets
+/// and tools; the node reads files with [`Authenticator::new`].)
+pub fn check_tokens(text: &str) -> Result<usize, TokensError> {
+    parse_tokens(text).map(|entries| entries.len())
+}
+
 fn read_tokens(path: &Path) -> Result<Vec<Entry>, TokensError> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| TokensError(format!("cannot read {}: {error}", path.display())))?;
