@@ -100,8 +100,11 @@ impl Cluster {
         ];
         let membership =
             Membership::start(&node_id, generation, listen, advertise, &config, initial).await?;
+        // Peers close idle connections after limits.header_read_timeout (10 s by default); drop
+        // ours sooner so a transfer never goes out on a connection being closed.
         let http = reqwest::Client::builder()
             .timeout(config.transfer_timeout)
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()?;
         let (stop_tx, _) = watch::channel(false);
         let cluster = Arc::new(Cluster {
