@@ -7,7 +7,8 @@
 //! - [`store`]: the `OrderStore` trait and its embedded and Redis implementations.
 //! - [`pipeline`]: the bounded worker pool, the executor that drives an order to a terminal
 //!   state, and the step handlers.
-//! - [`api`]: the warp routes and the one place errors become JSON replies.
+//! - [`api`]: the warp routes, who may call them (`auth`) and what a client may cost (`limits`),
+//!   the connection server (`serve`), and the one place errors become JSON replies.
 //! - [`cluster`]: gossip membership, the leader lease and the takeover of dead nodes' orders.
 //! - [`bench`]: the `order-process bench` load generator and history checker.
 //! - [`node`]: wires the above into a running node and owns its shutdown.
