@@ -216,6 +216,11 @@ async fn tokens_are_checked_and_roles_enforced() {
             audit.join("\n")
         );
     }
+    // The node logs at debug here; payloads appear only at trace.
+    assert!(
+        !log.contains("payload-marker-5c2e"),
+        "the log contains an order payload"
+    );
     for token in [ALICE, BOB, ROOT, EXPIRED, REVOKED] {
         assert!(!log.contains(token), "the log contains a token");
         assert!(
