@@ -49,6 +49,8 @@ pub struct Config {
     pub steps: BTreeMap<String, StepConfig>,
     pub database: DatabaseConfig,
     pub cluster: ClusterConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -300,6 +302,64 @@ impl Default for ClusterConfig {
     }
 }
 
+/// How callers prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// `Authorization: Bearer <token>`, checked against the hashed tokens in `auth.tokens_file`.
+    Tokens,
+    /// Development only: the `Authorization` header's value is the user name, unchecked.
+    Header,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Unset: `header` when the node listens on a loopback address, `tokens` otherwise.
+    pub mode: Option<AuthMode>,
+    /// The tokens file (see the README's "Security" section); reloaded on SIGHUP.
+    pub tokens_file: PathBuf,
+    /// Allows `mode = "header"` on a non-loopback listener, where anyone could claim any user.
+    pub allow_insecure_header: bool,
+}
+
+/// What one client may cost the node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Longest time a client may take to send a request's headers; an idle keep-alive
+    /// connection is closed after it too.
+    #[serde(deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Longest time a client may take to send a request body once its headers are in.
+    #[serde(deserialize_with = "duration")]
+    pub body_read_timeout: Duration,
+    /// Order submissions per second one user may keep up (a token bucket refilled at this rate).
+    pub submit_rate: f64,
+    /// Submissions one user may make at once before the rate applies.
+    pub submit_burst: NonZeroUsize,
+    /// Users whose submission buckets are remembered; past it the longest idle is forgotten.
+    pub rate_limit_users: NonZeroUsize,
+    /// Deepest nesting of arrays and objects accepted in an order's payload.
+    pub max_depth: NonZeroUsize,
+    /// Unfinished orders one user may have on this node; more submissions get 429.
+    pub max_in_flight_per_user: NonZeroUsize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+            submit_rate: 100.0,
+            submit_burst: NonZeroUsize::new(200).unwrap_or(NonZeroUsize::MIN),
+            rate_limit_users: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
+            max_depth: NonZeroUsize::new(32).unwrap_or(NonZeroUsize::MIN),
+            max_in_flight_per_user: NonZeroUsize::new(1000).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
 /// Values given on the command line; each one overrides the file.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -420,7 +480,67 @@ impl Config {
         if self.database.timeout.is_zero() {
             return Err(ConfigError::new("database.timeout", "must be more than 0s"));
         }
-        self.validate_cluster()
+        self.validate_cluster()?;
+        self.validate_auth()?;
+        self.validate_limits()
+    }
+
+    /// The auth mode in force: the configured one, else `header` on a loopback listener and
+    /// `tokens` on any other.
+    pub fn auth_mode(&self) -> AuthMode {
+        self.auth
+            .mode
+            .unwrap_or(if self.server.listen.ip().is_loopback() {
+                AuthMode::Header
+            } else {
+                AuthMode::Tokens
+            })
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        match self.auth_mode() {
+            AuthMode::Header => {
+                let listen = self.server.listen;
+                if !listen.ip().is_loopback() && !self.auth.allow_insecure_header {
+                    return Err(ConfigError::new(
+                        "auth.allow_insecure_header",
+                        format!(
+                            "auth.mode = \"header\" trusts any Authorization header and is refused on the \
+                             non-loopback listener {listen}: use auth.mode = \"tokens\", or set \
+                             auth.allow_insecure_header = true if this network is trusted"
+                        ),
+                    ));
+                }
+            }
+            AuthMode::Tokens => {
+                if self.auth.tokens_file.as_os_str().is_empty() {
+                    return Err(ConfigError::new(
+                        "auth.tokens_file",
+                        "required with auth.mode = \"tokens\" (the default when server.listen is not loopback)",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let limits = &self.limits;
+        for (key, value) in [
+            ("limits.header_read_timeout", limits.header_read_timeout),
+            ("limits.body_read_timeout", limits.body_read_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(key, "must be more than 0s"));
+            }
+        }
+        if !(limits.submit_rate.is_finite() && limits.submit_rate > 0.0) {
+            return Err(ConfigError::new(
+                "limits.submit_rate",
+                "must be a number of submissions per second, more than 0",
+            ));
+        }
+        Ok(())
     }
 
     /// True when the node runs as a cluster member on Redis.
@@ -738,6 +858,58 @@ mod tests {
         );
         assert_eq!(Config::load(Some(&path), &bad).unwrap_err().key, "--listen");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn auth_mode_defaults_by_listener_and_header_mode_is_refused_on_a_network() {
+        let loopback = Config::from_toml("").unwrap();
+        assert_eq!(loopback.auth_mode(), AuthMode::Header);
+        loopback.validate().unwrap();
+        let public = Config::from_toml("[server]\nlisten = \"0.0.0.0:8080\"\n").unwrap();
+        assert_eq!(public.auth_mode(), AuthMode::Tokens);
+        assert_eq!(public.validate().unwrap_err().key, "auth.tokens_file");
+        let with_tokens = Config::from_toml(
+            "[server]\nlisten = \"0.0.0.0:8080\"\n[auth]\ntokens_file = \"tokens.toml\"\n",
+        )
+        .unwrap();
+        with_tokens.validate().unwrap();
+        let header =
+            Config::from_toml("[server]\nlisten = \"10.0.0.5:8080\"\n[auth]\nmode = \"header\"\n")
+                .unwrap();
+        let error = header.validate().unwrap_err();
+        assert_eq!(error.key, "auth.allow_insecure_header");
+        assert!(error.to_string().contains("auth.allow_insecure_header"));
+        let allowed = Config::from_toml(
+            "[server]\nlisten = \"10.0.0.5:8080\"\n[auth]\nmode = \"header\"\nallow_insecure_header = true\n",
+        )
+        .unwrap();
+        allowed.validate().unwrap();
+        let tokens_on_loopback = Config::from_toml("[auth]\nmode = \"tokens\"\n").unwrap();
+        assert_eq!(
+            tokens_on_loopback.validate().unwrap_err().key,
+            "auth.tokens_file"
+        );
+        assert_eq!(
+            Config::from_toml("[auth]\nmode = \"basic\"\n")
+                .unwrap_err()
+                .key,
+            "auth.mode"
+        );
+        for (section, key) in [
+            ("header_read_timeout = \"0s\"", "limits.header_read_timeout"),
+            ("body_read_timeout = \"0s\"", "limits.body_read_timeout"),
+            ("submit_rate = 0.0", "limits.submit_rate"),
+            ("submit_rate = -1.0", "limits.submit_rate"),
+        ] {
+            let config = Config::from_toml(&format!("[limits]\n{section}\n")).unwrap();
+            assert_eq!(config.validate().unwrap_err().key, key, "{section}");
+        }
+        assert_eq!(
+            Config::from_toml("[limits]\nmax_depth = 0\n")
+                .unwrap_err()
+                .key,
+            "limits.max_depth"
+        );
     }
 
     fn step_error(section: &str) -> ConfigError {

@@ -7,7 +7,8 @@
 //! - [`store`]: the `OrderStore` trait and its embedded and Redis implementations.
 //! - [`pipeline`]: the bounded worker pool, the executor that drives an order to a terminal
 //!   state, and the step handlers.
-//! - [`api`]: the warp routes and the one place errors become JSON replies; the OpenAPI
+//! - [`api`]: the warp routes, who may call them (`auth`) and what a client may cost (`limits`),
+//!   the connection server (`serve`), and the one place errors become JSON replies; the OpenAPI
 //!   description and the status page are files served from the binary.
 //! - [`metrics`]: the Prometheus metrics and the in-memory summary of this node's orders.
 //! - [`cluster`]: gossip membership, the leader lease and the takeover of dead nodes' orders.

@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use argh::FromArgs;
-use order_process::config::{Config, LogFormat, Overrides};
+use order_process::config::{Config, ConfigError, LogFormat, Overrides};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +41,75 @@ struct Args {
 #[argh(subcommand)]
 enum Command {
     Bench(order_process::bench::BenchArgs),
+    HashToken(HashTokenArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "hash-token")]
+/// Print the SHA-256 of a token for the tokens file (auth.tokens_file); with --user, a whole
+/// [[token]] entry to append to it. The token is read from standard input when not given, so it
+/// stays out of the shell history.
+struct HashTokenArgs {
+    /// the user name the token stands for; prints a whole entry
+    #[argh(option)]
+    user: Option<String>,
+    /// the role of the entry: user (the default) or admin
+    #[argh(option, default = "String::from(\"user\")")]
+    role: String,
+    /// when the token stops working, RFC 3339 (e.g. 2027-01-01T00:00:00Z)
+    #[argh(option)]
+    expires: Option<String>,
+    /// the token; read from standard input when absent
+    #[argh(positional)]
+    token: Option<String>,
+}
+
+/// `order-process hash-token`: prints a hash or a tokens-file entry.
+fn hash_token(args: HashTokenArgs) -> ExitCode {
+    use order_process::api::auth::{check_expires, entry_text, hash_token, Role};
+    let token = match args.token {
+        Some(token) => token,
+        None => {
+            let mut line = String::new();
+            if let Err(error) = std::io::stdin().read_line(&mut line) {
+                eprintln!("order-process: cannot read the token from standard input: {error}");
+                return ExitCode::FAILURE;
+            }
+            line.trim_end_matches(['\r', '\n']).to_string()
+        }
+    };
+    if token.trim().is_empty() || token.trim() != token || token.contains(char::is_whitespace) {
+        eprintln!("order-process: the token must be non-empty, without spaces");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let role = match args.role.as_str() {
+        "user" => Role::User,
+        "admin" => Role::Admin,
+        other => {
+            eprintln!("order-process: --role must be user or admin, not `{other}`");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Some(expires) = &args.expires {
+        if let Err(problem) = check_expires(expires) {
+            eprintln!("order-process: --expires: {problem}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    }
+    match args.user {
+        Some(user) if !user.trim().is_empty() => {
+            print!(
+                "{}",
+                entry_text(&token, user.trim(), role, args.expires.as_deref())
+            )
+        }
+        Some(_) => {
+            eprintln!("order-process: --user must not be empty");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        None => println!("{}", hash_token(&token)),
+    }
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
@@ -62,8 +131,10 @@ fn main() -> ExitCode {
             };
         }
     };
-    if let Some(Command::Bench(bench)) = args.command {
-        return order_process::bench::main(bench);
+    match args.command {
+        Some(Command::Bench(bench)) => return order_process::bench::main(bench),
+        Some(Command::HashToken(hash)) => return hash_token(hash),
+        None => {}
     }
     let overrides = Overrides {
         listen: args.listen,
@@ -107,6 +178,10 @@ fn main() -> ExitCode {
         };
         match order_process::node::run(config, listener, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
+            Err(error) if error.downcast_ref::<ConfigError>().is_some() => {
+                eprintln!("order-process: {error:#}");
+                ExitCode::from(EXIT_USAGE)
+            }
             Err(error) => {
                 eprintln!("order-process: {error:#}");
                 ExitCode::FAILURE

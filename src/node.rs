@@ -74,6 +74,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // First, so a bad tokens file stops the node before it touches its store.
+    let security = api::auth::Security::from_config(&config)?;
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
@@ -154,14 +156,18 @@ pub async fn run(
         metrics,
         max_body_bytes: config.server.max_body_bytes,
         retry_after: config.server.retry_after,
+        security,
     });
+    let reload = spawn_reload_on_hangup(Arc::clone(&state.security.auth));
     let (http_stop_tx, mut http_stop_rx) = tokio::sync::watch::channel(false);
-    let server = warp::serve(api::routes(state))
-        .incoming(listener)
-        .graceful(async move {
+    let server = api::serve::serve(
+        api::routes(state),
+        listener,
+        config.limits.header_read_timeout,
+        async move {
             let _ = http_stop_rx.changed().await;
-        })
-        .run();
+        },
+    );
     let server = tokio::spawn(server.instrument(tracing::info_span!("http")));
     info!(
         service_id = %service_id,
@@ -181,8 +187,32 @@ pub async fn run(
     if tokio::time::timeout(HTTP_DRAIN, server).await.is_err() {
         warn!("http server did not stop in time");
     }
+    reload.abort();
     info!("stopped");
     Ok(())
+}
+
+/// Re-reads the tokens file on each SIGHUP; a bad file keeps the tokens in force.
+fn spawn_reload_on_hangup(auth: Arc<api::auth::Authenticator>) -> tokio::task::JoinHandle<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let task = async move {
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                warn!(error = %error, "cannot listen for SIGHUP: tokens cannot be reloaded");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            match auth.reload() {
+                Ok(count) => info!(tokens = count, "received SIGHUP: tokens reloaded"),
+                Err(error) => {
+                    tracing::error!(error = %error, "received SIGHUP: cannot reload tokens, keeping the old ones")
+                }
+            }
+        }
+    };
+    tokio::spawn(task.instrument(tracing::info_span!("reload")))
 }
 
 /// Queues every unfinished order this node owns, so a restart resumes each at its current step.

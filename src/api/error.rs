@@ -48,6 +48,15 @@ impl ApiError {
         }
     }
 
+    /// 429 with a `Retry-After`: this caller should slow down.
+    pub fn too_many(message: impl Into<String>, retry_after: Duration) -> Self {
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            retry_after: Some(retry_after),
+        }
+    }
+
     /// A store failure, as the client should see it.
     pub fn from_store(error: StoreError, retry_after: Duration) -> Self {
         match error {

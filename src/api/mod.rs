@@ -9,10 +9,15 @@
 //! Paths are matched before methods, so a known path with the wrong method is a 405 and an
 //! unknown path a 404.
 
+pub mod auth;
 mod diagnostic;
 pub mod error;
+pub mod limits;
 mod metrics;
 mod orders;
+#[cfg(test)]
+mod props;
+pub mod serve;
 mod service;
 
 pub use error::ApiError;
@@ -46,6 +51,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     pub max_body_bytes: u64,
     pub retry_after: Duration,
+    /// Authentication and per-client limits.
+    pub security: auth::Security,
 }
 
 pub type State = Arc<ApiState>;

@@ -1,11 +1,15 @@
 //! `/orders`: submit, read, list and cancel orders. Callers are named by the `Authorization`
-//! header and see only their own orders; anything else is a 404, as if it did not exist.
+//! header ([`super::auth`]) and see only their own orders; anything else is a 404, as if it did
+//! not exist. An admin may also read and list anyone's orders and retry anyone's parked
+//! rollback; each such action is an `audit` log line.
 
+use super::auth::{audit, Principal};
+use super::limits::{nests_deeper_than, read_body};
 use super::{json_reply, respond, with_state, ApiError, State};
 use crate::order::{CreatedView, Order, OrderId, OrderView, RollbackState, Step};
 use crate::pipeline::Job;
 use crate::store::{CancelOutcome, Created, ListQuery, RetryRollbackOutcome};
-use bytes::{Buf, BytesMut};
+use bytes::Buf;
 use futures_util::{Stream, StreamExt};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -38,14 +42,6 @@ fn user_header() -> impl Filter<Extract = (Option<String>,), Error = warp::Rejec
     warp::header::optional::<String>("authorization")
 }
 
-/// The caller's user name: the `Authorization` header, which must not be empty.
-fn user(header: Option<String>) -> Result<String, ApiError> {
-    header
-        .map(|value| value.trim().to_string())
-        .filter(|value| !value.is_empty())
-        .ok_or_else(ApiError::unauthorized)
-}
-
 fn create(state: State) -> BoxedFilter<(Response,)> {
     warp::path!("orders")
         .and(warp::post())
@@ -59,33 +55,6 @@ fn create(state: State) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-/// Reads at most `limit` bytes of body; more is a 413.
-async fn read_body<S, B>(body: S, limit: u64) -> Result<BytesMut, ApiError>
-where
-    S: Stream<Item = Result<B, warp::Error>>,
-    B: Buf,
-{
-    let mut collected = BytesMut::new();
-    futures_util::pin_mut!(body);
-    while let Some(chunk) = body.next().await {
-        let mut chunk =
-            chunk.map_err(|error| ApiError::bad_request(format!("cannot read body: {error}")))?;
-        if (collected.len() + chunk.remaining()) as u64 > limit {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body larger than {limit} bytes"),
-            ));
-        }
-        while chunk.has_remaining() {
-            let part = chunk.chunk();
-            let length = part.len();
-            collected.extend_from_slice(part);
-            chunk.advance(length);
-        }
-    }
-    Ok(collected)
-}
-
 async fn create_order<S, B>(
     state: State,
     user_header: Option<String>,
@@ -96,8 +65,17 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    let user = user(user_header)?;
-    let body = read_body(body, state.max_body_bytes).await?;
+    let caller = state.security.auth.authenticate(user_header.as_deref())?;
+    if let Err(wait) = state.security.rate.check(&caller.user) {
+        return Err(ApiError::too_many("too many submissions, slow down", wait));
+    }
+    let body = read_body(body, state.max_body_bytes, state.security.body_read_timeout).await?;
+    let max_depth = state.security.max_depth;
+    if nests_deeper_than(&body, max_depth) {
+        return Err(ApiError::bad_request(format!(
+            "body nests arrays or objects deeper than {max_depth} levels"
+        )));
+    }
     let payload: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|error| ApiError::bad_request(format!("body is not valid JSON: {error}")))?;
     if !payload.is_object() {
@@ -114,6 +92,16 @@ where
             "Idempotency-Key longer than {MAX_IDEMPOTENCY_KEY} bytes"
         )));
     }
+    let Some(admission) = state
+        .security
+        .in_flight
+        .admit(&caller.user, |id| state.pool.is_active(id))
+    else {
+        return Err(ApiError::too_many(
+            "too many unfinished orders for this user on this node, try again later",
+            state.retry_after,
+        ));
+    };
     // Reserve the queue slot first: when the node is full or stopping, nothing is stored.
     let Some(slot) = state.pool.try_reserve() else {
         let reason = if state.pool.is_stopping() {
@@ -125,7 +113,7 @@ where
     };
     let order = Order::new(
         OrderId::now_v7(),
-        user,
+        caller.user,
         payload,
         state.service_id.clone(),
         chrono::Utc::now(),
@@ -138,9 +126,12 @@ where
     {
         Created::New => {
             tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created");
+            tracing::trace!(order_id = %order.order_id, payload = %order.payload, "new order payload");
             let view = CreatedView::from(&order);
             state.metrics.order_accepted();
+            let order_id = order.order_id;
             slot.send(Job::New(order));
+            admission.created(order_id);
             Ok(json_reply(StatusCode::CREATED, &view))
         }
         Created::Existing(first) => Ok(json_reply(
@@ -194,7 +185,7 @@ async fn wait_for_many(
     user_header: Option<String>,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    let user = user(user_header)?;
+    let caller = state.security.auth.authenticate(user_header.as_deref())?;
     let request: WaitRequest = serde_json::from_slice(&body).map_err(|error| {
         ApiError::bad_request(format!(
             "body must be {{\"order_ids\": [...], \"wait\": \"30s\"}}: {error}"
@@ -245,7 +236,7 @@ async fn wait_for_many(
             // finished between registration and the first read) are read again now and then.
             tokio::select! {
                 Some((id, Ok(order))) = woken.next() => {
-                    if order.user == user {
+                    if may_see(&caller, &order) {
                         if let Some(position) = pending.iter().position(|pending| *pending == id) {
                             pending.swap_remove(position);
                             finished.push(order);
@@ -262,7 +253,7 @@ async fn wait_for_many(
         let mut still = Vec::new();
         for (id, read) in pending.iter().zip(reads) {
             match read {
-                Ok(Some(order)) if order.user == user => {
+                Ok(Some(order)) if may_see(&caller, &order) => {
                     if order.is_finished() {
                         finished.push(std::sync::Arc::new(order));
                     } else {
@@ -301,7 +292,7 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 /// How often a long poll re-reads the store, for orders that finish on another node.
 const WAIT_RECHECK: Duration = Duration::from_millis(250);
 
-fn parse_wait(params: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
+pub(super) fn parse_wait(params: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
     for key in params.keys() {
         if key != "wait" {
             return Err(ApiError::bad_request(format!(
@@ -322,15 +313,20 @@ fn parse_wait(params: &HashMap<String, String>) -> Result<Option<Duration>, ApiE
         .transpose()
 }
 
-/// Loads an order the caller may see; anything else is a 404.
-async fn owned_order(state: &State, user: &str, id: &str) -> Result<Order, ApiError> {
+/// Loads an order the caller may see (its own, or any for an admin); anything else is a 404.
+/// Whether the caller may see an order: their own, or any for an admin.
+fn may_see(caller: &Principal, order: &Order) -> bool {
+    order.user == caller.user || caller.is_admin()
+}
+
+async fn owned_order(state: &State, caller: &Principal, id: &str) -> Result<Order, ApiError> {
     let id = OrderId::try_parse(id).map_err(|_| ApiError::not_found())?;
     state
         .store
         .get(id)
         .await
         .map_err(|error| ApiError::from_store(error, state.retry_after))?
-        .filter(|order| order.user == user)
+        .filter(|order| may_see(caller, order))
         .ok_or_else(ApiError::not_found)
 }
 
@@ -349,17 +345,20 @@ async fn get_order(
             "method not allowed on this path",
         ));
     }
-    let user = user(user_header)?;
+    let caller = state.security.auth.authenticate(user_header.as_deref())?;
     let wait = parse_wait(&params)?;
     let Some(wait) = wait else {
-        let order = owned_order(&state, &user, &id).await?;
+        let order = owned_order(&state, &caller, &id).await?;
+        if order.user != caller.user {
+            audit(&caller.user, caller.role.as_str(), "read order", &id);
+        }
         return Ok(json_reply(StatusCode::OK, &OrderView::from(&order)));
     };
     let order_id = OrderId::try_parse(&id).map_err(|_| ApiError::not_found())?;
     // Registered before the first read, so a finish in between is not missed.
     let waiters = state.pool.waiters();
     let mut done_rx = waiters.register(order_id);
-    let answer = wait_finished(&state, &user, &id, wait, &mut done_rx).await;
+    let answer = wait_finished(&state, &caller, &id, wait, &mut done_rx).await;
     drop(done_rx);
     waiters.prune(order_id);
     let order = answer?;
@@ -369,13 +368,13 @@ async fn get_order(
 /// The order once it is finished, or as it is when `wait` is over.
 async fn wait_finished(
     state: &State,
-    user: &str,
+    caller: &Principal,
     id: &str,
     wait: Duration,
     done_rx: &mut tokio::sync::oneshot::Receiver<std::sync::Arc<Order>>,
 ) -> Result<std::sync::Arc<Order>, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
-    let mut order = std::sync::Arc::new(owned_order(state, user, id).await?);
+    let mut order = std::sync::Arc::new(owned_order(state, caller, id).await?);
     let mut woken = false;
     while !order.is_finished() && tokio::time::Instant::now() < deadline {
         // Handed the finished order when it ends on this node; otherwise re-read now and then,
@@ -389,8 +388,8 @@ async fn wait_finished(
             _ = tokio::time::sleep_until(recheck) => None,
         };
         order = match finished {
-            Some(finished) if finished.user == user => finished,
-            _ => std::sync::Arc::new(owned_order(state, user, id).await?),
+            Some(finished) if may_see(caller, &finished) => finished,
+            _ => std::sync::Arc::new(owned_order(state, caller, id).await?),
         };
     }
     Ok(order)
@@ -406,7 +405,7 @@ fn list(state: State) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-fn parse_list_query(params: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
+pub(super) fn parse_list_query(params: &HashMap<String, String>) -> Result<ListQuery, ApiError> {
     let limit = match params.get("limit") {
         None => DEFAULT_LIMIT,
         Some(text) => match text.parse::<usize>() {
@@ -443,7 +442,7 @@ fn parse_list_query(params: &HashMap<String, String>) -> Result<ListQuery, ApiEr
     for key in params.keys() {
         if !matches!(
             key.as_str(),
-            "limit" | "cursor" | "current_step" | "rollback_state"
+            "limit" | "cursor" | "current_step" | "rollback_state" | "user"
         ) {
             return Err(ApiError::bad_request(format!(
                 "unknown query parameter `{key}`"
@@ -463,8 +462,17 @@ async fn list_orders(
     user_header: Option<String>,
     params: HashMap<String, String>,
 ) -> Result<Response, ApiError> {
-    let user = user(user_header)?;
+    let caller = state.security.auth.authenticate(user_header.as_deref())?;
     let query = parse_list_query(&params)?;
+    // `?user=<name>`: an admin lists another user's orders.
+    let user = match params.get("user") {
+        Some(user) if *user != caller.user => {
+            caller.require_admin("listing another user's orders")?;
+            audit(&caller.user, caller.role.as_str(), "list orders", user);
+            user.clone()
+        }
+        _ => caller.user,
+    };
     let page = state
         .store
         .list_for_user(&user, &query)
@@ -491,11 +499,11 @@ async fn cancel_order(
     user_header: Option<String>,
     id: String,
 ) -> Result<Response, ApiError> {
-    let user = user(user_header)?;
+    let caller = state.security.auth.authenticate(user_header.as_deref())?;
     let id = OrderId::try_parse(&id).map_err(|_| ApiError::not_found())?;
     let outcome = state
         .store
-        .request_cancel(id, &user)
+        .request_cancel(id, &caller.user)
         .await
         .map_err(|error| ApiError::from_store(error, state.retry_after))?;
     match outcome {
@@ -526,13 +534,26 @@ fn retry_rollback(state: State) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-/// Retries the compensations of an order whose rollback is parked; this node runs them.
+/// Retries the compensations of an order whose rollback is parked; this node runs them. The
+/// order's user may ask, and so may an admin for anyone's order.
 async fn retry_parked_rollback(
     state: State,
     user_header: Option<String>,
     id: String,
 ) -> Result<Response, ApiError> {
-    let user = user(user_header)?;
+    let caller = state.security.auth.authenticate(user_header.as_deref())?;
+    let user = if caller.is_admin() {
+        let order = owned_order(&state, &caller, &id).await?;
+        audit(
+            &caller.user,
+            caller.role.as_str(),
+            "retry parked rollback",
+            &id,
+        );
+        order.user
+    } else {
+        caller.user
+    };
     let id = OrderId::try_parse(&id).map_err(|_| ApiError::not_found())?;
     if state.pool.is_stopping() {
         return Err(ApiError::overloaded(

@@ -103,8 +103,11 @@ impl Cluster {
         ];
         let membership =
             Membership::start(&node_id, generation, listen, advertise, &config, initial).await?;
+        // Peers close idle connections after limits.header_read_timeout (10 s by default); drop
+        // ours sooner so a transfer never goes out on a connection being closed.
         let http = reqwest::Client::builder()
             .timeout(config.transfer_timeout)
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()?;
         let (stop_tx, _) = watch::channel(false);
         let cluster = Arc::new(Cluster {
@@ -603,7 +606,7 @@ impl Cluster {
 }
 
 /// Compares secrets without leaking how much of them matched through timing.
-fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
+pub fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
     let mut difference = left.len() ^ right.len();
     for index in 0..left.len().max(right.len()) {
         let a = left.get(index).copied().unwrap_or(0);

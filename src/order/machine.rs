@@ -140,6 +140,7 @@ pub fn apply(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, T
             if next.pending_rollback.is_empty() {
                 next.phase = Phase::Finished;
                 next.rollback_state = Some(RollbackState::Complete);
+                next.rollback_error = None;
                 next.complete_time = Some(now);
             }
         }
@@ -151,9 +152,7 @@ pub fn apply(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, T
             next.phase = Phase::Finished;
             next.rollback_state = Some(RollbackState::Incomplete);
             next.complete_time = Some(now);
-            if let Some(failure) = next.failure.as_mut() {
-                failure.reason = format!("{}; rollback of {step} failed: {reason}", failure.reason);
-            }
+            next.rollback_error = Some(format!("rollback of {step} failed: {reason}"));
         }
         Event::RetryRollback => {
             if next.phase != Phase::Finished

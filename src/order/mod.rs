@@ -6,6 +6,8 @@
 
 mod machine;
 mod model;
+#[cfg(test)]
+mod props;
 mod view;
 
 pub use machine::{apply, next_action, retry_due, Action, Event, TransitionError, CANCELLED};

@@ -224,6 +224,10 @@ pub struct Order {
     pub pending_rollback: Vec<Step>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollback_state: Option<RollbackState>,
+    /// Why the last compensation gave up, while the rollback is parked (the failure itself is
+    /// kept unchanged in `failure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_error: Option<String>,
     #[serde(default)]
     pub cancel_requested: bool,
     /// The node that runs this order.
@@ -253,6 +257,7 @@ impl Order {
             failure: None,
             pending_rollback: Vec::new(),
             rollback_state: None,
+            rollback_error: None,
             cancel_requested: false,
             owner,
             epoch: 1,

@@ -82,6 +82,9 @@ pub struct OrderView<'a> {
     pub failure: Option<&'a Failure>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rollback_state: Option<RollbackState>,
+    /// Why a parked rollback stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollback_error: Option<&'a str>,
     /// Steps whose compensation is still to run (only while rolling back or parked).
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub pending_rollback: &'a [Step],
@@ -112,6 +115,7 @@ impl<'a> From<&'a Order> for OrderView<'a> {
             payload: &order.payload,
             failure: order.failure.as_ref(),
             rollback_state: order.rollback_state,
+            rollback_error: order.rollback_error.as_deref(),
             pending_rollback: if order.rollback_state == Some(RollbackState::Complete) {
                 &[]
             } else {

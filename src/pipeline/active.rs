@@ -11,6 +11,13 @@ use std::sync::Mutex;
 pub struct ActiveOrders(Mutex<HashMap<OrderId, bool>>);
 
 impl ActiveOrders {
+    pub fn contains(&self, id: OrderId) -> bool {
+        self.0
+            .lock()
+            .map(|active| active.contains_key(&id))
+            .unwrap_or(false)
+    }
+
     /// Records an order as active; false if it already was.
     pub fn mark(&self, id: OrderId) -> bool {
         self.0

@@ -197,6 +197,11 @@ impl Pool {
         });
     }
 
+    /// Whether this node executes the order, has it queued or waits to retry one of its steps.
+    pub fn is_active(&self, id: OrderId) -> bool {
+        self.shared.active.contains(id)
+    }
+
     /// Orders executing now.
     pub fn inflight(&self) -> usize {
         self.shared.inflight.load(Ordering::Relaxed)

@@ -5,7 +5,12 @@ use crate::util::{Node, BIN};
 
 #[tokio::test]
 async fn a_small_bench_run_loses_nothing_and_finds_every_history_right() {
-    let node = Node::start("[simulate]\nduration = \"0s\"\nfailure_rate = 0.0\n").await;
+    // One user submits everything, as fast as it can: lift the per-user limits.
+    let node = Node::start(
+        "[simulate]\nduration = \"0s\"\nfailure_rate = 0.0\n\
+         [limits]\nsubmit_rate = 100000.0\nsubmit_burst = 100000\n",
+    )
+    .await;
     let output = tokio::process::Command::new(BIN)
         .args([
             "bench",

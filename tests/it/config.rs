@@ -97,6 +97,29 @@ async fn invalid_duration_in_config_exits_64_naming_the_key() {
 }
 
 #[tokio::test]
+async fn unsafe_auth_settings_exit_64_naming_the_key() {
+    // Header mode trusts any Authorization header: refused on a non-loopback listener, both when
+    // asked for and as the default. The config is refused before anything is bound.
+    let port = free_port();
+    let listen = format!("0.0.0.0:{port}");
+    let outcome = run_to_exit(Some("[auth]\nmode = \"header\"\n"), &["--listen", &listen]).await;
+    assert_usage_error(
+        &outcome,
+        "auth.allow_insecure_header",
+        "header mode on 0.0.0.0",
+    );
+    let outcome = run_to_exit(None, &["--listen", &listen]).await;
+    assert_usage_error(&outcome, "auth.tokens_file", "no tokens file on 0.0.0.0");
+    // Tokens mode with a tokens file that cannot be read or parsed.
+    let outcome = run_to_exit(
+        Some("[auth]\nmode = \"tokens\"\ntokens_file = \"/nonexistent/tokens.toml\"\n"),
+        &[],
+    )
+    .await;
+    assert_usage_error(&outcome, "auth.tokens_file", "a missing tokens file");
+}
+
+#[tokio::test]
 async fn malformed_toml_exits_64() {
     let outcome = run_to_exit(Some("[server\nlisten = \n"), &[]).await;
     assert_eq!(

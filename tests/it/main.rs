@@ -15,6 +15,7 @@
 //!   outputs, parked rollbacks, restarts between attempts
 //! - `metrics`    — `/metrics` counters, `/diagnostic/summary`, `/openapi.json` against the router
 //! - `status_page` — the HTML status page in headless Chromium (skipped without Chromium)
+//! - `security`   — tokens, roles, SIGHUP reload, rate and in-flight limits, slow clients
 
 mod util;
 
@@ -25,6 +26,7 @@ mod http_steps;
 mod metrics;
 mod pipeline;
 mod restart;
+mod security;
 mod status_page;
 
 mod bench;

@@ -1,0 +1,492 @@
+//! Authentication, roles and limits: tokens mode (wrong, missing, expired and revoked tokens
+//! get 401), users confined to their own orders, admins reading anyone's, the service endpoint
+//! refused without the cluster secret or an admin token, SIGHUP reloading the tokens file, the
+//! per-user submission rate and in-flight caps (429 with Retry-After), payload nesting, and slow
+//! clients disconnected while others are served.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::util::{order_ids, simulate, unique_user, Node, POLL};
+
+/// A tokens file in its own temp dir, written with entries made like `hash-token` makes them.
+struct Tokens {
+    dir: TempDir,
+}
+
+/// One entry: token, user, role, extra TOML lines.
+type Entry<'a> = (&'a str, &'a str, &'a str, &'a str);
+
+impl Tokens {
+    fn new(entries: &[Entry<'_>]) -> Tokens {
+        let tokens = Tokens {
+            dir: tempfile::tempdir().expect("create a temp dir"),
+        };
+        tokens.write(entries);
+        tokens
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("tokens.toml")
+    }
+
+    fn write(&self, entries: &[Entry<'_>]) {
+        let mut text = String::from("# test tokens\n");
+        for (token, user, role, extra) in entries {
+            text.push_str(&format!(
+                "[[token]]\nuser = \"{user}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n{extra}\n",
+                sha256_hex(token)
+            ));
+        }
+        self.write_raw(&text);
+    }
+
+    /// Writes through a temp file and a rename, so the node never reads half a file.
+    fn write_raw(&self, text: &str) {
+        let temp = self.dir.path().join("tokens.toml.new");
+        fs::write(&temp, text).expect("write the tokens file");
+        fs::rename(&temp, self.path()).expect("rename the tokens file");
+    }
+
+    /// A node config: tokens mode with this file, plus `extra`.
+    fn config(&self, extra: &str) -> String {
+        format!(
+            "{}[auth]\nmode = \"tokens\"\ntokens_file = \"{}\"\n{extra}",
+            simulate("10ms"),
+            self.path().display()
+        )
+    }
+}
+
+/// The hash the tokens file holds, computed by the binary itself (`hash-token`).
+fn sha256_hex(token: &str) -> String {
+    let output = std::process::Command::new(crate::util::BIN)
+        .args(["hash-token", token])
+        .output()
+        .expect("run order-process hash-token");
+    assert!(output.status.success(), "hash-token failed: {output:?}");
+    let hash = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    assert_eq!(hash.len(), 64, "hash-token printed {hash:?}");
+    hash
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+const ALICE: &str = "alice-token-8c1f0e6b";
+const BOB: &str = "bob-token-2d9a7c44";
+const ROOT: &str = "root-token-51be09d3";
+const EXPIRED: &str = "expired-token-77aa01";
+const REVOKED: &str = "revoked-token-3f3f3f";
+
+fn standard_tokens() -> Tokens {
+    Tokens::new(&[
+        (ALICE, "alice", "user", ""),
+        (BOB, "bob", "user", ""),
+        (ROOT, "root", "admin", ""),
+        (EXPIRED, "old", "user", "expires = 2020-01-01T00:00:00Z"),
+        (REVOKED, "gone", "user", "revoked = true"),
+    ])
+}
+
+#[tokio::test]
+async fn tokens_are_checked_and_roles_enforced() {
+    let tokens = standard_tokens();
+    let node = Node::start(&tokens.config("")).await;
+
+    // 401: missing, wrong, header-mode style, expired, revoked.
+    let reply = node.call(Method::POST, "/orders").body("{}").send().await;
+    node.expect_error(&reply, 401, "POST /orders without Authorization");
+    for (header, what) in [
+        (bearer("wrong-token"), "a wrong token"),
+        ("alice".to_string(), "a bare user name"),
+        (ALICE.to_string(), "a token without Bearer"),
+        (bearer(EXPIRED), "an expired token"),
+        (bearer(REVOKED), "a revoked token"),
+        (format!("Basic {ALICE}"), "another scheme"),
+    ] {
+        let reply = node.post_order(&header, "{}").await;
+        node.expect_error(&reply, 401, &format!("POST /orders with {what}"));
+        let reply = node.list(&header, &[]).await;
+        node.expect_error(&reply, 401, &format!("GET /orders with {what}"));
+    }
+    let reply = node.post_order(&bearer(EXPIRED), "{}").await;
+    assert!(reply.text.contains("expired"), "{reply}");
+
+    // Users see and act on their own orders only: another's is a 404.
+    let id = node
+        .create_order(&bearer(ALICE), &json!({"sku": "A1"}))
+        .await;
+    node.expect_json(
+        &node.get_order(&bearer(ALICE), &id).await,
+        200,
+        "alice reads her order",
+    );
+    node.expect_error(
+        &node.get_order(&bearer(BOB), &id).await,
+        404,
+        "bob reads alice's order",
+    );
+    node.expect_error(
+        &node.cancel(&bearer(BOB), &id).await,
+        404,
+        "bob cancels alice's order",
+    );
+    let reply = node
+        .call(Method::POST, &format!("/orders/{id}/rollback"))
+        .user(&bearer(BOB))
+        .send()
+        .await;
+    node.expect_error(&reply, 404, "bob retries alice's rollback");
+    let bobs = node.list(&bearer(BOB), &[]).await;
+    let bobs = node.expect_json(&bobs, 200, "bob lists his orders");
+    assert!(!order_ids(&bobs).contains(&id), "bob sees alice's order");
+
+    // 403: a user at admin endpoints.
+    let reply = node.list(&bearer(BOB), &[("user", "alice")]).await;
+    node.expect_error(&reply, 403, "bob lists alice's orders");
+    let transfer = json!({"service_id": "00000000-0000-4000-8000-000000000000"}).to_string();
+    let reply = node
+        .call(Method::POST, "/service/transfer")
+        .user(&bearer(BOB))
+        .body(transfer.clone())
+        .send()
+        .await;
+    node.expect_error(&reply, 403, "bob calls /service/transfer");
+    // 401: the service endpoint with neither the cluster secret nor a token.
+    let reply = node
+        .call(Method::POST, "/service/transfer")
+        .body(transfer.clone())
+        .send()
+        .await;
+    node.expect_error(&reply, 401, "/service/transfer without the secret");
+    let reply = node
+        .call(Method::POST, "/service/transfer")
+        .header("X-Cluster-Secret", "guess")
+        .body(transfer.clone())
+        .send()
+        .await;
+    node.expect_error(&reply, 401, "/service/transfer with a wrong secret");
+
+    // The admin reads and lists anyone's orders, and passes the service endpoint's check (this
+    // node runs alone, so the transfer itself is a 409).
+    let order = node.expect_json(
+        &node.get_order(&bearer(ROOT), &id).await,
+        200,
+        "admin reads alice's order",
+    );
+    assert_eq!(order["order_id"], Value::String(id.clone()));
+    let listed = node.list(&bearer(ROOT), &[("user", "alice")]).await;
+    let listed = node.expect_json(&listed, 200, "admin lists alice's orders");
+    assert_eq!(order_ids(&listed), vec![id.clone()]);
+    let reply = node
+        .call(Method::POST, "/service/transfer")
+        .user(&bearer(ROOT))
+        .body(transfer)
+        .send()
+        .await;
+    node.expect_error(&reply, 409, "admin calls /service/transfer on a lone node");
+    let reply = node
+        .call(Method::POST, &format!("/orders/{id}/rollback"))
+        .user(&bearer(ROOT))
+        .send()
+        .await;
+    node.expect_error(&reply, 409, "admin retries a rollback that is not parked");
+
+    // Diagnostics stay open.
+    node.heartbeat().await;
+
+    // Admin actions are audited with who and what; no token ever reaches the log.
+    let log = node.log();
+    let audit: Vec<&str> = log.lines().filter(|line| line.contains("audit")).collect();
+    for action in ["read order", "list orders", "retry parked rollback"] {
+        assert!(
+            audit
+                .iter()
+                .any(|line| line.contains(action) && line.contains("root")),
+            "no audit line for {action}:\n{}",
+            audit.join("\n")
+        );
+    }
+    // The node logs at debug here; payloads appear only at trace.
+    assert!(
+        !log.contains("payload-marker-5c2e"),
+        "the log contains an order payload"
+    );
+    for token in [ALICE, BOB, ROOT, EXPIRED, REVOKED] {
+        assert!(!log.contains(token), "the log contains a token");
+        assert!(
+            !log.contains(&sha256_hex(token)),
+            "the log contains a token hash"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_tokens_file() {
+    let tokens = standard_tokens();
+    let node = Node::start(&tokens.config("")).await;
+    let carol = "carol-token-0e0e0e0e";
+    node.create_order(&bearer(ALICE), &json!({})).await;
+    node.expect_error(
+        &node.list(&bearer(carol), &[]).await,
+        401,
+        "carol before she has a token",
+    );
+
+    // Revoke alice, add carol, and tell the node.
+    tokens.write(&[
+        (BOB, "bob", "user", ""),
+        (carol, "carol", "user", ""),
+        (ALICE, "alice", "user", "revoked = true"),
+    ]);
+    node.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = node.list(&bearer(ALICE), &[]).await;
+        if reply.status == 401 {
+            node.expect_error(&reply, 401, "alice after her token was revoked");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alice's revoked token still works 10 s after SIGHUP: {reply}\n{}",
+            node.log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    node.create_order(&bearer(carol), &json!({})).await;
+
+    // A bad file on reload keeps the tokens in force and logs an error.
+    tokens.write_raw("[[token]]\nuser = \"carol\"\nsha256 = \"not-a-hash\"\n");
+    node.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.log().contains("cannot reload tokens") {
+        assert!(
+            Instant::now() < deadline,
+            "no reload error logged within 10 s\n{}",
+            node.log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    node.create_order(&bearer(carol), &json!({})).await;
+    node.expect_error(
+        &node.list(&bearer(ALICE), &[]).await,
+        401,
+        "alice after a failed reload",
+    );
+    // The node survived both signals.
+    node.heartbeat().await;
+}
+
+#[tokio::test]
+async fn submissions_are_rate_limited_per_user_and_payloads_bounded() {
+    let node = Node::start(&format!(
+        "{}[limits]\nsubmit_rate = 0.1\nsubmit_burst = 3\nmax_depth = 8\n",
+        simulate("10ms")
+    ))
+    .await;
+    let alice = unique_user("alice");
+    for _ in 0..3 {
+        node.create_order(&alice, &json!({})).await;
+    }
+    let reply = node.post_order(&alice, "{}").await;
+    node.expect_error(&reply, 429, "a submission past the burst");
+    let retry_after: u64 = reply
+        .header("retry-after")
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("429 without a numeric Retry-After: {reply:?}"));
+    // One submission every 10 s: the fourth waits for most of that.
+    assert!((1..=10).contains(&retry_after), "Retry-After {retry_after}");
+    // Another user has a bucket of their own; reading is not limited.
+    let bob = unique_user("bob");
+    let id = node.create_order(&bob, &json!({})).await;
+    node.order(&bob, &id).await;
+    node.expect_json(
+        &node.list(&alice, &[]).await,
+        200,
+        "alice lists while limited",
+    );
+
+    // Nesting deeper than max_depth (8) is a 400; the body itself is one level.
+    let deep = format!("{{\"a\": {}1{}}}", "[".repeat(8), "]".repeat(8));
+    let reply = node.post_order(&bob, &deep).await;
+    node.expect_error(&reply, 400, "a payload nested 9 deep");
+    assert!(reply.text.contains("deeper"), "{reply}");
+    let ok = format!("{{\"a\": {}1{}}}", "[".repeat(7), "]".repeat(7));
+    node.expect_json(
+        &node.post_order(&bob, &ok).await,
+        201,
+        "a payload nested 8 deep",
+    );
+}
+
+#[tokio::test]
+async fn unfinished_orders_per_user_are_capped() {
+    let node = Node::start(&format!(
+        "{}[limits]\nmax_in_flight_per_user = 2\n",
+        simulate("2s")
+    ))
+    .await;
+    let alice = unique_user("alice");
+    let first = node.create_order(&alice, &json!({})).await;
+    node.create_order(&alice, &json!({})).await;
+    let reply = node.post_order(&alice, "{}").await;
+    node.expect_error(&reply, 429, "a third unfinished order");
+    assert!(reply.header("retry-after").is_some(), "{reply:?}");
+    node.create_order(&unique_user("bob"), &json!({})).await;
+    // A finished order frees its place.
+    node.expect_json(&node.cancel(&alice, &first).await, 202, "cancel");
+    node.wait_terminal(&alice, &first, Duration::from_secs(30))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = node.post_order(&alice, "{}").await;
+        if reply.status == 201 {
+            break;
+        }
+        node.expect_error(&reply, 429, "while the cancelled order winds down");
+        assert!(
+            Instant::now() < deadline,
+            "still capped after an order ended"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Sends `bytes` one at a time, `gap` apart, until the peer closes or `within` passes; returns
+/// when the write side failed (the connection was closed), if it did.
+async fn trickle(
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    bytes: Vec<u8>,
+    gap: Duration,
+) -> Option<Instant> {
+    for byte in bytes {
+        if writer.write_all(&[byte]).await.is_err() {
+            return Some(Instant::now());
+        }
+        tokio::time::sleep(gap).await;
+    }
+    None
+}
+
+/// Reads until EOF or error, at most `within`; the bytes read and when the read side ended.
+async fn read_to_close(
+    mut reader: tokio::net::tcp::OwnedReadHalf,
+    within: Duration,
+) -> (Vec<u8>, Option<Instant>) {
+    let mut received = Vec::new();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buffer = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, reader.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (received, Some(Instant::now())),
+            Ok(Ok(count)) => received.extend_from_slice(&buffer[..count]),
+            Err(_) => return (received, None),
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_clients_are_disconnected_while_others_are_served() {
+    let node = Node::start(&format!(
+        "{}[limits]\nheader_read_timeout = \"1s\"\nbody_read_timeout = \"1s\"\n",
+        simulate("10ms")
+    ))
+    .await;
+    let user = unique_user("alice");
+    let address = format!("127.0.0.1:{}", node.port);
+    let started = Instant::now();
+
+    // Slow headers: 10 clients each sending a byte every 200 ms (a 30 s request if let be).
+    let mut slow = Vec::new();
+    for _ in 0..10 {
+        let stream = TcpStream::connect(&address).await.expect("connect");
+        let (reader, writer) = stream.into_split();
+        let request = format!(
+            "POST /orders HTTP/1.1\r\nHost: x\r\nAuthorization: {user}\r\nContent-Type: application/json\r\nX-Padding: {}\r\n\r\n",
+            "p".repeat(120)
+        );
+        slow.push((
+            tokio::spawn(trickle(
+                writer,
+                request.into_bytes(),
+                Duration::from_millis(200),
+            )),
+            tokio::spawn(read_to_close(reader, Duration::from_secs(8))),
+        ));
+    }
+    // Slow body: the headers at once, then a 100-byte body a byte every 200 ms.
+    let stream = TcpStream::connect(&address).await.expect("connect");
+    let (reader, mut writer) = stream.into_split();
+    writer
+        .write_all(
+            format!(
+                "POST /orders HTTP/1.1\r\nHost: x\r\nAuthorization: {user}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("send headers");
+    let body = format!("{{\"pad\": \"{}\"}}", "x".repeat(89)).into_bytes();
+    assert_eq!(body.len(), 100);
+    let slow_body = (
+        tokio::spawn(trickle(writer, body, Duration::from_millis(200))),
+        tokio::spawn(read_to_close(reader, Duration::from_secs(8))),
+    );
+
+    // Meanwhile others are served.
+    let id = node.create_order(&user, &json!({})).await;
+    node.order(&user, &id).await;
+    node.heartbeat().await;
+
+    for (index, (writer, reader)) in slow.into_iter().enumerate() {
+        let (received, closed) = reader.await.expect("reader task");
+        let closed = closed.unwrap_or_else(|| {
+            panic!(
+                "slow-header client {index} still connected after 8 s; got {:?}\n{}",
+                String::from_utf8_lossy(&received),
+                node.log_tail()
+            )
+        });
+        let after = closed.duration_since(started);
+        assert!(
+            after < Duration::from_secs(5),
+            "slow-header client {index} closed only after {after:?}"
+        );
+        writer.abort();
+    }
+    let (received, closed) = slow_body.1.await.expect("reader task");
+    let text = String::from_utf8_lossy(&received).to_string();
+    let closed = closed.unwrap_or_else(|| {
+        panic!(
+            "slow-body client still connected after 8 s; got {text:?}\n{}",
+            node.log_tail()
+        )
+    });
+    assert!(
+        closed.duration_since(started) < Duration::from_secs(5),
+        "slow-body client closed only after {:?}",
+        closed.duration_since(started)
+    );
+    assert!(
+        text.starts_with("HTTP/1.1 408"),
+        "slow body: expected a 408 before the close, got {text:?}"
+    );
+    assert!(
+        text.contains("\"error\""),
+        "408 without a JSON error: {text:?}"
+    );
+    slow_body.0.abort();
+
+    // And the node still serves.
+    node.create_order(&user, &json!({})).await;
+}
