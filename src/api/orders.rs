@@ -130,7 +130,7 @@ where
             let view = CreatedView::from(&order);
             state.metrics.order_accepted();
             let order_id = order.order_id;
-            slot.send(Job::New(order));
+            slot.send(Job::New(Box::new(order)));
             admission.created(order_id);
             Ok(json_reply(StatusCode::CREATED, &view))
         }

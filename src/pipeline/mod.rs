@@ -44,7 +44,7 @@ use tracing::{debug, error, info, warn, Instrument};
 /// Work for the pool.
 pub enum Job {
     /// A freshly accepted order, as stored.
-    New(Order),
+    New(Box<Order>),
     /// An order to load from the store and resume (after a restart or a takeover).
     Resume(OrderId),
 }
@@ -337,7 +337,7 @@ async fn execute(shared: Arc<Shared>, job: Job) {
     let mut job = Some(job);
     loop {
         let order = match job.take() {
-            Some(Job::New(order)) => Some(order),
+            Some(Job::New(order)) => Some(*order),
             Some(Job::Resume(_)) | None => load(&shared, id).await,
         };
         let retry_at = match order {
