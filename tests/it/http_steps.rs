@@ -491,7 +491,12 @@ async fn a_failing_compensation_parks_the_order_until_retried_on_request() {
     );
     let reason = parked["failure"]["reason"].as_str().unwrap_or_default();
     assert!(reason.starts_with("bad address"), "{reason}");
-    assert!(reason.contains("ledger down"), "{reason}");
+    let rollback_error = parked["rollback_error"].as_str().unwrap_or_default();
+    assert!(
+        rollback_error.contains("Processing") && rollback_error.contains("ledger down"),
+        "{}",
+        pretty(&parked)
+    );
     assert_eq!(attempt_numbers(&shop.calls_to("/refund")), [1, 2]);
     assert!(
         shop.calls_to("/release").is_empty(),
