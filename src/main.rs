@@ -41,6 +41,7 @@ struct Args {
 #[argh(subcommand)]
 enum Command {
     Bench(order_process::bench::BenchArgs),
+    Chaos(order_process::chaos::ChaosArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,8 +63,10 @@ fn main() -> ExitCode {
             };
         }
     };
-    if let Some(Command::Bench(bench)) = args.command {
-        return order_process::bench::main(bench);
+    match args.command {
+        Some(Command::Bench(bench)) => return order_process::bench::main(bench),
+        Some(Command::Chaos(chaos)) => return order_process::chaos::main(chaos),
+        None => {}
     }
     let overrides = Overrides {
         listen: args.listen,
