@@ -361,20 +361,30 @@ impl RedisStore {
         .await
     }
 
-    /// Sets (or renews) a node's liveness lease.
+    /// Sets (or renews) a node's liveness lease, and registers the node with its HTTP address in
+    /// the same round trip: a node the leader forgot while it looked dead (paused, say) is known
+    /// again from its next renewal on, so its orders are taken over if it dies later.
     pub async fn renew_alive(
         &self,
         node: &str,
         holder: &str,
         ttl: Duration,
+        http_addr: &str,
     ) -> Result<(), StoreError> {
         let ttl_ms = ttl.as_millis() as u64;
         self.with_conn(|mut connection| async move {
-            redis::cmd("SET")
+            redis::pipe()
+                .cmd("SET")
                 .arg(alive_key(node))
                 .arg(holder)
                 .arg("PX")
                 .arg(ttl_ms)
+                .ignore()
+                .cmd("HSET")
+                .arg(NODES)
+                .arg(node)
+                .arg(http_addr)
+                .ignore()
                 .query_async::<()>(&mut connection)
                 .await
                 .map_err(unavailable)
