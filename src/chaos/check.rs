@@ -198,12 +198,8 @@ fn check_failed(
         }
         return Ok(End::Cancelled(failed));
     }
-    if intent.cancel_accepted {
-        return Err(problem(
-            "cancel_ignored",
-            format!("cancellation answered 202, order failed with `{reason}`"),
-        ));
-    }
+    // A cancellation accepted while the refused step ran: that step's own failure came first,
+    // and the order rolled back all the same.
     match intent.fail_at {
         Some(step) if step == failed && reason.contains("declined") => Ok(End::Declined(failed)),
         _ => Err(problem(

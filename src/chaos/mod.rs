@@ -1192,8 +1192,15 @@ impl Report {
             if fault.owned == Some(0) {
                 continue;
             }
+            // Only what happened while the fault lasted (and just after): later transfers of the
+            // same node belong to later faults or to drains.
+            let window_end = fault
+                .healed
+                .map(|healed| healed + chrono::Duration::seconds(5))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
             let resumed = logs.lines.iter().find(|line| {
                 line.at >= fault.at
+                    && line.at <= window_end
                     && ((line.message == "took over orders"
                         && line.fields["from"].as_str() == Some(service_id)
                         && line.fields["orders"].as_u64().unwrap_or(0) > 0)
@@ -1208,14 +1215,12 @@ impl Report {
             match resumed {
                 Some(line) => {
                     let latency = (line.at - fault.at).to_std().unwrap_or_default();
-                    if latency <= down.saturating_add(Duration::from_secs(30)) {
-                        report.takeovers.push(latency.as_secs_f64());
-                        report
-                            .takeover_by_kind
-                            .entry(fault.kind.name())
-                            .or_default()
-                            .push(latency.as_secs_f64());
-                    }
+                    report.takeovers.push(latency.as_secs_f64());
+                    report
+                        .takeover_by_kind
+                        .entry(fault.kind.name())
+                        .or_default()
+                        .push(latency.as_secs_f64());
                     if down > TAKEOVER_BOUND && latency > TAKEOVER_BOUND {
                         push(
                             "slow_takeover",
