@@ -104,16 +104,19 @@ enum Kind {
     KillRedis,
     Partition,
     RollingRestart,
+    /// SIGTERM, then SIGKILL while the node drains (hands over its orders).
+    KillDraining,
 }
 
 impl Kind {
-    const ALL: [Kind; 6] = [
+    const ALL: [Kind; 7] = [
         Kind::KillNode,
         Kind::KillLeader,
         Kind::PauseNode,
         Kind::KillRedis,
         Kind::Partition,
         Kind::RollingRestart,
+        Kind::KillDraining,
     ];
 
     fn name(self) -> &'static str {
@@ -124,6 +127,7 @@ impl Kind {
             Kind::KillRedis => "kill_redis",
             Kind::Partition => "partition",
             Kind::RollingRestart => "rolling_restart",
+            Kind::KillDraining => "kill_draining",
         }
     }
 }
@@ -782,7 +786,7 @@ async fn campaign(
                     continue;
                 }
             },
-            Kind::KillNode | Kind::PauseNode | Kind::Partition => {
+            Kind::KillNode | Kind::PauseNode | Kind::Partition | Kind::KillDraining => {
                 Some(healthy[rng.random_range(0..healthy.len())])
             }
             Kind::KillRedis | Kind::RollingRestart => None,
@@ -816,9 +820,20 @@ async fn campaign(
                 let at = later(&mut rng, 1000, 20000);
                 pending.push((at, Recovery::Restart(index), fault_index));
             }
+            (Kind::KillDraining, Some(index)) => {
+                let node = &mut world.nodes[index];
+                node.signal("TERM");
+                let wait = Duration::from_millis(rng.random_range(50..2500));
+                if node.wait_exit(wait).await.is_none() {
+                    node.kill();
+                }
+                let at = later(&mut rng, 1000, 10000);
+                pending.push((at, Recovery::Restart(index), fault_index));
+            }
             (Kind::PauseNode, Some(index)) => {
                 world.nodes[index].signal("STOP");
-                let at = later(&mut rng, 4000, 9000);
+                // Mostly past the liveness lease (3 s), sometimes shorter.
+                let at = later(&mut rng, 1500, 12000);
                 pending.push((at, Recovery::Resume(index), fault_index));
             }
             (Kind::Partition, Some(index)) => {

@@ -390,7 +390,7 @@ fn joining_a_cluster_on_the_embedded_store_is_refused() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 
-/// Regression (found by the chaos campaign): the leader forgets a node that is dead to gossip, has
+/// Regression (found while writing the chaos campaign's takeover check): the leader forgets a node that is dead to gossip, has
 /// no liveness lease and owns nothing. A node only paused (SIGSTOP) is forgotten that way too, and
 /// it registered only once, at start: back from the pause it took new orders unregistered, so when
 /// it later died for good nobody took them over.
