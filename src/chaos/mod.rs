@@ -1088,6 +1088,8 @@ struct Report {
     lost: usize,
     takeovers: Vec<f64>,
     takeover_by_kind: BTreeMap<&'static str, Vec<f64>>,
+    /// Orders moved away from a node while only its gossip was cut (its lease held).
+    moved_in_partitions: u64,
 }
 
 impl Report {
@@ -1195,9 +1197,28 @@ impl Report {
         // Takeover latency: from the fault to the victim's orders resuming, on another node
         // ("took over orders") or on the victim itself after its restart.
         for fault in faults {
+            if fault.kind == Kind::Partition {
+                // The partitioned node keeps its liveness lease: its orders should stay put.
+                if let (Some(service_id), Some(healed)) =
+                    (fault.service_id.as_deref(), fault.healed)
+                {
+                    report.moved_in_partitions += logs
+                        .lines
+                        .iter()
+                        .filter(|line| {
+                            line.at >= fault.at
+                                && line.at <= healed
+                                && line.message == "took over orders"
+                                && line.fields["from"].as_str() == Some(service_id)
+                        })
+                        .map(|line| line.fields["orders"].as_u64().unwrap_or(0))
+                        .sum::<u64>();
+                }
+                continue;
+            }
             if !matches!(
                 fault.kind,
-                Kind::KillNode | Kind::KillLeader | Kind::PauseNode
+                Kind::KillNode | Kind::KillLeader | Kind::PauseNode | Kind::KillDraining
             ) {
                 continue;
             }
@@ -1354,6 +1375,10 @@ impl Report {
         for (kind, values) in &self.takeover_by_kind {
             println!("  {kind:<12}{}", takeover(values));
         }
+        println!(
+            "partitions    orders moved away from a partitioned node: {} (its lease holds, so 0 is expected)",
+            self.moved_in_partitions
+        );
         println!("drains        {} of {} exited 0", drains.0, drains.1);
         if violations.is_empty() {
             println!("violations    0");
