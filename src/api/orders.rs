@@ -140,6 +140,12 @@ where
             slot.send(Job::New(order));
             Ok(json_reply(StatusCode::CREATED, &view))
         }
+        Created::Adopted(order) => {
+            tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created under the id its key reserved");
+            let view = CreatedView::from(order.as_ref());
+            slot.send(Job::New(*order));
+            Ok(json_reply(StatusCode::CREATED, &view))
+        }
         Created::Existing(first) => Ok(json_reply(
             StatusCode::OK,
             &CreatedView::from(first.as_ref()),
