@@ -85,11 +85,24 @@ pub fn main(args: ChaosArgs) -> ExitCode {
         }
     };
     runtime.block_on(async {
+        let terminate = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut stream) => {
+                    stream.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             code = run(args) => code,
             // Dropping the campaign kills every process it started and removes its rules.
             _ = tokio::signal::ctrl_c() => {
                 eprintln!("chaos: interrupted, stopping everything");
+                ExitCode::FAILURE
+            }
+            _ = terminate => {
+                eprintln!("chaos: terminated, stopping everything");
                 ExitCode::FAILURE
             }
         }
