@@ -218,14 +218,19 @@ impl World {
         healthy
     }
 
+    /// How many unfinished orders a node owns, read from the orders themselves (its owner index
+    /// may also hold a few finished ones, which nobody needs to take over).
     async fn owned(&self, service_id: &Option<String>) -> Option<usize> {
-        let (store, id) = (self.store.as_ref()?, service_id.as_ref()?);
-        store
-            .node_status(std::slice::from_ref(id))
-            .await
-            .ok()?
-            .first()
-            .map(|(_, owned)| *owned)
+        use crate::store::OrderStore;
+        let (store, node) = (self.store.as_ref()?, service_id.as_ref()?);
+        let mut owned = 0;
+        for id in store.owned_unfinished(node).await.ok()? {
+            let order = store.get(id).await.ok()?;
+            if order.is_some_and(|order| order.owner == *node && !order.is_finished()) {
+                owned += 1;
+            }
+        }
+        Some(owned)
     }
 }
 
