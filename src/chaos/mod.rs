@@ -1391,7 +1391,7 @@ impl Report {
         };
         println!("takeover      {}", takeover(&self.takeovers));
         for (kind, values) in &self.takeover_by_kind {
-            println!("  {kind:<12}{}", takeover(values));
+            println!("  {kind:<14}{}", takeover(values));
         }
         println!(
             "partitions    orders moved away from a partitioned node: {} (its lease holds, so 0 is expected)",

@@ -390,10 +390,11 @@ fn joining_a_cluster_on_the_embedded_store_is_refused() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 
-/// Regression (found while writing the chaos campaign's takeover check): the leader forgets a node that is dead to gossip, has
-/// no liveness lease and owns nothing. A node only paused (SIGSTOP) is forgotten that way too, and
-/// it registered only once, at start: back from the pause it took new orders unregistered, so when
-/// it later died for good nobody took them over.
+/// Regression (seen while writing the chaos campaign's takeover check, then shown by a campaign
+/// on the unfixed code: a killed node's orders waited 16 s for its restart): the leader forgets a
+/// node that is dead to gossip, has no liveness lease and owns nothing. A node only paused
+/// (SIGSTOP) is forgotten that way too, and it registered only once, at start: back from the
+/// pause it took new orders unregistered, so when it later died for good nobody took them over.
 #[tokio::test]
 async fn a_node_forgotten_while_paused_has_its_orders_taken_over_when_it_dies_later() {
     let _one = exclusive().await;
