@@ -134,6 +134,15 @@ where
             admission.created(order_id);
             Ok(json_reply(StatusCode::CREATED, &view))
         }
+        Created::Adopted(order) => {
+            tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created under the id its key reserved");
+            let view = CreatedView::from(order.as_ref());
+            state.metrics.order_accepted();
+            let order_id = order.order_id;
+            slot.send(Job::New(order));
+            admission.created(order_id);
+            Ok(json_reply(StatusCode::CREATED, &view))
+        }
         Created::Existing(first) => Ok(json_reply(
             StatusCode::OK,
             &CreatedView::from(first.as_ref()),

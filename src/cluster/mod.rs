@@ -183,7 +183,12 @@ impl Cluster {
             let sent = Instant::now();
             match self
                 .store
-                .renew_alive(&self.node_id, &self.alive_holder, ttl)
+                .renew_alive(
+                    &self.node_id,
+                    &self.alive_holder,
+                    ttl,
+                    &self.advertise.to_string(),
+                )
                 .await
             {
                 Ok(()) => {

@@ -38,6 +38,9 @@ pub enum Created {
     New,
     /// The key was used before by the same user: here is the order it created.
     Existing(Box<Order>),
+    /// Stored, under the id an earlier request with the same key had reserved without storing
+    /// its order (it failed midway, or stalls): this is the order as stored.
+    Adopted(Box<Order>),
 }
 
 /// What a cancellation request found.

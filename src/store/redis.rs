@@ -59,6 +59,17 @@ redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6])
 return 'ok'
 ";
 
+/// Create an order. KEYS[1] = order. ARGV: doc, owner, epoch, user, state, step. Returns {'ok'},
+/// or {'exists', current owner} and writes nothing. Atomic so that two requests with the same
+/// idempotency key (one stalled, one retried elsewhere) cannot both store the order.
+const CREATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'exists', redis.call('HGET', KEYS[1], 'owner')}
+end
+redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'owner', ARGV[2], 'epoch', ARGV[3], 'user', ARGV[4], 'state', ARGV[5], 'step', ARGV[6])
+return {'ok'}
+";
+
 /// Record a cancellation. KEYS[1] = order. ARGV: user. Returns nil for another user's or an
 /// unknown order, else {doc, owner, epoch, cancel before}. Atomic so a cancellation is recorded
 /// only on an order still running forward.
@@ -125,6 +136,7 @@ return 0
 ";
 
 struct Scripts {
+    create: Script,
     commit: Script,
     cancel: Script,
     reassign: Script,
@@ -191,6 +203,7 @@ impl RedisStore {
             next_slot: std::sync::atomic::AtomicUsize::new(0),
             timeout,
             scripts: Scripts {
+                create: Script::new(CREATE),
                 commit: Script::new(COMMIT),
                 cancel: Script::new(CANCEL),
                 reassign: Script::new(REASSIGN),
@@ -260,7 +273,11 @@ impl RedisStore {
             Err(error)
                 if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
-                for script in [&self.scripts.commit, &self.scripts.reassign] {
+                for script in [
+                    &self.scripts.create,
+                    &self.scripts.commit,
+                    &self.scripts.reassign,
+                ] {
                     script
                         .prepare_invoke()
                         .load_async(connection)
@@ -361,20 +378,30 @@ impl RedisStore {
         .await
     }
 
-    /// Sets (or renews) a node's liveness lease.
+    /// Sets (or renews) a node's liveness lease, and registers the node with its HTTP address in
+    /// the same round trip: a node the leader forgot while it looked dead (paused, say) is known
+    /// again from its next renewal on, so its orders are taken over if it dies later.
     pub async fn renew_alive(
         &self,
         node: &str,
         holder: &str,
         ttl: Duration,
+        http_addr: &str,
     ) -> Result<(), StoreError> {
         let ttl_ms = ttl.as_millis() as u64;
         self.with_conn(|mut connection| async move {
-            redis::cmd("SET")
+            redis::pipe()
+                .cmd("SET")
                 .arg(alive_key(node))
                 .arg(holder)
                 .arg("PX")
                 .arg(ttl_ms)
+                .ignore()
+                .cmd("HSET")
+                .arg(NODES)
+                .arg(node)
+                .arg(http_addr)
+                .ignore()
                 .query_async::<()>(&mut connection)
                 .await
                 .map_err(unavailable)
@@ -560,6 +587,78 @@ impl RedisStore {
     }
 
     /// Removes ids from an owner set when the order there is someone else's or finished.
+    /// Writes a new order unless its id exists already (false then). Its owner and user indexes
+    /// are written in the same round trip, so an order is never stored without them; when the id
+    /// turns out to exist, the entries this call added are taken back.
+    async fn write_new(&self, order: &Order) -> Result<bool, StoreError> {
+        let id = order.order_id.to_string();
+        let doc =
+            serde_json::to_string(order).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let member = micros_member(order);
+        let added = member.as_str();
+        let (created, existing_owner): (String, Option<String>) = self
+            .with_conn(|mut connection| async move {
+                let mut pipeline = redis::pipe();
+                pipeline
+                    .cmd("SADD")
+                    .arg(owned_key(&order.owner))
+                    .arg(&id)
+                    .ignore()
+                    .cmd("ZADD")
+                    .arg(user_key(&order.user))
+                    .arg(0)
+                    .arg(added)
+                    .ignore();
+                pipeline.invoke_script(
+                    self.scripts
+                        .create
+                        .key(order_key(&id))
+                        .arg(&doc)
+                        .arg(&order.owner)
+                        .arg(order.epoch)
+                        .arg(&order.user)
+                        .arg(state_name(order))
+                        .arg(order.current_step.as_str()),
+                );
+                let (outcome,): (Vec<Option<String>>,) =
+                    self.run_pipeline(&mut connection, &pipeline).await?;
+                let mut outcome = outcome.into_iter();
+                Ok((
+                    outcome.next().flatten().unwrap_or_default(),
+                    outcome.next().flatten(),
+                ))
+            })
+            .await?;
+        if created == "ok" {
+            return Ok(true);
+        }
+        let existing = self.get(order.order_id).await?;
+        let id = order.order_id.to_string();
+        self.with_conn(|mut connection| async move {
+            let mut pipeline = redis::pipe();
+            if existing_owner.as_deref() != Some(order.owner.as_str()) {
+                pipeline
+                    .cmd("SREM")
+                    .arg(owned_key(&order.owner))
+                    .arg(&id)
+                    .ignore();
+            }
+            if existing.as_ref().map(micros_member).as_deref() != Some(member.as_str()) {
+                pipeline
+                    .cmd("ZREM")
+                    .arg(user_key(&order.user))
+                    .arg(&member)
+                    .ignore();
+            }
+            pipeline
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(unavailable)
+        })
+        .await?;
+        Ok(false)
+    }
+
     async fn fix_owned(
         &self,
         connection: &mut MultiplexedConnection,
@@ -590,11 +689,10 @@ impl OrderStore for RedisStore {
         order: &Order,
         idempotency_key: Option<&str>,
     ) -> Result<Created, StoreError> {
-        let id = order.order_id.to_string();
-        let doc =
-            serde_json::to_string(order).map_err(|error| StoreError::Corrupt(error.to_string()))?;
-        if let Some(key) = idempotency_key {
-            let key = idem_key(&order.user, key);
+        let mut adopted: Option<Order> = None;
+        if let Some(given) = idempotency_key {
+            let key = idem_key(&order.user, given);
+            let id = order.order_id.to_string();
             let ttl = IDEMPOTENCY_TTL.as_secs();
             let earlier: Option<String> = self
                 .with_conn(|mut connection| async move {
@@ -610,65 +708,51 @@ impl OrderStore for RedisStore {
                         .map_err(unavailable)
                 })
                 .await?;
-            if let Some(earlier) = earlier {
-                if let Some(first) = OrderId::try_parse(&earlier)
-                    .ok()
-                    .map(|earlier_id| self.get(earlier_id))
-                {
-                    if let Some(first) = first.await? {
+            match earlier.map(|earlier| OrderId::try_parse(&earlier)) {
+                None => {}
+                Some(Ok(earlier)) => {
+                    if let Some(first) = self.get(earlier).await? {
                         return Ok(Created::Existing(Box::new(first)));
                     }
+                    // The key's first request reserved this id and wrote no order: it failed, or
+                    // it is stalled and may still write it. This one is stored under the same id,
+                    // so whichever writes first wins and there is never a second order.
+                    let mut same = order.clone();
+                    same.order_id = earlier;
+                    adopted = Some(same);
                 }
-                // The key points at an order that was never written (its creator failed midway):
-                // this request takes the key over.
-                let key = idem_key(&order.user, idempotency_key.unwrap_or_default());
-                let id = order.order_id.to_string();
-                self.with_conn(|mut connection| async move {
-                    redis::cmd("SET")
-                        .arg(&key)
-                        .arg(&id)
-                        .arg("EX")
-                        .arg(ttl)
-                        .query_async::<()>(&mut connection)
-                        .await
-                        .map_err(unavailable)
-                })
-                .await?;
+                Some(Err(_)) => {
+                    // Not an order id (written by something else): this request takes the key.
+                    let key = idem_key(&order.user, given);
+                    let id = order.order_id.to_string();
+                    self.with_conn(|mut connection| async move {
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(&id)
+                            .arg("EX")
+                            .arg(ttl)
+                            .query_async::<()>(&mut connection)
+                            .await
+                            .map_err(unavailable)
+                    })
+                    .await?;
+                }
             }
         }
-        let id = order.order_id.to_string();
-        self.with_conn(|mut connection| async move {
-            redis::pipe()
-                .cmd("HSET")
-                .arg(order_key(&id))
-                .arg("doc")
-                .arg(&doc)
-                .arg("owner")
-                .arg(&order.owner)
-                .arg("epoch")
-                .arg(order.epoch)
-                .arg("user")
-                .arg(&order.user)
-                .arg("state")
-                .arg(state_name(order))
-                .arg("step")
-                .arg(order.current_step.as_str())
-                .ignore()
-                .cmd("SADD")
-                .arg(owned_key(&order.owner))
-                .arg(&id)
-                .ignore()
-                .cmd("ZADD")
-                .arg(user_key(&order.user))
-                .arg(0)
-                .arg(micros_member(order))
-                .ignore()
-                .query_async::<()>(&mut connection)
-                .await
-                .map_err(unavailable)
-        })
-        .await?;
-        Ok(Created::New)
+        let order = adopted.as_ref().unwrap_or(order);
+        if self.write_new(order).await? {
+            return Ok(match adopted {
+                Some(adopted) => Created::Adopted(Box::new(adopted)),
+                None => Created::New,
+            });
+        }
+        // Another request with the same key stored this id first.
+        match self.get(order.order_id).await? {
+            Some(first) => Ok(Created::Existing(Box::new(first))),
+            None => Err(StoreError::Unavailable(
+                "order of this idempotency key is being written, try again".into(),
+            )),
+        }
     }
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
@@ -752,7 +836,10 @@ impl OrderStore for RedisStore {
                 let Some(order) = Self::decode(fields)? else {
                     continue;
                 };
-                if order.user != user || !query.matches(&order) {
+                // A member left by a create that lost its id to another request with the same
+                // idempotency key (and crashed before taking the member back) is not this order's.
+                if order.user != user || !query.matches(&order) || micros_member(&order) != *member
+                {
                     continue;
                 }
                 page.orders.push(order);

@@ -38,7 +38,7 @@ fn succeed(order: &Order) -> Order {
 async fn create(store: &dyn OrderStore, order: &Order) {
     match store.create(order, None).await.expect("create") {
         Created::New => {}
-        Created::Existing(_) => panic!("a fresh order was taken for an existing one"),
+        other => panic!("a fresh order was not created: {other:?}"),
     }
 }
 
@@ -70,7 +70,7 @@ async fn conformance(store: &dyn OrderStore) {
     let again = new_order(&user, "node-a", 2);
     match store.create(&again, Some("key-1")).await.unwrap() {
         Created::Existing(existing) => assert_eq!(existing.order_id, first.order_id),
-        Created::New => panic!("same user and key created a second order"),
+        other => panic!("same user and key created a second order: {other:?}"),
     }
     assert_eq!(store.get(again.order_id).await.unwrap(), None);
     let theirs = new_order(&other, "node-a", 3);
@@ -384,5 +384,83 @@ async fn redis_store_fails_fast_when_redis_is_down_and_recovers() {
             Err(error) if std::time::Instant::now() > deadline => panic!("commit: {error}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
+    }
+}
+
+/// Sends one command to Redis as RESP over a plain socket and reads the first line of the answer.
+fn raw_command(port: u16, args: &[&str]) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+    let mut command = format!("*{}\r\n", args.len());
+    for arg in args {
+        command.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    stream.write_all(command.as_bytes()).expect("send to redis");
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .expect("answer from redis");
+    line
+}
+
+/// Regression (found while writing the chaos campaign's duplicate check): a request that reserved
+/// its idempotency key and then stalled before storing its order (a paused node), and the
+/// client's retry of it on another node, each stored an order: the retry took the key over with a
+/// new id, and the stalled request stored its own id when it woke. Now the retry stores its order
+/// under the reserved id, and whichever write comes second finds it taken.
+#[tokio::test]
+async fn redis_store_keeps_one_order_per_idempotency_key_when_the_first_request_stalls() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    let user = format!("user-{}", uuid::Uuid::new_v4().simple());
+    // The first request, on node-a, reserved the key for its order and stalls before writing it.
+    let stalled = new_order(&user, "node-a", 0);
+    let reserved = stalled.order_id.to_string();
+    let key = format!("op:idem:{user}:cart-7");
+    let answer = raw_command(redis.port, &["SET", &key, &reserved, "EX", "600"]);
+    assert!(answer.starts_with("+OK"), "{answer}");
+    // The client's retry reaches node-b: it stores the order under the reserved id.
+    let retry = new_order(&user, "node-b", 5);
+    let stored = match store.create(&retry, Some("cart-7")).await.unwrap() {
+        Created::Adopted(order) => *order,
+        other => panic!("the retry did not take the reserved id: {other:?}"),
+    };
+    assert_eq!(stored.order_id, stalled.order_id);
+    assert_eq!(stored.owner, "node-b");
+    assert_eq!(store.get(retry.order_id).await.unwrap(), None);
+    // The stalled request wakes and writes its order: the id is taken, nothing is stored twice.
+    match store.create(&stalled, None).await.unwrap() {
+        Created::Existing(existing) => assert_eq!(existing.owner, "node-b"),
+        other => panic!("the stalled request stored a second order: {other:?}"),
+    }
+    let listed = store
+        .list_for_user(
+            &user,
+            &ListQuery {
+                limit: 50,
+                ..ListQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.orders.len(), 1, "{:?}", listed.orders);
+    assert!(!store
+        .owned_unfinished("node-a")
+        .await
+        .unwrap()
+        .contains(&stalled.order_id));
+    assert!(store
+        .owned_unfinished("node-b")
+        .await
+        .unwrap()
+        .contains(&stalled.order_id));
+    // A later repeat of the key gets that one order.
+    match store
+        .create(&new_order(&user, "node-a", 9), Some("cart-7"))
+        .await
+        .unwrap()
+    {
+        Created::Existing(existing) => assert_eq!(existing.order_id, stalled.order_id),
+        other => panic!("{other:?}"),
     }
 }

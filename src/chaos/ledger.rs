@@ -1,0 +1,379 @@
+//! The ledger: an in-process HTTP service that plays the shop's payment, stock and shipping for
+//! the campaign's nodes, and keeps the books the checker reads afterwards.
+//!
+//! Every node calls `POST /n{node}/run/{step}` to run a step and `/n{node}/undo/{step}` to
+//! compensate it (the node index in the path says who called). The ledger behaves like a careful
+//! real service:
+//! - an effect is applied once per idempotency key; a repeat gets the first answer again;
+//! - a compensation is recorded once per key, and remembers whether it undid an effect;
+//! - a run that arrives after its step was compensated is refused (409) instead of applied, so a
+//!   stale caller cannot leave an effect behind that nobody will undo;
+//! - the order's payload can ask for a refusal at one step (`"fail_at"`, answered 422) and for
+//!   one slow step (`"slow": {"step": …, "ms": …}`);
+//! - the first two attempts of any call fail with 503 now and then (decided by a hash of the
+//!   seed, the key and the attempt number, so a replay with the same seed flakes the same way).
+
+use crate::order::Step;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use warp::http::StatusCode;
+use warp::Filter;
+
+/// In how many of 1000 first or second attempts the ledger answers 503.
+const FLAKY_PER_MILLE: u64 = 40;
+
+/// What the ledger did with one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A run applied its effect.
+    Applied,
+    /// A run whose key was seen before: answered again, nothing applied.
+    Duplicate,
+    /// A run the order's payload asked to refuse (422).
+    Declined,
+    /// A 503 before doing anything (the caller retries).
+    Flaky,
+    /// A run after its step's compensation: refused (409), nothing applied.
+    LateRunRefused,
+    /// A compensation that undid an applied effect.
+    Compensated,
+    /// A compensation of a step that had no effect (the failed step, or a cancelled one).
+    NothingToUndo,
+    /// A compensation whose key was seen before: answered again, nothing done.
+    UndoDuplicate,
+    /// The idempotency key is not `{order_id}:{step}` (or `…:rollback` to undo).
+    BadKey,
+}
+
+/// One call the ledger answered.
+#[derive(Clone, Debug, Serialize)]
+pub struct Call {
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    pub node: usize,
+    pub order_id: String,
+    pub step: String,
+    pub rollback: bool,
+    pub key: String,
+    pub attempt: u32,
+    pub status: u16,
+    pub outcome: Outcome,
+}
+
+/// An applied effect or a recorded compensation of one step of one order.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub seq: u64,
+    pub at: DateTime<Utc>,
+    pub node: usize,
+    pub key: String,
+    /// For a compensation: whether an effect was applied when it came.
+    pub undid_effect: bool,
+}
+
+#[derive(Default)]
+pub struct Books {
+    pub calls: Vec<Call>,
+    /// (order id, step) → the effect applied.
+    pub effects: HashMap<(String, String), Entry>,
+    /// (order id, step) → the compensation recorded.
+    pub compensations: HashMap<(String, String), Entry>,
+    seq: u64,
+}
+
+impl Books {
+    /// The calls made for one order, in the order they were answered.
+    pub fn calls_for(&self, order_id: &str) -> Vec<&Call> {
+        self.calls
+            .iter()
+            .filter(|call| call.order_id == order_id)
+            .collect()
+    }
+}
+
+/// What the nodes send (the `http` step handler's body); only the fields the ledger needs.
+#[derive(Deserialize)]
+struct StepRequest {
+    order_id: String,
+    step: String,
+    #[serde(default)]
+    attempt: u32,
+    #[serde(default)]
+    payload: serde_json::Value,
+}
+
+pub struct Ledger {
+    pub base: String,
+    books: Arc<Mutex<Books>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl Ledger {
+    /// Starts the ledger on a free loopback port.
+    pub async fn start(seed: u64) -> std::io::Result<Ledger> {
+        let books: Arc<Mutex<Books>> = Arc::default();
+        let shared = Arc::clone(&books);
+        let routes = warp::post()
+            .and(warp::path!(String / String / String))
+            .and(warp::header::optional::<String>("idempotency-key"))
+            .and(warp::body::content_length_limit(1024 * 1024))
+            .and(warp::body::bytes())
+            .and(warp::any().map(move || Arc::clone(&shared)))
+            .then(
+                move |node: String,
+                      direction: String,
+                      step: String,
+                      key: Option<String>,
+                      body: bytes::Bytes,
+                      books: Arc<Mutex<Books>>| async move {
+                    let (text, status) =
+                        answer(seed, &books, &node, &direction, &step, key, &body).await;
+                    warp::reply::with_status(text, status)
+                },
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let server = tokio::spawn(warp::serve(routes).incoming(listener).run());
+        Ok(Ledger {
+            base,
+            books,
+            server,
+        })
+    }
+
+    pub fn books(&self) -> MutexGuard<'_, Books> {
+        lock(&self.books)
+    }
+}
+
+fn lock(books: &Mutex<Books>) -> MutexGuard<'_, Books> {
+    books
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// FNV-1a over the seed and the parts: a stable, seeded coin for flaky answers.
+fn coin(seed: u64, parts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for part in parts {
+        for byte in part.bytes().chain(std::iter::once(0xff)) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// The step a payload asks to refuse, and its slow step with how long it takes.
+pub fn payload_asks(payload: &serde_json::Value) -> (Option<String>, Option<(String, u64)>) {
+    let chaos = &payload["chaos"];
+    let fail_at = chaos["fail_at"].as_str().map(str::to_string);
+    let slow = chaos["slow"]["step"]
+        .as_str()
+        .map(|step| (step.to_string(), chaos["slow"]["ms"].as_u64().unwrap_or(0)));
+    (fail_at, slow)
+}
+
+async fn answer(
+    seed: u64,
+    books: &Mutex<Books>,
+    node: &str,
+    direction: &str,
+    step: &str,
+    key: Option<String>,
+    body: &[u8],
+) -> (String, StatusCode) {
+    let node: usize = match node.strip_prefix('n').and_then(|n| n.parse().ok()) {
+        Some(node) => node,
+        None => return ("unknown node".into(), StatusCode::NOT_FOUND),
+    };
+    let rollback = match direction {
+        "run" => false,
+        "undo" => true,
+        _ => return ("unknown direction".into(), StatusCode::NOT_FOUND),
+    };
+    if step.parse::<Step>().is_err() {
+        return ("unknown step".into(), StatusCode::NOT_FOUND);
+    }
+    let request: StepRequest = match serde_json::from_slice(body) {
+        Ok(request) => request,
+        Err(error) => return (format!("bad body: {error}"), StatusCode::BAD_REQUEST),
+    };
+    let key = key.unwrap_or_default();
+    let (fail_at, slow) = payload_asks(&request.payload);
+    if !rollback {
+        if let Some((slow_step, ms)) = &slow {
+            if slow_step == step {
+                tokio::time::sleep(Duration::from_millis(*ms)).await;
+            }
+        }
+    }
+    let expected = if rollback {
+        format!("{}:{}:rollback", request.order_id, step)
+    } else {
+        format!("{}:{}", request.order_id, step)
+    };
+    let flaky = request.attempt <= 2
+        && coin(seed, &[&key, &request.attempt.to_string()]) % 1000 < FLAKY_PER_MILLE;
+    let mut books = lock(books);
+    books.seq += 1;
+    let seq = books.seq;
+    let at = Utc::now();
+    let id = (request.order_id.clone(), step.to_string());
+    let entry = Entry {
+        seq,
+        at,
+        node,
+        key: key.clone(),
+        undid_effect: false,
+    };
+    let (outcome, status, text) = if key != expected || request.step != step {
+        (
+            Outcome::BadKey,
+            StatusCode::BAD_REQUEST,
+            format!("idempotency key `{key}` is not `{expected}`"),
+        )
+    } else if flaky {
+        (
+            Outcome::Flaky,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ledger busy".to_string(),
+        )
+    } else if rollback {
+        if books.compensations.contains_key(&id) {
+            (Outcome::UndoDuplicate, StatusCode::OK, "{}".to_string())
+        } else {
+            let undid_effect = books.effects.contains_key(&id);
+            books.compensations.insert(
+                id,
+                Entry {
+                    undid_effect,
+                    ..entry
+                },
+            );
+            let outcome = if undid_effect {
+                Outcome::Compensated
+            } else {
+                Outcome::NothingToUndo
+            };
+            (outcome, StatusCode::OK, "{}".to_string())
+        }
+    } else if books.compensations.contains_key(&id) {
+        (
+            Outcome::LateRunRefused,
+            StatusCode::CONFLICT,
+            "already compensated".to_string(),
+        )
+    } else if fail_at.as_deref() == Some(step) {
+        (
+            Outcome::Declined,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("declined {step}"),
+        )
+    } else if let Some(first) = books.effects.get(&id) {
+        let text = serde_json::json!({ "ref": format!("{step}-{}", first.seq) }).to_string();
+        (Outcome::Duplicate, StatusCode::OK, text)
+    } else {
+        books.effects.insert(id, entry);
+        let text = serde_json::json!({ "ref": format!("{step}-{seq}") }).to_string();
+        (Outcome::Applied, StatusCode::OK, text)
+    };
+    books.calls.push(Call {
+        seq,
+        at,
+        node,
+        order_id: request.order_id,
+        step: step.to_string(),
+        rollback,
+        key,
+        attempt: request.attempt,
+        status: status.as_u16(),
+        outcome,
+    });
+    (text, status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(order: &str, step: &str, attempt: u32, payload: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "order_id": order, "step": step, "attempt": attempt, "payload": payload
+        }))
+        .unwrap()
+    }
+
+    /// A seed under which no attempt of the keys used below flakes.
+    fn calm_seed() -> u64 {
+        (0..1000u64)
+            .find(|seed| {
+                ["o:Processing", "o:Processing:rollback", "p:Processing"]
+                    .iter()
+                    .all(|key| {
+                        (1..=2).all(|attempt| {
+                            coin(*seed, &[key, &attempt.to_string()]) % 1000 >= FLAKY_PER_MILLE
+                        })
+                    })
+            })
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn effects_apply_once_and_late_runs_are_refused() {
+        let books = Mutex::new(Books::default());
+        let seed = calm_seed();
+        let run = body("o", "Processing", 1, serde_json::json!({}));
+        let key = Some("o:Processing".to_string());
+        let (_, status) = answer(seed, &books, "n0", "run", "Processing", key.clone(), &run).await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, status) = answer(seed, &books, "n1", "run", "Processing", key.clone(), &run).await;
+        assert_eq!(status, StatusCode::OK);
+        let undo_key = Some("o:Processing:rollback".to_string());
+        let (_, status) = answer(seed, &books, "n1", "undo", "Processing", undo_key, &run).await;
+        assert_eq!(status, StatusCode::OK);
+        let (_, status) = answer(seed, &books, "n0", "run", "Processing", key, &run).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        let books = lock(&books);
+        let outcomes: Vec<Outcome> = books.calls.iter().map(|call| call.outcome).collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                Outcome::Applied,
+                Outcome::Duplicate,
+                Outcome::Compensated,
+                Outcome::LateRunRefused
+            ]
+        );
+        assert_eq!(books.effects.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn declines_on_request_and_checks_the_key() {
+        let books = Mutex::new(Books::default());
+        let seed = calm_seed();
+        let run = body(
+            "p",
+            "Processing",
+            1,
+            serde_json::json!({"chaos": {"fail_at": "Processing"}}),
+        );
+        let key = Some("p:Processing".to_string());
+        let (_, status) = answer(seed, &books, "n0", "run", "Processing", key, &run).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        let wrong = Some("p:Scheduling".to_string());
+        let (_, status) = answer(seed, &books, "n0", "run", "Processing", wrong, &run).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(lock(&books).effects.is_empty());
+    }
+}
