@@ -11,7 +11,7 @@
 //! Every figure is about this node: the orders it accepted, the steps it ran, the orders in
 //! flight here by their current step. Sum over nodes for the cluster.
 
-use crate::order::{Order, OrderId, Phase, Step, CANCELLED};
+use crate::order::{Order, OrderId, Outcome, Step, CANCELLED};
 use chrono::{DateTime, Utc};
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -170,10 +170,6 @@ impl AtomicHistogram {
         self.inner.count.fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         self.inner.sum_micros.fetch_add(micros, Ordering::Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.inner.count.load(Ordering::Relaxed)
     }
 }
 
@@ -467,37 +463,32 @@ impl Metrics {
 
     /// Counts an order that just reached its terminal state on this node.
     pub fn order_finished(&self, order: &Order) {
-        if order.phase != Phase::Finished {
-            return;
-        }
-        match (&order.current_step, &order.failure) {
-            (Step::Completed, _) => {
+        let failure = match order.outcome() {
+            None => return,
+            Some(Outcome::Completed) => {
                 self.orders_completed.inc();
+                return;
             }
-            (_, Some(failure)) => {
-                let cancelled = failure.reason == CANCELLED;
-                if cancelled {
-                    self.orders_cancelled.inc();
-                } else {
-                    self.orders_failed.inc();
-                }
-                let entry = RecentFailure {
-                    order_id: order.order_id,
-                    step: failure.step,
-                    reason: failure.reason.clone(),
-                    cancelled,
-                    failed_at: order.complete_time.unwrap_or_else(Utc::now),
-                };
-                if let Ok(mut recent) = self.recent_failures.lock() {
-                    if recent.len() == RECENT_FAILURES {
-                        recent.pop_back();
-                    }
-                    recent.push_front(entry);
-                }
+            Some(Outcome::Failed(failure)) => failure,
+        };
+        let cancelled = failure.reason == CANCELLED;
+        if cancelled {
+            self.orders_cancelled.inc();
+        } else {
+            self.orders_failed.inc();
+        }
+        let entry = RecentFailure {
+            order_id: order.order_id,
+            step: failure.step,
+            reason: failure.reason.clone(),
+            cancelled,
+            failed_at: order.complete_time.unwrap_or_else(Utc::now),
+        };
+        if let Ok(mut recent) = self.recent_failures.lock() {
+            if recent.len() == RECENT_FAILURES {
+                recent.pop_back();
             }
-            (_, None) => {
-                self.orders_failed.inc();
-            }
+            recent.push_front(entry);
         }
     }
 
@@ -676,6 +667,39 @@ mod tests {
         )
         .ends_with(" 2"));
         assert!(line("order_process_rollbacks_total{step=\"Scheduling\"}").ends_with(" 1"));
+    }
+
+    #[test]
+    fn finished_orders_are_counted_by_outcome_and_unfinished_ones_not_at_all() {
+        use crate::order::{Failure, Phase};
+        let metrics = Metrics::new();
+        let order = |step: Step, failure: Option<&str>, phase: Phase| {
+            let mut order = Order::new(
+                uuid::Uuid::now_v7(),
+                "alice".into(),
+                serde_json::json!({}),
+                "node".into(),
+                Utc::now(),
+            );
+            order.current_step = step;
+            order.phase = phase;
+            order.failure = failure.map(|reason| Failure {
+                step: Step::Processing,
+                reason: reason.into(),
+            });
+            order
+        };
+        metrics.order_finished(&order(Step::Processing, None, Phase::Forward));
+        metrics.order_finished(&order(Step::Completed, None, Phase::Finished));
+        metrics.order_finished(&order(Step::Failed, Some("boom"), Phase::Finished));
+        metrics.order_finished(&order(Step::Failed, Some(CANCELLED), Phase::Finished));
+        metrics.order_finished(&order(Step::Failed, Some("boom"), Phase::RollingBack));
+        let text = metrics.render().unwrap();
+        for (name, count) in [("completed", 1), ("failed", 1), ("cancelled", 1)] {
+            let line = format!("order_process_orders_{name}_total {count}");
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+        }
+        assert_eq!(metrics.recent_failures().len(), 2);
     }
 
     #[test]

@@ -195,6 +195,14 @@ pub enum Phase {
     Finished,
 }
 
+/// How a finished order ended.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Outcome<'a> {
+    Completed,
+    /// Failed (or cancelled: the failure's reason is [`crate::order::CANCELLED`]), rollbacks done or parked.
+    Failed(&'a Failure),
+}
+
 /// Whether the compensations of a failed order all ran.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -266,6 +274,18 @@ impl Order {
 
     pub fn is_finished(&self) -> bool {
         self.phase == Phase::Finished
+    }
+
+    /// How a finished order ended: `None` while it is unfinished. A finished order that did not
+    /// complete carries the failure that ended it.
+    pub fn outcome(&self) -> Option<Outcome<'_>> {
+        if !self.is_finished() {
+            return None;
+        }
+        match &self.failure {
+            Some(failure) => Some(Outcome::Failed(failure)),
+            None => Some(Outcome::Completed),
+        }
     }
 
     /// The newest entry of a step.
