@@ -338,7 +338,7 @@ pub struct LimitsConfig {
     pub submit_rate: f64,
     /// Submissions one user may make at once before the rate applies.
     pub submit_burst: NonZeroUsize,
-    /// Users whose submission buckets are remembered; past it the longest idle is forgotten.
+    /// Users whose submission buckets are remembered; past it, users share one bucket until some refill.
     pub rate_limit_users: NonZeroUsize,
     /// Deepest nesting of arrays and objects accepted in an order's payload.
     pub max_depth: NonZeroUsize,

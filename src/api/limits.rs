@@ -6,10 +6,15 @@ use super::ApiError;
 use crate::order::OrderId;
 use bytes::{Buf, BytesMut};
 use futures_util::{Stream, StreamExt};
+use governor::clock::{Clock, DefaultClock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::Quota;
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use warp::http::StatusCode;
 
 /// Reads at most `limit` bytes of body within `timeout`; more is a 413, slower a 408.
@@ -94,77 +99,78 @@ pub fn depth(value: &serde_json::Value) -> usize {
     }
 }
 
-/// A token bucket per user: `burst` submissions at once, refilled at `rate` per second. At most
-/// `capacity` users are remembered; a full bucket is the same as a forgotten one, so those go
-/// first, then the longest idle.
-pub struct RateLimiter {
-    rate: f64,
-    burst: f64,
+/// A token bucket per user (GCRA, from `governor`): `burst` submissions at once, refilled at
+/// `rate` per second. At most `capacity` users are remembered: when the table is full, the users
+/// whose bucket has refilled (the same as a forgotten one) are dropped, and while it stays full a
+/// user is checked against one bucket shared by everyone else, so memory stays bounded and an
+/// unknown user is never let through unchecked.
+pub struct RateLimiter<C: Clock = DefaultClock> {
+    buckets:
+        governor::RateLimiter<String, DashMapStateStore<String>, C, NoOpMiddleware<C::Instant>>,
     capacity: usize,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    /// When the table was last swept, so a full table is swept at most every [`SWEEP_PERIOD`].
+    last_sweep: Mutex<Option<C::Instant>>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
+/// The key of the bucket shared by the users who do not fit in a full table.
+const OVERFLOW: &str = "";
+/// How often a full table of buckets may be swept for refilled ones.
+const SWEEP_PERIOD: Duration = Duration::from_millis(100);
 
 impl RateLimiter {
     pub fn new(rate: f64, burst: usize, capacity: usize) -> Self {
+        Self::with_clock(rate, burst, capacity, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> RateLimiter<C> {
+    fn with_clock(rate: f64, burst: usize, capacity: usize, clock: C) -> Self {
+        // One token every 1/rate seconds; a rate too high for a nanosecond period is one per ns.
+        let period =
+            Duration::from_secs_f64(1.0 / rate.max(f64::MIN_POSITIVE)).max(Duration::from_nanos(1));
+        let burst =
+            NonZeroU32::new(u32::try_from(burst).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+            .allow_burst(burst);
         RateLimiter {
-            rate,
-            burst: burst as f64,
+            buckets: governor::RateLimiter::dashmap_with_clock(quota, clock),
             capacity: capacity.max(1),
-            buckets: Mutex::new(HashMap::new()),
+            last_sweep: Mutex::new(None),
         }
     }
 
     /// Takes one submission from `user`'s bucket, or says how long until one is available.
     pub fn check(&self, user: &str) -> Result<(), Duration> {
-        self.check_at(user, Instant::now())
-    }
-
-    fn check_at(&self, user: &str, now: Instant) -> Result<(), Duration> {
-        let mut buckets = match self.buckets.lock() {
-            Ok(buckets) => buckets,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let refill = |bucket: &Bucket| {
-            let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-            (bucket.tokens + elapsed * self.rate).min(self.burst)
-        };
-        if !buckets.contains_key(user) && buckets.len() >= self.capacity {
-            buckets.retain(|_, bucket| refill(bucket) < self.burst);
-            if buckets.len() >= self.capacity {
-                let idlest = buckets
-                    .iter()
-                    .min_by_key(|(_, bucket)| bucket.updated)
-                    .map(|(name, _)| name.clone());
-                if let Some(idlest) = idlest {
-                    buckets.remove(&idlest);
-                }
+        let mut key = user;
+        if self.buckets.len() >= self.capacity {
+            self.sweep();
+            if self.buckets.len() >= self.capacity {
+                key = OVERFLOW;
             }
         }
-        let bucket = buckets.entry(user.to_string()).or_insert(Bucket {
-            tokens: self.burst,
-            updated: now,
-        });
-        bucket.tokens = refill(bucket);
-        bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / self.rate))
+        self.buckets
+            .check_key(&key.to_string())
+            .map_err(|not_until| not_until.wait_time_from(self.buckets.clock().now()))
+    }
+
+    /// Forgets the users whose bucket has refilled, at most once every [`SWEEP_PERIOD`].
+    fn sweep(&self) {
+        let now = self.buckets.clock().now();
+        let mut last_sweep = match self.last_sweep.lock() {
+            Ok(last_sweep) => last_sweep,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let due =
+            last_sweep.is_none_or(|last| Duration::from(now.duration_since(last)) >= SWEEP_PERIOD);
+        if due {
+            *last_sweep = Some(now);
+            self.buckets.retain_recent();
         }
     }
 
     pub fn users(&self) -> usize {
-        self.buckets
-            .lock()
-            .map(|buckets| buckets.len())
-            .unwrap_or(0)
+        self.buckets.len()
     }
 }
 
@@ -283,6 +289,7 @@ impl Drop for Admission<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use governor::clock::FakeRelativeClock;
 
     #[test]
     fn depth_scan_ignores_brackets_in_strings() {
@@ -297,36 +304,42 @@ mod tests {
 
     #[test]
     fn bucket_allows_the_burst_then_the_rate() {
-        let limiter = RateLimiter::new(10.0, 3, 100);
-        let start = Instant::now();
+        let clock = FakeRelativeClock::default();
+        let limiter = RateLimiter::with_clock(10.0, 3, 100, clock.clone());
         for _ in 0..3 {
-            assert!(limiter.check_at("alice", start).is_ok());
+            assert!(limiter.check("alice").is_ok());
         }
-        let wait = limiter.check_at("alice", start).unwrap_err();
+        let wait = limiter.check("alice").unwrap_err();
         assert!(
             wait > Duration::from_millis(90) && wait <= Duration::from_millis(100),
             "{wait:?}"
         );
         // Other users have their own bucket.
-        assert!(limiter.check_at("bob", start).is_ok());
+        assert!(limiter.check("bob").is_ok());
         // 100 ms later one more is allowed, and only one.
-        let later = start + Duration::from_millis(100);
-        assert!(limiter.check_at("alice", later).is_ok());
-        assert!(limiter.check_at("alice", later).is_err());
+        clock.advance(Duration::from_millis(100));
+        assert!(limiter.check("alice").is_ok());
+        assert!(limiter.check("alice").is_err());
     }
 
     #[test]
-    fn buckets_stay_bounded() {
-        let limiter = RateLimiter::new(1.0, 2, 10);
-        let start = Instant::now();
+    fn buckets_stay_bounded_and_a_full_table_still_limits() {
+        let clock = FakeRelativeClock::default();
+        let limiter = RateLimiter::with_clock(1.0, 2, 10, clock.clone());
         for index in 0..1000 {
-            let _ = limiter.check_at(&format!("user-{index}"), start);
-            assert!(limiter.users() <= 10);
+            let _ = limiter.check(&format!("user-{index}"));
+            // The table, plus the bucket shared by whoever does not fit.
+            assert!(limiter.users() <= 11, "{} users", limiter.users());
         }
-        // An exhausted user keeps its bucket while others come and go, unless it is the idlest.
-        let _ = limiter.check_at("hot", start);
-        let _ = limiter.check_at("hot", start);
-        assert!(limiter.check_at("hot", start).is_err());
+        // The table is full of recent users: a newcomer shares one bucket with the others that
+        // do not fit, so it is limited all the same.
+        assert!(limiter.check("hot").is_err());
+        // Once the buckets refill they are forgotten, and a newcomer has its own again.
+        clock.advance(Duration::from_secs(5));
+        assert!(limiter.check("hot").is_ok());
+        assert!(limiter.check("hot").is_ok());
+        assert!(limiter.check("hot").is_err());
+        assert!(limiter.users() <= 11);
     }
 
     #[test]
