@@ -18,6 +18,7 @@ pub use membership::{Member, Membership, SeenNode};
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::{Gate, Pool};
+use crate::secret::constant_time_eq;
 use crate::store::redis::RedisStore;
 use crate::store::OrderStore;
 use std::collections::HashSet;
@@ -94,7 +95,7 @@ impl Cluster {
         let generation = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
         let initial = vec![
             (keys::HTTP_ADDR.to_string(), advertise.to_string()),
-            (keys::VERSION.to_string(), crate::api::VERSION.to_string()),
+            (keys::VERSION.to_string(), crate::about::VERSION.to_string()),
             (keys::INFLIGHT.to_string(), "0".to_string()),
             (
                 keys::STARTED_AT.to_string(),
@@ -153,10 +154,7 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn node_id(&self) -> &str {
-        &self.node_id
-    }
-
+    /// Whether `given` is the cluster secret.
     pub fn secret_matches(&self, given: &str) -> bool {
         constant_time_eq(given.as_bytes(), self.config.secret.as_bytes())
     }
@@ -382,7 +380,7 @@ impl Cluster {
                 node_id: self.node_id.clone(),
                 generation: 0,
                 http_addr: Some(self.advertise),
-                version: Some(crate::api::VERSION.to_string()),
+                version: Some(crate::about::VERSION.to_string()),
                 inflight: self.pool.inflight(),
                 started_at: None,
             });
@@ -607,30 +605,5 @@ impl Cluster {
             orders = owned,
             "no live peer took the unfinished orders; the leader's sweep will move them"
         );
-    }
-}
-
-/// Compares secrets without leaking how much of them matched through timing.
-pub fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
-    let mut difference = left.len() ^ right.len();
-    for index in 0..left.len().max(right.len()) {
-        let a = left.get(index).copied().unwrap_or(0);
-        let b = right.get(index).copied().unwrap_or(0);
-        difference |= usize::from(a ^ b);
-    }
-    difference == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(constant_time_eq(b"s3cret", b"s3cret"));
-        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
-        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
-        assert!(!constant_time_eq(b"", b"x"));
-        assert!(constant_time_eq(b"", b""));
     }
 }
