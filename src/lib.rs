@@ -13,7 +13,8 @@
 //!   description and the status page are files served from the binary.
 //! - [`secret`]: the constant-time comparison of secrets.
 //! - [`metrics`]: the Prometheus metrics and the in-memory summary of this node's orders.
-//! - [`cluster`]: gossip membership, the leader lease and the takeover of dead nodes' orders.
+//! - [`cluster`]: gossip membership; the node registry, the liveness and leader leases behind
+//!   `Coordinator`; and the takeover of dead nodes' orders.
 //! - [`bench`]: the `order-process bench` load generator and history checker.
 //! - [`chaos`]: the `order-process chaos` fault campaign against a local cluster, with a ledger
 //!   service and the checks of every order's history and effects.

@@ -37,6 +37,7 @@ end
 return 0
 ";
 
+/// The leases and the node registry in the cluster's Redis.
 pub struct RedisCoordinator {
     redis: Arc<Connections>,
     renew: Script,

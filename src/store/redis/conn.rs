@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::Mutex;
 
+/// A node's connections to its Redis, shared by all that node's Redis users.
 pub struct Connections {
     /// Opens connections; they are then kept and shared, not checked out per operation.
     pool: Pool,
@@ -23,7 +24,7 @@ pub struct Connections {
     timeout: Duration,
 }
 
-pub(crate) fn unavailable(error: impl std::fmt::Display) -> StoreError {
+fn unavailable(error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(error.to_string())
 }
 

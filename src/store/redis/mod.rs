@@ -12,7 +12,7 @@
 //! rebuilds them from the order hashes.
 
 mod conn;
-pub(crate) mod keys;
+pub mod keys;
 mod orders;
 mod scripts;
 

@@ -21,6 +21,7 @@ const REOPEN_TRIES: usize = 5;
 /// The hash fields an order is read from, in the order [`decode`] takes them.
 const READ_FIELDS: [&str; 4] = ["doc", "owner", "epoch", "cancel"];
 
+/// The orders of a cluster, in its Redis.
 pub struct RedisStore {
     redis: Arc<Connections>,
     scripts: Scripts,
