@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`about`]: the service's name and version.
 //! - [`config`]: one `Config` from TOML and flags, validated once.
 //! - [`order`]: the order model, the pure state machine and the JSON views.
 //! - [`store`]: the `OrderStore` trait and its embedded and Redis implementations.
@@ -10,8 +11,10 @@
 //! - [`api`]: the warp routes, who may call them (`auth`) and what a client may cost (`limits`),
 //!   the connection server (`serve`), and the one place errors become JSON replies; the OpenAPI
 //!   description and the status page are files served from the binary.
+//! - [`secret`]: the constant-time comparison of secrets.
 //! - [`metrics`]: the Prometheus metrics and the in-memory summary of this node's orders.
-//! - [`cluster`]: gossip membership, the leader lease and the takeover of dead nodes' orders.
+//! - [`cluster`]: gossip membership; the node registry, the liveness and leader leases behind
+//!   `Coordinator`; and the takeover of dead nodes' orders.
 //! - [`bench`]: the `order-process bench` load generator and history checker.
 //! - [`chaos`]: the `order-process chaos` fault campaign against a local cluster, with a ledger
 //!   service and the checks of every order's history and effects.
@@ -19,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod about;
 pub mod api;
 pub mod bench;
 pub mod chaos;
@@ -28,4 +32,5 @@ pub mod metrics;
 pub mod node;
 pub mod order;
 pub mod pipeline;
+pub mod secret;
 pub mod store;

@@ -1,14 +1,14 @@
 //! Wires config, store, worker pool and API into one running node, and owns its shutdown.
 
 use crate::api::{self, ApiState};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Coordinator, RedisCoordinator};
 use crate::config::{Config, HandlerSettings};
 use crate::metrics::Metrics;
 use crate::order::Step;
 use crate::pipeline::{http, Gate, Handlers, Http, Job, Pool, Simulate, StepHandler};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::metered::MeteredStore;
-use crate::store::redis::RedisStore;
+use crate::store::redis::{Connections, RedisStore};
 use crate::store::OrderStore;
 use anyhow::Context;
 use std::future::Future;
@@ -98,13 +98,16 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let (store, pool, cluster): (Arc<dyn OrderStore>, Arc<Pool>, Option<Arc<Cluster>>) =
         if config.is_cluster() {
-            let redis = Arc::new(RedisStore::connect(
+            // The order store and the coordinator share one set of connections to Redis.
+            let redis = Arc::new(Connections::connect(
                 &config.database.url,
                 config.database.pool_size.get(),
                 config.database.timeout,
             )?);
+            let orders: Arc<dyn OrderStore> = Arc::new(RedisStore::new(Arc::clone(&redis)));
+            let coordinator: Arc<dyn Coordinator> = Arc::new(RedisCoordinator::new(redis));
             let store: Arc<dyn OrderStore> =
-                Arc::new(MeteredStore::new(redis.clone(), Arc::clone(&metrics)));
+                Arc::new(MeteredStore::new(Arc::clone(&orders), Arc::clone(&metrics)));
             // Closed until the first liveness renewal: no step starts before the lease is held.
             let gate = Arc::new(Gate::closed());
             let pool = Pool::start(
@@ -121,7 +124,8 @@ pub async fn run(
                 listen,
                 advertised,
                 config.cluster.clone(),
-                redis,
+                coordinator,
+                orders,
                 Arc::clone(&pool),
                 gate,
                 Arc::clone(&metrics),

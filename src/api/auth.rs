@@ -24,8 +24,8 @@
 
 use super::limits::{InFlight, RateLimiter};
 use super::ApiError;
-use crate::cluster::constant_time_eq;
 use crate::config::{AuthMode, Config, ConfigError};
+use crate::secret::constant_time_eq;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -258,10 +258,6 @@ impl Authenticator {
             path: PathBuf::new(),
             tokens: RwLock::new(Arc::new(Vec::new())),
         }
-    }
-
-    pub fn mode(&self) -> AuthMode {
-        self.mode
     }
 
     /// Re-reads the tokens file; on error the tokens in force stay. Returns how many were read.

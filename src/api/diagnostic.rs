@@ -2,7 +2,8 @@
 //! `/diagnostic/summary` (this node's orders by current step and its recent failures, from
 //! memory: no store query, bounded size).
 
-use super::{json_reply, with_state, State, SERVICE_NAME, VERSION};
+use super::{json_reply, with_state, State};
+use crate::about::{SERVICE_NAME, VERSION};
 use chrono::{SecondsFormat, Utc};
 use std::time::Duration;
 use warp::filters::BoxedFilter;

@@ -35,10 +35,6 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-/// The service name reported by the diagnostics.
-pub const SERVICE_NAME: &str = "order-process";
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
 /// What the handlers share.
 pub struct ApiState {
     pub service_id: String,

@@ -9,24 +9,32 @@
 //!   flight is asked to take them over (`POST /service/transfer`).
 //! - On SIGTERM a node drains: it announces it is leaving, lets running steps finish, releases
 //!   its liveness lease and hands its remaining orders to a live peer.
+//!
+//! The leases and the node registry are behind [`Coordinator`] ([`RedisCoordinator`] on the
+//! cluster's Redis); the orders behind [`OrderStore`]. [`node`](crate::node) wires them.
 
+mod coordination;
 pub mod keys;
 mod membership;
+mod redis;
 
+pub use coordination::{Coordinator, Leader, Liveness, NodeStatus};
 pub use membership::{Member, Membership, SeenNode};
+pub use redis::RedisCoordinator;
 
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::{Gate, Pool};
-use crate::store::redis::RedisStore;
+use crate::secret::constant_time_eq;
 use crate::store::OrderStore;
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 /// Header that carries the cluster secret on cluster-internal calls.
 pub const SECRET_HEADER: &str = "x-cluster-secret";
@@ -62,11 +70,14 @@ pub struct Transferred {
 
 pub struct Cluster {
     node_id: String,
-    /// `{node}:{generation}`: the value of this process's liveness lease.
-    alive_holder: String,
+    /// This process's liveness lease.
+    liveness: Liveness,
     advertise: SocketAddr,
     config: ClusterConfig,
-    store: Arc<RedisStore>,
+    /// The leases and the node registry.
+    coordinator: Arc<dyn Coordinator>,
+    /// The orders, for their takeover, hand-over and index repair.
+    store: Arc<dyn OrderStore>,
     pool: Arc<Pool>,
     gate: Arc<Gate>,
     metrics: Arc<Metrics>,
@@ -86,7 +97,8 @@ impl Cluster {
         listen: SocketAddr,
         advertise: SocketAddr,
         config: ClusterConfig,
-        store: Arc<RedisStore>,
+        coordinator: Arc<dyn Coordinator>,
+        store: Arc<dyn OrderStore>,
         pool: Arc<Pool>,
         gate: Arc<Gate>,
         metrics: Arc<Metrics>,
@@ -94,7 +106,7 @@ impl Cluster {
         let generation = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
         let initial = vec![
             (keys::HTTP_ADDR.to_string(), advertise.to_string()),
-            (keys::VERSION.to_string(), crate::api::VERSION.to_string()),
+            (keys::VERSION.to_string(), crate::about::VERSION.to_string()),
             (keys::INFLIGHT.to_string(), "0".to_string()),
             (
                 keys::STARTED_AT.to_string(),
@@ -111,10 +123,15 @@ impl Cluster {
             .build()?;
         let (stop_tx, _) = watch::channel(false);
         let cluster = Arc::new(Cluster {
-            alive_holder: format!("{node_id}:{generation}"),
+            liveness: Liveness {
+                node: node_id.clone(),
+                holder: format!("{node_id}:{generation}"),
+                http_addr: advertise.to_string(),
+            },
             node_id,
             advertise,
             config,
+            coordinator,
             store,
             pool,
             gate,
@@ -126,25 +143,15 @@ impl Cluster {
             tasks: Mutex::new(Vec::new()),
         });
         let tasks = vec![
-            tokio::spawn(
-                Arc::clone(&cluster)
-                    .keep_alive()
-                    .instrument(tracing::info_span!("liveness")),
+            spawn_in(info_span!("liveness"), Arc::clone(&cluster).keep_alive()),
+            spawn_in(
+                info_span!("leadership"),
+                Arc::clone(&cluster).keep_leadership(),
             ),
-            tokio::spawn(
-                Arc::clone(&cluster)
-                    .keep_leadership()
-                    .instrument(tracing::info_span!("leadership")),
-            ),
-            tokio::spawn(
-                Arc::clone(&cluster)
-                    .sweep()
-                    .instrument(tracing::info_span!("sweep")),
-            ),
-            tokio::spawn(
-                Arc::clone(&cluster)
-                    .publish_inflight()
-                    .instrument(tracing::info_span!("gossip")),
+            spawn_in(info_span!("sweep"), Arc::clone(&cluster).sweep()),
+            spawn_in(
+                info_span!("gossip"),
+                Arc::clone(&cluster).publish_inflight(),
             ),
         ];
         if let Ok(mut slot) = cluster.tasks.lock() {
@@ -153,10 +160,7 @@ impl Cluster {
         Ok(cluster)
     }
 
-    pub fn node_id(&self) -> &str {
-        &self.node_id
-    }
-
+    /// Whether `given` is the cluster secret.
     pub fn secret_matches(&self, given: &str) -> bool {
         constant_time_eq(given.as_bytes(), self.config.secret.as_bytes())
     }
@@ -181,16 +185,7 @@ impl Cluster {
         let mut failing = false;
         loop {
             let sent = Instant::now();
-            match self
-                .store
-                .renew_alive(
-                    &self.node_id,
-                    &self.alive_holder,
-                    ttl,
-                    &self.advertise.to_string(),
-                )
-                .await
-            {
+            match self.coordinator.renew_alive(&self.liveness, ttl).await {
                 Ok(()) => {
                     self.gate.renewed(sent + ttl);
                     if failing {
@@ -217,8 +212,8 @@ impl Cluster {
     /// Registers the node and queues the unfinished orders it owns; false to try again later.
     async fn register(&self) -> bool {
         if let Err(error) = self
-            .store
-            .register_node(&self.node_id, &self.advertise.to_string())
+            .coordinator
+            .register_node(&self.node_id, &self.liveness.http_addr)
             .await
         {
             warn!(error = %error, "cannot register node");
@@ -269,7 +264,7 @@ impl Cluster {
         loop {
             let sent = Instant::now();
             match self.current_term() {
-                Some(term) => match self.store.renew_leader(&term.holder, ttl).await {
+                Some(term) => match self.coordinator.renew_leader(&term.holder, ttl).await {
                     Ok(true) => self.set_term(Some(Term {
                         until: sent + ttl,
                         ..term
@@ -294,7 +289,7 @@ impl Cluster {
                     }
                     if self.gate.is_open() {
                         let holder = format!("{}:{}", self.node_id, uuid::Uuid::new_v4().simple());
-                        match self.store.acquire_leader(&holder, ttl).await {
+                        match self.coordinator.acquire_leader(&holder, ttl).await {
                             Ok(Some(token)) => {
                                 self.set_term(Some(Term {
                                     holder,
@@ -344,7 +339,7 @@ impl Cluster {
         let live = self.live_members().await;
         let live_ids: HashSet<&str> = live.iter().map(|member| member.node_id.as_str()).collect();
         let suspects: Vec<String> = self
-            .store
+            .coordinator
             .known_nodes()
             .await?
             .into_iter()
@@ -354,13 +349,13 @@ impl Cluster {
         if suspects.is_empty() {
             return Ok(());
         }
-        let statuses = self.store.node_status(&suspects).await?;
-        for (node, (alive, owned)) in suspects.iter().zip(statuses) {
+        let statuses = self.coordinator.node_status(&suspects).await?;
+        for (node, NodeStatus { alive, owned }) in suspects.iter().zip(statuses) {
             if alive {
                 continue;
             }
             if owned == 0 {
-                self.store.forget_node(node).await?;
+                self.coordinator.forget_node(node).await?;
                 debug!(node = %node, "forgot a dead node that owns no orders");
                 continue;
             }
@@ -382,7 +377,7 @@ impl Cluster {
                 node_id: self.node_id.clone(),
                 generation: 0,
                 http_addr: Some(self.advertise),
-                version: Some(crate::api::VERSION.to_string()),
+                version: Some(crate::about::VERSION.to_string()),
                 inflight: self.pool.inflight(),
                 started_at: None,
             });
@@ -461,11 +456,11 @@ impl Cluster {
         if dead == self.node_id {
             return Err(TransferError::OwnOrders);
         }
-        if self.store.is_alive(dead).await? {
+        if self.coordinator.is_alive(dead).await? {
             return Err(TransferError::Alive(dead.to_string()));
         }
         if let Some(given) = token {
-            let (_, current) = self.store.leader().await?;
+            let current = self.coordinator.leader().await?.fence;
             if given < current {
                 return Err(TransferError::StaleLeader { given, current });
             }
@@ -516,10 +511,8 @@ impl Cluster {
                 None => Vec::new(),
             }
         };
-        let leader = match self.store.leader().await {
-            Ok((holder, _)) => {
-                holder.and_then(|holder| holder.rsplit_once(':').map(|(node, _)| node.to_string()))
-            }
+        let leader = match self.coordinator.leader().await {
+            Ok(leader) => leader.node().map(str::to_string),
             Err(_) => self.is_leader().then(|| self.node_id.clone()),
         };
         (leader, nodes)
@@ -544,17 +537,13 @@ impl Cluster {
         for task in tasks {
             let _ = task.await;
         }
-        if let Err(error) = self
-            .store
-            .release_alive(&self.node_id, &self.alive_holder)
-            .await
-        {
+        if let Err(error) = self.coordinator.release_alive(&self.liveness).await {
             warn!(error = %error, "cannot release liveness lease");
         }
         self.hand_over().await;
         if let Some(term) = self.current_term() {
             self.metrics.leadership_changed(false);
-            match self.store.release_leader(&term.holder).await {
+            match self.coordinator.release_leader(&term.holder).await {
                 Ok(()) => info!("leader -> follower: lease released"),
                 Err(error) => warn!(error = %error, "cannot release leader lease"),
             }
@@ -610,27 +599,7 @@ impl Cluster {
     }
 }
 
-/// Compares secrets without leaking how much of them matched through timing.
-pub fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
-    let mut difference = left.len() ^ right.len();
-    for index in 0..left.len().max(right.len()) {
-        let a = left.get(index).copied().unwrap_or(0);
-        let b = right.get(index).copied().unwrap_or(0);
-        difference |= usize::from(a ^ b);
-    }
-    difference == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::constant_time_eq;
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(constant_time_eq(b"s3cret", b"s3cret"));
-        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
-        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
-        assert!(!constant_time_eq(b"", b"x"));
-        assert!(constant_time_eq(b"", b""));
-    }
+/// Runs one of the cluster's background tasks, its log lines under `span`.
+fn spawn_in(span: Span, task: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
+    tokio::spawn(task.instrument(span))
 }

@@ -35,36 +35,13 @@ const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// The most requests one write transaction takes.
 const MAX_BATCH: usize = 512;
 
-enum WriteRequest {
-    Create {
-        order: Order,
-        bytes: Vec<u8>,
-        idempotency_key: Option<String>,
-        reply: oneshot::Sender<Result<Created, StoreError>>,
-    },
-    Commit {
-        order: Order,
-        bytes: Vec<u8>,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    Cancel {
-        id: OrderId,
-        user: String,
-        reply: oneshot::Sender<Result<CancelOutcome, StoreError>>,
-    },
-    Reassign {
-        from: String,
-        to: String,
-        reply: oneshot::Sender<Result<Vec<OrderId>, StoreError>>,
-    },
-    RetryRollback {
-        id: OrderId,
-        user: String,
-        node: String,
-        now: DateTime<Utc>,
-        reply: oneshot::Sender<Result<RetryRollbackOutcome, StoreError>>,
-    },
-}
+/// A write for the writer thread. Given the batch's open tables (or why they could not be
+/// opened), it applies itself and returns its [`Answer`]; the closure holds the caller's reply
+/// channel, typed for what the caller waits for, so every caller hears its own outcome.
+type WriteRequest = Box<dyn FnOnce(Result<&mut Tables<'_, '_>, &str>) -> Answer + Send>;
+
+/// Tells a caller its outcome once the batch's transaction committed, or why it did not.
+type Answer = Box<dyn FnOnce(Result<(), &str>) + Send>;
 
 pub struct EmbeddedStore {
     db: Arc<Database>,
@@ -108,11 +85,21 @@ impl EmbeddedStore {
         Ok(EmbeddedStore { db, writer_tx })
     }
 
-    async fn send<T>(
-        &self,
-        request: WriteRequest,
-        reply_rx: oneshot::Receiver<Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
+    /// Has the writer thread apply `apply` in its next batch and waits until that batch is
+    /// durable.
+    async fn write<T, F>(&self, apply: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tables<'_, '_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, reply_rx) = oneshot::channel();
+        let request: WriteRequest = Box::new(move |tables: Result<&mut Tables<'_, '_>, &str>| {
+            let outcome = tables.map_err(stopped_batch).and_then(apply);
+            Box::new(move |committed: Result<(), &str>| {
+                // A caller that gave up waiting has dropped its receiver; nothing to tell it.
+                let _ = reply.send(committed.map_err(stopped_batch).and(outcome));
+            })
+        });
         self.writer_tx
             .send(request)
             .await
@@ -121,6 +108,11 @@ impl EmbeddedStore {
             .await
             .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
     }
+}
+
+/// Why a batch's requests failed together: its transaction could not open or commit.
+fn stopped_batch(error: &str) -> StoreError {
+    StoreError::Unavailable(error.to_string())
 }
 
 fn unavailable(error: impl Into<redb::Error>) -> StoreError {
@@ -148,75 +140,10 @@ fn writer_loop(db: &Database, mut requests_rx: mpsc::Receiver<WriteRequest>) {
                 Err(_) => break,
             }
         }
-        let outcomes = apply_batch(db, &mut batch, &mut owners);
-        if outcomes.is_err() {
+        if let Err(error) = apply_batch(db, &mut batch, &mut owners) {
             // The cache may hold changes that never reached the disk.
             owners.clear();
-        }
-        match outcomes {
-            Ok(outcomes) => {
-                for (request, outcome) in batch.drain(..).zip(outcomes) {
-                    reply(request, outcome);
-                }
-            }
-            Err(error) => {
-                tracing::error!(error = %error, "store write transaction failed");
-                for request in batch.drain(..) {
-                    reply(
-                        request,
-                        Outcome::Failed(StoreError::Unavailable(error.clone())),
-                    );
-                }
-            }
-        }
-    }
-}
-
-enum Outcome {
-    Created(Result<Created, StoreError>),
-    Committed(Result<(), StoreError>),
-    Cancelled(Result<CancelOutcome, StoreError>),
-    Reassigned(Result<Vec<OrderId>, StoreError>),
-    RolledBackAgain(Result<RetryRollbackOutcome, StoreError>),
-    Failed(StoreError),
-}
-
-fn reply(request: WriteRequest, outcome: Outcome) {
-    // A caller that gave up waiting has dropped its receiver; nothing to tell it.
-    match (request, outcome) {
-        (WriteRequest::Create { reply, .. }, Outcome::Created(result)) => {
-            let _ = reply.send(result);
-        }
-        (WriteRequest::Commit { reply, .. }, Outcome::Committed(result)) => {
-            let _ = reply.send(result);
-        }
-        (WriteRequest::Cancel { reply, .. }, Outcome::Cancelled(result)) => {
-            let _ = reply.send(result);
-        }
-        (WriteRequest::Create { reply, .. }, Outcome::Failed(error)) => {
-            let _ = reply.send(Err(error));
-        }
-        (WriteRequest::Commit { reply, .. }, Outcome::Failed(error)) => {
-            let _ = reply.send(Err(error));
-        }
-        (WriteRequest::Cancel { reply, .. }, Outcome::Failed(error)) => {
-            let _ = reply.send(Err(error));
-        }
-        (WriteRequest::Reassign { reply, .. }, Outcome::Reassigned(result)) => {
-            let _ = reply.send(result);
-        }
-        (WriteRequest::Reassign { reply, .. }, Outcome::Failed(error)) => {
-            let _ = reply.send(Err(error));
-        }
-        (WriteRequest::RetryRollback { reply, .. }, Outcome::RolledBackAgain(result)) => {
-            let _ = reply.send(result);
-        }
-        (WriteRequest::RetryRollback { reply, .. }, Outcome::Failed(error)) => {
-            let _ = reply.send(Err(error));
-        }
-        (request, _) => {
-            let reply_error = StoreError::Unavailable("store writer mixed up a reply".into());
-            reply(request, Outcome::Failed(reply_error));
+            tracing::error!(error = %error, "store write transaction failed");
         }
     }
 }
@@ -243,52 +170,31 @@ impl From<&Order> for Ownership {
     }
 }
 
+/// Applies a batch in one write transaction and answers each request once it committed. On
+/// error every request of the batch has been answered with it.
 fn apply_batch(
     db: &Database,
-    batch: &mut [WriteRequest],
+    batch: &mut Vec<WriteRequest>,
     owners: &mut Owners,
-) -> Result<Vec<Outcome>, String> {
-    let txn = db.begin_write().map_err(|error| error.to_string())?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    {
-        let mut tables = Tables {
-            orders: txn.open_table(ORDERS).map_err(|error| error.to_string())?,
-            by_user: txn.open_table(BY_USER).map_err(|error| error.to_string())?,
-            owned: txn.open_table(OWNED).map_err(|error| error.to_string())?,
-            idempotency: txn
-                .open_table(IDEMPOTENCY)
-                .map_err(|error| error.to_string())?,
-            owners,
-        };
-        for request in batch.iter() {
-            outcomes.push(match request {
-                WriteRequest::Create {
-                    order,
-                    bytes,
-                    idempotency_key,
-                    ..
-                } => Outcome::Created(tables.create(order, bytes, idempotency_key.as_deref())),
-                WriteRequest::Commit { order, bytes, .. } => {
-                    Outcome::Committed(tables.commit(order, bytes))
-                }
-                WriteRequest::Cancel { id, user, .. } => {
-                    Outcome::Cancelled(tables.cancel(*id, user))
-                }
-                WriteRequest::Reassign { from, to, .. } => {
-                    Outcome::Reassigned(tables.reassign(from, to))
-                }
-                WriteRequest::RetryRollback {
-                    id,
-                    user,
-                    node,
-                    now,
-                    ..
-                } => Outcome::RolledBackAgain(tables.retry_rollback(*id, user, node, *now)),
-            });
-        }
+) -> Result<(), String> {
+    let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
+    let committed = db
+        .begin_write()
+        .map_err(|error| error.to_string())
+        .and_then(|txn| {
+            let mut tables = Tables::open(&txn, owners)?;
+            answers.extend(batch.drain(..).map(|apply| apply(Ok(&mut tables))));
+            drop(tables);
+            txn.commit().map_err(|error| error.to_string())
+        });
+    if let Err(error) = &committed {
+        // The transaction did not open: the requests it never applied fail with it.
+        answers.extend(batch.drain(..).map(|apply| apply(Err(error))));
     }
-    txn.commit().map_err(|error| error.to_string())?;
-    Ok(outcomes)
+    for answer in answers {
+        answer(committed.as_ref().map(|&()| ()).map_err(String::as_str));
+    }
+    committed
 }
 
 struct Tables<'txn, 'cache> {
@@ -299,7 +205,22 @@ struct Tables<'txn, 'cache> {
     owners: &'cache mut Owners,
 }
 
-impl Tables<'_, '_> {
+impl<'txn, 'cache> Tables<'txn, 'cache> {
+    fn open(
+        txn: &'txn redb::WriteTransaction,
+        owners: &'cache mut Owners,
+    ) -> Result<Tables<'txn, 'cache>, String> {
+        Ok(Tables {
+            orders: txn.open_table(ORDERS).map_err(|error| error.to_string())?,
+            by_user: txn.open_table(BY_USER).map_err(|error| error.to_string())?,
+            owned: txn.open_table(OWNED).map_err(|error| error.to_string())?,
+            idempotency: txn
+                .open_table(IDEMPOTENCY)
+                .map_err(|error| error.to_string())?,
+            owners,
+        })
+    }
+
     fn read(&self, id: &str) -> Result<Option<Order>, StoreError> {
         match self.orders.get(id).map_err(unavailable)? {
             Some(bytes) => decode(bytes.value()).map(Some),
@@ -468,14 +389,10 @@ impl OrderStore for EmbeddedStore {
         order: &Order,
         idempotency_key: Option<&str>,
     ) -> Result<Created, StoreError> {
-        let (reply, reply_rx) = oneshot::channel();
-        let request = WriteRequest::Create {
-            order: order.clone(),
-            bytes: encode(order)?,
-            idempotency_key: idempotency_key.map(str::to_string),
-            reply,
-        };
-        self.send(request, reply_rx).await
+        let (order, bytes) = (order.clone(), encode(order)?);
+        let key = idempotency_key.map(str::to_string);
+        self.write(move |tables| tables.create(&order, &bytes, key.as_deref()))
+            .await
     }
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
@@ -527,26 +444,14 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
-        let (reply, reply_rx) = oneshot::channel();
-        self.send(
-            WriteRequest::Commit {
-                order: order.clone(),
-                bytes: encode(order)?,
-                reply,
-            },
-            reply_rx,
-        )
-        .await
+        let (order, bytes) = (order.clone(), encode(order)?);
+        self.write(move |tables| tables.commit(&order, &bytes))
+            .await
     }
 
     async fn request_cancel(&self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError> {
-        let (reply, reply_rx) = oneshot::channel();
-        let request = WriteRequest::Cancel {
-            id,
-            user: user.to_string(),
-            reply,
-        };
-        self.send(request, reply_rx).await
+        let user = user.to_string();
+        self.write(move |tables| tables.cancel(id, &user)).await
     }
 
     async fn retry_rollback(
@@ -556,15 +461,9 @@ impl OrderStore for EmbeddedStore {
         node: &str,
         now: DateTime<Utc>,
     ) -> Result<RetryRollbackOutcome, StoreError> {
-        let (reply, reply_rx) = oneshot::channel();
-        let request = WriteRequest::RetryRollback {
-            id,
-            user: user.to_string(),
-            node: node.to_string(),
-            now,
-            reply,
-        };
-        self.send(request, reply_rx).await
+        let (user, node) = (user.to_string(), node.to_string());
+        self.write(move |tables| tables.retry_rollback(id, &user, &node, now))
+            .await
     }
 
     async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError> {
@@ -589,13 +488,13 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
-        let (reply, reply_rx) = oneshot::channel();
-        let request = WriteRequest::Reassign {
-            from: from.to_string(),
-            to: to.to_string(),
-            reply,
-        };
-        self.send(request, reply_rx).await
+        let (from, to) = (from.to_string(), to.to_string());
+        self.write(move |tables| tables.reassign(&from, &to)).await
+    }
+
+    async fn repair_indexes(&self) -> Result<usize, StoreError> {
+        // The indexes are written in the same transaction as the orders: nothing to repair.
+        Ok(0)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -109,6 +109,11 @@ impl OrderStore for MeteredStore {
         result
     }
 
+    async fn repair_indexes(&self) -> Result<usize, StoreError> {
+        // A once-a-term sweep, not a request path: no metric of its own.
+        self.inner.repair_indexes().await
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let started = Instant::now();
         let result = self.inner.ping().await;

@@ -131,12 +131,18 @@ pub trait OrderStore: Send + Sync + 'static {
     /// (including any it already owned from an earlier, interrupted move).
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError>;
 
+    /// Rebuilds the owner and user indexes from the orders themselves and returns how many
+    /// orders it went through. Idempotent and safe while nodes run: it only adds missing entries
+    /// and removes finished or foreign ones. The leader runs it at the start of each term.
+    async fn repair_indexes(&self) -> Result<usize, StoreError>;
+
     /// A real round trip to the store, for health checks.
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
 /// Whether a commit of `new` over a stored order with this owner, epoch and cancellation flag
-/// must be refused, and why. Shared by the stores so they agree on the rule.
+/// must be refused, and why. The embedded store's check; the Redis store's commit script applies
+/// the same rule in Lua, and the conformance tests hold both to it.
 pub fn check_commit(
     owner: &str,
     epoch: u64,

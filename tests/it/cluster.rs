@@ -405,9 +405,11 @@ async fn a_node_forgotten_while_paused_has_its_orders_taken_over_when_it_dies_la
     let _one = exclusive().await;
     let redis = RedisServer::start();
     let mut nodes = start_cluster(&redis, 3, "1s").await;
-    let store =
-        order_process::store::redis::RedisStore::connect(&redis.url(), 1, Duration::from_secs(1))
-            .expect("a store on the test redis");
+    use order_process::cluster::{Coordinator, RedisCoordinator};
+    use order_process::store::redis::Connections;
+    let connections = Connections::connect(&redis.url(), 1, Duration::from_secs(1))
+        .expect("connections to the test redis");
+    let coordinator = RedisCoordinator::new(std::sync::Arc::new(connections));
     let leader = leader_of(&nodes[0]).await;
     let victim = nodes
         .iter()
@@ -418,7 +420,7 @@ async fn a_node_forgotten_while_paused_has_its_orders_taken_over_when_it_dies_la
     nodes[victim].signal("STOP");
     let deadline = Instant::now() + TAKEOVER;
     loop {
-        let known = store.known_nodes().await.unwrap_or_default();
+        let known = coordinator.known_nodes().await.unwrap_or_default();
         if !known.iter().any(|(node, _)| *node == victim_id) {
             break;
         }

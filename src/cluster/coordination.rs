@@ -1,0 +1,102 @@
+//! [`Coordinator`]: what the nodes of a cluster agree on through a shared store, apart from the
+//! orders themselves: which nodes exist, which are alive (liveness leases), and which one leads
+//! (the leader lease and its fencing tokens).
+
+use crate::store::StoreError;
+use async_trait::async_trait;
+use std::time::Duration;
+
+/// A registered node's state as the shared store sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// Whether its liveness lease is held.
+    pub alive: bool,
+    /// How many unfinished orders it owns.
+    pub owned: usize,
+}
+
+/// A node's liveness lease: the node, the process that holds the lease for it
+/// (`{node}:{generation}`), and the node's HTTP address, registered again with each renewal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Liveness {
+    pub node: String,
+    pub holder: String,
+    pub http_addr: String,
+}
+
+/// The leader lease as the shared store sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Leader {
+    /// `{node}:{term id}` of the holder; none while nobody leads.
+    pub holder: Option<String>,
+    /// The latest fencing token handed out; a leader's requests with an older one are stale.
+    pub fence: u64,
+}
+
+impl Leader {
+    /// The node that holds the lease.
+    pub fn node(&self) -> Option<&str> {
+        self.holder
+            .as_deref()
+            .and_then(|holder| holder.rsplit_once(':'))
+            .map(|(node, _)| node)
+    }
+}
+
+#[async_trait]
+pub trait Coordinator: Send + Sync + 'static {
+    /// Registers a node and its HTTP address, so the leader can find its orders if it dies.
+    async fn register_node(&self, node: &str, http_addr: &str) -> Result<(), StoreError>;
+
+    /// Every node registered, with its HTTP address.
+    async fn known_nodes(&self) -> Result<Vec<(String, String)>, StoreError>;
+
+    /// Takes a node out of the registry (a dead node that owns nothing).
+    async fn forget_node(&self, node: &str) -> Result<(), StoreError>;
+
+    /// The status of each of `nodes`, in the same order.
+    async fn node_status(&self, nodes: &[String]) -> Result<Vec<NodeStatus>, StoreError>;
+
+    /// Sets (or renews) a node's liveness lease for `ttl`, and registers the node with its HTTP
+    /// address in the same step: a node the leader forgot while it looked dead (paused, say) is
+    /// known again from its next renewal on, so its orders are taken over if it dies later.
+    async fn renew_alive(&self, lease: &Liveness, ttl: Duration) -> Result<(), StoreError>;
+
+    /// Gives up a node's liveness lease, if its holder still holds it.
+    async fn release_alive(&self, lease: &Liveness) -> Result<(), StoreError>;
+
+    /// Whether a node's liveness lease is held.
+    async fn is_alive(&self, node: &str) -> Result<bool, StoreError>;
+
+    /// Tries to take the leader lease for `ttl`; `Some(fencing token)` on success.
+    async fn acquire_leader(&self, holder: &str, ttl: Duration) -> Result<Option<u64>, StoreError>;
+
+    /// Extends the leader lease if `holder` still has it; false when it was lost.
+    async fn renew_leader(&self, holder: &str, ttl: Duration) -> Result<bool, StoreError>;
+
+    /// Gives up the leader lease, if `holder` still holds it.
+    async fn release_leader(&self, holder: &str) -> Result<(), StoreError>;
+
+    /// The current leader lease holder and the latest fencing token.
+    async fn leader(&self) -> Result<Leader, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Leader;
+
+    #[test]
+    fn the_leader_node_is_the_holder_without_its_term() {
+        let leader = Leader {
+            holder: Some("2f1c0a9e-node:5d1e".into()),
+            fence: 3,
+        };
+        assert_eq!(leader.node(), Some("2f1c0a9e-node"));
+        assert_eq!(Leader::default().node(), None);
+        let odd = Leader {
+            holder: Some("no-term".into()),
+            fence: 1,
+        };
+        assert_eq!(odd.node(), None);
+    }
+}

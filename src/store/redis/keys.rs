@@ -1,0 +1,42 @@
+//! The Redis key layout, all keys under `op:`. Order storage:
+//!
+//! - `op:order:{id}`: hash with `doc` (the order JSON), `owner`, `epoch`, `user`, `cancel`,
+//!   `state` (`forward`, `rolling_back`, `finished`) and `step`. `owner`, `epoch` and `cancel`
+//!   in the hash are the truth; the copies inside `doc` are refreshed on read.
+//! - `op:owned:{node}`: set of the node's unfinished orders.
+//! - `op:user:{user}`: sorted set (all scores 0) of `{created µs, 20 digits}-{id}`, for listing.
+//! - `op:idem:{user}:{key}`: the order an idempotency key created, expiring after 24 h.
+//!
+//! Cluster coordination:
+//!
+//! - `op:nodes`: hash node id → HTTP address of every node that ever started.
+//! - `op:alive:{node}`, `op:leader`, `op:leader:fence`: the liveness and leader leases.
+
+/// Every registered node and its HTTP address.
+pub(crate) const NODES: &str = "op:nodes";
+/// The leader lease: `{node}:{term id}` of the holder.
+pub(crate) const LEADER: &str = "op:leader";
+/// The latest fencing token, one per leader term.
+pub(crate) const LEADER_FENCE: &str = "op:leader:fence";
+/// What a `SCAN` for every order hash matches.
+pub(crate) const ORDER_PATTERN: &str = "op:order:*";
+
+pub(crate) fn order_key(id: &str) -> String {
+    format!("op:order:{id}")
+}
+
+pub(crate) fn owned_key(node: &str) -> String {
+    format!("op:owned:{node}")
+}
+
+pub(crate) fn user_key(user: &str) -> String {
+    format!("op:user:{user}")
+}
+
+pub(crate) fn idem_key(user: &str, key: &str) -> String {
+    format!("op:idem:{user}:{key}")
+}
+
+pub(crate) fn alive_key(node: &str) -> String {
+    format!("op:alive:{node}")
+}

@@ -1,0 +1,20 @@
+//! The Redis store, for clusters: every node reads and writes the same Redis.
+//!
+//! - [`Connections`]: the connections every Redis user of a node shares, and the one way to
+//!   send a request on them.
+//! - [`keys`]: the key layout, order storage and cluster coordination alike.
+//! - [`RedisStore`]: the [`OrderStore`](super::OrderStore) on Redis, its Lua scripts in
+//!   `scripts`. The cluster's coordinator shares its connections.
+//!
+//! Every change to an order is one Lua script on its one key that writes only if the caller still
+//! owns it (owner and epoch compare-and-set). The index sets are kept up to date in the same round
+//! trip, idempotently, and [`OrderStore::repair_indexes`](super::OrderStore::repair_indexes)
+//! rebuilds them from the order hashes.
+
+mod conn;
+pub mod keys;
+mod orders;
+mod scripts;
+
+pub use conn::Connections;
+pub use orders::RedisStore;
