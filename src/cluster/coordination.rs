@@ -24,6 +24,16 @@ pub struct Liveness {
     pub http_addr: String,
 }
 
+/// What a liveness renewal found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Renewal {
+    /// This process holds the lease, until the ttl from the renewal.
+    Held,
+    /// Another process holds the lease of this node id (named by its holder): this one must
+    /// start no step for the node until that lease has expired.
+    HeldBy(String),
+}
+
 /// The leader lease as the shared store sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Leader {
@@ -57,10 +67,11 @@ pub trait Coordinator: Send + Sync + 'static {
     /// The status of each of `nodes`, in the same order.
     async fn node_status(&self, nodes: &[String]) -> Result<Vec<NodeStatus>, StoreError>;
 
-    /// Sets (or renews) a node's liveness lease for `ttl`, and registers the node with its HTTP
-    /// address in the same step: a node the leader forgot while it looked dead (paused, say) is
-    /// known again from its next renewal on, so its orders are taken over if it dies later.
-    async fn renew_alive(&self, lease: &Liveness, ttl: Duration) -> Result<(), StoreError>;
+    /// Takes or renews a node's liveness lease for `ttl` unless another process holds it, and
+    /// registers the node with its HTTP address in the same step: a node the leader forgot while
+    /// it looked dead (paused, say) is known again from its next renewal on, so its orders are
+    /// taken over if it dies later.
+    async fn renew_alive(&self, lease: &Liveness, ttl: Duration) -> Result<Renewal, StoreError>;
 
     /// Gives up a node's liveness lease, if its holder still holds it.
     async fn release_alive(&self, lease: &Liveness) -> Result<(), StoreError>;

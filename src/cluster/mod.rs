@@ -18,7 +18,7 @@ pub mod keys;
 mod membership;
 mod redis;
 
-pub use coordination::{Coordinator, Leader, Liveness, NodeStatus};
+pub use coordination::{Coordinator, Leader, Liveness, NodeStatus, Renewal};
 pub use membership::{Member, Membership, SeenNode};
 pub use redis::RedisCoordinator;
 
@@ -113,6 +113,16 @@ impl Cluster {
                 chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             ),
         ];
+        let liveness = Liveness {
+            node: node_id.clone(),
+            // Unique to this process, so that two processes with one node id never pass for one.
+            holder: format!(
+                "{node_id}:{generation}-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            http_addr: advertise.to_string(),
+        };
+        claim_identity(coordinator.as_ref(), &liveness, &config, &gate).await?;
         let membership =
             Membership::start(&node_id, generation, listen, advertise, &config, initial).await?;
         // Peers close idle connections after limits.header_read_timeout (10 s by default); drop
@@ -123,11 +133,7 @@ impl Cluster {
             .build()?;
         let (stop_tx, _) = watch::channel(false);
         let cluster = Arc::new(Cluster {
-            liveness: Liveness {
-                node: node_id.clone(),
-                holder: format!("{node_id}:{generation}"),
-                http_addr: advertise.to_string(),
-            },
+            liveness,
             node_id,
             advertise,
             config,
@@ -186,7 +192,13 @@ impl Cluster {
         loop {
             let sent = Instant::now();
             match self.coordinator.renew_alive(&self.liveness, ttl).await {
-                Ok(()) => {
+                Ok(Renewal::HeldBy(holder)) => {
+                    if !failing {
+                        error!(holder = %holder, "another process holds this node id's liveness lease; no new steps start while it does");
+                        failing = true;
+                    }
+                }
+                Ok(Renewal::Held) => {
                     self.gate.renewed(sent + ttl);
                     if failing {
                         info!("liveness lease renewed again");
@@ -596,6 +608,56 @@ impl Cluster {
             orders = owned,
             "no live peer took the unfinished orders; the leader's sweep will move them"
         );
+    }
+}
+
+/// Takes this node's liveness lease before the node joins: a node id names one process. While
+/// another process holds it (a restart right after a crash, until the crashed process's lease
+/// expires; or a copy of this node's data dir running elsewhere) this waits, and it refuses to
+/// start when the lease is still held after two lease lifetimes. A store that cannot be reached
+/// does not stop the start: the lease keeper keeps trying, and no step starts meanwhile.
+async fn claim_identity(
+    coordinator: &dyn Coordinator,
+    liveness: &Liveness,
+    config: &ClusterConfig,
+    gate: &Gate,
+) -> anyhow::Result<()> {
+    let ttl = config.liveness_ttl;
+    let deadline = Instant::now() + ttl * 2 + config.liveness_renew_interval;
+    let mut waiting = false;
+    loop {
+        let sent = Instant::now();
+        match coordinator.renew_alive(liveness, ttl).await {
+            Ok(Renewal::Held) => {
+                gate.renewed(sent + ttl);
+                if waiting {
+                    info!("liveness lease taken; the node id is free again");
+                }
+                return Ok(());
+            }
+            Ok(Renewal::HeldBy(holder)) if Instant::now() >= deadline => {
+                anyhow::bail!(
+                    "node id {} is in use by another process: its liveness lease is held by {holder} and kept renewed (a copied data dir? each node needs its own)",
+                    liveness.node
+                );
+            }
+            Ok(Renewal::HeldBy(holder)) => {
+                if !waiting {
+                    warn!(holder = %holder, "another process holds this node id's liveness lease; waiting for it to expire");
+                    waiting = true;
+                }
+            }
+            Err(error) => {
+                warn!(error = %error, "cannot take the liveness lease at start; the lease keeper keeps trying");
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(
+            config
+                .liveness_renew_interval
+                .min(Duration::from_millis(250)),
+        )
+        .await;
     }
 }
 

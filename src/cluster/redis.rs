@@ -1,7 +1,7 @@
 //! [`RedisCoordinator`]: the [`Coordinator`] on the cluster's Redis, on the connections the
 //! order store uses. Keys are in [`crate::store::redis::keys`].
 
-use super::coordination::{Coordinator, Leader, Liveness, NodeStatus};
+use super::coordination::{Coordinator, Leader, Liveness, NodeStatus, Renewal};
 use crate::store::redis::keys::{alive_key, owned_key, LEADER, LEADER_FENCE, NODES};
 use crate::store::redis::Connections;
 use crate::store::StoreError;
@@ -28,6 +28,21 @@ end
 return 0
 ";
 
+/// Take or renew a node's liveness lease for the process ARGV[1], for ARGV[2] ms, and register
+/// the node (ARGV[3]) at its HTTP address (ARGV[4]). KEYS: the lease, the node registry. Answers
+/// nothing when this process holds the lease now, or the holder that keeps it from doing so.
+/// Why a script: a node id must name one process, so the lease is taken only when free or
+/// already ours (set-if-absent, renew by compare-and-set), in one step.
+const RENEW_ALIVE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then
+  return holder
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return false
+";
+
 /// Take the leader lease and a fencing token in one step. KEYS: lease, fence. ARGV: holder, ms.
 /// Atomic so that every term gets a token greater than any earlier term's.
 const ACQUIRE: &str = r"
@@ -43,6 +58,7 @@ pub struct RedisCoordinator {
     renew: Script,
     release: Script,
     acquire: Script,
+    renew_alive: Script,
 }
 
 fn millis(ttl: Duration) -> u64 {
@@ -67,6 +83,7 @@ impl RedisCoordinator {
             renew: Script::new(RENEW),
             release: Script::new(RELEASE),
             acquire: Script::new(ACQUIRE),
+            renew_alive: Script::new(RENEW_ALIVE),
         }
     }
 
@@ -112,21 +129,19 @@ impl Coordinator for RedisCoordinator {
         Ok(statuses(&answers))
     }
 
-    async fn renew_alive(&self, lease: &Liveness, ttl: Duration) -> Result<(), StoreError> {
-        let mut pipeline = redis::pipe();
-        pipeline
-            .cmd("SET")
-            .arg(alive_key(&lease.node))
+    async fn renew_alive(&self, lease: &Liveness, ttl: Duration) -> Result<Renewal, StoreError> {
+        let mut renew = self.renew_alive.key(alive_key(&lease.node));
+        renew
+            .key(NODES)
             .arg(&lease.holder)
-            .arg("PX")
             .arg(millis(ttl))
-            .ignore()
-            .cmd("HSET")
-            .arg(NODES)
             .arg(&lease.node)
-            .arg(&lease.http_addr)
-            .ignore();
-        self.redis.query(&pipeline).await
+            .arg(&lease.http_addr);
+        let holder: Option<String> = self.redis.query(&renew).await?;
+        Ok(match holder {
+            None => Renewal::Held,
+            Some(holder) => Renewal::HeldBy(holder),
+        })
     }
 
     async fn release_alive(&self, lease: &Liveness) -> Result<(), StoreError> {

@@ -3,8 +3,10 @@
 
 use crate::store::StoreError;
 use deadpool_redis::redis::aio::MultiplexedConnection;
-use deadpool_redis::redis::{self, FromRedisValue, RedisResult, Script, ScriptInvocation};
-use deadpool_redis::{Config as PoolSettings, Pool, PoolConfig, Runtime, Timeouts};
+use deadpool_redis::redis::{
+    self, AsyncConnectionConfig, FromRedisValue, RedisResult, Script, ScriptInvocation,
+};
+use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::BoxFuture;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -36,19 +38,29 @@ impl Connections {
         pool_size: usize,
         timeout: Duration,
     ) -> Result<Connections, StoreError> {
-        let mut settings = PoolSettings::from_url(url);
-        settings.pool = Some(PoolConfig {
-            max_size: pool_size,
-            timeouts: Timeouts {
-                wait: Some(timeout),
-                create: Some(timeout),
-                recycle: Some(timeout),
-            },
-            ..Default::default()
-        });
-        let pool = settings
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|error| StoreError::Unavailable(format!("bad redis url {url}: {error}")))?;
+        // The store timeout bounds connecting and every answer inside redis-rs too: left to its
+        // defaults, redis-rs gives up on an answer after 0.5 s whatever the store timeout says.
+        let connection_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let bad_url = |error: &dyn std::fmt::Display| {
+            StoreError::Unavailable(format!("bad redis url {url}: {error}"))
+        };
+        let manager =
+            Manager::new_with_config(url, connection_config).map_err(|error| bad_url(&error))?;
+        let pool = Pool::builder(manager)
+            .config(PoolConfig {
+                max_size: pool_size,
+                timeouts: Timeouts {
+                    wait: Some(timeout),
+                    create: Some(timeout),
+                    recycle: Some(timeout),
+                },
+                ..Default::default()
+            })
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|error| bad_url(&error))?;
         Ok(Connections {
             pool,
             slots: (0..pool_size.max(1)).map(|_| Mutex::new(None)).collect(),
