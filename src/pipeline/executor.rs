@@ -1,0 +1,403 @@
+//! The executor: drives one order to a terminal state (or until it must let it go), one committed
+//! transition at a time, through the state machine in `crate::order`, the store and the step
+//! handlers.
+//!
+//! Each transition is committed before the next step starts; a commit that finds the order owned
+//! by someone else ends its execution here. No step starts while the node's liveness lease has
+//! lapsed (the [`Gate`](super::Gate)), and an order whose execution spans a lapse is read again
+//! before its next step, in case it was taken over meanwhile.
+//!
+//! The executor owns retries: a handler makes one attempt, and after a failed attempt worth
+//! retrying the executor commits the attempt and the time the next one is due. The order then
+//! gives its worker back and waits outside the pool (a timer task that queues it again when the
+//! retry is due), so orders waiting on a failing service do not hold up the others. An order
+//! resumed after a restart or a takeover reads the schedule from the store and goes on with it.
+
+use super::handler::StepContext;
+use super::job::Job;
+use super::shared::Shared;
+use crate::metrics::StepOutcome;
+use crate::order::{
+    apply, next_action, retry_due, Action, Attempt, Event, Order, OrderId, Step, TransitionError,
+};
+use crate::store::StoreError;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn, Instrument};
+
+/// Counts an execution in `inflight` for as long as it lives.
+struct InflightGuard<'a>(&'a AtomicUsize);
+
+impl<'a> InflightGuard<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(counter)
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Drives the job's order until it is finished, lost or waiting for a retry; then the order is
+/// no longer active here (or stays so while it waits for its retry).
+pub(super) async fn execute(shared: Arc<Shared>, job: Job) {
+    let _inflight = InflightGuard::new(&shared.inflight);
+    let id = job.order_id();
+    let mut active = ActiveGuard {
+        shared: &shared,
+        id,
+        finished: false,
+    };
+    let mut job = Some(job);
+    loop {
+        let order = match job.take() {
+            Some(Job::New(order)) => Some(*order),
+            Some(Job::Resume(_)) | None => load(&shared, id).await,
+        };
+        let retry_at = match order {
+            Some(order) => {
+                drive(&shared, order)
+                    .instrument(tracing::debug_span!("order", order_id = %id))
+                    .await
+            }
+            None => None,
+        };
+        if let Some(due) = retry_at {
+            // The order stays marked active while it waits, so it is not run twice meanwhile.
+            active.finished = true;
+            spawn_retry_wait(Arc::clone(&shared), id, due);
+            return;
+        }
+        if !shared.active.finish_or_rerun(id) {
+            active.finished = true;
+            break;
+        }
+        debug!(order_id = %id, "order changed while it ran here, running it again");
+    }
+    shared.cancels.forget(id);
+}
+
+/// Waits, without a worker, until an order's retry is due (or a cancellation of it is noted),
+/// then queues it again. When the node stops first, the order is left to resume with the schedule
+/// kept in the store.
+fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, due: chrono::DateTime<chrono::Utc>) {
+    let task = async move {
+        if !wait_then_queue(&shared, id, due).await {
+            shared.active.unmark(id);
+        }
+    };
+    tokio::spawn(task.instrument(tracing::debug_span!("retry_wait", order_id = %id)));
+}
+
+/// True once the order is queued again; false if the node stopped first.
+async fn wait_then_queue(shared: &Shared, id: OrderId, due: chrono::DateTime<chrono::Utc>) -> bool {
+    let mut stop_rx = shared.stop_rx.clone();
+    let mut cancel_rx = shared.cancels.subscribe();
+    let wait = (due - chrono::Utc::now())
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    let sleep = tokio::time::sleep(wait);
+    tokio::pin!(sleep);
+    loop {
+        if *stop_rx.borrow() {
+            return false;
+        }
+        // The retry is due; or the node stops; or some cancellation was noted, which ends the
+        // wait only if it is this order's.
+        tokio::select! {
+            _ = &mut sleep => break,
+            _ = stop_rx.changed() => return false,
+            changed = cancel_rx.changed() => {
+                if changed.is_err() {
+                    return false;
+                }
+                if shared.cancels.contains(id) {
+                    break;
+                }
+            }
+        }
+    }
+    // Either there is room in the queue, or the node stops and the order resumes later.
+    tokio::select! {
+        sent = shared.queue_tx.send(Job::Resume(id)) => sent.is_ok(),
+        _ = stop_rx.changed() => false,
+    }
+}
+
+/// Marks an order inactive when its execution ends, however it ends (also when the task is
+/// abandoned at shutdown).
+struct ActiveGuard<'a> {
+    shared: &'a Shared,
+    id: OrderId,
+    /// Already marked inactive by `finish_or_rerun`.
+    finished: bool,
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.shared.active.unmark(self.id);
+        }
+    }
+}
+
+async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
+    let mut stop_rx = shared.stop_rx.clone();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match shared.store.get(id).await {
+            Ok(Some(order)) if order.owner == shared.node_id => return Some(order),
+            Ok(Some(_)) => {
+                debug!(order_id = %id, "order is owned by another node now, not resuming");
+                return None;
+            }
+            Ok(None) => {
+                warn!(order_id = %id, "order to resume is missing from the store");
+                return None;
+            }
+            Err(error) => {
+                warn!(order_id = %id, error = %error, "cannot load order, retrying");
+                if wait_or_stop(&mut stop_rx, &mut delay).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Runs an order's steps (or compensations) until it is finished, the node stops, the order
+/// turns out to belong to another node, or it has to wait for a retry: then the time it is due.
+async fn drive(shared: &Shared, mut order: Order) -> Option<chrono::DateTime<chrono::Utc>> {
+    debug!(order_id = %order.order_id, current_step = %order.current_step, "order dispatched");
+    let mut tracker = shared.metrics.track(order.current_step);
+    let mut lapses = shared.gate.lapses();
+    loop {
+        if *shared.stop_rx.borrow() {
+            debug!(order_id = %order.order_id, "node stopping, order left to resume later");
+            return None;
+        }
+        note_cancel(shared, &mut order);
+        if let Some(due) = retry_due(&order) {
+            // A little early (clocks differ by a hair) counts as due.
+            if due - chrono::Utc::now() > chrono::Duration::milliseconds(2) {
+                debug!(order_id = %order.order_id, next_attempt_at = %due, "waiting for the next attempt");
+                return Some(due);
+            }
+        }
+        if !shared.gate.is_open() {
+            debug!(order_id = %order.order_id, "liveness lease lapsed, waiting before the next step");
+        }
+        let mut stop_rx = shared.stop_rx.clone();
+        // Either the lease is current again, or the node stops and the order resumes elsewhere.
+        let now_lapses = tokio::select! {
+            lapses = shared.gate.wait_open() => lapses,
+            _ = stop_rx.changed() => continue,
+        };
+        if now_lapses != lapses {
+            // The lease lapsed while this order was ours: someone may have taken it over.
+            match still_ours(shared, &order).await {
+                Some(fresh) => {
+                    tracker.move_to(fresh.current_step);
+                    order = fresh;
+                }
+                None => return None,
+            }
+            lapses = now_lapses;
+        }
+        note_cancel(shared, &mut order);
+        let events = match next_action(&order) {
+            Action::Run(step) => attempt(shared, &order, step, false).await,
+            Action::Cancel(step) => {
+                debug!(order_id = %order.order_id, step = %step, "order cancelled before step ran");
+                vec![Event::Cancel { step }]
+            }
+            Action::Rollback(step) => attempt(shared, &order, step, true).await,
+            Action::Done => {
+                debug!(order_id = %order.order_id, current_step = %order.current_step, "order finished");
+                return None;
+            }
+        };
+        match commit(shared, order, events).await {
+            Some(next) => {
+                tracker.move_to(next.current_step);
+                shared.metrics.order_finished(&next);
+                order = next;
+            }
+            None => return None,
+        }
+    }
+}
+
+/// Marks the order cancelled if a cancellation was requested through this node.
+fn note_cancel(shared: &Shared, order: &mut Order) {
+    if !order.cancel_requested {
+        order.cancel_requested = shared.cancels.contains(order.order_id);
+    }
+}
+
+/// Makes one attempt at running (or rolling back) a step and says what happened, as the events
+/// to commit: the attempt (for handlers with a retry policy), then the step's end or the retry.
+async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> Vec<Event> {
+    let handler = shared.handlers.for_step(step);
+    let policy = handler.retry_policy(rollback);
+    let entry = order.entry(step);
+    let number = entry
+        .map_or(0, |entry| entry.attempts_made(rollback))
+        .saturating_add(1);
+    let retries_done = entry.map_or(0, |entry| entry.retries);
+    let context = StepContext::attempt(order, step, rollback, number);
+    let direction = if rollback { "rollback" } else { "run" };
+    debug!(order_id = %order.order_id, step = %step, attempt = number, direction, "attempt started");
+    // Microseconds, like every other time the API shows.
+    let started_at = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
+    let started = std::time::Instant::now();
+    let result = if rollback {
+        handler.rollback(&context).await
+    } else {
+        handler.run(&context).await
+    };
+    let elapsed = started.elapsed();
+    let outcome = match (&result, rollback) {
+        (Ok(_), false) => StepOutcome::Succeeded,
+        (Err(_), false) => StepOutcome::Failed,
+        (Ok(_), true) => StepOutcome::RolledBack,
+        (Err(_), true) => StepOutcome::RollbackFailed,
+    };
+    shared.metrics.step_finished(step, outcome, elapsed);
+    let duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    let mut events = Vec::with_capacity(2);
+    if policy.is_some() {
+        let (status, error) = match &result {
+            Ok(done) => (done.status, None),
+            Err(failure) => (failure.status, Some(failure.reason.clone())),
+        };
+        events.push(Event::Attempted {
+            step,
+            attempt: Attempt {
+                attempt: number,
+                at: started_at,
+                rollback,
+                status,
+                error,
+                duration_ms,
+            },
+        });
+    }
+    let failure = match result {
+        Ok(done) => {
+            debug!(order_id = %order.order_id, step = %step, attempt = number, direction, "attempt succeeded");
+            events.push(if rollback {
+                Event::RolledBack { step }
+            } else {
+                Event::StepSucceeded {
+                    step,
+                    output: done.output,
+                }
+            });
+            return events;
+        }
+        Err(failure) => failure,
+    };
+    match policy {
+        Some(policy) if failure.retryable && policy.allows_retry(retries_done) => {
+            let delay = policy.delay(retries_done.saturating_add(1), rand::random());
+            let at = chrono::Utc::now()
+                + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            warn!(order_id = %order.order_id, step = %step, attempt = number, direction, reason = %failure.reason, retry_in = ?delay, "attempt failed, retrying");
+            events.push(Event::RetryScheduled { step, rollback, at });
+        }
+        _ if rollback => {
+            error!(order_id = %order.order_id, step = %step, attempt = number, reason = %failure.reason, "rollback failed, order parked with its rollback incomplete");
+            events.push(Event::RollbackFailed {
+                step,
+                reason: failure.reason,
+            });
+        }
+        _ => {
+            info!(order_id = %order.order_id, step = %step, attempt = number, reason = %failure.reason, "step failed, rolling back");
+            events.push(Event::StepFailed {
+                step,
+                reason: failure.reason,
+            });
+        }
+    }
+    events
+}
+
+/// Re-reads an order after a lease lapse: the stored copy when this node still owns it at the
+/// same epoch, `None` when it does not (or the node stops before the store answers).
+async fn still_ours(shared: &Shared, order: &Order) -> Option<Order> {
+    let stored = load(shared, order.order_id).await?;
+    if stored.epoch != order.epoch {
+        warn!(order_id = %order.order_id, "order was taken over while the liveness lease lapsed, dropping it");
+        return None;
+    }
+    Some(stored)
+}
+
+/// Applies events in order and commits the result as one write, retrying while the store is
+/// unreachable. `None` means this node must let the order go (lost ownership, illegal
+/// transition, stopping).
+async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option<Order> {
+    let mut stop_rx = shared.stop_rx.clone();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let now = chrono::Utc::now();
+        let next = events.iter().try_fold(order.clone(), |current, event| {
+            apply(&current, event.clone(), now)
+        });
+        let next = match next {
+            Ok(next) => next,
+            Err(error) => {
+                report_illegal(&order, &error);
+                return None;
+            }
+        };
+        match shared.store.commit(&next).await {
+            Ok(()) => {
+                if next.is_finished() {
+                    shared.waiters.notify(&next);
+                }
+                return Some(next);
+            }
+            Err(StoreError::CancelRequested) => {
+                // Someone asked to cancel while the step ran: apply the same event again, now
+                // knowing, so the order rolls back instead of moving on.
+                order.cancel_requested = true;
+            }
+            Err(StoreError::NotOwner) | Err(StoreError::NotFound) => {
+                warn!(order_id = %order.order_id, "order is no longer ours, dropping it");
+                return None;
+            }
+            Err(error) => {
+                warn!(order_id = %order.order_id, error = %error, "cannot commit transition, retrying");
+                if wait_or_stop(&mut stop_rx, &mut delay).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+fn report_illegal(order: &Order, error: &TransitionError) {
+    error!(order_id = %order.order_id, current_step = %order.current_step, error = %error, "illegal transition, dropping order");
+}
+
+/// Sleeps `delay` (doubling it up to 2 s); true when the node began stopping meanwhile.
+async fn wait_or_stop(stop_rx: &mut watch::Receiver<bool>, delay: &mut Duration) -> bool {
+    if *stop_rx.borrow() {
+        return true;
+    }
+    // Either the delay is over, or the node stops and the caller gives up.
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(*delay) => false,
+        _ = stop_rx.changed() => true,
+    };
+    *delay = (*delay * 2).min(Duration::from_secs(2));
+    stopped
+}
