@@ -401,3 +401,465 @@ async fn wait_or_stop(stop_rx: &mut watch::Receiver<bool>, delay: &mut Duration)
     *delay = (*delay * 2).min(Duration::from_secs(2));
     stopped
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::order::{Phase, RollbackState, CANCELLED};
+    use crate::pipeline::fakes::{Call, FakeStep, FakeStore, Outcome};
+    use crate::pipeline::{Gate, Handlers, RetryPolicy};
+    use crate::store::OrderStore;
+    use tokio::sync::mpsc;
+    use tokio::task::JoinHandle;
+
+    const NODE: &str = "node-a";
+    const DEADLINE: Duration = Duration::from_secs(10);
+    const WORK_STEPS: [Step; 4] = [
+        Step::Scheduling,
+        Step::PreProcessing,
+        Step::Processing,
+        Step::PostProcessing,
+    ];
+
+    /// One order, stored in a fake store, and everything an execution of it needs.
+    struct Harness {
+        shared: Arc<Shared>,
+        store: Arc<FakeStore>,
+        steps: Arc<FakeStep>,
+        gate: Arc<Gate>,
+        queue_rx: mpsc::Receiver<Job>,
+        stop_tx: watch::Sender<bool>,
+        order: Order,
+    }
+
+    impl Harness {
+        fn new(steps: Arc<FakeStep>) -> Harness {
+            Harness::with_gate(steps, Gate::open())
+        }
+
+        fn with_gate(steps: Arc<FakeStep>, gate: Gate) -> Harness {
+            let order = Order::new(
+                OrderId::new_v4(),
+                "alice".into(),
+                serde_json::json!({}),
+                NODE.into(),
+                chrono::Utc::now(),
+            );
+            let store = FakeStore::with(&order);
+            let gate = Arc::new(gate);
+            let (queue_tx, queue_rx) = mpsc::channel(4);
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let shared = Arc::new(Shared::new(
+                NODE.into(),
+                store.clone(),
+                Handlers::new(steps.clone()),
+                Arc::clone(&gate),
+                Arc::new(Metrics::new()),
+                queue_tx,
+                stop_rx,
+            ));
+            Harness {
+                shared,
+                store,
+                steps,
+                gate,
+                queue_rx,
+                stop_tx,
+                order,
+            }
+        }
+
+        fn id(&self) -> OrderId {
+            self.order.order_id
+        }
+
+        /// Executes the order as the pool does: marked active, then driven until it stops.
+        async fn execute(&self) {
+            self.shared.active.mark(self.id());
+            execute(
+                Arc::clone(&self.shared),
+                Job::New(Box::new(self.order.clone())),
+            )
+            .await;
+        }
+
+        /// Like `execute`, in a task of its own, for tests that act while a step runs.
+        fn spawn(&self) -> JoinHandle<()> {
+            self.shared.active.mark(self.id());
+            tokio::spawn(execute(
+                Arc::clone(&self.shared),
+                Job::New(Box::new(self.order.clone())),
+            ))
+        }
+
+        fn stored(&self) -> Order {
+            self.store.order(self.id())
+        }
+
+        /// Starts the execution and waits until its first step runs.
+        async fn spawn_until_first_step(&self) -> JoinHandle<()> {
+            let handle = self.spawn();
+            self.until_called(Call::run(Step::Scheduling)).await;
+            handle
+        }
+
+        /// Checks that the order was cancelled while (or after) its first step ran, and rolled
+        /// back without running another step.
+        fn assert_cancelled_in_first_step(&self) {
+            assert_eq!(
+                self.steps.calls(),
+                [
+                    Call::run(Step::Scheduling),
+                    Call::rollback(Step::Scheduling)
+                ]
+            );
+            let stored = self.stored();
+            assert_eq!(stored.current_step, Step::Failed);
+            assert_eq!(stored.rollback_state, Some(RollbackState::Complete));
+            let failure = stored.failure.expect("the failure is recorded");
+            assert_eq!(
+                (failure.step, failure.reason.as_str()),
+                (Step::Scheduling, CANCELLED)
+            );
+        }
+
+        /// Waits until the fake handler has been asked for `call`.
+        async fn until_called(&self, call: Call) {
+            until(&format!("{call:?}"), || self.steps.calls().contains(&call)).await;
+        }
+    }
+
+    /// Polls `done` until it holds, failing the test after `DEADLINE`.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !done() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn finished(handle: JoinHandle<()>) {
+        tokio::time::timeout(DEADLINE, handle)
+            .await
+            .expect("the execution ends")
+            .expect("the execution does not panic");
+    }
+
+    /// A handler whose first run of the first step waits for `release`.
+    fn held_first_step() -> Arc<FakeStep> {
+        let steps = FakeStep::new();
+        steps.script(Call::run(Step::Scheduling), [Outcome::Hold]);
+        steps
+    }
+
+    fn runs(steps: &[Step]) -> Vec<Call> {
+        steps.iter().copied().map(Call::run).collect()
+    }
+
+    fn retries(backoff: Duration) -> RetryPolicy {
+        RetryPolicy {
+            retries: 3,
+            backoff,
+            backoff_max: backoff,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_order_runs_every_step_to_completed() {
+        let harness = Harness::new(FakeStep::new());
+        let waiter = harness.shared.waiters.register(harness.id());
+        harness.execute().await;
+
+        assert_eq!(harness.steps.calls(), runs(&WORK_STEPS));
+        let stored = harness.stored();
+        assert_eq!(stored.current_step, Step::Completed);
+        assert_eq!(stored.phase, Phase::Finished);
+        assert!(stored.complete_time.is_some());
+        assert_eq!(harness.store.commits(), 4, "one commit per step");
+        assert!(!harness.shared.active.contains(harness.id()));
+        assert_eq!(
+            harness.shared.inflight.load(Ordering::Relaxed),
+            0,
+            "no longer counted as executing"
+        );
+        let notified = waiter.await.expect("a long poll hears of the finish");
+        assert_eq!(*notified, stored);
+    }
+
+    #[tokio::test]
+    async fn a_failed_step_rolls_back_every_started_step_newest_first() {
+        let steps = FakeStep::new();
+        steps.script(Call::run(Step::Processing), [Outcome::Fail]);
+        let harness = Harness::new(steps);
+        harness.execute().await;
+
+        let mut expected = runs(&WORK_STEPS[..3]);
+        expected
+            .extend([Step::Processing, Step::PreProcessing, Step::Scheduling].map(Call::rollback));
+        assert_eq!(harness.steps.calls(), expected);
+        let stored = harness.stored();
+        assert_eq!(stored.current_step, Step::Failed);
+        assert_eq!(stored.phase, Phase::Finished);
+        assert_eq!(stored.rollback_state, Some(RollbackState::Complete));
+        let failure = stored.failure.clone().expect("the failure is recorded");
+        assert_eq!(
+            (failure.step, failure.reason.as_str()),
+            (Step::Processing, "refused")
+        );
+        for step in &WORK_STEPS[..3] {
+            let entry = stored.entry(*step).expect("the step was started");
+            assert!(entry.step_rollback_time.is_some(), "{step} rolled back");
+        }
+        assert!(stored.entry(Step::PostProcessing).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_commit_refused_as_not_owner_ends_the_execution_and_runs_no_further_step() {
+        let harness = Harness::new(held_first_step());
+        let handle = harness.spawn_until_first_step().await;
+        harness.store.take_over(harness.id(), "node-b");
+        harness.steps.release();
+        finished(handle).await;
+
+        assert_eq!(harness.steps.calls(), runs(&[Step::Scheduling]));
+        let stored = harness.stored();
+        assert_eq!((stored.owner.as_str(), stored.epoch), ("node-b", 2));
+        assert_eq!(stored.current_step, Step::Scheduling, "nothing written");
+        assert!(!harness.shared.active.contains(harness.id()));
+    }
+
+    #[tokio::test]
+    async fn a_commit_the_store_fails_is_retried_with_backoff_without_running_the_step_again() {
+        let harness = Harness::new(FakeStep::new());
+        harness.store.fail_commits([
+            StoreError::Unavailable("timed out".into()),
+            StoreError::Unavailable("connection refused".into()),
+            StoreError::Corrupt("bad record".into()),
+        ]);
+        let started = tokio::time::Instant::now();
+        harness.execute().await;
+
+        assert!(
+            started.elapsed() >= Duration::from_millis(100 + 200 + 400),
+            "waits 100 ms, then twice as long each time"
+        );
+        assert_eq!(harness.steps.calls(), runs(&WORK_STEPS), "each step once");
+        assert_eq!(harness.store.commits(), 3 + 4);
+        assert_eq!(harness.stored().current_step, Step::Completed);
+    }
+
+    #[tokio::test]
+    async fn a_commit_the_store_keeps_failing_is_given_up_when_the_node_stops() {
+        let harness = Harness::new(FakeStep::new());
+        harness
+            .store
+            .fail_commits((0..1000).map(|_| StoreError::Unavailable("down".into())));
+        let handle = harness.spawn();
+        until("retried commits", || harness.store.commits() >= 3).await;
+        harness.stop_tx.send(true).unwrap();
+        finished(handle).await;
+
+        assert_eq!(harness.steps.calls(), runs(&[Step::Scheduling]));
+        let stored = harness.stored();
+        assert_eq!(
+            stored, harness.order,
+            "the step's result is lost: it runs again where the order resumes"
+        );
+        assert!(!harness.shared.active.contains(harness.id()));
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_while_a_step_runs_rolls_the_order_back_as_cancelled() {
+        let harness = Harness::new(held_first_step());
+        let handle = harness.spawn_until_first_step().await;
+        // As the API does: record the request in the store, then note it here.
+        harness
+            .store
+            .request_cancel(harness.id(), "alice")
+            .await
+            .unwrap();
+        harness.shared.cancels.note(harness.id());
+        harness.steps.release();
+        finished(handle).await;
+
+        harness.assert_cancelled_in_first_step();
+        assert!(
+            !harness.shared.cancels.contains(harness.id()),
+            "forgotten once the execution ends"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_noted_only_here_fails_the_next_step_before_it_runs() {
+        let harness = Harness::new(held_first_step());
+        let handle = harness.spawn_until_first_step().await;
+        harness.shared.cancels.note(harness.id());
+        harness.steps.release();
+        finished(handle).await;
+
+        assert_eq!(
+            harness.steps.calls(),
+            [
+                Call::run(Step::Scheduling),
+                Call::rollback(Step::PreProcessing),
+                Call::rollback(Step::Scheduling),
+            ],
+            "the step that ran is kept, the next one fails without running"
+        );
+        let failure = harness.stored().failure.expect("the failure is recorded");
+        assert_eq!(
+            (failure.step, failure.reason.as_str()),
+            (Step::PreProcessing, CANCELLED)
+        );
+    }
+
+    /// Runs the first step while the lease lapses, and waits until its result is committed.
+    async fn lapse_during_first_step(harness: &Harness) -> JoinHandle<()> {
+        harness
+            .gate
+            .renewed(std::time::Instant::now() + Duration::from_secs(60));
+        let handle = harness.spawn_until_first_step().await;
+        harness.gate.renewed(std::time::Instant::now());
+        assert!(!harness.gate.is_open());
+        harness.steps.release();
+        until("the first step's commit", || {
+            harness.stored().current_step == Step::PreProcessing
+        })
+        .await;
+        assert_eq!(
+            harness.steps.calls(),
+            runs(&[Step::Scheduling]),
+            "no step starts while the lease has lapsed"
+        );
+        handle
+    }
+
+    #[tokio::test]
+    async fn after_a_lease_lapse_an_order_taken_over_meanwhile_runs_no_further_step() {
+        let harness = Harness::with_gate(held_first_step(), Gate::closed());
+        let handle = lapse_during_first_step(&harness).await;
+        harness.store.take_over(harness.id(), "node-b");
+        harness
+            .gate
+            .renewed(std::time::Instant::now() + Duration::from_secs(60));
+        finished(handle).await;
+
+        assert_eq!(harness.steps.calls(), runs(&[Step::Scheduling]));
+        assert_eq!(harness.stored().owner, "node-b");
+        assert!(!harness.shared.active.contains(harness.id()));
+    }
+
+    #[tokio::test]
+    async fn after_a_lease_lapse_an_order_still_ours_goes_on_once_renewed() {
+        let harness = Harness::with_gate(held_first_step(), Gate::closed());
+        let handle = lapse_during_first_step(&harness).await;
+        harness
+            .gate
+            .renewed(std::time::Instant::now() + Duration::from_secs(60));
+        finished(handle).await;
+
+        assert_eq!(harness.steps.calls(), runs(&WORK_STEPS));
+        assert_eq!(harness.stored().current_step, Step::Completed);
+    }
+
+    #[tokio::test]
+    async fn a_retryable_failure_is_recorded_and_the_order_queued_again_when_due() {
+        let backoff = Duration::from_millis(300);
+        let steps = FakeStep::with_retries(retries(backoff));
+        steps.script(Call::run(Step::Scheduling), [Outcome::FailRetryable]);
+        let mut harness = Harness::new(steps);
+        harness.execute().await;
+
+        let stored = harness.stored();
+        assert_eq!(stored.current_step, Step::Scheduling);
+        let entry = stored.entry(Step::Scheduling).expect("the step entry");
+        assert_eq!((entry.run_attempts, entry.retries), (1, 1));
+        let attempt = &entry.attempts[0];
+        assert_eq!(
+            (attempt.attempt, attempt.rollback, attempt.error.as_deref()),
+            (1, false, Some("flaky"))
+        );
+        let due = entry
+            .next_attempt_at
+            .expect("the next attempt is scheduled");
+        assert!(due - attempt.at >= chrono::Duration::from_std(backoff).unwrap());
+        assert!(
+            harness.shared.active.contains(harness.id()),
+            "still active here while it waits"
+        );
+
+        let job = tokio::time::timeout(DEADLINE, harness.queue_rx.recv())
+            .await
+            .expect("queued again")
+            .expect("the queue is open");
+        assert!(chrono::Utc::now() >= due - chrono::Duration::milliseconds(2));
+        assert!(matches!(job, Job::Resume(id) if id == harness.id()));
+        execute(Arc::clone(&harness.shared), job).await;
+
+        let stored = harness.stored();
+        assert_eq!(stored.current_step, Step::Completed);
+        let entry = stored.entry(Step::Scheduling).expect("the step entry");
+        assert_eq!((entry.run_attempts, entry.retries), (2, 0));
+        assert_eq!(entry.next_attempt_at, None);
+        assert_eq!(entry.attempts.len(), 2);
+        assert_eq!(
+            harness.steps.calls()[..2],
+            runs(&[Step::Scheduling, Step::Scheduling])
+        );
+        assert!(!harness.shared.active.contains(harness.id()));
+    }
+
+    /// Fails the first step retryably with an hour to wait, notes a cancellation (once the wait
+    /// has begun, or at once), and expects the order back in the queue and rolled back.
+    async fn cancel_during_retry_wait(wait_begun: bool) {
+        let steps = FakeStep::with_retries(retries(Duration::from_secs(3600)));
+        steps.script(Call::run(Step::Scheduling), [Outcome::FailRetryable]);
+        let mut harness = Harness::new(steps);
+        harness.execute().await;
+        if wait_begun {
+            // One runtime thread: yielding lets the waiting task run up to its wait.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+        harness.shared.cancels.note(harness.id());
+
+        let job = tokio::time::timeout(DEADLINE, harness.queue_rx.recv())
+            .await
+            .expect("queued again long before the retry is due")
+            .expect("the queue is open");
+        execute(Arc::clone(&harness.shared), job).await;
+
+        harness.assert_cancelled_in_first_step();
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_ends_a_retry_wait_at_once() {
+        cancel_during_retry_wait(true).await;
+    }
+
+    #[tokio::test]
+    async fn a_retry_wait_ends_when_the_node_stops_and_the_schedule_stays_stored() {
+        let steps = FakeStep::with_retries(retries(Duration::from_secs(3600)));
+        steps.script(Call::run(Step::Scheduling), [Outcome::FailRetryable]);
+        let mut harness = Harness::new(steps);
+        harness.execute().await;
+        harness.stop_tx.send(true).unwrap();
+
+        until("the order no longer active", || {
+            !harness.shared.active.contains(harness.id())
+        })
+        .await;
+        assert!(harness.queue_rx.try_recv().is_err(), "not queued again");
+        let stored = harness.stored();
+        assert!(stored
+            .entry(Step::Scheduling)
+            .unwrap()
+            .next_attempt_at
+            .is_some());
+    }
+}

@@ -12,6 +12,8 @@
 mod active;
 mod cancels;
 mod executor;
+#[cfg(test)]
+mod fakes;
 mod gate;
 mod handler;
 pub mod http;
