@@ -18,7 +18,8 @@ use super::job::Job;
 use super::shared::Shared;
 use crate::metrics::StepOutcome;
 use crate::order::{
-    apply, next_action, retry_due, Action, Attempt, Event, Order, OrderId, Step, TransitionError,
+    apply, next_action, retry_due, Action, Attempt, Event, Order, OrderId, Phase, Step,
+    TransitionError,
 };
 use crate::store::StoreError;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,7 +60,7 @@ pub(super) async fn execute(shared: Arc<Shared>, job: Job) {
             Some(Job::New(order)) => Some(*order),
             Some(Job::Resume(_)) | None => load(&shared, id).await,
         };
-        let retry_at = match order {
+        let retry = match order {
             Some(order) => {
                 drive(&shared, order)
                     .instrument(tracing::debug_span!("order", order_id = %id))
@@ -67,10 +68,10 @@ pub(super) async fn execute(shared: Arc<Shared>, job: Job) {
             }
             None => None,
         };
-        if let Some(due) = retry_at {
+        if let Some(retry) = retry {
             // The order stays marked active while it waits, so it is not run twice meanwhile.
             active.finished = true;
-            spawn_retry_wait(Arc::clone(&shared), id, due);
+            spawn_retry_wait(Arc::clone(&shared), id, retry);
             return;
         }
         if !shared.active.finish_or_rerun(id) {
@@ -85,9 +86,9 @@ pub(super) async fn execute(shared: Arc<Shared>, job: Job) {
 /// Waits, without a worker, until an order's retry is due (or a cancellation of it is noted),
 /// then queues it again. When the node stops first, the order is left to resume with the schedule
 /// kept in the store.
-fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, due: chrono::DateTime<chrono::Utc>) {
+fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, retry: RetryWait) {
     let task = async move {
-        if !wait_then_queue(&shared, id, due).await {
+        if !wait_then_queue(&shared, id, retry).await {
             shared.active.unmark(id);
         }
     };
@@ -95,10 +96,10 @@ fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, due: chrono::DateTime<chro
 }
 
 /// True once the order is queued again; false if the node stopped first.
-async fn wait_then_queue(shared: &Shared, id: OrderId, due: chrono::DateTime<chrono::Utc>) -> bool {
+async fn wait_then_queue(shared: &Shared, id: OrderId, retry: RetryWait) -> bool {
     let mut stop_rx = shared.stop_rx.clone();
     let mut cancel_rx = shared.cancels.subscribe();
-    let wait = (due - chrono::Utc::now())
+    let wait = (retry.due - chrono::Utc::now())
         .to_std()
         .unwrap_or(Duration::ZERO);
     let sleep = tokio::time::sleep(wait);
@@ -106,6 +107,11 @@ async fn wait_then_queue(shared: &Shared, id: OrderId, due: chrono::DateTime<chr
     loop {
         if *stop_rx.borrow() {
             return false;
+        }
+        // Looked up after subscribing, so a cancellation noted before the wait began (after the
+        // execution last looked) ends it too, instead of waiting out the retry.
+        if retry.cancellable && shared.cancels.contains(id) {
+            break;
         }
         // The retry is due; or the node stops; or some cancellation was noted, which ends the
         // wait only if it is this order's.
@@ -115,9 +121,6 @@ async fn wait_then_queue(shared: &Shared, id: OrderId, due: chrono::DateTime<chr
             changed = cancel_rx.changed() => {
                 if changed.is_err() {
                     return false;
-                }
-                if shared.cancels.contains(id) {
-                    break;
                 }
             }
         }
@@ -170,9 +173,17 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
     }
 }
 
+/// An order that has to wait for its next attempt.
+struct RetryWait {
+    due: chrono::DateTime<chrono::Utc>,
+    /// Whether a cancellation noted before the wait began ends it: only an order still running
+    /// forward can be cancelled (one rolling back stays noted, and would never wait).
+    cancellable: bool,
+}
+
 /// Runs an order's steps (or compensations) until it is finished, the node stops, the order
-/// turns out to belong to another node, or it has to wait for a retry: then the time it is due.
-async fn drive(shared: &Shared, mut order: Order) -> Option<chrono::DateTime<chrono::Utc>> {
+/// turns out to belong to another node, or it has to wait for a retry: then when it is due.
+async fn drive(shared: &Shared, mut order: Order) -> Option<RetryWait> {
     debug!(order_id = %order.order_id, current_step = %order.current_step, "order dispatched");
     let mut tracker = shared.metrics.track(order.current_step);
     let mut lapses = shared.gate.lapses();
@@ -186,7 +197,10 @@ async fn drive(shared: &Shared, mut order: Order) -> Option<chrono::DateTime<chr
             // A little early (clocks differ by a hair) counts as due.
             if due - chrono::Utc::now() > chrono::Duration::milliseconds(2) {
                 debug!(order_id = %order.order_id, next_attempt_at = %due, "waiting for the next attempt");
-                return Some(due);
+                return Some(RetryWait {
+                    due,
+                    cancellable: order.phase == Phase::Forward,
+                });
             }
         }
         if !shared.gate.is_open() {
@@ -406,7 +420,7 @@ async fn wait_or_stop(stop_rx: &mut watch::Receiver<bool>, delay: &mut Duration)
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
-    use crate::order::{Phase, RollbackState, CANCELLED};
+    use crate::order::{RollbackState, CANCELLED};
     use crate::pipeline::fakes::{Call, FakeStep, FakeStore, Outcome};
     use crate::pipeline::{Gate, Handlers, RetryPolicy};
     use crate::store::OrderStore;
@@ -554,6 +568,14 @@ mod tests {
         let steps = FakeStep::new();
         steps.script(Call::run(Step::Scheduling), [Outcome::Hold]);
         steps
+    }
+
+    /// Yields to the task an execution left waiting for a retry, so that it runs up to its wait
+    /// (tests run on one runtime thread).
+    async fn let_retry_wait_begin() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
     }
 
     fn runs(steps: &[Step]) -> Vec<Call> {
@@ -821,10 +843,7 @@ mod tests {
         let mut harness = Harness::new(steps);
         harness.execute().await;
         if wait_begun {
-            // One runtime thread: yielding lets the waiting task run up to its wait.
-            for _ in 0..10 {
-                tokio::task::yield_now().await;
-            }
+            let_retry_wait_begin().await;
         }
         harness.shared.cancels.note(harness.id());
 
@@ -840,6 +859,33 @@ mod tests {
     #[tokio::test]
     async fn a_cancellation_ends_a_retry_wait_at_once() {
         cancel_during_retry_wait(true).await;
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_noted_as_the_retry_wait_begins_is_not_missed() {
+        cancel_during_retry_wait(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_rollback_waiting_for_its_retry_is_not_woken_by_the_cancellation_it_carries_out() {
+        let steps = FakeStep::with_retries(retries(Duration::from_secs(3600)));
+        steps.script(Call::run(Step::Scheduling), [Outcome::Hold]);
+        steps.script(Call::rollback(Step::Scheduling), [Outcome::FailRetryable]);
+        let mut harness = Harness::new(steps);
+        let handle = harness.spawn_until_first_step().await;
+        harness.shared.cancels.note(harness.id());
+        harness.steps.release();
+        finished(handle).await;
+        let_retry_wait_begin().await;
+
+        assert!(
+            harness.queue_rx.try_recv().is_err(),
+            "waits for its retry instead of coming straight back"
+        );
+        let stored = harness.stored();
+        let entry = stored.entry(Step::Scheduling).expect("the step entry");
+        assert!(entry.next_attempt_at.is_some());
+        assert!(harness.shared.cancels.contains(harness.id()));
     }
 
     #[tokio::test]
