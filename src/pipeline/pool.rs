@@ -25,6 +25,7 @@ use tracing::{error, info, warn, Instrument};
 pub struct Slot(mpsc::OwnedPermit<Job>, Arc<Shared>);
 
 impl Slot {
+    /// Queues the job in the reserved slot; a new order counts as active here from now on.
     pub fn send(self, job: Job) {
         if let Job::New(order) = &job {
             self.1.active.mark(order.order_id);
@@ -33,6 +34,7 @@ impl Slot {
     }
 }
 
+/// The bounded worker pool of one node.
 pub struct Pool {
     shared: Arc<Shared>,
     queue_tx: mpsc::Sender<Job>,
@@ -45,6 +47,8 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Starts the dispatcher: at most `workers` orders execute at once, `queue_capacity` more
+    /// wait for a worker.
     pub fn start(
         node_id: String,
         store: Arc<dyn OrderStore>,
@@ -165,6 +169,7 @@ impl Pool {
         self.shared.cancels.note(id);
     }
 
+    /// Whether `shutdown` has begun: the pool takes no more jobs.
     pub fn is_stopping(&self) -> bool {
         *self.stop_tx.borrow()
     }
