@@ -421,14 +421,13 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
     use crate::order::{RollbackState, CANCELLED};
-    use crate::pipeline::fakes::{Call, FakeStep, FakeStore, Outcome};
+    use crate::pipeline::fakes::{order, until, Call, FakeStep, FakeStore, Outcome, DEADLINE};
     use crate::pipeline::{Gate, Handlers, RetryPolicy};
     use crate::store::OrderStore;
     use tokio::sync::mpsc;
     use tokio::task::JoinHandle;
 
     const NODE: &str = "node-a";
-    const DEADLINE: Duration = Duration::from_secs(10);
     const WORK_STEPS: [Step; 4] = [
         Step::Scheduling,
         Step::PreProcessing,
@@ -453,13 +452,7 @@ mod tests {
         }
 
         fn with_gate(steps: Arc<FakeStep>, gate: Gate) -> Harness {
-            let order = Order::new(
-                OrderId::new_v4(),
-                "alice".into(),
-                serde_json::json!({}),
-                NODE.into(),
-                chrono::Utc::now(),
-            );
+            let order = order(NODE);
             let store = FakeStore::with(&order);
             let gate = Arc::new(gate);
             let (queue_tx, queue_rx) = mpsc::channel(4);
@@ -541,18 +534,6 @@ mod tests {
         /// Waits until the fake handler has been asked for `call`.
         async fn until_called(&self, call: Call) {
             until(&format!("{call:?}"), || self.steps.calls().contains(&call)).await;
-        }
-    }
-
-    /// Polls `done` until it holds, failing the test after `DEADLINE`.
-    async fn until(what: &str, done: impl Fn() -> bool) {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        while !done() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

@@ -1,6 +1,6 @@
 //! In-memory fakes of the pipeline's collaborators, for unit tests: an order store that can be
 //! told to refuse or fail commits, and a step handler that is told how each attempt goes and
-//! counts them.
+//! counts them; with a fresh order of user `alice` and a way to wait for what they record.
 
 use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
@@ -14,7 +14,34 @@ use chrono::{DateTime, Utc};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::Notify;
+
+/// The longest a test waits for something before it fails.
+pub(super) const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A new order of user `alice`, owned by `node`.
+pub(super) fn order(node: &str) -> Order {
+    Order::new(
+        OrderId::new_v4(),
+        "alice".into(),
+        serde_json::json!({}),
+        node.into(),
+        Utc::now(),
+    )
+}
+
+/// Polls `done` until it holds, failing the test after `DEADLINE`.
+pub(super) async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
 
 /// An order store in memory that fences commits like the real ones (`check_commit`).
 #[derive(Default)]
@@ -30,13 +57,14 @@ pub(super) struct FakeStore {
 impl FakeStore {
     /// A store holding `order`.
     pub(super) fn with(order: &Order) -> Arc<FakeStore> {
-        let store = FakeStore::default();
+        let store = Arc::new(FakeStore::default());
+        store.insert(order);
         store
-            .orders
-            .lock()
-            .unwrap()
-            .insert(order.order_id, order.clone());
-        Arc::new(store)
+    }
+
+    /// Stores `order` as it is.
+    pub(super) fn insert(&self, order: &Order) {
+        (self.orders.lock().unwrap()).insert(order.order_id, order.clone());
     }
 
     /// The stored order.

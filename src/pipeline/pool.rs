@@ -241,3 +241,92 @@ async fn dispatch(
     }
     tasks
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::order::{Order, Step};
+    use crate::pipeline::fakes::{order, until, Call, FakeStep, FakeStore, Outcome, DEADLINE};
+
+    const NODE: &str = "node-a";
+
+    /// A pool of one worker and a queue of one, whose first step waits for `release` each time,
+    /// with one order submitted and running.
+    async fn running_one() -> (Arc<FakeStore>, Arc<FakeStep>, Arc<Pool>, Order) {
+        let (store, steps) = (Arc::new(FakeStore::default()), FakeStep::new());
+        steps.script(Call::run(Step::Scheduling), [Outcome::Hold, Outcome::Hold]);
+        let pool = Pool::start(
+            NODE.into(),
+            store.clone(),
+            Handlers::new(steps.clone()),
+            Arc::new(Gate::open()),
+            1,
+            1,
+            Arc::new(Metrics::new()),
+        );
+        let order = submit(&pool, &store).expect("a free worker");
+        until("the first order running", || pool.inflight() == 1).await;
+        (store, steps, pool, order)
+    }
+
+    /// Submits a stored order as `POST /orders` does.
+    fn submit(pool: &Pool, store: &FakeStore) -> Option<Order> {
+        let order = order(NODE);
+        store.insert(&order);
+        pool.try_reserve()?.send(Job::New(Box::new(order.clone())));
+        Some(order)
+    }
+
+    #[tokio::test]
+    async fn orders_beyond_the_workers_and_the_queue_are_refused() {
+        let (store, steps, pool, first) = running_one().await;
+        let second = submit(&pool, &store).expect("room in the queue");
+        assert_eq!(pool.queued(), 1);
+        assert!(submit(&pool, &store).is_none(), "worker busy, queue full");
+        assert!(pool.is_active(first.order_id) && pool.is_active(second.order_id));
+
+        steps.release();
+        steps.release();
+        until("both orders done", || {
+            !pool.is_active(first.order_id) && !pool.is_active(second.order_id)
+        })
+        .await;
+        assert_eq!(store.order(second.order_id).current_step, Step::Completed);
+        assert_eq!((pool.inflight(), pool.queued()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_a_running_step_finish_and_commit_then_takes_no_more() {
+        let (store, steps, pool, order) = running_one().await;
+        let stopping = tokio::spawn({
+            let pool = Arc::clone(&pool);
+            async move { pool.shutdown(DEADLINE).await }
+        });
+        until("the pool stopping", || pool.is_stopping()).await;
+        steps.release();
+        tokio::time::timeout(DEADLINE, stopping)
+            .await
+            .expect("shutdown ends")
+            .unwrap();
+
+        let stored = store.order(order.order_id);
+        assert_eq!(
+            stored.current_step,
+            Step::PreProcessing,
+            "the step's result is kept, the next step left to resume"
+        );
+        assert!(!pool.is_active(order.order_id));
+        assert!(pool.try_reserve().is_none());
+        assert!(!pool.enqueue(Job::Resume(order.order_id)).await);
+    }
+
+    #[tokio::test]
+    async fn shutdown_abandons_a_step_still_running_when_the_grace_is_over() {
+        let (store, _, pool, order) = running_one().await;
+        pool.shutdown(Duration::from_millis(50)).await;
+
+        assert_eq!(store.order(order.order_id), order, "nothing written");
+        assert!(!pool.is_active(order.order_id));
+        assert_eq!(pool.inflight(), 0);
+    }
+}
