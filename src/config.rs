@@ -727,18 +727,6 @@ impl Config {
         }
         settings
     }
-
-    /// A config for tests: fast steps that never fail at random, a port chosen by the OS.
-    pub fn for_test(data_dir: PathBuf) -> Config {
-        let mut config = Config::default();
-        config.server.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.server.data_dir = data_dir;
-        config.simulate = SimulateConfig {
-            duration: Duration::from_millis(10),
-            failure_rate: 0.0,
-        };
-        config
-    }
 }
 
 fn check_rate(key: &str, rate: f64) -> Result<(), ConfigError> {

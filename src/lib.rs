@@ -7,7 +7,8 @@
 //! - [`order`]: the order model, the pure state machine and the JSON views.
 //! - [`store`]: the `OrderStore` trait and its embedded and Redis implementations.
 //! - [`pipeline`]: the bounded worker pool, the executor that drives an order to a terminal
-//!   state, and the step handlers.
+//!   state (each in a file of its own, unit-tested against an in-memory store), the liveness
+//!   gate, and the step handlers.
 //! - [`api`]: the warp routes, who may call them (`auth`) and what a client may cost (`limits`),
 //!   the connection server (`serve`), and the one place errors become JSON replies; the OpenAPI
 //!   description and the status page are files served from the binary.

@@ -7,6 +7,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// Order id → whether it must be loaded and driven once more when its current execution ends.
+///
+/// Why a lock: the API, the pool and every execution mark and unmark orders from their own
+/// tasks; each call holds it for one map operation.
 #[derive(Debug, Default)]
 pub struct ActiveOrders(Mutex<HashMap<OrderId, bool>>);
 

@@ -202,18 +202,23 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn without_rollback_url_there_is_nothing_to_undo() {
-        let handler = Http::new(client().unwrap(), settings(None));
-        assert_eq!(handler.retry_policy(true), None);
-        assert_eq!(handler.retry_policy(false).map(|p| p.retries), Some(4));
-        let order = Order::new(
+    /// An order to make requests for.
+    fn order() -> Order {
+        Order::new(
             OrderId::nil(),
             "alice".into(),
             serde_json::json!({}),
             "node".into(),
             chrono::Utc::now(),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn without_rollback_url_there_is_nothing_to_undo() {
+        let handler = Http::new(client().unwrap(), settings(None));
+        assert_eq!(handler.retry_policy(true), None);
+        assert_eq!(handler.retry_policy(false).map(|p| p.retries), Some(4));
+        let order = order();
         let context = StepContext::attempt(&order, Step::Processing, true, 1);
         assert_eq!(handler.rollback(&context).await, Ok(StepDone::default()));
         let with = Http::new(
@@ -225,13 +230,7 @@ mod tests {
 
     #[test]
     fn idempotency_keys_differ_between_run_and_rollback() {
-        let order = Order::new(
-            OrderId::nil(),
-            "alice".into(),
-            serde_json::json!({}),
-            "node".into(),
-            chrono::Utc::now(),
-        );
+        let order = order();
         let run = StepContext::attempt(&order, Step::Processing, false, 3);
         let undo = StepContext::attempt(&order, Step::Processing, true, 1);
         assert_eq!(

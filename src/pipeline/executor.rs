@@ -1,0 +1,892 @@
+//! The executor: drives one order to a terminal state (or until it must let it go), one committed
+//! transition at a time, through the state machine in `crate::order`, the store and the step
+//! handlers.
+//!
+//! Each transition is committed before the next step starts; a commit that finds the order owned
+//! by someone else ends its execution here. No step starts while the node's liveness lease has
+//! lapsed (the [`Gate`](super::Gate)), and an order whose execution spans a lapse is read again
+//! before its next step, in case it was taken over meanwhile.
+//!
+//! The executor owns retries: a handler makes one attempt, and after a failed attempt worth
+//! retrying the executor commits the attempt and the time the next one is due. The order then
+//! gives its worker back and waits outside the pool (a timer task that queues it again when the
+//! retry is due), so orders waiting on a failing service do not hold up the others. An order
+//! resumed after a restart or a takeover reads the schedule from the store and goes on with it.
+
+use super::handler::StepContext;
+use super::job::Job;
+use super::shared::Shared;
+use crate::metrics::StepOutcome;
+use crate::order::{
+    apply, next_action, retry_due, Action, Attempt, Event, Order, OrderId, Phase, Step,
+    TransitionError,
+};
+use crate::store::StoreError;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn, Instrument};
+
+/// Counts an execution in `inflight` for as long as it lives.
+struct InflightGuard<'a>(&'a AtomicUsize);
+
+impl<'a> InflightGuard<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(counter)
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Drives the job's order until it is finished, lost or waiting for a retry; then the order is
+/// no longer active here (or stays so while it waits for its retry).
+pub(super) async fn execute(shared: Arc<Shared>, job: Job) {
+    let _inflight = InflightGuard::new(&shared.inflight);
+    let id = job.order_id();
+    let mut active = ActiveGuard {
+        shared: &shared,
+        id,
+        finished: false,
+    };
+    let mut job = Some(job);
+    loop {
+        let order = match job.take() {
+            Some(Job::New(order)) => Some(*order),
+            Some(Job::Resume(_)) | None => load(&shared, id).await,
+        };
+        let retry = match order {
+            Some(order) => {
+                drive(&shared, order)
+                    .instrument(tracing::debug_span!("order", order_id = %id))
+                    .await
+            }
+            None => None,
+        };
+        if let Some(retry) = retry {
+            // The order stays marked active while it waits, so it is not run twice meanwhile.
+            active.finished = true;
+            spawn_retry_wait(Arc::clone(&shared), id, retry);
+            return;
+        }
+        if !shared.active.finish_or_rerun(id) {
+            active.finished = true;
+            break;
+        }
+        debug!(order_id = %id, "order changed while it ran here, running it again");
+    }
+    shared.cancels.forget(id);
+}
+
+/// Waits, without a worker, until an order's retry is due (or a cancellation of it is noted),
+/// then queues it again. When the node stops first, the order is left to resume with the schedule
+/// kept in the store.
+fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, retry: RetryWait) {
+    let task = async move {
+        if !wait_then_queue(&shared, id, retry).await {
+            shared.active.unmark(id);
+        }
+    };
+    tokio::spawn(task.instrument(tracing::debug_span!("retry_wait", order_id = %id)));
+}
+
+/// True once the order is queued again; false if the node stopped first.
+async fn wait_then_queue(shared: &Shared, id: OrderId, retry: RetryWait) -> bool {
+    let mut stop_rx = shared.stop_rx.clone();
+    let mut cancel_rx = shared.cancels.subscribe();
+    let wait = (retry.due - chrono::Utc::now())
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    let sleep = tokio::time::sleep(wait);
+    tokio::pin!(sleep);
+    loop {
+        if *stop_rx.borrow() {
+            return false;
+        }
+        // Looked up after subscribing, so a cancellation noted before the wait began (after the
+        // execution last looked) ends it too, instead of waiting out the retry.
+        if retry.cancellable && shared.cancels.contains(id) {
+            break;
+        }
+        // The retry is due; or the node stops; or some cancellation was noted, which ends the
+        // wait only if it is this order's.
+        tokio::select! {
+            _ = &mut sleep => break,
+            _ = stop_rx.changed() => return false,
+            changed = cancel_rx.changed() => {
+                if changed.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+    // Either there is room in the queue, or the node stops and the order resumes later.
+    tokio::select! {
+        sent = shared.queue_tx.send(Job::Resume(id)) => sent.is_ok(),
+        _ = stop_rx.changed() => false,
+    }
+}
+
+/// Marks an order inactive when its execution ends, however it ends (also when the task is
+/// abandoned at shutdown).
+struct ActiveGuard<'a> {
+    shared: &'a Shared,
+    id: OrderId,
+    /// Already marked inactive by `finish_or_rerun`.
+    finished: bool,
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.shared.active.unmark(self.id);
+        }
+    }
+}
+
+async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
+    let mut stop_rx = shared.stop_rx.clone();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match shared.store.get(id).await {
+            Ok(Some(order)) if order.owner == shared.node_id => return Some(order),
+            Ok(Some(_)) => {
+                debug!(order_id = %id, "order is owned by another node now, not resuming");
+                return None;
+            }
+            Ok(None) => {
+                warn!(order_id = %id, "order to resume is missing from the store");
+                return None;
+            }
+            Err(error) => {
+                warn!(order_id = %id, error = %error, "cannot load order, retrying");
+                if wait_or_stop(&mut stop_rx, &mut delay).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// An order that has to wait for its next attempt.
+struct RetryWait {
+    due: chrono::DateTime<chrono::Utc>,
+    /// Whether a cancellation noted before the wait began ends it: only an order still running
+    /// forward can be cancelled (one rolling back stays noted, and would never wait).
+    cancellable: bool,
+}
+
+/// Runs an order's steps (or compensations) until it is finished, the node stops, the order
+/// turns out to belong to another node, or it has to wait for a retry: then when it is due.
+async fn drive(shared: &Shared, mut order: Order) -> Option<RetryWait> {
+    debug!(order_id = %order.order_id, current_step = %order.current_step, "order dispatched");
+    let mut tracker = shared.metrics.track(order.current_step);
+    let mut lapses = shared.gate.lapses();
+    loop {
+        if *shared.stop_rx.borrow() {
+            debug!(order_id = %order.order_id, "node stopping, order left to resume later");
+            return None;
+        }
+        note_cancel(shared, &mut order);
+        if let Some(due) = retry_due(&order) {
+            // A little early (clocks differ by a hair) counts as due.
+            if due - chrono::Utc::now() > chrono::Duration::milliseconds(2) {
+                debug!(order_id = %order.order_id, next_attempt_at = %due, "waiting for the next attempt");
+                return Some(RetryWait {
+                    due,
+                    cancellable: order.phase == Phase::Forward,
+                });
+            }
+        }
+        if !shared.gate.is_open() {
+            debug!(order_id = %order.order_id, "liveness lease lapsed, waiting before the next step");
+        }
+        let mut stop_rx = shared.stop_rx.clone();
+        // Either the lease is current again, or the node stops and the order resumes elsewhere.
+        let now_lapses = tokio::select! {
+            lapses = shared.gate.wait_open() => lapses,
+            _ = stop_rx.changed() => continue,
+        };
+        if now_lapses != lapses {
+            // The lease lapsed while this order was ours: someone may have taken it over.
+            match still_ours(shared, &order).await {
+                Some(fresh) => {
+                    tracker.move_to(fresh.current_step);
+                    order = fresh;
+                }
+                None => return None,
+            }
+            lapses = now_lapses;
+        }
+        note_cancel(shared, &mut order);
+        let events = match next_action(&order) {
+            Action::Run(step) => attempt(shared, &order, step, false).await,
+            Action::Cancel(step) => {
+                debug!(order_id = %order.order_id, step = %step, "order cancelled before step ran");
+                vec![Event::Cancel { step }]
+            }
+            Action::Rollback(step) => attempt(shared, &order, step, true).await,
+            Action::Done => {
+                debug!(order_id = %order.order_id, current_step = %order.current_step, "order finished");
+                return None;
+            }
+        };
+        match commit(shared, order, events).await {
+            Some(next) => {
+                tracker.move_to(next.current_step);
+                shared.metrics.order_finished(&next);
+                order = next;
+            }
+            None => return None,
+        }
+    }
+}
+
+/// Marks the order cancelled if a cancellation was requested through this node.
+fn note_cancel(shared: &Shared, order: &mut Order) {
+    if !order.cancel_requested {
+        order.cancel_requested = shared.cancels.contains(order.order_id);
+    }
+}
+
+/// Makes one attempt at running (or rolling back) a step and says what happened, as the events
+/// to commit: the attempt (for handlers with a retry policy), then the step's end or the retry.
+async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> Vec<Event> {
+    let handler = shared.handlers.for_step(step);
+    let policy = handler.retry_policy(rollback);
+    let entry = order.entry(step);
+    let number = entry
+        .map_or(0, |entry| entry.attempts_made(rollback))
+        .saturating_add(1);
+    let retries_done = entry.map_or(0, |entry| entry.retries);
+    let context = StepContext::attempt(order, step, rollback, number);
+    let direction = if rollback { "rollback" } else { "run" };
+    debug!(order_id = %order.order_id, step = %step, attempt = number, direction, "attempt started");
+    // Microseconds, like every other time the API shows.
+    let started_at = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
+    let started = std::time::Instant::now();
+    let result = if rollback {
+        handler.rollback(&context).await
+    } else {
+        handler.run(&context).await
+    };
+    let elapsed = started.elapsed();
+    let outcome = match (&result, rollback) {
+        (Ok(_), false) => StepOutcome::Succeeded,
+        (Err(_), false) => StepOutcome::Failed,
+        (Ok(_), true) => StepOutcome::RolledBack,
+        (Err(_), true) => StepOutcome::RollbackFailed,
+    };
+    shared.metrics.step_finished(step, outcome, elapsed);
+    let duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+    let mut events = Vec::with_capacity(2);
+    if policy.is_some() {
+        let (status, error) = match &result {
+            Ok(done) => (done.status, None),
+            Err(failure) => (failure.status, Some(failure.reason.clone())),
+        };
+        events.push(Event::Attempted {
+            step,
+            attempt: Attempt {
+                attempt: number,
+                at: started_at,
+                rollback,
+                status,
+                error,
+                duration_ms,
+            },
+        });
+    }
+    let failure = match result {
+        Ok(done) => {
+            debug!(order_id = %order.order_id, step = %step, attempt = number, direction, "attempt succeeded");
+            events.push(if rollback {
+                Event::RolledBack { step }
+            } else {
+                Event::StepSucceeded {
+                    step,
+                    output: done.output,
+                }
+            });
+            return events;
+        }
+        Err(failure) => failure,
+    };
+    match policy {
+        Some(policy) if failure.retryable && policy.allows_retry(retries_done) => {
+            let delay = policy.delay(retries_done.saturating_add(1), rand::random());
+            let at = chrono::Utc::now()
+                + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            warn!(order_id = %order.order_id, step = %step, attempt = number, direction, reason = %failure.reason, retry_in = ?delay, "attempt failed, retrying");
+            events.push(Event::RetryScheduled { step, rollback, at });
+        }
+        _ if rollback => {
+            error!(order_id = %order.order_id, step = %step, attempt = number, reason = %failure.reason, "rollback failed, order parked with its rollback incomplete");
+            events.push(Event::RollbackFailed {
+                step,
+                reason: failure.reason,
+            });
+        }
+        _ => {
+            info!(order_id = %order.order_id, step = %step, attempt = number, reason = %failure.reason, "step failed, rolling back");
+            events.push(Event::StepFailed {
+                step,
+                reason: failure.reason,
+            });
+        }
+    }
+    events
+}
+
+/// Re-reads an order after a lease lapse: the stored copy when this node still owns it at the
+/// same epoch, `None` when it does not (or the node stops before the store answers).
+async fn still_ours(shared: &Shared, order: &Order) -> Option<Order> {
+    let stored = load(shared, order.order_id).await?;
+    if stored.epoch != order.epoch {
+        warn!(order_id = %order.order_id, "order was taken over while the liveness lease lapsed, dropping it");
+        return None;
+    }
+    Some(stored)
+}
+
+/// Applies events in order and commits the result as one write, retrying while the store is
+/// unreachable. `None` means this node must let the order go (lost ownership, illegal
+/// transition, stopping).
+async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option<Order> {
+    let mut stop_rx = shared.stop_rx.clone();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let now = chrono::Utc::now();
+        let next = events.iter().try_fold(order.clone(), |current, event| {
+            apply(&current, event.clone(), now)
+        });
+        let next = match next {
+            Ok(next) => next,
+            Err(error) => {
+                report_illegal(&order, &error);
+                return None;
+            }
+        };
+        match shared.store.commit(&next).await {
+            Ok(()) => {
+                if next.is_finished() {
+                    shared.waiters.notify(&next);
+                }
+                return Some(next);
+            }
+            Err(StoreError::CancelRequested) => {
+                // Someone asked to cancel while the step ran: apply the same event again, now
+                // knowing, so the order rolls back instead of moving on.
+                order.cancel_requested = true;
+            }
+            Err(StoreError::NotOwner) | Err(StoreError::NotFound) => {
+                warn!(order_id = %order.order_id, "order is no longer ours, dropping it");
+                return None;
+            }
+            Err(error) => {
+                warn!(order_id = %order.order_id, error = %error, "cannot commit transition, retrying");
+                if wait_or_stop(&mut stop_rx, &mut delay).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+fn report_illegal(order: &Order, error: &TransitionError) {
+    error!(order_id = %order.order_id, current_step = %order.current_step, error = %error, "illegal transition, dropping order");
+}
+
+/// Sleeps `delay` (doubling it up to 2 s); true when the node began stopping meanwhile.
+async fn wait_or_stop(stop_rx: &mut watch::Receiver<bool>, delay: &mut Duration) -> bool {
+    if *stop_rx.borrow() {
+        return true;
+    }
+    // Either the delay is over, or the node stops and the caller gives up.
+    let stopped = tokio::select! {
+        _ = tokio::time::sleep(*delay) => false,
+        _ = stop_rx.changed() => true,
+    };
+    *delay = (*delay * 2).min(Duration::from_secs(2));
+    stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::order::{RollbackState, CANCELLED};
+    use crate::pipeline::fakes::{order, until, Call, FakeStep, FakeStore, Outcome, DEADLINE};
+    use crate::pipeline::{Gate, Handlers, RetryPolicy};
+    use crate::store::OrderStore;
+    use tokio::sync::mpsc;
+    use tokio::task::JoinHandle;
+
+    const NODE: &str = "node-a";
+    const WORK_STEPS: [Step; 4] = [
+        Step::Scheduling,
+        Step::PreProcessing,
+        Step::Processing,
+        Step::PostProcessing,
+    ];
+
+    /// One order, stored in a fake store, and everything an execution of it needs.
+    struct Harness {
+        shared: Arc<Shared>,
+        store: Arc<FakeStore>,
+        steps: Arc<FakeStep>,
+        gate: Arc<Gate>,
+        queue_rx: mpsc::Receiver<Job>,
+        stop_tx: watch::Sender<bool>,
+        order: Order,
+    }
+
+    impl Harness {
+        fn new(steps: Arc<FakeStep>) -> Harness {
+            Harness::with_gate(steps, Gate::open())
+        }
+
+        fn with_gate(steps: Arc<FakeStep>, gate: Gate) -> Harness {
+            let order = order(NODE);
+            let store = FakeStore::with(&order);
+            let gate = Arc::new(gate);
+            let (queue_tx, queue_rx) = mpsc::channel(4);
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let shared = Arc::new(Shared::new(
+                NODE.into(),
+                store.clone(),
+                Handlers::new(steps.clone()),
+                Arc::clone(&gate),
+                Arc::new(Metrics::new()),
+                queue_tx,
+                stop_rx,
+            ));
+            Harness {
+                shared,
+                store,
+                steps,
+                gate,
+                queue_rx,
+                stop_tx,
+                order,
+            }
+        }
+
+        fn id(&self) -> OrderId {
+            self.order.order_id
+        }
+
+        /// Executes the order as the pool does: marked active, then driven until it stops.
+        async fn execute(&self) {
+            self.shared.active.mark(self.id());
+            execute(
+                Arc::clone(&self.shared),
+                Job::New(Box::new(self.order.clone())),
+            )
+            .await;
+        }
+
+        /// Like `execute`, in a task of its own, for tests that act while a step runs.
+        fn spawn(&self) -> JoinHandle<()> {
+            self.shared.active.mark(self.id());
+            tokio::spawn(execute(
+                Arc::clone(&self.shared),
+                Job::New(Box::new(self.order.clone())),
+            ))
+        }
+
+        fn stored(&self) -> Order {
+            self.store.order(self.id())
+        }
+
+        /// Starts the execution and waits until its first step runs.
+        async fn spawn_until_first_step(&self) -> JoinHandle<()> {
+            let handle = self.spawn();
+            self.until_called(Call::run(Step::Scheduling)).await;
+            handle
+        }
+
+        /// Checks that the order was cancelled while (or after) its first step ran, and rolled
+        /// back without running another step.
+        fn assert_cancelled_in_first_step(&self) {
+            assert_eq!(
+                self.steps.calls(),
+                [
+                    Call::run(Step::Scheduling),
+                    Call::rollback(Step::Scheduling)
+                ]
+            );
+            let stored = self.stored();
+            assert_eq!(stored.current_step, Step::Failed);
+            assert_eq!(stored.rollback_state, Some(RollbackState::Complete));
+            let failure = stored.failure.expect("the failure is recorded");
+            assert_eq!(
+                (failure.step, failure.reason.as_str()),
+                (Step::Scheduling, CANCELLED)
+            );
+        }
+
+        /// Waits until the fake handler has been asked for `call`.
+        async fn until_called(&self, call: Call) {
+            until(&format!("{call:?}"), || self.steps.calls().contains(&call)).await;
+        }
+    }
+
+    async fn finished(handle: JoinHandle<()>) {
+        tokio::time::timeout(DEADLINE, handle)
+            .await
+            .expect("the execution ends")
+            .expect("the execution does not panic");
+    }
+
+    /// A handler whose first run of the first step waits for `release`.
+    fn held_first_step() -> Arc<FakeStep> {
+        let steps = FakeStep::new();
+        steps.script(Call::run(Step::Scheduling), [Outcome::Hold]);
+        steps
+    }
+
+    /// Yields to the task an execution left waiting for a retry, so that it runs up to its wait
+    /// (tests run on one runtime thread).
+    async fn let_retry_wait_begin() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn runs(steps: &[Step]) -> Vec<Call> {
+        steps.iter().copied().map(Call::run).collect()
+    }
+
+    fn retries(backoff: Duration) -> RetryPolicy {
+        RetryPolicy {
+            retries: 3,
+            backoff,
+            backoff_max: backoff,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_order_runs_every_step_to_completed() {
+        let harness = Harness::new(FakeStep::new());
+        let waiter = harness.shared.waiters.register(harness.id());
+        harness.execute().await;
+
+        assert_eq!(harness.steps.calls(), runs(&WORK_STEPS));
+        let stored = harness.stored();
+        assert_eq!(stored.current_step, Step::Completed);
+        assert_eq!(stored.phase, Phase::Finished);
+        assert!(stored.complete_time.is_some());
+        assert_eq!(harness.store.commits(), 4, "one commit per step");
+        assert!(!harness.shared.active.contains(harness.id()));
+        assert_eq!(
+            harness.shared.inflight.load(Ordering::Relaxed),
+            0,
+            "no longer counted as executing"
+        );
+        let notified = waiter.await.expect("a long poll hears of the finish");
+        assert_eq!(*notified, stored);
+    }
+
+    #[tokio::test]
+    async fn a_failed_step_rolls_back_every_started_step_newest_first() {
+        let steps = FakeStep::new();
+        steps.script(Call::run(Step::Processing), [Outcome::Fail]);
+        let harness = Harness::new(steps);
+        harness.execute().await;
+
+        let mut expected = runs(&WORK_STEPS[..3]);
+        expected
+            .extend([Step::Processing, Step::PreProcessing, Step::Scheduling].map(Call::rollback));
+        assert_eq!(harness.steps.calls(), expected);
+        let stored = harness.stored();
+        assert_eq!(stored.current_step, Step::Failed);
+        assert_eq!(stored.phase, Phase::Finished);
+        assert_eq!(stored.rollback_state, Some(RollbackState::Complete));
+        let failure = stored.failure.clone().expect("the failure is recorded");
+        assert_eq!(
+            (failure.step, failure.reason.as_str()),
+            (Step::Processing, "refused")
+        );
+        for step in &WORK_STEPS[..3] {
+            let entry = stored.entry(*step).expect("the step was started");
+            assert!(entry.step_rollback_time.is_some(), "{step} rolled back");
+        }
+        assert!(stored.entry(Step::PostProcessing).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_commit_refused_as_not_owner_ends_the_execution_and_runs_no_further_step() {
+        let harness = Harness::new(held_first_step());
+        let handle = harness.spawn_until_first_step().await;
+        harness.store.take_over(harness.id(), "node-b");
+        harness.steps.release();
+        finished(handle).await;
+
+        assert_eq!(harness.steps.calls(), runs(&[Step::Scheduling]));
+        let stored = harness.stored();
+        assert_eq!((stored.owner.as_str(), stored.epoch), ("node-b", 2));
+        assert_eq!(stored.current_step, Step::Scheduling, "nothing written");
+        assert!(!harness.shared.active.contains(harness.id()));
+    }
+
+    #[tokio::test]
+    async fn a_commit_the_store_fails_is_retried_with_backoff_without_running_the_step_again() {
+        let harness = Harness::new(FakeStep::new());
+        harness.store.fail_commits([
+            StoreError::Unavailable("timed out".into()),
+            StoreError::Unavailable("connection refused".into()),
+            StoreError::Corrupt("bad record".into()),
+        ]);
+        let started = tokio::time::Instant::now();
+        harness.execute().await;
+
+        assert!(
+            started.elapsed() >= Duration::from_millis(100 + 200 + 400),
+            "waits 100 ms, then twice as long each time"
+        );
+        assert_eq!(harness.steps.calls(), runs(&WORK_STEPS), "each step once");
+        assert_eq!(harness.store.commits(), 3 + 4);
+        assert_eq!(harness.stored().current_step, Step::Completed);
+    }
+
+    #[tokio::test]
+    async fn a_commit_the_store_keeps_failing_is_given_up_when_the_node_stops() {
+        let harness = Harness::new(FakeStep::new());
+        harness
+            .store
+            .fail_commits((0..1000).map(|_| StoreError::Unavailable("down".into())));
+        let handle = harness.spawn();
+        until("retried commits", || harness.store.commits() >= 3).await;
+        harness.stop_tx.send(true).unwrap();
+        finished(handle).await;
+
+        assert_eq!(harness.steps.calls(), runs(&[Step::Scheduling]));
+        let stored = harness.stored();
+        assert_eq!(
+            stored, harness.order,
+            "the step's result is lost: it runs again where the order resumes"
+        );
+        assert!(!harness.shared.active.contains(harness.id()));
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_while_a_step_runs_rolls_the_order_back_as_cancelled() {
+        let harness = Harness::new(held_first_step());
+        let handle = harness.spawn_until_first_step().await;
+        // As the API does: record the request in the store, then note it here.
+        harness
+            .store
+            .request_cancel(harness.id(), "alice")
+            .await
+            .unwrap();
+        harness.shared.cancels.note(harness.id());
+        harness.steps.release();
+        finished(handle).await;
+
+        harness.assert_cancelled_in_first_step();
+        assert!(
+            !harness.shared.cancels.contains(harness.id()),
+            "forgotten once the execution ends"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_noted_only_here_fails_the_next_step_before_it_runs() {
+        let harness = Harness::new(held_first_step());
+        let handle = harness.spawn_until_first_step().await;
+        harness.shared.cancels.note(harness.id());
+        harness.steps.release();
+        finished(handle).await;
+
+        assert_eq!(
+            harness.steps.calls(),
+            [
+                Call::run(Step::Scheduling),
+                Call::rollback(Step::PreProcessing),
+                Call::rollback(Step::Scheduling),
+            ],
+            "the step that ran is kept, the next one fails without running"
+        );
+        let failure = harness.stored().failure.expect("the failure is recorded");
+        assert_eq!(
+            (failure.step, failure.reason.as_str()),
+            (Step::PreProcessing, CANCELLED)
+        );
+    }
+
+    /// Runs the first step while the lease lapses, and waits until its result is committed.
+    async fn lapse_during_first_step(harness: &Harness) -> JoinHandle<()> {
+        harness
+            .gate
+            .renewed(std::time::Instant::now() + Duration::from_secs(60));
+        let handle = harness.spawn_until_first_step().await;
+        harness.gate.renewed(std::time::Instant::now());
+        assert!(!harness.gate.is_open());
+        harness.steps.release();
+        until("the first step's commit", || {
+            harness.stored().current_step == Step::PreProcessing
+        })
+        .await;
+        assert_eq!(
+            harness.steps.calls(),
+            runs(&[Step::Scheduling]),
+            "no step starts while the lease has lapsed"
+        );
+        handle
+    }
+
+    #[tokio::test]
+    async fn after_a_lease_lapse_an_order_taken_over_meanwhile_runs_no_further_step() {
+        let harness = Harness::with_gate(held_first_step(), Gate::closed());
+        let handle = lapse_during_first_step(&harness).await;
+        harness.store.take_over(harness.id(), "node-b");
+        harness
+            .gate
+            .renewed(std::time::Instant::now() + Duration::from_secs(60));
+        finished(handle).await;
+
+        assert_eq!(harness.steps.calls(), runs(&[Step::Scheduling]));
+        assert_eq!(harness.stored().owner, "node-b");
+        assert!(!harness.shared.active.contains(harness.id()));
+    }
+
+    #[tokio::test]
+    async fn after_a_lease_lapse_an_order_still_ours_goes_on_once_renewed() {
+        let harness = Harness::with_gate(held_first_step(), Gate::closed());
+        let handle = lapse_during_first_step(&harness).await;
+        harness
+            .gate
+            .renewed(std::time::Instant::now() + Duration::from_secs(60));
+        finished(handle).await;
+
+        assert_eq!(harness.steps.calls(), runs(&WORK_STEPS));
+        assert_eq!(harness.stored().current_step, Step::Completed);
+    }
+
+    #[tokio::test]
+    async fn a_retryable_failure_is_recorded_and_the_order_queued_again_when_due() {
+        let backoff = Duration::from_millis(300);
+        let steps = FakeStep::with_retries(retries(backoff));
+        steps.script(Call::run(Step::Scheduling), [Outcome::FailRetryable]);
+        let mut harness = Harness::new(steps);
+        harness.execute().await;
+
+        let stored = harness.stored();
+        assert_eq!(stored.current_step, Step::Scheduling);
+        let entry = stored.entry(Step::Scheduling).expect("the step entry");
+        assert_eq!((entry.run_attempts, entry.retries), (1, 1));
+        let attempt = &entry.attempts[0];
+        assert_eq!(
+            (attempt.attempt, attempt.rollback, attempt.error.as_deref()),
+            (1, false, Some("flaky"))
+        );
+        let due = entry
+            .next_attempt_at
+            .expect("the next attempt is scheduled");
+        assert!(due - attempt.at >= chrono::Duration::from_std(backoff).unwrap());
+        assert!(
+            harness.shared.active.contains(harness.id()),
+            "still active here while it waits"
+        );
+
+        let job = tokio::time::timeout(DEADLINE, harness.queue_rx.recv())
+            .await
+            .expect("queued again")
+            .expect("the queue is open");
+        assert!(chrono::Utc::now() >= due - chrono::Duration::milliseconds(2));
+        assert!(matches!(job, Job::Resume(id) if id == harness.id()));
+        execute(Arc::clone(&harness.shared), job).await;
+
+        let stored = harness.stored();
+        assert_eq!(stored.current_step, Step::Completed);
+        let entry = stored.entry(Step::Scheduling).expect("the step entry");
+        assert_eq!((entry.run_attempts, entry.retries), (2, 0));
+        assert_eq!(entry.next_attempt_at, None);
+        assert_eq!(entry.attempts.len(), 2);
+        assert_eq!(
+            harness.steps.calls()[..2],
+            runs(&[Step::Scheduling, Step::Scheduling])
+        );
+        assert!(!harness.shared.active.contains(harness.id()));
+    }
+
+    /// Fails the first step retryably with an hour to wait, notes a cancellation (once the wait
+    /// has begun, or at once), and expects the order back in the queue and rolled back.
+    async fn cancel_during_retry_wait(wait_begun: bool) {
+        let steps = FakeStep::with_retries(retries(Duration::from_secs(3600)));
+        steps.script(Call::run(Step::Scheduling), [Outcome::FailRetryable]);
+        let mut harness = Harness::new(steps);
+        harness.execute().await;
+        if wait_begun {
+            let_retry_wait_begin().await;
+        }
+        harness.shared.cancels.note(harness.id());
+
+        let job = tokio::time::timeout(DEADLINE, harness.queue_rx.recv())
+            .await
+            .expect("queued again long before the retry is due")
+            .expect("the queue is open");
+        execute(Arc::clone(&harness.shared), job).await;
+
+        harness.assert_cancelled_in_first_step();
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_ends_a_retry_wait_at_once() {
+        cancel_during_retry_wait(true).await;
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_noted_as_the_retry_wait_begins_is_not_missed() {
+        cancel_during_retry_wait(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_rollback_waiting_for_its_retry_is_not_woken_by_the_cancellation_it_carries_out() {
+        let steps = FakeStep::with_retries(retries(Duration::from_secs(3600)));
+        steps.script(Call::run(Step::Scheduling), [Outcome::Hold]);
+        steps.script(Call::rollback(Step::Scheduling), [Outcome::FailRetryable]);
+        let mut harness = Harness::new(steps);
+        let handle = harness.spawn_until_first_step().await;
+        harness.shared.cancels.note(harness.id());
+        harness.steps.release();
+        finished(handle).await;
+        let_retry_wait_begin().await;
+
+        assert!(
+            harness.queue_rx.try_recv().is_err(),
+            "waits for its retry instead of coming straight back"
+        );
+        let stored = harness.stored();
+        let entry = stored.entry(Step::Scheduling).expect("the step entry");
+        assert!(entry.next_attempt_at.is_some());
+        assert!(harness.shared.cancels.contains(harness.id()));
+    }
+
+    #[tokio::test]
+    async fn a_retry_wait_ends_when_the_node_stops_and_the_schedule_stays_stored() {
+        let steps = FakeStep::with_retries(retries(Duration::from_secs(3600)));
+        steps.script(Call::run(Step::Scheduling), [Outcome::FailRetryable]);
+        let mut harness = Harness::new(steps);
+        harness.execute().await;
+        harness.stop_tx.send(true).unwrap();
+
+        until("the order no longer active", || {
+            !harness.shared.active.contains(harness.id())
+        })
+        .await;
+        assert!(harness.queue_rx.try_recv().is_err(), "not queued again");
+        let stored = harness.stored();
+        assert!(stored
+            .entry(Step::Scheduling)
+            .unwrap()
+            .next_attempt_at
+            .is_some());
+    }
+}

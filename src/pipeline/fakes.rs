@@ -1,0 +1,305 @@
+//! In-memory fakes of the pipeline's collaborators, for unit tests: an order store that can be
+//! told to refuse or fail commits, and a step handler that is told how each attempt goes and
+//! counts them; with a fresh order of user `alice` and a way to wait for what they record.
+
+use super::handler::{StepContext, StepDone, StepError, StepHandler};
+use super::retry::RetryPolicy;
+use crate::order::{Order, OrderId, Step};
+use crate::store::{
+    cancel_outcome, check_commit, retry_rollback_outcome, CancelOutcome, Created, ListQuery,
+    OrderStore, Page, RetryRollbackOutcome, StoreError,
+};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// The longest a test waits for something before it fails.
+pub(super) const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A new order of user `alice`, owned by `node`.
+pub(super) fn order(node: &str) -> Order {
+    Order::new(
+        OrderId::new_v4(),
+        "alice".into(),
+        serde_json::json!({}),
+        node.into(),
+        Utc::now(),
+    )
+}
+
+/// Polls `done` until it holds, failing the test after `DEADLINE`.
+pub(super) async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// An order store in memory that fences commits like the real ones (`check_commit`).
+#[derive(Default)]
+pub(super) struct FakeStore {
+    /// Why a lock: the execution under test and the test itself use the store at once.
+    orders: Mutex<HashMap<OrderId, Order>>,
+    /// Errors the next commits return, oldest first, before any commit goes through again.
+    commit_faults: Mutex<VecDeque<StoreError>>,
+    /// Commits asked for, refused ones included.
+    commits: AtomicUsize,
+}
+
+impl FakeStore {
+    /// A store holding `order`.
+    pub(super) fn with(order: &Order) -> Arc<FakeStore> {
+        let store = Arc::new(FakeStore::default());
+        store.insert(order);
+        store
+    }
+
+    /// Stores `order` as it is.
+    pub(super) fn insert(&self, order: &Order) {
+        (self.orders.lock().unwrap()).insert(order.order_id, order.clone());
+    }
+
+    /// The stored order.
+    pub(super) fn order(&self, id: OrderId) -> Order {
+        self.orders.lock().unwrap().get(&id).cloned().unwrap()
+    }
+
+    /// The next commits fail with these errors, one each, whatever they write.
+    pub(super) fn fail_commits(&self, faults: impl IntoIterator<Item = StoreError>) {
+        self.commit_faults.lock().unwrap().extend(faults);
+    }
+
+    /// Another node takes the order over, as a takeover does: new owner, next epoch.
+    pub(super) fn take_over(&self, id: OrderId, node: &str) {
+        let mut orders = self.orders.lock().unwrap();
+        let order = orders.get_mut(&id).unwrap();
+        order.owner = node.to_string();
+        order.epoch += 1;
+    }
+
+    pub(super) fn commits(&self) -> usize {
+        self.commits.load(Ordering::Relaxed)
+    }
+}
+
+#[async_trait]
+impl OrderStore for FakeStore {
+    async fn create(&self, order: &Order, _key: Option<&str>) -> Result<Created, StoreError> {
+        let mut orders = self.orders.lock().unwrap();
+        if let Some(existing) = orders.get(&order.order_id) {
+            return Ok(Created::Existing(Box::new(existing.clone())));
+        }
+        orders.insert(order.order_id, order.clone());
+        Ok(Created::New)
+    }
+
+    async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
+        Ok(self.orders.lock().unwrap().get(&id).cloned())
+    }
+
+    async fn list_for_user(&self, user: &str, query: &ListQuery) -> Result<Page, StoreError> {
+        let mut orders: Vec<Order> = (self.orders.lock().unwrap().values())
+            .filter(|order| order.user == user && query.matches(order))
+            .cloned()
+            .collect();
+        orders.sort_by_key(|order| std::cmp::Reverse(order.start_time));
+        orders.truncate(query.limit);
+        Ok(Page {
+            orders,
+            next_cursor: None,
+        })
+    }
+
+    async fn commit(&self, order: &Order) -> Result<(), StoreError> {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        if let Some(fault) = self.commit_faults.lock().unwrap().pop_front() {
+            return Err(fault);
+        }
+        let mut orders = self.orders.lock().unwrap();
+        let stored = orders.get(&order.order_id).ok_or(StoreError::NotFound)?;
+        check_commit(&stored.owner, stored.epoch, stored.cancel_requested, order)?;
+        orders.insert(order.order_id, order.clone());
+        Ok(())
+    }
+
+    async fn request_cancel(&self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError> {
+        let mut orders = self.orders.lock().unwrap();
+        let stored = users_order(&orders, id, user)?;
+        let (outcome, changed) = cancel_outcome(stored);
+        if let (CancelOutcome::Accepted(updated), true) = (&outcome, changed) {
+            orders.insert(id, updated.clone());
+        }
+        Ok(outcome)
+    }
+
+    async fn retry_rollback(
+        &self,
+        id: OrderId,
+        user: &str,
+        node: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RetryRollbackOutcome, StoreError> {
+        let mut orders = self.orders.lock().unwrap();
+        let stored = users_order(&orders, id, user)?;
+        match retry_rollback_outcome(stored, node, now) {
+            Ok(next) => {
+                orders.insert(id, next.clone());
+                Ok(RetryRollbackOutcome::Accepted(next))
+            }
+            Err(stored) => Ok(RetryRollbackOutcome::NotParked(*stored)),
+        }
+    }
+
+    async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError> {
+        Ok((self.orders.lock().unwrap().values())
+            .filter(|order| order.owner == node && !order.is_finished())
+            .map(|order| order.order_id)
+            .collect())
+    }
+
+    async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
+        let mut orders = self.orders.lock().unwrap();
+        let mut owned = Vec::new();
+        for order in orders.values_mut().filter(|order| !order.is_finished()) {
+            if order.owner == from {
+                order.owner = to.to_string();
+                order.epoch += 1;
+            }
+            if order.owner == to {
+                owned.push(order.order_id);
+            }
+        }
+        Ok(owned)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// A user's stored order; another user's is not found, as in the real stores.
+fn users_order(
+    orders: &HashMap<OrderId, Order>,
+    id: OrderId,
+    user: &str,
+) -> Result<Order, StoreError> {
+    (orders.get(&id))
+        .filter(|order| order.user == user)
+        .cloned()
+        .ok_or(StoreError::NotFound)
+}
+
+/// How one attempt of the fake step handler goes.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Outcome {
+    Succeed,
+    /// A permanent failure, reason `refused`.
+    Fail,
+    /// A failure worth a retry, reason `flaky`.
+    FailRetryable,
+    /// Waits until the test calls `release`, then succeeds.
+    Hold,
+}
+
+/// One attempt the fake step handler was asked to make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Call {
+    pub(super) step: Step,
+    pub(super) rollback: bool,
+}
+
+impl Call {
+    pub(super) fn run(step: Step) -> Call {
+        Call {
+            step,
+            rollback: false,
+        }
+    }
+
+    pub(super) fn rollback(step: Step) -> Call {
+        Call {
+            step,
+            rollback: true,
+        }
+    }
+}
+
+/// A step handler for every step: succeeds unless told otherwise, and keeps every call.
+#[derive(Default)]
+pub(super) struct FakeStep {
+    /// Why a lock: attempts run in the execution's task while the test scripts and reads.
+    script: Mutex<HashMap<Call, VecDeque<Outcome>>>,
+    calls: Mutex<Vec<Call>>,
+    released: Notify,
+    policy: Option<RetryPolicy>,
+}
+
+impl FakeStep {
+    /// One attempt per step, no retries, no attempt records.
+    pub(super) fn new() -> Arc<FakeStep> {
+        Arc::new(FakeStep::default())
+    }
+
+    /// Retried attempts (and attempt records) under `policy`, in both directions.
+    pub(super) fn with_retries(policy: RetryPolicy) -> Arc<FakeStep> {
+        Arc::new(FakeStep {
+            policy: Some(policy),
+            ..FakeStep::default()
+        })
+    }
+
+    /// The next attempts at `call` go like this, then succeed.
+    pub(super) fn script(&self, call: Call, outcomes: impl IntoIterator<Item = Outcome>) {
+        (self.script.lock().unwrap().entry(call).or_default()).extend(outcomes);
+    }
+
+    /// Every attempt asked for so far, oldest first.
+    pub(super) fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// Lets a held attempt (the one waiting now, or the next one) succeed.
+    pub(super) fn release(&self) {
+        self.released.notify_one();
+    }
+
+    async fn attempt(&self, step: Step, rollback: bool) -> Result<StepDone, StepError> {
+        let call = Call { step, rollback };
+        self.calls.lock().unwrap().push(call);
+        let outcome = (self.script.lock().unwrap().get_mut(&call))
+            .and_then(VecDeque::pop_front)
+            .unwrap_or(Outcome::Succeed);
+        match outcome {
+            Outcome::Succeed => Ok(StepDone::default()),
+            Outcome::Fail => Err(StepError::new("refused")),
+            Outcome::FailRetryable => Err(StepError::retryable("flaky")),
+            Outcome::Hold => {
+                self.released.notified().await;
+                Ok(StepDone::default())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl StepHandler for FakeStep {
+    async fn run(&self, context: &StepContext<'_>) -> Result<StepDone, StepError> {
+        self.attempt(context.step, false).await
+    }
+
+    async fn rollback(&self, context: &StepContext<'_>) -> Result<StepDone, StepError> {
+        self.attempt(context.step, true).await
+    }
+
+    fn retry_policy(&self, _rollback: bool) -> Option<RetryPolicy> {
+        self.policy
+    }
+}

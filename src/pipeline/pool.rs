@@ -1,0 +1,332 @@
+//! The bounded worker pool: a queue of accepted orders and at most `workers` executions at once.
+//!
+//! Accepted orders wait in a bounded queue; at most `workers` of them execute at once (each an
+//! async task holding a semaphore permit). `POST /orders` reserves a queue slot before it stores
+//! anything, so a full queue is a 503 and never an order stored but not queued. On shutdown the
+//! pool stops taking jobs and gives running steps a grace period to finish and commit.
+
+use super::executor::execute;
+use super::gate::Gate;
+use super::handler::Handlers;
+use super::job::Job;
+use super::shared::Shared;
+use super::waiters::Waiters;
+use crate::metrics::Metrics;
+use crate::order::OrderId;
+use crate::store::OrderStore;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{error, info, warn, Instrument};
+
+/// A reserved slot in the queue: holding one guarantees the job can be queued.
+pub struct Slot(mpsc::OwnedPermit<Job>, Arc<Shared>);
+
+impl Slot {
+    /// Queues the job in the reserved slot; a new order counts as active here from now on.
+    pub fn send(self, job: Job) {
+        if let Job::New(order) = &job {
+            self.1.active.mark(order.order_id);
+        }
+        self.0.send(job);
+    }
+}
+
+/// The bounded worker pool of one node.
+pub struct Pool {
+    shared: Arc<Shared>,
+    queue_tx: mpsc::Sender<Job>,
+    capacity: usize,
+    workers: usize,
+    stop_tx: watch::Sender<bool>,
+    /// Why an async lock: `shutdown` holds it across awaiting the dispatcher, and only the first
+    /// caller takes the handle.
+    dispatcher: tokio::sync::Mutex<Option<tokio::task::JoinHandle<JoinSet<()>>>>,
+}
+
+impl Pool {
+    /// Starts the dispatcher: at most `workers` orders execute at once, `queue_capacity` more
+    /// wait for a worker.
+    pub fn start(
+        node_id: String,
+        store: Arc<dyn OrderStore>,
+        handlers: Handlers,
+        gate: Arc<Gate>,
+        workers: usize,
+        queue_capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Pool> {
+        let (queue_tx, queue_rx) = mpsc::channel(queue_capacity);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared::new(
+            node_id,
+            store,
+            handlers,
+            gate,
+            metrics,
+            queue_tx.clone(),
+            stop_rx,
+        ));
+        let dispatcher = tokio::spawn(
+            dispatch(Arc::clone(&shared), queue_rx, workers)
+                .instrument(tracing::info_span!("dispatcher")),
+        );
+        Arc::new(Pool {
+            shared,
+            queue_tx,
+            capacity: queue_capacity,
+            workers,
+            stop_tx,
+            dispatcher: tokio::sync::Mutex::new(Some(dispatcher)),
+        })
+    }
+
+    /// Reserves a queue slot, or `None` when the queue is full or the pool is stopping.
+    pub fn try_reserve(&self) -> Option<Slot> {
+        if *self.stop_tx.borrow() {
+            return None;
+        }
+        self.queue_tx
+            .clone()
+            .try_reserve_owned()
+            .ok()
+            .map(|permit| Slot(permit, Arc::clone(&self.shared)))
+    }
+
+    /// Queues a job, waiting for room; false once the pool stops. An order already queued or
+    /// executing here is not queued twice.
+    pub async fn enqueue(&self, job: Job) -> bool {
+        let mut stop_rx = self.shared.stop_rx.clone();
+        if *stop_rx.borrow() {
+            return false;
+        }
+        let id = job.order_id();
+        let fresh = match &job {
+            Job::New(_) => self.shared.active.mark(id),
+            Job::Resume(_) => self.shared.active.mark_or_rerun(id),
+        };
+        if !fresh {
+            return true;
+        }
+        // Either room frees up in the queue, or the pool stops and the job stays in the store.
+        let sent = tokio::select! {
+            sent = self.queue_tx.send(job) => sent.is_ok(),
+            _ = stop_rx.changed() => false,
+        };
+        if !sent {
+            self.shared.active.unmark(id);
+        }
+        sent
+    }
+
+    /// Queues the resumption of many orders in the background, in order.
+    pub fn resume_all(self: &Arc<Self>, ids: Vec<OrderId>) {
+        let pool = Arc::clone(self);
+        tokio::spawn(async move {
+            for id in ids {
+                if !pool.enqueue(Job::Resume(id)).await {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Whether this node executes the order, has it queued or waits to retry one of its steps.
+    pub fn is_active(&self, id: OrderId) -> bool {
+        self.shared.active.contains(id)
+    }
+
+    /// Orders executing now.
+    pub fn inflight(&self) -> usize {
+        self.shared.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Orders accepted and waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.capacity.saturating_sub(self.queue_tx.capacity())
+    }
+
+    /// Long polls: wait here for an order to finish on this node.
+    pub fn waiters(&self) -> &Waiters {
+        &self.shared.waiters
+    }
+
+    /// Orders that may execute at once.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// The size of the queue.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Notes a cancellation requested through this node: the order stops before its next step,
+    /// and stops waiting if it waits for a retry.
+    pub fn note_cancel(&self, id: OrderId) {
+        self.shared.cancels.note(id);
+    }
+
+    /// Whether `shutdown` has begun: the pool takes no more jobs.
+    pub fn is_stopping(&self) -> bool {
+        *self.stop_tx.borrow()
+    }
+
+    /// Stops taking jobs, lets running steps finish and commit for up to `grace`, then abandons
+    /// what is left (those steps run again wherever the order resumes).
+    pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.stop_tx.send(true);
+        let Some(dispatcher) = self.dispatcher.lock().await.take() else {
+            return;
+        };
+        let mut tasks = match dispatcher.await {
+            Ok(tasks) => tasks,
+            Err(error) => {
+                error!(error = %error, "dispatcher ended abnormally");
+                return;
+            }
+        };
+        let running = tasks.len();
+        if running > 0 {
+            info!(running, grace = ?grace, "waiting for running steps to finish");
+        }
+        let drained =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            warn!(
+                abandoned = tasks.len(),
+                "grace period over, abandoning running steps; they run again on resume"
+            );
+            tasks.shutdown().await;
+        }
+    }
+}
+
+/// Takes a worker permit, then a job, and runs it; returns the running tasks once stopped.
+async fn dispatch(
+    shared: Arc<Shared>,
+    mut queue_rx: mpsc::Receiver<Job>,
+    workers: usize,
+) -> JoinSet<()> {
+    let permits = Arc::new(Semaphore::new(workers));
+    let mut tasks = JoinSet::new();
+    let mut stop_rx = shared.stop_rx.clone();
+    loop {
+        // Reap finished executions so the set only holds running ones.
+        while tasks.try_join_next().is_some() {}
+        // Permit first, then job: a job leaves the queue only when a worker is free for it, so
+        // the queue bound is exact. Either a worker frees up or the node stops.
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = stop_rx.changed() => break,
+        };
+        // Either a job arrives or the node stops (the job then stays in the store).
+        let job = tokio::select! {
+            job = queue_rx.recv() => match job {
+                Some(job) => job,
+                None => break,
+            },
+            _ = stop_rx.changed() => break,
+        };
+        let shared = Arc::clone(&shared);
+        tasks.spawn(async move {
+            let _permit = permit;
+            execute(shared, job).await;
+        });
+    }
+    tasks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::order::{Order, Step};
+    use crate::pipeline::fakes::{order, until, Call, FakeStep, FakeStore, Outcome, DEADLINE};
+
+    const NODE: &str = "node-a";
+
+    /// A pool of one worker and a queue of one, whose first step waits for `release` each time,
+    /// with one order submitted and running.
+    async fn running_one() -> (Arc<FakeStore>, Arc<FakeStep>, Arc<Pool>, Order) {
+        let (store, steps) = (Arc::new(FakeStore::default()), FakeStep::new());
+        steps.script(Call::run(Step::Scheduling), [Outcome::Hold, Outcome::Hold]);
+        let pool = Pool::start(
+            NODE.into(),
+            store.clone(),
+            Handlers::new(steps.clone()),
+            Arc::new(Gate::open()),
+            1,
+            1,
+            Arc::new(Metrics::new()),
+        );
+        let order = submit(&pool, &store).expect("a free worker");
+        until("the first order running", || pool.inflight() == 1).await;
+        (store, steps, pool, order)
+    }
+
+    /// Submits a stored order as `POST /orders` does.
+    fn submit(pool: &Pool, store: &FakeStore) -> Option<Order> {
+        let order = order(NODE);
+        store.insert(&order);
+        pool.try_reserve()?.send(Job::New(Box::new(order.clone())));
+        Some(order)
+    }
+
+    #[tokio::test]
+    async fn orders_beyond_the_workers_and_the_queue_are_refused() {
+        let (store, steps, pool, first) = running_one().await;
+        let second = submit(&pool, &store).expect("room in the queue");
+        assert_eq!(pool.queued(), 1);
+        assert!(submit(&pool, &store).is_none(), "worker busy, queue full");
+        assert!(pool.is_active(first.order_id) && pool.is_active(second.order_id));
+
+        steps.release();
+        steps.release();
+        until("both orders done", || {
+            !pool.is_active(first.order_id) && !pool.is_active(second.order_id)
+        })
+        .await;
+        assert_eq!(store.order(second.order_id).current_step, Step::Completed);
+        assert_eq!((pool.inflight(), pool.queued()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_a_running_step_finish_and_commit_then_takes_no_more() {
+        let (store, steps, pool, order) = running_one().await;
+        let stopping = tokio::spawn({
+            let pool = Arc::clone(&pool);
+            async move { pool.shutdown(DEADLINE).await }
+        });
+        until("the pool stopping", || pool.is_stopping()).await;
+        steps.release();
+        tokio::time::timeout(DEADLINE, stopping)
+            .await
+            .expect("shutdown ends")
+            .unwrap();
+
+        let stored = store.order(order.order_id);
+        assert_eq!(
+            stored.current_step,
+            Step::PreProcessing,
+            "the step's result is kept, the next step left to resume"
+        );
+        assert!(!pool.is_active(order.order_id));
+        assert!(pool.try_reserve().is_none());
+        assert!(!pool.enqueue(Job::Resume(order.order_id)).await);
+    }
+
+    #[tokio::test]
+    async fn shutdown_abandons_a_step_still_running_when_the_grace_is_over() {
+        let (store, _, pool, order) = running_one().await;
+        pool.shutdown(Duration::from_millis(50)).await;
+
+        assert_eq!(store.order(order.order_id), order, "nothing written");
+        assert!(!pool.is_active(order.order_id));
+        assert_eq!(pool.inflight(), 0);
+    }
+}

@@ -1,0 +1,62 @@
+//! What the pool and the executions it runs share: the node's store, step handlers and lease
+//! gate, the orders active here, the cancellations noted here, the stop signal, and the way back
+//! into the queue for an order whose retry is due.
+
+use super::active::ActiveOrders;
+use super::cancels::Cancellations;
+use super::gate::Gate;
+use super::handler::Handlers;
+use super::job::Job;
+use super::waiters::Waiters;
+use crate::metrics::Metrics;
+use crate::store::OrderStore;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+
+pub(super) struct Shared {
+    /// This node: the owner its orders carry.
+    pub(super) node_id: String,
+    pub(super) store: Arc<dyn OrderStore>,
+    pub(super) handlers: Handlers,
+    pub(super) gate: Arc<Gate>,
+    pub(super) metrics: Arc<Metrics>,
+    /// Executions running now.
+    pub(super) inflight: AtomicUsize,
+    /// Orders whose cancellation was requested through this node, checked before each step.
+    pub(super) cancels: Cancellations,
+    /// Orders executing, queued or waiting to retry here, so none runs twice at once.
+    pub(super) active: ActiveOrders,
+    /// Long polls waiting for orders to finish.
+    pub(super) waiters: Waiters,
+    /// For orders coming back from a retry wait (already marked active).
+    pub(super) queue_tx: mpsc::Sender<Job>,
+    /// True once the node stops.
+    pub(super) stop_rx: watch::Receiver<bool>,
+}
+
+impl Shared {
+    pub(super) fn new(
+        node_id: String,
+        store: Arc<dyn OrderStore>,
+        handlers: Handlers,
+        gate: Arc<Gate>,
+        metrics: Arc<Metrics>,
+        queue_tx: mpsc::Sender<Job>,
+        stop_rx: watch::Receiver<bool>,
+    ) -> Shared {
+        Shared {
+            node_id,
+            store,
+            handlers,
+            gate,
+            metrics,
+            inflight: AtomicUsize::new(0),
+            cancels: Cancellations::new(),
+            active: ActiveOrders::default(),
+            waiters: Waiters::default(),
+            queue_tx,
+            stop_rx,
+        }
+    }
+}
