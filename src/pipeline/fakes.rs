@@ -183,6 +183,10 @@ impl OrderStore for FakeStore {
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    async fn repair_indexes(&self) -> Result<usize, StoreError> {
+        Ok(0)
+    }
 }
 
 /// A user's stored order; another user's is not found, as in the real stores.
