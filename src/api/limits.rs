@@ -1,10 +1,10 @@
-//! What one client may cost the node: bodies read with a size cap and a deadline, payloads with
+//! What one client may cost the node: bodies read with a size cap and a deadline ([`Body`]), payloads with
 //! a nesting cap, a submission rate per user ([`RateLimiter`]) and a cap on each user's
 //! unfinished orders on this node ([`InFlight`]). All of them answer with a JSON error.
 
 use super::ApiError;
 use crate::order::OrderId;
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::NoOpMiddleware;
@@ -12,48 +12,61 @@ use governor::state::keyed::DashMapStateStore;
 use governor::Quota;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 use warp::http::StatusCode;
+use warp::Filter;
 
-/// Reads at most `limit` bytes of body within `timeout`; more is a 413, slower a 408.
-pub async fn read_body<S, B>(body: S, limit: u64, timeout: Duration) -> Result<BytesMut, ApiError>
-where
-    S: Stream<Item = Result<B, warp::Error>>,
-    B: Buf,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut collected = BytesMut::new();
-    futures_util::pin_mut!(body);
-    loop {
-        let next = tokio::time::timeout_at(deadline, body.next())
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "request body not received within {}",
-                        humantime::format_duration(timeout)
-                    ),
-                )
-            })?;
-        let Some(chunk) = next else {
-            return Ok(collected);
-        };
-        let mut chunk =
-            chunk.map_err(|error| ApiError::bad_request(format!("cannot read body: {error}")))?;
-        if (collected.len() + chunk.remaining()) as u64 > limit {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body larger than {limit} bytes"),
-            ));
-        }
-        while chunk.has_remaining() {
-            let part = chunk.chunk();
-            let length = part.len();
-            collected.extend_from_slice(part);
-            chunk.advance(length);
+/// A request body not read yet, so a handler reads it only once the caller passed the cheaper
+/// checks (who calls, how often).
+pub struct Body(Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send>>);
+
+/// The request's body, to read with [`Body::read`].
+pub fn body() -> impl Filter<Extract = (Body,), Error = warp::Rejection> + Clone {
+    warp::body::stream().map(Body::new)
+}
+
+impl Body {
+    fn new<S, B>(stream: S) -> Body
+    where
+        S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
+        B: Buf,
+    {
+        Body(Box::pin(stream.map(|chunk| {
+            chunk.map(|mut chunk| chunk.copy_to_bytes(chunk.remaining()))
+        })))
+    }
+
+    /// Reads at most `limit` bytes within `timeout`; more is a 413, slower a 408.
+    pub async fn read(mut self, limit: u64, timeout: Duration) -> Result<Bytes, ApiError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut collected = BytesMut::new();
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.0.next())
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "request body not received within {}",
+                            humantime::format_duration(timeout)
+                        ),
+                    )
+                })?;
+            let Some(chunk) = next else {
+                return Ok(collected.freeze());
+            };
+            let chunk = chunk
+                .map_err(|error| ApiError::bad_request(format!("cannot read body: {error}")))?;
+            if (collected.len() + chunk.len()) as u64 > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body larger than {limit} bytes"),
+                ));
+            }
+            collected.extend_from_slice(&chunk);
         }
     }
 }

@@ -4,13 +4,12 @@
 //! rollback; each such action is an `audit` log line.
 
 use super::auth::{audit, Principal};
-use super::limits::{nests_deeper_than, read_body};
+use super::limits::{body, nests_deeper_than, Body};
 use super::{json_reply, respond, with_state, ApiError, State};
 use crate::order::{CreatedView, Order, OrderId, OrderView, RollbackState, Step};
 use crate::pipeline::Job;
 use crate::store::{CancelOutcome, Created, ListQuery, RetryRollbackOutcome};
-use bytes::Buf;
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::time::Duration;
 use warp::filters::BoxedFilter;
@@ -48,28 +47,26 @@ fn create(state: State) -> BoxedFilter<(Response,)> {
         .and(with_state(state))
         .and(user_header())
         .and(warp::header::optional::<String>("idempotency-key"))
-        .and(warp::body::stream())
+        .and(body())
         .then(|state, user, key, body| async move {
             respond(create_order(state, user, key, body).await)
         })
         .boxed()
 }
 
-async fn create_order<S, B>(
+async fn create_order(
     state: State,
     user_header: Option<String>,
     idempotency_key: Option<String>,
-    body: S,
-) -> Result<Response, ApiError>
-where
-    S: Stream<Item = Result<B, warp::Error>>,
-    B: Buf,
-{
+    body: Body,
+) -> Result<Response, ApiError> {
     let caller = state.security.auth.authenticate(user_header.as_deref())?;
     if let Err(wait) = state.security.rate.check(&caller.user) {
         return Err(ApiError::too_many("too many submissions, slow down", wait));
     }
-    let body = read_body(body, state.max_body_bytes, state.security.body_read_timeout).await?;
+    let body = body
+        .read(state.max_body_bytes, state.security.body_read_timeout)
+        .await?;
     let max_depth = state.security.max_depth;
     if nests_deeper_than(&body, max_depth) {
         return Err(ApiError::bad_request(format!(
@@ -322,12 +319,12 @@ pub(super) fn parse_wait(params: &HashMap<String, String>) -> Result<Option<Dura
         .transpose()
 }
 
-/// Loads an order the caller may see (its own, or any for an admin); anything else is a 404.
 /// Whether the caller may see an order: their own, or any for an admin.
 fn may_see(caller: &Principal, order: &Order) -> bool {
     order.user == caller.user || caller.is_admin()
 }
 
+/// Loads an order the caller may see (its own, or any for an admin); anything else is a 404.
 async fn owned_order(state: &State, caller: &Principal, id: &str) -> Result<Order, ApiError> {
     let id = OrderId::try_parse(id).map_err(|_| ApiError::not_found())?;
     state
