@@ -2,9 +2,10 @@
 //! `/diagnostic/summary` (this node's orders by current step and its recent failures, from
 //! memory: no store query, bounded size).
 
-use super::{json_reply, with_state, State};
+use super::{json_reply, with_state, NodeStatus};
 use crate::about::{SERVICE_NAME, VERSION};
 use chrono::{SecondsFormat, Utc};
+use std::sync::Arc;
 use std::time::Duration;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
@@ -13,6 +14,8 @@ use warp::Filter;
 
 /// How long the heartbeat waits for the store before calling it degraded.
 const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+type State = Arc<NodeStatus>;
 
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     let heartbeat = warp::path!("diagnostic" / "heartbeat")
