@@ -168,6 +168,7 @@ pub async fn run(
         pool: Arc::clone(&pool),
         cluster: cluster.clone(),
         metrics,
+        activity: orders.activity(),
     };
     let reload = spawn_reload_on_hangup(Arc::clone(&checks.auth));
     let state = ApiState {

@@ -1,6 +1,9 @@
 //! `/diagnostic/heartbeat` (a real check of the store), `/diagnostic/cluster` and
 //! `/diagnostic/summary` (this node's orders by current step and its recent failures, from
 //! memory: no store query, bounded size).
+//!
+//! A node's `last_activity` is, in a cluster, when gossip last heard from it; for a single node,
+//! when it last accepted, cancelled or re-queued an order (its start before the first).
 
 use super::{json_reply, with_state, NodeStatus};
 use crate::about::{SERVICE_NAME, VERSION};
@@ -104,7 +107,7 @@ async fn cluster(state: State) -> Response {
         "name": state.service_id,
         "connected": true,
         "connection_string": format!("http://{}", state.advertised),
-        "last_activity": now(),
+        "last_activity": state.activity.get().to_rfc3339_opts(SecondsFormat::Micros, true),
         "role": "leader",
         "inflight": state.pool.inflight(),
         "queued": state.pool.queued(),

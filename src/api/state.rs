@@ -6,7 +6,7 @@ use super::limits::RateLimiter;
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::pipeline::Pool;
-use crate::service::{InFlight, Orders};
+use crate::service::{InFlight, LastActivity, Orders};
 use crate::store::OrderStore;
 use chrono::{DateTime, Utc};
 use std::convert::Infallible;
@@ -67,6 +67,7 @@ pub struct NodeStatus {
     /// Present in cluster mode.
     pub cluster: Option<Arc<Cluster>>,
     pub metrics: Arc<Metrics>,
+    pub activity: Arc<LastActivity>,
 }
 
 /// What the cluster-internal `/service` routes need.

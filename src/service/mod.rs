@@ -6,6 +6,7 @@
 //! A submission goes: idempotency key checked, the user's in-flight cap ([`InFlight`]), a queue
 //! slot reserved (so a full queue stores nothing), the order stored, counted, then queued.
 
+mod activity;
 mod error;
 mod in_flight;
 mod order_service;
@@ -13,6 +14,7 @@ mod order_service;
 mod tests;
 mod wait;
 
+pub use activity::LastActivity;
 pub use error::OrderError;
 pub use in_flight::{Admission, InFlight};
 pub use order_service::OrderService;

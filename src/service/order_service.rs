@@ -1,7 +1,7 @@
 //! [`OrderService`]: the [`Orders`] of this node, over its store and its worker pool.
 
 use super::wait::{wait_finished, wait_for_many, Waited};
-use super::{InFlight, NewOrder, OrderError, Orders, Scope, Submitted};
+use super::{InFlight, LastActivity, NewOrder, OrderError, Orders, Scope, Submitted};
 use crate::metrics::Metrics;
 use crate::order::{CreatedView, Order, OrderId};
 use crate::pipeline::{Job, Pool};
@@ -21,6 +21,7 @@ pub struct OrderService {
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
     in_flight: InFlight,
+    activity: Arc<LastActivity>,
     /// How long a client should wait before trying again after an overload.
     retry_after: Duration,
 }
@@ -40,8 +41,14 @@ impl OrderService {
             pool,
             metrics,
             in_flight,
+            activity: Arc::new(LastActivity::new(chrono::Utc::now())),
             retry_after,
         }
+    }
+
+    /// When this node last accepted, cancelled or re-queued an order.
+    pub fn activity(&self) -> Arc<LastActivity> {
+        Arc::clone(&self.activity)
     }
 
     /// A store failure; an order the store does not find (or finds another user's) is not found.
@@ -125,6 +132,7 @@ impl Orders for OrderService {
         };
         let view = CreatedView::from(order.as_ref());
         self.metrics.order_accepted();
+        self.activity.touch();
         slot.send(Job::New(order));
         admission.created(view.order_id);
         Ok(Submitted {
@@ -156,6 +164,7 @@ impl Orders for OrderService {
         match outcome {
             CancelOutcome::Accepted(order) => {
                 self.pool.note_cancel(order.order_id);
+                self.activity.touch();
                 tracing::debug!(order_id = %order.order_id, "cancellation requested");
                 Ok(order)
             }
@@ -184,6 +193,7 @@ impl Orders for OrderService {
                     .collect();
                 tracing::info!(order_id = %order.order_id, pending = %pending.join(", "), "retrying parked rollback");
                 self.pool.resume_all(vec![order.order_id]);
+                self.activity.touch();
                 Ok(order)
             }
             RetryRollbackOutcome::NotParked(_) => Err(OrderError::NotParked),

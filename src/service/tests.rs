@@ -434,3 +434,11 @@ async fn wait_many_answers_once_every_order_finished() {
     ids.sort();
     assert_eq!(finished, ids);
 }
+
+#[tokio::test]
+async fn accepting_an_order_is_activity() {
+    let node = idle(8, 8);
+    let before = node.service.activity().get();
+    node.submit("alice").await;
+    assert!(node.service.activity().get() > before);
+}
