@@ -17,6 +17,7 @@ use std::time::Duration;
 use warp::http::StatusCode;
 use warp::Filter;
 
+/// Built here with the other limits (`auth::Security`), kept by the order service.
 pub use crate::service::InFlight;
 
 /// A request body not read yet, so a handler reads it only once the caller passed the cheaper

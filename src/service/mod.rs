@@ -89,6 +89,7 @@ pub enum Scope<'a> {
 }
 
 impl Scope<'_> {
+    /// Whether the order is one the scope may see.
     pub fn covers(self, order: &Order) -> bool {
         match self {
             Scope::User(user) => order.user == user,

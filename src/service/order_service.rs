@@ -15,6 +15,7 @@ use std::time::Duration;
 /// The longest idempotency key accepted.
 pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 
+/// This node's orders: its store for what is kept, its worker pool for what runs.
 pub struct OrderService {
     service_id: String,
     store: Arc<dyn OrderStore>,
