@@ -9,6 +9,8 @@
 //! - [`pipeline`]: the bounded worker pool, the executor that drives an order to a terminal
 //!   state (each in a file of its own, unit-tested against an in-memory store), the liveness
 //!   gate, and the step handlers.
+//! - [`service`]: the application layer: what each order operation does and in which order
+//!   (idempotency, per-user cap, queue before store), and the long polls; no HTTP.
 //! - [`api`]: the warp routes, who may call them (`auth`) and what a client may cost (`limits`),
 //!   the connection server (`serve`), and the one place errors become JSON replies; the OpenAPI
 //!   description and the status page are files served from the binary.
@@ -34,4 +36,5 @@ pub mod node;
 pub mod order;
 pub mod pipeline;
 pub mod secret;
+pub mod service;
 pub mod store;

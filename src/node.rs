@@ -1,11 +1,12 @@
 //! Wires config, store, worker pool and API into one running node, and owns its shutdown.
 
-use crate::api::{self, ApiState};
+use crate::api::{self, ApiState, Checks, NodeStatus};
 use crate::cluster::{Cluster, Coordinator, RedisCoordinator};
 use crate::config::{Config, HandlerSettings};
 use crate::metrics::Metrics;
 use crate::order::Step;
 use crate::pipeline::{http, Gate, Handlers, Http, Job, Pool, Simulate, StepHandler};
+use crate::service::OrderService;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::metered::MeteredStore;
 use crate::store::redis::{Connections, RedisStore};
@@ -150,7 +151,16 @@ pub async fn run(
             (store, pool, None)
         };
 
-    let state = Arc::new(ApiState {
+    let (checks, in_flight) = Checks::split(security, config.server.max_body_bytes);
+    let orders = OrderService::new(
+        service_id.clone(),
+        Arc::clone(&store),
+        Arc::clone(&pool),
+        Arc::clone(&metrics),
+        in_flight,
+        config.server.retry_after,
+    );
+    let node = NodeStatus {
         service_id: service_id.clone(),
         advertised,
         started_at: chrono::Utc::now(),
@@ -158,11 +168,15 @@ pub async fn run(
         pool: Arc::clone(&pool),
         cluster: cluster.clone(),
         metrics,
-        max_body_bytes: config.server.max_body_bytes,
+        activity: orders.activity(),
+    };
+    let reload = spawn_reload_on_hangup(Arc::clone(&checks.auth));
+    let state = ApiState {
+        orders: Arc::new(orders),
+        security: Arc::new(checks),
+        node: Arc::new(node),
         retry_after: config.server.retry_after,
-        security,
-    });
-    let reload = spawn_reload_on_hangup(Arc::clone(&state.security.auth));
+    };
     let (http_stop_tx, mut http_stop_rx) = tokio::sync::watch::channel(false);
     let server = api::serve::serve(
         api::routes(state),

@@ -1,10 +1,14 @@
 //! `/diagnostic/heartbeat` (a real check of the store), `/diagnostic/cluster` and
 //! `/diagnostic/summary` (this node's orders by current step and its recent failures, from
 //! memory: no store query, bounded size).
+//!
+//! A node's `last_activity` is, in a cluster, when gossip last heard from it; for a single node,
+//! when it last accepted, cancelled or re-queued an order (its start before the first).
 
-use super::{json_reply, with_state, State};
+use super::{json_reply, with_state, NodeStatus};
 use crate::about::{SERVICE_NAME, VERSION};
 use chrono::{SecondsFormat, Utc};
+use std::sync::Arc;
 use std::time::Duration;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
@@ -13,6 +17,8 @@ use warp::Filter;
 
 /// How long the heartbeat waits for the store before calling it degraded.
 const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+type State = Arc<NodeStatus>;
 
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     let heartbeat = warp::path!("diagnostic" / "heartbeat")
@@ -101,7 +107,7 @@ async fn cluster(state: State) -> Response {
         "name": state.service_id,
         "connected": true,
         "connection_string": format!("http://{}", state.advertised),
-        "last_activity": now(),
+        "last_activity": state.activity.get().to_rfc3339_opts(SecondsFormat::Micros, true),
         "role": "leader",
         "inflight": state.pool.inflight(),
         "queued": state.pool.queued(),

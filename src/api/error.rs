@@ -1,6 +1,7 @@
 //! The one place where failures become HTTP answers: every error is `{"error": "..."}` with the
 //! right status, and overload carries `Retry-After`.
 
+use crate::service::OrderError;
 use crate::store::StoreError;
 use std::convert::Infallible;
 use std::time::Duration;
@@ -69,6 +70,27 @@ impl ApiError {
                 tracing::error!(error = %other, "store error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal store error")
             }
+        }
+    }
+}
+
+impl From<OrderError> for ApiError {
+    fn from(error: OrderError) -> Self {
+        let message = error.to_string();
+        match error {
+            OrderError::NotFound => ApiError::not_found(),
+            OrderError::Invalid(message) => ApiError::bad_request(message),
+            OrderError::TooManyInFlight { retry_after } => ApiError::too_many(message, retry_after),
+            OrderError::QueueFull { retry_after } | OrderError::Stopping { retry_after } => {
+                ApiError::overloaded(message, retry_after)
+            }
+            OrderError::Finished | OrderError::AlreadyFailing | OrderError::NotParked => {
+                ApiError::new(StatusCode::CONFLICT, message)
+            }
+            OrderError::Store {
+                source,
+                retry_after,
+            } => ApiError::from_store(source, retry_after),
         }
     }
 }

@@ -1,59 +1,73 @@
-//! What one client may cost the node: bodies read with a size cap and a deadline, payloads with
-//! a nesting cap, a submission rate per user ([`RateLimiter`]) and a cap on each user's
-//! unfinished orders on this node ([`InFlight`]). All of them answer with a JSON error.
+//! What one client may cost the node at the HTTP edge: bodies read with a size cap and a
+//! deadline ([`Body`]), payloads with a nesting cap, and a submission rate per user
+//! ([`RateLimiter`]). All of them answer with a JSON error. The cap on each user's unfinished
+//! orders belongs to the order service ([`InFlight`]).
 
 use super::ApiError;
-use crate::order::OrderId;
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::Quota;
-use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 use warp::http::StatusCode;
+use warp::Filter;
 
-/// Reads at most `limit` bytes of body within `timeout`; more is a 413, slower a 408.
-pub async fn read_body<S, B>(body: S, limit: u64, timeout: Duration) -> Result<BytesMut, ApiError>
-where
-    S: Stream<Item = Result<B, warp::Error>>,
-    B: Buf,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut collected = BytesMut::new();
-    futures_util::pin_mut!(body);
-    loop {
-        let next = tokio::time::timeout_at(deadline, body.next())
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "request body not received within {}",
-                        humantime::format_duration(timeout)
-                    ),
-                )
-            })?;
-        let Some(chunk) = next else {
-            return Ok(collected);
-        };
-        let mut chunk =
-            chunk.map_err(|error| ApiError::bad_request(format!("cannot read body: {error}")))?;
-        if (collected.len() + chunk.remaining()) as u64 > limit {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body larger than {limit} bytes"),
-            ));
-        }
-        while chunk.has_remaining() {
-            let part = chunk.chunk();
-            let length = part.len();
-            collected.extend_from_slice(part);
-            chunk.advance(length);
+/// Built here with the other limits (`auth::Security`), kept by the order service.
+pub use crate::service::InFlight;
+
+/// A request body not read yet, so a handler reads it only once the caller passed the cheaper
+/// checks (who calls, how often).
+pub struct Body(Pin<Box<dyn Stream<Item = Result<Bytes, warp::Error>> + Send>>);
+
+/// The request's body, to read with [`Body::read`].
+pub fn body() -> impl Filter<Extract = (Body,), Error = warp::Rejection> + Clone {
+    warp::body::stream().map(Body::new)
+}
+
+impl Body {
+    fn new<S, B>(stream: S) -> Body
+    where
+        S: Stream<Item = Result<B, warp::Error>> + Send + 'static,
+        B: Buf,
+    {
+        Body(Box::pin(stream.map(|chunk| {
+            chunk.map(|mut chunk| chunk.copy_to_bytes(chunk.remaining()))
+        })))
+    }
+
+    /// Reads at most `limit` bytes within `timeout`; more is a 413, slower a 408.
+    pub async fn read(mut self, limit: u64, timeout: Duration) -> Result<Bytes, ApiError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut collected = BytesMut::new();
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.0.next())
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!(
+                            "request body not received within {}",
+                            humantime::format_duration(timeout)
+                        ),
+                    )
+                })?;
+            let Some(chunk) = next else {
+                return Ok(collected.freeze());
+            };
+            let chunk = chunk
+                .map_err(|error| ApiError::bad_request(format!("cannot read body: {error}")))?;
+            if (collected.len() + chunk.len()) as u64 > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body larger than {limit} bytes"),
+                ));
+            }
+            collected.extend_from_slice(&chunk);
         }
     }
 }
@@ -174,118 +188,6 @@ impl<C: Clock> RateLimiter<C> {
     }
 }
 
-/// Each user's unfinished orders accepted by this node, capped at `max` per user. An order
-/// counts until the node stops executing it (finished, parked, or handed to another node).
-pub struct InFlight {
-    max: usize,
-    by_user: Mutex<HashMap<String, UserOrders>>,
-    admissions: AtomicUsize,
-}
-
-#[derive(Debug, Default)]
-struct UserOrders {
-    ids: Vec<OrderId>,
-    /// Submissions admitted whose order is not created yet.
-    pending: usize,
-}
-
-impl UserOrders {
-    fn is_empty(&self) -> bool {
-        self.ids.is_empty() && self.pending == 0
-    }
-}
-
-/// Every this many admissions, users with no unfinished order are forgotten.
-const SWEEP_EVERY: usize = 1024;
-
-impl InFlight {
-    pub fn new(max: usize) -> Self {
-        InFlight {
-            max,
-            by_user: Mutex::new(HashMap::new()),
-            admissions: AtomicUsize::new(0),
-        }
-    }
-
-    /// Room for one more order of `user`, or `None` when the user is at the cap. `running`
-    /// tells whether an order still runs here.
-    pub fn admit(&self, user: &str, running: impl Fn(OrderId) -> bool) -> Option<Admission<'_>> {
-        let mut by_user = match self.by_user.lock() {
-            Ok(by_user) => by_user,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if self.admissions.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            by_user.retain(|_, orders| {
-                orders.ids.retain(|id| running(*id));
-                !orders.is_empty()
-            });
-        }
-        let orders = by_user.entry(user.to_string()).or_default();
-        if orders.ids.len() + orders.pending >= self.max {
-            orders.ids.retain(|id| running(*id));
-            if orders.ids.len() + orders.pending >= self.max {
-                return None;
-            }
-        }
-        orders.pending += 1;
-        Some(Admission {
-            in_flight: self,
-            user: user.to_string(),
-            created: None,
-        })
-    }
-
-    /// The orders counted for `user` now (running or not).
-    pub fn count(&self, user: &str) -> usize {
-        self.by_user
-            .lock()
-            .ok()
-            .and_then(|by_user| {
-                by_user
-                    .get(user)
-                    .map(|orders| orders.ids.len() + orders.pending)
-            })
-            .unwrap_or(0)
-    }
-
-    fn settle(&self, user: &str, created: Option<OrderId>) {
-        let mut by_user = match self.by_user.lock() {
-            Ok(by_user) => by_user,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let Some(orders) = by_user.get_mut(user) else {
-            return;
-        };
-        orders.pending = orders.pending.saturating_sub(1);
-        if let Some(id) = created {
-            orders.ids.push(id);
-        }
-        if orders.is_empty() {
-            by_user.remove(user);
-        }
-    }
-}
-
-/// One admitted submission: counted as pending until dropped; [`Admission::created`] makes it
-/// count as that order instead.
-pub struct Admission<'a> {
-    in_flight: &'a InFlight,
-    user: String,
-    created: Option<OrderId>,
-}
-
-impl Admission<'_> {
-    pub fn created(mut self, id: OrderId) {
-        self.created = Some(id);
-    }
-}
-
-impl Drop for Admission<'_> {
-    fn drop(&mut self) {
-        self.in_flight.settle(&self.user, self.created);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,30 +242,5 @@ mod tests {
         assert!(limiter.check("hot").is_ok());
         assert!(limiter.check("hot").is_err());
         assert!(limiter.users() <= 11);
-    }
-
-    #[test]
-    fn in_flight_caps_each_user_and_forgets_finished_orders() {
-        let in_flight = InFlight::new(2);
-        let first = OrderId::new_v4();
-        let second = OrderId::new_v4();
-        let all_running = |_| true;
-        in_flight
-            .admit("alice", all_running)
-            .unwrap()
-            .created(first);
-        let pending = in_flight.admit("alice", all_running).unwrap();
-        assert!(in_flight.admit("alice", all_running).is_none());
-        assert!(in_flight.admit("bob", all_running).is_some());
-        drop(pending);
-        in_flight
-            .admit("alice", all_running)
-            .unwrap()
-            .created(second);
-        assert_eq!(in_flight.count("alice"), 2);
-        assert!(in_flight.admit("alice", all_running).is_none());
-        // Once an order stops running here it no longer counts.
-        assert!(in_flight.admit("alice", |id| id != first).is_some());
-        assert_eq!(in_flight.count("bob"), 0);
     }
 }

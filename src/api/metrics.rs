@@ -1,7 +1,8 @@
 //! `GET /metrics`: the Prometheus text exposition of this node's metrics. Gauges that are cheap
 //! to read but costly to keep current (queue depth, worker use, gossip membership) are read here.
 
-use super::{with_state, ApiError, State};
+use super::{with_state, ApiError, NodeStatus};
+use std::sync::Arc;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -10,6 +11,8 @@ use warp::{Filter, Reply};
 /// The content type of the text format `prometheus_client` writes (OpenMetrics 1.0, which
 /// Prometheus reads natively; its `# EOF` line is a comment to older parsers).
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type State = Arc<NodeStatus>;
 
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     warp::path!("metrics")

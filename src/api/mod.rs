@@ -1,6 +1,8 @@
 //! The HTTP API: one function per route, each a warp filter; handlers are plain async functions
-//! that answer with a reply or an [`ApiError`]; [`error::recover`] turns every rejection into the
-//! same JSON error shape.
+//! that authenticate the caller, parse the request, call the order service
+//! ([`crate::service::Orders`]) and answer with a reply or an [`ApiError`]; [`error`] is the one
+//! place a service error becomes a status, and [`error::recover`] turns every rejection into the
+//! same JSON error shape. Each route group gets only its part of the [`ApiState`].
 //!
 //! [`ROUTES`] lists every route; `openapi.json` (served at `/openapi.json`) describes exactly
 //! those, which a test checks. `GET /` answers a browser with the status page (`status.html`)
@@ -19,43 +21,16 @@ mod orders;
 mod props;
 pub mod serve;
 mod service;
+mod state;
 
 pub use error::ApiError;
+pub use state::{ApiState, Checks, NodeStatus};
 
-use crate::cluster::Cluster;
-use crate::metrics::Metrics;
-use crate::pipeline::Pool;
-use crate::store::OrderStore;
-use chrono::{DateTime, Utc};
-use std::convert::Infallible;
-use std::net::SocketAddr;
+use state::{with_state, ServiceState, State};
 use std::sync::Arc;
-use std::time::Duration;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 use warp::{Filter, Reply};
-
-/// What the handlers share.
-pub struct ApiState {
-    pub service_id: String,
-    pub advertised: SocketAddr,
-    pub started_at: DateTime<Utc>,
-    pub store: Arc<dyn OrderStore>,
-    pub pool: Arc<Pool>,
-    /// Present in cluster mode.
-    pub cluster: Option<Arc<Cluster>>,
-    pub metrics: Arc<Metrics>,
-    pub max_body_bytes: u64,
-    pub retry_after: Duration,
-    /// Authentication and per-client limits.
-    pub security: auth::Security,
-}
-
-pub type State = Arc<ApiState>;
-
-fn with_state(state: State) -> impl Filter<Extract = (State,), Error = Infallible> + Clone {
-    warp::any().map(move || Arc::clone(&state))
-}
 
 /// Every route the router serves, as (method, path) with OpenAPI-style `{parameters}`. The
 /// OpenAPI description must list exactly these (checked by a test).
@@ -106,18 +81,27 @@ fn openapi() -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-/// Every route, with errors recovered into JSON.
-pub fn routes(state: State) -> BoxedFilter<(Response,)> {
+/// Every route, with errors recovered into JSON; each route group gets only its part of `state`.
+pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
+    let orders = Arc::new(orders::OrdersApi {
+        orders: state.orders,
+        checks: Arc::clone(&state.security),
+    });
+    let service: State = Arc::new(ServiceState {
+        security: state.security,
+        cluster: state.node.cluster.clone(),
+        retry_after: state.retry_after,
+    });
     root()
         .or(openapi())
         .unify()
-        .or(metrics::routes(state.clone()))
+        .or(metrics::routes(Arc::clone(&state.node)))
         .unify()
-        .or(orders::routes(state.clone()))
+        .or(orders::routes(orders))
         .unify()
-        .or(diagnostic::routes(state.clone()))
+        .or(diagnostic::routes(state.node))
         .unify()
-        .or(service::routes(state))
+        .or(service::routes(service))
         .unify()
         .recover(error::recover)
         .unify()

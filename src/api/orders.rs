@@ -1,17 +1,20 @@
-//! `/orders`: submit, read, list and cancel orders. Callers are named by the `Authorization`
-//! header ([`super::auth`]) and see only their own orders; anything else is a 404, as if it did
-//! not exist. An admin may also read and list anyone's orders and retry anyone's parked
-//! rollback; each such action is an `audit` log line.
+//! `/orders`: submit, read, list, cancel and wait for orders, over the order service
+//! ([`Orders`]). Callers are named by the `Authorization` header ([`super::auth`]) and see only
+//! their own orders; anything else is a 404, as if it did not exist. An admin may also read and
+//! list anyone's orders and retry anyone's parked rollback; each such action is an `audit` log
+//! line. The submission rate, the body's size, read time and nesting are checked here, before
+//! the service sees the order.
 
 use super::auth::{audit, Principal};
-use super::limits::{nests_deeper_than, read_body};
-use super::{json_reply, respond, with_state, ApiError, State};
-use crate::order::{CreatedView, Order, OrderId, OrderView, RollbackState, Step};
-use crate::pipeline::Job;
-use crate::store::{CancelOutcome, Created, ListQuery, RetryRollbackOutcome};
-use bytes::Buf;
-use futures_util::{Stream, StreamExt};
+use super::limits::{body, nests_deeper_than, Body};
+use super::state::{with_state, Checks};
+use super::{json_reply, respond, ApiError};
+use crate::order::{OrderId, OrderView, RollbackState, Step};
+use crate::service::{NewOrder, Orders, Scope};
+use crate::store::ListQuery;
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
@@ -20,8 +23,40 @@ use warp::Filter;
 
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
-/// The longest idempotency key accepted.
-const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// The most orders one `POST /orders/wait` may name.
+const MAX_WAIT_IDS: usize = 500;
+/// The longest `?wait=` a long poll may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// How long `POST /orders/wait` waits when the request does not say.
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+
+/// What the `/orders` handlers need: the service, and the checks made before calling it.
+pub struct OrdersApi {
+    pub orders: Arc<dyn Orders>,
+    pub checks: Arc<Checks>,
+}
+
+type State = Arc<OrdersApi>;
+
+impl OrdersApi {
+    fn caller(&self, user_header: Option<&str>) -> Result<Principal, ApiError> {
+        self.checks.auth.authenticate(user_header)
+    }
+}
+
+/// Whose orders a caller may see: their own, or anyone's for an admin.
+fn scope(caller: &Principal) -> Scope<'_> {
+    if caller.is_admin() {
+        Scope::All
+    } else {
+        Scope::User(&caller.user)
+    }
+}
+
+/// An order id from the path; a malformed one is a 404, like an unknown one.
+fn order_id(id: &str) -> Result<OrderId, ApiError> {
+    OrderId::try_parse(id).map_err(|_| ApiError::not_found())
+}
 
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     create(state.clone())
@@ -29,9 +64,13 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .unify()
         .or(get(state.clone()))
         .unify()
-        .or(cancel(state.clone()))
+        .or(order_action(state.clone(), "cancel", cancel_order))
         .unify()
-        .or(retry_rollback(state.clone()))
+        .or(order_action(
+            state.clone(),
+            "rollback",
+            retry_parked_rollback,
+        ))
         .unify()
         .or(wait_many(state))
         .unify()
@@ -48,29 +87,28 @@ fn create(state: State) -> BoxedFilter<(Response,)> {
         .and(with_state(state))
         .and(user_header())
         .and(warp::header::optional::<String>("idempotency-key"))
-        .and(warp::body::stream())
+        .and(body())
         .then(|state, user, key, body| async move {
             respond(create_order(state, user, key, body).await)
         })
         .boxed()
 }
 
-async fn create_order<S, B>(
+async fn create_order(
     state: State,
     user_header: Option<String>,
     idempotency_key: Option<String>,
-    body: S,
-) -> Result<Response, ApiError>
-where
-    S: Stream<Item = Result<B, warp::Error>>,
-    B: Buf,
-{
-    let caller = state.security.auth.authenticate(user_header.as_deref())?;
-    if let Err(wait) = state.security.rate.check(&caller.user) {
+    body: Body,
+) -> Result<Response, ApiError> {
+    let caller = state.caller(user_header.as_deref())?;
+    let checks = &state.checks;
+    if let Err(wait) = checks.rate.check(&caller.user) {
         return Err(ApiError::too_many("too many submissions, slow down", wait));
     }
-    let body = read_body(body, state.max_body_bytes, state.security.body_read_timeout).await?;
-    let max_depth = state.security.max_depth;
+    let body = body
+        .read(checks.max_body_bytes, checks.body_read_timeout)
+        .await?;
+    let max_depth = checks.max_depth;
     if nests_deeper_than(&body, max_depth) {
         return Err(ApiError::bad_request(format!(
             "body nests arrays or objects deeper than {max_depth} levels"
@@ -78,76 +116,20 @@ where
     }
     let payload: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|error| ApiError::bad_request(format!("body is not valid JSON: {error}")))?;
-    if !payload.is_object() {
-        return Err(ApiError::bad_request("body must be a JSON object"));
-    }
-    let idempotency_key = idempotency_key
-        .map(|key| key.trim().to_string())
-        .filter(|key| !key.is_empty());
-    if idempotency_key
-        .as_ref()
-        .is_some_and(|key| key.len() > MAX_IDEMPOTENCY_KEY)
-    {
-        return Err(ApiError::bad_request(format!(
-            "Idempotency-Key longer than {MAX_IDEMPOTENCY_KEY} bytes"
-        )));
-    }
-    let Some(admission) = state
-        .security
-        .in_flight
-        .admit(&caller.user, |id| state.pool.is_active(id))
-    else {
-        return Err(ApiError::too_many(
-            "too many unfinished orders for this user on this node, try again later",
-            state.retry_after,
-        ));
+    let submitted = state
+        .orders
+        .submit(NewOrder {
+            user: caller.user,
+            payload,
+            idempotency_key,
+        })
+        .await?;
+    let status = if submitted.replayed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
     };
-    // Reserve the queue slot first: when the node is full or stopping, nothing is stored.
-    let Some(slot) = state.pool.try_reserve() else {
-        let reason = if state.pool.is_stopping() {
-            "node is shutting down"
-        } else {
-            "too many orders in progress, try again later"
-        };
-        return Err(ApiError::overloaded(reason, state.retry_after));
-    };
-    let order = Order::new(
-        OrderId::now_v7(),
-        caller.user,
-        payload,
-        state.service_id.clone(),
-        chrono::Utc::now(),
-    );
-    match state
-        .store
-        .create(&order, idempotency_key.as_deref())
-        .await
-        .map_err(|error| ApiError::from_store(error, state.retry_after))?
-    {
-        Created::New => {
-            tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created");
-            tracing::trace!(order_id = %order.order_id, payload = %order.payload, "new order payload");
-            let view = CreatedView::from(&order);
-            state.metrics.order_accepted();
-            let order_id = order.order_id;
-            slot.send(Job::New(Box::new(order)));
-            admission.created(order_id);
-            Ok(json_reply(StatusCode::CREATED, &view))
-        }
-        Created::Adopted(order) => {
-            tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created under the id its key reserved");
-            let view = CreatedView::from(order.as_ref());
-            state.metrics.order_accepted();
-            let order_id = order.order_id;
-            slot.send(Job::New(order));
-            admission.created(order_id);
-            Ok(json_reply(StatusCode::CREATED, &view))
-        }
-        Created::Existing(first) => Ok(json_reply(
-            StatusCode::OK,
-            &CreatedView::from(first.as_ref()),
-        )),
-    }
+    Ok(json_reply(status, &submitted.order))
 }
 
 fn get(state: State) -> BoxedFilter<(Response,)> {
@@ -162,8 +144,37 @@ fn get(state: State) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-/// The most orders one `POST /orders/wait` may name.
-const MAX_WAIT_IDS: usize = 500;
+/// `GET /orders/{id}`; with `?wait=30s` the answer waits until the order is finished (or the
+/// wait is over), so a client learns of the end without polling.
+async fn get_order(
+    state: State,
+    user_header: Option<String>,
+    id: String,
+    params: HashMap<String, String>,
+) -> Result<Response, ApiError> {
+    if id == "wait" {
+        // `/orders/wait` is the batch long poll, which only takes POST.
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed on this path",
+        ));
+    }
+    let caller = state.caller(user_header.as_deref())?;
+    let wait = parse_wait(&params)?;
+    let order_id = order_id(&id)?;
+    let Some(wait) = wait else {
+        let order = state.orders.get(scope(&caller), order_id).await?;
+        if order.user != caller.user {
+            audit(&caller.user, caller.role.as_str(), "read order", &id);
+        }
+        return Ok(json_reply(StatusCode::OK, &OrderView::from(&order)));
+    };
+    let order = state
+        .orders
+        .wait_one(scope(&caller), order_id, wait)
+        .await?;
+    Ok(json_reply(StatusCode::OK, &OrderView::from(order.as_ref())))
+}
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -194,7 +205,7 @@ async fn wait_for_many(
     user_header: Option<String>,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    let caller = state.security.auth.authenticate(user_header.as_deref())?;
+    let caller = state.caller(user_header.as_deref())?;
     let request: WaitRequest = serde_json::from_slice(&body).map_err(|error| {
         ApiError::bad_request(format!(
             "body must be {{\"order_ids\": [...], \"wait\": \"30s\"}}: {error}"
@@ -206,100 +217,37 @@ async fn wait_for_many(
         )));
     }
     let wait = match request.wait.as_deref() {
-        None => Duration::from_secs(30),
-        Some(text) => humantime::parse_duration(text)
-            .ok()
-            .filter(|wait| *wait <= MAX_WAIT)
-            .ok_or_else(|| {
-                ApiError::bad_request("wait must be a duration like 30s, at most 60s")
-            })?,
+        None => DEFAULT_WAIT,
+        Some(text) => parse_duration(text)?,
     };
     let mut missing = Vec::new();
     let mut ids = Vec::new();
-    for text in &request.order_ids {
-        match OrderId::try_parse(text) {
-            Ok(id) if !ids.contains(&id) => ids.push(id),
-            Ok(_) => {}
-            Err(_) => missing.push(text.clone()),
+    for text in request.order_ids {
+        match OrderId::try_parse(&text) {
+            Ok(id) => ids.push(id),
+            Err(_) => missing.push(text),
         }
     }
-    // Registered before the first read, so a finish in between is not missed.
-    let waiters = state.pool.waiters();
-    let mut woken: futures_util::stream::FuturesUnordered<_> = ids
-        .iter()
-        .map(|id| {
-            let done_rx = waiters.register(*id);
-            let id = *id;
-            async move { (id, done_rx.await) }
-        })
-        .collect();
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut finished: Vec<std::sync::Arc<Order>> = Vec::new();
-    let mut pending: Vec<OrderId> = ids.clone();
-    let mut outcome = Ok(());
-    let mut first = true;
-    while !pending.is_empty() {
-        if !first {
-            let recheck = deadline.min(tokio::time::Instant::now() + WAIT_RECHECK);
-            // Handed finished orders as they end on this node; the rest (running elsewhere, or
-            // finished between registration and the first read) are read again now and then.
-            tokio::select! {
-                Some((id, Ok(order))) = woken.next() => {
-                    if may_see(&caller, &order) {
-                        if let Some(position) = pending.iter().position(|pending| *pending == id) {
-                            pending.swap_remove(position);
-                            finished.push(order);
-                        }
-                    }
-                    continue;
-                }
-                _ = tokio::time::sleep_until(recheck) => {}
-            }
-        }
-        first = false;
-        let reads =
-            futures_util::future::join_all(pending.iter().map(|id| state.store.get(*id))).await;
-        let mut still = Vec::new();
-        for (id, read) in pending.iter().zip(reads) {
-            match read {
-                Ok(Some(order)) if may_see(&caller, &order) => {
-                    if order.is_finished() {
-                        finished.push(std::sync::Arc::new(order));
-                    } else {
-                        still.push(*id);
-                    }
-                }
-                Ok(_) => missing.push(id.to_string()),
-                Err(error) => {
-                    outcome = Err(ApiError::from_store(error, state.retry_after));
-                    still.push(*id);
-                }
-            }
-        }
-        pending = still;
-        if outcome.is_err() || tokio::time::Instant::now() >= deadline {
-            break;
-        }
-    }
-    drop(woken);
-    for id in &ids {
-        waiters.prune(*id);
-    }
-    outcome?;
-    let orders: Vec<OrderView<'_>> = finished
+    let waited = state.orders.wait_many(scope(&caller), ids, wait).await?;
+    missing.extend(waited.missing.iter().map(OrderId::to_string));
+    let orders: Vec<OrderView<'_>> = waited
+        .finished
         .iter()
         .map(|order| OrderView::from(order.as_ref()))
         .collect();
     Ok(json_reply(
         StatusCode::OK,
-        &serde_json::json!({ "orders": orders, "pending": pending, "missing": missing }),
+        &serde_json::json!({ "orders": orders, "pending": waited.pending, "missing": missing }),
     ))
 }
 
-/// The longest `?wait=` a long poll may ask for.
-const MAX_WAIT: Duration = Duration::from_secs(60);
-/// How often a long poll re-reads the store, for orders that finish on another node.
-const WAIT_RECHECK: Duration = Duration::from_millis(250);
+/// A wait such as `30s`, at most [`MAX_WAIT`].
+fn parse_duration(text: &str) -> Result<Duration, ApiError> {
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|wait| *wait <= MAX_WAIT)
+        .ok_or_else(|| ApiError::bad_request("wait must be a duration like 30s, at most 60s"))
+}
 
 pub(super) fn parse_wait(params: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
     for key in params.keys() {
@@ -311,97 +259,8 @@ pub(super) fn parse_wait(params: &HashMap<String, String>) -> Result<Option<Dura
     }
     params
         .get("wait")
-        .map(|text| {
-            humantime::parse_duration(text)
-                .ok()
-                .filter(|wait| *wait <= MAX_WAIT)
-                .ok_or_else(|| {
-                    ApiError::bad_request("wait must be a duration like 30s, at most 60s")
-                })
-        })
+        .map(|text| parse_duration(text))
         .transpose()
-}
-
-/// Loads an order the caller may see (its own, or any for an admin); anything else is a 404.
-/// Whether the caller may see an order: their own, or any for an admin.
-fn may_see(caller: &Principal, order: &Order) -> bool {
-    order.user == caller.user || caller.is_admin()
-}
-
-async fn owned_order(state: &State, caller: &Principal, id: &str) -> Result<Order, ApiError> {
-    let id = OrderId::try_parse(id).map_err(|_| ApiError::not_found())?;
-    state
-        .store
-        .get(id)
-        .await
-        .map_err(|error| ApiError::from_store(error, state.retry_after))?
-        .filter(|order| may_see(caller, order))
-        .ok_or_else(ApiError::not_found)
-}
-
-/// `GET /orders/{id}`; with `?wait=30s` the answer waits until the order is finished (or the
-/// wait is over), so a client learns of the end without polling.
-async fn get_order(
-    state: State,
-    user_header: Option<String>,
-    id: String,
-    params: HashMap<String, String>,
-) -> Result<Response, ApiError> {
-    if id == "wait" {
-        // `/orders/wait` is the batch long poll, which only takes POST.
-        return Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed on this path",
-        ));
-    }
-    let caller = state.security.auth.authenticate(user_header.as_deref())?;
-    let wait = parse_wait(&params)?;
-    let Some(wait) = wait else {
-        let order = owned_order(&state, &caller, &id).await?;
-        if order.user != caller.user {
-            audit(&caller.user, caller.role.as_str(), "read order", &id);
-        }
-        return Ok(json_reply(StatusCode::OK, &OrderView::from(&order)));
-    };
-    let order_id = OrderId::try_parse(&id).map_err(|_| ApiError::not_found())?;
-    // Registered before the first read, so a finish in between is not missed.
-    let waiters = state.pool.waiters();
-    let mut done_rx = waiters.register(order_id);
-    let answer = wait_finished(&state, &caller, &id, wait, &mut done_rx).await;
-    drop(done_rx);
-    waiters.prune(order_id);
-    let order = answer?;
-    Ok(json_reply(StatusCode::OK, &OrderView::from(order.as_ref())))
-}
-
-/// The order once it is finished, or as it is when `wait` is over.
-async fn wait_finished(
-    state: &State,
-    caller: &Principal,
-    id: &str,
-    wait: Duration,
-    done_rx: &mut tokio::sync::oneshot::Receiver<std::sync::Arc<Order>>,
-) -> Result<std::sync::Arc<Order>, ApiError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut order = std::sync::Arc::new(owned_order(state, caller, id).await?);
-    let mut woken = false;
-    while !order.is_finished() && tokio::time::Instant::now() < deadline {
-        // Handed the finished order when it ends on this node; otherwise re-read now and then,
-        // since it may be running on another node.
-        let recheck = deadline.min(tokio::time::Instant::now() + WAIT_RECHECK);
-        let finished = tokio::select! {
-            finished = &mut *done_rx, if !woken => {
-                woken = true;
-                finished.ok()
-            }
-            _ = tokio::time::sleep_until(recheck) => None,
-        };
-        order = match finished {
-            Some(finished) if may_see(caller, &finished) => finished,
-            _ => std::sync::Arc::new(owned_order(state, caller, id).await?),
-        };
-    }
-    Ok(order)
 }
 
 fn list(state: State) -> BoxedFilter<(Response,)> {
@@ -471,7 +330,7 @@ async fn list_orders(
     user_header: Option<String>,
     params: HashMap<String, String>,
 ) -> Result<Response, ApiError> {
-    let caller = state.security.auth.authenticate(user_header.as_deref())?;
+    let caller = state.caller(user_header.as_deref())?;
     let query = parse_list_query(&params)?;
     // `?user=<name>`: an admin lists another user's orders.
     let user = match params.get("user") {
@@ -482,11 +341,7 @@ async fn list_orders(
         }
         _ => caller.user,
     };
-    let page = state
-        .store
-        .list_for_user(&user, &query)
-        .await
-        .map_err(|error| ApiError::from_store(error, state.retry_after))?;
+    let page = state.orders.list(&user, &query).await?;
     let orders: Vec<OrderView<'_>> = page.orders.iter().map(OrderView::from).collect();
     Ok(json_reply(
         StatusCode::OK,
@@ -494,12 +349,24 @@ async fn list_orders(
     ))
 }
 
-fn cancel(state: State) -> BoxedFilter<(Response,)> {
-    warp::path!("orders" / String / "cancel")
+/// `POST /orders/{id}/<action>`, answered by `handle` with the state, the `Authorization`
+/// header and the id as given.
+fn order_action<H, F>(state: State, action: &'static str, handle: H) -> BoxedFilter<(Response,)>
+where
+    H: Fn(State, Option<String>, String) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response, ApiError>> + Send + 'static,
+{
+    warp::path("orders")
+        .and(warp::path::param::<String>())
+        .and(warp::path(action))
+        .and(warp::path::end())
         .and(warp::post())
         .and(with_state(state))
         .and(user_header())
-        .then(|id: String, state, user| async move { respond(cancel_order(state, user, id).await) })
+        .then(move |id: String, state, user| {
+            let answer = handle(state, user, id);
+            async move { respond(answer.await) }
+        })
         .boxed()
 }
 
@@ -508,39 +375,9 @@ async fn cancel_order(
     user_header: Option<String>,
     id: String,
 ) -> Result<Response, ApiError> {
-    let caller = state.security.auth.authenticate(user_header.as_deref())?;
-    let id = OrderId::try_parse(&id).map_err(|_| ApiError::not_found())?;
-    let outcome = state
-        .store
-        .request_cancel(id, &caller.user)
-        .await
-        .map_err(|error| ApiError::from_store(error, state.retry_after))?;
-    match outcome {
-        CancelOutcome::Accepted(order) => {
-            state.pool.note_cancel(order.order_id);
-            tracing::debug!(order_id = %order.order_id, "cancellation requested");
-            Ok(json_reply(StatusCode::ACCEPTED, &OrderView::from(&order)))
-        }
-        CancelOutcome::Finished(_) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "order is already finished",
-        )),
-        CancelOutcome::AlreadyFailing(_) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "order already failed and is rolling back",
-        )),
-    }
-}
-
-fn retry_rollback(state: State) -> BoxedFilter<(Response,)> {
-    warp::path!("orders" / String / "rollback")
-        .and(warp::post())
-        .and(with_state(state))
-        .and(user_header())
-        .then(|id: String, state, user| async move {
-            respond(retry_parked_rollback(state, user, id).await)
-        })
-        .boxed()
+    let caller = state.caller(user_header.as_deref())?;
+    let order = state.orders.cancel(&caller.user, order_id(&id)?).await?;
+    Ok(json_reply(StatusCode::ACCEPTED, &OrderView::from(&order)))
 }
 
 /// Retries the compensations of an order whose rollback is parked; this node runs them. The
@@ -550,9 +387,10 @@ async fn retry_parked_rollback(
     user_header: Option<String>,
     id: String,
 ) -> Result<Response, ApiError> {
-    let caller = state.security.auth.authenticate(user_header.as_deref())?;
+    let caller = state.caller(user_header.as_deref())?;
+    let order_id = order_id(&id)?;
     let user = if caller.is_admin() {
-        let order = owned_order(&state, &caller, &id).await?;
+        let order = state.orders.get(Scope::All, order_id).await?;
         audit(
             &caller.user,
             caller.role.as_str(),
@@ -563,30 +401,8 @@ async fn retry_parked_rollback(
     } else {
         caller.user
     };
-    let id = OrderId::try_parse(&id).map_err(|_| ApiError::not_found())?;
-    if state.pool.is_stopping() {
-        return Err(ApiError::overloaded(
-            "node is shutting down",
-            state.retry_after,
-        ));
-    }
-    let outcome = state
-        .store
-        .retry_rollback(id, &user, &state.service_id, chrono::Utc::now())
-        .await
-        .map_err(|error| ApiError::from_store(error, state.retry_after))?;
-    match outcome {
-        RetryRollbackOutcome::Accepted(order) => {
-            let pending: Vec<&str> = order.pending_rollback.iter().map(|step| step.as_str()).collect();
-            tracing::info!(order_id = %order.order_id, pending = %pending.join(", "), "retrying parked rollback");
-            state.pool.resume_all(vec![order.order_id]);
-            Ok(json_reply(StatusCode::ACCEPTED, &OrderView::from(&order)))
-        }
-        RetryRollbackOutcome::NotParked(_) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "order's rollback is not parked: only a failed order with rollback_state incomplete can retry it",
-        )),
-    }
+    let order = state.orders.retry_rollback(&user, order_id).await?;
+    Ok(json_reply(StatusCode::ACCEPTED, &OrderView::from(&order)))
 }
 
 #[cfg(test)]

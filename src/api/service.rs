@@ -4,11 +4,9 @@
 //! 403. Each accepted call is an `audit` log line.
 
 use super::auth::audit;
-use super::limits::read_body;
+use super::limits::{body, Body};
 use super::{json_reply, respond, with_state, ApiError, State};
 use crate::cluster::{TransferError, SECRET_HEADER};
-use bytes::Buf;
-use futures_util::Stream;
 use serde::Deserialize;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
@@ -33,7 +31,7 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .and(with_state(state))
         .and(warp::header::optional::<String>(SECRET_HEADER))
         .and(warp::header::optional::<String>("authorization"))
-        .and(warp::body::stream())
+        .and(body())
         .then(|state, secret, authorization, body| async move {
             respond(transfer(state, secret, authorization, body).await)
         })
@@ -43,16 +41,12 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
 /// The largest transfer request body.
 const MAX_TRANSFER_BODY: u64 = 4096;
 
-async fn transfer<S, B>(
+async fn transfer(
     state: State,
     secret: Option<String>,
     authorization: Option<String>,
-    body: S,
-) -> Result<Response, ApiError>
-where
-    S: Stream<Item = Result<B, warp::Error>>,
-    B: Buf,
-{
+    body: Body,
+) -> Result<Response, ApiError> {
     // With the secret this is a peer; otherwise the caller must be an admin.
     let with_secret = secret.is_some_and(|secret| {
         state
@@ -78,7 +72,9 @@ where
             "this node runs alone (no database.url): there is nothing to transfer",
         ));
     };
-    let body = read_body(body, MAX_TRANSFER_BODY, state.security.body_read_timeout).await?;
+    let body = body
+        .read(MAX_TRANSFER_BODY, state.security.body_read_timeout)
+        .await?;
     let request: TransferRequest = serde_json::from_slice(&body).map_err(|error| {
         ApiError::bad_request(format!(
             "body must be {{\"service_id\": \"<node id>\"}}: {error}"

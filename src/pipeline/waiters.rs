@@ -4,7 +4,10 @@
 
 use crate::order::{Order, OrderId};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 
 #[derive(Default)]
@@ -20,6 +23,16 @@ impl Waiters {
             by_order.entry(id).or_default().push(done_tx);
         }
         done_rx
+    }
+
+    /// A registration that resolves like [`Waiters::register`]'s receiver and forgets itself
+    /// when dropped.
+    pub fn watch(&self, id: OrderId) -> Watch<'_> {
+        Watch {
+            waiters: self,
+            id,
+            done_rx: Some(self.register(id)),
+        }
     }
 
     /// Hands the finished order to everyone waiting for it.
@@ -60,20 +73,52 @@ impl Waiters {
     }
 }
 
+/// One wait for an order to finish on this node: resolves with the finished order, or `None`
+/// when none will come; once resolved, it stays resolved with `None`.
+pub struct Watch<'a> {
+    waiters: &'a Waiters,
+    id: OrderId,
+    done_rx: Option<oneshot::Receiver<Arc<Order>>>,
+}
+
+impl Future for Watch<'_> {
+    type Output = Option<Arc<Order>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(done_rx) = self.done_rx.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let finished = std::task::ready!(Pin::new(done_rx).poll(cx)).ok();
+        self.done_rx = None;
+        Poll::Ready(finished)
+    }
+}
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        drop(self.done_rx.take());
+        self.waiters.prune(self.id);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn notify_wakes_and_prune_forgets() {
-        let waiters = Waiters::default();
-        let order = Order::new(
+    fn order() -> Order {
+        Order::new(
             OrderId::new_v4(),
             "alice".into(),
             serde_json::json!({}),
             "node".into(),
             chrono::Utc::now(),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn notify_wakes_and_prune_forgets() {
+        let waiters = Waiters::default();
+        let order = order();
         let id = order.order_id;
         let first = waiters.register(id);
         let second = waiters.register(id);
@@ -86,5 +131,18 @@ mod tests {
         let gone = waiters.register(OrderId::new_v4());
         drop(gone);
         assert_eq!(waiters.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_watch_resolves_once_and_forgets_itself_when_dropped() {
+        let waiters = Waiters::default();
+        let order = order();
+        let watch = waiters.watch(order.order_id);
+        waiters.notify(&order);
+        assert_eq!(watch.await.map(|got| got.order_id), Some(order.order_id));
+        let abandoned = waiters.watch(order.order_id);
+        assert_eq!(waiters.len(), 1);
+        drop(abandoned);
+        assert!(waiters.is_empty());
     }
 }

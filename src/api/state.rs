@@ -1,0 +1,89 @@
+//! What the routes are given: [`ApiState`], built once by the node, and the narrower parts
+//! [`super::routes`] hands each route group.
+
+use super::auth::{Authenticator, Security};
+use super::limits::RateLimiter;
+use crate::cluster::Cluster;
+use crate::metrics::Metrics;
+use crate::pipeline::Pool;
+use crate::service::{InFlight, LastActivity, Orders};
+use crate::store::OrderStore;
+use chrono::{DateTime, Utc};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use warp::Filter;
+
+/// Everything the routes need.
+pub struct ApiState {
+    pub orders: Arc<dyn Orders>,
+    pub security: Arc<Checks>,
+    pub node: Arc<NodeStatus>,
+    /// How long an overloaded client should wait before trying again.
+    pub retry_after: Duration,
+}
+
+/// What a request is checked against at the HTTP edge before any work: who calls, and what a
+/// client may cost.
+pub struct Checks {
+    pub auth: Arc<Authenticator>,
+    pub rate: RateLimiter,
+    pub max_body_bytes: u64,
+    pub body_read_timeout: Duration,
+    pub max_depth: usize,
+}
+
+impl Checks {
+    /// Splits the node's security settings: the checks made here, and the per-user cap on
+    /// unfinished orders, which the order service keeps.
+    pub fn split(security: Security, max_body_bytes: u64) -> (Checks, InFlight) {
+        let Security {
+            auth,
+            rate,
+            in_flight,
+            body_read_timeout,
+            max_depth,
+        } = security;
+        let checks = Checks {
+            auth,
+            rate,
+            max_body_bytes,
+            body_read_timeout,
+            max_depth,
+        };
+        (checks, in_flight)
+    }
+}
+
+/// What the diagnostics and the metrics report about this node.
+pub struct NodeStatus {
+    pub service_id: String,
+    pub advertised: SocketAddr,
+    pub started_at: DateTime<Utc>,
+    /// Checked by the heartbeat.
+    pub store: Arc<dyn OrderStore>,
+    pub pool: Arc<Pool>,
+    /// Present in cluster mode.
+    pub cluster: Option<Arc<Cluster>>,
+    pub metrics: Arc<Metrics>,
+    pub activity: Arc<LastActivity>,
+}
+
+/// What the cluster-internal `/service` routes need.
+pub struct ServiceState {
+    pub security: Arc<Checks>,
+    /// Present in cluster mode.
+    pub cluster: Option<Arc<Cluster>>,
+    pub retry_after: Duration,
+}
+
+/// The `/service` routes' state.
+pub type State = Arc<ServiceState>;
+
+/// Hands each request its route group's state.
+pub fn with_state<T: ?Sized + Send + Sync + 'static>(
+    state: Arc<T>,
+) -> impl Filter<Extract = (Arc<T>,), Error = Infallible> + Clone {
+    warp::any().map(move || Arc::clone(&state))
+}

@@ -1,0 +1,235 @@
+//! [`OrderService`]: the [`Orders`] of this node, over its store and its worker pool.
+
+use super::wait::{wait_finished, wait_for_many, Waited};
+use super::{InFlight, LastActivity, NewOrder, OrderError, Orders, Scope, Submitted};
+use crate::metrics::Metrics;
+use crate::order::{CreatedView, Order, OrderId};
+use crate::pipeline::{Job, Pool};
+use crate::store::{
+    CancelOutcome, Created, ListQuery, OrderStore, Page, RetryRollbackOutcome, StoreError,
+};
+use async_trait::async_trait;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The longest idempotency key accepted.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// This node's orders: its store for what is kept, its worker pool for what runs.
+pub struct OrderService {
+    service_id: String,
+    store: Arc<dyn OrderStore>,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    in_flight: InFlight,
+    activity: Arc<LastActivity>,
+    /// How long a client should wait before trying again after an overload.
+    retry_after: Duration,
+}
+
+impl OrderService {
+    pub fn new(
+        service_id: String,
+        store: Arc<dyn OrderStore>,
+        pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
+        in_flight: InFlight,
+        retry_after: Duration,
+    ) -> Self {
+        OrderService {
+            service_id,
+            store,
+            pool,
+            metrics,
+            in_flight,
+            activity: Arc::new(LastActivity::new(chrono::Utc::now())),
+            retry_after,
+        }
+    }
+
+    /// When this node last accepted, cancelled or re-queued an order.
+    pub fn activity(&self) -> Arc<LastActivity> {
+        Arc::clone(&self.activity)
+    }
+
+    /// A store failure; an order the store does not find (or finds another user's) is not found.
+    fn store_error(&self, source: StoreError) -> OrderError {
+        match source {
+            StoreError::NotFound => OrderError::NotFound,
+            source => OrderError::Store {
+                source,
+                retry_after: self.retry_after,
+            },
+        }
+    }
+}
+
+/// The key with surrounding blanks trimmed, `None` when blank; too long is invalid.
+fn idempotency_key(key: Option<String>) -> Result<Option<String>, OrderError> {
+    let key = key
+        .map(|key| key.trim().to_string())
+        .filter(|key| !key.is_empty());
+    if key
+        .as_ref()
+        .is_some_and(|key| key.len() > MAX_IDEMPOTENCY_KEY)
+    {
+        return Err(OrderError::Invalid(format!(
+            "Idempotency-Key longer than {MAX_IDEMPOTENCY_KEY} bytes"
+        )));
+    }
+    Ok(key)
+}
+
+#[async_trait]
+impl Orders for OrderService {
+    async fn submit(&self, new: NewOrder) -> Result<Submitted, OrderError> {
+        if !new.payload.is_object() {
+            return Err(OrderError::Invalid("body must be a JSON object".into()));
+        }
+        let key = idempotency_key(new.idempotency_key)?;
+        let retry_after = self.retry_after;
+        let Some(admission) = self
+            .in_flight
+            .admit(&new.user, |id| self.pool.is_active(id))
+        else {
+            return Err(OrderError::TooManyInFlight { retry_after });
+        };
+        // The queue slot first: when the node is full or stopping, nothing is stored.
+        let Some(slot) = self.pool.try_reserve() else {
+            return Err(if self.pool.is_stopping() {
+                OrderError::Stopping { retry_after }
+            } else {
+                OrderError::QueueFull { retry_after }
+            });
+        };
+        let order = Order::new(
+            OrderId::now_v7(),
+            new.user,
+            new.payload,
+            self.service_id.clone(),
+            chrono::Utc::now(),
+        );
+        let order = match self
+            .store
+            .create(&order, key.as_deref())
+            .await
+            .map_err(|error| self.store_error(error))?
+        {
+            Created::New => {
+                tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created");
+                tracing::trace!(order_id = %order.order_id, payload = %order.payload, "new order payload");
+                Box::new(order)
+            }
+            Created::Adopted(order) => {
+                tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created under the id its key reserved");
+                order
+            }
+            Created::Existing(first) => {
+                return Ok(Submitted {
+                    order: CreatedView::from(first.as_ref()),
+                    replayed: true,
+                })
+            }
+        };
+        let view = CreatedView::from(order.as_ref());
+        self.metrics.order_accepted();
+        self.activity.touch();
+        slot.send(Job::New(order));
+        admission.created(view.order_id);
+        Ok(Submitted {
+            order: view,
+            replayed: false,
+        })
+    }
+
+    async fn get(&self, scope: Scope<'_>, id: OrderId) -> Result<Order, OrderError> {
+        visible(self.store.as_ref(), scope, id)
+            .await
+            .map_err(|error| self.store_error(error))?
+            .ok_or(OrderError::NotFound)
+    }
+
+    async fn list(&self, user: &str, query: &ListQuery) -> Result<Page, OrderError> {
+        self.store
+            .list_for_user(user, query)
+            .await
+            .map_err(|error| self.store_error(error))
+    }
+
+    async fn cancel(&self, user: &str, id: OrderId) -> Result<Order, OrderError> {
+        let outcome = self
+            .store
+            .request_cancel(id, user)
+            .await
+            .map_err(|error| self.store_error(error))?;
+        match outcome {
+            CancelOutcome::Accepted(order) => {
+                self.pool.note_cancel(order.order_id);
+                self.activity.touch();
+                tracing::debug!(order_id = %order.order_id, "cancellation requested");
+                Ok(order)
+            }
+            CancelOutcome::Finished(_) => Err(OrderError::Finished),
+            CancelOutcome::AlreadyFailing(_) => Err(OrderError::AlreadyFailing),
+        }
+    }
+
+    async fn retry_rollback(&self, user: &str, id: OrderId) -> Result<Order, OrderError> {
+        if self.pool.is_stopping() {
+            return Err(OrderError::Stopping {
+                retry_after: self.retry_after,
+            });
+        }
+        let outcome = self
+            .store
+            .retry_rollback(id, user, &self.service_id, chrono::Utc::now())
+            .await
+            .map_err(|error| self.store_error(error))?;
+        match outcome {
+            RetryRollbackOutcome::Accepted(order) => {
+                let pending: Vec<&str> = order
+                    .pending_rollback
+                    .iter()
+                    .map(|step| step.as_str())
+                    .collect();
+                tracing::info!(order_id = %order.order_id, pending = %pending.join(", "), "retrying parked rollback");
+                self.pool.resume_all(vec![order.order_id]);
+                self.activity.touch();
+                Ok(order)
+            }
+            RetryRollbackOutcome::NotParked(_) => Err(OrderError::NotParked),
+        }
+    }
+
+    async fn wait_one(
+        &self,
+        scope: Scope<'_>,
+        id: OrderId,
+        wait: Duration,
+    ) -> Result<Arc<Order>, OrderError> {
+        wait_finished(self.store.as_ref(), self.pool.waiters(), scope, id, wait)
+            .await
+            .map_err(|error| self.store_error(error))?
+            .ok_or(OrderError::NotFound)
+    }
+
+    async fn wait_many(
+        &self,
+        scope: Scope<'_>,
+        ids: Vec<OrderId>,
+        wait: Duration,
+    ) -> Result<Waited, OrderError> {
+        wait_for_many(self.store.as_ref(), self.pool.waiters(), scope, ids, wait)
+            .await
+            .map_err(|error| self.store_error(error))
+    }
+}
+
+/// The order if it exists and the scope may see it.
+pub(super) async fn visible(
+    store: &dyn OrderStore,
+    scope: Scope<'_>,
+    id: OrderId,
+) -> Result<Option<Order>, StoreError> {
+    Ok(store.get(id).await?.filter(|order| scope.covers(order)))
+}
