@@ -114,6 +114,10 @@ pub struct PipelineConfig {
     pub workers: NonZeroUsize,
     /// Accepted orders waiting for a worker; when full, new orders get 503.
     pub queue_capacity: NonZeroUsize,
+    /// How often the node looks for unfinished orders of its own that nothing here runs, queues
+    /// or waits on, and resumes them: the longest an order can sit unnoticed.
+    #[serde(deserialize_with = "duration")]
+    pub reconcile_interval: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -121,6 +125,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             workers: NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
             queue_capacity: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
+            reconcile_interval: Duration::from_secs(5),
         }
     }
 }
@@ -475,6 +480,12 @@ impl Config {
             return Err(ConfigError::new(
                 "database.url",
                 "must be empty (embedded store) or start with redis://",
+            ));
+        }
+        if self.pipeline.reconcile_interval.is_zero() {
+            return Err(ConfigError::new(
+                "pipeline.reconcile_interval",
+                "must be more than 0s",
             ));
         }
         if self.database.timeout.is_zero() {

@@ -5,7 +5,7 @@ use crate::cluster::{Cluster, Coordinator, RedisCoordinator};
 use crate::config::{Config, HandlerSettings};
 use crate::metrics::Metrics;
 use crate::order::Step;
-use crate::pipeline::{http, Gate, Handlers, Http, Job, Pool, Simulate, StepHandler};
+use crate::pipeline::{self, http, Gate, Handlers, Http, Job, Pool, Simulate, StepHandler};
 use crate::service::OrderService;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::metered::MeteredStore;
@@ -151,6 +151,14 @@ pub async fn run(
             (store, pool, None)
         };
 
+    // Level-triggered: whatever event was lost, an unfinished order of this node runs again
+    // within about one interval.
+    let reconcile = pipeline::reconcile::spawn(
+        Arc::clone(&pool),
+        Arc::clone(&store),
+        service_id.clone(),
+        config.pipeline.reconcile_interval,
+    );
     let (checks, in_flight) = Checks::split(security, config.server.max_body_bytes);
     let orders = OrderService::new(
         service_id.clone(),
@@ -206,6 +214,7 @@ pub async fn run(
         warn!("http server did not stop in time");
     }
     reload.abort();
+    reconcile.abort();
     info!("stopped");
     Ok(())
 }

@@ -5,6 +5,7 @@
 //! - `executor`: drives one order to a terminal state, commit by commit, with retries.
 //! - `shared`: the state the pool and the executor share.
 //! - `active`, `cancels`: the orders active here, and the cancellations noted here.
+//! - [`reconcile`]: resumes unfinished orders of this node that nothing here holds.
 //! - `gate`: the liveness gate no step passes while the node's lease has lapsed ([`Gate`]).
 //! - `handler`, `simulate`, [`http`], [`retry`]: the step handlers and their retry policy.
 //! - `waiters`: long polls waiting for an order to finish ([`Waiters`]).
@@ -19,6 +20,7 @@ mod handler;
 pub mod http;
 mod job;
 mod pool;
+pub mod reconcile;
 pub mod retry;
 mod shared;
 mod simulate;

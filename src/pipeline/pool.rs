@@ -25,10 +25,14 @@ use tracing::{error, info, warn, Instrument};
 pub struct Slot(mpsc::OwnedPermit<Job>, Arc<Shared>);
 
 impl Slot {
-    /// Queues the job in the reserved slot; a new order counts as active here from now on.
+    /// Queues the job in the reserved slot; a new order counts as active here from now on. A new
+    /// order that is already active here (the reconciliation found it in the store first) is not
+    /// queued again: the run that holds it drives the stored order.
     pub fn send(self, job: Job) {
         if let Job::New(order) = &job {
-            self.1.active.mark(order.order_id);
+            if !self.1.active.mark(order.order_id) {
+                return;
+            }
         }
         self.0.send(job);
     }
@@ -131,6 +135,11 @@ impl Pool {
                 }
             }
         });
+    }
+
+    /// Changes to true when the pool starts stopping.
+    pub(super) fn stop_rx(&self) -> watch::Receiver<bool> {
+        self.shared.stop_rx.clone()
     }
 
     /// Whether this node executes the order, has it queued or waits to retry one of its steps.

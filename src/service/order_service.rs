@@ -109,32 +109,42 @@ impl Orders for OrderService {
             self.service_id.clone(),
             chrono::Utc::now(),
         );
-        let order = match self
-            .store
-            .create(&order, key.as_deref())
-            .await
-            .map_err(|error| self.store_error(error))?
-        {
-            Created::New => {
-                tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created");
-                tracing::trace!(order_id = %order.order_id, payload = %order.payload, "new order payload");
-                Box::new(order)
-            }
-            Created::Adopted(order) => {
-                tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created under the id its key reserved");
-                order
-            }
-            Created::Existing(first) => {
-                return Ok(Submitted {
-                    order: CreatedView::from(first.as_ref()),
-                    replayed: true,
-                })
-            }
-        };
-        let view = CreatedView::from(order.as_ref());
-        self.metrics.order_accepted();
-        self.activity.touch();
-        slot.send(Job::New(order));
+        // Storing and queueing run in a task of their own: a client that hangs up drops this
+        // future, and must not leave an order stored but never queued. (Its per-user count is
+        // then settled without the order; the reconciliation would resume it in any case.)
+        let store = Arc::clone(&self.store);
+        let metrics = Arc::clone(&self.metrics);
+        let activity = Arc::clone(&self.activity);
+        let stored = tokio::spawn(async move {
+            let order = match store.create(&order, key.as_deref()).await? {
+                Created::New => {
+                    tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created");
+                    tracing::trace!(order_id = %order.order_id, payload = %order.payload, "new order payload");
+                    Box::new(order)
+                }
+                Created::Adopted(order) => {
+                    tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created under the id its key reserved");
+                    order
+                }
+                Created::Existing(first) => return Ok((CreatedView::from(first.as_ref()), true)),
+            };
+            let view = CreatedView::from(order.as_ref());
+            metrics.order_accepted();
+            activity.touch();
+            slot.send(Job::New(order));
+            Ok((view, false))
+        })
+        .await
+        .map_err(|error| StoreError::Unavailable(format!("order creation stopped: {error}")));
+        let (view, replayed) = stored
+            .and_then(|created| created)
+            .map_err(|error| self.store_error(error))?;
+        if replayed {
+            return Ok(Submitted {
+                order: view,
+                replayed: true,
+            });
+        }
         admission.created(view.order_id);
         Ok(Submitted {
             order: view,
