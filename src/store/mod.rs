@@ -136,7 +136,8 @@ pub trait OrderStore: Send + Sync + 'static {
     /// and removes finished or foreign ones. The leader runs it at the start of each term.
     async fn repair_indexes(&self) -> Result<usize, StoreError>;
 
-    /// A real round trip to the store, for health checks.
+    /// A real round trip to the store, for health checks: an error when it cannot be read, or
+    /// (where the store can tell cheaply) cannot be written.
     async fn ping(&self) -> Result<(), StoreError>;
 }
 

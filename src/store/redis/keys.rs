@@ -11,6 +11,7 @@
 //!
 //! - `op:nodes`: hash node id → HTTP address of every node that ever started.
 //! - `op:alive:{node}`, `op:leader`, `op:leader:fence`: the liveness and leader leases.
+//! - `op:probe`: written by health checks, so they see a Redis that answers but refuses writes.
 
 /// Every registered node and its HTTP address.
 pub(crate) const NODES: &str = "op:nodes";
@@ -18,6 +19,8 @@ pub(crate) const NODES: &str = "op:nodes";
 pub(crate) const LEADER: &str = "op:leader";
 /// The latest fencing token, one per leader term.
 pub(crate) const LEADER_FENCE: &str = "op:leader:fence";
+/// What health checks write, with a short expiry.
+pub(crate) const PROBE: &str = "op:probe";
 /// What a `SCAN` for every order hash matches.
 pub(crate) const ORDER_PATTERN: &str = "op:order:*";
 

@@ -2,7 +2,7 @@
 //! key (see `scripts`); its owner and user indexes are written in the same round trip.
 
 use super::conn::{Connections, Scripted};
-use super::keys::{idem_key, order_key, owned_key, user_key, ORDER_PATTERN};
+use super::keys::{idem_key, order_key, owned_key, user_key, ORDER_PATTERN, PROBE};
 use super::scripts::Scripts;
 use crate::order::{Order, OrderId, Phase};
 use crate::store::{
@@ -524,8 +524,11 @@ impl OrderStore for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.redis.query::<String, _>(&redis::cmd("PING")).await?;
-        Ok(())
+        // A write, not a PING: a Redis that answers but refuses writes (MISCONF after a failed
+        // save, OOM at maxmemory, READONLY on a replica) cannot keep orders either.
+        let mut probe = redis::cmd("SET");
+        probe.arg(PROBE).arg(1).arg("PX").arg(60_000);
+        self.redis.query::<(), _>(&probe).await
     }
 }
 
