@@ -77,6 +77,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/diagnostic/cluster"),
     ("GET", "/diagnostic/summary"),
     ("POST", "/service/transfer"),
+    ("GET", "/service/nodes/{service_id}/orders"),
 ];
 
 /// The OpenAPI 3 description of [`ROUTES`].

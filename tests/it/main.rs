@@ -16,6 +16,7 @@
 //! - `metrics`    — `/metrics` counters, `/diagnostic/summary`, `/openapi.json` against the router
 //! - `status_page` — the HTML status page in headless Chromium (skipped without Chromium)
 //! - `security`   — tokens, roles, SIGHUP reload, rate and in-flight limits, slow clients
+//! - `service`    — the cluster-internal view of the orders a node owns
 
 mod util;
 
@@ -32,4 +33,5 @@ mod status_page;
 mod bench;
 mod cluster;
 mod redis;
+mod service;
 mod store;
