@@ -12,15 +12,11 @@
 //!   description and the status page are files served from the binary.
 //! - [`metrics`]: the Prometheus metrics and the in-memory summary of this node's orders.
 //! - [`cluster`]: gossip membership, the leader lease and the takeover of dead nodes' orders.
-//! - [`bench`]: the `order-process bench` load generator and history checker.
-//! - [`chaos`]: the `order-process chaos` fault campaign against a local cluster, with a ledger
-//!   service and the checks of every order's history and effects.
 //! - [`node`]: wires the above into a running node and owns its shutdown.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod bench;
 pub mod chaos;
 pub mod cluster;
 pub mod config;

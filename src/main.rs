@@ -40,7 +40,7 @@ struct Args {
 #[derive(FromArgs)]
 #[argh(subcommand)]
 enum Command {
-    Bench(order_process::bench::BenchArgs),
+    Bench(order_process_bench::BenchArgs),
     HashToken(HashTokenArgs),
     Chaos(order_process::chaos::ChaosArgs),
 }
@@ -133,7 +133,7 @@ fn main() -> ExitCode {
         }
     };
     match args.command {
-        Some(Command::Bench(bench)) => return order_process::bench::main(bench),
+        Some(Command::Bench(bench)) => return order_process_bench::main(bench),
         Some(Command::HashToken(hash)) => return hash_token(hash),
         Some(Command::Chaos(chaos)) => return order_process::chaos::main(chaos),
         None => {}
