@@ -1,7 +1,7 @@
 //! `order-process bench` as a correctness check: a small run against a real node must lose
 //! nothing and find every history right. (Its speed figures are not asserted; see scripts/bench.)
 
-use crate::util::{Node, BIN};
+use crate::harness::{Node, BIN};
 
 /// A node with zero-duration steps failing with `failure_rate`, the per-user limits lifted (one
 /// user submits everything, as fast as it can).

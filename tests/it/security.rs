@@ -14,7 +14,7 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::util::{order_ids, simulate, unique_user, Node, POLL};
+use crate::harness::{order_ids, simulate, unique_user, Node, POLL};
 
 /// A tokens file in its own temp dir, written with entries made like `hash-token` makes them.
 pub(crate) struct Tokens {
@@ -67,7 +67,7 @@ impl Tokens {
 
 /// The hash the tokens file holds, computed by the binary itself (`hash-token`).
 fn sha256_hex(token: &str) -> String {
-    let output = std::process::Command::new(crate::util::BIN)
+    let output = std::process::Command::new(crate::harness::BIN)
         .args(["hash-token", token])
         .output()
         .expect("run order-process hash-token");

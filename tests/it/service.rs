@@ -6,9 +6,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::cluster::exclusive;
-use crate::redis::RedisServer;
+use crate::harness::{Node, RedisServer, Reply, TERMINAL};
 use crate::security::{bearer, standard_tokens, ALICE, BOB, ROOT};
-use crate::util::{Node, Reply, TERMINAL};
 
 const SECRET: &str = "service-view-secret";
 
