@@ -13,11 +13,13 @@
 //! - [`metrics`]: the Prometheus metrics and the in-memory summary of this node's orders.
 //! - [`cluster`]: gossip membership, the leader lease and the takeover of dead nodes' orders.
 //! - [`node`]: wires the above into a running node and owns its shutdown.
+//!
+//! The tools around the service are crates of their own in `crates/`: the load generator behind
+//! `order-process bench`, the history checker, the test kit and the fault campaign.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod chaos;
 pub mod cluster;
 pub mod config;
 pub mod metrics;

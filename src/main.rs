@@ -42,7 +42,6 @@ struct Args {
 enum Command {
     Bench(order_process_bench::BenchArgs),
     HashToken(HashTokenArgs),
-    Chaos(order_process::chaos::ChaosArgs),
 }
 
 #[derive(FromArgs)]
@@ -135,7 +134,6 @@ fn main() -> ExitCode {
     match args.command {
         Some(Command::Bench(bench)) => return order_process_bench::main(bench),
         Some(Command::HashToken(hash)) => return hash_token(hash),
-        Some(Command::Chaos(chaos)) => return order_process::chaos::main(chaos),
         None => {}
     }
     let overrides = Overrides {

@@ -258,53 +258,7 @@ fn check_failed(view: &Value, steps: &[Value], names: &[&str]) -> Result<End, Pr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    fn at(second: u32) -> String {
-        format!("2026-01-01T00:00:{second:02}Z")
-    }
-
-    fn entry(name: &str, start: u32, complete: Option<u32>, rollback: Option<u32>) -> Value {
-        let mut value = json!({"step_name": name, "step_start_time": at(start)});
-        if let Some(second) = complete {
-            value["step_complete_time"] = at(second).into();
-        }
-        if let Some(second) = rollback {
-            value["step_rollback_time"] = at(second).into();
-        }
-        value
-    }
-
-    fn completed() -> Value {
-        json!({
-            "current_step": "Completed",
-            "start_time": at(0),
-            "complete_time": at(4),
-            "steps": [
-                entry("Scheduling", 0, Some(1), None),
-                entry("Pre-Processing", 1, Some(2), None),
-                entry("Processing", 2, Some(3), None),
-                entry("Post-Processing", 3, Some(4), None),
-                entry("Completed", 4, Some(4), None),
-            ]
-        })
-    }
-
-    fn failed_at_processing(reason: &str) -> Value {
-        json!({
-            "current_step": "Failed",
-            "start_time": at(0),
-            "complete_time": at(9),
-            "failure": {"step": "Processing", "reason": reason},
-            "rollback_state": "complete",
-            "steps": [
-                entry("Scheduling", 0, Some(1), Some(9)),
-                entry("Pre-Processing", 1, Some(2), Some(8)),
-                entry("Processing", 2, None, Some(7)),
-                entry("Failed", 3, Some(3), None),
-            ]
-        })
-    }
+    use crate::examples::{at, completed, entry, failed_at_processing};
 
     #[test]
     fn a_completed_history_is_legal() {

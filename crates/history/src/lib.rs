@@ -7,10 +7,12 @@
 //!
 //! - [`check`](mod@check): the legal histories of completed, failed, cancelled and parked orders.
 //! - [`time`]: the one RFC 3339 parser.
+//! - [`examples`]: sample legal histories, for tests.
 
 #![forbid(unsafe_code)]
 
 pub mod check;
+pub mod examples;
 pub mod time;
 
 pub use check::{check, End, Problem};
