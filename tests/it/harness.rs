@@ -6,8 +6,9 @@
 use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 
-pub use order_process_testkit::node::{order_ids, pretty};
-pub use order_process_testkit::{free_port, tail, Proc, RedisServer, Reply, POLL};
+pub use order_process_testkit::{
+    free_port, order_ids, pretty, tail, Proc, RedisServer, Reply, POLL,
+};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_order-process");

@@ -22,6 +22,8 @@
 //! - `cluster`    — three nodes on one Redis: takeover, leases, fencing, drains
 //! - `store`      — the Redis store under a real `redis-server`: crashes, timeouts
 
+#![forbid(unsafe_code)]
+
 mod harness;
 mod history;
 

@@ -134,3 +134,23 @@ impl Call<'_> {
         })
     }
 }
+
+/// Pretty JSON for messages.
+pub fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+}
+
+/// The `order_id`s of a `GET /orders` page, in order.
+pub fn order_ids(page: &Value) -> Vec<String> {
+    page["orders"]
+        .as_array()
+        .unwrap_or_else(|| panic!("GET /orders: no \"orders\" array in {}", pretty(page)))
+        .iter()
+        .map(|order| {
+            order["order_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("listed order without order_id: {order}"))
+                .to_string()
+        })
+        .collect()
+}

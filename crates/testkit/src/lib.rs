@@ -6,8 +6,9 @@
 //! - [`poll`]: waiting for a condition with a deadline.
 //! - [`process`]: a child process killed by pid when dropped, signals by name.
 //! - [`redis`]: a `redis-server` on a free port, killed and started again at will.
-//! - [`node`]: the order-process binary on a free port with its own directory, and requests to it.
-//! - [`http`]: a request builder and the answer it reads.
+//! - [`node`]: the order-process binary on a free port with its own directory.
+//! - [`api`]: the requests tests make of a node's API, asserting the status they expect.
+//! - [`http`]: a request builder, the answer it reads, JSON helpers for messages.
 //! - [`shop`]: the fake shop the nodes' `http` steps call, scripted or driven by a handler.
 //!
 //! The test-facing helpers ([`node::Node`], [`redis::RedisServer::start`]) fail the test with a
@@ -15,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod http;
 pub mod node;
 pub mod poll;
@@ -23,10 +25,10 @@ pub mod process;
 pub mod redis;
 pub mod shop;
 
-pub use http::{Call, Reply};
-pub use node::{tail, Node};
+pub use http::{order_ids, pretty, Call, Reply};
+pub use node::Node;
 pub use poll::POLL;
 pub use ports::free_port;
-pub use process::{signal, Proc};
+pub use process::{signal, tail, Proc};
 pub use redis::RedisServer;
 pub use shop::{Answer, Request, Scripted, Shop, ShopCall};

@@ -1,10 +1,27 @@
 //! A child process that is SIGKILLed and reaped when dropped, so nothing is left behind, and
 //! signals sent by pid with `kill -SIG` (no libc: the crates forbid unsafe code).
 
-use std::fs::OpenOptions;
+use std::fs::{self, OpenOptions};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
+
+/// The last `lines` lines of a file, or a note saying why it could not be read.
+pub fn tail(path: &Path, lines: usize) -> String {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let all: Vec<&str> = text.lines().collect();
+            let start = all.len().saturating_sub(lines);
+            format!(
+                "---- {} (last {} lines) ----\n{}\n----",
+                path.display(),
+                all.len() - start,
+                all[start..].join("\n")
+            )
+        }
+        Err(error) => format!("---- {}: unreadable: {error} ----", path.display()),
+    }
+}
 
 /// Opens a file to append to, creating it.
 pub fn append(path: &Path) -> std::io::Result<std::fs::File> {
@@ -23,6 +40,7 @@ pub fn signal(pid: u32, name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// A child process, SIGKILLed and reaped when dropped.
 pub struct Proc {
     child: Child,
 }
