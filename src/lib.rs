@@ -18,17 +18,15 @@
 //! - [`metrics`]: the Prometheus metrics and the in-memory summary of this node's orders.
 //! - [`cluster`]: gossip membership; the node registry, the liveness and leader leases behind
 //!   `Coordinator`; and the takeover of dead nodes' orders.
-//! - [`bench`]: the `order-process bench` load generator and history checker.
-//! - [`chaos`]: the `order-process chaos` fault campaign against a local cluster, with a ledger
-//!   service and the checks of every order's history and effects.
 //! - [`node`]: wires the above into a running node and owns its shutdown.
+//!
+//! The tools around the service are crates of their own in `crates/`: the load generator behind
+//! `order-process bench`, the history checker, the test kit and the fault campaign.
 
 #![forbid(unsafe_code)]
 
 pub mod about;
 pub mod api;
-pub mod bench;
-pub mod chaos;
 pub mod cluster;
 pub mod config;
 pub mod metrics;

@@ -40,9 +40,8 @@ struct Args {
 #[derive(FromArgs)]
 #[argh(subcommand)]
 enum Command {
-    Bench(order_process::bench::BenchArgs),
+    Bench(order_process_bench::BenchArgs),
     HashToken(HashTokenArgs),
-    Chaos(order_process::chaos::ChaosArgs),
 }
 
 #[derive(FromArgs)]
@@ -133,9 +132,8 @@ fn main() -> ExitCode {
         }
     };
     match args.command {
-        Some(Command::Bench(bench)) => return order_process::bench::main(bench),
+        Some(Command::Bench(bench)) => return order_process_bench::main(bench),
         Some(Command::HashToken(hash)) => return hash_token(hash),
-        Some(Command::Chaos(chaos)) => return order_process::chaos::main(chaos),
         None => {}
     }
     let overrides = Overrides {

@@ -48,6 +48,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/diagnostic/cluster"),
     ("GET", "/diagnostic/summary"),
     ("POST", "/service/transfer"),
+    ("GET", "/service/nodes/{service_id}/orders"),
 ];
 
 /// The OpenAPI 3 description of [`ROUTES`].
@@ -90,6 +91,7 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
     let service: State = Arc::new(ServiceState {
         security: state.security,
         cluster: state.node.cluster.clone(),
+        store: Arc::clone(&state.node.store),
         retry_after: state.retry_after,
     });
     root()

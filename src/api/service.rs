@@ -1,13 +1,14 @@
-//! `POST /service/transfer`: a cluster-internal call by which the leader (or a draining node) has
-//! this node take over another node's unfinished orders. It needs the cluster secret
-//! (`X-Cluster-Secret`) or an admin's token; without either it is a 401, with a user's token a
-//! 403. Each accepted call is an `audit` log line.
+//! The cluster-internal routes. `POST /service/transfer`: the leader (or a draining node) has
+//! this node take over another node's unfinished orders; each accepted call is an `audit` log
+//! line. `GET /service/nodes/{service_id}/orders`: a read-only view of the unfinished orders a
+//! node owns. Both need the cluster secret (`X-Cluster-Secret`) or an admin's token; without
+//! either it is a 401, with a user's token a 403, and on a node that runs alone a 409.
 
 use super::auth::audit;
 use super::limits::{body, Body};
 use super::{json_reply, respond, with_state, ApiError, State};
 use crate::cluster::{TransferError, SECRET_HEADER};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -25,17 +26,109 @@ struct TransferRequest {
     handover: bool,
 }
 
+/// The most order ids one `GET /service/nodes/{service_id}/orders` answer names.
+pub const MAX_OWNED_LISTED: usize = 10_000;
+
+/// The answer of `GET /service/nodes/{service_id}/orders`.
+#[derive(Serialize)]
+struct Owned {
+    service_id: String,
+    /// Unfinished orders whose stored owner is the node, at most [`MAX_OWNED_LISTED`].
+    unfinished: Vec<String>,
+}
+
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
-    warp::path!("service" / "transfer")
+    let transfer = warp::path!("service" / "transfer")
         .and(warp::post())
-        .and(with_state(state))
+        .and(with_state(state.clone()))
         .and(warp::header::optional::<String>(SECRET_HEADER))
         .and(warp::header::optional::<String>("authorization"))
         .and(body())
         .then(|state, secret, authorization, body| async move {
             respond(transfer(state, secret, authorization, body).await)
-        })
-        .boxed()
+        });
+    let owned = warp::path!("service" / "nodes" / String / "orders")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(warp::header::optional::<String>(SECRET_HEADER))
+        .and(warp::header::optional::<String>("authorization"))
+        .then(|service_id, state, secret, authorization| async move {
+            respond(owned(state, service_id, secret, authorization).await)
+        });
+    transfer.or(owned).unify().boxed()
+}
+
+/// Who is calling a cluster-internal route: a peer with the cluster secret (`("cluster",
+/// "peer")`) or an admin; a 401 without either, a 403 for a user's token.
+fn authorize(
+    state: &State,
+    secret: Option<String>,
+    authorization: Option<String>,
+    route: &str,
+) -> Result<(String, &'static str), ApiError> {
+    let with_secret = secret.is_some_and(|secret| {
+        state
+            .cluster
+            .as_ref()
+            .is_some_and(|cluster| cluster.secret_matches(&secret))
+    });
+    if with_secret {
+        Ok(("cluster".to_string(), "peer"))
+    } else if authorization.is_some() {
+        let caller = state.security.auth.authenticate(authorization.as_deref())?;
+        caller.require_admin(route)?;
+        Ok((caller.user, caller.role.as_str()))
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("missing or wrong {SECRET_HEADER} header, and no admin token"),
+        ))
+    }
+}
+
+/// The unfinished orders whose stored owner is `service_id`: the store's owner index, each
+/// order read back so that one finished or moved since is left out.
+async fn owned(
+    state: State,
+    service_id: String,
+    secret: Option<String>,
+    authorization: Option<String>,
+) -> Result<Response, ApiError> {
+    authorize(
+        &state,
+        secret,
+        authorization,
+        "/service/nodes/{service_id}/orders",
+    )?;
+    if state.cluster.is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "this node runs alone (no database.url): no node owns orders in a cluster",
+        ));
+    }
+    let store_error = |error| ApiError::from_store(error, state.retry_after);
+    let ids = state
+        .store
+        .owned_unfinished(&service_id)
+        .await
+        .map_err(store_error)?;
+    let mut unfinished = Vec::new();
+    for id in ids {
+        if unfinished.len() >= MAX_OWNED_LISTED {
+            break;
+        }
+        let order = state.store.get(id).await.map_err(store_error)?;
+        if order.is_some_and(|order| order.owner == service_id && !order.is_finished()) {
+            unfinished.push(id.to_string());
+        }
+    }
+    Ok(json_reply(
+        StatusCode::OK,
+        &Owned {
+            service_id,
+            unfinished,
+        },
+    ))
 }
 
 /// The largest transfer request body.
@@ -48,24 +141,7 @@ async fn transfer(
     body: Body,
 ) -> Result<Response, ApiError> {
     // With the secret this is a peer; otherwise the caller must be an admin.
-    let with_secret = secret.is_some_and(|secret| {
-        state
-            .cluster
-            .as_ref()
-            .is_some_and(|cluster| cluster.secret_matches(&secret))
-    });
-    let who = if with_secret {
-        ("cluster".to_string(), "peer")
-    } else if authorization.is_some() {
-        let caller = state.security.auth.authenticate(authorization.as_deref())?;
-        caller.require_admin("/service/transfer")?;
-        (caller.user, caller.role.as_str())
-    } else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            format!("missing or wrong {SECRET_HEADER} header, and no admin token"),
-        ));
-    };
+    let who = authorize(&state, secret, authorization, "/service/transfer")?;
     let Some(cluster) = state.cluster.as_ref() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

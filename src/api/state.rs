@@ -75,6 +75,8 @@ pub struct ServiceState {
     pub security: Arc<Checks>,
     /// Present in cluster mode.
     pub cluster: Option<Arc<Cluster>>,
+    /// The orders, for the read-only view of what a node owns.
+    pub store: Arc<dyn OrderStore>,
     pub retry_after: Duration,
 }
 

@@ -7,9 +7,8 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::util::{
-    assert_completed, order_ids, pretty, simulate, unique_user, Node, POLL, TERMINAL,
-};
+use crate::harness::{order_ids, pretty, simulate, unique_user, Node, POLL, TERMINAL};
+use crate::history::assert_completed;
 
 #[tokio::test]
 async fn bad_requests_get_json_errors_and_the_node_stays_healthy() {

@@ -1,31 +1,23 @@
 //! `order-process bench` as a correctness check: a small run against a real node must lose
 //! nothing and find every history right. (Its speed figures are not asserted; see scripts/bench.)
 
-use crate::util::{Node, BIN};
+use crate::harness::{Node, BIN};
 
-#[tokio::test]
-async fn a_small_bench_run_loses_nothing_and_finds_every_history_right() {
-    // One user submits everything, as fast as it can: lift the per-user limits.
-    let node = Node::start(
-        "[simulate]\nduration = \"0s\"\nfailure_rate = 0.0\n\
-         [limits]\nsubmit_rate = 100000.0\nsubmit_burst = 100000\n",
-    )
-    .await;
+/// A node with zero-duration steps failing with `failure_rate`, the per-user limits lifted (one
+/// user submits everything, as fast as it can).
+async fn bench_node(failure_rate: f64) -> Node {
+    Node::start(&format!(
+        "[simulate]\nduration = \"0s\"\nfailure_rate = {failure_rate:?}\n\
+         [limits]\nsubmit_rate = 100000.0\nsubmit_burst = 100000\n"
+    ))
+    .await
+}
+
+/// Runs `order-process bench --url <node> --json <args>`, asserting it exits 0; its summary.
+async fn bench(node: &Node, args: &[&str]) -> serde_json::Value {
     let output = tokio::process::Command::new(BIN)
-        .args([
-            "bench",
-            "--url",
-            &node.base,
-            "--orders",
-            "500",
-            "--concurrency",
-            "16",
-            "--fail-rate",
-            "0.2",
-            "--timeout",
-            "60s",
-            "--json",
-        ])
+        .args(["bench", "--url", &node.base, "--json"])
+        .args(args)
         .output()
         .await
         .expect("run the bench");
@@ -35,7 +27,26 @@ async fn a_small_bench_run_loses_nothing_and_finds_every_history_right() {
         "bench failed: {stdout}\n{}",
         node.log_tail()
     );
-    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
+    serde_json::from_str(&stdout).expect("a JSON summary")
+}
+
+#[tokio::test]
+async fn a_small_bench_run_loses_nothing_and_finds_every_history_right() {
+    let node = bench_node(0.0).await;
+    let summary = bench(
+        &node,
+        &[
+            "--orders",
+            "500",
+            "--concurrency",
+            "16",
+            "--fail-rate",
+            "0.2",
+            "--timeout",
+            "60s",
+        ],
+    )
+    .await;
     assert_eq!(summary["submitted"], 500, "{summary}");
     assert_eq!(summary["lost"], 0, "{summary}");
     assert_eq!(summary["mismatches"], 0, "{summary}");
@@ -120,4 +131,16 @@ async fn waiting_for_many_orders_answers_with_finished_pending_and_missing() {
         .send()
         .await;
     node.expect_error(&reply, 400, "a bad batch wait body");
+}
+
+#[tokio::test]
+async fn orders_failed_by_the_nodes_own_failure_chance_are_not_wrong_histories() {
+    let node = bench_node(0.3).await;
+    let summary = bench(&node, &["--orders", "100"]).await;
+    assert_eq!(summary["mismatches"], 0, "{summary}");
+    assert_eq!(summary["failed"], 0, "nothing asked to fail: {summary}");
+    assert!(
+        summary["failed_by_chance"].as_u64().unwrap_or(0) > 0,
+        "{summary}"
+    );
 }

@@ -2,8 +2,8 @@
 //! faults (SIGKILL, SIGSTOP, SIGTERM, Redis killed and restarted). Only one cluster test runs at
 //! a time, so the gossip failure detectors of one test are not starved by another's processes.
 
-use crate::redis::RedisServer;
-use crate::util::{assert_completed, pretty, unique_user, Node, POLL};
+use crate::harness::{pretty, unique_user, Node, RedisServer, POLL};
+use crate::history::assert_completed;
 use reqwest::Method;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -378,7 +378,7 @@ async fn transfer_needs_the_secret_and_refuses_live_or_own_nodes() {
 #[test]
 fn joining_a_cluster_on_the_embedded_store_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let output = std::process::Command::new(crate::util::BIN)
+    let output = std::process::Command::new(crate::harness::BIN)
         .args([
             "--join",
             "127.0.0.1:9",

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use crate::util::{free_port, tail, Proc};
+use crate::harness::{port as free_port, spawn, tail};
 
 /// How the binary ended and what it wrote to stderr.
 struct Outcome {
@@ -35,7 +35,7 @@ async fn run_to_exit(config: Option<&str>, args: &[&str]) -> Outcome {
 
     let stdout = dir.path().join("stdout.log");
     let stderr = dir.path().join("stderr.log");
-    let mut process = Proc::spawn_split(&full_args, &stdout, &stderr);
+    let mut process = spawn(&full_args, &stdout, &stderr);
     let Some(status) = process.wait_exit(Duration::from_secs(20)).await else {
         panic!(
             "the binary kept running with {full_args:?}; expected it to exit\n{}\n{}",

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::util::{pretty, simulate, unique_user, utc_time, Node, POLL, TERMINAL};
+use crate::harness::{pretty, simulate, unique_user, Node, POLL, TERMINAL};
+use crate::history::utc_time;
 
 #[tokio::test]
 async fn root_says_welcome() {

@@ -1,23 +1,19 @@
-//! The `http` step handler against a real HTTP service run by the test: a small warp server
-//! on 127.0.0.1:0 playing the shop's scheduling, stock, payment and shipping services. It records
+//! The `http` step handler against a real HTTP service run by the test: the testkit's scripted
+//! shop on 127.0.0.1:0 playing the scheduling, stock, payment and shipping services. It records
 //! every call (path, idempotency key, body, time) and answers as each test scripts it: 200 with
 //! a body, a 4xx or 5xx with a text, or no answer at all. The node is the real binary, its
 //! steps pointed at the shop.
 
-use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::ops::Deref;
+use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
-use warp::Filter;
 
 use crate::cluster::{exclusive, node_config, wait_formed, TAKEOVER};
-use crate::redis::RedisServer;
-use crate::util::{
-    assert_completed, assert_failed_at, pretty, simulate, unique_user, Node, TERMINAL,
-};
+use crate::harness::{pretty, simulate, unique_user, Node, RedisServer, TERMINAL};
+use crate::history::{assert_completed, assert_failed_at};
+use order_process_testkit::{Answer, Scripted, ShopCall as Call};
 
 /// Each step's run and rollback paths on the shop.
 const PATHS: [(&str, &str, &str); 4] = [
@@ -27,146 +23,20 @@ const PATHS: [(&str, &str, &str); 4] = [
     ("Post-Processing", "/ship", "/cancel-shipment"),
 ];
 
-/// How the shop answers one call.
-#[derive(Clone, Debug)]
-enum Answer {
-    /// This status and body (JSON if it parses, text otherwise).
-    Status(u16, String),
-    /// Never answers.
-    Hang,
-}
+/// The testkit's scripted shop, with the node config that points the steps at it.
+struct Shop(Scripted);
 
-fn ok() -> Answer {
-    Answer::Status(200, String::new())
-}
+impl Deref for Shop {
+    type Target = Scripted;
 
-/// One call the shop received.
-#[derive(Clone, Debug)]
-struct Call {
-    path: String,
-    key: String,
-    body: Value,
-    at: Instant,
-}
-
-#[derive(Default)]
-struct Script {
-    /// Answers to give next, per path, before falling back to the default.
-    queued: HashMap<String, VecDeque<Answer>>,
-    defaults: HashMap<String, Answer>,
-}
-
-/// The fake shop: a warp server on a free loopback port, aborted when dropped.
-struct Shop {
-    base: String,
-    calls: Arc<Mutex<Vec<Call>>>,
-    script: Arc<Mutex<Script>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Shop {
-    fn drop(&mut self) {
-        self.server.abort();
+    fn deref(&self) -> &Scripted {
+        &self.0
     }
 }
 
 impl Shop {
     async fn start() -> Shop {
-        let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
-        let script: Arc<Mutex<Script>> = Arc::default();
-        let routes = warp::post()
-            .and(warp::path::full())
-            .and(warp::header::optional::<String>("idempotency-key"))
-            .and(warp::body::bytes())
-            .and(warp::any().map({
-                let calls = Arc::clone(&calls);
-                move || Arc::clone(&calls)
-            }))
-            .and(warp::any().map({
-                let script = Arc::clone(&script);
-                move || Arc::clone(&script)
-            }))
-            .then(
-                |path: warp::path::FullPath,
-                 key: Option<String>,
-                 body: bytes::Bytes,
-                 calls: Arc<Mutex<Vec<Call>>>,
-                 script: Arc<Mutex<Script>>| async move {
-                    let path = path.as_str().to_string();
-                    calls.lock().unwrap().push(Call {
-                        path: path.clone(),
-                        key: key.unwrap_or_default(),
-                        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
-                        at: Instant::now(),
-                    });
-                    let answer = {
-                        let mut script = script.lock().unwrap();
-                        let queued = script.queued.get_mut(&path).and_then(VecDeque::pop_front);
-                        queued
-                            .or_else(|| script.defaults.get(&path).cloned())
-                            .unwrap_or_else(ok)
-                    };
-                    match answer {
-                        Answer::Status(status, body) => {
-                            let status = warp::http::StatusCode::from_u16(status).unwrap();
-                            Ok::<_, Infallible>(
-                                warp::http::Response::builder()
-                                    .status(status)
-                                    .body(body)
-                                    .unwrap(),
-                            )
-                        }
-                        Answer::Hang => {
-                            std::future::pending::<()>().await;
-                            unreachable!()
-                        }
-                    }
-                },
-            )
-            .map(|reply: Result<_, Infallible>| match reply {
-                Ok(response) => response,
-                Err(never) => match never {},
-            });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let server = tokio::spawn(warp::serve(routes).incoming(listener).run());
-        Shop {
-            base,
-            calls,
-            script,
-            server,
-        }
-    }
-
-    /// Answers for the next calls to `path`, in order; then its default.
-    fn queue(&self, path: &str, answers: Vec<Answer>) {
-        let mut script = self.script.lock().unwrap();
-        script
-            .queued
-            .entry(path.to_string())
-            .or_default()
-            .extend(answers);
-    }
-
-    /// How `path` answers once its queue is empty (200 with no body unless set).
-    fn answer(&self, path: &str, answer: Answer) {
-        let mut script = self.script.lock().unwrap();
-        script.defaults.insert(path.to_string(), answer);
-    }
-
-    fn calls(&self) -> Vec<Call> {
-        self.calls.lock().unwrap().clone()
-    }
-
-    fn calls_to(&self, path: &str) -> Vec<Call> {
-        self.calls()
-            .into_iter()
-            .filter(|call| call.path == path)
-            .collect()
-    }
-
-    fn paths(&self) -> Vec<String> {
-        self.calls().into_iter().map(|call| call.path).collect()
+        Shop(Scripted::start().await)
     }
 
     /// A `[steps.<Step>]` section pointing `step` at this shop.
@@ -182,8 +52,23 @@ impl Shop {
             timing.retries,
             timing.backoff,
             timing.backoff_max,
-            base = self.base
+            base = self.base()
         )
+    }
+
+    /// Two cluster nodes on `redis` with every step on this shop, Processing timed by
+    /// `processing`; returns once they see each other and a leader.
+    async fn two_nodes(&self, redis: &RedisServer, processing: Timing) -> Vec<Node> {
+        let special = Some(("Processing", processing));
+        let first =
+            Node::start(&self.sections(node_config(redis, "10ms", &[]), &QUICK, special.clone()))
+                .await;
+        let second =
+            Node::start(&self.sections(node_config(redis, "10ms", &[first.port]), &QUICK, special))
+                .await;
+        let nodes = vec![first, second];
+        wait_formed(&nodes, 2).await;
+        nodes
     }
 
     /// A node config with every step on this shop; `special` overrides the timing of one step.
@@ -649,20 +534,7 @@ async fn a_takeover_continues_the_retry_schedule_of_a_dead_node() {
         backoff_max: "4s",
     };
     let redis = RedisServer::start();
-    let first = Node::start(&shop.sections(
-        node_config(&redis, "10ms", &[]),
-        &QUICK,
-        Some(("Processing", slow.clone())),
-    ))
-    .await;
-    let second = Node::start(&shop.sections(
-        node_config(&redis, "10ms", &[first.port]),
-        &QUICK,
-        Some(("Processing", slow)),
-    ))
-    .await;
-    let mut nodes = vec![first, second];
-    wait_formed(&nodes, 2).await;
+    let mut nodes = shop.two_nodes(&redis, slow).await;
 
     let user = unique_user("ivan");
     let id = nodes[0].create_order(&user, &json!({"sku": "I9"})).await;
@@ -763,20 +635,7 @@ async fn a_parked_rollback_can_be_retried_through_another_node() {
         backoff_max: "50ms",
     };
     let redis = RedisServer::start();
-    let first = Node::start(&shop.sections(
-        node_config(&redis, "10ms", &[]),
-        &QUICK,
-        Some(("Processing", payment.clone())),
-    ))
-    .await;
-    let second = Node::start(&shop.sections(
-        node_config(&redis, "10ms", &[first.port]),
-        &QUICK,
-        Some(("Processing", payment)),
-    ))
-    .await;
-    let nodes = vec![first, second];
-    wait_formed(&nodes, 2).await;
+    let nodes = shop.two_nodes(&redis, payment).await;
 
     let user = unique_user("kim");
     let id = nodes[0].create_order(&user, &json!({"sku": "K1"})).await;

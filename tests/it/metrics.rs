@@ -11,8 +11,7 @@ use serde_json::{json, Value};
 use crate::cluster::{
     exclusive, start_cluster, submit, wait_all_completed, wait_started, TAKEOVER,
 };
-use crate::redis::RedisServer;
-use crate::util::{simulate, unique_user, Node, TERMINAL};
+use crate::harness::{simulate, unique_user, Node, RedisServer, TERMINAL};
 
 /// Parses the Prometheus text exposition into `series → value` (series with their labels, as
 /// printed, e.g. `order_process_rollbacks_total{step="Processing"}`).

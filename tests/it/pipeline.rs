@@ -3,10 +3,8 @@
 
 use serde_json::json;
 
-use crate::util::{
-    assert_completed, assert_failed_at, assert_rolled_back, pretty, simulate, unique_user, Node,
-    FORWARD_STEPS, TERMINAL,
-};
+use crate::harness::{pretty, simulate, unique_user, Node, TERMINAL};
+use crate::history::{assert_completed, assert_failed_at, assert_rolled_back, FORWARD_STEPS};
 
 #[tokio::test]
 async fn completed_order_has_five_ordered_steps() {

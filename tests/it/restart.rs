@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::util::{assert_completed, simulate, unique_user, Node, POLL, TERMINAL};
+use crate::harness::{simulate, unique_user, Node, POLL, TERMINAL};
+use crate::history::assert_completed;
 
 #[tokio::test]
 async fn sigkill_mid_pipeline_then_restart_loses_nothing() {

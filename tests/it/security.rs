@@ -14,10 +14,10 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::util::{order_ids, simulate, unique_user, Node, POLL};
+use crate::harness::{order_ids, simulate, unique_user, Node, POLL};
 
 /// A tokens file in its own temp dir, written with entries made like `hash-token` makes them.
-struct Tokens {
+pub(crate) struct Tokens {
     dir: TempDir,
 }
 
@@ -25,7 +25,7 @@ struct Tokens {
 type Entry<'a> = (&'a str, &'a str, &'a str, &'a str);
 
 impl Tokens {
-    fn new(entries: &[Entry<'_>]) -> Tokens {
+    pub(crate) fn new(entries: &[Entry<'_>]) -> Tokens {
         let tokens = Tokens {
             dir: tempfile::tempdir().expect("create a temp dir"),
         };
@@ -33,7 +33,7 @@ impl Tokens {
         tokens
     }
 
-    fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.path().join("tokens.toml")
     }
 
@@ -56,7 +56,7 @@ impl Tokens {
     }
 
     /// A node config: tokens mode with this file, plus `extra`.
-    fn config(&self, extra: &str) -> String {
+    pub(crate) fn config(&self, extra: &str) -> String {
         format!(
             "{}[auth]\nmode = \"tokens\"\ntokens_file = \"{}\"\n{extra}",
             simulate("10ms"),
@@ -67,7 +67,7 @@ impl Tokens {
 
 /// The hash the tokens file holds, computed by the binary itself (`hash-token`).
 fn sha256_hex(token: &str) -> String {
-    let output = std::process::Command::new(crate::util::BIN)
+    let output = std::process::Command::new(crate::harness::BIN)
         .args(["hash-token", token])
         .output()
         .expect("run order-process hash-token");
@@ -77,17 +77,17 @@ fn sha256_hex(token: &str) -> String {
     hash
 }
 
-fn bearer(token: &str) -> String {
+pub(crate) fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
-const ALICE: &str = "alice-token-8c1f0e6b";
-const BOB: &str = "bob-token-2d9a7c44";
-const ROOT: &str = "root-token-51be09d3";
+pub(crate) const ALICE: &str = "alice-token-8c1f0e6b";
+pub(crate) const BOB: &str = "bob-token-2d9a7c44";
+pub(crate) const ROOT: &str = "root-token-51be09d3";
 const EXPIRED: &str = "expired-token-77aa01";
 const REVOKED: &str = "revoked-token-3f3f3f";
 
-fn standard_tokens() -> Tokens {
+pub(crate) fn standard_tokens() -> Tokens {
     Tokens::new(&[
         (ALICE, "alice", "user", ""),
         (BOB, "bob", "user", ""),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::json;
 
-use crate::util::{simulate, unique_user, Node, TERMINAL};
+use crate::harness::{simulate, unique_user, Node, TERMINAL};
 
 /// Longest a Chromium run may take before the test gives up on it.
 const BROWSER_TIMEOUT: Duration = Duration::from_secs(90);

@@ -1,7 +1,7 @@
 //! One conformance suite for every `OrderStore`: the embedded store in a temp dir and the Redis
 //! store against a real `redis-server` started by the test.
 
-use crate::redis::RedisServer;
+use crate::harness::RedisServer;
 use chrono::{Duration as Span, Utc};
 use order_process::order::{apply, Event, Order, OrderId, Phase, RollbackState, Step};
 use order_process::store::embedded::EmbeddedStore;

@@ -1,4 +1,4 @@
-//! The ledger: an in-process HTTP service that plays the shop's payment, stock and shipping for
+//! The ledger: an HTTP service (the testkit's shop, in this process) that plays the shop's payment, stock and shipping for
 //! the campaign's nodes, and keeps the books the checker reads afterwards.
 //!
 //! Every node calls `POST /n{node}/run/{step}` to run a step and `/n{node}/undo/{step}` to
@@ -13,14 +13,23 @@
 //! - the first two attempts of any call fail with 503 now and then (decided by a hash of the
 //!   seed, the key and the attempt number, so a replay with the same seed flakes the same way).
 
-use crate::order::Step;
 use chrono::{DateTime, Utc};
+use order_process_history::WORK_STEPS;
+use order_process_testkit::{Answer, Request, Shop};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use warp::http::StatusCode;
-use warp::Filter;
+
+/// The HTTP statuses the ledger answers with.
+mod status {
+    pub const OK: u16 = 200;
+    pub const BAD_REQUEST: u16 = 400;
+    pub const NOT_FOUND: u16 = 404;
+    pub const CONFLICT: u16 = 409;
+    pub const UNPROCESSABLE_ENTITY: u16 = 422;
+    pub const SERVICE_UNAVAILABLE: u16 = 503;
+}
 
 /// In how many of 1000 first or second attempts the ledger answers 503.
 const FLAKY_PER_MILLE: u64 = 40;
@@ -70,7 +79,6 @@ pub struct Entry {
     pub seq: u64,
     pub at: DateTime<Utc>,
     pub node: usize,
-    pub key: String,
     /// For a compensation: whether an effect was applied when it came.
     pub undid_effect: bool,
 }
@@ -107,15 +115,8 @@ struct StepRequest {
 }
 
 pub struct Ledger {
-    pub base: String,
+    pub shop: Shop,
     books: Arc<Mutex<Books>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Ledger {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
 }
 
 impl Ledger {
@@ -123,32 +124,16 @@ impl Ledger {
     pub async fn start(seed: u64) -> std::io::Result<Ledger> {
         let books: Arc<Mutex<Books>> = Arc::default();
         let shared = Arc::clone(&books);
-        let routes = warp::post()
-            .and(warp::path!(String / String / String))
-            .and(warp::header::optional::<String>("idempotency-key"))
-            .and(warp::body::content_length_limit(1024 * 1024))
-            .and(warp::body::bytes())
-            .and(warp::any().map(move || Arc::clone(&shared)))
-            .then(
-                move |node: String,
-                      direction: String,
-                      step: String,
-                      key: Option<String>,
-                      body: bytes::Bytes,
-                      books: Arc<Mutex<Books>>| async move {
-                    let (text, status) =
-                        answer(seed, &books, &node, &direction, &step, key, &body).await;
-                    warp::reply::with_status(text, status)
-                },
-            );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
-        let server = tokio::spawn(warp::serve(routes).incoming(listener).run());
-        Ok(Ledger {
-            base,
-            books,
-            server,
+        let shop = Shop::serve(move |request: Request| {
+            let books = Arc::clone(&shared);
+            async move { route(seed, &books, request).await }
         })
+        .await?;
+        Ok(Ledger { shop, books })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.shop.base
     }
 
     pub fn books(&self) -> MutexGuard<'_, Books> {
@@ -184,6 +169,27 @@ pub fn payload_asks(payload: &serde_json::Value) -> (Option<String>, Option<(Str
     (fail_at, slow)
 }
 
+/// Answers `POST /n{node}/{run|undo}/{step}`.
+async fn route(seed: u64, books: &Mutex<Books>, request: Request) -> Answer {
+    let parts: Vec<&str> = request.path.trim_start_matches('/').split('/').collect();
+    let (text, status) = match parts.as_slice() {
+        [node, direction, step] => {
+            answer(
+                seed,
+                books,
+                node,
+                direction,
+                step,
+                request.key.clone(),
+                &request.body,
+            )
+            .await
+        }
+        _ => ("unknown path".to_string(), status::NOT_FOUND),
+    };
+    Answer::Status(status, text)
+}
+
 async fn answer(
     seed: u64,
     books: &Mutex<Books>,
@@ -192,22 +198,22 @@ async fn answer(
     step: &str,
     key: Option<String>,
     body: &[u8],
-) -> (String, StatusCode) {
+) -> (String, u16) {
     let node: usize = match node.strip_prefix('n').and_then(|n| n.parse().ok()) {
         Some(node) => node,
-        None => return ("unknown node".into(), StatusCode::NOT_FOUND),
+        None => return ("unknown node".into(), status::NOT_FOUND),
     };
     let rollback = match direction {
         "run" => false,
         "undo" => true,
-        _ => return ("unknown direction".into(), StatusCode::NOT_FOUND),
+        _ => return ("unknown direction".into(), status::NOT_FOUND),
     };
-    if step.parse::<Step>().is_err() {
-        return ("unknown step".into(), StatusCode::NOT_FOUND);
+    if !WORK_STEPS.contains(&step) {
+        return ("unknown step".into(), status::NOT_FOUND);
     }
     let request: StepRequest = match serde_json::from_slice(body) {
         Ok(request) => request,
-        Err(error) => return (format!("bad body: {error}"), StatusCode::BAD_REQUEST),
+        Err(error) => return (format!("bad body: {error}"), status::BAD_REQUEST),
     };
     let key = key.unwrap_or_default();
     let (fail_at, slow) = payload_asks(&request.payload);
@@ -234,24 +240,23 @@ async fn answer(
         seq,
         at,
         node,
-        key: key.clone(),
         undid_effect: false,
     };
     let (outcome, status, text) = if key != expected || request.step != step {
         (
             Outcome::BadKey,
-            StatusCode::BAD_REQUEST,
+            status::BAD_REQUEST,
             format!("idempotency key `{key}` is not `{expected}`"),
         )
     } else if flaky {
         (
             Outcome::Flaky,
-            StatusCode::SERVICE_UNAVAILABLE,
+            status::SERVICE_UNAVAILABLE,
             "ledger busy".to_string(),
         )
     } else if rollback {
         if books.compensations.contains_key(&id) {
-            (Outcome::UndoDuplicate, StatusCode::OK, "{}".to_string())
+            (Outcome::UndoDuplicate, status::OK, "{}".to_string())
         } else {
             let undid_effect = books.effects.contains_key(&id);
             books.compensations.insert(
@@ -266,27 +271,27 @@ async fn answer(
             } else {
                 Outcome::NothingToUndo
             };
-            (outcome, StatusCode::OK, "{}".to_string())
+            (outcome, status::OK, "{}".to_string())
         }
     } else if books.compensations.contains_key(&id) {
         (
             Outcome::LateRunRefused,
-            StatusCode::CONFLICT,
+            status::CONFLICT,
             "already compensated".to_string(),
         )
     } else if fail_at.as_deref() == Some(step) {
         (
             Outcome::Declined,
-            StatusCode::UNPROCESSABLE_ENTITY,
+            status::UNPROCESSABLE_ENTITY,
             format!("declined {step}"),
         )
     } else if let Some(first) = books.effects.get(&id) {
         let text = serde_json::json!({ "ref": format!("{step}-{}", first.seq) }).to_string();
-        (Outcome::Duplicate, StatusCode::OK, text)
+        (Outcome::Duplicate, status::OK, text)
     } else {
         books.effects.insert(id, entry);
         let text = serde_json::json!({ "ref": format!("{step}-{seq}") }).to_string();
-        (Outcome::Applied, StatusCode::OK, text)
+        (Outcome::Applied, status::OK, text)
     };
     books.calls.push(Call {
         seq,
@@ -297,7 +302,7 @@ async fn answer(
         rollback,
         key,
         attempt: request.attempt,
-        status: status.as_u16(),
+        status,
         outcome,
     });
     (text, status)
@@ -336,14 +341,14 @@ mod tests {
         let run = body("o", "Processing", 1, serde_json::json!({}));
         let key = Some("o:Processing".to_string());
         let (_, status) = answer(seed, &books, "n0", "run", "Processing", key.clone(), &run).await;
-        assert_eq!(status, StatusCode::OK);
+        assert_eq!(status, status::OK);
         let (_, status) = answer(seed, &books, "n1", "run", "Processing", key.clone(), &run).await;
-        assert_eq!(status, StatusCode::OK);
+        assert_eq!(status, status::OK);
         let undo_key = Some("o:Processing:rollback".to_string());
         let (_, status) = answer(seed, &books, "n1", "undo", "Processing", undo_key, &run).await;
-        assert_eq!(status, StatusCode::OK);
+        assert_eq!(status, status::OK);
         let (_, status) = answer(seed, &books, "n0", "run", "Processing", key, &run).await;
-        assert_eq!(status, StatusCode::CONFLICT);
+        assert_eq!(status, status::CONFLICT);
         let books = lock(&books);
         let outcomes: Vec<Outcome> = books.calls.iter().map(|call| call.outcome).collect();
         assert_eq!(
@@ -370,10 +375,10 @@ mod tests {
         );
         let key = Some("p:Processing".to_string());
         let (_, status) = answer(seed, &books, "n0", "run", "Processing", key, &run).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(status, status::UNPROCESSABLE_ENTITY);
         let wrong = Some("p:Scheduling".to_string());
         let (_, status) = answer(seed, &books, "n0", "run", "Processing", wrong, &run).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(status, status::BAD_REQUEST);
         assert!(lock(&books).effects.is_empty());
     }
 }

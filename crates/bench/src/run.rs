@@ -1,0 +1,444 @@
+//! One run: submitters post orders (round-robin over the nodes, open or closed loop), waiters
+//! learn when they finish through batched long polls, and each finished order gets a verdict.
+
+use crate::args::BenchArgs;
+use crate::cpu::{cpu_seconds, servers_cpu};
+use crate::progress::{Counts, Progress};
+use crate::summary::{Percentiles, Summary};
+use hdrhistogram::Histogram;
+use order_process_history::{time::rfc3339, End, WORK_STEPS};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// An accepted order and the step it asked to fail at.
+struct Accepted {
+    id: String,
+    fail_at: Option<&'static str>,
+}
+
+/// How a finished order's history turned out.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Completed,
+    FailedAsAsked,
+    FailedByChance,
+}
+
+struct Tally {
+    /// Microseconds.
+    submit: Histogram<u64>,
+    /// Microseconds.
+    end_to_end: Histogram<u64>,
+    http_errors: BTreeMap<String, usize>,
+    completed: usize,
+    failed: usize,
+    failed_by_chance: usize,
+    mismatches: usize,
+    first_mismatch: Option<String>,
+}
+
+impl Tally {
+    fn new() -> Result<Tally, String> {
+        let histogram = || Histogram::<u64>::new(3).map_err(|error| error.to_string());
+        Ok(Tally {
+            submit: histogram()?,
+            end_to_end: histogram()?,
+            http_errors: BTreeMap::new(),
+            completed: 0,
+            failed: 0,
+            failed_by_chance: 0,
+            mismatches: 0,
+            first_mismatch: None,
+        })
+    }
+}
+
+fn lock(tally: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    tally
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+pub async fn run(args: BenchArgs) -> Result<Summary, String> {
+    let urls: Vec<String> = if args.url.is_empty() {
+        vec!["http://127.0.0.1:8080".to_string()]
+    } else {
+        args.url
+            .iter()
+            .map(|url| url.trim_end_matches('/').to_string())
+            .collect()
+    };
+    let timeout =
+        humantime::parse_duration(&args.timeout).map_err(|error| format!("--timeout: {error}"))?;
+    if !(0.0..=1.0).contains(&args.fail_rate) {
+        return Err("--fail-rate must be between 0 and 1".into());
+    }
+    if args.rate.is_some_and(|rate| rate <= 0.0) {
+        return Err("--rate must be more than 0".into());
+    }
+    let concurrency = args.concurrency.max(1);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency + args.waiters.max(1))
+        .timeout(Duration::from_secs(90))
+        .build()
+        .map_err(|error| error.to_string())?;
+    let cpu_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
+    let server_before: Option<f64> = servers_cpu(&args.pid);
+
+    let tally = Arc::new(Mutex::new(Tally::new()?));
+    let counts = Arc::new(Counts::default());
+    let next = Arc::new(AtomicUsize::new(0));
+    // One queue of accepted orders per node: a long poll names orders of the node it asks.
+    let (accepted_txs, accepted_rxs): (Vec<_>, Vec<_>) = urls
+        .iter()
+        .map(|_| {
+            let (accepted_tx, accepted_rx) = mpsc::unbounded_channel::<Accepted>();
+            (accepted_tx, Arc::new(tokio::sync::Mutex::new(accepted_rx)))
+        })
+        .unzip();
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+
+    let mut submitters = Vec::new();
+    for _ in 0..concurrency {
+        let submitter = Submitter {
+            client: client.clone(),
+            urls: urls.clone(),
+            tally: Arc::clone(&tally),
+            counts: Arc::clone(&counts),
+            next: Arc::clone(&next),
+            accepted_txs: accepted_txs.clone(),
+            orders: args.orders,
+            rate: args.rate,
+            fail_rate: args.fail_rate,
+            user: args.user.clone(),
+            started,
+        };
+        submitters.push(tokio::spawn(submitter.run()));
+    }
+    drop(accepted_txs);
+
+    let mut waiters = Vec::new();
+    for index in 0..args.waiters.max(urls.len()) {
+        let waiter = Waiter {
+            client: client.clone(),
+            url: urls[index % urls.len()].clone(),
+            user: args.user.clone(),
+            batch: args.batch.clamp(1, 500),
+            tally: Arc::clone(&tally),
+            counts: Arc::clone(&counts),
+            accepted_rx: Arc::clone(&accepted_rxs[index % urls.len()]),
+            deadline,
+        };
+        waiters.push(tokio::spawn(waiter.run()));
+    }
+
+    let progress = Progress::start(Arc::clone(&counts), args.orders);
+    for task in submitters {
+        let _ = task.await;
+    }
+    for task in waiters {
+        let _ = task.await;
+    }
+    drop(progress);
+
+    let elapsed = started.elapsed().as_secs_f64();
+    let bench_cpu = cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu_before;
+    let server_cpu = match (server_before, servers_cpu(&args.pid)) {
+        (Some(before), Some(after)) => Some(after - before),
+        _ => None,
+    };
+    let tally = lock(&tally);
+    let submitted = counts.accepted.load(Ordering::Relaxed);
+    let terminal = tally.completed + tally.failed + tally.failed_by_chance + tally.mismatches;
+    let lost = submitted.saturating_sub(terminal);
+    let cpu_us_per_order =
+        server_cpu.map(|server| (server + bench_cpu) * 1e6 / (terminal.max(1) as f64));
+    Ok(Summary {
+        orders: args.orders,
+        submitted,
+        shed: counts.shed.load(Ordering::Relaxed),
+        completed: tally.completed,
+        failed: tally.failed,
+        failed_by_chance: tally.failed_by_chance,
+        lost,
+        mismatches: tally.mismatches,
+        first_mismatch: tally.first_mismatch.clone(),
+        elapsed_s: elapsed,
+        orders_per_s: terminal as f64 / elapsed.max(f64::EPSILON),
+        submit_latency_ms: Percentiles::of(&tally.submit),
+        end_to_end_latency_ms: Percentiles::of(&tally.end_to_end),
+        http_errors: tally.http_errors.clone(),
+        bench_cpu_s: bench_cpu,
+        server_cpu_s: server_cpu,
+        cpu_us_per_order,
+    })
+}
+
+/// Posts orders until `orders` were taken, each to the next node in turn.
+struct Submitter {
+    client: reqwest::Client,
+    urls: Vec<String>,
+    tally: Arc<Mutex<Tally>>,
+    counts: Arc<Counts>,
+    next: Arc<AtomicUsize>,
+    accepted_txs: Vec<mpsc::UnboundedSender<Accepted>>,
+    orders: usize,
+    rate: Option<f64>,
+    fail_rate: f64,
+    user: String,
+    started: Instant,
+}
+
+impl Submitter {
+    async fn run(self) {
+        loop {
+            let index = self.next.fetch_add(1, Ordering::Relaxed);
+            if index >= self.orders {
+                return;
+            }
+            if let Some(rate) = self.rate {
+                let due = self.started + Duration::from_secs_f64(index as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+            }
+            self.submit(index).await;
+        }
+    }
+
+    async fn submit(&self, index: usize) {
+        let url = &self.urls[index % self.urls.len()];
+        let fail_at = (rand::random::<f64>() < self.fail_rate)
+            .then(|| WORK_STEPS[rand::random_range(0..WORK_STEPS.len())]);
+        let payload = match fail_at {
+            Some(step) => serde_json::json!({"bench": index, "simulate": {"fail_at": step}}),
+            None => serde_json::json!({"bench": index}),
+        };
+        let sent = Instant::now();
+        let reply = self
+            .client
+            .post(format!("{url}/orders"))
+            .header("authorization", &self.user)
+            .json(&payload)
+            .send()
+            .await;
+        let elapsed = sent.elapsed();
+        let error = match reply {
+            Ok(response) if response.status().as_u16() == 201 => {
+                let id = match response.json::<Value>().await {
+                    Ok(body) => body["order_id"].as_str().unwrap_or_default().to_string(),
+                    Err(_) => String::new(),
+                };
+                let _ = lock(&self.tally).submit.record(micros(elapsed));
+                self.counts.accepted.fetch_add(1, Ordering::Relaxed);
+                let _ = self.accepted_txs[index % self.urls.len()].send(Accepted { id, fail_at });
+                return;
+            }
+            Ok(response) => {
+                let status = response.status().as_u16();
+                if status == 503 {
+                    self.counts.shed.fetch_add(1, Ordering::Relaxed);
+                }
+                status.to_string()
+            }
+            Err(error) if error.is_connect() => "connect".to_string(),
+            Err(error) if error.is_timeout() => "timeout".to_string(),
+            Err(_) => "other".to_string(),
+        };
+        *lock(&self.tally).http_errors.entry(error).or_default() += 1;
+    }
+}
+
+/// Long-polls one node for batches of its accepted orders until none is left or time is up.
+struct Waiter {
+    client: reqwest::Client,
+    url: String,
+    user: String,
+    batch: usize,
+    tally: Arc<Mutex<Tally>>,
+    counts: Arc<Counts>,
+    accepted_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Accepted>>>,
+    deadline: tokio::time::Instant,
+}
+
+impl Waiter {
+    async fn run(self) {
+        let mut waiting: Vec<Accepted> = Vec::new();
+        loop {
+            if waiting.len() < self.batch {
+                let mut accepted_rx = self.accepted_rx.lock().await;
+                if waiting.is_empty() {
+                    match accepted_rx.recv().await {
+                        Some(order) => waiting.push(order),
+                        None => return,
+                    }
+                }
+                while waiting.len() < self.batch {
+                    match accepted_rx.try_recv() {
+                        Ok(order) => waiting.push(order),
+                        Err(_) => break,
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= self.deadline {
+                // Whatever is still waiting counts as lost.
+                return;
+            }
+            for (order, view) in self.wait_batch(&mut waiting).await {
+                self.counts.finished.fetch_add(1, Ordering::Relaxed);
+                record(&self.tally, &order, &view);
+            }
+        }
+    }
+
+    /// One long poll for a batch of orders (`POST /orders/wait`); takes the finished ones out
+    /// of `waiting` and returns them with their final views.
+    async fn wait_batch(&self, waiting: &mut Vec<Accepted>) -> Vec<(Accepted, Value)> {
+        let left = self
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        let wait = left.min(Duration::from_secs(30)).as_secs().max(1);
+        let ids: Vec<&str> = waiting.iter().map(|order| order.id.as_str()).collect();
+        let reply = self
+            .client
+            .post(format!("{}/orders/wait", self.url))
+            .header("authorization", &self.user)
+            .json(&serde_json::json!({ "order_ids": ids, "wait": format!("{wait}s") }))
+            .send()
+            .await;
+        let body = match reply {
+            Ok(response) if response.status().is_success() => response.json::<Value>().await.ok(),
+            _ => None,
+        };
+        let Some(body) = body else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return Vec::new();
+        };
+        let mut done = Vec::new();
+        let mut take = |id: &str, view: Value| {
+            if let Some(position) = waiting.iter().position(|order| order.id == id) {
+                done.push((waiting.swap_remove(position), view));
+            }
+        };
+        for view in body["orders"].as_array().into_iter().flatten() {
+            take(view["order_id"].as_str().unwrap_or_default(), view.clone());
+        }
+        for id in body["missing"].as_array().into_iter().flatten() {
+            let id = id.as_str().unwrap_or_default();
+            take(id, serde_json::json!({ "missing": id }));
+        }
+        done
+    }
+}
+
+fn record(tally: &Mutex<Tally>, order: &Accepted, view: &Value) {
+    let verdict = verdict(view, order.fail_at);
+    let mut tally = lock(tally);
+    if let (Some(start), Some(end)) = (
+        rfc3339(&view["start_time"]),
+        rfc3339(&view["complete_time"]),
+    ) {
+        if let Ok(taken) = (end - start).to_std() {
+            let _ = tally.end_to_end.record(micros(taken));
+        }
+    }
+    match verdict {
+        Ok(Verdict::Completed) => tally.completed += 1,
+        Ok(Verdict::FailedAsAsked) => tally.failed += 1,
+        Ok(Verdict::FailedByChance) => tally.failed_by_chance += 1,
+        Err(problem) => {
+            tally.mismatches += 1;
+            if tally.first_mismatch.is_none() {
+                tally.first_mismatch = Some(format!("order {}: {problem}: {view}", order.id));
+            }
+        }
+    }
+}
+
+/// Judges a finished order: its history must be legal, and end where it asked to fail (or
+/// complete). A legal failure at an earlier step than asked, or at any step when nothing was
+/// asked, is the node's own failure chance.
+fn verdict(view: &Value, fail_at: Option<&str>) -> Result<Verdict, String> {
+    let end = order_process_history::check(view).map_err(|problem| problem.to_string())?;
+    let position = |step: &str| WORK_STEPS.iter().position(|work| *work == step);
+    match (end, fail_at) {
+        (End::Completed, None) => Ok(Verdict::Completed),
+        (End::Completed, Some(asked)) => Err(format!("asked to fail at {asked}, completed")),
+        (End::Failed { parked: true, .. }, _) => Err("its rollback is parked".into()),
+        (End::Failed { step, .. }, Some(asked)) if step == asked => Ok(Verdict::FailedAsAsked),
+        (End::Failed { step, .. }, Some(asked)) if position(step) > position(asked) => {
+            Err(format!("asked to fail at {asked}, failed at {step}"))
+        }
+        (End::Failed { .. }, _) => Ok(Verdict::FailedByChance),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(name: &str, complete: bool, rollback: Option<&str>) -> Value {
+        let mut step =
+            serde_json::json!({"step_name": name, "step_start_time": "2026-01-01T00:00:00Z"});
+        if complete {
+            step["step_complete_time"] = "2026-01-01T00:00:00Z".into();
+        }
+        if let Some(at) = rollback {
+            step["step_rollback_time"] = at.into();
+        }
+        step
+    }
+
+    fn failed_at_pre_processing(reason: &str) -> Value {
+        serde_json::json!({
+            "current_step": "Failed",
+            "start_time": "2026-01-01T00:00:00Z",
+            "complete_time": "2026-01-01T00:00:05Z",
+            "failure": {"step": "Pre-Processing", "reason": reason},
+            "rollback_state": "complete",
+            "steps": [
+                step("Scheduling", true, Some("2026-01-01T00:00:05Z")),
+                step("Pre-Processing", false, Some("2026-01-01T00:00:04Z")),
+                step("Failed", true, None),
+            ],
+        })
+    }
+
+    #[test]
+    fn verdicts_follow_what_was_asked() {
+        let steps: Vec<Value> = order_process_history::COMPLETED_STEPS
+            .iter()
+            .map(|name| step(name, true, None))
+            .collect();
+        let completed = serde_json::json!({
+            "current_step": "Completed",
+            "start_time": "2026-01-01T00:00:00Z",
+            "complete_time": "2026-01-01T00:00:01Z",
+            "steps": steps,
+        });
+        assert_eq!(verdict(&completed, None), Ok(Verdict::Completed));
+        assert!(verdict(&completed, Some("Processing")).is_err());
+        let failed = failed_at_pre_processing("simulated failure");
+        assert_eq!(
+            verdict(&failed, Some("Pre-Processing")),
+            Ok(Verdict::FailedAsAsked)
+        );
+        // The node's own failure chance: legal, whether or not a later step was asked to fail.
+        assert_eq!(verdict(&failed, None), Ok(Verdict::FailedByChance));
+        assert_eq!(
+            verdict(&failed, Some("Post-Processing")),
+            Ok(Verdict::FailedByChance)
+        );
+        assert!(verdict(&failed, Some("Scheduling")).is_err());
+        let mut wrong_order = failed;
+        wrong_order["steps"][0]["step_rollback_time"] = "2026-01-01T00:00:03Z".into();
+        assert!(verdict(&wrong_order, Some("Pre-Processing")).is_err());
+    }
+}

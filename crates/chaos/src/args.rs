@@ -1,0 +1,34 @@
+//! The flags of `order-process-chaos`.
+
+use argh::FromArgs;
+use std::path::PathBuf;
+
+#[derive(FromArgs, Debug, Clone)]
+/// Run a randomized fault campaign against a local 3-node order-process cluster and check
+/// every order.
+pub struct ChaosArgs {
+    /// how long to make faults under load, e.g. 60s or 30m (then heal, wait, check)
+    #[argh(option, default = "String::from(\"60s\")")]
+    pub duration: String,
+    /// seed of the fault schedule and of the orders (random when not given; always printed)
+    #[argh(option)]
+    pub seed: Option<u64>,
+    /// orders submitted per second
+    #[argh(option, default = "8.0")]
+    pub rate: f64,
+    /// redis appendfsync: always (the default, what the guarantees rest on) or everysec
+    #[argh(option, default = "String::from(\"always\")")]
+    pub appendfsync: String,
+    /// directory for the nodes' data and logs (default: a new one under the temp dir)
+    #[argh(option)]
+    pub workdir: Option<PathBuf>,
+    /// keep the work directory even when the campaign passes
+    #[argh(switch)]
+    pub keep: bool,
+    /// the order-process binary to run as nodes (default: the one next to this binary)
+    #[argh(option)]
+    pub bin: Option<PathBuf>,
+    /// leave out the gossip partition (iptables) fault
+    #[argh(switch)]
+    pub no_partition: bool,
+}

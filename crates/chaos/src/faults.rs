@@ -1,0 +1,128 @@
+//! The kinds of fault the campaign makes, the record of each, and how each is undone.
+
+use crate::report::Violation;
+use crate::world::{wait_formed, wait_ready, World};
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    KillNode,
+    KillLeader,
+    PauseNode,
+    KillRedis,
+    Partition,
+    RollingRestart,
+    /// SIGTERM, then SIGKILL while the node drains (hands over its orders).
+    KillDraining,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 7] = [
+        Kind::KillNode,
+        Kind::KillLeader,
+        Kind::PauseNode,
+        Kind::KillRedis,
+        Kind::Partition,
+        Kind::RollingRestart,
+        Kind::KillDraining,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::KillNode => "kill_node",
+            Kind::KillLeader => "kill_leader",
+            Kind::PauseNode => "pause_node",
+            Kind::KillRedis => "kill_redis",
+            Kind::Partition => "partition",
+            Kind::RollingRestart => "rolling_restart",
+            Kind::KillDraining => "kill_draining",
+        }
+    }
+}
+
+/// One fault made.
+#[derive(Debug)]
+pub struct Fault {
+    pub kind: Kind,
+    pub node: Option<usize>,
+    pub service_id: Option<String>,
+    pub at: DateTime<Utc>,
+    pub healed: Option<DateTime<Utc>>,
+    /// Unfinished orders the victim owned when the fault began (None: Redis did not say).
+    pub owned: Option<usize>,
+}
+
+pub enum Recovery {
+    Restart(usize),
+    Resume(usize),
+    RestartRedis,
+    Heal(usize),
+}
+
+/// Drains every node in turn (SIGTERM, exit 0 expected), restarting each before the next.
+/// Returns the nodes whose drain did not exit cleanly.
+pub async fn rolling_restart(
+    client: &reqwest::Client,
+    world: &mut World,
+    bases: &[String],
+    drains: &mut (usize, usize),
+) -> Vec<String> {
+    let mut unclean = Vec::new();
+    for index in 0..world.nodes.len() {
+        let node = &mut world.nodes[index];
+        if !node.signal("TERM") {
+            continue;
+        }
+        let status = node.wait_exit(Duration::from_secs(60)).await;
+        drains.1 += 1;
+        match status {
+            Some(status) if status.success() => drains.0 += 1,
+            other => {
+                unclean.push(format!("n{index}: {other:?}"));
+                node.kill();
+            }
+        }
+        if let Err(error) = node.launch() {
+            unclean.push(format!("n{index}: cannot start again: {error}"));
+        }
+        let base = node.base();
+        wait_ready(client, &base, Duration::from_secs(30)).await;
+        wait_formed(client, bases, Duration::from_secs(30)).await;
+    }
+    unclean
+}
+
+/// Undoes one fault; a process that cannot start again is a violation.
+pub async fn recover(world: &mut World, recovery: Recovery, violations: &mut Vec<Violation>) {
+    match recovery {
+        Recovery::Restart(index) => {
+            let node = &mut world.nodes[index];
+            if !node.is_running() {
+                if let Err(error) = node.launch() {
+                    violations.push(Violation {
+                        kind: "restart_failed".into(),
+                        order_id: None,
+                        detail: format!("n{index}: {error}"),
+                    });
+                }
+            }
+        }
+        Recovery::Resume(index) => {
+            world.nodes[index].signal("CONT");
+        }
+        Recovery::RestartRedis => {
+            if let Err(error) = world.redis.try_restart() {
+                violations.push(Violation {
+                    kind: "restart_failed".into(),
+                    order_id: None,
+                    detail: format!("redis: {error}"),
+                });
+            }
+        }
+        Recovery::Heal(index) => {
+            let port = world.nodes[index].port;
+            world.partitions.heal(port);
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The verdict: every accepted order checked against its history, the ledger and the logs,
+//! takeover times measured from the faults, and the summary printed.
+
+use crate::checks::{check_effects, check_history, End};
+use crate::faults::{Fault, Kind};
+use crate::ledger::Books;
+use crate::load::Seen;
+use crate::logs::Logs;
+use chrono::{DateTime, Utc};
+use hdrhistogram::Histogram;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+/// A node down this long with orders must have seen them taken over within this bound.
+const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
+
+/// A violation found, with the order (if any) it is about.
+pub struct Violation {
+    pub kind: String,
+    pub order_id: Option<String>,
+    pub detail: String,
+}
+
+/// `N samples, p50 Xs, max Ys` of latencies in seconds (an hdrhistogram of milliseconds).
+fn latencies(seconds: &[f64]) -> String {
+    let (p50, max) = Histogram::<u64>::new(3)
+        .map(|mut millis| {
+            for value in seconds {
+                let _ = millis.record((value * 1000.0).round() as u64);
+            }
+            (
+                millis.value_at_quantile(0.5) as f64 / 1000.0,
+                millis.max() as f64 / 1000.0,
+            )
+        })
+        .unwrap_or_default();
+    format!("{} samples, p50 {p50:.2}s, max {max:.2}s", seconds.len())
+}
+
+/// The numbers of the summary.
+#[derive(Default)]
+pub struct Report {
+    accepted: usize,
+    accepted_on_retry: usize,
+    unanswered: usize,
+    completed: usize,
+    declined: usize,
+    cancelled: usize,
+    lost: usize,
+    takeovers: Vec<f64>,
+    takeover_by_kind: BTreeMap<&'static str, Vec<f64>>,
+    /// Orders moved away from a node while only its gossip was cut (its lease held).
+    moved_in_partitions: u64,
+}
+
+impl Report {
+    pub fn build(
+        seen: &Seen,
+        stored: &HashMap<String, Value>,
+        books: &Books,
+        logs: &Logs,
+        faults: &[Fault],
+        violations: &mut Vec<Violation>,
+    ) -> Report {
+        let mut report = Report::default();
+        let mut push = |kind: &str, order_id: Option<&str>, detail: String| {
+            violations.push(Violation {
+                kind: kind.to_string(),
+                order_id: order_id.map(str::to_string),
+                detail,
+            })
+        };
+        for (id, problem) in &seen.regressions {
+            push(problem.kind, Some(id), problem.detail.clone());
+        }
+        // Orders stored for each generated number: more than one means a key was not honoured.
+        let mut by_number: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
+        for (id, view) in stored {
+            if let Some(n) = view["payload"]["chaos"]["n"].as_u64() {
+                by_number.entry(n).or_default().push(id);
+            }
+        }
+        for (n, ids) in &by_number {
+            if ids.len() > 1 {
+                push(
+                    "duplicate_order",
+                    ids.first().copied(),
+                    format!("order number {n} stored {} times: {ids:?}", ids.len()),
+                );
+            }
+        }
+        for generated in seen.generated.values() {
+            let id = match &generated.id {
+                Some(id) => {
+                    report.accepted += 1;
+                    if generated.status == 200 {
+                        report.accepted_on_retry += 1;
+                    }
+                    id.clone()
+                }
+                None => match by_number.get(&generated.n).and_then(|ids| ids.first()) {
+                    // Stored, though the client never heard so: it must finish all the same.
+                    Some(id) => {
+                        report.unanswered += 1;
+                        id.to_string()
+                    }
+                    None => continue,
+                },
+            };
+            let Some(view) = stored.get(&id) else {
+                report.lost += 1;
+                push("lost", Some(&id), "accepted, not in the store".into());
+                continue;
+            };
+            match check_history(view, &generated.intent) {
+                Ok(end) => {
+                    match end {
+                        End::Completed => report.completed += 1,
+                        End::Declined(_) => report.declined += 1,
+                        End::Cancelled(_) => report.cancelled += 1,
+                    }
+                    if let Err(problem) = check_effects(&id, view, end, books) {
+                        push(problem.kind, Some(&id), problem.detail);
+                    }
+                }
+                Err(problem) => {
+                    if problem.kind == "lost" {
+                        report.lost += 1;
+                    }
+                    push(problem.kind, Some(&id), problem.detail);
+                }
+            }
+        }
+        for call in &books.calls {
+            if !seen.by_id.contains_key(&call.order_id) && !stored.contains_key(&call.order_id) {
+                push(
+                    "unknown_order_effect",
+                    Some(&call.order_id),
+                    format!(
+                        "the ledger was called for an order nobody stored ({})",
+                        call.key
+                    ),
+                );
+            }
+        }
+        for line in &logs.panics {
+            push("node_panic", None, line.clone());
+        }
+        for line in &logs.lines {
+            if line.message == "illegal transition, dropping order" {
+                push(
+                    "illegal_transition",
+                    line.fields["order_id"].as_str(),
+                    format!("n{}: {}", line.node, line.fields),
+                );
+            }
+        }
+        // Takeover latency: from the fault to the victim's orders resuming, on another node
+        // ("took over orders") or on the victim itself after its restart.
+        for fault in faults {
+            if fault.kind == Kind::Partition {
+                // The partitioned node keeps its liveness lease: its orders should stay put.
+                if let (Some(service_id), Some(healed)) =
+                    (fault.service_id.as_deref(), fault.healed)
+                {
+                    report.moved_in_partitions += logs
+                        .lines
+                        .iter()
+                        .filter(|line| {
+                            line.at >= fault.at
+                                && line.at <= healed
+                                && line.message == "took over orders"
+                                && line.fields["from"].as_str() == Some(service_id)
+                        })
+                        .map(|line| line.fields["orders"].as_u64().unwrap_or(0))
+                        .sum::<u64>();
+                }
+                continue;
+            }
+            if !matches!(
+                fault.kind,
+                Kind::KillNode | Kind::KillLeader | Kind::PauseNode | Kind::KillDraining
+            ) {
+                continue;
+            }
+            let (Some(victim), Some(service_id)) = (fault.node, fault.service_id.as_deref()) else {
+                continue;
+            };
+            if fault.owned == Some(0) {
+                continue;
+            }
+            // Only what happened while the fault lasted (and just after): later transfers of the
+            // same node belong to later faults or to drains.
+            let window_end = fault
+                .healed
+                .map(|healed| healed + chrono::Duration::seconds(5))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let resumed = logs.lines.iter().find(|line| {
+                line.at >= fault.at
+                    && line.at <= window_end
+                    && ((line.message == "took over orders"
+                        && line.fields["from"].as_str() == Some(service_id)
+                        && line.fields["orders"].as_u64().unwrap_or(0) > 0)
+                        || (line.message == "resuming unfinished orders"
+                            && line.node == victim
+                            && fault.kind != Kind::PauseNode))
+            });
+            let down = fault
+                .healed
+                .map(|healed| (healed - fault.at).to_std().unwrap_or_default())
+                .unwrap_or(Duration::MAX);
+            match resumed {
+                Some(line) => {
+                    let latency = (line.at - fault.at).to_std().unwrap_or_default();
+                    report.takeovers.push(latency.as_secs_f64());
+                    report
+                        .takeover_by_kind
+                        .entry(fault.kind.name())
+                        .or_default()
+                        .push(latency.as_secs_f64());
+                    if down > TAKEOVER_BOUND && latency > TAKEOVER_BOUND {
+                        push(
+                            "slow_takeover",
+                            None,
+                            format!(
+                                "{} of n{victim} at {}: orders resumed only after {:.1}s",
+                                fault.kind.name(),
+                                fault.at,
+                                latency.as_secs_f64()
+                            ),
+                        );
+                    }
+                }
+                None if down > TAKEOVER_BOUND && fault.owned.is_some_and(|owned| owned > 0) => {
+                    push(
+                        "no_takeover",
+                        None,
+                        format!(
+                            "{} of n{victim} at {} owning {:?} orders, down {:.1}s: never taken over",
+                            fault.kind.name(),
+                            fault.at,
+                            fault.owned,
+                            down.as_secs_f64()
+                        ),
+                    );
+                }
+                None => {}
+            }
+        }
+        report
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn print(
+        &self,
+        seed: u64,
+        duration: Duration,
+        appendfsync: &str,
+        faults: &[Fault],
+        seen: &Seen,
+        books: &Books,
+        logs: &Logs,
+        drains: (usize, usize),
+        quiescent_after: f64,
+        violations: &[Violation],
+    ) {
+        let mut by_kind: BTreeMap<&str, usize> = BTreeMap::new();
+        for fault in faults {
+            *by_kind.entry(fault.kind.name()).or_default() += 1;
+        }
+        let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+        for call in &books.calls {
+            let name = serde_json::to_value(call.outcome)
+                .ok()
+                .and_then(|value| value.as_str().map(str::to_string))
+                .unwrap_or_default();
+            *outcomes.entry(name).or_default() += 1;
+        }
+        let mut problems: BTreeMap<&str, usize> = BTreeMap::new();
+        for violation in violations {
+            *problems.entry(violation.kind.as_str()).or_default() += 1;
+        }
+        let list = |map: &BTreeMap<String, usize>| {
+            map.iter()
+                .map(|(key, count)| format!("{key} {count}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let list_str = |map: &BTreeMap<&str, usize>| {
+            map.iter()
+                .map(|(key, count)| format!("{key} {count}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!("==== chaos summary ====");
+        println!(
+            "seed {seed}; {} of faults under load, 3 nodes, redis appendfsync {appendfsync}; quiescent {:.0}s after start",
+            humantime::format_duration(duration),
+            quiescent_after
+        );
+        println!("faults        {}: {}", faults.len(), list_str(&by_kind));
+        println!(
+            "orders        accepted {} ({} of them on a retried key), stored without an answer {}, completed {}, failed {} (refused by the ledger {}, cancelled {}), lost {}",
+            self.accepted,
+            self.accepted_on_retry,
+            self.unanswered,
+            self.completed,
+            self.declined + self.cancelled,
+            self.declined,
+            self.cancelled,
+            self.lost
+        );
+        println!("submissions   {}", list(&seen.submissions));
+        println!("cancels       {}", list(&seen.cancels));
+        println!("ledger calls  {}: {}", books.calls.len(), list(&outcomes));
+        println!(
+            "fencing       stale commits refused {}, stale orders dropped before a step {}, stale runs refused by the ledger {}, accepted stale writes {} (snapshots that went backwards)",
+            logs.count("order is no longer ours, dropping it"),
+            logs.count("order was taken over while the liveness lease lapsed, dropping it"),
+            outcomes.get("late_run_refused").copied().unwrap_or(0),
+            seen.regressions.len()
+        );
+        println!("takeover      {}", latencies(&self.takeovers));
+        for (kind, values) in &self.takeover_by_kind {
+            println!("  {kind:<14}{}", latencies(values));
+        }
+        println!(
+            "partitions    orders moved away from a partitioned node: {} (its lease holds, so 0 is expected)",
+            self.moved_in_partitions
+        );
+        println!("drains        {} of {} exited 0", drains.0, drains.1);
+        if violations.is_empty() {
+            println!("violations    0");
+        } else {
+            println!(
+                "violations    {}: {}",
+                violations.len(),
+                list_str(&problems)
+            );
+        }
+    }
+}
+
+pub fn print_first(first: &Violation, stored: &HashMap<String, Value>, books: &Books) {
+    println!(
+        "first violation: {} {}: {}",
+        first.kind,
+        first.order_id.as_deref().unwrap_or("(no order)"),
+        first.detail
+    );
+    if let Some(id) = &first.order_id {
+        if let Some(view) = stored.get(id) {
+            println!(
+                "history:\n{}",
+                serde_json::to_string_pretty(view).unwrap_or_default()
+            );
+        }
+        println!("ledger calls:");
+        for call in books.calls_for(id) {
+            println!(
+                "  #{} {} n{} {} {} attempt {} -> {} {:?}",
+                call.seq,
+                call.at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                call.node,
+                if call.rollback { "undo" } else { "run " },
+                call.step,
+                call.attempt,
+                call.status,
+                call.outcome
+            );
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The processes a campaign runs: a `redis-server` with an append-only file, three
+//! order-process nodes started from the built binary, the gossip partitions between them, and
+//! what the cluster says about itself over HTTP. Everything started here is killed by pid when
+//! dropped (`order-process-testkit`), and every iptables rule added is removed.
+
+use crate::partitions::Partitions;
+use order_process_history::WORK_STEPS;
+use order_process_testkit::{free_port, Proc, RedisServer};
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+/// The cluster secret of the campaign's nodes.
+pub const SECRET: &str = "chaos-secret";
+/// The user every order is submitted as.
+pub const USER: &str = "chaos";
+/// How many nodes the campaign runs.
+pub const NODES: usize = 3;
+
+/// One order-process node: its own directory (config, data, log), port and process.
+pub struct Node {
+    pub index: usize,
+    pub port: u16,
+    pub dir: PathBuf,
+    bin: PathBuf,
+    join: Vec<u16>,
+    process: Option<Proc>,
+    pub paused: bool,
+    launches: usize,
+}
+
+impl Node {
+    pub fn new(bin: &Path, dir: PathBuf, index: usize, config: &str) -> std::io::Result<Node> {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("config.toml"), config)?;
+        Ok(Node {
+            index,
+            port: free_port()?,
+            dir,
+            bin: bin.to_path_buf(),
+            join: Vec::new(),
+            process: None,
+            paused: false,
+            launches: 0,
+        })
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("node.log")
+    }
+
+    /// The node id, once the node has written it.
+    pub fn service_id(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join("data").join("service_id"))
+            .ok()
+            .map(|text| text.trim().to_string())
+    }
+
+    pub fn set_join(&mut self, ports: Vec<u16>) {
+        self.join = ports;
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.process.as_mut() {
+            Some(process) => process.try_exit().is_none(),
+            None => false,
+        }
+    }
+
+    /// Starts the process (same port, same data dir as before).
+    pub fn launch(&mut self) -> std::io::Result<()> {
+        self.launches += 1;
+        let log = self.log_path();
+        writeln!(
+            order_process_testkit::process::append(&log)?,
+            "==== launch {} ====",
+            self.launches
+        )?;
+        let mut args = vec![
+            "--config".to_string(),
+            self.dir.join("config.toml").display().to_string(),
+            "--listen".to_string(),
+            format!("127.0.0.1:{}", self.port),
+            "--data-dir".to_string(),
+            self.dir.join("data").display().to_string(),
+        ];
+        for port in &self.join {
+            args.push("--join".to_string());
+            args.push(format!("127.0.0.1:{port}"));
+        }
+        self.process = Some(Proc::spawn(&self.bin, &args, &log, &log)?);
+        self.paused = false;
+        Ok(())
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        drop(self.process.take());
+        self.paused = false;
+    }
+
+    /// Sends a signal by name; SIGSTOP and SIGCONT mark the node paused and resumed.
+    pub fn signal(&mut self, name: &str) -> bool {
+        let sent = self
+            .process
+            .as_ref()
+            .is_some_and(|process| process.signal(name));
+        if sent && name == "STOP" {
+            self.paused = true;
+        }
+        if sent && name == "CONT" {
+            self.paused = false;
+        }
+        sent
+    }
+
+    /// Polls until the process exits; `None` if it still runs at the deadline.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let status = self.process.as_mut()?.wait_exit(within).await;
+        if status.is_some() {
+            self.process = None;
+        }
+        status
+    }
+}
+
+/// The config of node `index`: cluster mode on Redis, every work step on the ledger.
+pub fn node_config(index: usize, redis_url: &str, ledger: &str) -> String {
+    let mut config = format!(
+        "[server]\nshutdown_grace = \"20s\"\n\
+         [log]\nlevel = \"info,order_process::pipeline=debug\"\nformat = \"json\"\n\
+         [database]\nurl = \"{redis_url}\"\ntimeout = \"1s\"\n\
+         [cluster]\nsecret = \"{SECRET}\"\n"
+    );
+    for step in WORK_STEPS {
+        config.push_str(&format!(
+            "[steps.{step}]\nhandler = \"http\"\nurl = \"{ledger}/n{index}/run/{step}\"\n\
+             rollback_url = \"{ledger}/n{index}/undo/{step}\"\ntimeout = \"5s\"\nretries = 8\n\
+             backoff = \"100ms\"\nbackoff_max = \"1s\"\n"
+        ));
+    }
+    config
+}
+
+pub fn http_client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .map_err(|error| error.to_string())
+}
+
+/// `GET url` as the campaign's user; the JSON body of a 2xx answer.
+pub async fn get_json(client: &reqwest::Client, url: &str) -> Option<Value> {
+    let response = client
+        .get(url)
+        .header("authorization", USER)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.json().await.ok()
+}
+
+/// Waits until the node answers its heartbeat with 200.
+pub async fn wait_ready(client: &reqwest::Client, base: &str, within: Duration) -> bool {
+    let url = format!("{base}/diagnostic/heartbeat");
+    order_process_testkit::poll::until(within, Duration::from_millis(100), || async {
+        get_json(client, &url).await.map(|_| ())
+    })
+    .await
+    .is_some()
+}
+
+/// True when `base` sees `live` live nodes and names a leader.
+async fn formed_at(client: &reqwest::Client, base: &str, live: usize) -> bool {
+    let view = get_json(client, &format!("{base}/diagnostic/cluster")).await;
+    let connected = view
+        .as_ref()
+        .and_then(|view| view["nodes"].as_array())
+        .map(|nodes| nodes.iter().filter(|n| n["connected"] == true).count())
+        .unwrap_or(0);
+    connected == live && view.is_some_and(|view| !view["leader_name"].is_null())
+}
+
+/// Waits until every listed node sees all of them live and names a leader.
+pub async fn wait_formed(client: &reqwest::Client, bases: &[String], within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let mut formed = true;
+        for base in bases {
+            if !formed_at(client, base, bases.len()).await {
+                formed = false;
+                break;
+            }
+        }
+        if formed {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// Everything the campaign runs.
+pub struct World {
+    pub redis: RedisServer,
+    pub nodes: Vec<Node>,
+    pub partitions: Partitions,
+}
+
+impl World {
+    /// The nodes running, not paused and not cut off.
+    pub fn healthy(&mut self) -> Vec<usize> {
+        let mut healthy = Vec::new();
+        for index in 0..self.nodes.len() {
+            let port = self.nodes[index].port;
+            let node = &mut self.nodes[index];
+            if node.is_running() && !node.paused && !self.partitions.is_cut(port) {
+                healthy.push(index);
+            }
+        }
+        healthy
+    }
+
+    /// How many unfinished orders a node owns, asked of a healthy node through the cluster view
+    /// (`GET /service/nodes/{service_id}/orders`); `None` when no node could say.
+    pub async fn owned(
+        &mut self,
+        client: &reqwest::Client,
+        service_id: &Option<String>,
+    ) -> Option<usize> {
+        let service_id = service_id.as_ref()?;
+        for index in self.healthy() {
+            let url = format!(
+                "{}/service/nodes/{service_id}/orders",
+                self.nodes[index].base()
+            );
+            let reply = client
+                .get(&url)
+                .header("x-cluster-secret", SECRET)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            let Ok(response) = reply else { continue };
+            if !response.status().is_success() {
+                continue;
+            }
+            if let Ok(view) = response.json::<Value>().await {
+                if let Some(unfinished) = view["unfinished"].as_array() {
+                    return Some(unfinished.len());
+                }
+            }
+        }
+        None
+    }
+
+    /// The leader's node index, asked of a healthy node.
+    pub async fn leader(&mut self, client: &reqwest::Client) -> Option<usize> {
+        for index in self.healthy() {
+            let base = self.nodes[index].base();
+            if let Some(view) = get_json(client, &format!("{base}/diagnostic/cluster")).await {
+                let name = view["leader_name"].as_str()?.to_string();
+                return self
+                    .nodes
+                    .iter()
+                    .position(|node| node.service_id().as_deref() == Some(name.as_str()));
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,30 @@
+//! Loopback ports free for both TCP and UDP (gossip uses UDP on a node's HTTP port).
+
+use std::collections::HashSet;
+use std::net::{TcpListener, UdpSocket};
+use std::sync::Mutex;
+
+/// Ports handed out by this process, so two concurrent users never get the same one.
+static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A loopback port that is free for both TCP and UDP right now, never handed out before by
+/// this process.
+pub fn free_port() -> std::io::Result<u16> {
+    for _ in 0..100 {
+        let tcp = TcpListener::bind("127.0.0.1:0")?;
+        let port = tcp.local_addr()?.port();
+        let Ok(udp) = UdpSocket::bind(("127.0.0.1", port)) else {
+            continue;
+        };
+        drop((tcp, udp));
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if handed_out.get_or_insert_with(HashSet::new).insert(port) {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other(
+        "no port free for both TCP and UDP on 127.0.0.1",
+    ))
+}

@@ -1,0 +1,127 @@
+//! A real `redis-server` on a free loopback port with an append-only file in its own directory,
+//! killed by pid when dropped. It can be SIGKILLed and started again on the same port and
+//! directory to play a Redis crash (what it had not written to its append-only file is gone).
+
+use crate::process::{append, Proc};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// How long a starting redis-server may take to answer PING (it answers LOADING while it reads
+/// its append-only file).
+const STARTUP: Duration = Duration::from_secs(20);
+
+/// Where the server keeps its files: a temp dir removed on drop, or a directory of the caller.
+enum Dir {
+    Temp(TempDir),
+    Kept(PathBuf),
+}
+
+pub struct RedisServer {
+    pub port: u16,
+    dir: Dir,
+    appendfsync: String,
+    process: Option<Proc>,
+}
+
+impl RedisServer {
+    /// Starts one in a temp dir with `appendfsync always`; fails the test if it cannot.
+    pub fn start() -> RedisServer {
+        let started =
+            tempfile::tempdir().and_then(|dir| Self::launch_new(Dir::Temp(dir), "always"));
+        started.unwrap_or_else(|error| {
+            panic!("cannot start redis-server (scripts/test installs it): {error}")
+        })
+    }
+
+    /// Starts one keeping its files in `dir` (created if needed), with this `appendfsync`.
+    pub fn try_start(dir: PathBuf, appendfsync: &str) -> std::io::Result<RedisServer> {
+        std::fs::create_dir_all(&dir)?;
+        Self::launch_new(Dir::Kept(dir), appendfsync)
+    }
+
+    fn launch_new(dir: Dir, appendfsync: &str) -> std::io::Result<RedisServer> {
+        let mut server = RedisServer {
+            port: crate::free_port()?,
+            dir,
+            appendfsync: appendfsync.to_string(),
+            process: None,
+        };
+        server.launch()?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        match &self.dir {
+            Dir::Temp(dir) => dir.path(),
+            Dir::Kept(dir) => dir,
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.process.is_some()
+    }
+
+    fn launch(&mut self) -> std::io::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", &self.appendfsync])
+            .arg("--dir")
+            .arg(self.dir())
+            .stdin(Stdio::null())
+            .stdout(append(&self.dir().join("redis.log"))?)
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.process = Some(Proc::from_child(child));
+        let deadline = Instant::now() + STARTUP;
+        while Instant::now() < deadline {
+            if self.ping() {
+                return Ok(());
+            }
+            std::thread::sleep(crate::POLL);
+        }
+        Err(std::io::Error::other(format!(
+            "redis-server on port {} did not answer PING within {STARTUP:?}",
+            self.port
+        )))
+    }
+
+    /// True when Redis answers PING right now.
+    pub fn ping(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        if stream.write_all(b"PING\r\n").is_err() {
+            return false;
+        }
+        let mut answer = [0u8; 7];
+        stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
+    }
+
+    /// SIGKILLs Redis (its append-only file stays for the next start).
+    pub fn kill(&mut self) {
+        drop(self.process.take());
+    }
+
+    /// Starts Redis again on the same port and directory; fails the test if it cannot.
+    pub fn restart(&mut self) {
+        if let Err(error) = self.try_restart() {
+            panic!("cannot restart redis-server: {error}");
+        }
+    }
+
+    /// Starts Redis again on the same port and directory, reading its append-only file.
+    pub fn try_restart(&mut self) -> std::io::Result<()> {
+        self.kill();
+        self.launch()
+    }
+}
