@@ -21,6 +21,8 @@
 //! - `bench`      — `order-process bench` against a real node; long polls
 //! - `cluster`    — three nodes on one Redis: takeover, leases, fencing, drains
 //! - `store`      — the Redis store under a real `redis-server`: crashes, timeouts
+//! - `stuck`      — no order stuck: lost answers, timed-out creates, one process per node id,
+//!   a Redis that refuses writes
 
 #![forbid(unsafe_code)]
 
@@ -41,3 +43,4 @@ mod bench;
 mod cluster;
 mod service;
 mod store;
+mod stuck;

@@ -1,0 +1,236 @@
+//! No order stuck, and no store trusted blindly: a submission whose client hangs up, a store call
+//! that times out after Redis applied it, a Redis slower than half a second, a node id held by
+//! two processes, a Redis that answers but refuses writes. Each with a real `redis-server`
+//! paused with SIGSTOP or reconfigured with `redis-cli`, and the real binary.
+
+use crate::harness::{port, simulate, spawn, unique_user, Node, RedisServer, POLL, TERMINAL};
+use crate::history::assert_completed;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A node on `redis` with 10 ms steps, `database.timeout` as given, reconciling every second.
+fn redis_node_config(redis: &RedisServer, timeout: &str) -> String {
+    format!(
+        "{}[pipeline]\nreconcile_interval = \"1s\"\n\
+         [database]\nurl = \"{}\"\ntimeout = \"{timeout}\"\n\
+         [cluster]\nsecret = \"stuck-test-secret\"\n",
+        simulate("10ms"),
+        redis.url()
+    )
+}
+
+/// Runs `redis-cli` against `redis`; its answer, trimmed.
+fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
+    let output = Command::new("redis-cli")
+        .arg("-p")
+        .arg(redis.port.to_string())
+        .args(args)
+        .output()
+        .expect("run redis-cli");
+    assert!(output.status.success(), "redis-cli {args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// Redis stopped with SIGSTOP until `resume` or drop (so a failing test never leaves it stopped).
+struct Paused(Option<u32>);
+
+impl Paused {
+    fn redis(redis: &RedisServer) -> Paused {
+        let info = redis_cli(redis, &["INFO", "server"]);
+        let pid: u32 = info
+            .lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .and_then(|pid| pid.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no process_id in INFO server:\n{info}"));
+        signal(pid, "STOP");
+        Paused(Some(pid))
+    }
+
+    fn resume(&mut self) {
+        if let Some(pid) = self.0.take() {
+            signal(pid, "CONT");
+        }
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        self.resume();
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    let sent = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|status| status.success());
+    assert!(sent, "kill -{name} {pid}");
+}
+
+/// Polls the heartbeat until its status is `want`; panics with the last answer after `within`.
+async fn wait_heartbeat(node: &Node, want: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let reply = node
+            .call(reqwest::Method::GET, "/diagnostic/heartbeat")
+            .send()
+            .await;
+        if reply.try_json().is_some_and(|body| body["status"] == want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "heartbeat not {want} within {within:?}: {reply}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_calls_wait_as_long_as_database_timeout_says() {
+    let redis = RedisServer::start();
+    let node = Node::start(&redis_node_config(&redis, "10s")).await;
+    let user = unique_user("patient");
+    let id = node.create_order(&user, &serde_json::json!({})).await;
+    assert_completed(&node.wait_terminal(&user, &id, TERMINAL).await);
+
+    // Redis stalls for 1.5 s, well within the 10 s timeout: the read waits for it.
+    let mut paused = Paused::redis(&redis);
+    let started = Instant::now();
+    let (reply, ()) = tokio::join!(node.get_order(&user, &id), async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        paused.resume();
+    });
+    assert_eq!(
+        reply.status,
+        200,
+        "GET during a 1.5 s Redis stall with database.timeout = 10s, after {:?}: {reply}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_order_stored_after_its_create_timed_out_still_runs() {
+    let redis = RedisServer::start();
+    let node = Node::start(&redis_node_config(&redis, "500ms")).await;
+    let user = unique_user("timed-out");
+    // Warm up: the scripts are loaded and the connections open.
+    let first = node.create_order(&user, &serde_json::json!({})).await;
+    assert_completed(&node.wait_terminal(&user, &first, TERMINAL).await);
+
+    // The create goes out while Redis is stopped: the node gives up after 500 ms and answers 503,
+    // and Redis applies the create when it resumes. Nothing queued that order.
+    let mut paused = Paused::redis(&redis);
+    let reply = node.post_order(&user, "{}").await;
+    assert_eq!(reply.status, 503, "POST while Redis is stopped: {reply}");
+    paused.resume();
+
+    // The order Redis stored once it resumed...
+    let deadline = Instant::now() + TERMINAL;
+    let id = loop {
+        let ids = node.list_all_ids(&user, &[]).await;
+        if let Some(id) = ids.iter().find(|id| **id != first) {
+            break id.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the create sent to the stopped Redis was never applied"
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    // ...runs to the end, although no event queued it.
+    assert_completed(&node.wait_terminal(&user, &id, TERMINAL).await);
+}
+
+#[tokio::test]
+async fn submissions_whose_clients_hang_up_all_finish() {
+    let node = Node::start(&simulate("10ms")).await;
+    let user = unique_user("impatient");
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/orders", node.port);
+    // Clients that give up 1–20 ms into the request, many at once.
+    let submissions = (0..300u64).map(|index| {
+        let request = client
+            .post(&url)
+            .header("authorization", &user)
+            .header("content-type", "application/json")
+            .body("{}")
+            .timeout(Duration::from_millis(1 + index % 20));
+        async move {
+            let _ = request.send().await;
+        }
+    });
+    futures_util::future::join_all(submissions).await;
+
+    // Every order that was stored finishes.
+    let ids = node.list_all_ids(&user, &[]).await;
+    let deadline = Instant::now() + TERMINAL;
+    for id in &ids {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert_completed(&node.wait_terminal(&user, id, left.max(POLL)).await);
+    }
+}
+
+#[tokio::test]
+async fn a_second_process_with_the_same_node_id_refuses_to_start() {
+    let _cluster = crate::cluster::exclusive().await;
+    let redis = RedisServer::start();
+    let config = redis_node_config(&redis, "1s");
+    let node = Node::start(&config).await;
+
+    // A copy of the node's data dir: the same node id.
+    let copy = tempfile::tempdir().expect("temp dir");
+    let data = copy.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    std::fs::copy(node.data_dir().join("service_id"), data.join("service_id"))
+        .expect("copy service_id");
+    let config_path = copy.path().join("config.toml");
+    std::fs::write(&config_path, &config).expect("write config");
+    let args: Vec<String> = vec![
+        "--config".into(),
+        config_path.display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", port()),
+        "--data-dir".into(),
+        data.display().to_string(),
+    ];
+    let stdout = copy.path().join("stdout.log");
+    let stderr = copy.path().join("stderr.log");
+    let mut twin = spawn(&args, &stdout, &stderr);
+    let status = twin
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "a second process with the node id still runs:\n{}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            )
+        });
+    let said = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert!(!status.success(), "the second process exited 0:\n{said}");
+    assert!(
+        said.contains("is in use by another process"),
+        "no clear reason on stderr:\n{said}"
+    );
+    // The first process carries on.
+    wait_heartbeat(&node, "OK", Duration::from_secs(10)).await;
+    let user = unique_user("original");
+    let id = node.create_order(&user, &serde_json::json!({})).await;
+    assert_completed(&node.wait_terminal(&user, &id, TERMINAL).await);
+}
+
+#[tokio::test]
+async fn the_heartbeat_is_degraded_while_redis_refuses_writes() {
+    let redis = RedisServer::start();
+    let node = Node::start(&redis_node_config(&redis, "1s")).await;
+    wait_heartbeat(&node, "OK", Duration::from_secs(10)).await;
+
+    // Redis still answers, but refuses every write that needs memory (OOM).
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "1"]);
+    wait_heartbeat(&node, "DEGRADED", Duration::from_secs(10)).await;
+
+    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "0"]);
+    wait_heartbeat(&node, "OK", Duration::from_secs(10)).await;
+}
