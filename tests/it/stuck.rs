@@ -87,13 +87,20 @@ async fn wait_heartbeat(node: &Node, want: &str, within: Duration) {
     }
 }
 
+/// A node on `redis` with this `database.timeout`, warmed up with one completed order (scripts
+/// loaded, connections open): the node, the order's user and its id.
+async fn warm_node(redis: &RedisServer, timeout: &str, user: &str) -> (Node, String, String) {
+    let node = Node::start(&redis_node_config(redis, timeout)).await;
+    let user = unique_user(user);
+    let id = node.create_order(&user, &serde_json::json!({})).await;
+    assert_completed(&node.wait_terminal(&user, &id, TERMINAL).await);
+    (node, user, id)
+}
+
 #[tokio::test]
 async fn redis_calls_wait_as_long_as_database_timeout_says() {
     let redis = RedisServer::start();
-    let node = Node::start(&redis_node_config(&redis, "10s")).await;
-    let user = unique_user("patient");
-    let id = node.create_order(&user, &serde_json::json!({})).await;
-    assert_completed(&node.wait_terminal(&user, &id, TERMINAL).await);
+    let (node, user, id) = warm_node(&redis, "10s", "patient").await;
 
     // Redis stalls for 1.5 s, well within the 10 s timeout: the read waits for it.
     let mut paused = Paused::redis(&redis);
@@ -113,11 +120,7 @@ async fn redis_calls_wait_as_long_as_database_timeout_says() {
 #[tokio::test]
 async fn an_order_stored_after_its_create_timed_out_still_runs() {
     let redis = RedisServer::start();
-    let node = Node::start(&redis_node_config(&redis, "500ms")).await;
-    let user = unique_user("timed-out");
-    // Warm up: the scripts are loaded and the connections open.
-    let first = node.create_order(&user, &serde_json::json!({})).await;
-    assert_completed(&node.wait_terminal(&user, &first, TERMINAL).await);
+    let (node, user, first) = warm_node(&redis, "500ms", "timed-out").await;
 
     // The create goes out while Redis is stopped: the node gives up after 500 ms and answers 503,
     // and Redis applies the create when it resumes. Nothing queued that order.
