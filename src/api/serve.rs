@@ -1,7 +1,7 @@
 //! Serves the routes on a listener, one task per connection, with a deadline on request
 //! headers: a client that sends them too slowly (or leaves a keep-alive connection idle) is
 //! disconnected, so it cannot hold a connection open. warp's own server sets no such deadline.
-//! Bodies have their own deadline where they are read ([`super::limits::read_body`]).
+//! Bodies have their own deadline where they are read ([`super::limits::Body::read`]).
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;

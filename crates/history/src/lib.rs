@@ -3,7 +3,7 @@
 //!
 //! It checks the public contract only: step names are the API's strings, times are RFC 3339 in
 //! UTC. The load generator, the fault campaign and the integration tests all judge orders
-//! with [`check`].
+//! with [`mod@check`].
 //!
 //! - [`check`](mod@check): the legal histories of completed, failed, cancelled and parked orders.
 //! - [`time`]: the one RFC 3339 parser.
