@@ -457,12 +457,6 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if self.server.retry_after.is_zero() {
-            return Err(ConfigError::new(
-                "server.retry_after",
-                "must be more than 0s",
-            ));
-        }
         check_rate("simulate.failure_rate", self.simulate.failure_rate)?;
         for name in self.steps.keys() {
             let step: Step = name.parse().map_err(|error: crate::order::UnknownStep| {
@@ -482,15 +476,11 @@ impl Config {
                 "must be empty (embedded store) or start with redis://",
             ));
         }
-        if self.pipeline.reconcile_interval.is_zero() {
-            return Err(ConfigError::new(
-                "pipeline.reconcile_interval",
-                "must be more than 0s",
-            ));
-        }
-        if self.database.timeout.is_zero() {
-            return Err(ConfigError::new("database.timeout", "must be more than 0s"));
-        }
+        nonzero_durations(&[
+            ("server.retry_after", self.server.retry_after),
+            ("pipeline.reconcile_interval", self.pipeline.reconcile_interval),
+            ("database.timeout", self.database.timeout),
+        ])?;
         self.validate_cluster()?;
         self.validate_auth()?;
         self.validate_limits()
@@ -537,14 +527,10 @@ impl Config {
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
         let limits = &self.limits;
-        for (key, value) in [
+        nonzero_durations(&[
             ("limits.header_read_timeout", limits.header_read_timeout),
             ("limits.body_read_timeout", limits.body_read_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(ConfigError::new(key, "must be more than 0s"));
-            }
-        }
+        ])?;
         if !(limits.submit_rate.is_finite() && limits.submit_rate > 0.0) {
             return Err(ConfigError::new(
                 "limits.submit_rate",
@@ -612,16 +598,12 @@ impl Config {
                 "must be more than 0",
             ));
         }
-        for (key, value) in [
+        nonzero_durations(&[
             ("cluster.gossip_interval", cluster.gossip_interval),
             ("cluster.initial_interval", cluster.initial_interval),
             ("cluster.sweep_interval", cluster.sweep_interval),
             ("cluster.transfer_timeout", cluster.transfer_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(ConfigError::new(key, "must be more than 0s"));
-            }
-        }
+        ])?;
         if cluster.leader_renew_interval.is_zero()
             || cluster.leader_renew_interval * 2 > cluster.leader_lease_ttl
         {
@@ -748,6 +730,14 @@ fn check_rate(key: &str, rate: f64) -> Result<(), ConfigError> {
             key,
             format!("{rate} is not between 0 and 1"),
         ))
+    }
+}
+
+/// Each of these durations must be more than zero; the first that is not names its key.
+fn nonzero_durations(durations: &[(&str, Duration)]) -> Result<(), ConfigError> {
+    match durations.iter().find(|(_, value)| value.is_zero()) {
+        Some((key, _)) => Err(ConfigError::new(*key, "must be more than 0s")),
+        None => Ok(()),
     }
 }
 
