@@ -478,7 +478,10 @@ impl Config {
         }
         nonzero_durations(&[
             ("server.retry_after", self.server.retry_after),
-            ("pipeline.reconcile_interval", self.pipeline.reconcile_interval),
+            (
+                "pipeline.reconcile_interval",
+                self.pipeline.reconcile_interval,
+            ),
             ("database.timeout", self.database.timeout),
         ])?;
         self.validate_cluster()?;

@@ -7,10 +7,10 @@ use super::retry::RetryPolicy;
 use crate::order::{Order, OrderId, Step};
 use crate::store::{
     cancel_outcome, check_commit, retry_rollback_outcome, CancelOutcome, Created, ListQuery,
-    OrderStore, Page, RetryRollbackOutcome, StoreError,
+    OrderStore, Page, Reopen, RetryRollbackOutcome, StoreError,
 };
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -140,13 +140,13 @@ impl OrderStore for FakeStore {
         Ok(outcome)
     }
 
-    async fn retry_rollback(
-        &self,
-        id: OrderId,
-        user: &str,
-        node: &str,
-        now: DateTime<Utc>,
-    ) -> Result<RetryRollbackOutcome, StoreError> {
+    async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError> {
+        let Reopen {
+            id,
+            user,
+            node,
+            now,
+        } = reopen;
         let mut orders = self.orders.lock().unwrap();
         let stored = users_order(&orders, id, user)?;
         match retry_rollback_outcome(stored, node, now) {

@@ -6,7 +6,7 @@ use crate::metrics::Metrics;
 use crate::order::{CreatedView, Order, OrderId};
 use crate::pipeline::{Job, Pool};
 use crate::store::{
-    CancelOutcome, Created, ListQuery, OrderStore, Page, RetryRollbackOutcome, StoreError,
+    CancelOutcome, Created, ListQuery, OrderStore, Page, Reopen, RetryRollbackOutcome, StoreError,
 };
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -192,7 +192,12 @@ impl Orders for OrderService {
         }
         let outcome = self
             .store
-            .retry_rollback(id, user, &self.service_id, chrono::Utc::now())
+            .retry_rollback(Reopen {
+                id,
+                user,
+                node: &self.service_id,
+                now: chrono::Utc::now(),
+            })
             .await
             .map_err(|error| self.store_error(error))?;
         match outcome {

@@ -7,7 +7,7 @@
 
 use super::{
     cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor,
-    retry_rollback_outcome, CancelOutcome, Created, ListQuery, OrderStore, Page,
+    retry_rollback_outcome, CancelOutcome, Created, ListQuery, OrderStore, Page, Reopen,
     RetryRollbackOutcome, StoreError, IDEMPOTENCY_TTL,
 };
 use crate::order::{Order, OrderId};
@@ -454,13 +454,13 @@ impl OrderStore for EmbeddedStore {
         self.write(move |tables| tables.cancel(id, &user)).await
     }
 
-    async fn retry_rollback(
-        &self,
-        id: OrderId,
-        user: &str,
-        node: &str,
-        now: DateTime<Utc>,
-    ) -> Result<RetryRollbackOutcome, StoreError> {
+    async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError> {
+        let Reopen {
+            id,
+            user,
+            node,
+            now,
+        } = reopen;
         let (user, node) = (user.to_string(), node.to_string());
         self.write(move |tables| tables.retry_rollback(id, &user, &node, now))
             .await

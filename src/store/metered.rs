@@ -3,12 +3,11 @@
 //! clock read per call.
 
 use super::{
-    CancelOutcome, Created, ListQuery, OrderStore, Page, RetryRollbackOutcome, StoreError,
+    CancelOutcome, Created, ListQuery, OrderStore, Page, Reopen, RetryRollbackOutcome, StoreError,
 };
 use crate::metrics::{Metrics, StoreOperation};
 use crate::order::{Order, OrderId};
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -75,15 +74,9 @@ impl OrderStore for MeteredStore {
         result
     }
 
-    async fn retry_rollback(
-        &self,
-        id: OrderId,
-        user: &str,
-        node: &str,
-        now: DateTime<Utc>,
-    ) -> Result<RetryRollbackOutcome, StoreError> {
+    async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError> {
         let started = Instant::now();
-        let result = self.inner.retry_rollback(id, user, node, now).await;
+        let result = self.inner.retry_rollback(reopen).await;
         self.observe(StoreOperation::RetryRollback, started, &result);
         result
     }

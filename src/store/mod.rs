@@ -90,6 +90,15 @@ pub enum RetryRollbackOutcome {
     NotParked(Order),
 }
 
+/// A request to re-open a parked rollback: `user`'s order `id`, to be run by `node`, at `now`.
+#[derive(Clone, Copy, Debug)]
+pub struct Reopen<'a> {
+    pub id: OrderId,
+    pub user: &'a str,
+    pub node: &'a str,
+    pub now: DateTime<Utc>,
+}
+
 #[async_trait]
 pub trait OrderStore: Send + Sync + 'static {
     /// Stores a new order durably. With an idempotency key already used by the same user within
@@ -115,13 +124,7 @@ pub trait OrderStore: Send + Sync + 'static {
     /// Re-opens an order whose rollback is parked so that `node` runs the rest of it: the order
     /// rolls back again and becomes `node`'s (its epoch bumped if it changes hands), atomically,
     /// so two concurrent requests cannot both re-open it. Another user's order is `NotFound`.
-    async fn retry_rollback(
-        &self,
-        id: OrderId,
-        user: &str,
-        node: &str,
-        now: DateTime<Utc>,
-    ) -> Result<RetryRollbackOutcome, StoreError>;
+    async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError>;
 
     /// The unfinished orders a node owns.
     async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError>;

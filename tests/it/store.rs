@@ -7,7 +7,7 @@ use order_process::order::{apply, Event, Order, OrderId, Phase, RollbackState, S
 use order_process::store::embedded::EmbeddedStore;
 use order_process::store::redis::RedisStore;
 use order_process::store::{
-    CancelOutcome, Created, ListQuery, OrderStore, RetryRollbackOutcome, StoreError,
+    CancelOutcome, Created, ListQuery, OrderStore, Reopen, RetryRollbackOutcome, StoreError,
 };
 use std::time::Duration;
 
@@ -263,19 +263,34 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
 
     assert!(matches!(
         store
-            .retry_rollback(order.order_id, "someone-else", "node-b", Utc::now())
+            .retry_rollback(Reopen {
+                id: order.order_id,
+                user: "someone-else",
+                node: "node-b",
+                now: Utc::now()
+            })
             .await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
         store
-            .retry_rollback(done.order_id, &user, "node-b", Utc::now())
+            .retry_rollback(Reopen {
+                id: done.order_id,
+                user: &user,
+                node: "node-b",
+                now: Utc::now()
+            })
             .await
             .unwrap(),
         RetryRollbackOutcome::NotParked(_)
     ));
     let reopened = match store
-        .retry_rollback(order.order_id, &user, "node-b", Utc::now())
+        .retry_rollback(Reopen {
+            id: order.order_id,
+            user: &user,
+            node: "node-b",
+            now: Utc::now(),
+        })
         .await
         .unwrap()
     {
@@ -297,7 +312,12 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
     // Only once: it is rolling back now, and the old owner is fenced out.
     assert!(matches!(
         store
-            .retry_rollback(order.order_id, &user, "node-c", Utc::now())
+            .retry_rollback(Reopen {
+                id: order.order_id,
+                user: &user,
+                node: "node-c",
+                now: Utc::now()
+            })
             .await
             .unwrap(),
         RetryRollbackOutcome::NotParked(_)

@@ -7,10 +7,9 @@ use super::scripts::Scripts;
 use crate::order::{Order, OrderId, Phase};
 use crate::store::{
     cancel_outcome, decode_cursor, encode_cursor, retry_rollback_outcome, CancelOutcome, Created,
-    ListQuery, OrderStore, Page, RetryRollbackOutcome, StoreError, IDEMPOTENCY_TTL,
+    ListQuery, OrderStore, Page, Reopen, RetryRollbackOutcome, StoreError, IDEMPOTENCY_TTL,
 };
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use deadpool_redis::redis::{self, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -417,13 +416,13 @@ impl OrderStore for RedisStore {
         Ok(outcome)
     }
 
-    async fn retry_rollback(
-        &self,
-        id: OrderId,
-        user: &str,
-        node: &str,
-        now: DateTime<Utc>,
-    ) -> Result<RetryRollbackOutcome, StoreError> {
+    async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError> {
+        let Reopen {
+            id,
+            user,
+            node,
+            now,
+        } = reopen;
         for _ in 0..REOPEN_TRIES {
             let stored = self
                 .get(id)
