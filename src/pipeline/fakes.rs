@@ -141,12 +141,7 @@ impl OrderStore for FakeStore {
     }
 
     async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError> {
-        let Reopen {
-            id,
-            user,
-            node,
-            now,
-        } = reopen;
+        let (id, user, node, now) = (reopen.id, reopen.user, reopen.node, reopen.now);
         let mut orders = self.orders.lock().unwrap();
         let stored = users_order(&orders, id, user)?;
         match retry_rollback_outcome(stored, node, now) {

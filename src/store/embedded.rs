@@ -384,13 +384,9 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
 
 #[async_trait]
 impl OrderStore for EmbeddedStore {
-    async fn create(
-        &self,
-        order: &Order,
-        idempotency_key: Option<&str>,
-    ) -> Result<Created, StoreError> {
+    async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError> {
         let (order, bytes) = (order.clone(), encode(order)?);
-        let key = idempotency_key.map(str::to_string);
+        let key = key.map(str::to_string);
         self.write(move |tables| tables.create(&order, &bytes, key.as_deref()))
             .await
     }
@@ -455,12 +451,7 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError> {
-        let Reopen {
-            id,
-            user,
-            node,
-            now,
-        } = reopen;
+        let (id, user, node, now) = (reopen.id, reopen.user, reopen.node, reopen.now);
         let (user, node) = (user.to_string(), node.to_string());
         self.write(move |tables| tables.retry_rollback(id, &user, &node, now))
             .await

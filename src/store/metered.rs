@@ -39,13 +39,9 @@ impl MeteredStore {
 
 #[async_trait]
 impl OrderStore for MeteredStore {
-    async fn create(
-        &self,
-        order: &Order,
-        idempotency_key: Option<&str>,
-    ) -> Result<Created, StoreError> {
+    async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError> {
         let started = Instant::now();
-        let result = self.inner.create(order, idempotency_key).await;
+        let result = self.inner.create(order, key).await;
         self.observe(StoreOperation::Create, started, &result);
         result
     }

@@ -103,11 +103,7 @@ pub struct Reopen<'a> {
 pub trait OrderStore: Send + Sync + 'static {
     /// Stores a new order durably. With an idempotency key already used by the same user within
     /// [`IDEMPOTENCY_TTL`], stores nothing and returns the first order.
-    async fn create(
-        &self,
-        order: &Order,
-        idempotency_key: Option<&str>,
-    ) -> Result<Created, StoreError>;
+    async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError>;
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError>;
 

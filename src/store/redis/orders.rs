@@ -255,13 +255,9 @@ impl RedisStore {
 
 #[async_trait]
 impl OrderStore for RedisStore {
-    async fn create(
-        &self,
-        order: &Order,
-        idempotency_key: Option<&str>,
-    ) -> Result<Created, StoreError> {
+    async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError> {
         let mut adopted: Option<Order> = None;
-        if let Some(given) = idempotency_key {
+        if let Some(given) = key {
             let key = idem_key(&order.user, given);
             let id = order.order_id.to_string();
             let earlier = self.set_idempotency_key(&key, &id, true).await?;
@@ -417,12 +413,7 @@ impl OrderStore for RedisStore {
     }
 
     async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError> {
-        let Reopen {
-            id,
-            user,
-            node,
-            now,
-        } = reopen;
+        let (id, user, node, now) = (reopen.id, reopen.user, reopen.node, reopen.now);
         for _ in 0..REOPEN_TRIES {
             let stored = self
                 .get(id)
