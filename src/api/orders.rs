@@ -21,6 +21,9 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Filter;
 
+/// What an order handler answers: the reply, or the error as JSON.
+type Answer = Result<Response, ApiError>;
+
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
 /// The most orders one `POST /orders/wait` may name.
@@ -370,24 +373,16 @@ where
         .boxed()
 }
 
-async fn cancel_order(
-    state: State,
-    user_header: Option<String>,
-    id: String,
-) -> Result<Response, ApiError> {
-    let caller = state.caller(user_header.as_deref())?;
+async fn cancel_order(state: State, user: Option<String>, id: String) -> Answer {
+    let caller = state.caller(user.as_deref())?;
     let order = state.orders.cancel(&caller.user, order_id(&id)?).await?;
     Ok(json_reply(StatusCode::ACCEPTED, &OrderView::from(&order)))
 }
 
 /// Retries the compensations of an order whose rollback is parked; this node runs them. The
 /// order's user may ask, and so may an admin for anyone's order.
-async fn retry_parked_rollback(
-    state: State,
-    user_header: Option<String>,
-    id: String,
-) -> Result<Response, ApiError> {
-    let caller = state.caller(user_header.as_deref())?;
+async fn retry_parked_rollback(state: State, user: Option<String>, id: String) -> Answer {
+    let caller = state.caller(user.as_deref())?;
     let order_id = order_id(&id)?;
     let user = if caller.is_admin() {
         let order = state.orders.get(Scope::All, order_id).await?;

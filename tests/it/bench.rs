@@ -60,22 +60,18 @@ async fn a_small_bench_run_loses_nothing_and_finds_every_history_right() {
 async fn long_poll_answers_when_the_order_finishes() {
     let node = Node::start("[simulate]\nduration = \"300ms\"\nfailure_rate = 0.0\n").await;
     let id = node.create_order("poller", &serde_json::json!({})).await;
+    let poll = |wait: &'static str| {
+        node.call(reqwest::Method::GET, &format!("/orders/{id}"))
+            .user("poller")
+            .query("wait", wait)
+            .send()
+    };
     let started = std::time::Instant::now();
-    let reply = node
-        .call(reqwest::Method::GET, &format!("/orders/{id}"))
-        .user("poller")
-        .query("wait", "30s")
-        .send()
-        .await;
+    let reply = poll("30s").await;
     let order = node.expect_json(&reply, 200, "long poll");
     assert_eq!(order["current_step"], "Completed", "{order}");
     assert!(started.elapsed() < std::time::Duration::from_secs(25));
-    let reply = node
-        .call(reqwest::Method::GET, &format!("/orders/{id}"))
-        .user("poller")
-        .query("wait", "forever")
-        .send()
-        .await;
+    let reply = poll("forever").await;
     node.expect_error(&reply, 400, "a bad wait");
 }
 

@@ -35,6 +35,16 @@ fn succeed(order: &Order) -> Order {
     )
 }
 
+/// `user`'s retry of the parked rollback of order `id`, to run on `node`, now.
+fn reopen<'a>(id: OrderId, user: &'a str, node: &'a str) -> Reopen<'a> {
+    Reopen {
+        id,
+        user,
+        node,
+        now: Utc::now(),
+    }
+}
+
 async fn create(store: &dyn OrderStore, order: &Order) {
     match store.create(order, None).await.expect("create") {
         Created::New => {}
@@ -222,22 +232,20 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
     let user = format!("parker-{}", uuid::Uuid::new_v4().simple());
     let order = new_order(&user, "node-a", 0);
     create(store, &order).await;
-    let failed = step(
-        &order,
+    let mut parked = order.clone();
+    for event in [
         Event::StepFailed {
             step: Step::Scheduling,
             reason: "declined".into(),
         },
-    );
-    store.commit(&failed).await.expect("commit failure");
-    let parked = step(
-        &failed,
         Event::RollbackFailed {
             step: Step::Scheduling,
             reason: "refund service down".into(),
         },
-    );
-    store.commit(&parked).await.expect("commit parked");
+    ] {
+        parked = step(&parked, event);
+        store.commit(&parked).await.expect("commit");
+    }
     assert!(!store
         .owned_unfinished("node-a")
         .await
@@ -263,34 +271,19 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
 
     assert!(matches!(
         store
-            .retry_rollback(Reopen {
-                id: order.order_id,
-                user: "someone-else",
-                node: "node-b",
-                now: Utc::now()
-            })
+            .retry_rollback(reopen(order.order_id, "someone-else", "node-b"))
             .await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
         store
-            .retry_rollback(Reopen {
-                id: done.order_id,
-                user: &user,
-                node: "node-b",
-                now: Utc::now()
-            })
+            .retry_rollback(reopen(done.order_id, &user, "node-b"))
             .await
             .unwrap(),
         RetryRollbackOutcome::NotParked(_)
     ));
     let reopened = match store
-        .retry_rollback(Reopen {
-            id: order.order_id,
-            user: &user,
-            node: "node-b",
-            now: Utc::now(),
-        })
+        .retry_rollback(reopen(order.order_id, &user, "node-b"))
         .await
         .unwrap()
     {
@@ -312,12 +305,7 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
     // Only once: it is rolling back now, and the old owner is fenced out.
     assert!(matches!(
         store
-            .retry_rollback(Reopen {
-                id: order.order_id,
-                user: &user,
-                node: "node-c",
-                now: Utc::now()
-            })
+            .retry_rollback(reopen(order.order_id, &user, "node-c"))
             .await
             .unwrap(),
         RetryRollbackOutcome::NotParked(_)
