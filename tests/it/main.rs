@@ -20,12 +20,14 @@
 //! - `service`    — the cluster-internal view of the orders a node owns
 //! - `bench`      — `order-process bench` against a real node; long polls
 //! - `cluster`    — three nodes on one Redis: takeover, leases, fencing, drains
-//! - `store`      — the Redis store under a real `redis-server`: crashes, timeouts
+//! - `store`      — the Redis store under a real `redis-server`: crashes, timeouts, lost replies
+//! - `proxy`      — a TCP proxy in front of Redis that cuts connections and loses replies
 
 #![forbid(unsafe_code)]
 
 mod harness;
 mod history;
+mod proxy;
 
 mod api;
 mod config;
