@@ -484,7 +484,13 @@ impl Cluster {
         if live {
             return Err(TransferError::Alive(dead.to_string()));
         }
-        let ids = self.store.reassign(dead, &self.node_id).await?;
+        let ids = match self.store.reassign(dead, &self.node_id).await {
+            Ok(ids) => ids,
+            Err(error) => {
+                self.resume_after_failed_takeover(dead).await;
+                return Err(error.into());
+            }
+        };
         info!(from = %dead, orders = ids.len(), "took over orders");
         let orders = ids.len();
         self.metrics.transfer_accepted(orders);
@@ -494,6 +500,26 @@ impl Cluster {
             transferred_service_id: dead.to_string(),
             orders,
         })
+    }
+
+    /// After a takeover that failed part-way: the orders it moved (a store call that timed out
+    /// may have moved some too) are in this node's owned set, so that set is read again and what
+    /// nothing here runs is resumed now, not at the next reconciliation. The leader asks again
+    /// for the rest.
+    async fn resume_after_failed_takeover(&self, dead: &str) {
+        match self.store.owned_unfinished(&self.node_id).await {
+            Ok(owned) => {
+                let idle: Vec<_> = owned
+                    .into_iter()
+                    .filter(|id| !self.pool.is_active(*id))
+                    .collect();
+                warn!(from = %dead, orders = idle.len(), "takeover failed part-way; resuming what it moved");
+                self.pool.resume_all(idle);
+            }
+            Err(error) => {
+                warn!(from = %dead, error = %error, "takeover failed part-way and own orders cannot be listed; reconciliation resumes them");
+            }
+        }
     }
 
     /// Keeps this node's in-flight count in gossip, for the leader's choice of takeover target.
