@@ -21,7 +21,7 @@
 //! - `bench`      — `order-process bench` against a real node; long polls
 //! - `cluster`    — three nodes on one Redis: takeover, leases, fencing, drains
 //! - `store`      — the Redis store under a real `redis-server`: crashes, timeouts, lost replies
-//! - `takeover`   — takeovers that fail part-way
+//! - `takeover`   — takeovers that fail part-way, and the takeover bound when gossip is wrong
 //! - `proxy`      — a TCP proxy in front of Redis that cuts connections and loses replies
 
 #![forbid(unsafe_code)]

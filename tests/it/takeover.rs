@@ -1,8 +1,8 @@
 //! Takeovers under faults that the plain cluster tests do not make: a takeover whose store calls
-//! fail part-way (replies lost by a proxy in front of Redis). Real nodes, a real `redis-server`,
-//! a real TCP proxy.
+//! fail part-way (replies lost by a proxy in front of Redis), and a node cut off from Redis while
+//! gossip still calls it live. Real nodes, a real `redis-server`, a real TCP proxy.
 
-use crate::cluster::{exclusive, leader_of, SECRET, TAKEOVER};
+use crate::cluster::{exclusive, leader_of, wait_formed, SECRET, TAKEOVER};
 use crate::harness::{unique_user, Node, RedisServer, POLL};
 use crate::proxy::Proxy;
 use order_process::cluster::{Coordinator, RedisCoordinator};
@@ -108,4 +108,53 @@ async fn a_takeover_that_fails_part_way_resumes_what_it_moved() {
         taker.log().contains("takeover failed part-way"),
         "the takeover did not fail part-way"
     );
+}
+
+/// Regression: a node cut off from Redis cannot renew its liveness lease and starts no step, but
+/// gossip still calls it live, and the leader took over only nodes gossip called dead: its orders
+/// waited as long as the cut. The lease is the authority now: once it has been expired for
+/// `cluster.takeover_after` the node's orders are taken over, whatever gossip says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_redis_but_live_in_gossip_is_taken_over() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port).await;
+    let first = Node::start(&config(&redis.url(), "10ms", "", &[])).await;
+    let seed = first.port;
+    let second = Node::start(&config(&redis.url(), "10ms", "", &[seed])).await;
+    let victim = Node::start(&config(&proxy.url(), "2s", "", &[seed])).await;
+    let nodes = vec![first, second, victim];
+    wait_formed(&nodes, 3).await;
+    let user = unique_user("cut-off");
+    let mut ids = Vec::new();
+    for index in 0..10 {
+        ids.push(
+            nodes[2]
+                .create_order(&user, &serde_json::json!({ "n": index }))
+                .await,
+        );
+    }
+    proxy.sever();
+    let cut = Instant::now();
+    // Gossip keeps calling the victim live all along; its orders complete on the others.
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    // The bound: the lease lapses (`liveness_ttl`, 3 s), stays lapsed `takeover_after` (2 s);
+    // plus room for a loaded machine.
+    wait_all_finished(&store, &ids, Duration::from_secs(3 + 2 + 10)).await;
+    let took = cut.elapsed();
+    let view = nodes[0].cluster().await;
+    proxy.heal();
+    let victim_id = nodes[2].service_id_file();
+    let live = view["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|node| node["name"] == victim_id.as_str() && node["connected"] == true);
+    assert!(
+        live,
+        "gossip no longer calls the victim live: the test shows nothing"
+    );
+    let log = format!("{}{}", nodes[0].log(), nodes[1].log());
+    assert!(log.contains("took over orders"), "no takeover logged");
+    eprintln!("orders of a node cut off from redis finished {took:?} after the cut");
 }
