@@ -284,6 +284,10 @@ pub struct ClusterConfig {
     /// Longest wait for a peer to answer a transfer request.
     #[serde(deserialize_with = "duration")]
     pub transfer_timeout: Duration,
+    /// How long the leader sees a node's liveness lease expired before it takes the node's
+    /// orders over even though gossip still calls the node live.
+    #[serde(deserialize_with = "duration")]
+    pub takeover_after: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -303,6 +307,7 @@ impl Default for ClusterConfig {
             liveness_renew_interval: Duration::from_secs(1),
             sweep_interval: Duration::from_millis(500),
             transfer_timeout: Duration::from_secs(10),
+            takeover_after: Duration::from_secs(2),
         }
     }
 }

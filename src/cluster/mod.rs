@@ -4,8 +4,9 @@
 //! - Every node keeps a liveness lease (`op:alive:{node}`); while it is current the node may
 //!   start steps (the pipeline's [`Gate`]).
 //! - One node holds the leader lease, renewed by compare-and-set; each term has a fencing token.
-//! - The leader sweeps: a registered node that gossip does not see live, whose liveness lease
-//!   has expired and which still owns orders is dead; the live node with the fewest orders in
+//! - The leader sweeps: a registered node whose liveness lease has expired and which still owns
+//!   orders is dead once gossip agrees, or once the lease has stayed expired for
+//!   `cluster.takeover_after` whatever gossip says; the live node with the fewest orders in
 //!   flight is asked to take them over (`POST /service/transfer`).
 //! - On SIGTERM a node drains: it announces it is leaving, lets running steps finish, releases
 //!   its liveness lease and hands its remaining orders to a live peer.
@@ -15,12 +16,15 @@
 
 mod coordination;
 pub mod keys;
+mod lapsed;
 mod membership;
 mod redis;
 
 pub use coordination::{Coordinator, Leader, Liveness, NodeStatus, Renewal};
 pub use membership::{Member, Membership, SeenNode};
 pub use redis::RedisCoordinator;
+
+use lapsed::LapsedLeases;
 
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
@@ -83,6 +87,8 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     membership: tokio::sync::Mutex<Option<Membership>>,
     term: Mutex<Option<Term>>,
+    /// Since when this term has seen each node without its liveness lease.
+    lapsed: Mutex<LapsedLeases>,
     http: reqwest::Client,
     stop_tx: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -144,6 +150,7 @@ impl Cluster {
             metrics,
             membership: tokio::sync::Mutex::new(Some(membership)),
             term: Mutex::new(None),
+            lapsed: Mutex::new(LapsedLeases::default()),
             http,
             stop_tx,
             tasks: Mutex::new(Vec::new()),
@@ -350,31 +357,48 @@ impl Cluster {
     async fn sweep_once(&self, token: u64) -> Result<(), crate::store::StoreError> {
         let live = self.live_members().await;
         let live_ids: HashSet<&str> = live.iter().map(|member| member.node_id.as_str()).collect();
-        let suspects: Vec<String> = self
+        // Every registered node, gossip-live or not: the liveness lease is the authority, gossip
+        // only makes a takeover sooner.
+        let known: Vec<String> = self
             .coordinator
             .known_nodes()
             .await?
             .into_iter()
             .map(|(node, _)| node)
-            .filter(|node| node != &self.node_id && !live_ids.contains(node.as_str()))
+            .filter(|node| node != &self.node_id)
             .collect();
-        if suspects.is_empty() {
+        if known.is_empty() {
             return Ok(());
         }
-        let statuses = self.coordinator.node_status(&suspects).await?;
-        for (node, NodeStatus { alive, owned }) in suspects.iter().zip(statuses) {
-            if alive {
+        let statuses = self.coordinator.node_status(&known).await?;
+        for (node, NodeStatus { alive, owned }) in known.iter().zip(statuses) {
+            let lapsed = self
+                .lapsed
+                .lock()
+                .map(|mut lapsed| lapsed.observe(token, node, alive, Instant::now()))
+                .unwrap_or_default();
+            let gossip_live = live_ids.contains(node.as_str());
+            if alive || (gossip_live && lapsed < self.config.takeover_after) {
                 continue;
             }
             if owned == 0 {
-                self.coordinator.forget_node(node).await?;
-                debug!(node = %node, "forgot a dead node that owns no orders");
+                if !gossip_live {
+                    self.coordinator.forget_node(node).await?;
+                    if let Ok(mut lapsed) = self.lapsed.lock() {
+                        lapsed.forget(node);
+                    }
+                    debug!(node = %node, "forgot a dead node that owns no orders");
+                }
                 continue;
             }
             if !self.is_leader() {
                 return Ok(());
             }
-            info!(node = %node, orders = owned, "node is dead and owns orders, transferring them");
+            if gossip_live {
+                warn!(node = %node, orders = owned, lapsed_ms = u64::try_from(lapsed.as_millis()).unwrap_or(u64::MAX), "liveness lease expired for longer than cluster.takeover_after while gossip calls the node live; transferring its orders");
+            } else {
+                info!(node = %node, orders = owned, "node is dead and owns orders, transferring them");
+            }
             self.transfer_to_best(node, token, &live).await;
         }
         Ok(())
@@ -477,14 +501,22 @@ impl Cluster {
                 return Err(TransferError::StaleLeader { given, current });
             }
         }
-        let live = !handover && {
+        // A leader's request (with its token) is decided on the liveness lease, checked above;
+        // gossip may still call a node live that has been cut off from the store.
+        let live = !handover && token.is_none() && {
             let membership = self.membership.lock().await;
             membership.as_ref().is_some_and(|m| m.is_live(dead))
         };
         if live {
             return Err(TransferError::Alive(dead.to_string()));
         }
-        let ids = self.store.reassign(dead, &self.node_id).await?;
+        let ids = match self.store.reassign(dead, &self.node_id).await {
+            Ok(ids) => ids,
+            Err(error) => {
+                self.resume_after_failed_takeover(dead).await;
+                return Err(error.into());
+            }
+        };
         info!(from = %dead, orders = ids.len(), "took over orders");
         let orders = ids.len();
         self.metrics.transfer_accepted(orders);
@@ -494,6 +526,26 @@ impl Cluster {
             transferred_service_id: dead.to_string(),
             orders,
         })
+    }
+
+    /// After a takeover that failed part-way: the orders it moved (a store call that timed out
+    /// may have moved some too) are in this node's owned set, so that set is read again and what
+    /// nothing here runs is resumed now, not at the next reconciliation. The leader asks again
+    /// for the rest.
+    async fn resume_after_failed_takeover(&self, dead: &str) {
+        match self.store.owned_unfinished(&self.node_id).await {
+            Ok(owned) => {
+                let idle: Vec<_> = owned
+                    .into_iter()
+                    .filter(|id| !self.pool.is_active(*id))
+                    .collect();
+                warn!(from = %dead, orders = idle.len(), "takeover failed part-way; resuming what it moved");
+                self.pool.resume_all(idle);
+            }
+            Err(error) => {
+                warn!(from = %dead, error = %error, "takeover failed part-way and own orders cannot be listed; reconciliation resumes them");
+            }
+        }
     }
 
     /// Keeps this node's in-flight count in gossip, for the leader's choice of takeover target.

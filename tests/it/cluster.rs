@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, MutexGuard};
 
-const SECRET: &str = "test-cluster-secret";
+pub(crate) const SECRET: &str = "test-cluster-secret";
 /// Takeover needs gossip to call the node dead (≈2 s) and its lease to lapse (3 s): allow plenty.
 pub(crate) const TAKEOVER: Duration = Duration::from_secs(40);
 
@@ -85,7 +85,7 @@ pub(crate) async fn wait_formed(nodes: &[Node], live: usize) {
     }
 }
 
-async fn leader_of(node: &Node) -> String {
+pub(crate) async fn leader_of(node: &Node) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let view = node.cluster().await;

@@ -20,14 +20,17 @@
 //! - `service`    — the cluster-internal view of the orders a node owns
 //! - `bench`      — `order-process bench` against a real node; long polls
 //! - `cluster`    — three nodes on one Redis: takeover, leases, fencing, drains
-//! - `store`      — the Redis store under a real `redis-server`: crashes, timeouts
 //! - `stuck`      — no order stuck: lost answers, timed-out creates, one process per node id,
 //!   a Redis that refuses writes
+//! - `store`      — the Redis store under a real `redis-server`: crashes, timeouts, lost replies
+//! - `takeover`   — takeovers that fail part-way, and the takeover bound when gossip is wrong
+//! - `proxy`      — a TCP proxy in front of Redis that cuts connections and loses replies
 
 #![forbid(unsafe_code)]
 
 mod harness;
 mod history;
+mod proxy;
 
 mod api;
 mod config;
@@ -44,3 +47,4 @@ mod cluster;
 mod service;
 mod store;
 mod stuck;
+mod takeover;

@@ -2,6 +2,7 @@
 //! store against a real `redis-server` started by the test.
 
 use crate::harness::RedisServer;
+use crate::proxy::Proxy;
 use chrono::{Duration as Span, Utc};
 use order_process::order::{apply, Event, Order, OrderId, Phase, RollbackState, Step};
 use order_process::store::embedded::EmbeddedStore;
@@ -471,4 +472,48 @@ async fn redis_store_keeps_one_order_per_idempotency_key_when_the_first_request_
         Created::Existing(existing) => assert_eq!(existing.order_id, stalled.order_id),
         other => panic!("{other:?}"),
     }
+}
+
+/// Regression: the first create after Redis forgot its scripts (a restart, a `SCRIPT FLUSH`) was
+/// a pipeline whose index entries (owned set, user index) ran while its create script was refused
+/// with `NOSCRIPT`; when the connection was lost before the pipeline went out again, the indexes
+/// named an order that was never stored. The create and its index entries are one script now:
+/// all of it or nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_create_cut_off_after_noscript_leaves_no_index_entry() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port).await;
+    let store = RedisStore::connect(&proxy.url(), 1, Duration::from_secs(2)).unwrap();
+    let user = format!("user-{}", uuid::Uuid::new_v4().simple());
+    create(&store, &new_order(&user, "node-a", 0)).await;
+    let answer = raw_command(redis.port, &["SCRIPT", "FLUSH"]);
+    assert!(answer.starts_with("+OK"), "{answer}");
+    proxy.cut_before_reply("NOSCRIPT");
+    let order = new_order(&user, "node-a", 5);
+    assert!(matches!(
+        store.create(&order, None).await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert_eq!(proxy.faults_made(), 1, "the connection was not cut");
+    let id = order.order_id.to_string();
+    let user_index = format!("op:user:{user}");
+    let owned = |port| raw_command(port, &["SISMEMBER", "op:owned:node-a", &id]);
+    assert_eq!(
+        raw_command(redis.port, &["EXISTS", &format!("op:order:{id}")]),
+        ":0\r\n"
+    );
+    assert_eq!(
+        owned(redis.port),
+        ":0\r\n",
+        "owned set names a missing order"
+    );
+    assert_eq!(
+        raw_command(redis.port, &["ZCARD", &user_index]),
+        ":1\r\n",
+        "user index names a missing order"
+    );
+    // The client's retry stores it once, with its index entries.
+    create(&store, &order).await;
+    assert_eq!(owned(redis.port), ":1\r\n");
+    assert_eq!(raw_command(redis.port, &["ZCARD", &user_index]), ":2\r\n");
 }

@@ -28,8 +28,11 @@ pub(crate) fn order_key(id: &str) -> String {
     format!("op:order:{id}")
 }
 
+/// What a node's owned set's key is its id prefixed with.
+pub(crate) const OWNED_PREFIX: &str = "op:owned:";
+
 pub(crate) fn owned_key(node: &str) -> String {
-    format!("op:owned:{node}")
+    format!("{OWNED_PREFIX}{node}")
 }
 
 pub(crate) fn user_key(user: &str) -> String {

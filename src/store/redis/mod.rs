@@ -6,10 +6,11 @@
 //! - [`RedisStore`]: the [`OrderStore`](super::OrderStore) on Redis, its Lua scripts in
 //!   `scripts`. The cluster's coordinator shares its connections.
 //!
-//! Every change to an order is one Lua script on its one key that writes only if the caller still
-//! owns it (owner and epoch compare-and-set). The index sets are kept up to date in the same round
-//! trip, idempotently, and [`OrderStore::repair_indexes`](super::OrderStore::repair_indexes)
-//! rebuilds them from the order hashes.
+//! Every change to an order is one Lua script that writes only if the caller still owns it (owner
+//! and epoch compare-and-set) and changes the order's index entries (owned sets, user index,
+//! idempotency key) in the same atomic step, so no failure between calls leaves an index that
+//! disagrees with the order. [`OrderStore::repair_indexes`](super::OrderStore::repair_indexes)
+//! still rebuilds them from the order hashes.
 
 mod conn;
 pub mod keys;

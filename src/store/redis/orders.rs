@@ -1,8 +1,8 @@
-//! [`RedisStore`]: the [`OrderStore`] on Redis. Every change to an order is one Lua script on its
-//! key (see `scripts`); its owner and user indexes are written in the same round trip.
+//! [`RedisStore`]: the [`OrderStore`] on Redis. Every change to an order is one Lua script (see
+//! `scripts`) that writes its index entries in the same atomic step.
 
 use super::conn::{Connections, Scripted};
-use super::keys::{idem_key, order_key, owned_key, user_key, ORDER_PATTERN, PROBE};
+use super::keys::{idem_key, order_key, owned_key, user_key, ORDER_PATTERN, OWNED_PREFIX, PROBE};
 use super::scripts::Scripts;
 use crate::order::{Order, OrderId, Phase};
 use crate::store::{
@@ -155,145 +155,104 @@ impl RedisStore {
         Ok(count)
     }
 
-    /// Writes a new order unless its id exists already (false then). Its owner and user indexes
-    /// are written in the same round trip, so an order is never stored without them; when the id
-    /// turns out to exist, the entries this call added are taken back.
-    async fn write_new(&self, order: &Order) -> Result<bool, StoreError> {
+    /// Runs the create script for `order`: the order, its index entries and (with `idempotency`,
+    /// the key and whether to take over a key that holds no order id) its idempotency key, in
+    /// one atomic step. A lone script call, so a Redis that has forgotten the script loads it and
+    /// runs the whole create again: nothing of it ran before.
+    async fn write_new(
+        &self,
+        order: &Order,
+        idempotency: Option<(&str, bool)>,
+    ) -> Result<Written, StoreError> {
         let id = order.order_id.to_string();
         let doc = serde_json::to_string(order).map_err(corrupt)?;
-        let member = micros_member(order);
-        let mut pipeline = redis::pipe();
-        pipeline
-            .cmd("SADD")
-            .arg(owned_key(&order.owner))
+        let mut create = self.scripts.create.key(order_key(&id));
+        create
+            .key(owned_key(&order.owner))
+            .key(user_key(&order.user));
+        if let Some((key, _)) = idempotency {
+            create.key(idem_key(&order.user, key));
+        }
+        create
+            .arg(&doc)
+            .arg(&order.owner)
+            .arg(order.epoch)
+            .arg(&order.user)
+            .arg(state_name(order))
+            .arg(order.current_step.as_str())
+            .arg(micros_member(order))
             .arg(&id)
-            .ignore()
-            .cmd("ZADD")
-            .arg(user_key(&order.user))
-            .arg(0)
-            .arg(&member)
-            .ignore();
-        pipeline.invoke_script(
-            self.scripts
-                .create
-                .key(order_key(&id))
-                .arg(&doc)
-                .arg(&order.owner)
-                .arg(order.epoch)
-                .arg(&order.user)
-                .arg(state_name(order))
-                .arg(order.current_step.as_str()),
-        );
-        let (outcome,): (Vec<Option<String>>,) = self.scripted(&pipeline).await?;
-        let mut outcome = outcome.into_iter();
-        let created = outcome.next().flatten().unwrap_or_default();
-        let existing_owner = outcome.next().flatten();
-        if created == "ok" {
-            return Ok(true);
+            .arg(IDEMPOTENCY_TTL.as_secs())
+            .arg(if matches!(idempotency, Some((_, true))) {
+                "1"
+            } else {
+                "0"
+            });
+        let answer: Vec<Option<String>> = self.redis.query(&create).await?;
+        let mut answer = answer.into_iter();
+        let outcome = answer.next().flatten().unwrap_or_default();
+        let detail = answer.next().flatten();
+        match (outcome.as_str(), detail) {
+            ("ok", _) => Ok(Written::New),
+            ("exists", _) => Ok(Written::Exists),
+            ("key", Some(earlier)) => Ok(Written::KeyUsed(earlier)),
+            (other, _) => Err(StoreError::Corrupt(format!("create answered `{other}`"))),
         }
-        let existing = self.get(order.order_id).await?;
-        let mut pipeline = redis::pipe();
-        if existing_owner.as_deref() != Some(order.owner.as_str()) {
-            pipeline
-                .cmd("SREM")
-                .arg(owned_key(&order.owner))
-                .arg(&id)
-                .ignore();
-        }
-        if existing.as_ref().map(micros_member).as_deref() != Some(member.as_str()) {
-            pipeline
-                .cmd("ZREM")
-                .arg(user_key(&order.user))
-                .arg(&member)
-                .ignore();
-        }
-        self.redis.query::<(), _>(&pipeline).await?;
-        Ok(false)
     }
+}
 
-    /// Removes ids from an owner set when the order there is someone else's or finished, and
-    /// adds each to its actual owner's set.
-    async fn fix_owned(
-        &self,
-        node: &str,
-        stale: &[(String, Option<String>)],
-    ) -> Result<(), StoreError> {
-        if stale.is_empty() {
-            return Ok(());
-        }
-        let mut pipeline = redis::pipe();
-        for (id, actual_owner) in stale {
-            pipeline.cmd("SREM").arg(owned_key(node)).arg(id).ignore();
-            if let Some(owner) = actual_owner {
-                pipeline.cmd("SADD").arg(owned_key(owner)).arg(id).ignore();
-            }
-        }
-        self.redis.query(&pipeline).await
-    }
-
-    /// Points an idempotency key at `id` for [`IDEMPOTENCY_TTL`]: only if the key is free (`NX`)
-    /// when `only_new`, answering what the key held before.
-    async fn set_idempotency_key(
-        &self,
-        key: &str,
-        id: &str,
-        only_new: bool,
-    ) -> Result<Option<String>, StoreError> {
-        let mut command = redis::cmd("SET");
-        command.arg(key).arg(id);
-        if only_new {
-            command.arg("NX").arg("GET");
-        }
-        command.arg("EX").arg(IDEMPOTENCY_TTL.as_secs());
-        if only_new {
-            self.redis.query(&command).await
-        } else {
-            self.redis.query::<(), _>(&command).await.map(|()| None)
-        }
-    }
+/// What the create script did.
+enum Written {
+    /// Stored, with its index entries and idempotency key.
+    New,
+    /// The id is taken: nothing was written.
+    Exists,
+    /// The idempotency key names this other id: nothing was written.
+    KeyUsed(String),
 }
 
 #[async_trait]
 impl OrderStore for RedisStore {
     async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError> {
-        let mut adopted: Option<Order> = None;
-        if let Some(given) = key {
-            let key = idem_key(&order.user, given);
-            let id = order.order_id.to_string();
-            let earlier = self.set_idempotency_key(&key, &id, true).await?;
-            match earlier.map(|earlier| OrderId::try_parse(&earlier)) {
-                None => {}
-                Some(Ok(earlier)) => {
+        let mut order = order.clone();
+        let mut adopted = false;
+        let mut take_key = false;
+        // At most: the key names an id whose order is not stored (adopt it), then that id turns
+        // out to be taken or the key names yet another id (another request won the race).
+        for _ in 0..3 {
+            let idempotency = key.map(|key| (key, take_key));
+            let earlier = match self.write_new(&order, idempotency).await? {
+                Written::New if adopted => return Ok(Created::Adopted(Box::new(order))),
+                Written::New => return Ok(Created::New),
+                Written::Exists => {
+                    // Another request with the same key (or a stalled one) stored this id first.
+                    return match self.get(order.order_id).await? {
+                        Some(first) => Ok(Created::Existing(Box::new(first))),
+                        None => Err(StoreError::Unavailable(
+                            "order of this idempotency key is being written, try again".into(),
+                        )),
+                    };
+                }
+                Written::KeyUsed(earlier) => earlier,
+            };
+            match OrderId::try_parse(&earlier) {
+                Ok(earlier) => {
                     if let Some(first) = self.get(earlier).await? {
                         return Ok(Created::Existing(Box::new(first)));
                     }
-                    // The key's first request reserved this id and wrote no order: it failed, or
-                    // it is stalled and may still write it. This one is stored under the same id,
-                    // so whichever writes first wins and there is never a second order.
-                    let mut same = order.clone();
-                    same.order_id = earlier;
-                    adopted = Some(same);
+                    // The key names an id with no order (reserved by a request that failed or
+                    // stalls before storing it): this one is stored under that id, so whichever
+                    // writes first wins and there is never a second order.
+                    order.order_id = earlier;
+                    adopted = true;
                 }
-                Some(Err(_)) => {
-                    // Not an order id (written by something else): this request takes the key.
-                    self.set_idempotency_key(&key, &id, false).await?;
-                }
+                // Not an order id (written by something else): this request takes the key.
+                Err(_) => take_key = true,
             }
         }
-        let order = adopted.as_ref().unwrap_or(order);
-        if self.write_new(order).await? {
-            return Ok(match adopted {
-                Some(adopted) => Created::Adopted(Box::new(adopted)),
-                None => Created::New,
-            });
-        }
-        // Another request with the same key stored this id first.
-        match self.get(order.order_id).await? {
-            Some(first) => Ok(Created::Existing(Box::new(first))),
-            None => Err(StoreError::Unavailable(
-                "order of this idempotency key is being written, try again".into(),
-            )),
-        }
+        Err(StoreError::Unavailable(
+            "idempotency key kept changing while the order was created, try again".into(),
+        ))
     }
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
@@ -371,28 +330,17 @@ impl OrderStore for RedisStore {
         } else {
             "0"
         };
-        let mut pipeline = redis::pipe();
-        pipeline.invoke_script(
-            self.scripts
-                .commit
-                .key(order_key(&id))
-                .arg(&order.owner)
-                .arg(order.epoch)
-                .arg(&doc)
-                .arg(aware)
-                .arg(state_name(order))
-                .arg(order.current_step.as_str()),
-        );
-        if order.is_finished() {
-            // Idempotent, and right even if the commit was refused: a finished order (or one
-            // that is not ours) does not belong in our set.
-            pipeline
-                .cmd("SREM")
-                .arg(owned_key(&order.owner))
-                .arg(&id)
-                .ignore();
-        }
-        let (outcome,): (String,) = self.scripted(&pipeline).await?;
+        let mut commit = self.scripts.commit.key(order_key(&id));
+        commit
+            .key(owned_key(&order.owner))
+            .arg(&order.owner)
+            .arg(order.epoch)
+            .arg(&doc)
+            .arg(aware)
+            .arg(state_name(order))
+            .arg(order.current_step.as_str())
+            .arg(&id);
+        let outcome: String = self.redis.query(&commit).await?;
         commit_outcome(&outcome)
     }
 
@@ -428,22 +376,18 @@ impl OrderStore for RedisStore {
             let doc = serde_json::to_string(&next).map_err(corrupt)?;
             let mut reopen = self.scripts.reopen.key(order_key(&id.to_string()));
             reopen
+                .key(owned_key(&next.owner))
                 .arg(&read_owner)
                 .arg(read_epoch)
                 .arg(&doc)
                 .arg(&next.owner)
                 .arg(next.epoch)
                 .arg(state_name(&next))
-                .arg(next.current_step.as_str());
+                .arg(next.current_step.as_str())
+                .arg(id.to_string());
             let outcome: String = self.redis.query(&reopen).await?;
             match outcome.as_str() {
-                "ok" => {
-                    // The owner index is idempotent; the repair sweep re-adds it if this is lost.
-                    let mut index = redis::cmd("SADD");
-                    index.arg(owned_key(node)).arg(id.to_string());
-                    self.redis.query::<i64, _>(&index).await?;
-                    return Ok(RetryRollbackOutcome::Accepted(next));
-                }
+                "ok" => return Ok(RetryRollbackOutcome::Accepted(next)),
                 "missing" => return Err(StoreError::NotFound),
                 // Changed since read: read again and decide on the new state.
                 _ => continue,
@@ -470,24 +414,27 @@ impl OrderStore for RedisStore {
         for chunk in ids.chunks(256) {
             let mut pipeline = redis::pipe();
             for id in chunk {
+                let id = id.to_string();
                 pipeline.invoke_script(
                     self.scripts
                         .reassign
-                        .key(order_key(&id.to_string()))
+                        .key(order_key(&id))
+                        .key(owned_key(from))
+                        .key(owned_key(to))
                         .arg(from)
-                        .arg(to),
+                        .arg(to)
+                        .arg(&id)
+                        .arg(OWNED_PREFIX),
                 );
             }
+            // A chunk that fails leaves the orders it moved in `to`'s owned set: the caller
+            // finds them there.
             let outcomes: Vec<String> = self.scripted(&pipeline).await?;
-            let mut stale = Vec::new();
             for (id, outcome) in chunk.iter().zip(outcomes) {
-                let owner = owner_after_reassign(&outcome, to);
-                if owner.as_deref() == Some(to) {
+                if owner_after_reassign(&outcome, to).as_deref() == Some(to) {
                     owned.push(*id);
                 }
-                stale.push((id.to_string(), owner));
             }
-            self.fix_owned(from, &stale).await?;
         }
         Ok(owned)
     }

@@ -1,0 +1,160 @@
+//! Takeovers under faults that the plain cluster tests do not make: a takeover whose store calls
+//! fail part-way (replies lost by a proxy in front of Redis), and a node cut off from Redis while
+//! gossip still calls it live. Real nodes, a real `redis-server`, a real TCP proxy.
+
+use crate::cluster::{exclusive, leader_of, wait_formed, SECRET, TAKEOVER};
+use crate::harness::{unique_user, Node, RedisServer, POLL};
+use crate::proxy::Proxy;
+use order_process::cluster::{Coordinator, RedisCoordinator};
+use order_process::order::{Order, OrderId};
+use order_process::store::redis::{Connections, RedisStore};
+use order_process::store::OrderStore;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn config(redis_url: &str, step: &str, extra: &str, seeds: &[u16]) -> String {
+    let seeds: Vec<String> = seeds
+        .iter()
+        .map(|port| format!("\"127.0.0.1:{port}\""))
+        .collect();
+    format!(
+        "[simulate]\nduration = \"{step}\"\nfailure_rate = 0.0\n{extra}\
+         [database]\nurl = \"{redis_url}\"\ntimeout = \"1s\"\n\
+         [cluster]\nsecret = \"{SECRET}\"\nseeds = [{}]\n",
+        seeds.join(", ")
+    )
+}
+
+/// Stores `count` unfinished orders of `user` owned by `owner`, straight in Redis.
+async fn orders_of(store: &RedisStore, user: &str, owner: &str, count: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for index in 0..count {
+        let order = Order::new(
+            OrderId::new_v4(),
+            user.to_string(),
+            serde_json::json!({ "n": index }),
+            owner.to_string(),
+            chrono::Utc::now(),
+        );
+        store.create(&order, None).await.expect("store an order");
+        ids.push(order.order_id.to_string());
+    }
+    ids
+}
+
+/// Waits until every one of `ids` is finished, read straight from Redis (a node behind a faulty
+/// proxy may answer 503 meanwhile).
+async fn wait_all_finished(store: &RedisStore, ids: &[String], within: Duration) {
+    let deadline = Instant::now() + within;
+    for id in ids {
+        let id = OrderId::try_parse(id).unwrap();
+        loop {
+            let order = store.get(id).await.ok().flatten();
+            if order.as_ref().is_some_and(Order::is_finished) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "order {id} did not finish within {within:?}: {order:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// Regression: a takeover that failed part-way (its second chunk of moves timed out) returned
+/// on the error, so the orders of its first chunk, already moved to the taker, were never
+/// resumed, and the next attempt no longer saw them under the dead node. The taker now resumes
+/// everything it owns that it does not run as soon as a takeover fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_that_fails_part_way_resumes_what_it_moved() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port).await;
+    // Reconciliation would find the stranded orders eventually; here it must not be what helps.
+    let taker = Node::start(&config(
+        &proxy.url(),
+        "10ms",
+        "[pipeline]\nreconcile_interval = \"10m\"\n",
+        &[],
+    ))
+    .await;
+    let taker_id = taker.service_id_file();
+    assert_eq!(leader_of(&taker).await, taker_id);
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    let connections = Connections::connect(&redis.url(), 1, Duration::from_secs(2)).unwrap();
+    let coordinator = RedisCoordinator::new(Arc::new(connections));
+    let user = unique_user("part-way");
+    // A first dead node with one order: its takeover gets Redis to know the move script, so the
+    // real takeover below sends each move once.
+    let warm_up = uuid::Uuid::new_v4().to_string();
+    let first = orders_of(&store, &user, &warm_up, 1).await;
+    coordinator
+        .register_node(&warm_up, "127.0.0.1:9")
+        .await
+        .unwrap();
+    wait_all_finished(&store, &first, TAKEOVER).await;
+    // 300 orders: moved in a chunk of 256, then one of 44 whose replies are lost.
+    let dead = uuid::Uuid::new_v4().to_string();
+    let ids = orders_of(&store, &user, &dead, 300).await;
+    proxy.lose_replies_after(&format!("{dead}\r\n${}\r\n{taker_id}", taker_id.len()), 280);
+    coordinator
+        .register_node(&dead, "127.0.0.1:9")
+        .await
+        .unwrap();
+    wait_all_finished(&store, &ids, Duration::from_secs(40)).await;
+    assert_eq!(proxy.faults_made(), 1, "no reply was lost");
+    assert!(
+        taker.log().contains("takeover failed part-way"),
+        "the takeover did not fail part-way"
+    );
+}
+
+/// Regression: a node cut off from Redis cannot renew its liveness lease and starts no step, but
+/// gossip still calls it live, and the leader took over only nodes gossip called dead: its orders
+/// waited as long as the cut. The lease is the authority now: once it has been expired for
+/// `cluster.takeover_after` the node's orders are taken over, whatever gossip says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_redis_but_live_in_gossip_is_taken_over() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port).await;
+    let first = Node::start(&config(&redis.url(), "10ms", "", &[])).await;
+    let seed = first.port;
+    let second = Node::start(&config(&redis.url(), "10ms", "", &[seed])).await;
+    let victim = Node::start(&config(&proxy.url(), "2s", "", &[seed])).await;
+    let nodes = vec![first, second, victim];
+    wait_formed(&nodes, 3).await;
+    let user = unique_user("cut-off");
+    let mut ids = Vec::new();
+    for index in 0..10 {
+        ids.push(
+            nodes[2]
+                .create_order(&user, &serde_json::json!({ "n": index }))
+                .await,
+        );
+    }
+    proxy.sever();
+    let cut = Instant::now();
+    // Gossip keeps calling the victim live all along; its orders complete on the others.
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    // The bound: the lease lapses (`liveness_ttl`, 3 s), stays lapsed `takeover_after` (2 s);
+    // plus room for a loaded machine.
+    wait_all_finished(&store, &ids, Duration::from_secs(3 + 2 + 10)).await;
+    let took = cut.elapsed();
+    let view = nodes[0].cluster().await;
+    proxy.heal();
+    let victim_id = nodes[2].service_id_file();
+    let live = view["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|node| node["name"] == victim_id.as_str() && node["connected"] == true);
+    assert!(
+        live,
+        "gossip no longer calls the victim live: the test shows nothing"
+    );
+    let log = format!("{}{}", nodes[0].log(), nodes[1].log());
+    assert!(log.contains("took over orders"), "no takeover logged");
+    eprintln!("orders of a node cut off from redis finished {took:?} after the cut");
+}
