@@ -12,6 +12,7 @@
 //! - `restart`    — SIGKILL and restart on the same data dir, SIGTERM drain
 //! - `config`     — bad config files and flags, port already in use
 //! - `diagnostic` — `/`, heartbeat and cluster views
+//! - `full_disk`  — the heartbeat of a node whose store's disk is full (a tmpfs, as root)
 //! - `http_steps` — the `http` step handler against the scripted shop: calls, retries,
 //!   timeouts, outputs, parked rollbacks, restarts between attempts
 //! - `metrics`    — `/metrics` counters, `/diagnostic/summary`, `/openapi.json` against the router
@@ -30,6 +31,7 @@ mod history;
 mod api;
 mod config;
 mod diagnostic;
+mod full_disk;
 mod http_steps;
 mod metrics;
 mod pipeline;
