@@ -12,6 +12,7 @@
 //! - `restart`    — SIGKILL and restart on the same data dir, SIGTERM drain
 //! - `config`     — bad config files and flags, port already in use
 //! - `diagnostic` — `/`, heartbeat and cluster views
+//! - `faketime`   — a node under libfaketime, its wall clock stepped by the test
 //! - `full_disk`  — the heartbeat of a node whose store's disk is full (a tmpfs, as root)
 //! - `http_steps` — the `http` step handler against the scripted shop: calls, retries,
 //!   timeouts, outputs, parked rollbacks, restarts between attempts
@@ -31,6 +32,7 @@ mod history;
 mod api;
 mod config;
 mod diagnostic;
+mod faketime;
 mod full_disk;
 mod http_steps;
 mod metrics;
