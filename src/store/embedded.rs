@@ -173,6 +173,7 @@ fn writer_loop(
             owners.clear();
             tracing::error!(error = %error, "store write transaction failed");
         }
+        // Why a lock: heartbeats read this outcome from other threads.
         *health.lock().unwrap_or_else(PoisonError::into_inner) = WriteHealth {
             failure: outcome.err(),
             at: Instant::now(),
@@ -538,6 +539,7 @@ impl OrderStore for EmbeddedStore {
             return Err(StoreError::Unavailable("store writer stopped".into()));
         }
         {
+            // Why a lock: concurrent heartbeats must agree on which one probes.
             let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
             if health.at.elapsed() < PROBE_EVERY {
                 return health
