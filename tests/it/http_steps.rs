@@ -575,6 +575,92 @@ async fn cancelling_an_order_waiting_to_retry_does_not_wait_for_the_retry() {
         .is_none());
 }
 
+/// Regression (a paused node, back from SIGSTOP, called the services for orders another node had
+/// already finished): orders queued on a node when it is paused past its lease are taken over
+/// and finished elsewhere; back from the pause, the node calls no service for them.
+#[tokio::test]
+async fn a_node_paused_with_orders_queued_calls_no_service_for_orders_taken_over() {
+    let _one = exclusive().await;
+    let shop = Shop::start().await;
+    // The paused node's only worker hangs in its first call; the other orders wait in its queue.
+    shop.queue("/schedule", vec![Answer::Hang]);
+    let redis = RedisServer::start();
+    let one_worker = |seeds: &[u16]| {
+        let mut config = node_config(&redis, "10ms", seeds);
+        config.push_str("[pipeline]\nworkers = 1\n");
+        shop.sections(config, &QUICK, None)
+    };
+    let paused = Node::start(&one_worker(&[])).await;
+    let other = Node::start(&one_worker(&[paused.port])).await;
+    let nodes = vec![paused, other];
+    wait_formed(&nodes, 2).await;
+
+    let user = unique_user("paused");
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(nodes[0].create_order(&user, &json!({ "n": n })).await);
+    }
+    until_load(&nodes[0], "one order running, the others queued", (1, 3)).await;
+    nodes[0].signal("STOP");
+    for id in &ids {
+        let order = nodes[1].wait_terminal(&user, id, TAKEOVER).await;
+        assert_completed(&order);
+    }
+    let finished = std::time::Instant::now();
+    let calls_before = shop.calls().len();
+    nodes[0].signal("CONT");
+    until_load(&nodes[0], "the paused node idle again", (0, 0)).await;
+
+    let late: Vec<_> = shop
+        .calls()
+        .into_iter()
+        .filter(|call| call.at > finished)
+        .map(|call| (call.path, call.key))
+        .collect();
+    assert_eq!(
+        late,
+        [],
+        "calls after every order was finished elsewhere ({calls_before} before)\n{}",
+        nodes[0].log_tail()
+    );
+}
+
+/// Waits until `node` executes and queues `(inflight, queued)` orders, by its own account.
+async fn until_load(node: &Node, what: &str, load: (u64, u64)) {
+    let deadline = std::time::Instant::now() + TAKEOVER;
+    loop {
+        let now = (inflight(node).await, queued(node).await);
+        if now == (Some(load.0), Some(load.1)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: (inflight, queued) is {now:?}\n{}",
+            node.log_tail()
+        );
+        tokio::time::sleep(crate::harness::POLL).await;
+    }
+}
+
+/// The node's own `inflight` in its cluster view.
+async fn inflight(node: &Node) -> Option<u64> {
+    let name = node.service_id_file();
+    node.cluster().await["nodes"]
+        .as_array()?
+        .iter()
+        .find(|entry| entry["name"] == name.as_str())?["inflight"]
+        .as_u64()
+}
+
+/// The node's `order_process_queue_depth` in `/metrics`.
+async fn queued(node: &Node) -> Option<u64> {
+    let text = node.call(Method::GET, "/metrics").send().await.text;
+    text.lines()
+        .find_map(|line| line.strip_prefix("order_process_queue_depth "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
+}
+
 #[tokio::test]
 async fn a_takeover_continues_the_retry_schedule_of_a_dead_node() {
     let _one = exclusive().await;
