@@ -3,18 +3,22 @@
 //! handlers.
 //!
 //! Each transition is committed before the next step starts; a commit that finds the order owned
-//! by someone else ends its execution here. No step starts while the node's liveness lease has
-//! lapsed (the [`Gate`](super::Gate)), and an order whose execution spans a lapse is read again
-//! before its next step, in case it was taken over meanwhile.
+//! by someone else ends its execution here. Right before a step's handler is called, the
+//! execution checks the node's liveness lease (the [`Gate`](super::Gate)): it must hold, and must
+//! not have lapsed since the order was last known to be this node's (when it was queued, loaded
+//! or last re-read). After a lapse the order is read again before the service is called, in case
+//! it was taken over meanwhile.
 //!
 //! The executor owns retries: a handler makes one attempt, and after a failed attempt worth
 //! retrying the executor commits the attempt and the time the next one is due. The order then
 //! gives its worker back and waits outside the pool (a timer task that queues it again when the
-//! retry is due), so orders waiting on a failing service do not hold up the others. An order
-//! resumed after a restart or a takeover reads the schedule from the store and goes on with it.
+//! retry is due), so orders waiting on a failing service do not hold up the others. Waits run on
+//! the monotonic clock (see `due`): an order resumed after a restart or a takeover reads the
+//! schedule from the store and goes on with it, waiting no longer than its policy's `backoff_max`.
 
+use super::due::RetryDue;
 use super::handler::StepContext;
-use super::job::Job;
+use super::job::{Job, Queued};
 use super::shared::Shared;
 use crate::metrics::StepOutcome;
 use crate::order::{
@@ -46,23 +50,32 @@ impl Drop for InflightGuard<'_> {
 
 /// Drives the job's order until it is finished, lost or waiting for a retry; then the order is
 /// no longer active here (or stays so while it waits for its retry).
-pub(super) async fn execute(shared: Arc<Shared>, job: Job) {
+pub(super) async fn execute(shared: Arc<Shared>, queued: Queued) {
     let _inflight = InflightGuard::new(&shared.inflight);
+    let Queued { job, ticket, due } = queued;
     let id = job.order_id();
     let mut active = ActiveGuard {
         shared: &shared,
         id,
         finished: false,
     };
-    let mut job = Some(job);
+    let mut job = Some((job, ticket, due));
     loop {
-        let order = match job.take() {
-            Some(Job::New(order)) => Some(*order),
-            Some(Job::Resume(_)) | None => load(&shared, id).await,
+        let (order, ticket, due) = match job.take() {
+            Some((Job::New(order), ticket, due)) => (Some(*order), ticket, due),
+            Some((Job::Resume(_), _, due)) => {
+                // Taken before the load: the order read is this node's as of this ticket.
+                let ticket = shared.gate.ticket();
+                (load(&shared, id).await, ticket, due)
+            }
+            None => {
+                let ticket = shared.gate.ticket();
+                (load(&shared, id).await, ticket, None)
+            }
         };
         let retry = match order {
             Some(order) => {
-                drive(&shared, order)
+                drive(&shared, order, ticket, due)
                     .instrument(tracing::debug_span!("order", order_id = %id))
                     .await
             }
@@ -99,10 +112,7 @@ fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, retry: RetryWait) {
 async fn wait_then_queue(shared: &Shared, id: OrderId, retry: RetryWait) -> bool {
     let mut stop_rx = shared.stop_rx.clone();
     let mut cancel_rx = shared.cancels.subscribe();
-    let wait = (retry.due - chrono::Utc::now())
-        .to_std()
-        .unwrap_or(Duration::ZERO);
-    let sleep = tokio::time::sleep(wait);
+    let sleep = tokio::time::sleep_until(retry.due.when);
     tokio::pin!(sleep);
     loop {
         if *stop_rx.borrow() {
@@ -127,7 +137,11 @@ async fn wait_then_queue(shared: &Shared, id: OrderId, retry: RetryWait) -> bool
     }
     // Either there is room in the queue, or the node stops and the order resumes later.
     tokio::select! {
-        sent = shared.queue_tx.send(Job::Resume(id)) => sent.is_ok(),
+        sent = shared.queue_tx.send(Queued {
+            job: Job::Resume(id),
+            ticket: None,
+            due: Some(retry.due),
+        }) => sent.is_ok(),
         _ = stop_rx.changed() => false,
     }
 }
@@ -175,7 +189,7 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
 
 /// An order that has to wait for its next attempt.
 struct RetryWait {
-    due: chrono::DateTime<chrono::Utc>,
+    due: RetryDue,
     /// Whether a cancellation noted before the wait began ends it: only an order still running
     /// forward can be cancelled (one rolling back stays noted, and would never wait).
     cancellable: bool,
@@ -183,52 +197,46 @@ struct RetryWait {
 
 /// Runs an order's steps (or compensations) until it is finished, the node stops, the order
 /// turns out to belong to another node, or it has to wait for a retry: then when it is due.
-async fn drive(shared: &Shared, mut order: Order) -> Option<RetryWait> {
+/// `ticket` is the gate's when the order was last known to be this node's; `due` the retry this
+/// process scheduled for it, if any.
+async fn drive(
+    shared: &Shared,
+    mut order: Order,
+    mut ticket: Option<u64>,
+    mut due: Option<RetryDue>,
+) -> Option<RetryWait> {
     debug!(order_id = %order.order_id, current_step = %order.current_step, "order dispatched");
     let mut tracker = shared.metrics.track(order.current_step);
-    let mut lapses = shared.gate.lapses();
     loop {
         if *shared.stop_rx.borrow() {
             debug!(order_id = %order.order_id, "node stopping, order left to resume later");
             return None;
         }
         note_cancel(shared, &mut order);
-        if let Some(due) = retry_due(&order) {
-            // A little early (clocks differ by a hair) counts as due.
-            if due - chrono::Utc::now() > chrono::Duration::milliseconds(2) {
-                debug!(order_id = %order.order_id, next_attempt_at = %due, "waiting for the next attempt");
+        if let Some(at) = retry_due(&order) {
+            let next = RetryDue::for_stored(due, at, longest_wait(shared, &order));
+            if !next.is_due() {
+                debug!(order_id = %order.order_id, next_attempt_at = %at, "waiting for the next attempt");
                 return Some(RetryWait {
-                    due,
+                    due: next,
                     cancellable: order.phase == Phase::Forward,
                 });
             }
         }
-        if !shared.gate.is_open() {
-            debug!(order_id = %order.order_id, "liveness lease lapsed, waiting before the next step");
-        }
-        let mut stop_rx = shared.stop_rx.clone();
-        // Either the lease is current again, or the node stops and the order resumes elsewhere.
-        let now_lapses = tokio::select! {
-            lapses = shared.gate.wait_open() => lapses,
-            _ = stop_rx.changed() => continue,
-        };
-        if now_lapses != lapses {
-            // The lease lapsed while this order was ours: someone may have taken it over.
-            match still_ours(shared, &order).await {
-                Some(fresh) => {
-                    tracker.move_to(fresh.current_step);
-                    order = fresh;
-                }
-                None => return None,
-            }
-            lapses = now_lapses;
+        let fresh = confirm(shared, &order, &mut ticket).await?;
+        if let Some(fresh) = fresh {
+            tracker.move_to(fresh.current_step);
+            order = fresh;
+            // Read again: it may have been cancelled, or its schedule changed.
+            continue;
         }
         note_cancel(shared, &mut order);
-        let events = match next_action(&order) {
+        // Nothing awaits between the check in `confirm` and the handler's call.
+        let (events, scheduled) = match next_action(&order) {
             Action::Run(step) => attempt(shared, &order, step, false).await,
             Action::Cancel(step) => {
                 debug!(order_id = %order.order_id, step = %step, "order cancelled before step ran");
-                vec![Event::Cancel { step }]
+                (vec![Event::Cancel { step }], None)
             }
             Action::Rollback(step) => attempt(shared, &order, step, true).await,
             Action::Done => {
@@ -236,6 +244,7 @@ async fn drive(shared: &Shared, mut order: Order) -> Option<RetryWait> {
                 return None;
             }
         };
+        due = scheduled;
         match commit(shared, order, events).await {
             Some(next) => {
                 tracker.move_to(next.current_step);
@@ -254,9 +263,61 @@ fn note_cancel(shared: &Shared, order: &mut Order) {
     }
 }
 
+/// The longest an order may wait for its next attempt: its retry policy's `backoff_max` (none
+/// without a policy).
+fn longest_wait(shared: &Shared, order: &Order) -> Duration {
+    let (step, rollback) = match next_action(order) {
+        Action::Run(step) => (step, false),
+        Action::Rollback(step) => (step, true),
+        Action::Cancel(_) | Action::Done => return Duration::ZERO,
+    };
+    shared
+        .handlers
+        .for_step(step)
+        .retry_policy(rollback)
+        .map_or(Duration::ZERO, |policy| policy.backoff_max)
+}
+
+/// Checks, right before a step, that the lease holds and has not lapsed since `ticket`. If it
+/// has, waits for the lease and reads the order again: `Some(Some(fresh))` when it is still this
+/// node's (to look at again before its step), `Some(None)` when nothing lapsed, `None` when the
+/// order was taken over or the node stops.
+async fn confirm(
+    shared: &Shared,
+    order: &Order,
+    ticket: &mut Option<u64>,
+) -> Option<Option<Order>> {
+    let mut fresh = None;
+    loop {
+        if shared.gate.holds(*ticket) {
+            return Some(fresh);
+        }
+        if !shared.gate.is_open() {
+            debug!(order_id = %order.order_id, "liveness lease lapsed, waiting before the next step");
+        }
+        let mut stop_rx = shared.stop_rx.clone();
+        if *stop_rx.borrow() {
+            return None;
+        }
+        // Either the lease is current again, or the node stops and the order resumes elsewhere.
+        *ticket = tokio::select! {
+            lapses = shared.gate.wait_open() => Some(lapses),
+            _ = stop_rx.changed() => return None,
+        };
+        // The lease lapsed since the order was known to be ours: someone may have taken it over.
+        fresh = Some(still_ours(shared, fresh.as_ref().unwrap_or(order)).await?);
+    }
+}
+
 /// Makes one attempt at running (or rolling back) a step and says what happened, as the events
-/// to commit: the attempt (for handlers with a retry policy), then the step's end or the retry.
-async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> Vec<Event> {
+/// to commit: the attempt (for handlers with a retry policy), then the step's end or the retry;
+/// and, when it scheduled a retry, when that is due.
+async fn attempt(
+    shared: &Shared,
+    order: &Order,
+    step: Step,
+    rollback: bool,
+) -> (Vec<Event>, Option<RetryDue>) {
     let handler = shared.handlers.for_step(step);
     let policy = handler.retry_policy(rollback);
     let entry = order.entry(step);
@@ -313,10 +374,11 @@ async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> 
                     output: done.output,
                 }
             });
-            return events;
+            return (events, None);
         }
         Err(failure) => failure,
     };
+    let mut scheduled = None;
     match policy {
         Some(policy) if failure.retryable && policy.allows_retry(retries_done) => {
             let delay = policy.delay(retries_done.saturating_add(1), rand::random());
@@ -324,6 +386,7 @@ async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> 
                 + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             warn!(order_id = %order.order_id, step = %step, attempt = number, direction, reason = %failure.reason, retry_in = ?delay, "attempt failed, retrying");
             events.push(Event::RetryScheduled { step, rollback, at });
+            scheduled = Some(RetryDue::scheduled(at, delay));
         }
         _ if rollback => {
             error!(order_id = %order.order_id, step = %step, attempt = number, reason = %failure.reason, "rollback failed, order parked with its rollback incomplete");
@@ -340,7 +403,7 @@ async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> 
             });
         }
     }
-    events
+    (events, scheduled)
 }
 
 /// Re-reads an order after a lease lapse: the stored copy when this node still owns it at the
@@ -441,7 +504,7 @@ mod tests {
         store: Arc<FakeStore>,
         steps: Arc<FakeStep>,
         gate: Arc<Gate>,
-        queue_rx: mpsc::Receiver<Job>,
+        queue_rx: mpsc::Receiver<Queued>,
         stop_tx: watch::Sender<bool>,
         order: Order,
     }
@@ -484,20 +547,22 @@ mod tests {
         /// Executes the order as the pool does: marked active, then driven until it stops.
         async fn execute(&self) {
             self.shared.active.mark(self.id());
-            execute(
-                Arc::clone(&self.shared),
-                Job::New(Box::new(self.order.clone())),
-            )
-            .await;
+            execute(Arc::clone(&self.shared), self.new_job()).await;
         }
 
         /// Like `execute`, in a task of its own, for tests that act while a step runs.
         fn spawn(&self) -> JoinHandle<()> {
             self.shared.active.mark(self.id());
-            tokio::spawn(execute(
-                Arc::clone(&self.shared),
-                Job::New(Box::new(self.order.clone())),
-            ))
+            tokio::spawn(execute(Arc::clone(&self.shared), self.new_job()))
+        }
+
+        /// The order as `POST /orders` queues it, known to be ours as of now.
+        fn new_job(&self) -> Queued {
+            Queued {
+                job: Job::New(Box::new(self.order.clone())),
+                ticket: self.gate.ticket(),
+                due: None,
+            }
         }
 
         fn stored(&self) -> Order {
@@ -769,6 +834,81 @@ mod tests {
         assert_eq!(harness.stored().current_step, Step::Completed);
     }
 
+    /// Queues the order while the lease holds; while it waits in the queue the lease lapses (and
+    /// another node takes the order over, if `taken_over`) and is renewed; then executes it.
+    async fn execute_queued_across_a_lapse(taken_over: bool) -> Harness {
+        let harness = Harness::with_gate(FakeStep::new(), Gate::closed());
+        harness
+            .gate
+            .renewed(std::time::Instant::now() + Duration::from_secs(60));
+        let job = harness.new_job();
+        harness.gate.renewed(std::time::Instant::now());
+        if taken_over {
+            harness.store.take_over(harness.id(), "node-b");
+        }
+        harness
+            .gate
+            .renewed(std::time::Instant::now() + Duration::from_secs(60));
+        harness.shared.active.mark(harness.id());
+        execute(Arc::clone(&harness.shared), job).await;
+        harness
+    }
+
+    #[tokio::test]
+    async fn an_order_queued_before_a_lease_lapse_and_taken_over_meanwhile_runs_no_step() {
+        let harness = execute_queued_across_a_lapse(true).await;
+
+        assert_eq!(harness.steps.calls(), [], "the service is not called");
+        assert_eq!(harness.stored().owner, "node-b");
+        assert!(!harness.shared.active.contains(harness.id()));
+    }
+
+    #[tokio::test]
+    async fn an_order_queued_before_a_lease_lapse_and_still_ours_runs_once_renewed() {
+        let harness = execute_queued_across_a_lapse(false).await;
+
+        assert_eq!(harness.steps.calls(), runs(&WORK_STEPS));
+        assert_eq!(harness.stored().current_step, Step::Completed);
+    }
+
+    #[tokio::test]
+    async fn a_stored_retry_far_ahead_waits_no_longer_than_the_longest_backoff() {
+        let longest = Duration::from_millis(300);
+        let steps = FakeStep::with_retries(RetryPolicy {
+            retries: 3,
+            backoff: Duration::from_millis(100),
+            backoff_max: longest,
+        });
+        steps.script(Call::run(Step::Scheduling), [Outcome::FailRetryable]);
+        let mut harness = Harness::new(steps);
+        harness.execute().await;
+        tokio::time::timeout(DEADLINE, harness.queue_rx.recv())
+            .await
+            .expect("queued again")
+            .expect("the queue is open");
+        // As found by a process resuming the order after the clock was stepped back an hour.
+        let mut stored = harness.stored();
+        let entry = stored.entry_mut(Step::Scheduling).expect("the step entry");
+        entry.next_attempt_at = Some(chrono::Utc::now() + chrono::Duration::hours(1));
+        harness.store.insert(&stored);
+
+        let resumed = tokio::time::Instant::now();
+        execute(
+            Arc::clone(&harness.shared),
+            Queued::bare(Job::Resume(harness.id())),
+        )
+        .await;
+        let job = tokio::time::timeout(DEADLINE, harness.queue_rx.recv())
+            .await
+            .expect("queued again within the longest backoff")
+            .expect("the queue is open");
+        let waited = resumed.elapsed();
+        assert!(waited >= longest - Duration::from_millis(50), "{waited:?}");
+        assert!(waited < longest * 3, "{waited:?}");
+        execute(Arc::clone(&harness.shared), job).await;
+        assert_eq!(harness.stored().current_step, Step::Completed);
+    }
+
     #[tokio::test]
     async fn a_retryable_failure_is_recorded_and_the_order_queued_again_when_due() {
         let backoff = Duration::from_millis(300);
@@ -800,7 +940,7 @@ mod tests {
             .expect("queued again")
             .expect("the queue is open");
         assert!(chrono::Utc::now() >= due - chrono::Duration::milliseconds(2));
-        assert!(matches!(job, Job::Resume(id) if id == harness.id()));
+        assert!(matches!(job.job, Job::Resume(id) if id == harness.id()));
         execute(Arc::clone(&harness.shared), job).await;
 
         let stored = harness.stored();

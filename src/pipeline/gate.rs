@@ -58,6 +58,22 @@ impl Gate {
         self.state_tx.borrow().lapses
     }
 
+    /// What an execution confirms when it learns (or is told) the order is this node's: the lapse
+    /// count while the lease holds; `None` while it has lapsed, which no later state honours.
+    pub fn ticket(&self) -> Option<u64> {
+        let state = *self.state_tx.borrow();
+        state
+            .until
+            .is_none_or(|until| Instant::now() < until)
+            .then_some(state.lapses)
+    }
+
+    /// Whether the lease holds now and has not lapsed since `ticket` was taken.
+    pub fn holds(&self, ticket: Option<u64>) -> bool {
+        let state = *self.state_tx.borrow();
+        ticket == Some(state.lapses) && state.until.is_none_or(|until| Instant::now() < until)
+    }
+
     /// Waits until the lease is current; returns the lapse count at that moment.
     pub async fn wait_open(&self) -> u64 {
         let mut state_rx = self.state_tx.subscribe();
@@ -95,6 +111,24 @@ mod tests {
         // Renewed in time: no lapse.
         gate.renewed(Instant::now() + Duration::from_secs(60));
         assert_eq!(gate.lapses(), 1);
+    }
+
+    #[test]
+    fn a_ticket_holds_only_until_the_lease_lapses() {
+        let gate = Gate::closed();
+        assert_eq!(gate.ticket(), None, "no ticket while the lease has lapsed");
+        assert!(!gate.holds(None));
+        gate.renewed(Instant::now() + Duration::from_secs(60));
+        let ticket = gate.ticket();
+        assert!(gate.holds(ticket));
+        gate.renewed(Instant::now() + Duration::from_secs(60));
+        assert!(gate.holds(ticket), "renewed in time");
+        gate.renewed(Instant::now());
+        assert!(!gate.holds(ticket), "lapsed");
+        gate.renewed(Instant::now() + Duration::from_secs(60));
+        assert!(!gate.holds(ticket), "renewed after the lapse");
+        assert!(gate.holds(gate.ticket()));
+        assert!(Gate::open().holds(Gate::open().ticket()));
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //!
 //! - `pool`: the bounded queue and the workers ([`Pool`], [`Slot`]), and shutdown.
 //! - `job`: what the pool queues ([`Job`]).
+//! - `due`: when a retry is due, on the monotonic clock.
 //! - `executor`: drives one order to a terminal state, commit by commit, with retries.
 //! - `shared`: the state the pool and the executor share.
 //! - `active`, `cancels`: the orders active here, and the cancellations noted here.
@@ -12,6 +13,7 @@
 
 mod active;
 mod cancels;
+mod due;
 mod executor;
 #[cfg(test)]
 mod fakes;

@@ -8,7 +8,7 @@
 use super::executor::execute;
 use super::gate::Gate;
 use super::handler::Handlers;
-use super::job::Job;
+use super::job::{Job, Queued};
 use super::shared::Shared;
 use super::waiters::Waiters;
 use crate::metrics::Metrics;
@@ -21,8 +21,10 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn, Instrument};
 
-/// A reserved slot in the queue: holding one guarantees the job can be queued.
-pub struct Slot(mpsc::OwnedPermit<Job>, Arc<Shared>);
+/// A reserved slot in the queue: holding one guarantees the job can be queued. It keeps the
+/// gate's ticket from the moment it was reserved, before the order was stored: if the lease lapses
+/// after that, the order is read again before its first step.
+pub struct Slot(mpsc::OwnedPermit<Queued>, Arc<Shared>, Option<u64>);
 
 impl Slot {
     /// Queues the job in the reserved slot; a new order counts as active here from now on. A new
@@ -34,14 +36,18 @@ impl Slot {
                 return;
             }
         }
-        self.0.send(job);
+        self.0.send(Queued {
+            job,
+            ticket: self.2,
+            due: None,
+        });
     }
 }
 
 /// The bounded worker pool of one node.
 pub struct Pool {
     shared: Arc<Shared>,
-    queue_tx: mpsc::Sender<Job>,
+    queue_tx: mpsc::Sender<Queued>,
     capacity: usize,
     workers: usize,
     stop_tx: watch::Sender<bool>,
@@ -96,7 +102,10 @@ impl Pool {
             .clone()
             .try_reserve_owned()
             .ok()
-            .map(|permit| Slot(permit, Arc::clone(&self.shared)))
+            .map(|permit| {
+                let ticket = self.shared.gate.ticket();
+                Slot(permit, Arc::clone(&self.shared), ticket)
+            })
     }
 
     /// Queues a job, waiting for room; false once the pool stops. An order already queued or
@@ -116,7 +125,7 @@ impl Pool {
         }
         // Either room frees up in the queue, or the pool stops and the job stays in the store.
         let sent = tokio::select! {
-            sent = self.queue_tx.send(job) => sent.is_ok(),
+            sent = self.queue_tx.send(Queued::bare(job)) => sent.is_ok(),
             _ = stop_rx.changed() => false,
         };
         if !sent {
@@ -216,7 +225,7 @@ impl Pool {
 /// Takes a worker permit, then a job, and runs it; returns the running tasks once stopped.
 async fn dispatch(
     shared: Arc<Shared>,
-    mut queue_rx: mpsc::Receiver<Job>,
+    mut queue_rx: mpsc::Receiver<Queued>,
     workers: usize,
 ) -> JoinSet<()> {
     let permits = Arc::new(Semaphore::new(workers));
@@ -302,6 +311,36 @@ mod tests {
         .await;
         assert_eq!(store.order(second.order_id).current_step, Step::Completed);
         assert_eq!((pool.inflight(), pool.queued()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_order_queued_before_a_lease_lapse_and_taken_over_meanwhile_is_not_run() {
+        let (store, steps) = (Arc::new(FakeStore::default()), FakeStep::new());
+        let gate = Arc::new(Gate::closed());
+        gate.renewed(std::time::Instant::now() + Duration::from_secs(60));
+        let pool = Pool::start(
+            NODE.into(),
+            store.clone(),
+            Handlers::new(steps.clone()),
+            Arc::clone(&gate),
+            1,
+            1,
+            Arc::new(Metrics::new()),
+        );
+        let slot = pool.try_reserve().expect("room in the queue");
+        let order = order(NODE);
+        store.insert(&order);
+        // The lease lapses, another node takes the order over, the lease is renewed; only then
+        // is the order queued.
+        gate.renewed(std::time::Instant::now());
+        store.take_over(order.order_id, "node-b");
+        gate.renewed(std::time::Instant::now() + Duration::from_secs(60));
+        slot.send(Job::New(Box::new(order.clone())));
+        until("the order let go", || !pool.is_active(order.order_id)).await;
+
+        assert_eq!(steps.calls(), [], "the service is not called");
+        assert_eq!(store.order(order.order_id).owner, "node-b");
+        pool.shutdown(DEADLINE).await;
     }
 
     #[tokio::test]

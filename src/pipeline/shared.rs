@@ -6,7 +6,7 @@ use super::active::ActiveOrders;
 use super::cancels::Cancellations;
 use super::gate::Gate;
 use super::handler::Handlers;
-use super::job::Job;
+use super::job::Queued;
 use super::waiters::Waiters;
 use crate::metrics::Metrics;
 use crate::store::OrderStore;
@@ -30,7 +30,7 @@ pub(super) struct Shared {
     /// Long polls waiting for orders to finish.
     pub(super) waiters: Waiters,
     /// For orders coming back from a retry wait (already marked active).
-    pub(super) queue_tx: mpsc::Sender<Job>,
+    pub(super) queue_tx: mpsc::Sender<Queued>,
     /// True once the node stops.
     pub(super) stop_rx: watch::Receiver<bool>,
 }
@@ -42,7 +42,7 @@ impl Shared {
         handlers: Handlers,
         gate: Arc<Gate>,
         metrics: Arc<Metrics>,
-        queue_tx: mpsc::Sender<Job>,
+        queue_tx: mpsc::Sender<Queued>,
         stop_rx: watch::Receiver<bool>,
     ) -> Shared {
         Shared {

@@ -15,7 +15,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 /// order id → order JSON.
@@ -43,9 +44,22 @@ type WriteRequest = Box<dyn FnOnce(Result<&mut Tables<'_, '_>, &str>) -> Answer 
 /// Tells a caller its outcome once the batch's transaction committed, or why it did not.
 type Answer = Box<dyn FnOnce(Result<(), &str>) + Send>;
 
+/// How often at most the heartbeat probes the writer with a write of its own (each one an fsync).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// How the writer's last write transaction went (a batch, or a heartbeat's probe).
+struct WriteHealth {
+    /// Why it failed; `None` when it committed.
+    failure: Option<String>,
+    /// When it ended, or when a probe was last sent.
+    at: Instant,
+}
+
 pub struct EmbeddedStore {
     db: Arc<Database>,
     writer_tx: mpsc::Sender<WriteRequest>,
+    /// Why a lock: the writer thread records each transaction's outcome, heartbeats read it.
+    health: Arc<Mutex<WriteHealth>>,
 }
 
 impl EmbeddedStore {
@@ -78,11 +92,20 @@ impl EmbeddedStore {
 
         let (writer_tx, writer_rx) = mpsc::channel(4 * MAX_BATCH);
         let writer_db = Arc::clone(&db);
+        let health = Arc::new(Mutex::new(WriteHealth {
+            failure: None,
+            at: Instant::now(),
+        }));
+        let writer_health = Arc::clone(&health);
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(&writer_db, writer_rx))
+            .spawn(move || writer_loop(&writer_db, writer_rx, &writer_health))
             .map_err(|error| StoreError::Unavailable(format!("cannot start writer: {error}")))?;
-        Ok(EmbeddedStore { db, writer_tx })
+        Ok(EmbeddedStore {
+            db,
+            writer_tx,
+            health,
+        })
     }
 
     /// Has the writer thread apply `apply` in its next batch and waits until that batch is
@@ -129,7 +152,11 @@ fn encode(order: &Order) -> Result<Vec<u8>, StoreError> {
 
 /// Runs on its own thread: takes a batch of requests, applies them in one transaction, commits
 /// (fsync), then answers each. A failed commit fails every request of the batch.
-fn writer_loop(db: &Database, mut requests_rx: mpsc::Receiver<WriteRequest>) {
+fn writer_loop(
+    db: &Database,
+    mut requests_rx: mpsc::Receiver<WriteRequest>,
+    health: &Mutex<WriteHealth>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut owners = Owners::new();
     while let Some(first) = requests_rx.blocking_recv() {
@@ -140,11 +167,17 @@ fn writer_loop(db: &Database, mut requests_rx: mpsc::Receiver<WriteRequest>) {
                 Err(_) => break,
             }
         }
-        if let Err(error) = apply_batch(db, &mut batch, &mut owners) {
+        let outcome = apply_batch(db, &mut batch, &mut owners);
+        if let Err(error) = &outcome {
             // The cache may hold changes that never reached the disk.
             owners.clear();
             tracing::error!(error = %error, "store write transaction failed");
         }
+        // Why a lock: heartbeats read this outcome from other threads.
+        *health.lock().unwrap_or_else(PoisonError::into_inner) = WriteHealth {
+            failure: outcome.err(),
+            at: Instant::now(),
+        };
     }
 }
 
@@ -488,12 +521,27 @@ impl OrderStore for EmbeddedStore {
         Ok(0)
     }
 
+    /// Reads, and tells whether the store takes writes: from the writer's last transaction when
+    /// it is recent, else from a probe write (at most one a second, however many heartbeats ask).
     async fn ping(&self) -> Result<(), StoreError> {
         let txn = self.db.begin_read().map_err(unavailable)?;
         txn.open_table(ORDERS).map_err(unavailable)?;
         if self.writer_tx.is_closed() {
             return Err(StoreError::Unavailable("store writer stopped".into()));
         }
-        Ok(())
+        {
+            // Why a lock: concurrent heartbeats must agree on which one probes.
+            let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+            if health.at.elapsed() < PROBE_EVERY {
+                return health
+                    .failure
+                    .as_deref()
+                    .map_or(Ok(()), |error| Err(stopped_batch(error)));
+            }
+            // Later heartbeats within the second read this probe's outcome once it is in.
+            health.at = Instant::now();
+        }
+        // Commits an empty write transaction, through the writer like any write.
+        self.write(|_| Ok(())).await
     }
 }

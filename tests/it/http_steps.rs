@@ -11,8 +11,9 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::cluster::{exclusive, node_config, wait_formed, TAKEOVER};
+use crate::faketime::FakeClock;
 use crate::harness::{pretty, simulate, unique_user, Node, RedisServer, TERMINAL};
-use crate::history::{assert_completed, assert_failed_at};
+use crate::history::{assert_completed, assert_failed_at, utc_time};
 use order_process_testkit::{Answer, Scripted, ShopCall as Call};
 
 /// Each step's run and rollback paths on the shop.
@@ -432,23 +433,31 @@ async fn a_failing_compensation_parks_the_order_until_retried_on_request() {
     node.expect_error(&reply, 409, "POST rollback of a rolled-back order");
 }
 
-#[tokio::test]
-async fn a_node_killed_between_attempts_resumes_the_retry_schedule() {
+/// Processing's timing for tests that act while an order waits to retry its charge.
+const SLOW_CHARGE: Timing = Timing {
+    timeout: "5s",
+    retries: 3,
+    backoff: "2s",
+    backoff_max: "2s",
+};
+
+/// A shop whose first charge answers 503.
+async fn busy_once() -> Shop {
     let shop = Shop::start().await;
     shop.queue("/charge", vec![Answer::Status(503, "busy".into())]);
-    let slow = Timing {
-        timeout: "5s",
-        retries: 3,
-        backoff: "2s",
-        backoff_max: "2s",
-    };
-    let mut node = Node::start(&shop.config(&QUICK, Some(("Processing", slow)))).await;
-    let user = unique_user("grace");
-    let id = node.create_order(&user, &json!({"sku": "G7"})).await;
+    shop
+}
 
+/// Creates an order for `user` and waits until its charge failed once and waits to be retried;
+/// returns its id and that view of it.
+async fn waiting_to_retry_the_charge(
+    node: &order_process_testkit::Node,
+    user: &str,
+) -> (String, Value) {
+    let id = node.create_order(user, &json!({"sku": "G7"})).await;
     let waiting = node
         .wait_for(
-            &user,
+            user,
             &id,
             TERMINAL,
             "waiting to retry the charge",
@@ -460,6 +469,15 @@ async fn a_node_killed_between_attempts_resumes_the_retry_schedule() {
             },
         )
         .await;
+    (id, waiting)
+}
+
+#[tokio::test]
+async fn a_node_killed_between_attempts_resumes_the_retry_schedule() {
+    let shop = busy_once().await;
+    let mut node = Node::start(&shop.config(&QUICK, Some(("Processing", SLOW_CHARGE)))).await;
+    let user = unique_user("grace");
+    let (id, waiting) = waiting_to_retry_the_charge(&node, &user).await;
     let before = attempts(&waiting, "Processing");
     assert_eq!(before.len(), 1, "{}", pretty(&waiting));
     node.kill();
@@ -482,6 +500,41 @@ async fn a_node_killed_between_attempts_resumes_the_retry_schedule() {
     );
     assert_eq!(after[1]["attempt"], 2);
     assert_eq!(after[1]["status"], 200);
+}
+
+#[tokio::test]
+async fn a_clock_stepped_back_during_a_retry_wait_does_not_stretch_it() {
+    let Some(clock) = FakeClock::new() else {
+        return;
+    };
+    let shop = busy_once().await;
+    let node = clock
+        .start(&shop.config(&QUICK, Some(("Processing", SLOW_CHARGE))))
+        .await;
+    let user = unique_user("clock");
+    let (id, waiting) = waiting_to_retry_the_charge(&node, &user).await;
+    assert_eq!(attempts(&waiting, "Processing").len(), 1);
+    clock.set("-1h");
+
+    let order = node
+        .wait_terminal(&user, &id, Duration::from_secs(15))
+        .await;
+    // Not a legal history by the checker: its times go back an hour.
+    assert_eq!(order["current_step"], "Completed", "{}", pretty(&order));
+    let charges = shop.calls_to("/charge");
+    assert_eq!(attempt_numbers(&charges), [1, 2]);
+    let gap = charges[1].at.duration_since(charges[0].at);
+    assert!(gap < Duration::from_secs(10), "retried after {gap:?}");
+    let made = attempts(&order, "Processing");
+    let (first, second) = (
+        utc_time(&made[0]["at"], "first attempt"),
+        utc_time(&made[1]["at"], "second attempt"),
+    );
+    assert!(
+        second < first - chrono::Duration::minutes(50),
+        "the node's clock was stepped back: {}",
+        pretty(&order)
+    );
 }
 
 #[tokio::test]
@@ -520,6 +573,92 @@ async fn cancelling_an_order_waiting_to_retry_does_not_wait_for_the_retry() {
     assert!(step_entry(&order, "Processing")
         .get("next_attempt_at")
         .is_none());
+}
+
+/// Regression (a paused node, back from SIGSTOP, called the services for orders another node had
+/// already finished): orders queued on a node when it is paused past its lease are taken over
+/// and finished elsewhere; back from the pause, the node calls no service for them.
+#[tokio::test]
+async fn a_node_paused_with_orders_queued_calls_no_service_for_orders_taken_over() {
+    let _one = exclusive().await;
+    let shop = Shop::start().await;
+    // The paused node's only worker hangs in its first call; the other orders wait in its queue.
+    shop.queue("/schedule", vec![Answer::Hang]);
+    let redis = RedisServer::start();
+    let one_worker = |seeds: &[u16]| {
+        let mut config = node_config(&redis, "10ms", seeds);
+        config.push_str("[pipeline]\nworkers = 1\n");
+        shop.sections(config, &QUICK, None)
+    };
+    let paused = Node::start(&one_worker(&[])).await;
+    let other = Node::start(&one_worker(&[paused.port])).await;
+    let nodes = vec![paused, other];
+    wait_formed(&nodes, 2).await;
+
+    let user = unique_user("paused");
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(nodes[0].create_order(&user, &json!({ "n": n })).await);
+    }
+    until_load(&nodes[0], "one order running, the others queued", (1, 3)).await;
+    nodes[0].signal("STOP");
+    for id in &ids {
+        let order = nodes[1].wait_terminal(&user, id, TAKEOVER).await;
+        assert_completed(&order);
+    }
+    let finished = std::time::Instant::now();
+    let calls_before = shop.calls().len();
+    nodes[0].signal("CONT");
+    until_load(&nodes[0], "the paused node idle again", (0, 0)).await;
+
+    let late: Vec<_> = shop
+        .calls()
+        .into_iter()
+        .filter(|call| call.at > finished)
+        .map(|call| (call.path, call.key))
+        .collect();
+    assert_eq!(
+        late,
+        [],
+        "calls after every order was finished elsewhere ({calls_before} before)\n{}",
+        nodes[0].log_tail()
+    );
+}
+
+/// Waits until `node` executes and queues `(inflight, queued)` orders, by its own account.
+async fn until_load(node: &Node, what: &str, load: (u64, u64)) {
+    let deadline = std::time::Instant::now() + TAKEOVER;
+    loop {
+        let now = (inflight(node).await, queued(node).await);
+        if now == (Some(load.0), Some(load.1)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: (inflight, queued) is {now:?}\n{}",
+            node.log_tail()
+        );
+        tokio::time::sleep(crate::harness::POLL).await;
+    }
+}
+
+/// The node's own `inflight` in its cluster view.
+async fn inflight(node: &Node) -> Option<u64> {
+    let name = node.service_id_file();
+    node.cluster().await["nodes"]
+        .as_array()?
+        .iter()
+        .find(|entry| entry["name"] == name.as_str())?["inflight"]
+        .as_u64()
+}
+
+/// The node's `order_process_queue_depth` in `/metrics`.
+async fn queued(node: &Node) -> Option<u64> {
+    let text = node.call(Method::GET, "/metrics").send().await.text;
+    text.lines()
+        .find_map(|line| line.strip_prefix("order_process_queue_depth "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
 }
 
 #[tokio::test]

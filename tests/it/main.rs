@@ -12,8 +12,11 @@
 //! - `restart`    — SIGKILL and restart on the same data dir, SIGTERM drain
 //! - `config`     — bad config files and flags, port already in use
 //! - `diagnostic` — `/`, heartbeat and cluster views
+//! - `faketime`   — a node under libfaketime, its wall clock stepped by the test
+//! - `full_disk`  — the heartbeat of a node whose store's disk is full (a tmpfs, as root)
 //! - `http_steps` — the `http` step handler against the scripted shop: calls, retries,
-//!   timeouts, outputs, parked rollbacks, restarts between attempts
+//!   timeouts, outputs, parked rollbacks, restarts between attempts, a clock stepped back,
+//!   a node paused with orders queued
 //! - `metrics`    — `/metrics` counters, `/diagnostic/summary`, `/openapi.json` against the router
 //! - `status_page` — the HTML status page in headless Chromium (skipped without Chromium)
 //! - `security`   — tokens, roles, SIGHUP reload, rate and in-flight limits, slow clients
@@ -35,6 +38,8 @@ mod proxy;
 mod api;
 mod config;
 mod diagnostic;
+mod faketime;
+mod full_disk;
 mod http_steps;
 mod metrics;
 mod pipeline;
