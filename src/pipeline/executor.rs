@@ -423,8 +423,10 @@ async fn still_ours(shared: &Shared, order: &Order) -> Option<Order> {
 async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option<Order> {
     let mut stop_rx = shared.stop_rx.clone();
     let mut delay = Duration::from_millis(100);
+    // One time for every try of this transition: a commit that timed out may have been applied
+    // all the same, and its retry must then write the very same order, not new times.
+    let mut now = chrono::Utc::now();
     loop {
-        let now = chrono::Utc::now();
         let next = events.iter().try_fold(order.clone(), |current, event| {
             apply(&current, event.clone(), now)
         });
@@ -446,6 +448,7 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
                 // Someone asked to cancel while the step ran: apply the same event again, now
                 // knowing, so the order rolls back instead of moving on.
                 order.cancel_requested = true;
+                now = chrono::Utc::now();
             }
             Err(StoreError::NotOwner) | Err(StoreError::NotFound) => {
                 warn!(order_id = %order.order_id, "order is no longer ours, dropping it");
@@ -717,6 +720,20 @@ mod tests {
         );
         assert_eq!(harness.steps.calls(), runs(&WORK_STEPS), "each step once");
         assert_eq!(harness.store.commits(), 3 + 4);
+        assert_eq!(harness.stored().current_step, Step::Completed);
+    }
+
+    #[tokio::test]
+    async fn a_commit_applied_but_answered_too_late_is_written_again_unchanged() {
+        let harness = Harness::new(FakeStep::new());
+        harness.store.answer_late(1);
+        harness.execute().await;
+
+        let written = harness.store.written();
+        assert_eq!(
+            written[0], written[1],
+            "the retry writes the order the late answer had already stored"
+        );
         assert_eq!(harness.stored().current_step, Step::Completed);
     }
 

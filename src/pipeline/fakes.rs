@@ -52,6 +52,11 @@ pub(super) struct FakeStore {
     commit_faults: Mutex<VecDeque<StoreError>>,
     /// Commits asked for, refused ones included.
     commits: AtomicUsize,
+    /// How many of the next commits are applied and then answered with a timeout, as when
+    /// Redis applies a write whose answer comes too late.
+    late_answers: AtomicUsize,
+    /// Every order a commit wrote, in order.
+    written: Mutex<Vec<Order>>,
 }
 
 impl FakeStore {
@@ -75,6 +80,16 @@ impl FakeStore {
     /// The next commits fail with these errors, one each, whatever they write.
     pub(super) fn fail_commits(&self, faults: impl IntoIterator<Item = StoreError>) {
         self.commit_faults.lock().unwrap().extend(faults);
+    }
+
+    /// The next `count` commits are applied, then answered with a timeout.
+    pub(super) fn answer_late(&self, count: usize) {
+        self.late_answers.store(count, Ordering::Relaxed);
+    }
+
+    /// Every order a commit wrote, in order.
+    pub(super) fn written(&self) -> Vec<Order> {
+        self.written.lock().unwrap().clone()
     }
 
     /// Another node takes the order over, as a takeover does: new owner, next epoch.
@@ -127,6 +142,12 @@ impl OrderStore for FakeStore {
         let stored = orders.get(&order.order_id).ok_or(StoreError::NotFound)?;
         check_commit(&stored.owner, stored.epoch, stored.cancel_requested, order)?;
         orders.insert(order.order_id, order.clone());
+        self.written.lock().unwrap().push(order.clone());
+        let late = self.late_answers.load(Ordering::Relaxed);
+        if late > 0 {
+            self.late_answers.store(late - 1, Ordering::Relaxed);
+            return Err(StoreError::Unavailable("redis did not answer in time".into()));
+        }
         Ok(())
     }
 

@@ -110,6 +110,26 @@ const QUICK: Timing = Timing {
     backoff_max: "200ms",
 };
 
+/// One quick retry: a step that fails twice in a row gives up.
+const ONE_RETRY: Timing = Timing {
+    timeout: "5s",
+    retries: 1,
+    backoff: "50ms",
+    backoff_max: "50ms",
+};
+
+/// A shop that refuses to ship (so every order fails at Post-Processing) and whose refund
+/// service is down for the next `failures` calls.
+async fn shop_with_refunds_down(failures: usize) -> Shop {
+    let shop = Shop::start().await;
+    shop.answer("/ship", Answer::Status(400, "bad address".into()));
+    shop.queue(
+        "/refund",
+        vec![Answer::Status(500, "ledger down".into()); failures],
+    );
+    shop
+}
+
 fn step_entry<'a>(order: &'a Value, step: &str) -> &'a Value {
     order["steps"]
         .as_array()
@@ -343,22 +363,8 @@ async fn outputs_reach_later_steps_and_rollbacks() {
 
 #[tokio::test]
 async fn a_failing_compensation_parks_the_order_until_retried_on_request() {
-    let shop = Shop::start().await;
-    shop.answer("/ship", Answer::Status(400, "bad address".into()));
-    shop.queue(
-        "/refund",
-        vec![
-            Answer::Status(500, "ledger down".into()),
-            Answer::Status(500, "ledger down".into()),
-            Answer::Status(500, "ledger down".into()),
-        ],
-    );
-    let payment = Timing {
-        timeout: "5s",
-        retries: 1,
-        backoff: "50ms",
-        backoff_max: "50ms",
-    };
+    let shop = shop_with_refunds_down(3).await;
+    let payment = ONE_RETRY;
     let node = Node::start(&shop.config(&QUICK, Some(("Processing", payment)))).await;
     let user = unique_user("frank");
     let id = node.create_order(&user, &json!({"sku": "F6"})).await;
@@ -758,21 +764,8 @@ async fn an_order_waiting_to_retry_does_not_hold_a_worker() {
 #[tokio::test]
 async fn a_parked_rollback_can_be_retried_through_another_node() {
     let _one = exclusive().await;
-    let shop = Shop::start().await;
-    shop.answer("/ship", Answer::Status(400, "bad address".into()));
-    shop.queue(
-        "/refund",
-        vec![
-            Answer::Status(500, "ledger down".into()),
-            Answer::Status(500, "ledger down".into()),
-        ],
-    );
-    let payment = Timing {
-        timeout: "5s",
-        retries: 1,
-        backoff: "50ms",
-        backoff_max: "50ms",
-    };
+    let shop = shop_with_refunds_down(2).await;
+    let payment = ONE_RETRY;
     let redis = RedisServer::start();
     let nodes = shop.two_nodes(&redis, payment).await;
 
