@@ -3,22 +3,27 @@
 //! then check every order and print the summary.
 
 use crate::args::ChaosArgs;
+use crate::clock;
+use crate::duplicate::{self, Fate};
 use crate::faults::{recover, rolling_restart, Fault, Kind, Recovery};
 use crate::ledger::Ledger;
-use crate::load::{list_all, load, lock, poll, Seen};
+use crate::load::{load, lock, poll, Seen};
 use crate::logs::read_logs;
 use crate::partitions::Partitions;
-use crate::report::{print_first, Report, Violation};
-use crate::world::{http_client, node_config, wait_formed, wait_ready, Node, World, NODES};
+use crate::report::{print_first, Report, Violation, TAKEOVER_BOUND};
+use crate::settle::{settle, STUCK_BOUND};
+use crate::world::{
+    http_client, node_config, wait_formed, wait_ready, Node, World, NODES, RECONCILE_INTERVAL,
+};
 use chrono::Utc;
 use order_process_testkit::RedisServer;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -154,7 +159,19 @@ async fn campaign(
     ));
 
     let started = Instant::now();
-    let mut faults = Faults::new(seed, partition);
+    let faketime = clock::libfaketime();
+    if faketime.is_none() {
+        println!(
+            "chaos: notice: libfaketime is not installed (Debian package faketime), the clock skew fault is skipped"
+        );
+    }
+    let spawn = Spawn {
+        bin: bin.to_path_buf(),
+        redis_url: world.redis.url(),
+        ledger: ledger.base().to_string(),
+        faketime,
+    };
+    let mut faults = Faults::new(seed, partition, spawn);
     faults
         .make(&mut world, &client, &bases, started, duration)
         .await;
@@ -167,7 +184,16 @@ async fn campaign(
     let _ = stop_tx.send(true);
     let mut submitters = loader.await.unwrap_or_default();
     faults.heal_all(&mut world).await;
+    let healed = Instant::now();
+    let submitting = Arc::new(AtomicBool::new(true));
+    let settling = tokio::spawn(settle(
+        client.clone(),
+        Arc::clone(&bases),
+        healed,
+        Arc::clone(&submitting),
+    ));
     while submitters.join_next().await.is_some() {}
+    submitting.store(false, Ordering::SeqCst);
     if !wait_formed(&client, &bases, Duration::from_secs(60)).await {
         faults.violations.push(Violation {
             kind: "cluster_not_reformed".into(),
@@ -175,19 +201,64 @@ async fn campaign(
             detail: "not all 3 nodes live with a leader 60 s after healing".into(),
         });
     }
+    // Every stored order, answered or not, must be terminal within the bound of the last heal.
+    let settled = settling
+        .await
+        .map_err(|error| format!("the listing task failed: {error}"))??;
     wait_quiet(&seen, Duration::from_secs(180)).await;
     let _ = poll_stop_tx.send(true);
     let _ = poller.await;
     let quiescent_after = elapsed(started);
-
-    let stored = stored_orders(&client, &bases[0]).await?;
+    for (id, detail) in &settled.stuck {
+        faults.violations.push(Violation {
+            kind: "stuck".into(),
+            order_id: Some(id.clone()),
+            detail: format!("{detail} (bound {STUCK_BOUND:?} after the last heal)"),
+        });
+    }
+    let stored = settled.orders.clone();
     faults.drain_all(&mut world).await;
 
     let logs = read_logs(&world.nodes);
     let books = ledger.books();
     let seen = lock(&seen);
     let mut violations = faults.violations;
-    let report = Report::build(&seen, &stored, &books, &logs, &faults.done, &mut violations);
+    let mut report = Report::build(
+        &seen,
+        &stored,
+        &books,
+        &logs,
+        &faults.done,
+        faults.max_skew,
+        &mut violations,
+    );
+    report.lines.push((
+        "stuck",
+        format!(
+            "{} (bound {}s: reconcile {}s + takeover {}s); slowest order after the last heal: {}",
+            settled.stuck.len(),
+            STUCK_BOUND.as_secs(),
+            RECONCILE_INTERVAL.as_secs(),
+            TAKEOVER_BOUND.as_secs(),
+            settled
+                .slowest
+                .as_ref()
+                .map_or("none".into(), |(id, took)| format!("{id} {took:.1}s"))
+        ),
+    ));
+    report.lines.push((
+        "duplicates",
+        if faults.duplicates.is_empty() {
+            "none started".into()
+        } else {
+            faults
+                .duplicates
+                .iter()
+                .map(|(fate, count)| format!("{fate} {count}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    ));
     report.print(
         seed,
         duration,
@@ -245,6 +316,7 @@ async fn bring_up(
     }
     Ok(World {
         redis,
+        redis_paused: false,
         nodes,
         partitions: Partitions::default(),
     })
@@ -265,30 +337,24 @@ async fn wait_quiet(seen: &Mutex<Seen>, within: Duration) {
     }
 }
 
-/// Every order the cluster stored, through the listing (also those stored without the client
-/// hearing so: they must finish too, so list again until all are finished or time is up).
-async fn stored_orders(
-    client: &reqwest::Client,
-    base: &str,
-) -> Result<HashMap<String, Value>, String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let stored = list_all(client, base).await?;
-        let unfinished = stored
-            .values()
-            .filter(|order| order["complete_time"].is_null())
-            .count();
-        if unfinished == 0 || Instant::now() >= deadline {
-            return Ok(stored);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+/// What a fault needs to start processes of its own: the node binary, Redis and the ledger.
+pub struct Spawn {
+    pub bin: PathBuf,
+    pub redis_url: String,
+    pub ledger: String,
+    /// libfaketime, when installed (the clock skew fault needs it).
+    pub faketime: Option<PathBuf>,
 }
 
 /// The fault schedule: a shuffled bag of every kind, drawn from the seed, and what was made.
 struct Faults {
     rng: StdRng,
     partition: bool,
+    spawn: Spawn,
+    /// What became of each duplicate node, by fate.
+    duplicates: BTreeMap<&'static str, usize>,
+    /// The largest clock offset given to a node, in seconds.
+    max_skew: i64,
     bag: Vec<Kind>,
     /// Recoveries due: when, what, and the fault they end.
     pending: Vec<(Instant, Recovery, usize)>,
@@ -299,10 +365,13 @@ struct Faults {
 }
 
 impl Faults {
-    fn new(seed: u64, partition: bool) -> Faults {
+    fn new(seed: u64, partition: bool, spawn: Spawn) -> Faults {
         Faults {
             rng: StdRng::seed_from_u64(seed),
             partition,
+            spawn,
+            duplicates: BTreeMap::new(),
+            max_skew: 0,
             bag: Vec::new(),
             pending: Vec::new(),
             done: Vec::new(),
@@ -367,17 +436,21 @@ impl Faults {
     fn draw(&mut self, world: &mut World, healthy: &[usize]) -> Option<Kind> {
         if self.bag.is_empty() {
             let partition = self.partition;
+            let skew = self.spawn.faketime.is_some();
             self.bag = Kind::ALL
                 .iter()
                 .copied()
                 .filter(|kind| partition || *kind != Kind::Partition)
+                .filter(|kind| skew || *kind != Kind::SkewClock)
                 .collect();
             self.bag.shuffle(&mut self.rng);
         }
-        let quiet = self.pending.is_empty() && healthy.len() == NODES && world.redis.is_running();
+        let redis = world.redis.is_running() && !world.redis_paused;
+        let quiet = self.pending.is_empty() && healthy.len() == NODES && redis;
         let position = self.bag.iter().position(|kind| match kind {
-            Kind::KillRedis => world.redis.is_running(),
-            Kind::RollingRestart => quiet,
+            Kind::KillRedis | Kind::PauseRedis => redis,
+            Kind::RollingRestart | Kind::DuplicateNode => quiet,
+            Kind::InterruptedTakeover => healthy.len() == NODES && redis,
             _ => healthy.len() >= 2,
         })?;
         Some(self.bag.remove(position))
@@ -403,10 +476,14 @@ impl Faults {
                     return;
                 }
             },
-            Kind::KillNode | Kind::PauseNode | Kind::Partition | Kind::KillDraining => {
-                Some(healthy[self.rng.random_range(0..healthy.len())])
-            }
-            Kind::KillRedis | Kind::RollingRestart => None,
+            Kind::KillNode
+            | Kind::PauseNode
+            | Kind::Partition
+            | Kind::KillDraining
+            | Kind::DuplicateNode
+            | Kind::SkewClock
+            | Kind::InterruptedTakeover => Some(healthy[self.rng.random_range(0..healthy.len())]),
+            Kind::KillRedis | Kind::PauseRedis | Kind::RollingRestart => None,
         };
         let service_id = victim.and_then(|index| world.nodes[index].service_id());
         let owned = world.owned(client, &service_id).await;
@@ -471,6 +548,70 @@ impl Faults {
                 let at = self.later(4000, 10000);
                 self.pending.push((at, Recovery::Heal(index), fault));
             }
+            (Kind::PauseRedis, _) => {
+                if world.redis.signal("STOP") {
+                    world.redis_paused = true;
+                }
+                // Around `database.timeout` (1 s): shorter, about as long, and longer.
+                let at = self.later(300, 3000);
+                self.pending.push((at, Recovery::ResumeRedis, fault));
+            }
+            (Kind::DuplicateNode, Some(index)) => {
+                let join = world
+                    .nodes
+                    .iter()
+                    .filter(|node| node.index != index)
+                    .map(|node| node.port)
+                    .collect();
+                let (fate, detail) = duplicate::run(
+                    &world.nodes[index],
+                    &self.spawn.bin,
+                    &self.spawn.redis_url,
+                    &self.spawn.ledger,
+                    join,
+                )
+                .await;
+                println!("chaos:          duplicate of n{index}: {fate:?} ({detail})");
+                *self.duplicates.entry(fate.name()).or_default() += 1;
+                if matches!(fate, Fate::ExitedZero | Fate::StillRunning) {
+                    self.violations.push(Violation {
+                        kind: "duplicate_node_ran".into(),
+                        order_id: None,
+                        detail: format!("a copy of n{index}'s data dir: {detail}"),
+                    });
+                }
+                if let Some(fault) = self.done.get_mut(fault) {
+                    fault.healed = Some(Utc::now());
+                }
+            }
+            (Kind::SkewClock, Some(index)) => {
+                let Some(library) = self.spawn.faketime.clone() else {
+                    return;
+                };
+                let seconds = self.rng.random_range(5..=30i64);
+                let offset = if self.rng.random_bool(0.5) {
+                    seconds
+                } else {
+                    -seconds
+                };
+                self.max_skew = self.max_skew.max(seconds);
+                println!("chaos:          n{index} restarted with its clock {offset:+} s off");
+                let node = &mut world.nodes[index];
+                node.kill();
+                node.env = clock::skewed(&library, offset);
+                if let Err(error) = node.launch() {
+                    self.violations.push(Violation {
+                        kind: "restart_failed".into(),
+                        order_id: None,
+                        detail: format!("n{index} with a skewed clock: {error}"),
+                    });
+                }
+                let at = self.later(5000, 15000);
+                self.pending.push((at, Recovery::Unskew(index), fault));
+            }
+            (Kind::InterruptedTakeover, Some(index)) => {
+                self.interrupt_takeover(world, client, index, fault).await;
+            }
             (Kind::KillRedis, _) => {
                 world.redis.kill();
                 let at = self.later(300, 5000);
@@ -490,6 +631,52 @@ impl Faults {
             }
             _ => {}
         }
+    }
+
+    /// Kills node `index`, waits until its orders start to move to another node, and then pauses
+    /// Redis or kills the leader (the node that moves them) in the middle of it.
+    async fn interrupt_takeover(
+        &mut self,
+        world: &mut World,
+        client: &reqwest::Client,
+        index: usize,
+        fault: usize,
+    ) {
+        let (service_id, owned) = match self.done.get(fault) {
+            Some(record) => (record.service_id.clone(), record.owned.unwrap_or(0)),
+            None => return,
+        };
+        world.nodes[index].kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while owned > 0 && Instant::now() < deadline {
+            if world
+                .owned(client, &service_id)
+                .await
+                .is_some_and(|now| now < owned)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let leader = world.leader(client).await.filter(|leader| *leader != index);
+        match leader {
+            Some(leader) if self.rng.random_bool(0.5) => {
+                println!("chaos:          taker n{leader} killed mid-takeover");
+                world.nodes[leader].kill();
+                let at = self.later(1000, 8000);
+                self.pending.push((at, Recovery::Restart(leader), fault));
+            }
+            _ => {
+                println!("chaos:          redis paused mid-takeover");
+                if world.redis.signal("STOP") {
+                    world.redis_paused = true;
+                }
+                let at = self.later(300, 3000);
+                self.pending.push((at, Recovery::ResumeRedis, fault));
+            }
+        }
+        let at = self.later(3000, 10000);
+        self.pending.push((at, Recovery::Restart(index), fault));
     }
 
     /// Recovers from every fault still in effect, in the order they were due.

@@ -15,10 +15,18 @@ pub enum Kind {
     RollingRestart,
     /// SIGTERM, then SIGKILL while the node drains (hands over its orders).
     KillDraining,
+    /// SIGSTOP redis-server for about `database.timeout`, then SIGCONT.
+    PauseRedis,
+    /// A second process from a copy of a live node's data dir.
+    DuplicateNode,
+    /// A node restarted with its wall clock 5–30 s ahead or behind.
+    SkewClock,
+    /// A node killed, then Redis paused or the leader killed while its orders move.
+    InterruptedTakeover,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 11] = [
         Kind::KillNode,
         Kind::KillLeader,
         Kind::PauseNode,
@@ -26,6 +34,10 @@ impl Kind {
         Kind::Partition,
         Kind::RollingRestart,
         Kind::KillDraining,
+        Kind::PauseRedis,
+        Kind::DuplicateNode,
+        Kind::SkewClock,
+        Kind::InterruptedTakeover,
     ];
 
     pub fn name(self) -> &'static str {
@@ -37,6 +49,10 @@ impl Kind {
             Kind::Partition => "partition",
             Kind::RollingRestart => "rolling_restart",
             Kind::KillDraining => "kill_draining",
+            Kind::PauseRedis => "pause_redis",
+            Kind::DuplicateNode => "duplicate_node",
+            Kind::SkewClock => "skew_clock",
+            Kind::InterruptedTakeover => "interrupted_takeover",
         }
     }
 }
@@ -57,7 +73,10 @@ pub enum Recovery {
     Restart(usize),
     Resume(usize),
     RestartRedis,
+    ResumeRedis,
     Heal(usize),
+    /// Restart a skewed node with the true clock.
+    Unskew(usize),
 }
 
 /// Drains every node in turn (SIGTERM, exit 0 expected), restarting each before the next.
@@ -117,6 +136,22 @@ pub async fn recover(world: &mut World, recovery: Recovery, violations: &mut Vec
                     kind: "restart_failed".into(),
                     order_id: None,
                     detail: format!("redis: {error}"),
+                });
+            }
+        }
+        Recovery::ResumeRedis => {
+            world.redis.signal("CONT");
+            world.redis_paused = false;
+        }
+        Recovery::Unskew(index) => {
+            let node = &mut world.nodes[index];
+            node.kill();
+            node.env.clear();
+            if let Err(error) = node.launch() {
+                violations.push(Violation {
+                    kind: "restart_failed".into(),
+                    order_id: None,
+                    detail: format!("n{index} with the true clock: {error}"),
                 });
             }
         }

@@ -18,6 +18,10 @@ pub const SECRET: &str = "chaos-secret";
 pub const USER: &str = "chaos";
 /// How many nodes the campaign runs.
 pub const NODES: usize = 3;
+/// How often each node resumes unfinished orders of its own that nothing on it holds.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
+/// A duplicate of node `i` calls the ledger as node `DUPLICATE_BASE + i`.
+pub const DUPLICATE_BASE: usize = 10;
 
 /// One order-process node: its own directory (config, data, log), port and process.
 pub struct Node {
@@ -29,6 +33,8 @@ pub struct Node {
     process: Option<Proc>,
     pub paused: bool,
     launches: usize,
+    /// Environment added at launch (libfaketime for a skewed clock); empty normally.
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -44,6 +50,7 @@ impl Node {
             process: None,
             paused: false,
             launches: 0,
+            env: Vec::new(),
         })
     }
 
@@ -94,7 +101,7 @@ impl Node {
             args.push("--join".to_string());
             args.push(format!("127.0.0.1:{port}"));
         }
-        self.process = Some(Proc::spawn(&self.bin, &args, &log, &log)?);
+        self.process = Some(Proc::spawn_env(&self.bin, &args, &self.env, &log, &log)?);
         self.paused = false;
         Ok(())
     }
@@ -132,8 +139,10 @@ impl Node {
 
 /// The config of node `index`: cluster mode on Redis, every work step on the ledger.
 pub fn node_config(index: usize, redis_url: &str, ledger: &str) -> String {
+    let reconcile = RECONCILE_INTERVAL.as_secs();
     let mut config = format!(
         "[server]\nshutdown_grace = \"20s\"\n\
+         [pipeline]\nreconcile_interval = \"{reconcile}s\"\n\
          [log]\nlevel = \"info,order_process::pipeline=debug\"\nformat = \"json\"\n\
          [database]\nurl = \"{redis_url}\"\ntimeout = \"1s\"\n\
          [cluster]\nsecret = \"{SECRET}\"\n"
@@ -213,6 +222,8 @@ pub async fn wait_formed(client: &reqwest::Client, bases: &[String], within: Dur
 /// Everything the campaign runs.
 pub struct World {
     pub redis: RedisServer,
+    /// Redis is SIGSTOPped.
+    pub redis_paused: bool,
     pub nodes: Vec<Node>,
     pub partitions: Partitions,
 }
