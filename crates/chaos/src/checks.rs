@@ -424,6 +424,27 @@ mod tests {
     }
 
     #[test]
+    fn a_skewed_history_is_checked_without_its_times() {
+        let mut skewed = declined_at_processing();
+        skewed["steps"][1]["step_start_time"] = "2030-01-01T00:00:00Z".into();
+        assert_eq!(
+            order_process_history::check(&skewed).unwrap_err().kind,
+            "illegal_history"
+        );
+        let intent = Intent {
+            fail_at: Some("Processing"),
+            ..Intent::default()
+        };
+        assert_eq!(
+            check_history(&with_ordered_times(&skewed), &intent),
+            Ok(End::Declined("Processing"))
+        );
+        let mut illegal = completed();
+        illegal["steps"].as_array_mut().unwrap().remove(1);
+        assert!(check_history(&with_ordered_times(&illegal), &Intent::default()).is_err());
+    }
+
+    #[test]
     fn snapshots_may_only_grow() {
         let mut early = completed();
         early.as_object_mut().unwrap().remove("complete_time");

@@ -4,7 +4,7 @@
 //! (its steps call it as node `DUPLICATE_BASE + i`, so any call it made shows in the books).
 
 use crate::world::{node_config, Node, DUPLICATE_BASE};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -45,9 +45,7 @@ pub async fn run(
     ledger: &str,
     join: Vec<u16>,
 ) -> (Fate, String) {
-    let dir = original
-        .dir
-        .with_file_name(format!("{}-duplicate", original.dir.display()));
+    let dir = PathBuf::from(format!("{}-duplicate", original.dir.display()));
     let _ = std::fs::remove_dir_all(&dir);
     let config = node_config(DUPLICATE_BASE + original.index, redis_url, ledger);
     let mut node = match Node::new(bin, dir.clone(), DUPLICATE_BASE + original.index, &config) {

@@ -15,7 +15,8 @@
 //! - [`campaign`]: the campaign from start to verdict.
 //! - [`world`]: the processes (Redis, the nodes) and what the cluster says about itself.
 //! - [`partitions`]: gossip partitions made with iptables.
-//! - [`faults`]: the kinds of fault, their schedule and their recovery.
+//! - [`faults`]: the kinds of fault, their record and their recovery.
+//! - [`schedule`]: which fault when, made on which victim, and healed.
 //! - [`duplicate`]: a second process from a copy of a live node's data dir.
 //! - [`clock`]: a node's wall clock skewed with libfaketime.
 //! - [`settle`]: after the last heal, every stored order finished within a bound.
@@ -38,6 +39,7 @@ mod load;
 mod logs;
 mod partitions;
 mod report;
+mod schedule;
 mod settle;
 mod world;
 
