@@ -12,7 +12,8 @@ use crate::report::{print_first, Report, Violation, TAKEOVER_BOUND};
 use crate::schedule::{Faults, Spawn};
 use crate::settle::{settle, STUCK_BOUND};
 use crate::world::{
-    http_client, node_config, wait_formed, wait_ready, Node, World, NODES, RECONCILE_INTERVAL,
+    get_json, http_client, node_config, wait_formed, wait_ready, Node, World, NODES,
+    RECONCILE_INTERVAL,
 };
 use order_process_testkit::RedisServer;
 use std::path::{Path, PathBuf};
@@ -190,10 +191,18 @@ async fn campaign(
     while submitters.join_next().await.is_some() {}
     submitting.store(false, Ordering::SeqCst);
     if !wait_formed(&client, &bases, Duration::from_secs(60)).await {
+        let mut views = Vec::new();
+        for base in bases.iter() {
+            let view = get_json(&client, &format!("{base}/diagnostic/cluster")).await;
+            views.push(format!("{base}: {}", view.unwrap_or_default()));
+        }
         faults.violations.push(Violation {
             kind: "cluster_not_reformed".into(),
             order_id: None,
-            detail: "not all 3 nodes live with a leader 60 s after healing".into(),
+            detail: format!(
+                "not all 3 nodes live with a leader 60 s after healing; {}",
+                views.join("; ")
+            ),
         });
     }
     // Every stored order, answered or not, must be terminal within the bound of the last heal.
@@ -266,9 +275,7 @@ async fn campaign(
         quiescent_after,
         &violations,
     );
-    if let Some(first) = violations.first() {
-        print_first(first, &stored, &books);
-    }
+    print_first(&violations, &stored, &books);
     Ok(violations.is_empty())
 }
 

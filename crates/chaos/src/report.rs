@@ -421,7 +421,22 @@ impl Report {
     }
 }
 
-pub fn print_first(first: &Violation, stored: &HashMap<String, Value>, books: &Books) {
+/// How many violations are listed one by one after the summary.
+const LISTED: usize = 30;
+
+/// Lists the first violations, one a line, then shows the first in full.
+pub fn print_first(violations: &[Violation], stored: &HashMap<String, Value>, books: &Books) {
+    let Some(first) = violations.first() else {
+        return;
+    };
+    for violation in violations.iter().take(LISTED) {
+        println!(
+            "violation: {} {}: {}",
+            violation.kind,
+            violation.order_id.as_deref().unwrap_or("(no order)"),
+            violation.detail
+        );
+    }
     println!(
         "first violation: {} {}: {}",
         first.kind,
