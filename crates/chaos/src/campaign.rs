@@ -297,18 +297,18 @@ async fn bring_up(
             .map_err(|error| format!("cannot prepare node {index}: {error}"))?;
         nodes.push(node);
     }
-    let ports: Vec<u16> = nodes.iter().map(|node| node.port).collect();
+    let addresses: Vec<String> = nodes.iter().map(Node::address).collect();
     for (index, node) in nodes.iter_mut().enumerate() {
-        node.set_join(ports[..index].to_vec());
+        node.set_join(addresses[..index].to_vec());
         node.launch()
             .map_err(|error| format!("cannot start node {index}: {error}"))?;
         if !wait_ready(client, &node.base(), Duration::from_secs(30)).await {
             return Err(format!("node {index} did not become ready"));
         }
-        let others: Vec<u16> = ports
+        let others: Vec<String> = addresses
             .iter()
-            .copied()
-            .filter(|port| *port != ports[index])
+            .filter(|address| **address != addresses[index])
+            .cloned()
             .collect();
         node.set_join(others);
     }

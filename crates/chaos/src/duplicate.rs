@@ -43,7 +43,7 @@ pub async fn run(
     bin: &Path,
     redis_url: &str,
     ledger: &str,
-    join: Vec<u16>,
+    join: Vec<String>,
 ) -> (Fate, String) {
     let dir = PathBuf::from(format!("{}-duplicate", original.dir.display()));
     let _ = std::fs::remove_dir_all(&dir);

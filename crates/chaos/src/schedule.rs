@@ -6,7 +6,7 @@ use crate::clock;
 use crate::duplicate::{self, Fate};
 use crate::faults::{recover, rolling_restart, Fault, Kind, Recovery};
 use crate::report::Violation;
-use crate::world::{World, NODES};
+use crate::world::{Node, World, NODES};
 use chrono::Utc;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -239,7 +239,7 @@ impl Faults {
                     .nodes
                     .iter()
                     .filter(|node| node.index != index)
-                    .map(|node| node.port)
+                    .map(Node::address)
                     .collect();
                 let (fate, detail) = duplicate::run(
                     &world.nodes[index],

@@ -26,10 +26,14 @@ pub const DUPLICATE_BASE: usize = 10;
 /// One order-process node: its own directory (config, data, log), port and process.
 pub struct Node {
     pub index: usize,
+    /// The address it listens on and is reached at (loopback; a namespace's address when nodes
+    /// run in network namespaces).
+    pub host: String,
     pub port: u16,
     pub dir: PathBuf,
     bin: PathBuf,
-    join: Vec<u16>,
+    /// Addresses (`host:port`) of the nodes it joins.
+    join: Vec<String>,
     process: Option<Proc>,
     pub paused: bool,
     launches: usize,
@@ -43,6 +47,7 @@ impl Node {
         std::fs::write(dir.join("config.toml"), config)?;
         Ok(Node {
             index,
+            host: "127.0.0.1".into(),
             port: free_port()?,
             dir,
             bin: bin.to_path_buf(),
@@ -55,7 +60,12 @@ impl Node {
     }
 
     pub fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.address())
+    }
+
+    /// `host:port`, what the node listens on and what others join.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -69,8 +79,8 @@ impl Node {
             .map(|text| text.trim().to_string())
     }
 
-    pub fn set_join(&mut self, ports: Vec<u16>) {
-        self.join = ports;
+    pub fn set_join(&mut self, addresses: Vec<String>) {
+        self.join = addresses;
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -93,13 +103,13 @@ impl Node {
             "--config".to_string(),
             self.dir.join("config.toml").display().to_string(),
             "--listen".to_string(),
-            format!("127.0.0.1:{}", self.port),
+            self.address(),
             "--data-dir".to_string(),
             self.dir.join("data").display().to_string(),
         ];
-        for port in &self.join {
+        for address in &self.join {
             args.push("--join".to_string());
-            args.push(format!("127.0.0.1:{port}"));
+            args.push(address.clone());
         }
         self.process = Some(Proc::spawn_env(&self.bin, &args, &self.env, &log, &log)?);
         self.paused = false;
