@@ -79,7 +79,8 @@ pub enum Recovery {
     Unskew(usize),
 }
 
-/// Drains every node in turn (SIGTERM, exit 0 expected), restarting each before the next.
+/// Drains every node in turn once it answers its heartbeat (SIGTERM, exit 0 expected),
+/// restarting each before the next.
 /// Returns the nodes whose drain did not exit cleanly.
 pub async fn rolling_restart(
     client: &reqwest::Client,
@@ -90,6 +91,9 @@ pub async fn rolling_restart(
     let mut unclean = Vec::new();
     for index in 0..world.nodes.len() {
         let node = &mut world.nodes[index];
+        // As an operator would: drain a node that serves, not one still starting (restarted by a
+        // recovery a moment ago, waiting for its predecessor's lease).
+        wait_ready(client, &node.base(), Duration::from_secs(30)).await;
         if !node.signal("TERM") {
             continue;
         }
