@@ -4,6 +4,7 @@
 
 use crate::args::ChaosArgs;
 use crate::clock;
+use crate::faults::Kind;
 use crate::ledger::Ledger;
 use crate::load::{load, lock, poll, Seen};
 use crate::logs::read_logs;
@@ -113,8 +114,17 @@ async fn campaign(
 ) -> Result<bool, String> {
     std::fs::create_dir_all(workdir)
         .map_err(|error| format!("cannot create {}: {error}", workdir.display()))?;
-    let partition = !args.no_partition && Partitions::available();
-    if !args.no_partition && !partition {
+    let mut skip = Vec::new();
+    for name in &args.skip {
+        match Kind::from_name(name) {
+            Some(kind) => skip.push(kind),
+            None => return Err(format!("--skip {name}: no such kind of fault")),
+        }
+    }
+    if args.no_partition {
+        skip.push(Kind::Partition);
+    } else if !Partitions::available() {
+        skip.push(Kind::Partition);
         println!(
             "chaos: notice: iptables is not usable here, the gossip partition fault is skipped"
         );
@@ -157,6 +167,7 @@ async fn campaign(
     let started = Instant::now();
     let faketime = clock::libfaketime();
     if faketime.is_none() {
+        skip.push(Kind::SkewClock);
         println!(
             "chaos: notice: libfaketime is not installed (Debian package faketime), the clock skew fault is skipped"
         );
@@ -167,7 +178,7 @@ async fn campaign(
         ledger: ledger.base().to_string(),
         faketime,
     };
-    let mut faults = Faults::new(seed, partition, spawn);
+    let mut faults = Faults::new(seed, skip, spawn);
     faults
         .make(&mut world, &client, &bases, started, duration)
         .await;

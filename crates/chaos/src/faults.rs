@@ -40,6 +40,11 @@ impl Kind {
         Kind::InterruptedTakeover,
     ];
 
+    /// The kind of this name, as [`Kind::name`] spells it.
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::KillNode => "kill_node",

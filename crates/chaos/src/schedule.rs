@@ -27,7 +27,8 @@ pub struct Spawn {
 /// The fault schedule: a shuffled bag of every kind, drawn from the seed, and what was made.
 pub struct Faults {
     rng: StdRng,
-    partition: bool,
+    /// Kinds left out (asked, or not possible here).
+    skip: Vec<Kind>,
     spawn: Spawn,
     /// What became of each duplicate node, by fate.
     pub duplicates: BTreeMap<&'static str, usize>,
@@ -43,10 +44,10 @@ pub struct Faults {
 }
 
 impl Faults {
-    pub fn new(seed: u64, partition: bool, spawn: Spawn) -> Faults {
+    pub fn new(seed: u64, skip: Vec<Kind>, spawn: Spawn) -> Faults {
         Faults {
             rng: StdRng::seed_from_u64(seed),
-            partition,
+            skip,
             spawn,
             duplicates: BTreeMap::new(),
             max_skew: 0,
@@ -113,13 +114,10 @@ impl Faults {
     /// The next kind from the bag that can be made now (refilled and shuffled when empty).
     fn draw(&mut self, world: &mut World, healthy: &[usize]) -> Option<Kind> {
         if self.bag.is_empty() {
-            let partition = self.partition;
-            let skew = self.spawn.faketime.is_some();
             self.bag = Kind::ALL
                 .iter()
                 .copied()
-                .filter(|kind| partition || *kind != Kind::Partition)
-                .filter(|kind| skew || *kind != Kind::SkewClock)
+                .filter(|kind| !self.skip.contains(kind))
                 .collect();
             self.bag.shuffle(&mut self.rng);
         }
