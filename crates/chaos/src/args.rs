@@ -31,4 +31,7 @@ pub struct ChaosArgs {
     /// leave out the gossip partition (iptables) fault
     #[argh(switch)]
     pub no_partition: bool,
+    /// leave out a kind of fault, e.g. --skip skew_clock (repeatable)
+    #[argh(option)]
+    pub skip: Vec<String>,
 }

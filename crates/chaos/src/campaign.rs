@@ -3,22 +3,23 @@
 //! then check every order and print the summary.
 
 use crate::args::ChaosArgs;
-use crate::faults::{recover, rolling_restart, Fault, Kind, Recovery};
+use crate::clock;
+use crate::faults::Kind;
 use crate::ledger::Ledger;
-use crate::load::{list_all, load, lock, poll, Seen};
+use crate::load::{load, lock, poll, Seen};
 use crate::logs::read_logs;
 use crate::partitions::Partitions;
-use crate::report::{print_first, Report, Violation};
-use crate::world::{http_client, node_config, wait_formed, wait_ready, Node, World, NODES};
-use chrono::Utc;
+use crate::report::{print_first, Report, Violation, TAKEOVER_BOUND};
+use crate::schedule::{Faults, Spawn};
+use crate::settle::{settle, STUCK_BOUND};
+use crate::world::{
+    get_json, http_client, node_config, wait_formed, wait_ready, Node, World, NODES,
+    RECONCILE_INTERVAL,
+};
 use order_process_testkit::RedisServer;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
-use serde_json::Value;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -98,7 +99,8 @@ fn node_binary(args: &ChaosArgs) -> std::io::Result<PathBuf> {
     }
 }
 
-fn elapsed(started: Instant) -> f64 {
+/// Seconds since `started`, for the progress lines.
+pub fn elapsed(started: Instant) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
@@ -112,8 +114,17 @@ async fn campaign(
 ) -> Result<bool, String> {
     std::fs::create_dir_all(workdir)
         .map_err(|error| format!("cannot create {}: {error}", workdir.display()))?;
-    let partition = !args.no_partition && Partitions::available();
-    if !args.no_partition && !partition {
+    let mut skip = Vec::new();
+    for name in &args.skip {
+        match Kind::from_name(name) {
+            Some(kind) => skip.push(kind),
+            None => return Err(format!("--skip {name}: no such kind of fault")),
+        }
+    }
+    if args.no_partition {
+        skip.push(Kind::Partition);
+    } else if !Partitions::available() {
+        skip.push(Kind::Partition);
         println!(
             "chaos: notice: iptables is not usable here, the gossip partition fault is skipped"
         );
@@ -154,7 +165,20 @@ async fn campaign(
     ));
 
     let started = Instant::now();
-    let mut faults = Faults::new(seed, partition);
+    let faketime = clock::libfaketime();
+    if faketime.is_none() {
+        skip.push(Kind::SkewClock);
+        println!(
+            "chaos: notice: libfaketime is not installed (Debian package faketime), the clock skew fault is skipped"
+        );
+    }
+    let spawn = Spawn {
+        bin: bin.to_path_buf(),
+        redis_url: world.redis.url(),
+        ledger: ledger.base().to_string(),
+        faketime,
+    };
+    let mut faults = Faults::new(seed, skip, spawn);
     faults
         .make(&mut world, &client, &bases, started, duration)
         .await;
@@ -167,27 +191,89 @@ async fn campaign(
     let _ = stop_tx.send(true);
     let mut submitters = loader.await.unwrap_or_default();
     faults.heal_all(&mut world).await;
+    let healed = Instant::now();
+    let submitting = Arc::new(AtomicBool::new(true));
+    let settling = tokio::spawn(settle(
+        client.clone(),
+        Arc::clone(&bases),
+        healed,
+        Arc::clone(&submitting),
+    ));
     while submitters.join_next().await.is_some() {}
+    submitting.store(false, Ordering::SeqCst);
     if !wait_formed(&client, &bases, Duration::from_secs(60)).await {
+        let mut views = Vec::new();
+        for base in bases.iter() {
+            let view = get_json(&client, &format!("{base}/diagnostic/cluster")).await;
+            views.push(format!("{base}: {}", view.unwrap_or_default()));
+        }
         faults.violations.push(Violation {
             kind: "cluster_not_reformed".into(),
             order_id: None,
-            detail: "not all 3 nodes live with a leader 60 s after healing".into(),
+            detail: format!(
+                "not all 3 nodes live with a leader 60 s after healing; {}",
+                views.join("; ")
+            ),
         });
     }
+    // Every stored order, answered or not, must be terminal within the bound of the last heal.
+    let settled = settling
+        .await
+        .map_err(|error| format!("the listing task failed: {error}"))??;
     wait_quiet(&seen, Duration::from_secs(180)).await;
     let _ = poll_stop_tx.send(true);
     let _ = poller.await;
     let quiescent_after = elapsed(started);
-
-    let stored = stored_orders(&client, &bases[0]).await?;
+    for (id, detail) in &settled.stuck {
+        faults.violations.push(Violation {
+            kind: "stuck".into(),
+            order_id: Some(id.clone()),
+            detail: format!("{detail} (bound {STUCK_BOUND:?} after the last heal)"),
+        });
+    }
+    let stored = settled.orders.clone();
     faults.drain_all(&mut world).await;
 
     let logs = read_logs(&world.nodes);
     let books = ledger.books();
     let seen = lock(&seen);
     let mut violations = faults.violations;
-    let report = Report::build(&seen, &stored, &books, &logs, &faults.done, &mut violations);
+    let mut report = Report::build(
+        &seen,
+        &stored,
+        &books,
+        &logs,
+        &faults.done,
+        faults.max_skew,
+        &mut violations,
+    );
+    report.lines.push((
+        "stuck",
+        format!(
+            "{} (bound {}s: reconcile {}s + takeover {}s); slowest order after the last heal: {}",
+            settled.stuck.len(),
+            STUCK_BOUND.as_secs(),
+            RECONCILE_INTERVAL.as_secs(),
+            TAKEOVER_BOUND.as_secs(),
+            settled
+                .slowest
+                .as_ref()
+                .map_or("none".into(), |(id, took)| format!("{id} {took:.1}s"))
+        ),
+    ));
+    report.lines.push((
+        "duplicates",
+        if faults.duplicates.is_empty() {
+            "none started".into()
+        } else {
+            faults
+                .duplicates
+                .iter()
+                .map(|(fate, count)| format!("{fate} {count}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    ));
     report.print(
         seed,
         duration,
@@ -200,9 +286,7 @@ async fn campaign(
         quiescent_after,
         &violations,
     );
-    if let Some(first) = violations.first() {
-        print_first(first, &stored, &books);
-    }
+    print_first(&violations, &stored, &books);
     Ok(violations.is_empty())
 }
 
@@ -224,18 +308,18 @@ async fn bring_up(
             .map_err(|error| format!("cannot prepare node {index}: {error}"))?;
         nodes.push(node);
     }
-    let ports: Vec<u16> = nodes.iter().map(|node| node.port).collect();
+    let addresses: Vec<String> = nodes.iter().map(Node::address).collect();
     for (index, node) in nodes.iter_mut().enumerate() {
-        node.set_join(ports[..index].to_vec());
+        node.set_join(addresses[..index].to_vec());
         node.launch()
             .map_err(|error| format!("cannot start node {index}: {error}"))?;
         if !wait_ready(client, &node.base(), Duration::from_secs(30)).await {
             return Err(format!("node {index} did not become ready"));
         }
-        let others: Vec<u16> = ports
+        let others: Vec<String> = addresses
             .iter()
-            .copied()
-            .filter(|port| *port != ports[index])
+            .filter(|address| **address != addresses[index])
+            .cloned()
             .collect();
         node.set_join(others);
     }
@@ -245,6 +329,7 @@ async fn bring_up(
     }
     Ok(World {
         redis,
+        redis_paused: false,
         nodes,
         partitions: Partitions::default(),
     })
@@ -262,259 +347,5 @@ async fn wait_quiet(seen: &Mutex<Seen>, within: Duration) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// Every order the cluster stored, through the listing (also those stored without the client
-/// hearing so: they must finish too, so list again until all are finished or time is up).
-async fn stored_orders(
-    client: &reqwest::Client,
-    base: &str,
-) -> Result<HashMap<String, Value>, String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let stored = list_all(client, base).await?;
-        let unfinished = stored
-            .values()
-            .filter(|order| order["complete_time"].is_null())
-            .count();
-        if unfinished == 0 || Instant::now() >= deadline {
-            return Ok(stored);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-/// The fault schedule: a shuffled bag of every kind, drawn from the seed, and what was made.
-struct Faults {
-    rng: StdRng,
-    partition: bool,
-    bag: Vec<Kind>,
-    /// Recoveries due: when, what, and the fault they end.
-    pending: Vec<(Instant, Recovery, usize)>,
-    done: Vec<Fault>,
-    violations: Vec<Violation>,
-    /// Drains that exited 0, of all drains.
-    drains: (usize, usize),
-}
-
-impl Faults {
-    fn new(seed: u64, partition: bool) -> Faults {
-        Faults {
-            rng: StdRng::seed_from_u64(seed),
-            partition,
-            bag: Vec::new(),
-            pending: Vec::new(),
-            done: Vec::new(),
-            violations: Vec::new(),
-            drains: (0, 0),
-        }
-    }
-
-    fn later(&mut self, low: u64, high: u64) -> Instant {
-        Instant::now() + Duration::from_millis(self.rng.random_range(low..high))
-    }
-
-    /// Makes faults at random for `duration`, recovering each when it is due.
-    async fn make(
-        &mut self,
-        world: &mut World,
-        client: &reqwest::Client,
-        bases: &[String],
-        started: Instant,
-        duration: Duration,
-    ) {
-        let mut next_fault = self.later(1000, 3000);
-        while started.elapsed() < duration {
-            let wake = self
-                .pending
-                .iter()
-                .map(|(at, _, _)| *at)
-                .chain(std::iter::once(next_fault))
-                .min()
-                .unwrap_or(next_fault);
-            tokio::time::sleep_until(tokio::time::Instant::from_std(wake)).await;
-            self.recover_due(world).await;
-            if Instant::now() < next_fault {
-                continue;
-            }
-            next_fault = self.later(2000, 6000);
-            self.one(world, client, bases, started).await;
-        }
-    }
-
-    async fn recover_due(&mut self, world: &mut World) {
-        let now = Instant::now();
-        let mut index = 0;
-        while index < self.pending.len() {
-            if self.pending[index].0 <= now {
-                let (_, recovery, fault) = self.pending.remove(index);
-                self.recover(world, recovery, fault).await;
-            } else {
-                index += 1;
-            }
-        }
-    }
-
-    async fn recover(&mut self, world: &mut World, recovery: Recovery, fault: usize) {
-        recover(world, recovery, &mut self.violations).await;
-        if let Some(fault) = self.done.get_mut(fault) {
-            fault.healed = Some(Utc::now());
-        }
-    }
-
-    /// The next kind from the bag that can be made now (refilled and shuffled when empty).
-    fn draw(&mut self, world: &mut World, healthy: &[usize]) -> Option<Kind> {
-        if self.bag.is_empty() {
-            let partition = self.partition;
-            self.bag = Kind::ALL
-                .iter()
-                .copied()
-                .filter(|kind| partition || *kind != Kind::Partition)
-                .collect();
-            self.bag.shuffle(&mut self.rng);
-        }
-        let quiet = self.pending.is_empty() && healthy.len() == NODES && world.redis.is_running();
-        let position = self.bag.iter().position(|kind| match kind {
-            Kind::KillRedis => world.redis.is_running(),
-            Kind::RollingRestart => quiet,
-            _ => healthy.len() >= 2,
-        })?;
-        Some(self.bag.remove(position))
-    }
-
-    /// Makes one fault, if one can be made now.
-    async fn one(
-        &mut self,
-        world: &mut World,
-        client: &reqwest::Client,
-        bases: &[String],
-        started: Instant,
-    ) {
-        let healthy = world.healthy();
-        let Some(kind) = self.draw(world, &healthy) else {
-            return;
-        };
-        let victim = match kind {
-            Kind::KillLeader => match world.leader(client).await {
-                Some(index) if healthy.contains(&index) => Some(index),
-                _ => {
-                    self.bag.push(kind);
-                    return;
-                }
-            },
-            Kind::KillNode | Kind::PauseNode | Kind::Partition | Kind::KillDraining => {
-                Some(healthy[self.rng.random_range(0..healthy.len())])
-            }
-            Kind::KillRedis | Kind::RollingRestart => None,
-        };
-        let service_id = victim.and_then(|index| world.nodes[index].service_id());
-        let owned = world.owned(client, &service_id).await;
-        let fault = self.done.len();
-        self.done.push(Fault {
-            kind,
-            node: victim,
-            service_id,
-            at: Utc::now(),
-            healed: None,
-            owned,
-        });
-        let label = victim.map(|index| format!(" n{index}")).unwrap_or_default();
-        let owns = owned
-            .map(|owned| format!(" (owns {owned})"))
-            .unwrap_or_default();
-        println!(
-            "chaos: {:7.1}s {}{label}{owns}",
-            elapsed(started),
-            kind.name()
-        );
-        self.strike(world, client, bases, kind, victim, fault).await;
-    }
-
-    /// Makes fault number `fault` and schedules its recovery.
-    async fn strike(
-        &mut self,
-        world: &mut World,
-        client: &reqwest::Client,
-        bases: &[String],
-        kind: Kind,
-        victim: Option<usize>,
-        fault: usize,
-    ) {
-        match (kind, victim) {
-            (Kind::KillNode | Kind::KillLeader, Some(index)) => {
-                world.nodes[index].kill();
-                let at = self.later(1000, 20000);
-                self.pending.push((at, Recovery::Restart(index), fault));
-            }
-            (Kind::KillDraining, Some(index)) => {
-                let wait = Duration::from_millis(self.rng.random_range(50..2500));
-                let node = &mut world.nodes[index];
-                node.signal("TERM");
-                if node.wait_exit(wait).await.is_none() {
-                    node.kill();
-                }
-                let at = self.later(1000, 10000);
-                self.pending.push((at, Recovery::Restart(index), fault));
-            }
-            (Kind::PauseNode, Some(index)) => {
-                world.nodes[index].signal("STOP");
-                // Mostly past the liveness lease (3 s), sometimes shorter.
-                let at = self.later(1500, 12000);
-                self.pending.push((at, Recovery::Resume(index), fault));
-            }
-            (Kind::Partition, Some(index)) => {
-                let port = world.nodes[index].port;
-                if !world.partitions.cut(port) {
-                    println!("chaos: notice: iptables refused the rule for port {port}");
-                }
-                let at = self.later(4000, 10000);
-                self.pending.push((at, Recovery::Heal(index), fault));
-            }
-            (Kind::KillRedis, _) => {
-                world.redis.kill();
-                let at = self.later(300, 5000);
-                self.pending.push((at, Recovery::RestartRedis, fault));
-            }
-            (Kind::RollingRestart, _) => {
-                for unclean in rolling_restart(client, world, bases, &mut self.drains).await {
-                    self.violations.push(Violation {
-                        kind: "drain_exit".into(),
-                        order_id: None,
-                        detail: unclean,
-                    });
-                }
-                if let Some(fault) = self.done.get_mut(fault) {
-                    fault.healed = Some(Utc::now());
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Recovers from every fault still in effect, in the order they were due.
-    async fn heal_all(&mut self, world: &mut World) {
-        let mut pending = std::mem::take(&mut self.pending);
-        pending.sort_by_key(|(at, _, _)| *at);
-        for (_, recovery, fault) in pending {
-            self.recover(world, recovery, fault).await;
-        }
-    }
-
-    /// Stops the nodes the way an operator would: each must drain and exit 0.
-    async fn drain_all(&mut self, world: &mut World) {
-        for (index, node) in world.nodes.iter_mut().enumerate() {
-            if node.signal("TERM") {
-                self.drains.1 += 1;
-                match node.wait_exit(Duration::from_secs(60)).await {
-                    Some(status) if status.success() => self.drains.0 += 1,
-                    other => self.violations.push(Violation {
-                        kind: "drain_exit".into(),
-                        order_id: None,
-                        detail: format!("n{index} at the end: {other:?}"),
-                    }),
-                }
-            }
-        }
     }
 }

@@ -86,7 +86,14 @@ pub fn check_history(view: &Value, intent: &Intent) -> Result<End, Problem> {
 /// no compensation for a completed order; for a failed one, a compensation of every applied
 /// effect, in reverse order, and no effect beyond the failed step. Also checks that the history
 /// never records a step complete before the ledger applied it.
-pub fn check_effects(order_id: &str, view: &Value, end: End, books: &Books) -> Result<(), Problem> {
+/// `tolerance` is how far a node's clock may be off (a skewed clock; zero otherwise).
+pub fn check_effects(
+    order_id: &str,
+    view: &Value,
+    end: End,
+    books: &Books,
+    tolerance: chrono::Duration,
+) -> Result<(), Problem> {
     for call in books.calls_for(order_id) {
         if call.outcome == Outcome::BadKey {
             return Err(problem(
@@ -110,7 +117,7 @@ pub fn check_effects(order_id: &str, view: &Value, end: End, books: &Books) -> R
         }
         if let Some(done) = time(&entry["step_complete_time"]) {
             match effect(step) {
-                Some(applied) if applied.at <= done => {}
+                Some(applied) if applied.at <= done + tolerance => {}
                 Some(applied) => {
                     return Err(problem(
                         "recorded_before_applied",
@@ -188,6 +195,40 @@ pub fn check_effects(order_id: &str, view: &Value, end: End, books: &Books) -> R
             Ok(())
         }
     }
+}
+
+/// The order with its times replaced by times in the order its states were reached: start,
+/// each step started and completed in turn, rollbacks newest step first, then the end. For a
+/// history written by nodes whose clocks disagree, so that its states can still be checked.
+pub fn with_ordered_times(view: &Value) -> Value {
+    let mut view = view.clone();
+    let base = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    let mut tick = 0i64;
+    let mut next = || {
+        tick += 1;
+        Value::from(
+            (base + chrono::Duration::seconds(tick))
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        )
+    };
+    view["start_time"] = next();
+    let count = view["steps"].as_array().map_or(0, Vec::len);
+    for index in 0..count {
+        for field in ["step_start_time", "step_complete_time"] {
+            if view["steps"][index].get(field).is_some() {
+                view["steps"][index][field] = next();
+            }
+        }
+    }
+    for index in (0..count).rev() {
+        if view["steps"][index].get("step_rollback_time").is_some() {
+            view["steps"][index]["step_rollback_time"] = next();
+        }
+    }
+    if view.get("complete_time").is_some() {
+        view["complete_time"] = next();
+    }
+    view
 }
 
 /// Checks that a later snapshot of an order only adds to an earlier one: a step recorded
@@ -286,14 +327,19 @@ mod tests {
             ],
             &[],
         );
-        assert_eq!(check_effects("o", &view, end, &books), Ok(()));
+        assert_eq!(
+            check_effects("o", &view, end, &books, chrono::Duration::zero()),
+            Ok(())
+        );
         let mut late = books;
         late.compensations.insert(
             ("o".into(), "Processing".into()),
             late.effects[&("o".to_string(), "Processing".to_string())].clone(),
         );
         assert_eq!(
-            check_effects("o", &view, end, &late).unwrap_err().kind,
+            check_effects("o", &view, end, &late, chrono::Duration::zero())
+                .unwrap_err()
+                .kind,
             "compensated_completed"
         );
     }
@@ -315,13 +361,18 @@ mod tests {
                 ("Scheduling", 6, 9, true),
             ],
         );
-        assert_eq!(check_effects("o", &view, end, &good), Ok(()));
+        assert_eq!(
+            check_effects("o", &view, end, &good, chrono::Duration::zero()),
+            Ok(())
+        );
         let missing = books(
             &[("Scheduling", 1, 1), ("Pre-Processing", 2, 2)],
             &[("Processing", 4, 7, false), ("Scheduling", 6, 9, true)],
         );
         assert_eq!(
-            check_effects("o", &view, end, &missing).unwrap_err().kind,
+            check_effects("o", &view, end, &missing, chrono::Duration::zero())
+                .unwrap_err()
+                .kind,
             "effect_not_compensated"
         );
         let backwards = books(
@@ -333,7 +384,9 @@ mod tests {
             ],
         );
         assert_eq!(
-            check_effects("o", &view, end, &backwards).unwrap_err().kind,
+            check_effects("o", &view, end, &backwards, chrono::Duration::zero())
+                .unwrap_err()
+                .kind,
             "compensation_order"
         );
     }
@@ -368,6 +421,27 @@ mod tests {
                 .kind,
             "illegal_history"
         );
+    }
+
+    #[test]
+    fn a_skewed_history_is_checked_without_its_times() {
+        let mut skewed = declined_at_processing();
+        skewed["steps"][1]["step_start_time"] = "2030-01-01T00:00:00Z".into();
+        assert_eq!(
+            order_process_history::check(&skewed).unwrap_err().kind,
+            "illegal_history"
+        );
+        let intent = Intent {
+            fail_at: Some("Processing"),
+            ..Intent::default()
+        };
+        assert_eq!(
+            check_history(&with_ordered_times(&skewed), &intent),
+            Ok(End::Declined("Processing"))
+        );
+        let mut illegal = completed();
+        illegal["steps"].as_array_mut().unwrap().remove(1);
+        assert!(check_history(&with_ordered_times(&illegal), &Intent::default()).is_err());
     }
 
     #[test]

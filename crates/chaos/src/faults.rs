@@ -15,10 +15,18 @@ pub enum Kind {
     RollingRestart,
     /// SIGTERM, then SIGKILL while the node drains (hands over its orders).
     KillDraining,
+    /// SIGSTOP redis-server for about `database.timeout`, then SIGCONT.
+    PauseRedis,
+    /// A second process from a copy of a live node's data dir.
+    DuplicateNode,
+    /// A node restarted with its wall clock 5–30 s ahead or behind.
+    SkewClock,
+    /// A node killed, then Redis paused or the leader killed while its orders move.
+    InterruptedTakeover,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 11] = [
         Kind::KillNode,
         Kind::KillLeader,
         Kind::PauseNode,
@@ -26,7 +34,16 @@ impl Kind {
         Kind::Partition,
         Kind::RollingRestart,
         Kind::KillDraining,
+        Kind::PauseRedis,
+        Kind::DuplicateNode,
+        Kind::SkewClock,
+        Kind::InterruptedTakeover,
     ];
+
+    /// The kind of this name, as [`Kind::name`] spells it.
+    pub fn from_name(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| kind.name() == name)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -37,6 +54,10 @@ impl Kind {
             Kind::Partition => "partition",
             Kind::RollingRestart => "rolling_restart",
             Kind::KillDraining => "kill_draining",
+            Kind::PauseRedis => "pause_redis",
+            Kind::DuplicateNode => "duplicate_node",
+            Kind::SkewClock => "skew_clock",
+            Kind::InterruptedTakeover => "interrupted_takeover",
         }
     }
 }
@@ -57,10 +78,14 @@ pub enum Recovery {
     Restart(usize),
     Resume(usize),
     RestartRedis,
+    ResumeRedis,
     Heal(usize),
+    /// Restart a skewed node with the true clock.
+    Unskew(usize),
 }
 
-/// Drains every node in turn (SIGTERM, exit 0 expected), restarting each before the next.
+/// Drains every node in turn once it answers its heartbeat (SIGTERM, exit 0 expected),
+/// restarting each before the next.
 /// Returns the nodes whose drain did not exit cleanly.
 pub async fn rolling_restart(
     client: &reqwest::Client,
@@ -71,6 +96,9 @@ pub async fn rolling_restart(
     let mut unclean = Vec::new();
     for index in 0..world.nodes.len() {
         let node = &mut world.nodes[index];
+        // As an operator would: drain a node that serves, not one still starting (restarted by a
+        // recovery a moment ago, waiting for its predecessor's lease).
+        wait_ready(client, &node.base(), Duration::from_secs(30)).await;
         if !node.signal("TERM") {
             continue;
         }
@@ -117,6 +145,22 @@ pub async fn recover(world: &mut World, recovery: Recovery, violations: &mut Vec
                     kind: "restart_failed".into(),
                     order_id: None,
                     detail: format!("redis: {error}"),
+                });
+            }
+        }
+        Recovery::ResumeRedis => {
+            world.redis.signal("CONT");
+            world.redis_paused = false;
+        }
+        Recovery::Unskew(index) => {
+            let node = &mut world.nodes[index];
+            node.kill();
+            node.env.clear();
+            if let Err(error) = node.launch() {
+                violations.push(Violation {
+                    kind: "restart_failed".into(),
+                    order_id: None,
+                    detail: format!("n{index} with the true clock: {error}"),
                 });
             }
         }

@@ -34,6 +34,8 @@ pub struct Seen {
     /// Answers to order submissions by kind (`201`, `503`, `timeout`, …).
     pub submissions: BTreeMap<String, usize>,
     pub cancels: BTreeMap<String, usize>,
+    /// Answers to rollback retries (`POST /orders/{id}/rollback`) by kind.
+    pub rollback_retries: BTreeMap<String, usize>,
     pub regressions: Vec<(String, Problem)>,
 }
 
@@ -70,8 +72,45 @@ pub fn generate(seed: u64, n: u64) -> (Intent, Value, Option<Duration>) {
     (intent, payload, cancel_after)
 }
 
+/// Requests the client sends with a timeout of a few milliseconds and never retries: it does not
+/// learn whether they were done. Drawn per order, apart from its payload.
+#[derive(Clone, Copy, Debug, Default)]
+struct Hangups {
+    /// The submission's only attempt times out after this long.
+    submit: Option<Duration>,
+    /// The cancellation's only attempt times out after this long.
+    cancel: Option<Duration>,
+    /// A rollback retry sent after this long, timing out after a few milliseconds.
+    rollback_retry: Option<(Duration, Duration)>,
+}
+
+fn hangups(seed: u64, n: u64) -> Hangups {
+    let mut rng = StdRng::seed_from_u64(seed ^ n.wrapping_mul(0xc2b2_ae3d_27d4_eb4f) ^ 0x5eed);
+    let few_ms = |rng: &mut StdRng| Duration::from_millis(rng.random_range(1..8));
+    Hangups {
+        submit: rng.random_bool(0.08).then(|| few_ms(&mut rng)),
+        cancel: rng.random_bool(0.3).then(|| few_ms(&mut rng)),
+        rollback_retry: rng.random_bool(0.05).then(|| {
+            let after = Duration::from_millis(rng.random_range(50..3000));
+            (after, few_ms(&mut rng))
+        }),
+    }
+}
+
+/// The kind of a transport error, for the counts.
+fn error_kind(error: &reqwest::Error) -> String {
+    if error.is_timeout() {
+        "timeout".to_string()
+    } else if error.is_connect() {
+        "connect".to_string()
+    } else {
+        "transport".to_string()
+    }
+}
+
 /// Submits order `n` (retrying on other nodes with the same idempotency key), then cancels it
-/// later if its intent says so.
+/// later if its intent says so. Some submissions, cancellations and rollback retries hang up
+/// after a few milliseconds instead (see [`Hangups`]).
 async fn submit_one(
     seed: u64,
     n: u64,
@@ -80,6 +119,7 @@ async fn submit_one(
     seen: Arc<Mutex<Seen>>,
 ) {
     let (intent, payload, cancel_after) = generate(seed, n);
+    let hangups = hangups(seed, n);
     lock(&seen).generated.insert(
         n,
         Generated {
@@ -92,14 +132,15 @@ async fn submit_one(
     let key = format!("chaos-{seed}-{n}");
     let first = usize::try_from(n).unwrap_or(0) % bases.len();
     let mut accepted = None;
-    for attempt in 0..8 {
+    let attempts = if hangups.submit.is_some() { 1 } else { 8 };
+    for attempt in 0..attempts {
         let base = &bases[(first + attempt) % bases.len()];
         let reply = client
             .post(format!("{base}/orders"))
             .header("authorization", USER)
             .header("idempotency-key", &key)
             .json(&payload)
-            .timeout(Duration::from_secs(3))
+            .timeout(hangups.submit.unwrap_or(Duration::from_secs(3)))
             .send()
             .await;
         let outcome = match reply {
@@ -113,12 +154,11 @@ async fn submit_one(
                 }
                 status.to_string()
             }
-            Err(error) if error.is_timeout() => "timeout".to_string(),
-            Err(error) if error.is_connect() => "connect".to_string(),
-            Err(_) => "transport".to_string(),
+            Err(error) if hangups.submit.is_some() => format!("hung_up_{}", error_kind(&error)),
+            Err(error) => error_kind(&error),
         };
         *lock(&seen).submissions.entry(outcome).or_default() += 1;
-        if accepted.is_some() {
+        if accepted.is_some() || attempt + 1 == attempts {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -138,23 +178,39 @@ async fn submit_one(
             order.status = status;
         }
     }
+    if let Some((after, timeout)) = hangups.rollback_retry {
+        tokio::spawn(retry_rollback(
+            client.clone(),
+            bases[(first + 2) % bases.len()].clone(),
+            id.clone(),
+            after,
+            timeout,
+            Arc::clone(&seen),
+        ));
+    }
     let Some(after) = cancel_after else { return };
     tokio::time::sleep(after).await;
     if let Some(order) = lock(&seen).generated.get_mut(&n) {
         order.intent.cancel_sent = true;
     }
-    for attempt in 0..4 {
+    let attempts = if hangups.cancel.is_some() { 1 } else { 4 };
+    for attempt in 0..attempts {
         let base = &bases[(first + attempt + 1) % bases.len()];
         let reply = client
             .post(format!("{base}/orders/{id}/cancel"))
             .header("authorization", USER)
-            .timeout(Duration::from_secs(3))
+            .timeout(hangups.cancel.unwrap_or(Duration::from_secs(3)))
             .send()
             .await;
         let status = reply.map(|response| response.status().as_u16()).ok();
+        let hung_up = if hangups.cancel.is_some() {
+            "hung_up"
+        } else {
+            "no answer"
+        };
         *lock(&seen)
             .cancels
-            .entry(status.map_or("no answer".into(), |status| status.to_string()))
+            .entry(status.map_or(hung_up.into(), |status| status.to_string()))
             .or_default() += 1;
         match status {
             Some(202) => {
@@ -167,6 +223,30 @@ async fn submit_one(
             _ => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
+}
+
+/// Asks for a retry of the order's rollback after `after`, hanging up after `timeout`: whatever
+/// the node does with it (usually 409, nothing parked), the order must still finish.
+async fn retry_rollback(
+    client: reqwest::Client,
+    base: String,
+    id: String,
+    after: Duration,
+    timeout: Duration,
+    seen: Arc<Mutex<Seen>>,
+) {
+    tokio::time::sleep(after).await;
+    let reply = client
+        .post(format!("{base}/orders/{id}/rollback"))
+        .header("authorization", USER)
+        .timeout(timeout)
+        .send()
+        .await;
+    let outcome = match reply {
+        Ok(response) => response.status().as_u16().to_string(),
+        Err(error) => format!("hung_up_{}", error_kind(&error)),
+    };
+    *lock(&seen).rollback_retries.entry(outcome).or_default() += 1;
 }
 
 /// Submits orders at `rate` per second until told to stop; returns the tasks still running.

@@ -5,8 +5,9 @@
 //! order-process nodes whose four steps call the ledger over HTTP. While a steady stream of
 //! orders flows in (some refused by the ledger at a chosen step, some slow, some cancelled
 //! midway) it makes faults at random from a printed seed: SIGKILL of a node or of the leader,
-//! SIGSTOP past the liveness lease, Redis SIGKILL and restart, a gossip partition (iptables), and
-//! rolling restarts. Then it heals everything, waits for quiescence and checks every order the
+//! SIGSTOP past the liveness lease, Redis SIGKILL and restart, Redis SIGSTOP, a gossip partition
+//! (iptables), rolling restarts, a duplicate of a node from a copy of its data dir, a node with
+//! a skewed clock, a takeover interrupted, and clients that hang up before the answer. Then it heals everything, waits for quiescence and checks every order the
 //! API accepted against its history, the ledger and the nodes' logs. The exit code is 0 only
 //! when nothing was lost, duplicated or corrupted.
 //!
@@ -14,7 +15,11 @@
 //! - [`campaign`]: the campaign from start to verdict.
 //! - [`world`]: the processes (Redis, the nodes) and what the cluster says about itself.
 //! - [`partitions`]: gossip partitions made with iptables.
-//! - [`faults`]: the kinds of fault, their schedule and their recovery.
+//! - [`faults`]: the kinds of fault, their record and their recovery.
+//! - [`schedule`]: which fault when, made on which victim, and healed.
+//! - [`duplicate`]: a second process from a copy of a live node's data dir.
+//! - [`clock`]: a node's wall clock skewed with libfaketime.
+//! - [`settle`]: after the last heal, every stored order finished within a bound.
 //! - [`load`]: the orders submitted, cancelled and watched while the faults go on.
 //! - [`ledger`]: the shop and its books.
 //! - [`checks`]: the pure checks of histories, effects and snapshots.
@@ -26,12 +31,16 @@
 mod args;
 mod campaign;
 mod checks;
+mod clock;
+mod duplicate;
 mod faults;
 mod ledger;
 mod load;
 mod logs;
 mod partitions;
 mod report;
+mod schedule;
+mod settle;
 mod world;
 
 use std::process::ExitCode;

@@ -1,11 +1,13 @@
 //! The verdict: every accepted order checked against its history, the ledger and the logs,
 //! takeover times measured from the faults, and the summary printed.
 
-use crate::checks::{check_effects, check_history, End};
+use crate::checks::{check_effects, check_history, with_ordered_times, End};
 use crate::faults::{Fault, Kind};
 use crate::ledger::Books;
+use crate::ledger::Outcome;
 use crate::load::Seen;
 use crate::logs::Logs;
+use crate::world::DUPLICATE_BASE;
 use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 use serde_json::Value;
@@ -13,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 /// A node down this long with orders must have seen them taken over within this bound.
-const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
+pub const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
 
 /// A violation found, with the order (if any) it is about.
 pub struct Violation {
@@ -24,18 +26,22 @@ pub struct Violation {
 
 /// `N samples, p50 Xs, max Ys` of latencies in seconds (an hdrhistogram of milliseconds).
 fn latencies(seconds: &[f64]) -> String {
-    let (p50, max) = Histogram::<u64>::new(3)
+    let (p50, p99, max) = Histogram::<u64>::new(3)
         .map(|mut millis| {
             for value in seconds {
                 let _ = millis.record((value * 1000.0).round() as u64);
             }
             (
                 millis.value_at_quantile(0.5) as f64 / 1000.0,
+                millis.value_at_quantile(0.99) as f64 / 1000.0,
                 millis.max() as f64 / 1000.0,
             )
         })
         .unwrap_or_default();
-    format!("{} samples, p50 {p50:.2}s, max {max:.2}s", seconds.len())
+    format!(
+        "{} samples, p50 {p50:.2}s, p99 {p99:.2}s, max {max:.2}s",
+        seconds.len()
+    )
 }
 
 /// The numbers of the summary.
@@ -52,6 +58,18 @@ pub struct Report {
     takeover_by_kind: BTreeMap<&'static str, Vec<f64>>,
     /// Orders moved away from a node while only its gossip was cut (its lease held).
     moved_in_partitions: u64,
+    /// Effects applied more than once for one idempotency key (must be 0).
+    effects_applied_twice: usize,
+    /// Runs repeated with a key already applied: answered again, nothing applied (at-least-once
+    /// execution allows them).
+    repeated_runs: usize,
+    /// Ledger calls made by a duplicate node (must be 0).
+    duplicate_node_calls: usize,
+    /// Histories whose times are out of order only because a node's clock was skewed; their
+    /// states were checked with the times left out.
+    skewed_histories: usize,
+    /// Further summary lines: label and text.
+    pub lines: Vec<(&'static str, String)>,
 }
 
 impl Report {
@@ -61,6 +79,7 @@ impl Report {
         books: &Books,
         logs: &Logs,
         faults: &[Fault],
+        max_skew: i64,
         violations: &mut Vec<Violation>,
     ) -> Report {
         let mut report = Report::default();
@@ -113,14 +132,25 @@ impl Report {
                 push("lost", Some(&id), "accepted, not in the store".into());
                 continue;
             };
-            match check_history(view, &generated.intent) {
+            let mut checked = check_history(view, &generated.intent);
+            // A node with a skewed clock writes its own times: the order of the times says
+            // nothing then, the order of the states still must be legal.
+            if max_skew > 0 && checked.as_ref().is_err_and(|p| p.kind == "illegal_history") {
+                let again = check_history(&with_ordered_times(view), &generated.intent);
+                if again.is_ok() {
+                    report.skewed_histories += 1;
+                    checked = again;
+                }
+            }
+            let tolerance = chrono::Duration::seconds(max_skew);
+            match checked {
                 Ok(end) => {
                     match end {
                         End::Completed => report.completed += 1,
                         End::Declined(_) => report.declined += 1,
                         End::Cancelled(_) => report.cancelled += 1,
                     }
-                    if let Err(problem) = check_effects(&id, view, end, books) {
+                    if let Err(problem) = check_effects(&id, view, end, books, tolerance) {
                         push(problem.kind, Some(&id), problem.detail);
                     }
                 }
@@ -141,6 +171,37 @@ impl Report {
                         "the ledger was called for an order nobody stored ({})",
                         call.key
                     ),
+                );
+            }
+        }
+        let mut applied: HashMap<&str, usize> = HashMap::new();
+        for call in &books.calls {
+            match call.outcome {
+                Outcome::Applied => *applied.entry(call.key.as_str()).or_default() += 1,
+                Outcome::Duplicate => report.repeated_runs += 1,
+                _ => {}
+            }
+            if call.node >= DUPLICATE_BASE {
+                report.duplicate_node_calls += 1;
+                push(
+                    "duplicate_node_ran_step",
+                    Some(&call.order_id),
+                    format!(
+                        "a copy of n{} called the ledger: {} {}",
+                        call.node - DUPLICATE_BASE,
+                        if call.rollback { "undo" } else { "run" },
+                        call.key
+                    ),
+                );
+            }
+        }
+        for (key, times) in applied {
+            if times > 1 {
+                report.effects_applied_twice += 1;
+                push(
+                    "effect_applied_twice",
+                    key.split(':').next(),
+                    format!("{key} applied {times} times"),
                 );
             }
         }
@@ -180,7 +241,11 @@ impl Report {
             }
             if !matches!(
                 fault.kind,
-                Kind::KillNode | Kind::KillLeader | Kind::PauseNode | Kind::KillDraining
+                Kind::KillNode
+                    | Kind::KillLeader
+                    | Kind::PauseNode
+                    | Kind::KillDraining
+                    | Kind::InterruptedTakeover
             ) {
                 continue;
             }
@@ -313,6 +378,7 @@ impl Report {
         );
         println!("submissions   {}", list(&seen.submissions));
         println!("cancels       {}", list(&seen.cancels));
+        println!("rollback retry {}", list(&seen.rollback_retries));
         println!("ledger calls  {}: {}", books.calls.len(), list(&outcomes));
         println!(
             "fencing       stale commits refused {}, stale orders dropped before a step {}, stale runs refused by the ledger {}, accepted stale writes {} (snapshots that went backwards)",
@@ -323,12 +389,25 @@ impl Report {
         );
         println!("takeover      {}", latencies(&self.takeovers));
         for (kind, values) in &self.takeover_by_kind {
-            println!("  {kind:<14}{}", latencies(values));
+            println!("  {kind:<21}{}", latencies(values));
         }
         println!(
             "partitions    orders moved away from a partitioned node: {} (its lease holds, so 0 is expected)",
             self.moved_in_partitions
         );
+        println!(
+            "effects       applied twice for one key {}, runs repeated with an applied key {} (answered again: at-least-once allows them), ledger calls by duplicate nodes {}",
+            self.effects_applied_twice, self.repeated_runs, self.duplicate_node_calls
+        );
+        if self.skewed_histories > 0 {
+            println!(
+                "clocks        histories with times out of order from a skewed clock {} (states checked without the times)",
+                self.skewed_histories
+            );
+        }
+        for (label, text) in &self.lines {
+            println!("{label:<14}{text}");
+        }
         println!("drains        {} of {} exited 0", drains.0, drains.1);
         if violations.is_empty() {
             println!("violations    0");
@@ -342,7 +421,22 @@ impl Report {
     }
 }
 
-pub fn print_first(first: &Violation, stored: &HashMap<String, Value>, books: &Books) {
+/// How many violations are listed one by one after the summary.
+const LISTED: usize = 30;
+
+/// Lists the first violations, one a line, then shows the first in full.
+pub fn print_first(violations: &[Violation], stored: &HashMap<String, Value>, books: &Books) {
+    let Some(first) = violations.first() else {
+        return;
+    };
+    for violation in violations.iter().take(LISTED) {
+        println!(
+            "violation: {} {}: {}",
+            violation.kind,
+            violation.order_id.as_deref().unwrap_or("(no order)"),
+            violation.detail
+        );
+    }
     println!(
         "first violation: {} {}: {}",
         first.kind,

@@ -18,17 +18,27 @@ pub const SECRET: &str = "chaos-secret";
 pub const USER: &str = "chaos";
 /// How many nodes the campaign runs.
 pub const NODES: usize = 3;
+/// How often each node resumes unfinished orders of its own that nothing on it holds.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
+/// A duplicate of node `i` calls the ledger as node `DUPLICATE_BASE + i`.
+pub const DUPLICATE_BASE: usize = 10;
 
 /// One order-process node: its own directory (config, data, log), port and process.
 pub struct Node {
     pub index: usize,
+    /// The address it listens on and is reached at (loopback; a namespace's address when nodes
+    /// run in network namespaces).
+    pub host: String,
     pub port: u16,
     pub dir: PathBuf,
     bin: PathBuf,
-    join: Vec<u16>,
+    /// Addresses (`host:port`) of the nodes it joins.
+    join: Vec<String>,
     process: Option<Proc>,
     pub paused: bool,
     launches: usize,
+    /// Environment added at launch (libfaketime for a skewed clock); empty normally.
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -37,6 +47,7 @@ impl Node {
         std::fs::write(dir.join("config.toml"), config)?;
         Ok(Node {
             index,
+            host: "127.0.0.1".into(),
             port: free_port()?,
             dir,
             bin: bin.to_path_buf(),
@@ -44,11 +55,17 @@ impl Node {
             process: None,
             paused: false,
             launches: 0,
+            env: Vec::new(),
         })
     }
 
     pub fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.address())
+    }
+
+    /// `host:port`, what the node listens on and what others join.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -62,8 +79,8 @@ impl Node {
             .map(|text| text.trim().to_string())
     }
 
-    pub fn set_join(&mut self, ports: Vec<u16>) {
-        self.join = ports;
+    pub fn set_join(&mut self, addresses: Vec<String>) {
+        self.join = addresses;
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -86,15 +103,15 @@ impl Node {
             "--config".to_string(),
             self.dir.join("config.toml").display().to_string(),
             "--listen".to_string(),
-            format!("127.0.0.1:{}", self.port),
+            self.address(),
             "--data-dir".to_string(),
             self.dir.join("data").display().to_string(),
         ];
-        for port in &self.join {
+        for address in &self.join {
             args.push("--join".to_string());
-            args.push(format!("127.0.0.1:{port}"));
+            args.push(address.clone());
         }
-        self.process = Some(Proc::spawn(&self.bin, &args, &log, &log)?);
+        self.process = Some(Proc::spawn_env(&self.bin, &args, &self.env, &log, &log)?);
         self.paused = false;
         Ok(())
     }
@@ -132,8 +149,10 @@ impl Node {
 
 /// The config of node `index`: cluster mode on Redis, every work step on the ledger.
 pub fn node_config(index: usize, redis_url: &str, ledger: &str) -> String {
+    let reconcile = RECONCILE_INTERVAL.as_secs();
     let mut config = format!(
         "[server]\nshutdown_grace = \"20s\"\n\
+         [pipeline]\nreconcile_interval = \"{reconcile}s\"\n\
          [log]\nlevel = \"info,order_process::pipeline=debug\"\nformat = \"json\"\n\
          [database]\nurl = \"{redis_url}\"\ntimeout = \"1s\"\n\
          [cluster]\nsecret = \"{SECRET}\"\n"
@@ -213,6 +232,8 @@ pub async fn wait_formed(client: &reqwest::Client, bases: &[String], within: Dur
 /// Everything the campaign runs.
 pub struct World {
     pub redis: RedisServer,
+    /// Redis is SIGSTOPped.
+    pub redis_paused: bool,
     pub nodes: Vec<Node>,
     pub partitions: Partitions,
 }

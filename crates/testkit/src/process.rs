@@ -54,8 +54,20 @@ impl Proc {
         stdout: &Path,
         stderr: &Path,
     ) -> std::io::Result<Proc> {
+        Self::spawn_env(program, args, &[], stdout, stderr)
+    }
+
+    /// Like [`Proc::spawn`], with these variables added to the environment.
+    pub fn spawn_env(
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        stdout: &Path,
+        stderr: &Path,
+    ) -> std::io::Result<Proc> {
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(append(stdout)?)
             .stderr(append(stderr)?)

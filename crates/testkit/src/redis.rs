@@ -107,6 +107,13 @@ impl RedisServer {
         stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
     }
 
+    /// Sends a signal by name (`STOP`, `CONT`, …) to redis-server; true when it was delivered.
+    pub fn signal(&self, name: &str) -> bool {
+        self.process
+            .as_ref()
+            .is_some_and(|process| process.signal(name))
+    }
+
     /// SIGKILLs Redis (its append-only file stays for the next start).
     pub fn kill(&mut self) {
         drop(self.process.take());

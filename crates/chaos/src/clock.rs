@@ -1,0 +1,31 @@
+//! A skewed wall clock for one node: libfaketime preloaded into the node's process with a fixed
+//! offset (`FAKETIME="+20s"`). Only the wall clock moves; the monotonic clock, which timers and
+//! timeouts use, is left alone, as a clock step by NTP or an operator would leave it.
+
+use std::path::PathBuf;
+
+/// Where Debian's `faketime` package puts the library (the multithreaded build).
+const CANDIDATES: [&str; 3] = [
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/faketime/libfaketimeMT.so.1",
+];
+
+/// The libfaketime library, if installed.
+pub fn libfaketime() -> Option<PathBuf> {
+    CANDIDATES
+        .iter()
+        .map(PathBuf::from)
+        .find(|path| path.is_file())
+}
+
+/// The environment that runs a process with its wall clock `offset_secs` ahead (or behind, when
+/// negative).
+pub fn skewed(library: &std::path::Path, offset_secs: i64) -> Vec<(String, String)> {
+    vec![
+        ("LD_PRELOAD".into(), library.display().to_string()),
+        ("FAKETIME".into(), format!("{offset_secs:+}s")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        ("FAKETIME_NO_CACHE".into(), "1".into()),
+    ]
+}

@@ -1,0 +1,77 @@
+//! A duplicate node: a second process started from a copy of a live node's data dir (a copied
+//! VM, a restored backup), same node id, same cluster. It must refuse to run: exit non-zero once
+//! it sees the node id's liveness lease kept renewed by the first, and never call the ledger
+//! (its steps call it as node `DUPLICATE_BASE + i`, so any call it made shows in the books).
+
+use crate::world::{node_config, Node, DUPLICATE_BASE};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// How long a duplicate may run before it must have exited: two liveness lease lifetimes and a
+/// renewal (what the node waits), with room for a start on a loaded machine.
+pub const EXIT_BOUND: Duration = Duration::from_secs(20);
+
+/// What became of a duplicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Exited non-zero within the bound, as it must.
+    Refused,
+    /// Exited 0: it ran as if it were the node.
+    ExitedZero,
+    /// Still running at the bound; stopped with SIGKILL.
+    StillRunning,
+    /// It could not be started at all (the copy failed).
+    NotStarted,
+}
+
+impl Fate {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fate::Refused => "refused",
+            Fate::ExitedZero => "exited_0",
+            Fate::StillRunning => "still_running",
+            Fate::NotStarted => "not_started",
+        }
+    }
+}
+
+/// Starts a copy of `original` (its data dir copied as it is while it runs) on a port of its
+/// own, waits up to [`EXIT_BOUND`] for it to exit, and stops it if it still runs.
+pub async fn run(
+    original: &Node,
+    bin: &Path,
+    redis_url: &str,
+    ledger: &str,
+    join: Vec<String>,
+) -> (Fate, String) {
+    let dir = PathBuf::from(format!("{}-duplicate", original.dir.display()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let config = node_config(DUPLICATE_BASE + original.index, redis_url, ledger);
+    let mut node = match Node::new(bin, dir.clone(), DUPLICATE_BASE + original.index, &config) {
+        Ok(node) => node,
+        Err(error) => return (Fate::NotStarted, format!("cannot prepare: {error}")),
+    };
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(original.dir.join("data"))
+        .arg(dir.join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !copied.is_ok_and(|status| status.success()) {
+        return (Fate::NotStarted, "cannot copy the data dir".into());
+    }
+    node.set_join(join);
+    if let Err(error) = node.launch() {
+        return (Fate::NotStarted, format!("cannot start: {error}"));
+    }
+    match node.wait_exit(EXIT_BOUND).await {
+        Some(status) if status.success() => (Fate::ExitedZero, format!("{status}")),
+        Some(status) => (Fate::Refused, format!("{status}")),
+        None => {
+            node.kill();
+            (Fate::StillRunning, format!("running after {EXIT_BOUND:?}"))
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The fault schedule: a shuffled bag of every kind of fault, drawn from the seed; each fault
+//! made on its victim, its recovery scheduled, and everything healed at the end.
+
+use crate::campaign::elapsed;
+use crate::clock;
+use crate::duplicate::{self, Fate};
+use crate::faults::{recover, rolling_restart, Fault, Kind, Recovery};
+use crate::report::Violation;
+use crate::world::{Node, World, NODES};
+use chrono::Utc;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// What a fault needs to start processes of its own: the node binary, Redis and the ledger.
+pub struct Spawn {
+    pub bin: PathBuf,
+    pub redis_url: String,
+    pub ledger: String,
+    /// libfaketime, when installed (the clock skew fault needs it).
+    pub faketime: Option<PathBuf>,
+}
+
+/// The fault schedule: a shuffled bag of every kind, drawn from the seed, and what was made.
+pub struct Faults {
+    rng: StdRng,
+    /// Kinds left out (asked, or not possible here).
+    skip: Vec<Kind>,
+    spawn: Spawn,
+    /// What became of each duplicate node, by fate.
+    pub duplicates: BTreeMap<&'static str, usize>,
+    /// The largest clock offset given to a node, in seconds.
+    pub max_skew: i64,
+    bag: Vec<Kind>,
+    /// Recoveries due: when, what, and the fault they end.
+    pending: Vec<(Instant, Recovery, usize)>,
+    pub done: Vec<Fault>,
+    pub violations: Vec<Violation>,
+    /// Drains that exited 0, of all drains.
+    pub drains: (usize, usize),
+}
+
+impl Faults {
+    pub fn new(seed: u64, skip: Vec<Kind>, spawn: Spawn) -> Faults {
+        Faults {
+            rng: StdRng::seed_from_u64(seed),
+            skip,
+            spawn,
+            duplicates: BTreeMap::new(),
+            max_skew: 0,
+            bag: Vec::new(),
+            pending: Vec::new(),
+            done: Vec::new(),
+            violations: Vec::new(),
+            drains: (0, 0),
+        }
+    }
+
+    fn later(&mut self, low: u64, high: u64) -> Instant {
+        Instant::now() + Duration::from_millis(self.rng.random_range(low..high))
+    }
+
+    /// Makes faults at random for `duration`, recovering each when it is due.
+    pub async fn make(
+        &mut self,
+        world: &mut World,
+        client: &reqwest::Client,
+        bases: &[String],
+        started: Instant,
+        duration: Duration,
+    ) {
+        let mut next_fault = self.later(1000, 3000);
+        while started.elapsed() < duration {
+            let wake = self
+                .pending
+                .iter()
+                .map(|(at, _, _)| *at)
+                .chain(std::iter::once(next_fault))
+                .min()
+                .unwrap_or(next_fault);
+            tokio::time::sleep_until(tokio::time::Instant::from_std(wake)).await;
+            self.recover_due(world).await;
+            if Instant::now() < next_fault {
+                continue;
+            }
+            next_fault = self.later(2000, 6000);
+            self.one(world, client, bases, started).await;
+        }
+    }
+
+    async fn recover_due(&mut self, world: &mut World) {
+        let now = Instant::now();
+        let mut index = 0;
+        while index < self.pending.len() {
+            if self.pending[index].0 <= now {
+                let (_, recovery, fault) = self.pending.remove(index);
+                self.recover(world, recovery, fault).await;
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    async fn recover(&mut self, world: &mut World, recovery: Recovery, fault: usize) {
+        recover(world, recovery, &mut self.violations).await;
+        if let Some(fault) = self.done.get_mut(fault) {
+            fault.healed = Some(Utc::now());
+        }
+    }
+
+    /// The next kind from the bag that can be made now (refilled and shuffled when empty).
+    fn draw(&mut self, world: &mut World, healthy: &[usize]) -> Option<Kind> {
+        if self.bag.is_empty() {
+            self.bag = Kind::ALL
+                .iter()
+                .copied()
+                .filter(|kind| !self.skip.contains(kind))
+                .collect();
+            self.bag.shuffle(&mut self.rng);
+        }
+        let redis = world.redis.is_running() && !world.redis_paused;
+        let quiet = self.pending.is_empty() && healthy.len() == NODES && redis;
+        let position = self.bag.iter().position(|kind| match kind {
+            Kind::KillRedis | Kind::PauseRedis => redis,
+            Kind::RollingRestart | Kind::DuplicateNode => quiet,
+            Kind::InterruptedTakeover => healthy.len() == NODES && redis,
+            _ => healthy.len() >= 2,
+        })?;
+        Some(self.bag.remove(position))
+    }
+
+    /// Makes one fault, if one can be made now.
+    async fn one(
+        &mut self,
+        world: &mut World,
+        client: &reqwest::Client,
+        bases: &[String],
+        started: Instant,
+    ) {
+        let healthy = world.healthy();
+        let Some(kind) = self.draw(world, &healthy) else {
+            return;
+        };
+        let victim = match kind {
+            Kind::KillLeader => match world.leader(client).await {
+                Some(index) if healthy.contains(&index) => Some(index),
+                _ => {
+                    self.bag.push(kind);
+                    return;
+                }
+            },
+            Kind::KillNode
+            | Kind::PauseNode
+            | Kind::Partition
+            | Kind::KillDraining
+            | Kind::DuplicateNode
+            | Kind::SkewClock
+            | Kind::InterruptedTakeover => Some(healthy[self.rng.random_range(0..healthy.len())]),
+            Kind::KillRedis | Kind::PauseRedis | Kind::RollingRestart => None,
+        };
+        let service_id = victim.and_then(|index| world.nodes[index].service_id());
+        let owned = world.owned(client, &service_id).await;
+        let fault = self.done.len();
+        self.done.push(Fault {
+            kind,
+            node: victim,
+            service_id,
+            at: Utc::now(),
+            healed: None,
+            owned,
+        });
+        let label = victim.map(|index| format!(" n{index}")).unwrap_or_default();
+        let owns = owned
+            .map(|owned| format!(" (owns {owned})"))
+            .unwrap_or_default();
+        println!(
+            "chaos: {:7.1}s {}{label}{owns}",
+            elapsed(started),
+            kind.name()
+        );
+        self.strike(world, client, bases, kind, victim, fault).await;
+    }
+
+    /// Makes fault number `fault` and schedules its recovery.
+    async fn strike(
+        &mut self,
+        world: &mut World,
+        client: &reqwest::Client,
+        bases: &[String],
+        kind: Kind,
+        victim: Option<usize>,
+        fault: usize,
+    ) {
+        match (kind, victim) {
+            (Kind::KillNode | Kind::KillLeader, Some(index)) => {
+                world.nodes[index].kill();
+                let at = self.later(1000, 20000);
+                self.pending.push((at, Recovery::Restart(index), fault));
+            }
+            (Kind::KillDraining, Some(index)) => {
+                let wait = Duration::from_millis(self.rng.random_range(50..2500));
+                let node = &mut world.nodes[index];
+                node.signal("TERM");
+                if node.wait_exit(wait).await.is_none() {
+                    node.kill();
+                }
+                let at = self.later(1000, 10000);
+                self.pending.push((at, Recovery::Restart(index), fault));
+            }
+            (Kind::PauseNode, Some(index)) => {
+                world.nodes[index].signal("STOP");
+                // Mostly past the liveness lease (3 s), sometimes shorter.
+                let at = self.later(1500, 12000);
+                self.pending.push((at, Recovery::Resume(index), fault));
+            }
+            (Kind::Partition, Some(index)) => {
+                let port = world.nodes[index].port;
+                if !world.partitions.cut(port) {
+                    println!("chaos: notice: iptables refused the rule for port {port}");
+                }
+                let at = self.later(4000, 10000);
+                self.pending.push((at, Recovery::Heal(index), fault));
+            }
+            (Kind::PauseRedis, _) => {
+                if world.redis.signal("STOP") {
+                    world.redis_paused = true;
+                }
+                // Around `database.timeout` (1 s): shorter, about as long, and longer.
+                let at = self.later(300, 3000);
+                self.pending.push((at, Recovery::ResumeRedis, fault));
+            }
+            (Kind::DuplicateNode, Some(index)) => {
+                let join = world
+                    .nodes
+                    .iter()
+                    .filter(|node| node.index != index)
+                    .map(Node::address)
+                    .collect();
+                let (fate, detail) = duplicate::run(
+                    &world.nodes[index],
+                    &self.spawn.bin,
+                    &self.spawn.redis_url,
+                    &self.spawn.ledger,
+                    join,
+                )
+                .await;
+                println!("chaos:          duplicate of n{index}: {fate:?} ({detail})");
+                *self.duplicates.entry(fate.name()).or_default() += 1;
+                if matches!(fate, Fate::ExitedZero | Fate::StillRunning) {
+                    self.violations.push(Violation {
+                        kind: "duplicate_node_ran".into(),
+                        order_id: None,
+                        detail: format!("a copy of n{index}'s data dir: {detail}"),
+                    });
+                }
+                if let Some(fault) = self.done.get_mut(fault) {
+                    fault.healed = Some(Utc::now());
+                }
+            }
+            (Kind::SkewClock, Some(index)) => {
+                let Some(library) = self.spawn.faketime.clone() else {
+                    return;
+                };
+                let seconds = self.rng.random_range(5..=30i64);
+                let offset = if self.rng.random_bool(0.5) {
+                    seconds
+                } else {
+                    -seconds
+                };
+                self.max_skew = self.max_skew.max(seconds);
+                println!("chaos:          n{index} restarted with its clock {offset:+} s off");
+                let node = &mut world.nodes[index];
+                node.kill();
+                node.env = clock::skewed(&library, offset);
+                if let Err(error) = node.launch() {
+                    self.violations.push(Violation {
+                        kind: "restart_failed".into(),
+                        order_id: None,
+                        detail: format!("n{index} with a skewed clock: {error}"),
+                    });
+                }
+                let at = self.later(5000, 15000);
+                self.pending.push((at, Recovery::Unskew(index), fault));
+            }
+            (Kind::InterruptedTakeover, Some(index)) => {
+                self.interrupt_takeover(world, client, index, fault).await;
+            }
+            (Kind::KillRedis, _) => {
+                world.redis.kill();
+                let at = self.later(300, 5000);
+                self.pending.push((at, Recovery::RestartRedis, fault));
+            }
+            (Kind::RollingRestart, _) => {
+                for unclean in rolling_restart(client, world, bases, &mut self.drains).await {
+                    self.violations.push(Violation {
+                        kind: "drain_exit".into(),
+                        order_id: None,
+                        detail: unclean,
+                    });
+                }
+                if let Some(fault) = self.done.get_mut(fault) {
+                    fault.healed = Some(Utc::now());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Kills node `index`, waits until its orders start to move to another node, and then pauses
+    /// Redis or kills the leader (the node that moves them) in the middle of it.
+    async fn interrupt_takeover(
+        &mut self,
+        world: &mut World,
+        client: &reqwest::Client,
+        index: usize,
+        fault: usize,
+    ) {
+        let (service_id, owned) = match self.done.get(fault) {
+            Some(record) => (record.service_id.clone(), record.owned.unwrap_or(0)),
+            None => return,
+        };
+        world.nodes[index].kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while owned > 0 && Instant::now() < deadline {
+            if world
+                .owned(client, &service_id)
+                .await
+                .is_some_and(|now| now < owned)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let leader = world.leader(client).await.filter(|leader| *leader != index);
+        match leader {
+            Some(leader) if self.rng.random_bool(0.5) => {
+                println!("chaos:          taker n{leader} killed mid-takeover");
+                world.nodes[leader].kill();
+                let at = self.later(1000, 8000);
+                self.pending.push((at, Recovery::Restart(leader), fault));
+            }
+            _ => {
+                println!("chaos:          redis paused mid-takeover");
+                if world.redis.signal("STOP") {
+                    world.redis_paused = true;
+                }
+                let at = self.later(300, 3000);
+                self.pending.push((at, Recovery::ResumeRedis, fault));
+            }
+        }
+        let at = self.later(3000, 10000);
+        self.pending.push((at, Recovery::Restart(index), fault));
+    }
+
+    /// Recovers from every fault still in effect, in the order they were due.
+    pub async fn heal_all(&mut self, world: &mut World) {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.sort_by_key(|(at, _, _)| *at);
+        for (_, recovery, fault) in pending {
+            self.recover(world, recovery, fault).await;
+        }
+    }
+
+    /// Stops the nodes the way an operator would: each must drain and exit 0.
+    pub async fn drain_all(&mut self, world: &mut World) {
+        for (index, node) in world.nodes.iter_mut().enumerate() {
+            if node.signal("TERM") {
+                self.drains.1 += 1;
+                match node.wait_exit(Duration::from_secs(60)).await {
+                    Some(status) if status.success() => self.drains.0 += 1,
+                    other => self.violations.push(Violation {
+                        kind: "drain_exit".into(),
+                        order_id: None,
+                        detail: format!("n{index} at the end: {other:?}"),
+                    }),
+                }
+            }
+        }
+    }
+}

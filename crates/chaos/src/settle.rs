@@ -1,0 +1,100 @@
+//! After the last heal, every order in the store, whether its client heard the answer or not,
+//! must reach `Completed` or `Failed` within the reconcile interval plus the takeover bound.
+//! The listing (`GET /orders`, the campaign's user) is read over and over until every order it
+//! shows is finished, noting when each was first seen finished.
+
+use crate::load::list_all;
+use crate::report::TAKEOVER_BOUND;
+use crate::world::RECONCILE_INTERVAL;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The longest an order may stay unfinished after the last heal (or after it was first listed,
+/// for one stored later by a submission still being retried).
+pub const STUCK_BOUND: Duration =
+    Duration::from_secs(RECONCILE_INTERVAL.as_secs() + TAKEOVER_BOUND.as_secs());
+
+/// How long past the bound the listing is still read, to tell a slow order from a stuck one.
+const GRACE: Duration = Duration::from_secs(30);
+
+/// The orders as last listed, and how long they took to finish.
+pub struct Settled {
+    pub orders: HashMap<String, Value>,
+    /// Orders finished later than the bound, or never: id and what was seen.
+    pub stuck: Vec<(String, String)>,
+    /// The order that took longest to finish after the heal, and how long, in seconds.
+    pub slowest: Option<(String, f64)>,
+}
+
+/// Reads the listing until every order is finished and no submission is still being tried (or
+/// the bound and a grace have passed). An order finished by the first read counts as finished
+/// then: the times are upper bounds, as seen from here.
+pub async fn settle(
+    client: reqwest::Client,
+    bases: Arc<Vec<String>>,
+    healed: Instant,
+    submitting: Arc<AtomicBool>,
+) -> Result<Settled, String> {
+    let mut since: HashMap<String, Instant> = HashMap::new();
+    let mut finished: HashMap<String, f64> = HashMap::new();
+    let mut orders: HashMap<String, Value>;
+    let mut round = 0usize;
+    let mut first = true;
+    let mut failures = 0;
+    loop {
+        round += 1;
+        let base = &bases[round % bases.len()];
+        let listed = match list_all(&client, base).await {
+            Ok(listed) => listed,
+            Err(_) if failures < 40 => {
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        let now = Instant::now();
+        for (id, order) in &listed {
+            let start = *since
+                .entry(id.clone())
+                .or_insert(if first { healed } else { now });
+            if !order["complete_time"].is_null() && !finished.contains_key(id) {
+                finished.insert(id.clone(), now.duration_since(start).as_secs_f64());
+            }
+        }
+        first = false;
+        orders = listed;
+        let all_done =
+            !submitting.load(Ordering::SeqCst) && orders.keys().all(|id| finished.contains_key(id));
+        let latest = since.values().max().copied().unwrap_or(healed);
+        if all_done || now >= latest + STUCK_BOUND + GRACE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut stuck = Vec::new();
+    for (id, order) in &orders {
+        match finished.get(id) {
+            Some(took) if *took > STUCK_BOUND.as_secs_f64() => {
+                stuck.push((id.clone(), format!("finished {took:.1}s after the heal")))
+            }
+            Some(_) => {}
+            None => stuck.push((
+                id.clone(),
+                format!("still {} at the end", order["current_step"]),
+            )),
+        }
+    }
+    let slowest = finished
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(id, took)| (id.clone(), *took));
+    Ok(Settled {
+        orders,
+        stuck,
+        slowest,
+    })
+}
