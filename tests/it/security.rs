@@ -1,8 +1,9 @@
 //! Authentication, roles and limits: tokens mode (wrong, missing, expired and revoked tokens
 //! get 401), users confined to their own orders, admins reading anyone's, the service endpoint
 //! refused without the cluster secret or an admin token, SIGHUP reloading the tokens file, the
-//! per-user submission rate and in-flight caps (429 with Retry-After), payload nesting, and slow
-//! clients disconnected while others are served.
+//! per-user submission rate and in-flight caps (429 with Retry-After), payload nesting, slow
+//! clients disconnected while others are served, and `/diagnostic/summary` naming failed orders
+//! only to an admin.
 
 use std::fs;
 use std::path::PathBuf;
@@ -228,6 +229,42 @@ async fn tokens_are_checked_and_roles_enforced() {
             "the log contains a token hash"
         );
     }
+}
+
+#[tokio::test]
+async fn the_summary_shows_recent_failures_only_to_an_admin() {
+    let tokens = standard_tokens();
+    let node = Node::start(&tokens.config("")).await;
+    let id = node
+        .create_order(
+            &bearer(ALICE),
+            &json!({"simulate": {"fail_at": "Processing"}}),
+        )
+        .await;
+    node.wait_terminal(&bearer(ALICE), &id, Duration::from_secs(10))
+        .await;
+
+    // Without a token: the counts, no order ids or reasons (what the status page shows).
+    let reply = node.call(Method::GET, "/diagnostic/summary").send().await;
+    let counts = node.expect_json(&reply, 200, "GET /diagnostic/summary without a token");
+    assert_eq!(counts["totals"]["failed"], 1, "{counts}");
+    assert!(counts.get("recent_failures").is_none(), "{counts}");
+    assert!(!reply.text.contains(&id), "{reply}");
+
+    let summary = |header: String| {
+        node.call(Method::GET, "/diagnostic/summary")
+            .header("authorization", &header)
+            .send()
+    };
+    node.expect_error(&summary(bearer(ALICE)).await, 403, "a user's token");
+    node.expect_error(&summary(bearer("wrong-token")).await, 401, "a wrong token");
+    let full = node.expect_json(&summary(bearer(ROOT)).await, 200, "an admin's token");
+    assert_eq!(
+        full["recent_failures"][0]["order_id"],
+        id.as_str(),
+        "{full}"
+    );
+    assert_eq!(full["totals"], counts["totals"], "{full}");
 }
 
 #[tokio::test]
