@@ -251,6 +251,11 @@ impl Authenticator {
         })
     }
 
+    /// Whether callers must present a token (tokens mode).
+    pub fn checks_tokens(&self) -> bool {
+        self.mode == AuthMode::Tokens
+    }
+
     /// Header mode, for tests of the handlers.
     pub fn header_mode() -> Self {
         Authenticator {

@@ -2,10 +2,16 @@
 //! `/diagnostic/summary` (this node's orders by current step and its recent failures, from
 //! memory: no store query, bounded size).
 //!
+//! None needs a token, but the summary's recent failures name other users' orders and reasons:
+//! in tokens mode they are shown only to an admin's token, and without an `Authorization`
+//! header the summary holds the counts only (what the status page shows). A header that is not
+//! a valid token is a 401, a user's token a 403.
+//!
 //! A node's `last_activity` is, in a cluster, when gossip last heard from it; for a single node,
 //! when it last accepted, cancelled or re-queued an order (its start before the first).
 
-use super::{json_reply, with_state, NodeStatus};
+use super::auth::Authenticator;
+use super::{json_reply, respond, with_state, ApiError, NodeStatus};
 use crate::about::{SERVICE_NAME, VERSION};
 use chrono::{SecondsFormat, Utc};
 use std::sync::Arc;
@@ -20,7 +26,7 @@ const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 type State = Arc<NodeStatus>;
 
-pub fn routes(state: State) -> BoxedFilter<(Response,)> {
+pub fn routes(state: State, auth: Arc<Authenticator>) -> BoxedFilter<(Response,)> {
     let heartbeat = warp::path!("diagnostic" / "heartbeat")
         .and(warp::get())
         .and(with_state(state.clone()))
@@ -29,10 +35,15 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_state(state.clone()))
         .then(cluster);
-    let summary = warp::path!("diagnostic" / "summary")
-        .and(warp::get())
-        .and(with_state(state))
-        .then(summary);
+    let summary =
+        warp::path!("diagnostic" / "summary")
+            .and(warp::get())
+            .and(with_state(state))
+            .and(with_state(auth))
+            .and(warp::header::optional::<String>("authorization"))
+            .then(|state, auth, authorization| async move {
+                respond(summary(state, auth, authorization))
+            });
     heartbeat.or(cluster).unify().or(summary).unify().boxed()
 }
 
@@ -125,23 +136,42 @@ async fn cluster(state: State) -> Response {
     )
 }
 
-async fn summary(state: State) -> Response {
+/// Whether the caller may see the recent failures: always in header mode; in tokens mode only
+/// with an admin's token. No header gives the counts only; a bad token is a 401, a user's a 403.
+fn shows_failures(auth: &Authenticator, authorization: Option<&str>) -> Result<bool, ApiError> {
+    if !auth.checks_tokens() {
+        return Ok(true);
+    }
+    let Some(authorization) = authorization else {
+        return Ok(false);
+    };
+    auth.authenticate(Some(authorization))?
+        .require_admin("the recent failures of /diagnostic/summary")?;
+    Ok(true)
+}
+
+fn summary(
+    state: State,
+    auth: Arc<Authenticator>,
+    authorization: Option<String>,
+) -> Result<Response, ApiError> {
+    let full = shows_failures(&auth, authorization.as_deref())?;
     let by_step: serde_json::Map<String, serde_json::Value> = state
         .metrics
         .in_step()
         .into_iter()
         .map(|(step, count)| (step.as_str().to_string(), serde_json::Value::from(count)))
         .collect();
-    json_reply(
-        StatusCode::OK,
-        &serde_json::json!({
-            "generated_at": now(),
-            "service_id": state.service_id,
-            "inflight": state.pool.inflight(),
-            "queued": state.pool.queued(),
-            "inflight_by_step": by_step,
-            "totals": state.metrics.totals(),
-            "recent_failures": state.metrics.recent_failures(),
-        }),
-    )
+    let mut body = serde_json::json!({
+        "generated_at": now(),
+        "service_id": state.service_id,
+        "inflight": state.pool.inflight(),
+        "queued": state.pool.queued(),
+        "inflight_by_step": by_step,
+        "totals": state.metrics.totals(),
+    });
+    if full {
+        body["recent_failures"] = serde_json::json!(state.metrics.recent_failures());
+    }
+    Ok(json_reply(StatusCode::OK, &body))
 }

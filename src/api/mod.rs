@@ -84,6 +84,7 @@ fn openapi() -> BoxedFilter<(Response,)> {
 
 /// Every route, with errors recovered into JSON; each route group gets only its part of `state`.
 pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
+    let auth = Arc::clone(&state.security.auth);
     let orders = Arc::new(orders::OrdersApi {
         orders: state.orders,
         checks: Arc::clone(&state.security),
@@ -101,7 +102,7 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
         .unify()
         .or(orders::routes(orders))
         .unify()
-        .or(diagnostic::routes(state.node))
+        .or(diagnostic::routes(state.node, auth))
         .unify()
         .or(service::routes(service))
         .unify()

@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Gate, Pool};
 use crate::secret::constant_time_eq;
 use crate::store::OrderStore;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -429,7 +429,7 @@ impl Cluster {
             .filter(|member| member.node_id != self.node_id || !self.pool.is_stopping())
             .collect();
         candidates.sort_by_key(|member| (member.inflight, member.node_id.clone()));
-        for member in candidates {
+        for member in self.leased(candidates).await {
             let outcome = if member.node_id == self.node_id {
                 self.accept_transfer(dead, Some(token), false)
                     .await
@@ -451,6 +451,54 @@ impl Cluster {
             }
         }
         false
+    }
+
+    /// Of `members` (order kept), this node and the peers that hold their liveness lease in the
+    /// store under the HTTP address gossip gives for them. A transfer request carries the
+    /// cluster secret, and gossip is not authenticated: a host that merely advertises itself
+    /// (or a real node's id at another address) gets nothing.
+    async fn leased<'a>(&self, members: Vec<&'a Member>) -> Vec<&'a Member> {
+        let peers: Vec<String> = members
+            .iter()
+            .filter(|member| member.node_id != self.node_id)
+            .map(|member| member.node_id.clone())
+            .collect();
+        let checked = async {
+            let registered: HashMap<String, String> =
+                self.coordinator.known_nodes().await?.into_iter().collect();
+            let statuses = self.coordinator.node_status(&peers).await?;
+            Ok::<_, crate::store::StoreError>((registered, statuses))
+        };
+        let (registered, statuses) = match checked.await {
+            Ok(checked) => checked,
+            Err(error) => {
+                warn!(error = %error, "cannot check peers' liveness leases; no peer is sent a transfer");
+                (HashMap::new(), Vec::new())
+            }
+        };
+        let alive: HashSet<&str> = peers
+            .iter()
+            .zip(statuses)
+            .filter(|(_, status)| status.alive)
+            .map(|(node, _)| node.as_str())
+            .collect();
+        members
+            .into_iter()
+            .filter(|member| {
+                let registered_here = || {
+                    registered
+                        .get(&member.node_id)
+                        .and_then(|addr| addr.parse::<SocketAddr>().ok())
+                        .is_some_and(|addr| member.http_addr == Some(addr))
+                };
+                let keep = member.node_id == self.node_id
+                    || (alive.contains(member.node_id.as_str()) && registered_here());
+                if !keep {
+                    warn!(node = %member.node_id, addr = ?member.http_addr, "gossip member holds no liveness lease at that address; not sent a transfer");
+                }
+                keep
+            })
+            .collect()
     }
 
     async fn request_transfer(
@@ -644,7 +692,7 @@ impl Cluster {
         };
         let mut peers = peers;
         peers.sort_by_key(|member| member.inflight);
-        for peer in peers {
+        for peer in self.leased(peers.iter().collect()).await {
             let Some(addr) = peer.http_addr else { continue };
             match self.request_transfer(addr, &self.node_id, None, true).await {
                 Ok(done) => {

@@ -146,7 +146,9 @@ impl OrderStore for FakeStore {
         let late = self.late_answers.load(Ordering::Relaxed);
         if late > 0 {
             self.late_answers.store(late - 1, Ordering::Relaxed);
-            return Err(StoreError::Unavailable("redis did not answer in time".into()));
+            return Err(StoreError::Unavailable(
+                "redis did not answer in time".into(),
+            ));
         }
         Ok(())
     }

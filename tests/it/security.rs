@@ -1,8 +1,9 @@
 //! Authentication, roles and limits: tokens mode (wrong, missing, expired and revoked tokens
 //! get 401), users confined to their own orders, admins reading anyone's, the service endpoint
 //! refused without the cluster secret or an admin token, SIGHUP reloading the tokens file, the
-//! per-user submission rate and in-flight caps (429 with Retry-After), payload nesting, and slow
-//! clients disconnected while others are served.
+//! per-user submission rate and in-flight caps (429 with Retry-After), payload nesting, slow
+//! clients disconnected while others are served, `/diagnostic/summary` naming failed orders
+//! only to an admin, and a gossip member without a lease in Redis never sent the cluster secret.
 
 use std::fs;
 use std::path::PathBuf;
@@ -14,7 +15,10 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::{order_ids, simulate, unique_user, Node, POLL};
+use crate::cluster::{
+    exclusive, start_cluster, submit, wait_all_completed, wait_started, TAKEOVER,
+};
+use crate::harness::{order_ids, simulate, unique_user, Node, RedisServer, POLL};
 
 /// A tokens file in its own temp dir, written with entries made like `hash-token` makes them.
 pub(crate) struct Tokens {
@@ -228,6 +232,42 @@ async fn tokens_are_checked_and_roles_enforced() {
             "the log contains a token hash"
         );
     }
+}
+
+#[tokio::test]
+async fn the_summary_shows_recent_failures_only_to_an_admin() {
+    let tokens = standard_tokens();
+    let node = Node::start(&tokens.config("")).await;
+    let id = node
+        .create_order(
+            &bearer(ALICE),
+            &json!({"simulate": {"fail_at": "Processing"}}),
+        )
+        .await;
+    node.wait_terminal(&bearer(ALICE), &id, Duration::from_secs(10))
+        .await;
+
+    // Without a token: the counts, no order ids or reasons (what the status page shows).
+    let reply = node.call(Method::GET, "/diagnostic/summary").send().await;
+    let counts = node.expect_json(&reply, 200, "GET /diagnostic/summary without a token");
+    assert_eq!(counts["totals"]["failed"], 1, "{counts}");
+    assert!(counts.get("recent_failures").is_none(), "{counts}");
+    assert!(!reply.text.contains(&id), "{reply}");
+
+    let summary = |header: String| {
+        node.call(Method::GET, "/diagnostic/summary")
+            .header("authorization", &header)
+            .send()
+    };
+    node.expect_error(&summary(bearer(ALICE)).await, 403, "a user's token");
+    node.expect_error(&summary(bearer("wrong-token")).await, 401, "a wrong token");
+    let full = node.expect_json(&summary(bearer(ROOT)).await, 200, "an admin's token");
+    assert_eq!(
+        full["recent_failures"][0]["order_id"],
+        id.as_str(),
+        "{full}"
+    );
+    assert_eq!(full["totals"], counts["totals"], "{full}");
 }
 
 #[tokio::test]
@@ -489,4 +529,55 @@ async fn slow_clients_are_disconnected_while_others_are_served() {
 
     // And the node still serves.
     node.create_order(&user, &json!({})).await;
+}
+
+/// A stranger on the gossip network (a real node, with its own Redis and no cluster secret) that
+/// advertises itself with no orders in flight is never picked to take over a dead node's orders:
+/// the transfer request carries the secret, and the stranger holds no liveness lease in the
+/// cluster's Redis. The busy survivor takes them over.
+#[tokio::test]
+async fn a_gossip_member_without_a_lease_is_never_sent_a_transfer() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 2, "2s").await;
+    let own_redis = RedisServer::start();
+    let stranger = Node::start(&format!(
+        "[log]\nlevel = \"debug\"\n[database]\nurl = \"{}\"\n[cluster]\nsecret = \"not-the-secret\"\nseeds = [\"127.0.0.1:{}\"]\n",
+        own_redis.url(),
+        nodes[0].port
+    ))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nodes[0].cluster().await["nodes"]
+        .as_array()
+        .map_or(0, |seen| {
+            seen.iter().filter(|node| node["connected"] == true).count()
+        })
+        < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the stranger never joined gossip"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+
+    // The survivor is busy, so the idle stranger would be the first choice by orders in flight.
+    let user = unique_user("stranger");
+    let busy = submit(&nodes[0], &user, 5).await;
+    let orders = submit(&nodes[1], &user, 10).await;
+    wait_started(&nodes[0], &user, &orders).await;
+    let mut nodes = nodes;
+    nodes[1].kill();
+    wait_all_completed(&nodes[0], &user, &orders, TAKEOVER).await;
+    wait_all_completed(&nodes[0], &user, &busy, TAKEOVER).await;
+    assert!(
+        nodes[0].log().contains("took over orders"),
+        "no takeover logged"
+    );
+    let log = stranger.log();
+    assert!(
+        !log.contains("/service/transfer"),
+        "the stranger was sent a transfer request:\n{log}"
+    );
 }
