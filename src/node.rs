@@ -41,6 +41,30 @@ pub fn service_id(data_dir: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// This process's gossip generation: the time in ms, but always above the last one this data
+/// dir handed out (kept in `<data_dir>/generation`). Peers take the node's highest generation
+/// for its current process, so a node that ran with its clock ahead and restarts with the right
+/// time must still come after itself.
+pub fn generation(data_dir: &Path) -> anyhow::Result<u64> {
+    let path = data_dir.join("generation");
+    let last = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<u64>().unwrap_or_else(|_| {
+            warn!(path = %path.display(), "generation file does not hold a number, starting over");
+            0
+        }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(error) => return Err(error).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+    let generation = now.max(last.saturating_add(1));
+    // Written aside and renamed, so a crash never leaves a half-written number.
+    let fresh = data_dir.join("generation.new");
+    std::fs::write(&fresh, generation.to_string())
+        .and_then(|()| std::fs::rename(&fresh, &path))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(generation)
+}
+
 /// The step handlers the config asks for. Every `http` step shares one HTTP client.
 pub fn handlers(config: &Config) -> anyhow::Result<Handlers> {
     let mut handlers = Handlers::new(Arc::new(Simulate::new(config.simulate)));
@@ -122,6 +146,7 @@ pub async fn run(
             );
             let cluster = Cluster::start(
                 service_id.clone(),
+                generation(data_dir)?,
                 listen,
                 advertised,
                 config.cluster.clone(),
@@ -270,4 +295,25 @@ fn spawn_resume(store: Arc<dyn OrderStore>, pool: Arc<Pool>, service_id: String)
         }
     };
     tokio::spawn(task.instrument(tracing::info_span!("resume")));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::generation;
+
+    #[test]
+    fn generations_always_grow_even_after_a_clock_that_ran_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = generation(dir.path()).unwrap();
+        let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap();
+        assert!(first <= now && now - first < 60_000, "{first} vs {now}");
+        assert!(generation(dir.path()).unwrap() > first);
+        // The last process ran an hour ahead: the next one still comes after it.
+        let ahead = now + 3_600_000;
+        std::fs::write(dir.path().join("generation"), ahead.to_string()).unwrap();
+        assert_eq!(generation(dir.path()).unwrap(), ahead + 1);
+        // A file that does not hold a number starts over from the clock.
+        std::fs::write(dir.path().join("generation"), "garbage").unwrap();
+        assert!(generation(dir.path()).unwrap() >= now);
+    }
 }

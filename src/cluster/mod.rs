@@ -96,10 +96,12 @@ pub struct Cluster {
 
 impl Cluster {
     /// Joins the cluster: starts gossip on the HTTP port number and the lease and sweep tasks.
-    /// Orders this node owns are resumed once its liveness lease is in place.
+    /// Orders this node owns are resumed once its liveness lease is in place. `generation` tells
+    /// this process from the node's earlier ones in gossip: it must be higher than theirs.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         node_id: String,
+        generation: u64,
         listen: SocketAddr,
         advertise: SocketAddr,
         config: ClusterConfig,
@@ -109,7 +111,6 @@ impl Cluster {
         gate: Arc<Gate>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Arc<Cluster>> {
-        let generation = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
         let initial = vec![
             (keys::HTTP_ADDR.to_string(), advertise.to_string()),
             (keys::VERSION.to_string(), crate::about::VERSION.to_string()),
