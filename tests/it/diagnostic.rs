@@ -1,7 +1,7 @@
 //! The welcome page and the diagnostic endpoints: heartbeat (node id from
 //! `<data_dir>/service_id`) and the cluster view of a single node.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -91,20 +91,17 @@ async fn cluster_inflight_counts_unfinished_orders() {
 
 /// Polls the cluster view until this node's `inflight` satisfies `ready`.
 async fn wait_inflight(node: &Node, what: &str, ready: impl Fn(u64) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let cluster = node.cluster().await;
-        if cluster["nodes"][0]["inflight"].as_u64().is_some_and(&ready) {
-            return;
-        }
-        if Instant::now() >= deadline {
-            panic!(
-                "inflight not {what}; last cluster view:\n{}\n{}",
-                pretty(&cluster),
-                node.log_tail()
-            );
-        }
-        tokio::time::sleep(POLL).await;
+    let inflight = || async { node.cluster().await["nodes"][0]["inflight"].as_u64() };
+    let seen = order_process_testkit::poll::until(Duration::from_secs(10), POLL, || async {
+        inflight().await.filter(|count| ready(*count))
+    })
+    .await;
+    if seen.is_none() {
+        panic!(
+            "inflight not {what}; last cluster view:\n{}\n{}",
+            pretty(&node.cluster().await),
+            node.log_tail()
+        );
     }
 }
 

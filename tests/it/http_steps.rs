@@ -103,20 +103,36 @@ struct Timing {
     backoff_max: &'static str,
 }
 
-const QUICK: Timing = Timing {
-    timeout: "5s",
-    retries: 3,
-    backoff: "50ms",
-    backoff_max: "200ms",
-};
+impl Timing {
+    const fn new(
+        timeout: &'static str,
+        retries: u32,
+        backoff: &'static str,
+        backoff_max: &'static str,
+    ) -> Timing {
+        Timing {
+            timeout,
+            retries,
+            backoff,
+            backoff_max,
+        }
+    }
+}
+
+const QUICK: Timing = Timing::new("5s", 3, "50ms", "200ms");
+
+/// One node with `timing` for every http step runs one order for a new user `who` to its end:
+/// the order's id and its final view.
+async fn one_order(shop: &Shop, timing: &Timing, who: &str) -> (String, Value) {
+    let node = Node::start(&shop.config(timing, None)).await;
+    let user = unique_user(who);
+    let id = node.create_order(&user, &json!({"sku": "C3"})).await;
+    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    (id, order)
+}
 
 /// One quick retry: a step that fails twice in a row gives up.
-const ONE_RETRY: Timing = Timing {
-    timeout: "5s",
-    retries: 1,
-    backoff: "50ms",
-    backoff_max: "50ms",
-};
+const ONE_RETRY: Timing = Timing::new("5s", 1, "50ms", "50ms");
 
 /// A shop that refuses to ship (so every order fails at Post-Processing) and whose refund
 /// service is down for the next `failures` calls.
@@ -256,16 +272,8 @@ async fn server_errors_are_retried_after_the_backoff() {
             Answer::Status(503, "try later".into()),
         ],
     );
-    let timing = Timing {
-        timeout: "5s",
-        retries: 5,
-        backoff: "300ms",
-        backoff_max: "2s",
-    };
-    let node = Node::start(&shop.config(&timing, None)).await;
-    let user = unique_user("carol");
-    let id = node.create_order(&user, &json!({"sku": "C3"})).await;
-    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    let timing = Timing::new("5s", 5, "300ms", "2s");
+    let (id, order) = one_order(&shop, &timing, "carol").await;
     assert_completed(&order);
 
     let charges = shop.calls_to("/charge");
@@ -291,16 +299,8 @@ async fn server_errors_are_retried_after_the_backoff() {
 async fn a_service_that_never_answers_times_out_retries_and_fails_the_step() {
     let shop = Shop::start().await;
     shop.answer("/reserve", Answer::Hang);
-    let timing = Timing {
-        timeout: "300ms",
-        retries: 2,
-        backoff: "100ms",
-        backoff_max: "100ms",
-    };
-    let node = Node::start(&shop.config(&timing, None)).await;
-    let user = unique_user("dave");
-    let id = node.create_order(&user, &json!({"sku": "D4"})).await;
-    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    let timing = Timing::new("300ms", 2, "100ms", "100ms");
+    let (_, order) = one_order(&shop, &timing, "dave").await;
     assert_failed_at(&order, "Pre-Processing");
 
     assert_eq!(attempt_numbers(&shop.calls_to("/reserve")), [1, 2, 3]);
@@ -440,12 +440,7 @@ async fn a_failing_compensation_parks_the_order_until_retried_on_request() {
 }
 
 /// Processing's timing for tests that act while an order waits to retry its charge.
-const SLOW_CHARGE: Timing = Timing {
-    timeout: "5s",
-    retries: 3,
-    backoff: "2s",
-    backoff_max: "2s",
-};
+const SLOW_CHARGE: Timing = Timing::new("5s", 3, "2s", "2s");
 
 /// A shop whose first charge answers 503.
 async fn busy_once() -> Shop {
@@ -461,22 +456,27 @@ async fn waiting_to_retry_the_charge(
     user: &str,
 ) -> (String, Value) {
     let id = node.create_order(user, &json!({"sku": "G7"})).await;
-    let waiting = node
-        .wait_for(
-            user,
-            &id,
-            TERMINAL,
-            "waiting to retry the charge",
-            |order| {
-                order["current_step"] == "Processing"
-                    && step_entry(order, "Processing")
-                        .get("next_attempt_at")
-                        .is_some()
-            },
-        )
-        .await;
+    let waiting = retry_of_the_charge_scheduled(node, user, &id).await;
     (id, waiting)
 }
+
+/// Waits until order `id`'s charge failed and waits to be retried; returns that view of it.
+async fn retry_of_the_charge_scheduled(
+    node: &order_process_testkit::Node,
+    user: &str,
+    id: &str,
+) -> Value {
+    node.wait_for(user, id, TERMINAL, "waiting to retry the charge", |order| {
+        order["current_step"] == "Processing"
+            && step_entry(order, "Processing")
+                .get("next_attempt_at")
+                .is_some()
+    })
+    .await
+}
+
+/// Retries an hour apart: an order whose charge failed waits for the whole test.
+const PATIENT: Timing = Timing::new("5s", 3, "1h", "1h");
 
 #[tokio::test]
 async fn a_node_killed_between_attempts_resumes_the_retry_schedule() {
@@ -547,28 +547,11 @@ async fn a_clock_stepped_back_during_a_retry_wait_does_not_stretch_it() {
 async fn cancelling_an_order_waiting_to_retry_does_not_wait_for_the_retry() {
     let shop = Shop::start().await;
     shop.answer("/charge", Answer::Status(503, "busy".into()));
-    let patient = Timing {
-        timeout: "5s",
-        retries: 3,
-        backoff: "1h",
-        backoff_max: "1h",
-    };
+    let patient = PATIENT;
     let node = Node::start(&shop.config(&QUICK, Some(("Processing", patient)))).await;
     let user = unique_user("heidi");
     let id = node.create_order(&user, &json!({"sku": "H8"})).await;
-    node.wait_for(
-        &user,
-        &id,
-        TERMINAL,
-        "waiting to retry the charge",
-        |order| {
-            order["current_step"] == "Processing"
-                && step_entry(order, "Processing")
-                    .get("next_attempt_at")
-                    .is_some()
-        },
-    )
-    .await;
+    retry_of_the_charge_scheduled(&node, &user, &id).await;
     let reply = node.cancel(&user, &id).await;
     node.expect_json(&reply, 202, "POST /orders/{id}/cancel");
 
@@ -672,31 +655,13 @@ async fn a_takeover_continues_the_retry_schedule_of_a_dead_node() {
     let _one = exclusive().await;
     let shop = Shop::start().await;
     shop.queue("/charge", vec![Answer::Status(503, "busy".into())]);
-    let slow = Timing {
-        timeout: "5s",
-        retries: 3,
-        backoff: "4s",
-        backoff_max: "4s",
-    };
+    let slow = Timing::new("5s", 3, "4s", "4s");
     let redis = RedisServer::start();
     let mut nodes = shop.two_nodes(&redis, slow).await;
 
     let user = unique_user("ivan");
     let id = nodes[0].create_order(&user, &json!({"sku": "I9"})).await;
-    let waiting = nodes[1]
-        .wait_for(
-            &user,
-            &id,
-            TERMINAL,
-            "waiting to retry the charge",
-            |order| {
-                order["current_step"] == "Processing"
-                    && step_entry(order, "Processing")
-                        .get("next_attempt_at")
-                        .is_some()
-            },
-        )
-        .await;
+    let waiting = retry_of_the_charge_scheduled(&nodes[1], &user, &id).await;
     let before = attempts(&waiting, "Processing");
     nodes[0].kill();
 
@@ -727,30 +692,13 @@ async fn a_takeover_continues_the_retry_schedule_of_a_dead_node() {
 async fn an_order_waiting_to_retry_does_not_hold_a_worker() {
     let shop = Shop::start().await;
     shop.queue("/charge", vec![Answer::Status(503, "busy".into())]);
-    let patient = Timing {
-        timeout: "5s",
-        retries: 3,
-        backoff: "1h",
-        backoff_max: "1h",
-    };
+    let patient = PATIENT;
     let mut config = shop.config(&QUICK, Some(("Processing", patient)));
     config.push_str("[pipeline]\nworkers = 1\n");
     let node = Node::start(&config).await;
     let user = unique_user("judy");
     let waiting = node.create_order(&user, &json!({"sku": "J1"})).await;
-    node.wait_for(
-        &user,
-        &waiting,
-        TERMINAL,
-        "waiting to retry the charge",
-        |order| {
-            order["current_step"] == "Processing"
-                && step_entry(order, "Processing")
-                    .get("next_attempt_at")
-                    .is_some()
-        },
-    )
-    .await;
+    retry_of_the_charge_scheduled(&node, &user, &waiting).await;
 
     // The only worker is free for the next order while the first one waits.
     let next = node.create_order(&user, &json!({"sku": "J2"})).await;

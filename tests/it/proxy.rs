@@ -7,7 +7,7 @@
 
 use crate::harness::port;
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -140,73 +140,80 @@ fn occurrences(tail: &mut Vec<u8>, chunk: &[u8], pattern: &[u8]) -> usize {
 
 /// Forwards one connection both ways, making the faults asked for.
 async fn relay(client: TcpStream, server: TcpStream, faults: Arc<Mutex<Faults>>) {
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
     let lost = Arc::new(Mutex::new(false));
     let requests = {
         let faults = Arc::clone(&faults);
         let lost = Arc::clone(&lost);
-        async move {
-            let mut tail = Vec::new();
-            let mut buffer = vec![0u8; 64 * 1024];
-            loop {
-                let Ok(read) = client_read.read(&mut buffer).await else {
-                    return;
-                };
-                if read == 0 {
-                    return;
-                }
-                let chunk = &buffer[..read];
-                {
-                    let mut faults = faults.lock().unwrap();
-                    if let Some((pattern, count)) = faults.lose_replies_after.clone() {
-                        faults.seen += occurrences(&mut tail, chunk, &pattern);
-                        if faults.seen >= count {
-                            faults.lose_replies_after = None;
-                            faults.made += 1;
-                            *lost.lock().unwrap() = true;
-                        }
-                    }
-                }
-                if server_write.write_all(chunk).await.is_err() {
-                    return;
-                }
-            }
-        }
-    };
-    let replies = async move {
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            let Ok(read) = server_read.read(&mut buffer).await else {
-                return;
-            };
-            if read == 0 {
-                return;
-            }
-            let chunk = &buffer[..read];
-            {
-                let mut faults = faults.lock().unwrap();
-                let cut = faults
-                    .cut_before_reply
-                    .as_ref()
-                    .is_some_and(|pattern| chunk.windows(pattern.len()).any(|w| w == pattern));
-                if cut {
-                    faults.cut_before_reply = None;
+        let mut tail = Vec::new();
+        pump(client_read, server_write, move |chunk| {
+            let mut faults = faults.lock().unwrap();
+            if let Some((pattern, count)) = faults.lose_replies_after.clone() {
+                faults.seen += occurrences(&mut tail, chunk, &pattern);
+                if faults.seen >= count {
+                    faults.lose_replies_after = None;
                     faults.made += 1;
-                    return;
+                    *lost.lock().unwrap() = true;
                 }
             }
-            if *lost.lock().unwrap() {
-                continue;
-            }
-            if client_write.write_all(chunk).await.is_err() {
-                return;
-            }
-        }
+            Forward::Pass
+        })
     };
+    let replies = pump(server_read, client_write, move |chunk| {
+        let mut faults = faults.lock().unwrap();
+        let cut = faults
+            .cut_before_reply
+            .as_ref()
+            .is_some_and(|pattern| chunk.windows(pattern.len()).any(|w| w == pattern));
+        if cut {
+            faults.cut_before_reply = None;
+            faults.made += 1;
+            return Forward::Cut;
+        }
+        if *lost.lock().unwrap() {
+            return Forward::Drop;
+        }
+        Forward::Pass
+    });
     // Why select: either direction ending ends the connection; dropping both halves closes it.
     tokio::select! {
         _ = requests => {}
         _ = replies => {}
+    }
+}
+
+/// What becomes of a chunk on its way through the proxy.
+enum Forward {
+    Pass,
+    /// Not sent on: lost.
+    Drop,
+    /// The connection ends before it.
+    Cut,
+}
+
+/// Copies chunks from `from` to `to` until either side ends, asking `inspect` about each.
+async fn pump<R, W>(mut from: R, mut to: W, mut inspect: impl FnMut(&[u8]) -> Forward)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let Ok(read) = from.read(&mut buffer).await else {
+            return;
+        };
+        if read == 0 {
+            return;
+        }
+        let chunk = &buffer[..read];
+        match inspect(chunk) {
+            Forward::Cut => return,
+            Forward::Drop => continue,
+            Forward::Pass => {}
+        }
+        if to.write_all(chunk).await.is_err() {
+            return;
+        }
     }
 }

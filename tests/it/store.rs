@@ -46,6 +46,11 @@ fn reopen<'a>(id: OrderId, user: &'a str, node: &'a str) -> Reopen<'a> {
     }
 }
 
+/// Whether `node`'s unfinished orders include `id`.
+async fn owns(store: &dyn OrderStore, node: &str, id: OrderId) -> bool {
+    store.owned_unfinished(node).await.unwrap().contains(&id)
+}
+
 async fn create(store: &dyn OrderStore, order: &Order) {
     match store.create(order, None).await.expect("create") {
         Created::New => {}
@@ -247,11 +252,7 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
         parked = step(&parked, event);
         store.commit(&parked).await.expect("commit");
     }
-    assert!(!store
-        .owned_unfinished("node-a")
-        .await
-        .unwrap()
-        .contains(&order.order_id));
+    assert!(!owns(store, "node-a", order.order_id).await);
     let done = new_order(&user, "node-a", 10);
     create(store, &done).await;
 
@@ -298,11 +299,7 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
         store.get(order.order_id).await.unwrap(),
         Some(reopened.clone())
     );
-    assert!(store
-        .owned_unfinished("node-b")
-        .await
-        .unwrap()
-        .contains(&order.order_id));
+    assert!(owns(store, "node-b", order.order_id).await);
     // Only once: it is rolling back now, and the old owner is fenced out.
     assert!(matches!(
         store
@@ -328,11 +325,7 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
         },
     );
     store.commit(&rolled_back).await.expect("new owner commits");
-    assert!(!store
-        .owned_unfinished("node-b")
-        .await
-        .unwrap()
-        .contains(&order.order_id));
+    assert!(!owns(store, "node-b", order.order_id).await);
 }
 
 #[tokio::test]

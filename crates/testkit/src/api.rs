@@ -47,10 +47,13 @@ impl Node {
     }
 
     pub async fn get_order(&self, user: &str, id: &str) -> Reply {
-        self.call(Method::GET, &format!("/orders/{id}"))
-            .user(user)
-            .send()
+        self.as_user(Method::GET, &format!("/orders/{id}"), user)
             .await
+    }
+
+    /// A request with no body on `path`, as `user`.
+    async fn as_user(&self, method: Method, path: &str, user: &str) -> Reply {
+        self.call(method, path).user(user).send().await
     }
 
     /// `GET /orders/{id}`, asserting 200.
@@ -133,9 +136,7 @@ impl Node {
     }
 
     pub async fn cancel(&self, user: &str, id: &str) -> Reply {
-        self.call(Method::POST, &format!("/orders/{id}/cancel"))
-            .user(user)
-            .send()
+        self.as_user(Method::POST, &format!("/orders/{id}/cancel"), user)
             .await
     }
 
