@@ -426,6 +426,8 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
     // One time for every try of this transition: a commit that timed out may have been applied
     // all the same, and its retry must then write the very same order, not new times.
     let mut now = chrono::Utc::now();
+    // Whether an earlier try may have been applied although it failed (its answer was lost).
+    let mut maybe_applied = false;
     loop {
         let next = events.iter().try_fold(order.clone(), |current, event| {
             apply(&current, event.clone(), now)
@@ -445,6 +447,14 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
                 return Some(next);
             }
             Err(StoreError::CancelRequested) => {
+                if maybe_applied {
+                    if let Some(landed) = landed(shared, &next).await {
+                        // The earlier try was applied before the cancellation came: rewriting
+                        // it would take back a step the order was seen to finish. The
+                        // cancellation applies to the step after it.
+                        return Some(landed);
+                    }
+                }
                 // Someone asked to cancel while the step ran: apply the same event again, now
                 // knowing, so the order rolls back instead of moving on.
                 order.cancel_requested = true;
@@ -455,6 +465,7 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
                 return None;
             }
             Err(error) => {
+                maybe_applied = true;
                 warn!(order_id = %order.order_id, error = %error, "cannot commit transition, retrying");
                 if wait_or_stop(&mut stop_rx, &mut delay).await {
                     return None;
@@ -462,6 +473,25 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
             }
         }
     }
+}
+
+/// The stored order, marked cancelled, when it is `written` plus a cancellation: the write
+/// was applied. `None` when it was not, or when the store cannot say now.
+async fn landed(shared: &Shared, written: &Order) -> Option<Order> {
+    let mut stored = match shared.store.get(written.order_id).await {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return None,
+        Err(error) => {
+            warn!(order_id = %written.order_id, error = %error, "cannot read the order back after a lost answer");
+            return None;
+        }
+    };
+    let cancelled = stored.cancel_requested;
+    stored.cancel_requested = written.cancel_requested;
+    (cancelled && stored == *written).then(|| {
+        stored.cancel_requested = true;
+        stored
+    })
 }
 
 fn report_illegal(order: &Order, error: &TransitionError) {
@@ -735,6 +765,37 @@ mod tests {
             "the retry writes the order the late answer had already stored"
         );
         assert_eq!(harness.stored().current_step, Step::Completed);
+    }
+
+    #[tokio::test]
+    async fn a_commit_applied_before_a_cancellation_is_kept_and_the_next_step_is_cancelled() {
+        let harness = Harness::new(FakeStep::new());
+        harness.store.answer_late_after_a_cancel();
+        harness.execute().await;
+
+        let written = harness.store.written();
+        let first = written[0].entry(Step::Scheduling).expect("scheduling ran");
+        for later in &written[1..] {
+            let entry = later.entry(Step::Scheduling).expect("scheduling is kept");
+            assert_eq!(
+                entry.step_complete_time, first.step_complete_time,
+                "a step seen finished stays finished as it was"
+            );
+            assert!(later.entry(Step::PreProcessing).is_some());
+        }
+        assert_eq!(
+            harness.steps.calls(),
+            [
+                Call::run(Step::Scheduling),
+                Call::rollback(Step::PreProcessing),
+                Call::rollback(Step::Scheduling),
+            ]
+        );
+        let failure = harness.stored().failure.expect("the failure is recorded");
+        assert_eq!(
+            (failure.step, failure.reason.as_str()),
+            (Step::PreProcessing, CANCELLED)
+        );
     }
 
     #[tokio::test]

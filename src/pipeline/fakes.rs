@@ -12,7 +12,7 @@ use crate::store::{
 use async_trait::async_trait;
 use chrono::Utc;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -55,6 +55,9 @@ pub(super) struct FakeStore {
     /// How many of the next commits are applied and then answered with a timeout, as when
     /// Redis applies a write whose answer comes too late.
     late_answers: AtomicUsize,
+    /// Whether a late answer also lets a cancellation in, as one recorded while the answer
+    /// was on its way.
+    cancel_while_late: AtomicBool,
     /// Every order a commit wrote, in order.
     written: Mutex<Vec<Order>>,
 }
@@ -85,6 +88,13 @@ impl FakeStore {
     /// The next `count` commits are applied, then answered with a timeout.
     pub(super) fn answer_late(&self, count: usize) {
         self.late_answers.store(count, Ordering::Relaxed);
+    }
+
+    /// The next commit is applied, then the order's user cancels it, then the commit is
+    /// answered with a timeout.
+    pub(super) fn answer_late_after_a_cancel(&self) {
+        self.answer_late(1);
+        self.cancel_while_late.store(true, Ordering::Relaxed);
     }
 
     /// Every order a commit wrote, in order.
@@ -146,6 +156,12 @@ impl OrderStore for FakeStore {
         let late = self.late_answers.load(Ordering::Relaxed);
         if late > 0 {
             self.late_answers.store(late - 1, Ordering::Relaxed);
+            if self.cancel_while_late.swap(false, Ordering::Relaxed) {
+                let (outcome, _) = cancel_outcome(order.clone());
+                if let CancelOutcome::Accepted(cancelled) = outcome {
+                    orders.insert(order.order_id, cancelled);
+                }
+            }
             return Err(StoreError::Unavailable(
                 "redis did not answer in time".into(),
             ));
