@@ -251,6 +251,7 @@ pub struct Metrics {
     store_duration: Vec<AtomicHistogram>,
     store_errors: Vec<Counter>,
     fencing_rejections: Counter,
+    orders_set_aside: Counter,
     leader_changes: Counter,
     is_leader: Gauge,
     transfers: Counter,
@@ -396,6 +397,12 @@ impl Metrics {
             "Commits the store refused because another node (or a newer epoch) owns the order",
             fencing_rejections.clone(),
         );
+        let orders_set_aside = Counter::default();
+        registry.register(
+            "orders_set_aside",
+            "Orders this node set aside because their stored record cannot be read",
+            orders_set_aside.clone(),
+        );
 
         let leader_changes = Counter::default();
         registry.register(
@@ -447,6 +454,7 @@ impl Metrics {
             store_duration,
             store_errors,
             fencing_rejections,
+            orders_set_aside,
             leader_changes,
             is_leader,
             transfers,
@@ -532,6 +540,10 @@ impl Metrics {
 
     pub fn fencing_rejected(&self) {
         self.fencing_rejections.inc();
+    }
+
+    pub fn order_set_aside(&self) {
+        self.orders_set_aside.inc();
     }
 
     pub fn leadership_changed(&self, leader: bool) {

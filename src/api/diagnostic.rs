@@ -7,6 +7,9 @@
 //! header the summary holds the counts only (what the status page shows). A header that is not
 //! a valid token is a 401, a user's token a 403.
 //!
+//! `/diagnostic/set-aside` lists the orders set aside because their stored record cannot be
+//! read: in header mode to anyone, in tokens mode to an admin's token only (401 without one).
+//!
 //! A node's `last_activity` is, in a cluster, when gossip last heard from it; for a single node,
 //! when it last accepted, cancelled or re-queued an order (its start before the first).
 
@@ -14,6 +17,7 @@ use super::auth::Authenticator;
 use super::{json_reply, respond, with_state, ApiError, NodeStatus};
 use crate::about::{SERVICE_NAME, VERSION};
 use chrono::{SecondsFormat, Utc};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use warp::filters::BoxedFilter;
@@ -38,13 +42,82 @@ pub fn routes(state: State, auth: Arc<Authenticator>) -> BoxedFilter<(Response,)
     let summary =
         warp::path!("diagnostic" / "summary")
             .and(warp::get())
-            .and(with_state(state))
-            .and(with_state(auth))
+            .and(with_state(state.clone()))
+            .and(with_state(auth.clone()))
             .and(warp::header::optional::<String>("authorization"))
             .then(|state, auth, authorization| async move {
                 respond(summary(state, auth, authorization))
             });
-    heartbeat.or(cluster).unify().or(summary).unify().boxed()
+    let set_aside = warp::path!("diagnostic" / "set-aside")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(with_state(auth))
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::query::<HashMap<String, String>>())
+        .then(|state, auth, authorization, query| async move {
+            respond(set_aside(state, auth, authorization, query).await)
+        });
+    heartbeat
+        .or(cluster)
+        .unify()
+        .or(summary)
+        .unify()
+        .or(set_aside)
+        .unify()
+        .boxed()
+}
+
+/// The most entries one `/diagnostic/set-aside` answer holds, and how many it holds unless
+/// `?limit=` says otherwise.
+const MAX_SET_ASIDE: usize = 1000;
+const DEFAULT_SET_ASIDE: usize = 100;
+
+/// How long a client waits before asking again when the store is unavailable.
+const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+async fn set_aside(
+    state: State,
+    auth: Arc<Authenticator>,
+    authorization: Option<String>,
+    query: HashMap<String, String>,
+) -> Result<Response, ApiError> {
+    if auth.checks_tokens() {
+        auth.authenticate(authorization.as_deref())?
+            .require_admin("/diagnostic/set-aside")?;
+    }
+    let mut limit = DEFAULT_SET_ASIDE;
+    for (name, value) in &query {
+        match name.as_str() {
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|limit| (1..=MAX_SET_ASIDE).contains(limit))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "limit must be a number from 1 to {MAX_SET_ASIDE}"
+                        ))
+                    })?;
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter `{other}`"
+                )))
+            }
+        }
+    }
+    let orders = state
+        .store
+        .set_aside_orders(limit)
+        .await
+        .map_err(|error| ApiError::from_store(error, STORE_RETRY_AFTER))?;
+    Ok(json_reply(
+        StatusCode::OK,
+        &serde_json::json!({
+            "generated_at": now(),
+            "set_aside": orders,
+        }),
+    ))
 }
 
 fn now() -> String {

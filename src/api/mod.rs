@@ -47,6 +47,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/diagnostic/heartbeat"),
     ("GET", "/diagnostic/cluster"),
     ("GET", "/diagnostic/summary"),
+    ("GET", "/diagnostic/set-aside"),
     ("POST", "/service/transfer"),
     ("GET", "/service/nodes/{service_id}/orders"),
 ];

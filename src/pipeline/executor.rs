@@ -25,7 +25,7 @@ use crate::order::{
     apply, next_action, retry_due, Action, Attempt, Event, Order, OrderId, Phase, Step,
     TransitionError,
 };
-use crate::store::StoreError;
+use crate::store::{SetAside, StoreError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -176,6 +176,28 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
             Ok(None) => {
                 warn!(order_id = %id, "order to resume is missing from the store");
                 return None;
+            }
+            Err(StoreError::Corrupt(reason)) => {
+                // Reading it again will not help: set it aside for an operator, so it holds
+                // no worker and no reconciliation queues it again.
+                let aside = SetAside {
+                    order_id: id,
+                    node: shared.node_id.clone(),
+                    reason,
+                    at: chrono::Utc::now(),
+                };
+                match shared.store.set_aside(&aside).await {
+                    Ok(()) => {
+                        error!(order_id = %id, reason = %aside.reason, "order record cannot be read, set aside");
+                        return None;
+                    }
+                    Err(error) => {
+                        warn!(order_id = %id, error = %error, "cannot set aside an unreadable order, retrying");
+                    }
+                }
+                if wait_or_stop(&mut stop_rx, &mut delay).await {
+                    return None;
+                }
             }
             Err(error) => {
                 warn!(order_id = %id, error = %error, "cannot load order, retrying");
@@ -796,6 +818,32 @@ mod tests {
             (failure.step, failure.reason.as_str()),
             (Step::PreProcessing, CANCELLED)
         );
+    }
+
+    #[tokio::test]
+    async fn an_order_whose_record_cannot_be_read_is_set_aside_and_runs_no_step() {
+        let harness = Harness::new(FakeStep::new());
+        harness.store.garble(harness.id());
+        harness.shared.active.mark(harness.id());
+        let handle = tokio::spawn(execute(
+            Arc::clone(&harness.shared),
+            Queued {
+                job: Job::Resume(harness.id()),
+                ticket: None,
+                due: None,
+            },
+        ));
+        finished(handle).await;
+
+        assert!(harness.steps.calls().is_empty());
+        let aside = harness.store.set_aside_orders(10).await.unwrap();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(
+            (aside[0].order_id, aside[0].node.as_str()),
+            (harness.id(), NODE)
+        );
+        assert!(aside[0].reason.contains("line 1"), "{}", aside[0].reason);
+        assert!(!harness.shared.active.contains(harness.id()));
     }
 
     #[tokio::test]

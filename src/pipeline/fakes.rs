@@ -7,7 +7,7 @@ use super::retry::RetryPolicy;
 use crate::order::{Order, OrderId, Step};
 use crate::store::{
     cancel_outcome, check_commit, retry_rollback_outcome, CancelOutcome, Created, ListQuery,
-    OrderStore, Page, Reopen, RetryRollbackOutcome, StoreError,
+    OrderStore, Page, Reopen, RetryRollbackOutcome, SetAside, StoreError,
 };
 use async_trait::async_trait;
 use chrono::Utc;
@@ -60,6 +60,10 @@ pub(super) struct FakeStore {
     cancel_while_late: AtomicBool,
     /// Every order a commit wrote, in order.
     written: Mutex<Vec<Order>>,
+    /// Orders whose record reads as corrupt.
+    unreadable: Mutex<Vec<OrderId>>,
+    /// What `set_aside` recorded.
+    aside: Mutex<Vec<SetAside>>,
 }
 
 impl FakeStore {
@@ -110,6 +114,11 @@ impl FakeStore {
         order.epoch += 1;
     }
 
+    /// Reading the order fails from now on as a record that does not decode.
+    pub(super) fn garble(&self, id: OrderId) {
+        self.unreadable.lock().unwrap().push(id);
+    }
+
     pub(super) fn commits(&self) -> usize {
         self.commits.load(Ordering::Relaxed)
     }
@@ -127,6 +136,11 @@ impl OrderStore for FakeStore {
     }
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
+        if self.unreadable.lock().unwrap().contains(&id) {
+            return Err(StoreError::Corrupt(
+                "expected value at line 1 column 1".into(),
+            ));
+        }
         Ok(self.orders.lock().unwrap().get(&id).cloned())
     }
 
@@ -220,6 +234,16 @@ impl OrderStore for FakeStore {
 
     async fn repair_indexes(&self) -> Result<usize, StoreError> {
         Ok(0)
+    }
+
+    async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError> {
+        self.aside.lock().unwrap().push(aside.clone());
+        Ok(())
+    }
+
+    async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
+        let aside = self.aside.lock().unwrap();
+        Ok(aside.iter().take(limit).cloned().collect())
     }
 }
 

@@ -8,7 +8,7 @@
 use super::{
     cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor,
     retry_rollback_outcome, CancelOutcome, Created, ListQuery, OrderStore, Page, Reopen,
-    RetryRollbackOutcome, StoreError, IDEMPOTENCY_TTL,
+    RetryRollbackOutcome, SetAside, StoreError, IDEMPOTENCY_TTL,
 };
 use crate::order::{Order, OrderId};
 use async_trait::async_trait;
@@ -28,6 +28,9 @@ const OWNED: TableDefinition<(&str, &str), ()> = TableDefinition::new("owned_unf
 /// (user, key) → (order id, expiry as unix seconds).
 const IDEMPOTENCY: TableDefinition<(&str, &str), (&str, i64)> =
     TableDefinition::new("idempotency_keys");
+
+/// order id → [`SetAside`] JSON: orders whose record cannot be read.
+const ASIDE: TableDefinition<&str, &[u8]> = TableDefinition::new("set_aside");
 
 /// The page cache. Orders in flight sit in a few recent pages (ids are time-ordered), so a
 /// modest cache serves them; it bounds memory however many orders the file holds.
@@ -87,6 +90,7 @@ impl EmbeddedStore {
             txn.open_table(BY_USER).map_err(unavailable)?;
             txn.open_table(OWNED).map_err(unavailable)?;
             txn.open_table(IDEMPOTENCY).map_err(unavailable)?;
+            txn.open_table(ASIDE).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
 
@@ -235,6 +239,7 @@ struct Tables<'txn, 'cache> {
     by_user: redb::Table<'txn, (&'static str, u64, &'static str), ()>,
     owned: redb::Table<'txn, (&'static str, &'static str), ()>,
     idempotency: redb::Table<'txn, (&'static str, &'static str), (&'static str, i64)>,
+    aside: redb::Table<'txn, &'static str, &'static [u8]>,
     owners: &'cache mut Owners,
 }
 
@@ -250,6 +255,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             idempotency: txn
                 .open_table(IDEMPOTENCY)
                 .map_err(|error| error.to_string())?,
+            aside: txn.open_table(ASIDE).map_err(|error| error.to_string())?,
             owners,
         })
     }
@@ -400,6 +406,16 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         }
     }
 
+    fn set_aside(&mut self, aside: &SetAside, bytes: &[u8]) -> Result<(), StoreError> {
+        let id = aside.order_id.to_string();
+        self.owned
+            .remove((aside.node.as_str(), id.as_str()))
+            .map_err(unavailable)?;
+        self.owners.remove(&aside.order_id);
+        self.aside.insert(id.as_str(), bytes).map_err(unavailable)?;
+        Ok(())
+    }
+
     fn cancel(&mut self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError> {
         let stored = self
             .read(&id.to_string())?
@@ -457,7 +473,13 @@ impl OrderStore for EmbeddedStore {
             let Some(bytes) = orders.get(id).map_err(unavailable)? else {
                 continue;
             };
-            let order = decode(bytes.value())?;
+            let order = match decode(bytes.value()) {
+                Ok(order) => order,
+                Err(error) => {
+                    tracing::warn!(order_id = %id, error = %error, "listing skips an unreadable order");
+                    continue;
+                }
+            };
             if !query.matches(&order) {
                 continue;
             }
@@ -514,6 +536,30 @@ impl OrderStore for EmbeddedStore {
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
         let (from, to) = (from.to_string(), to.to_string());
         self.write(move |tables| tables.reassign(&from, &to)).await
+    }
+
+    async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError> {
+        let bytes =
+            serde_json::to_vec(aside).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let aside = aside.clone();
+        self.write(move |tables| tables.set_aside(&aside, &bytes))
+            .await
+    }
+
+    async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let aside = txn.open_table(ASIDE).map_err(unavailable)?;
+        let mut found = Vec::new();
+        for entry in aside.iter().map_err(unavailable)?.take(limit) {
+            let (_, bytes) = entry.map_err(unavailable)?;
+            match serde_json::from_slice(bytes.value()) {
+                Ok(entry) => found.push(entry),
+                Err(error) => {
+                    tracing::warn!(error = %error, "skipping an unreadable set-aside entry")
+                }
+            }
+        }
+        Ok(found)
     }
 
     async fn repair_indexes(&self) -> Result<usize, StoreError> {

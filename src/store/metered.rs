@@ -3,7 +3,8 @@
 //! clock read per call.
 
 use super::{
-    CancelOutcome, Created, ListQuery, OrderStore, Page, Reopen, RetryRollbackOutcome, StoreError,
+    CancelOutcome, Created, ListQuery, OrderStore, Page, Reopen, RetryRollbackOutcome, SetAside,
+    StoreError,
 };
 use crate::metrics::{Metrics, StoreOperation};
 use crate::order::{Order, OrderId};
@@ -96,6 +97,19 @@ impl OrderStore for MeteredStore {
         let result = self.inner.reassign(from, to).await;
         self.observe(StoreOperation::Reassign, started, &result);
         result
+    }
+
+    async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError> {
+        // Rare, and never on a request path: counted, not timed.
+        let result = self.inner.set_aside(aside).await;
+        if result.is_ok() {
+            self.metrics.order_set_aside();
+        }
+        result
+    }
+
+    async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
+        self.inner.set_aside_orders(limit).await
     }
 
     async fn repair_indexes(&self) -> Result<usize, StoreError> {

@@ -99,6 +99,18 @@ pub struct Reopen<'a> {
     pub now: DateTime<Utc>,
 }
 
+/// An order whose record cannot be read, taken out of execution so no node retries it forever.
+/// Its record stays as it was, for an operator to look at.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SetAside {
+    pub order_id: OrderId,
+    /// The node that owned it.
+    pub node: String,
+    /// Why its record could not be read.
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
 #[async_trait]
 pub trait OrderStore: Send + Sync + 'static {
     /// Stores a new order durably. With an idempotency key already used by the same user within
@@ -134,6 +146,13 @@ pub trait OrderStore: Send + Sync + 'static {
     /// orders it went through. Idempotent and safe while nodes run: it only adds missing entries
     /// and removes finished or foreign ones. The leader runs it at the start of each term.
     async fn repair_indexes(&self) -> Result<usize, StoreError>;
+
+    /// Takes an order out of its owner's unfinished orders and lists it as set aside, in one
+    /// atomic step. Setting aside an order twice keeps the latest entry.
+    async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError>;
+
+    /// The orders set aside, at most `limit` of them, in no particular order.
+    async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError>;
 
     /// A real round trip to the store, for health checks: an error when it cannot be read, or
     /// (where the store can tell cheaply) cannot be written.

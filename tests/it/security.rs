@@ -3,7 +3,7 @@
 //! refused without the cluster secret or an admin token, SIGHUP reloading the tokens file, the
 //! per-user submission rate and in-flight caps (429 with Retry-After), payload nesting, slow
 //! clients disconnected while others are served, `/diagnostic/summary` naming failed orders
-//! only to an admin, and a gossip member without a lease in Redis never sent the cluster secret.
+//! and `/diagnostic/set-aside` listing orders only to an admin, and a gossip member without a lease in Redis never sent the cluster secret.
 
 use std::fs;
 use std::path::PathBuf;
@@ -268,6 +268,27 @@ async fn the_summary_shows_recent_failures_only_to_an_admin() {
         "{full}"
     );
     assert_eq!(full["totals"], counts["totals"], "{full}");
+
+    // The orders set aside are listed to an admin only.
+    let set_aside = |header: Option<String>| {
+        let call = node.call(Method::GET, "/diagnostic/set-aside");
+        match header {
+            Some(header) => call.header("authorization", &header).send(),
+            None => call.send(),
+        }
+    };
+    node.expect_error(&set_aside(None).await, 401, "set-aside without a token");
+    node.expect_error(
+        &set_aside(Some(bearer(ALICE))).await,
+        403,
+        "set-aside with a user's token",
+    );
+    let listed = node.expect_json(
+        &set_aside(Some(bearer(ROOT))).await,
+        200,
+        "set-aside with an admin's token",
+    );
+    assert_eq!(listed["set_aside"], json!([]), "{listed}");
 }
 
 #[tokio::test]

@@ -8,7 +8,8 @@ use order_process::order::{apply, Event, Order, OrderId, Phase, RollbackState, S
 use order_process::store::embedded::EmbeddedStore;
 use order_process::store::redis::RedisStore;
 use order_process::store::{
-    CancelOutcome, Created, ListQuery, OrderStore, Reopen, RetryRollbackOutcome, StoreError,
+    CancelOutcome, Created, ListQuery, OrderStore, Reopen, RetryRollbackOutcome, SetAside,
+    StoreError,
 };
 use std::time::Duration;
 
@@ -230,6 +231,26 @@ async fn conformance(store: &dyn OrderStore) {
     assert!(store.reassign("node-b", "node-c").await.unwrap().is_empty());
 
     parked_rollbacks(store).await;
+    set_aside(store).await;
+}
+
+/// An order set aside leaves its owner's unfinished orders, is listed once however often it
+/// is set aside, and its record stays readable as it was.
+async fn set_aside(store: &dyn OrderStore) {
+    let order = new_order("aside", "node-s", 0);
+    create(store, &order).await;
+    let aside = SetAside {
+        order_id: order.order_id,
+        node: "node-s".into(),
+        reason: "expected value at line 1 column 1".into(),
+        at: Utc::now(),
+    };
+    store.set_aside(&aside).await.expect("set aside");
+    store.set_aside(&aside).await.expect("set aside again");
+    assert!(!owns(store, "node-s", order.order_id).await);
+    assert_eq!(store.set_aside_orders(10).await.unwrap(), vec![aside]);
+    assert_eq!(store.get(order.order_id).await.unwrap(), Some(order));
+    assert_eq!(store.set_aside_orders(0).await.unwrap(), vec![]);
 }
 
 /// A parked rollback: listed by `rollback_state`, re-opened once for its owner user only, by

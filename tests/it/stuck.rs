@@ -5,6 +5,7 @@
 
 use crate::harness::{port, simulate, spawn, unique_user, Node, RedisServer, POLL, TERMINAL};
 use crate::history::assert_completed;
+use order_process_testkit::poll::until;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -236,4 +237,88 @@ async fn the_heartbeat_is_degraded_while_redis_refuses_writes() {
 
     redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "0"]);
     wait_heartbeat(&node, "OK", Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
+    let redis = RedisServer::start();
+    let (node, user, first) = warm_node(&redis, "2s", "garbled").await;
+    let heartbeat = node.heartbeat().await;
+    let owner = heartbeat["service_id"].as_str().expect("service_id");
+
+    // A record that does not decode, owned by the node and in its user's index, as a bad write
+    // by an older version or a hand edit would leave it.
+    let id = "01a2320c-0000-7000-8000-00000000beef";
+    let order_key = format!("op:order:{id}");
+    redis_cli(
+        &redis,
+        &[
+            "HSET",
+            &order_key,
+            "doc",
+            "{\"order_id\": 7",
+            "owner",
+            owner,
+            "epoch",
+            "1",
+            "user",
+            &user,
+            "state",
+            "forward",
+            "step",
+            "Scheduling",
+        ],
+    );
+    let member = format!("00000000000000000001-{id}");
+    redis_cli(&redis, &["ZADD", &format!("op:user:{user}"), "0", &member]);
+    redis_cli(&redis, &["SADD", &format!("op:owned:{owner}"), id]);
+
+    // The reconciliation finds it, cannot read it, and sets it aside.
+    let listed = until(TERMINAL, POLL, || async {
+        let reply = node
+            .call(reqwest::Method::GET, "/diagnostic/set-aside")
+            .send()
+            .await;
+        let body = reply.try_json()?;
+        let entries = body["set_aside"].as_array()?.clone();
+        entries.into_iter().find(|entry| entry["order_id"] == id)
+    })
+    .await
+    .unwrap_or_else(|| panic!("{id} never set aside; log:\n{}", node.log_tail()));
+    assert_eq!(listed["node"], owner);
+    assert!(
+        listed["reason"]
+            .as_str()
+            .is_some_and(|reason| !reason.is_empty()),
+        "says why: {listed}"
+    );
+    assert_eq!(
+        redis_cli(&redis, &["SISMEMBER", &format!("op:owned:{owner}"), id]),
+        "0",
+        "no longer among the node's unfinished orders"
+    );
+    assert_eq!(
+        redis_cli(&redis, &["HGET", &order_key, "doc"]),
+        "{\"order_id\": 7",
+        "the record is kept as it was"
+    );
+    let metrics = node.call(reqwest::Method::GET, "/metrics").send().await;
+    assert!(
+        metrics
+            .text
+            .contains("order_process_orders_set_aside_total 1"),
+        "counted once in /metrics:\n{}",
+        metrics.text
+    );
+
+    // The user's listing skips it, and the node goes on with new orders.
+    let ids = node.list_all_ids(&user, &[]).await;
+    assert_eq!(ids, vec![first.clone()]);
+    let next = node.create_order(&user, &serde_json::json!({})).await;
+    assert_completed(&node.wait_terminal(&user, &next, TERMINAL).await);
+    let reply = node
+        .call(reqwest::Method::GET, "/diagnostic/set-aside?limit=0")
+        .send()
+        .await;
+    node.expect_error(&reply, 400, "a limit of 0");
 }

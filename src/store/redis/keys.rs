@@ -6,6 +6,8 @@
 //! - `op:owned:{node}`: set of the node's unfinished orders.
 //! - `op:user:{user}`: sorted set (all scores 0) of `{created µs, 20 digits}-{id}`, for listing.
 //! - `op:idem:{user}:{key}`: the order an idempotency key created, expiring after 24 h.
+//! - `op:aside`: hash order id → why it was set aside (JSON), for orders whose record cannot be
+//!   read; they are in no owned set.
 //!
 //! Cluster coordination:
 //!
@@ -21,6 +23,8 @@ pub(crate) const LEADER: &str = "op:leader";
 pub(crate) const LEADER_FENCE: &str = "op:leader:fence";
 /// What health checks write, with a short expiry.
 pub(crate) const PROBE: &str = "op:probe";
+/// The orders set aside because their record cannot be read.
+pub(crate) const ASIDE: &str = "op:aside";
 /// What a `SCAN` for every order hash matches.
 pub(crate) const ORDER_PATTERN: &str = "op:order:*";
 

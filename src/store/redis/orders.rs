@@ -2,12 +2,15 @@
 //! `scripts`) that writes its index entries in the same atomic step.
 
 use super::conn::{Connections, Scripted};
-use super::keys::{idem_key, order_key, owned_key, user_key, ORDER_PATTERN, OWNED_PREFIX, PROBE};
+use super::keys::{
+    idem_key, order_key, owned_key, user_key, ASIDE, ORDER_PATTERN, OWNED_PREFIX, PROBE,
+};
 use super::scripts::Scripts;
 use crate::order::{Order, OrderId, Phase};
 use crate::store::{
     cancel_outcome, decode_cursor, encode_cursor, retry_rollback_outcome, CancelOutcome, Created,
-    ListQuery, OrderStore, Page, Reopen, RetryRollbackOutcome, StoreError, IDEMPOTENCY_TTL,
+    ListQuery, OrderStore, Page, Reopen, RetryRollbackOutcome, SetAside, StoreError,
+    IDEMPOTENCY_TTL,
 };
 use async_trait::async_trait;
 use deadpool_redis::redis::{self, Value};
@@ -66,6 +69,15 @@ fn decode(fields: Vec<Option<String>>) -> Result<Option<Order>, StoreError> {
         order.cancel_requested |= cancel == "1";
     }
     Ok(Some(order))
+}
+
+/// The order in `fields`, or `None` when there is none or it cannot be read (logged: a listing
+/// or a sweep goes on past one unreadable record).
+fn decode_or_skip(fields: Vec<Option<String>>, key: &str) -> Option<Order> {
+    decode(fields).unwrap_or_else(|error| {
+        tracing::warn!(key = %key, error = %error, "skipping an unreadable order");
+        None
+    })
 }
 
 /// What the commit script's answer means.
@@ -132,8 +144,8 @@ impl RedisStore {
         let rows: Vec<Vec<Option<String>>> = self.redis.query(&read).await?;
         let mut write = redis::pipe();
         let mut count = 0;
-        for fields in rows {
-            let Some(order) = decode(fields)? else {
+        for (key, fields) in keys.iter().zip(rows) {
+            let Some(order) = decode_or_skip(fields, key) else {
                 continue;
             };
             let id = order.order_id.to_string();
@@ -301,7 +313,7 @@ impl OrderStore for RedisStore {
             let exhausted = members.len() < batch;
             for (member, fields) in members.iter().zip(rows) {
                 upper = format!("({member}");
-                let Some(order) = decode(fields)? else {
+                let Some(order) = decode_or_skip(fields, member) else {
                     continue;
                 };
                 // A member left by a create that lost its id to another request with the same
@@ -455,6 +467,49 @@ impl OrderStore for RedisStore {
             }
             if next == 0 {
                 return Ok(repaired);
+            }
+            cursor = next;
+        }
+    }
+
+    async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError> {
+        let id = aside.order_id.to_string();
+        let entry = serde_json::to_string(aside).map_err(corrupt)?;
+        let mut both = redis::pipe();
+        both.atomic()
+            .cmd("SREM")
+            .arg(owned_key(&aside.node))
+            .arg(&id)
+            .ignore()
+            .cmd("HSET")
+            .arg(ASIDE)
+            .arg(&id)
+            .arg(entry)
+            .ignore();
+        self.redis.query::<(), _>(&both).await
+    }
+
+    async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
+        let mut found = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("HSCAN");
+            scan.arg(ASIDE)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(limit.clamp(1, 500));
+            let (next, pairs): (u64, Vec<(String, String)>) = self.redis.query(&scan).await?;
+            for (id, entry) in pairs {
+                match serde_json::from_str(&entry) {
+                    Ok(entry) if found.len() < limit => found.push(entry),
+                    Ok(_) => return Ok(found),
+                    Err(error) => {
+                        tracing::warn!(order_id = %id, error = %error, "skipping an unreadable set-aside entry");
+                    }
+                }
+            }
+            if next == 0 || found.len() >= limit {
+                return Ok(found);
             }
             cursor = next;
         }
