@@ -7,7 +7,7 @@ use super::retry::RetryPolicy;
 use crate::order::{Order, OrderId, Step};
 use crate::store::{
     cancel_outcome, check_commit, retry_rollback_outcome, CancelOutcome, Created, ListQuery,
-    OrderStore, Page, Reopen, RetryRollbackOutcome, SetAside, StoreError,
+    OrderStore, OwnedPage, Page, Reopen, RetryRollbackOutcome, SetAside, StoreError,
 };
 use async_trait::async_trait;
 use chrono::Utc;
@@ -211,6 +211,15 @@ impl OrderStore for FakeStore {
             .filter(|order| order.owner == node && !order.is_finished())
             .map(|order| order.order_id)
             .collect())
+    }
+
+    async fn owned_page(&self, node: &str, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
+        let mut owned = self.owned_unfinished(node).await?;
+        owned.sort_unstable();
+        owned.retain(|id| at.is_empty() || id.to_string().as_str() > at);
+        let next = (owned.len() > n).then(|| owned[n - 1].to_string());
+        owned.truncate(n);
+        Ok((owned, next))
     }
 
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {

@@ -16,6 +16,11 @@ use tracing::{debug, warn, Instrument};
 /// The most orders one pass resumes; the rest wait for the next pass.
 pub const MOST_PER_PASS: usize = 1_000;
 
+/// About how many owned order ids one pass reads, in pages of [`PAGE`]: a node owning more
+/// goes through them over several passes, each going on where the last one stopped.
+pub const MOST_READ_PER_PASS: usize = 20_000;
+const PAGE: usize = 1_000;
+
 /// The owned orders that nothing here holds, at most `most` of them, oldest id first (ids are
 /// time-ordered, so the longest forgotten run first).
 pub fn unheld(
@@ -25,6 +30,8 @@ pub fn unheld(
 ) -> Vec<OrderId> {
     owned.retain(|id| !held(*id));
     owned.sort_unstable();
+    // A sweep may name an order twice.
+    owned.dedup();
     owned.truncate(most);
     owned
 }
@@ -38,6 +45,8 @@ pub fn spawn(
 ) -> JoinHandle<()> {
     let task = async move {
         let mut stop_rx = pool.stop_rx();
+        // Where the sweep of the owned set goes on at the next pass.
+        let mut cursor = String::new();
         loop {
             // Why select: a stopping node must not wait out an interval before it exits.
             tokio::select! {
@@ -47,21 +56,34 @@ pub fn spawn(
             if *stop_rx.borrow() {
                 return;
             }
-            pass(&pool, store.as_ref(), &node).await;
+            pass(&pool, store.as_ref(), &node, &mut cursor).await;
         }
     };
     tokio::spawn(task.instrument(tracing::info_span!("reconcile")))
 }
 
-/// One pass: resumes the unfinished orders of this node that nothing here holds.
-async fn pass(pool: &Pool, store: &dyn OrderStore, node: &str) {
-    let owned = match store.owned_unfinished(node).await {
-        Ok(owned) => owned,
-        Err(error) => {
-            debug!(error = %error, "cannot list own unfinished orders; next pass tries again");
-            return;
+/// One pass: reads the next pages of this node's unfinished orders from `cursor` and resumes
+/// those that nothing here holds.
+async fn pass(pool: &Pool, store: &dyn OrderStore, node: &str, cursor: &mut String) {
+    let mut owned = Vec::new();
+    while owned.len() < MOST_READ_PER_PASS {
+        match store.owned_page(node, cursor, PAGE).await {
+            Ok((page, next)) => {
+                owned.extend(page);
+                match next {
+                    Some(next) => *cursor = next,
+                    None => {
+                        cursor.clear();
+                        break;
+                    }
+                }
+            }
+            Err(error) => {
+                debug!(error = %error, "cannot list own unfinished orders; next pass tries again");
+                break;
+            }
         }
-    };
+    }
     let resume = unheld(owned, |id| pool.is_active(id), MOST_PER_PASS);
     if resume.is_empty() {
         return;
@@ -85,6 +107,7 @@ mod tests {
         let held = |id: OrderId| id == ids[1] || id == ids[3];
         let mut owned = ids.clone();
         owned.reverse();
+        owned.push(ids[0]);
         assert_eq!(
             unheld(owned.clone(), held, 10),
             vec![ids[0], ids[2], ids[4]]

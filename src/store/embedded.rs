@@ -7,7 +7,7 @@
 
 use super::{
     cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor,
-    retry_rollback_outcome, CancelOutcome, Created, ListQuery, OrderStore, Page, Reopen,
+    retry_rollback_outcome, CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen,
     RetryRollbackOutcome, SetAside, StoreError, IDEMPOTENCY_TTL,
 };
 use crate::order::{Order, OrderId};
@@ -513,16 +513,28 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError> {
+        Ok(self.owned_page(node, "", usize::MAX).await?.0)
+    }
+
+    async fn owned_page(&self, node: &str, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
         let txn = self.db.begin_read().map_err(unavailable)?;
         let owned = txn.open_table(OWNED).map_err(unavailable)?;
-        let range = owned.range((node, "")..).map_err(unavailable)?;
+        let range = owned.range((node, at)..).map_err(unavailable)?;
         let mut ids = Vec::new();
+        let mut last = None;
         for entry in range {
             let (key, _) = entry.map_err(unavailable)?;
             let (owner, id) = key.value();
             if owner != node {
-                break;
+                return Ok((ids, None));
             }
+            if id == at {
+                continue;
+            }
+            if ids.len() >= n.max(1) {
+                return Ok((ids, last));
+            }
+            last = Some(id.to_string());
             match OrderId::try_parse(id) {
                 Ok(id) => ids.push(id),
                 Err(_) => {
@@ -530,7 +542,7 @@ impl OrderStore for EmbeddedStore {
                 }
             }
         }
-        Ok(ids)
+        Ok((ids, None))
     }
 
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {

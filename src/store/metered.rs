@@ -3,8 +3,8 @@
 //! clock read per call.
 
 use super::{
-    CancelOutcome, Created, ListQuery, OrderStore, Page, Reopen, RetryRollbackOutcome, SetAside,
-    StoreError,
+    CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RetryRollbackOutcome,
+    SetAside, StoreError,
 };
 use crate::metrics::{Metrics, StoreOperation};
 use crate::order::{Order, OrderId};
@@ -88,6 +88,13 @@ impl OrderStore for MeteredStore {
     async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError> {
         let started = Instant::now();
         let result = self.inner.owned_unfinished(node).await;
+        self.observe(StoreOperation::OwnedUnfinished, started, &result);
+        result
+    }
+
+    async fn owned_page(&self, node: &str, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.owned_page(node, at, n).await;
         self.observe(StoreOperation::OwnedUnfinished, started, &result);
         result
     }

@@ -99,6 +99,9 @@ pub struct Reopen<'a> {
     pub now: DateTime<Utc>,
 }
 
+/// A page of a node's unfinished orders, and the cursor of the next page (`None`: the last).
+pub type OwnedPage = (Vec<OrderId>, Option<String>);
+
 /// An order whose record cannot be read, taken out of execution so no node retries it forever.
 /// Its record stays as it was, for an operator to look at.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -136,6 +139,12 @@ pub trait OrderStore: Send + Sync + 'static {
 
     /// The unfinished orders a node owns.
     async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError>;
+
+    /// One page of the unfinished orders a node owns, for a sweep with bounded work per call:
+    /// about `n` ids from cursor `at` (`""` to begin) and the cursor of the next page, `None`
+    /// once the sweep is through. An order may show up twice in one sweep; one owned throughout
+    /// shows up at least once.
+    async fn owned_page(&self, node: &str, at: &str, n: usize) -> Result<OwnedPage, StoreError>;
 
     /// Moves every unfinished order of `from` to `to`, one compare-and-set per order that bumps
     /// its epoch, so `from` can no longer commit to it. Returns the orders `to` owns as a result

@@ -232,6 +232,32 @@ async fn conformance(store: &dyn OrderStore) {
 
     parked_rollbacks(store).await;
     set_aside(store).await;
+    owned_pages(store).await;
+}
+
+/// A sweep page by page names every order a node owns, and nothing else.
+async fn owned_pages(store: &dyn OrderStore) {
+    let mut expected = Vec::new();
+    for offset in 0..7 {
+        let order = new_order("pager", "node-p", offset);
+        create(store, &order).await;
+        expected.push(order.order_id);
+    }
+    create(store, &new_order("pager", "node-q", 0)).await;
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..100 {
+        let (page, next) = store.owned_page("node-p", &cursor, 2).await.unwrap();
+        seen.extend(page);
+        match next {
+            Some(next) => cursor = next,
+            None => break,
+        }
+    }
+    seen.sort_unstable();
+    seen.dedup();
+    expected.sort_unstable();
+    assert_eq!(seen, expected);
 }
 
 /// An order set aside leaves its owner's unfinished orders, is listed once however often it

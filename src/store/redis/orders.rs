@@ -9,7 +9,7 @@ use super::scripts::Scripts;
 use crate::order::{Order, OrderId, Phase};
 use crate::store::{
     cancel_outcome, decode_cursor, encode_cursor, retry_rollback_outcome, CancelOutcome, Created,
-    ListQuery, OrderStore, Page, Reopen, RetryRollbackOutcome, SetAside, StoreError,
+    ListQuery, OrderStore, OwnedPage, Page, Reopen, RetryRollbackOutcome, SetAside, StoreError,
     IDEMPOTENCY_TTL,
 };
 use async_trait::async_trait;
@@ -418,6 +418,20 @@ impl OrderStore for RedisStore {
             .iter()
             .filter_map(|id| OrderId::try_parse(id).ok())
             .collect())
+    }
+
+    async fn owned_page(&self, node: &str, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
+        let mut scan = redis::cmd("SSCAN");
+        scan.arg(owned_key(node))
+            .arg(if at.is_empty() { "0" } else { at })
+            .arg("COUNT")
+            .arg(n.max(1));
+        let (next, ids): (String, Vec<String>) = self.redis.query(&scan).await?;
+        let ids = ids
+            .iter()
+            .filter_map(|id| OrderId::try_parse(id).ok())
+            .collect();
+        Ok((ids, (next != "0").then_some(next)))
     }
 
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
