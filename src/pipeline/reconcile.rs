@@ -19,7 +19,8 @@ pub const MOST_PER_PASS: usize = 1_000;
 /// About how many owned order ids one pass reads, in pages of [`PAGE`]: a node owning more
 /// goes through them over several passes, each going on where the last one stopped.
 pub const MOST_READ_PER_PASS: usize = 20_000;
-const PAGE: usize = 1_000;
+/// How many owned order ids one read asks for.
+pub const PAGE: usize = 1_000;
 
 /// The owned orders that nothing here holds, at most `most` of them, oldest id first (ids are
 /// time-ordered, so the longest forgotten run first).
