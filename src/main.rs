@@ -203,23 +203,30 @@ fn init_tracing(config: &Config) {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed at once, not on first poll, so a
+/// signal that comes while the node is still starting (waiting for its lease, say) is kept for
+/// the node to act on instead of killing the process.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     use tokio::signal::unix::{signal, SignalKind};
-    let terminate = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut stream) => {
-                stream.recv().await;
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        let received = |stream: std::io::Result<tokio::signal::unix::Signal>,
+                        name: &'static str| async move {
+            match stream {
+                Ok(mut stream) => {
+                    stream.recv().await;
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, signal = name, "cannot listen for the signal");
+                    std::future::pending::<()>().await;
+                }
             }
-            Err(error) => {
-                tracing::error!(error = %error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+        };
+        // Whichever signal comes first starts the drain.
+        tokio::select! {
+            _ = received(terminate, "SIGTERM") => tracing::info!("received SIGTERM"),
+            _ = received(interrupt, "SIGINT") => tracing::info!("received SIGINT"),
         }
-    };
-    // Whichever signal comes first starts the drain.
-    tokio::select! {
-        _ = terminate => tracing::info!("received SIGTERM"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("received SIGINT"),
     }
 }

@@ -99,6 +99,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    // Polled while the node starts too: a node told to stop while it waits for its lease stops.
+    let mut shutdown = std::pin::pin!(shutdown);
     // First, so a bad tokens file stops the node before it touches its store.
     let security = api::auth::Security::from_config(&config)?;
     let data_dir = &config.server.data_dir;
@@ -144,7 +146,7 @@ pub async fn run(
                 queue,
                 Arc::clone(&metrics),
             );
-            let cluster = Cluster::start(
+            let start = Cluster::start(
                 service_id.clone(),
                 generation(data_dir)?,
                 listen,
@@ -155,8 +157,18 @@ pub async fn run(
                 Arc::clone(&pool),
                 gate,
                 Arc::clone(&metrics),
-            )
-            .await?;
+            );
+            let cluster = tokio::select! {
+                cluster = start => cluster?,
+                () = &mut shutdown => {
+                    // Usually still waiting for the lease, so nothing ran yet; an order started
+                    // in the last moments resumes elsewhere once the lease expires, as after a
+                    // crash.
+                    info!("told to stop while starting; stopping");
+                    pool.shutdown(Duration::ZERO).await;
+                    return Ok(());
+                }
+            };
             (store, pool, Some(cluster))
         } else {
             let store: Arc<dyn OrderStore> = Arc::new(MeteredStore::new(

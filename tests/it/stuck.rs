@@ -1,11 +1,13 @@
 //! No order stuck, and no store trusted blindly: a submission whose client hangs up, a store call
 //! that times out after Redis applied it, a Redis slower than half a second, a node id held by
-//! two processes, a Redis that answers but refuses writes. Each with a real `redis-server`
-//! paused with SIGSTOP or reconfigured with `redis-cli`, and the real binary.
+//! two processes (and one of them told to stop while it waits), a Redis that answers but refuses
+//! writes, a record that cannot be read. Each with a real `redis-server` paused with SIGSTOP or
+//! reconfigured with `redis-cli`, and the real binary.
 
-use crate::harness::{port, simulate, spawn, unique_user, Node, RedisServer, POLL, TERMINAL};
+use crate::harness::{port, simulate, spawn, unique_user, Node, Proc, RedisServer, POLL, TERMINAL};
 use crate::history::assert_completed;
 use order_process_testkit::poll::until;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -176,21 +178,16 @@ async fn submissions_whose_clients_hang_up_all_finish() {
     }
 }
 
-#[tokio::test]
-async fn a_second_process_with_the_same_node_id_refuses_to_start() {
-    let _cluster = crate::cluster::exclusive().await;
-    let redis = RedisServer::start();
-    let config = redis_node_config(&redis, "1s");
-    let node = Node::start(&config).await;
-
-    // A copy of the node's data dir: the same node id.
+/// A second process of `node` (run with `config`) from a copy of its data dir, so with the same
+/// node id: the process, its stderr, and the directory that holds both (removed on drop).
+fn twin(node: &Node, config: &str) -> (Proc, PathBuf, tempfile::TempDir) {
     let copy = tempfile::tempdir().expect("temp dir");
     let data = copy.path().join("data");
     std::fs::create_dir_all(&data).expect("data dir");
     std::fs::copy(node.data_dir().join("service_id"), data.join("service_id"))
         .expect("copy service_id");
     let config_path = copy.path().join("config.toml");
-    std::fs::write(&config_path, &config).expect("write config");
+    std::fs::write(&config_path, config).expect("write config");
     let args: Vec<String> = vec![
         "--config".into(),
         config_path.display().to_string(),
@@ -199,9 +196,19 @@ async fn a_second_process_with_the_same_node_id_refuses_to_start() {
         "--data-dir".into(),
         data.display().to_string(),
     ];
-    let stdout = copy.path().join("stdout.log");
     let stderr = copy.path().join("stderr.log");
-    let mut twin = spawn(&args, &stdout, &stderr);
+    let process = spawn(&args, &copy.path().join("stdout.log"), &stderr);
+    (process, stderr, copy)
+}
+
+#[tokio::test]
+async fn a_second_process_with_the_same_node_id_refuses_to_start() {
+    let _cluster = crate::cluster::exclusive().await;
+    let redis = RedisServer::start();
+    let config = redis_node_config(&redis, "1s");
+    let node = Node::start(&config).await;
+
+    let (mut twin, stderr, _copy) = twin(&node, &config);
     let status = twin
         .wait_exit(Duration::from_secs(30))
         .await
@@ -321,4 +328,31 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
         .send()
         .await;
     node.expect_error(&reply, 400, "a limit of 0");
+}
+
+#[tokio::test]
+async fn a_node_told_to_stop_while_it_waits_for_its_lease_exits_cleanly() {
+    let _cluster = crate::cluster::exclusive().await;
+    let redis = RedisServer::start();
+    let config = redis_node_config(&redis, "1s");
+    let node = Node::start(&config).await;
+
+    // A second process with the node's id waits for the first one's lease...
+    let (mut waiting, stderr, _copy) = twin(&node, &config);
+    let said = || std::fs::read_to_string(&stderr).unwrap_or_default();
+    until(Duration::from_secs(10), POLL, || async {
+        said().contains("waiting for it to expire").then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("never waited for the lease:\n{}", said()));
+
+    // ...and is told to stop meanwhile: it stops at once, by itself, not killed by the signal.
+    assert!(waiting.signal("TERM"), "send SIGTERM");
+    let status = waiting
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("still running after SIGTERM:\n{}", said()));
+    assert!(status.success(), "exit {status:?}:\n{}", said());
+    assert!(said().contains("told to stop while starting"), "{}", said());
+    wait_heartbeat(&node, "OK", Duration::from_secs(10)).await;
 }
