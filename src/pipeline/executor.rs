@@ -168,9 +168,16 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
     let mut delay = Duration::from_millis(100);
     loop {
         match shared.store.get(id).await {
-            Ok(Some(order)) if order.owner == shared.node_id => return Some(order),
-            Ok(Some(_)) => {
-                debug!(order_id = %id, "order is owned by another node now, not resuming");
+            Ok(Some(order)) if order.owner == shared.node_id && !order.is_finished() => {
+                return Some(order)
+            }
+            Ok(Some(order)) => {
+                debug!(order_id = %id, owner = %order.owner, current_step = %order.current_step, "order is finished or another node's now, not resuming");
+                // Whatever queued it may have read an owned-set entry left behind by a race:
+                // take it out, or every reconciliation would queue the order again.
+                if let Err(error) = shared.store.disown(&shared.node_id, id).await {
+                    debug!(order_id = %id, error = %error, "cannot tidy the owned set; the next pass tries again");
+                }
                 return None;
             }
             Ok(None) => {

@@ -245,6 +245,11 @@ impl OrderStore for FakeStore {
         Ok(0)
     }
 
+    async fn disown(&self, _node: &str, _id: OrderId) -> Result<bool, StoreError> {
+        // The owned orders are worked out from the orders themselves: no entry to leave behind.
+        Ok(false)
+    }
+
     async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError> {
         self.aside.lock().unwrap().push(aside.clone());
         Ok(())

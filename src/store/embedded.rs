@@ -406,6 +406,26 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         }
     }
 
+    fn disown(&mut self, node: &str, id: OrderId) -> Result<bool, StoreError> {
+        let key = id.to_string();
+        let owned_here = match self.read(&key) {
+            Ok(Some(order)) => order.owner == node && !order.is_finished(),
+            Ok(None) => false,
+            // Its owner cannot be told: the entry stays, for whoever sets the order aside.
+            Err(StoreError::Corrupt(_)) => return Ok(false),
+            Err(error) => return Err(error),
+        };
+        if owned_here {
+            return Ok(false);
+        }
+        let removed = self
+            .owned
+            .remove((node, key.as_str()))
+            .map_err(unavailable)?
+            .is_some();
+        Ok(removed)
+    }
+
     fn set_aside(&mut self, aside: &SetAside, bytes: &[u8]) -> Result<(), StoreError> {
         let id = aside.order_id.to_string();
         self.owned
@@ -548,6 +568,11 @@ impl OrderStore for EmbeddedStore {
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
         let (from, to) = (from.to_string(), to.to_string());
         self.write(move |tables| tables.reassign(&from, &to)).await
+    }
+
+    async fn disown(&self, node: &str, id: OrderId) -> Result<bool, StoreError> {
+        let node = node.to_string();
+        self.write(move |tables| tables.disown(&node, id)).await
     }
 
     async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError> {

@@ -106,6 +106,11 @@ impl OrderStore for MeteredStore {
         result
     }
 
+    async fn disown(&self, node: &str, id: OrderId) -> Result<bool, StoreError> {
+        // Rare, and never on a request path: not timed.
+        self.inner.disown(node, id).await
+    }
+
     async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError> {
         // Rare, and never on a request path: counted, not timed.
         let result = self.inner.set_aside(aside).await;

@@ -156,6 +156,10 @@ pub trait OrderStore: Send + Sync + 'static {
     /// and removes finished or foreign ones. The leader runs it at the start of each term.
     async fn repair_indexes(&self) -> Result<usize, StoreError>;
 
+    /// Takes order `id` out of `node`'s unfinished orders unless `node` owns it and it is
+    /// unfinished: an entry left behind by a race. True when one was taken out.
+    async fn disown(&self, node: &str, id: OrderId) -> Result<bool, StoreError>;
+
     /// Takes an order out of its owner's unfinished orders and lists it as set aside, in one
     /// atomic step. Setting aside an order twice keeps the latest entry.
     async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError>;

@@ -233,6 +233,17 @@ async fn conformance(store: &dyn OrderStore) {
     parked_rollbacks(store).await;
     set_aside(store).await;
     owned_pages(store).await;
+    disown(store).await;
+}
+
+/// An owned-set entry is taken out only when the node does not own the order unfinished.
+async fn disown(store: &dyn OrderStore) {
+    let order = new_order("disowner", "node-d", 0);
+    create(store, &order).await;
+    assert!(!store.disown("node-d", order.order_id).await.unwrap());
+    assert!(owns(store, "node-d", order.order_id).await, "still its own");
+    assert!(!store.disown("node-e", order.order_id).await.unwrap());
+    assert!(!store.disown("node-d", OrderId::new_v4()).await.unwrap());
 }
 
 /// A sweep page by page names every order a node owns, and nothing else.
@@ -409,6 +420,30 @@ async fn redis_store_conforms() {
     conformance(&store).await;
     // The indexes can be rebuilt from the order hashes alone.
     assert!(store.repair_indexes().await.unwrap() > 0);
+}
+
+#[tokio::test]
+async fn redis_store_takes_out_owned_entries_left_behind() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    let mut order = new_order("tidy", "node-t", 0);
+    create(&store, &order).await;
+    for _ in 0..4 {
+        order = succeed(&order);
+        store.commit(&order).await.expect("commit");
+    }
+    assert!(order.is_finished());
+    // An entry put back by a sweep that read the order before it finished.
+    let id = order.order_id.to_string();
+    let stale = redis.cli(&["SADD", "op:owned:node-t", &id]);
+    assert_eq!(stale.trim(), "1");
+    assert!(owns(&store, "node-t", order.order_id).await);
+    assert!(store.disown("node-t", order.order_id).await.unwrap());
+    assert!(!owns(&store, "node-t", order.order_id).await);
+    // The index repair decides on the order as it is: finished, so out of the set.
+    redis.cli(&["SADD", "op:owned:node-t", &id]);
+    store.repair_indexes().await.expect("repair");
+    assert!(!owns(&store, "node-t", order.order_id).await);
 }
 
 #[tokio::test]

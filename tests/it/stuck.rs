@@ -1,7 +1,7 @@
 //! No order stuck, and no store trusted blindly: a submission whose client hangs up, a store call
 //! that times out after Redis applied it, a Redis slower than half a second, a node id held by
 //! two processes (and one of them told to stop while it waits), a Redis that answers but refuses
-//! writes, a record that cannot be read. Each with a real `redis-server` paused with SIGSTOP or
+//! writes, a record that cannot be read, an owned-set entry left behind for a finished order. Each with a real `redis-server` paused with SIGSTOP or
 //! reconfigured with `redis-cli`, and the real binary.
 
 use crate::harness::{port, simulate, spawn, unique_user, Node, Proc, RedisServer, POLL, TERMINAL};
@@ -22,24 +22,12 @@ fn redis_node_config(redis: &RedisServer, timeout: &str) -> String {
     )
 }
 
-/// Runs `redis-cli` against `redis`; its answer, trimmed.
-fn redis_cli(redis: &RedisServer, args: &[&str]) -> String {
-    let output = Command::new("redis-cli")
-        .arg("-p")
-        .arg(redis.port.to_string())
-        .args(args)
-        .output()
-        .expect("run redis-cli");
-    assert!(output.status.success(), "redis-cli {args:?}: {output:?}");
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
 /// Redis stopped with SIGSTOP until `resume` or drop (so a failing test never leaves it stopped).
 struct Paused(Option<u32>);
 
 impl Paused {
     fn redis(redis: &RedisServer) -> Paused {
-        let info = redis_cli(redis, &["INFO", "server"]);
+        let info = redis.cli(&["INFO", "server"]);
         let pid: u32 = info
             .lines()
             .find_map(|line| line.strip_prefix("process_id:"))
@@ -238,11 +226,11 @@ async fn the_heartbeat_is_degraded_while_redis_refuses_writes() {
     wait_heartbeat(&node, "OK", Duration::from_secs(10)).await;
 
     // Redis still answers, but refuses every write that needs memory (OOM).
-    redis_cli(&redis, &["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
-    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "1"]);
+    redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1"]);
     wait_heartbeat(&node, "DEGRADED", Duration::from_secs(10)).await;
 
-    redis_cli(&redis, &["CONFIG", "SET", "maxmemory", "0"]);
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
     wait_heartbeat(&node, "OK", Duration::from_secs(10)).await;
 }
 
@@ -257,28 +245,25 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
     // by an older version or a hand edit would leave it.
     let id = "01a2320c-0000-7000-8000-00000000beef";
     let order_key = format!("op:order:{id}");
-    redis_cli(
-        &redis,
-        &[
-            "HSET",
-            &order_key,
-            "doc",
-            "{\"order_id\": 7",
-            "owner",
-            owner,
-            "epoch",
-            "1",
-            "user",
-            &user,
-            "state",
-            "forward",
-            "step",
-            "Scheduling",
-        ],
-    );
+    redis.cli(&[
+        "HSET",
+        &order_key,
+        "doc",
+        "{\"order_id\": 7",
+        "owner",
+        owner,
+        "epoch",
+        "1",
+        "user",
+        &user,
+        "state",
+        "forward",
+        "step",
+        "Scheduling",
+    ]);
     let member = format!("00000000000000000001-{id}");
-    redis_cli(&redis, &["ZADD", &format!("op:user:{user}"), "0", &member]);
-    redis_cli(&redis, &["SADD", &format!("op:owned:{owner}"), id]);
+    redis.cli(&["ZADD", &format!("op:user:{user}"), "0", &member]);
+    redis.cli(&["SADD", &format!("op:owned:{owner}"), id]);
 
     // The reconciliation finds it, cannot read it, and sets it aside.
     let listed = until(TERMINAL, POLL, || async {
@@ -300,12 +285,12 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
         "says why: {listed}"
     );
     assert_eq!(
-        redis_cli(&redis, &["SISMEMBER", &format!("op:owned:{owner}"), id]),
+        redis.cli(&["SISMEMBER", &format!("op:owned:{owner}"), id]),
         "0",
         "no longer among the node's unfinished orders"
     );
     assert_eq!(
-        redis_cli(&redis, &["HGET", &order_key, "doc"]),
+        redis.cli(&["HGET", &order_key, "doc"]),
         "{\"order_id\": 7",
         "the record is kept as it was"
     );
@@ -355,4 +340,32 @@ async fn a_node_told_to_stop_while_it_waits_for_its_lease_exits_cleanly() {
     assert!(status.success(), "exit {status:?}:\n{}", said());
     assert!(said().contains("told to stop while starting"), "{}", said());
     wait_heartbeat(&node, "OK", Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn an_owned_entry_left_behind_for_a_finished_order_is_tidied_once() {
+    let redis = RedisServer::start();
+    let (node, _user, id) = warm_node(&redis, "2s", "tidied").await;
+    let owner = node.heartbeat().await["service_id"]
+        .as_str()
+        .expect("service_id")
+        .to_string();
+    // The finished order back in its owner's set, as an index sweep that read it before it
+    // finished leaves it.
+    let owned = format!("op:owned:{owner}");
+    assert_eq!(redis.cli(&["SADD", &owned, &id]), "1");
+
+    // The reconciliation queues it, finds it finished, and takes the entry out.
+    until(TERMINAL, POLL, || async {
+        (redis.cli(&["SISMEMBER", &owned, &id]) == "0").then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("the entry stays; log:\n{}", node.log_tail()));
+    let log = node.log();
+    let queued = log
+        .lines()
+        .filter(|line| line.contains("resuming unfinished orders that nothing here was running"))
+        .filter(|line| line.contains(&id))
+        .count();
+    assert_eq!(queued, 1, "queued once, not at every pass:\n{log}");
 }

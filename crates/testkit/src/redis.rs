@@ -107,6 +107,19 @@ impl RedisServer {
         stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
     }
 
+    /// Runs `redis-cli` against this server and returns its answer, trimmed. Panics when
+    /// redis-cli cannot run or fails: for tests.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = std::process::Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        assert!(output.status.success(), "redis-cli {args:?}: {output:?}");
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
     /// Sends a signal by name (`STOP`, `CONT`, …) to redis-server; true when it was delivered.
     pub fn signal(&self, name: &str) -> bool {
         self.process

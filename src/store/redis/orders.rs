@@ -149,11 +149,15 @@ impl RedisStore {
                 continue;
             };
             let id = order.order_id.to_string();
-            let owned = if order.is_finished() { "SREM" } else { "SADD" };
+            // Decided on the order as it is when the write runs, not as read above.
             write
-                .cmd(owned)
-                .arg(owned_key(&order.owner))
-                .arg(&id)
+                .invoke_script(
+                    self.scripts
+                        .repair_owned
+                        .key(key)
+                        .arg(OWNED_PREFIX)
+                        .arg(&id),
+                )
                 .ignore();
             write
                 .cmd("ZADD")
@@ -163,7 +167,7 @@ impl RedisStore {
                 .ignore();
             count += 1;
         }
-        self.redis.query::<(), _>(&write).await?;
+        self.scripted::<()>(&write).await?;
         Ok(count)
     }
 
@@ -484,6 +488,14 @@ impl OrderStore for RedisStore {
             }
             cursor = next;
         }
+    }
+
+    async fn disown(&self, node: &str, id: OrderId) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let mut disown = self.scripts.disown.key(order_key(&id));
+        disown.key(owned_key(node)).arg(node).arg(&id);
+        let removed: i64 = self.redis.query(&disown).await?;
+        Ok(removed == 1)
     }
 
     async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError> {

@@ -99,12 +99,37 @@ redis.call('SADD', KEYS[2], ARGV[8])
 return 'ok'
 ";
 
+/// Put an order in its owner's owned set if unfinished, out of it if finished. KEYS: the order.
+/// ARGV: the owned sets' key prefix, the order id. Returns 1, or 0 when the order is missing.
+/// Why a script: the index repair must not put back an order that finished (or moved) after
+/// the repair read it.
+const REPAIR_OWNED: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'state')
+if not cur[1] then return 0 end
+if cur[2] == 'finished' then
+  redis.call('SREM', ARGV[1] .. cur[1], ARGV[2])
+else
+  redis.call('SADD', ARGV[1] .. cur[1], ARGV[2])
+end
+return 1
+";
+
+/// Take an order out of a node's owned set unless that node owns it unfinished. KEYS: the
+/// order, the node's owned set. ARGV: the node, the order id. Returns 1 when it was taken out.
+const DISOWN: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'state')
+if cur[1] == ARGV[1] and cur[2] ~= 'finished' then return 0 end
+return redis.call('SREM', KEYS[2], ARGV[2])
+";
+
 pub(super) struct Scripts {
     pub create: Script,
     pub commit: Script,
     pub cancel: Script,
     pub reassign: Script,
     pub reopen: Script,
+    pub repair_owned: Script,
+    pub disown: Script,
 }
 
 impl Scripts {
@@ -115,11 +140,13 @@ impl Scripts {
             cancel: Script::new(CANCEL),
             reassign: Script::new(REASSIGN),
             reopen: Script::new(REOPEN),
+            repair_owned: Script::new(REPAIR_OWNED),
+            disown: Script::new(DISOWN),
         }
     }
 
     /// The scripts that are sent inside pipelines, loaded again when Redis has forgotten them.
-    pub fn pipelined(&self) -> [&Script; 1] {
-        [&self.reassign]
+    pub fn pipelined(&self) -> [&Script; 2] {
+        [&self.reassign, &self.repair_owned]
     }
 }
