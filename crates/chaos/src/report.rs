@@ -56,6 +56,8 @@ pub struct Report {
     lost: usize,
     takeovers: Vec<f64>,
     takeover_by_kind: BTreeMap<&'static str, Vec<f64>>,
+    /// The slowest takeover: seconds, and which fault of which node, when.
+    slowest_takeover: Option<(f64, String)>,
     /// Orders moved away from a node while only its gossip was cut (its lease held).
     moved_in_partitions: u64,
     /// Effects applied more than once for one idempotency key (must be 0).
@@ -279,6 +281,14 @@ impl Report {
                 Some(line) => {
                     let latency = (line.at - fault.at).to_std().unwrap_or_default();
                     report.takeovers.push(latency.as_secs_f64());
+                    if report
+                        .slowest_takeover
+                        .as_ref()
+                        .is_none_or(|(slowest, _)| latency.as_secs_f64() > *slowest)
+                    {
+                        let what = format!("{} of n{victim} at {}", fault.kind.name(), fault.at);
+                        report.slowest_takeover = Some((latency.as_secs_f64(), what));
+                    }
                     report
                         .takeover_by_kind
                         .entry(fault.kind.name())
@@ -390,6 +400,9 @@ impl Report {
         println!("takeover      {}", latencies(&self.takeovers));
         for (kind, values) in &self.takeover_by_kind {
             println!("  {kind:<21}{}", latencies(values));
+        }
+        if let Some((seconds, what)) = &self.slowest_takeover {
+            println!("  slowest: {what}, {seconds:.2}s");
         }
         println!(
             "partitions    orders moved away from a partitioned node: {} (its lease holds, so 0 is expected)",
