@@ -64,6 +64,10 @@ pub trait Coordinator: Send + Sync + 'static {
     /// Takes a node out of the registry (a dead node that owns nothing).
     async fn forget_node(&self, node: &str) -> Result<(), StoreError>;
 
+    /// Puts a node that owns orders back in the registry, with no address, unless it is there:
+    /// the sweep then looks at it like any other. For an owner the registry lost.
+    async fn remember_node(&self, node: &str) -> Result<bool, StoreError>;
+
     /// The status of each of `nodes`, in the same order.
     async fn node_status(&self, nodes: &[String]) -> Result<Vec<NodeStatus>, StoreError>;
 

@@ -318,12 +318,10 @@ impl Cluster {
                                 }));
                                 self.metrics.leadership_changed(true);
                                 info!(token, "follower -> leader");
-                                let store = Arc::clone(&self.store);
+                                let (store, coordinator) =
+                                    (Arc::clone(&self.store), Arc::clone(&self.coordinator));
                                 tokio::spawn(async move {
-                                    match store.repair_indexes().await {
-                                        Ok(count) => debug!(orders = count, "indexes repaired"),
-                                        Err(error) => warn!(error = %error, "index repair failed"),
-                                    }
+                                    repair(store.as_ref(), coordinator.as_ref()).await;
                                 });
                             }
                             Ok(None) => {}
@@ -759,6 +757,35 @@ async fn claim_identity(
                 .min(Duration::from_millis(250)),
         )
         .await;
+    }
+}
+
+/// A new leader's repair of the store's indexes. An owner of unfinished orders that the
+/// registry does not know (lost, or forgotten in a race) is put back in it, so the sweep takes
+/// its orders over once it is found dead.
+async fn repair(store: &dyn OrderStore, coordinator: &dyn Coordinator) {
+    let repaired = match store.repair_indexes().await {
+        Ok(repaired) => repaired,
+        Err(error) => {
+            warn!(error = %error, "index repair failed");
+            return;
+        }
+    };
+    debug!(
+        orders = repaired.orders,
+        owners = repaired.owners.len(),
+        "indexes repaired"
+    );
+    for owner in &repaired.owners {
+        match coordinator.remember_node(owner).await {
+            Ok(true) => {
+                warn!(node = %owner, "an owner of unfinished orders was not registered; registered it so the sweep looks at it")
+            }
+            Ok(false) => {}
+            Err(error) => {
+                warn!(node = %owner, error = %error, "cannot register an owner of unfinished orders")
+            }
+        }
     }
 }
 

@@ -116,6 +116,13 @@ impl Coordinator for RedisCoordinator {
         Ok(())
     }
 
+    async fn remember_node(&self, node: &str) -> Result<bool, StoreError> {
+        let mut remember = redis::cmd("HSETNX");
+        remember.arg(NODES).arg(node).arg("");
+        let added: i64 = self.redis.query(&remember).await?;
+        Ok(added == 1)
+    }
+
     async fn node_status(&self, nodes: &[String]) -> Result<Vec<NodeStatus>, StoreError> {
         if nodes.is_empty() {
             return Ok(Vec::new());

@@ -7,7 +7,7 @@ use super::retry::RetryPolicy;
 use crate::order::{Order, OrderId, Step};
 use crate::store::{
     cancel_outcome, check_commit, retry_rollback_outcome, CancelOutcome, Created, ListQuery,
-    OrderStore, OwnedPage, Page, Reopen, RetryRollbackOutcome, SetAside, StoreError,
+    OrderStore, OwnedPage, Page, Reopen, Repaired, RetryRollbackOutcome, SetAside, StoreError,
 };
 use async_trait::async_trait;
 use chrono::Utc;
@@ -241,8 +241,8 @@ impl OrderStore for FakeStore {
         Ok(())
     }
 
-    async fn repair_indexes(&self) -> Result<usize, StoreError> {
-        Ok(0)
+    async fn repair_indexes(&self) -> Result<Repaired, StoreError> {
+        Ok(Repaired::default())
     }
 
     async fn disown(&self, _node: &str, _id: OrderId) -> Result<bool, StoreError> {

@@ -8,7 +8,7 @@
 use super::{
     cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor,
     retry_rollback_outcome, CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen,
-    RetryRollbackOutcome, SetAside, StoreError, IDEMPOTENCY_TTL,
+    Repaired, RetryRollbackOutcome, SetAside, StoreError, IDEMPOTENCY_TTL,
 };
 use crate::order::{Order, OrderId};
 use async_trait::async_trait;
@@ -599,9 +599,10 @@ impl OrderStore for EmbeddedStore {
         Ok(found)
     }
 
-    async fn repair_indexes(&self) -> Result<usize, StoreError> {
-        // The indexes are written in the same transaction as the orders: nothing to repair.
-        Ok(0)
+    async fn repair_indexes(&self) -> Result<Repaired, StoreError> {
+        // The indexes are written in the same transaction as the orders: nothing to repair,
+        // and one node owns every order.
+        Ok(Repaired::default())
     }
 
     /// Reads, and tells whether the store takes writes: from the writer's last transaction when

@@ -3,8 +3,8 @@
 //! clock read per call.
 
 use super::{
-    CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RetryRollbackOutcome,
-    SetAside, StoreError,
+    CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, Repaired,
+    RetryRollbackOutcome, SetAside, StoreError,
 };
 use crate::metrics::{Metrics, StoreOperation};
 use crate::order::{Order, OrderId};
@@ -124,7 +124,7 @@ impl OrderStore for MeteredStore {
         self.inner.set_aside_orders(limit).await
     }
 
-    async fn repair_indexes(&self) -> Result<usize, StoreError> {
+    async fn repair_indexes(&self) -> Result<Repaired, StoreError> {
         // A once-a-term sweep, not a request path: no metric of its own.
         self.inner.repair_indexes().await
     }

@@ -99,6 +99,15 @@ pub struct Reopen<'a> {
     pub now: DateTime<Utc>,
 }
 
+/// What an index repair went through.
+#[derive(Debug, Default)]
+pub struct Repaired {
+    /// Orders read.
+    pub orders: usize,
+    /// The nodes that own unfinished orders.
+    pub owners: std::collections::BTreeSet<String>,
+}
+
 /// A page of a node's unfinished orders, and the cursor of the next page (`None`: the last).
 pub type OwnedPage = (Vec<OrderId>, Option<String>);
 
@@ -151,10 +160,11 @@ pub trait OrderStore: Send + Sync + 'static {
     /// (including any it already owned from an earlier, interrupted move).
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError>;
 
-    /// Rebuilds the owner and user indexes from the orders themselves and returns how many
-    /// orders it went through. Idempotent and safe while nodes run: it only adds missing entries
-    /// and removes finished or foreign ones. The leader runs it at the start of each term.
-    async fn repair_indexes(&self) -> Result<usize, StoreError>;
+    /// Rebuilds the owner and user indexes from the orders themselves, and says how many orders
+    /// it went through and which nodes own unfinished ones. Idempotent and safe while nodes
+    /// run: it only adds missing entries and removes finished or foreign ones. The leader runs
+    /// it at the start of each term.
+    async fn repair_indexes(&self) -> Result<Repaired, StoreError>;
 
     /// Takes order `id` out of `node`'s unfinished orders unless `node` owns it and it is
     /// unfinished: an entry left behind by a race. True when one was taken out.

@@ -440,3 +440,36 @@ async fn a_node_forgotten_while_paused_has_its_orders_taken_over_when_it_dies_la
     nodes[victim].kill();
     wait_all_completed(&nodes[survivor], &user, &orders, TAKEOVER).await;
 }
+
+/// The registry lost a dead node that still owns orders (an operator's edit, a restore from an
+/// older snapshot): the next leader's index repair finds the owner and registers it again, and
+/// its orders are taken over like any dead node's.
+#[tokio::test]
+async fn orders_of_a_dead_node_the_registry_lost_are_taken_over_by_the_next_leader() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let mut nodes = start_cluster(&redis, 3, "1s").await;
+    let leader_id = leader_of(&nodes[0]).await;
+    let leader = nodes
+        .iter()
+        .position(|node| node.service_id_file() == leader_id)
+        .expect("the leader is one of the nodes");
+    let victim = (leader + 1) % 3;
+    let survivor = (leader + 2) % 3;
+    let user = unique_user("unregistered");
+    let orders = submit(&nodes[victim], &user, 5).await;
+    wait_started(&nodes[survivor], &user, &orders).await;
+    nodes[victim].kill();
+    let victim_id = nodes[victim].service_id_file();
+    assert_eq!(redis.cli(&["HDEL", "op:nodes", &victim_id]), "1");
+    // A new term: its leader repairs the indexes and finds the victim's orders.
+    nodes[leader].kill();
+    wait_all_completed(&nodes[survivor], &user, &orders, TAKEOVER).await;
+    assert!(
+        nodes[survivor]
+            .log()
+            .contains("an owner of unfinished orders was not registered"),
+        "{}",
+        nodes[survivor].log_tail()
+    );
+}

@@ -418,8 +418,12 @@ async fn redis_store_conforms() {
     let redis = RedisServer::start();
     let store = RedisStore::connect(&redis.url(), 4, Duration::from_secs(2)).unwrap();
     conformance(&store).await;
-    // The indexes can be rebuilt from the order hashes alone.
-    assert!(store.repair_indexes().await.unwrap() > 0);
+    // The indexes can be rebuilt from the order hashes alone, and the repair names the owners
+    // of unfinished orders.
+    let repaired = store.repair_indexes().await.unwrap();
+    assert!(repaired.orders > 0);
+    assert!(repaired.owners.contains("node-p"), "{repaired:?}");
+    assert!(!repaired.owners.contains("node-t"), "{repaired:?}");
 }
 
 #[tokio::test]

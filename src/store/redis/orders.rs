@@ -9,8 +9,8 @@ use super::scripts::Scripts;
 use crate::order::{Order, OrderId, Phase};
 use crate::store::{
     cancel_outcome, decode_cursor, encode_cursor, retry_rollback_outcome, CancelOutcome, Created,
-    ListQuery, OrderStore, OwnedPage, Page, Reopen, RetryRollbackOutcome, SetAside, StoreError,
-    IDEMPOTENCY_TTL,
+    ListQuery, OrderStore, OwnedPage, Page, Reopen, Repaired, RetryRollbackOutcome, SetAside,
+    StoreError, IDEMPOTENCY_TTL,
 };
 use async_trait::async_trait;
 use deadpool_redis::redis::{self, Value};
@@ -136,18 +136,25 @@ impl RedisStore {
             .await
     }
 
-    async fn repair_batch(&self, keys: &[String]) -> Result<usize, StoreError> {
+    /// Repairs the index entries of the orders at `keys`, counting them into `repaired`.
+    async fn repair_batch(
+        &self,
+        keys: &[String],
+        repaired: &mut Repaired,
+    ) -> Result<(), StoreError> {
         let mut read = redis::pipe();
         for key in keys {
             read_order(&mut read, key);
         }
         let rows: Vec<Vec<Option<String>>> = self.redis.query(&read).await?;
         let mut write = redis::pipe();
-        let mut count = 0;
         for (key, fields) in keys.iter().zip(rows) {
             let Some(order) = decode_or_skip(fields, key) else {
                 continue;
             };
+            if !order.is_finished() && !repaired.owners.contains(&order.owner) {
+                repaired.owners.insert(order.owner.clone());
+            }
             let id = order.order_id.to_string();
             // Decided on the order as it is when the write runs, not as read above.
             write
@@ -165,10 +172,9 @@ impl RedisStore {
                 .arg(0)
                 .arg(micros_member(&order))
                 .ignore();
-            count += 1;
+            repaired.orders += 1;
         }
-        self.scripted::<()>(&write).await?;
-        Ok(count)
+        self.scripted::<()>(&write).await
     }
 
     /// Runs the create script for `order`: the order, its index entries and (with `idempotency`,
@@ -469,9 +475,9 @@ impl OrderStore for RedisStore {
         Ok(owned)
     }
 
-    async fn repair_indexes(&self) -> Result<usize, StoreError> {
+    async fn repair_indexes(&self) -> Result<Repaired, StoreError> {
         let mut cursor: u64 = 0;
-        let mut repaired = 0;
+        let mut repaired = Repaired::default();
         loop {
             let mut scan = redis::cmd("SCAN");
             scan.arg(cursor)
@@ -481,7 +487,7 @@ impl OrderStore for RedisStore {
                 .arg(500);
             let (next, keys): (u64, Vec<String>) = self.redis.query(&scan).await?;
             if !keys.is_empty() {
-                repaired += self.repair_batch(&keys).await?;
+                self.repair_batch(&keys, &mut repaired).await?;
             }
             if next == 0 {
                 return Ok(repaired);
