@@ -13,6 +13,8 @@ pub struct NodeStatus {
     pub alive: bool,
     /// How many unfinished orders it owns.
     pub owned: usize,
+    /// How long its lease has been expired, by the store's clock, when the store can tell.
+    pub lapsed: Option<Duration>,
 }
 
 /// A node's liveness lease: the node, the process that holds the lease for it

@@ -370,12 +370,23 @@ impl Cluster {
             return Ok(());
         }
         let statuses = self.coordinator.node_status(&known).await?;
-        for (node, NodeStatus { alive, owned }) in known.iter().zip(statuses) {
-            let lapsed = self
+        for (
+            node,
+            NodeStatus {
+                alive,
+                owned,
+                lapsed,
+            },
+        ) in known.iter().zip(statuses)
+        {
+            let seen = self
                 .lapsed
                 .lock()
                 .map(|mut lapsed| lapsed.observe(token, node, alive, Instant::now()))
                 .unwrap_or_default();
+            // Redis's clock tells since when, also to a leader new in office; what this leader
+            // saw itself is the floor, should that clock step back.
+            let lapsed = lapsed.map_or(seen, |lapsed| lapsed.max(seen));
             let gossip_live = live_ids.contains(node.as_str());
             if alive || (gossip_live && lapsed < self.config.takeover_after) {
                 continue;

@@ -2,7 +2,7 @@
 //! order store uses. Keys are in [`crate::store::redis::keys`].
 
 use super::coordination::{Coordinator, Leader, Liveness, NodeStatus, Renewal};
-use crate::store::redis::keys::{alive_key, owned_key, LEADER, LEADER_FENCE, NODES};
+use crate::store::redis::keys::{alive_key, owned_key, ALIVE_UNTIL, LEADER, LEADER_FENCE, NODES};
 use crate::store::redis::Connections;
 use crate::store::StoreError;
 use async_trait::async_trait;
@@ -29,7 +29,8 @@ return 0
 ";
 
 /// Take or renew a node's liveness lease for the process ARGV[1], for ARGV[2] ms, and register
-/// the node (ARGV[3]) at its HTTP address (ARGV[4]). KEYS: the lease, the node registry. Answers
+/// the node (ARGV[3]) at its HTTP address (ARGV[4]), noting when the lease expires by Redis's
+/// clock. KEYS: the lease, the node registry, the expiry times. Answers
 /// nothing when this process holds the lease now, or the holder that keeps it from doing so.
 /// Why a script: a node id must name one process, so the lease is taken only when free or
 /// already ours (set-if-absent, renew by compare-and-set), in one step.
@@ -40,6 +41,9 @@ if holder and holder ~= ARGV[1] then
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+local now = redis.call('TIME')
+local until = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[3], string.format('%d', until))
 return false
 ";
 
@@ -65,13 +69,33 @@ fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Pairs the answers of `EXISTS alive`, `SCARD owned`, asked for each node in turn.
-fn statuses(answers: &[usize]) -> Vec<NodeStatus> {
-    answers
-        .chunks(2)
-        .map(|pair| NodeStatus {
-            alive: pair.first() == Some(&1),
-            owned: pair.get(1).copied().unwrap_or(0),
+/// Reads the answers of `EXISTS alive`, `SCARD owned`, `HGET until`, asked for each node in
+/// turn, then of `TIME`. A lease's lapse is how long ago, by Redis's clock, it expired.
+fn statuses(answers: &[redis::Value]) -> Result<Vec<NodeStatus>, StoreError> {
+    let unexpected = |error: redis::ParsingError| StoreError::Corrupt(error.to_string());
+    let (time, per_node) = answers
+        .split_last()
+        .ok_or_else(|| StoreError::Corrupt("no answer to TIME".into()))?;
+    let (seconds, micros): (u64, u64) = redis::from_redis_value_ref(time).map_err(unexpected)?;
+    let now_ms = seconds.saturating_mul(1000).saturating_add(micros / 1000);
+    per_node
+        .chunks(3)
+        .map(|answers| {
+            let [alive, owned, until] = answers else {
+                return Err(StoreError::Corrupt("a node status answer is short".into()));
+            };
+            let alive: usize = redis::from_redis_value_ref(alive).map_err(unexpected)?;
+            let owned: usize = redis::from_redis_value_ref(owned).map_err(unexpected)?;
+            let until: Option<u64> = redis::from_redis_value_ref(until).map_err(unexpected)?;
+            let alive = alive == 1;
+            let lapsed = until
+                .filter(|_| !alive)
+                .map(|until| Duration::from_millis(now_ms.saturating_sub(until)));
+            Ok(NodeStatus {
+                alive,
+                owned,
+                lapsed,
+            })
         })
         .collect()
 }
@@ -110,10 +134,10 @@ impl Coordinator for RedisCoordinator {
     }
 
     async fn forget_node(&self, node: &str) -> Result<(), StoreError> {
-        self.redis
-            .query::<i64, _>(redis::cmd("HDEL").arg(NODES).arg(node))
-            .await?;
-        Ok(())
+        let mut forget = redis::pipe();
+        forget.cmd("HDEL").arg(NODES).arg(node).ignore();
+        forget.cmd("HDEL").arg(ALIVE_UNTIL).arg(node).ignore();
+        self.redis.query::<(), _>(&forget).await
     }
 
     async fn remember_node(&self, node: &str) -> Result<bool, StoreError> {
@@ -131,15 +155,18 @@ impl Coordinator for RedisCoordinator {
         for node in nodes {
             pipeline.cmd("EXISTS").arg(alive_key(node));
             pipeline.cmd("SCARD").arg(owned_key(node));
+            pipeline.cmd("HGET").arg(ALIVE_UNTIL).arg(node);
         }
-        let answers: Vec<usize> = self.redis.query(&pipeline).await?;
-        Ok(statuses(&answers))
+        pipeline.cmd("TIME");
+        let answers: Vec<redis::Value> = self.redis.query(&pipeline).await?;
+        statuses(&answers)
     }
 
     async fn renew_alive(&self, lease: &Liveness, ttl: Duration) -> Result<Renewal, StoreError> {
         let mut renew = self.renew_alive.key(alive_key(&lease.node));
         renew
             .key(NODES)
+            .key(ALIVE_UNTIL)
             .arg(&lease.holder)
             .arg(millis(ttl))
             .arg(&lease.node)
@@ -193,26 +220,54 @@ impl Coordinator for RedisCoordinator {
 #[cfg(test)]
 mod tests {
     use super::{statuses, NodeStatus};
+    use deadpool_redis::redis::Value;
+    use std::time::Duration;
+
+    fn int(value: i64) -> Value {
+        Value::Int(value)
+    }
+
+    fn text(value: &str) -> Value {
+        Value::BulkString(value.as_bytes().to_vec())
+    }
 
     #[test]
-    fn answers_pair_up_per_node() {
+    fn answers_make_one_status_per_node_with_the_lapse_by_redis_clock() {
+        let time = Value::Array(vec![text("1000"), text("500000")]);
+        let answers = [
+            int(1),
+            int(3),
+            text("999000"),
+            int(0),
+            int(0),
+            Value::Nil,
+            int(0),
+            int(2),
+            text("998000"),
+            time,
+        ];
         assert_eq!(
-            statuses(&[1, 3, 0, 0, 0, 2]),
+            statuses(&answers).unwrap(),
             vec![
                 NodeStatus {
                     alive: true,
-                    owned: 3
+                    owned: 3,
+                    lapsed: None
                 },
                 NodeStatus {
                     alive: false,
-                    owned: 0
+                    owned: 0,
+                    lapsed: None
                 },
                 NodeStatus {
                     alive: false,
-                    owned: 2
+                    owned: 2,
+                    lapsed: Some(Duration::from_millis(2500))
                 },
             ]
         );
-        assert!(statuses(&[]).is_empty());
+        let just_time = [Value::Array(vec![text("1"), text("0")])];
+        assert!(statuses(&just_time).unwrap().is_empty());
+        assert!(statuses(&[]).is_err());
     }
 }

@@ -13,10 +13,14 @@
 //!
 //! - `op:nodes`: hash node id → HTTP address of every node that ever started.
 //! - `op:alive:{node}`, `op:leader`, `op:leader:fence`: the liveness and leader leases.
+//! - `op:alive:until`: hash node id → when its liveness lease as last renewed expires, in ms of
+//!   Redis's clock, so any leader can tell how long a lease has been expired.
 //! - `op:probe`: written by health checks, so they see a Redis that answers but refuses writes.
 
 /// Every registered node and its HTTP address.
 pub(crate) const NODES: &str = "op:nodes";
+/// Hash node id → when its liveness lease, as last renewed, expires (ms, Redis's clock).
+pub(crate) const ALIVE_UNTIL: &str = "op:alive:until";
 /// The leader lease: `{node}:{term id}` of the holder.
 pub(crate) const LEADER: &str = "op:leader";
 /// The latest fencing token, one per leader term.
