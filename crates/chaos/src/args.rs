@@ -31,6 +31,9 @@ pub struct ChaosArgs {
     /// leave out the gossip partition (iptables) fault
     #[argh(switch)]
     pub no_partition: bool,
+    /// run every process on loopback even where network namespaces can be made
+    #[argh(switch)]
+    pub no_netns: bool,
     /// leave out a kind of fault, e.g. --skip skew_clock (repeatable)
     #[argh(option)]
     pub skip: Vec<String>,

@@ -79,6 +79,7 @@ pub enum Recovery {
     Resume(usize),
     RestartRedis,
     ResumeRedis,
+    /// Remove the iptables rules of a node's partition.
     Heal(usize),
     /// Restart a skewed node with the true clock.
     Unskew(usize),
@@ -164,9 +165,6 @@ pub async fn recover(world: &mut World, recovery: Recovery, violations: &mut Vec
                 });
             }
         }
-        Recovery::Heal(index) => {
-            let port = world.nodes[index].port;
-            world.partitions.heal(port);
-        }
+        Recovery::Heal(index) => world.links.heal(index),
     }
 }

@@ -18,6 +18,7 @@ use order_process_history::WORK_STEPS;
 use order_process_testkit::{Answer, Request, Shop};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -120,11 +121,11 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Starts the ledger on a free loopback port.
-    pub async fn start(seed: u64) -> std::io::Result<Ledger> {
+    /// Starts the ledger on a free port of `ip` (loopback, or the bridge the nodes are on).
+    pub async fn start(seed: u64, ip: IpAddr) -> std::io::Result<Ledger> {
         let books: Arc<Mutex<Books>> = Arc::default();
         let shared = Arc::clone(&books);
-        let shop = Shop::serve(move |request: Request| {
+        let shop = Shop::serve_on(ip, move |request: Request| {
             let books = Arc::clone(&shared);
             async move { route(seed, &books, request).await }
         })

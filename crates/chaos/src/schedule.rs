@@ -5,6 +5,8 @@ use crate::campaign::elapsed;
 use crate::clock;
 use crate::duplicate::{self, Fate};
 use crate::faults::{recover, rolling_restart, Fault, Kind, Recovery};
+use crate::links::{self, Rule};
+use crate::netns::node_host;
 use crate::report::Violation;
 use crate::world::{Node, World, NODES};
 use chrono::Utc;
@@ -12,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -217,10 +220,12 @@ impl Faults {
                 self.pending.push((at, Recovery::Resume(index), fault));
             }
             (Kind::Partition, Some(index)) => {
-                let port = world.nodes[index].port;
-                if !world.partitions.cut(port) {
-                    println!("chaos: notice: iptables refused the rule for port {port}");
-                }
+                let rules = if world.links.in_namespaces() {
+                    links::addresses(&node_host(index), &peers(world, index))
+                } else {
+                    links::loopback_gossip(world.nodes[index].port)
+                };
+                cut(world, index, rules);
                 let at = self.later(4000, 10000);
                 self.pending.push((at, Recovery::Heal(index), fault));
             }
@@ -379,5 +384,22 @@ impl Faults {
                 }
             }
         }
+    }
+}
+
+/// The addresses of node `index`'s peers (what a partition in namespaces cuts it from).
+fn peers(world: &World, index: usize) -> Vec<IpAddr> {
+    world
+        .nodes
+        .iter()
+        .filter(|node| node.index != index)
+        .filter_map(|node| node.host.parse().ok())
+        .collect()
+}
+
+/// Adds the rules of a link fault on node `index`, saying so if iptables refused one.
+fn cut(world: &mut World, index: usize, rules: Vec<Rule>) {
+    if !world.links.cut(index, rules) {
+        println!("chaos: notice: iptables refused a rule of the fault on n{index}");
     }
 }
