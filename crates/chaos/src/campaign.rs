@@ -127,9 +127,15 @@ async fn campaign(
         skip.push(Kind::Partition);
     }
     let network = hosts(args.no_netns);
+    if network.is_none() {
+        skip.extend(Kind::NAMESPACED);
+    }
     if !Links::available() {
-        skip.push(Kind::Partition);
-        println!("chaos: notice: iptables is not usable here, the partition fault is skipped");
+        skip.extend(Kind::IPTABLES);
+        println!(
+            "chaos: notice: iptables is not usable here, the faults on links ({}) are skipped",
+            Kind::IPTABLES.map(Kind::name).join(", ")
+        );
     }
     let client = http_client()?;
     let gateway = network
@@ -201,7 +207,7 @@ async fn campaign(
     );
     let _ = stop_tx.send(true);
     let mut submitters = loader.await.unwrap_or_default();
-    faults.heal_all(&mut world).await;
+    faults.heal_all(&mut world, &client).await;
     let healed = Instant::now();
     let submitting = Arc::new(AtomicBool::new(true));
     let settling = tokio::spawn(settle(
@@ -309,7 +315,10 @@ fn hosts(no_netns: bool) -> Option<Network> {
         .chain(std::iter::once(REDIS_HOST.to_string()))
         .collect();
     let fallback = |why: &str| {
-        println!("chaos: notice: {why}; every process runs on 127.0.0.1");
+        println!(
+            "chaos: notice: {why}; every process runs on 127.0.0.1, and {} are skipped",
+            Kind::NAMESPACED.map(Kind::name).join(", ")
+        );
         None
     };
     if no_netns {

@@ -63,6 +63,9 @@ pub enum Outcome {
 #[derive(Clone, Debug, Serialize)]
 pub struct Call {
     pub seq: u64,
+    /// When the call came in (before a slow step's wait).
+    pub arrived: DateTime<Utc>,
+    /// When it was answered.
     pub at: DateTime<Utc>,
     pub node: usize,
     pub order_id: String,
@@ -82,6 +85,14 @@ pub struct Entry {
     pub node: usize,
     /// For a compensation: whether an effect was applied when it came.
     pub undid_effect: bool,
+}
+
+impl Call {
+    /// `run KEY` or `undo KEY`.
+    pub fn what(&self) -> String {
+        let direction = if self.rollback { "undo" } else { "run" };
+        format!("{direction} {}", self.key)
+    }
 }
 
 #[derive(Default)]
@@ -200,6 +211,7 @@ async fn answer(
     key: Option<String>,
     body: &[u8],
 ) -> (String, u16) {
+    let arrived = Utc::now();
     let node: usize = match node.strip_prefix('n').and_then(|n| n.parse().ok()) {
         Some(node) => node,
         None => return ("unknown node".into(), status::NOT_FOUND),
@@ -296,6 +308,7 @@ async fn answer(
     };
     books.calls.push(Call {
         seq,
+        arrived,
         at,
         node,
         order_id: request.order_id,

@@ -1,8 +1,9 @@
-//! Cut links: iptables rules that drop some of a node's packets. On loopback (no network
-//! namespaces) a partition drops the UDP of the node's gossip port, both what is sent to it and
-//! what it sends from it. In network namespaces the rules live in the node's own namespace and
-//! drop by address: all its traffic with its peers. Rules added are removed on `heal` and on drop
-//! (and go with the namespace in any case).
+//! Cut and thinned links: iptables rules that drop some of a node's packets. On loopback (no
+//! network namespaces) a partition drops the UDP of the node's gossip port, both what is sent to
+//! it and what it sends from it. In network namespaces the rules live in the node's own namespace
+//! and drop by address: all its traffic with its peers (a partition), one direction of it, its
+//! traffic with Redis, or a share of every packet on its link. Rules added are removed on `heal`
+//! and on drop (and go with the namespace in any case).
 
 use crate::netns::Hosts;
 use std::net::IpAddr;
@@ -25,6 +26,27 @@ impl Rule {
     }
 }
 
+/// Which of a node's packets to its peers a partition drops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Both,
+    /// What the node sends; it still hears its peers.
+    Outgoing,
+    /// What the node receives; its peers still hear it.
+    Incoming,
+}
+
+impl Direction {
+    /// What the fault does, for the progress lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Both => "cut from its peers",
+            Direction::Outgoing => "its packets to its peers dropped",
+            Direction::Incoming => "its peers' packets to it dropped",
+        }
+    }
+}
+
 /// The gossip partition on loopback: the UDP to and from `port` dropped in the root namespace.
 pub fn loopback_gossip(port: u16) -> Vec<Rule> {
     let port = port.to_string();
@@ -34,21 +56,51 @@ pub fn loopback_gossip(port: u16) -> Vec<Rule> {
         .collect()
 }
 
-/// Drops what `host` exchanges with `addresses`, in its namespace.
-pub fn addresses(host: &str, addresses: &[IpAddr]) -> Vec<Rule> {
+/// Drops what `host` exchanges with `addresses` in `direction`, in its namespace.
+pub fn addresses(host: &str, addresses: &[IpAddr], direction: Direction) -> Vec<Rule> {
     let mut rules = Vec::new();
     for address in addresses {
         let address = address.to_string();
-        rules.push(Rule::new(
-            Some(host),
-            &["INPUT", "-s", &address, "-j", "DROP"],
-        ));
-        rules.push(Rule::new(
-            Some(host),
-            &["OUTPUT", "-d", &address, "-j", "DROP"],
-        ));
+        if direction != Direction::Outgoing {
+            rules.push(Rule::new(
+                Some(host),
+                &["INPUT", "-s", &address, "-j", "DROP"],
+            ));
+        }
+        if direction != Direction::Incoming {
+            rules.push(Rule::new(
+                Some(host),
+                &["OUTPUT", "-d", &address, "-j", "DROP"],
+            ));
+        }
     }
     rules
+}
+
+/// Drops each packet `host` sends or receives on its link (`eth0`) with this probability.
+pub fn lossy(host: &str, probability: f64) -> Vec<Rule> {
+    let probability = format!("{probability:.2}");
+    [("INPUT", "-i"), ("OUTPUT", "-o")]
+        .into_iter()
+        .map(|(chain, interface)| {
+            Rule::new(
+                Some(host),
+                &[
+                    chain,
+                    interface,
+                    "eth0",
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &probability,
+                    "-j",
+                    "DROP",
+                ],
+            )
+        })
+        .collect()
 }
 
 /// The rules in effect, by node index.
@@ -153,11 +205,19 @@ mod tests {
             rules.iter().map(|rule| rule.spec.join(" ")).collect()
         };
         assert_eq!(
-            spec(addresses("node0", &[peer])),
+            spec(addresses("node0", &[peer], Direction::Outgoing)),
+            ["OUTPUT -d 10.160.0.12 -j DROP"]
+        );
+        assert_eq!(
+            spec(addresses("node0", &[peer], Direction::Both)),
             [
                 "INPUT -s 10.160.0.12 -j DROP",
                 "OUTPUT -d 10.160.0.12 -j DROP"
             ]
+        );
+        assert_eq!(
+            spec(lossy("node0", 0.2))[1],
+            "OUTPUT -o eth0 -m statistic --mode random --probability 0.20 -j DROP"
         );
         assert_eq!(
             spec(loopback_gossip(7000))[0],

@@ -8,16 +8,18 @@
 //! SIGSTOP past the liveness lease, Redis SIGKILL and restart, Redis SIGSTOP, a partition
 //! (iptables), rolling restarts, a duplicate of a node from a copy of its data dir, a node with
 //! a skewed clock, a takeover interrupted, and clients that hang up before the answer. Each node
-//! and Redis run in a network namespace of their own where it can. Then it heals everything,
-//! waits for quiescence and checks every order the API accepted against its history, the ledger
-//! and the nodes' logs. The exit code is 0 only when nothing was lost, duplicated or corrupted.
+//! and Redis run in a network namespace of their own where it can, and then it also cuts a node
+//! from Redis, partitions one way, and drops packets at random on a node's link. Then it heals
+//! everything, waits for quiescence and checks every order the API accepted against its history,
+//! the ledger and the nodes' logs. The exit code is 0 only when nothing was lost, duplicated or
+//! corrupted.
 //!
 //! - [`args`]: the flags.
 //! - [`campaign`]: the campaign from start to verdict.
 //! - [`world`]: the processes (Redis, the nodes) and what the cluster says about itself.
 //! - [`netns`]: hosts in network namespaces on a bridge (`scripts/netns`), when they can be made.
-//! - [`links`]: partitions made with iptables (gossip ports on loopback; by address in
-//!   namespaces).
+//! - [`links`]: faults on a node's links made with iptables: partitions (gossip ports on
+//!   loopback; by address in namespaces), one-way partitions, a cut from Redis, packet loss.
 //! - [`faults`]: the kinds of fault, their record and their recovery.
 //! - [`schedule`]: which fault when, made on which victim, and healed.
 //! - [`duplicate`]: a second process from a copy of a live node's data dir.

@@ -24,6 +24,9 @@ pub const NODES: usize = 3;
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
 /// A duplicate of node `i` calls the ledger as node `DUPLICATE_BASE + i`.
 pub const DUPLICATE_BASE: usize = 10;
+/// The nodes' liveness lease (`cluster.liveness_ttl`): a node that cannot renew it starts no
+/// step once it has run out.
+pub const LIVENESS_TTL: Duration = Duration::from_secs(3);
 
 /// One order-process node: its own directory (config, data, log), port and process.
 pub struct Node {
@@ -182,13 +185,14 @@ impl Node {
 /// campaign's user is named in the `Authorization` header, on loopback as on a bridge.
 pub fn node_config(index: usize, redis_url: &str, ledger: &str) -> String {
     let reconcile = RECONCILE_INTERVAL.as_secs();
+    let liveness = LIVENESS_TTL.as_secs();
     let mut config = format!(
         "[server]\nshutdown_grace = \"20s\"\n\
          [pipeline]\nreconcile_interval = \"{reconcile}s\"\n\
          [log]\nlevel = \"info,order_process::pipeline=debug\"\nformat = \"json\"\n\
          [database]\nurl = \"{redis_url}\"\ntimeout = \"1s\"\n\
          [auth]\nmode = \"header\"\nallow_insecure_header = true\n\
-         [cluster]\nsecret = \"{SECRET}\"\n"
+         [cluster]\nsecret = \"{SECRET}\"\nliveness_ttl = \"{liveness}s\"\n"
     );
     for step in WORK_STEPS {
         config.push_str(&format!(
