@@ -26,7 +26,7 @@ impl Rule {
     }
 }
 
-/// Which of a node's packets to its peers a partition drops.
+/// Which way of a node's traffic with some addresses (its peers', Redis's) is dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
     Both,
