@@ -31,7 +31,11 @@ pub struct ChaosArgs {
     /// leave out the gossip partition (iptables) fault
     #[argh(switch)]
     pub no_partition: bool,
-    /// leave out a kind of fault, e.g. --skip skew_clock (repeatable)
+    /// run every process on loopback even where network namespaces can be made (which leaves
+    /// out cut_redis, one_way_partition and lossy_link)
+    #[argh(switch)]
+    pub no_netns: bool,
+    /// leave out a kind of fault, e.g. --skip skew_clock or --skip cut_redis (repeatable)
     #[argh(option)]
     pub skip: Vec<String>,
 }

@@ -6,9 +6,10 @@ use crate::args::ChaosArgs;
 use crate::clock;
 use crate::faults::Kind;
 use crate::ledger::Ledger;
+use crate::links::Links;
 use crate::load::{load, lock, poll, Seen};
 use crate::logs::read_logs;
-use crate::partitions::Partitions;
+use crate::netns::{node_host, Network, REDIS_HOST};
 use crate::report::{print_first, Report, Violation, TAKEOVER_BOUND};
 use crate::schedule::{Faults, Spawn};
 use crate::settle::{settle, STUCK_BOUND};
@@ -17,6 +18,7 @@ use crate::world::{
     RECONCILE_INTERVAL,
 };
 use order_process_testkit::RedisServer;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,24 +125,39 @@ async fn campaign(
     }
     if args.no_partition {
         skip.push(Kind::Partition);
-    } else if !Partitions::available() {
-        skip.push(Kind::Partition);
+    }
+    let network = hosts(args.no_netns);
+    if network.is_none() {
+        skip.extend(Kind::NAMESPACED);
+    }
+    if !Links::available() {
+        skip.extend(Kind::IPTABLES);
         println!(
-            "chaos: notice: iptables is not usable here, the gossip partition fault is skipped"
+            "chaos: notice: iptables is not usable here, the faults on links ({}) are skipped",
+            Kind::IPTABLES.map(Kind::name).join(", ")
         );
     }
     let client = http_client()?;
-    let ledger = Ledger::start(seed)
+    let gateway = network
+        .as_ref()
+        .map_or(IpAddr::from([127, 0, 0, 1]), |network| network.gateway);
+    let ledger = Ledger::start(seed, gateway)
         .await
         .map_err(|error| format!("cannot start the ledger: {error}"))?;
-    let mut world = bring_up(bin, workdir, &args.appendfsync, &ledger, &client).await?;
+    let mut world = bring_up(bin, workdir, &args.appendfsync, &ledger, &client, network).await?;
     let bases: Arc<Vec<String>> = Arc::new(world.nodes.iter().map(Node::base).collect());
     println!(
-        "chaos: redis on {} (appendfsync {}), ledger on {}, nodes on ports {:?}, work dir {}",
+        "chaos: redis on {}:{} (appendfsync {}), ledger on {}, nodes on {}, work dir {}",
+        world.redis.host,
         world.redis.port,
         args.appendfsync,
         ledger.base(),
-        world.nodes.iter().map(|node| node.port).collect::<Vec<_>>(),
+        world
+            .nodes
+            .iter()
+            .map(Node::address)
+            .collect::<Vec<_>>()
+            .join(", "),
         workdir.display()
     );
     // Let the failure detectors gather a few heartbeats, as in a cluster that has been up.
@@ -190,7 +207,7 @@ async fn campaign(
     );
     let _ = stop_tx.send(true);
     let mut submitters = loader.await.unwrap_or_default();
-    faults.heal_all(&mut world).await;
+    faults.heal_all(&mut world, &client).await;
     let healed = Instant::now();
     let submitting = Arc::new(AtomicBool::new(true));
     let settling = tokio::spawn(settle(
@@ -290,22 +307,77 @@ async fn campaign(
     Ok(violations.is_empty())
 }
 
-/// Starts Redis and the nodes (the first alone, the others joining it) and waits until they
-/// form a cluster; afterwards each node restarts joining the other two.
+/// The hosts in network namespaces, one per node and one for Redis, unless `--no-netns` or
+/// they cannot be made here (then one notice says so, and everything runs on loopback).
+fn hosts(no_netns: bool) -> Option<Network> {
+    let names: Vec<String> = (0..NODES)
+        .map(node_host)
+        .chain(std::iter::once(REDIS_HOST.to_string()))
+        .collect();
+    let fallback = |why: &str| {
+        println!(
+            "chaos: notice: {why}; every process runs on 127.0.0.1, and {} are skipped",
+            Kind::NAMESPACED.map(Kind::name).join(", ")
+        );
+        None
+    };
+    if no_netns {
+        return fallback("network namespaces left out (--no-netns)");
+    }
+    match Network::up(&names) {
+        Ok(network) => {
+            println!(
+                "chaos: hosts in network namespaces on network {}: gateway {} (this process, the ledger), {}",
+                network.name(),
+                network.gateway,
+                names
+                    .iter()
+                    .filter_map(|name| network.address(name).map(|address| format!("{name} {address}")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Some(network)
+        }
+        Err(why) => fallback(&format!("no network namespaces here ({why})")),
+    }
+}
+
+/// Starts Redis and the nodes (the first alone, the others joining it), each in its host when
+/// there is a network, and waits until they form a cluster; afterwards each node restarts
+/// joining the other two.
 async fn bring_up(
     bin: &Path,
     workdir: &Path,
     appendfsync: &str,
     ledger: &Ledger,
     client: &reqwest::Client,
+    network: Option<Network>,
 ) -> Result<World, String> {
-    let redis = RedisServer::try_start(workdir.join("redis"), appendfsync)
-        .map_err(|error| format!("cannot start redis-server: {error}"))?;
+    let redis_dir = workdir.join("redis");
+    let redis = match &network {
+        Some(network) => RedisServer::try_start_on(
+            redis_dir,
+            appendfsync,
+            network
+                .address(REDIS_HOST)
+                .ok_or("the network has no redis host")?,
+            network.hosts.launcher(REDIS_HOST),
+        ),
+        None => RedisServer::try_start(redis_dir, appendfsync),
+    }
+    .map_err(|error| format!("cannot start redis-server: {error}"))?;
     let mut nodes = Vec::new();
     for index in 0..NODES {
         let config = node_config(index, &redis.url(), ledger.base());
-        let node = Node::new(bin, workdir.join(format!("node-{index}")), index, &config)
+        let mut node = Node::new(bin, workdir.join(format!("node-{index}")), index, &config)
             .map_err(|error| format!("cannot prepare node {index}: {error}"))?;
+        if let Some(network) = &network {
+            let host = node_host(index);
+            let address = network
+                .address(&host)
+                .ok_or_else(|| format!("the network has no host {host}"))?;
+            node.place(address.to_string(), network.hosts.launcher(&host));
+        }
         nodes.push(node);
     }
     let addresses: Vec<String> = nodes.iter().map(Node::address).collect();
@@ -331,7 +403,8 @@ async fn bring_up(
         redis,
         redis_paused: false,
         nodes,
-        partitions: Partitions::default(),
+        links: Links::new(network.as_ref().map(|network| network.hosts.clone())),
+        _network: network,
     })
 }
 

@@ -37,7 +37,7 @@ impl Fate {
 }
 
 /// Starts a copy of `original` (its data dir copied as it is while it runs) on a port of its
-/// own, waits up to [`EXIT_BOUND`] for it to exit, and stops it if it still runs.
+/// own on the same host (its namespace, when it has one), waits up to [`EXIT_BOUND`] for it to exit, and stops it if it still runs.
 pub async fn run(
     original: &Node,
     bin: &Path,
@@ -62,6 +62,7 @@ pub async fn run(
     if !copied.is_ok_and(|status| status.success()) {
         return (Fate::NotStarted, "cannot copy the data dir".into());
     }
+    node.place(original.host.clone(), original.launcher.clone());
     node.set_join(join);
     if let Err(error) = node.launch() {
         return (Fate::NotStarted, format!("cannot start: {error}"));

@@ -23,10 +23,16 @@ pub enum Kind {
     SkewClock,
     /// A node killed, then Redis paused or the leader killed while its orders move.
     InterruptedTakeover,
+    /// A node cut from Redis (not from its peers) past its liveness lease; namespaces only.
+    CutRedis,
+    /// A node's packets to its peers dropped, or theirs to it, not both; namespaces only.
+    OneWayPartition,
+    /// A share of the packets on a node's link dropped at random; namespaces only.
+    LossyLink,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 14] = [
         Kind::KillNode,
         Kind::KillLeader,
         Kind::PauseNode,
@@ -38,6 +44,20 @@ impl Kind {
         Kind::DuplicateNode,
         Kind::SkewClock,
         Kind::InterruptedTakeover,
+        Kind::CutRedis,
+        Kind::OneWayPartition,
+        Kind::LossyLink,
+    ];
+
+    /// The kinds only network namespaces make possible (a node's own links).
+    pub const NAMESPACED: [Kind; 3] = [Kind::CutRedis, Kind::OneWayPartition, Kind::LossyLink];
+
+    /// The kinds made with iptables.
+    pub const IPTABLES: [Kind; 4] = [
+        Kind::Partition,
+        Kind::CutRedis,
+        Kind::OneWayPartition,
+        Kind::LossyLink,
     ];
 
     /// The kind of this name, as [`Kind::name`] spells it.
@@ -58,6 +78,9 @@ impl Kind {
             Kind::DuplicateNode => "duplicate_node",
             Kind::SkewClock => "skew_clock",
             Kind::InterruptedTakeover => "interrupted_takeover",
+            Kind::CutRedis => "cut_redis",
+            Kind::OneWayPartition => "one_way_partition",
+            Kind::LossyLink => "lossy_link",
         }
     }
 }
@@ -72,6 +95,8 @@ pub struct Fault {
     pub healed: Option<DateTime<Utc>>,
     /// Unfinished orders the victim owned when the fault began (None: Redis did not say).
     pub owned: Option<usize>,
+    /// For a cut from Redis: the orders the victim still owned when the cut was healed.
+    pub owned_at_heal: Option<usize>,
 }
 
 pub enum Recovery {
@@ -79,6 +104,7 @@ pub enum Recovery {
     Resume(usize),
     RestartRedis,
     ResumeRedis,
+    /// Remove the iptables rules of a node's link fault.
     Heal(usize),
     /// Restart a skewed node with the true clock.
     Unskew(usize),
@@ -164,9 +190,6 @@ pub async fn recover(world: &mut World, recovery: Recovery, violations: &mut Vec
                 });
             }
         }
-        Recovery::Heal(index) => {
-            let port = world.nodes[index].port;
-            world.partitions.heal(port);
-        }
+        Recovery::Heal(index) => world.links.heal(index),
     }
 }

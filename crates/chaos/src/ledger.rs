@@ -18,6 +18,7 @@ use order_process_history::WORK_STEPS;
 use order_process_testkit::{Answer, Request, Shop};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -62,6 +63,9 @@ pub enum Outcome {
 #[derive(Clone, Debug, Serialize)]
 pub struct Call {
     pub seq: u64,
+    /// When the call came in (before a slow step's wait).
+    pub arrived: DateTime<Utc>,
+    /// When it was answered.
     pub at: DateTime<Utc>,
     pub node: usize,
     pub order_id: String,
@@ -81,6 +85,14 @@ pub struct Entry {
     pub node: usize,
     /// For a compensation: whether an effect was applied when it came.
     pub undid_effect: bool,
+}
+
+impl Call {
+    /// `run KEY` or `undo KEY`.
+    pub fn what(&self) -> String {
+        let direction = if self.rollback { "undo" } else { "run" };
+        format!("{direction} {}", self.key)
+    }
 }
 
 #[derive(Default)]
@@ -120,11 +132,11 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Starts the ledger on a free loopback port.
-    pub async fn start(seed: u64) -> std::io::Result<Ledger> {
+    /// Starts the ledger on a free port of `ip` (loopback, or the bridge the nodes are on).
+    pub async fn start(seed: u64, ip: IpAddr) -> std::io::Result<Ledger> {
         let books: Arc<Mutex<Books>> = Arc::default();
         let shared = Arc::clone(&books);
-        let shop = Shop::serve(move |request: Request| {
+        let shop = Shop::serve_on(ip, move |request: Request| {
             let books = Arc::clone(&shared);
             async move { route(seed, &books, request).await }
         })
@@ -199,6 +211,7 @@ async fn answer(
     key: Option<String>,
     body: &[u8],
 ) -> (String, u16) {
+    let arrived = Utc::now();
     let node: usize = match node.strip_prefix('n').and_then(|n| n.parse().ok()) {
         Some(node) => node,
         None => return ("unknown node".into(), status::NOT_FOUND),
@@ -295,6 +308,7 @@ async fn answer(
     };
     books.calls.push(Call {
         seq,
+        arrived,
         at,
         node,
         order_id: request.order_id,

@@ -5,16 +5,21 @@
 //! order-process nodes whose four steps call the ledger over HTTP. While a steady stream of
 //! orders flows in (some refused by the ledger at a chosen step, some slow, some cancelled
 //! midway) it makes faults at random from a printed seed: SIGKILL of a node or of the leader,
-//! SIGSTOP past the liveness lease, Redis SIGKILL and restart, Redis SIGSTOP, a gossip partition
+//! SIGSTOP past the liveness lease, Redis SIGKILL and restart, Redis SIGSTOP, a partition
 //! (iptables), rolling restarts, a duplicate of a node from a copy of its data dir, a node with
-//! a skewed clock, a takeover interrupted, and clients that hang up before the answer. Then it heals everything, waits for quiescence and checks every order the
-//! API accepted against its history, the ledger and the nodes' logs. The exit code is 0 only
-//! when nothing was lost, duplicated or corrupted.
+//! a skewed clock, a takeover interrupted, and clients that hang up before the answer. Each node
+//! and Redis run in a network namespace of their own where it can, and then it also cuts a node
+//! from Redis, partitions one way, and drops packets at random on a node's link. Then it heals
+//! everything, waits for quiescence and checks every order the API accepted against its history,
+//! the ledger and the nodes' logs. The exit code is 0 only when nothing was lost, duplicated or
+//! corrupted.
 //!
 //! - [`args`]: the flags.
 //! - [`campaign`]: the campaign from start to verdict.
 //! - [`world`]: the processes (Redis, the nodes) and what the cluster says about itself.
-//! - [`partitions`]: gossip partitions made with iptables.
+//! - [`netns`]: hosts in network namespaces on a bridge (`scripts/netns`), when they can be made.
+//! - [`links`]: faults on a node's links made with iptables: partitions (gossip ports on
+//!   loopback; by address in namespaces), one-way partitions, a cut from Redis, packet loss.
 //! - [`faults`]: the kinds of fault, their record and their recovery.
 //! - [`schedule`]: which fault when, made on which victim, and healed.
 //! - [`duplicate`]: a second process from a copy of a live node's data dir.
@@ -35,9 +40,10 @@ mod clock;
 mod duplicate;
 mod faults;
 mod ledger;
+mod links;
 mod load;
 mod logs;
-mod partitions;
+mod netns;
 mod report;
 mod schedule;
 mod settle;

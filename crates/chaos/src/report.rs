@@ -7,7 +7,7 @@ use crate::ledger::Books;
 use crate::ledger::Outcome;
 use crate::load::Seen;
 use crate::logs::Logs;
-use crate::world::DUPLICATE_BASE;
+use crate::world::{DUPLICATE_BASE, LIVENESS_TTL};
 use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 use serde_json::Value;
@@ -16,6 +16,25 @@ use std::time::Duration;
 
 /// A node down this long with orders must have seen them taken over within this bound.
 pub const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
+
+/// How long after a node is cut from Redis it may still start a step: its liveness lease, renewed
+/// at most just before the cut, and a second for a start on a loaded machine.
+pub const CUT_GRACE: Duration = Duration::from_secs(LIVENESS_TTL.as_secs() + 1);
+
+/// A node cut from Redis this long, owning orders, must see them taken over while no other fault
+/// holds takeovers back: its liveness lease runs out, the leader waits `cluster.takeover_after`
+/// (2 s) and a sweep, and there are 5 s to spare.
+pub const CUT_TAKEOVER_BOUND: Duration = Duration::from_secs(LIVENESS_TTL.as_secs() + 7);
+
+/// Whether another fault was in effect at some time during `fault`.
+fn overlapped(faults: &[Fault], fault: &Fault) -> bool {
+    let end = fault.healed.unwrap_or(DateTime::<Utc>::MAX_UTC);
+    faults.iter().any(|other| {
+        !std::ptr::eq(other, fault)
+            && other.at < end
+            && other.healed.unwrap_or(DateTime::<Utc>::MAX_UTC) > fault.at
+    })
+}
 
 /// A violation found, with the order (if any) it is about.
 pub struct Violation {
@@ -67,6 +86,11 @@ pub struct Report {
     repeated_runs: usize,
     /// Ledger calls made by a duplicate node (must be 0).
     duplicate_node_calls: usize,
+    /// Ledger calls made by a node cut from Redis after its lease ran out (must be 0).
+    cut_node_calls: usize,
+    /// Cuts from Redis of a node owning orders lasting [`CUT_TAKEOVER_BOUND`] or more, and how
+    /// many of them ended with the node owning none (all taken over).
+    redis_cuts: (usize, usize),
     /// Histories whose times are out of order only because a node's clock was skewed; their
     /// states were checked with the times left out.
     skewed_histories: usize,
@@ -189,12 +213,33 @@ impl Report {
                     "duplicate_node_ran_step",
                     Some(&call.order_id),
                     format!(
-                        "a copy of n{} called the ledger: {} {}",
+                        "a copy of n{} called the ledger: {}",
                         call.node - DUPLICATE_BASE,
-                        if call.rollback { "undo" } else { "run" },
-                        call.key
+                        call.what()
                     ),
                 );
+            }
+        }
+        // A node cut from Redis cannot renew its liveness lease: once it has run out, the node
+        // must start no step (run or compensation) until the cut is healed.
+        for fault in faults.iter().filter(|fault| fault.kind == Kind::CutRedis) {
+            let (Some(victim), Some(healed)) = (fault.node, fault.healed) else {
+                continue;
+            };
+            let from = fault.at + chrono::Duration::from_std(CUT_GRACE).unwrap_or_default();
+            let late = books
+                .calls
+                .iter()
+                .filter(|call| call.node == victim && call.arrived > from && call.arrived < healed);
+            for call in late {
+                report.cut_node_calls += 1;
+                let detail = format!(
+                    "n{victim}, cut from redis at {} until {healed}, called the ledger at {}: {}",
+                    fault.at,
+                    call.arrived,
+                    call.what()
+                );
+                push("step_while_cut_from_redis", Some(&call.order_id), detail);
             }
         }
         for (key, times) in applied {
@@ -222,7 +267,7 @@ impl Report {
         // Takeover latency: from the fault to the victim's orders resuming, on another node
         // ("took over orders") or on the victim itself after its restart.
         for fault in faults {
-            if fault.kind == Kind::Partition {
+            if matches!(fault.kind, Kind::Partition | Kind::OneWayPartition) {
                 // The partitioned node keeps its liveness lease: its orders should stay put.
                 if let (Some(service_id), Some(healed)) =
                     (fault.service_id.as_deref(), fault.healed)
@@ -248,6 +293,7 @@ impl Report {
                     | Kind::PauseNode
                     | Kind::KillDraining
                     | Kind::InterruptedTakeover
+                    | Kind::CutRedis
             ) {
                 continue;
             }
@@ -271,12 +317,28 @@ impl Report {
                         && line.fields["orders"].as_u64().unwrap_or(0) > 0)
                         || (line.message == "resuming unfinished orders"
                             && line.node == victim
-                            && fault.kind != Kind::PauseNode))
+                            && !matches!(fault.kind, Kind::PauseNode | Kind::CutRedis)))
             });
             let down = fault
                 .healed
                 .map(|healed| (healed - fault.at).to_std().unwrap_or_default())
                 .unwrap_or(Duration::MAX);
+            if fault.kind == Kind::CutRedis && down >= CUT_TAKEOVER_BOUND {
+                report.redis_cuts.0 += 1;
+                report.redis_cuts.1 += usize::from(fault.owned_at_heal == Some(0));
+                let left = fault.owned_at_heal.unwrap_or(0);
+                if left > 0 && !overlapped(faults, fault) {
+                    push(
+                        "no_takeover",
+                        None,
+                        format!(
+                            "n{victim} cut from redis at {} for {:.1}s, no other fault meanwhile: it still owned {left} orders when healed",
+                            fault.at,
+                            down.as_secs_f64(),
+                        ),
+                    );
+                }
+            }
             match resumed {
                 Some(line) => {
                     let latency = (line.at - fault.at).to_std().unwrap_or_default();
@@ -408,6 +470,15 @@ impl Report {
             "partitions    orders moved away from a partitioned node: {} (its lease holds, so 0 is expected)",
             self.moved_in_partitions
         );
+        if let Some(cuts) = by_kind.get(Kind::CutRedis.name()) {
+            println!(
+                "redis cuts    {cuts}; of those lasting {}s or more on a node owning orders, {} of {} ended with all of them taken over; ledger calls by a cut node after its lease ran out {}",
+                CUT_TAKEOVER_BOUND.as_secs(),
+                self.redis_cuts.1,
+                self.redis_cuts.0,
+                self.cut_node_calls
+            );
+        }
         println!(
             "effects       applied twice for one key {}, runs repeated with an applied key {} (answered again: at-least-once allows them), ledger calls by duplicate nodes {}",
             self.effects_applied_twice, self.repeated_runs, self.duplicate_node_calls

@@ -5,6 +5,8 @@ use crate::campaign::elapsed;
 use crate::clock;
 use crate::duplicate::{self, Fate};
 use crate::faults::{recover, rolling_restart, Fault, Kind, Recovery};
+use crate::links::{self, Direction, Rule};
+use crate::netns::node_host;
 use crate::report::Violation;
 use crate::world::{Node, World, NODES};
 use chrono::Utc;
@@ -12,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -82,7 +85,7 @@ impl Faults {
                 .min()
                 .unwrap_or(next_fault);
             tokio::time::sleep_until(tokio::time::Instant::from_std(wake)).await;
-            self.recover_due(world).await;
+            self.recover_due(world, client).await;
             if Instant::now() < next_fault {
                 continue;
             }
@@ -91,20 +94,33 @@ impl Faults {
         }
     }
 
-    async fn recover_due(&mut self, world: &mut World) {
+    async fn recover_due(&mut self, world: &mut World, client: &reqwest::Client) {
         let now = Instant::now();
         let mut index = 0;
         while index < self.pending.len() {
             if self.pending[index].0 <= now {
                 let (_, recovery, fault) = self.pending.remove(index);
-                self.recover(world, recovery, fault).await;
+                self.recover(world, client, recovery, fault).await;
             } else {
                 index += 1;
             }
         }
     }
 
-    async fn recover(&mut self, world: &mut World, recovery: Recovery, fault: usize) {
+    async fn recover(
+        &mut self,
+        world: &mut World,
+        client: &reqwest::Client,
+        recovery: Recovery,
+        fault: usize,
+    ) {
+        // Whether a node cut from Redis still owns orders, asked before it can renew its lease.
+        if let Some(record) = self.done.get(fault).filter(|f| f.kind == Kind::CutRedis) {
+            let owned = world.owned(client, &record.service_id).await;
+            if let Some(record) = self.done.get_mut(fault) {
+                record.owned_at_heal = owned;
+            }
+        }
         recover(world, recovery, &mut self.violations).await;
         if let Some(fault) = self.done.get_mut(fault) {
             fault.healed = Some(Utc::now());
@@ -158,7 +174,10 @@ impl Faults {
             | Kind::KillDraining
             | Kind::DuplicateNode
             | Kind::SkewClock
-            | Kind::InterruptedTakeover => Some(healthy[self.rng.random_range(0..healthy.len())]),
+            | Kind::InterruptedTakeover
+            | Kind::CutRedis
+            | Kind::OneWayPartition
+            | Kind::LossyLink => Some(healthy[self.rng.random_range(0..healthy.len())]),
             Kind::KillRedis | Kind::PauseRedis | Kind::RollingRestart => None,
         };
         let service_id = victim.and_then(|index| world.nodes[index].service_id());
@@ -171,6 +190,7 @@ impl Faults {
             at: Utc::now(),
             healed: None,
             owned,
+            owned_at_heal: None,
         });
         let label = victim.map(|index| format!(" n{index}")).unwrap_or_default();
         let owns = owned
@@ -217,10 +237,43 @@ impl Faults {
                 self.pending.push((at, Recovery::Resume(index), fault));
             }
             (Kind::Partition, Some(index)) => {
-                let port = world.nodes[index].port;
-                if !world.partitions.cut(port) {
-                    println!("chaos: notice: iptables refused the rule for port {port}");
-                }
+                let rules = if world.links.in_namespaces() {
+                    links::addresses(&node_host(index), &peers(world, index), Direction::Both)
+                } else {
+                    links::loopback_gossip(world.nodes[index].port)
+                };
+                cut(world, index, rules);
+                let at = self.later(4000, 10000);
+                self.pending.push((at, Recovery::Heal(index), fault));
+            }
+            (Kind::OneWayPartition, Some(index)) => {
+                let direction = if self.rng.random_bool(0.5) {
+                    Direction::Outgoing
+                } else {
+                    Direction::Incoming
+                };
+                println!("chaos:          n{index}: {}", direction.name());
+                let rules = links::addresses(&node_host(index), &peers(world, index), direction);
+                cut(world, index, rules);
+                let at = self.later(4000, 10000);
+                self.pending.push((at, Recovery::Heal(index), fault));
+            }
+            (Kind::CutRedis, Some(index)) => {
+                let redis = world.redis.host;
+                let rules = links::addresses(&node_host(index), &[redis], Direction::Both);
+                cut(world, index, rules);
+                // Around the takeover bound: the liveness lease (3 s) plus `cluster.takeover_after`
+                // (2 s) and a sweep, shorter and longer.
+                let at = self.later(2000, 14000);
+                self.pending.push((at, Recovery::Heal(index), fault));
+            }
+            (Kind::LossyLink, Some(index)) => {
+                let percent = self.rng.random_range(10..=30u32);
+                println!(
+                    "chaos:          n{index}: {percent} % of the packets on its link dropped"
+                );
+                let rules = links::lossy(&node_host(index), f64::from(percent) / 100.0);
+                cut(world, index, rules);
                 let at = self.later(4000, 10000);
                 self.pending.push((at, Recovery::Heal(index), fault));
             }
@@ -356,11 +409,11 @@ impl Faults {
     }
 
     /// Recovers from every fault still in effect, in the order they were due.
-    pub async fn heal_all(&mut self, world: &mut World) {
+    pub async fn heal_all(&mut self, world: &mut World, client: &reqwest::Client) {
         let mut pending = std::mem::take(&mut self.pending);
         pending.sort_by_key(|(at, _, _)| *at);
         for (_, recovery, fault) in pending {
-            self.recover(world, recovery, fault).await;
+            self.recover(world, client, recovery, fault).await;
         }
     }
 
@@ -379,5 +432,22 @@ impl Faults {
                 }
             }
         }
+    }
+}
+
+/// The addresses of node `index`'s peers (what a partition in namespaces cuts it from).
+fn peers(world: &World, index: usize) -> Vec<IpAddr> {
+    world
+        .nodes
+        .iter()
+        .filter(|node| node.index != index)
+        .filter_map(|node| node.host.parse().ok())
+        .collect()
+}
+
+/// Adds the rules of a link fault on node `index`, saying so if iptables refused one.
+fn cut(world: &mut World, index: usize, rules: Vec<Rule>) {
+    if !world.links.cut(index, rules) {
+        println!("chaos: notice: iptables refused a rule of the fault on n{index}");
     }
 }

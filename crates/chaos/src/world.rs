@@ -1,9 +1,11 @@
 //! The processes a campaign runs: a `redis-server` with an append-only file, three
-//! order-process nodes started from the built binary, the gossip partitions between them, and
-//! what the cluster says about itself over HTTP. Everything started here is killed by pid when
-//! dropped (`order-process-testkit`), and every iptables rule added is removed.
+//! order-process nodes started from the built binary (each in a network namespace of its own
+//! when it can), the link faults between them, and what the cluster says about itself over HTTP.
+//! Everything started here is killed by pid when dropped (`order-process-testkit`), then every
+//! iptables rule added is removed, then the namespaces.
 
-use crate::partitions::Partitions;
+use crate::links::Links;
+use crate::netns::Network;
 use order_process_history::WORK_STEPS;
 use order_process_testkit::{free_port, Proc, RedisServer};
 use serde_json::Value;
@@ -22,6 +24,9 @@ pub const NODES: usize = 3;
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
 /// A duplicate of node `i` calls the ledger as node `DUPLICATE_BASE + i`.
 pub const DUPLICATE_BASE: usize = 10;
+/// The nodes' liveness lease (`cluster.liveness_ttl`): a node that cannot renew it starts no
+/// step once it has run out.
+pub const LIVENESS_TTL: Duration = Duration::from_secs(3);
 
 /// One order-process node: its own directory (config, data, log), port and process.
 pub struct Node {
@@ -39,6 +44,9 @@ pub struct Node {
     launches: usize,
     /// Environment added at launch (libfaketime for a skewed clock); empty normally.
     pub env: Vec<(String, String)>,
+    /// The command the node is started by, inside its namespace (`scripts/netns exec NET
+    /// HOST`); empty on loopback.
+    pub launcher: Vec<String>,
 }
 
 impl Node {
@@ -56,7 +64,14 @@ impl Node {
             paused: false,
             launches: 0,
             env: Vec::new(),
+            launcher: Vec::new(),
         })
+    }
+
+    /// Runs the node at `host` (its namespace's address) through `launcher`.
+    pub fn place(&mut self, host: String, launcher: Vec<String>) {
+        self.host = host;
+        self.launcher = launcher;
     }
 
     pub fn base(&self) -> String {
@@ -111,7 +126,26 @@ impl Node {
             args.push("--join".to_string());
             args.push(address.clone());
         }
-        self.process = Some(Proc::spawn_env(&self.bin, &args, &self.env, &log, &log)?);
+        let process = match self.launcher.split_first() {
+            None => Proc::spawn_env(&self.bin, &args, &self.env, &log, &log)?,
+            // `env` passes the environment to the node only, not to the launcher's own
+            // processes (libfaketime in `ip` would skew it too); it execs, keeping the pid.
+            Some((program, launcher)) => {
+                let mut full = launcher.to_vec();
+                if !self.env.is_empty() {
+                    full.push("env".into());
+                    full.extend(
+                        self.env
+                            .iter()
+                            .map(|(name, value)| format!("{name}={value}")),
+                    );
+                }
+                full.push(self.bin.display().to_string());
+                full.extend(args);
+                Proc::spawn(Path::new(program), &full, &log, &log)?
+            }
+        };
+        self.process = Some(process);
         self.paused = false;
         Ok(())
     }
@@ -147,15 +181,18 @@ impl Node {
     }
 }
 
-/// The config of node `index`: cluster mode on Redis, every work step on the ledger.
+/// The config of node `index`: cluster mode on Redis, every work step on the ledger. The
+/// campaign's user is named in the `Authorization` header, on loopback as on a bridge.
 pub fn node_config(index: usize, redis_url: &str, ledger: &str) -> String {
     let reconcile = RECONCILE_INTERVAL.as_secs();
+    let liveness = LIVENESS_TTL.as_secs();
     let mut config = format!(
         "[server]\nshutdown_grace = \"20s\"\n\
          [pipeline]\nreconcile_interval = \"{reconcile}s\"\n\
          [log]\nlevel = \"info,order_process::pipeline=debug\"\nformat = \"json\"\n\
          [database]\nurl = \"{redis_url}\"\ntimeout = \"1s\"\n\
-         [cluster]\nsecret = \"{SECRET}\"\n"
+         [auth]\nmode = \"header\"\nallow_insecure_header = true\n\
+         [cluster]\nsecret = \"{SECRET}\"\nliveness_ttl = \"{liveness}s\"\n"
     );
     for step in WORK_STEPS {
         config.push_str(&format!(
@@ -235,17 +272,17 @@ pub struct World {
     /// Redis is SIGSTOPped.
     pub redis_paused: bool,
     pub nodes: Vec<Node>,
-    pub partitions: Partitions,
+    pub links: Links,
+    /// The namespaces the processes run in; last, so it goes after them and their rules.
+    pub _network: Option<Network>,
 }
 
 impl World {
     /// The nodes running, not paused and not cut off.
     pub fn healthy(&mut self) -> Vec<usize> {
         let mut healthy = Vec::new();
-        for index in 0..self.nodes.len() {
-            let port = self.nodes[index].port;
-            let node = &mut self.nodes[index];
-            if node.is_running() && !node.paused && !self.partitions.is_cut(port) {
+        for (index, node) in self.nodes.iter_mut().enumerate() {
+            if node.is_running() && !node.paused && !self.links.is_cut(index) {
                 healthy.push(index);
             }
         }

@@ -1,10 +1,11 @@
-//! A real `redis-server` on a free loopback port with an append-only file in its own directory,
+//! A real `redis-server` on a free port (of loopback, or of an address given with the command
+//! that starts it inside a network namespace) with an append-only file in its own directory,
 //! killed by pid when dropped. It can be SIGKILLed and started again on the same port and
 //! directory to play a Redis crash (what it had not written to its append-only file is gone).
 
 use crate::process::{append, Proc};
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +23,10 @@ enum Dir {
 
 pub struct RedisServer {
     pub port: u16,
+    /// The address it listens on.
+    pub host: IpAddr,
+    /// The command that runs `redis-server` (empty: run it directly).
+    launcher: Vec<String>,
     dir: Dir,
     appendfsync: String,
     process: Option<Proc>,
@@ -30,8 +35,14 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts one in a temp dir with `appendfsync always`; fails the test if it cannot.
     pub fn start() -> RedisServer {
-        let started =
-            tempfile::tempdir().and_then(|dir| Self::launch_new(Dir::Temp(dir), "always"));
+        let started = tempfile::tempdir().and_then(|dir| {
+            Self::launch_new(
+                Dir::Temp(dir),
+                "always",
+                IpAddr::from([127, 0, 0, 1]),
+                Vec::new(),
+            )
+        });
         started.unwrap_or_else(|error| {
             panic!("cannot start redis-server (scripts/test installs it): {error}")
         })
@@ -39,13 +50,33 @@ impl RedisServer {
 
     /// Starts one keeping its files in `dir` (created if needed), with this `appendfsync`.
     pub fn try_start(dir: PathBuf, appendfsync: &str) -> std::io::Result<RedisServer> {
-        std::fs::create_dir_all(&dir)?;
-        Self::launch_new(Dir::Kept(dir), appendfsync)
+        Self::try_start_on(dir, appendfsync, IpAddr::from([127, 0, 0, 1]), Vec::new())
     }
 
-    fn launch_new(dir: Dir, appendfsync: &str) -> std::io::Result<RedisServer> {
+    /// Like [`RedisServer::try_start`], listening on `host` and started by `launcher` followed by
+    /// `redis-server …` (such as `scripts/netns exec NET HOST`, which must exec it so that the
+    /// pid killed is the server's). Protected mode is off on any address but loopback, so other
+    /// hosts may connect.
+    pub fn try_start_on(
+        dir: PathBuf,
+        appendfsync: &str,
+        host: IpAddr,
+        launcher: Vec<String>,
+    ) -> std::io::Result<RedisServer> {
+        std::fs::create_dir_all(&dir)?;
+        Self::launch_new(Dir::Kept(dir), appendfsync, host, launcher)
+    }
+
+    fn launch_new(
+        dir: Dir,
+        appendfsync: &str,
+        host: IpAddr,
+        launcher: Vec<String>,
+    ) -> std::io::Result<RedisServer> {
         let mut server = RedisServer {
             port: crate::free_port()?,
+            host,
+            launcher,
             dir,
             appendfsync: appendfsync.to_string(),
             process: None,
@@ -55,7 +86,7 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://{}:{}", self.host, self.port)
     }
 
     pub fn dir(&self) -> &Path {
@@ -70,8 +101,23 @@ impl RedisServer {
     }
 
     fn launch(&mut self) -> std::io::Result<()> {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg("redis-server");
+                command
+            }
+            None => Command::new("redis-server"),
+        };
+        let protected = if self.host.is_loopback() { "yes" } else { "no" };
+        let child = command
+            .args(["--port", &self.port.to_string()])
+            .args([
+                "--bind",
+                &self.host.to_string(),
+                "--protected-mode",
+                protected,
+            ])
             .args(["--save", "", "--appendonly", "yes"])
             .args(["--appendfsync", &self.appendfsync])
             .arg("--dir")
@@ -86,17 +132,25 @@ impl RedisServer {
             if self.ping() {
                 return Ok(());
             }
+            if let Some(status) = self.process.as_mut().and_then(Proc::try_exit) {
+                return Err(std::io::Error::other(format!(
+                    "redis-server on {}:{} exited at start: {status}",
+                    self.host, self.port
+                )));
+            }
             std::thread::sleep(crate::POLL);
         }
         Err(std::io::Error::other(format!(
-            "redis-server on port {} did not answer PING within {STARTUP:?}",
-            self.port
+            "redis-server on {}:{} did not answer PING within {STARTUP:?}",
+            self.host, self.port
         )))
     }
 
     /// True when Redis answers PING right now.
     pub fn ping(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+        let address = SocketAddr::from((self.host, self.port));
+        let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(500))
+        else {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));

@@ -1,4 +1,4 @@
-//! The fake shop: a real warp server on a free loopback port playing the services the nodes'
+//! The fake shop: a real warp server on a free port (loopback unless asked) playing the services the nodes'
 //! `http` steps call. Every POST is handed to a handler that decides the answer; [`Scripted`]
 //! is the handler the tests script call by call, and the fault campaign's ledger is another.
 //! The server stops when the [`Shop`] is dropped.
@@ -7,6 +7,7 @@ use bytes::Bytes;
 use serde_json::Value;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use warp::http::{Response, StatusCode};
@@ -33,9 +34,9 @@ pub enum Answer {
     Hang,
 }
 
-/// A warp server on a free loopback port, aborted when dropped.
+/// A warp server on a free port, aborted when dropped.
 pub struct Shop {
-    /// `http://127.0.0.1:PORT`
+    /// `http://IP:PORT` (`127.0.0.1` unless served on another address)
     pub base: String,
     server: tokio::task::JoinHandle<()>,
 }
@@ -47,8 +48,18 @@ impl Drop for Shop {
 }
 
 impl Shop {
-    /// Serves every POST with `handler`.
+    /// Serves every POST with `handler` on a free loopback port.
     pub async fn serve<F, Fut>(handler: F) -> std::io::Result<Shop>
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Answer> + Send + 'static,
+    {
+        Self::serve_on(IpAddr::from([127, 0, 0, 1]), handler).await
+    }
+
+    /// Serves every POST with `handler` on a free port of `ip` (an address other hosts reach,
+    /// such as a bridge's, when the callers run in network namespaces).
+    pub async fn serve_on<F, Fut>(ip: IpAddr, handler: F) -> std::io::Result<Shop>
     where
         F: Fn(Request) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Answer> + Send + 'static,
@@ -66,7 +77,7 @@ impl Shop {
                     async move { respond(answer.await).await }
                 },
             );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
         let base = format!("http://{}", listener.local_addr()?);
         let server = tokio::spawn(warp::serve(routes).incoming(listener).run());
         Ok(Shop { base, server })
