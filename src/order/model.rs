@@ -242,6 +242,11 @@ pub struct Order {
     pub owner: String,
     /// Bumped each time the order changes owner.
     pub epoch: u64,
+    /// Bumped by each committed transition: a store takes a commit only over the revision it
+    /// was made from, so a write delivered late (a retransmission after a network cut) cannot
+    /// take the order back.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 impl Order {
@@ -269,6 +274,7 @@ impl Order {
             cancel_requested: false,
             owner,
             epoch: 1,
+            revision: 0,
         }
     }
 

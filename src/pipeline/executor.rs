@@ -461,13 +461,14 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
         let next = events.iter().try_fold(order.clone(), |current, event| {
             apply(&current, event.clone(), now)
         });
-        let next = match next {
+        let mut next = match next {
             Ok(next) => next,
             Err(error) => {
                 report_illegal(&order, &error);
                 return None;
             }
         };
+        next.revision = order.revision + 1;
         match shared.store.commit(&next).await {
             Ok(()) => {
                 if next.is_finished() {
@@ -491,6 +492,12 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
             }
             Err(StoreError::NotOwner) | Err(StoreError::NotFound) => {
                 warn!(order_id = %order.order_id, "order is no longer ours, dropping it");
+                return None;
+            }
+            Err(StoreError::Stale) => {
+                // Someone wrote a newer revision; this node's view is behind. The stored order
+                // is resumed from the store if it is still ours (the reconciliation finds it).
+                warn!(order_id = %order.order_id, revision = next.revision, "order changed since it was read here, dropping this copy");
                 return None;
             }
             Err(error) => {

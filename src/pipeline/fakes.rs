@@ -6,8 +6,9 @@ use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
 use crate::order::{Order, OrderId, Step};
 use crate::store::{
-    cancel_outcome, check_commit, retry_rollback_outcome, CancelOutcome, Created, ListQuery,
-    OrderStore, OwnedPage, Page, Reopen, Repaired, RetryRollbackOutcome, SetAside, StoreError,
+    cancel_outcome, check_commit, retry_rollback_outcome, same_order, CancelOutcome, Checked,
+    Created, Fence, ListQuery, OrderStore, OwnedPage, Page, Reopen, Repaired, RetryRollbackOutcome,
+    SetAside, StoreError,
 };
 use async_trait::async_trait;
 use chrono::Utc;
@@ -164,8 +165,10 @@ impl OrderStore for FakeStore {
         }
         let mut orders = self.orders.lock().unwrap();
         let stored = orders.get(&order.order_id).ok_or(StoreError::NotFound)?;
-        check_commit(&stored.owner, stored.epoch, stored.cancel_requested, order)?;
-        orders.insert(order.order_id, order.clone());
+        let checked = check_commit(Fence::from(stored), order, || Ok(same_order(stored, order)))?;
+        if checked == Checked::Write {
+            orders.insert(order.order_id, order.clone());
+        }
         self.written.lock().unwrap().push(order.clone());
         let late = self.late_answers.load(Ordering::Relaxed);
         if late > 0 {

@@ -7,8 +7,9 @@
 
 use super::{
     cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor,
-    retry_rollback_outcome, CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen,
-    Repaired, RetryRollbackOutcome, SetAside, StoreError, IDEMPOTENCY_TTL,
+    retry_rollback_outcome, same_order, CancelOutcome, Checked, Created, Fence, ListQuery,
+    OrderStore, OwnedPage, Page, Reopen, Repaired, RetryRollbackOutcome, SetAside, StoreError,
+    IDEMPOTENCY_TTL,
 };
 use crate::order::{Order, OrderId};
 use async_trait::async_trait;
@@ -193,6 +194,18 @@ struct Ownership {
     owner: String,
     epoch: u64,
     cancel_requested: bool,
+    revision: u64,
+}
+
+impl Ownership {
+    fn fence(&self) -> Fence<'_> {
+        Fence {
+            owner: &self.owner,
+            epoch: self.epoch,
+            cancel_requested: self.cancel_requested,
+            revision: self.revision,
+        }
+    }
 }
 
 type Owners = std::collections::HashMap<OrderId, Ownership>;
@@ -203,6 +216,7 @@ impl From<&Order> for Ownership {
             owner: order.owner.clone(),
             epoch: order.epoch,
             cancel_requested: order.cancel_requested,
+            revision: order.revision,
         }
     }
 }
@@ -347,7 +361,13 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
 
     fn commit(&mut self, order: &Order, bytes: &[u8]) -> Result<(), StoreError> {
         let stored = self.ownership(order.order_id)?;
-        check_commit(&stored.owner, stored.epoch, stored.cancel_requested, order)?;
+        let same_as_stored = || {
+            let full = self.read(&order.order_id.to_string())?;
+            Ok(full.is_some_and(|full| same_order(&full, order)))
+        };
+        if check_commit(stored.fence(), order, same_as_stored)? == Checked::Applied {
+            return Ok(());
+        }
         if stored.cancel_requested && !order.cancel_requested {
             // The writer knew of a failure but not of the cancellation: keep the flag.
             let mut merged = order.clone();

@@ -26,6 +26,9 @@ pub enum StoreError {
     /// A cancellation was recorded since the writer last read the order; it must apply it first.
     #[error("order has a pending cancellation")]
     CancelRequested,
+    /// The write was made from an older revision of the order than the one stored.
+    #[error("order changed since it was read")]
+    Stale,
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("corrupt record: {0}")]
@@ -134,8 +137,10 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn list_for_user(&self, user: &str, query: &ListQuery) -> Result<Page, StoreError>;
 
     /// Writes a transition, only if the stored owner and epoch equal the order's
-    /// ([`StoreError::NotOwner`] otherwise) and no cancellation is pending that the new state
-    /// ignores ([`StoreError::CancelRequested`]).
+    /// ([`StoreError::NotOwner`] otherwise), its revision is newer than the stored one
+    /// ([`StoreError::Stale`] otherwise, unless it is the very write already stored, which is
+    /// then done), and no cancellation is pending that the new state ignores
+    /// ([`StoreError::CancelRequested`]).
     async fn commit(&self, order: &Order) -> Result<(), StoreError>;
 
     /// Records a user's request to cancel an order.
@@ -182,22 +187,70 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
-/// Whether a commit of `new` over a stored order with this owner, epoch and cancellation flag
-/// must be refused, and why. The embedded store's check; the Redis store's commit script applies
-/// the same rule in Lua, and the conformance tests hold both to it.
+/// What a commit is checked against: the stored order's owner, epoch, cancellation flag and
+/// revision.
+#[derive(Clone, Copy, Debug)]
+pub struct Fence<'a> {
+    pub owner: &'a str,
+    pub epoch: u64,
+    pub cancel_requested: bool,
+    pub revision: u64,
+}
+
+impl<'a> From<&'a Order> for Fence<'a> {
+    fn from(order: &'a Order) -> Self {
+        Fence {
+            owner: &order.owner,
+            epoch: order.epoch,
+            cancel_requested: order.cancel_requested,
+            revision: order.revision,
+        }
+    }
+}
+
+/// Whether a commit of `new` over a stored order fenced by `stored` must be refused, and why;
+/// `same_as_stored` tells (asked only when the revisions are equal) whether `new` is the very
+/// order stored. The embedded store's check; the Redis store's commit script applies the same
+/// rule in Lua, and the conformance tests hold both to it.
 pub fn check_commit(
-    owner: &str,
-    epoch: u64,
-    cancel_requested: bool,
+    stored: Fence<'_>,
     new: &Order,
-) -> Result<(), StoreError> {
-    if owner != new.owner || epoch != new.epoch {
+    same_as_stored: impl FnOnce() -> Result<bool, StoreError>,
+) -> Result<Checked, StoreError> {
+    if stored.owner != new.owner || stored.epoch != new.epoch {
         return Err(StoreError::NotOwner);
     }
-    if cancel_requested && !new.cancel_requested && new.failure.is_none() {
+    // The same write again (a retry after a lost answer) is done already; anything older
+    // would take the order back.
+    let applied = new.revision <= stored.revision;
+    if applied && !(new.revision == stored.revision && same_as_stored()?) {
+        return Err(StoreError::Stale);
+    }
+    if stored.cancel_requested && !new.cancel_requested && new.failure.is_none() {
         return Err(StoreError::CancelRequested);
     }
-    Ok(())
+    Ok(if applied {
+        Checked::Applied
+    } else {
+        Checked::Write
+    })
+}
+
+/// Whether `new` is `stored` but for the cancellation flag (which a cancellation sets on the
+/// stored order without a new revision).
+pub fn same_order(stored: &Order, new: &Order) -> bool {
+    let mut same = new.clone();
+    same.cancel_requested = stored.cancel_requested;
+    same == *stored
+}
+
+/// What a commit that passed [`check_commit`] does.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Checked {
+    /// Write the new order.
+    Write,
+    /// Nothing: the very same write was applied already.
+    Applied,
 }
 
 /// What a cancellation request does to a stored order, and whether the order in the outcome

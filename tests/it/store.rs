@@ -23,8 +23,11 @@ fn new_order(user: &str, owner: &str, offset_ms: i64) -> Order {
     )
 }
 
+/// The order after `event`, at the next revision, as the executor commits it.
 fn step(order: &Order, event: Event) -> Order {
-    apply(order, event, Utc::now()).expect("legal transition")
+    let mut next = apply(order, event, Utc::now()).expect("legal transition");
+    next.revision = order.revision + 1;
+    next
 }
 
 fn succeed(order: &Order) -> Order {
@@ -234,6 +237,24 @@ async fn conformance(store: &dyn OrderStore) {
     set_aside(store).await;
     owned_pages(store).await;
     disown(store).await;
+    late_writes(store).await;
+}
+
+/// A commit is taken only over the revision it was made from: the same write again is done
+/// already, an older one (delivered late) or another one of the same revision is refused.
+async fn late_writes(store: &dyn OrderStore) {
+    let order = new_order("late", "node-l", 0);
+    create(store, &order).await;
+    let first = succeed(&order);
+    store.commit(&first).await.expect("first commit");
+    store.commit(&first).await.expect("the same commit again");
+    let second = succeed(&first);
+    store.commit(&second).await.expect("second commit");
+    assert!(matches!(store.commit(&first).await, Err(StoreError::Stale)));
+    let mut other = second.clone();
+    other.payload = serde_json::json!({"sku": "B2"});
+    assert!(matches!(store.commit(&other).await, Err(StoreError::Stale)));
+    assert_eq!(store.get(order.order_id).await.unwrap(), Some(second));
 }
 
 /// An owned-set entry is taken out only when the node does not own the order unfinished.

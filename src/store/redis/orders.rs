@@ -86,6 +86,7 @@ fn commit_outcome(answer: &str) -> Result<(), StoreError> {
         "ok" => Ok(()),
         "not_owner" => Err(StoreError::NotOwner),
         "cancel" => Err(StoreError::CancelRequested),
+        "stale" => Err(StoreError::Stale),
         "missing" => Err(StoreError::NotFound),
         other => Err(StoreError::Corrupt(format!("commit answered `{other}`"))),
     }
@@ -361,7 +362,8 @@ impl OrderStore for RedisStore {
             .arg(aware)
             .arg(state_name(order))
             .arg(order.current_step.as_str())
-            .arg(&id);
+            .arg(&id)
+            .arg(order.revision);
         let outcome: String = self.redis.query(&commit).await?;
         commit_outcome(&outcome)
     }

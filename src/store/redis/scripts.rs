@@ -5,12 +5,15 @@
 use deadpool_redis::redis::Script;
 
 /// Commit a transition. KEYS: the order, the committer's owned set. ARGV: owner, epoch, doc,
-/// aware of cancellation (1/0), state, step, order id. Why a script: the owner/epoch check and
-/// the write must be one atomic step, or a node that just lost the order could overwrite its new
-/// owner's progress; and the order leaves the committer's owned set in the same step when it
-/// finishes (never before) or turns out not to be the committer's.
+/// aware of cancellation (1/0), state, step, order id, revision. Why a script: the owner/epoch
+/// check and the write must be one atomic step, or a node that just lost the order could
+/// overwrite its new owner's progress; a write must be newer than the stored revision, or one
+/// delivered late (TCP retransmitting it after a network cut healed) would take the order back,
+/// while the very write already stored (a retry after a lost answer) is done; and the order
+/// leaves the committer's owned set in the same step when it finishes (never before) or turns
+/// out not to be the committer's.
 const COMMIT: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'cancel')
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'cancel', 'rev')
 if not cur[1] then
   redis.call('SREM', KEYS[2], ARGV[7])
   return 'missing'
@@ -19,8 +22,14 @@ if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then
   if cur[1] ~= ARGV[1] then redis.call('SREM', KEYS[2], ARGV[7]) end
   return 'not_owner'
 end
+local rev = tonumber(cur[4] or '0')
+local new = tonumber(ARGV[8])
+if new < rev or (new == rev and redis.call('HGET', KEYS[1], 'doc') ~= ARGV[3]) then
+  return 'stale'
+end
 if cur[3] == '1' and ARGV[4] == '0' then return 'cancel' end
-redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6])
+if new == rev then return 'ok' end
+redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6], 'rev', ARGV[8])
 if ARGV[5] == 'finished' then redis.call('SREM', KEYS[2], ARGV[7]) end
 return 'ok'
 ";
