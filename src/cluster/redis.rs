@@ -42,8 +42,8 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 local now = redis.call('TIME')
-local until = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[3], string.format('%d', until))
+local expires = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[3], string.format('%d', expires))
 return false
 ";
 

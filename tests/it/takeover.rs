@@ -158,3 +158,45 @@ async fn a_node_cut_off_from_redis_but_live_in_gossip_is_taken_over() {
     assert!(log.contains("took over orders"), "no takeover logged");
     eprintln!("orders of a node cut off from redis finished {took:?} after the cut");
 }
+
+/// A lease's lapse is told by Redis's clock, so that any leader, also one new in office, knows
+/// how long ago a node's lease expired.
+#[tokio::test]
+async fn the_store_tells_how_long_ago_a_liveness_lease_expired() {
+    let redis = RedisServer::start();
+    let connections = Connections::connect(&redis.url(), 1, Duration::from_secs(1))
+        .expect("connections to the test redis");
+    let coordinator = RedisCoordinator::new(Arc::new(connections));
+    let lease = order_process::cluster::Liveness {
+        node: "node-l".into(),
+        holder: "node-l:1".into(),
+        http_addr: "127.0.0.1:1".into(),
+    };
+    coordinator
+        .renew_alive(&lease, Duration::from_millis(300))
+        .await
+        .expect("take the lease");
+    coordinator
+        .register_node("node-never", "127.0.0.1:2")
+        .await
+        .expect("register");
+    let nodes = ["node-l".to_string(), "node-never".to_string()];
+    let held = coordinator.node_status(&nodes).await.expect("status");
+    assert!(held[0].alive && held[0].lapsed.is_none(), "{held:?}");
+    assert!(!held[1].alive && held[1].lapsed.is_none(), "{held:?}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lapsed = loop {
+        let status = coordinator.node_status(&nodes).await.expect("status");
+        if let Some(lapsed) = status[0]
+            .lapsed
+            .filter(|lapsed| *lapsed >= Duration::from_millis(500))
+        {
+            assert!(!status[0].alive);
+            break lapsed;
+        }
+        assert!(Instant::now() < deadline, "never lapsed: {status:?}");
+        tokio::time::sleep(POLL).await;
+    };
+    assert!(lapsed < Duration::from_secs(10), "{lapsed:?}");
+}
