@@ -309,3 +309,133 @@ async fn a_node_refuses_to_start_on_a_redis_weaker_than_its_config() {
     )
     .await;
 }
+
+/// Every kind of write the store and the coordinator send (a lone script, a pipeline of
+/// scripts, a transaction, a plain command) is on the replica the moment it answers, and fails
+/// as unavailable, not silently, while the replica cannot acknowledge.
+#[tokio::test]
+async fn every_kind_of_write_waits_for_its_replica() {
+    use order_process::cluster::{Coordinator, RedisCoordinator};
+    use order_process::order::{apply, Event, Order};
+    use order_process::store::redis::Connections;
+    use order_process::store::{SetAside, StoreError};
+    use std::sync::Arc;
+
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let connections = Connections::connect(&primary.url(), 2, Duration::from_secs(1))
+        .expect("connections to the primary")
+        .with_min_replicas(1);
+    let connections = Arc::new(connections);
+    let store = RedisStore::new(Arc::clone(&connections));
+    let coordinator = RedisCoordinator::new(connections);
+    let on_replica = RedisStore::connect(&replica.url(), 1, Duration::from_secs(1))
+        .expect("connections to the replica");
+    let on_replica = &on_replica;
+    let read_back = |id| async move { on_replica.get(id).await.expect("read the replica") };
+    let new_order = |owner: &str| {
+        Order::new(
+            OrderId::new_v4(),
+            "acked".into(),
+            serde_json::json!({}),
+            owner.into(),
+            chrono::Utc::now(),
+        )
+    };
+
+    // A lone script call: create, commit, cancel.
+    let order = new_order("node-a");
+    store.create(&order, Some("key-1")).await.expect("create");
+    assert_eq!(read_back(order.order_id).await.as_ref(), Some(&order));
+    let mut next = apply(
+        &order,
+        Event::StepSucceeded {
+            step: order.current_step,
+            output: None,
+        },
+        chrono::Utc::now(),
+    )
+    .expect("a legal step");
+    next.revision = order.revision + 1;
+    store.commit(&next).await.expect("commit");
+    let seen = read_back(order.order_id).await.expect("on the replica");
+    assert_eq!(seen.current_step, next.current_step);
+    store
+        .request_cancel(order.order_id, "acked")
+        .await
+        .expect("cancel");
+    assert!(
+        read_back(order.order_id)
+            .await
+            .expect("on the replica")
+            .cancel_requested
+    );
+    // A pipeline of scripts: a takeover, an index repair.
+    let moved = store.reassign("node-a", "node-b").await.expect("reassign");
+    assert_eq!(moved, vec![order.order_id]);
+    assert_eq!(
+        read_back(order.order_id)
+            .await
+            .expect("on the replica")
+            .owner,
+        "node-b"
+    );
+    store.repair_indexes().await.expect("repair");
+    // A transaction, then its WAIT.
+    let aside = SetAside {
+        order_id: order.order_id,
+        node: "node-b".into(),
+        reason: "unreadable".into(),
+        at: chrono::Utc::now(),
+    };
+    store.set_aside(&aside).await.expect("set aside");
+    assert_eq!(
+        on_replica
+            .set_aside_orders(10)
+            .await
+            .expect("read the replica"),
+        vec![aside]
+    );
+    // Plain commands and the lease scripts.
+    store.ping().await.expect("ping");
+    coordinator
+        .register_node("node-b", "127.0.0.1:1")
+        .await
+        .expect("register");
+    let token = coordinator
+        .acquire_leader("node-b:term", Duration::from_secs(30))
+        .await
+        .expect("acquire")
+        .expect("a free lease");
+    assert_eq!(fence(&replica), Some(token));
+
+    assert!(replica.signal("STOP"), "cannot stop the replica");
+    let unacknowledged = |outcome: Result<(), StoreError>| match outcome {
+        Err(StoreError::Unavailable(problem)) => {
+            assert!(problem.contains("replicas acknowledged"), "{problem}")
+        }
+        other => panic!("a write no replica acknowledged answered {other:?}"),
+    };
+    unacknowledged(store.create(&new_order("node-a"), None).await.map(drop));
+    unacknowledged(store.ping().await);
+    unacknowledged(
+        store
+            .set_aside(&SetAside {
+                order_id: OrderId::new_v4(),
+                node: "node-b".into(),
+                reason: "unreadable".into(),
+                at: chrono::Utc::now(),
+            })
+            .await,
+    );
+    // Its script is new to this Redis: loaded, and the release and its WAIT sent again.
+    unacknowledged(coordinator.release_leader("node-b:term").await);
+    assert!(replica.signal("CONT"), "cannot continue the replica");
+    eventually(
+        Duration::from_secs(20),
+        "writes not acknowledged again",
+        String::new,
+        || async { store.ping().await.ok() },
+    )
+    .await;
+}

@@ -147,17 +147,19 @@ impl Connections {
         }
     }
 
-    /// Makes every [`Connections::write`] wait for `replicas` replicas to acknowledge it.
+    /// Makes every write wait for `replicas` replicas to acknowledge it (`WAIT`); fewer is
+    /// [`StoreError::Unavailable`].
     pub fn with_min_replicas(mut self, replicas: usize) -> Connections {
         self.min_replicas = replicas;
         self
     }
 
-    /// How long a write waits for its replicas: half the store timeout, so that a short count
-    /// comes back as an answer before the request itself times out (which would also throw the
-    /// connection away).
+    /// How long a write waits for its replicas: a third of the store timeout, so that a short
+    /// count comes back as an answer before the request itself times out (which would also throw
+    /// the connection away), even when Redis had forgotten the write's script and the write and
+    /// its `WAIT` go twice.
     fn replica_wait(&self) -> Duration {
-        (self.timeout / 2).max(Duration::from_millis(1))
+        (self.timeout / 3).max(Duration::from_millis(1))
     }
 
     /// Sends a write like [`Connections::query`]; with `min_replicas`, it is followed on the
