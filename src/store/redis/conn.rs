@@ -244,7 +244,8 @@ impl Connections {
                     last,
                 } = &mut *primary;
                 // The sentinels' answer is checked: the address they name must say (ROLE) that
-                // it is a primary, so a node never writes to a demoted one through them.
+                // it is a primary, so no connection is opened to a replica. One opened before a
+                // failover gets READONLY from a demoted primary, fails, and is dropped.
                 let client =
                     sentinel
                         .async_master_for(master_name, None)
