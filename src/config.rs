@@ -231,22 +231,99 @@ fn step_url(key: &str, text: &str) -> Result<reqwest::Url, ConfigError> {
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// `redis://…` selects the Redis store (cluster mode); empty means the embedded store in
-    /// `data_dir`.
+    /// `data_dir`, unless `sentinels` is set.
     pub url: String,
+    /// Redis Sentinels (`host:port`) that name the Redis primary instead of `url`: the node asks
+    /// them for the primary of `master_name` whenever it opens a connection, so it follows a
+    /// failover.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under; required with `sentinels`.
+    pub master_name: String,
     /// Connections to Redis, each shared by all tasks (requests are pipelined on them).
     pub pool_size: NonZeroUsize,
     /// Longest wait for one Redis operation before it counts as a failure.
     #[serde(deserialize_with = "duration")]
     pub timeout: Duration,
+    /// Replicas that must acknowledge each write (`WAIT`) before it counts as done; 0 does not
+    /// wait. The node also refuses to start while fewer replicas are connected.
+    pub min_replicas: usize,
+    /// Refuse to start on a Redis whose append-only file is off.
+    pub require_aof: bool,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             url: String::new(),
+            sentinels: Vec::new(),
+            master_name: String::new(),
             pool_size: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
             timeout: Duration::from_secs(2),
+            min_replicas: 0,
+            require_aof: false,
         }
+    }
+}
+
+impl DatabaseConfig {
+    /// True when the node keeps its orders in Redis (a plain URL or Sentinel), as a cluster member.
+    pub fn is_redis(&self) -> bool {
+        !self.url.is_empty() || !self.sentinels.is_empty()
+    }
+
+    /// Checks the Redis keys against each other; errors name the key to change.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.url.is_empty() && !self.url.starts_with("redis://") {
+            return Err(ConfigError::new(
+                "database.url",
+                "must be empty (embedded store) or start with redis://",
+            ));
+        }
+        if !self.url.is_empty() && !self.sentinels.is_empty() {
+            return Err(ConfigError::new(
+                "database.sentinels",
+                "set either database.url (one Redis) or database.sentinels (found through Sentinel), not both",
+            ));
+        }
+        for sentinel in &self.sentinels {
+            let valid = sentinel
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(ConfigError::new(
+                    "database.sentinels",
+                    format!("`{sentinel}` is not host:port, such as 10.0.0.2:26379"),
+                ));
+            }
+        }
+        if self.sentinels.is_empty() {
+            if !self.master_name.is_empty() {
+                return Err(ConfigError::new(
+                    "database.master_name",
+                    "only used with database.sentinels",
+                ));
+            }
+        } else if self.master_name.trim().is_empty() {
+            return Err(ConfigError::new(
+                "database.master_name",
+                "required with database.sentinels: the name they monitor the primary under",
+            ));
+        }
+        if !self.is_redis() {
+            if self.min_replicas > 0 {
+                return Err(ConfigError::new(
+                    "database.min_replicas",
+                    "only used with Redis (database.url or database.sentinels)",
+                ));
+            }
+            if self.require_aof {
+                return Err(ConfigError::new(
+                    "database.require_aof",
+                    "only used with Redis (database.url or database.sentinels)",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -413,7 +490,10 @@ impl Config {
         }
         config.cluster.seeds.extend(overrides.join.iter().cloned());
         if let Some(url) = &overrides.redis {
+            // The flag names the one Redis to use, in place of any the file names.
             config.database.url = url.clone();
+            config.database.sentinels.clear();
+            config.database.master_name.clear();
         }
         config.validate()?;
         Ok(config)
@@ -475,12 +555,7 @@ impl Config {
             }
             self.handler_for(step)?;
         }
-        if !self.database.url.is_empty() && !self.database.url.starts_with("redis://") {
-            return Err(ConfigError::new(
-                "database.url",
-                "must be empty (embedded store) or start with redis://",
-            ));
-        }
+        self.database.validate()?;
         nonzero_durations(&[
             ("server.retry_after", self.server.retry_after),
             (
@@ -550,7 +625,7 @@ impl Config {
 
     /// True when the node runs as a cluster member on Redis.
     pub fn is_cluster(&self) -> bool {
-        !self.database.url.is_empty()
+        self.database.is_redis()
     }
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {
@@ -559,7 +634,7 @@ impl Config {
             if !cluster.seeds.is_empty() {
                 return Err(ConfigError::new(
                     "cluster.seeds",
-                    "joining a cluster needs a shared store: set database.url (or --redis) to redis://…",
+                    "joining a cluster needs a shared store: set database.url (or --redis) to redis://…, or database.sentinels",
                 ));
             }
             return Ok(());
@@ -907,6 +982,86 @@ mod tests {
                 .key,
             "limits.max_depth"
         );
+    }
+
+    #[test]
+    fn sentinel_and_replica_keys_are_checked_against_each_other() {
+        let sentinels = "[database]\nsentinels = [\"127.0.0.1:26379\", \"[::1]:26380\"]\n\
+                         master_name = \"orders\"\nmin_replicas = 1\nrequire_aof = true\n\
+                         [cluster]\nsecret = \"s\"\n";
+        let config = Config::from_toml(sentinels).unwrap();
+        config.validate().unwrap();
+        assert!(config.is_cluster());
+        assert_eq!(config.database.min_replicas, 1);
+        let plain = Config::from_toml(
+            "[database]\nurl = \"redis://127.0.0.1:6379\"\nmin_replicas = 2\n[cluster]\nsecret = \"s\"\n",
+        )
+        .unwrap();
+        plain.validate().unwrap();
+        for (text, key, needle) in [
+            (
+                "[database]\nurl = \"redis://a:1\"\nsentinels = [\"a:2\"]\nmaster_name = \"m\"\n",
+                "database.sentinels",
+                "not both",
+            ),
+            (
+                "[database]\nsentinels = [\"a:2\"]\n",
+                "database.master_name",
+                "required",
+            ),
+            (
+                "[database]\nsentinels = [\"a\"]\nmaster_name = \"m\"\n",
+                "database.sentinels",
+                "host:port",
+            ),
+            (
+                "[database]\nsentinels = [\":26379\"]\nmaster_name = \"m\"\n",
+                "database.sentinels",
+                "host:port",
+            ),
+            (
+                "[database]\nmaster_name = \"m\"\n",
+                "database.master_name",
+                "only used with database.sentinels",
+            ),
+            (
+                "[database]\nmin_replicas = 1\n",
+                "database.min_replicas",
+                "only used with Redis",
+            ),
+            (
+                "[database]\nrequire_aof = true\n",
+                "database.require_aof",
+                "only used with Redis",
+            ),
+            (
+                "[database]\nsentinels = [\"a:2\"]\nmaster_name = \"m\"\n",
+                "cluster.secret",
+                "required",
+            ),
+        ] {
+            let error = Config::from_toml(text).unwrap().validate().unwrap_err();
+            assert_eq!(error.key, key, "{text}: {error}");
+            assert!(error.problem.contains(needle), "{text}: {error}");
+        }
+        assert_eq!(
+            Config::from_toml("[database]\nmin_replicas = -1\n")
+                .unwrap_err()
+                .key,
+            "database.min_replicas"
+        );
+        // --redis names the one Redis to use, in place of the file's sentinels.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, sentinels).unwrap();
+        let overrides = Overrides {
+            redis: Some("redis://127.0.0.1:6390".into()),
+            ..Overrides::default()
+        };
+        let config = Config::load(Some(&path), &overrides).unwrap();
+        assert_eq!(config.database.url, "redis://127.0.0.1:6390");
+        assert!(config.database.sentinels.is_empty());
+        assert!(config.database.master_name.is_empty());
     }
 
     fn step_error(section: &str) -> ConfigError {

@@ -9,7 +9,7 @@ use crate::pipeline::{self, http, Gate, Handlers, Http, Job, Pool, Simulate, Ste
 use crate::service::OrderService;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::metered::MeteredStore;
-use crate::store::redis::{Connections, RedisStore};
+use crate::store::redis::{startup, Connections, RedisStore};
 use crate::store::OrderStore;
 use anyhow::Context;
 use std::future::Future;
@@ -126,11 +126,14 @@ pub async fn run(
     let (store, pool, cluster): (Arc<dyn OrderStore>, Arc<Pool>, Option<Arc<Cluster>>) =
         if config.is_cluster() {
             // The order store and the coordinator share one set of connections to Redis.
-            let redis = Arc::new(Connections::connect(
-                &config.database.url,
-                config.database.pool_size.get(),
-                config.database.timeout,
-            )?);
+            let redis = Arc::new(Connections::open(&config.database)?);
+            tokio::select! {
+                checked = startup::check(&redis, &config.database) => checked?,
+                () = &mut shutdown => {
+                    info!("told to stop while starting; stopping");
+                    return Ok(());
+                }
+            }
             let orders: Arc<dyn OrderStore> = Arc::new(RedisStore::new(Arc::clone(&redis)));
             let coordinator: Arc<dyn Coordinator> = Arc::new(RedisCoordinator::new(redis));
             let store: Arc<dyn OrderStore> =

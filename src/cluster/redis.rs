@@ -114,7 +114,7 @@ impl RedisCoordinator {
     /// Releases the lease at `key` if `holder` holds it.
     async fn release(&self, key: &str, holder: &str) -> Result<(), StoreError> {
         self.redis
-            .query::<i64, _>(self.release.key(key).arg(holder))
+            .write::<i64, _>(self.release.key(key).arg(holder))
             .await?;
         Ok(())
     }
@@ -125,7 +125,7 @@ impl Coordinator for RedisCoordinator {
     async fn register_node(&self, node: &str, http_addr: &str) -> Result<(), StoreError> {
         let mut register = redis::cmd("HSET");
         register.arg(NODES).arg(node).arg(http_addr);
-        self.redis.query::<i64, _>(&register).await?;
+        self.redis.write::<i64, _>(&register).await?;
         Ok(())
     }
 
@@ -137,13 +137,13 @@ impl Coordinator for RedisCoordinator {
         let mut forget = redis::pipe();
         forget.cmd("HDEL").arg(NODES).arg(node).ignore();
         forget.cmd("HDEL").arg(ALIVE_UNTIL).arg(node).ignore();
-        self.redis.query::<(), _>(&forget).await
+        self.redis.write::<(), _>(&forget).await
     }
 
     async fn remember_node(&self, node: &str) -> Result<bool, StoreError> {
         let mut remember = redis::cmd("HSETNX");
         remember.arg(NODES).arg(node).arg("");
-        let added: i64 = self.redis.query(&remember).await?;
+        let added: i64 = self.redis.write(&remember).await?;
         Ok(added == 1)
     }
 
@@ -171,7 +171,7 @@ impl Coordinator for RedisCoordinator {
             .arg(millis(ttl))
             .arg(&lease.node)
             .arg(&lease.http_addr);
-        let holder: Option<String> = self.redis.query(&renew).await?;
+        let holder: Option<String> = self.redis.write(&renew).await?;
         Ok(match holder {
             None => Renewal::Held,
             Some(holder) => Renewal::HeldBy(holder),
@@ -191,14 +191,14 @@ impl Coordinator for RedisCoordinator {
     async fn acquire_leader(&self, holder: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
         let mut acquire = self.acquire.key(LEADER);
         acquire.key(LEADER_FENCE).arg(holder).arg(millis(ttl));
-        let token: u64 = self.redis.query(&acquire).await?;
+        let token: u64 = self.redis.write(&acquire).await?;
         Ok((token > 0).then_some(token))
     }
 
     async fn renew_leader(&self, holder: &str, ttl: Duration) -> Result<bool, StoreError> {
         let mut renew = self.renew.key(LEADER);
         renew.arg(holder).arg(millis(ttl));
-        let renewed: i64 = self.redis.query(&renew).await?;
+        let renewed: i64 = self.redis.write(&renew).await?;
         Ok(renewed == 1)
     }
 

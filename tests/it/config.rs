@@ -9,14 +9,14 @@ use std::time::Duration;
 use crate::harness::{port as free_port, spawn, tail};
 
 /// How the binary ended and what it wrote to stderr.
-struct Outcome {
-    status: ExitStatus,
-    stderr: String,
+pub(crate) struct Outcome {
+    pub status: ExitStatus,
+    pub stderr: String,
 }
 
 /// Runs the binary with `config` (if any) as `--config`, a temp `--data-dir`, a free `--listen`
 /// port unless `args` has its own, then `args`; waits for it to exit (it must, within 20 s).
-async fn run_to_exit(config: Option<&str>, args: &[&str]) -> Outcome {
+pub(crate) async fn run_to_exit(config: Option<&str>, args: &[&str]) -> Outcome {
     let dir = tempfile::tempdir().expect("create a temp dir");
     let mut full_args: Vec<String> = Vec::new();
     if let Some(config) = config {
@@ -199,6 +199,29 @@ async fn bad_http_step_sections_exit_64_naming_the_step_and_key() {
         ),
     ] {
         let config = format!("[steps.Processing]\n{section}");
+        let outcome = run_to_exit(Some(&config), &[]).await;
+        assert_usage_error(&outcome, needle, &config);
+    }
+}
+
+#[tokio::test]
+async fn bad_sentinel_and_replica_settings_exit_64_naming_the_key() {
+    let secret = "[cluster]\nsecret = \"s\"\n";
+    for (database, needle) in [
+        (
+            "url = \"redis://127.0.0.1:6379\"\nsentinels = [\"127.0.0.1:26379\"]\nmaster_name = \"orders\"\n",
+            "database.sentinels",
+        ),
+        ("sentinels = [\"127.0.0.1:26379\"]\n", "database.master_name"),
+        (
+            "sentinels = [\"127.0.0.1\"]\nmaster_name = \"orders\"\n",
+            "database.sentinels",
+        ),
+        ("master_name = \"orders\"\n", "database.master_name"),
+        ("min_replicas = 1\n", "database.min_replicas"),
+        ("require_aof = true\n", "database.require_aof"),
+    ] {
+        let config = format!("{secret}[database]\n{database}");
         let outcome = run_to_exit(Some(&config), &[]).await;
         assert_usage_error(&outcome, needle, &config);
     }

@@ -28,6 +28,8 @@
 //! - `store`      — the Redis store under a real `redis-server`: crashes, timeouts, lost replies
 //! - `takeover`   — takeovers that fail part-way, and the takeover bound when gossip is wrong
 //! - `proxy`      — a TCP proxy in front of Redis that cuts connections and loses replies
+//! - `sentinel`   — a Sentinel failover followed without a restart, replicated acknowledgements
+//!   (`min_replicas`), start-up refusal on a Redis weaker than the config
 
 #![forbid(unsafe_code)]
 
@@ -49,6 +51,7 @@ mod status_page;
 
 mod bench;
 mod cluster;
+mod sentinel;
 mod service;
 mod store;
 mod stuck;

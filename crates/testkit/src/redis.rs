@@ -199,3 +199,157 @@ impl RedisServer {
         self.launch()
     }
 }
+
+/// Runs `redis-cli -p port args…` and returns its answer, trimmed; `None` when redis-cli cannot
+/// run or fails.
+fn cli_at(port: u16, args: &[&str]) -> Option<String> {
+    let output = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+/// The value of `field` in an answer of `redis-cli` made of `field:value` lines (`INFO`) or of
+/// alternating field and value lines (`SENTINEL MASTER`).
+fn field_of(answer: &str, field: &str) -> Option<String> {
+    let lines: Vec<&str> = answer.lines().map(str::trim).collect();
+    lines
+        .iter()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .or_else(|| {
+            let at = lines.iter().position(|line| *line == field)?;
+            lines.get(at + 1).copied()
+        })
+        .map(str::to_string)
+}
+
+impl RedisServer {
+    /// Starts one in a temp dir (like [`RedisServer::start`]) as a replica of `primary`, and
+    /// returns once its link to the primary is up. Fails the test if it cannot.
+    pub fn start_replica_of(primary: &RedisServer) -> RedisServer {
+        let replica = RedisServer::start();
+        let port = primary.port.to_string();
+        replica.cli(&["REPLICAOF", &primary.host.to_string(), &port]);
+        let deadline = Instant::now() + STARTUP;
+        while replica
+            .info_field("replication", "master_link_status")
+            .as_deref()
+            != Some("up")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "replica on port {} did not connect to its primary on port {port} within {STARTUP:?}",
+                replica.port
+            );
+            std::thread::sleep(crate::POLL);
+        }
+        replica
+    }
+
+    /// One field of `INFO section` (`role`, `connected_slaves`, …), if Redis answers.
+    pub fn info_field(&self, section: &str, field: &str) -> Option<String> {
+        field_of(&cli_at(self.port, &["INFO", section])?, field)
+    }
+}
+
+/// A real `redis-sentinel` on a free loopback port watching one primary under a name, with
+/// short timings (down after 1 s) so that a failover takes a few seconds. Its config file (which
+/// Sentinel rewrites) lives in a temp dir; the process is killed by pid when dropped, before the
+/// dir is removed.
+pub struct RedisSentinel {
+    pub port: u16,
+    process: Proc,
+    dir: TempDir,
+}
+
+impl RedisSentinel {
+    /// Starts one watching `primary` as `name`; `quorum` sentinels must agree it is down.
+    /// Returns once it answers PING. Fails the test if it cannot.
+    pub fn start(primary: &RedisServer, name: &str, quorum: usize) -> RedisSentinel {
+        Self::try_start(primary, name, quorum).unwrap_or_else(|error| {
+            panic!("cannot start redis-sentinel (scripts/test installs it): {error}")
+        })
+    }
+
+    fn try_start(
+        primary: &RedisServer,
+        name: &str,
+        quorum: usize,
+    ) -> std::io::Result<RedisSentinel> {
+        let dir = tempfile::tempdir()?;
+        let port = crate::free_port()?;
+        let config = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\n\
+                 sentinel monitor {name} {host} {primary_port} {quorum}\n\
+                 sentinel down-after-milliseconds {name} 1000\n\
+                 sentinel failover-timeout {name} 4000\n\
+                 sentinel parallel-syncs {name} 1\n",
+                dir = dir.path().display(),
+                host = primary.host,
+                primary_port = primary.port,
+            ),
+        )?;
+        let log = dir.path().join("sentinel.log");
+        let child = Command::new("redis-sentinel")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(append(&log)?)
+            .stderr(append(&log)?)
+            .spawn()?;
+        let mut sentinel = RedisSentinel {
+            port,
+            process: Proc::from_child(child),
+            dir,
+        };
+        let deadline = Instant::now() + STARTUP;
+        while cli_at(port, &["PING"]).as_deref() != Some("PONG") {
+            if let Some(status) = sentinel.process.try_exit() {
+                return Err(std::io::Error::other(format!(
+                    "redis-sentinel on port {port} exited at start: {status}\n{}",
+                    crate::tail(&log, 20)
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::other(format!(
+                    "redis-sentinel on port {port} did not answer PING within {STARTUP:?}"
+                )));
+            }
+            std::thread::sleep(crate::POLL);
+        }
+        Ok(sentinel)
+    }
+
+    /// `127.0.0.1:PORT`, as a node's `database.sentinels` names it.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The port of the primary this sentinel names for `name` now.
+    pub fn primary_port(&self, name: &str) -> Option<u16> {
+        let answer = cli_at(self.port, &["SENTINEL", "get-master-addr-by-name", name])?;
+        answer.lines().nth(1)?.trim().parse().ok()
+    }
+
+    /// True once this sentinel knows `sentinels` other sentinels and `replicas` replicas of `name`.
+    pub fn knows(&self, name: &str, sentinels: usize, replicas: usize) -> bool {
+        let Some(master) = cli_at(self.port, &["SENTINEL", "MASTER", name]) else {
+            return false;
+        };
+        let count = |field: &str| field_of(&master, field).and_then(|value| value.parse().ok());
+        count("num-other-sentinels") == Some(sentinels) && count("num-slaves") == Some(replicas)
+    }
+
+    /// The sentinel's log, for assertion messages.
+    pub fn log_tail(&self) -> String {
+        crate::tail(&self.dir.path().join("sentinel.log"), 40)
+    }
+}

@@ -1,10 +1,18 @@
 //! The connections to one Redis that the order store and the cluster coordinator share, and
 //! [`Connections::query`], the one way to send them a request, bounded by the store timeout.
+//! [`Connections::write`] sends a write the same way, and with `database.min_replicas` counts it
+//! done only once that many replicas acknowledged it.
+//!
+//! The Redis is either at a fixed address or, with Sentinel, wherever the sentinels say the
+//! primary is: they are asked each time a connection is opened, and a connection is dropped on
+//! any failure, so the node follows a failover without a restart.
 
+use crate::config::DatabaseConfig;
 use crate::store::StoreError;
 use deadpool_redis::redis::aio::MultiplexedConnection;
+use deadpool_redis::redis::sentinel::Sentinel;
 use deadpool_redis::redis::{
-    self, AsyncConnectionConfig, FromRedisValue, RedisResult, Script, ScriptInvocation,
+    self, AsyncConnectionConfig, FromRedisValue, RedisResult, Script, ScriptInvocation, Value,
 };
 use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::BoxFuture;
@@ -14,8 +22,9 @@ use tokio::sync::Mutex;
 
 /// A node's connections to its Redis, shared by all that node's Redis users.
 pub struct Connections {
-    /// Opens connections; they are then kept and shared, not checked out per operation.
-    pool: Pool,
+    /// Where new connections come from; they are then kept and shared, not checked out per
+    /// operation.
+    source: Source,
     /// A few multiplexed connections, each shared by every task: redis-rs pipelines concurrent
     /// requests on one socket, so a handful is faster than a pool checkout (which costs a PING
     /// round trip) per operation. A slot is emptied when its connection fails and refilled on
@@ -24,13 +33,57 @@ pub struct Connections {
     slots: Vec<Mutex<Option<MultiplexedConnection>>>,
     next_slot: AtomicUsize,
     timeout: Duration,
+    /// Replicas that must acknowledge each [`Connections::write`]; 0 does not wait.
+    min_replicas: usize,
+}
+
+/// Where connections are opened.
+enum Source {
+    /// One Redis at a fixed address.
+    Direct(Pool),
+    /// The primary the sentinels name at the time. Why a lock: a lookup needs the sentinel
+    /// client mutably (it caches its connections to the sentinels).
+    Sentinel(Box<(Mutex<Primary>, AsyncConnectionConfig)>),
+}
+
+/// The sentinels, the name they know the primary by, and the primary they named last.
+struct Primary {
+    sentinel: Sentinel,
+    master_name: String,
+    /// `host:port` of the primary last connected to, to log a failover once.
+    last: Option<String>,
 }
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(error.to_string())
 }
 
+/// The store timeout bounds connecting and every answer inside redis-rs too: left to its
+/// defaults, redis-rs gives up on an answer after 0.5 s whatever the store timeout says.
+fn connection_config(timeout: Duration) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+}
+
 impl Connections {
+    /// The connections `database` asks for: to `url`, or to the primary its `sentinels` name,
+    /// with its `min_replicas`. Nothing is contacted yet; the first request connects.
+    pub fn open(database: &DatabaseConfig) -> Result<Connections, StoreError> {
+        let pool_size = database.pool_size.get();
+        let connections = if database.sentinels.is_empty() {
+            Connections::connect(&database.url, pool_size, database.timeout)?
+        } else {
+            Connections::connect_sentinel(
+                &database.sentinels,
+                &database.master_name,
+                pool_size,
+                database.timeout,
+            )?
+        };
+        Ok(connections.with_min_replicas(database.min_replicas))
+    }
+
     /// Up to `pool_size` connections to `url`. Nothing is contacted yet; the first request
     /// connects.
     pub fn connect(
@@ -38,11 +91,7 @@ impl Connections {
         pool_size: usize,
         timeout: Duration,
     ) -> Result<Connections, StoreError> {
-        // The store timeout bounds connecting and every answer inside redis-rs too: left to its
-        // defaults, redis-rs gives up on an answer after 0.5 s whatever the store timeout says.
-        let connection_config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout));
+        let connection_config = connection_config(timeout);
         let bad_url = |error: &dyn std::fmt::Display| {
             StoreError::Unavailable(format!("bad redis url {url}: {error}"))
         };
@@ -61,12 +110,81 @@ impl Connections {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|error| bad_url(&error))?;
-        Ok(Connections {
-            pool,
+        Ok(Connections::new(Source::Direct(pool), pool_size, timeout))
+    }
+
+    /// Up to `pool_size` connections to the primary that the sentinels (`host:port` each) name
+    /// for `master_name`, asked again whenever a connection is opened. Nothing is contacted yet.
+    pub fn connect_sentinel(
+        sentinels: &[String],
+        master_name: &str,
+        pool_size: usize,
+        timeout: Duration,
+    ) -> Result<Connections, StoreError> {
+        let urls: Vec<String> = sentinels
+            .iter()
+            .map(|address| format!("redis://{address}"))
+            .collect();
+        let sentinel = Sentinel::build(urls).map_err(|error| {
+            StoreError::Unavailable(format!("bad sentinel addresses {sentinels:?}: {error}"))
+        })?;
+        let primary = Primary {
+            sentinel,
+            master_name: master_name.to_string(),
+            last: None,
+        };
+        let source = Source::Sentinel(Box::new((Mutex::new(primary), connection_config(timeout))));
+        Ok(Connections::new(source, pool_size, timeout))
+    }
+
+    fn new(source: Source, pool_size: usize, timeout: Duration) -> Connections {
+        Connections {
+            source,
             slots: (0..pool_size.max(1)).map(|_| Mutex::new(None)).collect(),
             next_slot: AtomicUsize::new(0),
             timeout,
-        })
+            min_replicas: 0,
+        }
+    }
+
+    /// Makes every write wait for `replicas` replicas to acknowledge it (`WAIT`); fewer is
+    /// [`StoreError::Unavailable`].
+    pub fn with_min_replicas(mut self, replicas: usize) -> Connections {
+        self.min_replicas = replicas;
+        self
+    }
+
+    /// How long a write waits for its replicas: a third of the store timeout, so that a short
+    /// count comes back as an answer before the request itself times out (which would also throw
+    /// the connection away), even when Redis had forgotten the write's script and the write and
+    /// its `WAIT` go twice.
+    fn replica_wait(&self) -> Duration {
+        (self.timeout / 3).max(Duration::from_millis(1))
+    }
+
+    /// Sends a write like [`Connections::query`]; with `min_replicas`, it is followed on the
+    /// same connection by `WAIT`, and counts as done only when that many replicas acknowledged
+    /// it in time. Fewer is [`StoreError::Unavailable`]: the write is on the primary, but a
+    /// failover could lose it.
+    pub(crate) async fn write<T, R>(&self, request: &R) -> Result<T, StoreError>
+    where
+        T: FromRedisValue + Send,
+        R: Request + ?Sized,
+    {
+        if self.min_replicas == 0 {
+            return self.query(request).await;
+        }
+        let wait_ms = u64::try_from(self.replica_wait().as_millis()).unwrap_or(u64::MAX);
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(self.min_replicas).arg(wait_ms);
+        let (answer, acknowledged): (T, usize) = self.query(&Acked { request, wait }).await?;
+        if acknowledged < self.min_replicas {
+            return Err(StoreError::Unavailable(format!(
+                "only {acknowledged} of {} replicas acknowledged the write within {wait_ms} ms",
+                self.min_replicas
+            )));
+        }
+        Ok(answer)
     }
 
     /// Sends one request on a shared connection and reads its answer, within the store timeout.
@@ -106,10 +224,63 @@ impl Connections {
         if let Some(connection) = slot.as_ref() {
             return Ok(connection.clone());
         }
-        let connection =
-            deadpool_redis::Connection::take(self.pool.get().await.map_err(unavailable)?);
+        let connection = self.open_connection().await?;
         *slot = Some(connection.clone());
         Ok(connection)
+    }
+
+    /// Opens a connection: to the fixed address, or to the primary the sentinels name now.
+    async fn open_connection(&self) -> Result<MultiplexedConnection, StoreError> {
+        match &self.source {
+            Source::Direct(pool) => Ok(deadpool_redis::Connection::take(
+                pool.get().await.map_err(unavailable)?,
+            )),
+            Source::Sentinel(sentinel) => {
+                let (primary, config) = &**sentinel;
+                let mut primary = primary.lock().await;
+                let Primary {
+                    sentinel,
+                    master_name,
+                    last,
+                } = &mut *primary;
+                // The sentinels' answer is checked: the address they name must say (ROLE) that
+                // it is a primary, so no connection is opened to a replica. One opened before a
+                // failover gets READONLY from a demoted primary, fails, and is dropped.
+                let client =
+                    sentinel
+                        .async_master_for(master_name, None)
+                        .await
+                        .map_err(|error| {
+                            StoreError::Unavailable(format!(
+                                "no primary for {master_name} from the sentinels: {error}"
+                            ))
+                        })?;
+                let address = client.get_connection_info().addr().to_string();
+                let connection = client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await
+                    .map_err(|error| {
+                        StoreError::Unavailable(format!("redis primary {address}: {error}"))
+                    })?;
+                if last.as_deref() != Some(address.as_str()) {
+                    match last.as_deref() {
+                        Some(previous) => tracing::warn!(
+                            master_name = %master_name,
+                            primary = %address,
+                            previous = %previous,
+                            "redis primary changed"
+                        ),
+                        None => tracing::info!(
+                            master_name = %master_name,
+                            primary = %address,
+                            "redis primary found through sentinel"
+                        ),
+                    }
+                    *last = Some(address);
+                }
+                Ok(connection)
+            }
+        }
     }
 }
 
@@ -119,26 +290,141 @@ pub(crate) trait Request: Sync {
         &'a self,
         connection: &'a mut MultiplexedConnection,
     ) -> BoxFuture<'a, RedisResult<T>>;
+
+    /// This request as a pipeline that a `WAIT` can join, so that both take one round trip;
+    /// `None` when it cannot (a transaction: `WAIT` inside `MULTI` would not wait).
+    fn pipelined(&self) -> Option<Pipelined> {
+        None
+    }
+
+    /// Loads the scripts this request calls, once Redis has answered that it does not know them.
+    fn load_scripts<'a>(
+        &'a self,
+        _connection: &'a mut MultiplexedConnection,
+    ) -> BoxFuture<'a, RedisResult<()>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
+/// A request put in a pipeline of its own (see [`Request::pipelined`]).
+pub(crate) struct Pipelined {
+    pipeline: redis::Pipeline,
+    /// The request is one command: its answer is the pipeline's first, not the list of them.
+    single: bool,
 }
 
 /// Commands, pipelines and lone script calls each have their own way to send themselves; a lone
 /// script call loads its script itself when Redis has forgotten it.
 macro_rules! request {
-    ($type:ty, $send:ident) => {
-        impl Request for $type {
-            fn send<'a, T: FromRedisValue + Send + 'a>(
-                &'a self,
-                connection: &'a mut MultiplexedConnection,
-            ) -> BoxFuture<'a, RedisResult<T>> {
-                Box::pin(self.$send(connection))
-            }
+    ($send:ident) => {
+        fn send<'a, T: FromRedisValue + Send + 'a>(
+            &'a self,
+            connection: &'a mut MultiplexedConnection,
+        ) -> BoxFuture<'a, RedisResult<T>> {
+            Box::pin(self.$send(connection))
         }
     };
 }
 
-request!(redis::Cmd, query_async);
-request!(redis::Pipeline, query_async);
-request!(ScriptInvocation<'_>, invoke_async);
+impl Request for redis::Cmd {
+    request!(query_async);
+
+    fn pipelined(&self) -> Option<Pipelined> {
+        let mut pipeline = redis::pipe();
+        pipeline.add_command(self.clone());
+        Some(Pipelined {
+            pipeline,
+            single: true,
+        })
+    }
+}
+
+/// A pipeline may be a transaction (`MULTI`/`EXEC`), which a `WAIT` must not join: it is sent
+/// after it.
+impl Request for redis::Pipeline {
+    request!(query_async);
+}
+
+impl Request for ScriptInvocation<'_> {
+    request!(invoke_async);
+
+    fn pipelined(&self) -> Option<Pipelined> {
+        let mut pipeline = redis::pipe();
+        pipeline.invoke_script(self);
+        Some(Pipelined {
+            pipeline,
+            single: true,
+        })
+    }
+
+    fn load_scripts<'a>(
+        &'a self,
+        connection: &'a mut MultiplexedConnection,
+    ) -> BoxFuture<'a, RedisResult<()>> {
+        Box::pin(async move { self.load_async(connection).await.map(drop) })
+    }
+}
+
+/// Sends `pipeline`, which holds calls of the scripts of `request`; when Redis has forgotten them
+/// (restarted, failed over), nothing of the pipeline's scripts ran: they are loaded and the
+/// pipeline is sent once more, so it must be idempotent.
+async fn query_loading<T: FromRedisValue + Send, R: Request + ?Sized>(
+    pipeline: &redis::Pipeline,
+    request: &R,
+    connection: &mut MultiplexedConnection,
+) -> RedisResult<T> {
+    match pipeline.query_async::<T>(connection).await {
+        Err(error)
+            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
+            request.load_scripts(connection).await?;
+            pipeline.query_async::<T>(connection).await
+        }
+        other => other,
+    }
+}
+
+/// A write followed by `WAIT` on the same connection: see [`Connections::write`].
+struct Acked<'a, R: ?Sized> {
+    request: &'a R,
+    wait: redis::Cmd,
+}
+
+impl<R: Request + ?Sized> Request for Acked<'_, R> {
+    /// Answers `(the write's answer, replicas that acknowledged it)`, in one round trip when the
+    /// write can share a pipeline with the `WAIT`.
+    fn send<'a, T: FromRedisValue + Send + 'a>(
+        &'a self,
+        connection: &'a mut MultiplexedConnection,
+    ) -> BoxFuture<'a, RedisResult<T>> {
+        Box::pin(async move {
+            let (answer, acknowledged) = match self.request.pipelined() {
+                Some(Pipelined {
+                    mut pipeline,
+                    single,
+                }) => {
+                    pipeline.add_command(self.wait.clone());
+                    let mut answers: Vec<Value> =
+                        query_loading(&pipeline, self.request, connection).await?;
+                    let acknowledged = answers.pop().unwrap_or(Value::Int(0));
+                    let answer = match single {
+                        true => answers.pop().unwrap_or(Value::Nil),
+                        false => Value::Array(answers),
+                    };
+                    (answer, acknowledged)
+                }
+                None => {
+                    let answer: Value = self.request.send(connection).await?;
+                    (answer, self.wait.query_async(connection).await?)
+                }
+            };
+            Ok(T::from_redis_value(Value::Array(vec![
+                answer,
+                acknowledged,
+            ]))?)
+        })
+    }
+}
 
 /// A pipeline that holds script calls. When Redis has forgotten the scripts (after a restart),
 /// `scripts` are loaded and the pipeline is sent once more, so it must be idempotent.
@@ -152,19 +438,25 @@ impl Request for Scripted<'_> {
         &'a self,
         connection: &'a mut MultiplexedConnection,
     ) -> BoxFuture<'a, RedisResult<T>> {
+        Box::pin(query_loading(self.pipeline, self, connection))
+    }
+
+    fn pipelined(&self) -> Option<Pipelined> {
+        Some(Pipelined {
+            pipeline: self.pipeline.clone(),
+            single: false,
+        })
+    }
+
+    fn load_scripts<'a>(
+        &'a self,
+        connection: &'a mut MultiplexedConnection,
+    ) -> BoxFuture<'a, RedisResult<()>> {
         Box::pin(async move {
-            match self.pipeline.query_async::<T>(connection).await {
-                Err(error)
-                    if error.kind()
-                        == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    for script in self.scripts {
-                        script.prepare_invoke().load_async(connection).await?;
-                    }
-                    self.pipeline.query_async::<T>(connection).await
-                }
-                other => other,
+            for script in self.scripts {
+                script.prepare_invoke().load_async(connection).await?;
             }
+            Ok(())
         })
     }
 }

@@ -1,7 +1,8 @@
 //! The Redis store, for clusters: every node reads and writes the same Redis.
 //!
-//! - [`Connections`]: the connections every Redis user of a node shares, and the one way to
-//!   send a request on them.
+//! - [`Connections`]: the connections every Redis user of a node shares (to one address, or to
+//!   the primary Redis Sentinel names), and the one way to send a request on them.
+//! - [`startup`]: the primary's replication and persistence, checked before a node starts.
 //! - [`keys`]: the key layout, order storage and cluster coordination alike.
 //! - [`RedisStore`]: the [`OrderStore`](super::OrderStore) on Redis, its Lua scripts in
 //!   `scripts`. The cluster's coordinator shares its connections.
@@ -16,6 +17,7 @@ mod conn;
 pub mod keys;
 mod orders;
 mod scripts;
+pub mod startup;
 
 pub use conn::Connections;
 pub use orders::RedisStore;

@@ -123,14 +123,14 @@ impl RedisStore {
         )?)))
     }
 
-    /// Sends a pipeline that holds calls of this store's scripts.
+    /// Sends a pipeline of writes that holds calls of this store's scripts.
     async fn scripted<T: redis::FromRedisValue + Send>(
         &self,
         pipeline: &redis::Pipeline,
     ) -> Result<T, StoreError> {
         let scripts = self.scripts.pipelined();
         self.redis
-            .query(&Scripted {
+            .write(&Scripted {
                 pipeline,
                 scripts: &scripts,
             })
@@ -211,7 +211,7 @@ impl RedisStore {
             } else {
                 "0"
             });
-        let answer: Vec<Option<String>> = self.redis.query(&create).await?;
+        let answer: Vec<Option<String>> = self.redis.write(&create).await?;
         let mut answer = answer.into_iter();
         let outcome = answer.next().flatten().unwrap_or_default();
         let detail = answer.next().flatten();
@@ -364,7 +364,7 @@ impl OrderStore for RedisStore {
             .arg(order.current_step.as_str())
             .arg(&id)
             .arg(order.revision);
-        let outcome: String = self.redis.query(&commit).await?;
+        let outcome: String = self.redis.write(&commit).await?;
         commit_outcome(&outcome)
     }
 
@@ -372,7 +372,7 @@ impl OrderStore for RedisStore {
         let key = order_key(&id.to_string());
         let reply: Value = self
             .redis
-            .query(self.scripts.cancel.key(&key).arg(user))
+            .write(self.scripts.cancel.key(&key).arg(user))
             .await?;
         let fields: Option<Vec<Option<String>>> =
             redis::FromRedisValue::from_redis_value(reply).map_err(corrupt)?;
@@ -409,7 +409,7 @@ impl OrderStore for RedisStore {
                 .arg(state_name(&next))
                 .arg(next.current_step.as_str())
                 .arg(id.to_string());
-            let outcome: String = self.redis.query(&reopen).await?;
+            let outcome: String = self.redis.write(&reopen).await?;
             match outcome.as_str() {
                 "ok" => return Ok(RetryRollbackOutcome::Accepted(next)),
                 "missing" => return Err(StoreError::NotFound),
@@ -502,7 +502,7 @@ impl OrderStore for RedisStore {
         let id = id.to_string();
         let mut disown = self.scripts.disown.key(order_key(&id));
         disown.key(owned_key(node)).arg(node).arg(&id);
-        let removed: i64 = self.redis.query(&disown).await?;
+        let removed: i64 = self.redis.write(&disown).await?;
         Ok(removed == 1)
     }
 
@@ -520,7 +520,7 @@ impl OrderStore for RedisStore {
             .arg(&id)
             .arg(entry)
             .ignore();
-        self.redis.query::<(), _>(&both).await
+        self.redis.write::<(), _>(&both).await
     }
 
     async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
@@ -551,10 +551,11 @@ impl OrderStore for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         // A write, not a PING: a Redis that answers but refuses writes (MISCONF after a failed
-        // save, OOM at maxmemory, READONLY on a replica) cannot keep orders either.
+        // save, OOM at maxmemory, READONLY on a replica) cannot keep orders either; nor can one
+        // whose replicas do not acknowledge writes when `database.min_replicas` asks them to.
         let mut probe = redis::cmd("SET");
         probe.arg(PROBE).arg(1).arg("PX").arg(60_000);
-        self.redis.query::<(), _>(&probe).await
+        self.redis.write::<(), _>(&probe).await
     }
 }
 

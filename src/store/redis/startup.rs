@@ -1,0 +1,192 @@
+//! What a node checks of its Redis before it starts: the primary's replication and persistence
+//! (`INFO replication`, `INFO persistence`, `CONFIG GET appendfsync`), logged once, and refused
+//! when weaker than `database.min_replicas` or `database.require_aof` ask.
+
+use super::conn::Connections;
+use crate::config::DatabaseConfig;
+use crate::store::StoreError;
+use deadpool_redis::redis;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Longest wait between two attempts to read a Redis that does not answer yet.
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The replication and persistence of the Redis a node writes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisInfo {
+    /// `master` or `slave`, as `INFO replication` says.
+    pub role: String,
+    pub connected_replicas: usize,
+    pub aof_enabled: bool,
+    /// `always`, `everysec` or `no`; `None` when `CONFIG GET` is refused (renamed or disabled).
+    pub appendfsync: Option<String>,
+}
+
+/// The `field:value` lines of an `INFO` answer; section headers (`# Replication`) are skipped.
+fn fields(text: &str) -> impl Iterator<Item = (&str, &str)> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.trim_end().split_once(':'))
+}
+
+fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    fields(text).find_map(|(key, value)| (key == name).then_some(value))
+}
+
+impl RedisInfo {
+    /// Reads the answers to `INFO replication` and `INFO persistence`.
+    pub fn parse(
+        replication: &str,
+        persistence: &str,
+        appendfsync: Option<String>,
+    ) -> Result<RedisInfo, StoreError> {
+        let missing = |name: &str| StoreError::Corrupt(format!("redis INFO has no `{name}` field"));
+        let role = field(replication, "role").ok_or_else(|| missing("role"))?;
+        let replicas = field(replication, "connected_slaves").unwrap_or("0");
+        let connected_replicas = replicas
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("connected_slaves `{replicas}`")))?;
+        let aof = field(persistence, "aof_enabled").ok_or_else(|| missing("aof_enabled"))?;
+        Ok(RedisInfo {
+            role: role.to_string(),
+            connected_replicas,
+            aof_enabled: aof == "1",
+            appendfsync,
+        })
+    }
+
+    /// Why a node configured with `database` must not start on this Redis, if it must not.
+    pub fn shortfall(&self, database: &DatabaseConfig) -> Option<String> {
+        if self.connected_replicas < database.min_replicas {
+            return Some(format!(
+                "redis has {} connected replicas but database.min_replicas = {}: every write would fail; \
+                 attach replicas (replicaof) or lower database.min_replicas",
+                self.connected_replicas, database.min_replicas
+            ));
+        }
+        if database.require_aof && !self.aof_enabled {
+            return Some(
+                "redis has its append-only file off but database.require_aof = true: \
+                 start it with --appendonly yes (and --appendfsync always for every write on disk)"
+                    .to_string(),
+            );
+        }
+        None
+    }
+}
+
+/// Reads the replication and persistence of the Redis `connections` write to (the primary, with
+/// Sentinel).
+pub async fn read(connections: &Connections) -> Result<RedisInfo, StoreError> {
+    let replication: String = connections
+        .query(redis::cmd("INFO").arg("replication"))
+        .await?;
+    let persistence: String = connections
+        .query(redis::cmd("INFO").arg("persistence"))
+        .await?;
+    // CONFIG is often renamed or disabled on managed Redis: then appendfsync is just unknown.
+    let appendfsync = match connections
+        .query::<Vec<String>, _>(redis::cmd("CONFIG").arg("GET").arg("appendfsync"))
+        .await
+    {
+        Ok(pair) => pair.into_iter().nth(1),
+        Err(error) => {
+            info!(error = %error, "cannot read redis appendfsync (CONFIG GET refused)");
+            None
+        }
+    };
+    RedisInfo::parse(&replication, &persistence, appendfsync)
+}
+
+/// Reads the Redis's replication and persistence, retrying until it answers, and logs them;
+/// fails when they are weaker than `database` asks.
+pub async fn check(connections: &Connections, database: &DatabaseConfig) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(100);
+    let info = loop {
+        match read(connections).await {
+            Ok(info) => break info,
+            Err(error) => {
+                warn!(error = %error, "cannot read redis replication and persistence, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
+    };
+    info!(
+        role = %info.role,
+        connected_replicas = info.connected_replicas,
+        aof_enabled = info.aof_enabled,
+        appendfsync = info.appendfsync.as_deref().unwrap_or("unknown"),
+        min_replicas = database.min_replicas,
+        "redis replication and persistence"
+    );
+    if info.role != "master" {
+        warn!(role = %info.role, "redis is not a primary: writes will fail until it is one");
+    }
+    match info.shortfall(database) {
+        Some(problem) => Err(anyhow::anyhow!("refusing to start: {problem}")),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RedisInfo;
+    use crate::config::DatabaseConfig;
+
+    const REPLICATION: &str = "# Replication\r\nrole:master\r\nconnected_slaves:1\r\n\
+        slave0:ip=127.0.0.1,port=6380,state=online,offset=42,lag=0\r\nmaster_repl_offset:42\r\n";
+    const PERSISTENCE: &str =
+        "# Persistence\r\nloading:0\r\naof_enabled:0\r\naof_rewrite_in_progress:0\r\n";
+
+    #[test]
+    fn info_answers_give_role_replicas_and_aof() {
+        let info = RedisInfo::parse(REPLICATION, PERSISTENCE, Some("everysec".into())).unwrap();
+        assert_eq!(
+            info,
+            RedisInfo {
+                role: "master".into(),
+                connected_replicas: 1,
+                aof_enabled: false,
+                appendfsync: Some("everysec".into()),
+            }
+        );
+        let with_aof = PERSISTENCE.replace("aof_enabled:0", "aof_enabled:1");
+        assert!(
+            RedisInfo::parse(REPLICATION, &with_aof, None)
+                .unwrap()
+                .aof_enabled
+        );
+        assert!(RedisInfo::parse("", PERSISTENCE, None).is_err());
+        assert!(RedisInfo::parse(REPLICATION, "", None).is_err());
+        let replica =
+            RedisInfo::parse("role:slave\r\nmaster_host:10.0.0.2\r\n", PERSISTENCE, None).unwrap();
+        assert_eq!(
+            (replica.role.as_str(), replica.connected_replicas),
+            ("slave", 0)
+        );
+    }
+
+    #[test]
+    fn a_redis_weaker_than_the_config_is_refused() {
+        let info = RedisInfo::parse(REPLICATION, PERSISTENCE, None).unwrap();
+        let mut database = DatabaseConfig::default();
+        assert_eq!(info.shortfall(&database), None);
+        database.min_replicas = 1;
+        assert_eq!(info.shortfall(&database), None);
+        database.min_replicas = 2;
+        let problem = info.shortfall(&database).unwrap();
+        assert!(problem.contains("1 connected replicas"), "{problem}");
+        assert!(problem.contains("database.min_replicas = 2"), "{problem}");
+        database.min_replicas = 0;
+        database.require_aof = true;
+        let problem = info.shortfall(&database).unwrap();
+        assert!(problem.contains("database.require_aof"), "{problem}");
+        let aof = RedisInfo {
+            aof_enabled: true,
+            ..info
+        };
+        assert_eq!(aof.shortfall(&database), None);
+    }
+}

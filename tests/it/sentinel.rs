@@ -1,0 +1,441 @@
+//! Surviving the loss of the Redis host: a node that finds its primary through three real
+//! `redis-sentinel` processes follows a failover after the primary is SIGKILLed, without a
+//! restart; with `database.min_replicas` a write counts only once a replica has it; and a node
+//! refuses to start on a Redis weaker than its config asks. Every process is killed by pid when
+//! its guard is dropped, also when a test fails.
+
+use crate::cluster::{exclusive, SECRET};
+use crate::config::run_to_exit;
+use crate::harness::{pretty, unique_user, Node, RedisServer, POLL};
+use crate::history::assert_completed;
+use order_process::order::OrderId;
+use order_process::store::redis::RedisStore;
+use order_process::store::OrderStore;
+use order_process_testkit::redis::RedisSentinel;
+use reqwest::Method;
+use serde_json::Value;
+use std::time::Duration;
+
+/// The name the sentinels watch the primary under.
+const MASTER: &str = "orders";
+/// Sentinels to agree that the primary is down (of three).
+const QUORUM: usize = 2;
+/// Generous for a failover (down after 1 s, then an election) on two loaded cores.
+const FAILOVER: Duration = Duration::from_secs(40);
+/// How long orders may take to finish once the store answers again.
+const FINISH: Duration = Duration::from_secs(60);
+
+/// Polls `check` until it gives `Some`, failing the test with `what` and `context()` at the
+/// deadline.
+async fn eventually<T, F, Fut>(
+    within: Duration,
+    what: &str,
+    context: impl Fn() -> String,
+    check: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    match order_process_testkit::poll::until(within, POLL, check).await {
+        Some(value) => value,
+        None => panic!("{what} within {within:?}\n{}", context()),
+    }
+}
+
+/// Submits an order, retrying while the node answers 503 (its store is failing over); returns
+/// its id once it is accepted.
+async fn submit_when_accepted(node: &Node, user: &str, index: usize) -> String {
+    let body = serde_json::json!({ "n": index }).to_string();
+    eventually(
+        FAILOVER,
+        "no order accepted",
+        || node.log_tail(),
+        || async {
+            let reply = node.post_order(user, &body).await;
+            match reply.status {
+                201 => reply.try_json()?["order_id"].as_str().map(str::to_string),
+                503 => None,
+                _ => panic!(
+                    "unexpected answer to POST /orders: {reply}\n{}",
+                    node.log_tail()
+                ),
+            }
+        },
+    )
+    .await
+}
+
+/// Waits until every order is finished and completed, reading through answers other than 200
+/// while the node's store recovers.
+async fn wait_all_completed(node: &Node, user: &str, ids: &[String]) {
+    for id in ids {
+        let order = eventually(
+            FINISH,
+            &format!("order {id} not finished"),
+            || node.log_tail(),
+            || async {
+                let reply = node.get_order(user, id).await;
+                let order = reply.try_json().filter(|_| reply.status == 200)?;
+                (!order["complete_time"].is_null()).then_some(order)
+            },
+        )
+        .await;
+        assert_completed(&order);
+    }
+}
+
+/// Polls the heartbeat until its status is `status` (`OK`, `DEGRADED`).
+async fn wait_heartbeat(node: &Node, status: &str) -> Value {
+    eventually(
+        Duration::from_secs(30),
+        &format!("heartbeat not {status}"),
+        || node.log_tail(),
+        || async {
+            let reply = node.call(Method::GET, "/diagnostic/heartbeat").send().await;
+            reply
+                .try_json()
+                .filter(|heartbeat| heartbeat["status"] == status)
+        },
+    )
+    .await
+}
+
+/// The leader fencing token as `redis` holds it, once it holds one.
+fn fence(redis: &RedisServer) -> Option<u64> {
+    redis.cli(&["GET", "op:leader:fence"]).parse().ok()
+}
+
+fn node_config(database: &str, step: &str) -> String {
+    format!(
+        "[simulate]\nduration = \"{step}\"\nfailure_rate = 0.0\n\
+         [database]\n{database}timeout = \"1s\"\n\
+         [cluster]\nsecret = \"{SECRET}\"\n"
+    )
+}
+
+#[tokio::test]
+async fn a_node_follows_a_sentinel_failover_without_a_restart_and_its_fence_keeps_growing() {
+    let _one = exclusive().await;
+    let mut primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let sentinels: Vec<RedisSentinel> = (0..3)
+        .map(|_| RedisSentinel::start(&primary, MASTER, QUORUM))
+        .collect();
+    let sentinel_logs = || {
+        sentinels
+            .iter()
+            .map(RedisSentinel::log_tail)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    eventually(
+        Duration::from_secs(30),
+        "sentinels did not find each other and the replica",
+        sentinel_logs,
+        || {
+            std::future::ready(
+                sentinels
+                    .iter()
+                    .all(|sentinel| sentinel.knows(MASTER, 2, 1))
+                    .then_some(()),
+            )
+        },
+    )
+    .await;
+    let addresses: Vec<String> = sentinels
+        .iter()
+        .map(|sentinel| format!("\"{}\"", sentinel.address()))
+        .collect();
+    let database = format!(
+        "sentinels = [{}]\nmaster_name = \"{MASTER}\"\n",
+        addresses.join(", ")
+    );
+    let mut node = Node::start(&node_config(&database, "500ms")).await;
+    assert!(
+        node.log().contains("redis primary found through sentinel"),
+        "{}",
+        node.log_tail()
+    );
+    let user = unique_user("failover");
+    let mut ids = Vec::new();
+    for index in 0..5 {
+        ids.push(
+            node.create_order(&user, &serde_json::json!({ "n": index }))
+                .await,
+        );
+    }
+    // The token of the current term, once the replica has it too: replication is asynchronous,
+    // and only what the replica had survives the failover.
+    let before = eventually(
+        Duration::from_secs(30),
+        "no leader fencing token on both",
+        || node.log_tail(),
+        || {
+            let token = fence(&primary).filter(|token| fence(&replica) == Some(*token));
+            std::future::ready(token)
+        },
+    )
+    .await;
+
+    primary.kill();
+    eventually(
+        FAILOVER,
+        "the sentinels did not promote the replica",
+        sentinel_logs,
+        || {
+            std::future::ready(
+                sentinels
+                    .iter()
+                    .all(|sentinel| sentinel.primary_port(MASTER) == Some(replica.port))
+                    .then_some(()),
+            )
+        },
+    )
+    .await;
+    for index in 5..10 {
+        ids.push(submit_when_accepted(&node, &user, index).await);
+    }
+    wait_all_completed(&node, &user, &ids).await;
+    assert!(node.is_running(), "the node stopped\n{}", node.log_tail());
+    assert_eq!(
+        node.log().matches("==== launch").count(),
+        1,
+        "the node was restarted"
+    );
+    assert!(
+        node.log().contains("redis primary changed"),
+        "{}",
+        node.log_tail()
+    );
+    // The leader lost its lease when the primary died and took a new term on the promoted one.
+    let after = eventually(
+        Duration::from_secs(30),
+        "no new leader term on the promoted replica",
+        || node.log_tail(),
+        || std::future::ready(fence(&replica).filter(|token| *token > before)),
+    )
+    .await;
+    assert!(after > before, "fence went from {before} to {after}");
+    let heartbeat = wait_heartbeat(&node, "OK").await;
+    assert_eq!(heartbeat["status"], "OK", "{}", pretty(&heartbeat));
+}
+
+#[tokio::test]
+async fn with_min_replicas_a_write_is_done_only_once_a_replica_has_it() {
+    let _one = exclusive().await;
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let database = format!(
+        "url = \"{}\"\nmin_replicas = 1\nrequire_aof = true\n",
+        primary.url()
+    );
+    let node = Node::start(&node_config(&database, "300ms")).await;
+    assert!(
+        node.log().contains("connected_replicas=1"),
+        "no start-up line with the replicas\n{}",
+        node.log_tail()
+    );
+    let user = unique_user("acked");
+    let first = node.create_order(&user, &serde_json::json!({})).await;
+    // A 201 means the replica has it already: read it there, at once, on a plain connection.
+    let on_replica = RedisStore::connect(&replica.url(), 1, Duration::from_secs(1))
+        .expect("connections to the replica");
+    let id = OrderId::try_parse(&first).expect("an order id");
+    let stored = on_replica.get(id).await.expect("read from the replica");
+    assert!(stored.is_some(), "order {first} is not on the replica");
+    let mut ids = vec![first];
+    for index in 0..3 {
+        ids.push(
+            node.create_order(&user, &serde_json::json!({ "n": index }))
+                .await,
+        );
+    }
+
+    assert!(replica.signal("STOP"), "cannot stop the replica");
+    // No replica acknowledges: a new order is refused, not accepted unreplicated.
+    let reply = node.post_order(&user, "{}").await;
+    assert_eq!(reply.status, 503, "{reply}\n{}", node.log_tail());
+    assert!(reply.header("retry-after").is_some(), "{reply}");
+    wait_heartbeat(&node, "DEGRADED").await;
+    assert!(
+        node.log().contains("replicas acknowledged the write"),
+        "{}",
+        node.log_tail()
+    );
+
+    assert!(replica.signal("CONT"), "cannot continue the replica");
+    for index in 3..5 {
+        ids.push(submit_when_accepted(&node, &user, index).await);
+    }
+    wait_all_completed(&node, &user, &ids).await;
+    let order: Value = node.order(&user, &ids[0]).await;
+    assert_completed(&order);
+}
+
+/// Runs the binary with `config` and asserts it refused to start: a non-zero exit, no panic, and
+/// a message naming each of `needles`.
+async fn assert_refused(config: &str, needles: &[&str]) {
+    let outcome = run_to_exit(Some(config), &[]).await;
+    let stderr = &outcome.stderr;
+    assert!(!outcome.status.success(), "it started: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "no {needle:?} in: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_node_refuses_to_start_on_a_redis_weaker_than_its_config() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let base = format!(
+        "[cluster]\nsecret = \"{SECRET}\"\n[database]\nurl = \"{}\"\n",
+        redis.url()
+    );
+    assert_refused(
+        &format!("{base}min_replicas = 1\n"),
+        &[
+            "refusing to start",
+            "0 connected replicas",
+            "database.min_replicas = 1",
+        ],
+    )
+    .await;
+    assert_eq!(redis.cli(&["CONFIG", "SET", "appendonly", "no"]), "OK");
+    assert_refused(
+        &format!("{base}require_aof = true\n"),
+        &["refusing to start", "database.require_aof"],
+    )
+    .await;
+}
+
+/// Every kind of write the store and the coordinator send (a lone script, a pipeline of
+/// scripts, a transaction, a plain command) is on the replica the moment it answers, and fails
+/// as unavailable, not silently, while the replica cannot acknowledge.
+#[tokio::test]
+async fn every_kind_of_write_waits_for_its_replica() {
+    use order_process::cluster::{Coordinator, RedisCoordinator};
+    use order_process::order::{apply, Event, Order};
+    use order_process::store::redis::Connections;
+    use order_process::store::{SetAside, StoreError};
+    use std::sync::Arc;
+
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let connections = Connections::connect(&primary.url(), 2, Duration::from_secs(1))
+        .expect("connections to the primary")
+        .with_min_replicas(1);
+    let connections = Arc::new(connections);
+    let store = RedisStore::new(Arc::clone(&connections));
+    let coordinator = RedisCoordinator::new(connections);
+    let on_replica = RedisStore::connect(&replica.url(), 1, Duration::from_secs(1))
+        .expect("connections to the replica");
+    let on_replica = &on_replica;
+    let read_back = |id| async move { on_replica.get(id).await.expect("read the replica") };
+    let new_order = |owner: &str| {
+        Order::new(
+            OrderId::new_v4(),
+            "acked".into(),
+            serde_json::json!({}),
+            owner.into(),
+            chrono::Utc::now(),
+        )
+    };
+
+    // A lone script call: create, commit, cancel.
+    let order = new_order("node-a");
+    store.create(&order, Some("key-1")).await.expect("create");
+    assert_eq!(read_back(order.order_id).await.as_ref(), Some(&order));
+    let mut next = apply(
+        &order,
+        Event::StepSucceeded {
+            step: order.current_step,
+            output: None,
+        },
+        chrono::Utc::now(),
+    )
+    .expect("a legal step");
+    next.revision = order.revision + 1;
+    store.commit(&next).await.expect("commit");
+    let seen = read_back(order.order_id).await.expect("on the replica");
+    assert_eq!(seen.current_step, next.current_step);
+    store
+        .request_cancel(order.order_id, "acked")
+        .await
+        .expect("cancel");
+    assert!(
+        read_back(order.order_id)
+            .await
+            .expect("on the replica")
+            .cancel_requested
+    );
+    // A pipeline of scripts: a takeover, an index repair.
+    let moved = store.reassign("node-a", "node-b").await.expect("reassign");
+    assert_eq!(moved, vec![order.order_id]);
+    assert_eq!(
+        read_back(order.order_id)
+            .await
+            .expect("on the replica")
+            .owner,
+        "node-b"
+    );
+    store.repair_indexes().await.expect("repair");
+    // A transaction, then its WAIT.
+    let aside = SetAside {
+        order_id: order.order_id,
+        node: "node-b".into(),
+        reason: "unreadable".into(),
+        at: chrono::Utc::now(),
+    };
+    store.set_aside(&aside).await.expect("set aside");
+    assert_eq!(
+        on_replica
+            .set_aside_orders(10)
+            .await
+            .expect("read the replica"),
+        vec![aside]
+    );
+    // Plain commands and the lease scripts.
+    store.ping().await.expect("ping");
+    coordinator
+        .register_node("node-b", "127.0.0.1:1")
+        .await
+        .expect("register");
+    let token = coordinator
+        .acquire_leader("node-b:term", Duration::from_secs(30))
+        .await
+        .expect("acquire")
+        .expect("a free lease");
+    assert_eq!(fence(&replica), Some(token));
+
+    assert!(replica.signal("STOP"), "cannot stop the replica");
+    let unacknowledged = |outcome: Result<(), StoreError>| match outcome {
+        Err(StoreError::Unavailable(problem)) => {
+            assert!(problem.contains("replicas acknowledged"), "{problem}")
+        }
+        other => panic!("a write no replica acknowledged answered {other:?}"),
+    };
+    unacknowledged(store.create(&new_order("node-a"), None).await.map(drop));
+    unacknowledged(store.ping().await);
+    unacknowledged(
+        store
+            .set_aside(&SetAside {
+                order_id: OrderId::new_v4(),
+                node: "node-b".into(),
+                reason: "unreadable".into(),
+                at: chrono::Utc::now(),
+            })
+            .await,
+    );
+    // Its script is new to this Redis: loaded, and the release and its WAIT sent again.
+    unacknowledged(coordinator.release_leader("node-b:term").await);
+    assert!(replica.signal("CONT"), "cannot continue the replica");
+    eventually(
+        Duration::from_secs(20),
+        "writes not acknowledged again",
+        String::new,
+        || async { store.ping().await.ok() },
+    )
+    .await;
+}
