@@ -27,7 +27,7 @@ struct Args {
     /// log level or filter: error, warn, info, debug, trace
     #[argh(option)]
     log_level: Option<String>,
-    /// host:port of a cluster member to join (repeatable); needs --redis or database.url
+    /// host:port of a cluster member to join (repeatable); needs --redis, database.url or database.sentinels
     #[argh(option)]
     join: Vec<String>,
     /// redis://host:port of the shared store; makes this node a cluster member

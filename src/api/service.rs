@@ -103,7 +103,7 @@ async fn owned(
     if state.cluster.is_none() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
-            "this node runs alone (no database.url): no node owns orders in a cluster",
+            "this node runs alone (no database.url or database.sentinels): no node owns orders in a cluster",
         ));
     }
     let store_error = |error| ApiError::from_store(error, state.retry_after);
@@ -145,7 +145,7 @@ async fn transfer(
     let Some(cluster) = state.cluster.as_ref() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
-            "this node runs alone (no database.url): there is nothing to transfer",
+            "this node runs alone (no database.url or database.sentinels): there is nothing to transfer",
         ));
     };
     let body = body
