@@ -388,6 +388,7 @@ impl Cluster {
             // saw itself is the floor, should that clock step back.
             let lapsed = lapsed.map_or(seen, |lapsed| lapsed.max(seen));
             let gossip_live = live_ids.contains(node.as_str());
+            debug!(node = %node, alive, owned, gossip_live, lapsed_ms = u64::try_from(lapsed.as_millis()).unwrap_or(u64::MAX), "sweep looked at a node");
             if alive || (gossip_live && lapsed < self.config.takeover_after) {
                 continue;
             }
