@@ -145,6 +145,28 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Refuses `SSL_CERT_FILE` or `SSL_CERT_DIR` naming a path that is not there: redis-rs reads
+/// the platform's roots on every TLS connect, even with `ca_file`, and fails the connect when
+/// either names a missing path (a container or chroot that inherited them, say).
+fn check_root_variables() -> Result<(), ConfigError> {
+    for variable in ["SSL_CERT_FILE", "SSL_CERT_DIR"] {
+        if let Some(path) = std::env::var_os(variable) {
+            let path = Path::new(&path);
+            if !path.exists() {
+                return Err(ConfigError::new(
+                    variable,
+                    format!(
+                        "{} does not exist, and every TLS connect to redis would fail reading it: \
+                         unset {variable} or point it at the system's certificates",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where and how to connect to the one Redis of `database.url`: its address, TLS with the
 /// configured files, and the ACL user and password.
 pub fn direct(database: &DatabaseConfig) -> Result<ConnectionInfo, ConfigError> {
@@ -154,6 +176,7 @@ pub fn direct(database: &DatabaseConfig) -> Result<ConnectionInfo, ConfigError> 
     if !is_tls(&info) {
         return Ok(info);
     }
+    check_root_variables()?;
     install_crypto_provider();
     let client = Client::build_with_tls(info, certificates(database)?).map_err(|error| {
         ConfigError::new(
