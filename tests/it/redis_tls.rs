@@ -8,7 +8,7 @@
 use crate::cluster::SECRET;
 use crate::harness::{port, spawn, tail, unique_user, Node, Proc, RedisServer, POLL};
 use crate::history::assert_completed;
-use order_process_testkit::redis::TlsFiles;
+use order_process_testkit::redis::{RedisSentinel, TlsFiles};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
@@ -236,12 +236,12 @@ async fn a_redis_that_requires_client_certificates_admits_a_node_with_one_only()
         .await;
 }
 
-/// A plain Redis with the ACL user `app` (password `password`) allowed the node's keys, and
-/// the default user switched off.
+/// A plain Redis with the ACL user `app` (password `password`) allowed the node's keys and
+/// any channel (a sentinel's hello messages), and the default user switched off.
 fn redis_with_acl_user(password: &str) -> RedisServer {
     let redis = RedisServer::start();
     let rule = format!(">{password}");
-    redis.cli(&["ACL", "SETUSER", "app", "on", &rule, "~op:*", "+@all"]);
+    redis.cli(&["ACL", "SETUSER", "app", "on", &rule, "~op:*", "&*", "+@all"]);
     redis.cli(&["ACL", "SETUSER", "default", "off"]);
     redis
 }
@@ -314,4 +314,41 @@ async fn an_acl_user_and_password_in_the_url_work_and_are_never_logged() {
         "the password is in the node's log\n{}",
         node.log_tail()
     );
+}
+
+#[tokio::test]
+async fn with_sentinel_the_acl_user_logs_in_to_the_primary() {
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let primary = redis_with_acl_user(&password);
+    let sentinel = RedisSentinel::start_with_login(&primary, "orders", 1, "app", &password);
+    let files = tempfile::tempdir().expect("create a temp dir");
+    let good = password_file(files.path(), &password);
+    let database = |file: &Path| {
+        format!(
+            "sentinels = [\"{}\"]\nmaster_name = \"orders\"\nusername = \"app\"\npassword_file = \"{}\"\n",
+            sentinel.address(),
+            file.display()
+        )
+    };
+    let node = node_completing_orders(&database(&good)).await;
+    assert!(
+        node.log().contains("redis primary found through sentinel"),
+        "the node did not go through the sentinel\n{}",
+        node.log_tail()
+    );
+    assert!(
+        !node.log().contains(&password),
+        "the password is in the node's log\n{}",
+        node.log_tail()
+    );
+
+    let wrong_dir = tempfile::tempdir().expect("create a temp dir");
+    let wrong = password_file(
+        wrong_dir.path(),
+        &format!("pw-{}", uuid::Uuid::new_v4().simple()),
+    );
+    let mut refused = Unready::start(&node_config(&database(&wrong)));
+    refused
+        .complains(&["cannot read redis", "Password authentication failed"])
+        .await;
 }

@@ -287,15 +287,33 @@ impl RedisSentinel {
     /// Starts one watching `primary` as `name`; `quorum` sentinels must agree it is down.
     /// Returns once it answers PING. Fails the test if it cannot.
     pub fn start(primary: &RedisServer, name: &str, quorum: usize) -> RedisSentinel {
-        Self::try_start(primary, name, quorum).unwrap_or_else(|error| {
+        Self::try_start(primary, name, quorum, "").unwrap_or_else(|error| {
             panic!("cannot start redis-sentinel (scripts/test installs it): {error}")
         })
     }
 
+    /// Like [`RedisSentinel::start`], logging in to the primary (and its replicas) as the ACL
+    /// user `user` with `password`.
+    pub fn start_with_login(
+        primary: &RedisServer,
+        name: &str,
+        quorum: usize,
+        user: &str,
+        password: &str,
+    ) -> RedisSentinel {
+        let login =
+            format!("sentinel auth-user {name} {user}\nsentinel auth-pass {name} {password}\n");
+        Self::try_start(primary, name, quorum, &login).unwrap_or_else(|error| {
+            panic!("cannot start redis-sentinel (scripts/test installs it): {error}")
+        })
+    }
+
+    /// Starts one with `extra` lines at the end of its config file.
     fn try_start(
         primary: &RedisServer,
         name: &str,
         quorum: usize,
+        extra: &str,
     ) -> std::io::Result<RedisSentinel> {
         let dir = tempfile::tempdir()?;
         let port = crate::free_port()?;
@@ -307,7 +325,7 @@ impl RedisSentinel {
                  sentinel monitor {name} {host} {primary_port} {quorum}\n\
                  sentinel down-after-milliseconds {name} 1000\n\
                  sentinel failover-timeout {name} 4000\n\
-                 sentinel parallel-syncs {name} 1\n",
+                 sentinel parallel-syncs {name} 1\n{extra}",
                 dir = dir.path().display(),
                 host = primary.host,
                 primary_port = primary.port,
