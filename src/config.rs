@@ -230,8 +230,9 @@ fn step_url(key: &str, text: &str) -> Result<reqwest::Url, ConfigError> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// `redis://…` selects the Redis store (cluster mode); empty means the embedded store in
-    /// `data_dir`, unless `sentinels` is set.
+    /// `redis://…` (or `rediss://…`, over TLS) selects the Redis store (cluster mode); empty
+    /// means the embedded store in `data_dir`, unless `sentinels` is set. It may carry an ACL
+    /// user and password (`redis://user:password@host:port`).
     pub url: String,
     /// Redis Sentinels (`host:port`) that name the Redis primary instead of `url`: the node asks
     /// them for the primary of `master_name` whenever it opens a connection, so it follows a
@@ -249,6 +250,19 @@ pub struct DatabaseConfig {
     pub min_replicas: usize,
     /// Refuse to start on a Redis whose append-only file is off.
     pub require_aof: bool,
+    /// PEM file of the CA that signed the Redis server's certificate (`rediss://` only); empty:
+    /// the platform's roots.
+    pub ca_file: PathBuf,
+    /// PEM certificate presented to a Redis that asks for one (`tls-auth-clients yes`), with
+    /// `client_key`.
+    pub client_cert: PathBuf,
+    /// PEM private key of `client_cert`.
+    pub client_key: PathBuf,
+    /// The Redis ACL user to log in as, with the password in `password_file`.
+    pub username: String,
+    /// A file holding the Redis password (one line), read at start; instead of a password in
+    /// `url`.
+    pub password_file: PathBuf,
 }
 
 impl Default for DatabaseConfig {
@@ -261,6 +275,11 @@ impl Default for DatabaseConfig {
             timeout: Duration::from_secs(2),
             min_replicas: 0,
             require_aof: false,
+            ca_file: PathBuf::new(),
+            client_cert: PathBuf::new(),
+            client_key: PathBuf::new(),
+            username: String::new(),
+            password_file: PathBuf::new(),
         }
     }
 }
@@ -273,10 +292,13 @@ impl DatabaseConfig {
 
     /// Checks the Redis keys against each other; errors name the key to change.
     fn validate(&self) -> Result<(), ConfigError> {
-        if !self.url.is_empty() && !self.url.starts_with("redis://") {
+        if !self.url.is_empty()
+            && !self.url.starts_with("redis://")
+            && !self.url.starts_with("rediss://")
+        {
             return Err(ConfigError::new(
                 "database.url",
-                "must be empty (embedded store) or start with redis://",
+                "must be empty (embedded store) or start with redis:// (or rediss:// for TLS)",
             ));
         }
         if !self.url.is_empty() && !self.sentinels.is_empty() {
@@ -320,6 +342,91 @@ impl DatabaseConfig {
                 return Err(ConfigError::new(
                     "database.require_aof",
                     "only used with Redis (database.url or database.sentinels)",
+                ));
+            }
+        }
+        self.validate_access()
+    }
+
+    /// Checks the TLS and login keys: each only where it applies, the files present.
+    fn validate_access(&self) -> Result<(), ConfigError> {
+        let set = |path: &Path| !path.as_os_str().is_empty();
+        let url = match self.url.is_empty() {
+            true => None,
+            false => Some(crate::store::redis::access::parse_url(
+                "database.url",
+                &self.url,
+            )?),
+        };
+        let tls = url
+            .as_ref()
+            .is_some_and(crate::store::redis::access::is_tls);
+        for (key, path) in [
+            ("database.ca_file", &self.ca_file),
+            ("database.client_cert", &self.client_cert),
+            ("database.client_key", &self.client_key),
+        ] {
+            if set(path) && !tls {
+                let problem = match self.sentinels.is_empty() {
+                    true => "only used with a rediss:// database.url (TLS)",
+                    false => "TLS is not supported with database.sentinels: only with a rediss:// database.url",
+                };
+                return Err(ConfigError::new(key, problem));
+            }
+        }
+        if set(&self.client_cert) != set(&self.client_key) {
+            let (key, other) = match set(&self.client_cert) {
+                true => ("database.client_key", "database.client_cert"),
+                false => ("database.client_cert", "database.client_key"),
+            };
+            return Err(ConfigError::new(
+                key,
+                format!("required with {other}: set both or neither"),
+            ));
+        }
+        if !self.is_redis() {
+            for (key, used) in [
+                ("database.username", !self.username.is_empty()),
+                ("database.password_file", set(&self.password_file)),
+            ] {
+                if used {
+                    return Err(ConfigError::new(
+                        key,
+                        "only used with Redis (database.url or database.sentinels)",
+                    ));
+                }
+            }
+        }
+        if let Some(settings) = url.as_ref().map(|url| url.redis_settings()) {
+            if settings.password().is_some() && set(&self.password_file) {
+                return Err(ConfigError::new(
+                    "database.password_file",
+                    "database.url has a password already: use one or the other",
+                ));
+            }
+            if settings.username().is_some() && !self.username.is_empty() {
+                return Err(ConfigError::new(
+                    "database.username",
+                    "database.url names a user already: use one or the other",
+                ));
+            }
+        }
+        if !self.username.is_empty() && !set(&self.password_file) {
+            return Err(ConfigError::new(
+                "database.username",
+                "needs database.password_file (the user's password), or both in database.url",
+            ));
+        }
+        for (key, path) in [
+            ("database.ca_file", &self.ca_file),
+            ("database.client_cert", &self.client_cert),
+            ("database.client_key", &self.client_key),
+            ("database.password_file", &self.password_file),
+        ] {
+            if set(path) && !path.is_file() {
+                return Err(ConfigError::new(
+                    key,
+                    format!("{} does not exist or is not a file", path.display()),
                 ));
             }
         }

@@ -204,9 +204,15 @@ async fn bad_http_step_sections_exit_64_naming_the_step_and_key() {
     }
 }
 
+/// Asserts that a cluster node with these `[database]` lines exits with 64 naming `needle`.
+async fn assert_database_refused(database: &str, needle: &str) {
+    let config = format!("[cluster]\nsecret = \"s\"\n[database]\n{database}");
+    let outcome = run_to_exit(Some(&config), &[]).await;
+    assert_usage_error(&outcome, needle, &config);
+}
+
 #[tokio::test]
 async fn bad_sentinel_and_replica_settings_exit_64_naming_the_key() {
-    let secret = "[cluster]\nsecret = \"s\"\n";
     for (database, needle) in [
         (
             "url = \"redis://127.0.0.1:6379\"\nsentinels = [\"127.0.0.1:26379\"]\nmaster_name = \"orders\"\n",
@@ -221,8 +227,115 @@ async fn bad_sentinel_and_replica_settings_exit_64_naming_the_key() {
         ("min_replicas = 1\n", "database.min_replicas"),
         ("require_aof = true\n", "database.require_aof"),
     ] {
-        let config = format!("{secret}[database]\n{database}");
+        assert_database_refused(database, needle).await;
+    }
+}
+
+#[tokio::test]
+async fn bad_redis_tls_and_login_settings_exit_64_naming_the_key() {
+    let files = tempfile::tempdir().expect("create a temp dir");
+    let file = |name: &str| {
+        let path = files.path().join(name);
+        fs::write(&path, "x\n").expect("write a file");
+        path.display().to_string()
+    };
+    let (ca, cert, key, password) = (file("ca.pem"), file("c.pem"), file("c.key"), file("pw"));
+    let missing = files.path().join("missing").display().to_string();
+    for (database, needle) in [
+        (
+            format!("url = \"redis://127.0.0.1:6379\"\nca_file = \"{ca}\"\n"),
+            "database.ca_file",
+        ),
+        (
+            format!("sentinels = [\"127.0.0.1:26379\"]\nmaster_name = \"m\"\nca_file = \"{ca}\"\n"),
+            "database.ca_file",
+        ),
+        (
+            format!("url = \"rediss://127.0.0.1:6379\"\nclient_cert = \"{cert}\"\n"),
+            "database.client_key",
+        ),
+        (
+            format!("url = \"rediss://127.0.0.1:6379\"\nclient_key = \"{key}\"\n"),
+            "database.client_cert",
+        ),
+        (
+            format!("url = \"rediss://127.0.0.1:6379\"\nca_file = \"{missing}\"\n"),
+            "database.ca_file",
+        ),
+        (
+            format!("url = \"redis://app:pw@127.0.0.1:6379\"\npassword_file = \"{password}\"\n"),
+            "database.password_file",
+        ),
+        (
+            format!("url = \"redis://127.0.0.1:6379\"\npassword_file = \"{missing}\"\n"),
+            "database.password_file",
+        ),
+        (
+            "url = \"redis://127.0.0.1:6379\"\nusername = \"app\"\n".to_string(),
+            "database.username",
+        ),
+        (
+            format!("password_file = \"{password}\"\n"),
+            "database.password_file",
+        ),
+    ] {
+        assert_database_refused(&database, needle).await;
+    }
+}
+
+#[tokio::test]
+async fn a_bad_redis_url_exits_64_without_showing_its_password() {
+    let password = "pw-do-not-show-7f3a";
+    for url in [
+        format!("redis://app:{password}@127.0.0.1:notaport"),
+        format!("redis://app:{password}@"),
+    ] {
+        let config = format!("[cluster]\nsecret = \"s\"\n[database]\nurl = \"{url}\"\n");
         let outcome = run_to_exit(Some(&config), &[]).await;
-        assert_usage_error(&outcome, needle, &config);
+        assert_usage_error(&outcome, "database.url", &url);
+        assert!(
+            !outcome.stderr.contains(password),
+            "the password is shown: {}",
+            outcome.stderr
+        );
+        let outcome = run_to_exit(None, &["--redis", &url]).await;
+        assert_usage_error(&outcome, "database.url", &url);
+        assert!(
+            !outcome.stderr.contains(password),
+            "the password is shown: {}",
+            outcome.stderr
+        );
+    }
+}
+
+#[tokio::test]
+async fn unreadable_tls_files_exit_64_naming_the_key() {
+    // The files exist but hold no PEM of the right kind: refused at start, before any connect.
+    let files = tempfile::tempdir().expect("create a temp dir");
+    let path = files.path().join("not-pem");
+    fs::write(&path, "hello\n").expect("write a file");
+    let file = path.display().to_string();
+    for (database, needle) in [
+        (format!("ca_file = \"{file}\"\n"), "database.ca_file"),
+        (
+            format!("client_cert = \"{file}\"\nclient_key = \"{file}\"\n"),
+            "database.client_cert",
+        ),
+    ] {
+        let config = format!(
+            "[cluster]\nsecret = \"s\"\n[database]\nurl = \"rediss://127.0.0.1:9\"\n{database}"
+        );
+        let outcome = run_to_exit(Some(&config), &[]).await;
+        assert_eq!(
+            outcome.status.code(),
+            Some(64),
+            "{config}: stderr:\n{}",
+            outcome.stderr
+        );
+        assert!(
+            outcome.stderr.contains(needle) && !outcome.stderr.contains("panicked"),
+            "{config}: stderr should name {needle}:\n{}",
+            outcome.stderr
+        );
     }
 }

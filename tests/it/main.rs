@@ -51,6 +51,7 @@ mod status_page;
 
 mod bench;
 mod cluster;
+mod redis_tls;
 mod sentinel;
 mod service;
 mod store;

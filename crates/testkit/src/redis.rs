@@ -2,6 +2,7 @@
 //! that starts it inside a network namespace) with an append-only file in its own directory,
 //! killed by pid when dropped. It can be SIGKILLed and started again on the same port and
 //! directory to play a Redis crash (what it had not written to its append-only file is gone).
+//! [`RedisServer::start_tls`] starts one that also serves TLS on a second port.
 
 use crate::process::{append, Proc};
 use std::io::{Read, Write};
@@ -29,7 +30,19 @@ pub struct RedisServer {
     launcher: Vec<String>,
     dir: Dir,
     appendfsync: String,
+    /// The TLS port and its files, when the server serves TLS too.
+    tls: Option<(u16, TlsFiles)>,
     process: Option<Proc>,
+}
+
+/// What a [`RedisServer`] serves TLS with (PEM files), and whether it requires a client
+/// certificate signed by `ca_file` (`tls-auth-clients yes`).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub auth_clients: bool,
 }
 
 impl RedisServer {
@@ -79,6 +92,7 @@ impl RedisServer {
             launcher,
             dir,
             appendfsync: appendfsync.to_string(),
+            tls: None,
             process: None,
         };
         server.launch()?;
@@ -120,6 +134,7 @@ impl RedisServer {
             ])
             .args(["--save", "", "--appendonly", "yes"])
             .args(["--appendfsync", &self.appendfsync])
+            .args(self.tls_args())
             .arg("--dir")
             .arg(self.dir())
             .stdin(Stdio::null())
@@ -272,15 +287,33 @@ impl RedisSentinel {
     /// Starts one watching `primary` as `name`; `quorum` sentinels must agree it is down.
     /// Returns once it answers PING. Fails the test if it cannot.
     pub fn start(primary: &RedisServer, name: &str, quorum: usize) -> RedisSentinel {
-        Self::try_start(primary, name, quorum).unwrap_or_else(|error| {
+        Self::try_start(primary, name, quorum, "").unwrap_or_else(|error| {
             panic!("cannot start redis-sentinel (scripts/test installs it): {error}")
         })
     }
 
+    /// Like [`RedisSentinel::start`], logging in to the primary (and its replicas) as the ACL
+    /// user `user` with `password`.
+    pub fn start_with_login(
+        primary: &RedisServer,
+        name: &str,
+        quorum: usize,
+        user: &str,
+        password: &str,
+    ) -> RedisSentinel {
+        let login =
+            format!("sentinel auth-user {name} {user}\nsentinel auth-pass {name} {password}\n");
+        Self::try_start(primary, name, quorum, &login).unwrap_or_else(|error| {
+            panic!("cannot start redis-sentinel (scripts/test installs it): {error}")
+        })
+    }
+
+    /// Starts one with `extra` lines at the end of its config file.
     fn try_start(
         primary: &RedisServer,
         name: &str,
         quorum: usize,
+        extra: &str,
     ) -> std::io::Result<RedisSentinel> {
         let dir = tempfile::tempdir()?;
         let port = crate::free_port()?;
@@ -292,7 +325,7 @@ impl RedisSentinel {
                  sentinel monitor {name} {host} {primary_port} {quorum}\n\
                  sentinel down-after-milliseconds {name} 1000\n\
                  sentinel failover-timeout {name} 4000\n\
-                 sentinel parallel-syncs {name} 1\n",
+                 sentinel parallel-syncs {name} 1\n{extra}",
                 dir = dir.path().display(),
                 host = primary.host,
                 primary_port = primary.port,
@@ -351,5 +384,57 @@ impl RedisSentinel {
     /// The sentinel's log, for assertion messages.
     pub fn log_tail(&self) -> String {
         crate::tail(&self.dir.path().join("sentinel.log"), 40)
+    }
+}
+
+impl RedisServer {
+    /// Starts one in a temp dir (like [`RedisServer::start`]) that also serves TLS with `files`
+    /// on a port of its own ([`RedisServer::tls_url`]). The plain port stays open for
+    /// [`RedisServer::ping`] and [`RedisServer::cli`]. Fails the test if it cannot.
+    pub fn start_tls(files: TlsFiles) -> RedisServer {
+        let started = tempfile::tempdir().and_then(|dir| {
+            let mut server = RedisServer {
+                port: crate::free_port()?,
+                host: IpAddr::from([127, 0, 0, 1]),
+                launcher: Vec::new(),
+                dir: Dir::Temp(dir),
+                appendfsync: "always".to_string(),
+                tls: Some((crate::free_port()?, files)),
+                process: None,
+            };
+            server.launch()?;
+            Ok(server)
+        });
+        started.unwrap_or_else(|error| {
+            panic!("cannot start redis-server with TLS (scripts/test installs it): {error}")
+        })
+    }
+
+    /// `rediss://HOST:TLS_PORT`; panics on a server started without TLS.
+    pub fn tls_url(&self) -> String {
+        let (port, _) = self
+            .tls
+            .as_ref()
+            .expect("tls_url() of a redis-server started without TLS");
+        format!("rediss://{}:{port}", self.host)
+    }
+
+    /// The `--tls-…` arguments of a TLS server; none for a plain one.
+    fn tls_args(&self) -> Vec<String> {
+        let Some((port, files)) = &self.tls else {
+            return Vec::new();
+        };
+        let path = |path: &PathBuf| path.display().to_string();
+        let auth_clients = if files.auth_clients { "yes" } else { "no" };
+        [
+            ("--tls-port", port.to_string()),
+            ("--tls-cert-file", path(&files.cert_file)),
+            ("--tls-key-file", path(&files.key_file)),
+            ("--tls-ca-cert-file", path(&files.ca_file)),
+            ("--tls-auth-clients", auth_clients.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_string(), value])
+        .collect()
     }
 }

@@ -5,14 +5,17 @@
 //!
 //! The Redis is either at a fixed address or, with Sentinel, wherever the sentinels say the
 //! primary is: they are asked each time a connection is opened, and a connection is dropped on
-//! any failure, so the node follows a failover without a restart.
+//! any failure, so the node follows a failover without a restart. TLS and the ACL login come
+//! from [`access`](super::access).
 
+use super::access;
 use crate::config::DatabaseConfig;
 use crate::store::StoreError;
 use deadpool_redis::redis::aio::MultiplexedConnection;
-use deadpool_redis::redis::sentinel::Sentinel;
+use deadpool_redis::redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use deadpool_redis::redis::{
-    self, AsyncConnectionConfig, FromRedisValue, RedisResult, Script, ScriptInvocation, Value,
+    self, AsyncConnectionConfig, ConnectionInfo, FromRedisValue, RedisConnectionInfo, RedisResult,
+    Script, ScriptInvocation, Value,
 };
 use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::BoxFuture;
@@ -50,6 +53,8 @@ enum Source {
 struct Primary {
     sentinel: Sentinel,
     master_name: String,
+    /// How to log in to the primary (ACL user and password).
+    node: SentinelNodeConnectionInfo,
     /// `host:port` of the primary last connected to, to log a failover once.
     last: Option<String>,
 }
@@ -68,15 +73,18 @@ fn connection_config(timeout: Duration) -> AsyncConnectionConfig {
 
 impl Connections {
     /// The connections `database` asks for: to `url`, or to the primary its `sentinels` name,
-    /// with its `min_replicas`. Nothing is contacted yet; the first request connects.
-    pub fn open(database: &DatabaseConfig) -> Result<Connections, StoreError> {
+    /// with its TLS files, ACL user and password, and `min_replicas`. The files are read now;
+    /// one that cannot be is a [`ConfigError`](crate::config::ConfigError). Nothing is
+    /// contacted yet; the first request connects.
+    pub fn open(database: &DatabaseConfig) -> anyhow::Result<Connections> {
         let pool_size = database.pool_size.get();
         let connections = if database.sentinels.is_empty() {
-            Connections::connect(&database.url, pool_size, database.timeout)?
+            Connections::direct(access::direct(database)?, pool_size, database.timeout)?
         } else {
             Connections::connect_sentinel(
                 &database.sentinels,
                 &database.master_name,
+                access::sentinel_primary(database)?,
                 pool_size,
                 database.timeout,
             )?
@@ -84,19 +92,31 @@ impl Connections {
         Ok(connections.with_min_replicas(database.min_replicas))
     }
 
-    /// Up to `pool_size` connections to `url`. Nothing is contacted yet; the first request
+    /// Up to `pool_size` connections to `url` (which may carry a user and password, and be
+    /// `rediss://` with the platform's roots). Nothing is contacted yet; the first request
     /// connects.
     pub fn connect(
         url: &str,
         pool_size: usize,
         timeout: Duration,
     ) -> Result<Connections, StoreError> {
+        let info = access::parse_url("database.url", url).map_err(unavailable)?;
+        Connections::direct(info, pool_size, timeout)
+    }
+
+    /// Up to `pool_size` connections to the Redis `info` describes. Nothing is contacted yet.
+    fn direct(
+        info: ConnectionInfo,
+        pool_size: usize,
+        timeout: Duration,
+    ) -> Result<Connections, StoreError> {
         let connection_config = connection_config(timeout);
+        // Displayed, `info` would be the address; the URL it came from is not repeated here.
         let bad_url = |error: &dyn std::fmt::Display| {
-            StoreError::Unavailable(format!("bad redis url {url}: {error}"))
+            StoreError::Unavailable(format!("cannot set up redis connections: {error}"))
         };
         let manager =
-            Manager::new_with_config(url, connection_config).map_err(|error| bad_url(&error))?;
+            Manager::new_with_config(info, connection_config).map_err(|error| bad_url(&error))?;
         let pool = Pool::builder(manager)
             .config(PoolConfig {
                 max_size: pool_size,
@@ -114,10 +134,12 @@ impl Connections {
     }
 
     /// Up to `pool_size` connections to the primary that the sentinels (`host:port` each) name
-    /// for `master_name`, asked again whenever a connection is opened. Nothing is contacted yet.
+    /// for `master_name`, asked again whenever a connection is opened, logging in to it with
+    /// `primary` (user, password). Nothing is contacted yet.
     pub fn connect_sentinel(
         sentinels: &[String],
         master_name: &str,
+        primary: RedisConnectionInfo,
         pool_size: usize,
         timeout: Duration,
     ) -> Result<Connections, StoreError> {
@@ -131,6 +153,7 @@ impl Connections {
         let primary = Primary {
             sentinel,
             master_name: master_name.to_string(),
+            node: SentinelNodeConnectionInfo::default().set_redis_connection_info(primary),
             last: None,
         };
         let source = Source::Sentinel(Box::new((Mutex::new(primary), connection_config(timeout))));
@@ -241,20 +264,20 @@ impl Connections {
                 let Primary {
                     sentinel,
                     master_name,
+                    node,
                     last,
                 } = &mut *primary;
                 // The sentinels' answer is checked: the address they name must say (ROLE) that
                 // it is a primary, so no connection is opened to a replica. One opened before a
                 // failover gets READONLY from a demoted primary, fails, and is dropped.
-                let client =
-                    sentinel
-                        .async_master_for(master_name, None)
-                        .await
-                        .map_err(|error| {
-                            StoreError::Unavailable(format!(
-                                "no primary for {master_name} from the sentinels: {error}"
-                            ))
-                        })?;
+                let client = sentinel
+                    .async_master_for(master_name, Some(node))
+                    .await
+                    .map_err(|error| {
+                        StoreError::Unavailable(format!(
+                            "no primary for {master_name} from the sentinels: {error}"
+                        ))
+                    })?;
                 let address = client.get_connection_info().addr().to_string();
                 let connection = client
                     .get_multiplexed_async_connection_with_config(config)

@@ -1,5 +1,6 @@
 //! The Redis store, for clusters: every node reads and writes the same Redis.
 //!
+//! - [`access`]: the URL, ACL user and password, and TLS files a node connects with.
 //! - [`Connections`]: the connections every Redis user of a node shares (to one address, or to
 //!   the primary Redis Sentinel names), and the one way to send a request on them.
 //! - [`startup`]: the primary's replication and persistence, checked before a node starts.
@@ -13,6 +14,7 @@
 //! disagrees with the order. [`OrderStore::repair_indexes`](super::OrderStore::repair_indexes)
 //! still rebuilds them from the order hashes.
 
+pub mod access;
 mod conn;
 pub mod keys;
 mod orders;

@@ -1,0 +1,354 @@
+//! Redis over TLS and with an ACL user, against real `redis-server` processes: a node on
+//! `rediss://` trusting a CA made here (rcgen), client certificates for a Redis that requires
+//! them, and an ACL user whose password comes from `database.password_file` (or the URL) and
+//! never shows in the node's log. A node that cannot get in says why in its log and keeps
+//! trying, without panicking. Every process is killed by pid when its guard drops, also when a
+//! test fails; temp dirs go with them.
+
+use crate::cluster::SECRET;
+use crate::harness::{port, spawn, tail, unique_user, Node, Proc, RedisServer, POLL};
+use crate::history::assert_completed;
+use order_process_testkit::redis::{RedisSentinel, TlsFiles};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
+};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tempfile::TempDir;
+
+/// How long orders of short steps may take to finish.
+const FINISH: Duration = Duration::from_secs(30);
+/// How long a node that cannot get in may take to say so in its log.
+const COMPLAINT: Duration = Duration::from_secs(20);
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, all PEM files in a temp
+/// dir.
+struct Pki {
+    dir: TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("create a temp dir");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "order-process test ca");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key"))
+            .expect("self-signed ca");
+        let write = |name: &str, text: String| {
+            std::fs::write(dir.path().join(name), text).expect("write a pem file")
+        };
+        write("ca.pem", ca.pem());
+        for (name, names, usage) in [
+            (
+                "server",
+                vec!["127.0.0.1".to_string(), "localhost".to_string()],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ),
+            (
+                "client",
+                vec!["order-process".to_string()],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ),
+        ] {
+            let key = KeyPair::generate().expect("a key");
+            let mut params = CertificateParams::new(names).expect("params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.extended_key_usages = vec![usage];
+            let certificate = params.signed_by(&key, &ca).expect("signed by the ca");
+            write(&format!("{name}.pem"), certificate.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// What redis-server serves TLS with.
+    fn server_files(&self, auth_clients: bool) -> TlsFiles {
+        TlsFiles {
+            cert_file: self.path("server.pem"),
+            key_file: self.path("server.key"),
+            ca_file: self.path("ca.pem"),
+            auth_clients,
+        }
+    }
+
+    /// The `ca_file` line of a node's `[database]`.
+    fn ca_line(&self) -> String {
+        format!("ca_file = \"{}\"\n", self.path("ca.pem").display())
+    }
+
+    /// The `client_cert` and `client_key` lines of a node's `[database]`.
+    fn client_lines(&self) -> String {
+        format!(
+            "client_cert = \"{}\"\nclient_key = \"{}\"\n",
+            self.path("client.pem").display(),
+            self.path("client.key").display()
+        )
+    }
+}
+
+/// A node config on Redis with these `[database]` lines, steps of 50 ms that never fail.
+fn node_config(database: &str) -> String {
+    format!(
+        "[simulate]\nduration = \"50ms\"\nfailure_rate = 0.0\n\
+         [database]\n{database}timeout = \"1s\"\n\
+         [cluster]\nsecret = \"{SECRET}\"\n"
+    )
+}
+
+/// Starts a node with these `[database]` lines and sees a few orders through it.
+async fn node_completing_orders(database: &str) -> Node {
+    let node = Node::start(&node_config(database)).await;
+    orders_complete(&node).await;
+    node
+}
+
+/// Submits a few orders and waits until every one has completed.
+async fn orders_complete(node: &Node) {
+    let user = unique_user("tls");
+    let mut ids = Vec::new();
+    for index in 0..3 {
+        let reply = node
+            .post_order(&user, &serde_json::json!({ "n": index }).to_string())
+            .await;
+        let body = node.expect_json(&reply, 201, "POST /orders");
+        ids.push(body["order_id"].as_str().expect("order_id").to_string());
+    }
+    for id in &ids {
+        let order = order_process_testkit::poll::until(FINISH, POLL, || async {
+            let reply = node.get_order(&user, id).await;
+            let order = reply.try_json().filter(|_| reply.status == 200)?;
+            (!order["complete_time"].is_null()).then_some(order)
+        })
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "order {id} not finished within {FINISH:?}\n{}",
+                node.log_tail()
+            )
+        });
+        assert_completed(&order);
+    }
+}
+
+/// A node process that is not expected to become ready (it cannot get into its Redis): its
+/// config, data and log in a temp dir, the process killed by pid when dropped.
+struct Unready {
+    process: Proc,
+    dir: TempDir,
+}
+
+impl Unready {
+    fn start(config: &str) -> Unready {
+        let dir = tempfile::tempdir().expect("create a temp dir");
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, config).expect("write config.toml");
+        let args = [
+            "--config".to_string(),
+            path.display().to_string(),
+            "--listen".to_string(),
+            format!("127.0.0.1:{}", port()),
+            "--data-dir".to_string(),
+            dir.path().join("data").display().to_string(),
+        ];
+        let log = dir.path().join("node.log");
+        let process = spawn(&args, &log, &log);
+        Unready { process, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+
+    /// Waits until the log has a line with all of `needles`, while the process keeps running
+    /// (it retries) and never panics; returns that line.
+    async fn complains(&mut self, needles: &[&str]) -> String {
+        let log = self.dir.path().join("node.log");
+        let found = order_process_testkit::poll::until(COMPLAINT, POLL, || {
+            let line = self
+                .log()
+                .lines()
+                .find(|line| needles.iter().all(|needle| line.contains(needle)))
+                .map(str::to_string);
+            std::future::ready(line)
+        })
+        .await;
+        let Some(line) = found else {
+            panic!(
+                "no log line with {needles:?} within {COMPLAINT:?}\n{}",
+                tail(&log, 40)
+            );
+        };
+        assert!(
+            self.process.try_exit().is_none(),
+            "the node exited instead of retrying\n{}",
+            tail(&log, 40)
+        );
+        assert!(
+            !self.log().contains("panicked"),
+            "the node panicked\n{}",
+            tail(&log, 40)
+        );
+        line
+    }
+}
+
+#[tokio::test]
+async fn a_node_on_rediss_with_a_private_ca_completes_orders_and_without_it_says_why() {
+    let pki = Pki::new();
+    let redis = RedisServer::start_tls(pki.server_files(false));
+    let url = redis.tls_url();
+    let node = node_completing_orders(&format!("url = \"{url}\"\n{}", pki.ca_line())).await;
+    // The orders are in this Redis, which the node reached on its TLS port only.
+    let keys: usize = redis.cli(&["DBSIZE"]).parse().expect("DBSIZE");
+    assert!(keys > 0, "no keys in redis\n{}", node.log_tail());
+
+    // Without ca_file the private CA is unknown: the server's certificate is refused.
+    let mut untrusting = Unready::start(&node_config(&format!("url = \"{url}\"\n")));
+    untrusting
+        .complains(&["cannot read redis", "UnknownIssuer"])
+        .await;
+}
+
+#[tokio::test]
+async fn a_redis_that_requires_client_certificates_admits_a_node_with_one_only() {
+    let pki = Pki::new();
+    let redis = RedisServer::start_tls(pki.server_files(true));
+    let url = redis.tls_url();
+    node_completing_orders(&format!(
+        "url = \"{url}\"\n{}{}",
+        pki.ca_line(),
+        pki.client_lines()
+    ))
+    .await;
+
+    let mut without = Unready::start(&node_config(&format!("url = \"{url}\"\n{}", pki.ca_line())));
+    // Redis ends the handshake with an alert the node logs.
+    without
+        .complains(&["cannot read redis", "CertificateRequired"])
+        .await;
+}
+
+/// A plain Redis with the ACL user `app` (password `password`) allowed the node's keys and
+/// any channel (a sentinel's hello messages), and the default user switched off.
+fn redis_with_acl_user(password: &str) -> RedisServer {
+    let redis = RedisServer::start();
+    let rule = format!(">{password}");
+    redis.cli(&["ACL", "SETUSER", "app", "on", &rule, "~op:*", "&*", "+@all"]);
+    redis.cli(&["ACL", "SETUSER", "default", "off"]);
+    redis
+}
+
+/// Writes `password` and a line break to a file in `dir`; returns its path.
+fn password_file(dir: &Path, password: &str) -> PathBuf {
+    let path = dir.join("redis-password");
+    std::fs::write(&path, format!("{password}\n")).expect("write the password file");
+    path
+}
+
+#[tokio::test]
+async fn an_acl_user_logs_in_with_its_password_file_and_the_password_is_never_logged() {
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let redis = redis_with_acl_user(&password);
+    let files = tempfile::tempdir().expect("create a temp dir");
+    let good = password_file(files.path(), &password);
+    let node = node_completing_orders(&format!(
+        "url = \"{}\"\nusername = \"app\"\npassword_file = \"{}\"\n",
+        redis.url(),
+        good.display()
+    ))
+    .await;
+    // The node really logged in as app: the default user is off.
+    let authed = [
+        "--user",
+        "app",
+        "--pass",
+        password.as_str(),
+        "--no-auth-warning",
+    ];
+    let keys: usize = redis
+        .cli(&[&authed[..], &["DBSIZE"]].concat())
+        .parse()
+        .expect("DBSIZE");
+    assert!(keys > 0, "no keys in redis\n{}", node.log_tail());
+    assert!(
+        !node.log().contains(&password),
+        "the password is in the node's log\n{}",
+        node.log_tail()
+    );
+
+    // A wrong password: Redis refuses the login, the node says so and keeps trying.
+    let wrong_dir = tempfile::tempdir().expect("create a temp dir");
+    let wrong = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let wrong_file = password_file(wrong_dir.path(), &wrong);
+    let mut refused = Unready::start(&node_config(&format!(
+        "url = \"{}\"\nusername = \"app\"\npassword_file = \"{}\"\n",
+        redis.url(),
+        wrong_file.display()
+    )));
+    refused
+        .complains(&["cannot read redis", "Password authentication failed"])
+        .await;
+    let log = refused.log();
+    assert!(
+        !log.contains(&wrong) && !log.contains(&password),
+        "a password is in the node's log:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn an_acl_user_and_password_in_the_url_work_and_are_never_logged() {
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let redis = redis_with_acl_user(&password);
+    let url = format!("redis://app:{password}@127.0.0.1:{}", redis.port);
+    let node = node_completing_orders(&format!("url = \"{url}\"\n")).await;
+    assert!(
+        !node.log().contains(&password),
+        "the password is in the node's log\n{}",
+        node.log_tail()
+    );
+}
+
+#[tokio::test]
+async fn with_sentinel_the_acl_user_logs_in_to_the_primary() {
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let primary = redis_with_acl_user(&password);
+    let sentinel = RedisSentinel::start_with_login(&primary, "orders", 1, "app", &password);
+    let files = tempfile::tempdir().expect("create a temp dir");
+    let good = password_file(files.path(), &password);
+    let database = |file: &Path| {
+        format!(
+            "sentinels = [\"{}\"]\nmaster_name = \"orders\"\nusername = \"app\"\npassword_file = \"{}\"\n",
+            sentinel.address(),
+            file.display()
+        )
+    };
+    let node = node_completing_orders(&database(&good)).await;
+    assert!(
+        node.log().contains("redis primary found through sentinel"),
+        "the node did not go through the sentinel\n{}",
+        node.log_tail()
+    );
+    assert!(
+        !node.log().contains(&password),
+        "the password is in the node's log\n{}",
+        node.log_tail()
+    );
+
+    let wrong_dir = tempfile::tempdir().expect("create a temp dir");
+    let wrong = password_file(
+        wrong_dir.path(),
+        &format!("pw-{}", uuid::Uuid::new_v4().simple()),
+    );
+    let mut refused = Unready::start(&node_config(&database(&wrong)));
+    refused
+        .complains(&["cannot read redis", "Password authentication failed"])
+        .await;
+}
