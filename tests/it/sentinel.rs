@@ -1,7 +1,8 @@
 //! Surviving the loss of the Redis host: a node that finds its primary through three real
 //! `redis-sentinel` processes follows a failover after the primary is SIGKILLed, without a
-//! restart; with `database.min_replicas` a write counts only once a replica has it; and a node
-//! refuses to start on a Redis weaker than its config asks. Every process is killed by pid when
+//! restart; with `database.min_replicas` a write counts only once a replica has it, so losing
+//! the primary's host under load (killed, its directory wiped, back as an empty replica) loses no
+//! order answered 201; and a node refuses to start on a Redis weaker than its config asks. Every process is killed by pid when
 //! its guard is dropped, also when a test fails.
 
 use crate::cluster::{exclusive, SECRET};
