@@ -1,7 +1,8 @@
 //! Surviving the loss of the Redis host: a node that finds its primary through three real
 //! `redis-sentinel` processes follows a failover after the primary is SIGKILLed, without a
-//! restart; with `database.min_replicas` a write counts only once a replica has it; and a node
-//! refuses to start on a Redis weaker than its config asks. Every process is killed by pid when
+//! restart; with `database.min_replicas` a write counts only once a replica has it, so losing
+//! the primary's host under load (killed, its directory wiped, back as an empty replica) loses no
+//! order answered 201; and a node refuses to start on a Redis weaker than its config asks. Every process is killed by pid when
 //! its guard is dropped, also when a test fails.
 
 use crate::cluster::{exclusive, SECRET};
@@ -106,38 +107,21 @@ fn fence(redis: &RedisServer) -> Option<u64> {
     redis.cli(&["GET", "op:leader:fence"]).parse().ok()
 }
 
-fn node_config(database: &str, step: &str) -> String {
-    format!(
-        "[simulate]\nduration = \"{step}\"\nfailure_rate = 0.0\n\
-         [database]\n{database}timeout = \"1s\"\n\
-         [cluster]\nsecret = \"{SECRET}\"\n"
-    )
-}
-
-#[tokio::test]
-async fn a_node_follows_a_sentinel_failover_without_a_restart_and_its_fence_keeps_growing() {
-    let _one = exclusive().await;
-    let mut primary = RedisServer::start();
-    let replica = RedisServer::start_replica_of(&primary);
+/// Starts three sentinels watching `primary`, waits until each knows the other two and its
+/// `replicas` replicas, and returns them with the `[database]` lines that name them.
+async fn start_sentinels(primary: &RedisServer, replicas: usize) -> (Vec<RedisSentinel>, String) {
     let sentinels: Vec<RedisSentinel> = (0..3)
-        .map(|_| RedisSentinel::start(&primary, MASTER, QUORUM))
+        .map(|_| RedisSentinel::start(primary, MASTER, QUORUM))
         .collect();
-    let sentinel_logs = || {
-        sentinels
-            .iter()
-            .map(RedisSentinel::log_tail)
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     eventually(
         Duration::from_secs(30),
-        "sentinels did not find each other and the replica",
-        sentinel_logs,
+        "sentinels did not find each other and the replicas",
+        || logs_of(&sentinels),
         || {
             std::future::ready(
                 sentinels
                     .iter()
-                    .all(|sentinel| sentinel.knows(MASTER, 2, 1))
+                    .all(|sentinel| sentinel.knows(MASTER, 2, replicas))
                     .then_some(()),
             )
         },
@@ -151,6 +135,33 @@ async fn a_node_follows_a_sentinel_failover_without_a_restart_and_its_fence_keep
         "sentinels = [{}]\nmaster_name = \"{MASTER}\"\n",
         addresses.join(", ")
     );
+    (sentinels, database)
+}
+
+/// The sentinels' logs, for assertion messages.
+fn logs_of(sentinels: &[RedisSentinel]) -> String {
+    sentinels
+        .iter()
+        .map(RedisSentinel::log_tail)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn node_config(database: &str, step: &str) -> String {
+    format!(
+        "[simulate]\nduration = \"{step}\"\nfailure_rate = 0.0\n\
+         [database]\n{database}timeout = \"1s\"\n\
+         [cluster]\nsecret = \"{SECRET}\"\n"
+    )
+}
+
+#[tokio::test]
+async fn a_node_follows_a_sentinel_failover_without_a_restart_and_its_fence_keeps_growing() {
+    let _one = exclusive().await;
+    let mut primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let (sentinels, database) = start_sentinels(&primary, 1).await;
+    let sentinel_logs = || logs_of(&sentinels);
     let mut node = Node::start(&node_config(&database, "500ms")).await;
     assert!(
         node.log().contains("redis primary found through sentinel"),
@@ -438,4 +449,131 @@ async fn every_kind_of_write_waits_for_its_replica() {
         || async { store.ping().await.ok() },
     )
     .await;
+}
+
+/// The port every sentinel names as the primary of [`MASTER`], once they all agree.
+fn agreed_primary(sentinels: &[RedisSentinel]) -> Option<u16> {
+    let first = sentinels.first()?.primary_port(MASTER)?;
+    sentinels
+        .iter()
+        .all(|sentinel| sentinel.primary_port(MASTER) == Some(first))
+        .then_some(first)
+}
+
+/// Waits until `accepted` holds at least `wanted` ids.
+async fn at_least(node: &Node, accepted: &std::sync::Mutex<Vec<String>>, wanted: usize) {
+    let count = || accepted.lock().expect("the accepted ids").len();
+    eventually(
+        FAILOVER,
+        &format!("fewer than {wanted} orders accepted"),
+        || node.log_tail(),
+        || std::future::ready((count() >= wanted).then_some(())),
+    )
+    .await
+}
+
+/// The Redis host is lost under load: the primary SIGKILLed and its directory wiped, a replica
+/// promoted, and the old host back as a fresh, empty replica. With `min_replicas = 1` and two
+/// replicas no order answered 201 is lost, and every order finishes.
+#[tokio::test]
+async fn losing_the_primary_host_under_load_loses_no_acknowledged_order() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let _one = exclusive().await;
+    let mut servers = vec![RedisServer::start()];
+    for _ in 0..2 {
+        let replica = RedisServer::start_replica_of(&servers[0]);
+        servers.push(replica);
+    }
+    let (sentinels, database) = start_sentinels(&servers[0], 2).await;
+    let sentinel_logs = || logs_of(&sentinels);
+    let database = format!("{database}min_replicas = 1\nrequire_aof = true\n");
+    let node = Arc::new(Node::start(&node_config(&database, "200ms")).await);
+    let user = unique_user("lost-host");
+
+    // A client that keeps submitting for the whole test; it keeps every id answered 201.
+    let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (node, user, accepted, stop) = (
+            Arc::clone(&node),
+            user.clone(),
+            Arc::clone(&accepted),
+            Arc::clone(&stop),
+        );
+        tokio::spawn(async move {
+            let mut refused = 0usize;
+            let mut index = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                index += 1;
+                let body = serde_json::json!({ "n": index }).to_string();
+                let reply = node.post_order(&user, &body).await;
+                match reply.status {
+                    201 => {
+                        let id = reply
+                            .try_json()
+                            .and_then(|order| order["order_id"].as_str().map(str::to_string));
+                        let id = id.unwrap_or_else(|| panic!("a 201 without an id: {reply}"));
+                        accepted.lock().expect("the accepted ids").push(id);
+                    }
+                    503 => refused += 1,
+                    _ => panic!("unexpected answer to POST /orders: {reply}"),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            refused
+        })
+    };
+    let count = || accepted.lock().expect("the accepted ids").len();
+    at_least(&node, &accepted, 20).await;
+
+    let lost_port = servers[0].port;
+    servers[0].kill_and_wipe().expect("wipe the primary's dir");
+    let accepted_at_kill = count();
+    let promoted = eventually(
+        FAILOVER,
+        "the sentinels did not promote a replica",
+        sentinel_logs,
+        || std::future::ready(agreed_primary(&sentinels).filter(|port| *port != lost_port)),
+    )
+    .await;
+    let primary = servers
+        .iter()
+        .position(|server| server.port == promoted)
+        .unwrap_or_else(|| panic!("the sentinels name an unknown primary on port {promoted}"));
+    let primary_address = servers[primary].address();
+    servers[0]
+        .try_restart_as_replica_of(primary_address)
+        .expect("start the lost host again as an empty replica");
+    eventually(
+        FAILOVER,
+        "the new primary does not have both replicas online",
+        sentinel_logs,
+        || std::future::ready(servers[primary].has_replicas_online(2).then_some(())),
+    )
+    .await;
+    at_least(&node, &accepted, count() + 20).await;
+    stop.store(true, Ordering::SeqCst);
+    let refused = client.await.expect("the submitting client");
+    let mut node = Arc::into_inner(node).expect("no other owner of the node");
+
+    let ids = accepted.lock().expect("the accepted ids").clone();
+    wait_all_completed(&node, &user, &ids).await;
+    assert!(node.is_running(), "the node stopped\n{}", node.log_tail());
+    assert!(
+        node.log().contains("redis primary changed"),
+        "{}",
+        node.log_tail()
+    );
+    // The user's order list names every one of them too.
+    let listed: std::collections::BTreeSet<String> =
+        node.list_all_ids(&user, &[]).await.into_iter().collect();
+    for id in &ids {
+        assert!(listed.contains(id), "order {id} answered 201 is not listed");
+    }
+    eprintln!(
+        "lost host: {} orders answered 201 ({accepted_at_kill} before the kill), {refused} answered 503, none lost",
+        ids.len()
+    );
 }

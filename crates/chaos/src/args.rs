@@ -16,6 +16,10 @@ pub struct ChaosArgs {
     /// orders submitted per second
     #[argh(option, default = "8.0")]
     pub rate: f64,
+    /// single (the default: one redis-server) or sentinel (a primary, two replicas and three
+    /// sentinels; nodes with min_replicas = 1; adds the lose_redis_primary fault)
+    #[argh(option, default = "String::from(\"single\")")]
+    pub redis: String,
     /// redis appendfsync: always (the default, what the guarantees rest on) or everysec
     #[argh(option, default = "String::from(\"always\")")]
     pub appendfsync: String,

@@ -9,7 +9,8 @@ use crate::ledger::Ledger;
 use crate::links::Links;
 use crate::load::{load, lock, poll, Seen};
 use crate::logs::read_logs;
-use crate::netns::{node_host, Network, REDIS_HOST};
+use crate::netns::{node_host, Network};
+use crate::redis::{hosts_needed, server_host, Redis};
 use crate::report::{print_first, Report, Violation, TAKEOVER_BOUND};
 use crate::schedule::{Faults, Spawn};
 use crate::settle::{settle, STUCK_BOUND};
@@ -17,7 +18,6 @@ use crate::world::{
     get_json, http_client, node_config, wait_formed, wait_ready, Node, World, NODES,
     RECONCILE_INTERVAL,
 };
-use order_process_testkit::RedisServer;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -43,9 +43,10 @@ pub async fn run(args: ChaosArgs) -> ExitCode {
     if !args.rate.is_finite()
         || args.rate <= 0.0
         || !["always", "everysec", "no"].contains(&args.appendfsync.as_str())
+        || !["single", "sentinel"].contains(&args.redis.as_str())
     {
         eprintln!(
-            "order-process-chaos: --rate must be > 0 and --appendfsync always, everysec or no"
+            "order-process-chaos: --rate must be > 0, --appendfsync always, everysec or no, and --redis single or sentinel"
         );
         return ExitCode::from(EXIT_USAGE);
     }
@@ -126,7 +127,11 @@ async fn campaign(
     if args.no_partition {
         skip.push(Kind::Partition);
     }
-    let network = hosts(args.no_netns);
+    let sentinel = args.redis == "sentinel";
+    if !sentinel {
+        skip.push(Kind::LoseRedisPrimary);
+    }
+    let network = hosts(args.no_netns, sentinel);
     if network.is_none() {
         skip.extend(Kind::NAMESPACED);
     }
@@ -144,12 +149,11 @@ async fn campaign(
     let ledger = Ledger::start(seed, gateway)
         .await
         .map_err(|error| format!("cannot start the ledger: {error}"))?;
-    let mut world = bring_up(bin, workdir, &args.appendfsync, &ledger, &client, network).await?;
+    let mut world = bring_up(bin, workdir, args, &ledger, &client, network).await?;
     let bases: Arc<Vec<String>> = Arc::new(world.nodes.iter().map(Node::base).collect());
     println!(
-        "chaos: redis on {}:{} (appendfsync {}), ledger on {}, nodes on {}, work dir {}",
-        world.redis.host,
-        world.redis.port,
+        "chaos: redis on {} (appendfsync {}), ledger on {}, nodes on {}, work dir {}",
+        world.redis.describe(),
         args.appendfsync,
         ledger.base(),
         world
@@ -191,7 +195,7 @@ async fn campaign(
     }
     let spawn = Spawn {
         bin: bin.to_path_buf(),
-        redis_url: world.redis.url(),
+        database: world.redis.database(),
         ledger: ledger.base().to_string(),
         faketime,
     };
@@ -278,6 +282,11 @@ async fn campaign(
                 .map_or("none".into(), |(id, took)| format!("{id} {took:.1}s"))
         ),
     ));
+    if world.redis.sentinel_mode() {
+        report
+            .lines
+            .push(("redis", redis_line(&world.redis, faults.refused_starts)));
+    }
     report.lines.push((
         "duplicates",
         if faults.duplicates.is_empty() {
@@ -307,12 +316,31 @@ async fn campaign(
     Ok(violations.is_empty())
 }
 
-/// The hosts in network namespaces, one per node and one for Redis, unless `--no-netns` or
-/// they cannot be made here (then one notice says so, and everything runs on loopback).
-fn hosts(no_netns: bool) -> Option<Network> {
+/// The summary line of sentinel mode: failovers and how long each took, and nodes that had to
+/// be started again.
+fn redis_line(redis: &Redis, refused_starts: usize) -> String {
+    let mut failovers = redis.failovers.clone();
+    failovers.sort_by(f64::total_cmp);
+    let times = match (failovers.get(failovers.len() / 2), failovers.last()) {
+        (Some(p50), Some(max)) => {
+            format!(
+                " (SIGKILL to every sentinel naming a new primary: p50 {p50:.1}s, max {max:.1}s)"
+            )
+        }
+        _ => String::new(),
+    };
+    format!(
+        "sentinel mode, min_replicas 1; failovers {}{times}; nodes started again after refusing to start on too few replicas {refused_starts}",
+        failovers.len()
+    )
+}
+
+/// The hosts in network namespaces, one per node and one per Redis server, unless `--no-netns`
+/// or they cannot be made here (then one notice says so, and everything runs on loopback).
+fn hosts(no_netns: bool, sentinel: bool) -> Option<Network> {
     let names: Vec<String> = (0..NODES)
         .map(node_host)
-        .chain(std::iter::once(REDIS_HOST.to_string()))
+        .chain((0..hosts_needed(sentinel)).map(server_host))
         .collect();
     let fallback = |why: &str| {
         println!(
@@ -342,33 +370,26 @@ fn hosts(no_netns: bool) -> Option<Network> {
     }
 }
 
-/// Starts Redis and the nodes (the first alone, the others joining it), each in its host when
-/// there is a network, and waits until they form a cluster; afterwards each node restarts
-/// joining the other two.
+/// Starts Redis (and its replicas and sentinels in sentinel mode) and the nodes (the first alone,
+/// the others joining it), each in its host when there is a network, and waits until they form
+/// a cluster; afterwards each node restarts joining the other two.
 async fn bring_up(
     bin: &Path,
     workdir: &Path,
-    appendfsync: &str,
+    args: &ChaosArgs,
     ledger: &Ledger,
     client: &reqwest::Client,
     network: Option<Network>,
 ) -> Result<World, String> {
-    let redis_dir = workdir.join("redis");
-    let redis = match &network {
-        Some(network) => RedisServer::try_start_on(
-            redis_dir,
-            appendfsync,
-            network
-                .address(REDIS_HOST)
-                .ok_or("the network has no redis host")?,
-            network.hosts.launcher(REDIS_HOST),
-        ),
-        None => RedisServer::try_start(redis_dir, appendfsync),
-    }
-    .map_err(|error| format!("cannot start redis-server: {error}"))?;
+    let redis = Redis::start(
+        workdir,
+        &args.appendfsync,
+        network.as_ref(),
+        args.redis == "sentinel",
+    )?;
     let mut nodes = Vec::new();
     for index in 0..NODES {
-        let config = node_config(index, &redis.url(), ledger.base());
+        let config = node_config(index, &redis.database(), ledger.base());
         let mut node = Node::new(bin, workdir.join(format!("node-{index}")), index, &config)
             .map_err(|error| format!("cannot prepare node {index}: {error}"))?;
         if let Some(network) = &network {
@@ -401,7 +422,6 @@ async fn bring_up(
     }
     Ok(World {
         redis,
-        redis_paused: false,
         nodes,
         links: Links::new(network.as_ref().map(|network| network.hosts.clone())),
         _network: network,

@@ -41,13 +41,13 @@ impl Fate {
 pub async fn run(
     original: &Node,
     bin: &Path,
-    redis_url: &str,
+    database: &str,
     ledger: &str,
     join: Vec<String>,
 ) -> (Fate, String) {
     let dir = PathBuf::from(format!("{}-duplicate", original.dir.display()));
     let _ = std::fs::remove_dir_all(&dir);
-    let config = node_config(DUPLICATE_BASE + original.index, redis_url, ledger);
+    let config = node_config(DUPLICATE_BASE + original.index, database, ledger);
     let mut node = match Node::new(bin, dir.clone(), DUPLICATE_BASE + original.index, &config) {
         Ok(node) => node,
         Err(error) => return (Fate::NotStarted, format!("cannot prepare: {error}")),

@@ -29,10 +29,13 @@ pub enum Kind {
     OneWayPartition,
     /// A share of the packets on a node's link dropped at random; namespaces only.
     LossyLink,
+    /// The Redis primary's host lost: SIGKILL, its directory wiped, a failover, and the host
+    /// back as an empty replica; sentinel mode only.
+    LoseRedisPrimary,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::KillNode,
         Kind::KillLeader,
         Kind::PauseNode,
@@ -47,6 +50,7 @@ impl Kind {
         Kind::CutRedis,
         Kind::OneWayPartition,
         Kind::LossyLink,
+        Kind::LoseRedisPrimary,
     ];
 
     /// The kinds only network namespaces make possible (a node's own links).
@@ -81,6 +85,7 @@ impl Kind {
             Kind::CutRedis => "cut_redis",
             Kind::OneWayPartition => "one_way_partition",
             Kind::LossyLink => "lossy_link",
+            Kind::LoseRedisPrimary => "lose_redis_primary",
         }
     }
 }
@@ -102,6 +107,8 @@ pub struct Fault {
 pub enum Recovery {
     Restart(usize),
     Resume(usize),
+    /// Start the Redis primary killed again: at once for a single Redis; in sentinel mode once
+    /// the sentinels have promoted a replica, as a replica of it.
     RestartRedis,
     ResumeRedis,
     /// Remove the iptables rules of a node's link fault.
@@ -147,9 +154,14 @@ pub async fn rolling_restart(
     unclean
 }
 
-/// Undoes one fault; a process that cannot start again is a violation.
-pub async fn recover(world: &mut World, recovery: Recovery, violations: &mut Vec<Violation>) {
-    match recovery {
+/// Undoes one fault; a process that cannot start again is a violation. False when it cannot be
+/// undone yet (no failover yet): try again shortly.
+pub async fn recover(
+    world: &mut World,
+    recovery: &Recovery,
+    violations: &mut Vec<Violation>,
+) -> bool {
+    match *recovery {
         Recovery::Restart(index) => {
             let node = &mut world.nodes[index];
             if !node.is_running() {
@@ -165,19 +177,15 @@ pub async fn recover(world: &mut World, recovery: Recovery, violations: &mut Vec
         Recovery::Resume(index) => {
             world.nodes[index].signal("CONT");
         }
-        Recovery::RestartRedis => {
-            if let Err(error) = world.redis.try_restart() {
-                violations.push(Violation {
-                    kind: "restart_failed".into(),
-                    order_id: None,
-                    detail: format!("redis: {error}"),
-                });
-            }
-        }
-        Recovery::ResumeRedis => {
-            world.redis.signal("CONT");
-            world.redis_paused = false;
-        }
+        Recovery::RestartRedis => match world.redis.restart_lost() {
+            Ok(done) => return done,
+            Err(error) => violations.push(Violation {
+                kind: "restart_failed".into(),
+                order_id: None,
+                detail: format!("redis: {error}"),
+            }),
+        },
+        Recovery::ResumeRedis => world.redis.resume(),
         Recovery::Unskew(index) => {
             let node = &mut world.nodes[index];
             node.kill();
@@ -192,4 +200,5 @@ pub async fn recover(world: &mut World, recovery: Recovery, violations: &mut Vec
         }
         Recovery::Heal(index) => world.links.heal(index),
     }
+    true
 }

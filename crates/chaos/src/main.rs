@@ -18,6 +18,7 @@
 //! - [`campaign`]: the campaign from start to verdict.
 //! - [`world`]: the processes (Redis, the nodes) and what the cluster says about itself.
 //! - [`netns`]: hosts in network namespaces on a bridge (`scripts/netns`), when they can be made.
+//! - [`redis`]: one Redis, or a primary, two replicas and three sentinels (`--redis sentinel`).
 //! - [`links`]: faults on a node's links made with iptables: partitions (gossip ports on
 //!   loopback; by address in namespaces), one-way partitions, a cut from Redis, packet loss.
 //! - [`faults`]: the kinds of fault, their record and their recovery.
@@ -44,6 +45,7 @@ mod links;
 mod load;
 mod logs;
 mod netns;
+mod redis;
 mod report;
 mod schedule;
 mod settle;

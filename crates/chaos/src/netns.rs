@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-/// The host Redis runs in.
+/// The host the first Redis server runs in (the replicas of sentinel mode: `redis1`, `redis2`).
 pub const REDIS_HOST: &str = "redis";
 
 /// The host node `index` runs in.

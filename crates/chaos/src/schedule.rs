@@ -8,7 +8,7 @@ use crate::faults::{recover, rolling_restart, Fault, Kind, Recovery};
 use crate::links::{self, Direction, Rule};
 use crate::netns::node_host;
 use crate::report::Violation;
-use crate::world::{Node, World, NODES};
+use crate::world::{wait_ready, Node, World, NODES};
 use chrono::Utc;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -19,9 +19,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// What a fault needs to start processes of its own: the node binary, Redis and the ledger.
+/// How long after losing the Redis primary the sentinels must have promoted a replica.
+const FAILOVER_BOUND: Duration = Duration::from_secs(60);
+
 pub struct Spawn {
     pub bin: PathBuf,
-    pub redis_url: String,
+    /// The `[database]` lines of a node's config.
+    pub database: String,
     pub ledger: String,
     /// libfaketime, when installed (the clock skew fault needs it).
     pub faketime: Option<PathBuf>,
@@ -44,6 +48,8 @@ pub struct Faults {
     pub violations: Vec<Violation>,
     /// Drains that exited 0, of all drains.
     pub drains: (usize, usize),
+    /// Nodes started again after they refused to start (too few replicas during a failover).
+    pub refused_starts: usize,
 }
 
 impl Faults {
@@ -59,6 +65,7 @@ impl Faults {
             done: Vec::new(),
             violations: Vec::new(),
             drains: (0, 0),
+            refused_starts: 0,
         }
     }
 
@@ -86,6 +93,7 @@ impl Faults {
                 .unwrap_or(next_fault);
             tokio::time::sleep_until(tokio::time::Instant::from_std(wake)).await;
             self.recover_due(world, client).await;
+            self.relaunch_refused(world);
             if Instant::now() < next_fault {
                 continue;
             }
@@ -121,7 +129,22 @@ impl Faults {
                 record.owned_at_heal = owned;
             }
         }
-        recover(world, recovery, &mut self.violations).await;
+        if !recover(world, &recovery, &mut self.violations).await {
+            match world.redis.lost_for() {
+                Some(lost) if lost < FAILOVER_BOUND => {
+                    let again = Instant::now() + Duration::from_millis(200);
+                    self.pending.push((again, recovery, fault));
+                }
+                _ => self.violations.push(Violation {
+                    kind: "no_failover".into(),
+                    order_id: None,
+                    detail: format!(
+                        "the sentinels named no new primary within {FAILOVER_BOUND:?} of losing it"
+                    ),
+                }),
+            }
+            return;
+        }
         if let Some(fault) = self.done.get_mut(fault) {
             fault.healed = Some(Utc::now());
         }
@@ -135,12 +158,16 @@ impl Faults {
                 .copied()
                 .filter(|kind| !self.skip.contains(kind))
                 .collect();
+            // Losing the primary's host is what sentinel mode is for: twice in every bag.
+            if !self.skip.contains(&Kind::LoseRedisPrimary) {
+                self.bag.push(Kind::LoseRedisPrimary);
+            }
             self.bag.shuffle(&mut self.rng);
         }
-        let redis = world.redis.is_running() && !world.redis_paused;
+        let redis = world.redis.ready();
         let quiet = self.pending.is_empty() && healthy.len() == NODES && redis;
         let position = self.bag.iter().position(|kind| match kind {
-            Kind::KillRedis | Kind::PauseRedis => redis,
+            Kind::KillRedis | Kind::PauseRedis | Kind::LoseRedisPrimary => redis,
             Kind::RollingRestart | Kind::DuplicateNode => quiet,
             Kind::InterruptedTakeover => healthy.len() == NODES && redis,
             _ => healthy.len() >= 2,
@@ -178,7 +205,9 @@ impl Faults {
             | Kind::CutRedis
             | Kind::OneWayPartition
             | Kind::LossyLink => Some(healthy[self.rng.random_range(0..healthy.len())]),
-            Kind::KillRedis | Kind::PauseRedis | Kind::RollingRestart => None,
+            Kind::KillRedis | Kind::PauseRedis | Kind::LoseRedisPrimary | Kind::RollingRestart => {
+                None
+            }
         };
         let service_id = victim.and_then(|index| world.nodes[index].service_id());
         let owned = world.owned(client, &service_id).await;
@@ -259,8 +288,9 @@ impl Faults {
                 self.pending.push((at, Recovery::Heal(index), fault));
             }
             (Kind::CutRedis, Some(index)) => {
-                let redis = world.redis.host;
-                let rules = links::addresses(&node_host(index), &[redis], Direction::Both);
+                // Every Redis address: in sentinel mode the replicas and the sentinels too.
+                let redis = world.redis.hosts();
+                let rules = links::addresses(&node_host(index), &redis, Direction::Both);
                 cut(world, index, rules);
                 // Around the takeover bound: the liveness lease (3 s) plus `cluster.takeover_after`
                 // (2 s) and a sweep, shorter and longer.
@@ -277,14 +307,7 @@ impl Faults {
                 let at = self.later(4000, 10000);
                 self.pending.push((at, Recovery::Heal(index), fault));
             }
-            (Kind::PauseRedis, _) => {
-                if world.redis.signal("STOP") {
-                    world.redis_paused = true;
-                }
-                // Around `database.timeout` (1 s): shorter, about as long, and longer.
-                let at = self.later(300, 3000);
-                self.pending.push((at, Recovery::ResumeRedis, fault));
-            }
+            (Kind::PauseRedis, _) => self.pause_redis(world, fault),
             (Kind::DuplicateNode, Some(index)) => {
                 let join = world
                     .nodes
@@ -295,7 +318,7 @@ impl Faults {
                 let (fate, detail) = duplicate::run(
                     &world.nodes[index],
                     &self.spawn.bin,
-                    &self.spawn.redis_url,
+                    &self.spawn.database,
                     &self.spawn.ledger,
                     join,
                 )
@@ -341,9 +364,18 @@ impl Faults {
             (Kind::InterruptedTakeover, Some(index)) => {
                 self.interrupt_takeover(world, client, index, fault).await;
             }
-            (Kind::KillRedis, _) => {
-                world.redis.kill();
-                let at = self.later(300, 5000);
+            (Kind::KillRedis | Kind::LoseRedisPrimary, _) => {
+                let wipe = kind == Kind::LoseRedisPrimary;
+                if world.redis.sentinel_mode() {
+                    let primary = world.redis.primary().address();
+                    println!("chaos:          primary {primary}");
+                }
+                if let Err(error) = world.redis.kill_primary(wipe) {
+                    println!("chaos: notice: cannot wipe the redis primary's dir: {error}");
+                }
+                // A single Redis restarts then; in sentinel mode the old primary comes back as a
+                // replica once a replica has been promoted (that can take longer).
+                let at = self.later(300, if wipe { 3000 } else { 5000 });
                 self.pending.push((at, Recovery::RestartRedis, fault));
             }
             (Kind::RollingRestart, _) => {
@@ -397,23 +429,67 @@ impl Faults {
             }
             _ => {
                 println!("chaos:          redis paused mid-takeover");
-                if world.redis.signal("STOP") {
-                    world.redis_paused = true;
-                }
-                let at = self.later(300, 3000);
-                self.pending.push((at, Recovery::ResumeRedis, fault));
+                self.pause_redis(world, fault);
             }
         }
         let at = self.later(3000, 10000);
         self.pending.push((at, Recovery::Restart(index), fault));
     }
 
-    /// Recovers from every fault still in effect, in the order they were due.
+    /// SIGSTOPs the Redis primary, and schedules its SIGCONT: around `database.timeout` (1 s),
+    /// shorter, about as long and longer; in sentinel mode shorter than a failover takes to start.
+    fn pause_redis(&mut self, world: &mut World, fault: usize) {
+        world.redis.pause();
+        let (low, high) = world.redis.pause_range();
+        let at = self.later(low, high);
+        self.pending.push((at, Recovery::ResumeRedis, fault));
+    }
+
+    /// Starts again, as a service manager would, each node that refused to start (a restart in
+    /// the middle of a failover finds the new primary without its replicas yet).
+    fn relaunch_refused(&mut self, world: &mut World) {
+        for node in &mut world.nodes {
+            if !node.refused_to_start() {
+                continue;
+            }
+            println!(
+                "chaos:          n{} refused to start (too few redis replicas), started again",
+                node.index
+            );
+            self.refused_starts += 1;
+            if let Err(error) = node.launch() {
+                self.violations.push(Violation {
+                    kind: "restart_failed".into(),
+                    order_id: None,
+                    detail: format!("n{}: {error}", node.index),
+                });
+            }
+        }
+    }
+
+    /// Recovers from every fault still in effect, in the order they were due (a Redis restart
+    /// waits for its failover), then sees every node running.
     pub async fn heal_all(&mut self, world: &mut World, client: &reqwest::Client) {
-        let mut pending = std::mem::take(&mut self.pending);
-        pending.sort_by_key(|(at, _, _)| *at);
-        for (_, recovery, fault) in pending {
-            self.recover(world, client, recovery, fault).await;
+        while !self.pending.is_empty() {
+            let mut pending = std::mem::take(&mut self.pending);
+            pending.sort_by_key(|(at, _, _)| *at);
+            for (_, recovery, fault) in pending {
+                self.recover(world, client, recovery, fault).await;
+            }
+            if !self.pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.relaunch_refused(world);
+            let mut ready = true;
+            for node in &world.nodes {
+                ready &= wait_ready(client, &node.base(), Duration::from_secs(1)).await;
+            }
+            if ready || Instant::now() >= deadline {
+                return;
+            }
         }
     }
 

@@ -6,8 +6,9 @@
 
 use crate::links::Links;
 use crate::netns::Network;
+use crate::redis::Redis;
 use order_process_history::WORK_STEPS;
-use order_process_testkit::{free_port, Proc, RedisServer};
+use order_process_testkit::{free_port, Proc};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -171,6 +172,20 @@ impl Node {
         sent
     }
 
+    /// True when the process exited by itself, non-zero, saying since its last launch that it
+    /// refuses to start (its Redis has fewer replicas than `database.min_replicas`).
+    pub fn refused_to_start(&mut self) -> bool {
+        let exited = self.process.as_mut().and_then(Proc::try_exit);
+        if exited.is_none_or(|status| status.success()) {
+            return false;
+        }
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let marker = format!("==== launch {} ====", self.launches);
+        log.rsplit(&marker)
+            .next()
+            .is_some_and(|last| last.contains("refusing to start") && last.contains("replicas"))
+    }
+
     /// Polls until the process exits; `None` if it still runs at the deadline.
     pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let status = self.process.as_mut()?.wait_exit(within).await;
@@ -181,16 +196,17 @@ impl Node {
     }
 }
 
-/// The config of node `index`: cluster mode on Redis, every work step on the ledger. The
-/// campaign's user is named in the `Authorization` header, on loopback as on a bridge.
-pub fn node_config(index: usize, redis_url: &str, ledger: &str) -> String {
+/// The config of node `index`: cluster mode on the Redis that the `[database]` lines `database`
+/// reach ([`Redis::database`]), every work step on the ledger. The campaign's user is named in
+/// the `Authorization` header, on loopback as on a bridge.
+pub fn node_config(index: usize, database: &str, ledger: &str) -> String {
     let reconcile = RECONCILE_INTERVAL.as_secs();
     let liveness = LIVENESS_TTL.as_secs();
     let mut config = format!(
         "[server]\nshutdown_grace = \"20s\"\n\
          [pipeline]\nreconcile_interval = \"{reconcile}s\"\n\
          [log]\nlevel = \"info,order_process::pipeline=debug\"\nformat = \"json\"\n\
-         [database]\nurl = \"{redis_url}\"\ntimeout = \"1s\"\n\
+         [database]\n{database}timeout = \"1s\"\n\
          [auth]\nmode = \"header\"\nallow_insecure_header = true\n\
          [cluster]\nsecret = \"{SECRET}\"\nliveness_ttl = \"{liveness}s\"\n"
     );
@@ -268,9 +284,7 @@ pub async fn wait_formed(client: &reqwest::Client, bases: &[String], within: Dur
 
 /// Everything the campaign runs.
 pub struct World {
-    pub redis: RedisServer,
-    /// Redis is SIGSTOPped.
-    pub redis_paused: bool,
+    pub redis: Redis,
     pub nodes: Vec<Node>,
     pub links: Links,
     /// The namespaces the processes run in; last, so it goes after them and their rules.

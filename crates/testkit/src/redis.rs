@@ -438,3 +438,118 @@ impl RedisServer {
         .collect()
     }
 }
+
+/// The script of the launcher that starts a server as a replica: `sh -c SCRIPT sh HOST PORT`
+/// followed by `redis-server …` runs that with `--replicaof HOST PORT` added, keeping the pid.
+const AS_REPLICA: &str = "host=$1 port=$2; shift 2; exec \"$@\" --replicaof \"$host\" \"$port\"";
+
+/// `launcher` without the part that made it start a replica, if it has one.
+fn without_replicaof(launcher: &[String]) -> Vec<String> {
+    let cut = launcher
+        .iter()
+        .position(|part| part == AS_REPLICA)
+        .map_or(launcher.len(), |at| at.saturating_sub(2));
+    launcher[..cut].to_vec()
+}
+
+/// `launcher` made to start a replica of `primary` (`--replicaof`).
+fn as_replica(launcher: &[String], primary: SocketAddr) -> Vec<String> {
+    let mut launcher = without_replicaof(launcher);
+    launcher.extend(
+        ["sh", "-c", AS_REPLICA, "sh"]
+            .into_iter()
+            .map(str::to_string)
+            .chain([primary.ip().to_string(), primary.port().to_string()]),
+    );
+    launcher
+}
+
+/// Runs `redis-cli -h host -p port args…` and returns its answer, trimmed; `None` when
+/// redis-cli cannot run, fails, or the server does not answer within 2 s.
+pub fn cli_on(host: IpAddr, port: u16, args: &[&str]) -> Option<String> {
+    let (host, port) = (host.to_string(), port.to_string());
+    let mut command = Command::new("timeout");
+    command.args(["2", "redis-cli", "-h", &host, "-p", &port]);
+    let output = command.args(args).stdin(Stdio::null()).output().ok()?;
+    let answer = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    output.status.success().then_some(answer)
+}
+
+impl RedisServer {
+    /// `host:port`.
+    pub fn address(&self) -> SocketAddr {
+        SocketAddr::from((self.host, self.port))
+    }
+
+    /// Like [`RedisServer::try_start_on`], replicating `primary` from the start (`--replicaof`).
+    pub fn try_start_replica_on(
+        dir: PathBuf,
+        appendfsync: &str,
+        host: IpAddr,
+        launcher: Vec<String>,
+        primary: SocketAddr,
+    ) -> std::io::Result<RedisServer> {
+        Self::try_start_on(dir, appendfsync, host, as_replica(&launcher, primary))
+    }
+
+    /// The host is gone: SIGKILLs Redis and removes everything in its directory (append-only
+    /// file, log), leaving it empty.
+    pub fn kill_and_wipe(&mut self) -> std::io::Result<()> {
+        self.kill();
+        std::fs::remove_dir_all(self.dir())?;
+        std::fs::create_dir_all(self.dir())
+    }
+
+    /// Starts it again on the same port and directory as a replica of `primary`
+    /// (`--replicaof`): after [`RedisServer::kill_and_wipe`], a fresh, empty replica.
+    pub fn try_restart_as_replica_of(&mut self, primary: SocketAddr) -> std::io::Result<()> {
+        self.kill();
+        self.launcher = as_replica(&self.launcher, primary);
+        self.launch()
+    }
+
+    /// One field of `INFO section`, asked at its own address (also inside a network namespace
+    /// reached over a bridge).
+    pub fn info_on(&self, section: &str, field: &str) -> Option<String> {
+        field_of(&cli_on(self.host, self.port, &["INFO", section])?, field)
+    }
+
+    /// True when it is a primary with `replicas` replicas online and caught up (lag of at most
+    /// a second).
+    pub fn has_replicas_online(&self, replicas: usize) -> bool {
+        let Some(answer) = cli_on(self.host, self.port, &["INFO", "replication"]) else {
+            return false;
+        };
+        let online = answer
+            .lines()
+            .filter(|line| line.starts_with("slave") && line.contains("state=online"))
+            .filter(|line| {
+                line.split(',')
+                    .find_map(|part| part.strip_prefix("lag="))
+                    .and_then(|lag| lag.trim().parse::<u64>().ok())
+                    .is_some_and(|lag| lag <= 1)
+            })
+            .count();
+        field_of(&answer, "role").as_deref() == Some("master") && online >= replicas
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_launcher_adds_replicaof_once() {
+        let primary = SocketAddr::from(([10, 0, 0, 2], 6379));
+        let other = SocketAddr::from(([10, 0, 0, 3], 6380));
+        let netns = vec!["netns".to_string(), "exec".into()];
+        let once = as_replica(&netns, primary);
+        assert_eq!(once[..2], netns[..]);
+        assert_eq!(once[once.len() - 2..], ["10.0.0.2", "6379"]);
+        let again = as_replica(&once, other);
+        assert_eq!(again.len(), once.len());
+        assert_eq!(again[again.len() - 2..], ["10.0.0.3", "6380"]);
+        assert_eq!(without_replicaof(&again), netns);
+        assert!(without_replicaof(&[]).is_empty());
+    }
+}

@@ -1,0 +1,374 @@
+//! The campaign's Redis: one `redis-server` (the default), or with `--redis sentinel` a primary,
+//! two replicas and three `redis-sentinel`s that the nodes ask for the primary (each server on a
+//! host of its own in network namespaces, a sentinel beside each on another port). Which server
+//! is the primary changes with every failover; the faults on Redis ask this module for it.
+
+use crate::netns::{Network, REDIS_HOST};
+use order_process_testkit::process::Proc;
+use order_process_testkit::redis::cli_on;
+use order_process_testkit::{free_port, RedisServer};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The name the sentinels watch the primary under.
+pub const MASTER: &str = "orders";
+/// Sentinels that must agree the primary is down (of three).
+const QUORUM: usize = 2;
+/// Replicas in sentinel mode; `database.min_replicas` is 1, so one may be lost or resyncing.
+const REPLICAS: usize = 2;
+/// How long the sentinels wait for a silent primary before they call it down.
+pub const DOWN_AFTER: Duration = Duration::from_millis(1000);
+/// How long a started set may take to be whole: replicas in sync, sentinels knowing each other.
+const FORM: Duration = Duration::from_secs(30);
+
+/// The host server `index` runs in: `redis`, `redis1`, `redis2`.
+pub fn server_host(index: usize) -> String {
+    match index {
+        0 => REDIS_HOST.to_string(),
+        _ => format!("redis{index}"),
+    }
+}
+
+/// How many Redis hosts a mode needs.
+pub fn hosts_needed(sentinel: bool) -> usize {
+    if sentinel {
+        1 + REPLICAS
+    } else {
+        1
+    }
+}
+
+/// A `redis-sentinel` on a host's address, its config file (which it rewrites) and log in a
+/// directory of the campaign; killed by pid when dropped.
+pub struct Sentinel {
+    pub host: IpAddr,
+    pub port: u16,
+    _process: Proc,
+}
+
+impl Sentinel {
+    /// Starts one watching `primary` as [`MASTER`], on `host` through `launcher` (empty on
+    /// loopback); returns once it answers PING.
+    fn start(
+        dir: &Path,
+        host: IpAddr,
+        launcher: &[String],
+        primary: SocketAddr,
+    ) -> std::io::Result<Sentinel> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_port()?;
+        let settings = [
+            format!("port {port}"),
+            format!("bind {host}"),
+            "protected-mode no".into(),
+            format!("dir {}", dir.display()),
+            format!(
+                "sentinel monitor {MASTER} {} {} {QUORUM}",
+                primary.ip(),
+                primary.port()
+            ),
+            format!(
+                "sentinel down-after-milliseconds {MASTER} {}",
+                DOWN_AFTER.as_millis()
+            ),
+            format!("sentinel failover-timeout {MASTER} 4000"),
+            format!("sentinel parallel-syncs {MASTER} 1"),
+        ];
+        let config = dir.join("sentinel.conf");
+        std::fs::write(&config, settings.join("\n") + "\n")?;
+        let log = dir.join("sentinel.log");
+        let mut args: Vec<String> = launcher.iter().skip(1).cloned().collect();
+        let program = match launcher.first() {
+            Some(program) => {
+                args.push("redis-sentinel".into());
+                PathBuf::from(program)
+            }
+            None => PathBuf::from("redis-sentinel"),
+        };
+        args.push(config.display().to_string());
+        let mut process = Proc::spawn(&program, &args, &log, &log)?;
+        let deadline = Instant::now() + FORM;
+        while cli_on(host, port, &["PING"]).as_deref() != Some("PONG") {
+            if let Some(status) = process.try_exit() {
+                return Err(std::io::Error::other(format!(
+                    "redis-sentinel on {host}:{port} exited at start: {status}"
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::other(format!(
+                    "redis-sentinel on {host}:{port} did not answer PING within {FORM:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Sentinel {
+            host,
+            port,
+            _process: process,
+        })
+    }
+
+    /// The primary this sentinel names now.
+    pub fn primary(&self) -> Option<SocketAddr> {
+        let answer = cli_on(
+            self.host,
+            self.port,
+            &["SENTINEL", "get-master-addr-by-name", MASTER],
+        )?;
+        let mut lines = answer.lines().map(str::trim);
+        let host: IpAddr = lines.next()?.parse().ok()?;
+        let port: u16 = lines.next()?.parse().ok()?;
+        Some(SocketAddr::from((host, port)))
+    }
+
+    /// True once it knows the two other sentinels and every replica.
+    fn knows_everyone(&self) -> bool {
+        let Some(answer) = cli_on(self.host, self.port, &["SENTINEL", "MASTER", MASTER]) else {
+            return false;
+        };
+        let lines: Vec<&str> = answer.lines().map(str::trim).collect();
+        let count = |field: &str| {
+            let at = lines.iter().position(|line| *line == field)?;
+            lines.get(at + 1)?.parse::<usize>().ok()
+        };
+        count("num-other-sentinels") == Some(2) && count("num-slaves") == Some(REPLICAS)
+    }
+}
+
+/// The Redis servers and, in sentinel mode, their sentinels.
+pub struct Redis {
+    /// Server 0 is the first primary; in sentinel mode 1 and 2 start as its replicas.
+    pub servers: Vec<RedisServer>,
+    /// Empty for a single Redis.
+    pub sentinels: Vec<Sentinel>,
+    /// The server the nodes write to: the one the sentinels agreed on last.
+    primary: usize,
+    /// The server SIGSTOPped, if one is.
+    paused: Option<usize>,
+    /// The primary killed (and maybe wiped) awaiting a failover, and when.
+    lost: Option<(usize, Instant)>,
+    /// Seconds from each primary's SIGKILL to all sentinels naming another.
+    pub failovers: Vec<f64>,
+}
+
+impl Redis {
+    /// Starts one server, or a primary, two replicas and three sentinels, each server on its
+    /// host of `network` when there is one; returns once replicas and sentinels are in place.
+    pub fn start(
+        workdir: &Path,
+        appendfsync: &str,
+        network: Option<&Network>,
+        sentinel: bool,
+    ) -> Result<Redis, String> {
+        let place = |index: usize| -> Result<(IpAddr, Vec<String>), String> {
+            let Some(network) = network else {
+                return Ok((IpAddr::from([127, 0, 0, 1]), Vec::new()));
+            };
+            let host = server_host(index);
+            let address = network
+                .address(&host)
+                .ok_or_else(|| format!("the network has no host {host}"))?;
+            Ok((address, network.hosts.launcher(&host)))
+        };
+        let dir = |index: usize| match index {
+            0 => workdir.join("redis"),
+            _ => workdir.join(format!("redis{index}")),
+        };
+        let failed = |error: std::io::Error| format!("cannot start redis-server: {error}");
+        let (host, launcher) = place(0)?;
+        let primary =
+            RedisServer::try_start_on(dir(0), appendfsync, host, launcher).map_err(failed)?;
+        let mut redis = Redis {
+            servers: vec![primary],
+            sentinels: Vec::new(),
+            primary: 0,
+            paused: None,
+            lost: None,
+            failovers: Vec::new(),
+        };
+        if !sentinel {
+            return Ok(redis);
+        }
+        let first = redis.servers[0].address();
+        for index in 1..=REPLICAS {
+            let (host, launcher) = place(index)?;
+            let replica =
+                RedisServer::try_start_replica_on(dir(index), appendfsync, host, launcher, first)
+                    .map_err(failed)?;
+            redis.servers.push(replica);
+        }
+        wait_for(FORM, || redis.servers[0].has_replicas_online(REPLICAS))
+            .then_some(())
+            .ok_or("the replicas did not catch up with the primary")?;
+        for index in 0..redis.servers.len() {
+            let (host, launcher) = place(index)?;
+            let dir = workdir.join(format!("sentinel{index}"));
+            let sentinel = Sentinel::start(&dir, host, &launcher, first)
+                .map_err(|error| format!("cannot start redis-sentinel: {error}"))?;
+            redis.sentinels.push(sentinel);
+        }
+        wait_for(FORM, || {
+            redis.sentinels.iter().all(Sentinel::knows_everyone)
+        })
+        .then_some(())
+        .ok_or("the sentinels did not find each other and the replicas")?;
+        Ok(redis)
+    }
+
+    pub fn sentinel_mode(&self) -> bool {
+        !self.sentinels.is_empty()
+    }
+
+    /// The sentinels' `host:port`s, quoted as TOML strings when `quote` is.
+    fn sentinel_list(&self, quote: &str) -> String {
+        let sentinels: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|sentinel| format!("{quote}{}:{}{quote}", sentinel.host, sentinel.port))
+            .collect();
+        sentinels.join(", ")
+    }
+
+    /// The `[database]` lines of a node's config that reach this Redis.
+    pub fn database(&self) -> String {
+        if !self.sentinel_mode() {
+            return format!("url = \"{}\"\n", self.servers[0].url());
+        }
+        format!(
+            "sentinels = [{}]\nmaster_name = \"{MASTER}\"\nmin_replicas = 1\nrequire_aof = true\n",
+            self.sentinel_list("\"")
+        )
+    }
+
+    /// Where it runs, for the first lines of the campaign.
+    pub fn describe(&self) -> String {
+        let primary = self.servers[0].address();
+        if !self.sentinel_mode() {
+            return primary.to_string();
+        }
+        let replicas: Vec<String> = self.servers[1..]
+            .iter()
+            .map(|server| server.address().to_string())
+            .collect();
+        format!(
+            "{primary} with replicas on {} and sentinels on {} (min_replicas 1)",
+            replicas.join(", "),
+            self.sentinel_list("")
+        )
+    }
+
+    /// Every address a Redis process listens on (what a cut from Redis drops).
+    pub fn hosts(&self) -> Vec<IpAddr> {
+        let mut hosts: Vec<IpAddr> = self.servers.iter().map(|server| server.host).collect();
+        hosts.extend(self.sentinels.iter().map(|sentinel| sentinel.host));
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
+    /// The primary the nodes write to.
+    pub fn primary(&mut self) -> &mut RedisServer {
+        &mut self.servers[self.primary]
+    }
+
+    /// Whether a fault on Redis may start now: nothing of Redis is down or paused, and in
+    /// sentinel mode the primary has both replicas online and caught up.
+    pub fn ready(&mut self) -> bool {
+        let primary = self.primary;
+        self.paused.is_none()
+            && self.lost.is_none()
+            && self.servers.iter().all(RedisServer::is_running)
+            && (!self.sentinel_mode() || self.servers[primary].has_replicas_online(REPLICAS))
+    }
+
+    /// The shortest and longest pause of the primary, in milliseconds: around `database.timeout`
+    /// (1 s) for a single Redis; in sentinel mode below [`DOWN_AFTER`], so that a pause stays a
+    /// stall and does not turn into a failover with the old primary coming back.
+    pub fn pause_range(&self) -> (u64, u64) {
+        if self.sentinel_mode() {
+            (300, 800)
+        } else {
+            (300, 3000)
+        }
+    }
+
+    /// SIGSTOPs the primary; true when it was stopped.
+    pub fn pause(&mut self) -> bool {
+        let primary = self.primary;
+        let stopped = self.servers[primary].signal("STOP");
+        if stopped {
+            self.paused = Some(primary);
+        }
+        stopped
+    }
+
+    /// SIGCONTs the server paused.
+    pub fn resume(&mut self) {
+        if let Some(index) = self.paused.take() {
+            self.servers[index].signal("CONT");
+        }
+    }
+
+    /// SIGKILLs the primary; with `wipe`, its directory is emptied too (the host is gone).
+    pub fn kill_primary(&mut self, wipe: bool) -> std::io::Result<()> {
+        let primary = self.primary;
+        self.lost = Some((primary, Instant::now()));
+        if wipe {
+            self.servers[primary].kill_and_wipe()
+        } else {
+            self.servers[primary].kill();
+            Ok(())
+        }
+    }
+
+    /// How long ago the primary was lost, while it waits for a failover.
+    pub fn lost_for(&self) -> Option<Duration> {
+        self.lost.map(|(_, at)| at.elapsed())
+    }
+
+    /// Starts the server killed by [`Redis::kill_primary`] again: a single Redis at once, on its
+    /// append-only file; in sentinel mode once every sentinel names another primary, as a replica
+    /// of it (empty if it was wiped). `Ok(false)` while the failover has not happened yet.
+    pub fn restart_lost(&mut self) -> std::io::Result<bool> {
+        let Some((lost, at)) = self.lost else {
+            return Ok(true);
+        };
+        if !self.sentinel_mode() {
+            self.lost = None;
+            return self.servers[lost].try_restart().map(|()| true);
+        }
+        let named: Vec<Option<SocketAddr>> = self.sentinels.iter().map(Sentinel::primary).collect();
+        let promoted = named.first().copied().flatten().and_then(|address| {
+            self.servers
+                .iter()
+                .position(|server| server.address() == address)
+        });
+        let Some(promoted) =
+            promoted.filter(|index| *index != lost && named.iter().all(|name| *name == named[0]))
+        else {
+            return Ok(false);
+        };
+        self.failovers.push(at.elapsed().as_secs_f64());
+        self.primary = promoted;
+        self.lost = None;
+        let address = self.servers[promoted].address();
+        self.servers[lost]
+            .try_restart_as_replica_of(address)
+            .map(|()| true)
+    }
+}
+
+/// Polls `check` every 100 ms until it holds or `within` has passed; whether it held.
+fn wait_for(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
