@@ -321,6 +321,54 @@ async fn a_node_refuses_to_start_on_a_redis_weaker_than_its_config() {
     .await;
 }
 
+/// Right after a failover the promoted primary has no replica for a moment: a node that starts
+/// then waits for one to connect instead of refusing at once.
+#[tokio::test]
+async fn a_node_starting_before_its_replicas_connect_waits_for_them() {
+    let _one = exclusive().await;
+    let primary = RedisServer::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nsecret = \"{SECRET}\"\n[database]\nurl = \"{}\"\nmin_replicas = 1\n",
+            primary.url()
+        ),
+    )
+    .expect("write config");
+    let port = crate::harness::port();
+    let args: Vec<String> = vec![
+        "--config".into(),
+        config.display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--data-dir".into(),
+        dir.path().join("data").display().to_string(),
+    ];
+    let stderr = dir.path().join("stderr.log");
+    let _node = crate::harness::spawn(&args, &dir.path().join("stdout.log"), &stderr);
+    let said = || std::fs::read_to_string(&stderr).unwrap_or_default();
+    eventually(FAILOVER, "waited for its replicas", said, || async {
+        said().contains("waiting for them").then_some(())
+    })
+    .await;
+
+    let _replica = RedisServer::start_replica_of(&primary);
+    let heartbeat = format!("http://127.0.0.1:{port}/diagnostic/heartbeat");
+    eventually(
+        FAILOVER,
+        "started once a replica connected",
+        said,
+        || async {
+            let answer = reqwest::get(&heartbeat).await.ok()?;
+            answer.status().is_success().then_some(())
+        },
+    )
+    .await;
+    assert!(!said().contains("refusing to start"), "{}", said());
+}
+
 /// Every kind of write the store and the coordinator send (a lone script, a pipeline of
 /// scripts, a transaction, a plain command) is on the replica the moment it answers, and fails
 /// as unavailable, not silently, while the replica cannot acknowledge.

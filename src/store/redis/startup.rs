@@ -12,6 +12,9 @@ use tracing::{info, warn};
 /// Longest wait between two attempts to read a Redis that does not answer yet.
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// How long a start waits for `database.min_replicas` replicas to connect before it refuses.
+pub const REPLICAS_WAIT: Duration = Duration::from_secs(10);
+
 /// The replication and persistence of the Redis a node writes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisInfo {
@@ -100,33 +103,52 @@ pub async fn read(connections: &Connections) -> Result<RedisInfo, StoreError> {
 }
 
 /// Reads the Redis's replication and persistence, retrying until it answers, and logs them;
-/// fails when they are weaker than `database` asks.
+/// fails when they are weaker than `database` asks. Too few replicas is waited out for
+/// [`REPLICAS_WAIT`] first: right after a failover the promoted primary has none for a moment,
+/// until the others follow it.
 pub async fn check(connections: &Connections, database: &DatabaseConfig) -> anyhow::Result<()> {
+    let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(100);
-    let info = loop {
-        match read(connections).await {
-            Ok(info) => break info,
+    let mut logged = false;
+    loop {
+        let info = match read(connections).await {
+            Ok(info) => info,
             Err(error) => {
                 warn!(error = %error, "cannot read redis replication and persistence, retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(RETRY_MAX);
+                continue;
             }
+        };
+        if !logged {
+            info!(
+                role = %info.role,
+                connected_replicas = info.connected_replicas,
+                aof_enabled = info.aof_enabled,
+                appendfsync = info.appendfsync.as_deref().unwrap_or("unknown"),
+                min_replicas = database.min_replicas,
+                "redis replication and persistence"
+            );
+            if info.role != "master" {
+                warn!(role = %info.role, "redis is not a primary: writes will fail until it is one");
+            }
+            logged = true;
         }
-    };
-    info!(
-        role = %info.role,
-        connected_replicas = info.connected_replicas,
-        aof_enabled = info.aof_enabled,
-        appendfsync = info.appendfsync.as_deref().unwrap_or("unknown"),
-        min_replicas = database.min_replicas,
-        "redis replication and persistence"
-    );
-    if info.role != "master" {
-        warn!(role = %info.role, "redis is not a primary: writes will fail until it is one");
-    }
-    match info.shortfall(database) {
-        Some(problem) => Err(anyhow::anyhow!("refusing to start: {problem}")),
-        None => Ok(()),
+        let Some(problem) = info.shortfall(database) else {
+            return Ok(());
+        };
+        let replicas_short = info.connected_replicas < database.min_replicas;
+        let aof_short = database.require_aof && !info.aof_enabled;
+        if !replicas_short || aof_short || started.elapsed() >= REPLICAS_WAIT {
+            return Err(anyhow::anyhow!("refusing to start: {problem}"));
+        }
+        warn!(
+            connected_replicas = info.connected_replicas,
+            min_replicas = database.min_replicas,
+            "fewer redis replicas connected than database.min_replicas; waiting for them"
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(RETRY_MAX);
     }
 }
 
