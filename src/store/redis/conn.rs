@@ -38,7 +38,15 @@ pub struct Connections {
     timeout: Duration,
     /// Replicas that must acknowledge each [`Connections::write`]; 0 does not wait.
     min_replicas: usize,
+    /// With `min_replicas`, the connections writes and their `WAIT` go on, each used by one
+    /// write at a time: Redis holds a client for the whole of a `WAIT`, so a request pipelined
+    /// behind it on a shared connection would wait for the replicas too.
+    acked: Vec<Mutex<Option<MultiplexedConnection>>>,
+    next_acked: AtomicUsize,
 }
+
+/// How many writes wait for their replicas at once, each on a connection of its own.
+const ACKED_CONNECTIONS: usize = 16;
 
 /// Where connections are opened.
 enum Source {
@@ -167,6 +175,8 @@ impl Connections {
             next_slot: AtomicUsize::new(0),
             timeout,
             min_replicas: 0,
+            acked: Vec::new(),
+            next_acked: AtomicUsize::new(0),
         }
     }
 
@@ -174,6 +184,8 @@ impl Connections {
     /// [`StoreError::Unavailable`].
     pub fn with_min_replicas(mut self, replicas: usize) -> Connections {
         self.min_replicas = replicas;
+        let connections = if replicas == 0 { 0 } else { ACKED_CONNECTIONS };
+        self.acked = (0..connections).map(|_| Mutex::new(None)).collect();
         self
     }
 
@@ -200,7 +212,7 @@ impl Connections {
         let wait_ms = u64::try_from(self.replica_wait().as_millis()).unwrap_or(u64::MAX);
         let mut wait = redis::cmd("WAIT");
         wait.arg(self.min_replicas).arg(wait_ms);
-        let (answer, acknowledged): (T, usize) = self.query(&Acked { request, wait }).await?;
+        let (answer, acknowledged): (T, usize) = self.acked(&Acked { request, wait }).await?;
         if acknowledged < self.min_replicas {
             return Err(StoreError::Unavailable(format!(
                 "only {acknowledged} of {} replicas acknowledged the write within {wait_ms} ms",
@@ -208,6 +220,47 @@ impl Connections {
             )));
         }
         Ok(answer)
+    }
+
+    /// Sends a write and its `WAIT` on a connection nothing else uses meanwhile (a free one if
+    /// any, else the next in turn once it is free), within the store timeout.
+    async fn acked<T, R>(&self, request: &R) -> Result<T, StoreError>
+    where
+        T: FromRedisValue + Send,
+        R: Request + ?Sized,
+    {
+        let count = self.acked.len();
+        if count == 0 {
+            return self.query(request).await;
+        }
+        let first = self.next_acked.fetch_add(1, Ordering::Relaxed) % count;
+        let late = || StoreError::Unavailable("redis did not answer in time".into());
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let free = (0..count).find_map(|step| self.acked[(first + step) % count].try_lock().ok());
+        let mut slot = match free {
+            Some(slot) => slot,
+            None => tokio::time::timeout_at(deadline, self.acked[first].lock())
+                .await
+                .map_err(|_| late())?,
+        };
+        let work = async {
+            if slot.is_none() {
+                *slot = Some(self.open_connection().await?);
+            }
+            match slot.as_mut() {
+                Some(connection) => request.send(connection).await.map_err(unavailable),
+                None => Err(StoreError::Unavailable("no connection".into())),
+            }
+        };
+        let outcome = tokio::time::timeout_at(deadline, work)
+            .await
+            .unwrap_or_else(|_| Err(late()));
+        if outcome.is_err() {
+            // The connection may be broken, or still held by its WAIT: the next write opens
+            // another.
+            *slot = None;
+        }
+        outcome
     }
 
     /// Sends one request on a shared connection and reads its answer, within the store timeout.
