@@ -25,7 +25,7 @@ use crate::order::{
     apply, next_action, retry_due, Action, Attempt, Event, Order, OrderId, Phase, Step,
     TransitionError,
 };
-use crate::store::{SetAside, StoreError};
+use crate::store::{same_order, SetAside, StoreError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -514,7 +514,7 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
 /// The stored order, marked cancelled, when it is `written` plus a cancellation: the write
 /// was applied. `None` when it was not, or when the store cannot say now.
 async fn landed(shared: &Shared, written: &Order) -> Option<Order> {
-    let mut stored = match shared.store.get(written.order_id).await {
+    let stored = match shared.store.get(written.order_id).await {
         Ok(Some(stored)) => stored,
         Ok(None) => return None,
         Err(error) => {
@@ -522,12 +522,7 @@ async fn landed(shared: &Shared, written: &Order) -> Option<Order> {
             return None;
         }
     };
-    let cancelled = stored.cancel_requested;
-    stored.cancel_requested = written.cancel_requested;
-    (cancelled && stored == *written).then(|| {
-        stored.cancel_requested = true;
-        stored
-    })
+    (stored.cancel_requested && same_order(&stored, written)).then_some(stored)
 }
 
 fn report_illegal(order: &Order, error: &TransitionError) {
