@@ -20,6 +20,10 @@ pub const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
 /// How long after a node is cut from Redis it may still start a step: its liveness lease, renewed
 /// at most just before the cut, and a second for a start on a loaded machine.
 pub const CUT_GRACE: Duration = Duration::from_secs(LIVENESS_TTL.as_secs() + 1);
+/// How long before a cut's recorded heal a call is not counted against it: the heal takes its
+/// rules out one by one (many with Sentinel's servers), and the node may reach Redis, renew its
+/// lease and start a step before the last one is gone.
+pub const HEAL_GRACE: Duration = Duration::from_secs(1);
 
 /// A node cut from Redis this long, owning orders, must see them taken over while no other fault
 /// holds takeovers back: its liveness lease runs out, the leader waits `cluster.takeover_after`
@@ -227,6 +231,7 @@ impl Report {
                 continue;
             };
             let from = fault.at + chrono::Duration::from_std(CUT_GRACE).unwrap_or_default();
+            let healed = healed - chrono::Duration::from_std(HEAL_GRACE).unwrap_or_default();
             let late = books
                 .calls
                 .iter()
