@@ -51,6 +51,7 @@ pub struct Config {
     pub cluster: ClusterConfig,
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
+    pub notify: NotifyConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -517,6 +518,40 @@ pub struct AuthConfig {
     pub allow_insecure_header: bool,
 }
 
+/// The completion webhook: a `POST` to `url` when an order becomes terminal, signed with
+/// `secret`, retried like an http step.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// Empty: no webhooks.
+    pub url: String,
+    pub secret: String,
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub timeout: Option<Duration>,
+    pub retries: Option<u32>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub backoff: Option<Duration>,
+    #[serde(default, deserialize_with = "duration_opt")]
+    pub backoff_max: Option<Duration>,
+}
+
+/// The completion webhook, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotifySettings {
+    pub url: reqwest::Url,
+    pub secret: String,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub backoff: Duration,
+    pub backoff_max: Duration,
+}
+
+impl NotifySettings {
+    pub const DEFAULT_RETRIES: u32 = 10;
+    pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(1);
+    pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
+}
+
 /// What one client may cost the node.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -673,7 +708,54 @@ impl Config {
         ])?;
         self.validate_cluster()?;
         self.validate_auth()?;
-        self.validate_limits()
+        self.validate_limits()?;
+        self.notify_settings().map(drop)
+    }
+
+    /// The completion webhook, if one is configured.
+    pub fn notify_settings(&self) -> Result<Option<NotifySettings>, ConfigError> {
+        let notify = &self.notify;
+        if notify.url.is_empty() {
+            let set = !notify.secret.is_empty()
+                || notify.timeout.is_some()
+                || notify.retries.is_some()
+                || notify.backoff.is_some()
+                || notify.backoff_max.is_some();
+            return match set {
+                true => Err(ConfigError::new(
+                    "notify.url",
+                    "required with other notify keys",
+                )),
+                false => Ok(None),
+            };
+        }
+        let url = step_url("notify.url", &notify.url)?;
+        if notify.secret.trim().len() < 16 {
+            return Err(ConfigError::new(
+                "notify.secret",
+                "required with notify.url, at least 16 characters: receivers check each webhook's signature with it",
+            ));
+        }
+        let timeout = notify.timeout.unwrap_or(HttpSettings::DEFAULT_TIMEOUT);
+        let backoff = notify.backoff.unwrap_or(NotifySettings::DEFAULT_BACKOFF);
+        let backoff_max = notify
+            .backoff_max
+            .unwrap_or(NotifySettings::DEFAULT_BACKOFF_MAX.max(backoff));
+        nonzero_durations(&[("notify.timeout", timeout), ("notify.backoff", backoff)])?;
+        if backoff_max < backoff {
+            return Err(ConfigError::new(
+                "notify.backoff_max",
+                "must be at least backoff",
+            ));
+        }
+        Ok(Some(NotifySettings {
+            url,
+            secret: notify.secret.clone(),
+            timeout,
+            retries: notify.retries.unwrap_or(NotifySettings::DEFAULT_RETRIES),
+            backoff,
+            backoff_max,
+        }))
     }
 
     /// The auth mode in force: the configured one, else `header` on a loopback listener and
@@ -993,6 +1075,32 @@ mod tests {
             config.validate().unwrap_err().key,
             "steps.Processing.handler"
         );
+    }
+
+    #[test]
+    fn a_webhook_needs_a_url_and_a_long_secret() {
+        let key = |text: &str| Config::from_toml(text).unwrap().validate().unwrap_err().key;
+        assert_eq!(
+            key("[notify]\nsecret = \"0123456789abcdef\"\n"),
+            "notify.url"
+        );
+        assert_eq!(
+            key("[notify]\nurl = \"http://127.0.0.1:9/hook\"\n"),
+            "notify.secret"
+        );
+        let short = "[notify]\nurl = \"http://127.0.0.1:9/hook\"\nsecret = \"short\"\n";
+        assert_eq!(key(short), "notify.secret");
+        let bad_url = "[notify]\nurl = \"ftp://host/\"\nsecret = \"0123456789abcdef\"\n";
+        assert_eq!(key(bad_url), "notify.url");
+        let good = "[notify]\nurl = \"http://127.0.0.1:9/hook\"\nsecret = \"0123456789abcdef\"\n";
+        let settings = Config::from_toml(good)
+            .unwrap()
+            .notify_settings()
+            .unwrap()
+            .unwrap();
+        assert_eq!(settings.retries, NotifySettings::DEFAULT_RETRIES);
+        assert_eq!(settings.backoff_max, NotifySettings::DEFAULT_BACKOFF_MAX);
+        assert_eq!(Config::default().notify_settings().unwrap(), None);
     }
 
     #[test]

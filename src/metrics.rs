@@ -252,6 +252,8 @@ pub struct Metrics {
     store_errors: Vec<Counter>,
     fencing_rejections: Counter,
     orders_set_aside: Counter,
+    /// Completion webhook attempts: [delivered, failed].
+    notification_attempts: [Counter; 2],
     leader_changes: Counter,
     is_leader: Gauge,
     transfers: Counter,
@@ -428,6 +430,14 @@ impl Metrics {
             "Orders this node took over from other nodes",
             transferred_orders.clone(),
         );
+        let notification_family = Family::<Labels1, Counter>::default();
+        registry.register(
+            "notification_attempts",
+            "Completion webhook attempts, by outcome (delivered, or failed: retried or given up)",
+            notification_family.clone(),
+        );
+        let notification_attempts = ["delivered", "failed"]
+            .map(|outcome| notification_family.get_or_create_owned(&[("outcome", outcome)]));
         let gossip_family = Family::<Labels1, Gauge>::default();
         registry.register(
             "gossip_nodes",
@@ -455,6 +465,7 @@ impl Metrics {
             store_errors,
             fencing_rejections,
             orders_set_aside,
+            notification_attempts,
             leader_changes,
             is_leader,
             transfers,
@@ -498,6 +509,10 @@ impl Metrics {
             }
             recent.push_front(entry);
         }
+    }
+
+    pub fn notification_attempted(&self, delivered: bool) {
+        self.notification_attempts[usize::from(!delivered)].inc();
     }
 
     pub fn step_finished(&self, step: Step, outcome: StepOutcome, elapsed: Duration) {

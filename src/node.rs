@@ -5,7 +5,9 @@ use crate::cluster::{Cluster, Coordinator, RedisCoordinator};
 use crate::config::{Config, HandlerSettings};
 use crate::metrics::Metrics;
 use crate::order::Step;
-use crate::pipeline::{self, http, Gate, Handlers, Http, Job, Pool, Simulate, StepHandler};
+use crate::pipeline::{
+    self, http, Gate, Handlers, Http, Job, Notifier, Pool, Simulate, StepHandler,
+};
 use crate::service::OrderService;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::metered::MeteredStore;
@@ -65,7 +67,8 @@ pub fn generation(data_dir: &Path) -> anyhow::Result<u64> {
     Ok(generation)
 }
 
-/// The step handlers the config asks for. Every `http` step shares one HTTP client.
+/// The step handlers and the completion webhook the config asks for. Every `http` step and
+/// the webhook share one HTTP client.
 pub fn handlers(config: &Config) -> anyhow::Result<Handlers> {
     let mut handlers = Handlers::new(Arc::new(Simulate::new(config.simulate)));
     let mut client = None;
@@ -88,6 +91,13 @@ pub fn handlers(config: &Config) -> anyhow::Result<Handlers> {
             }
         };
         handlers.set(step, handler);
+    }
+    if let Some(settings) = config.notify_settings()? {
+        let client = match client {
+            Some(client) => client,
+            None => http::client().context("cannot build the HTTP client")?,
+        };
+        handlers.set_notifier(Arc::new(Notifier::new(client, settings)));
     }
     Ok(handlers)
 }

@@ -118,7 +118,7 @@ async fn owned(
             break;
         }
         let order = state.store.get(id).await.map_err(store_error)?;
-        if order.is_some_and(|order| order.owner == service_id && !order.is_finished()) {
+        if order.is_some_and(|order| order.owner == service_id && order.owes_work()) {
             unfinished.push(id.to_string());
         }
     }

@@ -12,7 +12,9 @@
 //! (`RetryScheduled`), so whoever resumes the order continues the same schedule. Every event that
 //! ends a step's run or rollback clears the schedule.
 
-use super::model::{Attempt, Failure, Order, Phase, RollbackState, Step, StepEntry, MAX_ATTEMPTS};
+use super::model::{
+    Attempt, Failure, NotificationState, Order, Phase, RollbackState, Step, StepEntry, MAX_ATTEMPTS,
+};
 use chrono::{DateTime, Utc};
 
 /// The failure reason recorded for a cancelled order.
@@ -27,7 +29,9 @@ pub enum Action {
     Cancel(Step),
     /// Run this step's compensation.
     Rollback(Step),
-    /// Nothing: the order is finished.
+    /// Send the finished order's completion webhook.
+    Notify,
+    /// Nothing: the order is finished (and its webhook, if any, settled).
     Done,
 }
 
@@ -67,6 +71,20 @@ pub enum Event {
         rollback: bool,
         at: DateTime<Utc>,
     },
+    /// One attempt at delivering the completion webhook was made.
+    NotifyAttempted {
+        attempt: Attempt,
+    },
+    /// The webhook's last attempt failed in a way worth retrying: try again at `at`.
+    NotifyRetryScheduled {
+        at: DateTime<Utc>,
+    },
+    /// The receiver took the webhook.
+    Notified,
+    /// The webhook failed for good.
+    NotifyFailed {
+        reason: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -87,6 +105,9 @@ pub fn next_action(order: &Order) -> Action {
             Some(step) => Action::Rollback(*step),
             None => Action::Done,
         },
+        Phase::Finished if order.notification.as_ref().is_some_and(|n| n.is_pending()) => {
+            Action::Notify
+        }
         Phase::Finished => Action::Done,
     }
 }
@@ -192,14 +213,54 @@ pub fn apply(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, T
                 entry.next_attempt_at = Some(at);
             }
         }
+        Event::NotifyAttempted { attempt } => {
+            let notification = pending_notification(&mut next, "notify_attempted")?;
+            notification.attempts_made = notification.attempts_made.saturating_add(1);
+            notification.attempts.push(attempt);
+            let excess = notification.attempts.len().saturating_sub(MAX_ATTEMPTS);
+            notification.attempts.drain(..excess);
+        }
+        Event::NotifyRetryScheduled { at } => {
+            let notification = pending_notification(&mut next, "notify_retry_scheduled")?;
+            notification.retries = notification.retries.saturating_add(1);
+            notification.next_attempt_at = Some(at);
+        }
+        Event::Notified => {
+            let notification = pending_notification(&mut next, "notified")?;
+            notification.state = NotificationState::Delivered;
+            notification.delivered_at = Some(now);
+            notification.next_attempt_at = None;
+            notification.error = None;
+        }
+        Event::NotifyFailed { reason } => {
+            let notification = pending_notification(&mut next, "notify_failed")?;
+            notification.state = NotificationState::Failed;
+            notification.next_attempt_at = None;
+            notification.error = Some(reason);
+        }
     }
     Ok(next)
+}
+
+/// The webhook of a finished order that still has to be delivered.
+fn pending_notification<'a>(
+    order: &'a mut Order,
+    event: &'static str,
+) -> Result<&'a mut super::model::Notification, TransitionError> {
+    let phase = order.phase;
+    match order.notification.as_mut() {
+        Some(notification) if phase == Phase::Finished && notification.is_pending() => {
+            Ok(notification)
+        }
+        _ => Err(TransitionError::WrongPhase { phase, event }),
+    }
 }
 
 /// When an order is (or may be) waiting to retry its next action: the time the retry is due.
 pub fn retry_due(order: &Order) -> Option<DateTime<Utc>> {
     match next_action(order) {
         Action::Run(step) | Action::Rollback(step) => order.entry(step)?.next_attempt_at,
+        Action::Notify => order.notification.as_ref()?.next_attempt_at,
         Action::Cancel(_) | Action::Done => None,
     }
 }
@@ -756,6 +817,65 @@ mod tests {
         let text = serde_json::to_string(&order).unwrap();
         let back: Order = serde_json::from_str(&text).unwrap();
         assert_eq!(back, order);
+    }
+
+    /// A completed order that owes its webhook.
+    fn owing_webhook() -> Order {
+        let mut order = new_order();
+        for (second, step) in (1..).zip(Step::WORK) {
+            order = succeed(&order, step, second);
+        }
+        order.notification = Some(super::super::model::Notification::pending(1));
+        order
+    }
+
+    #[test]
+    fn a_finished_order_owing_its_webhook_notifies_until_delivered() {
+        let order = owing_webhook();
+        assert!(order.is_finished() && order.owes_work());
+        assert_eq!(next_action(&order), Action::Notify);
+        let tried = apply(
+            &order,
+            Event::NotifyAttempted {
+                attempt: attempt(1, false, 10),
+            },
+            at(10),
+        )
+        .unwrap();
+        let waiting = apply(&tried, Event::NotifyRetryScheduled { at: at(20) }, at(10)).unwrap();
+        assert_eq!(retry_due(&waiting), Some(at(20)));
+        assert_eq!(next_action(&waiting), Action::Notify);
+        let delivered = apply(&waiting, Event::Notified, at(21)).unwrap();
+        let notification = delivered.notification.clone().unwrap();
+        assert_eq!(notification.state, NotificationState::Delivered);
+        assert_eq!(notification.attempts_made, 1);
+        assert_eq!(notification.delivered_at, Some(at(21)));
+        assert_eq!(notification.next_attempt_at, None);
+        assert_eq!(next_action(&delivered), Action::Done);
+        assert!(!delivered.owes_work());
+        // Settled: nothing more happens to it.
+        assert!(apply(&delivered, Event::Notified, at(22)).is_err());
+        let failed = apply(
+            &waiting,
+            Event::NotifyFailed {
+                reason: "gone".into(),
+            },
+            at(21),
+        );
+        assert_eq!(
+            failed.unwrap().notification.unwrap().state,
+            NotificationState::Failed
+        );
+    }
+
+    #[test]
+    fn no_webhook_event_applies_to_an_unfinished_order_or_one_owing_none() {
+        let running = new_order();
+        assert!(apply(&running, Event::Notified, at(1)).is_err());
+        let mut done = owing_webhook();
+        done.notification = None;
+        assert_eq!(next_action(&done), Action::Done);
+        assert!(apply(&done, Event::NotifyRetryScheduled { at: at(2) }, at(1)).is_err());
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod view;
 
 pub use machine::{apply, next_action, retry_due, Action, Event, TransitionError, CANCELLED};
 pub use model::{
-    Attempt, Failure, Order, OrderId, Outcome, Phase, RollbackState, Step, StepEntry, UnknownStep,
-    MAX_ATTEMPTS,
+    Attempt, Failure, Notification, NotificationState, Order, OrderId, Outcome, Phase,
+    RollbackState, Step, StepEntry, UnknownStep, MAX_ATTEMPTS,
 };
 pub use view::{CreatedView, OrderView};

@@ -195,6 +195,64 @@ pub enum Phase {
     Finished,
 }
 
+/// How far the completion webhook of a finished order got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotificationState {
+    /// Not delivered yet: being sent, or waiting for its next attempt.
+    Pending,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// Every attempt failed, or the receiver refused it for good (a 4xx).
+    Failed,
+}
+
+/// The completion webhook of an order: one per time the order finishes (a parked rollback that
+/// is retried and finishes again is told again, with the next `generation`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    pub state: NotificationState,
+    /// 1 for the first time the order finished.
+    pub generation: u32,
+    /// Attempts made, all told.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts_made: u32,
+    /// The newest [`MAX_ATTEMPTS`] attempts, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
+    /// Retries already scheduled.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
+    /// When the next attempt is due, while a retry is scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at: Option<DateTime<Utc>>,
+    /// Why the last attempt failed, once the notification failed for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Notification {
+    /// A notification to send, the `generation`-th of its order.
+    pub fn pending(generation: u32) -> Self {
+        Notification {
+            state: NotificationState::Pending,
+            generation,
+            attempts_made: 0,
+            attempts: Vec::new(),
+            retries: 0,
+            next_attempt_at: None,
+            delivered_at: None,
+            error: None,
+        }
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.state == NotificationState::Pending
+    }
+}
+
 /// How a finished order ended.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Outcome<'a> {
@@ -247,6 +305,9 @@ pub struct Order {
     /// take the order back.
     #[serde(default)]
     pub revision: u64,
+    /// The completion webhook, when the node that finished the order had one configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification: Option<Notification>,
 }
 
 impl Order {
@@ -275,11 +336,24 @@ impl Order {
             owner,
             epoch: 1,
             revision: 0,
+            notification: None,
         }
     }
 
+    /// Terminal for its user: completed, or failed with its rollbacks done or parked.
     pub fn is_finished(&self) -> bool {
         self.phase == Phase::Finished
+    }
+
+    /// Whether a node still has work to do for the order: its steps or compensations, or the
+    /// delivery of its completion webhook. An order that owes work stays in its owner's set, so
+    /// a takeover moves it and a reconciliation resumes it.
+    pub fn owes_work(&self) -> bool {
+        !self.is_finished()
+            || self
+                .notification
+                .as_ref()
+                .is_some_and(Notification::is_pending)
     }
 
     /// How a finished order ended: `None` while it is unfinished. A finished order that did not

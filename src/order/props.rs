@@ -95,6 +95,10 @@ fn expected_event(order: &Order, fail: bool, now: DateTime<Utc>) -> Option<Event
             reason: "refund down".into(),
         },
         Action::Rollback(step) => Event::RolledBack { step },
+        Action::Notify if fail => Event::NotifyFailed {
+            reason: "receiver down".into(),
+        },
+        Action::Notify => Event::Notified,
         Action::Done if order.rollback_state == Some(RollbackState::Incomplete) => {
             Event::RetryRollback
         }
@@ -279,7 +283,8 @@ fn check(order: &Order) -> Result<(), String> {
     }
     let done = order.is_finished()
         || (order.phase == Phase::RollingBack && order.pending_rollback.is_empty());
-    if (next_action(order) == Action::Done) != done {
+    let settled = matches!(next_action(order), Action::Done | Action::Notify);
+    if settled != done {
         return Err(format!(
             "next_action {:?} disagrees with phase {:?}",
             next_action(order),

@@ -2,7 +2,7 @@
 //! `complete_time`, `steps[]`), plus payload, failure, rollback state and per-step rollback times.
 //! Fields are added, never renamed. Times are RFC 3339 UTC.
 
-use super::model::{Attempt, Failure, Order, OrderId, RollbackState, Step};
+use super::model::{Attempt, Failure, Notification, Order, OrderId, RollbackState, Step};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Serialize, Serializer};
 
@@ -90,6 +90,9 @@ pub struct OrderView<'a> {
     pub pending_rollback: &'a [Step],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
+    /// The completion webhook, once the order is finished on a node that sends one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notification: Option<&'a Notification>,
 }
 
 impl<'a> From<&'a Order> for OrderView<'a> {
@@ -122,6 +125,7 @@ impl<'a> From<&'a Order> for OrderView<'a> {
                 &order.pending_rollback
             },
             cancel_requested: order.cancel_requested && !order.is_finished(),
+            notification: order.notification.as_ref(),
         }
     }
 }

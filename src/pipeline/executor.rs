@@ -22,8 +22,8 @@ use super::job::{Job, Queued};
 use super::shared::Shared;
 use crate::metrics::StepOutcome;
 use crate::order::{
-    apply, next_action, retry_due, Action, Attempt, Event, Order, OrderId, Phase, Step,
-    TransitionError,
+    apply, next_action, retry_due, Action, Attempt, Event, Notification, Order, OrderId, Phase,
+    Step, TransitionError,
 };
 use crate::store::{same_order, SetAside, StoreError};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -168,7 +168,7 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
     let mut delay = Duration::from_millis(100);
     loop {
         match shared.store.get(id).await {
-            Ok(Some(order)) if order.owner == shared.node_id && !order.is_finished() => {
+            Ok(Some(order)) if order.owner == shared.node_id && order.owes_work() => {
                 return Some(order)
             }
             Ok(Some(order)) => {
@@ -268,16 +268,20 @@ async fn drive(
                 (vec![Event::Cancel { step }], None)
             }
             Action::Rollback(step) => attempt(shared, &order, step, true).await,
+            Action::Notify => notify(shared, &order).await,
             Action::Done => {
                 debug!(order_id = %order.order_id, current_step = %order.current_step, "order finished");
                 return None;
             }
         };
         due = scheduled;
+        let was_finished = order.is_finished();
         match commit(shared, order, events).await {
             Some(next) => {
                 tracker.move_to(next.current_step);
-                shared.metrics.order_finished(&next);
+                if !was_finished {
+                    shared.metrics.order_finished(&next);
+                }
                 order = next;
             }
             None => return None,
@@ -298,6 +302,14 @@ fn longest_wait(shared: &Shared, order: &Order) -> Duration {
     let (step, rollback) = match next_action(order) {
         Action::Run(step) => (step, false),
         Action::Rollback(step) => (step, true),
+        Action::Notify => {
+            return shared
+                .handlers
+                .notifier()
+                .map_or(Duration::ZERO, |notifier| {
+                    notifier.retry_policy().backoff_max
+                })
+        }
         Action::Cancel(_) | Action::Done => return Duration::ZERO,
     };
     shared
@@ -435,6 +447,64 @@ async fn attempt(
     (events, scheduled)
 }
 
+/// Makes one attempt at delivering a finished order's webhook and says what happened, as the
+/// events to commit; and, when it scheduled a retry, when that is due.
+async fn notify(shared: &Shared, order: &Order) -> (Vec<Event>, Option<RetryDue>) {
+    let Some(notifier) = shared.handlers.notifier() else {
+        // Configured on the node that finished the order, not on this one.
+        warn!(order_id = %order.order_id, "order owes a completion webhook but notify.url is not set here, giving it up");
+        let reason = "notify.url is not set on the node that took the order over".to_string();
+        return (vec![Event::NotifyFailed { reason }], None);
+    };
+    let (number, retries_done) = order.notification.as_ref().map_or((1, 0), |notification| {
+        (
+            notification.attempts_made.saturating_add(1),
+            notification.retries,
+        )
+    });
+    let started_at = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
+    let started = std::time::Instant::now();
+    let result = notifier.send(order).await;
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let (status, error) = match &result {
+        Ok(status) => (Some(*status), None),
+        Err(failure) => (failure.status, Some(failure.reason.clone())),
+    };
+    shared.metrics.notification_attempted(result.is_ok());
+    let mut events = vec![Event::NotifyAttempted {
+        attempt: Attempt {
+            attempt: number,
+            at: started_at,
+            rollback: false,
+            status,
+            error,
+            duration_ms,
+        },
+    }];
+    let failure = match result {
+        Ok(_) => {
+            debug!(order_id = %order.order_id, attempt = number, "completion webhook delivered");
+            events.push(Event::Notified);
+            return (events, None);
+        }
+        Err(failure) => failure,
+    };
+    let policy = notifier.retry_policy();
+    if failure.retryable && policy.allows_retry(retries_done) {
+        let delay = policy.delay(retries_done.saturating_add(1), rand::random());
+        let at =
+            chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+        warn!(order_id = %order.order_id, attempt = number, reason = %failure.reason, retry_in = ?delay, "completion webhook failed, retrying");
+        events.push(Event::NotifyRetryScheduled { at });
+        return (events, Some(RetryDue::scheduled(at, delay)));
+    }
+    error!(order_id = %order.order_id, attempt = number, reason = %failure.reason, "completion webhook failed, giving up");
+    events.push(Event::NotifyFailed {
+        reason: failure.reason,
+    });
+    (events, None)
+}
+
 /// Re-reads an order after a lease lapse: the stored copy when this node still owns it at the
 /// same epoch, `None` when it does not (or the node stops before the store answers).
 async fn still_ours(shared: &Shared, order: &Order) -> Option<Order> {
@@ -469,6 +539,14 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
             }
         };
         next.revision = order.revision + 1;
+        if next.is_finished() && !order.is_finished() && shared.handlers.notifier().is_some() {
+            // Owed in the same write that finishes the order, so no crash can lose it.
+            let generation = order
+                .notification
+                .as_ref()
+                .map_or(1, |notification| notification.generation.saturating_add(1));
+            next.notification = Some(Notification::pending(generation));
+        }
         match shared.store.commit(&next).await {
             Ok(()) => {
                 if next.is_finished() {

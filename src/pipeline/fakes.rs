@@ -211,7 +211,7 @@ impl OrderStore for FakeStore {
 
     async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError> {
         Ok((self.orders.lock().unwrap().values())
-            .filter(|order| order.owner == node && !order.is_finished())
+            .filter(|order| order.owner == node && order.owes_work())
             .map(|order| order.order_id)
             .collect())
     }
@@ -228,7 +228,7 @@ impl OrderStore for FakeStore {
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
         let mut orders = self.orders.lock().unwrap();
         let mut owned = Vec::new();
-        for order in orders.values_mut().filter(|order| !order.is_finished()) {
+        for order in orders.values_mut().filter(|order| order.owes_work()) {
             if order.owner == from {
                 order.owner = to.to_string();
                 order.epoch += 1;

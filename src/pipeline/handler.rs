@@ -3,6 +3,7 @@
 //! A handler makes ONE attempt and says how it went; the executor owns retries, so the retry
 //! schedule can be stored with the order and survive restarts and takeovers.
 
+use super::notify::Notifier;
 use super::retry::RetryPolicy;
 use crate::order::{Order, Step};
 use async_trait::async_trait;
@@ -98,11 +99,12 @@ pub trait StepHandler: Send + Sync + 'static {
     }
 }
 
-/// The handler of each work step.
+/// The handler of each work step, and the completion webhook if there is one.
 #[derive(Clone)]
 pub struct Handlers {
     by_step: HashMap<Step, Arc<dyn StepHandler>>,
     fallback: Arc<dyn StepHandler>,
+    notifier: Option<Arc<Notifier>>,
 }
 
 impl Handlers {
@@ -111,7 +113,16 @@ impl Handlers {
         Handlers {
             by_step: HashMap::new(),
             fallback,
+            notifier: None,
         }
+    }
+
+    pub fn set_notifier(&mut self, notifier: Arc<Notifier>) {
+        self.notifier = Some(notifier);
+    }
+
+    pub fn notifier(&self) -> Option<&Arc<Notifier>> {
+        self.notifier.as_ref()
     }
 
     pub fn set(&mut self, step: Step, handler: Arc<dyn StepHandler>) {

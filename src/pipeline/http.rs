@@ -96,15 +96,7 @@ impl Http {
                 }
             }
         }
-        let text_reason = || {
-            let text = String::from_utf8_lossy(&text);
-            let text = text.trim();
-            if text.is_empty() {
-                format!("HTTP {status}")
-            } else {
-                shorten(text)
-            }
-        };
+        let text_reason = || reason(status, &text);
         match status {
             200..=299 => Ok(StepDone {
                 output: output(&text, truncated, context),
@@ -138,8 +130,19 @@ fn output(body: &[u8], truncated: bool, context: &StepContext<'_>) -> Option<ser
     }
 }
 
+/// The reason a failed answer gives: its text, shortened, or the bare status without one.
+pub(super) fn reason(status: u16, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        shorten(text)
+    }
+}
+
 /// A failure before a full answer arrived: always worth a retry.
-fn transport_error(error: &reqwest::Error, timeout: Duration) -> StepError {
+pub(super) fn transport_error(error: &reqwest::Error, timeout: Duration) -> StepError {
     if error.is_timeout() {
         return StepError::retryable(format!(
             "no answer within {}",

@@ -9,6 +9,7 @@
 //! - [`reconcile`]: resumes unfinished orders of this node that nothing here holds.
 //! - `gate`: the liveness gate no step passes while the node's lease has lapsed ([`Gate`]).
 //! - `handler`, `simulate`, [`http`], [`retry`]: the step handlers and their retry policy.
+//! - [`notify`]: the completion webhook.
 //! - `waiters`: long polls waiting for an order to finish ([`Waiters`]).
 
 mod active;
@@ -21,6 +22,7 @@ mod gate;
 mod handler;
 pub mod http;
 mod job;
+pub mod notify;
 mod pool;
 pub mod reconcile;
 pub mod retry;
@@ -32,6 +34,7 @@ pub use gate::Gate;
 pub use handler::{Handlers, StepContext, StepDone, StepError, StepHandler};
 pub use http::Http;
 pub use job::Job;
+pub use notify::Notifier;
 pub use pool::{Pool, Slot};
 pub use retry::RetryPolicy;
 pub use simulate::Simulate;

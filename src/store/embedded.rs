@@ -288,7 +288,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         self.orders
             .insert(id.as_str(), bytes)
             .map_err(unavailable)?;
-        if order.is_finished() {
+        if !order.owes_work() {
             self.owned
                 .remove((order.owner.as_str(), id.as_str()))
                 .map_err(unavailable)?;
@@ -353,7 +353,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         }
         let stored = self.read(&id.to_string())?.ok_or(StoreError::NotFound)?;
         let found = Ownership::from(&stored);
-        if !stored.is_finished() {
+        if stored.owes_work() {
             self.owners.insert(id, found.clone());
         }
         Ok(found)
@@ -395,7 +395,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             let Some(mut order) = self.read(&id)? else {
                 continue;
             };
-            if order.owner != from || order.is_finished() {
+            if order.owner != from || !order.owes_work() {
                 continue;
             }
             order.owner = to.to_string();
@@ -429,7 +429,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
     fn disown(&mut self, node: &str, id: OrderId) -> Result<bool, StoreError> {
         let key = id.to_string();
         let owned_here = match self.read(&key) {
-            Ok(Some(order)) => order.owner == node && !order.is_finished(),
+            Ok(Some(order)) => order.owner == node && order.owes_work(),
             Ok(None) => false,
             // Its owner cannot be told: the entry stays, for whoever sets the order aside.
             Err(StoreError::Corrupt(_)) => return Ok(false),

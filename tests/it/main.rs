@@ -57,3 +57,4 @@ mod service;
 mod store;
 mod stuck;
 mod takeover;
+mod webhook;

@@ -33,10 +33,13 @@ fn corrupt(error: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(error.to_string())
 }
 
+/// The `state` field the scripts decide on: `finished` only once no work is owed, so a
+/// finished order whose webhook is still to be delivered stays in its owner's set.
 fn state_name(order: &Order) -> &'static str {
     match order.phase {
         Phase::Forward => "forward",
         Phase::RollingBack => "rolling_back",
+        Phase::Finished if order.owes_work() => "notifying",
         Phase::Finished => "finished",
     }
 }
@@ -153,7 +156,7 @@ impl RedisStore {
             let Some(order) = decode_or_skip(fields, key) else {
                 continue;
             };
-            if !order.is_finished() && !repaired.owners.contains(&order.owner) {
+            if order.owes_work() && !repaired.owners.contains(&order.owner) {
                 repaired.owners.insert(order.owner.clone());
             }
             let id = order.order_id.to_string();

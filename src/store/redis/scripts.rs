@@ -97,12 +97,14 @@ return 'moved'
 
 /// Re-open a parked order. KEYS: the order, the new owner's owned set. ARGV: owner and epoch
 /// read, new doc, new owner, new epoch, state, step, order id. Writes only if the order is still
-/// finished and unchanged since it was read (compare-and-set), so of two concurrent retries
-/// exactly one re-opens it; and the re-opened order joins its owner's set in the same step.
+/// finished (its webhook delivered or not) and unchanged since it was read (compare-and-set), so
+/// of two concurrent retries exactly one re-opens it; and the re-opened order joins its owner's
+/// set in the same step.
 const REOPEN: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'state')
 if not cur[1] then return 'missing' end
-if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] or cur[3] ~= 'finished' then return 'changed' end
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 'changed' end
+if cur[3] ~= 'finished' and cur[3] ~= 'notifying' then return 'changed' end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'owner', ARGV[4], 'epoch', ARGV[5], 'state', ARGV[6], 'step', ARGV[7])
 redis.call('SADD', KEYS[2], ARGV[8])
 return 'ok'
