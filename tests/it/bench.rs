@@ -140,3 +140,16 @@ async fn orders_failed_by_the_nodes_own_failure_chance_are_not_wrong_histories()
         "{summary}"
     );
 }
+
+#[tokio::test]
+async fn orders_spread_over_users_stay_under_the_per_user_limits() {
+    // The default per-user limits: a burst of 200 submissions per user, which 600 orders from
+    // one user would exceed unless the run took longer than the bucket takes to refill.
+    let node = Node::start("[simulate]\nduration = \"0s\"\nfailure_rate = 0.0\n").await;
+    let args = ["--orders", "600", "--concurrency", "16", "--timeout", "60s"];
+    let spread = bench(&node, &[&args[..], &["--users", "6"]].concat()).await;
+    assert_eq!(spread["submitted"], 600, "{spread}");
+    assert_eq!(spread["lost"], 0, "{spread}");
+    assert_eq!(spread["completed"], 600, "{spread}");
+    assert_eq!(spread["http_errors"], serde_json::json!({}), "{spread}");
+}

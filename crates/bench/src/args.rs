@@ -33,6 +33,10 @@ pub struct BenchArgs {
     /// user name the orders are submitted as
     #[argh(option, default = "String::from(\"bench\")")]
     pub user: String,
+    /// spread the orders over this many users (USER-0, USER-1, ...), so per-user limits do not
+    /// shape the test (header auth only); 1: all as USER
+    #[argh(option, default = "1")]
+    pub users: usize,
     /// pid of a server process whose CPU time counts in the report (repeatable)
     #[argh(option)]
     pub pid: Vec<u32>,

@@ -96,9 +96,15 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
     let tally = Arc::new(Mutex::new(Tally::new()?));
     let counts = Arc::new(Counts::default());
     let next = Arc::new(AtomicUsize::new(0));
-    // One queue of accepted orders per node: a long poll names orders of the node it asks.
-    let (accepted_txs, accepted_rxs): (Vec<_>, Vec<_>) = urls
-        .iter()
+    let users: Vec<String> = match args.users {
+        0 => return Err("--users must be at least 1".into()),
+        1 => vec![args.user.clone()],
+        n => (0..n).map(|k| format!("{}-{k}", args.user)).collect(),
+    };
+    // One queue of accepted orders per node and user: a long poll names orders of the node it
+    // asks, and of the user it asks as.
+    let queues = urls.len() * users.len();
+    let (accepted_txs, accepted_rxs): (Vec<_>, Vec<_>) = (0..queues)
         .map(|_| {
             let (accepted_tx, accepted_rx) = mpsc::unbounded_channel::<Accepted>();
             (accepted_tx, Arc::new(tokio::sync::Mutex::new(accepted_rx)))
@@ -119,7 +125,7 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
             orders: args.orders,
             rate: args.rate,
             fail_rate: args.fail_rate,
-            user: args.user.clone(),
+            users: users.clone(),
             started,
         };
         submitters.push(tokio::spawn(submitter.run()));
@@ -127,15 +133,16 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
     drop(accepted_txs);
 
     let mut waiters = Vec::new();
-    for index in 0..args.waiters.max(urls.len()) {
+    for index in 0..args.waiters.max(queues) {
+        let queue = index % queues;
         let waiter = Waiter {
             client: client.clone(),
-            url: urls[index % urls.len()].clone(),
-            user: args.user.clone(),
+            url: urls[queue % urls.len()].clone(),
+            user: users[queue / urls.len()].clone(),
             batch: args.batch.clamp(1, 500),
             tally: Arc::clone(&tally),
             counts: Arc::clone(&counts),
-            accepted_rx: Arc::clone(&accepted_rxs[index % urls.len()]),
+            accepted_rx: Arc::clone(&accepted_rxs[queue]),
             deadline,
         };
         waiters.push(tokio::spawn(waiter.run()));
@@ -194,7 +201,7 @@ struct Submitter {
     orders: usize,
     rate: Option<f64>,
     fail_rate: f64,
-    user: String,
+    users: Vec<String>,
     started: Instant,
 }
 
@@ -214,7 +221,9 @@ impl Submitter {
     }
 
     async fn submit(&self, index: usize) {
-        let url = &self.urls[index % self.urls.len()];
+        let node = index % self.urls.len();
+        let user = (index / self.urls.len()) % self.users.len();
+        let url = &self.urls[node];
         let fail_at = (rand::random::<f64>() < self.fail_rate)
             .then(|| WORK_STEPS[rand::random_range(0..WORK_STEPS.len())]);
         let payload = match fail_at {
@@ -225,7 +234,7 @@ impl Submitter {
         let reply = self
             .client
             .post(format!("{url}/orders"))
-            .header("authorization", &self.user)
+            .header("authorization", &self.users[user])
             .json(&payload)
             .send()
             .await;
@@ -238,7 +247,8 @@ impl Submitter {
                 };
                 let _ = lock(&self.tally).submit.record(micros(elapsed));
                 self.counts.accepted.fetch_add(1, Ordering::Relaxed);
-                let _ = self.accepted_txs[index % self.urls.len()].send(Accepted { id, fail_at });
+                let queue = user * self.urls.len() + node;
+                let _ = self.accepted_txs[queue].send(Accepted { id, fail_at });
                 return;
             }
             Ok(response) => {
