@@ -326,7 +326,13 @@ impl Order {
             current_step: Step::Scheduling,
             start_time: now,
             complete_time: None,
-            steps: vec![StepEntry::started(Step::Scheduling, now)],
+            steps: {
+                // Room for every entry a run can add (four steps and a terminal one), so the
+                // vector is never regrown to twice that.
+                let mut steps = Vec::with_capacity(Step::WORK.len() + 1);
+                steps.push(StepEntry::started(Step::Scheduling, now));
+                steps
+            },
             phase: Phase::Forward,
             failure: None,
             pending_rollback: Vec::new(),

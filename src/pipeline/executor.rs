@@ -66,18 +66,22 @@ pub(super) async fn execute(shared: Arc<Shared>, queued: Queued) {
             Some((Job::Resume(_), _, due)) => {
                 // Taken before the load: the order read is this node's as of this ticket.
                 let ticket = shared.gate.ticket();
-                (load(&shared, id).await, ticket, due)
+                (Box::pin(load(&shared, id)).await, ticket, due)
             }
             None => {
                 let ticket = shared.gate.ticket();
-                (load(&shared, id).await, ticket, None)
+                (Box::pin(load(&shared, id)).await, ticket, None)
             }
         };
         let retry = match order {
             Some(order) => {
-                drive(&shared, order, ticket, due)
-                    .instrument(tracing::debug_span!("order", order_id = %id))
-                    .await
+                // Boxed, as are the steps of `drive`: an order waiting on a step keeps only
+                // what that wait needs in memory, not the largest of every state it passes.
+                Box::pin(
+                    drive(&shared, order, ticket, due)
+                        .instrument(tracing::debug_span!("order", order_id = %id)),
+                )
+                .await
             }
             None => None,
         };
@@ -252,7 +256,7 @@ async fn drive(
                 });
             }
         }
-        let fresh = confirm(shared, &order, &mut ticket).await?;
+        let fresh = Box::pin(confirm(shared, &order, &mut ticket)).await?;
         if let Some(fresh) = fresh {
             tracker.move_to(fresh.current_step);
             order = fresh;
@@ -262,13 +266,13 @@ async fn drive(
         note_cancel(shared, &mut order);
         // Nothing awaits between the check in `confirm` and the handler's call.
         let (events, scheduled) = match next_action(&order) {
-            Action::Run(step) => attempt(shared, &order, step, false).await,
+            Action::Run(step) => Box::pin(attempt(shared, &order, step, false)).await,
             Action::Cancel(step) => {
                 debug!(order_id = %order.order_id, step = %step, "order cancelled before step ran");
                 (vec![Event::Cancel { step }], None)
             }
-            Action::Rollback(step) => attempt(shared, &order, step, true).await,
-            Action::Notify => notify(shared, &order).await,
+            Action::Rollback(step) => Box::pin(attempt(shared, &order, step, true)).await,
+            Action::Notify => Box::pin(notify(shared, &order)).await,
             Action::Done => {
                 debug!(order_id = %order.order_id, current_step = %order.current_step, "order finished");
                 return None;
@@ -276,7 +280,7 @@ async fn drive(
         };
         due = scheduled;
         let was_finished = order.is_finished();
-        match commit(shared, order, events).await {
+        match Box::pin(commit(shared, order, events)).await {
             Some(next) => {
                 tracker.move_to(next.current_step);
                 if !was_finished {
