@@ -111,7 +111,8 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineConfig {
-    /// At most this many orders execute steps at once.
+    /// At most this many orders execute at once. An order waiting on a step (a timer, a call in
+    /// flight, a retry's backoff) holds no thread, only a few KB of memory: this bounds memory.
     pub workers: NonZeroUsize,
     /// Accepted orders waiting for a worker; when full, new orders get 503.
     pub queue_capacity: NonZeroUsize,
@@ -124,8 +125,8 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
-            workers: NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
-            queue_capacity: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
+            workers: NonZeroUsize::new(50_000).unwrap_or(NonZeroUsize::MIN),
+            queue_capacity: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
             reconcile_interval: Duration::from_secs(5),
         }
     }

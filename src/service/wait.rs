@@ -13,8 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{sleep_until, Instant};
 
-/// How often a long poll re-reads the store, for orders that finish on another node.
-const WAIT_RECHECK: Duration = Duration::from_millis(250);
+/// How often a long poll re-reads the store, for orders that finish on another node (or were
+/// taken over by one). An order finishing here is handed over at once, so this is only the
+/// fallback: slow enough that a batch of 500 waiting ids costs the store 250 reads a second.
+const WAIT_RECHECK: Duration = Duration::from_secs(2);
 
 /// What a wait for many orders found.
 #[derive(Debug, Default)]
