@@ -65,10 +65,11 @@ pub fn generation(data_dir: &Path) -> anyhow::Result<u64> {
     Ok(generation)
 }
 
-/// The step handlers the config asks for. Every `http` step shares one HTTP client.
+/// The step handlers the config asks for. `http` steps with the same TLS files share one HTTP
+/// client.
 pub fn handlers(config: &Config) -> anyhow::Result<Handlers> {
     let mut handlers = Handlers::new(Arc::new(Simulate::new(config.simulate)));
-    let mut client = None;
+    let mut clients = http::Clients::default();
     for step in Step::WORK {
         if !config.steps.contains_key(step.as_str()) {
             continue;
@@ -76,15 +77,7 @@ pub fn handlers(config: &Config) -> anyhow::Result<Handlers> {
         let handler: Arc<dyn StepHandler> = match config.handler_for(step)? {
             HandlerSettings::Simulate(settings) => Arc::new(Simulate::new(settings)),
             HandlerSettings::Http(settings) => {
-                let client = match &client {
-                    Some(client) => Clone::clone(client),
-                    None => {
-                        let built = http::client().context("cannot build the HTTP client")?;
-                        client = Some(built.clone());
-                        built
-                    }
-                };
-                Arc::new(Http::new(client, *settings))
+                Arc::new(Http::new(clients.for_step(step, &settings)?, *settings))
             }
         };
         handlers.set(step, handler);
