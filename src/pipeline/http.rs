@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The most of a response body that is read; a longer success body is not kept as output.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -110,7 +110,7 @@ fn default_roots() -> RootCertStore {
     let mut roots = RootCertStore::empty();
     let (added, ignored) = roots.add_parsable_certificates(found.certs);
     if ignored > 0 {
-        warn!(
+        debug!(
             ignored,
             "some of the system's root certificates are not usable"
         );
