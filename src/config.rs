@@ -175,6 +175,14 @@ pub struct StepConfig {
     pub backoff: Option<Duration>,
     #[serde(default, deserialize_with = "duration_opt")]
     pub backoff_max: Option<Duration>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    #[serde(default)]
+    pub concurrency: Option<usize>,
 }
 
 /// The handler a step runs with, validated.
@@ -186,7 +194,8 @@ pub enum HandlerSettings {
 
 /// The `http` handler of one step: POST to `url` (and `rollback_url` to undo), each attempt
 /// bounded by `timeout`, up to `retries` retries after the first attempt, waiting `backoff`
-/// before the first retry and doubling up to `backoff_max`.
+/// before the first retry and doubling up to `backoff_max`; at most `concurrency` calls in flight
+/// from this node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpSettings {
     pub url: reqwest::Url,
@@ -195,6 +204,25 @@ pub struct HttpSettings {
     pub retries: u32,
     pub backoff: Duration,
     pub backoff_max: Duration,
+    pub tls: StepTls,
+    /// No limit when `None`.
+    pub concurrency: Option<NonZeroUsize>,
+}
+
+/// The TLS files (PEM) of an `http` step with an https URL: a private CA added to the trusted
+/// roots, and a client certificate and key for a service that asks for one. Steps with the same
+/// files share one HTTP client.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct StepTls {
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl StepTls {
+    fn is_set(&self) -> bool {
+        self != &StepTls::default()
+    }
 }
 
 impl HttpSettings {
@@ -204,22 +232,16 @@ impl HttpSettings {
     pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(10);
 }
 
-/// Parses a step URL: plain `http://host[:port]/path` (the binary has no TLS).
+/// Parses a step URL: `http://` or `https://host[:port]/path`.
 fn step_url(key: &str, text: &str) -> Result<reqwest::Url, ConfigError> {
     let url = reqwest::Url::parse(text)
         .map_err(|error| ConfigError::new(key, format!("`{text}` is not a URL: {error}")))?;
     match url.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(ConfigError::new(
-                key,
-                format!("`{text}`: https is not supported by this build, use http (e.g. through a local TLS proxy)"),
-            ))
-        }
+        "http" | "https" => {}
         other => {
             return Err(ConfigError::new(
                 key,
-                format!("`{text}`: scheme `{other}` is not supported, use http://"),
+                format!("`{text}`: scheme `{other}` is not supported, use http:// or https://"),
             ))
         }
     }
@@ -922,6 +944,10 @@ impl Config {
                     ("retries", section.retries.is_some()),
                     ("backoff", section.backoff.is_some()),
                     ("backoff_max", section.backoff_max.is_some()),
+                    ("ca_file", section.ca_file.is_some()),
+                    ("client_cert", section.client_cert.is_some()),
+                    ("client_key", section.client_key.is_some()),
+                    ("concurrency", section.concurrency.is_some()),
                 ] {
                     only(field, set, "http")?;
                 }
@@ -964,6 +990,42 @@ impl Config {
                         "must be at least backoff",
                     ));
                 }
+                let concurrency = match section.concurrency {
+                    None => None,
+                    Some(limit) => Some(NonZeroUsize::new(limit).ok_or_else(|| {
+                        ConfigError::new(key("concurrency"), "must be at least 1")
+                    })?),
+                };
+                let tls = StepTls {
+                    ca_file: section.ca_file.clone(),
+                    client_cert: section.client_cert.clone(),
+                    client_key: section.client_key.clone(),
+                };
+                if tls.is_set() {
+                    let https = std::iter::once(&url)
+                        .chain(&rollback_url)
+                        .any(|url| url.scheme() == "https");
+                    if !https {
+                        let field = [
+                            ("ca_file", &tls.ca_file),
+                            ("client_cert", &tls.client_cert),
+                            ("client_key", &tls.client_key),
+                        ]
+                        .into_iter()
+                        .find_map(|(field, path)| path.as_ref().map(|_| field))
+                        .unwrap_or("ca_file");
+                        return Err(ConfigError::new(
+                            key(field),
+                            "only used with an https:// url or rollback_url",
+                        ));
+                    }
+                    // Reads the files and builds the TLS setup once, to refuse bad ones now.
+                    crate::pipeline::http::tls_config(
+                        &tls,
+                        rustls::RootCertStore::empty(),
+                        &format!("steps.{step}"),
+                    )?;
+                }
                 Ok(HandlerSettings::Http(Box::new(HttpSettings {
                     url,
                     rollback_url,
@@ -971,6 +1033,8 @@ impl Config {
                     retries: section.retries.unwrap_or(HttpSettings::DEFAULT_RETRIES),
                     backoff,
                     backoff_max,
+                    tls,
+                    concurrency,
                 })))
             }
             other => Err(ConfigError::new(
@@ -1305,9 +1369,24 @@ mod tests {
                 "ftp",
             ),
             (
-                &format!("{http}url = \"https://shop/charge\"\n"),
-                "steps.Processing.url",
+                &format!("{http}url = \"https://shop/charge\"\nconcurrency = 0\n"),
+                "steps.Processing.concurrency",
+                "at least 1",
+            ),
+            (
+                &format!("{http}url = \"http://shop/charge\"\nca_file = \"/etc/hostname\"\n"),
+                "steps.Processing.ca_file",
                 "https",
+            ),
+            (
+                &format!("{http}url = \"https://shop/charge\"\nca_file = \"/no/such/ca.pem\"\n"),
+                "steps.Processing.ca_file",
+                "cannot read /no/such/ca.pem",
+            ),
+            (
+                "handler = \"simulate\"\nconcurrency = 2\n",
+                "steps.Processing.concurrency",
+                "http",
             ),
             (
                 &format!("{http}url = \"http://shop/charge\"\nrollback_url = \"refund\"\n"),
@@ -1350,6 +1429,71 @@ mod tests {
         let error = Config::from_toml("[steps.Processing]\nhandler = \"http\"\nretries = -1\n")
             .unwrap_err();
         assert_eq!(error.key, "steps.Processing.retries");
+    }
+
+    #[test]
+    fn step_tls_files_are_read_and_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let client_key = rcgen::KeyPair::generate().unwrap();
+        let client = rcgen::CertificateParams::new(vec!["client".to_string()])
+            .unwrap()
+            .self_signed(&client_key)
+            .unwrap();
+        let ca_file = write("ca.pem", &ca.pem());
+        let cert_file = write("client.pem", &client.pem());
+        let key_file = write("client.key", &client_key.serialize_pem());
+        let other_key = write("other.key", &ca_key.serialize_pem());
+        let section =
+            |files: &str| format!("handler = \"http\"\nurl = \"https://shop/charge\"\n{files}");
+        let good = section(&format!(
+            "ca_file = \"{ca_file}\"\nclient_cert = \"{cert_file}\"\nclient_key = \"{key_file}\"\n"
+        ));
+        let config = Config::from_toml(&format!("[steps.Processing]\n{good}")).unwrap();
+        config.validate().unwrap();
+        let HandlerSettings::Http(settings) = config.handler_for(Step::Processing).unwrap() else {
+            panic!("Processing should use http");
+        };
+        assert_eq!(settings.tls.ca_file.as_deref(), Some(Path::new(&ca_file)));
+        for (files, key, needle) in [
+            (
+                format!("ca_file = \"{key_file}\"\n"),
+                "steps.Processing.ca_file",
+                "holds no PEM certificate",
+            ),
+            (
+                format!("client_cert = \"{cert_file}\"\n"),
+                "steps.Processing.client_key",
+                "set both or neither",
+            ),
+            (
+                format!("client_key = \"{key_file}\"\n"),
+                "steps.Processing.client_cert",
+                "set both or neither",
+            ),
+            (
+                format!("client_cert = \"{cert_file}\"\nclient_key = \"{ca_file}\"\n"),
+                "steps.Processing.client_key",
+                "no PEM private key",
+            ),
+            (
+                format!("client_cert = \"{cert_file}\"\nclient_key = \"{other_key}\"\n"),
+                "steps.Processing.client_key",
+                "does not go with client_cert",
+            ),
+        ] {
+            let error = step_error(&section(&files));
+            assert_eq!(error.key, key, "{files}: {error}");
+            assert!(error.problem.contains(needle), "{files}: {error}");
+        }
     }
 
     #[test]

@@ -67,11 +67,11 @@ pub fn generation(data_dir: &Path) -> anyhow::Result<u64> {
     Ok(generation)
 }
 
-/// The step handlers and the completion webhook the config asks for. Every `http` step and
-/// the webhook share one HTTP client.
+/// The step handlers and the completion webhook the config asks for. `http` steps with the
+/// same TLS files (and the webhook, which has none of its own) share one HTTP client.
 pub fn handlers(config: &Config) -> anyhow::Result<Handlers> {
     let mut handlers = Handlers::new(Arc::new(Simulate::new(config.simulate)));
-    let mut client = None;
+    let mut clients = http::Clients::default();
     for step in Step::WORK {
         if !config.steps.contains_key(step.as_str()) {
             continue;
@@ -79,24 +79,13 @@ pub fn handlers(config: &Config) -> anyhow::Result<Handlers> {
         let handler: Arc<dyn StepHandler> = match config.handler_for(step)? {
             HandlerSettings::Simulate(settings) => Arc::new(Simulate::new(settings)),
             HandlerSettings::Http(settings) => {
-                let client = match &client {
-                    Some(client) => Clone::clone(client),
-                    None => {
-                        let built = http::client().context("cannot build the HTTP client")?;
-                        client = Some(built.clone());
-                        built
-                    }
-                };
-                Arc::new(Http::new(client, *settings))
+                Arc::new(Http::new(clients.for_step(step, &settings)?, *settings))
             }
         };
         handlers.set(step, handler);
     }
     if let Some(settings) = config.notify_settings()? {
-        let client = match client {
-            Some(client) => client,
-            None => http::client().context("cannot build the HTTP client")?,
-        };
+        let client = clients.for_notify(&settings.url)?;
         handlers.set_notifier(Arc::new(Notifier::new(client, settings)));
     }
     Ok(handlers)

@@ -426,7 +426,11 @@ async fn attempt(
     let mut scheduled = None;
     match policy {
         Some(policy) if failure.retryable && policy.allows_retry(retries_done) => {
-            let delay = policy.delay(retries_done.saturating_add(1), rand::random());
+            let delay = policy.delay_asked(
+                retries_done.saturating_add(1),
+                rand::random(),
+                failure.retry_after,
+            );
             let at = chrono::Utc::now()
                 + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             warn!(order_id = %order.order_id, step = %step, attempt = number, direction, reason = %failure.reason, retry_in = ?delay, "attempt failed, retrying");
@@ -495,7 +499,11 @@ async fn notify(shared: &Shared, order: &Order) -> (Vec<Event>, Option<RetryDue>
     };
     let policy = notifier.retry_policy();
     if failure.retryable && policy.allows_retry(retries_done) {
-        let delay = policy.delay(retries_done.saturating_add(1), rand::random());
+        let delay = policy.delay_asked(
+            retries_done.saturating_add(1),
+            rand::random(),
+            failure.retry_after,
+        );
         let at =
             chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
         warn!(order_id = %order.order_id, attempt = number, reason = %failure.reason, retry_in = ?delay, "completion webhook failed, retrying");

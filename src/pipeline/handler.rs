@@ -9,6 +9,7 @@ use crate::order::{Order, Step};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// What a handler is given. `idempotency_key` is the same for every attempt of the same
 /// direction, so a service can recognise a repeat (execution is at-least-once per step):
@@ -56,6 +57,9 @@ pub struct StepError {
     pub retryable: bool,
     /// The HTTP status, when the service answered.
     pub status: Option<u16>,
+    /// How long the service asked to be left alone (its `Retry-After`): the executor waits this
+    /// long, within the retry policy's bounds, instead of its own backoff.
+    pub retry_after: Option<Duration>,
 }
 
 impl StepError {
@@ -65,6 +69,7 @@ impl StepError {
             reason: reason.into(),
             retryable: false,
             status: None,
+            retry_after: None,
         }
     }
 
@@ -74,11 +79,17 @@ impl StepError {
             reason: reason.into(),
             retryable: true,
             status: None,
+            retry_after: None,
         }
     }
 
     pub fn with_status(mut self, status: u16) -> Self {
         self.status = Some(status);
+        self
+    }
+
+    pub fn with_retry_after(mut self, retry_after: Option<Duration>) -> Self {
+        self.retry_after = retry_after;
         self
     }
 }

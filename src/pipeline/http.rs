@@ -1,19 +1,33 @@
 //! The built-in `http` handler: each attempt POSTs the order as JSON to the step's URL (to run it)
-//! or its rollback URL (to undo it), with an `Idempotency-Key` header.
+//! or its rollback URL (to undo it), with an `Idempotency-Key` header and the order's ownership
+//! epoch (`Order-Epoch`).
 //!
 //! A 2xx answer is success, and its JSON body becomes the step's output. A 4xx is a permanent
-//! failure whose text becomes the reason; a 5xx, a timeout or a connection error is worth a
-//! retry. Redirects are not followed (a POST turned into a GET would lose the order). The
+//! failure whose text becomes the reason, except the "busy" ones (408, 425, 429); those, a 5xx, a
+//! timeout or a connection error are worth a retry, and a 429 or 503 may say when in its
+//! `Retry-After`. Redirects are not followed (a POST turned into a GET would lose the order). The
 //! handler makes one attempt per call; the executor owns the retries and their schedule.
+//!
+//! https is rustls with the `ring` provider: the server's certificate is checked against the
+//! system's roots (or a bundled set on a host with none) plus the step's `ca_file`, and a step
+//! may present a client certificate. Steps with the same TLS files share one client.
 
 use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
-use crate::config::HttpSettings;
+use crate::config::{ConfigError, HttpSettings, StepTls};
 use crate::order::{OrderId, Step};
+use anyhow::Context;
 use async_trait::async_trait;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::RootCertStore;
 use serde::Serialize;
-use std::time::Duration;
-use tracing::warn;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
 
 /// The most of a response body that is read; a longer success body is not kept as output.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -26,6 +40,8 @@ struct StepRequest<'a> {
     order_id: OrderId,
     step: Step,
     attempt: u32,
+    /// The order's ownership epoch, also in the `Order-Epoch` header.
+    epoch: u64,
     rollback: bool,
     user: &'a str,
     payload: &'a serde_json::Value,
@@ -33,23 +49,201 @@ struct StepRequest<'a> {
     outputs: serde_json::Map<String, serde_json::Value>,
 }
 
-/// The one HTTP client every `http` step shares (connection pooling, one DNS cache).
-pub fn client() -> Result<reqwest::Client, reqwest::Error> {
+/// The header that carries the order's ownership epoch.
+pub const EPOCH_HEADER: &str = "Order-Epoch";
+
+/// An HTTP client that speaks TLS as `tls` says.
+fn client(tls: rustls::ClientConfig) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("order-process/", env!("CARGO_PKG_VERSION")))
         .pool_idle_timeout(Duration::from_secs(30))
         .build()
 }
 
+/// The HTTP clients of a node's `http` steps: one per distinct TLS setting, so steps with the
+/// same files share connection pooling and one DNS cache.
+#[derive(Default)]
+pub struct Clients {
+    /// The trusted roots without a step's own CA, read when the first https step needs them.
+    roots: Option<RootCertStore>,
+    /// By TLS files, and whether the client talks to an https URL at all.
+    built: HashMap<(StepTls, bool), reqwest::Client>,
+}
+
+impl Clients {
+    /// The client for `step`'s settings. A TLS file that became unreadable since the config
+    /// was checked is a [`ConfigError`].
+    pub fn for_step(
+        &mut self,
+        step: Step,
+        settings: &HttpSettings,
+    ) -> anyhow::Result<reqwest::Client> {
+        let https = std::iter::once(&settings.url)
+            .chain(&settings.rollback_url)
+            .any(|url| url.scheme() == "https");
+        self.get(&settings.tls, https, &format!("steps.{step}"))
+    }
+
+    /// The client of the completion webhook at `url`: no files of its own, the trusted roots.
+    pub fn for_notify(&mut self, url: &reqwest::Url) -> anyhow::Result<reqwest::Client> {
+        self.get(&StepTls::default(), url.scheme() == "https", "notify")
+    }
+
+    fn get(
+        &mut self,
+        files: &StepTls,
+        https: bool,
+        section: &str,
+    ) -> anyhow::Result<reqwest::Client> {
+        let id = (files.clone(), https);
+        if let Some(client) = self.built.get(&id) {
+            return Ok(client.clone());
+        }
+        // Plain http calls never check a certificate: no need to read the system's roots.
+        let roots = match https {
+            true => self.roots.get_or_insert_with(default_roots).clone(),
+            false => RootCertStore::empty(),
+        };
+        let tls = tls_config(files, roots, section)?;
+        let client = client(tls).context("cannot build the HTTP client")?;
+        self.built.insert(id, client.clone());
+        Ok(client)
+    }
+}
+
+/// The roots a server certificate is checked against: the system's (`/etc/ssl/certs`, or
+/// `SSL_CERT_FILE` / `SSL_CERT_DIR`), else, on a host that has none (a container or chroot),
+/// the bundled Mozilla set.
+fn default_roots() -> RootCertStore {
+    let found = rustls_native_certs::load_native_certs();
+    for error in &found.errors {
+        warn!(error = %error, "cannot read some of the system's root certificates");
+    }
+    let mut roots = RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(found.certs);
+    if ignored > 0 {
+        debug!(
+            ignored,
+            "some of the system's root certificates are not usable"
+        );
+    }
+    if added == 0 {
+        info!("no system root certificates found, https steps trust the bundled set");
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    roots
+}
+
+/// The TLS setup of steps with the files of `tls`: `roots` plus the certificates in `ca_file`,
+/// and the client certificate if one is set. Errors name the key under `section`
+/// (`steps.Processing`) and say what is wrong with its file.
+pub fn tls_config(
+    tls: &StepTls,
+    mut roots: RootCertStore,
+    section: &str,
+) -> Result<rustls::ClientConfig, ConfigError> {
+    let key = |field: &str| format!("{section}.{field}");
+    if let Some(path) = &tls.ca_file {
+        for certificate in certificates(&key("ca_file"), path)? {
+            roots.add(certificate).map_err(|error| {
+                ConfigError::new(
+                    key("ca_file"),
+                    format!("{}: not a CA certificate: {error}", path.display()),
+                )
+            })?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| ConfigError::new(section, format!("cannot set up TLS: {error}")))?
+        .with_root_certificates(roots);
+    match (&tls.client_cert, &tls.client_key) {
+        (None, None) => Ok(builder.with_no_client_auth()),
+        (Some(cert_path), Some(key_path)) => {
+            let chain = certificates(&key("client_cert"), cert_path)?;
+            let bytes = read(&key("client_key"), key_path)?;
+            let private = PrivateKeyDer::from_pem_slice(&bytes).map_err(|error| {
+                ConfigError::new(
+                    key("client_key"),
+                    format!("{} holds no PEM private key: {error}", key_path.display()),
+                )
+            })?;
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|error| {
+                    ConfigError::new(
+                        key("client_key"),
+                        format!(
+                            "{} does not go with client_cert {}: {error}",
+                            key_path.display(),
+                            cert_path.display()
+                        ),
+                    )
+                })
+        }
+        (Some(_), None) => Err(ConfigError::new(
+            key("client_key"),
+            "required with client_cert: set both or neither",
+        )),
+        (None, Some(_)) => Err(ConfigError::new(
+            key("client_cert"),
+            "required with client_key: set both or neither",
+        )),
+    }
+}
+
+/// Reads a file named by a config key.
+fn read(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|error| ConfigError::new(key, format!("cannot read {}: {error}", path.display())))
+}
+
+/// The PEM certificates in a file named by a config key; at least one.
+fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certificates = CertificateDer::pem_slice_iter(&read(key, path)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| ConfigError::new(key, format!("{}: bad PEM: {error}", path.display())))?;
+    if certificates.is_empty() {
+        return Err(ConfigError::new(
+            key,
+            format!("{} holds no PEM certificate", path.display()),
+        ));
+    }
+    Ok(certificates)
+}
+
+/// The wait a `Retry-After` value asks for at `now`: delta-seconds, or an HTTP date (no wait
+/// once it has passed). `None` when it is neither.
+fn retry_after(text: &str, now: SystemTime) -> Option<Duration> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|byte| byte.is_ascii_digit()) {
+        // More seconds than a u64 holds is as good as forever; the policy caps it.
+        return Some(text.parse().map_or(Duration::MAX, Duration::from_secs));
+    }
+    let date = httpdate::parse_http_date(text).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
 pub struct Http {
     client: reqwest::Client,
     settings: HttpSettings,
+    /// Calls in flight to this step's service, when `concurrency` limits them.
+    in_flight: Option<Semaphore>,
 }
 
 impl Http {
     pub fn new(client: reqwest::Client, settings: HttpSettings) -> Self {
-        Http { client, settings }
+        let in_flight = settings
+            .concurrency
+            .map(|limit| Semaphore::new(limit.get()));
+        Http {
+            client,
+            settings,
+            in_flight,
+        }
     }
 
     async fn call(
@@ -62,21 +256,30 @@ impl Http {
             order_id: context.order.order_id,
             step: context.step,
             attempt: context.attempt,
+            epoch: context.order.epoch,
             rollback,
             user: &context.order.user,
             payload: &context.order.payload,
             outputs: context.order.outputs(),
+        };
+        // Held for this one call, not while the order waits for a retry. The semaphore is
+        // never closed, so an error cannot happen.
+        let _permit = match &self.in_flight {
+            Some(in_flight) => in_flight.acquire().await.ok(),
+            None => None,
         };
         let sent = self
             .client
             .post(url.clone())
             .timeout(self.settings.timeout)
             .header("Idempotency-Key", &context.idempotency_key)
+            .header(EPOCH_HEADER, context.order.epoch)
             .json(&body)
             .send()
             .await;
         let mut response = sent.map_err(|error| transport_error(&error, self.settings.timeout))?;
         let status = response.status().as_u16();
+        let asked = asked_wait(response.headers());
         let mut text = Vec::new();
         let mut truncated = false;
         loop {
@@ -96,19 +299,37 @@ impl Http {
                 }
             }
         }
-        let text_reason = || reason(status, &text);
         match status {
             200..=299 => Ok(StepDone {
                 output: output(&text, truncated, context),
                 status: Some(status),
             }),
-            400..=499 => Err(StepError::new(text_reason()).with_status(status)),
-            500..=599 => Err(
-                StepError::retryable(format!("HTTP {status}: {}", text_reason()))
-                    .with_status(status),
-            ),
-            _ => Err(StepError::new(format!("unexpected HTTP {status}")).with_status(status)),
+            _ => Err(failed_answer(status, asked, &text)),
         }
+    }
+}
+
+/// The wait a `Retry-After` header asks for, if there is one that can be read.
+pub(super) fn asked_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| retry_after(text, SystemTime::now()))
+}
+
+/// What a non-2xx answer means: busy or not ready yet (timeout, too early, too many requests,
+/// a 5xx) is worth a retry, after `asked` for a 429 or 503 that says how long; any other 4xx is
+/// final.
+pub(super) fn failed_answer(status: u16, asked: Option<Duration>, body: &[u8]) -> StepError {
+    match status {
+        408 | 425 | 429 | 500..=599 => {
+            let wait = matches!(status, 429 | 503).then_some(asked).flatten();
+            StepError::retryable(format!("HTTP {status}: {}", reason(status, body)))
+                .with_status(status)
+                .with_retry_after(wait)
+        }
+        400..=499 => StepError::new(reason(status, body)).with_status(status),
+        _ => StepError::new(format!("unexpected HTTP {status}")).with_status(status),
     }
 }
 
@@ -202,7 +423,19 @@ mod tests {
             retries: 4,
             backoff: Duration::from_millis(100),
             backoff_max: Duration::from_secs(1),
+            tls: StepTls::default(),
+            concurrency: None,
         }
+    }
+
+    /// A client for plain http.
+    fn plain() -> reqwest::Client {
+        let tls = tls_config(
+            &StepTls::default(),
+            RootCertStore::empty(),
+            "steps.Processing",
+        );
+        client(tls.unwrap()).unwrap()
     }
 
     /// An order to make requests for.
@@ -218,16 +451,13 @@ mod tests {
 
     #[tokio::test]
     async fn without_rollback_url_there_is_nothing_to_undo() {
-        let handler = Http::new(client().unwrap(), settings(None));
+        let handler = Http::new(plain(), settings(None));
         assert_eq!(handler.retry_policy(true), None);
         assert_eq!(handler.retry_policy(false).map(|p| p.retries), Some(4));
         let order = order();
         let context = StepContext::attempt(&order, Step::Processing, true, 1);
         assert_eq!(handler.rollback(&context).await, Ok(StepDone::default()));
-        let with = Http::new(
-            client().unwrap(),
-            settings(Some("http://127.0.0.1:9/refund")),
-        );
+        let with = Http::new(plain(), settings(Some("http://127.0.0.1:9/refund")));
         assert!(with.retry_policy(true).is_some());
     }
 
@@ -244,6 +474,24 @@ mod tests {
             undo.idempotency_key,
             format!("{}:Processing:rollback", OrderId::nil())
         );
+    }
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
+        let wait = |text: &str| retry_after(text, now);
+        assert_eq!(wait("1"), Some(Duration::from_secs(1)));
+        assert_eq!(wait(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(wait("99999999999999999999999"), Some(Duration::MAX));
+        // `now` is Wed, 21 Oct 2015 07:28:00 GMT.
+        assert_eq!(
+            wait("Wed, 21 Oct 2015 07:28:30 GMT"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(wait("Wed, 21 Oct 2015 07:27:00 GMT"), Some(Duration::ZERO));
+        for bad in ["", "-1", "1.5", "soon", "Wed, 21 Oct 2015"] {
+            assert_eq!(wait(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

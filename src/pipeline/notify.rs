@@ -55,7 +55,7 @@ impl Notifier {
                 "Idempotency-Key",
                 format!("{}:notify:{generation}", order.order_id),
             )
-            .header("Order-Epoch", order.epoch)
+            .header(super::http::EPOCH_HEADER, order.epoch)
             .header(
                 SIGNATURE_HEADER,
                 signature(self.settings.secret.as_bytes(), timestamp, &body),
@@ -68,13 +68,9 @@ impl Notifier {
         if response.status().is_success() {
             return Ok(status);
         }
-        let text = response.text().await.unwrap_or_default();
-        let reason = super::http::reason(status, text.as_bytes());
-        match status {
-            // A receiver busy, or one that did not get the whole request, may take it later.
-            408 | 425 | 429 | 500..=599 => Err(StepError::retryable(reason).with_status(status)),
-            _ => Err(StepError::new(reason).with_status(status)),
-        }
+        let asked = super::http::asked_wait(response.headers());
+        let text = response.bytes().await.unwrap_or_default();
+        Err(super::http::failed_answer(status, asked, &text))
     }
 }
 

@@ -44,6 +44,16 @@ impl RetryPolicy {
         nominal.mul_f64(1.0 - random / 2.0).max(self.backoff)
     }
 
+    /// The wait before retry number `retry` when the failed attempt's answer asked for
+    /// `retry_after` (a `Retry-After`): that wait, but at least `backoff` and at most
+    /// `backoff_max`; without one, [`RetryPolicy::delay`].
+    pub fn delay_asked(&self, retry: u32, random: f64, retry_after: Option<Duration>) -> Duration {
+        match retry_after {
+            Some(asked) => asked.clamp(self.backoff, self.backoff_max),
+            None => self.delay(retry, random),
+        }
+    }
+
     /// Whether another attempt is allowed after `retries_done` retries.
     pub fn allows_retry(&self, retries_done: u32) -> bool {
         retries_done < self.retries
@@ -102,6 +112,21 @@ mod tests {
         for retry in 1..5 {
             assert_eq!(tight.delay(retry, 0.9), Duration::from_secs(2));
         }
+    }
+
+    #[test]
+    fn an_asked_wait_replaces_the_backoff_within_its_bounds() {
+        let policy = policy();
+        let asked =
+            |seconds: f64| policy.delay_asked(3, 0.5, Some(Duration::from_secs_f64(seconds)));
+        assert_eq!(asked(1.0), Duration::from_secs(1));
+        assert_eq!(asked(0.0), policy.backoff, "never sooner than backoff");
+        assert_eq!(
+            asked(3600.0),
+            policy.backoff_max,
+            "never later than backoff_max"
+        );
+        assert_eq!(policy.delay_asked(3, 0.5, None), policy.delay(3, 0.5));
     }
 
     #[test]

@@ -678,6 +678,14 @@ async fn a_takeover_continues_the_retry_schedule_of_a_dead_node() {
         Duration::from_secs(4),
         "/charge across a takeover",
     );
+    let epochs: Vec<u64> = charges
+        .iter()
+        .map(|call| call.body["epoch"].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        epochs[0] >= 1 && epochs[1] > epochs[0],
+        "the new owner calls with a newer epoch: {epochs:?}"
+    );
     let after = attempts(&order, "Processing");
     assert_eq!(after.len(), 2, "{}", pretty(&order));
     assert_eq!(after[0], before[0], "the dead node's attempt is kept");

@@ -17,6 +17,8 @@
 //! - `http_steps` — the `http` step handler against the scripted shop: calls, retries,
 //!   timeouts, outputs, parked rollbacks, restarts between attempts, a clock stepped back,
 //!   a node paused with orders queued
+//! - `http_services` — https steps with a private CA and a client certificate, busy answers
+//!   with `Retry-After`, a step's `concurrency`, the `Order-Epoch` header
 //! - `metrics`    — `/metrics` counters, `/diagnostic/summary`, `/openapi.json` against the router
 //! - `status_page` — the HTML status page in headless Chromium (skipped without Chromium)
 //! - `security`   — tokens, roles, SIGHUP reload, rate and in-flight limits, slow clients
@@ -42,6 +44,7 @@ mod config;
 mod diagnostic;
 mod faketime;
 mod full_disk;
+mod http_services;
 mod http_steps;
 mod metrics;
 mod pipeline;

@@ -23,13 +23,13 @@ const FINISH: Duration = Duration::from_secs(30);
 const COMPLAINT: Duration = Duration::from_secs(20);
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, all PEM files in a temp
-/// dir.
-struct Pki {
+/// dir. The https step tests use it too.
+pub(crate) struct Pki {
     dir: TempDir,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let dir = tempfile::tempdir().expect("create a temp dir");
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -65,7 +65,7 @@ impl Pki {
         Pki { dir }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 

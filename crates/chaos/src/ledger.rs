@@ -6,8 +6,12 @@
 //! real service:
 //! - an effect is applied once per idempotency key; a repeat gets the first answer again;
 //! - a compensation is recorded once per key, and remembers whether it undid an effect;
+//! - a call whose ownership epoch (`epoch` in the body, also the `Order-Epoch` header) is older
+//!   than the newest it has seen for the order is refused (409): it comes from a node that has
+//!   lost the order;
 //! - a run that arrives after its step was compensated is refused (409) instead of applied, so a
-//!   stale caller cannot leave an effect behind that nobody will undo;
+//!   stale caller cannot leave an effect behind that nobody will undo (this also covers a run
+//!   and a compensation of the same epoch);
 //! - the order's payload can ask for a refusal at one step (`"fail_at"`, answered 422) and for
 //!   one slow step (`"slow": {"step": …, "ms": …}`);
 //! - the first two attempts of any call fail with 503 now and then (decided by a hash of the
@@ -49,6 +53,8 @@ pub enum Outcome {
     Flaky,
     /// A run after its step's compensation: refused (409), nothing applied.
     LateRunRefused,
+    /// A call with an older epoch than the order's newest seen: refused (409), nothing done.
+    StaleEpochRefused,
     /// A compensation that undid an applied effect.
     Compensated,
     /// A compensation of a step that had no effect (the failed step, or a cancelled one).
@@ -73,6 +79,8 @@ pub struct Call {
     pub rollback: bool,
     pub key: String,
     pub attempt: u32,
+    /// The caller's ownership epoch of the order (0 when it sent none).
+    pub epoch: u64,
     pub status: u16,
     pub outcome: Outcome,
 }
@@ -102,6 +110,8 @@ pub struct Books {
     pub effects: HashMap<(String, String), Entry>,
     /// (order id, step) → the compensation recorded.
     pub compensations: HashMap<(String, String), Entry>,
+    /// Order id → the newest ownership epoch a call carried.
+    pub epochs: HashMap<String, u64>,
     seq: u64,
 }
 
@@ -122,6 +132,8 @@ struct StepRequest {
     step: String,
     #[serde(default)]
     attempt: u32,
+    #[serde(default)]
+    epoch: u64,
     #[serde(default)]
     payload: serde_json::Value,
 }
@@ -255,11 +267,18 @@ async fn answer(
         node,
         undid_effect: false,
     };
+    let newest = books.epochs.get(&request.order_id).copied().unwrap_or(0);
     let (outcome, status, text) = if key != expected || request.step != step {
         (
             Outcome::BadKey,
             status::BAD_REQUEST,
             format!("idempotency key `{key}` is not `{expected}`"),
+        )
+    } else if request.epoch < newest {
+        (
+            Outcome::StaleEpochRefused,
+            status::CONFLICT,
+            format!("epoch {} is older than {newest}", request.epoch),
         )
     } else if flaky {
         (
@@ -306,6 +325,9 @@ async fn answer(
         let text = serde_json::json!({ "ref": format!("{step}-{seq}") }).to_string();
         (Outcome::Applied, status::OK, text)
     };
+    if outcome != Outcome::BadKey && request.epoch > newest {
+        books.epochs.insert(request.order_id.clone(), request.epoch);
+    }
     books.calls.push(Call {
         seq,
         arrived,
@@ -316,6 +338,7 @@ async fn answer(
         rollback,
         key,
         attempt: request.attempt,
+        epoch: request.epoch,
         status,
         outcome,
     });
@@ -327,8 +350,18 @@ mod tests {
     use super::*;
 
     fn body(order: &str, step: &str, attempt: u32, payload: serde_json::Value) -> Vec<u8> {
+        epoch_body(order, step, attempt, 1, payload)
+    }
+
+    fn epoch_body(
+        order: &str,
+        step: &str,
+        attempt: u32,
+        epoch: u64,
+        payload: serde_json::Value,
+    ) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
-            "order_id": order, "step": step, "attempt": attempt, "payload": payload
+            "order_id": order, "step": step, "attempt": attempt, "epoch": epoch, "payload": payload
         }))
         .unwrap()
     }
@@ -375,6 +408,49 @@ mod tests {
             ]
         );
         assert_eq!(books.effects.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn calls_from_an_older_epoch_are_refused() {
+        let books = Mutex::new(Books::default());
+        let seed = calm_seed();
+        let key = || Some("o:Processing".to_string());
+        let undo_key = Some("o:Processing:rollback".to_string());
+        let at = |epoch| epoch_body("o", "Processing", 1, epoch, serde_json::json!({}));
+        let (_, status) = answer(seed, &books, "n0", "run", "Processing", key(), &at(1)).await;
+        assert_eq!(status, status::OK);
+        // A takeover: the new owner's call is newer and goes through.
+        let (_, status) = answer(seed, &books, "n1", "run", "Processing", key(), &at(2)).await;
+        assert_eq!(status, status::OK);
+        // The old owner, late: both its run and its compensation are refused.
+        let (_, status) = answer(seed, &books, "n0", "run", "Processing", key(), &at(1)).await;
+        assert_eq!(status, status::CONFLICT);
+        let (_, status) = answer(
+            seed,
+            &books,
+            "n0",
+            "undo",
+            "Processing",
+            undo_key.clone(),
+            &at(1),
+        )
+        .await;
+        assert_eq!(status, status::CONFLICT);
+        let (_, status) = answer(seed, &books, "n1", "undo", "Processing", undo_key, &at(2)).await;
+        assert_eq!(status, status::OK);
+        let books = lock(&books);
+        let outcomes: Vec<Outcome> = books.calls.iter().map(|call| call.outcome).collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                Outcome::Applied,
+                Outcome::Duplicate,
+                Outcome::StaleEpochRefused,
+                Outcome::StaleEpochRefused,
+                Outcome::Compensated
+            ]
+        );
+        assert_eq!(books.epochs.get("o"), Some(&2));
     }
 
     #[tokio::test]

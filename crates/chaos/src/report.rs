@@ -458,10 +458,11 @@ impl Report {
         println!("rollback retry {}", list(&seen.rollback_retries));
         println!("ledger calls  {}: {}", books.calls.len(), list(&outcomes));
         println!(
-            "fencing       stale commits refused {}, stale orders dropped before a step {}, stale runs refused by the ledger {}, accepted stale writes {} (snapshots that went backwards)",
+            "fencing       stale commits refused {}, stale orders dropped before a step {}, stale runs refused by the ledger {}, stale epochs refused by the ledger {}, accepted stale writes {} (snapshots that went backwards)",
             logs.count("order is no longer ours, dropping it"),
             logs.count("order was taken over while the liveness lease lapsed, dropping it"),
             outcomes.get("late_run_refused").copied().unwrap_or(0),
+            outcomes.get("stale_epoch_refused").copied().unwrap_or(0),
             seen.regressions.len()
         );
         println!("takeover      {}", latencies(&self.takeovers));
