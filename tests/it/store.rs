@@ -594,6 +594,48 @@ async fn redis_store_deletes_finished_orders_after_retention() {
     assert_eq!(redis.cli(&["ZCARD", "op:finished"]).trim(), "0");
 }
 
+/// A file written before orders were filed by finish time opens, and its finished orders are
+/// filed by the one-time walk and deleted like any other; unfinished ones stay.
+#[tokio::test]
+async fn embedded_store_purges_orders_finished_before_retention_existed() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = new_order("old", "node-a", 0);
+    let mut finished = Vec::new();
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        create(&store, &running).await;
+        for offset in 1..=30 {
+            let order = new_order("old", "node-a", offset);
+            create(&store, &order).await;
+            finished.push(finish(&store, &order).await.order_id);
+        }
+    }
+    // As an older version left it: none of the retention tables.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let db = loop {
+        match redb::Database::open(dir.path().join("orders.redb")) {
+            Ok(db) => break db,
+            Err(error) if std::time::Instant::now() > deadline => panic!("reopen: {error}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let txn = db.begin_write().unwrap();
+    for table in ["orders_finished", "order_idempotency_keys", "meta"] {
+        assert!(txn
+            .delete_table(redb::TableDefinition::<&str, ()>::new(table))
+            .unwrap());
+    }
+    txn.commit().unwrap();
+    drop(db);
+
+    let store = EmbeddedStore::open_retaining(dir.path(), Duration::from_secs(1)).unwrap();
+    for id in finished {
+        wait_gone(&store, id, Duration::from_secs(15)).await;
+    }
+    assert!(store.get(running.order_id).await.unwrap().is_some());
+    assert_eq!(store.stored_orders().unwrap(), 1);
+}
+
 /// A redb file stays about the same size however many orders finish, once they are past
 /// retention: the purge deletes them, in transactions of at most [`PURGE_BATCH`], and redb
 /// reuses the pages they took.
