@@ -565,6 +565,19 @@ async fn embedded_store_deletes_finished_orders_after_retention() {
     retention(&store).await;
 }
 
+/// Runs the retention pass, as the leader's sweep does, until `index` holds `entries` members.
+async fn pruned_to(redis: &RedisServer, store: &RedisStore, index: &str, entries: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while redis.cli(&["ZCARD", index]).trim() != entries.to_string() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "user index not pruned"
+        );
+        store.purge_expired(PURGE_BATCH).await.expect("purge");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn redis_store_deletes_finished_orders_after_retention() {
     let redis = RedisServer::start();
@@ -575,23 +588,26 @@ async fn redis_store_deletes_finished_orders_after_retention() {
     // The listing took out the entries of the orders that went, as the retention pass would.
     let index = format!("op:user:{user}");
     assert_eq!(redis.cli(&["ZCARD", &index]).trim(), "3");
-    // What is left of the pass's work is the new order's nothing; a finished order's entries go
-    // by the pass alone, without a listing.
+    // Without a listing, the retention pass alone takes a gone order's entry out.
     let lone = new_order(&user, "node-a", 30);
     create(&store, &lone).await;
     finish(&store, &lone).await;
     assert_eq!(redis.cli(&["ZCARD", &index]).trim(), "4");
     wait_gone(&store, lone.order_id, Duration::from_secs(10)).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while redis.cli(&["ZCARD", &index]).trim() != "3" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "user index not pruned"
-        );
-        store.purge_expired(PURGE_BATCH).await.expect("purge");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    pruned_to(&redis, &store, &index, 3).await;
     assert_eq!(redis.cli(&["ZCARD", "op:finished"]).trim(), "0");
+    // A finished order kept forever, as an older version left it: the index repair gives it
+    // its retention.
+    let old = new_order(&user, "node-a", 40);
+    create(&store, &old).await;
+    finish(&store, &old).await;
+    let key = format!("op:order:{}", old.order_id);
+    assert_eq!(redis.cli(&["PERSIST", &key]).trim(), "1");
+    redis.cli(&["DEL", "op:finished"]);
+    assert_eq!(redis.cli(&["PTTL", &key]).trim(), "-1");
+    repair_all(&store).await;
+    wait_gone(&store, old.order_id, Duration::from_secs(10)).await;
+    pruned_to(&redis, &store, &index, 3).await;
 }
 
 /// A file written before orders were filed by finish time opens, and its finished orders are
@@ -742,7 +758,8 @@ async fn redis_memory_stays_flat_while_orders_keep_finishing() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     assert!(started.elapsed() > Duration::from_secs(4));
-    // Keys come and go in waves: the most of the last half is about the most of the first.
+    // Keys come and go in waves: at most the few waves of the last retention period are stored
+    // (two keys an order), not all sixteen; memory follows them.
     let most = |samples: &[(u64, u64)]| {
         samples.iter().fold((0, 0), |(keys, memory), sample| {
             (keys.max(sample.0), memory.max(sample.1))
@@ -751,7 +768,7 @@ async fn redis_memory_stays_flat_while_orders_keep_finishing() {
     let (early_keys, early_memory) = most(&samples[..8]);
     let (late_keys, late_memory) = most(&samples[8..]);
     assert!(
-        late_keys <= early_keys * 5 / 4 && late_memory <= early_memory * 5 / 4,
+        early_keys.max(late_keys) <= 5 * 600 && late_memory <= early_memory * 3 / 2,
         "redis kept growing (keys, used_memory per wave): {samples:?}"
     );
     // With the orders stopped, everything of theirs goes.

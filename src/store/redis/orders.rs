@@ -180,17 +180,13 @@ impl RedisStore {
                         .repair_owned
                         .key(key)
                         .key(FINISHED)
+                        .key(user_key(&order.user))
                         .arg(OWNED_PREFIX)
                         .arg(&id)
                         .arg(self.retention_ms)
-                        .arg(finished_entry(&order)),
+                        .arg(finished_entry(&order))
+                        .arg(micros_member(&order)),
                 )
-                .ignore();
-            write
-                .cmd("ZADD")
-                .arg(user_key(&order.user))
-                .arg(0)
-                .arg(micros_member(&order))
                 .ignore();
             repaired.orders += 1;
         }

@@ -143,15 +143,17 @@ redis.call('SADD', KEYS[2], ARGV[8])
 return 'ok'
 ";
 
-/// Put an order in its owner's owned set if unfinished, out of it if finished; a finished order
-/// with no expiry (stored before retention, or by an older version) starts its retention, an
-/// unfinished one with an expiry loses it. KEYS: the order, the finished index. ARGV: the owned
-/// sets' key prefix, the order id, retention (ms), finished index entry. Returns 1, or 0 when
-/// the order is missing. Why a script: the index repair must not put back an order that
-/// finished (or moved) after the repair read it.
+/// Put an order in its owner's owned set if unfinished, out of it if finished, and in its user's
+/// index; a finished order with no expiry (stored before retention, or by an older version)
+/// starts its retention, an unfinished one with an expiry loses it. KEYS: the order, the
+/// finished index, the user's index. ARGV: the owned sets' key prefix, the order id, retention
+/// (ms), finished index entry, user index member. Returns 1, or 0 when the order is missing.
+/// Why a script: the index repair must not put back an order that finished (or moved, or
+/// expired) after the repair read it.
 const REPAIR_OWNED: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'state')
 if not cur[1] then return 0 end
+redis.call('ZADD', KEYS[3], 0, ARGV[5])
 if cur[2] == 'finished' then
   redis.call('SREM', ARGV[1] .. cur[1], ARGV[2])
   if redis.call('PTTL', KEYS[1]) == -1 then finish(KEYS[1], ARGV[2], ARGV[3], KEYS[2], ARGV[4]) end
