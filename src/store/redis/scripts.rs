@@ -25,9 +25,8 @@ end
 
 /// Commit a transition. KEYS: the order, the committer's owned set, the finished index. ARGV:
 /// owner, epoch, doc, aware of cancellation (1/0), state, step, order id, revision, retention
-/// (ms), finished index entry. Why a script: the owner/epoch
-/// check and the write must be one atomic step, or a node that just lost the order could
-/// overwrite its new owner's progress; a write must be newer than the stored revision, or one
+/// (ms), finished index entry. Why a script: the owner/epoch check and the write must be one
+/// atomic step, or a node that just lost the order could overwrite its new owner's progress; a write must be newer than the stored revision, or one
 /// delivered late (TCP retransmitting it after a network cut healed) would take the order back,
 /// while the very write already stored (a retry after a lost answer) is done; and the order
 /// leaves the committer's owned set in the same step when it finishes (never before) or turns
