@@ -44,6 +44,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub log: LogConfig,
     pub pipeline: PipelineConfig,
+    pub orders: OrdersConfig,
     pub simulate: SimulateConfig,
     /// Per-step handler sections, keyed by step name (`[steps.Processing]`).
     pub steps: BTreeMap<String, StepConfig>,
@@ -128,6 +129,30 @@ impl Default for PipelineConfig {
             workers: NonZeroUsize::new(50_000).unwrap_or(NonZeroUsize::MIN),
             queue_capacity: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
             reconcile_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the store keeps of orders.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrdersConfig {
+    /// How long a finished order (and its idempotency key) is kept after it finished; then it
+    /// is deleted, and reading it is a 404.
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+}
+
+/// The shortest `orders.retention` taken.
+pub const MIN_RETENTION: Duration = Duration::from_secs(1);
+/// The longest `orders.retention` taken (about ten years): longer is as good as forever, and
+/// would overflow the stores' clocks.
+pub const MAX_RETENTION: Duration = Duration::from_secs(3650 * 24 * 60 * 60);
+
+impl Default for OrdersConfig {
+    fn default() -> Self {
+        OrdersConfig {
+            retention: crate::store::DEFAULT_RETENTION,
         }
     }
 }
@@ -721,6 +746,16 @@ impl Config {
             self.handler_for(step)?;
         }
         self.database.validate()?;
+        if !(MIN_RETENTION..=MAX_RETENTION).contains(&self.orders.retention) {
+            return Err(ConfigError::new(
+                "orders.retention",
+                format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(MIN_RETENTION),
+                    humantime::format_duration(MAX_RETENTION)
+                ),
+            ));
+        }
         nonzero_durations(&[
             ("server.retry_after", self.server.retry_after),
             (
@@ -1106,6 +1141,24 @@ mod tests {
         assert_eq!(config.simulate.duration, Duration::from_secs(5));
         assert_eq!(config.simulate.failure_rate, 0.05);
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn retention_is_a_duration_of_at_least_a_second() {
+        let week = Config::from_toml("").unwrap();
+        assert_eq!(week.orders.retention, Duration::from_secs(7 * 24 * 60 * 60));
+        let short = Config::from_toml("[orders]\nretention = \"10s\"\n").unwrap();
+        short.validate().unwrap();
+        assert_eq!(short.orders.retention, Duration::from_secs(10));
+        for bad in ["0s", "500ms", "20000y"] {
+            let config = Config::from_toml(&format!("[orders]\nretention = \"{bad}\"\n")).unwrap();
+            assert_eq!(
+                config.validate().unwrap_err().key,
+                "orders.retention",
+                "{bad}"
+            );
+        }
+        assert!(Config::from_toml("[orders]\nretention = \"soon\"\n").is_err());
     }
 
     #[test]

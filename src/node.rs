@@ -122,6 +122,7 @@ pub async fn run(
     let workers = config.pipeline.workers.get();
     let queue = config.pipeline.queue_capacity.get();
     let metrics = Arc::new(Metrics::new());
+    let retention = config.orders.retention;
     let (store, pool, cluster): (Arc<dyn OrderStore>, Arc<Pool>, Option<Arc<Cluster>>) =
         if config.is_cluster() {
             // The order store and the coordinator share one set of connections to Redis.
@@ -133,7 +134,8 @@ pub async fn run(
                     return Ok(());
                 }
             }
-            let orders: Arc<dyn OrderStore> = Arc::new(RedisStore::new(Arc::clone(&redis)));
+            let orders = RedisStore::new(Arc::clone(&redis)).with_retention(retention);
+            let orders: Arc<dyn OrderStore> = Arc::new(orders);
             let coordinator: Arc<dyn Coordinator> = Arc::new(RedisCoordinator::new(redis));
             let store: Arc<dyn OrderStore> =
                 Arc::new(MeteredStore::new(Arc::clone(&orders), Arc::clone(&metrics)));
@@ -174,7 +176,7 @@ pub async fn run(
             (store, pool, Some(cluster))
         } else {
             let store: Arc<dyn OrderStore> = Arc::new(MeteredStore::new(
-                Arc::new(EmbeddedStore::open(data_dir)?),
+                Arc::new(EmbeddedStore::open_retaining(data_dir, retention)?),
                 Arc::clone(&metrics),
             ));
             let pool = Pool::start(

@@ -30,8 +30,8 @@ use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::{Gate, Pool};
 use crate::secret::constant_time_eq;
-use crate::store::OrderStore;
-use std::collections::{HashMap, HashSet};
+use crate::store::{OrderStore, PURGE_BATCH};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -39,6 +39,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
+
+/// How many orders one page of a new leader's index repair reads; a pause follows each page,
+/// so the repair's load stays bounded however many orders the store holds.
+const REPAIR_PAGE: usize = 1_000;
+/// The pause after each page of the index repair.
+const REPAIR_PAUSE: Duration = Duration::from_millis(50);
+/// The most finished orders whose index entries one sweep takes out once their retention ran
+/// out (in script calls of [`PURGE_BATCH`]); more wait for the next sweep.
+const PURGE_PER_SWEEP: usize = 10_000;
 
 /// Header that carries the cluster secret on cluster-internal calls.
 pub const SECRET_HEADER: &str = "x-cluster-secret";
@@ -320,8 +329,12 @@ impl Cluster {
                                 info!(token, "follower -> leader");
                                 let (store, coordinator) =
                                     (Arc::clone(&self.store), Arc::clone(&self.coordinator));
+                                let cluster = Arc::downgrade(&self);
+                                let leading = move || {
+                                    cluster.upgrade().is_some_and(|cluster| cluster.is_leader())
+                                };
                                 tokio::spawn(async move {
-                                    repair(store.as_ref(), coordinator.as_ref()).await;
+                                    repair(store.as_ref(), coordinator.as_ref(), leading).await;
                                 });
                             }
                             Ok(None) => {}
@@ -350,6 +363,33 @@ impl Cluster {
             if let Err(error) = self.sweep_once(term.token).await {
                 warn!(error = %error, "sweep failed");
             }
+            self.purge_expired().await;
+        }
+    }
+
+    /// The leader's retention pass: takes out the index entries of orders whose retention ran
+    /// out, at most [`PURGE_PER_SWEEP`] of them, from the oldest due.
+    async fn purge_expired(&self) {
+        let mut through = 0;
+        while through < PURGE_PER_SWEEP {
+            match self.store.purge_expired(PURGE_BATCH).await {
+                Ok(taken) => {
+                    through += taken;
+                    if taken < PURGE_BATCH {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    warn!(error = %error, "retention pass failed");
+                    break;
+                }
+            }
+        }
+        if through > 0 {
+            debug!(
+                orders = through,
+                "retention pass took out index entries of expired orders"
+            );
         }
     }
 
@@ -772,33 +812,49 @@ async fn claim_identity(
     }
 }
 
-/// A new leader's repair of the store's indexes. An owner of unfinished orders that the
-/// registry does not know (lost, or forgotten in a race) is put back in it, so the sweep takes
-/// its orders over once it is found dead.
-async fn repair(store: &dyn OrderStore, coordinator: &dyn Coordinator) {
-    let repaired = match store.repair_indexes().await {
-        Ok(repaired) => repaired,
-        Err(error) => {
-            warn!(error = %error, "index repair failed");
+/// A new leader's repair of the store's indexes, a page of [`REPAIR_PAGE`] orders at a time
+/// while `leading` says this node still leads. An owner of unfinished orders that the registry
+/// does not know (lost, or forgotten in a race) is put back in it as soon as its page is read,
+/// so the sweep takes its orders over once it is found dead.
+async fn repair(store: &dyn OrderStore, coordinator: &dyn Coordinator, leading: impl Fn() -> bool) {
+    let mut cursor = String::new();
+    let mut orders = 0;
+    let mut owners = BTreeSet::new();
+    loop {
+        if !leading() {
+            debug!(orders, "index repair stopped: no longer the leader");
             return;
         }
-    };
-    debug!(
-        orders = repaired.orders,
-        owners = repaired.owners.len(),
-        "indexes repaired"
-    );
-    for owner in &repaired.owners {
-        match coordinator.remember_node(owner).await {
-            Ok(true) => {
-                warn!(node = %owner, "an owner of unfinished orders was not registered; registered it so the sweep looks at it")
-            }
-            Ok(false) => {}
+        let (page, next) = match store.repair_indexes(&cursor, REPAIR_PAGE).await {
+            Ok(page) => page,
             Err(error) => {
-                warn!(node = %owner, error = %error, "cannot register an owner of unfinished orders")
+                warn!(error = %error, "index repair failed");
+                return;
             }
+        };
+        orders += page.orders;
+        for owner in page.owners {
+            if owners.contains(&owner) {
+                continue;
+            }
+            match coordinator.remember_node(&owner).await {
+                Ok(true) => {
+                    warn!(node = %owner, "an owner of unfinished orders was not registered; registered it so the sweep looks at it")
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    warn!(node = %owner, error = %error, "cannot register an owner of unfinished orders")
+                }
+            }
+            owners.insert(owner);
         }
+        match next {
+            Some(next) => cursor = next,
+            None => break,
+        }
+        tokio::time::sleep(REPAIR_PAUSE).await;
     }
+    debug!(orders, owners = owners.len(), "indexes repaired");
 }
 
 /// Runs one of the cluster's background tasks, its log lines under `span`.

@@ -7,8 +7,8 @@ use super::retry::RetryPolicy;
 use crate::order::{Order, OrderId, Step};
 use crate::store::{
     cancel_outcome, check_commit, retry_rollback_outcome, same_order, CancelOutcome, Checked,
-    Created, Fence, ListQuery, OrderStore, OwnedPage, Page, Reopen, Repaired, RetryRollbackOutcome,
-    SetAside, StoreError,
+    Created, Fence, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
+    RetryRollbackOutcome, SetAside, StoreError,
 };
 use async_trait::async_trait;
 use chrono::Utc;
@@ -244,8 +244,12 @@ impl OrderStore for FakeStore {
         Ok(())
     }
 
-    async fn repair_indexes(&self) -> Result<Repaired, StoreError> {
-        Ok(Repaired::default())
+    async fn repair_indexes(&self, _at: &str, _n: usize) -> Result<RepairPage, StoreError> {
+        Ok((Repaired::default(), None))
+    }
+
+    async fn purge_expired(&self, _n: usize) -> Result<usize, StoreError> {
+        Ok(0)
     }
 
     async fn disown(&self, _node: &str, _id: OrderId) -> Result<bool, StoreError> {

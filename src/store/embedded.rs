@@ -4,17 +4,23 @@
 //! write transaction (group commit): one fsync makes a whole batch durable, and each caller hears
 //! back only after that fsync. Reads use redb's MVCC snapshots directly and never wait for the
 //! writer.
+//!
+//! Retention: the transaction that finishes an order also files it by when it finished, and a
+//! purge thread has the writer delete, [`PURGE_BATCH`] per transaction, the finished orders
+//! older than the retention, with their index entries and idempotency keys.
 
 use super::{
     cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor,
     retry_rollback_outcome, same_order, CancelOutcome, Checked, Created, Fence, ListQuery,
-    OrderStore, OwnedPage, Page, Reopen, Repaired, RetryRollbackOutcome, SetAside, StoreError,
-    IDEMPOTENCY_TTL,
+    OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome, SetAside,
+    StoreError, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
 };
 use crate::order::{Order, OrderId};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -32,6 +38,20 @@ const IDEMPOTENCY: TableDefinition<(&str, &str), (&str, i64)> =
 
 /// order id → [`SetAside`] JSON: orders whose record cannot be read.
 const ASIDE: TableDefinition<&str, &[u8]> = TableDefinition::new("set_aside");
+
+/// (finished at, unix ms; order id) → the order's revision then: finished orders by when they
+/// finished, for the purge. An entry whose order has another revision now (re-opened since) is
+/// dropped without deleting the order.
+const FINISHED: TableDefinition<(u64, &str), u64> = TableDefinition::new("orders_finished");
+/// order id → the idempotency key it was created with, so the purge deletes that key too.
+const ORDER_KEYS: TableDefinition<&str, &str> = TableDefinition::new("order_idempotency_keys");
+/// Bookkeeping: [`BACKFILL`] while the walk that files orders finished before [`FINISHED`]
+/// existed is owed, holding the id it goes on after.
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const BACKFILL: &str = "finished_backfill";
+
+/// How often the purge thread looks for finished orders past their retention.
+const PURGE_EVERY: Duration = Duration::from_secs(1);
 
 /// The page cache. Orders in flight sit in a few recent pages (ids are time-ordered), so a
 /// modest cache serves them; it bounds memory however many orders the file holds.
@@ -64,12 +84,20 @@ pub struct EmbeddedStore {
     writer_tx: mpsc::Sender<WriteRequest>,
     /// Why a lock: the writer thread records each transaction's outcome, heartbeats read it.
     health: Arc<Mutex<WriteHealth>>,
+    retention: Duration,
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) `orders.redb` in `dir` and starts the writer thread, which ends once the
-    /// store is dropped.
+    /// [`EmbeddedStore::open_retaining`] with the default retention.
     pub fn open(dir: &Path) -> Result<EmbeddedStore, StoreError> {
+        EmbeddedStore::open_retaining(dir, DEFAULT_RETENTION)
+    }
+
+    /// Opens (or creates) `orders.redb` in `dir` and starts the writer thread and the purge
+    /// thread, which end once the store is dropped. Finished orders are deleted `retention` after
+    /// they finished. A file written before orders were filed by finish time gets its finished
+    /// orders filed by a bounded walk, once: they are deleted one retention after they completed.
+    pub fn open_retaining(dir: &Path, retention: Duration) -> Result<EmbeddedStore, StoreError> {
         let path = dir.join("orders.redb");
         let db = redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
@@ -87,11 +115,27 @@ impl EmbeddedStore {
         // Create the tables up front so readers never meet a missing table.
         let txn = db.begin_write().map_err(unavailable)?;
         {
+            let names: Vec<String> = txn
+                .list_tables()
+                .map_err(unavailable)?
+                .map(|table| table.name().to_string())
+                .collect();
+            let known = |table: &str| names.iter().any(|name| name == table);
+            // Orders stored before they were filed by finish time: file them, in the background.
+            if known(ORDERS.name()) && !known(FINISHED.name()) {
+                txn.open_table(META)
+                    .map_err(unavailable)?
+                    .insert(BACKFILL, "")
+                    .map_err(unavailable)?;
+            }
             txn.open_table(ORDERS).map_err(unavailable)?;
             txn.open_table(BY_USER).map_err(unavailable)?;
             txn.open_table(OWNED).map_err(unavailable)?;
             txn.open_table(IDEMPOTENCY).map_err(unavailable)?;
             txn.open_table(ASIDE).map_err(unavailable)?;
+            txn.open_table(FINISHED).map_err(unavailable)?;
+            txn.open_table(ORDER_KEYS).map_err(unavailable)?;
+            txn.open_table(META).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
 
@@ -106,11 +150,24 @@ impl EmbeddedStore {
             .name("store-writer".into())
             .spawn(move || writer_loop(&writer_db, writer_rx, &writer_health))
             .map_err(|error| StoreError::Unavailable(format!("cannot start writer: {error}")))?;
+        let (purge_db, purge_tx) = (Arc::clone(&db), writer_tx.downgrade());
+        std::thread::Builder::new()
+            .name("store-purge".into())
+            .spawn(move || purge_loop(&purge_db, &purge_tx, retention))
+            .map_err(|error| StoreError::Unavailable(format!("cannot start purge: {error}")))?;
         Ok(EmbeddedStore {
             db,
             writer_tx,
             health,
+            retention,
         })
+    }
+
+    /// How many orders the file holds, finished or not.
+    pub fn stored_orders(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let orders = txn.open_table(ORDERS).map_err(unavailable)?;
+        orders.len().map_err(unavailable)
     }
 
     /// Has the writer thread apply `apply` in its next batch and waits until that batch is
@@ -120,22 +177,101 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&mut Tables<'_, '_>) -> Result<T, StoreError> + Send + 'static,
     {
-        let (reply, reply_rx) = oneshot::channel();
-        let request: WriteRequest = Box::new(move |tables: Result<&mut Tables<'_, '_>, &str>| {
-            let outcome = tables.map_err(stopped_batch).and_then(apply);
-            Box::new(move |committed: Result<(), &str>| {
-                // A caller that gave up waiting has dropped its receiver; nothing to tell it.
-                let _ = reply.send(committed.map_err(stopped_batch).and(outcome));
-            })
-        });
+        let (request, reply_rx) = write_request(apply);
         self.writer_tx
             .send(request)
             .await
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?;
-        reply_rx
-            .await
-            .map_err(|_| StoreError::Unavailable("store writer stopped".into()))?
+            .map_err(|_| writer_stopped())?;
+        reply_rx.await.map_err(|_| writer_stopped())?
     }
+}
+
+fn writer_stopped() -> StoreError {
+    StoreError::Unavailable("store writer stopped".into())
+}
+
+/// A request for the writer thread to apply `apply` in its next batch, and where its outcome
+/// arrives once that batch is durable.
+fn write_request<T, F>(apply: F) -> (WriteRequest, oneshot::Receiver<Result<T, StoreError>>)
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Tables<'_, '_>) -> Result<T, StoreError> + Send + 'static,
+{
+    let (reply, reply_rx) = oneshot::channel();
+    let request: WriteRequest = Box::new(move |tables: Result<&mut Tables<'_, '_>, &str>| {
+        let outcome = tables.map_err(stopped_batch).and_then(apply);
+        Box::new(move |committed: Result<(), &str>| {
+            // A caller that gave up waiting has dropped its receiver; nothing to tell it.
+            let _ = reply.send(committed.map_err(stopped_batch).and(outcome));
+        })
+    });
+    (request, reply_rx)
+}
+
+/// Now, in unix ms.
+fn now_millis() -> u64 {
+    u64::try_from(Utc::now().timestamp_millis()).unwrap_or(0)
+}
+
+/// When orders that finished before now, in unix ms, are past `retention`.
+fn purge_cutoff(retention: Duration) -> u64 {
+    now_millis().saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Runs on its own thread until the store is dropped: every [`PURGE_EVERY`], when a read shows
+/// finished orders past `retention` (or a backfill owed), has the writer purge a batch, and
+/// goes on at once while batches come back full. The deletes run on the writer thread, in its
+/// transactions, so they never race a commit.
+fn purge_loop(db: &Database, writer: &mpsc::WeakSender<WriteRequest>, retention: Duration) {
+    loop {
+        std::thread::sleep(PURGE_EVERY);
+        loop {
+            match purge_due(db, retention) {
+                Ok(false) => break,
+                Ok(true) => {}
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot look for expired orders");
+                    break;
+                }
+            }
+            // Held only while this batch runs, so a dropped store's writer still stops.
+            let Some(writer) = writer.upgrade() else {
+                return;
+            };
+            let cutoff = purge_cutoff(retention);
+            let (request, reply_rx) =
+                write_request(move |tables| tables.purge(cutoff, PURGE_BATCH));
+            if writer.blocking_send(request).is_err() {
+                return;
+            }
+            drop(writer);
+            match reply_rx.blocking_recv() {
+                Ok(Ok(through)) if through >= PURGE_BATCH => {}
+                Ok(Ok(_)) => break,
+                Ok(Err(error)) => {
+                    tracing::warn!(error = %error, "purge of expired orders failed");
+                    break;
+                }
+                Err(_) => return,
+            }
+        }
+        if writer.upgrade().is_none() {
+            return;
+        }
+    }
+}
+
+/// Whether the purge has work: a finished order past `retention`, or a backfill owed. A read,
+/// so an idle store is not made to commit (and fsync) every second.
+fn purge_due(db: &Database, retention: Duration) -> Result<bool, StoreError> {
+    let txn = db.begin_read().map_err(unavailable)?;
+    let finished = txn.open_table(FINISHED).map_err(unavailable)?;
+    let first = finished.first().map_err(unavailable)?;
+    if first.is_some_and(|(key, _)| key.value().0 < purge_cutoff(retention)) {
+        return Ok(true);
+    }
+    let meta = txn.open_table(META).map_err(unavailable)?;
+    Ok(meta.get(BACKFILL).map_err(unavailable)?.is_some())
 }
 
 /// Why a batch's requests failed together: its transaction could not open or commit.
@@ -254,6 +390,9 @@ struct Tables<'txn, 'cache> {
     owned: redb::Table<'txn, (&'static str, &'static str), ()>,
     idempotency: redb::Table<'txn, (&'static str, &'static str), (&'static str, i64)>,
     aside: redb::Table<'txn, &'static str, &'static [u8]>,
+    finished: redb::Table<'txn, (u64, &'static str), u64>,
+    order_keys: redb::Table<'txn, &'static str, &'static str>,
+    meta: redb::Table<'txn, &'static str, &'static str>,
     owners: &'cache mut Owners,
 }
 
@@ -270,6 +409,13 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
                 .open_table(IDEMPOTENCY)
                 .map_err(|error| error.to_string())?,
             aside: txn.open_table(ASIDE).map_err(|error| error.to_string())?,
+            finished: txn
+                .open_table(FINISHED)
+                .map_err(|error| error.to_string())?,
+            order_keys: txn
+                .open_table(ORDER_KEYS)
+                .map_err(|error| error.to_string())?,
+            meta: txn.open_table(META).map_err(|error| error.to_string())?,
             owners,
         })
     }
@@ -281,8 +427,8 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         }
     }
 
-    /// Stores an order's bytes and keeps the owner index and cache in step. `newly_owned` is set
-    /// when the order enters its owner's index (created or moved).
+    /// Stores an order's bytes and keeps the owner index, the finished index and the cache in
+    /// step. `newly_owned` is set when the order enters its owner's index (created or moved).
     fn write(&mut self, order: &Order, bytes: &[u8], newly_owned: bool) -> Result<(), StoreError> {
         let id = order.order_id.to_string();
         self.orders
@@ -293,6 +439,9 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
                 .remove((order.owner.as_str(), id.as_str()))
                 .map_err(unavailable)?;
             self.owners.remove(&order.order_id);
+            self.finished
+                .insert((now_millis(), id.as_str()), order.revision)
+                .map_err(unavailable)?;
         } else {
             if newly_owned {
                 self.owned
@@ -334,6 +483,9 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
                     (order.user.as_str(), key),
                     (id.as_str(), now.saturating_add(ttl)),
                 )
+                .map_err(unavailable)?;
+            self.order_keys
+                .insert(id.as_str(), key)
                 .map_err(unavailable)?;
         }
         self.write(order, bytes, true)?;
@@ -454,6 +606,119 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         self.owners.remove(&aside.order_id);
         self.aside.insert(id.as_str(), bytes).map_err(unavailable)?;
         Ok(())
+    }
+
+    /// Deletes up to `n` finished orders that finished before `cutoff` (unix ms), then files up
+    /// to `n` orders of a backfill owed. Returns how many entries it went through.
+    fn purge(&mut self, cutoff: u64, n: usize) -> Result<usize, StoreError> {
+        let mut due = Vec::new();
+        for entry in self
+            .finished
+            .range((0u64, "")..(cutoff, ""))
+            .map_err(unavailable)?
+            .take(n)
+        {
+            let (key, revision) = entry.map_err(unavailable)?;
+            let (at, id) = key.value();
+            due.push((at, id.to_string(), revision.value()));
+        }
+        for (at, id, revision) in &due {
+            self.finished
+                .remove((*at, id.as_str()))
+                .map_err(unavailable)?;
+            match self.read(id) {
+                Ok(Some(order)) if !order.owes_work() && order.revision == *revision => {
+                    self.delete(&order)?;
+                }
+                // Re-opened since (and maybe finished again, with an entry of its own), or gone.
+                Ok(_) => {}
+                // Kept as it is, for an operator to look at.
+                Err(StoreError::Corrupt(error)) => {
+                    tracing::warn!(order_id = %id, error = %error, "purge keeps an unreadable order");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(due.len() + self.backfill(n)?)
+    }
+
+    /// Deletes a finished order with its user index entry and idempotency key.
+    fn delete(&mut self, order: &Order) -> Result<(), StoreError> {
+        let id = order.order_id.to_string();
+        let user = order.user.as_str();
+        self.orders.remove(id.as_str()).map_err(unavailable)?;
+        self.by_user
+            .remove((user, created_micros(order), id.as_str()))
+            .map_err(unavailable)?;
+        let key = self
+            .order_keys
+            .remove(id.as_str())
+            .map_err(unavailable)?
+            .map(|key| key.value().to_string());
+        if let Some(key) = key {
+            // Unless a later order has taken the key over since it expired.
+            let names_this = self
+                .idempotency
+                .get((user, key.as_str()))
+                .map_err(unavailable)?
+                .is_some_and(|entry| entry.value().0 == id);
+            if names_this {
+                self.idempotency
+                    .remove((user, key.as_str()))
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Files up to `n` more orders of a file written before the finished index existed, by when
+    /// they completed; the walk goes on after the id it stopped at, and ends for good once it
+    /// went through every order. Returns how many orders it read.
+    fn backfill(&mut self, n: usize) -> Result<usize, StoreError> {
+        let Some(after) = self
+            .meta
+            .get(BACKFILL)
+            .map_err(unavailable)?
+            .map(|at| at.value().to_string())
+        else {
+            return Ok(0);
+        };
+        let mut read = Vec::new();
+        for entry in self.orders.range(after.as_str()..).map_err(unavailable)? {
+            let (id, bytes) = entry.map_err(unavailable)?;
+            if id.value() == after {
+                continue;
+            }
+            if read.len() >= n {
+                break;
+            }
+            read.push((id.value().to_string(), decode(bytes.value())));
+        }
+        let now = now_millis();
+        for (id, order) in &read {
+            let Ok(order) = order else { continue };
+            if !order.owes_work() {
+                let completed = order
+                    .complete_time
+                    .and_then(|at| u64::try_from(at.timestamp_millis()).ok())
+                    .map_or(now, |at| at.min(now));
+                self.finished
+                    .insert((completed, id.as_str()), order.revision)
+                    .map_err(unavailable)?;
+            }
+        }
+        match read.last() {
+            Some((last, _)) if read.len() >= n => {
+                self.meta
+                    .insert(BACKFILL, last.as_str())
+                    .map_err(unavailable)?;
+            }
+            _ => {
+                self.meta.remove(BACKFILL).map_err(unavailable)?;
+                tracing::info!("orders finished before retention existed are filed for it");
+            }
+        }
+        Ok(read.len())
     }
 
     fn cancel(&mut self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError> {
@@ -619,10 +884,15 @@ impl OrderStore for EmbeddedStore {
         Ok(found)
     }
 
-    async fn repair_indexes(&self) -> Result<Repaired, StoreError> {
+    async fn repair_indexes(&self, _at: &str, _n: usize) -> Result<RepairPage, StoreError> {
         // The indexes are written in the same transaction as the orders: nothing to repair,
         // and one node owns every order.
-        Ok(Repaired::default())
+        Ok((Repaired::default(), None))
+    }
+
+    async fn purge_expired(&self, n: usize) -> Result<usize, StoreError> {
+        let cutoff = purge_cutoff(self.retention);
+        self.write(move |tables| tables.purge(cutoff, n)).await
     }
 
     /// Reads, and tells whether the store takes writes: from the writer's last transaction when

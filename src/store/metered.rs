@@ -3,7 +3,7 @@
 //! clock read per call.
 
 use super::{
-    CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, Repaired,
+    CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage,
     RetryRollbackOutcome, SetAside, StoreError,
 };
 use crate::metrics::{Metrics, StoreOperation};
@@ -124,9 +124,14 @@ impl OrderStore for MeteredStore {
         self.inner.set_aside_orders(limit).await
     }
 
-    async fn repair_indexes(&self) -> Result<Repaired, StoreError> {
+    async fn repair_indexes(&self, at: &str, n: usize) -> Result<RepairPage, StoreError> {
         // A once-a-term sweep, not a request path: no metric of its own.
-        self.inner.repair_indexes().await
+        self.inner.repair_indexes(at, n).await
+    }
+
+    async fn purge_expired(&self, n: usize) -> Result<usize, StoreError> {
+        // Background housekeeping, not a request path: no metric of its own.
+        self.inner.purge_expired(n).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -13,8 +13,17 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 
-/// How long an idempotency key maps to the order it first created.
+/// How long an idempotency key maps to the order it first created (less once the order is
+/// deleted: see [`DEFAULT_RETENTION`]).
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long a finished order is kept by default (`orders.retention`): then it is deleted with
+/// its index entries and its idempotency key.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// How many expired orders (or index entries of expired orders) one purge step goes through:
+/// one write transaction, or one script, of bounded work.
+pub const PURGE_BATCH: usize = 1_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -114,6 +123,10 @@ pub struct Repaired {
 /// A page of a node's unfinished orders, and the cursor of the next page (`None`: the last).
 pub type OwnedPage = (Vec<OrderId>, Option<String>);
 
+/// What one page of an index repair went through, and the cursor of the next page (`None`:
+/// the repair is through).
+pub type RepairPage = (Repaired, Option<String>);
+
 /// An order whose record cannot be read, taken out of execution so no node retries it forever.
 /// Its record stays as it was, for an operator to look at.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -165,11 +178,19 @@ pub trait OrderStore: Send + Sync + 'static {
     /// (including any it already owned from an earlier, interrupted move).
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError>;
 
-    /// Rebuilds the owner and user indexes from the orders themselves, and says how many orders
-    /// it went through and which nodes own unfinished ones. Idempotent and safe while nodes
-    /// run: it only adds missing entries and removes finished or foreign ones. The leader runs
-    /// it at the start of each term.
-    async fn repair_indexes(&self) -> Result<Repaired, StoreError>;
+    /// Rebuilds the owner and user indexes from the orders themselves, one page of about `n`
+    /// orders from cursor `at` (`""` to begin) at a time, and says how many orders the page went
+    /// through and which nodes own unfinished ones. Idempotent and safe while nodes run: it only
+    /// adds missing entries, removes finished or foreign ones, and gives a finished order kept
+    /// forever by an older version its retention. The leader runs it, page by page, at the start
+    /// of each term.
+    async fn repair_indexes(&self, at: &str, n: usize) -> Result<RepairPage, StoreError>;
+
+    /// One bounded step of retention: deletes up to `n` finished orders whose retention ran out,
+    /// with their index entries and idempotency keys (where the store deletes them itself: the
+    /// index entries of up to `n` such orders). Returns how many it went through; fewer than `n`
+    /// means none is left due now.
+    async fn purge_expired(&self, n: usize) -> Result<usize, StoreError>;
 
     /// Takes order `id` out of `node`'s unfinished orders unless `node` owns it and it is
     /// unfinished: an entry left behind by a race. True when one was taken out.

@@ -439,7 +439,10 @@ async fn every_kind_of_write_waits_for_its_replica() {
             .owner,
         "node-b"
     );
-    store.repair_indexes().await.expect("repair");
+    let mut cursor = String::new();
+    while let Some(next) = store.repair_indexes(&cursor, 100).await.expect("repair").1 {
+        cursor = next;
+    }
     // A transaction, then its WAIT.
     let aside = SetAside {
         order_id: order.order_id,

@@ -4,12 +4,13 @@
 use crate::harness::RedisServer;
 use crate::proxy::Proxy;
 use chrono::{Duration as Span, Utc};
+use futures_util::future::join_all;
 use order_process::order::{apply, Event, Order, OrderId, Phase, RollbackState, Step};
 use order_process::store::embedded::EmbeddedStore;
 use order_process::store::redis::RedisStore;
 use order_process::store::{
-    CancelOutcome, Created, ListQuery, OrderStore, Reopen, RetryRollbackOutcome, SetAside,
-    StoreError,
+    CancelOutcome, Created, ListQuery, OrderStore, Reopen, Repaired, RetryRollbackOutcome,
+    SetAside, StoreError, PURGE_BATCH,
 };
 use std::time::Duration;
 
@@ -60,6 +61,131 @@ async fn create(store: &dyn OrderStore, order: &Order) {
         Created::New => {}
         other => panic!("a fresh order was not created: {other:?}"),
     }
+}
+
+/// Runs the index repair through, page by page, as a new leader does.
+async fn repair_all(store: &dyn OrderStore) -> Repaired {
+    let mut all = Repaired::default();
+    let mut cursor = String::new();
+    loop {
+        let (page, next) = store.repair_indexes(&cursor, 100).await.expect("repair");
+        all.orders += page.orders;
+        all.owners.extend(page.owners);
+        match next {
+            Some(next) => cursor = next,
+            None => return all,
+        }
+    }
+}
+
+/// `order` committed through to `Completed`.
+async fn finish(store: &dyn OrderStore, order: &Order) -> Order {
+    let mut order = order.clone();
+    while !order.is_finished() {
+        order = succeed(&order);
+        store.commit(&order).await.expect("commit");
+    }
+    order
+}
+
+/// A new order of `user`'s whose rollback is parked: finished, with compensation left to retry.
+async fn parked(store: &dyn OrderStore, user: &str, offset_ms: i64) -> Order {
+    let mut parked = new_order(user, "node-a", offset_ms);
+    create(store, &parked).await;
+    for event in [
+        Event::StepFailed {
+            step: Step::Scheduling,
+            reason: "declined".into(),
+        },
+        Event::RollbackFailed {
+            step: Step::Scheduling,
+            reason: "refund service down".into(),
+        },
+    ] {
+        parked = step(&parked, event);
+        store.commit(&parked).await.expect("commit");
+    }
+    assert!(parked.is_finished());
+    parked
+}
+
+/// Polls until order `id` is gone, for at most `within`.
+async fn wait_gone(store: &dyn OrderStore, id: OrderId, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    while store.get(id).await.expect("get").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "order {id} still stored after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// For a store with a retention of 1 s: a finished order goes after it, with its idempotency
+/// key; an unfinished one and a parked rollback re-opened stay; a listing skips what went and
+/// still fills its page. Returns the user, whose index holds 3 orders after this.
+async fn retention(store: &dyn OrderStore) -> String {
+    let user = format!("keeper-{}", uuid::Uuid::new_v4().simple());
+    let running = new_order(&user, "node-a", 0);
+    create(store, &running).await;
+    let parked = parked(store, &user, 1).await;
+    let done = new_order(&user, "node-a", 2);
+    assert!(matches!(
+        store.create(&done, Some("cart-1")).await.expect("create"),
+        Created::New
+    ));
+    let done = finish(store, &done).await;
+    // Newer than the orders kept, so a page of them must be filled past these.
+    let mut newer = Vec::new();
+    for offset in 10..15 {
+        let order = new_order(&user, "node-a", offset);
+        create(store, &order).await;
+        newer.push(finish(store, &order).await.order_id);
+    }
+    // Re-opened after it finished: kept again.
+    match store
+        .retry_rollback(reopen(parked.order_id, &user, "node-a"))
+        .await
+        .expect("retry")
+    {
+        RetryRollbackOutcome::Accepted(order) => assert!(!order.is_finished()),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        store
+            .create(&new_order(&user, "node-a", 3), Some("cart-1"))
+            .await,
+        Ok(Created::Existing(_))
+    ));
+
+    wait_gone(store, done.order_id, Duration::from_secs(15)).await;
+    for id in &newer {
+        wait_gone(store, *id, Duration::from_secs(5)).await;
+    }
+    // Every order that finished with `done` is past its retention: what is left is kept.
+    store.purge_expired(PURGE_BATCH).await.expect("purge");
+    assert!(store.get(running.order_id).await.unwrap().is_some());
+    assert!(store.get(parked.order_id).await.unwrap().is_some());
+    let page = store
+        .list_for_user(
+            &user,
+            &ListQuery {
+                limit: 2,
+                ..ListQuery::default()
+            },
+        )
+        .await
+        .expect("list");
+    let listed: Vec<OrderId> = page.orders.iter().map(|order| order.order_id).collect();
+    assert_eq!(listed, vec![parked.order_id, running.order_id]);
+    // The idempotency key went with its order: the same key makes a new order.
+    let again = new_order(&user, "node-a", 20);
+    match store.create(&again, Some("cart-1")).await.expect("create") {
+        Created::New => {}
+        other => panic!("a key whose order is gone still answered: {other:?}"),
+    }
+    assert_eq!(store.get(done.order_id).await.unwrap(), None);
+    user
 }
 
 async fn conformance(store: &dyn OrderStore) {
@@ -315,22 +441,7 @@ async fn set_aside(store: &dyn OrderStore) {
 /// (and for) the node that asks, and back in that node's unfinished set.
 async fn parked_rollbacks(store: &dyn OrderStore) {
     let user = format!("parker-{}", uuid::Uuid::new_v4().simple());
-    let order = new_order(&user, "node-a", 0);
-    create(store, &order).await;
-    let mut parked = order.clone();
-    for event in [
-        Event::StepFailed {
-            step: Step::Scheduling,
-            reason: "declined".into(),
-        },
-        Event::RollbackFailed {
-            step: Step::Scheduling,
-            reason: "refund service down".into(),
-        },
-    ] {
-        parked = step(&parked, event);
-        store.commit(&parked).await.expect("commit");
-    }
+    let order = parked(store, &user, 0).await;
     assert!(!owns(store, "node-a", order.order_id).await);
     let done = new_order(&user, "node-a", 10);
     create(store, &done).await;
@@ -388,7 +499,7 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
         RetryRollbackOutcome::NotParked(_)
     ));
     assert!(matches!(
-        store.commit(&parked).await,
+        store.commit(&order).await,
         Err(StoreError::NotOwner)
     ));
     assert!(store
@@ -441,10 +552,240 @@ async fn redis_store_conforms() {
     conformance(&store).await;
     // The indexes can be rebuilt from the order hashes alone, and the repair names the owners
     // of unfinished orders.
-    let repaired = store.repair_indexes().await.unwrap();
+    let repaired = repair_all(&store).await;
     assert!(repaired.orders > 0);
     assert!(repaired.owners.contains("node-p"), "{repaired:?}");
     assert!(!repaired.owners.contains("node-t"), "{repaired:?}");
+}
+
+#[tokio::test]
+async fn embedded_store_deletes_finished_orders_after_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open_retaining(dir.path(), Duration::from_secs(1)).unwrap();
+    retention(&store).await;
+}
+
+/// Runs the retention pass, as the leader's sweep does, until `index` holds `entries` members.
+async fn pruned_to(redis: &RedisServer, store: &RedisStore, index: &str, entries: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while redis.cli(&["ZCARD", index]).trim() != entries.to_string() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "user index not pruned"
+        );
+        store.purge_expired(PURGE_BATCH).await.expect("purge");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn redis_store_deletes_finished_orders_after_retention() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 4, Duration::from_secs(2))
+        .unwrap()
+        .with_retention(Duration::from_secs(1));
+    let user = retention(&store).await;
+    // The listing took out the entries of the orders that went, as the retention pass would.
+    let index = format!("op:user:{user}");
+    assert_eq!(redis.cli(&["ZCARD", &index]).trim(), "3");
+    // Without a listing, the retention pass alone takes a gone order's entry out.
+    let lone = new_order(&user, "node-a", 30);
+    create(&store, &lone).await;
+    finish(&store, &lone).await;
+    assert_eq!(redis.cli(&["ZCARD", &index]).trim(), "4");
+    wait_gone(&store, lone.order_id, Duration::from_secs(10)).await;
+    pruned_to(&redis, &store, &index, 3).await;
+    assert_eq!(redis.cli(&["ZCARD", "op:finished"]).trim(), "0");
+    // A finished order kept forever, as an older version left it: the index repair gives it
+    // its retention.
+    let old = new_order(&user, "node-a", 40);
+    create(&store, &old).await;
+    finish(&store, &old).await;
+    let key = format!("op:order:{}", old.order_id);
+    assert_eq!(redis.cli(&["PERSIST", &key]).trim(), "1");
+    redis.cli(&["DEL", "op:finished"]);
+    assert_eq!(redis.cli(&["PTTL", &key]).trim(), "-1");
+    repair_all(&store).await;
+    wait_gone(&store, old.order_id, Duration::from_secs(10)).await;
+    pruned_to(&redis, &store, &index, 3).await;
+}
+
+/// A file written before orders were filed by finish time opens, and its finished orders are
+/// filed by the one-time walk and deleted like any other; unfinished ones stay.
+#[tokio::test]
+async fn embedded_store_purges_orders_finished_before_retention_existed() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = new_order("old", "node-a", 0);
+    let mut finished = Vec::new();
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        create(&store, &running).await;
+        for offset in 1..=30 {
+            let order = new_order("old", "node-a", offset);
+            create(&store, &order).await;
+            finished.push(finish(&store, &order).await.order_id);
+        }
+    }
+    // As an older version left it: none of the retention tables.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let db = loop {
+        match redb::Database::open(dir.path().join("orders.redb")) {
+            Ok(db) => break db,
+            Err(error) if std::time::Instant::now() > deadline => panic!("reopen: {error}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    let txn = db.begin_write().unwrap();
+    for table in ["orders_finished", "order_idempotency_keys", "meta"] {
+        assert!(txn
+            .delete_table(redb::TableDefinition::<&str, ()>::new(table))
+            .unwrap());
+    }
+    txn.commit().unwrap();
+    drop(db);
+
+    let store = EmbeddedStore::open_retaining(dir.path(), Duration::from_secs(1)).unwrap();
+    for id in finished {
+        wait_gone(&store, id, Duration::from_secs(15)).await;
+    }
+    assert!(store.get(running.order_id).await.unwrap().is_some());
+    assert_eq!(store.stored_orders().unwrap(), 1);
+}
+
+/// A redb file stays about the same size however many orders finish, once they are past
+/// retention: the purge deletes them, in transactions of at most [`PURGE_BATCH`], and redb
+/// reuses the pages they took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_purges_in_batches_and_stops_growing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open_retaining(dir.path(), Duration::from_secs(1)).unwrap();
+    let file = dir.path().join("orders.redb");
+    let mut sizes = Vec::new();
+    for round in 0..5 {
+        let orders: Vec<Order> = (0..2_500)
+            .map(|offset| new_order("bulk", "node-a", offset))
+            .collect();
+        let created = orders.iter().enumerate().map(|(offset, order)| {
+            let key = format!("r{round}-{offset}");
+            let store = &store;
+            async move { store.create(order, Some(&key)).await }
+        });
+        for outcome in join_all(created).await {
+            assert!(matches!(outcome, Ok(Created::New)), "{outcome:?}");
+        }
+        // Finished in one commit each (the executor takes one per step).
+        let finished = orders.iter().map(|order| {
+            let mut order = order.clone();
+            while !order.is_finished() {
+                order = succeed(&order);
+            }
+            let store = &store;
+            async move { store.commit(&order).await }
+        });
+        for outcome in join_all(finished).await {
+            outcome.expect("commit");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store.stored_orders().unwrap() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} orders left",
+                store.stored_orders().unwrap()
+            );
+            // A step does at most a batch, however many are due.
+            assert!(store.purge_expired(PURGE_BATCH).await.unwrap() <= PURGE_BATCH);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sizes.push(std::fs::metadata(&file).unwrap().len());
+    }
+    // The idempotency keys went with their orders.
+    let again = new_order("bulk", "node-a", 0);
+    assert!(matches!(
+        store.create(&again, Some("r0-0")).await,
+        Ok(Created::New)
+    ));
+    // redb grows the file by doubling and gives back free space at its end, so the size swings;
+    // five rounds kept would be five times the first.
+    let most = sizes.iter().max().copied().unwrap_or_default();
+    assert!(most <= sizes[0] * 3, "the file kept growing: {sizes:?}");
+}
+
+/// Redis's memory stays about flat while orders keep finishing, with a short retention and the
+/// leader's retention pass running: hashes, idempotency keys and index entries all go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_memory_stays_flat_while_orders_keep_finishing() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 4, Duration::from_secs(2))
+        .unwrap()
+        .with_retention(Duration::from_secs(1));
+    let used_memory = || {
+        let info = redis.cli(&["INFO", "memory"]);
+        info.lines()
+            .find_map(|line| line.strip_prefix("used_memory:"))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .expect("used_memory")
+    };
+    let dbsize = || {
+        redis
+            .cli(&["DBSIZE"])
+            .trim()
+            .parse::<u64>()
+            .expect("dbsize")
+    };
+    let mut samples = Vec::new();
+    let started = std::time::Instant::now();
+    for wave in 0..16 {
+        let mut finishing = Vec::new();
+        for offset in 0..300 {
+            let user = format!("flat-{}", offset % 7);
+            let order = new_order(&user, "node-a", offset);
+            let store: &dyn OrderStore = &store;
+            finishing.push(async move {
+                match store
+                    .create(&order, Some(&format!("w{wave}-{offset}")))
+                    .await
+                {
+                    Ok(Created::New) => {}
+                    other => panic!("{other:?}"),
+                }
+                finish(store, &order).await;
+            });
+        }
+        join_all(finishing).await;
+        store.purge_expired(PURGE_BATCH).await.expect("purge");
+        samples.push((dbsize(), used_memory()));
+        // Waves about a quarter of a retention apart.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(started.elapsed() > Duration::from_secs(4));
+    // Keys come and go in waves: at most the few waves of the last retention period are stored
+    // (two keys an order), not all sixteen; memory follows them.
+    let most = |samples: &[(u64, u64)]| {
+        samples.iter().fold((0, 0), |(keys, memory), sample| {
+            (keys.max(sample.0), memory.max(sample.1))
+        })
+    };
+    let (early_keys, early_memory) = most(&samples[..8]);
+    let (late_keys, late_memory) = most(&samples[8..]);
+    assert!(
+        early_keys.max(late_keys) <= 5 * 600 && late_memory <= early_memory * 3 / 2,
+        "redis kept growing (keys, used_memory per wave): {samples:?}"
+    );
+    // With the orders stopped, everything of theirs goes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        store.purge_expired(PURGE_BATCH).await.expect("purge");
+        let (keys, finished) = (dbsize(), redis.cli(&["ZCARD", "op:finished"]));
+        if keys == 0 && finished.trim() == "0" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{keys} keys left ({}), {finished} finished entries",
+            redis.cli(&["KEYS", "*"])
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -467,7 +808,7 @@ async fn redis_store_takes_out_owned_entries_left_behind() {
     assert!(!owns(&store, "node-t", order.order_id).await);
     // The index repair decides on the order as it is: finished, so out of the set.
     redis.cli(&["SADD", "op:owned:node-t", &id]);
-    store.repair_indexes().await.expect("repair");
+    repair_all(&store).await;
     assert!(!owns(&store, "node-t", order.order_id).await);
 }
 

@@ -5,7 +5,11 @@
 //!   in the hash are the truth; the copies inside `doc` are refreshed on read.
 //! - `op:owned:{node}`: set of the node's unfinished orders.
 //! - `op:user:{user}`: sorted set (all scores 0) of `{created µs, 20 digits}-{id}`, for listing.
-//! - `op:idem:{user}:{key}`: the order an idempotency key created, expiring after 24 h.
+//! - `op:idem:{user}:{key}`: the order an idempotency key created, expiring after 24 h, or
+//!   with the order if that comes first (the order hash names it in `idem`).
+//! - `op:finished`: sorted set of `{id} {user index member} {user}` scored with when that
+//!   finished order expires (ms, Redis's clock): what the retention pass takes user index
+//!   entries out by. A finished order's hash expires `orders.retention` after it finished.
 //! - `op:aside`: hash order id → why it was set aside (JSON), for orders whose record cannot be
 //!   read; they are in no owned set.
 //!
@@ -31,9 +35,15 @@ pub(crate) const PROBE: &str = "op:probe";
 pub(crate) const ASIDE: &str = "op:aside";
 /// What a `SCAN` for every order hash matches.
 pub(crate) const ORDER_PATTERN: &str = "op:order:*";
+/// What an order hash's key is its id prefixed with.
+pub(crate) const ORDER_PREFIX: &str = "op:order:";
+/// Finished orders by when they expire.
+pub(crate) const FINISHED: &str = "op:finished";
+/// What a user index's key is the user prefixed with.
+pub(crate) const USER_PREFIX: &str = "op:user:";
 
 pub(crate) fn order_key(id: &str) -> String {
-    format!("op:order:{id}")
+    format!("{ORDER_PREFIX}{id}")
 }
 
 /// What a node's owned set's key is its id prefixed with.
@@ -44,7 +54,7 @@ pub(crate) fn owned_key(node: &str) -> String {
 }
 
 pub(crate) fn user_key(user: &str) -> String {
-    format!("op:user:{user}")
+    format!("{USER_PREFIX}{user}")
 }
 
 pub(crate) fn idem_key(user: &str, key: &str) -> String {

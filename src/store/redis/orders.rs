@@ -3,14 +3,15 @@
 
 use super::conn::{Connections, Scripted};
 use super::keys::{
-    idem_key, order_key, owned_key, user_key, ASIDE, ORDER_PATTERN, OWNED_PREFIX, PROBE,
+    idem_key, order_key, owned_key, user_key, ASIDE, FINISHED, ORDER_PATTERN, ORDER_PREFIX,
+    OWNED_PREFIX, PROBE, USER_PREFIX,
 };
 use super::scripts::Scripts;
 use crate::order::{Order, OrderId, Phase};
 use crate::store::{
     cancel_outcome, decode_cursor, encode_cursor, retry_rollback_outcome, CancelOutcome, Created,
-    ListQuery, OrderStore, OwnedPage, Page, Reopen, Repaired, RetryRollbackOutcome, SetAside,
-    StoreError, IDEMPOTENCY_TTL,
+    ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome,
+    SetAside, StoreError, DEFAULT_RETENTION, IDEMPOTENCY_TTL,
 };
 use async_trait::async_trait;
 use deadpool_redis::redis::{self, Value};
@@ -27,6 +28,8 @@ const READ_FIELDS: [&str; 4] = ["doc", "owner", "epoch", "cancel"];
 pub struct RedisStore {
     redis: Arc<Connections>,
     scripts: Scripts,
+    /// How long a finished order is kept, in ms (what the scripts' `PEXPIRE` takes).
+    retention_ms: u64,
 }
 
 fn corrupt(error: impl std::fmt::Display) -> StoreError {
@@ -46,6 +49,12 @@ fn state_name(order: &Order) -> &'static str {
 
 fn micros_member(order: &Order) -> String {
     encode_cursor(crate::store::created_micros(order), order.order_id)
+}
+
+/// The order's entry in the finished index: `{id} {user index member} {user}`, all the
+/// retention pass needs to take its user index entry out once it expired.
+fn finished_entry(order: &Order) -> String {
+    format!("{} {} {}", order.order_id, micros_member(order), order.user)
 }
 
 /// An `HMGET` of the fields an order is read from.
@@ -111,7 +120,14 @@ impl RedisStore {
         RedisStore {
             redis,
             scripts: Scripts::new(),
+            retention_ms: millis(DEFAULT_RETENTION),
         }
+    }
+
+    /// The store, keeping finished orders for `retention` after they finished.
+    pub fn with_retention(mut self, retention: Duration) -> RedisStore {
+        self.retention_ms = millis(retention).max(1);
+        self
     }
 
     /// A store on its own connections to `url`. Nothing is contacted yet; the first operation
@@ -166,19 +182,108 @@ impl RedisStore {
                     self.scripts
                         .repair_owned
                         .key(key)
+                        .key(FINISHED)
+                        .key(user_key(&order.user))
                         .arg(OWNED_PREFIX)
-                        .arg(&id),
+                        .arg(&id)
+                        .arg(self.retention_ms)
+                        .arg(finished_entry(&order))
+                        .arg(micros_member(&order)),
                 )
-                .ignore();
-            write
-                .cmd("ZADD")
-                .arg(user_key(&order.user))
-                .arg(0)
-                .arg(micros_member(&order))
                 .ignore();
             repaired.orders += 1;
         }
         self.scripted::<()>(&write).await
+    }
+
+    /// A page of `user`'s orders, gathering into `gone` the index entries (order key, member)
+    /// whose order retention deleted: they are skipped, and the page is filled past them.
+    async fn list_page(
+        &self,
+        user: &str,
+        query: &ListQuery,
+        gone: &mut Vec<(String, String)>,
+    ) -> Result<Page, StoreError> {
+        let mut page = Page::default();
+        let mut upper = match query.cursor.as_deref() {
+            Some(cursor) => {
+                let (micros, id) = decode_cursor(cursor).ok_or(StoreError::NotFound)?;
+                format!("({}", encode_cursor(micros, id))
+            }
+            None => "+".to_string(),
+        };
+        let batch = query.limit.clamp(1, 500);
+        loop {
+            let mut range = redis::cmd("ZRANGE");
+            range
+                .arg(user_key(user))
+                .arg(&upper)
+                .arg("-")
+                .arg("BYLEX")
+                .arg("REV")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(batch);
+            let members: Vec<String> = self.redis.query(&range).await?;
+            if members.is_empty() {
+                return Ok(page);
+            }
+            let mut read = redis::pipe();
+            let keys: Vec<String> = members
+                .iter()
+                .map(|member| {
+                    member
+                        .split_once('-')
+                        .and_then(|(_, id)| OrderId::try_parse(id).ok())
+                        .map(|id| order_key(&id.to_string()))
+                        .unwrap_or_default()
+                })
+                .collect();
+            for key in &keys {
+                read_order(&mut read, key);
+            }
+            let rows: Vec<Vec<Option<String>>> = self.redis.query(&read).await?;
+            let exhausted = members.len() < batch;
+            for ((member, key), fields) in members.iter().zip(keys).zip(rows) {
+                upper = format!("({member}");
+                if matches!(fields.first(), Some(None)) && !key.is_empty() {
+                    gone.push((key, member.clone()));
+                    continue;
+                }
+                let Some(order) = decode_or_skip(fields, member) else {
+                    continue;
+                };
+                // A member left by a create that lost its id to another request with the same
+                // idempotency key (and crashed before taking the member back) is not this order's.
+                if order.user != user || !query.matches(&order) || micros_member(&order) != *member
+                {
+                    continue;
+                }
+                page.orders.push(order);
+                if page.orders.len() >= query.limit {
+                    page.next_cursor = Some(member.clone());
+                    return Ok(page);
+                }
+            }
+            if exhausted {
+                return Ok(page);
+            }
+        }
+    }
+
+    /// Takes out of `user`'s index the entries (order key, member) whose order is gone, each
+    /// only if its order is still gone. Best effort: what fails stays for the retention pass.
+    async fn prune_members(&self, user: &str, gone: &[(String, String)]) {
+        let index = user_key(user);
+        let mut prune = redis::pipe();
+        for (key, member) in gone {
+            prune
+                .invoke_script(self.scripts.prune_member.key(key).key(&index).arg(member))
+                .ignore();
+        }
+        if let Err(error) = self.scripted::<()>(&prune).await {
+            tracing::debug!(user = %user, error = %error, "cannot prune index entries of deleted orders");
+        }
     }
 
     /// Runs the create script for `order`: the order, its index entries and (with `idempotency`,
@@ -195,7 +300,8 @@ impl RedisStore {
         let mut create = self.scripts.create.key(order_key(&id));
         create
             .key(owned_key(&order.owner))
-            .key(user_key(&order.user));
+            .key(user_key(&order.user))
+            .key(FINISHED);
         if let Some((key, _)) = idempotency {
             create.key(idem_key(&order.user, key));
         }
@@ -213,7 +319,9 @@ impl RedisStore {
                 "1"
             } else {
                 "0"
-            });
+            })
+            .arg(self.retention_ms)
+            .arg(finished_entry(order));
         let answer: Vec<Option<String>> = self.redis.write(&create).await?;
         let mut answer = answer.into_iter();
         let outcome = answer.next().flatten().unwrap_or_default();
@@ -225,6 +333,10 @@ impl RedisStore {
             (other, _) => Err(StoreError::Corrupt(format!("create answered `{other}`"))),
         }
     }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// What the create script did.
@@ -290,62 +402,13 @@ impl OrderStore for RedisStore {
     }
 
     async fn list_for_user(&self, user: &str, query: &ListQuery) -> Result<Page, StoreError> {
-        let mut page = Page::default();
-        let mut upper = match query.cursor.as_deref() {
-            Some(cursor) => {
-                let (micros, id) = decode_cursor(cursor).ok_or(StoreError::NotFound)?;
-                format!("({}", encode_cursor(micros, id))
-            }
-            None => "+".to_string(),
-        };
-        let batch = query.limit.clamp(1, 500);
-        loop {
-            let mut range = redis::cmd("ZRANGE");
-            range
-                .arg(user_key(user))
-                .arg(&upper)
-                .arg("-")
-                .arg("BYLEX")
-                .arg("REV")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(batch);
-            let members: Vec<String> = self.redis.query(&range).await?;
-            if members.is_empty() {
-                return Ok(page);
-            }
-            let mut read = redis::pipe();
-            for member in &members {
-                let key = member
-                    .split_once('-')
-                    .and_then(|(_, id)| OrderId::try_parse(id).ok())
-                    .map(|id| order_key(&id.to_string()))
-                    .unwrap_or_default();
-                read_order(&mut read, &key);
-            }
-            let rows: Vec<Vec<Option<String>>> = self.redis.query(&read).await?;
-            let exhausted = members.len() < batch;
-            for (member, fields) in members.iter().zip(rows) {
-                upper = format!("({member}");
-                let Some(order) = decode_or_skip(fields, member) else {
-                    continue;
-                };
-                // A member left by a create that lost its id to another request with the same
-                // idempotency key (and crashed before taking the member back) is not this order's.
-                if order.user != user || !query.matches(&order) || micros_member(&order) != *member
-                {
-                    continue;
-                }
-                page.orders.push(order);
-                if page.orders.len() >= query.limit {
-                    page.next_cursor = Some(member.clone());
-                    return Ok(page);
-                }
-            }
-            if exhausted {
-                return Ok(page);
-            }
+        let mut gone = Vec::new();
+        let page = self.list_page(user, query, &mut gone).await;
+        if !gone.is_empty() {
+            // Lazily, so a listing never meets them again; the retention pass would too, later.
+            self.prune_members(user, &gone).await;
         }
+        page
     }
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
@@ -359,6 +422,7 @@ impl OrderStore for RedisStore {
         let mut commit = self.scripts.commit.key(order_key(&id));
         commit
             .key(owned_key(&order.owner))
+            .key(FINISHED)
             .arg(&order.owner)
             .arg(order.epoch)
             .arg(&doc)
@@ -366,7 +430,9 @@ impl OrderStore for RedisStore {
             .arg(state_name(order))
             .arg(order.current_step.as_str())
             .arg(&id)
-            .arg(order.revision);
+            .arg(order.revision)
+            .arg(self.retention_ms)
+            .arg(finished_entry(order));
         let outcome: String = self.redis.write(&commit).await?;
         commit_outcome(&outcome)
     }
@@ -480,25 +546,27 @@ impl OrderStore for RedisStore {
         Ok(owned)
     }
 
-    async fn repair_indexes(&self) -> Result<Repaired, StoreError> {
-        let mut cursor: u64 = 0;
+    async fn repair_indexes(&self, at: &str, n: usize) -> Result<RepairPage, StoreError> {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(if at.is_empty() { "0" } else { at })
+            .arg("MATCH")
+            .arg(ORDER_PATTERN)
+            .arg("COUNT")
+            .arg(n.max(1));
+        let (next, keys): (String, Vec<String>) = self.redis.query(&scan).await?;
         let mut repaired = Repaired::default();
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(ORDER_PATTERN)
-                .arg("COUNT")
-                .arg(500);
-            let (next, keys): (u64, Vec<String>) = self.redis.query(&scan).await?;
-            if !keys.is_empty() {
-                self.repair_batch(&keys, &mut repaired).await?;
-            }
-            if next == 0 {
-                return Ok(repaired);
-            }
-            cursor = next;
+        for chunk in keys.chunks(500) {
+            self.repair_batch(chunk, &mut repaired).await?;
         }
+        Ok((repaired, (next != "0").then_some(next)))
+    }
+
+    async fn purge_expired(&self, n: usize) -> Result<usize, StoreError> {
+        // The order hashes and idempotency keys expire by themselves; what is left is their
+        // user index entries.
+        let mut prune = self.scripts.prune_finished.key(FINISHED);
+        prune.arg(n.max(1)).arg(ORDER_PREFIX).arg(USER_PREFIX);
+        self.redis.write(&prune).await
     }
 
     async fn disown(&self, node: &str, id: OrderId) -> Result<bool, StoreError> {

@@ -4,14 +4,33 @@
 
 use deadpool_redis::redis::Script;
 
-/// Commit a transition. KEYS: the order, the committer's owned set. ARGV: owner, epoch, doc,
-/// aware of cancellation (1/0), state, step, order id, revision. Why a script: the owner/epoch
-/// check and the write must be one atomic step, or a node that just lost the order could
-/// overwrite its new owner's progress; a write must be newer than the stored revision, or one
+/// Shared by the scripts that finish an order (prefixed to them): starts its retention. The
+/// order hash expires `retention` ms from now, and so does its idempotency key (sooner if it
+/// was to expire sooner anyway) while that key still names this order; the finished index gets
+/// an entry, scored with when the order expires, from which the retention pass later takes the
+/// order's user index entry out. The idempotency key's name is not among the caller's KEYS: it
+/// is read from the order hash, and every order and its keys live on the one Redis primary.
+const FINISH: &str = r"
+local function finish(order, id, retention, finished, entry)
+  redis.call('PEXPIRE', order, retention)
+  local idem = redis.call('HGET', order, 'idem')
+  if idem and redis.call('GET', idem) == id then
+    redis.call('PEXPIRE', idem, retention, 'LT')
+  end
+  local now = redis.call('TIME')
+  local expires = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(retention)
+  redis.call('ZADD', finished, expires, entry)
+end
+";
+
+/// Commit a transition. KEYS: the order, the committer's owned set, the finished index. ARGV:
+/// owner, epoch, doc, aware of cancellation (1/0), state, step, order id, revision, retention
+/// (ms), finished index entry. Why a script: the owner/epoch check and the write must be one
+/// atomic step, or a node that just lost the order could overwrite its new owner's progress; a write must be newer than the stored revision, or one
 /// delivered late (TCP retransmitting it after a network cut healed) would take the order back,
 /// while the very write already stored (a retry after a lost answer) is done; and the order
 /// leaves the committer's owned set in the same step when it finishes (never before) or turns
-/// out not to be the committer's.
+/// out not to be the committer's, and its retention starts in that same step.
 const COMMIT: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'cancel', 'rev')
 if not cur[1] then
@@ -30,20 +49,25 @@ end
 if cur[3] == '1' and ARGV[4] == '0' then return 'cancel' end
 if new == rev then return 'ok' end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6], 'rev', ARGV[8])
-if ARGV[5] == 'finished' then redis.call('SREM', KEYS[2], ARGV[7]) end
+if ARGV[5] == 'finished' then
+  redis.call('SREM', KEYS[2], ARGV[7])
+  finish(KEYS[1], ARGV[7], ARGV[9], KEYS[3], ARGV[10])
+end
 return 'ok'
 ";
 
 /// Create an order with its index entries. KEYS: the order, its owner's owned set, its user's
-/// index, and (optional) the idempotency key. ARGV: doc, owner, epoch, user, state, step, user
-/// index member, order id, idempotency ttl (s), take over a key that holds no order id (1/0).
+/// index, the finished index, and (optional) the idempotency key, whose name the order hash
+/// keeps (`idem`). ARGV: doc, owner, epoch, user, state, step, user index member, order id,
+/// idempotency ttl (s), take over a key that holds no order id (1/0), retention (ms), finished
+/// index entry. An order stored finished starts its retention at once.
 /// Returns {'ok'}; {'exists', current owner} when the id is taken; or {'key', id} when the
 /// idempotency key names another id: nothing is written then. Why a script: the order and its
 /// index entries are written together or not at all, so no dropped retry leaves an index entry
 /// with no order; and of two requests that store the same id, exactly one wins.
 const CREATE: &str = r"
-if KEYS[4] then
-  local earlier = redis.call('GET', KEYS[4])
+if KEYS[5] then
+  local earlier = redis.call('GET', KEYS[5])
   if earlier and earlier ~= ARGV[8] and ARGV[10] ~= '1' then
     return {'key', earlier}
   end
@@ -52,9 +76,16 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'exists', redis.call('HGET', KEYS[1], 'owner')}
 end
 redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'owner', ARGV[2], 'epoch', ARGV[3], 'user', ARGV[4], 'state', ARGV[5], 'step', ARGV[6])
-if ARGV[5] ~= 'finished' then redis.call('SADD', KEYS[2], ARGV[8]) end
 redis.call('ZADD', KEYS[3], 0, ARGV[7])
-if KEYS[4] then redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[9]) end
+if KEYS[5] then
+  redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[9])
+  redis.call('HSET', KEYS[1], 'idem', KEYS[5])
+end
+if ARGV[5] ~= 'finished' then
+  redis.call('SADD', KEYS[2], ARGV[8])
+else
+  finish(KEYS[1], ARGV[8], ARGV[11], KEYS[4], ARGV[12])
+end
 return {'ok'}
 ";
 
@@ -99,30 +130,73 @@ return 'moved'
 /// read, new doc, new owner, new epoch, state, step, order id. Writes only if the order is still
 /// finished (its webhook delivered or not) and unchanged since it was read (compare-and-set), so
 /// of two concurrent retries exactly one re-opens it; and the re-opened order joins its owner's
-/// set in the same step.
+/// set, and is kept again (its retention stopped), in the same step. Its finished index entry
+/// stays: the retention pass finds the order there and only drops the entry.
 const REOPEN: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'state')
 if not cur[1] then return 'missing' end
 if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 'changed' end
 if cur[3] ~= 'finished' and cur[3] ~= 'notifying' then return 'changed' end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'owner', ARGV[4], 'epoch', ARGV[5], 'state', ARGV[6], 'step', ARGV[7])
+redis.call('PERSIST', KEYS[1])
 redis.call('SADD', KEYS[2], ARGV[8])
 return 'ok'
 ";
 
-/// Put an order in its owner's owned set if unfinished, out of it if finished. KEYS: the order.
-/// ARGV: the owned sets' key prefix, the order id. Returns 1, or 0 when the order is missing.
-/// Why a script: the index repair must not put back an order that finished (or moved) after
-/// the repair read it.
+/// Put an order in its owner's owned set if unfinished, out of it if finished, and in its user's
+/// index; a finished order with no expiry (stored before retention, or by an older version)
+/// starts its retention, an unfinished one with an expiry loses it. KEYS: the order, the
+/// finished index, the user's index. ARGV: the owned sets' key prefix, the order id, retention
+/// (ms), finished index entry, user index member. Returns 1, or 0 when the order is missing.
+/// Why a script: the index repair must not put back an order that finished (or moved, or
+/// expired) after the repair read it.
 const REPAIR_OWNED: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'state')
 if not cur[1] then return 0 end
+redis.call('ZADD', KEYS[3], 0, ARGV[5])
 if cur[2] == 'finished' then
   redis.call('SREM', ARGV[1] .. cur[1], ARGV[2])
+  if redis.call('PTTL', KEYS[1]) == -1 then finish(KEYS[1], ARGV[2], ARGV[3], KEYS[2], ARGV[4]) end
 else
   redis.call('SADD', ARGV[1] .. cur[1], ARGV[2])
+  redis.call('PERSIST', KEYS[1])
 end
 return 1
+";
+
+/// The retention pass: takes the entries of the finished index that are due (their order's
+/// expiry passed), at most ARGV[1] of them. An entry whose order is gone goes with the order's
+/// user index entry; one whose order is kept again (re-opened) just goes; one whose order is
+/// still there to expire (its expiry a moment later than the entry's score, by the clock's
+/// granularity) is scored again with it. KEYS: the finished index. ARGV: most entries, the order
+/// keys' prefix, the user indexes' prefix. Entries are `{order id} {user index member} {user}`.
+/// Returns how many entries it went through. Why a script: the look at the order and the
+/// removal of its entry must not interleave with a re-open; the user index keys are derived
+/// from the entries (one Redis primary holds them all).
+const PRUNE_FINISHED: &str = r"
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local due = redis.call('ZRANGE', KEYS[1], '-inf', now_ms, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[1]))
+for _, entry in ipairs(due) do
+  local id, member, user = string.match(entry, '^(%S+) (%S+) (.*)$')
+  local ttl = -2
+  if id then ttl = redis.call('PTTL', ARGV[2] .. id) end
+  if ttl >= 0 then
+    redis.call('ZADD', KEYS[1], now_ms + ttl + 1, entry)
+  else
+    if ttl == -2 and id then redis.call('ZREM', ARGV[3] .. user, member) end
+    redis.call('ZREM', KEYS[1], entry)
+  end
+end
+return #due
+";
+
+/// Take a user index entry out if its order is gone (its retention ran out). KEYS: the order,
+/// the user's index. ARGV: the member. Returns 1 when it was taken out. Why a script: an order
+/// stored between the listing's read and this removal keeps its entry.
+const PRUNE_MEMBER: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+return redis.call('ZREM', KEYS[2], ARGV[1])
 ";
 
 /// Take an order out of a node's owned set unless that node owns it unfinished. KEYS: the
@@ -141,23 +215,27 @@ pub(super) struct Scripts {
     pub reopen: Script,
     pub repair_owned: Script,
     pub disown: Script,
+    pub prune_finished: Script,
+    pub prune_member: Script,
 }
 
 impl Scripts {
     pub fn new() -> Scripts {
         Scripts {
-            create: Script::new(CREATE),
-            commit: Script::new(COMMIT),
+            create: Script::new(&format!("{FINISH}{CREATE}")),
+            commit: Script::new(&format!("{FINISH}{COMMIT}")),
             cancel: Script::new(CANCEL),
             reassign: Script::new(REASSIGN),
             reopen: Script::new(REOPEN),
-            repair_owned: Script::new(REPAIR_OWNED),
+            repair_owned: Script::new(&format!("{FINISH}{REPAIR_OWNED}")),
             disown: Script::new(DISOWN),
+            prune_finished: Script::new(PRUNE_FINISHED),
+            prune_member: Script::new(PRUNE_MEMBER),
         }
     }
 
     /// The scripts that are sent inside pipelines, loaded again when Redis has forgotten them.
-    pub fn pipelined(&self) -> [&Script; 2] {
-        [&self.reassign, &self.repair_owned]
+    pub fn pipelined(&self) -> [&Script; 3] {
+        [&self.reassign, &self.repair_owned, &self.prune_member]
     }
 }
