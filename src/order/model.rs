@@ -247,6 +247,9 @@ pub struct Order {
     /// take the order back.
     #[serde(default)]
     pub revision: u64,
+    /// The W3C trace the order belongs to (absent in orders stored before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 impl Order {
@@ -275,6 +278,7 @@ impl Order {
             owner,
             epoch: 1,
             revision: 0,
+            trace: None,
         }
     }
 

@@ -90,6 +90,8 @@ pub struct OrderView<'a> {
     pub pending_rollback: &'a [Step],
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
+    /// The W3C trace id every call made for the order carries.
+    pub trace_id: crate::trace::TraceId,
 }
 
 impl<'a> From<&'a Order> for OrderView<'a> {
@@ -122,6 +124,7 @@ impl<'a> From<&'a Order> for OrderView<'a> {
                 &order.pending_rollback
             },
             cancel_requested: order.cancel_requested && !order.is_finished(),
+            trace_id: crate::trace::trace_id(order),
         }
     }
 }

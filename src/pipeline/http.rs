@@ -72,6 +72,7 @@ impl Http {
             .post(url.clone())
             .timeout(self.settings.timeout)
             .header("Idempotency-Key", &context.idempotency_key)
+            .header("traceparent", context.traceparent())
             .json(&body)
             .send()
             .await;

@@ -102,12 +102,16 @@ impl Orders for OrderService {
                 OrderError::QueueFull { retry_after }
             });
         };
-        let order = Order::new(
+        let mut order = Order::new(
             OrderId::now_v7(),
             new.user,
             new.payload,
             self.service_id.clone(),
             chrono::Utc::now(),
+        );
+        order.trace = Some(
+            new.trace
+                .unwrap_or_else(crate::trace::TraceContext::new_root),
         );
         // Storing and queueing run in a task of their own: a client that hangs up drops this
         // future, and must not leave an order stored but never queued. (Its per-user count is
