@@ -17,6 +17,8 @@
 //! - `http_steps` — the `http` step handler against the scripted shop: calls, retries,
 //!   timeouts, outputs, parked rollbacks, restarts between attempts, a clock stepped back,
 //!   a node paused with orders queued
+//! - `trace`      — W3C traceparent kept with orders, passed on step calls, in log lines; spans
+//!   exported to an OTLP/HTTP receiver
 //! - `metrics`    — `/metrics` counters, `/diagnostic/summary`, `/openapi.json` against the router
 //! - `status_page` — the HTML status page in headless Chromium (skipped without Chromium)
 //! - `security`   — tokens, roles, SIGHUP reload, rate and in-flight limits, slow clients
@@ -48,6 +50,7 @@ mod pipeline;
 mod restart;
 mod security;
 mod status_page;
+mod trace;
 
 mod bench;
 mod cluster;
