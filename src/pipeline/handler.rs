@@ -40,7 +40,7 @@ impl<'a> StepContext<'a> {
     }
 
     /// The `traceparent` header value a call for this attempt sends.
-    pub fn traceparent(&self) -> &str {
+    pub fn traceparent(&self) -> String {
         self.call.traceparent()
     }
 

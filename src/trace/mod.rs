@@ -40,15 +40,33 @@ impl SpanId {
     }
 }
 
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// The low `N / 2` bytes of `value` as `N` lower-case hex digits, without the formatting
+/// machinery: ids are written for every commit of an order and every call it makes.
+fn encode<const N: usize>(value: u128) -> [u8; N] {
+    let mut digits = [0u8; N];
+    for (index, digit) in digits.iter_mut().enumerate() {
+        let nibble = (value >> (4 * (N - 1 - index))) & 0xf;
+        *digit = HEX_DIGITS[nibble as usize];
+    }
+    digits
+}
+
+/// Hex digits as text (they are always ASCII).
+fn text(digits: &[u8]) -> &str {
+    std::str::from_utf8(digits).unwrap_or_default()
+}
+
 impl fmt::Display for TraceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        f.write_str(text(&encode::<32>(self.0)))
     }
 }
 
 impl fmt::Display for SpanId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}", self.0)
+        f.write_str(text(&encode::<16>(u128::from(self.0))))
     }
 }
 
@@ -83,30 +101,62 @@ impl SpanId {
 
 impl Serialize for TraceId {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for TraceId {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        TraceId::parse(&text)
-            .ok_or_else(|| serde::de::Error::custom("trace_id must be 32 hex digits, not all zero"))
+        serializer.serialize_str(text(&encode::<32>(self.0)))
     }
 }
 
 impl Serialize for SpanId {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        serializer.serialize_str(text(&encode::<16>(u128::from(self.0))))
+    }
+}
+
+/// Reads an id from a string without copying it: `parse` it, or fail with `expected`.
+struct IdVisitor<T> {
+    parse: fn(&str) -> Option<T>,
+    expected: &'static str,
+}
+
+impl<T> serde::de::Visitor<'_> for IdVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expected)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<T, E> {
+        (self.parse)(value).ok_or_else(|| E::custom(format!("expected {}", self.expected)))
+    }
+}
+
+impl<'de> Deserialize<'de> for TraceId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(IdVisitor {
+            parse: TraceId::parse,
+            expected: "a trace id of 32 hex digits, not all zero",
+        })
     }
 }
 
 impl<'de> Deserialize<'de> for SpanId {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        SpanId::parse(&text)
-            .ok_or_else(|| serde::de::Error::custom("span id must be 16 hex digits, not all zero"))
+        deserializer.deserialize_str(IdVisitor {
+            parse: SpanId::parse,
+            expected: "a span id of 16 hex digits, not all zero",
+        })
     }
+}
+
+/// The `traceparent` header value naming span `span` of trace `trace_id`.
+pub fn traceparent(trace_id: TraceId, span: SpanId, flags: u8) -> String {
+    let mut header = String::with_capacity(55);
+    header.push_str("00-");
+    header.push_str(text(&encode::<32>(trace_id.0)));
+    header.push('-');
+    header.push_str(text(&encode::<16>(u128::from(span.0))));
+    header.push('-');
+    header.push_str(text(&encode::<2>(u128::from(flags))));
+    header
 }
 
 /// The trace an order belongs to, kept with the order: the trace id, the span the order's own
@@ -173,7 +223,7 @@ impl TraceContext {
 
     /// The `traceparent` of a span `span` of this trace.
     pub fn traceparent(&self, span: SpanId) -> String {
-        format!("00-{}-{}-{:02x}", self.trace_id, span, self.flags)
+        traceparent(self.trace_id, span, self.flags)
     }
 
     pub fn is_sampled(&self) -> bool {

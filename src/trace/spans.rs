@@ -181,7 +181,10 @@ impl Execution {
 
 /// One call made for a step: its `traceparent`, and with spans exported its client span.
 pub struct Call {
-    traceparent: String,
+    trace_id: TraceId,
+    flags: u8,
+    /// The span the call stands for: the client span's when spans are exported.
+    span_id: SpanId,
     span: Option<Span>,
 }
 
@@ -192,7 +195,9 @@ impl Call {
         let trace = context_of(order);
         let Some(tracer) = TRACER.get() else {
             return Call {
-                traceparent: trace.traceparent(SpanId::random()),
+                trace_id: trace.trace_id,
+                flags: trace.flags,
+                span_id: SpanId::random(),
                 span: None,
             };
         };
@@ -213,16 +218,18 @@ impl Call {
                 KeyValue::new("rollback", rollback),
             ])
             .start_with_context(tracer, &parent);
-        let own = span_id(span.span_context().span_id());
         Call {
-            traceparent: trace.traceparent(own),
+            trace_id: trace.trace_id,
+            flags: trace.flags,
+            span_id: span_id(span.span_context().span_id()),
             span: Some(span),
         }
     }
 
-    /// The `traceparent` header value the call sends.
-    pub fn traceparent(&self) -> &str {
-        &self.traceparent
+    /// The `traceparent` header value the call sends (made when asked: a simulated step makes
+    /// no call).
+    pub fn traceparent(&self) -> String {
+        super::traceparent(self.trace_id, self.span_id, self.flags)
     }
 
     /// Ends the call's span with how it went: `outcome` (`succeeded`, `failed`, …), the HTTP
