@@ -363,6 +363,27 @@ mod tests {
     }
 
     #[test]
+    fn orders_stored_without_a_trace_still_decode() {
+        let mut order = crate::order::Order::new(
+            uuid::Uuid::now_v7(),
+            "alice".into(),
+            serde_json::json!({}),
+            "node".into(),
+            chrono::Utc::now(),
+        );
+        let stored = serde_json::to_value(&order).unwrap();
+        assert!(stored.get("trace").is_none(), "{stored}");
+        let decoded: crate::order::Order = serde_json::from_value(stored).unwrap();
+        assert_eq!(decoded.trace, None);
+        order.trace = TraceContext::parse(VALID, None);
+        let stored = serde_json::to_vec(&order).unwrap();
+        let decoded: crate::order::Order = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(decoded, order);
+        let view = serde_json::to_value(crate::order::OrderView::from(&order)).unwrap();
+        assert_eq!(view["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
     fn child_traceparents_keep_the_trace_and_take_new_spans() {
         let mut order = crate::order::Order::new(
             uuid::Uuid::now_v7(),
