@@ -53,6 +53,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: LimitsConfig,
     pub notify: NotifyConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -637,6 +638,52 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Where spans of orders are exported.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The base `http://` URL of an OTLP/HTTP receiver (a collector, Jaeger): spans are posted
+    /// to `<otlp_endpoint>/v1/traces` as protobuf. Unset: no spans are exported.
+    #[serde(deserialize_with = "otlp_endpoint")]
+    pub otlp_endpoint: Option<reqwest::Url>,
+    /// How long one export may take before it is given up.
+    #[serde(deserialize_with = "duration")]
+    pub export_timeout: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            export_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// An OTLP/HTTP base URL: `http://host[:port][/path]`, without query or fragment (the exporter
+/// has no TLS; a collector on the same host or network forwards further).
+fn otlp_endpoint<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<reqwest::Url>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    let url = reqwest::Url::parse(&text)
+        .map_err(|error| de::Error::custom(format!("`{text}` is not a URL: {error}")))?;
+    if url.scheme() != "http" {
+        return Err(de::Error::custom(format!(
+            "`{text}`: use an http:// URL such as http://127.0.0.1:4318 (this build exports without TLS)"
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(de::Error::custom(format!("`{text}` has no host")));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(de::Error::custom(format!(
+            "`{text}`: give the base URL, without query or fragment; spans go to its /v1/traces"
+        )));
+    }
+    Ok(Some(url))
+}
+
 /// Values given on the command line; each one overrides the file.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -763,6 +810,7 @@ impl Config {
                 self.pipeline.reconcile_interval,
             ),
             ("database.timeout", self.database.timeout),
+            ("telemetry.export_timeout", self.telemetry.export_timeout),
         ])?;
         self.validate_cluster()?;
         self.validate_auth()?;
@@ -1168,6 +1216,34 @@ mod tests {
         sample.validate().unwrap();
         let defaults = Config::default();
         assert_eq!(format!("{sample:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn telemetry_takes_an_http_endpoint() {
+        let config =
+            Config::from_toml("[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n").unwrap();
+        config.validate().unwrap();
+        let endpoint = config.telemetry.otlp_endpoint.unwrap();
+        assert_eq!(
+            crate::trace::spans::traces_url(&endpoint),
+            "http://127.0.0.1:4318/v1/traces"
+        );
+        assert_eq!(Config::default().telemetry.otlp_endpoint, None);
+        for bad in [
+            "127.0.0.1:4318",
+            "https://collector:4318",
+            "grpc://collector:4317",
+            "http://collector:4318/?x=1",
+        ] {
+            let error = Config::from_toml(&format!("[telemetry]\notlp_endpoint = \"{bad}\"\n"))
+                .unwrap_err();
+            assert_eq!(error.key, "telemetry.otlp_endpoint", "{bad}");
+        }
+        let config = Config::from_toml("[telemetry]\nexport_timeout = \"0s\"\n").unwrap();
+        assert_eq!(
+            config.validate().unwrap_err().key,
+            "telemetry.export_timeout"
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //!   the connection server (`serve`), and the one place errors become JSON replies; the OpenAPI
 //!   description and the status page are files served from the binary.
 //! - [`secret`]: the constant-time comparison of secrets.
+//! - [`trace`]: W3C trace context kept with each order and passed on every step call; the
+//!   order's log span; spans exported over OTLP/HTTP when configured.
 //! - [`metrics`]: the Prometheus metrics and the in-memory summary of this node's orders.
 //! - [`cluster`]: gossip membership; the node registry, the liveness and leader leases behind
 //!   `Coordinator`; and the takeover of dead nodes' orders.
@@ -36,3 +38,4 @@ pub mod pipeline;
 pub mod secret;
 pub mod service;
 pub mod store;
+pub mod trace;

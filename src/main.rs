@@ -151,6 +151,14 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(&config);
+    // Before the runtime: the exporter sends from a thread of its own with a blocking client.
+    let exporter = match order_process::trace::spans::install(&config.telemetry) {
+        Ok(exporter) => exporter,
+        Err(error) => {
+            eprintln!("order-process: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut builder = match config.server.worker_threads {
         1 => tokio::runtime::Builder::new_current_thread(),
         0 => tokio::runtime::Builder::new_multi_thread(),
@@ -167,7 +175,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let listen = config.server.listen;
         let listener = match tokio::net::TcpListener::bind(listen).await {
             Ok(listener) => listener,
@@ -187,7 +195,12 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // The spans of the last orders go out before the process ends.
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
+    code
 }
 
 fn init_tracing(config: &Config) {
@@ -198,7 +211,13 @@ fn init_tracing(config: &Config) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match config.log.format {
-        LogFormat::Json => builder.json().init(),
+        // Each line carries the fields of the span it was logged in (an order's `order_id` and
+        // `trace_id`) under "span", and the spans around it under "spans".
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }

@@ -12,6 +12,7 @@ use super::{json_reply, respond, ApiError};
 use crate::order::{OrderId, OrderView, RollbackState, Step};
 use crate::service::{NewOrder, Orders, Scope};
 use crate::store::ListQuery;
+use crate::trace::TraceContext;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -90,17 +91,45 @@ fn create(state: State) -> BoxedFilter<(Response,)> {
         .and(with_state(state))
         .and(user_header())
         .and(warp::header::optional::<String>("idempotency-key"))
+        .and(raw_header("traceparent"))
+        .and(raw_header("tracestate"))
         .and(body())
-        .then(|state, user, key, body| async move {
-            respond(create_order(state, user, key, body).await)
-        })
+        .then(
+            |state, user, key, traceparent, tracestate, body| async move {
+                let caller = caller_trace(traceparent, tracestate);
+                respond(create_order(state, user, key, caller, body).await)
+            },
+        )
         .boxed()
+}
+
+/// A header's value if present, as bytes: one that is not text is ignored by the caller rather
+/// than refused, as W3C trace context asks of a malformed `traceparent`.
+fn raw_header(
+    name: &'static str,
+) -> impl Filter<Extract = (Option<warp::http::HeaderValue>,), Error = std::convert::Infallible> + Clone
+{
+    warp::header::value(name)
+        .map(Some)
+        .or(warp::any().map(|| None))
+        .unify()
+}
+
+/// The caller's trace context, if its `traceparent` is a valid one.
+fn caller_trace(
+    traceparent: Option<warp::http::HeaderValue>,
+    tracestate: Option<warp::http::HeaderValue>,
+) -> Option<TraceContext> {
+    let traceparent = traceparent?;
+    let tracestate = tracestate.as_ref().and_then(|value| value.to_str().ok());
+    TraceContext::parse(traceparent.to_str().ok()?, tracestate)
 }
 
 async fn create_order(
     state: State,
     user_header: Option<String>,
     idempotency_key: Option<String>,
+    caller_trace: Option<TraceContext>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let caller = state.caller(user_header.as_deref())?;
@@ -119,14 +148,17 @@ async fn create_order(
     }
     let payload: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|error| ApiError::bad_request(format!("body is not valid JSON: {error}")))?;
+    let (trace, mut submission) = crate::trace::spans::submission(caller_trace);
     let submitted = state
         .orders
         .submit(NewOrder {
             user: caller.user,
             payload,
             idempotency_key,
+            trace: Some(trace),
         })
         .await?;
+    submission.note_order(submitted.order.order_id);
     let status = if submitted.replayed {
         StatusCode::OK
     } else {

@@ -308,6 +308,9 @@ pub struct Order {
     /// The completion webhook, when the node that finished the order had one configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notification: Option<Notification>,
+    /// The W3C trace the order belongs to (absent in orders stored before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 impl Order {
@@ -343,6 +346,7 @@ impl Order {
             epoch: 1,
             revision: 0,
             notification: None,
+            trace: None,
         }
     }
 

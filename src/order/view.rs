@@ -93,6 +93,8 @@ pub struct OrderView<'a> {
     /// The completion webhook, once the order is finished on a node that sends one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notification: Option<&'a Notification>,
+    /// The W3C trace id every call made for the order carries.
+    pub trace_id: crate::trace::TraceId,
 }
 
 impl<'a> From<&'a Order> for OrderView<'a> {
@@ -126,6 +128,7 @@ impl<'a> From<&'a Order> for OrderView<'a> {
             },
             cancel_requested: order.cancel_requested && !order.is_finished(),
             notification: order.notification.as_ref(),
+            trace_id: crate::trace::trace_id(order),
         }
     }
 }

@@ -78,8 +78,8 @@ pub(super) async fn execute(shared: Arc<Shared>, queued: Queued) {
                 // Boxed, as are the steps of `drive`: an order waiting on a step keeps only
                 // what that wait needs in memory, not the largest of every state it passes.
                 Box::pin(
-                    drive(&shared, order, ticket, due)
-                        .instrument(tracing::debug_span!("order", order_id = %id)),
+                    crate::trace::spans::Execution::of(&order)
+                        .run(drive(&shared, order, ticket, due)),
                 )
                 .await
             }
@@ -389,6 +389,7 @@ async fn attempt(
         (Err(_), true) => StepOutcome::RollbackFailed,
     };
     shared.metrics.step_finished(step, outcome, elapsed);
+    context.finish(outcome.as_str(), &result);
     let duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
     let mut events = Vec::with_capacity(2);
     if policy.is_some() {

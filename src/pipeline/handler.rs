@@ -20,6 +20,8 @@ pub struct StepContext<'a> {
     pub idempotency_key: String,
     /// 1 for the first attempt in this direction; counts on across restarts.
     pub attempt: u32,
+    /// The call this attempt makes: its `traceparent` (the order's trace, a span of its own).
+    pub call: crate::trace::spans::Call,
 }
 
 impl<'a> StepContext<'a> {
@@ -35,7 +37,22 @@ impl<'a> StepContext<'a> {
             step,
             idempotency_key,
             attempt,
+            call: crate::trace::spans::Call::start(order, step, rollback, attempt),
         }
+    }
+
+    /// The `traceparent` header value a call for this attempt sends.
+    pub fn traceparent(&self) -> String {
+        self.call.traceparent()
+    }
+
+    /// Ends the attempt's call span with how the attempt went.
+    pub fn finish(self, outcome: &'static str, result: &Result<StepDone, StepError>) {
+        let (status, error) = match result {
+            Ok(done) => (done.status, None),
+            Err(failure) => (failure.status, Some(failure.reason.as_str())),
+        };
+        self.call.end(outcome, status, error);
     }
 }
 

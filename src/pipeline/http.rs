@@ -274,6 +274,7 @@ impl Http {
             .timeout(self.settings.timeout)
             .header("Idempotency-Key", &context.idempotency_key)
             .header(EPOCH_HEADER, context.order.epoch)
+            .header("traceparent", context.traceparent())
             .json(&body)
             .send()
             .await;

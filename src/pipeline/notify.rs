@@ -56,6 +56,7 @@ impl Notifier {
                 format!("{}:notify:{generation}", order.order_id),
             )
             .header(super::http::EPOCH_HEADER, order.epoch)
+            .header("traceparent", crate::trace::child_traceparent(order))
             .header(
                 SIGNATURE_HEADER,
                 signature(self.settings.secret.as_bytes(), timestamp, &body),

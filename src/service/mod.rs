@@ -69,6 +69,8 @@ pub struct NewOrder {
     pub payload: serde_json::Value,
     /// A repeat of the same key by the same user gets the first order back.
     pub idempotency_key: Option<String>,
+    /// The trace the order belongs to; `None` starts a new one.
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 /// The answer to a submission.

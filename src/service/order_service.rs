@@ -102,12 +102,16 @@ impl Orders for OrderService {
                 OrderError::QueueFull { retry_after }
             });
         };
-        let order = Order::new(
+        let mut order = Order::new(
             OrderId::now_v7(),
             new.user,
             new.payload,
             self.service_id.clone(),
             chrono::Utc::now(),
+        );
+        order.trace = Some(
+            new.trace
+                .unwrap_or_else(crate::trace::TraceContext::new_root),
         );
         // Storing and queueing run in a task of their own: a client that hangs up drops this
         // future, and must not leave an order stored but never queued. (Its per-user count is
@@ -118,12 +122,12 @@ impl Orders for OrderService {
         let stored = tokio::spawn(async move {
             let order = match store.create(&order, key.as_deref()).await? {
                 Created::New => {
-                    tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created");
+                    tracing::debug!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(&order), user = %order.user, "new order created");
                     tracing::trace!(order_id = %order.order_id, payload = %order.payload, "new order payload");
                     Box::new(order)
                 }
                 Created::Adopted(order) => {
-                    tracing::debug!(order_id = %order.order_id, user = %order.user, "new order created under the id its key reserved");
+                    tracing::debug!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(&order), user = %order.user, "new order created under the id its key reserved");
                     order
                 }
                 Created::Existing(first) => return Ok((CreatedView::from(first.as_ref()), true)),

@@ -78,6 +78,7 @@ fn new_order(user: &str, key: Option<&str>) -> NewOrder {
         user: user.into(),
         payload: serde_json::json!({"sku": "A1"}),
         idempotency_key: key.map(str::to_string),
+        trace: None,
     }
 }
 

@@ -19,6 +19,8 @@
 //!   a node paused with orders queued
 //! - `http_services` — https steps with a private CA and a client certificate, busy answers
 //!   with `Retry-After`, a step's `concurrency`, the `Order-Epoch` header
+//! - `trace`      — W3C traceparent kept with orders, passed on step calls, in log lines; spans
+//!   exported to an OTLP/HTTP receiver
 //! - `metrics`    — `/metrics` counters, `/diagnostic/summary`, `/openapi.json` against the router
 //! - `status_page` — the HTML status page in headless Chromium (skipped without Chromium)
 //! - `security`   — tokens, roles, SIGHUP reload, rate and in-flight limits, slow clients
@@ -51,6 +53,7 @@ mod pipeline;
 mod restart;
 mod security;
 mod status_page;
+mod trace;
 
 mod bench;
 mod cluster;

@@ -209,6 +209,12 @@ async fn a_finished_order_is_posted_signed_to_the_webhook_once() {
     assert_eq!(body["current_step"], "Completed");
     assert_eq!(body["steps"], order["steps"], "the order as GET shows it");
     assert!(delivery.header("order-epoch").parse::<u64>().is_ok());
+    let traceparent = delivery.header("traceparent");
+    let trace_id = order["trace_id"].as_str().unwrap_or_default();
+    assert!(
+        traceparent.starts_with(&format!("00-{trace_id}-")),
+        "the order's trace: {traceparent}"
+    );
 }
 
 #[tokio::test]
