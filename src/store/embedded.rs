@@ -170,6 +170,19 @@ impl EmbeddedStore {
         orders.len().map_err(unavailable)
     }
 
+    /// Runs `read` on the blocking pool, so a read that waits for the disk holds up no other
+    /// task of the node.
+    async fn read<T, F>(&self, read: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || read(&db))
+            .await
+            .map_err(|error| StoreError::Unavailable(format!("store read failed: {error}")))?
+    }
+
     /// Has the writer thread apply `apply` in its next batch and waits until that batch is
     /// durable.
     async fn write<T, F>(&self, apply: F) -> Result<T, StoreError>
@@ -746,57 +759,65 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
-        let orders = txn.open_table(ORDERS).map_err(unavailable)?;
-        let found = orders.get(id.to_string().as_str()).map_err(unavailable)?;
-        match found {
-            Some(bytes) => decode(bytes.value()).map(Some),
-            None => Ok(None),
-        }
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let orders = txn.open_table(ORDERS).map_err(unavailable)?;
+            let found = orders.get(id.to_string().as_str()).map_err(unavailable)?;
+            match found {
+                Some(bytes) => decode(bytes.value()).map(Some),
+                None => Ok(None),
+            }
+        })
+        .await
     }
 
     async fn list_for_user(&self, user: &str, query: &ListQuery) -> Result<Page, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
-        let by_user = txn.open_table(BY_USER).map_err(unavailable)?;
-        let orders = txn.open_table(ORDERS).map_err(unavailable)?;
-        let upper_id;
-        let upper = match query.cursor.as_deref() {
-            Some(cursor) => {
-                let (micros, id) = decode_cursor(cursor).ok_or(StoreError::NotFound)?;
-                upper_id = id.to_string();
-                (user, micros, upper_id.as_str())
-            }
-            None => (user, u64::MAX, ""),
-        };
-        let range = by_user
-            .range((user, 0u64, "")..upper)
-            .map_err(unavailable)?;
-        let mut page = Page::default();
-        for entry in range.rev() {
-            let (key, _) = entry.map_err(unavailable)?;
-            let (_, micros, id) = key.value();
-            let Some(bytes) = orders.get(id).map_err(unavailable)? else {
-                continue;
+        let (user, query) = (user.to_string(), query.clone());
+        self.read(move |db| {
+            let (user, query) = (user.as_str(), &query);
+            let txn = db.begin_read().map_err(unavailable)?;
+            let by_user = txn.open_table(BY_USER).map_err(unavailable)?;
+            let orders = txn.open_table(ORDERS).map_err(unavailable)?;
+            let upper_id;
+            let upper = match query.cursor.as_deref() {
+                Some(cursor) => {
+                    let (micros, id) = decode_cursor(cursor).ok_or(StoreError::NotFound)?;
+                    upper_id = id.to_string();
+                    (user, micros, upper_id.as_str())
+                }
+                None => (user, u64::MAX, ""),
             };
-            let order = match decode(bytes.value()) {
-                Ok(order) => order,
-                Err(error) => {
-                    tracing::warn!(order_id = %id, error = %error, "listing skips an unreadable order");
+            let range = by_user
+                .range((user, 0u64, "")..upper)
+                .map_err(unavailable)?;
+            let mut page = Page::default();
+            for entry in range.rev() {
+                let (key, _) = entry.map_err(unavailable)?;
+                let (_, micros, id) = key.value();
+                let Some(bytes) = orders.get(id).map_err(unavailable)? else {
+                    continue;
+                };
+                let order = match decode(bytes.value()) {
+                    Ok(order) => order,
+                    Err(error) => {
+                        tracing::warn!(order_id = %id, error = %error, "listing skips an unreadable order");
+                        continue;
+                    }
+                };
+                if !query.matches(&order) {
                     continue;
                 }
-            };
-            if !query.matches(&order) {
-                continue;
-            }
-            page.orders.push(order);
-            if page.orders.len() >= query.limit {
-                if let Ok(order_id) = OrderId::try_parse(id) {
-                    page.next_cursor = Some(encode_cursor(micros, order_id));
+                page.orders.push(order);
+                if page.orders.len() >= query.limit {
+                    if let Ok(order_id) = OrderId::try_parse(id) {
+                        page.next_cursor = Some(encode_cursor(micros, order_id));
+                    }
+                    break;
                 }
-                break;
             }
-        }
-        Ok(page)
+            Ok(page)
+        })
+        .await
     }
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
@@ -822,32 +843,37 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn owned_page(&self, node: &str, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
-        let owned = txn.open_table(OWNED).map_err(unavailable)?;
-        let range = owned.range((node, at)..).map_err(unavailable)?;
-        let mut ids = Vec::new();
-        let mut last = None;
-        for entry in range {
-            let (key, _) = entry.map_err(unavailable)?;
-            let (owner, id) = key.value();
-            if owner != node {
-                return Ok((ids, None));
-            }
-            if id == at {
-                continue;
-            }
-            if ids.len() >= n.max(1) {
-                return Ok((ids, last));
-            }
-            last = Some(id.to_string());
-            match OrderId::try_parse(id) {
-                Ok(id) => ids.push(id),
-                Err(_) => {
-                    tracing::warn!(order_id = %id, "skipping an unreadable id in the owner index")
+        let (node, at) = (node.to_string(), at.to_string());
+        self.read(move |db| {
+            let (node, at) = (node.as_str(), at.as_str());
+            let txn = db.begin_read().map_err(unavailable)?;
+            let owned = txn.open_table(OWNED).map_err(unavailable)?;
+            let range = owned.range((node, at)..).map_err(unavailable)?;
+            let mut ids = Vec::new();
+            let mut last = None;
+            for entry in range {
+                let (key, _) = entry.map_err(unavailable)?;
+                let (owner, id) = key.value();
+                if owner != node {
+                    return Ok((ids, None));
+                }
+                if id == at {
+                    continue;
+                }
+                if ids.len() >= n.max(1) {
+                    return Ok((ids, last));
+                }
+                last = Some(id.to_string());
+                match OrderId::try_parse(id) {
+                    Ok(id) => ids.push(id),
+                    Err(_) => {
+                        tracing::warn!(order_id = %id, "skipping an unreadable id in the owner index")
+                    }
                 }
             }
-        }
-        Ok((ids, None))
+            Ok((ids, None))
+        })
+        .await
     }
 
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
@@ -869,19 +895,22 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
-        let aside = txn.open_table(ASIDE).map_err(unavailable)?;
-        let mut found = Vec::new();
-        for entry in aside.iter().map_err(unavailable)?.take(limit) {
-            let (_, bytes) = entry.map_err(unavailable)?;
-            match serde_json::from_slice(bytes.value()) {
-                Ok(entry) => found.push(entry),
-                Err(error) => {
-                    tracing::warn!(error = %error, "skipping an unreadable set-aside entry")
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let aside = txn.open_table(ASIDE).map_err(unavailable)?;
+            let mut found = Vec::new();
+            for entry in aside.iter().map_err(unavailable)?.take(limit) {
+                let (_, bytes) = entry.map_err(unavailable)?;
+                match serde_json::from_slice(bytes.value()) {
+                    Ok(entry) => found.push(entry),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "skipping an unreadable set-aside entry")
+                    }
                 }
             }
-        }
-        Ok(found)
+            Ok(found)
+        })
+        .await
     }
 
     async fn repair_indexes(&self, _at: &str, _n: usize) -> Result<RepairPage, StoreError> {
