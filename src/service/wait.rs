@@ -113,12 +113,10 @@ pub async fn wait_for_many(
             }
         }
         first = false;
-        let reads = futures_util::future::join_all(
-            waited.pending.iter().map(|id| visible(store, scope, *id)),
-        )
-        .await;
+        let reads = store.get_many(&waited.pending).await;
         let mut still = Vec::new();
         for (id, read) in waited.pending.iter().zip(reads) {
+            let read = read.map(|order| order.filter(|order| scope.covers(order)));
             match read {
                 Ok(Some(order)) if order.is_finished() => waited.finished.push(Arc::new(order)),
                 Ok(Some(_)) => still.push(*id),

@@ -771,6 +771,29 @@ impl OrderStore for EmbeddedStore {
         .await
     }
 
+    async fn get_many(&self, ids: &[OrderId]) -> Vec<Result<Option<Order>, StoreError>> {
+        let wanted = ids.to_vec();
+        // One trip to the blocking pool and one read transaction for the lot.
+        let read = self
+            .read(move |db| {
+                let txn = db.begin_read().map_err(unavailable)?;
+                let orders = txn.open_table(ORDERS).map_err(unavailable)?;
+                Ok(wanted
+                    .iter()
+                    .map(|id| match orders.get(id.to_string().as_str()) {
+                        Ok(Some(bytes)) => decode(bytes.value()).map(Some),
+                        Ok(None) => Ok(None),
+                        Err(error) => Err(unavailable(error)),
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        match read {
+            Ok(results) => results,
+            Err(error) => ids.iter().map(|_| Err(error.clone())).collect(),
+        }
+    }
+
     async fn list_for_user(&self, user: &str, query: &ListQuery) -> Result<Page, StoreError> {
         let (user, query) = (user.to_string(), query.clone());
         self.read(move |db| {

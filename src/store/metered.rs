@@ -54,6 +54,15 @@ impl OrderStore for MeteredStore {
         result
     }
 
+    async fn get_many(&self, ids: &[OrderId]) -> Vec<Result<Option<Order>, StoreError>> {
+        let started = Instant::now();
+        let results = self.inner.get_many(ids).await;
+        for result in &results {
+            self.observe(StoreOperation::Get, started, result);
+        }
+        results
+    }
+
     async fn list_for_user(&self, user: &str, query: &ListQuery) -> Result<Page, StoreError> {
         let started = Instant::now();
         let result = self.inner.list_for_user(user, query).await;

@@ -25,7 +25,7 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// one write transaction, or one script, of bounded work.
 pub const PURGE_BATCH: usize = 1_000;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("order not found")]
     NotFound,
@@ -146,6 +146,11 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError>;
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError>;
+
+    /// Reads many orders, each as `get` would, in the order of `ids`.
+    async fn get_many(&self, ids: &[OrderId]) -> Vec<Result<Option<Order>, StoreError>> {
+        futures_util::future::join_all(ids.iter().map(|id| self.get(*id))).await
+    }
 
     async fn list_for_user(&self, user: &str, query: &ListQuery) -> Result<Page, StoreError>;
 

@@ -201,6 +201,11 @@ async fn conformance(store: &dyn OrderStore) {
         Some(order.clone())
     );
     assert_eq!(store.get(OrderId::new_v4()).await.unwrap(), None);
+    let read = store
+        .get_many(&[order.order_id, OrderId::new_v4(), order.order_id])
+        .await;
+    let read: Vec<Option<Order>> = read.into_iter().map(|one| one.unwrap()).collect();
+    assert_eq!(read, [Some(order.clone()), None, Some(order.clone())]);
     assert!(store
         .owned_unfinished("node-a")
         .await
