@@ -123,7 +123,7 @@ impl Orders for OrderService {
             let order = match store.create(&order, key.as_deref()).await? {
                 Created::New => {
                     tracing::debug!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(&order), user = %order.user, "new order created");
-                    tracing::trace!(order_id = %order.order_id, payload = %order.payload, "new order payload");
+                    tracing::trace!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(&order), payload = %order.payload, "new order payload");
                     Box::new(order)
                 }
                 Created::Adopted(order) => {
@@ -180,7 +180,7 @@ impl Orders for OrderService {
             CancelOutcome::Accepted(order) => {
                 self.pool.note_cancel(order.order_id);
                 self.activity.touch();
-                tracing::debug!(order_id = %order.order_id, "cancellation requested");
+                tracing::debug!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(&order), "cancellation requested");
                 Ok(order)
             }
             CancelOutcome::Finished(_) => Err(OrderError::Finished),
@@ -211,7 +211,7 @@ impl Orders for OrderService {
                     .iter()
                     .map(|step| step.as_str())
                     .collect();
-                tracing::info!(order_id = %order.order_id, pending = %pending.join(", "), "retrying parked rollback");
+                tracing::info!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(&order), pending = %pending.join(", "), "retrying parked rollback");
                 self.pool.resume_all(vec![order.order_id]);
                 self.activity.touch();
                 Ok(order)
