@@ -173,7 +173,21 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
     loop {
         match shared.store.get(id).await {
             Ok(Some(order)) if order.owner == shared.node_id && order.owes_work() => {
-                return Some(order)
+                // Read maybe from a primary that has not replicated it yet (a create or commit
+                // whose acknowledgement failed): act on it only once it is replicated.
+                match shared.store.confirm(&order).await {
+                    Ok(true) => return Some(order),
+                    Ok(false) => {
+                        debug!(order_id = %id, "order changed while it was confirmed, reading it again")
+                    }
+                    Err(error) => {
+                        warn!(order_id = %id, error = %error, "cannot confirm the order is replicated, retrying");
+                    }
+                }
+                if wait_or_stop(&mut stop_rx, &mut delay).await {
+                    return None;
+                }
+                continue;
             }
             Ok(Some(order)) => {
                 debug!(order_id = %id, owner = %order.owner, current_step = %order.current_step, "order is finished or another node's now, not resuming");

@@ -54,6 +54,10 @@ impl OrderStore for MeteredStore {
         result
     }
 
+    async fn confirm(&self, order: &Order) -> Result<bool, StoreError> {
+        self.inner.confirm(order).await
+    }
+
     async fn get_many(&self, ids: &[OrderId]) -> Vec<Result<Option<Order>, StoreError>> {
         let started = Instant::now();
         let results = self.inner.get_many(ids).await;

@@ -147,6 +147,14 @@ pub trait OrderStore: Send + Sync + 'static {
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError>;
 
+    /// Whether `order`, as read, is on as many replicas as a write must reach
+    /// (`database.min_replicas`), so that acting on it cannot act on something a failover then
+    /// loses: true once it is; false when the stored order is gone or has moved on (read it
+    /// again). Stores without replicas have nothing to wait for.
+    async fn confirm(&self, _order: &Order) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
     /// Reads many orders, each as `get` would, in the order of `ids`.
     async fn get_many(&self, ids: &[OrderId]) -> Vec<Result<Option<Order>, StoreError>> {
         futures_util::future::join_all(ids.iter().map(|id| self.get(*id))).await

@@ -182,6 +182,11 @@ impl Connections {
 
     /// Makes every write wait for `replicas` replicas to acknowledge it (`WAIT`); fewer is
     /// [`StoreError::Unavailable`].
+    /// Whether writes wait for replicas.
+    pub fn waits_for_replicas(&self) -> bool {
+        self.min_replicas > 0
+    }
+
     pub fn with_min_replicas(mut self, replicas: usize) -> Connections {
         self.min_replicas = replicas;
         let connections = if replicas == 0 { 0 } else { ACKED_CONNECTIONS };

@@ -401,6 +401,19 @@ impl OrderStore for RedisStore {
         decode(self.redis.query(&command).await?)
     }
 
+    async fn confirm(&self, order: &Order) -> Result<bool, StoreError> {
+        if !self.redis.waits_for_replicas() {
+            return Ok(true);
+        }
+        let mut confirm = self
+            .scripts
+            .confirm
+            .key(order_key(&order.order_id.to_string()));
+        confirm.arg(order.revision);
+        let confirmed: i64 = self.redis.write(&confirm).await?;
+        Ok(confirmed == 1)
+    }
+
     async fn list_for_user(&self, user: &str, query: &ListQuery) -> Result<Page, StoreError> {
         let mut gone = Vec::new();
         let page = self.list_page(user, query, &mut gone).await;

@@ -47,7 +47,12 @@ if new < rev or (new == rev and redis.call('HGET', KEYS[1], 'doc') ~= ARGV[3]) t
   return 'stale'
 end
 if cur[3] == '1' and ARGV[4] == '0' then return 'cancel' end
-if new == rev then return 'ok' end
+if new == rev then
+  -- Stored by an earlier try whose answer was lost, maybe not replicated yet: written again
+  -- (unchanged), so the WAIT after this call covers it.
+  redis.call('HSET', KEYS[1], 'rev', ARGV[8])
+  return 'ok'
+end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6], 'rev', ARGV[8])
 if ARGV[5] == 'finished' then
   redis.call('SREM', KEYS[2], ARGV[7])
@@ -207,6 +212,19 @@ if cur[1] == ARGV[1] and cur[2] ~= 'finished' then return 0 end
 return redis.call('SREM', KEYS[2], ARGV[2])
 ";
 
+/// Confirm that an order read is replicated. KEYS: the order. ARGV: its revision as read.
+/// Returns 1 after writing its revision again (unchanged), so the `WAIT` that follows covers
+/// every earlier write of the order, or 0 when the order is gone or at another revision. Why:
+/// a node may read an order written on the primary but not yet on any replica (a create or a
+/// commit whose `WAIT` failed); acting on it before it is replicated could act on something
+/// a failover then loses.
+const CONFIRM: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if (redis.call('HGET', KEYS[1], 'rev') or '0') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'rev', ARGV[1])
+return 1
+";
+
 pub(super) struct Scripts {
     pub create: Script,
     pub commit: Script,
@@ -217,6 +235,7 @@ pub(super) struct Scripts {
     pub disown: Script,
     pub prune_finished: Script,
     pub prune_member: Script,
+    pub confirm: Script,
 }
 
 impl Scripts {
@@ -231,6 +250,7 @@ impl Scripts {
             disown: Script::new(DISOWN),
             prune_finished: Script::new(PRUNE_FINISHED),
             prune_member: Script::new(PRUNE_MEMBER),
+            confirm: Script::new(CONFIRM),
         }
     }
 
