@@ -535,6 +535,12 @@ impl Metrics {
     /// steps and stops counting it when dropped.
     pub fn track(&self, step: Step) -> StepTracker<'_> {
         self.in_step[step_index(step)].inc();
+        self.tracked(step)
+    }
+
+    /// Takes over the count of an order already counted in `step` (see
+    /// [`StepTracker::keep_counted`]).
+    pub fn tracked(&self, step: Step) -> StepTracker<'_> {
         StepTracker {
             metrics: self,
             step,
@@ -636,6 +642,12 @@ pub struct StepTracker<'a> {
 }
 
 impl StepTracker<'_> {
+    /// Lets go of the order but leaves it counted in its step, for [`Metrics::tracked`] to
+    /// take over.
+    pub fn keep_counted(self) {
+        std::mem::forget(self);
+    }
+
     pub fn move_to(&mut self, step: Step) {
         if step != self.step {
             self.metrics.in_step[step_index(self.step)].dec();

@@ -15,9 +15,13 @@
 //! retry is due), so orders waiting on a failing service do not hold up the others. Waits run on
 //! the monotonic clock (see `due`): an order resumed after a restart or a takeover reads the
 //! schedule from the store and goes on with it, waiting no longer than its policy's `backoff_max`.
+//!
+//! A step whose handler needs only time (a simulated step) is not awaited: its outcome is decided
+//! as it starts and the order waits as plain data in the `parking` lot, keeping its worker, until
+//! the step is over; then an execution commits the outcome and goes on.
 
 use super::due::RetryDue;
-use super::handler::StepContext;
+use super::handler::{StepContext, StepDone, StepError};
 use super::job::{Job, Queued};
 use super::shared::Shared;
 use crate::metrics::StepOutcome;
@@ -29,7 +33,7 @@ use crate::store::{same_order, SetAside, StoreError};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tracing::{debug, error, info, warn, Instrument};
 
 /// Counts an execution in `inflight` for as long as it lives.
@@ -48,48 +52,108 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
-/// Drives the job's order until it is finished, lost or waiting for a retry; then the order is
-/// no longer active here (or stays so while it waits for its retry).
-pub(super) async fn execute(shared: Arc<Shared>, queued: Queued) {
-    let _inflight = InflightGuard::new(&shared.inflight);
+/// Where an execution begins.
+enum Start {
+    /// The order as this node has it in memory.
+    Drive {
+        order: Box<Order>,
+        ticket: Option<u64>,
+        due: Option<RetryDue>,
+    },
+    /// Read from the store first.
+    Load { due: Option<RetryDue> },
+    /// Parked while its step took its time: commit the step's outcome, then go on.
+    Unpark(Box<Parked>),
+}
+
+/// How an execution ended.
+enum Ended {
+    /// Finished, lost, or left to resume later: nothing more to do here now.
+    Done,
+    /// Waits for a retry, outside the pool.
+    Retry(RetryWait),
+    /// Its step takes time and needs no task meanwhile: parked until then.
+    Park(tokio::time::Instant, Box<Parked>),
+}
+
+/// Drives the job's order until it is finished, lost, waiting for a retry or parked; then the
+/// order is no longer active here (or stays so while it waits or is parked). `permit` is the
+/// worker it holds, kept while it is parked.
+pub(super) async fn execute(
+    shared: Arc<Shared>,
+    queued: Queued,
+    permit: Option<OwnedSemaphorePermit>,
+) {
     let Queued { job, ticket, due } = queued;
     let id = job.order_id();
+    let start = match job {
+        Job::New(order) => Start::Drive { order, ticket, due },
+        Job::Resume(_) => Start::Load { due },
+    };
+    run(shared, id, start, permit).await;
+}
+
+/// Runs a parked order again once its step's time is over.
+pub(super) async fn resume(shared: Arc<Shared>, mut parked: Box<Parked>) {
+    shared.parking.left();
+    let id = parked.order.order_id;
+    let permit = parked.permit.take();
+    run(Arc::clone(&shared), id, Start::Unpark(parked), permit).await;
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    id: OrderId,
+    start: Start,
+    mut permit: Option<OwnedSemaphorePermit>,
+) {
+    let _inflight = InflightGuard::new(&shared.inflight);
     let mut active = ActiveGuard {
         shared: &shared,
         id,
         finished: false,
     };
-    let mut job = Some((job, ticket, due));
+    let mut start = Some(start);
     loop {
-        let (order, ticket, due) = match job.take() {
-            Some((Job::New(order), ticket, due)) => (Some(*order), ticket, due),
-            Some((Job::Resume(_), _, due)) => {
-                // Taken before the load: the order read is this node's as of this ticket.
-                let ticket = shared.gate.ticket();
-                (Box::pin(load(&shared, id)).await, ticket, due)
+        let ended = match start.take() {
+            Some(Start::Drive { order, ticket, due }) => {
+                Box::pin(traced(&shared, *order, ticket, due, None)).await
             }
-            None => {
-                let ticket = shared.gate.ticket();
-                (Box::pin(load(&shared, id)).await, ticket, None)
-            }
-        };
-        let retry = match order {
-            Some(order) => {
-                // Boxed, as are the steps of `drive`: an order waiting on a step keeps only
-                // what that wait needs in memory, not the largest of every state it passes.
-                Box::pin(
-                    crate::trace::spans::Execution::of(&order)
-                        .run(drive(&shared, order, ticket, due)),
-                )
+            Some(Start::Unpark(parked)) => {
+                let Parked {
+                    order,
+                    ticket,
+                    attempt,
+                    result,
+                    ..
+                } = *parked;
+                Box::pin(traced(
+                    &shared,
+                    order,
+                    ticket,
+                    None,
+                    Some((attempt, result)),
+                ))
                 .await
             }
-            None => None,
+            Some(Start::Load { due }) => Box::pin(load_and_drive(&shared, id, due)).await,
+            None => Box::pin(load_and_drive(&shared, id, None)).await,
         };
-        if let Some(retry) = retry {
-            // The order stays marked active while it waits, so it is not run twice meanwhile.
-            active.finished = true;
-            spawn_retry_wait(Arc::clone(&shared), id, retry);
-            return;
+        match ended {
+            Ended::Done => {}
+            Ended::Retry(retry) => {
+                // The order stays marked active while it waits, so it is not run twice meanwhile.
+                active.finished = true;
+                spawn_retry_wait(Arc::clone(&shared), id, retry);
+                return;
+            }
+            Ended::Park(at, mut parked) => {
+                // Still active, and still holding its worker: it is in memory.
+                active.finished = true;
+                parked.permit = permit.take();
+                shared.parking.park(at, parked);
+                return;
+            }
         }
         if !shared.active.finish_or_rerun(id) {
             active.finished = true;
@@ -98,6 +162,31 @@ pub(super) async fn execute(shared: Arc<Shared>, queued: Queued) {
         debug!(order_id = %id, "order changed while it ran here, running it again");
     }
     shared.cancels.forget(id);
+}
+
+/// Reads the order (the node's as of the ticket taken before the read) and drives it.
+async fn load_and_drive(shared: &Shared, id: OrderId, due: Option<RetryDue>) -> Ended {
+    let ticket = shared.gate.ticket();
+    match Box::pin(load(shared, id)).await {
+        Some(order) => Box::pin(traced(shared, order, ticket, due, None)).await,
+        None => Ended::Done,
+    }
+}
+
+/// `drive`, in the order's log span (and trace).
+async fn traced(
+    shared: &Shared,
+    order: Order,
+    ticket: Option<u64>,
+    due: Option<RetryDue>,
+    unparked: Option<Unparked>,
+) -> Ended {
+    // Boxed, as are the steps of `drive`: an order waiting on a step keeps only what that wait
+    // needs in memory, not the largest of every state it passes.
+    Box::pin(
+        crate::trace::spans::Execution::of(&order).run(drive(shared, order, ticket, due, unparked)),
+    )
+    .await
 }
 
 /// Waits, without a worker, until an order's retry is due (or a cancellation of it is noted),
@@ -242,35 +331,75 @@ struct RetryWait {
     cancellable: bool,
 }
 
+/// An order parked while its step's attempt takes its time.
+pub(super) struct Parked {
+    order: Order,
+    ticket: Option<u64>,
+    attempt: Begun,
+    result: Result<StepDone, StepError>,
+    /// The worker it holds.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// What an attempt comes to: the events to commit, and when a retry it scheduled is due.
+type Concluded = (Vec<Event>, Option<RetryDue>);
+
+/// The attempt a parked order made, now over.
+type Unparked = (Begun, Result<StepDone, StepError>);
+
 /// Runs an order's steps (or compensations) until it is finished, the node stops, the order
-/// turns out to belong to another node, or it has to wait for a retry: then when it is due.
-/// `ticket` is the gate's when the order was last known to be this node's; `due` the retry this
-/// process scheduled for it, if any.
+/// turns out to belong to another node, it has to wait for a retry, or its step takes time it
+/// can spend parked. `ticket` is the gate's when the order was last known to be this node's;
+/// `due` the retry this process scheduled for it, if any; `unparked` the attempt it made
+/// before it was parked, whose outcome is committed first.
 async fn drive(
     shared: &Shared,
     mut order: Order,
     mut ticket: Option<u64>,
     mut due: Option<RetryDue>,
-) -> Option<RetryWait> {
+    unparked: Option<Unparked>,
+) -> Ended {
     debug!(order_id = %order.order_id, current_step = %order.current_step, "order dispatched");
-    let mut tracker = shared.metrics.track(order.current_step);
+    let mut concluded = unparked.map(|(attempt, result)| conclude(shared, &order, attempt, result));
+    let mut tracker = if concluded.is_some() {
+        // Counted in its step while it was parked.
+        shared.metrics.tracked(order.current_step)
+    } else {
+        shared.metrics.track(order.current_step)
+    };
     loop {
+        if let Some((events, scheduled)) = concluded.take() {
+            due = scheduled;
+            let was_finished = order.is_finished();
+            match Box::pin(commit(shared, order, events)).await {
+                Some(next) => {
+                    tracker.move_to(next.current_step);
+                    if !was_finished {
+                        shared.metrics.order_finished(&next);
+                    }
+                    order = next;
+                }
+                None => return Ended::Done,
+            }
+        }
         if *shared.stop_rx.borrow() {
             debug!(order_id = %order.order_id, "node stopping, order left to resume later");
-            return None;
+            return Ended::Done;
         }
         note_cancel(shared, &mut order);
         if let Some(at) = retry_due(&order) {
             let next = RetryDue::for_stored(due, at, longest_wait(shared, &order));
             if !next.is_due() {
                 debug!(order_id = %order.order_id, next_attempt_at = %at, "waiting for the next attempt");
-                return Some(RetryWait {
+                return Ended::Retry(RetryWait {
                     due: next,
                     cancellable: order.phase == Phase::Forward,
                 });
             }
         }
-        let fresh = Box::pin(confirm(shared, &order, &mut ticket)).await?;
+        let Some(fresh) = Box::pin(confirm(shared, &order, &mut ticket)).await else {
+            return Ended::Done;
+        };
         if let Some(fresh) = fresh {
             tracker.move_to(fresh.current_step);
             order = fresh;
@@ -279,30 +408,37 @@ async fn drive(
         }
         note_cancel(shared, &mut order);
         // Nothing awaits between the check in `confirm` and the handler's call.
-        let (events, scheduled) = match next_action(&order) {
+        let attempted = match next_action(&order) {
             Action::Run(step) => Box::pin(attempt(shared, &order, step, false)).await,
+            Action::Rollback(step) => Box::pin(attempt(shared, &order, step, true)).await,
             Action::Cancel(step) => {
                 debug!(order_id = %order.order_id, step = %step, "order cancelled before step ran");
-                (vec![Event::Cancel { step }], None)
+                Attempted::Now((vec![Event::Cancel { step }], None))
             }
-            Action::Rollback(step) => Box::pin(attempt(shared, &order, step, true)).await,
-            Action::Notify => Box::pin(notify(shared, &order)).await,
+            Action::Notify => Attempted::Now(Box::pin(notify(shared, &order)).await),
             Action::Done => {
                 debug!(order_id = %order.order_id, current_step = %order.current_step, "order finished");
-                return None;
+                return Ended::Done;
             }
         };
-        due = scheduled;
-        let was_finished = order.is_finished();
-        match Box::pin(commit(shared, order, events)).await {
-            Some(next) => {
-                tracker.move_to(next.current_step);
-                if !was_finished {
-                    shared.metrics.order_finished(&next);
-                }
-                order = next;
+        match attempted {
+            Attempted::Now(now) => concluded = Some(now),
+            Attempted::Later {
+                at,
+                attempt,
+                result,
+            } => {
+                // Still counted in its step while parked: the wake-up takes the count over.
+                tracker.keep_counted();
+                let parked = Parked {
+                    order,
+                    ticket,
+                    attempt,
+                    result,
+                    permit: None,
+                };
+                return Ended::Park(at, Box::new(parked));
             }
-            None => return None,
         }
     }
 }
@@ -368,17 +504,38 @@ async fn confirm(
     }
 }
 
-/// Makes one attempt at running (or rolling back) a step and says what happened, as the events
-/// to commit: the attempt (for handlers with a retry policy), then the step's end or the retry;
-/// and, when it scheduled a retry, when that is due.
-async fn attempt(
-    shared: &Shared,
-    order: &Order,
+/// An attempt under way: what is known of it from its start.
+pub(super) struct Begun {
     step: Step,
     rollback: bool,
-) -> (Vec<Event>, Option<RetryDue>) {
+    number: u32,
+    retries_done: u32,
+    started_at: chrono::DateTime<chrono::Utc>,
+    started: std::time::Instant,
+    call: crate::trace::spans::Call,
+}
+
+/// What one attempt came to.
+// Made once per attempt and matched at once: never kept, so its size costs nothing.
+#[allow(clippy::large_enum_variant)]
+enum Attempted {
+    /// It ended.
+    Now(Concluded),
+    /// Its outcome is known, but it lasts until `at`: the order can wait parked.
+    Later {
+        at: tokio::time::Instant,
+        attempt: Begun,
+        result: Result<StepDone, StepError>,
+    },
+}
+
+/// Makes one attempt at running (or rolling back) a step and says what happened, as the events
+/// to commit: the attempt (for handlers with a retry policy), then the step's end or the retry;
+/// and, when it scheduled a retry, when that is due. A handler that decides its outcome up front
+/// (see [`StepHandler::decided`](super::StepHandler::decided)) is not awaited: the attempt ends
+/// `Later`.
+async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> Attempted {
     let handler = shared.handlers.for_step(step);
-    let policy = handler.retry_policy(rollback);
     let entry = order.entry(step);
     let number = entry
         .map_or(0, |entry| entry.attempts_made(rollback))
@@ -390,11 +547,51 @@ async fn attempt(
     // Microseconds, like every other time the API shows.
     let started_at = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
     let started = std::time::Instant::now();
-    let result = if rollback {
-        handler.rollback(&context).await
-    } else {
-        handler.run(&context).await
+    let (result, later) = match handler.decided(&context, rollback) {
+        Some(decided) => (
+            decided.result,
+            Some(tokio::time::Instant::now() + decided.lasts),
+        ),
+        None if rollback => (handler.rollback(&context).await, None),
+        None => (handler.run(&context).await, None),
     };
+    let attempt = Begun {
+        step,
+        rollback,
+        number,
+        retries_done,
+        started_at,
+        started,
+        call: context.call,
+    };
+    match later {
+        None => Attempted::Now(conclude(shared, order, attempt, result)),
+        Some(at) => Attempted::Later {
+            at,
+            attempt,
+            result,
+        },
+    }
+}
+
+/// Says what an attempt that ended came to (see `attempt`), and accounts for it.
+fn conclude(
+    shared: &Shared,
+    order: &Order,
+    attempt: Begun,
+    result: Result<StepDone, StepError>,
+) -> Concluded {
+    let Begun {
+        step,
+        rollback,
+        number,
+        retries_done,
+        started_at,
+        started,
+        call,
+    } = attempt;
+    let policy = shared.handlers.for_step(step).retry_policy(rollback);
+    let direction = if rollback { "rollback" } else { "run" };
     let elapsed = started.elapsed();
     let outcome = match (&result, rollback) {
         (Ok(_), false) => StepOutcome::Succeeded,
@@ -403,7 +600,10 @@ async fn attempt(
         (Err(_), true) => StepOutcome::RollbackFailed,
     };
     shared.metrics.step_finished(step, outcome, elapsed);
-    context.finish(outcome.as_str(), &result);
+    match &result {
+        Ok(done) => call.end(outcome.as_str(), done.status, None),
+        Err(failure) => call.end(outcome.as_str(), failure.status, Some(&failure.reason)),
+    }
     let duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
     let mut events = Vec::with_capacity(2);
     if policy.is_some() {
@@ -716,13 +916,13 @@ mod tests {
         /// Executes the order as the pool does: marked active, then driven until it stops.
         async fn execute(&self) {
             self.shared.active.mark(self.id());
-            execute(Arc::clone(&self.shared), self.new_job()).await;
+            execute(Arc::clone(&self.shared), self.new_job(), None).await;
         }
 
         /// Like `execute`, in a task of its own, for tests that act while a step runs.
         fn spawn(&self) -> JoinHandle<()> {
             self.shared.active.mark(self.id());
-            tokio::spawn(execute(Arc::clone(&self.shared), self.new_job()))
+            tokio::spawn(execute(Arc::clone(&self.shared), self.new_job(), None))
         }
 
         /// The order as `POST /orders` queues it, known to be ours as of now.
@@ -946,6 +1146,7 @@ mod tests {
                 ticket: None,
                 due: None,
             },
+            None,
         ));
         finished(handle).await;
 
@@ -1090,7 +1291,7 @@ mod tests {
             .gate
             .renewed(std::time::Instant::now() + Duration::from_secs(60));
         harness.shared.active.mark(harness.id());
-        execute(Arc::clone(&harness.shared), job).await;
+        execute(Arc::clone(&harness.shared), job, None).await;
         harness
     }
 
@@ -1136,6 +1337,7 @@ mod tests {
         execute(
             Arc::clone(&harness.shared),
             Queued::bare(Job::Resume(harness.id())),
+            None,
         )
         .await;
         let job = tokio::time::timeout(DEADLINE, harness.queue_rx.recv())
@@ -1145,7 +1347,7 @@ mod tests {
         let waited = resumed.elapsed();
         assert!(waited >= longest - Duration::from_millis(50), "{waited:?}");
         assert!(waited < longest * 3, "{waited:?}");
-        execute(Arc::clone(&harness.shared), job).await;
+        execute(Arc::clone(&harness.shared), job, None).await;
         assert_eq!(harness.stored().current_step, Step::Completed);
     }
 
@@ -1181,7 +1383,7 @@ mod tests {
             .expect("the queue is open");
         assert!(chrono::Utc::now() >= due - chrono::Duration::milliseconds(2));
         assert!(matches!(job.job, Job::Resume(id) if id == harness.id()));
-        execute(Arc::clone(&harness.shared), job).await;
+        execute(Arc::clone(&harness.shared), job, None).await;
 
         let stored = harness.stored();
         assert_eq!(stored.current_step, Step::Completed);
@@ -1212,7 +1414,7 @@ mod tests {
             .await
             .expect("queued again long before the retry is due")
             .expect("the queue is open");
-        execute(Arc::clone(&harness.shared), job).await;
+        execute(Arc::clone(&harness.shared), job, None).await;
 
         harness.assert_cancelled_in_first_step();
     }

@@ -45,15 +45,6 @@ impl<'a> StepContext<'a> {
     pub fn traceparent(&self) -> String {
         self.call.traceparent()
     }
-
-    /// Ends the attempt's call span with how the attempt went.
-    pub fn finish(self, outcome: &'static str, result: &Result<StepDone, StepError>) {
-        let (status, error) = match result {
-            Ok(done) => (done.status, None),
-            Err(failure) => (failure.status, Some(failure.reason.as_str())),
-        };
-        self.call.end(outcome, status, error);
-    }
 }
 
 /// A successful attempt.
@@ -63,6 +54,13 @@ pub struct StepDone {
     pub output: Option<serde_json::Value>,
     /// The HTTP status, for handlers that call a service.
     pub status: Option<u16>,
+}
+
+/// The outcome of an attempt known before it ends (see [`StepHandler::decided`]).
+pub struct Decided {
+    /// How long the attempt takes.
+    pub lasts: Duration,
+    pub result: Result<StepDone, StepError>,
 }
 
 /// Why a step (or its compensation) failed; `reason` is recorded in the order.
@@ -119,6 +117,13 @@ pub trait StepHandler: Send + Sync + 'static {
     /// One attempt at undoing the step's work. Called for the failed step too, so it must cope
     /// with work that was never done.
     async fn rollback(&self, context: &StepContext<'_>) -> Result<StepDone, StepError>;
+
+    /// For a handler that calls nothing and only takes time (the `simulate` handler): the
+    /// attempt's outcome, decided now, and how long the attempt lasts. The executor then holds
+    /// the order as data until then instead of awaiting `run` (or `rollback`). `None`: await it.
+    fn decided(&self, _context: &StepContext<'_>, _rollback: bool) -> Option<Decided> {
+        None
+    }
 
     /// How failed attempts in one direction are retried. `None`: one attempt, no attempt
     /// records, any failure is final (the `simulate` handler, or a rollback with nothing to undo).

@@ -4,6 +4,7 @@
 //! - `job`: what the pool queues ([`Job`]).
 //! - `due`: when a retry is due, on the monotonic clock.
 //! - `executor`: drives one order to a terminal state, commit by commit, with retries.
+//! - `parking`: orders whose step only takes time, held as data until it is over.
 //! - `shared`: the state the pool and the executor share.
 //! - `active`, `cancels`: the orders active here, and the cancellations noted here.
 //! - [`reconcile`]: resumes unfinished orders of this node that nothing here holds.
@@ -23,6 +24,7 @@ mod handler;
 pub mod http;
 mod job;
 pub mod notify;
+mod parking;
 mod pool;
 pub mod reconcile;
 pub mod retry;

@@ -21,6 +21,9 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{error, info, warn, Instrument};
 
+/// How often a shutdown looks whether the parked orders' steps have ended.
+const PARKED_POLL: Duration = Duration::from_millis(20);
+
 /// A reserved slot in the queue: holding one guarantees the job can be queued. It keeps the
 /// gate's ticket from the moment it was reserved, before the order was stored: if the lease lapses
 /// after that, the order is read again before its first step.
@@ -79,6 +82,10 @@ impl Pool {
             queue_tx.clone(),
             stop_rx,
         ));
+        tokio::spawn(
+            super::parking::wake_parked(Arc::clone(&shared))
+                .instrument(tracing::info_span!("parking")),
+        );
         let dispatcher = tokio::spawn(
             dispatch(Arc::clone(&shared), queue_rx, workers)
                 .instrument(tracing::info_span!("dispatcher")),
@@ -156,9 +163,9 @@ impl Pool {
         self.shared.active.contains(id)
     }
 
-    /// Orders executing now.
+    /// Orders executing now, or parked while their step takes its time.
     pub fn inflight(&self) -> usize {
-        self.shared.inflight.load(Ordering::Relaxed)
+        self.shared.inflight.load(Ordering::Relaxed) + self.shared.parking.len()
     }
 
     /// Orders accepted and waiting for a worker.
@@ -206,15 +213,21 @@ impl Pool {
                 return;
             }
         };
-        let running = tasks.len();
+        let running = self.inflight();
         if running > 0 {
             info!(running, grace = ?grace, "waiting for running steps to finish");
         }
-        let drained =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        let drained = tokio::time::timeout(grace, async {
+            while tasks.join_next().await.is_some() {}
+            // Parked steps end on their timer and commit from tasks of their own.
+            while self.inflight() > 0 {
+                tokio::time::sleep(PARKED_POLL).await;
+            }
+        })
+        .await;
         if drained.is_err() {
             warn!(
-                abandoned = tasks.len(),
+                abandoned = self.inflight(),
                 "grace period over, abandoning running steps; they run again on resume"
             );
             tasks.shutdown().await;
@@ -252,10 +265,7 @@ async fn dispatch(
             _ = stop_rx.changed() => break,
         };
         let shared = Arc::clone(&shared);
-        tasks.spawn(async move {
-            let _permit = permit;
-            execute(shared, job).await;
-        });
+        tasks.spawn(execute(shared, job, Some(permit)));
     }
     tasks
 }

@@ -7,6 +7,7 @@ use super::cancels::Cancellations;
 use super::gate::Gate;
 use super::handler::Handlers;
 use super::job::Queued;
+use super::parking::ParkingLot;
 use super::waiters::Waiters;
 use crate::metrics::Metrics;
 use crate::store::OrderStore;
@@ -29,6 +30,8 @@ pub(super) struct Shared {
     pub(super) active: ActiveOrders,
     /// Long polls waiting for orders to finish.
     pub(super) waiters: Waiters,
+    /// Orders whose step takes its time without a task.
+    pub(super) parking: ParkingLot,
     /// For orders coming back from a retry wait (already marked active).
     pub(super) queue_tx: mpsc::Sender<Queued>,
     /// True once the node stops.
@@ -55,6 +58,7 @@ impl Shared {
             cancels: Cancellations::new(),
             active: ActiveOrders::default(),
             waiters: Waiters::default(),
+            parking: ParkingLot::default(),
             queue_tx,
             stop_rx,
         }

@@ -1,7 +1,7 @@
 //! The built-in `simulate` handler: sleeps, then fails with a configured probability or where the
 //! payload says `{"simulate": {"fail_at": "<step>"}}`. Its rollback always succeeds.
 
-use super::handler::{StepContext, StepDone, StepError, StepHandler};
+use super::handler::{Decided, StepContext, StepDone, StepError, StepHandler};
 use crate::config::SimulateConfig;
 use async_trait::async_trait;
 use rand::Rng;
@@ -21,12 +21,9 @@ fn fail_at(payload: &serde_json::Value) -> Option<&str> {
     payload.get("simulate")?.get("fail_at")?.as_str()
 }
 
-#[async_trait]
-impl StepHandler for Simulate {
-    async fn run(&self, context: &StepContext<'_>) -> Result<StepDone, StepError> {
-        if !self.settings.duration.is_zero() {
-            tokio::time::sleep(self.settings.duration).await;
-        }
+impl Simulate {
+    /// How the attempt ends, decided as it starts.
+    fn outcome(&self, context: &StepContext<'_>) -> Result<StepDone, StepError> {
         if fail_at(&context.order.payload) == Some(context.step.as_str()) {
             return Err(StepError::new("simulated failure"));
         }
@@ -34,6 +31,25 @@ impl StepHandler for Simulate {
             return Err(StepError::new("random failure"));
         }
         Ok(StepDone::default())
+    }
+}
+
+#[async_trait]
+impl StepHandler for Simulate {
+    async fn run(&self, context: &StepContext<'_>) -> Result<StepDone, StepError> {
+        if !self.settings.duration.is_zero() {
+            tokio::time::sleep(self.settings.duration).await;
+        }
+        self.outcome(context)
+    }
+
+    /// A step that takes time is held as data while it "runs"; one that takes none is run, and
+    /// a rollback takes none.
+    fn decided(&self, context: &StepContext<'_>, rollback: bool) -> Option<Decided> {
+        (!rollback && !self.settings.duration.is_zero()).then(|| Decided {
+            lasts: self.settings.duration,
+            result: self.outcome(context),
+        })
     }
 
     async fn rollback(&self, _context: &StepContext<'_>) -> Result<StepDone, StepError> {

@@ -443,3 +443,49 @@ async fn accepting_an_order_is_activity() {
     node.submit("alice").await;
     assert!(node.service.activity().get() > before);
 }
+
+/// Waits until `check` holds, failing the test after [`FINISH`].
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + FINISH;
+    while !check() {
+        assert!(Instant::now() < deadline, "not {what} within {FINISH:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn orders_whose_steps_only_take_time_wait_without_a_task() {
+    const ORDERS: usize = 200;
+    let node = node(ORDERS, ORDERS, ORDERS, simulate(Duration::from_secs(3600)));
+    let before = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    for _ in 0..ORDERS {
+        node.submit("alice").await;
+    }
+    until("every order in its first step", || {
+        node.pool.inflight() == ORDERS && node.pool.queued() == 0
+    })
+    .await;
+    // Each order waits as data in the parking lot: no task of its own is left alive.
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(
+        tasks < before + ORDERS / 10,
+        "{tasks} tasks alive for {ORDERS} waiting orders ({before} before)"
+    );
+}
+
+#[tokio::test]
+async fn a_shutdown_lets_a_parked_step_end_and_commit() {
+    let node = node(4, 4, 4, simulate(Duration::from_millis(300)));
+    let id = node.submit("alice").await;
+    until("the order in flight", || node.pool.inflight() == 1).await;
+    node.pool.shutdown(FINISH).await;
+    assert_eq!(node.pool.inflight(), 0);
+    let stored = node.store.get(id).await.unwrap().unwrap();
+    // The first step ended during the grace period and was committed; no other step began.
+    assert_eq!(stored.current_step, Step::PreProcessing);
+    assert!(stored.steps[0].step_complete_time.is_some(), "{stored:?}");
+}
