@@ -6,7 +6,7 @@
 //!
 //! [`ROUTES`] lists every route; `openapi.json` (served at `/openapi.json`) describes exactly
 //! those, which a test checks. `GET /` answers a browser with the console (`console.html`, fed
-//! by the routes of [`console`] and the order routes) and anyone else with the welcome text.
+//! by the `/diagnostic` routes of `console` and the order routes) and anyone else with the welcome text.
 //!
 //! Paths are matched before methods, so a known path with the wrong method is a 405 and an
 //! unknown path a 404.
