@@ -476,4 +476,61 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
     browser.close().await;
     flowing.store(false, Ordering::Relaxed);
     let _ = feeder.await;
+
+    // A node that does not answer shows as such, and the totals are of those that answered.
+    let paused = nodes[2].heartbeat().await["service_id"]
+        .as_str()
+        .expect("service_id")
+        .to_string();
+    nodes[2].signal("STOP");
+    let deadline = Instant::now() + BROWSER_DEADLINE;
+    let view = loop {
+        let view = nodes[0].expect_json(
+            &nodes[0]
+                .call(Method::GET, "/diagnostic/overview")
+                .send()
+                .await,
+            200,
+            "GET /diagnostic/overview",
+        );
+        let row = view["nodes"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|row| row["name"] == paused.as_str()))
+            .cloned()
+            .unwrap_or(Value::Null);
+        if row["answered"] == json!(false) {
+            assert!(row.get("figures").is_none(), "{}", pretty(&row));
+            assert!(row["problem"].is_string(), "{}", pretty(&row));
+            break view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a paused node still answers:\n{}",
+            pretty(&view)
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    assert_eq!(view["nodes_answered"], 2, "{}", pretty(&view));
+    let answered: u64 = view["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|row| row["answered"] == json!(true))
+        .map(|row| row["figures"]["totals"]["accepted"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(view["totals"]["accepted"], answered, "{}", pretty(&view));
+    let flow = nodes[0].expect_json(
+        &nodes[0]
+            .call(Method::GET, "/diagnostic/flow?scope=cluster")
+            .send()
+            .await,
+        200,
+        "GET /diagnostic/flow?scope=cluster",
+    );
+    assert!(
+        flow["nodes_answered"].as_u64() < Some(3),
+        "{}",
+        pretty(&flow)
+    );
+    nodes[2].signal("CONT");
 }
