@@ -13,11 +13,13 @@
 //!   (idempotency, per-user cap, queue before store), and the long polls; no HTTP.
 //! - [`api`]: the warp routes, who may call them (`auth`) and what a client may cost (`limits`),
 //!   the connection server (`serve`), and the one place errors become JSON replies; the OpenAPI
-//!   description and the status page are files served from the binary.
+//!   description and the console are files served from the binary.
 //! - [`secret`]: the constant-time comparison of secrets.
 //! - [`trace`]: W3C trace context kept with each order and passed on every step call; the
 //!   order's log span; spans exported over OTLP/HTTP when configured.
 //! - [`metrics`]: the Prometheus metrics and the in-memory summary of this node's orders.
+//! - [`flow`]: this node's orders per second and step latencies of the last 15 minutes, in a
+//!   bounded ring whose histograms merge exactly across nodes.
 //! - [`cluster`]: gossip membership; the node registry, the liveness and leader leases behind
 //!   `Coordinator`; and the takeover of dead nodes' orders.
 //! - [`node`]: wires the above into a running node and owns its shutdown.
@@ -31,6 +33,7 @@ pub mod about;
 pub mod api;
 pub mod cluster;
 pub mod config;
+pub mod flow;
 pub mod metrics;
 pub mod node;
 pub mod order;

@@ -8,9 +8,13 @@
 //! library's mutex-guarded histogram. Values that are cheap to read but costly to push (queue
 //! depth, worker utilisation, gossip membership) are read when a scrape asks for them.
 //!
+//! The same events also feed this node's per-second [`Flow`] of the last 15 minutes, which the
+//! console charts.
+//!
 //! Every figure is about this node: the orders it accepted, the steps it ran, the orders in
 //! flight here by their current step. Sum over nodes for the cluster.
 
+use crate::flow::{Flow, FlowEvent};
 use crate::order::{Order, OrderId, Outcome, Step, CANCELLED};
 use chrono::{DateTime, Utc};
 use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
@@ -262,6 +266,8 @@ pub struct Metrics {
     gossip_dead: Gauge,
     /// Touched only when an order fails, never on the forward path.
     recent_failures: Mutex<VecDeque<RecentFailure>>,
+    /// The last 15 minutes, per second, for the console.
+    flow: Flow,
 }
 
 impl Default for Metrics {
@@ -473,11 +479,23 @@ impl Metrics {
             gossip_live,
             gossip_dead,
             recent_failures: Mutex::new(VecDeque::with_capacity(RECENT_FAILURES)),
+            flow: Flow::new(),
         }
     }
 
     pub fn order_accepted(&self) {
         self.orders_accepted.inc();
+        self.flow.record(FlowEvent::Accepted);
+    }
+
+    /// Counts an order refused with a 503 because the queue was full or the node stopping.
+    pub fn order_shed(&self) {
+        self.flow.record(FlowEvent::Shed);
+    }
+
+    /// The per-second flow of the last 15 minutes.
+    pub fn flow(&self) -> &Flow {
+        &self.flow
     }
 
     /// Counts an order that just reached its terminal state on this node.
@@ -486,6 +504,7 @@ impl Metrics {
             None => return,
             Some(Outcome::Completed) => {
                 self.orders_completed.inc();
+                self.flow.record(FlowEvent::Completed);
                 return;
             }
             Some(Outcome::Failed(failure)) => failure,
@@ -495,6 +514,7 @@ impl Metrics {
             self.orders_cancelled.inc();
         } else {
             self.orders_failed.inc();
+            self.flow.record(FlowEvent::Failed);
         }
         let entry = RecentFailure {
             order_id: order.order_id,
@@ -523,6 +543,9 @@ impl Metrics {
             .and_then(|outcomes| outcomes.get(outcome.index()))
         {
             histogram.observe(elapsed);
+        }
+        if matches!(outcome, StepOutcome::Succeeded | StepOutcome::Failed) {
+            self.flow.record(FlowEvent::StepRan(step, elapsed));
         }
         if outcome == StepOutcome::RolledBack {
             if let Some(counter) = self.rollbacks.get(index) {

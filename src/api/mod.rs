@@ -5,13 +5,14 @@
 //! same JSON error shape. Each route group gets only its part of the [`ApiState`].
 //!
 //! [`ROUTES`] lists every route; `openapi.json` (served at `/openapi.json`) describes exactly
-//! those, which a test checks. `GET /` answers a browser with the status page (`status.html`)
-//! and anyone else with the welcome text.
+//! those, which a test checks. `GET /` answers a browser with the console (`console.html`, fed
+//! by the `/diagnostic` routes of `console` and the order routes) and anyone else with the welcome text.
 //!
 //! Paths are matched before methods, so a known path with the wrong method is a 405 and an
 //! unknown path a 404.
 
 pub mod auth;
+mod console;
 mod diagnostic;
 pub mod error;
 pub mod limits;
@@ -48,17 +49,22 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/diagnostic/cluster"),
     ("GET", "/diagnostic/summary"),
     ("GET", "/diagnostic/set-aside"),
+    ("GET", "/diagnostic/overview"),
+    ("GET", "/diagnostic/flow"),
+    ("GET", "/diagnostic/parked"),
+    ("GET", "/diagnostic/stuck"),
     ("POST", "/service/transfer"),
     ("GET", "/service/nodes/{service_id}/orders"),
 ];
 
 /// The OpenAPI 3 description of [`ROUTES`].
 pub const OPENAPI: &str = include_str!("openapi.json");
-/// The status page: one self-contained HTML file that polls the JSON diagnostics.
-const STATUS_PAGE: &str = include_str!("status.html");
+/// The console: one self-contained HTML file (no external script or style) that polls the
+/// JSON diagnostics and draws its charts itself.
+const CONSOLE: &str = include_str!("console.html");
 const WELCOME: &str = "Welcome to Order Processing System!";
 
-/// `GET /`: the status page for a browser (`Accept` naming `text/html`), the welcome text for
+/// `GET /`: the console for a browser (`Accept` naming `text/html`), the welcome text for
 /// everyone else.
 fn root() -> BoxedFilter<(Response,)> {
     warp::path::end()
@@ -66,7 +72,7 @@ fn root() -> BoxedFilter<(Response,)> {
         .and(warp::header::optional::<String>("accept"))
         .map(|accept: Option<String>| {
             if accept.is_some_and(|accept| accept.contains("text/html")) {
-                warp::reply::html(STATUS_PAGE).into_response()
+                warp::reply::html(CONSOLE).into_response()
             } else {
                 WELCOME.into_response()
             }
@@ -102,6 +108,11 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
         .or(metrics::routes(Arc::clone(&state.node)))
         .unify()
         .or(orders::routes(orders))
+        .unify()
+        .or(console::routes(Arc::new(console::Console::new(
+            Arc::clone(&state.node),
+            Arc::clone(&auth),
+        ))))
         .unify()
         .or(diagnostic::routes(state.node, auth))
         .unify()

@@ -114,6 +114,29 @@ pub fn next_action(order: &Order) -> Action {
 
 /// Applies one event to a copy of the order. An illegal event is an error and changes nothing.
 pub fn apply(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, TransitionError> {
+    let ran = match &event {
+        Event::StepSucceeded { step, .. }
+        | Event::StepFailed { step, .. }
+        | Event::RolledBack { step }
+        | Event::RollbackFailed { step, .. }
+        | Event::Attempted { step, .. } => Some(*step),
+        _ => None,
+    };
+    let mut next = transition(order, event, now)?;
+    // The step's work was done by the order's owner: kept so an operator sees where it ran.
+    let (owner, steps) = (&next.owner, &mut next.steps);
+    // The newest entry of the step, as `Order::entry_mut` finds it.
+    let entry = ran.and_then(|step| steps.iter_mut().rev().find(|e| e.step_name == step));
+    if let Some(entry) = entry {
+        if entry.node.as_deref() != Some(owner.as_str()) {
+            entry.node = Some(owner.clone());
+        }
+    }
+    Ok(next)
+}
+
+/// [`apply`] but for noting the node that ran the step.
+fn transition(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, TransitionError> {
     let mut next = order.clone();
     match event {
         Event::StepSucceeded { step, output } => {

@@ -138,6 +138,10 @@ pub struct StepEntry {
     /// When the next attempt is due, while a retry is scheduled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The node that last ran or rolled back this step (absent in orders stored before it was
+    /// kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 fn is_zero(value: &u32) -> bool {
@@ -157,6 +161,7 @@ impl StepEntry {
             rollback_attempts: 0,
             retries: 0,
             next_attempt_at: None,
+            node: None,
         }
     }
 

@@ -62,6 +62,9 @@ pub struct StepView<'a> {
         serialize_with = "rfc3339_opt"
     )]
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The node that last ran or rolled back the step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<&'a str>,
 }
 
 /// The answer to `GET /orders/{id}`.
@@ -115,6 +118,7 @@ impl<'a> From<&'a Order> for OrderView<'a> {
                     output: entry.output.as_ref(),
                     attempts: &entry.attempts,
                     next_attempt_at: entry.next_attempt_at,
+                    node: entry.node.as_deref(),
                 })
                 .collect(),
             payload: &order.payload,

@@ -225,6 +225,18 @@ impl OrderStore for FakeStore {
         Ok((owned, next))
     }
 
+    async fn parked_page(&self, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
+        let mut parked: Vec<OrderId> = (self.orders.lock().unwrap().values())
+            .filter(|order| crate::store::is_parked(order))
+            .map(|order| order.order_id)
+            .collect();
+        parked.sort_unstable();
+        parked.retain(|id| at.is_empty() || id.to_string().as_str() > at);
+        let next = (parked.len() > n).then(|| parked[n - 1].to_string());
+        parked.truncate(n);
+        Ok((parked, next))
+    }
+
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
         let mut orders = self.orders.lock().unwrap();
         let mut owned = Vec::new();

@@ -96,6 +96,7 @@ impl Orders for OrderService {
         };
         // The queue slot first: when the node is full or stopping, nothing is stored.
         let Some(slot) = self.pool.try_reserve() else {
+            self.metrics.order_shed();
             return Err(if self.pool.is_stopping() {
                 OrderError::Stopping { retry_after }
             } else {

@@ -10,7 +10,7 @@
 //! older than the retention, with their index entries and idempotency keys.
 
 use super::{
-    cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor,
+    cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor, is_parked,
     retry_rollback_outcome, same_order, CancelOutcome, Checked, Created, Fence, ListQuery,
     OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome, SetAside,
     StoreError, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
@@ -48,6 +48,9 @@ const ORDER_KEYS: TableDefinition<&str, &str> = TableDefinition::new("order_idem
 /// Bookkeeping: [`BACKFILL`] while the walk that files orders finished before [`FINISHED`]
 /// existed is owed, holding the id it goes on after.
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Order id → (): the orders whose rollback is parked, kept in the transaction that parks,
+/// re-opens or deletes one.
+const PARKED: TableDefinition<&str, ()> = TableDefinition::new("parked_rollbacks");
 const BACKFILL: &str = "finished_backfill";
 
 /// How often the purge thread looks for finished orders past their retention.
@@ -136,6 +139,7 @@ impl EmbeddedStore {
             txn.open_table(FINISHED).map_err(unavailable)?;
             txn.open_table(ORDER_KEYS).map_err(unavailable)?;
             txn.open_table(META).map_err(unavailable)?;
+            txn.open_table(PARKED).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
 
@@ -406,6 +410,7 @@ struct Tables<'txn, 'cache> {
     finished: redb::Table<'txn, (u64, &'static str), u64>,
     order_keys: redb::Table<'txn, &'static str, &'static str>,
     meta: redb::Table<'txn, &'static str, &'static str>,
+    parked: redb::Table<'txn, &'static str, ()>,
     owners: &'cache mut Owners,
 }
 
@@ -429,6 +434,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
                 .open_table(ORDER_KEYS)
                 .map_err(|error| error.to_string())?,
             meta: txn.open_table(META).map_err(|error| error.to_string())?,
+            parked: txn.open_table(PARKED).map_err(|error| error.to_string())?,
             owners,
         })
     }
@@ -455,6 +461,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             self.finished
                 .insert((now_millis(), id.as_str()), order.revision)
                 .map_err(unavailable)?;
+            self.file_parked(order, &id)?;
         } else {
             if newly_owned {
                 self.owned
@@ -462,6 +469,16 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
                     .map_err(unavailable)?;
             }
             self.owners.insert(order.order_id, Ownership::from(order));
+        }
+        Ok(())
+    }
+
+    /// Keeps the parked table in step with a finished (or re-opened) order.
+    fn file_parked(&mut self, order: &Order, id: &str) -> Result<(), StoreError> {
+        if is_parked(order) {
+            self.parked.insert(id, ()).map_err(unavailable)?;
+        } else {
+            self.parked.remove(id).map_err(unavailable)?;
         }
         Ok(())
     }
@@ -585,6 +602,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         match retry_rollback_outcome(stored, node, now) {
             Ok(next) => {
                 self.write(&next, &encode(&next)?, true)?;
+                self.file_parked(&next, &id.to_string())?;
                 Ok(RetryRollbackOutcome::Accepted(next))
             }
             Err(stored) => Ok(RetryRollbackOutcome::NotParked(*stored)),
@@ -660,6 +678,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         let id = order.order_id.to_string();
         let user = order.user.as_str();
         self.orders.remove(id.as_str()).map_err(unavailable)?;
+        self.parked.remove(id.as_str()).map_err(unavailable)?;
         self.by_user
             .remove((user, created_micros(order), id.as_str()))
             .map_err(unavailable)?;
@@ -891,6 +910,35 @@ impl OrderStore for EmbeddedStore {
                     Ok(id) => ids.push(id),
                     Err(_) => {
                         tracing::warn!(order_id = %id, "skipping an unreadable id in the owner index")
+                    }
+                }
+            }
+            Ok((ids, None))
+        })
+        .await
+    }
+
+    async fn parked_page(&self, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
+        let at = at.to_string();
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let parked = txn.open_table(PARKED).map_err(unavailable)?;
+            let range = parked.range(at.as_str()..).map_err(unavailable)?;
+            let mut ids = Vec::new();
+            for entry in range {
+                let (key, _) = entry.map_err(unavailable)?;
+                let id = key.value();
+                if id == at {
+                    continue;
+                }
+                if ids.len() >= n.max(1) {
+                    let next = ids.last().map(ToString::to_string);
+                    return Ok((ids, next));
+                }
+                match OrderId::try_parse(id) {
+                    Ok(id) => ids.push(id),
+                    Err(_) => {
+                        tracing::warn!(order_id = %id, "skipping an unreadable id in the parked index")
                     }
                 }
             }

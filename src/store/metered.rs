@@ -112,6 +112,11 @@ impl OrderStore for MeteredStore {
         result
     }
 
+    async fn parked_page(&self, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
+        // An operator's look, never on an order's path: not timed.
+        self.inner.parked_page(at, n).await
+    }
+
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
         let started = Instant::now();
         let result = self.inner.reassign(from, to).await;

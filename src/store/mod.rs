@@ -82,6 +82,11 @@ pub struct ListQuery {
     pub rollback_state: Option<RollbackState>,
 }
 
+/// Whether an order's rollback is parked: failed, finished, with compensations left to run.
+pub fn is_parked(order: &Order) -> bool {
+    order.phase == Phase::Finished && order.rollback_state == Some(RollbackState::Incomplete)
+}
+
 impl ListQuery {
     /// Whether an order passes the query's filters.
     pub fn matches(&self, order: &Order) -> bool {
@@ -120,7 +125,8 @@ pub struct Repaired {
     pub owners: std::collections::BTreeSet<String>,
 }
 
-/// A page of a node's unfinished orders, and the cursor of the next page (`None`: the last).
+/// A page of order ids (a node's unfinished orders, or the parked rollbacks), and the cursor of
+/// the next page (`None`: the last).
 pub type OwnedPage = (Vec<OrderId>, Option<String>);
 
 /// What one page of an index repair went through, and the cursor of the next page (`None`:
@@ -215,6 +221,13 @@ pub trait OrderStore: Send + Sync + 'static {
 
     /// The orders set aside, at most `limit` of them, in no particular order.
     async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError>;
+
+    /// One page of the orders whose rollback is parked ([`RollbackState::Incomplete`]), any
+    /// user's, in id order: up to `n` ids after cursor `at` (`""` to begin) and the cursor of the
+    /// next page, `None` once through. Kept in the same atomic step that parks, re-opens or
+    /// deletes an order; an order parked by an older version shows up once an index repair
+    /// went through it. Callers read the orders and may meet one that is no longer parked.
+    async fn parked_page(&self, at: &str, n: usize) -> Result<OwnedPage, StoreError>;
 
     /// A real round trip to the store, for health checks: an error when it cannot be read, or
     /// (where the store can tell cheaply) cannot be written.

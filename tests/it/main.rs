@@ -22,7 +22,9 @@
 //! - `trace`      — W3C traceparent kept with orders, passed on step calls, in log lines; spans
 //!   exported to an OTLP/HTTP receiver
 //! - `metrics`    — `/metrics` counters, `/diagnostic/summary`, `/openapi.json` against the router
-//! - `status_page` — the HTML status page in headless Chromium (skipped without Chromium)
+//! - `console`    — the web console in headless Chromium over the DevTools protocol, against
+//!   three nodes: charts, an order's story, a parked rollback retried with a click (skipped
+//!   without Chromium)
 //! - `security`   — tokens, roles, SIGHUP reload, rate and in-flight limits, slow clients
 //! - `service`    — the cluster-internal view of the orders a node owns
 //! - `bench`      — `order-process bench` against a real node; long polls
@@ -52,11 +54,11 @@ mod metrics;
 mod pipeline;
 mod restart;
 mod security;
-mod status_page;
 mod trace;
 
 mod bench;
 mod cluster;
+mod console;
 mod redis_tls;
 mod sentinel;
 mod service;

@@ -3,7 +3,8 @@
 //! refused without the cluster secret or an admin token, SIGHUP reloading the tokens file, the
 //! per-user submission rate and in-flight caps (429 with Retry-After), payload nesting, slow
 //! clients disconnected while others are served, `/diagnostic/summary` naming failed orders
-//! and `/diagnostic/set-aside` listing orders only to an admin, and a gossip member without a lease in Redis never sent the cluster secret.
+//! and `/diagnostic/set-aside`, `/diagnostic/parked` and `/diagnostic/stuck` listing orders
+//! only to an admin, and a gossip member without a lease in Redis never sent the cluster secret.
 
 use std::fs;
 use std::path::PathBuf;
@@ -289,6 +290,34 @@ async fn the_summary_shows_recent_failures_only_to_an_admin() {
         "set-aside with an admin's token",
     );
     assert_eq!(listed["set_aside"], json!([]), "{listed}");
+
+    // The console's lists of any user's orders are an admin's too; its cluster view and flow
+    // are counts only, for anyone.
+    for path in ["/diagnostic/parked", "/diagnostic/stuck?older_than=0s"] {
+        let list = |header: Option<String>| {
+            let call = node.call(Method::GET, path);
+            match header {
+                Some(header) => call.header("authorization", &header).send(),
+                None => call.send(),
+            }
+        };
+        node.expect_error(&list(None).await, 401, &format!("{path} without a token"));
+        node.expect_error(
+            &list(Some(bearer(ALICE))).await,
+            403,
+            &format!("{path} with a user's token"),
+        );
+        node.expect_json(
+            &list(Some(bearer(ROOT))).await,
+            200,
+            &format!("{path} with an admin's token"),
+        );
+    }
+    for path in ["/diagnostic/overview", "/diagnostic/flow?scope=cluster"] {
+        let reply = node.call(Method::GET, path).send().await;
+        let view = node.expect_json(&reply, 200, &format!("{path} without a token"));
+        assert!(!reply.text.contains(&id), "{path} names an order: {view}");
+    }
 }
 
 #[tokio::test]

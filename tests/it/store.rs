@@ -109,6 +109,22 @@ async fn parked(store: &dyn OrderStore, user: &str, offset_ms: i64) -> Order {
     parked
 }
 
+/// Every order the parked index lists, paged two at a time as an operator's view would.
+async fn all_parked(store: &dyn OrderStore) -> Vec<OrderId> {
+    let mut all = Vec::new();
+    let mut cursor = String::new();
+    for _ in 0..1000 {
+        let (page, next) = store.parked_page(&cursor, 2).await.expect("parked page");
+        assert!(page.len() <= 2, "a page of {} for 2", page.len());
+        all.extend(page);
+        match next {
+            Some(next) => cursor = next,
+            None => return all,
+        }
+    }
+    panic!("the parked pages never end");
+}
+
 /// Polls until order `id` is gone, for at most `within`.
 async fn wait_gone(store: &dyn OrderStore, id: OrderId, within: Duration) {
     let deadline = std::time::Instant::now() + within;
@@ -129,6 +145,8 @@ async fn retention(store: &dyn OrderStore) -> String {
     let running = new_order(&user, "node-a", 0);
     create(store, &running).await;
     let parked = parked(store, &user, 1).await;
+    // Parked and left so: it goes with its retention, and out of the parked index.
+    let lapsed = self::parked(store, &user, 4).await;
     let done = new_order(&user, "node-a", 2);
     assert!(matches!(
         store.create(&done, Some("cart-1")).await.expect("create"),
@@ -159,6 +177,7 @@ async fn retention(store: &dyn OrderStore) -> String {
     ));
 
     wait_gone(store, done.order_id, Duration::from_secs(15)).await;
+    wait_gone(store, lapsed.order_id, Duration::from_secs(5)).await;
     for id in &newer {
         wait_gone(store, *id, Duration::from_secs(5)).await;
     }
@@ -166,6 +185,10 @@ async fn retention(store: &dyn OrderStore) -> String {
     store.purge_expired(PURGE_BATCH).await.expect("purge");
     assert!(store.get(running.order_id).await.unwrap().is_some());
     assert!(store.get(parked.order_id).await.unwrap().is_some());
+    assert!(
+        !all_parked(store).await.contains(&lapsed.order_id),
+        "an order gone by retention is still listed as parked"
+    );
     let page = store
         .list_for_user(
             &user,
@@ -450,6 +473,21 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
     assert!(!owns(store, "node-a", order.order_id).await);
     let done = new_order(&user, "node-a", 10);
     create(store, &done).await;
+    // Any user's parked rollbacks are listed, in pages, and nothing else.
+    let others: Vec<OrderId> = join_all((0..4).map(|n| {
+        let user = format!("other-parker-{n}-{}", uuid::Uuid::new_v4().simple());
+        async move { parked(store, &user, 0).await.order_id }
+    }))
+    .await;
+    let listed = all_parked(store).await;
+    for id in others.iter().chain([&order.order_id]) {
+        assert!(listed.contains(id), "parked order {id} not listed");
+    }
+    assert!(!listed.contains(&done.order_id));
+    let mut sorted = listed.clone();
+    sorted.sort_by_key(ToString::to_string);
+    sorted.dedup();
+    assert_eq!(listed, sorted, "parked pages in id order, no order twice");
 
     let incomplete = ListQuery {
         limit: 50,
@@ -495,6 +533,10 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
         Some(reopened.clone())
     );
     assert!(owns(store, "node-b", order.order_id).await);
+    assert!(
+        !all_parked(store).await.contains(&order.order_id),
+        "a re-opened order is still listed as parked"
+    );
     // Only once: it is rolling back now, and the old owner is fenced out.
     assert!(matches!(
         store
@@ -521,6 +563,8 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
     );
     store.commit(&rolled_back).await.expect("new owner commits");
     assert!(!owns(store, "node-b", order.order_id).await);
+    assert!(rolled_back.is_finished());
+    assert!(!all_parked(store).await.contains(&order.order_id));
 }
 
 #[tokio::test]

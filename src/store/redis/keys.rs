@@ -10,6 +10,8 @@
 //! - `op:finished`: sorted set of `{id} {user index member} {user}` scored with when that
 //!   finished order expires (ms, Redis's clock): what the retention pass takes user index
 //!   entries out by. A finished order's hash expires `orders.retention` after it finished.
+//! - `op:parked`: sorted set (all scores 0) of the ids of orders whose rollback is parked,
+//!   kept by the scripts that finish, re-open and expire an order.
 //! - `op:aside`: hash order id → why it was set aside (JSON), for orders whose record cannot be
 //!   read; they are in no owned set.
 //!
@@ -33,6 +35,8 @@ pub(crate) const LEADER_FENCE: &str = "op:leader:fence";
 pub(crate) const PROBE: &str = "op:probe";
 /// The orders set aside because their record cannot be read.
 pub(crate) const ASIDE: &str = "op:aside";
+/// The orders whose rollback is parked.
+pub(crate) const PARKED: &str = "op:parked";
 /// What a `SCAN` for every order hash matches.
 pub(crate) const ORDER_PATTERN: &str = "op:order:*";
 /// What an order hash's key is its id prefixed with.

@@ -4,14 +4,14 @@
 use super::conn::{Connections, Scripted};
 use super::keys::{
     idem_key, order_key, owned_key, user_key, ASIDE, FINISHED, ORDER_PATTERN, ORDER_PREFIX,
-    OWNED_PREFIX, PROBE, USER_PREFIX,
+    OWNED_PREFIX, PARKED, PROBE, USER_PREFIX,
 };
 use super::scripts::Scripts;
 use crate::order::{Order, OrderId, Phase};
 use crate::store::{
-    cancel_outcome, decode_cursor, encode_cursor, retry_rollback_outcome, CancelOutcome, Created,
-    ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome,
-    SetAside, StoreError, DEFAULT_RETENTION, IDEMPOTENCY_TTL,
+    cancel_outcome, decode_cursor, encode_cursor, is_parked, retry_rollback_outcome, CancelOutcome,
+    Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
+    RetryRollbackOutcome, SetAside, StoreError, DEFAULT_RETENTION, IDEMPOTENCY_TTL,
 };
 use async_trait::async_trait;
 use deadpool_redis::redis::{self, Value};
@@ -184,11 +184,13 @@ impl RedisStore {
                         .key(key)
                         .key(FINISHED)
                         .key(user_key(&order.user))
+                        .key(PARKED)
                         .arg(OWNED_PREFIX)
                         .arg(&id)
                         .arg(self.retention_ms)
                         .arg(finished_entry(&order))
-                        .arg(micros_member(&order)),
+                        .arg(micros_member(&order))
+                        .arg(flag(is_parked(&order))),
                 )
                 .ignore();
             repaired.orders += 1;
@@ -335,6 +337,15 @@ impl RedisStore {
     }
 }
 
+/// A script's yes/no argument.
+fn flag(yes: bool) -> &'static str {
+    if yes {
+        "1"
+    } else {
+        "0"
+    }
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -436,6 +447,7 @@ impl OrderStore for RedisStore {
         commit
             .key(owned_key(&order.owner))
             .key(FINISHED)
+            .key(PARKED)
             .arg(&order.owner)
             .arg(order.epoch)
             .arg(&doc)
@@ -445,7 +457,8 @@ impl OrderStore for RedisStore {
             .arg(&id)
             .arg(order.revision)
             .arg(self.retention_ms)
-            .arg(finished_entry(order));
+            .arg(finished_entry(order))
+            .arg(flag(is_parked(order)));
         let outcome: String = self.redis.write(&commit).await?;
         commit_outcome(&outcome)
     }
@@ -483,6 +496,7 @@ impl OrderStore for RedisStore {
             let mut reopen = self.scripts.reopen.key(order_key(&id.to_string()));
             reopen
                 .key(owned_key(&next.owner))
+                .key(PARKED)
                 .arg(&read_owner)
                 .arg(read_epoch)
                 .arg(&doc)
@@ -526,6 +540,32 @@ impl OrderStore for RedisStore {
             .filter_map(|id| OrderId::try_parse(id).ok())
             .collect();
         Ok((ids, (next != "0").then_some(next)))
+    }
+
+    async fn parked_page(&self, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
+        let n = n.max(1);
+        let mut range = redis::cmd("ZRANGE");
+        range
+            .arg(PARKED)
+            .arg(if at.is_empty() {
+                "-".to_string()
+            } else {
+                format!("({at}")
+            })
+            .arg("+")
+            .arg("BYLEX")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(n);
+        let members: Vec<String> = self.redis.query(&range).await?;
+        let next = (members.len() >= n)
+            .then(|| members.last().cloned())
+            .flatten();
+        let ids = members
+            .iter()
+            .filter_map(|id| OrderId::try_parse(id).ok())
+            .collect();
+        Ok((ids, next))
     }
 
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
@@ -578,7 +618,11 @@ impl OrderStore for RedisStore {
         // The order hashes and idempotency keys expire by themselves; what is left is their
         // user index entries.
         let mut prune = self.scripts.prune_finished.key(FINISHED);
-        prune.arg(n.max(1)).arg(ORDER_PREFIX).arg(USER_PREFIX);
+        prune
+            .key(PARKED)
+            .arg(n.max(1))
+            .arg(ORDER_PREFIX)
+            .arg(USER_PREFIX);
         self.redis.write(&prune).await
     }
 

@@ -23,9 +23,9 @@ local function finish(order, id, retention, finished, entry)
 end
 ";
 
-/// Commit a transition. KEYS: the order, the committer's owned set, the finished index. ARGV:
-/// owner, epoch, doc, aware of cancellation (1/0), state, step, order id, revision, retention
-/// (ms), finished index entry. Why a script: the owner/epoch check and the write must be one
+/// Commit a transition. KEYS: the order, the committer's owned set, the finished index, the
+/// parked index. ARGV: owner, epoch, doc, aware of cancellation (1/0), state, step, order id,
+/// revision, retention (ms), finished index entry, parked (1/0). Why a script: the owner/epoch check and the write must be one
 /// atomic step, or a node that just lost the order could overwrite its new owner's progress; a write must be newer than the stored revision, or one
 /// delivered late (TCP retransmitting it after a network cut healed) would take the order back,
 /// while the very write already stored (a retry after a lost answer) is done; and the order
@@ -54,6 +54,13 @@ if new == rev then
   return 'ok'
 end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6], 'rev', ARGV[8])
+if ARGV[5] == 'finished' or ARGV[5] == 'notifying' then
+  if ARGV[11] == '1' then
+    redis.call('ZADD', KEYS[4], 0, ARGV[7])
+  else
+    redis.call('ZREM', KEYS[4], ARGV[7])
+  end
+end
 if ARGV[5] == 'finished' then
   redis.call('SREM', KEYS[2], ARGV[7])
   finish(KEYS[1], ARGV[7], ARGV[9], KEYS[3], ARGV[10])
@@ -131,11 +138,11 @@ redis.call('SADD', KEYS[3], ARGV[3])
 return 'moved'
 ";
 
-/// Re-open a parked order. KEYS: the order, the new owner's owned set. ARGV: owner and epoch
+/// Re-open a parked order. KEYS: the order, the new owner's owned set, the parked index. ARGV: owner and epoch
 /// read, new doc, new owner, new epoch, state, step, order id. Writes only if the order is still
 /// finished (its webhook delivered or not) and unchanged since it was read (compare-and-set), so
 /// of two concurrent retries exactly one re-opens it; and the re-opened order joins its owner's
-/// set, and is kept again (its retention stopped), in the same step. Its finished index entry
+/// set, leaves the parked index, and is kept again (its retention stopped), in the same step. Its finished index entry
 /// stays: the retention pass finds the order there and only drops the entry.
 const REOPEN: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'state')
@@ -145,14 +152,16 @@ if cur[3] ~= 'finished' and cur[3] ~= 'notifying' then return 'changed' end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'owner', ARGV[4], 'epoch', ARGV[5], 'state', ARGV[6], 'step', ARGV[7])
 redis.call('PERSIST', KEYS[1])
 redis.call('SADD', KEYS[2], ARGV[8])
+redis.call('ZREM', KEYS[3], ARGV[8])
 return 'ok'
 ";
 
 /// Put an order in its owner's owned set if unfinished, out of it if finished, and in its user's
 /// index; a finished order with no expiry (stored before retention, or by an older version)
-/// starts its retention, an unfinished one with an expiry loses it. KEYS: the order, the
-/// finished index, the user's index. ARGV: the owned sets' key prefix, the order id, retention
-/// (ms), finished index entry, user index member. Returns 1, or 0 when the order is missing.
+/// starts its retention, an unfinished one with an expiry loses it; a finished one parked as
+/// read is in the parked index, an unfinished one is not. KEYS: the order, the finished index,
+/// the user's index, the parked index. ARGV: the owned sets' key prefix, the order id, retention
+/// (ms), finished index entry, user index member, parked as read (1/0). Returns 1, or 0 when the order is missing.
 /// Why a script: the index repair must not put back an order that finished (or moved, or
 /// expired) after the repair read it.
 const REPAIR_OWNED: &str = r"
@@ -162,7 +171,9 @@ redis.call('ZADD', KEYS[3], 0, ARGV[5])
 if cur[2] == 'finished' then
   redis.call('SREM', ARGV[1] .. cur[1], ARGV[2])
   if redis.call('PTTL', KEYS[1]) == -1 then finish(KEYS[1], ARGV[2], ARGV[3], KEYS[2], ARGV[4]) end
+  if ARGV[6] == '1' then redis.call('ZADD', KEYS[4], 0, ARGV[2]) end
 else
+  redis.call('ZREM', KEYS[4], ARGV[2])
   redis.call('SADD', ARGV[1] .. cur[1], ARGV[2])
   redis.call('PERSIST', KEYS[1])
 end
@@ -173,8 +184,9 @@ return 1
 /// expiry passed), at most ARGV[1] of them. An entry whose order is gone goes with the order's
 /// user index entry; one whose order is kept again (re-opened) just goes; one whose order is
 /// still there to expire (its expiry a moment later than the entry's score, by the clock's
-/// granularity) is scored again with it. KEYS: the finished index. ARGV: most entries, the order
-/// keys' prefix, the user indexes' prefix. Entries are `{order id} {user index member} {user}`.
+/// granularity) is scored again with it; an order gone leaves the parked index too. KEYS: the
+/// finished index, the parked index. ARGV: most entries, the order keys' prefix, the user
+/// indexes' prefix. Entries are `{order id} {user index member} {user}`.
 /// Returns how many entries it went through. Why a script: the look at the order and the
 /// removal of its entry must not interleave with a re-open; the user index keys are derived
 /// from the entries (one Redis primary holds them all).
@@ -189,7 +201,10 @@ for _, entry in ipairs(due) do
   if ttl >= 0 then
     redis.call('ZADD', KEYS[1], now_ms + ttl + 1, entry)
   else
-    if ttl == -2 and id then redis.call('ZREM', ARGV[3] .. user, member) end
+    if ttl == -2 and id then
+      redis.call('ZREM', ARGV[3] .. user, member)
+      redis.call('ZREM', KEYS[2], id)
+    end
     redis.call('ZREM', KEYS[1], entry)
   end
 end
