@@ -185,7 +185,8 @@ pub struct Call {
     flags: u8,
     /// The span the call stands for: the client span's when spans are exported.
     span_id: SpanId,
-    span: Option<Span>,
+    /// Boxed: a call is kept with every order parked on a step, mostly with no span.
+    span: Option<Box<Span>>,
 }
 
 impl Call {
@@ -222,7 +223,7 @@ impl Call {
             trace_id: trace.trace_id,
             flags: trace.flags,
             span_id: span_id(span.span_context().span_id()),
-            span: Some(span),
+            span: Some(Box::new(span)),
         }
     }
 
