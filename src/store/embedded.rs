@@ -15,7 +15,7 @@ use super::{
     OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome, SetAside,
     StoreError, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
 };
-use crate::order::{Order, OrderId};
+use crate::order::{Order, OrderId, RollbackState, Step};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redb::{
@@ -51,7 +51,53 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// Order id → (): the orders whose rollback is parked, kept in the transaction that parks,
 /// re-opens or deletes one.
 const PARKED: TableDefinition<&str, ()> = TableDefinition::new("parked_rollbacks");
+/// A user's orders by state (a step's, or a rollback state's code: see `state_codes`), newest
+/// last: what listings filtered by step or rollback state read instead of the user's history.
+const BY_STATE: TableDefinition<(&str, u8, u64, &str), ()> =
+    TableDefinition::new("orders_by_user_state");
+/// Order id → the state codes it is filed under in `BY_STATE`.
+const STATE_OF: TableDefinition<&str, (u8, u8)> = TableDefinition::new("order_state");
 const BACKFILL: &str = "finished_backfill";
+/// Meta key of a walk that files orders stored before `BY_STATE` existed; listings filtered by
+/// state scan the user's history until it is over.
+const STATE_BACKFILL: &str = "state_backfill";
+/// Orders read by a walk: their ids, and what each decoded to.
+type Walked = Vec<(String, Result<Order, StoreError>)>;
+
+/// Whether a walk that files orders stored by an older version in a newer index is owed.
+fn walk_owed(txn: &redb::ReadTransaction) -> Result<bool, StoreError> {
+    let meta = txn.open_table(META).map_err(unavailable)?;
+    Ok(meta.get(BACKFILL).map_err(unavailable)?.is_some()
+        || meta.get(STATE_BACKFILL).map_err(unavailable)?.is_some())
+}
+
+/// The state code of "no rollback state".
+const NO_ROLLBACK: u8 = u8::MAX;
+
+/// The codes an order is filed under in `BY_STATE`: its current step's, and its rollback
+/// state's (or `NO_ROLLBACK`).
+fn state_codes(order: &Order) -> (u8, u8) {
+    (
+        step_code(order.current_step),
+        rollback_code(order.rollback_state),
+    )
+}
+
+fn step_code(step: Step) -> u8 {
+    Step::ALL
+        .iter()
+        .position(|each| *each == step)
+        .and_then(|index| u8::try_from(index).ok())
+        .unwrap_or(NO_ROLLBACK)
+}
+
+fn rollback_code(state: Option<RollbackState>) -> u8 {
+    match state {
+        None => NO_ROLLBACK,
+        Some(RollbackState::Complete) => 16,
+        Some(RollbackState::Incomplete) => 17,
+    }
+}
 
 /// How often the purge thread looks for finished orders past their retention.
 const PURGE_EVERY: Duration = Duration::from_secs(1);
@@ -131,6 +177,13 @@ impl EmbeddedStore {
                     .insert(BACKFILL, "")
                     .map_err(unavailable)?;
             }
+            // Orders stored before they were filed by state: the same, for listings.
+            if known(ORDERS.name()) && !known(BY_STATE.name()) {
+                txn.open_table(META)
+                    .map_err(unavailable)?
+                    .insert(STATE_BACKFILL, "")
+                    .map_err(unavailable)?;
+            }
             txn.open_table(ORDERS).map_err(unavailable)?;
             txn.open_table(BY_USER).map_err(unavailable)?;
             txn.open_table(OWNED).map_err(unavailable)?;
@@ -140,6 +193,8 @@ impl EmbeddedStore {
             txn.open_table(ORDER_KEYS).map_err(unavailable)?;
             txn.open_table(META).map_err(unavailable)?;
             txn.open_table(PARKED).map_err(unavailable)?;
+            txn.open_table(BY_STATE).map_err(unavailable)?;
+            txn.open_table(STATE_OF).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
 
@@ -172,6 +227,11 @@ impl EmbeddedStore {
         let txn = self.db.begin_read().map_err(unavailable)?;
         let orders = txn.open_table(ORDERS).map_err(unavailable)?;
         orders.len().map_err(unavailable)
+    }
+
+    /// Whether a walk that files orders stored by an older version in a newer index is owed.
+    pub fn backfill_owed(&self) -> Result<bool, StoreError> {
+        walk_owed(&self.db.begin_read().map_err(unavailable)?)
     }
 
     /// Runs `read` on the blocking pool, so a read that waits for the disk holds up no other
@@ -287,8 +347,7 @@ fn purge_due(db: &Database, retention: Duration) -> Result<bool, StoreError> {
     if first.is_some_and(|(key, _)| key.value().0 < purge_cutoff(retention)) {
         return Ok(true);
     }
-    let meta = txn.open_table(META).map_err(unavailable)?;
-    Ok(meta.get(BACKFILL).map_err(unavailable)?.is_some())
+    walk_owed(&txn)
 }
 
 /// Why a batch's requests failed together: its transaction could not open or commit.
@@ -411,6 +470,8 @@ struct Tables<'txn, 'cache> {
     order_keys: redb::Table<'txn, &'static str, &'static str>,
     meta: redb::Table<'txn, &'static str, &'static str>,
     parked: redb::Table<'txn, &'static str, ()>,
+    by_state: redb::Table<'txn, (&'static str, u8, u64, &'static str), ()>,
+    state_of: redb::Table<'txn, &'static str, (u8, u8)>,
     owners: &'cache mut Owners,
 }
 
@@ -435,6 +496,12 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
                 .map_err(|error| error.to_string())?,
             meta: txn.open_table(META).map_err(|error| error.to_string())?,
             parked: txn.open_table(PARKED).map_err(|error| error.to_string())?,
+            by_state: txn
+                .open_table(BY_STATE)
+                .map_err(|error| error.to_string())?,
+            state_of: txn
+                .open_table(STATE_OF)
+                .map_err(|error| error.to_string())?,
             owners,
         })
     }
@@ -453,6 +520,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         self.orders
             .insert(id.as_str(), bytes)
             .map_err(unavailable)?;
+        self.file_state(order, &id)?;
         if !order.owes_work() {
             self.owned
                 .remove((order.owner.as_str(), id.as_str()))
@@ -471,6 +539,54 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             self.owners.insert(order.order_id, Ownership::from(order));
         }
         Ok(())
+    }
+
+    /// Files the order under its step and rollback state in `BY_STATE`, out of the ones it was
+    /// filed under before.
+    fn file_state(&mut self, order: &Order, id: &str) -> Result<(), StoreError> {
+        let codes = state_codes(order);
+        let before = self.unfile_state(order, id, Some(codes))?;
+        if before == Some(codes) {
+            return Ok(());
+        }
+        let (user, micros) = (order.user.as_str(), created_micros(order));
+        for code in [codes.0, codes.1] {
+            if code != NO_ROLLBACK {
+                self.by_state
+                    .insert((user, code, micros, id), ())
+                    .map_err(unavailable)?;
+            }
+        }
+        self.state_of.insert(id, codes).map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Takes the order out of `BY_STATE`, unless it is filed under `keep` already; returns the
+    /// codes it was filed under.
+    fn unfile_state(
+        &mut self,
+        order: &Order,
+        id: &str,
+        keep: Option<(u8, u8)>,
+    ) -> Result<Option<(u8, u8)>, StoreError> {
+        let before = self
+            .state_of
+            .get(id)
+            .map_err(unavailable)?
+            .map(|codes| codes.value());
+        let Some(codes) = before.filter(|codes| Some(*codes) != keep) else {
+            return Ok(before);
+        };
+        let (user, micros) = (order.user.as_str(), created_micros(order));
+        for code in [codes.0, codes.1] {
+            if code != NO_ROLLBACK {
+                self.by_state
+                    .remove((user, code, micros, id))
+                    .map_err(unavailable)?;
+            }
+        }
+        self.state_of.remove(id).map_err(unavailable)?;
+        Ok(before)
     }
 
     /// Keeps the parked table in step with a finished (or re-opened) order.
@@ -679,6 +795,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         let user = order.user.as_str();
         self.orders.remove(id.as_str()).map_err(unavailable)?;
         self.parked.remove(id.as_str()).map_err(unavailable)?;
+        self.unfile_state(order, &id, None)?;
         self.by_user
             .remove((user, created_micros(order), id.as_str()))
             .map_err(unavailable)?;
@@ -704,29 +821,11 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
     }
 
     /// Files up to `n` more orders of a file written before the finished index existed, by when
-    /// they completed; the walk goes on after the id it stopped at, and ends for good once it
-    /// went through every order. Returns how many orders it read.
+    /// they completed, and up to `n` of one written before the state index existed, by state.
+    /// Returns how many orders it read.
     fn backfill(&mut self, n: usize) -> Result<usize, StoreError> {
-        let Some(after) = self
-            .meta
-            .get(BACKFILL)
-            .map_err(unavailable)?
-            .map(|at| at.value().to_string())
-        else {
-            return Ok(0);
-        };
-        let mut read = Vec::new();
-        for entry in self.orders.range(after.as_str()..).map_err(unavailable)? {
-            let (id, bytes) = entry.map_err(unavailable)?;
-            if id.value() == after {
-                continue;
-            }
-            if read.len() >= n {
-                break;
-            }
-            read.push((id.value().to_string(), decode(bytes.value())));
-        }
         let now = now_millis();
+        let read = self.walk(BACKFILL, n)?;
         for (id, order) in &read {
             let Ok(order) = order else { continue };
             if !order.owes_work() {
@@ -739,18 +838,51 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
                     .map_err(unavailable)?;
             }
         }
-        match read.last() {
-            Some((last, _)) if read.len() >= n => {
-                self.meta
-                    .insert(BACKFILL, last.as_str())
-                    .map_err(unavailable)?;
-            }
-            _ => {
-                self.meta.remove(BACKFILL).map_err(unavailable)?;
-                tracing::info!("orders finished before retention existed are filed for it");
+        let filed = self.walk(STATE_BACKFILL, n)?;
+        for (id, order) in &filed {
+            if let Ok(order) = order {
+                self.file_state(order, id)?;
             }
         }
-        Ok(read.len())
+        Ok(read.len() + filed.len())
+    }
+
+    /// The next `n` orders of the walk kept under `walk` in the meta table (none when no such
+    /// walk is owed); the walk goes on after the id it stopped at, and ends for good once it
+    /// went through every order.
+    fn walk(&mut self, walk: &str, n: usize) -> Result<Walked, StoreError> {
+        let Some(after) = self
+            .meta
+            .get(walk)
+            .map_err(unavailable)?
+            .map(|at| at.value().to_string())
+        else {
+            return Ok(Vec::new());
+        };
+        let mut read = Vec::new();
+        for entry in self.orders.range(after.as_str()..).map_err(unavailable)? {
+            let (id, bytes) = entry.map_err(unavailable)?;
+            if id.value() == after {
+                continue;
+            }
+            if read.len() >= n {
+                break;
+            }
+            read.push((id.value().to_string(), decode(bytes.value())));
+        }
+        match read.last() {
+            Some((last, _)) if read.len() >= n => {
+                self.meta.insert(walk, last.as_str()).map_err(unavailable)?;
+            }
+            _ => {
+                self.meta.remove(walk).map_err(unavailable)?;
+                tracing::info!(
+                    walk,
+                    "orders stored before this index existed are filed in it"
+                );
+            }
+        }
+        Ok(read)
     }
 
     fn cancel(&mut self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError> {
@@ -829,13 +961,45 @@ impl OrderStore for EmbeddedStore {
                 }
                 None => (user, u64::MAX, ""),
             };
-            let range = by_user
-                .range((user, 0u64, "")..upper)
-                .map_err(unavailable)?;
+            // A filter on the rollback state (set only on failed orders) or else on the step
+            // reads the index of that state, once it holds every order.
+            let code = match (query.rollback_state, query.current_step) {
+                (Some(state), _) => Some(rollback_code(Some(state))),
+                (None, Some(step)) => Some(step_code(step)),
+                (None, None) => None,
+            };
+            let meta = txn.open_table(META).map_err(unavailable)?;
+            let filed = meta.get(STATE_BACKFILL).map_err(unavailable)?.is_none();
+            let by_state = txn.open_table(BY_STATE).map_err(unavailable)?;
+            let range: Box<dyn Iterator<Item = Result<(&str, u64, String), StoreError>>> =
+                match code.filter(|_| filed) {
+                    Some(code) => Box::new(
+                        by_state
+                            .range((user, code, 0u64, "")..(user, code, upper.1, upper.2))
+                            .map_err(unavailable)?
+                            .rev()
+                            .map(|entry| {
+                                let (key, _) = entry.map_err(unavailable)?;
+                                let (_, _, micros, id) = key.value();
+                                Ok((user, micros, id.to_string()))
+                            }),
+                    ),
+                    None => Box::new(
+                        by_user
+                            .range((user, 0u64, "")..upper)
+                            .map_err(unavailable)?
+                            .rev()
+                            .map(|entry| {
+                                let (key, _) = entry.map_err(unavailable)?;
+                                let (_, micros, id) = key.value();
+                                Ok((user, micros, id.to_string()))
+                            }),
+                    ),
+                };
             let mut page = Page::default();
-            for entry in range.rev() {
-                let (key, _) = entry.map_err(unavailable)?;
-                let (_, micros, id) = key.value();
+            for entry in range {
+                let (_, micros, id) = entry?;
+                let id = id.as_str();
                 let Some(bytes) = orders.get(id).map_err(unavailable)? else {
                     continue;
                 };

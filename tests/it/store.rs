@@ -109,6 +109,125 @@ async fn parked(store: &dyn OrderStore, user: &str, offset_ms: i64) -> Order {
     parked
 }
 
+/// Every order of `user` that `current_step` and `rollback_state` select, newest first, paged
+/// two at a time.
+async fn listed(
+    store: &dyn OrderStore,
+    user: &str,
+    current_step: Option<Step>,
+    rollback_state: Option<RollbackState>,
+) -> Vec<OrderId> {
+    let mut all = Vec::new();
+    let mut cursor = None;
+    for _ in 0..1000 {
+        let query = ListQuery {
+            limit: 2,
+            cursor,
+            current_step,
+            rollback_state,
+        };
+        let page = store.list_for_user(user, &query).await.expect("list");
+        assert!(
+            page.orders.len() <= 2,
+            "a page of {} for 2",
+            page.orders.len()
+        );
+        all.extend(page.orders.iter().map(|order| order.order_id));
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => return all,
+        }
+    }
+    panic!("the listing never ends");
+}
+
+/// Listings filtered by step or rollback state follow every transition, re-opening and
+/// deletion, and page like the unfiltered one.
+async fn listings_by_state(store: &dyn OrderStore) {
+    let user = format!("states-{}", uuid::Uuid::new_v4().simple());
+    let mut scheduling = Vec::new();
+    for offset in 0..4 {
+        let order = new_order(&user, "node-a", offset * 10);
+        create(store, &order).await;
+        scheduling.push(order);
+    }
+    // The newest moves on a step, the next newest finishes, two fail (one parked).
+    let moved = succeed(&scheduling[3]);
+    store.commit(&moved).await.expect("commit");
+    let completed = finish(store, &scheduling[2]).await;
+    let failed_parked = parked(store, &user, 50).await;
+    let mut rolled_back = new_order(&user, "node-a", 60);
+    create(store, &rolled_back).await;
+    for event in [
+        Event::StepFailed {
+            step: Step::Scheduling,
+            reason: "declined".into(),
+        },
+        Event::RolledBack {
+            step: Step::Scheduling,
+        },
+    ] {
+        rolled_back = step(&rolled_back, event);
+        store.commit(&rolled_back).await.expect("commit");
+    }
+    assert_eq!(rolled_back.rollback_state, Some(RollbackState::Complete));
+
+    let ids = |orders: &[&Order]| {
+        orders
+            .iter()
+            .map(|order| order.order_id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        listed(store, &user, Some(Step::Scheduling), None).await,
+        ids(&[&scheduling[1], &scheduling[0]])
+    );
+    assert_eq!(
+        listed(store, &user, Some(Step::PreProcessing), None).await,
+        ids(&[&moved])
+    );
+    assert_eq!(
+        listed(store, &user, Some(Step::Completed), None).await,
+        ids(&[&completed])
+    );
+    assert_eq!(
+        listed(store, &user, Some(Step::Failed), None).await,
+        ids(&[&rolled_back, &failed_parked])
+    );
+    assert_eq!(
+        listed(store, &user, None, Some(RollbackState::Incomplete)).await,
+        ids(&[&failed_parked])
+    );
+    assert_eq!(
+        listed(
+            store,
+            &user,
+            Some(Step::Failed),
+            Some(RollbackState::Complete)
+        )
+        .await,
+        ids(&[&rolled_back])
+    );
+    assert!(listed(
+        store,
+        &user,
+        Some(Step::Completed),
+        Some(RollbackState::Complete)
+    )
+    .await
+    .is_empty());
+
+    // A parked rollback retried is no longer listed as parked.
+    let retried = store
+        .retry_rollback(reopen(failed_parked.order_id, &user, "node-a"))
+        .await
+        .expect("retry");
+    assert!(matches!(retried, RetryRollbackOutcome::Accepted(_)));
+    assert!(listed(store, &user, None, Some(RollbackState::Incomplete))
+        .await
+        .is_empty());
+}
+
 /// Every order the parked index lists, paged two at a time as an operator's view would.
 async fn all_parked(store: &dyn OrderStore) -> Vec<OrderId> {
     let mut all = Vec::new();
@@ -387,6 +506,7 @@ async fn conformance(store: &dyn OrderStore) {
     );
     assert!(store.reassign("node-b", "node-c").await.unwrap().is_empty());
 
+    listings_by_state(store).await;
     parked_rollbacks(store).await;
     set_aside(store).await;
     owned_pages(store).await;
@@ -676,14 +796,7 @@ async fn embedded_store_purges_orders_finished_before_retention_existed() {
         }
     }
     // As an older version left it: none of the retention tables.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let db = loop {
-        match redb::Database::open(dir.path().join("orders.redb")) {
-            Ok(db) => break db,
-            Err(error) if std::time::Instant::now() > deadline => panic!("reopen: {error}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    };
+    let db = open_redb(dir.path()).await;
     let txn = db.begin_write().unwrap();
     for table in ["orders_finished", "order_idempotency_keys", "meta"] {
         assert!(txn
@@ -699,6 +812,71 @@ async fn embedded_store_purges_orders_finished_before_retention_existed() {
     }
     assert!(store.get(running.order_id).await.unwrap().is_some());
     assert_eq!(store.stored_orders().unwrap(), 1);
+}
+
+/// The store's redb file, opened directly once the store that had it open let it go.
+async fn open_redb(dir: &std::path::Path) -> redb::Database {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match redb::Database::open(dir.join("orders.redb")) {
+            Ok(db) => return db,
+            Err(error) if std::time::Instant::now() > deadline => panic!("reopen: {error}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// A file written before orders were filed by state gets them filed by a walk in the
+/// background; listings filtered by state are right before, during and after it.
+#[tokio::test]
+async fn embedded_store_files_orders_stored_before_the_state_index_existed() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = "old-states";
+    let mut running = Vec::new();
+    let mut completed = Vec::new();
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        for offset in 0..40 {
+            let order = new_order(user, "node-a", offset);
+            create(&store, &order).await;
+            if offset % 2 == 0 {
+                running.push(order.order_id);
+            } else {
+                completed.push(finish(&store, &order).await.order_id);
+            }
+        }
+    }
+    // As an older version left it: no state index.
+    let db = open_redb(dir.path()).await;
+    let txn = db.begin_write().unwrap();
+    for table in ["orders_by_user_state", "order_state"] {
+        assert!(txn
+            .delete_table(redb::TableDefinition::<&str, ()>::new(table))
+            .unwrap());
+    }
+    txn.commit().unwrap();
+    drop(db);
+
+    running.reverse();
+    completed.reverse();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let by_step = |step| {
+        let store = &store;
+        async move { listed(store, user, Some(step), None).await }
+    };
+    assert_eq!(by_step(Step::Scheduling).await, running);
+    assert_eq!(by_step(Step::Completed).await, completed);
+    // The walk runs on the purge thread's next pass: wait until the index holds every order.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while store.backfill_owed().unwrap() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the state walk never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(by_step(Step::Scheduling).await, running);
+    assert_eq!(by_step(Step::Completed).await, completed);
 }
 
 /// A redb file stays about the same size however many orders finish, once they are past
