@@ -69,23 +69,25 @@ impl Pki {
         self.dir.path().join(name)
     }
 
-    /// What redis-server serves TLS with.
-    fn server_files(&self, auth_clients: bool) -> TlsFiles {
+    /// What redis-server and redis-sentinel serve TLS with; they show the client certificate
+    /// when they connect out (a replica to its primary, a sentinel to anything).
+    pub(crate) fn server_files(&self, auth_clients: bool) -> TlsFiles {
         TlsFiles {
             cert_file: self.path("server.pem"),
             key_file: self.path("server.key"),
             ca_file: self.path("ca.pem"),
             auth_clients,
+            client: Some((self.path("client.pem"), self.path("client.key"))),
         }
     }
 
     /// The `ca_file` line of a node's `[database]`.
-    fn ca_line(&self) -> String {
+    pub(crate) fn ca_line(&self) -> String {
         format!("ca_file = \"{}\"\n", self.path("ca.pem").display())
     }
 
     /// The `client_cert` and `client_key` lines of a node's `[database]`.
-    fn client_lines(&self) -> String {
+    pub(crate) fn client_lines(&self) -> String {
         format!(
             "client_cert = \"{}\"\nclient_key = \"{}\"\n",
             self.path("client.pem").display(),

@@ -2,13 +2,15 @@
 //! `redis-sentinel` processes follows a failover after the primary is SIGKILLed, without a
 //! restart; with `database.min_replicas` a write counts only once a replica has it, so losing
 //! the primary's host under load (killed, its directory wiped, back as an empty replica) loses no
-//! order answered 201; and a node refuses to start on a Redis weaker than its config asks. Every process is killed by pid when
+//! order answered 201; a node finds and follows its primary the same way with everything over
+//! TLS; and a node refuses to start on a Redis weaker than its config asks. Every process is killed by pid when
 //! its guard is dropped, also when a test fails.
 
 use crate::cluster::{exclusive, SECRET};
 use crate::config::run_to_exit;
 use crate::harness::{pretty, unique_user, Node, RedisServer, POLL};
 use crate::history::assert_completed;
+use crate::redis_tls::Pki;
 use order_process::order::OrderId;
 use order_process::store::redis::RedisStore;
 use order_process::store::OrderStore;
@@ -110,9 +112,16 @@ fn fence(redis: &RedisServer) -> Option<u64> {
 /// Starts three sentinels watching `primary`, waits until each knows the other two and its
 /// `replicas` replicas, and returns them with the `[database]` lines that name them.
 async fn start_sentinels(primary: &RedisServer, replicas: usize) -> (Vec<RedisSentinel>, String) {
-    let sentinels: Vec<RedisSentinel> = (0..3)
-        .map(|_| RedisSentinel::start(primary, MASTER, QUORUM))
-        .collect();
+    watching(replicas, || RedisSentinel::start(primary, MASTER, QUORUM)).await
+}
+
+/// Starts three sentinels with `start`, waits until each knows the other two and `replicas`
+/// replicas, and returns them with the `[database]` lines that name them.
+async fn watching(
+    replicas: usize,
+    start: impl Fn() -> RedisSentinel,
+) -> (Vec<RedisSentinel>, String) {
+    let sentinels: Vec<RedisSentinel> = (0..3).map(|_| start()).collect();
     eventually(
         Duration::from_secs(30),
         "sentinels did not find each other and the replicas",
@@ -138,6 +147,24 @@ async fn start_sentinels(primary: &RedisServer, replicas: usize) -> (Vec<RedisSe
     (sentinels, database)
 }
 
+/// Waits until every sentinel names `port` as the primary.
+async fn promoted(sentinels: &[RedisSentinel], port: u16) {
+    eventually(
+        FAILOVER,
+        "the sentinels did not promote the replica",
+        || logs_of(sentinels),
+        || {
+            std::future::ready(
+                sentinels
+                    .iter()
+                    .all(|sentinel| sentinel.primary_port(MASTER) == Some(port))
+                    .then_some(()),
+            )
+        },
+    )
+    .await;
+}
+
 /// The sentinels' logs, for assertion messages.
 fn logs_of(sentinels: &[RedisSentinel]) -> String {
     sentinels
@@ -161,7 +188,6 @@ async fn a_node_follows_a_sentinel_failover_without_a_restart_and_its_fence_keep
     let mut primary = RedisServer::start();
     let replica = RedisServer::start_replica_of(&primary);
     let (sentinels, database) = start_sentinels(&primary, 1).await;
-    let sentinel_logs = || logs_of(&sentinels);
     let mut node = Node::start(&node_config(&database, "500ms")).await;
     assert!(
         node.log().contains("redis primary found through sentinel"),
@@ -190,20 +216,7 @@ async fn a_node_follows_a_sentinel_failover_without_a_restart_and_its_fence_keep
     .await;
 
     primary.kill();
-    eventually(
-        FAILOVER,
-        "the sentinels did not promote the replica",
-        sentinel_logs,
-        || {
-            std::future::ready(
-                sentinels
-                    .iter()
-                    .all(|sentinel| sentinel.primary_port(MASTER) == Some(replica.port))
-                    .then_some(()),
-            )
-        },
-    )
-    .await;
+    promoted(&sentinels, replica.port).await;
     for index in 5..10 {
         ids.push(submit_when_accepted(&node, &user, index).await);
     }
@@ -230,6 +243,58 @@ async fn a_node_follows_a_sentinel_failover_without_a_restart_and_its_fence_keep
     assert!(after > before, "fence went from {before} to {after}");
     let heartbeat = wait_heartbeat(&node, "OK").await;
     assert_eq!(heartbeat["status"], "OK", "{}", pretty(&heartbeat));
+}
+
+/// TLS everywhere: a primary and a replica that serve TLS only (and replicate over it), three
+/// sentinels that speak TLS only (to their clients, the servers and each other), all asking
+/// for client certificates; a node with `database.tls` finds the primary through them, and
+/// follows a failover.
+#[tokio::test]
+async fn over_tls_a_node_finds_its_primary_through_the_sentinels_and_follows_a_failover() {
+    let _one = exclusive().await;
+    let pki = Pki::new();
+    let files = pki.server_files(true);
+    let mut primary = RedisServer::start_tls_only(files.clone(), None);
+    let replica = RedisServer::start_tls_only(files.clone(), Some(&primary));
+    let (sentinels, database) = watching(1, || {
+        RedisSentinel::start_tls(&primary, MASTER, QUORUM, files.clone())
+    })
+    .await;
+    let database = format!(
+        "{database}tls = true\n{}{}",
+        pki.ca_line(),
+        pki.client_lines()
+    );
+    let node = Node::start(&node_config(&database, "50ms")).await;
+    assert!(
+        node.log().contains("redis primary found through sentinel"),
+        "{}",
+        node.log_tail()
+    );
+    let user = unique_user("tls-sentinel");
+    let mut ids = Vec::new();
+    for index in 0..3 {
+        ids.push(
+            node.create_order(&user, &serde_json::json!({ "n": index }))
+                .await,
+        );
+    }
+    wait_all_completed(&node, &user, &ids).await;
+
+    primary.kill();
+    promoted(&sentinels, replica.port).await;
+    for index in 3..6 {
+        ids.push(submit_when_accepted(&node, &user, index).await);
+    }
+    wait_all_completed(&node, &user, &ids).await;
+    assert!(
+        node.log().contains("redis primary changed"),
+        "{}",
+        node.log_tail()
+    );
+    // The orders are on the promoted replica, reached over TLS only.
+    let keys: usize = replica.cli(&["DBSIZE"]).parse().expect("DBSIZE");
+    assert!(keys > 0, "no keys on the promoted replica");
 }
 
 #[tokio::test]
