@@ -15,6 +15,7 @@ use order_process::order::OrderId;
 use order_process::store::redis::RedisStore;
 use order_process::store::OrderStore;
 use order_process_testkit::redis::RedisSentinel;
+use order_process_testkit::Scripted;
 use reqwest::Method;
 use serde_json::Value;
 use std::time::Duration;
@@ -347,6 +348,77 @@ async fn with_min_replicas_a_write_is_done_only_once_a_replica_has_it() {
     wait_all_completed(&node, &user, &ids).await;
     let order: Value = node.order(&user, &ids[0]).await;
     assert_completed(&order);
+}
+
+/// An order whose create reached the primary but not the replica (its `WAIT` timed out, the
+/// client got a 503) is resumed by the reconciliation while the node's liveness lease still
+/// holds: the node must not call a service for it until the replica has it, since a failover
+/// now would lose the order but not the call. Once the replica is back, the order runs and
+/// completes.
+#[tokio::test]
+async fn a_resumed_order_is_acted_on_only_once_a_replica_has_it() {
+    let _one = exclusive().await;
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let shop = Scripted::start().await;
+    // A long liveness lease keeps the node allowed to start steps while the replica is stopped
+    // (its renewals wait for the replica too); a short reconciliation finds the order at once.
+    let config = format!(
+        "[simulate]\nduration = \"10ms\"\nfailure_rate = 0.0\n\
+         [steps.Scheduling]\nhandler = \"http\"\nurl = \"{base}/schedule\"\n\
+         rollback_url = \"{base}/unschedule\"\n\
+         [pipeline]\nreconcile_interval = \"300ms\"\n\
+         [database]\nurl = \"{url}\"\nmin_replicas = 1\ntimeout = \"1500ms\"\n\
+         [cluster]\nsecret = \"{SECRET}\"\nliveness_ttl = \"60s\"\n",
+        base = shop.base(),
+        url = primary.url(),
+    );
+    let node = Node::start(&config).await;
+    wait_heartbeat(&node, "OK").await;
+    let user = unique_user("unreplicated");
+
+    assert!(replica.signal("STOP"), "cannot stop the replica");
+    let reply = node.post_order(&user, "{}").await;
+    assert_eq!(reply.status, 503, "{reply}\n{}", node.log_tail());
+    // The create is on the primary all the same, in the node's set of unfinished orders.
+    let owned = primary.cli(&["KEYS", "op:order:*"]);
+    assert!(!owned.is_empty(), "the order is not on the primary");
+    // The reconciliation reads it there, over and over, and may not act on it: wait until it
+    // tried twice (or called the shop, which fails the test below).
+    let retried = "cannot confirm the order is replicated";
+    eventually(
+        Duration::from_secs(20),
+        "the node neither resumed the order nor said it waits for its replica",
+        || node.log_tail(),
+        || {
+            let tried = node.log().matches(retried).count() >= 2;
+            std::future::ready((tried || !shop.calls().is_empty()).then_some(()))
+        },
+    )
+    .await;
+    assert!(
+        shop.calls().is_empty(),
+        "a service was called for an order the replica does not have: {:?}\n{}",
+        shop.paths(),
+        node.log_tail()
+    );
+
+    assert!(replica.signal("CONT"), "cannot continue the replica");
+    let ids = eventually(
+        FINISH,
+        "the order is not listed",
+        || node.log_tail(),
+        || async {
+            let reply = node.list(&user, &[]).await;
+            let ids = order_process_testkit::order_ids(
+                &reply.try_json().filter(|_| reply.status == 200)?,
+            );
+            (!ids.is_empty()).then_some(ids)
+        },
+    )
+    .await;
+    wait_all_completed(&node, &user, &ids).await;
+    assert!(!shop.calls_to("/schedule").is_empty(), "{:?}", shop.paths());
 }
 
 /// Runs the binary with `config` and asserts it refused to start: a non-zero exit, no panic, and
