@@ -742,6 +742,8 @@ impl Config {
             config.database.url = url.clone();
             config.database.sentinels.clear();
             config.database.master_name.clear();
+            // The URL's scheme says whether it is TLS.
+            config.database.tls = false;
         }
         config.validate()?;
         Ok(config)
