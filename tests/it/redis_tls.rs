@@ -142,13 +142,13 @@ async fn orders_complete(node: &Node) {
 
 /// A node process that is not expected to become ready (it cannot get into its Redis): its
 /// config, data and log in a temp dir, the process killed by pid when dropped.
-struct Unready {
+pub(crate) struct Unready {
     process: Proc,
     dir: TempDir,
 }
 
 impl Unready {
-    fn start(config: &str) -> Unready {
+    pub(crate) fn start(config: &str) -> Unready {
         let dir = tempfile::tempdir().expect("create a temp dir");
         let path = dir.path().join("config.toml");
         std::fs::write(&path, config).expect("write config.toml");
@@ -171,7 +171,7 @@ impl Unready {
 
     /// Waits until the log has a line with all of `needles`, while the process keeps running
     /// (it retries) and never panics; returns that line.
-    async fn complains(&mut self, needles: &[&str]) -> String {
+    pub(crate) async fn complains(&mut self, needles: &[&str]) -> String {
         let log = self.dir.path().join("node.log");
         let found = order_process_testkit::poll::until(COMPLAINT, POLL, || {
             let line = self

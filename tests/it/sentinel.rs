@@ -10,7 +10,7 @@ use crate::cluster::{exclusive, SECRET};
 use crate::config::run_to_exit;
 use crate::harness::{pretty, unique_user, Node, RedisServer, POLL};
 use crate::history::assert_completed;
-use crate::redis_tls::Pki;
+use crate::redis_tls::{Pki, Unready};
 use order_process::order::OrderId;
 use order_process::store::redis::RedisStore;
 use order_process::store::OrderStore;
@@ -272,6 +272,13 @@ async fn over_tls_a_node_finds_its_primary_through_the_sentinels_and_follows_a_f
         "{}",
         node.log_tail()
     );
+    // Without the CA the sentinels' certificates are refused: they are checked, not just used.
+    let untrusting = database.replace(&pki.ca_line(), "");
+    let mut refused = Unready::start(&node_config(&untrusting, "50ms"));
+    refused
+        .complains(&["no primary for orders from the sentinels", "UnknownIssuer"])
+        .await;
+    drop(refused);
     let user = unique_user("tls-sentinel");
     let mut ids = Vec::new();
     for index in 0..3 {
