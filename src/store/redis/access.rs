@@ -1,8 +1,8 @@
 //! How a node reaches its Redis and proves who it is: the URL (`redis://` or `rediss://` for
 //! TLS) or the sentinels (over TLS with `database.tls`), an ACL user and password (in the URL,
 //! or `database.username` and `database.password_file`), and the TLS files of `[database]`
-//! (`ca_file`, `client_cert`, `client_key`). The files are read once, at start; a file that cannot be read or holds no PEM
-//! of the right kind is a [`ConfigError`] naming its key.
+//! (`ca_file`, `client_cert`, `client_key`). The files are read once, at start; a file that
+//! cannot be read or holds no PEM of the right kind is a [`ConfigError`] naming its key.
 //!
 //! TLS is rustls (with the `ring` provider) as redis-rs's `tokio-rustls-comp` feature builds it:
 //! without `ca_file` the server's certificate is checked against the platform's roots

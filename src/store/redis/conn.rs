@@ -81,9 +81,9 @@ fn connection_config(timeout: Duration) -> AsyncConnectionConfig {
 impl Connections {
     /// The connections `database` asks for: to `url`, or to the primary its `sentinels` name
     /// (both over TLS with `tls`), with its TLS files, ACL user and password, and
-    /// `min_replicas`. The files are read now;
-    /// one that cannot be is a [`ConfigError`](crate::config::ConfigError). Nothing is
-    /// contacted yet; the first request connects.
+    /// `min_replicas`. The files are read now; one that cannot be is a
+    /// [`ConfigError`](crate::config::ConfigError). Nothing is contacted yet; the first request
+    /// connects.
     pub fn open(database: &DatabaseConfig) -> anyhow::Result<Connections> {
         let pool_size = database.pool_size.get();
         let connections = if database.sentinels.is_empty() {
