@@ -290,6 +290,9 @@ pub struct DatabaseConfig {
     pub sentinels: Vec<String>,
     /// The name the sentinels monitor the primary under; required with `sentinels`.
     pub master_name: String,
+    /// With `sentinels`: reach the sentinels and the primary they name over TLS (with `ca_file`,
+    /// `client_cert` and `client_key`). With `url` its scheme says it (`rediss://`).
+    pub tls: bool,
     /// Connections to Redis, each shared by all tasks (requests are pipelined on them).
     pub pool_size: NonZeroUsize,
     /// Longest wait for one Redis operation before it counts as a failure.
@@ -300,8 +303,8 @@ pub struct DatabaseConfig {
     pub min_replicas: usize,
     /// Refuse to start on a Redis whose append-only file is off.
     pub require_aof: bool,
-    /// PEM file of the CA that signed the Redis server's certificate (`rediss://` only); empty:
-    /// the platform's roots.
+    /// PEM file of the CA that signed the Redis server's certificate (`rediss://` or `tls`
+    /// only); empty: the platform's roots.
     pub ca_file: PathBuf,
     /// PEM certificate presented to a Redis that asks for one (`tls-auth-clients yes`), with
     /// `client_key`.
@@ -321,6 +324,7 @@ impl Default for DatabaseConfig {
             url: String::new(),
             sentinels: Vec::new(),
             master_name: String::new(),
+            tls: false,
             pool_size: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
             timeout: Duration::from_secs(2),
             min_replicas: 0,
@@ -375,6 +379,12 @@ impl DatabaseConfig {
                     "only used with database.sentinels",
                 ));
             }
+            if self.tls {
+                return Err(ConfigError::new(
+                    "database.tls",
+                    "only used with database.sentinels: a database.url asks for TLS with rediss://",
+                ));
+            }
         } else if self.master_name.trim().is_empty() {
             return Err(ConfigError::new(
                 "database.master_name",
@@ -410,7 +420,8 @@ impl DatabaseConfig {
         };
         let tls = url
             .as_ref()
-            .is_some_and(crate::store::redis::access::is_tls);
+            .is_some_and(crate::store::redis::access::is_tls)
+            || (self.tls && !self.sentinels.is_empty());
         for (key, path) in [
             ("database.ca_file", &self.ca_file),
             ("database.client_cert", &self.client_cert),
@@ -419,7 +430,7 @@ impl DatabaseConfig {
             if set(path) && !tls {
                 let problem = match self.sentinels.is_empty() {
                     true => "only used with a rediss:// database.url (TLS)",
-                    false => "TLS is not supported with database.sentinels: only with a rediss:// database.url",
+                    false => "only used over TLS: set database.tls = true with database.sentinels",
                 };
                 return Err(ConfigError::new(key, problem));
             }
@@ -731,6 +742,8 @@ impl Config {
             config.database.url = url.clone();
             config.database.sentinels.clear();
             config.database.master_name.clear();
+            // The URL's scheme says whether it is TLS.
+            config.database.tls = false;
         }
         config.validate()?;
         Ok(config)
@@ -1402,6 +1415,13 @@ mod tests {
         config.validate().unwrap();
         assert!(config.is_cluster());
         assert_eq!(config.database.min_replicas, 1);
+        let over_tls = sentinels.replace(
+            "require_aof = true\n",
+            "require_aof = true\ntls = true\nca_file = \"/etc/hostname\"\n",
+        );
+        let config = Config::from_toml(&over_tls).unwrap();
+        config.validate().unwrap();
+        assert!(config.database.tls);
         let plain = Config::from_toml(
             "[database]\nurl = \"redis://127.0.0.1:6379\"\nmin_replicas = 2\n[cluster]\nsecret = \"s\"\n",
         )
@@ -1432,6 +1452,22 @@ mod tests {
                 "[database]\nmaster_name = \"m\"\n",
                 "database.master_name",
                 "only used with database.sentinels",
+            ),
+            (
+                "[database]\nurl = \"rediss://a:1\"\ntls = true\n",
+                "database.tls",
+                "only used with database.sentinels",
+            ),
+            (
+                "[database]\nsentinels = [\"a:2\"]\nmaster_name = \"m\"\nca_file = \"/etc/hostname\"\n",
+                "database.ca_file",
+                "set database.tls = true",
+            ),
+            (
+                "[database]\nsentinels = [\"a:2\"]\nmaster_name = \"m\"\ntls = true\n\
+                 client_cert = \"/etc/hostname\"\n",
+                "database.client_key",
+                "set both or neither",
             ),
             (
                 "[database]\nmin_replicas = 1\n",

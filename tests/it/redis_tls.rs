@@ -69,23 +69,25 @@ impl Pki {
         self.dir.path().join(name)
     }
 
-    /// What redis-server serves TLS with.
-    fn server_files(&self, auth_clients: bool) -> TlsFiles {
+    /// What redis-server and redis-sentinel serve TLS with; they show the client certificate
+    /// when they connect out (a replica to its primary, a sentinel to anything).
+    pub(crate) fn server_files(&self, auth_clients: bool) -> TlsFiles {
         TlsFiles {
             cert_file: self.path("server.pem"),
             key_file: self.path("server.key"),
             ca_file: self.path("ca.pem"),
             auth_clients,
+            client: Some((self.path("client.pem"), self.path("client.key"))),
         }
     }
 
     /// The `ca_file` line of a node's `[database]`.
-    fn ca_line(&self) -> String {
+    pub(crate) fn ca_line(&self) -> String {
         format!("ca_file = \"{}\"\n", self.path("ca.pem").display())
     }
 
     /// The `client_cert` and `client_key` lines of a node's `[database]`.
-    fn client_lines(&self) -> String {
+    pub(crate) fn client_lines(&self) -> String {
         format!(
             "client_cert = \"{}\"\nclient_key = \"{}\"\n",
             self.path("client.pem").display(),
@@ -140,13 +142,13 @@ async fn orders_complete(node: &Node) {
 
 /// A node process that is not expected to become ready (it cannot get into its Redis): its
 /// config, data and log in a temp dir, the process killed by pid when dropped.
-struct Unready {
+pub(crate) struct Unready {
     process: Proc,
     dir: TempDir,
 }
 
 impl Unready {
-    fn start(config: &str) -> Unready {
+    pub(crate) fn start(config: &str) -> Unready {
         let dir = tempfile::tempdir().expect("create a temp dir");
         let path = dir.path().join("config.toml");
         std::fs::write(&path, config).expect("write config.toml");
@@ -169,7 +171,7 @@ impl Unready {
 
     /// Waits until the log has a line with all of `needles`, while the process keeps running
     /// (it retries) and never panics; returns that line.
-    async fn complains(&mut self, needles: &[&str]) -> String {
+    pub(crate) async fn complains(&mut self, needles: &[&str]) -> String {
         let log = self.dir.path().join("node.log");
         let found = order_process_testkit::poll::until(COMPLAINT, POLL, || {
             let line = self

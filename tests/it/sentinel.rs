@@ -2,17 +2,20 @@
 //! `redis-sentinel` processes follows a failover after the primary is SIGKILLed, without a
 //! restart; with `database.min_replicas` a write counts only once a replica has it, so losing
 //! the primary's host under load (killed, its directory wiped, back as an empty replica) loses no
-//! order answered 201; and a node refuses to start on a Redis weaker than its config asks. Every process is killed by pid when
+//! order answered 201; a node finds and follows its primary the same way with everything over
+//! TLS; and a node refuses to start on a Redis weaker than its config asks. Every process is killed by pid when
 //! its guard is dropped, also when a test fails.
 
 use crate::cluster::{exclusive, SECRET};
 use crate::config::run_to_exit;
 use crate::harness::{pretty, unique_user, Node, RedisServer, POLL};
 use crate::history::assert_completed;
+use crate::redis_tls::{Pki, Unready};
 use order_process::order::OrderId;
 use order_process::store::redis::RedisStore;
 use order_process::store::OrderStore;
 use order_process_testkit::redis::RedisSentinel;
+use order_process_testkit::Scripted;
 use reqwest::Method;
 use serde_json::Value;
 use std::time::Duration;
@@ -110,9 +113,16 @@ fn fence(redis: &RedisServer) -> Option<u64> {
 /// Starts three sentinels watching `primary`, waits until each knows the other two and its
 /// `replicas` replicas, and returns them with the `[database]` lines that name them.
 async fn start_sentinels(primary: &RedisServer, replicas: usize) -> (Vec<RedisSentinel>, String) {
-    let sentinels: Vec<RedisSentinel> = (0..3)
-        .map(|_| RedisSentinel::start(primary, MASTER, QUORUM))
-        .collect();
+    watching(replicas, || RedisSentinel::start(primary, MASTER, QUORUM)).await
+}
+
+/// Starts three sentinels with `start`, waits until each knows the other two and `replicas`
+/// replicas, and returns them with the `[database]` lines that name them.
+async fn watching(
+    replicas: usize,
+    start: impl Fn() -> RedisSentinel,
+) -> (Vec<RedisSentinel>, String) {
+    let sentinels: Vec<RedisSentinel> = (0..3).map(|_| start()).collect();
     eventually(
         Duration::from_secs(30),
         "sentinels did not find each other and the replicas",
@@ -138,6 +148,24 @@ async fn start_sentinels(primary: &RedisServer, replicas: usize) -> (Vec<RedisSe
     (sentinels, database)
 }
 
+/// Waits until every sentinel names `port` as the primary.
+async fn promoted(sentinels: &[RedisSentinel], port: u16) {
+    eventually(
+        FAILOVER,
+        "the sentinels did not promote the replica",
+        || logs_of(sentinels),
+        || {
+            std::future::ready(
+                sentinels
+                    .iter()
+                    .all(|sentinel| sentinel.primary_port(MASTER) == Some(port))
+                    .then_some(()),
+            )
+        },
+    )
+    .await;
+}
+
 /// The sentinels' logs, for assertion messages.
 fn logs_of(sentinels: &[RedisSentinel]) -> String {
     sentinels
@@ -161,7 +189,6 @@ async fn a_node_follows_a_sentinel_failover_without_a_restart_and_its_fence_keep
     let mut primary = RedisServer::start();
     let replica = RedisServer::start_replica_of(&primary);
     let (sentinels, database) = start_sentinels(&primary, 1).await;
-    let sentinel_logs = || logs_of(&sentinels);
     let mut node = Node::start(&node_config(&database, "500ms")).await;
     assert!(
         node.log().contains("redis primary found through sentinel"),
@@ -190,20 +217,7 @@ async fn a_node_follows_a_sentinel_failover_without_a_restart_and_its_fence_keep
     .await;
 
     primary.kill();
-    eventually(
-        FAILOVER,
-        "the sentinels did not promote the replica",
-        sentinel_logs,
-        || {
-            std::future::ready(
-                sentinels
-                    .iter()
-                    .all(|sentinel| sentinel.primary_port(MASTER) == Some(replica.port))
-                    .then_some(()),
-            )
-        },
-    )
-    .await;
+    promoted(&sentinels, replica.port).await;
     for index in 5..10 {
         ids.push(submit_when_accepted(&node, &user, index).await);
     }
@@ -230,6 +244,65 @@ async fn a_node_follows_a_sentinel_failover_without_a_restart_and_its_fence_keep
     assert!(after > before, "fence went from {before} to {after}");
     let heartbeat = wait_heartbeat(&node, "OK").await;
     assert_eq!(heartbeat["status"], "OK", "{}", pretty(&heartbeat));
+}
+
+/// TLS everywhere: a primary and a replica that serve TLS only (and replicate over it), three
+/// sentinels that speak TLS only (to their clients, the servers and each other), all asking
+/// for client certificates; a node with `database.tls` finds the primary through them, and
+/// follows a failover.
+#[tokio::test]
+async fn over_tls_a_node_finds_its_primary_through_the_sentinels_and_follows_a_failover() {
+    let _one = exclusive().await;
+    let pki = Pki::new();
+    let files = pki.server_files(true);
+    let mut primary = RedisServer::start_tls_only(files.clone(), None);
+    let replica = RedisServer::start_tls_only(files.clone(), Some(&primary));
+    let (sentinels, database) = watching(1, || {
+        RedisSentinel::start_tls(&primary, MASTER, QUORUM, files.clone())
+    })
+    .await;
+    let database = format!(
+        "{database}tls = true\n{}{}",
+        pki.ca_line(),
+        pki.client_lines()
+    );
+    let node = Node::start(&node_config(&database, "50ms")).await;
+    assert!(
+        node.log().contains("redis primary found through sentinel"),
+        "{}",
+        node.log_tail()
+    );
+    // Without the CA the sentinels' certificates are refused: they are checked, not just used.
+    let untrusting = database.replace(&pki.ca_line(), "");
+    let mut refused = Unready::start(&node_config(&untrusting, "50ms"));
+    refused
+        .complains(&["no primary for orders from the sentinels", "UnknownIssuer"])
+        .await;
+    drop(refused);
+    let user = unique_user("tls-sentinel");
+    let mut ids = Vec::new();
+    for index in 0..3 {
+        ids.push(
+            node.create_order(&user, &serde_json::json!({ "n": index }))
+                .await,
+        );
+    }
+    wait_all_completed(&node, &user, &ids).await;
+
+    primary.kill();
+    promoted(&sentinels, replica.port).await;
+    for index in 3..6 {
+        ids.push(submit_when_accepted(&node, &user, index).await);
+    }
+    wait_all_completed(&node, &user, &ids).await;
+    assert!(
+        node.log().contains("redis primary changed"),
+        "{}",
+        node.log_tail()
+    );
+    // The orders are on the promoted replica, reached over TLS only.
+    let keys: usize = replica.cli(&["DBSIZE"]).parse().expect("DBSIZE");
+    assert!(keys > 0, "no keys on the promoted replica");
 }
 
 #[tokio::test]
@@ -282,6 +355,77 @@ async fn with_min_replicas_a_write_is_done_only_once_a_replica_has_it() {
     wait_all_completed(&node, &user, &ids).await;
     let order: Value = node.order(&user, &ids[0]).await;
     assert_completed(&order);
+}
+
+/// An order whose create reached the primary but not the replica (its `WAIT` timed out, the
+/// client got a 503) is resumed by the reconciliation while the node's liveness lease still
+/// holds: the node must not call a service for it until the replica has it, since a failover
+/// now would lose the order but not the call. Once the replica is back, the order runs and
+/// completes.
+#[tokio::test]
+async fn a_resumed_order_is_acted_on_only_once_a_replica_has_it() {
+    let _one = exclusive().await;
+    let primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    let shop = Scripted::start().await;
+    // A long liveness lease keeps the node allowed to start steps while the replica is stopped
+    // (its renewals wait for the replica too); a short reconciliation finds the order at once.
+    let config = format!(
+        "[simulate]\nduration = \"10ms\"\nfailure_rate = 0.0\n\
+         [steps.Scheduling]\nhandler = \"http\"\nurl = \"{base}/schedule\"\n\
+         rollback_url = \"{base}/unschedule\"\n\
+         [pipeline]\nreconcile_interval = \"300ms\"\n\
+         [database]\nurl = \"{url}\"\nmin_replicas = 1\ntimeout = \"1500ms\"\n\
+         [cluster]\nsecret = \"{SECRET}\"\nliveness_ttl = \"60s\"\n",
+        base = shop.base(),
+        url = primary.url(),
+    );
+    let node = Node::start(&config).await;
+    wait_heartbeat(&node, "OK").await;
+    let user = unique_user("unreplicated");
+
+    assert!(replica.signal("STOP"), "cannot stop the replica");
+    let reply = node.post_order(&user, "{}").await;
+    assert_eq!(reply.status, 503, "{reply}\n{}", node.log_tail());
+    // The create is on the primary all the same, in the node's set of unfinished orders.
+    let owned = primary.cli(&["KEYS", "op:order:*"]);
+    assert!(!owned.is_empty(), "the order is not on the primary");
+    // The reconciliation reads it there, over and over, and may not act on it: wait until it
+    // tried twice (or called the shop, which fails the test below).
+    let retried = "cannot confirm the order is replicated";
+    eventually(
+        Duration::from_secs(20),
+        "the node neither resumed the order nor said it waits for its replica",
+        || node.log_tail(),
+        || {
+            let tried = node.log().matches(retried).count() >= 2;
+            std::future::ready((tried || !shop.calls().is_empty()).then_some(()))
+        },
+    )
+    .await;
+    assert!(
+        shop.calls().is_empty(),
+        "a service was called for an order the replica does not have: {:?}\n{}",
+        shop.paths(),
+        node.log_tail()
+    );
+
+    assert!(replica.signal("CONT"), "cannot continue the replica");
+    let ids = eventually(
+        FINISH,
+        "the order is not listed",
+        || node.log_tail(),
+        || async {
+            let reply = node.list(&user, &[]).await;
+            let ids = order_process_testkit::order_ids(
+                &reply.try_json().filter(|_| reply.status == 200)?,
+            );
+            (!ids.is_empty()).then_some(ids)
+        },
+    )
+    .await;
+    wait_all_completed(&node, &user, &ids).await;
+    assert!(!shop.calls_to("/schedule").is_empty(), "{:?}", shop.paths());
 }
 
 /// Runs the binary with `config` and asserts it refused to start: a non-zero exit, no panic, and

@@ -2,7 +2,9 @@
 //! that starts it inside a network namespace) with an append-only file in its own directory,
 //! killed by pid when dropped. It can be SIGKILLed and started again on the same port and
 //! directory to play a Redis crash (what it had not written to its append-only file is gone).
-//! [`RedisServer::start_tls`] starts one that also serves TLS on a second port.
+//! [`RedisServer::start_tls`] starts one that also serves TLS on a second port,
+//! [`RedisServer::start_tls_only`] one that serves TLS only (replicating over TLS), and
+//! [`RedisSentinel::start_tls`] a sentinel that speaks TLS only, to clients and to the servers.
 
 use crate::process::{append, Proc};
 use std::io::{Read, Write};
@@ -32,6 +34,8 @@ pub struct RedisServer {
     appendfsync: String,
     /// The TLS port and its files, when the server serves TLS too.
     tls: Option<(u16, TlsFiles)>,
+    /// It serves TLS only, on `port` (no plain port), and replicates over TLS.
+    tls_only: bool,
     process: Option<Proc>,
 }
 
@@ -43,6 +47,49 @@ pub struct TlsFiles {
     pub key_file: PathBuf,
     pub ca_file: PathBuf,
     pub auth_clients: bool,
+    /// The certificate and key it shows when it connects out (a replica to its primary, a
+    /// sentinel to anything) and `redis-cli` shows it; without, `cert_file` and `key_file`.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsFiles {
+    /// The certificate and key shown when connecting to a server with these files.
+    fn client_pair(&self) -> (&Path, &Path) {
+        match &self.client {
+            Some((cert, key)) => (cert, key),
+            None => (&self.cert_file, &self.key_file),
+        }
+    }
+
+    /// The `redis-cli` arguments that reach a server with these files.
+    fn cli_args(&self) -> Vec<String> {
+        let (cert, key) = self.client_pair();
+        let path = |path: &Path| path.display().to_string();
+        vec![
+            "--tls".to_string(),
+            "--cacert".to_string(),
+            path(&self.ca_file),
+            "--cert".to_string(),
+            path(cert),
+            "--key".to_string(),
+            path(key),
+        ]
+    }
+
+    /// The `tls-…` settings of a server or sentinel with these files, as (name, value).
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        let (cert, key) = self.client_pair();
+        let path = |path: &Path| path.display().to_string();
+        let auth_clients = if self.auth_clients { "yes" } else { "no" };
+        vec![
+            ("tls-cert-file", path(&self.cert_file)),
+            ("tls-key-file", path(&self.key_file)),
+            ("tls-ca-cert-file", path(&self.ca_file)),
+            ("tls-client-cert-file", path(cert)),
+            ("tls-client-key-file", path(key)),
+            ("tls-auth-clients", auth_clients.to_string()),
+        ]
+    }
 }
 
 impl RedisServer {
@@ -93,6 +140,7 @@ impl RedisServer {
             dir,
             appendfsync: appendfsync.to_string(),
             tls: None,
+            tls_only: false,
             process: None,
         };
         server.launch()?;
@@ -124,8 +172,9 @@ impl RedisServer {
             None => Command::new("redis-server"),
         };
         let protected = if self.host.is_loopback() { "yes" } else { "no" };
+        let plain_port = if self.tls_only { 0 } else { self.port };
         let child = command
-            .args(["--port", &self.port.to_string()])
+            .args(["--port", &plain_port.to_string()])
             .args([
                 "--bind",
                 &self.host.to_string(),
@@ -163,6 +212,10 @@ impl RedisServer {
 
     /// True when Redis answers PING right now.
     pub fn ping(&self) -> bool {
+        if self.tls_only {
+            return cli_with(self.host, self.port, self.cli_tls(), &["PING"]).as_deref()
+                == Some("PONG");
+        }
         let address = SocketAddr::from((self.host, self.port));
         let Ok(mut stream) = TcpStream::connect_timeout(&address, Duration::from_millis(500))
         else {
@@ -182,6 +235,7 @@ impl RedisServer {
         let output = std::process::Command::new("redis-cli")
             .arg("-p")
             .arg(self.port.to_string())
+            .args(self.cli_tls().map(TlsFiles::cli_args).unwrap_or_default())
             .args(args)
             .output()
             .expect("run redis-cli");
@@ -215,13 +269,21 @@ impl RedisServer {
     }
 }
 
-/// Runs `redis-cli -p port args…` and returns its answer, trimmed; `None` when redis-cli cannot
-/// run or fails.
-fn cli_at(port: u16, args: &[&str]) -> Option<String> {
-    let output = Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
+/// Runs `redis-cli -h host -p port args…`, over TLS with `tls`, and returns its answer,
+/// trimmed; `None` when redis-cli cannot run, fails, or the server does not answer within 2 s.
+fn cli_with(host: IpAddr, port: u16, tls: Option<&TlsFiles>, args: &[&str]) -> Option<String> {
+    let output = Command::new("timeout")
+        .args([
+            "2",
+            "redis-cli",
+            "-h",
+            &host.to_string(),
+            "-p",
+            &port.to_string(),
+        ])
+        .args(tls.map(TlsFiles::cli_args).unwrap_or_default())
         .args(args)
+        .stdin(Stdio::null())
         .output()
         .ok()?;
     output
@@ -269,7 +331,16 @@ impl RedisServer {
 
     /// One field of `INFO section` (`role`, `connected_slaves`, …), if Redis answers.
     pub fn info_field(&self, section: &str, field: &str) -> Option<String> {
-        field_of(&cli_at(self.port, &["INFO", section])?, field)
+        let answer = cli_with(self.host, self.port, self.cli_tls(), &["INFO", section])?;
+        field_of(&answer, field)
+    }
+
+    /// The TLS files `redis-cli` needs to reach `port`: those of a server that serves TLS only.
+    fn cli_tls(&self) -> Option<&TlsFiles> {
+        match &self.tls {
+            Some((_, files)) if self.tls_only => Some(files),
+            _ => None,
+        }
     }
 }
 
@@ -279,6 +350,8 @@ impl RedisServer {
 /// dir is removed.
 pub struct RedisSentinel {
     pub port: u16,
+    /// It speaks TLS only, with these files.
+    tls: Option<TlsFiles>,
     process: Proc,
     dir: TempDir,
 }
@@ -287,7 +360,7 @@ impl RedisSentinel {
     /// Starts one watching `primary` as `name`; `quorum` sentinels must agree it is down.
     /// Returns once it answers PING. Fails the test if it cannot.
     pub fn start(primary: &RedisServer, name: &str, quorum: usize) -> RedisSentinel {
-        Self::try_start(primary, name, quorum, "").unwrap_or_else(|error| {
+        Self::try_start(primary, name, quorum, "", None).unwrap_or_else(|error| {
             panic!("cannot start redis-sentinel (scripts/test installs it): {error}")
         })
     }
@@ -303,25 +376,51 @@ impl RedisSentinel {
     ) -> RedisSentinel {
         let login =
             format!("sentinel auth-user {name} {user}\nsentinel auth-pass {name} {password}\n");
-        Self::try_start(primary, name, quorum, &login).unwrap_or_else(|error| {
+        Self::try_start(primary, name, quorum, &login, None).unwrap_or_else(|error| {
             panic!("cannot start redis-sentinel (scripts/test installs it): {error}")
         })
     }
 
-    /// Starts one with `extra` lines at the end of its config file.
+    /// Like [`RedisSentinel::start`], speaking TLS only with `files`, to its clients, to the
+    /// servers (which must serve TLS only, see [`RedisServer::start_tls_only`]) and to the other
+    /// sentinels.
+    pub fn start_tls(
+        primary: &RedisServer,
+        name: &str,
+        quorum: usize,
+        files: TlsFiles,
+    ) -> RedisSentinel {
+        Self::try_start(primary, name, quorum, "", Some(files)).unwrap_or_else(|error| {
+            panic!("cannot start redis-sentinel with TLS (scripts/test installs it): {error}")
+        })
+    }
+
+    /// Starts one with `extra` lines at the end of its config file, over TLS only with `tls`.
     fn try_start(
         primary: &RedisServer,
         name: &str,
         quorum: usize,
         extra: &str,
+        tls: Option<TlsFiles>,
     ) -> std::io::Result<RedisSentinel> {
         let dir = tempfile::tempdir()?;
         let port = crate::free_port()?;
         let config = dir.path().join("sentinel.conf");
+        let listen = match &tls {
+            None => format!("port {port}\n"),
+            Some(files) => {
+                let settings: String = files
+                    .settings()
+                    .into_iter()
+                    .map(|(name, value)| format!("{name} {value}\n"))
+                    .collect();
+                format!("port 0\ntls-port {port}\ntls-replication yes\n{settings}")
+            }
+        };
         std::fs::write(
             &config,
             format!(
-                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\n\
+                "{listen}bind 127.0.0.1\ndaemonize no\ndir {dir}\n\
                  sentinel monitor {name} {host} {primary_port} {quorum}\n\
                  sentinel down-after-milliseconds {name} 1000\n\
                  sentinel failover-timeout {name} 4000\n\
@@ -340,11 +439,12 @@ impl RedisSentinel {
             .spawn()?;
         let mut sentinel = RedisSentinel {
             port,
+            tls,
             process: Proc::from_child(child),
             dir,
         };
         let deadline = Instant::now() + STARTUP;
-        while cli_at(port, &["PING"]).as_deref() != Some("PONG") {
+        while sentinel.cli(&["PING"]).as_deref() != Some("PONG") {
             if let Some(status) = sentinel.process.try_exit() {
                 return Err(std::io::Error::other(format!(
                     "redis-sentinel on port {port} exited at start: {status}\n{}",
@@ -368,17 +468,27 @@ impl RedisSentinel {
 
     /// The port of the primary this sentinel names for `name` now.
     pub fn primary_port(&self, name: &str) -> Option<u16> {
-        let answer = cli_at(self.port, &["SENTINEL", "get-master-addr-by-name", name])?;
+        let answer = self.cli(&["SENTINEL", "get-master-addr-by-name", name])?;
         answer.lines().nth(1)?.trim().parse().ok()
     }
 
     /// True once this sentinel knows `sentinels` other sentinels and `replicas` replicas of `name`.
     pub fn knows(&self, name: &str, sentinels: usize, replicas: usize) -> bool {
-        let Some(master) = cli_at(self.port, &["SENTINEL", "MASTER", name]) else {
+        let Some(master) = self.cli(&["SENTINEL", "MASTER", name]) else {
             return false;
         };
         let count = |field: &str| field_of(&master, field).and_then(|value| value.parse().ok());
         count("num-other-sentinels") == Some(sentinels) && count("num-slaves") == Some(replicas)
+    }
+
+    /// Runs `redis-cli` against this sentinel (over TLS if it speaks TLS); `None` when it fails.
+    fn cli(&self, args: &[&str]) -> Option<String> {
+        cli_with(
+            IpAddr::from([127, 0, 0, 1]),
+            self.port,
+            self.tls.as_ref(),
+            args,
+        )
     }
 
     /// The sentinel's log, for assertion messages.
@@ -400,6 +510,7 @@ impl RedisServer {
                 dir: Dir::Temp(dir),
                 appendfsync: "always".to_string(),
                 tls: Some((crate::free_port()?, files)),
+                tls_only: false,
                 process: None,
             };
             server.launch()?;
@@ -408,6 +519,51 @@ impl RedisServer {
         started.unwrap_or_else(|error| {
             panic!("cannot start redis-server with TLS (scripts/test installs it): {error}")
         })
+    }
+
+    /// Starts one in a temp dir (like [`RedisServer::start`]) that serves TLS only, with
+    /// `files`, on [`RedisServer::port`], and replicates over TLS: as a replica of `primary`
+    /// (another such server) when given, returning once its link to it is up. Fails the test if
+    /// it cannot.
+    pub fn start_tls_only(files: TlsFiles, primary: Option<&RedisServer>) -> RedisServer {
+        let started = tempfile::tempdir().and_then(|dir| {
+            let port = crate::free_port()?;
+            let launcher = match primary {
+                Some(primary) => as_replica(&[], primary.address()),
+                None => Vec::new(),
+            };
+            let mut server = RedisServer {
+                port,
+                host: IpAddr::from([127, 0, 0, 1]),
+                launcher,
+                dir: Dir::Temp(dir),
+                appendfsync: "always".to_string(),
+                tls: Some((port, files)),
+                tls_only: true,
+                process: None,
+            };
+            server.launch()?;
+            Ok(server)
+        });
+        let server = started.unwrap_or_else(|error| {
+            panic!("cannot start redis-server with TLS only (scripts/test installs it): {error}")
+        });
+        let deadline = Instant::now() + STARTUP;
+        while primary.is_some()
+            && server
+                .info_field("replication", "master_link_status")
+                .as_deref()
+                != Some("up")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "TLS replica on port {} did not connect to its primary within {STARTUP:?}\n{}",
+                server.port,
+                crate::tail(&server.dir().join("redis.log"), 20)
+            );
+            std::thread::sleep(crate::POLL);
+        }
+        server
     }
 
     /// `rediss://HOST:TLS_PORT`; panics on a server started without TLS.
@@ -424,18 +580,15 @@ impl RedisServer {
         let Some((port, files)) = &self.tls else {
             return Vec::new();
         };
-        let path = |path: &PathBuf| path.display().to_string();
-        let auth_clients = if files.auth_clients { "yes" } else { "no" };
-        [
-            ("--tls-port", port.to_string()),
-            ("--tls-cert-file", path(&files.cert_file)),
-            ("--tls-key-file", path(&files.key_file)),
-            ("--tls-ca-cert-file", path(&files.ca_file)),
-            ("--tls-auth-clients", auth_clients.to_string()),
-        ]
-        .into_iter()
-        .flat_map(|(flag, value)| [flag.to_string(), value])
-        .collect()
+        let mut settings = files.settings();
+        settings.push(("tls-port", port.to_string()));
+        if self.tls_only {
+            settings.push(("tls-replication", "yes".to_string()));
+        }
+        settings
+            .into_iter()
+            .flat_map(|(name, value)| [format!("--{name}"), value])
+            .collect()
     }
 }
 
@@ -467,12 +620,7 @@ fn as_replica(launcher: &[String], primary: SocketAddr) -> Vec<String> {
 /// Runs `redis-cli -h host -p port args…` and returns its answer, trimmed; `None` when
 /// redis-cli cannot run, fails, or the server does not answer within 2 s.
 pub fn cli_on(host: IpAddr, port: u16, args: &[&str]) -> Option<String> {
-    let (host, port) = (host.to_string(), port.to_string());
-    let mut command = Command::new("timeout");
-    command.args(["2", "redis-cli", "-h", &host, "-p", &port]);
-    let output = command.args(args).stdin(Stdio::null()).output().ok()?;
-    let answer = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    output.status.success().then_some(answer)
+    cli_with(host, port, None, args)
 }
 
 impl RedisServer {

@@ -1,8 +1,8 @@
 //! How a node reaches its Redis and proves who it is: the URL (`redis://` or `rediss://` for
-//! TLS), an ACL user and password (in the URL, or `database.username` and
-//! `database.password_file`), and the TLS files of `[database]` (`ca_file`, `client_cert`,
-//! `client_key`). The files are read once, at start; a file that cannot be read or holds no PEM
-//! of the right kind is a [`ConfigError`] naming its key.
+//! TLS) or the sentinels (over TLS with `database.tls`), an ACL user and password (in the URL,
+//! or `database.username` and `database.password_file`), and the TLS files of `[database]`
+//! (`ca_file`, `client_cert`, `client_key`). The files are read once, at start; a file that
+//! cannot be read or holds no PEM of the right kind is a [`ConfigError`] naming its key.
 //!
 //! TLS is rustls (with the `ring` provider) as redis-rs's `tokio-rustls-comp` feature builds it:
 //! without `ca_file` the server's certificate is checked against the platform's roots
@@ -12,9 +12,10 @@
 //! ([`redacted`]), and redis-rs's own errors name no password.
 
 use crate::config::{ConfigError, DatabaseConfig};
+use deadpool_redis::redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use deadpool_redis::redis::{
     Client, ClientTlsConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo,
-    RedisConnectionInfo, TlsCertificates,
+    RedisConnectionInfo, TlsCertificates, TlsMode,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -190,10 +191,43 @@ pub fn direct(database: &DatabaseConfig) -> Result<ConnectionInfo, ConfigError> 
     Ok(client.get_connection_info().clone())
 }
 
-/// The ACL user and password for the primary that the sentinels name (Sentinel mode has no URL
-/// and no TLS).
-pub fn sentinel_primary(database: &DatabaseConfig) -> Result<RedisConnectionInfo, ConfigError> {
-    with_credentials(RedisConnectionInfo::default(), database)
+/// A client for the primary the sentinels of `database` name for `master_name`, logging in to it
+/// as `database.username` with the password in `database.password_file` (the sentinels are asked
+/// without one). With `database.tls` both the sentinels and the primary are reached over TLS,
+/// trusting `ca_file` and showing `client_cert`, as a `rediss://` URL would.
+pub fn sentinel(database: &DatabaseConfig) -> Result<SentinelClient, ConfigError> {
+    let key = "database.sentinels";
+    let scheme = if database.tls { "rediss" } else { "redis" };
+    let addresses = database
+        .sentinels
+        .iter()
+        .map(|address| {
+            Ok(parse_url(key, &format!("{scheme}://{address}"))?
+                .addr()
+                .clone())
+        })
+        .collect::<Result<Vec<ConnectionAddr>, ConfigError>>()?;
+    let mut builder =
+        SentinelClientBuilder::new(addresses, &database.master_name, SentinelServerType::Master)
+            .map_err(|error| ConfigError::new(key, error.to_string()))?;
+    if !database.password_file.as_os_str().is_empty() {
+        builder = builder.set_client_to_redis_password(read_password(&database.password_file)?);
+    }
+    if !database.username.is_empty() {
+        builder = builder.set_client_to_redis_username(&database.username);
+    }
+    if database.tls {
+        check_root_variables()?;
+        install_crypto_provider();
+        let certificates = certificates(database)?;
+        builder = builder
+            .set_client_to_sentinel_certificates(certificates.clone())
+            .set_client_to_redis_tls_mode(TlsMode::Secure)
+            .set_client_to_redis_certificates(certificates);
+    }
+    builder
+        .build()
+        .map_err(|error| ConfigError::new(key, format!("cannot set up the sentinels: {error}")))
 }
 
 #[cfg(test)]

@@ -5,17 +5,17 @@
 //!
 //! The Redis is either at a fixed address or, with Sentinel, wherever the sentinels say the
 //! primary is: they are asked each time a connection is opened, and a connection is dropped on
-//! any failure, so the node follows a failover without a restart. TLS and the ACL login come
-//! from [`access`](super::access).
+//! any failure, so the node follows a failover without a restart. TLS (to the sentinels too) and
+//! the ACL login come from [`access`](super::access).
 
 use super::access;
 use crate::config::DatabaseConfig;
 use crate::store::StoreError;
 use deadpool_redis::redis::aio::MultiplexedConnection;
-use deadpool_redis::redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
+use deadpool_redis::redis::sentinel::SentinelClient;
 use deadpool_redis::redis::{
-    self, AsyncConnectionConfig, ConnectionInfo, FromRedisValue, RedisConnectionInfo, RedisResult,
-    Script, ScriptInvocation, Value,
+    self, AsyncConnectionConfig, ConnectionInfo, FromRedisValue, RedisResult, Script,
+    ScriptInvocation, Value,
 };
 use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::BoxFuture;
@@ -57,12 +57,11 @@ enum Source {
     Sentinel(Box<(Mutex<Primary>, AsyncConnectionConfig)>),
 }
 
-/// The sentinels, the name they know the primary by, and the primary they named last.
+/// The sentinels (with the name they know the primary by, and how to reach and log in to it),
+/// and the primary they named last.
 struct Primary {
-    sentinel: Sentinel,
+    client: SentinelClient,
     master_name: String,
-    /// How to log in to the primary (ACL user and password).
-    node: SentinelNodeConnectionInfo,
     /// `host:port` of the primary last connected to, to log a failover once.
     last: Option<String>,
 }
@@ -80,22 +79,22 @@ fn connection_config(timeout: Duration) -> AsyncConnectionConfig {
 }
 
 impl Connections {
-    /// The connections `database` asks for: to `url`, or to the primary its `sentinels` name,
-    /// with its TLS files, ACL user and password, and `min_replicas`. The files are read now;
-    /// one that cannot be is a [`ConfigError`](crate::config::ConfigError). Nothing is
-    /// contacted yet; the first request connects.
+    /// The connections `database` asks for: to `url`, or to the primary its `sentinels` name
+    /// (both over TLS with `tls`), with its TLS files, ACL user and password, and
+    /// `min_replicas`. The files are read now; one that cannot be is a
+    /// [`ConfigError`](crate::config::ConfigError). Nothing is contacted yet; the first request
+    /// connects.
     pub fn open(database: &DatabaseConfig) -> anyhow::Result<Connections> {
         let pool_size = database.pool_size.get();
         let connections = if database.sentinels.is_empty() {
             Connections::direct(access::direct(database)?, pool_size, database.timeout)?
         } else {
-            Connections::connect_sentinel(
-                &database.sentinels,
+            Connections::sentinel(
+                access::sentinel(database)?,
                 &database.master_name,
-                access::sentinel_primary(database)?,
                 pool_size,
                 database.timeout,
-            )?
+            )
         };
         Ok(connections.with_min_replicas(database.min_replicas))
     }
@@ -141,31 +140,21 @@ impl Connections {
         Ok(Connections::new(Source::Direct(pool), pool_size, timeout))
     }
 
-    /// Up to `pool_size` connections to the primary that the sentinels (`host:port` each) name
-    /// for `master_name`, asked again whenever a connection is opened, logging in to it with
-    /// `primary` (user, password). Nothing is contacted yet.
-    pub fn connect_sentinel(
-        sentinels: &[String],
+    /// Up to `pool_size` connections to the primary that `client`'s sentinels name for
+    /// `master_name`, asked again whenever a connection is opened. Nothing is contacted yet.
+    fn sentinel(
+        client: SentinelClient,
         master_name: &str,
-        primary: RedisConnectionInfo,
         pool_size: usize,
         timeout: Duration,
-    ) -> Result<Connections, StoreError> {
-        let urls: Vec<String> = sentinels
-            .iter()
-            .map(|address| format!("redis://{address}"))
-            .collect();
-        let sentinel = Sentinel::build(urls).map_err(|error| {
-            StoreError::Unavailable(format!("bad sentinel addresses {sentinels:?}: {error}"))
-        })?;
+    ) -> Connections {
         let primary = Primary {
-            sentinel,
+            client,
             master_name: master_name.to_string(),
-            node: SentinelNodeConnectionInfo::default().set_redis_connection_info(primary),
             last: None,
         };
         let source = Source::Sentinel(Box::new((Mutex::new(primary), connection_config(timeout))));
-        Ok(Connections::new(source, pool_size, timeout))
+        Connections::new(source, pool_size, timeout)
     }
 
     fn new(source: Source, pool_size: usize, timeout: Duration) -> Connections {
@@ -180,13 +169,13 @@ impl Connections {
         }
     }
 
-    /// Makes every write wait for `replicas` replicas to acknowledge it (`WAIT`); fewer is
-    /// [`StoreError::Unavailable`].
     /// Whether writes wait for replicas.
     pub fn waits_for_replicas(&self) -> bool {
         self.min_replicas > 0
     }
 
+    /// Makes every write wait for `replicas` replicas to acknowledge it (`WAIT`); fewer is
+    /// [`StoreError::Unavailable`].
     pub fn with_min_replicas(mut self, replicas: usize) -> Connections {
         self.min_replicas = replicas;
         let connections = if replicas == 0 { 0 } else { ACKED_CONNECTIONS };
@@ -320,22 +309,18 @@ impl Connections {
                 let (primary, config) = &**sentinel;
                 let mut primary = primary.lock().await;
                 let Primary {
-                    sentinel,
+                    client,
                     master_name,
-                    node,
                     last,
                 } = &mut *primary;
                 // The sentinels' answer is checked: the address they name must say (ROLE) that
                 // it is a primary, so no connection is opened to a replica. One opened before a
                 // failover gets READONLY from a demoted primary, fails, and is dropped.
-                let client = sentinel
-                    .async_master_for(master_name, Some(node))
-                    .await
-                    .map_err(|error| {
-                        StoreError::Unavailable(format!(
-                            "no primary for {master_name} from the sentinels: {error}"
-                        ))
-                    })?;
+                let client = client.async_get_client().await.map_err(|error| {
+                    StoreError::Unavailable(format!(
+                        "no primary for {master_name} from the sentinels: {error}"
+                    ))
+                })?;
                 let address = client.get_connection_info().addr().to_string();
                 let connection = client
                     .get_multiplexed_async_connection_with_config(config)
