@@ -104,7 +104,10 @@ async fn wait_heartbeat(node: &Node, status: &str) -> Value {
 
 /// The leader fencing token as `redis` holds it, once it holds one.
 fn fence(redis: &RedisServer) -> Option<u64> {
-    redis.cli(&["GET", "op:leader:fence"]).parse().ok()
+    redis
+        .cli(&["GET", order_process::store::redis::keys::LEADER_FENCE])
+        .parse()
+        .ok()
 }
 
 /// Starts three sentinels watching `primary`, waits until each knows the other two and its

@@ -268,6 +268,21 @@ impl Connections {
         outcome
     }
 
+    /// Whether this is a Redis Cluster, whose keys are spread over several primaries.
+    pub fn is_cluster(&self) -> bool {
+        false
+    }
+
+    /// Sends `command`, which names no key (such as `SCAN`), to the primary that holds `key`,
+    /// like [`Connections::query`]. One Redis holds every key.
+    pub(crate) async fn query_at<T: FromRedisValue + Send>(
+        &self,
+        command: &redis::Cmd,
+        _key: &str,
+    ) -> Result<T, StoreError> {
+        self.query(command).await
+    }
+
     /// Sends one request on a shared connection and reads its answer, within the store timeout.
     pub(crate) async fn query<T, R>(&self, request: &R) -> Result<T, StoreError>
     where
