@@ -12,6 +12,7 @@ use order_process::store::{
     CancelOutcome, Created, ListQuery, OrderStore, Reopen, Repaired, RetryRollbackOutcome,
     SetAside, StoreError, PURGE_BATCH,
 };
+use order_process_testkit::RedisCluster;
 use std::time::Duration;
 
 fn new_order(user: &str, owner: &str, offset_ms: i64) -> Order {
@@ -612,6 +613,21 @@ async fn redis_store_conforms() {
     assert!(repaired.orders > 0);
     assert!(repaired.owners.contains("node-p"), "{repaired:?}");
     assert!(!repaired.owners.contains("node-t"), "{repaired:?}");
+}
+
+/// The same on a Redis Cluster of three primaries, whose slots each shard's keys hash to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_store_conforms() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect_cluster(&cluster.addresses(), 4, Duration::from_secs(2))
+        .unwrap()
+        .with_retention(Duration::from_secs(1));
+    conformance(&store).await;
+    let repaired = repair_all(&store).await;
+    assert!(repaired.orders > 0);
+    assert!(repaired.owners.contains("node-p"), "{repaired:?}");
+    assert!(!repaired.owners.contains("node-t"), "{repaired:?}");
+    retention(&store).await;
 }
 
 #[tokio::test]

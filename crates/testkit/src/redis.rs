@@ -217,7 +217,7 @@ impl RedisServer {
 
 /// Runs `redis-cli -p port args…` and returns its answer, trimmed; `None` when redis-cli cannot
 /// run or fails.
-fn cli_at(port: u16, args: &[&str]) -> Option<String> {
+pub(crate) fn cli_at(port: u16, args: &[&str]) -> Option<String> {
     let output = Command::new("redis-cli")
         .arg("-p")
         .arg(port.to_string())

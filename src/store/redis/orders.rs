@@ -154,6 +154,21 @@ impl RedisStore {
         )?)))
     }
 
+    /// A store on its own connections to the Redis Cluster `nodes` (`host:port`) belong to.
+    /// Nothing is contacted yet; the first operation connects.
+    pub fn connect_cluster(
+        nodes: &[String],
+        pool_size: usize,
+        timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
+        Ok(RedisStore::new(Arc::new(Connections::connect_cluster(
+            nodes,
+            redis::RedisConnectionInfo::default(),
+            pool_size,
+            timeout,
+        )?)))
+    }
+
     /// Sends a pipeline of writes that holds calls of this store's scripts. All its keys are in
     /// one shard.
     async fn scripted<T: redis::FromRedisValue + Send>(
