@@ -24,7 +24,31 @@ pub struct RedisCluster {
 
 struct ClusterNode {
     port: u16,
+    dir: std::path::PathBuf,
+    appendfsync: String,
     process: Option<Proc>,
+}
+
+impl ClusterNode {
+    /// Starts its `redis-server`; a node started again reads its `nodes.conf` and rejoins.
+    fn launch(&mut self) -> std::io::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", &self.appendfsync])
+            // A new replica syncs at once, not after the default 5 s wait for others.
+            .args(["--repl-diskless-sync-delay", "0"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(append(&self.dir.join("redis.log"))?)
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.process = Some(Proc::from_child(child));
+        Ok(())
+    }
 }
 
 impl RedisCluster {
@@ -35,38 +59,32 @@ impl RedisCluster {
         })
     }
 
-    /// `primaries` primaries with `replicas` replicas each, formed and every slot served.
+    /// `primaries` primaries with `replicas` replicas each, formed and every slot served, with
+    /// `appendfsync everysec`.
     pub fn try_start(primaries: usize, replicas: usize) -> std::io::Result<RedisCluster> {
+        RedisCluster::try_start_with(primaries, replicas, "everysec")
+    }
+
+    /// Like [`RedisCluster::try_start`], with this `appendfsync`.
+    pub fn try_start_with(
+        primaries: usize,
+        replicas: usize,
+        appendfsync: &str,
+    ) -> std::io::Result<RedisCluster> {
         let dir = tempfile::tempdir()?;
         let mut nodes = Vec::new();
         for _ in 0..primaries * (1 + replicas) {
             let port = free_port_pair(BUS_OFFSET)?;
             let node_dir = dir.path().join(port.to_string());
             std::fs::create_dir_all(&node_dir)?;
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-                .args(["--cluster-config-file", "nodes.conf"])
-                .args([
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "yes",
-                    "--appendfsync",
-                    "everysec",
-                ])
-                // A new replica syncs at once, not after the default 5 s wait for others.
-                .args(["--repl-diskless-sync-delay", "0"])
-                .arg("--dir")
-                .arg(&node_dir)
-                .stdin(Stdio::null())
-                .stdout(append(&node_dir.join("redis.log"))?)
-                .stderr(Stdio::null())
-                .spawn()?;
-            nodes.push(ClusterNode {
+            let mut node = ClusterNode {
                 port,
-                process: Some(Proc::from_child(child)),
-            });
+                dir: node_dir,
+                appendfsync: appendfsync.to_string(),
+                process: None,
+            };
+            node.launch()?;
+            nodes.push(node);
         }
         let cluster = RedisCluster { nodes, _dir: dir };
         let deadline = Instant::now() + SETTLE;
@@ -168,6 +186,26 @@ impl RedisCluster {
             .unwrap_or_default()
     }
 
+    /// How many slots the node on `port` serves, as a running node sees it.
+    pub fn slots_of(&self, port: u16) -> usize {
+        let view = self.view();
+        let Some(line) = view.lines().find(|line| {
+            line.split_whitespace()
+                .nth(1)
+                .and_then(|address| address.split(['@', ':']).nth(1))
+                == Some(&port.to_string())
+        }) else {
+            return 0;
+        };
+        line.split_whitespace()
+            .skip(8)
+            .filter_map(|range| {
+                let (low, high) = range.split_once('-').unwrap_or((range, range));
+                Some(high.parse::<usize>().ok()? + 1 - low.parse::<usize>().ok()?)
+            })
+            .sum()
+    }
+
     /// The hash slot of `key`, as the cluster computes it.
     pub fn slot_of(&self, key: &str) -> Option<u16> {
         self.running()
@@ -190,32 +228,51 @@ impl RedisCluster {
         }
     }
 
-    /// Waits until every running node sees every slot served, `primaries` primaries serve them,
-    /// and every replica is in sync with its primary (until then it could not take over).
+    /// Starts the node on `port` again after [`RedisCluster::kill`]: it rejoins the cluster
+    /// (as a replica, once another took its slots over).
+    pub fn restart(&mut self, port: u16) -> std::io::Result<()> {
+        match self.nodes.iter_mut().find(|node| node.port == port) {
+            Some(node) => node.launch(),
+            None => Err(std::io::Error::other(format!("no cluster node on {port}"))),
+        }
+    }
+
+    /// Sends a signal by name (`STOP`, `CONT`) to the node on `port`; true when delivered.
+    pub fn signal(&self, port: u16, name: &str) -> bool {
+        self.nodes
+            .iter()
+            .find(|node| node.port == port)
+            .and_then(|node| node.process.as_ref())
+            .is_some_and(|process| process.signal(name))
+    }
+
+    /// Whether every running node sees every slot served, `primaries` primaries serve them, and
+    /// every replica is in sync with its primary (until then it could not take over).
+    pub fn is_settled(&self, primaries: usize) -> bool {
+        self.running().all(|port| {
+            let cluster = cli_at(port, &["CLUSTER", "INFO"]).is_some_and(|info| {
+                info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
+            });
+            let replicating = cli_at(port, &["INFO", "replication"]).is_some_and(|info| {
+                info.contains("role:master") || info.contains("master_link_status:up")
+            });
+            cluster && replicating
+        }) && self.primaries().len() == primaries
+    }
+
+    /// Waits until the cluster [is settled](RedisCluster::is_settled).
     pub fn wait_settled(&self, primaries: usize) -> std::io::Result<()> {
         let deadline = Instant::now() + SETTLE;
-        loop {
-            let settled = self.running().all(|port| {
-                let cluster = cli_at(port, &["CLUSTER", "INFO"]).is_some_and(|info| {
-                    info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
-                });
-                let replicating = cli_at(port, &["INFO", "replication"]).is_some_and(|info| {
-                    info.contains("role:master") || info.contains("master_link_status:up")
-                });
-                cluster && replicating
-            }) && self.primaries().len() == primaries;
-            if settled {
-                return Ok(());
-            }
+        while !self.is_settled(primaries) {
             if Instant::now() > deadline {
                 return Err(std::io::Error::other(format!(
-                    "the redis cluster did not settle within {SETTLE:?}: {:?}",
-                    self.running()
-                        .find_map(|port| cli_at(port, &["CLUSTER", "NODES"]))
+                    "the redis cluster did not settle within {SETTLE:?}: {}",
+                    self.view()
                 )));
             }
             std::thread::sleep(crate::POLL);
         }
+        Ok(())
     }
 
     /// Moves `slots` slots from the primary on `from` to the one on `to`, with
