@@ -406,7 +406,8 @@ async fn every_kind_of_write_waits_for_its_replica() {
     };
 
     // A lone script call: create, commit, cancel.
-    let order = new_order("node-a");
+    let mut order = new_order("node-a");
+    order.order_id = store.new_order_id("acked", Some("key-1"));
     store.create(&order, Some("key-1")).await.expect("create");
     assert_eq!(read_back(order.order_id).await.as_ref(), Some(&order));
     let mut next = apply(

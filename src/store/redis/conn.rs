@@ -5,8 +5,9 @@
 //!
 //! The Redis is either at a fixed address or, with Sentinel, wherever the sentinels say the
 //! primary is: they are asked each time a connection is opened, and a connection is dropped on
-//! any failure, so the node follows a failover without a restart. TLS and the ACL login come
-//! from [`access`](super::access).
+//! any failure, so the node follows a failover without a restart. Or it is a Redis Cluster: each
+//! connection ([`Link`]) reaches all of it, and sends a request to the primary that serves its
+//! keys' slot. TLS and the ACL login come from [`access`](super::access).
 
 use super::access;
 use super::link::Link;
@@ -367,7 +368,8 @@ impl Connections {
         Ok(connection)
     }
 
-    /// Opens a connection: to the fixed address, or to the primary the sentinels name now.
+    /// Opens a connection: to the fixed address, to the primary the sentinels name now, or to the
+    /// Redis Cluster.
     async fn open_connection(&self) -> Result<Link, StoreError> {
         match &self.source {
             Source::Direct(pool) => Ok(Link::One(deadpool_redis::Connection::take(
