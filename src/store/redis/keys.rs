@@ -2,8 +2,11 @@
 //! Cluster alike.
 //!
 //! Orders are spread over [`SHARDS`] virtual shards. Every key an order's scripts touch carries
-//! its shard's hash tag, `{s:NN}`, so each script and each pipeline of one shard stays in one
-//! hash slot (Redis Cluster runs a script only on keys of one slot). Order storage, per shard:
+//! its shard's hash tag, `{s:NN:J}`, so each script and each pipeline of one shard stays in one
+//! hash slot (Redis Cluster runs a script only on keys of one slot). `J` is the first number that
+//! puts shard `NN` in its own 64th of the 16,384 slots (see [`shard_tag`]), so that slot ranges of
+//! about equal size, as `redis-cli --cluster create` makes them, hold about as many shards each.
+//! Order storage, per shard (`{s:NN:J}` written `{s:NN}` below):
 //!
 //! - `op:{s:NN}:order:{id}`: hash with `doc` (the order JSON), `owner`, `epoch`, `user`,
 //!   `cancel`, `state` (`forward`, `rolling_back`, `finished`) and `step`. `owner`, `epoch` and
@@ -83,9 +86,37 @@ pub fn in_shard(id: OrderId, shard: u16) -> OrderId {
     OrderId::from_bytes(bytes)
 }
 
+/// Hash slots in a Redis Cluster.
+const SLOTS: u16 = 16_384;
+
+/// The hash slot Redis Cluster gives a key whose hash tag is `tag`.
+fn slot_of_tag(tag: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % SLOTS
+}
+
+/// The hash tag of `shard`: `s:NN:J`, with `J` the first number from 0 that gives it a slot in
+/// the shard's own band of `16384 / SHARDS` slots. Fixed by this rule for every version.
+pub fn shard_tag(shard: u16) -> &'static str {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let band = SLOTS / SHARDS;
+        shards()
+            .map(|shard| {
+                let wanted = shard * band..(shard + 1) * band;
+                (0u32..)
+                    .map(|j| format!("s:{shard:02}:{j}"))
+                    .find(|tag| wanted.contains(&slot_of_tag(tag)))
+                    .unwrap_or_default()
+            })
+            .collect()
+    });
+    tags.get(usize::from(shard % SHARDS))
+        .map_or("", String::as_str)
+}
+
 /// The prefix every key of `shard` starts with: its hash tag.
 fn tag(shard: u16) -> String {
-    format!("op:{{s:{shard:02}}}:")
+    format!("op:{{{}}}:", shard_tag(shard))
 }
 
 /// The hash of order `id`.
@@ -149,7 +180,7 @@ mod tests {
     fn an_order_and_its_keys_share_a_hash_tag() {
         let id = OrderId::now_v7();
         let shard = shard_of(id);
-        let tag = format!("{{s:{shard:02}}}");
+        let tag = format!("{{{}}}", shard_tag(shard));
         for key in [
             order_key(id),
             owned_key(shard, "node-a"),
@@ -173,7 +204,27 @@ mod tests {
         }
         let shard = shard_of_key("alice", "cart-7");
         assert_eq!(shard, shard_of_key("alice", "cart-7"));
-        assert!(idem_key("alice", "cart-7").contains(&format!("{{s:{shard:02}}}")));
+        assert!(idem_key("alice", "cart-7").contains(&format!("{{{}}}", shard_tag(shard))));
+    }
+
+    #[test]
+    fn each_shard_has_a_slot_in_its_own_band() {
+        assert_eq!(slot_of_tag("123456789"), 0x31C3 % SLOTS, "CRC16/XMODEM");
+        for shard in shards() {
+            let slot = slot_of_tag(shard_tag(shard));
+            assert_eq!(slot / (SLOTS / SHARDS), shard, "{}", shard_tag(shard));
+            assert!(shard_tag(shard).starts_with(&format!("s:{shard:02}:")));
+        }
+        // Three even slot ranges (what `redis-cli --cluster create` makes) get 21 or 22 each.
+        let mut counts = [0; 3];
+        for shard in shards() {
+            let slot = usize::from(slot_of_tag(shard_tag(shard)));
+            counts[(slot * 3 / usize::from(SLOTS)).min(2)] += 1;
+        }
+        assert!(
+            counts.iter().all(|&count| (21..=22).contains(&count)),
+            "{counts:?}"
+        );
     }
 
     #[test]
