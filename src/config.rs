@@ -277,6 +277,22 @@ fn step_url(key: &str, text: &str) -> Result<reqwest::Url, ConfigError> {
     Ok(url)
 }
 
+/// Checks that every entry of the list at `key` is `host:port`.
+fn host_ports(key: &str, entries: &[String], example_port: u16) -> Result<(), ConfigError> {
+    for entry in entries {
+        let valid = entry
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !valid {
+            return Err(ConfigError::new(
+                key,
+                format!("`{entry}` is not host:port, such as 10.0.0.2:{example_port}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseConfig {
@@ -293,6 +309,9 @@ pub struct DatabaseConfig {
     /// With `sentinels`: reach the sentinels and the primary they name over TLS (with `ca_file`,
     /// `client_cert` and `client_key`). With `url` its scheme says it (`rediss://`).
     pub tls: bool,
+    /// Nodes (`host:port`) of a Redis Cluster, instead of `url`: any few of its primaries or
+    /// replicas; the node learns the rest, and follows slot moves and failovers.
+    pub cluster_nodes: Vec<String>,
     /// Connections to Redis, each shared by all tasks (requests are pipelined on them).
     pub pool_size: NonZeroUsize,
     /// Longest wait for one Redis operation before it counts as a failure.
@@ -325,6 +344,7 @@ impl Default for DatabaseConfig {
             sentinels: Vec::new(),
             master_name: String::new(),
             tls: false,
+            cluster_nodes: Vec::new(),
             pool_size: NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN),
             timeout: Duration::from_secs(2),
             min_replicas: 0,
@@ -341,7 +361,7 @@ impl Default for DatabaseConfig {
 impl DatabaseConfig {
     /// True when the node keeps its orders in Redis (a plain URL or Sentinel), as a cluster member.
     pub fn is_redis(&self) -> bool {
-        !self.url.is_empty() || !self.sentinels.is_empty()
+        !self.url.is_empty() || !self.sentinels.is_empty() || !self.cluster_nodes.is_empty()
     }
 
     /// Checks the Redis keys against each other; errors name the key to change.
@@ -361,17 +381,8 @@ impl DatabaseConfig {
                 "set either database.url (one Redis) or database.sentinels (found through Sentinel), not both",
             ));
         }
-        for sentinel in &self.sentinels {
-            let valid = sentinel
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !valid {
-                return Err(ConfigError::new(
-                    "database.sentinels",
-                    format!("`{sentinel}` is not host:port, such as 10.0.0.2:26379"),
-                ));
-            }
-        }
+        host_ports("database.sentinels", &self.sentinels, 26379)?;
+        self.validate_redis_cluster()?;
         if self.sentinels.is_empty() {
             if !self.master_name.is_empty() {
                 return Err(ConfigError::new(
@@ -406,6 +417,33 @@ impl DatabaseConfig {
             }
         }
         self.validate_access()
+    }
+
+    /// Checks `cluster_nodes` against the keys it cannot go with.
+    fn validate_redis_cluster(&self) -> Result<(), ConfigError> {
+        if self.cluster_nodes.is_empty() {
+            return Ok(());
+        }
+        host_ports("database.cluster_nodes", &self.cluster_nodes, 6379)?;
+        let problem = if !self.url.is_empty() || !self.sentinels.is_empty() {
+            Some((
+                "database.cluster_nodes",
+                "set one of database.url, database.sentinels or database.cluster_nodes, not two",
+            ))
+        } else {
+            [
+                ("database.ca_file", &self.ca_file),
+                ("database.client_cert", &self.client_cert),
+                ("database.client_key", &self.client_key),
+            ]
+            .into_iter()
+            .find(|(_, path)| !path.as_os_str().is_empty())
+            .map(|(key, _)| (key, "TLS is not supported with database.cluster_nodes: only with a rediss:// database.url"))
+        };
+        match problem {
+            Some((key, problem)) => Err(ConfigError::new(key, problem)),
+            None => Ok(()),
+        }
     }
 
     /// Checks the TLS and login keys: each only where it applies, the files present.
@@ -744,6 +782,7 @@ impl Config {
             config.database.master_name.clear();
             // The URL's scheme says whether it is TLS.
             config.database.tls = false;
+            config.database.cluster_nodes.clear();
         }
         config.validate()?;
         Ok(config)
@@ -1507,6 +1546,36 @@ mod tests {
         assert_eq!(config.database.url, "redis://127.0.0.1:6390");
         assert!(config.database.sentinels.is_empty());
         assert!(config.database.master_name.is_empty());
+    }
+
+    #[test]
+    fn redis_cluster_keys_are_checked_against_each_other() {
+        let cluster = "[database]\ncluster_nodes = [\"127.0.0.1:7000\", \"127.0.0.1:7001\"]\n\
+                       min_replicas = 1\n[cluster]\nsecret = \"s\"\n";
+        let config = Config::from_toml(cluster).unwrap();
+        config.validate().unwrap();
+        assert!(config.is_cluster());
+        for (text, key, needle) in [
+            (
+                "[database]\nurl = \"redis://a:1\"\ncluster_nodes = [\"a:2\"]\n",
+                "database.cluster_nodes",
+                "not two",
+            ),
+            (
+                "[database]\ncluster_nodes = [\"a\"]\n",
+                "database.cluster_nodes",
+                "host:port",
+            ),
+            (
+                "[database]\ncluster_nodes = [\"a:2\"]\nca_file = \"/ca.pem\"\n",
+                "database.ca_file",
+                "TLS is not supported with database.cluster_nodes",
+            ),
+        ] {
+            let error = Config::from_toml(text).unwrap().validate().unwrap_err();
+            assert_eq!(error.key, key, "{text}: {error}");
+            assert!(error.problem.contains(needle), "{text}: {error}");
+        }
     }
 
     fn step_error(section: &str) -> ConfigError {

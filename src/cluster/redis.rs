@@ -2,11 +2,14 @@
 //! order store uses. Keys are in [`crate::store::redis::keys`].
 
 use super::coordination::{Coordinator, Leader, Liveness, NodeStatus, Renewal};
-use crate::store::redis::keys::{alive_key, owned_key, ALIVE_UNTIL, LEADER, LEADER_FENCE, NODES};
+use crate::store::redis::keys::{
+    alive_key, owned_key, shards, ALIVE_UNTIL, LEADER, LEADER_FENCE, NODES,
+};
 use crate::store::redis::Connections;
 use crate::store::StoreError;
 use async_trait::async_trait;
 use deadpool_redis::redis::{self, Script};
+use futures_util::{StreamExt, TryStreamExt};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,8 +72,12 @@ fn millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Reads the answers of `EXISTS alive`, `SCARD owned`, `HGET until`, asked for each node in
-/// turn, then of `TIME`. A lease's lapse is how long ago, by Redis's clock, it expired.
+/// How many shards [`RedisCoordinator::owned_counts`] reads at once.
+const FAN_OUT: usize = 8;
+
+/// Reads the answers of `EXISTS alive`, `SCARD owned` (summed over the shards), `HGET until`,
+/// asked for each node in turn, then of `TIME`. A lease's lapse is how long ago, by Redis's
+/// clock, it expired.
 fn statuses(answers: &[redis::Value]) -> Result<Vec<NodeStatus>, StoreError> {
     let unexpected = |error: redis::ParsingError| StoreError::Corrupt(error.to_string());
     let (time, per_node) = answers
@@ -109,6 +116,28 @@ impl RedisCoordinator {
             acquire: Script::new(ACQUIRE),
             renew_alive: Script::new(RENEW_ALIVE),
         }
+    }
+
+    /// How many unfinished orders each of `nodes` owns, summed over the shards (one pipeline per
+    /// shard, a few shards at a time).
+    async fn owned_counts(&self, nodes: &[String]) -> Result<Vec<u64>, StoreError> {
+        let per_shard: Vec<Vec<u64>> = futures_util::stream::iter(shards().map(|shard| {
+            let mut pipeline = redis::pipe();
+            for node in nodes {
+                pipeline.cmd("SCARD").arg(owned_key(shard, node));
+            }
+            async move { self.redis.query::<Vec<u64>, _>(&pipeline).await }
+        }))
+        .buffer_unordered(FAN_OUT)
+        .try_collect()
+        .await?;
+        let mut counts = vec![0; nodes.len()];
+        for shard in per_shard {
+            for (count, owned) in counts.iter_mut().zip(shard) {
+                *count += owned;
+            }
+        }
+        Ok(counts)
     }
 
     /// Releases the lease at `key` if `holder` holds it.
@@ -151,15 +180,25 @@ impl Coordinator for RedisCoordinator {
         if nodes.is_empty() {
             return Ok(Vec::new());
         }
+        let owned = self.owned_counts(nodes).await?;
         let mut pipeline = redis::pipe();
         for node in nodes {
             pipeline.cmd("EXISTS").arg(alive_key(node));
-            pipeline.cmd("SCARD").arg(owned_key(node));
             pipeline.cmd("HGET").arg(ALIVE_UNTIL).arg(node);
         }
         pipeline.cmd("TIME");
-        let answers: Vec<redis::Value> = self.redis.query(&pipeline).await?;
-        statuses(&answers)
+        let mut answers: Vec<redis::Value> = self.redis.query(&pipeline).await?;
+        // The owned counts go in between, where `statuses` reads them.
+        let time = answers.pop();
+        let mut merged = Vec::with_capacity(nodes.len() * 3 + 1);
+        let mut answers = answers.into_iter();
+        for owned in owned {
+            merged.extend(answers.next());
+            merged.push(redis::Value::Int(i64::try_from(owned).unwrap_or(i64::MAX)));
+            merged.extend(answers.next());
+        }
+        merged.extend(time);
+        statuses(&merged)
     }
 
     async fn renew_alive(&self, lease: &Liveness, ttl: Duration) -> Result<Renewal, StoreError> {

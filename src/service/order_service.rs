@@ -104,7 +104,7 @@ impl Orders for OrderService {
             });
         };
         let mut order = Order::new(
-            OrderId::now_v7(),
+            self.store.new_order_id(&new.user, key.as_deref()),
             new.user,
             new.payload,
             self.service_id.clone(),

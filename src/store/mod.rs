@@ -50,8 +50,10 @@ pub enum Created {
     New,
     /// The key was used before by the same user: here is the order it created.
     Existing(Box<Order>),
-    /// Stored, under the id an earlier request with the same key had reserved without storing
-    /// its order (it failed midway, or stalls): this is the order as stored.
+    /// Stored, under another id than the one given: the id an earlier request with the same key
+    /// had reserved without storing its order (it failed midway, or stalls), or one the store
+    /// keeps orders of that key under (see [`OrderStore::new_order_id`]): this is the order as
+    /// stored.
     Adopted(Box<Order>),
 }
 
@@ -147,6 +149,13 @@ pub struct SetAside {
 
 #[async_trait]
 pub trait OrderStore: Send + Sync + 'static {
+    /// The id for a new order of `user`, created with idempotency key `key` if any: a new
+    /// UUIDv7, which a store may pick so that it keeps the order where it keeps the key (an
+    /// order created under another id may then be stored as [`Created::Adopted`]).
+    fn new_order_id(&self, _user: &str, _key: Option<&str>) -> OrderId {
+        OrderId::now_v7()
+    }
+
     /// Stores a new order durably. With an idempotency key already used by the same user within
     /// [`IDEMPOTENCY_TTL`], stores nothing and returns the first order.
     async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError>;

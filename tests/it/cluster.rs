@@ -461,7 +461,10 @@ async fn orders_of_a_dead_node_the_registry_lost_are_taken_over_by_the_next_lead
     wait_started(&nodes[survivor], &user, &orders).await;
     nodes[victim].kill();
     let victim_id = nodes[victim].service_id_file();
-    assert_eq!(redis.cli(&["HDEL", "op:nodes", &victim_id]), "1");
+    assert_eq!(
+        redis.cli(&["HDEL", order_process::store::redis::keys::NODES, &victim_id]),
+        "1"
+    );
     // A new term: its leader repairs the indexes and finds the victim's orders.
     nodes[leader].kill();
     wait_all_completed(&nodes[survivor], &user, &orders, TAKEOVER).await;

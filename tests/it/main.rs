@@ -59,6 +59,7 @@ mod trace;
 mod bench;
 mod cluster;
 mod console;
+mod redis_cluster;
 mod redis_tls;
 mod sentinel;
 mod service;

@@ -31,7 +31,7 @@ const FINISH: Duration = Duration::from_secs(60);
 
 /// Polls `check` until it gives `Some`, failing the test with `what` and `context()` at the
 /// deadline.
-async fn eventually<T, F, Fut>(
+pub(crate) async fn eventually<T, F, Fut>(
     within: Duration,
     what: &str,
     context: impl Fn() -> String,
@@ -72,7 +72,7 @@ async fn submit_when_accepted(node: &Node, user: &str, index: usize) -> String {
 
 /// Waits until every order is finished and completed, reading through answers other than 200
 /// while the node's store recovers.
-async fn wait_all_completed(node: &Node, user: &str, ids: &[String]) {
+pub(crate) async fn wait_all_completed(node: &Node, user: &str, ids: &[String]) {
     for id in ids {
         let order = eventually(
             FINISH,
@@ -107,7 +107,10 @@ async fn wait_heartbeat(node: &Node, status: &str) -> Value {
 
 /// The leader fencing token as `redis` holds it, once it holds one.
 fn fence(redis: &RedisServer) -> Option<u64> {
-    redis.cli(&["GET", "op:leader:fence"]).parse().ok()
+    redis
+        .cli(&["GET", order_process::store::redis::keys::LEADER_FENCE])
+        .parse()
+        .ok()
 }
 
 /// Starts three sentinels watching `primary`, waits until each knows the other two and its
@@ -547,7 +550,8 @@ async fn every_kind_of_write_waits_for_its_replica() {
     };
 
     // A lone script call: create, commit, cancel.
-    let order = new_order("node-a");
+    let mut order = new_order("node-a");
+    order.order_id = store.new_order_id("acked", Some("key-1"));
     store.create(&order, Some("key-1")).await.expect("create");
     assert_eq!(read_back(order.order_id).await.as_ref(), Some(&order));
     let mut next = apply(
@@ -656,7 +660,7 @@ fn agreed_primary(sentinels: &[RedisSentinel]) -> Option<u16> {
 }
 
 /// Waits until `accepted` holds at least `wanted` ids.
-async fn at_least(node: &Node, accepted: &std::sync::Mutex<Vec<String>>, wanted: usize) {
+pub(crate) async fn at_least(node: &Node, accepted: &std::sync::Mutex<Vec<String>>, wanted: usize) {
     let count = || accepted.lock().expect("the accepted ids").len();
     eventually(
         FAILOVER,
@@ -667,13 +671,62 @@ async fn at_least(node: &Node, accepted: &std::sync::Mutex<Vec<String>>, wanted:
     .await
 }
 
+/// A client that keeps submitting orders to a node until `stop`; `accepted` holds every id
+/// answered 201, and `client` answers how many were answered 503.
+pub(crate) struct Submitting {
+    pub accepted: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub client: tokio::task::JoinHandle<usize>,
+}
+
+/// Starts a client that submits `user`'s orders to `node`, one every 20 ms, until stopped.
+pub(crate) fn keep_submitting(node: &std::sync::Arc<Node>, user: &str) -> Submitting {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    let accepted: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (node, user, ids, stopped) = (
+        Arc::clone(node),
+        user.to_string(),
+        Arc::clone(&accepted),
+        Arc::clone(&stop),
+    );
+    let client = tokio::spawn(async move {
+        let mut refused = 0usize;
+        let mut index = 0usize;
+        while !stopped.load(Ordering::SeqCst) {
+            index += 1;
+            let body = serde_json::json!({ "n": index }).to_string();
+            let reply = node.post_order(&user, &body).await;
+            match reply.status {
+                201 => {
+                    let id = reply
+                        .try_json()
+                        .and_then(|order| order["order_id"].as_str().map(str::to_string));
+                    let id = id.unwrap_or_else(|| panic!("a 201 without an id: {reply}"));
+                    ids.lock().expect("the accepted ids").push(id);
+                }
+                503 => refused += 1,
+                _ => panic!("unexpected answer to POST /orders: {reply}"),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        refused
+    });
+    Submitting {
+        accepted,
+        stop,
+        client,
+    }
+}
+
 /// The Redis host is lost under load: the primary SIGKILLed and its directory wiped, a replica
 /// promoted, and the old host back as a fresh, empty replica. With `min_replicas = 1` and two
 /// replicas no order answered 201 is lost, and every order finishes.
 #[tokio::test]
 async fn losing_the_primary_host_under_load_loses_no_acknowledged_order() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
 
     let _one = exclusive().await;
     let mut servers = vec![RedisServer::start()];
@@ -687,39 +740,11 @@ async fn losing_the_primary_host_under_load_loses_no_acknowledged_order() {
     let node = Arc::new(Node::start(&node_config(&database, "200ms")).await);
     let user = unique_user("lost-host");
 
-    // A client that keeps submitting for the whole test; it keeps every id answered 201.
-    let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let client = {
-        let (node, user, accepted, stop) = (
-            Arc::clone(&node),
-            user.clone(),
-            Arc::clone(&accepted),
-            Arc::clone(&stop),
-        );
-        tokio::spawn(async move {
-            let mut refused = 0usize;
-            let mut index = 0usize;
-            while !stop.load(Ordering::SeqCst) {
-                index += 1;
-                let body = serde_json::json!({ "n": index }).to_string();
-                let reply = node.post_order(&user, &body).await;
-                match reply.status {
-                    201 => {
-                        let id = reply
-                            .try_json()
-                            .and_then(|order| order["order_id"].as_str().map(str::to_string));
-                        let id = id.unwrap_or_else(|| panic!("a 201 without an id: {reply}"));
-                        accepted.lock().expect("the accepted ids").push(id);
-                    }
-                    503 => refused += 1,
-                    _ => panic!("unexpected answer to POST /orders: {reply}"),
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            refused
-        })
-    };
+    let Submitting {
+        accepted,
+        stop,
+        client,
+    } = keep_submitting(&node, &user);
     let count = || accepted.lock().expect("the accepted ids").len();
     at_least(&node, &accepted, 20).await;
 

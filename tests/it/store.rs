@@ -7,11 +7,12 @@ use chrono::{Duration as Span, Utc};
 use futures_util::future::join_all;
 use order_process::order::{apply, Event, Order, OrderId, Phase, RollbackState, Step};
 use order_process::store::embedded::EmbeddedStore;
-use order_process::store::redis::RedisStore;
+use order_process::store::redis::{keys, RedisStore};
 use order_process::store::{
     CancelOutcome, Created, ListQuery, OrderStore, Reopen, Repaired, RetryRollbackOutcome,
     SetAside, StoreError, PURGE_BATCH,
 };
+use order_process_testkit::RedisCluster;
 use std::time::Duration;
 
 fn new_order(user: &str, owner: &str, offset_ms: i64) -> Order {
@@ -54,6 +55,13 @@ fn reopen<'a>(id: OrderId, user: &'a str, node: &'a str) -> Reopen<'a> {
 /// Whether `node`'s unfinished orders include `id`.
 async fn owns(store: &dyn OrderStore, node: &str, id: OrderId) -> bool {
     store.owned_unfinished(node).await.unwrap().contains(&id)
+}
+
+/// A new order that is to be created with idempotency key `key`, under an id the store picked.
+fn keyed(store: &dyn OrderStore, user: &str, owner: &str, offset_ms: i64, key: &str) -> Order {
+    let mut order = new_order(user, owner, offset_ms);
+    order.order_id = store.new_order_id(user, Some(key));
+    order
 }
 
 async fn create(store: &dyn OrderStore, order: &Order) {
@@ -266,7 +274,7 @@ async fn retention(store: &dyn OrderStore) -> String {
     let parked = parked(store, &user, 1).await;
     // Parked and left so: it goes with its retention, and out of the parked index.
     let lapsed = self::parked(store, &user, 4).await;
-    let done = new_order(&user, "node-a", 2);
+    let done = keyed(store, &user, "node-a", 2, "cart-1");
     assert!(matches!(
         store.create(&done, Some("cart-1")).await.expect("create"),
         Created::New
@@ -321,7 +329,7 @@ async fn retention(store: &dyn OrderStore) -> String {
     let listed: Vec<OrderId> = page.orders.iter().map(|order| order.order_id).collect();
     assert_eq!(listed, vec![parked.order_id, running.order_id]);
     // The idempotency key went with its order: the same key makes a new order.
-    let again = new_order(&user, "node-a", 20);
+    let again = keyed(store, &user, "node-a", 20, "cart-1");
     match store.create(&again, Some("cart-1")).await.expect("create") {
         Created::New => {}
         other => panic!("a key whose order is gone still answered: {other:?}"),
@@ -355,7 +363,7 @@ async fn conformance(store: &dyn OrderStore) {
         .contains(&order.order_id));
 
     // Idempotency keys are per user.
-    let first = new_order(&user, "node-a", 1);
+    let first = keyed(store, &user, "node-a", 1, "key-1");
     assert!(matches!(
         store.create(&first, Some("key-1")).await.unwrap(),
         Created::New
@@ -366,7 +374,7 @@ async fn conformance(store: &dyn OrderStore) {
         other => panic!("same user and key created a second order: {other:?}"),
     }
     assert_eq!(store.get(again.order_id).await.unwrap(), None);
-    let theirs = new_order(&other, "node-a", 3);
+    let theirs = keyed(store, &other, "node-a", 3, "key-1");
     assert!(matches!(
         store.create(&theirs, Some("key-1")).await.unwrap(),
         Created::New
@@ -727,6 +735,21 @@ async fn redis_store_conforms() {
     assert!(!repaired.owners.contains("node-t"), "{repaired:?}");
 }
 
+/// The same on a Redis Cluster of three primaries, whose slots each shard's keys hash to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_store_conforms() {
+    let cluster = RedisCluster::start();
+    let store = RedisStore::connect_cluster(&cluster.addresses(), 4, Duration::from_secs(2))
+        .unwrap()
+        .with_retention(Duration::from_secs(1));
+    conformance(&store).await;
+    let repaired = repair_all(&store).await;
+    assert!(repaired.orders > 0);
+    assert!(repaired.owners.contains("node-p"), "{repaired:?}");
+    assert!(!repaired.owners.contains("node-t"), "{repaired:?}");
+    retention(&store).await;
+}
+
 #[tokio::test]
 async fn embedded_store_deletes_finished_orders_after_retention() {
     let dir = tempfile::tempdir().unwrap();
@@ -734,10 +757,28 @@ async fn embedded_store_deletes_finished_orders_after_retention() {
     retention(&store).await;
 }
 
-/// Runs the retention pass, as the leader's sweep does, until `index` holds `entries` members.
-async fn pruned_to(redis: &RedisServer, store: &RedisStore, index: &str, entries: usize) {
+/// How many members the sorted sets `named` (one for each shard) hold in all, on the Redis at
+/// `port`.
+fn members(port: u16, named: impl Fn(u16) -> String) -> String {
+    let keys: Vec<String> = keys::shards().map(named).collect();
+    let count = keys.len().to_string();
+    let mut args = vec![
+        "EVAL",
+        "local n = 0 for _, k in ipairs(KEYS) do n = n + redis.call('ZCARD', k) end return n",
+        &count,
+    ];
+    args.extend(keys.iter().map(String::as_str));
+    raw_command(port, &args)
+        .trim()
+        .trim_start_matches(':')
+        .to_string()
+}
+
+/// Runs the retention pass, as the leader's sweep does, until `user`'s index holds `entries`
+/// members.
+async fn pruned_to(redis: &RedisServer, store: &RedisStore, user: &str, entries: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while redis.cli(&["ZCARD", index]).trim() != entries.to_string() {
+    while members(redis.port, |shard| keys::user_key(shard, user)) != entries.to_string() {
         assert!(
             std::time::Instant::now() < deadline,
             "user index not pruned"
@@ -755,28 +796,28 @@ async fn redis_store_deletes_finished_orders_after_retention() {
         .with_retention(Duration::from_secs(1));
     let user = retention(&store).await;
     // The listing took out the entries of the orders that went, as the retention pass would.
-    let index = format!("op:user:{user}");
-    assert_eq!(redis.cli(&["ZCARD", &index]).trim(), "3");
+    let index = |shard| keys::user_key(shard, &user);
+    assert_eq!(members(redis.port, index), "3");
     // Without a listing, the retention pass alone takes a gone order's entry out.
     let lone = new_order(&user, "node-a", 30);
     create(&store, &lone).await;
     finish(&store, &lone).await;
-    assert_eq!(redis.cli(&["ZCARD", &index]).trim(), "4");
+    assert_eq!(members(redis.port, index), "4");
     wait_gone(&store, lone.order_id, Duration::from_secs(10)).await;
-    pruned_to(&redis, &store, &index, 3).await;
-    assert_eq!(redis.cli(&["ZCARD", "op:finished"]).trim(), "0");
+    pruned_to(&redis, &store, &user, 3).await;
+    assert_eq!(members(redis.port, keys::finished_key), "0");
     // A finished order kept forever, as an older version left it: the index repair gives it
     // its retention.
     let old = new_order(&user, "node-a", 40);
     create(&store, &old).await;
     finish(&store, &old).await;
-    let key = format!("op:order:{}", old.order_id);
+    let key = keys::order_key(old.order_id);
     assert_eq!(redis.cli(&["PERSIST", &key]).trim(), "1");
-    redis.cli(&["DEL", "op:finished"]);
+    redis.cli(&["DEL", &keys::finished_key(keys::shard_of(old.order_id))]);
     assert_eq!(redis.cli(&["PTTL", &key]).trim(), "-1");
     repair_all(&store).await;
     wait_gone(&store, old.order_id, Duration::from_secs(10)).await;
-    pruned_to(&redis, &store, &index, 3).await;
+    pruned_to(&redis, &store, &user, 3).await;
 }
 
 /// A file written before orders were filed by finish time opens, and its finished orders are
@@ -965,13 +1006,11 @@ async fn redis_memory_stays_flat_while_orders_keep_finishing() {
         let mut finishing = Vec::new();
         for offset in 0..300 {
             let user = format!("flat-{}", offset % 7);
-            let order = new_order(&user, "node-a", offset);
+            let key = format!("w{wave}-{offset}");
             let store: &dyn OrderStore = &store;
+            let order = keyed(store, &user, "node-a", offset, &key);
             finishing.push(async move {
-                match store
-                    .create(&order, Some(&format!("w{wave}-{offset}")))
-                    .await
-                {
+                match store.create(&order, Some(&key)).await {
                     Ok(Created::New) => {}
                     other => panic!("{other:?}"),
                 }
@@ -1002,8 +1041,8 @@ async fn redis_memory_stays_flat_while_orders_keep_finishing() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         store.purge_expired(PURGE_BATCH).await.expect("purge");
-        let (keys, finished) = (dbsize(), redis.cli(&["ZCARD", "op:finished"]));
-        if keys == 0 && finished.trim() == "0" {
+        let (keys, finished) = (dbsize(), members(redis.port, keys::finished_key));
+        if keys == 0 && finished == "0" {
             break;
         }
         assert!(
@@ -1028,13 +1067,14 @@ async fn redis_store_takes_out_owned_entries_left_behind() {
     assert!(order.is_finished());
     // An entry put back by a sweep that read the order before it finished.
     let id = order.order_id.to_string();
-    let stale = redis.cli(&["SADD", "op:owned:node-t", &id]);
+    let owned = keys::owned_key(keys::shard_of(order.order_id), "node-t");
+    let stale = redis.cli(&["SADD", &owned, &id]);
     assert_eq!(stale.trim(), "1");
     assert!(owns(&store, "node-t", order.order_id).await);
     assert!(store.disown("node-t", order.order_id).await.unwrap());
     assert!(!owns(&store, "node-t", order.order_id).await);
     // The index repair decides on the order as it is: finished, so out of the set.
-    redis.cli(&["SADD", "op:owned:node-t", &id]);
+    redis.cli(&["SADD", &owned, &id]);
     repair_all(&store).await;
     assert!(!owns(&store, "node-t", order.order_id).await);
 }
@@ -1091,9 +1131,9 @@ async fn redis_store_keeps_one_order_per_idempotency_key_when_the_first_request_
     let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
     let user = format!("user-{}", uuid::Uuid::new_v4().simple());
     // The first request, on node-a, reserved the key for its order and stalls before writing it.
-    let stalled = new_order(&user, "node-a", 0);
+    let stalled = keyed(&store, &user, "node-a", 0, "cart-7");
     let reserved = stalled.order_id.to_string();
-    let key = format!("op:idem:{user}:cart-7");
+    let key = keys::idem_key(&user, "cart-7");
     let answer = raw_command(redis.port, &["SET", &key, &reserved, "EX", "600"]);
     assert!(answer.starts_with("+OK"), "{answer}");
     // The client's retry reaches node-b: it stores the order under the reserved id.
@@ -1164,10 +1204,11 @@ async fn redis_store_create_cut_off_after_noscript_leaves_no_index_entry() {
     ));
     assert_eq!(proxy.faults_made(), 1, "the connection was not cut");
     let id = order.order_id.to_string();
-    let user_index = format!("op:user:{user}");
-    let owned = |port| raw_command(port, &["SISMEMBER", "op:owned:node-a", &id]);
+    let user_index = |shard| keys::user_key(shard, &user);
+    let owned_set = keys::owned_key(keys::shard_of(order.order_id), "node-a");
+    let owned = |port| raw_command(port, &["SISMEMBER", &owned_set, &id]);
     assert_eq!(
-        raw_command(redis.port, &["EXISTS", &format!("op:order:{id}")]),
+        raw_command(redis.port, &["EXISTS", &keys::order_key(order.order_id)]),
         ":0\r\n"
     );
     assert_eq!(
@@ -1176,12 +1217,12 @@ async fn redis_store_create_cut_off_after_noscript_leaves_no_index_entry() {
         "owned set names a missing order"
     );
     assert_eq!(
-        raw_command(redis.port, &["ZCARD", &user_index]),
-        ":1\r\n",
+        members(redis.port, user_index),
+        "1",
         "user index names a missing order"
     );
     // The client's retry stores it once, with its index entries.
     create(&store, &order).await;
     assert_eq!(owned(redis.port), ":1\r\n");
-    assert_eq!(raw_command(redis.port, &["ZCARD", &user_index]), ":2\r\n");
+    assert_eq!(members(redis.port, user_index), "2");
 }

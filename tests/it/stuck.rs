@@ -6,6 +6,8 @@
 
 use crate::harness::{port, simulate, spawn, unique_user, Node, Proc, RedisServer, POLL, TERMINAL};
 use crate::history::assert_completed;
+use order_process::order::OrderId;
+use order_process::store::redis::keys;
 use order_process_testkit::poll::until;
 use std::path::PathBuf;
 use std::process::Command;
@@ -244,7 +246,9 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
     // A record that does not decode, owned by the node and in its user's index, as a bad write
     // by an older version or a hand edit would leave it.
     let id = "01a2320c-0000-7000-8000-00000000beef";
-    let order_key = format!("op:order:{id}");
+    let oid = OrderId::parse_str(id).expect("an id");
+    let shard = keys::shard_of(oid);
+    let order_key = keys::order_key(oid);
     redis.cli(&[
         "HSET",
         &order_key,
@@ -262,8 +266,8 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
         "Scheduling",
     ]);
     let member = format!("00000000000000000001-{id}");
-    redis.cli(&["ZADD", &format!("op:user:{user}"), "0", &member]);
-    redis.cli(&["SADD", &format!("op:owned:{owner}"), id]);
+    redis.cli(&["ZADD", &keys::user_key(shard, &user), "0", &member]);
+    redis.cli(&["SADD", &keys::owned_key(shard, owner), id]);
 
     // The reconciliation finds it, cannot read it, and sets it aside.
     let listed = until(TERMINAL, POLL, || async {
@@ -285,7 +289,7 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
         "says why: {listed}"
     );
     assert_eq!(
-        redis.cli(&["SISMEMBER", &format!("op:owned:{owner}"), id]),
+        redis.cli(&["SISMEMBER", &keys::owned_key(shard, owner), id]),
         "0",
         "no longer among the node's unfinished orders"
     );
@@ -352,7 +356,10 @@ async fn an_owned_entry_left_behind_for_a_finished_order_is_tidied_once() {
         .to_string();
     // The finished order back in its owner's set, as an index sweep that read it before it
     // finished leaves it.
-    let owned = format!("op:owned:{owner}");
+    let owned = keys::owned_key(
+        keys::shard_of(OrderId::parse_str(&id).expect("an id")),
+        &owner,
+    );
     assert_eq!(redis.cli(&["SADD", &owned, &id]), "1");
 
     // The reconciliation queues it, finds it finished, and takes the entry out.

@@ -43,10 +43,10 @@ pub async fn run(args: ChaosArgs) -> ExitCode {
     if !args.rate.is_finite()
         || args.rate <= 0.0
         || !["always", "everysec", "no"].contains(&args.appendfsync.as_str())
-        || !["single", "sentinel"].contains(&args.redis.as_str())
+        || !["single", "sentinel", "cluster"].contains(&args.redis.as_str())
     {
         eprintln!(
-            "order-process-chaos: --rate must be > 0, --appendfsync always, everysec or no, and --redis single or sentinel"
+            "order-process-chaos: --rate must be > 0, --appendfsync always, everysec or no, and --redis single, sentinel or cluster"
         );
         return ExitCode::from(EXIT_USAGE);
     }
@@ -128,10 +128,18 @@ async fn campaign(
         skip.push(Kind::Partition);
     }
     let sentinel = args.redis == "sentinel";
+    let cluster = args.redis == "cluster";
     if !sentinel {
         skip.push(Kind::LoseRedisPrimary);
     }
-    let network = hosts(args.no_netns, sentinel);
+    if cluster {
+        // The cluster's own kill: a primary killed comes back once its replica took over.
+        skip.push(Kind::KillRedis);
+    } else {
+        skip.push(Kind::KillRedisPrimary);
+    }
+    // The cluster runs on loopback, so the nodes do too.
+    let network = hosts(args.no_netns || cluster, sentinel);
     if network.is_none() {
         skip.extend(Kind::NAMESPACED);
     }
@@ -282,7 +290,7 @@ async fn campaign(
                 .map_or("none".into(), |(id, took)| format!("{id} {took:.1}s"))
         ),
     ));
-    if world.redis.sentinel_mode() {
+    if world.redis.sentinel_mode() || world.redis.cluster_mode() {
         report
             .lines
             .push(("redis", redis_line(&world.redis, faults.refused_starts)));
@@ -316,19 +324,27 @@ async fn campaign(
     Ok(violations.is_empty())
 }
 
-/// The summary line of sentinel mode: failovers and how long each took, and nodes that had to
-/// be started again.
+/// The summary line of sentinel and cluster mode: failovers and how long each took, and nodes
+/// that had to be started again.
 fn redis_line(redis: &Redis, refused_starts: usize) -> String {
     let mut failovers = redis.failovers.clone();
     failovers.sort_by(f64::total_cmp);
+    let until = match redis.cluster_mode() {
+        true => "every slot served again",
+        false => "every sentinel naming a new primary",
+    };
     let times = match (failovers.get(failovers.len() / 2), failovers.last()) {
         (Some(p50), Some(max)) => {
-            format!(
-                " (SIGKILL to every sentinel naming a new primary: p50 {p50:.1}s, max {max:.1}s)"
-            )
+            format!(" (SIGKILL to {until}: p50 {p50:.1}s, max {max:.1}s)")
         }
         _ => String::new(),
     };
+    if redis.cluster_mode() {
+        return format!(
+            "cluster mode, 3 primaries with a replica each, min_replicas 0; failovers {}{times}",
+            failovers.len()
+        );
+    }
     format!(
         "sentinel mode, min_replicas 1; failovers {}{times}; nodes started again after refusing to start on too few replicas {refused_starts}",
         failovers.len()
@@ -381,12 +397,15 @@ async fn bring_up(
     client: &reqwest::Client,
     network: Option<Network>,
 ) -> Result<World, String> {
-    let redis = Redis::start(
-        workdir,
-        &args.appendfsync,
-        network.as_ref(),
-        args.redis == "sentinel",
-    )?;
+    let redis = match args.redis.as_str() {
+        "cluster" => Redis::start_cluster(&args.appendfsync)?,
+        mode => Redis::start(
+            workdir,
+            &args.appendfsync,
+            network.as_ref(),
+            mode == "sentinel",
+        )?,
+    };
     let mut nodes = Vec::new();
     for index in 0..NODES {
         let config = node_config(index, &redis.database(), ledger.base());

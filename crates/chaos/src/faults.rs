@@ -32,10 +32,13 @@ pub enum Kind {
     /// The Redis primary's host lost: SIGKILL, its directory wiped, a failover, and the host
     /// back as an empty replica; sentinel mode only.
     LoseRedisPrimary,
+    /// A primary of the Redis Cluster SIGKILLed: its replica takes over, and it comes back as
+    /// a replica; cluster mode only.
+    KillRedisPrimary,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 16] = [
         Kind::KillNode,
         Kind::KillLeader,
         Kind::PauseNode,
@@ -51,6 +54,7 @@ impl Kind {
         Kind::OneWayPartition,
         Kind::LossyLink,
         Kind::LoseRedisPrimary,
+        Kind::KillRedisPrimary,
     ];
 
     /// The kinds only network namespaces make possible (a node's own links).
@@ -86,6 +90,7 @@ impl Kind {
             Kind::OneWayPartition => "one_way_partition",
             Kind::LossyLink => "lossy_link",
             Kind::LoseRedisPrimary => "lose_redis_primary",
+            Kind::KillRedisPrimary => "kill_redis_primary",
         }
     }
 }
@@ -108,7 +113,8 @@ pub enum Recovery {
     Restart(usize),
     Resume(usize),
     /// Start the Redis primary killed again: at once for a single Redis; in sentinel mode once
-    /// the sentinels have promoted a replica, as a replica of it.
+    /// the sentinels have promoted a replica, as a replica of it; in cluster mode once a replica
+    /// serves its slots, as a replica.
     RestartRedis,
     ResumeRedis,
     /// Remove the iptables rules of a node's link fault.

@@ -2,11 +2,13 @@
 //! two replicas and three `redis-sentinel`s that the nodes ask for the primary (each server on a
 //! host of its own in network namespaces, a sentinel beside each on another port). Which server
 //! is the primary changes with every failover; the faults on Redis ask this module for it.
+//! With `--redis cluster`, a Redis Cluster of three primaries with a replica each, on loopback;
+//! a primary killed is replaced by its replica, and comes back as a replica.
 
 use crate::netns::{Network, REDIS_HOST};
 use order_process_testkit::process::Proc;
 use order_process_testkit::redis::cli_on;
-use order_process_testkit::{free_port, RedisServer};
+use order_process_testkit::{free_port, RedisCluster, RedisServer};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -148,9 +150,16 @@ pub struct Redis {
     paused: Option<usize>,
     /// The primary killed (and maybe wiped) awaiting a failover, and when.
     lost: Option<(usize, Instant)>,
-    /// Seconds from each primary's SIGKILL to all sentinels naming another.
+    /// Seconds from each primary's SIGKILL to all sentinels naming another (in cluster mode: to
+    /// every slot served again).
     pub failovers: Vec<f64>,
+    /// The Redis Cluster of cluster mode (then `servers` and `sentinels` are empty), and the
+    /// port of its primary SIGSTOPped or SIGKILLed.
+    cluster: Option<(RedisCluster, Option<u16>)>,
 }
+
+/// Primaries of cluster mode, each with one replica.
+const PRIMARIES: usize = 3;
 
 impl Redis {
     /// Starts one server, or a primary, two replicas and three sentinels, each server on its
@@ -186,6 +195,7 @@ impl Redis {
             paused: None,
             lost: None,
             failovers: Vec::new(),
+            cluster: None,
         };
         if !sentinel {
             return Ok(redis);
@@ -216,8 +226,33 @@ impl Redis {
         Ok(redis)
     }
 
+    /// A Redis Cluster of three primaries with a replica each, on loopback.
+    pub fn start_cluster(appendfsync: &str) -> Result<Redis, String> {
+        let cluster = RedisCluster::try_start_with(PRIMARIES, 1, appendfsync)
+            .map_err(|error| format!("cannot start a redis cluster: {error}"))?;
+        Ok(Redis {
+            servers: Vec::new(),
+            sentinels: Vec::new(),
+            primary: 0,
+            paused: None,
+            lost: None,
+            failovers: Vec::new(),
+            cluster: Some((cluster, None)),
+        })
+    }
+
     pub fn sentinel_mode(&self) -> bool {
         !self.sentinels.is_empty()
+    }
+
+    pub fn cluster_mode(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// A primary of the cluster to make a fault on: of those serving now, the next in turn.
+    fn cluster_primary(cluster: &RedisCluster, turn: usize) -> Option<u16> {
+        let primaries = cluster.primaries();
+        primaries.get(turn % primaries.len().max(1)).copied()
     }
 
     /// The sentinels' `host:port`s, quoted as TOML strings when `quote` is.
@@ -232,6 +267,12 @@ impl Redis {
 
     /// The `[database]` lines of a node's config that reach this Redis.
     pub fn database(&self) -> String {
+        if let Some((cluster, _)) = &self.cluster {
+            return cluster
+                .database_config()
+                .trim_start_matches("[database]\n")
+                .to_string();
+        }
         if !self.sentinel_mode() {
             return format!("url = \"{}\"\n", self.servers[0].url());
         }
@@ -243,6 +284,12 @@ impl Redis {
 
     /// Where it runs, for the first lines of the campaign.
     pub fn describe(&self) -> String {
+        if let Some((cluster, _)) = &self.cluster {
+            return format!(
+                "a redis cluster of {PRIMARIES} primaries with a replica each: {}",
+                cluster.addresses().join(", ")
+            );
+        }
         let primary = self.servers[0].address();
         if !self.sentinel_mode() {
             return primary.to_string();
@@ -260,6 +307,9 @@ impl Redis {
 
     /// Every address a Redis process listens on (what a cut from Redis drops).
     pub fn hosts(&self) -> Vec<IpAddr> {
+        if self.cluster_mode() {
+            return vec![IpAddr::from([127, 0, 0, 1])];
+        }
         let mut hosts: Vec<IpAddr> = self.servers.iter().map(|server| server.host).collect();
         hosts.extend(self.sentinels.iter().map(|sentinel| sentinel.host));
         hosts.sort();
@@ -275,6 +325,9 @@ impl Redis {
     /// Whether a fault on Redis may start now: nothing of Redis is down or paused, and in
     /// sentinel mode the primary has both replicas online and caught up.
     pub fn ready(&mut self) -> bool {
+        if let Some((cluster, touched)) = &self.cluster {
+            return touched.is_none() && cluster.is_settled(PRIMARIES);
+        }
         let primary = self.primary;
         self.paused.is_none()
             && self.lost.is_none()
@@ -283,10 +336,11 @@ impl Redis {
     }
 
     /// The shortest and longest pause of the primary, in milliseconds: around `database.timeout`
-    /// (1 s) for a single Redis; in sentinel mode below [`DOWN_AFTER`], so that a pause stays a
-    /// stall and does not turn into a failover with the old primary coming back.
+    /// (1 s) for a single Redis; in sentinel mode below [`DOWN_AFTER`] (in cluster mode below the
+    /// same `cluster-node-timeout`), so that a pause stays a stall and does not turn into a
+    /// failover with the old primary coming back.
     pub fn pause_range(&self) -> (u64, u64) {
-        if self.sentinel_mode() {
+        if self.sentinel_mode() || self.cluster_mode() {
             (300, 800)
         } else {
             (300, 3000)
@@ -295,6 +349,12 @@ impl Redis {
 
     /// SIGSTOPs the primary; true when it was stopped.
     pub fn pause(&mut self) -> bool {
+        if let Some((cluster, touched)) = &mut self.cluster {
+            let port = Redis::cluster_primary(cluster, self.failovers.len())
+                .filter(|port| cluster.signal(*port, "STOP"));
+            *touched = port;
+            return port.is_some();
+        }
         let primary = self.primary;
         let stopped = self.servers[primary].signal("STOP");
         if stopped {
@@ -305,6 +365,12 @@ impl Redis {
 
     /// SIGCONTs the server paused.
     pub fn resume(&mut self) {
+        if let Some((cluster, touched)) = &mut self.cluster {
+            if let Some(port) = touched.take() {
+                cluster.signal(port, "CONT");
+            }
+            return;
+        }
         if let Some(index) = self.paused.take() {
             self.servers[index].signal("CONT");
         }
@@ -312,6 +378,15 @@ impl Redis {
 
     /// SIGKILLs the primary; with `wipe`, its directory is emptied too (the host is gone).
     pub fn kill_primary(&mut self, wipe: bool) -> std::io::Result<()> {
+        if let Some((cluster, touched)) = &mut self.cluster {
+            let port = Redis::cluster_primary(cluster, self.failovers.len())
+                .ok_or_else(|| std::io::Error::other("no primary serves slots"))?;
+            println!("chaos:          primary 127.0.0.1:{port}");
+            cluster.kill(port);
+            *touched = Some(port);
+            self.lost = Some((usize::from(port), Instant::now()));
+            return Ok(());
+        }
         let primary = self.primary;
         self.lost = Some((primary, Instant::now()));
         if wipe {
@@ -334,6 +409,17 @@ impl Redis {
         let Some((lost, at)) = self.lost else {
             return Ok(true);
         };
+        if let Some((cluster, touched)) = &mut self.cluster {
+            // Once a replica serves the killed primary's slots, it comes back as a replica.
+            if cluster.primaries().len() < PRIMARIES {
+                return Ok(false);
+            }
+            self.failovers.push(at.elapsed().as_secs_f64());
+            self.lost = None;
+            let port = u16::try_from(lost).map_err(std::io::Error::other)?;
+            *touched = None;
+            return cluster.restart(port).map(|()| true);
+        }
         if !self.sentinel_mode() {
             self.lost = None;
             return self.servers[lost].try_restart().map(|()| true);

@@ -138,9 +138,7 @@ impl Faults {
                 _ => self.violations.push(Violation {
                     kind: "no_failover".into(),
                     order_id: None,
-                    detail: format!(
-                        "the sentinels named no new primary within {FAILOVER_BOUND:?} of losing it"
-                    ),
+                    detail: format!("no new primary within {FAILOVER_BOUND:?} of losing it"),
                 }),
             }
             return;
@@ -158,16 +156,21 @@ impl Faults {
                 .copied()
                 .filter(|kind| !self.skip.contains(kind))
                 .collect();
-            // Losing the primary's host is what sentinel mode is for: twice in every bag.
-            if !self.skip.contains(&Kind::LoseRedisPrimary) {
-                self.bag.push(Kind::LoseRedisPrimary);
+            // Losing the primary is what sentinel and cluster mode are for: twice in every bag.
+            for kind in [Kind::LoseRedisPrimary, Kind::KillRedisPrimary] {
+                if !self.skip.contains(&kind) {
+                    self.bag.push(kind);
+                }
             }
             self.bag.shuffle(&mut self.rng);
         }
         let redis = world.redis.ready();
         let quiet = self.pending.is_empty() && healthy.len() == NODES && redis;
         let position = self.bag.iter().position(|kind| match kind {
-            Kind::KillRedis | Kind::PauseRedis | Kind::LoseRedisPrimary => redis,
+            Kind::KillRedis
+            | Kind::PauseRedis
+            | Kind::LoseRedisPrimary
+            | Kind::KillRedisPrimary => redis,
             Kind::RollingRestart | Kind::DuplicateNode => quiet,
             Kind::InterruptedTakeover => healthy.len() == NODES && redis,
             _ => healthy.len() >= 2,
@@ -205,9 +208,11 @@ impl Faults {
             | Kind::CutRedis
             | Kind::OneWayPartition
             | Kind::LossyLink => Some(healthy[self.rng.random_range(0..healthy.len())]),
-            Kind::KillRedis | Kind::PauseRedis | Kind::LoseRedisPrimary | Kind::RollingRestart => {
-                None
-            }
+            Kind::KillRedis
+            | Kind::PauseRedis
+            | Kind::LoseRedisPrimary
+            | Kind::KillRedisPrimary
+            | Kind::RollingRestart => None,
         };
         let service_id = victim.and_then(|index| world.nodes[index].service_id());
         let owned = world.owned(client, &service_id).await;
@@ -364,7 +369,7 @@ impl Faults {
             (Kind::InterruptedTakeover, Some(index)) => {
                 self.interrupt_takeover(world, client, index, fault).await;
             }
-            (Kind::KillRedis | Kind::LoseRedisPrimary, _) => {
+            (Kind::KillRedis | Kind::LoseRedisPrimary | Kind::KillRedisPrimary, _) => {
                 let wipe = kind == Kind::LoseRedisPrimary;
                 if world.redis.sentinel_mode() {
                     let primary = world.redis.primary().address();

@@ -6,6 +6,7 @@
 //! - [`poll`]: waiting for a condition with a deadline.
 //! - [`process`]: a child process killed by pid when dropped, signals by name.
 //! - [`redis`]: a `redis-server` on a free port, killed and started again at will.
+//! - [`redis_cluster`]: a Redis Cluster of such servers, primaries killed and slots moved at will.
 //! - [`node`]: the order-process binary on a free port with its own directory.
 //! - [`api`]: the requests tests make of a node's API, asserting the status they expect.
 //! - [`http`]: a request builder, the answer it reads, JSON helpers for messages.
@@ -23,6 +24,7 @@ pub mod poll;
 pub mod ports;
 pub mod process;
 pub mod redis;
+pub mod redis_cluster;
 pub mod shop;
 
 pub use http::{order_ids, pretty, Call, Reply};
@@ -31,4 +33,5 @@ pub use poll::POLL;
 pub use ports::free_port;
 pub use process::{signal, tail, Proc};
 pub use redis::RedisServer;
+pub use redis_cluster::RedisCluster;
 pub use shop::{Answer, Request, Scripted, Shop, ShopCall};

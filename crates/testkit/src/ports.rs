@@ -28,3 +28,26 @@ pub fn free_port() -> std::io::Result<u16> {
         "no port free for both TCP and UDP on 127.0.0.1",
     ))
 }
+
+/// A loopback port free for TCP whose `port + offset` is free too (a Redis Cluster node's bus
+/// listens there), both never handed out before by this process.
+pub fn free_port_pair(offset: u16) -> std::io::Result<u16> {
+    for _ in 0..100 {
+        let port = free_port()?;
+        let Some(other) = port.checked_add(offset) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", other)).is_err() {
+            continue;
+        }
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if handed_out.get_or_insert_with(HashSet::new).insert(other) {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "no pair of free ports {offset} apart on 127.0.0.1"
+    )))
+}

@@ -292,6 +292,22 @@ fn cli_with(host: IpAddr, port: u16, tls: Option<&TlsFiles>, args: &[&str]) -> O
         .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
+/// Runs `redis-cli -p port args…` and returns its answer, trimmed; `None` when redis-cli cannot
+/// run or fails.
+pub(crate) fn cli_at(port: u16, args: &[&str]) -> Option<String> {
+    let output = Command::new("redis-cli")
+        .arg("-p")
+        .arg(port.to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
 /// The value of `field` in an answer of `redis-cli` made of `field:value` lines (`INFO`) or of
 /// alternating field and value lines (`SENTINEL MASTER`).
 fn field_of(answer: &str, field: &str) -> Option<String> {

@@ -191,6 +191,12 @@ pub fn direct(database: &DatabaseConfig) -> Result<ConnectionInfo, ConfigError> 
     Ok(client.get_connection_info().clone())
 }
 
+/// How to log in to every node of a Redis Cluster: `database.username` and the password in
+/// `database.password_file`.
+pub fn cluster_login(database: &DatabaseConfig) -> Result<RedisConnectionInfo, ConfigError> {
+    with_credentials(RedisConnectionInfo::default(), database)
+}
+
 /// A client for the primary the sentinels of `database` name for `master_name`, logging in to it
 /// as `database.username` with the password in `database.password_file` (the sentinels are asked
 /// without one). With `database.tls` both the sentinels and the primary are reached over TLS,

@@ -5,17 +5,19 @@
 //!
 //! The Redis is either at a fixed address or, with Sentinel, wherever the sentinels say the
 //! primary is: they are asked each time a connection is opened, and a connection is dropped on
-//! any failure, so the node follows a failover without a restart. TLS (to the sentinels too) and
-//! the ACL login come from [`access`](super::access).
+//! any failure, so the node follows a failover without a restart. Or it is a Redis Cluster: each
+//! connection ([`Link`]) reaches all of it, and sends a request to the primary that serves its
+//! keys' slot. TLS (to the sentinels too) and the ACL login come from [`access`](super::access).
 
 use super::access;
+use super::link::Link;
 use crate::config::DatabaseConfig;
 use crate::store::StoreError;
-use deadpool_redis::redis::aio::MultiplexedConnection;
+use deadpool_redis::redis::cluster::ClusterClient;
 use deadpool_redis::redis::sentinel::SentinelClient;
 use deadpool_redis::redis::{
-    self, AsyncConnectionConfig, ConnectionInfo, FromRedisValue, RedisResult, Script,
-    ScriptInvocation, Value,
+    self, AsyncConnectionConfig, ConnectionInfo, FromRedisValue, RedisConnectionInfo, RedisResult,
+    Script, ScriptInvocation, Value,
 };
 use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::BoxFuture;
@@ -33,7 +35,7 @@ pub struct Connections {
     /// round trip) per operation. A slot is emptied when its connection fails and refilled on
     /// next use. Why a lock per slot: two tasks that find a slot empty must not both open a
     /// connection for it.
-    slots: Vec<Mutex<Option<MultiplexedConnection>>>,
+    slots: Vec<Mutex<Option<Link>>>,
     next_slot: AtomicUsize,
     timeout: Duration,
     /// Replicas that must acknowledge each [`Connections::write`]; 0 does not wait.
@@ -41,7 +43,7 @@ pub struct Connections {
     /// With `min_replicas`, the connections writes and their `WAIT` go on, each used by one
     /// write at a time: Redis holds a client for the whole of a `WAIT`, so a request pipelined
     /// behind it on a shared connection would wait for the replicas too.
-    acked: Vec<Mutex<Option<MultiplexedConnection>>>,
+    acked: Vec<Mutex<Option<Link>>>,
     next_acked: AtomicUsize,
 }
 
@@ -55,6 +57,8 @@ enum Source {
     /// The primary the sentinels name at the time. Why a lock: a lookup needs the sentinel
     /// client mutably (it caches its connections to the sentinels).
     Sentinel(Box<(Mutex<Primary>, AsyncConnectionConfig)>),
+    /// A Redis Cluster, reached through any of its nodes; each connection follows its slots.
+    Cluster(Box<ClusterClient>),
 }
 
 /// The sentinels (with the name they know the primary by, and how to reach and log in to it),
@@ -86,7 +90,14 @@ impl Connections {
     /// connects.
     pub fn open(database: &DatabaseConfig) -> anyhow::Result<Connections> {
         let pool_size = database.pool_size.get();
-        let connections = if database.sentinels.is_empty() {
+        let connections = if !database.cluster_nodes.is_empty() {
+            Connections::connect_cluster(
+                &database.cluster_nodes,
+                access::cluster_login(database)?,
+                pool_size,
+                database.timeout,
+            )?
+        } else if database.sentinels.is_empty() {
             Connections::direct(access::direct(database)?, pool_size, database.timeout)?
         } else {
             Connections::sentinel(
@@ -155,6 +166,38 @@ impl Connections {
         };
         let source = Source::Sentinel(Box::new((Mutex::new(primary), connection_config(timeout))));
         Connections::new(source, pool_size, timeout)
+    }
+
+    /// Up to `pool_size` connections to the Redis Cluster that `nodes` (`host:port` each, any
+    /// of its nodes) belong to, logging in to every node with `login` (user, password). Nothing
+    /// is contacted yet.
+    pub fn connect_cluster(
+        nodes: &[String],
+        login: RedisConnectionInfo,
+        pool_size: usize,
+        timeout: Duration,
+    ) -> Result<Connections, StoreError> {
+        let urls: Vec<String> = nodes
+            .iter()
+            .map(|address| format!("redis://{address}"))
+            .collect();
+        let mut builder = redis::cluster::ClusterClientBuilder::new(urls)
+            .connection_timeout(timeout)
+            .response_timeout(timeout);
+        if let Some(username) = login.username() {
+            builder = builder.username(username);
+        }
+        if let Some(password) = login.password() {
+            builder = builder.password(password);
+        }
+        let client = builder.build().map_err(|error| {
+            StoreError::Unavailable(format!("bad redis cluster addresses {nodes:?}: {error}"))
+        })?;
+        Ok(Connections::new(
+            Source::Cluster(Box::new(client)),
+            pool_size,
+            timeout,
+        ))
     }
 
     fn new(source: Source, pool_size: usize, timeout: Duration) -> Connections {
@@ -257,6 +300,21 @@ impl Connections {
         outcome
     }
 
+    /// Whether this is a Redis Cluster, whose keys are spread over several primaries.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.source, Source::Cluster(_))
+    }
+
+    /// Sends `command`, which names no key (such as `SCAN` or `INFO`), to the primary that
+    /// serves `key`, like [`Connections::query`]. One Redis holds every key.
+    pub(crate) async fn query_at<T: FromRedisValue + Send>(
+        &self,
+        command: &redis::Cmd,
+        key: &str,
+    ) -> Result<T, StoreError> {
+        self.query(&At { command, key }).await
+    }
+
     /// Sends one request on a shared connection and reads its answer, within the store timeout.
     pub(crate) async fn query<T, R>(&self, request: &R) -> Result<T, StoreError>
     where
@@ -285,7 +343,7 @@ impl Connections {
     }
 
     /// The shared connection of a slot, opened if the slot is empty.
-    async fn connection(&self, index: usize) -> Result<MultiplexedConnection, StoreError> {
+    async fn connection(&self, index: usize) -> Result<Link, StoreError> {
         let slot = self
             .slots
             .get(index)
@@ -299,12 +357,18 @@ impl Connections {
         Ok(connection)
     }
 
-    /// Opens a connection: to the fixed address, or to the primary the sentinels name now.
-    async fn open_connection(&self) -> Result<MultiplexedConnection, StoreError> {
+    /// Opens a connection: to the fixed address, to the primary the sentinels name now, or to the
+    /// Redis Cluster.
+    async fn open_connection(&self) -> Result<Link, StoreError> {
         match &self.source {
-            Source::Direct(pool) => Ok(deadpool_redis::Connection::take(
+            Source::Direct(pool) => Ok(Link::One(deadpool_redis::Connection::take(
                 pool.get().await.map_err(unavailable)?,
-            )),
+            ))),
+            Source::Cluster(client) => client
+                .get_async_connection()
+                .await
+                .map(Link::Cluster)
+                .map_err(|error| StoreError::Unavailable(format!("redis cluster: {error}"))),
             Source::Sentinel(sentinel) => {
                 let (primary, config) = &**sentinel;
                 let mut primary = primary.lock().await;
@@ -344,9 +408,24 @@ impl Connections {
                     }
                     *last = Some(address);
                 }
-                Ok(connection)
+                Ok(Link::One(connection))
             }
         }
+    }
+}
+
+/// A keyless command for the primary that serves a key: see [`Connections::query_at`].
+struct At<'a> {
+    command: &'a redis::Cmd,
+    key: &'a str,
+}
+
+impl Request for At<'_> {
+    fn send<'a, T: FromRedisValue + Send + 'a>(
+        &'a self,
+        connection: &'a mut Link,
+    ) -> BoxFuture<'a, RedisResult<T>> {
+        Box::pin(connection.query_at(self.command, self.key))
     }
 }
 
@@ -354,7 +433,7 @@ impl Connections {
 pub(crate) trait Request: Sync {
     fn send<'a, T: FromRedisValue + Send + 'a>(
         &'a self,
-        connection: &'a mut MultiplexedConnection,
+        connection: &'a mut Link,
     ) -> BoxFuture<'a, RedisResult<T>>;
 
     /// This request as a pipeline that a `WAIT` can join, so that both take one round trip;
@@ -364,10 +443,7 @@ pub(crate) trait Request: Sync {
     }
 
     /// Loads the scripts this request calls, once Redis has answered that it does not know them.
-    fn load_scripts<'a>(
-        &'a self,
-        _connection: &'a mut MultiplexedConnection,
-    ) -> BoxFuture<'a, RedisResult<()>> {
+    fn load_scripts<'a>(&'a self, _connection: &'a mut Link) -> BoxFuture<'a, RedisResult<()>> {
         Box::pin(std::future::ready(Ok(())))
     }
 }
@@ -385,7 +461,7 @@ macro_rules! request {
     ($send:ident) => {
         fn send<'a, T: FromRedisValue + Send + 'a>(
             &'a self,
-            connection: &'a mut MultiplexedConnection,
+            connection: &'a mut Link,
         ) -> BoxFuture<'a, RedisResult<T>> {
             Box::pin(self.$send(connection))
         }
@@ -423,10 +499,7 @@ impl Request for ScriptInvocation<'_> {
         })
     }
 
-    fn load_scripts<'a>(
-        &'a self,
-        connection: &'a mut MultiplexedConnection,
-    ) -> BoxFuture<'a, RedisResult<()>> {
+    fn load_scripts<'a>(&'a self, connection: &'a mut Link) -> BoxFuture<'a, RedisResult<()>> {
         Box::pin(async move { self.load_async(connection).await.map(drop) })
     }
 }
@@ -437,7 +510,7 @@ impl Request for ScriptInvocation<'_> {
 async fn query_loading<T: FromRedisValue + Send, R: Request + ?Sized>(
     pipeline: &redis::Pipeline,
     request: &R,
-    connection: &mut MultiplexedConnection,
+    connection: &mut Link,
 ) -> RedisResult<T> {
     match pipeline.query_async::<T>(connection).await {
         Err(error)
@@ -461,7 +534,7 @@ impl<R: Request + ?Sized> Request for Acked<'_, R> {
     /// write can share a pipeline with the `WAIT`.
     fn send<'a, T: FromRedisValue + Send + 'a>(
         &'a self,
-        connection: &'a mut MultiplexedConnection,
+        connection: &'a mut Link,
     ) -> BoxFuture<'a, RedisResult<T>> {
         Box::pin(async move {
             let (answer, acknowledged) = match self.request.pipelined() {
@@ -502,7 +575,7 @@ pub(crate) struct Scripted<'a> {
 impl Request for Scripted<'_> {
     fn send<'a, T: FromRedisValue + Send + 'a>(
         &'a self,
-        connection: &'a mut MultiplexedConnection,
+        connection: &'a mut Link,
     ) -> BoxFuture<'a, RedisResult<T>> {
         Box::pin(query_loading(self.pipeline, self, connection))
     }
@@ -514,10 +587,7 @@ impl Request for Scripted<'_> {
         })
     }
 
-    fn load_scripts<'a>(
-        &'a self,
-        connection: &'a mut MultiplexedConnection,
-    ) -> BoxFuture<'a, RedisResult<()>> {
+    fn load_scripts<'a>(&'a self, connection: &'a mut Link) -> BoxFuture<'a, RedisResult<()>> {
         Box::pin(async move {
             for script in self.scripts {
                 script.prepare_invoke().load_async(connection).await?;

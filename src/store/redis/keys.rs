@@ -1,70 +1,242 @@
-//! The Redis key layout, all keys under `op:`. Order storage:
+//! The Redis key layout, all keys under `op:`, one layout for a single Redis and for Redis
+//! Cluster alike.
 //!
-//! - `op:order:{id}`: hash with `doc` (the order JSON), `owner`, `epoch`, `user`, `cancel`,
-//!   `state` (`forward`, `rolling_back`, `finished`) and `step`. `owner`, `epoch` and `cancel`
-//!   in the hash are the truth; the copies inside `doc` are refreshed on read.
-//! - `op:owned:{node}`: set of the node's unfinished orders.
-//! - `op:user:{user}`: sorted set (all scores 0) of `{created µs, 20 digits}-{id}`, for listing.
-//! - `op:idem:{user}:{key}`: the order an idempotency key created, expiring after 24 h, or
-//!   with the order if that comes first (the order hash names it in `idem`).
-//! - `op:finished`: sorted set of `{id} {user index member} {user}` scored with when that
+//! Orders are spread over [`SHARDS`] virtual shards. Every key an order's scripts touch carries
+//! its shard's hash tag, `{s:NN:J}`, so each script and each pipeline of one shard stays in one
+//! hash slot (Redis Cluster runs a script only on keys of one slot). `J` is the first number that
+//! puts shard `NN` in its own 64th of the 16,384 slots (see [`shard_tag`]), so that slot ranges of
+//! about equal size, as `redis-cli --cluster create` makes them, hold about as many shards each.
+//! Order storage, per shard (`{s:NN:J}` written `{s:NN}` below):
+//!
+//! - `op:{s:NN}:order:{id}`: hash with `doc` (the order JSON), `owner`, `epoch`, `user`,
+//!   `cancel`, `state` (`forward`, `rolling_back`, `finished`) and `step`. `owner`, `epoch` and
+//!   `cancel` in the hash are the truth; the copies inside `doc` are refreshed on read.
+//! - `op:{s:NN}:owned:{node}`: set of the node's unfinished orders of the shard.
+//! - `op:{s:NN}:user:{user}`: sorted set (all scores 0) of `{created µs, 20 digits}-{id}`, for
+//!   listing; a user's listing merges those of all shards.
+//! - `op:{s:NN}:idem:{user}:{key}`: the order an idempotency key created, expiring after 24 h,
+//!   or with the order if that comes first (the order hash names it in `idem`).
+//! - `op:{s:NN}:finished`: sorted set of `{id} {user index member} {user}` scored with when that
 //!   finished order expires (ms, Redis's clock): what the retention pass takes user index
 //!   entries out by. A finished order's hash expires `orders.retention` after it finished.
-//! - `op:parked`: sorted set (all scores 0) of the ids of orders whose rollback is parked,
-//!   kept by the scripts that finish, re-open and expire an order.
-//! - `op:aside`: hash order id → why it was set aside (JSON), for orders whose record cannot be
-//!   read; they are in no owned set.
+//! - `op:{s:NN}:parked`: sorted set (all scores 0) of the ids of orders whose rollback is
+//!   parked, kept by the scripts that finish, re-open and expire an order.
+//! - `op:{s:NN}:aside`: hash order id → why it was set aside (JSON), for orders whose record
+//!   cannot be read; they are in no owned set.
+//! - `op:{s:NN}:probe`: written by health checks, so they see a Redis that answers but refuses
+//!   writes (on every primary of a Redis Cluster).
 //!
-//! Cluster coordination:
+//! Which shard: [`shard_of`] an order id is its last byte modulo [`SHARDS`] (random in a UUID).
+//! An order created with an idempotency key goes to the shard of the user and key
+//! ([`shard_of_key`]): its id, given before it is stored, has its last byte changed to that shard
+//! ([`in_shard`]), so the key and the order share a slot and anyone can find either.
 //!
-//! - `op:nodes`: hash node id → HTTP address of every node that ever started.
-//! - `op:alive:{node}`, `op:leader`, `op:leader:fence`: the liveness and leader leases.
-//! - `op:alive:until`: hash node id → when its liveness lease as last renewed expires, in ms of
-//!   Redis's clock, so any leader can tell how long a lease has been expired.
-//! - `op:probe`: written by health checks, so they see a Redis that answers but refuses writes.
+//! Cluster coordination, all under one hash tag `{c}` (one slot), so the scripts that take
+//! leases and register nodes touch one slot:
+//!
+//! - `op:{c}:nodes`: hash node id → HTTP address of every node that ever started.
+//! - `op:{c}:alive:{node}`, `op:{c}:leader`, `op:{c}:leader:fence`: the liveness and leader
+//!   leases, and the leader's fencing counter.
+//! - `op:{c}:alive:until`: hash node id → when its liveness lease as last renewed expires, in ms
+//!   of Redis's clock, so any leader can tell how long a lease has been expired.
+
+use crate::order::OrderId;
+
+/// How many shards orders are spread over. Fixed: an order's shard is computed from its id, so
+/// this never changes for stored data. 64 divides 256, so every last byte maps evenly.
+pub const SHARDS: u16 = 64;
 
 /// Every registered node and its HTTP address.
-pub(crate) const NODES: &str = "op:nodes";
+pub const NODES: &str = "op:{c}:nodes";
 /// Hash node id → when its liveness lease, as last renewed, expires (ms, Redis's clock).
-pub(crate) const ALIVE_UNTIL: &str = "op:alive:until";
+pub const ALIVE_UNTIL: &str = "op:{c}:alive:until";
 /// The leader lease: `{node}:{term id}` of the holder.
-pub(crate) const LEADER: &str = "op:leader";
+pub const LEADER: &str = "op:{c}:leader";
 /// The latest fencing token, one per leader term.
-pub(crate) const LEADER_FENCE: &str = "op:leader:fence";
-/// What health checks write, with a short expiry.
-pub(crate) const PROBE: &str = "op:probe";
-/// The orders set aside because their record cannot be read.
-pub(crate) const ASIDE: &str = "op:aside";
-/// The orders whose rollback is parked.
-pub(crate) const PARKED: &str = "op:parked";
-/// What a `SCAN` for every order hash matches.
-pub(crate) const ORDER_PATTERN: &str = "op:order:*";
-/// What an order hash's key is its id prefixed with.
-pub(crate) const ORDER_PREFIX: &str = "op:order:";
-/// Finished orders by when they expire.
-pub(crate) const FINISHED: &str = "op:finished";
-/// What a user index's key is the user prefixed with.
-pub(crate) const USER_PREFIX: &str = "op:user:";
+pub const LEADER_FENCE: &str = "op:{c}:leader:fence";
 
-pub(crate) fn order_key(id: &str) -> String {
-    format!("{ORDER_PREFIX}{id}")
+/// A node's liveness lease.
+pub fn alive_key(node: &str) -> String {
+    format!("op:{{c}}:alive:{node}")
 }
 
-/// What a node's owned set's key is its id prefixed with.
-pub(crate) const OWNED_PREFIX: &str = "op:owned:";
-
-pub(crate) fn owned_key(node: &str) -> String {
-    format!("{OWNED_PREFIX}{node}")
+/// The shard of order `id`.
+pub fn shard_of(id: OrderId) -> u16 {
+    u16::from(id.as_bytes()[15]) % SHARDS
 }
 
-pub(crate) fn user_key(user: &str) -> String {
-    format!("{USER_PREFIX}{user}")
+/// The shard of the order a user's idempotency key creates: FNV-1a of user and key, so every
+/// node and version computes the same.
+pub fn shard_of_key(user: &str, key: &str) -> u16 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in user.bytes().chain([0]).chain(key.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    u16::try_from(hash % u64::from(SHARDS)).unwrap_or(0)
 }
 
-pub(crate) fn idem_key(user: &str, key: &str) -> String {
-    format!("op:idem:{user}:{key}")
+/// `id` with its last byte changed so that it is in `shard`; the rest (timestamp, version,
+/// variant) stays.
+pub fn in_shard(id: OrderId, shard: u16) -> OrderId {
+    let mut bytes = *id.as_bytes();
+    let last = u16::from(bytes[15]);
+    let moved = last - last % SHARDS + shard % SHARDS;
+    bytes[15] = u8::try_from(moved).unwrap_or(bytes[15]);
+    OrderId::from_bytes(bytes)
 }
 
-pub(crate) fn alive_key(node: &str) -> String {
-    format!("op:alive:{node}")
+/// Hash slots in a Redis Cluster.
+const SLOTS: u16 = 16_384;
+
+/// The hash slot Redis Cluster gives a key whose hash tag is `tag`.
+fn slot_of_tag(tag: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % SLOTS
+}
+
+/// The hash tag of `shard`: `s:NN:J`, with `J` the first number from 0 that gives it a slot in
+/// the shard's own band of `16384 / SHARDS` slots. Fixed by this rule for every version.
+pub fn shard_tag(shard: u16) -> &'static str {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let band = SLOTS / SHARDS;
+        shards()
+            .map(|shard| {
+                let wanted = shard * band..(shard + 1) * band;
+                (0u32..)
+                    .map(|j| format!("s:{shard:02}:{j}"))
+                    .find(|tag| wanted.contains(&slot_of_tag(tag)))
+                    .unwrap_or_default()
+            })
+            .collect()
+    });
+    tags.get(usize::from(shard % SHARDS))
+        .map_or("", String::as_str)
+}
+
+/// The prefix every key of `shard` starts with: its hash tag.
+fn tag(shard: u16) -> String {
+    format!("op:{{{}}}:", shard_tag(shard))
+}
+
+/// The hash of order `id`.
+pub fn order_key(id: OrderId) -> String {
+    format!("{}order:{id}", tag(shard_of(id)))
+}
+
+/// `node`'s unfinished orders of `shard`.
+pub fn owned_key(shard: u16, node: &str) -> String {
+    format!("{}owned:{node}", tag(shard))
+}
+
+/// `user`'s orders of `shard`, for listing.
+pub fn user_key(shard: u16, user: &str) -> String {
+    format!("{}user:{user}", tag(shard))
+}
+
+/// What idempotency key `key` of `user` created.
+pub fn idem_key(user: &str, key: &str) -> String {
+    format!("{}idem:{user}:{key}", tag(shard_of_key(user, key)))
+}
+
+/// The finished orders of `shard` by when they expire.
+pub fn finished_key(shard: u16) -> String {
+    format!("{}finished", tag(shard))
+}
+
+/// The orders of `shard` whose rollback is parked.
+pub fn parked_key(shard: u16) -> String {
+    format!("{}parked", tag(shard))
+}
+
+/// The orders of `shard` set aside because their record cannot be read.
+pub fn aside_key(shard: u16) -> String {
+    format!("{}aside", tag(shard))
+}
+
+/// What health checks write in `shard`.
+pub fn probe_key(shard: u16) -> String {
+    format!("{}probe", tag(shard))
+}
+
+/// What a `SCAN` for the order hashes of `shard` matches; `None` for those of every shard.
+pub fn order_pattern(shard: Option<u16>) -> String {
+    match shard {
+        Some(shard) => format!("{}order:*", tag(shard)),
+        None => "op:{s:*}:order:*".to_string(),
+    }
+}
+
+/// Every shard, in order.
+pub fn shards() -> impl Iterator<Item = u16> + Clone {
+    0..SHARDS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_order_and_its_keys_share_a_hash_tag() {
+        let id = OrderId::now_v7();
+        let shard = shard_of(id);
+        let tag = format!("{{{}}}", shard_tag(shard));
+        for key in [
+            order_key(id),
+            owned_key(shard, "node-a"),
+            user_key(shard, "alice"),
+            finished_key(shard),
+            parked_key(shard),
+            aside_key(shard),
+        ] {
+            assert!(key.contains(&tag), "{key} lacks {tag}");
+        }
+    }
+
+    #[test]
+    fn an_id_moved_to_a_key_shard_keeps_its_version_and_is_found_there() {
+        let id = OrderId::now_v7();
+        for shard in shards() {
+            let moved = in_shard(id, shard);
+            assert_eq!(shard_of(moved), shard);
+            assert_eq!(moved.get_version_num(), 7);
+            assert_eq!(moved.as_bytes()[..15], id.as_bytes()[..15]);
+        }
+        let shard = shard_of_key("alice", "cart-7");
+        assert_eq!(shard, shard_of_key("alice", "cart-7"));
+        assert!(idem_key("alice", "cart-7").contains(&format!("{{{}}}", shard_tag(shard))));
+    }
+
+    #[test]
+    fn each_shard_has_a_slot_in_its_own_band() {
+        assert_eq!(slot_of_tag("123456789"), 0x31C3 % SLOTS, "CRC16/XMODEM");
+        for shard in shards() {
+            let slot = slot_of_tag(shard_tag(shard));
+            assert_eq!(slot / (SLOTS / SHARDS), shard, "{}", shard_tag(shard));
+            assert!(shard_tag(shard).starts_with(&format!("s:{shard:02}:")));
+        }
+        // Three even slot ranges (what `redis-cli --cluster create` makes) get 21 or 22 each.
+        let mut counts = [0; 3];
+        for shard in shards() {
+            let slot = usize::from(slot_of_tag(shard_tag(shard)));
+            counts[(slot * 3 / usize::from(SLOTS)).min(2)] += 1;
+        }
+        assert!(
+            counts.iter().all(|&count| (21..=22).contains(&count)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn new_ids_spread_over_every_shard() {
+        let mut seen = vec![0usize; usize::from(SHARDS)];
+        for _ in 0..20_000 {
+            seen[usize::from(shard_of(OrderId::now_v7()))] += 1;
+        }
+        // 312 expected per shard; a shard this far off would mean a biased byte.
+        assert!(
+            seen.iter().all(|&count| (150..500).contains(&count)),
+            "{seen:?}"
+        );
+    }
 }

@@ -1,8 +1,8 @@
 //! The Redis store, for clusters: every node reads and writes the same Redis.
 //!
 //! - [`access`]: the URL, ACL user and password, and TLS files a node connects with.
-//! - [`Connections`]: the connections every Redis user of a node shares (to one address, or to
-//!   the primary Redis Sentinel names), and the one way to send a request on them.
+//! - [`Connections`]: the connections every Redis user of a node shares (to one address, to
+//!   the primary Redis Sentinel names, or to a Redis Cluster), and the one way to send a request on them.
 //! - [`startup`]: the primary's replication and persistence, checked before a node starts.
 //! - [`keys`]: the key layout, order storage and cluster coordination alike.
 //! - [`RedisStore`]: the [`OrderStore`](super::OrderStore) on Redis, its Lua scripts in
@@ -17,6 +17,7 @@
 pub mod access;
 mod conn;
 pub mod keys;
+mod link;
 mod orders;
 mod scripts;
 pub mod startup;

@@ -2,9 +2,10 @@
 //! `scripts`) that writes its index entries in the same atomic step.
 
 use super::conn::{Connections, Scripted};
+use super::keys;
 use super::keys::{
-    idem_key, order_key, owned_key, user_key, ASIDE, FINISHED, ORDER_PATTERN, ORDER_PREFIX,
-    OWNED_PREFIX, PARKED, PROBE, USER_PREFIX,
+    aside_key, finished_key, idem_key, in_shard, order_key, order_pattern, owned_key, parked_key,
+    probe_key, shard_of, shard_of_key, shards, user_key,
 };
 use super::scripts::Scripts;
 use crate::order::{Order, OrderId, Phase};
@@ -15,8 +16,16 @@ use crate::store::{
 };
 use async_trait::async_trait;
 use deadpool_redis::redis::{self, Value};
+use futures_util::{StreamExt, TryStreamExt};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How many shards a view over all of them (a node's orders, a user's, the parked ones) reads
+/// at once.
+const FAN_OUT: usize = 8;
 
 /// How often a retry of a parked rollback re-reads an order that changed under it.
 const REOPEN_TRIES: usize = 5;
@@ -30,6 +39,8 @@ pub struct RedisStore {
     scripts: Scripts,
     /// How long a finished order is kept, in ms (what the scripts' `PEXPIRE` takes).
     retention_ms: u64,
+    /// The shard the next retention pass starts at, so that every shard gets its turn.
+    purge_from: AtomicUsize,
 }
 
 fn corrupt(error: impl std::fmt::Display) -> StoreError {
@@ -121,6 +132,7 @@ impl RedisStore {
             redis,
             scripts: Scripts::new(),
             retention_ms: millis(DEFAULT_RETENTION),
+            purge_from: AtomicUsize::new(0),
         }
     }
 
@@ -142,7 +154,23 @@ impl RedisStore {
         )?)))
     }
 
-    /// Sends a pipeline of writes that holds calls of this store's scripts.
+    /// A store on its own connections to the Redis Cluster `nodes` (`host:port`) belong to.
+    /// Nothing is contacted yet; the first operation connects.
+    pub fn connect_cluster(
+        nodes: &[String],
+        pool_size: usize,
+        timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
+        Ok(RedisStore::new(Arc::new(Connections::connect_cluster(
+            nodes,
+            redis::RedisConnectionInfo::default(),
+            pool_size,
+            timeout,
+        )?)))
+    }
+
+    /// Sends a pipeline of writes that holds calls of this store's scripts. All its keys are in
+    /// one shard.
     async fn scripted<T: redis::FromRedisValue + Send>(
         &self,
         pipeline: &redis::Pipeline,
@@ -156,37 +184,74 @@ impl RedisStore {
             .await
     }
 
-    /// Repairs the index entries of the orders at `keys`, counting them into `repaired`.
+    /// Runs `work` for every shard, [`FAN_OUT`] at a time, and answers in shard order.
+    async fn each_shard<T, F, Fut>(&self, work: F) -> Result<Vec<T>, StoreError>
+    where
+        F: Fn(u16) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        futures_util::stream::iter(shards().map(work))
+            .buffered(FAN_OUT)
+            .try_collect()
+            .await
+    }
+
+    /// The hash fields of the orders `ids` (in that order), read one pipeline per shard.
+    async fn read_orders(&self, ids: &[OrderId]) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+        let mut by_shard: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (at, id) in ids.iter().enumerate() {
+            by_shard.entry(shard_of(*id)).or_default().push(at);
+        }
+        let reads = by_shard.into_values().map(|positions| async move {
+            let mut read = redis::pipe();
+            for &at in &positions {
+                read_order(&mut read, &order_key(ids[at]));
+            }
+            let rows: Vec<Vec<Option<String>>> = self.redis.query(&read).await?;
+            Ok::<_, StoreError>(positions.into_iter().zip(rows).collect::<Vec<_>>())
+        });
+        let mut rows = vec![Vec::new(); ids.len()];
+        let read: Vec<Vec<(usize, Vec<Option<String>>)>> = futures_util::stream::iter(reads)
+            .buffer_unordered(FAN_OUT)
+            .try_collect()
+            .await?;
+        for (at, row) in read.into_iter().flatten() {
+            rows[at] = row;
+        }
+        Ok(rows)
+    }
+
+    /// Repairs the index entries of the orders `ids`, counting them into `repaired`.
     async fn repair_batch(
         &self,
-        keys: &[String],
+        ids: &[OrderId],
         repaired: &mut Repaired,
     ) -> Result<(), StoreError> {
-        let mut read = redis::pipe();
-        for key in keys {
-            read_order(&mut read, key);
-        }
-        let rows: Vec<Vec<Option<String>>> = self.redis.query(&read).await?;
-        let mut write = redis::pipe();
-        for (key, fields) in keys.iter().zip(rows) {
-            let Some(order) = decode_or_skip(fields, key) else {
+        let rows = self.read_orders(ids).await?;
+        let mut writes: BTreeMap<u16, redis::Pipeline> = BTreeMap::new();
+        for (id, fields) in ids.iter().zip(rows) {
+            let key = order_key(*id);
+            let Some(order) = decode_or_skip(fields, &key) else {
                 continue;
             };
             if order.owes_work() && !repaired.owners.contains(&order.owner) {
                 repaired.owners.insert(order.owner.clone());
             }
-            let id = order.order_id.to_string();
+            let shard = shard_of(*id);
             // Decided on the order as it is when the write runs, not as read above.
-            write
+            writes
+                .entry(shard)
+                .or_insert_with(redis::pipe)
                 .invoke_script(
                     self.scripts
                         .repair_owned
-                        .key(key)
-                        .key(FINISHED)
-                        .key(user_key(&order.user))
-                        .key(PARKED)
-                        .arg(OWNED_PREFIX)
-                        .arg(&id)
+                        .key(&key)
+                        .key(finished_key(shard))
+                        .key(user_key(shard, &order.user))
+                        .key(parked_key(shard))
+                        .key(owned_key(shard, &order.owner))
+                        .arg(&order.owner)
+                        .arg(id.to_string())
                         .arg(self.retention_ms)
                         .arg(finished_entry(&order))
                         .arg(micros_member(&order))
@@ -195,16 +260,48 @@ impl RedisStore {
                 .ignore();
             repaired.orders += 1;
         }
-        self.scripted::<()>(&write).await
+        for write in writes.values() {
+            self.scripted::<()>(write).await?;
+        }
+        Ok(())
     }
 
-    /// A page of `user`'s orders, gathering into `gone` the index entries (order key, member)
+    /// Up to `batch` members of `user`'s index below `upper` (exclusive, `+` for the newest),
+    /// newest first, merged from every shard.
+    async fn user_members(
+        &self,
+        user: &str,
+        upper: &str,
+        batch: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let pages = self
+            .each_shard(|shard| async move {
+                let mut range = redis::cmd("ZRANGE");
+                range
+                    .arg(user_key(shard, user))
+                    .arg(upper)
+                    .arg("-")
+                    .arg("BYLEX")
+                    .arg("REV")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(batch);
+                self.redis.query::<Vec<String>, _>(&range).await
+            })
+            .await?;
+        let mut members: Vec<String> = pages.into_iter().flatten().collect();
+        members.sort_unstable_by(|a, b| b.cmp(a));
+        members.truncate(batch);
+        Ok(members)
+    }
+
+    /// A page of `user`'s orders, gathering into `gone` the index entries (order id, member)
     /// whose order retention deleted: they are skipped, and the page is filled past them.
     async fn list_page(
         &self,
         user: &str,
         query: &ListQuery,
-        gone: &mut Vec<(String, String)>,
+        gone: &mut Vec<(OrderId, String)>,
     ) -> Result<Page, StoreError> {
         let mut page = Page::default();
         let mut upper = match query.cursor.as_deref() {
@@ -216,40 +313,27 @@ impl RedisStore {
         };
         let batch = query.limit.clamp(1, 500);
         loop {
-            let mut range = redis::cmd("ZRANGE");
-            range
-                .arg(user_key(user))
-                .arg(&upper)
-                .arg("-")
-                .arg("BYLEX")
-                .arg("REV")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(batch);
-            let members: Vec<String> = self.redis.query(&range).await?;
+            let members = self.user_members(user, &upper, batch).await?;
             if members.is_empty() {
                 return Ok(page);
             }
-            let mut read = redis::pipe();
-            let keys: Vec<String> = members
+            let ids: Vec<Option<OrderId>> = members
                 .iter()
                 .map(|member| {
                     member
                         .split_once('-')
                         .and_then(|(_, id)| OrderId::try_parse(id).ok())
-                        .map(|id| order_key(&id.to_string()))
-                        .unwrap_or_default()
                 })
                 .collect();
-            for key in &keys {
-                read_order(&mut read, key);
-            }
-            let rows: Vec<Vec<Option<String>>> = self.redis.query(&read).await?;
+            let known: Vec<OrderId> = ids.iter().flatten().copied().collect();
+            let mut rows = self.read_orders(&known).await?.into_iter();
             let exhausted = members.len() < batch;
-            for ((member, key), fields) in members.iter().zip(keys).zip(rows) {
+            for (member, id) in members.iter().zip(ids) {
                 upper = format!("({member}");
-                if matches!(fields.first(), Some(None)) && !key.is_empty() {
-                    gone.push((key, member.clone()));
+                let Some(id) = id else { continue };
+                let fields = rows.next().unwrap_or_default();
+                if matches!(fields.first(), Some(None)) {
+                    gone.push((id, member.clone()));
                     continue;
                 }
                 let Some(order) = decode_or_skip(fields, member) else {
@@ -273,37 +357,49 @@ impl RedisStore {
         }
     }
 
-    /// Takes out of `user`'s index the entries (order key, member) whose order is gone, each
+    /// Takes out of `user`'s index the entries (order id, member) whose order is gone, each
     /// only if its order is still gone. Best effort: what fails stays for the retention pass.
-    async fn prune_members(&self, user: &str, gone: &[(String, String)]) {
-        let index = user_key(user);
-        let mut prune = redis::pipe();
-        for (key, member) in gone {
-            prune
-                .invoke_script(self.scripts.prune_member.key(key).key(&index).arg(member))
+    async fn prune_members(&self, user: &str, gone: &[(OrderId, String)]) {
+        let mut by_shard: BTreeMap<u16, redis::Pipeline> = BTreeMap::new();
+        for (id, member) in gone {
+            let shard = shard_of(*id);
+            by_shard
+                .entry(shard)
+                .or_insert_with(redis::pipe)
+                .invoke_script(
+                    self.scripts
+                        .prune_member
+                        .key(order_key(*id))
+                        .key(user_key(shard, user))
+                        .arg(member),
+                )
                 .ignore();
         }
-        if let Err(error) = self.scripted::<()>(&prune).await {
-            tracing::debug!(user = %user, error = %error, "cannot prune index entries of deleted orders");
+        for prune in by_shard.values() {
+            if let Err(error) = self.scripted::<()>(prune).await {
+                tracing::debug!(user = %user, error = %error, "cannot prune index entries of deleted orders");
+            }
         }
     }
 
     /// Runs the create script for `order`: the order, its index entries and (with `idempotency`,
     /// the key and whether to take over a key that holds no order id) its idempotency key, in
     /// one atomic step. A lone script call, so a Redis that has forgotten the script loads it and
-    /// runs the whole create again: nothing of it ran before.
+    /// runs the whole create again: nothing of it ran before. The order's id must be in the
+    /// key's shard.
     async fn write_new(
         &self,
         order: &Order,
         idempotency: Option<(&str, bool)>,
     ) -> Result<Written, StoreError> {
         let id = order.order_id.to_string();
+        let shard = shard_of(order.order_id);
         let doc = serde_json::to_string(order).map_err(corrupt)?;
-        let mut create = self.scripts.create.key(order_key(&id));
+        let mut create = self.scripts.create.key(order_key(order.order_id));
         create
-            .key(owned_key(&order.owner))
-            .key(user_key(&order.user))
-            .key(FINISHED);
+            .key(owned_key(shard, &order.owner))
+            .key(user_key(shard, &order.user))
+            .key(finished_key(shard));
         if let Some((key, _)) = idempotency {
             create.key(idem_key(&order.user, key));
         }
@@ -335,6 +431,111 @@ impl RedisStore {
             (other, _) => Err(StoreError::Corrupt(format!("create answered `{other}`"))),
         }
     }
+
+    /// Moves `from`'s orders of `shard` to `to`; the ones `to` owns as a result.
+    async fn reassign_shard(
+        &self,
+        shard: u16,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<OrderId>, StoreError> {
+        let mut members = redis::cmd("SMEMBERS");
+        members.arg(owned_key(shard, from));
+        let ids: Vec<String> = self.redis.query(&members).await?;
+        let ids: Vec<OrderId> = ids
+            .iter()
+            .filter_map(|id| OrderId::try_parse(id).ok())
+            .collect();
+        let mut owned = Vec::new();
+        for chunk in ids.chunks(256) {
+            let mut pipeline = redis::pipe();
+            for id in chunk {
+                pipeline.invoke_script(
+                    self.scripts
+                        .reassign
+                        .key(order_key(*id))
+                        .key(owned_key(shard, from))
+                        .key(owned_key(shard, to))
+                        .arg(from)
+                        .arg(to)
+                        .arg(id.to_string()),
+                );
+            }
+            // A chunk that fails leaves the orders it moved in `to`'s owned set: the caller
+            // finds them there.
+            let outcomes: Vec<String> = self.scripted(&pipeline).await?;
+            let mut enlist = redis::pipe();
+            for (id, outcome) in chunk.iter().zip(outcomes) {
+                match owner_after_reassign(&outcome, to) {
+                    Some(owner) if owner == to => owned.push(*id),
+                    Some(owner) => {
+                        enlist
+                            .invoke_script(
+                                self.scripts
+                                    .enlist
+                                    .key(order_key(*id))
+                                    .key(owned_key(shard, &owner))
+                                    .arg(&owner)
+                                    .arg(id.to_string()),
+                            )
+                            .ignore();
+                    }
+                    None => {}
+                }
+            }
+            if enlist.cmd_iter().next().is_some() {
+                self.scripted::<()>(&enlist).await?;
+            }
+        }
+        Ok(owned)
+    }
+
+    /// The retention pass over one shard: up to `n` due entries of its finished index.
+    async fn purge_shard(&self, shard: u16, n: usize) -> Result<usize, StoreError> {
+        // Which entries look due by this node's clock; the script checks each by Redis's.
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let finished = finished_key(shard);
+        let mut due = redis::cmd("ZRANGE");
+        due.arg(&finished)
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("BYSCORE")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(n);
+        let entries: Vec<String> = self.redis.query(&due).await?;
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut prune = redis::pipe();
+        for entry in &entries {
+            let parsed = entry.split_once(' ').and_then(|(id, rest)| {
+                let (member, user) = rest.split_once(' ')?;
+                Some((OrderId::try_parse(id).ok()?, member, user))
+            });
+            match parsed {
+                Some((id, member, user)) if shard_of(id) == shard => {
+                    prune.invoke_script(
+                        self.scripts
+                            .prune_finished
+                            .key(&finished)
+                            .key(parked_key(shard))
+                            .key(order_key(id))
+                            .key(user_key(shard, user))
+                            .arg(entry)
+                            .arg(member)
+                            .arg(id.to_string()),
+                    );
+                }
+                // Not an entry this store writes: it just goes.
+                _ => {
+                    prune.cmd("ZREM").arg(&finished).arg(entry);
+                }
+            }
+        }
+        let done: Vec<i64> = self.scripted(&prune).await?;
+        Ok(done.iter().filter(|&&went| went == 1).count())
+    }
 }
 
 /// A script's yes/no argument.
@@ -362,9 +563,27 @@ enum Written {
 
 #[async_trait]
 impl OrderStore for RedisStore {
+    fn new_order_id(&self, user: &str, key: Option<&str>) -> OrderId {
+        let id = OrderId::now_v7();
+        match key {
+            Some(key) => in_shard(id, shard_of_key(user, key)),
+            None => id,
+        }
+    }
+
     async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError> {
         let mut order = order.clone();
-        let mut adopted = false;
+        // An order created with a key is stored in the key's shard: an id from elsewhere is
+        // moved there (see `keys`), and the caller learns the id as stored.
+        let mut adopted = match key {
+            Some(key) => {
+                let shard = shard_of_key(&order.user, key);
+                let moved = shard_of(order.order_id) != shard;
+                order.order_id = in_shard(order.order_id, shard);
+                moved
+            }
+            None => false,
+        };
         let mut take_key = false;
         // At most: the key names an id whose order is not stored (adopt it), then that id turns
         // out to be taken or the key names yet another id (another request won the race).
@@ -385,7 +604,11 @@ impl OrderStore for RedisStore {
                 Written::KeyUsed(earlier) => earlier,
             };
             match OrderId::try_parse(&earlier) {
-                Ok(earlier) => {
+                // The key names an id of its shard (as every id it is given is).
+                Ok(earlier)
+                    if key
+                        .is_none_or(|key| shard_of(earlier) == shard_of_key(&order.user, key)) =>
+                {
                     if let Some(first) = self.get(earlier).await? {
                         return Ok(Created::Existing(Box::new(first)));
                     }
@@ -395,8 +618,9 @@ impl OrderStore for RedisStore {
                     order.order_id = earlier;
                     adopted = true;
                 }
-                // Not an order id (written by something else): this request takes the key.
-                Err(_) => take_key = true,
+                // Not an order id of its shard (written by something else): this request takes
+                // the key.
+                _ => take_key = true,
             }
         }
         Err(StoreError::Unavailable(
@@ -406,9 +630,7 @@ impl OrderStore for RedisStore {
 
     async fn get(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
         let mut command = redis::cmd("HMGET");
-        command
-            .arg(order_key(&id.to_string()))
-            .arg(&READ_FIELDS[..]);
+        command.arg(order_key(id)).arg(&READ_FIELDS[..]);
         decode(self.redis.query(&command).await?)
     }
 
@@ -416,10 +638,7 @@ impl OrderStore for RedisStore {
         if !self.redis.waits_for_replicas() {
             return Ok(true);
         }
-        let mut confirm = self
-            .scripts
-            .confirm
-            .key(order_key(&order.order_id.to_string()));
+        let mut confirm = self.scripts.confirm.key(order_key(order.order_id));
         confirm.arg(order.revision);
         let confirmed: i64 = self.redis.write(&confirm).await?;
         Ok(confirmed == 1)
@@ -437,17 +656,18 @@ impl OrderStore for RedisStore {
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
         let id = order.order_id.to_string();
+        let shard = shard_of(order.order_id);
         let doc = serde_json::to_string(order).map_err(corrupt)?;
         let aware = if order.cancel_requested || order.failure.is_some() {
             "1"
         } else {
             "0"
         };
-        let mut commit = self.scripts.commit.key(order_key(&id));
+        let mut commit = self.scripts.commit.key(order_key(order.order_id));
         commit
-            .key(owned_key(&order.owner))
-            .key(FINISHED)
-            .key(PARKED)
+            .key(owned_key(shard, &order.owner))
+            .key(finished_key(shard))
+            .key(parked_key(shard))
             .arg(&order.owner)
             .arg(order.epoch)
             .arg(&doc)
@@ -464,7 +684,7 @@ impl OrderStore for RedisStore {
     }
 
     async fn request_cancel(&self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError> {
-        let key = order_key(&id.to_string());
+        let key = order_key(id);
         let reply: Value = self
             .redis
             .write(self.scripts.cancel.key(&key).arg(user))
@@ -481,6 +701,7 @@ impl OrderStore for RedisStore {
 
     async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError> {
         let (id, user, node, now) = (reopen.id, reopen.user, reopen.node, reopen.now);
+        let shard = shard_of(id);
         for _ in 0..REOPEN_TRIES {
             let stored = self
                 .get(id)
@@ -493,10 +714,10 @@ impl OrderStore for RedisStore {
                 Err(stored) => return Ok(RetryRollbackOutcome::NotParked(*stored)),
             };
             let doc = serde_json::to_string(&next).map_err(corrupt)?;
-            let mut reopen = self.scripts.reopen.key(order_key(&id.to_string()));
+            let mut reopen = self.scripts.reopen.key(order_key(id));
             reopen
-                .key(owned_key(&next.owner))
-                .key(PARKED)
+                .key(owned_key(shard, &next.owner))
+                .key(parked_key(shard))
                 .arg(&read_owner)
                 .arg(read_epoch)
                 .arg(&doc)
@@ -519,45 +740,77 @@ impl OrderStore for RedisStore {
     }
 
     async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError> {
-        let mut members = redis::cmd("SMEMBERS");
-        members.arg(owned_key(node));
-        let ids: Vec<String> = self.redis.query(&members).await?;
-        Ok(ids
+        let per_shard = self
+            .each_shard(|shard| async move {
+                let mut members = redis::cmd("SMEMBERS");
+                members.arg(owned_key(shard, node));
+                self.redis.query::<Vec<String>, _>(&members).await
+            })
+            .await?;
+        Ok(per_shard
             .iter()
+            .flatten()
             .filter_map(|id| OrderId::try_parse(id).ok())
             .collect())
     }
 
     async fn owned_page(&self, node: &str, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
-        let mut scan = redis::cmd("SSCAN");
-        scan.arg(owned_key(node))
-            .arg(if at.is_empty() { "0" } else { at })
-            .arg("COUNT")
-            .arg(n.max(1));
-        let (next, ids): (String, Vec<String>) = self.redis.query(&scan).await?;
-        let ids = ids
-            .iter()
-            .filter_map(|id| OrderId::try_parse(id).ok())
-            .collect();
-        Ok((ids, (next != "0").then_some(next)))
+        // The cursor is `{shard}:{SSCAN cursor}`: the sweep goes through the shards in turn.
+        let (mut shard, mut cursor) = match at.split_once(':') {
+            Some((shard, cursor)) => (
+                shard.parse::<u16>().map_err(|_| StoreError::NotFound)?,
+                cursor.to_string(),
+            ),
+            None => (0, "0".to_string()),
+        };
+        let mut ids = Vec::new();
+        while shard < keys::SHARDS {
+            let mut scan = redis::cmd("SSCAN");
+            scan.arg(owned_key(shard, node))
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(n.max(1));
+            let (next, found): (String, Vec<String>) = self.redis.query(&scan).await?;
+            ids.extend(found.iter().filter_map(|id| OrderId::try_parse(id).ok()));
+            if next == "0" {
+                shard += 1;
+                cursor = "0".to_string();
+            } else {
+                cursor = next;
+            }
+            if ids.len() >= n.max(1) {
+                break;
+            }
+        }
+        let next = (shard < keys::SHARDS).then(|| format!("{shard}:{cursor}"));
+        Ok((ids, next))
     }
 
     async fn parked_page(&self, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
         let n = n.max(1);
-        let mut range = redis::cmd("ZRANGE");
-        range
-            .arg(PARKED)
-            .arg(if at.is_empty() {
-                "-".to_string()
-            } else {
-                format!("({at}")
+        let lower = if at.is_empty() {
+            "-".to_string()
+        } else {
+            format!("({at}")
+        };
+        let lower = lower.as_str();
+        let pages = self
+            .each_shard(|shard| async move {
+                let mut range = redis::cmd("ZRANGE");
+                range
+                    .arg(parked_key(shard))
+                    .arg(lower)
+                    .arg("+")
+                    .arg("BYLEX")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(n);
+                self.redis.query::<Vec<String>, _>(&range).await
             })
-            .arg("+")
-            .arg("BYLEX")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(n);
-        let members: Vec<String> = self.redis.query(&range).await?;
+            .await?;
+        let mut members: Vec<String> = pages.into_iter().flatten().collect();
+        members.sort_unstable();
+        members.truncate(n);
         let next = (members.len() >= n)
             .then(|| members.last().cloned())
             .flatten();
@@ -569,122 +822,142 @@ impl OrderStore for RedisStore {
     }
 
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError> {
-        let ids = self.owned_unfinished(from).await?;
-        let mut owned = Vec::new();
-        for chunk in ids.chunks(256) {
-            let mut pipeline = redis::pipe();
-            for id in chunk {
-                let id = id.to_string();
-                pipeline.invoke_script(
-                    self.scripts
-                        .reassign
-                        .key(order_key(&id))
-                        .key(owned_key(from))
-                        .key(owned_key(to))
-                        .arg(from)
-                        .arg(to)
-                        .arg(&id)
-                        .arg(OWNED_PREFIX),
-                );
-            }
-            // A chunk that fails leaves the orders it moved in `to`'s owned set: the caller
-            // finds them there.
-            let outcomes: Vec<String> = self.scripted(&pipeline).await?;
-            for (id, outcome) in chunk.iter().zip(outcomes) {
-                if owner_after_reassign(&outcome, to).as_deref() == Some(to) {
-                    owned.push(*id);
-                }
-            }
-        }
-        Ok(owned)
+        let per_shard = self
+            .each_shard(|shard| self.reassign_shard(shard, from, to))
+            .await?;
+        Ok(per_shard.into_iter().flatten().collect())
     }
 
     async fn repair_indexes(&self, at: &str, n: usize) -> Result<RepairPage, StoreError> {
+        // The cursor is `{shard}:{SCAN cursor}`. One Redis holds every shard: one SCAN walks
+        // them all (shard `all`). A Redis Cluster is walked shard by shard, each SCAN on the
+        // primary that serves the shard's slot.
+        let cluster = self.redis.is_cluster();
+        let (shard, cursor) = match at.split_once(':') {
+            Some(("all", cursor)) => (None, cursor),
+            Some((shard, cursor)) => (
+                Some(shard.parse::<u16>().map_err(|_| StoreError::NotFound)?),
+                cursor,
+            ),
+            None => (cluster.then_some(0), "0"),
+        };
         let mut scan = redis::cmd("SCAN");
-        scan.arg(if at.is_empty() { "0" } else { at })
+        scan.arg(cursor)
             .arg("MATCH")
-            .arg(ORDER_PATTERN)
+            .arg(order_pattern(shard))
             .arg("COUNT")
             .arg(n.max(1));
-        let (next, keys): (String, Vec<String>) = self.redis.query(&scan).await?;
+        let (next, found): (String, Vec<String>) = match shard {
+            Some(shard) => self.redis.query_at(&scan, &order_key_in(shard)).await?,
+            None => self.redis.query(&scan).await?,
+        };
+        let ids: Vec<OrderId> = found
+            .iter()
+            .filter_map(|key| key.rsplit_once(':'))
+            .filter_map(|(_, id)| OrderId::try_parse(id).ok())
+            .collect();
         let mut repaired = Repaired::default();
-        for chunk in keys.chunks(500) {
+        for chunk in ids.chunks(500) {
             self.repair_batch(chunk, &mut repaired).await?;
         }
-        Ok((repaired, (next != "0").then_some(next)))
+        let next = match (next.as_str(), shard) {
+            ("0", None) => None,
+            (next, None) => Some(format!("all:{next}")),
+            ("0", Some(at)) => (at + 1 < keys::SHARDS).then(|| format!("{}:0", at + 1)),
+            (next, Some(at)) => Some(format!("{at}:{next}")),
+        };
+        Ok((repaired, next))
     }
 
     async fn purge_expired(&self, n: usize) -> Result<usize, StoreError> {
         // The order hashes and idempotency keys expire by themselves; what is left is their
-        // user index entries.
-        let mut prune = self.scripts.prune_finished.key(FINISHED);
-        prune
-            .key(PARKED)
-            .arg(n.max(1))
-            .arg(ORDER_PREFIX)
-            .arg(USER_PREFIX);
-        self.redis.write(&prune).await
+        // user index entries. Shard by shard from where the last pass left off, until `n`.
+        let n = n.max(1);
+        let first = self.purge_from.fetch_add(1, Ordering::Relaxed);
+        let mut done = 0;
+        for step in 0..usize::from(keys::SHARDS) {
+            let shard = u16::try_from((first + step) % usize::from(keys::SHARDS)).unwrap_or(0);
+            done += self.purge_shard(shard, n - done).await?;
+            if done >= n {
+                break;
+            }
+        }
+        Ok(done)
     }
 
     async fn disown(&self, node: &str, id: OrderId) -> Result<bool, StoreError> {
-        let id = id.to_string();
-        let mut disown = self.scripts.disown.key(order_key(&id));
-        disown.key(owned_key(node)).arg(node).arg(&id);
+        let mut disown = self.scripts.disown.key(order_key(id));
+        disown
+            .key(owned_key(shard_of(id), node))
+            .arg(node)
+            .arg(id.to_string());
         let removed: i64 = self.redis.write(&disown).await?;
         Ok(removed == 1)
     }
 
     async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError> {
-        let id = aside.order_id.to_string();
+        let shard = shard_of(aside.order_id);
         let entry = serde_json::to_string(aside).map_err(corrupt)?;
-        let mut both = redis::pipe();
-        both.atomic()
-            .cmd("SREM")
-            .arg(owned_key(&aside.node))
-            .arg(&id)
-            .ignore()
-            .cmd("HSET")
-            .arg(ASIDE)
-            .arg(&id)
-            .arg(entry)
-            .ignore();
-        self.redis.write::<(), _>(&both).await
+        let mut set_aside = self.scripts.set_aside.key(owned_key(shard, &aside.node));
+        set_aside
+            .key(aside_key(shard))
+            .arg(aside.order_id.to_string())
+            .arg(entry);
+        self.redis.write::<(), _>(&set_aside).await
     }
 
     async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
         let mut found = Vec::new();
-        let mut cursor: u64 = 0;
-        loop {
-            let mut scan = redis::cmd("HSCAN");
-            scan.arg(ASIDE)
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(limit.clamp(1, 500));
-            let (next, pairs): (u64, Vec<(String, String)>) = self.redis.query(&scan).await?;
-            for (id, entry) in pairs {
-                match serde_json::from_str(&entry) {
-                    Ok(entry) if found.len() < limit => found.push(entry),
-                    Ok(_) => return Ok(found),
-                    Err(error) => {
-                        tracing::warn!(order_id = %id, error = %error, "skipping an unreadable set-aside entry");
+        for shard in shards() {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut scan = redis::cmd("HSCAN");
+                scan.arg(aside_key(shard))
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(limit.clamp(1, 500));
+                let (next, pairs): (u64, Vec<(String, String)>) = self.redis.query(&scan).await?;
+                for (id, entry) in pairs {
+                    match serde_json::from_str(&entry) {
+                        Ok(entry) if found.len() < limit => found.push(entry),
+                        Ok(_) => return Ok(found),
+                        Err(error) => {
+                            tracing::warn!(order_id = %id, error = %error, "skipping an unreadable set-aside entry");
+                        }
                     }
                 }
+                if found.len() >= limit {
+                    return Ok(found);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 || found.len() >= limit {
-                return Ok(found);
-            }
-            cursor = next;
         }
+        Ok(found)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
         // A write, not a PING: a Redis that answers but refuses writes (MISCONF after a failed
         // save, OOM at maxmemory, READONLY on a replica) cannot keep orders either; nor can one
         // whose replicas do not acknowledge writes when `database.min_replicas` asks them to.
-        let mut probe = redis::cmd("SET");
-        probe.arg(PROBE).arg(1).arg("PX").arg(60_000);
-        self.redis.write::<(), _>(&probe).await
+        // On a Redis Cluster, one per shard, so every primary is written.
+        let probe = |shard: u16| async move {
+            let mut probe = redis::cmd("SET");
+            probe.arg(probe_key(shard)).arg(1).arg("PX").arg(60_000);
+            self.redis.write::<(), _>(&probe).await
+        };
+        if !self.redis.is_cluster() {
+            return probe(0).await;
+        }
+        self.each_shard(probe).await.map(drop)
     }
+}
+
+/// A key of `shard`, to route a keyless command (`SCAN`) to the primary that serves it.
+fn order_key_in(shard: u16) -> String {
+    keys::order_pattern(Some(shard))
 }
 
 #[cfg(test)]

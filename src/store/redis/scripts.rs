@@ -1,22 +1,27 @@
 //! The Lua scripts of the order store. Each is one atomic step on one order: its hash and the
 //! index entries that change with it, so that no failure between two calls can leave an index
-//! that disagrees with the order.
+//! that disagrees with the order. Every key a script touches is in one shard (hash slot).
 
 use deadpool_redis::redis::Script;
 
 /// Shared by the scripts that finish an order (prefixed to them): starts its retention. The
-/// order hash expires `retention` ms from now, and so does its idempotency key (sooner if it
-/// was to expire sooner anyway) while that key still names this order; the finished index gets
+/// order hash expires `retention` ms from now, and so does its idempotency key `idem` (sooner if
+/// it was to expire sooner anyway) when that key still names this order; the finished index gets
 /// an entry, scored with when the order expires, from which the retention pass later takes the
-/// order's user index entry out. The idempotency key's name is not among the caller's KEYS: it
-/// is read from the order hash, and every order and its keys live on the one Redis primary.
+/// order's user index entry out. The idempotency key's name is read from the order hash by
+/// `own_idem`, before the script writes anything: it is the one key a script touches that the
+/// caller cannot name in KEYS, and it is in the order's shard (its hash slot) by construction, so
+/// Redis Cluster runs it; were that slot half moved to another primary, the read fails before any
+/// write, and the caller tries again.
 const FINISH: &str = r"
-local function finish(order, id, retention, finished, entry)
-  redis.call('PEXPIRE', order, retention)
+local function own_idem(order, id)
   local idem = redis.call('HGET', order, 'idem')
-  if idem and redis.call('GET', idem) == id then
-    redis.call('PEXPIRE', idem, retention, 'LT')
-  end
+  if idem and redis.call('GET', idem) == id then return idem end
+  return false
+end
+local function finish(order, idem, retention, finished, entry)
+  redis.call('PEXPIRE', order, retention)
+  if idem then redis.call('PEXPIRE', idem, retention, 'LT') end
   local now = redis.call('TIME')
   local expires = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(retention)
   redis.call('ZADD', finished, expires, entry)
@@ -32,6 +37,8 @@ end
 /// leaves the committer's owned set in the same step when it finishes (never before) or turns
 /// out not to be the committer's, and its retention starts in that same step.
 const COMMIT: &str = r"
+local idem = false
+if ARGV[5] == 'finished' then idem = own_idem(KEYS[1], ARGV[7]) end
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'cancel', 'rev')
 if not cur[1] then
   redis.call('SREM', KEYS[2], ARGV[7])
@@ -63,7 +70,7 @@ if ARGV[5] == 'finished' or ARGV[5] == 'notifying' then
 end
 if ARGV[5] == 'finished' then
   redis.call('SREM', KEYS[2], ARGV[7])
-  finish(KEYS[1], ARGV[7], ARGV[9], KEYS[3], ARGV[10])
+  finish(KEYS[1], idem, ARGV[9], KEYS[3], ARGV[10])
 end
 return 'ok'
 ";
@@ -96,7 +103,7 @@ end
 if ARGV[5] ~= 'finished' then
   redis.call('SADD', KEYS[2], ARGV[8])
 else
-  finish(KEYS[1], ARGV[8], ARGV[11], KEYS[4], ARGV[12])
+  finish(KEYS[1], KEYS[5] or false, ARGV[11], KEYS[4], ARGV[12])
 end
 return {'ok'}
 ";
@@ -114,11 +121,12 @@ return {cur[4], cur[5], cur[6], cur[3] or '0'}
 ";
 
 /// Move one order and its owned-set entry. KEYS: the order, `from`'s owned set, `to`'s owned
-/// set. ARGV: from, to, order id, the owned sets' key prefix. Returns 'moved', 'mine' (already
-/// `to`'s), 'finished', 'missing', or the current owner; in every case the order ends in the
-/// owned set of whoever owns it, and in no other of the two. Why a script: the owner check and
-/// the epoch bump must not interleave with a commit by the old owner, and the order must never
-/// belong to `to` while listed only under `from` (a taker that fails then would never see it).
+/// set. ARGV: from, to, order id. Returns 'moved', 'mine' (already `to`'s), 'finished',
+/// 'missing', or the current owner (whose owned set the caller then makes sure lists it, with
+/// `enlist`: that set is not among these KEYS); the order ends in no owned set of the two but
+/// its owner's. Why a script: the owner check and the epoch bump must not interleave with a
+/// commit by the old owner, and the order must never belong to `to` while listed only under
+/// `from` (a taker that fails then would never see it).
 const REASSIGN: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'state')
 redis.call('SREM', KEYS[2], ARGV[3])
@@ -128,14 +136,20 @@ if cur[1] == ARGV[2] then
   redis.call('SADD', KEYS[3], ARGV[3])
   return 'mine'
 end
-if cur[1] ~= ARGV[1] then
-  redis.call('SADD', ARGV[4] .. cur[1], ARGV[3])
-  return cur[1]
-end
+if cur[1] ~= ARGV[1] then return cur[1] end
 redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
 return 'moved'
+";
+
+/// Put an order in its owner's owned set if that owner still owns it unfinished. KEYS: the
+/// order, the owner's owned set. ARGV: the owner, the order id. Returns 1 when it is listed.
+const ENLIST: &str = r"
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'state')
+if cur[1] ~= ARGV[1] or cur[2] == 'finished' then return 0 end
+redis.call('SADD', KEYS[2], ARGV[2])
+return 1
 ";
 
 /// Re-open a parked order. KEYS: the order, the new owner's owned set, the parked index. ARGV: owner and epoch
@@ -160,55 +174,55 @@ return 'ok'
 /// index; a finished order with no expiry (stored before retention, or by an older version)
 /// starts its retention, an unfinished one with an expiry loses it; a finished one parked as
 /// read is in the parked index, an unfinished one is not. KEYS: the order, the finished index,
-/// the user's index, the parked index. ARGV: the owned sets' key prefix, the order id, retention
-/// (ms), finished index entry, user index member, parked as read (1/0). Returns 1, or 0 when the order is missing.
-/// Why a script: the index repair must not put back an order that finished (or moved, or
-/// expired) after the repair read it.
+/// the user's index, the parked index, the owned set of its owner as read. ARGV: the owner as
+/// read, the order id, retention (ms), finished index entry, user index member, parked as read
+/// (1/0). Returns 1; 0 when the order is missing; 2 when its owner changed since it was read
+/// (the next repair pass sees it again). Why a script: the index repair must not put back an
+/// order that finished (or moved, or expired) after the repair read it.
 const REPAIR_OWNED: &str = r"
+local idem = own_idem(KEYS[1], ARGV[2])
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'state')
 if not cur[1] then return 0 end
+if cur[1] ~= ARGV[1] then return 2 end
 redis.call('ZADD', KEYS[3], 0, ARGV[5])
 if cur[2] == 'finished' then
-  redis.call('SREM', ARGV[1] .. cur[1], ARGV[2])
-  if redis.call('PTTL', KEYS[1]) == -1 then finish(KEYS[1], ARGV[2], ARGV[3], KEYS[2], ARGV[4]) end
+  redis.call('SREM', KEYS[5], ARGV[2])
+  if redis.call('PTTL', KEYS[1]) == -1 then finish(KEYS[1], idem, ARGV[3], KEYS[2], ARGV[4]) end
   if ARGV[6] == '1' then redis.call('ZADD', KEYS[4], 0, ARGV[2]) end
 else
   redis.call('ZREM', KEYS[4], ARGV[2])
-  redis.call('SADD', ARGV[1] .. cur[1], ARGV[2])
+  redis.call('SADD', KEYS[5], ARGV[2])
   redis.call('PERSIST', KEYS[1])
 end
 return 1
 ";
 
-/// The retention pass: takes the entries of the finished index that are due (their order's
-/// expiry passed), at most ARGV[1] of them. An entry whose order is gone goes with the order's
-/// user index entry; one whose order is kept again (re-opened) just goes; one whose order is
-/// still there to expire (its expiry a moment later than the entry's score, by the clock's
-/// granularity) is scored again with it; an order gone leaves the parked index too. KEYS: the
-/// finished index, the parked index. ARGV: most entries, the order keys' prefix, the user
-/// indexes' prefix. Entries are `{order id} {user index member} {user}`.
-/// Returns how many entries it went through. Why a script: the look at the order and the
-/// removal of its entry must not interleave with a re-open; the user index keys are derived
-/// from the entries (one Redis primary holds them all).
+/// The retention pass, for one entry of a shard's finished index that the caller found due:
+/// when it is still due by Redis's clock, it goes with the order's user index entry if the
+/// order is gone; if the order is kept again (re-opened) it just goes; if the order is still
+/// there to expire (its expiry a moment later than the entry's score, by the clock's
+/// granularity) it is scored again with it; an order gone leaves the parked index too. KEYS:
+/// the finished index, the parked index, the order, the user's index. ARGV: the entry
+/// (`{order id} {user index member} {user}`), the user index member, the order id. Returns 1
+/// when it went through the entry, 0 when it is not (or no longer) due. Why a script: the look
+/// at the order and the removal of its entry must not interleave with a re-open.
 const PRUNE_FINISHED: &str = r"
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local due = redis.call('ZRANGE', KEYS[1], '-inf', now_ms, 'BYSCORE', 'LIMIT', 0, tonumber(ARGV[1]))
-for _, entry in ipairs(due) do
-  local id, member, user = string.match(entry, '^(%S+) (%S+) (.*)$')
-  local ttl = -2
-  if id then ttl = redis.call('PTTL', ARGV[2] .. id) end
-  if ttl >= 0 then
-    redis.call('ZADD', KEYS[1], now_ms + ttl + 1, entry)
-  else
-    if ttl == -2 and id then
-      redis.call('ZREM', ARGV[3] .. user, member)
-      redis.call('ZREM', KEYS[2], id)
-    end
-    redis.call('ZREM', KEYS[1], entry)
-  end
+if tonumber(score) > now_ms then return 0 end
+local ttl = redis.call('PTTL', KEYS[3])
+if ttl >= 0 then
+  redis.call('ZADD', KEYS[1], now_ms + ttl + 1, ARGV[1])
+  return 1
 end
-return #due
+if ttl == -2 then
+  redis.call('ZREM', KEYS[4], ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[3])
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1
 ";
 
 /// Take a user index entry out if its order is gone (its retention ran out). KEYS: the order,
@@ -225,6 +239,14 @@ const DISOWN: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'state')
 if cur[1] == ARGV[1] and cur[2] ~= 'finished' then return 0 end
 return redis.call('SREM', KEYS[2], ARGV[2])
+";
+
+/// Set an order aside. KEYS: its owner's owned set, the aside index. ARGV: the order id, why
+/// (JSON). Why a script: it leaves the owned set and joins the aside index in one step.
+const SET_ASIDE: &str = r"
+redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
 ";
 
 /// Confirm that an order read is replicated. KEYS: the order. ARGV: its revision as read.
@@ -245,6 +267,8 @@ pub(super) struct Scripts {
     pub commit: Script,
     pub cancel: Script,
     pub reassign: Script,
+    pub enlist: Script,
+    pub set_aside: Script,
     pub reopen: Script,
     pub repair_owned: Script,
     pub disown: Script,
@@ -260,6 +284,8 @@ impl Scripts {
             commit: Script::new(&format!("{FINISH}{COMMIT}")),
             cancel: Script::new(CANCEL),
             reassign: Script::new(REASSIGN),
+            enlist: Script::new(ENLIST),
+            set_aside: Script::new(SET_ASIDE),
             reopen: Script::new(REOPEN),
             repair_owned: Script::new(&format!("{FINISH}{REPAIR_OWNED}")),
             disown: Script::new(DISOWN),
@@ -270,7 +296,12 @@ impl Scripts {
     }
 
     /// The scripts that are sent inside pipelines, loaded again when Redis has forgotten them.
-    pub fn pipelined(&self) -> [&Script; 3] {
-        [&self.reassign, &self.repair_owned, &self.prune_member]
+    pub fn pipelined(&self) -> [&Script; 4] {
+        [
+            &self.reassign,
+            &self.repair_owned,
+            &self.prune_member,
+            &self.prune_finished,
+        ]
     }
 }

@@ -80,17 +80,18 @@ impl RedisInfo {
 }
 
 /// Reads the replication and persistence of the Redis `connections` write to (the primary, with
-/// Sentinel).
+/// Sentinel; that of the first shard, on a Redis Cluster).
 pub async fn read(connections: &Connections) -> Result<RedisInfo, StoreError> {
+    let primary = super::keys::probe_key(0);
     let replication: String = connections
-        .query(redis::cmd("INFO").arg("replication"))
+        .query_at(redis::cmd("INFO").arg("replication"), &primary)
         .await?;
     let persistence: String = connections
-        .query(redis::cmd("INFO").arg("persistence"))
+        .query_at(redis::cmd("INFO").arg("persistence"), &primary)
         .await?;
     // CONFIG is often renamed or disabled on managed Redis: then appendfsync is just unknown.
     let appendfsync = match connections
-        .query::<Vec<String>, _>(redis::cmd("CONFIG").arg("GET").arg("appendfsync"))
+        .query_at::<Vec<String>>(redis::cmd("CONFIG").arg("GET").arg("appendfsync"), &primary)
         .await
     {
         Ok(pair) => pair.into_iter().nth(1),
