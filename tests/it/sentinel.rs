@@ -391,7 +391,7 @@ async fn a_resumed_order_is_acted_on_only_once_a_replica_has_it() {
     let reply = node.post_order(&user, "{}").await;
     assert_eq!(reply.status, 503, "{reply}\n{}", node.log_tail());
     // The create is on the primary all the same, in the node's set of unfinished orders.
-    let owned = primary.cli(&["KEYS", "op:order:*"]);
+    let owned = primary.cli(&["KEYS", "op:*:order:*"]);
     assert!(!owned.is_empty(), "the order is not on the primary");
     // The reconciliation reads it there, over and over, and may not act on it: wait until it
     // tried twice (or called the shop, which fails the test below).
