@@ -929,7 +929,7 @@ async fn embedded_store_purges_in_batches_and_stops_growing() {
     let store = EmbeddedStore::open_retaining(dir.path(), Duration::from_secs(1)).unwrap();
     let file = dir.path().join("orders.redb");
     let mut sizes = Vec::new();
-    for round in 0..5 {
+    for round in 0..7 {
         let orders: Vec<Order> = (0..2_500)
             .map(|offset| new_order("bulk", "node-a", offset))
             .collect();
@@ -972,10 +972,12 @@ async fn embedded_store_purges_in_batches_and_stops_growing() {
         store.create(&again, Some("r0-0")).await,
         Ok(Created::New)
     ));
-    // redb grows the file by doubling and gives back free space at its end, so the size swings;
-    // five rounds kept would be five times the first.
+    // redb grows the file by doubling and gives back free space at its end, so the size swings
+    // by up to twice; measured against the larger of the first two rounds (the file has had a
+    // purge by then), seven rounds kept would be about seven times the first.
+    let early = sizes[0].max(sizes[1]);
     let most = sizes.iter().max().copied().unwrap_or_default();
-    assert!(most <= sizes[0] * 3, "the file kept growing: {sizes:?}");
+    assert!(most <= early * 3, "the file kept growing: {sizes:?}");
 }
 
 /// Redis's memory stays about flat while orders keep finishing, with a short retention and the
