@@ -286,10 +286,7 @@ fn cli_with(host: IpAddr, port: u16, tls: Option<&TlsFiles>, args: &[&str]) -> O
         .stdin(Stdio::null())
         .output()
         .ok()?;
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+    answer_of(&output)
 }
 
 /// Runs `redis-cli -p port args…` and returns its answer, trimmed; `None` when redis-cli cannot
@@ -302,6 +299,11 @@ pub(crate) fn cli_at(port: u16, args: &[&str]) -> Option<String> {
         .stdin(Stdio::null())
         .output()
         .ok()?;
+    answer_of(&output)
+}
+
+/// What redis-cli answered, trimmed; `None` when it failed.
+fn answer_of(output: &std::process::Output) -> Option<String> {
     output
         .status
         .success()
