@@ -1,5 +1,5 @@
 //! Prometheus metrics for `GET /metrics`, and the small in-memory summary behind
-//! `GET /diagnostic/summary` and the status page.
+//! `GET /diagnostic/summary` and the console.
 //!
 //! The hot path only touches atomics: every labelled series an order can reach (per step, per
 //! outcome, per store operation) is created once at start, and the code that counts holds a
