@@ -4,7 +4,7 @@
 //!
 //! None needs a token, but the summary's recent failures name other users' orders and reasons:
 //! in tokens mode they are shown only to an admin's token, and without an `Authorization`
-//! header the summary holds the counts only (what the console shows without a token). A header that is not
+//! header the summary holds the counts only (what the console shows). A header that is not
 //! a valid token is a 401, a user's token a 403.
 //!
 //! `/diagnostic/set-aside` lists the orders set aside because their stored record cannot be

@@ -248,7 +248,7 @@ async fn the_summary_shows_recent_failures_only_to_an_admin() {
     node.wait_terminal(&bearer(ALICE), &id, Duration::from_secs(10))
         .await;
 
-    // Without a token: the counts, no order ids or reasons (what the console shows without a token).
+    // Without a token: the counts, no order ids or reasons (what the console shows).
     let reply = node.call(Method::GET, "/diagnostic/summary").send().await;
     let counts = node.expect_json(&reply, 200, "GET /diagnostic/summary without a token");
     assert_eq!(counts["totals"]["failed"], 1, "{counts}");
