@@ -13,6 +13,9 @@ pub const INFLIGHT: &str = "inflight";
 pub const STARTED_AT: &str = "started_at";
 /// Set while the node drains before exiting: peers stop counting it as live at once.
 pub const LEAVING: &str = "leaving";
+/// `lost` while the node cannot renew its liveness lease, `held` once it can again: a leader
+/// that sees the lease expired need not wait `cluster.takeover_after` for such a node.
+pub const LEASE: &str = "lease";
 
 /// Typed reads of a peer's gossip state.
 pub trait NodeStateExt {
@@ -21,6 +24,7 @@ pub trait NodeStateExt {
     fn inflight(&self) -> usize;
     fn started_at(&self) -> Option<&str>;
     fn is_leaving(&self) -> bool;
+    fn lease_lost(&self) -> bool;
 }
 
 impl NodeStateExt for NodeState {
@@ -44,5 +48,9 @@ impl NodeStateExt for NodeState {
 
     fn is_leaving(&self) -> bool {
         self.get(LEAVING).is_some()
+    }
+
+    fn lease_lost(&self) -> bool {
+        self.get(LEASE) == Some("lost")
     }
 }

@@ -25,6 +25,8 @@ pub struct Member {
     pub version: Option<String>,
     pub inflight: usize,
     pub started_at: Option<String>,
+    /// The node says it cannot renew its liveness lease.
+    pub lease_lost: bool,
 }
 
 impl Member {
@@ -36,6 +38,7 @@ impl Member {
             version: state.version().map(str::to_string),
             inflight: state.inflight(),
             started_at: state.started_at().map(str::to_string),
+            lease_lost: state.lease_lost(),
         }
     }
 }

@@ -5,9 +5,10 @@
 //!   start steps (the pipeline's [`Gate`]).
 //! - One node holds the leader lease, renewed by compare-and-set; each term has a fencing token.
 //! - The leader sweeps: a registered node whose liveness lease has expired and which still owns
-//!   orders is dead once gossip agrees, or once the lease has stayed expired for
-//!   `cluster.takeover_after` whatever gossip says; the live node with the fewest orders in
-//!   flight is asked to take them over (`POST /service/transfer`).
+//!   orders is dead once gossip agrees or the node says (in gossip) it cannot renew the lease,
+//!   or once the lease has stayed expired for `cluster.takeover_after` whatever gossip says; the
+//!   live node with the fewest orders in flight is asked to take them over
+//!   (`POST /service/transfer`).
 //! - On SIGTERM a node drains: it announces it is leaving, lets running steps finish, releases
 //!   its liveness lease and hands its remaining orders to a live peer.
 //!
@@ -98,6 +99,9 @@ pub struct Cluster {
     term: Mutex<Option<Term>>,
     /// Since when this term has seen each node without its liveness lease.
     lapsed: Mutex<LapsedLeases>,
+    /// Since when this node has renewed its own liveness lease without a miss (none while it
+    /// cannot): a leader just back from losing Redis itself does not trust peers' lapses early.
+    held_since: Mutex<Option<Instant>>,
     http: reqwest::Client,
     stop_tx: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -161,6 +165,7 @@ impl Cluster {
             membership: tokio::sync::Mutex::new(Some(membership)),
             term: Mutex::new(None),
             lapsed: Mutex::new(LapsedLeases::default()),
+            held_since: Mutex::new(None),
             http,
             stop_tx,
             tasks: Mutex::new(Vec::new()),
@@ -206,36 +211,69 @@ impl Cluster {
         let ttl = self.config.liveness_ttl;
         let mut registered = false;
         let mut failing = false;
+        let mut announced = false;
         loop {
             let sent = Instant::now();
-            match self.coordinator.renew_alive(&self.liveness, ttl).await {
+            let held = match self.coordinator.renew_alive(&self.liveness, ttl).await {
                 Ok(Renewal::HeldBy(holder)) => {
                     if !failing {
                         error!(holder = %holder, "another process holds this node id's liveness lease; no new steps start while it does");
-                        failing = true;
                     }
+                    false
                 }
                 Ok(Renewal::Held) => {
                     self.gate.renewed(sent + ttl);
                     if failing {
                         info!("liveness lease renewed again");
-                        failing = false;
                     }
                     if !registered {
                         registered = self.register().await;
                     }
+                    true
                 }
                 Err(error) => {
                     if !failing {
                         warn!(error = %error, "cannot renew liveness lease; no new steps start until it is renewed");
-                        failing = true;
                     }
+                    false
                 }
+            };
+            if held == failing || !announced {
+                // Peers learn it by gossip: the leader takes a node that says so over as soon
+                // as the store shows its lease expired.
+                self.announce_lease(held).await;
+                announced = true;
             }
+            failing = !held;
             if self.pause(self.config.liveness_renew_interval).await {
                 return;
             }
         }
+    }
+
+    /// Tells peers whether this node holds its liveness lease, and notes since when it has.
+    async fn announce_lease(&self, held: bool) {
+        if let Ok(mut since) = self.held_since.lock() {
+            *since = if held {
+                Some(since.unwrap_or_else(Instant::now))
+            } else {
+                None
+            };
+        }
+        let membership = self.membership.lock().await;
+        if let Some(membership) = membership.as_ref() {
+            let value = if held { "held" } else { "lost" };
+            membership.set(keys::LEASE, value.to_string()).await;
+        }
+    }
+
+    /// Whether this node has held its own liveness lease for at least `period`.
+    fn held_for(&self, period: Duration) -> bool {
+        self.held_since
+            .lock()
+            .ok()
+            .and_then(|since| *since)
+            .is_some_and(|since| since.elapsed() >= period)
     }
 
     /// Registers the node and queues the unfinished orders it owns; false to try again later.
@@ -396,6 +434,15 @@ impl Cluster {
     async fn sweep_once(&self, token: u64) -> Result<(), crate::store::StoreError> {
         let live = self.live_members().await;
         let live_ids: HashSet<&str> = live.iter().map(|member| member.node_id.as_str()).collect();
+        // Peers that say they cannot renew their lease, trusted once this node has renewed its
+        // own without a miss for a lease's length: after an outage of the store itself every
+        // lease lapsed and every node said so, and each gets the time to renew and say so.
+        let trust_lost = self.held_for(self.config.liveness_ttl);
+        let lease_lost: HashSet<&str> = live
+            .iter()
+            .filter(|member| trust_lost && member.lease_lost)
+            .map(|member| member.node_id.as_str())
+            .collect();
         // Every registered node, gossip-live or not: the liveness lease is the authority, gossip
         // only makes a takeover sooner.
         let known: Vec<String> = self
@@ -428,8 +475,9 @@ impl Cluster {
             // saw itself is the floor, should that clock step back.
             let lapsed = lapsed.map_or(seen, |lapsed| lapsed.max(seen));
             let gossip_live = live_ids.contains(node.as_str());
-            debug!(node = %node, alive, owned, gossip_live, lapsed_ms = u64::try_from(lapsed.as_millis()).unwrap_or(u64::MAX), "sweep looked at a node");
-            if alive || (gossip_live && lapsed < self.config.takeover_after) {
+            let says_lost = lease_lost.contains(node.as_str());
+            debug!(node = %node, alive, owned, gossip_live, says_lost, lapsed_ms = u64::try_from(lapsed.as_millis()).unwrap_or(u64::MAX), "sweep looked at a node");
+            if alive || (gossip_live && !says_lost && lapsed < self.config.takeover_after) {
                 continue;
             }
             if owned == 0 {
@@ -445,7 +493,9 @@ impl Cluster {
             if !self.is_leader() {
                 return Ok(());
             }
-            if gossip_live {
+            if says_lost {
+                warn!(node = %node, orders = owned, "node cannot renew its liveness lease and the lease expired; transferring its orders");
+            } else if gossip_live {
                 warn!(node = %node, orders = owned, lapsed_ms = u64::try_from(lapsed.as_millis()).unwrap_or(u64::MAX), "liveness lease expired for longer than cluster.takeover_after while gossip calls the node live; transferring its orders");
             } else {
                 info!(node = %node, orders = owned, "node is dead and owns orders, transferring them");
@@ -467,6 +517,7 @@ impl Cluster {
                 version: Some(crate::about::VERSION.to_string()),
                 inflight: self.pool.inflight(),
                 started_at: None,
+                lease_lost: false,
             });
         }
         live

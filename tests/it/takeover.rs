@@ -110,19 +110,17 @@ async fn a_takeover_that_fails_part_way_resumes_what_it_moved() {
     );
 }
 
-/// Regression: a node cut off from Redis cannot renew its liveness lease and starts no step, but
-/// gossip still calls it live, and the leader took over only nodes gossip called dead: its orders
-/// waited as long as the cut. The lease is the authority now: once it has been expired for
-/// `cluster.takeover_after` the node's orders are taken over, whatever gossip says.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_cut_off_from_redis_but_live_in_gossip_is_taken_over() {
-    let _one = exclusive().await;
+/// Three nodes on one Redis, the third (the victim) reaching it through a proxy, with `cluster`
+/// lines added to each config; ten orders of 2 s steps submitted to the victim.
+async fn three_with_a_victim_behind_a_proxy(
+    cluster: &str,
+) -> (RedisServer, Proxy, Vec<Node>, Vec<String>) {
     let redis = RedisServer::start();
     let proxy = Proxy::start(redis.port).await;
-    let first = Node::start(&config(&redis.url(), "10ms", "", &[])).await;
+    let first = Node::start(&(config(&redis.url(), "10ms", "", &[]) + cluster)).await;
     let seed = first.port;
-    let second = Node::start(&config(&redis.url(), "10ms", "", &[seed])).await;
-    let victim = Node::start(&config(&proxy.url(), "2s", "", &[seed])).await;
+    let second = Node::start(&(config(&redis.url(), "10ms", "", &[seed]) + cluster)).await;
+    let victim = Node::start(&(config(&proxy.url(), "2s", "", &[seed]) + cluster)).await;
     let nodes = vec![first, second, victim];
     wait_formed(&nodes, 3).await;
     let user = unique_user("cut-off");
@@ -134,6 +132,18 @@ async fn a_node_cut_off_from_redis_but_live_in_gossip_is_taken_over() {
                 .await,
         );
     }
+    (redis, proxy, nodes, ids)
+}
+
+/// Regression: a node cut off from Redis cannot renew its liveness lease and starts no step, but
+/// gossip still calls it live, and the leader took over only nodes gossip called dead: its orders
+/// waited as long as the cut. The lease is the authority now: the node's orders are taken over
+/// once it has expired (the node says in gossip it cannot renew it; at the latest once it has
+/// been expired for `cluster.takeover_after`), whatever gossip says of the node's liveness.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_redis_but_live_in_gossip_is_taken_over() {
+    let _one = exclusive().await;
+    let (redis, proxy, nodes, ids) = three_with_a_victim_behind_a_proxy("").await;
     proxy.sever();
     let cut = Instant::now();
     // Gossip keeps calling the victim live all along; its orders complete on the others.
@@ -157,6 +167,30 @@ async fn a_node_cut_off_from_redis_but_live_in_gossip_is_taken_over() {
     let log = format!("{}{}", nodes[0].log(), nodes[1].log());
     assert!(log.contains("took over orders"), "no takeover logged");
     eprintln!("orders of a node cut off from redis finished {took:?} after the cut");
+}
+
+/// A node cut off from Redis says so in gossip, and the leader takes it over as soon as the
+/// lease has expired, without waiting `cluster.takeover_after` (a minute here): gossip makes a
+/// takeover sooner, the lease keeps it safe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_says_it_cannot_renew_its_lease_is_taken_over_once_the_lease_expires() {
+    let _one = exclusive().await;
+    let (redis, proxy, nodes, ids) =
+        three_with_a_victim_behind_a_proxy("takeover_after = \"60s\"\n").await;
+    proxy.sever();
+    let cut = Instant::now();
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    // The lease lapses within `liveness_ttl` (3 s); the rest is room for a loaded machine, and
+    // far less than the 60 s bound.
+    wait_all_finished(&store, &ids, Duration::from_secs(3 + 20)).await;
+    let took = cut.elapsed();
+    proxy.heal();
+    let log = format!("{}{}", nodes[0].log(), nodes[1].log());
+    assert!(
+        log.contains("node cannot renew its liveness lease and the lease expired"),
+        "the takeover did not come from the node's own word"
+    );
+    eprintln!("orders of a node that said it lost redis finished {took:?} after the cut");
 }
 
 /// A lease's lapse is told by Redis's clock, so that any leader, also one new in office, knows

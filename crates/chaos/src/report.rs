@@ -32,12 +32,26 @@ pub const CUT_TAKEOVER_BOUND: Duration = Duration::from_secs(LIVENESS_TTL.as_sec
 
 /// Whether another fault was in effect at some time during `fault`.
 fn overlapped(faults: &[Fault], fault: &Fault) -> bool {
+    overlapped_by(faults, fault, |_| true)
+}
+
+/// Whether another fault of a kind `which` picks was in effect at some time during `fault`.
+fn overlapped_by(faults: &[Fault], fault: &Fault, which: impl Fn(Kind) -> bool) -> bool {
     let end = fault.healed.unwrap_or(DateTime::<Utc>::MAX_UTC);
     faults.iter().any(|other| {
         !std::ptr::eq(other, fault)
+            && which(other.kind)
             && other.at < end
             && other.healed.unwrap_or(DateTime::<Utc>::MAX_UTC) > fault.at
     })
+}
+
+/// Faults that take Redis away from every node: takeovers wait for Redis to come back.
+fn is_redis_outage(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::KillRedis | Kind::PauseRedis | Kind::LoseRedisPrimary | Kind::KillRedisPrimary
+    )
 }
 
 /// A violation found, with the order (if any) it is about.
@@ -78,6 +92,10 @@ pub struct Report {
     cancelled: usize,
     lost: usize,
     takeovers: Vec<f64>,
+    /// Takeovers of faults that no Redis outage overlapped, interrupted takeovers left out.
+    takeovers_redis_up: Vec<f64>,
+    /// The slowest of those: seconds, and which fault of which node, when.
+    slowest_redis_up: Option<(f64, String)>,
     takeover_by_kind: BTreeMap<&'static str, Vec<f64>>,
     /// The slowest takeover: seconds, and which fault of which node, when.
     slowest_takeover: Option<(f64, String)>,
@@ -356,6 +374,20 @@ impl Report {
                         let what = format!("{} of n{victim} at {}", fault.kind.name(), fault.at);
                         report.slowest_takeover = Some((latency.as_secs_f64(), what));
                     }
+                    if fault.kind != Kind::InterruptedTakeover
+                        && !overlapped_by(faults, fault, is_redis_outage)
+                    {
+                        report.takeovers_redis_up.push(latency.as_secs_f64());
+                        if report
+                            .slowest_redis_up
+                            .as_ref()
+                            .is_none_or(|(slowest, _)| latency.as_secs_f64() > *slowest)
+                        {
+                            let what =
+                                format!("{} of n{victim} at {}", fault.kind.name(), fault.at);
+                            report.slowest_redis_up = Some((latency.as_secs_f64(), what));
+                        }
+                    }
                     report
                         .takeover_by_kind
                         .entry(fault.kind.name())
@@ -470,6 +502,13 @@ impl Report {
             println!("  {kind:<21}{}", latencies(values));
         }
         if let Some((seconds, what)) = &self.slowest_takeover {
+            println!("  slowest: {what}, {seconds:.2}s");
+        }
+        println!(
+            "takeover, redis up (no redis outage meanwhile, not interrupted) {}",
+            latencies(&self.takeovers_redis_up)
+        );
+        if let Some((seconds, what)) = &self.slowest_redis_up {
             println!("  slowest: {what}, {seconds:.2}s");
         }
         println!(

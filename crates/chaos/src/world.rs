@@ -205,7 +205,7 @@ pub fn node_config(index: usize, database: &str, ledger: &str) -> String {
     let mut config = format!(
         "[server]\nshutdown_grace = \"20s\"\n\
          [pipeline]\nreconcile_interval = \"{reconcile}s\"\n\
-         [log]\nlevel = \"info,order_process::pipeline=debug\"\nformat = \"json\"\n\
+         [log]\nlevel = \"info,order_process::pipeline=debug,order_process::cluster=debug\"\nformat = \"json\"\n\
          [database]\n{database}timeout = \"1s\"\n\
          [auth]\nmode = \"header\"\nallow_insecure_header = true\n\
          [cluster]\nsecret = \"{SECRET}\"\nliveness_ttl = \"{liveness}s\"\n"
