@@ -18,6 +18,7 @@ use crate::world::{
     get_json, http_client, node_config, wait_formed, wait_ready, Node, World, NODES,
     RECONCILE_INTERVAL,
 };
+use chrono::Utc;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -221,11 +222,13 @@ async fn campaign(
     let mut submitters = loader.await.unwrap_or_default();
     faults.heal_all(&mut world, &client).await;
     let healed = Instant::now();
+    let healed_wall = Utc::now();
     let submitting = Arc::new(AtomicBool::new(true));
     let settling = tokio::spawn(settle(
         client.clone(),
         Arc::clone(&bases),
         healed,
+        healed_wall,
         Arc::clone(&submitting),
     ));
     while submitters.join_next().await.is_some() {}

@@ -96,6 +96,8 @@ pub struct Report {
     takeovers_redis_up: Vec<f64>,
     /// The slowest of those: seconds, and which fault of which node, when.
     slowest_redis_up: Option<(f64, String)>,
+    /// Takeovers of faults that no other fault overlapped, interrupted takeovers left out.
+    takeovers_alone: Vec<f64>,
     takeover_by_kind: BTreeMap<&'static str, Vec<f64>>,
     /// The slowest takeover: seconds, and which fault of which node, when.
     slowest_takeover: Option<(f64, String)>,
@@ -374,6 +376,9 @@ impl Report {
                         let what = format!("{} of n{victim} at {}", fault.kind.name(), fault.at);
                         report.slowest_takeover = Some((latency.as_secs_f64(), what));
                     }
+                    if fault.kind != Kind::InterruptedTakeover && !overlapped(faults, fault) {
+                        report.takeovers_alone.push(latency.as_secs_f64());
+                    }
                     if fault.kind != Kind::InterruptedTakeover
                         && !overlapped_by(faults, fault, is_redis_outage)
                     {
@@ -511,6 +516,10 @@ impl Report {
         if let Some((seconds, what)) = &self.slowest_redis_up {
             println!("  slowest: {what}, {seconds:.2}s");
         }
+        println!(
+            "takeover, alone (no other fault meanwhile, not interrupted) {}",
+            latencies(&self.takeovers_alone)
+        );
         println!(
             "partitions    orders moved away from a partitioned node: {} (its lease holds, so 0 is expected)",
             self.moved_in_partitions

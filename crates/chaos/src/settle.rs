@@ -6,6 +6,7 @@
 use crate::load::list_all;
 use crate::report::TAKEOVER_BOUND;
 use crate::world::RECONCILE_INTERVAL;
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,6 +30,17 @@ pub struct Settled {
     pub slowest: Option<(String, f64)>,
 }
 
+/// How long after `healed_wall` the order was stored (zero when before): an order stored by a
+/// submission retried after the heal, yet already in the first listing (which can take many
+/// seconds to page through), counts from when it was stored.
+fn created_since(order: &Value, healed_wall: DateTime<Utc>) -> Duration {
+    order["start_time"]
+        .as_str()
+        .and_then(|at| DateTime::parse_from_rfc3339(at).ok())
+        .and_then(|at| (at.with_timezone(&Utc) - healed_wall).to_std().ok())
+        .unwrap_or_default()
+}
+
 /// Reads the listing until every order is finished and no submission is still being tried (or
 /// the bound and a grace have passed). An order finished by the first read counts as finished
 /// then: the times are upper bounds, as seen from here.
@@ -36,6 +48,7 @@ pub async fn settle(
     client: reqwest::Client,
     bases: Arc<Vec<String>>,
     healed: Instant,
+    healed_wall: DateTime<Utc>,
     submitting: Arc<AtomicBool>,
 ) -> Result<Settled, String> {
     let mut since: HashMap<String, Instant> = HashMap::new();
@@ -58,9 +71,13 @@ pub async fn settle(
         };
         let now = Instant::now();
         for (id, order) in &listed {
-            let start = *since
-                .entry(id.clone())
-                .or_insert(if first { healed } else { now });
+            let start = *since.entry(id.clone()).or_insert_with(|| {
+                if first {
+                    healed + created_since(order, healed_wall).min(now - healed)
+                } else {
+                    now
+                }
+            });
             if !order["complete_time"].is_null() && !finished.contains_key(id) {
                 finished.insert(id.clone(), now.duration_since(start).as_secs_f64());
             }
