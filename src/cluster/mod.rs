@@ -50,6 +50,9 @@ const REPAIR_PAUSE: Duration = Duration::from_millis(50);
 /// out (in script calls of [`PURGE_BATCH`]); more wait for the next sweep.
 const PURGE_PER_SWEEP: usize = 10_000;
 
+/// The longest wait to connect to a peer asked to take orders over.
+const TRANSFER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Header that carries the cluster secret on cluster-internal calls.
 pub const SECRET_HEADER: &str = "x-cluster-secret";
 
@@ -147,8 +150,11 @@ impl Cluster {
             Membership::start(&node_id, generation, listen, advertise, &config, initial).await?;
         // Peers close idle connections after limits.header_read_timeout (10 s by default); drop
         // ours sooner so a transfer never goes out on a connection being closed.
+        // A peer cut off from this node is given up on after a second's connect, not the whole
+        // transfer timeout, so the next candidate takes the orders over sooner.
         let http = reqwest::Client::builder()
             .timeout(config.transfer_timeout)
+            .connect_timeout(config.transfer_timeout.min(TRANSFER_CONNECT_TIMEOUT))
             .pool_idle_timeout(Duration::from_secs(5))
             .build()?;
         let (stop_tx, _) = watch::channel(false);
