@@ -1043,9 +1043,39 @@ fn order_key_in(shard: u16) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{commit_outcome, decode, owner_after_reassign};
-    use crate::order::{Order, OrderId};
-    use crate::store::StoreError;
+    use super::{all_codes, commit_outcome, decode, listing_codes, owner_after_reassign};
+    use crate::order::{Order, OrderId, RollbackState, Step};
+    use crate::store::{ListQuery, StoreError};
+
+    #[test]
+    fn a_filtered_listing_reads_the_state_indexes_its_orders_can_be_in() {
+        let codes = |current_step, rollback_state| {
+            listing_codes(&ListQuery {
+                current_step,
+                rollback_state,
+                ..ListQuery::default()
+            })
+        };
+        assert_eq!(codes(None, None), None);
+        assert_eq!(
+            codes(Some(Step::Processing), None),
+            Some(vec!["Processing"])
+        );
+        assert_eq!(
+            codes(Some(Step::Failed), None),
+            Some(vec!["Failed", "rollback-complete", "rollback-incomplete"])
+        );
+        for step in [None, Some(Step::Failed)] {
+            assert_eq!(
+                codes(step, Some(RollbackState::Incomplete)),
+                Some(vec!["rollback-incomplete"])
+            );
+        }
+        let mut every: Vec<&str> = all_codes().collect();
+        every.sort_unstable();
+        every.dedup();
+        assert_eq!(every.len(), Step::ALL.len() + 2);
+    }
 
     #[test]
     fn commit_answers_map_to_outcomes() {
