@@ -206,7 +206,7 @@ pub trait OrderStore: Send + Sync + 'static {
     /// (including any it already owned from an earlier, interrupted move).
     async fn reassign(&self, from: &str, to: &str) -> Result<Vec<OrderId>, StoreError>;
 
-    /// Rebuilds the owner and user indexes from the orders themselves, one page of about `n`
+    /// Rebuilds the owner, user and state indexes from the orders themselves, one page of about `n`
     /// orders from cursor `at` (`""` to begin) at a time, and says how many orders the page went
     /// through and which nodes own unfinished ones. Idempotent and safe while nodes run: it only
     /// adds missing entries, removes finished or foreign ones, and gives a finished order kept

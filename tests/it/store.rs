@@ -726,6 +726,9 @@ async fn embedded_store_keeps_orders_across_reopen() {
 async fn redis_store_conforms() {
     let redis = RedisServer::start();
     let store = RedisStore::connect(&redis.url(), 4, Duration::from_secs(2)).unwrap();
+    // As a first leader does: the repair of an empty Redis marks its state indexes complete, so
+    // filtered listings read them.
+    repair_all(&store).await;
     conformance(&store).await;
     // The indexes can be rebuilt from the order hashes alone, and the repair names the owners
     // of unfinished orders.
@@ -742,6 +745,7 @@ async fn redis_cluster_store_conforms() {
     let store = RedisStore::connect_cluster(&cluster.addresses(), 4, Duration::from_secs(2))
         .unwrap()
         .with_retention(Duration::from_secs(1));
+    repair_all(&store).await;
     conformance(&store).await;
     let repaired = repair_all(&store).await;
     assert!(repaired.orders > 0);
@@ -774,6 +778,24 @@ fn members(port: u16, named: impl Fn(u16) -> String) -> String {
         .to_string()
 }
 
+/// How many entries `user`'s state indexes hold in all, on the Redis at `port`.
+fn filed(port: u16, user: &str) -> usize {
+    let codes = Step::ALL
+        .iter()
+        .map(|step| keys::state_code(*step, None))
+        .chain(
+            [RollbackState::Complete, RollbackState::Incomplete]
+                .map(|state| keys::state_code(Step::Failed, Some(state))),
+        );
+    codes
+        .map(|code| {
+            members(port, |shard| keys::state_key(shard, code, user))
+                .parse::<usize>()
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 /// Runs the retention pass, as the leader's sweep does, until `user`'s index holds `entries`
 /// members.
 async fn pruned_to(redis: &RedisServer, store: &RedisStore, user: &str, entries: usize) {
@@ -798,6 +820,11 @@ async fn redis_store_deletes_finished_orders_after_retention() {
     // The listing took out the entries of the orders that went, as the retention pass would.
     let index = |shard| keys::user_key(shard, &user);
     assert_eq!(members(redis.port, index), "3");
+    assert_eq!(
+        filed(redis.port, &user),
+        3,
+        "state index entries of gone orders"
+    );
     // Without a listing, the retention pass alone takes a gone order's entry out.
     let lone = new_order(&user, "node-a", 30);
     create(&store, &lone).await;
@@ -805,6 +832,11 @@ async fn redis_store_deletes_finished_orders_after_retention() {
     assert_eq!(members(redis.port, index), "4");
     wait_gone(&store, lone.order_id, Duration::from_secs(10)).await;
     pruned_to(&redis, &store, &user, 3).await;
+    assert_eq!(
+        filed(redis.port, &user),
+        3,
+        "state index entries of gone orders"
+    );
     assert_eq!(members(redis.port, keys::finished_key), "0");
     // A finished order kept forever, as an older version left it: the index repair gives it
     // its retention.
@@ -818,6 +850,169 @@ async fn redis_store_deletes_finished_orders_after_retention() {
     repair_all(&store).await;
     wait_gone(&store, old.order_id, Duration::from_secs(10)).await;
     pruned_to(&redis, &store, &user, 3).await;
+}
+
+/// How many times Redis ran `command` (`INFO commandstats`), scripts' calls included.
+fn calls_of(redis: &RedisServer, command: &str) -> u64 {
+    let prefix = format!("cmdstat_{command}:calls=");
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+/// How many order hashes (`HMGET`s) listing `user`'s orders with `query` read, and the ids of
+/// the page.
+async fn hashes_read(
+    redis: &RedisServer,
+    store: &RedisStore,
+    user: &str,
+    query: ListQuery,
+) -> (u64, Vec<OrderId>) {
+    let before = calls_of(redis, "hmget");
+    let page = store.list_for_user(user, &query).await.expect("list");
+    let read = calls_of(redis, "hmget") - before;
+    (
+        read,
+        page.orders.iter().map(|order| order.order_id).collect(),
+    )
+}
+
+/// A listing filtered by rollback state or step reads a page's worth of order hashes, not the
+/// user's history: three parked rollbacks among 3,000 completed orders cost three reads, two
+/// once one is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_filtered_listing_reads_a_page_not_the_history() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 4, Duration::from_secs(2)).unwrap();
+    repair_all(&store).await;
+    let user = "long-history";
+    let mut parked_ids = Vec::new();
+    for offset in 0..3 {
+        parked_ids.push(parked(&store, user, offset).await.order_id);
+    }
+    parked_ids.reverse();
+    for wave in 0..30 {
+        let orders = (0..100).map(|offset| {
+            let store = &store;
+            async move {
+                let order = new_order(user, "node-a", 10 + wave * 100 + offset);
+                create(store, &order).await;
+                finish(store, &order).await
+            }
+        });
+        join_all(orders).await;
+    }
+    let incomplete = ListQuery {
+        limit: 50,
+        rollback_state: Some(RollbackState::Incomplete),
+        ..ListQuery::default()
+    };
+    let (read, listed) = hashes_read(&redis, &store, user, incomplete.clone()).await;
+    assert_eq!(listed, parked_ids);
+    assert!(read <= 3, "read {read} order hashes for 3 orders");
+    let completed = ListQuery {
+        limit: 10,
+        current_step: Some(Step::Completed),
+        ..ListQuery::default()
+    };
+    let (read, listed) = hashes_read(&redis, &store, user, completed).await;
+    assert_eq!(listed.len(), 10);
+    assert!(read <= 10, "read {read} order hashes for a page of 10");
+    // A parked rollback retried leaves the index of parked ones in the same step.
+    let retried = store
+        .retry_rollback(reopen(parked_ids[0], user, "node-a"))
+        .await
+        .expect("retry");
+    assert!(matches!(retried, RetryRollbackOutcome::Accepted(_)));
+    let (read, listed) = hashes_read(&redis, &store, user, incomplete.clone()).await;
+    assert_eq!(listed, parked_ids[1..]);
+    assert!(read <= 2, "read {read} order hashes for 2 orders");
+    // What the same listing costs by the user's history (as on a Redis whose state indexes are
+    // not complete yet): every order of it.
+    redis.cli(&["DEL", keys::STATE_INDEXED]);
+    let (read, listed) = hashes_read(&redis, &store, user, incomplete).await;
+    assert_eq!(listed, parked_ids[1..]);
+    assert!(read >= 3_000, "read {read} order hashes");
+}
+
+/// A Redis written by an earlier version has no state indexes: filtered listings read the
+/// user's history and are right; the leader's index repair files every order and marks the
+/// indexes complete, and then filtered listings read them, still right.
+#[tokio::test]
+async fn redis_store_lists_by_state_orders_stored_before_the_state_index() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 4, Duration::from_secs(2)).unwrap();
+    let user = "old-states";
+    let mut running = Vec::new();
+    let mut completed = Vec::new();
+    let mut parked_ids = Vec::new();
+    for offset in 0..30 {
+        let order = new_order(user, "node-a", offset * 10);
+        create(&store, &order).await;
+        if offset % 3 == 1 {
+            completed.push(finish(&store, &order).await.order_id);
+        } else {
+            running.push(order);
+        }
+    }
+    for offset in 0..3 {
+        parked_ids.push(parked(&store, user, 400 + offset).await.order_id);
+    }
+    // As an earlier version left it: no state index, no order names one, no mark.
+    let wipe = "for _, key in ipairs(redis.call('KEYS', 'op:*:state:*')) do redis.call('DEL', key) end \
+        for _, key in ipairs(redis.call('KEYS', 'op:*:order:*')) do redis.call('HDEL', key, 'filed') end \
+        return redis.call('DEL', KEYS[1])";
+    redis.cli(&["EVAL", wipe, "1", keys::STATE_INDEXED]);
+    assert_eq!(redis.cli(&["KEYS", "op:*:state:*"]), "");
+    // An order of then moves on a step before the repair comes by.
+    let moved = succeed(&running[0]);
+    store.commit(&moved).await.expect("commit");
+    let running: Vec<OrderId> = running[1..]
+        .iter()
+        .rev()
+        .map(|order| order.order_id)
+        .collect();
+    completed.reverse();
+    parked_ids.reverse();
+    let check = || async {
+        let store = &store;
+        assert_eq!(
+            listed(store, user, Some(Step::Scheduling), None).await,
+            running
+        );
+        assert_eq!(
+            listed(store, user, Some(Step::PreProcessing), None).await,
+            vec![moved.order_id]
+        );
+        assert_eq!(
+            listed(store, user, Some(Step::Completed), None).await,
+            completed
+        );
+        assert_eq!(
+            listed(store, user, None, Some(RollbackState::Incomplete)).await,
+            parked_ids
+        );
+        assert_eq!(
+            listed(store, user, Some(Step::Failed), None).await,
+            parked_ids
+        );
+    };
+    check().await;
+    repair_all(&store).await;
+    assert_eq!(redis.cli(&["EXISTS", keys::STATE_INDEXED]), "1");
+    let filed_in = |code: &str| {
+        members(redis.port, |shard| keys::state_key(shard, code, user))
+            .parse::<usize>()
+            .unwrap_or(0)
+    };
+    assert_eq!(filed_in("Scheduling"), running.len());
+    assert_eq!(filed_in("Completed"), completed.len());
+    assert_eq!(filed_in("rollback-incomplete"), parked_ids.len());
+    check().await;
 }
 
 /// A file written before orders were filed by finish time opens, and its finished orders are

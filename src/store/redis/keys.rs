@@ -14,6 +14,11 @@
 //! - `op:{s:NN}:owned:{node}`: set of the node's unfinished orders of the shard.
 //! - `op:{s:NN}:user:{user}`: sorted set (all scores 0) of `{created µs, 20 digits}-{id}`, for
 //!   listing; a user's listing merges those of all shards.
+//! - `op:{s:NN}:state:{code}:{user}`: sorted set like the user index, of the user's orders of
+//!   the shard in one state: `code` is the order's rollback state (`rollback-complete`,
+//!   `rollback-incomplete`) when it has one, else its current step (`Scheduling`, …, `Failed`).
+//!   The order hash names the one it is filed under in `filed`; what listings filtered by step
+//!   or rollback state read, once [`STATE_INDEXED`] says every order is filed.
 //! - `op:{s:NN}:idem:{user}:{key}`: the order an idempotency key created, expiring after 24 h,
 //!   or with the order if that comes first (the order hash names it in `idem`).
 //! - `op:{s:NN}:finished`: sorted set of `{id} {user index member} {user}` scored with when that
@@ -37,10 +42,12 @@
 //! - `op:{c}:nodes`: hash node id → HTTP address of every node that ever started.
 //! - `op:{c}:alive:{node}`, `op:{c}:leader`, `op:{c}:leader:fence`: the liveness and leader
 //!   leases, and the leader's fencing counter.
+//! - `op:{c}:indexed:state`: set by the index repair once a pass of it filed every order in
+//!   the state indexes (a Redis written by an earlier version has orders that are not).
 //! - `op:{c}:alive:until`: hash node id → when its liveness lease as last renewed expires, in ms
 //!   of Redis's clock, so any leader can tell how long a lease has been expired.
 
-use crate::order::OrderId;
+use crate::order::{OrderId, RollbackState, Step};
 
 /// How many shards orders are spread over. Fixed: an order's shard is computed from its id, so
 /// this never changes for stored data. 64 divides 256, so every last byte maps evenly.
@@ -54,6 +61,9 @@ pub const ALIVE_UNTIL: &str = "op:{c}:alive:until";
 pub const LEADER: &str = "op:{c}:leader";
 /// The latest fencing token, one per leader term.
 pub const LEADER_FENCE: &str = "op:{c}:leader:fence";
+
+/// Present once an index repair pass went through every order: the state indexes are complete.
+pub const STATE_INDEXED: &str = "op:{c}:indexed:state";
 
 /// A node's liveness lease.
 pub fn alive_key(node: &str) -> String {
@@ -134,6 +144,25 @@ pub fn user_key(shard: u16, user: &str) -> String {
     format!("{}user:{user}", tag(shard))
 }
 
+/// `user`'s orders of `shard` in state `code` (see [`state_code`]), for filtered listings. The
+/// code comes before the user, so no user name makes one user's key another's.
+pub fn state_key(shard: u16, code: &str, user: &str) -> String {
+    format!("{}state:{code}:{user}", tag(shard))
+}
+
+/// The state index code of an order at `step` with `rollback`: its rollback state when it has
+/// one (only failed orders do, at [`Step::Failed`]), else its step.
+pub fn state_code(step: Step, rollback: Option<RollbackState>) -> &'static str {
+    match rollback {
+        Some(RollbackState::Complete) => "rollback-complete",
+        Some(RollbackState::Incomplete) => "rollback-incomplete",
+        None => step.as_str(),
+    }
+}
+
+/// The state index codes an order can have once finished, which its retention can delete it in.
+pub const FINISHED_CODES: [&str; 3] = ["Completed", "rollback-complete", "rollback-incomplete"];
+
 /// What idempotency key `key` of `user` created.
 pub fn idem_key(user: &str, key: &str) -> String {
     format!("{}idem:{user}:{key}", tag(shard_of_key(user, key)))
@@ -185,12 +214,28 @@ mod tests {
             order_key(id),
             owned_key(shard, "node-a"),
             user_key(shard, "alice"),
+            state_key(shard, "Completed", "alice"),
             finished_key(shard),
             parked_key(shard),
             aside_key(shard),
         ] {
             assert!(key.contains(&tag), "{key} lacks {tag}");
         }
+    }
+
+    #[test]
+    fn the_finished_codes_are_those_of_finished_orders() {
+        assert_eq!(
+            FINISHED_CODES,
+            [
+                state_code(Step::Completed, None),
+                state_code(Step::Failed, Some(RollbackState::Complete)),
+                state_code(Step::Failed, Some(RollbackState::Incomplete)),
+            ]
+        );
+        assert!(Step::ALL
+            .iter()
+            .all(|step| !state_code(*step, None).contains(':')));
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //!   `scripts`. The cluster's coordinator shares its connections.
 //!
 //! Every change to an order is one Lua script that writes only if the caller still owns it (owner
-//! and epoch compare-and-set) and changes the order's index entries (owned sets, user index,
-//! idempotency key) in the same atomic step, so no failure between calls leaves an index that
+//! and epoch compare-and-set) and changes the order's index entries (owned sets, user and state
+//! indexes, idempotency key) in the same atomic step, so no failure between calls leaves an index that
 //! disagrees with the order. [`OrderStore::repair_indexes`](super::OrderStore::repair_indexes)
 //! still rebuilds them from the order hashes.
 

@@ -5,10 +5,11 @@ use super::conn::{Connections, Scripted};
 use super::keys;
 use super::keys::{
     aside_key, finished_key, idem_key, in_shard, order_key, order_pattern, owned_key, parked_key,
-    probe_key, shard_of, shard_of_key, shards, user_key,
+    probe_key, shard_of, shard_of_key, shards, state_code, state_key, user_key, FINISHED_CODES,
+    STATE_INDEXED,
 };
 use super::scripts::Scripts;
-use crate::order::{Order, OrderId, Phase};
+use crate::order::{Order, OrderId, Phase, RollbackState, Step};
 use crate::store::{
     cancel_outcome, decode_cursor, encode_cursor, is_parked, retry_rollback_outcome, CancelOutcome,
     Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
@@ -66,6 +67,44 @@ fn micros_member(order: &Order) -> String {
 /// retention pass needs to take its user index entry out once it expired.
 fn finished_entry(order: &Order) -> String {
     format!("{} {} {}", order.order_id, micros_member(order), order.user)
+}
+
+/// The state index `order` is filed under.
+fn state_index(order: &Order) -> String {
+    state_key(
+        shard_of(order.order_id),
+        state_code(order.current_step, order.rollback_state),
+        &order.user,
+    )
+}
+
+/// The state index codes a filtered listing reads (then filtering what it reads by `query`), or
+/// `None` for an unfiltered one. A rollback state is set only on failed orders, which never
+/// change step again: a step's orders other than `Failed` are all in its own index; `Failed`
+/// ones in that and in the two rollback states'.
+fn listing_codes(query: &ListQuery) -> Option<Vec<&'static str>> {
+    match (query.rollback_state, query.current_step) {
+        (Some(state), _) => Some(vec![state_code(Step::Failed, Some(state))]),
+        (None, Some(Step::Failed)) => Some(
+            [
+                None,
+                Some(RollbackState::Complete),
+                Some(RollbackState::Incomplete),
+            ]
+            .map(|state| state_code(Step::Failed, state))
+            .to_vec(),
+        ),
+        (None, Some(step)) => Some(vec![state_code(step, None)]),
+        (None, None) => None,
+    }
+}
+
+/// Every state index code, for taking a gone order out of all of them.
+fn all_codes() -> impl Iterator<Item = &'static str> {
+    Step::ALL
+        .iter()
+        .map(|step| state_code(*step, None))
+        .chain(FINISHED_CODES[1..].iter().copied())
 }
 
 /// An `HMGET` of the fields an order is read from.
@@ -231,6 +270,7 @@ impl RedisStore {
         let mut writes: BTreeMap<u16, redis::Pipeline> = BTreeMap::new();
         for (id, fields) in ids.iter().zip(rows) {
             let key = order_key(*id);
+            let doc = fields.first().cloned().flatten();
             let Some(order) = decode_or_skip(fields, &key) else {
                 continue;
             };
@@ -250,12 +290,14 @@ impl RedisStore {
                         .key(user_key(shard, &order.user))
                         .key(parked_key(shard))
                         .key(owned_key(shard, &order.owner))
+                        .key(state_index(&order))
                         .arg(&order.owner)
                         .arg(id.to_string())
                         .arg(self.retention_ms)
                         .arg(finished_entry(&order))
                         .arg(micros_member(&order))
-                        .arg(flag(is_parked(&order))),
+                        .arg(flag(is_parked(&order)))
+                        .arg(doc),
                 )
                 .ignore();
             repaired.orders += 1;
@@ -266,33 +308,47 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Up to `batch` members of `user`'s index below `upper` (exclusive, `+` for the newest),
-    /// newest first, merged from every shard.
-    async fn user_members(
+    /// Up to `batch` members below `upper` (exclusive, `+` for the newest), newest first, of
+    /// the indexes `indexes` names for each shard (`user`'s index, or some of their state
+    /// indexes), merged from every shard: each shard's in one pipeline, each index's newest
+    /// `batch`.
+    async fn index_members(
         &self,
-        user: &str,
+        indexes: &(dyn Fn(u16) -> Vec<String> + Sync),
         upper: &str,
         batch: usize,
     ) -> Result<Vec<String>, StoreError> {
         let pages = self
             .each_shard(|shard| async move {
-                let mut range = redis::cmd("ZRANGE");
-                range
-                    .arg(user_key(shard, user))
-                    .arg(upper)
-                    .arg("-")
-                    .arg("BYLEX")
-                    .arg("REV")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(batch);
-                self.redis.query::<Vec<String>, _>(&range).await
+                let mut ranges = redis::pipe();
+                for index in indexes(shard) {
+                    ranges
+                        .cmd("ZRANGE")
+                        .arg(index)
+                        .arg(upper)
+                        .arg("-")
+                        .arg("BYLEX")
+                        .arg("REV")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(batch);
+                }
+                self.redis.query::<Vec<Vec<String>>, _>(&ranges).await
             })
             .await?;
-        let mut members: Vec<String> = pages.into_iter().flatten().collect();
+        let mut members: Vec<String> = pages.into_iter().flatten().flatten().collect();
         members.sort_unstable_by(|a, b| b.cmp(a));
+        // An order filed twice (by a version that moved it without taking it out) is one.
+        members.dedup();
         members.truncate(batch);
         Ok(members)
+    }
+
+    /// Whether every order is filed in the state indexes (see [`STATE_INDEXED`]).
+    async fn state_indexed(&self) -> Result<bool, StoreError> {
+        let mut exists = redis::cmd("EXISTS");
+        exists.arg(STATE_INDEXED);
+        Ok(self.redis.query::<i64, _>(&exists).await? == 1)
     }
 
     /// A page of `user`'s orders, gathering into `gone` the index entries (order id, member)
@@ -312,8 +368,21 @@ impl RedisStore {
             None => "+".to_string(),
         };
         let batch = query.limit.clamp(1, 500);
+        // A filtered listing reads the state indexes of what it asks for, once they are
+        // complete; until then (a Redis of an earlier version) the user's whole index.
+        let codes = match listing_codes(query) {
+            Some(codes) if self.state_indexed().await? => Some(codes),
+            _ => None,
+        };
+        let indexes = |shard: u16| match &codes {
+            Some(codes) => codes
+                .iter()
+                .map(|code| state_key(shard, code, user))
+                .collect(),
+            None => vec![user_key(shard, user)],
+        };
         loop {
-            let members = self.user_members(user, &upper, batch).await?;
+            let members = self.index_members(&indexes, &upper, batch).await?;
             if members.is_empty() {
                 return Ok(page);
             }
@@ -357,22 +426,23 @@ impl RedisStore {
         }
     }
 
-    /// Takes out of `user`'s index the entries (order id, member) whose order is gone, each
-    /// only if its order is still gone. Best effort: what fails stays for the retention pass.
+    /// Takes out of `user`'s index and state indexes the entries (order id, member) whose order
+    /// is gone, each only if its order is still gone. Best effort: what fails stays for the
+    /// retention pass.
     async fn prune_members(&self, user: &str, gone: &[(OrderId, String)]) {
         let mut by_shard: BTreeMap<u16, redis::Pipeline> = BTreeMap::new();
         for (id, member) in gone {
             let shard = shard_of(*id);
+            let mut prune = self.scripts.prune_member.key(order_key(*id));
+            prune.key(user_key(shard, user));
+            for code in all_codes() {
+                prune.key(state_key(shard, code, user));
+            }
+            prune.arg(member);
             by_shard
                 .entry(shard)
                 .or_insert_with(redis::pipe)
-                .invoke_script(
-                    self.scripts
-                        .prune_member
-                        .key(order_key(*id))
-                        .key(user_key(shard, user))
-                        .arg(member),
-                )
+                .invoke_script(&prune)
                 .ignore();
         }
         for prune in by_shard.values() {
@@ -403,6 +473,7 @@ impl RedisStore {
         if let Some((key, _)) = idempotency {
             create.key(idem_key(&order.user, key));
         }
+        create.key(state_index(order));
         create
             .arg(&doc)
             .arg(&order.owner)
@@ -515,17 +586,16 @@ impl RedisStore {
             });
             match parsed {
                 Some((id, member, user)) if shard_of(id) == shard => {
-                    prune.invoke_script(
-                        self.scripts
-                            .prune_finished
-                            .key(&finished)
-                            .key(parked_key(shard))
-                            .key(order_key(id))
-                            .key(user_key(shard, user))
-                            .arg(entry)
-                            .arg(member)
-                            .arg(id.to_string()),
-                    );
+                    let mut prune_one = self.scripts.prune_finished.key(&finished);
+                    prune_one
+                        .key(parked_key(shard))
+                        .key(order_key(id))
+                        .key(user_key(shard, user));
+                    for code in FINISHED_CODES {
+                        prune_one.key(state_key(shard, code, user));
+                    }
+                    prune_one.arg(entry).arg(member).arg(id.to_string());
+                    prune.invoke_script(&prune_one);
                 }
                 // Not an entry this store writes: it just goes.
                 _ => {
@@ -668,6 +738,7 @@ impl OrderStore for RedisStore {
             .key(owned_key(shard, &order.owner))
             .key(finished_key(shard))
             .key(parked_key(shard))
+            .key(state_index(order))
             .arg(&order.owner)
             .arg(order.epoch)
             .arg(&doc)
@@ -678,7 +749,8 @@ impl OrderStore for RedisStore {
             .arg(order.revision)
             .arg(self.retention_ms)
             .arg(finished_entry(order))
-            .arg(flag(is_parked(order)));
+            .arg(flag(is_parked(order)))
+            .arg(micros_member(order));
         let outcome: String = self.redis.write(&commit).await?;
         commit_outcome(&outcome)
     }
@@ -718,6 +790,7 @@ impl OrderStore for RedisStore {
             reopen
                 .key(owned_key(shard, &next.owner))
                 .key(parked_key(shard))
+                .key(state_index(&next))
                 .arg(&read_owner)
                 .arg(read_epoch)
                 .arg(&doc)
@@ -725,7 +798,8 @@ impl OrderStore for RedisStore {
                 .arg(next.epoch)
                 .arg(state_name(&next))
                 .arg(next.current_step.as_str())
-                .arg(id.to_string());
+                .arg(id.to_string())
+                .arg(micros_member(&next));
             let outcome: String = self.redis.write(&reopen).await?;
             match outcome.as_str() {
                 "ok" => return Ok(RetryRollbackOutcome::Accepted(next)),
@@ -866,6 +940,13 @@ impl OrderStore for RedisStore {
             ("0", Some(at)) => (at + 1 < keys::SHARDS).then(|| format!("{}:0", at + 1)),
             (next, Some(at)) => Some(format!("{at}:{next}")),
         };
+        if next.is_none() {
+            // The pass went through every order that was stored when it began: each is filed
+            // (orders stored since were filed by their create).
+            let mut indexed = redis::cmd("SET");
+            indexed.arg(STATE_INDEXED).arg(1);
+            self.redis.write::<(), _>(&indexed).await?;
+        }
         Ok((repaired, next))
     }
 
@@ -962,9 +1043,39 @@ fn order_key_in(shard: u16) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{commit_outcome, decode, owner_after_reassign};
-    use crate::order::{Order, OrderId};
-    use crate::store::StoreError;
+    use super::{all_codes, commit_outcome, decode, listing_codes, owner_after_reassign};
+    use crate::order::{Order, OrderId, RollbackState, Step};
+    use crate::store::{ListQuery, StoreError};
+
+    #[test]
+    fn a_filtered_listing_reads_the_state_indexes_its_orders_can_be_in() {
+        let codes = |current_step, rollback_state| {
+            listing_codes(&ListQuery {
+                current_step,
+                rollback_state,
+                ..ListQuery::default()
+            })
+        };
+        assert_eq!(codes(None, None), None);
+        assert_eq!(
+            codes(Some(Step::Processing), None),
+            Some(vec!["Processing"])
+        );
+        assert_eq!(
+            codes(Some(Step::Failed), None),
+            Some(vec!["Failed", "rollback-complete", "rollback-incomplete"])
+        );
+        for step in [None, Some(Step::Failed)] {
+            assert_eq!(
+                codes(step, Some(RollbackState::Incomplete)),
+                Some(vec!["rollback-incomplete"])
+            );
+        }
+        let mut every: Vec<&str> = all_codes().collect();
+        every.sort_unstable();
+        every.dedup();
+        assert_eq!(every.len(), Step::ALL.len() + 2);
+    }
 
     #[test]
     fn commit_answers_map_to_outcomes() {

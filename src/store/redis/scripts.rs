@@ -28,9 +28,30 @@ local function finish(order, idem, retention, finished, entry)
 end
 ";
 
+/// Shared by the scripts that change an order's step or rollback state, or delete it (prefixed
+/// to them): its entry in its user's state index. `file_state` files the order under `index`
+/// (the state index of its step or rollback state) and out of the one the order hash names in
+/// `filed`, which it then names `index`: like `own_idem`'s key, that one is read from the hash,
+/// and is in the order's shard by construction. `unfile` takes a gone order's member out of the
+/// state indexes `KEYS[from]` to the last.
+const STATE: &str = r"
+local function file_state(order, index, member)
+  local filed = redis.call('HGET', order, 'filed')
+  if filed ~= index then
+    if filed then redis.call('ZREM', filed, member) end
+    redis.call('HSET', order, 'filed', index)
+  end
+  redis.call('ZADD', index, 0, member)
+end
+local function unfile(member, from)
+  for i = from, #KEYS do redis.call('ZREM', KEYS[i], member) end
+end
+";
+
 /// Commit a transition. KEYS: the order, the committer's owned set, the finished index, the
-/// parked index. ARGV: owner, epoch, doc, aware of cancellation (1/0), state, step, order id,
-/// revision, retention (ms), finished index entry, parked (1/0). Why a script: the owner/epoch check and the write must be one
+/// parked index, the state index of the new step or rollback state. ARGV: owner, epoch, doc,
+/// aware of cancellation (1/0), state, step, order id, revision, retention (ms), finished index
+/// entry, parked (1/0), user index member. Why a script: the owner/epoch check and the write must be one
 /// atomic step, or a node that just lost the order could overwrite its new owner's progress; a write must be newer than the stored revision, or one
 /// delivered late (TCP retransmitting it after a network cut healed) would take the order back,
 /// while the very write already stored (a retry after a lost answer) is done; and the order
@@ -61,6 +82,7 @@ if new == rev then
   return 'ok'
 end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6], 'rev', ARGV[8])
+file_state(KEYS[1], KEYS[5], ARGV[12])
 if ARGV[5] == 'finished' or ARGV[5] == 'notifying' then
   if ARGV[11] == '1' then
     redis.call('ZADD', KEYS[4], 0, ARGV[7])
@@ -76,8 +98,8 @@ return 'ok'
 ";
 
 /// Create an order with its index entries. KEYS: the order, its owner's owned set, its user's
-/// index, the finished index, and (optional) the idempotency key, whose name the order hash
-/// keeps (`idem`). ARGV: doc, owner, epoch, user, state, step, user index member, order id,
+/// index, the finished index, (optional) the idempotency key, whose name the order hash keeps
+/// (`idem`), and last its state index. ARGV: doc, owner, epoch, user, state, step, user index member, order id,
 /// idempotency ttl (s), take over a key that holds no order id (1/0), retention (ms), finished
 /// index entry. An order stored finished starts its retention at once.
 /// Returns {'ok'}; {'exists', current owner} when the id is taken; or {'key', id} when the
@@ -85,8 +107,9 @@ return 'ok'
 /// index entries are written together or not at all, so no dropped retry leaves an index entry
 /// with no order; and of two requests that store the same id, exactly one wins.
 const CREATE: &str = r"
-if KEYS[5] then
-  local earlier = redis.call('GET', KEYS[5])
+local idem = #KEYS > 5 and KEYS[5]
+if idem then
+  local earlier = redis.call('GET', idem)
   if earlier and earlier ~= ARGV[8] and ARGV[10] ~= '1' then
     return {'key', earlier}
   end
@@ -96,14 +119,15 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'owner', ARGV[2], 'epoch', ARGV[3], 'user', ARGV[4], 'state', ARGV[5], 'step', ARGV[6])
 redis.call('ZADD', KEYS[3], 0, ARGV[7])
-if KEYS[5] then
-  redis.call('SET', KEYS[5], ARGV[8], 'EX', ARGV[9])
-  redis.call('HSET', KEYS[1], 'idem', KEYS[5])
+file_state(KEYS[1], KEYS[#KEYS], ARGV[7])
+if idem then
+  redis.call('SET', idem, ARGV[8], 'EX', ARGV[9])
+  redis.call('HSET', KEYS[1], 'idem', idem)
 end
 if ARGV[5] ~= 'finished' then
   redis.call('SADD', KEYS[2], ARGV[8])
 else
-  finish(KEYS[1], KEYS[5] or false, ARGV[11], KEYS[4], ARGV[12])
+  finish(KEYS[1], idem, ARGV[11], KEYS[4], ARGV[12])
 end
 return {'ok'}
 ";
@@ -152,8 +176,9 @@ redis.call('SADD', KEYS[2], ARGV[2])
 return 1
 ";
 
-/// Re-open a parked order. KEYS: the order, the new owner's owned set, the parked index. ARGV: owner and epoch
-/// read, new doc, new owner, new epoch, state, step, order id. Writes only if the order is still
+/// Re-open a parked order. KEYS: the order, the new owner's owned set, the parked index, the
+/// state index it goes to. ARGV: owner and epoch read, new doc, new owner, new epoch, state,
+/// step, order id, user index member. Writes only if the order is still
 /// finished (its webhook delivered or not) and unchanged since it was read (compare-and-set), so
 /// of two concurrent retries exactly one re-opens it; and the re-opened order joins its owner's
 /// set, leaves the parked index, and is kept again (its retention stopped), in the same step. Its finished index entry
@@ -164,6 +189,7 @@ if not cur[1] then return 'missing' end
 if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 'changed' end
 if cur[3] ~= 'finished' and cur[3] ~= 'notifying' then return 'changed' end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'owner', ARGV[4], 'epoch', ARGV[5], 'state', ARGV[6], 'step', ARGV[7])
+file_state(KEYS[1], KEYS[4], ARGV[9])
 redis.call('PERSIST', KEYS[1])
 redis.call('SADD', KEYS[2], ARGV[8])
 redis.call('ZREM', KEYS[3], ARGV[8])
@@ -176,7 +202,9 @@ return 'ok'
 /// read is in the parked index, an unfinished one is not. KEYS: the order, the finished index,
 /// the user's index, the parked index, the owned set of its owner as read. ARGV: the owner as
 /// read, the order id, retention (ms), finished index entry, user index member, parked as read
-/// (1/0). Returns 1; 0 when the order is missing; 2 when its owner changed since it was read
+/// (1/0), and last the state index of the order as read and its doc as read: it is filed there
+/// only if its doc is still that one (every change of its state writes a new doc, and files it
+/// itself). Returns 1; 0 when the order is missing; 2 when its owner changed since it was read
 /// (the next repair pass sees it again). Why a script: the index repair must not put back an
 /// order that finished (or moved, or expired) after the repair read it.
 const REPAIR_OWNED: &str = r"
@@ -185,6 +213,7 @@ local cur = redis.call('HMGET', KEYS[1], 'owner', 'state')
 if not cur[1] then return 0 end
 if cur[1] ~= ARGV[1] then return 2 end
 redis.call('ZADD', KEYS[3], 0, ARGV[5])
+if redis.call('HGET', KEYS[1], 'doc') == ARGV[7] then file_state(KEYS[1], KEYS[6], ARGV[5]) end
 if cur[2] == 'finished' then
   redis.call('SREM', KEYS[5], ARGV[2])
   if redis.call('PTTL', KEYS[1]) == -1 then finish(KEYS[1], idem, ARGV[3], KEYS[2], ARGV[4]) end
@@ -201,8 +230,9 @@ return 1
 /// when it is still due by Redis's clock, it goes with the order's user index entry if the
 /// order is gone; if the order is kept again (re-opened) it just goes; if the order is still
 /// there to expire (its expiry a moment later than the entry's score, by the clock's
-/// granularity) it is scored again with it; an order gone leaves the parked index too. KEYS:
-/// the finished index, the parked index, the order, the user's index. ARGV: the entry
+/// granularity) it is scored again with it; an order gone leaves the parked index and the
+/// user's state indexes of finished orders too. KEYS: the finished index, the parked index, the
+/// order, the user's index, then those state indexes. ARGV: the entry
 /// (`{order id} {user index member} {user}`), the user index member, the order id. Returns 1
 /// when it went through the entry, 0 when it is not (or no longer) due. Why a script: the look
 /// at the order and the removal of its entry must not interleave with a re-open.
@@ -220,16 +250,19 @@ end
 if ttl == -2 then
   redis.call('ZREM', KEYS[4], ARGV[2])
   redis.call('ZREM', KEYS[2], ARGV[3])
+  unfile(ARGV[2], 5)
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 ";
 
-/// Take a user index entry out if its order is gone (its retention ran out). KEYS: the order,
-/// the user's index. ARGV: the member. Returns 1 when it was taken out. Why a script: an order
+/// Take a user index entry out if its order is gone (its retention ran out), and out of the
+/// user's state indexes. KEYS: the order, the user's index, then those state indexes. ARGV:
+/// the member. Returns 1 when it was taken out. Why a script: an order
 /// stored between the listing's read and this removal keeps its entry.
 const PRUNE_MEMBER: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+unfile(ARGV[1], 3)
 return redis.call('ZREM', KEYS[2], ARGV[1])
 ";
 
@@ -280,17 +313,17 @@ pub(super) struct Scripts {
 impl Scripts {
     pub fn new() -> Scripts {
         Scripts {
-            create: Script::new(&format!("{FINISH}{CREATE}")),
-            commit: Script::new(&format!("{FINISH}{COMMIT}")),
+            create: Script::new(&format!("{FINISH}{STATE}{CREATE}")),
+            commit: Script::new(&format!("{FINISH}{STATE}{COMMIT}")),
             cancel: Script::new(CANCEL),
             reassign: Script::new(REASSIGN),
             enlist: Script::new(ENLIST),
             set_aside: Script::new(SET_ASIDE),
-            reopen: Script::new(REOPEN),
-            repair_owned: Script::new(&format!("{FINISH}{REPAIR_OWNED}")),
+            reopen: Script::new(&format!("{STATE}{REOPEN}")),
+            repair_owned: Script::new(&format!("{FINISH}{STATE}{REPAIR_OWNED}")),
             disown: Script::new(DISOWN),
-            prune_finished: Script::new(PRUNE_FINISHED),
-            prune_member: Script::new(PRUNE_MEMBER),
+            prune_finished: Script::new(&format!("{STATE}{PRUNE_FINISHED}")),
+            prune_member: Script::new(&format!("{STATE}{PRUNE_MEMBER}")),
             confirm: Script::new(CONFIRM),
         }
     }
