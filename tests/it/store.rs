@@ -1124,7 +1124,7 @@ async fn embedded_store_purges_in_batches_and_stops_growing() {
     let store = EmbeddedStore::open_retaining(dir.path(), Duration::from_secs(1)).unwrap();
     let file = dir.path().join("orders.redb");
     let mut sizes = Vec::new();
-    for round in 0..7 {
+    for round in 0..10 {
         let orders: Vec<Order> = (0..2_500)
             .map(|offset| new_order("bulk", "node-a", offset))
             .collect();
@@ -1167,12 +1167,14 @@ async fn embedded_store_purges_in_batches_and_stops_growing() {
         store.create(&again, Some("r0-0")).await,
         Ok(Created::New)
     ));
-    // redb grows the file by doubling and gives back free space at its end, so the size swings
-    // by up to twice; measured against the larger of the first two rounds (the file has had a
-    // purge by then), seven rounds kept would be about seven times the first.
+    // redb grows the file by doubling and gives back free space at its end, and pages freed by
+    // a purge are reused only once no reader can still see them, so on a loaded machine the size
+    // swings by up to one more doubling: about 4.5 MB early, up to 10 MB seen, 20 MB allowed.
+    // Measured against the larger of the first two rounds (the file has had a purge by then),
+    // ten rounds kept would be about eight times that (one round adds about 3.5 MB).
     let early = sizes[0].max(sizes[1]);
     let most = sizes.iter().max().copied().unwrap_or_default();
-    assert!(most <= early * 3, "the file kept growing: {sizes:?}");
+    assert!(most <= early * 5, "the file kept growing: {sizes:?}");
 }
 
 /// Redis's memory stays about flat while orders keep finishing, with a short retention and the
