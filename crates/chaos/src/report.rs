@@ -14,7 +14,8 @@ use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-/// A node down this long with orders must have seen them taken over within this bound.
+/// A node down this long with orders must have seen them taken over within this bound, unless
+/// an outage of Redis overlapped it.
 pub const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
 
 /// How long after a node is cut from Redis it may still start a step: its liveness lease, renewed
@@ -398,7 +399,12 @@ impl Report {
                         .entry(fault.kind.name())
                         .or_default()
                         .push(latency.as_secs_f64());
-                    if down > TAKEOVER_BOUND && latency > TAKEOVER_BOUND {
+                    // A takeover needs Redis: one that an outage of Redis held back is bounded
+                    // by the heal (the stuck check), not by this.
+                    if down > TAKEOVER_BOUND
+                        && latency > TAKEOVER_BOUND
+                        && !overlapped_by(faults, fault, is_redis_outage)
+                    {
                         push(
                             "slow_takeover",
                             None,
