@@ -365,6 +365,9 @@ impl Report {
                     );
                 }
             }
+            // A takeover needs Redis: one that an outage of Redis held back is bounded by the
+            // heal (the stuck check), not by the takeover bound.
+            let redis_out = overlapped_by(faults, fault, is_redis_outage);
             match resumed {
                 Some(line) => {
                     let latency = (line.at - fault.at).to_std().unwrap_or_default();
@@ -399,12 +402,7 @@ impl Report {
                         .entry(fault.kind.name())
                         .or_default()
                         .push(latency.as_secs_f64());
-                    // A takeover needs Redis: one that an outage of Redis held back is bounded
-                    // by the heal (the stuck check), not by this.
-                    if down > TAKEOVER_BOUND
-                        && latency > TAKEOVER_BOUND
-                        && !overlapped_by(faults, fault, is_redis_outage)
-                    {
+                    if down > TAKEOVER_BOUND && latency > TAKEOVER_BOUND && !redis_out {
                         push(
                             "slow_takeover",
                             None,
@@ -417,7 +415,10 @@ impl Report {
                         );
                     }
                 }
-                None if down > TAKEOVER_BOUND && fault.owned.is_some_and(|owned| owned > 0) => {
+                None if down > TAKEOVER_BOUND
+                    && fault.owned.is_some_and(|owned| owned > 0)
+                    && !redis_out =>
+                {
                     push(
                         "no_takeover",
                         None,
