@@ -60,7 +60,7 @@ end
 const COMMIT: &str = r"
 local idem = false
 if ARGV[5] == 'finished' then idem = own_idem(KEYS[1], ARGV[7]) end
-local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'cancel', 'rev')
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'cancel', 'rev', 'filed')
 if not cur[1] then
   redis.call('SREM', KEYS[2], ARGV[7])
   return 'missing'
@@ -81,8 +81,14 @@ if new == rev then
   redis.call('HSET', KEYS[1], 'rev', ARGV[8])
   return 'ok'
 end
-redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6], 'rev', ARGV[8])
-file_state(KEYS[1], KEYS[5], ARGV[12])
+-- file_state, with the filed key read above and written with the rest (two calls fewer).
+if cur[5] ~= KEYS[5] then
+  if cur[5] then redis.call('ZREM', cur[5], ARGV[12]) end
+  redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6], 'rev', ARGV[8], 'filed', KEYS[5])
+else
+  redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6], 'rev', ARGV[8])
+end
+redis.call('ZADD', KEYS[5], 0, ARGV[12])
 if ARGV[5] == 'finished' or ARGV[5] == 'notifying' then
   if ARGV[11] == '1' then
     redis.call('ZADD', KEYS[4], 0, ARGV[7])
