@@ -29,3 +29,39 @@ pub fn skewed(library: &std::path::Path, offset_secs: i64) -> Vec<(String, Strin
         ("FAKETIME_NO_CACHE".into(), "1".into()),
     ]
 }
+
+/// How a node's log says, after a launch marker, that its clock runs off by an offset
+/// (`==== clock +20s ====`).
+pub const MARKER: &str = "==== clock ";
+
+/// The offset, in seconds, of the clock that `env` ([`skewed`]) gives a process, if any.
+pub fn offset(env: &[(String, String)]) -> Option<i64> {
+    env.iter()
+        .find(|(name, _)| name == "FAKETIME")
+        .and_then(|(_, value)| value.trim_end_matches('s').parse().ok())
+}
+
+/// The offset a log line written by [`MARKER`] gives.
+pub fn marked_offset(line: &str) -> Option<i64> {
+    line.strip_prefix(MARKER)?
+        .strip_suffix("s ====")?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_offset_given_is_the_offset_read_back() {
+        for seconds in [-30, -5, 7, 30] {
+            let env = skewed(std::path::Path::new("/lib/x.so"), seconds);
+            assert_eq!(offset(&env), Some(seconds));
+            let line = format!("{MARKER}{seconds:+}s ====");
+            assert_eq!(marked_offset(&line), Some(seconds));
+        }
+        assert_eq!(offset(&[]), None);
+        assert_eq!(marked_offset("==== launch 2 ===="), None);
+    }
+}

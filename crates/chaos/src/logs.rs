@@ -1,6 +1,8 @@
 //! The nodes' logs, read back after the campaign: their JSON lines (what was taken over, what
-//! was refused, illegal transitions) and any panic.
+//! was refused, illegal transitions) and any panic. Times are the true clock's, also for a
+//! node that ran with a skewed one.
 
+use crate::clock;
 use crate::world::Node;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -25,7 +27,15 @@ pub fn read_logs(nodes: &[Node]) -> Logs {
         let Ok(text) = std::fs::read_to_string(node.log_path()) else {
             continue;
         };
+        // The offset of the clock of the process writing: a skewed node's times are taken back
+        // to the true clock, so they compare with the campaign's.
+        let mut offset = chrono::Duration::zero();
         for line in text.lines() {
+            if line.starts_with("==== launch ") {
+                offset = chrono::Duration::zero();
+            } else if let Some(seconds) = clock::marked_offset(line) {
+                offset = chrono::Duration::seconds(seconds);
+            }
             if line.contains("panicked") {
                 logs.panics.push(format!("n{}: {line}", node.index));
             }
@@ -39,7 +49,7 @@ pub fn read_logs(nodes: &[Node]) -> Logs {
             let message = fields["message"].as_str().unwrap_or("").to_string();
             logs.lines.push(LogLine {
                 node: node.index,
-                at: at.with_timezone(&Utc),
+                at: at.with_timezone(&Utc) - offset,
                 message,
                 fields,
             });

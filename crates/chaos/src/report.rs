@@ -7,15 +7,15 @@ use crate::ledger::Books;
 use crate::ledger::Outcome;
 use crate::load::Seen;
 use crate::logs::Logs;
-use crate::world::{DUPLICATE_BASE, LIVENESS_TTL};
+use crate::world::{DUPLICATE_BASE, LIVENESS_TTL, NODES};
 use chrono::{DateTime, Utc};
 use hdrhistogram::Histogram;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-/// A node down this long with orders must have seen them taken over within this bound, unless
-/// an outage of Redis overlapped it.
+/// A node down this long with orders must have seen them taken over within this bound, counted
+/// from when Redis and some other node were last able to take them over ([`Outages`]).
 pub const TAKEOVER_BOUND: Duration = Duration::from_secs(15);
 
 /// How long after a node is cut from Redis it may still start a step: its liveness lease, renewed
@@ -53,6 +53,103 @@ fn is_redis_outage(kind: Kind) -> bool {
         kind,
         Kind::KillRedis | Kind::PauseRedis | Kind::LoseRedisPrimary | Kind::KillRedisPrimary
     )
+}
+
+/// A stretch of time, on the true clock.
+type Span = (DateTime<Utc>, DateTime<Utc>);
+
+/// How long a node restarted by the campaign may take to serve when its log never says so (it
+/// was killed again first, or its log was lost).
+const START_BOUND: chrono::Duration = chrono::Duration::seconds(15);
+
+/// When no node could take a victim's orders over: when Redis was out for every node, and when
+/// each node was down, paused, starting again or cut from Redis. A takeover is measured from
+/// the last moment some node other than the victim became able to make it.
+#[derive(Default)]
+struct Outages {
+    everyone: Vec<Span>,
+    nodes: BTreeMap<usize, Vec<Span>>,
+}
+
+impl Outages {
+    fn new(faults: &[Fault], logs: &Logs) -> Outages {
+        let mut outages = Outages::default();
+        // A node started again serves once it logs `listening` (it may first wait for its
+        // previous process's lease to run out).
+        let serving = |node: usize, from: DateTime<Utc>| {
+            logs.lines
+                .iter()
+                .find(|line| line.node == node && line.at >= from && line.message == "listening")
+                .map_or(from + START_BOUND, |line| line.at)
+        };
+        for fault in faults {
+            let healed = fault.healed.unwrap_or(DateTime::<Utc>::MAX_UTC);
+            if is_redis_outage(fault.kind) {
+                outages.everyone.push((fault.at, healed));
+                continue;
+            }
+            let Some(node) = fault.node else {
+                continue;
+            };
+            let spans = outages.nodes.entry(node).or_default();
+            match fault.kind {
+                Kind::KillNode | Kind::KillLeader | Kind::KillDraining => {
+                    spans.push((fault.at, serving(node, fault.at)));
+                }
+                Kind::PauseNode | Kind::CutRedis => spans.push((fault.at, healed)),
+                // Started with a skewed clock, then again with the true one.
+                Kind::SkewClock => {
+                    spans.push((fault.at, serving(node, fault.at)));
+                    if healed < DateTime::<Utc>::MAX_UTC {
+                        spans.push((healed, serving(node, healed)));
+                    }
+                }
+                // The victim killed, then the taker killed or Redis paused at a time not
+                // recorded: no other takeover is measured through it.
+                Kind::InterruptedTakeover => outages.everyone.push((fault.at, healed)),
+                _ => {}
+            }
+        }
+        outages
+    }
+
+    /// Whether no node but `victim` was able to take orders over at `at`.
+    fn blocked(&self, victim: usize, at: DateTime<Utc>) -> bool {
+        let within = |spans: &[Span]| spans.iter().any(|(from, to)| *from <= at && at < *to);
+        within(&self.everyone)
+            || (0..NODES)
+                .filter(|node| *node != victim)
+                .all(|node| self.nodes.get(&node).is_some_and(|spans| within(spans)))
+    }
+
+    /// The start of the last stretch before `until` through which some node other than
+    /// `victim` was able to take over, `from` at the earliest; `until` when none was at the end.
+    fn able_since(
+        &self,
+        victim: usize,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> DateTime<Utc> {
+        let mut changes: Vec<DateTime<Utc>> = self
+            .everyone
+            .iter()
+            .chain(self.nodes.values().flatten())
+            .flat_map(|(start, end)| [*start, *end])
+            .filter(|at| from < *at && *at < until)
+            .collect();
+        changes.push(from);
+        changes.sort();
+        changes.dedup();
+        // Between two changes nothing changes: the state at each change holds until the next.
+        let mut since = until;
+        for at in changes.into_iter().rev() {
+            if self.blocked(victim, at) {
+                break;
+            }
+            since = at;
+        }
+        since
+    }
 }
 
 /// A violation found, with the order (if any) it is about.
@@ -93,10 +190,11 @@ pub struct Report {
     cancelled: usize,
     lost: usize,
     takeovers: Vec<f64>,
-    /// Takeovers of faults that no Redis outage overlapped, interrupted takeovers left out.
-    takeovers_redis_up: Vec<f64>,
+    /// Takeovers measured from when a node other than the victim was last able to make them
+    /// (see [`Outages`]), interrupted takeovers left out.
+    takeovers_able: Vec<f64>,
     /// The slowest of those: seconds, and which fault of which node, when.
-    slowest_redis_up: Option<(f64, String)>,
+    slowest_able: Option<(f64, String)>,
     /// Takeovers of faults that no other fault overlapped, interrupted takeovers left out.
     takeovers_alone: Vec<f64>,
     takeover_by_kind: BTreeMap<&'static str, Vec<f64>>,
@@ -291,7 +389,9 @@ impl Report {
             }
         }
         // Takeover latency: from the fault to the victim's orders resuming, on another node
-        // ("took over orders") or on the victim itself after its restart.
+        // ("took over orders") or on the victim itself after its restart; and from when some
+        // other node was last able to take them over.
+        let outages = Outages::new(faults, logs);
         for fault in faults {
             if matches!(fault.kind, Kind::Partition | Kind::OneWayPartition) {
                 // The partitioned node keeps its liveness lease: its orders should stay put.
@@ -365,12 +465,25 @@ impl Report {
                     );
                 }
             }
-            // A takeover needs Redis: one that an outage of Redis held back is bounded by the
-            // heal (the stuck check), not by the takeover bound.
+            // A takeover needs Redis and a node to make it: the bound counts from when both were
+            // last there. An interrupted takeover's interruption is not recorded: one that an
+            // outage of Redis held back is bounded by the heal (the stuck check).
+            let interrupted = fault.kind == Kind::InterruptedTakeover;
             let redis_out = overlapped_by(faults, fault, is_redis_outage);
+            let too_slow = |latency: Duration, until: DateTime<Utc>| {
+                if interrupted {
+                    down > TAKEOVER_BOUND && latency > TAKEOVER_BOUND && !redis_out
+                } else {
+                    let since = outages.able_since(victim, fault.at, until);
+                    (until - since).to_std().unwrap_or_default() > TAKEOVER_BOUND
+                }
+            };
             match resumed {
                 Some(line) => {
                     let latency = (line.at - fault.at).to_std().unwrap_or_default();
+                    let able = (line.at - outages.able_since(victim, fault.at, line.at))
+                        .to_std()
+                        .unwrap_or_default();
                     report.takeovers.push(latency.as_secs_f64());
                     if report
                         .slowest_takeover
@@ -383,18 +496,20 @@ impl Report {
                     if fault.kind != Kind::InterruptedTakeover && !overlapped(faults, fault) {
                         report.takeovers_alone.push(latency.as_secs_f64());
                     }
-                    if fault.kind != Kind::InterruptedTakeover
-                        && !overlapped_by(faults, fault, is_redis_outage)
-                    {
-                        report.takeovers_redis_up.push(latency.as_secs_f64());
+                    if !interrupted {
+                        report.takeovers_able.push(able.as_secs_f64());
                         if report
-                            .slowest_redis_up
+                            .slowest_able
                             .as_ref()
-                            .is_none_or(|(slowest, _)| latency.as_secs_f64() > *slowest)
+                            .is_none_or(|(slowest, _)| able.as_secs_f64() > *slowest)
                         {
-                            let what =
-                                format!("{} of n{victim} at {}", fault.kind.name(), fault.at);
-                            report.slowest_redis_up = Some((latency.as_secs_f64(), what));
+                            let what = format!(
+                                "{} of n{victim} at {}, {:.2}s in all",
+                                fault.kind.name(),
+                                fault.at,
+                                latency.as_secs_f64()
+                            );
+                            report.slowest_able = Some((able.as_secs_f64(), what));
                         }
                     }
                     report
@@ -402,22 +517,23 @@ impl Report {
                         .entry(fault.kind.name())
                         .or_default()
                         .push(latency.as_secs_f64());
-                    if down > TAKEOVER_BOUND && latency > TAKEOVER_BOUND && !redis_out {
+                    if too_slow(latency, line.at) {
                         push(
                             "slow_takeover",
                             None,
                             format!(
-                                "{} of n{victim} at {}: orders resumed only after {:.1}s",
+                                "{} of n{victim} at {}: orders resumed only after {:.1}s, {:.1}s after a node was last able to take them over",
                                 fault.kind.name(),
                                 fault.at,
-                                latency.as_secs_f64()
+                                latency.as_secs_f64(),
+                                able.as_secs_f64()
                             ),
                         );
                     }
                 }
                 None if down > TAKEOVER_BOUND
                     && fault.owned.is_some_and(|owned| owned > 0)
-                    && !redis_out =>
+                    && fault.healed.is_some_and(|healed| too_slow(down, healed)) =>
                 {
                     push(
                         "no_takeover",
@@ -517,11 +633,11 @@ impl Report {
             println!("  slowest: {what}, {seconds:.2}s");
         }
         println!(
-            "takeover, redis up (no redis outage meanwhile, not interrupted) {}",
-            latencies(&self.takeovers_redis_up)
+            "takeover, from when a node was last able to make it (redis up, another node serving and reaching redis; not interrupted) {}",
+            latencies(&self.takeovers_able)
         );
-        if let Some((seconds, what)) = &self.slowest_redis_up {
-            println!("  slowest: {what}, {seconds:.2}s");
+        if let Some((seconds, what)) = &self.slowest_able {
+            println!("  slowest: {seconds:.2}s, {what}");
         }
         println!(
             "takeover, alone (no other fault meanwhile, not interrupted) {}",
@@ -609,5 +725,83 @@ pub fn print_first(violations: &[Violation], stored: &HashMap<String, Value>, bo
                 call.outcome
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logs::LogLine;
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::seconds(seconds)
+    }
+
+    fn fault(kind: Kind, node: Option<usize>, from: i64, to: i64) -> Fault {
+        Fault {
+            kind,
+            node,
+            service_id: node.map(|node| format!("n{node}")),
+            at: at(from),
+            healed: Some(at(to)),
+            owned: Some(1),
+            owned_at_heal: None,
+        }
+    }
+
+    fn listening(node: usize, seconds: i64) -> LogLine {
+        LogLine {
+            node,
+            at: at(seconds),
+            message: "listening".into(),
+            fields: Value::Null,
+        }
+    }
+
+    #[test]
+    fn a_takeover_counts_from_when_a_node_was_last_able_to_make_it() {
+        let faults = [
+            // n0 killed at 100: the victim.
+            fault(Kind::KillNode, Some(0), 100, 110),
+            // n1 paused 99..104, n2 restarted with a skewed clock at 102, serving at 105.
+            fault(Kind::PauseNode, Some(1), 99, 104),
+            fault(Kind::SkewClock, Some(2), 102, 130),
+            // Redis out 106..107.
+            fault(Kind::PauseRedis, None, 106, 107),
+        ];
+        let logs = Logs {
+            lines: vec![listening(2, 105), listening(0, 111), listening(2, 131)],
+            panics: Vec::new(),
+        };
+        let outages = Outages::new(&faults, &logs);
+        // 102..104: n1 paused and n2 starting; 106..107: Redis out.
+        assert!(!outages.blocked(0, at(101)));
+        assert!(outages.blocked(0, at(103)));
+        assert!(!outages.blocked(0, at(104)));
+        assert!(outages.blocked(0, at(106)));
+        // For n1, n0 is out from its kill on.
+        assert!(!outages.blocked(1, at(101)));
+        assert!(outages.blocked(1, at(103)));
+        assert_eq!(outages.able_since(0, at(100), at(109)), at(107));
+        assert_eq!(outages.able_since(0, at(100), at(105)), at(104));
+        assert_eq!(outages.able_since(0, at(100), at(101)), at(100));
+        // Resumed while still blocked: nothing to count.
+        assert_eq!(outages.able_since(0, at(100), at(103)), at(103));
+        // n2's second start (the true clock) keeps it out only until it serves again.
+        assert!(!outages.blocked(0, at(130)), "n1 serves");
+    }
+
+    #[test]
+    fn a_restart_that_never_serves_is_out_for_the_start_bound() {
+        let faults = [
+            fault(Kind::KillNode, Some(0), 100, 101),
+            fault(Kind::KillNode, Some(1), 100, 101),
+            fault(Kind::CutRedis, Some(2), 90, 200),
+        ];
+        let logs = Logs::default();
+        let outages = Outages::new(&faults, &logs);
+        let bound = START_BOUND.num_seconds();
+        assert!(outages.blocked(2, at(100 + bound - 1)));
+        assert!(!outages.blocked(2, at(100 + bound)));
     }
 }

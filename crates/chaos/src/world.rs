@@ -4,6 +4,7 @@
 //! Everything started here is killed by pid when dropped (`order-process-testkit`), then every
 //! iptables rule added is removed, then the namespaces.
 
+use crate::clock;
 use crate::links::Links;
 use crate::netns::Network;
 use crate::redis::Redis;
@@ -110,11 +111,12 @@ impl Node {
     pub fn launch(&mut self) -> std::io::Result<()> {
         self.launches += 1;
         let log = self.log_path();
-        writeln!(
-            order_process_testkit::process::append(&log)?,
-            "==== launch {} ====",
-            self.launches
-        )?;
+        let mut marker = order_process_testkit::process::append(&log)?;
+        writeln!(marker, "==== launch {} ====", self.launches)?;
+        // The node's log times are its own clock's: the reader takes the offset out again.
+        if let Some(offset) = clock::offset(&self.env) {
+            writeln!(marker, "{}{offset:+}s ====", clock::MARKER)?;
+        }
         let mut args = vec![
             "--config".to_string(),
             self.dir.join("config.toml").display().to_string(),
