@@ -590,7 +590,7 @@ impl Default for ClusterConfig {
             liveness_renew_interval: Duration::from_secs(1),
             sweep_interval: Duration::from_millis(500),
             transfer_timeout: Duration::from_secs(10),
-            takeover_after: Duration::from_secs(2),
+            takeover_after: Duration::from_secs(1),
         }
     }
 }

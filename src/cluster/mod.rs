@@ -216,22 +216,32 @@ impl Cluster {
     async fn keep_alive(self: Arc<Self>) {
         let ttl = self.config.liveness_ttl;
         let mut registered = false;
+        // Whether this process has held the lease: taken at start, unless the store was out
+        // of reach then.
+        let mut held_once = self.gate.is_open();
+        let mut held_by_another = false;
         let mut failing = false;
         let mut announced = false;
         loop {
             let sent = Instant::now();
             let held = match self.coordinator.renew_alive(&self.liveness, ttl).await {
                 Ok(Renewal::HeldBy(holder)) => {
-                    if !failing {
+                    // Said once, also when the store was out of reach before.
+                    if !held_by_another {
                         error!(holder = %holder, "another process holds this node id's liveness lease; no new steps start while it does");
+                        held_by_another = true;
                     }
                     false
                 }
                 Ok(Renewal::Held) => {
+                    held_by_another = false;
                     self.gate.renewed(sent + ttl);
-                    if failing {
+                    if failing && held_once {
                         info!("liveness lease renewed again");
+                    } else if failing {
+                        info!("liveness lease taken; the node id is free again");
                     }
+                    held_once = true;
                     if !registered {
                         registered = self.register().await;
                     }
@@ -822,8 +832,10 @@ impl Cluster {
 /// Takes this node's liveness lease before the node joins: a node id names one process. While
 /// another process holds it (a restart right after a crash, until the crashed process's lease
 /// expires; or a copy of this node's data dir running elsewhere) this waits, and it refuses to
-/// start when the lease is still held after two lease lifetimes. A store that cannot be reached
-/// does not stop the start: the lease keeper keeps trying, and no step starts meanwhile.
+/// start when the lease is still held after two lease lifetimes. While the store cannot be
+/// reached it waits the same way (the holder may be renewing again once it is back); a store
+/// still unreachable then does not stop the start: the lease keeper keeps trying, and no step
+/// starts meanwhile.
 async fn claim_identity(
     coordinator: &dyn Coordinator,
     liveness: &Liveness,
@@ -833,6 +845,7 @@ async fn claim_identity(
     let ttl = config.liveness_ttl;
     let deadline = Instant::now() + ttl * 2 + config.liveness_renew_interval;
     let mut waiting = false;
+    let mut unreachable = false;
     loop {
         let sent = Instant::now();
         match coordinator.renew_alive(liveness, ttl).await {
@@ -855,9 +868,17 @@ async fn claim_identity(
                     waiting = true;
                 }
             }
-            Err(error) => {
+            Err(error) if Instant::now() >= deadline => {
                 warn!(error = %error, "cannot take the liveness lease at start; the lease keeper keeps trying");
                 return Ok(());
+            }
+            Err(error) => {
+                if !unreachable {
+                    warn!(error = %error, "cannot reach the store to take the liveness lease; waiting");
+                    unreachable = true;
+                }
+                // Whoever holds the lease when the store is back is known only then.
+                waiting = true;
             }
         }
         tokio::time::sleep(

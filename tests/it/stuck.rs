@@ -1,7 +1,8 @@
 //! No order stuck, and no store trusted blindly: a submission whose client hangs up, a store call
 //! that times out after Redis applied it, a Redis slower than half a second, a node id held by
-//! two processes (and one of them told to stop while it waits), a Redis that answers but refuses
-//! writes, a record that cannot be read, an owned-set entry left behind for a finished order. Each with a real `redis-server` paused with SIGSTOP or
+//! two processes (one of them started while Redis is stopped, one told to stop while it waits),
+//! a Redis that answers but refuses writes, a record that cannot be read, an owned-set entry
+//! left behind for a finished order. Each with a real `redis-server` paused with SIGSTOP or
 //! reconfigured with `redis-cli`, and the real binary.
 
 use crate::harness::{port, simulate, spawn, unique_user, Node, Proc, RedisServer, POLL, TERMINAL};
@@ -219,6 +220,47 @@ async fn a_second_process_with_the_same_node_id_refuses_to_start() {
     let user = unique_user("original");
     let id = node.create_order(&user, &serde_json::json!({})).await;
     assert_completed(&node.wait_terminal(&user, &id, TERMINAL).await);
+}
+
+/// A copy started while Redis is out of reach cannot tell whether the node id is free: it waits
+/// (for Redis at start, or for the lease as it would for a held one), and refuses once Redis is
+/// back and the first process renews its lease.
+#[tokio::test]
+async fn a_second_process_started_while_redis_is_out_of_reach_refuses_once_it_is_back() {
+    let _cluster = crate::cluster::exclusive().await;
+    let redis = RedisServer::start();
+    // A lease long enough that the first process's does not run out while Redis is stopped.
+    let config = format!("{}liveness_ttl = \"6s\"\n", redis_node_config(&redis, "1s"));
+    let node = Node::start(&config).await;
+    wait_heartbeat(&node, "OK", Duration::from_secs(10)).await;
+
+    let mut paused = Paused::redis(&redis);
+    let (mut twin, stderr, _copy) = twin(&node, &config);
+    let said = || std::fs::read_to_string(&stderr).unwrap_or_default();
+    // Its first call to Redis times out (database.timeout, 1 s).
+    until(Duration::from_secs(10), POLL, || async {
+        let said = said();
+        (said.contains("cannot read redis") || said.contains("liveness lease")).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("never tried the lease:\n{}", said()));
+    paused.resume();
+
+    let status = twin
+        .wait_exit(Duration::from_secs(40))
+        .await
+        .unwrap_or_else(|| panic!("a second process with the node id still runs:\n{}", said()));
+    assert!(
+        !status.success(),
+        "the second process exited 0:\n{}",
+        said()
+    );
+    assert!(
+        said().contains("is in use by another process"),
+        "no clear reason on stderr:\n{}",
+        said()
+    );
+    wait_heartbeat(&node, "OK", Duration::from_secs(10)).await;
 }
 
 #[tokio::test]
