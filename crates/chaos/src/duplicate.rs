@@ -2,6 +2,8 @@
 //! VM, a restored backup), same node id, same cluster. It must refuse to run: exit non-zero once
 //! it sees the node id's liveness lease kept renewed by the first, and never call the ledger
 //! (its steps call it as node `DUPLICATE_BASE + i`, so any call it made shows in the books).
+//! Unless the first could not renew the lease (an outage kept it from Redis) and it expired:
+//! the node id is free then, and the copy may take it, saying so.
 
 use crate::world::{node_config, Node, DUPLICATE_BASE};
 use std::path::{Path, PathBuf};
@@ -21,6 +23,8 @@ pub enum Fate {
     ExitedZero,
     /// Still running at the bound; stopped with SIGKILL.
     StillRunning,
+    /// Took the node id's lease, having found it expired (and said so); stopped with SIGKILL.
+    TookExpiredLease,
     /// It could not be started at all (the copy failed).
     NotStarted,
 }
@@ -31,6 +35,7 @@ impl Fate {
             Fate::Refused => "refused",
             Fate::ExitedZero => "exited_0",
             Fate::StillRunning => "still_running",
+            Fate::TookExpiredLease => "took_expired_lease",
             Fate::NotStarted => "not_started",
         }
     }
@@ -67,9 +72,19 @@ pub async fn run(
     if let Err(error) = node.launch() {
         return (Fate::NotStarted, format!("cannot start: {error}"));
     }
-    match node.wait_exit(EXIT_BOUND).await {
+    let exited = node.wait_exit(EXIT_BOUND).await;
+    let took_lease = std::fs::read_to_string(node.log_path())
+        .is_ok_and(|log| log.contains("the node id is free again"));
+    match exited {
         Some(status) if status.success() => (Fate::ExitedZero, format!("{status}")),
         Some(status) => (Fate::Refused, format!("{status}")),
+        None if took_lease => {
+            node.kill();
+            (
+                Fate::TookExpiredLease,
+                format!("took the expired lease, running after {EXIT_BOUND:?}"),
+            )
+        }
         None => {
             node.kill();
             (Fate::StillRunning, format!("running after {EXIT_BOUND:?}"))

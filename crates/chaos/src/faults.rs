@@ -107,6 +107,9 @@ pub struct Fault {
     pub owned: Option<usize>,
     /// For a cut from Redis: the orders the victim still owned when the cut was healed.
     pub owned_at_heal: Option<usize>,
+    /// For a duplicate node: it took the node id's lease, expired while an outage kept the
+    /// first process from renewing it; its ledger calls are then not a violation.
+    pub lease_taken: bool,
 }
 
 pub enum Recovery {

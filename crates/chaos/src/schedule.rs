@@ -7,7 +7,7 @@ use crate::duplicate::{self, Fate};
 use crate::faults::{recover, rolling_restart, Fault, Kind, Recovery};
 use crate::links::{self, Direction, Rule};
 use crate::netns::node_host;
-use crate::report::Violation;
+use crate::report::{is_redis_outage, Violation};
 use crate::world::{wait_ready, Node, World, NODES};
 use chrono::Utc;
 use rand::rngs::StdRng;
@@ -225,6 +225,7 @@ impl Faults {
             healed: None,
             owned,
             owned_at_heal: None,
+            lease_taken: false,
         });
         let label = victim.map(|index| format!(" n{index}")).unwrap_or_default();
         let owns = owned
@@ -298,7 +299,7 @@ impl Faults {
                 let rules = links::addresses(&node_host(index), &redis, Direction::Both);
                 cut(world, index, rules);
                 // Around the takeover bound: the liveness lease (3 s) plus `cluster.takeover_after`
-                // (2 s) and a sweep, shorter and longer.
+                // (1 s) and a sweep, shorter and longer.
                 let at = self.later(2000, 14000);
                 self.pending.push((at, Recovery::Heal(index), fault));
             }
@@ -330,7 +331,14 @@ impl Faults {
                 .await;
                 println!("chaos:          duplicate of n{index}: {fate:?} ({detail})");
                 *self.duplicates.entry(fate.name()).or_default() += 1;
-                if matches!(fate, Fate::ExitedZero | Fate::StillRunning) {
+                let lease_free =
+                    fate == Fate::TookExpiredLease && self.kept_from_redis(index, fault);
+                if let Some(record) = self.done.get_mut(fault) {
+                    record.lease_taken = lease_free;
+                }
+                if matches!(fate, Fate::ExitedZero | Fate::StillRunning)
+                    || (fate == Fate::TookExpiredLease && !lease_free)
+                {
                     self.violations.push(Violation {
                         kind: "duplicate_node_ran".into(),
                         order_id: None,
@@ -439,6 +447,25 @@ impl Faults {
         }
         let at = self.later(3000, 10000);
         self.pending.push((at, Recovery::Restart(index), fault));
+    }
+
+    /// Whether, while duplicate fault `fault` of node `index` ran, an outage could have kept the
+    /// node from renewing its lease (Redis out, or the node cut from it or paused), or had just
+    /// ended (the node renews at most a second after).
+    fn kept_from_redis(&self, index: usize, fault: usize) -> bool {
+        let Some(duplicate) = self.done.get(fault) else {
+            return false;
+        };
+        let slack = chrono::Duration::seconds(2);
+        self.done.iter().enumerate().any(|(other, outage)| {
+            other != fault
+                && (is_redis_outage(outage.kind)
+                    || (outage.node == Some(index)
+                        && matches!(outage.kind, Kind::CutRedis | Kind::PauseNode)))
+                && outage
+                    .healed
+                    .is_none_or(|healed| healed + slack > duplicate.at)
+        })
     }
 
     /// SIGSTOPs the Redis primary, and schedules its SIGCONT: around `database.timeout` (1 s),

@@ -41,9 +41,25 @@ fn created_since(order: &Value, healed_wall: DateTime<Utc>) -> Duration {
         .unwrap_or_default()
 }
 
+/// How long after `healed_wall` (or after it was stored, if later) the order recorded itself
+/// complete. Only an upper bound with [`created_since`]'s when its node's clock was true.
+fn completed_since(order: &Value, healed_wall: DateTime<Utc>) -> Option<Duration> {
+    let complete = order["complete_time"]
+        .as_str()
+        .and_then(|at| DateTime::parse_from_rfc3339(at).ok())?;
+    let from = healed_wall + chrono::Duration::from_std(created_since(order, healed_wall)).ok()?;
+    Some(
+        (complete.with_timezone(&Utc) - from)
+            .to_std()
+            .unwrap_or_default(),
+    )
+}
+
 /// Reads the listing until every order is finished and no submission is still being tried (or
-/// the bound and a grace have passed). An order finished by the first read counts as finished
-/// then: the times are upper bounds, as seen from here.
+/// the bound and a grace have passed). An order counts as finished when a read first sees it
+/// so, or when it recorded itself complete, whichever is sooner: a read of the whole listing
+/// can take many seconds, and an order that finished at its start is seen only by the next;
+/// a node's clock skewed ahead cannot delay an order either, as the read bounds it.
 pub async fn settle(
     client: reqwest::Client,
     bases: Arc<Vec<String>>,
@@ -79,7 +95,9 @@ pub async fn settle(
                 }
             });
             if !order["complete_time"].is_null() && !finished.contains_key(id) {
-                finished.insert(id.clone(), now.duration_since(start).as_secs_f64());
+                let seen = now.duration_since(start);
+                let took = completed_since(order, healed_wall).map_or(seen, |at| at.min(seen));
+                finished.insert(id.clone(), took.as_secs_f64());
             }
         }
         first = false;
@@ -114,4 +132,39 @@ pub async fn settle(
         stuck,
         slowest,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_order_counts_from_the_heal_or_from_when_it_was_stored() {
+        let healed = DateTime::parse_from_rfc3339("2026-12-02T03:47:15Z")
+            .map(|at| at.with_timezone(&Utc))
+            .unwrap_or_default();
+        let stored_before = serde_json::json!({
+            "start_time": "2026-12-02T03:47:00Z",
+            "complete_time": "2026-12-02T03:47:20Z",
+        });
+        assert_eq!(
+            completed_since(&stored_before, healed),
+            Some(Duration::from_secs(5))
+        );
+        let stored_after = serde_json::json!({
+            "start_time": "2026-12-02T03:47:42Z",
+            "complete_time": "2026-12-02T03:47:44Z",
+        });
+        assert_eq!(
+            completed_since(&stored_after, healed),
+            Some(Duration::from_secs(2))
+        );
+        let done_before = serde_json::json!({
+            "start_time": "2026-12-02T03:46:00Z",
+            "complete_time": "2026-12-02T03:46:30Z",
+        });
+        assert_eq!(completed_since(&done_before, healed), Some(Duration::ZERO));
+        let running = serde_json::json!({"start_time": "2026-12-02T03:47:00Z"});
+        assert_eq!(completed_since(&running, healed), None);
+    }
 }
