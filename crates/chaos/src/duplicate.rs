@@ -3,7 +3,7 @@
 //! it sees the node id's liveness lease kept renewed by the first, and never call the ledger
 //! (its steps call it as node `DUPLICATE_BASE + i`, so any call it made shows in the books).
 //! Unless the first could not renew the lease (an outage kept it from Redis) and it expired:
-//! the node id is free then, and the copy may take it, saying so.
+//! the node id is free then, and the copy may take it and start.
 
 use crate::world::{node_config, Node, DUPLICATE_BASE};
 use std::path::{Path, PathBuf};
@@ -23,7 +23,8 @@ pub enum Fate {
     ExitedZero,
     /// Still running at the bound; stopped with SIGKILL.
     StillRunning,
-    /// Took the node id's lease, having found it expired (and said so); stopped with SIGKILL.
+    /// Took the node id's lease, having found it expired, and started (it logged `listening`);
+    /// stopped with SIGKILL.
     TookExpiredLease,
     /// It could not be started at all (the copy failed).
     NotStarted,
@@ -73,8 +74,9 @@ pub async fn run(
         return (Fate::NotStarted, format!("cannot start: {error}"));
     }
     let exited = node.wait_exit(EXIT_BOUND).await;
+    // A node listens only once it holds its lease (or gave up reaching Redis to take it).
     let took_lease = std::fs::read_to_string(node.log_path())
-        .is_ok_and(|log| log.contains("the node id is free again"));
+        .is_ok_and(|log| log.contains("\"message\":\"listening\""));
     match exited {
         Some(status) if status.success() => (Fate::ExitedZero, format!("{status}")),
         Some(status) => (Fate::Refused, format!("{status}")),
