@@ -8,6 +8,7 @@ mod machine;
 mod model;
 #[cfg(test)]
 mod props;
+mod rfc3339;
 mod view;
 
 pub use machine::{
