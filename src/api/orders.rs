@@ -265,15 +265,25 @@ async fn wait_for_many(
     }
     let waited = state.orders.wait_many(scope(&caller), ids, wait).await?;
     missing.extend(waited.missing.iter().map(OrderId::to_string));
-    let orders: Vec<OrderView<'_>> = waited
-        .finished
-        .iter()
-        .map(|order| OrderView::from(order.as_ref()))
-        .collect();
-    Ok(json_reply(
-        StatusCode::OK,
-        &serde_json::json!({ "orders": orders, "pending": waited.pending, "missing": missing }),
-    ))
+    let answer = WaitAnswer {
+        orders: waited
+            .finished
+            .iter()
+            .map(|order| OrderView::from(order.as_ref()))
+            .collect(),
+        pending: &waited.pending,
+        missing,
+    };
+    Ok(json_reply(StatusCode::OK, &answer))
+}
+
+/// The answer to `POST /orders/wait`, written straight to JSON (not through a
+/// `serde_json::Value`, which would copy every order's fields first).
+#[derive(serde::Serialize)]
+struct WaitAnswer<'a> {
+    orders: Vec<OrderView<'a>>,
+    pending: &'a [OrderId],
+    missing: Vec<String>,
 }
 
 /// A wait such as `30s`, at most [`MAX_WAIT`].

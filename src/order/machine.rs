@@ -114,6 +114,15 @@ pub fn next_action(order: &Order) -> Action {
 
 /// Applies one event to a copy of the order. An illegal event is an error and changes nothing.
 pub fn apply(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, TransitionError> {
+    apply_owned(order.clone(), event, now)
+}
+
+/// [`apply`] to an order the caller gives up, so applying several events copies it once.
+pub fn apply_owned(
+    order: Order,
+    event: Event,
+    now: DateTime<Utc>,
+) -> Result<Order, TransitionError> {
     let ran = match &event {
         Event::StepSucceeded { step, .. }
         | Event::StepFailed { step, .. }
@@ -136,8 +145,8 @@ pub fn apply(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, T
 }
 
 /// [`apply`] but for noting the node that ran the step.
-fn transition(order: &Order, event: Event, now: DateTime<Utc>) -> Result<Order, TransitionError> {
-    let mut next = order.clone();
+fn transition(order: Order, event: Event, now: DateTime<Utc>) -> Result<Order, TransitionError> {
+    let mut next = order;
     match event {
         Event::StepSucceeded { step, output } => {
             expect_forward(&next, step, "step_succeeded")?;

@@ -8,9 +8,12 @@ mod machine;
 mod model;
 #[cfg(test)]
 mod props;
+mod rfc3339;
 mod view;
 
-pub use machine::{apply, next_action, retry_due, Action, Event, TransitionError, CANCELLED};
+pub use machine::{
+    apply, apply_owned, next_action, retry_due, Action, Event, TransitionError, CANCELLED,
+};
 pub use model::{
     Attempt, Failure, Notification, NotificationState, Order, OrderId, Outcome, Phase,
     RollbackState, Step, StepEntry, UnknownStep, MAX_ATTEMPTS,

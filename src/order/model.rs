@@ -102,6 +102,7 @@ pub struct Attempt {
     /// 1 for the first attempt; run and rollback attempts are numbered separately.
     #[serde(default)]
     pub attempt: u32,
+    #[serde(serialize_with = "super::rfc3339::serialize")]
     pub at: DateTime<Utc>,
     pub rollback: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,10 +116,19 @@ pub struct Attempt {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepEntry {
     pub step_name: Step,
+    #[serde(serialize_with = "super::rfc3339::serialize")]
     pub step_start_time: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "super::rfc3339::option"
+    )]
     pub step_complete_time: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "super::rfc3339::option"
+    )]
     pub step_rollback_time: Option<DateTime<Utc>>,
     /// The JSON a step handler answered with, handed to later steps and rollbacks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -136,7 +146,11 @@ pub struct StepEntry {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub retries: u32,
     /// When the next attempt is due, while a retry is scheduled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "super::rfc3339::option"
+    )]
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// The node that last ran or rolled back this step (absent in orders stored before it was
     /// kept).
@@ -229,9 +243,17 @@ pub struct Notification {
     #[serde(default, skip_serializing_if = "is_zero")]
     pub retries: u32,
     /// When the next attempt is due, while a retry is scheduled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "super::rfc3339::option"
+    )]
     pub next_attempt_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "super::rfc3339::option"
+    )]
     pub delivered_at: Option<DateTime<Utc>>,
     /// Why the last attempt failed, once the notification failed for good.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -283,8 +305,13 @@ pub struct Order {
     pub user: String,
     pub payload: serde_json::Value,
     pub current_step: Step,
+    #[serde(serialize_with = "super::rfc3339::serialize")]
     pub start_time: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "super::rfc3339::option"
+    )]
     pub complete_time: Option<DateTime<Utc>>,
     pub steps: Vec<StepEntry>,
     pub phase: Phase,

@@ -3,12 +3,9 @@
 //! Fields are added, never renamed. Times are RFC 3339 UTC.
 
 use super::model::{Attempt, Failure, Notification, Order, OrderId, RollbackState, Step};
-use chrono::{DateTime, SecondsFormat, Utc};
+use super::rfc3339::micros as rfc3339;
+use chrono::{DateTime, Utc};
 use serde::{Serialize, Serializer};
-
-fn rfc3339<S: Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&time.to_rfc3339_opts(SecondsFormat::Micros, true))
-}
 
 fn rfc3339_opt<S: Serializer>(
     time: &Option<DateTime<Utc>>,

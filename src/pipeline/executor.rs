@@ -26,8 +26,8 @@ use super::job::{Job, Queued};
 use super::shared::Shared;
 use crate::metrics::StepOutcome;
 use crate::order::{
-    apply, next_action, retry_due, Action, Attempt, Event, Notification, Order, OrderId, Phase,
-    Step, TransitionError,
+    apply_owned, next_action, retry_due, Action, Attempt, Event, Notification, Order, OrderId,
+    Phase, Step, TransitionError,
 };
 use crate::store::{same_order, SetAside, StoreError};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -426,8 +426,15 @@ async fn drive(
                 });
             }
         }
-        let Some(fresh) = Box::pin(confirm(shared, &order, &mut ticket)).await else {
-            return Ended::Done;
+        // Checked here first: the lease almost always holds, and `confirm`'s future (boxed, as
+        // it is large) is then not worth allocating.
+        let fresh = if shared.gate.holds(ticket) {
+            None
+        } else {
+            let Some(fresh) = Box::pin(confirm(shared, &order, &mut ticket)).await else {
+                return Ended::Done;
+            };
+            fresh
         };
         if let Some(fresh) = fresh {
             tracker.move_to(fresh.current_step);
@@ -792,7 +799,7 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
     let mut maybe_applied = false;
     loop {
         let next = events.iter().try_fold(order.clone(), |current, event| {
-            apply(&current, event.clone(), now)
+            apply_owned(current, event.clone(), now)
         });
         let mut next = match next {
             Ok(next) => next,
