@@ -230,7 +230,7 @@ async fn a_second_process_started_while_redis_is_out_of_reach_refuses_once_it_is
     let _cluster = crate::cluster::exclusive().await;
     let redis = RedisServer::start();
     // A lease long enough that the first process's does not run out while Redis is stopped.
-    let config = format!("{}liveness_ttl = \"6s\"\n", redis_node_config(&redis, "1s"));
+    let config = format!("{}liveness_ttl = \"4s\"\n", redis_node_config(&redis, "1s"));
     let node = Node::start(&config).await;
     wait_heartbeat(&node, "OK", Duration::from_secs(10)).await;
 
