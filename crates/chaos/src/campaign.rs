@@ -277,6 +277,12 @@ async fn campaign(
         &logs,
         &faults.done,
         faults.max_skew,
+        &world
+            .redis
+            .sentinels
+            .iter()
+            .flat_map(|sentinel| sentinel.switches())
+            .collect::<Vec<_>>(),
         &mut violations,
     );
     report.lines.push((

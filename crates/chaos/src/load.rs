@@ -4,6 +4,7 @@
 
 use crate::checks::{check_progress, Intent, Problem};
 use crate::world::{get_json, USER};
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use order_process_history::WORK_STEPS;
 use rand::rngs::StdRng;
@@ -36,7 +37,8 @@ pub struct Seen {
     pub cancels: BTreeMap<String, usize>,
     /// Answers to rollback retries (`POST /orders/{id}/rollback`) by kind.
     pub rollback_retries: BTreeMap<String, usize>,
-    pub regressions: Vec<(String, Problem)>,
+    /// Orders whose snapshot went backwards, and when that was seen.
+    pub regressions: Vec<(String, Problem, DateTime<Utc>)>,
 }
 
 pub fn lock(seen: &Mutex<Seen>) -> MutexGuard<'_, Seen> {
@@ -334,7 +336,7 @@ pub async fn poll(
                 let Some(view) = view else { continue };
                 if let Some(before) = seen.last.get(&id) {
                     if let Err(problem) = check_progress(before, &view) {
-                        seen.regressions.push((id.clone(), problem));
+                        seen.regressions.push((id.clone(), problem, Utc::now()));
                     }
                 }
                 if !view["complete_time"].is_null() {

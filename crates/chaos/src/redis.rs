@@ -6,6 +6,7 @@
 //! a primary killed is replaced by its replica, and comes back as a replica.
 
 use crate::netns::{Network, REDIS_HOST};
+use chrono::{DateTime, NaiveDateTime, Utc};
 use order_process_testkit::process::Proc;
 use order_process_testkit::redis::cli_on;
 use order_process_testkit::{free_port, RedisCluster, RedisServer};
@@ -46,6 +47,8 @@ pub fn hosts_needed(sentinel: bool) -> usize {
 pub struct Sentinel {
     pub host: IpAddr,
     pub port: u16,
+    /// Its log, where it notes each switch of primary.
+    pub log: PathBuf,
     _process: Proc,
 }
 
@@ -90,6 +93,7 @@ impl Sentinel {
         };
         args.push(config.display().to_string());
         let mut process = Proc::spawn(&program, &args, &log, &log)?;
+        let log_path = log.clone();
         let deadline = Instant::now() + FORM;
         while cli_on(host, port, &["PING"]).as_deref() != Some("PONG") {
             if let Some(status) = process.try_exit() {
@@ -107,8 +111,19 @@ impl Sentinel {
         Ok(Sentinel {
             host,
             port,
+            log: log_path,
             _process: process,
         })
+    }
+
+    /// When this sentinel switched to a new primary (`+switch-master` in its log; Redis logs
+    /// in the machine's time zone, UTC here).
+    pub fn switches(&self) -> Vec<DateTime<Utc>> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(switch_time)
+            .collect()
     }
 
     /// The primary this sentinel names now.
@@ -136,6 +151,18 @@ impl Sentinel {
         };
         count("num-other-sentinels") == Some(2) && count("num-slaves") == Some(REPLICAS)
     }
+}
+
+/// The time of a sentinel's log line that notes a switch of primary
+/// (`22079:X 02 Dec 2026 04:49:55.109 # +switch-master …`).
+fn switch_time(line: &str) -> Option<DateTime<Utc>> {
+    if !line.contains("+switch-master") {
+        return None;
+    }
+    let text = line.split_once(' ')?.1.get(..24)?;
+    NaiveDateTime::parse_from_str(text, "%d %b %Y %H:%M:%S%.3f")
+        .ok()
+        .map(|at| at.and_utc())
 }
 
 /// The Redis servers and, in sentinel mode, their sentinels.
@@ -456,5 +483,20 @@ fn wait_for(within: Duration, mut check: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_switch_of_primary_is_read_with_its_time() {
+        let line = "22079:X 02 Dec 2026 04:49:55.109 # +switch-master orders 10.1.1.14 33305 10.1.1.15 44047";
+        let at = switch_time(line).map(|at| at.to_rfc3339());
+        assert_eq!(at.as_deref(), Some("2026-12-02T04:49:55.109+00:00"));
+        let other =
+            "22079:X 02 Dec 2026 04:49:53.867 # +failover-end master orders 10.1.1.16 40931";
+        assert_eq!(switch_time(other), None);
     }
 }

@@ -152,6 +152,10 @@ impl Outages {
     }
 }
 
+/// How long after a switch of primary a snapshot going backwards is put down to the failover:
+/// nodes still connected to the old primary read and write there until it is demoted.
+const FAILOVER_READS: chrono::Duration = chrono::Duration::seconds(20);
+
 /// A violation found, with the order (if any) it is about.
 pub struct Violation {
     pub kind: String,
@@ -216,6 +220,8 @@ pub struct Report {
     /// Cuts from Redis of a node owning orders lasting [`CUT_TAKEOVER_BOUND`] or more, and how
     /// many of them ended with the node owning none (all taken over).
     redis_cuts: (usize, usize),
+    /// Snapshots that went backwards soon after a failover (unacknowledged writes it lost).
+    lost_in_failover: usize,
     /// Histories whose times are out of order only because a node's clock was skewed; their
     /// states were checked with the times left out.
     skewed_histories: usize,
@@ -224,6 +230,7 @@ pub struct Report {
 }
 
 impl Report {
+    #[allow(clippy::too_many_arguments)]
     pub fn build(
         seen: &Seen,
         stored: &HashMap<String, Value>,
@@ -231,6 +238,7 @@ impl Report {
         logs: &Logs,
         faults: &[Fault],
         max_skew: i64,
+        failovers: &[DateTime<Utc>],
         violations: &mut Vec<Violation>,
     ) -> Report {
         let mut report = Report::default();
@@ -241,7 +249,16 @@ impl Report {
                 detail,
             })
         };
-        for (id, problem) in &seen.regressions {
+        for (id, problem, at) in &seen.regressions {
+            // A failover in sentinel mode loses the writes no replica had acknowledged (their
+            // commits failed, and were retried), which a read of the old primary could see.
+            let after_failover = failovers
+                .iter()
+                .any(|switch| *switch <= *at && *at - *switch <= FAILOVER_READS);
+            if after_failover {
+                report.lost_in_failover += 1;
+                continue;
+            }
             push(problem.kind, Some(id), problem.detail.clone());
         }
         // Orders stored for each generated number: more than one means a key was not honoured.
@@ -633,12 +650,13 @@ impl Report {
         println!("rollback retry {}", list(&seen.rollback_retries));
         println!("ledger calls  {}: {}", books.calls.len(), list(&outcomes));
         println!(
-            "fencing       stale commits refused {}, stale orders dropped before a step {}, stale runs refused by the ledger {}, stale epochs refused by the ledger {}, accepted stale writes {} (snapshots that went backwards)",
+            "fencing       stale commits refused {}, stale orders dropped before a step {}, stale runs refused by the ledger {}, stale epochs refused by the ledger {}, accepted stale writes {} (snapshots that went backwards; {} of them within 20 s of a failover, writes no replica acknowledged)",
             logs.count("order is no longer ours, dropping it"),
             logs.count("order was taken over while the liveness lease lapsed, dropping it"),
             outcomes.get("late_run_refused").copied().unwrap_or(0),
             outcomes.get("stale_epoch_refused").copied().unwrap_or(0),
-            seen.regressions.len()
+            seen.regressions.len(),
+            self.lost_in_failover
         );
         println!("takeover      {}", latencies(&self.takeovers));
         for (kind, values) in &self.takeover_by_kind {
