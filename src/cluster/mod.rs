@@ -107,6 +107,9 @@ pub struct Cluster {
     held_since: Mutex<Option<Instant>>,
     http: reqwest::Client,
     stop_tx: watch::Sender<bool>,
+    /// Set when the node starts draining: it gives up the leader lease at once and takes it no
+    /// more, so a peer leads (and sweeps) while this node finishes its steps.
+    leaving_tx: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -158,6 +161,7 @@ impl Cluster {
             .pool_idle_timeout(Duration::from_secs(5))
             .build()?;
         let (stop_tx, _) = watch::channel(false);
+        let (leaving_tx, _) = watch::channel(false);
         let cluster = Arc::new(Cluster {
             liveness,
             node_id,
@@ -174,6 +178,7 @@ impl Cluster {
             held_since: Mutex::new(None),
             http,
             stop_tx,
+            leaving_tx,
             tasks: Mutex::new(Vec::new()),
         });
         let tasks = vec![
@@ -344,8 +349,16 @@ impl Cluster {
     /// moment a renewal fails or the lease runs out locally.
     async fn keep_leadership(self: Arc<Self>) {
         let ttl = self.config.leader_lease_ttl;
+        let mut leaving_rx = self.leaving_tx.subscribe();
         loop {
             let sent = Instant::now();
+            if *leaving_rx.borrow_and_update() {
+                self.step_down().await;
+                if self.pause(self.config.leader_renew_interval).await {
+                    return;
+                }
+                continue;
+            }
             match self.current_term() {
                 Some(term) => match self.coordinator.renew_leader(&term.holder, ttl).await {
                     Ok(true) => self.set_term(Some(Term {
@@ -397,8 +410,29 @@ impl Cluster {
                     }
                 }
             }
-            if self.pause(self.config.leader_renew_interval).await {
+            let mut stop_rx = self.stop_tx.subscribe();
+            if *stop_rx.borrow() {
                 return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.leader_renew_interval) => {}
+                _ = stop_rx.changed() => return,
+                _ = leaving_rx.changed() => {}
+            }
+        }
+    }
+
+    /// Gives up the leader lease, if held, so that a peer can take it at once.
+    async fn step_down(&self) {
+        let Some(term) = self.current_term() else {
+            return;
+        };
+        self.set_term(None);
+        self.metrics.leadership_changed(false);
+        match self.coordinator.release_leader(&term.holder).await {
+            Ok(()) => info!(token = term.token, "leader -> follower: lease released"),
+            Err(error) => {
+                warn!(token = term.token, error = %error, "cannot release leader lease; it expires on its own")
             }
         }
     }
@@ -748,8 +782,8 @@ impl Cluster {
         (leader, nodes)
     }
 
-    /// Drains the node: announce leaving, let running steps finish (up to `grace`), release the
-    /// liveness lease, hand unfinished orders to a live peer, release the leader lease, leave.
+    /// Drains the node: announce leaving and give up the leader lease, let running steps finish
+    /// (up to `grace`), release the liveness lease, hand unfinished orders to a live peer, leave.
     pub async fn drain(&self, grace: Duration) {
         {
             let membership = self.membership.lock().await;
@@ -757,6 +791,9 @@ impl Cluster {
                 membership.announce_leaving().await;
             }
         }
+        // A leader that is leaving hands the leadership on now, not when its steps are done:
+        // should this process be killed while it drains, no peer waits for the lease to expire.
+        let _ = self.leaving_tx.send(true);
         self.pool.shutdown(grace).await;
         let _ = self.stop_tx.send(true);
         let tasks: Vec<JoinHandle<()>> = self
@@ -771,14 +808,7 @@ impl Cluster {
             warn!(error = %error, "cannot release liveness lease");
         }
         self.hand_over().await;
-        if let Some(term) = self.current_term() {
-            self.metrics.leadership_changed(false);
-            match self.coordinator.release_leader(&term.holder).await {
-                Ok(()) => info!("leader -> follower: lease released"),
-                Err(error) => warn!(error = %error, "cannot release leader lease"),
-            }
-            self.set_term(None);
-        }
+        self.step_down().await;
         let membership = self.membership.lock().await.take();
         if let Some(membership) = membership {
             // One more gossip round or two so peers see `leaving` before we go quiet.

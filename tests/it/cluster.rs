@@ -97,6 +97,16 @@ pub(crate) async fn leader_of(node: &Node) -> String {
     }
 }
 
+/// The leader's node id, as the first node names it, and its place in `nodes`.
+async fn leader_among(nodes: &[Node]) -> (String, usize) {
+    let leader = leader_of(&nodes[0]).await;
+    let position = nodes
+        .iter()
+        .position(|node| node.service_id_file() == leader)
+        .expect("the leader is one of the nodes");
+    (leader, position)
+}
+
 /// A submitted order and the node it was submitted to.
 pub(crate) struct Submitted {
     id: String,
@@ -190,11 +200,7 @@ async fn a_killed_leader_is_replaced_and_its_orders_taken_over() {
     let _one = exclusive().await;
     let redis = RedisServer::start();
     let mut nodes = start_cluster(&redis, 3, "1s").await;
-    let leader = leader_of(&nodes[0]).await;
-    let position = nodes
-        .iter()
-        .position(|node| node.service_id_file() == leader)
-        .expect("the leader is one of the nodes");
+    let (leader, position) = leader_among(&nodes).await;
     let user = unique_user("leader");
     let orders = submit(&nodes[position], &user, 10).await;
     let survivor = (position + 1) % 3;
@@ -295,6 +301,62 @@ async fn redis_outage_answers_503_then_everything_completes() {
     // Accepting again.
     let after = submit(&nodes[0], &user, 1).await;
     wait_all_completed(&nodes[0], &user, &after, Duration::from_secs(30)).await;
+}
+
+#[tokio::test]
+async fn a_draining_leader_hands_the_leadership_on_before_its_steps_finish() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    // Steps far longer than the wait below: the drain is still waiting for one when it is checked.
+    let mut nodes = start_cluster(&redis, 2, "60s").await;
+    let (leader, position) = leader_among(&nodes).await;
+    let other = 1 - position;
+    let user = unique_user("handing-on");
+    submit(&nodes[position], &user, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let view = nodes[position].cluster().await;
+        let running = view["nodes"].as_array().is_some_and(|all| {
+            all.iter()
+                .any(|node| node["name"] == leader.as_str() && node["inflight"].as_u64() >= Some(1))
+        });
+        if running {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the step never started:\n{}",
+            pretty(&view)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    nodes[position].term();
+    let successor = nodes[other].service_id_file();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let view = nodes[other].cluster().await;
+        if view["leader_name"] == successor.as_str() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the peer never led while the old leader drained:\n{}",
+            pretty(&view)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    assert!(
+        nodes[position].is_running(),
+        "the old leader should still be draining its step"
+    );
+    assert!(
+        nodes[position]
+            .log()
+            .contains("leader -> follower: lease released"),
+        "{}",
+        nodes[position].log_tail()
+    );
+    nodes[position].kill();
 }
 
 #[tokio::test]
