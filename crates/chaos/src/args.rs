@@ -41,6 +41,10 @@ pub struct ChaosArgs {
     /// out cut_redis, one_way_partition and lossy_link)
     #[argh(switch)]
     pub no_netns: bool,
+    /// one fault at a time: each begins once the one before has healed and the cluster has been
+    /// whole for a few seconds, so each takeover measures one fault alone
+    #[argh(switch)]
+    pub spaced: bool,
     /// leave out a kind of fault, e.g. --skip skew_clock or --skip cut_redis (repeatable)
     #[argh(option)]
     pub skip: Vec<String>,

@@ -209,6 +209,7 @@ async fn campaign(
         faketime,
     };
     let mut faults = Faults::new(seed, skip, spawn);
+    faults.spaced = args.spaced;
     faults
         .make(&mut world, &client, &bases, started, duration)
         .await;

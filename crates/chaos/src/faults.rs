@@ -110,6 +110,17 @@ pub struct Fault {
     /// For a duplicate node: it took the node id's lease, expired while an outage kept the
     /// first process from renewing it; its ledger calls are then not a violation.
     pub lease_taken: bool,
+    /// For a drain cut short: when the process was killed (or exited by itself). Until then it
+    /// held its liveness lease and finished its steps, as a drain does.
+    pub died: Option<DateTime<Utc>>,
+}
+
+impl Fault {
+    /// From when the victim's orders wait for a takeover: the fault, or for a drain cut short
+    /// the kill that ended it.
+    pub fn takeover_from(&self) -> DateTime<Utc> {
+        self.died.unwrap_or(self.at).max(self.at)
+    }
 }
 
 pub enum Recovery {

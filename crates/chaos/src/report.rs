@@ -467,8 +467,9 @@ impl Report {
                 .healed
                 .map(|healed| healed + chrono::Duration::seconds(5))
                 .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let start = fault.takeover_from();
             let resumed = logs.lines.iter().find(|line| {
-                line.at >= fault.at
+                line.at >= start
                     && line.at <= window_end
                     && ((line.message == "took over orders"
                         && line.fields["from"].as_str() == Some(service_id)
@@ -506,14 +507,14 @@ impl Report {
                 if interrupted {
                     down > TAKEOVER_BOUND && latency > TAKEOVER_BOUND && !redis_out
                 } else {
-                    let since = outages.able_since(victim, fault.at, until);
+                    let since = outages.able_since(victim, start, until);
                     (until - since).to_std().unwrap_or_default() > TAKEOVER_BOUND
                 }
             };
             match resumed {
                 Some(line) => {
-                    let latency = (line.at - fault.at).to_std().unwrap_or_default();
-                    let able = (line.at - outages.able_since(victim, fault.at, line.at))
+                    let latency = (line.at - start).to_std().unwrap_or_default();
+                    let able = (line.at - outages.able_since(victim, start, line.at))
                         .to_std()
                         .unwrap_or_default();
                     report.takeovers.push(latency.as_secs_f64());
@@ -658,7 +659,10 @@ impl Report {
             seen.regressions.len(),
             self.lost_in_failover
         );
-        println!("takeover      {}", latencies(&self.takeovers));
+        println!(
+            "takeover      {} (a drain cut short: from the kill)",
+            latencies(&self.takeovers)
+        );
         for (kind, values) in &self.takeover_by_kind {
             println!("  {kind:<21}{}", latencies(values));
         }
@@ -783,7 +787,19 @@ mod tests {
             owned: Some(1),
             owned_at_heal: None,
             lease_taken: false,
+            died: None,
         }
+    }
+
+    #[test]
+    fn a_drain_cut_short_waits_for_a_takeover_from_the_kill() {
+        let mut drained = fault(Kind::KillDraining, Some(0), 100, 105);
+        assert_eq!(drained.takeover_from(), at(100), "not killed yet");
+        drained.died = Some(at(102));
+        assert_eq!(drained.takeover_from(), at(102));
+        // A clock that stepped back between the two never puts the start before the fault.
+        drained.died = Some(at(99));
+        assert_eq!(drained.takeover_from(), at(100));
     }
 
     fn listening(node: usize, seconds: i64) -> LogLine {

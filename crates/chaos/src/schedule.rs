@@ -21,6 +21,11 @@ use std::time::{Duration, Instant};
 /// What a fault needs to start processes of its own: the node binary, Redis and the ledger.
 /// How long after losing the Redis primary the sentinels must have promoted a replica.
 const FAILOVER_BOUND: Duration = Duration::from_secs(60);
+/// With `spaced`: how long the cluster stays whole (every node up, Redis up, nothing pending)
+/// before the next fault, so the last fault's takeover and rejoin are over.
+const SETTLE: Duration = Duration::from_secs(5);
+/// With `spaced`: how often it is checked whether the cluster is whole again.
+const SETTLE_POLL: Duration = Duration::from_millis(250);
 
 pub struct Spawn {
     pub bin: PathBuf,
@@ -50,6 +55,8 @@ pub struct Faults {
     pub drains: (usize, usize),
     /// Nodes started again after they refused to start (too few replicas during a failover).
     pub refused_starts: usize,
+    /// One fault at a time, each once the cluster has been whole for [`SETTLE`].
+    pub spaced: bool,
 }
 
 impl Faults {
@@ -66,6 +73,7 @@ impl Faults {
             violations: Vec::new(),
             drains: (0, 0),
             refused_starts: 0,
+            spaced: false,
         }
     }
 
@@ -83,6 +91,7 @@ impl Faults {
         duration: Duration,
     ) {
         let mut next_fault = self.later(1000, 3000);
+        let mut whole_since: Option<Instant> = None;
         while started.elapsed() < duration {
             let wake = self
                 .pending
@@ -94,11 +103,23 @@ impl Faults {
             tokio::time::sleep_until(tokio::time::Instant::from_std(wake)).await;
             self.recover_due(world, client).await;
             self.relaunch_refused(world);
+            if self.spaced {
+                if self.pending.is_empty() && world.healthy().len() == NODES && world.redis.ready()
+                {
+                    let since = *whole_since.get_or_insert_with(Instant::now);
+                    next_fault = next_fault.max(since + SETTLE);
+                } else {
+                    whole_since = None;
+                    next_fault = Instant::now() + SETTLE_POLL;
+                    continue;
+                }
+            }
             if Instant::now() < next_fault {
                 continue;
             }
             next_fault = self.later(2000, 6000);
             self.one(world, client, bases, started).await;
+            whole_since = None;
         }
     }
 
@@ -226,6 +247,7 @@ impl Faults {
             owned,
             owned_at_heal: None,
             lease_taken: false,
+            died: None,
         });
         let label = victim.map(|index| format!(" n{index}")).unwrap_or_default();
         let owns = owned
@@ -261,6 +283,9 @@ impl Faults {
                 node.signal("TERM");
                 if node.wait_exit(wait).await.is_none() {
                     node.kill();
+                }
+                if let Some(record) = self.done.get_mut(fault) {
+                    record.died = Some(Utc::now());
                 }
                 let at = self.later(1000, 10000);
                 self.pending.push((at, Recovery::Restart(index), fault));
