@@ -36,6 +36,25 @@ pub enum Renewal {
     HeldBy(String),
 }
 
+/// What an attempt at the leader lease found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acquired {
+    /// Taken, with this fencing token.
+    Term(u64),
+    /// Another holds it, for this long yet by the store's clock.
+    HeldFor(Duration),
+}
+
+impl Acquired {
+    /// The fencing token, when the lease was taken.
+    pub fn token(self) -> Option<u64> {
+        match self {
+            Acquired::Term(token) => Some(token),
+            Acquired::HeldFor(_) => None,
+        }
+    }
+}
+
 /// The leader lease as the shared store sees it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Leader {
@@ -85,8 +104,9 @@ pub trait Coordinator: Send + Sync + 'static {
     /// Whether a node's liveness lease is held.
     async fn is_alive(&self, node: &str) -> Result<bool, StoreError>;
 
-    /// Tries to take the leader lease for `ttl`; `Some(fencing token)` on success.
-    async fn acquire_leader(&self, holder: &str, ttl: Duration) -> Result<Option<u64>, StoreError>;
+    /// Tries to take the leader lease for `ttl`: its fencing token on success, or how long the
+    /// current holder's lease still runs.
+    async fn acquire_leader(&self, holder: &str, ttl: Duration) -> Result<Acquired, StoreError>;
 
     /// Extends the leader lease if `holder` still has it; false when it was lost.
     async fn renew_leader(&self, holder: &str, ttl: Duration) -> Result<bool, StoreError>;

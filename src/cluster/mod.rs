@@ -21,7 +21,7 @@ mod lapsed;
 mod membership;
 mod redis;
 
-pub use coordination::{Coordinator, Leader, Liveness, NodeStatus, Renewal};
+pub use coordination::{Acquired, Coordinator, Leader, Liveness, NodeStatus, Renewal};
 pub use membership::{Member, Membership, SeenNode};
 pub use redis::RedisCoordinator;
 
@@ -52,6 +52,8 @@ const PURGE_PER_SWEEP: usize = 10_000;
 
 /// The longest wait to connect to a peer asked to take orders over.
 const TRANSFER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long past the leader lease's expiry, by the store's clock, a follower tries to take it.
+const LEASE_EXPIRY_MARGIN: Duration = Duration::from_millis(25);
 
 /// Header that carries the cluster secret on cluster-internal calls.
 pub const SECRET_HEADER: &str = "x-cluster-secret";
@@ -110,6 +112,8 @@ pub struct Cluster {
     /// Set when the node starts draining: it gives up the leader lease at once and takes it no
     /// more, so a peer leads (and sweeps) while this node finishes its steps.
     leaving_tx: watch::Sender<bool>,
+    /// Wakes the sweep when this node begins a leader term.
+    new_term: tokio::sync::Notify,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -179,6 +183,7 @@ impl Cluster {
             http,
             stop_tx,
             leaving_tx,
+            new_term: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
         });
         let tasks = vec![
@@ -352,6 +357,8 @@ impl Cluster {
         let mut leaving_rx = self.leaving_tx.subscribe();
         loop {
             let sent = Instant::now();
+            // A follower tries again as soon as the holder's lease runs out, when that is sooner.
+            let mut wait = self.config.leader_renew_interval;
             if *leaving_rx.borrow_and_update() {
                 self.step_down().await;
                 if self.pause(self.config.leader_renew_interval).await {
@@ -386,7 +393,7 @@ impl Cluster {
                     if self.gate.is_open() {
                         let holder = format!("{}:{}", self.node_id, uuid::Uuid::new_v4().simple());
                         match self.coordinator.acquire_leader(&holder, ttl).await {
-                            Ok(Some(token)) => {
+                            Ok(Acquired::Term(token)) => {
                                 self.set_term(Some(Term {
                                     holder,
                                     token,
@@ -403,8 +410,11 @@ impl Cluster {
                                 tokio::spawn(async move {
                                     repair(store.as_ref(), coordinator.as_ref(), leading).await;
                                 });
+                                self.new_term.notify_one();
                             }
-                            Ok(None) => {}
+                            Ok(Acquired::HeldFor(left)) => {
+                                wait = wait.min(left + LEASE_EXPIRY_MARGIN);
+                            }
                             Err(error) => debug!(error = %error, "cannot try the leader lease"),
                         }
                     }
@@ -415,7 +425,7 @@ impl Cluster {
                 return;
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.config.leader_renew_interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = stop_rx.changed() => return,
                 _ = leaving_rx.changed() => {}
             }
@@ -442,8 +452,13 @@ impl Cluster {
     /// whole-cluster restarts are caught the same way.
     async fn sweep(self: Arc<Self>) {
         loop {
-            if self.pause(self.config.sweep_interval).await {
-                return;
+            // A new term sweeps at once: a leader that took over from a dead one has its orders
+            // to move.
+            tokio::select! {
+                stopped = self.pause(self.config.sweep_interval) => if stopped {
+                    return;
+                },
+                _ = self.new_term.notified() => {}
             }
             let Some(term) = self.current_term() else {
                 continue;

@@ -1,7 +1,7 @@
 //! [`RedisCoordinator`]: the [`Coordinator`] on the cluster's Redis, on the connections the
 //! order store uses. Keys are in [`crate::store::redis::keys`].
 
-use super::coordination::{Coordinator, Leader, Liveness, NodeStatus, Renewal};
+use super::coordination::{Acquired, Coordinator, Leader, Liveness, NodeStatus, Renewal};
 use crate::store::redis::keys::{
     alive_key, owned_key, shards, ALIVE_UNTIL, LEADER, LEADER_FENCE, NODES,
 };
@@ -56,7 +56,11 @@ const ACQUIRE: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
 end
-return 0
+local left = redis.call('PTTL', KEYS[1])
+if left < 0 then
+  left = 0
+end
+return -left
 ";
 
 /// The leases and the node registry in the cluster's Redis.
@@ -227,11 +231,15 @@ impl Coordinator for RedisCoordinator {
             .await
     }
 
-    async fn acquire_leader(&self, holder: &str, ttl: Duration) -> Result<Option<u64>, StoreError> {
+    async fn acquire_leader(&self, holder: &str, ttl: Duration) -> Result<Acquired, StoreError> {
         let mut acquire = self.acquire.key(LEADER);
         acquire.key(LEADER_FENCE).arg(holder).arg(millis(ttl));
-        let token: u64 = self.redis.write(&acquire).await?;
-        Ok((token > 0).then_some(token))
+        // The new fencing token (from 1 up), or minus the holder's time left in milliseconds.
+        let answer: i64 = self.redis.write(&acquire).await?;
+        Ok(match u64::try_from(answer) {
+            Ok(token) if token > 0 => Acquired::Term(token),
+            _ => Acquired::HeldFor(Duration::from_millis(answer.unsigned_abs())),
+        })
     }
 
     async fn renew_leader(&self, holder: &str, ttl: Duration) -> Result<bool, StoreError> {

@@ -616,6 +616,7 @@ async fn every_kind_of_write_waits_for_its_replica() {
         .acquire_leader("node-b:term", Duration::from_secs(30))
         .await
         .expect("acquire")
+        .token()
         .expect("a free lease");
     assert_eq!(fence(&replica), Some(token));
 

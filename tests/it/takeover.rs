@@ -5,7 +5,7 @@
 use crate::cluster::{exclusive, leader_of, wait_formed, SECRET, TAKEOVER};
 use crate::harness::{unique_user, Node, RedisServer, POLL};
 use crate::proxy::Proxy;
-use order_process::cluster::{Coordinator, RedisCoordinator};
+use order_process::cluster::{Acquired, Coordinator, RedisCoordinator};
 use order_process::order::{Order, OrderId};
 use order_process::store::redis::{Connections, RedisStore};
 use order_process::store::OrderStore;
@@ -233,4 +233,22 @@ async fn the_store_tells_how_long_ago_a_liveness_lease_expired() {
         tokio::time::sleep(POLL).await;
     };
     assert!(lapsed < Duration::from_secs(10), "{lapsed:?}");
+}
+
+#[tokio::test]
+async fn a_held_leader_lease_says_how_long_it_has_left_and_is_free_then() {
+    let redis = RedisServer::start();
+    let connections = Connections::connect(&redis.url(), 1, Duration::from_secs(2)).unwrap();
+    let coordinator = RedisCoordinator::new(Arc::new(connections));
+    let ttl = Duration::from_millis(1500);
+    let first = coordinator.acquire_leader("a:1", ttl).await.unwrap();
+    let token = first.token().expect("a free lease is taken");
+    let Acquired::HeldFor(left) = coordinator.acquire_leader("b:1", ttl).await.unwrap() else {
+        panic!("the lease was taken twice")
+    };
+    assert!(left > Duration::ZERO && left <= ttl, "time left {left:?}");
+    // What is under test is that the lease is free once the time it named has passed.
+    tokio::time::sleep(left + Duration::from_millis(25)).await;
+    let second = coordinator.acquire_leader("b:1", ttl).await.unwrap();
+    assert_eq!(second, Acquired::Term(token + 1));
 }
