@@ -588,14 +588,14 @@ impl Cluster {
         live
     }
 
-    /// Asks live members, fewest orders in flight first, to take over `dead`'s orders.
+    /// Asks live members, in [`takeover_order`], to take over `dead`'s orders.
     async fn transfer_to_best(&self, dead: &str, token: u64, live: &[Member]) -> bool {
         let mut candidates: Vec<&Member> = live
             .iter()
             .filter(|member| member.node_id != dead)
             .filter(|member| member.node_id != self.node_id || !self.pool.is_stopping())
             .collect();
-        candidates.sort_by_key(|member| (member.inflight, member.node_id.clone()));
+        takeover_order(&mut candidates);
         for member in self.leased(candidates).await {
             let outcome = if member.node_id == self.node_id {
                 self.accept_transfer(dead, Some(token), false)
@@ -935,6 +935,15 @@ async fn claim_identity(
     }
 }
 
+/// The order in which live members are asked to take a dead node's orders: those that say they
+/// can renew their liveness lease first (one that cannot would fail its store calls, after
+/// `database.timeout`), then the fewest orders in flight.
+fn takeover_order(candidates: &mut [&Member]) {
+    candidates.sort_by(|a, b| {
+        (a.lease_lost, a.inflight, &a.node_id).cmp(&(b.lease_lost, b.inflight, &b.node_id))
+    });
+}
+
 /// A new leader's repair of the store's indexes, a page of [`REPAIR_PAGE`] orders at a time
 /// while `leading` says this node still leads. An owner of unfinished orders that the registry
 /// does not know (lost, or forgotten in a race) is put back in it as soon as its page is read,
@@ -983,4 +992,35 @@ async fn repair(store: &dyn OrderStore, coordinator: &dyn Coordinator, leading: 
 /// Runs one of the cluster's background tasks, its log lines under `span`.
 fn spawn_in(span: Span, task: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
     tokio::spawn(task.instrument(span))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{takeover_order, Member};
+
+    fn member(id: &str, inflight: usize, lease_lost: bool) -> Member {
+        Member {
+            node_id: id.to_string(),
+            generation: 1,
+            http_addr: None,
+            version: None,
+            inflight,
+            started_at: None,
+            lease_lost,
+        }
+    }
+
+    #[test]
+    fn a_member_that_cannot_renew_its_lease_is_asked_last() {
+        let (cut, busy, idle, also_idle) = (
+            member("a", 0, true),
+            member("b", 9, false),
+            member("d", 1, false),
+            member("c", 1, false),
+        );
+        let mut candidates = vec![&cut, &busy, &idle, &also_idle];
+        takeover_order(&mut candidates);
+        let order: Vec<&str> = candidates.iter().map(|m| m.node_id.as_str()).collect();
+        assert_eq!(order, ["c", "d", "b", "a"]);
+    }
 }
