@@ -23,6 +23,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use uuid::Uuid;
 
 /// How many shards a view over all of them (a node's orders, a user's, the parked ones) reads
 /// at once.
@@ -64,9 +65,14 @@ fn micros_member(order: &Order) -> String {
 }
 
 /// The order's entry in the finished index: `{id} {user index member} {user}`, all the
-/// retention pass needs to take its user index entry out once it expired.
-fn finished_entry(order: &Order) -> String {
-    format!("{} {} {}", order.order_id, micros_member(order), order.user)
+/// retention pass needs to take its user index entry out once it expired. `id` is the order's
+/// id as text and `member` its [`micros_member`], which the caller has at hand.
+fn finished_entry(order: &Order, id: &str, member: &str) -> String {
+    let mut entry = String::with_capacity(id.len() + member.len() + order.user.len() + 2);
+    for part in [id, " ", member, " ", &order.user] {
+        entry.push_str(part);
+    }
+    entry
 }
 
 /// The state index `order` is filed under.
@@ -278,6 +284,7 @@ impl RedisStore {
                 repaired.owners.insert(order.owner.clone());
             }
             let shard = shard_of(*id);
+            let (id, member) = (id.to_string(), micros_member(&order));
             // Decided on the order as it is when the write runs, not as read above.
             writes
                 .entry(shard)
@@ -292,10 +299,10 @@ impl RedisStore {
                         .key(owned_key(shard, &order.owner))
                         .key(state_index(&order))
                         .arg(&order.owner)
-                        .arg(id.to_string())
+                        .arg(&id)
                         .arg(self.retention_ms)
-                        .arg(finished_entry(&order))
-                        .arg(micros_member(&order))
+                        .arg(finished_entry(&order, &id, &member))
+                        .arg(&member)
                         .arg(flag(is_parked(&order)))
                         .arg(doc),
                 )
@@ -462,7 +469,9 @@ impl RedisStore {
         order: &Order,
         idempotency: Option<(&str, bool)>,
     ) -> Result<Written, StoreError> {
-        let id = order.order_id.to_string();
+        let mut id_text = Uuid::encode_buffer();
+        let id = &*order.order_id.hyphenated().encode_lower(&mut id_text);
+        let member = micros_member(order);
         let shard = shard_of(order.order_id);
         let doc = serde_json::to_string(order).map_err(corrupt)?;
         let mut create = self.scripts.create.key(order_key(order.order_id));
@@ -481,8 +490,8 @@ impl RedisStore {
             .arg(&order.user)
             .arg(state_name(order))
             .arg(order.current_step.as_str())
-            .arg(micros_member(order))
-            .arg(&id)
+            .arg(&member)
+            .arg(id)
             .arg(IDEMPOTENCY_TTL.as_secs())
             .arg(if matches!(idempotency, Some((_, true))) {
                 "1"
@@ -490,7 +499,7 @@ impl RedisStore {
                 "0"
             })
             .arg(self.retention_ms)
-            .arg(finished_entry(order));
+            .arg(finished_entry(order, id, &member));
         let answer: Vec<Option<String>> = self.redis.write(&create).await?;
         let mut answer = answer.into_iter();
         let outcome = answer.next().flatten().unwrap_or_default();
@@ -725,7 +734,9 @@ impl OrderStore for RedisStore {
     }
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
-        let id = order.order_id.to_string();
+        let mut id_text = Uuid::encode_buffer();
+        let id = &*order.order_id.hyphenated().encode_lower(&mut id_text);
+        let member = micros_member(order);
         let shard = shard_of(order.order_id);
         let doc = serde_json::to_string(order).map_err(corrupt)?;
         let aware = if order.cancel_requested || order.failure.is_some() {
@@ -745,12 +756,12 @@ impl OrderStore for RedisStore {
             .arg(aware)
             .arg(state_name(order))
             .arg(order.current_step.as_str())
-            .arg(&id)
+            .arg(id)
             .arg(order.revision)
             .arg(self.retention_ms)
-            .arg(finished_entry(order))
+            .arg(finished_entry(order, id, &member))
             .arg(flag(is_parked(order)))
-            .arg(micros_member(order));
+            .arg(member);
         let outcome: String = self.redis.write(&commit).await?;
         commit_outcome(&outcome)
     }
