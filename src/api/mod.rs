@@ -177,8 +177,22 @@ fn json_reply_sized<T: serde::Serialize>(
 
 #[cfg(test)]
 mod tests {
-    use super::{OPENAPI, ROUTES};
+    use super::{json_reply_sized, OPENAPI, ROUTES};
     use std::collections::BTreeSet;
+
+    #[tokio::test]
+    async fn a_json_answer_is_the_value_as_json_with_its_status_and_type() {
+        let value = serde_json::json!({"order_id": "x", "steps": [1, 2, 3]});
+        // A capacity smaller than the answer: the buffer grows as before.
+        let response = json_reply_sized(warp::http::StatusCode::ACCEPTED, &value, 4);
+        assert_eq!(response.status(), warp::http::StatusCode::ACCEPTED);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(body, serde_json::to_vec(&value).unwrap());
+    }
 
     fn described() -> BTreeSet<(String, String)> {
         let document: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
