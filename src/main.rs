@@ -8,6 +8,11 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc instead of the C library's malloc: the node makes and frees many small buffers per
+/// order (requests, JSON, Redis commands), which it serves in fewer instructions.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for a bad flag or config (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 

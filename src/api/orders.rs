@@ -8,7 +8,7 @@
 use super::auth::{audit, Principal};
 use super::limits::{body, nests_deeper_than, Body};
 use super::state::{with_state, Checks};
-use super::{json_reply, respond, ApiError};
+use super::{json_reply, json_reply_sized, respond, ApiError, ANSWER_CAPACITY};
 use crate::order::{OrderId, OrderView, RollbackState, Step};
 use crate::service::{NewOrder, Orders, Scope};
 use crate::store::ListQuery;
@@ -274,7 +274,8 @@ async fn wait_for_many(
         pending: &waited.pending,
         missing,
     };
-    Ok(json_reply(StatusCode::OK, &answer))
+    let capacity = ANSWER_CAPACITY * answer.orders.len().max(1);
+    Ok(json_reply_sized(StatusCode::OK, &answer, capacity))
 }
 
 /// The answer to `POST /orders/wait`, written straight to JSON (not through a

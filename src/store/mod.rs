@@ -353,8 +353,22 @@ pub fn retry_rollback_outcome(
 
 /// An opaque listing cursor: the creation time (µs) and id of the last order of a page.
 /// Zero-padded, so cursors sort like the times they hold.
+/// Written digit by digit into one allocation: it is also the user index member every commit
+/// on Redis sends, and the formatting machinery cost more than the rest of it.
 pub fn encode_cursor(created_micros: u64, id: OrderId) -> String {
-    format!("{created_micros:020}-{}", id.simple())
+    let mut digits = [b'0'; 20];
+    let mut rest = created_micros;
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    let mut text = uuid::Uuid::encode_buffer();
+    let id = id.simple().encode_lower(&mut text);
+    let mut cursor = String::with_capacity(digits.len() + 1 + id.len());
+    cursor.extend(digits.iter().map(|digit| char::from(*digit)));
+    cursor.push('-');
+    cursor.push_str(id);
+    cursor
 }
 
 pub fn decode_cursor(cursor: &str) -> Option<(u64, OrderId)> {
@@ -364,4 +378,19 @@ pub fn decode_cursor(cursor: &str) -> Option<(u64, OrderId)> {
 
 pub fn created_micros(order: &Order) -> u64 {
     u64::try_from(order.start_time.timestamp_micros()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_is_the_zero_padded_time_and_the_simple_id() {
+        let id = OrderId::now_v7();
+        for micros in [0, 7, 1_764_000_000_123_456, u64::MAX] {
+            let cursor = encode_cursor(micros, id);
+            assert_eq!(cursor, format!("{micros:020}-{}", id.simple()));
+            assert_eq!(decode_cursor(&cursor), Some((micros, id)));
+        }
+    }
 }

@@ -48,6 +48,7 @@
 //!   of Redis's clock, so any leader can tell how long a lease has been expired.
 
 use crate::order::{OrderId, RollbackState, Step};
+use uuid::Uuid;
 
 /// How many shards orders are spread over. Fixed: an order's shard is computed from its id, so
 /// this never changes for stored data. 64 divides 256, so every last byte maps evenly.
@@ -124,30 +125,45 @@ pub fn shard_tag(shard: u16) -> &'static str {
         .map_or("", String::as_str)
 }
 
-/// The prefix every key of `shard` starts with: its hash tag.
-fn tag(shard: u16) -> String {
-    format!("op:{{{}}}:", shard_tag(shard))
+/// A key of `shard`: its prefix `op:{tag}:`, then `parts` one after another. Built in one
+/// allocation of the right size: these keys are made several times per transition, and the
+/// formatting machinery cost more than the rest of their making.
+fn shard_key(shard: u16, parts: &[&str]) -> String {
+    let tag = shard_tag(shard);
+    let length = "op:{}:".len() + tag.len() + parts.iter().map(|part| part.len()).sum::<usize>();
+    let mut key = String::with_capacity(length);
+    key.push_str("op:{");
+    key.push_str(tag);
+    key.push_str("}:");
+    for part in parts {
+        key.push_str(part);
+    }
+    key
 }
 
 /// The hash of order `id`.
 pub fn order_key(id: OrderId) -> String {
-    format!("{}order:{id}", tag(shard_of(id)))
+    let mut text = Uuid::encode_buffer();
+    shard_key(
+        shard_of(id),
+        &["order:", id.hyphenated().encode_lower(&mut text)],
+    )
 }
 
 /// `node`'s unfinished orders of `shard`.
 pub fn owned_key(shard: u16, node: &str) -> String {
-    format!("{}owned:{node}", tag(shard))
+    shard_key(shard, &["owned:", node])
 }
 
 /// `user`'s orders of `shard`, for listing.
 pub fn user_key(shard: u16, user: &str) -> String {
-    format!("{}user:{user}", tag(shard))
+    shard_key(shard, &["user:", user])
 }
 
 /// `user`'s orders of `shard` in state `code` (see [`state_code`]), for filtered listings. The
 /// code comes before the user, so no user name makes one user's key another's.
 pub fn state_key(shard: u16, code: &str, user: &str) -> String {
-    format!("{}state:{code}:{user}", tag(shard))
+    shard_key(shard, &["state:", code, ":", user])
 }
 
 /// The state index code of an order at `step` with `rollback`: its rollback state when it has
@@ -165,33 +181,33 @@ pub const FINISHED_CODES: [&str; 3] = ["Completed", "rollback-complete", "rollba
 
 /// What idempotency key `key` of `user` created.
 pub fn idem_key(user: &str, key: &str) -> String {
-    format!("{}idem:{user}:{key}", tag(shard_of_key(user, key)))
+    shard_key(shard_of_key(user, key), &["idem:", user, ":", key])
 }
 
 /// The finished orders of `shard` by when they expire.
 pub fn finished_key(shard: u16) -> String {
-    format!("{}finished", tag(shard))
+    shard_key(shard, &["finished"])
 }
 
 /// The orders of `shard` whose rollback is parked.
 pub fn parked_key(shard: u16) -> String {
-    format!("{}parked", tag(shard))
+    shard_key(shard, &["parked"])
 }
 
 /// The orders of `shard` set aside because their record cannot be read.
 pub fn aside_key(shard: u16) -> String {
-    format!("{}aside", tag(shard))
+    shard_key(shard, &["aside"])
 }
 
 /// What health checks write in `shard`.
 pub fn probe_key(shard: u16) -> String {
-    format!("{}probe", tag(shard))
+    shard_key(shard, &["probe"])
 }
 
 /// What a `SCAN` for the order hashes of `shard` matches; `None` for those of every shard.
 pub fn order_pattern(shard: Option<u16>) -> String {
     match shard {
-        Some(shard) => format!("{}order:*", tag(shard)),
+        Some(shard) => shard_key(shard, &["order:*"]),
         None => "op:{s:*}:order:*".to_string(),
     }
 }
@@ -221,6 +237,30 @@ mod tests {
         ] {
             assert!(key.contains(&tag), "{key} lacks {tag}");
         }
+    }
+
+    #[test]
+    fn keys_are_spelled_as_the_layout_says() {
+        let id = OrderId::now_v7();
+        let shard = shard_of(id);
+        let tag = shard_tag(shard);
+        assert_eq!(order_key(id), format!("op:{{{tag}}}:order:{id}"));
+        assert_eq!(owned_key(shard, "n1"), format!("op:{{{tag}}}:owned:n1"));
+        assert_eq!(user_key(shard, "al"), format!("op:{{{tag}}}:user:al"));
+        assert_eq!(
+            state_key(shard, "Failed", "al"),
+            format!("op:{{{tag}}}:state:Failed:al")
+        );
+        assert_eq!(finished_key(shard), format!("op:{{{tag}}}:finished"));
+        assert_eq!(parked_key(shard), format!("op:{{{tag}}}:parked"));
+        assert_eq!(aside_key(shard), format!("op:{{{tag}}}:aside"));
+        assert_eq!(probe_key(shard), format!("op:{{{tag}}}:probe"));
+        assert_eq!(order_pattern(Some(shard)), format!("op:{{{tag}}}:order:*"));
+        let key_tag = shard_tag(shard_of_key("al", "k:1"));
+        assert_eq!(
+            idem_key("al", "k:1"),
+            format!("op:{{{key_tag}}}:idem:al:k:1")
+        );
     }
 
     #[test]

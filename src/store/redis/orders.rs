@@ -23,6 +23,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use uuid::Uuid;
 
 /// How many shards a view over all of them (a node's orders, a user's, the parked ones) reads
 /// at once.
@@ -64,9 +65,25 @@ fn micros_member(order: &Order) -> String {
 }
 
 /// The order's entry in the finished index: `{id} {user index member} {user}`, all the
-/// retention pass needs to take its user index entry out once it expired.
-fn finished_entry(order: &Order) -> String {
-    format!("{} {} {}", order.order_id, micros_member(order), order.user)
+/// retention pass needs to take its user index entry out once it expired. `id` is the order's
+/// id as text and `member` its [`micros_member`], which the caller has at hand.
+fn finished_entry(order: &Order, id: &str, member: &str) -> String {
+    let mut entry = String::with_capacity(id.len() + member.len() + order.user.len() + 2);
+    for part in [id, " ", member, " ", &order.user] {
+        entry.push_str(part);
+    }
+    entry
+}
+
+/// How many bytes an order's JSON is written into at first: an order through all its steps
+/// (about 1.5 KB) fits, so the buffer does not grow by reallocation while it is written.
+const DOC_CAPACITY: usize = 2048;
+
+/// The order's JSON, as stored in its hash's `doc`.
+fn encode(order: &Order) -> Result<Vec<u8>, StoreError> {
+    let mut doc = Vec::with_capacity(DOC_CAPACITY);
+    serde_json::to_writer(&mut doc, order).map_err(corrupt)?;
+    Ok(doc)
 }
 
 /// The state index `order` is filed under.
@@ -278,6 +295,7 @@ impl RedisStore {
                 repaired.owners.insert(order.owner.clone());
             }
             let shard = shard_of(*id);
+            let (id, member) = (id.to_string(), micros_member(&order));
             // Decided on the order as it is when the write runs, not as read above.
             writes
                 .entry(shard)
@@ -292,10 +310,10 @@ impl RedisStore {
                         .key(owned_key(shard, &order.owner))
                         .key(state_index(&order))
                         .arg(&order.owner)
-                        .arg(id.to_string())
+                        .arg(&id)
                         .arg(self.retention_ms)
-                        .arg(finished_entry(&order))
-                        .arg(micros_member(&order))
+                        .arg(finished_entry(&order, &id, &member))
+                        .arg(&member)
                         .arg(flag(is_parked(&order)))
                         .arg(doc),
                 )
@@ -462,9 +480,11 @@ impl RedisStore {
         order: &Order,
         idempotency: Option<(&str, bool)>,
     ) -> Result<Written, StoreError> {
-        let id = order.order_id.to_string();
+        let mut id_text = Uuid::encode_buffer();
+        let id = &*order.order_id.hyphenated().encode_lower(&mut id_text);
+        let member = micros_member(order);
         let shard = shard_of(order.order_id);
-        let doc = serde_json::to_string(order).map_err(corrupt)?;
+        let doc = encode(order)?;
         let mut create = self.scripts.create.key(order_key(order.order_id));
         create
             .key(owned_key(shard, &order.owner))
@@ -481,8 +501,8 @@ impl RedisStore {
             .arg(&order.user)
             .arg(state_name(order))
             .arg(order.current_step.as_str())
-            .arg(micros_member(order))
-            .arg(&id)
+            .arg(&member)
+            .arg(id)
             .arg(IDEMPOTENCY_TTL.as_secs())
             .arg(if matches!(idempotency, Some((_, true))) {
                 "1"
@@ -490,7 +510,7 @@ impl RedisStore {
                 "0"
             })
             .arg(self.retention_ms)
-            .arg(finished_entry(order));
+            .arg(finished_entry(order, id, &member));
         let answer: Vec<Option<String>> = self.redis.write(&create).await?;
         let mut answer = answer.into_iter();
         let outcome = answer.next().flatten().unwrap_or_default();
@@ -725,9 +745,11 @@ impl OrderStore for RedisStore {
     }
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
-        let id = order.order_id.to_string();
+        let mut id_text = Uuid::encode_buffer();
+        let id = &*order.order_id.hyphenated().encode_lower(&mut id_text);
+        let member = micros_member(order);
         let shard = shard_of(order.order_id);
-        let doc = serde_json::to_string(order).map_err(corrupt)?;
+        let doc = encode(order)?;
         let aware = if order.cancel_requested || order.failure.is_some() {
             "1"
         } else {
@@ -745,12 +767,12 @@ impl OrderStore for RedisStore {
             .arg(aware)
             .arg(state_name(order))
             .arg(order.current_step.as_str())
-            .arg(&id)
+            .arg(id)
             .arg(order.revision)
             .arg(self.retention_ms)
-            .arg(finished_entry(order))
+            .arg(finished_entry(order, id, &member))
             .arg(flag(is_parked(order)))
-            .arg(micros_member(order));
+            .arg(member);
         let outcome: String = self.redis.write(&commit).await?;
         commit_outcome(&outcome)
     }
@@ -785,7 +807,7 @@ impl OrderStore for RedisStore {
                 Ok(next) => next,
                 Err(stored) => return Ok(RetryRollbackOutcome::NotParked(*stored)),
             };
-            let doc = serde_json::to_string(&next).map_err(corrupt)?;
+            let doc = encode(&next)?;
             let mut reopen = self.scripts.reopen.key(order_key(id));
             reopen
                 .key(owned_key(shard, &next.owner))
