@@ -564,7 +564,7 @@ pub struct ClusterConfig {
     /// How often the leader looks for orders of nodes that are neither live nor leased.
     #[serde(deserialize_with = "duration")]
     pub sweep_interval: Duration,
-    /// Longest wait for a peer to answer a transfer request.
+    /// Longest wait for a peer to answer a transfer request; then the next peer is asked.
     #[serde(deserialize_with = "duration")]
     pub transfer_timeout: Duration,
     /// How long the leader sees a node's liveness lease expired before it takes the node's
@@ -589,7 +589,7 @@ impl Default for ClusterConfig {
             liveness_ttl: Duration::from_secs(3),
             liveness_renew_interval: Duration::from_secs(1),
             sweep_interval: Duration::from_millis(500),
-            transfer_timeout: Duration::from_secs(10),
+            transfer_timeout: Duration::from_secs(2),
             takeover_after: Duration::from_secs(1),
         }
     }
