@@ -9,6 +9,7 @@ use super::limits::{body, Body};
 use super::{json_reply, respond, with_state, ApiError, State};
 use crate::cluster::{TransferError, SECRET_HEADER};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
 use warp::reply::Response;
@@ -160,10 +161,21 @@ async fn transfer(
         return Err(ApiError::bad_request("service_id must not be empty"));
     }
     audit(&who.0, who.1, "transfer orders", &request.service_id);
-    match cluster
-        .accept_transfer(&request.service_id, request.fence, request.handover)
-        .await
-    {
+    // The move runs as a task of its own: should the caller give up and close the connection,
+    // the orders moved so far are still queued here, not left to the next reconciliation.
+    let cluster = Arc::clone(cluster);
+    let moving = tokio::spawn(async move {
+        cluster
+            .accept_transfer(&request.service_id, request.fence, request.handover)
+            .await
+    });
+    let outcome = moving.await.map_err(|error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("transfer task failed: {error}"),
+        )
+    })?;
+    match outcome {
         Ok(done) => Ok(json_reply(StatusCode::OK, &done)),
         Err(TransferError::Store(error)) => Err(ApiError::from_store(error, state.retry_after)),
         Err(refused) => Err(ApiError::new(StatusCode::CONFLICT, refused.to_string())),
