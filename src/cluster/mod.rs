@@ -542,7 +542,13 @@ impl Cluster {
             let gossip_live = live_ids.contains(node.as_str());
             let says_lost = lease_lost.contains(node.as_str());
             debug!(node = %node, alive, owned, gossip_live, says_lost, lapsed_ms = u64::try_from(lapsed.as_millis()).unwrap_or(u64::MAX), "sweep looked at a node");
-            if alive || (gossip_live && !says_lost && lapsed < self.config.takeover_after) {
+            let seen_by = Seen {
+                alive,
+                gossip_live,
+                says_lost,
+                lapsed,
+            };
+            if !seen_by.dead(trust_lost, self.config.takeover_after) {
                 continue;
             }
             if owned == 0 {
@@ -935,6 +941,32 @@ async fn claim_identity(
     }
 }
 
+/// What a sweep knows of a registered node.
+struct Seen {
+    /// It holds its liveness lease.
+    alive: bool,
+    /// Gossip calls it live.
+    gossip_live: bool,
+    /// It says in gossip that it cannot renew its lease (and this node trusts that now).
+    says_lost: bool,
+    /// How long its lease has been expired.
+    lapsed: Duration,
+}
+
+impl Seen {
+    /// Whether its orders are to be taken over. A node gossip calls live is, once its lease
+    /// has been expired for `takeover_after`, but only when the sweeping node has held its
+    /// own lease for a lease's length (`trusted`): after an outage of the store every lease
+    /// lapsed while the store was away, and each live node gets the time to renew its own
+    /// before it is judged by that lapse.
+    fn dead(&self, trusted: bool, takeover_after: Duration) -> bool {
+        if self.alive {
+            return false;
+        }
+        !self.gossip_live || self.says_lost || (trusted && self.lapsed >= takeover_after)
+    }
+}
+
 /// The order in which live members are asked to take a dead node's orders: those that say they
 /// can renew their liveness lease first (one that cannot would fail its store calls, after
 /// `database.timeout`), then the fewest orders in flight.
@@ -996,7 +1028,8 @@ fn spawn_in(span: Span, task: impl Future<Output = ()> + Send + 'static) -> Join
 
 #[cfg(test)]
 mod tests {
-    use super::{takeover_order, Member};
+    use super::{takeover_order, Member, Seen};
+    use std::time::Duration;
 
     fn member(id: &str, inflight: usize, lease_lost: bool) -> Member {
         Member {
@@ -1022,5 +1055,25 @@ mod tests {
         takeover_order(&mut candidates);
         let order: Vec<&str> = candidates.iter().map(|m| m.node_id.as_str()).collect();
         assert_eq!(order, ["c", "d", "b", "a"]);
+    }
+
+    #[test]
+    fn a_live_peer_whose_lease_lapsed_in_a_store_outage_gets_the_time_to_renew() {
+        let after = Duration::from_secs(1);
+        let peer = |alive, gossip_live, says_lost, lapsed_ms| Seen {
+            alive,
+            gossip_live,
+            says_lost,
+            lapsed: Duration::from_millis(lapsed_ms),
+        };
+        // Gossip calls it live, its lease expired 5 s ago while the store was away: not while
+        // the sweeping node has only just renewed its own, and so once it has held it a while.
+        assert!(!peer(false, true, false, 5_000).dead(false, after));
+        assert!(peer(false, true, false, 5_000).dead(true, after));
+        assert!(!peer(false, true, false, 500).dead(true, after));
+        // Dead in gossip, or saying it cannot renew: at once; holding its lease: never.
+        assert!(peer(false, false, false, 0).dead(false, after));
+        assert!(peer(false, true, true, 0).dead(false, after));
+        assert!(!peer(true, false, true, 5_000).dead(true, after));
     }
 }
