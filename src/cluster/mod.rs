@@ -1066,8 +1066,9 @@ mod tests {
             says_lost,
             lapsed: Duration::from_millis(lapsed_ms),
         };
-        // Gossip calls it live, its lease expired 5 s ago while the store was away: not while
-        // the sweeping node has only just renewed its own, and so once it has held it a while.
+        // Gossip calls it live, its lease expired 5 s ago while the store was away: not taken
+        // while the sweeping node has only just renewed its own; taken once it has held it a
+        // while.
         assert!(!peer(false, true, false, 5_000).dead(false, after));
         assert!(peer(false, true, false, 5_000).dead(true, after));
         assert!(!peer(false, true, false, 500).dead(true, after));
