@@ -113,6 +113,14 @@ impl Outages {
         outages
     }
 
+    /// Whether `node` was down, paused, starting again or cut from Redis at some time between
+    /// `from` and `to`.
+    fn out_during(&self, node: usize, from: DateTime<Utc>, to: DateTime<Utc>) -> bool {
+        self.nodes
+            .get(&node)
+            .is_some_and(|spans| spans.iter().any(|(start, end)| *start < to && *end > from))
+    }
+
     /// Whether no node but `victim` was able to take orders over at `at`.
     fn blocked(&self, victim: usize, at: DateTime<Utc>) -> bool {
         let within = |spans: &[Span]| spans.iter().any(|(from, to)| *from <= at && at < *to);
@@ -431,13 +439,17 @@ impl Report {
             if matches!(fault.kind, Kind::Partition | Kind::OneWayPartition) {
                 // The partitioned node keeps its liveness lease: its orders should stay put,
                 // unless another fault on it, on Redis or on every node overlapped the partition.
+                // A node restarted by a fault that ended before the partition began may not
+                // serve yet (it waits for its old process's lease): that counts too.
                 let end = fault.healed.unwrap_or(DateTime::<Utc>::MAX_UTC);
                 let disturbed = faults.iter().any(|other| {
                     !std::ptr::eq(other, fault)
                         && (other.node.is_none() || other.node == fault.node)
                         && other.at < end
                         && other.healed.unwrap_or(DateTime::<Utc>::MAX_UTC) > fault.at
-                });
+                }) || fault
+                    .node
+                    .is_some_and(|node| outages.out_during(node, fault.at, end));
                 if disturbed {
                     report.partitions_disturbed += 1;
                 } else if let (Some(service_id), Some(healed)) =
@@ -869,5 +881,20 @@ mod tests {
         let bound = START_BOUND.num_seconds();
         assert!(outages.blocked(2, at(100 + bound - 1)));
         assert!(!outages.blocked(2, at(100 + bound)));
+    }
+
+    #[test]
+    fn a_partition_of_a_node_not_serving_again_yet_is_disturbed() {
+        // n0 killed at 100 and healed (restarted) at 101, serving only at 106: a partition of
+        // n0 from 104 meets the restart; one from 107 does not.
+        let faults = [fault(Kind::KillLeader, Some(0), 100, 101)];
+        let logs = Logs {
+            lines: vec![listening(0, 106)],
+            panics: Vec::new(),
+        };
+        let outages = Outages::new(&faults, &logs);
+        assert!(outages.out_during(0, at(104), at(110)));
+        assert!(!outages.out_during(0, at(107), at(110)));
+        assert!(!outages.out_during(1, at(104), at(110)));
     }
 }
