@@ -92,6 +92,11 @@ pub trait Coordinator: Send + Sync + 'static {
     /// The status of each of `nodes`, in the same order.
     async fn node_status(&self, nodes: &[String]) -> Result<Vec<NodeStatus>, StoreError>;
 
+    /// For each of `nodes`, in the same order, how long its liveness lease has been expired by
+    /// the store's clock (none while held, or when the store cannot tell): the leases of
+    /// [`node_status`](Coordinator::node_status) without counting owned orders.
+    async fn lease_lapses(&self, nodes: &[String]) -> Result<Vec<Option<Duration>>, StoreError>;
+
     /// Takes or renews a node's liveness lease for `ttl` unless another process holds it, and
     /// registers the node with its HTTP address in the same step: a node the leader forgot while
     /// it looked dead (paused, say) is known again from its next renewal on, so its orders are

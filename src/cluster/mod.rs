@@ -461,6 +461,9 @@ impl Cluster {
                 _ = self.new_term.notified() => {}
             }
             let Some(term) = self.current_term() else {
+                if let Err(error) = self.backstop_once().await {
+                    debug!(error = %error, "follower's look behind the leader failed");
+                }
                 continue;
             };
             if let Err(error) = self.sweep_once(term.token).await {
@@ -510,14 +513,7 @@ impl Cluster {
             .collect();
         // Every registered node, gossip-live or not: the liveness lease is the authority, gossip
         // only makes a takeover sooner.
-        let known: Vec<String> = self
-            .coordinator
-            .known_nodes()
-            .await?
-            .into_iter()
-            .map(|(node, _)| node)
-            .filter(|node| node != &self.node_id)
-            .collect();
+        let known = self.registered_peers().await?;
         if known.is_empty() {
             return Ok(());
         }
@@ -574,6 +570,79 @@ impl Cluster {
             self.transfer_to_best(node, token, &live).await;
         }
         Ok(())
+    }
+
+    /// A follower's look behind the leader, each `cluster.sweep_interval`: a node whose liveness
+    /// lease has stayed expired, by the store's clock, for [`Seen::left_behind`] (two sweeps
+    /// past when a leader would have moved its orders) has them taken over by this node itself.
+    /// The leader may be unable to act (paused, cut from Redis, just dead) while its lease
+    /// still runs; a takeover does not wait for that lease. A racing leader is harmless: each
+    /// order moves by its own compare-and-set, and each taker resumes what it moved.
+    async fn backstop_once(&self) -> Result<(), crate::store::StoreError> {
+        // Judged only by a node that can run what it takes, and that has held its own lease for
+        // a lease's length (after an outage of the store, every lease lapsed at once).
+        if !self.gate.is_open()
+            || self.pool.is_stopping()
+            || !self.held_for(self.config.liveness_ttl)
+        {
+            return Ok(());
+        }
+        let known = self.registered_peers().await?;
+        let lapses = self.coordinator.lease_lapses(&known).await?;
+        let (gossip_live, lease_lost): (HashSet<String>, HashSet<String>) = {
+            let live = self.live_members().await;
+            (
+                live.iter().map(|member| member.node_id.clone()).collect(),
+                live.into_iter()
+                    .filter(|member| member.lease_lost)
+                    .map(|member| member.node_id)
+                    .collect(),
+            )
+        };
+        let grace = self.config.sweep_interval * 2;
+        let behind: Vec<String> = known
+            .into_iter()
+            .zip(lapses)
+            .filter_map(|(node, lapsed)| {
+                let seen = Seen {
+                    alive: false,
+                    gossip_live: gossip_live.contains(&node),
+                    says_lost: lease_lost.contains(&node),
+                    lapsed: lapsed?,
+                };
+                seen.left_behind(self.config.takeover_after, grace)
+                    .then_some(node)
+            })
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        let statuses = self.coordinator.node_status(&behind).await?;
+        for (node, status) in behind.iter().zip(statuses) {
+            if status.alive || status.owned == 0 {
+                continue;
+            }
+            let lapsed_ms = status.lapsed.map_or(0, |lapsed| {
+                u64::try_from(lapsed.as_millis()).unwrap_or(u64::MAX)
+            });
+            warn!(node = %node, orders = status.owned, lapsed_ms, "liveness lease expired and the leader has not moved the node's orders; taking them over");
+            if let Err(error) = self.take_over(node).await {
+                warn!(node = %node, error = %error, "takeover behind the leader failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Every node in the registry but this one.
+    async fn registered_peers(&self) -> Result<Vec<String>, crate::store::StoreError> {
+        Ok(self
+            .coordinator
+            .known_nodes()
+            .await?
+            .into_iter()
+            .map(|(node, _)| node)
+            .filter(|node| node != &self.node_id)
+            .collect())
     }
 
     /// Live members that can take work: this node included, draining ones excluded.
@@ -731,6 +800,12 @@ impl Cluster {
         if live {
             return Err(TransferError::Alive(dead.to_string()));
         }
+        self.take_over(dead).await
+    }
+
+    /// Moves `dead`'s unfinished orders to this node and queues them, once whoever decided it
+    /// checked that `dead`'s liveness lease is not held.
+    async fn take_over(&self, dead: &str) -> Result<Transferred, TransferError> {
         let ids = match self.store.reassign(dead, &self.node_id).await {
             Ok(ids) => ids,
             Err(error) => {
@@ -965,6 +1040,22 @@ impl Seen {
         }
         !self.gossip_live || self.says_lost || (trusted && self.lapsed >= takeover_after)
     }
+
+    /// Whether a follower takes its orders over itself: its lease has stayed expired `grace`
+    /// past when a leader able to act would have moved them (at once when gossip calls it dead
+    /// or it says it cannot renew, after `takeover_after` otherwise). The follower must trust
+    /// lapses, as in [`Seen::dead`].
+    fn left_behind(&self, takeover_after: Duration, grace: Duration) -> bool {
+        if self.alive {
+            return false;
+        }
+        let leader_would = if !self.gossip_live || self.says_lost {
+            Duration::ZERO
+        } else {
+            takeover_after
+        };
+        self.lapsed >= leader_would + grace
+    }
 }
 
 /// The order in which live members are asked to take a dead node's orders: those that say they
@@ -1043,6 +1134,15 @@ mod tests {
         }
     }
 
+    fn peer(alive: bool, gossip_live: bool, says_lost: bool, lapsed_ms: u64) -> Seen {
+        Seen {
+            alive,
+            gossip_live,
+            says_lost,
+            lapsed: Duration::from_millis(lapsed_ms),
+        }
+    }
+
     #[test]
     fn a_member_that_cannot_renew_its_lease_is_asked_last() {
         let (cut, busy, idle, also_idle) = (
@@ -1060,12 +1160,6 @@ mod tests {
     #[test]
     fn a_live_peer_whose_lease_lapsed_in_a_store_outage_gets_the_time_to_renew() {
         let after = Duration::from_secs(1);
-        let peer = |alive, gossip_live, says_lost, lapsed_ms| Seen {
-            alive,
-            gossip_live,
-            says_lost,
-            lapsed: Duration::from_millis(lapsed_ms),
-        };
         // Gossip calls it live, its lease expired 5 s ago while the store was away: not taken
         // while the sweeping node has only just renewed its own; taken once it has held it a
         // while.
@@ -1076,5 +1170,20 @@ mod tests {
         assert!(peer(false, false, false, 0).dead(false, after));
         assert!(peer(false, true, true, 0).dead(false, after));
         assert!(!peer(true, false, true, 5_000).dead(true, after));
+    }
+
+    #[test]
+    fn a_follower_takes_over_only_what_the_leader_left_for_two_sweeps() {
+        let (after, grace) = (Duration::from_secs(1), Duration::from_secs(1));
+        // Dead in gossip, or saying it cannot renew: the leader moves it at once, a follower
+        // after the grace.
+        assert!(!peer(false, false, false, 999).left_behind(after, grace));
+        assert!(peer(false, false, false, 1_000).left_behind(after, grace));
+        assert!(peer(false, true, true, 1_000).left_behind(after, grace));
+        // Live in gossip: the leader waits `takeover_after`, a follower the grace more.
+        assert!(!peer(false, true, false, 1_999).left_behind(after, grace));
+        assert!(peer(false, true, false, 2_000).left_behind(after, grace));
+        // Holding its lease: never.
+        assert!(!peer(true, false, false, 60_000).left_behind(after, grace));
     }
 }

@@ -79,10 +79,10 @@ fn millis(ttl: Duration) -> u64 {
 /// How many shards [`RedisCoordinator::owned_counts`] reads at once.
 const FAN_OUT: usize = 8;
 
-/// Reads the answers of `EXISTS alive`, `SCARD owned` (summed over the shards), `HGET until`,
-/// asked for each node in turn, then of `TIME`. A lease's lapse is how long ago, by Redis's
-/// clock, it expired.
-fn statuses(answers: &[redis::Value]) -> Result<Vec<NodeStatus>, StoreError> {
+/// Reads the answers of `EXISTS alive` and `HGET until`, asked for each node in turn, then of
+/// `TIME`: whether each node holds its lease and, when not, how long ago by Redis's clock it
+/// expired (when Redis can tell).
+fn leases(answers: &[redis::Value]) -> Result<Vec<(bool, Option<Duration>)>, StoreError> {
     let unexpected = |error: redis::ParsingError| StoreError::Corrupt(error.to_string());
     let (time, per_node) = answers
         .split_last()
@@ -90,23 +90,18 @@ fn statuses(answers: &[redis::Value]) -> Result<Vec<NodeStatus>, StoreError> {
     let (seconds, micros): (u64, u64) = redis::from_redis_value_ref(time).map_err(unexpected)?;
     let now_ms = seconds.saturating_mul(1000).saturating_add(micros / 1000);
     per_node
-        .chunks(3)
+        .chunks(2)
         .map(|answers| {
-            let [alive, owned, until] = answers else {
-                return Err(StoreError::Corrupt("a node status answer is short".into()));
+            let [alive, until] = answers else {
+                return Err(StoreError::Corrupt("a lease answer is short".into()));
             };
             let alive: usize = redis::from_redis_value_ref(alive).map_err(unexpected)?;
-            let owned: usize = redis::from_redis_value_ref(owned).map_err(unexpected)?;
             let until: Option<u64> = redis::from_redis_value_ref(until).map_err(unexpected)?;
             let alive = alive == 1;
             let lapsed = until
                 .filter(|_| !alive)
                 .map(|until| Duration::from_millis(now_ms.saturating_sub(until)));
-            Ok(NodeStatus {
-                alive,
-                owned,
-                lapsed,
-            })
+            Ok((alive, lapsed))
         })
         .collect()
 }
@@ -142,6 +137,18 @@ impl RedisCoordinator {
             }
         }
         Ok(counts)
+    }
+
+    /// The liveness lease of each of `nodes`, read in one pipeline (see [`leases`]).
+    async fn leases(&self, nodes: &[String]) -> Result<Vec<(bool, Option<Duration>)>, StoreError> {
+        let mut pipeline = redis::pipe();
+        for node in nodes {
+            pipeline.cmd("EXISTS").arg(alive_key(node));
+            pipeline.cmd("HGET").arg(ALIVE_UNTIL).arg(node);
+        }
+        pipeline.cmd("TIME");
+        let answers: Vec<redis::Value> = self.redis.query(&pipeline).await?;
+        leases(&answers)
     }
 
     /// Releases the lease at `key` if `holder` holds it.
@@ -185,24 +192,24 @@ impl Coordinator for RedisCoordinator {
             return Ok(Vec::new());
         }
         let owned = self.owned_counts(nodes).await?;
-        let mut pipeline = redis::pipe();
-        for node in nodes {
-            pipeline.cmd("EXISTS").arg(alive_key(node));
-            pipeline.cmd("HGET").arg(ALIVE_UNTIL).arg(node);
+        let leases = self.leases(nodes).await?;
+        Ok(leases
+            .into_iter()
+            .zip(owned)
+            .map(|((alive, lapsed), owned)| NodeStatus {
+                alive,
+                owned: usize::try_from(owned).unwrap_or(usize::MAX),
+                lapsed,
+            })
+            .collect())
+    }
+
+    async fn lease_lapses(&self, nodes: &[String]) -> Result<Vec<Option<Duration>>, StoreError> {
+        if nodes.is_empty() {
+            return Ok(Vec::new());
         }
-        pipeline.cmd("TIME");
-        let mut answers: Vec<redis::Value> = self.redis.query(&pipeline).await?;
-        // The owned counts go in between, where `statuses` reads them.
-        let time = answers.pop();
-        let mut merged = Vec::with_capacity(nodes.len() * 3 + 1);
-        let mut answers = answers.into_iter();
-        for owned in owned {
-            merged.extend(answers.next());
-            merged.push(redis::Value::Int(i64::try_from(owned).unwrap_or(i64::MAX)));
-            merged.extend(answers.next());
-        }
-        merged.extend(time);
-        statuses(&merged)
+        let leases = self.leases(nodes).await?;
+        Ok(leases.into_iter().map(|(_, lapsed)| lapsed).collect())
     }
 
     async fn renew_alive(&self, lease: &Liveness, ttl: Duration) -> Result<Renewal, StoreError> {
@@ -266,7 +273,7 @@ impl Coordinator for RedisCoordinator {
 
 #[cfg(test)]
 mod tests {
-    use super::{statuses, NodeStatus};
+    use super::leases;
     use deadpool_redis::redis::Value;
     use std::time::Duration;
 
@@ -279,42 +286,28 @@ mod tests {
     }
 
     #[test]
-    fn answers_make_one_status_per_node_with_the_lapse_by_redis_clock() {
+    fn answers_make_one_lease_per_node_with_the_lapse_by_redis_clock() {
         let time = Value::Array(vec![text("1000"), text("500000")]);
         let answers = [
             int(1),
-            int(3),
             text("999000"),
-            int(0),
             int(0),
             Value::Nil,
             int(0),
-            int(2),
             text("998000"),
             time,
         ];
         assert_eq!(
-            statuses(&answers).unwrap(),
+            leases(&answers).unwrap(),
             vec![
-                NodeStatus {
-                    alive: true,
-                    owned: 3,
-                    lapsed: None
-                },
-                NodeStatus {
-                    alive: false,
-                    owned: 0,
-                    lapsed: None
-                },
-                NodeStatus {
-                    alive: false,
-                    owned: 2,
-                    lapsed: Some(Duration::from_millis(2500))
-                },
+                (true, None),
+                (false, None),
+                (false, Some(Duration::from_millis(2500))),
             ]
         );
         let just_time = [Value::Array(vec![text("1"), text("0")])];
-        assert!(statuses(&just_time).unwrap().is_empty());
-        assert!(statuses(&[]).is_err());
+        assert!(leases(&just_time).unwrap().is_empty());
+        assert!(leases(&[]).is_err());
+        assert!(leases(&[int(0), Value::Array(vec![text("1"), text("0")])]).is_err());
     }
 }

@@ -37,11 +37,16 @@ pub(crate) fn node_config(redis: &RedisServer, step: &str, seeds: &[u16]) -> Str
 /// Starts `count` nodes joined through the first, and waits until every node sees all of them
 /// live and a leader is named.
 pub(crate) async fn start_cluster(redis: &RedisServer, count: usize, step: &str) -> Vec<Node> {
-    let first = Node::start(&node_config(redis, step, &[])).await;
+    start_configured(count, |seeds| node_config(redis, step, seeds)).await
+}
+
+/// Starts `count` nodes configured by `config` (given the seeds), as [`start_cluster`] does.
+async fn start_configured(count: usize, config: impl Fn(&[u16]) -> String) -> Vec<Node> {
+    let first = Node::start(&config(&[])).await;
     let seed = first.port;
     let mut nodes = vec![first];
     for _ in 1..count {
-        nodes.push(Node::start(&node_config(redis, step, &[seed])).await);
+        nodes.push(Node::start(&config(&[seed])).await);
     }
     wait_formed(&nodes, count).await;
     nodes
@@ -220,6 +225,42 @@ async fn a_killed_leader_is_replaced_and_its_orders_taken_over() {
         tokio::time::sleep(POLL).await;
     }
     wait_all_completed(&nodes[survivor], &user, &orders, TAKEOVER).await;
+}
+
+#[tokio::test]
+async fn a_dead_nodes_orders_are_taken_over_while_the_leader_cannot_act() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    // A leader lease far longer than the wait below: the paused leader keeps it throughout, so
+    // only a follower can move the dead node's orders.
+    let mut nodes = start_configured(3, |seeds| {
+        format!(
+            "{}leader_lease_ttl = \"120s\"\n",
+            node_config(&redis, "1s", seeds)
+        )
+    })
+    .await;
+    let (leader, position) = leader_among(&nodes).await;
+    let (dead, taker) = ((position + 1) % 3, (position + 2) % 3);
+    let user = unique_user("leader-paused");
+    let orders = submit(&nodes[dead], &user, 10).await;
+    wait_started(&nodes[taker], &user, &orders).await;
+    nodes[position].signal("STOP");
+    nodes[dead].kill();
+    wait_all_completed(&nodes[taker], &user, &orders, Duration::from_secs(40)).await;
+    assert_eq!(
+        leader_of(&nodes[taker]).await,
+        leader,
+        "the paused leader should still hold its lease"
+    );
+    assert!(
+        nodes[taker]
+            .log()
+            .contains("the leader has not moved the node's orders"),
+        "{}",
+        nodes[taker].log_tail()
+    );
+    nodes[position].signal("CONT");
 }
 
 #[tokio::test]
