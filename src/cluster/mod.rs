@@ -46,9 +46,9 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 const REPAIR_PAGE: usize = 1_000;
 /// The pause after each page of the index repair.
 const REPAIR_PAUSE: Duration = Duration::from_millis(50);
-/// The most finished orders whose index entries one sweep takes out once their retention ran
-/// out (in script calls of [`PURGE_BATCH`]); more wait for the next sweep.
-const PURGE_PER_SWEEP: usize = 10_000;
+/// The most finished orders whose index entries one retention pass takes out once their
+/// retention ran out (in script calls of [`PURGE_BATCH`]); more wait for the next pass.
+const PURGE_PER_PASS: usize = 10_000;
 
 /// The longest wait to connect to a peer asked to take orders over.
 const TRANSFER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -193,6 +193,7 @@ impl Cluster {
                 Arc::clone(&cluster).keep_leadership(),
             ),
             spawn_in(info_span!("sweep"), Arc::clone(&cluster).sweep()),
+            spawn_in(info_span!("retention"), Arc::clone(&cluster).retain()),
             spawn_in(
                 info_span!("gossip"),
                 Arc::clone(&cluster).publish_inflight(),
@@ -469,15 +470,28 @@ impl Cluster {
             if let Err(error) = self.sweep_once(term.token).await {
                 warn!(error = %error, "sweep failed");
             }
-            self.purge_expired().await;
+        }
+    }
+
+    /// Runs the leader's [`purge_expired`](Cluster::purge_expired) each `cluster.sweep_interval`,
+    /// apart from the sweep: a pass that takes long (a shard at a time, on a store that fsyncs
+    /// every write) never holds a takeover up.
+    async fn retain(self: Arc<Self>) {
+        loop {
+            if self.pause(self.config.sweep_interval).await {
+                return;
+            }
+            if self.is_leader() {
+                self.purge_expired().await;
+            }
         }
     }
 
     /// The leader's retention pass: takes out the index entries of orders whose retention ran
-    /// out, at most [`PURGE_PER_SWEEP`] of them, from the oldest due.
+    /// out, at most [`PURGE_PER_PASS`] of them, from the oldest due.
     async fn purge_expired(&self) {
         let mut through = 0;
-        while through < PURGE_PER_SWEEP {
+        while through < PURGE_PER_PASS {
             match self.store.purge_expired(PURGE_BATCH).await {
                 Ok(taken) => {
                     through += taken;

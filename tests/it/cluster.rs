@@ -264,6 +264,51 @@ async fn a_dead_nodes_orders_are_taken_over_while_the_leader_cannot_act() {
 }
 
 #[tokio::test]
+async fn the_leader_takes_orders_past_their_retention_out_of_the_users_lists() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    let nodes = start_configured(1, |seeds| {
+        format!(
+            "{}[orders]\nretention = \"2s\"\n",
+            node_config(&redis, "0s", seeds)
+        )
+    })
+    .await;
+    let user = unique_user("retained");
+    // Nothing lists the user's orders: only the leader's retention pass takes the entries out.
+    let entries = || -> u64 {
+        let keys = redis.cli(&["KEYS", &format!("op:*:user:{user}")]);
+        keys.lines()
+            .filter(|key| !key.trim().is_empty())
+            .map(|key| {
+                redis
+                    .cli(&["ZCARD", key.trim()])
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let orders = submit(&nodes[0], &user, 5).await;
+    // Checked at once: the first order's retention runs out 2 s after it finished.
+    assert_eq!(
+        entries(),
+        5,
+        "the user's index should list the orders at first"
+    );
+    wait_all_completed(&nodes[0], &user, &orders, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while entries() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the user's index still lists orders past their retention:\n{}",
+            nodes[0].log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tokio::test]
 async fn a_paused_node_loses_its_orders_and_commits_nothing_after_it_resumes() {
     let _one = exclusive().await;
     let redis = RedisServer::start();

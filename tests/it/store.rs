@@ -796,7 +796,7 @@ fn filed(port: u16, user: &str) -> usize {
         .sum()
 }
 
-/// Runs the retention pass, as the leader's sweep does, until `user`'s index holds `entries`
+/// Runs the retention pass, as the leader does, until `user`'s index holds `entries`
 /// members.
 async fn pruned_to(redis: &RedisServer, store: &RedisStore, user: &str, entries: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
