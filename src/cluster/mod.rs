@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Gate, Pool};
 use crate::secret::constant_time_eq;
 use crate::store::{OrderStore, PURGE_BATCH};
+use futures_util::StreamExt;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,6 +53,9 @@ const PURGE_PER_PASS: usize = 10_000;
 
 /// The longest wait to connect to a peer asked to take orders over.
 const TRANSFER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a peer asked to take orders over has to answer before the next one is asked too
+/// (a transfer is answered in tens of milliseconds, also under load).
+const TRANSFER_HEDGE: Duration = Duration::from_millis(500);
 /// How long past the leader lease's expiry, by the store's clock, a follower tries to take it.
 const LEASE_EXPIRY_MARGIN: Duration = Duration::from_millis(25);
 
@@ -513,7 +517,7 @@ impl Cluster {
         }
     }
 
-    async fn sweep_once(&self, token: u64) -> Result<(), crate::store::StoreError> {
+    async fn sweep_once(self: &Arc<Self>, token: u64) -> Result<(), crate::store::StoreError> {
         let live = self.live_members().await;
         let live_ids: HashSet<&str> = live.iter().map(|member| member.node_id.as_str()).collect();
         // Peers that say they cannot renew their lease, trusted once this node has renewed its
@@ -677,36 +681,79 @@ impl Cluster {
         live
     }
 
-    /// Asks live members, in [`takeover_order`], to take over `dead`'s orders.
-    async fn transfer_to_best(&self, dead: &str, token: u64, live: &[Member]) -> bool {
+    /// Asks live members, in [`takeover_order`], to take over `dead`'s orders. A member that
+    /// has not answered within [`TRANSFER_HEDGE`] (a process paused, or killed a moment ago
+    /// with its lease still running and its port taken by its successor) is not waited for:
+    /// the next one is asked too, while the first may still answer. Each order moves by its own
+    /// compare-and-set, so the two share the orders between them and each resumes what it took.
+    async fn transfer_to_best(self: &Arc<Self>, dead: &str, token: u64, live: &[Member]) -> bool {
         let mut candidates: Vec<&Member> = live
             .iter()
             .filter(|member| member.node_id != dead)
             .filter(|member| member.node_id != self.node_id || !self.pool.is_stopping())
             .collect();
         takeover_order(&mut candidates);
-        for member in self.leased(candidates).await {
-            let outcome = if member.node_id == self.node_id {
-                self.accept_transfer(dead, Some(token), false)
+        let mut next = self.leased(candidates).await.into_iter();
+        let hedge = self.config.transfer_timeout.min(TRANSFER_HEDGE);
+        let mut asked = futures_util::stream::FuturesUnordered::new();
+        loop {
+            if asked.is_empty() {
+                match next.next() {
+                    Some(member) => asked.push(self.ask_to_take_over(member, dead, token)),
+                    None => return false,
+                }
+            }
+            tokio::select! {
+                Some(answer) = asked.next() => {
+                    // A task that panicked or was cancelled took nothing it did not resume.
+                    if answer.unwrap_or(false) {
+                        return true;
+                    }
+                }
+                _ = tokio::time::sleep(hedge), if next.len() > 0 => {
+                    if let Some(member) = next.next() {
+                        info!(from = %dead, to = %member.node_id, waited_ms = u64::try_from(hedge.as_millis()).unwrap_or(u64::MAX), "no answer to the transfer yet; asking the next node too");
+                        asked.push(self.ask_to_take_over(member, dead, token));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks `member` (this node itself, or a peer over HTTP) to take over `dead`'s orders, as a
+    /// task of its own: it runs to its end (and logs how it went) also once another member has
+    /// answered first.
+    fn ask_to_take_over(
+        self: &Arc<Self>,
+        member: &Member,
+        dead: &str,
+        token: u64,
+    ) -> JoinHandle<bool> {
+        let this = Arc::clone(self);
+        let (member, dead) = (member.clone(), dead.to_string());
+        let asking = async move {
+            let outcome = if member.node_id == this.node_id {
+                this.accept_transfer(&dead, Some(token), false)
                     .await
                     .map_err(|error| error.to_string())
             } else {
                 match member.http_addr {
-                    Some(addr) => self.request_transfer(addr, dead, Some(token), false).await,
+                    Some(addr) => this.request_transfer(addr, &dead, Some(token), false).await,
                     None => Err("no http address in gossip".to_string()),
                 }
             };
             match outcome {
                 Ok(done) => {
                     info!(from = %dead, to = %done.current_service_id, orders = done.orders, "orders transferred");
-                    return true;
+                    true
                 }
                 Err(error) => {
                     warn!(from = %dead, to = %member.node_id, error = %error, "transfer failed, trying the next node");
+                    false
                 }
             }
-        }
-        false
+        };
+        tokio::spawn(asking.instrument(Span::current()))
     }
 
     /// Of `members` (order kept), this node and the peers that hold their liveness lease in the

@@ -264,6 +264,46 @@ async fn a_dead_nodes_orders_are_taken_over_while_the_leader_cannot_act() {
 }
 
 #[tokio::test]
+async fn a_peer_that_does_not_answer_a_transfer_is_not_waited_for() {
+    let _one = exclusive().await;
+    let redis = RedisServer::start();
+    // The leader's failure detector calls nobody dead within the test, and it would wait 30 s
+    // for an answer to a transfer: the dead node is found by its lease alone, and only not
+    // waiting for the peer asked first makes the takeover quick.
+    let leader = Node::start(&format!(
+        "{}phi_threshold = 1000.0\ntransfer_timeout = \"30s\"\n",
+        node_config(&redis, "1s", &[])
+    ))
+    .await;
+    wait_formed(std::slice::from_ref(&leader), 1).await;
+    // Its node id sorts first, so the leader asks it first; its lease outlasts the test.
+    let silent = Node::start_as(
+        &format!(
+            "{}liveness_ttl = \"60s\"\n",
+            node_config(&redis, "1s", &[leader.port])
+        ),
+        "00000000-0000-4000-8000-000000000001",
+    )
+    .await;
+    let dead = Node::start(&node_config(&redis, "1s", &[leader.port])).await;
+    let mut nodes = vec![leader, silent, dead];
+    wait_formed(&nodes, 3).await;
+    assert_eq!(leader_of(&nodes[1]).await, nodes[0].service_id_file());
+    let user = unique_user("silent-peer");
+    let orders = submit(&nodes[2], &user, 10).await;
+    wait_started(&nodes[0], &user, &orders).await;
+    nodes[1].signal("STOP");
+    nodes[2].kill();
+    wait_all_completed(&nodes[0], &user, &orders, Duration::from_secs(25)).await;
+    assert!(
+        nodes[0].log().contains("asking the next node too"),
+        "{}",
+        nodes[0].log_tail()
+    );
+    nodes[1].signal("CONT");
+}
+
+#[tokio::test]
 async fn the_leader_takes_orders_past_their_retention_out_of_the_users_lists() {
     let _one = exclusive().await;
     let redis = RedisServer::start();

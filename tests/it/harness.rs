@@ -45,6 +45,11 @@ impl Node {
     pub async fn start(config: &str) -> Node {
         Node(order_process_testkit::Node::start(Path::new(BIN), config).await)
     }
+
+    /// Starts the binary as [`start`](Node::start) does, with `service_id` as its node id.
+    pub async fn start_as(config: &str, service_id: &str) -> Node {
+        Node(order_process_testkit::Node::start_as(Path::new(BIN), config, service_id).await)
+    }
 }
 
 impl Deref for Node {

@@ -43,11 +43,25 @@ impl Node {
     /// Writes `config` (TOML) to the node's temp dir and starts the binary with it, on a free
     /// port, with `--log-level debug`; returns once `GET /diagnostic/heartbeat` answers 200.
     pub async fn start(bin: &Path, config: &str) -> Node {
+        Node::start_with(bin, config, None).await
+    }
+
+    /// Starts the binary as [`start`](Node::start) does, with `service_id` as its node id.
+    pub async fn start_as(bin: &Path, config: &str, service_id: &str) -> Node {
+        Node::start_with(bin, config, Some(service_id)).await
+    }
+
+    async fn start_with(bin: &Path, config: &str, service_id: Option<&str>) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("order-process-it-")
             .tempdir()
             .expect("create a temp dir");
         fs::write(dir.path().join("config.toml"), config).expect("write config.toml");
+        if let Some(id) = service_id {
+            let data = dir.path().join("data");
+            fs::create_dir_all(&data).expect("create the data dir");
+            fs::write(data.join("service_id"), id).expect("write service_id");
+        }
         let mut node = Node {
             bin: bin.to_path_buf(),
             port: 0,
