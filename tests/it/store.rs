@@ -539,6 +539,56 @@ async fn late_writes(store: &dyn OrderStore) {
     assert_eq!(store.get(order.order_id).await.unwrap(), Some(second));
 }
 
+/// 120 orders past their first step, ready for [`commit_together`].
+async fn committed_once(store: &dyn OrderStore) -> Vec<Order> {
+    let mut orders = Vec::new();
+    for offset in 0..120 {
+        let order = new_order("together", "node-g", offset);
+        create(store, &order).await;
+        let first = succeed(&order);
+        store.commit(&first).await.expect("first commit");
+        orders.push(first);
+    }
+    orders
+}
+
+/// Commits made at the same moment, each judged on its own: of the transitions of `orders`
+/// sent together, those by a node that does not own the order and those older than what is
+/// stored are refused, and every other one is written. Answers how many were sent.
+async fn commit_together(store: &dyn OrderStore, orders: &[Order]) -> usize {
+    let commits: Vec<(Order, &str)> = orders
+        .iter()
+        .enumerate()
+        .map(|(index, order)| match index % 3 {
+            0 => {
+                let mut foreign = succeed(order);
+                foreign.owner = "node-x".into();
+                (foreign, "not_owner")
+            }
+            1 => {
+                let mut late = order.clone();
+                late.revision -= 1;
+                (late, "stale")
+            }
+            _ => (succeed(order), "ok"),
+        })
+        .collect();
+    let outcomes = join_all(commits.iter().map(|(order, _)| store.commit(order))).await;
+    for ((order, expected), outcome) in commits.iter().zip(outcomes) {
+        let got = match outcome {
+            Ok(()) => "ok",
+            Err(StoreError::NotOwner) => "not_owner",
+            Err(StoreError::Stale) => "stale",
+            Err(other) => panic!("commit of {}: {other}", order.order_id),
+        };
+        assert_eq!(got, *expected, "commit of {}", order.order_id);
+        let stored = store.get(order.order_id).await.unwrap().expect("stored");
+        let advanced = stored.revision == order.revision && *expected == "ok";
+        assert_eq!(advanced, got == "ok", "{stored:?}");
+    }
+    commits.len()
+}
+
 /// An owned-set entry is taken out only when the node does not own the order unfinished.
 async fn disown(store: &dyn OrderStore) {
     let order = new_order("disowner", "node-d", 0);
@@ -738,6 +788,31 @@ async fn redis_store_conforms() {
     assert!(!repaired.owners.contains("node-t"), "{repaired:?}");
 }
 
+/// Writes that wait for a replica are committed together when ready together: 120 commits in
+/// far fewer script calls and `WAIT`s, each answered on its own.
+#[tokio::test]
+async fn redis_store_commits_transitions_ready_together_in_one_call_and_one_wait() {
+    use order_process::store::redis::Connections;
+    use std::sync::Arc;
+
+    let redis = RedisServer::start();
+    let _replica = RedisServer::start_replica_of(&redis);
+    let connections = Connections::connect(&redis.url(), 4, Duration::from_secs(2))
+        .unwrap()
+        .with_min_replicas(1);
+    let store = RedisStore::new(Arc::new(connections));
+    let orders = committed_once(&store).await;
+    let (scripts, waits) = (calls_of(&redis, "evalsha"), calls_of(&redis, "wait"));
+    let sent = commit_together(&store, &orders).await as u64;
+    let scripts = calls_of(&redis, "evalsha") - scripts;
+    let waits = calls_of(&redis, "wait") - waits;
+    assert!(
+        scripts * 4 <= sent,
+        "{sent} commits took {scripts} script calls"
+    );
+    assert!(waits * 4 <= sent, "{sent} commits took {waits} waits");
+}
+
 /// The same on a Redis Cluster of three primaries, whose slots each shard's keys hash to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_store_conforms() {
@@ -747,6 +822,7 @@ async fn redis_cluster_store_conforms() {
         .with_retention(Duration::from_secs(1));
     repair_all(&store).await;
     conformance(&store).await;
+    commit_together(&store, &committed_once(&store).await).await;
     let repaired = repair_all(&store).await;
     assert!(repaired.orders > 0);
     assert!(repaired.owners.contains("node-p"), "{repaired:?}");

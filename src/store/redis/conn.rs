@@ -302,6 +302,11 @@ impl Connections {
         outcome
     }
 
+    /// How long a request may take before it is given up on (`database.timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Whether this is a Redis Cluster, whose keys are spread over several primaries.
     pub fn is_cluster(&self) -> bool {
         matches!(self.source, Source::Cluster(_))

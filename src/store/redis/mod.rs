@@ -6,7 +6,7 @@
 //! - [`startup`]: the primary's replication and persistence, checked before a node starts.
 //! - [`keys`]: the key layout, order storage and cluster coordination alike.
 //! - [`RedisStore`]: the [`OrderStore`](super::OrderStore) on Redis, its Lua scripts in
-//!   `scripts`. The cluster's coordinator shares its connections.
+//!   `scripts`, its group commit in `commits`. The cluster's coordinator shares its connections.
 //!
 //! Every change to an order is one Lua script that writes only if the caller still owns it (owner
 //! and epoch compare-and-set) and changes the order's index entries (owned sets, user and state
@@ -15,6 +15,7 @@
 //! still rebuilds them from the order hashes.
 
 pub mod access;
+mod commits;
 mod conn;
 pub mod keys;
 mod link;

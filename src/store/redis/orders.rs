@@ -1,6 +1,7 @@
 //! [`RedisStore`]: the [`OrderStore`] on Redis. Every change to an order is one Lua script (see
 //! `scripts`) that writes its index entries in the same atomic step.
 
+use super::commits::{Commit, Committer};
 use super::conn::{Connections, Scripted};
 use super::keys;
 use super::keys::{
@@ -21,7 +22,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -43,6 +44,9 @@ pub struct RedisStore {
     retention_ms: u64,
     /// The shard the next retention pass starts at, so that every shard gets its turn.
     purge_from: AtomicUsize,
+    /// The group commit of writes that wait for replicas, started with the first commit
+    /// (within the runtime, which the store may be made outside of).
+    committer: OnceLock<Committer>,
 }
 
 fn corrupt(error: impl std::fmt::Display) -> StoreError {
@@ -189,6 +193,7 @@ impl RedisStore {
             scripts: Scripts::new(),
             retention_ms: millis(DEFAULT_RETENTION),
             purge_from: AtomicUsize::new(0),
+            committer: OnceLock::new(),
         }
     }
 
@@ -745,35 +750,57 @@ impl OrderStore for RedisStore {
     }
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
-        let mut id_text = Uuid::encode_buffer();
-        let id = &*order.order_id.hyphenated().encode_lower(&mut id_text);
+        let id = order.order_id.hyphenated().to_string();
         let member = micros_member(order);
         let shard = shard_of(order.order_id);
-        let doc = encode(order)?;
         let aware = if order.cancel_requested || order.failure.is_some() {
             "1"
         } else {
             "0"
         };
-        let mut commit = self.scripts.commit.key(order_key(order.order_id));
-        commit
-            .key(owned_key(shard, &order.owner))
-            .key(finished_key(shard))
-            .key(parked_key(shard))
-            .key(state_index(order))
-            .arg(&order.owner)
-            .arg(order.epoch)
-            .arg(&doc)
-            .arg(aware)
-            .arg(state_name(order))
-            .arg(order.current_step.as_str())
-            .arg(id)
-            .arg(order.revision)
-            .arg(self.retention_ms)
-            .arg(finished_entry(order, id, &member))
-            .arg(flag(is_parked(order)))
-            .arg(member);
-        let outcome: String = self.redis.write(&commit).await?;
+        let commit = Commit {
+            shard,
+            keys: [
+                order_key(order.order_id),
+                owned_key(shard, &order.owner),
+                finished_key(shard),
+                parked_key(shard),
+                state_index(order),
+            ],
+            owner: order.owner.clone(),
+            epoch: order.epoch,
+            doc: encode(order)?,
+            aware,
+            state: state_name(order),
+            step: order.current_step.as_str(),
+            finished_entry: finished_entry(order, &id, &member),
+            id,
+            revision: order.revision,
+            retention_ms: self.retention_ms,
+            parked: flag(is_parked(order)),
+            member,
+        };
+        let outcome = if self.redis.waits_for_replicas() {
+            let committer = self.committer.get_or_init(|| {
+                Committer::start(Arc::clone(&self.redis), self.scripts.commit.clone())
+            });
+            // The store timeout bounds the wait for a turn in a batch as well as the call.
+            tokio::time::timeout(self.redis.timeout(), committer.commit(commit))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(
+                        "redis did not answer in time".into(),
+                    ))
+                })?
+        } else {
+            let mut call = self.scripts.commit.prepare_invoke();
+            commit.add_to(&mut call);
+            let answers: Vec<String> = self.redis.write(&call).await?;
+            answers
+                .into_iter()
+                .next()
+                .ok_or_else(|| StoreError::Corrupt("commit answered nothing".into()))?
+        };
         commit_outcome(&outcome)
     }
 

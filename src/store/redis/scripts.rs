@@ -48,59 +48,72 @@ local function unfile(member, from)
 end
 ";
 
-/// Commit a transition. KEYS: the order, the committer's owned set, the finished index, the
-/// parked index, the state index of the new step or rollback state. ARGV: owner, epoch, doc,
-/// aware of cancellation (1/0), state, step, order id, revision, retention (ms), finished index
-/// entry, parked (1/0), user index member. Why a script: the owner/epoch check and the write must be one
-/// atomic step, or a node that just lost the order could overwrite its new owner's progress; a write must be newer than the stored revision, or one
-/// delivered late (TCP retransmitting it after a network cut healed) would take the order back,
-/// while the very write already stored (a retry after a lost answer) is done; and the order
-/// leaves the committer's owned set in the same step when it finishes (never before) or turns
-/// out not to be the committer's, and its retention starts in that same step.
+/// Commit transitions, one order's or several's (a group commit). KEYS: per order, five: the
+/// order, the committer's owned set, the finished index, the parked index, the state index of
+/// the new step or rollback state. ARGV: per order, twelve: owner, epoch, doc, aware of
+/// cancellation (1/0), state, step, order id, revision, retention (ms), finished index entry,
+/// parked (1/0), user index member. Answers one outcome per order, in order: `ok`, `not_owner`,
+/// `cancel`, `stale` or `missing`; each order is checked and written on its own, so one refused
+/// commit refuses no other. Why a script: the owner/epoch check and the write must be one atomic
+/// step, or a node that just lost the order could overwrite its new owner's progress; a write
+/// must be newer than the stored revision, or one delivered late (TCP retransmitting it after a
+/// network cut healed) would take the order back, while the very write already stored (a retry
+/// after a lost answer) is done; and the order leaves the committer's owned set in the same step
+/// when it finishes (never before) or turns out not to be the committer's, and its retention
+/// starts in that same step.
 const COMMIT: &str = r"
-local idem = false
-if ARGV[5] == 'finished' then idem = own_idem(KEYS[1], ARGV[7]) end
-local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'cancel', 'rev', 'filed')
-if not cur[1] then
-  redis.call('SREM', KEYS[2], ARGV[7])
-  return 'missing'
-end
-if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then
-  if cur[1] ~= ARGV[1] then redis.call('SREM', KEYS[2], ARGV[7]) end
-  return 'not_owner'
-end
-local rev = tonumber(cur[4] or '0')
-local new = tonumber(ARGV[8])
-if new < rev or (new == rev and redis.call('HGET', KEYS[1], 'doc') ~= ARGV[3]) then
-  return 'stale'
-end
-if cur[3] == '1' and ARGV[4] == '0' then return 'cancel' end
-if new == rev then
-  -- Stored by an earlier try whose answer was lost, maybe not replicated yet: written again
-  -- (unchanged), so the WAIT after this call covers it.
-  redis.call('HSET', KEYS[1], 'rev', ARGV[8])
+local function commit(k, a)
+  local order, owned, finished, parked, index = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
+  local owner, epoch, doc, aware, state, step, id, revision, retention, entry, is_parked, member = unpack(ARGV, a + 1, a + 12)
+  local idem = false
+  if state == 'finished' then idem = own_idem(order, id) end
+  local cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed')
+  if not cur[1] then
+    redis.call('SREM', owned, id)
+    return 'missing'
+  end
+  if cur[1] ~= owner or cur[2] ~= epoch then
+    if cur[1] ~= owner then redis.call('SREM', owned, id) end
+    return 'not_owner'
+  end
+  local rev = tonumber(cur[4] or '0')
+  local new = tonumber(revision)
+  if new < rev or (new == rev and redis.call('HGET', order, 'doc') ~= doc) then
+    return 'stale'
+  end
+  if cur[3] == '1' and aware == '0' then return 'cancel' end
+  if new == rev then
+    -- Stored by an earlier try whose answer was lost, maybe not replicated yet: written again
+    -- (unchanged), so the WAIT after this call covers it.
+    redis.call('HSET', order, 'rev', revision)
+    return 'ok'
+  end
+  -- file_state, with the filed key read above and written with the rest (two calls fewer).
+  if cur[5] ~= index then
+    if cur[5] then redis.call('ZREM', cur[5], member) end
+    redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step, 'rev', revision, 'filed', index)
+  else
+    redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step, 'rev', revision)
+  end
+  redis.call('ZADD', index, 0, member)
+  if state == 'finished' or state == 'notifying' then
+    if is_parked == '1' then
+      redis.call('ZADD', parked, 0, id)
+    else
+      redis.call('ZREM', parked, id)
+    end
+  end
+  if state == 'finished' then
+    redis.call('SREM', owned, id)
+    finish(order, idem, retention, finished, entry)
+  end
   return 'ok'
 end
--- file_state, with the filed key read above and written with the rest (two calls fewer).
-if cur[5] ~= KEYS[5] then
-  if cur[5] then redis.call('ZREM', cur[5], ARGV[12]) end
-  redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6], 'rev', ARGV[8], 'filed', KEYS[5])
-else
-  redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'state', ARGV[5], 'step', ARGV[6], 'rev', ARGV[8])
+local answers = {}
+for n = 0, #KEYS / 5 - 1 do
+  answers[n + 1] = commit(n * 5, n * 12)
 end
-redis.call('ZADD', KEYS[5], 0, ARGV[12])
-if ARGV[5] == 'finished' or ARGV[5] == 'notifying' then
-  if ARGV[11] == '1' then
-    redis.call('ZADD', KEYS[4], 0, ARGV[7])
-  else
-    redis.call('ZREM', KEYS[4], ARGV[7])
-  end
-end
-if ARGV[5] == 'finished' then
-  redis.call('SREM', KEYS[2], ARGV[7])
-  finish(KEYS[1], idem, ARGV[9], KEYS[3], ARGV[10])
-end
-return 'ok'
+return answers
 ";
 
 /// Create an order with its index entries. KEYS: the order, its owner's owned set, its user's
