@@ -207,6 +207,10 @@ pub struct Report {
     takeovers_able: Vec<f64>,
     /// The slowest of those: seconds, and which fault of which node, when.
     slowest_able: Option<(f64, String)>,
+    /// Of [`takeovers_able`](Report::takeovers_able), those of faults that no outage of Redis
+    /// overlapped, and the slowest of them.
+    takeovers_no_outage: Vec<f64>,
+    slowest_no_outage: Option<(f64, String)>,
     /// Takeovers of faults that no other fault overlapped, interrupted takeovers left out.
     takeovers_alone: Vec<f64>,
     takeover_by_kind: BTreeMap<&'static str, Vec<f64>>,
@@ -555,19 +559,29 @@ impl Report {
                         report.takeovers_alone.push(latency.as_secs_f64());
                     }
                     if !interrupted {
+                        let what = format!(
+                            "{} of n{victim} at {}, {:.2}s in all",
+                            fault.kind.name(),
+                            fault.at,
+                            latency.as_secs_f64()
+                        );
                         report.takeovers_able.push(able.as_secs_f64());
                         if report
                             .slowest_able
                             .as_ref()
                             .is_none_or(|(slowest, _)| able.as_secs_f64() > *slowest)
                         {
-                            let what = format!(
-                                "{} of n{victim} at {}, {:.2}s in all",
-                                fault.kind.name(),
-                                fault.at,
-                                latency.as_secs_f64()
-                            );
-                            report.slowest_able = Some((able.as_secs_f64(), what));
+                            report.slowest_able = Some((able.as_secs_f64(), what.clone()));
+                        }
+                        if !redis_out {
+                            report.takeovers_no_outage.push(able.as_secs_f64());
+                            if report
+                                .slowest_no_outage
+                                .as_ref()
+                                .is_none_or(|(slowest, _)| able.as_secs_f64() > *slowest)
+                            {
+                                report.slowest_no_outage = Some((able.as_secs_f64(), what));
+                            }
                         }
                     }
                     report
@@ -699,6 +713,13 @@ impl Report {
             latencies(&self.takeovers_able)
         );
         if let Some((seconds, what)) = &self.slowest_able {
+            println!("  slowest: {seconds:.2}s, {what}");
+        }
+        println!(
+            "takeover, the same, faults no outage of redis overlapped {}",
+            latencies(&self.takeovers_no_outage)
+        );
+        if let Some((seconds, what)) = &self.slowest_no_outage {
             println!("  slowest: {seconds:.2}s, {what}");
         }
         println!(
