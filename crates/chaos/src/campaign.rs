@@ -310,12 +310,16 @@ async fn campaign(
         if faults.duplicates.is_empty() {
             "none started".into()
         } else {
-            faults
+            let fates = faults
                 .duplicates
                 .iter()
                 .map(|(fate, count)| format!("{fate} {count}"))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", ");
+            format!(
+                "{fates}; nodes that refused to start while another process held their node id {}",
+                faults.id_in_use
+            )
         },
     ));
     report.print(

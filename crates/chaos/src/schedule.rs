@@ -8,7 +8,7 @@ use crate::faults::{recover, rolling_restart, Fault, Kind, Recovery};
 use crate::links::{self, Direction, Rule};
 use crate::netns::node_host;
 use crate::report::{is_redis_outage, Violation};
-use crate::world::{wait_ready, Node, World, NODES};
+use crate::world::{wait_ready, Exit, Node, World, NODES};
 use chrono::Utc;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -55,6 +55,9 @@ pub struct Faults {
     pub drains: (usize, usize),
     /// Nodes started again after they refused to start (too few replicas during a failover).
     pub refused_starts: usize,
+    /// Nodes started again after they refused to start because another process held their
+    /// node id (a copy of their data dir took it first).
+    pub id_in_use: usize,
     /// One fault at a time, each once the cluster has been whole for [`SETTLE`].
     pub spaced: bool,
 }
@@ -73,6 +76,7 @@ impl Faults {
             violations: Vec::new(),
             drains: (0, 0),
             refused_starts: 0,
+            id_in_use: 0,
             spaced: false,
         }
     }
@@ -102,7 +106,7 @@ impl Faults {
                 .unwrap_or(next_fault);
             tokio::time::sleep_until(tokio::time::Instant::from_std(wake)).await;
             self.recover_due(world, client).await;
-            self.relaunch_refused(world);
+            self.relaunch_exited(world);
             if self.spaced {
                 if self.pending.is_empty() && world.healthy().len() == NODES && world.redis.ready()
                 {
@@ -211,6 +215,14 @@ impl Faults {
         let Some(kind) = self.draw(world, &healthy) else {
             return;
         };
+        // A copy of a node's data dir, or a drain, is made of a cluster that serves: a node
+        // still waiting for its old process's lease would race the copy for it.
+        if matches!(kind, Kind::DuplicateNode | Kind::RollingRestart)
+            && !Self::all_serving(world, client).await
+        {
+            self.bag.push(kind);
+            return;
+        }
         let victim = match kind {
             Kind::KillLeader => match world.leader(client).await {
                 Some(index) if healthy.contains(&index) => Some(index),
@@ -502,18 +514,34 @@ impl Faults {
         self.pending.push((at, Recovery::ResumeRedis, fault));
     }
 
-    /// Starts again, as a service manager would, each node that refused to start (a restart in
-    /// the middle of a failover finds the new primary without its replicas yet).
-    fn relaunch_refused(&mut self, world: &mut World) {
+    /// Starts again, as a service manager would (`Restart=on-failure`), each node that exited
+    /// by itself: one that refused to start (a start in the middle of a failover finds the new
+    /// primary without its replicas yet; a copy of its data dir took its node id first) is
+    /// counted, any other exit is a violation.
+    fn relaunch_exited(&mut self, world: &mut World) {
         for node in &mut world.nodes {
-            if !node.refused_to_start() {
+            let Some(exit) = node.exited() else {
                 continue;
-            }
-            println!(
-                "chaos:          n{} refused to start (too few redis replicas), started again",
-                node.index
-            );
-            self.refused_starts += 1;
+            };
+            let why = match exit {
+                Exit::TooFewReplicas => {
+                    self.refused_starts += 1;
+                    "refused to start (too few redis replicas)".to_string()
+                }
+                Exit::NodeIdInUse => {
+                    self.id_in_use += 1;
+                    "refused to start (its node id in use by another process)".to_string()
+                }
+                Exit::Other(status) => {
+                    self.violations.push(Violation {
+                        kind: "node_exited".into(),
+                        order_id: None,
+                        detail: format!("n{} exited by itself: {status}", node.index),
+                    });
+                    format!("exited by itself ({status})")
+                }
+            };
+            println!("chaos:          n{} {why}, started again", node.index);
             if let Err(error) = node.launch() {
                 self.violations.push(Violation {
                     kind: "restart_failed".into(),
@@ -522,6 +550,17 @@ impl Faults {
                 });
             }
         }
+    }
+
+    /// Whether every node answers its heartbeat: each holds its node id's lease and serves (a
+    /// node restarted a moment ago may still wait for its old process's lease to expire).
+    async fn all_serving(world: &World, client: &reqwest::Client) -> bool {
+        for node in &world.nodes {
+            if !wait_ready(client, &node.base(), Duration::from_secs(1)).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Recovers from every fault still in effect, in the order they were due (a Redis restart
@@ -539,7 +578,7 @@ impl Faults {
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            self.relaunch_refused(world);
+            self.relaunch_exited(world);
             let mut ready = true;
             for node in &world.nodes {
                 ready &= wait_ready(client, &node.base(), Duration::from_secs(1)).await;

@@ -174,18 +174,21 @@ impl Node {
         sent
     }
 
-    /// True when the process exited by itself, non-zero, saying since its last launch that it
-    /// refuses to start (its Redis has fewer replicas than `database.min_replicas`).
-    pub fn refused_to_start(&mut self) -> bool {
-        let exited = self.process.as_mut().and_then(Proc::try_exit);
-        if exited.is_none_or(|status| status.success()) {
-            return false;
-        }
+    /// Why the process exited by itself (not killed or drained by the campaign), if it did.
+    pub fn exited(&mut self) -> Option<Exit> {
+        let status = self.process.as_mut().and_then(Proc::try_exit)?;
         let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let marker = format!("==== launch {} ====", self.launches);
-        log.rsplit(&marker)
-            .next()
-            .is_some_and(|last| last.contains("refusing to start") && last.contains("replicas"))
+        let last = log.rsplit(&marker).next().unwrap_or_default();
+        Some(if status.success() {
+            Exit::Other(status)
+        } else if last.contains("refusing to start") && last.contains("replicas") {
+            Exit::TooFewReplicas
+        } else if last.contains("is in use by another process") {
+            Exit::NodeIdInUse
+        } else {
+            Exit::Other(status)
+        })
     }
 
     /// Polls until the process exits; `None` if it still runs at the deadline.
@@ -196,6 +199,19 @@ impl Node {
         }
         status
     }
+}
+
+/// Why a node's process exited without being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It refused to start: its Redis has fewer replicas than `database.min_replicas` (a start
+    /// in the middle of a failover).
+    TooFewReplicas,
+    /// It refused to start: another process kept its node id's liveness lease (a copy of its
+    /// data dir took it first).
+    NodeIdInUse,
+    /// Anything else: a crash, or an exit nobody asked for.
+    Other(ExitStatus),
 }
 
 /// The config of node `index`: cluster mode on the Redis that the `[database]` lines `database`
