@@ -13,6 +13,7 @@ use order_process::store::{
     SetAside, StoreError, PURGE_BATCH,
 };
 use order_process_testkit::RedisCluster;
+use std::future::Future;
 use std::time::Duration;
 
 fn new_order(user: &str, owner: &str, offset_ms: i64) -> Order {
@@ -589,6 +590,58 @@ async fn commit_together(store: &dyn OrderStore, orders: &[Order]) -> usize {
     commits.len()
 }
 
+/// Creates sent at the same moment, each judged on its own: a third are new orders, a third new
+/// orders with an idempotency key, and a third orders created before (found, not created
+/// again). Answers how many were sent.
+async fn create_together(store: &dyn OrderStore) -> usize {
+    let mut earlier = Vec::new();
+    for offset in 0..40 {
+        let order = new_order("creator", "node-c", offset);
+        create(store, &order).await;
+        earlier.push(order);
+    }
+    let mut creates: Vec<(Order, Option<String>)> = Vec::new();
+    for offset in 0..40 {
+        creates.push((new_order("creator", "node-c", 100 + offset), None));
+        let key = format!("together-{offset}");
+        let mut keyed = new_order("creator", "node-c", 200 + offset);
+        keyed.order_id = store.new_order_id("creator", Some(&key));
+        creates.push((keyed, Some(key)));
+        creates.push((earlier[offset as usize].clone(), None));
+    }
+    let outcomes = join_all(
+        creates
+            .iter()
+            .map(|(order, key)| store.create(order, key.as_deref())),
+    )
+    .await;
+    for ((order, key), outcome) in creates.iter().zip(outcomes) {
+        let outcome =
+            outcome.unwrap_or_else(|error| panic!("create of {}: {error}", order.order_id));
+        let again = earlier.iter().any(|first| first.order_id == order.order_id);
+        match outcome {
+            Created::New => assert!(!again, "{} created twice", order.order_id),
+            Created::Existing(first) => {
+                assert!(again, "{} found, not created", order.order_id);
+                assert_eq!(first.order_id, order.order_id);
+            }
+            Created::Adopted(other) => panic!("{} stored as {}", order.order_id, other.order_id),
+        }
+        let stored = store.get(order.order_id).await.unwrap().expect("stored");
+        assert_eq!(stored.user, "creator");
+        if let Some(key) = key {
+            let found = store
+                .create(&new_order("creator", "node-c", 0), Some(key))
+                .await;
+            assert!(
+                matches!(found, Ok(Created::Existing(ref first)) if first.order_id == order.order_id),
+                "key {key}: {found:?}"
+            );
+        }
+    }
+    creates.len()
+}
+
 /// An owned-set entry is taken out only when the node does not own the order unfinished.
 async fn disown(store: &dyn OrderStore) {
     let order = new_order("disowner", "node-d", 0);
@@ -788,29 +841,60 @@ async fn redis_store_conforms() {
     assert!(!repaired.owners.contains("node-t"), "{repaired:?}");
 }
 
-/// Writes that wait for a replica are committed together when ready together: 120 commits in
-/// far fewer script calls and `WAIT`s, each answered on its own.
-#[tokio::test]
-async fn redis_store_commits_transitions_ready_together_in_one_call_and_one_wait() {
+/// A store on a Redis with one replica, whose writes wait for it (`min_replicas = 1`).
+fn replicated_store() -> (RedisServer, RedisServer, RedisStore) {
     use order_process::store::redis::Connections;
     use std::sync::Arc;
 
     let redis = RedisServer::start();
-    let _replica = RedisServer::start_replica_of(&redis);
+    let replica = RedisServer::start_replica_of(&redis);
     let connections = Connections::connect(&redis.url(), 4, Duration::from_secs(2))
         .unwrap()
         .with_min_replicas(1);
-    let store = RedisStore::new(Arc::new(connections));
+    (redis, replica, RedisStore::new(Arc::new(connections)))
+}
+
+/// The script calls and `WAIT`s `redis` ran while `writes` ran, and what `writes` answered.
+async fn calls_during<T>(redis: &RedisServer, writes: impl Future<Output = T>) -> (u64, u64, T) {
+    let (scripts, waits) = (calls_of(redis, "evalsha"), calls_of(redis, "wait"));
+    let answer = writes.await;
+    let scripts = calls_of(redis, "evalsha") - scripts;
+    let waits = calls_of(redis, "wait") - waits;
+    (scripts, waits, answer)
+}
+
+/// Writes that wait for a replica are committed together when ready together: 120 commits in
+/// far fewer script calls and `WAIT`s, each answered on its own.
+#[tokio::test]
+async fn redis_store_commits_transitions_ready_together_in_one_call_and_one_wait() {
+    let (redis, _replica, store) = replicated_store();
     let orders = committed_once(&store).await;
-    let (scripts, waits) = (calls_of(&redis, "evalsha"), calls_of(&redis, "wait"));
-    let sent = commit_together(&store, &orders).await as u64;
-    let scripts = calls_of(&redis, "evalsha") - scripts;
-    let waits = calls_of(&redis, "wait") - waits;
+    let (scripts, waits, sent) = calls_during(&redis, commit_together(&store, &orders)).await;
+    let sent = sent as u64;
     assert!(
         scripts * 4 <= sent,
         "{sent} commits took {scripts} script calls"
     );
     assert!(waits * 4 <= sent, "{sent} commits took {waits} waits");
+}
+
+/// The same for creates: 120 submitted together go in far fewer script calls and `WAIT`s, each
+/// answered on its own.
+#[tokio::test]
+async fn redis_store_creates_orders_submitted_together_in_one_call_and_one_wait() {
+    let (redis, _replica, store) = replicated_store();
+    let (scripts, waits, sent) = calls_during(&redis, create_together(&store)).await;
+    let sent = sent as u64;
+    // The 40 created before one by one, and the 40 keys looked up again one by one.
+    let alone = 80;
+    assert!(
+        scripts.saturating_sub(alone) * 4 <= sent,
+        "{sent} creates took {scripts} script calls ({alone} of them alone)"
+    );
+    assert!(
+        waits.saturating_sub(alone) * 4 <= sent,
+        "{sent} creates took {waits} waits ({alone} of them alone)"
+    );
 }
 
 /// The same on a Redis Cluster of three primaries, whose slots each shard's keys hash to.
@@ -823,6 +907,7 @@ async fn redis_cluster_store_conforms() {
     repair_all(&store).await;
     conformance(&store).await;
     commit_together(&store, &committed_once(&store).await).await;
+    create_together(&store).await;
     let repaired = repair_all(&store).await;
     assert!(repaired.orders > 0);
     assert!(repaired.owners.contains("node-p"), "{repaired:?}");

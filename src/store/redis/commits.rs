@@ -1,26 +1,49 @@
-//! Group commit, for writes that wait for replicas (`database.min_replicas`): the transitions
-//! ready at the same moment, from any orders of this node, go to Redis together, as one call of
-//! the commit script, which checks and writes each order on its own and answers per order, and
+//! Group commit, for writes that wait for replicas (`database.min_replicas`): the creates and
+//! transitions ready at the same moment, from any orders of this node, go to Redis together, as
+//! one call of the writes script, which checks and makes each on its own and answers each, and
 //! one `WAIT` covers them all. A batch is whatever waits when a call can go out: nothing waits
-//! for a batch to fill. Without replicas a commit is its own call: measured on one Redis, with
+//! for a batch to fill. Without replicas a write is its own call: measured on one Redis, with
 //! and without `appendfsync always`, batches were no faster there and made orders wait longer
-//! (each commit then takes two more hops between tasks).
+//! (each write then takes two more hops between tasks).
 
 use super::conn::Connections;
 use crate::store::StoreError;
-use deadpool_redis::redis::{Script, ScriptInvocation};
+use deadpool_redis::redis::{Script, ScriptInvocation, Value};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
-/// The most commits in one script call; Redis runs nothing else while a script runs.
+/// The most writes in one script call; Redis runs nothing else while a script runs.
 const MAX_BATCH: usize = 64;
 
-/// Script calls of commits on their way at once, one per connection kept for writes that wait
-/// for replicas; commits that come while all are on their way go together in the next.
+/// Script calls on their way at once, one per connection kept for writes that wait for
+/// replicas; writes that come while all are on their way go together in the next.
 const IN_FLIGHT: usize = 64;
 
-/// One order's transition, as the commit script takes it (see `scripts`).
+/// One write of the writes script (see `scripts`).
+pub(super) enum Write {
+    Commit(Commit),
+    Create(Create),
+}
+
+impl Write {
+    fn shard(&self) -> u16 {
+        match self {
+            Write::Commit(commit) => commit.shard,
+            Write::Create(create) => create.shard,
+        }
+    }
+
+    /// Adds this write's keys and arguments to a call of the writes script.
+    pub fn add_to(&self, call: &mut ScriptInvocation<'_>) {
+        match self {
+            Write::Commit(commit) => commit.add_to(call),
+            Write::Create(create) => create.add_to(call),
+        }
+    }
+}
+
+/// One order's transition, as the writes script takes it.
 pub(super) struct Commit {
     pub shard: u16,
     /// The order, the owned set, the finished and parked indexes, the new state index.
@@ -40,12 +63,13 @@ pub(super) struct Commit {
 }
 
 impl Commit {
-    /// Adds this commit's keys and arguments to a call of the commit script.
-    pub fn add_to(&self, call: &mut ScriptInvocation<'_>) {
+    fn add_to(&self, call: &mut ScriptInvocation<'_>) {
         for key in &self.keys {
             call.key(key);
         }
-        call.arg(&self.owner)
+        call.arg("commit")
+            .arg(self.keys.len())
+            .arg(&self.owner)
             .arg(self.epoch)
             .arg(&self.doc)
             .arg(self.aware)
@@ -60,45 +84,88 @@ impl Commit {
     }
 }
 
-/// A commit on its way, and where its outcome goes.
-struct Pending {
-    commit: Commit,
-    answer: oneshot::Sender<Result<String, StoreError>>,
+/// A new order with its index entries, as the writes script takes it.
+pub(super) struct Create {
+    pub shard: u16,
+    /// The order, its owner's owned set, its user's index, the finished index, the idempotency
+    /// key (if any), the state index.
+    pub keys: Vec<String>,
+    pub doc: Vec<u8>,
+    pub owner: String,
+    pub epoch: u64,
+    pub user: String,
+    pub state: &'static str,
+    pub step: &'static str,
+    pub member: String,
+    pub id: String,
+    pub idempotency_ttl_secs: u64,
+    /// Whether it takes over an idempotency key that names no order id.
+    pub take_key: bool,
+    pub retention_ms: u64,
+    pub finished_entry: String,
 }
 
-/// The way to the task that sends commits in batches; the task ends when this is dropped.
+impl Create {
+    fn add_to(&self, call: &mut ScriptInvocation<'_>) {
+        for key in &self.keys {
+            call.key(key);
+        }
+        call.arg("create")
+            .arg(self.keys.len())
+            .arg(&self.doc)
+            .arg(&self.owner)
+            .arg(self.epoch)
+            .arg(&self.user)
+            .arg(self.state)
+            .arg(self.step)
+            .arg(&self.member)
+            .arg(&self.id)
+            .arg(self.idempotency_ttl_secs)
+            .arg(if self.take_key { "1" } else { "0" })
+            .arg(self.retention_ms)
+            .arg(&self.finished_entry);
+    }
+}
+
+/// A write on its way, and where its answer goes.
+struct Pending {
+    write: Write,
+    answer: oneshot::Sender<Result<Value, StoreError>>,
+}
+
+/// The way to the task that sends writes in batches; the task ends when this is dropped.
 pub(super) struct Committer {
     queue: mpsc::UnboundedSender<Pending>,
 }
 
 impl Committer {
-    /// Starts the task that sends commits on `redis` with `script` (the commit script). Must be
+    /// Starts the task that sends writes on `redis` with `script` (the writes script). Must be
     /// called within the runtime.
     pub fn start(redis: Arc<Connections>, script: Script) -> Committer {
         let (queue, waiting) = mpsc::unbounded_channel();
         let task = send_batches(redis, script, waiting);
-        tokio::spawn(task.instrument(tracing::info_span!("commits")));
+        tokio::spawn(task.instrument(tracing::info_span!("group_commit")));
         Committer { queue }
     }
 
-    /// Commits `commit` with whatever else is ready, and answers its outcome as the script
-    /// named it. An error of the call as a whole (Redis unreachable, no answer in time) is every
-    /// commit's in it: each may or may not have been written.
-    pub async fn commit(&self, commit: Commit) -> Result<String, StoreError> {
+    /// Makes `write` with whatever else is ready, and returns the script's answer to it. An
+    /// error of the call as a whole (Redis unreachable, no answer in time) is every write's in
+    /// it: each may or may not have been made.
+    pub async fn write(&self, write: Write) -> Result<Value, StoreError> {
         let (answer, outcome) = oneshot::channel();
         self.queue
-            .send(Pending { commit, answer })
+            .send(Pending { write, answer })
             .map_err(|_| StoreError::Unavailable("the group commit task has stopped".into()))?;
         outcome.await.unwrap_or_else(|_| {
             Err(StoreError::Unavailable(
-                "the group commit task dropped a commit".into(),
+                "the group commit task dropped a write".into(),
             ))
         })
     }
 }
 
-/// Takes the commits waiting, up to [`MAX_BATCH`], each time one of [`IN_FLIGHT`] calls is
-/// free, and sends them. On a Redis Cluster a call holds the commits of one shard only (a script
+/// Takes the writes waiting, up to [`MAX_BATCH`], each time one of [`IN_FLIGHT`] calls is
+/// free, and sends them. On a Redis Cluster a call holds the writes of one shard only (a script
 /// runs on one hash slot); the calls of one batch go out together.
 async fn send_batches(
     redis: Arc<Connections>,
@@ -119,13 +186,13 @@ async fn send_batches(
                 Err(_) => break,
             }
         }
-        // A caller that gave up (it timed out, or its task ended) has its commit not sent.
+        // A caller that gave up (it timed out, or its task ended) has its write not sent.
         batch.retain(|pending| !pending.answer.is_closed());
         if batch.is_empty() {
             continue;
         }
         let groups = if by_shard {
-            batch.sort_by_key(|pending| pending.commit.shard);
+            batch.sort_by_key(|pending| pending.write.shard());
             split_by_shard(batch)
         } else {
             vec![batch]
@@ -142,7 +209,7 @@ fn split_by_shard(batch: Vec<Pending>) -> Vec<Vec<Pending>> {
     let mut groups: Vec<Vec<Pending>> = Vec::new();
     for pending in batch {
         match groups.last_mut() {
-            Some(group) if group[0].commit.shard == pending.commit.shard => group.push(pending),
+            Some(group) if group[0].write.shard() == pending.write.shard() => group.push(pending),
             _ => groups.push(vec![pending]),
         }
     }
@@ -161,13 +228,13 @@ async fn send_groups(
     futures_util::future::join_all(calls).await;
 }
 
-/// One script call for `group`; each commit in it gets its own outcome.
+/// One script call for `group`; each write in it gets its own answer.
 async fn send_group(redis: &Connections, script: &Script, group: Vec<Pending>) {
     let mut call = script.prepare_invoke();
-    for Pending { commit, .. } in &group {
-        commit.add_to(&mut call);
+    for Pending { write, .. } in &group {
+        write.add_to(&mut call);
     }
-    let answers: Result<Vec<String>, StoreError> = redis.write(&call).await;
+    let answers: Result<Vec<Value>, StoreError> = redis.write(&call).await;
     match answers {
         Ok(answers) if answers.len() == group.len() => {
             for (pending, answer) in group.into_iter().zip(answers) {
@@ -176,7 +243,7 @@ async fn send_group(redis: &Connections, script: &Script, group: Vec<Pending>) {
         }
         Ok(answers) => {
             let error = StoreError::Corrupt(format!(
-                "the commit script answered {} outcomes for {} orders",
+                "the writes script answered {} times for {} writes",
                 answers.len(),
                 group.len()
             ));

@@ -1,7 +1,7 @@
 //! [`RedisStore`]: the [`OrderStore`] on Redis. Every change to an order is one Lua script (see
 //! `scripts`) that writes its index entries in the same atomic step.
 
-use super::commits::{Commit, Committer};
+use super::commits::{Commit, Committer, Create, Write};
 use super::conn::{Connections, Scripted};
 use super::keys;
 use super::keys::{
@@ -44,9 +44,14 @@ pub struct RedisStore {
     retention_ms: u64,
     /// The shard the next retention pass starts at, so that every shard gets its turn.
     purge_from: AtomicUsize,
-    /// The group commit of writes that wait for replicas, started with the first commit
+    /// The group commit of writes that wait for replicas, started with the first write
     /// (within the runtime, which the store may be made outside of).
     committer: OnceLock<Committer>,
+}
+
+/// A script's answer as `T`.
+fn from_value<T: redis::FromRedisValue>(value: Value) -> Result<T, StoreError> {
+    T::from_redis_value(value).map_err(corrupt)
 }
 
 fn corrupt(error: impl std::fmt::Display) -> StoreError {
@@ -475,11 +480,36 @@ impl RedisStore {
         }
     }
 
-    /// Runs the create script for `order`: the order, its index entries and (with `idempotency`,
-    /// the key and whether to take over a key that holds no order id) its idempotency key, in
-    /// one atomic step. A lone script call, so a Redis that has forgotten the script loads it and
-    /// runs the whole create again: nothing of it ran before. The order's id must be in the
-    /// key's shard.
+    /// Makes one create or commit: with replicas to wait for, together with whatever other
+    /// writes are ready (group commit), else as a call of its own.
+    async fn write(&self, write: Write) -> Result<Value, StoreError> {
+        if self.redis.waits_for_replicas() {
+            let committer = self.committer.get_or_init(|| {
+                Committer::start(Arc::clone(&self.redis), self.scripts.writes.clone())
+            });
+            // The store timeout bounds the wait for a turn in a batch as well as the call.
+            return tokio::time::timeout(self.redis.timeout(), committer.write(write))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(
+                        "redis did not answer in time".into(),
+                    ))
+                });
+        }
+        let mut call = self.scripts.writes.prepare_invoke();
+        write.add_to(&mut call);
+        let answers: Vec<Value> = self.redis.write(&call).await?;
+        answers
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Corrupt("the writes script answered nothing".into()))
+    }
+
+    /// Creates `order`: the order, its index entries and (with `idempotency`, the key and
+    /// whether to take over a key that holds no order id) its idempotency key, in one atomic
+    /// step of the writes script. Not inside a pipeline, so a Redis that has forgotten the script
+    /// loads it and runs the whole call again: nothing of it ran before. The order's id must be
+    /// in the key's shard.
     async fn write_new(
         &self,
         order: &Order,
@@ -489,34 +519,33 @@ impl RedisStore {
         let id = &*order.order_id.hyphenated().encode_lower(&mut id_text);
         let member = micros_member(order);
         let shard = shard_of(order.order_id);
-        let doc = encode(order)?;
-        let mut create = self.scripts.create.key(order_key(order.order_id));
-        create
-            .key(owned_key(shard, &order.owner))
-            .key(user_key(shard, &order.user))
-            .key(finished_key(shard));
+        let mut keys = vec![
+            order_key(order.order_id),
+            owned_key(shard, &order.owner),
+            user_key(shard, &order.user),
+            finished_key(shard),
+        ];
         if let Some((key, _)) = idempotency {
-            create.key(idem_key(&order.user, key));
+            keys.push(idem_key(&order.user, key));
         }
-        create.key(state_index(order));
-        create
-            .arg(&doc)
-            .arg(&order.owner)
-            .arg(order.epoch)
-            .arg(&order.user)
-            .arg(state_name(order))
-            .arg(order.current_step.as_str())
-            .arg(&member)
-            .arg(id)
-            .arg(IDEMPOTENCY_TTL.as_secs())
-            .arg(if matches!(idempotency, Some((_, true))) {
-                "1"
-            } else {
-                "0"
-            })
-            .arg(self.retention_ms)
-            .arg(finished_entry(order, id, &member));
-        let answer: Vec<Option<String>> = self.redis.write(&create).await?;
+        keys.push(state_index(order));
+        let create = Create {
+            shard,
+            keys,
+            doc: encode(order)?,
+            owner: order.owner.clone(),
+            epoch: order.epoch,
+            user: order.user.clone(),
+            state: state_name(order),
+            step: order.current_step.as_str(),
+            finished_entry: finished_entry(order, id, &member),
+            member,
+            id: id.to_string(),
+            idempotency_ttl_secs: IDEMPOTENCY_TTL.as_secs(),
+            take_key: matches!(idempotency, Some((_, true))),
+            retention_ms: self.retention_ms,
+        };
+        let answer: Vec<Option<String>> = from_value(self.write(Write::Create(create)).await?)?;
         let mut answer = answer.into_iter();
         let outcome = answer.next().flatten().unwrap_or_default();
         let detail = answer.next().flatten();
@@ -780,27 +809,7 @@ impl OrderStore for RedisStore {
             parked: flag(is_parked(order)),
             member,
         };
-        let outcome = if self.redis.waits_for_replicas() {
-            let committer = self.committer.get_or_init(|| {
-                Committer::start(Arc::clone(&self.redis), self.scripts.commit.clone())
-            });
-            // The store timeout bounds the wait for a turn in a batch as well as the call.
-            tokio::time::timeout(self.redis.timeout(), committer.commit(commit))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(StoreError::Unavailable(
-                        "redis did not answer in time".into(),
-                    ))
-                })?
-        } else {
-            let mut call = self.scripts.commit.prepare_invoke();
-            commit.add_to(&mut call);
-            let answers: Vec<String> = self.redis.write(&call).await?;
-            answers
-                .into_iter()
-                .next()
-                .ok_or_else(|| StoreError::Corrupt("commit answered nothing".into()))?
-        };
+        let outcome: String = from_value(self.write(Write::Commit(commit)).await?)?;
         commit_outcome(&outcome)
     }
 

@@ -48,19 +48,17 @@ local function unfile(member, from)
 end
 ";
 
-/// Commit transitions, one order's or several's (a group commit). KEYS: per order, five: the
-/// order, the committer's owned set, the finished index, the parked index, the state index of
-/// the new step or rollback state. ARGV: per order, twelve: owner, epoch, doc, aware of
-/// cancellation (1/0), state, step, order id, revision, retention (ms), finished index entry,
-/// parked (1/0), user index member. Answers one outcome per order, in order: `ok`, `not_owner`,
-/// `cancel`, `stale` or `missing`; each order is checked and written on its own, so one refused
-/// commit refuses no other. Why a script: the owner/epoch check and the write must be one atomic
-/// step, or a node that just lost the order could overwrite its new owner's progress; a write
-/// must be newer than the stored revision, or one delivered late (TCP retransmitting it after a
-/// network cut healed) would take the order back, while the very write already stored (a retry
-/// after a lost answer) is done; and the order leaves the committer's owned set in the same step
-/// when it finishes (never before) or turns out not to be the committer's, and its retention
-/// starts in that same step.
+/// Commit one order's transition (a function of [`WRITES`]). KEYS, five: the order, the
+/// committer's owned set, the finished index, the parked index, the state index of the new step
+/// or rollback state. ARGV, twelve: owner, epoch, doc, aware of cancellation (1/0), state, step,
+/// order id, revision, retention (ms), finished index entry, parked (1/0), user index member.
+/// Answers `ok`, `not_owner`, `cancel`, `stale` or `missing`. Why a script: the owner/epoch check
+/// and the write must be one atomic step, or a node that just lost the order could overwrite its
+/// new owner's progress; a write must be newer than the stored revision, or one delivered late
+/// (TCP retransmitting it after a network cut healed) would take the order back, while the very
+/// write already stored (a retry after a lost answer) is done; and the order leaves the
+/// committer's owned set in the same step when it finishes (never before) or turns out not to be
+/// the committer's, and its retention starts in that same step.
 const COMMIT: &str = r"
 local function commit(k, a)
   local order, owned, finished, parked, index = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
@@ -109,46 +107,66 @@ local function commit(k, a)
   end
   return 'ok'
 end
-local answers = {}
-for n = 0, #KEYS / 5 - 1 do
-  answers[n + 1] = commit(n * 5, n * 12)
-end
-return answers
 ";
 
-/// Create an order with its index entries. KEYS: the order, its owner's owned set, its user's
-/// index, the finished index, (optional) the idempotency key, whose name the order hash keeps
-/// (`idem`), and last its state index. ARGV: doc, owner, epoch, user, state, step, user index member, order id,
-/// idempotency ttl (s), take over a key that holds no order id (1/0), retention (ms), finished
-/// index entry. An order stored finished starts its retention at once.
-/// Returns {'ok'}; {'exists', current owner} when the id is taken; or {'key', id} when the
-/// idempotency key names another id: nothing is written then. Why a script: the order and its
-/// index entries are written together or not at all, so no dropped retry leaves an index entry
-/// with no order; and of two requests that store the same id, exactly one wins.
+/// Create an order with its index entries (a function of [`WRITES`]). KEYS, five or six: the
+/// order, its owner's owned set, its user's index, the finished index, (optional) the
+/// idempotency key, whose name the order hash keeps (`idem`), and last its state index. ARGV,
+/// twelve: doc, owner, epoch, user, state, step, user index member, order id, idempotency ttl
+/// (s), take over a key that holds no order id (1/0), retention (ms), finished index entry. An
+/// order stored finished starts its retention at once. Answers {'ok'}; {'exists', current owner}
+/// when the id is taken; or {'key', id} when the idempotency key names another id: nothing is
+/// written then. Why a script: the order and its index entries are written together or not at
+/// all, so no dropped retry leaves an index entry with no order; and of two requests that store
+/// the same id, exactly one wins.
 const CREATE: &str = r"
-local idem = #KEYS > 5 and KEYS[5]
-if idem then
-  local earlier = redis.call('GET', idem)
-  if earlier and earlier ~= ARGV[8] and ARGV[10] ~= '1' then
-    return {'key', earlier}
+local function create(k, nk, a)
+  local order, owned, user_index, finished = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
+  local idem = nk > 5 and KEYS[k + 5]
+  local index = KEYS[k + nk]
+  local doc, owner, epoch, user, state, step, member, id, ttl, take, retention, entry = unpack(ARGV, a + 1, a + 12)
+  if idem then
+    local earlier = redis.call('GET', idem)
+    if earlier and earlier ~= id and take ~= '1' then
+      return {'key', earlier}
+    end
   end
+  if redis.call('EXISTS', order) == 1 then
+    return {'exists', redis.call('HGET', order, 'owner')}
+  end
+  redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step)
+  redis.call('ZADD', user_index, 0, member)
+  file_state(order, index, member)
+  if idem then
+    redis.call('SET', idem, id, 'EX', ttl)
+    redis.call('HSET', order, 'idem', idem)
+  end
+  if state ~= 'finished' then
+    redis.call('SADD', owned, id)
+  else
+    finish(order, idem, retention, finished, entry)
+  end
+  return {'ok'}
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {'exists', redis.call('HGET', KEYS[1], 'owner')}
+";
+
+/// Creates and commits, one or several (a group commit). Per write, ARGV gives its kind
+/// (`commit` or `create`) and how many KEYS it takes, then its twelve arguments; its KEYS follow
+/// the previous write's. Answers one answer per write, in order, as [`COMMIT`] and [`CREATE`]
+/// name them: each write is checked and made on its own, so one refused write refuses no other.
+const WRITES: &str = r"
+local answers = {}
+local k, a = 0, 0
+while a < #ARGV do
+  local kind, nk = ARGV[a + 1], tonumber(ARGV[a + 2])
+  if kind == 'commit' then
+    answers[#answers + 1] = commit(k, a + 2)
+  else
+    answers[#answers + 1] = create(k, nk, a + 2)
+  end
+  k, a = k + nk, a + 14
 end
-redis.call('HSET', KEYS[1], 'doc', ARGV[1], 'owner', ARGV[2], 'epoch', ARGV[3], 'user', ARGV[4], 'state', ARGV[5], 'step', ARGV[6])
-redis.call('ZADD', KEYS[3], 0, ARGV[7])
-file_state(KEYS[1], KEYS[#KEYS], ARGV[7])
-if idem then
-  redis.call('SET', idem, ARGV[8], 'EX', ARGV[9])
-  redis.call('HSET', KEYS[1], 'idem', idem)
-end
-if ARGV[5] ~= 'finished' then
-  redis.call('SADD', KEYS[2], ARGV[8])
-else
-  finish(KEYS[1], idem, ARGV[11], KEYS[4], ARGV[12])
-end
-return {'ok'}
+return answers
 ";
 
 /// Record a cancellation. KEYS[1] = order. ARGV: user. Returns nil for another user's or an
@@ -315,8 +333,7 @@ return 1
 ";
 
 pub(super) struct Scripts {
-    pub create: Script,
-    pub commit: Script,
+    pub writes: Script,
     pub cancel: Script,
     pub reassign: Script,
     pub enlist: Script,
@@ -332,8 +349,7 @@ pub(super) struct Scripts {
 impl Scripts {
     pub fn new() -> Scripts {
         Scripts {
-            create: Script::new(&format!("{FINISH}{STATE}{CREATE}")),
-            commit: Script::new(&format!("{FINISH}{STATE}{COMMIT}")),
+            writes: Script::new(&format!("{FINISH}{STATE}{COMMIT}{CREATE}{WRITES}")),
             cancel: Script::new(CANCEL),
             reassign: Script::new(REASSIGN),
             enlist: Script::new(ENLIST),
