@@ -96,7 +96,7 @@ impl Kind {
 }
 
 /// One fault made.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Fault {
     pub kind: Kind,
     pub node: Option<usize>,

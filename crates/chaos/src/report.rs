@@ -31,6 +31,12 @@ pub const HEAL_GRACE: Duration = Duration::from_secs(1);
 /// (1 s) and a sweep, and there are 6 s to spare.
 pub const CUT_TAKEOVER_BOUND: Duration = Duration::from_secs(LIVENESS_TTL.as_secs() + 7);
 
+/// How long after another fault ended it still disturbs a partition of the same node: a lease
+/// that lapsed during it (a cut from Redis, a kill, a restart) is taken over in the seconds after
+/// (the leader waits `cluster.takeover_after` and a sweep, and may have started the move before
+/// the node renewed).
+const AFTERMATH: chrono::Duration = chrono::Duration::seconds(5);
+
 /// Whether another fault was in effect at some time during `fault`.
 fn overlapped(faults: &[Fault], fault: &Fault) -> bool {
     overlapped_by(faults, fault, |_| true)
@@ -445,18 +451,8 @@ impl Report {
         for fault in faults {
             if matches!(fault.kind, Kind::Partition | Kind::OneWayPartition) {
                 // The partitioned node keeps its liveness lease: its orders should stay put,
-                // unless another fault on it, on Redis or on every node overlapped the partition.
-                // A node restarted by a fault that ended before the partition began may not
-                // serve yet (it waits for its old process's lease): that counts too.
-                let end = fault.healed.unwrap_or(DateTime::<Utc>::MAX_UTC);
-                let disturbed = faults.iter().any(|other| {
-                    !std::ptr::eq(other, fault)
-                        && (other.node.is_none() || other.node == fault.node)
-                        && other.at < end
-                        && other.healed.unwrap_or(DateTime::<Utc>::MAX_UTC) > fault.at
-                }) || fault
-                    .node
-                    .is_some_and(|node| outages.out_during(node, fault.at, end));
+                // unless something else disturbed the partition.
+                let disturbed = partition_disturbed(faults, fault, &outages);
                 if disturbed {
                     report.partitions_disturbed += 1;
                 } else if let (Some(service_id), Some(healed)) =
@@ -822,6 +818,24 @@ pub fn print_first(violations: &[Violation], stored: &HashMap<String, Value>, bo
     }
 }
 
+/// Whether another fault on the same node, on Redis or on every node overlapped partition
+/// `fault`, or ended less than [`AFTERMATH`] before it; or the node, restarted by a fault that
+/// ended before the partition began, did not serve yet (it waits for its old process's lease).
+fn partition_disturbed(faults: &[Fault], fault: &Fault, outages: &Outages) -> bool {
+    let end = fault.healed.unwrap_or(DateTime::<Utc>::MAX_UTC);
+    faults.iter().any(|other| {
+        !std::ptr::eq(other, fault)
+            && (other.node.is_none() || other.node == fault.node)
+            && other.at < end
+            && other
+                .healed
+                .map_or(DateTime::<Utc>::MAX_UTC, |healed| healed + AFTERMATH)
+                > fault.at
+    }) || fault
+        .node
+        .is_some_and(|node| outages.out_during(node, fault.at, end))
+}
+
 /// Whether the drain of `fault` finished before its kill: the victim logged `stopped` between
 /// the SIGTERM and its death, having handed over what it owned (or owning nothing by then).
 fn drain_finished(logs: &Logs, victim: usize, fault: &Fault) -> bool {
@@ -964,6 +978,22 @@ mod tests {
         let bound = START_BOUND.num_seconds();
         assert!(outages.blocked(2, at(100 + bound - 1)));
         assert!(!outages.blocked(2, at(100 + bound)));
+    }
+
+    #[test]
+    fn a_partition_just_after_another_fault_on_the_node_is_disturbed() {
+        let logs = Logs::default();
+        let cut = fault(Kind::CutRedis, Some(0), 90, 100);
+        // n0 cut from Redis 90..100, then partitioned from 103 or from 106; or n1 from 103.
+        for (node, from, disturbed) in [(0, 103, true), (0, 106, false), (1, 103, false)] {
+            let faults = [cut.clone(), fault(Kind::Partition, Some(node), from, 110)];
+            let outages = Outages::new(&faults, &logs);
+            assert_eq!(
+                partition_disturbed(&faults, &faults[1], &outages),
+                disturbed,
+                "n{node} from {from}"
+            );
+        }
     }
 
     #[test]
