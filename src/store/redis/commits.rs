@@ -1,10 +1,9 @@
-//! Group commit, for writes that wait for replicas (`database.min_replicas`): the creates and
-//! transitions ready at the same moment, from any orders of this node, go to Redis together, as
-//! one call of the writes script, which checks and makes each on its own and answers each, and
-//! one `WAIT` covers them all. A batch is whatever waits when a call can go out: nothing waits
-//! for a batch to fill. Without replicas a write is its own call: measured on one Redis, with
-//! and without `appendfsync always`, batches were no faster there and made orders wait longer
-//! (each write then takes two more hops between tasks).
+//! Group commit: the creates and transitions ready at the same moment, from any orders of this
+//! node, go to Redis together, as one call of the writes script, which checks and makes each on
+//! its own and answers each; with replicas to wait for (`database.min_replicas`), one `WAIT`
+//! covers them all. A batch is whatever waits when a call can go out: nothing waits for a batch
+//! to fill. Fewer calls cost Redis and the node less CPU per write (fewer commands to parse,
+//! scripts to start and syscalls on both sides) than the hops between tasks a batch adds.
 
 use super::conn::Connections;
 use crate::store::StoreError;
@@ -16,8 +15,8 @@ use tracing::Instrument;
 /// The most writes in one script call; Redis runs nothing else while a script runs.
 const MAX_BATCH: usize = 64;
 
-/// Script calls on their way at once, one per connection kept for writes that wait for
-/// replicas; writes that come while all are on their way go together in the next.
+/// Script calls on their way at once (with replicas to wait for, one per connection kept for
+/// such writes); writes that come while all are on their way go together in the next.
 const IN_FLIGHT: usize = 64;
 
 /// One write of the writes script (see `scripts`).

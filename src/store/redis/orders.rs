@@ -480,10 +480,11 @@ impl RedisStore {
         }
     }
 
-    /// Makes one create or commit: with replicas to wait for, together with whatever other
-    /// writes are ready (group commit), else as a call of its own.
+    /// Makes one create or commit together with whatever other writes are ready (group
+    /// commit); on a Redis Cluster without replicas to wait for, as a call of its own (writes
+    /// ready together rarely share a shard there, and a script call holds one shard's).
     async fn write(&self, write: Write) -> Result<Value, StoreError> {
-        if self.redis.waits_for_replicas() {
+        if self.redis.waits_for_replicas() || !self.redis.is_cluster() {
             let committer = self.committer.get_or_init(|| {
                 Committer::start(Arc::clone(&self.redis), self.scripts.writes.clone())
             });
