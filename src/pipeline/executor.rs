@@ -163,7 +163,7 @@ async fn run(
                 return;
             }
         }
-        if !shared.active.finish_or_rerun(id) {
+        if !shared.finish_or_rerun(id) {
             active.finished = true;
             break;
         }
@@ -203,7 +203,7 @@ async fn traced(
 fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, retry: RetryWait) {
     let task = async move {
         if !wait_then_queue(&shared, id, retry).await {
-            shared.active.unmark(id);
+            shared.unmark(id);
         }
     };
     tokio::spawn(task.instrument(tracing::debug_span!("retry_wait", order_id = %id)));
@@ -259,7 +259,7 @@ struct ActiveGuard<'a> {
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.shared.active.unmark(self.id);
+            self.shared.unmark(self.id);
         }
     }
 }

@@ -136,7 +136,7 @@ impl Pool {
             _ = stop_rx.changed() => false,
         };
         if !sent {
-            self.shared.active.unmark(id);
+            self.shared.unmark(id);
         }
         sent
     }

@@ -10,6 +10,7 @@ use super::job::Queued;
 use super::parking::ParkingLot;
 use super::waiters::Waiters;
 use crate::metrics::Metrics;
+use crate::order::OrderId;
 use crate::store::OrderStore;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -62,5 +63,20 @@ impl Shared {
             queue_tx,
             stop_rx,
         }
+    }
+
+    /// The order is no longer active here: waits for it read the store again.
+    pub(super) fn unmark(&self, id: OrderId) {
+        self.active.unmark(id);
+        self.waiters.ended(id);
+    }
+
+    /// At the end of an execution: true when the order is to be loaded and driven once more
+    /// (see [`ActiveOrders::finish_or_rerun`]). Either way, waits for it read the store again:
+    /// it may have finished, or changed since.
+    pub(super) fn finish_or_rerun(&self, id: OrderId) -> bool {
+        let rerun = self.active.finish_or_rerun(id);
+        self.waiters.ended(id);
+        rerun
     }
 }

@@ -1,26 +1,41 @@
 //! Long-poll support: requests waiting for an order to finish register here, and the executor
 //! hands them the finished order when it commits its final transition on this node, so the
-//! request needs no second read of the store.
+//! request needs no second read of the store. When an order's execution here ends, its waits
+//! are released (they resolve with no order) to read the store themselves: the order may have
+//! finished before they registered, or it runs elsewhere now.
 
 use crate::order::{Order, OrderId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use tokio::sync::oneshot;
 
 #[derive(Default)]
-pub struct Waiters {
-    by_order: Mutex<HashMap<OrderId, Vec<oneshot::Sender<Arc<Order>>>>>,
+pub struct Waiters(Mutex<Inner>);
+
+#[derive(Default)]
+struct Inner {
+    by_order: HashMap<OrderId, Vec<oneshot::Sender<Arc<Order>>>>,
+    /// Orders that finished here while their execution goes on (e.g. it delivers the webhook): a
+    /// wait registered meanwhile is released at once, as it would be when the execution ends.
+    finished: HashSet<OrderId>,
 }
 
 impl Waiters {
-    /// A receiver that resolves with the order once it finishes on this node.
+    fn lock(&self) -> Option<MutexGuard<'_, Inner>> {
+        self.0.lock().ok()
+    }
+
+    /// A receiver that resolves with the order once it finishes on this node, or fails when
+    /// the wait is released (see [`Waiters::ended`]).
     pub fn register(&self, id: OrderId) -> oneshot::Receiver<Arc<Order>> {
         let (done_tx, done_rx) = oneshot::channel();
-        if let Ok(mut by_order) = self.by_order.lock() {
-            by_order.entry(id).or_default().push(done_tx);
+        if let Some(mut inner) = self.lock() {
+            if !inner.finished.contains(&id) {
+                inner.by_order.entry(id).or_default().push(done_tx);
+            }
         }
         done_rx
     }
@@ -35,12 +50,13 @@ impl Waiters {
         }
     }
 
-    /// Hands the finished order to everyone waiting for it.
+    /// Hands the finished order to everyone waiting for it. Until its execution ends, a wait
+    /// that registers is released at once.
     pub fn notify(&self, order: &Order) {
-        let waiting = match self.by_order.lock() {
-            Ok(mut by_order) if !by_order.is_empty() => by_order.remove(&order.order_id),
-            _ => None,
-        };
+        let waiting = self.lock().and_then(|mut inner| {
+            inner.finished.insert(order.order_id);
+            inner.by_order.remove(&order.order_id)
+        });
         let Some(waiting) = waiting else { return };
         let finished = Arc::new(order.clone());
         for done_tx in waiting {
@@ -48,24 +64,30 @@ impl Waiters {
         }
     }
 
+    /// The order's execution here ended: its waits are released, to read the store.
+    pub fn ended(&self, id: OrderId) {
+        let released = self.lock().and_then(|mut inner| {
+            inner.finished.remove(&id);
+            inner.by_order.remove(&id)
+        });
+        drop(released);
+    }
+
     /// Forgets waiters of `id` that gave up (their receiver is gone), e.g. when the order
     /// finished on another node.
     pub fn prune(&self, id: OrderId) {
-        if let Ok(mut by_order) = self.by_order.lock() {
-            if let Some(waiting) = by_order.get_mut(&id) {
+        if let Some(mut inner) = self.lock() {
+            if let Some(waiting) = inner.by_order.get_mut(&id) {
                 waiting.retain(|done_tx| !done_tx.is_closed());
                 if waiting.is_empty() {
-                    by_order.remove(&id);
+                    inner.by_order.remove(&id);
                 }
             }
         }
     }
 
     pub fn len(&self) -> usize {
-        self.by_order
-            .lock()
-            .map(|by_order| by_order.len())
-            .unwrap_or(0)
+        self.lock().map(|inner| inner.by_order.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -74,7 +96,7 @@ impl Waiters {
 }
 
 /// One wait for an order to finish on this node: resolves with the finished order, or `None`
-/// when none will come; once resolved, it stays resolved with `None`.
+/// when none will come (the wait was released); once resolved, it stays resolved with `None`.
 pub struct Watch<'a> {
     waiters: &'a Waiters,
     id: OrderId,
@@ -134,12 +156,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_wait_is_released_when_the_execution_ends_and_at_once_after_a_finish_here() {
+        let waiters = Waiters::default();
+        let order = order();
+        let id = order.order_id;
+        // The execution ends without a finish here: the wait resolves with nothing.
+        let early = waiters.watch(id);
+        waiters.ended(id);
+        assert_eq!(early.await.map(|got| got.order_id), None);
+        // Finished here while the execution goes on: a wait that comes now is released at once.
+        waiters.notify(&order);
+        assert!(waiters.watch(id).await.is_none());
+        assert!(waiters.is_empty());
+        // Once the execution ended, a wait is handed the next finish again.
+        waiters.ended(id);
+        let later = waiters.watch(id);
+        waiters.notify(&order);
+        assert_eq!(later.await.map(|got| got.order_id), Some(id));
+    }
+
+    #[tokio::test]
     async fn a_watch_resolves_once_and_forgets_itself_when_dropped() {
         let waiters = Waiters::default();
         let order = order();
         let watch = waiters.watch(order.order_id);
         waiters.notify(&order);
         assert_eq!(watch.await.map(|got| got.order_id), Some(order.order_id));
+        waiters.ended(order.order_id);
         let abandoned = waiters.watch(order.order_id);
         assert_eq!(waiters.len(), 1);
         drop(abandoned);

@@ -239,9 +239,17 @@ impl Orders for OrderService {
         ids: Vec<OrderId>,
         wait: Duration,
     ) -> Result<Waited, OrderError> {
-        wait_for_many(self.store.as_ref(), self.pool.waiters(), scope, ids, wait)
-            .await
-            .map_err(|error| self.store_error(error))
+        let runs_here = |id| self.pool.is_active(id);
+        wait_for_many(
+            self.store.as_ref(),
+            self.pool.waiters(),
+            &runs_here,
+            scope,
+            ids,
+            wait,
+        )
+        .await
+        .map_err(|error| self.store_error(error))
     }
 }
 

@@ -9,6 +9,8 @@ use crate::pipeline::Waiters;
 use crate::store::{OrderStore, StoreError};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
+use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{sleep_until, Instant};
@@ -68,73 +70,113 @@ pub async fn wait_finished(
     Ok(Some(order))
 }
 
-/// Waits until every one of `ids` (repeats count once) is finished, or `wait` is over.
+/// Waits until every one of `ids` (repeats count once) is finished, or `wait` is over. An order
+/// that runs on this node (`runs_here`) is not read at first: it is handed over when it
+/// finishes here, or its wait is released to read the store when its execution ends here;
+/// every order still pending is read again now and then (it may have moved to another node).
 pub async fn wait_for_many(
     store: &dyn OrderStore,
     waiters: &Waiters,
+    runs_here: &(dyn Fn(OrderId) -> bool + Sync),
     scope: Scope<'_>,
     mut ids: Vec<OrderId>,
     wait: Duration,
 ) -> Result<Waited, StoreError> {
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     ids.retain(|id| seen.insert(*id));
-    // Registered before the first read, so a finish in between is not missed.
-    let mut woken: FuturesUnordered<_> = ids
-        .iter()
-        .map(|id| {
-            let watch = waiters.watch(*id);
-            let id = *id;
-            async move { (id, watch.await) }
-        })
-        .collect();
+    // Registered before anything is looked at, so a finish in between is not missed.
+    let mut woken: FuturesUnordered<_> = ids.iter().map(|id| watched(waiters, *id)).collect();
     let deadline = Instant::now() + wait;
+    let mut to_read: Vec<OrderId> = ids.iter().copied().filter(|id| !runs_here(*id)).collect();
     let mut waited = Waited {
         pending: ids,
         ..Waited::default()
     };
-    let mut failure = None;
-    let mut first = true;
-    while !waited.pending.is_empty() {
-        if !first {
-            let recheck = deadline.min(Instant::now() + WAIT_RECHECK);
-            // Handed finished orders as they end on this node; the rest (running elsewhere, or
-            // finished between registration and the first read) are read again now and then.
-            tokio::select! {
-                Some((id, Some(order))) = woken.next() => {
-                    if scope.covers(&order) {
-                        if let Some(position) = waited.pending.iter().position(|pending| *pending == id) {
-                            waited.pending.swap_remove(position);
-                            waited.finished.push(order);
-                        }
-                    }
-                    continue;
-                }
-                _ = sleep_until(recheck) => {}
-            }
+    // Read at least once in this wait; released once (watched again once, so that a finish in
+    // a new execution here is handed over too).
+    let (mut read, mut released) = (HashSet::new(), HashSet::new());
+    loop {
+        if !to_read.is_empty() {
+            read.extend(to_read.iter().copied());
+            sort(store, scope, &mut waited, &to_read).await?;
+            to_read.clear();
         }
-        first = false;
-        let reads = store.get_many(&waited.pending).await;
-        let mut still = Vec::new();
-        for (id, read) in waited.pending.iter().zip(reads) {
-            let read = read.map(|order| order.filter(|order| scope.covers(order)));
-            match read {
-                Ok(Some(order)) if order.is_finished() => waited.finished.push(Arc::new(order)),
-                Ok(Some(_)) => still.push(*id),
-                Ok(None) => waited.missing.push(*id),
-                Err(error) => {
-                    failure = Some(error);
-                    still.push(*id);
-                }
-            }
-        }
-        waited.pending = still;
-        if failure.is_some() || Instant::now() >= deadline {
+        if waited.pending.is_empty() || Instant::now() >= deadline {
             break;
         }
+        let recheck = deadline.min(Instant::now() + WAIT_RECHECK);
+        // Handed finished orders as they end on this node; all are read again now and then.
+        to_read = tokio::select! {
+            Some((id, handed)) = woken.next() => {
+                let Some(position) = waited.pending.iter().position(|pending| *pending == id) else {
+                    continue;
+                };
+                match handed {
+                    Some(order) if scope.covers(&order) => {
+                        waited.pending.swap_remove(position);
+                        waited.finished.push(order);
+                        Vec::new()
+                    }
+                    // Not the caller's: the read tells it so.
+                    Some(_) => vec![id],
+                    // Released: read now, and watch once more in case it runs here again.
+                    None if released.insert(id) => {
+                        woken.push(watched(waiters, id));
+                        vec![id]
+                    }
+                    None => Vec::new(),
+                }
+            }
+            _ = sleep_until(recheck) => waited.pending.clone(),
+        };
     }
     drop(woken);
-    match failure {
-        Some(error) => Err(error),
-        None => Ok(waited),
+    // What ran here may not have been read yet: read it now, so that an order the caller may
+    // not see is reported missing, never pending.
+    let unread: Vec<OrderId> = waited
+        .pending
+        .iter()
+        .copied()
+        .filter(|id| !read.contains(id))
+        .collect();
+    if !unread.is_empty() {
+        sort(store, scope, &mut waited, &unread).await?;
     }
+    Ok(waited)
+}
+
+/// The watch of `id` in `waiters`, as a future of the id and what it resolved with.
+fn watched(
+    waiters: &Waiters,
+    id: OrderId,
+) -> impl Future<Output = (OrderId, Option<Arc<Order>>)> + '_ {
+    let watch = waiters.watch(id);
+    async move { (id, watch.await) }
+}
+
+/// Reads `ids` (all pending in `waited`) and moves the finished ones to `waited.finished`, and
+/// the unknown ones and those `scope` may not see to `waited.missing`.
+async fn sort(
+    store: &dyn OrderStore,
+    scope: Scope<'_>,
+    waited: &mut Waited,
+    ids: &[OrderId],
+) -> Result<(), StoreError> {
+    let reads = store.get_many(ids).await;
+    for (id, read) in ids.iter().zip(reads) {
+        let outcome = match read?.filter(|order| scope.covers(order)) {
+            Some(order) if order.is_finished() => Some(Arc::new(order)),
+            Some(_) => continue,
+            None => None,
+        };
+        let Some(position) = waited.pending.iter().position(|pending| pending == id) else {
+            continue;
+        };
+        waited.pending.swap_remove(position);
+        match outcome {
+            Some(order) => waited.finished.push(order),
+            None => waited.missing.push(*id),
+        }
+    }
+    Ok(())
 }

@@ -283,3 +283,33 @@ async fn cluster_metrics_show_leadership_gossip_and_takeover() {
         1.0
     );
 }
+
+/// A long poll for orders that run on the node it asks does not read them from the store: each
+/// is handed over as it finishes there.
+#[tokio::test]
+async fn a_long_poll_for_orders_running_here_does_not_read_them() {
+    let node = Node::start(&simulate("200ms")).await;
+    let user = unique_user("local-waiter");
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(node.create_order(&user, &json!({})).await);
+    }
+    let before = scrape(&node).await;
+    let reply = node
+        .call(Method::POST, "/orders/wait")
+        .user(&user)
+        .body(json!({ "order_ids": ids, "wait": "30s" }).to_string())
+        .send()
+        .await;
+    let body = node.expect_json(&reply, 200, "batch wait");
+    assert_eq!(body["orders"].as_array().map(Vec::len), Some(20), "{body}");
+    let after = scrape(&node).await;
+    // Read only: orders that finished before the poll came, and those a slow machine kept
+    // running until the poll's recheck (2 s).
+    let reads = delta(
+        &before,
+        &after,
+        "order_process_store_operation_duration_seconds_count{operation=\"get\"}",
+    );
+    assert!(reads < 20.0, "the poll read {reads} orders");
+}
