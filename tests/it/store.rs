@@ -974,14 +974,16 @@ fn members(port: u16, named: impl Fn(u16) -> String) -> String {
 
 /// How many entries `user`'s state indexes hold in all, on the Redis at `port`.
 fn filed(port: u16, user: &str) -> usize {
-    let codes = Step::ALL
+    let codes: std::collections::BTreeSet<&str> = Step::ALL
         .iter()
         .map(|step| keys::state_code(*step, None))
         .chain(
             [RollbackState::Complete, RollbackState::Incomplete]
                 .map(|state| keys::state_code(Step::Failed, Some(state))),
-        );
+        )
+        .collect();
     codes
+        .into_iter()
         .map(|code| {
             members(port, |shard| keys::state_key(shard, code, user))
                 .parse::<usize>()
@@ -1203,10 +1205,126 @@ async fn redis_store_lists_by_state_orders_stored_before_the_state_index() {
             .parse::<usize>()
             .unwrap_or(0)
     };
-    assert_eq!(filed_in("Scheduling"), running.len());
+    assert_eq!(filed_in(keys::RUNNING), running.len() + 1);
     assert_eq!(filed_in("Completed"), completed.len());
     assert_eq!(filed_in("rollback-incomplete"), parked_ids.len());
     check().await;
+}
+
+/// How many entries the state index `code` of `user` holds in all shards.
+fn filed_in(redis: &RedisServer, user: &str, code: &str) -> usize {
+    members(redis.port, |shard| keys::state_key(shard, code, user))
+        .parse::<usize>()
+        .unwrap_or(0)
+}
+
+/// The four work steps share one state index: a transition from one to the next writes the
+/// order and no index entry; listings filtered by a work step still list each order at its own.
+#[tokio::test]
+async fn redis_store_moves_orders_between_work_steps_without_writing_an_index() {
+    let (redis, store) = plain_store();
+    let user = "work-steps";
+    let mut orders = Vec::new();
+    for offset in 0..10 {
+        let order = new_order(user, "node-a", offset * 10);
+        create(&store, &order).await;
+        orders.push(order);
+    }
+    let index_writes = || calls_of(&redis, "zadd") + calls_of(&redis, "zrem");
+    let before = index_writes();
+    for (n, order) in orders.iter_mut().enumerate() {
+        // Order n goes n % 4 steps on: Scheduling, Pre-Processing, Processing, Post-Processing.
+        for _ in 0..n % 4 {
+            *order = succeed(order);
+            store.commit(order).await.expect("commit");
+        }
+    }
+    assert_eq!(index_writes() - before, 0, "index entries written");
+    assert_eq!(filed_in(&redis, user, keys::RUNNING), orders.len());
+    for step in Step::WORK {
+        let at_step: Vec<OrderId> = orders
+            .iter()
+            .rev()
+            .filter(|order| order.current_step == step)
+            .map(|order| order.order_id)
+            .collect();
+        assert_eq!(listed(&store, user, Some(step), None).await, at_step);
+    }
+    // Finishing moves an order out of the running index, into `Completed`'s.
+    let done = finish(&store, &orders[0]).await;
+    assert_eq!(filed_in(&redis, user, keys::RUNNING), orders.len() - 1);
+    assert_eq!(
+        listed(&store, user, Some(Step::Completed), None).await,
+        vec![done.order_id]
+    );
+}
+
+/// An earlier version filed an order at a work step under that step's own index: listings
+/// filtered by the step find it there, its next transition moves it into the running index,
+/// and the index repair moves those that stay where they are.
+#[tokio::test]
+async fn redis_store_lists_and_moves_orders_filed_under_a_work_step_by_an_earlier_version() {
+    let (redis, store) = plain_store();
+    repair_all(&store).await;
+    let user = "step-filed";
+    let mut orders = Vec::new();
+    for offset in 0..3 {
+        let mut order = new_order(user, "node-a", offset * 10);
+        create(&store, &order).await;
+        order = succeed(&order);
+        store.commit(&order).await.expect("commit");
+        orders.push(order);
+    }
+    // As the earlier version filed them: under `Pre-Processing`, named so in `filed`.
+    let refile = "for i = 1, #KEYS, 3 do \
+          local member = redis.call('ZRANGE', KEYS[i + 1], 0, 0)[1] \
+          redis.call('ZREM', KEYS[i + 1], member) \
+          redis.call('ZADD', KEYS[i + 2], 0, member) \
+          redis.call('HSET', KEYS[i], 'filed', KEYS[i + 2]) \
+        end return 1";
+    let mut args = vec![
+        "EVAL".to_string(),
+        refile.to_string(),
+        (orders.len() * 3).to_string(),
+    ];
+    for order in &orders {
+        let shard = keys::shard_of(order.order_id);
+        args.push(keys::order_key(order.order_id));
+        args.push(keys::state_key(shard, keys::RUNNING, user));
+        args.push(keys::state_key(shard, "Pre-Processing", user));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    redis.cli(&args);
+    assert_eq!(filed_in(&redis, user, keys::RUNNING), 0);
+    assert_eq!(filed_in(&redis, user, "Pre-Processing"), 3);
+    let newest_first = |orders: &[Order]| -> Vec<OrderId> {
+        orders.iter().rev().map(|order| order.order_id).collect()
+    };
+    assert_eq!(
+        listed(&store, user, Some(Step::PreProcessing), None).await,
+        newest_first(&orders)
+    );
+    // One moves on a step: out of the step's own index, into the running one.
+    orders[0] = succeed(&orders[0]);
+    store.commit(&orders[0]).await.expect("commit");
+    assert_eq!(filed_in(&redis, user, "Pre-Processing"), 2);
+    assert_eq!(filed_in(&redis, user, keys::RUNNING), 1);
+    assert_eq!(
+        listed(&store, user, Some(Step::Processing), None).await,
+        vec![orders[0].order_id]
+    );
+    assert_eq!(
+        listed(&store, user, Some(Step::PreProcessing), None).await,
+        newest_first(&orders[1..])
+    );
+    // The repair files the others in the running index too.
+    repair_all(&store).await;
+    assert_eq!(filed_in(&redis, user, "Pre-Processing"), 0);
+    assert_eq!(filed_in(&redis, user, keys::RUNNING), 3);
+    assert_eq!(
+        listed(&store, user, Some(Step::PreProcessing), None).await,
+        newest_first(&orders[1..])
+    );
 }
 
 /// A file written before orders were filed by finish time opens, and its finished orders are

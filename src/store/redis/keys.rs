@@ -16,9 +16,12 @@
 //!   listing; a user's listing merges those of all shards.
 //! - `op:{s:NN}:state:{code}:{user}`: sorted set like the user index, of the user's orders of
 //!   the shard in one state: `code` is the order's rollback state (`rollback-complete`,
-//!   `rollback-incomplete`) when it has one, else its current step (`Scheduling`, …, `Failed`).
-//!   The order hash names the one it is filed under in `filed`; what listings filtered by step
-//!   or rollback state read, once [`STATE_INDEXED`] says every order is filed.
+//!   `rollback-incomplete`) when it has one, `running` at any of the four work steps (see
+//!   [`RUNNING`]), else its step (`Completed`, `Failed`). The order hash names the one it is
+//!   filed under in `filed`; what listings filtered by step or rollback state read, once
+//!   [`STATE_INDEXED`] says every order is filed. An earlier version filed orders at a work step
+//!   under the step's own code (`Scheduling`, …, `Post-Processing`): listings read those too,
+//!   and an order leaves one at its next transition.
 //! - `op:{s:NN}:idem:{user}:{key}`: the order an idempotency key created, expiring after 24 h,
 //!   or with the order if that comes first (the order hash names it in `idem`).
 //! - `op:{s:NN}:finished`: sorted set of `{id} {user index member} {user}` scored with when that
@@ -166,12 +169,18 @@ pub fn state_key(shard: u16, code: &str, user: &str) -> String {
     shard_key(shard, &["state:", code, ":", user])
 }
 
+/// The state index code of the orders at any of the four work steps. One index for them all,
+/// so that a transition from one work step to the next touches no index (listings filtered by
+/// a work step read the few running orders and keep that step's).
+pub const RUNNING: &str = "running";
+
 /// The state index code of an order at `step` with `rollback`: its rollback state when it has
-/// one (only failed orders do, at [`Step::Failed`]), else its step.
+/// one (only failed orders do, at [`Step::Failed`]), [`RUNNING`] at a work step, else its step.
 pub fn state_code(step: Step, rollback: Option<RollbackState>) -> &'static str {
     match rollback {
         Some(RollbackState::Complete) => "rollback-complete",
         Some(RollbackState::Incomplete) => "rollback-incomplete",
+        None if Step::WORK.contains(&step) => RUNNING,
         None => step.as_str(),
     }
 }
@@ -276,6 +285,10 @@ mod tests {
         assert!(Step::ALL
             .iter()
             .all(|step| !state_code(*step, None).contains(':')));
+        for step in Step::WORK {
+            assert_eq!(state_code(step, None), RUNNING);
+            assert_ne!(step.as_str(), RUNNING);
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use super::keys;
 use super::keys::{
     aside_key, finished_key, idem_key, in_shard, order_key, order_pattern, owned_key, parked_key,
     probe_key, shard_of, shard_of_key, shards, state_code, state_key, user_key, FINISHED_CODES,
-    STATE_INDEXED,
+    RUNNING, STATE_INDEXED,
 };
 use super::scripts::Scripts;
 use crate::order::{Order, OrderId, Phase, RollbackState, Step};
@@ -106,8 +106,9 @@ fn state_index(order: &Order) -> String {
 
 /// The state index codes a filtered listing reads (then filtering what it reads by `query`), or
 /// `None` for an unfiltered one. A rollback state is set only on failed orders, which never
-/// change step again: a step's orders other than `Failed` are all in its own index; `Failed`
-/// ones in that and in the two rollback states'.
+/// change step again: `Completed` orders are all in its own index; `Failed` ones in that and in
+/// the two rollback states'; a work step's in the running index, or in the step's own where an
+/// earlier version filed them.
 fn listing_codes(query: &ListQuery) -> Option<Vec<&'static str>> {
     match (query.rollback_state, query.current_step) {
         (Some(state), _) => Some(vec![state_code(Step::Failed, Some(state))]),
@@ -120,16 +121,20 @@ fn listing_codes(query: &ListQuery) -> Option<Vec<&'static str>> {
             .map(|state| state_code(Step::Failed, state))
             .to_vec(),
         ),
+        (None, Some(step)) if Step::WORK.contains(&step) => {
+            Some(vec![state_code(step, None), step.as_str()])
+        }
         (None, Some(step)) => Some(vec![state_code(step, None)]),
         (None, None) => None,
     }
 }
 
-/// Every state index code, for taking a gone order out of all of them.
+/// Every state index code, an earlier version's included, for taking a gone order out of all.
 fn all_codes() -> impl Iterator<Item = &'static str> {
     Step::ALL
         .iter()
-        .map(|step| state_code(*step, None))
+        .map(|step| step.as_str())
+        .chain([RUNNING])
         .chain(FINISHED_CODES[1..].iter().copied())
 }
 
@@ -1118,8 +1123,9 @@ mod tests {
         assert_eq!(codes(None, None), None);
         assert_eq!(
             codes(Some(Step::Processing), None),
-            Some(vec!["Processing"])
+            Some(vec!["running", "Processing"])
         );
+        assert_eq!(codes(Some(Step::Completed), None), Some(vec!["Completed"]));
         assert_eq!(
             codes(Some(Step::Failed), None),
             Some(vec!["Failed", "rollback-complete", "rollback-incomplete"])
@@ -1133,7 +1139,15 @@ mod tests {
         let mut every: Vec<&str> = all_codes().collect();
         every.sort_unstable();
         every.dedup();
-        assert_eq!(every.len(), Step::ALL.len() + 2);
+        assert_eq!(every.len(), Step::ALL.len() + 3);
+        for code in [
+            "running",
+            "Scheduling",
+            "Post-Processing",
+            "rollback-complete",
+        ] {
+            assert!(every.contains(&code), "{code} missing");
+        }
     }
 
     #[test]

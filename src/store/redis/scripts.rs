@@ -8,8 +8,8 @@ use deadpool_redis::redis::Script;
 /// order hash expires `retention` ms from now, and so does its idempotency key `idem` (sooner if
 /// it was to expire sooner anyway) when that key still names this order; the finished index gets
 /// an entry, scored with when the order expires, from which the retention pass later takes the
-/// order's user index entry out. The idempotency key's name is read from the order hash by
-/// `own_idem`, before the script writes anything: it is the one key a script touches that the
+/// order's user index entry out. The idempotency key's name is read from the order hash (by
+/// `own_idem`, or with the rest a commit reads) before the script writes anything: it is the one key a script touches that the
 /// caller cannot name in KEYS, and it is in the order's shard (its hash slot) by construction, so
 /// Redis Cluster runs it; were that slot half moved to another primary, the read fails before any
 /// write, and the caller tries again.
@@ -63,9 +63,10 @@ const COMMIT: &str = r"
 local function commit(k, a)
   local order, owned, finished, parked, index = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
   local owner, epoch, doc, aware, state, step, id, revision, retention, entry, is_parked, member = unpack(ARGV, a + 1, a + 12)
+  local cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed', 'idem')
+  -- own_idem, with the key's name read above, before anything is written.
   local idem = false
-  if state == 'finished' then idem = own_idem(order, id) end
-  local cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed')
+  if state == 'finished' and cur[6] and redis.call('GET', cur[6]) == id then idem = cur[6] end
   if not cur[1] then
     redis.call('SREM', owned, id)
     return 'missing'
@@ -86,14 +87,15 @@ local function commit(k, a)
     redis.call('HSET', order, 'rev', revision)
     return 'ok'
   end
-  -- file_state, with the filed key read above and written with the rest (two calls fewer).
+  -- file_state, with the filed key read above and written with the rest; an order filed
+  -- under its index already is in it (every write of `filed` adds it), and stays.
   if cur[5] ~= index then
     if cur[5] then redis.call('ZREM', cur[5], member) end
     redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step, 'rev', revision, 'filed', index)
+    redis.call('ZADD', index, 0, member)
   else
     redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step, 'rev', revision)
   end
-  redis.call('ZADD', index, 0, member)
   if state == 'finished' or state == 'notifying' then
     if is_parked == '1' then
       redis.call('ZADD', parked, 0, id)
@@ -134,13 +136,15 @@ local function create(k, nk, a)
   if redis.call('EXISTS', order) == 1 then
     return {'exists', redis.call('HGET', order, 'owner')}
   end
-  redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step)
-  redis.call('ZADD', user_index, 0, member)
-  file_state(order, index, member)
+  -- file_state, for an order that is filed nowhere yet.
   if idem then
     redis.call('SET', idem, id, 'EX', ttl)
-    redis.call('HSET', order, 'idem', idem)
+    redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step, 'filed', index, 'idem', idem)
+  else
+    redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step, 'filed', index)
   end
+  redis.call('ZADD', user_index, 0, member)
+  redis.call('ZADD', index, 0, member)
   if state ~= 'finished' then
     redis.call('SADD', owned, id)
   else
@@ -349,7 +353,7 @@ pub(super) struct Scripts {
 impl Scripts {
     pub fn new() -> Scripts {
         Scripts {
-            writes: Script::new(&format!("{FINISH}{STATE}{COMMIT}{CREATE}{WRITES}")),
+            writes: Script::new(&format!("{FINISH}{COMMIT}{CREATE}{WRITES}")),
             cancel: Script::new(CANCEL),
             reassign: Script::new(REASSIGN),
             enlist: Script::new(ENLIST),
