@@ -230,6 +230,9 @@ pub struct Report {
     /// Drains that finished before the kill came: their orders were handed over (or done), so
     /// there was no takeover to measure.
     drains_finished: usize,
+    /// Pauses and cuts from Redis whose victim held its liveness lease again before any
+    /// takeover: its orders were its own again, and a takeover after that is a later fault's.
+    leases_back: usize,
     /// Effects applied more than once for one idempotency key (must be 0).
     effects_applied_twice: usize,
     /// Runs repeated with a key already applied: answered again, nothing applied (at-least-once
@@ -543,6 +546,14 @@ impl Report {
                     (until - since).to_std().unwrap_or_default() > TAKEOVER_BOUND
                 }
             };
+            if let Some(line) = resumed {
+                if matches!(fault.kind, Kind::PauseNode | Kind::CutRedis)
+                    && lease_back(logs, faults, victim, fault, line.at)
+                {
+                    report.leases_back += 1;
+                    continue;
+                }
+            }
             match resumed {
                 Some(line) => {
                     let latency = (line.at - start).to_std().unwrap_or_default();
@@ -702,9 +713,10 @@ impl Report {
             self.lost_in_failover
         );
         println!(
-            "takeover      {} (a drain cut short: from the kill; {} drains that finished first left out)",
+            "takeover      {} (a drain cut short: from the kill; {} drains that finished first left out; {} pauses and cuts from redis whose node held its lease again first left out)",
             latencies(&self.takeovers),
-            self.drains_finished
+            self.drains_finished,
+            self.leases_back
         );
         for (kind, values) in &self.takeover_by_kind {
             println!("  {kind:<21}{}", latencies(values));
@@ -853,6 +865,37 @@ fn drain_finished(logs: &Logs, victim: usize, fault: &Fault) -> bool {
         && !during("cannot list unfinished orders to hand over; the leader will move them")
 }
 
+/// Whether the victim of `fault` (paused, or cut from Redis) logged its liveness lease renewed
+/// after the fault healed and before `until`. Read only from a victim whose clock was true then:
+/// a skewed clock could put a later renewal before `until`.
+fn lease_back(
+    logs: &Logs,
+    faults: &[Fault],
+    victim: usize,
+    fault: &Fault,
+    until: DateTime<Utc>,
+) -> bool {
+    let Some(healed) = fault.healed else {
+        return false;
+    };
+    // A skewed process's last lines may come up to the largest skew after its restart.
+    let skewed = faults.iter().any(|skew| {
+        skew.kind == Kind::SkewClock
+            && skew.node == Some(victim)
+            && skew.at < until
+            && skew
+                .healed
+                .is_none_or(|end| end + chrono::Duration::seconds(30) > healed)
+    });
+    !skewed
+        && logs.lines.iter().any(|line| {
+            line.node == victim
+                && line.at >= healed
+                && line.at < until
+                && line.message == "liveness lease renewed again"
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -922,6 +965,31 @@ mod tests {
             panics: Vec::new(),
         };
         assert!(!drain_finished(&left, 0, &drained), "orders left behind");
+    }
+
+    #[test]
+    fn a_takeover_after_the_victim_held_its_lease_again_is_not_the_faults() {
+        let cut = fault(Kind::CutRedis, Some(0), 100, 105);
+        let renewed_at = |seconds| Logs {
+            lines: vec![
+                logged(1, 106, "liveness lease renewed again"),
+                logged(0, seconds, "liveness lease renewed again"),
+            ],
+            panics: Vec::new(),
+        };
+        assert!(lease_back(&renewed_at(106), &[], 0, &cut, at(108)));
+        assert!(
+            !lease_back(&renewed_at(109), &[], 0, &cut, at(108)),
+            "after"
+        );
+        assert!(!lease_back(&renewed_at(103), &[], 0, &cut, at(108)), "cut");
+        let skewed = fault(Kind::SkewClock, Some(0), 80, 95);
+        assert!(
+            !lease_back(&renewed_at(106), &[skewed], 0, &cut, at(108)),
+            "a clock not to be trusted"
+        );
+        let long_ago = fault(Kind::SkewClock, Some(0), 20, 40);
+        assert!(lease_back(&renewed_at(106), &[long_ago], 0, &cut, at(108)));
     }
 
     fn listening(node: usize, seconds: i64) -> LogLine {
