@@ -1250,8 +1250,11 @@ async fn redis_store_moves_orders_between_work_steps_without_writing_an_index() 
             .collect();
         assert_eq!(listed(&store, user, Some(step), None).await, at_step);
     }
-    // Finishing moves an order out of the running index, into `Completed`'s.
+    // Finishing moves an order out of the running index, into `Completed`'s, and files it
+    // in the finished index: three entries written, whatever step it finishes from.
+    let before = index_writes();
     let done = finish(&store, &orders[0]).await;
+    assert_eq!(index_writes() - before, 3, "index entries written");
     assert_eq!(filed_in(&redis, user, keys::RUNNING), orders.len() - 1);
     assert_eq!(
         listed(&store, user, Some(Step::Completed), None).await,

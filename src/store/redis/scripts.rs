@@ -7,7 +7,8 @@ use deadpool_redis::redis::Script;
 /// Shared by the scripts that finish an order (prefixed to them): starts its retention. The
 /// order hash expires `retention` ms from now, and so does its idempotency key `idem` (sooner if
 /// it was to expire sooner anyway) when that key still names this order; the finished index gets
-/// an entry, scored with when the order expires, from which the retention pass later takes the
+/// an entry, scored with when the order expires (by Redis's clock, read once per script call:
+/// an entry due a moment early is scored again by the retention pass), from which the retention pass later takes the
 /// order's user index entry out. The idempotency key's name is read from the order hash (by
 /// `own_idem`, or with the rest a commit reads) before the script writes anything: it is the one key a script touches that the
 /// caller cannot name in KEYS, and it is in the order's shard (its hash slot) by construction, so
@@ -19,12 +20,15 @@ local function own_idem(order, id)
   if idem and redis.call('GET', idem) == id then return idem end
   return false
 end
+local now_ms = false
 local function finish(order, idem, retention, finished, entry)
   redis.call('PEXPIRE', order, retention)
   if idem then redis.call('PEXPIRE', idem, retention, 'LT') end
-  local now = redis.call('TIME')
-  local expires = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(retention)
-  redis.call('ZADD', finished, expires, entry)
+  if not now_ms then
+    local now = redis.call('TIME')
+    now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  end
+  redis.call('ZADD', finished, now_ms + tonumber(retention), entry)
 end
 ";
 
@@ -63,7 +67,7 @@ const COMMIT: &str = r"
 local function commit(k, a)
   local order, owned, finished, parked, index = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
   local owner, epoch, doc, aware, state, step, id, revision, retention, entry, is_parked, member = unpack(ARGV, a + 1, a + 12)
-  local cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed', 'idem')
+  local cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed', 'idem', 'state')
   -- own_idem, with the key's name read above, before anything is written.
   local idem = false
   if state == 'finished' and cur[6] and redis.call('GET', cur[6]) == id then idem = cur[6] end
@@ -96,10 +100,11 @@ local function commit(k, a)
   else
     redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step, 'rev', revision)
   end
+  -- Only an order stored finished (or notifying) can be in the parked index.
   if state == 'finished' or state == 'notifying' then
     if is_parked == '1' then
       redis.call('ZADD', parked, 0, id)
-    else
+    elseif cur[7] ~= 'forward' and cur[7] ~= 'rolling_back' then
       redis.call('ZREM', parked, id)
     end
   end
