@@ -47,18 +47,26 @@ pub async fn wait_finished(
         return Ok(None);
     };
     let mut order = Arc::new(order);
-    let mut woken = false;
+    // Released once (watched again once, so that a finish in a new execution here is handed
+    // over too), then woken for good.
+    let (mut released, mut woken) = (false, false);
     while !order.is_finished() && Instant::now() < deadline {
         // Handed the finished order when it ends on this node; otherwise read again now and
         // then, since it may be running on another node.
         let recheck = deadline.min(Instant::now() + WAIT_RECHECK);
-        let finished = tokio::select! {
-            finished = &mut watch, if !woken => {
-                woken = true;
-                finished
-            }
-            _ = sleep_until(recheck) => None,
+        let (finished, from_watch) = tokio::select! {
+            finished = &mut watch, if !woken => (finished, true),
+            _ = sleep_until(recheck) => (None, false),
         };
+        if from_watch {
+            if finished.is_none() && !released {
+                // Registered before the read below, as the first watch was.
+                released = true;
+                watch = waiters.watch(id);
+            } else {
+                woken = true;
+            }
+        }
         order = match finished {
             Some(finished) if scope.covers(&finished) => finished,
             _ => match visible(store, scope, id).await? {
@@ -179,4 +187,54 @@ async fn sort(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    /// A wait released when the order's execution here ended, with the order not finished in
+    /// the store (it is to run here again), is handed the order when it finishes here then.
+    #[tokio::test]
+    async fn a_single_wait_released_is_handed_a_finish_in_a_new_execution_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let waiters = &Waiters::default();
+        let order = Order::new(
+            OrderId::now_v7(),
+            "alice".into(),
+            serde_json::json!({}),
+            "node-a".into(),
+            chrono::Utc::now(),
+        );
+        store.create(&order, None).await.unwrap();
+        let id = order.order_id;
+        let wait = wait_finished(
+            &store,
+            waiters,
+            Scope::User("alice"),
+            id,
+            Duration::from_secs(5),
+        );
+        let run = async {
+            // The wait is registered (first, and again after its release).
+            let registered = || async move {
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while waiters.len() != 1 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            };
+            registered().await;
+            waiters.ended(id);
+            registered().await;
+            let mut finished = order.clone();
+            finished.phase = crate::order::Phase::Finished;
+            finished.current_step = crate::order::Step::Completed;
+            waiters.notify(&finished);
+        };
+        let (waited, ()) = tokio::join!(wait, run);
+        let waited = waited.unwrap().unwrap();
+        assert!(waited.is_finished(), "not handed the finish: {waited:?}");
+    }
 }
