@@ -266,7 +266,7 @@ impl<'a> From<&'a Order> for Fence<'a> {
 
 /// Whether a commit of `new` over a stored order fenced by `stored` must be refused, and why;
 /// `same_as_stored` tells (asked only when the revisions are equal) whether `new` is the very
-/// order stored. The embedded store's check; the Redis store's commit script applies the same
+/// order stored. The embedded store's check; the Redis store's writes script applies the same
 /// rule in Lua, and the conformance tests hold both to it.
 pub fn check_commit(
     stored: Fence<'_>,

@@ -173,7 +173,7 @@ fn decode_or_skip(fields: Vec<Option<String>>, key: &str) -> Option<Order> {
     })
 }
 
-/// What the commit script's answer means.
+/// What the writes script answered to a commit.
 fn commit_outcome(answer: &str) -> Result<(), StoreError> {
     match answer {
         "ok" => Ok(()),
@@ -681,7 +681,7 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// What the create script did.
+/// What the writes script did with a create.
 enum Written {
     /// Stored, with its index entries and idempotency key.
     New,
