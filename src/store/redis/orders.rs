@@ -504,7 +504,9 @@ impl RedisStore {
         }
         let mut call = self.scripts.writes.prepare_invoke();
         write.add_to(&mut call);
-        let answers: Vec<Value> = self.redis.write(&call).await?;
+        // Boxed: that future is large, and every create and commit future would carry its
+        // size (and copy it into their own box) though only a Redis Cluster takes this way.
+        let answers: Vec<Value> = Box::pin(self.redis.write(&call)).await?;
         answers
             .into_iter()
             .next()
