@@ -7,13 +7,14 @@ use deadpool_redis::redis::Script;
 /// Shared by the scripts that finish an order (prefixed to them): starts its retention. The
 /// order hash expires `retention` ms from now, and so does its idempotency key `idem` (sooner if
 /// it was to expire sooner anyway) when that key still names this order; the finished index gets
-/// an entry, scored with when the order expires (by Redis's clock, read once per script call:
-/// an entry due a moment early is scored again by the retention pass), from which the retention pass later takes the
-/// order's user index entry out. The idempotency key's name is read from the order hash (by
-/// `own_idem`, or with the rest a commit reads) before the script writes anything: it is the one key a script touches that the
-/// caller cannot name in KEYS, and it is in the order's shard (its hash slot) by construction, so
-/// Redis Cluster runs it; were that slot half moved to another primary, the read fails before any
-/// write, and the caller tries again.
+/// an entry, scored with when the order expires (by Redis's clock, read once per script call: an
+/// entry due a moment early is scored again by the retention pass), from which the retention
+/// pass later takes the order's user index entry out. The idempotency key's name is read from
+/// the order hash (by `own_idem`, or with the rest a commit reads) before the script writes
+/// anything: it is the one key a script touches that the caller cannot name in KEYS, and it is
+/// in the order's shard (its hash slot) by construction, so Redis Cluster runs it; were that
+/// slot half moved to another primary, the read fails before any write, and the caller tries
+/// again.
 const FINISH: &str = r"
 local function own_idem(order, id)
   local idem = redis.call('HGET', order, 'idem')
