@@ -5,9 +5,9 @@
 //! to fill. Fewer calls cost Redis and the node less CPU per write (fewer commands to parse,
 //! scripts to start and syscalls on both sides) than the hops between tasks a batch adds.
 
-use super::conn::Connections;
+use super::conn::{Connections, ScriptCall};
 use crate::store::StoreError;
-use deadpool_redis::redis::{Script, ScriptInvocation, Value};
+use deadpool_redis::redis::{Cmd, Script, Value};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
@@ -33,13 +33,49 @@ impl Write {
         }
     }
 
-    /// Adds this write's keys and arguments to a call of the writes script.
-    pub fn add_to(&self, call: &mut ScriptInvocation<'_>) {
+    fn keys(&self) -> &[String] {
         match self {
-            Write::Commit(commit) => commit.add_to(call),
-            Write::Create(create) => create.add_to(call),
+            Write::Commit(commit) => &commit.keys,
+            Write::Create(create) => &create.keys,
         }
     }
+
+    /// About how many bytes its keys and arguments take: its doc and a few hundred more.
+    fn bytes(&self) -> usize {
+        let doc = match self {
+            Write::Commit(commit) => commit.doc.len(),
+            Write::Create(create) => create.doc.len(),
+        };
+        doc + 512
+    }
+
+    /// Adds this write's arguments to a call of the writes script.
+    fn add_args(&self, call: &mut Cmd) {
+        match self {
+            Write::Commit(commit) => commit.add_args(call),
+            Write::Create(create) => create.add_args(call),
+        }
+    }
+}
+
+/// The call of the writes script `script` that makes `writes`, in their order: all their keys,
+/// then each write's arguments.
+pub(super) fn call<'s, 'w>(
+    script: &'s Script,
+    writes: impl Iterator<Item = &'w Write> + Clone,
+) -> ScriptCall<'s> {
+    let keys = writes.clone().map(|write| write.keys().len()).sum();
+    let bytes = writes.clone().map(Write::bytes).sum();
+    let mut call = ScriptCall::new(script, keys, bytes);
+    for write in writes.clone() {
+        for key in write.keys() {
+            call.command.arg(key);
+        }
+    }
+    for write in writes {
+        write.add_args(&mut call.command);
+    }
+    call
 }
 
 /// One order's transition, as the writes script takes it.
@@ -62,10 +98,7 @@ pub(super) struct Commit {
 }
 
 impl Commit {
-    fn add_to(&self, call: &mut ScriptInvocation<'_>) {
-        for key in &self.keys {
-            call.key(key);
-        }
+    fn add_args(&self, call: &mut Cmd) {
         call.arg("commit")
             .arg(self.keys.len())
             .arg(&self.owner)
@@ -105,10 +138,7 @@ pub(super) struct Create {
 }
 
 impl Create {
-    fn add_to(&self, call: &mut ScriptInvocation<'_>) {
-        for key in &self.keys {
-            call.key(key);
-        }
+    fn add_args(&self, call: &mut Cmd) {
         call.arg("create")
             .arg(self.keys.len())
             .arg(&self.doc)
@@ -229,10 +259,7 @@ async fn send_groups(
 
 /// One script call for `group`; each write in it gets its own answer.
 async fn send_group(redis: &Connections, script: &Script, group: Vec<Pending>) {
-    let mut call = script.prepare_invoke();
-    for Pending { write, .. } in &group {
-        write.add_to(&mut call);
-    }
+    let call = call(script, group.iter().map(|pending| &pending.write));
     let answers: Result<Vec<Value>, StoreError> = redis.write(&call).await;
     match answers {
         Ok(answers) if answers.len() == group.len() => {

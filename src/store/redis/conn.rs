@@ -530,6 +530,58 @@ async fn query_loading<T: FromRedisValue + Send, R: Request + ?Sized>(
     }
 }
 
+/// One call of a script, as the `EVALSHA` command it is sent as; when Redis has forgotten the
+/// script, it is loaded and the call sent once more (nothing of it ran). Built straight into its
+/// command, its keys and arguments are copied once (a `ScriptInvocation` keeps each in a buffer of
+/// its own and copies them all into the command it sends).
+pub(crate) struct ScriptCall<'s> {
+    pub command: redis::Cmd,
+    pub script: &'s Script,
+}
+
+impl<'s> ScriptCall<'s> {
+    /// A call of `script` with `keys` keys, which the caller adds to `command` before its
+    /// arguments; room for `bytes` bytes of them.
+    pub fn new(script: &'s Script, keys: usize, bytes: usize) -> ScriptCall<'s> {
+        let mut command = redis::Cmd::with_capacity(3 + keys, bytes + 64);
+        command.arg("EVALSHA").arg(script.get_hash()).arg(keys);
+        ScriptCall { command, script }
+    }
+}
+
+impl Request for ScriptCall<'_> {
+    fn send<'a, T: FromRedisValue + Send + 'a>(
+        &'a self,
+        connection: &'a mut Link,
+    ) -> BoxFuture<'a, RedisResult<T>> {
+        Box::pin(async move {
+            match self.command.query_async(connection).await {
+                Err(error)
+                    if error.kind()
+                        == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    self.script.load_async(connection).await?;
+                    self.command.query_async(connection).await
+                }
+                other => other,
+            }
+        })
+    }
+
+    fn pipelined(&self) -> Option<Pipelined> {
+        let mut pipeline = redis::pipe();
+        pipeline.add_command(self.command.clone());
+        Some(Pipelined {
+            pipeline,
+            single: true,
+        })
+    }
+
+    fn load_scripts<'a>(&'a self, connection: &'a mut Link) -> BoxFuture<'a, RedisResult<()>> {
+        Box::pin(async move { self.script.load_async(connection).await.map(drop) })
+    }
+}
+
 /// A write followed by `WAIT` on the same connection: see [`Connections::write`].
 struct Acked<'a, R: ?Sized> {
     request: &'a R,

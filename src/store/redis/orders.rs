@@ -1,7 +1,7 @@
 //! [`RedisStore`]: the [`OrderStore`] on Redis. Every change to an order is one Lua script (see
 //! `scripts`) that writes its index entries in the same atomic step.
 
-use super::commits::{Commit, Committer, Create, Write};
+use super::commits::{self, Commit, Committer, Create, Write};
 use super::conn::{Connections, Scripted};
 use super::keys;
 use super::keys::{
@@ -502,8 +502,7 @@ impl RedisStore {
                     ))
                 });
         }
-        let mut call = self.scripts.writes.prepare_invoke();
-        write.add_to(&mut call);
+        let call = commits::call(&self.scripts.writes, std::iter::once(&write));
         // Boxed: that future is large, and every create and commit future would carry its
         // size (and copy it into their own box) though only a Redis Cluster takes this way.
         let answers: Vec<Value> = Box::pin(self.redis.write(&call)).await?;
