@@ -11,13 +11,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What a handler is given. `idempotency_key` is the same for every attempt of the same
-/// direction, so a service can recognise a repeat (execution is at-least-once per step):
-/// `"{order_id}:{step}"` to run the step, `"{order_id}:{step}:rollback"` to undo it.
+/// What a handler is given.
 pub struct StepContext<'a> {
     pub order: &'a Order,
     pub step: Step,
-    pub idempotency_key: String,
+    /// Whether this attempt undoes the step.
+    pub rollback: bool,
     /// 1 for the first attempt in this direction; counts on across restarts.
     pub attempt: u32,
     /// The call this attempt makes: its `traceparent` (the order's trace, a span of its own).
@@ -27,17 +26,23 @@ pub struct StepContext<'a> {
 impl<'a> StepContext<'a> {
     /// The context of attempt number `attempt` at running (or undoing) `step`.
     pub fn attempt(order: &'a Order, step: Step, rollback: bool, attempt: u32) -> Self {
-        let idempotency_key = if rollback {
-            format!("{}:{}:rollback", order.order_id, step)
-        } else {
-            format!("{}:{}", order.order_id, step)
-        };
         StepContext {
             order,
             step,
-            idempotency_key,
+            rollback,
             attempt,
             call: crate::trace::spans::Call::start(order, step, rollback, attempt),
+        }
+    }
+
+    /// The same for every attempt of the same direction, so a service can recognise a repeat
+    /// (execution is at-least-once per step): `"{order_id}:{step}"` to run the step,
+    /// `"{order_id}:{step}:rollback"` to undo it. Made when asked: only handlers that call a service send it.
+    pub fn idempotency_key(&self) -> String {
+        if self.rollback {
+            format!("{}:{}:rollback", self.order.order_id, self.step)
+        } else {
+            format!("{}:{}", self.order.order_id, self.step)
         }
     }
 

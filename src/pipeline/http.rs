@@ -272,7 +272,7 @@ impl Http {
             .client
             .post(url.clone())
             .timeout(self.settings.timeout)
-            .header("Idempotency-Key", &context.idempotency_key)
+            .header("Idempotency-Key", context.idempotency_key())
             .header(EPOCH_HEADER, context.order.epoch)
             .header("traceparent", context.traceparent())
             .json(&body)
@@ -468,11 +468,11 @@ mod tests {
         let run = StepContext::attempt(&order, Step::Processing, false, 3);
         let undo = StepContext::attempt(&order, Step::Processing, true, 1);
         assert_eq!(
-            run.idempotency_key,
+            run.idempotency_key(),
             format!("{}:Processing", OrderId::nil())
         );
         assert_eq!(
-            undo.idempotency_key,
+            undo.idempotency_key(),
             format!("{}:Processing:rollback", OrderId::nil())
         );
     }
