@@ -20,6 +20,21 @@ struct Accepted {
     fail_at: Option<&'static str>,
 }
 
+/// The part of a 201 answer to `POST /orders` the bench reads.
+#[derive(serde::Deserialize)]
+struct Created {
+    order_id: String,
+}
+
+/// An answer to `POST /orders/wait`: the finished orders' views, and the ids it does not know.
+#[derive(serde::Deserialize)]
+struct WaitAnswer {
+    #[serde(default)]
+    orders: Vec<Value>,
+    #[serde(default)]
+    missing: Vec<String>,
+}
+
 /// How a finished order's history turned out.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
@@ -241,8 +256,9 @@ impl Submitter {
         let elapsed = sent.elapsed();
         let error = match reply {
             Ok(response) if response.status().as_u16() == 201 => {
-                let id = match response.json::<Value>().await {
-                    Ok(body) => body["order_id"].as_str().unwrap_or_default().to_string(),
+                // Only the id is kept: read without building the rest of the answer.
+                let id = match response.json::<Created>().await {
+                    Ok(created) => created.order_id,
                     Err(_) => String::new(),
                 };
                 let _ = lock(&self.tally).submit.record(micros(elapsed));
@@ -324,7 +340,9 @@ impl Waiter {
             .send()
             .await;
         let body = match reply {
-            Ok(response) if response.status().is_success() => response.json::<Value>().await.ok(),
+            Ok(response) if response.status().is_success() => {
+                response.json::<WaitAnswer>().await.ok()
+            }
             _ => None,
         };
         let Some(body) = body else {
@@ -337,12 +355,12 @@ impl Waiter {
                 done.push((waiting.swap_remove(position), view));
             }
         };
-        for view in body["orders"].as_array().into_iter().flatten() {
-            take(view["order_id"].as_str().unwrap_or_default(), view.clone());
+        for view in body.orders {
+            let id = view["order_id"].as_str().unwrap_or_default().to_string();
+            take(&id, view);
         }
-        for id in body["missing"].as_array().into_iter().flatten() {
-            let id = id.as_str().unwrap_or_default();
-            take(id, serde_json::json!({ "missing": id }));
+        for id in body.missing {
+            take(&id, serde_json::json!({ "missing": id }));
         }
         done
     }
