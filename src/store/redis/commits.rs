@@ -81,8 +81,9 @@ pub(super) fn call<'s, 'w>(
 /// One order's transition, as the writes script takes it.
 pub(super) struct Commit {
     pub shard: u16,
-    /// The order, the owned set, the finished and parked indexes, the new state index.
-    pub keys: [String; 5],
+    /// The order, the owned set, the new state index; for a finishing write (stored finished
+    /// or notifying), then the finished and parked indexes.
+    pub keys: Vec<String>,
     pub owner: String,
     pub epoch: u64,
     pub doc: Vec<u8>,
@@ -91,10 +92,16 @@ pub(super) struct Commit {
     pub step: &'static str,
     pub id: String,
     pub revision: u64,
+    pub member: String,
+    /// What only a finishing write takes, with the two keys more.
+    pub finish: Option<Finish>,
+}
+
+/// The arguments of a write that stores an order finished or notifying.
+pub(super) struct Finish {
     pub retention_ms: u64,
     pub finished_entry: String,
     pub parked: &'static str,
-    pub member: String,
 }
 
 impl Commit {
@@ -109,10 +116,12 @@ impl Commit {
             .arg(self.step)
             .arg(&self.id)
             .arg(self.revision)
-            .arg(self.retention_ms)
-            .arg(&self.finished_entry)
-            .arg(self.parked)
             .arg(&self.member);
+        if let Some(finish) = &self.finish {
+            call.arg(finish.retention_ms)
+                .arg(&finish.finished_entry)
+                .arg(finish.parked);
+        }
     }
 }
 

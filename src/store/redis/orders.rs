@@ -1,7 +1,7 @@
 //! [`RedisStore`]: the [`OrderStore`] on Redis. Every change to an order is one Lua script (see
 //! `scripts`) that writes its index entries in the same atomic step.
 
-use super::commits::{self, Commit, Committer, Create, Write};
+use super::commits::{self, Commit, Committer, Create, Finish, Write};
 use super::conn::{Connections, Scripted};
 use super::keys;
 use super::keys::{
@@ -794,27 +794,35 @@ impl OrderStore for RedisStore {
         } else {
             "0"
         };
+        let state = state_name(order);
+        let mut keys = vec![
+            order_key(order.order_id),
+            owned_key(shard, &order.owner),
+            state_index(order),
+        ];
+        // Only a write that stores the order finished or notifying touches the finished and
+        // parked indexes (see the commit script).
+        let finish = matches!(state, "finished" | "notifying").then(|| {
+            keys.extend([finished_key(shard), parked_key(shard)]);
+            Finish {
+                retention_ms: self.retention_ms,
+                finished_entry: finished_entry(order, &id, &member),
+                parked: flag(is_parked(order)),
+            }
+        });
         let commit = Commit {
             shard,
-            keys: [
-                order_key(order.order_id),
-                owned_key(shard, &order.owner),
-                finished_key(shard),
-                parked_key(shard),
-                state_index(order),
-            ],
+            keys,
             owner: order.owner.clone(),
             epoch: order.epoch,
             doc: encode(order)?,
             aware,
-            state: state_name(order),
+            state,
             step: order.current_step.as_str(),
-            finished_entry: finished_entry(order, &id, &member),
             id,
             revision: order.revision,
-            retention_ms: self.retention_ms,
-            parked: flag(is_parked(order)),
             member,
+            finish,
         };
         let outcome: String = from_value(self.write(Write::Commit(commit)).await?)?;
         commit_outcome(&outcome)

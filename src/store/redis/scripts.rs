@@ -53,21 +53,23 @@ local function unfile(member, from)
 end
 ";
 
-/// Commit one order's transition (a function of [`WRITES`]). KEYS, five: the order, the
-/// committer's owned set, the finished index, the parked index, the state index of the new step
-/// or rollback state. ARGV, twelve: owner, epoch, doc, aware of cancellation (1/0), state, step,
-/// order id, revision, retention (ms), finished index entry, parked (1/0), user index member.
-/// Answers `ok`, `not_owner`, `cancel`, `stale` or `missing`. Why a script: the owner/epoch check
-/// and the write must be one atomic step, or a node that just lost the order could overwrite its
-/// new owner's progress; a write must be newer than the stored revision, or one delivered late
-/// (TCP retransmitting it after a network cut healed) would take the order back, while the very
-/// write already stored (a retry after a lost answer) is done; and the order leaves the
-/// committer's owned set in the same step when it finishes (never before) or turns out not to be
-/// the committer's, and its retention starts in that same step.
+/// Commit one order's transition (a function of [`WRITES`]). KEYS, three: the order, the
+/// committer's owned set, the state index of the new step or rollback state; a write that
+/// stores the order finished or notifying (only such a write) names two more: the finished and
+/// parked indexes. ARGV, nine: owner, epoch, doc, aware of cancellation (1/0), state, step, order
+/// id, revision, user index member; with the two keys more, three more: retention (ms),
+/// finished index entry, parked (1/0). Answers `ok`, `not_owner`, `cancel`, `stale` or
+/// `missing`. Why a script: the owner/epoch check and the write must be one atomic step, or a
+/// node that just lost the order could overwrite its new owner's progress; a write must be newer
+/// than the stored revision, or one delivered late (TCP retransmitting it after a network cut
+/// healed) would take the order back, while the very write already stored (a retry after a lost
+/// answer) is done; and the order leaves the committer's owned set in the same step when it
+/// finishes (never before) or turns out not to be the committer's, and its retention starts in
+/// that same step.
 const COMMIT: &str = r"
-local function commit(k, a)
-  local order, owned, finished, parked, index = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
-  local owner, epoch, doc, aware, state, step, id, revision, retention, entry, is_parked, member = unpack(ARGV, a + 1, a + 12)
+local function commit(k, nk, a)
+  local order, owned, index = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local owner, epoch, doc, aware, state, step, id, revision, member = unpack(ARGV, a + 1, a + 9)
   local cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed', 'idem', 'state')
   -- own_idem, with the key's name read above, before anything is written.
   local idem = false
@@ -101,17 +103,19 @@ local function commit(k, a)
   else
     redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step, 'rev', revision)
   end
-  -- Only an order stored finished (or notifying) can be in the parked index.
-  if state == 'finished' or state == 'notifying' then
+  if nk > 3 then
+    local finished, parked = KEYS[k + 4], KEYS[k + 5]
+    local retention, entry, is_parked = ARGV[a + 10], ARGV[a + 11], ARGV[a + 12]
+    -- Only an order stored finished (or notifying) can be in the parked index.
     if is_parked == '1' then
       redis.call('ZADD', parked, 0, id)
     elseif cur[7] ~= 'forward' and cur[7] ~= 'rolling_back' then
       redis.call('ZREM', parked, id)
     end
-  end
-  if state == 'finished' then
-    redis.call('SREM', owned, id)
-    finish(order, idem, retention, finished, entry)
+    if state == 'finished' then
+      redis.call('SREM', owned, id)
+      finish(order, idem, retention, finished, entry)
+    end
   end
   return 'ok'
 end
@@ -161,20 +165,22 @@ end
 ";
 
 /// Creates and commits, one or several (a group commit). Per write, ARGV gives its kind
-/// (`commit` or `create`) and how many KEYS it takes, then its twelve arguments; its KEYS follow
-/// the previous write's. Answers one answer per write, in order, as [`COMMIT`] and [`CREATE`]
+/// (`commit` or `create`) and how many KEYS it takes, then its arguments (twelve; nine for a
+/// commit with three keys); its KEYS follow the previous write's. Answers one answer per write, in order, as [`COMMIT`] and [`CREATE`]
 /// name them: each write is checked and made on its own, so one refused write refuses no other.
 const WRITES: &str = r"
 local answers = {}
 local k, a = 0, 0
 while a < #ARGV do
   local kind, nk = ARGV[a + 1], tonumber(ARGV[a + 2])
+  local na = 12
   if kind == 'commit' then
-    answers[#answers + 1] = commit(k, a + 2)
+    answers[#answers + 1] = commit(k, nk, a + 2)
+    if nk == 3 then na = 9 end
   else
     answers[#answers + 1] = create(k, nk, a + 2)
   end
-  k, a = k + nk, a + 14
+  k, a = k + nk, a + 2 + na
 end
 return answers
 ";
