@@ -37,7 +37,8 @@ impl<'a> StepContext<'a> {
 
     /// The same for every attempt of the same direction, so a service can recognise a repeat
     /// (execution is at-least-once per step): `"{order_id}:{step}"` to run the step,
-    /// `"{order_id}:{step}:rollback"` to undo it. Made when asked: only handlers that call a service send it.
+    /// `"{order_id}:{step}:rollback"` to undo it. Made when asked: only handlers that call a
+    /// service send it.
     pub fn idempotency_key(&self) -> String {
         if self.rollback {
             format!("{}:{}:rollback", self.order.order_id, self.step)

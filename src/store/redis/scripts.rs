@@ -166,8 +166,9 @@ end
 
 /// Creates and commits, one or several (a group commit). Per write, ARGV gives its kind
 /// (`commit` or `create`) and how many KEYS it takes, then its arguments (twelve; nine for a
-/// commit with three keys); its KEYS follow the previous write's. Answers one answer per write, in order, as [`COMMIT`] and [`CREATE`]
-/// name them: each write is checked and made on its own, so one refused write refuses no other.
+/// commit with three keys); its KEYS follow the previous write's. Answers one answer per write,
+/// in order, as [`COMMIT`] and [`CREATE`] name them: each write is checked and made on its own,
+/// so one refused write refuses no other.
 const WRITES: &str = r"
 local answers = {}
 local k, a = 0, 0
