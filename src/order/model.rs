@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// An order's id: a UUID, shown in its hyphenated lower-case form. New orders get time-ordered
@@ -303,7 +304,9 @@ pub enum RollbackState {
 pub struct Order {
     pub order_id: OrderId,
     pub user: String,
-    pub payload: serde_json::Value,
+    /// Shared: it never changes after the order is accepted, and the order is copied at every
+    /// transition.
+    pub payload: Arc<serde_json::Value>,
     pub current_step: Step,
     #[serde(serialize_with = "super::rfc3339::serialize")]
     pub start_time: DateTime<Utc>,
@@ -357,7 +360,7 @@ impl Order {
         Order {
             order_id,
             user,
-            payload,
+            payload: Arc::new(payload),
             current_step: Step::Scheduling,
             start_time: now,
             complete_time: None,
