@@ -102,12 +102,14 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
         store: Arc::clone(&state.node.store),
         retry_after: state.retry_after,
     });
-    root()
+    // The order routes first: each route tried before the one a request takes makes and
+    // drops a rejection, and orders are most of the requests.
+    orders::routes(orders)
+        .or(root())
+        .unify()
         .or(openapi())
         .unify()
         .or(metrics::routes(Arc::clone(&state.node)))
-        .unify()
-        .or(orders::routes(orders))
         .unify()
         .or(console::routes(Arc::new(console::Console::new(
             Arc::clone(&state.node),

@@ -62,21 +62,18 @@ fn order_id(id: &str) -> Result<OrderId, ApiError> {
     OrderId::try_parse(id).map_err(|_| ApiError::not_found())
 }
 
+/// The busiest first: creating, and waiting for, orders.
 pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     create(state.clone())
+        .or(wait_many(state.clone()))
+        .unify()
         .or(list(state.clone()))
         .unify()
         .or(get(state.clone()))
         .unify()
         .or(order_action(state.clone(), "cancel", cancel_order))
         .unify()
-        .or(order_action(
-            state.clone(),
-            "rollback",
-            retry_parked_rollback,
-        ))
-        .unify()
-        .or(wait_many(state))
+        .or(order_action(state, "rollback", retry_parked_rollback))
         .unify()
         .boxed()
 }
