@@ -6,8 +6,9 @@
 //! scripts to start and syscalls on both sides) than the hops between tasks a batch adds.
 
 use super::conn::{Connections, ScriptCall};
+use super::keys;
 use crate::store::StoreError;
-use deadpool_redis::redis::{Cmd, Script, Value};
+use deadpool_redis::redis::{Script, Value};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
@@ -19,42 +20,127 @@ const MAX_BATCH: usize = 64;
 /// such writes); writes that come while all are on their way go together in the next.
 const IN_FLIGHT: usize = 64;
 
-/// One write of the writes script (see `scripts`).
-pub(super) enum Write {
-    Commit(Commit),
-    Create(Create),
+/// The most keys and arguments of one write: a create's kind and key count, six keys and
+/// twelve arguments.
+const MAX_PARTS: usize = 20;
+
+/// One write of the writes script (see `scripts`): its keys, then its arguments (its kind and
+/// key count, then the script's own), back to back in one buffer, so that making one allocates
+/// once and its doc is encoded where it is sent from.
+pub(super) struct Write {
+    shard: u16,
+    bytes: Vec<u8>,
+    /// Where each key, then each argument, ends in `bytes`.
+    ends: [u32; MAX_PARTS],
+    parts: usize,
+    keys: usize,
+    /// Set when a part did not fit in `ends` (or `bytes` passed 4 GiB): the write is refused.
+    overflowed: bool,
 }
 
 impl Write {
+    /// A write of an order of `shard`, with room for `capacity` bytes of keys and arguments.
+    pub fn new(shard: u16, capacity: usize) -> Write {
+        Write {
+            shard,
+            bytes: Vec::with_capacity(capacity),
+            ends: [0; MAX_PARTS],
+            parts: 0,
+            keys: 0,
+            overflowed: false,
+        }
+    }
+
+    /// Ends the part written since the last.
+    fn end(&mut self) {
+        match (
+            self.ends.get_mut(self.parts),
+            u32::try_from(self.bytes.len()),
+        ) {
+            (Some(end), Ok(len)) => {
+                *end = len;
+                self.parts += 1;
+            }
+            _ => self.overflowed = true,
+        }
+    }
+
+    /// Adds the key of this write's shard made of `parts` (see [`keys::write_shard_key`]);
+    /// every key comes before the first argument.
+    pub fn key(&mut self, parts: &[&str]) {
+        self.key_of(self.shard, parts);
+    }
+
+    /// Adds a key of `shard`, which must share this write's hash slot.
+    pub fn key_of(&mut self, shard: u16, parts: &[&str]) {
+        if self.parts > self.keys {
+            self.overflowed = true;
+        }
+        keys::write_shard_key(&mut self.bytes, shard, parts);
+        self.end();
+        self.keys = self.parts;
+    }
+
+    /// Starts the arguments: the write's kind (`commit` or `create`) and its key count.
+    pub fn begin(&mut self, kind: &str) {
+        self.arg(kind);
+        self.number(self.keys as u64);
+    }
+
+    pub fn arg(&mut self, arg: impl AsRef<[u8]>) {
+        self.bytes.extend_from_slice(arg.as_ref());
+        self.end();
+    }
+
+    /// Adds an argument made of `pieces`, one after another.
+    pub fn arg_concat(&mut self, pieces: &[&str]) {
+        for piece in pieces {
+            self.bytes.extend_from_slice(piece.as_bytes());
+        }
+        self.end();
+    }
+
+    pub fn number(&mut self, number: u64) {
+        self.bytes
+            .extend_from_slice(itoa::Buffer::new().format(number).as_bytes());
+        self.end();
+    }
+
+    /// Adds an argument `write` writes in place.
+    pub fn arg_with<E>(
+        &mut self,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        write(&mut self.bytes)?;
+        self.end();
+        Ok(())
+    }
+
+    /// Whether a part did not fit: such a write must not be sent.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
     fn shard(&self) -> u16 {
-        match self {
-            Write::Commit(commit) => commit.shard,
-            Write::Create(create) => create.shard,
-        }
+        self.shard
     }
 
-    fn keys(&self) -> &[String] {
-        match self {
-            Write::Commit(commit) => &commit.keys,
-            Write::Create(create) => &create.keys,
-        }
-    }
-
-    /// About how many bytes its keys and arguments take: its doc and a few hundred more.
-    fn bytes(&self) -> usize {
-        let doc = match self {
-            Write::Commit(commit) => commit.doc.len(),
-            Write::Create(create) => create.doc.len(),
+    /// Part `index`.
+    fn part(&self, index: usize) -> &[u8] {
+        let start = match index.checked_sub(1) {
+            Some(before) => self.ends.get(before).map_or(0, |end| *end as usize),
+            None => 0,
         };
-        doc + 512
+        let end = self.ends.get(index).map_or(0, |end| *end as usize);
+        self.bytes.get(start..end).unwrap_or_default()
     }
 
-    /// Adds this write's arguments to a call of the writes script.
-    fn add_args(&self, call: &mut Cmd) {
-        match self {
-            Write::Commit(commit) => commit.add_args(call),
-            Write::Create(create) => create.add_args(call),
-        }
+    fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        (0..self.keys).map(|index| self.part(index))
+    }
+
+    fn args(&self) -> impl Iterator<Item = &[u8]> {
+        (self.keys..self.parts).map(|index| self.part(index))
     }
 }
 
@@ -64,8 +150,8 @@ pub(super) fn call<'s, 'w>(
     script: &'s Script,
     writes: impl Iterator<Item = &'w Write> + Clone,
 ) -> ScriptCall<'s> {
-    let keys = writes.clone().map(|write| write.keys().len()).sum();
-    let bytes = writes.clone().map(Write::bytes).sum();
+    let keys = writes.clone().map(|write| write.keys).sum();
+    let bytes = writes.clone().map(|write| write.bytes.len()).sum();
     let mut call = ScriptCall::new(script, keys, bytes);
     for write in writes.clone() {
         for key in write.keys() {
@@ -73,96 +159,11 @@ pub(super) fn call<'s, 'w>(
         }
     }
     for write in writes {
-        write.add_args(&mut call.command);
-    }
-    call
-}
-
-/// One order's transition, as the writes script takes it.
-pub(super) struct Commit {
-    pub shard: u16,
-    /// The order, the owned set, the new state index; for a finishing write (stored finished
-    /// or notifying), then the finished and parked indexes.
-    pub keys: Vec<String>,
-    pub owner: String,
-    pub epoch: u64,
-    pub doc: Vec<u8>,
-    pub aware: &'static str,
-    pub state: &'static str,
-    pub step: &'static str,
-    pub id: String,
-    pub revision: u64,
-    pub member: String,
-    /// What only a finishing write takes, with the two keys more.
-    pub finish: Option<Finish>,
-}
-
-/// The arguments of a write that stores an order finished or notifying.
-pub(super) struct Finish {
-    pub retention_ms: u64,
-    pub finished_entry: String,
-    pub parked: &'static str,
-}
-
-impl Commit {
-    fn add_args(&self, call: &mut Cmd) {
-        call.arg("commit")
-            .arg(self.keys.len())
-            .arg(&self.owner)
-            .arg(self.epoch)
-            .arg(&self.doc)
-            .arg(self.aware)
-            .arg(self.state)
-            .arg(self.step)
-            .arg(&self.id)
-            .arg(self.revision)
-            .arg(&self.member);
-        if let Some(finish) = &self.finish {
-            call.arg(finish.retention_ms)
-                .arg(&finish.finished_entry)
-                .arg(finish.parked);
+        for arg in write.args() {
+            call.command.arg(arg);
         }
     }
-}
-
-/// A new order with its index entries, as the writes script takes it.
-pub(super) struct Create {
-    pub shard: u16,
-    /// The order, its owner's owned set, its user's index, the finished index, the idempotency
-    /// key (if any), the state index.
-    pub keys: Vec<String>,
-    pub doc: Vec<u8>,
-    pub owner: String,
-    pub epoch: u64,
-    pub user: String,
-    pub state: &'static str,
-    pub step: &'static str,
-    pub member: String,
-    pub id: String,
-    pub idempotency_ttl_secs: u64,
-    /// Whether it takes over an idempotency key that names no order id.
-    pub take_key: bool,
-    pub retention_ms: u64,
-    pub finished_entry: String,
-}
-
-impl Create {
-    fn add_args(&self, call: &mut Cmd) {
-        call.arg("create")
-            .arg(self.keys.len())
-            .arg(&self.doc)
-            .arg(&self.owner)
-            .arg(self.epoch)
-            .arg(&self.user)
-            .arg(self.state)
-            .arg(self.step)
-            .arg(&self.member)
-            .arg(&self.id)
-            .arg(self.idempotency_ttl_secs)
-            .arg(if self.take_key { "1" } else { "0" })
-            .arg(self.retention_ms)
-            .arg(&self.finished_entry);
-    }
+    call
 }
 
 /// A write on its way, and where its answer goes.
@@ -291,5 +292,79 @@ async fn send_group(redis: &Connections, script: &Script, group: Vec<Pending>) {
                 let _ = pending.answer.send(Err(error.clone()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deadpool_redis::redis::Arg;
+
+    fn args(call: &ScriptCall<'_>) -> Vec<String> {
+        call.command
+            .args_iter()
+            .map(|arg| match arg {
+                Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                _ => "<cursor>".into(),
+            })
+            .collect()
+    }
+
+    fn write(shard: u16, id: &str, doc: &str) -> Write {
+        let mut write = Write::new(shard, 64);
+        write.key(&keys::order_parts(id));
+        write.key(&keys::FINISHED_PARTS);
+        write.begin("commit");
+        write.arg(doc);
+        write.number(42);
+        write.arg_concat(&[id, " ", "u"]);
+        write
+    }
+
+    #[test]
+    fn a_call_names_every_key_of_its_writes_then_every_argument() {
+        let script = Script::new("return 1");
+        let writes = [write(3, "a", "{}"), write(3, "b", "[1]")];
+        let tag = keys::shard_tag(3);
+        let key = |part: &str| format!("op:{{{tag}}}:{part}");
+        assert!(writes.iter().all(|write| !write.overflowed()));
+        assert_eq!(
+            args(&call(&script, writes.iter())),
+            [
+                "EVALSHA".to_string(),
+                script.get_hash().to_string(),
+                "4".into(),
+                key("order:a"),
+                key("finished"),
+                key("order:b"),
+                key("finished"),
+                "commit".into(),
+                "2".into(),
+                "{}".into(),
+                "42".into(),
+                "a u".into(),
+                "commit".into(),
+                "2".into(),
+                "[1]".into(),
+                "42".into(),
+                "b u".into(),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_write_with_more_parts_than_any_script_write_or_a_late_key_is_refused() {
+        let mut write = Write::new(0, 0);
+        for _ in 0..MAX_PARTS {
+            write.arg("x");
+        }
+        assert!(!write.overflowed());
+        write.arg("one more");
+        assert!(write.overflowed());
+        let mut write = Write::new(0, 0);
+        write.key(&keys::FINISHED_PARTS);
+        write.begin("commit");
+        write.key(&keys::PARKED_PARTS);
+        assert!(write.overflowed());
     }
 }

@@ -128,45 +128,72 @@ pub fn shard_tag(shard: u16) -> &'static str {
         .map_or("", String::as_str)
 }
 
+/// The pieces of the key of `shard` made of `parts`: its prefix `op:{tag}:`, then the parts.
+fn pieces<'a>(shard: u16, parts: &'a [&'a str]) -> impl Iterator<Item = &'a str> + Clone {
+    ["op:{", shard_tag(shard), "}:"]
+        .into_iter()
+        .chain(parts.iter().copied())
+}
+
 /// A key of `shard`: its prefix `op:{tag}:`, then `parts` one after another. Built in one
-/// allocation of the right size: these keys are made several times per transition, and the
-/// formatting machinery cost more than the rest of their making.
+/// allocation of the right size, without the formatting machinery.
 fn shard_key(shard: u16, parts: &[&str]) -> String {
-    let tag = shard_tag(shard);
-    let length = "op:{}:".len() + tag.len() + parts.iter().map(|part| part.len()).sum::<usize>();
-    let mut key = String::with_capacity(length);
-    key.push_str("op:{");
-    key.push_str(tag);
-    key.push_str("}:");
-    for part in parts {
-        key.push_str(part);
-    }
+    let pieces = pieces(shard, parts);
+    let mut key = String::with_capacity(pieces.clone().map(str::len).sum());
+    key.extend(pieces);
     key
+}
+
+/// Writes the key of `shard` made of `parts` (one of the `…_parts` below), spelled as the
+/// `…_key` functions spell it, at the end of `into`: how a write of the group commit takes its
+/// keys.
+pub fn write_shard_key(into: &mut Vec<u8>, shard: u16, parts: &[&str]) {
+    for piece in pieces(shard, parts) {
+        into.extend_from_slice(piece.as_bytes());
+    }
 }
 
 /// The hash of order `id`.
 pub fn order_key(id: OrderId) -> String {
     let mut text = Uuid::encode_buffer();
-    shard_key(
-        shard_of(id),
-        &["order:", id.hyphenated().encode_lower(&mut text)],
-    )
+    let id_text = id.hyphenated().encode_lower(&mut text);
+    shard_key(shard_of(id), &order_parts(id_text))
+}
+
+/// The parts of [`order_key`], with the id as hyphenated lowercase text.
+pub fn order_parts(id: &str) -> [&str; 2] {
+    ["order:", id]
 }
 
 /// `node`'s unfinished orders of `shard`.
 pub fn owned_key(shard: u16, node: &str) -> String {
-    shard_key(shard, &["owned:", node])
+    shard_key(shard, &owned_parts(node))
+}
+
+/// The parts of [`owned_key`].
+pub fn owned_parts(node: &str) -> [&str; 2] {
+    ["owned:", node]
 }
 
 /// `user`'s orders of `shard`, for listing.
 pub fn user_key(shard: u16, user: &str) -> String {
-    shard_key(shard, &["user:", user])
+    shard_key(shard, &user_parts(user))
+}
+
+/// The parts of [`user_key`].
+pub fn user_parts(user: &str) -> [&str; 2] {
+    ["user:", user]
 }
 
 /// `user`'s orders of `shard` in state `code` (see [`state_code`]), for filtered listings. The
 /// code comes before the user, so no user name makes one user's key another's.
 pub fn state_key(shard: u16, code: &str, user: &str) -> String {
-    shard_key(shard, &["state:", code, ":", user])
+    shard_key(shard, &state_parts(code, user))
+}
+
+/// The parts of [`state_key`].
+pub fn state_parts<'a>(code: &'a str, user: &'a str) -> [&'a str; 4] {
+    ["state:", code, ":", user]
 }
 
 /// The state index code of the orders at any of the four work steps. One index for them all,
@@ -190,18 +217,29 @@ pub const FINISHED_CODES: [&str; 3] = ["Completed", "rollback-complete", "rollba
 
 /// What idempotency key `key` of `user` created.
 pub fn idem_key(user: &str, key: &str) -> String {
-    shard_key(shard_of_key(user, key), &["idem:", user, ":", key])
+    shard_key(shard_of_key(user, key), &idem_parts(user, key))
+}
+
+/// The parts of [`idem_key`], a key of shard [`shard_of_key`].
+pub fn idem_parts<'a>(user: &'a str, key: &'a str) -> [&'a str; 4] {
+    ["idem:", user, ":", key]
 }
 
 /// The finished orders of `shard` by when they expire.
 pub fn finished_key(shard: u16) -> String {
-    shard_key(shard, &["finished"])
+    shard_key(shard, &FINISHED_PARTS)
 }
+
+/// The parts of [`finished_key`].
+pub const FINISHED_PARTS: [&str; 1] = ["finished"];
 
 /// The orders of `shard` whose rollback is parked.
 pub fn parked_key(shard: u16) -> String {
-    shard_key(shard, &["parked"])
+    shard_key(shard, &PARKED_PARTS)
 }
+
+/// The parts of [`parked_key`].
+pub const PARKED_PARTS: [&str; 1] = ["parked"];
 
 /// The orders of `shard` set aside because their record cannot be read.
 pub fn aside_key(shard: u16) -> String {

@@ -1,13 +1,13 @@
 //! [`RedisStore`]: the [`OrderStore`] on Redis. Every change to an order is one Lua script (see
 //! `scripts`) that writes its index entries in the same atomic step.
 
-use super::commits::{self, Commit, Committer, Create, Finish, Write};
+use super::commits::{self, Committer, Write};
 use super::conn::{Connections, Scripted};
 use super::keys;
 use super::keys::{
-    aside_key, finished_key, idem_key, in_shard, order_key, order_pattern, owned_key, parked_key,
-    probe_key, shard_of, shard_of_key, shards, state_code, state_key, user_key, FINISHED_CODES,
-    RUNNING, STATE_INDEXED,
+    aside_key, finished_key, in_shard, order_key, order_pattern, owned_key, parked_key, probe_key,
+    shard_of, shard_of_key, shards, state_code, state_key, user_key, FINISHED_CODES, RUNNING,
+    STATE_INDEXED,
 };
 use super::scripts::Scripts;
 use crate::order::{Order, OrderId, Phase, RollbackState, Step};
@@ -76,12 +76,8 @@ fn micros_member(order: &Order) -> String {
 /// The order's entry in the finished index: `{id} {user index member} {user}`, all the
 /// retention pass needs to take its user index entry out once it expired. `id` is the order's
 /// id as text and `member` its [`micros_member`], which the caller has at hand.
-fn finished_entry(order: &Order, id: &str, member: &str) -> String {
-    let mut entry = String::with_capacity(id.len() + member.len() + order.user.len() + 2);
-    for part in [id, " ", member, " ", &order.user] {
-        entry.push_str(part);
-    }
-    entry
+fn finished_entry<'a>(order: &'a Order, id: &'a str, member: &'a str) -> [&'a str; 5] {
+    [id, " ", member, " ", &order.user]
 }
 
 /// How many bytes an order's JSON is written into at first: an order through all its steps
@@ -91,9 +87,17 @@ const DOC_CAPACITY: usize = 2048;
 /// The order's JSON, as stored in its hash's `doc`.
 fn encode(order: &Order) -> Result<Vec<u8>, StoreError> {
     let mut doc = Vec::with_capacity(DOC_CAPACITY);
-    serde_json::to_writer(&mut doc, order).map_err(corrupt)?;
+    encode_into(&mut doc, order)?;
     Ok(doc)
 }
+
+/// [`encode`], at the end of `bytes`.
+fn encode_into(bytes: &mut Vec<u8>, order: &Order) -> Result<(), StoreError> {
+    serde_json::to_writer(bytes, order).map_err(corrupt)
+}
+
+/// Room for a write's keys and arguments: its doc and a few hundred bytes more.
+const WRITE_CAPACITY: usize = DOC_CAPACITY + 512;
 
 /// The state index `order` is filed under.
 fn state_index(order: &Order) -> String {
@@ -327,7 +331,7 @@ impl RedisStore {
                         .arg(&order.owner)
                         .arg(&id)
                         .arg(self.retention_ms)
-                        .arg(finished_entry(&order, &id, &member))
+                        .arg(finished_entry(&order, &id, &member).concat())
                         .arg(&member)
                         .arg(flag(is_parked(&order)))
                         .arg(doc),
@@ -489,6 +493,11 @@ impl RedisStore {
     /// commit); on a Redis Cluster without replicas to wait for, as a call of its own (writes
     /// ready together rarely share a shard there, and a script call holds one shard's).
     async fn write(&self, write: Write) -> Result<Value, StoreError> {
+        if write.overflowed() {
+            return Err(StoreError::Corrupt(
+                "a write has more keys or arguments than the writes script takes".into(),
+            ));
+        }
         if self.redis.waits_for_replicas() || !self.redis.is_cluster() {
             let committer = self.committer.get_or_init(|| {
                 Committer::start(Arc::clone(&self.redis), self.scripts.writes.clone())
@@ -526,33 +535,35 @@ impl RedisStore {
         let id = &*order.order_id.hyphenated().encode_lower(&mut id_text);
         let member = micros_member(order);
         let shard = shard_of(order.order_id);
-        let mut keys = vec![
-            order_key(order.order_id),
-            owned_key(shard, &order.owner),
-            user_key(shard, &order.user),
-            finished_key(shard),
-        ];
+        let code = state_code(order.current_step, order.rollback_state);
+        // The keys: the order, its owner's owned set, its user's index, the finished index,
+        // the idempotency key (if any), the state index; then the arguments (see `scripts`).
+        let mut write = Write::new(shard, WRITE_CAPACITY);
+        write.key(&keys::order_parts(id));
+        write.key(&keys::owned_parts(&order.owner));
+        write.key(&keys::user_parts(&order.user));
+        write.key(&keys::FINISHED_PARTS);
         if let Some((key, _)) = idempotency {
-            keys.push(idem_key(&order.user, key));
+            write.key_of(
+                shard_of_key(&order.user, key),
+                &keys::idem_parts(&order.user, key),
+            );
         }
-        keys.push(state_index(order));
-        let create = Create {
-            shard,
-            keys,
-            doc: encode(order)?,
-            owner: order.owner.clone(),
-            epoch: order.epoch,
-            user: order.user.clone(),
-            state: state_name(order),
-            step: order.current_step.as_str(),
-            finished_entry: finished_entry(order, id, &member),
-            member,
-            id: id.to_string(),
-            idempotency_ttl_secs: IDEMPOTENCY_TTL.as_secs(),
-            take_key: matches!(idempotency, Some((_, true))),
-            retention_ms: self.retention_ms,
-        };
-        let answer: Vec<Option<String>> = from_value(self.write(Write::Create(create)).await?)?;
+        write.key(&keys::state_parts(code, &order.user));
+        write.begin("create");
+        write.arg_with(|bytes| encode_into(bytes, order))?;
+        write.arg(&order.owner);
+        write.number(order.epoch);
+        write.arg(&order.user);
+        write.arg(state_name(order));
+        write.arg(order.current_step.as_str());
+        write.arg(&member);
+        write.arg(id);
+        write.number(IDEMPOTENCY_TTL.as_secs());
+        write.arg(flag(matches!(idempotency, Some((_, true)))));
+        write.number(self.retention_ms);
+        write.arg_concat(&finished_entry(order, id, &member));
+        let answer: Vec<Option<String>> = from_value(self.write(write).await?)?;
         let mut answer = answer.into_iter();
         let outcome = answer.next().flatten().unwrap_or_default();
         let detail = answer.next().flatten();
@@ -786,45 +797,39 @@ impl OrderStore for RedisStore {
     }
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
-        let id = order.order_id.hyphenated().to_string();
+        let mut id_text = Uuid::encode_buffer();
+        let id = &*order.order_id.hyphenated().encode_lower(&mut id_text);
         let member = micros_member(order);
-        let shard = shard_of(order.order_id);
-        let aware = if order.cancel_requested || order.failure.is_some() {
-            "1"
-        } else {
-            "0"
-        };
+        let aware = order.cancel_requested || order.failure.is_some();
         let state = state_name(order);
-        let mut keys = vec![
-            order_key(order.order_id),
-            owned_key(shard, &order.owner),
-            state_index(order),
-        ];
         // Only a write that stores the order finished or notifying touches the finished and
         // parked indexes (see the commit script).
-        let finish = matches!(state, "finished" | "notifying").then(|| {
-            keys.extend([finished_key(shard), parked_key(shard)]);
-            Finish {
-                retention_ms: self.retention_ms,
-                finished_entry: finished_entry(order, &id, &member),
-                parked: flag(is_parked(order)),
-            }
-        });
-        let commit = Commit {
-            shard,
-            keys,
-            owner: order.owner.clone(),
-            epoch: order.epoch,
-            doc: encode(order)?,
-            aware,
-            state,
-            step: order.current_step.as_str(),
-            id,
-            revision: order.revision,
-            member,
-            finish,
-        };
-        let outcome: String = from_value(self.write(Write::Commit(commit)).await?)?;
+        let finishing = matches!(state, "finished" | "notifying");
+        let code = state_code(order.current_step, order.rollback_state);
+        let mut write = Write::new(shard_of(order.order_id), WRITE_CAPACITY);
+        write.key(&keys::order_parts(id));
+        write.key(&keys::owned_parts(&order.owner));
+        write.key(&keys::state_parts(code, &order.user));
+        if finishing {
+            write.key(&keys::FINISHED_PARTS);
+            write.key(&keys::PARKED_PARTS);
+        }
+        write.begin("commit");
+        write.arg(&order.owner);
+        write.number(order.epoch);
+        write.arg_with(|bytes| encode_into(bytes, order))?;
+        write.arg(flag(aware));
+        write.arg(state);
+        write.arg(order.current_step.as_str());
+        write.arg(id);
+        write.number(order.revision);
+        write.arg(&member);
+        if finishing {
+            write.number(self.retention_ms);
+            write.arg_concat(&finished_entry(order, id, &member));
+            write.arg(flag(is_parked(order)));
+        }
+        let outcome: String = from_value(self.write(write).await?)?;
         commit_outcome(&outcome)
     }
 
