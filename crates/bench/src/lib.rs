@@ -10,11 +10,13 @@
 //! - [`summary`]: what a run measured, printed as text or JSON.
 //! - [`progress`]: the progress line while a run goes.
 //! - [`cpu`]: CPU time of processes, from `/proc`.
+//! - [`http`]: the HTTP client.
 
 #![forbid(unsafe_code)]
 
 pub mod args;
 pub mod cpu;
+pub mod http;
 pub mod progress;
 pub mod run;
 pub mod summary;

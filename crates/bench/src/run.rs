@@ -3,6 +3,7 @@
 
 use crate::args::BenchArgs;
 use crate::cpu::{cpu_seconds, servers_cpu};
+use crate::http::{endpoint, Client};
 use crate::progress::{Counts, Progress};
 use crate::summary::{Percentiles, Summary};
 use hdrhistogram::Histogram;
@@ -100,10 +101,6 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
         return Err("--rate must be more than 0".into());
     }
     // Parsed once: parsing a URL costs more than the rest of making a request.
-    let endpoint = |url: &String, path: &str| {
-        reqwest::Url::parse(&format!("{url}{path}"))
-            .map_err(|error| format!("--url {url}: {error}"))
-    };
     let orders_urls = urls
         .iter()
         .map(|url| endpoint(url, "/orders"))
@@ -113,11 +110,7 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
         .map(|url| endpoint(url, "/orders/wait"))
         .collect::<Result<Vec<_>, _>>()?;
     let concurrency = args.concurrency.max(1);
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency + args.waiters.max(1))
-        .timeout(Duration::from_secs(90))
-        .build()
-        .map_err(|error| error.to_string())?;
+    let client = Client::new(concurrency + args.waiters.max(1), Duration::from_secs(90));
     let cpu_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
     let server_before: Option<f64> = servers_cpu(&args.pid);
 
@@ -220,9 +213,9 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
 
 /// Posts orders until `orders` were taken, each to the next node in turn.
 struct Submitter {
-    client: reqwest::Client,
+    client: Client,
     /// Each node's `/orders`.
-    urls: Vec<reqwest::Url>,
+    urls: Vec<hyper::Uri>,
     tally: Arc<Mutex<Tally>>,
     counts: Arc<Counts>,
     next: Arc<AtomicUsize>,
@@ -259,38 +252,30 @@ impl Submitter {
             Some(step) => serde_json::json!({"bench": index, "simulate": {"fail_at": step}}),
             None => serde_json::json!({"bench": index}),
         };
+        let body = serde_json::to_vec(&payload).unwrap_or_default();
         let sent = Instant::now();
-        let reply = self
-            .client
-            .post(url.clone())
-            .header("authorization", &self.users[user])
-            .json(&payload)
-            .send()
-            .await;
+        let reply = self.client.post_json(url, &self.users[user], body).await;
         let elapsed = sent.elapsed();
         let error = match reply {
-            Ok(response) if response.status().as_u16() == 201 => {
+            Ok((status, body)) if status.as_u16() == 201 => {
                 // Only the id is kept: read without building the rest of the answer.
-                let id = match response.json::<Created>().await {
-                    Ok(created) => created.order_id,
-                    Err(_) => String::new(),
-                };
+                let id = serde_json::from_slice::<Created>(&body)
+                    .map(|created| created.order_id)
+                    .unwrap_or_default();
                 let _ = lock(&self.tally).submit.record(micros(elapsed));
                 self.counts.accepted.fetch_add(1, Ordering::Relaxed);
                 let queue = user * self.urls.len() + node;
                 let _ = self.accepted_txs[queue].send(Accepted { id, fail_at });
                 return;
             }
-            Ok(response) => {
-                let status = response.status().as_u16();
+            Ok((status, _)) => {
+                let status = status.as_u16();
                 if status == 503 {
                     self.counts.shed.fetch_add(1, Ordering::Relaxed);
                 }
                 status.to_string()
             }
-            Err(error) if error.is_connect() => "connect".to_string(),
-            Err(error) if error.is_timeout() => "timeout".to_string(),
-            Err(_) => "other".to_string(),
+            Err(failure) => failure.name().to_string(),
         };
         *lock(&self.tally).http_errors.entry(error).or_default() += 1;
     }
@@ -298,9 +283,9 @@ impl Submitter {
 
 /// Long-polls one node for batches of its accepted orders until none is left or time is up.
 struct Waiter {
-    client: reqwest::Client,
+    client: Client,
     /// The node's `/orders/wait`.
-    url: reqwest::Url,
+    url: hyper::Uri,
     user: String,
     batch: usize,
     tally: Arc<Mutex<Tally>>,
@@ -347,16 +332,18 @@ impl Waiter {
             .saturating_duration_since(tokio::time::Instant::now());
         let wait = left.min(Duration::from_secs(30)).as_secs().max(1);
         let ids: Vec<&str> = waiting.iter().map(|order| order.id.as_str()).collect();
+        let request = serde_json::json!({ "order_ids": ids, "wait": format!("{wait}s") });
         let reply = self
             .client
-            .post(self.url.clone())
-            .header("authorization", &self.user)
-            .json(&serde_json::json!({ "order_ids": ids, "wait": format!("{wait}s") }))
-            .send()
+            .post_json(
+                &self.url,
+                &self.user,
+                serde_json::to_vec(&request).unwrap_or_default(),
+            )
             .await;
         let body = match reply {
-            Ok(response) if response.status().is_success() => {
-                response.json::<WaitAnswer>().await.ok()
+            Ok((status, body)) if status.is_success() => {
+                serde_json::from_slice::<WaitAnswer>(&body).ok()
             }
             _ => None,
         };

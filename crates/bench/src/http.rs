@@ -1,0 +1,123 @@
+//! The bench's HTTP client: hyper's pooled HTTP/1 client and nothing between it and each
+//! request (no redirect or retry layers, no URL parsed per request), so that what a request
+//! costs the machine the bench shares with the nodes is mostly the nodes'.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{header, Request, StatusCode, Uri};
+use hyper_util::client::legacy::{connect::HttpConnector, Client as Pool};
+use hyper_util::rt::TokioExecutor;
+use std::time::Duration;
+
+/// Pooled keep-alive connections to the nodes.
+#[derive(Clone)]
+pub struct Client {
+    pool: Pool<HttpConnector, Full<Bytes>>,
+    /// The most a request and its answer may take.
+    timeout: Duration,
+}
+
+/// Why a request got no answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Failure {
+    Connect,
+    Timeout,
+    Other,
+}
+
+impl Failure {
+    /// How the summary counts it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Failure::Connect => "connect",
+            Failure::Timeout => "timeout",
+            Failure::Other => "other",
+        }
+    }
+}
+
+/// `url` (a node's base URL) with `path` appended, parsed once for every request to it. Only
+/// `http://` is spoken.
+pub fn endpoint(url: &str, path: &str) -> Result<Uri, String> {
+    let uri: Uri = format!("{url}{path}")
+        .parse()
+        .map_err(|error| format!("--url {url}: {error}"))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(format!("--url {url}: must be an http:// URL with a host"));
+    }
+    Ok(uri)
+}
+
+impl Client {
+    /// Keeps up to `idle_per_host` idle connections to each node.
+    pub fn new(idle_per_host: usize, timeout: Duration) -> Client {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let pool = Pool::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(idle_per_host)
+            .build(connector);
+        Client { pool, timeout }
+    }
+
+    /// POSTs `body` (JSON) to `uri` as `user`: the answer's status and body.
+    pub async fn post_json(
+        &self,
+        uri: &Uri,
+        user: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), Failure> {
+        let request = Request::post(uri.clone())
+            .header(header::AUTHORIZATION, user)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|_| Failure::Other)?;
+        let exchange = async {
+            let response = self.pool.request(request).await.map_err(|error| {
+                if error.is_connect() {
+                    Failure::Connect
+                } else {
+                    Failure::Other
+                }
+            })?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|_| Failure::Other)?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or(Err(Failure::Timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_http_urls_with_a_host() {
+        let uri = endpoint("http://127.0.0.1:8080", "/orders").map(|uri| uri.to_string());
+        assert_eq!(uri.as_deref(), Ok("http://127.0.0.1:8080/orders"));
+        assert!(endpoint("https://127.0.0.1:8080", "/orders").is_err());
+        assert!(endpoint("127.0.0.1:8080", "/orders").is_err());
+        assert!(endpoint("http://exa mple", "/orders").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_node_that_is_not_there_is_a_connect_failure() {
+        // A port just freed: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .map(|address| address.port())
+            .unwrap_or(9);
+        let client = Client::new(1, Duration::from_secs(5));
+        let uri = endpoint(&format!("http://127.0.0.1:{port}"), "/orders");
+        let uri = uri.expect("a valid endpoint");
+        let answer = client.post_json(&uri, "bench", b"{}".to_vec()).await;
+        assert_eq!(answer.err(), Some(Failure::Connect));
+    }
+}
