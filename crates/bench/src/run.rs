@@ -100,7 +100,7 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
     if args.rate.is_some_and(|rate| rate <= 0.0) {
         return Err("--rate must be more than 0".into());
     }
-    // Parsed once: parsing a URL costs more than the rest of making a request.
+    // Parsed once, not for every request.
     let orders_urls = urls
         .iter()
         .map(|url| endpoint(url, "/orders"))
