@@ -17,7 +17,7 @@ pub struct ChaosArgs {
     #[argh(option, default = "8.0")]
     pub rate: f64,
     /// single (the default: one redis-server), sentinel (a primary, two replicas and three
-    /// sentinels; nodes with min_replicas = 1; adds the lose_redis_primary fault) or cluster (a
+    /// sentinels; nodes with min_replicas = 2; adds the lose_redis_primary fault) or cluster (a
     /// Redis Cluster of three primaries with a replica each, on loopback with the nodes; adds
     /// kill_redis_primary in place of kill_redis)
     #[argh(option, default = "String::from(\"single\")")]

@@ -10,7 +10,7 @@ use crate::links::Links;
 use crate::load::{load, lock, poll, Seen};
 use crate::logs::read_logs;
 use crate::netns::{node_host, Network};
-use crate::redis::{hosts_needed, server_host, Redis};
+use crate::redis::{hosts_needed, server_host, Redis, MIN_REPLICAS};
 use crate::report::{print_first, Report, Violation, TAKEOVER_BOUND};
 use crate::schedule::{Faults, Spawn};
 use crate::settle::{settle, STUCK_BOUND};
@@ -360,7 +360,7 @@ fn redis_line(redis: &Redis, refused_starts: usize) -> String {
         );
     }
     format!(
-        "sentinel mode, min_replicas 1; failovers {}{times}; nodes started again after refusing to start on too few replicas {refused_starts}",
+        "sentinel mode, min_replicas {MIN_REPLICAS}; failovers {}{times}; nodes started again after refusing to start on too few replicas {refused_starts}",
         failovers.len()
     )
 }

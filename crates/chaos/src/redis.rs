@@ -18,8 +18,13 @@ use std::time::{Duration, Instant};
 pub const MASTER: &str = "orders";
 /// Sentinels that must agree the primary is down (of three).
 const QUORUM: usize = 2;
-/// Replicas in sentinel mode; `database.min_replicas` is 1, so one may be lost or resyncing.
+/// Replicas in sentinel mode.
 const REPLICAS: usize = 2;
+/// The nodes' `database.min_replicas` in sentinel mode: every replica, the setting under which
+/// no failover loses an acknowledged write. With fewer, a failover that the sentinels start
+/// while the primary still serves (a stall under load is enough) can promote a replica that
+/// lacks writes another replica, still following the old primary, acknowledged.
+pub const MIN_REPLICAS: usize = REPLICAS;
 /// How long the sentinels wait for a silent primary before they call it down.
 pub const DOWN_AFTER: Duration = Duration::from_millis(1000);
 /// How long a started set may take to be whole: replicas in sync, sentinels knowing each other.
@@ -304,7 +309,7 @@ impl Redis {
             return format!("url = \"{}\"\n", self.servers[0].url());
         }
         format!(
-            "sentinels = [{}]\nmaster_name = \"{MASTER}\"\nmin_replicas = 1\nrequire_aof = true\n",
+            "sentinels = [{}]\nmaster_name = \"{MASTER}\"\nmin_replicas = {MIN_REPLICAS}\nrequire_aof = true\n",
             self.sentinel_list("\"")
         )
     }
@@ -326,7 +331,7 @@ impl Redis {
             .map(|server| server.address().to_string())
             .collect();
         format!(
-            "{primary} with replicas on {} and sentinels on {} (min_replicas 1)",
+            "{primary} with replicas on {} and sentinels on {} (min_replicas {MIN_REPLICAS})",
             replicas.join(", "),
             self.sentinel_list("")
         )
