@@ -363,8 +363,9 @@ async fn with_min_replicas_a_write_is_done_only_once_a_replica_has_it() {
 /// An order whose create reached the primary but not the replica (its `WAIT` timed out, the
 /// client got a 503) is resumed by the reconciliation while the node's liveness lease still
 /// holds: the node must not call a service for it until the replica has it, since a failover
-/// now would lose the order but not the call. Once the replica is back, the order runs and
-/// completes.
+/// now would lose the order but not the call. A retry with the same idempotency key is not
+/// answered with that order either until the replica has it. Once the replica is back, the order
+/// runs and completes, and the retry gets it.
 #[tokio::test]
 async fn a_resumed_order_is_acted_on_only_once_a_replica_has_it() {
     let _one = exclusive().await;
@@ -388,7 +389,8 @@ async fn a_resumed_order_is_acted_on_only_once_a_replica_has_it() {
     let user = unique_user("unreplicated");
 
     assert!(replica.signal("STOP"), "cannot stop the replica");
-    let reply = node.post_order(&user, "{}").await;
+    let key = "retried-while-unreplicated";
+    let reply = node.post_order_keyed(&user, key, "{}").await;
     assert_eq!(reply.status, 503, "{reply}\n{}", node.log_tail());
     // The create is on the primary all the same, in the node's set of unfinished orders.
     let owned = primary.cli(&["KEYS", "op:*:order:*"]);
@@ -412,8 +414,22 @@ async fn a_resumed_order_is_acted_on_only_once_a_replica_has_it() {
         shop.paths(),
         node.log_tail()
     );
+    // The client retries: the key names the order, which no replica has yet. Answering it
+    // (200) would promise an order a failover could still lose.
+    let retry = node.post_order_keyed(&user, key, "{}").await;
+    assert_eq!(retry.status, 503, "{retry}\n{}", node.log_tail());
 
     assert!(replica.signal("CONT"), "cannot continue the replica");
+    let answered = eventually(
+        FINISH,
+        "a retry with the key is not answered with the order",
+        || node.log_tail(),
+        || async {
+            let reply = node.post_order_keyed(&user, key, "{}").await;
+            (reply.status == 200).then(|| reply.try_json()).flatten()
+        },
+    )
+    .await;
     let ids = eventually(
         FINISH,
         "the order is not listed",
@@ -427,6 +443,12 @@ async fn a_resumed_order_is_acted_on_only_once_a_replica_has_it() {
         },
     )
     .await;
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(
+        answered["order_id"].as_str(),
+        Some(ids[0].as_str()),
+        "{answered}"
+    );
     wait_all_completed(&node, &user, &ids).await;
     assert!(!shop.calls_to("/schedule").is_empty(), "{:?}", shop.paths());
 }

@@ -521,6 +521,25 @@ impl RedisStore {
             .ok_or_else(|| StoreError::Corrupt("the writes script answered nothing".into()))
     }
 
+    /// The order `id` as stored, once it is on as many replicas as a write must reach: the
+    /// first order of an idempotency key is answered to a retry only then, since the first
+    /// request may have stored it on the primary alone (its `WAIT` failed, it answered 503).
+    /// Unavailable while the replicas do not acknowledge it.
+    async fn replicated(&self, id: OrderId) -> Result<Option<Order>, StoreError> {
+        for _ in 0..REOPEN_TRIES {
+            let Some(order) = self.get(id).await? else {
+                return Ok(None);
+            };
+            // False: it changed between the read and the confirmation; read it again.
+            if self.confirm(&order).await? {
+                return Ok(Some(order));
+            }
+        }
+        Err(StoreError::Unavailable(
+            "the order of this idempotency key kept changing while it was read, try again".into(),
+        ))
+    }
+
     /// Creates `order`: the order, its index entries and (with `idempotency`, the key and
     /// whether to take over a key that holds no order id) its idempotency key, in one atomic
     /// step of the writes script. Not inside a pipeline, so a Redis that has forgotten the script
@@ -736,7 +755,7 @@ impl OrderStore for RedisStore {
                 Written::New => return Ok(Created::New),
                 Written::Exists => {
                     // Another request with the same key (or a stalled one) stored this id first.
-                    return match self.get(order.order_id).await? {
+                    return match self.replicated(order.order_id).await? {
                         Some(first) => Ok(Created::Existing(Box::new(first))),
                         None => Err(StoreError::Unavailable(
                             "order of this idempotency key is being written, try again".into(),
@@ -751,7 +770,7 @@ impl OrderStore for RedisStore {
                     if key
                         .is_none_or(|key| shard_of(earlier) == shard_of_key(&order.user, key)) =>
                 {
-                    if let Some(first) = self.get(earlier).await? {
+                    if let Some(first) = self.replicated(earlier).await? {
                         return Ok(Created::Existing(Box::new(first)));
                     }
                     // The key names an id with no order (reserved by a request that failed or
