@@ -360,8 +360,9 @@ fn redis_line(redis: &Redis, refused_starts: usize) -> String {
         );
     }
     format!(
-        "sentinel mode, min_replicas {MIN_REPLICAS}; failovers {}{times}; nodes started again after refusing to start on too few replicas {refused_starts}",
-        failovers.len()
+        "sentinel mode, min_replicas {MIN_REPLICAS}; failovers {}{times}; failovers the sentinels made on their own {}; nodes started again after refusing to start on too few replicas {refused_starts}",
+        failovers.len(),
+        redis.own_failovers
     )
 }
 

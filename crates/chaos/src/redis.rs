@@ -185,6 +185,9 @@ pub struct Redis {
     /// Seconds from each primary's SIGKILL to all sentinels naming another (in cluster mode: to
     /// every slot served again).
     pub failovers: Vec<f64>,
+    /// Failovers the sentinels made with no fault killing the primary (it stalled past
+    /// [`DOWN_AFTER`] on a loaded machine, or they lost sight of it).
+    pub own_failovers: usize,
     /// The Redis Cluster of cluster mode (then `servers` and `sentinels` are empty), and the
     /// port of its primary SIGSTOPped or SIGKILLed.
     cluster: Option<(RedisCluster, Option<u16>)>,
@@ -227,6 +230,7 @@ impl Redis {
             paused: None,
             lost: None,
             failovers: Vec::new(),
+            own_failovers: 0,
             cluster: None,
         };
         if !sentinel {
@@ -269,6 +273,7 @@ impl Redis {
             paused: None,
             lost: None,
             failovers: Vec::new(),
+            own_failovers: 0,
             cluster: Some((cluster, None)),
         })
     }
@@ -355,11 +360,13 @@ impl Redis {
     }
 
     /// Whether a fault on Redis may start now: nothing of Redis is down or paused, and in
-    /// sentinel mode the primary has both replicas online and caught up.
+    /// sentinel mode the primary (the one the sentinels name) has both replicas online and
+    /// caught up.
     pub fn ready(&mut self) -> bool {
         if let Some((cluster, touched)) = &self.cluster {
             return touched.is_none() && cluster.is_settled(PRIMARIES);
         }
+        self.follow_sentinels();
         let primary = self.primary;
         self.paused.is_none()
             && self.lost.is_none()
@@ -393,6 +400,27 @@ impl Redis {
             self.paused = Some(primary);
         }
         stopped
+    }
+
+    /// Takes the server every sentinel names as the primary when they moved it on their own,
+    /// so that the next fault on the primary strikes the one the nodes write to.
+    fn follow_sentinels(&mut self) {
+        if !self.sentinel_mode() || self.lost.is_some() || self.paused.is_some() {
+            return;
+        }
+        let current = self.servers[self.primary].address();
+        // One sentinel asked in the common case: the others only when it names another server.
+        let Some(named) = self.sentinels.first().and_then(Sentinel::primary) else {
+            return;
+        };
+        if named == current || !self.sentinels.iter().all(|s| s.primary() == Some(named)) {
+            return;
+        }
+        if let Some(index) = self.servers.iter().position(|s| s.address() == named) {
+            println!("chaos:          the sentinels promoted {named} on their own");
+            self.primary = index;
+            self.own_failovers += 1;
+        }
     }
 
     /// SIGCONTs the server paused.
