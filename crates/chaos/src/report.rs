@@ -277,8 +277,8 @@ impl Report {
             })
         };
         for (id, problem, at) in &seen.regressions {
-            // A failover in sentinel mode loses the writes no replica had acknowledged (their
-            // commits failed, and were retried), which a read of the old primary could see.
+            // A failover in sentinel mode loses the writes not every replica had acknowledged
+            // (their commits failed, and were retried), which a read of the old primary could see.
             let after_failover = failovers
                 .iter()
                 .any(|switch| *switch <= *at && *at - *switch <= FAILOVER_READS);
@@ -704,7 +704,7 @@ impl Report {
         println!("rollback retry {}", list(&seen.rollback_retries));
         println!("ledger calls  {}: {}", books.calls.len(), list(&outcomes));
         println!(
-            "fencing       stale commits refused {}, stale orders dropped before a step {}, stale runs refused by the ledger {}, stale epochs refused by the ledger {}, accepted stale writes {} (snapshots that went backwards; {} of them within 20 s of a failover, writes no replica acknowledged)",
+            "fencing       stale commits refused {}, stale orders dropped before a step {}, stale runs refused by the ledger {}, stale epochs refused by the ledger {}, accepted stale writes {} (snapshots that went backwards; {} of them within 20 s of a failover, writes not every replica acknowledged)",
             logs.count("order is no longer ours, dropping it"),
             logs.count("order was taken over while the liveness lease lapsed, dropping it"),
             outcomes.get("late_run_refused").copied().unwrap_or(0),
