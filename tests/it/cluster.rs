@@ -1,6 +1,7 @@
 //! Cluster tests: three real nodes on 127.0.0.1 sharing one real `redis-server`, with real
-//! faults (SIGKILL, SIGSTOP, SIGTERM, Redis killed and restarted). Only one cluster test runs at
-//! a time, so the gossip failure detectors of one test are not starved by another's processes.
+//! faults (SIGKILL, SIGSTOP, SIGTERM, Redis killed and restarted). At most two cluster tests
+//! run at once ([`cluster_turn`]), so the gossip failure detectors of one test are not starved by
+//! the processes of many others.
 
 use crate::harness::{pretty, unique_user, Node, RedisServer, POLL};
 use crate::history::assert_completed;
@@ -8,16 +9,22 @@ use reqwest::Method;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 pub(crate) const SECRET: &str = "test-cluster-secret";
 /// Takeover needs gossip to call the node dead (≈2 s) and its lease to lapse (3 s): allow plenty.
 pub(crate) const TAKEOVER: Duration = Duration::from_secs(40);
 
-static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+/// Cluster tests mostly wait (for gossip to call a node dead, for a lease to lapse): two at once
+/// keep two cores about half busy, and their timing within the deadlines of [`TAKEOVER`].
+static CLUSTERS: Semaphore = Semaphore::const_new(2);
 
-pub(crate) async fn exclusive() -> MutexGuard<'static, ()> {
-    ONE_CLUSTER_AT_A_TIME.lock().await
+/// A place among the cluster tests running at once, held for the whole test.
+pub(crate) async fn cluster_turn() -> SemaphorePermit<'static> {
+    CLUSTERS
+        .acquire()
+        .await
+        .expect("the semaphore is never closed")
 }
 
 pub(crate) fn node_config(redis: &RedisServer, step: &str, seeds: &[u16]) -> String {
@@ -157,7 +164,7 @@ pub(crate) async fn wait_started(node: &Node, user: &str, orders: &[Submitted]) 
 
 #[tokio::test]
 async fn orders_submitted_to_every_node_complete() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let nodes = start_cluster(&redis, 3, "50ms").await;
     let user = unique_user("everywhere");
@@ -188,7 +195,7 @@ async fn orders_submitted_to_every_node_complete() {
 
 #[tokio::test]
 async fn a_killed_nodes_orders_complete_on_the_others() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let mut nodes = start_cluster(&redis, 3, "1s").await;
     let user = unique_user("killed");
@@ -202,7 +209,7 @@ async fn a_killed_nodes_orders_complete_on_the_others() {
 
 #[tokio::test]
 async fn a_killed_leader_is_replaced_and_its_orders_taken_over() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let mut nodes = start_cluster(&redis, 3, "1s").await;
     let (leader, position) = leader_among(&nodes).await;
@@ -229,7 +236,7 @@ async fn a_killed_leader_is_replaced_and_its_orders_taken_over() {
 
 #[tokio::test]
 async fn a_dead_nodes_orders_are_taken_over_while_the_leader_cannot_act() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     // A leader lease far longer than the wait below: the paused leader keeps it throughout, so
     // only a follower can move the dead node's orders.
@@ -265,7 +272,7 @@ async fn a_dead_nodes_orders_are_taken_over_while_the_leader_cannot_act() {
 
 #[tokio::test]
 async fn a_peer_that_does_not_answer_a_transfer_is_not_waited_for() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     // The leader's failure detector calls nobody dead within the test, and it would wait 30 s
     // for an answer to a transfer: the dead node is found by its lease alone, and only not
@@ -305,7 +312,7 @@ async fn a_peer_that_does_not_answer_a_transfer_is_not_waited_for() {
 
 #[tokio::test]
 async fn the_leader_takes_orders_past_their_retention_out_of_the_users_lists() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let nodes = start_configured(1, |seeds| {
         format!(
@@ -350,7 +357,7 @@ async fn the_leader_takes_orders_past_their_retention_out_of_the_users_lists() {
 
 #[tokio::test]
 async fn a_paused_node_loses_its_orders_and_commits_nothing_after_it_resumes() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let nodes = start_cluster(&redis, 3, "2s").await;
     let user = unique_user("paused");
@@ -400,7 +407,7 @@ async fn a_paused_node_loses_its_orders_and_commits_nothing_after_it_resumes() {
 
 #[tokio::test]
 async fn redis_outage_answers_503_then_everything_completes() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let mut redis = RedisServer::start();
     let nodes = start_cluster(&redis, 3, "300ms").await;
     let user = unique_user("outage");
@@ -431,7 +438,7 @@ async fn redis_outage_answers_503_then_everything_completes() {
 
 #[tokio::test]
 async fn a_draining_leader_hands_the_leadership_on_before_its_steps_finish() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     // Steps far longer than the wait below: the drain is still waiting for one when it is checked.
     let mut nodes = start_cluster(&redis, 2, "60s").await;
@@ -487,7 +494,7 @@ async fn a_draining_leader_hands_the_leadership_on_before_its_steps_finish() {
 
 #[tokio::test]
 async fn a_rolling_restart_under_load_loses_nothing() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let mut nodes = start_cluster(&redis, 3, "300ms").await;
     let user = unique_user("rolling");
@@ -516,7 +523,7 @@ async fn a_rolling_restart_under_load_loses_nothing() {
 
 #[tokio::test]
 async fn transfer_needs_the_secret_and_refuses_live_or_own_nodes() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let nodes = start_cluster(&redis, 2, "50ms").await;
     let own = nodes[0].service_id_file();
@@ -590,7 +597,7 @@ fn joining_a_cluster_on_the_embedded_store_is_refused() {
 /// pause it took new orders unregistered, so when it later died for good nobody took them over.
 #[tokio::test]
 async fn a_node_forgotten_while_paused_has_its_orders_taken_over_when_it_dies_later() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let mut nodes = start_cluster(&redis, 3, "1s").await;
     use order_process::cluster::{Coordinator, RedisCoordinator};
@@ -634,7 +641,7 @@ async fn a_node_forgotten_while_paused_has_its_orders_taken_over_when_it_dies_la
 /// its orders are taken over like any dead node's.
 #[tokio::test]
 async fn orders_of_a_dead_node_the_registry_lost_are_taken_over_by_the_next_leader() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let mut nodes = start_cluster(&redis, 3, "1s").await;
     let leader_id = leader_of(&nodes[0]).await;

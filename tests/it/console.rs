@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::cluster::{exclusive, node_config, wait_formed};
+use crate::cluster::{cluster_turn, node_config, wait_formed};
 use crate::harness::{pretty, unique_user, Node, RedisServer, POLL, TERMINAL};
 
 /// Longest the browser may take to start, or a page check to come true.
@@ -269,7 +269,7 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
         eprintln!("NOTICE: console test skipped: no chromium on PATH (apt-get install chromium)");
         return;
     };
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let shop = Scripted::start().await;
     // The first two refunds fail: the one order that fails after its charge is parked, and

@@ -10,7 +10,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::cluster::{exclusive, node_config, wait_formed, TAKEOVER};
+use crate::cluster::{cluster_turn, node_config, wait_formed, TAKEOVER};
 use crate::faketime::FakeClock;
 use crate::harness::{pretty, simulate, unique_user, Node, RedisServer, TERMINAL};
 use crate::history::{assert_completed, assert_failed_at, utc_time};
@@ -569,7 +569,7 @@ async fn cancelling_an_order_waiting_to_retry_does_not_wait_for_the_retry() {
 /// and finished elsewhere; back from the pause, the node calls no service for them.
 #[tokio::test]
 async fn a_node_paused_with_orders_queued_calls_no_service_for_orders_taken_over() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let shop = Shop::start().await;
     // The paused node's only worker hangs in its first call; the other orders wait in its queue.
     shop.queue("/schedule", vec![Answer::Hang]);
@@ -652,7 +652,7 @@ async fn queued(node: &Node) -> Option<u64> {
 
 #[tokio::test]
 async fn a_takeover_continues_the_retry_schedule_of_a_dead_node() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let shop = Shop::start().await;
     shop.queue("/charge", vec![Answer::Status(503, "busy".into())]);
     let slow = Timing::new("5s", 3, "4s", "4s");
@@ -719,7 +719,7 @@ async fn an_order_waiting_to_retry_does_not_hold_a_worker() {
 
 #[tokio::test]
 async fn a_parked_rollback_can_be_retried_through_another_node() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let shop = shop_with_refunds_down(2).await;
     let payment = ONE_RETRY;
     let redis = RedisServer::start();

@@ -9,7 +9,7 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::cluster::{
-    exclusive, start_cluster, submit, wait_all_completed, wait_started, TAKEOVER,
+    cluster_turn, start_cluster, submit, wait_all_completed, wait_started, TAKEOVER,
 };
 use crate::harness::{simulate, unique_user, Node, RedisServer, TERMINAL};
 
@@ -242,7 +242,7 @@ async fn sum(nodes: &[&Node], series: &str) -> f64 {
 
 #[tokio::test]
 async fn cluster_metrics_show_leadership_gossip_and_takeover() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let mut nodes = start_cluster(&redis, 3, "1s").await;
     let all: Vec<&Node> = nodes.iter().collect();

@@ -3,7 +3,7 @@
 //! takes over) and while slots move between primaries. Every process is killed by pid when its
 //! guard is dropped, also when a test fails.
 
-use crate::cluster::{exclusive, SECRET};
+use crate::cluster::{cluster_turn, SECRET};
 use crate::harness::{unique_user, Node};
 use crate::sentinel::{at_least, eventually, keep_submitting, wait_all_completed, Submitting};
 use order_process::store::redis::keys;
@@ -66,7 +66,7 @@ async fn all_accepted_finish(node: Arc<Node>, user: &str, submitting: Submitting
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_under_load_loses_no_acknowledged_order() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let mut cluster = RedisCluster::start();
     // Without waiting for replicas: the promoted replica has none until the lost host comes
     // back. (What a primary acknowledged in its last moment may then be lost with it: here the
@@ -108,7 +108,7 @@ async fn a_primary_killed_under_load_loses_no_acknowledged_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slots_moved_under_load_lose_no_acknowledged_order() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let cluster = Arc::new(RedisCluster::start());
     let node = Arc::new(Node::start(&node_config(&cluster, 1)).await);
     let user = unique_user("cluster-reshard");

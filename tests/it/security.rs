@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::cluster::{
-    exclusive, start_cluster, submit, wait_all_completed, wait_started, TAKEOVER,
+    cluster_turn, start_cluster, submit, wait_all_completed, wait_started, TAKEOVER,
 };
 use crate::harness::{order_ids, simulate, unique_user, Node, RedisServer, POLL};
 
@@ -587,7 +587,7 @@ async fn slow_clients_are_disconnected_while_others_are_served() {
 /// cluster's Redis. The busy survivor takes them over.
 #[tokio::test]
 async fn a_gossip_member_without_a_lease_is_never_sent_a_transfer() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let nodes = start_cluster(&redis, 2, "2s").await;
     let own_redis = RedisServer::start();

@@ -6,7 +6,7 @@
 //! TLS; and a node refuses to start on a Redis weaker than its config asks. Every process is killed by pid when
 //! its guard is dropped, also when a test fails.
 
-use crate::cluster::{exclusive, SECRET};
+use crate::cluster::{cluster_turn, SECRET};
 use crate::config::run_to_exit;
 use crate::harness::{pretty, unique_user, Node, RedisServer, POLL};
 use crate::history::assert_completed;
@@ -188,7 +188,7 @@ fn node_config(database: &str, step: &str) -> String {
 
 #[tokio::test]
 async fn a_node_follows_a_sentinel_failover_without_a_restart_and_its_fence_keeps_growing() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let mut primary = RedisServer::start();
     let replica = RedisServer::start_replica_of(&primary);
     let (sentinels, database) = start_sentinels(&primary, 1).await;
@@ -255,7 +255,7 @@ async fn a_node_follows_a_sentinel_failover_without_a_restart_and_its_fence_keep
 /// follows a failover.
 #[tokio::test]
 async fn over_tls_a_node_finds_its_primary_through_the_sentinels_and_follows_a_failover() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let pki = Pki::new();
     let files = pki.server_files(true);
     let mut primary = RedisServer::start_tls_only(files.clone(), None);
@@ -310,7 +310,7 @@ async fn over_tls_a_node_finds_its_primary_through_the_sentinels_and_follows_a_f
 
 #[tokio::test]
 async fn with_min_replicas_a_write_is_done_only_once_a_replica_has_it() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let primary = RedisServer::start();
     let replica = RedisServer::start_replica_of(&primary);
     let database = format!(
@@ -368,7 +368,7 @@ async fn with_min_replicas_a_write_is_done_only_once_a_replica_has_it() {
 /// runs and completes, and the retry gets it.
 #[tokio::test]
 async fn a_resumed_order_is_acted_on_only_once_a_replica_has_it() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let primary = RedisServer::start();
     let replica = RedisServer::start_replica_of(&primary);
     let shop = Scripted::start().await;
@@ -467,7 +467,7 @@ async fn assert_refused(config: &str, needles: &[&str]) {
 
 #[tokio::test]
 async fn a_node_refuses_to_start_on_a_redis_weaker_than_its_config() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let base = format!(
         "[cluster]\nsecret = \"{SECRET}\"\n[database]\nurl = \"{}\"\n",
@@ -494,7 +494,7 @@ async fn a_node_refuses_to_start_on_a_redis_weaker_than_its_config() {
 /// then waits for one to connect instead of refusing at once.
 #[tokio::test]
 async fn a_node_starting_before_its_replicas_connect_waits_for_them() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let primary = RedisServer::start();
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("config.toml");
@@ -751,7 +751,7 @@ async fn losing_the_primary_host_under_load_loses_no_acknowledged_order() {
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let mut servers = vec![RedisServer::start()];
     for _ in 0..2 {
         let replica = RedisServer::start_replica_of(&servers[0]);

@@ -5,7 +5,7 @@
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::cluster::exclusive;
+use crate::cluster::cluster_turn;
 use crate::harness::{Node, RedisServer, Reply, TERMINAL};
 use crate::security::{bearer, standard_tokens, ALICE, BOB, ROOT};
 
@@ -21,7 +21,7 @@ async fn with_secret(node: &Node, path: &str) -> Reply {
 
 #[tokio::test]
 async fn a_node_lists_the_unfinished_orders_another_owns() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let tokens = standard_tokens();
     // Processing takes long enough that the orders stay unfinished for the whole test.

@@ -194,7 +194,7 @@ fn twin(node: &Node, config: &str) -> (Proc, PathBuf, tempfile::TempDir) {
 
 #[tokio::test]
 async fn a_second_process_with_the_same_node_id_refuses_to_start() {
-    let _cluster = crate::cluster::exclusive().await;
+    let _turn = crate::cluster::cluster_turn().await;
     let redis = RedisServer::start();
     let config = redis_node_config(&redis, "1s");
     let node = Node::start(&config).await;
@@ -227,7 +227,7 @@ async fn a_second_process_with_the_same_node_id_refuses_to_start() {
 /// back and the first process renews its lease.
 #[tokio::test]
 async fn a_second_process_started_while_redis_is_out_of_reach_refuses_once_it_is_back() {
-    let _cluster = crate::cluster::exclusive().await;
+    let _turn = crate::cluster::cluster_turn().await;
     let redis = RedisServer::start();
     // A lease long enough that the first process's does not run out while Redis is stopped.
     let config = format!("{}liveness_ttl = \"4s\"\n", redis_node_config(&redis, "1s"));
@@ -363,7 +363,7 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
 
 #[tokio::test]
 async fn a_node_told_to_stop_while_it_waits_for_its_lease_exits_cleanly() {
-    let _cluster = crate::cluster::exclusive().await;
+    let _turn = crate::cluster::cluster_turn().await;
     let redis = RedisServer::start();
     let config = redis_node_config(&redis, "1s");
     let node = Node::start(&config).await;

@@ -2,7 +2,7 @@
 //! fail part-way (replies lost by a proxy in front of Redis), and a node cut off from Redis while
 //! gossip still calls it live. Real nodes, a real `redis-server`, a real TCP proxy.
 
-use crate::cluster::{exclusive, leader_of, wait_formed, SECRET, TAKEOVER};
+use crate::cluster::{cluster_turn, leader_of, wait_formed, SECRET, TAKEOVER};
 use crate::harness::{unique_user, Node, RedisServer, POLL};
 use crate::proxy::Proxy;
 use order_process::cluster::{Acquired, Coordinator, RedisCoordinator};
@@ -68,7 +68,7 @@ async fn wait_all_finished(store: &RedisStore, ids: &[String], within: Duration)
 /// everything it owns that it does not run as soon as a takeover fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_that_fails_part_way_resumes_what_it_moved() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let proxy = Proxy::start(redis.port).await;
     // Reconciliation would find the stranded orders eventually; here it must not be what helps.
@@ -142,7 +142,7 @@ async fn three_with_a_victim_behind_a_proxy(
 /// been expired for `cluster.takeover_after`), whatever gossip says of the node's liveness.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_off_from_redis_but_live_in_gossip_is_taken_over() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let (redis, proxy, nodes, ids) = three_with_a_victim_behind_a_proxy("").await;
     proxy.sever();
     let cut = Instant::now();
@@ -174,7 +174,7 @@ async fn a_node_cut_off_from_redis_but_live_in_gossip_is_taken_over() {
 /// takeover sooner, the lease keeps it safe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_says_it_cannot_renew_its_lease_is_taken_over_once_the_lease_expires() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let (redis, proxy, nodes, ids) =
         three_with_a_victim_behind_a_proxy("takeover_after = \"60s\"\n").await;
     proxy.sever();

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use warp::http::{HeaderMap, Response, StatusCode};
 use warp::Filter;
 
-use crate::cluster::{exclusive, node_config, wait_formed, TAKEOVER};
+use crate::cluster::{cluster_turn, node_config, wait_formed, TAKEOVER};
 use crate::harness::{pretty, simulate, unique_user, Node, RedisServer, POLL, TERMINAL};
 use crate::history::assert_completed;
 
@@ -307,7 +307,7 @@ async fn a_webhook_owed_when_the_node_is_killed_is_delivered_after_its_restart()
 
 #[tokio::test]
 async fn a_takeover_delivers_the_webhook_of_a_dead_node() {
-    let _one = exclusive().await;
+    let _turn = cluster_turn().await;
     let receiver = Receiver::start().await;
     receiver.answer(503);
     let redis = RedisServer::start();
