@@ -63,6 +63,8 @@ impl Node {
     }
 
     /// Polls `GET /orders/{id}` until `ready(order)`; panics at the deadline with the last view.
+    /// A 503 (the store did not answer within the node's timeout, as on a loaded machine) is
+    /// asked again, as a client would; any other status but 200 fails at once.
     pub async fn wait_for(
         &self,
         user: &str,
@@ -72,15 +74,20 @@ impl Node {
         ready: impl Fn(&Value) -> bool,
     ) -> Value {
         let deadline = Instant::now() + within;
+        let mut last = Value::Null;
         loop {
-            let order = self.order(user, id).await;
-            if ready(&order) {
-                return order;
+            let reply = self.get_order(user, id).await;
+            if reply.status != 503 {
+                let order = self.expect_json(&reply, 200, &format!("GET /orders/{id}"));
+                if ready(&order) {
+                    return order;
+                }
+                last = order;
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "order {id}: not {what} within {within:?}; last view:\n{}\n{}",
-                    pretty(&order),
+                    "order {id}: not {what} within {within:?}; last view ({reply}):\n{}\n{}",
+                    pretty(&last),
                     self.log_tail()
                 );
             }
