@@ -1,6 +1,9 @@
-//! The heartbeat on a full disk: a node whose data dir is a small tmpfs answers `DEGRADED` once
-//! its store cannot write, not only when it cannot read, and `OK` again once restarted with room
-//! on the disk. Mounting needs root; without it the test says so and passes.
+//! A full disk. The embedded store's: a node whose data dir is a small tmpfs answers `DEGRADED`
+//! once its store cannot write, not only when it cannot read, and `OK` again once restarted with
+//! room on the disk. Redis's: with `appendfsync always` Redis exits at its first write that does
+//! not fit, and with `everysec` it stays up refusing writes (`MISCONF`) until there is room; in
+//! both, submissions meanwhile are answered 503, and every order accepted before or during it
+//! finishes once Redis writes again. Mounting needs root; without it the tests say so and pass.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,7 +12,9 @@ use std::time::Duration;
 
 use reqwest::Method;
 
-use crate::harness::{simulate, unique_user, Node, Reply, POLL};
+use crate::harness::{simulate, unique_user, Node, RedisServer, Reply, POLL, TERMINAL};
+use crate::history::assert_completed;
+use order_process_testkit::poll::until;
 
 /// How long the store may take to notice (a write failing, then a heartbeat's probe).
 const NOTICE: Duration = Duration::from_secs(20);
@@ -106,4 +111,204 @@ async fn heartbeat_is_degraded_while_the_store_cannot_write() {
     node.restart().await;
     assert_eq!(node.heartbeat().await["status"], "OK");
     node.kill();
+}
+
+/// A node on the Redis at `url` with steps of `step`, looking for orders to resume every second.
+fn redis_node_config(url: &str, step: &str) -> String {
+    format!(
+        "{}[pipeline]\nreconcile_interval = \"1s\"\n\
+         [database]\nurl = \"{url}\"\n\
+         [cluster]\nsecret = \"full-disk-test-secret\"\n",
+        simulate(step)
+    )
+}
+
+/// A tmpfs of `size` on a new temp dir, with a Redis keeping its append-only file there
+/// (`appendfsync` as given), and a node on that Redis with steps of `step`; `None` without root.
+/// Dropped in reverse order: the node, Redis, the tmpfs, the temp dir.
+async fn redis_on_tmpfs(
+    size: &str,
+    appendfsync: &str,
+    step: &str,
+) -> Option<(tempfile::TempDir, Tmpfs, RedisServer, Node)> {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let tmpfs = Tmpfs::mount(dir.path(), size)?;
+    let redis = RedisServer::try_start(dir.path().join("redis"), appendfsync)
+        .unwrap_or_else(|error| panic!("start redis-server on the tmpfs: {error}"));
+    let node = Node::start(&redis_node_config(&redis.url(), step)).await;
+    Some((dir, tmpfs, redis, node))
+}
+
+/// Submits `count` orders as `user`, each answered 201; their ids.
+async fn submit(node: &Node, user: &str, count: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..count {
+        ids.push(node.create_order(user, &serde_json::json!({})).await);
+    }
+    ids
+}
+
+/// Submits one order as `user`: its id when accepted (201); when not, asserts the answer is a
+/// 503 with `Retry-After` and an `{"error": …}` body, and returns `None`.
+async fn submit_or_shed(node: &Node, user: &str) -> Option<String> {
+    let reply = node.post_order(user, "{}").await;
+    if reply.status == 201 {
+        let created = node.expect_json(&reply, 201, "POST /orders");
+        return created["order_id"].as_str().map(str::to_string);
+    }
+    node.expect_error(&reply, 503, "POST /orders while redis cannot write");
+    assert!(
+        reply.header("retry-after").is_some(),
+        "a 503 without Retry-After: {reply}"
+    );
+    None
+}
+
+/// Submits orders as `user` one after another, adding those accepted to `accepted`, until
+/// `done` answers; fails the test when it has not within [`NOTICE`].
+async fn submit_until<T, F, Fut>(
+    node: &Node,
+    user: &str,
+    accepted: &mut Vec<String>,
+    what: &str,
+    mut done: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + NOTICE;
+    loop {
+        if let Some(answer) = done().await {
+            return answer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not {what} within {NOTICE:?} of the disk filling:\n{}",
+            node.log_tail()
+        );
+        accepted.extend(submit_or_shed(node, user).await);
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Waits until every order of `ids` completed with a legal history, and none was set aside.
+async fn assert_all_completed(node: &Node, user: &str, ids: &[String]) {
+    for id in ids {
+        let order = node.wait_terminal(user, id, TERMINAL).await;
+        assert_completed(&order);
+    }
+    let reply = node.call(Method::GET, "/diagnostic/set-aside").send().await;
+    let aside = node.expect_json(&reply, 200, "GET /diagnostic/set-aside");
+    let listed = aside["set_aside"].as_array().cloned().unwrap_or_default();
+    for entry in listed {
+        assert!(
+            !ids.iter().any(|id| entry["order_id"] == id.as_str()),
+            "an order accepted before the disk filled was set aside: {entry}"
+        );
+    }
+}
+
+/// Polls the heartbeat until `status` (`OK` or `DEGRADED`).
+async fn wait_heartbeat(node: &Node, status: &str) {
+    let seen = until(NOTICE, POLL, || async {
+        let reply = heartbeat(node).await;
+        (reply.try_json()?["status"] == status).then_some(())
+    })
+    .await;
+    if seen.is_none() {
+        panic!(
+            "heartbeat not {status} within {NOTICE:?}: {}\n{}",
+            heartbeat(node).await,
+            node.log_tail()
+        );
+    }
+}
+
+#[tokio::test]
+async fn redis_that_runs_out_of_disk_with_appendfsync_always_loses_no_accepted_order() {
+    let Some((dir, _tmpfs, mut redis, node)) = redis_on_tmpfs("32m", "always", "100ms").await
+    else {
+        eprintln!("not root: cannot mount a tmpfs, full-disk redis test skipped");
+        return;
+    };
+    let user = unique_user("redis-full");
+    let mut accepted = submit(&node, &user, 10).await;
+
+    // Redis cannot keep an acknowledged write it failed to fsync, so it exits at its first
+    // write that does not fit (a step's commit, a submission, the heartbeat's probe).
+    let filler = dir.path().join("filler");
+    fill(&filler);
+    let exited = submit_until(&node, &user, &mut accepted, "redis exited", || {
+        std::future::ready(redis.try_exit())
+    })
+    .await;
+    assert!(!exited.success(), "redis exited 0 on a full disk");
+    wait_heartbeat(&node, "DEGRADED").await;
+    assert_eq!(
+        submit_or_shed(&node, &user).await,
+        None,
+        "accepted with redis gone"
+    );
+
+    // Room again, and Redis started again from its append-only file.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    redis.restart();
+    wait_heartbeat(&node, "OK").await;
+    assert_all_completed(&node, &user, &accepted).await;
+    accepted.extend(submit(&node, &user, 3).await);
+    assert_all_completed(&node, &user, &accepted).await;
+}
+
+#[tokio::test]
+async fn orders_running_while_redis_refuses_writes_on_a_full_disk_finish_once_it_has_room() {
+    let Some((dir, _tmpfs, redis, node)) = redis_on_tmpfs("32m", "everysec", "300ms").await else {
+        eprintln!("not root: cannot mount a tmpfs, full-disk redis test skipped");
+        return;
+    };
+    let user = unique_user("redis-misconf");
+    let mut accepted = submit(&node, &user, 10).await;
+
+    // With `everysec` Redis stays up, answering reads and refusing writes (MISCONF) once it
+    // failed to write its append-only file.
+    let filler = dir.path().join("filler");
+    fill(&filler);
+    submit_until(
+        &node,
+        &user,
+        &mut accepted,
+        "heartbeat degraded",
+        || async { degraded(&heartbeat(&node).await).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        submit_or_shed(&node, &user).await,
+        None,
+        "accepted while redis refuses writes"
+    );
+    // Orders that were running meet the refusal at their next commit, and retry it.
+    let retried = until(NOTICE, POLL, || async {
+        node.log()
+            .contains("cannot commit transition")
+            .then_some(())
+    })
+    .await;
+    assert!(
+        retried.is_some(),
+        "no commit met the refusal:\n{}",
+        node.log_tail()
+    );
+    // Up (it answers INFO; it refuses even PING meanwhile), and refusing for the disk.
+    assert_eq!(
+        redis
+            .info_field("persistence", "aof_last_write_status")
+            .as_deref(),
+        Some("err"),
+        "redis with appendfsync everysec is not up refusing writes"
+    );
+
+    // Redis finds the room on its own and takes writes again.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    wait_heartbeat(&node, "OK").await;
+    assert_all_completed(&node, &user, &accepted).await;
 }

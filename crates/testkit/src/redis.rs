@@ -250,6 +250,11 @@ impl RedisServer {
             .is_some_and(|process| process.signal(name))
     }
 
+    /// How redis-server exited, once it has exited on its own (`None` while it runs).
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.process.as_mut().and_then(Proc::try_exit)
+    }
+
     /// SIGKILLs Redis (its append-only file stays for the next start).
     pub fn kill(&mut self) {
         drop(self.process.take());
