@@ -4,6 +4,7 @@
 //! Nothing in here does I/O or reads a clock: callers pass `now` in, so every transition is a
 //! plain function that unit tests can drive exhaustively.
 
+mod json;
 mod machine;
 mod model;
 #[cfg(test)]
@@ -11,6 +12,7 @@ mod props;
 mod rfc3339;
 mod view;
 
+pub use json::write_order;
 pub use machine::{
     apply, apply_owned, next_action, retry_due, Action, Event, TransitionError, CANCELLED,
 };

@@ -111,6 +111,19 @@ pub fn serialize<S: Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S
     }
 }
 
+/// `time` as [`serialize`] writes it into JSON (quoted), at the end of `out`.
+pub fn write_json(out: &mut Vec<u8>, time: &DateTime<Utc>) -> Result<(), serde_json::Error> {
+    match write(time, Fraction::Shortest) {
+        Some(text) => {
+            out.push(b'"');
+            out.extend_from_slice(text.bytes.get(..text.len).unwrap_or_default());
+            out.push(b'"');
+            Ok(())
+        }
+        None => serialize(time, &mut serde_json::Serializer::new(out)),
+    }
+}
+
 /// An optional time as serde writes an `Option` of one, the time as [`serialize`] does.
 pub fn option<S: Serializer>(
     time: &Option<DateTime<Utc>>,

@@ -15,7 +15,7 @@ use super::{
     OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome, SetAside,
     StoreError, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
 };
-use crate::order::{Order, OrderId, RollbackState, Step};
+use crate::order::{write_order, Order, OrderId, RollbackState, Step};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redb::{
@@ -364,7 +364,9 @@ fn decode(bytes: &[u8]) -> Result<Order, StoreError> {
 }
 
 fn encode(order: &Order) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(order).map_err(|error| StoreError::Corrupt(error.to_string()))
+    let mut bytes = Vec::with_capacity(2048);
+    write_order(&mut bytes, order).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    Ok(bytes)
 }
 
 /// Runs on its own thread: takes a batch of requests, applies them in one transaction, commits

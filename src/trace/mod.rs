@@ -58,15 +58,29 @@ fn text(digits: &[u8]) -> &str {
     std::str::from_utf8(digits).unwrap_or_default()
 }
 
+impl TraceId {
+    /// The 32 lower-case hex digits.
+    pub fn hex(&self) -> [u8; 32] {
+        encode::<32>(self.0)
+    }
+}
+
+impl SpanId {
+    /// The 16 lower-case hex digits.
+    pub fn hex(&self) -> [u8; 16] {
+        encode::<16>(u128::from(self.0))
+    }
+}
+
 impl fmt::Display for TraceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(text(&encode::<32>(self.0)))
+        f.write_str(text(&self.hex()))
     }
 }
 
 impl fmt::Display for SpanId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(text(&encode::<16>(u128::from(self.0))))
+        f.write_str(text(&self.hex()))
     }
 }
 
@@ -101,13 +115,13 @@ impl SpanId {
 
 impl Serialize for TraceId {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(text(&encode::<32>(self.0)))
+        serializer.serialize_str(text(&self.hex()))
     }
 }
 
 impl Serialize for SpanId {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(text(&encode::<16>(u128::from(self.0))))
+        serializer.serialize_str(text(&self.hex()))
     }
 }
 

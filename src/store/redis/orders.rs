@@ -10,7 +10,7 @@ use super::keys::{
     STATE_INDEXED,
 };
 use super::scripts::Scripts;
-use crate::order::{Order, OrderId, Phase, RollbackState, Step};
+use crate::order::{write_order, Order, OrderId, Phase, RollbackState, Step};
 use crate::store::{
     cancel_outcome, decode_cursor, encode_cursor, is_parked, retry_rollback_outcome, CancelOutcome,
     Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
@@ -93,7 +93,7 @@ fn encode(order: &Order) -> Result<Vec<u8>, StoreError> {
 
 /// [`encode`], at the end of `bytes`.
 fn encode_into(bytes: &mut Vec<u8>, order: &Order) -> Result<(), StoreError> {
-    serde_json::to_writer(bytes, order).map_err(corrupt)
+    write_order(bytes, order).map_err(corrupt)
 }
 
 /// Room for a write's keys and arguments: its doc and a few hundred bytes more.
