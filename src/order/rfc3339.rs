@@ -51,8 +51,12 @@ impl Text {
 }
 
 /// The text of `time`, or `None` for a year outside 0–9999 (chrono writes those with a sign).
+/// Its parts are read from the naive UTC date and time once: each of `DateTime`'s own accessors
+/// (`year()`, `hour()`, …) works out the local date and time again.
 fn write(time: &DateTime<Utc>, fraction: Fraction) -> Option<Text> {
-    let year = u32::try_from(time.year())
+    let naive = time.naive_utc();
+    let date = naive.date();
+    let year = u32::try_from(date.year())
         .ok()
         .filter(|year| *year <= 9999)?;
     let mut text = Text {
@@ -61,20 +65,21 @@ fn write(time: &DateTime<Utc>, fraction: Fraction) -> Option<Text> {
     };
     text.digits(year, 4);
     text.push(b'-');
-    text.digits(time.month(), 2);
+    text.digits(date.month(), 2);
     text.push(b'-');
-    text.digits(time.day(), 2);
+    text.digits(date.day(), 2);
     text.push(b'T');
-    let mut second = time.second();
-    let mut nano = time.nanosecond();
+    let seconds = naive.time().num_seconds_from_midnight();
+    let mut second = seconds % 60;
+    let mut nano = naive.time().nanosecond();
     // A leap second is kept as a nanosecond count past 1e9, and written as second 60.
     if nano >= 1_000_000_000 {
         second += 1;
         nano -= 1_000_000_000;
     }
-    text.digits(time.hour(), 2);
+    text.digits(seconds / 3600, 2);
     text.push(b':');
-    text.digits(time.minute(), 2);
+    text.digits(seconds / 60 % 60, 2);
     text.push(b':');
     text.digits(second, 2);
     match fraction {

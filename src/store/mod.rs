@@ -365,7 +365,7 @@ pub fn encode_cursor(created_micros: u64, id: OrderId) -> String {
     let mut text = uuid::Uuid::encode_buffer();
     let id = id.simple().encode_lower(&mut text);
     let mut cursor = String::with_capacity(digits.len() + 1 + id.len());
-    cursor.extend(digits.iter().map(|digit| char::from(*digit)));
+    cursor.push_str(std::str::from_utf8(&digits).unwrap_or_default());
     cursor.push('-');
     cursor.push_str(id);
     cursor
