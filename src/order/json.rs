@@ -13,9 +13,28 @@ use super::model::{
 use super::rfc3339;
 use crate::trace::TraceContext;
 use chrono::{DateTime, Utc};
+use std::ops::Range;
 
 /// Writes `order` as JSON at the end of `out`, exactly as `serde_json::to_writer` would.
 pub fn write_order(out: &mut Vec<u8>, order: &Order) -> Result<(), serde_json::Error> {
+    let mut writer = Writer {
+        out,
+        time: None,
+        text: None,
+    };
+    write(&mut writer, order)
+}
+
+/// Where the JSON goes, and the last time and the last text written with where they are in it:
+/// an order repeats both (a step starts when the one before completes, and one node usually
+/// runs every step and owns the order), and a repeat is copied instead of written again.
+struct Writer<'w, 'a> {
+    out: &'w mut Vec<u8>,
+    time: Option<(DateTime<Utc>, Range<usize>)>,
+    text: Option<(&'a str, Range<usize>)>,
+}
+
+fn write<'a>(w: &mut Writer<'_, 'a>, order: &'a Order) -> Result<(), serde_json::Error> {
     let Order {
         order_id,
         user,
@@ -36,27 +55,28 @@ pub fn write_order(out: &mut Vec<u8>, order: &Order) -> Result<(), serde_json::E
         notification,
         trace,
     } = order;
-    out.extend_from_slice(b"{\"order_id\":\"");
+    w.out.extend_from_slice(b"{\"order_id\":\"");
     let mut id = uuid::Uuid::encode_buffer();
-    out.extend_from_slice(order_id.hyphenated().encode_lower(&mut id).as_bytes());
-    out.extend_from_slice(b"\",\"user\":");
-    string(out, user)?;
-    out.extend_from_slice(b",\"payload\":");
-    serde_json::to_writer(&mut *out, &**payload)?;
-    out.extend_from_slice(b",\"current_step\":");
-    step(out, *current_step);
-    out.extend_from_slice(b",\"start_time\":");
-    time(out, start_time)?;
-    optional_time(out, b",\"complete_time\":", complete_time)?;
-    out.extend_from_slice(b",\"steps\":[");
+    w.out
+        .extend_from_slice(order_id.hyphenated().encode_lower(&mut id).as_bytes());
+    w.out.extend_from_slice(b"\",\"user\":");
+    string(w, user)?;
+    w.out.extend_from_slice(b",\"payload\":");
+    serde_json::to_writer(&mut *w.out, &**payload)?;
+    w.out.extend_from_slice(b",\"current_step\":");
+    step(w, *current_step);
+    w.out.extend_from_slice(b",\"start_time\":");
+    time(w, start_time)?;
+    optional_time(w, b",\"complete_time\":", complete_time)?;
+    w.out.extend_from_slice(b",\"steps\":[");
     for (index, entry) in steps.iter().enumerate() {
         if index > 0 {
-            out.push(b',');
+            w.out.push(b',');
         }
-        step_entry(out, entry)?;
+        step_entry(w, entry)?;
     }
-    out.extend_from_slice(b"],\"phase\":");
-    out.extend_from_slice(match phase {
+    w.out.extend_from_slice(b"],\"phase\":");
+    w.out.extend_from_slice(match phase {
         Phase::Forward => b"\"forward\"",
         Phase::RollingBack => b"\"rolling_back\"",
         Phase::Finished => b"\"finished\"",
@@ -66,52 +86,52 @@ pub fn write_order(out: &mut Vec<u8>, order: &Order) -> Result<(), serde_json::E
         reason,
     }) = failure
     {
-        out.extend_from_slice(b",\"failure\":{\"step\":");
-        step(out, *failed);
-        out.extend_from_slice(b",\"reason\":");
-        string(out, reason)?;
-        out.push(b'}');
+        w.out.extend_from_slice(b",\"failure\":{\"step\":");
+        step(w, *failed);
+        w.out.extend_from_slice(b",\"reason\":");
+        string(w, reason)?;
+        w.out.push(b'}');
     }
     if !pending_rollback.is_empty() {
-        out.extend_from_slice(b",\"pending_rollback\":[");
+        w.out.extend_from_slice(b",\"pending_rollback\":[");
         for (index, pending) in pending_rollback.iter().enumerate() {
             if index > 0 {
-                out.push(b',');
+                w.out.push(b',');
             }
-            step(out, *pending);
+            step(w, *pending);
         }
-        out.push(b']');
+        w.out.push(b']');
     }
     if let Some(rollback_state) = rollback_state {
-        out.extend_from_slice(match rollback_state {
+        w.out.extend_from_slice(match rollback_state {
             RollbackState::Complete => b",\"rollback_state\":\"complete\"",
             RollbackState::Incomplete => b",\"rollback_state\":\"incomplete\"",
         });
     }
-    optional_string(out, b",\"rollback_error\":", rollback_error)?;
-    out.extend_from_slice(if *cancel_requested {
+    optional_string(w, b",\"rollback_error\":", rollback_error)?;
+    w.out.extend_from_slice(if *cancel_requested {
         b",\"cancel_requested\":true,\"owner\":"
     } else {
         b",\"cancel_requested\":false,\"owner\":"
     });
-    string(out, owner)?;
-    out.extend_from_slice(b",\"epoch\":");
-    number(out, *epoch);
-    out.extend_from_slice(b",\"revision\":");
-    number(out, *revision);
+    string(w, owner)?;
+    w.out.extend_from_slice(b",\"epoch\":");
+    number(w, *epoch);
+    w.out.extend_from_slice(b",\"revision\":");
+    number(w, *revision);
     if let Some(notification) = notification {
-        out.extend_from_slice(b",\"notification\":");
-        write_notification(out, notification)?;
+        w.out.extend_from_slice(b",\"notification\":");
+        write_notification(w, notification)?;
     }
     if let Some(trace) = trace {
-        out.extend_from_slice(b",\"trace\":");
-        write_trace(out, trace)?;
+        w.out.extend_from_slice(b",\"trace\":");
+        write_trace(w, trace)?;
     }
-    out.push(b'}');
+    w.out.push(b'}');
     Ok(())
 }
 
-fn step_entry(out: &mut Vec<u8>, entry: &StepEntry) -> Result<(), serde_json::Error> {
+fn step_entry<'a>(w: &mut Writer<'_, 'a>, entry: &'a StepEntry) -> Result<(), serde_json::Error> {
     let StepEntry {
         step_name,
         step_start_time,
@@ -125,34 +145,37 @@ fn step_entry(out: &mut Vec<u8>, entry: &StepEntry) -> Result<(), serde_json::Er
         next_attempt_at,
         node,
     } = entry;
-    out.extend_from_slice(b"{\"step_name\":");
-    step(out, *step_name);
-    out.extend_from_slice(b",\"step_start_time\":");
-    time(out, step_start_time)?;
-    optional_time(out, b",\"step_complete_time\":", step_complete_time)?;
-    optional_time(out, b",\"step_rollback_time\":", step_rollback_time)?;
+    w.out.extend_from_slice(b"{\"step_name\":");
+    step(w, *step_name);
+    w.out.extend_from_slice(b",\"step_start_time\":");
+    time(w, step_start_time)?;
+    optional_time(w, b",\"step_complete_time\":", step_complete_time)?;
+    optional_time(w, b",\"step_rollback_time\":", step_rollback_time)?;
     if let Some(output) = output {
-        out.extend_from_slice(b",\"output\":");
-        serde_json::to_writer(&mut *out, output)?;
+        w.out.extend_from_slice(b",\"output\":");
+        serde_json::to_writer(&mut *w.out, output)?;
     }
     if !attempts.is_empty() {
-        out.extend_from_slice(b",\"attempts\":");
-        write_attempts(out, attempts)?;
+        w.out.extend_from_slice(b",\"attempts\":");
+        write_attempts(w, attempts)?;
     }
-    nonzero(out, b",\"run_attempts\":", *run_attempts);
-    nonzero(out, b",\"rollback_attempts\":", *rollback_attempts);
-    nonzero(out, b",\"retries\":", *retries);
-    optional_time(out, b",\"next_attempt_at\":", next_attempt_at)?;
-    optional_string(out, b",\"node\":", node)?;
-    out.push(b'}');
+    nonzero(w, b",\"run_attempts\":", *run_attempts);
+    nonzero(w, b",\"rollback_attempts\":", *rollback_attempts);
+    nonzero(w, b",\"retries\":", *retries);
+    optional_time(w, b",\"next_attempt_at\":", next_attempt_at)?;
+    optional_string(w, b",\"node\":", node)?;
+    w.out.push(b'}');
     Ok(())
 }
 
-fn write_attempts(out: &mut Vec<u8>, attempts: &[Attempt]) -> Result<(), serde_json::Error> {
-    out.push(b'[');
+fn write_attempts<'a>(
+    w: &mut Writer<'_, 'a>,
+    attempts: &'a [Attempt],
+) -> Result<(), serde_json::Error> {
+    w.out.push(b'[');
     for (index, one) in attempts.iter().enumerate() {
         if index > 0 {
-            out.push(b',');
+            w.out.push(b',');
         }
         let Attempt {
             attempt,
@@ -162,31 +185,31 @@ fn write_attempts(out: &mut Vec<u8>, attempts: &[Attempt]) -> Result<(), serde_j
             error,
             duration_ms,
         } = one;
-        out.extend_from_slice(b"{\"attempt\":");
-        number(out, u64::from(*attempt));
-        out.extend_from_slice(b",\"at\":");
-        time(out, at)?;
-        out.extend_from_slice(if *rollback {
+        w.out.extend_from_slice(b"{\"attempt\":");
+        number(w, u64::from(*attempt));
+        w.out.extend_from_slice(b",\"at\":");
+        time(w, at)?;
+        w.out.extend_from_slice(if *rollback {
             b",\"rollback\":true"
         } else {
             b",\"rollback\":false"
         });
         if let Some(status) = status {
-            out.extend_from_slice(b",\"status\":");
-            number(out, u64::from(*status));
+            w.out.extend_from_slice(b",\"status\":");
+            number(w, u64::from(*status));
         }
-        optional_string(out, b",\"error\":", error)?;
-        out.extend_from_slice(b",\"duration_ms\":");
-        number(out, *duration_ms);
-        out.push(b'}');
+        optional_string(w, b",\"error\":", error)?;
+        w.out.extend_from_slice(b",\"duration_ms\":");
+        number(w, *duration_ms);
+        w.out.push(b'}');
     }
-    out.push(b']');
+    w.out.push(b']');
     Ok(())
 }
 
-fn write_notification(
-    out: &mut Vec<u8>,
-    notification: &Notification,
+fn write_notification<'a>(
+    w: &mut Writer<'_, 'a>,
+    notification: &'a Notification,
 ) -> Result<(), serde_json::Error> {
     let Notification {
         state,
@@ -198,99 +221,123 @@ fn write_notification(
         delivered_at,
         error,
     } = notification;
-    out.extend_from_slice(match state {
+    w.out.extend_from_slice(match state {
         NotificationState::Pending => b"{\"state\":\"pending\"",
         NotificationState::Delivered => b"{\"state\":\"delivered\"",
         NotificationState::Failed => b"{\"state\":\"failed\"",
     });
-    out.extend_from_slice(b",\"generation\":");
-    number(out, u64::from(*generation));
-    nonzero(out, b",\"attempts_made\":", *attempts_made);
+    w.out.extend_from_slice(b",\"generation\":");
+    number(w, u64::from(*generation));
+    nonzero(w, b",\"attempts_made\":", *attempts_made);
     if !attempts.is_empty() {
-        out.extend_from_slice(b",\"attempts\":");
-        write_attempts(out, attempts)?;
+        w.out.extend_from_slice(b",\"attempts\":");
+        write_attempts(w, attempts)?;
     }
-    nonzero(out, b",\"retries\":", *retries);
-    optional_time(out, b",\"next_attempt_at\":", next_attempt_at)?;
-    optional_time(out, b",\"delivered_at\":", delivered_at)?;
-    optional_string(out, b",\"error\":", error)?;
-    out.push(b'}');
+    nonzero(w, b",\"retries\":", *retries);
+    optional_time(w, b",\"next_attempt_at\":", next_attempt_at)?;
+    optional_time(w, b",\"delivered_at\":", delivered_at)?;
+    optional_string(w, b",\"error\":", error)?;
+    w.out.push(b'}');
     Ok(())
 }
 
-fn write_trace(out: &mut Vec<u8>, trace: &TraceContext) -> Result<(), serde_json::Error> {
+fn write_trace<'a>(
+    w: &mut Writer<'_, 'a>,
+    trace: &'a TraceContext,
+) -> Result<(), serde_json::Error> {
     let TraceContext {
         trace_id,
         parent_id,
         flags,
         state,
     } = trace;
-    out.extend_from_slice(b"{\"trace_id\":\"");
-    out.extend_from_slice(&trace_id.hex());
-    out.extend_from_slice(b"\",\"parent_id\":\"");
-    out.extend_from_slice(&parent_id.hex());
-    out.extend_from_slice(b"\",\"flags\":");
-    number(out, u64::from(*flags));
-    optional_string(out, b",\"state\":", state)?;
-    out.push(b'}');
+    w.out.extend_from_slice(b"{\"trace_id\":\"");
+    w.out.extend_from_slice(&trace_id.hex());
+    w.out.extend_from_slice(b"\",\"parent_id\":\"");
+    w.out.extend_from_slice(&parent_id.hex());
+    w.out.extend_from_slice(b"\",\"flags\":");
+    number(w, u64::from(*flags));
+    optional_string(w, b",\"state\":", state)?;
+    w.out.push(b'}');
     Ok(())
 }
 
 /// A step's name, quoted (no step name needs escaping).
-fn step(out: &mut Vec<u8>, step: Step) {
-    out.push(b'"');
-    out.extend_from_slice(step.as_str().as_bytes());
-    out.push(b'"');
+fn step(w: &mut Writer<'_, '_>, step: Step) {
+    w.out.push(b'"');
+    w.out.extend_from_slice(step.as_str().as_bytes());
+    w.out.push(b'"');
 }
 
-fn time(out: &mut Vec<u8>, time: &DateTime<Utc>) -> Result<(), serde_json::Error> {
-    rfc3339::write_json(out, time)
+/// A time, copied from where it was last written if it is the same.
+fn time(w: &mut Writer<'_, '_>, time: &DateTime<Utc>) -> Result<(), serde_json::Error> {
+    if let Some((last, at)) = &w.time {
+        if last == time {
+            w.out.extend_from_within(at.clone());
+            return Ok(());
+        }
+    }
+    let start = w.out.len();
+    rfc3339::write_json(w.out, time)?;
+    w.time = Some((*time, start..w.out.len()));
+    Ok(())
 }
 
-/// Text from outside, escaped as serde_json escapes it.
-fn string(out: &mut Vec<u8>, text: &str) -> Result<(), serde_json::Error> {
-    serde_json::to_writer(&mut *out, text)
-}
-
-fn number(out: &mut Vec<u8>, number: u64) {
-    out.extend_from_slice(itoa::Buffer::new().format(number).as_bytes());
+/// Text from outside, escaped as serde_json escapes it, or copied from where it was last
+/// written if it is the same.
+fn string<'a>(w: &mut Writer<'_, 'a>, text: &'a str) -> Result<(), serde_json::Error> {
+    if let Some((last, at)) = &w.text {
+        if *last == text {
+            w.out.extend_from_within(at.clone());
+            return Ok(());
+        }
+    }
+    let start = w.out.len();
+    serde_json::to_writer(&mut *w.out, text)?;
+    w.text = Some((text, start..w.out.len()));
+    Ok(())
 }
 
 /// `name` (the comma, the quoted name and the colon) and `time`, if any.
 fn optional_time(
-    out: &mut Vec<u8>,
+    w: &mut Writer<'_, '_>,
     name: &[u8],
-    time: &Option<DateTime<Utc>>,
+    value: &Option<DateTime<Utc>>,
 ) -> Result<(), serde_json::Error> {
-    match time {
-        Some(time) => {
-            out.extend_from_slice(name);
-            rfc3339::write_json(out, time)
+    match value {
+        Some(value) => {
+            w.out.extend_from_slice(name);
+            time(w, value)
         }
         None => Ok(()),
     }
 }
 
 /// `name` (the comma, the quoted name and the colon) and `text`, if any.
-fn optional_string(
-    out: &mut Vec<u8>,
+fn optional_string<'a>(
+    w: &mut Writer<'_, 'a>,
     name: &[u8],
-    text: &Option<String>,
+    text: &'a Option<String>,
 ) -> Result<(), serde_json::Error> {
     match text {
         Some(text) => {
-            out.extend_from_slice(name);
-            string(out, text)
+            w.out.extend_from_slice(name);
+            string(w, text)
         }
         None => Ok(()),
     }
 }
 
+fn number(w: &mut Writer<'_, '_>, number: u64) {
+    w.out
+        .extend_from_slice(itoa::Buffer::new().format(number).as_bytes());
+}
+
 /// `name` (the comma, the quoted name and the colon) and `count`, unless it is zero.
-fn nonzero(out: &mut Vec<u8>, name: &[u8], count: u32) {
+fn nonzero(w: &mut Writer<'_, '_>, name: &[u8], count: u32) {
     if count != 0 {
-        out.extend_from_slice(name);
-        number(out, u64::from(count));
+        w.out.extend_from_slice(name);
+        number(w, u64::from(count));
     }
 }
 
@@ -309,16 +356,29 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
-    /// Text with what JSON escapes: quotes, backslashes, control characters, and non-ASCII.
+    /// Text with what JSON escapes: quotes, backslashes, control characters, and non-ASCII;
+    /// often one of a few, so that an order repeats some (as it repeats its node's name).
     fn text() -> impl Strategy<Value = String> {
         prop_oneof![
+            prop::sample::select(vec!["node-1", "node-2", "é\"\n"]).prop_map(str::to_string),
             "[a-z0-9-]{0,12}",
             any::<String>(),
             Just("\"\\\u{0}\u{1f}\u{7f}é😀\n\t".to_string()),
         ]
     }
 
+    /// Often one of a few, so that an order repeats some (as a step starts when the one before
+    /// it completes).
     fn time() -> impl Strategy<Value = DateTime<Utc>> {
+        prop_oneof![
+            prop::sample::select(vec![0i64, 1_764_000_000, 1_764_000_001]).prop_map(|seconds| {
+                DateTime::from_timestamp(seconds, 1_500).unwrap_or_default()
+            }),
+            any_time(),
+        ]
+    }
+
+    fn any_time() -> impl Strategy<Value = DateTime<Utc>> {
         // Years 0 to 9999 (written here) and past them (left to chrono), every fraction.
         (
             -62_167_219_200i64..300_000_000_000i64,
