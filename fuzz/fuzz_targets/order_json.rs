@@ -1,11 +1,12 @@
 //! Order JSON as a client sends it (POST /orders bodies) and as the stores keep it: nothing may
-//! panic, and the nesting scan that guards the parser must agree with the parsed value.
+//! panic, the nesting scan that guards the parser must agree with the parsed value, and the
+//! stores' order writer with serde_json.
 
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use order_process::api::limits::{depth, nests_deeper_than};
-use order_process::order::{Order, OrderView};
+use order_process::order::{write_order, Order, OrderView};
 
 fuzz_target!(|data: &[u8]| {
     for max in [0, 1, 8, 32] {
@@ -19,6 +20,9 @@ fuzz_target!(|data: &[u8]| {
         let text = serde_json::to_string(&order).expect("an order serializes");
         let back: Order = serde_json::from_str(&text).expect("a serialized order parses");
         assert_eq!(back, order);
+        let mut written = Vec::new();
+        write_order(&mut written, &order).expect("the order writer writes an order");
+        assert_eq!(written, text.as_bytes(), "the order writer and serde_json disagree");
         let _ = serde_json::to_string(&OrderView::from(&order));
         let _ = order_process::order::next_action(&order);
     }
