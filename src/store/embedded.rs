@@ -22,7 +22,7 @@ use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
@@ -128,8 +128,49 @@ struct WriteHealth {
     at: Instant,
 }
 
+/// The open file, shared by the store's readers, its writer thread and its purge thread. Empty
+/// while the writer reopens it: after a write failed on the disk (full, or failing), redb fails
+/// every later read and write of that handle, and the file can be opened again only once no one
+/// holds the old one.
+#[derive(Clone)]
+struct OpenFile(Arc<RwLock<Option<Arc<Database>>>>);
+
+impl OpenFile {
+    fn new(db: Arc<Database>) -> OpenFile {
+        OpenFile(Arc::new(RwLock::new(Some(db))))
+    }
+
+    /// The database as open now; unavailable while it is reopened.
+    fn get(&self) -> Result<Arc<Database>, StoreError> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Unavailable(
+                    "the store is reopening its file after a failed write".into(),
+                )
+            })
+    }
+
+    /// Takes the database out (readers get unavailable meanwhile); a handle that tells when the
+    /// last holder let go of it.
+    fn take(&self) -> Option<std::sync::Weak<Database>> {
+        let taken = self
+            .0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        taken.map(|db| Arc::downgrade(&db))
+    }
+
+    fn put(&self, db: Database) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(db));
+    }
+}
+
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    db: OpenFile,
     writer_tx: mpsc::Sender<WriteRequest>,
     /// Why a lock: the writer thread records each transaction's outcome, heartbeats read it.
     health: Arc<Mutex<WriteHealth>>,
@@ -148,19 +189,7 @@ impl EmbeddedStore {
     /// orders filed by a bounded walk, once: they are deleted one retention after they completed.
     pub fn open_retaining(dir: &Path, retention: Duration) -> Result<EmbeddedStore, StoreError> {
         let path = dir.join("orders.redb");
-        let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|error| match error {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
-                    "{} is in use by another process",
-                    path.display()
-                )),
-                other => {
-                    StoreError::Unavailable(format!("cannot open {}: {other}", path.display()))
-                }
-            })?;
-        let db = Arc::new(db);
+        let db = Arc::new(open_file(&path)?);
         // Create the tables up front so readers never meet a missing table.
         let txn = db.begin_write().map_err(unavailable)?;
         {
@@ -198,8 +227,9 @@ impl EmbeddedStore {
         }
         txn.commit().map_err(unavailable)?;
 
+        let db = OpenFile::new(db);
         let (writer_tx, writer_rx) = mpsc::channel(4 * MAX_BATCH);
-        let writer_db = Arc::clone(&db);
+        let writer_db = db.clone();
         let health = Arc::new(Mutex::new(WriteHealth {
             failure: None,
             at: Instant::now(),
@@ -207,9 +237,9 @@ impl EmbeddedStore {
         let writer_health = Arc::clone(&health);
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(&writer_db, writer_rx, &writer_health))
+            .spawn(move || writer_loop(&writer_db, &path, writer_rx, &writer_health))
             .map_err(|error| StoreError::Unavailable(format!("cannot start writer: {error}")))?;
-        let (purge_db, purge_tx) = (Arc::clone(&db), writer_tx.downgrade());
+        let (purge_db, purge_tx) = (db.clone(), writer_tx.downgrade());
         std::thread::Builder::new()
             .name("store-purge".into())
             .spawn(move || purge_loop(&purge_db, &purge_tx, retention))
@@ -224,14 +254,14 @@ impl EmbeddedStore {
 
     /// How many orders the file holds, finished or not.
     pub fn stored_orders(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.db.get()?.begin_read().map_err(unavailable)?;
         let orders = txn.open_table(ORDERS).map_err(unavailable)?;
         orders.len().map_err(unavailable)
     }
 
     /// Whether a walk that files orders stored by an older version in a newer index is owed.
     pub fn backfill_owed(&self) -> Result<bool, StoreError> {
-        walk_owed(&self.db.begin_read().map_err(unavailable)?)
+        walk_owed(&self.db.get()?.begin_read().map_err(unavailable)?)
     }
 
     /// Runs `read` on the blocking pool, so a read that waits for the disk holds up no other
@@ -241,7 +271,7 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     {
-        let db = Arc::clone(&self.db);
+        let db = self.db.get()?;
         tokio::task::spawn_blocking(move || read(&db))
             .await
             .map_err(|error| StoreError::Unavailable(format!("store read failed: {error}")))?
@@ -299,11 +329,13 @@ fn purge_cutoff(retention: Duration) -> u64 {
 /// finished orders past `retention` (or a backfill owed), has the writer purge a batch, and
 /// goes on at once while batches come back full. The deletes run on the writer thread, in its
 /// transactions, so they never race a commit.
-fn purge_loop(db: &Database, writer: &mpsc::WeakSender<WriteRequest>, retention: Duration) {
+fn purge_loop(db: &OpenFile, writer: &mpsc::WeakSender<WriteRequest>, retention: Duration) {
     loop {
         std::thread::sleep(PURGE_EVERY);
         loop {
-            match purge_due(db, retention) {
+            // Held only for the look, so the writer can reopen the file meanwhile.
+            let due = db.get().and_then(|db| purge_due(&db, retention));
+            match due {
                 Ok(false) => break,
                 Ok(true) => {}
                 Err(error) => {
@@ -369,10 +401,25 @@ fn encode(order: &Order) -> Result<Vec<u8>, StoreError> {
     Ok(bytes)
 }
 
+/// Opens (or creates) the store's file; redb repairs it first if it was not closed cleanly.
+fn open_file(path: &Path) -> Result<Database, StoreError> {
+    redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(|error| match error {
+            redb::DatabaseError::DatabaseAlreadyOpen => {
+                StoreError::Unavailable(format!("{} is in use by another process", path.display()))
+            }
+            other => StoreError::Unavailable(format!("cannot open {}: {other}", path.display())),
+        })
+}
+
 /// Runs on its own thread: takes a batch of requests, applies them in one transaction, commits
-/// (fsync), then answers each. A failed commit fails every request of the batch.
+/// (fsync), then answers each. A failed commit fails every request of the batch; one that
+/// left the file's handle failing every later transaction has the file reopened.
 fn writer_loop(
-    db: &Database,
+    db: &OpenFile,
+    path: &Path,
     mut requests_rx: mpsc::Receiver<WriteRequest>,
     health: &Mutex<WriteHealth>,
 ) {
@@ -386,7 +433,18 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let outcome = apply_batch(db, &mut batch, &mut owners);
+        let (outcome, latched) = match db.get() {
+            Ok(open) => {
+                let outcome = apply_batch(&open, &mut batch, &mut owners);
+                let latched = outcome.is_err() && is_latched(&open);
+                (outcome, latched)
+            }
+            Err(error) => {
+                let error = error.to_string();
+                fail_all(batch.drain(..), &error);
+                (Err(error), false)
+            }
+        };
         if let Err(error) = &outcome {
             // The cache may hold changes that never reached the disk.
             owners.clear();
@@ -397,6 +455,69 @@ fn writer_loop(
             failure: outcome.err(),
             at: Instant::now(),
         };
+        if latched && !reopen(db, path, &mut requests_rx) {
+            return;
+        }
+    }
+}
+
+/// How often the writer tries to open its file again while it cannot.
+const REOPEN_EVERY: Duration = Duration::from_millis(500);
+
+/// What a write meets while the file is reopened.
+const REOPENING: &str = "the store is reopening its file after a failed write";
+
+/// Whether `db` fails every transaction since an earlier one failed on the disk (redb's
+/// `PreviousIo`): only a new handle on the file can write again. An empty transaction tells.
+fn is_latched(db: &Database) -> bool {
+    let probe = db
+        .begin_write()
+        .map_err(redb::Error::from)
+        .and_then(|txn| txn.commit().map_err(redb::Error::from));
+    matches!(probe, Err(redb::Error::PreviousIo))
+}
+
+/// Answers every request of `requests` with `error`, unapplied.
+fn fail_all(requests: impl Iterator<Item = WriteRequest>, error: &str) {
+    for request in requests {
+        request(Err(error))(Err(error));
+    }
+}
+
+/// Reopens the file after a write failed on the disk: takes it out (readers and writers get
+/// unavailable meanwhile), waits until no one holds the old handle, and opens it again once
+/// the disk lets redb do so (repairing it: it was not closed cleanly). False when the store was
+/// dropped meanwhile.
+fn reopen(db: &OpenFile, path: &Path, requests_rx: &mut mpsc::Receiver<WriteRequest>) -> bool {
+    let old = db.take();
+    tracing::warn!(path = %path.display(), "store file fails every write since one failed on the disk, reopening it");
+    let mut last_error = String::new();
+    loop {
+        // Also spaces the reopens out while every write fails again.
+        std::thread::sleep(REOPEN_EVERY);
+        loop {
+            match requests_rx.try_recv() {
+                Ok(request) => fail_all(std::iter::once(request), REOPENING),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
+        }
+        if old.as_ref().is_none_or(|old| old.strong_count() == 0) {
+            match open_file(path) {
+                Ok(reopened) => {
+                    db.put(reopened);
+                    tracing::info!(path = %path.display(), "store file reopened");
+                    return true;
+                }
+                Err(error) => {
+                    let error = error.to_string();
+                    if error != last_error {
+                        tracing::warn!(error = %error, "cannot reopen the store file yet");
+                        last_error = error;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -1164,7 +1285,7 @@ impl OrderStore for EmbeddedStore {
     /// Reads, and tells whether the store takes writes: from the writer's last transaction when
     /// it is recent, else from a probe write (at most one a second, however many heartbeats ask).
     async fn ping(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_read().map_err(unavailable)?;
+        let txn = self.db.get()?.begin_read().map_err(unavailable)?;
         txn.open_table(ORDERS).map_err(unavailable)?;
         if self.writer_tx.is_closed() {
             return Err(StoreError::Unavailable("store writer stopped".into()));

@@ -13,8 +13,9 @@
 //! - `config`     — bad config files and flags, port already in use
 //! - `diagnostic` — `/`, heartbeat and cluster views
 //! - `faketime`   — a node under libfaketime, its wall clock stepped by the test
-//! - `full_disk`  — a full disk (a tmpfs, as root) under the embedded store (the heartbeat) and
-//!   under Redis (exiting with `appendfsync always`, refusing writes with `everysec`)
+//! - `full_disk`  — a full disk (a tmpfs, as root) under the embedded store (its file reopened
+//!   once there is room) and under Redis (exiting with `appendfsync always`, refusing writes
+//!   with `everysec`)
 //! - `http_steps` — the `http` step handler against the scripted shop: calls, retries,
 //!   timeouts, outputs, parked rollbacks, restarts between attempts, a clock stepped back,
 //!   a node paused with orders queued
