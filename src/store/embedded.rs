@@ -425,6 +425,8 @@ fn writer_loop(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut owners = Owners::new();
+    // When the file was last reopened, and the pause before that reopen.
+    let mut reopened: Option<(Instant, Duration)> = None;
     while let Some(first) = requests_rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -455,14 +457,31 @@ fn writer_loop(
             failure: outcome.err(),
             at: Instant::now(),
         };
-        if latched && !reopen(db, path, &mut requests_rx) {
-            return;
+        if latched {
+            let pause = match reopened {
+                Some((at, pause)) if at.elapsed() < REOPEN_CALM => {
+                    (pause * 2).min(REOPEN_MAX_PAUSE)
+                }
+                _ => Duration::ZERO,
+            };
+            if !reopen(db, path, &mut requests_rx, pause) {
+                return;
+            }
+            reopened = Some((Instant::now(), pause.max(REOPEN_EVERY)));
         }
     }
 }
 
-/// How often the writer tries to open its file again while it cannot.
+/// How often the writer tries to open its file again while it cannot (and fails the writes
+/// that came meanwhile).
 const REOPEN_EVERY: Duration = Duration::from_millis(500);
+
+/// A write that fails on the disk again within this of a reopen doubles the pause before the
+/// next (up to [`REOPEN_MAX_PAUSE`]): each reopen of a file not closed cleanly has redb repair it,
+/// reading it whole, which a disk still full would have it do over and over.
+const REOPEN_CALM: Duration = Duration::from_secs(10);
+
+const REOPEN_MAX_PAUSE: Duration = Duration::from_secs(16);
 
 /// What a write meets while the file is reopened.
 const REOPENING: &str = "the store is reopening its file after a failed write";
@@ -485,15 +504,20 @@ fn fail_all(requests: impl Iterator<Item = WriteRequest>, error: &str) {
 }
 
 /// Reopens the file after a write failed on the disk: takes it out (readers and writers get
-/// unavailable meanwhile), waits until no one holds the old handle, and opens it again once
-/// the disk lets redb do so (repairing it: it was not closed cleanly). False when the store was
-/// dropped meanwhile.
-fn reopen(db: &OpenFile, path: &Path, requests_rx: &mut mpsc::Receiver<WriteRequest>) -> bool {
+/// unavailable meanwhile), waits `pause` and until no one holds the old handle, and opens it
+/// again once the disk lets redb do so (repairing it: it was not closed cleanly). False when
+/// the store was dropped meanwhile.
+fn reopen(
+    db: &OpenFile,
+    path: &Path,
+    requests_rx: &mut mpsc::Receiver<WriteRequest>,
+    pause: Duration,
+) -> bool {
     let old = db.take();
-    tracing::warn!(path = %path.display(), "store file fails every write since one failed on the disk, reopening it");
+    tracing::warn!(path = %path.display(), pause_ms = pause.as_millis(), "store file fails every write since one failed on the disk, reopening it");
+    let since = Instant::now();
     let mut last_error = String::new();
     loop {
-        // Also spaces the reopens out while every write fails again.
         std::thread::sleep(REOPEN_EVERY);
         loop {
             match requests_rx.try_recv() {
@@ -502,7 +526,7 @@ fn reopen(db: &OpenFile, path: &Path, requests_rx: &mut mpsc::Receiver<WriteRequ
                 Err(mpsc::error::TryRecvError::Disconnected) => return false,
             }
         }
-        if old.as_ref().is_none_or(|old| old.strong_count() == 0) {
+        if since.elapsed() >= pause && old.as_ref().is_none_or(|old| old.strong_count() == 0) {
             match open_file(path) {
                 Ok(reopened) => {
                     db.put(reopened);
