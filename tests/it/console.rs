@@ -203,9 +203,25 @@ impl Browser {
         }
     }
 
-    /// Types `text` into the input `selector` names and presses Enter, as a user would.
+    /// Types `text` into the input `selector` names and presses Enter, as a user would. A click
+    /// lands where the field was when it was measured, and a refresh of the page in between can
+    /// move it: the field is clicked until it has the focus, its text selected so the typing
+    /// replaces it.
     async fn type_into(&mut self, selector: &str, text: &str) {
-        self.click(selector).await;
+        let focused = format!(
+            "(() => {{ const node = document.querySelector({selector:?}); \
+             if (node === null || document.activeElement !== node) return false; \
+             node.select(); return true; }})()"
+        );
+        let mut tries = 0;
+        loop {
+            self.click(selector).await;
+            if self.eval(&focused).await == Value::Bool(true) {
+                break;
+            }
+            tries += 1;
+            assert!(tries < 20, "{selector} never took the focus from a click");
+        }
         self.command("Input.insertText", json!({"text": text}))
             .await;
         for kind in ["keyDown", "keyUp"] {
