@@ -146,11 +146,7 @@ impl OpenFile {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .ok_or_else(|| {
-                StoreError::Unavailable(
-                    "the store is reopening its file after a failed write".into(),
-                )
-            })
+            .ok_or_else(|| StoreError::Unavailable(REOPENING.into()))
     }
 
     /// Takes the database out (readers get unavailable meanwhile); a handle that tells when the
