@@ -152,6 +152,13 @@ fn json_reply<T: serde::Serialize>(status: warp::http::StatusCode, value: &T) ->
     json_reply_sized(status, value, ANSWER_CAPACITY)
 }
 
+/// An order's view (`OrderView`), written by the order's own JSON writer.
+fn order_reply(status: warp::http::StatusCode, order: &crate::order::Order) -> Response {
+    written_reply(status, ANSWER_CAPACITY, |body| {
+        crate::order::write_view(body, order)
+    })
+}
+
 /// [`json_reply`] written into a buffer of `capacity` bytes at first, for answers that hold
 /// many orders.
 fn json_reply_sized<T: serde::Serialize>(
@@ -159,8 +166,17 @@ fn json_reply_sized<T: serde::Serialize>(
     value: &T,
     capacity: usize,
 ) -> Response {
+    written_reply(status, capacity, |body| serde_json::to_writer(body, value))
+}
+
+/// A JSON answer that `write` writes into a buffer of `capacity` bytes at first.
+fn written_reply(
+    status: warp::http::StatusCode,
+    capacity: usize,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), serde_json::Error>,
+) -> Response {
     let mut body = Vec::with_capacity(capacity);
-    if let Err(error) = serde_json::to_writer(&mut body, value) {
+    if let Err(error) = write(&mut body) {
         tracing::error!(error = %error, "cannot encode an answer");
         return ApiError::new(
             warp::http::StatusCode::INTERNAL_SERVER_ERROR,

@@ -8,8 +8,8 @@
 use super::auth::{audit, Principal};
 use super::limits::{body, nests_deeper_than, Body};
 use super::state::{with_state, Checks};
-use super::{json_reply, json_reply_sized, respond, ApiError, ANSWER_CAPACITY};
-use crate::order::{OrderId, OrderView, RollbackState, Step};
+use super::{json_reply, order_reply, respond, written_reply, ApiError, ANSWER_CAPACITY};
+use crate::order::{write_view, Order, OrderId, RollbackState, Step};
 use crate::service::{NewOrder, Orders, Scope};
 use crate::store::ListQuery;
 use crate::trace::TraceContext;
@@ -199,13 +199,13 @@ async fn get_order(
         if order.user != caller.user {
             audit(&caller.user, caller.role.as_str(), "read order", &id);
         }
-        return Ok(json_reply(StatusCode::OK, &OrderView::from(&order)));
+        return Ok(order_reply(StatusCode::OK, &order));
     };
     let order = state
         .orders
         .wait_one(scope(&caller), order_id, wait)
         .await?;
-    Ok(json_reply(StatusCode::OK, &OrderView::from(order.as_ref())))
+    Ok(order_reply(StatusCode::OK, &order))
 }
 
 #[derive(serde::Deserialize)]
@@ -262,26 +262,58 @@ async fn wait_for_many(
     }
     let waited = state.orders.wait_many(scope(&caller), ids, wait).await?;
     missing.extend(waited.missing.iter().map(OrderId::to_string));
-    let answer = WaitAnswer {
-        orders: waited
-            .finished
-            .iter()
-            .map(|order| OrderView::from(order.as_ref()))
-            .collect(),
-        pending: &waited.pending,
-        missing,
-    };
-    let capacity = ANSWER_CAPACITY * answer.orders.len().max(1);
-    Ok(json_reply_sized(StatusCode::OK, &answer, capacity))
+    let capacity = ANSWER_CAPACITY * waited.finished.len().max(1);
+    Ok(written_reply(StatusCode::OK, capacity, |body| {
+        write_wait_answer(body, &waited.finished, &waited.pending, &missing)
+    }))
 }
 
-/// The answer to `POST /orders/wait`, written straight to JSON (not through a
-/// `serde_json::Value`, which would copy every order's fields first).
-#[derive(serde::Serialize)]
-struct WaitAnswer<'a> {
-    orders: Vec<OrderView<'a>>,
-    pending: &'a [OrderId],
-    missing: Vec<String>,
+/// The answer to `POST /orders/wait`: `{"orders": [views], "pending": [ids], "missing":
+/// [ids as given]}`.
+fn write_wait_answer(
+    body: &mut Vec<u8>,
+    finished: &[Arc<Order>],
+    pending: &[OrderId],
+    missing: &[String],
+) -> Result<(), serde_json::Error> {
+    body.extend_from_slice(b"{\"orders\":");
+    write_views(body, finished.iter().map(Arc::as_ref))?;
+    body.extend_from_slice(b",\"pending\":");
+    serde_json::to_writer(&mut *body, pending)?;
+    body.extend_from_slice(b",\"missing\":");
+    serde_json::to_writer(&mut *body, missing)?;
+    body.push(b'}');
+    Ok(())
+}
+
+/// The answer to `GET /orders`: `{"next_cursor": cursor or null, "orders": [views]}`.
+fn write_page(
+    body: &mut Vec<u8>,
+    orders: &[Order],
+    next_cursor: Option<&str>,
+) -> Result<(), serde_json::Error> {
+    body.extend_from_slice(b"{\"next_cursor\":");
+    serde_json::to_writer(&mut *body, &next_cursor)?;
+    body.extend_from_slice(b",\"orders\":");
+    write_views(body, orders.iter())?;
+    body.push(b'}');
+    Ok(())
+}
+
+/// A JSON array of the orders' views.
+fn write_views<'a>(
+    body: &mut Vec<u8>,
+    orders: impl Iterator<Item = &'a Order>,
+) -> Result<(), serde_json::Error> {
+    body.push(b'[');
+    for (index, order) in orders.enumerate() {
+        if index > 0 {
+            body.push(b',');
+        }
+        write_view(body, order)?;
+    }
+    body.push(b']');
+    Ok(())
 }
 
 /// A wait such as `30s`, at most [`MAX_WAIT`].
@@ -385,11 +417,10 @@ async fn list_orders(
         _ => caller.user,
     };
     let page = state.orders.list(&user, &query).await?;
-    let orders: Vec<OrderView<'_>> = page.orders.iter().map(OrderView::from).collect();
-    Ok(json_reply(
-        StatusCode::OK,
-        &serde_json::json!({ "orders": orders, "next_cursor": page.next_cursor }),
-    ))
+    let capacity = ANSWER_CAPACITY * page.orders.len().max(1);
+    Ok(written_reply(StatusCode::OK, capacity, |body| {
+        write_page(body, &page.orders, page.next_cursor.as_deref())
+    }))
 }
 
 /// `POST /orders/{id}/<action>`, answered by `handle` with the state, the `Authorization`
@@ -416,7 +447,7 @@ where
 async fn cancel_order(state: State, user: Option<String>, id: String) -> Answer {
     let caller = state.caller(user.as_deref())?;
     let order = state.orders.cancel(&caller.user, order_id(&id)?).await?;
-    Ok(json_reply(StatusCode::ACCEPTED, &OrderView::from(&order)))
+    Ok(order_reply(StatusCode::ACCEPTED, &order))
 }
 
 /// Retries the compensations of an order whose rollback is parked; this node runs them. The
@@ -437,12 +468,65 @@ async fn retry_parked_rollback(state: State, user: Option<String>, id: String) -
         caller.user
     };
     let order = state.orders.retry_rollback(&user, order_id).await?;
-    Ok(json_reply(StatusCode::ACCEPTED, &OrderView::from(&order)))
+    Ok(order_reply(StatusCode::ACCEPTED, &order))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::order::OrderView;
+
+    fn an_order(node: &str) -> Order {
+        let mut order = Order::new(
+            OrderId::now_v7(),
+            "alice".into(),
+            serde_json::json!({"items": ["a"], "note": "say \"hi\""}),
+            node.into(),
+            chrono::Utc::now(),
+        );
+        order.steps[0].node = Some(node.into());
+        order
+    }
+
+    fn parsed(body: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(body).unwrap()
+    }
+
+    fn views<'a>(orders: impl Iterator<Item = &'a Order>) -> serde_json::Value {
+        orders
+            .map(|order| serde_json::to_value(OrderView::from(order)).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn wait_answers_and_pages_hold_the_views_of_their_orders() {
+        let finished = [Arc::new(an_order("node-1")), Arc::new(an_order("node-\"2"))];
+        let pending = [OrderId::now_v7()];
+        for (finished, pending, missing) in [
+            (&finished[..], &pending[..], vec!["nope".to_string()]),
+            (&[][..], &[][..], vec![]),
+        ] {
+            let mut body = Vec::new();
+            write_wait_answer(&mut body, finished, pending, &missing).unwrap();
+            assert_eq!(
+                parsed(&body),
+                serde_json::json!({
+                    "orders": views(finished.iter().map(Arc::as_ref)),
+                    "pending": pending,
+                    "missing": missing,
+                })
+            );
+        }
+        let page: Vec<Order> = finished.iter().map(|order| (**order).clone()).collect();
+        for (orders, cursor) in [(&page[..], Some("b64-cursor")), (&[][..], None)] {
+            let mut body = Vec::new();
+            write_page(&mut body, orders, cursor).unwrap();
+            assert_eq!(
+                parsed(&body),
+                serde_json::json!({ "orders": views(orders.iter()), "next_cursor": cursor })
+            );
+        }
+    }
 
     fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

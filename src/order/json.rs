@@ -1,6 +1,7 @@
-//! The stored JSON of an order, written directly: the very bytes serde_json writes from the
-//! derived `Serialize` (a property test holds the two to that), for a fraction of the CPU. Every
-//! commit writes the whole order, and through serde each field name, time and id is a string
+//! The stored JSON of an order and the view users see (`OrderView`), written directly: the very
+//! bytes serde_json writes from the derived `Serialize` (property tests hold the two to that),
+//! for a fraction of the CPU. Every commit writes the whole order, and most answers and every
+//! webhook the whole view; through serde each field name, time and id is a string
 //! scanned byte by byte for characters to escape; here names are constants, and times, ids,
 //! step names and numbers, which never need escaping, are copied as they are. Only text that
 //! comes from outside (the user, node names, errors, payloads and outputs) goes through
@@ -10,19 +11,20 @@
 use super::model::{
     Attempt, Failure, Notification, NotificationState, Order, Phase, RollbackState, Step, StepEntry,
 };
-use super::rfc3339;
+use super::rfc3339::{self, Fraction};
 use crate::trace::TraceContext;
 use chrono::{DateTime, Utc};
 use std::ops::Range;
 
 /// Writes `order` as JSON at the end of `out`, exactly as `serde_json::to_writer` would.
 pub fn write_order(out: &mut Vec<u8>, order: &Order) -> Result<(), serde_json::Error> {
-    let mut writer = Writer {
-        out,
-        time: None,
-        text: None,
-    };
-    write(&mut writer, order)
+    write(&mut Writer::new(out), order)
+}
+
+/// Writes the view of `order` that users see, as JSON at the end of `out`: exactly what
+/// `serde_json::to_writer` writes of `OrderView::from(order)`.
+pub fn write_view(out: &mut Vec<u8>, order: &Order) -> Result<(), serde_json::Error> {
+    view(&mut Writer::new(out), order)
 }
 
 /// Where the JSON goes, and the last time and the last text written with where they are in it:
@@ -30,8 +32,25 @@ pub fn write_order(out: &mut Vec<u8>, order: &Order) -> Result<(), serde_json::E
 /// runs every step and owns the order), and a repeat is copied instead of written again.
 struct Writer<'w, 'a> {
     out: &'w mut Vec<u8>,
-    time: Option<(DateTime<Utc>, Range<usize>)>,
+    time: Option<(DateTime<Utc>, Fraction, Range<usize>)>,
     text: Option<(&'a str, Range<usize>)>,
+}
+
+impl<'w> Writer<'w, '_> {
+    fn new(out: &'w mut Vec<u8>) -> Self {
+        Writer {
+            out,
+            time: None,
+            text: None,
+        }
+    }
+}
+
+/// Which JSON of an order is written: the stored one, or the view users see.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Stored,
+    View,
 }
 
 fn write<'a>(w: &mut Writer<'_, 'a>, order: &'a Order) -> Result<(), serde_json::Error> {
@@ -68,45 +87,20 @@ fn write<'a>(w: &mut Writer<'_, 'a>, order: &'a Order) -> Result<(), serde_json:
     w.out.extend_from_slice(b",\"start_time\":");
     time(w, start_time)?;
     optional_time(w, b",\"complete_time\":", complete_time)?;
-    w.out.extend_from_slice(b",\"steps\":[");
-    for (index, entry) in steps.iter().enumerate() {
-        if index > 0 {
-            w.out.push(b',');
-        }
-        step_entry(w, entry)?;
-    }
-    w.out.extend_from_slice(b"],\"phase\":");
+    w.out.extend_from_slice(b",\"steps\":");
+    step_entries(w, steps, Shape::Stored)?;
+    w.out.extend_from_slice(b",\"phase\":");
     w.out.extend_from_slice(match phase {
         Phase::Forward => b"\"forward\"",
         Phase::RollingBack => b"\"rolling_back\"",
         Phase::Finished => b"\"finished\"",
     });
-    if let Some(Failure {
-        step: failed,
-        reason,
-    }) = failure
-    {
-        w.out.extend_from_slice(b",\"failure\":{\"step\":");
-        step(w, *failed);
-        w.out.extend_from_slice(b",\"reason\":");
-        string(w, reason)?;
-        w.out.push(b'}');
+    if let Some(failure) = failure {
+        write_failure(w, failure)?;
     }
-    if !pending_rollback.is_empty() {
-        w.out.extend_from_slice(b",\"pending_rollback\":[");
-        for (index, pending) in pending_rollback.iter().enumerate() {
-            if index > 0 {
-                w.out.push(b',');
-            }
-            step(w, *pending);
-        }
-        w.out.push(b']');
-    }
+    write_pending_rollback(w, pending_rollback);
     if let Some(rollback_state) = rollback_state {
-        w.out.extend_from_slice(match rollback_state {
-            RollbackState::Complete => b",\"rollback_state\":\"complete\"",
-            RollbackState::Incomplete => b",\"rollback_state\":\"incomplete\"",
-        });
+        write_rollback_state(w, *rollback_state);
     }
     optional_string(w, b",\"rollback_error\":", rollback_error)?;
     w.out.extend_from_slice(if *cancel_requested {
@@ -131,7 +125,90 @@ fn write<'a>(w: &mut Writer<'_, 'a>, order: &'a Order) -> Result<(), serde_json:
     Ok(())
 }
 
-fn step_entry<'a>(w: &mut Writer<'_, 'a>, entry: &'a StepEntry) -> Result<(), serde_json::Error> {
+/// The view (`OrderView`): the order's times with microseconds, its steps without their
+/// counters, and none of what only nodes read (user, phase, owner, epoch, revision).
+fn view<'a>(w: &mut Writer<'_, 'a>, order: &'a Order) -> Result<(), serde_json::Error> {
+    let Order {
+        order_id,
+        user: _,
+        payload,
+        current_step,
+        start_time,
+        complete_time,
+        steps,
+        phase: _,
+        failure,
+        pending_rollback,
+        rollback_state,
+        rollback_error,
+        cancel_requested,
+        owner: _,
+        epoch: _,
+        revision: _,
+        notification,
+        trace: _,
+    } = order;
+    w.out.extend_from_slice(b"{\"order_id\":\"");
+    let mut id = uuid::Uuid::encode_buffer();
+    w.out
+        .extend_from_slice(order_id.hyphenated().encode_lower(&mut id).as_bytes());
+    w.out.extend_from_slice(b"\",\"current_step\":");
+    step(w, *current_step);
+    w.out.extend_from_slice(b",\"start_time\":");
+    time_as(w, start_time, Fraction::Micros)?;
+    optional_time_as(w, b",\"complete_time\":", complete_time, Fraction::Micros)?;
+    w.out.extend_from_slice(b",\"steps\":");
+    step_entries(w, steps, Shape::View)?;
+    w.out.extend_from_slice(b",\"payload\":");
+    serde_json::to_writer(&mut *w.out, &**payload)?;
+    if let Some(failure) = failure {
+        write_failure(w, failure)?;
+    }
+    if let Some(rollback_state) = rollback_state {
+        write_rollback_state(w, *rollback_state);
+    }
+    optional_string(w, b",\"rollback_error\":", rollback_error)?;
+    if *rollback_state != Some(RollbackState::Complete) {
+        write_pending_rollback(w, pending_rollback);
+    }
+    if *cancel_requested && !order.is_finished() {
+        w.out.extend_from_slice(b",\"cancel_requested\":true");
+    }
+    if let Some(notification) = notification {
+        w.out.extend_from_slice(b",\"notification\":");
+        write_notification(w, notification)?;
+    }
+    w.out.extend_from_slice(b",\"trace_id\":\"");
+    w.out
+        .extend_from_slice(&crate::trace::trace_id(order).hex());
+    w.out.extend_from_slice(b"\"}");
+    Ok(())
+}
+
+/// The steps, as a JSON array.
+fn step_entries<'a>(
+    w: &mut Writer<'_, 'a>,
+    steps: &'a [StepEntry],
+    shape: Shape,
+) -> Result<(), serde_json::Error> {
+    w.out.push(b'[');
+    for (index, entry) in steps.iter().enumerate() {
+        if index > 0 {
+            w.out.push(b',');
+        }
+        step_entry(w, entry, shape)?;
+    }
+    w.out.push(b']');
+    Ok(())
+}
+
+/// A step: as stored, or as the view shows it (`StepView`: times with microseconds, no
+/// counters).
+fn step_entry<'a>(
+    w: &mut Writer<'_, 'a>,
+    entry: &'a StepEntry,
+    shape: Shape,
+) -> Result<(), serde_json::Error> {
     let StepEntry {
         step_name,
         step_start_time,
@@ -145,12 +222,16 @@ fn step_entry<'a>(w: &mut Writer<'_, 'a>, entry: &'a StepEntry) -> Result<(), se
         next_attempt_at,
         node,
     } = entry;
+    let fraction = match shape {
+        Shape::Stored => Fraction::Shortest,
+        Shape::View => Fraction::Micros,
+    };
     w.out.extend_from_slice(b"{\"step_name\":");
     step(w, *step_name);
     w.out.extend_from_slice(b",\"step_start_time\":");
-    time(w, step_start_time)?;
-    optional_time(w, b",\"step_complete_time\":", step_complete_time)?;
-    optional_time(w, b",\"step_rollback_time\":", step_rollback_time)?;
+    time_as(w, step_start_time, fraction)?;
+    optional_time_as(w, b",\"step_complete_time\":", step_complete_time, fraction)?;
+    optional_time_as(w, b",\"step_rollback_time\":", step_rollback_time, fraction)?;
     if let Some(output) = output {
         w.out.extend_from_slice(b",\"output\":");
         serde_json::to_writer(&mut *w.out, output)?;
@@ -159,13 +240,55 @@ fn step_entry<'a>(w: &mut Writer<'_, 'a>, entry: &'a StepEntry) -> Result<(), se
         w.out.extend_from_slice(b",\"attempts\":");
         write_attempts(w, attempts)?;
     }
-    nonzero(w, b",\"run_attempts\":", *run_attempts);
-    nonzero(w, b",\"rollback_attempts\":", *rollback_attempts);
-    nonzero(w, b",\"retries\":", *retries);
-    optional_time(w, b",\"next_attempt_at\":", next_attempt_at)?;
+    if shape == Shape::Stored {
+        nonzero(w, b",\"run_attempts\":", *run_attempts);
+        nonzero(w, b",\"rollback_attempts\":", *rollback_attempts);
+        nonzero(w, b",\"retries\":", *retries);
+    }
+    optional_time_as(w, b",\"next_attempt_at\":", next_attempt_at, fraction)?;
     optional_string(w, b",\"node\":", node)?;
     w.out.push(b'}');
     Ok(())
+}
+
+/// `,"failure":{…}`.
+fn write_failure<'a>(
+    w: &mut Writer<'_, 'a>,
+    failure: &'a Failure,
+) -> Result<(), serde_json::Error> {
+    let Failure {
+        step: failed,
+        reason,
+    } = failure;
+    w.out.extend_from_slice(b",\"failure\":{\"step\":");
+    step(w, *failed);
+    w.out.extend_from_slice(b",\"reason\":");
+    string(w, reason)?;
+    w.out.push(b'}');
+    Ok(())
+}
+
+/// `,"pending_rollback":[…]`, unless there is none.
+fn write_pending_rollback(w: &mut Writer<'_, '_>, pending_rollback: &[Step]) {
+    if pending_rollback.is_empty() {
+        return;
+    }
+    w.out.extend_from_slice(b",\"pending_rollback\":[");
+    for (index, pending) in pending_rollback.iter().enumerate() {
+        if index > 0 {
+            w.out.push(b',');
+        }
+        step(w, *pending);
+    }
+    w.out.push(b']');
+}
+
+/// `,"rollback_state":"…"`.
+fn write_rollback_state(w: &mut Writer<'_, '_>, rollback_state: RollbackState) {
+    w.out.extend_from_slice(match rollback_state {
+        RollbackState::Complete => b",\"rollback_state\":\"complete\"",
+        RollbackState::Incomplete => b",\"rollback_state\":\"incomplete\"",
+    });
 }
 
 fn write_attempts<'a>(
@@ -269,17 +392,26 @@ fn step(w: &mut Writer<'_, '_>, step: Step) {
     w.out.push(b'"');
 }
 
-/// A time, copied from where it was last written if it is the same.
+/// A time as stored, copied from where it was last written if it is the same.
 fn time(w: &mut Writer<'_, '_>, time: &DateTime<Utc>) -> Result<(), serde_json::Error> {
-    if let Some((last, at)) = &w.time {
-        if last == time {
+    time_as(w, time, Fraction::Shortest)
+}
+
+/// A time with `fraction`, copied from where it was last written if it is the same.
+fn time_as(
+    w: &mut Writer<'_, '_>,
+    time: &DateTime<Utc>,
+    fraction: Fraction,
+) -> Result<(), serde_json::Error> {
+    if let Some((last, last_fraction, at)) = &w.time {
+        if last == time && *last_fraction == fraction {
             w.out.extend_from_within(at.clone());
             return Ok(());
         }
     }
     let start = w.out.len();
-    rfc3339::write_json(w.out, time)?;
-    w.time = Some((*time, start..w.out.len()));
+    rfc3339::write_json(w.out, time, fraction)?;
+    w.time = Some((*time, fraction, start..w.out.len()));
     Ok(())
 }
 
@@ -298,16 +430,26 @@ fn string<'a>(w: &mut Writer<'_, 'a>, text: &'a str) -> Result<(), serde_json::E
     Ok(())
 }
 
-/// `name` (the comma, the quoted name and the colon) and `time`, if any.
+/// `name` (the comma, the quoted name and the colon) and `time` as stored, if any.
 fn optional_time(
     w: &mut Writer<'_, '_>,
     name: &[u8],
     value: &Option<DateTime<Utc>>,
 ) -> Result<(), serde_json::Error> {
+    optional_time_as(w, name, value, Fraction::Shortest)
+}
+
+/// `name` (the comma, the quoted name and the colon) and `time` with `fraction`, if any.
+fn optional_time_as(
+    w: &mut Writer<'_, '_>,
+    name: &[u8],
+    value: &Option<DateTime<Utc>>,
+    fraction: Fraction,
+) -> Result<(), serde_json::Error> {
     match value {
         Some(value) => {
             w.out.extend_from_slice(name);
-            time(w, value)
+            time_as(w, value, fraction)
         }
         None => Ok(()),
     }
@@ -594,12 +736,28 @@ mod tests {
         order.steps[0].step_complete_time = Some(now + chrono::Duration::nanoseconds(1_307_071));
         order.steps[0].node = Some("node-1".into());
         assert_eq!(ours(&order), serde_json::to_string(&order).unwrap());
+        assert_eq!(our_view(&order), serde_view(&order));
+    }
+
+    fn our_view(order: &Order) -> String {
+        let mut out = Vec::new();
+        write_view(&mut out, order).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    fn serde_view(order: &Order) -> String {
+        serde_json::to_string(&crate::order::OrderView::from(order)).unwrap()
     }
 
     proptest! {
         #[test]
         fn writes_what_serde_json_writes(order in order()) {
             prop_assert_eq!(ours(&order), serde_json::to_string(&order).unwrap());
+        }
+
+        #[test]
+        fn writes_the_view_serde_json_writes(order in order()) {
+            prop_assert_eq!(our_view(&order), serde_view(&order));
         }
     }
 }

@@ -11,8 +11,8 @@ use serde::{Serialize, Serializer};
 const LONGEST: usize = 30;
 
 /// How many digits of the second's fraction are written.
-#[derive(Clone, Copy)]
-enum Fraction {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fraction {
     /// None, 3, 6 or 9: as few as show the time exactly (chrono's `SecondsFormat::AutoSi`).
     Shortest,
     /// Always 6.
@@ -116,16 +116,24 @@ pub fn serialize<S: Serializer>(time: &DateTime<Utc>, serializer: S) -> Result<S
     }
 }
 
-/// `time` as [`serialize`] writes it into JSON (quoted), at the end of `out`.
-pub fn write_json(out: &mut Vec<u8>, time: &DateTime<Utc>) -> Result<(), serde_json::Error> {
-    match write(time, Fraction::Shortest) {
+/// `time` as [`serialize`] (`Shortest`) or [`micros`] (`Micros`) writes it into JSON (quoted),
+/// at the end of `out`.
+pub fn write_json(
+    out: &mut Vec<u8>,
+    time: &DateTime<Utc>,
+    fraction: Fraction,
+) -> Result<(), serde_json::Error> {
+    match write(time, fraction) {
         Some(text) => {
             out.push(b'"');
             out.extend_from_slice(text.bytes.get(..text.len).unwrap_or_default());
             out.push(b'"');
             Ok(())
         }
-        None => serialize(time, &mut serde_json::Serializer::new(out)),
+        None => match fraction {
+            Fraction::Shortest => serialize(time, &mut serde_json::Serializer::new(out)),
+            Fraction::Micros => micros(time, &mut serde_json::Serializer::new(out)),
+        },
     }
 }
 
@@ -182,6 +190,12 @@ mod tests {
         String::from_utf8(out).unwrap()
     }
 
+    fn written(time: &DateTime<Utc>, fraction: Fraction) -> String {
+        let mut out = Vec::new();
+        write_json(&mut out, time, fraction).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
     fn chrono_micros(time: &DateTime<Utc>) -> String {
         format!("\"{}\"", time.to_rfc3339_opts(SecondsFormat::Micros, true))
     }
@@ -212,6 +226,8 @@ mod tests {
         for time in times {
             assert_eq!(ours(&time), chrono_json(&time), "{time:?}");
             assert_eq!(ours_micros(&time), chrono_micros(&time), "{time:?}");
+            assert_eq!(written(&time, Fraction::Shortest), chrono_json(&time));
+            assert_eq!(written(&time, Fraction::Micros), chrono_micros(&time));
         }
     }
 
@@ -227,6 +243,8 @@ mod tests {
             if let Some(time) = DateTime::from_timestamp(seconds, nanos) {
                 prop_assert_eq!(ours(&time), chrono_json(&time));
                 prop_assert_eq!(ours_micros(&time), chrono_micros(&time));
+                prop_assert_eq!(written(&time, Fraction::Shortest), chrono_json(&time));
+                prop_assert_eq!(written(&time, Fraction::Micros), chrono_micros(&time));
                 let option = Some(time);
                 let mut out = Vec::new();
                 super::option(&option, &mut serde_json::Serializer::new(&mut out)).unwrap();

@@ -9,7 +9,7 @@
 use super::handler::StepError;
 use super::retry::RetryPolicy;
 use crate::config::NotifySettings;
-use crate::order::{Order, OrderView};
+use crate::order::{write_view, Order};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::fmt::Write;
@@ -37,10 +37,10 @@ impl Notifier {
 
     /// One attempt at delivering the order's webhook. `Ok` carries the receiver's status.
     pub async fn send(&self, order: &Order) -> Result<u16, StepError> {
-        let body = match serde_json::to_vec(&OrderView::from(order)) {
-            Ok(body) => body,
-            Err(error) => return Err(StepError::new(format!("cannot encode the order: {error}"))),
-        };
+        let mut body = Vec::with_capacity(2048);
+        if let Err(error) = write_view(&mut body, order) {
+            return Err(StepError::new(format!("cannot encode the order: {error}")));
+        }
         let generation = order
             .notification
             .as_ref()
