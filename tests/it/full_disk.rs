@@ -1,9 +1,11 @@
 //! A full disk. The embedded store's: a node whose data dir is a small tmpfs answers `DEGRADED`
-//! once its store cannot write, not only when it cannot read, and once there is room again it
-//! writes again without a restart, the orders accepted before finishing. Redis's: with `appendfsync always` Redis exits at its first write that does
-//! not fit, and with `everysec` it stays up refusing writes (`MISCONF`) until there is room; in
-//! both, submissions meanwhile are answered 503, and every order accepted before or during it
-//! finishes once Redis writes again. Mounting needs root; without it the tests say so and pass.
+//! once its store cannot write, not only when it cannot read; while the disk stays full it
+//! reopens its file less and less often, and once there is room again it writes again without a
+//! restart, the orders accepted before finishing. Redis's: with `appendfsync always` Redis exits
+//! at its first write that does not fit, and with `everysec` it stays up refusing writes
+//! (`MISCONF`) until there is room; in both, submissions meanwhile are answered 503, and every
+//! order accepted before or during it finishes once Redis writes again. Mounting needs root;
+//! without it the tests say so and pass.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -71,43 +73,123 @@ fn degraded(reply: &Reply) -> bool {
 
 #[tokio::test]
 async fn the_embedded_store_on_a_full_disk_is_degraded_then_writes_again_once_it_has_room() {
-    let mut node = Node::start(&simulate("10ms")).await;
-    // The node's data dir becomes a small tmpfs: stop it, mount, start it again on it.
-    node.kill();
-    let Some(_tmpfs) = Tmpfs::mount(&node.data_dir(), "16m") else {
-        eprintln!("not root: cannot mount a tmpfs, full-disk heartbeat test skipped");
+    let Some(full) = FullEmbedded::start().await else {
         return;
     };
-    node.restart().await;
-    assert_eq!(node.heartbeat().await["status"], "OK");
-
-    let filler = node.data_dir().join("filler");
-    fill(&filler);
-    let user = unique_user("full");
-    // Orders large enough that the file must grow for them.
-    let body = format!(r#"{{"padding":"{}"}}"#, "x".repeat(4096));
-    let mut accepted = Vec::new();
-    submit_until(
-        &node,
-        &user,
-        &body,
-        &mut accepted,
-        "heartbeat degraded",
-        || async { degraded(&heartbeat(&node).await).then_some(()) },
-    )
-    .await;
-
     // redb fails every access of its handle once a write failed on the disk: the store opens
     // its file again, without a restart, and once there is room the orders accepted go on.
-    std::fs::remove_file(&filler).expect("remove the filler");
-    wait_heartbeat(&node, "OK").await;
-    assert_all_completed(&node, &user, &accepted).await;
-    accepted.extend(submit(&node, &user, 3).await);
-    assert_all_completed(&node, &user, &accepted).await;
-    // All of it on the disk.
-    node.restart().await;
-    assert_all_completed(&node, &user, &accepted).await;
-    node.kill();
+    full.make_room_and_finish().await;
+}
+
+#[tokio::test]
+async fn the_embedded_store_on_a_disk_that_stays_full_reopens_its_file_less_and_less_often() {
+    let Some(mut full) = FullEmbedded::start().await else {
+        return;
+    };
+    // Each order that needs the file to grow fails on the disk still full once the file is
+    // open again: every reopen waits twice as long as the one before.
+    let pauses = submit_until(
+        &full.node,
+        &full.user,
+        &padded(),
+        &mut full.accepted,
+        "three reopens of the store file",
+        || async {
+            let pauses = reopen_pauses(&full.node.log());
+            (pauses.len() >= 3).then_some(pauses)
+        },
+    )
+    .await;
+    assert_eq!(
+        pauses[..3],
+        [0, 1000, 2000],
+        "pauses (ms) before each reopen: {pauses:?}"
+    );
+    assert!(degraded(&heartbeat(&full.node).await));
+    full.make_room_and_finish().await;
+}
+
+/// An order large enough that the file must grow for it.
+fn padded() -> String {
+    format!(r#"{{"padding":"{}"}}"#, "x".repeat(4096))
+}
+
+/// The pauses (ms) the store's reopens of its file waited, from the node's log, in order.
+fn reopen_pauses(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|line| line.contains("reopening it"))
+        .filter_map(|line| {
+            let after = &line[line.find("pause_ms")? + "pause_ms".len()..];
+            let digits: String = after
+                .chars()
+                .skip_while(|c| !c.is_ascii_digit())
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// A node on the embedded store whose data dir is a small tmpfs, filled until its heartbeat
+/// said `DEGRADED`, with the orders it accepted meanwhile.
+struct FullEmbedded {
+    node: Node,
+    // Unmounted when dropped, after the node (fields drop in order).
+    _tmpfs: Tmpfs,
+    filler: PathBuf,
+    user: String,
+    accepted: Vec<String>,
+}
+
+impl FullEmbedded {
+    /// `None` when this process may not mount a tmpfs (the test then passes, saying so).
+    async fn start() -> Option<FullEmbedded> {
+        let mut node = Node::start(&simulate("10ms")).await;
+        // The node's data dir becomes a small tmpfs: stop it, mount, start it again on it.
+        node.kill();
+        let Some(tmpfs) = Tmpfs::mount(&node.data_dir(), "16m") else {
+            eprintln!("not root: cannot mount a tmpfs, full-disk test skipped");
+            return None;
+        };
+        node.restart().await;
+        assert_eq!(node.heartbeat().await["status"], "OK");
+
+        let filler = node.data_dir().join("filler");
+        fill(&filler);
+        let user = unique_user("full");
+        let mut accepted = Vec::new();
+        submit_until(
+            &node,
+            &user,
+            &padded(),
+            &mut accepted,
+            "heartbeat degraded",
+            || async { degraded(&heartbeat(&node).await).then_some(()) },
+        )
+        .await;
+        Some(FullEmbedded {
+            node,
+            _tmpfs: tmpfs,
+            filler,
+            user,
+            accepted,
+        })
+    }
+
+    /// Removes the filler; the node writes again on its own, every order accepted completes,
+    /// and so do three more; after a restart all of them are still there.
+    async fn make_room_and_finish(mut self) {
+        std::fs::remove_file(&self.filler).expect("remove the filler");
+        let (node, user) = (&mut self.node, &self.user);
+        wait_heartbeat(node, "OK").await;
+        assert_all_completed(node, user, &self.accepted).await;
+        self.accepted.extend(submit(node, user, 3).await);
+        assert_all_completed(node, user, &self.accepted).await;
+        // All of it on the disk.
+        node.restart().await;
+        assert_all_completed(node, user, &self.accepted).await;
+        node.kill();
+    }
 }
 
 /// A node on the Redis at `url` with steps of `step`, looking for orders to resume every second.
