@@ -1,6 +1,8 @@
 //! The Lua scripts of the order store. Each is one atomic step on one order: its hash and the
 //! index entries that change with it, so that no failure between two calls can leave an index
 //! that disagrees with the order. Every key a script touches is in one shard (hash slot).
+//! A constant score is given as text (`'0'`): Redis prints a Lua number with `snprintf` before
+//! the command reads it back.
 
 use deadpool_redis::redis::Script;
 
@@ -46,7 +48,7 @@ local function file_state(order, index, member)
     if filed then redis.call('ZREM', filed, member) end
     redis.call('HSET', order, 'filed', index)
   end
-  redis.call('ZADD', index, 0, member)
+  redis.call('ZADD', index, '0', member)
 end
 local function unfile(member, from)
   for i = from, #KEYS do redis.call('ZREM', KEYS[i], member) end
@@ -99,7 +101,7 @@ local function commit(k, nk, a)
   if cur[5] ~= index then
     if cur[5] then redis.call('ZREM', cur[5], member) end
     redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step, 'rev', revision, 'filed', index)
-    redis.call('ZADD', index, 0, member)
+    redis.call('ZADD', index, '0', member)
   else
     redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step, 'rev', revision)
   end
@@ -108,7 +110,7 @@ local function commit(k, nk, a)
     local retention, entry, is_parked = ARGV[a + 10], ARGV[a + 11], ARGV[a + 12]
     -- Only an order stored finished (or notifying) can be in the parked index.
     if is_parked == '1' then
-      redis.call('ZADD', parked, 0, id)
+      redis.call('ZADD', parked, '0', id)
     elseif cur[7] ~= 'forward' and cur[7] ~= 'rolling_back' then
       redis.call('ZREM', parked, id)
     end
@@ -153,8 +155,8 @@ local function create(k, nk, a)
   else
     redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step, 'filed', index)
   end
-  redis.call('ZADD', user_index, 0, member)
-  redis.call('ZADD', index, 0, member)
+  redis.call('ZADD', user_index, '0', member)
+  redis.call('ZADD', index, '0', member)
   if state ~= 'finished' then
     redis.call('SADD', owned, id)
   else
@@ -172,8 +174,10 @@ end
 const WRITES: &str = r"
 local answers = {}
 local k, a = 0, 0
+-- The key counts a write has, read from their text without strtod (which tonumber calls).
+local counts = {['3'] = 3, ['5'] = 5, ['6'] = 6}
 while a < #ARGV do
-  local kind, nk = ARGV[a + 1], tonumber(ARGV[a + 2])
+  local kind, nk = ARGV[a + 1], counts[ARGV[a + 2]] or tonumber(ARGV[a + 2])
   local na = 12
   if kind == 'commit' then
     answers[#answers + 1] = commit(k, nk, a + 2)
@@ -266,12 +270,12 @@ local idem = own_idem(KEYS[1], ARGV[2])
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'state')
 if not cur[1] then return 0 end
 if cur[1] ~= ARGV[1] then return 2 end
-redis.call('ZADD', KEYS[3], 0, ARGV[5])
+redis.call('ZADD', KEYS[3], '0', ARGV[5])
 if redis.call('HGET', KEYS[1], 'doc') == ARGV[7] then file_state(KEYS[1], KEYS[6], ARGV[5]) end
 if cur[2] == 'finished' then
   redis.call('SREM', KEYS[5], ARGV[2])
   if redis.call('PTTL', KEYS[1]) == -1 then finish(KEYS[1], idem, ARGV[3], KEYS[2], ARGV[4]) end
-  if ARGV[6] == '1' then redis.call('ZADD', KEYS[4], 0, ARGV[2]) end
+  if ARGV[6] == '1' then redis.call('ZADD', KEYS[4], '0', ARGV[2]) end
 else
   redis.call('ZREM', KEYS[4], ARGV[2])
   redis.call('SADD', KEYS[5], ARGV[2])
