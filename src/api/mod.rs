@@ -143,10 +143,9 @@ fn respond<T: Reply>(result: Result<T, ApiError>) -> Response {
     }
 }
 
-/// How many bytes an answer's JSON is written into at first: an order's view (the answer to
-/// most requests, about 1.5 KB for an order through all its steps) fits, so its buffer does
-/// not grow by reallocation while it is written.
-const ANSWER_CAPACITY: usize = 2048;
+/// How many bytes an answer's JSON is written into at first: an order's view, the answer to
+/// most requests, fits.
+const ANSWER_CAPACITY: usize = crate::order::VIEW_CAPACITY;
 
 fn json_reply<T: serde::Serialize>(status: warp::http::StatusCode, value: &T) -> Response {
     json_reply_sized(status, value, ANSWER_CAPACITY)

@@ -21,6 +21,10 @@ pub fn write_order(out: &mut Vec<u8>, order: &Order) -> Result<(), serde_json::E
     write(&mut Writer::new(out), order)
 }
 
+/// How many bytes an order's view is written into at first: the view of an order through all
+/// its steps (about 1.5 KB) fits, so its buffer does not grow by reallocation while written.
+pub const VIEW_CAPACITY: usize = 2048;
+
 /// Writes the view of `order` that users see, as JSON at the end of `out`: exactly what
 /// `serde_json::to_writer` writes of `OrderView::from(order)`.
 pub fn write_view(out: &mut Vec<u8>, order: &Order) -> Result<(), serde_json::Error> {

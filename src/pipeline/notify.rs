@@ -9,7 +9,7 @@
 use super::handler::StepError;
 use super::retry::RetryPolicy;
 use crate::config::NotifySettings;
-use crate::order::{write_view, Order};
+use crate::order::{write_view, Order, VIEW_CAPACITY};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::fmt::Write;
@@ -37,7 +37,7 @@ impl Notifier {
 
     /// One attempt at delivering the order's webhook. `Ok` carries the receiver's status.
     pub async fn send(&self, order: &Order) -> Result<u16, StepError> {
-        let mut body = Vec::with_capacity(2048);
+        let mut body = Vec::with_capacity(VIEW_CAPACITY);
         if let Err(error) = write_view(&mut body, order) {
             return Err(StepError::new(format!("cannot encode the order: {error}")));
         }
