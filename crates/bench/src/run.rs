@@ -7,8 +7,9 @@ use crate::http::{endpoint, Client};
 use crate::progress::{Counts, Progress};
 use crate::summary::{Percentiles, Summary};
 use hdrhistogram::Histogram;
-use order_process_history::{time::rfc3339, End, WORK_STEPS};
-use serde_json::Value;
+use order_process_history::check::{check_history, History};
+use order_process_history::{time::utc_text, End, WORK_STEPS};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,13 +28,14 @@ struct Created {
     order_id: String,
 }
 
-/// An answer to `POST /orders/wait`: the finished orders' views, and the ids it does not know.
+/// An answer to `POST /orders/wait`: the finished orders' views (what their histories are
+/// judged by, borrowed from the answer), and the ids it does not know.
 #[derive(serde::Deserialize)]
-struct WaitAnswer {
-    #[serde(default)]
-    orders: Vec<Value>,
-    #[serde(default)]
-    missing: Vec<String>,
+struct WaitAnswer<'a> {
+    #[serde(borrow, default)]
+    orders: Vec<History<'a>>,
+    #[serde(borrow, default)]
+    missing: Vec<Cow<'a, str>>,
 }
 
 /// How a finished order's history turned out.
@@ -317,16 +319,13 @@ impl Waiter {
                 // Whatever is still waiting counts as lost.
                 return;
             }
-            for (order, view) in self.wait_batch(&mut waiting).await {
-                self.counts.finished.fetch_add(1, Ordering::Relaxed);
-                record(&self.tally, &order, &view);
-            }
+            self.wait_batch(&mut waiting).await;
         }
     }
 
     /// One long poll for a batch of orders (`POST /orders/wait`); takes the finished ones out
-    /// of `waiting` and returns them with their final views.
-    async fn wait_batch(&self, waiting: &mut Vec<Accepted>) -> Vec<(Accepted, Value)> {
+    /// of `waiting` and records their final views.
+    async fn wait_batch(&self, waiting: &mut Vec<Accepted>) {
         let left = self
             .deadline
             .saturating_duration_since(tokio::time::Instant::now());
@@ -341,40 +340,45 @@ impl Waiter {
                 serde_json::to_vec(&request).unwrap_or_default(),
             )
             .await;
-        let body = match reply {
-            Ok((status, body)) if status.is_success() => {
-                serde_json::from_slice::<WaitAnswer>(&body).ok()
-            }
+        // Checked as UTF-8 once, not string by string as a parse of bytes does.
+        let body = match &reply {
+            Ok((status, body)) if status.is_success() => std::str::from_utf8(body)
+                .ok()
+                .and_then(|text| serde_json::from_str::<WaitAnswer>(text).ok()),
             _ => None,
         };
         let Some(body) = body else {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            return Vec::new();
+            return;
         };
-        let mut done = Vec::new();
-        let mut take = |id: &str, view: Value| {
+        let mut take = |id: &str, view: Option<&History>| {
             if let Some(position) = waiting.iter().position(|order| order.id == id) {
-                done.push((waiting.swap_remove(position), view));
+                let order = waiting.swap_remove(position);
+                self.counts.finished.fetch_add(1, Ordering::Relaxed);
+                record(&self.tally, &order, view);
             }
         };
-        for view in body.orders {
-            let id = view["order_id"].as_str().unwrap_or_default().to_string();
-            take(&id, view);
+        for view in &body.orders {
+            take(view.order_id.text().unwrap_or_default(), Some(view));
         }
-        for id in body.missing {
-            take(&id, serde_json::json!({ "missing": id }));
+        for id in &body.missing {
+            take(id, None);
         }
-        done
     }
 }
 
-fn record(tally: &Mutex<Tally>, order: &Accepted, view: &Value) {
-    let verdict = verdict(view, order.fail_at);
+/// Counts `order`'s verdict and its time from submit to finish; `view` is `None` for an order
+/// the node does not know.
+fn record(tally: &Mutex<Tally>, order: &Accepted, view: Option<&History>) {
+    let verdict = match view {
+        Some(view) => verdict(view, order.fail_at),
+        None => Err("the node does not know it".to_string()),
+    };
     let mut tally = lock(tally);
-    if let (Some(start), Some(end)) = (
-        rfc3339(&view["start_time"]),
-        rfc3339(&view["complete_time"]),
-    ) {
+    let time = |field: &order_process_history::check::Field| utc_text(field.text()?).ok();
+    if let Some((Some(start), Some(end))) =
+        view.map(|view| (time(&view.start_time), time(&view.complete_time)))
+    {
         if let Ok(taken) = (end - start).to_std() {
             let _ = tally.end_to_end.record(micros(taken));
         }
@@ -386,7 +390,10 @@ fn record(tally: &Mutex<Tally>, order: &Accepted, view: &Value) {
         Err(problem) => {
             tally.mismatches += 1;
             if tally.first_mismatch.is_none() {
-                tally.first_mismatch = Some(format!("order {}: {problem}: {view}", order.id));
+                let shown = view.map_or_else(String::new, |view| {
+                    serde_json::to_string(view).unwrap_or_default()
+                });
+                tally.first_mismatch = Some(format!("order {}: {problem}: {shown}", order.id));
             }
         }
     }
@@ -395,8 +402,8 @@ fn record(tally: &Mutex<Tally>, order: &Accepted, view: &Value) {
 /// Judges a finished order: its history must be legal, and end where it asked to fail (or
 /// complete). A legal failure at an earlier step than asked, or at any step when nothing was
 /// asked, is the node's own failure chance.
-fn verdict(view: &Value, fail_at: Option<&str>) -> Result<Verdict, String> {
-    let end = order_process_history::check(view).map_err(|problem| problem.to_string())?;
+fn verdict(view: &History, fail_at: Option<&str>) -> Result<Verdict, String> {
+    let end = check_history(view).map_err(|problem| problem.to_string())?;
     let position = |step: &str| WORK_STEPS.iter().position(|work| *work == step);
     match (end, fail_at) {
         (End::Completed, None) => Ok(Verdict::Completed),
@@ -413,6 +420,14 @@ fn verdict(view: &Value, fail_at: Option<&str>) -> Result<Verdict, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+
+    /// The verdict on `view` read as the bench reads an answer's views.
+    fn judge(view: &Value, fail_at: Option<&str>) -> Result<Verdict, String> {
+        let text = serde_json::to_vec(view).map_err(|error| error.to_string())?;
+        let history: History = serde_json::from_slice(&text).map_err(|error| error.to_string())?;
+        verdict(&history, fail_at)
+    }
 
     fn step(name: &str, complete: bool, rollback: Option<&str>) -> Value {
         let mut step =
@@ -453,22 +468,22 @@ mod tests {
             "complete_time": "2026-01-01T00:00:01Z",
             "steps": steps,
         });
-        assert_eq!(verdict(&completed, None), Ok(Verdict::Completed));
-        assert!(verdict(&completed, Some("Processing")).is_err());
+        assert_eq!(judge(&completed, None), Ok(Verdict::Completed));
+        assert!(judge(&completed, Some("Processing")).is_err());
         let failed = failed_at_pre_processing("simulated failure");
         assert_eq!(
-            verdict(&failed, Some("Pre-Processing")),
+            judge(&failed, Some("Pre-Processing")),
             Ok(Verdict::FailedAsAsked)
         );
         // The node's own failure chance: legal, whether or not a later step was asked to fail.
-        assert_eq!(verdict(&failed, None), Ok(Verdict::FailedByChance));
+        assert_eq!(judge(&failed, None), Ok(Verdict::FailedByChance));
         assert_eq!(
-            verdict(&failed, Some("Post-Processing")),
+            judge(&failed, Some("Post-Processing")),
             Ok(Verdict::FailedByChance)
         );
-        assert!(verdict(&failed, Some("Scheduling")).is_err());
+        assert!(judge(&failed, Some("Scheduling")).is_err());
         let mut wrong_order = failed;
         wrong_order["steps"][0]["step_rollback_time"] = "2026-01-01T00:00:03Z".into();
-        assert!(verdict(&wrong_order, Some("Pre-Processing")).is_err());
+        assert!(judge(&wrong_order, Some("Pre-Processing")).is_err());
     }
 }
