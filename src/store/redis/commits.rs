@@ -166,6 +166,21 @@ pub(super) fn call<'s, 'w>(
     call
 }
 
+/// Each write's answer in the writes script's answer to a call: its words (one string, see
+/// [`WRITES`](super::scripts)), each as a string of its own, or its list of answers.
+pub(super) fn answers(answer: Value) -> Result<Vec<Value>, StoreError> {
+    match answer {
+        Value::BulkString(words) => Ok(words
+            .split(|byte| *byte == b' ')
+            .map(|word| Value::BulkString(word.to_vec()))
+            .collect()),
+        Value::Array(answers) => Ok(answers),
+        other => Err(StoreError::Corrupt(format!(
+            "the writes script answered {other:?}"
+        ))),
+    }
+}
+
 /// A write on its way, and where its answer goes.
 struct Pending {
     write: Write,
@@ -270,7 +285,7 @@ async fn send_groups(
 /// One script call for `group`; each write in it gets its own answer.
 async fn send_group(redis: &Connections, script: &Script, group: Vec<Pending>) {
     let call = call(script, group.iter().map(|pending| &pending.write));
-    let answers: Result<Vec<Value>, StoreError> = redis.write(&call).await;
+    let answers = redis.write(&call).await.and_then(answers);
     match answers {
         Ok(answers) if answers.len() == group.len() => {
             for (pending, answer) in group.into_iter().zip(answers) {
@@ -298,7 +313,7 @@ async fn send_group(redis: &Connections, script: &Script, group: Vec<Pending>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use deadpool_redis::redis::Arg;
+    use deadpool_redis::redis::{Arg, FromRedisValue};
 
     fn args(call: &ScriptCall<'_>) -> Vec<String> {
         call.command
@@ -350,6 +365,29 @@ mod tests {
                 "b u".into(),
             ]
         );
+    }
+
+    #[test]
+    fn an_answer_of_words_is_one_answer_per_word_and_a_list_is_taken_as_it_is() {
+        let words = answers(Value::BulkString(b"ok stale ok not_owner".to_vec()));
+        let words: Vec<String> = words
+            .map(|answers| {
+                answers
+                    .into_iter()
+                    .map(|answer| String::from_redis_value(answer).unwrap_or_default())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(words, ["ok", "stale", "ok", "not_owner"]);
+        let list = vec![
+            Value::BulkString(b"ok".to_vec()),
+            Value::Array(vec![Value::BulkString(b"exists".to_vec()), Value::Nil]),
+        ];
+        assert_eq!(answers(Value::Array(list.clone())).ok(), Some(list));
+        assert!(matches!(
+            answers(Value::Int(1)),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[test]

@@ -514,8 +514,8 @@ impl RedisStore {
         let call = commits::call(&self.scripts.writes, std::iter::once(&write));
         // Boxed: that future is large, and every create and commit future would carry its
         // size (and copy it into their own box) though only a Redis Cluster takes this way.
-        let answers: Vec<Value> = Box::pin(self.redis.write(&call)).await?;
-        answers
+        let answer: Value = Box::pin(self.redis.write(&call)).await?;
+        commits::answers(answer)?
             .into_iter()
             .next()
             .ok_or_else(|| StoreError::Corrupt("the writes script answered nothing".into()))
@@ -582,12 +582,16 @@ impl RedisStore {
         write.arg(flag(matches!(idempotency, Some((_, true)))));
         write.number(self.retention_ms);
         write.arg_concat(&finished_entry(order, id, &member));
-        let answer: Vec<Option<String>> = from_value(self.write(write).await?)?;
+        let answer = self.write(write).await?;
+        // A create that stored the order answers a word; one that did not, a list.
+        if matches!(&answer, Value::BulkString(word) if word == b"ok") {
+            return Ok(Written::New);
+        }
+        let answer: Vec<Option<String>> = from_value(answer)?;
         let mut answer = answer.into_iter();
         let outcome = answer.next().flatten().unwrap_or_default();
         let detail = answer.next().flatten();
         match (outcome.as_str(), detail) {
-            ("ok", _) => Ok(Written::New),
             ("exists", _) => Ok(Written::Exists),
             ("key", Some(earlier)) => Ok(Written::KeyUsed(earlier)),
             (other, _) => Err(StoreError::Corrupt(format!("create answered `{other}`"))),

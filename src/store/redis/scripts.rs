@@ -128,7 +128,7 @@ end
 /// idempotency key, whose name the order hash keeps (`idem`), and last its state index. ARGV,
 /// twelve: doc, owner, epoch, user, state, step, user index member, order id, idempotency ttl
 /// (s), take over a key that holds no order id (1/0), retention (ms), finished index entry. An
-/// order stored finished starts its retention at once. Answers {'ok'}; {'exists', current owner}
+/// order stored finished starts its retention at once. Answers 'ok'; {'exists', current owner}
 /// when the id is taken; or {'key', id} when the idempotency key names another id: nothing is
 /// written then. Why a script: the order and its index entries are written together or not at
 /// all, so no dropped retry leaves an index entry with no order; and of two requests that store
@@ -162,7 +162,7 @@ local function create(k, nk, a)
   else
     finish(order, idem, retention, finished, entry)
   end
-  return {'ok'}
+  return 'ok'
 end
 ";
 
@@ -170,9 +170,12 @@ end
 /// (`commit` or `create`) and how many KEYS it takes, then its arguments (twelve; nine for a
 /// commit with three keys); its KEYS follow the previous write's. Answers one answer per write,
 /// in order, as [`COMMIT`] and [`CREATE`] name them: each write is checked and made on its own,
-/// so one refused write refuses no other.
+/// so one refused write refuses no other. When every answer is a word (as nearly always: only a
+/// create that finds its id or key taken answers a list), the answer is the words in one string,
+/// separated by spaces: one string is cheaper to send and to read than a list of them.
 const WRITES: &str = r"
 local answers = {}
+local words = true
 local k, a = 0, 0
 -- The key counts a write has, read from their text without strtod (which tonumber calls).
 local counts = {['3'] = 3, ['5'] = 5, ['6'] = 6}
@@ -183,10 +186,13 @@ while a < #ARGV do
     answers[#answers + 1] = commit(k, nk, a + 2)
     if nk == 3 then na = 9 end
   else
-    answers[#answers + 1] = create(k, nk, a + 2)
+    local answer = create(k, nk, a + 2)
+    if type(answer) ~= 'string' then words = false end
+    answers[#answers + 1] = answer
   end
   k, a = k + nk, a + 2 + na
 end
+if words then return table.concat(answers, ' ') end
 return answers
 ";
 
