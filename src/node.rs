@@ -12,7 +12,7 @@ use crate::service::OrderService;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::metered::MeteredStore;
 use crate::store::redis::{startup, Connections, RedisStore};
-use crate::store::OrderStore;
+use crate::store::{OrderStore, StoreError};
 use anyhow::Context;
 use std::future::Future;
 use std::path::Path;
@@ -123,6 +123,8 @@ pub async fn run(
     let queue = config.pipeline.queue_capacity.get();
     let metrics = Arc::new(Metrics::new());
     let retention = config.orders.retention;
+    // The embedded store, closed once the node has stopped.
+    let mut embedded = None;
     let (store, pool, cluster): (Arc<dyn OrderStore>, Arc<Pool>, Option<Arc<Cluster>>) =
         if config.is_cluster() {
             // The order store and the coordinator share one set of connections to Redis.
@@ -175,10 +177,10 @@ pub async fn run(
             };
             (store, pool, Some(cluster))
         } else {
-            let store: Arc<dyn OrderStore> = Arc::new(MeteredStore::new(
-                Arc::new(EmbeddedStore::open_retaining(data_dir, retention)?),
-                Arc::clone(&metrics),
-            ));
+            let file = Arc::new(EmbeddedStore::open_retaining(data_dir, retention)?);
+            embedded = Some(Arc::clone(&file));
+            let metered = MeteredStore::new(file, Arc::clone(&metrics));
+            let store: Arc<dyn OrderStore> = Arc::new(metered);
             let pool = Pool::start(
                 service_id.clone(),
                 Arc::clone(&store),
@@ -256,8 +258,29 @@ pub async fn run(
     }
     reload.abort();
     reconcile.abort();
+    if let Some(file) = embedded {
+        close(file).await;
+    }
     info!("stopped");
     Ok(())
+}
+
+/// How long a stopping node waits for the reads and writes still under way before it closes the
+/// embedded store's file.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Closes the embedded store's file, so the next start need not repair it.
+async fn close(file: Arc<EmbeddedStore>) {
+    let closed = tokio::task::spawn_blocking(move || file.close(CLOSE_WITHIN))
+        .await
+        .map_err(|error| StoreError::Unavailable(error.to_string()))
+        .and_then(|closed| closed);
+    match closed {
+        Ok(()) => info!("store file closed"),
+        Err(error) => {
+            warn!(error = %error, "store file not closed cleanly, the next start repairs it")
+        }
+    }
 }
 
 /// Re-reads the tokens file on each SIGHUP; a bad file keeps the tokens in force.

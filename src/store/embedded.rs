@@ -152,12 +152,15 @@ impl OpenFile {
     /// Takes the database out (readers get unavailable meanwhile); a handle that tells when the
     /// last holder let go of it.
     fn take(&self) -> Option<std::sync::Weak<Database>> {
-        let taken = self
-            .0
+        self.take_open().map(|db| Arc::downgrade(&db))
+    }
+
+    /// Takes the database out, for good unless someone puts one back.
+    fn take_open(&self) -> Option<Arc<Database>> {
+        self.0
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        taken.map(|db| Arc::downgrade(&db))
+            .take()
     }
 
     fn put(&self, db: Database) {
@@ -246,6 +249,32 @@ impl EmbeddedStore {
             health,
             retention,
         })
+    }
+
+    /// Closes the file for a clean stop: later reads and writes are unavailable, and once the
+    /// ones under way have let go of it (waiting up to `within`), redb closes it cleanly, so the
+    /// next start need not repair it (a repair reads the whole file). Blocks while it waits. An
+    /// error means the file is left for its last user to close, or for the next start to repair.
+    pub fn close(&self, within: Duration) -> Result<(), StoreError> {
+        let mut db = self
+            .db
+            .take_open()
+            .ok_or_else(|| StoreError::Unavailable(REOPENING.into()))?;
+        let deadline = Instant::now() + within;
+        loop {
+            match Arc::try_unwrap(db) {
+                Ok(db) => return db.close().map_err(unavailable),
+                Err(shared) if Instant::now() < deadline => {
+                    db = shared;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "the store file was still in use after {within:?}"
+                    )))
+                }
+            }
+        }
     }
 
     /// How many orders the file holds, finished or not.

@@ -1,6 +1,7 @@
 //! Crash and shutdown: a node SIGKILLed mid-pipeline resumes its orders when restarted on the
 //! same data dir (nothing accepted is lost, the node id survives); SIGTERM refuses new orders,
-//! lets running steps finish and exits 0, and the orders finish after a restart.
+//! lets running steps finish, closes the store's file cleanly and exits 0, and the orders finish
+//! after a restart.
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,22 @@ use serde_json::json;
 
 use crate::harness::{simulate, unique_user, Node, POLL, TERMINAL};
 use crate::history::assert_completed;
+
+/// Whether the embedded store's file says it needs repair before its next use: redb sets a bit
+/// in its header (after the 9-byte magic number, the "god byte", bit 1) while the file is open,
+/// and clears it when the database is closed cleanly. A repair reads the whole file.
+fn needs_repair(node: &Node) -> bool {
+    let path = node.data_dir().join("orders.redb");
+    let header =
+        std::fs::read(&path).unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
+    assert_eq!(
+        header.get(..4),
+        Some(&b"redb"[..]),
+        "{} is not a redb file",
+        path.display()
+    );
+    header.get(9).is_some_and(|god_byte| god_byte & 2 != 0)
+}
 
 #[tokio::test]
 async fn sigkill_mid_pipeline_then_restart_loses_nothing() {
@@ -29,6 +46,10 @@ async fn sigkill_mid_pipeline_then_restart_loses_nothing() {
     }
     node.wait_step(&user, &ids[0], "Processing", TERMINAL).await;
     node.kill();
+    assert!(
+        needs_repair(&node),
+        "the store file of a killed node needs no repair"
+    );
 
     node.restart().await;
     let heartbeat = node.heartbeat().await;
@@ -109,6 +130,11 @@ async fn sigterm_refuses_new_orders_drains_and_exits_zero() {
     assert!(
         !node.log().contains("panicked"),
         "the node panicked:\n{}",
+        node.log_tail()
+    );
+    assert!(
+        !needs_repair(&node),
+        "a node stopped by SIGTERM left its store file needing repair\n{}",
         node.log_tail()
     );
 
