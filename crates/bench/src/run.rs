@@ -7,7 +7,7 @@ use crate::http::{endpoint, Client};
 use crate::progress::{Counts, Progress};
 use crate::summary::{Percentiles, Summary};
 use hdrhistogram::Histogram;
-use order_process_history::check::{check_history, History};
+use order_process_history::check::{check_history, Field, History};
 use order_process_history::{time::utc_text, End, WORK_STEPS};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -340,42 +340,77 @@ impl Waiter {
                 serde_json::to_vec(&request).unwrap_or_default(),
             )
             .await;
-        // Checked as UTF-8 once, not string by string as a parse of bytes does.
-        let body = match &reply {
-            Ok((status, body)) if status.is_success() => std::str::from_utf8(body)
-                .ok()
-                .and_then(|text| serde_json::from_str::<WaitAnswer>(text).ok()),
+        let judged = match &reply {
+            Ok((status, body)) if status.is_success() => judged(body),
             _ => None,
         };
-        let Some(body) = body else {
+        let Some(judged) = judged else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             return;
         };
-        let mut take = |id: &str, view: Option<&History>| {
+        for (id, view) in judged {
             if let Some(position) = waiting.iter().position(|order| order.id == id) {
                 let order = waiting.swap_remove(position);
                 self.counts.finished.fetch_add(1, Ordering::Relaxed);
-                record(&self.tally, &order, view);
+                record(&self.tally, &order, view.as_ref());
             }
-        };
-        for view in &body.orders {
-            take(view.order_id.text().unwrap_or_default(), Some(view));
-        }
-        for id in &body.missing {
-            take(id, None);
         }
     }
 }
 
-/// Counts `order`'s verdict and its time from submit to finish; `view` is `None` for an order
-/// the node does not know.
-fn record(tally: &Mutex<Tally>, order: &Accepted, view: Option<&History>) {
-    let verdict = match view {
-        Some(view) => verdict(view, order.fail_at),
-        None => Err("the node does not know it".to_string()),
+/// What is wrong with an order a wait answer lists as missing.
+const UNKNOWN: &str = "the node does not know it";
+
+/// An order's id, and its final view or what is wrong instead.
+type Named<'a> = (Cow<'a, str>, Result<History<'a>, String>);
+
+/// The orders a wait answer (`body`) names, each with its final view, or what is wrong instead
+/// (the node does not know it, or its view does not read as one); `None` when `body` is not
+/// JSON. An answer with a view that does not read as one (a field of the wrong type) has each
+/// of its orders judged wrong, not left to count as lost.
+fn judged(body: &[u8]) -> Option<Vec<Named<'_>>> {
+    // Checked as UTF-8 once, not string by string as a parse of bytes does.
+    let text = std::str::from_utf8(body).ok()?;
+    let answer = match serde_json::from_str::<WaitAnswer>(text) {
+        Ok(answer) => answer,
+        Err(error) => {
+            let answer: serde_json::Value = serde_json::from_str(text).ok()?;
+            let problem = format!("the answer's views do not read as order views: {error}");
+            let views = answer["orders"].as_array().into_iter().flatten();
+            let views = views.filter_map(|view| view["order_id"].as_str());
+            let missing = answer["missing"].as_array().into_iter().flatten();
+            let missing = missing.filter_map(|id| id.as_str());
+            let named = views.map(|id| (id, problem.clone()));
+            let named = named.chain(missing.map(|id| (id, UNKNOWN.to_string())));
+            return Some(
+                named
+                    .map(|(id, problem)| (Cow::Owned(id.to_string()), Err(problem)))
+                    .collect(),
+            );
+        }
     };
+    let unknown = || Err(UNKNOWN.to_string());
+    let missing = answer.missing.into_iter().map(|id| (id, unknown()));
+    let views = answer.orders.into_iter().map(|view| {
+        let id = match &view.order_id {
+            Field::Text(id) => id.clone(),
+            _ => Cow::Borrowed(""),
+        };
+        (id, Ok(view))
+    });
+    Some(views.chain(missing).collect())
+}
+
+/// Counts `order`'s verdict and its time from submit to finish; `view` is what is wrong instead
+/// of a view when there is none to judge.
+fn record(tally: &Mutex<Tally>, order: &Accepted, view: Result<&History, &String>) {
+    let verdict = match view {
+        Ok(view) => verdict(view, order.fail_at),
+        Err(problem) => Err(problem.clone()),
+    };
+    let view = view.ok();
     let mut tally = lock(tally);
-    let time = |field: &order_process_history::check::Field| utc_text(field.text()?).ok();
+    let time = |field: &Field| utc_text(field.text()?).ok();
     if let Some((Some(start), Some(end))) =
         view.map(|view| (time(&view.start_time), time(&view.complete_time)))
     {
@@ -454,6 +489,39 @@ mod tests {
                 step("Failed", true, None),
             ],
         })
+    }
+
+    #[test]
+    fn a_wait_answer_names_each_order_with_its_view_or_what_is_wrong() {
+        let view = failed_at_pre_processing("declined");
+        let mut good = view.clone();
+        good["order_id"] = "a".into();
+        let answer = serde_json::json!({"orders": [good], "missing": ["b"]});
+        let text = serde_json::to_vec(&answer).unwrap();
+        let named = judged(&text).unwrap();
+        assert_eq!(named.len(), 2);
+        assert_eq!(named[0].0, "a");
+        let history = named[0].1.as_ref().unwrap();
+        assert_eq!(verdict(history, None), Ok(Verdict::FailedByChance));
+        assert_eq!(named[1].0, "b");
+        assert!(named[1].1.is_err());
+        // A view with a field of the wrong type: every order of the answer is judged wrong.
+        let mut bad = view;
+        bad["order_id"] = "c".into();
+        bad["start_time"] = 12.into();
+        let answer = serde_json::json!({"orders": [good_again(), bad], "missing": ["e"]});
+        let text = serde_json::to_vec(&answer).unwrap();
+        let named = judged(&text).unwrap();
+        let ids: Vec<&str> = named.iter().map(|(id, _)| &**id).collect();
+        assert_eq!(ids, ["d", "c", "e"]);
+        assert!(named.iter().all(|(_, view)| view.is_err()));
+        assert!(judged(b"not json").is_none());
+    }
+
+    fn good_again() -> Value {
+        let mut view = failed_at_pre_processing("declined");
+        view["order_id"] = "d".into();
+        view
     }
 
     #[test]
