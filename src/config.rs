@@ -322,6 +322,10 @@ pub struct DatabaseConfig {
     pub min_replicas: usize,
     /// Refuse to start on a Redis whose append-only file is off.
     pub require_aof: bool,
+    /// Write each order compressed (zstd with a built-in dictionary, about a fifth of its JSON):
+    /// less work for Redis and its append-only file. Orders are read in either form whatever
+    /// this says; turn it on once no node of an earlier version, which reads only JSON, is left.
+    pub compress_orders: bool,
     /// PEM file of the CA that signed the Redis server's certificate (`rediss://` or `tls`
     /// only); empty: the platform's roots.
     pub ca_file: PathBuf,
@@ -349,6 +353,7 @@ impl Default for DatabaseConfig {
             timeout: Duration::from_secs(2),
             min_replicas: 0,
             require_aof: false,
+            compress_orders: false,
             ca_file: PathBuf::new(),
             client_cert: PathBuf::new(),
             client_key: PathBuf::new(),
@@ -412,6 +417,12 @@ impl DatabaseConfig {
             if self.require_aof {
                 return Err(ConfigError::new(
                     "database.require_aof",
+                    "only used with Redis (database.url or database.sentinels)",
+                ));
+            }
+            if self.compress_orders {
+                return Err(ConfigError::new(
+                    "database.compress_orders",
                     "only used with Redis (database.url or database.sentinels)",
                 ));
             }
@@ -1511,6 +1522,11 @@ mod tests {
             (
                 "[database]\nmin_replicas = 1\n",
                 "database.min_replicas",
+                "only used with Redis",
+            ),
+            (
+                "[database]\ncompress_orders = true\n",
+                "database.compress_orders",
                 "only used with Redis",
             ),
             (

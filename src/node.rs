@@ -136,7 +136,9 @@ pub async fn run(
                     return Ok(());
                 }
             }
-            let orders = RedisStore::new(Arc::clone(&redis)).with_retention(retention);
+            let orders = RedisStore::new(Arc::clone(&redis))
+                .with_retention(retention)
+                .with_compression(config.database.compress_orders);
             let orders: Arc<dyn OrderStore> = Arc::new(orders);
             let coordinator: Arc<dyn Coordinator> = Arc::new(RedisCoordinator::new(redis));
             let store: Arc<dyn OrderStore> =

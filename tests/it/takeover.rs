@@ -7,7 +7,7 @@ use crate::harness::{unique_user, Node, RedisServer, POLL};
 use crate::proxy::Proxy;
 use order_process::cluster::{Acquired, Coordinator, RedisCoordinator};
 use order_process::order::{Order, OrderId};
-use order_process::store::redis::{Connections, RedisStore};
+use order_process::store::redis::{keys, Connections, RedisStore};
 use order_process::store::OrderStore;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -251,4 +251,76 @@ async fn a_held_leader_lease_says_how_long_it_has_left_and_is_free_then() {
     tokio::time::sleep(left + Duration::from_millis(25)).await;
     let second = coordinator.acquire_leader("b:1", ttl).await.unwrap();
     assert_eq!(second, Acquired::Term(token + 1));
+}
+
+/// Whether the doc of order `id` in `redis` is compressed (starts with zstd's magic number), and
+/// its length in bytes.
+fn stored_doc(redis: &RedisServer, id: &str) -> (bool, usize) {
+    let key = keys::order_key(OrderId::try_parse(id).expect("an order id"));
+    let magic = redis.cli(&[
+        "EVAL",
+        "return string.sub(redis.call('HGET', KEYS[1], 'doc'), 1, 4) == '\\40\\181\\47\\253' and 1 or 0",
+        "1",
+        &key,
+    ]);
+    let length = redis.cli(&["HSTRLEN", &key, "doc"]);
+    (
+        magic == "1",
+        length.parse().expect("HSTRLEN answers a number"),
+    )
+}
+
+/// `database.compress_orders`: a node that writes orders compressed takes over orders stored as
+/// JSON (by a node of an earlier version, or without the option) and finishes them, writing
+/// them compressed, at a fraction of their JSON's size; a store without the option reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_writing_compressed_orders_takes_over_json_ones_that_plain_readers_still_read() {
+    let _turn = cluster_turn().await;
+    let redis = RedisServer::start();
+    let plain = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    let user = unique_user("compressed");
+    let node = Node::start(
+        &config(&redis.url(), "10ms", "", &[])
+            .replace("[database]\n", "[database]\ncompress_orders = true\n"),
+    )
+    .await;
+    // Orders a dead node left, stored as JSON.
+    let dead = uuid::Uuid::new_v4().to_string();
+    let left = orders_of(&plain, &user, &dead, 20).await;
+    for id in &left {
+        assert!(!stored_doc(&redis, id).0, "stored as JSON");
+    }
+    let connections = Connections::connect(&redis.url(), 1, Duration::from_secs(2)).unwrap();
+    RedisCoordinator::new(Arc::new(connections))
+        .register_node(&dead, "127.0.0.1:9")
+        .await
+        .unwrap();
+    wait_all_finished(&plain, &left, TAKEOVER).await;
+    // And orders submitted to the node.
+    let mut submitted = Vec::new();
+    for index in 0..5 {
+        submitted.push(
+            node.create_order(&user, &serde_json::json!({ "n": index }))
+                .await,
+        );
+    }
+    wait_all_finished(&plain, &submitted, TAKEOVER).await;
+    for id in left.iter().chain(&submitted) {
+        let order = plain
+            .get(OrderId::try_parse(id).unwrap())
+            .await
+            .expect("read")
+            .expect("kept");
+        assert_eq!(order.current_step.as_str(), "Completed", "{order:?}");
+        let json = serde_json::to_vec(&order).unwrap().len();
+        let (compressed, length) = stored_doc(&redis, id);
+        assert!(compressed, "{id} written compressed by the node");
+        assert!(
+            length * 2 < json,
+            "{id}: {length} bytes compressed, {json} as JSON"
+        );
+        // The node reads them as well.
+        let view = node.order(&user, id).await;
+        assert_eq!(view["current_step"], "Completed", "{view}");
+    }
 }

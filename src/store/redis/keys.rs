@@ -8,7 +8,8 @@
 //! about equal size, as `redis-cli --cluster create` makes them, hold about as many shards each.
 //! Order storage, per shard (`{s:NN:J}` written `{s:NN}` below):
 //!
-//! - `op:{s:NN}:order:{id}`: hash with `doc` (the order JSON), `owner`, `epoch`, `user`,
+//! - `op:{s:NN}:order:{id}`: hash with `doc` (the order JSON, compressed with zstd when the node
+//!   that wrote it has `database.compress_orders`), `owner`, `epoch`, `user`,
 //!   `cancel`, `state` (`forward`, `rolling_back`, `finished`) and `step`. `owner`, `epoch` and
 //!   `cancel` in the hash are the truth; the copies inside `doc` are refreshed on read.
 //! - `op:{s:NN}:owned:{node}`: set of the node's unfinished orders of the shard.

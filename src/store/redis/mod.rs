@@ -17,6 +17,7 @@
 pub mod access;
 mod commits;
 mod conn;
+mod doc;
 pub mod keys;
 mod link;
 mod orders;

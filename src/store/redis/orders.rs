@@ -3,6 +3,7 @@
 
 use super::commits::{self, Committer, Write};
 use super::conn::{Connections, Scripted};
+use super::doc::{self, DOC_CAPACITY};
 use super::keys;
 use super::keys::{
     aside_key, finished_key, in_shard, order_key, order_pattern, owned_key, parked_key, probe_key,
@@ -10,7 +11,7 @@ use super::keys::{
     STATE_INDEXED,
 };
 use super::scripts::Scripts;
-use crate::order::{write_order, Order, OrderId, Phase, RollbackState, Step};
+use crate::order::{Order, OrderId, Phase, RollbackState, Step};
 use crate::store::{
     cancel_outcome, decode_cursor, encode_cursor, is_parked, retry_rollback_outcome, CancelOutcome,
     Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
@@ -47,6 +48,8 @@ pub struct RedisStore {
     /// The group commit of writes that wait for replicas, started with the first write
     /// (within the runtime, which the store may be made outside of).
     committer: OnceLock<Committer>,
+    /// Whether orders are written compressed (see `doc`); either form is read.
+    compress: bool,
 }
 
 /// A script's answer as `T`.
@@ -80,20 +83,11 @@ fn finished_entry<'a>(order: &'a Order, id: &'a str, member: &'a str) -> [&'a st
     [id, " ", member, " ", &order.user]
 }
 
-/// How many bytes an order's JSON is written into at first: an order through all its steps
-/// (about 1.5 KB) fits, so the buffer does not grow by reallocation while it is written.
-const DOC_CAPACITY: usize = 2048;
-
-/// The order's JSON, as stored in its hash's `doc`.
-fn encode(order: &Order) -> Result<Vec<u8>, StoreError> {
-    let mut doc = Vec::with_capacity(DOC_CAPACITY);
-    encode_into(&mut doc, order)?;
-    Ok(doc)
-}
-
-/// [`encode`], at the end of `bytes`.
-fn encode_into(bytes: &mut Vec<u8>, order: &Order) -> Result<(), StoreError> {
-    write_order(bytes, order).map_err(corrupt)
+/// The order's doc, as stored in its hash.
+fn encode(order: &Order, compress: bool) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = Vec::with_capacity(DOC_CAPACITY);
+    doc::write(&mut bytes, order, compress)?;
+    Ok(bytes)
 }
 
 /// Room for a write's keys and arguments: its doc and a few hundred bytes more.
@@ -147,30 +141,38 @@ fn read_order(pipeline: &mut redis::Pipeline, key: &str) {
     pipeline.cmd("HMGET").arg(key).arg(&READ_FIELDS[..]);
 }
 
+/// An order's hash fields as read: `doc`, `owner`, `epoch`, `cancel` (bytes: a doc may be
+/// compressed).
+type Fields = Vec<Option<Vec<u8>>>;
+
 /// Builds an order from the hash fields `doc`, `owner`, `epoch`, `cancel`.
-fn decode(fields: Vec<Option<String>>) -> Result<Option<Order>, StoreError> {
+fn decode(fields: Fields) -> Result<Option<Order>, StoreError> {
     let mut fields = fields.into_iter();
     let Some(Some(doc)) = fields.next() else {
         return Ok(None);
     };
-    let mut order: Order = serde_json::from_str(&doc).map_err(corrupt)?;
+    let mut order = doc::read(&doc)?;
+    let text = |field: Vec<u8>, name: &str| {
+        String::from_utf8(field).map_err(|_| StoreError::Corrupt(format!("{name} not UTF-8")))
+    };
     if let Some(Some(owner)) = fields.next() {
-        order.owner = owner;
+        order.owner = text(owner, "owner")?;
     }
     if let Some(Some(epoch)) = fields.next() {
+        let epoch = text(epoch, "epoch")?;
         order.epoch = epoch
             .parse()
             .map_err(|_| StoreError::Corrupt(format!("epoch `{epoch}`")))?;
     }
     if let Some(Some(cancel)) = fields.next() {
-        order.cancel_requested |= cancel == "1";
+        order.cancel_requested |= cancel == b"1";
     }
     Ok(Some(order))
 }
 
 /// The order in `fields`, or `None` when there is none or it cannot be read (logged: a listing
 /// or a sweep goes on past one unreadable record).
-fn decode_or_skip(fields: Vec<Option<String>>, key: &str) -> Option<Order> {
+fn decode_or_skip(fields: Fields, key: &str) -> Option<Order> {
     decode(fields).unwrap_or_else(|error| {
         tracing::warn!(key = %key, error = %error, "skipping an unreadable order");
         None
@@ -208,7 +210,14 @@ impl RedisStore {
             retention_ms: millis(DEFAULT_RETENTION),
             purge_from: AtomicUsize::new(0),
             committer: OnceLock::new(),
+            compress: false,
         }
+    }
+
+    /// The store, writing orders compressed (see `doc`) when `compress` says so.
+    pub fn with_compression(mut self, compress: bool) -> RedisStore {
+        self.compress = compress;
+        self
     }
 
     /// The store, keeping finished orders for `retention` after they finished.
@@ -272,7 +281,7 @@ impl RedisStore {
     }
 
     /// The hash fields of the orders `ids` (in that order), read one pipeline per shard.
-    async fn read_orders(&self, ids: &[OrderId]) -> Result<Vec<Vec<Option<String>>>, StoreError> {
+    async fn read_orders(&self, ids: &[OrderId]) -> Result<Vec<Fields>, StoreError> {
         let mut by_shard: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
         for (at, id) in ids.iter().enumerate() {
             by_shard.entry(shard_of(*id)).or_default().push(at);
@@ -282,11 +291,11 @@ impl RedisStore {
             for &at in &positions {
                 read_order(&mut read, &order_key(ids[at]));
             }
-            let rows: Vec<Vec<Option<String>>> = self.redis.query(&read).await?;
+            let rows: Vec<Fields> = self.redis.query(&read).await?;
             Ok::<_, StoreError>(positions.into_iter().zip(rows).collect::<Vec<_>>())
         });
         let mut rows = vec![Vec::new(); ids.len()];
-        let read: Vec<Vec<(usize, Vec<Option<String>>)>> = futures_util::stream::iter(reads)
+        let read: Vec<Vec<(usize, Fields)>> = futures_util::stream::iter(reads)
             .buffer_unordered(FAN_OUT)
             .try_collect()
             .await?;
@@ -570,7 +579,7 @@ impl RedisStore {
         }
         write.key(&keys::state_parts(code, &order.user));
         write.begin("create");
-        write.arg_with(|bytes| encode_into(bytes, order))?;
+        write.arg_with(|bytes| doc::write(bytes, order, self.compress))?;
         write.arg(&order.owner);
         write.number(order.epoch);
         write.arg(&order.user);
@@ -840,7 +849,7 @@ impl OrderStore for RedisStore {
         write.begin("commit");
         write.arg(&order.owner);
         write.number(order.epoch);
-        write.arg_with(|bytes| encode_into(bytes, order))?;
+        write.arg_with(|bytes| doc::write(bytes, order, self.compress))?;
         write.arg(flag(aware));
         write.arg(state);
         write.arg(order.current_step.as_str());
@@ -862,7 +871,7 @@ impl OrderStore for RedisStore {
             .redis
             .write(self.scripts.cancel.key(&key).arg(user))
             .await?;
-        let fields: Option<Vec<Option<String>>> =
+        let fields: Option<Fields> =
             redis::FromRedisValue::from_redis_value(reply).map_err(corrupt)?;
         let fields = fields
             .filter(|fields| !fields.is_empty())
@@ -886,7 +895,7 @@ impl OrderStore for RedisStore {
                 Ok(next) => next,
                 Err(stored) => return Ok(RetryRollbackOutcome::NotParked(*stored)),
             };
-            let doc = encode(&next)?;
+            let doc = encode(&next, self.compress)?;
             let mut reopen = self.scripts.reopen.key(order_key(id));
             reopen
                 .key(owned_key(shard, &next.owner))
@@ -1144,7 +1153,7 @@ fn order_key_in(shard: u16) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{all_codes, commit_outcome, decode, listing_codes, owner_after_reassign};
+    use super::{all_codes, commit_outcome, decode, encode, listing_codes, owner_after_reassign};
     use crate::order::{Order, OrderId, RollbackState, Step};
     use crate::store::{ListQuery, StoreError};
 
@@ -1226,12 +1235,13 @@ mod tests {
             "node-a".into(),
             chrono::Utc::now(),
         );
-        let doc = serde_json::to_string(&order).unwrap();
+        let doc = serde_json::to_vec(&order).unwrap();
+        let field = |text: &str| Some(text.as_bytes().to_vec());
         let read = decode(vec![
             Some(doc.clone()),
-            Some("node-b".into()),
-            Some("7".into()),
-            Some("1".into()),
+            field("node-b"),
+            field("7"),
+            field("1"),
         ])
         .unwrap()
         .unwrap();
@@ -1239,16 +1249,25 @@ mod tests {
             (read.owner.as_str(), read.epoch, read.cancel_requested),
             ("node-b", 7, true)
         );
-        let plain = decode(vec![Some(doc), None, None, None]).unwrap().unwrap();
+        let plain = decode(vec![Some(doc.clone()), None, None, None])
+            .unwrap()
+            .unwrap();
         assert_eq!(plain, order);
+        let compressed = encode(&order, true).unwrap();
+        assert_ne!(compressed, doc);
+        let unpacked = decode(vec![Some(compressed), None, None, None]);
+        assert_eq!(unpacked.unwrap().unwrap(), order);
         assert!(decode(vec![None, None, None, None]).unwrap().is_none());
         assert!(matches!(
-            decode(vec![Some("{".into())]),
+            decode(vec![field("{")]),
             Err(StoreError::Corrupt(_))
         ));
-        let epoch = serde_json::to_string(&order).unwrap();
         assert!(matches!(
-            decode(vec![Some(epoch), None, Some("x".into())]),
+            decode(vec![Some(doc.clone()), None, field("x")]),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode(vec![Some(doc), Some(vec![0xff])]),
             Err(StoreError::Corrupt(_))
         ));
     }
