@@ -272,7 +272,8 @@ fn stored_doc(redis: &RedisServer, id: &str) -> (bool, usize) {
 
 /// `database.compress_orders`: a node that writes orders compressed takes over orders stored as
 /// JSON (by a node of an earlier version, or without the option) and finishes them, writing
-/// them compressed, at a fraction of their JSON's size; a store without the option reads them.
+/// them compressed, at a fraction of their JSON's size; a store without the option reads them,
+/// and the node reads and lists them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_writing_compressed_orders_takes_over_json_ones_that_plain_readers_still_read() {
     let _turn = cluster_turn().await;
@@ -322,5 +323,13 @@ async fn a_node_writing_compressed_orders_takes_over_json_ones_that_plain_reader
         // The node reads them as well.
         let view = node.order(&user, id).await;
         assert_eq!(view["current_step"], "Completed", "{view}");
+    }
+    // And lists them, filtered by step too (the listing reads the orders it names).
+    for query in [&[][..], &[("current_step", "Completed")][..]] {
+        let mut listed = node.list_all_ids(&user, query).await;
+        listed.sort();
+        let mut all: Vec<String> = left.iter().chain(&submitted).cloned().collect();
+        all.sort();
+        assert_eq!(listed, all, "listed with {query:?}");
     }
 }
