@@ -23,8 +23,8 @@ const DICTIONARY: &[u8] = include_bytes!("order-doc.dict");
 /// [`DICTIONARY`]'s id, as its header and every doc compressed with it give it.
 const DICTIONARY_ID: u32 = 1_328_623_233;
 
-/// zstd's level 1: its fastest with the dictionary's full gain (negative levels save a third of
-/// the time and lose a third of the gain).
+/// zstd's level 1: with this dictionary, level 2 was no smaller, and the negative (faster)
+/// levels were at most a quarter faster and up to half larger.
 const LEVEL: i32 = 1;
 
 /// The first bytes of a zstd frame; a JSON doc starts with `{`.
