@@ -323,8 +323,9 @@ pub struct DatabaseConfig {
     /// Refuse to start on a Redis whose append-only file is off.
     pub require_aof: bool,
     /// Write each order compressed (zstd with a built-in dictionary, about a fifth of its JSON):
-    /// less work for Redis and its append-only file. Orders are read in either form whatever
-    /// this says; turn it on once no node of an earlier version, which reads only JSON, is left.
+    /// less work for Redis and its append-only file, and about half its memory per kept order.
+    /// Orders are read in either form whatever this says; turn it on once no node of an earlier
+    /// version, which reads only JSON, is left.
     pub compress_orders: bool,
     /// PEM file of the CA that signed the Redis server's certificate (`rediss://` or `tls`
     /// only); empty: the platform's roots.
