@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 /// loaded cores.
 const FAILOVER: Duration = Duration::from_secs(40);
 
-/// A node's config on `cluster`, each write waiting for `min_replicas` replicas.
-fn node_config(cluster: &RedisCluster, min_replicas: usize) -> String {
+/// A node's config on `cluster`, each write waiting for `min_replicas` replicas, with `database`
+/// lines more.
+fn node_config(cluster: &RedisCluster, min_replicas: usize, database: &str) -> String {
     format!(
         "[simulate]\nduration = \"200ms\"\nfailure_rate = 0.0\n\
-         {}timeout = \"1s\"\nmin_replicas = {min_replicas}\n\
+         {}timeout = \"1s\"\nmin_replicas = {min_replicas}\n{database}\
          [cluster]\nsecret = \"{SECRET}\"\n",
         cluster.database_config()
     )
@@ -71,7 +72,7 @@ async fn a_primary_killed_under_load_loses_no_acknowledged_order() {
     // Without waiting for replicas: the promoted replica has none until the lost host comes
     // back. (What a primary acknowledged in its last moment may then be lost with it: here the
     // replica is a loopback away and has it.)
-    let node = Arc::new(Node::start(&node_config(&cluster, 0)).await);
+    let node = Arc::new(Node::start(&node_config(&cluster, 0, "")).await);
     let user = unique_user("cluster-kill");
     let submitting = keep_submitting(&node, &user);
     at_least(&node, &submitting.accepted, 20).await;
@@ -110,7 +111,9 @@ async fn a_primary_killed_under_load_loses_no_acknowledged_order() {
 async fn slots_moved_under_load_lose_no_acknowledged_order() {
     let _turn = cluster_turn().await;
     let cluster = Arc::new(RedisCluster::start());
-    let node = Arc::new(Node::start(&node_config(&cluster, 1)).await);
+    // Orders stored compressed: their binary docs move with the slots, and are read back.
+    let compressed = "compress_orders = true\n";
+    let node = Arc::new(Node::start(&node_config(&cluster, 1, compressed)).await);
     let user = unique_user("cluster-reshard");
     let submitting = keep_submitting(&node, &user);
     at_least(&node, &submitting.accepted, 20).await;
