@@ -4,6 +4,7 @@
 //! append-only file, so a smaller doc costs Redis less CPU and each `fsync` covers more orders.
 //! Either form is read whatever the option says, so nodes with and without it share a Redis.
 
+use super::orders::corrupt;
 use crate::order::{write_order, Order};
 use crate::store::StoreError;
 use std::cell::RefCell;
@@ -58,10 +59,6 @@ struct Compressing {
 thread_local! {
     static COMPRESSING: RefCell<Option<Compressing>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<Decompressor<'static>>> = const { RefCell::new(None) };
-}
-
-fn corrupt(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(error.to_string())
 }
 
 /// Appends `order`'s doc to `bytes`: its JSON, compressed when `compress` says so.

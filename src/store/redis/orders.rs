@@ -57,7 +57,8 @@ fn from_value<T: redis::FromRedisValue>(value: Value) -> Result<T, StoreError> {
     T::from_redis_value(value).map_err(corrupt)
 }
 
-fn corrupt(error: impl std::fmt::Display) -> StoreError {
+/// A store error for data that does not read as it should.
+pub(super) fn corrupt(error: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(error.to_string())
 }
 
