@@ -323,9 +323,9 @@ pub struct DatabaseConfig {
     /// Refuse to start on a Redis whose append-only file is off.
     pub require_aof: bool,
     /// Write each order compressed (zstd with a built-in dictionary, about a fifth of its JSON):
-    /// less work for Redis and its append-only file, and about half its memory per kept order.
-    /// Orders are read in either form whatever this says; turn it on once no node of an earlier
-    /// version, which reads only JSON, is left.
+    /// less work for Redis and its append-only file, about half its memory per kept order, and
+    /// an embedded store's file several times smaller. Orders are read in either form whatever
+    /// this says; turn it on once no node of an earlier version, which reads only JSON, is left.
     pub compress_orders: bool,
     /// PEM file of the CA that signed the Redis server's certificate (`rediss://` or `tls`
     /// only); empty: the platform's roots.
@@ -418,12 +418,6 @@ impl DatabaseConfig {
             if self.require_aof {
                 return Err(ConfigError::new(
                     "database.require_aof",
-                    "only used with Redis (database.url or database.sentinels)",
-                ));
-            }
-            if self.compress_orders {
-                return Err(ConfigError::new(
-                    "database.compress_orders",
                     "only used with Redis (database.url or database.sentinels)",
                 ));
             }
@@ -1523,11 +1517,6 @@ mod tests {
             (
                 "[database]\nmin_replicas = 1\n",
                 "database.min_replicas",
-                "only used with Redis",
-            ),
-            (
-                "[database]\ncompress_orders = true\n",
-                "database.compress_orders",
                 "only used with Redis",
             ),
             (

@@ -179,7 +179,11 @@ pub async fn run(
             };
             (store, pool, Some(cluster))
         } else {
-            let file = Arc::new(EmbeddedStore::open_retaining(data_dir, retention)?);
+            let file = Arc::new(EmbeddedStore::open_with(
+                data_dir,
+                retention,
+                config.database.compress_orders,
+            )?);
             embedded = Some(Arc::clone(&file));
             let metered = MeteredStore::new(file, Arc::clone(&metrics));
             let store: Arc<dyn OrderStore> = Arc::new(metered);

@@ -9,13 +9,14 @@
 //! purge thread has the writer delete, [`PURGE_BATCH`] per transaction, the finished orders
 //! older than the retention, with their index entries and idempotency keys.
 
+use super::doc;
 use super::{
     cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor, is_parked,
     retry_rollback_outcome, same_order, CancelOutcome, Checked, Created, Fence, ListQuery,
     OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome, SetAside,
     StoreError, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
 };
-use crate::order::{write_order, Order, OrderId, RollbackState, Step};
+use crate::order::{Order, OrderId, RollbackState, Step};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redb::{
@@ -26,7 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
-/// order id → order JSON.
+/// order id → the order's JSON, or that JSON compressed (see `doc`).
 const ORDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("orders");
 /// (user, created µs, order id) → (): a user's orders in creation order.
 const BY_USER: TableDefinition<(&str, u64, &str), ()> = TableDefinition::new("orders_by_user");
@@ -174,6 +175,8 @@ pub struct EmbeddedStore {
     /// Why a lock: the writer thread records each transaction's outcome, heartbeats read it.
     health: Arc<Mutex<WriteHealth>>,
     retention: Duration,
+    /// Whether orders are written compressed (`database.compress_orders`).
+    compress: bool,
 }
 
 impl EmbeddedStore {
@@ -187,6 +190,16 @@ impl EmbeddedStore {
     /// they finished. A file written before orders were filed by finish time gets its finished
     /// orders filed by a bounded walk, once: they are deleted one retention after they completed.
     pub fn open_retaining(dir: &Path, retention: Duration) -> Result<EmbeddedStore, StoreError> {
+        EmbeddedStore::open_with(dir, retention, false)
+    }
+
+    /// [`EmbeddedStore::open_retaining`], writing orders compressed when `compress` says so
+    /// (either form is read whatever it says).
+    pub fn open_with(
+        dir: &Path,
+        retention: Duration,
+        compress: bool,
+    ) -> Result<EmbeddedStore, StoreError> {
         let path = dir.join("orders.redb");
         let db = Arc::new(open_file(&path)?);
         // Create the tables up front so readers never meet a missing table.
@@ -236,7 +249,7 @@ impl EmbeddedStore {
         let writer_health = Arc::clone(&health);
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(&writer_db, &path, writer_rx, &writer_health))
+            .spawn(move || writer_loop(&writer_db, &path, writer_rx, &writer_health, compress))
             .map_err(|error| StoreError::Unavailable(format!("cannot start writer: {error}")))?;
         let (purge_db, purge_tx) = (db.clone(), writer_tx.downgrade());
         std::thread::Builder::new()
@@ -248,6 +261,7 @@ impl EmbeddedStore {
             writer_tx,
             health,
             retention,
+            compress,
         })
     }
 
@@ -417,12 +431,12 @@ fn unavailable(error: impl Into<redb::Error>) -> StoreError {
 }
 
 fn decode(bytes: &[u8]) -> Result<Order, StoreError> {
-    serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt(error.to_string()))
+    doc::read(bytes)
 }
 
-fn encode(order: &Order) -> Result<Vec<u8>, StoreError> {
-    let mut bytes = Vec::with_capacity(2048);
-    write_order(&mut bytes, order).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+fn encode(order: &Order, compress: bool) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = Vec::with_capacity(doc::DOC_CAPACITY);
+    doc::write(&mut bytes, order, compress)?;
     Ok(bytes)
 }
 
@@ -447,6 +461,7 @@ fn writer_loop(
     path: &Path,
     mut requests_rx: mpsc::Receiver<WriteRequest>,
     health: &Mutex<WriteHealth>,
+    compress: bool,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut owners = Owners::new();
@@ -462,7 +477,7 @@ fn writer_loop(
         }
         let (outcome, latched) = match db.get() {
             Ok(open) => {
-                let outcome = apply_batch(&open, &mut batch, &mut owners);
+                let outcome = apply_batch(&open, &mut batch, &mut owners, compress);
                 let latched = outcome.is_err() && is_latched(&open);
                 (outcome, latched)
             }
@@ -611,13 +626,14 @@ fn apply_batch(
     db: &Database,
     batch: &mut Vec<WriteRequest>,
     owners: &mut Owners,
+    compress: bool,
 ) -> Result<(), String> {
     let mut answers: Vec<Answer> = Vec::with_capacity(batch.len());
     let committed = db
         .begin_write()
         .map_err(|error| error.to_string())
         .and_then(|txn| {
-            let mut tables = Tables::open(&txn, owners)?;
+            let mut tables = Tables::open(&txn, owners, compress)?;
             answers.extend(batch.drain(..).map(|apply| apply(Ok(&mut tables))));
             drop(tables);
             txn.commit().map_err(|error| error.to_string())
@@ -645,12 +661,15 @@ struct Tables<'txn, 'cache> {
     by_state: redb::Table<'txn, (&'static str, u8, u64, &'static str), ()>,
     state_of: redb::Table<'txn, &'static str, (u8, u8)>,
     owners: &'cache mut Owners,
+    /// Whether the orders this batch writes again are written compressed.
+    compress: bool,
 }
 
 impl<'txn, 'cache> Tables<'txn, 'cache> {
     fn open(
         txn: &'txn redb::WriteTransaction,
         owners: &'cache mut Owners,
+        compress: bool,
     ) -> Result<Tables<'txn, 'cache>, String> {
         Ok(Tables {
             orders: txn.open_table(ORDERS).map_err(|error| error.to_string())?,
@@ -675,6 +694,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
                 .open_table(STATE_OF)
                 .map_err(|error| error.to_string())?,
             owners,
+            compress,
         })
     }
 
@@ -842,7 +862,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             // The writer knew of a failure but not of the cancellation: keep the flag.
             let mut merged = order.clone();
             merged.cancel_requested = true;
-            return self.write(&merged, &encode(&merged)?, false);
+            return self.write(&merged, &encode(&merged, self.compress)?, false);
         }
         self.write(order, bytes, false)
     }
@@ -870,7 +890,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             }
             order.owner = to.to_string();
             order.epoch += 1;
-            self.write(&order, &encode(&order)?, true)?;
+            self.write(&order, &encode(&order, self.compress)?, true)?;
             moved.push(order.order_id);
         }
         Ok(moved)
@@ -889,7 +909,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             .ok_or(StoreError::NotFound)?;
         match retry_rollback_outcome(stored, node, now) {
             Ok(next) => {
-                self.write(&next, &encode(&next)?, true)?;
+                self.write(&next, &encode(&next, self.compress)?, true)?;
                 self.file_parked(&next, &id.to_string())?;
                 Ok(RetryRollbackOutcome::Accepted(next))
             }
@@ -1065,7 +1085,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         let (outcome, changed) = cancel_outcome(stored);
         if changed {
             if let CancelOutcome::Accepted(order) = &outcome {
-                self.write(order, &encode(order)?, false)?;
+                self.write(order, &encode(order, self.compress)?, false)?;
             }
         }
         Ok(outcome)
@@ -1075,7 +1095,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
 #[async_trait]
 impl OrderStore for EmbeddedStore {
     async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError> {
-        let (order, bytes) = (order.clone(), encode(order)?);
+        let (order, bytes) = (order.clone(), encode(order, self.compress)?);
         let key = key.map(str::to_string);
         self.write(move |tables| tables.create(&order, &bytes, key.as_deref()))
             .await
@@ -1199,7 +1219,7 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
-        let (order, bytes) = (order.clone(), encode(order)?);
+        let (order, bytes) = (order.clone(), encode(order, self.compress)?);
         self.write(move |tables| tables.commit(&order, &bytes))
             .await
     }

@@ -4,6 +4,7 @@
 //! Every write that changes an order is a compare-and-set on its owner and ownership epoch, so a
 //! node that has lost an order can never overwrite it.
 
+mod doc;
 pub mod embedded;
 pub mod metered;
 pub mod redis;
@@ -12,6 +13,11 @@ use crate::order::{apply, Event, Order, OrderId, Phase, RollbackState, Step};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::time::Duration;
+
+/// A store error for data that does not read as it should.
+pub(crate) fn corrupt(error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(error.to_string())
+}
 
 /// How long an idempotency key maps to the order it first created (less once the order is
 /// deleted: see [`DEFAULT_RETENTION`]).

@@ -156,3 +156,64 @@ async fn sigterm_on_an_idle_node_exits_zero_promptly() {
         node.log_tail()
     );
 }
+
+/// The first bytes of each order the embedded store in `node`'s data dir keeps, read from its
+/// file directly (opening it repairs a file a killed node left).
+fn stored_heads(node: &Node) -> Vec<Vec<u8>> {
+    use redb::{ReadableDatabase, ReadableTable};
+    let path = node.data_dir().join("orders.redb");
+    let db = redb::Database::open(&path)
+        .unwrap_or_else(|error| panic!("open {}: {error}", path.display()));
+    let txn = db.begin_read().expect("read transaction");
+    let orders = txn
+        .open_table(redb::TableDefinition::<&str, &[u8]>::new("orders"))
+        .expect("orders table");
+    orders
+        .iter()
+        .expect("iterate orders")
+        .map(|entry| {
+            let (_, bytes) = entry.expect("an order");
+            bytes.value().iter().take(4).copied().collect()
+        })
+        .collect()
+}
+
+/// A node on the embedded store with `database.compress_orders` keeps its orders compressed;
+/// SIGKILLed mid-pipeline and restarted with the option off, it reads them, finishes and lists
+/// them, and writes them as JSON again.
+#[tokio::test]
+async fn orders_kept_compressed_finish_after_a_restart_without_the_option() {
+    const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+    let plain = simulate("700ms");
+    let mut node = Node::start(&format!("{plain}[database]\ncompress_orders = true\n")).await;
+    let user = unique_user("compressed");
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(node.create_order(&user, &json!({"n": n})).await);
+    }
+    node.wait_step(&user, &ids[0], "Processing", TERMINAL).await;
+    node.kill();
+    let heads = stored_heads(&node);
+    assert_eq!(heads.len(), ids.len(), "orders stored: {heads:?}");
+    assert!(
+        heads.iter().all(|head| head[..] == ZSTD_MAGIC),
+        "orders not stored compressed: {heads:?}"
+    );
+
+    let dir = node.data_dir();
+    let config = dir.parent().expect("the node's dir").join("config.toml");
+    std::fs::write(&config, &plain).expect("write config.toml");
+    node.restart().await;
+    for id in &ids {
+        assert_completed(&node.wait_terminal(&user, id, TERMINAL).await);
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(node.list_all_ids(&user, &[]).await, newest_first);
+    node.kill();
+    assert!(
+        stored_heads(&node)
+            .iter()
+            .all(|head| head.first() == Some(&b'{')),
+        "orders finished without the option are not JSON again"
+    );
+}

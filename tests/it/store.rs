@@ -53,6 +53,12 @@ fn reopen<'a>(id: OrderId, user: &'a str, node: &'a str) -> Reopen<'a> {
     }
 }
 
+/// The ids of the first page of `user`'s orders that `query` lists.
+async fn ids_listed(store: &dyn OrderStore, user: &str, query: &ListQuery) -> Vec<OrderId> {
+    let page = store.list_for_user(user, query).await.unwrap();
+    page.orders.iter().map(|order| order.order_id).collect()
+}
+
 /// Whether `node`'s unfinished orders include `id`.
 async fn owns(store: &dyn OrderStore, node: &str, id: OrderId) -> bool {
     store.owned_unfinished(node).await.unwrap().contains(&id)
@@ -725,14 +731,7 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
         rollback_state: Some(RollbackState::Incomplete),
         ..ListQuery::default()
     };
-    let listed: Vec<OrderId> = store
-        .list_for_user(&user, &incomplete)
-        .await
-        .unwrap()
-        .orders
-        .iter()
-        .map(|order| order.order_id)
-        .collect();
+    let listed = ids_listed(store, &user, &incomplete).await;
     assert_eq!(listed, vec![order.order_id]);
 
     assert!(matches!(
@@ -823,6 +822,93 @@ async fn embedded_store_keeps_orders_across_reopen() {
         }
     };
     assert_eq!(store.get(order.order_id).await.unwrap(), Some(order));
+}
+
+#[tokio::test]
+async fn embedded_store_writing_compressed_orders_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open_with(dir.path(), Duration::from_secs(3600), true).unwrap();
+    conformance(&store).await;
+}
+
+/// The bytes the embedded store in `dir` keeps for order `id`, read from its file directly.
+async fn stored_bytes(dir: &std::path::Path, id: OrderId) -> Vec<u8> {
+    use redb::ReadableDatabase;
+    let db = open_redb(dir).await;
+    let txn = db.begin_read().unwrap();
+    let orders = txn
+        .open_table(redb::TableDefinition::<&str, &[u8]>::new("orders"))
+        .unwrap();
+    let bytes = orders
+        .get(id.to_string().as_str())
+        .unwrap()
+        .expect("stored");
+    bytes.value().to_vec()
+}
+
+/// An embedded store with `database.compress_orders` keeps orders compressed, several times
+/// smaller than their JSON; opened again without it, it reads them, lists them and takes
+/// their next transitions (written as JSON again), and the other way round.
+#[tokio::test]
+async fn embedded_store_reads_orders_whichever_form_it_writes() {
+    const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+    let dir = tempfile::tempdir().unwrap();
+    let user = "compressed";
+    let retention = Duration::from_secs(3600);
+    let running = new_order(user, "node-a", 0);
+    let done = new_order(user, "node-a", 1);
+    let done = {
+        let store = EmbeddedStore::open_with(dir.path(), retention, true).unwrap();
+        create(&store, &running).await;
+        create(&store, &done).await;
+        finish(&store, &done).await
+    };
+    for order in [&running, &done] {
+        let bytes = stored_bytes(dir.path(), order.order_id).await;
+        let mut json = Vec::new();
+        order_process::order::write_order(&mut json, order).unwrap();
+        assert!(bytes.starts_with(&ZSTD_MAGIC), "stored compressed");
+        assert!(
+            bytes.len() * 2 < json.len(),
+            "{} of {}",
+            bytes.len(),
+            json.len()
+        );
+    }
+
+    let running = {
+        let store = EmbeddedStore::open_with(dir.path(), retention, false).unwrap();
+        assert_eq!(
+            store.get(running.order_id).await.unwrap(),
+            Some(running.clone())
+        );
+        assert_eq!(store.get(done.order_id).await.unwrap(), Some(done.clone()));
+        let all = ListQuery {
+            limit: 10,
+            ..ListQuery::default()
+        };
+        let listed = ids_listed(&store, user, &all).await;
+        assert_eq!(listed, vec![done.order_id, running.order_id]);
+        let next = succeed(&running);
+        store
+            .commit(&next)
+            .await
+            .expect("commit over a compressed order");
+        next
+    };
+    assert_eq!(
+        stored_bytes(dir.path(), running.order_id).await.first(),
+        Some(&b'{')
+    );
+
+    let store = EmbeddedStore::open_with(dir.path(), retention, true).unwrap();
+    assert_eq!(
+        store.get(running.order_id).await.unwrap(),
+        Some(running.clone())
+    );
+    let next = succeed(&running);
+    store.commit(&next).await.expect("commit over a JSON order");
+    assert_eq!(store.get(next.order_id).await.unwrap(), Some(next));
 }
 
 #[tokio::test]

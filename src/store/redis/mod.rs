@@ -17,7 +17,6 @@
 pub mod access;
 mod commits;
 mod conn;
-mod doc;
 pub mod keys;
 mod link;
 mod orders;

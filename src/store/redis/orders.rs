@@ -3,7 +3,6 @@
 
 use super::commits::{self, Committer, Write};
 use super::conn::{Connections, Scripted};
-use super::doc::{self, DOC_CAPACITY};
 use super::keys;
 use super::keys::{
     aside_key, finished_key, in_shard, order_key, order_pattern, owned_key, parked_key, probe_key,
@@ -12,6 +11,8 @@ use super::keys::{
 };
 use super::scripts::Scripts;
 use crate::order::{Order, OrderId, Phase, RollbackState, Step};
+use crate::store::corrupt;
+use crate::store::doc::{self, DOC_CAPACITY};
 use crate::store::{
     cancel_outcome, decode_cursor, encode_cursor, is_parked, retry_rollback_outcome, CancelOutcome,
     Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
@@ -55,11 +56,6 @@ pub struct RedisStore {
 /// A script's answer as `T`.
 fn from_value<T: redis::FromRedisValue>(value: Value) -> Result<T, StoreError> {
     T::from_redis_value(value).map_err(corrupt)
-}
-
-/// A store error for data that does not read as it should.
-pub(super) fn corrupt(error: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(error.to_string())
 }
 
 /// The `state` field the scripts decide on: `finished` only once no work is owed, so a

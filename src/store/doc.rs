@@ -1,10 +1,13 @@
-//! How an order is kept in its hash's `doc`: its JSON, or, with `database.compress_orders`,
-//! that JSON compressed by zstd with a dictionary built into the binary (about a fifth of the
-//! bytes). Every byte of a script's arguments is hashed by Redis's Lua and copied into its
-//! append-only file, so a smaller doc costs Redis less CPU and each `fsync` covers more orders.
-//! Either form is read whatever the option says, so nodes with and without it share a Redis.
+//! How a store keeps an order (its doc: Redis's order hash field `doc`, the embedded store's
+//! `orders` table): its JSON, or, with `database.compress_orders`, that JSON compressed by zstd
+//! with a dictionary built into the binary (about a fifth of the bytes). Every byte of a Redis
+//! script's arguments is hashed by Redis's Lua and copied into its append-only file, and every
+//! byte the embedded store keeps is written to its file: a smaller doc costs Redis less CPU, lets
+//! each `fsync` cover more orders and makes the embedded file several times smaller. Either form
+//! is read whatever the option says, so nodes with and without it share a Redis, and a data dir
+//! keeps working when the option changes.
 
-use super::orders::corrupt;
+use super::corrupt;
 use crate::order::{write_order, Order};
 use crate::store::StoreError;
 use std::cell::RefCell;
