@@ -11,7 +11,7 @@
 
 use super::doc;
 use super::{
-    cancel_outcome, check_commit, created_micros, decode_cursor, encode_cursor, is_parked,
+    cancel_outcome, check_commit, corrupt, created_micros, decode_cursor, encode_cursor, is_parked,
     retry_rollback_outcome, same_order, CancelOutcome, Checked, Created, Fence, ListQuery,
     OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome, SetAside,
     StoreError, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
@@ -430,10 +430,6 @@ fn unavailable(error: impl Into<redb::Error>) -> StoreError {
     StoreError::Unavailable(error.into().to_string())
 }
 
-fn decode(bytes: &[u8]) -> Result<Order, StoreError> {
-    doc::read(bytes)
-}
-
 fn encode(order: &Order, compress: bool) -> Result<Vec<u8>, StoreError> {
     let mut bytes = Vec::with_capacity(doc::DOC_CAPACITY);
     doc::write(&mut bytes, order, compress)?;
@@ -700,7 +696,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
 
     fn read(&self, id: &str) -> Result<Option<Order>, StoreError> {
         match self.orders.get(id).map_err(unavailable)? {
-            Some(bytes) => decode(bytes.value()).map(Some),
+            Some(bytes) => doc::read(bytes.value()).map(Some),
             None => Ok(None),
         }
     }
@@ -1060,7 +1056,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             if read.len() >= n {
                 break;
             }
-            read.push((id.value().to_string(), decode(bytes.value())));
+            read.push((id.value().to_string(), doc::read(bytes.value())));
         }
         match read.last() {
             Some((last, _)) if read.len() >= n => {
@@ -1107,7 +1103,7 @@ impl OrderStore for EmbeddedStore {
             let orders = txn.open_table(ORDERS).map_err(unavailable)?;
             let found = orders.get(id.to_string().as_str()).map_err(unavailable)?;
             match found {
-                Some(bytes) => decode(bytes.value()).map(Some),
+                Some(bytes) => doc::read(bytes.value()).map(Some),
                 None => Ok(None),
             }
         })
@@ -1124,7 +1120,7 @@ impl OrderStore for EmbeddedStore {
                 Ok(wanted
                     .iter()
                     .map(|id| match orders.get(id.to_string().as_str()) {
-                        Ok(Some(bytes)) => decode(bytes.value()).map(Some),
+                        Ok(Some(bytes)) => doc::read(bytes.value()).map(Some),
                         Ok(None) => Ok(None),
                         Err(error) => Err(unavailable(error)),
                     })
@@ -1195,7 +1191,7 @@ impl OrderStore for EmbeddedStore {
                 let Some(bytes) = orders.get(id).map_err(unavailable)? else {
                     continue;
                 };
-                let order = match decode(bytes.value()) {
+                let order = match doc::read(bytes.value()) {
                     Ok(order) => order,
                     Err(error) => {
                         tracing::warn!(order_id = %id, error = %error, "listing skips an unreadable order");
@@ -1314,8 +1310,7 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError> {
-        let bytes =
-            serde_json::to_vec(aside).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        let bytes = serde_json::to_vec(aside).map_err(corrupt)?;
         let aside = aside.clone();
         self.write(move |tables| tables.set_aside(&aside, &bytes))
             .await
