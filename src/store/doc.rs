@@ -64,6 +64,13 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
+/// `order`'s doc, in a buffer of its own.
+pub fn encode(order: &Order, compress: bool) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = Vec::with_capacity(DOC_CAPACITY);
+    write(&mut bytes, order, compress)?;
+    Ok(bytes)
+}
+
 /// Appends `order`'s doc to `bytes`: its JSON, compressed when `compress` says so.
 pub fn write(bytes: &mut Vec<u8>, order: &Order, compress: bool) -> Result<(), StoreError> {
     if !compress {

@@ -430,12 +430,6 @@ fn unavailable(error: impl Into<redb::Error>) -> StoreError {
     StoreError::Unavailable(error.into().to_string())
 }
 
-fn encode(order: &Order, compress: bool) -> Result<Vec<u8>, StoreError> {
-    let mut bytes = Vec::with_capacity(doc::DOC_CAPACITY);
-    doc::write(&mut bytes, order, compress)?;
-    Ok(bytes)
-}
-
 /// Opens (or creates) the store's file; redb repairs it first if it was not closed cleanly.
 fn open_file(path: &Path) -> Result<Database, StoreError> {
     redb::Builder::new()
@@ -858,7 +852,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             // The writer knew of a failure but not of the cancellation: keep the flag.
             let mut merged = order.clone();
             merged.cancel_requested = true;
-            return self.write(&merged, &encode(&merged, self.compress)?, false);
+            return self.write(&merged, &doc::encode(&merged, self.compress)?, false);
         }
         self.write(order, bytes, false)
     }
@@ -886,7 +880,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             }
             order.owner = to.to_string();
             order.epoch += 1;
-            self.write(&order, &encode(&order, self.compress)?, true)?;
+            self.write(&order, &doc::encode(&order, self.compress)?, true)?;
             moved.push(order.order_id);
         }
         Ok(moved)
@@ -905,7 +899,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             .ok_or(StoreError::NotFound)?;
         match retry_rollback_outcome(stored, node, now) {
             Ok(next) => {
-                self.write(&next, &encode(&next, self.compress)?, true)?;
+                self.write(&next, &doc::encode(&next, self.compress)?, true)?;
                 self.file_parked(&next, &id.to_string())?;
                 Ok(RetryRollbackOutcome::Accepted(next))
             }
@@ -1081,7 +1075,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         let (outcome, changed) = cancel_outcome(stored);
         if changed {
             if let CancelOutcome::Accepted(order) = &outcome {
-                self.write(order, &encode(order, self.compress)?, false)?;
+                self.write(order, &doc::encode(order, self.compress)?, false)?;
             }
         }
         Ok(outcome)
@@ -1091,7 +1085,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
 #[async_trait]
 impl OrderStore for EmbeddedStore {
     async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError> {
-        let (order, bytes) = (order.clone(), encode(order, self.compress)?);
+        let (order, bytes) = (order.clone(), doc::encode(order, self.compress)?);
         let key = key.map(str::to_string);
         self.write(move |tables| tables.create(&order, &bytes, key.as_deref()))
             .await
@@ -1215,7 +1209,7 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
-        let (order, bytes) = (order.clone(), encode(order, self.compress)?);
+        let (order, bytes) = (order.clone(), doc::encode(order, self.compress)?);
         self.write(move |tables| tables.commit(&order, &bytes))
             .await
     }

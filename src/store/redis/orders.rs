@@ -80,13 +80,6 @@ fn finished_entry<'a>(order: &'a Order, id: &'a str, member: &'a str) -> [&'a st
     [id, " ", member, " ", &order.user]
 }
 
-/// The order's doc, as stored in its hash.
-fn encode(order: &Order, compress: bool) -> Result<Vec<u8>, StoreError> {
-    let mut bytes = Vec::with_capacity(DOC_CAPACITY);
-    doc::write(&mut bytes, order, compress)?;
-    Ok(bytes)
-}
-
 /// Room for a write's keys and arguments: its doc and a few hundred bytes more.
 const WRITE_CAPACITY: usize = DOC_CAPACITY + 512;
 
@@ -892,7 +885,7 @@ impl OrderStore for RedisStore {
                 Ok(next) => next,
                 Err(stored) => return Ok(RetryRollbackOutcome::NotParked(*stored)),
             };
-            let doc = encode(&next, self.compress)?;
+            let doc = doc::encode(&next, self.compress)?;
             let mut reopen = self.scripts.reopen.key(order_key(id));
             reopen
                 .key(owned_key(shard, &next.owner))
@@ -1150,8 +1143,9 @@ fn order_key_in(shard: u16) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{all_codes, commit_outcome, decode, encode, listing_codes, owner_after_reassign};
+    use super::{all_codes, commit_outcome, decode, listing_codes, owner_after_reassign};
     use crate::order::{Order, OrderId, RollbackState, Step};
+    use crate::store::doc::encode;
     use crate::store::{ListQuery, StoreError};
 
     #[test]
