@@ -8,7 +8,7 @@ use crate::order::{Order, OrderId, Step};
 use crate::store::{
     cancel_outcome, check_commit, retry_rollback_outcome, same_order, CancelOutcome, Checked,
     Created, Fence, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
-    RetryRollbackOutcome, SetAside, StoreError,
+    RetryRollbackOutcome, SetAside, StoreError, TakenBack,
 };
 use async_trait::async_trait;
 use chrono::Utc;
@@ -118,6 +118,14 @@ impl FakeStore {
     /// Reading the order fails from now on as a record that does not decode.
     pub(super) fn garble(&self, id: OrderId) {
         self.unreadable.lock().unwrap().push(id);
+    }
+
+    /// Makes order `id`'s record readable again.
+    pub(super) fn mend(&self, id: OrderId) {
+        self.unreadable
+            .lock()
+            .unwrap()
+            .retain(|garbled| *garbled != id);
     }
 
     pub(super) fn commits(&self) -> usize {
@@ -277,6 +285,23 @@ impl OrderStore for FakeStore {
     async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
         let aside = self.aside.lock().unwrap();
         Ok(aside.iter().take(limit).cloned().collect())
+    }
+
+    async fn take_back(&self, id: OrderId, to: &str) -> Result<TakenBack, StoreError> {
+        let mut aside = self.aside.lock().unwrap();
+        let before = aside.len();
+        aside.retain(|entry| entry.order_id != id);
+        if aside.len() == before {
+            return Ok(TakenBack::NotAside);
+        }
+        match self.orders.lock().unwrap().get_mut(&id) {
+            Some(order) if order.owes_work() => {
+                order.owner = to.to_string();
+                order.epoch += 1;
+                Ok(TakenBack::Taken)
+            }
+            _ => Ok(TakenBack::Dropped),
+        }
     }
 }
 

@@ -4,14 +4,19 @@
 //! this makes sure it runs even when such an event was lost — a client that hung up between the
 //! store and the queue, a store call that timed out after it was applied, a transfer cut short —
 //! within about one interval.
+//!
+//! At its first pass and every [`ASIDE_EVERY`] passes after, it also looks at the orders set
+//! aside because their record could not be read, and takes back those that read now (a newer
+//! version reads what an older one could not, or an operator mended the record): each becomes
+//! this node's, at a new epoch, and runs on from its current step.
 
 use super::{Job, Pool};
 use crate::order::OrderId;
-use crate::store::OrderStore;
+use crate::store::{OrderStore, StoreError, TakenBack};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 /// The most orders one pass resumes; the rest wait for the next pass.
 pub const MOST_PER_PASS: usize = 1_000;
@@ -21,6 +26,13 @@ pub const MOST_PER_PASS: usize = 1_000;
 pub const MOST_READ_PER_PASS: usize = 20_000;
 /// How many owned order ids one read asks for.
 pub const PAGE: usize = 1_000;
+
+/// Every how many passes the set-aside orders are looked at again (a minute at the default
+/// interval of 5 s), the first pass included.
+pub const ASIDE_EVERY: u64 = 12;
+
+/// The most set-aside orders one look reads.
+pub const ASIDE_PER_LOOK: usize = 1_000;
 
 /// The owned orders that nothing here holds, at most `most` of them, oldest id first (ids are
 /// time-ordered, so the longest forgotten run first).
@@ -48,6 +60,7 @@ pub fn spawn(
         let mut stop_rx = pool.stop_rx();
         // Where the sweep of the owned set goes on at the next pass.
         let mut cursor = String::new();
+        let mut passes: u64 = 0;
         loop {
             // Why select: a stopping node must not wait out an interval before it exits.
             tokio::select! {
@@ -57,6 +70,14 @@ pub fn spawn(
             if *stop_rx.borrow() {
                 return;
             }
+            if passes.is_multiple_of(ASIDE_EVERY) {
+                for id in take_back_readable(store.as_ref(), &node).await {
+                    if !pool.enqueue(Job::Resume(id)).await {
+                        return;
+                    }
+                }
+            }
+            passes += 1;
             pass(&pool, store.as_ref(), &node, &mut cursor).await;
         }
     };
@@ -97,10 +118,94 @@ async fn pass(pool: &Pool, store: &dyn OrderStore, node: &str, cursor: &mut Stri
     }
 }
 
+/// Takes back, for `node`, the set-aside orders whose record reads now (up to
+/// [`ASIDE_PER_LOOK`] of them looked at); returns those it took, to run. An order another node
+/// took back first is left to that node; a finished or gone one loses its entry.
+pub async fn take_back_readable(store: &dyn OrderStore, node: &str) -> Vec<OrderId> {
+    let aside = match store.set_aside_orders(ASIDE_PER_LOOK).await {
+        Ok(aside) => aside,
+        Err(error) => {
+            debug!(error = %error, "cannot list set-aside orders; the next look tries again");
+            return Vec::new();
+        }
+    };
+    let mut taken = Vec::new();
+    for entry in aside {
+        let id = entry.order_id;
+        match store.get(id).await {
+            Ok(_) => {}
+            Err(StoreError::Corrupt(_)) => continue,
+            Err(error) => {
+                debug!(order_id = %id, error = %error, "cannot read a set-aside order; the next look tries again");
+                continue;
+            }
+        }
+        match store.take_back(id, node).await {
+            Ok(TakenBack::Taken) => {
+                warn!(order_id = %id, set_aside_by = %entry.node, "set-aside order reads again, taken back to run on");
+                taken.push(id);
+            }
+            Ok(TakenBack::Dropped) => {
+                info!(order_id = %id, "set-aside order reads again and has nothing left to run, entry dropped");
+            }
+            Ok(TakenBack::NotAside) => {}
+            Err(error) => {
+                debug!(order_id = %id, error = %error, "cannot take back a set-aside order; the next look tries again");
+            }
+        }
+    }
+    taken
+}
+
 #[cfg(test)]
 mod tests {
-    use super::unheld;
+    use super::{take_back_readable, unheld};
     use crate::order::OrderId;
+    use crate::pipeline::fakes::{order, FakeStore};
+    use crate::store::{OrderStore, SetAside};
+    use chrono::Utc;
+
+    fn aside(id: OrderId) -> SetAside {
+        SetAside {
+            order_id: id,
+            node: "node-a".into(),
+            reason: "expected value at line 1 column 1".into(),
+            at: Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn set_aside_orders_that_read_again_are_taken_back_and_the_others_stay() {
+        let (still, mended, gone) = (order("node-a"), order("node-a"), order("node-a"));
+        let store = FakeStore::with(&still);
+        store.insert(&mended);
+        for stored in [&still, &mended] {
+            store.garble(stored.order_id);
+        }
+        for id in [still.order_id, mended.order_id, gone.order_id] {
+            store.set_aside(&aside(id)).await.unwrap();
+        }
+        store.mend(mended.order_id);
+
+        let taken = take_back_readable(store.as_ref(), "node-b").await;
+
+        assert_eq!(taken, vec![mended.order_id]);
+        let back = store.order(mended.order_id);
+        assert_eq!(
+            (back.owner.as_str(), back.epoch),
+            ("node-b", mended.epoch + 1)
+        );
+        let left = store.set_aside_orders(10).await.unwrap();
+        let left: Vec<OrderId> = left.iter().map(|entry| entry.order_id).collect();
+        assert_eq!(
+            left,
+            vec![still.order_id],
+            "the unreadable one stays, the gone one went"
+        );
+        assert!(take_back_readable(store.as_ref(), "node-b")
+            .await
+            .is_empty());
+    }
 
     #[test]
     fn only_orders_nothing_holds_are_resumed_oldest_first_and_bounded() {

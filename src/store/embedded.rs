@@ -14,7 +14,7 @@ use super::{
     cancel_outcome, check_commit, corrupt, created_micros, decode_cursor, encode_cursor, is_parked,
     retry_rollback_outcome, same_order, CancelOutcome, Checked, Created, Fence, ListQuery,
     OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome, SetAside,
-    StoreError, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
+    StoreError, TakenBack, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
 };
 use crate::order::{Order, OrderId, RollbackState, Step};
 use async_trait::async_trait;
@@ -937,6 +937,25 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         Ok(())
     }
 
+    fn take_back(&mut self, id: OrderId, to: &str) -> Result<TakenBack, StoreError> {
+        let key = id.to_string();
+        if self.aside.get(key.as_str()).map_err(unavailable)?.is_none() {
+            return Ok(TakenBack::NotAside);
+        }
+        // Read and encoded before the entry goes: an order that still does not read stays
+        // set aside.
+        let Some(mut order) = self.read(&key)?.filter(Order::owes_work) else {
+            self.aside.remove(key.as_str()).map_err(unavailable)?;
+            return Ok(TakenBack::Dropped);
+        };
+        order.owner = to.to_string();
+        order.epoch += 1;
+        let bytes = doc::encode(&order, self.compress)?;
+        self.aside.remove(key.as_str()).map_err(unavailable)?;
+        self.write(&order, &bytes, true)?;
+        Ok(TakenBack::Taken)
+    }
+
     /// Deletes up to `n` finished orders that finished before `cutoff` (unix ms), then files up
     /// to `n` orders of a backfill owed. Returns how many entries it went through.
     fn purge(&mut self, cutoff: u64, n: usize) -> Result<usize, StoreError> {
@@ -1327,6 +1346,11 @@ impl OrderStore for EmbeddedStore {
             Ok(found)
         })
         .await
+    }
+
+    async fn take_back(&self, id: OrderId, to: &str) -> Result<TakenBack, StoreError> {
+        let to = to.to_string();
+        self.write(move |tables| tables.take_back(id, &to)).await
     }
 
     async fn repair_indexes(&self, _at: &str, _n: usize) -> Result<RepairPage, StoreError> {

@@ -4,7 +4,7 @@
 
 use super::{
     CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage,
-    RetryRollbackOutcome, SetAside, StoreError,
+    RetryRollbackOutcome, SetAside, StoreError, TakenBack,
 };
 use crate::metrics::{Metrics, StoreOperation};
 use crate::order::{Order, OrderId};
@@ -140,6 +140,11 @@ impl OrderStore for MeteredStore {
 
     async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
         self.inner.set_aside_orders(limit).await
+    }
+
+    async fn take_back(&self, id: OrderId, to: &str) -> Result<TakenBack, StoreError> {
+        // Rare, and never on a request path: not timed.
+        self.inner.take_back(id, to).await
     }
 
     async fn repair_indexes(&self, at: &str, n: usize) -> Result<RepairPage, StoreError> {

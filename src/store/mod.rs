@@ -142,7 +142,8 @@ pub type OwnedPage = (Vec<OrderId>, Option<String>);
 pub type RepairPage = (Repaired, Option<String>);
 
 /// An order whose record cannot be read, taken out of execution so no node retries it forever.
-/// Its record stays as it was, for an operator to look at.
+/// Its record stays as it was, for an operator to look at, and the order is taken back
+/// ([`OrderStore::take_back`]) once the record reads again.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SetAside {
     pub order_id: OrderId,
@@ -151,6 +152,17 @@ pub struct SetAside {
     /// Why its record could not be read.
     pub reason: String,
     pub at: DateTime<Utc>,
+}
+
+/// What [`OrderStore::take_back`] came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TakenBack {
+    /// The order is the caller's now, unfinished, to run on from its current step.
+    Taken,
+    /// The order is finished or no longer stored: its entry went, with nothing to run.
+    Dropped,
+    /// The order was not (or no longer) set aside.
+    NotAside,
 }
 
 #[async_trait]
@@ -236,6 +248,12 @@ pub trait OrderStore: Send + Sync + 'static {
 
     /// The orders set aside, at most `limit` of them, in no particular order.
     async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError>;
+
+    /// Takes order `id` back from the orders set aside, once its record reads again (the caller
+    /// has read it): it leaves the set-aside orders and, unless it is finished or gone, becomes
+    /// `to`'s, at a new epoch, among `to`'s unfinished orders, in one atomic step. Of two nodes
+    /// that ask, one takes it.
+    async fn take_back(&self, id: OrderId, to: &str) -> Result<TakenBack, StoreError>;
 
     /// One page of the orders whose rollback is parked ([`RollbackState::Incomplete`]), any
     /// user's, in id order: up to `n` ids after cursor `at` (`""` to begin) and the cursor of the

@@ -10,7 +10,7 @@ use order_process::store::embedded::EmbeddedStore;
 use order_process::store::redis::{keys, RedisStore};
 use order_process::store::{
     CancelOutcome, Created, ListQuery, OrderStore, Reopen, Repaired, RetryRollbackOutcome,
-    SetAside, StoreError, PURGE_BATCH,
+    SetAside, StoreError, TakenBack, PURGE_BATCH,
 };
 use order_process_testkit::RedisCluster;
 use std::future::Future;
@@ -524,6 +524,7 @@ async fn conformance(store: &dyn OrderStore) {
     listings_by_state(store).await;
     parked_rollbacks(store).await;
     set_aside(store).await;
+    take_back(store).await;
     owned_pages(store).await;
     disown(store).await;
     late_writes(store).await;
@@ -700,6 +701,69 @@ async fn set_aside(store: &dyn OrderStore) {
     assert_eq!(store.set_aside_orders(10).await.unwrap(), vec![aside]);
     assert_eq!(store.get(order.order_id).await.unwrap(), Some(order));
     assert_eq!(store.set_aside_orders(0).await.unwrap(), vec![]);
+}
+
+/// A set-aside order taken back is the taker's, at a new epoch, among its unfinished orders and
+/// no longer set aside, once; a finished or gone one only loses its entry.
+async fn take_back(store: &dyn OrderStore) {
+    let aside = |order_id: OrderId| SetAside {
+        order_id,
+        node: "node-t".into(),
+        reason: "expected value at line 1 column 1".into(),
+        at: Utc::now(),
+    };
+    let order = new_order("taken-back", "node-t", 0);
+    create(store, &order).await;
+    store
+        .set_aside(&aside(order.order_id))
+        .await
+        .expect("set aside");
+
+    assert_eq!(
+        store.take_back(order.order_id, "node-u").await.unwrap(),
+        TakenBack::Taken
+    );
+    let now = store
+        .get(order.order_id)
+        .await
+        .unwrap()
+        .expect("still stored");
+    assert_eq!((now.owner.as_str(), now.epoch), ("node-u", order.epoch + 1));
+    assert!(owns(store, "node-u", order.order_id).await);
+    assert!(!owns(store, "node-t", order.order_id).await);
+    let listed = store.set_aside_orders(1_000).await.unwrap();
+    assert!(listed.iter().all(|entry| entry.order_id != order.order_id));
+    assert!(matches!(
+        store.commit(&succeed(&order)).await,
+        Err(StoreError::NotOwner)
+    ));
+    store
+        .commit(&succeed(&now))
+        .await
+        .expect("the taker commits");
+    assert_eq!(
+        store.take_back(order.order_id, "node-v").await.unwrap(),
+        TakenBack::NotAside
+    );
+    assert!(owns(store, "node-u", order.order_id).await);
+
+    let done = new_order("taken-back", "node-t", 1);
+    create(store, &done).await;
+    let done = finish(store, &done).await;
+    let gone = new_order("taken-back", "node-t", 2);
+    for id in [done.order_id, gone.order_id] {
+        store.set_aside(&aside(id)).await.expect("set aside");
+        assert_eq!(
+            store.take_back(id, "node-u").await.unwrap(),
+            TakenBack::Dropped
+        );
+    }
+    let listed = store.set_aside_orders(1_000).await.unwrap();
+    assert!(listed
+        .iter()
+        .all(|entry| entry.order_id != done.order_id && entry.order_id != gone.order_id));
+    assert!(!owns(store, "node-u", done.order_id).await);
+    assert_eq!(store.get(done.order_id).await.unwrap(), Some(done));
 }
 
 /// A parked rollback: listed by `rollback_state`, re-opened once for its owner user only, by

@@ -1,15 +1,16 @@
 //! No order stuck, and no store trusted blindly: a submission whose client hangs up, a store call
 //! that times out after Redis applied it, a Redis slower than half a second, a node id held by
 //! two processes (one of them started while Redis is stopped, one told to stop while it waits),
-//! a Redis that answers but refuses writes, a record that cannot be read, an owned-set entry
-//! left behind for a finished order. Each with a real `redis-server` paused with SIGSTOP or
-//! reconfigured with `redis-cli`, and the real binary.
+//! a Redis that answers but refuses writes, a record that cannot be read (set aside, and taken
+//! back once it reads again, on Redis and in the embedded store's file), an owned-set entry left
+//! behind for a finished order. Each with the real binary and, where Redis is in it, a real
+//! `redis-server` paused with SIGSTOP or reconfigured with `redis-cli`.
 
 use crate::harness::{
     order_ids, port, simulate, spawn, unique_user, Node, Proc, RedisServer, POLL, TERMINAL,
 };
 use crate::history::assert_completed;
-use order_process::order::OrderId;
+use order_process::order::{Order, OrderId};
 use order_process::store::redis::keys;
 use order_process_testkit::poll::until;
 use std::path::PathBuf;
@@ -285,16 +286,10 @@ async fn the_heartbeat_is_degraded_while_redis_refuses_writes() {
     wait_heartbeat(&node, "OK", Duration::from_secs(10)).await;
 }
 
-#[tokio::test]
-async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
-    let redis = RedisServer::start();
-    let (node, user, first) = warm_node(&redis, "2s", "garbled").await;
-    let heartbeat = node.heartbeat().await;
-    let owner = heartbeat["service_id"].as_str().expect("service_id");
-
-    // A record that does not decode, owned by the node and in its user's index, as a bad write
-    // by an older version or a hand edit would leave it.
-    let id = "01a2320c-0000-7000-8000-00000000beef";
+/// Stores order `id` of `user` with a record that does not decode, owned by `owner` and in its
+/// user's index, as a bad write by an older version or a hand edit would leave it; returns the
+/// order's key.
+fn garbled_record(redis: &RedisServer, id: &str, owner: &str, user: &str) -> String {
     let oid = OrderId::parse_str(id).expect("an id");
     let shard = keys::shard_of(oid);
     let order_key = keys::order_key(oid);
@@ -308,18 +303,21 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
         "epoch",
         "1",
         "user",
-        &user,
+        user,
         "state",
         "forward",
         "step",
         "Scheduling",
     ]);
     let member = format!("00000000000000000001-{id}");
-    redis.cli(&["ZADD", &keys::user_key(shard, &user), "0", &member]);
+    redis.cli(&["ZADD", &keys::user_key(shard, user), "0", &member]);
     redis.cli(&["SADD", &keys::owned_key(shard, owner), id]);
+    order_key
+}
 
-    // The reconciliation finds it, cannot read it, and sets it aside.
-    let listed = until(TERMINAL, POLL, || async {
+/// `/diagnostic/set-aside`'s entry for order `id`, once there is one.
+async fn set_aside_entry(node: &Node, id: &str) -> serde_json::Value {
+    until(TERMINAL, POLL, || async {
         let reply = node
             .call(reqwest::Method::GET, "/diagnostic/set-aside")
             .send()
@@ -329,7 +327,35 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
         entries.into_iter().find(|entry| entry["order_id"] == id)
     })
     .await
-    .unwrap_or_else(|| panic!("{id} never set aside; log:\n{}", node.log_tail()));
+    .unwrap_or_else(|| panic!("{id} never set aside; log:\n{}", node.log_tail()))
+}
+
+/// Fails unless `/diagnostic/set-aside` lists no order.
+async fn assert_none_set_aside(node: &Node) {
+    let reply = node
+        .call(reqwest::Method::GET, "/diagnostic/set-aside")
+        .send()
+        .await;
+    assert_eq!(
+        reply.try_json().map(|body| body["set_aside"].clone()),
+        Some(serde_json::json!([])),
+        "no longer set aside: {reply}"
+    );
+}
+
+#[tokio::test]
+async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
+    let redis = RedisServer::start();
+    let (node, user, first) = warm_node(&redis, "2s", "garbled").await;
+    let heartbeat = node.heartbeat().await;
+    let owner = heartbeat["service_id"].as_str().expect("service_id");
+
+    let id = "01a2320c-0000-7000-8000-00000000beef";
+    let shard = keys::shard_of(OrderId::parse_str(id).expect("an id"));
+    let order_key = garbled_record(&redis, id, owner, &user);
+
+    // The reconciliation finds it, cannot read it, and sets it aside.
+    let listed = set_aside_entry(&node, id).await;
     assert_eq!(listed["node"], owner);
     assert!(
         listed["reason"]
@@ -366,6 +392,102 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
         .send()
         .await;
     node.expect_error(&reply, 400, "a limit of 0");
+}
+
+#[tokio::test]
+async fn a_set_aside_order_whose_record_reads_again_is_taken_back_and_finishes() {
+    let redis = RedisServer::start();
+    // Reconciling every 200 ms, the node looks at the set-aside orders every 2.4 s.
+    let config = redis_node_config(&redis, "2s").replace("\"1s\"", "\"200ms\"");
+    let node = Node::start(&config).await;
+    let user = unique_user("mended");
+    let heartbeat = node.heartbeat().await;
+    let owner = heartbeat["service_id"].as_str().expect("service_id");
+
+    let order = Order::new(
+        OrderId::new_v4(),
+        user.clone(),
+        serde_json::json!({"sku": "A1"}),
+        owner.to_string(),
+        chrono::Utc::now(),
+    );
+    let id = order.order_id.to_string();
+    let order_key = garbled_record(&redis, &id, owner, &user);
+    set_aside_entry(&node, &id).await;
+
+    // The record is mended (as a newer version reads what an older one could not): the node
+    // takes the order back at a new epoch and runs it through.
+    let doc = serde_json::to_string(&order).expect("an order encodes");
+    redis.cli(&["HSET", &order_key, "doc", &doc]);
+    let finished = node.wait_terminal(&user, &id, TERMINAL).await;
+    assert_completed(&finished);
+    assert_eq!(finished["order_id"], id.as_str());
+    assert_eq!(
+        redis.cli(&["HGET", &order_key, "epoch"]),
+        "2",
+        "taken back at a new epoch"
+    );
+    assert_none_set_aside(&node).await;
+    assert!(
+        node.log()
+            .contains("set-aside order reads again, taken back to run on"),
+        "says so in its log:\n{}",
+        node.log_tail()
+    );
+}
+
+/// Puts `bytes` in place of order `id`'s record in the embedded store of `node` (stopped), read
+/// and written in its file directly; returns the record it held.
+fn replace_record(node: &Node, id: &str, bytes: &[u8]) -> Vec<u8> {
+    use redb::ReadableTable;
+    let path = node.data_dir().join("orders.redb");
+    let db = redb::Database::open(&path)
+        .unwrap_or_else(|error| panic!("open {}: {error}", path.display()));
+    let orders = redb::TableDefinition::<&str, &[u8]>::new("orders");
+    let txn = db.begin_write().expect("write transaction");
+    let held = {
+        let mut table = txn.open_table(orders).expect("orders table");
+        let held = table
+            .get(id)
+            .expect("read the record")
+            .map(|record| record.value().to_vec())
+            .unwrap_or_else(|| panic!("{id} is not stored"));
+        table.insert(id, bytes).expect("write the record");
+        held
+    };
+    txn.commit().expect("commit");
+    held
+}
+
+/// On the embedded store, an order whose record does not read (as one written compressed reads
+/// to an earlier version) is set aside at the next start, not run; once it reads again (a version
+/// that reads it starts on the file) the node takes it back and finishes it.
+#[tokio::test]
+async fn an_order_set_aside_in_the_embedded_store_is_taken_back_once_its_record_reads_again() {
+    let config = format!(
+        "{}[pipeline]\nreconcile_interval = \"200ms\"\n",
+        simulate("700ms")
+    );
+    let mut node = Node::start(&config).await;
+    let user = unique_user("mended-file");
+    let id = node.create_order(&user, &serde_json::json!({})).await;
+    node.wait_step(&user, &id, "Processing", TERMINAL).await;
+    node.kill();
+    let record = replace_record(&node, &id, b"{\"order_id\": 7");
+
+    node.restart().await;
+    set_aside_entry(&node, &id).await;
+    let reply = node.get_order(&user, &id).await;
+    assert_ne!(
+        reply.status, 200,
+        "an unreadable order is not shown: {reply}"
+    );
+    node.kill();
+    replace_record(&node, &id, &record);
+
+    node.restart().await;
+    assert_completed(&node.wait_terminal(&user, &id, TERMINAL).await);
+    assert_none_set_aside(&node).await;
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use crate::store::doc::{self, DOC_CAPACITY};
 use crate::store::{
     cancel_outcome, decode_cursor, encode_cursor, is_parked, retry_rollback_outcome, CancelOutcome,
     Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
-    RetryRollbackOutcome, SetAside, StoreError, DEFAULT_RETENTION, IDEMPOTENCY_TTL,
+    RetryRollbackOutcome, SetAside, StoreError, TakenBack, DEFAULT_RETENTION, IDEMPOTENCY_TTL,
 };
 use async_trait::async_trait;
 use deadpool_redis::redis::{self, Value};
@@ -1085,6 +1085,25 @@ impl OrderStore for RedisStore {
             .arg(aside.order_id.to_string())
             .arg(entry);
         self.redis.write::<(), _>(&set_aside).await
+    }
+
+    async fn take_back(&self, id: OrderId, to: &str) -> Result<TakenBack, StoreError> {
+        let shard = shard_of(id);
+        let mut take_back = self.scripts.take_back.key(aside_key(shard));
+        take_back
+            .key(order_key(id))
+            .key(owned_key(shard, to))
+            .arg(id.to_string())
+            .arg(to);
+        let answer: String = self.redis.write(&take_back).await?;
+        match answer.as_str() {
+            "taken" => Ok(TakenBack::Taken),
+            "dropped" => Ok(TakenBack::Dropped),
+            "not_aside" => Ok(TakenBack::NotAside),
+            other => Err(StoreError::Corrupt(format!(
+                "the take-back script answered {other:?}"
+            ))),
+        }
     }
 
     async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {

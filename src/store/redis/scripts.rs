@@ -346,6 +346,21 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 ";
 
+/// Take an order back from the set-aside orders. KEYS: the aside index, the order, the taker's
+/// owned set. ARGV: the order id, the taker. Returns 'not_aside' when it is not set aside,
+/// 'dropped' when it is finished or gone (its entry goes), else 'taken': it is the taker's,
+/// at a new epoch, in the taker's owned set. Why a script: of two nodes taking it back one
+/// does, and an order is never out of the aside index without being in an owned set.
+const TAKE_BACK: &str = r"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 'not_aside' end
+if redis.call('EXISTS', KEYS[2]) == 0 then return 'dropped' end
+if redis.call('HGET', KEYS[2], 'state') == 'finished' then return 'dropped' end
+redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+redis.call('HSET', KEYS[2], 'owner', ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[1])
+return 'taken'
+";
+
 /// Confirm that an order read is replicated. KEYS: the order. ARGV: its revision as read.
 /// Returns 1 after writing its revision again (unchanged), so the `WAIT` that follows covers
 /// every earlier write of the order, or 0 when the order is gone or at another revision. Why:
@@ -365,6 +380,7 @@ pub(super) struct Scripts {
     pub reassign: Script,
     pub enlist: Script,
     pub set_aside: Script,
+    pub take_back: Script,
     pub reopen: Script,
     pub repair_owned: Script,
     pub disown: Script,
@@ -381,6 +397,7 @@ impl Scripts {
             reassign: Script::new(REASSIGN),
             enlist: Script::new(ENLIST),
             set_aside: Script::new(SET_ASIDE),
+            take_back: Script::new(TAKE_BACK),
             reopen: Script::new(&format!("{STATE}{REOPEN}")),
             repair_owned: Script::new(&format!("{FINISH}{STATE}{REPAIR_OWNED}")),
             disown: Script::new(DISOWN),
