@@ -119,7 +119,8 @@ pub struct PipelineConfig {
     /// Accepted orders waiting for a worker; when full, new orders get 503.
     pub queue_capacity: NonZeroUsize,
     /// How often the node looks for unfinished orders of its own that nothing here runs, queues
-    /// or waits on, and resumes them: the longest an order can sit unnoticed.
+    /// or waits on, and resumes them: the longest an order can sit unnoticed. At the first pass
+    /// and every 12th it also takes back set-aside orders whose record reads again.
     #[serde(deserialize_with = "duration")]
     pub reconcile_interval: Duration,
 }
