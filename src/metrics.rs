@@ -256,6 +256,7 @@ pub struct Metrics {
     store_errors: Vec<Counter>,
     fencing_rejections: Counter,
     orders_set_aside: Counter,
+    orders_taken_back: Counter,
     /// Completion webhook attempts: [delivered, failed].
     notification_attempts: [Counter; 2],
     leader_changes: Counter,
@@ -411,6 +412,12 @@ impl Metrics {
             "Orders this node set aside because their stored record cannot be read",
             orders_set_aside.clone(),
         );
+        let orders_taken_back = Counter::default();
+        registry.register(
+            "orders_taken_back",
+            "Set-aside orders this node took back to run on because their record reads again",
+            orders_taken_back.clone(),
+        );
 
         let leader_changes = Counter::default();
         registry.register(
@@ -471,6 +478,7 @@ impl Metrics {
             store_errors,
             fencing_rejections,
             orders_set_aside,
+            orders_taken_back,
             notification_attempts,
             leader_changes,
             is_leader,
@@ -588,6 +596,10 @@ impl Metrics {
 
     pub fn order_set_aside(&self) {
         self.orders_set_aside.inc();
+    }
+
+    pub fn order_taken_back(&self) {
+        self.orders_taken_back.inc();
     }
 
     pub fn leadership_changed(&self, leader: bool) {

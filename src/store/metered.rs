@@ -143,8 +143,12 @@ impl OrderStore for MeteredStore {
     }
 
     async fn take_back(&self, id: OrderId, to: &str) -> Result<TakenBack, StoreError> {
-        // Rare, and never on a request path: not timed.
-        self.inner.take_back(id, to).await
+        // Rare, and never on a request path: counted, not timed.
+        let result = self.inner.take_back(id, to).await;
+        if matches!(result, Ok(TakenBack::Taken)) {
+            self.metrics.order_taken_back();
+        }
+        result
     }
 
     async fn repair_indexes(&self, at: &str, n: usize) -> Result<RepairPage, StoreError> {

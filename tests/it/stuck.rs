@@ -330,6 +330,16 @@ async fn set_aside_entry(node: &Node, id: &str) -> serde_json::Value {
     .unwrap_or_else(|| panic!("{id} never set aside; log:\n{}", node.log_tail()))
 }
 
+/// Fails unless `/metrics` shows counter `name` at 1.
+async fn assert_counted_once(node: &Node, name: &str) {
+    let metrics = node.call(reqwest::Method::GET, "/metrics").send().await;
+    assert!(
+        metrics.text.contains(&format!("{name} 1\n")),
+        "{name} counted once in /metrics:\n{}",
+        metrics.text
+    );
+}
+
 /// Fails unless `/diagnostic/set-aside` lists no order.
 async fn assert_none_set_aside(node: &Node) {
     let reply = node
@@ -373,14 +383,7 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
         "{\"order_id\": 7",
         "the record is kept as it was"
     );
-    let metrics = node.call(reqwest::Method::GET, "/metrics").send().await;
-    assert!(
-        metrics
-            .text
-            .contains("order_process_orders_set_aside_total 1"),
-        "counted once in /metrics:\n{}",
-        metrics.text
-    );
+    assert_counted_once(&node, "order_process_orders_set_aside_total").await;
 
     // The user's listing skips it, and the node goes on with new orders.
     let ids = node.list_all_ids(&user, &[]).await;
@@ -428,6 +431,7 @@ async fn a_set_aside_order_whose_record_reads_again_is_taken_back_and_finishes()
         "taken back at a new epoch"
     );
     assert_none_set_aside(&node).await;
+    assert_counted_once(&node, "order_process_orders_taken_back_total").await;
     assert!(
         node.log()
             .contains("set-aside order reads again, taken back to run on"),
