@@ -6,8 +6,8 @@ use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
 use crate::order::{Order, OrderId, Step};
 use crate::store::{
-    cancel_outcome, check_commit, retry_rollback_outcome, same_order, CancelOutcome, Checked,
-    Created, Fence, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
+    cancel_outcome, check_commit, retry_rollback_outcome, same_order, AsidePage, CancelOutcome,
+    Checked, Created, Fence, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
     RetryRollbackOutcome, SetAside, StoreError, TakenBack,
 };
 use async_trait::async_trait;
@@ -282,9 +282,17 @@ impl OrderStore for FakeStore {
         Ok(())
     }
 
-    async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
+    async fn set_aside_page(&self, at: &str, n: usize) -> Result<AsidePage, StoreError> {
+        // The cursor is the index of the page's first entry.
+        let first: usize = if at.is_empty() {
+            0
+        } else {
+            at.parse().unwrap()
+        };
         let aside = self.aside.lock().unwrap();
-        Ok(aside.iter().take(limit).cloned().collect())
+        let page: Vec<SetAside> = aside.iter().skip(first).take(n).cloned().collect();
+        let next = (first + page.len() < aside.len()).then(|| (first + page.len()).to_string());
+        Ok((page, next))
     }
 
     async fn take_back(&self, id: OrderId, to: &str) -> Result<TakenBack, StoreError> {

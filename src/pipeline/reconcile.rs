@@ -13,6 +13,7 @@
 use super::{Job, Pool};
 use crate::order::OrderId;
 use crate::store::{OrderStore, StoreError, TakenBack};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -31,7 +32,8 @@ pub const PAGE: usize = 1_000;
 /// interval of 5 s), the first pass included.
 pub const ASIDE_EVERY: u64 = 12;
 
-/// The most set-aside orders one look reads.
+/// About how many set-aside orders one look reads, in pages of [`PAGE`]: a look at more goes on
+/// where the last one stopped, so that every set-aside order is looked at in turn.
 pub const ASIDE_PER_LOOK: usize = 1_000;
 
 /// The owned orders that nothing here holds, at most `most` of them, oldest id first (ids are
@@ -61,6 +63,8 @@ pub fn spawn(
         // Where the sweep of the owned set goes on at the next pass.
         let mut cursor = String::new();
         let mut passes: u64 = 0;
+        // Where the look at the set-aside orders goes on at the next look.
+        let mut aside_cursor = String::new();
         loop {
             // Why select: a stopping node must not wait out an interval before it exits.
             tokio::select! {
@@ -71,7 +75,10 @@ pub fn spawn(
                 return;
             }
             if passes.is_multiple_of(ASIDE_EVERY) {
-                for id in take_back_readable(store.as_ref(), &node).await {
+                let taken =
+                    take_back_readable(store.as_ref(), &node, &mut aside_cursor, ASIDE_PER_LOOK)
+                        .await;
+                for id in taken {
                     if !pool.enqueue(Job::Resume(id)).await {
                         return;
                     }
@@ -84,14 +91,23 @@ pub fn spawn(
     tokio::spawn(task.instrument(tracing::info_span!("reconcile")))
 }
 
-/// One pass: reads the next pages of this node's unfinished orders from `cursor` and resumes
-/// those that nothing here holds.
-async fn pass(pool: &Pool, store: &dyn OrderStore, node: &str, cursor: &mut String) {
-    let mut owned = Vec::new();
-    while owned.len() < MOST_READ_PER_PASS {
-        match store.owned_page(node, cursor, PAGE).await {
-            Ok((page, next)) => {
-                owned.extend(page);
+/// Reads pages with `page(cursor, n)` (up to `n` items from cursor `cursor`, and the next
+/// cursor) from `cursor` on, until about `most` items are read or none is left (the cursor then
+/// begins again); on an error, what it read before, and the error.
+async fn read_pages<T, F, Fut>(
+    cursor: &mut String,
+    most: usize,
+    mut page: F,
+) -> (Vec<T>, Option<StoreError>)
+where
+    F: FnMut(String, usize) -> Fut,
+    Fut: Future<Output = Result<(Vec<T>, Option<String>), StoreError>>,
+{
+    let mut read = Vec::new();
+    while read.len() < most {
+        match page(cursor.clone(), PAGE.min(most - read.len())).await {
+            Ok((items, next)) => {
+                read.extend(items);
                 match next {
                     Some(next) => *cursor = next,
                     None => {
@@ -100,11 +116,21 @@ async fn pass(pool: &Pool, store: &dyn OrderStore, node: &str, cursor: &mut Stri
                     }
                 }
             }
-            Err(error) => {
-                debug!(error = %error, "cannot list own unfinished orders; next pass tries again");
-                break;
-            }
+            Err(error) => return (read, Some(error)),
         }
+    }
+    (read, None)
+}
+
+/// One pass: reads the next pages of this node's unfinished orders from `cursor` and resumes
+/// those that nothing here holds.
+async fn pass(pool: &Pool, store: &dyn OrderStore, node: &str, cursor: &mut String) {
+    let (owned, error) = read_pages(cursor, MOST_READ_PER_PASS, |at, n| async move {
+        store.owned_page(node, &at, n).await
+    })
+    .await;
+    if let Some(error) = error {
+        debug!(error = %error, "cannot list own unfinished orders; next pass tries again");
     }
     let resume = unheld(owned, |id| pool.is_active(id), MOST_PER_PASS);
     if resume.is_empty() {
@@ -118,17 +144,24 @@ async fn pass(pool: &Pool, store: &dyn OrderStore, node: &str, cursor: &mut Stri
     }
 }
 
-/// Takes back, for `node`, the set-aside orders whose record reads now (up to
-/// [`ASIDE_PER_LOOK`] of them looked at); returns those it took, to run. An order another node
-/// took back first is left to that node; a finished or gone one loses its entry.
-pub async fn take_back_readable(store: &dyn OrderStore, node: &str) -> Vec<OrderId> {
-    let aside = match store.set_aside_orders(ASIDE_PER_LOOK).await {
-        Ok(aside) => aside,
-        Err(error) => {
-            debug!(error = %error, "cannot list set-aside orders; the next look tries again");
-            return Vec::new();
-        }
-    };
+/// Takes back, for `node`, the set-aside orders whose record reads now, looking at about `most`
+/// of them from `cursor` on (where the last look stopped; back to the first once through);
+/// returns those it took, to run. An order another node took back first is left to that node;
+/// a finished or gone one loses its entry.
+pub async fn take_back_readable(
+    store: &dyn OrderStore,
+    node: &str,
+    cursor: &mut String,
+    most: usize,
+) -> Vec<OrderId> {
+    let (aside, error) = read_pages(cursor, most, |at, n| async move {
+        store.set_aside_page(&at, n).await
+    })
+    .await;
+    if let Some(error) = error {
+        debug!(error = %error, "cannot list set-aside orders; the next look starts again");
+        cursor.clear();
+    }
     let mut taken = Vec::new();
     for entry in aside {
         let id = entry.order_id;
@@ -187,7 +220,8 @@ mod tests {
         }
         store.mend(mended.order_id);
 
-        let taken = take_back_readable(store.as_ref(), "node-b").await;
+        let mut cursor = String::new();
+        let taken = take_back_readable(store.as_ref(), "node-b", &mut cursor, 10).await;
 
         assert_eq!(taken, vec![mended.order_id]);
         let back = store.order(mended.order_id);
@@ -202,9 +236,30 @@ mod tests {
             vec![still.order_id],
             "the unreadable one stays, the gone one went"
         );
-        assert!(take_back_readable(store.as_ref(), "node-b")
-            .await
-            .is_empty());
+        assert!(cursor.is_empty(), "through: the next look begins again");
+        let again = take_back_readable(store.as_ref(), "node-b", &mut cursor, 10).await;
+        assert!(again.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_look_goes_on_where_the_last_one_stopped() {
+        let unreadable: Vec<_> = (0..3).map(|_| order("node-a")).collect();
+        let mended = order("node-a");
+        let store = FakeStore::with(&mended);
+        for stored in unreadable.iter().chain([&mended]) {
+            store.insert(stored);
+            store.garble(stored.order_id);
+            store.set_aside(&aside(stored.order_id)).await.unwrap();
+        }
+        store.mend(mended.order_id);
+
+        let mut cursor = String::new();
+        let first = take_back_readable(store.as_ref(), "node-b", &mut cursor, 2).await;
+        assert!(first.is_empty(), "the first two looked at do not read");
+        assert!(!cursor.is_empty(), "goes on at the next look");
+        let second = take_back_readable(store.as_ref(), "node-b", &mut cursor, 2).await;
+        assert_eq!(second, vec![mended.order_id]);
+        assert!(cursor.is_empty());
     }
 
     #[test]

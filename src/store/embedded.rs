@@ -12,9 +12,9 @@
 use super::doc;
 use super::{
     cancel_outcome, check_commit, corrupt, created_micros, decode_cursor, encode_cursor, is_parked,
-    retry_rollback_outcome, same_order, CancelOutcome, Checked, Created, Fence, ListQuery,
-    OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome, SetAside,
-    StoreError, TakenBack, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
+    retry_rollback_outcome, same_order, AsidePage, CancelOutcome, Checked, Created, Fence,
+    ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome,
+    SetAside, StoreError, TakenBack, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
 };
 use crate::order::{Order, OrderId, RollbackState, Step};
 use async_trait::async_trait;
@@ -1329,13 +1329,22 @@ impl OrderStore for EmbeddedStore {
             .await
     }
 
-    async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
+    async fn set_aside_page(&self, at: &str, n: usize) -> Result<AsidePage, StoreError> {
+        let at = at.to_string();
         self.read(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let aside = txn.open_table(ASIDE).map_err(unavailable)?;
             let mut found = Vec::new();
-            for entry in aside.iter().map_err(unavailable)?.take(limit) {
-                let (_, bytes) = entry.map_err(unavailable)?;
+            let mut last = None;
+            for entry in aside.range(at.as_str()..).map_err(unavailable)? {
+                let (id, bytes) = entry.map_err(unavailable)?;
+                if id.value() == at {
+                    continue;
+                }
+                if found.len() >= n.max(1) {
+                    return Ok((found, last));
+                }
+                last = Some(id.value().to_string());
                 match serde_json::from_slice(bytes.value()) {
                     Ok(entry) => found.push(entry),
                     Err(error) => {
@@ -1343,7 +1352,7 @@ impl OrderStore for EmbeddedStore {
                     }
                 }
             }
-            Ok(found)
+            Ok((found, None))
         })
         .await
     }

@@ -3,7 +3,7 @@
 //! clock read per call.
 
 use super::{
-    CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage,
+    AsidePage, CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage,
     RetryRollbackOutcome, SetAside, StoreError, TakenBack,
 };
 use crate::metrics::{Metrics, StoreOperation};
@@ -138,8 +138,8 @@ impl OrderStore for MeteredStore {
         result
     }
 
-    async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
-        self.inner.set_aside_orders(limit).await
+    async fn set_aside_page(&self, at: &str, n: usize) -> Result<AsidePage, StoreError> {
+        self.inner.set_aside_page(at, n).await
     }
 
     async fn take_back(&self, id: OrderId, to: &str) -> Result<TakenBack, StoreError> {

@@ -137,6 +137,9 @@ pub struct Repaired {
 /// the next page (`None`: the last).
 pub type OwnedPage = (Vec<OrderId>, Option<String>);
 
+/// A page of set-aside orders, and the cursor of the next page (`None`: the last).
+pub type AsidePage = (Vec<SetAside>, Option<String>);
+
 /// What one page of an index repair went through, and the cursor of the next page (`None`:
 /// the repair is through).
 pub type RepairPage = (Repaired, Option<String>);
@@ -247,7 +250,16 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn set_aside(&self, aside: &SetAside) -> Result<(), StoreError>;
 
     /// The orders set aside, at most `limit` of them, in no particular order.
-    async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError>;
+    async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
+        let (mut page, _) = self.set_aside_page("", limit).await?;
+        page.truncate(limit);
+        Ok(page)
+    }
+
+    /// One page of the orders set aside, in the store's order: from cursor `at` (`""` to begin),
+    /// at least `n` of them unless none is left (a page may hold more), and the cursor of the
+    /// next page, `None` once through.
+    async fn set_aside_page(&self, at: &str, n: usize) -> Result<AsidePage, StoreError>;
 
     /// Takes order `id` back from the orders set aside, once its record reads again (the caller
     /// has read it): it leaves the set-aside orders and, unless it is finished or gone, becomes

@@ -764,6 +764,38 @@ async fn take_back(store: &dyn OrderStore) {
         .all(|entry| entry.order_id != done.order_id && entry.order_id != gone.order_id));
     assert!(!owns(store, "node-u", done.order_id).await);
     assert_eq!(store.get(done.order_id).await.unwrap(), Some(done));
+
+    // Paged one at a time (a page may hold more), every set-aside order comes once.
+    for n in 0..3 {
+        let waiting = new_order("taken-back", "node-t", 3 + n);
+        store
+            .set_aside(&aside(waiting.order_id))
+            .await
+            .expect("set aside");
+    }
+    let all: Vec<OrderId> = (store.set_aside_orders(1_000).await.unwrap().iter())
+        .map(|entry| entry.order_id)
+        .collect();
+    assert!(all.len() >= 3, "{all:?}");
+    let (mut paged, mut cursor) = (Vec::new(), String::new());
+    loop {
+        let (page, next) = store.set_aside_page(&cursor, 1).await.expect("a page");
+        assert!(
+            !page.is_empty() || next.is_none(),
+            "an empty page before the last"
+        );
+        paged.extend(page.iter().map(|entry| entry.order_id));
+        match next {
+            Some(next) => cursor = next,
+            None => break,
+        }
+    }
+    let (mut all, mut unique) = (all, paged.clone());
+    all.sort_unstable();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), paged.len(), "an order paged twice: {paged:?}");
+    assert_eq!(unique, all);
 }
 
 /// A parked rollback: listed by `rollback_state`, re-opened once for its owner user only, by

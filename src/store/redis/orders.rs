@@ -14,8 +14,8 @@ use crate::order::{Order, OrderId, Phase, RollbackState, Step};
 use crate::store::corrupt;
 use crate::store::doc::{self, DOC_CAPACITY};
 use crate::store::{
-    cancel_outcome, decode_cursor, encode_cursor, is_parked, retry_rollback_outcome, CancelOutcome,
-    Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
+    cancel_outcome, decode_cursor, encode_cursor, is_parked, retry_rollback_outcome, AsidePage,
+    CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
     RetryRollbackOutcome, SetAside, StoreError, TakenBack, DEFAULT_RETENTION, IDEMPOTENCY_TTL,
 };
 use async_trait::async_trait;
@@ -293,6 +293,28 @@ impl RedisStore {
             rows[at] = row;
         }
         Ok(rows)
+    }
+
+    /// Adds to `found` one HSCAN call's worth of the orders set aside in `shard`, from HSCAN
+    /// cursor `cursor`; returns the cursor of the next call (0: through the shard).
+    async fn set_aside_scan(
+        &self,
+        shard: u16,
+        cursor: u64,
+        found: &mut Vec<SetAside>,
+    ) -> Result<u64, StoreError> {
+        let mut scan = redis::cmd("HSCAN");
+        scan.arg(aside_key(shard)).arg(cursor).arg("COUNT").arg(500);
+        let (next, pairs): (u64, Vec<(String, String)>) = self.redis.query(&scan).await?;
+        for (id, entry) in pairs {
+            match serde_json::from_str(&entry) {
+                Ok(entry) => found.push(entry),
+                Err(error) => {
+                    tracing::warn!(order_id = %id, error = %error, "skipping an unreadable set-aside entry");
+                }
+            }
+        }
+        Ok(next)
     }
 
     /// Repairs the index entries of the orders `ids`, counting them into `repaired`.
@@ -1106,36 +1128,27 @@ impl OrderStore for RedisStore {
         }
     }
 
-    async fn set_aside_orders(&self, limit: usize) -> Result<Vec<SetAside>, StoreError> {
+    async fn set_aside_page(&self, at: &str, n: usize) -> Result<AsidePage, StoreError> {
+        // The cursor is `{shard}:{HSCAN cursor of that shard's aside index}`; a page ends after
+        // the HSCAN call that brought it to `n` entries (one call brings up to about 500).
+        let (mut shard, mut cursor) = match at {
+            "" => (0, 0),
+            at => at
+                .split_once(':')
+                .and_then(|(shard, cursor)| Some((shard.parse().ok()?, cursor.parse().ok()?)))
+                .ok_or_else(|| StoreError::Corrupt(format!("not a set-aside cursor: {at:?}")))?,
+        };
         let mut found = Vec::new();
-        for shard in shards() {
-            let mut cursor: u64 = 0;
-            loop {
-                let mut scan = redis::cmd("HSCAN");
-                scan.arg(aside_key(shard))
-                    .arg(cursor)
-                    .arg("COUNT")
-                    .arg(limit.clamp(1, 500));
-                let (next, pairs): (u64, Vec<(String, String)>) = self.redis.query(&scan).await?;
-                for (id, entry) in pairs {
-                    match serde_json::from_str(&entry) {
-                        Ok(entry) if found.len() < limit => found.push(entry),
-                        Ok(_) => return Ok(found),
-                        Err(error) => {
-                            tracing::warn!(order_id = %id, error = %error, "skipping an unreadable set-aside entry");
-                        }
-                    }
-                }
-                if found.len() >= limit {
-                    return Ok(found);
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
+        while shard < keys::SHARDS {
+            cursor = self.set_aside_scan(shard, cursor, &mut found).await?;
+            if cursor == 0 {
+                shard += 1;
+            }
+            if found.len() >= n.max(1) && shard < keys::SHARDS {
+                return Ok((found, Some(format!("{shard}:{cursor}"))));
             }
         }
-        Ok(found)
+        Ok((found, None))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
