@@ -349,6 +349,7 @@ impl RedisStore {
                         .key(parked_key(shard))
                         .key(owned_key(shard, &order.owner))
                         .key(state_index(&order))
+                        .key(aside_key(shard))
                         .arg(&order.owner)
                         .arg(&id)
                         .arg(self.retention_ms)

@@ -260,17 +260,18 @@ redis.call('ZREM', KEYS[3], ARGV[8])
 return 'ok'
 ";
 
-/// Put an order in its owner's owned set if unfinished, out of it if finished, and in its user's
-/// index; a finished order with no expiry (stored before retention, or by an older version)
-/// starts its retention, an unfinished one with an expiry loses it; a finished one parked as
-/// read is in the parked index, an unfinished one is not. KEYS: the order, the finished index,
-/// the user's index, the parked index, the owned set of its owner as read. ARGV: the owner as
-/// read, the order id, retention (ms), finished index entry, user index member, parked as read
-/// (1/0), and last the state index of the order as read and its doc as read: it is filed there
-/// only if its doc is still that one (every change of its state writes a new doc, and files it
-/// itself). Returns 1; 0 when the order is missing; 2 when its owner changed since it was read
-/// (the next repair pass sees it again). Why a script: the index repair must not put back an
-/// order that finished (or moved, or expired) after the repair read it.
+/// Put an order in its owner's owned set if unfinished (unless it is set aside: taking it back
+/// is the set-aside look's, at a new epoch), out of it if finished, and in its user's index; a
+/// finished order with no expiry (stored before retention, or by an older version) starts its
+/// retention, an unfinished one with an expiry loses it; a finished one parked as read is in the
+/// parked index, an unfinished one is not. KEYS: the order, the finished index, the user's
+/// index, the parked index, the owned set of its owner as read, the state index of the order as
+/// read, the aside index. ARGV: the owner as read, the order id, retention (ms), finished index
+/// entry, user index member, parked as read (1/0), and its doc as read: it is filed in that state
+/// index only if its doc is still that one (every change of its state writes a new doc, and
+/// files it itself). Returns 1; 0 when the order is missing; 2 when its owner changed since it
+/// was read (the next repair pass sees it again). Why a script: the index repair must not put
+/// back an order that finished (or moved, or expired) after the repair read it.
 const REPAIR_OWNED: &str = r"
 local idem = own_idem(KEYS[1], ARGV[2])
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'state')
@@ -284,7 +285,7 @@ if cur[2] == 'finished' then
   if ARGV[6] == '1' then redis.call('ZADD', KEYS[4], '0', ARGV[2]) end
 else
   redis.call('ZREM', KEYS[4], ARGV[2])
-  redis.call('SADD', KEYS[5], ARGV[2])
+  if redis.call('HEXISTS', KEYS[7], ARGV[2]) == 0 then redis.call('SADD', KEYS[5], ARGV[2]) end
   redis.call('PERSIST', KEYS[1])
 end
 return 1
