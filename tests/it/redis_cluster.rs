@@ -6,6 +6,7 @@
 use crate::cluster::{cluster_turn, SECRET};
 use crate::harness::{unique_user, Node};
 use crate::sentinel::{at_least, eventually, keep_submitting, wait_all_completed, Submitting};
+use crate::stuck::garbled_then_mended;
 use order_process::store::redis::keys;
 use order_process_testkit::RedisCluster;
 use std::sync::atomic::Ordering;
@@ -137,4 +138,26 @@ async fn slots_moved_under_load_lose_no_acknowledged_order() {
     let accepted = submitting.accepted.lock().expect("the accepted ids").len();
     at_least(&node, &submitting.accepted, accepted + 20).await;
     all_accepted_finish(node, &user, submitting).await;
+}
+
+/// A set-aside order on a Redis Cluster: its record, stored garbled on the primary that serves
+/// its shard, has it set aside; mended there, it is taken back and finishes.
+#[tokio::test]
+async fn a_set_aside_order_is_taken_back_on_a_redis_cluster() {
+    let _turn = cluster_turn().await;
+    let cluster = RedisCluster::start();
+    let config = format!(
+        "{}[pipeline]\nreconcile_interval = \"200ms\"\n",
+        node_config(&cluster, 0, "")
+    );
+    let node = Node::start(&config).await;
+    let cli = |args: &[&str]| {
+        let port = args
+            .get(1)
+            .and_then(|key| cluster.slot_of(key))
+            .and_then(|slot| cluster.primary_of(slot))
+            .unwrap_or_else(|| panic!("no primary serves the key of {args:?}"));
+        cluster.cli(port, args).unwrap_or_default()
+    };
+    garbled_then_mended(&node, cli).await;
 }

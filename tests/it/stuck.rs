@@ -287,13 +287,14 @@ async fn the_heartbeat_is_degraded_while_redis_refuses_writes() {
 }
 
 /// Stores order `id` of `user` with a record that does not decode, owned by `owner` and in its
-/// user's index, as a bad write by an older version or a hand edit would leave it; returns the
+/// user's index, as a bad write by an older version or a hand edit would leave it, with `cli`
+/// (a `redis-cli` command run where its key, the command's first argument, lives); returns the
 /// order's key.
-fn garbled_record(redis: &RedisServer, id: &str, owner: &str, user: &str) -> String {
+fn garbled_record(cli: &impl Fn(&[&str]) -> String, id: &str, owner: &str, user: &str) -> String {
     let oid = OrderId::parse_str(id).expect("an id");
     let shard = keys::shard_of(oid);
     let order_key = keys::order_key(oid);
-    redis.cli(&[
+    cli(&[
         "HSET",
         &order_key,
         "doc",
@@ -310,8 +311,8 @@ fn garbled_record(redis: &RedisServer, id: &str, owner: &str, user: &str) -> Str
         "Scheduling",
     ]);
     let member = format!("00000000000000000001-{id}");
-    redis.cli(&["ZADD", &keys::user_key(shard, user), "0", &member]);
-    redis.cli(&["SADD", &keys::owned_key(shard, owner), id]);
+    cli(&["ZADD", &keys::user_key(shard, user), "0", &member]);
+    cli(&["SADD", &keys::owned_key(shard, owner), id]);
     order_key
 }
 
@@ -362,7 +363,7 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
 
     let id = "01a2320c-0000-7000-8000-00000000beef";
     let shard = keys::shard_of(OrderId::parse_str(id).expect("an id"));
-    let order_key = garbled_record(&redis, id, owner, &user);
+    let order_key = garbled_record(&|args| redis.cli(args), id, owner, &user);
 
     // The reconciliation finds it, cannot read it, and sets it aside.
     let listed = set_aside_entry(&node, id).await;
@@ -403,10 +404,17 @@ async fn a_set_aside_order_whose_record_reads_again_is_taken_back_and_finishes()
     // Reconciling every 200 ms, the node looks at the set-aside orders every 2.4 s.
     let config = redis_node_config(&redis, "2s").replace("\"1s\"", "\"200ms\"");
     let node = Node::start(&config).await;
+    garbled_then_mended(&node, |args| redis.cli(args)).await;
+}
+
+/// An order of a new user stored by `cli` (see [`garbled_record`]) with a record that does not
+/// decode, owned by `node`, is set aside; once the record is mended (as a newer version reads
+/// what an older one could not) the node takes the order back at a new epoch and runs it to
+/// `Completed`, and says so.
+pub(crate) async fn garbled_then_mended(node: &Node, cli: impl Fn(&[&str]) -> String) {
     let user = unique_user("mended");
     let heartbeat = node.heartbeat().await;
     let owner = heartbeat["service_id"].as_str().expect("service_id");
-
     let order = Order::new(
         OrderId::new_v4(),
         user.clone(),
@@ -415,23 +423,21 @@ async fn a_set_aside_order_whose_record_reads_again_is_taken_back_and_finishes()
         chrono::Utc::now(),
     );
     let id = order.order_id.to_string();
-    let order_key = garbled_record(&redis, &id, owner, &user);
-    set_aside_entry(&node, &id).await;
+    let order_key = garbled_record(&cli, &id, owner, &user);
+    set_aside_entry(node, &id).await;
 
-    // The record is mended (as a newer version reads what an older one could not): the node
-    // takes the order back at a new epoch and runs it through.
     let doc = serde_json::to_string(&order).expect("an order encodes");
-    redis.cli(&["HSET", &order_key, "doc", &doc]);
+    cli(&["HSET", &order_key, "doc", &doc]);
     let finished = node.wait_terminal(&user, &id, TERMINAL).await;
     assert_completed(&finished);
     assert_eq!(finished["order_id"], id.as_str());
     assert_eq!(
-        redis.cli(&["HGET", &order_key, "epoch"]),
+        cli(&["HGET", &order_key, "epoch"]),
         "2",
         "taken back at a new epoch"
     );
-    assert_none_set_aside(&node).await;
-    assert_counted_once(&node, "order_process_orders_taken_back_total").await;
+    assert_none_set_aside(node).await;
+    assert_counted_once(node, "order_process_orders_taken_back_total").await;
     assert!(
         node.log()
             .contains("set-aside order reads again, taken back to run on"),
