@@ -25,7 +25,7 @@ fn parse(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-async fn scrape(node: &Node) -> HashMap<String, f64> {
+pub(crate) async fn scrape(node: &Node) -> HashMap<String, f64> {
     let reply = node.call(Method::GET, "/metrics").send().await;
     assert_eq!(reply.status, 200, "GET /metrics: {reply}");
     let content_type = reply.header("content-type").unwrap_or_default();
@@ -37,7 +37,7 @@ async fn scrape(node: &Node) -> HashMap<String, f64> {
     parse(&reply.text)
 }
 
-fn value(metrics: &HashMap<String, f64>, series: &str) -> f64 {
+pub(crate) fn value(metrics: &HashMap<String, f64>, series: &str) -> f64 {
     *metrics
         .get(series)
         .unwrap_or_else(|| panic!("no series {series} in /metrics: {metrics:#?}"))

@@ -10,6 +10,7 @@ use crate::harness::{
     order_ids, port, simulate, spawn, unique_user, Node, Proc, RedisServer, POLL, TERMINAL,
 };
 use crate::history::assert_completed;
+use crate::metrics::{scrape, value};
 use order_process::order::{Order, OrderId};
 use order_process::store::redis::keys;
 use order_process_testkit::poll::until;
@@ -333,12 +334,7 @@ async fn set_aside_entry(node: &Node, id: &str) -> serde_json::Value {
 
 /// Fails unless `/metrics` shows counter `name` at 1.
 async fn assert_counted_once(node: &Node, name: &str) {
-    let metrics = node.call(reqwest::Method::GET, "/metrics").send().await;
-    assert!(
-        metrics.text.contains(&format!("{name} 1\n")),
-        "{name} counted once in /metrics:\n{}",
-        metrics.text
-    );
+    assert_eq!(value(&scrape(node).await, name), 1.0, "{name} counted once");
 }
 
 /// Fails unless `/diagnostic/set-aside` lists no order.
