@@ -78,6 +78,19 @@ async fn create(store: &dyn OrderStore, order: &Order) {
     }
 }
 
+/// An order moved to another node (`before`, as its old owner holds it; `now`, as read after
+/// the move): a commit from the old owner is refused, one from the new owner goes through.
+async fn fenced_over(store: &dyn OrderStore, before: &Order, now: &Order) {
+    assert!(matches!(
+        store.commit(&succeed(before)).await,
+        Err(StoreError::NotOwner)
+    ));
+    store
+        .commit(&succeed(now))
+        .await
+        .expect("the new owner commits");
+}
+
 /// Runs the index repair through, page by page, as a new leader does.
 async fn repair_all(store: &dyn OrderStore) -> Repaired {
     let mut all = Repaired::default();
@@ -506,14 +519,7 @@ async fn conformance(store: &dyn OrderStore) {
     let now = store.get(moving.order_id).await.unwrap().unwrap();
     assert_eq!(now.owner, "node-c");
     assert_eq!(now.epoch, moving.epoch + 1);
-    assert!(matches!(
-        store.commit(&succeed(&moving)).await,
-        Err(StoreError::NotOwner)
-    ));
-    store
-        .commit(&succeed(&now))
-        .await
-        .expect("new owner commits");
+    fenced_over(store, &moving, &now).await;
     assert!(store.owned_unfinished("node-b").await.unwrap().is_empty());
     assert_eq!(
         store.owned_unfinished("node-c").await.unwrap(),
@@ -736,14 +742,7 @@ async fn take_back(store: &dyn OrderStore) {
     assert!(!owns(store, "node-t", order.order_id).await);
     let listed = store.set_aside_orders(1_000).await.unwrap();
     assert!(listed.iter().all(|entry| entry.order_id != order.order_id));
-    assert!(matches!(
-        store.commit(&succeed(&order)).await,
-        Err(StoreError::NotOwner)
-    ));
-    store
-        .commit(&succeed(&now))
-        .await
-        .expect("the taker commits");
+    fenced_over(store, &order, &now).await;
     assert_eq!(
         store.take_back(order.order_id, "node-v").await.unwrap(),
         TakenBack::NotAside
