@@ -286,7 +286,7 @@ async fn wait_gone(store: &dyn OrderStore, id: OrderId, within: Duration) {
 
 /// For a store with a retention of 1 s: a finished order goes after it, with its idempotency
 /// key; an unfinished one and a parked rollback re-opened stay; a listing skips what went and
-/// still fills its page. Returns the user, whose index holds 3 orders after this.
+/// still fills its page. Returns the user, whose index holds 4 orders after this.
 async fn retention(store: &dyn OrderStore) -> String {
     let user = format!("keeper-{}", uuid::Uuid::new_v4().simple());
     let running = new_order(&user, "node-a", 0);
@@ -300,6 +300,24 @@ async fn retention(store: &dyn OrderStore) -> String {
         Created::New
     ));
     let done = finish(store, &done).await;
+    // Stored finished from the start, with a key and without: owned by no node, and each goes
+    // with its retention, its key too.
+    let mut born_done = Vec::new();
+    for (offset, key) in [(5, Some("cart-2")), (6, None)] {
+        let mut order = match key {
+            Some(key) => keyed(store, &user, "node-a", offset, key),
+            None => new_order(&user, "node-a", offset),
+        };
+        while !order.is_finished() {
+            order = succeed(&order);
+        }
+        assert!(matches!(
+            store.create(&order, key).await.expect("create"),
+            Created::New
+        ));
+        assert!(!owns(store, "node-a", order.order_id).await);
+        born_done.push(order.order_id);
+    }
     // Newer than the orders kept, so a page of them must be filled past these.
     let mut newer = Vec::new();
     for offset in 10..15 {
@@ -325,7 +343,7 @@ async fn retention(store: &dyn OrderStore) -> String {
 
     wait_gone(store, done.order_id, Duration::from_secs(15)).await;
     wait_gone(store, lapsed.order_id, Duration::from_secs(5)).await;
-    for id in &newer {
+    for id in newer.iter().chain(&born_done) {
         wait_gone(store, *id, Duration::from_secs(5)).await;
     }
     // Every order that finished with `done` is past its retention: what is left is kept.
@@ -353,6 +371,11 @@ async fn retention(store: &dyn OrderStore) -> String {
     match store.create(&again, Some("cart-1")).await.expect("create") {
         Created::New => {}
         other => panic!("a key whose order is gone still answered: {other:?}"),
+    }
+    let again = keyed(store, &user, "node-a", 21, "cart-2");
+    match store.create(&again, Some("cart-2")).await.expect("create") {
+        Created::New => {}
+        other => panic!("the key of an order stored finished still answered: {other:?}"),
     }
     assert_eq!(store.get(done.order_id).await.unwrap(), None);
     user
@@ -1202,22 +1225,22 @@ async fn redis_store_deletes_finished_orders_after_retention() {
     let user = retention(&store).await;
     // The listing took out the entries of the orders that went, as the retention pass would.
     let index = |shard| keys::user_key(shard, &user);
-    assert_eq!(members(redis.port, index), "3");
+    assert_eq!(members(redis.port, index), "4");
     assert_eq!(
         filed(redis.port, &user),
-        3,
+        4,
         "state index entries of gone orders"
     );
     // Without a listing, the retention pass alone takes a gone order's entry out.
     let lone = new_order(&user, "node-a", 30);
     create(&store, &lone).await;
     finish(&store, &lone).await;
-    assert_eq!(members(redis.port, index), "4");
+    assert_eq!(members(redis.port, index), "5");
     wait_gone(&store, lone.order_id, Duration::from_secs(10)).await;
-    pruned_to(&redis, &store, &user, 3).await;
+    pruned_to(&redis, &store, &user, 4).await;
     assert_eq!(
         filed(redis.port, &user),
-        3,
+        4,
         "state index entries of gone orders"
     );
     assert_eq!(members(redis.port, keys::finished_key), "0");
@@ -1232,7 +1255,7 @@ async fn redis_store_deletes_finished_orders_after_retention() {
     assert_eq!(redis.cli(&["PTTL", &key]).trim(), "-1");
     repair_all(&store).await;
     wait_gone(&store, old.order_id, Duration::from_secs(10)).await;
-    pruned_to(&redis, &store, &user, 3).await;
+    pruned_to(&redis, &store, &user, 4).await;
 }
 
 /// How many times Redis ran `command` (`INFO commandstats`), scripts' calls included.

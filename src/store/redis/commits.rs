@@ -20,13 +20,61 @@ const MAX_BATCH: usize = 64;
 /// such writes); writes that come while all are on their way go together in the next.
 const IN_FLIGHT: usize = 64;
 
-/// The most keys and arguments of one write: a create's kind and key count, six keys and
-/// twelve arguments.
-const MAX_PARTS: usize = 20;
+/// The most keys and arguments of one write: a create's shape, six keys and twelve arguments.
+const MAX_PARTS: usize = 19;
 
-/// One write of the writes script (see `scripts`): its keys, then its arguments (its kind and
-/// key count, then the script's own), back to back in one buffer, so that making one allocates
-/// once and its doc is encoded where it is sent from.
+/// What a write of the writes script is: a create or a commit, and whether it stores the order
+/// finished (a create) or finished or notifying (a commit), and whether a create has an
+/// idempotency key. The shape is the write's first argument, and sets how many keys and
+/// arguments the script takes for it (see [`scripts`](super::scripts)): a write sends only
+/// what its shape uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Shape {
+    Commit { finishing: bool },
+    Create { finishing: bool, keyed: bool },
+}
+
+impl Shape {
+    /// Its name in the writes script.
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Commit { finishing: false } => "c",
+            Shape::Commit { finishing: true } => "cf",
+            Shape::Create {
+                finishing: false,
+                keyed: false,
+            } => "n",
+            Shape::Create {
+                finishing: true,
+                keyed: false,
+            } => "nf",
+            Shape::Create {
+                finishing: false,
+                keyed: true,
+            } => "ni",
+            Shape::Create {
+                finishing: true,
+                keyed: true,
+            } => "nfi",
+        }
+    }
+
+    /// How many keys, then how many arguments after the shape, a write of it has.
+    fn parts(self) -> (usize, usize) {
+        match self {
+            Shape::Commit { finishing: false } => (3, 9),
+            Shape::Commit { finishing: true } => (5, 12),
+            Shape::Create { finishing, keyed } => {
+                let (finishing, keyed) = (usize::from(finishing), usize::from(keyed));
+                (4 + finishing + keyed, 8 + 2 * finishing + 2 * keyed)
+            }
+        }
+    }
+}
+
+/// One write of the writes script (see `scripts`): its keys, then its arguments (its shape,
+/// then the script's own), back to back in one buffer, so that making one allocates once and
+/// its doc is encoded where it is sent from.
 pub(super) struct Write {
     shard: u16,
     bytes: Vec<u8>,
@@ -34,8 +82,11 @@ pub(super) struct Write {
     ends: [u32; MAX_PARTS],
     parts: usize,
     keys: usize,
-    /// Set when a part did not fit in `ends` (or `bytes` passed 4 GiB): the write is refused.
-    overflowed: bool,
+    /// How many parts its shape takes, once begun.
+    shaped: Option<usize>,
+    /// Set when a part did not fit in `ends` (or `bytes` passed 4 GiB), or a key came after the
+    /// shape or did not match it: the write is refused.
+    refused: bool,
 }
 
 impl Write {
@@ -47,7 +98,8 @@ impl Write {
             ends: [0; MAX_PARTS],
             parts: 0,
             keys: 0,
-            overflowed: false,
+            shaped: None,
+            refused: false,
         }
     }
 
@@ -61,7 +113,7 @@ impl Write {
                 *end = len;
                 self.parts += 1;
             }
-            _ => self.overflowed = true,
+            _ => self.refused = true,
         }
     }
 
@@ -73,18 +125,22 @@ impl Write {
 
     /// Adds a key of `shard`, which must share this write's hash slot.
     pub fn key_of(&mut self, shard: u16, parts: &[&str]) {
-        if self.parts > self.keys {
-            self.overflowed = true;
+        if self.parts > self.keys || self.shaped.is_some() {
+            self.refused = true;
         }
         keys::write_shard_key(&mut self.bytes, shard, parts);
         self.end();
         self.keys = self.parts;
     }
 
-    /// Starts the arguments: the write's kind (`commit` or `create`) and its key count.
-    pub fn begin(&mut self, kind: &str) {
-        self.arg(kind);
-        self.number(self.keys as u64);
+    /// Starts the arguments with the write's shape, which must match the keys given.
+    pub fn begin(&mut self, shape: Shape) {
+        let (keys, args) = shape.parts();
+        if self.keys != keys {
+            self.refused = true;
+        }
+        self.arg(shape.name());
+        self.shaped = Some(keys + 1 + args);
     }
 
     pub fn arg(&mut self, arg: impl AsRef<[u8]>) {
@@ -116,9 +172,10 @@ impl Write {
         Ok(())
     }
 
-    /// Whether a part did not fit: such a write must not be sent.
-    pub fn overflowed(&self) -> bool {
-        self.overflowed
+    /// Whether it is not a whole write of its shape (not begun, a part too many or too few,
+    /// or a part that did not fit): such a write must not be sent.
+    pub fn malformed(&self) -> bool {
+        self.refused || self.shaped != Some(self.parts)
     }
 
     fn shard(&self) -> u16 {
@@ -325,46 +382,102 @@ mod tests {
             .collect()
     }
 
-    fn write(shard: u16, id: &str, doc: &str) -> Write {
-        let mut write = Write::new(shard, 64);
-        write.key(&keys::order_parts(id));
-        write.key(&keys::FINISHED_PARTS);
-        write.begin("commit");
-        write.arg(doc);
-        write.number(42);
-        write.arg_concat(&[id, " ", "u"]);
+    const SHAPES: [Shape; 6] = [
+        Shape::Commit { finishing: false },
+        Shape::Commit { finishing: true },
+        Shape::Create {
+            finishing: false,
+            keyed: false,
+        },
+        Shape::Create {
+            finishing: true,
+            keyed: false,
+        },
+        Shape::Create {
+            finishing: false,
+            keyed: true,
+        },
+        Shape::Create {
+            finishing: true,
+            keyed: true,
+        },
+    ];
+
+    /// A write of `shape` whose keys are `k0`, `k1`… and arguments `a0`, `a1`…, with `more`
+    /// arguments beyond what the shape takes (or fewer, when negative).
+    fn shaped(shape: Shape, more: isize) -> Write {
+        let (keys, args) = shape.parts();
+        let mut write = Write::new(3, 64);
+        for key in 0..keys {
+            write.key(&[&format!("k{key}")]);
+        }
+        write.begin(shape);
+        for arg in 0..args.saturating_add_signed(more) {
+            write.arg(format!("a{arg}"));
+        }
         write
     }
 
     #[test]
     fn a_call_names_every_key_of_its_writes_then_every_argument() {
         let script = Script::new("return 1");
-        let writes = [write(3, "a", "{}"), write(3, "b", "[1]")];
+        let mut first = Write::new(3, 64);
+        first.key(&keys::order_parts("a"));
+        first.key(&keys::owned_parts("n"));
+        first.key(&keys::FINISHED_PARTS);
+        first.begin(Shape::Commit { finishing: false });
+        first.arg("{}");
+        first.number(42);
+        first.arg_concat(&["a", " ", "u"]);
+        for _ in 3..9 {
+            first.arg("x");
+        }
+        let writes = [first, shaped(Shape::Commit { finishing: false }, 0)];
         let tag = keys::shard_tag(3);
         let key = |part: &str| format!("op:{{{tag}}}:{part}");
-        assert!(writes.iter().all(|write| !write.overflowed()));
-        assert_eq!(
-            args(&call(&script, writes.iter())),
-            [
-                "EVALSHA".to_string(),
-                script.get_hash().to_string(),
-                "4".into(),
-                key("order:a"),
-                key("finished"),
-                key("order:b"),
-                key("finished"),
-                "commit".into(),
-                "2".into(),
-                "{}".into(),
-                "42".into(),
-                "a u".into(),
-                "commit".into(),
-                "2".into(),
-                "[1]".into(),
-                "42".into(),
-                "b u".into(),
-            ]
-        );
+        assert!(writes.iter().all(|write| !write.malformed()));
+        let mut expected = vec![
+            "EVALSHA".to_string(),
+            script.get_hash().to_string(),
+            "6".into(),
+            key("order:a"),
+            key("owned:n"),
+            key("finished"),
+            key("k0"),
+            key("k1"),
+            key("k2"),
+            "c".into(),
+            "{}".into(),
+            "42".into(),
+            "a u".into(),
+        ];
+        expected.extend(["x"; 6].map(String::from));
+        expected.push("c".into());
+        expected.extend((0..9).map(|arg| format!("a{arg}")));
+        assert_eq!(args(&call(&script, writes.iter())), expected);
+    }
+
+    #[test]
+    fn each_shape_takes_the_keys_and_arguments_the_writes_script_reads_for_it() {
+        // The writes script's table of shapes: name = {create, finishing, keyed, keys, args}.
+        let script = super::super::scripts::WRITES;
+        for shape in SHAPES {
+            let (keys, args) = shape.parts();
+            let (create, finishing, keyed) = match shape {
+                Shape::Commit { finishing } => (false, finishing, false),
+                Shape::Create { finishing, keyed } => (true, finishing, keyed),
+            };
+            let entry = format!(
+                "{} = {{{create}, {finishing}, {keyed}, {keys}, {args}}}",
+                shape.name()
+            );
+            assert!(script.contains(&entry), "the writes script lacks `{entry}`");
+            assert!(keys + 1 + args <= MAX_PARTS, "{shape:?}");
+        }
+        assert!(SHAPES.iter().any(|shape| {
+            let (keys, args) = shape.parts();
+            keys + 1 + args == MAX_PARTS
+        }));
     }
 
     #[test]
@@ -391,18 +504,44 @@ mod tests {
     }
 
     #[test]
-    fn a_write_with_more_parts_than_any_script_write_or_a_late_key_is_refused() {
-        let mut write = Write::new(0, 0);
-        for _ in 0..MAX_PARTS {
-            write.arg("x");
+    fn a_write_that_is_not_whole_for_its_shape_is_refused() {
+        for shape in SHAPES {
+            assert!(!shaped(shape, 0).malformed(), "{shape:?}");
+            assert!(
+                shaped(shape, 1).malformed(),
+                "{shape:?} with one argument more"
+            );
+            assert!(
+                shaped(shape, -1).malformed(),
+                "{shape:?} with one argument less"
+            );
         }
-        assert!(!write.overflowed());
-        write.arg("one more");
-        assert!(write.overflowed());
+        // Not begun.
         let mut write = Write::new(0, 0);
         write.key(&keys::FINISHED_PARTS);
-        write.begin("commit");
+        write.arg("x");
+        assert!(write.malformed());
+        // Keys that do not match the shape.
+        let mut write = Write::new(0, 0);
+        write.key(&keys::FINISHED_PARTS);
+        write.begin(Shape::Commit { finishing: false });
+        for _ in 0..9 {
+            write.arg("x");
+        }
+        assert!(write.malformed());
+        // A key after the shape.
+        let mut write = shaped(Shape::Commit { finishing: false }, 0);
         write.key(&keys::PARKED_PARTS);
-        assert!(write.overflowed());
+        assert!(write.malformed());
+        // More parts than any write has.
+        let mut write = shaped(
+            Shape::Create {
+                finishing: true,
+                keyed: true,
+            },
+            0,
+        );
+        write.arg("one more");
+        assert!(write.malformed());
     }
 }

@@ -1,7 +1,7 @@
 //! [`RedisStore`]: the [`OrderStore`] on Redis. Every change to an order is one Lua script (see
 //! `scripts`) that writes its index entries in the same atomic step.
 
-use super::commits::{self, Committer, Write};
+use super::commits::{self, Committer, Shape, Write};
 use super::conn::{Connections, Scripted};
 use super::keys;
 use super::keys::{
@@ -515,9 +515,9 @@ impl RedisStore {
     /// commit); on a Redis Cluster without replicas to wait for, as a call of its own (writes
     /// ready together rarely share a shard there, and a script call holds one shard's).
     async fn write(&self, write: Write) -> Result<Value, StoreError> {
-        if write.overflowed() {
+        if write.malformed() {
             return Err(StoreError::Corrupt(
-                "a write has more keys or arguments than the writes script takes".into(),
+                "a write does not have the keys and arguments its shape takes".into(),
             ));
         }
         if self.redis.waits_for_replicas() || !self.redis.is_cluster() {
@@ -577,13 +577,23 @@ impl RedisStore {
         let member = micros_member(order);
         let shard = shard_of(order.order_id);
         let code = state_code(order.current_step, order.rollback_state);
-        // The keys: the order, its owner's owned set, its user's index, the finished index,
-        // the idempotency key (if any), the state index; then the arguments (see `scripts`).
+        let state = state_name(order);
+        // Only an order stored finished is filed in the finished index at once.
+        let finishing = state == "finished";
+        let shape = Shape::Create {
+            finishing,
+            keyed: idempotency.is_some(),
+        };
+        // The keys: the order, its owner's owned set, its user's index, the finished index (if
+        // finishing), the idempotency key (if any), the state index; then the arguments (see
+        // `scripts`).
         let mut write = Write::new(shard, WRITE_CAPACITY);
         write.key(&keys::order_parts(id));
         write.key(&keys::owned_parts(&order.owner));
         write.key(&keys::user_parts(&order.user));
-        write.key(&keys::FINISHED_PARTS);
+        if finishing {
+            write.key(&keys::FINISHED_PARTS);
+        }
         if let Some((key, _)) = idempotency {
             write.key_of(
                 shard_of_key(&order.user, key),
@@ -591,19 +601,23 @@ impl RedisStore {
             );
         }
         write.key(&keys::state_parts(code, &order.user));
-        write.begin("create");
+        write.begin(shape);
         write.arg_with(|bytes| doc::write(bytes, order, self.compress))?;
         write.arg(&order.owner);
         write.number(order.epoch);
         write.arg(&order.user);
-        write.arg(state_name(order));
+        write.arg(state);
         write.arg(order.current_step.as_str());
         write.arg(&member);
         write.arg(id);
-        write.number(IDEMPOTENCY_TTL.as_secs());
-        write.arg(flag(matches!(idempotency, Some((_, true)))));
-        write.number(self.retention_ms);
-        write.arg_concat(&finished_entry(order, id, &member));
+        if let Some((_, take)) = idempotency {
+            write.number(IDEMPOTENCY_TTL.as_secs());
+            write.arg(flag(take));
+        }
+        if finishing {
+            write.number(self.retention_ms);
+            write.arg_concat(&finished_entry(order, id, &member));
+        }
         let answer = self.write(write).await?;
         // A create that stored the order answers a word; one that did not, a list.
         if matches!(&answer, Value::BulkString(word) if word == b"ok") {
@@ -859,7 +873,7 @@ impl OrderStore for RedisStore {
             write.key(&keys::FINISHED_PARTS);
             write.key(&keys::PARKED_PARTS);
         }
-        write.begin("commit");
+        write.begin(Shape::Commit { finishing });
         write.arg(&order.owner);
         write.number(order.epoch);
         write.arg_with(|bytes| doc::write(bytes, order, self.compress))?;

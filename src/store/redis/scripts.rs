@@ -57,10 +57,10 @@ end
 
 /// Commit one order's transition (a function of [`WRITES`]). KEYS, three: the order, the
 /// committer's owned set, the state index of the new step or rollback state; a write that
-/// stores the order finished or notifying (only such a write) names two more: the finished and
-/// parked indexes. ARGV, nine: owner, epoch, doc, aware of cancellation (1/0), state, step, order
-/// id, revision, user index member; with the two keys more, three more: retention (ms),
-/// finished index entry, parked (1/0). Answers `ok`, `not_owner`, `cancel`, `stale` or
+/// stores the order finished or notifying (only such a write, `finishing`) names two more: the
+/// finished and parked indexes. ARGV, nine: owner, epoch, doc, aware of cancellation (1/0),
+/// state, step, order id, revision, user index member; when finishing, three more: retention
+/// (ms), finished index entry, parked (1/0). Answers `ok`, `not_owner`, `cancel`, `stale` or
 /// `missing`. Why a script: the owner/epoch check and the write must be one atomic step, or a
 /// node that just lost the order could overwrite its new owner's progress; a write must be newer
 /// than the stored revision, or one delivered late (TCP retransmitting it after a network cut
@@ -69,7 +69,7 @@ end
 /// finishes (never before) or turns out not to be the committer's, and its retention starts in
 /// that same step.
 const COMMIT: &str = r"
-local function commit(k, nk, a)
+local function commit(k, a, finishing)
   local order, owned, index = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local owner, epoch, doc, aware, state, step, id, revision, member = unpack(ARGV, a + 1, a + 9)
   local cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed', 'idem', 'state')
@@ -105,7 +105,7 @@ local function commit(k, nk, a)
   else
     redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step, 'rev', revision)
   end
-  if nk > 3 then
+  if finishing then
     local finished, parked = KEYS[k + 4], KEYS[k + 5]
     local retention, entry, is_parked = ARGV[a + 10], ARGV[a + 11], ARGV[a + 12]
     -- Only an order stored finished (or notifying) can be in the parked index.
@@ -123,22 +123,28 @@ local function commit(k, nk, a)
 end
 ";
 
-/// Create an order with its index entries (a function of [`WRITES`]). KEYS, five or six: the
-/// order, its owner's owned set, its user's index, the finished index, (optional) the
-/// idempotency key, whose name the order hash keeps (`idem`), and last its state index. ARGV,
-/// twelve: doc, owner, epoch, user, state, step, user index member, order id, idempotency ttl
-/// (s), take over a key that holds no order id (1/0), retention (ms), finished index entry. An
-/// order stored finished starts its retention at once. Answers 'ok'; {'exists', current owner}
-/// when the id is taken; or {'key', id} when the idempotency key names another id: nothing is
-/// written then. Why a script: the order and its index entries are written together or not at
-/// all, so no dropped retry leaves an index entry with no order; and of two requests that store
-/// the same id, exactly one wins.
+/// Create an order with its index entries (a function of [`WRITES`]). KEYS, four to six: the
+/// order, its owner's owned set, its user's index, (only for an order stored finished,
+/// `finishing`) the finished index, (only with one, `keyed`) the idempotency key, whose name the
+/// order hash keeps (`idem`), and last its state index. ARGV, eight: doc, owner, epoch, user,
+/// state, step, user index member, order id; when keyed, two more: idempotency ttl (s), take
+/// over a key that holds no order id (1/0); when finishing, two more: retention (ms), finished
+/// index entry. An order stored finished starts its retention at once. Answers 'ok';
+/// {'exists', current owner} when the id is taken; or {'key', id} when the idempotency key names
+/// another id: nothing is written then. Why a script: the order and its index entries are
+/// written together or not at all, so no dropped retry leaves an index entry with no order; and
+/// of two requests that store the same id, exactly one wins.
 const CREATE: &str = r"
-local function create(k, nk, a)
-  local order, owned, user_index, finished = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
-  local idem = nk > 5 and KEYS[k + 5]
-  local index = KEYS[k + nk]
-  local doc, owner, epoch, user, state, step, member, id, ttl, take, retention, entry = unpack(ARGV, a + 1, a + 12)
+local function create(k, a, finishing, keyed)
+  local order, owned, user_index = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local n, finished, idem = k + 3, false, false
+  if finishing then n = n + 1; finished = KEYS[n] end
+  if keyed then n = n + 1; idem = KEYS[n] end
+  local index = KEYS[n + 1]
+  local doc, owner, epoch, user, state, step, member, id = unpack(ARGV, a + 1, a + 8)
+  local ttl, take, retention, entry
+  if keyed then ttl, take, a = ARGV[a + 9], ARGV[a + 10], a + 2 end
+  if finishing then retention, entry = ARGV[a + 9], ARGV[a + 10] end
   if idem then
     local earlier = redis.call('GET', idem)
     if earlier and earlier ~= id and take ~= '1' then
@@ -157,40 +163,44 @@ local function create(k, nk, a)
   end
   redis.call('ZADD', user_index, '0', member)
   redis.call('ZADD', index, '0', member)
-  if state ~= 'finished' then
-    redis.call('SADD', owned, id)
-  else
+  if finishing then
     finish(order, idem, retention, finished, entry)
+  else
+    redis.call('SADD', owned, id)
   end
   return 'ok'
 end
 ";
 
-/// Creates and commits, one or several (a group commit). Per write, ARGV gives its kind
-/// (`commit` or `create`) and how many KEYS it takes, then its arguments (twelve; nine for a
-/// commit with three keys); its KEYS follow the previous write's. Answers one answer per write,
-/// in order, as [`COMMIT`] and [`CREATE`] name them: each write is checked and made on its own,
-/// so one refused write refuses no other. When every answer is a word (as nearly always: only a
-/// create that finds its id or key taken answers a list), the answer is the words in one string,
-/// separated by spaces: one string is cheaper to send and to read than a list of them.
-const WRITES: &str = r"
+/// Creates and commits, one or several (a group commit). Per write, ARGV gives its shape, which
+/// says what it is and so how many KEYS and arguments it takes (see
+/// [`Shape`](super::commits::Shape)), then its
+/// arguments; its KEYS follow the previous write's. Answers one answer per write, in order, as
+/// [`COMMIT`] and [`CREATE`] name them: each write is checked and made on its own, so one refused
+/// write refuses no other. When every answer is a word (as nearly always: only a create that
+/// finds its id or key taken answers a list), the answer is the words in one string, separated
+/// by spaces: one string is cheaper to send and to read than a list of them.
+pub(super) const WRITES: &str = r"
 local answers = {}
 local words = true
 local k, a = 0, 0
--- The key counts a write has, read from their text without strtod (which tonumber calls).
-local counts = {['3'] = 3, ['5'] = 5, ['6'] = 6}
+-- Each shape: create (or commit), finishing, keyed, key count, argument count.
+local shapes = {
+  c = {false, false, false, 3, 9}, cf = {false, true, false, 5, 12},
+  n = {true, false, false, 4, 8}, nf = {true, true, false, 5, 10},
+  ni = {true, false, true, 5, 10}, nfi = {true, true, true, 6, 12},
+}
 while a < #ARGV do
-  local kind, nk = ARGV[a + 1], counts[ARGV[a + 2]] or tonumber(ARGV[a + 2])
-  local na = 12
-  if kind == 'commit' then
-    answers[#answers + 1] = commit(k, nk, a + 2)
-    if nk == 3 then na = 9 end
-  else
-    local answer = create(k, nk, a + 2)
+  local shape = shapes[ARGV[a + 1]]
+  if not shape then return redis.error_reply('unknown write shape ' .. tostring(ARGV[a + 1])) end
+  if shape[1] then
+    local answer = create(k, a + 1, shape[2], shape[3])
     if type(answer) ~= 'string' then words = false end
     answers[#answers + 1] = answer
+  else
+    answers[#answers + 1] = commit(k, a + 1, shape[2])
   end
-  k, a = k + nk, a + 2 + na
+  k, a = k + shape[4], a + 1 + shape[5]
 end
 if words then return table.concat(answers, ' ') end
 return answers
