@@ -26,6 +26,11 @@ pub enum OrderError {
     AlreadyFailing,
     #[error("order's rollback is not parked: only a failed order with rollback_state incomplete can retry it")]
     NotParked,
+    /// The order's stored record does not read (damaged, or written by a newer version).
+    #[error(
+        "the order's stored record cannot be read; it is kept as it is for an operator to look at"
+    )]
+    Unreadable,
     #[error("{source}")]
     Store {
         source: StoreError,

@@ -62,6 +62,17 @@ impl OrderService {
             },
         }
     }
+
+    /// A store error of a call on order `id` alone: one whose record does not read is said so.
+    fn order_error(&self, id: OrderId, source: StoreError) -> OrderError {
+        match source {
+            StoreError::Corrupt(reason) => {
+                tracing::warn!(order_id = %id, reason = %reason, "order record cannot be read");
+                OrderError::Unreadable
+            }
+            source => self.store_error(source),
+        }
+    }
 }
 
 /// The key with surrounding blanks trimmed, `None` when blank; too long is invalid.
@@ -160,7 +171,7 @@ impl Orders for OrderService {
     async fn get(&self, scope: Scope<'_>, id: OrderId) -> Result<Order, OrderError> {
         visible(self.store.as_ref(), scope, id)
             .await
-            .map_err(|error| self.store_error(error))?
+            .map_err(|error| self.order_error(id, error))?
             .ok_or(OrderError::NotFound)
     }
 
@@ -176,7 +187,7 @@ impl Orders for OrderService {
             .store
             .request_cancel(id, user)
             .await
-            .map_err(|error| self.store_error(error))?;
+            .map_err(|error| self.order_error(id, error))?;
         match outcome {
             CancelOutcome::Accepted(order) => {
                 self.pool.note_cancel(order.order_id);
@@ -204,7 +215,7 @@ impl Orders for OrderService {
                 now: chrono::Utc::now(),
             })
             .await
-            .map_err(|error| self.store_error(error))?;
+            .map_err(|error| self.order_error(id, error))?;
         match outcome {
             RetryRollbackOutcome::Accepted(order) => {
                 let pending: Vec<&str> = order
@@ -229,7 +240,7 @@ impl Orders for OrderService {
     ) -> Result<Arc<Order>, OrderError> {
         wait_finished(self.store.as_ref(), self.pool.waiters(), scope, id, wait)
             .await
-            .map_err(|error| self.store_error(error))?
+            .map_err(|error| self.order_error(id, error))?
             .ok_or(OrderError::NotFound)
     }
 

@@ -337,6 +337,29 @@ async fn assert_counted_once(node: &Node, name: &str) {
     assert_eq!(value(&scrape(node).await, name), 1.0, "{name} counted once");
 }
 
+/// Asserts that a `GET`, a cancel and a rollback retry of `user`'s order `id`, whose record does
+/// not read, say so.
+async fn assert_said_unreadable(node: &Node, user: &str, id: &str) {
+    let rollback = format!("/orders/{id}/rollback");
+    for (what, reply) in [
+        ("a read", node.get_order(user, id).await),
+        ("a cancel", node.cancel(user, id).await),
+        (
+            "a rollback retry",
+            node.call(reqwest::Method::POST, &rollback)
+                .user(user)
+                .send()
+                .await,
+        ),
+    ] {
+        node.expect_error(&reply, 500, what);
+        assert!(
+            reply.text.contains("stored record cannot be read"),
+            "{what} of an order whose record does not read says so: {reply}"
+        );
+    }
+}
+
 /// Fails unless `/diagnostic/set-aside` lists no order.
 async fn assert_none_set_aside(node: &Node) {
     let reply = node
@@ -381,6 +404,7 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
         "the record is kept as it was"
     );
     assert_counted_once(&node, "order_process_orders_set_aside_total").await;
+    assert_said_unreadable(&node, &user, id).await;
 
     // The user's listing skips it, and the node goes on with new orders.
     let ids = node.list_all_ids(&user, &[]).await;
@@ -483,11 +507,7 @@ async fn an_order_set_aside_in_the_embedded_store_is_taken_back_once_its_record_
 
     node.restart().await;
     set_aside_entry(&node, &id).await;
-    let reply = node.get_order(&user, &id).await;
-    assert_ne!(
-        reply.status, 200,
-        "an unreadable order is not shown: {reply}"
-    );
+    assert_said_unreadable(&node, &user, &id).await;
     node.kill();
     replace_record(&node, &id, &record);
 
