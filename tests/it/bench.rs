@@ -153,3 +153,37 @@ async fn orders_spread_over_users_stay_under_the_per_user_limits() {
     assert_eq!(spread["completed"], 600, "{spread}");
     assert_eq!(spread["http_errors"], serde_json::json!({}), "{spread}");
 }
+
+#[tokio::test]
+async fn orders_carry_the_padding_asked_for() {
+    let node = bench_node(0.0).await;
+    let args = ["--orders", "40", "--concurrency", "8", "--timeout", "60s"];
+    let padded = bench(
+        &node,
+        &[&args[..], &["--payload-bytes", "4000", "--user", "padded"]].concat(),
+    )
+    .await;
+    assert_eq!(padded["completed"], 40, "{padded}");
+    assert_eq!(padded["mismatches"], 0, "{padded}");
+    let ids = node.list_all_ids("padded", &[]).await;
+    assert_eq!(ids.len(), 40);
+    for id in &ids {
+        let order = node.order("padded", id).await;
+        let pad = order["payload"]["pad"].as_str().unwrap_or_default();
+        assert_eq!(pad.len(), 4000, "{order}");
+    }
+    // Without the flag, no padding.
+    bench(&node, &[&args[..], &["--user", "plain"]].concat()).await;
+    let ids = node.list_all_ids("plain", &[]).await;
+    let order = node.order("plain", &ids[0]).await;
+    assert!(order["payload"].get("pad").is_none(), "{order}");
+    // Past what any node takes: refused before anything is sent.
+    let output = tokio::process::Command::new(BIN)
+        .args(["bench", "--url", &node.base, "--payload-bytes", "99999999"])
+        .output()
+        .await
+        .expect("run the bench");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--payload-bytes"), "{stderr}");
+}

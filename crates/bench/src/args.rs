@@ -21,6 +21,10 @@ pub struct BenchArgs {
     /// fraction of orders that fail on purpose at a random step
     #[argh(option, default = "0.0")]
     pub fail_rate: f64,
+    /// bytes of padding in each order's payload (a "pad" string), to measure orders of a
+    /// realistic size; 0: none
+    #[argh(option, default = "0")]
+    pub payload_bytes: usize,
     /// how long to wait for all orders to finish, e.g. 120s
     #[argh(option, default = "String::from(\"120s\")")]
     pub timeout: String,

@@ -16,6 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// The most `--payload-bytes`: well past any node's `server.max_body_bytes` default (64 KiB),
+/// short of making the bench itself the load.
+const MAX_PAYLOAD_BYTES: usize = 16 << 20;
+
 /// An accepted order and the step it asked to fail at.
 struct Accepted {
     id: String,
@@ -102,6 +106,11 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
     if args.rate.is_some_and(|rate| rate <= 0.0) {
         return Err("--rate must be more than 0".into());
     }
+    if args.payload_bytes > MAX_PAYLOAD_BYTES {
+        return Err(format!(
+            "--payload-bytes must be at most {MAX_PAYLOAD_BYTES}"
+        ));
+    }
     // Parsed once, not for every request.
     let orders_urls = urls
         .iter()
@@ -136,6 +145,7 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
 
+    let pad: Arc<str> = "x".repeat(args.payload_bytes).into();
     let mut submitters = Vec::new();
     for _ in 0..concurrency {
         let submitter = Submitter {
@@ -148,6 +158,7 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
             orders: args.orders,
             rate: args.rate,
             fail_rate: args.fail_rate,
+            pad: Arc::clone(&pad),
             users: users.clone(),
             started,
         };
@@ -225,6 +236,8 @@ struct Submitter {
     orders: usize,
     rate: Option<f64>,
     fail_rate: f64,
+    /// Padding for each payload (`--payload-bytes`), none when empty.
+    pad: Arc<str>,
     users: Vec<String>,
     started: Instant,
 }
@@ -250,10 +263,13 @@ impl Submitter {
         let url = &self.urls[node];
         let fail_at = (rand::random::<f64>() < self.fail_rate)
             .then(|| WORK_STEPS[rand::random_range(0..WORK_STEPS.len())]);
-        let payload = match fail_at {
+        let mut payload = match fail_at {
             Some(step) => serde_json::json!({"bench": index, "simulate": {"fail_at": step}}),
             None => serde_json::json!({"bench": index}),
         };
+        if !self.pad.is_empty() {
+            payload["pad"] = serde_json::Value::from(&*self.pad);
+        }
         let body = serde_json::to_vec(&payload).unwrap_or_default();
         let sent = Instant::now();
         let reply = self.client.post_json(url, &self.users[user], body).await;
