@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use uuid::Uuid;
 
 /// An order's id: a UUID, shown in its hyphenated lower-case form. New orders get time-ordered
@@ -298,6 +298,67 @@ pub enum RollbackState {
     Incomplete,
 }
 
+/// An order's payload, and its JSON text once written: it never changes after the order is
+/// accepted, and the stored order (at every transition) and the view (in most answers) carry
+/// it whole, so it is written once and copied after. Serialized and compared as its value.
+#[derive(Debug, Default)]
+pub struct Payload {
+    value: serde_json::Value,
+    text: OnceLock<Box<str>>,
+}
+
+impl Payload {
+    /// Its JSON text, as `serde_json::to_writer` writes the value.
+    pub fn text(&self) -> Result<&str, serde_json::Error> {
+        if let Some(text) = self.text.get() {
+            return Ok(text);
+        }
+        let text = serde_json::to_string(&self.value)?.into_boxed_str();
+        Ok(self.text.get_or_init(|| text))
+    }
+}
+
+impl From<serde_json::Value> for Payload {
+    fn from(value: serde_json::Value) -> Self {
+        Payload {
+            value,
+            text: OnceLock::new(),
+        }
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = serde_json::Value;
+
+    fn deref(&self) -> &serde_json::Value {
+        &self.value
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+impl fmt::Display for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.value.fmt(f)
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.value.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        serde_json::Value::deserialize(deserializer).map(Payload::from)
+    }
+}
+
 /// The stored order. Owner and epoch fence writes in a cluster: a commit goes through only while
 /// the stored owner and epoch still match the writer's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -306,7 +367,7 @@ pub struct Order {
     pub user: String,
     /// Shared: it never changes after the order is accepted, and the order is copied at every
     /// transition.
-    pub payload: Arc<serde_json::Value>,
+    pub payload: Arc<Payload>,
     pub current_step: Step,
     #[serde(serialize_with = "super::rfc3339::serialize")]
     pub start_time: DateTime<Utc>,
@@ -360,7 +421,7 @@ impl Order {
         Order {
             order_id,
             user,
-            payload: Arc::new(payload),
+            payload: Arc::new(payload.into()),
             current_step: Step::Scheduling,
             start_time: now,
             complete_time: None,
@@ -439,5 +500,23 @@ impl Order {
                     .map(|output| (entry.step_name.to_string(), output.clone()))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_is_written_once_and_compared_and_read_as_its_value() {
+        let payload = Payload::from(serde_json::json!({"sku": "A1", "note": "caf\u{e9} \"x\""}));
+        let text = payload.text().unwrap();
+        assert_eq!(text, serde_json::to_string(&*payload).unwrap());
+        // Kept: the same text, not written again.
+        assert!(std::ptr::eq(text, payload.text().unwrap()));
+        let read: Payload = serde_json::from_str(text).unwrap();
+        assert_eq!(read, payload);
+        assert_eq!(payload.to_string(), text);
+        assert_ne!(read, Payload::from(serde_json::json!({"sku": "A2"})));
     }
 }

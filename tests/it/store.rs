@@ -571,7 +571,7 @@ async fn late_writes(store: &dyn OrderStore) {
     store.commit(&second).await.expect("second commit");
     assert!(matches!(store.commit(&first).await, Err(StoreError::Stale)));
     let mut other = second.clone();
-    other.payload = serde_json::json!({"sku": "B2"}).into();
+    other.payload = std::sync::Arc::new(serde_json::json!({"sku": "B2"}).into());
     assert!(matches!(store.commit(&other).await, Err(StoreError::Stale)));
     assert_eq!(store.get(order.order_id).await.unwrap(), Some(second));
 }
