@@ -301,7 +301,7 @@ pub enum RollbackState {
 /// An order's payload, and its JSON text once written: it never changes after the order is
 /// accepted, and the stored order (at every transition) and the view (in most answers) carry
 /// it whole, so it is written once and copied after. Serialized and compared as its value.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Payload {
     value: serde_json::Value,
     text: OnceLock<Box<str>>,

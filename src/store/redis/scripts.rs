@@ -174,12 +174,12 @@ end
 
 /// Creates and commits, one or several (a group commit). Per write, ARGV gives its shape, which
 /// says what it is and so how many KEYS and arguments it takes (see
-/// [`Shape`](super::commits::Shape)), then its
-/// arguments; its KEYS follow the previous write's. Answers one answer per write, in order, as
-/// [`COMMIT`] and [`CREATE`] name them: each write is checked and made on its own, so one refused
-/// write refuses no other. When every answer is a word (as nearly always: only a create that
-/// finds its id or key taken answers a list), the answer is the words in one string, separated
-/// by spaces: one string is cheaper to send and to read than a list of them.
+/// [`Shape`](super::commits::Shape)), then its arguments; its KEYS follow the previous write's.
+/// Answers one answer per write, in order, as [`COMMIT`] and [`CREATE`] name them: each write is
+/// checked and made on its own, so one refused write refuses no other. When every answer is a
+/// word (as nearly always: only a create that finds its id or key taken answers a list), the
+/// answer is the words in one string, separated by spaces: one string is cheaper to send and to
+/// read than a list of them.
 pub(super) const WRITES: &str = r"
 local answers = {}
 local words = true
