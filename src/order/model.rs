@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
@@ -299,21 +300,27 @@ pub enum RollbackState {
 }
 
 /// An order's payload, and its JSON text once written: it never changes after the order is
-/// accepted, and the stored order (at every transition) and the view (in most answers) carry
-/// it whole, so it is written once and copied after. Serialized and compared as its value.
+/// accepted, and the stored order (at every transition), the view (in most answers) and the
+/// body of every http step call carry it whole, so it is written once and copied after.
+/// Serialized and compared as its value.
 #[derive(Debug)]
 pub struct Payload {
     value: serde_json::Value,
-    text: OnceLock<Box<str>>,
+    text: OnceLock<Box<RawValue>>,
 }
 
 impl Payload {
     /// Its JSON text, as `serde_json::to_writer` writes the value.
     pub fn text(&self) -> Result<&str, serde_json::Error> {
+        self.json().map(RawValue::get)
+    }
+
+    /// Its JSON text, to embed as it is in what serde writes.
+    pub fn json(&self) -> Result<&RawValue, serde_json::Error> {
         if let Some(text) = self.text.get() {
             return Ok(text);
         }
-        let text = serde_json::to_string(&self.value)?.into_boxed_str();
+        let text = serde_json::value::to_raw_value(&self.value)?;
         Ok(self.text.get_or_init(|| text))
     }
 }

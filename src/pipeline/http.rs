@@ -44,7 +44,8 @@ struct StepRequest<'a> {
     epoch: u64,
     rollback: bool,
     user: &'a str,
-    payload: &'a serde_json::Value,
+    /// Written once per order (see [`Payload`](crate::order::Payload)), copied into each call.
+    payload: &'a serde_json::value::RawValue,
     /// Outputs of the steps that produced one so far, by step name.
     outputs: serde_json::Map<String, serde_json::Value>,
 }
@@ -252,6 +253,12 @@ impl Http {
         context: &StepContext<'_>,
         rollback: bool,
     ) -> Result<StepDone, StepError> {
+        // A payload that cannot be written now never can be: a permanent failure.
+        let payload = context
+            .order
+            .payload
+            .json()
+            .map_err(|error| StepError::new(format!("cannot write the payload: {error}")))?;
         let body = StepRequest {
             order_id: context.order.order_id,
             step: context.step,
@@ -259,7 +266,7 @@ impl Http {
             epoch: context.order.epoch,
             rollback,
             user: &context.order.user,
-            payload: &context.order.payload,
+            payload,
             outputs: context.order.outputs(),
         };
         // Held for this one call, not while the order waits for a retry. The semaphore is
