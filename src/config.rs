@@ -328,6 +328,12 @@ pub struct DatabaseConfig {
     /// an embedded store's file several times smaller. Orders are read in either form whatever
     /// this says; turn it on once no node of an earlier version, which reads only JSON, is left.
     pub compress_orders: bool,
+    /// Keep each order's payload apart from the rest of it (Redis): written once, when the order
+    /// is created, in a hash field of its own, instead of in the stored order at every change.
+    /// Orders are read in either form whatever this says, and keep the form they were created
+    /// in; turn it on once no node of an earlier version, which reads only payloads stored in
+    /// the order, is left.
+    pub payload_apart: bool,
     /// PEM file of the CA that signed the Redis server's certificate (`rediss://` or `tls`
     /// only); empty: the platform's roots.
     pub ca_file: PathBuf,
@@ -356,6 +362,7 @@ impl Default for DatabaseConfig {
             min_replicas: 0,
             require_aof: false,
             compress_orders: false,
+            payload_apart: false,
             ca_file: PathBuf::new(),
             client_cert: PathBuf::new(),
             client_key: PathBuf::new(),

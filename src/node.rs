@@ -138,7 +138,8 @@ pub async fn run(
             }
             let orders = RedisStore::new(Arc::clone(&redis))
                 .with_retention(retention)
-                .with_compression(config.database.compress_orders);
+                .with_compression(config.database.compress_orders)
+                .with_payload_apart(config.database.payload_apart);
             let orders: Arc<dyn OrderStore> = Arc::new(orders);
             let coordinator: Arc<dyn Coordinator> = Arc::new(RedisCoordinator::new(redis));
             let store: Arc<dyn OrderStore> =

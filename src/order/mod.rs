@@ -12,7 +12,7 @@ mod props;
 mod rfc3339;
 mod view;
 
-pub use json::{write_order, write_view, VIEW_CAPACITY};
+pub use json::{write_order, write_order_apart, write_view, VIEW_CAPACITY};
 pub use machine::{
     apply, apply_owned, next_action, retry_due, Action, Event, TransitionError, CANCELLED,
 };

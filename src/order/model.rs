@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use uuid::Uuid;
 
@@ -307,6 +308,10 @@ pub enum RollbackState {
 pub struct Payload {
     value: serde_json::Value,
     text: OnceLock<Box<RawValue>>,
+    /// Whether the store keeps it apart from the rest of the order (written once, when the order
+    /// is created), so that the order's later writes leave it out. Set by the store, on the one
+    /// payload every copy of the order shares, when it creates or reads the order so.
+    apart: AtomicBool,
 }
 
 impl Payload {
@@ -323,6 +328,25 @@ impl Payload {
         let text = serde_json::value::to_raw_value(&self.value)?;
         Ok(self.text.get_or_init(|| text))
     }
+
+    /// Whether the store keeps it apart from the rest of the order.
+    pub fn is_apart(&self) -> bool {
+        self.apart.load(Ordering::Relaxed)
+    }
+
+    /// Marks it kept apart from the rest of the order: the order's stored doc leaves it out from
+    /// now on.
+    pub fn set_apart(&self) {
+        self.apart.store(true, Ordering::Relaxed);
+    }
+
+    /// What an order read without a payload (its doc, the payload kept apart) holds until the
+    /// store gives it its own: one shared value, told apart by identity (see
+    /// [`Order::lacks_payload`]).
+    pub(crate) fn missing() -> Arc<Payload> {
+        static MISSING: OnceLock<Arc<Payload>> = OnceLock::new();
+        Arc::clone(MISSING.get_or_init(|| Arc::new(Payload::from(serde_json::Value::Null))))
+    }
 }
 
 impl From<serde_json::Value> for Payload {
@@ -330,6 +354,7 @@ impl From<serde_json::Value> for Payload {
         Payload {
             value,
             text: OnceLock::new(),
+            apart: AtomicBool::new(false),
         }
     }
 }
@@ -373,7 +398,8 @@ pub struct Order {
     pub order_id: OrderId,
     pub user: String,
     /// Shared: it never changes after the order is accepted, and the order is copied at every
-    /// transition.
+    /// transition. Read from JSON without one, it is a placeholder (see [`Order::lacks_payload`]).
+    #[serde(default = "Payload::missing")]
     pub payload: Arc<Payload>,
     pub current_step: Step,
     #[serde(serialize_with = "super::rfc3339::serialize")]
@@ -417,6 +443,11 @@ pub struct Order {
 }
 
 impl Order {
+    /// Whether it was read without a payload (from a doc whose payload the store keeps apart).
+    pub fn lacks_payload(&self) -> bool {
+        Arc::ptr_eq(&self.payload, &Payload::missing())
+    }
+
     /// A new order, just accepted: its first step is started at `now`.
     pub fn new(
         order_id: OrderId,

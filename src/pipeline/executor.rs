@@ -27,7 +27,7 @@ use super::shared::Shared;
 use crate::metrics::StepOutcome;
 use crate::order::{
     apply_owned, next_action, retry_due, Action, Attempt, Event, Notification, Order, OrderId,
-    Phase, Step, TransitionError,
+    Phase, Step, TransitionError, VIEW_CAPACITY,
 };
 use crate::store::{same_order, SetAside, StoreError};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -352,12 +352,21 @@ pub(super) struct Parked {
 
 /// An order kept as its JSON: a third of the memory of the decoded order, for the few
 /// microseconds it takes to encode and decode it once per parked step.
-struct Encoded(Box<str>);
+struct Encoded {
+    json: Box<[u8]>,
+    /// Whether the store keeps its payload apart, which its JSON does not say.
+    apart: bool,
+}
 
 impl Encoded {
     fn of(order: &Order) -> Option<Encoded> {
-        match serde_json::to_string(order) {
-            Ok(json) => Some(Encoded(json.into_boxed_str())),
+        // About the size of its view.
+        let mut json = Vec::with_capacity(VIEW_CAPACITY);
+        match crate::order::write_order(&mut json, order) {
+            Ok(()) => Some(Encoded {
+                json: json.into_boxed_slice(),
+                apart: order.payload.is_apart(),
+            }),
             Err(error) => {
                 warn!(order_id = %order.order_id, error = %error, "cannot encode an order to park it");
                 None
@@ -366,7 +375,11 @@ impl Encoded {
     }
 
     fn decode(&self) -> Result<Order, serde_json::Error> {
-        serde_json::from_str(&self.0)
+        let order: Order = serde_json::from_slice(&self.json)?;
+        if self.apart {
+            order.payload.set_apart();
+        }
+        Ok(order)
     }
 }
 
@@ -903,6 +916,21 @@ mod tests {
     use tokio::task::JoinHandle;
 
     const NODE: &str = "node-a";
+
+    #[test]
+    fn a_parked_order_decodes_as_it_was_its_payload_kept_apart_or_not() {
+        for apart in [false, true] {
+            let order = order(NODE);
+            if apart {
+                order.payload.set_apart();
+            }
+            let decoded = Encoded::of(&order).unwrap().decode().unwrap();
+            assert_eq!(decoded, order);
+            assert_eq!(decoded.payload.is_apart(), apart);
+            assert!(!decoded.lacks_payload());
+        }
+    }
+
     const WORK_STEPS: [Step; 4] = [
         Step::Scheduling,
         Step::PreProcessing,

@@ -5,14 +5,17 @@
 //! byte the embedded store keeps is written to its file: a smaller doc costs Redis less CPU, lets
 //! each `fsync` cover more orders and makes the embedded file several times smaller. Either form
 //! is read whatever the option says, so nodes with and without it share a Redis, and a data dir
-//! keeps working when the option changes.
+//! keeps working when the option changes. With `database.payload_apart`, Redis keeps an order's
+//! payload apart, written once when the order is created (its own doc, [`write_payload`]), and
+//! the order's doc leaves it out.
 
 use super::corrupt;
-use crate::order::{write_order, Order};
+use crate::order::{write_order, write_order_apart, Order, Payload};
 use crate::store::StoreError;
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::num::NonZeroU32;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use zstd::bulk::{Compressor, Decompressor};
 use zstd::dict::{DecoderDictionary, EncoderDictionary};
 
@@ -71,11 +74,48 @@ pub fn encode(order: &Order, compress: bool) -> Result<Vec<u8>, StoreError> {
     Ok(bytes)
 }
 
-/// Appends `order`'s doc to `bytes`: its JSON, compressed when `compress` says so.
+/// Appends `order`'s doc to `bytes`: its JSON (without its payload when the store keeps that
+/// apart, see [`write_payload`]), compressed when `compress` says so.
 pub fn write(bytes: &mut Vec<u8>, order: &Order, compress: bool) -> Result<(), StoreError> {
+    let json = |out: &mut Vec<u8>| {
+        if order.payload.is_apart() {
+            write_order_apart(out, order)
+        } else {
+            write_order(out, order)
+        }
+        .map_err(corrupt)
+    };
     if !compress {
-        return write_order(bytes, order).map_err(corrupt);
+        return json(bytes);
     }
+    compressed(bytes, json, |_| true)
+}
+
+/// Appends the doc of an order's payload kept apart from the rest of the order: its JSON, or,
+/// when `compress` says so and that is smaller, that JSON compressed.
+pub fn write_payload(
+    bytes: &mut Vec<u8>,
+    payload: &Payload,
+    compress: bool,
+) -> Result<(), StoreError> {
+    let text = payload.text().map_err(corrupt)?.as_bytes();
+    let plain = |out: &mut Vec<u8>| {
+        out.extend_from_slice(text);
+        Ok(())
+    };
+    if !compress {
+        return plain(bytes);
+    }
+    compressed(bytes, plain, |size| size < text.len())
+}
+
+/// Appends the JSON `json` writes, compressed; or, when `worth` says the compressed size is not
+/// worth it, the JSON as it is.
+fn compressed(
+    bytes: &mut Vec<u8>,
+    json: impl FnOnce(&mut Vec<u8>) -> Result<(), StoreError>,
+    worth: impl FnOnce(usize) -> bool,
+) -> Result<(), StoreError> {
     COMPRESSING.with(|cell| {
         let mut cell = cell.borrow_mut();
         let compressing = match &mut *cell {
@@ -88,7 +128,7 @@ pub fn write(bytes: &mut Vec<u8>, order: &Order, compress: bool) -> Result<(), S
             }),
         };
         compressing.json.clear();
-        write_order(&mut compressing.json, order).map_err(corrupt)?;
+        json(&mut compressing.json)?;
         compressing.out.clear();
         compressing
             .out
@@ -97,15 +137,42 @@ pub fn write(bytes: &mut Vec<u8>, order: &Order, compress: bool) -> Result<(), S
             .compressor
             .compress_to_buffer(&compressing.json[..], &mut compressing.out)
             .map_err(|error| corrupt(format_args!("zstd: {error}")))?;
-        bytes.extend_from_slice(&compressing.out);
+        if worth(compressing.out.len()) {
+            bytes.extend_from_slice(&compressing.out);
+        } else {
+            bytes.extend_from_slice(&compressing.json);
+        }
         Ok(())
     })
 }
 
-/// The order a doc holds, in either form.
-pub fn read(doc: &[u8]) -> Result<Order, StoreError> {
+/// The order a doc holds, in either form. `payload` is the doc of its payload where the store
+/// keeps that apart (see [`write_payload`]): the order's doc then has none, and the order read
+/// is marked so, so that its later writes leave it out too. A doc that holds its payload all
+/// the same (it never changes) is read as it is.
+pub fn read(doc: &[u8], payload: Option<&[u8]>) -> Result<Order, StoreError> {
+    let mut order: Order = serde_json::from_slice(&json_of(doc)?).map_err(corrupt)?;
+    let Some(payload) = payload else {
+        if order.lacks_payload() {
+            return Err(StoreError::Corrupt(
+                "order doc without a payload, and none kept apart".into(),
+            ));
+        }
+        return Ok(order);
+    };
+    if order.lacks_payload() {
+        let value: serde_json::Value = serde_json::from_slice(&json_of(payload)?)
+            .map_err(|error| corrupt(format_args!("payload kept apart: {error}")))?;
+        order.payload = Arc::new(Payload::from(value));
+    }
+    order.payload.set_apart();
+    Ok(order)
+}
+
+/// The JSON a doc (of an order, or of a payload kept apart) holds, in either form.
+fn json_of(doc: &[u8]) -> Result<Cow<'_, [u8]>, StoreError> {
     if !doc.starts_with(&ZSTD_MAGIC) {
-        return serde_json::from_slice(doc).map_err(corrupt);
+        return Ok(Cow::Borrowed(doc));
     }
     if zstd::zstd_safe::get_dict_id_from_frame(doc) != NonZeroU32::new(DICTIONARY_ID) {
         return Err(StoreError::Corrupt(
@@ -120,7 +187,7 @@ pub fn read(doc: &[u8]) -> Result<Order, StoreError> {
             ))
         }
     };
-    let json = DECOMPRESSOR.with(|cell| {
+    DECOMPRESSOR.with(|cell| {
         let mut cell = cell.borrow_mut();
         let decompressor = match &mut *cell {
             Some(decompressor) => decompressor,
@@ -132,9 +199,9 @@ pub fn read(doc: &[u8]) -> Result<Order, StoreError> {
         let capacity = usize::try_from(size).map_err(corrupt)?;
         decompressor
             .decompress(doc, capacity)
+            .map(Cow::Owned)
             .map_err(|error| corrupt(format_args!("compressed doc: {error}")))
-    })?;
-    serde_json::from_slice(&json).map_err(corrupt)
+    })
 }
 
 #[cfg(test)]
@@ -184,7 +251,7 @@ mod tests {
         let doc = &bytes[b"before".len()..];
         assert!(doc.starts_with(&ZSTD_MAGIC));
         assert!(doc.len() * 2 < json(&order).len(), "{} bytes", doc.len());
-        assert_eq!(json(&read(doc).unwrap()), json(&order));
+        assert_eq!(json(&read(doc, None).unwrap()), json(&order));
         // The same order makes the same bytes: a retried write compares equal to the stored one.
         let mut again = Vec::new();
         write(&mut again, &order, true).unwrap();
@@ -194,7 +261,7 @@ mod tests {
     #[test]
     fn a_json_doc_reads_as_before() {
         let order = order();
-        assert_eq!(json(&read(&json(&order)).unwrap()), json(&order));
+        assert_eq!(json(&read(&json(&order), None).unwrap()), json(&order));
     }
 
     #[test]
@@ -203,16 +270,94 @@ mod tests {
         write(&mut doc, &order(), true).unwrap();
         for cut in [4, 6, doc.len() / 2, doc.len() - 1] {
             assert!(
-                matches!(read(&doc[..cut]), Err(StoreError::Corrupt(_))),
+                matches!(read(&doc[..cut], None), Err(StoreError::Corrupt(_))),
                 "cut at {cut}"
             );
         }
         let mut flipped = doc.clone();
         let last = flipped.len() - 3;
         flipped[last] ^= 0x55;
-        assert!(read(&flipped).is_err());
+        assert!(read(&flipped, None).is_err());
         // Compressed without the dictionary, or with another: not ours to read.
         let plain = zstd::bulk::compress(&json(&order()), 1).unwrap();
-        assert!(matches!(read(&plain), Err(StoreError::Corrupt(_))));
+        assert!(matches!(read(&plain, None), Err(StoreError::Corrupt(_))));
+    }
+
+    /// An order's doc and its payload's, as a store that keeps the payload apart writes them.
+    fn apart(order: &Order, compress: bool) -> (Vec<u8>, Vec<u8>) {
+        order.payload.set_apart();
+        let (mut doc, mut payload) = (Vec::new(), Vec::new());
+        write(&mut doc, order, compress).unwrap();
+        write_payload(&mut payload, &order.payload, compress).unwrap();
+        (doc, payload)
+    }
+
+    #[test]
+    fn an_order_apart_from_its_payload_reads_back_whole_and_stays_apart() {
+        for compress in [false, true] {
+            let order = order();
+            let whole = json(&order);
+            let (doc, payload) = apart(&order, compress);
+            assert_eq!(doc.starts_with(&ZSTD_MAGIC), compress);
+            let text = json_of(&doc).unwrap();
+            assert!(
+                !String::from_utf8_lossy(&text).contains("payload"),
+                "{text:?}"
+            );
+            let read = read(&doc, Some(&payload)).unwrap();
+            assert!(read.payload.is_apart());
+            assert_eq!(read, order);
+            // Its next write leaves the payload out again; in full it is the order's JSON.
+            let mut again = Vec::new();
+            write(&mut again, &read, compress).unwrap();
+            assert_eq!(again, doc);
+            let mut full = Vec::new();
+            write_order(&mut full, &read).unwrap();
+            assert_eq!(full, whole);
+        }
+    }
+
+    #[test]
+    fn a_payload_is_compressed_only_when_that_makes_it_smaller() {
+        let small = Payload::from(serde_json::json!({"sku": 7}));
+        let mut bytes = Vec::new();
+        write_payload(&mut bytes, &small, true).unwrap();
+        assert_eq!(bytes, br#"{"sku":7}"#);
+        let large = Payload::from(serde_json::json!({"note": "abc ".repeat(500)}));
+        let mut bytes = Vec::new();
+        write_payload(&mut bytes, &large, true).unwrap();
+        assert!(bytes.starts_with(&ZSTD_MAGIC));
+        assert!(bytes.len() < 200, "{} bytes", bytes.len());
+        assert_eq!(
+            json_of(&bytes).unwrap().as_ref(),
+            large.text().unwrap().as_bytes()
+        );
+    }
+
+    #[test]
+    fn a_payload_apart_that_does_not_read_is_corrupt() {
+        let (doc, payload) = apart(&order(), false);
+        let corrupt =
+            |payload: &[u8]| matches!(read(&doc, Some(payload)), Err(StoreError::Corrupt(_)));
+        // Two values, one cut short, a value and more, nothing.
+        assert!(corrupt(br#"{"a":1} {"b":2}"#));
+        assert!(corrupt(&payload[..payload.len() - 1]));
+        assert!(corrupt(br#"1,"extra":2"#));
+        assert!(corrupt(b""));
+        // A doc without its payload, and none apart.
+        assert!(matches!(read(&doc, None), Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_doc_that_holds_its_payload_too_reads_as_it_is_and_leaves_it_out_after() {
+        let order = order();
+        let whole = json(&order);
+        let (doc, _) = apart(&order, false);
+        let read = read(&whole, Some(br#"{"sku":7}"#)).unwrap();
+        assert!(read.payload.is_apart());
+        assert_eq!(read, order);
+        let mut again = Vec::new();
+        write(&mut again, &read, false).unwrap();
+        assert_eq!(again, doc);
     }
 }

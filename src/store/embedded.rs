@@ -690,7 +690,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
 
     fn read(&self, id: &str) -> Result<Option<Order>, StoreError> {
         match self.orders.get(id).map_err(unavailable)? {
-            Some(bytes) => doc::read(bytes.value()).map(Some),
+            Some(bytes) => doc::read(bytes.value(), None).map(Some),
             None => Ok(None),
         }
     }
@@ -1069,7 +1069,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             if read.len() >= n {
                 break;
             }
-            read.push((id.value().to_string(), doc::read(bytes.value())));
+            read.push((id.value().to_string(), doc::read(bytes.value(), None)));
         }
         match read.last() {
             Some((last, _)) if read.len() >= n => {
@@ -1116,7 +1116,7 @@ impl OrderStore for EmbeddedStore {
             let orders = txn.open_table(ORDERS).map_err(unavailable)?;
             let found = orders.get(id.to_string().as_str()).map_err(unavailable)?;
             match found {
-                Some(bytes) => doc::read(bytes.value()).map(Some),
+                Some(bytes) => doc::read(bytes.value(), None).map(Some),
                 None => Ok(None),
             }
         })
@@ -1133,7 +1133,7 @@ impl OrderStore for EmbeddedStore {
                 Ok(wanted
                     .iter()
                     .map(|id| match orders.get(id.to_string().as_str()) {
-                        Ok(Some(bytes)) => doc::read(bytes.value()).map(Some),
+                        Ok(Some(bytes)) => doc::read(bytes.value(), None).map(Some),
                         Ok(None) => Ok(None),
                         Err(error) => Err(unavailable(error)),
                     })
@@ -1204,7 +1204,7 @@ impl OrderStore for EmbeddedStore {
                 let Some(bytes) = orders.get(id).map_err(unavailable)? else {
                     continue;
                 };
-                let order = match doc::read(bytes.value()) {
+                let order = match doc::read(bytes.value(), None) {
                     Ok(order) => order,
                     Err(error) => {
                         tracing::warn!(order_id = %id, error = %error, "listing skips an unreadable order");

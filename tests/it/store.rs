@@ -1048,6 +1048,88 @@ async fn redis_store_conforms() {
     assert!(!repaired.owners.contains("node-t"), "{repaired:?}");
 }
 
+/// How many order hashes `redis` holds, and how many of them hold their payload apart (in a
+/// field of its own, their doc without one).
+fn payloads_apart(redis: &RedisServer) -> (usize, usize) {
+    let counted = redis.cli(&[
+        "EVAL",
+        "local n, apart = 0, 0 \
+         for _, key in ipairs(redis.call('KEYS', 'op:*:order:*')) do \
+           n = n + 1 \
+           local doc = redis.call('HGET', key, 'doc') \
+           if redis.call('HEXISTS', key, 'payload') == 1 and not string.find(doc, '\"payload\":', 1, true) then apart = apart + 1 end \
+         end \
+         return {n, apart}",
+        "0",
+    ]);
+    let mut counted = counted.lines().map(|line| line.parse().expect("a count"));
+    (counted.next().expect("n"), counted.next().expect("apart"))
+}
+
+/// `database.payload_apart`: every order created keeps its payload apart from its doc, through
+/// every change, and reads back whole.
+#[tokio::test]
+async fn redis_store_keeping_payloads_apart_conforms() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 4, Duration::from_secs(2))
+        .unwrap()
+        .with_payload_apart(true);
+    repair_all(&store).await;
+    conformance(&store).await;
+    let (orders, apart) = payloads_apart(&redis);
+    assert!(orders > 10, "{orders} orders");
+    assert_eq!(apart, orders);
+    let repaired = repair_all(&store).await;
+    assert!(repaired.orders > 0);
+    assert!(repaired.owners.contains("node-p"), "{repaired:?}");
+}
+
+/// Nodes with and without `database.payload_apart` share a Redis: each reads the orders the
+/// other created and commits their next transitions, and an order keeps the form it was
+/// created in (a node without the option leaves out the payload of an order that keeps it
+/// apart; one with it writes the payload of an order that does not).
+#[tokio::test]
+async fn redis_stores_with_and_without_payloads_apart_take_over_each_others_orders() {
+    let redis = RedisServer::start();
+    let connect = |apart| {
+        RedisStore::connect(&redis.url(), 2, Duration::from_secs(2))
+            .unwrap()
+            .with_payload_apart(apart)
+    };
+    let (apart, whole) = (connect(true), connect(false));
+    let user = format!("user-{}", uuid::Uuid::new_v4().simple());
+    let mut payload = serde_json::json!({"note": "caf\u{e9} \"x\"", "items": [1, 2.5, null]});
+    for (creator, taker) in [(&apart, &whole), (&whole, &apart)] {
+        payload["n"] = serde_json::json!(user.len());
+        let order = Order::new(
+            OrderId::new_v4(),
+            user.clone(),
+            payload.clone(),
+            "node-a".into(),
+            Utc::now(),
+        );
+        create(creator, &order).await;
+        let mut read = taker.get(order.order_id).await.unwrap().expect("read");
+        assert_eq!(read, order);
+        while !read.is_finished() {
+            taker.commit(&succeed(&read)).await.expect("commit");
+            read = creator.get(order.order_id).await.unwrap().expect("read");
+            assert_eq!(**read.payload, payload);
+        }
+        let all = ListQuery {
+            limit: 10,
+            ..ListQuery::default()
+        };
+        let listed = whole.list_for_user(&user, &all).await.unwrap();
+        assert!(listed
+            .orders
+            .iter()
+            .any(|listed| listed.order_id == order.order_id && **listed.payload == payload));
+    }
+    // The first order keeps its payload apart, the second in its doc.
+    assert_eq!(payloads_apart(&redis), (2, 1));
+}
+
 /// A store on a Redis with one replica, whose writes wait for it (`min_replicas = 1`).
 fn replicated_store() -> (RedisServer, RedisServer, RedisStore) {
     use order_process::store::redis::Connections;

@@ -333,3 +333,52 @@ async fn a_node_writing_compressed_orders_takes_over_json_ones_that_plain_reader
         assert_eq!(listed, all, "listed with {query:?}");
     }
 }
+
+/// `database.payload_apart`: a node that keeps payloads apart takes over orders stored whole and
+/// finishes them, still whole; the orders it is given keep their payloads apart; its answers
+/// and a store without the option read both whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeping_payloads_apart_takes_over_whole_ones_and_both_read_whole() {
+    let _turn = cluster_turn().await;
+    let redis = RedisServer::start();
+    let plain = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    let user = unique_user("apart");
+    let node = Node::start(
+        &config(&redis.url(), "10ms", "", &[])
+            .replace("[database]\n", "[database]\npayload_apart = true\n"),
+    )
+    .await;
+    let dead = uuid::Uuid::new_v4().to_string();
+    let left = orders_of(&plain, &user, &dead, 5).await;
+    let connections = Connections::connect(&redis.url(), 1, Duration::from_secs(2)).unwrap();
+    RedisCoordinator::new(Arc::new(connections))
+        .register_node(&dead, "127.0.0.1:9")
+        .await
+        .unwrap();
+    let mut submitted = Vec::new();
+    for index in 0..5 {
+        let payload = serde_json::json!({ "n": index, "note": "x".repeat(100) });
+        submitted.push((node.create_order(&user, &payload).await, payload));
+    }
+    wait_all_finished(&plain, &left, TAKEOVER).await;
+    let ids: Vec<String> = submitted.iter().map(|(id, _)| id.clone()).collect();
+    wait_all_finished(&plain, &ids, TAKEOVER).await;
+    let left = left
+        .iter()
+        .enumerate()
+        .map(|(index, id)| (id.clone(), serde_json::json!({ "n": index })));
+    for (id, payload) in left.chain(submitted.iter().cloned()) {
+        let order = plain
+            .get(OrderId::try_parse(&id).unwrap())
+            .await
+            .expect("read")
+            .expect("kept");
+        assert_eq!(order.current_step.as_str(), "Completed", "{order:?}");
+        assert_eq!(**order.payload, payload);
+        let view = node.order(&user, &id).await;
+        assert_eq!(view["payload"], payload, "{view}");
+        let key = keys::order_key(OrderId::try_parse(&id).unwrap());
+        let apart = redis.cli(&["HEXISTS", &key, "payload"]) == "1";
+        assert_eq!(apart, ids.contains(&id), "{id} kept apart");
+    }
+}

@@ -20,8 +20,8 @@ const MAX_BATCH: usize = 64;
 /// such writes); writes that come while all are on their way go together in the next.
 const IN_FLIGHT: usize = 64;
 
-/// The most keys and arguments of one write: a create's shape, six keys and twelve arguments.
-const MAX_PARTS: usize = 19;
+/// The most keys and arguments of one write: a create's shape, six keys and thirteen arguments.
+const MAX_PARTS: usize = 20;
 
 /// What a write of the writes script is: a create or a commit, and whether it stores the order
 /// finished (a create) or finished or notifying (a commit), and whether a create has an
@@ -66,7 +66,7 @@ impl Shape {
             Shape::Commit { finishing: true } => (5, 12),
             Shape::Create { finishing, keyed } => {
                 let (finishing, keyed) = (usize::from(finishing), usize::from(keyed));
-                (4 + finishing + keyed, 8 + 2 * finishing + 2 * keyed)
+                (4 + finishing + keyed, 9 + 2 * finishing + 2 * keyed)
             }
         }
     }

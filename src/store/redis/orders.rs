@@ -36,7 +36,7 @@ const FAN_OUT: usize = 8;
 const REOPEN_TRIES: usize = 5;
 
 /// The hash fields an order is read from, in the order [`decode`] takes them.
-const READ_FIELDS: [&str; 4] = ["doc", "owner", "epoch", "cancel"];
+const READ_FIELDS: [&str; 5] = ["doc", "owner", "epoch", "cancel", "payload"];
 
 /// The orders of a cluster, in its Redis.
 pub struct RedisStore {
@@ -51,6 +51,9 @@ pub struct RedisStore {
     committer: OnceLock<Committer>,
     /// Whether orders are written compressed (see `doc`); either form is read.
     compress: bool,
+    /// Whether an order created keeps its payload apart from its doc, written once (see
+    /// `doc::write_payload`); either form is read, and an order keeps the form it was created in.
+    payload_apart: bool,
 }
 
 /// A script's answer as `T`.
@@ -131,17 +134,19 @@ fn read_order(pipeline: &mut redis::Pipeline, key: &str) {
     pipeline.cmd("HMGET").arg(key).arg(&READ_FIELDS[..]);
 }
 
-/// An order's hash fields as read: `doc`, `owner`, `epoch`, `cancel` (bytes: a doc may be
-/// compressed).
+/// An order's hash fields as read: `doc`, `owner`, `epoch`, `cancel`, `payload` (bytes: a doc
+/// may be compressed).
 type Fields = Vec<Option<Vec<u8>>>;
 
-/// Builds an order from the hash fields `doc`, `owner`, `epoch`, `cancel`.
+/// Builds an order from the hash fields `doc`, `owner`, `epoch`, `cancel`, `payload` (only
+/// where the order keeps its payload apart).
 fn decode(fields: Fields) -> Result<Option<Order>, StoreError> {
-    let mut fields = fields.into_iter();
-    let Some(Some(doc)) = fields.next() else {
+    let payload = fields.get(4).and_then(Option::as_deref);
+    let Some(Some(doc)) = fields.first() else {
         return Ok(None);
     };
-    let mut order = doc::read(&doc)?;
+    let mut order = doc::read(doc, payload)?;
+    let mut fields = fields.into_iter().skip(1);
     let text = |field: Vec<u8>, name: &str| {
         String::from_utf8(field).map_err(|_| StoreError::Corrupt(format!("{name} not UTF-8")))
     };
@@ -201,12 +206,19 @@ impl RedisStore {
             purge_from: AtomicUsize::new(0),
             committer: OnceLock::new(),
             compress: false,
+            payload_apart: false,
         }
     }
 
     /// The store, writing orders compressed (see `doc`) when `compress` says so.
     pub fn with_compression(mut self, compress: bool) -> RedisStore {
         self.compress = compress;
+        self
+    }
+
+    /// The store, creating orders with their payload apart from their doc when `apart` says so.
+    pub fn with_payload_apart(mut self, apart: bool) -> RedisStore {
+        self.payload_apart = apart;
         self
     }
 
@@ -602,7 +614,17 @@ impl RedisStore {
         }
         write.key(&keys::state_parts(code, &order.user));
         write.begin(shape);
+        if self.payload_apart {
+            // Before the doc is written: it then leaves the payload out, as every later write
+            // of the order does.
+            order.payload.set_apart();
+        }
         write.arg_with(|bytes| doc::write(bytes, order, self.compress))?;
+        if order.payload.is_apart() {
+            write.arg_with(|bytes| doc::write_payload(bytes, &order.payload, self.compress))?;
+        } else {
+            write.arg("");
+        }
         write.arg(&order.owner);
         write.number(order.epoch);
         write.arg(&order.user);

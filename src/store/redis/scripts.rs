@@ -126,12 +126,13 @@ end
 /// Create an order with its index entries (a function of [`WRITES`]). KEYS, four to six: the
 /// order, its owner's owned set, its user's index, (only for an order stored finished,
 /// `finishing`) the finished index, (only with one, `keyed`) the idempotency key, whose name the
-/// order hash keeps (`idem`), and last its state index. ARGV, eight: doc, owner, epoch, user,
-/// state, step, user index member, order id; when keyed, two more: idempotency ttl (s), take
-/// over a key that holds no order id (1/0); when finishing, two more: retention (ms), finished
-/// index entry. An order stored finished starts its retention at once. Answers 'ok';
-/// {'exists', current owner} when the id is taken; or {'key', id} when the idempotency key names
-/// another id: nothing is written then. Why a script: the order and its index entries are
+/// order hash keeps (`idem`), and last its state index. ARGV, nine: doc, payload (kept apart
+/// from the doc in its own field, written only here; empty when the doc holds it), owner,
+/// epoch, user, state, step, user index member, order id; when keyed, two more: idempotency
+/// ttl (s), take over a key that holds no order id (1/0); when finishing, two more: retention
+/// (ms), finished index entry. An order stored finished starts its retention at once. Answers
+/// 'ok'; {'exists', current owner} when the id is taken; or {'key', id} when the idempotency key
+/// names another id: nothing is written then. Why a script: the order and its index entries are
 /// written together or not at all, so no dropped retry leaves an index entry with no order; and
 /// of two requests that store the same id, exactly one wins.
 const CREATE: &str = r"
@@ -141,10 +142,10 @@ local function create(k, a, finishing, keyed)
   if finishing then n = n + 1; finished = KEYS[n] end
   if keyed then n = n + 1; idem = KEYS[n] end
   local index = KEYS[n + 1]
-  local doc, owner, epoch, user, state, step, member, id = unpack(ARGV, a + 1, a + 8)
+  local doc, payload, owner, epoch, user, state, step, member, id = unpack(ARGV, a + 1, a + 9)
   local ttl, take, retention, entry
-  if keyed then ttl, take, a = ARGV[a + 9], ARGV[a + 10], a + 2 end
-  if finishing then retention, entry = ARGV[a + 9], ARGV[a + 10] end
+  if keyed then ttl, take, a = ARGV[a + 10], ARGV[a + 11], a + 2 end
+  if finishing then retention, entry = ARGV[a + 10], ARGV[a + 11] end
   if idem then
     local earlier = redis.call('GET', idem)
     if earlier and earlier ~= id and take ~= '1' then
@@ -154,12 +155,17 @@ local function create(k, a, finishing, keyed)
   if redis.call('EXISTS', order) == 1 then
     return {'exists', redis.call('HGET', order, 'owner')}
   end
-  -- file_state, for an order that is filed nowhere yet.
-  if idem then
-    redis.call('SET', idem, id, 'EX', ttl)
-    redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step, 'filed', index, 'idem', idem)
-  else
+  -- file_state, for an order that is filed nowhere yet. One HSET, with the idempotency key's
+  -- name and the payload kept apart when there are.
+  if idem then redis.call('SET', idem, id, 'EX', ttl) end
+  if payload == '' and not idem then
     redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step, 'filed', index)
+  elseif payload == '' then
+    redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step, 'filed', index, 'idem', idem)
+  elseif not idem then
+    redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step, 'filed', index, 'payload', payload)
+  else
+    redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step, 'filed', index, 'idem', idem, 'payload', payload)
   end
   redis.call('ZADD', user_index, '0', member)
   redis.call('ZADD', index, '0', member)
@@ -187,8 +193,8 @@ local k, a = 0, 0
 -- Each shape: create (or commit), finishing, keyed, key count, argument count.
 local shapes = {
   c = {false, false, false, 3, 9}, cf = {false, true, false, 5, 12},
-  n = {true, false, false, 4, 8}, nf = {true, true, false, 5, 10},
-  ni = {true, false, true, 5, 10}, nfi = {true, true, true, 6, 12},
+  n = {true, false, false, 4, 9}, nf = {true, true, false, 5, 11},
+  ni = {true, false, true, 5, 11}, nfi = {true, true, true, 6, 13},
 }
 while a < #ARGV do
   local shape = shapes[ARGV[a + 1]]
@@ -207,15 +213,15 @@ return answers
 ";
 
 /// Record a cancellation. KEYS[1] = order. ARGV: user. Returns nil for another user's or an
-/// unknown order, else {doc, owner, epoch, cancel before}. Atomic so a cancellation is recorded
-/// only on an order still running forward.
+/// unknown order, else {doc, owner, epoch, cancel before, payload (only where it is kept
+/// apart)}. Atomic so a cancellation is recorded only on an order still running forward.
 const CANCEL: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 'user', 'state', 'cancel', 'doc', 'owner', 'epoch')
+local cur = redis.call('HMGET', KEYS[1], 'user', 'state', 'cancel', 'doc', 'owner', 'epoch', 'payload')
 if not cur[1] or cur[1] ~= ARGV[1] then return false end
 if cur[2] == 'forward' and cur[3] ~= '1' then
   redis.call('HSET', KEYS[1], 'cancel', '1')
 end
-return {cur[4], cur[5], cur[6], cur[3] or '0'}
+return {cur[4], cur[5], cur[6], cur[3] or '0', cur[7]}
 ";
 
 /// Move one order and its owned-set entry. KEYS: the order, `from`'s owned set, `to`'s owned
