@@ -328,8 +328,9 @@ pub struct DatabaseConfig {
     /// an embedded store's file several times smaller. Orders are read in either form whatever
     /// this says; turn it on once no node of an earlier version, which reads only JSON, is left.
     pub compress_orders: bool,
-    /// Keep each order's payload apart from the rest of it (Redis): written once, when the order
-    /// is created, in a hash field of its own, instead of in the stored order at every change.
+    /// Keep each order's payload apart from the rest of it: written once, when the order is
+    /// created, in a field (Redis) or table (embedded store) of its own, instead of in the stored
+    /// order at every change.
     /// Orders are read in either form whatever this says, and keep the form they were created
     /// in; turn it on once no node of an earlier version, which reads only payloads stored in
     /// the order, is left.

@@ -180,11 +180,10 @@ pub async fn run(
             };
             (store, pool, Some(cluster))
         } else {
-            let file = Arc::new(EmbeddedStore::open_with(
-                data_dir,
-                retention,
-                config.database.compress_orders,
-            )?);
+            let file = Arc::new(
+                EmbeddedStore::open_with(data_dir, retention, config.database.compress_orders)?
+                    .with_payload_apart(config.database.payload_apart),
+            );
             embedded = Some(Arc::clone(&file));
             let metered = MeteredStore::new(file, Arc::clone(&metrics));
             let store: Arc<dyn OrderStore> = Arc::new(metered);

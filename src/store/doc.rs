@@ -5,9 +5,9 @@
 //! byte the embedded store keeps is written to its file: a smaller doc costs Redis less CPU, lets
 //! each `fsync` cover more orders and makes the embedded file several times smaller. Either form
 //! is read whatever the option says, so nodes with and without it share a Redis, and a data dir
-//! keeps working when the option changes. With `database.payload_apart`, Redis keeps an order's
-//! payload apart, written once when the order is created (its own doc, [`write_payload`]), and
-//! the order's doc leaves it out.
+//! keeps working when the option changes. With `database.payload_apart`, a store keeps an
+//! order's payload apart, written once when the order is created (its own doc,
+//! [`write_payload`]), and the order's doc leaves it out.
 
 use super::corrupt;
 use crate::order::{write_order, write_order_apart, Order, Payload};
@@ -89,6 +89,13 @@ pub fn write(bytes: &mut Vec<u8>, order: &Order, compress: bool) -> Result<(), S
         return json(bytes);
     }
     compressed(bytes, json, |_| true)
+}
+
+/// The doc of an order's payload kept apart, in a buffer of its own (see [`write_payload`]).
+pub fn encode_payload(payload: &Payload, compress: bool) -> Result<Vec<u8>, StoreError> {
+    let mut bytes = Vec::new();
+    write_payload(&mut bytes, payload, compress)?;
+    Ok(bytes)
 }
 
 /// Appends the doc of an order's payload kept apart from the rest of the order: its JSON, or,

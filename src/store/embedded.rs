@@ -58,6 +58,20 @@ const BY_STATE: TableDefinition<(&str, u8, u64, &str), ()> =
     TableDefinition::new("orders_by_user_state");
 /// Order id → the state codes it is filed under in `BY_STATE`.
 const STATE_OF: TableDefinition<&str, (u8, u8)> = TableDefinition::new("order_state");
+/// Order id → its payload's doc, for the orders created with `database.payload_apart`: their
+/// doc in `ORDERS` leaves the payload out.
+const PAYLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("order_payloads");
+
+/// The order stored under `id` with doc `doc`, its payload read from `payloads` where it is
+/// kept apart.
+fn read_order(
+    payloads: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+    doc: &[u8],
+) -> Result<Order, StoreError> {
+    let payload = payloads.get(id).map_err(unavailable)?;
+    doc::read(doc, payload.as_ref().map(|payload| payload.value()))
+}
 const BACKFILL: &str = "finished_backfill";
 /// Meta key of a walk that files orders stored before `BY_STATE` existed; listings filtered by
 /// state scan the user's history until it is over.
@@ -177,6 +191,8 @@ pub struct EmbeddedStore {
     retention: Duration,
     /// Whether orders are written compressed (`database.compress_orders`).
     compress: bool,
+    /// Whether orders are created with their payload apart (`database.payload_apart`).
+    payload_apart: bool,
 }
 
 impl EmbeddedStore {
@@ -236,6 +252,7 @@ impl EmbeddedStore {
             txn.open_table(PARKED).map_err(unavailable)?;
             txn.open_table(BY_STATE).map_err(unavailable)?;
             txn.open_table(STATE_OF).map_err(unavailable)?;
+            txn.open_table(PAYLOADS).map_err(unavailable)?;
         }
         txn.commit().map_err(unavailable)?;
 
@@ -262,7 +279,15 @@ impl EmbeddedStore {
             health,
             retention,
             compress,
+            payload_apart: false,
         })
+    }
+
+    /// The store, creating orders with their payload apart from their doc (written once, in a
+    /// table of its own) when `apart` says so; either form is read whatever it says.
+    pub fn with_payload_apart(mut self, apart: bool) -> EmbeddedStore {
+        self.payload_apart = apart;
+        self
     }
 
     /// Closes the file for a clean stop: later reads and writes are unavailable, and once the
@@ -650,6 +675,7 @@ struct Tables<'txn, 'cache> {
     parked: redb::Table<'txn, &'static str, ()>,
     by_state: redb::Table<'txn, (&'static str, u8, u64, &'static str), ()>,
     state_of: redb::Table<'txn, &'static str, (u8, u8)>,
+    payloads: redb::Table<'txn, &'static str, &'static [u8]>,
     owners: &'cache mut Owners,
     /// Whether the orders this batch writes again are written compressed.
     compress: bool,
@@ -683,6 +709,9 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             state_of: txn
                 .open_table(STATE_OF)
                 .map_err(|error| error.to_string())?,
+            payloads: txn
+                .open_table(PAYLOADS)
+                .map_err(|error| error.to_string())?,
             owners,
             compress,
         })
@@ -690,7 +719,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
 
     fn read(&self, id: &str) -> Result<Option<Order>, StoreError> {
         match self.orders.get(id).map_err(unavailable)? {
-            Some(bytes) => doc::read(bytes.value(), None).map(Some),
+            Some(bytes) => read_order(&self.payloads, id, bytes.value()).map(Some),
             None => Ok(None),
         }
     }
@@ -781,10 +810,13 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         Ok(())
     }
 
+    /// Creates `order` with its doc `bytes` and, where its payload is kept apart, that
+    /// payload's doc `payload`.
     fn create(
         &mut self,
         order: &Order,
         bytes: &[u8],
+        payload: Option<&[u8]>,
         key: Option<&str>,
     ) -> Result<Created, StoreError> {
         let id = order.order_id.to_string();
@@ -817,6 +849,11 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
                 .map_err(unavailable)?;
         }
         self.write(order, bytes, true)?;
+        if let Some(payload) = payload {
+            self.payloads
+                .insert(id.as_str(), payload)
+                .map_err(unavailable)?;
+        }
         self.by_user
             .insert(
                 (order.user.as_str(), created_micros(order), id.as_str()),
@@ -995,6 +1032,7 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         let id = order.order_id.to_string();
         let user = order.user.as_str();
         self.orders.remove(id.as_str()).map_err(unavailable)?;
+        self.payloads.remove(id.as_str()).map_err(unavailable)?;
         self.parked.remove(id.as_str()).map_err(unavailable)?;
         self.unfile_state(order, &id, None)?;
         self.by_user
@@ -1069,7 +1107,8 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
             if read.len() >= n {
                 break;
             }
-            read.push((id.value().to_string(), doc::read(bytes.value(), None)));
+            let order = read_order(&self.payloads, id.value(), bytes.value());
+            read.push((id.value().to_string(), order));
         }
         match read.last() {
             Some((last, _)) if read.len() >= n => {
@@ -1104,9 +1143,18 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
 #[async_trait]
 impl OrderStore for EmbeddedStore {
     async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError> {
+        if self.payload_apart {
+            // Before the doc is written: it then leaves the payload out, as every later write
+            // of the order does.
+            order.payload.set_apart();
+        }
+        let payload = match order.payload.is_apart() {
+            true => Some(doc::encode_payload(&order.payload, self.compress)?),
+            false => None,
+        };
         let (order, bytes) = (order.clone(), doc::encode(order, self.compress)?);
         let key = key.map(str::to_string);
-        self.write(move |tables| tables.create(&order, &bytes, key.as_deref()))
+        self.write(move |tables| tables.create(&order, &bytes, payload.as_deref(), key.as_deref()))
             .await
     }
 
@@ -1114,9 +1162,11 @@ impl OrderStore for EmbeddedStore {
         self.read(move |db| {
             let txn = db.begin_read().map_err(unavailable)?;
             let orders = txn.open_table(ORDERS).map_err(unavailable)?;
-            let found = orders.get(id.to_string().as_str()).map_err(unavailable)?;
+            let payloads = txn.open_table(PAYLOADS).map_err(unavailable)?;
+            let id = id.to_string();
+            let found = orders.get(id.as_str()).map_err(unavailable)?;
             match found {
-                Some(bytes) => doc::read(bytes.value(), None).map(Some),
+                Some(bytes) => read_order(&payloads, &id, bytes.value()).map(Some),
                 None => Ok(None),
             }
         })
@@ -1130,12 +1180,16 @@ impl OrderStore for EmbeddedStore {
             .read(move |db| {
                 let txn = db.begin_read().map_err(unavailable)?;
                 let orders = txn.open_table(ORDERS).map_err(unavailable)?;
+                let payloads = txn.open_table(PAYLOADS).map_err(unavailable)?;
                 Ok(wanted
                     .iter()
-                    .map(|id| match orders.get(id.to_string().as_str()) {
-                        Ok(Some(bytes)) => doc::read(bytes.value(), None).map(Some),
-                        Ok(None) => Ok(None),
-                        Err(error) => Err(unavailable(error)),
+                    .map(|id| {
+                        let id = id.to_string();
+                        match orders.get(id.as_str()) {
+                            Ok(Some(bytes)) => read_order(&payloads, &id, bytes.value()).map(Some),
+                            Ok(None) => Ok(None),
+                            Err(error) => Err(unavailable(error)),
+                        }
                     })
                     .collect::<Vec<_>>())
             })
@@ -1153,6 +1207,7 @@ impl OrderStore for EmbeddedStore {
             let txn = db.begin_read().map_err(unavailable)?;
             let by_user = txn.open_table(BY_USER).map_err(unavailable)?;
             let orders = txn.open_table(ORDERS).map_err(unavailable)?;
+            let payloads = txn.open_table(PAYLOADS).map_err(unavailable)?;
             let upper_id;
             let upper = match query.cursor.as_deref() {
                 Some(cursor) => {
@@ -1204,7 +1259,7 @@ impl OrderStore for EmbeddedStore {
                 let Some(bytes) = orders.get(id).map_err(unavailable)? else {
                     continue;
                 };
-                let order = match doc::read(bytes.value(), None) {
+                let order = match read_order(&payloads, id, bytes.value()) {
                     Ok(order) => order,
                     Err(error) => {
                         tracing::warn!(order_id = %id, error = %error, "listing skips an unreadable order");

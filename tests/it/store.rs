@@ -933,16 +933,21 @@ async fn embedded_store_keeps_orders_across_reopen() {
         let store = EmbeddedStore::open(dir.path()).unwrap();
         create(&store, &order).await;
     }
-    // The writer thread lets go of the file once the store is dropped.
+    let store = reopen_embedded(dir.path()).await;
+    assert_eq!(store.get(order.order_id).await.unwrap(), Some(order));
+}
+
+/// The embedded store in `dir` opened again, once the writer thread of the one dropped before
+/// let go of the file.
+async fn reopen_embedded(dir: &std::path::Path) -> EmbeddedStore {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let store = loop {
-        match EmbeddedStore::open(dir.path()) {
-            Ok(store) => break store,
+    loop {
+        match EmbeddedStore::open(dir) {
+            Ok(store) => return store,
             Err(error) if std::time::Instant::now() > deadline => panic!("reopen: {error}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-    };
-    assert_eq!(store.get(order.order_id).await.unwrap(), Some(order));
+    }
 }
 
 #[tokio::test]
@@ -950,6 +955,100 @@ async fn embedded_store_writing_compressed_orders_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open_with(dir.path(), Duration::from_secs(3600), true).unwrap();
     conformance(&store).await;
+}
+
+/// The ids of the orders the embedded store's file in `dir` keeps, and of those whose payload it
+/// keeps apart (their doc without one), read from the file directly once the store let go of it.
+async fn embedded_payloads_apart(dir: &std::path::Path) -> (Vec<String>, Vec<String>) {
+    use redb::{ReadableDatabase, ReadableTable};
+    let db = open_redb(dir).await;
+    let txn = db.begin_read().unwrap();
+    let orders = txn
+        .open_table(redb::TableDefinition::<&str, &[u8]>::new("orders"))
+        .unwrap();
+    let payloads = txn
+        .open_table(redb::TableDefinition::<&str, &[u8]>::new("order_payloads"))
+        .unwrap();
+    let (mut all, mut apart) = (Vec::new(), Vec::new());
+    for entry in orders.iter().unwrap() {
+        let (id, doc) = entry.unwrap();
+        let doc = String::from_utf8_lossy(doc.value()).to_string();
+        all.push(id.value().to_string());
+        if payloads.get(id.value()).unwrap().is_some() && !doc.contains("\"payload\":") {
+            apart.push(id.value().to_string());
+        }
+    }
+    // No payload is left behind by an order gone.
+    for entry in payloads.iter().unwrap() {
+        let (id, _) = entry.unwrap();
+        assert!(
+            all.contains(&id.value().to_string()),
+            "payload of gone order {}",
+            id.value()
+        );
+    }
+    (all, apart)
+}
+
+/// `database.payload_apart` on the embedded store: every order created keeps its payload apart
+/// from its doc, through every change, reads back whole, and its payload goes with it.
+#[tokio::test]
+async fn embedded_store_keeping_payloads_apart_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = EmbeddedStore::open(dir.path())
+            .unwrap()
+            .with_payload_apart(true);
+        conformance(&store).await;
+    }
+    let (all, apart) = embedded_payloads_apart(dir.path()).await;
+    assert!(all.len() > 10, "{} orders", all.len());
+    assert_eq!(apart, all);
+    // Retention deletes an order's payload with it.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = EmbeddedStore::open_retaining(dir.path(), Duration::from_secs(1))
+            .unwrap()
+            .with_payload_apart(true);
+        retention(&store).await;
+    }
+    let (all, apart) = embedded_payloads_apart(dir.path()).await;
+    assert_eq!(apart, all);
+}
+
+/// An embedded store with `database.payload_apart` and one without it read each other's orders
+/// and take their next transitions, which keep the form they were created in.
+#[tokio::test]
+async fn embedded_store_reads_orders_whichever_payload_form_it_creates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kept_apart, whole) = (
+        new_order("forms", "node-a", 0),
+        new_order("forms", "node-a", 1),
+    );
+    {
+        let store = EmbeddedStore::open(dir.path())
+            .unwrap()
+            .with_payload_apart(true);
+        create(&store, &kept_apart).await;
+    }
+    let mut reopened = None;
+    for apart in [false, true, false] {
+        drop(reopened.take());
+        let store = reopen_embedded(dir.path()).await.with_payload_apart(apart);
+        if !apart && store.get(whole.order_id).await.unwrap().is_none() {
+            create(&store, &whole).await;
+        }
+        for order in [&kept_apart, &whole] {
+            let read = store.get(order.order_id).await.unwrap().expect("kept");
+            assert_eq!(read.payload, order.payload);
+            store.commit(&succeed(&read)).await.expect("commit");
+        }
+        reopened = Some(store);
+    }
+    drop(reopened);
+    let (all, apart) = embedded_payloads_apart(dir.path()).await;
+    assert_eq!(all.len(), 2);
+    assert_eq!(apart, vec![kept_apart.order_id.to_string()]);
 }
 
 /// The bytes the embedded store in `dir` keeps for order `id`, read from its file directly.
