@@ -112,9 +112,10 @@ async fn a_primary_killed_under_load_loses_no_acknowledged_order() {
 async fn slots_moved_under_load_lose_no_acknowledged_order() {
     let _turn = cluster_turn().await;
     let cluster = Arc::new(RedisCluster::start());
-    // Orders stored compressed: their binary docs move with the slots, and are read back.
-    let compressed = "compress_orders = true\n";
-    let node = Arc::new(Node::start(&node_config(&cluster, 1, compressed)).await);
+    // Orders stored compressed, their payloads kept apart: their binary docs and payload fields
+    // move with the slots, and are read back.
+    let forms = "compress_orders = true\npayload_apart = true\n";
+    let node = Arc::new(Node::start(&node_config(&cluster, 1, forms)).await);
     let user = unique_user("cluster-reshard");
     let submitting = keep_submitting(&node, &user);
     at_least(&node, &submitting.accepted, 20).await;
