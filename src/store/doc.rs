@@ -98,6 +98,10 @@ pub fn encode_payload(payload: &Payload, compress: bool) -> Result<Vec<u8>, Stor
     Ok(bytes)
 }
 
+/// The smallest payload worth trying to compress: a compressed one carries a frame header and
+/// the dictionary's id, so one this small never comes out smaller.
+const COMPRESSIBLE_PAYLOAD: usize = 32;
+
 /// Appends the doc of an order's payload kept apart from the rest of the order: its JSON, or,
 /// when `compress` says so and that is smaller, that JSON compressed.
 pub fn write_payload(
@@ -110,7 +114,7 @@ pub fn write_payload(
         out.extend_from_slice(text);
         Ok(())
     };
-    if !compress {
+    if !compress || text.len() < COMPRESSIBLE_PAYLOAD {
         return plain(bytes);
     }
     compressed(bytes, plain, |size| size < text.len())
@@ -330,6 +334,11 @@ mod tests {
         let mut bytes = Vec::new();
         write_payload(&mut bytes, &small, true).unwrap();
         assert_eq!(bytes, br#"{"sku":7}"#);
+        // Long enough to try, too random to come out smaller.
+        let random = Payload::from(serde_json::json!({"k": "q8Zr1x0Lm3Vb7Tn2Pw5Yc9Hd4Jf6Gs"}));
+        let mut bytes = Vec::new();
+        write_payload(&mut bytes, &random, true).unwrap();
+        assert_eq!(bytes, random.text().unwrap().as_bytes());
         let large = Payload::from(serde_json::json!({"note": "abc ".repeat(500)}));
         let mut bytes = Vec::new();
         write_payload(&mut bytes, &large, true).unwrap();
