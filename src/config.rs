@@ -330,10 +330,9 @@ pub struct DatabaseConfig {
     pub compress_orders: bool,
     /// Keep each order's payload apart from the rest of it: written once, when the order is
     /// created, in a field (Redis) or table (embedded store) of its own, instead of in the stored
-    /// order at every change.
-    /// Orders are read in either form whatever this says, and keep the form they were created
-    /// in; turn it on once no node of an earlier version, which reads only payloads stored in
-    /// the order, is left.
+    /// order at every change. Orders are read in either form whatever this says, and keep the
+    /// form they were created in; turn it on once no node of an earlier version, which reads
+    /// only payloads stored in the order, is left.
     pub payload_apart: bool,
     /// PEM file of the CA that signed the Redis server's certificate (`rediss://` or `tls`
     /// only); empty: the platform's roots.

@@ -61,6 +61,12 @@ const STATE_OF: TableDefinition<&str, (u8, u8)> = TableDefinition::new("order_st
 /// Order id → its payload's doc, for the orders created with `database.payload_apart`: their
 /// doc in `ORDERS` leaves the payload out.
 const PAYLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("order_payloads");
+const BACKFILL: &str = "finished_backfill";
+/// Meta key of a walk that files orders stored before `BY_STATE` existed; listings filtered by
+/// state scan the user's history until it is over.
+const STATE_BACKFILL: &str = "state_backfill";
+/// Orders read by a walk: their ids, and what each decoded to.
+type Walked = Vec<(String, Result<Order, StoreError>)>;
 
 /// The order stored under `id` with doc `doc`, its payload read from `payloads` where it is
 /// kept apart.
@@ -72,12 +78,6 @@ fn read_order(
     let payload = payloads.get(id).map_err(unavailable)?;
     doc::read(doc, payload.as_ref().map(|payload| payload.value()))
 }
-const BACKFILL: &str = "finished_backfill";
-/// Meta key of a walk that files orders stored before `BY_STATE` existed; listings filtered by
-/// state scan the user's history until it is over.
-const STATE_BACKFILL: &str = "state_backfill";
-/// Orders read by a walk: their ids, and what each decoded to.
-type Walked = Vec<(String, Result<Order, StoreError>)>;
 
 /// Whether a walk that files orders stored by an older version in a newer index is owed.
 fn walk_owed(txn: &redb::ReadTransaction) -> Result<bool, StoreError> {
@@ -1148,10 +1148,11 @@ impl OrderStore for EmbeddedStore {
             // of the order does.
             order.payload.set_apart();
         }
-        let payload = match order.payload.is_apart() {
-            true => Some(doc::encode_payload(&order.payload, self.compress)?),
-            false => None,
-        };
+        let payload = order
+            .payload
+            .is_apart()
+            .then(|| doc::encode_payload(&order.payload, self.compress))
+            .transpose()?;
         let (order, bytes) = (order.clone(), doc::encode(order, self.compress)?);
         let key = key.map(str::to_string);
         self.write(move |tables| tables.create(&order, &bytes, payload.as_deref(), key.as_deref()))
