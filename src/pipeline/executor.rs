@@ -916,6 +916,12 @@ mod tests {
     use tokio::task::JoinHandle;
 
     const NODE: &str = "node-a";
+    const WORK_STEPS: [Step; 4] = [
+        Step::Scheduling,
+        Step::PreProcessing,
+        Step::Processing,
+        Step::PostProcessing,
+    ];
 
     #[test]
     fn a_parked_order_decodes_as_it_was_its_payload_kept_apart_or_not() {
@@ -930,13 +936,6 @@ mod tests {
             assert!(!decoded.lacks_payload());
         }
     }
-
-    const WORK_STEPS: [Step; 4] = [
-        Step::Scheduling,
-        Step::PreProcessing,
-        Step::Processing,
-        Step::PostProcessing,
-    ];
 
     /// One order, stored in a fake store, and everything an execution of it needs.
     struct Harness {
