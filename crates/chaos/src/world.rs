@@ -216,21 +216,23 @@ pub enum Exit {
 
 /// The config of node `index`: cluster mode on the Redis that the `[database]` lines `database`
 /// reach ([`Redis::database`]), every work step on the ledger. The campaign's user is named in
-/// the `Authorization` header, on loopback as on a bridge. Odd-numbered nodes write orders
-/// compressed (`compress_orders`), so orders pass between the two stored forms as they move.
+/// the `Authorization` header, on loopback as on a bridge. The nodes write orders in different
+/// stored forms, so orders pass between them as they move: the first whole as JSON, the second
+/// compressed (`compress_orders`), the third compressed with its payloads kept apart
+/// (`payload_apart`).
 pub fn node_config(index: usize, database: &str, ledger: &str) -> String {
     let reconcile = RECONCILE_INTERVAL.as_secs();
     let liveness = LIVENESS_TTL.as_secs();
-    let compress = if index % 2 == 1 {
-        "compress_orders = true\n"
-    } else {
-        ""
+    let stored_form = match index % 3 {
+        0 => "",
+        1 => "compress_orders = true\n",
+        _ => "compress_orders = true\npayload_apart = true\n",
     };
     let mut config = format!(
         "[server]\nshutdown_grace = \"20s\"\n\
          [pipeline]\nreconcile_interval = \"{reconcile}s\"\n\
          [log]\nlevel = \"info,order_process::pipeline=debug,order_process::cluster=debug\"\nformat = \"json\"\n\
-         [database]\n{database}{compress}timeout = \"1s\"\n\
+         [database]\n{database}{stored_form}timeout = \"1s\"\n\
          [auth]\nmode = \"header\"\nallow_insecure_header = true\n\
          [cluster]\nsecret = \"{SECRET}\"\nliveness_ttl = \"{liveness}s\"\n"
     );
