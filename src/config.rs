@@ -585,6 +585,12 @@ pub struct ClusterConfig {
     /// orders over even though gossip still calls the node live.
     #[serde(deserialize_with = "duration")]
     pub takeover_after: Duration,
+    /// How long a dead node that owns no orders stays in the registry before the leader
+    /// forgets it. The sweep looks only at registered nodes: an order that lands as a node's
+    /// after its lease lapsed (a create delayed on a bad link) is taken over only while the
+    /// node is remembered.
+    #[serde(deserialize_with = "duration")]
+    pub forget_after: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -605,6 +611,7 @@ impl Default for ClusterConfig {
             sweep_interval: Duration::from_millis(500),
             transfer_timeout: Duration::from_secs(2),
             takeover_after: Duration::from_secs(1),
+            forget_after: Duration::from_secs(60),
         }
     }
 }

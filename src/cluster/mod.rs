@@ -566,7 +566,9 @@ impl Cluster {
                 continue;
             }
             if owned == 0 {
-                if !gossip_live {
+                // Kept a while: an order can still land as its own (a create sent before the
+                // lapse, delayed on a bad link), and the sweep looks only at registered nodes.
+                if !gossip_live && lapsed >= self.config.forget_after {
                     self.coordinator.forget_node(node).await?;
                     if let Ok(mut lapsed) = self.lapsed.lock() {
                         lapsed.forget(node);
