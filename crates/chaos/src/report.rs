@@ -771,6 +771,10 @@ impl Report {
         for (label, text) in &self.lines {
             println!("{label:<14}{text}");
         }
+        println!(
+            "registry      owners of unfinished orders that a new leader's index repair found missing from the node registry {} (each one's orders had waited for that leader)",
+            logs.count("an owner of unfinished orders was not registered; registered it so the sweep looks at it")
+        );
         println!("drains        {} of {} exited 0", drains.0, drains.1);
         if violations.is_empty() {
             println!("violations    0");
