@@ -360,9 +360,11 @@ fn redis_line(redis: &Redis, refused_starts: usize) -> String {
         );
     }
     format!(
-        "sentinel mode, min_replicas {MIN_REPLICAS}; failovers {}{times}; failovers the sentinels made on their own {}; nodes started again after refusing to start on too few replicas {refused_starts}",
+        "sentinel mode, min_replicas {MIN_REPLICAS}; failovers {}{times}; failovers the sentinels made on their own {}; replicas promoted by hand after {:?} without a failover {}; nodes started again after refusing to start on too few replicas {refused_starts}",
         failovers.len(),
-        redis.own_failovers
+        redis.own_failovers,
+        redis.promote_after,
+        redis.hand_failovers
     )
 }
 

@@ -29,6 +29,11 @@ pub const MIN_REPLICAS: usize = REPLICAS;
 pub const DOWN_AFTER: Duration = Duration::from_millis(1000);
 /// How long a started set may take to be whole: replicas in sync, sentinels knowing each other.
 const FORM: Duration = Duration::from_secs(30);
+/// How long a lost primary waits for the sentinels before the campaign promotes a replica by
+/// hand, as an operator would. Sentinel gives up for good on a replica whose link to the primary
+/// was down ten `down-after-milliseconds` longer than the primary itself: a machine that stalls
+/// for 2 s puts every sentinel in TILT mode for 30 s, which is enough.
+const PROMOTE_AFTER: Duration = Duration::from_secs(30);
 
 /// The host server `index` runs in: `redis`, `redis1`, `redis2`.
 pub fn server_host(index: usize) -> String {
@@ -78,13 +83,14 @@ impl Sentinel {
                 primary.ip(),
                 primary.port()
             ),
-            format!(
-                "sentinel down-after-milliseconds {MASTER} {}",
-                DOWN_AFTER.as_millis()
-            ),
-            format!("sentinel failover-timeout {MASTER} 4000"),
-            format!("sentinel parallel-syncs {MASTER} 1"),
-        ];
+        ]
+        .into_iter()
+        .chain(
+            watch_settings()
+                .iter()
+                .map(|(name, value)| format!("sentinel {name} {MASTER} {value}")),
+        )
+        .collect::<Vec<String>>();
         let config = dir.join("sentinel.conf");
         std::fs::write(&config, settings.join("\n") + "\n")?;
         let log = dir.join("sentinel.log");
@@ -144,6 +150,25 @@ impl Sentinel {
         Some(SocketAddr::from((host, port)))
     }
 
+    /// Watches `primary` from now on, forgetting the primary it watched and what it knew of it:
+    /// `SENTINEL REMOVE`, `SENTINEL MONITOR` and the settings of [`watch_settings`].
+    fn watch(&self, primary: SocketAddr) -> Result<(), String> {
+        // REMOVE fails on a sentinel that watches nothing under the name; MONITOR then succeeds.
+        cli_on(self.host, self.port, &["SENTINEL", "REMOVE", MASTER]);
+        let (host, port) = (primary.ip().to_string(), primary.port().to_string());
+        let quorum = QUORUM.to_string();
+        let monitor = ["SENTINEL", "MONITOR", MASTER, &host, &port, &quorum];
+        command(self.host, self.port, &monitor)?;
+        for (name, value) in watch_settings() {
+            command(
+                self.host,
+                self.port,
+                &["SENTINEL", "SET", MASTER, name, &value],
+            )?;
+        }
+        Ok(())
+    }
+
     /// True once it knows the two other sentinels and every replica.
     fn knows_everyone(&self) -> bool {
         let Some(answer) = cli_on(self.host, self.port, &["SENTINEL", "MASTER", MASTER]) else {
@@ -156,6 +181,19 @@ impl Sentinel {
         };
         count("num-other-sentinels") == Some(2) && count("num-slaves") == Some(REPLICAS)
     }
+}
+
+/// What each sentinel is told about the primary besides where it is: quick to call it down, quick
+/// to try again.
+fn watch_settings() -> [(&'static str, String); 3] {
+    [
+        (
+            "down-after-milliseconds",
+            DOWN_AFTER.as_millis().to_string(),
+        ),
+        ("failover-timeout", "4000".to_string()),
+        ("parallel-syncs", "1".to_string()),
+    ]
 }
 
 /// The time of a sentinel's log line that notes a switch of primary
@@ -188,6 +226,16 @@ pub struct Redis {
     /// Failovers the sentinels made with no fault killing the primary (it stalled past
     /// [`DOWN_AFTER`] on a loaded machine, or they lost sight of it).
     pub own_failovers: usize,
+    /// Primaries lost that the sentinels did not replace within `promote_after`, a replica
+    /// promoted by hand instead.
+    pub hand_failovers: usize,
+    /// [`PROMOTE_AFTER`], shorter in tests.
+    pub promote_after: Duration,
+    /// Whether the primary lost now was replaced by hand.
+    by_hand: bool,
+    /// The sentinels were told of a primary promoted by hand and have yet to find each other
+    /// and its replicas again.
+    reforming: bool,
     /// The Redis Cluster of cluster mode (then `servers` and `sentinels` are empty), and the
     /// port of its primary SIGSTOPped or SIGKILLed.
     cluster: Option<(RedisCluster, Option<u16>)>,
@@ -231,6 +279,10 @@ impl Redis {
             lost: None,
             failovers: Vec::new(),
             own_failovers: 0,
+            hand_failovers: 0,
+            promote_after: PROMOTE_AFTER,
+            by_hand: false,
+            reforming: false,
             cluster: None,
         };
         if !sentinel {
@@ -274,6 +326,10 @@ impl Redis {
             lost: None,
             failovers: Vec::new(),
             own_failovers: 0,
+            hand_failovers: 0,
+            promote_after: PROMOTE_AFTER,
+            by_hand: false,
+            reforming: false,
             cluster: Some((cluster, None)),
         })
     }
@@ -361,17 +417,21 @@ impl Redis {
 
     /// Whether a fault on Redis may start now: nothing of Redis is down or paused, and in
     /// sentinel mode the primary (the one the sentinels name) has both replicas online and
-    /// caught up.
+    /// caught up, and after a promotion by hand every sentinel knows them and the others.
     pub fn ready(&mut self) -> bool {
         if let Some((cluster, touched)) = &self.cluster {
             return touched.is_none() && cluster.is_settled(PRIMARIES);
         }
         self.follow_sentinels();
         let primary = self.primary;
-        self.paused.is_none()
+        let whole = self.paused.is_none()
             && self.lost.is_none()
             && self.servers.iter().all(RedisServer::is_running)
-            && (!self.sentinel_mode() || self.servers[primary].has_replicas_online(REPLICAS))
+            && (!self.sentinel_mode() || self.servers[primary].has_replicas_online(REPLICAS));
+        if whole && self.reforming {
+            self.reforming = !self.sentinels.iter().all(Sentinel::knows_everyone);
+        }
+        whole && !self.reforming
     }
 
     /// The shortest and longest pause of the primary, in milliseconds: around `database.timeout`
@@ -449,6 +509,7 @@ impl Redis {
         }
         let primary = self.primary;
         self.lost = Some((primary, Instant::now()));
+        self.by_hand = false;
         if wipe {
             self.servers[primary].kill_and_wipe()
         } else {
@@ -464,7 +525,9 @@ impl Redis {
 
     /// Starts the server killed by [`Redis::kill_primary`] again: a single Redis at once, on its
     /// append-only file; in sentinel mode once every sentinel names another primary, as a replica
-    /// of it (empty if it was wiped). `Ok(false)` while the failover has not happened yet.
+    /// of it (empty if it was wiped). `Ok(false)` while the failover has not happened yet; in
+    /// sentinel mode a replica is promoted by hand once the sentinels have not for
+    /// `promote_after`.
     pub fn restart_lost(&mut self) -> std::io::Result<bool> {
         let Some((lost, at)) = self.lost else {
             return Ok(true);
@@ -493,15 +556,85 @@ impl Redis {
         let Some(promoted) =
             promoted.filter(|index| *index != lost && named.iter().all(|name| *name == named[0]))
         else {
+            // Only while every sentinel still names the lost one: none is midway through a
+            // failover of its own.
+            let lost_address = self.servers[lost].address();
+            if !self.by_hand
+                && at.elapsed() >= self.promote_after
+                && named.iter().all(|name| *name == Some(lost_address))
+            {
+                self.by_hand = true;
+                let after = self.promote_after;
+                match self.promote_by_hand(lost) {
+                    Ok(address) => {
+                        println!(
+                            "chaos:          no failover in {after:?}: promoted {address} by hand"
+                        );
+                    }
+                    Err(error) => println!("chaos:          cannot promote by hand: {error}"),
+                }
+            }
             return Ok(false);
         };
-        self.failovers.push(at.elapsed().as_secs_f64());
+        if self.by_hand {
+            self.hand_failovers += 1;
+            self.reforming = true;
+        } else {
+            self.failovers.push(at.elapsed().as_secs_f64());
+        }
         self.primary = promoted;
         self.lost = None;
         let address = self.servers[promoted].address();
         self.servers[lost]
             .try_restart_as_replica_of(address)
             .map(|()| true)
+    }
+
+    /// What an operator does when the sentinels do not fail over: the running replica furthest
+    /// along the lost primary's stream becomes the primary (`REPLICAOF NO ONE`), any other
+    /// replica follows it, and every sentinel watches it instead. Returns its address.
+    fn promote_by_hand(&mut self, lost: usize) -> Result<SocketAddr, String> {
+        let offset = |server: &RedisServer| {
+            server
+                .info_on("replication", "slave_repl_offset")
+                .and_then(|offset| offset.parse::<u64>().ok())
+        };
+        let (chosen, _) = self
+            .servers
+            .iter()
+            .enumerate()
+            .filter(|(index, server)| *index != lost && server.is_running())
+            .filter_map(|(index, server)| Some((index, offset(server)?)))
+            .max_by_key(|(_, offset)| *offset)
+            .ok_or("no running replica says how far it got")?;
+        let address = self.servers[chosen].address();
+        let chosen_server = &self.servers[chosen];
+        command(
+            chosen_server.host,
+            chosen_server.port,
+            &["REPLICAOF", "NO", "ONE"],
+        )?;
+        let (host, port) = (address.ip().to_string(), address.port().to_string());
+        for (index, server) in self.servers.iter().enumerate() {
+            if index != lost && index != chosen && server.is_running() {
+                command(server.host, server.port, &["REPLICAOF", &host, &port])?;
+            }
+        }
+        for sentinel in &self.sentinels {
+            sentinel.watch(address)?;
+        }
+        Ok(address)
+    }
+}
+
+/// Sends `args` to the server or sentinel at `host:port`: an error unless it answers OK.
+fn command(host: IpAddr, port: u16, args: &[&str]) -> Result<(), String> {
+    match cli_on(host, port, args).as_deref() {
+        Some("OK") => Ok(()),
+        other => Err(format!(
+            "{host}:{port} answered {other:?} to {}",
+            args.join(" ")
+        )),
     }
 }
 
@@ -522,6 +655,42 @@ fn wait_for(within: Duration, mut check: impl FnMut() -> bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lost primary whose replicas Sentinel will not promote (`replica-priority 0` here; a
+    /// stalled machine, or a link down too long, elsewhere) is replaced by hand: the sentinels
+    /// then name the promoted replica and know it, the lost server comes back as its replica.
+    #[test]
+    fn a_primary_the_sentinels_do_not_replace_is_replaced_by_hand() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut redis = Redis::start(dir.path(), "everysec", None, true)
+            .expect("a primary, replicas, sentinels");
+        redis.promote_after = Duration::from_secs(3);
+        for replica in &redis.servers[1..] {
+            let args = ["CONFIG", "SET", "replica-priority", "0"];
+            command(replica.host, replica.port, &args).expect("replica-priority 0");
+        }
+        let lost = redis.servers[0].address();
+        redis.kill_primary(true).expect("kill the primary");
+        let replaced = wait_for(Duration::from_secs(60), || {
+            redis.restart_lost().expect("start the lost primary again")
+        });
+        assert!(replaced, "the lost primary was not replaced within 60 s");
+        assert_eq!((redis.hand_failovers, redis.failovers.len()), (1, 0));
+        let primary = redis.primary().address();
+        assert_ne!(primary, lost);
+        for sentinel in &redis.sentinels {
+            assert_eq!(
+                sentinel.primary(),
+                Some(primary),
+                "sentinel {}",
+                sentinel.port
+            );
+        }
+        assert!(
+            wait_for(Duration::from_secs(60), || redis.ready()),
+            "the promoted primary did not get both replicas, or the sentinels did not find them"
+        );
+    }
 
     #[test]
     fn a_switch_of_primary_is_read_with_its_time() {
