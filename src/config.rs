@@ -308,7 +308,8 @@ pub struct DatabaseConfig {
     /// The name the sentinels monitor the primary under; required with `sentinels`.
     pub master_name: String,
     /// With `sentinels`: reach the sentinels and the primary they name over TLS (with `ca_file`,
-    /// `client_cert` and `client_key`). With `url` its scheme says it (`rediss://`).
+    /// `client_cert` and `client_key`); with `cluster_nodes`, every node of the cluster. With
+    /// `url` its scheme says it (`rediss://`).
     pub tls: bool,
     /// Nodes (`host:port`) of a Redis Cluster, instead of `url`: any few of its primaries or
     /// replicas; the node learns the rest, and follows slot moves and failovers.
@@ -404,10 +405,10 @@ impl DatabaseConfig {
                     "only used with database.sentinels",
                 ));
             }
-            if self.tls {
+            if self.tls && self.cluster_nodes.is_empty() {
                 return Err(ConfigError::new(
                     "database.tls",
-                    "only used with database.sentinels: a database.url asks for TLS with rediss://",
+                    "only used with database.sentinels or database.cluster_nodes: a database.url asks for TLS with rediss://",
                 ));
             }
         } else if self.master_name.trim().is_empty() {
@@ -420,13 +421,13 @@ impl DatabaseConfig {
             if self.min_replicas > 0 {
                 return Err(ConfigError::new(
                     "database.min_replicas",
-                    "only used with Redis (database.url or database.sentinels)",
+                    "only used with Redis (database.url, database.sentinels or database.cluster_nodes)",
                 ));
             }
             if self.require_aof {
                 return Err(ConfigError::new(
                     "database.require_aof",
-                    "only used with Redis (database.url or database.sentinels)",
+                    "only used with Redis (database.url, database.sentinels or database.cluster_nodes)",
                 ));
             }
         }
@@ -439,25 +440,13 @@ impl DatabaseConfig {
             return Ok(());
         }
         host_ports("database.cluster_nodes", &self.cluster_nodes, 6379)?;
-        let problem = if !self.url.is_empty() || !self.sentinels.is_empty() {
-            Some((
+        if !self.url.is_empty() || !self.sentinels.is_empty() {
+            return Err(ConfigError::new(
                 "database.cluster_nodes",
                 "set one of database.url, database.sentinels or database.cluster_nodes, not two",
-            ))
-        } else {
-            [
-                ("database.ca_file", &self.ca_file),
-                ("database.client_cert", &self.client_cert),
-                ("database.client_key", &self.client_key),
-            ]
-            .into_iter()
-            .find(|(_, path)| !path.as_os_str().is_empty())
-            .map(|(key, _)| (key, "TLS is not supported with database.cluster_nodes: only with a rediss:// database.url"))
-        };
-        match problem {
-            Some((key, problem)) => Err(ConfigError::new(key, problem)),
-            None => Ok(()),
+            ));
         }
+        Ok(())
     }
 
     /// Checks the TLS and login keys: each only where it applies, the files present.
@@ -473,16 +462,16 @@ impl DatabaseConfig {
         let tls = url
             .as_ref()
             .is_some_and(crate::store::redis::access::is_tls)
-            || (self.tls && !self.sentinels.is_empty());
+            || (self.tls && (!self.sentinels.is_empty() || !self.cluster_nodes.is_empty()));
         for (key, path) in [
             ("database.ca_file", &self.ca_file),
             ("database.client_cert", &self.client_cert),
             ("database.client_key", &self.client_key),
         ] {
             if set(path) && !tls {
-                let problem = match self.sentinels.is_empty() {
+                let problem = match url.is_some() {
                     true => "only used with a rediss:// database.url (TLS)",
-                    false => "only used over TLS: set database.tls = true with database.sentinels",
+                    false => "only used over TLS: set database.tls = true with database.sentinels or database.cluster_nodes",
                 };
                 return Err(ConfigError::new(key, problem));
             }
@@ -505,7 +494,7 @@ impl DatabaseConfig {
                 if used {
                     return Err(ConfigError::new(
                         key,
-                        "only used with Redis (database.url or database.sentinels)",
+                        "only used with Redis (database.url, database.sentinels or database.cluster_nodes)",
                     ));
                 }
             }
@@ -1002,7 +991,7 @@ impl Config {
             if !cluster.seeds.is_empty() {
                 return Err(ConfigError::new(
                     "cluster.seeds",
-                    "joining a cluster needs a shared store: set database.url (or --redis) to redis://…, or database.sentinels",
+                    "joining a cluster needs a shared store: set database.url (or --redis) to redis://…, database.sentinels or database.cluster_nodes",
                 ));
             }
             return Ok(());
@@ -1010,7 +999,7 @@ impl Config {
         if cluster.secret.trim().is_empty() {
             return Err(ConfigError::new(
                 "cluster.secret",
-                "required in cluster mode (database.url is set): the same secret on every node",
+                "required in cluster mode (the store is Redis): the same secret on every node",
             ));
         }
         if cluster.id.trim().is_empty() {
@@ -1576,6 +1565,9 @@ mod tests {
         let config = Config::from_toml(cluster).unwrap();
         config.validate().unwrap();
         assert!(config.is_cluster());
+        let over_tls = "[database]\ncluster_nodes = [\"127.0.0.1:7000\"]\ntls = true\n\
+                        [cluster]\nsecret = \"s\"\n";
+        Config::from_toml(over_tls).unwrap().validate().unwrap();
         for (text, key, needle) in [
             (
                 "[database]\nurl = \"redis://a:1\"\ncluster_nodes = [\"a:2\"]\n",
@@ -1590,7 +1582,7 @@ mod tests {
             (
                 "[database]\ncluster_nodes = [\"a:2\"]\nca_file = \"/ca.pem\"\n",
                 "database.ca_file",
-                "TLS is not supported with database.cluster_nodes",
+                "set database.tls = true with database.sentinels or database.cluster_nodes",
             ),
         ] {
             let error = Config::from_toml(text).unwrap().validate().unwrap_err();

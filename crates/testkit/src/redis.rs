@@ -62,7 +62,7 @@ impl TlsFiles {
     }
 
     /// The `redis-cli` arguments that reach a server with these files.
-    fn cli_args(&self) -> Vec<String> {
+    pub(crate) fn cli_args(&self) -> Vec<String> {
         let (cert, key) = self.client_pair();
         let path = |path: &Path| path.display().to_string();
         vec![
@@ -77,7 +77,7 @@ impl TlsFiles {
     }
 
     /// The `tls-…` settings of a server or sentinel with these files, as (name, value).
-    fn settings(&self) -> Vec<(&'static str, String)> {
+    pub(crate) fn settings(&self) -> Vec<(&'static str, String)> {
         let (cert, key) = self.client_pair();
         let path = |path: &Path| path.display().to_string();
         let auth_clients = if self.auth_clients { "yes" } else { "no" };
@@ -276,7 +276,12 @@ impl RedisServer {
 
 /// Runs `redis-cli -h host -p port args…`, over TLS with `tls`, and returns its answer,
 /// trimmed; `None` when redis-cli cannot run, fails, or the server does not answer within 2 s.
-fn cli_with(host: IpAddr, port: u16, tls: Option<&TlsFiles>, args: &[&str]) -> Option<String> {
+pub(crate) fn cli_with(
+    host: IpAddr,
+    port: u16,
+    tls: Option<&TlsFiles>,
+    args: &[&str],
+) -> Option<String> {
     let output = Command::new("timeout")
         .args([
             "2",

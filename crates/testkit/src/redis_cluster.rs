@@ -1,11 +1,13 @@
 //! A real Redis Cluster on loopback: `redis-server --cluster-enabled yes` on free ports (each
 //! with its cluster bus port, 10000 above, free too), joined by `redis-cli --cluster create`,
 //! each node killed by pid when dropped. A primary can be SIGKILLed (its replica takes over) and
-//! slots moved between primaries (`redis-cli --cluster reshard`) while clients use it.
+//! slots moved between primaries (`redis-cli --cluster reshard`) while clients use it. A cluster
+//! may speak TLS only, to its clients and on its bus and replication links.
 
 use crate::ports::free_port_pair;
 use crate::process::{append, Proc};
-use crate::redis::cli_at;
+use crate::redis::{cli_at, cli_with, TlsFiles};
+use std::net::IpAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -19,6 +21,8 @@ const BUS_OFFSET: u16 = 10_000;
 /// A running Redis Cluster.
 pub struct RedisCluster {
     nodes: Vec<ClusterNode>,
+    /// What every node serves TLS with, when the cluster speaks TLS only.
+    tls: Option<TlsFiles>,
     _dir: TempDir,
 }
 
@@ -26,14 +30,32 @@ struct ClusterNode {
     port: u16,
     dir: std::path::PathBuf,
     appendfsync: String,
+    tls: Option<TlsFiles>,
     process: Option<Proc>,
 }
 
 impl ClusterNode {
     /// Starts its `redis-server`; a node started again reads its `nodes.conf` and rejoins.
     fn launch(&mut self) -> std::io::Result<()> {
+        let port = self.port.to_string();
+        // With TLS, `port` is the TLS port and the bus (still 10000 above) speaks TLS too.
+        let listen: Vec<String> = match &self.tls {
+            None => vec!["--port".into(), port],
+            Some(files) => ["--port", "0", "--tls-port", &port]
+                .into_iter()
+                .chain(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .map(str::to_string)
+                .chain(
+                    files
+                        .settings()
+                        .into_iter()
+                        .flat_map(|(name, value)| [format!("--{name}"), value]),
+                )
+                .collect(),
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(listen)
+            .args(["--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
             .args(["--cluster-config-file", "nodes.conf"])
             .args(["--save", "", "--appendonly", "yes"])
@@ -71,6 +93,25 @@ impl RedisCluster {
         replicas: usize,
         appendfsync: &str,
     ) -> std::io::Result<RedisCluster> {
+        RedisCluster::try_start_on(primaries, replicas, appendfsync, None)
+    }
+
+    /// Like [`RedisCluster::try_start`], every node speaking TLS only with `files`: to its
+    /// clients, on the cluster bus and between primary and replica.
+    pub fn try_start_tls(
+        primaries: usize,
+        replicas: usize,
+        files: TlsFiles,
+    ) -> std::io::Result<RedisCluster> {
+        RedisCluster::try_start_on(primaries, replicas, "everysec", Some(files))
+    }
+
+    fn try_start_on(
+        primaries: usize,
+        replicas: usize,
+        appendfsync: &str,
+        tls: Option<TlsFiles>,
+    ) -> std::io::Result<RedisCluster> {
         let dir = tempfile::tempdir()?;
         let mut nodes = Vec::new();
         for _ in 0..primaries * (1 + replicas) {
@@ -81,15 +122,20 @@ impl RedisCluster {
                 port,
                 dir: node_dir,
                 appendfsync: appendfsync.to_string(),
+                tls: tls.clone(),
                 process: None,
             };
             node.launch()?;
             nodes.push(node);
         }
-        let cluster = RedisCluster { nodes, _dir: dir };
+        let cluster = RedisCluster {
+            nodes,
+            tls,
+            _dir: dir,
+        };
         let deadline = Instant::now() + SETTLE;
         for node in &cluster.nodes {
-            while cli_at(node.port, &["PING"]).as_deref() != Some("PONG") {
+            while cluster.cli(node.port, &["PING"]).as_deref() != Some("PONG") {
                 if Instant::now() > deadline {
                     return Err(std::io::Error::other(format!(
                         "redis-server on port {} did not answer PING",
@@ -101,6 +147,7 @@ impl RedisCluster {
         }
         let addresses = cluster.addresses();
         let output = Command::new("redis-cli")
+            .args(cluster.tls_args())
             .arg("--cluster")
             .arg("create")
             .args(&addresses)
@@ -135,16 +182,28 @@ impl RedisCluster {
         format!("[database]\ncluster_nodes = [{}]\n", nodes.join(", "))
     }
 
-    /// Runs `redis-cli` against the node on `port`; `None` when it fails.
+    /// Runs `redis-cli` against the node on `port` (over TLS when the cluster speaks it);
+    /// `None` when it fails.
     pub fn cli(&self, port: u16, args: &[&str]) -> Option<String> {
-        cli_at(port, args)
+        match &self.tls {
+            None => cli_at(port, args),
+            Some(files) => cli_with(IpAddr::from([127, 0, 0, 1]), port, Some(files), args),
+        }
+    }
+
+    /// The `redis-cli` arguments that reach its nodes.
+    fn tls_args(&self) -> Vec<String> {
+        self.tls
+            .as_ref()
+            .map(TlsFiles::cli_args)
+            .unwrap_or_default()
     }
 
     /// The ports of the primaries that serve slots now, as a running node sees them.
     pub fn primaries(&self) -> Vec<u16> {
         let Some(view) = self
             .running()
-            .find_map(|port| cli_at(port, &["CLUSTER", "NODES"]))
+            .find_map(|port| self.cli(port, &["CLUSTER", "NODES"]))
         else {
             return Vec::new();
         };
@@ -166,7 +225,7 @@ impl RedisCluster {
     pub fn primary_of(&self, slot: u16) -> Option<u16> {
         let view = self
             .running()
-            .find_map(|port| cli_at(port, &["CLUSTER", "NODES"]))?;
+            .find_map(|port| self.cli(port, &["CLUSTER", "NODES"]))?;
         view.lines().find_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let serves = fields.iter().skip(8).any(|range| {
@@ -182,7 +241,7 @@ impl RedisCluster {
     /// `CLUSTER NODES` as a running node sees it, for failure messages.
     pub fn view(&self) -> String {
         self.running()
-            .find_map(|port| cli_at(port, &["CLUSTER", "NODES"]))
+            .find_map(|port| self.cli(port, &["CLUSTER", "NODES"]))
             .unwrap_or_default()
     }
 
@@ -209,7 +268,7 @@ impl RedisCluster {
     /// The hash slot of `key`, as the cluster computes it.
     pub fn slot_of(&self, key: &str) -> Option<u16> {
         self.running()
-            .find_map(|port| cli_at(port, &["CLUSTER", "KEYSLOT", key]))?
+            .find_map(|port| self.cli(port, &["CLUSTER", "KEYSLOT", key]))?
             .parse()
             .ok()
     }
@@ -250,12 +309,14 @@ impl RedisCluster {
     /// every replica is in sync with its primary (until then it could not take over).
     pub fn is_settled(&self, primaries: usize) -> bool {
         self.running().all(|port| {
-            let cluster = cli_at(port, &["CLUSTER", "INFO"]).is_some_and(|info| {
+            let cluster = self.cli(port, &["CLUSTER", "INFO"]).is_some_and(|info| {
                 info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
             });
-            let replicating = cli_at(port, &["INFO", "replication"]).is_some_and(|info| {
-                info.contains("role:master") || info.contains("master_link_status:up")
-            });
+            let replicating = self
+                .cli(port, &["INFO", "replication"])
+                .is_some_and(|info| {
+                    info.contains("role:master") || info.contains("master_link_status:up")
+                });
             cluster && replicating
         }) && self.primaries().len() == primaries
     }
@@ -279,10 +340,11 @@ impl RedisCluster {
     /// `redis-cli --cluster reshard` (key by key, `MIGRATE`), while clients go on.
     pub fn reshard(&self, from: u16, to: u16, slots: usize) -> std::io::Result<()> {
         let id = |port: u16| {
-            cli_at(port, &["CLUSTER", "MYID"])
+            self.cli(port, &["CLUSTER", "MYID"])
                 .ok_or_else(|| std::io::Error::other(format!("no CLUSTER MYID from {port}")))
         };
         let output = Command::new("redis-cli")
+            .args(self.tls_args())
             .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
             .args(["--cluster-from", &id(from)?, "--cluster-to", &id(to)?])
             .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
@@ -301,7 +363,7 @@ impl RedisCluster {
     pub fn calls(&self) -> u64 {
         self.primaries()
             .into_iter()
-            .filter_map(|port| cli_at(port, &["INFO", "commandstats"]))
+            .filter_map(|port| self.cli(port, &["INFO", "commandstats"]))
             .flat_map(|stats| {
                 stats
                     .lines()

@@ -1,7 +1,7 @@
 //! How a node reaches its Redis and proves who it is: the URL (`redis://` or `rediss://` for
-//! TLS) or the sentinels (over TLS with `database.tls`), an ACL user and password (in the URL,
-//! or `database.username` and `database.password_file`), and the TLS files of `[database]`
-//! (`ca_file`, `client_cert`, `client_key`). The files are read once, at start; a file that
+//! TLS), the sentinels or the nodes of a Redis Cluster (over TLS with `database.tls`), an ACL
+//! user and password (in the URL, or `database.username` and `database.password_file`), and the
+//! TLS files of `[database]` (`ca_file`, `client_cert`, `client_key`). The files are read once, at start; a file that
 //! cannot be read or holds no PEM of the right kind is a [`ConfigError`] naming its key.
 //!
 //! TLS is rustls (with the `ring` provider) as redis-rs's `tokio-rustls-comp` feature builds it:
@@ -191,10 +191,29 @@ pub fn direct(database: &DatabaseConfig) -> Result<ConnectionInfo, ConfigError> 
     Ok(client.get_connection_info().clone())
 }
 
-/// How to log in to every node of a Redis Cluster: `database.username` and the password in
-/// `database.password_file`.
-pub fn cluster_login(database: &DatabaseConfig) -> Result<RedisConnectionInfo, ConfigError> {
-    with_credentials(RedisConnectionInfo::default(), database)
+/// How a node reaches every node of a Redis Cluster.
+#[derive(Default)]
+pub struct ClusterAccess {
+    /// The ACL user and password it logs in with.
+    pub login: RedisConnectionInfo,
+    /// What it trusts and shows over TLS; `None` without TLS.
+    pub tls: Option<TlsCertificates>,
+}
+
+/// How to reach every node of a Redis Cluster: logging in as `database.username` with the
+/// password in `database.password_file`, and with `database.tls` over TLS, trusting `ca_file`
+/// and showing `client_cert`.
+pub fn cluster(database: &DatabaseConfig) -> Result<ClusterAccess, ConfigError> {
+    let login = with_credentials(RedisConnectionInfo::default(), database)?;
+    if !database.tls {
+        return Ok(ClusterAccess { login, tls: None });
+    }
+    check_root_variables()?;
+    install_crypto_provider();
+    Ok(ClusterAccess {
+        login,
+        tls: Some(certificates(database)?),
+    })
 }
 
 /// A client for the primary the sentinels of `database` name for `master_name`, logging in to it

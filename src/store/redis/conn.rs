@@ -9,15 +9,15 @@
 //! connection ([`Link`]) reaches all of it, and sends a request to the primary that serves its
 //! keys' slot. TLS (to the sentinels too) and the ACL login come from [`access`](super::access).
 
-use super::access;
+use super::access::{self, ClusterAccess};
 use super::link::Link;
 use crate::config::DatabaseConfig;
 use crate::store::StoreError;
 use deadpool_redis::redis::cluster::ClusterClient;
 use deadpool_redis::redis::sentinel::SentinelClient;
 use deadpool_redis::redis::{
-    self, AsyncConnectionConfig, ConnectionInfo, FromRedisValue, RedisConnectionInfo, RedisResult,
-    Script, ScriptInvocation, Value,
+    self, AsyncConnectionConfig, ConnectionInfo, FromRedisValue, RedisResult, Script,
+    ScriptInvocation, Value,
 };
 use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::BoxFuture;
@@ -95,7 +95,7 @@ impl Connections {
         let connections = if !database.cluster_nodes.is_empty() {
             Connections::connect_cluster(
                 &database.cluster_nodes,
-                access::cluster_login(database)?,
+                access::cluster(database)?,
                 pool_size,
                 database.timeout,
             )?
@@ -171,26 +171,34 @@ impl Connections {
     }
 
     /// Up to `pool_size` connections to the Redis Cluster that `nodes` (`host:port` each, any
-    /// of its nodes) belong to, logging in to every node with `login` (user, password). Nothing
-    /// is contacted yet.
+    /// of its nodes) belong to, reaching every node as `access` says (user and password, TLS).
+    /// Nothing is contacted yet.
     pub fn connect_cluster(
         nodes: &[String],
-        login: RedisConnectionInfo,
+        access: ClusterAccess,
         pool_size: usize,
         timeout: Duration,
     ) -> Result<Connections, StoreError> {
+        let scheme = if access.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         let urls: Vec<String> = nodes
             .iter()
-            .map(|address| format!("redis://{address}"))
+            .map(|address| format!("{scheme}://{address}"))
             .collect();
         let mut builder = redis::cluster::ClusterClientBuilder::new(urls)
             .connection_timeout(timeout)
             .response_timeout(timeout);
-        if let Some(username) = login.username() {
+        if let Some(username) = access.login.username() {
             builder = builder.username(username);
         }
-        if let Some(password) = login.password() {
+        if let Some(password) = access.login.password() {
             builder = builder.password(password);
+        }
+        if let Some(certificates) = access.tls {
+            builder = builder.certs(certificates);
         }
         let client = builder.build().map_err(|error| {
             StoreError::Unavailable(format!("bad redis cluster addresses {nodes:?}: {error}"))

@@ -1,6 +1,7 @@
 //! [`RedisStore`]: the [`OrderStore`] on Redis. Every change to an order is one Lua script (see
 //! `scripts`) that writes its index entries in the same atomic step.
 
+use super::access::ClusterAccess;
 use super::commits::{self, Committer, Shape, Write};
 use super::conn::{Connections, Scripted};
 use super::keys;
@@ -249,7 +250,7 @@ impl RedisStore {
     ) -> Result<RedisStore, StoreError> {
         Ok(RedisStore::new(Arc::new(Connections::connect_cluster(
             nodes,
-            redis::RedisConnectionInfo::default(),
+            ClusterAccess::default(),
             pool_size,
             timeout,
         )?)))
