@@ -231,8 +231,8 @@ pub struct Redis {
     pub hand_failovers: usize,
     /// [`PROMOTE_AFTER`], shorter in tests.
     pub promote_after: Duration,
-    /// Whether the primary lost now was replaced by hand.
-    by_hand: bool,
+    /// Whether a promotion by hand was tried for the primary lost now.
+    hand_tried: bool,
     /// The sentinels were told of a primary promoted by hand and have yet to find each other
     /// and its replicas again.
     reforming: bool,
@@ -281,7 +281,7 @@ impl Redis {
             own_failovers: 0,
             hand_failovers: 0,
             promote_after: PROMOTE_AFTER,
-            by_hand: false,
+            hand_tried: false,
             reforming: false,
             cluster: None,
         };
@@ -328,7 +328,7 @@ impl Redis {
             own_failovers: 0,
             hand_failovers: 0,
             promote_after: PROMOTE_AFTER,
-            by_hand: false,
+            hand_tried: false,
             reforming: false,
             cluster: Some((cluster, None)),
         })
@@ -509,7 +509,7 @@ impl Redis {
         }
         let primary = self.primary;
         self.lost = Some((primary, Instant::now()));
-        self.by_hand = false;
+        self.hand_tried = false;
         if wipe {
             self.servers[primary].kill_and_wipe()
         } else {
@@ -556,32 +556,9 @@ impl Redis {
         let Some(promoted) =
             promoted.filter(|index| *index != lost && named.iter().all(|name| *name == named[0]))
         else {
-            // Only while every sentinel still names the lost one: none is midway through a
-            // failover of its own.
-            let lost_address = self.servers[lost].address();
-            if !self.by_hand
-                && at.elapsed() >= self.promote_after
-                && named.iter().all(|name| *name == Some(lost_address))
-            {
-                self.by_hand = true;
-                let after = self.promote_after;
-                match self.promote_by_hand(lost) {
-                    Ok(address) => {
-                        println!(
-                            "chaos:          no failover in {after:?}: promoted {address} by hand"
-                        );
-                    }
-                    Err(error) => println!("chaos:          cannot promote by hand: {error}"),
-                }
-            }
-            return Ok(false);
+            return self.replace_by_hand(lost, at, &named);
         };
-        if self.by_hand {
-            self.hand_failovers += 1;
-            self.reforming = true;
-        } else {
-            self.failovers.push(at.elapsed().as_secs_f64());
-        }
+        self.failovers.push(at.elapsed().as_secs_f64());
         self.primary = promoted;
         self.lost = None;
         let address = self.servers[promoted].address();
@@ -590,10 +567,54 @@ impl Redis {
             .map(|()| true)
     }
 
+    /// A lost primary the sentinels have not replaced within `promote_after`: once every
+    /// sentinel still names it, a replica is promoted by hand ([`Redis::promote_by_hand`]), the
+    /// lost server starts again as its replica and every sentinel watches it. Tried once per
+    /// loss; `Ok(false)` until then, or when it failed.
+    fn replace_by_hand(
+        &mut self,
+        lost: usize,
+        at: Instant,
+        named: &[Option<SocketAddr>],
+    ) -> std::io::Result<bool> {
+        // Only while every sentinel still names the lost one: none is midway through a
+        // failover of its own.
+        let lost_address = self.servers[lost].address();
+        if self.hand_tried
+            || at.elapsed() < self.promote_after
+            || !named.iter().all(|name| *name == Some(lost_address))
+        {
+            return Ok(false);
+        }
+        self.hand_tried = true;
+        let promoted = match self.promote_by_hand(lost) {
+            Ok(promoted) => promoted,
+            Err(error) => {
+                println!("chaos:          cannot promote a replica by hand: {error}");
+                return Ok(false);
+            }
+        };
+        let address = self.servers[promoted].address();
+        let after = self.promote_after;
+        println!("chaos:          no failover in {after:?}: promoted {address} by hand");
+        self.hand_failovers += 1;
+        self.reforming = true;
+        self.primary = promoted;
+        self.lost = None;
+        // Its replica before the sentinels look at the new primary: they find it at once.
+        self.servers[lost].try_restart_as_replica_of(address)?;
+        for sentinel in &self.sentinels {
+            if let Err(error) = sentinel.watch(address) {
+                println!("chaos:          cannot point a sentinel at {address}: {error}");
+            }
+        }
+        Ok(true)
+    }
+
     /// What an operator does when the sentinels do not fail over: the running replica furthest
-    /// along the lost primary's stream becomes the primary (`REPLICAOF NO ONE`), any other
-    /// replica follows it, and every sentinel watches it instead. Returns its address.
-    fn promote_by_hand(&mut self, lost: usize) -> Result<SocketAddr, String> {
+    /// along the lost primary's stream becomes the primary (`REPLICAOF NO ONE`) and any other
+    /// replica follows it; the caller then points the sentinels at it. Returns its index.
+    fn promote_by_hand(&self, lost: usize) -> Result<usize, String> {
         let offset = |server: &RedisServer| {
             server
                 .info_on("replication", "slave_repl_offset")
@@ -620,10 +641,7 @@ impl Redis {
                 command(server.host, server.port, &["REPLICAOF", &host, &port])?;
             }
         }
-        for sentinel in &self.sentinels {
-            sentinel.watch(address)?;
-        }
-        Ok(address)
+        Ok(chosen)
     }
 }
 
@@ -664,7 +682,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("a temp dir");
         let mut redis = Redis::start(dir.path(), "everysec", None, true)
             .expect("a primary, replicas, sentinels");
-        redis.promote_after = Duration::from_secs(3);
+        redis.promote_after = Duration::from_secs(1);
         for replica in &redis.servers[1..] {
             let args = ["CONFIG", "SET", "replica-priority", "0"];
             command(replica.host, replica.port, &args).expect("replica-priority 0");
