@@ -71,6 +71,11 @@ pub struct ServerConfig {
     /// Threads running the node's async tasks: 0 is one per core, 1 runs everything on one
     /// thread (often fastest on a small machine that also hosts Redis or clients).
     pub worker_threads: usize,
+    /// A PEM certificate chain to serve the API over https with (this node's certificate
+    /// first); empty serves plain http. Read again on SIGHUP.
+    pub tls_cert: PathBuf,
+    /// The PEM private key of `tls_cert`.
+    pub tls_key: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +87,8 @@ impl Default for ServerConfig {
             max_body_bytes: 64 * 1024,
             retry_after: Duration::from_secs(1),
             worker_threads: 0,
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
         }
     }
 }
@@ -580,6 +587,9 @@ pub struct ClusterConfig {
     /// node is remembered.
     #[serde(deserialize_with = "duration")]
     pub forget_after: Duration,
+    /// With `server.tls_cert` (peers are then called over https): a PEM file of the CA that
+    /// signed the peers' certificates, trusted besides the system's roots.
+    pub ca_file: PathBuf,
 }
 
 impl Default for ClusterConfig {
@@ -601,6 +611,7 @@ impl Default for ClusterConfig {
             transfer_timeout: Duration::from_secs(2),
             takeover_after: Duration::from_secs(1),
             forget_after: Duration::from_secs(60),
+            ca_file: PathBuf::new(),
         }
     }
 }
@@ -841,6 +852,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        self.validate_https()?;
         check_rate("simulate.failure_rate", self.simulate.failure_rate)?;
         for name in self.steps.keys() {
             let step: Step = name.parse().map_err(|error: crate::order::UnknownStep| {
@@ -983,6 +995,42 @@ impl Config {
     /// True when the node runs as a cluster member on Redis.
     pub fn is_cluster(&self) -> bool {
         self.database.is_redis()
+    }
+
+    /// Checks the files of https: `server.tls_cert` and `server.tls_key` both or neither,
+    /// `cluster.ca_file` only with them, each a file.
+    fn validate_https(&self) -> Result<(), ConfigError> {
+        let set = |path: &Path| !path.as_os_str().is_empty();
+        let (cert, key) = (&self.server.tls_cert, &self.server.tls_key);
+        if set(cert) != set(key) {
+            let (missing, other) = match set(cert) {
+                true => ("server.tls_key", "server.tls_cert"),
+                false => ("server.tls_cert", "server.tls_key"),
+            };
+            return Err(ConfigError::new(
+                missing,
+                format!("required with {other}: set both or neither"),
+            ));
+        }
+        if set(&self.cluster.ca_file) && !set(cert) {
+            return Err(ConfigError::new(
+                "cluster.ca_file",
+                "only used with server.tls_cert: peers are called over https when this node serves it",
+            ));
+        }
+        for (name, path) in [
+            ("server.tls_cert", cert),
+            ("server.tls_key", key),
+            ("cluster.ca_file", &self.cluster.ca_file),
+        ] {
+            if set(path) && !path.is_file() {
+                return Err(ConfigError::new(
+                    name,
+                    format!("{} is not a file", path.display()),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {

@@ -1,5 +1,6 @@
 //! Wires config, store, worker pool and API into one running node, and owns its shutdown.
 
+use crate::api::tls::{Peers, ServerTls};
 use crate::api::{self, ApiState, Checks, NodeStatus};
 use crate::cluster::{Cluster, Coordinator, RedisCoordinator};
 use crate::config::{Config, HandlerSettings};
@@ -102,6 +103,8 @@ pub async fn run(
     let mut shutdown = std::pin::pin!(shutdown);
     // First, so a bad tokens file stops the node before it touches its store.
     let security = api::auth::Security::from_config(&config)?;
+    let server_tls = ServerTls::from_config(&config)?.map(Arc::new);
+    let peers = Peers::from_config(&config)?;
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
@@ -166,6 +169,7 @@ pub async fn run(
                 Arc::clone(&pool),
                 gate,
                 Arc::clone(&metrics),
+                peers.clone(),
             );
             let cluster = tokio::select! {
                 cluster = start => cluster?,
@@ -226,8 +230,9 @@ pub async fn run(
         cluster: cluster.clone(),
         metrics,
         activity: orders.activity(),
+        peers,
     };
-    let reload = spawn_reload_on_hangup(Arc::clone(&checks.auth));
+    let reload = spawn_reload_on_hangup(Arc::clone(&checks.auth), server_tls.clone());
     let state = ApiState {
         orders: Arc::new(orders),
         security: Arc::new(checks),
@@ -239,6 +244,7 @@ pub async fn run(
         api::routes(state),
         listener,
         config.limits.header_read_timeout,
+        server_tls.as_ref().map(|tls| tls.acceptor()),
         async move {
             let _ = http_stop_rx.changed().await;
         },
@@ -248,6 +254,7 @@ pub async fn run(
         service_id = %service_id,
         listen = %listen,
         store = if cluster.is_some() { "redis" } else { "embedded" },
+        https = server_tls.is_some(),
         data_dir = %data_dir.display(),
         "listening"
     );
@@ -289,8 +296,12 @@ async fn close(file: Arc<EmbeddedStore>) {
     }
 }
 
-/// Re-reads the tokens file on each SIGHUP; a bad file keeps the tokens in force.
-fn spawn_reload_on_hangup(auth: Arc<api::auth::Authenticator>) -> tokio::task::JoinHandle<()> {
+/// Re-reads the tokens file, and the https certificate and key, on each SIGHUP; a bad file
+/// keeps what is in force.
+fn spawn_reload_on_hangup(
+    auth: Arc<api::auth::Authenticator>,
+    tls: Option<Arc<ServerTls>>,
+) -> tokio::task::JoinHandle<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let task = async move {
         let mut hangups = match signal(SignalKind::hangup()) {
@@ -305,6 +316,13 @@ fn spawn_reload_on_hangup(auth: Arc<api::auth::Authenticator>) -> tokio::task::J
                 Ok(count) => info!(tokens = count, "received SIGHUP: tokens reloaded"),
                 Err(error) => {
                     tracing::error!(error = %error, "received SIGHUP: cannot reload tokens, keeping the old ones")
+                }
+            }
+            match tls.as_ref().map(|tls| tls.reload()) {
+                None => {}
+                Some(Ok(())) => info!("received SIGHUP: https certificate reloaded"),
+                Some(Err(error)) => {
+                    tracing::error!(error = %error, "received SIGHUP: cannot reload the https certificate, keeping the old one")
                 }
             }
         }

@@ -20,6 +20,7 @@
 //! rather than as the stale figures gossip last carried.
 
 use super::auth::Authenticator;
+use super::tls::Peers;
 use super::{json_reply, respond, with_state, ApiError, NodeStatus};
 use crate::flow::{FlowView, LATENCY_BOUNDS_MS, SECONDS};
 use crate::order::{Order, OrderId, Step};
@@ -65,7 +66,9 @@ pub struct Console {
 
 impl Console {
     pub fn new(node: Arc<NodeStatus>, auth: Arc<Authenticator>) -> Console {
-        let client = reqwest::Client::builder()
+        let client = node
+            .peers
+            .client(reqwest::Client::builder())
             .timeout(PEER_TIMEOUT)
             .connect_timeout(PEER_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
@@ -169,6 +172,7 @@ struct Peer {
 /// JSON, or why there is none.
 async fn ask_peers(
     client: Option<&reqwest::Client>,
+    how: &Peers,
     peers: Vec<Peer>,
     path: &str,
 ) -> HashMap<String, Result<Value, String>> {
@@ -176,7 +180,7 @@ async fn ask_peers(
         .map(|peer| async move {
             let answer = match client {
                 None => Err("no http client".to_string()),
-                Some(client) => ask(client, &format!("http://{}{path}", peer.addr)).await,
+                Some(client) => ask(client, &how.url(peer.addr, path)).await,
             };
             (peer.name, answer)
         })
@@ -254,7 +258,7 @@ async fn overview(state: State) -> Result<Response, ApiError> {
                 "version": crate::about::VERSION,
                 "started_at": started,
                 "uptime_s": uptime_seconds(Some(&started), time),
-                "connection_string": format!("http://{}", node.advertised),
+                "connection_string": node.peers.url(node.advertised, ""),
                 "answered": true,
                 "figures": own_figures(node),
             }));
@@ -272,7 +276,13 @@ async fn overview(state: State) -> Result<Response, ApiError> {
                     })
                 })
                 .collect();
-            let mut answers = ask_peers(state.client.as_ref(), peers, "/diagnostic/summary").await;
+            let mut answers = ask_peers(
+                state.client.as_ref(),
+                &node.peers,
+                peers,
+                "/diagnostic/summary",
+            )
+            .await;
             for seen in &seen {
                 let member = &seen.member;
                 let is_self = member.node_id == node.service_id;
@@ -298,7 +308,7 @@ async fn overview(state: State) -> Result<Response, ApiError> {
                     "version": member.version,
                     "started_at": member.started_at,
                     "uptime_s": uptime_seconds(member.started_at.as_deref(), time),
-                    "connection_string": member.http_addr.map(|addr| format!("http://{addr}")),
+                    "connection_string": member.http_addr.map(|addr| node.peers.url(addr, "")),
                     "last_activity": rfc3339(seen.last_seen),
                 });
                 match answer {
@@ -379,7 +389,9 @@ async fn flow(state: State, query: HashMap<String, String>) -> Result<Response, 
             None => "/diagnostic/flow".to_string(),
         };
         let peers = live_peers(&state.node).await;
-        for (name, answer) in ask_peers(state.client.as_ref(), peers, &path).await {
+        for (name, answer) in
+            ask_peers(state.client.as_ref(), &state.node.peers, peers, &path).await
+        {
             match answer.and_then(|value| {
                 serde_json::from_value::<FlowView>(value).map_err(|error| error.to_string())
             }) {

@@ -167,7 +167,7 @@ async fn cluster(state: State) -> Response {
                 serde_json::json!({
                     "name": seen.member.node_id,
                     "connected": seen.live,
-                    "connection_string": seen.member.http_addr.map(|addr| format!("http://{addr}")),
+                    "connection_string": seen.member.http_addr.map(|addr| state.peers.url(addr, "")),
                     "last_activity": seen.last_seen.to_rfc3339_opts(SecondsFormat::Micros, true),
                     "role": role,
                     "inflight": if is_self { state.pool.inflight() } else { seen.member.inflight },
@@ -190,7 +190,7 @@ async fn cluster(state: State) -> Response {
     let node = serde_json::json!({
         "name": state.service_id,
         "connected": true,
-        "connection_string": format!("http://{}", state.advertised),
+        "connection_string": state.peers.url(state.advertised, ""),
         "last_activity": state.activity.get().to_rfc3339_opts(SecondsFormat::Micros, true),
         "role": "leader",
         "inflight": state.pool.inflight(),

@@ -23,6 +23,7 @@ mod props;
 pub mod serve;
 mod service;
 mod state;
+pub mod tls;
 
 pub use error::ApiError;
 pub use state::{ApiState, Checks, NodeStatus};

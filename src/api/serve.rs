@@ -2,6 +2,7 @@
 //! headers: a client that sends them too slowly (or leaves a keep-alive connection idle) is
 //! disconnected, so it cannot hold a connection open. warp's own server sets no such deadline.
 //! Bodies have their own deadline where they are read ([`super::limits::Body::read`]).
+//! Over https the TLS handshake has the same deadline as the headers.
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -9,16 +10,19 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
 /// Runs until `shutdown` resolves, then stops accepting and waits for open connections to
-/// finish their requests.
+/// finish their requests. With `tls`, every connection is https.
 pub async fn serve(
     routes: BoxedFilter<(Response,)>,
     listener: TcpListener,
     header_read_timeout: Duration,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -52,8 +56,27 @@ pub async fn serve(
         let service = TowerToHyperService::new(warp::service(routes.clone()));
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let io: Box<dyn Io> = match tls {
+                None => Box::new(stream),
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => Box::new(stream),
+                        Ok(Err(error)) => {
+                            tracing::debug!(error = %error, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(
+                                "tls handshake not done within limits.header_read_timeout"
+                            );
+                            return;
+                        }
+                    }
+                }
+            };
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(error = %error, "connection ended with an error");
             }
@@ -62,6 +85,11 @@ pub async fn serve(
     drop(listener);
     graceful.shutdown().await;
 }
+
+/// A connection's bytes: plain TCP, or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 fn is_connection_error(error: &std::io::Error) -> bool {
     matches!(

@@ -3,6 +3,7 @@
 
 use super::auth::{Authenticator, Security};
 use super::limits::RateLimiter;
+use super::tls::Peers;
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::pipeline::Pool;
@@ -68,6 +69,8 @@ pub struct NodeStatus {
     pub cluster: Option<Arc<Cluster>>,
     pub metrics: Arc<Metrics>,
     pub activity: Arc<LastActivity>,
+    /// How this node's peers are called (and how any node is reached: http or https).
+    pub peers: Peers,
 }
 
 /// What the cluster-internal `/service` routes need.

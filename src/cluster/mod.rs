@@ -27,6 +27,7 @@ pub use redis::RedisCoordinator;
 
 use lapsed::LapsedLeases;
 
+use crate::api::tls::Peers;
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 use crate::pipeline::{Gate, Pool};
@@ -112,6 +113,8 @@ pub struct Cluster {
     /// cannot): a leader just back from losing Redis itself does not trust peers' lapses early.
     held_since: Mutex<Option<Instant>>,
     http: reqwest::Client,
+    /// How peers are called: http, or https when this node serves it.
+    peers: Peers,
     stop_tx: watch::Sender<bool>,
     /// Set when the node starts draining: it gives up the leader lease at once and takes it no
     /// more, so a peer leads (and sweeps) while this node finishes its steps.
@@ -137,6 +140,7 @@ impl Cluster {
         pool: Arc<Pool>,
         gate: Arc<Gate>,
         metrics: Arc<Metrics>,
+        peers: Peers,
     ) -> anyhow::Result<Arc<Cluster>> {
         let initial = vec![
             (keys::HTTP_ADDR.to_string(), advertise.to_string()),
@@ -163,7 +167,8 @@ impl Cluster {
         // ours sooner so a transfer never goes out on a connection being closed.
         // A peer cut off from this node is given up on after a second's connect, not the whole
         // transfer timeout, so the next candidate takes the orders over sooner.
-        let http = reqwest::Client::builder()
+        let http = peers
+            .client(reqwest::Client::builder())
             .timeout(config.transfer_timeout)
             .connect_timeout(config.transfer_timeout.min(TRANSFER_CONNECT_TIMEOUT))
             .pool_idle_timeout(Duration::from_secs(5))
@@ -185,6 +190,7 @@ impl Cluster {
             lapsed: Mutex::new(LapsedLeases::default()),
             held_since: Mutex::new(None),
             http,
+            peers,
             stop_tx,
             leaving_tx,
             new_term: tokio::sync::Notify::new(),
@@ -815,7 +821,7 @@ impl Cluster {
     ) -> Result<Transferred, String> {
         let response = self
             .http
-            .post(format!("http://{addr}/service/transfer"))
+            .post(self.peers.url(addr, "/service/transfer"))
             .header(SECRET_HEADER, &self.config.secret)
             .json(&serde_json::json!({ "service_id": dead, "fence": token, "handover": handover }))
             .send()

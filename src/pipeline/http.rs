@@ -117,7 +117,7 @@ impl Clients {
 /// The roots a server certificate is checked against: the system's (`/etc/ssl/certs`, or
 /// `SSL_CERT_FILE` / `SSL_CERT_DIR`), else, on a host that has none (a container or chroot),
 /// the bundled Mozilla set.
-fn default_roots() -> RootCertStore {
+pub(crate) fn default_roots() -> RootCertStore {
     let found = rustls_native_certs::load_native_certs();
     for error in &found.errors {
         warn!(error = %error, "cannot read some of the system's root certificates");
@@ -197,13 +197,16 @@ pub fn tls_config(
 }
 
 /// Reads a file named by a config key.
-fn read(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+pub(crate) fn read(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     std::fs::read(path)
         .map_err(|error| ConfigError::new(key, format!("cannot read {}: {error}", path.display())))
 }
 
 /// The PEM certificates in a file named by a config key; at least one.
-fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+pub(crate) fn certificates(
+    key: &str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     let certificates = CertificateDer::pem_slice_iter(&read(key, path)?)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| ConfigError::new(key, format!("{}: bad PEM: {error}", path.display())))?;

@@ -325,17 +325,22 @@ async fn unreadable_tls_files_exit_64_naming_the_key() {
         let config = format!(
             "[cluster]\nsecret = \"s\"\n[database]\nurl = \"rediss://127.0.0.1:9\"\n{database}"
         );
-        let outcome = run_to_exit(Some(&config), &[]).await;
-        assert_eq!(
-            outcome.status.code(),
-            Some(64),
-            "{config}: stderr:\n{}",
-            outcome.stderr
-        );
-        assert!(
-            outcome.stderr.contains(needle) && !outcome.stderr.contains("panicked"),
-            "{config}: stderr should name {needle}:\n{}",
-            outcome.stderr
-        );
+        assert_refused(&config, needle).await;
     }
+}
+
+/// Asserts that the binary with `config` exits with 64 naming `needle`, without a panic.
+pub(crate) async fn assert_refused(config: &str, needle: &str) {
+    let outcome = run_to_exit(Some(config), &[]).await;
+    assert_eq!(
+        outcome.status.code(),
+        Some(64),
+        "{config}: stderr:\n{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome.stderr.contains(needle) && !outcome.stderr.contains("panicked"),
+        "{config}: stderr should name {needle}:\n{}",
+        outcome.stderr
+    );
 }

@@ -50,6 +50,12 @@ impl Node {
     pub async fn start_as(config: &str, service_id: &str) -> Node {
         Node(order_process_testkit::Node::start_as(Path::new(BIN), config, service_id).await)
     }
+
+    /// Starts the binary as [`start`](Node::start) does, serving https with a certificate
+    /// signed by the CA in `ca_file`, which its requests trust.
+    pub async fn start_https(config: &str, ca_file: &Path) -> Node {
+        Node(order_process_testkit::Node::start_https(Path::new(BIN), config, ca_file).await)
+    }
 }
 
 impl Deref for Node {

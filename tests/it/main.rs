@@ -21,6 +21,7 @@
 //!   a node paused with orders queued
 //! - `http_services` — https steps with a private CA and a client certificate, busy answers
 //!   with `Retry-After`, a step's `concurrency`, the `Order-Epoch` header
+//! - `https`      — the API over https: a new certificate on SIGHUP, hand-overs between nodes
 //! - `trace`      — W3C traceparent kept with orders, passed on step calls, in log lines; spans
 //!   exported to an OTLP/HTTP receiver
 //! - `metrics`    — `/metrics` counters, `/diagnostic/summary`, `/openapi.json` against the router
@@ -52,6 +53,7 @@ mod faketime;
 mod full_disk;
 mod http_services;
 mod http_steps;
+mod https;
 mod metrics;
 mod pipeline;
 mod restart;

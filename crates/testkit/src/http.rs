@@ -42,12 +42,15 @@ impl std::fmt::Display for Reply {
 /// A client without connection reuse: nodes get killed and restarted on the same port, and a
 /// pooled connection to a dead process would fail the next request for the wrong reason.
 pub fn client() -> reqwest::Client {
+    client_builder().build().expect("build the HTTP client")
+}
+
+/// What [`client`] is built from.
+pub fn client_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(10))
-        .build()
-        .expect("build the HTTP client")
 }
 
 /// A request being built against a node (see `Node::call`).

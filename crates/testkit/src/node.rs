@@ -31,7 +31,7 @@ pub struct Node {
     /// The binary this node runs.
     bin: PathBuf,
     pub port: u16,
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` for [`Node::start_https`])
     pub base: String,
     dir: TempDir,
     process: Option<Proc>,
@@ -51,7 +51,31 @@ impl Node {
         Node::start_with(bin, config, Some(service_id)).await
     }
 
+    /// Starts the binary as [`start`](Node::start) does, for a `config` that serves https
+    /// with a certificate for 127.0.0.1 signed by the CA in `ca_file`: requests go to
+    /// `https://127.0.0.1:PORT`, trusting that CA only.
+    pub async fn start_https(bin: &Path, config: &str, ca_file: &Path) -> Node {
+        let pem = fs::read(ca_file).expect("read the CA file");
+        let ca = reqwest::Certificate::from_pem(&pem).expect("a PEM CA certificate");
+        let client = crate::http::client_builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .build()
+            .expect("build the https client");
+        Node::launch_new(bin, config, None, "https", client).await
+    }
+
     async fn start_with(bin: &Path, config: &str, service_id: Option<&str>) -> Node {
+        Node::launch_new(bin, config, service_id, "http", crate::http::client()).await
+    }
+
+    async fn launch_new(
+        bin: &Path,
+        config: &str,
+        service_id: Option<&str>,
+        scheme: &str,
+        client: reqwest::Client,
+    ) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("order-process-it-")
             .tempdir()
@@ -69,11 +93,11 @@ impl Node {
             dir,
             process: None,
             launches: 0,
-            client: crate::http::client(),
+            client,
         };
         for _ in 0..5 {
             node.port = free_port().expect("a free loopback port");
-            node.base = format!("http://127.0.0.1:{}", node.port);
+            node.base = format!("{scheme}://127.0.0.1:{}", node.port);
             if let Launch::Ready = node.launch().await {
                 return node;
             }

@@ -1,0 +1,142 @@
+//! https for the node's API: the certificate chain and key of `server.tls_cert` and
+//! `server.tls_key`, read at start and again on SIGHUP (a new certificate is served to the next
+//! connections, the ones open keep theirs), rustls with the `ring` provider, HTTP/2 and HTTP/1.1
+//! offered by ALPN. A node that serves https calls its peers over https too ([`Peers`]),
+//! trusting the system's roots and `cluster.ca_file`.
+
+use crate::config::{Config, ConfigError, StepTls};
+use crate::pipeline::http::{certificates, default_roots, read, tls_config};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::PrivateKeyDer;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use tokio_rustls::TlsAcceptor;
+
+/// The certificate the node serves, replaced whole by [`ServerTls::reload`].
+#[derive(Debug)]
+struct Current(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.read().ok().map(|current| Arc::clone(&current))
+    }
+}
+
+/// What the node serves https with.
+pub struct ServerTls {
+    cert: PathBuf,
+    key: PathBuf,
+    current: Arc<Current>,
+    acceptor: TlsAcceptor,
+}
+
+impl ServerTls {
+    /// The https setup of `config`, `None` when it serves plain http. A file that cannot be
+    /// read, holds no PEM of its kind, or a key that does not go with the certificate is a
+    /// [`ConfigError`] naming its key.
+    pub fn from_config(config: &Config) -> Result<Option<ServerTls>, ConfigError> {
+        let server = &config.server;
+        if server.tls_cert.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let certified = load(&server.tls_cert, &server.tls_key)?;
+        let current = Arc::new(Current(RwLock::new(Arc::new(certified))));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|error| ConfigError::new("server.tls_cert", error.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(&current) as Arc<dyn ResolvesServerCert>);
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Some(ServerTls {
+            cert: server.tls_cert.clone(),
+            key: server.tls_key.clone(),
+            current,
+            acceptor: TlsAcceptor::from(Arc::new(tls)),
+        }))
+    }
+
+    pub fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor.clone()
+    }
+
+    /// Reads the certificate and key again and serves them to the next connections; on an
+    /// error the ones served so far stay.
+    pub fn reload(&self) -> Result<(), ConfigError> {
+        let certified = Arc::new(load(&self.cert, &self.key)?);
+        if let Ok(mut current) = self.current.0.write() {
+            *current = certified;
+        }
+        Ok(())
+    }
+}
+
+/// The chain in `cert` with the key in `key`, checked to go together.
+fn load(cert: &std::path::Path, key: &std::path::Path) -> Result<CertifiedKey, ConfigError> {
+    let chain = certificates("server.tls_cert", cert)?;
+    let private =
+        PrivateKeyDer::from_pem_slice(&read("server.tls_key", key)?).map_err(|error| {
+            ConfigError::new(
+                "server.tls_key",
+                format!("{} holds no PEM private key: {error}", key.display()),
+            )
+        })?;
+    let provider = rustls::crypto::ring::default_provider();
+    CertifiedKey::from_der(chain, private, &provider).map_err(|error| {
+        ConfigError::new(
+            "server.tls_key",
+            format!(
+                "{} does not go with server.tls_cert {}: {error}",
+                key.display(),
+                cert.display()
+            ),
+        )
+    })
+}
+
+/// How a node calls its peers' API: over https when it serves https itself (every node of a
+/// cluster serves the same), trusting the system's roots and `cluster.ca_file`.
+#[derive(Clone, Default)]
+pub struct Peers {
+    tls: Option<rustls::ClientConfig>,
+}
+
+impl Peers {
+    pub fn from_config(config: &Config) -> Result<Peers, ConfigError> {
+        if config.server.tls_cert.as_os_str().is_empty() {
+            return Ok(Peers::default());
+        }
+        let ca_file = &config.cluster.ca_file;
+        let files = StepTls {
+            ca_file: (!ca_file.as_os_str().is_empty()).then(|| ca_file.clone()),
+            ..StepTls::default()
+        };
+        Ok(Peers {
+            tls: Some(tls_config(&files, default_roots(), "cluster")?),
+        })
+    }
+
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &'static str {
+        match self.tls {
+            Some(_) => "https",
+            None => "http",
+        }
+    }
+
+    /// The URL of `path` on the peer at `addr`.
+    pub fn url(&self, addr: SocketAddr, path: &str) -> String {
+        format!("{}://{addr}{path}", self.scheme())
+    }
+
+    /// `builder` made to speak TLS as peers are called.
+    pub fn client(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+        match &self.tls {
+            Some(tls) => builder.use_preconfigured_tls(tls.clone()),
+            None => builder,
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The API over https (`server.tls_cert`, `server.tls_key`): a client trusting the CA submits
+//! and reads orders, plain http and a client without the CA get nothing, a new certificate is
+//! served after SIGHUP, and nodes that serve https ask each other for figures and hand orders
+//! to each other, over https (`cluster.ca_file`). Certificates are made here (rcgen, see [`Pki`]); the files that stop a
+//! node at start are in `config.rs`.
+
+use crate::cluster::{cluster_turn, wait_formed, SECRET};
+use crate::config::assert_refused;
+use crate::harness::{pretty, unique_user, Node, RedisServer, POLL};
+use crate::history::assert_completed;
+use crate::redis_tls::Pki;
+use reqwest::Method;
+use std::path::Path;
+use std::time::Duration;
+
+/// How long short orders may take to finish, or a node to log what it did.
+const WITHIN: Duration = Duration::from_secs(30);
+
+/// The `[server]` lines that serve https with `pki`'s server certificate.
+fn server_lines(pki: &Pki) -> String {
+    format!(
+        "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        pki.path("server.pem").display(),
+        pki.path("server.key").display()
+    )
+}
+
+/// A client that trusts only the CA in `ca_file`, for https; with `None`, the platform's roots
+/// are not loaded either, so no certificate is trusted.
+fn client_trusting(ca_file: Option<&Path>) -> reqwest::Client {
+    let mut builder = order_process_testkit::http::client_builder().tls_built_in_root_certs(false);
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).expect("read the CA");
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a CA"));
+    }
+    builder.build().expect("build a client")
+}
+
+/// Whether `client` gets a 200 heartbeat from `url`.
+async fn heartbeat_ok(client: &reqwest::Client, url: &str) -> bool {
+    let url = format!("{url}/diagnostic/heartbeat");
+    matches!(client.get(url).send().await, Ok(response) if response.status() == 200)
+}
+
+/// Waits until `node`'s log has a line with `needle`.
+async fn wait_logged(node: &Node, needle: &str) {
+    let found = order_process_testkit::poll::until(WITHIN, POLL, || {
+        std::future::ready(node.log().contains(needle).then_some(()))
+    })
+    .await;
+    assert!(
+        found.is_some(),
+        "no log line with {needle:?} within {WITHIN:?}\n{}",
+        node.log_tail()
+    );
+}
+
+#[tokio::test]
+async fn a_node_serves_its_api_over_https_and_a_new_certificate_after_sighup() {
+    let pki = Pki::new();
+    let config = format!(
+        "{}[simulate]\nduration = \"20ms\"\nfailure_rate = 0.0\n",
+        server_lines(&pki)
+    );
+    let node = Node::start_https(&config, &pki.path("ca.pem")).await;
+    assert!(node.base.starts_with("https://"), "{}", node.base);
+    let user = unique_user("https");
+    let id = node
+        .create_order(&user, &serde_json::json!({ "n": 1 }))
+        .await;
+    assert_completed(&node.wait_terminal(&user, &id, WITHIN).await);
+    let view = node.cluster().await;
+    let reached = view["nodes"][0]["connection_string"].as_str();
+    assert_eq!(
+        reached,
+        Some(format!("https://127.0.0.1:{}", node.port).as_str()),
+        "{}",
+        pretty(&view)
+    );
+
+    // Plain http on the same port, and https without trusting the CA, get no answer.
+    let plain = format!("http://127.0.0.1:{}", node.port);
+    assert!(!heartbeat_ok(&client_trusting(None), &plain).await);
+    assert!(!heartbeat_ok(&client_trusting(None), &node.base).await);
+
+    // A certificate from another CA, written over the files: served after SIGHUP.
+    let other = Pki::new();
+    for name in ["server.pem", "server.key"] {
+        std::fs::copy(other.path(name), pki.path(name)).expect("replace the certificate");
+    }
+    let (old_ca, new_ca) = (pki.path("ca.pem"), other.path("ca.pem"));
+    assert!(heartbeat_ok(&client_trusting(Some(&old_ca)), &node.base).await);
+    node.signal("HUP");
+    wait_logged(&node, "https certificate reloaded").await;
+    // New clients: one that had a session could resume it, which shows no certificate.
+    assert!(heartbeat_ok(&client_trusting(Some(&new_ca)), &node.base).await);
+    assert!(!heartbeat_ok(&client_trusting(Some(&old_ca)), &node.base).await);
+}
+
+#[tokio::test]
+async fn nodes_serving_https_hand_orders_over_to_each_other_over_https() {
+    let _turn = cluster_turn().await;
+    let pki = Pki::new();
+    let redis = RedisServer::start();
+    let ca = pki.path("ca.pem");
+    let config = |seeds: &[u16]| {
+        let seeds: Vec<String> = seeds
+            .iter()
+            .map(|port| format!("\"127.0.0.1:{port}\""))
+            .collect();
+        format!(
+            "{}shutdown_grace = \"1s\"\n[simulate]\nduration = \"1s\"\nfailure_rate = 0.0\n\
+             [database]\nurl = \"{}\"\ntimeout = \"1s\"\n\
+             [cluster]\nsecret = \"{SECRET}\"\nseeds = [{}]\nca_file = \"{}\"\n",
+            server_lines(&pki),
+            redis.url(),
+            seeds.join(", "),
+            ca.display()
+        )
+    };
+    let first = Node::start_https(&config(&[]), &ca).await;
+    let second = Node::start_https(&config(&[first.port]), &ca).await;
+    let mut nodes = vec![first, second];
+    wait_formed(&nodes, 2).await;
+    let view = nodes[1].cluster().await;
+    for node in view["nodes"].as_array().into_iter().flatten() {
+        let reached = node["connection_string"].as_str().unwrap_or_default();
+        assert!(reached.starts_with("https://"), "{}", pretty(&view));
+    }
+    // The console's overview asks the peer for its figures, over https.
+    let reply = nodes[1]
+        .call(Method::GET, "/diagnostic/overview")
+        .send()
+        .await;
+    let overview = nodes[1].expect_json(&reply, 200, "GET /diagnostic/overview");
+    assert_eq!(overview["nodes_answered"], 2, "{}", pretty(&overview));
+
+    // Orders of five 1 s steps on the first node; told to stop, it finishes the steps running
+    // (for up to shutdown_grace) and hands the rest to the second, over https.
+    let user = unique_user("https-handover");
+    let mut ids = Vec::new();
+    for index in 0..4 {
+        let order = serde_json::json!({ "n": index });
+        ids.push(nodes[0].create_order(&user, &order).await);
+    }
+    let mut leaving = nodes.remove(0);
+    leaving.term();
+    let status = leaving.wait_exit(WITHIN).await;
+    assert!(status.success(), "{status}\n{}", leaving.log_tail());
+    assert!(
+        leaving.log().contains("handed unfinished orders over"),
+        "no hand-over over https\n{}",
+        leaving.log_tail()
+    );
+    for id in &ids {
+        assert_completed(&nodes[0].wait_terminal(&user, id, WITHIN).await);
+    }
+}
+
+#[tokio::test]
+async fn bad_https_settings_exit_64_naming_the_key() {
+    let pki = Pki::new();
+    let other = Pki::new();
+    let path = |pki: &Pki, name: &str| pki.path(name).display().to_string();
+    let not_pem = pki.path("not-pem");
+    std::fs::write(&not_pem, "hello\n").expect("write a file");
+    let not_pem = not_pem.display().to_string();
+    for (config, needle) in [
+        (
+            format!("[server]\ntls_cert = \"{}\"\n", path(&pki, "server.pem")),
+            "server.tls_key",
+        ),
+        (
+            format!("[server]\ntls_key = \"{}\"\n", path(&pki, "server.key")),
+            "server.tls_cert",
+        ),
+        (
+            format!(
+                "[server]\ntls_cert = \"{not_pem}\"\ntls_key = \"{}\"\n",
+                path(&pki, "server.key")
+            ),
+            "server.tls_cert",
+        ),
+        (
+            format!(
+                "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                path(&pki, "server.pem"),
+                path(&other, "server.key")
+            ),
+            "does not go with server.tls_cert",
+        ),
+        (
+            format!("[cluster]\nca_file = \"{}\"\n", path(&pki, "ca.pem")),
+            "cluster.ca_file",
+        ),
+    ] {
+        assert_refused(&config, needle).await;
+    }
+}
