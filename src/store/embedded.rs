@@ -23,6 +23,7 @@ use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -148,20 +149,39 @@ struct WriteHealth {
 /// every later read and write of that handle, and the file can be opened again only once no one
 /// holds the old one.
 #[derive(Clone)]
-struct OpenFile(Arc<RwLock<Option<Arc<Database>>>>);
+struct OpenFile {
+    db: Arc<RwLock<Option<Arc<Database>>>>,
+    /// Set for good by [`EmbeddedStore::close`]: the node is stopping.
+    closed: Arc<AtomicBool>,
+}
 
 impl OpenFile {
     fn new(db: Arc<Database>) -> OpenFile {
-        OpenFile(Arc::new(RwLock::new(Some(db))))
+        OpenFile {
+            db: Arc::new(RwLock::new(Some(db))),
+            closed: Arc::new(AtomicBool::new(false)),
+        }
     }
 
-    /// The database as open now; unavailable while it is reopened.
+    /// The database as open now; unavailable while it is reopened, or once closed.
     fn get(&self) -> Result<Arc<Database>, StoreError> {
-        self.0
+        self.db
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .ok_or_else(|| StoreError::Unavailable(REOPENING.into()))
+            .ok_or_else(|| StoreError::Unavailable(self.why_not_open().into()))
+    }
+
+    /// Why there is no database to hand out.
+    fn why_not_open(&self) -> &'static str {
+        match self.is_closed() {
+            true => CLOSED,
+            false => REOPENING,
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Takes the database out (readers get unavailable meanwhile); a handle that tells when the
@@ -172,14 +192,14 @@ impl OpenFile {
 
     /// Takes the database out, for good unless someone puts one back.
     fn take_open(&self) -> Option<Arc<Database>> {
-        self.0
+        self.db
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .take()
     }
 
     fn put(&self, db: Database) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(db));
+        *self.db.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(db));
     }
 }
 
@@ -295,6 +315,7 @@ impl EmbeddedStore {
     /// next start need not repair it (a repair reads the whole file). Blocks while it waits. An
     /// error means the file is left for its last user to close, or for the next start to repair.
     pub fn close(&self, within: Duration) -> Result<(), StoreError> {
+        self.db.closed.store(true, Ordering::Release);
         let mut db = self
             .db
             .take_open()
@@ -396,6 +417,9 @@ fn purge_cutoff(retention: Duration) -> u64 {
 fn purge_loop(db: &OpenFile, writer: &mpsc::WeakSender<WriteRequest>, retention: Duration) {
     loop {
         std::thread::sleep(PURGE_EVERY);
+        if db.is_closed() {
+            return;
+        }
         loop {
             // Held only for the look, so the writer can reopen the file meanwhile.
             let due = db.get().and_then(|db| purge_due(&db, retention));
@@ -540,6 +564,9 @@ const REOPEN_MAX_PAUSE: Duration = Duration::from_secs(16);
 
 /// What a write meets while the file is reopened.
 const REOPENING: &str = "the store is reopening its file after a failed write";
+
+/// What a read or write meets once the file is closed.
+const CLOSED: &str = "the store is closed: the node is stopping";
 
 /// Whether `db` fails every transaction since an earlier one failed on the disk (redb's
 /// `PreviousIo`): only a new handle on the file can write again. An empty transaction tells.

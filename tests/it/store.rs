@@ -937,6 +937,22 @@ async fn embedded_store_keeps_orders_across_reopen() {
     assert_eq!(store.get(order.order_id).await.unwrap(), Some(order));
 }
 
+#[tokio::test]
+async fn a_closed_embedded_store_says_it_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let order = new_order("alice", "node-a", 0);
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    create(&store, &order).await;
+    store.close(Duration::from_secs(5)).expect("close");
+    // A node's tasks still running while it stops get this, not a reopen after a failed write.
+    match store.get(order.order_id).await {
+        Err(StoreError::Unavailable(why)) => assert!(why.contains("closed"), "{why}"),
+        other => panic!("a read of a closed store: {other:?}"),
+    }
+    let store = reopen_embedded(dir.path()).await;
+    assert_eq!(store.get(order.order_id).await.unwrap(), Some(order));
+}
+
 /// The embedded store in `dir` opened again, once the writer thread of the one dropped before
 /// let go of the file.
 async fn reopen_embedded(dir: &std::path::Path) -> EmbeddedStore {
