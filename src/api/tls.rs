@@ -1,7 +1,7 @@
 //! https for the node's API: the certificate chain and key of `server.tls_cert` and
-//! `server.tls_key`, read at start and again on SIGHUP (a new certificate is served to the next
-//! connections, the ones open keep theirs), rustls with the `ring` provider, HTTP/2 and HTTP/1.1
-//! offered by ALPN. A node that serves https calls its peers over https too ([`Peers`]),
+//! `server.tls_key`, read at start and again on SIGHUP (a new certificate is served from the
+//! next handshake; open connections and resumed sessions keep theirs), rustls with the `ring`
+//! provider, HTTP/2 and HTTP/1.1 offered by ALPN. A node that serves https calls its peers over https too ([`Peers`]),
 //! trusting the system's roots and `cluster.ca_file`.
 
 use crate::config::{Config, ConfigError, StepTls};
@@ -11,7 +11,7 @@ use rustls::pki_types::PrivateKeyDer;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use tokio_rustls::TlsAcceptor;
 
@@ -63,7 +63,7 @@ impl ServerTls {
         self.acceptor.clone()
     }
 
-    /// Reads the certificate and key again and serves them to the next connections; on an
+    /// Reads the certificate and key again and serves them from the next handshake; on an
     /// error the ones served so far stay.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let certified = Arc::new(load(&self.cert, &self.key)?);
@@ -75,7 +75,7 @@ impl ServerTls {
 }
 
 /// The chain in `cert` with the key in `key`, checked to go together.
-fn load(cert: &std::path::Path, key: &std::path::Path) -> Result<CertifiedKey, ConfigError> {
+fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, ConfigError> {
     let chain = certificates("server.tls_cert", cert)?;
     let private =
         PrivateKeyDer::from_pem_slice(&read("server.tls_key", key)?).map_err(|error| {
@@ -120,7 +120,7 @@ impl Peers {
     }
 
     /// `http` or `https`.
-    pub fn scheme(&self) -> &'static str {
+    fn scheme(&self) -> &'static str {
         match self.tls {
             Some(_) => "https",
             None => "http",
