@@ -582,9 +582,9 @@ pub struct ClusterConfig {
     #[serde(deserialize_with = "duration")]
     pub takeover_after: Duration,
     /// How long a dead node that owns no orders stays in the registry before the leader
-    /// forgets it. The sweep looks only at registered nodes: an order that lands as a node's
-    /// after its lease lapsed (a create delayed on a bad link) is taken over only while the
-    /// node is remembered.
+    /// forgets it. An order that lands as a node's after its lease lapsed (a create delayed on
+    /// a bad link) is taken over at once while the node is remembered; in the hour after, the
+    /// sweep registers the node again first.
     #[serde(deserialize_with = "duration")]
     pub forget_after: Duration,
     /// With `server.tls_cert` (peers are then called over https): a PEM file of the CA that

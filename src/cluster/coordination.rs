@@ -82,8 +82,13 @@ pub trait Coordinator: Send + Sync + 'static {
     /// Every node registered, with its HTTP address.
     async fn known_nodes(&self) -> Result<Vec<(String, String)>, StoreError>;
 
-    /// Takes a node out of the registry (a dead node that owns nothing).
+    /// Takes a node out of the registry (a dead node that owns nothing), and notes it among
+    /// the [`forgotten_nodes`](Coordinator::forgotten_nodes).
     async fn forget_node(&self, node: &str) -> Result<(), StoreError>;
+
+    /// The nodes forgotten in the last hour: an order can still land as one's own (a create
+    /// sent before it died, delayed on a bad link), and the sweep then registers it again.
+    async fn forgotten_nodes(&self) -> Result<Vec<String>, StoreError>;
 
     /// Puts a node that owns orders back in the registry, with no address, unless it is there:
     /// the sweep then looks at it like any other. For an owner the registry lost.

@@ -537,20 +537,38 @@ impl Cluster {
             .collect();
         // Every registered node, gossip-live or not: the liveness lease is the authority, gossip
         // only makes a takeover sooner.
-        let known = self.registered_peers().await?;
+        let mut known = self.registered_peers().await?;
+        let registered = known.len();
+        // Forgotten nodes are looked at too, in the same reads: one that owns orders (a create
+        // that landed after it was forgotten) is registered again and taken over like any other.
+        for node in self.coordinator.forgotten_nodes().await? {
+            if node != self.node_id && !known.contains(&node) {
+                known.push(node);
+            }
+        }
         if known.is_empty() {
             return Ok(());
         }
         let statuses = self.coordinator.node_status(&known).await?;
         for (
-            node,
-            NodeStatus {
-                alive,
-                owned,
-                lapsed,
-            },
-        ) in known.iter().zip(statuses)
+            at,
+            (
+                node,
+                NodeStatus {
+                    alive,
+                    owned,
+                    lapsed,
+                },
+            ),
+        ) in known.iter().zip(statuses).enumerate()
         {
+            if at >= registered {
+                if owned == 0 || alive {
+                    continue;
+                }
+                self.coordinator.remember_node(node).await?;
+                warn!(node = %node, orders = owned, "orders landed as a forgotten node's own; registered it again to take them over");
+            }
             let seen = self
                 .lapsed
                 .lock()

@@ -3,7 +3,7 @@
 
 use super::coordination::{Acquired, Coordinator, Leader, Liveness, NodeStatus, Renewal};
 use crate::store::redis::keys::{
-    alive_key, owned_key, shards, ALIVE_UNTIL, LEADER, LEADER_FENCE, NODES,
+    alive_key, owned_key, shards, ALIVE_UNTIL, FORGOTTEN, LEADER, LEADER_FENCE, NODES,
 };
 use crate::store::redis::Connections;
 use crate::store::StoreError;
@@ -50,6 +50,33 @@ redis.call('HSET', KEYS[3], ARGV[3], string.format('%d', expires))
 return false
 ";
 
+/// Take node ARGV[1] out of the registry (KEYS[1]) and its lease's expiry time (KEYS[2]), and
+/// note when in the forgotten nodes (KEYS[3]), from which those noted more than ARGV[2] ms ago
+/// go. Why a script: the forgotten set must name every node the registry dropped, or an order
+/// landing as one's own after it was forgotten could go unseen.
+const FORGET: &str = r"
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[3], string.format('%d', now_ms), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', string.format('(%d', now_ms - tonumber(ARGV[2])))
+return 0
+";
+
+/// The nodes of the forgotten set KEYS[1] noted within the last ARGV[1] ms. A script only to
+/// read Redis's clock.
+const FORGOTTEN_SINCE: &str = r"
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], string.format('%d', now_ms - tonumber(ARGV[1])), '+inf')
+";
+
+/// How long a forgotten node is looked at for orders that land as its own: longer than Linux
+/// keeps retransmitting a write on a connection that gets no answer (`tcp_retries2`, about
+/// 15 minutes).
+const FORGOTTEN_KEPT: Duration = Duration::from_secs(3600);
+
 /// Take the leader lease and a fencing token in one step. KEYS: lease, fence. ARGV: holder, ms.
 /// Atomic so that every term gets a token greater than any earlier term's.
 const ACQUIRE: &str = r"
@@ -70,6 +97,8 @@ pub struct RedisCoordinator {
     release: Script,
     acquire: Script,
     renew_alive: Script,
+    forget: Script,
+    forgotten_since: Script,
 }
 
 fn millis(ttl: Duration) -> u64 {
@@ -114,6 +143,8 @@ impl RedisCoordinator {
             release: Script::new(RELEASE),
             acquire: Script::new(ACQUIRE),
             renew_alive: Script::new(RENEW_ALIVE),
+            forget: Script::new(FORGET),
+            forgotten_since: Script::new(FORGOTTEN_SINCE),
         }
     }
 
@@ -174,10 +205,20 @@ impl Coordinator for RedisCoordinator {
     }
 
     async fn forget_node(&self, node: &str) -> Result<(), StoreError> {
-        let mut forget = redis::pipe();
-        forget.cmd("HDEL").arg(NODES).arg(node).ignore();
-        forget.cmd("HDEL").arg(ALIVE_UNTIL).arg(node).ignore();
-        self.redis.write::<(), _>(&forget).await
+        let mut forget = self.forget.key(NODES);
+        forget
+            .key(ALIVE_UNTIL)
+            .key(FORGOTTEN)
+            .arg(node)
+            .arg(millis(FORGOTTEN_KEPT));
+        self.redis.write::<i64, _>(&forget).await?;
+        Ok(())
+    }
+
+    async fn forgotten_nodes(&self) -> Result<Vec<String>, StoreError> {
+        let mut forgotten = self.forgotten_since.key(FORGOTTEN);
+        forgotten.arg(millis(FORGOTTEN_KEPT));
+        self.redis.query(&forgotten).await
     }
 
     async fn remember_node(&self, node: &str) -> Result<bool, StoreError> {

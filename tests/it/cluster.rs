@@ -604,23 +604,11 @@ async fn a_node_forgotten_while_paused_has_its_orders_taken_over_when_it_dies_la
         node_config(&redis, "1s", seeds) + "forget_after = \"2s\"\n"
     })
     .await;
-    use order_process::cluster::Coordinator;
     let coordinator = coordinator_of(&redis);
     let (victim, victim_id) = a_follower(&nodes).await;
     // Paused with no orders: once its lease lapses and gossip calls it dead, the leader forgets it.
     nodes[victim].signal("STOP");
-    let deadline = Instant::now() + TAKEOVER;
-    loop {
-        let known = coordinator.known_nodes().await.unwrap_or_default();
-        if !known.iter().any(|(node, _)| *node == victim_id) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the paused node was never forgotten"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    wait_forgotten(&coordinator, &victim_id).await;
     nodes[victim].signal("CONT");
     wait_formed(&nodes, 3).await;
     // It takes orders again, then dies for good: the others must finish them.
@@ -630,6 +618,19 @@ async fn a_node_forgotten_while_paused_has_its_orders_taken_over_when_it_dies_la
     wait_started(&nodes[survivor], &user, &orders).await;
     nodes[victim].kill();
     wait_all_completed(&nodes[survivor], &user, &orders, TAKEOVER).await;
+}
+
+/// Waits until the registry no longer names `node`.
+async fn wait_forgotten(coordinator: &impl order_process::cluster::Coordinator, node: &str) {
+    let deadline = Instant::now() + TAKEOVER;
+    loop {
+        let known = coordinator.known_nodes().await.unwrap_or_default();
+        if !known.iter().any(|(known, _)| known == node) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node {node} was never forgotten");
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// A node that is not the leader, and its node id.
@@ -659,9 +660,6 @@ fn coordinator_of(redis: &RedisServer) -> order_process::cluster::RedisCoordinat
 #[tokio::test]
 async fn orders_landing_as_a_lapsed_nodes_own_are_taken_over_when_it_dies() {
     use order_process::cluster::Coordinator;
-    use order_process::order::{Order, OrderId};
-    use order_process::store::redis::RedisStore;
-    use order_process::store::OrderStore;
 
     let _turn = cluster_turn().await;
     let redis = RedisServer::start();
@@ -694,15 +692,57 @@ async fn orders_landing_as_a_lapsed_nodes_own_are_taken_over_when_it_dies() {
         "a dead node that owns nothing was forgotten at once: {known:?}"
     );
     // Creates of the node's that land now, then its death.
-    let store = RedisStore::connect(&redis.url(), 1, Duration::from_secs(2)).expect("a store");
     let user = unique_user("lapsed");
+    let orders = create_as(&redis, &victim_id, &user, 3).await;
+    nodes[victim].kill();
+    let survivor = (victim + 1) % 3;
+    wait_all_completed(&nodes[survivor], &user, &orders, TAKEOVER).await;
+}
+
+/// Regression: orders that landed as a node's own after the leader forgot it (creates delayed
+/// on a bad link for longer than `cluster.forget_after`) waited for a new leader's index repair.
+/// The leader looks at the nodes it forgot for an hour, registers one that owns orders again,
+/// and takes them over.
+#[tokio::test]
+async fn orders_landing_as_a_forgotten_nodes_own_are_taken_over() {
+    use order_process::cluster::Coordinator;
+
+    let _turn = cluster_turn().await;
+    let redis = RedisServer::start();
+    let mut nodes = start_configured(3, |seeds| {
+        node_config(&redis, "100ms", seeds) + "forget_after = \"2s\"\n"
+    })
+    .await;
+    let coordinator = coordinator_of(&redis);
+    let (victim, victim_id) = a_follower(&nodes).await;
+    nodes[victim].kill();
+    wait_forgotten(&coordinator, &victim_id).await;
+    let forgotten = coordinator
+        .forgotten_nodes()
+        .await
+        .expect("the forgotten nodes");
+    assert!(forgotten.contains(&victim_id), "{forgotten:?}");
+    let user = unique_user("forgotten-late");
+    let orders = create_as(&redis, &victim_id, &user, 3).await;
+    let survivor = (victim + 1) % 3;
+    wait_all_completed(&nodes[survivor], &user, &orders, TAKEOVER).await;
+}
+
+/// Creates `count` orders of `user` owned by `node` through a store of the test's own, as the
+/// node's own creates would land.
+async fn create_as(redis: &RedisServer, node: &str, user: &str, count: usize) -> Vec<Submitted> {
+    use order_process::order::{Order, OrderId};
+    use order_process::store::redis::RedisStore;
+    use order_process::store::OrderStore;
+
+    let store = RedisStore::connect(&redis.url(), 1, Duration::from_secs(2)).expect("a store");
     let mut orders = Vec::new();
-    for n in 0..3 {
+    for n in 0..count {
         let order = Order::new(
             OrderId::new_v4(),
-            user.clone(),
+            user.to_string(),
             serde_json::json!({ "n": n }),
-            victim_id.clone(),
+            node.to_string(),
             chrono::Utc::now(),
         );
         store.create(&order, None).await.expect("a create");
@@ -710,9 +750,7 @@ async fn orders_landing_as_a_lapsed_nodes_own_are_taken_over_when_it_dies() {
             id: order.order_id.to_string(),
         });
     }
-    nodes[victim].kill();
-    let survivor = (victim + 1) % 3;
-    wait_all_completed(&nodes[survivor], &user, &orders, TAKEOVER).await;
+    orders
 }
 
 /// The registry lost a dead node that still owns orders (an operator's edit, a restore from an

@@ -52,6 +52,8 @@
 //!   the state indexes (a Redis written by an earlier version has orders that are not).
 //! - `op:{c}:alive:until`: hash node id → when its liveness lease as last renewed expires, in ms
 //!   of Redis's clock, so any leader can tell how long a lease has been expired.
+//! - `op:{c}:forgotten`: sorted set of the nodes the leader took out of the registry, scored with
+//!   when (ms, Redis's clock), kept an hour: an order that lands as one's own later is found.
 
 use crate::order::{OrderId, RollbackState, Step};
 use uuid::Uuid;
@@ -64,6 +66,8 @@ pub const SHARDS: u16 = 64;
 pub const NODES: &str = "op:{c}:nodes";
 /// Hash node id → when its liveness lease, as last renewed, expires (ms, Redis's clock).
 pub const ALIVE_UNTIL: &str = "op:{c}:alive:until";
+/// Sorted set of the nodes taken out of the registry, scored with when (ms, Redis's clock).
+pub const FORGOTTEN: &str = "op:{c}:forgotten";
 /// The leader lease: `{node}:{term id}` of the holder.
 pub const LEADER: &str = "op:{c}:leader";
 /// The latest fencing token, one per leader term.
