@@ -1,8 +1,8 @@
 //! The API over https (`server.tls_cert`, `server.tls_key`): a client trusting the CA submits
 //! and reads orders, plain http and a client without the CA get nothing, a new certificate is
-//! served after SIGHUP, and nodes that serve https ask each other for figures and hand orders
-//! to each other, over https (`cluster.ca_file`). Certificates are made here (rcgen, see [`Pki`]); the files that stop a
-//! node at start are in `config.rs`.
+//! served after SIGHUP, nodes that serve https ask each other for figures and hand orders to
+//! each other over https (`cluster.ca_file`), and the bench drives an https node. Certificates
+//! are made here (rcgen, see [`Pki`]); the files that stop a node at start are in `config.rs`.
 
 use crate::cluster::{cluster_turn, wait_formed, SECRET};
 use crate::config::assert_refused;
@@ -196,4 +196,39 @@ async fn bad_https_settings_exit_64_naming_the_key() {
     ] {
         assert_refused(&config, needle).await;
     }
+}
+
+/// `order-process bench` drives an https node, trusting the CA in `--ca-file`; without it the
+/// node's certificate is not trusted and no order is accepted.
+#[tokio::test]
+async fn the_bench_drives_an_https_node_trusting_its_ca_file() {
+    let pki = Pki::new();
+    let config = format!(
+        "{}[simulate]\nduration = \"0s\"\nfailure_rate = 0.0\n",
+        server_lines(&pki)
+    );
+    let node = Node::start_https(&config, &pki.path("ca.pem")).await;
+    let ca = pki.path("ca.pem");
+    let run = |ca_file: Option<&Path>| {
+        let mut command = tokio::process::Command::new(crate::harness::BIN);
+        command.args(["bench", "--url", &node.base, "--json", "--orders", "200"]);
+        command.args(["--concurrency", "8", "--timeout", "60s"]);
+        if let Some(path) = ca_file {
+            command.arg("--ca-file").arg(path);
+        }
+        command.output()
+    };
+    let output = run(Some(&ca)).await.expect("run the bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", node.log_tail());
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
+    assert_eq!(summary["completed"], 200, "{summary}");
+    assert_eq!(summary["lost"], 0, "{summary}");
+
+    let output = run(None).await.expect("run the bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
+    assert_eq!(summary["submitted"], 0, "{summary}");
+    let refused = summary["http_errors"]["connect"].as_u64().unwrap_or(0);
+    assert!(refused > 0, "{summary}");
 }

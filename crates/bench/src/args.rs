@@ -6,9 +6,13 @@ use argh::FromArgs;
 #[argh(subcommand, name = "bench")]
 /// drive running nodes with orders; report throughput, latency and any lost or wrong order
 pub struct BenchArgs {
-    /// base URL of a node (repeatable; orders go round-robin); default http://127.0.0.1:8080
+    /// base URL of a node (repeatable; orders go round-robin): http:// or https://; default
+    /// http://127.0.0.1:8080
     #[argh(option)]
     pub url: Vec<String>,
+    /// PEM file of a CA to trust, besides the system's roots, for https:// nodes
+    #[argh(option)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// how many orders to submit
     #[argh(option, default = "1000")]
     pub orders: usize,

@@ -1,18 +1,24 @@
 //! The bench's HTTP client: hyper's pooled HTTP/1 client and nothing between it and each
 //! request (no redirect or retry layers, no URL parsed per request), so that what a request
-//! costs the machine the bench shares with the nodes is mostly the nodes'.
+//! costs the machine the bench shares with the nodes is mostly the nodes'. `https://` URLs are
+//! spoken over rustls, trusting the system's roots and `--ca-file`.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{header, Request, StatusCode, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{connect::HttpConnector, Client as Pool};
 use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::{pem::PemObject, CertificateDer};
+use rustls::RootCertStore;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Pooled keep-alive connections to the nodes.
 #[derive(Clone)]
 pub struct Client {
-    pool: Pool<HttpConnector, Full<Bytes>>,
+    pool: Pool<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// The most a request and its answer may take.
     timeout: Duration,
 }
@@ -36,27 +42,67 @@ impl Failure {
     }
 }
 
-/// `url` (a node's base URL) with `path` appended, parsed once for every request to it. Only
-/// `http://` is spoken.
+/// `url` (a node's base URL) with `path` appended, parsed once for every request to it.
 pub fn endpoint(url: &str, path: &str) -> Result<Uri, String> {
     let uri: Uri = format!("{url}{path}")
         .parse()
         .map_err(|error| format!("--url {url}: {error}"))?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() {
-        return Err(format!("--url {url}: must be an http:// URL with a host"));
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(format!(
+            "--url {url}: must be an http:// or https:// URL with a host"
+        ));
     }
     Ok(uri)
 }
 
+/// The roots an https node's certificate is checked against: the system's, and the
+/// certificates in `ca_file`.
+pub fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    if let Some(path) = ca_file {
+        let shown = path.display();
+        let certificates = CertificateDer::pem_file_iter(path)
+            .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+            .map_err(|error| format!("--ca-file {shown}: {error}"))?;
+        if certificates.is_empty() {
+            return Err(format!("--ca-file {shown}: no PEM certificate in it"));
+        }
+        for certificate in certificates {
+            roots
+                .add(certificate)
+                .map_err(|error| format!("--ca-file {shown}: not a CA certificate: {error}"))?;
+        }
+    }
+    Ok(roots)
+}
+
 impl Client {
-    /// Keeps up to `idle_per_host` idle connections to each node.
-    pub fn new(idle_per_host: usize, timeout: Duration) -> Client {
+    /// Keeps up to `idle_per_host` idle connections to each node; `https://` nodes must have a
+    /// certificate from one of `roots`.
+    pub fn new(
+        idle_per_host: usize,
+        timeout: Duration,
+        roots: RootCertStore,
+    ) -> Result<Client, String> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|error| format!("cannot set up TLS: {error}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let pool = Pool::builder(TokioExecutor::new())
             .pool_max_idle_per_host(idle_per_host)
             .build(connector);
-        Client { pool, timeout }
+        Ok(Client { pool, timeout })
     }
 
     /// POSTs `body` (JSON) to `uri` as `user`: the answer's status and body.
@@ -99,10 +145,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoints_are_http_urls_with_a_host() {
+    fn endpoints_are_http_or_https_urls_with_a_host() {
         let uri = endpoint("http://127.0.0.1:8080", "/orders").map(|uri| uri.to_string());
         assert_eq!(uri.as_deref(), Ok("http://127.0.0.1:8080/orders"));
-        assert!(endpoint("https://127.0.0.1:8080", "/orders").is_err());
+        assert!(endpoint("https://127.0.0.1:8080", "/orders").is_ok());
+        assert!(endpoint("ftp://127.0.0.1:8080", "/orders").is_err());
         assert!(endpoint("127.0.0.1:8080", "/orders").is_err());
         assert!(endpoint("http://exa mple", "/orders").is_err());
     }
@@ -114,7 +161,8 @@ mod tests {
             .and_then(|listener| listener.local_addr())
             .map(|address| address.port())
             .unwrap_or(9);
-        let client = Client::new(1, Duration::from_secs(5));
+        let client =
+            Client::new(1, Duration::from_secs(5), RootCertStore::empty()).expect("a client");
         let uri = endpoint(&format!("http://127.0.0.1:{port}"), "/orders");
         let uri = uri.expect("a valid endpoint");
         let answer = client.post_json(&uri, "bench", b"{}".to_vec()).await;
