@@ -76,6 +76,9 @@ pub struct ServerConfig {
     pub tls_cert: PathBuf,
     /// The PEM private key of `tls_cert`.
     pub tls_key: PathBuf,
+    /// With `tls_cert`: a PEM file of the CAs whose client certificates every caller must show
+    /// (mutual TLS); empty asks for none. Peers are then shown this node's own certificate.
+    pub tls_client_ca: PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +92,7 @@ impl Default for ServerConfig {
             worker_threads: 0,
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
+            tls_client_ca: PathBuf::new(),
         }
     }
 }
@@ -998,7 +1002,7 @@ impl Config {
     }
 
     /// Checks the files of https: `server.tls_cert` and `server.tls_key` both or neither,
-    /// `cluster.ca_file` only with them, each a file.
+    /// `server.tls_client_ca` and `cluster.ca_file` only with them, each a file.
     fn validate_https(&self) -> Result<(), ConfigError> {
         let set = |path: &Path| !path.as_os_str().is_empty();
         let (cert, key) = (&self.server.tls_cert, &self.server.tls_key);
@@ -1018,9 +1022,16 @@ impl Config {
                 "only used with server.tls_cert: peers are called over https when this node serves it",
             ));
         }
+        if set(&self.server.tls_client_ca) && !set(cert) {
+            return Err(ConfigError::new(
+                "server.tls_client_ca",
+                "only used with server.tls_cert: client certificates are asked for over https",
+            ));
+        }
         for (name, path) in [
             ("server.tls_cert", cert),
             ("server.tls_key", key),
+            ("server.tls_client_ca", &self.server.tls_client_ca),
             ("cluster.ca_file", &self.cluster.ca_file),
         ] {
             if set(path) && !path.is_file() {

@@ -104,7 +104,7 @@ pub async fn run(
     // First, so a bad tokens file stops the node before it touches its store.
     let security = api::auth::Security::from_config(&config)?;
     let server_tls = ServerTls::from_config(&config)?.map(Arc::new);
-    let peers = Peers::from_config(&config)?;
+    let peers = Peers::from_config(&config, server_tls.as_deref())?;
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;

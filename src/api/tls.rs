@@ -1,15 +1,19 @@
 //! https for the node's API: the certificate chain and key of `server.tls_cert` and
 //! `server.tls_key`, read at start and again on SIGHUP (a new certificate is served from the
 //! next handshake; open connections and resumed sessions keep theirs), rustls with the `ring`
-//! provider, HTTP/2 and HTTP/1.1 offered by ALPN. A node that serves https calls its peers over https too ([`Peers`]),
-//! trusting the system's roots and `cluster.ca_file`.
+//! provider, HTTP/2 and HTTP/1.1 offered by ALPN; with `server.tls_client_ca`, a client
+//! certificate from one of its CAs is required of every caller (mutual TLS). A node that serves
+//! https calls its peers over https too ([`Peers`]), trusting the system's roots and
+//! `cluster.ca_file`, and shows them its own certificate when they require one.
 
 use crate::config::{Config, ConfigError, StepTls};
 use crate::pipeline::http::{certificates, default_roots, read, tls_config};
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, SignatureScheme};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -19,9 +23,30 @@ use tokio_rustls::TlsAcceptor;
 #[derive(Debug)]
 struct Current(RwLock<Arc<CertifiedKey>>);
 
+impl Current {
+    fn get(&self) -> Option<Arc<CertifiedKey>> {
+        self.0.read().ok().map(|current| Arc::clone(&current))
+    }
+}
+
 impl ResolvesServerCert for Current {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.read().ok().map(|current| Arc::clone(&current))
+        self.get()
+    }
+}
+
+/// The node's own certificate, shown to peers that require a client certificate.
+impl ResolvesClientCert for Current {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -30,6 +55,8 @@ pub struct ServerTls {
     cert: PathBuf,
     key: PathBuf,
     current: Arc<Current>,
+    /// Whether callers must show a client certificate (`server.tls_client_ca`).
+    mutual: bool,
     acceptor: TlsAcceptor,
 }
 
@@ -45,16 +72,24 @@ impl ServerTls {
         let certified = load(&server.tls_cert, &server.tls_key)?;
         let current = Arc::new(Current(RwLock::new(Arc::new(certified))));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
-            .map_err(|error| ConfigError::new("server.tls_cert", error.to_string()))?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::clone(&current) as Arc<dyn ResolvesServerCert>);
+            .map_err(|error| ConfigError::new("server.tls_cert", error.to_string()))?;
+        let mutual = !server.tls_client_ca.as_os_str().is_empty();
+        let builder = match mutual {
+            true => {
+                builder.with_client_cert_verifier(client_verifier(&server.tls_client_ca, provider)?)
+            }
+            false => builder.with_no_client_auth(),
+        };
+        let mut tls =
+            builder.with_cert_resolver(Arc::clone(&current) as Arc<dyn ResolvesServerCert>);
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Some(ServerTls {
             cert: server.tls_cert.clone(),
             key: server.tls_key.clone(),
             current,
+            mutual,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
         }))
     }
@@ -72,6 +107,27 @@ impl ServerTls {
         }
         Ok(())
     }
+}
+
+/// Requires of every caller a client certificate from one of the CAs in `ca_file` (and only
+/// those: not the system's roots).
+fn client_verifier(
+    ca_file: &Path,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, ConfigError> {
+    let key = "server.tls_client_ca";
+    let mut roots = RootCertStore::empty();
+    for certificate in certificates(key, ca_file)? {
+        roots.add(certificate).map_err(|error| {
+            ConfigError::new(
+                key,
+                format!("{}: not a CA certificate: {error}", ca_file.display()),
+            )
+        })?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|error| ConfigError::new(key, format!("{}: {error}", ca_file.display())))
 }
 
 /// The chain in `cert` with the key in `key`, checked to go together.
@@ -98,25 +154,30 @@ fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, ConfigError> {
 }
 
 /// How a node calls its peers' API: over https when it serves https itself (every node of a
-/// cluster serves the same), trusting the system's roots and `cluster.ca_file`.
+/// cluster serves the same), trusting the system's roots and `cluster.ca_file`; showing its
+/// own certificate, as it is at each handshake, when it requires client certificates itself.
 #[derive(Clone, Default)]
 pub struct Peers {
     tls: Option<rustls::ClientConfig>,
 }
 
 impl Peers {
-    pub fn from_config(config: &Config) -> Result<Peers, ConfigError> {
-        if config.server.tls_cert.as_os_str().is_empty() {
+    /// How a node that serves `server` (none: plain http) calls its peers.
+    pub fn from_config(config: &Config, server: Option<&ServerTls>) -> Result<Peers, ConfigError> {
+        let Some(server) = server else {
             return Ok(Peers::default());
-        }
+        };
         let ca_file = &config.cluster.ca_file;
         let files = StepTls {
             ca_file: (!ca_file.as_os_str().is_empty()).then(|| ca_file.clone()),
             ..StepTls::default()
         };
-        Ok(Peers {
-            tls: Some(tls_config(&files, default_roots(), "cluster")?),
-        })
+        let mut tls = tls_config(&files, default_roots(), "cluster")?;
+        if server.mutual {
+            tls.client_auth_cert_resolver =
+                Arc::clone(&server.current) as Arc<dyn ResolvesClientCert>;
+        }
+        Ok(Peers { tls: Some(tls) })
     }
 
     /// `http` or `https`.

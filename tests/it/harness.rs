@@ -54,7 +54,17 @@ impl Node {
     /// Starts the binary as [`start`](Node::start) does, serving https with a certificate
     /// signed by the CA in `ca_file`, which its requests trust.
     pub async fn start_https(config: &str, ca_file: &Path) -> Node {
-        Node(order_process_testkit::Node::start_https(Path::new(BIN), config, ca_file).await)
+        Node(order_process_testkit::Node::start_https(Path::new(BIN), config, ca_file, None).await)
+    }
+
+    /// Starts a node as [`start_https`](Node::start_https) does; requests show the client
+    /// certificate `cert` with its key `key`.
+    pub async fn start_mutual_tls(config: &str, ca_file: &Path, cert: &Path, key: &Path) -> Node {
+        let identity = Some((cert, key));
+        Node(
+            order_process_testkit::Node::start_https(Path::new(BIN), config, ca_file, identity)
+                .await,
+        )
     }
 }
 

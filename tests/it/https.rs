@@ -99,27 +99,61 @@ async fn a_node_serves_its_api_over_https_and_a_new_certificate_after_sighup() {
 
 #[tokio::test]
 async fn nodes_serving_https_hand_orders_over_to_each_other_over_https() {
+    two_https_nodes_hand_orders_over(false).await;
+}
+
+/// With `server.tls_client_ca`, a caller without a client certificate from its CA gets no
+/// answer, one with it is served, and nodes show their own certificates to each other.
+#[tokio::test]
+async fn nodes_requiring_client_certificates_show_theirs_to_each_other() {
+    two_https_nodes_hand_orders_over(true).await;
+}
+
+/// Two nodes on Redis serving https (`mutual`: requiring client certificates, and serving the
+/// `node` certificate, good for both ends): the console's overview of one gets the other's
+/// figures, and the first, told to stop, hands its orders to the second.
+async fn two_https_nodes_hand_orders_over(mutual: bool) {
     let _turn = cluster_turn().await;
     let pki = Pki::new();
     let redis = RedisServer::start();
     let ca = pki.path("ca.pem");
+    let server = match mutual {
+        true => format!(
+            "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{}\"\n",
+            pki.path("node.pem").display(),
+            pki.path("node.key").display(),
+            ca.display()
+        ),
+        false => server_lines(&pki),
+    };
     let config = |seeds: &[u16]| {
         let seeds: Vec<String> = seeds
             .iter()
             .map(|port| format!("\"127.0.0.1:{port}\""))
             .collect();
         format!(
-            "{}shutdown_grace = \"1s\"\n[simulate]\nduration = \"1s\"\nfailure_rate = 0.0\n\
+            "{server}shutdown_grace = \"1s\"\n[simulate]\nduration = \"1s\"\nfailure_rate = 0.0\n\
              [database]\nurl = \"{}\"\ntimeout = \"1s\"\n\
              [cluster]\nsecret = \"{SECRET}\"\nseeds = [{}]\nca_file = \"{}\"\n",
-            server_lines(&pki),
             redis.url(),
             seeds.join(", "),
             ca.display()
         )
     };
-    let first = Node::start_https(&config(&[]), &ca).await;
-    let second = Node::start_https(&config(&[first.port]), &ca).await;
+    let start = |config: String| {
+        let (ca, cert, key) = (ca.clone(), pki.path("client.pem"), pki.path("client.key"));
+        async move {
+            match mutual {
+                true => Node::start_mutual_tls(&config, &ca, &cert, &key).await,
+                false => Node::start_https(&config, &ca).await,
+            }
+        }
+    };
+    let first = start(config(&[])).await;
+    let second = start(config(&[first.port])).await;
+    // Trusting the CA is enough only when no client certificate is asked for.
+    let anonymous = heartbeat_ok(&client_trusting(Some(&ca)), &first.base).await;
+    assert_eq!(anonymous, !mutual, "a caller without a client certificate");
     let mut nodes = vec![first, second];
     wait_formed(&nodes, 2).await;
     let view = nodes[1].cluster().await;
@@ -193,42 +227,68 @@ async fn bad_https_settings_exit_64_naming_the_key() {
             format!("[cluster]\nca_file = \"{}\"\n", path(&pki, "ca.pem")),
             "cluster.ca_file",
         ),
+        (
+            format!("[server]\ntls_client_ca = \"{}\"\n", path(&pki, "ca.pem")),
+            "server.tls_client_ca",
+        ),
+        (
+            format!(
+                "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntls_client_ca = \"{not_pem}\"\n",
+                path(&pki, "server.pem"),
+                path(&pki, "server.key")
+            ),
+            "server.tls_client_ca",
+        ),
     ] {
         assert_refused(&config, needle).await;
     }
 }
 
-/// `order-process bench` drives an https node, trusting the CA in `--ca-file`; without it the
-/// node's certificate is not trusted and no order is accepted.
+/// `order-process bench` drives an https node, trusting the CA in `--ca-file`, and one that
+/// requires client certificates, showing `--client-cert`; without the CA, or without the
+/// certificate a node asks for, no order is accepted.
 #[tokio::test]
-async fn the_bench_drives_an_https_node_trusting_its_ca_file() {
+async fn the_bench_drives_https_nodes_trusting_its_ca_file_with_its_client_certificate() {
     let pki = Pki::new();
-    let config = format!(
-        "{}[simulate]\nduration = \"0s\"\nfailure_rate = 0.0\n",
-        server_lines(&pki)
-    );
-    let node = Node::start_https(&config, &pki.path("ca.pem")).await;
     let ca = pki.path("ca.pem");
-    let run = |ca_file: Option<&Path>| {
+    let steps = "[simulate]\nduration = \"0s\"\nfailure_rate = 0.0\n";
+    let plain = Node::start_https(&format!("{}{steps}", server_lines(&pki)), &ca).await;
+    let mutual = format!(
+        "{}tls_client_ca = \"{}\"\n{steps}",
+        server_lines(&pki),
+        ca.display()
+    );
+    let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
+    let mutual = Node::start_mutual_tls(&mutual, &ca, &cert, &key).await;
+    let run = |node: &Node, flags: &[(&str, &Path)]| {
         let mut command = tokio::process::Command::new(crate::harness::BIN);
         command.args(["bench", "--url", &node.base, "--json", "--orders", "200"]);
         command.args(["--concurrency", "8", "--timeout", "60s"]);
-        if let Some(path) = ca_file {
-            command.arg("--ca-file").arg(path);
+        for (flag, path) in flags {
+            command.arg(flag).arg(path);
         }
         command.output()
     };
-    let output = run(Some(&ca)).await.expect("run the bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", node.log_tail());
-    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
-    assert_eq!(summary["completed"], 200, "{summary}");
-    assert_eq!(summary["lost"], 0, "{summary}");
-
-    let output = run(None).await.expect("run the bench");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
-    assert_eq!(summary["submitted"], 0, "{summary}");
-    let refused = summary["http_errors"]["connect"].as_u64().unwrap_or(0);
-    assert!(refused > 0, "{summary}");
+    let identity = [("--client-cert", cert.as_path()), ("--client-key", &key)];
+    let with_ca = [("--ca-file", ca.as_path())];
+    for (node, flags) in [
+        (&plain, &with_ca[..]),
+        (&mutual, &[&with_ca[..], &identity[..]].concat()),
+    ] {
+        let output = run(node, flags).await.expect("run the bench");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{stdout}\n{}", node.log_tail());
+        let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
+        assert_eq!(summary["completed"], 200, "{summary}");
+        assert_eq!(summary["lost"], 0, "{summary}");
+    }
+    for (node, flags) in [(&plain, &identity[..]), (&mutual, &with_ca[..])] {
+        let output = run(node, flags).await.expect("run the bench");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
+        assert_eq!(summary["submitted"], 0, "{summary}");
+        let errors = summary["http_errors"].as_object().into_iter().flatten();
+        let refused: u64 = errors.filter_map(|(_, count)| count.as_u64()).sum();
+        assert!(refused > 0, "{summary}");
+    }
 }

@@ -23,8 +23,9 @@ const FINISH: Duration = Duration::from_secs(30);
 /// How long a node that cannot get in may take to say so in its log.
 const COMPLAINT: Duration = Duration::from_secs(20);
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, all PEM files in a temp
-/// dir. The https step tests use it too.
+/// A CA, a server certificate for 127.0.0.1, a client certificate and a node certificate for
+/// 127.0.0.1 good for both (what a node requiring client certificates shows its peers), all PEM
+/// files in a temp dir. The https tests use it too.
 pub(crate) struct Pki {
     dir: TempDir,
 }
@@ -43,22 +44,27 @@ impl Pki {
             std::fs::write(dir.path().join(name), text).expect("write a pem file")
         };
         write("ca.pem", ca.pem());
-        for (name, names, usage) in [
-            (
-                "server",
-                vec!["127.0.0.1".to_string(), "localhost".to_string()],
-                ExtendedKeyUsagePurpose::ServerAuth,
-            ),
+        let local = || vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        for (name, names, usages) in [
+            ("server", local(), vec![ExtendedKeyUsagePurpose::ServerAuth]),
             (
                 "client",
                 vec!["order-process".to_string()],
-                ExtendedKeyUsagePurpose::ClientAuth,
+                vec![ExtendedKeyUsagePurpose::ClientAuth],
+            ),
+            (
+                "node",
+                local(),
+                vec![
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                    ExtendedKeyUsagePurpose::ClientAuth,
+                ],
             ),
         ] {
             let key = KeyPair::generate().expect("a key");
             let mut params = CertificateParams::new(names).expect("params");
             params.distinguished_name.push(DnType::CommonName, name);
-            params.extended_key_usages = vec![usage];
+            params.extended_key_usages = usages;
             let certificate = params.signed_by(&key, &ca).expect("signed by the ca");
             write(&format!("{name}.pem"), certificate.pem());
             write(&format!("{name}.key"), key.serialize_pem());

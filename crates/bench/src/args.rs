@@ -13,6 +13,12 @@ pub struct BenchArgs {
     /// PEM file of a CA to trust, besides the system's roots, for https:// nodes
     #[argh(option)]
     pub ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate shown to https:// nodes that ask for one (with --client-key)
+    #[argh(option)]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --client-cert
+    #[argh(option)]
+    pub client_key: Option<std::path::PathBuf>,
     /// how many orders to submit
     #[argh(option, default = "1000")]
     pub orders: usize,

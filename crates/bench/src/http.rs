@@ -9,7 +9,7 @@ use hyper::{header, Request, StatusCode, Uri};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{connect::HttpConnector, Client as Pool};
 use hyper_util::rt::TokioExecutor;
-use rustls::pki_types::{pem::PemObject, CertificateDer};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
 use std::path::Path;
 use std::sync::Arc;
@@ -77,23 +77,56 @@ pub fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
+/// A client certificate chain and its key, shown to https nodes that ask for one.
+pub struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+/// The identity of `--client-cert` and `--client-key`, when both are given.
+pub fn identity(cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Identity>, String> {
+    let (cert, key) = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        _ => return Err("--client-cert and --client-key go together".into()),
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+        .map_err(|error| format!("--client-cert {}: {error}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "--client-cert {}: no PEM certificate in it",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|error| format!("--client-key {}: {error}", key.display()))?;
+    Ok(Some(Identity { chain, key }))
+}
+
 impl Client {
     /// Keeps up to `idle_per_host` idle connections to each node; `https://` nodes must have a
-    /// certificate from one of `roots`.
+    /// certificate from one of `roots`, and are shown `identity` when they ask for one.
     pub fn new(
         idle_per_host: usize,
         timeout: Duration,
         roots: RootCertStore,
+        identity: Option<Identity>,
     ) -> Result<Client, String> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.enforce_http(false);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|error| format!("cannot set up TLS: {error}"))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let tls = match identity {
+            Some(Identity { chain, key }) => builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|error| format!("--client-key: {error}"))?,
+            None => builder.with_no_client_auth(),
+        };
         let connector = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -162,7 +195,7 @@ mod tests {
             .map(|address| address.port())
             .unwrap_or(9);
         let client =
-            Client::new(1, Duration::from_secs(5), RootCertStore::empty()).expect("a client");
+            Client::new(1, Duration::from_secs(5), RootCertStore::empty(), None).expect("a client");
         let uri = endpoint(&format!("http://127.0.0.1:{port}"), "/orders");
         let uri = uri.expect("a valid endpoint");
         let answer = client.post_json(&uri, "bench", b"{}".to_vec()).await;

@@ -3,7 +3,7 @@
 
 use crate::args::BenchArgs;
 use crate::cpu::{cpu_seconds, servers_cpu};
-use crate::http::{endpoint, roots, Client};
+use crate::http::{endpoint, identity, roots, Client};
 use crate::progress::{Counts, Progress};
 use crate::summary::{Percentiles, Summary};
 use hdrhistogram::Histogram;
@@ -122,10 +122,12 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
         .collect::<Result<Vec<_>, _>>()?;
     let concurrency = args.concurrency.max(1);
     let roots = roots(args.ca_file.as_deref())?;
+    let identity = identity(args.client_cert.as_deref(), args.client_key.as_deref())?;
     let client = Client::new(
         concurrency + args.waiters.max(1),
         Duration::from_secs(90),
         roots,
+        identity,
     )?;
     let cpu_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
     let server_before: Option<f64> = servers_cpu(&args.pid);

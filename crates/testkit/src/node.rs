@@ -54,14 +54,26 @@ impl Node {
     /// Starts the binary as [`start`](Node::start) does, for a `config` that serves https
     /// with a certificate for 127.0.0.1 signed by the CA in `ca_file`: requests go to
     /// `https://127.0.0.1:PORT`, trusting that CA only.
-    pub async fn start_https(bin: &Path, config: &str, ca_file: &Path) -> Node {
+    /// With `identity` (a PEM certificate and its PEM private key), requests show that client
+    /// certificate.
+    pub async fn start_https(
+        bin: &Path,
+        config: &str,
+        ca_file: &Path,
+        identity: Option<(&Path, &Path)>,
+    ) -> Node {
         let pem = fs::read(ca_file).expect("read the CA file");
         let ca = reqwest::Certificate::from_pem(&pem).expect("a PEM CA certificate");
-        let client = crate::http::client_builder()
+        let mut builder = crate::http::client_builder()
             .tls_built_in_root_certs(false)
-            .add_root_certificate(ca)
-            .build()
-            .expect("build the https client");
+            .add_root_certificate(ca);
+        if let Some((cert, key)) = identity {
+            let mut pem = fs::read(cert).expect("read the client certificate");
+            pem.extend(fs::read(key).expect("read the client key"));
+            let identity = reqwest::Identity::from_pem(&pem).expect("a PEM certificate and key");
+            builder = builder.identity(identity);
+        }
+        let client = builder.build().expect("build the https client");
         Node::launch_new(bin, config, None, "https", client).await
     }
 
