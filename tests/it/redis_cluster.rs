@@ -69,11 +69,17 @@ async fn all_accepted_finish(node: Arc<Node>, user: &str, submitting: Submitting
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_under_load_loses_no_acknowledged_order() {
     let _turn = cluster_turn().await;
-    let mut cluster = RedisCluster::start();
+    primary_killed_under_load(RedisCluster::start(), "").await;
+}
+
+/// A node on `cluster` (with `database` lines more) takes orders while a primary is SIGKILLed:
+/// orders of its shards are accepted again once its replica took over, and every order answered
+/// 201 finishes.
+pub(crate) async fn primary_killed_under_load(mut cluster: RedisCluster, database: &str) {
     // Without waiting for replicas: the promoted replica has none until the lost host comes
     // back. (What a primary acknowledged in its last moment may then be lost with it: here the
     // replica is a loopback away and has it.)
-    let node = Arc::new(Node::start(&node_config(&cluster, 0, "")).await);
+    let node = Arc::new(Node::start(&node_config(&cluster, 0, database)).await);
     let user = unique_user("cluster-kill");
     let submitting = keep_submitting(&node, &user);
     at_least(&node, &submitting.accepted, 20).await;

@@ -283,6 +283,18 @@ async fn a_node_on_a_redis_cluster_over_tls_completes_orders_on_every_primary() 
     without.complains(&["CertificateRequired"]).await;
 }
 
+/// A primary of a Redis Cluster over TLS SIGKILLed under load: the node reaches the replica
+/// promoted in its place over TLS as well, and every order answered 201 finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_on_a_redis_cluster_over_tls_loses_no_acknowledged_order() {
+    let _turn = crate::cluster::cluster_turn().await;
+    let pki = Pki::new();
+    let cluster = RedisCluster::try_start_tls(3, 1, pki.server_files(true))
+        .unwrap_or_else(|error| panic!("cannot start a redis cluster over TLS: {error}"));
+    let tls = format!("tls = true\n{}{}", pki.ca_line(), pki.client_lines());
+    crate::redis_cluster::primary_killed_under_load(cluster, &tls).await;
+}
+
 /// A plain Redis with the ACL user `app` (password `password`) allowed the node's keys and
 /// any channel (a sentinel's hello messages), and the default user switched off.
 fn redis_with_acl_user(password: &str) -> RedisServer {
