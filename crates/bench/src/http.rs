@@ -1,7 +1,8 @@
 //! The bench's HTTP client: hyper's pooled HTTP/1 client and nothing between it and each
 //! request (no redirect or retry layers, no URL parsed per request), so that what a request
 //! costs the machine the bench shares with the nodes is mostly the nodes'. `https://` URLs are
-//! spoken over rustls, trusting the system's roots and `--ca-file`.
+//! spoken over rustls, trusting the system's roots and `--ca-file`, showing `--client-cert` to
+//! a node that asks for a client certificate.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

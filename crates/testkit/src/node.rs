@@ -53,9 +53,8 @@ impl Node {
 
     /// Starts the binary as [`start`](Node::start) does, for a `config` that serves https
     /// with a certificate for 127.0.0.1 signed by the CA in `ca_file`: requests go to
-    /// `https://127.0.0.1:PORT`, trusting that CA only.
-    /// With `identity` (a PEM certificate and its PEM private key), requests show that client
-    /// certificate.
+    /// `https://127.0.0.1:PORT`, trusting that CA only. With `identity` (a PEM certificate and
+    /// its PEM private key), requests show that client certificate.
     pub async fn start_https(
         bin: &Path,
         config: &str,
