@@ -45,6 +45,10 @@ pub struct ChaosArgs {
     /// whole for a few seconds, so each takeover measures one fault alone
     #[argh(switch)]
     pub spaced: bool,
+    /// serve the nodes' API over https, requiring client certificates (server.tls_client_ca):
+    /// hand-overs, transfers and the campaign's own calls all go over mutual TLS
+    #[argh(switch)]
+    pub https: bool,
     /// leave out a kind of fault, e.g. --skip skew_clock or --skip cut_redis (repeatable)
     #[argh(option)]
     pub skip: Vec<String>,

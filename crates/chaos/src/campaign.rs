@@ -15,7 +15,7 @@ use crate::report::{print_first, Report, Violation, TAKEOVER_BOUND};
 use crate::schedule::{Faults, Spawn};
 use crate::settle::{settle, STUCK_BOUND};
 use crate::world::{
-    get_json, http_client, node_config, wait_formed, wait_ready, Node, World, NODES,
+    get_json, http_client, node_config, wait_formed, wait_ready, Node, Tls, World, NODES,
     RECONCILE_INTERVAL,
 };
 use chrono::Utc;
@@ -151,14 +151,21 @@ async fn campaign(
             Kind::IPTABLES.map(Kind::name).join(", ")
         );
     }
-    let client = http_client()?;
+    let tls = match args.https {
+        true => Some(Tls::new(
+            &workdir.join("tls"),
+            &node_addresses(network.as_ref())?,
+        )?),
+        false => None,
+    };
+    let client = http_client(tls.as_ref())?;
     let gateway = network
         .as_ref()
         .map_or(IpAddr::from([127, 0, 0, 1]), |network| network.gateway);
     let ledger = Ledger::start(seed, gateway)
         .await
         .map_err(|error| format!("cannot start the ledger: {error}"))?;
-    let mut world = bring_up(bin, workdir, args, &ledger, &client, network).await?;
+    let mut world = bring_up(bin, workdir, args, &ledger, &client, network, tls.as_ref()).await?;
     let bases: Arc<Vec<String>> = Arc::new(world.nodes.iter().map(Node::base).collect());
     println!(
         "chaos: redis on {} (appendfsync {}), ledger on {}, nodes on {}, work dir {}",
@@ -168,7 +175,7 @@ async fn campaign(
         world
             .nodes
             .iter()
-            .map(Node::address)
+            .map(Node::base)
             .collect::<Vec<_>>()
             .join(", "),
         workdir.display()
@@ -207,6 +214,7 @@ async fn campaign(
         database: world.redis.database(),
         ledger: ledger.base().to_string(),
         faketime,
+        tls,
     };
     let mut faults = Faults::new(seed, skip, spawn);
     faults.spaced = args.spaced;
@@ -413,6 +421,7 @@ async fn bring_up(
     ledger: &Ledger,
     client: &reqwest::Client,
     network: Option<Network>,
+    tls: Option<&Tls>,
 ) -> Result<World, String> {
     let redis = match args.redis.as_str() {
         "cluster" => Redis::start_cluster(&args.appendfsync)?,
@@ -425,9 +434,12 @@ async fn bring_up(
     };
     let mut nodes = Vec::new();
     for index in 0..NODES {
-        let config = node_config(index, &redis.database(), ledger.base());
+        let config = node_config(index, &redis.database(), ledger.base(), tls);
         let mut node = Node::new(bin, workdir.join(format!("node-{index}")), index, &config)
             .map_err(|error| format!("cannot prepare node {index}: {error}"))?;
+        if tls.is_some() {
+            node.scheme = "https";
+        }
         if let Some(network) = &network {
             let host = node_host(index);
             let address = network
@@ -462,6 +474,22 @@ async fn bring_up(
         links: Links::new(network.as_ref().map(|network| network.hosts.clone())),
         _network: network,
     })
+}
+
+/// The address each node will listen on: its namespace's, or loopback.
+fn node_addresses(network: Option<&Network>) -> Result<Vec<String>, String> {
+    (0..NODES)
+        .map(|index| match network {
+            None => Ok("127.0.0.1".to_string()),
+            Some(network) => {
+                let host = node_host(index);
+                network
+                    .address(&host)
+                    .map(|address| address.to_string())
+                    .ok_or_else(|| format!("the network has no host {host}"))
+            }
+        })
+        .collect()
 }
 
 /// Waits until every accepted order was seen finished, or `within` has passed.

@@ -5,7 +5,7 @@
 //! Unless the first could not renew the lease (an outage kept it from Redis) and it expired:
 //! the node id is free then, and the copy may take it and start.
 
-use crate::world::{node_config, Node, DUPLICATE_BASE};
+use crate::world::{node_config, Node, Tls, DUPLICATE_BASE};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -49,11 +49,12 @@ pub async fn run(
     bin: &Path,
     database: &str,
     ledger: &str,
+    tls: Option<&Tls>,
     join: Vec<String>,
 ) -> (Fate, String) {
     let dir = PathBuf::from(format!("{}-duplicate", original.dir.display()));
     let _ = std::fs::remove_dir_all(&dir);
-    let config = node_config(DUPLICATE_BASE + original.index, database, ledger);
+    let config = node_config(DUPLICATE_BASE + original.index, database, ledger, tls);
     let mut node = match Node::new(bin, dir.clone(), DUPLICATE_BASE + original.index, &config) {
         Ok(node) => node,
         Err(error) => return (Fate::NotStarted, format!("cannot prepare: {error}")),

@@ -8,7 +8,7 @@ use crate::faults::{recover, rolling_restart, Fault, Kind, Recovery};
 use crate::links::{self, Direction, Rule};
 use crate::netns::node_host;
 use crate::report::{is_redis_outage, Violation};
-use crate::world::{wait_ready, Exit, Node, World, NODES};
+use crate::world::{wait_ready, Exit, Node, Tls, World, NODES};
 use chrono::Utc;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -34,6 +34,8 @@ pub struct Spawn {
     pub ledger: String,
     /// libfaketime, when installed (the clock skew fault needs it).
     pub faketime: Option<PathBuf>,
+    /// The certificates of `--https`.
+    pub tls: Option<Tls>,
 }
 
 /// The fault schedule: a shuffled bag of every kind, drawn from the seed, and what was made.
@@ -363,6 +365,7 @@ impl Faults {
                     &self.spawn.bin,
                     &self.spawn.database,
                     &self.spawn.ledger,
+                    self.spawn.tls.as_ref(),
                     join,
                 )
                 .await;

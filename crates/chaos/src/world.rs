@@ -49,6 +49,8 @@ pub struct Node {
     /// The command the node is started by, inside its namespace (`scripts/netns exec NET
     /// HOST`); empty on loopback.
     pub launcher: Vec<String>,
+    /// `http`, or `https` when the campaign serves the API over https (`--https`).
+    pub scheme: &'static str,
 }
 
 impl Node {
@@ -67,6 +69,7 @@ impl Node {
             launches: 0,
             env: Vec::new(),
             launcher: Vec::new(),
+            scheme: "http",
         })
     }
 
@@ -77,7 +80,7 @@ impl Node {
     }
 
     pub fn base(&self) -> String {
-        format!("http://{}", self.address())
+        format!("{}://{}", self.scheme, self.address())
     }
 
     /// `host:port`, what the node listens on and what others join.
@@ -220,7 +223,7 @@ pub enum Exit {
 /// stored forms, so orders pass between them as they move: the first whole as JSON, the second
 /// compressed (`compress_orders`), the third compressed with its payloads kept apart
 /// (`payload_apart`).
-pub fn node_config(index: usize, database: &str, ledger: &str) -> String {
+pub fn node_config(index: usize, database: &str, ledger: &str, tls: Option<&Tls>) -> String {
     let reconcile = RECONCILE_INTERVAL.as_secs();
     let liveness = LIVENESS_TTL.as_secs();
     let stored_form = match index % 3 {
@@ -228,13 +231,14 @@ pub fn node_config(index: usize, database: &str, ledger: &str) -> String {
         1 => "compress_orders = true\n",
         _ => "compress_orders = true\npayload_apart = true\n",
     };
+    let (server_tls, cluster_tls) = tls.map_or_else(Default::default, Tls::config_lines);
     let mut config = format!(
-        "[server]\nshutdown_grace = \"20s\"\n\
+        "[server]\nshutdown_grace = \"20s\"\n{server_tls}\
          [pipeline]\nreconcile_interval = \"{reconcile}s\"\n\
          [log]\nlevel = \"info,order_process::pipeline=debug,order_process::cluster=debug\"\nformat = \"json\"\n\
          [database]\n{database}{stored_form}timeout = \"1s\"\n\
          [auth]\nmode = \"header\"\nallow_insecure_header = true\n\
-         [cluster]\nsecret = \"{SECRET}\"\nliveness_ttl = \"{liveness}s\"\n"
+         [cluster]\nsecret = \"{SECRET}\"\nliveness_ttl = \"{liveness}s\"\n{cluster_tls}"
     );
     for step in WORK_STEPS {
         config.push_str(&format!(
@@ -246,11 +250,97 @@ pub fn node_config(index: usize, database: &str, ledger: &str) -> String {
     config
 }
 
-pub fn http_client() -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .map_err(|error| error.to_string())
+/// The campaign's client of the nodes' API; with `tls`, trusting its CA and showing its
+/// certificate.
+pub fn http_client(tls: Option<&Tls>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder().pool_max_idle_per_host(64);
+    if let Some(tls) = tls {
+        builder = tls.client(builder)?;
+    }
+    builder.build().map_err(|error| error.to_string())
+}
+
+/// The campaign's https (`--https`): a CA and one certificate signed by it for every node's
+/// address, good for serving and for showing as a client. The nodes serve their API over
+/// https with it, require it of every caller (`server.tls_client_ca`), show it to each other,
+/// and the campaign's client shows it too.
+#[derive(Clone)]
+pub struct Tls {
+    dir: PathBuf,
+}
+
+impl Tls {
+    /// Makes the CA and the certificate for `hosts` (IP addresses) in `dir`.
+    pub fn new(dir: &Path, hosts: &[String]) -> Result<Tls, String> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair,
+        };
+        let failed =
+            |error: rcgen::Error| format!("cannot make the campaign's certificates: {error}");
+        std::fs::create_dir_all(dir)
+            .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "order-process chaos ca");
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(failed)?)
+            .map_err(failed)?;
+        let key = KeyPair::generate().map_err(failed)?;
+        let mut node = CertificateParams::new(hosts.to_vec()).map_err(failed)?;
+        node.distinguished_name
+            .push(DnType::CommonName, "order-process chaos node");
+        node.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let node = node.signed_by(&key, &ca).map_err(failed)?;
+        for (name, text) in [
+            ("ca.pem", ca.pem()),
+            ("node.pem", node.pem()),
+            ("node.key", key.serialize_pem()),
+        ] {
+            std::fs::write(dir.join(name), text)
+                .map_err(|error| format!("cannot write {name}: {error}"))?;
+        }
+        Ok(Tls {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    /// The lines of a node's `[server]` and `[cluster]` tables.
+    fn config_lines(&self) -> (String, String) {
+        let (ca, cert, key) = (
+            self.path("ca.pem"),
+            self.path("node.pem"),
+            self.path("node.key"),
+        );
+        (
+            format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\"\ntls_client_ca = \"{ca}\"\n"),
+            format!("ca_file = \"{ca}\"\n"),
+        )
+    }
+
+    /// `builder` trusting the CA and showing the certificate.
+    fn client(&self, builder: reqwest::ClientBuilder) -> Result<reqwest::ClientBuilder, String> {
+        let read = |name: &str| {
+            std::fs::read(self.dir.join(name))
+                .map_err(|error| format!("cannot read {name}: {error}"))
+        };
+        let ca =
+            reqwest::Certificate::from_pem(&read("ca.pem")?).map_err(|error| error.to_string())?;
+        let mut identity = read("node.pem")?;
+        identity.extend(read("node.key")?);
+        let identity = reqwest::Identity::from_pem(&identity).map_err(|error| error.to_string())?;
+        Ok(builder
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .identity(identity))
+    }
 }
 
 /// `GET url` as the campaign's user; the JSON body of a 2xx answer.
