@@ -204,6 +204,37 @@ impl EncodeMetric for AtomicHistogram {
     }
 }
 
+/// Why an https connection's TLS handshake failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// `server.tls_client_ca` is set and the caller showed no certificate.
+    NoClientCertificate,
+    /// The caller's certificate is not from a CA of `server.tls_client_ca` (or expired, …).
+    BadClientCertificate,
+    /// Anything else: plain http on the https port, no common protocol, a dropped connection.
+    Other,
+    /// Not done within `limits.header_read_timeout`.
+    Timeout,
+}
+
+impl TlsFailure {
+    const ALL: [TlsFailure; 4] = [
+        TlsFailure::NoClientCertificate,
+        TlsFailure::BadClientCertificate,
+        TlsFailure::Other,
+        TlsFailure::Timeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsFailure::NoClientCertificate => "no_client_certificate",
+            TlsFailure::BadClientCertificate => "bad_client_certificate",
+            TlsFailure::Other => "other",
+            TlsFailure::Timeout => "timeout",
+        }
+    }
+}
+
 type Labels1 = [(&'static str, &'static str); 1];
 type Labels2 = [(&'static str, &'static str); 2];
 type HistogramFamily<L> = Family<L, AtomicHistogram, fn() -> AtomicHistogram>;
@@ -265,6 +296,8 @@ pub struct Metrics {
     transferred_orders: Counter,
     gossip_live: Gauge,
     gossip_dead: Gauge,
+    /// https connections given up before a request, by [`TlsFailure`].
+    tls_failures: [Counter; 4],
     /// Touched only when an order fails, never on the forward path.
     recent_failures: Mutex<VecDeque<RecentFailure>>,
     /// The last 15 minutes, per second, for the console.
@@ -459,6 +492,14 @@ impl Metrics {
         );
         let gossip_live = gossip_family.get_or_create_owned(&[("state", "live")]);
         let gossip_dead = gossip_family.get_or_create_owned(&[("state", "dead")]);
+        let tls_family = Family::<Labels1, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "https connections whose TLS handshake failed, by reason",
+            tls_family.clone(),
+        );
+        let tls_failures = TlsFailure::ALL
+            .map(|reason| tls_family.get_or_create_owned(&[("reason", reason.as_str())]));
 
         Metrics {
             registry,
@@ -486,6 +527,7 @@ impl Metrics {
             transferred_orders,
             gossip_live,
             gossip_dead,
+            tls_failures,
             recent_failures: Mutex::new(VecDeque::with_capacity(RECENT_FAILURES)),
             flow: Flow::new(),
         }
@@ -628,6 +670,10 @@ impl Metrics {
     }
 
     /// Sets the gossip gauges, read at scrape time from the membership view.
+    pub fn tls_handshake_failed(&self, reason: TlsFailure) {
+        self.tls_failures[reason as usize].inc();
+    }
+
     pub fn set_gossip(&self, live: usize, dead: usize) {
         self.gossip_live.set(to_i64(live));
         self.gossip_dead.set(to_i64(dead));

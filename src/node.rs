@@ -228,7 +228,7 @@ pub async fn run(
         store,
         pool: Arc::clone(&pool),
         cluster: cluster.clone(),
-        metrics,
+        metrics: Arc::clone(&metrics),
         activity: orders.activity(),
         peers,
     };
@@ -245,6 +245,7 @@ pub async fn run(
         listener,
         config.limits.header_read_timeout,
         server_tls.as_ref().map(|tls| tls.acceptor()),
+        Arc::clone(&metrics),
         async move {
             let _ = http_stop_rx.changed().await;
         },

@@ -4,11 +4,13 @@
 //! Bodies have their own deadline where they are read ([`super::limits::Body::read`]).
 //! Over https the TLS handshake has the same deadline as the headers.
 
+use crate::metrics::{Metrics, TlsFailure};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -17,12 +19,14 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
 /// Runs until `shutdown` resolves, then stops accepting and waits for open connections to
-/// finish their requests. With `tls`, every connection is https.
+/// finish their requests. With `tls`, every connection is https; handshakes that fail are
+/// counted in `metrics`.
 pub async fn serve(
     routes: BoxedFilter<(Response,)>,
     listener: TcpListener,
     header_read_timeout: Duration,
     tls: Option<TlsAcceptor>,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -39,9 +43,9 @@ pub async fn serve(
     tokio::pin!(shutdown);
     loop {
         // Accept until told to stop.
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     if !is_connection_error(&error) {
                         // Out of file descriptors or similar: give others time to close theirs.
@@ -57,6 +61,7 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let io: Box<dyn Io> = match tls {
                 None => Box::new(stream),
@@ -64,13 +69,17 @@ pub async fn serve(
                     match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => Box::new(stream),
                         Ok(Err(error)) => {
-                            tracing::debug!(error = %error, "tls handshake failed");
+                            let reason = failure(&error);
+                            tracing::debug!(peer = ?peer, error = %error, reason = reason.as_str(), "tls handshake failed");
+                            metrics.tls_handshake_failed(reason);
                             return;
                         }
                         Err(_) => {
                             tracing::debug!(
+                                peer = ?peer,
                                 "tls handshake not done within limits.header_read_timeout"
                             );
+                            metrics.tls_handshake_failed(TlsFailure::Timeout);
                             return;
                         }
                     }
@@ -84,6 +93,18 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Why a handshake failed, from the error rustls gave.
+fn failure(error: &std::io::Error) -> TlsFailure {
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::NoCertificatesPresented) => TlsFailure::NoClientCertificate,
+        Some(rustls::Error::InvalidCertificate(_)) => TlsFailure::BadClientCertificate,
+        _ => TlsFailure::Other,
+    }
 }
 
 /// A connection's bytes: plain TCP, or TLS over it.

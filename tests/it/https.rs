@@ -8,6 +8,7 @@ use crate::cluster::{cluster_turn, wait_formed, SECRET};
 use crate::config::assert_refused;
 use crate::harness::{pretty, unique_user, Node, RedisServer, POLL};
 use crate::history::assert_completed;
+use crate::metrics::{scrape, value};
 use crate::redis_tls::Pki;
 use reqwest::Method;
 use std::path::Path;
@@ -28,12 +29,13 @@ fn server_lines(pki: &Pki) -> String {
 /// A client that trusts only the CA in `ca_file`, for https; with `None`, the platform's roots
 /// are not loaded either, so no certificate is trusted.
 fn client_trusting(ca_file: Option<&Path>) -> reqwest::Client {
-    let mut builder = order_process_testkit::http::client_builder().tls_built_in_root_certs(false);
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path).expect("read the CA");
-        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a CA"));
+    match ca_file {
+        Some(path) => order_process_testkit::http::https_client(path, None),
+        None => order_process_testkit::http::client_builder()
+            .tls_built_in_root_certs(false)
+            .build()
+            .expect("build a client"),
     }
-    builder.build().expect("build a client")
 }
 
 /// Whether `client` gets a 200 heartbeat from `url`.
@@ -154,6 +156,25 @@ async fn two_https_nodes_hand_orders_over(mutual: bool) {
     // Trusting the CA is enough only when no client certificate is asked for.
     let anonymous = heartbeat_ok(&client_trusting(Some(&ca)), &first.base).await;
     assert_eq!(anonymous, !mutual, "a caller without a client certificate");
+    if mutual {
+        // One from another CA is refused too; the node counts both by reason.
+        let other = Pki::new();
+        let (cert, key) = (other.path("client.pem"), other.path("client.key"));
+        let stranger = order_process_testkit::http::https_client(&ca, Some((&cert, &key)));
+        assert!(
+            !heartbeat_ok(&stranger, &first.base).await,
+            "another CA's client"
+        );
+        for reason in ["no_client_certificate", "bad_client_certificate"] {
+            let series =
+                format!("order_process_tls_handshake_failures_total{{reason=\"{reason}\"}}");
+            let counted = order_process_testkit::poll::until(WITHIN, POLL, || async {
+                (value(&scrape(&first).await, &series) >= 1.0).then_some(())
+            })
+            .await;
+            assert!(counted.is_some(), "{series} never counted");
+        }
+    }
     let mut nodes = vec![first, second];
     wait_formed(&nodes, 2).await;
     let view = nodes[1].cluster().await;

@@ -53,6 +53,26 @@ pub fn client_builder() -> reqwest::ClientBuilder {
         .timeout(Duration::from_secs(10))
 }
 
+/// A client of [`client_builder`]'s for https that trusts only the CA in `ca_file`; with
+/// `identity` (a PEM certificate and its PEM private key), it shows that client certificate.
+pub fn https_client(
+    ca_file: &std::path::Path,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> reqwest::Client {
+    let pem = std::fs::read(ca_file).expect("read the CA file");
+    let ca = reqwest::Certificate::from_pem(&pem).expect("a PEM CA certificate");
+    let mut builder = client_builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca);
+    if let Some((cert, key)) = identity {
+        let mut pem = std::fs::read(cert).expect("read the client certificate");
+        pem.extend(std::fs::read(key).expect("read the client key"));
+        let identity = reqwest::Identity::from_pem(&pem).expect("a PEM certificate and key");
+        builder = builder.identity(identity);
+    }
+    builder.build().expect("build the https client")
+}
+
 /// A request being built against a node (see `Node::call`).
 pub struct Call<'a> {
     pub(crate) node: &'a Node,

@@ -61,18 +61,7 @@ impl Node {
         ca_file: &Path,
         identity: Option<(&Path, &Path)>,
     ) -> Node {
-        let pem = fs::read(ca_file).expect("read the CA file");
-        let ca = reqwest::Certificate::from_pem(&pem).expect("a PEM CA certificate");
-        let mut builder = crate::http::client_builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca);
-        if let Some((cert, key)) = identity {
-            let mut pem = fs::read(cert).expect("read the client certificate");
-            pem.extend(fs::read(key).expect("read the client key"));
-            let identity = reqwest::Identity::from_pem(&pem).expect("a PEM certificate and key");
-            builder = builder.identity(identity);
-        }
-        let client = builder.build().expect("build the https client");
+        let client = crate::http::https_client(ca_file, identity);
         Node::launch_new(bin, config, None, "https", client).await
     }
 
