@@ -77,7 +77,8 @@ pub struct ServerConfig {
     /// The PEM private key of `tls_cert`.
     pub tls_key: PathBuf,
     /// With `tls_cert`: a PEM file of the CAs whose client certificates every caller must show
-    /// (mutual TLS); empty asks for none. Peers are then shown this node's own certificate.
+    /// (mutual TLS), read again on SIGHUP; empty asks for none. Peers are then shown this
+    /// node's own certificate.
     pub tls_client_ca: PathBuf,
 }
 

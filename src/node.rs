@@ -244,7 +244,7 @@ pub async fn run(
         api::routes(state),
         listener,
         config.limits.header_read_timeout,
-        server_tls.as_ref().map(|tls| tls.acceptor()),
+        server_tls.clone(),
         Arc::clone(&metrics),
         async move {
             let _ = http_stop_rx.changed().await;

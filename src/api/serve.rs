@@ -4,6 +4,7 @@
 //! Bodies have their own deadline where they are read ([`super::limits::Body::read`]).
 //! Over https the TLS handshake has the same deadline as the headers.
 
+use super::tls::ServerTls;
 use crate::metrics::{Metrics, TlsFailure};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -14,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
@@ -25,7 +25,7 @@ pub async fn serve(
     routes: BoxedFilter<(Response,)>,
     listener: TcpListener,
     header_read_timeout: Duration,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ServerTls>>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -60,7 +60,7 @@ pub async fn serve(
         let service = TowerToHyperService::new(warp::service(routes.clone()));
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let tls = tls.clone();
+        let tls = tls.as_ref().map(|tls| tls.acceptor());
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
             let io: Box<dyn Io> = match tls {

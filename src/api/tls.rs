@@ -1,8 +1,9 @@
 //! https for the node's API: the certificate chain and key of `server.tls_cert` and
 //! `server.tls_key`, read at start and again on SIGHUP (a new certificate is served from the
 //! next handshake; open connections and resumed sessions keep theirs), rustls with the `ring`
-//! provider, HTTP/2 and HTTP/1.1 offered by ALPN; with `server.tls_client_ca`, a client
-//! certificate from one of its CAs is required of every caller (mutual TLS). A node that serves
+//! provider, HTTP/2 and HTTP/1.1 offered by ALPN; with `server.tls_client_ca` (read again on
+//! SIGHUP too), a client certificate from one of its CAs is required of every caller (mutual
+//! TLS). A node that serves
 //! https calls its peers over https too ([`Peers`]), trusting the system's roots and
 //! `cluster.ca_file`, and shows them its own certificate when they require one.
 
@@ -55,9 +56,10 @@ pub struct ServerTls {
     cert: PathBuf,
     key: PathBuf,
     current: Arc<Current>,
-    /// Whether callers must show a client certificate (`server.tls_client_ca`).
-    mutual: bool,
-    acceptor: TlsAcceptor,
+    /// `server.tls_client_ca`, when callers must show a client certificate.
+    client_ca: Option<PathBuf>,
+    /// Replaced whole when the client CA is read again.
+    acceptor: RwLock<TlsAcceptor>,
 }
 
 impl ServerTls {
@@ -71,42 +73,59 @@ impl ServerTls {
         }
         let certified = load(&server.tls_cert, &server.tls_key)?;
         let current = Arc::new(Current(RwLock::new(Arc::new(certified))));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-            .with_safe_default_protocol_versions()
-            .map_err(|error| ConfigError::new("server.tls_cert", error.to_string()))?;
-        let mutual = !server.tls_client_ca.as_os_str().is_empty();
-        let builder = match mutual {
-            true => {
-                builder.with_client_cert_verifier(client_verifier(&server.tls_client_ca, provider)?)
-            }
-            false => builder.with_no_client_auth(),
-        };
-        let mut tls =
-            builder.with_cert_resolver(Arc::clone(&current) as Arc<dyn ResolvesServerCert>);
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let client_ca =
+            (!server.tls_client_ca.as_os_str().is_empty()).then(|| server.tls_client_ca.clone());
+        let acceptor = acceptor(&current, client_ca.as_deref())?;
         Ok(Some(ServerTls {
             cert: server.tls_cert.clone(),
             key: server.tls_key.clone(),
             current,
-            mutual,
-            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            client_ca,
+            acceptor: RwLock::new(acceptor),
         }))
     }
 
+    /// What accepts the next connection.
     pub fn acceptor(&self) -> TlsAcceptor {
-        self.acceptor.clone()
+        // Only ever written by an assignment, which cannot panic and poison the lock.
+        self.acceptor
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
-    /// Reads the certificate and key again and serves them from the next handshake; on an
-    /// error the ones served so far stay.
+    /// Reads the certificate and key, and the client CA, again and uses them from the next
+    /// handshake; on an error the ones used so far stay, all of them.
     pub fn reload(&self) -> Result<(), ConfigError> {
         let certified = Arc::new(load(&self.cert, &self.key)?);
+        let acceptor = match &self.client_ca {
+            Some(ca_file) => Some(acceptor(&self.current, Some(ca_file))?),
+            None => None,
+        };
         if let Ok(mut current) = self.current.0.write() {
             *current = certified;
         }
+        if let (Some(acceptor), Ok(mut serving)) = (acceptor, self.acceptor.write()) {
+            *serving = acceptor;
+        }
         Ok(())
     }
+}
+
+/// Serves the certificate `current` holds; with `client_ca`, requires a client certificate
+/// from one of its CAs.
+fn acceptor(current: &Arc<Current>, client_ca: Option<&Path>) -> Result<TlsAcceptor, ConfigError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|error| ConfigError::new("server.tls_cert", error.to_string()))?;
+    let builder = match client_ca {
+        Some(ca_file) => builder.with_client_cert_verifier(client_verifier(ca_file, provider)?),
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder.with_cert_resolver(Arc::clone(current) as Arc<dyn ResolvesServerCert>);
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(tls)))
 }
 
 /// Requires of every caller a client certificate from one of the CAs in `ca_file` (and only
@@ -173,7 +192,7 @@ impl Peers {
             ..StepTls::default()
         };
         let mut tls = tls_config(&files, default_roots(), "cluster")?;
-        if server.mutual {
+        if server.client_ca.is_some() {
             tls.client_auth_cert_resolver =
                 Arc::clone(&server.current) as Arc<dyn ResolvesClientCert>;
         }

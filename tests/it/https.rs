@@ -99,6 +99,35 @@ async fn a_node_serves_its_api_over_https_and_a_new_certificate_after_sighup() {
     assert!(!heartbeat_ok(&client_trusting(Some(&old_ca)), &node.base).await);
 }
 
+/// The client CA (`server.tls_client_ca`) is read again on SIGHUP: written over with another
+/// CA, that CA's clients are served and the old one's refused from the next handshake.
+#[tokio::test]
+async fn a_new_client_ca_is_used_after_sighup() {
+    let (pki, other) = (Pki::new(), Pki::new());
+    let clients_ca = pki.path("clients-ca.pem");
+    std::fs::copy(pki.path("ca.pem"), &clients_ca).expect("copy the CA");
+    let config = format!(
+        "{}tls_client_ca = \"{}\"\n",
+        server_lines(&pki),
+        clients_ca.display()
+    );
+    let ca = pki.path("ca.pem");
+    let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
+    let node = Node::start_mutual_tls(&config, &ca, &cert, &key).await;
+    let client_of = |pki: &Pki| {
+        let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
+        order_process_testkit::http::https_client(&ca, Some((&cert, &key)))
+    };
+    assert!(heartbeat_ok(&client_of(&pki), &node.base).await);
+    assert!(!heartbeat_ok(&client_of(&other), &node.base).await);
+
+    std::fs::copy(other.path("ca.pem"), &clients_ca).expect("replace the client CA");
+    node.signal("HUP");
+    wait_logged(&node, "https certificate reloaded").await;
+    assert!(heartbeat_ok(&client_of(&other), &node.base).await);
+    assert!(!heartbeat_ok(&client_of(&pki), &node.base).await);
+}
+
 #[tokio::test]
 async fn nodes_serving_https_hand_orders_over_to_each_other_over_https() {
     two_https_nodes_hand_orders_over(false).await;
