@@ -433,7 +433,7 @@ async fn bring_up(
         )?,
     };
     let mut nodes = Vec::new();
-    for index in 0..NODES {
+    for (index, host_address) in node_addresses(network.as_ref())?.into_iter().enumerate() {
         let config = node_config(index, &redis.database(), ledger.base(), tls);
         let mut node = Node::new(bin, workdir.join(format!("node-{index}")), index, &config)
             .map_err(|error| format!("cannot prepare node {index}: {error}"))?;
@@ -441,11 +441,7 @@ async fn bring_up(
             node.scheme = "https";
         }
         if let Some(network) = &network {
-            let host = node_host(index);
-            let address = network
-                .address(&host)
-                .ok_or_else(|| format!("the network has no host {host}"))?;
-            node.place(address.to_string(), network.hosts.launcher(&host));
+            node.place(host_address, network.hosts.launcher(&node_host(index)));
         }
         nodes.push(node);
     }
@@ -476,7 +472,7 @@ async fn bring_up(
     })
 }
 
-/// The address each node will listen on: its namespace's, or loopback.
+/// The address each node listens on: its namespace's, or loopback.
 fn node_addresses(network: Option<&Network>) -> Result<Vec<String>, String> {
     (0..NODES)
         .map(|index| match network {
