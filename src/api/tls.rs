@@ -3,12 +3,12 @@
 //! next handshake; open connections and resumed sessions keep theirs), rustls with the `ring`
 //! provider, HTTP/2 and HTTP/1.1 offered by ALPN; with `server.tls_client_ca` (read again on
 //! SIGHUP too), a client certificate from one of its CAs is required of every caller (mutual
-//! TLS). A node that serves
-//! https calls its peers over https too ([`Peers`]), trusting the system's roots and
-//! `cluster.ca_file`, and shows them its own certificate when they require one.
+//! TLS). A node that serves https calls its peers over https too ([`Peers`]), trusting the
+//! system's roots and `cluster.ca_file`, and shows them its own certificate when they require
+//! one.
 
 use crate::config::{Config, ConfigError, StepTls};
-use crate::pipeline::http::{certificates, default_roots, read, tls_config};
+use crate::pipeline::http::{add_cas, certificates, default_roots, read, tls_config};
 use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivateKeyDer;
@@ -136,14 +136,7 @@ fn client_verifier(
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, ConfigError> {
     let key = "server.tls_client_ca";
     let mut roots = RootCertStore::empty();
-    for certificate in certificates(key, ca_file)? {
-        roots.add(certificate).map_err(|error| {
-            ConfigError::new(
-                key,
-                format!("{}: not a CA certificate: {error}", ca_file.display()),
-            )
-        })?;
-    }
+    add_cas(&mut roots, key, ca_file)?;
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
         .build()
         .map_err(|error| ConfigError::new(key, format!("{}: {error}", ca_file.display())))

@@ -147,14 +147,7 @@ pub fn tls_config(
 ) -> Result<rustls::ClientConfig, ConfigError> {
     let key = |field: &str| format!("{section}.{field}");
     if let Some(path) = &tls.ca_file {
-        for certificate in certificates(&key("ca_file"), path)? {
-            roots.add(certificate).map_err(|error| {
-                ConfigError::new(
-                    key("ca_file"),
-                    format!("{}: not a CA certificate: {error}", path.display()),
-                )
-            })?;
-        }
+        add_cas(&mut roots, &key("ca_file"), path)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -200,6 +193,23 @@ pub fn tls_config(
 pub(crate) fn read(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     std::fs::read(path)
         .map_err(|error| ConfigError::new(key, format!("cannot read {}: {error}", path.display())))
+}
+
+/// Adds to `roots` the CA certificates in the PEM file `path`, named by the config key `key`.
+pub(crate) fn add_cas(
+    roots: &mut RootCertStore,
+    key: &str,
+    path: &Path,
+) -> Result<(), ConfigError> {
+    for certificate in certificates(key, path)? {
+        roots.add(certificate).map_err(|error| {
+            ConfigError::new(
+                key,
+                format!("{}: not a CA certificate: {error}", path.display()),
+            )
+        })?;
+    }
+    Ok(())
 }
 
 /// The PEM certificates in a file named by a config key; at least one.
