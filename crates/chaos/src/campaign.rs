@@ -4,7 +4,7 @@
 
 use crate::args::ChaosArgs;
 use crate::clock;
-use crate::faults::Kind;
+use crate::faults::{late_writes_until, Kind};
 use crate::ledger::Ledger;
 use crate::links::Links;
 use crate::load::{load, lock, poll, Seen};
@@ -239,6 +239,8 @@ async fn campaign(
         healed,
         healed_wall,
         Arc::clone(&submitting),
+        late_writes_until(&faults.done),
+        ledger.called(),
     ));
     while submitters.join_next().await.is_some() {}
     submitting.store(false, Ordering::SeqCst);

@@ -123,6 +123,20 @@ impl Fault {
     }
 }
 
+/// Until when a write a link fault held back may still arrive: TCP sends it again after a
+/// timeout that starts at 200 ms and doubles, so its next try after the heal comes within
+/// about as long as it had waited, at most the fault's length; a second is added for the
+/// first timeouts and the write's way.
+pub fn late_writes_until(done: &[Fault]) -> Option<DateTime<Utc>> {
+    done.iter()
+        .filter(|fault| Kind::IPTABLES.contains(&fault.kind))
+        .filter_map(|fault| {
+            let healed = fault.healed?;
+            Some(healed + (healed - fault.at) + chrono::Duration::seconds(1))
+        })
+        .max()
+}
+
 pub enum Recovery {
     Restart(usize),
     Resume(usize),

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use order_process_history::WORK_STEPS;
 use order_process_testkit::{Answer, Request, Shop};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -162,6 +162,25 @@ impl Ledger {
 
     pub fn books(&self) -> MutexGuard<'_, Books> {
         lock(&self.books)
+    }
+
+    pub fn called(&self) -> Called {
+        Called(Arc::clone(&self.books))
+    }
+}
+
+/// The ledger's books, to ask which orders it was called for while the campaign goes on.
+#[derive(Clone)]
+pub struct Called(Arc<Mutex<Books>>);
+
+impl Called {
+    /// The ids of the orders the ledger was called for so far.
+    pub fn order_ids(&self) -> HashSet<String> {
+        lock(&self.0)
+            .calls
+            .iter()
+            .map(|call| call.order_id.clone())
+            .collect()
     }
 }
 

@@ -924,6 +924,23 @@ mod tests {
     }
 
     #[test]
+    fn writes_held_back_by_a_link_fault_may_arrive_as_long_after_its_heal_as_it_lasted() {
+        assert_eq!(crate::faults::late_writes_until(&[]), None);
+        let faults = [
+            fault(Kind::CutRedis, Some(0), 100, 110),
+            fault(Kind::LossyLink, Some(1), 90, 112),
+            // Not a link fault: a killed process's connections are gone with it.
+            fault(Kind::KillNode, Some(2), 100, 160),
+        ];
+        // The cut: 110 + 10 + 1; the lossy link: 112 + 22 + 1.
+        assert_eq!(crate::faults::late_writes_until(&faults), Some(at(135)));
+        assert_eq!(
+            crate::faults::late_writes_until(&faults[..1]),
+            Some(at(121))
+        );
+    }
+
+    #[test]
     fn a_drain_cut_short_waits_for_a_takeover_from_the_kill() {
         let mut drained = fault(Kind::KillDraining, Some(0), 100, 105);
         assert_eq!(drained.takeover_from(), at(100), "not killed yet");

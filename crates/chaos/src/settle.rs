@@ -3,6 +3,7 @@
 //! The listing (`GET /orders`, the campaign's user) is read over and over until every order it
 //! shows is finished, noting when each was first seen finished.
 
+use crate::ledger::Called;
 use crate::load::list_all;
 use crate::report::TAKEOVER_BOUND;
 use crate::world::RECONCILE_INTERVAL;
@@ -55,8 +56,10 @@ fn completed_since(order: &Value, healed_wall: DateTime<Utc>) -> Option<Duration
     )
 }
 
-/// Reads the listing until every order is finished and no submission is still being tried (or
-/// the bound and a grace have passed). An order counts as finished when a read first sees it
+/// Reads the listing until every order is finished, no submission is still being tried, no write
+/// a link fault held back can still arrive (`late_writes_until`: a create sent before the heal
+/// may be stored seconds after it, by TCP trying again) and every order the ledger was called
+/// for is listed (or until the bound and a grace have passed). An order counts as finished when a read first sees it
 /// so, or when it recorded itself complete, whichever is sooner: a read of the whole listing
 /// can take many seconds, and an order that finished at its start is seen only by the next;
 /// a node's clock skewed ahead cannot delay an order either, as the read bounds it.
@@ -66,6 +69,8 @@ pub async fn settle(
     healed: Instant,
     healed_wall: DateTime<Utc>,
     submitting: Arc<AtomicBool>,
+    late_writes_until: Option<DateTime<Utc>>,
+    called: Called,
 ) -> Result<Settled, String> {
     let mut since: HashMap<String, Instant> = HashMap::new();
     let mut finished: HashMap<String, f64> = HashMap::new();
@@ -76,6 +81,9 @@ pub async fn settle(
     loop {
         round += 1;
         let base = &bases[round % bases.len()];
+        // Read before the listing: an order the ledger was called for is stored by then.
+        let round_began = Utc::now();
+        let called_before = called.order_ids();
         let listed = match list_all(&client, base).await {
             Ok(listed) => listed,
             Err(_) if failures < 40 => {
@@ -102,8 +110,10 @@ pub async fn settle(
         }
         first = false;
         orders = listed;
-        let all_done =
-            !submitting.load(Ordering::SeqCst) && orders.keys().all(|id| finished.contains_key(id));
+        let all_done = !submitting.load(Ordering::SeqCst)
+            && late_writes_until.is_none_or(|until| round_began >= until)
+            && called_before.iter().all(|id| orders.contains_key(id))
+            && orders.keys().all(|id| finished.contains_key(id));
         let latest = since.values().max().copied().unwrap_or(healed);
         if all_done || now >= latest + STUCK_BOUND + GRACE {
             break;
