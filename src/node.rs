@@ -105,6 +105,9 @@ pub async fn run(
     let security = api::auth::Security::from_config(&config)?;
     let server_tls = ServerTls::from_config(&config)?.map(Arc::new);
     let peers = Peers::from_config(&config, server_tls.as_deref())?;
+    if security.auth.names_certificates() && config.server.tls_client_ca.as_os_str().is_empty() {
+        warn!("the tokens file has [[certificate]] entries, but server.tls_client_ca is not set: no caller shows a client certificate, so none is used");
+    }
     let data_dir = &config.server.data_dir;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
@@ -314,7 +317,11 @@ fn spawn_reload_on_hangup(
         };
         while hangups.recv().await.is_some() {
             match auth.reload() {
-                Ok(count) => info!(tokens = count, "received SIGHUP: tokens reloaded"),
+                Ok(count) => info!(
+                    tokens = count.tokens,
+                    certificates = count.certificates,
+                    "received SIGHUP: tokens reloaded"
+                ),
                 Err(error) => {
                     tracing::error!(error = %error, "received SIGHUP: cannot reload tokens, keeping the old ones")
                 }

@@ -1,11 +1,14 @@
-//! Who is calling: the [`Authenticator`] turns an `Authorization` header into a [`Principal`]
-//! (a user name and a [`Role`]), or a 401.
+//! Who is calling: the [`Authenticator`] turns a request's [`Credentials`] (its
+//! `Authorization` header, and the client certificate its connection showed) into a
+//! [`Principal`] (a user name and a [`Role`]), or a 401.
 //!
 //! Two modes (`auth.mode`):
 //! - `tokens`: `Authorization: Bearer <token>`. The tokens file holds only the SHA-256 of each
 //!   token, with its user, role and optional expiry; a presented token is hashed and compared
-//!   with every entry in constant time. The file is re-read on SIGHUP ([`Authenticator::reload`]);
-//!   a bad file then keeps the tokens in force.
+//!   with every entry in constant time. A request without the header whose connection showed a
+//!   client certificate (`server.tls_client_ca`) is the user its `[[certificate]]` entry names
+//!   by the certificate's subject common name. The file is re-read on SIGHUP
+//!   ([`Authenticator::reload`]); a bad file then keeps the entries in force.
 //! - `header`: development only, as the original system did: the header's value is the user
 //!   name, unchecked, and nobody is an admin.
 //!
@@ -20,9 +23,16 @@
 //! sha256 = "<64 hex digits>"        # order-process hash-token <token>
 //! expires = "2027-01-01T00:00:00Z"  # optional, RFC 3339; 401 after it
 //! revoked = false                   # optional; true refuses the token
+//!
+//! [[certificate]]
+//! common_name = "billing"           # the client certificate's subject CN
+//! user = "billing"                  # optional; the common name by default
+//! role = "admin"                    # "user" (the default) or "admin"
+//! revoked = false                   # optional; true refuses the certificate's callers
 //! ```
 
 use super::limits::{InFlight, RateLimiter};
+use super::tls::CertificateName;
 use super::ApiError;
 use crate::config::{AuthMode, Config, ConfigError};
 use crate::secret::constant_time_eq;
@@ -33,6 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use warp::http::StatusCode;
+use warp::Filter;
 
 /// What a caller may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -118,11 +129,57 @@ struct Entry {
     revoked: bool,
 }
 
+/// One certificate entry, as checked.
+#[derive(Debug, Clone)]
+struct CertificateEntry {
+    common_name: String,
+    user: String,
+    role: Role,
+    revoked: bool,
+}
+
+/// A tokens file, as checked.
+#[derive(Debug, Default)]
+struct Entries {
+    tokens: Vec<Entry>,
+    certificates: Vec<CertificateEntry>,
+}
+
+/// How many entries of each kind a tokens file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub tokens: usize,
+    pub certificates: usize,
+}
+
+impl Entries {
+    fn counts(&self) -> Counts {
+        Counts {
+            tokens: self.tokens.len(),
+            certificates: self.certificates.len(),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
     #[serde(default)]
     token: Vec<RawEntry>,
+    #[serde(default)]
+    certificate: Vec<RawCertificate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    common_name: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default = "default_role")]
+    role: Role,
+    #[serde(default)]
+    revoked: bool,
 }
 
 #[derive(Deserialize)]
@@ -147,8 +204,9 @@ fn default_role() -> Role {
 #[error("{0}")]
 pub struct TokensError(String);
 
-/// Parses a tokens file's text. Errors name the entry (`token[2]`, its user), never a hash.
-fn parse_tokens(text: &str) -> Result<Vec<Entry>, TokensError> {
+/// Parses a tokens file's text. Errors name the entry (`token[2]` and its user, or
+/// `certificate[0]` and its common name), never a hash.
+fn parse_tokens(text: &str) -> Result<Entries, TokensError> {
     let raw: RawFile = toml::from_str(text).map_err(|error| {
         TokensError(format!(
             "not a tokens file: {}",
@@ -204,16 +262,48 @@ fn parse_tokens(text: &str) -> Result<Vec<Entry>, TokensError> {
             revoked: raw.revoked,
         });
     }
-    Ok(entries)
+    let mut certificates: Vec<CertificateEntry> = Vec::with_capacity(raw.certificate.len());
+    for (index, raw) in raw.certificate.into_iter().enumerate() {
+        let common_name = raw.common_name.trim().to_string();
+        if common_name.is_empty() {
+            return Err(TokensError(format!(
+                "certificate[{index}]: common_name is empty"
+            )));
+        }
+        let name = format!("certificate[{index}] (common name `{common_name}`)");
+        if certificates
+            .iter()
+            .any(|other| other.common_name == common_name)
+        {
+            return Err(TokensError(format!("{name}: listed twice")));
+        }
+        let user = match raw.user.map(|user| user.trim().to_string()) {
+            None => common_name.clone(),
+            Some(user) if user.is_empty() => {
+                return Err(TokensError(format!("{name}: user is empty")))
+            }
+            Some(user) => user,
+        };
+        certificates.push(CertificateEntry {
+            common_name,
+            user,
+            role: raw.role,
+            revoked: raw.revoked,
+        });
+    }
+    Ok(Entries {
+        tokens: entries,
+        certificates,
+    })
 }
 
 /// Checks a tokens file's text; the number of entries, or what is wrong. (For the fuzz targets
 /// and tools; the node reads files with [`Authenticator::new`].)
-pub fn check_tokens(text: &str) -> Result<usize, TokensError> {
-    parse_tokens(text).map(|entries| entries.len())
+pub fn check_tokens(text: &str) -> Result<Counts, TokensError> {
+    parse_tokens(text).map(|entries| entries.counts())
 }
 
-fn read_tokens(path: &Path) -> Result<Vec<Entry>, TokensError> {
+fn read_tokens(path: &Path) -> Result<Entries, TokensError> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| TokensError(format!("cannot read {}: {error}", path.display())))?;
     parse_tokens(&text)
@@ -225,14 +315,14 @@ pub struct Authenticator {
     mode: AuthMode,
     path: PathBuf,
     /// Swapped whole on reload, so a check sees the old table or the new one, never a mix.
-    tokens: RwLock<Arc<Vec<Entry>>>,
+    tokens: RwLock<Arc<Entries>>,
 }
 
 impl Authenticator {
     /// In tokens mode, reads the tokens file; a missing or bad file is a config error.
     pub fn new(mode: AuthMode, tokens_file: &Path) -> Result<Self, ConfigError> {
         let tokens = match mode {
-            AuthMode::Header => Vec::new(),
+            AuthMode::Header => Entries::default(),
             AuthMode::Tokens => read_tokens(tokens_file)
                 .map_err(|error| ConfigError::new("auth.tokens_file", error.to_string()))?,
         };
@@ -240,9 +330,12 @@ impl Authenticator {
             AuthMode::Header => tracing::warn!(
                 "auth.mode is header: the Authorization header names the user unchecked; for development only"
             ),
-            AuthMode::Tokens => {
-                tracing::info!(tokens = tokens.len(), file = %tokens_file.display(), "tokens loaded")
-            }
+            AuthMode::Tokens => tracing::info!(
+                tokens = tokens.tokens.len(),
+                certificates = tokens.certificates.len(),
+                file = %tokens_file.display(),
+                "tokens loaded"
+            ),
         }
         Ok(Authenticator {
             mode,
@@ -261,17 +354,22 @@ impl Authenticator {
         Authenticator {
             mode: AuthMode::Header,
             path: PathBuf::new(),
-            tokens: RwLock::new(Arc::new(Vec::new())),
+            tokens: RwLock::new(Arc::new(Entries::default())),
         }
     }
 
-    /// Re-reads the tokens file; on error the tokens in force stay. Returns how many were read.
-    pub fn reload(&self) -> Result<usize, TokensError> {
+    /// Whether the tokens file names client certificates.
+    pub fn names_certificates(&self) -> bool {
+        !self.current().certificates.is_empty()
+    }
+
+    /// Re-reads the tokens file; on error the entries in force stay. Returns how many were read.
+    pub fn reload(&self) -> Result<Counts, TokensError> {
         if self.mode != AuthMode::Tokens {
-            return Ok(0);
+            return Ok(Entries::default().counts());
         }
         let fresh = Arc::new(read_tokens(&self.path)?);
-        let count = fresh.len();
+        let count = fresh.counts();
         match self.tokens.write() {
             Ok(mut tokens) => *tokens = fresh,
             Err(poisoned) => *poisoned.into_inner() = fresh,
@@ -279,10 +377,37 @@ impl Authenticator {
         Ok(count)
     }
 
-    fn current(&self) -> Arc<Vec<Entry>> {
+    fn current(&self) -> Arc<Entries> {
         match self.tokens.read() {
             Ok(tokens) => Arc::clone(&tokens),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// The caller of a request, or a 401: by its token when it sent an `Authorization` header,
+    /// else (tokens mode) by the entry of its client certificate.
+    pub fn caller(&self, credentials: &Credentials) -> Result<Principal, ApiError> {
+        match (&credentials.authorization, &credentials.certificate) {
+            (None, Some(name)) if self.mode == AuthMode::Tokens => self.by_certificate(name),
+            (authorization, _) => self.authenticate(authorization.as_deref()),
+        }
+    }
+
+    fn by_certificate(&self, name: &CertificateName) -> Result<Principal, ApiError> {
+        let entries = self.current();
+        let entry = entries
+            .certificates
+            .iter()
+            .find(|entry| entry.common_name.as_str() == &*name.0);
+        match entry {
+            Some(entry) if !entry.revoked => Ok(Principal {
+                user: entry.user.clone(),
+                role: entry.role,
+            }),
+            Some(_) => Err(unauthorized("client certificate revoked")),
+            None => Err(unauthorized(
+                "missing Authorization: Bearer <token> header, and no [[certificate]] entry for the client certificate's common name",
+            )),
         }
     }
 
@@ -310,10 +435,10 @@ impl Authenticator {
                     .and_then(bearer)
                     .ok_or_else(|| unauthorized("missing Authorization: Bearer <token> header"))?;
                 let hash = Sha256::digest(token.as_bytes());
-                let tokens = self.current();
+                let entries = self.current();
                 // Every entry is compared, matched or not, so timing says nothing about which.
                 let mut found: Option<&Entry> = None;
-                for entry in tokens.iter() {
+                for entry in entries.tokens.iter() {
                     if constant_time_eq(&entry.hash, &hash) {
                         found = Some(entry);
                     }
@@ -331,6 +456,31 @@ impl Authenticator {
             }
         }
     }
+}
+
+/// What a request shows of who calls: its `Authorization` header, and the common name of the
+/// client certificate its connection showed (put in the request's extensions by the server).
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    pub authorization: Option<String>,
+    pub certificate: Option<CertificateName>,
+}
+
+impl Credentials {
+    /// Whether the caller showed anything to be known by.
+    pub fn shown(&self) -> bool {
+        self.authorization.is_some() || self.certificate.is_some()
+    }
+}
+
+/// A request's [`Credentials`].
+pub fn credentials() -> impl Filter<Extract = (Credentials,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(warp::ext::optional::<CertificateName>())
+        .map(|authorization, certificate| Credentials {
+            authorization,
+            certificate,
+        })
 }
 
 fn unauthorized(message: &str) -> ApiError {
@@ -497,12 +647,73 @@ mod tests {
             (&format!("[[token]]\nuser = \"a\"\nsha256 = \"{hash}\"\n[[token]]\nuser = \"b\"\nsha256 = \"{hash}\"\n"), "twice"),
             ("[[token]]\nuser = \"a\"\nsha256 = \"x\"\nextra = 1\n", "extra"),
             ("nonsense", "not a tokens file"),
+            ("[[certificate]]\ncommon_name = \" \"\n", "common_name is empty"),
+            ("[[certificate]]\ncommon_name = \"a\"\nuser = \" \"\n", "user is empty"),
+            ("[[certificate]]\ncommon_name = \"a\"\n[[certificate]]\ncommon_name = \"a\"\n", "listed twice"),
+            ("[[certificate]]\nuser = \"a\"\n", "common_name"),
         ] {
             let error = parse_tokens(text).unwrap_err().to_string();
             assert!(error.contains(needle), "{text}: {error}");
             assert!(!error.contains(&hash), "{text}: {error}");
         }
-        assert!(parse_tokens("").unwrap().is_empty());
+        assert_eq!(
+            parse_tokens("").unwrap().counts(),
+            Counts {
+                tokens: 0,
+                certificates: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_is_the_user_of_its_entry_when_no_token_is_sent() {
+        let file = format!(
+            "{}[[certificate]]\ncommon_name = \"billing\"\nrole = \"admin\"\n\
+             [[certificate]]\ncommon_name = \"shop\"\nuser = \"alice\"\n\
+             [[certificate]]\ncommon_name = \"gone\"\nrevoked = true\n",
+            entry_text("alice-token", "alice", Role::User, None)
+        );
+        let auth = tokens(&file);
+        let shown = |authorization: Option<&str>, name: Option<&str>| Credentials {
+            authorization: authorization.map(String::from),
+            certificate: name.map(|name| CertificateName(Arc::from(name))),
+        };
+        let principal = |user: &str, role| Principal {
+            user: user.into(),
+            role,
+        };
+        assert_eq!(
+            auth.caller(&shown(None, Some("billing"))).unwrap(),
+            principal("billing", Role::Admin)
+        );
+        assert_eq!(
+            auth.caller(&shown(None, Some("shop"))).unwrap(),
+            principal("alice", Role::User)
+        );
+        // A token, when sent, names the caller; a bad one is refused whatever the certificate.
+        assert_eq!(
+            auth.caller(&shown(Some("Bearer alice-token"), Some("billing")))
+                .unwrap(),
+            principal("alice", Role::User)
+        );
+        assert!(auth
+            .caller(&shown(Some("Bearer nope"), Some("billing")))
+            .is_err());
+        for name in [Some("gone"), Some("stranger"), Some("Billing"), None] {
+            let refused = auth.caller(&shown(None, name)).unwrap_err();
+            assert_eq!(refused.status, StatusCode::UNAUTHORIZED, "{name:?}");
+        }
+        // Header mode knows callers by the header alone.
+        assert!(Authenticator::header_mode()
+            .caller(&shown(None, Some("billing")))
+            .is_err());
+        assert_eq!(
+            check_tokens(&file),
+            Ok(Counts {
+                tokens: 1,
+                certificates: 3
+            })
+        );
     }
 
     #[test]
@@ -513,7 +724,7 @@ mod tests {
         let auth = Authenticator::new(AuthMode::Tokens, &path).unwrap();
         assert!(auth.authenticate(Some("Bearer one")).is_ok());
         std::fs::write(&path, entry_text("two", "alice", Role::User, None)).unwrap();
-        assert_eq!(auth.reload().unwrap(), 1);
+        assert_eq!(auth.reload().unwrap().tokens, 1);
         assert!(auth.authenticate(Some("Bearer one")).is_err());
         assert!(auth.authenticate(Some("Bearer two")).is_ok());
         std::fs::write(&path, "[[token]]\nuser = 3\n").unwrap();

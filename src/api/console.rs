@@ -19,7 +19,7 @@
 //! far too much to gossip, and asking gives a node that does not answer as exactly that,
 //! rather than as the stale figures gossip last carried.
 
-use super::auth::Authenticator;
+use super::auth::{credentials, Authenticator, Credentials};
 use super::tls::Peers;
 use super::{json_reply, respond, with_state, ApiError, NodeStatus};
 use crate::flow::{FlowView, LATENCY_BOUNDS_MS, SECONDS};
@@ -95,18 +95,18 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
     let parked = warp::path!("diagnostic" / "parked")
         .and(warp::get())
         .and(with_state(state.clone()))
-        .and(warp::header::optional::<String>("authorization"))
+        .and(credentials())
         .and(warp::query::<HashMap<String, String>>())
-        .then(|state, authorization, query| async move {
-            respond(parked(state, authorization, query).await)
+        .then(|state, credentials, query| async move {
+            respond(parked(state, credentials, query).await)
         });
     let stuck = warp::path!("diagnostic" / "stuck")
         .and(warp::get())
         .and(with_state(state))
-        .and(warp::header::optional::<String>("authorization"))
+        .and(credentials())
         .and(warp::query::<HashMap<String, String>>())
-        .then(|state, authorization, query| async move {
-            respond(stuck(state, authorization, query).await)
+        .then(|state, credentials, query| async move {
+            respond(stuck(state, credentials, query).await)
         });
     overview
         .or(flow)
@@ -126,14 +126,15 @@ fn rfc3339(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-/// In tokens mode, an admin's token or an error; in header mode, anyone.
+/// In tokens mode, an admin (by token or client certificate) or an error; in header mode,
+/// anyone.
 fn require_admin(
     auth: &Authenticator,
-    authorization: Option<&str>,
+    credentials: &Credentials,
     what: &str,
 ) -> Result<(), ApiError> {
     if auth.checks_tokens() {
-        auth.authenticate(authorization)?.require_admin(what)?;
+        auth.caller(credentials)?.require_admin(what)?;
     }
     Ok(())
 }
@@ -438,10 +439,10 @@ fn listed(order: &Order) -> Value {
 
 async fn parked(
     state: State,
-    authorization: Option<String>,
+    credentials: Credentials,
     query: HashMap<String, String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&state.auth, authorization.as_deref(), "/diagnostic/parked")?;
+    require_admin(&state.auth, &credentials, "/diagnostic/parked")?;
     only(&query, &["limit", "cursor"])?;
     let limit = limit(&query, DEFAULT_PARKED, MAX_PARKED)?;
     let cursor = query.get("cursor").map(String::as_str).unwrap_or("");
@@ -494,10 +495,10 @@ fn last_update(order: &Order) -> DateTime<Utc> {
 
 async fn stuck(
     state: State,
-    authorization: Option<String>,
+    credentials: Credentials,
     query: HashMap<String, String>,
 ) -> Result<Response, ApiError> {
-    require_admin(&state.auth, authorization.as_deref(), "/diagnostic/stuck")?;
+    require_admin(&state.auth, &credentials, "/diagnostic/stuck")?;
     only(&query, &["limit", "older_than"])?;
     let limit = limit(&query, DEFAULT_STUCK, MAX_STUCK)?;
     let older_than = match query.get("older_than") {

@@ -13,7 +13,7 @@
 //! A node's `last_activity` is, in a cluster, when gossip last heard from it; for a single node,
 //! when it last accepted, cancelled or re-queued an order (its start before the first).
 
-use super::auth::Authenticator;
+use super::auth::{credentials, Authenticator, Credentials};
 use super::{json_reply, respond, with_state, ApiError, NodeStatus};
 use crate::about::{SERVICE_NAME, VERSION};
 use chrono::{SecondsFormat, Utc};
@@ -39,23 +39,20 @@ pub fn routes(state: State, auth: Arc<Authenticator>) -> BoxedFilter<(Response,)
         .and(warp::get())
         .and(with_state(state.clone()))
         .then(cluster);
-    let summary =
-        warp::path!("diagnostic" / "summary")
-            .and(warp::get())
-            .and(with_state(state.clone()))
-            .and(with_state(auth.clone()))
-            .and(warp::header::optional::<String>("authorization"))
-            .then(|state, auth, authorization| async move {
-                respond(summary(state, auth, authorization))
-            });
+    let summary = warp::path!("diagnostic" / "summary")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .and(with_state(auth.clone()))
+        .and(credentials())
+        .then(|state, auth, credentials| async move { respond(summary(state, auth, credentials)) });
     let set_aside = warp::path!("diagnostic" / "set-aside")
         .and(warp::get())
         .and(with_state(state))
         .and(with_state(auth))
-        .and(warp::header::optional::<String>("authorization"))
+        .and(credentials())
         .and(warp::query::<HashMap<String, String>>())
-        .then(|state, auth, authorization, query| async move {
-            respond(set_aside(state, auth, authorization, query).await)
+        .then(|state, auth, credentials, query| async move {
+            respond(set_aside(state, auth, credentials, query).await)
         });
     heartbeat
         .or(cluster)
@@ -78,11 +75,11 @@ const STORE_RETRY_AFTER: Duration = Duration::from_secs(1);
 async fn set_aside(
     state: State,
     auth: Arc<Authenticator>,
-    authorization: Option<String>,
+    credentials: Credentials,
     query: HashMap<String, String>,
 ) -> Result<Response, ApiError> {
     if auth.checks_tokens() {
-        auth.authenticate(authorization.as_deref())?
+        auth.caller(&credentials)?
             .require_admin("/diagnostic/set-aside")?;
     }
     let mut limit = DEFAULT_SET_ASIDE;
@@ -210,15 +207,19 @@ async fn cluster(state: State) -> Response {
 }
 
 /// Whether the caller may see the recent failures: always in header mode; in tokens mode only
-/// with an admin's token. No header gives the counts only; a bad token is a 401, a user's a 403.
-fn shows_failures(auth: &Authenticator, authorization: Option<&str>) -> Result<bool, ApiError> {
+/// as an admin. No header gives the counts only (so does a client certificate alone, unless
+/// its entry is an admin's); a bad token is a 401, a user's a 403.
+fn shows_failures(auth: &Authenticator, credentials: &Credentials) -> Result<bool, ApiError> {
     if !auth.checks_tokens() {
         return Ok(true);
     }
-    let Some(authorization) = authorization else {
-        return Ok(false);
-    };
-    auth.authenticate(Some(authorization))?
+    if credentials.authorization.is_none() {
+        return Ok(credentials.certificate.is_some()
+            && auth
+                .caller(credentials)
+                .is_ok_and(|caller| caller.is_admin()));
+    }
+    auth.caller(credentials)?
         .require_admin("the recent failures of /diagnostic/summary")?;
     Ok(true)
 }
@@ -226,9 +227,9 @@ fn shows_failures(auth: &Authenticator, authorization: Option<&str>) -> Result<b
 fn summary(
     state: State,
     auth: Arc<Authenticator>,
-    authorization: Option<String>,
+    credentials: Credentials,
 ) -> Result<Response, ApiError> {
-    let full = shows_failures(&auth, authorization.as_deref())?;
+    let full = shows_failures(&auth, &credentials)?;
     let by_step: serde_json::Map<String, serde_json::Value> = state
         .metrics
         .in_step()

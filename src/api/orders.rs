@@ -5,7 +5,7 @@
 //! line. The submission rate, the body's size, read time and nesting are checked here, before
 //! the service sees the order.
 
-use super::auth::{audit, Principal};
+use super::auth::{audit, credentials, Credentials, Principal};
 use super::limits::{body, nests_deeper_than, Body};
 use super::state::{with_state, Checks};
 use super::{json_reply, order_reply, respond, written_reply, ApiError, ANSWER_CAPACITY};
@@ -43,8 +43,8 @@ pub struct OrdersApi {
 type State = Arc<OrdersApi>;
 
 impl OrdersApi {
-    fn caller(&self, user_header: Option<&str>) -> Result<Principal, ApiError> {
-        self.checks.auth.authenticate(user_header)
+    fn caller(&self, credentials: &Credentials) -> Result<Principal, ApiError> {
+        self.checks.auth.caller(credentials)
     }
 }
 
@@ -78,15 +78,11 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-fn user_header() -> impl Filter<Extract = (Option<String>,), Error = warp::Rejection> + Clone {
-    warp::header::optional::<String>("authorization")
-}
-
 fn create(state: State) -> BoxedFilter<(Response,)> {
     warp::path!("orders")
         .and(warp::post())
         .and(with_state(state))
-        .and(user_header())
+        .and(credentials())
         .and(warp::header::optional::<String>("idempotency-key"))
         .and(raw_header("traceparent"))
         .and(raw_header("tracestate"))
@@ -124,12 +120,12 @@ fn caller_trace(
 
 async fn create_order(
     state: State,
-    user_header: Option<String>,
+    credentials: Credentials,
     idempotency_key: Option<String>,
     caller_trace: Option<TraceContext>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let caller = state.caller(user_header.as_deref())?;
+    let caller = state.caller(&credentials)?;
     let checks = &state.checks;
     if let Err(wait) = checks.rate.check(&caller.user) {
         return Err(ApiError::too_many("too many submissions, slow down", wait));
@@ -168,7 +164,7 @@ fn get(state: State) -> BoxedFilter<(Response,)> {
     warp::path!("orders" / String)
         .and(warp::get())
         .and(with_state(state))
-        .and(user_header())
+        .and(credentials())
         .and(warp::query::<HashMap<String, String>>())
         .then(|id: String, state, user, query| async move {
             respond(get_order(state, user, id, query).await)
@@ -180,7 +176,7 @@ fn get(state: State) -> BoxedFilter<(Response,)> {
 /// wait is over), so a client learns of the end without polling.
 async fn get_order(
     state: State,
-    user_header: Option<String>,
+    credentials: Credentials,
     id: String,
     params: HashMap<String, String>,
 ) -> Result<Response, ApiError> {
@@ -191,7 +187,7 @@ async fn get_order(
             "method not allowed on this path",
         ));
     }
-    let caller = state.caller(user_header.as_deref())?;
+    let caller = state.caller(&credentials)?;
     let wait = parse_wait(&params)?;
     let order_id = order_id(&id)?;
     let Some(wait) = wait else {
@@ -221,7 +217,7 @@ fn wait_many(state: State) -> BoxedFilter<(Response,)> {
     warp::path!("orders" / "wait")
         .and(warp::post())
         .and(with_state(state))
-        .and(user_header())
+        .and(credentials())
         .and(warp::body::content_length_limit(64 * 1024))
         .and(warp::body::bytes())
         .then(|state, user, body| async move { respond(wait_for_many(state, user, body).await) })
@@ -234,10 +230,10 @@ fn wait_many(state: State) -> BoxedFilter<(Response,)> {
 /// in `missing`.
 async fn wait_for_many(
     state: State,
-    user_header: Option<String>,
+    credentials: Credentials,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
-    let caller = state.caller(user_header.as_deref())?;
+    let caller = state.caller(&credentials)?;
     let request: WaitRequest = serde_json::from_slice(&body).map_err(|error| {
         ApiError::bad_request(format!(
             "body must be {{\"order_ids\": [...], \"wait\": \"30s\"}}: {error}"
@@ -342,7 +338,7 @@ fn list(state: State) -> BoxedFilter<(Response,)> {
     warp::path!("orders")
         .and(warp::get())
         .and(with_state(state))
-        .and(user_header())
+        .and(credentials())
         .and(warp::query::<HashMap<String, String>>())
         .then(|state, user, query| async move { respond(list_orders(state, user, query).await) })
         .boxed()
@@ -402,10 +398,10 @@ pub(super) fn parse_list_query(params: &HashMap<String, String>) -> Result<ListQ
 
 async fn list_orders(
     state: State,
-    user_header: Option<String>,
+    credentials: Credentials,
     params: HashMap<String, String>,
 ) -> Result<Response, ApiError> {
-    let caller = state.caller(user_header.as_deref())?;
+    let caller = state.caller(&credentials)?;
     let query = parse_list_query(&params)?;
     // `?user=<name>`: an admin lists another user's orders.
     let user = match params.get("user") {
@@ -423,11 +419,11 @@ async fn list_orders(
     }))
 }
 
-/// `POST /orders/{id}/<action>`, answered by `handle` with the state, the `Authorization`
-/// header and the id as given.
+/// `POST /orders/{id}/<action>`, answered by `handle` with the state, the caller's
+/// credentials and the id as given.
 fn order_action<H, F>(state: State, action: &'static str, handle: H) -> BoxedFilter<(Response,)>
 where
-    H: Fn(State, Option<String>, String) -> F + Clone + Send + Sync + 'static,
+    H: Fn(State, Credentials, String) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response, ApiError>> + Send + 'static,
 {
     warp::path("orders")
@@ -436,7 +432,7 @@ where
         .and(warp::path::end())
         .and(warp::post())
         .and(with_state(state))
-        .and(user_header())
+        .and(credentials())
         .then(move |id: String, state, user| {
             let answer = handle(state, user, id);
             async move { respond(answer.await) }
@@ -444,16 +440,16 @@ where
         .boxed()
 }
 
-async fn cancel_order(state: State, user: Option<String>, id: String) -> Answer {
-    let caller = state.caller(user.as_deref())?;
+async fn cancel_order(state: State, credentials: Credentials, id: String) -> Answer {
+    let caller = state.caller(&credentials)?;
     let order = state.orders.cancel(&caller.user, order_id(&id)?).await?;
     Ok(order_reply(StatusCode::ACCEPTED, &order))
 }
 
 /// Retries the compensations of an order whose rollback is parked; this node runs them. The
 /// order's user may ask, and so may an admin for anyone's order.
-async fn retry_parked_rollback(state: State, user: Option<String>, id: String) -> Answer {
-    let caller = state.caller(user.as_deref())?;
+async fn retry_parked_rollback(state: State, credentials: Credentials, id: String) -> Answer {
+    let caller = state.caller(&credentials)?;
     let order_id = order_id(&id)?;
     let user = if caller.is_admin() {
         let order = state.orders.get(Scope::All, order_id).await?;

@@ -2,9 +2,11 @@
 //! headers: a client that sends them too slowly (or leaves a keep-alive connection idle) is
 //! disconnected, so it cannot hold a connection open. warp's own server sets no such deadline.
 //! Bodies have their own deadline where they are read ([`super::limits::Body::read`]).
-//! Over https the TLS handshake has the same deadline as the headers.
+//! Over https the TLS handshake has the same deadline as the headers, and the common name of
+//! the client certificate a caller showed goes with each of its requests (see
+//! [`super::auth::credentials`]).
 
-use super::tls::ServerTls;
+use super::tls::{CertificateName, ServerTls};
 use crate::metrics::{Metrics, TlsFailure};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -12,10 +14,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tower_service::Service;
 use warp::filters::BoxedFilter;
+use warp::http::Request;
 use warp::reply::Response;
 
 /// Runs until `shutdown` resolves, then stops accepting and waits for open connections to
@@ -57,17 +62,20 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let service = TowerToHyperService::new(warp::service(routes.clone()));
+        let routes = warp::service(routes.clone());
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.as_ref().map(|tls| tls.acceptor());
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
-            let io: Box<dyn Io> = match tls {
-                None => Box::new(stream),
+            let (io, name): (Box<dyn Io>, _) = match tls {
+                None => (Box::new(stream), None),
                 Some(acceptor) => {
                     match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => Box::new(stream),
+                        Ok(Ok(stream)) => {
+                            let name = CertificateName::of(stream.get_ref().1);
+                            (Box::new(stream), name)
+                        }
                         Ok(Err(error)) => {
                             let reason = failure(&error);
                             tracing::debug!(peer = ?peer, error = %error, reason = reason.as_str(), "tls handshake failed");
@@ -85,6 +93,7 @@ pub async fn serve(
                     }
                 }
             };
+            let service = TowerToHyperService::new(Named { routes, name });
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(error = %error, "connection ended with an error");
@@ -104,6 +113,34 @@ fn failure(error: &std::io::Error) -> TlsFailure {
         Some(rustls::Error::NoCertificatesPresented) => TlsFailure::NoClientCertificate,
         Some(rustls::Error::InvalidCertificate(_)) => TlsFailure::BadClientCertificate,
         _ => TlsFailure::Other,
+    }
+}
+
+/// The routes, with the name of the client certificate the connection showed (if it did) put
+/// in each request's extensions, where [`super::auth::credentials`] finds it.
+#[derive(Clone)]
+struct Named<S> {
+    routes: S,
+    name: Option<CertificateName>,
+}
+
+impl<S, B> Service<Request<B>> for Named<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.routes.poll_ready(context)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if let Some(name) = &self.name {
+            request.extensions_mut().insert(name.clone());
+        }
+        self.routes.call(request)
     }
 }
 

@@ -4,7 +4,7 @@
 //! node owns. Both need the cluster secret (`X-Cluster-Secret`) or an admin's token; without
 //! either it is a 401, with a user's token a 403, and on a node that runs alone a 409.
 
-use super::auth::audit;
+use super::auth::{audit, credentials, Credentials};
 use super::limits::{body, Body};
 use super::{json_reply, respond, with_state, ApiError, State};
 use crate::cluster::{TransferError, SECRET_HEADER};
@@ -43,18 +43,18 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(with_state(state.clone()))
         .and(warp::header::optional::<String>(SECRET_HEADER))
-        .and(warp::header::optional::<String>("authorization"))
+        .and(credentials())
         .and(body())
-        .then(|state, secret, authorization, body| async move {
-            respond(transfer(state, secret, authorization, body).await)
+        .then(|state, secret, credentials, body| async move {
+            respond(transfer(state, secret, credentials, body).await)
         });
     let owned = warp::path!("service" / "nodes" / String / "orders")
         .and(warp::get())
         .and(with_state(state))
         .and(warp::header::optional::<String>(SECRET_HEADER))
-        .and(warp::header::optional::<String>("authorization"))
-        .then(|service_id, state, secret, authorization| async move {
-            respond(owned(state, service_id, secret, authorization).await)
+        .and(credentials())
+        .then(|service_id, state, secret, credentials| async move {
+            respond(owned(state, service_id, secret, credentials).await)
         });
     transfer.or(owned).unify().boxed()
 }
@@ -64,7 +64,7 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
 fn authorize(
     state: &State,
     secret: Option<String>,
-    authorization: Option<String>,
+    credentials: Credentials,
     route: &str,
 ) -> Result<(String, &'static str), ApiError> {
     let with_secret = secret.is_some_and(|secret| {
@@ -75,14 +75,14 @@ fn authorize(
     });
     if with_secret {
         Ok(("cluster".to_string(), "peer"))
-    } else if authorization.is_some() {
-        let caller = state.security.auth.authenticate(authorization.as_deref())?;
+    } else if credentials.shown() {
+        let caller = state.security.auth.caller(&credentials)?;
         caller.require_admin(route)?;
         Ok((caller.user, caller.role.as_str()))
     } else {
         Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            format!("missing or wrong {SECRET_HEADER} header, and no admin token"),
+            format!("missing or wrong {SECRET_HEADER} header, and no admin token or certificate"),
         ))
     }
 }
@@ -93,12 +93,12 @@ async fn owned(
     state: State,
     service_id: String,
     secret: Option<String>,
-    authorization: Option<String>,
+    credentials: Credentials,
 ) -> Result<Response, ApiError> {
     authorize(
         &state,
         secret,
-        authorization,
+        credentials,
         "/service/nodes/{service_id}/orders",
     )?;
     if state.cluster.is_none() {
@@ -138,11 +138,11 @@ const MAX_TRANSFER_BODY: u64 = 4096;
 async fn transfer(
     state: State,
     secret: Option<String>,
-    authorization: Option<String>,
+    credentials: Credentials,
     body: Body,
 ) -> Result<Response, ApiError> {
     // With the secret this is a peer; otherwise the caller must be an admin.
-    let who = authorize(&state, secret, authorization, "/service/transfer")?;
+    let who = authorize(&state, secret, credentials, "/service/transfer")?;
     let Some(cluster) = state.cluster.as_ref() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -112,6 +112,28 @@ impl ServerTls {
     }
 }
 
+/// The subject common name of the client certificate a caller showed (asked for only with
+/// `server.tls_client_ca`, and then signed by one of its CAs): the name a `[[certificate]]`
+/// entry of the tokens file gives a user and a role (see [`super::auth`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateName(pub Arc<str>);
+
+impl CertificateName {
+    /// The name of the certificate the caller on `connection` showed, if it showed one with a
+    /// common name that is text.
+    pub fn of(connection: &rustls::ServerConnection) -> Option<CertificateName> {
+        let der = connection.peer_certificates()?.first()?;
+        let (_, certificate) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        let name = certificate
+            .subject()
+            .iter_common_name()
+            .next()?
+            .as_str()
+            .ok()?;
+        Some(CertificateName(Arc::from(name)))
+    }
+}
+
 /// Serves the certificate `current` holds; with `client_ca`, requires a client certificate
 /// from one of its CAs.
 fn acceptor(current: &Arc<Current>, client_ca: Option<&Path>) -> Result<TlsAcceptor, ConfigError> {

@@ -10,6 +10,7 @@ use crate::harness::{pretty, unique_user, Node, RedisServer, POLL};
 use crate::history::assert_completed;
 use crate::metrics::{scrape, value};
 use crate::redis_tls::Pki;
+use crate::security::{bearer, Tokens, ALICE};
 use reqwest::Method;
 use std::path::Path;
 use std::time::Duration;
@@ -238,6 +239,98 @@ async fn two_https_nodes_hand_orders_over(mutual: bool) {
     );
     for id in &ids {
         assert_completed(&nodes[0].wait_terminal(&user, id, WITHIN).await);
+    }
+}
+
+/// With client certificates required, the tokens file's `[[certificate]]` entries name a
+/// caller that sends no token by its certificate's common name: it submits, reads and lists its
+/// own orders as its entry's user, an admin's certificate reads anyone's and the admin-only
+/// routes; a certificate without an entry, or a revoked one, is a 401; a token sent over the
+/// same connection names the caller instead.
+#[tokio::test]
+async fn a_client_certificate_names_the_caller_that_sends_no_token() {
+    let pki = Pki::new();
+    let tokens = Tokens::with_certificates(
+        &[(ALICE, "alice", "user", "")],
+        "[[certificate]]\ncommon_name = \"client\"\nuser = \"shop\"\n\
+         [[certificate]]\ncommon_name = \"node\"\nrole = \"admin\"\n\
+         [[certificate]]\ncommon_name = \"billing\"\nrevoked = true\n",
+    );
+    let ca = pki.path("ca.pem");
+    let config = format!(
+        "{}tls_client_ca = \"{}\"\n{}",
+        server_lines(&pki),
+        ca.display(),
+        tokens.config("")
+    );
+    let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
+    let node = Node::start_mutual_tls(&config, &ca, &cert, &key).await;
+    let showing = |name: &str| {
+        let (cert, key) = (
+            pki.path(&format!("{name}.pem")),
+            pki.path(&format!("{name}.key")),
+        );
+        order_process_testkit::http::https_client(&ca, Some((&cert, &key)))
+    };
+    let (shop, admin) = (showing("client"), showing("node"));
+    let call = |client: &reqwest::Client, method: Method, path: &str, token: Option<&str>| {
+        let mut request = client
+            .request(method.clone(), format!("{}{path}", node.base))
+            .header("Content-Type", "application/json");
+        if let Some(token) = token {
+            request = request.header("Authorization", bearer(token));
+        }
+        if method == Method::POST {
+            request = request.body("{}");
+        }
+        async move {
+            let response = request.send().await.expect("an answer");
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.expect("a JSON body");
+            (status, body)
+        }
+    };
+
+    let (status, created) = call(&shop, Method::POST, "/orders", None).await;
+    assert_eq!(status, 201, "the shop's certificate submits: {created}");
+    let id = created["order_id"]
+        .as_str()
+        .expect("an order id")
+        .to_string();
+    let (status, listed) = call(&shop, Method::GET, "/orders", None).await;
+    assert_eq!(status, 200, "{listed}");
+    let ids: Vec<&str> = listed["orders"]
+        .as_array()
+        .expect("orders")
+        .iter()
+        .filter_map(|order| order["order_id"].as_str())
+        .collect();
+    assert_eq!(ids, [id.as_str()], "the shop lists its own order");
+    let path = format!("/orders/{id}");
+    assert_eq!(call(&shop, Method::GET, &path, None).await.0, 200);
+    // The same connection with alice's token is alice, who does not see the shop's order.
+    assert_eq!(call(&shop, Method::GET, &path, Some(ALICE)).await.0, 404);
+    let (status, hers) = call(&shop, Method::POST, "/orders", Some(ALICE)).await;
+    assert_eq!(status, 201, "{hers}");
+    let hers = format!("/orders/{}", hers["order_id"].as_str().expect("an id"));
+    assert_eq!(call(&shop, Method::GET, &hers, None).await.0, 404);
+    // The admin's certificate reads anyone's order and the admin-only routes; the shop's not.
+    assert_eq!(call(&admin, Method::GET, &path, None).await.0, 200);
+    assert_eq!(call(&admin, Method::GET, &hers, None).await.0, 200);
+    assert_eq!(
+        call(&admin, Method::GET, "/diagnostic/parked", None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(&shop, Method::GET, "/diagnostic/parked", None).await.0,
+        403
+    );
+    for name in ["billing", "stranger"] {
+        let (status, refused) = call(&showing(name), Method::POST, "/orders", None).await;
+        assert_eq!(status, 401, "{name}'s certificate: {refused}");
+        assert!(refused["error"].is_string(), "{refused}");
     }
 }
 

@@ -23,9 +23,10 @@ const FINISH: Duration = Duration::from_secs(30);
 /// How long a node that cannot get in may take to say so in its log.
 const COMPLAINT: Duration = Duration::from_secs(20);
 
-/// A CA, a server certificate for 127.0.0.1, a client certificate and a node certificate for
-/// 127.0.0.1 good for both (what a node requiring client certificates shows its peers), all PEM
-/// files in a temp dir. The https tests use it too.
+/// A CA, a server certificate for 127.0.0.1, client certificates (`client`, `billing`,
+/// `stranger`, each its file name's common name) and a node certificate for 127.0.0.1 good for
+/// both (what a node requiring client certificates shows its peers), all PEM files in a temp
+/// dir. The https tests use it too.
 pub(crate) struct Pki {
     dir: TempDir,
 }
@@ -59,6 +60,17 @@ impl Pki {
                     ExtendedKeyUsagePurpose::ServerAuth,
                     ExtendedKeyUsagePurpose::ClientAuth,
                 ],
+            ),
+            // Two more callers' certificates, known by their common names (see `https.rs`).
+            (
+                "billing",
+                vec!["billing".to_string()],
+                vec![ExtendedKeyUsagePurpose::ClientAuth],
+            ),
+            (
+                "stranger",
+                vec!["stranger".to_string()],
+                vec![ExtendedKeyUsagePurpose::ClientAuth],
             ),
         ] {
             let key = KeyPair::generate().expect("a key");

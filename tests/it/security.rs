@@ -31,26 +31,24 @@ type Entry<'a> = (&'a str, &'a str, &'a str, &'a str);
 
 impl Tokens {
     pub(crate) fn new(entries: &[Entry<'_>]) -> Tokens {
-        let tokens = Tokens {
-            dir: tempfile::tempdir().expect("create a temp dir"),
-        };
-        tokens.write(entries);
-        tokens
+        Tokens::with_certificates(entries, "")
     }
 
     pub(crate) fn path(&self) -> PathBuf {
         self.dir.path().join("tokens.toml")
     }
 
+    /// These tokens, then `[[certificate]]` entries as `certificates` writes them.
+    pub(crate) fn with_certificates(entries: &[Entry<'_>], certificates: &str) -> Tokens {
+        let tokens = Tokens {
+            dir: tempfile::tempdir().expect("create a temp dir"),
+        };
+        tokens.write_raw(&format!("{}{certificates}", text(entries)));
+        tokens
+    }
+
     fn write(&self, entries: &[Entry<'_>]) {
-        let mut text = String::from("# test tokens\n");
-        for (token, user, role, extra) in entries {
-            text.push_str(&format!(
-                "[[token]]\nuser = \"{user}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n{extra}\n",
-                sha256_hex(token)
-            ));
-        }
-        self.write_raw(&text);
+        self.write_raw(&text(entries));
     }
 
     /// Writes through a temp file and a rename, so the node never reads half a file.
@@ -68,6 +66,18 @@ impl Tokens {
             self.path().display()
         )
     }
+}
+
+/// A tokens file's `[[token]]` entries.
+fn text(entries: &[Entry<'_>]) -> String {
+    let mut text = String::from("# test tokens\n");
+    for (token, user, role, extra) in entries {
+        text.push_str(&format!(
+            "[[token]]\nuser = \"{user}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n{extra}\n",
+            sha256_hex(token)
+        ));
+    }
+    text
 }
 
 /// The hash the tokens file holds, computed by the binary itself (`hash-token`).
