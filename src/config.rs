@@ -595,6 +595,32 @@ pub struct ClusterConfig {
     /// With `server.tls_cert` (peers are then called over https): a PEM file of the CA that
     /// signed the peers' certificates, trusted besides the system's roots.
     pub ca_file: PathBuf,
+    /// Whether gossip is sealed with `secret`.
+    pub gossip_seal: GossipSeal,
+}
+
+/// How gossip is sealed with the cluster secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GossipSeal {
+    /// Sends sealed gossip and hears only sealed gossip.
+    #[default]
+    On,
+    /// Sends sealed gossip and hears plain gossip too: the second step onto sealing.
+    Send,
+    /// Sends plain gossip and hears sealed gossip too: the first step onto sealing, from a
+    /// version that does not seal.
+    Accept,
+}
+
+impl GossipSeal {
+    pub fn sends_sealed(self) -> bool {
+        self != GossipSeal::Accept
+    }
+
+    pub fn hears_plain(self) -> bool {
+        self != GossipSeal::On
+    }
 }
 
 impl Default for ClusterConfig {
@@ -617,6 +643,7 @@ impl Default for ClusterConfig {
             takeover_after: Duration::from_secs(1),
             forget_after: Duration::from_secs(60),
             ca_file: PathBuf::new(),
+            gossip_seal: GossipSeal::On,
         }
     }
 }

@@ -1,10 +1,10 @@
 //! Membership and failure detection through chitchat gossip over UDP, on the same port number as
-//! the HTTP API.
+//! the HTTP API, sealed with the cluster secret ([`SealedUdp`]).
 
 use super::keys::{self, NodeStateExt};
+use super::sealed::SealedUdp;
 use crate::config::ClusterConfig;
 use anyhow::Context;
-use chitchat::transport::UdpTransport;
 use chitchat::{
     spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState,
     ProtocolVersion,
@@ -87,7 +87,8 @@ impl Membership {
             extra_liveness_predicate: Some(Box::new(|state: &NodeState| !state.is_leaving())),
             protocol_version: ProtocolVersion::V0,
         };
-        let handle = spawn_chitchat(chitchat_config, initial, &UdpTransport)
+        let transport = SealedUdp::new(&config.secret, &config.id, config.gossip_seal)?;
+        let handle = spawn_chitchat(chitchat_config, initial, &transport)
             .await
             .with_context(|| format!("cannot start gossip on udp {gossip_addr}"))?;
         let live_rx = handle.chitchat().lock().await.live_nodes_watcher();

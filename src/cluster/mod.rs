@@ -20,6 +20,7 @@ pub mod keys;
 mod lapsed;
 mod membership;
 mod redis;
+mod sealed;
 
 pub use coordination::{Acquired, Coordinator, Leader, Liveness, NodeStatus, Renewal};
 pub use membership::{Member, Membership, SeenNode};

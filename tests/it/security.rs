@@ -4,7 +4,8 @@
 //! per-user submission rate and in-flight caps (429 with Retry-After), payload nesting, slow
 //! clients disconnected while others are served, `/diagnostic/summary` naming failed orders
 //! and `/diagnostic/set-aside`, `/diagnostic/parked` and `/diagnostic/stuck` listing orders
-//! only to an admin, and a gossip member without a lease in Redis never sent the cluster secret.
+//! only to an admin, a gossip member without a lease in Redis never sent the cluster secret, and
+//! a node with another cluster secret not heard in gossip.
 
 use std::fs;
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::cluster::{
-    cluster_turn, start_cluster, submit, wait_all_completed, wait_started, TAKEOVER,
+    cluster_turn, start_cluster, submit, wait_all_completed, wait_started, SECRET, TAKEOVER,
 };
 use crate::harness::{order_ids, simulate, unique_user, Node, RedisServer, POLL};
 
@@ -591,10 +592,9 @@ async fn slow_clients_are_disconnected_while_others_are_served() {
     node.create_order(&user, &json!({})).await;
 }
 
-/// A stranger on the gossip network (a real node, with its own Redis and no cluster secret) that
-/// advertises itself with no orders in flight is never picked to take over a dead node's orders:
-/// the transfer request carries the secret, and the stranger holds no liveness lease in the
-/// cluster's Redis. The busy survivor takes them over.
+/// A stranger on the gossip network (a real node with the cluster secret, but on its own Redis)
+/// that advertises itself with no orders in flight is never picked to take over a dead node's
+/// orders: it holds no liveness lease in the cluster's Redis. The busy survivor takes them over.
 #[tokio::test]
 async fn a_gossip_member_without_a_lease_is_never_sent_a_transfer() {
     let _turn = cluster_turn().await;
@@ -602,7 +602,7 @@ async fn a_gossip_member_without_a_lease_is_never_sent_a_transfer() {
     let nodes = start_cluster(&redis, 2, "2s").await;
     let own_redis = RedisServer::start();
     let stranger = Node::start(&format!(
-        "[log]\nlevel = \"debug\"\n[database]\nurl = \"{}\"\n[cluster]\nsecret = \"not-the-secret\"\nseeds = [\"127.0.0.1:{}\"]\n",
+        "[log]\nlevel = \"debug\"\n[database]\nurl = \"{}\"\n[cluster]\nsecret = \"{SECRET}\"\nseeds = [\"127.0.0.1:{}\"]\n",
         own_redis.url(),
         nodes[0].port
     ))
@@ -640,4 +640,41 @@ async fn a_gossip_member_without_a_lease_is_never_sent_a_transfer() {
         !log.contains("/service/transfer"),
         "the stranger was sent a transfer request:\n{log}"
     );
+}
+
+/// Gossip is sealed with the cluster secret: a node on the same Redis with a mistyped secret,
+/// naming a member as its seed, is not heard (the member drops its datagrams, and says so), and
+/// neither lists the other.
+#[tokio::test]
+async fn a_node_with_another_secret_is_not_heard_in_gossip() {
+    let _turn = cluster_turn().await;
+    let redis = RedisServer::start();
+    let nodes = start_cluster(&redis, 1, "2s").await;
+    let stranger = Node::start(&format!(
+        "[database]\nurl = \"{}\"\n[cluster]\nsecret = \"not-the-secret\"\nseeds = [\"127.0.0.1:{}\"]\n",
+        redis.url(),
+        nodes[0].port
+    ))
+    .await;
+    let dropped = "dropped gossip datagrams not sealed with this cluster's secret";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nodes[0].log().contains(dropped) {
+        assert!(
+            Instant::now() < deadline,
+            "the member never dropped the stranger's gossip\n{}",
+            nodes[0].log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    // Watched over six rounds of gossip (500 ms each): neither ever knows the other, where plain
+    // gossip has them know each other within a round or two.
+    let watched = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < watched {
+        for (node, what) in [(&nodes[0], "the member"), (&stranger, "the stranger")] {
+            let view = node.cluster().await;
+            let known = view["nodes"].as_array().map_or(0, Vec::len);
+            assert_eq!(known, 1, "{what} knows another node: {view}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }

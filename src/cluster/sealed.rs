@@ -1,0 +1,500 @@
+//! Gossip sealed with the cluster secret: every datagram is chitchat's message encrypted and
+//! authenticated with ChaCha20-Poly1305 (ring), under a key derived with HKDF-SHA256 from
+//! `cluster.secret` and `cluster.id`. Only nodes that hold the secret can read the gossip or be
+//! heard in it; anything else that arrives on the port is dropped, and said so in the log at
+//! most once a minute. `cluster.gossip_seal` eases a cluster onto it (see [`GossipSeal`]).
+//!
+//! chitchat turns its messages into bytes only inside its own UDP socket, so [`SealedUdp`]
+//! relays: chitchat's socket is bound on loopback, and for each peer a loopback socket of ours
+//! stands in for it. What chitchat sends to that stand-in is sealed and sent from the gossip
+//! port to the peer; what the peer sends, once opened, is passed on to chitchat from the
+//! stand-in, which chitchat then sees as the sender and answers. Only datagrams that come
+//! through a stand-in reach chitchat: another process on the host writing to its loopback
+//! socket is not heard.
+//!
+//! A datagram is `[FORMAT][nonce, 12 bytes][message, encrypted][tag, 16 bytes]`; the nonce is
+//! random for each datagram. A datagram replayed later carries heartbeats and versions gossip
+//! has already seen, which it ignores.
+
+use crate::config::GossipSeal;
+use anyhow::Context;
+use async_trait::async_trait;
+use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket};
+use chitchat::ChitchatEnvelope;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
+use ring::hkdf;
+use ring::rand::{SecureRandom, SystemRandom};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::task::AbortHandle;
+use tracing::{debug, warn};
+
+/// The first byte of every sealed datagram: the format, so that another can follow.
+const FORMAT: u8 = 1;
+/// The most a UDP datagram carries over IPv4.
+const MAX_DATAGRAM: usize = 65_507;
+/// What sealing adds to a message.
+const OVERHEAD: usize = 1 + NONCE_LEN + 16;
+/// How often dropped datagrams are logged at most.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+/// The most peers with a stand-in at once; past it the stand-in used least lately goes (the
+/// peer gets a new one when it is heard from or written to again).
+const MAX_PEERS: usize = 1024;
+
+/// The gossip transport: UDP on the gossip port, sealed as `seal` says.
+pub struct SealedUdp {
+    key: Arc<LessSafeKey>,
+    seal: GossipSeal,
+}
+
+impl SealedUdp {
+    /// The transport of the cluster `cluster_id` whose nodes share `secret`.
+    pub fn new(secret: &str, cluster_id: &str, seal: GossipSeal) -> anyhow::Result<SealedUdp> {
+        let info = [cluster_id.as_bytes()];
+        let prk =
+            hkdf::Salt::new(hkdf::HKDF_SHA256, b"order-process gossip").extract(secret.as_bytes());
+        let okm = prk
+            .expand(&info, &CHACHA20_POLY1305)
+            .map_err(|_| anyhow::anyhow!("cannot derive the gossip key"))?;
+        Ok(SealedUdp {
+            key: Arc::new(LessSafeKey::new(UnboundKey::from(okm))),
+            seal,
+        })
+    }
+}
+
+#[async_trait]
+impl Transport for SealedUdp {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let public = tokio::net::UdpSocket::bind(listen_addr)
+            .await
+            .with_context(|| format!("failed to bind to {listen_addr}/UDP for gossip"))?;
+        let public = Arc::new(public);
+        let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let chitchat = UdpSocket::open(loopback).await?;
+        let relays = Arc::new(Relays {
+            public: Arc::clone(&public),
+            chitchat: chitchat.local_addr()?,
+            key: Arc::clone(&self.key),
+            seal: self.seal,
+            stand_ins: Mutex::new(StandIns::default()),
+        });
+        let receiver = tokio::spawn(receive(Arc::clone(&relays))).abort_handle();
+        Ok(Box::new(SealedSocket {
+            chitchat,
+            local_addr: public.local_addr()?,
+            relays,
+            receiver,
+        }))
+    }
+}
+
+/// The socket chitchat gossips through.
+struct SealedSocket {
+    /// chitchat's own socket, on loopback.
+    chitchat: UdpSocket,
+    /// The gossip port's address.
+    local_addr: SocketAddr,
+    relays: Arc<Relays>,
+    /// The task that reads the gossip port.
+    receiver: AbortHandle,
+}
+
+impl Drop for SealedSocket {
+    fn drop(&mut self) {
+        self.receiver.abort();
+        self.relays.close();
+    }
+}
+
+#[async_trait]
+impl Socket for SealedSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.local_addr)
+    }
+
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome> {
+        let stand_in = self.relays.stand_in(to)?;
+        self.chitchat.send(stand_in, envelope).await
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        loop {
+            let received = self.chitchat.recv().await?;
+            if let Some(peer) = self.relays.peer_of(received.from_addr) {
+                return Ok(RecvOutcome {
+                    from_addr: peer,
+                    ..received
+                });
+            }
+            debug!(from = %received.from_addr, "dropped a gossip message that came through no peer's stand-in");
+        }
+    }
+}
+
+/// What the relay tasks share.
+struct Relays {
+    /// The gossip port.
+    public: Arc<tokio::net::UdpSocket>,
+    /// chitchat's loopback socket.
+    chitchat: SocketAddr,
+    key: Arc<LessSafeKey>,
+    seal: GossipSeal,
+    stand_ins: Mutex<StandIns>,
+}
+
+/// The stand-in of each peer, and the peer of each stand-in.
+#[derive(Default)]
+struct StandIns {
+    by_peer: HashMap<SocketAddr, StandIn>,
+    by_local: HashMap<SocketAddr, SocketAddr>,
+}
+
+struct StandIn {
+    socket: Arc<tokio::net::UdpSocket>,
+    local: SocketAddr,
+    task: AbortHandle,
+    used: Instant,
+}
+
+impl Relays {
+    fn stand_ins(&self) -> MutexGuard<'_, StandIns> {
+        // Only ever changed by map operations, which do not panic halfway.
+        self.stand_ins
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The loopback socket that stands in for `peer`, made (with the task that carries what
+    /// chitchat sends it to the peer) when the peer has none.
+    fn stand_in_socket(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+    ) -> anyhow::Result<(Arc<tokio::net::UdpSocket>, SocketAddr)> {
+        let mut stand_ins = self.stand_ins();
+        if let Some(stand_in) = stand_ins.by_peer.get_mut(&peer) {
+            stand_in.used = Instant::now();
+            return Ok((Arc::clone(&stand_in.socket), stand_in.local));
+        }
+        if stand_ins.by_peer.len() >= MAX_PEERS {
+            let oldest = stand_ins
+                .by_peer
+                .iter()
+                .min_by_key(|(_, stand_in)| stand_in.used)
+                .map(|(peer, _)| *peer);
+            if let Some(gone) = oldest.and_then(|peer| stand_ins.by_peer.remove(&peer)) {
+                gone.task.abort();
+                stand_ins.by_local.remove(&gone.local);
+            }
+        }
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
+            .and_then(tokio::net::UdpSocket::from_std)
+            .context("cannot open a loopback socket for a gossip peer")?;
+        let socket = Arc::new(socket);
+        let local = socket.local_addr()?;
+        let task =
+            tokio::spawn(forward(Arc::clone(self), Arc::clone(&socket), peer)).abort_handle();
+        stand_ins.by_local.insert(local, peer);
+        stand_ins.by_peer.insert(
+            peer,
+            StandIn {
+                socket: Arc::clone(&socket),
+                local,
+                task,
+                used: Instant::now(),
+            },
+        );
+        Ok((socket, local))
+    }
+
+    /// Where chitchat sends what is for `peer`.
+    fn stand_in(self: &Arc<Self>, peer: SocketAddr) -> anyhow::Result<SocketAddr> {
+        self.stand_in_socket(peer).map(|(_, local)| local)
+    }
+
+    /// The peer the stand-in at `local` stands in for.
+    fn peer_of(&self, local: SocketAddr) -> Option<SocketAddr> {
+        self.stand_ins().by_local.get(&local).copied()
+    }
+
+    /// Stops every stand-in's task.
+    fn close(&self) {
+        let mut stand_ins = self.stand_ins();
+        for (_, stand_in) in stand_ins.by_peer.drain() {
+            stand_in.task.abort();
+        }
+        stand_ins.by_local.clear();
+    }
+}
+
+/// Carries what chitchat sends to `socket` (the stand-in of `peer`) to the peer, sealed unless
+/// this node sends plain gossip.
+async fn forward(relays: Arc<Relays>, socket: Arc<tokio::net::UdpSocket>, peer: SocketAddr) {
+    let random = SystemRandom::new();
+    let mut buf = vec![0; MAX_DATAGRAM];
+    let mut sealed = Vec::with_capacity(MAX_DATAGRAM);
+    loop {
+        let (len, from) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            Err(error) => {
+                debug!(error = %error, "cannot read a gossip stand-in socket");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if from != relays.chitchat {
+            continue;
+        }
+        let Some(message) = buf.get(..len) else {
+            continue;
+        };
+        let datagram = if relays.seal.sends_sealed() {
+            if let Err(error) = seal(&relays.key, &random, message, &mut sealed) {
+                warn!(peer = %peer, error = %error, "cannot seal a gossip message");
+                continue;
+            }
+            &sealed[..]
+        } else {
+            message
+        };
+        if let Err(error) = relays.public.send_to(datagram, peer).await {
+            debug!(peer = %peer, error = %error, "cannot send a gossip message");
+        }
+    }
+}
+
+/// Reads the gossip port: what opens (or, when this node hears plain gossip, what is not
+/// sealed) goes on to chitchat from the sender's stand-in.
+async fn receive(relays: Arc<Relays>) {
+    let mut buf = vec![0; MAX_DATAGRAM];
+    let mut dropped = Dropped::default();
+    loop {
+        let (len, from) = match relays.public.recv_from(&mut buf).await {
+            Ok(received) => received,
+            // As chitchat's own socket: these pass (a peer that went away).
+            Err(error) => {
+                debug!(error = %error, "cannot read the gossip port");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(datagram) = buf.get_mut(..len) else {
+            continue;
+        };
+        // Plain gossip may begin like a sealed datagram: kept as it came, in case it does not
+        // open (opening works in place).
+        let plain = relays.seal.hears_plain().then(|| datagram.to_vec());
+        let message: &[u8] = match open(&relays.key, datagram) {
+            Ok(message) => message,
+            Err(why) => match &plain {
+                Some(plain) => plain,
+                None => {
+                    dropped.note(from, why);
+                    continue;
+                }
+            },
+        };
+        let stand_in = match relays.stand_in_socket(from) {
+            Ok((socket, _)) => socket,
+            Err(error) => {
+                warn!(peer = %from, error = %error, "cannot pass on a gossip message");
+                continue;
+            }
+        };
+        if let Err(error) = stand_in.send_to(message, relays.chitchat).await {
+            debug!(peer = %from, error = %error, "cannot pass on a gossip message");
+        }
+    }
+}
+
+/// Datagrams dropped since the last warning.
+#[derive(Default)]
+struct Dropped {
+    count: u64,
+    warned: Option<Instant>,
+}
+
+impl Dropped {
+    fn note(&mut self, from: SocketAddr, why: &str) {
+        self.count += 1;
+        if self.warned.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+            return;
+        }
+        warn!(from = %from, why, dropped = self.count, "dropped gossip datagrams not sealed with this cluster's secret (a node with another cluster.secret or cluster.id, one of a version or a cluster.gossip_seal that sends plain gossip, or not a node)");
+        self.count = 0;
+        self.warned = Some(Instant::now());
+    }
+}
+
+/// Why [`open`] found no sealed message: the datagram is not sealed at all.
+const NOT_SEALED: &str = "not sealed";
+
+/// `message` sealed under `key` into `sealed`.
+fn seal(
+    key: &LessSafeKey,
+    random: &SystemRandom,
+    message: &[u8],
+    sealed: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        message.len() + OVERHEAD <= MAX_DATAGRAM,
+        "a gossip message of {} bytes is too large for a datagram once sealed",
+        message.len()
+    );
+    let mut nonce = [0; NONCE_LEN];
+    random
+        .fill(&mut nonce)
+        .map_err(|_| anyhow::anyhow!("no randomness for a gossip nonce"))?;
+    sealed.clear();
+    sealed.push(FORMAT);
+    sealed.extend_from_slice(&nonce);
+    sealed.extend_from_slice(message);
+    let body = sealed
+        .get_mut(1 + NONCE_LEN..)
+        .ok_or_else(|| anyhow::anyhow!("cannot seal a gossip message"))?;
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from([FORMAT]),
+            body,
+        )
+        .map_err(|_| anyhow::anyhow!("cannot seal a gossip message"))?;
+    sealed.extend_from_slice(tag.as_ref());
+    Ok(())
+}
+
+/// The message sealed in `datagram` under `key` (opened in place), or why there is none.
+fn open<'a>(key: &LessSafeKey, datagram: &'a mut [u8]) -> Result<&'a [u8], &'static str> {
+    if datagram.len() < OVERHEAD || datagram.first() != Some(&FORMAT) {
+        return Err(NOT_SEALED);
+    }
+    let (head, body) = datagram.split_at_mut(1 + NONCE_LEN);
+    let nonce = head
+        .get(1..)
+        .and_then(|nonce| Nonce::try_assume_unique_for_key(nonce).ok())
+        .ok_or(NOT_SEALED)?;
+    key.open_in_place(nonce, Aad::from([FORMAT]), body)
+        .map(|message| &*message)
+        .map_err(|_| "sealed with another key, or altered")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chitchat::{ChitchatMessage, ProtocolVersion};
+
+    /// A message whose version tells it apart: the test sends the ones to be dropped as V0.
+    fn envelope(version: ProtocolVersion) -> ChitchatEnvelope {
+        ChitchatEnvelope {
+            version,
+            message: ChitchatMessage::BadCluster,
+        }
+    }
+
+    async fn socket(transport: &SealedUdp) -> Box<dyn Socket> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        transport.open(any).await.expect("a gossip socket")
+    }
+
+    async fn next(receiver: &mut Box<dyn Socket>) -> RecvOutcome {
+        tokio::time::timeout(Duration::from_secs(10), receiver.recv())
+            .await
+            .expect("a datagram within 10 s")
+            .expect("received")
+    }
+
+    #[tokio::test]
+    async fn only_messages_sealed_with_the_same_secret_and_cluster_arrive_and_are_answered() {
+        let ours = SealedUdp::new("the secret", "orders", GossipSeal::On).expect("a transport");
+        let mut receiver = socket(&ours).await;
+        let to = receiver.local_addr().expect("an address");
+
+        // Each of these must be dropped: another secret, another cluster, plain gossip, a
+        // sealed message with one bit changed.
+        for (secret, cluster) in [("another", "orders"), ("the secret", "other")] {
+            let transport = SealedUdp::new(secret, cluster, GossipSeal::On).expect("a transport");
+            let mut other = socket(&transport).await;
+            other
+                .send(to, envelope(ProtocolVersion::V0))
+                .await
+                .expect("sent");
+        }
+        let plain =
+            SealedUdp::new("the secret", "orders", GossipSeal::Accept).expect("a transport");
+        let mut plain = socket(&plain).await;
+        plain
+            .send(to, envelope(ProtocolVersion::V0))
+            .await
+            .expect("sent");
+        let raw = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("a socket");
+        let mut altered = Vec::new();
+        seal(&ours.key, &SystemRandom::new(), b"anything", &mut altered).expect("sealed");
+        if let Some(last) = altered.last_mut() {
+            *last ^= 1;
+        }
+        raw.send_to(&altered, to).await.expect("sent");
+
+        // Sealed right, sent last: the first to arrive, from the sender's gossip port.
+        let mut sender = socket(&ours).await;
+        let from = sender.local_addr().expect("an address");
+        sender
+            .send(to, envelope(ProtocolVersion::V1))
+            .await
+            .expect("sent");
+        let received = next(&mut receiver).await;
+        assert_eq!(received.envelope, envelope(ProtocolVersion::V1));
+        assert_eq!(received.from_addr, from);
+
+        // The answer to that address reaches the sender.
+        receiver
+            .send(received.from_addr, envelope(ProtocolVersion::V1))
+            .await
+            .expect("answered");
+        assert_eq!(next(&mut sender).await.from_addr, to);
+    }
+
+    #[tokio::test]
+    async fn a_node_easing_onto_sealed_gossip_hears_both_kinds() {
+        let sealed = SealedUdp::new("s", "c", GossipSeal::On).expect("a transport");
+        let plain = SealedUdp::new("s", "c", GossipSeal::Accept).expect("a transport");
+        let both = SealedUdp::new("s", "c", GossipSeal::Send).expect("a transport");
+        for hearing in [&plain, &both] {
+            let mut receiver = socket(hearing).await;
+            let to = receiver.local_addr().expect("an address");
+            for sending in [&sealed, &plain] {
+                let mut sender = socket(sending).await;
+                sender
+                    .send(to, envelope(ProtocolVersion::V1))
+                    .await
+                    .expect("sent");
+                let received = next(&mut receiver).await;
+                assert_eq!(received.from_addr, sender.local_addr().expect("an address"));
+            }
+        }
+    }
+
+    #[test]
+    fn a_sealed_message_does_not_show_the_message_and_opens_to_it() {
+        let ours = SealedUdp::new("the secret", "orders", GossipSeal::On).expect("a transport");
+        let message = b"the gossip message".to_vec();
+        let mut sealed = Vec::new();
+        seal(&ours.key, &SystemRandom::new(), &message, &mut sealed).expect("sealed");
+        assert_eq!(sealed.len(), message.len() + OVERHEAD);
+        assert!(!sealed
+            .windows(message.len())
+            .any(|window| window == message));
+        let theirs = SealedUdp::new("another", "orders", GossipSeal::On).expect("a transport");
+        assert!(open(&theirs.key, &mut sealed.clone()).is_err());
+        assert_eq!(open(&ours.key, &mut sealed), Ok(&message[..]));
+        assert_eq!(open(&ours.key, &mut message.clone()), Err(NOT_SEALED));
+    }
+}
