@@ -1,8 +1,9 @@
 //! The cluster-internal routes. `POST /service/transfer`: the leader (or a draining node) has
 //! this node take over another node's unfinished orders; each accepted call is an `audit` log
 //! line. `GET /service/nodes/{service_id}/orders`: a read-only view of the unfinished orders a
-//! node owns. Both need the cluster secret (`X-Cluster-Secret`) or an admin's token; without
-//! either it is a 401, with a user's token a 403, and on a node that runs alone a 409.
+//! node owns. Both need the cluster secret (`X-Cluster-Secret`) or an admin (token, or client
+//! certificate with an entry); without either it is a 401, for a user a 403, and on a node that
+//! runs alone a 409.
 
 use super::auth::{audit, credentials, Credentials};
 use super::limits::{body, Body};
@@ -60,7 +61,8 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
 }
 
 /// Who is calling a cluster-internal route: a peer with the cluster secret (`("cluster",
-/// "peer")`) or an admin; a 401 without either, a 403 for a user's token.
+/// "peer")`) or an admin (by token or client certificate); a 401 without either, a 403 for a
+/// user's.
 fn authorize(
     state: &State,
     secret: Option<String>,
@@ -73,17 +75,26 @@ fn authorize(
             .as_ref()
             .is_some_and(|cluster| cluster.secret_matches(&secret))
     });
-    if with_secret {
-        Ok(("cluster".to_string(), "peer"))
-    } else if credentials.shown() {
-        let caller = state.security.auth.caller(&credentials)?;
-        caller.require_admin(route)?;
-        Ok((caller.user, caller.role.as_str()))
-    } else {
-        Err(ApiError::new(
+    let no_secret = || {
+        ApiError::new(
             StatusCode::UNAUTHORIZED,
             format!("missing or wrong {SECRET_HEADER} header, and no admin token or certificate"),
-        ))
+        )
+    };
+    if with_secret {
+        return Ok(("cluster".to_string(), "peer"));
+    }
+    if !credentials.shown() {
+        return Err(no_secret());
+    }
+    match state.security.auth.caller(&credentials) {
+        Ok(caller) => {
+            caller.require_admin(route)?;
+            Ok((caller.user, caller.role.as_str()))
+        }
+        // A peer shows its node certificate, which usually has no entry: its secret is wrong.
+        Err(_) if credentials.authorization.is_none() => Err(no_secret()),
+        Err(refused) => Err(refused),
     }
 }
 

@@ -785,8 +785,8 @@ impl Cluster {
 
     /// Of `members` (order kept), this node and the peers that hold their liveness lease in the
     /// store under the HTTP address gossip gives for them. A transfer request carries the
-    /// cluster secret, and gossip is not authenticated: a host that merely advertises itself
-    /// (or a real node's id at another address) gets nothing.
+    /// cluster secret, and gossip may be plain (`cluster.gossip_seal` easing onto sealing): a
+    /// host that merely advertises itself (or a real node's id at another address) gets nothing.
     async fn leased<'a>(&self, members: Vec<&'a Member>) -> Vec<&'a Member> {
         let peers: Vec<String> = members
             .iter()

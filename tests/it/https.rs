@@ -244,9 +244,9 @@ async fn two_https_nodes_hand_orders_over(mutual: bool) {
 
 /// With client certificates required, the tokens file's `[[certificate]]` entries name a
 /// caller that sends no token by its certificate's common name: it submits, reads and lists its
-/// own orders as its entry's user, an admin's certificate reads anyone's and the admin-only
-/// routes; a certificate without an entry, or a revoked one, is a 401; a token sent over the
-/// same connection names the caller instead.
+/// own orders as its entry's user, an admin's certificate reads anyone's and the admin-only and
+/// cluster-internal routes; a certificate without an entry, or a revoked one, is a 401; a token
+/// sent over the same connection names the caller instead.
 #[tokio::test]
 async fn a_client_certificate_names_the_caller_that_sends_no_token() {
     let pki = Pki::new();
@@ -332,6 +332,20 @@ async fn a_client_certificate_names_the_caller_that_sends_no_token() {
         assert_eq!(status, 401, "{name}'s certificate: {refused}");
         assert!(refused["error"].is_string(), "{refused}");
     }
+    // The cluster-internal routes take an admin's certificate as they take an admin's token (a
+    // lone node then has no view: 409); a certificate without an entry, as a peer's node
+    // certificate usually is, is told of the missing cluster secret.
+    let service = "/service/nodes/anyone/orders";
+    assert_eq!(call(&admin, Method::GET, service, None).await.0, 409);
+    assert_eq!(call(&shop, Method::GET, service, None).await.0, 403);
+    let (status, refused) = call(&showing("stranger"), Method::GET, service, None).await;
+    assert_eq!(status, 401, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("x-cluster-secret")),
+        "{refused}"
+    );
 }
 
 #[tokio::test]
