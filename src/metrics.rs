@@ -298,6 +298,7 @@ pub struct Metrics {
     gossip_dead: Gauge,
     /// https connections given up before a request, by [`TlsFailure`].
     tls_failures: [Counter; 4],
+    gossip_dropped: Counter,
     /// Touched only when an order fails, never on the forward path.
     recent_failures: Mutex<VecDeque<RecentFailure>>,
     /// The last 15 minutes, per second, for the console.
@@ -500,6 +501,12 @@ impl Metrics {
         );
         let tls_failures = TlsFailure::ALL
             .map(|reason| tls_family.get_or_create_owned(&[("reason", reason.as_str())]));
+        let gossip_dropped = Counter::default();
+        registry.register(
+            "gossip_dropped",
+            "Gossip datagrams dropped for not being sealed with this cluster's secret",
+            gossip_dropped.clone(),
+        );
 
         Metrics {
             registry,
@@ -528,6 +535,7 @@ impl Metrics {
             gossip_live,
             gossip_dead,
             tls_failures,
+            gossip_dropped,
             recent_failures: Mutex::new(VecDeque::with_capacity(RECENT_FAILURES)),
             flow: Flow::new(),
         }
@@ -669,11 +677,15 @@ impl Metrics {
         self.worker_utilisation.set(utilisation);
     }
 
-    /// Sets the gossip gauges, read at scrape time from the membership view.
     pub fn tls_handshake_failed(&self, reason: TlsFailure) {
         self.tls_failures[reason as usize].inc();
     }
 
+    pub fn gossip_dropped(&self) {
+        self.gossip_dropped.inc();
+    }
+
+    /// Sets the gossip gauges, read at scrape time from the membership view.
     pub fn set_gossip(&self, live: usize, dead: usize) {
         self.gossip_live.set(to_i64(live));
         self.gossip_dead.set(to_i64(dead));

@@ -4,6 +4,7 @@
 use super::keys::{self, NodeStateExt};
 use super::sealed::SealedUdp;
 use crate::config::ClusterConfig;
+use crate::metrics::Metrics;
 use anyhow::Context;
 use chitchat::{
     spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState,
@@ -67,6 +68,7 @@ impl Membership {
         advertise: SocketAddr,
         config: &ClusterConfig,
         initial: Vec<(String, String)>,
+        metrics: &Arc<Metrics>,
     ) -> anyhow::Result<Membership> {
         let chitchat_config = ChitchatConfig {
             chitchat_id: ChitchatId::new(node_id.to_string(), generation, advertise),
@@ -87,7 +89,8 @@ impl Membership {
             extra_liveness_predicate: Some(Box::new(|state: &NodeState| !state.is_leaving())),
             protocol_version: ProtocolVersion::V0,
         };
-        let transport = SealedUdp::new(&config.secret, &config.id, config.gossip_seal)?;
+        let transport = SealedUdp::new(&config.secret, &config.id, config.gossip_seal)?
+            .counting_drops(Arc::clone(metrics));
         let handle = spawn_chitchat(chitchat_config, initial, &transport)
             .await
             .with_context(|| format!("cannot start gossip on udp {gossip_addr}"))?;

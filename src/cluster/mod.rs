@@ -162,8 +162,10 @@ impl Cluster {
             http_addr: advertise.to_string(),
         };
         claim_identity(coordinator.as_ref(), &liveness, &config, &gate).await?;
-        let membership =
-            Membership::start(&node_id, generation, listen, advertise, &config, initial).await?;
+        let membership = Membership::start(
+            &node_id, generation, listen, advertise, &config, initial, &metrics,
+        )
+        .await?;
         // Peers close idle connections after limits.header_read_timeout (10 s by default); drop
         // ours sooner so a transfer never goes out on a connection being closed.
         // A peer cut off from this node is given up on after a second's connect, not the whole

@@ -17,6 +17,7 @@
 //! has already seen, which it ignores.
 
 use crate::config::GossipSeal;
+use crate::metrics::Metrics;
 use anyhow::Context;
 use async_trait::async_trait;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket};
@@ -47,6 +48,7 @@ const MAX_PEERS: usize = 1024;
 pub struct SealedUdp {
     key: Arc<LessSafeKey>,
     seal: GossipSeal,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl SealedUdp {
@@ -61,7 +63,14 @@ impl SealedUdp {
         Ok(SealedUdp {
             key: Arc::new(LessSafeKey::new(UnboundKey::from(okm))),
             seal,
+            metrics: None,
         })
+    }
+
+    /// Counts the datagrams it drops in `metrics` (`order_process_gossip_dropped_total`).
+    pub fn counting_drops(mut self, metrics: Arc<Metrics>) -> SealedUdp {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
@@ -81,7 +90,8 @@ impl Transport for SealedUdp {
             seal: self.seal,
             stand_ins: Mutex::new(StandIns::default()),
         });
-        let receiver = tokio::spawn(receive(Arc::clone(&relays))).abort_handle();
+        let receiver =
+            tokio::spawn(receive(Arc::clone(&relays), self.metrics.clone())).abort_handle();
         Ok(Box::new(SealedSocket {
             chitchat,
             local_addr: public.local_addr()?,
@@ -272,7 +282,7 @@ async fn forward(relays: Arc<Relays>, socket: Arc<tokio::net::UdpSocket>, peer: 
 
 /// Reads the gossip port: what opens (or, when this node hears plain gossip, what is not
 /// sealed) goes on to chitchat from the sender's stand-in.
-async fn receive(relays: Arc<Relays>) {
+async fn receive(relays: Arc<Relays>, metrics: Option<Arc<Metrics>>) {
     let mut buf = vec![0; MAX_DATAGRAM];
     let mut dropped = Dropped::default();
     loop {
@@ -297,6 +307,9 @@ async fn receive(relays: Arc<Relays>) {
                 Some(plain) => plain,
                 None => {
                     dropped.note(from, why);
+                    if let Some(metrics) = &metrics {
+                        metrics.gossip_dropped();
+                    }
                     continue;
                 }
             },

@@ -643,8 +643,8 @@ async fn a_gossip_member_without_a_lease_is_never_sent_a_transfer() {
 }
 
 /// Gossip is sealed with the cluster secret: a node on the same Redis with a mistyped secret,
-/// naming a member as its seed, is not heard (the member drops its datagrams, and says so), and
-/// neither lists the other.
+/// naming a member as its seed, is not heard (the member drops its datagrams, says so and
+/// counts them), and neither lists the other.
 #[tokio::test]
 async fn a_node_with_another_secret_is_not_heard_in_gossip() {
     let _turn = cluster_turn().await;
@@ -666,6 +666,11 @@ async fn a_node_with_another_secret_is_not_heard_in_gossip() {
         );
         tokio::time::sleep(POLL).await;
     }
+    let dropped = crate::metrics::value(
+        &crate::metrics::scrape(&nodes[0]).await,
+        "order_process_gossip_dropped_total",
+    );
+    assert!(dropped >= 1.0, "dropped datagrams counted: {dropped}");
     // Watched over six rounds of gossip (500 ms each): neither ever knows the other, where plain
     // gossip has them know each other within a round or two.
     let watched = Instant::now() + Duration::from_secs(3);
