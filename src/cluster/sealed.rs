@@ -80,6 +80,7 @@ impl Transport for SealedUdp {
         let public = tokio::net::UdpSocket::bind(listen_addr)
             .await
             .with_context(|| format!("failed to bind to {listen_addr}/UDP for gossip"))?;
+        let local_addr = public.local_addr()?;
         let public = Arc::new(public);
         let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         let chitchat = UdpSocket::open(loopback).await?;
@@ -94,7 +95,7 @@ impl Transport for SealedUdp {
             tokio::spawn(receive(Arc::clone(&relays), self.metrics.clone())).abort_handle();
         Ok(Box::new(SealedSocket {
             chitchat,
-            local_addr: public.local_addr()?,
+            local_addr,
             relays,
             receiver,
         }))
