@@ -34,7 +34,7 @@ use tracing::{debug, warn};
 
 /// The first byte of every sealed datagram: the format, so that another can follow.
 const FORMAT: u8 = 1;
-/// The most a UDP datagram carries over IPv4.
+/// The most a UDP datagram carries over IPv4 (IPv6 carries 20 bytes more).
 const MAX_DATAGRAM: usize = 65_507;
 /// What sealing adds to a message.
 const OVERHEAD: usize = 1 + NONCE_LEN + 16;
@@ -494,6 +494,28 @@ mod tests {
                 assert_eq!(received.from_addr, sender.local_addr().expect("an address"));
             }
         }
+    }
+
+    #[tokio::test]
+    async fn peers_on_ipv6_addresses_are_heard_and_answered() {
+        let transport = SealedUdp::new("s", "c", GossipSeal::On).expect("a transport");
+        let ipv6 = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0));
+        let mut receiver = transport.open(ipv6).await.expect("a gossip socket on ::1");
+        let mut sender = transport.open(ipv6).await.expect("a gossip socket on ::1");
+        let to = receiver.local_addr().expect("an address");
+        let from = sender.local_addr().expect("an address");
+        assert!(to.is_ipv6() && from.is_ipv6());
+        sender
+            .send(to, envelope(ProtocolVersion::V1))
+            .await
+            .expect("sent");
+        let received = next(&mut receiver).await;
+        assert_eq!(received.from_addr, from);
+        receiver
+            .send(from, envelope(ProtocolVersion::V1))
+            .await
+            .expect("answered");
+        assert_eq!(next(&mut sender).await.from_addr, to);
     }
 
     #[test]

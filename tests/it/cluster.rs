@@ -8,6 +8,7 @@ use crate::history::assert_completed;
 use reqwest::Method;
 use serde_json::Value;
 use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, SemaphorePermit};
 
@@ -28,10 +29,16 @@ pub(crate) async fn cluster_turn() -> SemaphorePermit<'static> {
 }
 
 pub(crate) fn node_config(redis: &RedisServer, step: &str, seeds: &[u16]) -> String {
-    let seeds: Vec<String> = seeds
+    let seeds: Vec<SocketAddr> = seeds
         .iter()
-        .map(|port| format!("\"127.0.0.1:{port}\""))
+        .map(|port| SocketAddr::from((Ipv4Addr::LOCALHOST, *port)))
         .collect();
+    node_config_seeded(redis, step, &seeds)
+}
+
+/// [`node_config`] with seeds at any address.
+fn node_config_seeded(redis: &RedisServer, step: &str, seeds: &[SocketAddr]) -> String {
+    let seeds: Vec<String> = seeds.iter().map(|seed| format!("\"{seed}\"")).collect();
     format!(
         "[simulate]\nduration = \"{step}\"\nfailure_rate = 0.0\n\
          [database]\nurl = \"{}\"\ntimeout = \"1s\"\n\
@@ -205,6 +212,38 @@ async fn a_killed_nodes_orders_complete_on_the_others() {
     wait_all_completed(&nodes[0], &user, &orders, TAKEOVER).await;
     let log = format!("{}{}", nodes[0].log(), nodes[2].log());
     assert!(log.contains("took over orders"), "no takeover logged");
+}
+
+/// Gossip (sealed), the leader's takeover and the cluster view between nodes that listen on an
+/// IPv6 address.
+#[tokio::test]
+async fn nodes_on_ipv6_addresses_form_a_cluster_and_take_over_a_killed_nodes_orders() {
+    let ipv6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    if let Err(error) = std::net::UdpSocket::bind((ipv6, 0)) {
+        eprintln!("skipped: this host has no IPv6 loopback address ({error})");
+        return;
+    }
+    let _turn = cluster_turn().await;
+    let redis = RedisServer::start();
+    let first = Node::start_on(&node_config_seeded(&redis, "1s", &[]), ipv6).await;
+    let seeds = [first.listen()];
+    let second = Node::start_on(&node_config_seeded(&redis, "1s", &seeds), ipv6).await;
+    let mut nodes = vec![first, second];
+    wait_formed(&nodes, 2).await;
+    let view = nodes[0].cluster().await;
+    for node in view["nodes"].as_array().into_iter().flatten() {
+        let url = node["connection_string"].as_str().unwrap_or_default();
+        assert!(url.starts_with("http://[::1]:"), "{}", pretty(&view));
+    }
+    let user = unique_user("ipv6");
+    let orders = submit(&nodes[1], &user, 10).await;
+    wait_started(&nodes[0], &user, &orders).await;
+    nodes[1].kill();
+    wait_all_completed(&nodes[0], &user, &orders, TAKEOVER).await;
+    assert!(
+        nodes[0].log().contains("took over orders"),
+        "no takeover logged"
+    );
 }
 
 #[tokio::test]

@@ -46,6 +46,12 @@ impl Node {
         Node(order_process_testkit::Node::start(Path::new(BIN), config).await)
     }
 
+    /// Starts the binary as [`start`](Node::start) does, listening on `host` (a loopback
+    /// address).
+    pub async fn start_on(config: &str, host: std::net::IpAddr) -> Node {
+        Node(order_process_testkit::Node::start_on(Path::new(BIN), config, host).await)
+    }
+
     /// Starts the binary as [`start`](Node::start) does, with `service_id` as its node id.
     pub async fn start_as(config: &str, service_id: &str) -> Node {
         Node(order_process_testkit::Node::start_as(Path::new(BIN), config, service_id).await)

@@ -5,17 +5,21 @@
 //! while the test is panicking prints it too. Waiting is always polling with a deadline.
 
 use crate::http::{Call, Reply};
-use crate::ports::free_port;
+use crate::ports::free_port_on;
 use crate::process::Proc;
 use crate::{tail, POLL};
 use reqwest::Method;
 use serde_json::Value;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
+
+/// Where nodes listen unless told otherwise.
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// How long a node may take to answer its first heartbeat.
 pub const STARTUP: Duration = Duration::from_secs(20);
@@ -30,8 +34,11 @@ enum Launch {
 pub struct Node {
     /// The binary this node runs.
     bin: PathBuf,
+    /// The loopback address it listens on (127.0.0.1 unless started with [`Node::start_on`]).
+    pub host: IpAddr,
     pub port: u16,
-    /// `http://127.0.0.1:PORT` (`https://` for [`Node::start_https`])
+    /// `http://127.0.0.1:PORT` (`https://` for [`Node::start_https`], `[::1]` for a node on
+    /// that address)
     pub base: String,
     dir: TempDir,
     process: Option<Proc>,
@@ -62,11 +69,25 @@ impl Node {
         identity: Option<(&Path, &Path)>,
     ) -> Node {
         let client = crate::http::https_client(ca_file, identity);
-        Node::launch_new(bin, config, None, "https", client).await
+        Node::launch_new(bin, config, None, "https", client, LOCALHOST).await
+    }
+
+    /// Starts the binary as [`start`](Node::start) does, listening on `host` (a loopback
+    /// address: `::1` for a node on IPv6).
+    pub async fn start_on(bin: &Path, config: &str, host: IpAddr) -> Node {
+        Node::launch_new(bin, config, None, "http", crate::http::client(), host).await
     }
 
     async fn start_with(bin: &Path, config: &str, service_id: Option<&str>) -> Node {
-        Node::launch_new(bin, config, service_id, "http", crate::http::client()).await
+        Node::launch_new(
+            bin,
+            config,
+            service_id,
+            "http",
+            crate::http::client(),
+            LOCALHOST,
+        )
+        .await
     }
 
     async fn launch_new(
@@ -75,6 +96,7 @@ impl Node {
         service_id: Option<&str>,
         scheme: &str,
         client: reqwest::Client,
+        host: IpAddr,
     ) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("order-process-it-")
@@ -88,6 +110,7 @@ impl Node {
         }
         let mut node = Node {
             bin: bin.to_path_buf(),
+            host,
             port: 0,
             base: String::new(),
             dir,
@@ -96,8 +119,8 @@ impl Node {
             client,
         };
         for _ in 0..5 {
-            node.port = free_port().expect("a free loopback port");
-            node.base = format!("{scheme}://127.0.0.1:{}", node.port);
+            node.port = free_port_on(host).expect("a free loopback port");
+            node.base = format!("{scheme}://{}", node.listen());
             if let Launch::Ready = node.launch().await {
                 return node;
             }
@@ -181,12 +204,17 @@ impl Node {
             "--config".into(),
             self.dir.path().join("config.toml").display().to_string(),
             "--listen".into(),
-            format!("127.0.0.1:{}", self.port),
+            self.listen().to_string(),
             "--data-dir".into(),
             self.data_dir().display().to_string(),
             "--log-level".into(),
             "debug".into(),
         ]
+    }
+
+    /// The address it listens on (HTTP on TCP, gossip on UDP).
+    pub fn listen(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
     }
 
     pub fn data_dir(&self) -> PathBuf {

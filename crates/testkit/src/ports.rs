@@ -1,7 +1,7 @@
 //! Loopback ports free for both TCP and UDP (gossip uses UDP on a node's HTTP port).
 
 use std::collections::HashSet;
-use std::net::{TcpListener, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, UdpSocket};
 use std::sync::Mutex;
 
 /// Ports handed out by this process, so two concurrent users never get the same one.
@@ -10,10 +10,16 @@ static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 /// A loopback port that is free for both TCP and UDP right now, never handed out before by
 /// this process.
 pub fn free_port() -> std::io::Result<u16> {
+    free_port_on(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// A port of `host` (a loopback address) free for both TCP and UDP right now, never handed
+/// out before by this process.
+pub fn free_port_on(host: IpAddr) -> std::io::Result<u16> {
     for _ in 0..100 {
-        let tcp = TcpListener::bind("127.0.0.1:0")?;
+        let tcp = TcpListener::bind((host, 0))?;
         let port = tcp.local_addr()?.port();
-        let Ok(udp) = UdpSocket::bind(("127.0.0.1", port)) else {
+        let Ok(udp) = UdpSocket::bind((host, port)) else {
             continue;
         };
         drop((tcp, udp));
@@ -24,9 +30,9 @@ pub fn free_port() -> std::io::Result<u16> {
             return Ok(port);
         }
     }
-    Err(std::io::Error::other(
-        "no port free for both TCP and UDP on 127.0.0.1",
-    ))
+    Err(std::io::Error::other(format!(
+        "no port free for both TCP and UDP on {host}"
+    )))
 }
 
 /// A loopback port free for TCP whose `port + offset` is free too (a Redis Cluster node's bus
