@@ -13,8 +13,11 @@
 //! socket is not heard.
 //!
 //! A datagram is `[FORMAT][nonce, 12 bytes][message, encrypted][tag, 16 bytes]`; the nonce is
-//! random for each datagram. A datagram replayed later carries heartbeats and versions gossip
-//! has already seen, which it ignores.
+//! random for each datagram. chitchat fills a message up to the most a datagram carries (a
+//! joining node's first state of a cluster of a couple of hundred nodes), which leaves no room
+//! for sealing: such a message is compressed (zstd) first and sent as [`FORMAT_COMPRESSED`].
+//! A datagram replayed later carries heartbeats and versions gossip has already seen, which it
+//! ignores.
 
 use crate::config::GossipSeal;
 use crate::metrics::Metrics;
@@ -34,6 +37,12 @@ use tracing::{debug, warn};
 
 /// The first byte of every sealed datagram: the format, so that another can follow.
 const FORMAT: u8 = 1;
+/// The first byte of a sealed datagram whose message was compressed (zstd) before it was
+/// sealed: only a message too large to fit sealed as it is goes so, so that every message a
+/// node of the first sealed version could read still reaches it as [`FORMAT`].
+const FORMAT_COMPRESSED: u8 = 2;
+/// zstd's level for a message compressed before sealing (rare: only the largest).
+const COMPRESSION_LEVEL: i32 = 3;
 /// The most a UDP datagram carries over IPv4 (IPv6 carries 20 bytes more).
 const MAX_DATAGRAM: usize = 65_507;
 /// What sealing adds to a message.
@@ -285,6 +294,7 @@ async fn forward(relays: Arc<Relays>, socket: Arc<tokio::net::UdpSocket>, peer: 
 /// sealed) goes on to chitchat from the sender's stand-in.
 async fn receive(relays: Arc<Relays>, metrics: Option<Arc<Metrics>>) {
     let mut buf = vec![0; MAX_DATAGRAM];
+    let mut inflated = Vec::new();
     let mut dropped = Dropped::default();
     loop {
         let (len, from) = match relays.public.recv_from(&mut buf).await {
@@ -302,7 +312,7 @@ async fn receive(relays: Arc<Relays>, metrics: Option<Arc<Metrics>>) {
         // Plain gossip may begin like a sealed datagram: kept as it came, in case it does not
         // open (opening works in place).
         let plain = relays.seal.hears_plain().then(|| datagram.to_vec());
-        let message: &[u8] = match open(&relays.key, datagram) {
+        let message: &[u8] = match open(&relays.key, datagram, &mut inflated) {
             Ok(message) => message,
             Err(why) => match &plain {
                 Some(plain) => plain,
@@ -350,8 +360,32 @@ impl Dropped {
 /// Why [`open`] found no sealed message: the datagram is not sealed at all.
 const NOT_SEALED: &str = "not sealed";
 
-/// `message` sealed under `key` into `sealed`.
+/// `message` sealed under `key` into `sealed`; compressed first when it would not fit in a
+/// datagram sealed as it is.
 fn seal(
+    key: &LessSafeKey,
+    random: &SystemRandom,
+    message: &[u8],
+    sealed: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    if message.len() + OVERHEAD <= MAX_DATAGRAM {
+        return seal_as(FORMAT, key, random, message, sealed);
+    }
+    let compressed = zstd::bulk::compress(message, COMPRESSION_LEVEL)
+        .context("cannot compress a gossip message")?;
+    anyhow::ensure!(
+        compressed.len() + OVERHEAD <= MAX_DATAGRAM,
+        "a gossip message of {} bytes is too large for a datagram once sealed, even compressed \
+         (to {} bytes)",
+        message.len(),
+        compressed.len()
+    );
+    seal_as(FORMAT_COMPRESSED, key, random, &compressed, sealed)
+}
+
+/// `message` sealed under `key` into `sealed` as a datagram of `format`.
+fn seal_as(
+    format: u8,
     key: &LessSafeKey,
     random: &SystemRandom,
     message: &[u8],
@@ -367,7 +401,7 @@ fn seal(
         .fill(&mut nonce)
         .map_err(|_| anyhow::anyhow!("no randomness for a gossip nonce"))?;
     sealed.clear();
-    sealed.push(FORMAT);
+    sealed.push(format);
     sealed.extend_from_slice(&nonce);
     sealed.extend_from_slice(message);
     let body = sealed
@@ -376,7 +410,7 @@ fn seal(
     let tag = key
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from([FORMAT]),
+            Aad::from([format]),
             body,
         )
         .map_err(|_| anyhow::anyhow!("cannot seal a gossip message"))?;
@@ -384,9 +418,18 @@ fn seal(
     Ok(())
 }
 
-/// The message sealed in `datagram` under `key` (opened in place), or why there is none.
-fn open<'a>(key: &LessSafeKey, datagram: &'a mut [u8]) -> Result<&'a [u8], &'static str> {
-    if datagram.len() < OVERHEAD || datagram.first() != Some(&FORMAT) {
+/// The message sealed in `datagram` under `key` (opened in place, or decompressed into
+/// `inflated`), or why there is none.
+fn open<'a>(
+    key: &LessSafeKey,
+    datagram: &'a mut [u8],
+    inflated: &'a mut Vec<u8>,
+) -> Result<&'a [u8], &'static str> {
+    let format = match datagram.first() {
+        Some(&format) if format == FORMAT || format == FORMAT_COMPRESSED => format,
+        _ => return Err(NOT_SEALED),
+    };
+    if datagram.len() < OVERHEAD {
         return Err(NOT_SEALED);
     }
     let (head, body) = datagram.split_at_mut(1 + NONCE_LEN);
@@ -394,9 +437,16 @@ fn open<'a>(key: &LessSafeKey, datagram: &'a mut [u8]) -> Result<&'a [u8], &'sta
         .get(1..)
         .and_then(|nonce| Nonce::try_assume_unique_for_key(nonce).ok())
         .ok_or(NOT_SEALED)?;
-    key.open_in_place(nonce, Aad::from([FORMAT]), body)
-        .map(|message| &*message)
-        .map_err(|_| "sealed with another key, or altered")
+    let message = key
+        .open_in_place(nonce, Aad::from([format]), body)
+        .map_err(|_| "sealed with another key, or altered")?;
+    if format == FORMAT {
+        return Ok(message);
+    }
+    // No message chitchat sends is larger than a datagram.
+    *inflated = zstd::bulk::decompress(message, MAX_DATAGRAM)
+        .map_err(|_| "sealed, but its compressed message does not decompress")?;
+    Ok(inflated)
 }
 
 #[cfg(test)]
@@ -518,6 +568,80 @@ mod tests {
         assert_eq!(next(&mut sender).await.from_addr, to);
     }
 
+    /// A Syn whose cluster id makes its envelope `len` bytes long, as chitchat sends it (the
+    /// envelope's own bytes measured through a sender of plain gossip).
+    async fn syn_of_len(len: usize) -> ChitchatEnvelope {
+        let syn = |cluster_id: String| ChitchatEnvelope {
+            version: ProtocolVersion::V1,
+            message: ChitchatMessage::Syn {
+                cluster_id,
+                digest: Default::default(),
+            },
+        };
+        let plain = SealedUdp::new("s", "c", GossipSeal::Accept).expect("a transport");
+        let mut sender = socket(&plain).await;
+        let raw = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("a socket");
+        let to = raw.local_addr().expect("an address");
+        sender.send(to, syn("x".repeat(100))).await.expect("sent");
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let (sent, _) = tokio::time::timeout(Duration::from_secs(10), raw.recv_from(&mut buf))
+            .await
+            .expect("a datagram within 10 s")
+            .expect("received");
+        syn("x".repeat(len - (sent - 100)))
+    }
+
+    #[tokio::test]
+    async fn a_message_that_fills_a_datagram_arrives_sealed() {
+        // chitchat fills a joining node's first state up to the most a datagram carries.
+        let transport = SealedUdp::new("s", "c", GossipSeal::On).expect("a transport");
+        let mut receiver = socket(&transport).await;
+        let mut sender = socket(&transport).await;
+        let to = receiver.local_addr().expect("an address");
+        let full = syn_of_len(MAX_DATAGRAM - 7).await;
+        let ChitchatMessage::Syn { cluster_id, .. } = &full.message else {
+            unreachable!("a Syn")
+        };
+        let expected = cluster_id.clone();
+        sender.send(to, full).await.expect("sent");
+        let received = next(&mut receiver).await;
+        let arrived = matches!(
+            &received.envelope.message,
+            ChitchatMessage::Syn { cluster_id, .. } if *cluster_id == expected
+        );
+        assert!(arrived, "another message arrived");
+    }
+
+    #[test]
+    fn only_a_message_too_large_to_seal_as_it_is_is_compressed() {
+        let ours = SealedUdp::new("the secret", "orders", GossipSeal::On).expect("a transport");
+        let random = SystemRandom::new();
+        let mut sealed = Vec::new();
+        let mut inflated = Vec::new();
+        let fits = vec![b'n'; MAX_DATAGRAM - OVERHEAD];
+        seal(&ours.key, &random, &fits, &mut sealed).expect("sealed");
+        assert_eq!((sealed[0], sealed.len()), (FORMAT, MAX_DATAGRAM));
+        assert_eq!(open(&ours.key, &mut sealed, &mut inflated), Ok(&fits[..]));
+
+        let large: Vec<u8> = (0..MAX_DATAGRAM - 1)
+            .map(|i| b"node-7f3a:http_addr=10.0.0.5:8080;"[i % 34])
+            .collect();
+        seal(&ours.key, &random, &large, &mut sealed).expect("sealed");
+        assert_eq!(sealed[0], FORMAT_COMPRESSED);
+        assert!(sealed.len() < MAX_DATAGRAM / 10, "{}", sealed.len());
+        let mut relabelled = sealed.clone();
+        relabelled[0] = FORMAT;
+        assert!(open(&ours.key, &mut relabelled, &mut inflated).is_err());
+        assert_eq!(open(&ours.key, &mut sealed, &mut inflated), Ok(&large[..]));
+
+        // Bytes that do not compress cannot go at all.
+        let mut noise = vec![0; MAX_DATAGRAM - 1];
+        random.fill(&mut noise).expect("random bytes");
+        assert!(seal(&ours.key, &random, &noise, &mut sealed).is_err());
+    }
+
     #[test]
     fn a_sealed_message_does_not_show_the_message_and_opens_to_it() {
         let ours = SealedUdp::new("the secret", "orders", GossipSeal::On).expect("a transport");
@@ -529,8 +653,15 @@ mod tests {
             .windows(message.len())
             .any(|window| window == message));
         let theirs = SealedUdp::new("another", "orders", GossipSeal::On).expect("a transport");
-        assert!(open(&theirs.key, &mut sealed.clone()).is_err());
-        assert_eq!(open(&ours.key, &mut sealed), Ok(&message[..]));
-        assert_eq!(open(&ours.key, &mut message.clone()), Err(NOT_SEALED));
+        let mut inflated = Vec::new();
+        assert!(open(&theirs.key, &mut sealed.clone(), &mut inflated).is_err());
+        assert_eq!(
+            open(&ours.key, &mut sealed, &mut inflated),
+            Ok(&message[..])
+        );
+        assert_eq!(
+            open(&ours.key, &mut message.clone(), &mut inflated),
+            Err(NOT_SEALED)
+        );
     }
 }
