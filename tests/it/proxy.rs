@@ -1,12 +1,14 @@
 //! A real TCP proxy on a free loopback port in front of a server (Redis), that a test tells to
 //! lose what a real network loses: a connection cut just before a reply, the replies of one
 //! connection while the server still runs every request it received (each of these once), or
-//! everything, until healed (a partition: connections are cut and new ones closed at once).
+//! everything, until healed (a partition: connections are cut and new ones closed at once); or
+//! be slow: every reply held back a while.
 
 #![allow(dead_code)] // not every test uses every fault
 
 use crate::harness::port;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -25,6 +27,8 @@ struct Faults {
     made: usize,
     /// While true, every connection is cut and new ones are closed at once.
     severed: bool,
+    /// How long every reply is held back before it is forwarded.
+    reply_delay: Option<Duration>,
 }
 
 pub struct Proxy {
@@ -71,6 +75,11 @@ impl Proxy {
         let mut faults = self.faults.lock().unwrap();
         faults.lose_replies_after = Some((pattern.as_bytes().to_vec(), count));
         faults.seen = 0;
+    }
+
+    /// Holds every server reply back for `delay` before forwarding it.
+    pub fn delay_replies(&self, delay: Duration) {
+        self.faults.lock().unwrap().reply_delay = Some(delay);
     }
 
     /// Cuts every connection, and closes new ones at once until [`Proxy::heal`].
@@ -174,7 +183,7 @@ async fn relay(client: TcpStream, server: TcpStream, faults: Arc<Mutex<Faults>>)
         if *lost.lock().unwrap() {
             return Forward::Drop;
         }
-        Forward::Pass
+        faults.reply_delay.map_or(Forward::Pass, Forward::Late)
     });
     // Why select: either direction ending ends the connection; dropping both halves closes it.
     tokio::select! {
@@ -190,6 +199,8 @@ enum Forward {
     Drop,
     /// The connection ends before it.
     Cut,
+    /// Sent on after this long.
+    Late(Duration),
 }
 
 /// Copies chunks from `from` to `to` until either side ends, asking `inspect` about each.
@@ -210,6 +221,7 @@ where
         match inspect(chunk) {
             Forward::Cut => return,
             Forward::Drop => continue,
+            Forward::Late(delay) => tokio::time::sleep(delay).await,
             Forward::Pass => {}
         }
         if to.write_all(chunk).await.is_err() {

@@ -1355,6 +1355,31 @@ async fn redis_cluster_store_conforms() {
     retention(&connect().with_retention(Duration::from_secs(1))).await;
 }
 
+/// A Redis Cluster connection that takes longer to open than the store timeout, though each of
+/// its round trips takes less (through a proxy that holds every reply of the one node it is
+/// given back for 0.6 s): the open goes on after the request that asked for it gives up, and a
+/// later request has it. Abandoned at each request's timeout, such an open never completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_connection_slower_to_open_than_the_timeout_still_opens() {
+    let cluster = RedisCluster::try_start(3, 0)
+        .unwrap_or_else(|error| panic!("cannot start a redis cluster: {error}"));
+    let proxy = Proxy::start(cluster.primaries()[0]).await;
+    proxy.delay_replies(Duration::from_millis(600));
+    let node = format!("127.0.0.1:{}", proxy.port);
+    let store = RedisStore::connect_cluster(&[node], 1, Duration::from_secs(1)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut failed = 0;
+    while let Err(error) = store.get(OrderId::new_v4()).await {
+        failed += 1;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer within 20 s ({failed} requests failed), the last: {error}"
+        );
+    }
+    // Else the open was quicker than the timeout, and this test showed nothing.
+    assert!(failed > 0, "the first request already had an answer");
+}
+
 #[tokio::test]
 async fn embedded_store_deletes_finished_orders_after_retention() {
     let dir = tempfile::tempdir().unwrap();

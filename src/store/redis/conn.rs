@@ -21,31 +21,59 @@ use deadpool_redis::redis::{
 };
 use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::BoxFuture;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
-use tokio::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 /// A node's connections to its Redis, shared by all that node's Redis users.
 pub struct Connections {
     /// Where new connections come from; they are then kept and shared, not checked out per
     /// operation.
-    source: Source,
+    source: Arc<Source>,
     /// A few multiplexed connections, each shared by every task: redis-rs pipelines concurrent
     /// requests on one socket, so a handful is faster than a pool checkout (which costs a PING
-    /// round trip) per operation. A slot is emptied when its connection fails and refilled on
-    /// next use. Why a lock per slot: two tasks that find a slot empty must not both open a
-    /// connection for it.
-    slots: Vec<Mutex<Option<Link>>>,
+    /// round trip) per operation. A slot is emptied when its connection fails (see
+    /// [`Connections::forget`]) and refilled on next use. Why a lock per slot: two tasks that
+    /// find a slot empty must not both open a connection for it.
+    slots: Vec<Slot>,
     next_slot: AtomicUsize,
+    /// When each slot's connection last answered, in milliseconds since `born`: kept for a
+    /// Redis Cluster only (see [`Connections::forget`]).
+    answered: Vec<AtomicU64>,
+    born: Instant,
+    /// Numbers each connection opened, to tell it from the ones its slot holds later.
+    opened: AtomicU64,
     timeout: Duration,
     /// Replicas that must acknowledge each [`Connections::write`]; 0 does not wait.
     min_replicas: usize,
     /// With `min_replicas`, the connections writes and their `WAIT` go on, each used by one
     /// write at a time: Redis holds a client for the whole of a `WAIT`, so a request pipelined
     /// behind it on a shared connection would wait for the replicas too.
-    acked: Vec<Mutex<Option<Link>>>,
+    acked: Vec<Slot>,
     next_acked: AtomicUsize,
 }
+
+/// Where [`Connections`] keeps one connection, empty until it is opened.
+type Slot = Arc<Mutex<Option<Opened>>>;
+
+/// A connection as a slot keeps it.
+struct Opened {
+    link: Link,
+    /// Which opening this is (see [`Connections::opened`]).
+    id: u64,
+    /// When it was opened, in milliseconds since [`Connections::born`].
+    at: u64,
+}
+
+/// How many store timeouts an open may take in all before it is given up on. The open goes on
+/// after the request that asked for it gives up (see [`Connections::open_into`]); redis-rs
+/// bounds each connect and answer in it by the store timeout, so this is only a backstop.
+const OPEN_LIMIT: u32 = 5;
+
+/// How many store timeouts a Redis Cluster connection is kept through failing requests after
+/// it last answered (see [`Connections::forget`]).
+const CLUSTER_KEEP: u32 = 5;
 
 /// How many writes wait for their replicas at once, each on a connection of its own. With 16
 /// the waits were the limit of a node on a durable primary and one replica (`scripts/bench
@@ -70,6 +98,10 @@ struct Primary {
     master_name: String,
     /// `host:port` of the primary last connected to, to log a failover once.
     last: Option<String>,
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
@@ -211,10 +243,14 @@ impl Connections {
     }
 
     fn new(source: Source, pool_size: usize, timeout: Duration) -> Connections {
+        let pool_size = pool_size.max(1);
         Connections {
-            source,
-            slots: (0..pool_size.max(1)).map(|_| Mutex::new(None)).collect(),
+            source: Arc::new(source),
+            slots: (0..pool_size).map(|_| Slot::default()).collect(),
             next_slot: AtomicUsize::new(0),
+            answered: (0..pool_size).map(|_| AtomicU64::new(0)).collect(),
+            born: Instant::now(),
+            opened: AtomicU64::new(0),
             timeout,
             min_replicas: 0,
             acked: Vec::new(),
@@ -232,7 +268,7 @@ impl Connections {
     pub fn with_min_replicas(mut self, replicas: usize) -> Connections {
         self.min_replicas = replicas;
         let connections = if replicas == 0 { 0 } else { ACKED_CONNECTIONS };
-        self.acked = (0..connections).map(|_| Mutex::new(None)).collect();
+        self.acked = (0..connections).map(|_| Slot::default()).collect();
         self
     }
 
@@ -283,19 +319,25 @@ impl Connections {
         let first = self.next_acked.fetch_add(1, Ordering::Relaxed) % count;
         let late = || StoreError::Unavailable("redis did not answer in time".into());
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let free = (0..count).find_map(|step| self.acked[(first + step) % count].try_lock().ok());
+        let free = (0..count).find_map(|step| {
+            Arc::clone(&self.acked[(first + step) % count])
+                .try_lock_owned()
+                .ok()
+        });
         let mut slot = match free {
             Some(slot) => slot,
-            None => tokio::time::timeout_at(deadline, self.acked[first].lock())
+            None => tokio::time::timeout_at(deadline, Arc::clone(&self.acked[first]).lock_owned())
                 .await
                 .map_err(|_| late())?,
         };
+        if slot.is_none() {
+            slot = tokio::time::timeout_at(deadline, self.open_into(slot))
+                .await
+                .map_err(|_| late())??;
+        }
         let work = async {
-            if slot.is_none() {
-                *slot = Some(self.open_connection().await?);
-            }
             match slot.as_mut() {
-                Some(connection) => request.send(connection).await.map_err(unavailable),
+                Some(opened) => request.send(&mut opened.link).await.map_err(unavailable),
                 None => Err(StoreError::Unavailable("no connection".into())),
             }
         };
@@ -317,7 +359,7 @@ impl Connections {
 
     /// Whether this is a Redis Cluster, whose keys are spread over several primaries.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.source, Source::Cluster(_))
+        matches!(*self.source, Source::Cluster(_))
     }
 
     /// Sends `command`, which names no key (such as `SCAN` or `INFO`), to the primary that
@@ -337,9 +379,11 @@ impl Connections {
         R: Request + ?Sized,
     {
         let index = self.next_slot.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let mut used = None;
         let work = async {
-            let mut connection = self.connection(index).await?;
-            request.send(&mut connection).await.map_err(unavailable)
+            let (id, mut link) = self.connection(index).await?;
+            used = Some(id);
+            request.send(&mut link).await.map_err(unavailable)
         };
         let outcome = tokio::time::timeout(self.timeout, work)
             .await
@@ -348,34 +392,98 @@ impl Connections {
                     "redis did not answer in time".into(),
                 ))
             });
-        if let Err(StoreError::Unavailable(_)) = &outcome {
-            // The connection may be broken (Redis restarted) or stuck: the next use opens another.
-            if let Some(slot) = self.slots.get(index) {
-                *slot.lock().await = None;
-            }
+        match (&outcome, used) {
+            (Ok(_), _) if self.is_cluster() => self.mark_answered(index),
+            (Err(StoreError::Unavailable(_)), Some(id)) => self.forget(index, id),
+            _ => {}
         }
         outcome
     }
 
-    /// The shared connection of a slot, opened if the slot is empty.
-    async fn connection(&self, index: usize) -> Result<Link, StoreError> {
+    /// The shared connection of a slot and its id, opened if the slot is empty.
+    async fn connection(&self, index: usize) -> Result<(u64, Link), StoreError> {
         let slot = self
             .slots
             .get(index)
             .ok_or_else(|| StoreError::Unavailable("no connection slot".into()))?;
-        let mut slot = slot.lock().await;
-        if let Some(connection) = slot.as_ref() {
-            return Ok(connection.clone());
+        let mut slot = Arc::clone(slot).lock_owned().await;
+        if slot.is_none() {
+            slot = self.open_into(slot).await?;
         }
-        let connection = self.open_connection().await?;
-        *slot = Some(connection.clone());
-        Ok(connection)
+        match slot.as_ref() {
+            Some(opened) => Ok((opened.id, opened.link.clone())),
+            None => Err(StoreError::Unavailable("no connection".into())),
+        }
     }
 
+    /// Opens a connection into the empty `slot` and gives the slot back with it. The open runs
+    /// as a task of its own: one that outlasts the request that asked for it still fills the
+    /// slot for the next request. Abandoned at each request's timeout instead, a slow open (a
+    /// TLS handshake with every node of a Redis Cluster, on a loaded host) started over again
+    /// and again and never completed.
+    async fn open_into(
+        &self,
+        mut slot: OwnedMutexGuard<Option<Opened>>,
+    ) -> Result<OwnedMutexGuard<Option<Opened>>, StoreError> {
+        let source = Arc::clone(&self.source);
+        let id = self.opened.fetch_add(1, Ordering::Relaxed);
+        let limit = self.timeout * OPEN_LIMIT;
+        let born = self.born;
+        let open = tokio::spawn(async move {
+            let link = tokio::time::timeout(limit, source.open())
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable(format!("no redis connection within {limit:?}"))
+                })??;
+            let at = millis(born.elapsed());
+            *slot = Some(Opened { link, id, at });
+            Ok(slot)
+        });
+        open.await.map_err(|error| {
+            StoreError::Unavailable(format!("opening a redis connection failed: {error}"))
+        })?
+    }
+
+    /// Notes that slot `index`'s connection answered now.
+    fn mark_answered(&self, index: usize) {
+        if let Some(answered) = self.answered.get(index) {
+            answered.store(millis(self.born.elapsed()), Ordering::Relaxed);
+        }
+    }
+
+    /// Empties slot `index` after a request failed on its connection `id` (which may be broken,
+    /// Redis restarted, or stuck), so that the next request opens another; not if the slot holds
+    /// a newer connection by now or is being filled. A Redis Cluster connection is kept while it
+    /// answered within the last few timeouts: it reconnects node by node and follows failovers
+    /// and slot moves by itself, while one opened anew connects to every node again. Thrown away
+    /// at each timeout while a primary was down, such opens (TLS handshakes) loaded a busy host
+    /// until none completed.
+    fn forget(&self, index: usize, id: u64) {
+        let Some(Ok(mut slot)) = self.slots.get(index).map(|slot| slot.try_lock()) else {
+            return;
+        };
+        let Some(opened) = slot.as_ref().filter(|opened| opened.id == id) else {
+            return;
+        };
+        if self.is_cluster() {
+            let answered = self
+                .answered
+                .get(index)
+                .map_or(0, |answered| answered.load(Ordering::Relaxed));
+            let quiet = millis(self.born.elapsed()).saturating_sub(answered.max(opened.at));
+            if quiet < millis(self.timeout * CLUSTER_KEEP) {
+                return;
+            }
+        }
+        *slot = None;
+    }
+}
+
+impl Source {
     /// Opens a connection: to the fixed address, to the primary the sentinels name now, or to the
     /// Redis Cluster.
-    async fn open_connection(&self) -> Result<Link, StoreError> {
-        match &self.source {
+    async fn open(&self) -> Result<Link, StoreError> {
+        match self {
             Source::Direct(pool) => Ok(Link::One(deadpool_redis::Connection::take(
                 pool.get().await.map_err(unavailable)?,
             ))),
