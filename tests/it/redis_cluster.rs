@@ -20,9 +20,15 @@ const FAILOVER: Duration = Duration::from_secs(40);
 /// A node's config on `cluster`, each write waiting for `min_replicas` replicas, with `database`
 /// lines more.
 fn node_config(cluster: &RedisCluster, min_replicas: usize, database: &str) -> String {
+    // A 1 s timeout unless `database` sets its own.
+    let timeout = if database.contains("timeout = ") {
+        ""
+    } else {
+        "timeout = \"1s\"\n"
+    };
     format!(
         "[simulate]\nduration = \"200ms\"\nfailure_rate = 0.0\n\
-         {}timeout = \"1s\"\nmin_replicas = {min_replicas}\n{database}\
+         {}{timeout}min_replicas = {min_replicas}\n{database}\
          [cluster]\nsecret = \"{SECRET}\"\n",
         cluster.database_config()
     )

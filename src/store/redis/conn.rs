@@ -23,7 +23,7 @@ use deadpool_redis::{Manager, Pool, PoolConfig, Runtime, Timeouts};
 use futures_util::future::BoxFuture;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 /// A node's connections to its Redis, shared by all that node's Redis users.
@@ -38,10 +38,6 @@ pub struct Connections {
     /// find a slot empty must not both open a connection for it.
     slots: Vec<Slot>,
     next_slot: AtomicUsize,
-    /// When each slot's connection last answered, in milliseconds since `born`: kept for a
-    /// Redis Cluster only (see [`Connections::forget`]).
-    answered: Vec<AtomicU64>,
-    born: Instant,
     /// Numbers each connection opened, to tell it from the ones its slot holds later.
     opened: AtomicU64,
     timeout: Duration,
@@ -62,18 +58,12 @@ struct Opened {
     link: Link,
     /// Which opening this is (see [`Connections::opened`]).
     id: u64,
-    /// When it was opened, in milliseconds since [`Connections::born`].
-    at: u64,
 }
 
 /// How many store timeouts an open may take in all before it is given up on. The open goes on
 /// after the request that asked for it gives up (see [`Connections::open_into`]); redis-rs
 /// bounds each connect and answer in it by the store timeout, so this is only a backstop.
 const OPEN_LIMIT: u32 = 5;
-
-/// How many store timeouts a Redis Cluster connection is kept through failing requests after
-/// it last answered (see [`Connections::forget`]).
-const CLUSTER_KEEP: u32 = 5;
 
 /// How many writes wait for their replicas at once, each on a connection of its own. With 16
 /// the waits were the limit of a node on a durable primary and one replica (`scripts/bench
@@ -98,10 +88,6 @@ struct Primary {
     master_name: String,
     /// `host:port` of the primary last connected to, to log a failover once.
     last: Option<String>,
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
@@ -248,8 +234,6 @@ impl Connections {
             source: Arc::new(source),
             slots: (0..pool_size).map(|_| Slot::default()).collect(),
             next_slot: AtomicUsize::new(0),
-            answered: (0..pool_size).map(|_| AtomicU64::new(0)).collect(),
-            born: Instant::now(),
             opened: AtomicU64::new(0),
             timeout,
             min_replicas: 0,
@@ -392,10 +376,8 @@ impl Connections {
                     "redis did not answer in time".into(),
                 ))
             });
-        match (&outcome, used) {
-            (Ok(_), _) if self.is_cluster() => self.mark_answered(index),
-            (Err(StoreError::Unavailable(_)), Some(id)) => self.forget(index, id),
-            _ => {}
+        if let (Err(StoreError::Unavailable(_)), Some(id)) = (&outcome, used) {
+            self.forget(index, id);
         }
         outcome
     }
@@ -428,15 +410,13 @@ impl Connections {
         let source = Arc::clone(&self.source);
         let id = self.opened.fetch_add(1, Ordering::Relaxed);
         let limit = self.timeout * OPEN_LIMIT;
-        let born = self.born;
         let open = tokio::spawn(async move {
             let link = tokio::time::timeout(limit, source.open())
                 .await
                 .map_err(|_| {
                     StoreError::Unavailable(format!("no redis connection within {limit:?}"))
                 })??;
-            let at = millis(born.elapsed());
-            *slot = Some(Opened { link, id, at });
+            *slot = Some(Opened { link, id });
             Ok(slot)
         });
         open.await.map_err(|error| {
@@ -444,38 +424,21 @@ impl Connections {
         })?
     }
 
-    /// Notes that slot `index`'s connection answered now.
-    fn mark_answered(&self, index: usize) {
-        if let Some(answered) = self.answered.get(index) {
-            answered.store(millis(self.born.elapsed()), Ordering::Relaxed);
-        }
-    }
-
     /// Empties slot `index` after a request failed on its connection `id` (which may be broken,
     /// Redis restarted, or stuck), so that the next request opens another; not if the slot holds
-    /// a newer connection by now or is being filled. A Redis Cluster connection is kept while it
-    /// answered within the last few timeouts: it reconnects node by node and follows failovers
-    /// and slot moves by itself, while one opened anew connects to every node again. Thrown away
-    /// at each timeout while a primary was down, such opens (TLS handshakes) loaded a busy host
-    /// until none completed.
+    /// a newer connection by now, or is being filled. On a Redis Cluster too: a connection kept
+    /// through failures reconnects node by node by itself, but learns that a primary was
+    /// replaced only from a node that says so, while a new one asks the cluster for its slots
+    /// afresh (a primary that stalled and came back unaware of its replica's promotion takes
+    /// writes the cluster then drops). A fault campaign with cluster connections kept through
+    /// failures lost two acknowledged orders; none of those that replaced them lost any.
     fn forget(&self, index: usize, id: u64) {
         let Some(Ok(mut slot)) = self.slots.get(index).map(|slot| slot.try_lock()) else {
             return;
         };
-        let Some(opened) = slot.as_ref().filter(|opened| opened.id == id) else {
-            return;
-        };
-        if self.is_cluster() {
-            let answered = self
-                .answered
-                .get(index)
-                .map_or(0, |answered| answered.load(Ordering::Relaxed));
-            let quiet = millis(self.born.elapsed()).saturating_sub(answered.max(opened.at));
-            if quiet < millis(self.timeout * CLUSTER_KEEP) {
-                return;
-            }
+        if slot.as_ref().is_some_and(|opened| opened.id == id) {
+            *slot = None;
         }
-        *slot = None;
     }
 }
 
