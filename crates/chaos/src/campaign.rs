@@ -426,7 +426,7 @@ async fn bring_up(
     tls: Option<&Tls>,
 ) -> Result<World, String> {
     let redis = match args.redis.as_str() {
-        "cluster" => Redis::start_cluster(&args.appendfsync)?,
+        "cluster" => Redis::start_cluster(workdir, &args.appendfsync)?,
         mode => Redis::start(
             workdir,
             &args.appendfsync,

@@ -314,9 +314,13 @@ impl Redis {
         Ok(redis)
     }
 
-    /// A Redis Cluster of three primaries with a replica each, on loopback.
-    pub fn start_cluster(appendfsync: &str) -> Result<Redis, String> {
-        let cluster = RedisCluster::try_start_with(PRIMARIES, 1, appendfsync)
+    /// A Redis Cluster of three primaries with a replica each, on loopback, each server's
+    /// directory (its log too) in `workdir/redis-cluster/<port>`.
+    pub fn start_cluster(workdir: &Path, appendfsync: &str) -> Result<Redis, String> {
+        let dir = workdir.join("redis-cluster");
+        std::fs::create_dir_all(&dir)
+            .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+        let cluster = RedisCluster::try_start_in(&dir, PRIMARIES, 1, appendfsync)
             .map_err(|error| format!("cannot start a redis cluster: {error}"))?;
         Ok(Redis {
             servers: Vec::new(),

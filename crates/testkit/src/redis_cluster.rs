@@ -23,7 +23,8 @@ pub struct RedisCluster {
     nodes: Vec<ClusterNode>,
     /// What every node serves TLS with, when the cluster speaks TLS only.
     tls: Option<TlsFiles>,
-    _dir: TempDir,
+    /// Where the nodes' directories are, removed with the cluster unless the caller gave it.
+    _dir: Option<TempDir>,
 }
 
 struct ClusterNode {
@@ -93,7 +94,18 @@ impl RedisCluster {
         replicas: usize,
         appendfsync: &str,
     ) -> std::io::Result<RedisCluster> {
-        RedisCluster::try_start_on(primaries, replicas, appendfsync, None)
+        RedisCluster::try_start_on(primaries, replicas, appendfsync, None, None)
+    }
+
+    /// Like [`RedisCluster::try_start_with`], each node's directory (data, `nodes.conf` and
+    /// `redis.log`) under `dir`, which outlives the cluster.
+    pub fn try_start_in(
+        dir: &std::path::Path,
+        primaries: usize,
+        replicas: usize,
+        appendfsync: &str,
+    ) -> std::io::Result<RedisCluster> {
+        RedisCluster::try_start_on(primaries, replicas, appendfsync, None, Some(dir))
     }
 
     /// Like [`RedisCluster::try_start`], every node speaking TLS only with `files`: to its
@@ -103,7 +115,7 @@ impl RedisCluster {
         replicas: usize,
         files: TlsFiles,
     ) -> std::io::Result<RedisCluster> {
-        RedisCluster::try_start_on(primaries, replicas, "everysec", Some(files))
+        RedisCluster::try_start_on(primaries, replicas, "everysec", Some(files), None)
     }
 
     fn try_start_on(
@@ -111,12 +123,20 @@ impl RedisCluster {
         replicas: usize,
         appendfsync: &str,
         tls: Option<TlsFiles>,
+        dir: Option<&std::path::Path>,
     ) -> std::io::Result<RedisCluster> {
-        let dir = tempfile::tempdir()?;
+        let (temp, base) = match dir {
+            Some(dir) => (None, dir.to_path_buf()),
+            None => {
+                let temp = tempfile::tempdir()?;
+                let base = temp.path().to_path_buf();
+                (Some(temp), base)
+            }
+        };
         let mut nodes = Vec::new();
         for _ in 0..primaries * (1 + replicas) {
             let port = free_port_pair(BUS_OFFSET)?;
-            let node_dir = dir.path().join(port.to_string());
+            let node_dir = base.join(port.to_string());
             std::fs::create_dir_all(&node_dir)?;
             let mut node = ClusterNode {
                 port,
@@ -131,7 +151,7 @@ impl RedisCluster {
         let cluster = RedisCluster {
             nodes,
             tls,
-            _dir: dir,
+            _dir: temp,
         };
         let deadline = Instant::now() + SETTLE;
         for node in &cluster.nodes {
