@@ -22,8 +22,7 @@ use tempfile::TempDir;
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// How long a node may take to answer its first heartbeat: generous, since on two cores busy
-/// with the whole suite a node's first connections (TLS to six Redis Cluster nodes, with the
-/// 1 s timeout the failover tests set) can take more than 20 s.
+/// with the whole suite a node's first connections (TLS to six Redis Cluster nodes) are slow.
 pub const STARTUP: Duration = Duration::from_secs(60);
 
 /// Why one launch of a node did not become ready.
