@@ -1,6 +1,7 @@
 //! A node on a real Redis Cluster (three primaries, a replica each, on loopback): orders keep
 //! being accepted and every one answered 201 finishes while a primary is SIGKILLed (its replica
-//! takes over) and while slots move between primaries. Every process is killed by pid when its
+//! takes over; also with `min_replicas = 1` and two replicas a primary) and while slots move
+//! between primaries. Every process is killed by pid when its
 //! guard is dropped, also when a test fails.
 
 use crate::cluster::{cluster_turn, SECRET};
@@ -75,17 +76,34 @@ async fn all_accepted_finish(node: Arc<Node>, user: &str, submitting: Submitting
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_under_load_loses_no_acknowledged_order() {
     let _turn = cluster_turn().await;
-    primary_killed_under_load(RedisCluster::start(), "").await;
-}
-
-/// A node on `cluster` (with `database` lines more) takes orders while a primary is SIGKILLed:
-/// orders of its shards are accepted again once its replica took over, and every order answered
-/// 201 finishes.
-pub(crate) async fn primary_killed_under_load(mut cluster: RedisCluster, database: &str) {
     // Without waiting for replicas: the promoted replica has none until the lost host comes
     // back. (What a primary acknowledged in its last moment may then be lost with it: here the
     // replica is a loopback away and has it.)
-    let node = Arc::new(Node::start(&node_config(&cluster, 0, database)).await);
+    primary_killed_under_load(RedisCluster::start(), 0, "").await;
+}
+
+/// The README's advice for `min_replicas = 1` on a cluster: two replicas a primary, so the one
+/// promoted after a failover still has one (the other follows it) and writes to its slots
+/// succeed again. Each write and its `WAIT` go on connections of their own, each a connection
+/// to every node, all replaced after the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_min_replicas_a_primary_killed_under_load_loses_no_acknowledged_order() {
+    let _turn = cluster_turn().await;
+    let cluster = RedisCluster::try_start(3, 2).unwrap_or_else(|error| {
+        panic!("cannot start a redis cluster (scripts/test installs redis): {error}")
+    });
+    primary_killed_under_load(cluster, 1, "").await;
+}
+
+/// A node on `cluster` (each write waiting for `min_replicas` replicas, with `database` lines
+/// more) takes orders while a primary is SIGKILLed: orders of its shards are accepted again
+/// once its replica took over, and every order answered 201 finishes.
+pub(crate) async fn primary_killed_under_load(
+    mut cluster: RedisCluster,
+    min_replicas: usize,
+    database: &str,
+) {
+    let node = Arc::new(Node::start(&node_config(&cluster, min_replicas, database)).await);
     let user = unique_user("cluster-kill");
     let submitting = keep_submitting(&node, &user);
     at_least(&node, &submitting.accepted, 20).await;

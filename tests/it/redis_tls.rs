@@ -311,7 +311,7 @@ async fn a_primary_killed_on_a_redis_cluster_over_tls_loses_no_acknowledged_orde
         pki.ca_line(),
         pki.client_lines()
     );
-    crate::redis_cluster::primary_killed_under_load(cluster, &tls).await;
+    crate::redis_cluster::primary_killed_under_load(cluster, 0, &tls).await;
 }
 
 /// A plain Redis with the ACL user `app` (password `password`) allowed the node's keys and
