@@ -1,8 +1,8 @@
 //! A node on a real Redis Cluster (three primaries, a replica each, on loopback): orders keep
 //! being accepted and every one answered 201 finishes while a primary is SIGKILLed (its replica
 //! takes over; also with `min_replicas = 1` and two replicas a primary) and while slots move
-//! between primaries. Every process is killed by pid when its
-//! guard is dropped, also when a test fails.
+//! between primaries. Every process is killed by pid when its guard is dropped, also when a
+//! test fails.
 
 use crate::cluster::{cluster_turn, SECRET};
 use crate::harness::{unique_user, Node};
@@ -84,8 +84,8 @@ async fn a_primary_killed_under_load_loses_no_acknowledged_order() {
 
 /// The README's advice for `min_replicas = 1` on a cluster: two replicas a primary, so the one
 /// promoted after a failover still has one (the other follows it) and writes to its slots
-/// succeed again. Each write and its `WAIT` go on connections of their own, each a connection
-/// to every node, all replaced after the failover.
+/// succeed again. Each write and its `WAIT` go on a connection of their own, a connection to
+/// every node, which a failed write replaces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_min_replicas_a_primary_killed_under_load_loses_no_acknowledged_order() {
     let _turn = cluster_turn().await;
