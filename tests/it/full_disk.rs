@@ -133,9 +133,11 @@ fn reopen_pauses(log: &str) -> Vec<u64> {
 /// A node on the embedded store whose data dir is a small tmpfs, filled until its heartbeat
 /// said `DEGRADED`, with the orders it accepted meanwhile.
 struct FullEmbedded {
-    node: Node,
-    // Unmounted when dropped, after the node (fields drop in order).
+    // Unmounted (lazily) when dropped, before the node: fields drop in order, and the node's temp
+    // dir can only be removed whole once its data dir is no longer a mount point (the files the
+    // node wrote there before the mount would stay behind).
     _tmpfs: Tmpfs,
+    node: Node,
     filler: PathBuf,
     user: String,
     accepted: Vec<String>,
@@ -168,8 +170,8 @@ impl FullEmbedded {
         )
         .await;
         Some(FullEmbedded {
-            node,
             _tmpfs: tmpfs,
+            node,
             filler,
             user,
             accepted,
