@@ -110,7 +110,10 @@ impl Reply for ApiError {
     }
 }
 
-/// Turns whatever warp rejected into the JSON error shape.
+/// Turns whatever warp rejected into the JSON error shape. A request is rejected by every route
+/// it does not take, so one that a route took by path and method and then refused (a header
+/// that is not text, say) also carries the other routes' 405s and 404s: what that route said
+/// is the answer, and 405 only when no route took the method.
 pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     use warp::reject::{
         InvalidHeader, InvalidQuery, LengthRequired, MethodNotAllowed, MissingHeader,
@@ -118,11 +121,6 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     };
     let error = if rejection.is_not_found() {
         ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
-    } else if rejection.find::<MethodNotAllowed>().is_some() {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed on this path",
-        )
     } else if rejection.find::<PayloadTooLarge>().is_some() {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
     } else if rejection.find::<LengthRequired>().is_some() {
@@ -135,6 +133,11 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
         ApiError::bad_request(format!("invalid header {}", header.name()))
     } else if rejection.find::<UnsupportedMediaType>().is_some() {
         ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported media type")
+    } else if rejection.find::<MethodNotAllowed>().is_some() {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed on this path",
+        )
     } else {
         tracing::warn!(rejection = ?rejection, "unhandled rejection");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")

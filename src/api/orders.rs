@@ -33,6 +33,8 @@ const MAX_WAIT_IDS: usize = 500;
 const MAX_WAIT: Duration = Duration::from_secs(60);
 /// How long `POST /orders/wait` waits when the request does not say.
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// The largest `POST /orders/wait` body: [`MAX_WAIT_IDS`] ids take some 20 KB.
+const MAX_WAIT_BODY: u64 = 64 * 1024;
 
 /// What the `/orders` handlers need: the service, and the checks made before calling it.
 pub struct OrdersApi {
@@ -218,8 +220,7 @@ fn wait_many(state: State) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(with_state(state))
         .and(credentials())
-        .and(warp::body::content_length_limit(64 * 1024))
-        .and(warp::body::bytes())
+        .and(body())
         .then(|state, user, body| async move { respond(wait_for_many(state, user, body).await) })
         .boxed()
 }
@@ -231,9 +232,12 @@ fn wait_many(state: State) -> BoxedFilter<(Response,)> {
 async fn wait_for_many(
     state: State,
     credentials: Credentials,
-    body: bytes::Bytes,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let caller = state.caller(&credentials)?;
+    let body = body
+        .read(MAX_WAIT_BODY, state.checks.body_read_timeout)
+        .await?;
     let request: WaitRequest = serde_json::from_slice(&body).map_err(|error| {
         ApiError::bad_request(format!(
             "body must be {{\"order_ids\": [...], \"wait\": \"30s\"}}: {error}"

@@ -117,6 +117,146 @@ async fn bad_requests_get_json_errors_and_the_node_stays_healthy() {
     );
 }
 
+/// One request written by hand (so that a header can hold bytes that are not text, and a body
+/// can come in chunks) on a connection of its own; the status and the body of the answer.
+async fn raw_request(node: &Node, head: &[u8], body: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = node.base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to the node");
+    let mut request = head.to_vec();
+    request.extend_from_slice(b"Host: localhost\r\nConnection: close\r\n\r\n");
+    request.extend_from_slice(body);
+    if let Err(error) = stream.write_all(&request).await {
+        // A node that answered before the whole body came closes the connection: its answer is
+        // read below.
+        eprintln!("sending the request: {error}");
+    }
+    // Read until the node closes the connection; a node that refused a body before reading all
+    // of it may reset the connection after its answer, which ends the answer too.
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(read)) => answer.extend_from_slice(&chunk[..read]),
+            Ok(Err(error)) if !answer.is_empty() => {
+                eprintln!("connection ended by {error} after the answer");
+                break;
+            }
+            Ok(Err(error)) => panic!("reading the answer: {error}"),
+            Err(_) => panic!("no whole answer within 20s: {answer:?}"),
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A request that a route took by path and method and then refused gets that route's answer,
+/// not the 405 of another route on the same path; and the batch long poll reads its body as
+/// submissions do (in chunks too, a larger one refused with 413).
+#[tokio::test]
+async fn a_refused_header_or_body_gets_its_own_error_not_405() {
+    let node = Node::start(&simulate("10ms")).await;
+    let user = unique_user("raw");
+    let id = node.create_order(&user, &json!({})).await;
+    let expect = |(status, body): (u16, String), want: u16, mention: &str, what: &str| {
+        let error: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|_| panic!("{what}: not a JSON body: {status} {body:?}"));
+        assert_eq!(status, want, "{what}: {body}");
+        let message = error["error"].as_str().unwrap_or_default();
+        assert!(message.contains(mention), "{what}: {body}");
+    };
+
+    // "café" in Latin-1: a byte that is not text.
+    let head = [
+        format!("POST /orders HTTP/1.1\r\nAuthorization: {user}\r\nContent-Length: 2\r\n")
+            .as_bytes(),
+        b"Idempotency-Key: caf\xe9\r\n",
+    ]
+    .concat();
+    expect(
+        raw_request(&node, &head, b"{}").await,
+        400,
+        "idempotency-key",
+        "POST /orders with an Idempotency-Key that is not text",
+    );
+    let head = [
+        format!("GET /orders/{id} HTTP/1.1\r\nAuthorization: caf").as_bytes(),
+        &[0xe9],
+        b"\r\n",
+    ]
+    .concat();
+    expect(
+        raw_request(&node, &head, b"").await,
+        400,
+        "authorization",
+        "GET /orders/{id} with an Authorization that is not text",
+    );
+
+    let ids = |count: usize| {
+        let ids = vec![id.clone(); count];
+        json!({"order_ids": ids, "wait": "1s"}).to_string()
+    };
+    let big = ids(1700);
+    assert!(big.len() > 64 * 1024, "{} bytes", big.len());
+    let head = format!(
+        "POST /orders/wait HTTP/1.1\r\nAuthorization: {user}\r\nContent-Length: {}\r\n",
+        big.len()
+    );
+    expect(
+        raw_request(&node, head.as_bytes(), big.as_bytes()).await,
+        413,
+        "larger than",
+        "POST /orders/wait with a body over 64 KiB",
+    );
+
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let small = json!({"order_ids": [id.clone(), unknown.clone()], "wait": "1s"}).to_string();
+    let chunked = format!("{:x}\r\n{small}\r\n0\r\n\r\n", small.len());
+    let head = format!(
+        "POST /orders/wait HTTP/1.1\r\nAuthorization: {user}\r\nTransfer-Encoding: chunked\r\n"
+    );
+    let (status, body) = raw_request(&node, head.as_bytes(), chunked.as_bytes()).await;
+    assert_eq!(status, 200, "POST /orders/wait in chunks: {body}");
+    let answer: Value = serde_json::from_str(&body).expect("a JSON answer");
+    assert_eq!(
+        answer["orders"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or_default()
+            + answer["pending"]
+                .as_array()
+                .map(Vec::len)
+                .unwrap_or_default(),
+        1,
+        "the order, finished or pending: {body}"
+    );
+    assert_eq!(answer["missing"], json!([unknown]), "{body}");
+
+    // The wrong method on a known path is still a 405.
+    let head = format!("DELETE /orders/wait HTTP/1.1\r\nAuthorization: {user}\r\n");
+    expect(
+        raw_request(&node, head.as_bytes(), b"").await,
+        405,
+        "method",
+        "DELETE /orders/wait",
+    );
+    node.heartbeat().await;
+}
+
 /// The curl line of DESIGN.md (`curl -X POST -d '{…}'`) sends
 /// `Content-Type: application/x-www-form-urlencoded`; clients may also send no content type.
 /// Only the body decides.
