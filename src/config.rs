@@ -56,6 +56,11 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
+/// The largest `server.max_body_bytes`: an order's payload and what its steps add must stay
+/// within the largest doc a store reads back ([`crate::store::MAX_DOC`]).
+pub const MAX_BODY_BYTES: u64 = 32 << 20;
+const _: () = assert!(2 * MAX_BODY_BYTES <= crate::store::MAX_DOC);
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
@@ -878,10 +883,13 @@ impl Config {
                 ),
             ));
         }
-        if self.server.max_body_bytes == 0 {
+        if !(1..=MAX_BODY_BYTES).contains(&self.server.max_body_bytes) {
             return Err(ConfigError::new(
                 "server.max_body_bytes",
-                "must be at least 1",
+                format!(
+                    "must be from 1 to {MAX_BODY_BYTES} (32 MiB): an order is stored whole, \
+                     payload and steps, and must stay readable"
+                ),
             ));
         }
         self.validate_https()?;
@@ -1540,6 +1548,17 @@ mod tests {
                 .key,
             "limits.max_depth"
         );
+        for bytes in [0, MAX_BODY_BYTES + 1, i64::MAX as u64] {
+            let config =
+                Config::from_toml(&format!("[server]\nmax_body_bytes = {bytes}\n")).unwrap();
+            assert_eq!(
+                config.validate().unwrap_err().key,
+                "server.max_body_bytes",
+                "{bytes}"
+            );
+        }
+        let largest = format!("[server]\nmax_body_bytes = {MAX_BODY_BYTES}\n");
+        Config::from_toml(&largest).unwrap().validate().unwrap();
     }
 
     #[test]

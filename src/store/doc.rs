@@ -38,8 +38,9 @@ const LEVEL: i32 = 1;
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// The largest doc a compressed one may claim to hold: far above any order (its payload is
-/// limited by `server.max_body_bytes`), so a damaged frame cannot make a read allocate more.
-const MAX_DOC: u64 = 64 << 20;
+/// limited by `server.max_body_bytes`, which is at most half of this), so a damaged frame
+/// cannot make a read allocate more.
+pub const MAX_DOC: u64 = 64 << 20;
 
 /// How many bytes an order's JSON is written into at first: an order through all its steps
 /// (about 1.5 KB) fits, so the buffer does not grow by reallocation while it is written.

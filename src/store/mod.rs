@@ -5,6 +5,7 @@
 //! node that has lost an order can never overwrite it.
 
 mod doc;
+pub use doc::MAX_DOC;
 pub mod embedded;
 pub mod metered;
 pub mod redis;
