@@ -3,7 +3,8 @@
 //! restart; with `database.min_replicas` a write counts only once a replica has it, so losing
 //! the primary's host under load (killed, its directory wiped, back as an empty replica) loses no
 //! order answered 201; a node finds and follows its primary the same way with everything over
-//! TLS; and a node refuses to start on a Redis weaker than its config asks. Every process is killed by pid when
+//! TLS; and a node refuses to start on a Redis weaker than its config asks, or one that may evict
+//! keys. Every process is killed by pid when
 //! its guard is dropped, also when a test fails.
 
 use crate::cluster::{cluster_turn, SECRET};
@@ -488,6 +489,55 @@ async fn a_node_refuses_to_start_on_a_redis_weaker_than_its_config() {
         &["refusing to start", "database.require_aof"],
     )
     .await;
+}
+
+/// A Redis that may evict keys at its memory limit would drop orders, their index entries or
+/// idempotency keys: a node refuses to start on it, and starts on the same Redis once a full
+/// Redis refuses writes instead (`noeviction`). Full, it answers submissions 503, and an order
+/// it accepted before goes on once Redis has room.
+#[tokio::test]
+async fn a_node_refuses_to_start_on_a_redis_that_may_evict_its_orders() {
+    let _turn = cluster_turn().await;
+    let redis = RedisServer::start();
+    let config = format!(
+        "{}[cluster]\nsecret = \"{SECRET}\"\n[database]\nurl = \"{}\"\n",
+        crate::harness::simulate("1s"),
+        redis.url()
+    );
+    assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", "100mb"]), "OK");
+    for policy in ["allkeys-lru", "volatile-ttl"] {
+        assert_eq!(
+            redis.cli(&["CONFIG", "SET", "maxmemory-policy", policy]),
+            "OK"
+        );
+        assert_refused(&config, &["refusing to start", policy, "noeviction"]).await;
+    }
+    assert_eq!(
+        redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]),
+        "OK"
+    );
+    let node = Node::start(&config).await;
+    let user = unique_user("evict");
+    let running = node.create_order(&user, &serde_json::json!({})).await;
+
+    // Full: Redis refuses every write that needs memory.
+    assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", "1"]), "OK");
+    let reply = node.post_order(&user, "{}").await;
+    node.expect_error(&reply, 503, "POST /orders while redis is full");
+    assert!(reply.header("retry-after").is_some(), "{reply}");
+    eventually(
+        FINISH,
+        "the running order's next commit refused",
+        || node.log_tail(),
+        || async {
+            node.log()
+                .contains("cannot commit transition, retrying")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", "100mb"]), "OK");
+    assert_completed(&node.wait_terminal(&user, &running, FINISH).await);
 }
 
 /// Right after a failover the promoted primary has no replica for a moment: a node that starts

@@ -1,6 +1,7 @@
-//! What a node checks of its Redis before it starts: the primary's replication and persistence
-//! (`INFO replication`, `INFO persistence`, `CONFIG GET appendfsync`), logged once, and refused
-//! when weaker than `database.min_replicas` or `database.require_aof` ask.
+//! What a node checks of its Redis before it starts: the primary's replication, persistence and
+//! eviction (`INFO replication`, `INFO persistence`, `INFO memory`, `CONFIG GET appendfsync`),
+//! logged once, and refused when weaker than `database.min_replicas` or `database.require_aof`
+//! ask, or when Redis may evict keys.
 
 use super::conn::Connections;
 use crate::config::DatabaseConfig;
@@ -24,6 +25,9 @@ pub struct RedisInfo {
     pub aof_enabled: bool,
     /// `always`, `everysec` or `no`; `None` when `CONFIG GET` is refused (renamed or disabled).
     pub appendfsync: Option<String>,
+    /// The memory limit in bytes (0: none) and what Redis does at it, as `INFO memory` says;
+    /// `None` from a server whose `INFO` does not say.
+    pub maxmemory: Option<(u64, String)>,
 }
 
 /// The `field:value` lines of an `INFO` answer; section headers (`# Replication`) are skipped.
@@ -38,10 +42,11 @@ fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
 }
 
 impl RedisInfo {
-    /// Reads the answers to `INFO replication` and `INFO persistence`.
+    /// Reads the answers to `INFO replication`, `INFO persistence` and `INFO memory`.
     pub fn parse(
         replication: &str,
         persistence: &str,
+        memory: &str,
         appendfsync: Option<String>,
     ) -> Result<RedisInfo, StoreError> {
         let missing = |name: &str| StoreError::Corrupt(format!("redis INFO has no `{name}` field"));
@@ -51,12 +56,34 @@ impl RedisInfo {
             .parse()
             .map_err(|_| StoreError::Corrupt(format!("connected_slaves `{replicas}`")))?;
         let aof = field(persistence, "aof_enabled").ok_or_else(|| missing("aof_enabled"))?;
+        let maxmemory = match (
+            field(memory, "maxmemory"),
+            field(memory, "maxmemory_policy"),
+        ) {
+            (Some(bytes), Some(policy)) => Some((
+                bytes
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("maxmemory `{bytes}`")))?,
+                policy.to_string(),
+            )),
+            _ => None,
+        };
         Ok(RedisInfo {
             role: role.to_string(),
             connected_replicas,
             aof_enabled: aof == "1",
             appendfsync,
+            maxmemory,
         })
+    }
+
+    /// The eviction policy, when it is not `noeviction`: at its memory limit, Redis would drop
+    /// keys (orders, their index entries, idempotency keys) instead of refusing writes.
+    pub fn evicting_policy(&self) -> Option<&str> {
+        match &self.maxmemory {
+            Some((_, policy)) if policy != "noeviction" => Some(policy),
+            _ => None,
+        }
     }
 
     /// Why a node configured with `database` must not start on this Redis, if it must not.
@@ -75,6 +102,14 @@ impl RedisInfo {
                     .to_string(),
             );
         }
+        if let (Some((limit @ 1.., _)), Some(policy)) = (&self.maxmemory, self.evicting_policy()) {
+            return Some(format!(
+                "redis may evict keys (maxmemory {limit} bytes, maxmemory-policy {policy}): when \
+                 full it would drop orders, their index entries or idempotency keys; set \
+                 maxmemory-policy noeviction (a full redis then refuses writes, and the node \
+                 answers 503 until it has room)"
+            ));
+        }
         None
     }
 }
@@ -89,6 +124,9 @@ pub async fn read(connections: &Connections) -> Result<RedisInfo, StoreError> {
     let persistence: String = connections
         .query_at(redis::cmd("INFO").arg("persistence"), &primary)
         .await?;
+    let memory: String = connections
+        .query_at(redis::cmd("INFO").arg("memory"), &primary)
+        .await?;
     // CONFIG is often renamed or disabled on managed Redis: then appendfsync is just unknown.
     let appendfsync = match connections
         .query_at::<Vec<String>>(redis::cmd("CONFIG").arg("GET").arg("appendfsync"), &primary)
@@ -100,7 +138,7 @@ pub async fn read(connections: &Connections) -> Result<RedisInfo, StoreError> {
             None
         }
     };
-    RedisInfo::parse(&replication, &persistence, appendfsync)
+    RedisInfo::parse(&replication, &persistence, &memory, appendfsync)
 }
 
 /// Reads the Redis's replication and persistence, retrying until it answers, and logs them;
@@ -122,16 +160,28 @@ pub async fn check(connections: &Connections, database: &DatabaseConfig) -> anyh
             }
         };
         if !logged {
+            let (maxmemory, policy) = match &info.maxmemory {
+                Some((bytes, policy)) => (Some(*bytes), policy.as_str()),
+                None => (None, "unknown"),
+            };
             info!(
                 role = %info.role,
                 connected_replicas = info.connected_replicas,
                 aof_enabled = info.aof_enabled,
                 appendfsync = info.appendfsync.as_deref().unwrap_or("unknown"),
                 min_replicas = database.min_replicas,
-                "redis replication and persistence"
+                maxmemory = ?maxmemory,
+                maxmemory_policy = policy,
+                "redis replication, persistence and memory"
             );
             if info.role != "master" {
                 warn!(role = %info.role, "redis is not a primary: writes will fail until it is one");
+            }
+            if let (Some(policy), Some(0)) = (info.evicting_policy(), maxmemory) {
+                warn!(
+                    maxmemory_policy = policy,
+                    "redis would evict orders once it is given a maxmemory: set maxmemory-policy noeviction"
+                );
             }
             logged = true;
         }
@@ -162,10 +212,13 @@ mod tests {
         slave0:ip=127.0.0.1,port=6380,state=online,offset=42,lag=0\r\nmaster_repl_offset:42\r\n";
     const PERSISTENCE: &str =
         "# Persistence\r\nloading:0\r\naof_enabled:0\r\naof_rewrite_in_progress:0\r\n";
+    const MEMORY: &str = "# Memory\r\nused_memory:1024\r\nmaxmemory:0\r\n\
+        maxmemory_human:0B\r\nmaxmemory_policy:noeviction\r\n";
 
     #[test]
     fn info_answers_give_role_replicas_and_aof() {
-        let info = RedisInfo::parse(REPLICATION, PERSISTENCE, Some("everysec".into())).unwrap();
+        let info =
+            RedisInfo::parse(REPLICATION, PERSISTENCE, MEMORY, Some("everysec".into())).unwrap();
         assert_eq!(
             info,
             RedisInfo {
@@ -173,18 +226,24 @@ mod tests {
                 connected_replicas: 1,
                 aof_enabled: false,
                 appendfsync: Some("everysec".into()),
+                maxmemory: Some((0, "noeviction".into())),
             }
         );
         let with_aof = PERSISTENCE.replace("aof_enabled:0", "aof_enabled:1");
         assert!(
-            RedisInfo::parse(REPLICATION, &with_aof, None)
+            RedisInfo::parse(REPLICATION, &with_aof, MEMORY, None)
                 .unwrap()
                 .aof_enabled
         );
-        assert!(RedisInfo::parse("", PERSISTENCE, None).is_err());
-        assert!(RedisInfo::parse(REPLICATION, "", None).is_err());
-        let replica =
-            RedisInfo::parse("role:slave\r\nmaster_host:10.0.0.2\r\n", PERSISTENCE, None).unwrap();
+        assert!(RedisInfo::parse("", PERSISTENCE, MEMORY, None).is_err());
+        assert!(RedisInfo::parse(REPLICATION, "", MEMORY, None).is_err());
+        let replica = RedisInfo::parse(
+            "role:slave\r\nmaster_host:10.0.0.2\r\n",
+            PERSISTENCE,
+            MEMORY,
+            None,
+        )
+        .unwrap();
         assert_eq!(
             (replica.role.as_str(), replica.connected_replicas),
             ("slave", 0)
@@ -193,7 +252,7 @@ mod tests {
 
     #[test]
     fn a_redis_weaker_than_the_config_is_refused() {
-        let info = RedisInfo::parse(REPLICATION, PERSISTENCE, None).unwrap();
+        let info = RedisInfo::parse(REPLICATION, PERSISTENCE, MEMORY, None).unwrap();
         let mut database = DatabaseConfig::default();
         assert_eq!(info.shortfall(&database), None);
         database.min_replicas = 1;
@@ -211,5 +270,43 @@ mod tests {
             ..info
         };
         assert_eq!(aof.shortfall(&database), None);
+    }
+
+    #[test]
+    fn a_redis_that_may_evict_keys_is_refused() {
+        let database = DatabaseConfig::default();
+        let with = |maxmemory: &str, policy: &str| {
+            let memory = MEMORY
+                .replace("maxmemory:0", &format!("maxmemory:{maxmemory}"))
+                .replace("policy:noeviction", &format!("policy:{policy}"));
+            RedisInfo::parse(REPLICATION, PERSISTENCE, &memory, None).unwrap()
+        };
+        for policy in [
+            "allkeys-lru",
+            "volatile-lru",
+            "allkeys-random",
+            "volatile-ttl",
+        ] {
+            let info = with("104857600", policy);
+            assert_eq!(info.evicting_policy(), Some(policy));
+            let problem = info.shortfall(&database).unwrap();
+            assert!(problem.contains(policy), "{problem}");
+            assert!(problem.contains("noeviction"), "{problem}");
+            // Without a memory limit nothing is evicted (yet): started, with a warning.
+            assert_eq!(with("0", policy).shortfall(&database), None);
+        }
+        assert_eq!(with("104857600", "noeviction").shortfall(&database), None);
+        assert_eq!(with("104857600", "noeviction").evicting_policy(), None);
+        // A server whose INFO does not say is not refused for it.
+        let unknown = RedisInfo::parse(REPLICATION, PERSISTENCE, "# Memory\r\n", None).unwrap();
+        assert_eq!(unknown.maxmemory, None);
+        assert_eq!(unknown.shortfall(&database), None);
+        assert!(RedisInfo::parse(
+            REPLICATION,
+            PERSISTENCE,
+            &MEMORY.replace("maxmemory:0", "maxmemory:x"),
+            None
+        )
+        .is_err());
     }
 }
