@@ -241,6 +241,7 @@ pub async fn run(
         security: Arc::new(checks),
         node: Arc::new(node),
         retry_after: config.server.retry_after,
+        embedded: embedded.clone(),
     };
     let (http_stop_tx, mut http_stop_rx) = tokio::sync::watch::channel(false);
     let server = api::serve::serve(

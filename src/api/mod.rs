@@ -56,6 +56,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/diagnostic/stuck"),
     ("POST", "/service/transfer"),
     ("GET", "/service/nodes/{service_id}/orders"),
+    ("GET", "/service/backup"),
 ];
 
 /// The OpenAPI 3 description of [`ROUTES`].
@@ -102,6 +103,7 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
         cluster: state.node.cluster.clone(),
         store: Arc::clone(&state.node.store),
         retry_after: state.retry_after,
+        embedded: state.embedded,
     });
     // The order routes first: each route tried before the one a request takes makes and
     // drops a rejection, and orders are most of the requests.

@@ -3,7 +3,8 @@
 //! line. `GET /service/nodes/{service_id}/orders`: a read-only view of the unfinished orders a
 //! node owns. Both need the cluster secret (`X-Cluster-Secret`) or an admin (token, or client
 //! certificate with an entry); without either it is a 401, for a user a 403, and on a node that
-//! runs alone a 409.
+//! runs alone a 409. `GET /service/backup`: a copy of a node's embedded store, for an admin (in
+//! header mode, anyone); a 409 on Redis.
 
 use super::auth::{audit, credentials, Credentials};
 use super::limits::{body, Body};
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;
-use warp::reply::Response;
+use warp::reply::{Reply, Response};
 use warp::Filter;
 
 #[derive(Deserialize)]
@@ -51,13 +52,69 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         });
     let owned = warp::path!("service" / "nodes" / String / "orders")
         .and(warp::get())
-        .and(with_state(state))
+        .and(with_state(state.clone()))
         .and(warp::header::optional::<String>(SECRET_HEADER))
         .and(credentials())
         .then(|service_id, state, secret, credentials| async move {
             respond(owned(state, service_id, secret, credentials).await)
         });
-    transfer.or(owned).unify().boxed()
+    let backup = warp::path!("service" / "backup")
+        .and(warp::get())
+        .and(with_state(state))
+        .and(credentials())
+        .then(|state, credentials| async move { respond(backup(state, credentials).await) });
+    transfer.or(owned).unify().or(backup).unify().boxed()
+}
+
+/// The bytes a backup is sent in at a time.
+const BACKUP_CHUNK: usize = 256 * 1024;
+
+/// `GET /service/backup`: the embedded store's file as of one moment (see
+/// [`EmbeddedStore::backup`](crate::store::embedded::EmbeddedStore::backup)), to put in place
+/// of `orders.redb` while the node is stopped.
+async fn backup(state: State, credentials: Credentials) -> Result<Response, ApiError> {
+    let auth = &state.security.auth;
+    let (who, role) = if auth.checks_tokens() {
+        let caller = auth.caller(&credentials)?;
+        caller.require_admin("/service/backup")?;
+        (caller.user, caller.role.as_str())
+    } else {
+        let named = credentials.authorization.as_deref().map(str::trim);
+        (named.unwrap_or_default().to_string(), "header mode")
+    };
+    let Some(store) = &state.embedded else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "the orders are in redis: back up redis itself (its append-only file, or an RDB \
+             from BGSAVE)",
+        ));
+    };
+    let backup = store
+        .backup()
+        .await
+        .map_err(|error| ApiError::from_store(error, state.retry_after))?;
+    audit(&who, role, "backup", &format!("{} orders", backup.orders));
+    let file = tokio::fs::File::from_std(backup.file);
+    let chunks = futures_util::stream::try_unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = bytes::BytesMut::with_capacity(BACKUP_CHUNK);
+        match file.read_buf(&mut chunk).await? {
+            0 => Ok::<_, std::io::Error>(None),
+            _ => Ok(Some((chunk.freeze(), file))),
+        }
+    });
+    let mut response = warp::reply::stream(chunks).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        "content-type",
+        warp::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(
+        "content-disposition",
+        warp::http::HeaderValue::from_static("attachment; filename=\"orders.redb\""),
+    );
+    headers.insert("content-length", backup.bytes.into());
+    Ok(response)
 }
 
 /// Who is calling a cluster-internal route: a peer with the cluster secret (`("cluster",

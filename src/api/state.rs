@@ -8,6 +8,7 @@ use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::pipeline::Pool;
 use crate::service::{InFlight, LastActivity, Orders};
+use crate::store::embedded::EmbeddedStore;
 use crate::store::OrderStore;
 use chrono::{DateTime, Utc};
 use std::convert::Infallible;
@@ -23,6 +24,8 @@ pub struct ApiState {
     pub node: Arc<NodeStatus>,
     /// How long an overloaded client should wait before trying again.
     pub retry_after: Duration,
+    /// The embedded store, for backups (none on Redis).
+    pub embedded: Option<Arc<EmbeddedStore>>,
 }
 
 /// What a request is checked against at the HTTP edge before any work: who calls, and what a
@@ -81,6 +84,8 @@ pub struct ServiceState {
     /// The orders, for the read-only view of what a node owns.
     pub store: Arc<dyn OrderStore>,
     pub retry_after: Duration,
+    /// The embedded store, for backups (none on Redis).
+    pub embedded: Option<Arc<EmbeddedStore>>,
 }
 
 /// The `/service` routes' state.

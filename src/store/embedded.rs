@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -213,6 +213,17 @@ pub struct EmbeddedStore {
     compress: bool,
     /// Whether orders are created with their payload apart (`database.payload_apart`).
     payload_apart: bool,
+    /// The data dir, where a backup is written before it is sent.
+    dir: PathBuf,
+}
+
+/// A copy of the store's file made by [`EmbeddedStore::backup`]: open for reading, and already
+/// gone from the data dir, so it takes no room once dropped.
+pub struct Backup {
+    pub file: std::fs::File,
+    pub bytes: u64,
+    /// The orders it holds.
+    pub orders: u64,
 }
 
 impl EmbeddedStore {
@@ -293,6 +304,7 @@ impl EmbeddedStore {
             .name("store-purge".into())
             .spawn(move || purge_loop(&purge_db, &purge_tx, retention))
             .map_err(|error| StoreError::Unavailable(format!("cannot start purge: {error}")))?;
+        remove_partial_backups(dir);
         Ok(EmbeddedStore {
             db,
             writer_tx,
@@ -300,7 +312,33 @@ impl EmbeddedStore {
             retention,
             compress,
             payload_apart: false,
+            dir: dir.to_path_buf(),
         })
+    }
+
+    /// A copy of the store's file, made from one read transaction (so every table as of one
+    /// commit, whatever is written meanwhile, which it does not hold up): a redb file that a node
+    /// opens as its `orders.redb`. Written in the data dir first, so it needs as much room there
+    /// as the orders take.
+    pub async fn backup(&self) -> Result<Backup, StoreError> {
+        let path = self
+            .dir
+            .join(format!("{PARTIAL_BACKUP}{}", uuid::Uuid::new_v4()));
+        self.read(move |db| {
+            let copied = copy_file(db, &path).and_then(|orders| {
+                let file = std::fs::File::open(&path).map_err(unavailable_io)?;
+                let bytes = file.metadata().map_err(unavailable_io)?.len();
+                Ok(Backup {
+                    file,
+                    bytes,
+                    orders,
+                })
+            });
+            // Open (or failed), the copy leaves the data dir at once.
+            let _ = std::fs::remove_file(&path);
+            copied
+        })
+        .await
     }
 
     /// The store, creating orders with their payload apart from their doc (written once, in a
@@ -477,6 +515,84 @@ fn stopped_batch(error: &str) -> StoreError {
 
 fn unavailable(error: impl Into<redb::Error>) -> StoreError {
     StoreError::Unavailable(error.into().to_string())
+}
+
+fn unavailable_io(error: std::io::Error) -> StoreError {
+    StoreError::Unavailable(format!("backup: {error}"))
+}
+
+/// How the name of a backup being written starts: one left by a node that stopped while
+/// writing it is removed at the next start.
+const PARTIAL_BACKUP: &str = "backup-partial-";
+
+fn remove_partial_backups(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(PARTIAL_BACKUP)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Copies every table of `db`, as one read transaction sees them, into a new file at `path`;
+/// returns how many orders it holds. Refuses a file with a table it does not know (of a later
+/// version): a backup must hold everything.
+fn copy_file(db: &Database, path: &Path) -> Result<u64, StoreError> {
+    let from = db.begin_read().map_err(unavailable)?;
+    let copy = Database::create(path).map_err(unavailable)?;
+    let to = copy.begin_write().map_err(unavailable)?;
+    let copied = [
+        copy_table(&from, &to, ORDERS)?,
+        copy_table(&from, &to, BY_USER)?,
+        copy_table(&from, &to, OWNED)?,
+        copy_table(&from, &to, IDEMPOTENCY)?,
+        copy_table(&from, &to, ASIDE)?,
+        copy_table(&from, &to, FINISHED)?,
+        copy_table(&from, &to, ORDER_KEYS)?,
+        copy_table(&from, &to, META)?,
+        copy_table(&from, &to, PARKED)?,
+        copy_table(&from, &to, BY_STATE)?,
+        copy_table(&from, &to, STATE_OF)?,
+        copy_table(&from, &to, PAYLOADS)?,
+    ];
+    for table in from.list_tables().map_err(unavailable)? {
+        if !copied.iter().any(|name| name == table.name()) {
+            return Err(StoreError::Unavailable(format!(
+                "backup: table {} is not one this version copies",
+                table.name()
+            )));
+        }
+    }
+    let orders = from
+        .open_table(ORDERS)
+        .map_err(unavailable)?
+        .len()
+        .map_err(unavailable)?;
+    to.commit().map_err(unavailable)?;
+    Ok(orders)
+}
+
+/// Copies `table` from `from` to `to`; returns its name.
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    from: &redb::ReadTransaction,
+    to: &redb::WriteTransaction,
+    table: TableDefinition<'static, K, V>,
+) -> Result<String, StoreError> {
+    let source = from.open_table(table).map_err(unavailable)?;
+    let mut target = to.open_table(table).map_err(unavailable)?;
+    for entry in source.iter().map_err(unavailable)? {
+        let (key, value) = entry.map_err(unavailable)?;
+        target
+            .insert(key.value(), value.value())
+            .map_err(unavailable)?;
+    }
+    Ok(table.name().to_string())
 }
 
 /// Opens (or creates) the store's file; redb repairs it first if it was not closed cleanly.

@@ -1,7 +1,7 @@
 //! Crash and shutdown: a node SIGKILLed mid-pipeline resumes its orders when restarted on the
 //! same data dir (nothing accepted is lost, the node id survives); SIGTERM refuses new orders,
 //! lets running steps finish, closes the store's file cleanly and exits 0, and the orders finish
-//! after a restart.
+//! after a restart; a backup taken while the node runs restores the orders of its moment.
 
 use std::time::{Duration, Instant};
 
@@ -216,4 +216,72 @@ async fn orders_kept_compressed_finish_after_a_restart_without_the_option() {
             .all(|head| head.first() == Some(&b'{')),
         "orders finished without the option are not JSON again"
     );
+}
+
+/// `GET /service/backup` copies the embedded store while the node runs: put back in place of
+/// `orders.redb` (the node stopped), it holds the orders of that moment and no later one, and
+/// an order unfinished in it goes on to finish. On Redis the node refuses with a 409.
+#[tokio::test]
+async fn a_backup_taken_while_running_restores_the_orders_of_its_moment() {
+    let mut node = Node::start(&simulate("300ms")).await;
+    let user = unique_user("backup");
+    let finished = node.create_order(&user, &json!({"n": 1})).await;
+    assert_completed(&node.wait_terminal(&user, &finished, TERMINAL).await);
+    let running = node.create_order(&user, &json!({"n": 2})).await;
+
+    let answer = reqwest::get(format!("{}/service/backup", node.base))
+        .await
+        .expect("GET /service/backup");
+    assert_eq!(answer.status().as_u16(), 200, "{}", node.log_tail());
+    assert_eq!(
+        answer
+            .headers()
+            .get("content-type")
+            .and_then(|value| value.to_str().ok()),
+        Some("application/octet-stream")
+    );
+    let copy = answer.bytes().await.expect("the backup's bytes");
+    assert_eq!(copy.get(..4), Some(&b"redb"[..]), "not a redb file");
+    // The copy was written in the data dir and is gone from it.
+    let left: Vec<_> = std::fs::read_dir(node.data_dir())
+        .expect("read the data dir")
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("backup"))
+        .collect();
+    assert!(left.is_empty(), "left in the data dir: {left:?}");
+
+    let later = node.create_order(&user, &json!({"n": 3})).await;
+    assert_completed(&node.wait_terminal(&user, &later, TERMINAL).await);
+    assert_completed(&node.wait_terminal(&user, &running, TERMINAL).await);
+
+    node.kill();
+    std::fs::write(node.data_dir().join("orders.redb"), &copy).expect("put the backup in place");
+    let restored_at = chrono::Utc::now();
+    node.restart().await;
+    let order = node.wait_terminal(&user, &finished, TERMINAL).await;
+    assert_completed(&order);
+    assert_eq!(order["payload"], json!({"n": 1}));
+    let resumed = node.wait_terminal(&user, &running, TERMINAL).await;
+    assert_completed(&resumed);
+    // Unfinished in the copy, it finished again after the restore.
+    let completed: chrono::DateTime<chrono::Utc> = resumed["complete_time"]
+        .as_str()
+        .and_then(|time| time.parse().ok())
+        .unwrap_or_else(|| panic!("no complete_time in {resumed}"));
+    assert!(completed > restored_at, "{resumed}");
+    let reply = node.get_order(&user, &later).await;
+    node.expect_error(&reply, 404, "an order created after the backup");
+    let after = node.create_order(&user, &json!({"n": 4})).await;
+    assert_completed(&node.wait_terminal(&user, &after, TERMINAL).await);
+
+    let redis = crate::harness::RedisServer::start();
+    let on_redis = Node::start(&format!(
+        "{}[database]\nurl = \"{}\"\n[cluster]\nsecret = \"backup-test-secret\"\n",
+        simulate("10ms"),
+        redis.url()
+    ))
+    .await;
+    let reply = on_redis.call(Method::GET, "/service/backup").send().await;
+    on_redis.expect_error(&reply, 409, "GET /service/backup on redis");
 }

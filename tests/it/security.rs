@@ -177,6 +177,14 @@ async fn tokens_are_checked_and_roles_enforced() {
         .send()
         .await;
     node.expect_error(&reply, 403, "bob calls /service/transfer");
+    let reply = node
+        .call(Method::GET, "/service/backup")
+        .user(&bearer(BOB))
+        .send()
+        .await;
+    node.expect_error(&reply, 403, "bob takes a backup");
+    let reply = node.call(Method::GET, "/service/backup").send().await;
+    node.expect_error(&reply, 401, "a backup without a token");
     // 401: the service endpoint with neither the cluster secret nor a token.
     let reply = node
         .call(Method::POST, "/service/transfer")
@@ -216,6 +224,12 @@ async fn tokens_are_checked_and_roles_enforced() {
         .send()
         .await;
     node.expect_error(&reply, 409, "admin retries a rollback that is not parked");
+    let reply = node
+        .call(Method::GET, "/service/backup")
+        .user(&bearer(ROOT))
+        .send()
+        .await;
+    assert_eq!(reply.status, 200, "admin takes a backup: {reply}");
 
     // Diagnostics stay open.
     node.heartbeat().await;
@@ -223,7 +237,12 @@ async fn tokens_are_checked_and_roles_enforced() {
     // Admin actions are audited with who and what; no token ever reaches the log.
     let log = node.log();
     let audit: Vec<&str> = log.lines().filter(|line| line.contains("audit")).collect();
-    for action in ["read order", "list orders", "retry parked rollback"] {
+    for action in [
+        "read order",
+        "list orders",
+        "retry parked rollback",
+        "backup",
+    ] {
         assert!(
             audit
                 .iter()
