@@ -545,7 +545,12 @@ fn remove_partial_backups(dir: &Path) {
 /// version): a backup must hold everything.
 fn copy_file(db: &Database, path: &Path) -> Result<u64, StoreError> {
     let from = db.begin_read().map_err(unavailable)?;
-    let copy = Database::create(path).map_err(unavailable)?;
+    // With the store's own cache: redb's default (1 GiB) would let a copy of a large file take
+    // that much memory.
+    let copy = redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(unavailable)?;
     let to = copy.begin_write().map_err(unavailable)?;
     let copied = [
         copy_table(&from, &to, ORDERS)?,
