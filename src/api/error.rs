@@ -87,6 +87,7 @@ impl From<OrderError> for ApiError {
             OrderError::Finished | OrderError::AlreadyFailing | OrderError::NotParked => {
                 ApiError::new(StatusCode::CONFLICT, message)
             }
+            OrderError::KeyReused(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message),
             OrderError::Unreadable => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message),
             OrderError::Store {
                 source,

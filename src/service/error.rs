@@ -26,6 +26,9 @@ pub enum OrderError {
     AlreadyFailing,
     #[error("order's rollback is not parked: only a failed order with rollback_state incomplete can retry it")]
     NotParked,
+    /// The idempotency key was used before for an order with another body.
+    #[error("Idempotency-Key already used for order {0} with a different body; use a new key for a new order")]
+    KeyReused(crate::order::OrderId),
     /// The order's stored record does not read (damaged, or written by a newer version).
     #[error(
         "the order's stored record cannot be read; it is kept as it is for an operator to look at"

@@ -91,6 +91,16 @@ fn idempotency_key(key: Option<String>) -> Result<Option<String>, OrderError> {
     Ok(key)
 }
 
+/// What storing a new order came to.
+enum Stored {
+    /// Stored now (or under the id its key had reserved).
+    New(CreatedView),
+    /// Its idempotency key's first order, asked for again with the same body.
+    Replayed(CreatedView),
+    /// Its idempotency key's first order, which had another body.
+    KeyReused(OrderId),
+}
+
 #[async_trait]
 impl Orders for OrderService {
     async fn submit(&self, new: NewOrder) -> Result<Submitted, OrderError> {
@@ -142,25 +152,39 @@ impl Orders for OrderService {
                     tracing::debug!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(&order), user = %order.user, "new order created under the id its key reserved");
                     order
                 }
-                Created::Existing(first) => return Ok((CreatedView::from(first.as_ref()), true)),
+                // The same key with another body is another order, not a retry: refused
+                // rather than answered with the first order. (An order read without its
+                // payload, kept apart, is taken as the same.)
+                Created::Existing(first)
+                    if !first.lacks_payload() && first.payload != order.payload =>
+                {
+                    return Ok(Stored::KeyReused(first.order_id));
+                }
+                Created::Existing(first) => {
+                    return Ok(Stored::Replayed(CreatedView::from(first.as_ref())))
+                }
             };
             let view = CreatedView::from(order.as_ref());
             metrics.order_accepted();
             activity.touch();
             slot.send(Job::New(order));
-            Ok((view, false))
+            Ok(Stored::New(view))
         })
         .await
         .map_err(|error| StoreError::Unavailable(format!("order creation stopped: {error}")));
-        let (view, replayed) = stored
+        let view = match stored
             .and_then(|created| created)
-            .map_err(|error| self.store_error(error))?;
-        if replayed {
-            return Ok(Submitted {
-                order: view,
-                replayed: true,
-            });
-        }
+            .map_err(|error| self.store_error(error))?
+        {
+            Stored::New(view) => view,
+            Stored::Replayed(view) => {
+                return Ok(Submitted {
+                    order: view,
+                    replayed: true,
+                })
+            }
+            Stored::KeyReused(first) => return Err(OrderError::KeyReused(first)),
+        };
         admission.created(view.order_id);
         Ok(Submitted {
             order: view,

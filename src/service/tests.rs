@@ -143,6 +143,16 @@ async fn an_idempotent_replay_returns_the_first_order() {
     let bob = node.accepted(new_order("bob", Some("cart-42"))).await;
     assert!(!bob.replayed);
     assert_ne!(bob.order.order_id, first.order.order_id);
+    // The same key with another body is refused, and stores nothing.
+    let other = NewOrder {
+        payload: serde_json::json!({"sku": "B2"}),
+        ..new_order("alice", Some("cart-42"))
+    };
+    match node.refused(other).await {
+        OrderError::KeyReused(id) => assert_eq!(id, first.order.order_id),
+        other => panic!("expected KeyReused, got {other:?}"),
+    }
+    assert_eq!(node.count("alice").await, 1);
 }
 
 #[tokio::test]

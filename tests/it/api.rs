@@ -310,6 +310,11 @@ async fn idempotency_key_is_per_user() {
         again["start_time"], first["start_time"],
         "a replay returns the same start_time"
     );
+    // The same key with another body is another order, not a retry: refused.
+    let reply = node.post_order_keyed(&alice, &key, r#"{"sku":"B2"}"#).await;
+    node.expect_error(&reply, 422, "same user, same key, another body");
+    let first_id = first["order_id"].as_str().unwrap_or_default();
+    assert!(reply.text.contains(first_id), "{reply}");
 
     let bobs = node.expect_json(
         &node.post_order_keyed(&bob, &key, "{}").await,
@@ -339,6 +344,38 @@ async fn idempotency_key_is_per_user() {
     ];
     expected.sort();
     assert_eq!(listed, expected, "alice's orders after a replay");
+}
+
+/// On Redis too, with the payload kept apart from the stored order (`database.payload_apart`),
+/// a key used again with the same body gets its order back and with another body a 422.
+#[tokio::test]
+async fn a_key_used_again_with_another_body_is_refused_on_redis() {
+    let redis = crate::harness::RedisServer::start();
+    let node = Node::start(&format!(
+        "{}[database]\nurl = \"{}\"\npayload_apart = true\n[cluster]\nsecret = \"api-test-secret\"\n",
+        simulate("10ms"),
+        redis.url()
+    ))
+    .await;
+    let user = unique_user("keyed");
+    let body = r#"{"sku":"A1","qty":2}"#;
+    let first = node.expect_json(
+        &node.post_order_keyed(&user, "cart-7", body).await,
+        201,
+        "first keyed POST",
+    );
+    let again = node.expect_json(
+        &node
+            .post_order_keyed(&user, "cart-7", r#"{"qty": 2, "sku": "A1"}"#)
+            .await,
+        200,
+        "the same body again, its keys in another order",
+    );
+    assert_eq!(again["order_id"], first["order_id"]);
+    let reply = node
+        .post_order_keyed(&user, "cart-7", r#"{"sku":"A1","qty":3}"#)
+        .await;
+    node.expect_error(&reply, 422, "the same key with another body");
 }
 
 #[tokio::test]
