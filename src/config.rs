@@ -339,8 +339,13 @@ pub struct DatabaseConfig {
     /// Replicas that must acknowledge each write (`WAIT`) before it counts as done; 0 does not
     /// wait. The node also refuses to start while fewer replicas are connected.
     pub min_replicas: usize,
-    /// Refuse to start on a Redis whose append-only file is off.
+    /// Refuse to start on a Redis whose append-only file is off (and, while running, refuse
+    /// new orders once it is).
     pub require_aof: bool,
+    /// How often a running node reads its Redis's persistence and eviction again (see
+    /// `require_aof`; a Redis that may evict keys is refused too).
+    #[serde(deserialize_with = "duration")]
+    pub check_interval: Duration,
     /// Write each order compressed (zstd with a built-in dictionary, about a fifth of its JSON):
     /// less work for Redis and its append-only file, about half its memory per kept order, and
     /// an embedded store's file several times smaller. Orders are read in either form whatever
@@ -379,6 +384,7 @@ impl Default for DatabaseConfig {
             timeout: Duration::from_secs(2),
             min_replicas: 0,
             require_aof: false,
+            check_interval: Duration::from_secs(5),
             compress_orders: false,
             payload_apart: false,
             ca_file: PathBuf::new(),
@@ -924,6 +930,7 @@ impl Config {
                 self.pipeline.reconcile_interval,
             ),
             ("database.timeout", self.database.timeout),
+            ("database.check_interval", self.database.check_interval),
             ("telemetry.export_timeout", self.telemetry.export_timeout),
         ])?;
         self.validate_cluster()?;

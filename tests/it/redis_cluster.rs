@@ -1,12 +1,16 @@
 //! A node on a real Redis Cluster (three primaries, a replica each, on loopback): orders keep
 //! being accepted and every one answered 201 finishes while a primary is SIGKILLed (its replica
 //! takes over; also with `min_replicas = 1` and two replicas a primary) and while slots move
-//! between primaries. Every process is killed by pid when its guard is dropped, also when a
+//! between primaries; every primary is checked for eviction, at start and while the node runs.
+//! Every process is killed by pid when its guard is dropped, also when a
 //! test fails.
 
 use crate::cluster::{cluster_turn, SECRET};
 use crate::harness::{unique_user, Node};
-use crate::sentinel::{at_least, eventually, keep_submitting, wait_all_completed, Submitting};
+use crate::sentinel::{
+    assert_refused, assert_refused_order, at_least, eventually, keep_submitting,
+    wait_all_completed, wait_fitness, Submitting,
+};
 use crate::stuck::garbled_then_mended;
 use order_process::store::redis::keys;
 use order_process_testkit::RedisCluster;
@@ -191,4 +195,38 @@ async fn a_set_aside_order_is_taken_back_on_a_redis_cluster() {
         cluster.cli(port, args).unwrap_or_default()
     };
     garbled_then_mended(&node, cli).await;
+}
+
+/// Every primary is checked, not only the first shard's: one that may evict keys keeps a node
+/// from starting, and, set so while the node runs, stops new orders (the heartbeat names it)
+/// until it is mended.
+#[tokio::test]
+async fn every_primary_of_a_redis_cluster_is_checked_for_eviction() {
+    let _turn = cluster_turn().await;
+    let cluster = RedisCluster::try_start(3, 0).expect("a redis cluster");
+    let first = cluster
+        .slot_of(&keys::probe_key(0))
+        .and_then(|slot| cluster.primary_of(slot));
+    let port = cluster
+        .primaries()
+        .into_iter()
+        .find(|port| Some(*port) != first)
+        .expect("a primary that does not serve the first shard");
+    let set = |args: &[&str]| assert_eq!(cluster.cli(port, args).as_deref(), Some("OK"));
+    let config = node_config(&cluster, 0, "check_interval = \"100ms\"\n");
+    let named = format!(":{port} may evict keys");
+    set(&["CONFIG", "SET", "maxmemory", "100mb"]);
+    set(&["CONFIG", "SET", "maxmemory-policy", "volatile-lru"]);
+    assert_refused(&config, &["refusing to start", &named, "noeviction"]).await;
+
+    set(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let node = Node::start(&config).await;
+    let user = unique_user("evict");
+    node.create_order(&user, &serde_json::json!({})).await;
+    set(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    wait_fitness(&node, Some(&named)).await;
+    assert_refused_order(&node, &user, "POST /orders with a primary that may evict").await;
+    set(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    wait_fitness(&node, None).await;
+    node.create_order(&user, &serde_json::json!({})).await;
 }

@@ -4,7 +4,7 @@
 //! the primary's host under load (killed, its directory wiped, back as an empty replica) loses no
 //! order answered 201; a node finds and follows its primary the same way with everything over
 //! TLS; and a node refuses to start on a Redis weaker than its config asks, or one that may evict
-//! keys. Every process is killed by pid when
+//! keys, and refuses new orders while the Redis it runs on turns so. Every process is killed by pid when
 //! its guard is dropped, also when a test fails.
 
 use crate::cluster::{cluster_turn, SECRET};
@@ -456,7 +456,7 @@ async fn a_resumed_order_is_acted_on_only_once_a_replica_has_it() {
 
 /// Runs the binary with `config` and asserts it refused to start: a non-zero exit, no panic, and
 /// a message naming each of `needles`.
-async fn assert_refused(config: &str, needles: &[&str]) {
+pub(crate) async fn assert_refused(config: &str, needles: &[&str]) {
     let outcome = run_to_exit(Some(config), &[]).await;
     let stderr = &outcome.stderr;
     assert!(!outcome.status.success(), "it started: {stderr}");
@@ -538,6 +538,115 @@ async fn a_node_refuses_to_start_on_a_redis_that_may_evict_its_orders() {
     .await;
     assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", "100mb"]), "OK");
     assert_completed(&node.wait_terminal(&user, &running, FINISH).await);
+}
+
+/// Polls the heartbeat until it says `DEGRADED` with a problem naming `needle`, or `OK` when
+/// `needle` is `None`.
+pub(crate) async fn wait_fitness(node: &Node, needle: Option<&str>) -> Value {
+    eventually(
+        FAILOVER,
+        &format!("heartbeat not degraded for {needle:?}"),
+        || node.log_tail(),
+        || async {
+            let reply = node.call(Method::GET, "/diagnostic/heartbeat").send().await;
+            let heartbeat = reply.try_json()?;
+            let problem = heartbeat["problem"].as_str().unwrap_or_default();
+            match needle {
+                Some(needle) => (heartbeat["status"] == "DEGRADED" && problem.contains(needle))
+                    .then_some(heartbeat),
+                None => (heartbeat["status"] == "OK").then_some(heartbeat),
+            }
+        },
+    )
+    .await
+}
+
+/// Asserts that a submission is refused with 503 and a `Retry-After`.
+pub(crate) async fn assert_refused_order(node: &Node, user: &str, what: &str) {
+    let reply = node.post_order(user, "{}").await;
+    node.expect_error(&reply, 503, what);
+    assert!(reply.header("retry-after").is_some(), "{reply}");
+}
+
+/// A running node reads its Redis again every `database.check_interval`: once the primary may
+/// evict keys (set by hand), or a failover promotes a replica without the append-only file that
+/// `require_aof` asks for, new orders get 503 and the heartbeat says why, while an order
+/// accepted before goes on; once Redis is mended, orders are accepted again. No restart.
+#[tokio::test]
+async fn a_running_node_refuses_new_orders_while_its_redis_cannot_keep_them() {
+    let _turn = cluster_turn().await;
+    let mut primary = RedisServer::start();
+    let replica = RedisServer::start_replica_of(&primary);
+    // A replica set up without the append-only file (its primary has one).
+    assert_eq!(replica.cli(&["CONFIG", "SET", "appendonly", "no"]), "OK");
+    let (sentinels, database) = start_sentinels(&primary, 1).await;
+    let database = format!("{database}require_aof = true\ncheck_interval = \"100ms\"\n");
+    let node = Node::start(&node_config(&database, "1s")).await;
+    let user = unique_user("unfit");
+    let running = node.create_order(&user, &serde_json::json!({})).await;
+
+    // Eviction turned on by hand while the node runs.
+    assert_eq!(primary.cli(&["CONFIG", "SET", "maxmemory", "100mb"]), "OK");
+    assert_eq!(
+        primary.cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]),
+        "OK"
+    );
+    let heartbeat = wait_fitness(&node, Some("maxmemory-policy allkeys-lru")).await;
+    assert!(
+        heartbeat["problem"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("noeviction"),
+        "{}",
+        pretty(&heartbeat)
+    );
+    assert_refused_order(&node, &user, "POST /orders on a redis that may evict").await;
+    assert!(
+        node.log()
+            .contains("redis cannot keep orders as configured: new orders are refused"),
+        "{}",
+        node.log_tail()
+    );
+    // The order accepted before runs to its end meanwhile: still refused after it finished.
+    assert_completed(&node.wait_terminal(&user, &running, FINISH).await);
+    assert_refused_order(
+        &node,
+        &user,
+        "POST /orders after the running order finished",
+    )
+    .await;
+    assert_eq!(
+        primary.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]),
+        "OK"
+    );
+    wait_fitness(&node, None).await;
+    assert!(
+        node.log()
+            .contains("redis keeps orders as configured again"),
+        "{}",
+        node.log_tail()
+    );
+    let mut ids = vec![node.create_order(&user, &serde_json::json!({})).await];
+
+    // A failover to the replica without an append-only file.
+    primary.kill();
+    promoted(&sentinels, replica.port).await;
+    wait_fitness(&node, Some("database.require_aof")).await;
+    assert_refused_order(
+        &node,
+        &user,
+        "POST /orders on a primary without its append-only file",
+    )
+    .await;
+    assert_eq!(replica.cli(&["CONFIG", "SET", "appendonly", "yes"]), "OK");
+    ids.push(submit_when_accepted(&node, &user, 1).await);
+    wait_all_completed(&node, &user, &ids).await;
+    wait_fitness(&node, None).await;
+    assert_eq!(
+        node.log().matches("==== launch").count(),
+        1,
+        "the node was restarted"
+    );
 }
 
 /// Right after a failover the promoted primary has no replica for a moment: a node that starts

@@ -356,6 +356,28 @@ impl Connections {
         self.query(&At { command, key }).await
     }
 
+    /// Sends `command`, which names no key (`INFO`), to every primary, like
+    /// [`Connections::query`]: each primary's address (empty on a single Redis, which is the
+    /// one primary) with its answer, which may be an error answer.
+    pub(crate) async fn query_primaries(
+        &self,
+        command: &redis::Cmd,
+    ) -> Result<Vec<(String, Value)>, StoreError> {
+        match self.query(&OnPrimaries { command }).await? {
+            Value::Map(answers) => answers
+                .into_iter()
+                .map(|(address, answer)| {
+                    let address =
+                        String::from_redis_value(address).map_err(crate::store::corrupt)?;
+                    Ok((address, answer))
+                })
+                .collect(),
+            other => Err(StoreError::Corrupt(format!(
+                "not an answer per primary: {other:?}"
+            ))),
+        }
+    }
+
     /// Sends one request on a shared connection and reads its answer, within the store timeout.
     pub(crate) async fn query<T, R>(&self, request: &R) -> Result<T, StoreError>
     where
@@ -512,6 +534,23 @@ impl Request for At<'_> {
         connection: &'a mut Link,
     ) -> BoxFuture<'a, RedisResult<T>> {
         Box::pin(connection.query_at(self.command, self.key))
+    }
+}
+
+/// A command for every primary (see [`Link::query_primaries`]).
+struct OnPrimaries<'a> {
+    command: &'a redis::Cmd,
+}
+
+impl Request for OnPrimaries<'_> {
+    fn send<'a, T: FromRedisValue + Send + 'a>(
+        &'a self,
+        connection: &'a mut Link,
+    ) -> BoxFuture<'a, RedisResult<T>> {
+        Box::pin(async move {
+            let answers = connection.query_primaries(self.command).await?;
+            Ok(T::from_redis_value(answers)?)
+        })
     }
 }
 

@@ -4,7 +4,9 @@
 
 use deadpool_redis::redis::aio::{ConnectionLike, MultiplexedConnection};
 use deadpool_redis::redis::cluster_async::ClusterConnection;
-use deadpool_redis::redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use deadpool_redis::redis::cluster_routing::{
+    MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
 use deadpool_redis::redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
 
 /// A connection [`Connections`](super::Connections) shares between tasks (both kinds multiplex).
@@ -29,6 +31,23 @@ impl Link {
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
                 let answer = connection.route_command(command.clone(), routing).await?;
                 Ok(T::from_redis_value(answer)?)
+            }
+        }
+    }
+
+    /// Sends `command`, which names no key (`INFO`), to every primary, and answers a map of each
+    /// primary's address to its answer (an error answer among them); on a single Redis, one
+    /// entry with an empty address.
+    pub(crate) async fn query_primaries(&mut self, command: &Cmd) -> RedisResult<Value> {
+        match self {
+            Link::One(connection) => {
+                let answer: Value = command.query_async(connection).await?;
+                Ok(Value::Map(vec![(Value::BulkString(Vec::new()), answer)]))
+            }
+            Link::Cluster(connection) => {
+                // No response policy: each primary's answer, under its address.
+                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                connection.route_command(command.clone(), routing).await
             }
         }
     }

@@ -3,7 +3,8 @@
 //! - [`access`]: the URL, ACL user and password, and TLS files a node connects with.
 //! - [`Connections`]: the connections every Redis user of a node shares (to one address, to
 //!   the primary Redis Sentinel names, or to a Redis Cluster), and the one way to send a request on them.
-//! - [`startup`]: the primary's replication and persistence, checked before a node starts.
+//! - [`checks`]: the primaries' replication, persistence and eviction, checked before a node
+//!   starts and while it runs.
 //! - [`keys`]: the key layout, order storage and cluster coordination alike.
 //! - [`RedisStore`]: the [`OrderStore`](super::OrderStore) on Redis, its Lua scripts in
 //!   `scripts`, its group commit in `commits`. The cluster's coordinator shares its connections.
@@ -15,13 +16,13 @@
 //! still rebuilds them from the order hashes.
 
 pub mod access;
+pub mod checks;
 mod commits;
 mod conn;
 pub mod keys;
 mod link;
 mod orders;
 mod scripts;
-pub mod startup;
 
 pub use conn::Connections;
 pub use orders::RedisStore;

@@ -2,6 +2,7 @@
 //! `scripts`) that writes its index entries in the same atomic step.
 
 use super::access::ClusterAccess;
+use super::checks::Fitness;
 use super::commits::{self, Committer, Shape, Write};
 use super::conn::{Connections, Scripted};
 use super::keys;
@@ -55,6 +56,9 @@ pub struct RedisStore {
     /// Whether an order created keeps its payload apart from its doc, written once (see
     /// `doc::write_payload`); either form is read, and an order keeps the form it was created in.
     payload_apart: bool,
+    /// Whether Redis keeps orders as configured (see `checks::watch`): new orders are refused
+    /// while it does not.
+    fitness: Arc<Fitness>,
 }
 
 /// A script's answer as `T`.
@@ -208,6 +212,21 @@ impl RedisStore {
             committer: OnceLock::new(),
             compress: false,
             payload_apart: false,
+            fitness: Arc::default(),
+        }
+    }
+
+    /// The store, refusing new orders while `fitness` says Redis cannot keep them.
+    pub fn with_fitness(mut self, fitness: Arc<Fitness>) -> RedisStore {
+        self.fitness = fitness;
+        self
+    }
+
+    /// Unavailable while Redis cannot keep orders as configured.
+    fn fit(&self) -> Result<(), StoreError> {
+        match self.fitness.problem() {
+            Some(problem) => Err(StoreError::Unavailable(problem.to_string())),
+            None => Ok(()),
         }
     }
 
@@ -796,6 +815,7 @@ impl OrderStore for RedisStore {
     }
 
     async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError> {
+        self.fit()?;
         let mut order = order.clone();
         // An order created with a key is stored in the key's shard: an id from elsewhere is
         // moved there (see `keys`), and the caller learns the id as stored.
@@ -1194,6 +1214,7 @@ impl OrderStore for RedisStore {
         // save, OOM at maxmemory, READONLY on a replica) cannot keep orders either; nor can one
         // whose replicas do not acknowledge writes when `database.min_replicas` asks them to.
         // On a Redis Cluster, one per shard, so every primary is written.
+        self.fit()?;
         let probe = |shard: u16| async move {
             let mut probe = redis::cmd("SET");
             probe.arg(probe_key(shard)).arg(1).arg("PX").arg(60_000);
