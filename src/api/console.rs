@@ -2,7 +2,8 @@
 //!
 //! - `/diagnostic/overview`: every node the cluster knows, with its role, liveness, version,
 //!   uptime and its own figures (in flight, queued, totals), and the totals summed over the
-//!   nodes that answered. Counts only: no token needed, like the summary.
+//!   nodes that answered, and the store as this node finds it (as its heartbeat does). Counts
+//!   only: no token needed, like the summary.
 //! - `/diagnostic/flow`: this node's orders per second and step latency histograms of the last
 //!   15 minutes ([`crate::flow`]); with `?scope=cluster`, merged over every live node that
 //!   answers; `?since=<unix second>` returns only the newer seconds.
@@ -347,6 +348,10 @@ async fn overview(state: State) -> Result<Response, ApiError> {
         .iter()
         .filter(|row| row["answered"] == json!(true))
         .count();
+    let store = match node.store_problem().await {
+        None => json!({ "status": "OK" }),
+        Some(problem) => json!({ "status": "DEGRADED", "problem": problem }),
+    };
     Ok(json_reply(
         StatusCode::OK,
         &json!({
@@ -358,6 +363,7 @@ async fn overview(state: State) -> Result<Response, ApiError> {
             "nodes_answered": answered,
             "totals": totals,
             "nodes": rows,
+            "store": store,
         }),
     ))
 }

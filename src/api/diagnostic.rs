@@ -25,9 +25,6 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Filter;
 
-/// How long the heartbeat waits for the store before calling it degraded.
-const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-
 type State = Arc<NodeStatus>;
 
 pub fn routes(state: State, auth: Arc<Authenticator>) -> BoxedFilter<(Response,)> {
@@ -122,19 +119,10 @@ fn now() -> String {
 }
 
 async fn heartbeat(state: State) -> Response {
-    let check = tokio::time::timeout(STORE_CHECK_TIMEOUT, state.store.ping()).await;
-    let (status, code, problem) = match check {
-        Ok(Ok(())) => ("OK", StatusCode::OK, None),
-        Ok(Err(error)) => (
-            "DEGRADED",
-            StatusCode::SERVICE_UNAVAILABLE,
-            Some(error.to_string()),
-        ),
-        Err(_) => (
-            "DEGRADED",
-            StatusCode::SERVICE_UNAVAILABLE,
-            Some("store check timed out".to_string()),
-        ),
+    let problem = state.store_problem().await;
+    let (status, code) = match problem {
+        None => ("OK", StatusCode::OK),
+        Some(_) => ("DEGRADED", StatusCode::SERVICE_UNAVAILABLE),
     };
     let mut body = serde_json::json!({
         "generated_at": now(),

@@ -65,7 +65,7 @@ pub struct NodeStatus {
     pub service_id: String,
     pub advertised: SocketAddr,
     pub started_at: DateTime<Utc>,
-    /// Checked by the heartbeat.
+    /// Checked by the heartbeat and the console's overview.
     pub store: Arc<dyn OrderStore>,
     pub pool: Arc<Pool>,
     /// Present in cluster mode.
@@ -74,6 +74,21 @@ pub struct NodeStatus {
     pub activity: Arc<LastActivity>,
     /// How this node's peers are called (and how any node is reached: http or https).
     pub peers: Peers,
+}
+
+/// How long a store check waits for the store before calling it degraded.
+const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl NodeStatus {
+    /// What is wrong with the store, as the heartbeat and the console show it: it does not
+    /// answer, refuses writes, or (Redis) cannot keep orders as configured. `None` when well.
+    pub async fn store_problem(&self) -> Option<String> {
+        match tokio::time::timeout(STORE_CHECK_TIMEOUT, self.store.ping()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_) => Some("store check timed out".to_string()),
+        }
+    }
 }
 
 /// What the cluster-internal `/service` routes need.

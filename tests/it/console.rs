@@ -483,6 +483,37 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
             "the rollback complete",
         )
         .await;
+    // A Redis that may evict keys: the nodes refuse new orders, and the page says so, until
+    // it is mended.
+    browser
+        .wait_true(
+            "document.querySelector('#store-note').textContent === '' && \
+             document.querySelector('#store-note').offsetParent === null",
+            "no store note while the store is well",
+        )
+        .await;
+    assert_eq!(redis.cli(&["CONFIG", "SET", "maxmemory", "1gb"]), "OK");
+    assert_eq!(
+        redis.cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]),
+        "OK"
+    );
+    browser
+        .wait_true(
+            "document.querySelector('#store-note').textContent.includes('maxmemory-policy allkeys-lru') && \
+             document.querySelector('#store-note').offsetParent !== null",
+            "a store note naming the eviction policy",
+        )
+        .await;
+    assert_eq!(
+        redis.cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]),
+        "OK"
+    );
+    browser
+        .wait_true(
+            "document.querySelector('#store-note').textContent === ''",
+            "the store note gone once redis is mended",
+        )
+        .await;
     eprintln!(
         "console screenshots: {} {} (browser part {:?})",
         overview.display(),

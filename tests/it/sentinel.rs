@@ -601,6 +601,23 @@ async fn a_running_node_refuses_new_orders_while_its_redis_cannot_keep_them() {
         pretty(&heartbeat)
     );
     assert_refused_order(&node, &user, "POST /orders on a redis that may evict").await;
+    let overview = node.expect_json(
+        &node.call(Method::GET, "/diagnostic/overview").send().await,
+        200,
+        "GET /diagnostic/overview",
+    );
+    assert_eq!(
+        overview["store"]["status"],
+        "DEGRADED",
+        "{}",
+        pretty(&overview)
+    );
+    assert_eq!(
+        overview["store"]["problem"],
+        heartbeat["problem"],
+        "{}",
+        pretty(&overview)
+    );
     assert!(
         node.log()
             .contains("redis cannot keep orders as configured: new orders are refused"),
