@@ -55,7 +55,7 @@ pub(crate) async fn start_cluster(redis: &RedisServer, count: usize, step: &str)
 }
 
 /// Starts `count` nodes configured by `config` (given the seeds), as [`start_cluster`] does.
-async fn start_configured(count: usize, config: impl Fn(&[u16]) -> String) -> Vec<Node> {
+pub(crate) async fn start_configured(count: usize, config: impl Fn(&[u16]) -> String) -> Vec<Node> {
     let first = Node::start(&config(&[])).await;
     let seed = first.port;
     let mut nodes = vec![first];
@@ -128,7 +128,7 @@ async fn leader_among(nodes: &[Node]) -> (String, usize) {
 
 /// A submitted order and the node it was submitted to.
 pub(crate) struct Submitted {
-    id: String,
+    pub(crate) id: String,
 }
 
 pub(crate) async fn submit(node: &Node, user: &str, count: usize) -> Vec<Submitted> {

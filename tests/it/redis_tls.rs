@@ -1,7 +1,8 @@
 //! Redis over TLS and with an ACL user, against real `redis-server` processes: a node on
 //! `rediss://` trusting a CA made here (rcgen), client certificates for a Redis that requires
 //! them, and an ACL user whose password comes from `database.password_file` (or the URL) and
-//! never shows in the node's log. A node that cannot get in says why in its log and keeps
+//! never shows in the node's log, with the least rights a cluster needs (Redis's `ACL LOG`
+//! checked to have refused nothing). A node that cannot get in says why in its log and keeps
 //! trying, without panicking. Every process is killed by pid when its guard drops, also when a
 //! test fails; temp dirs go with them.
 
@@ -314,14 +315,67 @@ async fn a_primary_killed_on_a_redis_cluster_over_tls_loses_no_acknowledged_orde
     crate::redis_cluster::primary_killed_under_load(cluster, 0, &tls).await;
 }
 
-/// A plain Redis with the ACL user `app` (password `password`) allowed the node's keys and
-/// any channel (a sentinel's hello messages), and the default user switched off.
+/// The rules of the node's ACL user, as the README gives them: its keys, every command but
+/// Redis's dangerous ones, and of those the three it reads its Redis with.
+const NODE_ACL: [&str; 6] = [
+    "~op:*",
+    "+@all",
+    "-@dangerous",
+    "+info",
+    "+role",
+    "+config|get",
+];
+
+/// The rules of a sentinel's ACL user, as Redis's documentation gives them.
+const SENTINEL_ACL: [&str; 13] = [
+    "&__sentinel__:hello",
+    "+multi",
+    "+slaveof",
+    "+ping",
+    "+exec",
+    "+subscribe",
+    "+config|rewrite",
+    "+role",
+    "+publish",
+    "+info",
+    "+client|setname",
+    "+client|kill",
+    "+script|kill",
+];
+
+/// A plain Redis with the ACL users `app` (the node's rules, [`NODE_ACL`]), `sentinel` (a
+/// sentinel's) and `admin` (everything, for the test's own look), all with `password`, and the
+/// default user switched off.
 fn redis_with_acl_user(password: &str) -> RedisServer {
     let redis = RedisServer::start();
     let rule = format!(">{password}");
-    redis.cli(&["ACL", "SETUSER", "app", "on", &rule, "~op:*", "&*", "+@all"]);
-    redis.cli(&["ACL", "SETUSER", "default", "off"]);
+    let set = |user: &str, rules: &[&str]| {
+        let args = [&["ACL", "SETUSER", user, "on", &rule], rules].concat();
+        assert_eq!(redis.cli(&args), "OK", "ACL SETUSER {user}");
+    };
+    set("app", &NODE_ACL);
+    set("sentinel", &SENTINEL_ACL);
+    set("admin", &["~*", "&*", "+@all"]);
+    assert_eq!(redis.cli(&["ACL", "SETUSER", "default", "off"]), "OK");
     redis
+}
+
+/// `redis-cli` arguments that log in as `admin` (see [`redis_with_acl_user`]), then `args`.
+fn as_admin<'a>(password: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    [
+        &["--user", "admin", "--pass", password, "--no-auth-warning"],
+        args,
+    ]
+    .concat()
+}
+
+/// Asserts that Redis refused nothing to any user (`ACL LOG` is empty).
+fn assert_nothing_refused(redis: &RedisServer, password: &str, log: &str) {
+    let refused = redis.cli(&as_admin(password, &["ACL", "LOG"]));
+    assert!(
+        refused.trim().is_empty(),
+        "redis refused commands:\n{refused}\n{log}"
+    );
 }
 
 /// Writes `password` and a line break to a file in `dir`; returns its path.
@@ -361,6 +415,7 @@ async fn an_acl_user_logs_in_with_its_password_file_and_the_password_is_never_lo
         "the password is in the node's log\n{}",
         node.log_tail()
     );
+    assert_nothing_refused(&redis, &password, &node.log_tail());
 
     // A wrong password: Redis refuses the login, the node says so and keeps trying.
     let wrong_dir = tempfile::tempdir().expect("create a temp dir");
@@ -392,13 +447,14 @@ async fn an_acl_user_and_password_in_the_url_work_and_are_never_logged() {
         "the password is in the node's log\n{}",
         node.log_tail()
     );
+    assert_nothing_refused(&redis, &password, &node.log_tail());
 }
 
 #[tokio::test]
 async fn with_sentinel_the_acl_user_logs_in_to_the_primary() {
     let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
     let primary = redis_with_acl_user(&password);
-    let sentinel = RedisSentinel::start_with_login(&primary, "orders", 1, "app", &password);
+    let sentinel = RedisSentinel::start_with_login(&primary, "orders", 1, "sentinel", &password);
     let files = tempfile::tempdir().expect("create a temp dir");
     let good = password_file(files.path(), &password);
     let database = |file: &Path| {
@@ -419,6 +475,7 @@ async fn with_sentinel_the_acl_user_logs_in_to_the_primary() {
         "the password is in the node's log\n{}",
         node.log_tail()
     );
+    assert_nothing_refused(&primary, &password, &node.log_tail());
 
     let wrong_dir = tempfile::tempdir().expect("create a temp dir");
     let wrong = password_file(
@@ -429,4 +486,64 @@ async fn with_sentinel_the_acl_user_logs_in_to_the_primary() {
     refused
         .complains(&["cannot read redis", "Password authentication failed"])
         .await;
+}
+
+/// The README's least-privilege ACL user ([`NODE_ACL`]) is enough for all a cluster does: two
+/// nodes create, list, cancel and finish orders, read their Redis's persistence and eviction,
+/// answer the console's views, take over a killed node's orders (a new leader repairs the
+/// indexes) and purge orders past their retention, and Redis refuses none of it.
+#[tokio::test]
+async fn the_least_privilege_acl_user_is_enough_for_a_cluster() {
+    let _turn = crate::cluster::cluster_turn().await;
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let redis = redis_with_acl_user(&password);
+    let url = format!("redis://app:{password}@127.0.0.1:{}", redis.port);
+    let mut nodes = crate::cluster::start_configured(2, |seeds| {
+        let seeds: Vec<String> = seeds
+            .iter()
+            .map(|port| format!("\"127.0.0.1:{port}\""))
+            .collect();
+        format!(
+            "[simulate]\nduration = \"1s\"\nfailure_rate = 0.0\n\
+             [database]\nurl = \"{url}\"\ntimeout = \"1s\"\ncheck_interval = \"200ms\"\n\
+             [orders]\nretention = \"5s\"\n\
+             [cluster]\nsecret = \"{SECRET}\"\nseeds = [{}]\n",
+            seeds.join(", ")
+        )
+    })
+    .await;
+    let user = unique_user("acl");
+    let cancelled = nodes[1].create_order(&user, &serde_json::json!({})).await;
+    let reply = nodes[1].cancel(&user, &cancelled).await;
+    nodes[1].expect_json(&reply, 202, "POST /orders/{id}/cancel");
+    let view = nodes[1].wait_terminal(&user, &cancelled, FINISH).await;
+    assert_eq!(view["current_step"], "Failed", "{view}");
+    let orders = crate::cluster::submit(&nodes[0], &user, 6).await;
+    for path in [
+        "/diagnostic/overview",
+        "/diagnostic/stuck?older_than=1s",
+        "/diagnostic/parked",
+        "/diagnostic/set-aside",
+    ] {
+        let reply = nodes[1].call(reqwest::Method::GET, path).send().await;
+        nodes[1].expect_json(&reply, 200, path);
+    }
+    crate::cluster::wait_started(&nodes[1], &user, &orders).await;
+    nodes[0].kill();
+    crate::cluster::wait_all_completed(&nodes[1], &user, &orders, FINISH).await;
+    assert!(
+        nodes[1].log().contains("took over orders"),
+        "{}",
+        nodes[1].log_tail()
+    );
+    let listed = nodes[1].list_all_ids(&user, &[]).await;
+    assert!(listed.len() >= orders.len(), "{listed:?}");
+    // Past their retention, the leader purges them: the first is gone.
+    let first = &orders[0].id;
+    order_process_testkit::poll::until(FINISH, POLL, || async {
+        (nodes[1].get_order(&user, first).await.status == 404).then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("order {first} not purged\n{}", nodes[1].log_tail()));
+    assert_nothing_refused(&redis, &password, &nodes[1].log_tail());
 }
