@@ -547,3 +547,44 @@ async fn the_least_privilege_acl_user_is_enough_for_a_cluster() {
     .unwrap_or_else(|| panic!("order {first} not purged\n{}", nodes[1].log_tail()));
     assert_nothing_refused(&redis, &password, &nodes[1].log_tail());
 }
+
+/// On a Redis Cluster the same user, made on every primary, is enough too: the cluster client's
+/// own commands (`CLUSTER SLOTS`) and the checks of every primary are among its rights.
+#[tokio::test]
+async fn the_least_privilege_acl_user_is_enough_on_a_redis_cluster() {
+    let _turn = crate::cluster::cluster_turn().await;
+    let cluster = RedisCluster::try_start(3, 0).expect("a redis cluster");
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let rule = format!(">{password}");
+    let primaries = cluster.primaries();
+    for port in &primaries {
+        for (user, rules) in [
+            ("app", &NODE_ACL[..]),
+            ("admin", &["~*", "&*", "+@all"][..]),
+        ] {
+            let args = [&["ACL", "SETUSER", user, "on", &rule], rules].concat();
+            assert_eq!(cluster.cli(*port, &args).as_deref(), Some("OK"));
+        }
+        let off = cluster.cli(*port, &["ACL", "SETUSER", "default", "off"]);
+        assert_eq!(off.as_deref(), Some("OK"));
+    }
+    let files = tempfile::tempdir().expect("create a temp dir");
+    let file = password_file(files.path(), &password);
+    let nodes = cluster.database_config();
+    let node = node_completing_orders(&format!(
+        "{}username = \"app\"\npassword_file = \"{}\"\ncheck_interval = \"200ms\"\n",
+        nodes.trim_start_matches("[database]\n"),
+        file.display()
+    ))
+    .await;
+    orders_complete(&node).await;
+    for port in primaries {
+        let refused = cluster.cli(port, &as_admin(&password, &["ACL", "LOG"]));
+        assert_eq!(
+            refused.as_deref().map(str::trim),
+            Some(""),
+            "the primary on {port} refused commands\n{}",
+            node.log_tail()
+        );
+    }
+}
