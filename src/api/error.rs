@@ -4,7 +4,9 @@
 use crate::service::OrderError;
 use crate::store::StoreError;
 use std::convert::Infallible;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
 use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::{Rejection, Reply};
@@ -63,13 +65,68 @@ impl ApiError {
         match error {
             StoreError::NotFound => ApiError::not_found(),
             StoreError::Unavailable(detail) => {
-                tracing::warn!(error = %detail, "store unavailable");
+                if let Some(others) = UNAVAILABLE_LOGGED.admit(millis_now(), UNAVAILABLE_LOG_EVERY)
+                {
+                    tracing::warn!(error = %detail, others_since_last = others, "store unavailable");
+                }
                 ApiError::overloaded("store unavailable, try again", retry_after)
             }
             other => {
                 tracing::error!(error = %other, "store error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal store error")
             }
+        }
+    }
+}
+
+/// A request answered 503 because the store is unavailable is logged at most once per this
+/// many milliseconds, with how many more were answered so since: an outage under thousands of
+/// requests a second must not write a line for each.
+const UNAVAILABLE_LOG_EVERY: u64 = 1_000;
+
+static UNAVAILABLE_LOGGED: Throttle = Throttle::new();
+
+/// Milliseconds since the first call: a clock for [`Throttle`].
+fn millis_now() -> u64 {
+    static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+    u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Lets one event in per period and counts the rest.
+struct Throttle {
+    /// When the next event may be let in, in [`millis_now`]'s milliseconds.
+    next_ms: AtomicU64,
+    /// Events kept out since the last one let in.
+    kept_out: AtomicU64,
+}
+
+impl Throttle {
+    const fn new() -> Throttle {
+        Throttle {
+            next_ms: AtomicU64::new(0),
+            kept_out: AtomicU64::new(0),
+        }
+    }
+
+    /// An event at `now_ms`: `Some(events kept out since the last one let in)` when this one
+    /// is let in, at most one each `every_ms`.
+    fn admit(&self, now_ms: u64, every_ms: u64) -> Option<u64> {
+        let next = self.next_ms.load(Ordering::Relaxed);
+        let first = now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms.saturating_add(every_ms),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok();
+        if first {
+            Some(self.kept_out.swap(0, Ordering::Relaxed))
+        } else {
+            self.kept_out.fetch_add(1, Ordering::Relaxed);
+            None
         }
     }
 }
@@ -144,4 +201,21 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
     };
     Ok(error.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+
+    #[test]
+    fn a_throttle_lets_one_event_in_per_period_and_counts_the_rest() {
+        let throttle = Throttle::new();
+        assert_eq!(throttle.admit(0, 1_000), Some(0));
+        assert_eq!(throttle.admit(10, 1_000), None);
+        assert_eq!(throttle.admit(999, 1_000), None);
+        assert_eq!(throttle.admit(1_000, 1_000), Some(2));
+        assert_eq!(throttle.admit(1_500, 1_000), None);
+        assert_eq!(throttle.admit(9_000, 1_000), Some(1));
+        assert_eq!(throttle.admit(9_000, 1_000), None);
+    }
 }

@@ -467,6 +467,22 @@ async fn redis_outage_answers_503_then_everything_completes() {
         .await;
     assert_eq!(heartbeat.status, 503, "{heartbeat}");
     assert_eq!(heartbeat.try_json().unwrap()["status"], "DEGRADED");
+    // A refused request is not a log line of its own: at most one a second says how many.
+    for _ in 0..30 {
+        let reply = nodes[0].post_order(&user, "{}").await;
+        assert_eq!(reply.status, 503, "{reply}");
+    }
+    let lines = nodes[0]
+        .log()
+        .matches("api::error: store unavailable")
+        .count();
+    let most = usize::try_from(started.elapsed().as_secs()).unwrap_or(usize::MAX) + 1;
+    assert!(
+        (1..=most).contains(&lines),
+        "{lines} lines for 31 refused requests in {:?}\n{}",
+        started.elapsed(),
+        nodes[0].log_tail()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await; // the outage itself, not a wait for state
     redis.restart();
     wait_all_completed(&nodes[2], &user, &orders, Duration::from_secs(60)).await;
