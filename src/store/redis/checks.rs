@@ -170,13 +170,14 @@ pub async fn read(connections: &Connections) -> Result<Vec<RedisInfo>, StoreErro
     let replication = info("replication").await?;
     let mut persistence = info("persistence").await?;
     let mut memory = info("memory").await?;
-    // CONFIG is often renamed or disabled on managed Redis: then appendfsync is just unknown.
+    // CONFIG is often renamed or disabled on managed Redis: then appendfsync is just unknown
+    // (logged as such at start; at debug here, as a running node reads it again and again).
     let mut config = redis::cmd("CONFIG");
     config.arg("GET").arg("appendfsync");
     let mut appendfsync = match connections.query_primaries(&config).await {
         Ok(answers) => answers,
         Err(error) => {
-            info!(error = %error, "cannot read redis appendfsync (CONFIG GET refused)");
+            debug!(error = %error, "cannot read redis appendfsync (CONFIG GET refused)");
             Vec::new()
         }
     };
