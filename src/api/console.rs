@@ -245,6 +245,11 @@ const TOTALS: [&str; 4] = ["accepted", "completed", "failed", "cancelled"];
 
 async fn overview(state: State) -> Result<Response, ApiError> {
     let node = &state.node;
+    // Checked while the peers are asked, not after them.
+    let store_check = tokio::spawn({
+        let node = Arc::clone(node);
+        async move { node.store_problem().await }
+    });
     let time = Utc::now();
     let mut rows: Vec<Value> = Vec::new();
     let leader;
@@ -348,7 +353,10 @@ async fn overview(state: State) -> Result<Response, ApiError> {
         .iter()
         .filter(|row| row["answered"] == json!(true))
         .count();
-    let store = match node.store_problem().await {
+    let problem = store_check
+        .await
+        .unwrap_or_else(|error| Some(format!("store check failed: {error}")));
+    let store = match problem {
         None => json!({ "status": "OK" }),
         Some(problem) => json!({ "status": "DEGRADED", "problem": problem }),
     };
