@@ -233,6 +233,15 @@ impl OrderStore for FakeStore {
         Ok((owned, next))
     }
 
+    async fn still_owned(&self, node: &str, ids: &[OrderId]) -> Result<Vec<OrderId>, StoreError> {
+        let owned = self.owned_unfinished(node).await?;
+        Ok(ids
+            .iter()
+            .copied()
+            .filter(|id| owned.contains(id))
+            .collect())
+    }
+
     async fn parked_page(&self, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
         let mut parked: Vec<OrderId> = (self.orders.lock().unwrap().values())
             .filter(|order| crate::store::is_parked(order))

@@ -27,21 +27,61 @@ const PARKED_POLL: Duration = Duration::from_millis(20);
 /// A reserved slot in the queue: holding one guarantees the job can be queued. It keeps the
 /// gate's ticket from the moment it was reserved, before the order was stored: if the lease lapses
 /// after that, the order is read again before its first step.
-pub struct Slot(mpsc::OwnedPermit<Queued>, Arc<Shared>, Option<u64>);
+pub struct Slot {
+    permit: mpsc::OwnedPermit<Queued>,
+    shared: Arc<Shared>,
+    ticket: Option<u64>,
+    claimed: Claimed,
+}
+
+/// The new order a [`Slot`] counts as active here while it is being stored; let go when the
+/// slot is dropped unsent (the order was not stored, or is stored under another id).
+struct Claimed {
+    shared: Arc<Shared>,
+    id: Option<OrderId>,
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.shared.unmark(id);
+        }
+    }
+}
 
 impl Slot {
-    /// Queues the job in the reserved slot; a new order counts as active here from now on. A new
-    /// order that is already active here (the reconciliation found it in the store first) is not
+    /// Counts the new order `id` as active here from now on, before it is stored: the
+    /// reconciliation may list the order as soon as it is stored, and must find it held, not
+    /// take it for one that nothing runs. False (and nothing claimed) when it is active already.
+    pub fn claim(&mut self, id: OrderId) -> bool {
+        if self.claimed.id.is_some() || !self.shared.active.mark(id) {
+            return false;
+        }
+        self.claimed.id = Some(id);
+        true
+    }
+
+    /// Queues the job in the reserved slot; a new order counts as active here from now on (the
+    /// one claimed, or the job's). A new order that is already active here, unclaimed, is not
     /// queued again: the run that holds it drives the stored order.
     pub fn send(self, job: Job) {
+        let Slot {
+            permit,
+            ticket,
+            shared,
+            mut claimed,
+        } = self;
         if let Job::New(order) = &job {
-            if !self.1.active.mark(order.order_id) {
+            if claimed.id == Some(order.order_id) {
+                claimed.id = None;
+            } else if !shared.active.mark(order.order_id) {
                 return;
             }
         }
-        self.0.send(Queued {
+        drop(claimed);
+        permit.send(Queued {
             job,
-            ticket: self.2,
+            ticket,
             due: None,
         });
     }
@@ -111,7 +151,15 @@ impl Pool {
             .ok()
             .map(|permit| {
                 let ticket = self.shared.gate.ticket();
-                Slot(permit, Arc::clone(&self.shared), ticket)
+                Slot {
+                    permit,
+                    shared: Arc::clone(&self.shared),
+                    ticket,
+                    claimed: Claimed {
+                        shared: Arc::clone(&self.shared),
+                        id: None,
+                    },
+                }
             })
     }
 
@@ -283,18 +331,28 @@ mod tests {
     async fn running_one() -> (Arc<FakeStore>, Arc<FakeStep>, Arc<Pool>, Order) {
         let (store, steps) = (Arc::new(FakeStore::default()), FakeStep::new());
         steps.script(Call::run(Step::Scheduling), [Outcome::Hold, Outcome::Hold]);
-        let pool = Pool::start(
-            NODE.into(),
-            store.clone(),
-            Handlers::new(steps.clone()),
-            Arc::new(Gate::open()),
-            1,
-            1,
-            Arc::new(Metrics::new()),
-        );
+        let pool = one_worker(&store, &steps, Arc::new(Gate::open()), 1);
         let order = submit(&pool, &store).expect("a free worker");
         until("the first order running", || pool.inflight() == 1).await;
         (store, steps, pool, order)
+    }
+
+    /// A pool of one worker on `store` and `steps`, behind `gate`, with a queue of `queue`.
+    fn one_worker(
+        store: &Arc<FakeStore>,
+        steps: &Arc<FakeStep>,
+        gate: Arc<Gate>,
+        queue: usize,
+    ) -> Arc<Pool> {
+        Pool::start(
+            NODE.into(),
+            store.clone(),
+            Handlers::new(steps.clone()),
+            gate,
+            1,
+            queue,
+            Arc::new(Metrics::new()),
+        )
     }
 
     /// Submits a stored order as `POST /orders` does.
@@ -328,15 +386,7 @@ mod tests {
         let (store, steps) = (Arc::new(FakeStore::default()), FakeStep::new());
         let gate = Arc::new(Gate::closed());
         gate.renewed(std::time::Instant::now() + Duration::from_secs(60));
-        let pool = Pool::start(
-            NODE.into(),
-            store.clone(),
-            Handlers::new(steps.clone()),
-            Arc::clone(&gate),
-            1,
-            1,
-            Arc::new(Metrics::new()),
-        );
+        let pool = one_worker(&store, &steps, Arc::clone(&gate), 1);
         let slot = pool.try_reserve().expect("room in the queue");
         let order = order(NODE);
         store.insert(&order);
@@ -350,6 +400,46 @@ mod tests {
 
         assert_eq!(steps.calls(), [], "the service is not called");
         assert_eq!(store.order(order.order_id).owner, "node-b");
+        pool.shutdown(DEADLINE).await;
+    }
+
+    #[tokio::test]
+    async fn a_claimed_order_is_held_until_it_is_queued_or_the_slot_is_dropped() {
+        let (store, steps) = (Arc::new(FakeStore::default()), FakeStep::new());
+        let pool = one_worker(&store, &steps, Arc::new(Gate::open()), 4);
+        // Not stored (the store refused it): let go with the slot.
+        let unstored = order(NODE);
+        let mut slot = pool.try_reserve().expect("room in the queue");
+        assert!(slot.claim(unstored.order_id));
+        assert!(
+            pool.is_active(unstored.order_id),
+            "held before it is stored"
+        );
+        assert!(!slot.claim(order(NODE).order_id), "one claim a slot");
+        drop(slot);
+        assert!(!pool.is_active(unstored.order_id));
+
+        // Stored under another id: the claimed one is let go, the stored one runs.
+        let (claimed, stored) = (order(NODE), order(NODE));
+        store.insert(&stored);
+        let mut slot = pool.try_reserve().expect("room in the queue");
+        assert!(slot.claim(claimed.order_id));
+        slot.send(Job::New(Box::new(stored.clone())));
+        assert!(!pool.is_active(claimed.order_id));
+        until("the stored order done", || !pool.is_active(stored.order_id)).await;
+        assert_eq!(store.order(stored.order_id).current_step, Step::Completed);
+
+        // Stored under the claimed id: queued once, and runs.
+        let claimed = order(NODE);
+        store.insert(&claimed);
+        let mut slot = pool.try_reserve().expect("room in the queue");
+        assert!(slot.claim(claimed.order_id));
+        slot.send(Job::New(Box::new(claimed.clone())));
+        until("the claimed order done", || {
+            !pool.is_active(claimed.order_id)
+        })
+        .await;
+        assert_eq!(store.order(claimed.order_id).current_step, Step::Completed);
         pool.shutdown(DEADLINE).await;
     }
 

@@ -132,7 +132,21 @@ async fn pass(pool: &Pool, store: &dyn OrderStore, node: &str, cursor: &mut Stri
     if let Some(error) = error {
         debug!(error = %error, "cannot list own unfinished orders; next pass tries again");
     }
-    let resume = unheld(owned, |id| pool.is_active(id), MOST_PER_PASS);
+    let unheld_read = unheld(owned, |id| pool.is_active(id), MOST_PER_PASS);
+    if unheld_read.is_empty() {
+        return;
+    }
+    // A second look at those in the store: the sweep reads for a while (a page per shard on
+    // Redis), and an order that finished meanwhile left the pool after it left the store's list.
+    // (A new order is held from before it is stored.)
+    let still = match store.still_owned(node, &unheld_read).await {
+        Ok(still) => still,
+        Err(error) => {
+            debug!(error = %error, "cannot look again at own unfinished orders; next pass tries again");
+            return;
+        }
+    };
+    let resume = unheld(still, |id| pool.is_active(id), MOST_PER_PASS);
     if resume.is_empty() {
         return;
     }

@@ -116,7 +116,7 @@ impl Orders for OrderService {
             return Err(OrderError::TooManyInFlight { retry_after });
         };
         // The queue slot first: when the node is full or stopping, nothing is stored.
-        let Some(slot) = self.pool.try_reserve() else {
+        let Some(mut slot) = self.pool.try_reserve() else {
             self.metrics.order_shed();
             return Err(if self.pool.is_stopping() {
                 OrderError::Stopping { retry_after }
@@ -135,6 +135,8 @@ impl Orders for OrderService {
             new.trace
                 .unwrap_or_else(crate::trace::TraceContext::new_root),
         );
+        // Held here from before it is stored (a fresh id is never active already).
+        slot.claim(order.order_id);
         // Storing and queueing run in a task of their own: a client that hangs up drops this
         // future, and must not leave an order stored but never queued. (Its per-user count is
         // then settled without the order; the reconciliation would resume it in any case.)

@@ -1487,6 +1487,27 @@ impl OrderStore for EmbeddedStore {
         .await
     }
 
+    async fn still_owned(&self, node: &str, ids: &[OrderId]) -> Result<Vec<OrderId>, StoreError> {
+        let (node, ids) = (node.to_string(), ids.to_vec());
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let owned = txn.open_table(OWNED).map_err(unavailable)?;
+            let mut still = Vec::with_capacity(ids.len());
+            for id in ids {
+                let key = id.to_string();
+                if owned
+                    .get((node.as_str(), key.as_str()))
+                    .map_err(unavailable)?
+                    .is_some()
+                {
+                    still.push(id);
+                }
+            }
+            Ok(still)
+        })
+        .await
+    }
+
     async fn parked_page(&self, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
         let at = at.to_string();
         self.read(move |db| {

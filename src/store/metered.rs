@@ -112,6 +112,13 @@ impl OrderStore for MeteredStore {
         result
     }
 
+    async fn still_owned(&self, node: &str, ids: &[OrderId]) -> Result<Vec<OrderId>, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.still_owned(node, ids).await;
+        self.observe(StoreOperation::OwnedUnfinished, started, &result);
+        result
+    }
+
     async fn parked_page(&self, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
         // An operator's look, never on an order's path: not timed.
         self.inner.parked_page(at, n).await

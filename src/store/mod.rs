@@ -223,6 +223,11 @@ pub trait OrderStore: Send + Sync + 'static {
     /// shows up at least once.
     async fn owned_page(&self, node: &str, at: &str, n: usize) -> Result<OwnedPage, StoreError>;
 
+    /// Of `ids`, those still among the unfinished orders `node` owns (in no particular order): a
+    /// second look at what a sweep of [`OrderStore::owned_page`] found, which may have finished
+    /// or changed hands while the sweep went on.
+    async fn still_owned(&self, node: &str, ids: &[OrderId]) -> Result<Vec<OrderId>, StoreError>;
+
     /// Moves every unfinished order of `from` to `to`, one compare-and-set per order that bumps
     /// its epoch, so `from` can no longer commit to it. Returns the orders `to` owns as a result
     /// (including any it already owned from an earlier, interrupted move).

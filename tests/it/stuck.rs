@@ -3,7 +3,7 @@
 //! two processes (one of them started while Redis is stopped, one told to stop while it waits),
 //! a Redis that answers but refuses writes, a record that cannot be read (set aside, and taken
 //! back once it reads again, on Redis and in the embedded store's file), an owned-set entry left
-//! behind for a finished order. Each with the real binary and, where Redis is in it, a real
+//! behind for a finished order; and none resumed that was running, on a busy node. Each with the real binary and, where Redis is in it, a real
 //! `redis-server` paused with SIGSTOP or reconfigured with `redis-cli`.
 
 use crate::harness::{
@@ -572,4 +572,40 @@ async fn an_owned_entry_left_behind_for_a_finished_order_is_tidied_once() {
         .filter(|line| line.contains(&id))
         .count();
     assert_eq!(queued, 1, "queued once, not at every pass:\n{log}");
+}
+
+/// A busy node whose orders all run resumes none of them, on Redis and on the embedded store:
+/// the reconciliation's sweep reads while orders finish and new ones are stored, and must not
+/// take those for orders that nothing runs (each a warning an operator would chase).
+#[tokio::test]
+async fn a_busy_node_whose_orders_all_run_resumes_none() {
+    let redis = RedisServer::start();
+    let busy = format!(
+        "{}[pipeline]\nreconcile_interval = \"100ms\"\n\
+         [limits]\nsubmit_rate = 100000.0\nsubmit_burst = 100000\n",
+        simulate("0s")
+    );
+    let on_redis = format!(
+        "{busy}[database]\nurl = \"{}\"\n[cluster]\nsecret = \"stuck-test-secret\"\n",
+        redis.url()
+    );
+    for config in [on_redis, busy] {
+        let node = Node::start(&config).await;
+        let output = tokio::process::Command::new(crate::harness::BIN)
+            .args(["bench", "--url", &node.base, "--json", "--orders", "2000"])
+            .args(["--concurrency", "32", "--timeout", "60s"])
+            .output()
+            .await
+            .expect("run the bench");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "bench failed: {stdout}");
+        let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
+        assert_eq!(summary["completed"], 2000, "{summary}");
+        let log = node.log();
+        let resumed: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("resuming unfinished orders"))
+            .collect();
+        assert!(resumed.is_empty(), "resumed orders that ran:\n{resumed:#?}");
+    }
 }

@@ -1040,6 +1040,32 @@ impl OrderStore for RedisStore {
         Ok((ids, next))
     }
 
+    async fn still_owned(&self, node: &str, ids: &[OrderId]) -> Result<Vec<OrderId>, StoreError> {
+        let mut by_shard: BTreeMap<u16, Vec<OrderId>> = BTreeMap::new();
+        for id in ids {
+            by_shard.entry(shard_of(*id)).or_default().push(*id);
+        }
+        let checks = by_shard.into_iter().map(|(shard, ids)| async move {
+            let mut members = redis::cmd("SMISMEMBER");
+            members.arg(owned_key(shard, node));
+            for id in &ids {
+                members.arg(id.to_string());
+            }
+            let found: Vec<bool> = self.redis.query(&members).await?;
+            Ok::<_, StoreError>(
+                ids.into_iter()
+                    .zip(found)
+                    .filter_map(|(id, found)| found.then_some(id))
+                    .collect::<Vec<_>>(),
+            )
+        });
+        Ok(futures_util::future::try_join_all(checks)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
     async fn parked_page(&self, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
         let n = n.max(1);
         let lower = if at.is_empty() {
