@@ -6,9 +6,7 @@ use crate::cluster::{Cluster, Coordinator, RedisCoordinator};
 use crate::config::{Config, HandlerSettings};
 use crate::metrics::Metrics;
 use crate::order::Step;
-use crate::pipeline::{
-    self, http, Gate, Handlers, Http, Job, Notifier, Pool, Simulate, StepHandler,
-};
+use crate::pipeline::{self, http, Gate, Handlers, Http, Notifier, Pool, Simulate, StepHandler};
 use crate::service::OrderService;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::metered::MeteredStore;
@@ -373,11 +371,7 @@ fn spawn_resume(store: Arc<dyn OrderStore>, pool: Arc<Pool>, service_id: String)
             return;
         }
         info!(orders = ids.len(), "resuming unfinished orders");
-        for id in ids {
-            if !pool.enqueue(Job::Resume(id)).await {
-                return;
-            }
-        }
+        pool.resume_all(ids);
     };
     tokio::spawn(task.instrument(tracing::info_span!("resume")));
 }

@@ -166,8 +166,7 @@ impl Pool {
     /// Queues a job, waiting for room; false once the pool stops. An order already queued or
     /// executing here is not queued twice.
     pub async fn enqueue(&self, job: Job) -> bool {
-        let mut stop_rx = self.shared.stop_rx.clone();
-        if *stop_rx.borrow() {
+        if *self.shared.stop_rx.borrow() {
             return false;
         }
         let id = job.order_id();
@@ -178,25 +177,44 @@ impl Pool {
         if !fresh {
             return true;
         }
-        // Either room frees up in the queue, or the pool stops and the job stays in the store.
-        let sent = tokio::select! {
-            sent = self.queue_tx.send(Queued::bare(job)) => sent.is_ok(),
-            _ = stop_rx.changed() => false,
-        };
+        self.queue_marked(job).await
+    }
+
+    /// Queues a job whose order is marked active here, waiting for room; false once the pool
+    /// stops, and the order is no longer marked (it stays in the store).
+    async fn queue_marked(&self, job: Job) -> bool {
+        let id = job.order_id();
+        let mut stop_rx = self.shared.stop_rx.clone();
+        let sent = !*stop_rx.borrow()
+            && tokio::select! {
+                sent = self.queue_tx.send(Queued::bare(job)) => sent.is_ok(),
+                _ = stop_rx.changed() => false,
+            };
         if !sent {
             self.shared.unmark(id);
         }
         sent
     }
 
-    /// Queues the resumption of many orders in the background, in order.
+    /// Queues the resumption of many orders in the background, in order. Each counts as active
+    /// here at once, not only once the queue has room for it: a reconciliation pass meanwhile
+    /// must not take those still waiting for room for orders that nothing runs.
     pub fn resume_all(self: &Arc<Self>, ids: Vec<OrderId>) {
+        let fresh: Vec<OrderId> = ids
+            .into_iter()
+            .filter(|id| self.shared.active.mark_or_rerun(*id))
+            .collect();
         let pool = Arc::clone(self);
         tokio::spawn(async move {
-            for id in ids {
-                if !pool.enqueue(Job::Resume(id)).await {
-                    return;
+            let mut fresh = fresh.into_iter();
+            for id in fresh.by_ref() {
+                if !pool.queue_marked(Job::Resume(id)).await {
+                    break;
                 }
+            }
+            // Not queued before the pool stopped: they stay in the store.
+            for id in fresh {
+                pool.shared.unmark(id);
             }
         });
     }
@@ -441,6 +459,39 @@ mod tests {
         .await;
         assert_eq!(store.order(claimed.order_id).current_step, Step::Completed);
         pool.shutdown(DEADLINE).await;
+    }
+
+    #[tokio::test]
+    async fn orders_resumed_together_are_held_at_once_and_let_go_if_the_pool_stops_first() {
+        let (store, steps, pool, running) = running_one().await;
+        let waiting: Vec<Order> = (0..3).map(|_| order(NODE)).collect();
+        for order in &waiting {
+            store.insert(order);
+        }
+        pool.resume_all(waiting.iter().map(|order| order.order_id).collect());
+        // One fits in the queue; the others wait for room, and are held all the same.
+        assert!(waiting.iter().all(|order| pool.is_active(order.order_id)));
+        until("one queued", || pool.queued() == 1).await;
+
+        let stopping = tokio::spawn({
+            let pool = Arc::clone(&pool);
+            async move { pool.shutdown(DEADLINE).await }
+        });
+        until("the pool stopping", || pool.is_stopping()).await;
+        until("the waiting ones let go", || {
+            !pool.is_active(waiting[1].order_id) && !pool.is_active(waiting[2].order_id)
+        })
+        .await;
+        steps.release();
+        tokio::time::timeout(DEADLINE, stopping)
+            .await
+            .expect("shutdown ends")
+            .unwrap();
+        // The running one stopped after its step; the ones let go never ran, and stay stored.
+        assert!(!pool.is_active(running.order_id));
+        for order in &waiting[1..] {
+            assert_eq!(store.order(order.order_id).current_step, order.current_step);
+        }
     }
 
     #[tokio::test]

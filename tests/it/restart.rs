@@ -285,3 +285,38 @@ async fn a_backup_taken_while_running_restores_the_orders_of_its_moment() {
     let reply = on_redis.call(Method::GET, "/service/backup").send().await;
     on_redis.expect_error(&reply, 409, "GET /service/backup on redis");
 }
+
+/// A node restarted with more unfinished orders than its queue holds resumes them all, and its
+/// reconciliation does not take those still waiting for room in the queue for orders that
+/// nothing runs (each a warning an operator would chase, and a second run queued).
+#[tokio::test]
+async fn orders_waiting_for_room_after_a_restart_are_not_resumed_twice() {
+    let limits = "[limits]\nsubmit_rate = 100000.0\nsubmit_burst = 100000\n\
+                  max_in_flight_per_user = 100000\n";
+    let mut node = Node::start(&format!("{}{limits}", simulate("1s"))).await;
+    let user = unique_user("backlog");
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        ids.push(node.create_order(&user, &json!({ "n": n })).await);
+    }
+    node.kill();
+
+    // Two workers and a queue of two for the 30 orders: most wait for room, while the
+    // reconciliation looks every 100 ms.
+    let config = node.data_dir().with_file_name("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}{limits}[pipeline]\nworkers = 2\nqueue_capacity = 2\nreconcile_interval = \"100ms\"\n",
+            simulate("20ms")
+        ),
+    )
+    .expect("write the config");
+    node.restart().await;
+    for id in &ids {
+        assert_completed(&node.wait_terminal(&user, id, TERMINAL).await);
+    }
+    let log = node.log();
+    let resumed = crate::stuck::reconciled(&log);
+    assert!(resumed.is_empty(), "resumed twice:\n{resumed:#?}");
+}

@@ -566,9 +566,8 @@ async fn an_owned_entry_left_behind_for_a_finished_order_is_tidied_once() {
     .await
     .unwrap_or_else(|| panic!("the entry stays; log:\n{}", node.log_tail()));
     let log = node.log();
-    let queued = log
-        .lines()
-        .filter(|line| line.contains("resuming unfinished orders that nothing here was running"))
+    let queued = reconciled(&log)
+        .iter()
         .filter(|line| line.contains(&id))
         .count();
     assert_eq!(queued, 1, "queued once, not at every pass:\n{log}");
@@ -602,10 +601,14 @@ async fn a_busy_node_whose_orders_all_run_resumes_none() {
         let summary: serde_json::Value = serde_json::from_str(&stdout).expect("a JSON summary");
         assert_eq!(summary["completed"], 2000, "{summary}");
         let log = node.log();
-        let resumed: Vec<&str> = log
-            .lines()
-            .filter(|line| line.contains("resuming unfinished orders"))
-            .collect();
+        let resumed = reconciled(&log);
         assert!(resumed.is_empty(), "resumed orders that ran:\n{resumed:#?}");
     }
+}
+
+/// The lines of `log` in which the reconciliation resumed orders that nothing ran.
+pub(crate) fn reconciled(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|line| line.contains("resuming unfinished orders that nothing here was running"))
+        .collect()
 }
