@@ -3,8 +3,9 @@
 //! two processes (one of them started while Redis is stopped, one told to stop while it waits),
 //! a Redis that answers but refuses writes, a record that cannot be read (set aside, and taken
 //! back once it reads again, on Redis and in the embedded store's file), an owned-set entry left
-//! behind for a finished order; and none resumed that was running, on a busy node. Each with the real binary and, where Redis is in it, a real
-//! `redis-server` paused with SIGSTOP or reconfigured with `redis-cli`.
+//! behind for a finished order; and no running order taken for a stuck one on a busy node. Each
+//! with the real binary and, where Redis is in it, a real `redis-server` paused with SIGSTOP or
+//! reconfigured with `redis-cli`.
 
 use crate::harness::{
     order_ids, port, simulate, spawn, unique_user, Node, Proc, RedisServer, POLL, TERMINAL,
