@@ -29,13 +29,13 @@ const PARKED_POLL: Duration = Duration::from_millis(20);
 /// after that, the order is read again before its first step.
 pub struct Slot {
     permit: mpsc::OwnedPermit<Queued>,
-    shared: Arc<Shared>,
     ticket: Option<u64>,
     claimed: Claimed,
 }
 
-/// The new order a [`Slot`] counts as active here while it is being stored; let go when the
-/// slot is dropped unsent (the order was not stored, or is stored under another id).
+/// The pool a [`Slot`] belongs to, and the new order the slot counts as active there while it is
+/// being stored; let go when the slot is dropped unsent (the order was not stored, or is stored
+/// under another id).
 struct Claimed {
     shared: Arc<Shared>,
     id: Option<OrderId>,
@@ -54,7 +54,7 @@ impl Slot {
     /// reconciliation may list the order as soon as it is stored, and must find it held, not
     /// take it for one that nothing runs. False (and nothing claimed) when it is active already.
     pub fn claim(&mut self, id: OrderId) -> bool {
-        if self.claimed.id.is_some() || !self.shared.active.mark(id) {
+        if self.claimed.id.is_some() || !self.claimed.shared.active.mark(id) {
             return false;
         }
         self.claimed.id = Some(id);
@@ -68,13 +68,12 @@ impl Slot {
         let Slot {
             permit,
             ticket,
-            shared,
             mut claimed,
         } = self;
         if let Job::New(order) = &job {
             if claimed.id == Some(order.order_id) {
                 claimed.id = None;
-            } else if !shared.active.mark(order.order_id) {
+            } else if !claimed.shared.active.mark(order.order_id) {
                 return;
             }
         }
@@ -153,7 +152,6 @@ impl Pool {
                 let ticket = self.shared.gate.ticket();
                 Slot {
                     permit,
-                    shared: Arc::clone(&self.shared),
                     ticket,
                     claimed: Claimed {
                         shared: Arc::clone(&self.shared),
