@@ -1059,11 +1059,11 @@ impl OrderStore for RedisStore {
                     .collect::<Vec<_>>(),
             )
         });
-        Ok(futures_util::future::try_join_all(checks)
-            .await?
-            .into_iter()
-            .flatten()
-            .collect())
+        let still: Vec<Vec<OrderId>> = futures_util::stream::iter(checks)
+            .buffer_unordered(FAN_OUT)
+            .try_collect()
+            .await?;
+        Ok(still.into_iter().flatten().collect())
     }
 
     async fn parked_page(&self, at: &str, n: usize) -> Result<OwnedPage, StoreError> {
