@@ -351,31 +351,39 @@ async fn campaign(
 /// The summary line of sentinel and cluster mode: failovers and how long each took, and nodes
 /// that had to be started again.
 fn redis_line(redis: &Redis, refused_starts: usize) -> String {
-    let mut failovers = redis.failovers.clone();
-    failovers.sort_by(f64::total_cmp);
     let until = match redis.cluster_mode() {
         true => "every slot served again",
         false => "every sentinel naming a new primary",
     };
-    let times = match (failovers.get(failovers.len() / 2), failovers.last()) {
-        (Some(p50), Some(max)) => {
-            format!(" (SIGKILL to {until}: p50 {p50:.1}s, max {max:.1}s)")
-        }
-        _ => String::new(),
+    let times = match median_and_max(&redis.failovers) {
+        Some((p50, max)) => format!(" (SIGKILL to {until}: p50 {p50:.1}s, max {max:.1}s)"),
+        None => String::new(),
     };
+    let failovers = redis.failovers.len();
     if redis.cluster_mode() {
         return format!(
-            "cluster mode, 3 primaries with a replica each, min_replicas 0; failovers {}{times}",
-            failovers.len()
+            "cluster mode, 3 primaries with a replica each, min_replicas 0; failovers {failovers}{times}"
         );
     }
+    let rejoined = match median_and_max(&redis.rejoins) {
+        Some((p50, max)) => format!(
+            " (every replica online again after the lost primary started as one: p50 {p50:.1}s, max {max:.1}s)"
+        ),
+        None => String::new(),
+    };
     format!(
-        "sentinel mode, min_replicas {MIN_REPLICAS}; failovers {}{times}; failovers the sentinels made on their own {}; replicas promoted by hand after {:?} without a failover {}; nodes started again after refusing to start on too few replicas {refused_starts}",
-        failovers.len(),
+        "sentinel mode, min_replicas {MIN_REPLICAS}; failovers {failovers}{times}{rejoined}; failovers the sentinels made on their own {}; replicas promoted by hand after {:?} without a failover {}; nodes started again after refusing to start on too few replicas {refused_starts}",
         redis.own_failovers,
         redis.promote_after,
         redis.hand_failovers
     )
+}
+
+/// The median and the largest of `seconds`, if any.
+fn median_and_max(seconds: &[f64]) -> Option<(f64, f64)> {
+    let mut sorted = seconds.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some((*sorted.get(sorted.len() / 2)?, *sorted.last()?))
 }
 
 /// The hosts in network namespaces, one per node and one per Redis server, unless `--no-netns`

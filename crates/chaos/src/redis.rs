@@ -220,9 +220,15 @@ pub struct Redis {
     paused: Option<usize>,
     /// The primary killed (and maybe wiped) awaiting a failover, and when.
     lost: Option<(usize, Instant)>,
+    /// In sentinel mode, when the lost primary was started again as a replica, until the
+    /// primary has every replica online: before that, no write reaches `min_replicas`.
+    rejoining: Option<Instant>,
     /// Seconds from each primary's SIGKILL to all sentinels naming another (in cluster mode: to
     /// every slot served again).
     pub failovers: Vec<f64>,
+    /// Seconds from the lost primary starting again as a replica to the new primary having
+    /// every replica online (sentinel mode).
+    pub rejoins: Vec<f64>,
     /// Failovers the sentinels made with no fault killing the primary (it stalled past
     /// [`DOWN_AFTER`] on a loaded machine, or they lost sight of it).
     pub own_failovers: usize,
@@ -277,7 +283,9 @@ impl Redis {
             primary: 0,
             paused: None,
             lost: None,
+            rejoining: None,
             failovers: Vec::new(),
+            rejoins: Vec::new(),
             own_failovers: 0,
             hand_failovers: 0,
             promote_after: PROMOTE_AFTER,
@@ -328,7 +336,9 @@ impl Redis {
             primary: 0,
             paused: None,
             lost: None,
+            rejoining: None,
             failovers: Vec::new(),
+            rejoins: Vec::new(),
             own_failovers: 0,
             hand_failovers: 0,
             promote_after: PROMOTE_AFTER,
@@ -430,6 +440,7 @@ impl Redis {
         let primary = self.primary;
         let whole = self.paused.is_none()
             && self.lost.is_none()
+            && self.rejoining.is_none()
             && self.servers.iter().all(RedisServer::is_running)
             && (!self.sentinel_mode() || self.servers[primary].has_replicas_online(REPLICAS));
         if whole && self.reforming {
@@ -527,12 +538,28 @@ impl Redis {
         self.lost.map(|(_, at)| at.elapsed())
     }
 
+    /// How long ago the lost primary was started again as a replica, while the new primary
+    /// waits for its replicas.
+    pub fn rejoining_for(&self) -> Option<Duration> {
+        self.rejoining.map(|at| at.elapsed())
+    }
+
     /// Starts the server killed by [`Redis::kill_primary`] again: a single Redis at once, on its
     /// append-only file; in sentinel mode once every sentinel names another primary, as a replica
     /// of it (empty if it was wiped). `Ok(false)` while the failover has not happened yet; in
     /// sentinel mode a replica is promoted by hand once the sentinels have not for
-    /// `promote_after`.
+    /// `promote_after`, and Redis is back only once the new primary has every replica online
+    /// (until then the nodes' writes cannot reach `min_replicas`: no node can take orders over).
     pub fn restart_lost(&mut self) -> std::io::Result<bool> {
+        if let Some(since) = self.rejoining {
+            self.follow_sentinels();
+            let back = self.servers[self.primary].has_replicas_online(REPLICAS);
+            if back {
+                self.rejoins.push(since.elapsed().as_secs_f64());
+                self.rejoining = None;
+            }
+            return Ok(back);
+        }
         let Some((lost, at)) = self.lost else {
             return Ok(true);
         };
@@ -566,9 +593,9 @@ impl Redis {
         self.primary = promoted;
         self.lost = None;
         let address = self.servers[promoted].address();
-        self.servers[lost]
-            .try_restart_as_replica_of(address)
-            .map(|()| true)
+        self.servers[lost].try_restart_as_replica_of(address)?;
+        self.rejoining = Some(Instant::now());
+        Ok(false)
     }
 
     /// A lost primary the sentinels have not replaced within `promote_after`: once every
@@ -607,12 +634,13 @@ impl Redis {
         self.lost = None;
         // Its replica before the sentinels look at the new primary: they find it at once.
         self.servers[lost].try_restart_as_replica_of(address)?;
+        self.rejoining = Some(Instant::now());
         for sentinel in &self.sentinels {
             if let Err(error) = sentinel.watch(address) {
                 println!("chaos:          cannot point a sentinel at {address}: {error}");
             }
         }
-        Ok(true)
+        Ok(false)
     }
 
     /// What an operator does when the sentinels do not fail over: the running replica furthest
@@ -712,6 +740,43 @@ mod tests {
             wait_for(Duration::from_secs(60), || redis.ready()),
             "the promoted primary did not get both replicas, or the sentinels did not find them"
         );
+    }
+
+    /// A lost primary counts as replaced only once the new primary has every replica online:
+    /// before, no write reaches the nodes' `min_replicas`. Here the lost server, started again
+    /// as a replica, is killed at once and started again only later.
+    #[test]
+    fn a_lost_primary_is_back_only_once_every_replica_is_online() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut redis = Redis::start(dir.path(), "everysec", None, true)
+            .expect("a primary, replicas, sentinels");
+        let lost = redis.primary;
+        redis.kill_primary(true).expect("kill the primary");
+        let started_again = wait_for(Duration::from_secs(60), || {
+            let back = redis.restart_lost().expect("start the lost primary again");
+            if redis.lost.is_none() {
+                redis.servers[lost].kill();
+                return true;
+            }
+            assert!(!back, "back before the lost primary started again");
+            false
+        });
+        assert!(started_again, "no failover within 60 s");
+        let down = Instant::now();
+        while down.elapsed() < Duration::from_secs(2) {
+            let back = redis.restart_lost().expect("ask again");
+            assert!(!back, "back while a replica is down");
+            assert!(!redis.ready());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        redis.servers[lost]
+            .try_restart()
+            .expect("start the replica again");
+        let back = wait_for(Duration::from_secs(60), || {
+            redis.restart_lost().expect("ask again")
+        });
+        assert!(back, "the replicas were not back within 60 s");
+        assert!(redis.primary().has_replicas_online(REPLICAS));
     }
 
     #[test]

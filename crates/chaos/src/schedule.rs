@@ -21,6 +21,9 @@ use std::time::{Duration, Instant};
 /// What a fault needs to start processes of its own: the node binary, Redis and the ledger.
 /// How long after losing the Redis primary the sentinels must have promoted a replica.
 const FAILOVER_BOUND: Duration = Duration::from_secs(60);
+/// How long after the lost primary starts again as a replica the new primary must have every
+/// replica online (a full sync of the wiped one, the other one following the new primary).
+const REJOIN_BOUND: Duration = Duration::from_secs(60);
 /// With `spaced`: how long the cluster stays whole (every node up, Redis up, nothing pending)
 /// before the next fault, so the last fault's takeover and rejoin are over.
 const SETTLE: Duration = Duration::from_secs(5);
@@ -157,11 +160,21 @@ impl Faults {
             }
         }
         if !recover(world, &recovery, &mut self.violations).await {
-            match world.redis.lost_for() {
-                Some(lost) if lost < FAILOVER_BOUND => {
-                    let again = Instant::now() + Duration::from_millis(200);
+            let again = Instant::now() + Duration::from_millis(200);
+            match (world.redis.lost_for(), world.redis.rejoining_for()) {
+                (Some(lost), _) if lost < FAILOVER_BOUND => {
                     self.pending.push((again, recovery, fault));
                 }
+                (None, Some(rejoining)) if rejoining < REJOIN_BOUND => {
+                    self.pending.push((again, recovery, fault));
+                }
+                (None, Some(_)) => self.violations.push(Violation {
+                    kind: "no_replicas".into(),
+                    order_id: None,
+                    detail: format!(
+                        "the new primary had not every replica online {REJOIN_BOUND:?} after the lost one started again"
+                    ),
+                }),
                 _ => self.violations.push(Violation {
                     kind: "no_failover".into(),
                     order_id: None,
