@@ -353,6 +353,7 @@ fn spawn_reload_on_hangup(
 /// Queues every unfinished order this node owns, so a restart resumes each at its current step.
 fn spawn_resume(store: Arc<dyn OrderStore>, pool: Arc<Pool>, service_id: String) {
     let task = async move {
+        let _adopting = pool.adopting();
         let mut delay = Duration::from_millis(100);
         let ids = loop {
             match store.owned_unfinished(&service_id).await {

@@ -326,6 +326,7 @@ impl Cluster {
             warn!(error = %error, "cannot register node");
             return false;
         }
+        let _adopting = self.pool.adopting();
         match self.store.owned_unfinished(&self.node_id).await {
             Ok(ids) => {
                 if !ids.is_empty() {
@@ -896,6 +897,7 @@ impl Cluster {
     /// Moves `dead`'s unfinished orders to this node and queues them, once whoever decided it
     /// checked that `dead`'s liveness lease is not held.
     async fn take_over(&self, dead: &str) -> Result<Transferred, TransferError> {
+        let _adopting = self.pool.adopting();
         let ids = match self.store.reassign(dead, &self.node_id).await {
             Ok(ids) => ids,
             Err(error) => {

@@ -8,12 +8,14 @@
 //! - `shared`: the state the pool and the executor share.
 //! - `active`, `cancels`: the orders active here, and the cancellations noted here.
 //! - [`reconcile`]: resumes unfinished orders of this node that nothing here holds.
+//! - `adoptions`: moves of orders to this node under way, which a reconcile pass leaves alone.
 //! - `gate`: the liveness gate no step passes while the node's lease has lapsed ([`Gate`]).
 //! - `handler`, `simulate`, [`http`], [`retry`]: the step handlers and their retry policy.
 //! - [`notify`]: the completion webhook.
 //! - `waiters`: long polls waiting for an order to finish ([`Waiters`]).
 
 mod active;
+mod adoptions;
 mod cancels;
 mod due;
 mod executor;
@@ -32,6 +34,7 @@ mod shared;
 mod simulate;
 mod waiters;
 
+pub use adoptions::{Adopting, Since};
 pub use gate::Gate;
 pub use handler::{Handlers, StepContext, StepDone, StepError, StepHandler};
 pub use http::Http;

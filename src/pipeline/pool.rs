@@ -5,6 +5,7 @@
 //! anything, so a full queue is a 503 and never an order stored but not queued. On shutdown the
 //! pool stops taking jobs and gives running steps a grace period to finish and commit.
 
+use super::adoptions::{Adopting, Adoptions, Since};
 use super::executor::execute;
 use super::gate::Gate;
 use super::handler::Handlers;
@@ -93,6 +94,8 @@ pub struct Pool {
     capacity: usize,
     workers: usize,
     stop_tx: watch::Sender<bool>,
+    /// Moves of orders to this node under way.
+    adoptions: Adoptions,
     /// Why an async lock: `shutdown` holds it across awaiting the dispatcher, and only the first
     /// caller takes the handle.
     dispatcher: tokio::sync::Mutex<Option<tokio::task::JoinHandle<JoinSet<()>>>>,
@@ -135,6 +138,7 @@ impl Pool {
             capacity: queue_capacity,
             workers,
             stop_tx,
+            adoptions: Adoptions::default(),
             dispatcher: tokio::sync::Mutex::new(Some(dispatcher)),
         })
     }
@@ -215,6 +219,23 @@ impl Pool {
                 pool.shared.unmark(id);
             }
         });
+    }
+
+    /// Notes a move of orders to this node under way (a takeover, the start's scan, a parked
+    /// rollback's retry) until the guard is dropped, once [`Pool::resume_all`] holds them: a
+    /// reconciliation pass it overlapped leaves what it found to the next pass.
+    pub fn adopting(&self) -> Adopting<'_> {
+        self.adoptions.begin()
+    }
+
+    /// Now, for [`Pool::adopted_since`].
+    pub fn adoptions_now(&self) -> Since {
+        self.adoptions.now()
+    }
+
+    /// Whether a move of orders to this node was under way at some moment since `since`.
+    pub fn adopted_since(&self, since: Since) -> bool {
+        self.adoptions.overlapped(since)
     }
 
     /// Changes to true when the pool starts stopping.

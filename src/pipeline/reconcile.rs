@@ -86,6 +86,7 @@ pub fn spawn(
             }
             passes += 1;
             pass(&pool, store.as_ref(), &node, &mut cursor).await;
+            debug!(passes, "reconciliation pass done");
         }
     };
     tokio::spawn(task.instrument(tracing::info_span!("reconcile")))
@@ -125,6 +126,7 @@ where
 /// One pass: reads the next pages of this node's unfinished orders from `cursor` and resumes
 /// those that nothing here holds.
 async fn pass(pool: &Pool, store: &dyn OrderStore, node: &str, cursor: &mut String) {
+    let began = pool.adoptions_now();
     let (owned, error) = read_pages(cursor, MOST_READ_PER_PASS, |at, n| async move {
         store.owned_page(node, &at, n).await
     })
@@ -138,7 +140,7 @@ async fn pass(pool: &Pool, store: &dyn OrderStore, node: &str, cursor: &mut Stri
     }
     // A second look at those in the store: the sweep reads for a while (a page per shard on
     // Redis), and an order that finished meanwhile left the pool after it left the store's list.
-    // (A new order is held from before it is stored.)
+    // (A new order is held from before it is stored; orders moved here, see below.)
     let still = match store.still_owned(node, &unheld_read).await {
         Ok(still) => still,
         Err(error) => {
@@ -148,6 +150,14 @@ async fn pass(pool: &Pool, store: &dyn OrderStore, node: &str, cursor: &mut Stri
     };
     let resume = unheld(still, |id| pool.is_active(id), MOST_PER_PASS);
     if resume.is_empty() {
+        return;
+    }
+    // Orders moved here meanwhile are listed before they are held.
+    if pool.adopted_since(began) {
+        debug!(
+            orders = resume.len(),
+            "orders were moved here during the pass; the next pass looks again"
+        );
         return;
     }
     warn!(orders = resume.len(), first = %resume[0], "resuming unfinished orders that nothing here was running");

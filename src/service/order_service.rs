@@ -232,6 +232,7 @@ impl Orders for OrderService {
                 retry_after: self.retry_after,
             });
         }
+        let _adopting = self.pool.adopting();
         let outcome = self
             .store
             .retry_rollback(Reopen {

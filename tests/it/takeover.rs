@@ -5,6 +5,7 @@
 use crate::cluster::{cluster_turn, leader_of, wait_formed, SECRET, TAKEOVER};
 use crate::harness::{unique_user, Node, RedisServer, POLL};
 use crate::proxy::Proxy;
+use futures_util::StreamExt;
 use order_process::cluster::{Acquired, Coordinator, RedisCoordinator};
 use order_process::order::{Order, OrderId};
 use order_process::store::redis::{keys, Connections, RedisStore};
@@ -25,17 +26,22 @@ fn config(redis_url: &str, step: &str, extra: &str, seeds: &[u16]) -> String {
     )
 }
 
+/// A new order of `user`, number `index`, owned by `owner`.
+fn new_order(user: &str, owner: &str, index: usize) -> Order {
+    Order::new(
+        OrderId::new_v4(),
+        user.to_string(),
+        serde_json::json!({ "n": index }),
+        owner.to_string(),
+        chrono::Utc::now(),
+    )
+}
+
 /// Stores `count` unfinished orders of `user` owned by `owner`, straight in Redis.
 async fn orders_of(store: &RedisStore, user: &str, owner: &str, count: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for index in 0..count {
-        let order = Order::new(
-            OrderId::new_v4(),
-            user.to_string(),
-            serde_json::json!({ "n": index }),
-            owner.to_string(),
-            chrono::Utc::now(),
-        );
+        let order = new_order(user, owner, index);
         store.create(&order, None).await.expect("store an order");
         ids.push(order.order_id.to_string());
     }
@@ -108,6 +114,65 @@ async fn a_takeover_that_fails_part_way_resumes_what_it_moved() {
         taker.log().contains("takeover failed part-way"),
         "the takeover did not fail part-way"
     );
+}
+
+/// A takeover moves a dead node's orders shard by shard and holds them only once all are moved:
+/// a reconciliation pass of the taker meanwhile must not take those already moved for orders
+/// that nothing here runs (a warning an operator would chase, and each order run twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_a_takeover_is_still_moving_are_not_taken_for_forgotten_ones() {
+    let _turn = cluster_turn().await;
+    let redis = RedisServer::start();
+    // Steps that outlast the test, so what the taker resumes stays held; passes back to back,
+    // each reading at most 20,000 owned orders, so that some begin and end inside the takeover
+    // of 30,000 (one that reads them all ends after it).
+    let taker = Node::start(&config(
+        &redis.url(),
+        "1h",
+        "[pipeline]\nreconcile_interval = \"5ms\"\n\
+         [log]\nlevel = \"info,order_process::pipeline::reconcile=debug\"\n",
+        &[],
+    ))
+    .await;
+    assert_eq!(leader_of(&taker).await, taker.service_id_file());
+    let store = RedisStore::connect(&redis.url(), 8, Duration::from_secs(2)).unwrap();
+    let connections = Connections::connect(&redis.url(), 1, Duration::from_secs(2)).unwrap();
+    let coordinator = RedisCoordinator::new(Arc::new(connections));
+    let user = unique_user("moving");
+    let dead = uuid::Uuid::new_v4().to_string();
+    let stored = futures_util::stream::iter(0..30_000)
+        .map(|index| {
+            let order = new_order(&user, &dead, index);
+            let store = &store;
+            async move { store.create(&order, None).await.is_ok() }
+        })
+        .buffer_unordered(64)
+        .filter(|stored| std::future::ready(*stored))
+        .count()
+        .await;
+    assert_eq!(stored, 30_000);
+    coordinator
+        .register_node(&dead, "127.0.0.1:9")
+        .await
+        .unwrap();
+    // Until a pass that began after the takeover ended has ended too.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let log = loop {
+        let log = taker.log();
+        let passes_after = log.split_once("took over orders").map_or(0, |(_, after)| {
+            after.matches("reconciliation pass done").count()
+        });
+        if passes_after >= 2 {
+            break log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no takeover and two passes after it"
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    let resumed = crate::stuck::reconciled(&log);
+    assert!(resumed.is_empty(), "taken for forgotten:\n{resumed:#?}");
 }
 
 /// Three nodes on one Redis, the third (the victim) reaching it through a proxy, with `cluster`
