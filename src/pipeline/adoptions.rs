@@ -1,8 +1,9 @@
 //! Moves of orders to this node that are under way: a takeover, the start's scan of the node's
-//! own orders, a parked rollback's retry. Their orders are in this node's list in the store a
-//! while before [`Pool::resume_all`](super::Pool::resume_all) holds them (a takeover moves them
-//! shard by shard, and only then queues them all), so a reconciliation pass that read the list
-//! meanwhile must not take them for orders that nothing here runs.
+//! own orders. Their orders are in this node's list in the store a while before
+//! [`Pool::resume_all`](super::Pool::resume_all) holds them (a takeover moves them shard by
+//! shard, and only then queues them all), so a reconciliation pass that read the list meanwhile
+//! must not take them for orders that nothing here runs. (A move of one known order, a parked
+//! rollback's retry, holds that order from before instead: [`Pool::hold`](super::Pool::hold).)
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

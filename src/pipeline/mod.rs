@@ -40,7 +40,7 @@ pub use handler::{Handlers, StepContext, StepDone, StepError, StepHandler};
 pub use http::Http;
 pub use job::Job;
 pub use notify::Notifier;
-pub use pool::{Pool, Slot};
+pub use pool::{Held, Pool, Slot};
 pub use retry::RetryPolicy;
 pub use simulate::Simulate;
 pub use waiters::Waiters;

@@ -50,6 +50,23 @@ impl Drop for Claimed {
     }
 }
 
+/// An order held by [`Pool::hold`] until it is resumed, or let go when dropped.
+pub struct Held {
+    claimed: Claimed,
+}
+
+impl Held {
+    /// Queues the held order's run in the background, waiting for room; let go if the pool
+    /// stops first (it stays in the store).
+    pub fn resume(mut self, pool: &Arc<Pool>) {
+        let Some(id) = self.claimed.id.take() else {
+            return;
+        };
+        let pool = Arc::clone(pool);
+        tokio::spawn(async move { pool.queue_marked(Job::Resume(id)).await });
+    }
+}
+
 impl Slot {
     /// Counts the new order `id` as active here from now on, before it is stored: the
     /// reconciliation may list the order as soon as it is stored, and must find it held, not
@@ -221,9 +238,21 @@ impl Pool {
         });
     }
 
-    /// Notes a move of orders to this node under way (a takeover, the start's scan, a parked
-    /// rollback's retry) until the guard is dropped, once [`Pool::resume_all`] holds them: a
-    /// reconciliation pass it overlapped leaves what it found to the next pass.
+    /// Counts `id` as active here from now on, before a store call that makes it this node's to
+    /// run (a parked rollback's retry): a reconciliation pass meanwhile finds it held. `None`
+    /// when it is active here already. Dropped unused, it lets the order go.
+    pub fn hold(&self, id: OrderId) -> Option<Held> {
+        self.shared.active.mark(id).then(|| Held {
+            claimed: Claimed {
+                shared: Arc::clone(&self.shared),
+                id: Some(id),
+            },
+        })
+    }
+
+    /// Notes a move of orders to this node under way (a takeover, the start's scan) until the
+    /// guard is dropped, once [`Pool::resume_all`] holds them: a reconciliation pass it
+    /// overlapped leaves what it found to the next pass.
     pub fn adopting(&self) -> Adopting<'_> {
         self.adoptions.begin()
     }
@@ -477,6 +506,27 @@ mod tests {
         })
         .await;
         assert_eq!(store.order(claimed.order_id).current_step, Step::Completed);
+        pool.shutdown(DEADLINE).await;
+    }
+
+    #[tokio::test]
+    async fn an_order_held_before_its_store_call_is_let_go_when_dropped_or_runs_when_resumed() {
+        let (store, steps) = (Arc::new(FakeStore::default()), FakeStep::new());
+        let pool = one_worker(&store, &steps, Arc::new(Gate::open()), 4);
+        let held = order(NODE);
+        store.insert(&held);
+        let hold = pool.hold(held.order_id).expect("not active yet");
+        assert!(pool.is_active(held.order_id));
+        assert!(pool.hold(held.order_id).is_none(), "held once");
+        drop(hold);
+        assert!(!pool.is_active(held.order_id), "let go when dropped");
+
+        pool.hold(held.order_id)
+            .expect("let go before")
+            .resume(&pool);
+        assert!(pool.is_active(held.order_id), "held while queued");
+        until("the held order done", || !pool.is_active(held.order_id)).await;
+        assert_eq!(store.order(held.order_id).current_step, Step::Completed);
         pool.shutdown(DEADLINE).await;
     }
 

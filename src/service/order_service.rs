@@ -232,7 +232,10 @@ impl Orders for OrderService {
                 retry_after: self.retry_after,
             });
         }
-        let _adopting = self.pool.adopting();
+        // Held from before the store makes it this node's to run: a reconciliation pass
+        // meanwhile must not take it for one that nothing runs. (One active here already is
+        // resumed as before: its run goes once more.)
+        let held = self.pool.hold(id);
         let outcome = self
             .store
             .retry_rollback(Reopen {
@@ -251,7 +254,10 @@ impl Orders for OrderService {
                     .map(|step| step.as_str())
                     .collect();
                 tracing::info!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(&order), pending = %pending.join(", "), "retrying parked rollback");
-                self.pool.resume_all(vec![order.order_id]);
+                match held {
+                    Some(held) => held.resume(&self.pool),
+                    None => self.pool.resume_all(vec![order.order_id]),
+                }
                 self.activity.touch();
                 Ok(order)
             }
