@@ -34,9 +34,10 @@ pub struct Slot {
     claimed: Claimed,
 }
 
-/// The pool a [`Slot`] belongs to, and the new order the slot counts as active there while it is
-/// being stored; let go when the slot is dropped unsent (the order was not stored, or is stored
-/// under another id).
+/// The pool a [`Slot`] or a [`Held`] belongs to, and the order it counts as active there while
+/// the store call runs; let go when it is dropped unused (a slot unsent: the order was not
+/// stored, or is stored under another id; a hold not resumed: the store refused, or the caller
+/// went away).
 struct Claimed {
     shared: Arc<Shared>,
     id: Option<OrderId>,
