@@ -422,6 +422,29 @@ async fn conformance(store: &dyn OrderStore) {
         store.create(&theirs, Some("key-1")).await.unwrap(),
         Created::New
     ));
+    // Also when user and key both hold a `:`: `{user}`'s key `p{n}:k` and `{user}:p{n}`'s key
+    // `k`, with `n` such that both land in one shard.
+    let (key, colon_user) = (0..)
+        .map(|n| (format!("p{n}:k"), format!("{user}:p{n}")))
+        .find(|(key, colon_user)| {
+            keys::shard_of_key(&user, key) == keys::shard_of_key(colon_user, "k")
+        })
+        .unwrap();
+    let mine = keyed(store, &user, "node-a", 4, &key);
+    let colons = keyed(store, &colon_user, "node-a", 5, "k");
+    for (order, key) in [(&mine, key.as_str()), (&colons, "k")] {
+        match store.create(order, Some(key)).await.unwrap() {
+            Created::New => {}
+            other => panic!("{} with key {key} created no order: {other:?}", order.user),
+        }
+    }
+    for (order, key) in [(&mine, key.as_str()), (&colons, "k")] {
+        let again = new_order(&order.user, "node-a", 6);
+        match store.create(&again, Some(key)).await.unwrap() {
+            Created::Existing(existing) => assert_eq!(existing.order_id, order.order_id),
+            other => panic!("{} with key {key} again: {other:?}", order.user),
+        }
+    }
 
     // Commits are compare-and-set on owner and epoch.
     let next = succeed(&order);

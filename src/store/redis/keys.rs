@@ -26,7 +26,8 @@
 //!   under the step's own code (`Scheduling`, …, `Post-Processing`): listings read those too,
 //!   and an order leaves one at its next transition.
 //! - `op:{s:NN}:idem:{user}:{key}`: the order an idempotency key created, expiring after 24 h,
-//!   or with the order if that comes first (the order hash names it in `idem`).
+//!   or with the order if that comes first (the order hash names it in `idem`). A user name
+//!   with a `:` is spelled otherwise there (see [`idem_user`]).
 //! - `op:{s:NN}:finished`: sorted set of `{id} {user index member} {user}` scored with when that
 //!   finished order expires (ms, Redis's clock): what the retention pass takes user index
 //!   entries out by. A finished order's hash expires `orders.retention` after it finished.
@@ -56,6 +57,7 @@
 //!   when (ms, Redis's clock), kept an hour: an order that lands as one's own later is found.
 
 use crate::order::{OrderId, RollbackState, Step};
+use std::borrow::Cow;
 use uuid::Uuid;
 
 /// How many shards orders are spread over. Fixed: an order's shard is computed from its id, so
@@ -224,12 +226,35 @@ pub const FINISHED_CODES: [&str; 3] = ["Completed", "rollback-complete", "rollba
 
 /// What idempotency key `key` of `user` created.
 pub fn idem_key(user: &str, key: &str) -> String {
-    shard_key(shard_of_key(user, key), &idem_parts(user, key))
+    shard_key(shard_of_key(user, key), &idem_parts(&idem_user(user), key))
 }
 
-/// The parts of [`idem_key`], a key of shard [`shard_of_key`].
+/// The parts of [`idem_key`], a key of shard [`shard_of_key`], with the user as
+/// [`idem_user`] spells it: `idem:{user}:{key}`.
 pub fn idem_parts<'a>(user: &'a str, key: &'a str) -> [&'a str; 4] {
     ["idem:", user, ":", key]
+}
+
+/// `user` as its idempotency keys spell it. Both the user and the key may hold a `:`, so
+/// `idem:{user}:{key}` alone would make user `a`'s key `b:c` user `a:b`'s key `c`. A user with
+/// no `:` (nearly every one, and every key stored before this rule) is spelled as it is; any
+/// other is spelled `:` and then its name with `%` and `:` written `%25` and `%3A`. That
+/// spelling starts with the `:` no plain name (never empty) does, and holds no `:` after it,
+/// so the first `:` after it ends the user and no two (user, key) pairs share a key.
+pub fn idem_user(user: &str) -> Cow<'_, str> {
+    if !user.is_empty() && !user.contains(':') {
+        return Cow::Borrowed(user);
+    }
+    let mut spelled = String::with_capacity(user.len() + 8);
+    spelled.push(':');
+    for c in user.chars() {
+        match c {
+            '%' => spelled.push_str("%25"),
+            ':' => spelled.push_str("%3A"),
+            c => spelled.push(c),
+        }
+    }
+    Cow::Owned(spelled)
 }
 
 /// The finished orders of `shard` by when they expire.
@@ -315,6 +340,28 @@ mod tests {
             idem_key("al", "k:1"),
             format!("op:{{{key_tag}}}:idem:al:k:1")
         );
+        let key_tag = shard_tag(shard_of_key("a:l%", "k:1"));
+        assert_eq!(
+            idem_key("a:l%", "k:1"),
+            format!("op:{{{key_tag}}}:idem::a%3Al%25:k:1")
+        );
+    }
+
+    #[test]
+    fn no_two_users_and_keys_share_an_idempotency_key() {
+        let names = [
+            "", ":", "a", "a:", ":a", "a:b", "b", "b:c", "c", "a%3Ab", "%3A", "%", "%25",
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for user in names {
+            for key in names {
+                let spelled = idem_parts(&idem_user(user), key).concat();
+                if let Some(other) = seen.insert(spelled.clone(), (user, key)) {
+                    panic!("{other:?} and {:?} both spell {spelled}", (user, key));
+                }
+            }
+        }
+        assert_eq!(idem_user("alice"), "alice");
     }
 
     #[test]

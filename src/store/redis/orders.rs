@@ -629,7 +629,7 @@ impl RedisStore {
         if let Some((key, _)) = idempotency {
             write.key_of(
                 shard_of_key(&order.user, key),
-                &keys::idem_parts(&order.user, key),
+                &keys::idem_parts(&keys::idem_user(&order.user), key),
             );
         }
         write.key(&keys::state_parts(code, &order.user));
