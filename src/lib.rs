@@ -15,6 +15,7 @@
 //!   the connection server (`serve`), and the one place errors become JSON replies; the OpenAPI
 //!   description and the console are files served from the binary.
 //! - [`secret`]: the constant-time comparison of secrets.
+//! - [`crypto`]: the one TLS crypto provider, for every connection.
 //! - [`trace`]: W3C trace context kept with each order and passed on every step call; the
 //!   order's log span; spans exported over OTLP/HTTP when configured.
 //! - [`metrics`]: the Prometheus metrics and the in-memory summary of this node's orders.
@@ -33,6 +34,7 @@ pub mod about;
 pub mod api;
 pub mod cluster;
 pub mod config;
+pub mod crypto;
 pub mod flow;
 pub mod metrics;
 pub mod node;

@@ -137,7 +137,7 @@ impl CertificateName {
 /// Serves the certificate `current` holds; with `client_ca`, requires a client certificate
 /// from one of its CAs.
 fn acceptor(current: &Arc<Current>, client_ca: Option<&Path>) -> Result<TlsAcceptor, ConfigError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::crypto::provider());
     let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|error| ConfigError::new("server.tls_cert", error.to_string()))?;
@@ -174,7 +174,7 @@ fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, ConfigError> {
                 format!("{} holds no PEM private key: {error}", key.display()),
             )
         })?;
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = crate::crypto::provider();
     CertifiedKey::from_der(chain, private, &provider).map_err(|error| {
         ConfigError::new(
             "server.tls_key",

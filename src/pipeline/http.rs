@@ -149,7 +149,7 @@ pub fn tls_config(
     if let Some(path) = &tls.ca_file {
         add_cas(&mut roots, &key("ca_file"), path)?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(crate::crypto::provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|error| ConfigError::new(section, format!("cannot set up TLS: {error}")))?

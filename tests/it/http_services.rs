@@ -206,7 +206,7 @@ impl Service {
 /// The server side of https: the test PKI's server certificate, and client certificates
 /// required, signed by the test CA.
 fn server_tls(pki: &Pki) -> rustls::ServerConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(order_process::crypto::provider());
     let mut roots = rustls::RootCertStore::empty();
     for certificate in CertificateDer::pem_file_iter(pki.path("ca.pem")).expect("ca.pem") {
         roots

@@ -143,7 +143,7 @@ fn with_credentials(
 /// but a second one brought in by another crate would make that a panic at the first connect.
 fn install_crypto_provider() {
     // An error only says a provider is installed already, which is as good.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = crate::crypto::provider().install_default();
 }
 
 /// Refuses `SSL_CERT_FILE` or `SSL_CERT_DIR` naming a path that is not there: redis-rs reads
