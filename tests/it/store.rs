@@ -2153,6 +2153,52 @@ async fn redis_store_keeps_one_order_per_idempotency_key_when_the_first_request_
     }
 }
 
+/// An idempotency key as an earlier version spelled it for a user whose name holds a `:`
+/// (`…:idem:{user}:{key}`), which is also how this version spells another user's key: that user
+/// gets an order of its own, never the first user's.
+#[tokio::test]
+async fn redis_store_never_answers_a_key_with_another_users_order() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    let user = format!("user-{}", uuid::Uuid::new_v4().simple());
+    // `{user}:p{n}`'s key `k` was spelled as `{user}`'s key `p{n}:k`, in the same shard.
+    let (key, colon_user) = (0..)
+        .map(|n| (format!("p{n}:k"), format!("{user}:p{n}")))
+        .find(|(key, colon_user)| {
+            keys::shard_of_key(&user, key) == keys::shard_of_key(colon_user, "k")
+        })
+        .unwrap();
+    let theirs = keyed(&store, &colon_user, "node-a", 0, "k");
+    create(&store, &theirs).await;
+    let old_key = keys::idem_key(&user, &key);
+    let answer = raw_command(
+        redis.port,
+        &["SET", &old_key, &theirs.order_id.to_string(), "EX", "600"],
+    );
+    assert!(answer.starts_with("+OK"), "{answer}");
+    let mine = keyed(&store, &user, "node-a", 5, &key);
+    match store.create(&mine, Some(&key)).await.unwrap() {
+        Created::New => {}
+        other => panic!("{user} with key {key} got no order of its own: {other:?}"),
+    }
+    match store
+        .create(&new_order(&user, "node-a", 9), Some(&key))
+        .await
+        .unwrap()
+    {
+        Created::Existing(existing) => assert_eq!(existing.order_id, mine.order_id),
+        other => panic!("a repeat of {user}'s key {key}: {other:?}"),
+    }
+    assert_eq!(
+        store
+            .get(theirs.order_id)
+            .await
+            .unwrap()
+            .map(|order| order.user),
+        Some(colon_user)
+    );
+}
+
 /// Regression: the first create after Redis forgot its scripts (a restart, a `SCRIPT FLUSH`) was
 /// a pipeline whose index entries (owned set, user index) ran while its create script was refused
 /// with `NOSCRIPT`; when the connection was lost before the pipeline went out again, the indexes

@@ -839,7 +839,13 @@ impl OrderStore for RedisStore {
                 Written::Exists => {
                     // Another request with the same key (or a stalled one) stored this id first.
                     return match self.replicated(order.order_id).await? {
-                        Some(first) => Ok(Created::Existing(Box::new(first))),
+                        Some(first) if first.user == order.user => {
+                            Ok(Created::Existing(Box::new(first)))
+                        }
+                        // Only through a key of another user's (below): never answered with.
+                        Some(_) => Err(StoreError::Unavailable(
+                            "order id taken by another user's order, try again".into(),
+                        )),
                         None => Err(StoreError::Unavailable(
                             "order of this idempotency key is being written, try again".into(),
                         )),
@@ -853,14 +859,22 @@ impl OrderStore for RedisStore {
                     if key
                         .is_none_or(|key| shard_of(earlier) == shard_of_key(&order.user, key)) =>
                 {
-                    if let Some(first) = self.replicated(earlier).await? {
-                        return Ok(Created::Existing(Box::new(first)));
+                    match self.replicated(earlier).await? {
+                        Some(first) if first.user == order.user => {
+                            return Ok(Created::Existing(Box::new(first)));
+                        }
+                        // Another user's order: the key is one an earlier version wrote for a
+                        // user whose name holds a `:` (see `keys::idem_user`), spelled as this
+                        // user's key. Never this user's: this request takes the key.
+                        Some(_) => take_key = true,
+                        // The key names an id with no order (reserved by a request that failed
+                        // or stalls before storing it): this one is stored under that id, so
+                        // whichever writes first wins and there is never a second order.
+                        None => {
+                            order.order_id = earlier;
+                            adopted = true;
+                        }
                     }
-                    // The key names an id with no order (reserved by a request that failed or
-                    // stalls before storing it): this one is stored under that id, so whichever
-                    // writes first wins and there is never a second order.
-                    order.order_id = earlier;
-                    adopted = true;
                 }
                 // Not an order id of its shard (written by something else): this request takes
                 // the key.
