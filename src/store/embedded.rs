@@ -53,8 +53,9 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// Order id → (): the orders whose rollback is parked, kept in the transaction that parks,
 /// re-opens or deletes one.
 const PARKED: TableDefinition<&str, ()> = TableDefinition::new("parked_rollbacks");
-/// A user's orders by state (a step's, or a rollback state's code: see `state_codes`), newest
-/// last: what listings filtered by step or rollback state read instead of the user's history.
+/// A user's orders by state (a step's, the work steps' shared one, or a rollback state's code:
+/// see `state_codes`), newest last: what listings filtered by step or rollback state read
+/// instead of the user's history.
 const BY_STATE: TableDefinition<(&str, u8, u64, &str), ()> =
     TableDefinition::new("orders_by_user_state");
 /// Order id → the state codes it is filed under in `BY_STATE`.
@@ -90,13 +91,54 @@ fn walk_owed(txn: &redb::ReadTransaction) -> Result<bool, StoreError> {
 /// The state code of "no rollback state".
 const NO_ROLLBACK: u8 = u8::MAX;
 
-/// The codes an order is filed under in `BY_STATE`: its current step's, and its rollback
-/// state's (or `NO_ROLLBACK`).
+/// The state code the four work steps share, so that an order moving from one to the next
+/// does not move in `BY_STATE`. An earlier version filed them under each step's own code: an
+/// order so filed moves at its next transition, and listings read both.
+const RUNNING: u8 = 18;
+
+/// The codes an order is filed under in `BY_STATE`: its current step's ([`RUNNING`] at a work
+/// step), and its rollback state's (or `NO_ROLLBACK`).
 fn state_codes(order: &Order) -> (u8, u8) {
-    (
-        step_code(order.current_step),
-        rollback_code(order.rollback_state),
-    )
+    let step = if Step::WORK.contains(&order.current_step) {
+        RUNNING
+    } else {
+        step_code(order.current_step)
+    };
+    (step, rollback_code(order.rollback_state))
+}
+
+/// The `BY_STATE` codes a listing filtered by `query` reads (then filtering what it reads by
+/// `query`), or `None` for an unfiltered one. A rollback state is set only on failed orders,
+/// which never change step again; a work step's orders are in [`RUNNING`], or in the step's
+/// own code where an earlier version filed them.
+fn listing_codes(query: &ListQuery) -> Option<Vec<u8>> {
+    match (query.rollback_state, query.current_step) {
+        (Some(state), _) => Some(vec![rollback_code(Some(state))]),
+        (None, Some(step)) if Step::WORK.contains(&step) => Some(vec![RUNNING, step_code(step)]),
+        (None, Some(step)) => Some(vec![step_code(step)]),
+        (None, None) => None,
+    }
+}
+
+/// A listing's entries: (created µs, order id), newest first.
+type Listed<'a> = Box<dyn Iterator<Item = Result<(u64, String), StoreError>> + 'a>;
+
+/// `ranges`, each newest first, merged newest first (an error first of all).
+fn newest_first(ranges: Vec<Listed<'_>>) -> Listed<'_> {
+    let mut ranges: Vec<_> = ranges.into_iter().map(Iterator::peekable).collect();
+    Box::new(std::iter::from_fn(move || {
+        let newest = ranges
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(index, range)| Some((index, range.peek()?)))
+            .max_by(|(_, a), (_, b)| match (a, b) {
+                (Ok(a), Ok(b)) => a.cmp(b),
+                (Err(_), _) => std::cmp::Ordering::Greater,
+                (_, Err(_)) => std::cmp::Ordering::Less,
+            })
+            .map(|(index, _)| index)?;
+        ranges.get_mut(newest)?.next()
+    }))
 }
 
 fn step_code(step: Step) -> u8 {
@@ -1367,43 +1409,43 @@ impl OrderStore for EmbeddedStore {
                 None => (user, u64::MAX, ""),
             };
             // A filter on the rollback state (set only on failed orders) or else on the step
-            // reads the index of that state, once it holds every order.
-            let code = match (query.rollback_state, query.current_step) {
-                (Some(state), _) => Some(rollback_code(Some(state))),
-                (None, Some(step)) => Some(step_code(step)),
-                (None, None) => None,
-            };
+            // reads the indexes of that state, once they hold every order.
             let meta = txn.open_table(META).map_err(unavailable)?;
             let filed = meta.get(STATE_BACKFILL).map_err(unavailable)?.is_none();
             let by_state = txn.open_table(BY_STATE).map_err(unavailable)?;
-            let range: Box<dyn Iterator<Item = Result<(&str, u64, String), StoreError>>> =
-                match code.filter(|_| filed) {
-                    Some(code) => Box::new(
-                        by_state
-                            .range((user, code, 0u64, "")..(user, code, upper.1, upper.2))
-                            .map_err(unavailable)?
-                            .rev()
-                            .map(|entry| {
-                                let (key, _) = entry.map_err(unavailable)?;
-                                let (_, _, micros, id) = key.value();
-                                Ok((user, micros, id.to_string()))
-                            }),
-                    ),
-                    None => Box::new(
-                        by_user
-                            .range((user, 0u64, "")..upper)
-                            .map_err(unavailable)?
-                            .rev()
-                            .map(|entry| {
-                                let (key, _) = entry.map_err(unavailable)?;
-                                let (_, micros, id) = key.value();
-                                Ok((user, micros, id.to_string()))
-                            }),
-                    ),
-                };
+            let range: Listed = match listing_codes(query).filter(|_| filed) {
+                Some(codes) => {
+                    let mut ranges: Vec<Listed> = Vec::with_capacity(codes.len());
+                    for code in codes {
+                        ranges.push(Box::new(
+                            by_state
+                                .range((user, code, 0u64, "")..(user, code, upper.1, upper.2))
+                                .map_err(unavailable)?
+                                .rev()
+                                .map(|entry| {
+                                    let (key, _) = entry.map_err(unavailable)?;
+                                    let (_, _, micros, id) = key.value();
+                                    Ok((micros, id.to_string()))
+                                }),
+                        ));
+                    }
+                    newest_first(ranges)
+                }
+                None => Box::new(
+                    by_user
+                        .range((user, 0u64, "")..upper)
+                        .map_err(unavailable)?
+                        .rev()
+                        .map(|entry| {
+                            let (key, _) = entry.map_err(unavailable)?;
+                            let (_, micros, id) = key.value();
+                            Ok((micros, id.to_string()))
+                        }),
+                ),
+            };
             let mut page = Page::default();
             for entry in range {
-                let (_, micros, id) = entry?;
+                let (micros, id) = entry?;
                 let id = id.as_str();
                 let Some(bytes) = orders.get(id).map_err(unavailable)? else {
                     continue;

@@ -1885,6 +1885,100 @@ async fn embedded_store_files_orders_stored_before_the_state_index_existed() {
     assert_eq!(by_step(Step::Completed).await, completed);
 }
 
+/// A file where an earlier version filed orders at a work step under that step's own code, not
+/// the code the work steps share now: listings filtered by a work step find both, newest first
+/// across them, and an order so filed moves to the shared code at its next transition.
+#[tokio::test]
+async fn embedded_store_lists_work_steps_filed_by_an_earlier_version() {
+    use redb::{ReadableDatabase, ReadableTable};
+    const BY_STATE: redb::TableDefinition<(&str, u8, u64, &str), ()> =
+        redb::TableDefinition::new("orders_by_user_state");
+    const STATE_OF: redb::TableDefinition<&str, (u8, u8)> =
+        redb::TableDefinition::new("order_state");
+    /// The code of `Scheduling` an earlier version filed under: its place in `Step::ALL`.
+    const SCHEDULING: u8 = 0;
+    let dir = tempfile::tempdir().unwrap();
+    let user = "work-steps";
+    let mut orders = Vec::new();
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        for offset in 0..7 {
+            let order = new_order(user, "node-a", offset);
+            create(&store, &order).await;
+            orders.push(order);
+        }
+    }
+    // The even ones filed as the earlier version did.
+    let old: Vec<String> = orders
+        .iter()
+        .step_by(2)
+        .map(|order| order.order_id.to_string())
+        .collect();
+    let db = open_redb(dir.path()).await;
+    let txn = db.begin_write().unwrap();
+    {
+        let mut by_state = txn.open_table(BY_STATE).unwrap();
+        let mut state_of = txn.open_table(STATE_OF).unwrap();
+        let entries: Vec<(u8, u64, String)> = by_state
+            .iter()
+            .unwrap()
+            .map(|entry| {
+                let (key, _) = entry.unwrap();
+                let (_, code, micros, id) = key.value();
+                (code, micros, id.to_string())
+            })
+            .collect();
+        assert_eq!(entries.len(), orders.len());
+        for (code, micros, id) in entries {
+            assert_ne!(code, SCHEDULING, "filed under the step's own code");
+            if old.contains(&id) {
+                by_state.remove((user, code, micros, id.as_str())).unwrap();
+                by_state
+                    .insert((user, SCHEDULING, micros, id.as_str()), ())
+                    .unwrap();
+                state_of.insert(id.as_str(), (SCHEDULING, u8::MAX)).unwrap();
+            }
+        }
+    }
+    txn.commit().unwrap();
+    drop(db);
+
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    let newest_first: Vec<OrderId> = orders.iter().rev().map(|order| order.order_id).collect();
+    assert_eq!(
+        listed(&store, user, Some(Step::Scheduling), None).await,
+        newest_first
+    );
+    assert!(listed(&store, user, Some(Step::Processing), None)
+        .await
+        .is_empty());
+    // The newest order filed the old way moves on, and out of the step's own code.
+    let moved = succeed(&orders[6]);
+    store.commit(&moved).await.expect("commit");
+    assert_eq!(
+        listed(&store, user, Some(Step::Scheduling), None).await,
+        newest_first[1..]
+    );
+    assert_eq!(
+        listed(&store, user, Some(Step::PreProcessing), None).await,
+        [moved.order_id]
+    );
+    drop(store);
+    let db = open_redb(dir.path()).await;
+    let txn = db.begin_read().unwrap();
+    let by_state = txn.open_table(BY_STATE).unwrap();
+    let filed_old: Vec<String> = by_state
+        .iter()
+        .unwrap()
+        .filter_map(|entry| {
+            let (key, _) = entry.unwrap();
+            let (_, code, _, id) = key.value();
+            (code == SCHEDULING).then(|| id.to_string())
+        })
+        .collect();
+    assert_eq!(filed_old, old[..3]);
+}
+
 /// A redb file stays about the same size however many orders finish, once they are past
 /// retention: the purge deletes them, in transactions of at most [`PURGE_BATCH`], and redb
 /// reuses the pages they took.
