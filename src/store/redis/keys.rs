@@ -237,8 +237,8 @@ pub fn idem_parts<'a>(user: &'a str, key: &'a str) -> [&'a str; 4] {
 
 /// `user` as its idempotency keys spell it. Both the user and the key may hold a `:`, so
 /// `idem:{user}:{key}` alone would make user `a`'s key `b:c` user `a:b`'s key `c`. A user with
-/// no `:` (nearly every one, and every key stored before this rule) is spelled as it is; any
-/// other is spelled `:` and then its name with `%` and `:` written `%25` and `%3A`. That
+/// no `:` (nearly every one) is spelled as it is, as it was before this rule; any other is
+/// spelled `:` and then its name with `%` and `:` written `%25` and `%3A`. That
 /// spelling starts with the `:` no plain name (never empty) does, and holds no `:` after it,
 /// so the first `:` after it ends the user and no two (user, key) pairs share a key.
 pub fn idem_user(user: &str) -> Cow<'_, str> {
