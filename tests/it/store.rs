@@ -381,6 +381,17 @@ async fn retention(store: &dyn OrderStore) -> String {
     user
 }
 
+/// A key of `user`'s and another user whose key `k` an earlier version spelled as that one on
+/// Redis (`idem:{user}:p{n}:k`), in the same shard: `p{n}:k` and `{user}:p{n}`.
+fn keys_spelled_alike(user: &str) -> (String, String) {
+    (0..)
+        .map(|n| (format!("p{n}:k"), format!("{user}:p{n}")))
+        .find(|(key, colon_user)| {
+            keys::shard_of_key(user, key) == keys::shard_of_key(colon_user, "k")
+        })
+        .unwrap_or_default()
+}
+
 async fn conformance(store: &dyn OrderStore) {
     store.ping().await.expect("ping");
     let user = format!("user-{}", uuid::Uuid::new_v4().simple());
@@ -422,14 +433,8 @@ async fn conformance(store: &dyn OrderStore) {
         store.create(&theirs, Some("key-1")).await.unwrap(),
         Created::New
     ));
-    // Also when user and key both hold a `:`: `{user}`'s key `p{n}:k` and `{user}:p{n}`'s key
-    // `k`, with `n` such that both land in one shard.
-    let (key, colon_user) = (0..)
-        .map(|n| (format!("p{n}:k"), format!("{user}:p{n}")))
-        .find(|(key, colon_user)| {
-            keys::shard_of_key(&user, key) == keys::shard_of_key(colon_user, "k")
-        })
-        .unwrap();
+    // Also when user and key both hold a `:`, spelled alike as an earlier version spelled them.
+    let (key, colon_user) = keys_spelled_alike(&user);
     let mine = keyed(store, &user, "node-a", 4, &key);
     let colons = keyed(store, &colon_user, "node-a", 5, "k");
     for (order, key) in [(&mine, key.as_str()), (&colons, "k")] {
@@ -2255,13 +2260,7 @@ async fn redis_store_never_answers_a_key_with_another_users_order() {
     let redis = RedisServer::start();
     let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
     let user = format!("user-{}", uuid::Uuid::new_v4().simple());
-    // `{user}:p{n}`'s key `k` was spelled as `{user}`'s key `p{n}:k`, in the same shard.
-    let (key, colon_user) = (0..)
-        .map(|n| (format!("p{n}:k"), format!("{user}:p{n}")))
-        .find(|(key, colon_user)| {
-            keys::shard_of_key(&user, key) == keys::shard_of_key(colon_user, "k")
-        })
-        .unwrap();
+    let (key, colon_user) = keys_spelled_alike(&user);
     let theirs = keyed(&store, &colon_user, "node-a", 0, "k");
     create(&store, &theirs).await;
     let old_key = keys::idem_key(&user, &key);
