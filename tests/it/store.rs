@@ -601,7 +601,23 @@ async fn late_writes(store: &dyn OrderStore) {
     let mut other = second.clone();
     other.payload = std::sync::Arc::new(serde_json::json!({"sku": "B2"}).into());
     assert!(matches!(store.commit(&other).await, Err(StoreError::Stale)));
-    assert_eq!(store.get(order.order_id).await.unwrap(), Some(second));
+    assert_eq!(
+        store.get(order.order_id).await.unwrap(),
+        Some(second.clone())
+    );
+    // Revisions past one digit: 10 is newer than 9, and 99 older than 100.
+    let mut write = succeed(&second);
+    for (newer, older) in [(10, 9), (100, 99), (1_000_000, 999_999)] {
+        write.revision = newer;
+        store.commit(&write).await.expect("a newer revision");
+        let mut late = write.clone();
+        late.revision = older;
+        assert!(
+            matches!(store.commit(&late).await, Err(StoreError::Stale)),
+            "revision {older} after {newer}"
+        );
+    }
+    assert_eq!(store.get(order.order_id).await.unwrap(), Some(write));
 }
 
 /// 120 orders past their first step, ready for [`commit_together`].

@@ -72,7 +72,13 @@ const COMMIT: &str = r"
 local function commit(k, a, finishing)
   local order, owned, index = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local owner, epoch, doc, aware, state, step, id, revision, member = unpack(ARGV, a + 1, a + 9)
-  local cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed', 'idem', 'state')
+  -- The idempotency key's name and the stored state only matter to a finishing write.
+  local cur
+  if finishing then
+    cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed', 'idem', 'state')
+  else
+    cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed')
+  end
   -- own_idem, with the key's name read above, before anything is written.
   local idem = false
   if state == 'finished' and cur[6] and redis.call('GET', cur[6]) == id then idem = cur[6] end
@@ -84,13 +90,15 @@ local function commit(k, a, finishing)
     if cur[1] ~= owner then redis.call('SREM', owned, id) end
     return 'not_owner'
   end
-  local rev = tonumber(cur[4] or '0')
-  local new = tonumber(revision)
-  if new < rev or (new == rev and redis.call('HGET', order, 'doc') ~= doc) then
+  -- Revisions are decimal numbers without leading zeros, compared as text (`tonumber` would
+  -- call `strtod`): the longer is the larger, and of two as long, the one sorting after.
+  local rev = cur[4] or '0'
+  local older = #revision < #rev or (#revision == #rev and revision < rev)
+  if older or (revision == rev and redis.call('HGET', order, 'doc') ~= doc) then
     return 'stale'
   end
   if cur[3] == '1' and aware == '0' then return 'cancel' end
-  if new == rev then
+  if revision == rev then
     -- Stored by an earlier try whose answer was lost, maybe not replicated yet: written again
     -- (unchanged), so the WAIT after this call covers it.
     redis.call('HSET', order, 'rev', revision)
