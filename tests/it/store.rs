@@ -2165,6 +2165,71 @@ async fn redis_store_takes_out_owned_entries_left_behind() {
     assert!(!owns(&store, "node-t", order.order_id).await);
 }
 
+/// A move from one work step to the next is sent without the owned set or the order's index
+/// entry; where more is to be done than write the order, Redis asks for the whole commit,
+/// which does it: an order now another node's, or gone, leaves the committer's owned set.
+#[tokio::test]
+async fn redis_store_commit_to_a_work_step_takes_out_an_order_that_is_not_the_committers() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    let moved = new_order("moved", "node-a", 0);
+    let gone = new_order("moved", "node-a", 1);
+    create(&store, &moved).await;
+    create(&store, &gone).await;
+    assert_eq!(store.reassign("node-a", "node-b").await.unwrap().len(), 2);
+    // Entries left behind in node-a's owned set, as a sweep that read the orders before the
+    // reassignment would put back; and one order gone since.
+    for order in [&moved, &gone] {
+        let owned = keys::owned_key(keys::shard_of(order.order_id), "node-a");
+        redis.cli(&["SADD", &owned, &order.order_id.to_string()]);
+        assert!(owns(&store, "node-a", order.order_id).await);
+    }
+    redis.cli(&["DEL", &keys::order_key(gone.order_id)]);
+    assert_eq!(succeed(&moved).current_step, Step::PreProcessing);
+    assert!(matches!(
+        store.commit(&succeed(&moved)).await,
+        Err(StoreError::NotOwner)
+    ));
+    assert!(matches!(
+        store.commit(&succeed(&gone)).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(!owns(&store, "node-a", moved.order_id).await);
+    assert!(!owns(&store, "node-a", gone.order_id).await);
+    assert!(owns(&store, "node-b", moved.order_id).await);
+}
+
+/// An order filed under another index than the work steps' (as an earlier version could leave
+/// one) is filed under theirs by its next move to a work step.
+#[tokio::test]
+async fn redis_store_commit_to_a_work_step_files_an_order_filed_under_another_index() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    let order = new_order("refiled", "node-r", 0);
+    create(&store, &order).await;
+    let shard = keys::shard_of(order.order_id);
+    let running = keys::state_key(shard, keys::RUNNING, &order.user);
+    let elsewhere = keys::state_key(shard, Step::Scheduling.as_str(), &order.user);
+    let key = keys::order_key(order.order_id);
+    let member = redis
+        .cli(&["ZRANGE", &running, "0", "-1"])
+        .trim()
+        .to_string();
+    assert!(
+        member.contains(&order.order_id.simple().to_string()),
+        "{member}"
+    );
+    redis.cli(&["ZREM", &running, &member]);
+    redis.cli(&["ZADD", &elsewhere, "0", &member]);
+    redis.cli(&["HSET", &key, "filed", &elsewhere]);
+    let next = succeed(&order);
+    store.commit(&next).await.expect("commit");
+    assert_eq!(redis.cli(&["HGET", &key, "filed"]).trim(), running);
+    assert_eq!(redis.cli(&["ZRANGE", &running, "0", "-1"]).trim(), member);
+    assert_eq!(redis.cli(&["ZCARD", &elsewhere]).trim(), "0");
+    assert_eq!(store.get(order.order_id).await.unwrap(), Some(next));
+}
+
 #[tokio::test]
 async fn redis_store_fails_fast_when_redis_is_down_and_recovers() {
     let mut redis = RedisServer::start();

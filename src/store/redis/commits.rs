@@ -30,8 +30,15 @@ const MAX_PARTS: usize = 20;
 /// what its shape uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Shape {
-    Commit { finishing: bool },
-    Create { finishing: bool, keyed: bool },
+    Commit {
+        finishing: bool,
+    },
+    /// A commit of a move from one work step to the next (see the step script).
+    Step,
+    Create {
+        finishing: bool,
+        keyed: bool,
+    },
 }
 
 impl Shape {
@@ -40,6 +47,7 @@ impl Shape {
         match self {
             Shape::Commit { finishing: false } => "c",
             Shape::Commit { finishing: true } => "cf",
+            Shape::Step => "s",
             Shape::Create {
                 finishing: false,
                 keyed: false,
@@ -64,6 +72,7 @@ impl Shape {
         match self {
             Shape::Commit { finishing: false } => (3, 9),
             Shape::Commit { finishing: true } => (5, 12),
+            Shape::Step => (2, 7),
             Shape::Create { finishing, keyed } => {
                 let (finishing, keyed) = (usize::from(finishing), usize::from(keyed));
                 (4 + finishing + keyed, 9 + 2 * finishing + 2 * keyed)
@@ -382,9 +391,10 @@ mod tests {
             .collect()
     }
 
-    const SHAPES: [Shape; 6] = [
+    const SHAPES: [Shape; 7] = [
         Shape::Commit { finishing: false },
         Shape::Commit { finishing: true },
+        Shape::Step,
         Shape::Create {
             finishing: false,
             keyed: false,
@@ -459,16 +469,17 @@ mod tests {
 
     #[test]
     fn each_shape_takes_the_keys_and_arguments_the_writes_script_reads_for_it() {
-        // The writes script's table of shapes: name = {create, finishing, keyed, keys, args}.
+        // The writes script's table of shapes: name = {kind, finishing, keyed, keys, args}.
         let script = super::super::scripts::WRITES;
         for shape in SHAPES {
             let (keys, args) = shape.parts();
-            let (create, finishing, keyed) = match shape {
-                Shape::Commit { finishing } => (false, finishing, false),
-                Shape::Create { finishing, keyed } => (true, finishing, keyed),
+            let (kind, finishing, keyed) = match shape {
+                Shape::Commit { finishing } => ("commit", finishing, false),
+                Shape::Step => ("step", false, false),
+                Shape::Create { finishing, keyed } => ("create", finishing, keyed),
             };
             let entry = format!(
-                "{} = {{{create}, {finishing}, {keyed}, {keys}, {args}}}",
+                "{} = {{'{kind}', {finishing}, {keyed}, {keys}, {args}}}",
                 shape.name()
             );
             assert!(script.contains(&entry), "the writes script lacks `{entry}`");

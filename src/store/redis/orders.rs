@@ -575,6 +575,25 @@ impl RedisStore {
             .ok_or_else(|| StoreError::Corrupt("the writes script answered nothing".into()))
     }
 
+    /// The arguments a commit's write and a step's write (see `scripts`) begin with: the
+    /// owner, the epoch, the doc, whether the order is aware of its cancellation (1/0), its
+    /// state and its step.
+    fn transition_args(
+        &self,
+        write: &mut Write,
+        order: &Order,
+        state: &str,
+    ) -> Result<(), StoreError> {
+        let aware = order.cancel_requested || order.failure.is_some();
+        write.arg(&order.owner);
+        write.number(order.epoch);
+        write.arg_with(|bytes| doc::write(bytes, order, self.compress))?;
+        write.arg(flag(aware));
+        write.arg(state);
+        write.arg(order.current_step.as_str());
+        Ok(())
+    }
+
     /// The order `id` as stored, once it is on as many replicas as a write must reach: the
     /// first order of an idempotency key is answered to a retry only then, since the first
     /// request may have stored it on the primary alone (its `WAIT` failed, it answered 503).
@@ -913,15 +932,31 @@ impl OrderStore for RedisStore {
     }
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
-        let mut id_text = Uuid::encode_buffer();
-        let id = &*order.order_id.hyphenated().encode_lower(&mut id_text);
-        let member = micros_member(order);
-        let aware = order.cancel_requested || order.failure.is_some();
         let state = state_name(order);
         // Only a write that stores the order finished or notifying touches the finished and
         // parked indexes (see the commit script).
         let finishing = matches!(state, "finished" | "notifying");
         let code = state_code(order.current_step, order.rollback_state);
+        if !finishing && code == RUNNING {
+            // To a work step, so most likely from one: the step script's write, which asks for
+            // the whole commit only when there is more to do than write the order.
+            let mut write = Write::new(shard_of(order.order_id), WRITE_CAPACITY);
+            let mut id_text = Uuid::encode_buffer();
+            write.key(&keys::order_parts(
+                order.order_id.hyphenated().encode_lower(&mut id_text),
+            ));
+            write.key(&keys::state_parts(code, &order.user));
+            write.begin(Shape::Step);
+            self.transition_args(&mut write, order, state)?;
+            write.number(order.revision);
+            let outcome: String = from_value(self.write(write).await?)?;
+            if outcome != "full" {
+                return commit_outcome(&outcome);
+            }
+        }
+        let mut id_text = Uuid::encode_buffer();
+        let id = &*order.order_id.hyphenated().encode_lower(&mut id_text);
+        let member = micros_member(order);
         let mut write = Write::new(shard_of(order.order_id), WRITE_CAPACITY);
         write.key(&keys::order_parts(id));
         write.key(&keys::owned_parts(&order.owner));
@@ -931,12 +966,7 @@ impl OrderStore for RedisStore {
             write.key(&keys::PARKED_PARTS);
         }
         write.begin(Shape::Commit { finishing });
-        write.arg(&order.owner);
-        write.number(order.epoch);
-        write.arg_with(|bytes| doc::write(bytes, order, self.compress))?;
-        write.arg(flag(aware));
-        write.arg(state);
-        write.arg(order.current_step.as_str());
+        self.transition_args(&mut write, order, state)?;
         write.arg(id);
         write.number(order.revision);
         write.arg(&member);

@@ -69,6 +69,25 @@ end
 /// finishes (never before) or turns out not to be the committer's, and its retention starts in
 /// that same step.
 const COMMIT: &str = r"
+-- The answer to the owner's write of `revision` over the stored fields `cur` (owner, epoch,
+-- cancel, rev) when it is not to be written: 'stale', 'cancel', or 'ok' for the very write
+-- stored already (an earlier try whose answer was lost, maybe not replicated yet: written
+-- again unchanged, so the WAIT after this call covers it); false when it is to be written.
+-- Revisions are decimal numbers without leading zeros, compared as text (`tonumber` would
+-- call `strtod`): the longer is the larger, and of two as long, the one sorting after.
+local function settled(order, cur, doc, aware, revision)
+  local rev = cur[4] or '0'
+  local older = #revision < #rev or (#revision == #rev and revision < rev)
+  if older or (revision == rev and redis.call('HGET', order, 'doc') ~= doc) then
+    return 'stale'
+  end
+  if cur[3] == '1' and aware == '0' then return 'cancel' end
+  if revision == rev then
+    redis.call('HSET', order, 'rev', revision)
+    return 'ok'
+  end
+  return false
+end
 local function commit(k, a, finishing)
   local order, owned, index = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local owner, epoch, doc, aware, state, step, id, revision, member = unpack(ARGV, a + 1, a + 9)
@@ -90,20 +109,8 @@ local function commit(k, a, finishing)
     if cur[1] ~= owner then redis.call('SREM', owned, id) end
     return 'not_owner'
   end
-  -- Revisions are decimal numbers without leading zeros, compared as text (`tonumber` would
-  -- call `strtod`): the longer is the larger, and of two as long, the one sorting after.
-  local rev = cur[4] or '0'
-  local older = #revision < #rev or (#revision == #rev and revision < rev)
-  if older or (revision == rev and redis.call('HGET', order, 'doc') ~= doc) then
-    return 'stale'
-  end
-  if cur[3] == '1' and aware == '0' then return 'cancel' end
-  if revision == rev then
-    -- Stored by an earlier try whose answer was lost, maybe not replicated yet: written again
-    -- (unchanged), so the WAIT after this call covers it.
-    redis.call('HSET', order, 'rev', revision)
-    return 'ok'
-  end
+  local answer = settled(order, cur, doc, aware, revision)
+  if answer then return answer end
   -- file_state, with the filed key read above and written with the rest; an order filed
   -- under its index already is in it (every write of `filed` adds it), and stays.
   if cur[5] ~= index then
@@ -127,6 +134,27 @@ local function commit(k, a, finishing)
       finish(order, idem, retention, finished, entry)
     end
   end
+  return 'ok'
+end
+";
+
+/// Commit a move from one work step to the next (a function of [`WRITES`]): most of an order's
+/// writes, which change no index. KEYS, two: the order, the state index of the work steps.
+/// ARGV, seven: owner, epoch, doc, aware of cancellation (1/0), state, step, revision. Answers
+/// as [`COMMIT`] does, except that where a commit would do more than write the order (the order
+/// is gone, not the committer's, or filed under another index) it writes nothing and answers
+/// `full`: the caller then sends the whole commit, which decides on the order as it is then.
+/// So such a write carries no owned set, order id or index member: three strings fewer for Lua
+/// to take in, on three writes of four.
+const STEP: &str = r"
+local function step(k, a)
+  local order, index = KEYS[k + 1], KEYS[k + 2]
+  local owner, epoch, doc, aware, state, step_name, revision = unpack(ARGV, a + 1, a + 7)
+  local cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed')
+  if cur[1] ~= owner or cur[2] ~= epoch or cur[5] ~= index then return 'full' end
+  local answer = settled(order, cur, doc, aware, revision)
+  if answer then return answer end
+  redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step_name, 'rev', revision)
   return 'ok'
 end
 ";
@@ -198,19 +226,22 @@ pub(super) const WRITES: &str = r"
 local answers = {}
 local words = true
 local k, a = 0, 0
--- Each shape: create (or commit), finishing, keyed, key count, argument count.
+-- Each shape: what it is, finishing, keyed, key count, argument count.
 local shapes = {
-  c = {false, false, false, 3, 9}, cf = {false, true, false, 5, 12},
-  n = {true, false, false, 4, 9}, nf = {true, true, false, 5, 11},
-  ni = {true, false, true, 5, 11}, nfi = {true, true, true, 6, 13},
+  c = {'commit', false, false, 3, 9}, cf = {'commit', true, false, 5, 12},
+  s = {'step', false, false, 2, 7},
+  n = {'create', false, false, 4, 9}, nf = {'create', true, false, 5, 11},
+  ni = {'create', false, true, 5, 11}, nfi = {'create', true, true, 6, 13},
 }
 while a < #ARGV do
   local shape = shapes[ARGV[a + 1]]
   if not shape then return redis.error_reply('unknown write shape ' .. tostring(ARGV[a + 1])) end
-  if shape[1] then
+  if shape[1] == 'create' then
     local answer = create(k, a + 1, shape[2], shape[3])
     if type(answer) ~= 'string' then words = false end
     answers[#answers + 1] = answer
+  elseif shape[1] == 'step' then
+    answers[#answers + 1] = step(k, a + 1)
   else
     answers[#answers + 1] = commit(k, a + 1, shape[2])
   end
@@ -417,7 +448,7 @@ pub(super) struct Scripts {
 impl Scripts {
     pub fn new() -> Scripts {
         Scripts {
-            writes: Script::new(&format!("{FINISH}{COMMIT}{CREATE}{WRITES}")),
+            writes: Script::new(&format!("{FINISH}{COMMIT}{STEP}{CREATE}{WRITES}")),
             cancel: Script::new(CANCEL),
             reassign: Script::new(REASSIGN),
             enlist: Script::new(ENLIST),
