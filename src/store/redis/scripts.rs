@@ -145,7 +145,7 @@ end
 /// is gone, not the committer's, or filed under another index) it writes nothing and answers
 /// `full`: the caller then sends the whole commit, which decides on the order as it is then.
 /// So such a write carries no owned set, order id or index member: three strings fewer for Lua
-/// to take in, on three writes of four.
+/// to take in, on three of an order's four commits.
 const STEP: &str = r"
 local function step(k, a)
   local order, index = KEYS[k + 1], KEYS[k + 2]
