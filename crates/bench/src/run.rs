@@ -121,7 +121,10 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
         .map(|url| endpoint(url, "/orders/wait"))
         .collect::<Result<Vec<_>, _>>()?;
     let concurrency = args.concurrency.max(1);
-    let roots = roots(args.ca_file.as_deref())?;
+    let https = orders_urls
+        .iter()
+        .any(|url| url.scheme_str() == Some("https"));
+    let roots = roots(args.ca_file.as_deref(), https)?;
     let identity = identity(args.client_cert.as_deref(), args.client_key.as_deref())?;
     let client = Client::new(
         concurrency + args.waiters.max(1),
