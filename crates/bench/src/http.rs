@@ -57,7 +57,7 @@ pub fn endpoint(url: &str, path: &str) -> Result<Uri, String> {
 }
 
 /// The roots an https node's certificate is checked against: the system's (with `system`;
-/// reading them takes some 14 million instructions, which a run against http nodes need not
+/// reading them takes some 18 million instructions, which a run against http nodes need not
 /// spend), and the certificates in `ca_file`.
 pub fn roots(ca_file: Option<&Path>, system: bool) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
