@@ -1380,6 +1380,37 @@ async fn redis_store_without_replicas_creates_orders_submitted_together_in_one_c
     creates_together(&redis, &store, false).await;
 }
 
+/// Writes that come one after another while a call is on its way go together in the next call
+/// (one call per connection is on its way at a time), instead of each in a call of its own: on
+/// one connection, with Redis holding the first call back (`CLIENT PAUSE`), 30 commits sent
+/// one by one take two calls.
+#[tokio::test]
+async fn redis_store_sends_the_writes_that_come_while_its_calls_are_on_their_way_in_the_next() {
+    use std::sync::Arc;
+
+    let redis = RedisServer::start();
+    let store = Arc::new(RedisStore::connect(&redis.url(), 1, Duration::from_secs(5)).unwrap());
+    let orders = committed_once(&*store).await;
+    let orders = &orders[..30];
+    redis.cli(&["CLIENT", "PAUSE", "500", "WRITE"]);
+    let (scripts, _, ()) = calls_during(&redis, async {
+        let mut sent = Vec::new();
+        for order in orders {
+            let (store, next) = (Arc::clone(&store), succeed(order));
+            sent.push(tokio::spawn(async move { store.commit(&next).await }));
+            // Lets the commit reach the group commit, and the group commit send it if it may.
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        }
+        for commit in sent {
+            commit.await.expect("commit task").expect("commit");
+        }
+    })
+    .await;
+    assert!(scripts <= 2, "30 commits took {scripts} script calls");
+}
+
 /// The same on a Redis Cluster of three primaries, whose slots each shard's keys hash to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_store_conforms() {

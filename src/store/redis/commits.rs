@@ -1,9 +1,11 @@
 //! Group commit: the creates and transitions ready at the same moment, from any orders of this
 //! node, go to Redis together, as one call of the writes script, which checks and makes each on
 //! its own and answers each; with replicas to wait for (`database.min_replicas`), one `WAIT`
-//! covers them all. A batch is whatever waits when a call can go out: nothing waits for a batch
-//! to fill. Fewer calls cost Redis and the node less CPU per write (fewer commands to parse,
-//! scripts to start and syscalls on both sides) than the hops between tasks a batch adds.
+//! covers them all. A batch is whatever waits when a call can go out, at most one call per
+//! connection being on its way at once: nothing waits for a batch to fill, and under load the
+//! writes that come while the calls are on their way make the next batch. Fewer calls cost
+//! Redis and the node less CPU per write (fewer commands to parse, scripts to start and
+//! syscalls on both sides) than the hops between tasks a batch adds.
 
 use super::conn::{Connections, ScriptCall};
 use super::keys;
@@ -15,10 +17,6 @@ use tracing::Instrument;
 
 /// The most writes in one script call; Redis runs nothing else while a script runs.
 const MAX_BATCH: usize = 64;
-
-/// Script calls on their way at once (with replicas to wait for, one per connection kept for
-/// such writes); writes that come while all are on their way go together in the next.
-const IN_FLIGHT: usize = 64;
 
 /// The most keys and arguments of one write: a create's shape, six keys and thirteen arguments.
 const MAX_PARTS: usize = 20;
@@ -263,7 +261,8 @@ impl Committer {
     /// called within the runtime.
     pub fn start(redis: Arc<Connections>, script: Script) -> Committer {
         let (queue, waiting) = mpsc::unbounded_channel();
-        let task = send_batches(redis, script, waiting);
+        let calls = redis.write_calls();
+        let task = send_batches(redis, script, calls, waiting);
         tokio::spawn(task.instrument(tracing::info_span!("group_commit")));
         Committer { queue }
     }
@@ -284,16 +283,18 @@ impl Committer {
     }
 }
 
-/// Takes the writes waiting, up to [`MAX_BATCH`], each time one of [`IN_FLIGHT`] calls is
-/// free, and sends them. On a Redis Cluster a call holds the writes of one shard only (a script
-/// runs on one hash slot); the calls of one batch go out together.
+/// Takes the writes waiting, up to [`MAX_BATCH`], each time one of `calls` calls (see
+/// [`Connections::write_calls`]) is free, and sends them. On a Redis Cluster a call holds the
+/// writes of one shard only (a script runs on one hash slot); the calls of one batch go out
+/// together.
 async fn send_batches(
     redis: Arc<Connections>,
     script: Script,
+    calls: usize,
     mut waiting: mpsc::UnboundedReceiver<Pending>,
 ) {
     let script = Arc::new(script);
-    let calls = Arc::new(Semaphore::new(IN_FLIGHT));
+    let calls = Arc::new(Semaphore::new(calls.max(1)));
     let by_shard = redis.is_cluster();
     while let Some(first) = waiting.recv().await {
         let Ok(permit) = Arc::clone(&calls).acquire_owned().await else {

@@ -247,6 +247,18 @@ impl Connections {
         self.min_replicas > 0
     }
 
+    /// How many group-commit calls may be on their way at once: one for each connection a
+    /// write can go on (`database.pool_size`, or with `min_replicas` the connections kept for
+    /// writes and their `WAIT`). Writes ready while all are on their way go together in the
+    /// next call, so batches grow with the load and never wait at low load.
+    pub(crate) fn write_calls(&self) -> usize {
+        if self.min_replicas > 0 && !self.acked.is_empty() {
+            self.acked.len()
+        } else {
+            self.slots.len()
+        }
+    }
+
     /// Makes every write wait for `replicas` replicas to acknowledge it (`WAIT`); fewer is
     /// [`StoreError::Unavailable`].
     pub fn with_min_replicas(mut self, replicas: usize) -> Connections {
