@@ -81,8 +81,18 @@ impl Default for Flow {
     }
 }
 
+/// The Unix second now, read without making a calendar date of it (a node records several
+/// events per order).
 fn unix_now() -> i64 {
-    chrono::Utc::now().timestamp()
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        // Before 1970: the second it falls in, as chrono's `timestamp()` counts it.
+        Err(before) => {
+            let before = before.duration();
+            let whole = i64::try_from(before.as_secs()).unwrap_or(i64::MAX);
+            -whole - i64::from(before.subsec_nanos() > 0)
+        }
+    }
 }
 
 fn slot(second: i64) -> usize {
@@ -264,6 +274,13 @@ pub fn percentile(counts: &[u64], q: f64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_second_now_is_chronos() {
+        let before = chrono::Utc::now().timestamp();
+        let now = unix_now();
+        assert!(before <= now && now <= chrono::Utc::now().timestamp());
+    }
 
     #[test]
     fn events_land_in_their_second_and_old_seconds_are_overwritten() {
