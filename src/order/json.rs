@@ -117,7 +117,7 @@ fn write<'a>(
     if let Some(rollback_state) = rollback_state {
         write_rollback_state(w, *rollback_state);
     }
-    optional_string(w, b",\"rollback_error\":", rollback_error)?;
+    optional_string(w, b",\"rollback_error\":", rollback_error.as_deref())?;
     w.out.extend_from_slice(if *cancel_requested {
         b",\"cancel_requested\":true,\"owner\":"
     } else {
@@ -182,7 +182,7 @@ fn view<'a>(w: &mut Writer<'_, 'a>, order: &'a Order) -> Result<(), serde_json::
     if let Some(rollback_state) = rollback_state {
         write_rollback_state(w, *rollback_state);
     }
-    optional_string(w, b",\"rollback_error\":", rollback_error)?;
+    optional_string(w, b",\"rollback_error\":", rollback_error.as_deref())?;
     if *rollback_state != Some(RollbackState::Complete) {
         write_pending_rollback(w, pending_rollback);
     }
@@ -261,7 +261,7 @@ fn step_entry<'a>(
         nonzero(w, b",\"retries\":", *retries);
     }
     optional_time_as(w, b",\"next_attempt_at\":", next_attempt_at, fraction)?;
-    optional_string(w, b",\"node\":", node)?;
+    optional_string(w, b",\"node\":", node.as_deref())?;
     w.out.push(b'}');
     Ok(())
 }
@@ -336,7 +336,7 @@ fn write_attempts<'a>(
             w.out.extend_from_slice(b",\"status\":");
             number(w, u64::from(*status));
         }
-        optional_string(w, b",\"error\":", error)?;
+        optional_string(w, b",\"error\":", error.as_deref())?;
         w.out.extend_from_slice(b",\"duration_ms\":");
         number(w, *duration_ms);
         w.out.push(b'}');
@@ -374,7 +374,7 @@ fn write_notification<'a>(
     nonzero(w, b",\"retries\":", *retries);
     optional_time(w, b",\"next_attempt_at\":", next_attempt_at)?;
     optional_time(w, b",\"delivered_at\":", delivered_at)?;
-    optional_string(w, b",\"error\":", error)?;
+    optional_string(w, b",\"error\":", error.as_deref())?;
     w.out.push(b'}');
     Ok(())
 }
@@ -395,7 +395,7 @@ fn write_trace<'a>(
     w.out.extend_from_slice(&parent_id.hex());
     w.out.extend_from_slice(b"\",\"flags\":");
     number(w, u64::from(*flags));
-    optional_string(w, b",\"state\":", state)?;
+    optional_string(w, b",\"state\":", state.as_deref())?;
     w.out.push(b'}');
     Ok(())
 }
@@ -474,7 +474,7 @@ fn optional_time_as(
 fn optional_string<'a>(
     w: &mut Writer<'_, 'a>,
     name: &[u8],
-    text: &'a Option<String>,
+    text: Option<&'a str>,
 ) -> Result<(), serde_json::Error> {
     match text {
         Some(text) => {
@@ -605,7 +605,10 @@ mod tests {
                 prop::collection::vec(attempt(), 0..3),
             ),
             (count(), count(), count()),
-            (prop::option::of(time()), prop::option::of(text())),
+            (
+                prop::option::of(time()),
+                prop::option::of(text().prop_map(Arc::from)),
+            ),
         )
             .prop_map(
                 |(

@@ -16,6 +16,7 @@ use super::model::{
     Attempt, Failure, NotificationState, Order, Phase, RollbackState, Step, StepEntry, MAX_ATTEMPTS,
 };
 use chrono::{DateTime, Utc};
+use std::sync::Arc;
 
 /// The failure reason recorded for a cancelled order.
 pub const CANCELLED: &str = "cancelled";
@@ -134,11 +135,23 @@ pub fn apply_owned(
     let mut next = transition(order, event, now)?;
     // The step's work was done by the order's owner: kept so an operator sees where it ran.
     let (owner, steps) = (&next.owner, &mut next.steps);
+    let Some(step) = ran else {
+        return Ok(next);
+    };
     // The newest entry of the step, as `Order::entry_mut` finds it.
-    let entry = ran.and_then(|step| steps.iter_mut().rev().find(|e| e.step_name == step));
-    if let Some(entry) = entry {
-        if entry.node.as_deref() != Some(owner.as_str()) {
-            entry.node = Some(owner.clone());
+    let Some(at) = steps.iter().rposition(|entry| entry.step_name == step) else {
+        return Ok(next);
+    };
+    let named = |entry: &StepEntry| entry.node.as_deref() == Some(owner.as_str());
+    if !steps.get(at).is_some_and(named) {
+        // The name another step of the owner's holds, if any, rather than a copy of its own.
+        let node = steps
+            .iter()
+            .find(|entry| named(entry))
+            .and_then(|entry| entry.node.clone())
+            .unwrap_or_else(|| Arc::from(owner.as_str()));
+        if let Some(entry) = steps.get_mut(at) {
+            entry.node = Some(node);
         }
     }
     Ok(next)
@@ -403,6 +416,22 @@ mod tests {
 
     fn names(order: &Order) -> Vec<Step> {
         order.steps.iter().map(|entry| entry.step_name).collect()
+    }
+
+    /// Each step names the owner that ran it; the steps one owner ran share one name, and a
+    /// new owner's steps are named anew.
+    #[test]
+    fn steps_name_the_owner_that_ran_them_with_one_shared_name() {
+        let mut order = succeed(&new_order(), Step::Scheduling, 1);
+        order = succeed(&order, Step::PreProcessing, 2);
+        order.owner = "other".into();
+        order = succeed(&order, Step::Processing, 3);
+        order = succeed(&order, Step::PostProcessing, 4);
+        let nodes: Vec<Arc<str>> = order.steps.iter().filter_map(|e| e.node.clone()).collect();
+        let names: Vec<&str> = nodes.iter().map(|node| &**node).collect();
+        assert_eq!(names, ["node", "node", "other", "other"]);
+        assert!(Arc::ptr_eq(&nodes[0], &nodes[1]));
+        assert!(Arc::ptr_eq(&nodes[2], &nodes[3]));
     }
 
     #[test]

@@ -156,9 +156,10 @@ pub struct StepEntry {
     )]
     pub next_attempt_at: Option<DateTime<Utc>>,
     /// The node that last ran or rolled back this step (absent in orders stored before it was
-    /// kept).
+    /// kept). Shared: the steps an order's owner ran name it with one string, and an order is
+    /// copied at every transition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
 }
 
 fn is_zero(value: &u32) -> bool {
