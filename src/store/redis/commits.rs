@@ -261,8 +261,7 @@ impl Committer {
     /// called within the runtime.
     pub fn start(redis: Arc<Connections>, script: Script) -> Committer {
         let (queue, waiting) = mpsc::unbounded_channel();
-        let calls = redis.write_calls();
-        let task = send_batches(redis, script, calls, waiting);
+        let task = send_batches(redis, script, waiting);
         tokio::spawn(task.instrument(tracing::info_span!("group_commit")));
         Committer { queue }
     }
@@ -283,18 +282,17 @@ impl Committer {
     }
 }
 
-/// Takes the writes waiting, up to [`MAX_BATCH`], each time one of `calls` calls (see
-/// [`Connections::write_calls`]) is free, and sends them. On a Redis Cluster a call holds the
+/// Takes the writes waiting, up to [`MAX_BATCH`], each time one of the calls `redis` allows on
+/// their way at once ([`Connections::write_calls`]) is free, and sends them. On a Redis Cluster a call holds the
 /// writes of one shard only (a script runs on one hash slot); the calls of one batch go out
 /// together.
 async fn send_batches(
     redis: Arc<Connections>,
     script: Script,
-    calls: usize,
     mut waiting: mpsc::UnboundedReceiver<Pending>,
 ) {
     let script = Arc::new(script);
-    let calls = Arc::new(Semaphore::new(calls.max(1)));
+    let calls = Arc::new(Semaphore::new(redis.write_calls().max(1)));
     let by_shard = redis.is_cluster();
     while let Some(first) = waiting.recv().await {
         let Ok(permit) = Arc::clone(&calls).acquire_owned().await else {
