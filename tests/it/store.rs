@@ -622,9 +622,15 @@ async fn late_writes(store: &dyn OrderStore) {
 
 /// 120 orders past their first step, ready for [`commit_together`].
 async fn committed_once(store: &dyn OrderStore) -> Vec<Order> {
+    committed_once_as(store, |id| id).await
+}
+
+/// [`committed_once`], each order's id made by `id` from a random one.
+async fn committed_once_as(store: &dyn OrderStore, id: impl Fn(OrderId) -> OrderId) -> Vec<Order> {
     let mut orders = Vec::new();
     for offset in 0..120 {
-        let order = new_order("together", "node-g", offset);
+        let mut order = new_order("together", "node-g", offset);
+        order.order_id = id(order.order_id);
         create(store, &order).await;
         let first = succeed(&order);
         store.commit(&first).await.expect("first commit");
@@ -1428,6 +1434,36 @@ async fn redis_cluster_store_conforms() {
     assert!(repaired.owners.contains("node-p"), "{repaired:?}");
     assert!(!repaired.owners.contains("node-t"), "{repaired:?}");
     retention(&connect().with_retention(Duration::from_secs(1))).await;
+}
+
+/// On a Redis Cluster, the transitions of one shard ready together go in far fewer script
+/// calls too (a call holds one shard's keys): 120 commits of orders of one shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_store_commits_the_transitions_of_one_shard_ready_together_in_one_call() {
+    let cluster = RedisCluster::start();
+    let store =
+        RedisStore::connect_cluster(&cluster.addresses(), 4, Duration::from_secs(2)).unwrap();
+    let orders = committed_once_as(&store, |id| keys::in_shard(id, 5)).await;
+    let scripts = || {
+        let prefix = "cmdstat_evalsha:calls=";
+        let calls = |port| {
+            let stats = cluster.cli(port, &["INFO", "commandstats"])?;
+            let line = stats.lines().find_map(|line| line.strip_prefix(prefix))?;
+            line.split(',').next()?.parse::<u64>().ok()
+        };
+        cluster
+            .primaries()
+            .into_iter()
+            .filter_map(calls)
+            .sum::<u64>()
+    };
+    let before = scripts();
+    let sent = commit_together(&store, &orders).await as u64;
+    let scripts = scripts() - before;
+    assert!(
+        scripts * 4 <= sent,
+        "{sent} commits took {scripts} script calls"
+    );
 }
 
 /// A Redis Cluster connection that takes longer to open than the store timeout, though each of

@@ -3,7 +3,7 @@
 
 use super::access::ClusterAccess;
 use super::checks::Fitness;
-use super::commits::{self, Committer, Shape, Write};
+use super::commits::{Committer, Shape, Write};
 use super::conn::{Connections, Scripted};
 use super::keys;
 use super::keys::{
@@ -544,35 +544,25 @@ impl RedisStore {
     }
 
     /// Makes one create or commit together with whatever other writes are ready (group
-    /// commit); on a Redis Cluster without replicas to wait for, as a call of its own (writes
-    /// ready together rarely share a shard there, and a script call holds one shard's).
+    /// commit); on a Redis Cluster, together with those of its shard (a script call holds one
+    /// shard's keys).
     async fn write(&self, write: Write) -> Result<Value, StoreError> {
         if write.malformed() {
             return Err(StoreError::Corrupt(
                 "a write does not have the keys and arguments its shape takes".into(),
             ));
         }
-        if self.redis.waits_for_replicas() || !self.redis.is_cluster() {
-            let committer = self.committer.get_or_init(|| {
-                Committer::start(Arc::clone(&self.redis), self.scripts.writes.clone())
-            });
-            // The store timeout bounds the wait for a turn in a batch as well as the call.
-            return tokio::time::timeout(self.redis.timeout(), committer.write(write))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(StoreError::Unavailable(
-                        "redis did not answer in time".into(),
-                    ))
-                });
-        }
-        let call = commits::call(&self.scripts.writes, std::iter::once(&write));
-        // Boxed: that future is large, and every create and commit future would carry its
-        // size (and copy it into their own box) though only a Redis Cluster takes this way.
-        let answer: Value = Box::pin(self.redis.write(&call)).await?;
-        commits::answers(answer)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| StoreError::Corrupt("the writes script answered nothing".into()))
+        let committer = self
+            .committer
+            .get_or_init(|| Committer::start(Arc::clone(&self.redis), self.scripts.writes.clone()));
+        // The store timeout bounds the wait for a turn in a batch as well as the call.
+        tokio::time::timeout(self.redis.timeout(), committer.write(write))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "redis did not answer in time".into(),
+                ))
+            })
     }
 
     /// The arguments a commit's write and a step's write (see `scripts`) begin with: the
