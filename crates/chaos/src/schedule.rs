@@ -123,6 +123,11 @@ impl Faults {
                     continue;
                 }
             }
+            // No fault starts while Redis is paused: its action can wait on nodes that wait on
+            // Redis, and the pause would outlast its bound (in cluster mode, into a failover).
+            if let Some(resume) = self.resume_redis_at() {
+                next_fault = next_fault.max(resume);
+            }
             if Instant::now() < next_fault {
                 continue;
             }
@@ -130,6 +135,15 @@ impl Faults {
             self.one(world, client, bases, started).await;
             whole_since = None;
         }
+    }
+
+    /// When the paused Redis is to be resumed, if it is paused.
+    fn resume_redis_at(&self) -> Option<Instant> {
+        self.pending
+            .iter()
+            .filter(|(_, recovery, _)| matches!(recovery, Recovery::ResumeRedis))
+            .map(|(at, _, _)| *at)
+            .min()
     }
 
     async fn recover_due(&mut self, world: &mut World, client: &reqwest::Client) {
@@ -637,5 +651,34 @@ fn peers(world: &World, index: usize) -> Vec<IpAddr> {
 fn cut(world: &mut World, index: usize, rules: Vec<Rule>) {
     if !world.links.cut(index, rules) {
         println!("chaos: notice: iptables refused a rule of the fault on n{index}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn faults() -> Faults {
+        let spawn = Spawn {
+            bin: PathBuf::from("order-process"),
+            database: String::new(),
+            ledger: String::new(),
+            faketime: None,
+            tls: None,
+        };
+        Faults::new(1, Vec::new(), spawn)
+    }
+
+    /// The next fault waits for a paused Redis to be resumed, and only for that.
+    #[test]
+    fn a_paused_redis_is_resumed_before_the_next_fault() {
+        let mut faults = faults();
+        let now = Instant::now();
+        let (soon, later) = (now + Duration::from_secs(1), now + Duration::from_secs(5));
+        faults.pending.push((soon, Recovery::Restart(0), 0));
+        faults.pending.push((later, Recovery::Resume(1), 1));
+        assert_eq!(faults.resume_redis_at(), None);
+        faults.pending.push((later, Recovery::ResumeRedis, 2));
+        assert_eq!(faults.resume_redis_at(), Some(later));
     }
 }
