@@ -218,6 +218,8 @@ pub struct Redis {
     primary: usize,
     /// The server SIGSTOPped, if one is.
     paused: Option<usize>,
+    /// When the server (or cluster primary) SIGSTOPped now was stopped, to tell how long it was.
+    paused_at: Option<Instant>,
     /// The primary killed (and maybe wiped) awaiting a failover, and when.
     lost: Option<(usize, Instant)>,
     /// In sentinel mode, when the lost primary was started again as a replica, until the
@@ -249,6 +251,11 @@ pub struct Redis {
 
 /// Primaries of cluster mode, each with one replica.
 const PRIMARIES: usize = 3;
+
+/// Cluster mode's `cluster-node-timeout`: well above the longest pause ([`Redis::pause_range`]),
+/// since a primary paused takes a moment more to answer again on two busy cores, and a pause
+/// that turns into a failover is a known way to lose writes with `min_replicas` 0.
+const CLUSTER_NODE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Redis {
     /// Starts one server, or a primary, two replicas and three sentinels, each server on its
@@ -282,6 +289,7 @@ impl Redis {
             sentinels: Vec::new(),
             primary: 0,
             paused: None,
+            paused_at: None,
             lost: None,
             rejoining: None,
             failovers: Vec::new(),
@@ -328,13 +336,15 @@ impl Redis {
         let dir = workdir.join("redis-cluster");
         std::fs::create_dir_all(&dir)
             .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
-        let cluster = RedisCluster::try_start_in(&dir, PRIMARIES, 1, appendfsync)
-            .map_err(|error| format!("cannot start a redis cluster: {error}"))?;
+        let cluster =
+            RedisCluster::try_start_in(&dir, PRIMARIES, 1, appendfsync, CLUSTER_NODE_TIMEOUT)
+                .map_err(|error| format!("cannot start a redis cluster: {error}"))?;
         Ok(Redis {
             servers: Vec::new(),
             sentinels: Vec::new(),
             primary: 0,
             paused: None,
+            paused_at: None,
             lost: None,
             rejoining: None,
             failovers: Vec::new(),
@@ -450,9 +460,9 @@ impl Redis {
     }
 
     /// The shortest and longest pause of the primary, in milliseconds: around `database.timeout`
-    /// (1 s) for a single Redis; in sentinel mode below [`DOWN_AFTER`] (in cluster mode below the
-    /// same `cluster-node-timeout`), so that a pause stays a stall and does not turn into a
-    /// failover with the old primary coming back.
+    /// (1 s) for a single Redis; in sentinel mode below [`DOWN_AFTER`] (in cluster mode below
+    /// [`CLUSTER_NODE_TIMEOUT`]), so that a pause stays a stall and does not turn into a failover
+    /// with the old primary coming back.
     pub fn pause_range(&self) -> (u64, u64) {
         if self.sentinel_mode() || self.cluster_mode() {
             (300, 800)
@@ -463,16 +473,21 @@ impl Redis {
 
     /// SIGSTOPs the primary; true when it was stopped.
     pub fn pause(&mut self) -> bool {
-        if let Some((cluster, touched)) = &mut self.cluster {
+        let stopped = if let Some((cluster, touched)) = &mut self.cluster {
             let port = Redis::cluster_primary(cluster, self.failovers.len())
                 .filter(|port| cluster.signal(*port, "STOP"));
             *touched = port;
-            return port.is_some();
-        }
-        let primary = self.primary;
-        let stopped = self.servers[primary].signal("STOP");
+            port.is_some()
+        } else {
+            let primary = self.primary;
+            let stopped = self.servers[primary].signal("STOP");
+            if stopped {
+                self.paused = Some(primary);
+            }
+            stopped
+        };
         if stopped {
-            self.paused = Some(primary);
+            self.paused_at = Some(Instant::now());
         }
         stopped
     }
@@ -500,6 +515,10 @@ impl Redis {
 
     /// SIGCONTs the server paused.
     pub fn resume(&mut self) {
+        if let Some(at) = self.paused_at.take() {
+            let paused = at.elapsed().as_secs_f64();
+            println!("chaos:          redis resumed after {paused:.2}s");
+        }
         if let Some((cluster, touched)) = &mut self.cluster {
             if let Some(port) = touched.take() {
                 cluster.signal(port, "CONT");

@@ -15,6 +15,10 @@ use tempfile::TempDir;
 /// How long the cluster may take to form, or to settle after a failover.
 const SETTLE: Duration = Duration::from_secs(30);
 
+/// How long a primary may not answer before the others call it failing and its replica takes
+/// over (`cluster-node-timeout`), unless the caller names another.
+const NODE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Where a node's cluster bus listens, above its port.
 const BUS_OFFSET: u16 = 10_000;
 
@@ -31,6 +35,7 @@ struct ClusterNode {
     port: u16,
     dir: std::path::PathBuf,
     appendfsync: String,
+    node_timeout: Duration,
     tls: Option<TlsFiles>,
     process: Option<Proc>,
 }
@@ -54,10 +59,16 @@ impl ClusterNode {
                 )
                 .collect(),
         };
+        let node_timeout = self.node_timeout.as_millis().to_string();
         let child = Command::new("redis-server")
             .args(listen)
             .args(["--bind", "127.0.0.1"])
-            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                &node_timeout,
+            ])
             .args(["--cluster-config-file", "nodes.conf"])
             .args(["--save", "", "--appendonly", "yes"])
             .args(["--appendfsync", &self.appendfsync])
@@ -94,18 +105,27 @@ impl RedisCluster {
         replicas: usize,
         appendfsync: &str,
     ) -> std::io::Result<RedisCluster> {
-        RedisCluster::try_start_on(primaries, replicas, appendfsync, None, None)
+        RedisCluster::try_start_on(primaries, replicas, appendfsync, None, None, NODE_TIMEOUT)
     }
 
     /// Like [`RedisCluster::try_start_with`], each node's directory (data, `nodes.conf` and
-    /// `redis.log`) under `dir`, which outlives the cluster.
+    /// `redis.log`) under `dir`, which outlives the cluster, and its `cluster-node-timeout`
+    /// `node_timeout`.
     pub fn try_start_in(
         dir: &std::path::Path,
         primaries: usize,
         replicas: usize,
         appendfsync: &str,
+        node_timeout: Duration,
     ) -> std::io::Result<RedisCluster> {
-        RedisCluster::try_start_on(primaries, replicas, appendfsync, None, Some(dir))
+        RedisCluster::try_start_on(
+            primaries,
+            replicas,
+            appendfsync,
+            None,
+            Some(dir),
+            node_timeout,
+        )
     }
 
     /// Like [`RedisCluster::try_start`], every node speaking TLS only with `files`: to its
@@ -115,7 +135,14 @@ impl RedisCluster {
         replicas: usize,
         files: TlsFiles,
     ) -> std::io::Result<RedisCluster> {
-        RedisCluster::try_start_on(primaries, replicas, "everysec", Some(files), None)
+        RedisCluster::try_start_on(
+            primaries,
+            replicas,
+            "everysec",
+            Some(files),
+            None,
+            NODE_TIMEOUT,
+        )
     }
 
     fn try_start_on(
@@ -124,6 +151,7 @@ impl RedisCluster {
         appendfsync: &str,
         tls: Option<TlsFiles>,
         dir: Option<&std::path::Path>,
+        node_timeout: Duration,
     ) -> std::io::Result<RedisCluster> {
         let (temp, base) = match dir {
             Some(dir) => (None, dir.to_path_buf()),
@@ -142,6 +170,7 @@ impl RedisCluster {
                 port,
                 dir: node_dir,
                 appendfsync: appendfsync.to_string(),
+                node_timeout,
                 tls: tls.clone(),
                 process: None,
             };
