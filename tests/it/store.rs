@@ -1466,6 +1466,63 @@ async fn redis_cluster_store_commits_the_transitions_of_one_shard_ready_together
     );
 }
 
+/// A primary of a Redis Cluster that stalls holds back the writes of its own shards only: on
+/// one connection, with the primary of one order's shard stopped (SIGSTOP) while that order's
+/// commit is on its way, the commits of orders of another primary still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_cluster_primary_holds_back_only_its_own_shards_writes() {
+    use std::sync::Arc;
+
+    let cluster = RedisCluster::try_start(3, 0).expect("a redis cluster");
+    let store = RedisStore::connect_cluster(&cluster.addresses(), 1, Duration::from_secs(5));
+    let store = Arc::new(store.unwrap());
+    let primary = |shard: u16| {
+        let tag = format!("{{{}}}", keys::shard_tag(shard));
+        let slot = cluster.slot_of(&tag).expect("the shard's slot");
+        cluster.primary_of(slot).expect("the shard's primary")
+    };
+    let stalled = primary(0);
+    let elsewhere = (1..keys::SHARDS)
+        .find(|shard| primary(*shard) != stalled)
+        .expect("a shard of another primary");
+    let in_shard = |shard: u16| {
+        let mut order = new_order("stalled", "node-g", 0);
+        order.order_id = keys::in_shard(order.order_id, shard);
+        order
+    };
+    let held = in_shard(0);
+    create(&*store, &held).await;
+    let others: Vec<Order> = (0..10).map(|_| in_shard(elsewhere)).collect();
+    for order in &others {
+        create(&*store, order).await;
+    }
+    assert!(cluster.signal(stalled, "STOP"), "cannot stop {stalled}");
+    let waiting = {
+        let (store, next) = (Arc::clone(&store), succeed(&held));
+        tokio::spawn(async move { store.commit(&next).await })
+    };
+    // Lets the held commit go out first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let others_through = tokio::time::timeout(Duration::from_millis(600), async {
+        for order in &others {
+            store
+                .commit(&succeed(order))
+                .await
+                .expect("commit elsewhere");
+        }
+    })
+    .await;
+    assert!(cluster.signal(stalled, "CONT"), "cannot resume {stalled}");
+    assert!(
+        others_through.is_ok(),
+        "commits to another primary waited for the stopped one"
+    );
+    waiting
+        .await
+        .expect("commit task")
+        .expect("the held commit, once its primary is back");
+}
+
 /// A Redis Cluster connection that takes longer to open than the store timeout, though each of
 /// its round trips takes less (through a proxy that holds every reply of the one node it is
 /// given back for 0.6 s): the open goes on after the request that asked for it gives up, and a

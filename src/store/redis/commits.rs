@@ -18,6 +18,12 @@ use tracing::Instrument;
 /// The most writes in one script call; Redis runs nothing else while a script runs.
 const MAX_BATCH: usize = 64;
 
+/// On a Redis Cluster, how long a batch keeps its turn (see [`send_batches`]) while a call of it
+/// is unanswered: a call to a primary that stalled or is gone waits until the store timeout,
+/// and the batches after it, mostly for other primaries, go on after this long. Calls to a
+/// primary that answers take a few milliseconds at most, even on two busy cores.
+const SLOW_CALL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The most keys and arguments of one write: a create's shape, six keys and thirteen arguments.
 const MAX_PARTS: usize = 20;
 
@@ -283,9 +289,11 @@ impl Committer {
 }
 
 /// Takes the writes waiting, up to [`MAX_BATCH`], each time one of the calls `redis` allows on
-/// their way at once ([`Connections::write_calls`]) is free, and sends them. On a Redis Cluster a call holds the
-/// writes of one shard only (a script runs on one hash slot); the calls of one batch go out
-/// together.
+/// their way at once ([`Connections::write_calls`]) is free, and sends them. On a Redis Cluster
+/// a call holds the writes of one shard only (a script runs on one hash slot); the calls of one
+/// batch go out together, and a batch gives its turn back after [`SLOW_CALL`] even if one of
+/// them is still unanswered, so that a primary that stalls holds back only its own shards'
+/// writes.
 async fn send_batches(
     redis: Arc<Connections>,
     script: Script,
@@ -317,9 +325,11 @@ async fn send_batches(
             vec![batch]
         };
         let (redis, script) = (Arc::clone(&redis), Arc::clone(&script));
-        tokio::spawn(
-            send_groups(redis, script, groups, permit).instrument(tracing::Span::current()),
-        );
+        let turn = Turn {
+            permit,
+            at_most: by_shard.then_some(SLOW_CALL),
+        };
+        tokio::spawn(send_groups(redis, script, groups, turn).instrument(tracing::Span::current()));
     }
 }
 
@@ -335,16 +345,32 @@ fn split_by_shard(batch: Vec<Pending>) -> Vec<Vec<Pending>> {
     groups
 }
 
+/// A batch's turn among the calls on their way: held until its calls are answered, or for at
+/// most `at_most`.
+struct Turn {
+    permit: OwnedSemaphorePermit,
+    at_most: Option<std::time::Duration>,
+}
+
 async fn send_groups(
     redis: Arc<Connections>,
     script: Arc<Script>,
     groups: Vec<Vec<Pending>>,
-    _permit: OwnedSemaphorePermit,
+    turn: Turn,
 ) {
     let calls = groups
         .into_iter()
         .map(|group| send_group(&redis, &script, group));
-    futures_util::future::join_all(calls).await;
+    let calls = futures_util::future::join_all(calls);
+    let Some(at_most) = turn.at_most else {
+        calls.await;
+        return;
+    };
+    tokio::pin!(calls);
+    if tokio::time::timeout(at_most, &mut calls).await.is_err() {
+        drop(turn.permit);
+        calls.await;
+    }
 }
 
 /// One script call for `group`; each write in it gets its own answer.
