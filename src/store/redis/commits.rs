@@ -216,7 +216,7 @@ impl Write {
 
 /// The call of the writes script `script` that makes `writes`, in their order: all their keys,
 /// then each write's arguments.
-pub(super) fn call<'s, 'w>(
+fn call<'s, 'w>(
     script: &'s Script,
     writes: impl Iterator<Item = &'w Write> + Clone,
 ) -> ScriptCall<'s> {
@@ -238,7 +238,7 @@ pub(super) fn call<'s, 'w>(
 
 /// Each write's answer in the writes script's answer to a call: its words (one string, see
 /// [`WRITES`](super::scripts)), each as a string of its own, or its list of answers.
-pub(super) fn answers(answer: Value) -> Result<Vec<Value>, StoreError> {
+fn answers(answer: Value) -> Result<Vec<Value>, StoreError> {
     match answer {
         Value::BulkString(words) => Ok(words
             .split(|byte| *byte == b' ')
