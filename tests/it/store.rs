@@ -1445,16 +1445,11 @@ async fn redis_cluster_store_commits_the_transitions_of_one_shard_ready_together
         RedisStore::connect_cluster(&cluster.addresses(), 4, Duration::from_secs(2)).unwrap();
     let orders = committed_once_as(&store, |id| keys::in_shard(id, 5)).await;
     let scripts = || {
-        let prefix = "cmdstat_evalsha:calls=";
-        let calls = |port| {
-            let stats = cluster.cli(port, &["INFO", "commandstats"])?;
-            let line = stats.lines().find_map(|line| line.strip_prefix(prefix))?;
-            line.split(',').next()?.parse::<u64>().ok()
-        };
         cluster
             .primaries()
             .into_iter()
-            .filter_map(calls)
+            .filter_map(|port| cluster.cli(port, &["INFO", "commandstats"]))
+            .map(|stats| calls_in(&stats, "evalsha"))
             .sum::<u64>()
     };
     let before = scripts();
@@ -1650,9 +1645,13 @@ async fn redis_store_deletes_finished_orders_after_retention() {
 
 /// How many times Redis ran `command` (`INFO commandstats`), scripts' calls included.
 fn calls_of(redis: &RedisServer, command: &str) -> u64 {
+    calls_in(&redis.cli(&["INFO", "commandstats"]), command)
+}
+
+/// How many times `command` ran by `stats`, one Redis's `INFO commandstats`.
+fn calls_in(stats: &str, command: &str) -> u64 {
     let prefix = format!("cmdstat_{command}:calls=");
-    redis
-        .cli(&["INFO", "commandstats"])
+    stats
         .lines()
         .find_map(|line| line.strip_prefix(&prefix))
         .and_then(|rest| rest.split(',').next())
