@@ -123,8 +123,9 @@ impl Faults {
                     continue;
                 }
             }
-            // No fault starts while Redis is paused: its action can wait on nodes that wait on
-            // Redis, and the pause would outlast its bound (in cluster mode, into a failover).
+            // No fault starts while Redis is paused: a fault first asks the nodes what its victim
+            // owns, which waits on Redis (up to 2 s a node), and the pause would outlast its
+            // bound (in cluster mode, into a failover).
             if let Some(resume) = self.resume_redis_at() {
                 next_fault = next_fault.max(resume);
             }
