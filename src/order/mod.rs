@@ -17,7 +17,7 @@ pub use machine::{
     apply, apply_owned, next_action, retry_due, Action, Event, TransitionError, CANCELLED,
 };
 pub use model::{
-    Attempt, Failure, Notification, NotificationState, Order, OrderId, Outcome, Payload, Phase,
-    RollbackState, Step, StepEntry, UnknownStep, MAX_ATTEMPTS,
+    Attempt, Failure, IdMap, IdSet, Notification, NotificationState, Order, OrderId, Outcome,
+    Payload, Phase, RollbackState, Step, StepEntry, UnknownStep, MAX_ATTEMPTS,
 };
 pub use view::{CreatedView, OrderView};

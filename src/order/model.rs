@@ -13,6 +13,13 @@ use uuid::Uuid;
 /// v7 ids, so orders created together sit together in the embedded store's B-tree.
 pub type OrderId = Uuid;
 
+/// A map keyed by order id, for the maps every order passes through on a node: hashed with
+/// foldhash, seeded at random per process, instead of std's slower SipHash.
+pub type IdMap<V> = std::collections::HashMap<OrderId, V, foldhash::fast::RandomState>;
+
+/// A set of order ids, hashed as [`IdMap`] is.
+pub type IdSet = std::collections::HashSet<OrderId, foldhash::fast::RandomState>;
+
 /// The steps of the pipeline, plus the two terminal ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Step {

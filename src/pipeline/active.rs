@@ -1,9 +1,8 @@
 //! The orders a node is executing, has queued, or keeps waiting for a retry, so that no order runs
 //! twice at once on one node, and a request to run one again while it runs is not lost.
 
-use crate::order::OrderId;
+use crate::order::{IdMap, OrderId};
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// Order id → whether it must be loaded and driven once more when its current execution ends.
@@ -11,7 +10,7 @@ use std::sync::Mutex;
 /// Why a lock: the API, the pool and every execution mark and unmark orders from their own
 /// tasks; each call holds it for one map operation.
 #[derive(Debug, Default)]
-pub struct ActiveOrders(Mutex<HashMap<OrderId, bool>>);
+pub struct ActiveOrders(Mutex<IdMap<bool>>);
 
 impl ActiveOrders {
     pub fn contains(&self, id: OrderId) -> bool {

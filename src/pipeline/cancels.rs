@@ -1,14 +1,13 @@
 //! Cancellations requested through this node. The executor checks them before each step, and a
 //! noted cancellation wakes orders waiting for a retry so a cancelled one need not wait it out.
 
-use crate::order::OrderId;
-use std::collections::HashSet;
+use crate::order::{IdSet, OrderId};
 use std::sync::Mutex;
 use tokio::sync::watch;
 
 pub(super) struct Cancellations {
     /// The orders whose cancellation was noted and whose execution has not ended yet.
-    ids: Mutex<HashSet<OrderId>>,
+    ids: Mutex<IdSet>,
     /// Bumped on each noted cancellation.
     noted_tx: watch::Sender<u64>,
 }
@@ -16,7 +15,7 @@ pub(super) struct Cancellations {
 impl Cancellations {
     pub(super) fn new() -> Self {
         Cancellations {
-            ids: Mutex::new(HashSet::new()),
+            ids: Mutex::new(IdSet::default()),
             noted_tx: watch::Sender::new(0),
         }
     }

@@ -4,8 +4,7 @@
 //! are released (they resolve with no order) to read the store themselves: the order may have
 //! finished before they registered, or it runs elsewhere now.
 
-use crate::order::{Order, OrderId};
-use std::collections::{HashMap, HashSet};
+use crate::order::{IdMap, IdSet, Order, OrderId};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,10 +16,10 @@ pub struct Waiters(Mutex<Inner>);
 
 #[derive(Default)]
 struct Inner {
-    by_order: HashMap<OrderId, Vec<oneshot::Sender<Arc<Order>>>>,
+    by_order: IdMap<Vec<oneshot::Sender<Arc<Order>>>>,
     /// Orders that finished here while their execution goes on (e.g. it delivers the webhook): a
     /// wait registered meanwhile is released at once, as it would be when the execution ends.
-    finished: HashSet<OrderId>,
+    finished: IdSet,
 }
 
 impl Waiters {
