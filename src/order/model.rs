@@ -14,7 +14,7 @@ use uuid::Uuid;
 pub type OrderId = Uuid;
 
 /// A map keyed by order id, for the maps every order passes through on a node: hashed with
-/// foldhash, seeded at random per process, instead of std's slower SipHash.
+/// foldhash, seeded at random (per process and per map), instead of std's slower SipHash.
 pub type IdMap<V> = std::collections::HashMap<OrderId, V, foldhash::fast::RandomState>;
 
 /// A set of order ids, hashed as [`IdMap`] is.
