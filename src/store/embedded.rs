@@ -16,7 +16,7 @@ use super::{
     ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome,
     SetAside, StoreError, TakenBack, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
 };
-use crate::order::{Order, OrderId, RollbackState, Step};
+use crate::order::{IdMap, Order, OrderId, RollbackState, Step};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redb::{
@@ -666,7 +666,7 @@ fn writer_loop(
     compress: bool,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut owners = Owners::new();
+    let mut owners = Owners::default();
     // When the file was last reopened, and the pause before that reopen.
     let mut reopened: Option<(Instant, Duration)> = None;
     while let Some(first) = requests_rx.blocking_recv() {
@@ -812,7 +812,7 @@ impl Ownership {
     }
 }
 
-type Owners = std::collections::HashMap<OrderId, Ownership>;
+type Owners = IdMap<Ownership>;
 
 impl From<&Order> for Ownership {
     fn from(order: &Order) -> Self {
