@@ -183,6 +183,9 @@ pub struct SimulateConfig {
     #[serde(deserialize_with = "duration")]
     pub duration: Duration,
     pub failure_rate: f64,
+    /// Each step that succeeds answers with an output of about this many bytes
+    /// (`{"pad": "xx…"}`), as a step service answering with data would; 0: none.
+    pub output_bytes: usize,
 }
 
 impl Default for SimulateConfig {
@@ -190,6 +193,7 @@ impl Default for SimulateConfig {
         SimulateConfig {
             duration: Duration::from_secs(5),
             failure_rate: 0.05,
+            output_bytes: 0,
         }
     }
 }
@@ -357,6 +361,13 @@ pub struct DatabaseConfig {
     /// form they were created in; turn it on once no node of an earlier version, which reads
     /// only payloads stored in the order, is left.
     pub payload_apart: bool,
+    /// Redis only: keep each order split, its payload and what never changes written once when
+    /// it is created, each of its steps in a field of its own written only when it changes, so
+    /// that a change writes a few hundred bytes instead of the whole order. Orders are read in
+    /// either form whatever this says, and keep the form they were created in; turn it on once
+    /// no node of an earlier version, which reads only orders stored whole, is left. The
+    /// embedded store writes every order whole.
+    pub split_orders: bool,
     /// PEM file of the CA that signed the Redis server's certificate (`rediss://` or `tls`
     /// only); empty: the platform's roots.
     pub ca_file: PathBuf,
@@ -387,6 +398,7 @@ impl Default for DatabaseConfig {
             check_interval: Duration::from_secs(5),
             compress_orders: false,
             payload_apart: false,
+            split_orders: false,
             ca_file: PathBuf::new(),
             client_cert: PathBuf::new(),
             client_key: PathBuf::new(),

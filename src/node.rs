@@ -147,7 +147,8 @@ pub async fn run(
                 .with_fitness(Arc::clone(&fitness))
                 .with_retention(retention)
                 .with_compression(config.database.compress_orders)
-                .with_payload_apart(config.database.payload_apart);
+                .with_payload_apart(config.database.payload_apart)
+                .with_split_orders(config.database.split_orders);
             let orders: Arc<dyn OrderStore> = Arc::new(orders);
             let coordinator = RedisCoordinator::new(Arc::clone(&redis));
             let coordinator: Arc<dyn Coordinator> = Arc::new(coordinator);

@@ -75,24 +75,20 @@ fn write<'a>(
         start_time,
         complete_time,
         steps,
-        phase,
-        failure,
-        pending_rollback,
-        rollback_state,
-        rollback_error,
-        cancel_requested,
-        owner,
-        epoch,
-        revision,
-        notification,
+        phase: _,
+        failure: _,
+        pending_rollback: _,
+        rollback_state: _,
+        rollback_error: _,
+        cancel_requested: _,
+        owner: _,
+        epoch: _,
+        revision: _,
+        notification: _,
         trace,
     } = order;
-    w.out.extend_from_slice(b"{\"order_id\":\"");
-    let mut id = uuid::Uuid::encode_buffer();
-    w.out
-        .extend_from_slice(order_id.hyphenated().encode_lower(&mut id).as_bytes());
-    w.out.extend_from_slice(b"\",\"user\":");
-    string(w, user)?;
+    w.out.push(b'{');
+    id_and_user(w, *order_id, user)?;
     if with_payload {
         w.out.extend_from_slice(b",\"payload\":");
         w.out.extend_from_slice(payload.text()?.as_bytes());
@@ -104,6 +100,87 @@ fn write<'a>(
     optional_time(w, b",\"complete_time\":", complete_time)?;
     w.out.extend_from_slice(b",\"steps\":");
     step_entries(w, steps, Shape::Stored)?;
+    progress(w, order)?;
+    optional_trace(w, trace.as_ref())?;
+    w.out.push(b'}');
+    Ok(())
+}
+
+/// Writes the part of `order` that never changes, as a split order keeps it apart (see
+/// `StoredForm::Split`): its id, user, start time and trace, as the members of a JSON object
+/// without the braces.
+pub fn write_split_head(out: &mut Vec<u8>, order: &Order) -> Result<(), serde_json::Error> {
+    let w = &mut Writer::new(out);
+    id_and_user(w, order.order_id, &order.user)?;
+    w.out.extend_from_slice(b",\"start_time\":");
+    time(w, &order.start_time)?;
+    optional_trace(w, order.trace.as_ref())
+}
+
+/// Writes what a split order keeps at each of its writes: all of it but its payload, its steps
+/// (see [`write_split_step`]) and its [`write_split_head`], as the members of a JSON object
+/// without the braces.
+pub fn write_split_rest(out: &mut Vec<u8>, order: &Order) -> Result<(), serde_json::Error> {
+    let w = &mut Writer::new(out);
+    w.out.extend_from_slice(b"\"current_step\":");
+    step(w, order.current_step);
+    optional_time(w, b",\"complete_time\":", &order.complete_time)?;
+    progress(w, order)
+}
+
+/// Writes one of an order's steps as it is stored.
+pub fn write_split_step(out: &mut Vec<u8>, entry: &StepEntry) -> Result<(), serde_json::Error> {
+    step_entry(&mut Writer::new(out), entry, Shape::Stored)
+}
+
+/// `"order_id":"…","user":…`.
+fn id_and_user<'a>(
+    w: &mut Writer<'_, 'a>,
+    order_id: crate::order::OrderId,
+    user: &'a str,
+) -> Result<(), serde_json::Error> {
+    w.out.extend_from_slice(b"\"order_id\":\"");
+    let mut id = uuid::Uuid::encode_buffer();
+    w.out
+        .extend_from_slice(order_id.hyphenated().encode_lower(&mut id).as_bytes());
+    w.out.extend_from_slice(b"\",\"user\":");
+    string(w, user)
+}
+
+/// `,"trace":{…}`, when there is one.
+fn optional_trace<'a>(
+    w: &mut Writer<'_, 'a>,
+    trace: Option<&'a TraceContext>,
+) -> Result<(), serde_json::Error> {
+    if let Some(trace) = trace {
+        w.out.extend_from_slice(b",\"trace\":");
+        write_trace(w, trace)?;
+    }
+    Ok(())
+}
+
+/// The members of the stored order from `phase` to `notification`: where it is in its run.
+fn progress<'a>(w: &mut Writer<'_, 'a>, order: &'a Order) -> Result<(), serde_json::Error> {
+    let Order {
+        order_id: _,
+        user: _,
+        payload: _,
+        current_step: _,
+        start_time: _,
+        complete_time: _,
+        steps: _,
+        phase,
+        failure,
+        pending_rollback,
+        rollback_state,
+        rollback_error,
+        cancel_requested,
+        owner,
+        epoch,
+        revision,
+        notification,
+        trace: _,
+    } = order;
     w.out.extend_from_slice(b",\"phase\":");
     w.out.extend_from_slice(match phase {
         Phase::Forward => b"\"forward\"",
@@ -132,11 +209,6 @@ fn write<'a>(
         w.out.extend_from_slice(b",\"notification\":");
         write_notification(w, notification)?;
     }
-    if let Some(trace) = trace {
-        w.out.extend_from_slice(b",\"trace\":");
-        write_trace(w, trace)?;
-    }
-    w.out.push(b'}');
     Ok(())
 }
 
@@ -830,6 +902,34 @@ mod tests {
             // A field name in quotes cannot be in a string value, where quotes are escaped.
             let payload = format!(",\"payload\":{}", order.payload.text().unwrap());
             prop_assert_eq!(String::from_utf8(apart).unwrap(), ours(&order).replacen(&payload, "", 1));
+        }
+
+        #[test]
+        fn writes_a_split_order_in_parts_that_make_the_order_again(order in order()) {
+            let (mut head, mut rest) = (Vec::new(), Vec::new());
+            write_split_head(&mut head, &order).unwrap();
+            write_split_rest(&mut rest, &order).unwrap();
+            let steps: Vec<String> = order
+                .steps
+                .iter()
+                .map(|entry| {
+                    let mut step = Vec::new();
+                    write_split_step(&mut step, entry).unwrap();
+                    String::from_utf8(step).unwrap()
+                })
+                .collect();
+            let (head, rest) = (String::from_utf8(head).unwrap(), String::from_utf8(rest).unwrap());
+            // The same members as the order without its payload (which a split order keeps
+            // apart), in another order.
+            let whole = format!("{{{head},{rest},\"steps\":[{}]}}", steps.join(","));
+            let mut apart = Vec::new();
+            write_order_apart(&mut apart, &order).unwrap();
+            let value = |json: &[u8]| serde_json::from_slice::<serde_json::Value>(json).unwrap();
+            prop_assert_eq!(value(whole.as_bytes()), value(&apart));
+            // Each part has only its own: no steps, head or payload in the rest.
+            for name in ["\"steps\":", "\"order_id\":", "\"start_time\":", "\"payload\":"] {
+                prop_assert!(!rest.starts_with(name) && !rest.contains(&format!(",{name}")), "{}", name);
+            }
         }
 
         #[test]

@@ -12,12 +12,15 @@ mod props;
 mod rfc3339;
 mod view;
 
-pub use json::{write_order, write_order_apart, write_view, VIEW_CAPACITY};
+pub use json::{
+    write_order, write_order_apart, write_split_head, write_split_rest, write_split_step,
+    write_view, VIEW_CAPACITY,
+};
 pub use machine::{
     apply, apply_owned, next_action, retry_due, Action, Event, TransitionError, CANCELLED,
 };
 pub use model::{
     Attempt, Failure, IdMap, IdSet, Notification, NotificationState, Order, OrderId, Outcome,
-    Payload, Phase, RollbackState, Step, StepEntry, UnknownStep, MAX_ATTEMPTS,
+    Payload, Phase, RollbackState, Step, StepEntry, StoredForm, UnknownStep, MAX_ATTEMPTS,
 };
 pub use view::{CreatedView, OrderView};

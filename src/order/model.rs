@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use uuid::Uuid;
 
@@ -316,10 +316,20 @@ pub enum RollbackState {
 pub struct Payload {
     value: serde_json::Value,
     text: OnceLock<Box<RawValue>>,
-    /// Whether the store keeps it apart from the rest of the order (written once, when the order
-    /// is created), so that the order's later writes leave it out. Set by the store, on the one
-    /// payload every copy of the order shares, when it creates or reads the order so.
-    apart: AtomicBool,
+    /// How the store keeps the order (a [`StoredForm`], as its number). Set by the store, on the
+    /// one payload every copy of the order shares, when it creates or reads the order so.
+    form: AtomicU8,
+}
+
+/// How a store keeps an order: each write of it whole; its payload apart, written once when the
+/// order is created; or (on Redis, with `database.split_orders`) split: its payload and what
+/// never changes written once, and each step's entry only when it changes. An order keeps the
+/// form it was created in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredForm {
+    Whole = 0,
+    Apart = 1,
+    Split = 2,
 }
 
 impl Payload {
@@ -337,15 +347,35 @@ impl Payload {
         Ok(self.text.get_or_init(|| text))
     }
 
-    /// Whether the store keeps it apart from the rest of the order.
+    /// How the store keeps the order.
+    pub fn form(&self) -> StoredForm {
+        match self.form.load(Ordering::Relaxed) {
+            0 => StoredForm::Whole,
+            1 => StoredForm::Apart,
+            _ => StoredForm::Split,
+        }
+    }
+
+    /// Marks the order as kept in `form` from now on.
+    pub fn set_form(&self, form: StoredForm) {
+        self.form.store(form as u8, Ordering::Relaxed);
+    }
+
+    /// Whether the store keeps it apart from the rest of the order (in either form that does).
     pub fn is_apart(&self) -> bool {
-        self.apart.load(Ordering::Relaxed)
+        self.form() != StoredForm::Whole
+    }
+
+    /// Whether the store keeps the order split.
+    pub fn is_split(&self) -> bool {
+        self.form() == StoredForm::Split
     }
 
     /// Marks it kept apart from the rest of the order: the order's stored doc leaves it out from
-    /// now on.
+    /// now on. An order kept split stays so.
     pub fn set_apart(&self) {
-        self.apart.store(true, Ordering::Relaxed);
+        self.form
+            .fetch_max(StoredForm::Apart as u8, Ordering::Relaxed);
     }
 
     /// What an order read without a payload (its doc, the payload kept apart) holds until the
@@ -362,7 +392,7 @@ impl From<serde_json::Value> for Payload {
         Payload {
             value,
             text: OnceLock::new(),
-            apart: AtomicBool::new(false),
+            form: AtomicU8::new(StoredForm::Whole as u8),
         }
     }
 }

@@ -27,7 +27,7 @@ use super::shared::Shared;
 use crate::metrics::StepOutcome;
 use crate::order::{
     apply_owned, next_action, retry_due, Action, Attempt, Event, Notification, Order, OrderId,
-    Phase, Step, TransitionError, VIEW_CAPACITY,
+    Phase, Step, StoredForm, TransitionError, VIEW_CAPACITY,
 };
 use crate::store::{same_order, SetAside, StoreError};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -354,8 +354,8 @@ pub(super) struct Parked {
 /// microseconds it takes to encode and decode it once per parked step.
 struct Encoded {
     json: Box<[u8]>,
-    /// Whether the store keeps its payload apart, which its JSON does not say.
-    apart: bool,
+    /// How the store keeps it, which its JSON does not say.
+    form: StoredForm,
 }
 
 impl Encoded {
@@ -365,7 +365,7 @@ impl Encoded {
         match crate::order::write_order(&mut json, order) {
             Ok(()) => Some(Encoded {
                 json: json.into_boxed_slice(),
-                apart: order.payload.is_apart(),
+                form: order.payload.form(),
             }),
             Err(error) => {
                 warn!(order_id = %order.order_id, error = %error, "cannot encode an order to park it");
@@ -376,9 +376,7 @@ impl Encoded {
 
     fn decode(&self) -> Result<Order, serde_json::Error> {
         let order: Order = serde_json::from_slice(&self.json)?;
-        if self.apart {
-            order.payload.set_apart();
-        }
+        order.payload.set_form(self.form);
         Ok(order)
     }
 }
@@ -925,14 +923,12 @@ mod tests {
 
     #[test]
     fn a_parked_order_decodes_as_it_was_its_payload_kept_apart_or_not() {
-        for apart in [false, true] {
+        for form in [StoredForm::Whole, StoredForm::Apart, StoredForm::Split] {
             let order = order(NODE);
-            if apart {
-                order.payload.set_apart();
-            }
+            order.payload.set_form(form);
             let decoded = Encoded::of(&order).unwrap().decode().unwrap();
             assert_eq!(decoded, order);
-            assert_eq!(decoded.payload.is_apart(), apart);
+            assert_eq!(decoded.payload.form(), form);
             assert!(!decoded.lacks_payload());
         }
     }

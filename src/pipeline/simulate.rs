@@ -1,5 +1,6 @@
 //! The built-in `simulate` handler: sleeps, then fails with a configured probability or where the
-//! payload says `{"simulate": {"fail_at": "<step>"}}`. Its rollback always succeeds.
+//! payload says `{"simulate": {"fail_at": "<step>"}}`, or succeeds, with an output of
+//! `output_bytes` when set. Its rollback always succeeds.
 
 use super::handler::{Decided, StepContext, StepDone, StepError, StepHandler};
 use crate::config::SimulateConfig;
@@ -30,7 +31,14 @@ impl Simulate {
         if self.settings.failure_rate > 0.0 && rand::rng().random_bool(self.settings.failure_rate) {
             return Err(StepError::new("random failure"));
         }
-        Ok(StepDone::default())
+        let output = (self.settings.output_bytes > 0).then(|| {
+            let pad = "x".repeat(self.settings.output_bytes.saturating_sub(10));
+            serde_json::json!({ "pad": pad })
+        });
+        Ok(StepDone {
+            output,
+            status: None,
+        })
     }
 }
 

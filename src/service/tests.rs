@@ -60,6 +60,7 @@ fn simulate(duration: Duration) -> Arc<dyn StepHandler> {
     Arc::new(Simulate::new(SimulateConfig {
         duration,
         failure_rate: 0.0,
+        output_bytes: 0,
     }))
 }
 
@@ -498,4 +499,29 @@ async fn a_shutdown_lets_a_parked_step_end_and_commit() {
     // The first step ended during the grace period and was committed; no other step began.
     assert_eq!(stored.current_step, Step::PreProcessing);
     assert!(stored.steps[0].step_complete_time.is_some(), "{stored:?}");
+}
+
+/// `simulate.output_bytes`: every step answers with an output of about that many bytes, kept
+/// with the order.
+#[tokio::test]
+async fn simulated_steps_answer_with_outputs_of_the_size_configured() {
+    let handler = Arc::new(Simulate::new(SimulateConfig {
+        duration: Duration::ZERO,
+        failure_rate: 0.0,
+        output_bytes: 300,
+    }));
+    let node = node(2, 8, 8, handler);
+    let id = node.submit("alice").await;
+    let order = node.finished("alice", id).await;
+    assert_eq!(order.current_step, Step::Completed);
+    let work: Vec<_> = order
+        .steps
+        .iter()
+        .filter(|entry| Step::WORK.contains(&entry.step_name))
+        .collect();
+    assert_eq!(work.len(), 4);
+    for entry in work {
+        let output = entry.output.as_ref().expect("an output");
+        assert_eq!(serde_json::to_string(output).unwrap().len(), 300);
+    }
 }

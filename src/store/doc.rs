@@ -7,10 +7,15 @@
 //! is read whatever the option says, so nodes with and without it share a Redis, and a data dir
 //! keeps working when the option changes. With `database.payload_apart`, a store keeps an
 //! order's payload apart, written once when the order is created (its own doc,
-//! [`write_payload`]), and the order's doc leaves it out.
+//! [`write_payload`]), and the order's doc leaves it out. With `database.split_orders`, Redis
+//! keeps an order split ([`StoredForm::Split`]): its payload apart as above, and its head, its
+//! steps and the rest ([`write_split`]) as JSON of their own, never compressed.
 
 use super::corrupt;
-use crate::order::{write_order, write_order_apart, Order, Payload};
+use crate::order::{
+    write_order, write_order_apart, write_split_head, write_split_rest, write_split_step, Order,
+    Payload, StepEntry, StoredForm,
+};
 use crate::store::StoreError;
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -163,7 +168,7 @@ fn compressed(
 /// is marked so, so that its later writes leave it out too. A doc that holds its payload all
 /// the same (it never changes) is read as it is.
 pub fn read(doc: &[u8], payload: Option<&[u8]>) -> Result<Order, StoreError> {
-    let mut order: Order = serde_json::from_slice(&json_of(doc)?).map_err(corrupt)?;
+    let order: Order = serde_json::from_slice(&json_of(doc)?).map_err(corrupt)?;
     let Some(payload) = payload else {
         if order.lacks_payload() {
             return Err(StoreError::Corrupt(
@@ -172,6 +177,12 @@ pub fn read(doc: &[u8], payload: Option<&[u8]>) -> Result<Order, StoreError> {
         }
         return Ok(order);
     };
+    given_payload(order, payload)
+}
+
+/// `order`, read without its payload or with it, with the payload kept apart as `payload`
+/// (its doc) and marked so.
+fn given_payload(mut order: Order, payload: &[u8]) -> Result<Order, StoreError> {
     if order.lacks_payload() {
         let value: serde_json::Value = serde_json::from_slice(&json_of(payload)?)
             .map_err(|error| corrupt(format_args!("payload kept apart: {error}")))?;
@@ -179,6 +190,55 @@ pub fn read(doc: &[u8], payload: Option<&[u8]>) -> Result<Order, StoreError> {
     }
     order.payload.set_apart();
     Ok(order)
+}
+
+/// The parts of an order kept split (see [`StoredForm::Split`]): what never changes, what
+/// each write changes, and each step, in its order.
+#[derive(Clone, Copy, Debug)]
+pub struct Split<'a> {
+    pub head: &'a [u8],
+    pub rest: &'a [u8],
+    pub steps: &'a [&'a [u8]],
+}
+
+/// The order whose split parts are `split` (see [`write_split`]), its payload kept apart as
+/// `payload` (its doc).
+pub fn read_split(split: Split<'_>, payload: &[u8]) -> Result<Order, StoreError> {
+    let Split { head, rest, steps } = split;
+    let size = head.len() + rest.len() + steps.iter().map(|step| step.len() + 1).sum::<usize>();
+    let mut json = Vec::with_capacity(size + 16);
+    json.push(b'{');
+    json.extend_from_slice(head);
+    json.push(b',');
+    json.extend_from_slice(rest);
+    json.extend_from_slice(b",\"steps\":[");
+    for (index, step) in steps.iter().enumerate() {
+        if index > 0 {
+            json.push(b',');
+        }
+        json.extend_from_slice(step);
+    }
+    json.extend_from_slice(b"]}");
+    let order: Order = serde_json::from_slice(&json)
+        .map_err(|error| corrupt(format_args!("split order: {error}")))?;
+    let order = given_payload(order, payload)?;
+    order.payload.set_form(StoredForm::Split);
+    Ok(order)
+}
+
+/// Appends what a split order keeps at each of its writes (see [`write_split_rest`]).
+pub fn write_split(bytes: &mut Vec<u8>, order: &Order) -> Result<(), StoreError> {
+    write_split_rest(bytes, order).map_err(corrupt)
+}
+
+/// Appends what a split order keeps of itself that never changes (see [`write_split_head`]).
+pub fn write_head(bytes: &mut Vec<u8>, order: &Order) -> Result<(), StoreError> {
+    write_split_head(bytes, order).map_err(corrupt)
+}
+
+/// Appends one step of a split order.
+pub fn write_step(bytes: &mut Vec<u8>, step: &StepEntry) -> Result<(), StoreError> {
+    write_split_step(bytes, step).map_err(corrupt)
 }
 
 /// The JSON a doc (of an order, or of a payload kept apart) holds, in either form.

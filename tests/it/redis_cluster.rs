@@ -89,14 +89,16 @@ async fn a_primary_killed_under_load_loses_no_acknowledged_order() {
 /// The README's advice for `min_replicas = 1` on a cluster: two replicas a primary, so the one
 /// promoted after a failover still has one (the other follows it) and writes to its slots
 /// succeed again. Each write and its `WAIT` go on a connection of their own, a connection to
-/// every node, which a failed write replaces.
+/// every node, which a failed write replaces. The node keeps its orders split
+/// (`database.split_orders`): a write whose answer the failover lost leaves the steps it last
+/// wrote in doubt, and its next write of the order gives them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_min_replicas_a_primary_killed_under_load_loses_no_acknowledged_order() {
     let _turn = cluster_turn().await;
     let cluster = RedisCluster::try_start(3, 2).unwrap_or_else(|error| {
         panic!("cannot start a redis cluster (scripts/test installs redis): {error}")
     });
-    primary_killed_under_load(cluster, 1, "").await;
+    primary_killed_under_load(cluster, 1, "split_orders = true\n").await;
 }
 
 /// A node on `cluster` (each write waiting for `min_replicas` replicas, with `database` lines

@@ -1239,12 +1239,22 @@ async fn redis_store_keeping_payloads_apart_conforms() {
     let store = RedisStore::connect(&redis.url(), 4, Duration::from_secs(2))
         .unwrap()
         .with_payload_apart(true);
-    repair_all(&store).await;
-    conformance(&store).await;
-    let (orders, apart) = payloads_apart(&redis);
+    conforms_in_form(&redis, &store, payloads_apart).await;
+}
+
+/// `store` on `redis` conforms, every order it stores is in its form (`in_form` counts the
+/// orders, and those in it), and the index repair rebuilds from orders of that form.
+async fn conforms_in_form(
+    redis: &RedisServer,
+    store: &RedisStore,
+    in_form: fn(&RedisServer) -> (usize, usize),
+) {
+    repair_all(store).await;
+    conformance(store).await;
+    let (orders, in_form) = in_form(redis);
     assert!(orders > 10, "{orders} orders");
-    assert_eq!(apart, orders);
-    let repaired = repair_all(&store).await;
+    assert_eq!(in_form, orders);
+    let repaired = repair_all(store).await;
     assert!(repaired.orders > 0);
     assert!(repaired.owners.contains("node-p"), "{repaired:?}");
 }
@@ -1266,14 +1276,7 @@ async fn redis_stores_with_and_without_payloads_apart_take_over_each_others_orde
     let mut payload = serde_json::json!({"note": "caf\u{e9} \"x\"", "items": [1, 2.5, null]});
     for (creator, taker) in [(&apart, &whole), (&whole, &apart)] {
         payload["n"] = serde_json::json!(user.len());
-        let order = Order::new(
-            OrderId::new_v4(),
-            user.clone(),
-            payload.clone(),
-            "node-a".into(),
-            Utc::now(),
-        );
-        create(creator, &order).await;
+        let order = created_by(creator, &user, &payload).await;
         let mut read = taker.get(order.order_id).await.unwrap().expect("read");
         assert_eq!(read, order);
         while !read.is_finished() {
@@ -1293,6 +1296,159 @@ async fn redis_stores_with_and_without_payloads_apart_take_over_each_others_orde
     }
     // The first order keeps its payload apart, the second in its doc.
     assert_eq!(payloads_apart(&redis), (2, 1));
+}
+
+/// How many order hashes `redis` holds, and how many of them are split: a head and steps in
+/// fields of their own, a payload apart, and a doc with none of them.
+fn orders_split(redis: &RedisServer) -> (usize, usize) {
+    let counted = redis.cli(&[
+        "EVAL",
+        "local n, split = 0, 0 \
+         for _, key in ipairs(redis.call('KEYS', 'op:*:order:*')) do \
+           n = n + 1 \
+           local doc = redis.call('HGET', key, 'doc') \
+           if redis.call('HEXISTS', key, 'head') == 1 and redis.call('HEXISTS', key, 's0') == 1 \
+             and redis.call('HEXISTS', key, 'payload') == 1 and not string.find(doc, '\"steps\":', 1, true) \
+             and not string.find(doc, '\"order_id\":', 1, true) then split = split + 1 end \
+         end \
+         return {n, split}",
+        "0",
+    ]);
+    let mut counted = counted.lines().map(|line| line.parse().expect("a count"));
+    (counted.next().expect("n"), counted.next().expect("split"))
+}
+
+fn split_store(redis: &RedisServer) -> RedisStore {
+    RedisStore::connect(&redis.url(), 4, Duration::from_secs(2))
+        .unwrap()
+        .with_split_orders(true)
+}
+
+/// `database.split_orders`: every order created is kept split, through every change, and reads
+/// back whole.
+#[tokio::test]
+async fn redis_store_keeping_orders_split_conforms() {
+    let redis = RedisServer::start();
+    conforms_in_form(&redis, &split_store(&redis), orders_split).await;
+}
+
+/// Nodes with and without `database.split_orders` share a Redis: each reads the orders the
+/// other created and commits their next transitions, and an order keeps the form it was
+/// created in.
+#[tokio::test]
+async fn redis_stores_with_and_without_split_orders_take_over_each_others_orders() {
+    let redis = RedisServer::start();
+    let (split, whole) = (split_store(&redis), plain_store_on(&redis));
+    let user = format!("user-{}", uuid::Uuid::new_v4().simple());
+    let payload = serde_json::json!({"note": "caf\u{e9} \"x\"", "items": [1, 2.5, null]});
+    for (creator, taker) in [(&split, &whole), (&whole, &split)] {
+        let order = created_by(creator, &user, &payload).await;
+        let mut read = taker.get(order.order_id).await.unwrap().expect("read");
+        assert_eq!(read, order);
+        // Each store commits every other transition: neither knows the steps the other wrote.
+        let mut turn = 0;
+        while !read.is_finished() {
+            let (committer, reader) = if turn % 2 == 0 {
+                (taker, creator)
+            } else {
+                (creator, taker)
+            };
+            let next = succeed_with(&read, serde_json::json!({"turn": turn}));
+            committer.commit(&next).await.expect("commit");
+            read = reader.get(order.order_id).await.unwrap().expect("read");
+            assert_eq!(read, next);
+            turn += 1;
+        }
+    }
+    // The first order is split, the second whole.
+    assert_eq!(orders_split(&redis), (2, 1));
+}
+
+/// A new order of `user`'s with `payload`, owned by `node-a`, created by `store`.
+async fn created_by(store: &RedisStore, user: &str, payload: &serde_json::Value) -> Order {
+    let order = Order::new(
+        OrderId::new_v4(),
+        user.to_string(),
+        payload.clone(),
+        "node-a".into(),
+        Utc::now(),
+    );
+    create(store, &order).await;
+    order
+}
+
+/// A split order's step with an output.
+fn succeed_with(order: &Order, output: serde_json::Value) -> Order {
+    step(
+        order,
+        Event::StepSucceeded {
+            step: order.current_step,
+            output: Some(output),
+        },
+    )
+}
+
+fn plain_store_on(redis: &RedisServer) -> RedisStore {
+    RedisStore::connect(&redis.url(), 4, Duration::from_secs(2)).unwrap()
+}
+
+/// A split order's writes send only the steps that changed: with steps whose outputs are large,
+/// orders through all their steps take Redis far fewer bytes than whole orders do; and a write
+/// from steps that are not as stored (another store of the same node wrote since) is sent again
+/// with every step, so the order reads back as committed.
+#[tokio::test]
+async fn redis_store_writes_only_the_steps_of_a_split_order_that_changed() {
+    let redis = RedisServer::start();
+    let output = serde_json::json!({"label": "x".repeat(4000)});
+    let mut bytes = Vec::new();
+    for store in [plain_store_on(&redis), split_store(&redis)] {
+        let before = input_bytes(&redis);
+        for _ in 0..20 {
+            let mut order = new_order("bytes", "node-a", 0);
+            create(&store, &order).await;
+            while !order.is_finished() {
+                order = succeed_with(&order, output.clone());
+                store.commit(&order).await.expect("commit");
+            }
+            assert_eq!(store.get(order.order_id).await.unwrap(), Some(order));
+        }
+        bytes.push(input_bytes(&redis) - before);
+    }
+    // Whole: each of the four outputs is sent at every later write (ten times in all); split:
+    // once.
+    assert!(
+        bytes[1] * 2 < bytes[0],
+        "split {} bytes, whole {}",
+        bytes[1],
+        bytes[0]
+    );
+
+    // Two stores as one node, each committing from the steps it wrote last. The second stores
+    // a first step unlike the first store's; the first then commits, from its own, a write
+    // that leaves its first step as it wrote it: the order reads back as that write has it.
+    let (one, two) = (split_store(&redis), split_store(&redis));
+    let created = new_order("bases", "node-a", 0);
+    create(&one, &created).await;
+    let first = succeed_with(&created, serde_json::json!({"by": "one"}));
+    one.commit(&first).await.expect("commit");
+    let theirs = succeed_with(
+        &succeed_with(&created, serde_json::json!({"by": "two"})),
+        output,
+    );
+    two.commit(&theirs).await.expect("commit");
+    let ours = succeed(&succeed(&first));
+    one.commit(&ours).await.expect("commit");
+    assert_eq!(two.get(ours.order_id).await.unwrap(), Some(ours));
+}
+
+/// Bytes Redis read from its clients so far.
+fn input_bytes(redis: &RedisServer) -> u64 {
+    redis
+        .cli(&["INFO", "stats"])
+        .lines()
+        .find_map(|line| line.strip_prefix("total_net_input_bytes:"))
+        .and_then(|bytes| bytes.trim().parse().ok())
+        .expect("total_net_input_bytes")
 }
 
 /// A store on a Redis with one replica, whose writes wait for it (`min_replicas = 1`).

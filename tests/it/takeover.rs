@@ -404,13 +404,27 @@ async fn a_node_writing_compressed_orders_takes_over_json_ones_that_plain_reader
 /// and a store without the option read both whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_keeping_payloads_apart_takes_over_whole_ones_and_both_read_whole() {
+    takes_over_whole_orders_and_both_read_whole("payload_apart", "payload").await;
+}
+
+/// `database.split_orders`: the same for a node that keeps orders split (their head in a field
+/// of their own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeping_orders_split_takes_over_whole_ones_and_both_read_whole() {
+    takes_over_whole_orders_and_both_read_whole("split_orders", "head").await;
+}
+
+/// A node with `database.{option} = true` takes over orders stored whole and finishes them,
+/// still whole; the orders it is given are kept in its form (their hash has `field`); its
+/// answers and a store without the option read both whole.
+async fn takes_over_whole_orders_and_both_read_whole(option: &str, field: &str) {
     let _turn = cluster_turn().await;
     let redis = RedisServer::start();
     let plain = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
     let user = unique_user("apart");
     let node = Node::start(
         &config(&redis.url(), "10ms", "", &[])
-            .replace("[database]\n", "[database]\npayload_apart = true\n"),
+            .replace("[database]\n", &format!("[database]\n{option} = true\n")),
     )
     .await;
     let dead = uuid::Uuid::new_v4().to_string();
@@ -443,7 +457,7 @@ async fn a_node_keeping_payloads_apart_takes_over_whole_ones_and_both_read_whole
         let view = node.order(&user, &id).await;
         assert_eq!(view["payload"], payload, "{view}");
         let key = keys::order_key(OrderId::try_parse(&id).unwrap());
-        let apart = redis.cli(&["HEXISTS", &key, "payload"]) == "1";
-        assert_eq!(apart, ids.contains(&id), "{id} kept apart");
+        let apart = redis.cli(&["HEXISTS", &key, field]) == "1";
+        assert_eq!(apart, ids.contains(&id), "{id} kept with `{field}`");
     }
 }

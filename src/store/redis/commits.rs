@@ -24,8 +24,9 @@ const MAX_BATCH: usize = 64;
 /// primary that answers take a few milliseconds at most, even on two busy cores.
 const SLOW_CALL: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// The most keys and arguments of one write: a create's shape, six keys and thirteen arguments.
-const MAX_PARTS: usize = 20;
+/// The most keys and arguments of one write: a split order's create with every step (see
+/// [`Shape::split_args`]), six keys, its shape and twenty-eight arguments.
+const MAX_PARTS: usize = 35;
 
 /// What a write of the writes script is: a create or a commit, and whether it stores the order
 /// finished (a create) or finished or notifying (a commit), and whether a create has an
@@ -68,6 +69,41 @@ impl Shape {
                 finishing: true,
                 keyed: true,
             } => "nfi",
+        }
+    }
+
+    /// Its name in the writes script for a split order's write (see `StoredForm::Split`).
+    fn split_name(self) -> &'static str {
+        match self {
+            Shape::Commit { finishing: false } => "cx",
+            Shape::Commit { finishing: true } => "cfx",
+            Shape::Step => "sx",
+            Shape::Create {
+                finishing: false,
+                keyed: false,
+            } => "nx",
+            Shape::Create {
+                finishing: true,
+                keyed: false,
+            } => "nfx",
+            Shape::Create {
+                finishing: false,
+                keyed: true,
+            } => "nix",
+            Shape::Create {
+                finishing: true,
+                keyed: true,
+            } => "nfix",
+        }
+    }
+
+    /// How many arguments a split order's write of it has past the others before the steps
+    /// it gives (two each): its base and how many steps it gives, and a create's head (see the
+    /// scripts' `SPLIT`).
+    pub fn split_args(self) -> usize {
+        match self {
+            Shape::Create { .. } => 3,
+            Shape::Commit { .. } | Shape::Step => 2,
         }
     }
 
@@ -148,11 +184,36 @@ impl Write {
 
     /// Starts the arguments with the write's shape, which must match the keys given.
     pub fn begin(&mut self, shape: Shape) {
-        let (keys, args) = shape.parts();
+        self.begin_as(shape, false);
+    }
+
+    /// Starts the arguments of a split order's write (see `StoredForm::Split`) with its shape;
+    /// how many steps it gives is told with [`Write::steps`].
+    pub fn begin_split(&mut self, shape: Shape) {
+        self.begin_as(shape, true);
+    }
+
+    /// Adds how many steps of a split order it gives (the last argument before them): `given`,
+    /// each as its field and its JSON, which its shape then takes.
+    pub fn steps(&mut self, given: usize) {
+        self.number(given as u64);
+        match &mut self.shaped {
+            Some(parts) => *parts += 2 * given,
+            None => self.refused = true,
+        }
+    }
+
+    fn begin_as(&mut self, shape: Shape, split: bool) {
+        let (keys, mut args) = shape.parts();
         if self.keys != keys {
             self.refused = true;
         }
-        self.arg(shape.name());
+        if split {
+            self.arg(shape.split_name());
+            args += shape.split_args();
+        } else {
+            self.arg(shape.name());
+        }
         self.shaped = Some(keys + 1 + args);
     }
 
@@ -403,6 +464,7 @@ async fn send_group(redis: &Connections, script: &Script, group: Vec<Pending>) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::split::SPLIT_STEPS;
     use super::*;
     use deadpool_redis::redis::{Arg, FromRedisValue};
 
@@ -508,11 +570,19 @@ mod tests {
                 shape.name()
             );
             assert!(script.contains(&entry), "the writes script lacks `{entry}`");
-            assert!(keys + 1 + args <= MAX_PARTS, "{shape:?}");
+            let split = format!(
+                "{} = {{'{kind}', {finishing}, {keyed}, {keys}, {args}, {}}}",
+                shape.split_name(),
+                shape.split_args()
+            );
+            assert!(script.contains(&split), "the writes script lacks `{split}`");
+            assert_eq!(shape.split_name(), format!("{}x", shape.name()));
+            let most = keys + 1 + args + shape.split_args() + 2 * SPLIT_STEPS;
+            assert!(most <= MAX_PARTS, "{shape:?}");
         }
         assert!(SHAPES.iter().any(|shape| {
             let (keys, args) = shape.parts();
-            keys + 1 + args == MAX_PARTS
+            keys + 1 + args + shape.split_args() + 2 * SPLIT_STEPS == MAX_PARTS
         }));
     }
 
@@ -569,6 +639,22 @@ mod tests {
         let mut write = shaped(Shape::Commit { finishing: false }, 0);
         write.key(&keys::PARKED_PARTS);
         assert!(write.malformed());
+        // A split order's write: whole once it says how many steps it gives, and gives them.
+        let (keys, args) = Shape::Step.parts();
+        let mut write = Write::new(3, 64);
+        for key in 0..keys {
+            write.key(&[&format!("k{key}")]);
+        }
+        write.begin_split(Shape::Step);
+        for arg in 0..=args {
+            write.arg(format!("a{arg}"));
+        }
+        assert!(write.malformed());
+        write.steps(1);
+        write.arg("s0");
+        assert!(write.malformed());
+        write.arg("{}");
+        assert!(!write.malformed());
         // More parts than any write has.
         let mut write = shaped(
             Shape::Create {

@@ -12,8 +12,11 @@
 //!   that wrote it has `database.compress_orders`), `owner`, `epoch`, `user`,
 //!   `cancel`, `state` (`forward`, `rolling_back`, `finished`) and `step`; and `payload` (the
 //!   payload's JSON, compressed the same way when that is smaller) when the node that created
-//!   the order has `database.payload_apart`: `doc` then leaves the payload out. `owner`, `epoch`
-//!   and `cancel` in the hash are the truth; the copies inside `doc` are refreshed on read.
+//!   the order has `database.payload_apart`: `doc` then leaves the payload out. When that node
+//!   has `database.split_orders`, the order is split (see `split`): `payload` as above, `head`
+//!   (what never changes of it), `s0` to `s5` (its steps), `sv` (the revision they were last
+//!   written at), and `doc` holds the rest. `owner`, `epoch` and `cancel` in the hash are the
+//!   truth; the copies inside `doc` are refreshed on read.
 //! - `op:{s:NN}:owned:{node}`: set of the node's unfinished orders of the shard.
 //! - `op:{s:NN}:user:{user}`: sorted set (all scores 0) of `{created µs, 20 digits}-{id}`, for
 //!   listing; a user's listing merges those of all shards.

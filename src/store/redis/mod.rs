@@ -7,7 +7,8 @@
 //!   starts and while it runs.
 //! - [`keys`]: the key layout, order storage and cluster coordination alike.
 //! - [`RedisStore`]: the [`OrderStore`](super::OrderStore) on Redis, its Lua scripts in
-//!   `scripts`, its group commit in `commits`. The cluster's coordinator shares its connections.
+//!   `scripts`, its group commit in `commits`, the split form of orders in `split`. The
+//!   cluster's coordinator shares its connections.
 //!
 //! Every change to an order is one Lua script that writes only if the caller still owns it (owner
 //! and epoch compare-and-set) and changes the order's index entries (owned sets, user and state
@@ -23,6 +24,7 @@ pub mod keys;
 mod link;
 mod orders;
 mod scripts;
+mod split;
 
 pub use conn::Connections;
 pub use orders::RedisStore;

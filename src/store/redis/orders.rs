@@ -12,7 +12,8 @@ use super::keys::{
     STATE_INDEXED,
 };
 use super::scripts::Scripts;
-use crate::order::{Order, OrderId, Phase, RollbackState, Step};
+use super::split::{Steps, Written as SplitWritten, SPLIT_STEPS};
+use crate::order::{Order, OrderId, Phase, RollbackState, Step, StoredForm};
 use crate::store::corrupt;
 use crate::store::doc::{self, DOC_CAPACITY};
 use crate::store::{
@@ -37,8 +38,11 @@ const FAN_OUT: usize = 8;
 /// How often a retry of a parked rollback re-reads an order that changed under it.
 const REOPEN_TRIES: usize = 5;
 
-/// The hash fields an order is read from, in the order [`decode`] takes them.
-const READ_FIELDS: [&str; 5] = ["doc", "owner", "epoch", "cancel", "payload"];
+/// The hash fields an order is read from, in the order [`decode`] takes them: a split order's
+/// head and steps last (see `split`).
+const READ_FIELDS: [&str; 6 + SPLIT_STEPS] = [
+    "doc", "owner", "epoch", "cancel", "payload", "head", "s0", "s1", "s2", "s3", "s4", "s5",
+];
 
 /// The orders of a cluster, in its Redis.
 pub struct RedisStore {
@@ -56,6 +60,11 @@ pub struct RedisStore {
     /// Whether an order created keeps its payload apart from its doc, written once (see
     /// `doc::write_payload`); either form is read, and an order keeps the form it was created in.
     payload_apart: bool,
+    /// Whether an order created is split (see `split`); either form is read, and an order keeps
+    /// the form it was created in.
+    split: bool,
+    /// The steps of the split orders this node wrote last.
+    split_written: SplitWritten,
     /// Whether Redis keeps orders as configured (see `checks::watch`): new orders are refused
     /// while it does not.
     fitness: Arc<Fitness>,
@@ -139,18 +148,31 @@ fn read_order(pipeline: &mut redis::Pipeline, key: &str) {
     pipeline.cmd("HMGET").arg(key).arg(&READ_FIELDS[..]);
 }
 
-/// An order's hash fields as read: `doc`, `owner`, `epoch`, `cancel`, `payload` (bytes: a doc
-/// may be compressed).
+/// An order's hash fields as read: [`READ_FIELDS`] (bytes: a doc may be compressed).
 type Fields = Vec<Option<Vec<u8>>>;
 
-/// Builds an order from the hash fields `doc`, `owner`, `epoch`, `cancel`, `payload` (only
-/// where the order keeps its payload apart).
+/// Builds an order from the hash fields [`READ_FIELDS`] names: `doc`, `owner`, `epoch`,
+/// `cancel`, `payload` (only where the order keeps its payload apart), and where it is split,
+/// its `head` and steps.
 fn decode(fields: Fields) -> Result<Option<Order>, StoreError> {
     let payload = fields.get(4).and_then(Option::as_deref);
     let Some(Some(doc)) = fields.first() else {
         return Ok(None);
     };
-    let mut order = doc::read(doc, payload)?;
+    let mut order = match fields.get(5).and_then(Option::as_deref) {
+        Some(head) => {
+            let steps: Vec<&[u8]> = fields.iter().skip(6).map_while(Option::as_deref).collect();
+            let payload = payload
+                .ok_or_else(|| StoreError::Corrupt("split order without its payload".into()))?;
+            let split = doc::Split {
+                head,
+                rest: doc,
+                steps: &steps,
+            };
+            doc::read_split(split, payload)?
+        }
+        None => doc::read(doc, payload)?,
+    };
     let mut fields = fields.into_iter().skip(1);
     let text = |field: Vec<u8>, name: &str| {
         String::from_utf8(field).map_err(|_| StoreError::Corrupt(format!("{name} not UTF-8")))
@@ -212,6 +234,8 @@ impl RedisStore {
             committer: OnceLock::new(),
             compress: false,
             payload_apart: false,
+            split: false,
+            split_written: SplitWritten::default(),
             fitness: Arc::default(),
         }
     }
@@ -239,6 +263,12 @@ impl RedisStore {
     /// The store, creating orders with their payload apart from their doc when `apart` says so.
     pub fn with_payload_apart(mut self, apart: bool) -> RedisStore {
         self.payload_apart = apart;
+        self
+    }
+
+    /// The store, creating orders split (see `split`) when `split` says so.
+    pub fn with_split_orders(mut self, split: bool) -> RedisStore {
+        self.split = split;
         self
     }
 
@@ -577,11 +607,105 @@ impl RedisStore {
         let aware = order.cancel_requested || order.failure.is_some();
         write.arg(&order.owner);
         write.number(order.epoch);
-        write.arg_with(|bytes| doc::write(bytes, order, self.compress))?;
+        self.doc_arg(write, order)?;
         write.arg(flag(aware));
         write.arg(state);
         write.arg(order.current_step.as_str());
         Ok(())
+    }
+
+    /// Commits `order`'s transition; for a split order (`steps` given), with the steps that
+    /// changed since the ones this node last wrote, which it leaves in `steps` as written.
+    async fn commit_with(
+        &self,
+        order: &Order,
+        mut steps: Option<&mut Option<Steps>>,
+    ) -> Result<(), StoreError> {
+        let state = state_name(order);
+        // Only a write that stores the order finished or notifying touches the finished and
+        // parked indexes (see the commit script).
+        let finishing = matches!(state, "finished" | "notifying");
+        let code = state_code(order.current_step, order.rollback_state);
+        // Whether a split order's write gives every step (its base was not as stored).
+        let mut whole = false;
+        if !finishing && code == RUNNING {
+            // To a work step, so most likely from one: the step script's write, which asks for
+            // the whole commit only when there is more to do than write the order.
+            let mut write = Write::new(shard_of(order.order_id), WRITE_CAPACITY);
+            let mut id_text = Uuid::encode_buffer();
+            write.key(&keys::order_parts(
+                order.order_id.hyphenated().encode_lower(&mut id_text),
+            ));
+            write.key(&keys::state_parts(code, &order.user));
+            self.begin(&mut write, Shape::Step, steps.is_some());
+            self.transition_args(&mut write, order, state)?;
+            write.number(order.revision);
+            if let Some(steps) = steps.as_deref_mut() {
+                *steps = Some(self.split_written.add_commit(&mut write, order, false)?);
+            }
+            let outcome: String = from_value(self.write(write).await?)?;
+            if outcome != "full" {
+                return commit_outcome(&outcome);
+            }
+            whole = true;
+        }
+        let mut id_text = Uuid::encode_buffer();
+        let id = &*order.order_id.hyphenated().encode_lower(&mut id_text);
+        let member = micros_member(order);
+        loop {
+            let mut write = Write::new(shard_of(order.order_id), WRITE_CAPACITY);
+            write.key(&keys::order_parts(id));
+            write.key(&keys::owned_parts(&order.owner));
+            write.key(&keys::state_parts(code, &order.user));
+            if finishing {
+                write.key(&keys::FINISHED_PARTS);
+                write.key(&keys::PARKED_PARTS);
+            }
+            self.begin(&mut write, Shape::Commit { finishing }, steps.is_some());
+            self.transition_args(&mut write, order, state)?;
+            write.arg(id);
+            write.number(order.revision);
+            write.arg(&member);
+            if finishing {
+                write.number(self.retention_ms);
+                write.arg_concat(&finished_entry(order, id, &member));
+                write.arg(flag(is_parked(order)));
+            }
+            if let Some(steps) = steps.as_deref_mut() {
+                *steps = Some(self.split_written.add_commit(&mut write, order, whole)?);
+            }
+            let outcome: String = from_value(self.write(write).await?)?;
+            // A split order's steps were not as the base it gave left them: all of them.
+            if outcome == "full" && steps.is_some() && !whole {
+                whole = true;
+                continue;
+            }
+            return commit_outcome(&outcome);
+        }
+    }
+
+    /// Begins `write` with `shape`, as a split order's write when `split` says so.
+    fn begin(&self, write: &mut Write, shape: Shape, split: bool) {
+        if split {
+            write.begin_split(shape);
+        } else {
+            write.begin(shape);
+        }
+    }
+
+    /// Adds `order`'s doc to `write`.
+    fn doc_arg(&self, write: &mut Write, order: &Order) -> Result<(), StoreError> {
+        write.arg_with(|bytes| self.write_doc(bytes, order))
+    }
+
+    /// Appends `order`'s doc to `bytes`: what a split order keeps at each write, or the whole
+    /// order.
+    fn write_doc(&self, bytes: &mut Vec<u8>, order: &Order) -> Result<(), StoreError> {
+        if order.payload.is_split() {
+            doc::write_split(bytes, order)
+        } else {
+            doc::write(bytes, order, self.compress)
+        }
     }
 
     /// The order `id` as stored, once it is on as many replicas as a write must reach: the
@@ -642,13 +766,18 @@ impl RedisStore {
             );
         }
         write.key(&keys::state_parts(code, &order.user));
-        write.begin(shape);
-        if self.payload_apart {
-            // Before the doc is written: it then leaves the payload out, as every later write
-            // of the order does.
-            order.payload.set_apart();
+        // Before the doc is written: it then leaves the payload out (and a split order, its
+        // steps and head), as every later write of the order does.
+        if self.split {
+            order.payload.set_form(StoredForm::Split);
+            write.begin_split(shape);
+        } else {
+            if self.payload_apart {
+                order.payload.set_apart();
+            }
+            write.begin(shape);
         }
-        write.arg_with(|bytes| doc::write(bytes, order, self.compress))?;
+        self.doc_arg(&mut write, order)?;
         if order.payload.is_apart() {
             write.arg_with(|bytes| doc::write_payload(bytes, &order.payload, self.compress))?;
         } else {
@@ -669,9 +798,16 @@ impl RedisStore {
             write.number(self.retention_ms);
             write.arg_concat(&finished_entry(order, id, &member));
         }
+        let steps = match order.payload.is_split() {
+            true => Some(self.split_written.add_create(&mut write, order)?),
+            false => None,
+        };
         let answer = self.write(write).await?;
         // A create that stored the order answers a word; one that did not, a list.
         if matches!(&answer, Value::BulkString(word) if word == b"ok") {
+            if let Some(steps) = steps.filter(|_| !finishing) {
+                self.split_written.stored(order.order_id, steps);
+            }
             return Ok(Written::New);
         }
         let answer: Vec<Option<String>> = from_value(answer)?;
@@ -922,53 +1058,20 @@ impl OrderStore for RedisStore {
     }
 
     async fn commit(&self, order: &Order) -> Result<(), StoreError> {
-        let state = state_name(order);
-        // Only a write that stores the order finished or notifying touches the finished and
-        // parked indexes (see the commit script).
-        let finishing = matches!(state, "finished" | "notifying");
-        let code = state_code(order.current_step, order.rollback_state);
-        if !finishing && code == RUNNING {
-            // To a work step, so most likely from one: the step script's write, which asks for
-            // the whole commit only when there is more to do than write the order.
-            let mut write = Write::new(shard_of(order.order_id), WRITE_CAPACITY);
-            let mut id_text = Uuid::encode_buffer();
-            write.key(&keys::order_parts(
-                order.order_id.hyphenated().encode_lower(&mut id_text),
-            ));
-            write.key(&keys::state_parts(code, &order.user));
-            write.begin(Shape::Step);
-            self.transition_args(&mut write, order, state)?;
-            write.number(order.revision);
-            let outcome: String = from_value(self.write(write).await?)?;
-            if outcome != "full" {
-                return commit_outcome(&outcome);
+        if !order.payload.is_split() {
+            return self.commit_with(order, None).await;
+        }
+        let mut steps = None;
+        let committed = self.commit_with(order, Some(&mut steps)).await;
+        // Only steps stored are a base for the order's next write; a finished order has none.
+        match steps {
+            Some(steps) if committed.is_ok() && state_name(order) != "finished" => {
+                self.split_written.stored(order.order_id, steps);
             }
+            _ => self.split_written.forget(order.order_id),
         }
-        let mut id_text = Uuid::encode_buffer();
-        let id = &*order.order_id.hyphenated().encode_lower(&mut id_text);
-        let member = micros_member(order);
-        let mut write = Write::new(shard_of(order.order_id), WRITE_CAPACITY);
-        write.key(&keys::order_parts(id));
-        write.key(&keys::owned_parts(&order.owner));
-        write.key(&keys::state_parts(code, &order.user));
-        if finishing {
-            write.key(&keys::FINISHED_PARTS);
-            write.key(&keys::PARKED_PARTS);
-        }
-        write.begin(Shape::Commit { finishing });
-        self.transition_args(&mut write, order, state)?;
-        write.arg(id);
-        write.number(order.revision);
-        write.arg(&member);
-        if finishing {
-            write.number(self.retention_ms);
-            write.arg_concat(&finished_entry(order, id, &member));
-            write.arg(flag(is_parked(order)));
-        }
-        let outcome: String = from_value(self.write(write).await?)?;
-        commit_outcome(&outcome)
+        committed
     }
-
     async fn request_cancel(&self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError> {
         let key = order_key(id);
         let reply: Value = self
@@ -999,7 +1102,8 @@ impl OrderStore for RedisStore {
                 Ok(next) => next,
                 Err(stored) => return Ok(RetryRollbackOutcome::NotParked(*stored)),
             };
-            let doc = doc::encode(&next, self.compress)?;
+            let mut doc = Vec::with_capacity(DOC_CAPACITY);
+            self.write_doc(&mut doc, &next)?;
             let mut reopen = self.scripts.reopen.key(order_key(id));
             reopen
                 .key(owned_key(shard, &next.owner))
@@ -1014,6 +1118,10 @@ impl OrderStore for RedisStore {
                 .arg(next.current_step.as_str())
                 .arg(id.to_string())
                 .arg(micros_member(&next));
+            if next.payload.is_split() {
+                // Every step, and the order's next write gives every step too (see `split`).
+                self.split_written.add_reopen(&mut reopen, &next)?;
+            }
             let outcome: String = self.redis.write(&reopen).await?;
             match outcome.as_str() {
                 "ok" => return Ok(RetryRollbackOutcome::Accepted(next)),

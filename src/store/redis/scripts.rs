@@ -55,6 +55,41 @@ local function unfile(member, from)
 end
 ";
 
+/// Shared by the scripts that write a split order (prefixed to them; see
+/// `StoredForm::Split`): its steps are the fields `s0` to `s5`, and `sv` names the revision of
+/// the write that last wrote them. A write of a split order gives, after its own arguments, its
+/// base (the revision whose steps it changes, or `f`: it gives every step, and the fields of
+/// steps it does not have are deleted), how many steps it gives, and those steps, each as its
+/// field and its JSON (in the order of their fields, when it gives every step). With `q` the
+/// argument before the base: `split_given` answers where the steps given start and end in ARGV
+/// (to `unpack` into the write's `HSET`, which makes no table); `split_same` whether the
+/// stored order is the one a write with every step gives, `doc` being its doc; `split_trim`
+/// deletes, for such a write, the fields of the steps it does not have.
+pub(super) const SPLIT: &str = r"
+local SLOTS = {'s0', 's1', 's2', 's3', 's4', 's5'}
+-- How many steps a write gives, by its argument: `tonumber` would call `strtod`.
+local COUNTS = {['0'] = 0, ['1'] = 1, ['2'] = 2, ['3'] = 3, ['4'] = 4, ['5'] = 5, ['6'] = 6}
+local function split_given(q)
+  return q + 3, q + 2 + 2 * COUNTS[ARGV[q + 2]]
+end
+local function split_same(order, doc, q)
+  if ARGV[q + 1] ~= 'f' or redis.call('HGET', order, 'doc') ~= doc then return false end
+  local first, last = split_given(q)
+  local cur = redis.call('HMGET', order, unpack(SLOTS))
+  for i = 1, #SLOTS do
+    local at = first + 2 * i - 1
+    local given = ''
+    if at <= last then given = ARGV[at] end
+    if (cur[i] or '') ~= given then return false end
+  end
+  return true
+end
+local function split_trim(order, q)
+  local n = COUNTS[ARGV[q + 2]]
+  if ARGV[q + 1] == 'f' and n < #SLOTS then redis.call('HDEL', order, unpack(SLOTS, n + 1)) end
+end
+";
+
 /// Commit one order's transition (a function of [`WRITES`]). KEYS, three: the order, the
 /// committer's owned set, the state index of the new step or rollback state; a write that
 /// stores the order finished or notifying (only such a write, `finishing`) names two more: the
@@ -74,12 +109,16 @@ const COMMIT: &str = r"
 -- stored already (an earlier try whose answer was lost, maybe not replicated yet: written
 -- again unchanged, so the WAIT after this call covers it); false when it is to be written.
 -- Revisions are decimal numbers without leading zeros, compared as text (`tonumber` would
--- call `strtod`): the longer is the larger, and of two as long, the one sorting after.
-local function settled(order, cur, doc, aware, revision)
+-- call `strtod`): the longer is the larger, and of two as long, the one sorting after. `p`:
+-- where a split order's write has its step fields (see `SPLIT`), false for any other.
+local function settled(order, cur, doc, aware, revision, p)
   local rev = cur[4] or '0'
   local older = #revision < #rev or (#revision == #rev and revision < rev)
-  if older or (revision == rev and redis.call('HGET', order, 'doc') ~= doc) then
-    return 'stale'
+  if older then return 'stale' end
+  if revision == rev then
+    local same
+    if p then same = split_same(order, doc, p) else same = redis.call('HGET', order, 'doc') == doc end
+    if not same then return 'stale' end
   end
   if cur[3] == '1' and aware == '0' then return 'cancel' end
   if revision == rev then
@@ -88,13 +127,20 @@ local function settled(order, cur, doc, aware, revision)
   end
   return false
 end
-local function commit(k, a, finishing)
+local function commit(k, a, finishing, split)
   local order, owned, index = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local owner, epoch, doc, aware, state, step, id, revision, member = unpack(ARGV, a + 1, a + 9)
-  -- The idempotency key's name and the stored state only matter to a finishing write.
-  local cur
-  if finishing then
+  -- The idempotency key's name and the stored state only matter to a finishing write; the
+  -- revision its steps were written at, only to a split order's.
+  local cur, p, sv = nil, false, nil
+  if finishing and split then
+    cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed', 'idem', 'state', 'sv')
+    p, sv = a + 12, cur[8]
+  elseif finishing then
     cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed', 'idem', 'state')
+  elseif split then
+    cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed', 'sv')
+    p, sv = a + 9, cur[6]
   else
     cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed')
   end
@@ -109,11 +155,23 @@ local function commit(k, a, finishing)
     if cur[1] ~= owner then redis.call('SREM', owned, id) end
     return 'not_owner'
   end
-  local answer = settled(order, cur, doc, aware, revision)
+  -- A split order's write that changes only some steps needs them as its base left them.
+  if p and ARGV[p + 1] ~= 'f' and ARGV[p + 1] ~= sv then return 'full' end
+  local answer = settled(order, cur, doc, aware, revision, p)
   if answer then return answer end
   -- file_state, with the filed key read above and written with the rest; an order filed
   -- under its index already is in it (every write of `filed` adds it), and stays.
-  if cur[5] ~= index then
+  if p then
+    local first, last = split_given(p)
+    if cur[5] ~= index then
+      if cur[5] then redis.call('ZREM', cur[5], member) end
+      redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step, 'rev', revision, 'sv', revision, 'filed', index, unpack(ARGV, first, last))
+      redis.call('ZADD', index, '0', member)
+    else
+      redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step, 'rev', revision, 'sv', revision, unpack(ARGV, first, last))
+    end
+    split_trim(order, p)
+  elseif cur[5] ~= index then
     if cur[5] then redis.call('ZREM', cur[5], member) end
     redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step, 'rev', revision, 'filed', index)
     redis.call('ZADD', index, '0', member)
@@ -147,13 +205,29 @@ end
 /// So such a write carries no owned set, order id or index member: three strings fewer for Lua
 /// to take in, on three of an order's four commits.
 const STEP: &str = r"
-local function step(k, a)
+local function step(k, a, split)
   local order, index = KEYS[k + 1], KEYS[k + 2]
   local owner, epoch, doc, aware, state, step_name, revision = unpack(ARGV, a + 1, a + 7)
-  local cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed')
+  local cur
+  if split then
+    cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed', 'sv')
+  else
+    cur = redis.call('HMGET', order, 'owner', 'epoch', 'cancel', 'rev', 'filed')
+  end
   if cur[1] ~= owner or cur[2] ~= epoch or cur[5] ~= index then return 'full' end
-  local answer = settled(order, cur, doc, aware, revision)
+  local p = false
+  if split then
+    p = a + 7
+    if ARGV[p + 1] ~= 'f' and ARGV[p + 1] ~= cur[6] then return 'full' end
+  end
+  local answer = settled(order, cur, doc, aware, revision, p)
   if answer then return answer end
+  if p then
+    local first, last = split_given(p)
+    redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step_name, 'rev', revision, 'sv', revision, unpack(ARGV, first, last))
+    split_trim(order, p)
+    return 'ok'
+  end
   redis.call('HSET', order, 'doc', doc, 'state', state, 'step', step_name, 'rev', revision)
   return 'ok'
 end
@@ -172,7 +246,7 @@ end
 /// written together or not at all, so no dropped retry leaves an index entry with no order; and
 /// of two requests that store the same id, exactly one wins.
 const CREATE: &str = r"
-local function create(k, a, finishing, keyed)
+local function create(k, a, finishing, keyed, split)
   local order, owned, user_index = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local n, finished, idem = k + 3, false, false
   if finishing then n = n + 1; finished = KEYS[n] end
@@ -181,7 +255,7 @@ local function create(k, a, finishing, keyed)
   local doc, payload, owner, epoch, user, state, step, member, id = unpack(ARGV, a + 1, a + 9)
   local ttl, take, retention, entry
   if keyed then ttl, take, a = ARGV[a + 10], ARGV[a + 11], a + 2 end
-  if finishing then retention, entry = ARGV[a + 10], ARGV[a + 11] end
+  if finishing then retention, entry, a = ARGV[a + 10], ARGV[a + 11], a + 2 end
   if idem then
     local earlier = redis.call('GET', idem)
     if earlier and earlier ~= id and take ~= '1' then
@@ -194,7 +268,16 @@ local function create(k, a, finishing, keyed)
   -- file_state, for an order that is filed nowhere yet. One HSET, with the idempotency key's
   -- name and the payload kept apart when there are.
   if idem then redis.call('SET', idem, id, 'EX', ttl) end
-  if payload == '' and not idem then
+  if split then
+    -- Its head, then (see `SPLIT`) the revision its steps are written at and its steps.
+    local first, last = split_given(a + 10)
+    local head, sv = ARGV[a + 10], ARGV[a + 11]
+    if idem then
+      redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step, 'filed', index, 'payload', payload, 'head', head, 'sv', sv, 'idem', idem, unpack(ARGV, first, last))
+    else
+      redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step, 'filed', index, 'payload', payload, 'head', head, 'sv', sv, unpack(ARGV, first, last))
+    end
+  elseif payload == '' and not idem then
     redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step, 'filed', index)
   elseif payload == '' then
     redis.call('HSET', order, 'doc', doc, 'owner', owner, 'epoch', epoch, 'user', user, 'state', state, 'step', step, 'filed', index, 'idem', idem)
@@ -226,26 +309,38 @@ pub(super) const WRITES: &str = r"
 local answers = {}
 local words = true
 local k, a = 0, 0
--- Each shape: what it is, finishing, keyed, key count, argument count.
+-- Each shape: what it is, finishing, keyed, key count, argument count; for a split order's
+-- (its name ends in `x`), how many arguments it has before the steps it gives (see `SPLIT`:
+-- its base and how many steps it gives, and a create's head), its steps' two each more.
 local shapes = {
   c = {'commit', false, false, 3, 9}, cf = {'commit', true, false, 5, 12},
   s = {'step', false, false, 2, 7},
   n = {'create', false, false, 4, 9}, nf = {'create', true, false, 5, 11},
   ni = {'create', false, true, 5, 11}, nfi = {'create', true, true, 6, 13},
+  cx = {'commit', false, false, 3, 9, 2}, cfx = {'commit', true, false, 5, 12, 2},
+  sx = {'step', false, false, 2, 7, 2},
+  nx = {'create', false, false, 4, 9, 3}, nfx = {'create', true, false, 5, 11, 3},
+  nix = {'create', false, true, 5, 11, 3}, nfix = {'create', true, true, 6, 13, 3},
 }
 while a < #ARGV do
   local shape = shapes[ARGV[a + 1]]
   if not shape then return redis.error_reply('unknown write shape ' .. tostring(ARGV[a + 1])) end
+  local args = shape[5]
+  if shape[6] then
+    local given = COUNTS[ARGV[a + 1 + args + shape[6]]]
+    if not given then return redis.error_reply('a split write without its step count') end
+    args = args + shape[6] + 2 * given
+  end
   if shape[1] == 'create' then
-    local answer = create(k, a + 1, shape[2], shape[3])
+    local answer = create(k, a + 1, shape[2], shape[3], shape[6] ~= nil)
     if type(answer) ~= 'string' then words = false end
     answers[#answers + 1] = answer
   elseif shape[1] == 'step' then
-    answers[#answers + 1] = step(k, a + 1)
+    answers[#answers + 1] = step(k, a + 1, shape[6] ~= nil)
   else
-    answers[#answers + 1] = commit(k, a + 1, shape[2])
+    answers[#answers + 1] = commit(k, a + 1, shape[2], shape[6] ~= nil)
   end
-  k, a = k + shape[4], a + 1 + shape[5]
+  k, a = k + shape[4], a + 1 + args
 end
 if words then return table.concat(answers, ' ') end
 return answers
@@ -253,14 +348,15 @@ return answers
 
 /// Record a cancellation. KEYS[1] = order. ARGV: user. Returns nil for another user's or an
 /// unknown order, else {doc, owner, epoch, cancel before, payload (only where it is kept
-/// apart)}. Atomic so a cancellation is recorded only on an order still running forward.
+/// apart), and where the order is split, its head and steps}. Atomic so a cancellation is
+/// recorded only on an order still running forward.
 const CANCEL: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 'user', 'state', 'cancel', 'doc', 'owner', 'epoch', 'payload')
+local cur = redis.call('HMGET', KEYS[1], 'user', 'state', 'cancel', 'doc', 'owner', 'epoch', 'payload', 'head', 's0', 's1', 's2', 's3', 's4', 's5')
 if not cur[1] or cur[1] ~= ARGV[1] then return false end
 if cur[2] == 'forward' and cur[3] ~= '1' then
   redis.call('HSET', KEYS[1], 'cancel', '1')
 end
-return {cur[4], cur[5], cur[6], cur[3] or '0', cur[7]}
+return {cur[4], cur[5], cur[6], cur[3] or '0', cur[7], cur[8], cur[9], cur[10], cur[11], cur[12], cur[13], cur[14]}
 ";
 
 /// Move one order and its owned-set entry. KEYS: the order, `from`'s owned set, `to`'s owned
@@ -297,17 +393,26 @@ return 1
 
 /// Re-open a parked order. KEYS: the order, the new owner's owned set, the parked index, the
 /// state index it goes to. ARGV: owner and epoch read, new doc, new owner, new epoch, state,
-/// step, order id, user index member. Writes only if the order is still
-/// finished (its webhook delivered or not) and unchanged since it was read (compare-and-set), so
-/// of two concurrent retries exactly one re-opens it; and the re-opened order joins its owner's
-/// set, leaves the parked index, and is kept again (its retention stopped), in the same step. Its finished index entry
-/// stays: the retention pass finds the order there and only drops the entry.
+/// step, order id, user index member; for a split order, `f`, how many steps it has and its
+/// steps (see `SPLIT`), which its next write then gives whole too. Writes only if the order is
+/// still finished (its webhook delivered or not) and unchanged since it was read
+/// (compare-and-set), so of two concurrent retries exactly one re-opens it; and the re-opened
+/// order joins its owner's set, leaves the parked index, and is kept again (its retention
+/// stopped), in the same step. Its finished index entry stays: the retention pass finds the
+/// order there and only drops the entry.
 const REOPEN: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'state')
 if not cur[1] then return 'missing' end
 if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 'changed' end
 if cur[3] ~= 'finished' and cur[3] ~= 'notifying' then return 'changed' end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'owner', ARGV[4], 'epoch', ARGV[5], 'state', ARGV[6], 'step', ARGV[7])
+if #ARGV > 9 then
+  -- A split order: all its steps, given whole; its next write gives all of them too.
+  local first, last = split_given(9)
+  if last >= first then redis.call('HSET', KEYS[1], unpack(ARGV, first, last)) end
+  split_trim(KEYS[1], 9)
+  redis.call('HDEL', KEYS[1], 'sv')
+end
 file_state(KEYS[1], KEYS[4], ARGV[9])
 redis.call('PERSIST', KEYS[1])
 redis.call('SADD', KEYS[2], ARGV[8])
@@ -448,13 +553,13 @@ pub(super) struct Scripts {
 impl Scripts {
     pub fn new() -> Scripts {
         Scripts {
-            writes: Script::new(&format!("{FINISH}{COMMIT}{STEP}{CREATE}{WRITES}")),
+            writes: Script::new(&format!("{FINISH}{SPLIT}{COMMIT}{STEP}{CREATE}{WRITES}")),
             cancel: Script::new(CANCEL),
             reassign: Script::new(REASSIGN),
             enlist: Script::new(ENLIST),
             set_aside: Script::new(SET_ASIDE),
             take_back: Script::new(TAKE_BACK),
-            reopen: Script::new(&format!("{STATE}{REOPEN}")),
+            reopen: Script::new(&format!("{STATE}{SPLIT}{REOPEN}")),
             repair_owned: Script::new(&format!("{FINISH}{STATE}{REPAIR_OWNED}")),
             disown: Script::new(DISOWN),
             prune_finished: Script::new(&format!("{STATE}{PRUNE_FINISHED}")),
