@@ -221,15 +221,15 @@ pub enum Exit {
 /// reach ([`Redis::database`]), every work step on the ledger. The campaign's user is named in
 /// the `Authorization` header, on loopback as on a bridge. The nodes write orders in different
 /// stored forms, so orders pass between them as they move: the first whole as JSON, the second
-/// compressed (`compress_orders`), the third compressed with its payloads kept apart
-/// (`payload_apart`).
+/// compressed with its payloads kept apart (`compress_orders`, `payload_apart`), the third split
+/// (`split_orders`, its payloads compressed).
 pub fn node_config(index: usize, database: &str, ledger: &str, tls: Option<&Tls>) -> String {
     let reconcile = RECONCILE_INTERVAL.as_secs();
     let liveness = LIVENESS_TTL.as_secs();
     let stored_form = match index % 3 {
         0 => "",
-        1 => "compress_orders = true\n",
-        _ => "compress_orders = true\npayload_apart = true\n",
+        1 => "compress_orders = true\npayload_apart = true\n",
+        _ => "compress_orders = true\nsplit_orders = true\n",
     };
     let (server_tls, cluster_tls) = tls.map_or_else(Default::default, Tls::config_lines);
     let mut config = format!(
