@@ -365,8 +365,8 @@ pub struct DatabaseConfig {
     /// it is created, each of its steps in a field of its own written only when it changes, so
     /// that a change writes a few hundred bytes instead of the whole order. Orders are read in
     /// either form whatever this says, and keep the form they were created in; turn it on once
-    /// no node of an earlier version, which reads only orders stored whole, is left. The
-    /// embedded store writes every order whole.
+    /// no node of an earlier version, which reads only orders stored whole, is left. Refused
+    /// with the embedded store, which writes every order whole.
     pub split_orders: bool,
     /// PEM file of the CA that signed the Redis server's certificate (`rediss://` or `tls`
     /// only); empty: the platform's roots.
@@ -463,6 +463,12 @@ impl DatabaseConfig {
                 return Err(ConfigError::new(
                     "database.require_aof",
                     "only used with Redis (database.url, database.sentinels or database.cluster_nodes)",
+                ));
+            }
+            if self.split_orders {
+                return Err(ConfigError::new(
+                    "database.split_orders",
+                    "only used with Redis (database.url, database.sentinels or database.cluster_nodes): the embedded store writes every order whole",
                 ));
             }
         }
@@ -1651,6 +1657,11 @@ mod tests {
             (
                 "[database]\nrequire_aof = true\n",
                 "database.require_aof",
+                "only used with Redis",
+            ),
+            (
+                "[database]\nsplit_orders = true\n",
+                "database.split_orders",
                 "only used with Redis",
             ),
             (
