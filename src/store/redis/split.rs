@@ -60,7 +60,7 @@ impl Steps {
     fn step(&self, index: usize) -> Option<&[u8]> {
         let end = *self.ends.get(index)?;
         let start = match index.checked_sub(1) {
-            Some(before) => self.ends[before],
+            Some(before) => *self.ends.get(before)?,
             None => 0,
         };
         self.bytes.get(start..end)
