@@ -321,7 +321,7 @@ fn step_entry<'a>(
     optional_time_as(w, b",\"step_rollback_time\":", step_rollback_time, fraction)?;
     if let Some(output) = output {
         w.out.extend_from_slice(b",\"output\":");
-        serde_json::to_writer(&mut *w.out, output)?;
+        w.out.extend_from_slice(output.text().as_bytes());
     }
     if !attempts.is_empty() {
         w.out.extend_from_slice(b",\"attempts\":");
@@ -593,6 +593,7 @@ fn nonzero(w: &mut Writer<'_, '_>, name: &[u8], count: u32) {
 mod tests {
     use super::*;
     use crate::order::OrderId;
+    use crate::order::Output;
     use crate::trace::{SpanId, TraceId};
     use chrono::TimeZone;
     use proptest::prelude::*;
@@ -692,7 +693,7 @@ mod tests {
                 prop::option::of(time()),
             ),
             (
-                prop::option::of(value()),
+                prop::option::of(value().prop_map(|value| Output::of(&value).unwrap())),
                 prop::collection::vec(attempt(), 0..3),
             ),
             (count(), count(), count()),

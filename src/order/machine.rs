@@ -13,7 +13,8 @@
 //! ends a step's run or rollback clears the schedule.
 
 use super::model::{
-    Attempt, Failure, NotificationState, Order, Phase, RollbackState, Step, StepEntry, MAX_ATTEMPTS,
+    Attempt, Failure, NotificationState, Order, Output, Phase, RollbackState, Step, StepEntry,
+    MAX_ATTEMPTS,
 };
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
@@ -41,7 +42,7 @@ pub enum Action {
 pub enum Event {
     StepSucceeded {
         step: Step,
-        output: Option<serde_json::Value>,
+        output: Option<Output>,
     },
     StepFailed {
         step: Step,
@@ -567,14 +568,16 @@ mod tests {
             &new_order(),
             Event::StepSucceeded {
                 step: Step::Scheduling,
-                output: Some(serde_json::json!({"slot": 7})),
+                output: Some(Output::of(&serde_json::json!({"slot": 7})).unwrap()),
             },
             at(1),
         )
         .unwrap();
+        let output = order.outputs().get(Step::Scheduling).unwrap();
+        assert_eq!(output.value().unwrap(), serde_json::json!({"slot": 7}));
         assert_eq!(
-            order.outputs()["Scheduling"],
-            serde_json::json!({"slot": 7})
+            serde_json::to_string(&order.outputs()).unwrap(),
+            r#"{"Scheduling":{"slot":7}}"#
         );
     }
 

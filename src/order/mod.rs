@@ -21,6 +21,7 @@ pub use machine::{
 };
 pub use model::{
     Attempt, Failure, IdMap, IdSet, Notification, NotificationState, Order, OrderId, Outcome,
-    Payload, Phase, RollbackState, Step, StepEntry, StoredForm, UnknownStep, MAX_ATTEMPTS,
+    Output, Outputs, Payload, Phase, RollbackState, Step, StepEntry, StoredForm, UnknownStep,
+    MAX_ATTEMPTS,
 };
 pub use view::{CreatedView, OrderView};

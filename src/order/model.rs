@@ -142,7 +142,7 @@ pub struct StepEntry {
     pub step_rollback_time: Option<DateTime<Utc>>,
     /// The JSON a step handler answered with, handed to later steps and rollbacks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output: Option<serde_json::Value>,
+    pub output: Option<Output>,
     /// The newest [`MAX_ATTEMPTS`] attempts, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<Attempt>,
@@ -429,6 +429,102 @@ impl<'de> Deserialize<'de> for Payload {
     }
 }
 
+/// A step's output: the JSON its handler answered with, as compact text. It never changes once
+/// the step succeeded, and every stored write of the order, the view and the body of every later
+/// http step call carry it, so it is written once and shared by every copy of the order.
+/// Compared as its text.
+#[derive(Clone)]
+pub struct Output(Arc<RawValue>);
+
+impl Output {
+    /// `value`, written compactly.
+    pub fn of(value: &serde_json::Value) -> Result<Output, serde_json::Error> {
+        serde_json::value::to_raw_value(value).map(|text| Output(Arc::from(text)))
+    }
+
+    /// The JSON `text` holds, written again compactly (whatever spacing it came with).
+    pub fn read(text: &[u8]) -> Result<Output, serde_json::Error> {
+        Output::of(&serde_json::from_slice(text)?)
+    }
+
+    /// Its JSON text, to embed as it is in what serde writes.
+    pub fn json(&self) -> &RawValue {
+        &self.0
+    }
+
+    /// Its JSON text.
+    pub fn text(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Its value, read again from its text.
+    pub fn value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_str(self.text())
+    }
+}
+
+impl PartialEq for Output {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.text() == other.text()
+    }
+}
+
+impl fmt::Debug for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.text())
+    }
+}
+
+impl Serialize for Output {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Output {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(|text| Output(Arc::from(text)))
+    }
+}
+
+/// The outputs of an order's steps that produced one, by step name (a step run again gives its
+/// newest): what handlers of later steps are given. Serialized as a JSON object.
+#[derive(Clone, Copy, Debug)]
+pub struct Outputs<'a>(&'a [StepEntry]);
+
+impl<'a> Outputs<'a> {
+    /// Each step's output, in the order the steps ran.
+    pub fn iter(self) -> impl Iterator<Item = (Step, &'a Output)> {
+        let steps = self.0;
+        steps.iter().enumerate().filter_map(move |(at, entry)| {
+            let output = entry.output.as_ref()?;
+            let later = steps.get(at + 1..).unwrap_or_default();
+            let replaced = later
+                .iter()
+                .any(|other| other.step_name == entry.step_name && other.output.is_some());
+            (!replaced).then_some((entry.step_name, output))
+        })
+    }
+
+    /// Step `step`'s output, if it produced one.
+    pub fn get(self, step: Step) -> Option<&'a Output> {
+        self.iter()
+            .find(|(name, _)| *name == step)
+            .map(|(_, output)| output)
+    }
+}
+
+impl Serialize for Outputs<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(None)?;
+        for (step, output) in self.iter() {
+            map.serialize_entry(step.as_str(), output.json())?;
+        }
+        map.end()
+    }
+}
+
 /// The stored order. Owner and epoch fence writes in a cluster: a commit goes through only while
 /// the stored owner and epoch still match the writer's.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -565,17 +661,9 @@ impl Order {
             .find(|entry| entry.step_name == step)
     }
 
-    /// The outputs of completed steps, by step name, for handlers of later steps.
-    pub fn outputs(&self) -> serde_json::Map<String, serde_json::Value> {
-        self.steps
-            .iter()
-            .filter_map(|entry| {
-                entry
-                    .output
-                    .as_ref()
-                    .map(|output| (entry.step_name.to_string(), output.clone()))
-            })
-            .collect()
+    /// The outputs of the steps that produced one, for handlers of later steps.
+    pub fn outputs(&self) -> Outputs<'_> {
+        Outputs(&self.steps)
     }
 }
 
@@ -594,5 +682,44 @@ mod tests {
         assert_eq!(read, payload);
         assert_eq!(payload.to_string(), text);
         assert_ne!(read, Payload::from(serde_json::json!({"sku": "A2"})));
+    }
+    #[test]
+    fn an_output_is_kept_compact_and_written_and_read_as_its_text() {
+        let answer = "{ \"b\": [1, 2.5],\n  \"a\": \"caf\u{e9} \\\"x\\\"\" }";
+        let output = Output::read(answer.as_bytes()).unwrap();
+        assert_eq!(output.text(), r#"{"a":"café \"x\"","b":[1,2.5]}"#);
+        let entry = serde_json::json!({"output": output.value().unwrap()});
+        let written = format!(r#"{{"output":{}}}"#, output.text());
+        assert_eq!(serde_json::to_string(&entry).unwrap(), written);
+        let read: Output = serde_json::from_str(output.text()).unwrap();
+        assert_eq!(read, output);
+        assert_eq!(serde_json::to_string(&read).unwrap(), output.text());
+        assert_ne!(read, Output::read(b"{}").unwrap());
+        assert!(Output::read(b"not json").is_err());
+    }
+
+    #[test]
+    fn outputs_give_each_steps_newest_output_in_the_order_the_steps_ran() {
+        let now = Utc::now();
+        let with = |step, output: Option<&str>| StepEntry {
+            output: output.map(|text| Output::read(text.as_bytes()).unwrap()),
+            ..StepEntry::started(step, now)
+        };
+        let steps = [
+            with(Step::Scheduling, Some(r#"{"slot":1}"#)),
+            with(Step::PreProcessing, None),
+            with(Step::Processing, Some(r#""first""#)),
+            with(Step::Processing, Some(r#""again""#)),
+            with(Step::Processing, None),
+            with(Step::PostProcessing, Some("[]")),
+        ];
+        let outputs = Outputs(&steps);
+        assert_eq!(
+            serde_json::to_string(&outputs).unwrap(),
+            r#"{"Scheduling":{"slot":1},"Processing":"again","Post-Processing":[]}"#
+        );
+        assert_eq!(outputs.get(Step::Processing).unwrap().text(), r#""again""#);
+        assert!(outputs.get(Step::PreProcessing).is_none());
+        assert_eq!(serde_json::to_string(&Outputs(&[])).unwrap(), "{}");
     }
 }

@@ -3,7 +3,7 @@
 //! every order reached satisfies the saga's invariants.
 
 use super::machine::{apply, next_action, retry_due, Action, Event};
-use super::model::{Attempt, Order, Phase, RollbackState, Step, MAX_ATTEMPTS};
+use super::model::{Attempt, Order, Output, Phase, RollbackState, Step, MAX_ATTEMPTS};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use proptest::prelude::*;
 
@@ -40,7 +40,7 @@ fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
         (step(), any::<bool>()).prop_map(|(step, with_output)| Event::StepSucceeded {
             step,
-            output: with_output.then(|| serde_json::json!({"ok": true})),
+            output: with_output.then(|| Output::of(&serde_json::json!({"ok": true})).unwrap()),
         }),
         (step(), reason()).prop_map(|(step, reason)| Event::StepFailed { step, reason }),
         step().prop_map(|step| Event::Cancel { step }),

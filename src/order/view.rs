@@ -2,7 +2,7 @@
 //! `complete_time`, `steps[]`), plus payload, failure, rollback state and per-step rollback times.
 //! Fields are added, never renamed. Times are RFC 3339 UTC.
 
-use super::model::{Attempt, Failure, Notification, Order, OrderId, RollbackState, Step};
+use super::model::{Attempt, Failure, Notification, Order, OrderId, Output, RollbackState, Step};
 use super::rfc3339::micros as rfc3339;
 use chrono::{DateTime, Utc};
 use serde::{Serialize, Serializer};
@@ -50,7 +50,7 @@ pub struct StepView<'a> {
     )]
     pub step_rollback_time: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub output: Option<&'a serde_json::Value>,
+    pub output: Option<&'a serde_json::value::RawValue>,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub attempts: &'a [Attempt],
     /// When the next attempt is due, while a retry is scheduled.
@@ -112,7 +112,7 @@ impl<'a> From<&'a Order> for OrderView<'a> {
                     step_start_time: entry.step_start_time,
                     step_complete_time: entry.step_complete_time,
                     step_rollback_time: entry.step_rollback_time,
-                    output: entry.output.as_ref(),
+                    output: entry.output.as_ref().map(Output::json),
                     attempts: &entry.attempts,
                     next_attempt_at: entry.next_attempt_at,
                     node: entry.node.as_deref(),

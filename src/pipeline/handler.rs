@@ -5,7 +5,7 @@
 
 use super::notify::Notifier;
 use super::retry::RetryPolicy;
-use crate::order::{Order, Step};
+use crate::order::{Order, Output, Step};
 use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -57,7 +57,7 @@ impl<'a> StepContext<'a> {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepDone {
     /// Kept as the step's output and handed to later steps and rollbacks (ignored for rollbacks).
-    pub output: Option<serde_json::Value>,
+    pub output: Option<Output>,
     /// The HTTP status, for handlers that call a service.
     pub status: Option<u16>,
 }

@@ -15,7 +15,7 @@
 use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
 use crate::config::{ConfigError, HttpSettings, StepTls};
-use crate::order::{OrderId, Step};
+use crate::order::{OrderId, Output, Outputs, Step};
 use anyhow::Context;
 use async_trait::async_trait;
 use rustls::pki_types::pem::PemObject;
@@ -47,7 +47,7 @@ struct StepRequest<'a> {
     /// Written once per order (see [`Payload`](crate::order::Payload)), copied into each call.
     payload: &'a serde_json::value::RawValue,
     /// Outputs of the steps that produced one so far, by step name.
-    outputs: serde_json::Map<String, serde_json::Value>,
+    outputs: Outputs<'a>,
 }
 
 /// The header that carries the order's ownership epoch.
@@ -355,7 +355,7 @@ pub(super) fn failed_answer(status: u16, asked: Option<Duration>, body: &[u8]) -
 }
 
 /// The step output in a 2xx body: its JSON, if it is JSON. Anything else is logged and dropped.
-fn output(body: &[u8], truncated: bool, context: &StepContext<'_>) -> Option<serde_json::Value> {
+fn output(body: &[u8], truncated: bool, context: &StepContext<'_>) -> Option<Output> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return None;
     }
@@ -363,8 +363,8 @@ fn output(body: &[u8], truncated: bool, context: &StepContext<'_>) -> Option<ser
         warn!(order_id = %context.order.order_id, step = %context.step, limit = MAX_RESPONSE_BYTES, "step answer too large to keep as output");
         return None;
     }
-    match serde_json::from_slice(body) {
-        Ok(value) => Some(value),
+    match Output::read(body) {
+        Ok(output) => Some(output),
         Err(error) => {
             warn!(order_id = %context.order.order_id, step = %context.step, error = %error, "step answer is not JSON, not kept as output");
             None

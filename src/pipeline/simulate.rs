@@ -4,6 +4,7 @@
 
 use super::handler::{Decided, StepContext, StepDone, StepError, StepHandler};
 use crate::config::SimulateConfig;
+use crate::order::Output;
 use async_trait::async_trait;
 use rand::Rng;
 
@@ -33,8 +34,11 @@ impl Simulate {
         }
         let output = (self.settings.output_bytes > 0).then(|| {
             let pad = "x".repeat(self.settings.output_bytes.saturating_sub(10));
-            serde_json::json!({ "pad": pad })
+            Output::of(&serde_json::json!({ "pad": pad }))
         });
+        let output = output
+            .transpose()
+            .map_err(|error| StepError::new(format!("cannot write the output: {error}")))?;
         Ok(StepDone {
             output,
             status: None,

@@ -5,7 +5,7 @@ use crate::harness::RedisServer;
 use crate::proxy::Proxy;
 use chrono::{Duration as Span, Utc};
 use futures_util::future::join_all;
-use order_process::order::{apply, Event, Order, OrderId, Phase, RollbackState, Step};
+use order_process::order::{apply, Event, Order, OrderId, Output, Phase, RollbackState, Step};
 use order_process::store::embedded::EmbeddedStore;
 use order_process::store::redis::{keys, RedisStore};
 use order_process::store::{
@@ -1383,7 +1383,7 @@ fn succeed_with(order: &Order, output: serde_json::Value) -> Order {
         order,
         Event::StepSucceeded {
             step: order.current_step,
-            output: Some(output),
+            output: Some(Output::of(&output).unwrap()),
         },
     )
 }

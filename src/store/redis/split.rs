@@ -8,7 +8,7 @@
 //! hold: Redis hashes, copies and appends to its append-only file that much less.
 
 use super::commits::Write;
-use crate::order::{IdMap, Order, OrderId};
+use crate::order::{IdMap, Order, OrderId, StepEntry};
 use crate::store::doc;
 use crate::store::StoreError;
 use std::sync::{Mutex, MutexGuard};
@@ -25,17 +25,16 @@ pub const STEP_FIELDS: [&str; SPLIT_STEPS] = ["s0", "s1", "s2", "s3", "s4", "s5"
 /// costs the next write of each order its whole steps.
 const REMEMBERED: usize = 65_536;
 
-/// An order's steps as one write sent them: its epoch and revision, and each step's JSON.
+/// An order's steps as one write sent them: its epoch and revision, and the steps. They share
+/// their outputs with the order, so remembering them costs little past the outputs it holds.
 pub struct Steps {
     epoch: u64,
     revision: u64,
-    bytes: Vec<u8>,
-    /// Where each step ends in `bytes`.
-    ends: Vec<usize>,
+    steps: Vec<StepEntry>,
 }
 
 impl Steps {
-    /// `order`'s steps, encoded.
+    /// `order`'s steps.
     fn of(order: &Order) -> Result<Steps, StoreError> {
         if order.steps.len() > SPLIT_STEPS {
             return Err(StoreError::Corrupt(format!(
@@ -43,27 +42,11 @@ impl Steps {
                 order.steps.len()
             )));
         }
-        let mut steps = Steps {
+        Ok(Steps {
             epoch: order.epoch,
             revision: order.revision,
-            bytes: Vec::with_capacity(1024),
-            ends: Vec::with_capacity(order.steps.len()),
-        };
-        for step in &order.steps {
-            doc::write_step(&mut steps.bytes, step)?;
-            steps.ends.push(steps.bytes.len());
-        }
-        Ok(steps)
-    }
-
-    /// Step `index`'s JSON, if there is one.
-    fn step(&self, index: usize) -> Option<&[u8]> {
-        let end = *self.ends.get(index)?;
-        let start = match index.checked_sub(1) {
-            Some(before) => *self.ends.get(before)?,
-            None => 0,
-        };
-        self.bytes.get(start..end)
+            steps: order.steps.clone(),
+        })
     }
 }
 
@@ -90,7 +73,7 @@ impl Written {
         let steps = Steps::of(order)?;
         write.arg_with(|bytes| doc::write_head(bytes, order))?;
         write.number(order.revision);
-        add_steps(write, &steps, |_| true);
+        add_steps(write, &steps, |_| true)?;
         Ok(steps)
     }
 
@@ -110,16 +93,18 @@ impl Written {
             !whole
                 && base.epoch == order.epoch
                 && base.revision < order.revision
-                && base.ends.len() <= steps.ends.len()
+                && base.steps.len() <= steps.steps.len()
         });
         match base {
             Some(base) => {
                 write.number(base.revision);
-                add_steps(write, &steps, |index| base.step(index) != steps.step(index));
+                add_steps(write, &steps, |index| {
+                    base.steps.get(index) != steps.steps.get(index)
+                })?;
             }
             None => {
                 write.arg("f");
-                add_steps(write, &steps, |_| true);
+                add_steps(write, &steps, |_| true)?;
             }
         }
         Ok(steps)
@@ -133,11 +118,11 @@ impl Written {
         order: &Order,
     ) -> Result<(), StoreError> {
         let steps = Steps::of(order)?;
-        reopen.arg("f").arg(steps.ends.len());
-        for (index, field) in STEP_FIELDS.iter().enumerate() {
-            if let Some(step) = steps.step(index) {
-                reopen.arg(*field).arg(step);
-            }
+        reopen.arg("f").arg(steps.steps.len());
+        for (field, step) in STEP_FIELDS.iter().zip(&steps.steps) {
+            let mut bytes = Vec::new();
+            doc::write_step(&mut bytes, step)?;
+            reopen.arg(*field).arg(bytes);
         }
         self.forget(order.order_id);
         Ok(())
@@ -160,18 +145,20 @@ impl Written {
 }
 
 /// Adds to `write` how many of `steps` `give` picks, then each of those, its field and JSON.
-fn add_steps(write: &mut Write, steps: &Steps, give: impl Fn(usize) -> bool) {
-    let given = (0..steps.ends.len()).filter(|&index| give(index)).count();
+fn add_steps(
+    write: &mut Write,
+    steps: &Steps,
+    give: impl Fn(usize) -> bool,
+) -> Result<(), StoreError> {
+    let given = (0..steps.steps.len()).filter(|&index| give(index)).count();
     write.steps(given);
-    for (index, field) in STEP_FIELDS.iter().enumerate() {
-        match steps.step(index) {
-            Some(step) if give(index) => {
-                write.arg(field);
-                write.arg(step);
-            }
-            _ => {}
+    for (index, (field, step)) in STEP_FIELDS.iter().zip(&steps.steps).enumerate() {
+        if give(index) {
+            write.arg(field);
+            write.arg_with(|bytes| doc::write_step(bytes, step))?;
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
