@@ -77,15 +77,17 @@ pub fn handlers(config: &Config) -> anyhow::Result<Handlers> {
         }
         let handler: Arc<dyn StepHandler> = match config.handler_for(step)? {
             HandlerSettings::Simulate(settings) => Arc::new(Simulate::new(settings)),
-            HandlerSettings::Http(settings) => {
-                Arc::new(Http::new(clients.for_step(step, &settings)?, *settings))
-            }
+            HandlerSettings::Http(settings) => Arc::new(Http::new(
+                step,
+                clients.for_step(step, &settings)?,
+                *settings,
+            )?),
         };
         handlers.set(step, handler);
     }
     if let Some(settings) = config.notify_settings()? {
         let client = clients.for_notify(&settings.url)?;
-        handlers.set_notifier(Arc::new(Notifier::new(client, settings)));
+        handlers.set_notifier(Arc::new(Notifier::new(client, settings)?));
     }
     Ok(handlers)
 }

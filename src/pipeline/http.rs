@@ -12,12 +12,14 @@
 //! system's roots (or a bundled set on a host with none) plus the step's `ca_file`, and a step
 //! may present a client certificate. Steps with the same TLS files share one client.
 
+use super::client::{CallError, Client};
 use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
 use crate::config::{ConfigError, HttpSettings, StepTls};
 use crate::order::{OrderId, Output, Outputs, Step};
-use anyhow::Context;
 use async_trait::async_trait;
+use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
+use hyper::{HeaderMap, Uri};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
@@ -50,37 +52,20 @@ struct StepRequest<'a> {
     outputs: Outputs<'a>,
 }
 
-/// The header that carries the order's ownership epoch.
-pub const EPOCH_HEADER: &str = "Order-Epoch";
-
-/// An HTTP client that speaks TLS as `tls` says.
-fn client(tls: rustls::ClientConfig) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("order-process/", env!("CARGO_PKG_VERSION")))
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build()
-}
-
 /// The HTTP clients of a node's `http` steps: one per distinct TLS setting, so steps with the
-/// same files share connection pooling and one DNS cache.
+/// same files share their pooled connections.
 #[derive(Default)]
 pub struct Clients {
     /// The trusted roots without a step's own CA, read when the first https step needs them.
     roots: Option<RootCertStore>,
     /// By TLS files, and whether the client talks to an https URL at all.
-    built: HashMap<(StepTls, bool), reqwest::Client>,
+    built: HashMap<(StepTls, bool), Client>,
 }
 
 impl Clients {
     /// The client for `step`'s settings. A TLS file that became unreadable since the config
     /// was checked is a [`ConfigError`].
-    pub fn for_step(
-        &mut self,
-        step: Step,
-        settings: &HttpSettings,
-    ) -> anyhow::Result<reqwest::Client> {
+    pub fn for_step(&mut self, step: Step, settings: &HttpSettings) -> anyhow::Result<Client> {
         let https = std::iter::once(&settings.url)
             .chain(&settings.rollback_url)
             .any(|url| url.scheme() == "https");
@@ -88,16 +73,11 @@ impl Clients {
     }
 
     /// The client of the completion webhook at `url`: no files of its own, the trusted roots.
-    pub fn for_notify(&mut self, url: &reqwest::Url) -> anyhow::Result<reqwest::Client> {
+    pub fn for_notify(&mut self, url: &reqwest::Url) -> anyhow::Result<Client> {
         self.get(&StepTls::default(), url.scheme() == "https", "notify")
     }
 
-    fn get(
-        &mut self,
-        files: &StepTls,
-        https: bool,
-        section: &str,
-    ) -> anyhow::Result<reqwest::Client> {
+    fn get(&mut self, files: &StepTls, https: bool, section: &str) -> anyhow::Result<Client> {
         let id = (files.clone(), https);
         if let Some(client) = self.built.get(&id) {
             return Ok(client.clone());
@@ -107,8 +87,7 @@ impl Clients {
             true => self.roots.get_or_insert_with(default_roots).clone(),
             false => RootCertStore::empty(),
         };
-        let tls = tls_config(files, roots, section)?;
-        let client = client(tls).context("cannot build the HTTP client")?;
+        let client = Client::new(tls_config(files, roots, section)?);
         self.built.insert(id, client.clone());
         Ok(client)
     }
@@ -242,27 +221,41 @@ fn retry_after(text: &str, now: SystemTime) -> Option<Duration> {
 }
 
 pub struct Http {
-    client: reqwest::Client,
+    client: Client,
     settings: HttpSettings,
+    /// `settings`' URLs, as each call's request takes them.
+    url: Uri,
+    rollback_url: Option<Uri>,
     /// Calls in flight to this step's service, when `concurrency` limits them.
     in_flight: Option<Semaphore>,
 }
 
 impl Http {
-    pub fn new(client: reqwest::Client, settings: HttpSettings) -> Self {
+    /// The handler of `step`, calling its service with `client`.
+    pub fn new(step: Step, client: Client, settings: HttpSettings) -> Result<Self, ConfigError> {
         let in_flight = settings
             .concurrency
             .map(|limit| Semaphore::new(limit.get()));
-        Http {
+        let uri = |key: &str, url: &reqwest::Url| {
+            url.as_str().parse::<Uri>().map_err(|error| {
+                ConfigError::new(format!("steps.{step}.{key}"), format!("{url}: {error}"))
+            })
+        };
+        Ok(Http {
+            url: uri("url", &settings.url)?,
+            rollback_url: match &settings.rollback_url {
+                Some(url) => Some(uri("rollback_url", url)?),
+                None => None,
+            },
             client,
             settings,
             in_flight,
-        }
+        })
     }
 
     async fn call(
         &self,
-        url: &reqwest::Url,
+        url: &Uri,
         context: &StepContext<'_>,
         rollback: bool,
     ) -> Result<StepDone, StepError> {
@@ -288,52 +281,56 @@ impl Http {
             Some(in_flight) => in_flight.acquire().await.ok(),
             None => None,
         };
-        let sent = self
+        let headers = [
+            header(IDEMPOTENCY_KEY, context.idempotency_key())?,
+            (ORDER_EPOCH, HeaderValue::from(context.order.epoch)),
+            header(TRACEPARENT, context.traceparent())?,
+        ];
+        let body = serde_json::to_vec(&body)
+            .map_err(|error| StepError::new(format!("cannot write the request: {error}")))?;
+        let timeout = self.settings.timeout;
+        let answer = self
             .client
-            .post(url.clone())
-            .timeout(self.settings.timeout)
-            .header("Idempotency-Key", context.idempotency_key())
-            .header(EPOCH_HEADER, context.order.epoch)
-            .header("traceparent", context.traceparent())
-            .json(&body)
-            .send()
-            .await;
-        let mut response = sent.map_err(|error| transport_error(&error, self.settings.timeout))?;
-        let status = response.status().as_u16();
-        let asked = asked_wait(response.headers());
-        let mut text = Vec::new();
-        let mut truncated = false;
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
-                    let room = MAX_RESPONSE_BYTES.saturating_sub(text.len());
-                    if chunk.len() > room {
-                        text.extend_from_slice(&chunk[..room]);
-                        truncated = true;
-                        break;
-                    }
-                    text.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(error) => {
-                    return Err(transport_error(&error, self.settings.timeout).with_status(status))
-                }
-            }
-        }
-        match status {
+            .post_json(url, headers, body, timeout, MAX_RESPONSE_BYTES)
+            .await
+            .map_err(|error| transport_error(error, timeout))?;
+        match answer.status {
             200..=299 => Ok(StepDone {
-                output: output(&text, truncated, context),
-                status: Some(status),
+                output: output(&answer.body, answer.truncated, context),
+                status: Some(answer.status),
             }),
-            _ => Err(failed_answer(status, asked, &text)),
+            status => Err(failed_answer(
+                status,
+                asked_wait(&answer.headers),
+                &answer.body,
+            )),
         }
     }
 }
 
+/// The headers of a call beside the client's own: `Idempotency-Key`, `Order-Epoch`,
+/// `traceparent`.
+pub(super) const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub(super) const ORDER_EPOCH: HeaderName = HeaderName::from_static("order-epoch");
+pub(super) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// Header `name` with `value`; a value that cannot be sent fails the attempt for good.
+pub(super) fn header(
+    name: HeaderName,
+    value: String,
+) -> Result<(HeaderName, HeaderValue), StepError> {
+    match HeaderValue::try_from(value) {
+        Ok(value) => Ok((name, value)),
+        Err(error) => Err(StepError::new(format!(
+            "cannot send header {name}: {error}"
+        ))),
+    }
+}
+
 /// The wait a `Retry-After` header asks for, if there is one that can be read.
-pub(super) fn asked_wait(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+pub(super) fn asked_wait(headers: &HeaderMap) -> Option<Duration> {
     headers
-        .get(reqwest::header::RETRY_AFTER)
+        .get(RETRY_AFTER)
         .and_then(|value| value.to_str().ok())
         .and_then(|text| retry_after(text, SystemTime::now()))
 }
@@ -384,22 +381,20 @@ pub(super) fn reason(status: u16, body: &[u8]) -> String {
 }
 
 /// A failure before a full answer arrived: always worth a retry.
-pub(super) fn transport_error(error: &reqwest::Error, timeout: Duration) -> StepError {
-    if error.is_timeout() {
-        return StepError::retryable(format!(
+pub(super) fn transport_error(error: CallError, timeout: Duration) -> StepError {
+    match error {
+        CallError::Timeout => StepError::retryable(format!(
             "no answer within {}",
             humantime::format_duration(timeout)
-        ));
+        )),
+        CallError::Failed { reason, status } => {
+            let failure = StepError::retryable(shorten(&reason));
+            match status {
+                Some(status) => failure.with_status(status),
+                None => failure,
+            }
+        }
     }
-    // reqwest's own message is generic; the cause (refused, reset, DNS) is in the chain.
-    let mut reason = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        reason.push_str(": ");
-        reason.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    StepError::retryable(shorten(&reason))
 }
 
 fn shorten(text: &str) -> String {
@@ -412,11 +407,11 @@ fn shorten(text: &str) -> String {
 #[async_trait]
 impl StepHandler for Http {
     async fn run(&self, context: &StepContext<'_>) -> Result<StepDone, StepError> {
-        self.call(&self.settings.url, context, false).await
+        self.call(&self.url, context, false).await
     }
 
     async fn rollback(&self, context: &StepContext<'_>) -> Result<StepDone, StepError> {
-        match &self.settings.rollback_url {
+        match &self.rollback_url {
             Some(url) => self.call(url, context, true).await,
             // Nothing to undo.
             None => Ok(StepDone::default()),
@@ -450,13 +445,13 @@ mod tests {
     }
 
     /// A client for plain http.
-    fn plain() -> reqwest::Client {
+    fn plain() -> Client {
         let tls = tls_config(
             &StepTls::default(),
             RootCertStore::empty(),
             "steps.Processing",
         );
-        client(tls.unwrap()).unwrap()
+        Client::new(tls.unwrap())
     }
 
     /// An order to make requests for.
@@ -472,13 +467,14 @@ mod tests {
 
     #[tokio::test]
     async fn without_rollback_url_there_is_nothing_to_undo() {
-        let handler = Http::new(plain(), settings(None));
+        let handler = Http::new(Step::Processing, plain(), settings(None)).unwrap();
         assert_eq!(handler.retry_policy(true), None);
         assert_eq!(handler.retry_policy(false).map(|p| p.retries), Some(4));
         let order = order();
         let context = StepContext::attempt(&order, Step::Processing, true, 1);
         assert_eq!(handler.rollback(&context).await, Ok(StepDone::default()));
-        let with = Http::new(plain(), settings(Some("http://127.0.0.1:9/refund")));
+        let refund = settings(Some("http://127.0.0.1:9/refund"));
+        let with = Http::new(Step::Processing, plain(), refund).unwrap();
         assert!(with.retry_policy(true).is_some());
     }
 

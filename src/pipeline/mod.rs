@@ -17,6 +17,7 @@
 mod active;
 mod adoptions;
 mod cancels;
+mod client;
 mod due;
 mod executor;
 #[cfg(test)]

@@ -6,25 +6,41 @@
 //! order, exactly as for an http step, so a delivery survives restarts and takeovers. Delivery
 //! is at least once: a receiver recognises a repeat by its `Idempotency-Key`.
 
+use super::client::Client;
 use super::handler::StepError;
+use super::http::{
+    asked_wait, failed_answer, header, transport_error, IDEMPOTENCY_KEY, MAX_RESPONSE_BYTES,
+    ORDER_EPOCH, TRACEPARENT,
+};
 use super::retry::RetryPolicy;
-use crate::config::NotifySettings;
+use crate::config::{ConfigError, NotifySettings};
 use crate::order::{write_view, Order, VIEW_CAPACITY};
 use hmac::{Hmac, Mac};
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::Uri;
 use sha2::Sha256;
 use std::fmt::Write;
 
 /// The header that carries the signature: `t=<unix seconds>,v1=<hex HMAC-SHA256>`.
-pub const SIGNATURE_HEADER: &str = "Order-Signature";
+const ORDER_SIGNATURE: HeaderName = HeaderName::from_static("order-signature");
 
 pub struct Notifier {
-    client: reqwest::Client,
+    client: Client,
     settings: NotifySettings,
+    /// `settings.url`, as each call's request takes it.
+    url: Uri,
 }
 
 impl Notifier {
-    pub fn new(client: reqwest::Client, settings: NotifySettings) -> Self {
-        Notifier { client, settings }
+    pub fn new(client: Client, settings: NotifySettings) -> Result<Self, ConfigError> {
+        let url = settings.url.as_str().parse::<Uri>().map_err(|error| {
+            ConfigError::new("notify.url", format!("{}: {error}", settings.url))
+        })?;
+        Ok(Notifier {
+            client,
+            settings,
+            url,
+        })
     }
 
     pub fn retry_policy(&self) -> RetryPolicy {
@@ -46,32 +62,30 @@ impl Notifier {
             .as_ref()
             .map_or(1, |notification| notification.generation);
         let timestamp = chrono::Utc::now().timestamp();
-        let response = self
-            .client
-            .post(self.settings.url.clone())
-            .timeout(self.settings.timeout)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(
-                "Idempotency-Key",
+        let signed = signature(self.settings.secret.as_bytes(), timestamp, &body);
+        let headers = [
+            header(
+                IDEMPOTENCY_KEY,
                 format!("{}:notify:{generation}", order.order_id),
-            )
-            .header(super::http::EPOCH_HEADER, order.epoch)
-            .header("traceparent", crate::trace::child_traceparent(order))
-            .header(
-                SIGNATURE_HEADER,
-                signature(self.settings.secret.as_bytes(), timestamp, &body),
-            )
-            .body(body)
-            .send()
+            )?,
+            (ORDER_EPOCH, HeaderValue::from(order.epoch)),
+            header(TRACEPARENT, crate::trace::child_traceparent(order))?,
+            header(ORDER_SIGNATURE, signed)?,
+        ];
+        let timeout = self.settings.timeout;
+        let answer = self
+            .client
+            .post_json(&self.url, headers, body, timeout, MAX_RESPONSE_BYTES)
             .await
-            .map_err(|error| super::http::transport_error(&error, self.settings.timeout))?;
-        let status = response.status().as_u16();
-        if response.status().is_success() {
-            return Ok(status);
+            .map_err(|error| transport_error(error, timeout))?;
+        match answer.status {
+            200..=299 => Ok(answer.status),
+            status => Err(failed_answer(
+                status,
+                asked_wait(&answer.headers),
+                &answer.body,
+            )),
         }
-        let asked = super::http::asked_wait(response.headers());
-        let text = response.bytes().await.unwrap_or_default();
-        Err(super::http::failed_answer(status, asked, &text))
     }
 }
 

@@ -1,0 +1,264 @@
+//! The HTTP client of http steps and the completion webhook: hyper's pooled HTTP/1 client over
+//! rustls, with nothing between it and each call. (A client with a redirect layer parses every
+//! call's URL again, twice, even when it follows no redirects.)
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE, USER_AGENT};
+use hyper::{HeaderMap, Request, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::{connect::HttpConnector, Client as Pool};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::time::Duration;
+
+/// How long an idle connection to a service is kept for the next call.
+const IDLE: Duration = Duration::from_secs(30);
+
+/// Pooled keep-alive connections to the services of a node's steps (or its webhook's).
+#[derive(Clone)]
+pub struct Client {
+    pool: Pool<HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+/// A service's answer: its status, headers and body (at most the limit the call gave).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+    /// The body went past the limit: `body` holds only its start.
+    pub truncated: bool,
+}
+
+/// Why a call got no whole answer.
+#[derive(Debug)]
+pub enum CallError {
+    /// No answer (or not all of it) within the call's timeout.
+    Timeout,
+    /// The request could not be made or sent, or its answer read (`status`, when it was the
+    /// body that could not be): what went wrong, causes included.
+    Failed { reason: String, status: Option<u16> },
+}
+
+impl Client {
+    /// Speaks TLS to `https://` services as `tls` says, and plain HTTP to `http://` ones.
+    pub fn new(tls: rustls::ClientConfig) -> Client {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        let pool = Pool::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        Client { pool }
+    }
+
+    /// POSTs the JSON `body` to `uri` with `headers`, and reads the answer's body up to `limit`
+    /// bytes, all within `timeout`.
+    pub async fn post_json(
+        &self,
+        uri: &Uri,
+        headers: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
+        body: Vec<u8>,
+        timeout: Duration,
+        limit: usize,
+    ) -> Result<Answer, CallError> {
+        let mut request = Request::post(uri.clone())
+            .header(USER_AGENT, USER_AGENT_VALUE)
+            .header(ACCEPT, "*/*")
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|error| CallError::failed(&error, None))?;
+        request.headers_mut().extend(headers);
+        let exchange = async {
+            let response = self
+                .pool
+                .request(request)
+                .await
+                .map_err(|error| CallError::failed(&error, None))?;
+            let (parts, mut body) = response.into_parts();
+            let status = parts.status.as_u16();
+            let mut text = Vec::new();
+            let mut truncated = false;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|error| CallError::failed(&error, Some(status)))?;
+                let Ok(chunk) = frame.into_data() else {
+                    continue;
+                };
+                let room = limit.saturating_sub(text.len());
+                if chunk.len() > room {
+                    text.extend_from_slice(chunk.get(..room).unwrap_or_default());
+                    truncated = true;
+                    break;
+                }
+                text.extend_from_slice(&chunk);
+            }
+            Ok(Answer {
+                status,
+                headers: parts.headers,
+                body: text,
+                truncated,
+            })
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or(Err(CallError::Timeout))
+    }
+}
+
+const USER_AGENT_VALUE: &str = concat!("order-process/", env!("CARGO_PKG_VERSION"));
+
+impl CallError {
+    /// `error` and its causes, one after another: hyper's own messages are generic ("client
+    /// error (Connect)"); the cause (refused, reset, DNS, a certificate) is in the chain.
+    fn failed(error: &dyn std::error::Error, status: Option<u16>) -> CallError {
+        let mut reason = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            reason.push_str(": ");
+            reason.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        CallError::Failed { reason, status }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn plain() -> Client {
+        let tls = crate::pipeline::http::tls_config(
+            &crate::config::StepTls::default(),
+            rustls::RootCertStore::empty(),
+            "steps.Processing",
+        )
+        .unwrap();
+        Client::new(tls)
+    }
+
+    /// A service on a free port that answers each connection's first request with `answer`,
+    /// then hands back what it was sent.
+    async fn service(answer: &'static str) -> (Uri, tokio::task::JoinHandle<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("http://{}/charge", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let served = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = Vec::new();
+            let mut buffer = [0u8; 4096];
+            // The head, then as many body bytes as it announced.
+            loop {
+                let read = socket.read(&mut buffer).await.unwrap();
+                request.extend_from_slice(&buffer[..read]);
+                let text = String::from_utf8_lossy(&request).to_string();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let length = text
+                        .lines()
+                        .find_map(|line| line.strip_prefix("content-length: "))
+                        .map_or(0, |value| value.trim().parse::<usize>().unwrap());
+                    if request.len() >= end + 4 + length {
+                        break;
+                    }
+                }
+            }
+            socket.write_all(answer.as_bytes()).await.unwrap();
+            socket.shutdown().await.unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        (uri, served)
+    }
+
+    #[tokio::test]
+    async fn a_call_sends_its_headers_and_body_and_reads_the_answer_up_to_the_limit() {
+        let (uri, served) = service(
+            "HTTP/1.1 503 Service Unavailable\r\nretry-after: 7\r\ncontent-length: 10\r\n\r\n0123456789",
+        )
+        .await;
+        let headers = [(
+            HeaderName::from_static("idempotency-key"),
+            HeaderValue::from_static("k:1"),
+        )];
+        let answer = plain()
+            .post_json(
+                &uri,
+                headers,
+                b"{\"a\":1}".to_vec(),
+                Duration::from_secs(5),
+                4,
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 503);
+        assert_eq!(answer.headers["retry-after"], "7");
+        assert_eq!(answer.body, b"0123");
+        assert!(answer.truncated);
+        let request = served.await.unwrap();
+        assert!(
+            request.starts_with("POST /charge HTTP/1.1\r\n"),
+            "{request}"
+        );
+        for line in [
+            "idempotency-key: k:1",
+            "content-type: application/json",
+            "content-length: 7",
+            "user-agent: order-process/",
+        ] {
+            assert!(request.contains(line), "{line} in {request}");
+        }
+        assert!(request.ends_with("\r\n\r\n{\"a\":1}"), "{request}");
+    }
+
+    #[tokio::test]
+    async fn a_whole_answer_within_the_limit_is_not_truncated() {
+        let (uri, _served) = service("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").await;
+        let answer = plain()
+            .post_json(&uri, [], Vec::new(), Duration::from_secs(5), 2)
+            .await
+            .unwrap();
+        assert_eq!((answer.status, answer.body.as_slice()), (200, &b"{}"[..]));
+        assert!(!answer.truncated);
+    }
+
+    #[tokio::test]
+    async fn a_service_that_does_not_answer_in_time_is_a_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("http://{}/slow", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let held = tokio::spawn(async move { listener.accept().await });
+        let failed = plain()
+            .post_json(&uri, [], Vec::new(), Duration::from_millis(200), 10)
+            .await;
+        assert!(matches!(failed, Err(CallError::Timeout)), "{failed:?}");
+        held.abort();
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_names_its_cause() {
+        // A port just freed: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let uri: Uri = format!("http://127.0.0.1:{port}/x").parse().unwrap();
+        let failed = plain()
+            .post_json(&uri, [], Vec::new(), Duration::from_secs(5), 10)
+            .await;
+        match failed {
+            Err(CallError::Failed { reason, status }) => {
+                assert!(reason.contains("Connection refused"), "{reason}");
+                assert_eq!(status, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
