@@ -1,6 +1,8 @@
 //! The HTTP client of http steps and the completion webhook: hyper's pooled HTTP/1 client over
-//! rustls, with nothing between it and each call. (A client with a redirect layer parses every
-//! call's URL again, twice, even when it follows no redirects.)
+//! rustls, with nothing between it and each call. (reqwest's redirect layer parses every call's
+//! URL again, twice, even when it follows no redirects.) A call that a proxy named in the
+//! environment (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, less `NO_PROXY`) takes goes through
+//! reqwest, which speaks to proxies.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -8,7 +10,9 @@ use hyper::header::{HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE, USER_AGENT};
 use hyper::{HeaderMap, Request, Uri};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{connect::HttpConnector, Client as Pool};
+use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long an idle connection to a service is kept for the next call.
@@ -18,7 +22,20 @@ const IDLE: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct Client {
     pool: Pool<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The environment's proxies and the client for the calls they take; none when it names
+    /// no proxy.
+    proxied: Option<Arc<(Matcher, reqwest::Client)>>,
 }
+
+/// The variables that name a proxy, in either case.
+const PROXY_VARIABLES: [&str; 6] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
 
 /// A service's answer: its status, headers and body (at most the limit the call gave).
 #[derive(Debug)]
@@ -42,7 +59,22 @@ pub enum CallError {
 
 impl Client {
     /// Speaks TLS to `https://` services as `tls` says, and plain HTTP to `http://` ones.
-    pub fn new(tls: rustls::ClientConfig) -> Client {
+    pub fn new(tls: rustls::ClientConfig) -> Result<Client, reqwest::Error> {
+        let named = PROXY_VARIABLES
+            .iter()
+            .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()));
+        let proxied = match named {
+            true => {
+                let client = reqwest::Client::builder()
+                    .use_preconfigured_tls(tls.clone())
+                    .redirect(reqwest::redirect::Policy::none())
+                    .user_agent(USER_AGENT_VALUE)
+                    .pool_idle_timeout(IDLE)
+                    .build()?;
+                Some(Arc::new((Matcher::from_env(), client)))
+            }
+            false => None,
+        };
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.enforce_http(false);
@@ -55,7 +87,7 @@ impl Client {
             .pool_idle_timeout(IDLE)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Client { pool }
+        Ok(Client { pool, proxied })
     }
 
     /// POSTs the JSON `body` to `uri` with `headers`, and reads the answer's body up to `limit`
@@ -68,6 +100,11 @@ impl Client {
         timeout: Duration,
         limit: usize,
     ) -> Result<Answer, CallError> {
+        if let Some((proxies, client)) = self.proxied.as_deref() {
+            if proxies.intercept(uri).is_some() {
+                return post_proxied(client, uri, headers, body, timeout, limit).await;
+            }
+        }
         let mut request = Request::post(uri.clone())
             .header(USER_AGENT, USER_AGENT_VALUE)
             .header(ACCEPT, "*/*")
@@ -83,27 +120,16 @@ impl Client {
                 .map_err(|error| CallError::failed(&error, None))?;
             let (parts, mut body) = response.into_parts();
             let status = parts.status.as_u16();
-            let mut text = Vec::new();
-            let mut truncated = false;
+            let mut answer = Answer::new(status, parts.headers);
             while let Some(frame) = body.frame().await {
                 let frame = frame.map_err(|error| CallError::failed(&error, Some(status)))?;
-                let Ok(chunk) = frame.into_data() else {
-                    continue;
-                };
-                let room = limit.saturating_sub(text.len());
-                if chunk.len() > room {
-                    text.extend_from_slice(chunk.get(..room).unwrap_or_default());
-                    truncated = true;
-                    break;
+                if let Ok(chunk) = frame.into_data() {
+                    if !answer.take(&chunk, limit) {
+                        break;
+                    }
                 }
-                text.extend_from_slice(&chunk);
             }
-            Ok(Answer {
-                status,
-                headers: parts.headers,
-                body: text,
-                truncated,
-            })
+            Ok(answer)
         };
         tokio::time::timeout(timeout, exchange)
             .await
@@ -112,6 +138,69 @@ impl Client {
 }
 
 const USER_AGENT_VALUE: &str = concat!("order-process/", env!("CARGO_PKG_VERSION"));
+
+/// [`Client::post_json`] through a proxy, with reqwest.
+async fn post_proxied(
+    client: &reqwest::Client,
+    uri: &Uri,
+    headers: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
+    body: Vec<u8>,
+    timeout: Duration,
+    limit: usize,
+) -> Result<Answer, CallError> {
+    let failed = |error: reqwest::Error, status| match error.is_timeout() {
+        true => CallError::Timeout,
+        false => CallError::failed(&error, status),
+    };
+    let url =
+        reqwest::Url::parse(&uri.to_string()).map_err(|error| CallError::failed(&error, None))?;
+    let mut request = client
+        .post(url)
+        .timeout(timeout)
+        .header(ACCEPT, "*/*")
+        .header(CONTENT_TYPE, "application/json")
+        .body(body);
+    for (name, value) in headers {
+        request = request.header(name, value);
+    }
+    let mut response = request.send().await.map_err(|error| failed(error, None))?;
+    let status = response.status().as_u16();
+    let mut answer = Answer::new(status, std::mem::take(response.headers_mut()));
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|error| failed(error, Some(status)))?
+    {
+        if !answer.take(&chunk, limit) {
+            break;
+        }
+    }
+    Ok(answer)
+}
+
+impl Answer {
+    fn new(status: u16, headers: HeaderMap) -> Answer {
+        Answer {
+            status,
+            headers,
+            body: Vec::new(),
+            truncated: false,
+        }
+    }
+
+    /// Adds `chunk` of the body, up to `limit` bytes in all; false once past it.
+    fn take(&mut self, chunk: &[u8], limit: usize) -> bool {
+        let room = limit.saturating_sub(self.body.len());
+        if chunk.len() > room {
+            self.body
+                .extend_from_slice(chunk.get(..room).unwrap_or_default());
+            self.truncated = true;
+            return false;
+        }
+        self.body.extend_from_slice(chunk);
+        true
+    }
+}
 
 impl CallError {
     /// `error` and its causes, one after another: hyper's own messages are generic ("client
@@ -140,7 +229,7 @@ mod tests {
             "steps.Processing",
         )
         .unwrap();
-        Client::new(tls)
+        Client::new(tls).unwrap()
     }
 
     /// A service on a free port that answers each connection's first request with `answer`,

@@ -17,6 +17,7 @@ use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
 use crate::config::{ConfigError, HttpSettings, StepTls};
 use crate::order::{OrderId, Output, Outputs, Step};
+use anyhow::Context;
 use async_trait::async_trait;
 use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use hyper::{HeaderMap, Uri};
@@ -87,7 +88,8 @@ impl Clients {
             true => self.roots.get_or_insert_with(default_roots).clone(),
             false => RootCertStore::empty(),
         };
-        let client = Client::new(tls_config(files, roots, section)?);
+        let client = Client::new(tls_config(files, roots, section)?)
+            .context("cannot build the HTTP client")?;
         self.built.insert(id, client.clone());
         Ok(client)
     }
@@ -451,7 +453,7 @@ mod tests {
             RootCertStore::empty(),
             "steps.Processing",
         );
-        Client::new(tls.unwrap())
+        Client::new(tls.unwrap()).unwrap()
     }
 
     /// An order to make requests for.

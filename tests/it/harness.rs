@@ -46,6 +46,11 @@ impl Node {
         Node(order_process_testkit::Node::start(Path::new(BIN), config).await)
     }
 
+    /// Starts the binary as [`start`](Node::start) does, with `env` added to its environment.
+    pub async fn start_env(config: &str, env: &[(&str, &str)]) -> Node {
+        Node(order_process_testkit::Node::start_env(Path::new(BIN), config, env).await)
+    }
+
     /// Starts the binary as [`start`](Node::start) does, listening on `host` (a loopback
     /// address).
     pub async fn start_on(config: &str, host: std::net::IpAddr) -> Node {

@@ -420,3 +420,169 @@ async fn every_call_carries_the_orders_epoch() {
         assert_eq!(call.body["epoch"], 1, "{call:?}");
     }
 }
+
+/// An https service that answers every call 200 with a body that has no length (it ends where
+/// the connection does) and then drops the connection without a TLS `close_notify`: anyone on
+/// the path could have cut such a body short.
+async fn cut_short_service(pki: &Pki) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the service");
+    let base = format!("https://{}", listener.local_addr().expect("its address"));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls(pki)));
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                // The request's head is enough: the answer does not wait for the body.
+                let mut read = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !read.windows(4).any(|window| window == b"\r\n\r\n") {
+                    match tls.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(count) => read.extend_from_slice(&buffer[..count]),
+                    }
+                }
+                let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{\"cut\":";
+                if tls.write_all(answer.as_bytes()).await.is_err() || tls.flush().await.is_err() {
+                    return;
+                }
+                // The TCP connection alone, closed under the TLS session.
+                let (tcp, _session) = tls.into_inner();
+                drop(tcp);
+            });
+        }
+    });
+    (base, server)
+}
+
+#[tokio::test]
+async fn an_https_answer_ended_without_close_notify_is_refused_and_retried() {
+    let pki = Pki::new();
+    let (base, server) = cut_short_service(&pki).await;
+    let config = format!(
+        "{}[steps.Processing]\nhandler = \"http\"\nurl = \"{base}/charge\"\ntimeout = \"5s\"\n\
+         retries = 1\nbackoff = \"50ms\"\nbackoff_max = \"50ms\"\n{}",
+        simulate("10ms"),
+        tls_lines(&pki, true)
+    );
+    let node = Node::start(&config).await;
+    let order = run_order(&node, "cora").await;
+    assert_failed_at(&order, "Processing");
+    let runs = attempts(&order, "Processing");
+    assert_eq!(runs.len(), 2, "retried once: {}", pretty(&order));
+    for run in &runs {
+        let error = run["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("close_notify"),
+            "a transport error naming the missing close_notify: {}",
+            pretty(run)
+        );
+        assert_eq!(run["status"], 200, "{}", pretty(run));
+    }
+    server.abort();
+}
+
+/// A forward proxy on a free port that answers every request itself, `{"via":"proxy"}`, and
+/// notes each request line.
+async fn answering_proxy() -> (String, Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let base = format!("http://{}", listener.local_addr().expect("its address"));
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let noted = Arc::clone(&lines);
+    let server = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let noted = Arc::clone(&noted);
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut read = Vec::new();
+                let mut buffer = [0u8; 4096];
+                // Requests one after another on a kept-alive connection.
+                loop {
+                    let Some(end) = read.windows(4).position(|window| window == b"\r\n\r\n") else {
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(count) => read.extend_from_slice(&buffer[..count]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&read[..end]).to_string();
+                    let length: usize = head
+                        .lines()
+                        .filter_map(|line| line.split_once(':'))
+                        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+                        .and_then(|(_, value)| value.trim().parse().ok())
+                        .unwrap_or(0);
+                    if read.len() < end + 4 + length {
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(count) => read.extend_from_slice(&buffer[..count]),
+                        }
+                        continue;
+                    }
+                    read.drain(..end + 4 + length);
+                    let line = head.lines().next().unwrap_or_default().to_string();
+                    noted.lock().expect("the proxy's lines").push(line);
+                    let body = r#"{"via":"proxy"}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (base, lines, server)
+}
+
+#[tokio::test]
+async fn calls_go_through_the_proxy_the_environment_names_except_where_no_proxy_says() {
+    let (proxy, lines, server) = answering_proxy().await;
+    let service = Service::start(None, |_, _| Reply::ok()).await;
+    // A host no resolver knows: only the proxy can answer for it.
+    let config = format!(
+        "{}[steps.Processing]\nhandler = \"http\"\nurl = \"http://shop.invalid/charge\"\n\
+         [steps.Post-Processing]\nhandler = \"http\"\nurl = \"{}/ship\"\n",
+        simulate("10ms"),
+        service.base
+    );
+    let env = [("HTTP_PROXY", proxy.as_str()), ("NO_PROXY", "127.0.0.1")];
+    let node = Node::start_env(&config, &env).await;
+    let order = run_order(&node, "pia").await;
+    assert_completed(&order);
+    let processing = order["steps"]
+        .as_array()
+        .and_then(|steps| {
+            steps
+                .iter()
+                .find(|entry| entry["step_name"] == "Processing")
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        processing["output"],
+        json!({"via": "proxy"}),
+        "{}",
+        pretty(&order)
+    );
+    // Absolute-form: the request line a forward proxy reads.
+    assert_eq!(
+        *lines.lock().expect("the proxy's lines"),
+        ["POST http://shop.invalid/charge HTTP/1.1"],
+        "{}",
+        pretty(&order)
+    );
+    // NO_PROXY: straight to the service.
+    assert_eq!(service.calls_to("/ship").len(), 1);
+    server.abort();
+}

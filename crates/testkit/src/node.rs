@@ -45,6 +45,8 @@ pub struct Node {
     process: Option<Proc>,
     launches: usize,
     client: reqwest::Client,
+    /// Variables added to the binary's environment.
+    env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -70,13 +72,32 @@ impl Node {
         identity: Option<(&Path, &Path)>,
     ) -> Node {
         let client = crate::http::https_client(ca_file, identity);
-        Node::launch_new(bin, config, None, "https", client, LOCALHOST).await
+        Node::launch_new(bin, config, None, "https", client, LOCALHOST, Vec::new()).await
     }
 
     /// Starts the binary as [`start`](Node::start) does, listening on `host` (a loopback
     /// address: `::1` for a node on IPv6).
     pub async fn start_on(bin: &Path, config: &str, host: IpAddr) -> Node {
-        Node::launch_new(bin, config, None, "http", crate::http::client(), host).await
+        Node::launch_new(
+            bin,
+            config,
+            None,
+            "http",
+            crate::http::client(),
+            host,
+            Vec::new(),
+        )
+        .await
+    }
+
+    /// Starts the binary as [`start`](Node::start) does, with `env` added to its environment.
+    pub async fn start_env(bin: &Path, config: &str, env: &[(&str, &str)]) -> Node {
+        let env = env
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        let client = crate::http::client();
+        Node::launch_new(bin, config, None, "http", client, LOCALHOST, env).await
     }
 
     async fn start_with(bin: &Path, config: &str, service_id: Option<&str>) -> Node {
@@ -87,6 +108,7 @@ impl Node {
             "http",
             crate::http::client(),
             LOCALHOST,
+            Vec::new(),
         )
         .await
     }
@@ -98,6 +120,7 @@ impl Node {
         scheme: &str,
         client: reqwest::Client,
         host: IpAddr,
+        env: Vec<(String, String)>,
     ) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("order-process-it-")
@@ -118,6 +141,7 @@ impl Node {
             process: None,
             launches: 0,
             client,
+            env,
         };
         for _ in 0..5 {
             node.port = free_port_on(host).expect("a free loopback port");
@@ -164,7 +188,7 @@ impl Node {
         drop(log);
 
         let log = self.log_path();
-        let process = Proc::spawn(&self.bin, &args, &log, &log)
+        let process = Proc::spawn_env(&self.bin, &args, &self.env, &log, &log)
             .unwrap_or_else(|error| panic!("spawn {}: {error}", self.bin.display()));
         self.process = Some(process);
         let deadline = Instant::now() + STARTUP;
