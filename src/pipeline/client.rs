@@ -1,8 +1,8 @@
 //! The HTTP client of http steps and the completion webhook: hyper's pooled HTTP/1 client over
 //! rustls, with nothing between it and each call. (reqwest's redirect layer parses every call's
-//! URL again, twice, even when it follows no redirects.) A call that a proxy named in the
-//! environment (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, less `NO_PROXY`) takes goes through
-//! reqwest, which speaks to proxies.
+//! URL again, twice, even when it follows no redirects.) The calls it does not make go through
+//! reqwest: those a proxy named in the environment (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`,
+//! less `NO_PROXY`) takes, and those to a URL with a user and password (sent as basic auth).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -22,9 +22,14 @@ const IDLE: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct Client {
     pool: Pool<HttpsConnector<HttpConnector>, Full<Bytes>>,
-    /// The environment's proxies and the client for the calls they take; none when it names
-    /// no proxy.
-    proxied: Option<Arc<(Matcher, reqwest::Client)>>,
+    /// For the calls `pool` does not make.
+    fallback: Arc<Fallback>,
+}
+
+/// reqwest, and the environment's proxies (none when it names none).
+struct Fallback {
+    proxies: Option<Matcher>,
+    client: reqwest::Client,
 }
 
 /// The variables that name a proxy, in either case.
@@ -63,17 +68,14 @@ impl Client {
         let named = PROXY_VARIABLES
             .iter()
             .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()));
-        let proxied = match named {
-            true => {
-                let client = reqwest::Client::builder()
-                    .use_preconfigured_tls(tls.clone())
-                    .redirect(reqwest::redirect::Policy::none())
-                    .user_agent(USER_AGENT_VALUE)
-                    .pool_idle_timeout(IDLE)
-                    .build()?;
-                Some(Arc::new((Matcher::from_env(), client)))
-            }
-            false => None,
+        let fallback = Fallback {
+            proxies: named.then(Matcher::from_env),
+            client: reqwest::Client::builder()
+                .use_preconfigured_tls(tls.clone())
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(USER_AGENT_VALUE)
+                .pool_idle_timeout(IDLE)
+                .build()?,
         };
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -87,7 +89,10 @@ impl Client {
             .pool_idle_timeout(IDLE)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        Ok(Client { pool, proxied })
+        Ok(Client {
+            pool,
+            fallback: Arc::new(fallback),
+        })
     }
 
     /// POSTs the JSON `body` to `uri` with `headers`, and reads the answer's body up to `limit`
@@ -100,10 +105,16 @@ impl Client {
         timeout: Duration,
         limit: usize,
     ) -> Result<Answer, CallError> {
-        if let Some((proxies, client)) = self.proxied.as_deref() {
-            if proxies.intercept(uri).is_some() {
-                return post_proxied(client, uri, headers, body, timeout, limit).await;
-            }
+        let fallback = &self.fallback;
+        let credentials = uri
+            .authority()
+            .is_some_and(|authority| authority.as_str().contains('@'));
+        let proxied = || {
+            let proxies = fallback.proxies.as_ref();
+            proxies.is_some_and(|proxies| proxies.intercept(uri).is_some())
+        };
+        if credentials || proxied() {
+            return post_reqwest(&fallback.client, uri, headers, body, timeout, limit).await;
         }
         let mut request = Request::post(uri.clone())
             .header(USER_AGENT, USER_AGENT_VALUE)
@@ -139,8 +150,8 @@ impl Client {
 
 const USER_AGENT_VALUE: &str = concat!("order-process/", env!("CARGO_PKG_VERSION"));
 
-/// [`Client::post_json`] through a proxy, with reqwest.
-async fn post_proxied(
+/// [`Client::post_json`] with reqwest.
+async fn post_reqwest(
     client: &reqwest::Client,
     uri: &Uri,
     headers: impl IntoIterator<Item = (HeaderName, HeaderValue)>,

@@ -487,9 +487,9 @@ async fn an_https_answer_ended_without_close_notify_is_refused_and_retried() {
     server.abort();
 }
 
-/// A forward proxy on a free port that answers every request itself, `{"via":"proxy"}`, and
-/// notes each request line.
-async fn answering_proxy() -> (String, Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+/// A server on a free port that answers every request itself, `{"via":"proxy"}` (as a forward
+/// proxy, or as a service), and keeps each request's head.
+async fn answering_server() -> (String, Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the proxy");
@@ -527,8 +527,7 @@ async fn answering_proxy() -> (String, Arc<Mutex<Vec<String>>>, tokio::task::Joi
                         continue;
                     }
                     read.drain(..end + 4 + length);
-                    let line = head.lines().next().unwrap_or_default().to_string();
-                    noted.lock().expect("the proxy's lines").push(line);
+                    noted.lock().expect("the heads").push(head);
                     let body = r#"{"via":"proxy"}"#;
                     let answer = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
@@ -547,7 +546,7 @@ async fn answering_proxy() -> (String, Arc<Mutex<Vec<String>>>, tokio::task::Joi
 
 #[tokio::test]
 async fn calls_go_through_the_proxy_the_environment_names_except_where_no_proxy_says() {
-    let (proxy, lines, server) = answering_proxy().await;
+    let (proxy, heads, server) = answering_server().await;
     let service = Service::start(None, |_, _| Reply::ok()).await;
     // A host no resolver knows: only the proxy can answer for it.
     let config = format!(
@@ -576,13 +575,39 @@ async fn calls_go_through_the_proxy_the_environment_names_except_where_no_proxy_
         pretty(&order)
     );
     // Absolute-form: the request line a forward proxy reads.
-    assert_eq!(
-        *lines.lock().expect("the proxy's lines"),
-        ["POST http://shop.invalid/charge HTTP/1.1"],
-        "{}",
-        pretty(&order)
-    );
+    let lines: Vec<String> = heads
+        .lock()
+        .expect("the heads")
+        .iter()
+        .map(|head| head.lines().next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(lines, ["POST http://shop.invalid/charge HTTP/1.1"]);
     // NO_PROXY: straight to the service.
     assert_eq!(service.calls_to("/ship").len(), 1);
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_user_and_password_in_a_step_url_are_sent_as_basic_auth() {
+    let (base, heads, server) = answering_server().await;
+    let url = base.replacen("http://", "http://ann:s%40cret@", 1);
+    let config = format!(
+        "{}[steps.Processing]\nhandler = \"http\"\nurl = \"{url}/charge\"\n",
+        simulate("10ms")
+    );
+    let node = Node::start(&config).await;
+    let order = run_order(&node, "ann").await;
+    assert_completed(&order);
+    let heads = heads.lock().expect("the heads").clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    let head = &heads[0];
+    assert!(head.starts_with("POST /charge HTTP/1.1\r\n"), "{head}");
+    let authorization = head
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+        .map(|(_, value)| value.trim());
+    // "ann:s@cret", the password percent-decoded.
+    assert_eq!(authorization, Some("Basic YW5uOnNAY3JldA=="), "{head}");
     server.abort();
 }
