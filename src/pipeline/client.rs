@@ -4,6 +4,7 @@
 //! reqwest: those a proxy named in the environment (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`,
 //! less `NO_PROXY`) takes, and those to a URL with a user and password (sent as basic auth).
 
+use crate::config::ConfigError;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE, USER_AGENT};
@@ -150,6 +151,13 @@ impl Client {
 
 const USER_AGENT_VALUE: &str = concat!("order-process/", env!("CARGO_PKG_VERSION"));
 
+/// The URL of config key `key`, as a call's request takes it.
+pub fn uri(key: &str, url: &reqwest::Url) -> Result<Uri, ConfigError> {
+    url.as_str()
+        .parse()
+        .map_err(|error| ConfigError::new(key, format!("{url}: {error}")))
+}
+
 /// [`Client::post_json`] with reqwest.
 async fn post_reqwest(
     client: &reqwest::Client,
@@ -257,6 +265,7 @@ mod tests {
             // The head, then as many body bytes as it announced.
             loop {
                 let read = socket.read(&mut buffer).await.unwrap();
+                assert!(read > 0, "the request ended early");
                 request.extend_from_slice(&buffer[..read]);
                 let text = String::from_utf8_lossy(&request).to_string();
                 if let Some(end) = text.find("\r\n\r\n") {

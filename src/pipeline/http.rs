@@ -12,7 +12,7 @@
 //! system's roots (or a bundled set on a host with none) plus the step's `ca_file`, and a step
 //! may present a client certificate. Steps with the same TLS files share one client.
 
-use super::client::{CallError, Client};
+use super::client::{uri, CallError, Client};
 use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
 use crate::config::{ConfigError, HttpSettings, StepTls};
@@ -238,15 +238,10 @@ impl Http {
         let in_flight = settings
             .concurrency
             .map(|limit| Semaphore::new(limit.get()));
-        let uri = |key: &str, url: &reqwest::Url| {
-            url.as_str().parse::<Uri>().map_err(|error| {
-                ConfigError::new(format!("steps.{step}.{key}"), format!("{url}: {error}"))
-            })
-        };
         Ok(Http {
-            url: uri("url", &settings.url)?,
+            url: uri(&format!("steps.{step}.url"), &settings.url)?,
             rollback_url: match &settings.rollback_url {
-                Some(url) => Some(uri("rollback_url", url)?),
+                Some(url) => Some(uri(&format!("steps.{step}.rollback_url"), url)?),
                 None => None,
             },
             client,

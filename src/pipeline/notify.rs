@@ -6,7 +6,7 @@
 //! order, exactly as for an http step, so a delivery survives restarts and takeovers. Delivery
 //! is at least once: a receiver recognises a repeat by its `Idempotency-Key`.
 
-use super::client::Client;
+use super::client::{uri, Client};
 use super::handler::StepError;
 use super::http::{
     asked_wait, failed_answer, header, transport_error, IDEMPOTENCY_KEY, MAX_RESPONSE_BYTES,
@@ -33,9 +33,7 @@ pub struct Notifier {
 
 impl Notifier {
     pub fn new(client: Client, settings: NotifySettings) -> Result<Self, ConfigError> {
-        let url = settings.url.as_str().parse::<Uri>().map_err(|error| {
-            ConfigError::new("notify.url", format!("{}: {error}", settings.url))
-        })?;
+        let url = uri("notify.url", &settings.url)?;
         Ok(Notifier {
             client,
             settings,
