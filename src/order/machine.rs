@@ -573,8 +573,10 @@ mod tests {
             at(1),
         )
         .unwrap();
-        let output = order.outputs().get(Step::Scheduling).unwrap();
-        assert_eq!(output.value().unwrap(), serde_json::json!({"slot": 7}));
+        let (step, output) = order.outputs().iter().next().unwrap();
+        assert_eq!(step, Step::Scheduling);
+        let value: serde_json::Value = serde_json::from_str(output.text()).unwrap();
+        assert_eq!(value, serde_json::json!({"slot": 7}));
         assert_eq!(
             serde_json::to_string(&order.outputs()).unwrap(),
             r#"{"Scheduling":{"slot":7}}"#

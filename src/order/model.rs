@@ -456,11 +456,6 @@ impl Output {
     pub fn text(&self) -> &str {
         self.0.get()
     }
-
-    /// Its value, read again from its text.
-    pub fn value(&self) -> Result<serde_json::Value, serde_json::Error> {
-        serde_json::from_str(self.text())
-    }
 }
 
 impl PartialEq for Output {
@@ -504,13 +499,6 @@ impl<'a> Outputs<'a> {
                 .any(|other| other.step_name == entry.step_name && other.output.is_some());
             (!replaced).then_some((entry.step_name, output))
         })
-    }
-
-    /// Step `step`'s output, if it produced one.
-    pub fn get(self, step: Step) -> Option<&'a Output> {
-        self.iter()
-            .find(|(name, _)| *name == step)
-            .map(|(_, output)| output)
     }
 }
 
@@ -688,7 +676,8 @@ mod tests {
         let answer = "{ \"b\": [1, 2.5],\n  \"a\": \"caf\u{e9} \\\"x\\\"\" }";
         let output = Output::read(answer.as_bytes()).unwrap();
         assert_eq!(output.text(), r#"{"a":"café \"x\"","b":[1,2.5]}"#);
-        let entry = serde_json::json!({"output": output.value().unwrap()});
+        let value: serde_json::Value = serde_json::from_str(output.text()).unwrap();
+        let entry = serde_json::json!({ "output": value });
         let written = format!(r#"{{"output":{}}}"#, output.text());
         assert_eq!(serde_json::to_string(&entry).unwrap(), written);
         let read: Output = serde_json::from_str(output.text()).unwrap();
@@ -718,8 +707,9 @@ mod tests {
             serde_json::to_string(&outputs).unwrap(),
             r#"{"Scheduling":{"slot":1},"Processing":"again","Post-Processing":[]}"#
         );
-        assert_eq!(outputs.get(Step::Processing).unwrap().text(), r#""again""#);
-        assert!(outputs.get(Step::PreProcessing).is_none());
+        let get = |step| outputs.iter().find(|(name, _)| *name == step);
+        assert_eq!(get(Step::Processing).unwrap().1.text(), r#""again""#);
+        assert!(get(Step::PreProcessing).is_none());
         assert_eq!(serde_json::to_string(&Outputs(&[])).unwrap(), "{}");
     }
 }
