@@ -7,8 +7,8 @@
 use crate::config::ConfigError;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE, USER_AGENT};
-use hyper::{HeaderMap, Request, Uri};
+use hyper::header::{HeaderName, HeaderValue, ACCEPT, CONTENT_TYPE, HOST, USER_AGENT};
+use hyper::{HeaderMap, Method, Request, Uri};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{connect::HttpConnector, Client as Pool};
 use hyper_util::client::proxy::matcher::Matcher;
@@ -51,6 +51,14 @@ pub struct Answer {
     pub body: Vec<u8>,
     /// The body went past the limit: `body` holds only its start.
     pub truncated: bool,
+}
+
+/// Where calls go: a config URL parsed once, and the `Host` header a call to it sends, made
+/// once too (hyper's pool would otherwise make it again, with `format!`, at every call).
+#[derive(Clone, Debug)]
+pub struct Target {
+    uri: Uri,
+    host: Option<HeaderValue>,
 }
 
 /// Why a call got no whole answer.
@@ -100,12 +108,13 @@ impl Client {
     /// bytes, all within `timeout`.
     pub async fn post_json(
         &self,
-        uri: &Uri,
+        target: &Target,
         headers: impl IntoIterator<Item = (HeaderName, HeaderValue)>,
         body: Vec<u8>,
         timeout: Duration,
         limit: usize,
     ) -> Result<Answer, CallError> {
+        let uri = &target.uri;
         let fallback = &self.fallback;
         let credentials = uri
             .authority()
@@ -117,13 +126,18 @@ impl Client {
         if credentials || proxied() {
             return post_reqwest(&fallback.client, uri, headers, body, timeout, limit).await;
         }
-        let mut request = Request::post(uri.clone())
-            .header(USER_AGENT, USER_AGENT_VALUE)
-            .header(ACCEPT, "*/*")
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|error| CallError::failed(&error, None))?;
-        request.headers_mut().extend(headers);
+        let mut request = Request::new(Full::new(Bytes::from(body)));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri.clone();
+        let fields = request.headers_mut();
+        fields.reserve(8);
+        if let Some(host) = &target.host {
+            fields.insert(HOST, host.clone());
+        }
+        fields.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
+        fields.insert(ACCEPT, HeaderValue::from_static("*/*"));
+        fields.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        fields.extend(headers);
         let exchange = async {
             let response = self
                 .pool
@@ -152,10 +166,28 @@ impl Client {
 const USER_AGENT_VALUE: &str = concat!("order-process/", env!("CARGO_PKG_VERSION"));
 
 /// The URL of config key `key`, as a call's request takes it.
-pub fn uri(key: &str, url: &reqwest::Url) -> Result<Uri, ConfigError> {
-    url.as_str()
+pub fn target(key: &str, url: &reqwest::Url) -> Result<Target, ConfigError> {
+    let uri: Uri = url
+        .as_str()
         .parse()
-        .map_err(|error| ConfigError::new(key, format!("{url}: {error}")))
+        .map_err(|error| ConfigError::new(key, format!("{url}: {error}")))?;
+    // As hyper's pool writes it: the host, and the port unless it is the scheme's default.
+    let host = match (uri.host(), uri.port_u16()) {
+        (None, _) => None,
+        (Some(host), Some(port)) if Some(port) != default_port(&uri) => {
+            HeaderValue::from_str(&format!("{host}:{port}")).ok()
+        }
+        (Some(host), _) => HeaderValue::from_str(host).ok(),
+    };
+    Ok(Target { uri, host })
+}
+
+fn default_port(uri: &Uri) -> Option<u16> {
+    match uri.scheme_str() {
+        Some("http") => Some(80),
+        Some("https") => Some(443),
+        _ => None,
+    }
 }
 
 /// [`Client::post_json`] with reqwest.
@@ -241,6 +273,40 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    fn at(url: &str) -> Target {
+        target("steps.Processing.url", &reqwest::Url::parse(url).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_target_names_its_host_and_any_port_but_the_default() {
+        let host = |url| at(url).host.map(|host| host.to_str().unwrap().to_string());
+        assert_eq!(
+            host("http://127.0.0.1:9001/a").as_deref(),
+            Some("127.0.0.1:9001")
+        );
+        assert_eq!(
+            host("http://shop.example/a").as_deref(),
+            Some("shop.example")
+        );
+        assert_eq!(
+            host("http://shop.example:80/a").as_deref(),
+            Some("shop.example")
+        );
+        assert_eq!(
+            host("https://shop.example:443/a").as_deref(),
+            Some("shop.example")
+        );
+        assert_eq!(
+            host("https://shop.example:80/a").as_deref(),
+            Some("shop.example:80")
+        );
+        assert_eq!(host("http://[::1]:9001/a").as_deref(), Some("[::1]:9001"));
+        assert_eq!(
+            host("http://user:pw@shop.example/a").as_deref(),
+            Some("shop.example")
+        );
+    }
+
     fn plain() -> Client {
         let tls = crate::pipeline::http::tls_config(
             &crate::config::StepTls::default(),
@@ -253,11 +319,9 @@ mod tests {
 
     /// A service on a free port that answers each connection's first request with `answer`,
     /// then hands back what it was sent.
-    async fn service(answer: &'static str) -> (Uri, tokio::task::JoinHandle<String>) {
+    async fn service(answer: &'static str) -> (Target, tokio::task::JoinHandle<String>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let uri = format!("http://{}/charge", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let uri = at(&format!("http://{}/charge", listener.local_addr().unwrap()));
         let served = tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.unwrap();
             let mut request = Vec::new();
@@ -319,10 +383,14 @@ mod tests {
             "content-type: application/json",
             "content-length: 7",
             "user-agent: order-process/",
+            "accept: */*",
         ] {
             assert!(request.contains(line), "{line} in {request}");
         }
         assert!(request.ends_with("\r\n\r\n{\"a\":1}"), "{request}");
+        let host = format!("host: {}\r\n", uri.uri.authority().unwrap());
+        assert_eq!(request.matches("host: ").count(), 1, "{request}");
+        assert!(request.contains(&host), "{host} in {request}");
     }
 
     #[tokio::test]
@@ -339,9 +407,7 @@ mod tests {
     #[tokio::test]
     async fn a_service_that_does_not_answer_in_time_is_a_timeout() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let uri: Uri = format!("http://{}/slow", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let uri = at(&format!("http://{}/slow", listener.local_addr().unwrap()));
         let held = tokio::spawn(async move { listener.accept().await });
         let failed = plain()
             .post_json(&uri, [], Vec::new(), Duration::from_millis(200), 10)
@@ -358,7 +424,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let uri: Uri = format!("http://127.0.0.1:{port}/x").parse().unwrap();
+        let uri = at(&format!("http://127.0.0.1:{port}/x"));
         let failed = plain()
             .post_json(&uri, [], Vec::new(), Duration::from_secs(5), 10)
             .await;

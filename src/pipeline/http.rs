@@ -12,7 +12,7 @@
 //! system's roots (or a bundled set on a host with none) plus the step's `ca_file`, and a step
 //! may present a client certificate. Steps with the same TLS files share one client.
 
-use super::client::{uri, CallError, Client};
+use super::client::{target, CallError, Client, Target};
 use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
 use crate::config::{ConfigError, HttpSettings, StepTls};
@@ -20,7 +20,7 @@ use crate::order::{OrderId, Output, Outputs, Step};
 use anyhow::Context;
 use async_trait::async_trait;
 use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
-use hyper::{HeaderMap, Uri};
+use hyper::HeaderMap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
@@ -226,8 +226,8 @@ pub struct Http {
     client: Client,
     settings: HttpSettings,
     /// `settings`' URLs, as each call's request takes them.
-    url: Uri,
-    rollback_url: Option<Uri>,
+    url: Target,
+    rollback_url: Option<Target>,
     /// Calls in flight to this step's service, when `concurrency` limits them.
     in_flight: Option<Semaphore>,
 }
@@ -239,9 +239,9 @@ impl Http {
             .concurrency
             .map(|limit| Semaphore::new(limit.get()));
         Ok(Http {
-            url: uri(&format!("steps.{step}.url"), &settings.url)?,
+            url: target(&format!("steps.{step}.url"), &settings.url)?,
             rollback_url: match &settings.rollback_url {
-                Some(url) => Some(uri(&format!("steps.{step}.rollback_url"), url)?),
+                Some(url) => Some(target(&format!("steps.{step}.rollback_url"), url)?),
                 None => None,
             },
             client,
@@ -252,7 +252,7 @@ impl Http {
 
     async fn call(
         &self,
-        url: &Uri,
+        url: &Target,
         context: &StepContext<'_>,
         rollback: bool,
     ) -> Result<StepDone, StepError> {

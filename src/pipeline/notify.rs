@@ -6,7 +6,7 @@
 //! order, exactly as for an http step, so a delivery survives restarts and takeovers. Delivery
 //! is at least once: a receiver recognises a repeat by its `Idempotency-Key`.
 
-use super::client::{uri, Client};
+use super::client::{target, Client, Target};
 use super::handler::StepError;
 use super::http::{
     asked_wait, failed_answer, header, transport_error, IDEMPOTENCY_KEY, MAX_RESPONSE_BYTES,
@@ -17,7 +17,6 @@ use crate::config::{ConfigError, NotifySettings};
 use crate::order::{write_view, Order, VIEW_CAPACITY};
 use hmac::{Hmac, Mac};
 use hyper::header::{HeaderName, HeaderValue};
-use hyper::Uri;
 use sha2::Sha256;
 use std::fmt::Write;
 
@@ -28,12 +27,12 @@ pub struct Notifier {
     client: Client,
     settings: NotifySettings,
     /// `settings.url`, as each call's request takes it.
-    url: Uri,
+    url: Target,
 }
 
 impl Notifier {
     pub fn new(client: Client, settings: NotifySettings) -> Result<Self, ConfigError> {
-        let url = uri("notify.url", &settings.url)?;
+        let url = target("notify.url", &settings.url)?;
         Ok(Notifier {
             client,
             settings,
