@@ -1,7 +1,7 @@
 //! `order-process bench` as a correctness check: a small run against a real node must lose
 //! nothing and find every history right. (Its speed figures are not asserted; see scripts/bench.)
 
-use crate::harness::{port, spawn, tail, Node, BIN, POLL};
+use crate::harness::{Node, BIN};
 
 /// A node with zero-duration steps failing with `failure_rate`, the per-user limits lifted (one
 /// user submits everything, as fast as it can).
@@ -186,63 +186,4 @@ async fn orders_carry_the_padding_asked_for() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--payload-bytes"), "{stderr}");
-}
-
-#[tokio::test]
-async fn a_run_through_http_steps_that_the_bench_serves_loses_nothing() {
-    let files = tempfile::tempdir().expect("create a temp dir");
-    let log = files.path().join("steps.log");
-    let port = port();
-    let _service = spawn(
-        &[
-            "bench".into(),
-            "--serve-steps".into(),
-            format!("127.0.0.1:{port}"),
-            "--output-bytes".into(),
-            "64".into(),
-        ],
-        &log,
-        &log,
-    );
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the step service never listened: {}",
-            tail(&log, 20)
-        );
-        tokio::time::sleep(POLL).await;
-    }
-    let steps: String = [
-        "Scheduling",
-        "Pre-Processing",
-        "Processing",
-        "Post-Processing",
-    ]
-    .iter()
-    .map(|step| {
-        format!("[steps.{step}]\nhandler = \"http\"\nurl = \"http://127.0.0.1:{port}/{step}\"\n")
-    })
-    .collect();
-    let node = Node::start(&format!(
-        "[limits]\nsubmit_rate = 100000.0\nsubmit_burst = 100000\n{steps}"
-    ))
-    .await;
-    let args = ["--orders", "200", "--concurrency", "16", "--timeout", "60s"];
-    let summary = bench(&node, &[&args[..], &["--user", "served"]].concat()).await;
-    assert_eq!(summary["completed"], 200, "{summary}");
-    assert_eq!(summary["mismatches"], 0, "{summary}");
-    // Every step's answer is kept as its output.
-    let ids = node.list_all_ids("served", &[]).await;
-    assert_eq!(ids.len(), 200);
-    let order = node.order("served", &ids[0]).await;
-    let steps = order["steps"].as_array().cloned().unwrap_or_default();
-    let padded = steps
-        .iter()
-        .filter(|step| step["output"]["pad"].as_str().map(str::len) == Some(54))
-        .count();
-    assert_eq!(padded, 4, "{order}");
 }

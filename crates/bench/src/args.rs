@@ -57,12 +57,4 @@ pub struct BenchArgs {
     /// print the summary as JSON
     #[argh(switch)]
     pub json: bool,
-    /// instead of driving nodes, serve as the step service that nodes' http steps call, on
-    /// this address (e.g. 127.0.0.1:9001), until stopped: every POST gets 200 at once
-    #[argh(option)]
-    pub serve_steps: Option<std::net::SocketAddr>,
-    /// with --serve-steps: answer each call with a JSON output of this many bytes, which the
-    /// node keeps with the order; 0: an empty body, no output
-    #[argh(option, default = "0")]
-    pub output_bytes: usize,
 }

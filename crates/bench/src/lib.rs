@@ -11,7 +11,6 @@
 //! - [`progress`]: the progress line while a run goes.
 //! - [`cpu`]: CPU time of processes, from `/proc`.
 //! - [`http`]: the HTTP client.
-//! - [`steps`]: `--serve-steps`, a step service for nodes whose steps are http steps.
 
 #![forbid(unsafe_code)]
 
@@ -20,7 +19,6 @@ pub mod cpu;
 pub mod http;
 pub mod progress;
 pub mod run;
-pub mod steps;
 pub mod summary;
 
 pub use args::BenchArgs;
@@ -41,15 +39,6 @@ pub fn main(args: BenchArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(listen) = args.serve_steps {
-        return match runtime.block_on(steps::serve(listen, args.output_bytes)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("order-process bench: {error}");
-                ExitCode::from(64)
-            }
-        };
-    }
     match runtime.block_on(run(args.clone())) {
         Ok(summary) => {
             if args.json {
