@@ -130,7 +130,8 @@ impl Client {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri.clone();
         let fields = request.headers_mut();
-        fields.reserve(8);
+        // Ours (four), the caller's (up to four: the webhook's) and hyper's `content-length`.
+        fields.reserve(9);
         if let Some(host) = &target.host {
             fields.insert(HOST, host.clone());
         }
