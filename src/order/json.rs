@@ -36,6 +36,59 @@ pub fn write_view(out: &mut Vec<u8>, order: &Order) -> Result<(), serde_json::Er
     view(&mut Writer::new(out), order)
 }
 
+/// How many bytes the body of a step call is written into at first, besides its payload and
+/// outputs.
+const STEP_CALL_CAPACITY: usize = 192;
+
+/// Writes the JSON body of a call to `step`'s service for `order` at the end of `out`:
+/// `{"order_id":…,"step":…,"attempt":…,"epoch":…,"rollback":…,"user":…,"payload":…,"outputs":{…}}`,
+/// `outputs` being each step's newest output so far by step name (see [`Outputs`](super::Outputs)).
+pub fn write_step_call(
+    out: &mut Vec<u8>,
+    order: &Order,
+    step: Step,
+    attempt: u32,
+    rollback: bool,
+) -> Result<(), serde_json::Error> {
+    let payload = order.payload.text()?;
+    // Every output the order holds, a step's older ones too: enough room, counted cheaply.
+    let outputs: usize = (order.steps.iter())
+        .filter_map(|entry| entry.output.as_ref())
+        .map(|output| output.text().len() + 20)
+        .sum();
+    out.reserve(STEP_CALL_CAPACITY + order.user.len() + payload.len() + outputs);
+    let w = &mut Writer::new(out);
+    w.out.extend_from_slice(b"{\"order_id\":\"");
+    let mut id = uuid::Uuid::encode_buffer();
+    w.out
+        .extend_from_slice(order.order_id.hyphenated().encode_lower(&mut id).as_bytes());
+    w.out.extend_from_slice(b"\",\"step\":");
+    self::step(w, step);
+    w.out.extend_from_slice(b",\"attempt\":");
+    number(w, u64::from(attempt));
+    w.out.extend_from_slice(b",\"epoch\":");
+    number(w, order.epoch);
+    w.out.extend_from_slice(if rollback {
+        b",\"rollback\":true,\"user\":"
+    } else {
+        b",\"rollback\":false,\"user\":"
+    });
+    quoted(w.out, &order.user)?;
+    w.out.extend_from_slice(b",\"payload\":");
+    w.out.extend_from_slice(payload.as_bytes());
+    w.out.extend_from_slice(b",\"outputs\":{");
+    for (at, (step, output)) in order.outputs().iter().enumerate() {
+        if at > 0 {
+            w.out.push(b',');
+        }
+        self::step(w, step);
+        w.out.push(b':');
+        w.out.extend_from_slice(output.text().as_bytes());
+    }
+    w.out.extend_from_slice(b"}}");
+    Ok(())
+}
+
 /// Where the JSON goes, and the last time and the last text written with where they are in it:
 /// an order repeats both (a step starts when the one before completes, and one node usually
 /// runs every step and owns the order), and a repeat is copied instead of written again.
@@ -888,6 +941,70 @@ mod tests {
         serde_json::to_string(&crate::order::OrderView::from(order)).unwrap()
     }
 
+    /// The body of a step call as serde writes it: the reference for [`write_step_call`].
+    #[derive(serde::Serialize)]
+    struct StepCall<'a> {
+        order_id: OrderId,
+        step: Step,
+        attempt: u32,
+        epoch: u64,
+        rollback: bool,
+        user: &'a str,
+        payload: &'a serde_json::value::RawValue,
+        outputs: crate::order::Outputs<'a>,
+    }
+
+    fn step_calls(order: &Order, step: Step, attempt: u32, rollback: bool) -> (String, String) {
+        let mut out = b"kept".to_vec();
+        write_step_call(&mut out, order, step, attempt, rollback).unwrap();
+        let serde = serde_json::to_string(&StepCall {
+            order_id: order.order_id,
+            step,
+            attempt,
+            epoch: order.epoch,
+            rollback,
+            user: &order.user,
+            payload: order.payload.json().unwrap(),
+            outputs: order.outputs(),
+        });
+        (
+            String::from_utf8(out).unwrap(),
+            format!("kept{}", serde.unwrap()),
+        )
+    }
+
+    #[test]
+    fn writes_a_step_call_as_the_readme_shows_it() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 26, 5, 36, 15).unwrap();
+        let mut order = Order::new(
+            OrderId::nil(),
+            "alice".into(),
+            serde_json::json!({"sku": "A1", "qty": 2}),
+            "node-1".into(),
+            now,
+        );
+        order.epoch = 1;
+        let (ours, _) = step_calls(&order, Step::Processing, 1, false);
+        let ours = ours.strip_prefix("kept").unwrap_or_default();
+        assert_eq!(
+            ours,
+            r#"{"order_id":"00000000-0000-0000-0000-000000000000","step":"Processing","attempt":1,"epoch":1,"rollback":false,"user":"alice","payload":{"qty":2,"sku":"A1"},"outputs":{}}"#
+        );
+        // A step run again gives its newest output only.
+        let output = |value| Some(Output::of(&value).unwrap());
+        let mut entry = order.steps[0].clone();
+        entry.step_name = Step::Processing;
+        entry.output = output(serde_json::json!({"payment_id": "pay_1"}));
+        order.steps.push(entry.clone());
+        entry.output = output(serde_json::json!({"payment_id": "pay_2"}));
+        order.steps.push(entry);
+        let (ours, serde) = step_calls(&order, Step::PostProcessing, 3, true);
+        assert_eq!(ours, serde);
+        assert!(ours.ends_with(
+            r#","attempt":3,"epoch":1,"rollback":true,"user":"alice","payload":{"qty":2,"sku":"A1"},"outputs":{"Processing":{"payment_id":"pay_2"}}}"#
+        ));
+    }
+
     proptest! {
         #[test]
         fn writes_what_serde_json_writes(order in order()) {
@@ -931,6 +1048,17 @@ mod tests {
             for name in ["\"steps\":", "\"order_id\":", "\"start_time\":", "\"payload\":"] {
                 prop_assert!(!rest.starts_with(name) && !rest.contains(&format!(",{name}")), "{}", name);
             }
+        }
+
+        #[test]
+        fn writes_a_step_call_as_serde_json_writes(
+            order in order(),
+            step in step(),
+            attempt in any::<u32>(),
+            rollback in any::<bool>(),
+        ) {
+            let (ours, serde) = step_calls(&order, step, attempt, rollback);
+            prop_assert_eq!(ours, serde);
         }
 
         #[test]

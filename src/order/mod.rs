@@ -14,7 +14,7 @@ mod view;
 
 pub use json::{
     write_order, write_order_apart, write_split_head, write_split_rest, write_split_step,
-    write_view, VIEW_CAPACITY,
+    write_step_call, write_view, VIEW_CAPACITY,
 };
 pub use machine::{
     apply, apply_owned, next_action, retry_due, Action, Event, TransitionError, CANCELLED,

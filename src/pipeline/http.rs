@@ -16,7 +16,7 @@ use super::client::{target, CallError, Client, Target};
 use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
 use crate::config::{ConfigError, HttpSettings, StepTls};
-use crate::order::{OrderId, Output, Outputs, Step};
+use crate::order::{write_step_call, Output, Step};
 use anyhow::Context;
 use async_trait::async_trait;
 use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
@@ -24,7 +24,6 @@ use hyper::HeaderMap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
-use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -36,22 +35,6 @@ use tracing::{debug, info, warn};
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// The most of a failure text kept as a reason.
 const MAX_REASON_CHARS: usize = 500;
-
-/// The JSON body of every call.
-#[derive(Debug, Serialize)]
-struct StepRequest<'a> {
-    order_id: OrderId,
-    step: Step,
-    attempt: u32,
-    /// The order's ownership epoch, also in the `Order-Epoch` header.
-    epoch: u64,
-    rollback: bool,
-    user: &'a str,
-    /// Written once per order (see [`Payload`](crate::order::Payload)), copied into each call.
-    payload: &'a serde_json::value::RawValue,
-    /// Outputs of the steps that produced one so far, by step name.
-    outputs: Outputs<'a>,
-}
 
 /// The HTTP clients of a node's `http` steps: one per distinct TLS setting, so steps with the
 /// same files share their pooled connections.
@@ -256,22 +239,6 @@ impl Http {
         context: &StepContext<'_>,
         rollback: bool,
     ) -> Result<StepDone, StepError> {
-        // A payload that cannot be written now never can be: a permanent failure.
-        let payload = context
-            .order
-            .payload
-            .json()
-            .map_err(|error| StepError::new(format!("cannot write the payload: {error}")))?;
-        let body = StepRequest {
-            order_id: context.order.order_id,
-            step: context.step,
-            attempt: context.attempt,
-            epoch: context.order.epoch,
-            rollback,
-            user: &context.order.user,
-            payload,
-            outputs: context.order.outputs(),
-        };
         // Held for this one call, not while the order waits for a retry. The semaphore is
         // never closed, so an error cannot happen.
         let _permit = match &self.in_flight {
@@ -283,8 +250,16 @@ impl Http {
             (ORDER_EPOCH, HeaderValue::from(context.order.epoch)),
             header(TRACEPARENT, context.traceparent())?,
         ];
-        let body = serde_json::to_vec(&body)
-            .map_err(|error| StepError::new(format!("cannot write the request: {error}")))?;
+        // A payload that cannot be written now never can be: a permanent failure.
+        let mut body = Vec::new();
+        write_step_call(
+            &mut body,
+            context.order,
+            context.step,
+            context.attempt,
+            rollback,
+        )
+        .map_err(|error| StepError::new(format!("cannot write the request: {error}")))?;
         let timeout = self.settings.timeout;
         let answer = self
             .client
@@ -426,7 +401,7 @@ impl StepHandler for Http {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::order::Order;
+    use crate::order::{Order, OrderId};
 
     fn settings(rollback_url: Option<&str>) -> HttpSettings {
         HttpSettings {
