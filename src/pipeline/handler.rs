@@ -40,11 +40,17 @@ impl<'a> StepContext<'a> {
     /// `"{order_id}:{step}:rollback"` to undo it. Made when asked: only handlers that call a
     /// service send it.
     pub fn idempotency_key(&self) -> String {
+        let mut id = uuid::Uuid::encode_buffer();
+        let id = self.order.order_id.hyphenated().encode_lower(&mut id);
+        let step = self.step.as_str();
+        let mut key = String::with_capacity(id.len() + step.len() + ":rollback".len() + 1);
+        key.push_str(id);
+        key.push(':');
+        key.push_str(step);
         if self.rollback {
-            format!("{}:{}:rollback", self.order.order_id, self.step)
-        } else {
-            format!("{}:{}", self.order.order_id, self.step)
+            key.push_str(":rollback");
         }
+        key
     }
 
     /// The `traceparent` header value a call for this attempt sends.

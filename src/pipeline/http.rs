@@ -463,6 +463,13 @@ mod tests {
             undo.idempotency_key(),
             format!("{}:Processing:rollback", OrderId::nil())
         );
+        let mut order = order;
+        order.order_id = OrderId::from_u128(0x019a_f3c2_7d1e_7b44_8a6f_0c2d_9e8b_a1f5);
+        let post = StepContext::attempt(&order, Step::PostProcessing, true, 2);
+        assert_eq!(
+            post.idempotency_key(),
+            "019af3c2-7d1e-7b44-8a6f-0c2d9e8ba1f5:Post-Processing:rollback"
+        );
     }
 
     #[test]
