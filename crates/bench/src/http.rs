@@ -6,7 +6,8 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{header, Request, StatusCode, Uri};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{connect::HttpConnector, Client as Pool};
 use hyper_util::rt::TokioExecutor;
@@ -43,17 +44,39 @@ impl Failure {
     }
 }
 
-/// `url` (a node's base URL) with `path` appended, parsed once for every request to it.
-pub fn endpoint(url: &str, path: &str) -> Result<Uri, String> {
+/// Where requests go: a node's URL and its `Host` header, both made once for every request to
+/// it (hyper's pool would write the header with `format!` at every request that has none).
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    pub uri: Uri,
+    host: HeaderValue,
+}
+
+/// `url` (a node's base URL) with `path` appended.
+pub fn endpoint(url: &str, path: &str) -> Result<Endpoint, String> {
     let uri: Uri = format!("{url}{path}")
         .parse()
         .map_err(|error| format!("--url {url}: {error}"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-        return Err(format!(
+    let default_port = match uri.scheme_str() {
+        Some("http") => 80,
+        Some("https") => 443,
+        _ => 0,
+    };
+    let host = match (uri.host(), uri.port_u16()) {
+        _ if default_port == 0 => None,
+        (None, _) => None,
+        // As hyper's pool writes it: the host, and the port unless it is the scheme's default.
+        (Some(host), Some(port)) if port != default_port => {
+            HeaderValue::from_str(&format!("{host}:{port}")).ok()
+        }
+        (Some(host), _) => HeaderValue::from_str(host).ok(),
+    };
+    match host {
+        Some(host) => Ok(Endpoint { uri, host }),
+        None => Err(format!(
             "--url {url}: must be an http:// or https:// URL with a host"
-        ));
+        )),
     }
-    Ok(uri)
 }
 
 /// The roots an https node's certificate is checked against: the system's (with `system`;
@@ -145,18 +168,24 @@ impl Client {
         Ok(Client { pool, timeout })
     }
 
-    /// POSTs `body` (JSON) to `uri` as `user`: the answer's status and body.
+    /// POSTs `body` (JSON) to `to` as `user`: the answer's status and body.
     pub async fn post_json(
         &self,
-        uri: &Uri,
+        to: &Endpoint,
         user: &str,
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes), Failure> {
-        let request = Request::post(uri.clone())
-            .header(header::AUTHORIZATION, user)
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|_| Failure::Other)?;
+        let mut request = Request::new(Full::new(Bytes::from(body)));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = to.uri.clone();
+        let headers = request.headers_mut();
+        // These three and hyper's `content-length`.
+        headers.reserve(4);
+        headers.insert(header::HOST, to.host.clone());
+        let user = HeaderValue::from_str(user).map_err(|_| Failure::Other)?;
+        headers.insert(header::AUTHORIZATION, user);
+        let json = HeaderValue::from_static("application/json");
+        headers.insert(header::CONTENT_TYPE, json);
         let exchange = async {
             let response = self.pool.request(request).await.map_err(|error| {
                 if error.is_connect() {
@@ -186,8 +215,17 @@ mod tests {
 
     #[test]
     fn endpoints_are_http_or_https_urls_with_a_host() {
-        let uri = endpoint("http://127.0.0.1:8080", "/orders").map(|uri| uri.to_string());
-        assert_eq!(uri.as_deref(), Ok("http://127.0.0.1:8080/orders"));
+        let to = endpoint("http://127.0.0.1:8080", "/orders").expect("an endpoint");
+        assert_eq!(to.uri.to_string(), "http://127.0.0.1:8080/orders");
+        assert_eq!(to.host, "127.0.0.1:8080");
+        // The port only when it is not the scheme's.
+        let host = |url| endpoint(url, "/orders").map(|to| to.host);
+        assert_eq!(host("https://node-1:443").expect("an endpoint"), "node-1");
+        assert_eq!(host("http://node-1").expect("an endpoint"), "node-1");
+        assert_eq!(
+            host("https://[::1]:8443").expect("an endpoint"),
+            "[::1]:8443"
+        );
         assert!(endpoint("https://127.0.0.1:8080", "/orders").is_ok());
         assert!(endpoint("ftp://127.0.0.1:8080", "/orders").is_err());
         assert!(endpoint("127.0.0.1:8080", "/orders").is_err());

@@ -3,7 +3,7 @@
 
 use crate::args::BenchArgs;
 use crate::cpu::{cpu_seconds, servers_cpu};
-use crate::http::{endpoint, identity, roots, Client};
+use crate::http::{endpoint, identity, roots, Client, Endpoint};
 use crate::progress::{Counts, Progress};
 use crate::summary::{Percentiles, Summary};
 use hdrhistogram::Histogram;
@@ -123,7 +123,7 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
     let concurrency = args.concurrency.max(1);
     let https = orders_urls
         .iter()
-        .any(|url| url.scheme_str() == Some("https"));
+        .any(|url| url.uri.scheme_str() == Some("https"));
     let roots = roots(args.ca_file.as_deref(), https)?;
     let identity = identity(args.client_cert.as_deref(), args.client_key.as_deref())?;
     let client = Client::new(
@@ -238,7 +238,7 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
 struct Submitter {
     client: Client,
     /// Each node's `/orders`.
-    urls: Vec<hyper::Uri>,
+    urls: Vec<Endpoint>,
     tally: Arc<Mutex<Tally>>,
     counts: Arc<Counts>,
     next: Arc<AtomicUsize>,
@@ -313,7 +313,7 @@ impl Submitter {
 struct Waiter {
     client: Client,
     /// The node's `/orders/wait`.
-    url: hyper::Uri,
+    url: Endpoint,
     user: String,
     batch: usize,
     tally: Arc<Mutex<Tally>>,
