@@ -3,7 +3,7 @@
 
 use crate::args::BenchArgs;
 use crate::cpu::{cpu_seconds, servers_cpu};
-use crate::http::{endpoint, identity, roots, Client, Endpoint};
+use crate::http::{endpoint, identity, roots, Client, Connections, Endpoint};
 use crate::progress::{Counts, Progress};
 use crate::summary::{Percentiles, Summary};
 use hdrhistogram::Histogram;
@@ -114,11 +114,13 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
     // Parsed once, not for every request.
     let orders_urls = urls
         .iter()
-        .map(|url| endpoint(url, "/orders"))
+        .enumerate()
+        .map(|(node, url)| endpoint(url, "/orders", node))
         .collect::<Result<Vec<_>, _>>()?;
     let wait_urls = urls
         .iter()
-        .map(|url| endpoint(url, "/orders/wait"))
+        .enumerate()
+        .map(|(node, url)| endpoint(url, "/orders/wait", node))
         .collect::<Result<Vec<_>, _>>()?;
     let concurrency = args.concurrency.max(1);
     let https = orders_urls
@@ -126,12 +128,7 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
         .any(|url| url.uri.scheme_str() == Some("https"));
     let roots = roots(args.ca_file.as_deref(), https)?;
     let identity = identity(args.client_cert.as_deref(), args.client_key.as_deref())?;
-    let client = Client::new(
-        concurrency + args.waiters.max(1),
-        Duration::from_secs(90),
-        roots,
-        identity,
-    )?;
+    let client = Client::new(Duration::from_secs(90), roots, identity)?;
     let cpu_before = cpu_seconds(std::process::id()).unwrap_or(0.0);
     let server_before: Option<f64> = servers_cpu(&args.pid);
 
@@ -159,7 +156,7 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
     let mut submitters = Vec::new();
     for _ in 0..concurrency {
         let submitter = Submitter {
-            client: client.clone(),
+            connections: Connections::new(client.clone(), urls.len()),
             urls: orders_urls.clone(),
             tally: Arc::clone(&tally),
             counts: Arc::clone(&counts),
@@ -180,7 +177,7 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
     for index in 0..args.waiters.max(queues) {
         let queue = index % queues;
         let waiter = Waiter {
-            client: client.clone(),
+            connections: Connections::new(client.clone(), urls.len()),
             url: wait_urls[queue % urls.len()].clone(),
             user: users[queue / urls.len()].clone(),
             batch: args.batch.clamp(1, 500),
@@ -236,7 +233,8 @@ pub async fn run(args: BenchArgs) -> Result<Summary, String> {
 
 /// Posts orders until `orders` were taken, each to the next node in turn.
 struct Submitter {
-    client: Client,
+    /// Its own, one to each node.
+    connections: Connections,
     /// Each node's `/orders`.
     urls: Vec<Endpoint>,
     tally: Arc<Mutex<Tally>>,
@@ -253,7 +251,7 @@ struct Submitter {
 }
 
 impl Submitter {
-    async fn run(self) {
+    async fn run(mut self) {
         loop {
             let index = self.next.fetch_add(1, Ordering::Relaxed);
             if index >= self.orders {
@@ -267,7 +265,7 @@ impl Submitter {
         }
     }
 
-    async fn submit(&self, index: usize) {
+    async fn submit(&mut self, index: usize) {
         let node = index % self.urls.len();
         let user = (index / self.urls.len()) % self.users.len();
         let url = &self.urls[node];
@@ -282,7 +280,9 @@ impl Submitter {
         }
         let body = serde_json::to_vec(&payload).unwrap_or_default();
         let sent = Instant::now();
-        let reply = self.client.post_json(url, &self.users[user], body).await;
+        let reply = (self.connections)
+            .post_json(url, &self.users[user], body)
+            .await;
         let elapsed = sent.elapsed();
         let error = match reply {
             Ok((status, body)) if status.as_u16() == 201 => {
@@ -311,7 +311,8 @@ impl Submitter {
 
 /// Long-polls one node for batches of its accepted orders until none is left or time is up.
 struct Waiter {
-    client: Client,
+    /// Its own, to its node.
+    connections: Connections,
     /// The node's `/orders/wait`.
     url: Endpoint,
     user: String,
@@ -323,7 +324,7 @@ struct Waiter {
 }
 
 impl Waiter {
-    async fn run(self) {
+    async fn run(mut self) {
         let mut waiting: Vec<Accepted> = Vec::new();
         loop {
             if waiting.len() < self.batch {
@@ -351,7 +352,7 @@ impl Waiter {
 
     /// One long poll for a batch of orders (`POST /orders/wait`); takes the finished ones out
     /// of `waiting` and records their final views.
-    async fn wait_batch(&self, waiting: &mut Vec<Accepted>) {
+    async fn wait_batch(&mut self, waiting: &mut Vec<Accepted>) {
         let left = self
             .deadline
             .saturating_duration_since(tokio::time::Instant::now());
@@ -359,7 +360,7 @@ impl Waiter {
         let ids: Vec<&str> = waiting.iter().map(|order| order.id.as_str()).collect();
         let request = serde_json::json!({ "order_ids": ids, "wait": format!("{wait}s") });
         let reply = self
-            .client
+            .connections
             .post_json(
                 &self.url,
                 &self.user,
