@@ -1,12 +1,13 @@
-//! The stored JSON of an order and the view users see (`OrderView`), written directly: the very
-//! bytes serde_json writes from the derived `Serialize` (property tests hold the two to that),
-//! for a fraction of the CPU. Every commit writes the whole order, and most answers and every
-//! webhook the whole view; through serde each field name, time and id is a string
-//! scanned byte by byte for characters to escape; here names are constants, and times, ids,
-//! step names and numbers, which never need escaping, are copied as they are. Only text that
-//! comes from outside (the user, node names, errors, payloads and outputs) goes through
-//! serde_json. Every struct is taken apart field by field with no `..`, so a field added to the
-//! model does not compile until it is written here too.
+//! The stored JSON of an order, the view users see (`OrderView`) and the body of a step call,
+//! written directly: the very bytes serde_json writes from the derived `Serialize` (property
+//! tests hold the two to that), for a fraction of the CPU. Every commit writes the whole order,
+//! most answers and every webhook the whole view, every http step call its body; through
+//! serde each field name, time and id is a string scanned byte by byte for characters to
+//! escape; here names are constants, and times, ids, step names and numbers, which never need
+//! escaping, are copied as they are. Only text that comes from outside (the user, node names,
+//! errors, payloads and outputs) goes through serde_json. Every struct written whole is taken
+//! apart field by field with no `..`, so a field added to the model does not compile until it
+//! is written here too.
 
 use super::model::{
     Attempt, Failure, Notification, NotificationState, Order, Phase, RollbackState, Step, StepEntry,
