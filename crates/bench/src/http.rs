@@ -247,6 +247,7 @@ impl Connections {
     ) -> Result<(StatusCode, Bytes), Failure> {
         let Connections { client, open } = self;
         let open = open.get_mut(to.node).ok_or(Failure::Other)?;
+        // Whether the connection in use was kept from before (made anew: no second try).
         let mut kept = true;
         loop {
             let sender = match open {
@@ -260,7 +261,6 @@ impl Connections {
                 Ok(()) => sender.try_send_request(request).await,
                 Err(_) if kept => {
                     *open = None;
-                    kept = false;
                     continue;
                 }
                 Err(_) => return Err(Failure::Other),
@@ -271,7 +271,6 @@ impl Connections {
                     Some(unsent) if kept => {
                         request = unsent;
                         *open = None;
-                        kept = false;
                         continue;
                     }
                     _ => return Err(Failure::Other),
