@@ -256,12 +256,13 @@ async fn the_callers_trace_is_kept_shown_passed_on_and_logged() {
     );
     let order = node.order(&user, &id).await;
     assert_eq!(order["trace_id"], TRACE_ID, "{}", pretty(&order));
-    // The node logs as text here: the execution's lines carry the order's span.
+    // The node logs as text here: the execution's lines carry the order's span, as the
+    // README shows it.
     let log = node.log();
+    let span = format!("order{{order_id={id} trace_id={TRACE_ID}}}: ");
     let traced = log
         .lines()
-        .filter(|line| line.contains("attempt started") && line.contains(&id))
-        .filter(|line| line.contains(&format!("trace_id={TRACE_ID}")))
+        .filter(|line| line.contains("attempt started") && line.contains(&span))
         .count();
     assert_eq!(
         traced, 4,
