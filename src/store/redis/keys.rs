@@ -123,8 +123,20 @@ fn slot_of_tag(tag: &str) -> u16 {
 /// The hash tag of `shard`: `s:NN:J`, with `J` the first number from 0 that gives it a slot in
 /// the shard's own band of `16384 / SHARDS` slots. Fixed by this rule for every version.
 pub fn shard_tag(shard: u16) -> &'static str {
-    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let tags = TAGS.get_or_init(|| {
+    let prefix = shard_prefix(shard);
+    prefix
+        .get(TAG_AT..prefix.len().saturating_sub(2))
+        .unwrap_or("")
+}
+
+/// Where the tag starts in a shard's prefix (after `op:{`).
+const TAG_AT: usize = 4;
+
+/// The prefix of every key of `shard`, `op:{tag}:` with its [`shard_tag`]: made once, so a key
+/// is its prefix and its parts.
+fn shard_prefix(shard: u16) -> &'static str {
+    static PREFIXES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let prefixes = PREFIXES.get_or_init(|| {
         let band = SLOTS / SHARDS;
         shards()
             .map(|shard| {
@@ -132,19 +144,19 @@ pub fn shard_tag(shard: u16) -> &'static str {
                 (0u32..)
                     .map(|j| format!("s:{shard:02}:{j}"))
                     .find(|tag| wanted.contains(&slot_of_tag(tag)))
+                    .map(|tag| format!("op:{{{tag}}}:"))
                     .unwrap_or_default()
             })
             .collect()
     });
-    tags.get(usize::from(shard % SHARDS))
+    prefixes
+        .get(usize::from(shard % SHARDS))
         .map_or("", String::as_str)
 }
 
 /// The pieces of the key of `shard` made of `parts`: its prefix `op:{tag}:`, then the parts.
 fn pieces<'a>(shard: u16, parts: &'a [&'a str]) -> impl Iterator<Item = &'a str> + Clone {
-    ["op:{", shard_tag(shard), "}:"]
-        .into_iter()
-        .chain(parts.iter().copied())
+    std::iter::once(shard_prefix(shard)).chain(parts.iter().copied())
 }
 
 /// A key of `shard`: its prefix `op:{tag}:`, then `parts` one after another. Built in one
@@ -398,6 +410,25 @@ mod tests {
         let shard = shard_of_key("alice", "cart-7");
         assert_eq!(shard, shard_of_key("alice", "cart-7"));
         assert!(idem_key("alice", "cart-7").contains(&format!("{{{}}}", shard_tag(shard))));
+    }
+
+    #[test]
+    fn stored_keys_keep_their_spelling() {
+        // Keys already stored are found by these names: computed by the rule, fixed for good.
+        for (shard, tag) in [
+            (0, "s:00:363"),
+            (1, "s:01:12"),
+            (17, "s:17:373"),
+            (63, "s:63:48"),
+        ] {
+            assert_eq!(shard_tag(shard), tag);
+            assert_eq!(finished_key(shard), format!("op:{{{tag}}}:finished"));
+        }
+        let id = in_shard(OrderId::now_v7(), 17);
+        assert_eq!(order_key(id), format!("op:{{s:17:373}}:order:{id}"));
+        let mut written = b"x".to_vec();
+        write_shard_key(&mut written, 63, &owned_parts("n1"));
+        assert_eq!(written, b"xop:{s:63:48}:owned:n1");
     }
 
     #[test]
