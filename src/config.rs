@@ -1360,6 +1360,7 @@ fn duration_opt<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Dur
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[test]
     fn empty_file_gives_defaults() {
@@ -1398,6 +1399,105 @@ mod tests {
         sample.validate().unwrap();
         let defaults = Config::default();
         assert_eq!(format!("{sample:?}"), format!("{defaults:?}"));
+    }
+
+    /// The keys of config section `section` (`""`: the top level; `steps.Processing`: a step's
+    /// section), as serde lists them when it refuses a key that is none of them.
+    fn keys_of(section: &str) -> Vec<String> {
+        let text = match section {
+            "" => "not_a_key = 1\n".to_string(),
+            section => format!("[{section}]\nnot_a_key = 1\n"),
+        };
+        let error = Config::from_toml(&text).unwrap_err();
+        let listed = error
+            .problem
+            .split_once(", expected ")
+            .map(|(_, listed)| listed.split(" in `").next().unwrap_or(listed))
+            .unwrap_or_else(|| panic!("[{section}]: no list of keys in {error}"));
+        listed
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(String::from)
+            .collect()
+    }
+
+    /// The sections and keys the sample config names, set or commented out (`# key = …`).
+    fn sample_keys() -> BTreeSet<(String, String)> {
+        let mut found = BTreeSet::new();
+        let mut section = String::new();
+        for line in include_str!("../config/order-process.toml").lines() {
+            let line = line.trim_start_matches('#').trim();
+            if let Some(header) = line
+                .strip_prefix('[')
+                .and_then(|line| line.split(']').next())
+            {
+                // `[steps.Processing]` holds a step's keys, whichever step.
+                section = match header.split_once('.') {
+                    Some(("steps", _)) => "steps.Processing".to_string(),
+                    _ => header.to_string(),
+                };
+            } else if let Some((key, _)) = line.split_once(" = ") {
+                found.insert((section.clone(), key.trim().to_string()));
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn sample_config_names_every_key() {
+        let sample = sample_keys();
+        let sections = keys_of("");
+        assert!(sections.contains(&"database".to_string()), "{sections:?}");
+        let mut missing = Vec::new();
+        for section in sections {
+            let section = match section.as_str() {
+                "steps" => "steps.Processing".to_string(),
+                _ => section,
+            };
+            for key in keys_of(&section) {
+                if !sample.contains(&(section.clone(), key.clone())) {
+                    missing.push(format!("{section}.{key}"));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "config/order-process.toml does not name {missing:?}"
+        );
+    }
+
+    #[test]
+    fn readme_config_table_names_real_keys() {
+        let readme = include_str!("../README.md");
+        let table = readme
+            .split_once("\n## Configuration\n")
+            .and_then(|(_, rest)| rest.split("\n## ").next())
+            .expect("the README's Configuration section");
+        let mut named = 0;
+        for row in table.lines().filter(|line| line.starts_with("| `")) {
+            let cell = row.split(" | ").next().unwrap_or_default();
+            let mut section = String::new();
+            for name in cell.split('`').skip(1).step_by(2) {
+                let key = match name.split_once('.') {
+                    Some((head, key)) => {
+                        section = head.to_string();
+                        key
+                    }
+                    None => name,
+                };
+                if key.contains(['*', '<']) {
+                    continue;
+                }
+                let keys = keys_of(&section);
+                assert!(
+                    keys.iter().any(|known| known == key),
+                    "the README's config table names {section}.{key}, which is not a key: {keys:?}"
+                );
+                named += 1;
+            }
+        }
+        assert!(named > 40, "only {named} keys found in the README's table");
     }
 
     #[test]
