@@ -53,9 +53,9 @@ enum Command {
 
 #[derive(FromArgs)]
 #[argh(subcommand, name = "hash-token")]
-/// Print the SHA-256 of a token for the tokens file (auth.tokens_file); with --user, a whole
-/// [[token]] entry to append to it. The token is read from standard input when not given, so it
-/// stays out of the shell history.
+/// print the SHA-256 of a token for the tokens file (auth.tokens_file), or with --user a whole
+/// [[token]] entry to append to it; the token is read from standard input when not given, so it
+/// stays out of the shell history
 struct HashTokenArgs {
     /// the user name the token stands for; prints a whole entry
     #[argh(option)]
