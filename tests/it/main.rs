@@ -24,7 +24,8 @@
 //! - `https`      — the API over https: a new certificate on SIGHUP, hand-overs between nodes
 //! - `trace`      — W3C traceparent kept with orders, passed on step calls, in log lines; spans
 //!   exported to an OTLP/HTTP receiver
-//! - `readme`     — the README's API examples sent as written to a live node, answers compared
+//! - `readme`     — the README's API examples sent as written to a live node, answers compared;
+//!   its worked example's step calls against a scripted service
 //! - `metrics`    — `/metrics` counters, `/diagnostic/summary`, `/openapi.json` against the router
 //! - `console`    — the web console in headless Chromium over the DevTools protocol, against
 //!   three nodes: charts, an order's story, a parked rollback retried with a click (skipped

@@ -7,8 +7,14 @@
 //! order id an example names is the one an earlier example's answer gave, mapped to the id the
 //! node gave in its place; an id no earlier example made is of an order whose answer the README
 //! shows, which is made first with that order's payload.
+//!
+//! The worked example of "Connecting your services" runs too, on the README's `[steps.Processing]`
+//! section against a scripted service answering as the example says: the calls must come in the
+//! order shown, with the headers and bodies shown (and no header it leaves out but those every
+//! HTTP client sends), and the order must end with the failure and attempts shown.
 
 use crate::harness::*;
+use order_process_testkit::{Answer, Scripted};
 use reqwest::Method;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
@@ -21,7 +27,9 @@ const SECTION: (&str, &str) = (
 
 /// Fields whose values are the same in every run of the examples; every other field is checked
 /// by name and JSON type only (ids, times, counts).
-const STABLE: [&str; 9] = [
+const STABLE: [&str; 11] = [
+    "attempt",
+    "rollback",
     "current_step",
     "step_name",
     "payload",
@@ -404,5 +412,167 @@ fn readme_commands_split_as_a_shell_would() {
     assert_eq!(
         uuids("/orders/01a250db-2449-7523-8558-f0801cebdbf4/cancel"),
         vec!["01a250db-2449-7523-8558-f0801cebdbf4"]
+    );
+}
+
+/// The text of the first fenced block (```` ```LANG ````) after `heading` in `readme`.
+fn block_after<'a>(readme: &'a str, heading: &str, lang: &str) -> &'a str {
+    let at = readme
+        .find(heading)
+        .unwrap_or_else(|| panic!("no {heading:?} in the README"));
+    let fence = format!("\n```{lang}\n");
+    let start = at
+        + readme[at..]
+            .find(&fence)
+            .unwrap_or_else(|| panic!("no ```{lang} block after {heading:?}"))
+        + fence.len();
+    let end = start + readme[start..].find("\n```").expect("the block's end");
+    &readme[start..end]
+}
+
+/// Headers every HTTP client sends, which the worked example leaves out.
+const CLIENT_HEADERS: [&str; 5] = [
+    "host",
+    "user-agent",
+    "accept",
+    "content-type",
+    "content-length",
+];
+
+#[tokio::test]
+async fn readme_worked_example_calls_as_shown() {
+    let readme = include_str!("../../README.md");
+    // The step service as the example has it answer.
+    let flat = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    let (charged, refused) = (
+        r#"the charge answers `200 {"payment_id":"pay_8f3a"}`"#,
+        "shipping answers `422 no courier for this address`",
+    );
+    assert!(
+        flat.contains(charged) && flat.contains(refused),
+        "the README's worked example no longer says how the service answers"
+    );
+    let shop = Scripted::start().await;
+    shop.answer(
+        "/charge",
+        Answer::Status(200, r#"{"payment_id":"pay_8f3a"}"#.into()),
+    );
+    shop.answer(
+        "/ship",
+        Answer::Status(422, "no courier for this address".into()),
+    );
+    // The README's section for Processing, and Post-Processing as the example points it.
+    let processing = block_after(readme, "\n## Connecting your services\n", "toml")
+        .replace("http://127.0.0.1:9001", shop.base());
+    let config = format!(
+        "{}{processing}\n[steps.Post-Processing]\nhandler = \"http\"\nurl = \"{base}/ship\"\nrollback_url = \"{base}/cancel-shipment\"\n",
+        simulate("200ms"),
+        base = shop.base()
+    );
+    let node = Node::start(&config).await;
+    let id = node
+        .create_order("alice", &serde_json::json!({"sku": "A1", "qty": 2}))
+        .await;
+    let order = node.wait_terminal("alice", &id, TERMINAL).await;
+
+    // The calls, in order: path, the headers shown, the body.
+    let shown = block_after(readme, "\n### A worked example\n", "");
+    let calls = shop.calls();
+    let expected: Vec<&str> = shown.split("\n\n").collect();
+    assert_eq!(
+        calls
+            .iter()
+            .map(|call| call.path.as_str())
+            .collect::<Vec<_>>(),
+        expected
+            .iter()
+            .map(|call| call
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("POST "))
+            .collect::<Vec<_>>(),
+        "the service was called otherwise than the README shows"
+    );
+    let readme_id = uuids(shown)
+        .first()
+        .cloned()
+        .expect("an order id in the example");
+    let trace_id = order["trace_id"].as_str().expect("the order's trace id");
+    for (call, shown) in calls.iter().zip(&expected) {
+        let shown = shown.replace(&readme_id, &id);
+        let lines: Vec<&str> = shown.lines().collect();
+        let (body, headers) = lines[1..].split_last().expect("headers and a body");
+        let mut named = Vec::new();
+        for header in headers {
+            let (name, value) = header.split_once(": ").expect("a header line");
+            let name = name.to_ascii_lowercase();
+            let got = call
+                .headers
+                .iter()
+                .find(|(got, _)| *got == name)
+                .map(|(_, value)| value.as_str())
+                .unwrap_or_else(|| {
+                    panic!("{}: no {name} header; got {:?}", call.path, call.headers)
+                });
+            match name.as_str() {
+                // A new span id per call, in the order's trace.
+                "traceparent" => {
+                    let parts: Vec<&str> = got.split('-').collect();
+                    assert!(
+                        parts.len() == 4 && parts[1] == trace_id && parts[2].len() == 16,
+                        "{}: traceparent {got} is not of the order's trace {trace_id}",
+                        call.path
+                    );
+                    assert_eq!(value.split('-').count(), 4, "README: {header}");
+                }
+                _ => assert_eq!(got, value, "{}: header {name}", call.path),
+            }
+            named.push(name);
+        }
+        for (name, _) in &call.headers {
+            assert!(
+                named.contains(name) || CLIENT_HEADERS.contains(&name.as_str()),
+                "{}: the call sends {name}, which the README's example does not show",
+                call.path
+            );
+        }
+        let body: Value = serde_json::from_str(body).expect("the README's body is JSON");
+        assert_eq!(
+            call.body, body,
+            "{}: the body differs from the README's",
+            call.path
+        );
+    }
+
+    // The failure and the Post-Processing entry's attempts, as the README shows them.
+    let failure = readme
+        .split_once("and the order ends `Failed` with `\"failure\": ")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(failure, _)| failure.replace('\n', " "))
+        .expect("the worked example's failure");
+    let failure: Value = serde_json::from_str(&failure).expect("the failure is JSON");
+    assert_eq!(order["failure"], failure);
+    let attempts = block_after(
+        readme,
+        "the `Post-Processing` entry shows its attempt",
+        "json",
+    );
+    let attempts: Value =
+        serde_json::from_str(&format!("{{{attempts}}}")).expect("the attempts are JSON");
+    let entry = order["steps"]
+        .as_array()
+        .and_then(|steps| {
+            steps
+                .iter()
+                .find(|step| step["step_name"] == "Post-Processing")
+        })
+        .expect("a Post-Processing entry");
+    let mut ids = HashMap::new();
+    same(
+        &attempts["attempts"],
+        &entry["attempts"],
+        "README: the worked example's attempts",
+        &mut ids,
     );
 }

@@ -22,6 +22,8 @@ pub struct Request {
     pub path: String,
     /// The `Idempotency-Key` header.
     pub key: Option<String>,
+    /// Every header, names in lower case, in the order they came.
+    pub headers: Vec<(String, String)>,
     pub body: Bytes,
 }
 
@@ -68,12 +70,28 @@ impl Shop {
         let routes = warp::post()
             .and(warp::path::full())
             .and(warp::header::optional::<String>("idempotency-key"))
+            .and(warp::header::headers_cloned())
             .and(warp::body::content_length_limit(MAX_BODY))
             .and(warp::body::bytes())
             .then(
-                move |path: warp::path::FullPath, key: Option<String>, body: Bytes| {
+                move |path: warp::path::FullPath,
+                      key: Option<String>,
+                      headers: warp::http::HeaderMap,
+                      body: Bytes| {
                     let path = path.as_str().to_string();
-                    let answer = handler(Request { path, key, body });
+                    let headers = headers
+                        .iter()
+                        .map(|(name, value)| {
+                            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                            (name.as_str().to_string(), value)
+                        })
+                        .collect();
+                    let answer = handler(Request {
+                        path,
+                        key,
+                        headers,
+                        body,
+                    });
                     async move { respond(answer.await).await }
                 },
             );
@@ -101,6 +119,8 @@ async fn respond(answer: Answer) -> Response<String> {
 pub struct ShopCall {
     pub path: String,
     pub key: String,
+    /// Every header, names in lower case.
+    pub headers: Vec<(String, String)>,
     pub body: Value,
     pub at: Instant,
 }
@@ -137,6 +157,7 @@ impl Scripted {
                 script.calls.push(ShopCall {
                     path: request.path.clone(),
                     key: request.key.unwrap_or_default(),
+                    headers: request.headers,
                     body: serde_json::from_slice(&request.body).unwrap_or(Value::Null),
                     at: Instant::now(),
                 });
