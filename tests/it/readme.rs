@@ -12,6 +12,8 @@
 //! section against a scripted service answering as the example says: the calls must come in the
 //! order shown, with the headers and bodies shown (and no header it leaves out but those every
 //! HTTP client sends), and the order must end with the failure and attempts shown.
+//! So does the completion webhook's example, on the README's `[notify]` section against a
+//! receiver that is busy once: the order's `notification` must be the one shown.
 
 use crate::harness::*;
 use order_process_testkit::{Answer, Scripted};
@@ -27,7 +29,11 @@ const SECTION: (&str, &str) = (
 
 /// Fields whose values are the same in every run of the examples; every other field is checked
 /// by name and JSON type only (ids, times, counts).
-const STABLE: [&str; 11] = [
+const STABLE: [&str; 15] = [
+    "state",
+    "generation",
+    "attempts_made",
+    "retries",
     "attempt",
     "rollback",
     "current_step",
@@ -573,6 +579,38 @@ async fn readme_worked_example_calls_as_shown() {
         &attempts["attempts"],
         &entry["attempts"],
         "README: the worked example's attempts",
+        &mut ids,
+    );
+}
+
+#[tokio::test]
+async fn readme_webhook_example_is_what_an_order_shows() {
+    let readme = include_str!("../../README.md");
+    let flat = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(
+        flat.contains(r#""status": 503, "error": "HTTP 503: busy""#),
+        "the README's webhook example no longer has its receiver answer 503 busy first"
+    );
+    // The receiver: busy once, then 200.
+    let shop = Scripted::start().await;
+    shop.queue("/order-finished", vec![Answer::Status(503, "busy".into())]);
+    let notify = block_after(readme, "\n### Completion webhooks\n", "toml")
+        .replace("http://127.0.0.1:9002", shop.base());
+    let node = Node::start(&format!("{}{notify}\n", simulate("200ms"))).await;
+    let id = node.create_order("alice", &serde_json::json!({})).await;
+    let order = node
+        .wait_for("alice", &id, TERMINAL, "its webhook delivered", |order| {
+            order["notification"]["state"] == "delivered"
+        })
+        .await;
+    let shown = block_after(readme, "The order shows\nhow it went:", "json");
+    let shown: Value =
+        serde_json::from_str(&format!("{{{shown}}}")).expect("the README's notification is JSON");
+    let mut ids = HashMap::new();
+    same(
+        &shown["notification"],
+        &order["notification"],
+        "README: the webhook example's notification",
         &mut ids,
     );
 }
