@@ -254,6 +254,8 @@ pub struct RecentFailure {
     pub step: Step,
     pub reason: String,
     pub cancelled: bool,
+    /// To the microsecond, as every time the API shows.
+    #[serde(serialize_with = "crate::order::rfc3339_micros")]
     pub failed_at: DateTime<Utc>,
 }
 

@@ -261,7 +261,7 @@ fn progress<'a>(w: &mut Writer<'_, 'a>, order: &'a Order) -> Result<(), serde_js
     number(w, *revision);
     if let Some(notification) = notification {
         w.out.extend_from_slice(b",\"notification\":");
-        write_notification(w, notification)?;
+        write_notification(w, notification, Fraction::Shortest)?;
     }
     Ok(())
 }
@@ -317,7 +317,7 @@ fn view<'a>(w: &mut Writer<'_, 'a>, order: &'a Order) -> Result<(), serde_json::
     }
     if let Some(notification) = notification {
         w.out.extend_from_slice(b",\"notification\":");
-        write_notification(w, notification)?;
+        write_notification(w, notification, Fraction::Micros)?;
     }
     w.out.extend_from_slice(b",\"trace_id\":\"");
     w.out
@@ -471,9 +471,11 @@ fn write_attempts<'a>(
     Ok(())
 }
 
+/// An order's webhook, its times with `fraction` (the attempts' as they are).
 fn write_notification<'a>(
     w: &mut Writer<'_, 'a>,
     notification: &'a Notification,
+    fraction: Fraction,
 ) -> Result<(), serde_json::Error> {
     let Notification {
         state,
@@ -498,8 +500,8 @@ fn write_notification<'a>(
         write_attempts(w, attempts)?;
     }
     nonzero(w, b",\"retries\":", *retries);
-    optional_time(w, b",\"next_attempt_at\":", next_attempt_at)?;
-    optional_time(w, b",\"delivered_at\":", delivered_at)?;
+    optional_time_as(w, b",\"next_attempt_at\":", next_attempt_at, fraction)?;
+    optional_time_as(w, b",\"delivered_at\":", delivered_at, fraction)?;
     optional_string(w, b",\"error\":", error.as_deref())?;
     w.out.push(b'}');
     Ok(())

@@ -24,4 +24,5 @@ pub use model::{
     Output, Outputs, Payload, Phase, RollbackState, Step, StepEntry, StoredForm, UnknownStep,
     MAX_ATTEMPTS,
 };
+pub use rfc3339::micros as rfc3339_micros;
 pub use view::{CreatedView, OrderView};

@@ -2,7 +2,9 @@
 //! `complete_time`, `steps[]`), plus payload, failure, rollback state and per-step rollback times.
 //! Fields are added, never renamed. Times are RFC 3339 UTC.
 
-use super::model::{Attempt, Failure, Notification, Order, OrderId, Output, RollbackState, Step};
+use super::model::{
+    Attempt, Failure, Notification, NotificationState, Order, OrderId, Output, RollbackState, Step,
+};
 use super::rfc3339::micros as rfc3339;
 use chrono::{DateTime, Utc};
 use serde::{Serialize, Serializer};
@@ -64,6 +66,52 @@ pub struct StepView<'a> {
     pub node: Option<&'a str>,
 }
 
+/// An order's completion webhook as users see it: its times to the microsecond, as every time
+/// of the view.
+#[derive(Debug, Serialize)]
+pub struct NotificationView<'a> {
+    pub state: NotificationState,
+    pub generation: u32,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub attempts_made: u32,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub attempts: &'a [Attempt],
+    /// Retries scheduled so far.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub retries: u32,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339_opt"
+    )]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339_opt"
+    )]
+    pub delivered_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+impl<'a> From<&'a Notification> for NotificationView<'a> {
+    fn from(notification: &'a Notification) -> Self {
+        NotificationView {
+            state: notification.state,
+            generation: notification.generation,
+            attempts_made: notification.attempts_made,
+            attempts: &notification.attempts,
+            retries: notification.retries,
+            next_attempt_at: notification.next_attempt_at,
+            delivered_at: notification.delivered_at,
+            error: notification.error.as_deref(),
+        }
+    }
+}
+
 /// The answer to `GET /orders/{id}`.
 #[derive(Debug, Serialize)]
 pub struct OrderView<'a> {
@@ -92,7 +140,7 @@ pub struct OrderView<'a> {
     pub cancel_requested: bool,
     /// The completion webhook, once the order is finished on a node that sends one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub notification: Option<&'a Notification>,
+    pub notification: Option<NotificationView<'a>>,
     /// The W3C trace id every call made for the order carries.
     pub trace_id: crate::trace::TraceId,
 }
@@ -128,7 +176,7 @@ impl<'a> From<&'a Order> for OrderView<'a> {
                 &order.pending_rollback
             },
             cancel_requested: order.cancel_requested && !order.is_finished(),
-            notification: order.notification.as_ref(),
+            notification: order.notification.as_ref().map(NotificationView::from),
             trace_id: crate::trace::trace_id(order),
         }
     }

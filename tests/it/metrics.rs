@@ -165,6 +165,12 @@ async fn counters_move_with_orders() {
     assert!(failures
         .iter()
         .all(|failure| failure["step"] == "Processing"));
+    // When it failed: the order's complete time, written as the order's view writes it.
+    for failure in failures {
+        let id = failure["order_id"].as_str().unwrap_or_default();
+        let order = node.order(&user, id).await;
+        assert_eq!(failure["failed_at"], order["complete_time"], "{summary}");
+    }
 }
 
 fn method(name: &str) -> Method {
