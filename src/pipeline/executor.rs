@@ -306,7 +306,8 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
                     order_id: id,
                     node: shared.node_id.clone(),
                     reason,
-                    at: chrono::Utc::now(),
+                    // To the microsecond, as every time the API shows.
+                    at: chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6),
                 };
                 match shared.store.set_aside(&aside).await {
                     Ok(()) => {

@@ -388,6 +388,13 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
     // The reconciliation finds it, cannot read it, and sets it aside.
     let listed = set_aside_entry(&node, id).await;
     assert_eq!(listed["node"], owner);
+    // When, to the microsecond as every time the API shows.
+    let at = listed["at"].as_str().unwrap_or_default();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(at).is_ok()
+            && at.len() == "2026-12-07T14:14:28.681801Z".len(),
+        "set aside at {at}"
+    );
     assert!(
         listed["reason"]
             .as_str()
