@@ -254,7 +254,7 @@ pub struct RecentFailure {
     pub step: Step,
     pub reason: String,
     pub cancelled: bool,
-    /// To the microsecond, as every time the API shows.
+    /// To the microsecond, as the API shows the times of orders.
     #[serde(serialize_with = "crate::order::rfc3339_micros")]
     pub failed_at: DateTime<Utc>,
 }

@@ -306,7 +306,7 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
                     order_id: id,
                     node: shared.node_id.clone(),
                     reason,
-                    // To the microsecond, as every time the API shows.
+                    // To the microsecond, as the API shows the times of orders.
                     at: chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6),
                 };
                 match shared.store.set_aside(&aside).await {

@@ -388,7 +388,7 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
     // The reconciliation finds it, cannot read it, and sets it aside.
     let listed = set_aside_entry(&node, id).await;
     assert_eq!(listed["node"], owner);
-    // When, to the microsecond as every time the API shows.
+    // When, to the microsecond as the API shows the times of orders.
     let at = listed["at"].as_str().unwrap_or_default();
     assert!(
         chrono::DateTime::parse_from_rfc3339(at).is_ok()
