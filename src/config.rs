@@ -1501,6 +1501,28 @@ mod tests {
     }
 
     #[test]
+    fn readme_config_examples_read() {
+        let readme = include_str!("../README.md");
+        let mut parsed = 0;
+        for block in readme.split("\n```toml\n").skip(1) {
+            let text = block.split("\n```").next().unwrap_or_default();
+            // A tokens file's entries, which the node reads from `auth.tokens_file`.
+            if text.starts_with("[[") {
+                if let Err(error) = crate::api::auth::check_tokens(text) {
+                    panic!("a README tokens file example does not read: {error}\n{text}");
+                }
+                parsed += 1;
+                continue;
+            }
+            if let Err(error) = Config::from_toml(text) {
+                panic!("a README config example does not read: {error}\n{text}");
+            }
+            parsed += 1;
+        }
+        assert!(parsed >= 12, "only {parsed} config examples found");
+    }
+
+    #[test]
     fn telemetry_takes_an_http_endpoint() {
         let config =
             Config::from_toml("[telemetry]\notlp_endpoint = \"http://127.0.0.1:4318\"\n").unwrap();
