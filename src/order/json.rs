@@ -379,7 +379,7 @@ fn step_entry<'a>(
     }
     if !attempts.is_empty() {
         w.out.extend_from_slice(b",\"attempts\":");
-        write_attempts(w, attempts)?;
+        write_attempts(w, attempts, fraction)?;
     }
     if shape == Shape::Stored {
         nonzero(w, b",\"run_attempts\":", *run_attempts);
@@ -435,6 +435,7 @@ fn write_rollback_state(w: &mut Writer<'_, '_>, rollback_state: RollbackState) {
 fn write_attempts<'a>(
     w: &mut Writer<'_, 'a>,
     attempts: &'a [Attempt],
+    fraction: Fraction,
 ) -> Result<(), serde_json::Error> {
     w.out.push(b'[');
     for (index, one) in attempts.iter().enumerate() {
@@ -452,7 +453,7 @@ fn write_attempts<'a>(
         w.out.extend_from_slice(b"{\"attempt\":");
         number(w, u64::from(*attempt));
         w.out.extend_from_slice(b",\"at\":");
-        time(w, at)?;
+        time_as(w, at, fraction)?;
         w.out.extend_from_slice(if *rollback {
             b",\"rollback\":true"
         } else {
@@ -471,7 +472,7 @@ fn write_attempts<'a>(
     Ok(())
 }
 
-/// An order's webhook, its times with `fraction` (the attempts' as they are).
+/// An order's webhook, its times with `fraction`.
 fn write_notification<'a>(
     w: &mut Writer<'_, 'a>,
     notification: &'a Notification,
@@ -497,7 +498,7 @@ fn write_notification<'a>(
     nonzero(w, b",\"attempts_made\":", *attempts_made);
     if !attempts.is_empty() {
         w.out.extend_from_slice(b",\"attempts\":");
-        write_attempts(w, attempts)?;
+        write_attempts(w, attempts, fraction)?;
     }
     nonzero(w, b",\"retries\":", *retries);
     optional_time_as(w, b",\"next_attempt_at\":", next_attempt_at, fraction)?;

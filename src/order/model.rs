@@ -169,7 +169,7 @@ pub struct StepEntry {
     pub node: Option<Arc<str>>,
 }
 
-fn is_zero(value: &u32) -> bool {
+pub(super) fn is_zero(value: &u32) -> bool {
     *value == 0
 }
 

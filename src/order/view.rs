@@ -3,7 +3,8 @@
 //! Fields are added, never renamed. Times are RFC 3339 UTC.
 
 use super::model::{
-    Attempt, Failure, Notification, NotificationState, Order, OrderId, Output, RollbackState, Step,
+    is_zero, Attempt, Failure, Notification, NotificationState, Order, OrderId, Output,
+    RollbackState, Step,
 };
 use super::rfc3339::micros as rfc3339;
 use chrono::{DateTime, Utc};
@@ -17,6 +18,31 @@ fn rfc3339_opt<S: Serializer>(
         Some(time) => rfc3339(time, serializer),
         None => serializer.serialize_none(),
     }
+}
+
+/// An attempt as users see it: its time to the microsecond.
+#[derive(Serialize)]
+struct AttemptView<'a> {
+    attempt: u32,
+    #[serde(serialize_with = "rfc3339")]
+    at: DateTime<Utc>,
+    rollback: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    duration_ms: u64,
+}
+
+fn attempts<S: Serializer>(attempts: &&[Attempt], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(attempts.iter().map(|attempt| AttemptView {
+        attempt: attempt.attempt,
+        at: attempt.at,
+        rollback: attempt.rollback,
+        status: attempt.status,
+        error: attempt.error.as_deref(),
+        duration_ms: attempt.duration_ms,
+    }))
 }
 
 /// The answer to `POST /orders`.
@@ -53,7 +79,7 @@ pub struct StepView<'a> {
     pub step_rollback_time: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<&'a serde_json::value::RawValue>,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    #[serde(skip_serializing_if = "<[_]>::is_empty", serialize_with = "attempts")]
     pub attempts: &'a [Attempt],
     /// When the next attempt is due, while a retry is scheduled.
     #[serde(
@@ -67,14 +93,14 @@ pub struct StepView<'a> {
 }
 
 /// An order's completion webhook as users see it: its times to the microsecond, as every time
-/// of the view.
+/// of the view (its attempts' too).
 #[derive(Debug, Serialize)]
 pub struct NotificationView<'a> {
     pub state: NotificationState,
     pub generation: u32,
     #[serde(skip_serializing_if = "is_zero")]
     pub attempts_made: u32,
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    #[serde(skip_serializing_if = "<[_]>::is_empty", serialize_with = "attempts")]
     pub attempts: &'a [Attempt],
     /// Retries scheduled so far.
     #[serde(skip_serializing_if = "is_zero")]
@@ -91,10 +117,6 @@ pub struct NotificationView<'a> {
     pub delivered_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'a str>,
-}
-
-fn is_zero(value: &u32) -> bool {
-    *value == 0
 }
 
 impl<'a> From<&'a Notification> for NotificationView<'a> {

@@ -2,11 +2,12 @@
 //! simulated steps). Every `$ curl` command whose answer the README shows whole (no `…` in it, no
 //! `<id>` to fill in) is sent as curl sends it, to the test node instead of `localhost:8080`,
 //! and the answer must match the README's: the status (with `-i`), every field by name at every
-//! depth, no more and no fewer, each value of the same JSON type, and the values that do not
-//! change from run to run (step names, states, payloads, failures, errors, `jq` output). An
-//! order id an example names is the one an earlier example's answer gave, mapped to the id the
-//! node gave in its place; an id no earlier example made is of an order whose answer the README
-//! shows, which is made first with that order's payload.
+//! depth, no more and no fewer, each value of the same JSON type (a time with its digits in the
+//! same places), and the values that do not change from run to run (step names, states,
+//! payloads, failures, errors, `jq` output). An order id an example names is the one an earlier
+//! example's answer gave, mapped to the id the node gave in its place; an id no earlier example
+//! made is of an order whose answer the README shows, which is made first with that order's
+//! payload.
 //!
 //! The worked example of "Connecting your services" runs too, on the README's `[steps.Processing]`
 //! section against a scripted service answering as the example says: the calls must come in the
