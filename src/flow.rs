@@ -151,7 +151,7 @@ impl Flow {
 
     fn view_at(&self, now: i64, since: Option<i64>) -> FlowView {
         let oldest = now - SECONDS as i64 + 1;
-        let from = since.map_or(oldest, |since| (since + 1).max(oldest));
+        let from = since.map_or(oldest, |since| since.saturating_add(1).max(oldest));
         let mut seconds = Vec::new();
         if let Ok(ring) = self.ring.lock() {
             for second in from..=now {
@@ -307,6 +307,9 @@ mod tests {
         );
         // Only what is newer than `since`.
         assert_eq!(flow.view_at(1_001, Some(1_000)).seconds.len(), 1);
+        // Any `since` a caller can send is answered, the largest with nothing.
+        assert!(flow.view_at(1_001, Some(i64::MAX)).seconds.is_empty());
+        assert_eq!(flow.view_at(1_001, Some(i64::MIN)).seconds.len(), 2);
         // A full turn later the slot holds the new second only.
         flow.record_at(1_000 + SECONDS as i64, FlowEvent::Shed);
         let view = flow.view_at(1_000 + SECONDS as i64, None);

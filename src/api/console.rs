@@ -520,9 +520,10 @@ async fn stuck(
         Some(value) => humantime::parse_duration(value)
             .map_err(|_| ApiError::bad_request("older_than must be a duration like 30s or 5m"))?,
     };
-    let cutoff = Utc::now()
-        - chrono::Duration::from_std(older_than)
-            .map_err(|_| ApiError::bad_request("older_than is too long"))?;
+    let cutoff = chrono::Duration::from_std(older_than)
+        .ok()
+        .and_then(|older_than| Utc::now().checked_sub_signed(older_than))
+        .ok_or_else(|| ApiError::bad_request("older_than is too long"))?;
     let node = &state.node;
     let mut owners = vec![node.service_id.clone()];
     if let Some(cluster) = node.cluster.as_ref() {

@@ -20,6 +20,38 @@ async fn root_says_welcome() {
     );
 }
 
+/// The console's lists take any query a caller can send: what is out of range is a 400 with a
+/// JSON error (not a dropped connection), what is far off but valid is an empty answer.
+#[tokio::test]
+async fn console_queries_at_their_extremes_get_answers() {
+    let node = Node::start(&simulate("10ms")).await;
+    for path in [
+        "/diagnostic/stuck?older_than=300000y",
+        "/diagnostic/stuck?older_than=10000000000000s",
+        "/diagnostic/stuck?older_than=soon",
+        "/diagnostic/stuck?limit=0",
+        "/diagnostic/flow?since=now",
+        "/diagnostic/flow?since=99999999999999999999",
+    ] {
+        let reply = node.call(Method::GET, path).send().await;
+        node.expect_error(&reply, 400, &format!("GET {path}"));
+    }
+    let reply = node
+        .call(Method::GET, "/diagnostic/stuck?older_than=1000y")
+        .send()
+        .await;
+    let stuck = node.expect_json(&reply, 200, "GET /diagnostic/stuck?older_than=1000y");
+    assert_eq!(stuck["count"], 0, "{}", pretty(&stuck));
+    for since in [i64::MAX, i64::MIN] {
+        let path = format!("/diagnostic/flow?since={since}");
+        let reply = node.call(Method::GET, &path).send().await;
+        let flow = node.expect_json(&reply, 200, &format!("GET {path}"));
+        assert!(flow["seconds"].is_array(), "{}", pretty(&flow));
+    }
+    // The node is still there to answer.
+    assert_eq!(node.heartbeat().await["status"], "OK");
+}
+
 #[tokio::test]
 async fn heartbeat_and_cluster_describe_this_node() {
     let node = Node::start(&simulate("10ms")).await;
