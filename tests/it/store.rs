@@ -2446,6 +2446,31 @@ async fn redis_store_takes_out_owned_entries_left_behind() {
     assert!(!owns(&store, "node-t", order.order_id).await);
 }
 
+/// A reassignment that finds an order of its node's owned set owned by a third node (an entry
+/// left behind) makes sure that node's set lists it, and still moves the rest: the script that
+/// does it is loaded like every other (a Redis that never ran it answered `NOSCRIPT`).
+#[tokio::test]
+async fn redis_store_reassign_enlists_an_order_a_third_node_owns() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    let theirs = new_order("third", "node-c", 0);
+    let mine = new_order("third", "node-a", 1);
+    create(&store, &theirs).await;
+    create(&store, &mine).await;
+    let shard = keys::shard_of(theirs.order_id);
+    let id = theirs.order_id.to_string();
+    // Left behind in node-a's set, and missing from node-c's.
+    redis.cli(&["SADD", &keys::owned_key(shard, "node-a"), &id]);
+    redis.cli(&["SREM", &keys::owned_key(shard, "node-c"), &id]);
+    assert!(!owns(&store, "node-c", theirs.order_id).await);
+    let moved = store.reassign("node-a", "node-b").await.expect("reassign");
+    assert_eq!(moved, [mine.order_id]);
+    assert!(owns(&store, "node-c", theirs.order_id).await);
+    assert!(!owns(&store, "node-a", theirs.order_id).await);
+    assert!(!owns(&store, "node-b", theirs.order_id).await);
+    assert!(owns(&store, "node-b", mine.order_id).await);
+}
+
 /// A move from one work step to the next is sent without the owned set or the order's index
 /// entry; where more is to be done than write the order, Redis asks for the whole commit,
 /// which does it: an order now another node's, or gone, leaves the committer's owned set.

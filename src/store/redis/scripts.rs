@@ -393,24 +393,26 @@ return 1
 
 /// Re-open a parked order. KEYS: the order, the new owner's owned set, the parked index, the
 /// state index it goes to. ARGV: owner and epoch read, new doc, new owner, new epoch, state,
-/// step, order id, user index member; for a split order, `f`, how many steps it has and its
-/// steps (see `SPLIT`), which its next write then gives whole too. Writes only if the order is
-/// still finished (its webhook delivered or not) and unchanged since it was read
-/// (compare-and-set), so of two concurrent retries exactly one re-opens it; and the re-opened
+/// step, order id, user index member, revision read, new revision; for a split order, `f`, how
+/// many steps it has and its steps (see `SPLIT`), which its next write then gives whole too.
+/// Writes only if the order is still finished (its webhook delivered or not) and unchanged since
+/// it was read (compare-and-set on owner, epoch and revision), so of two concurrent retries
+/// exactly one re-opens it, and a commit of the parked order landing in between (its webhook's
+/// outcome) sends it back to read again; and the re-opened
 /// order joins its owner's set, leaves the parked index, and is kept again (its retention
 /// stopped), in the same step. Its finished index entry stays: the retention pass finds the
 /// order there and only drops the entry.
 const REOPEN: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'state')
+local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'state', 'rev')
 if not cur[1] then return 'missing' end
-if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 'changed' end
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] or (cur[4] or '0') ~= ARGV[10] then return 'changed' end
 if cur[3] ~= 'finished' and cur[3] ~= 'notifying' then return 'changed' end
-redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'owner', ARGV[4], 'epoch', ARGV[5], 'state', ARGV[6], 'step', ARGV[7])
-if #ARGV > 9 then
+redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'owner', ARGV[4], 'epoch', ARGV[5], 'state', ARGV[6], 'step', ARGV[7], 'rev', ARGV[11])
+if #ARGV > 11 then
   -- A split order: all its steps, given whole; its next write gives all of them too.
-  local first, last = split_given(9)
+  local first, last = split_given(11)
   if last >= first then redis.call('HSET', KEYS[1], unpack(ARGV, first, last)) end
-  split_trim(KEYS[1], 9)
+  split_trim(KEYS[1], 11)
   redis.call('HDEL', KEYS[1], 'sv')
 end
 file_state(KEYS[1], KEYS[4], ARGV[9])
@@ -569,9 +571,10 @@ impl Scripts {
     }
 
     /// The scripts that are sent inside pipelines, loaded again when Redis has forgotten them.
-    pub fn pipelined(&self) -> [&Script; 4] {
+    pub fn pipelined(&self) -> [&Script; 5] {
         [
             &self.reassign,
+            &self.enlist,
             &self.repair_owned,
             &self.prune_member,
             &self.prune_finished,
