@@ -377,7 +377,9 @@ pub fn cancel_outcome(stored: Order) -> (CancelOutcome, bool) {
 }
 
 /// The order a parked rollback is retried as (owned by `node`), or the stored order unchanged
-/// when its rollback is not parked. Shared by every store so they agree on the rule.
+/// when its rollback is not parked. Shared by every store so they agree on the rule. The
+/// re-opened order is a new revision: a commit its owner made of the parked order (its webhook's
+/// outcome, say) and writes after the re-opening is then refused as stale instead of undoing it.
 pub fn retry_rollback_outcome(
     stored: Order,
     node: &str,
@@ -386,6 +388,7 @@ pub fn retry_rollback_outcome(
     let Ok(mut next) = apply(&stored, Event::RetryRollback, now) else {
         return Err(Box::new(stored));
     };
+    next.revision = next.revision.saturating_add(1);
     if next.owner != node {
         next.owner = node.to_string();
         next.epoch = next.epoch.saturating_add(1);

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::cluster::{cluster_turn, node_config, wait_formed, TAKEOVER};
 use crate::faketime::FakeClock;
-use crate::harness::{pretty, simulate, unique_user, Node, RedisServer, TERMINAL};
+use crate::harness::{pretty, simulate, unique_user, Node, RedisServer, POLL, TERMINAL};
 use crate::history::{assert_completed, assert_failed_at, utc_time};
 use order_process_testkit::{Answer, Scripted, ShopCall as Call};
 
@@ -437,6 +437,82 @@ async fn a_failing_compensation_parks_the_order_until_retried_on_request() {
     // Nothing parked any more: a second retry is a conflict.
     let reply = node.call(Method::POST, &path).user(&user).send().await;
     node.expect_error(&reply, 409, "POST rollback of a rolled-back order");
+}
+
+/// A parked rollback retried while the order's completion webhook is still on its way: the
+/// webhook's outcome, written when it comes back, must not undo the retry the user was told of.
+#[tokio::test]
+async fn a_rollback_retried_while_the_webhook_is_out_is_carried_out() {
+    rollback_retried_while_the_webhook_is_out(simulate("10ms")).await;
+}
+
+/// The same on Redis, whose re-opening of a parked order is a script of its own.
+#[tokio::test]
+async fn a_rollback_retried_while_the_webhook_is_out_is_carried_out_on_redis() {
+    let redis = RedisServer::start();
+    rollback_retried_while_the_webhook_is_out(node_config(&redis, "10ms", &[])).await;
+}
+
+async fn rollback_retried_while_the_webhook_is_out(base: String) {
+    let shop = shop_with_refunds_down(2).await;
+    shop.queue("/order-finished", vec![Answer::Hang]);
+    let mut config = shop.sections(base, &QUICK, Some(("Processing", ONE_RETRY)));
+    config.push_str(&format!(
+        "[notify]\nurl = \"{}/order-finished\"\nsecret = \"webhook-secret-0123456789\"\n\
+         timeout = \"3s\"\nretries = 5\nbackoff = \"100ms\"\nbackoff_max = \"100ms\"\n",
+        shop.base()
+    ));
+    let node = Node::start(&config).await;
+    let user = unique_user("gina");
+    let id = node.create_order(&user, &json!({"sku": "G7"})).await;
+
+    // The order parks and its webhook's first delivery hangs until the node gives up on it.
+    let deadline = std::time::Instant::now() + TERMINAL;
+    while shop.calls_to("/order-finished").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no webhook call within {TERMINAL:?}: {:?}\n{}",
+            shop.paths(),
+            node.log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let path = format!("/orders/{id}/rollback");
+    let reply = node.call(Method::POST, &path).user(&user).send().await;
+    node.expect_json(
+        &reply,
+        202,
+        "POST /orders/{id}/rollback while the webhook is out",
+    );
+
+    let order = node
+        .wait_for(&user, &id, TERMINAL, "rolled back", |order| {
+            order["rollback_state"] == "complete"
+        })
+        .await;
+    assert_failed_at(&order, "Post-Processing");
+    assert_eq!(attempt_numbers(&shop.calls_to("/refund")), [1, 2, 3]);
+    // The finished order's webhook is delivered too, telling of the completed rollback.
+    let delivered = node
+        .wait_for(&user, &id, TERMINAL, "webhook delivered", |order| {
+            order["notification"]["state"] == "delivered"
+        })
+        .await;
+    assert_eq!(
+        delivered["rollback_state"],
+        "complete",
+        "{}",
+        pretty(&delivered)
+    );
+    let last = shop
+        .calls_to("/order-finished")
+        .last()
+        .map(|call| call.body.clone());
+    assert_eq!(
+        last.as_ref().map(|body| &body["rollback_state"]),
+        Some(&json!("complete")),
+        "{last:?}"
+    );
 }
 
 /// Processing's timing for tests that act while an order waits to retry its charge.

@@ -1097,7 +1097,8 @@ impl OrderStore for RedisStore {
                 .await?
                 .filter(|order| order.user == user)
                 .ok_or(StoreError::NotFound)?;
-            let (read_owner, read_epoch) = (stored.owner.clone(), stored.epoch);
+            let (read_owner, read_epoch, read_revision) =
+                (stored.owner.clone(), stored.epoch, stored.revision);
             let next = match retry_rollback_outcome(stored, node, now) {
                 Ok(next) => next,
                 Err(stored) => return Ok(RetryRollbackOutcome::NotParked(*stored)),
@@ -1117,7 +1118,9 @@ impl OrderStore for RedisStore {
                 .arg(state_name(&next))
                 .arg(next.current_step.as_str())
                 .arg(id.to_string())
-                .arg(micros_member(&next));
+                .arg(micros_member(&next))
+                .arg(read_revision)
+                .arg(next.revision);
             if next.payload.is_split() {
                 // Every step, and the order's next write gives every step too (see `split`).
                 self.split_written.add_reopen(&mut reopen, &next)?;
