@@ -438,6 +438,14 @@ async fn drive(
                 });
             }
         }
+        // Room for the call (a step's `concurrency`) is taken before the lease is checked, and
+        // held for this one call, not while the order waits for a retry: a call never waits
+        // for room after the check. The semaphore is never closed, so `acquire` cannot fail.
+        let _room = match next_action(&order) {
+            Action::Run(step) => room(shared, step, false).await,
+            Action::Rollback(step) => room(shared, step, true).await,
+            _ => None,
+        };
         // Checked here first: the lease almost always holds, and `confirm`'s future (boxed, as
         // it is large) is then not worth allocating.
         let fresh = if shared.gate.holds(ticket) {
@@ -589,6 +597,21 @@ enum Attempted {
 /// and, when it scheduled a retry, when that is due. A handler that decides its outcome up front
 /// (see [`StepHandler::decided`](super::StepHandler::decided)) is not awaited: the attempt ends
 /// `Later`.
+/// A place among the calls `step`'s handler may have on their way at once, if it limits them.
+async fn room(
+    shared: &Shared,
+    step: Step,
+    rollback: bool,
+) -> Option<tokio::sync::SemaphorePermit<'_>> {
+    shared
+        .handlers
+        .for_step(step)
+        .room(rollback)?
+        .acquire()
+        .await
+        .ok()
+}
+
 async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> Attempted {
     let handler = shared.handlers.for_step(step);
     let entry = order.entry(step);
@@ -1377,6 +1400,34 @@ mod tests {
 
         assert_eq!(harness.steps.calls(), runs(&WORK_STEPS));
         assert_eq!(harness.stored().current_step, Step::Completed);
+    }
+
+    /// An order waiting for room to call its step's service (the step's `concurrency` taken by
+    /// other calls) while the lease lapses and another node takes it over makes no call once
+    /// there is room: the lease is checked after the room is taken.
+    #[tokio::test]
+    async fn an_order_waiting_for_room_across_a_lease_lapse_calls_nothing_once_taken_over() {
+        let steps = FakeStep::with_room(1);
+        let harness = Harness::with_gate(steps.clone(), Gate::closed());
+        harness
+            .gate
+            .renewed(std::time::Instant::now() + Duration::from_secs(60));
+        let taken = steps.take_room().expect("room for one call");
+        let handle = harness.spawn();
+        // A turn for the execution, which then waits for room: nothing called yet.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(harness.steps.calls(), []);
+        harness.gate.renewed(std::time::Instant::now());
+        harness.store.take_over(harness.id(), "node-b");
+        harness
+            .gate
+            .renewed(std::time::Instant::now() + Duration::from_secs(60));
+        drop(taken);
+        finished(handle).await;
+
+        assert_eq!(harness.steps.calls(), [], "the service is not called");
+        assert_eq!(harness.stored().owner, "node-b");
+        assert!(!harness.shared.active.contains(harness.id()));
     }
 
     #[tokio::test]

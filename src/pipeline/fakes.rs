@@ -377,6 +377,8 @@ pub(super) struct FakeStep {
     calls: Mutex<Vec<Call>>,
     released: Notify,
     policy: Option<RetryPolicy>,
+    /// The room its calls share, when limited (as a step's `concurrency`).
+    room: Option<tokio::sync::Semaphore>,
 }
 
 impl FakeStep {
@@ -391,6 +393,19 @@ impl FakeStep {
             policy: Some(policy),
             ..FakeStep::default()
         })
+    }
+
+    /// Room for `calls` calls at once.
+    pub(super) fn with_room(calls: usize) -> Arc<FakeStep> {
+        Arc::new(FakeStep {
+            room: Some(tokio::sync::Semaphore::new(calls)),
+            ..FakeStep::default()
+        })
+    }
+
+    /// Takes the room of one call until the permit is dropped.
+    pub(super) fn take_room(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.room.as_ref()?.try_acquire().ok()
     }
 
     /// The next attempts at `call` go like this, then succeed.
@@ -438,5 +453,9 @@ impl StepHandler for FakeStep {
 
     fn retry_policy(&self, _rollback: bool) -> Option<RetryPolicy> {
         self.policy
+    }
+
+    fn room(&self, _rollback: bool) -> Option<&tokio::sync::Semaphore> {
+        self.room.as_ref()
     }
 }

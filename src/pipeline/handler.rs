@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 
 /// What a handler is given.
 pub struct StepContext<'a> {
@@ -134,6 +135,13 @@ pub trait StepHandler: Send + Sync + 'static {
     /// attempt's outcome, decided now, and how long the attempt lasts. The executor then holds
     /// the order as data until then instead of awaiting `run` (or `rollback`). `None`: await it.
     fn decided(&self, _context: &StepContext<'_>, _rollback: bool) -> Option<Decided> {
+        None
+    }
+
+    /// The room for calls in one direction that this handler's orders share (a step's
+    /// `concurrency`), if limited: the executor takes a place before its last check of the
+    /// order's lease, so no call waits for room after that check. `None`: unlimited.
+    fn room(&self, _rollback: bool) -> Option<&Semaphore> {
         None
     }
 

@@ -239,12 +239,6 @@ impl Http {
         context: &StepContext<'_>,
         rollback: bool,
     ) -> Result<StepDone, StepError> {
-        // Held for this one call, not while the order waits for a retry. The semaphore is
-        // never closed, so an error cannot happen.
-        let _permit = match &self.in_flight {
-            Some(in_flight) => in_flight.acquire().await.ok(),
-            None => None,
-        };
         let headers = [
             header(IDEMPOTENCY_KEY, context.idempotency_key())?,
             (ORDER_EPOCH, HeaderValue::from(context.order.epoch)),
@@ -387,6 +381,13 @@ impl StepHandler for Http {
             Some(url) => self.call(url, context, true).await,
             // Nothing to undo.
             None => Ok(StepDone::default()),
+        }
+    }
+
+    fn room(&self, rollback: bool) -> Option<&Semaphore> {
+        match rollback && self.rollback_url.is_none() {
+            true => None,
+            false => self.in_flight.as_ref(),
         }
     }
 
