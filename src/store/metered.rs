@@ -40,6 +40,10 @@ impl MeteredStore {
 
 #[async_trait]
 impl OrderStore for MeteredStore {
+    fn new_order_id(&self, user: &str, key: Option<&str>) -> OrderId {
+        self.inner.new_order_id(user, key)
+    }
+
     async fn create(&self, order: &Order, key: Option<&str>) -> Result<Created, StoreError> {
         let started = Instant::now();
         let result = self.inner.create(order, key).await;

@@ -5,8 +5,10 @@ use crate::harness::RedisServer;
 use crate::proxy::Proxy;
 use chrono::{Duration as Span, Utc};
 use futures_util::future::join_all;
+use order_process::metrics::Metrics;
 use order_process::order::{apply, Event, Order, OrderId, Output, Phase, RollbackState, Step};
 use order_process::store::embedded::EmbeddedStore;
+use order_process::store::metered::MeteredStore;
 use order_process::store::redis::{keys, RedisStore};
 use order_process::store::{
     CancelOutcome, Created, ListQuery, OrderStore, Reopen, Repaired, RetryRollbackOutcome,
@@ -14,6 +16,7 @@ use order_process::store::{
 };
 use order_process_testkit::RedisCluster;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 fn new_order(user: &str, owner: &str, offset_ms: i64) -> Order {
@@ -2444,6 +2447,24 @@ async fn redis_store_takes_out_owned_entries_left_behind() {
     redis.cli(&["SADD", &owned, &id]);
     repair_all(&store).await;
     assert!(!owns(&store, "node-t", order.order_id).await);
+}
+
+/// A keyed order's id is picked in its key's shard, also through the store the node uses (timed
+/// for `/metrics`), so that its create is not moved there afterwards.
+#[tokio::test]
+async fn redis_store_picks_a_keyed_orders_id_in_its_keys_shard_through_the_metered_store() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    let metered = MeteredStore::new(Arc::new(store), Arc::new(Metrics::new()));
+    for n in 0..32 {
+        let key = format!("key-{n}");
+        let id = metered.new_order_id("keyed", Some(&key));
+        assert_eq!(
+            keys::shard_of(id),
+            keys::shard_of_key("keyed", &key),
+            "{key}"
+        );
+    }
 }
 
 /// A reassignment that finds an order of its node's owned set owned by a third node (an entry
