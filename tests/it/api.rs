@@ -285,6 +285,44 @@ async fn content_type_does_not_matter_only_the_body() {
     node.expect_json(&reply, 201, "POST /orders without Content-Type");
 }
 
+/// A payload's numbers come back as they were sent: each to the same double (read correctly
+/// rounded, where a fast reading can be one unit off in the last place), written the shortest
+/// way that reads back to it; and a replay with the same body is the same order.
+#[tokio::test]
+async fn a_payloads_numbers_come_back_as_sent() {
+    let node = Node::start(&simulate("10ms")).await;
+    let user = unique_user("numbers");
+    let body = r#"{"a":1.5777777777770001,"b":2.2250738585072011e-308,"c":0.30000000000000004,"d":-0.0,"e":12345678901234567890,"f":-9007199254740993,"g":1e300}"#;
+    let created = node.expect_json(
+        &node.post_order_keyed(&user, "numbers-1", body).await,
+        201,
+        "POST /orders with numbers",
+    );
+    let id = created["order_id"].as_str().unwrap_or_default().to_string();
+    let reply = node.get_order(&user, &id).await;
+    let start = reply
+        .text
+        .find(r#""payload":"#)
+        .map(|at| at + r#""payload":"#.len());
+    let shown = start
+        .and_then(|start| {
+            reply.text[start..]
+                .find('}')
+                .map(|end| &reply.text[start..=start + end])
+        })
+        .unwrap_or_else(|| panic!("no payload in {reply}"));
+    assert_eq!(
+        shown,
+        r#"{"a":1.5777777777770001,"b":2.225073858507201e-308,"c":0.30000000000000004,"d":-0.0,"e":12345678901234567890,"f":-9007199254740993,"g":1e+300}"#
+    );
+    let again = node.expect_json(
+        &node.post_order_keyed(&user, "numbers-1", body).await,
+        200,
+        "the same keyed POST again",
+    );
+    assert_eq!(again["order_id"], created["order_id"]);
+}
+
 #[tokio::test]
 async fn idempotency_key_is_per_user() {
     let node = Node::start(&simulate("10ms")).await;
