@@ -203,6 +203,9 @@ async fn get_order(
         .orders
         .wait_one(scope(&caller), order_id, wait)
         .await?;
+    if order.user != caller.user {
+        audit(&caller.user, caller.role.as_str(), "read order", &id);
+    }
     Ok(order_reply(StatusCode::OK, &order))
 }
 
@@ -261,6 +264,18 @@ async fn wait_for_many(
         }
     }
     let waited = state.orders.wait_many(scope(&caller), ids, wait).await?;
+    for order in waited
+        .finished
+        .iter()
+        .filter(|order| order.user != caller.user)
+    {
+        audit(
+            &caller.user,
+            caller.role.as_str(),
+            "read order",
+            &order.order_id.to_string(),
+        );
+    }
     missing.extend(waited.missing.iter().map(OrderId::to_string));
     let capacity = ANSWER_CAPACITY * waited.finished.len().max(1);
     Ok(written_reply(StatusCode::OK, capacity, |body| {
@@ -444,10 +459,33 @@ where
         .boxed()
 }
 
+/// Cancels an unfinished order. The order's user may ask, and so may an admin for anyone's order
+/// (the console's list of stuck orders has a button for it).
 async fn cancel_order(state: State, credentials: Credentials, id: String) -> Answer {
     let caller = state.caller(&credentials)?;
-    let order = state.orders.cancel(&caller.user, order_id(&id)?).await?;
+    let order_id = order_id(&id)?;
+    let user = owner_for(&state, &caller, order_id, "cancel order", &id).await?;
+    let order = state.orders.cancel(&user, order_id).await?;
     Ok(order_reply(StatusCode::ACCEPTED, &order))
+}
+
+/// The user an action on order `id` is taken for: the caller's own name, or for an admin the
+/// order's user (audited as `action` when that is another user).
+async fn owner_for(
+    state: &State,
+    caller: &Principal,
+    order_id: OrderId,
+    action: &str,
+    id: &str,
+) -> Result<String, ApiError> {
+    if !caller.is_admin() {
+        return Ok(caller.user.clone());
+    }
+    let order = state.orders.get(Scope::All, order_id).await?;
+    if order.user != caller.user {
+        audit(&caller.user, caller.role.as_str(), action, id);
+    }
+    Ok(order.user)
 }
 
 /// Retries the compensations of an order whose rollback is parked; this node runs them. The
@@ -455,18 +493,7 @@ async fn cancel_order(state: State, credentials: Credentials, id: String) -> Ans
 async fn retry_parked_rollback(state: State, credentials: Credentials, id: String) -> Answer {
     let caller = state.caller(&credentials)?;
     let order_id = order_id(&id)?;
-    let user = if caller.is_admin() {
-        let order = state.orders.get(Scope::All, order_id).await?;
-        audit(
-            &caller.user,
-            caller.role.as_str(),
-            "retry parked rollback",
-            &id,
-        );
-        order.user
-    } else {
-        caller.user
-    };
+    let user = owner_for(&state, &caller, order_id, "retry parked rollback", &id).await?;
     let order = state.orders.retry_rollback(&user, order_id).await?;
     Ok(order_reply(StatusCode::ACCEPTED, &order))
 }

@@ -211,6 +211,28 @@ async fn tokens_are_checked_and_roles_enforced() {
     let listed = node.list(&bearer(ROOT), &[("user", "alice")]).await;
     let listed = node.expect_json(&listed, 200, "admin lists alice's orders");
     assert_eq!(order_ids(&listed), vec![id.clone()]);
+    // And waits for them, one or many at once, and cancels them: this one has finished, so
+    // that is a 409, not the 404 of an order the caller may not see.
+    let reply = node
+        .call(Method::GET, &format!("/orders/{id}?wait=10s"))
+        .user(&bearer(ROOT))
+        .send()
+        .await;
+    let waited = node.expect_json(&reply, 200, "admin waits for alice's order");
+    assert_eq!(waited["current_step"], "Completed", "{waited}");
+    let reply = node
+        .call(Method::POST, "/orders/wait")
+        .user(&bearer(ROOT))
+        .body(json!({"order_ids": [id], "wait": "1s"}).to_string())
+        .send()
+        .await;
+    let waited = node.expect_json(&reply, 200, "admin waits for alice's orders");
+    assert_eq!(order_ids(&waited), vec![id.clone()]);
+    node.expect_error(
+        &node.cancel(&bearer(ROOT), &id).await,
+        409,
+        "admin cancels alice's finished order",
+    );
     let reply = node
         .call(Method::POST, "/service/transfer")
         .user(&bearer(ROOT))
@@ -237,9 +259,20 @@ async fn tokens_are_checked_and_roles_enforced() {
     // Admin actions are audited with who and what; no token ever reaches the log.
     let log = node.log();
     let audit: Vec<&str> = log.lines().filter(|line| line.contains("audit")).collect();
+    let reads = audit
+        .iter()
+        .filter(|line| line.contains("read order") && line.contains(id.as_str()))
+        .count();
+    assert_eq!(
+        reads,
+        3,
+        "a read, a wait and a wait for many:\n{}",
+        audit.join("\n")
+    );
     for action in [
         "read order",
         "list orders",
+        "cancel order",
         "retry parked rollback",
         "backup",
     ] {
