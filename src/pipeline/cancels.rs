@@ -46,6 +46,12 @@ impl Cancellations {
         }
     }
 
+    /// How many orders are noted.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.ids.lock().map(|ids| ids.len()).unwrap_or(0)
+    }
+
     /// Changes whenever a cancellation (of any order) is noted.
     pub(super) fn subscribe(&self) -> watch::Receiver<u64> {
         self.noted_tx.subscribe()

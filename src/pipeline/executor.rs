@@ -169,6 +169,8 @@ async fn run(
         }
         debug!(order_id = %id, "order changed while it ran here, running it again");
     }
+    // Forgotten once no longer active (see `Pool::note_cancel`).
+    drop(active);
     shared.cancels.forget(id);
 }
 

@@ -304,9 +304,18 @@ impl Pool {
     }
 
     /// Notes a cancellation requested through this node: the order stops before its next step,
-    /// and stops waiting if it waits for a retry.
+    /// and stops waiting if it waits for a retry. Only an order active here reads the note (any
+    /// other learns of the cancellation from the store when it is next read), so no other is
+    /// noted: the notes stay as many as the orders here. An execution forgets its order's note
+    /// after it stops being active, so a note made as it ends is taken back here.
     pub fn note_cancel(&self, id: OrderId) {
+        if !self.shared.active.contains(id) {
+            return;
+        }
         self.shared.cancels.note(id);
+        if !self.shared.active.contains(id) {
+            self.shared.cancels.forget(id);
+        }
     }
 
     /// Whether `shutdown` has begun: the pool takes no more jobs.
@@ -446,6 +455,24 @@ mod tests {
         .await;
         assert_eq!(store.order(second.order_id).current_step, Step::Completed);
         assert_eq!((pool.inflight(), pool.queued()), (0, 0));
+    }
+
+    /// A cancellation asked through this node of an order that runs elsewhere (or has ended
+    /// here) leaves no note behind; one of an order running here is noted until it ends.
+    #[tokio::test]
+    async fn only_cancellations_of_orders_active_here_are_noted_and_only_while_they_are() {
+        let (store, steps, pool, running) = running_one().await;
+        for _ in 0..3 {
+            pool.note_cancel(OrderId::new_v4());
+        }
+        assert_eq!(pool.shared.cancels.len(), 0);
+        pool.note_cancel(running.order_id);
+        assert_eq!(pool.shared.cancels.len(), 1);
+        steps.release();
+        until("the order done", || !pool.is_active(running.order_id)).await;
+        assert_eq!(pool.shared.cancels.len(), 0);
+        assert_eq!(store.order(running.order_id).current_step, Step::Failed);
+        pool.shutdown(DEADLINE).await;
     }
 
     #[tokio::test]
