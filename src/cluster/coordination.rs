@@ -31,6 +31,10 @@ pub struct Liveness {
 pub enum Renewal {
     /// This process holds the lease, until the ttl from the renewal.
     Held,
+    /// This process took the lease afresh, until the ttl from the renewal: it was free (never
+    /// taken, or gone from the store: expired by the store's clock, or deleted), so a lease
+    /// this process held before was lost, whatever its own clock says.
+    Taken,
     /// Another process holds the lease of this node id (named by its holder): this one must
     /// start no step for the node until that lease has expired.
     HeldBy(String),

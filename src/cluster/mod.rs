@@ -250,6 +250,8 @@ impl Cluster {
             let sent = Instant::now();
             let held = match self.coordinator.renew_alive(&self.liveness, ttl).await {
                 Ok(Renewal::HeldBy(holder)) => {
+                    // Not ours, whatever this node's clock says: no step starts from now.
+                    self.gate.lapsed();
                     // Said once, also when the store was out of reach before.
                     if !held_by_another {
                         error!(holder = %holder, "another process holds this node id's liveness lease; no new steps start while it does");
@@ -257,8 +259,17 @@ impl Cluster {
                     }
                     false
                 }
-                Ok(Renewal::Held) => {
+                Ok(renewal @ (Renewal::Held | Renewal::Taken)) => {
                     held_by_another = false;
+                    if renewal == Renewal::Taken && held_once && !failing {
+                        // Gone from the store while this node's clock said it held (the store's
+                        // clock ran ahead, or this host was suspended): its orders may have been
+                        // taken over, so each is read again before its next step.
+                        warn!("liveness lease was gone from the store before it ran out here; orders are read again before their next step");
+                    }
+                    if renewal == Renewal::Taken {
+                        self.gate.lapsed();
+                    }
                     self.gate.renewed(sent + ttl);
                     if failing && held_once {
                         info!("liveness lease renewed again");
@@ -1067,7 +1078,7 @@ async fn claim_identity(
     loop {
         let sent = Instant::now();
         match coordinator.renew_alive(liveness, ttl).await {
-            Ok(Renewal::Held) => {
+            Ok(Renewal::Held | Renewal::Taken) => {
                 gate.renewed(sent + ttl);
                 if waiting {
                     info!("liveness lease taken; the node id is free again");

@@ -34,7 +34,8 @@ return 0
 /// Take or renew a node's liveness lease for the process ARGV[1], for ARGV[2] ms, and register
 /// the node (ARGV[3]) at its HTTP address (ARGV[4]), noting when the lease expires by Redis's
 /// clock. KEYS: the lease, the node registry, the expiry times. Answers
-/// nothing when this process holds the lease now, or the holder that keeps it from doing so.
+/// nothing when this process held the lease and holds it now, 1 when it took a free lease, or
+/// the holder that keeps it from doing so.
 /// Why a script: a node id must name one process, so the lease is taken only when free or
 /// already ours (set-if-absent, renew by compare-and-set), in one step.
 const RENEW_ALIVE: &str = r"
@@ -47,7 +48,8 @@ redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 local now = redis.call('TIME')
 local expires = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[3], string.format('%d', expires))
-return false
+if holder then return false end
+return 1
 ";
 
 /// Take node ARGV[1] out of the registry (KEYS[1]) and its lease's expiry time (KEYS[2]), and
@@ -262,10 +264,13 @@ impl Coordinator for RedisCoordinator {
             .arg(millis(ttl))
             .arg(&lease.node)
             .arg(&lease.http_addr);
-        let holder: Option<String> = self.redis.write(&renew).await?;
-        Ok(match holder {
-            None => Renewal::Held,
-            Some(holder) => Renewal::HeldBy(holder),
+        let answer: redis::Value = self.redis.write(&renew).await?;
+        Ok(match answer {
+            redis::Value::Nil => Renewal::Held,
+            redis::Value::Int(1) => Renewal::Taken,
+            holder => Renewal::HeldBy(redis::from_redis_value(holder).map_err(|error| {
+                StoreError::Corrupt(format!("liveness renewal answered: {error}"))
+            })?),
         })
     }
 

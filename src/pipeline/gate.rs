@@ -49,6 +49,16 @@ impl Gate {
         });
     }
 
+    /// The lease is known to be lost now (another process holds it, or it was gone from the
+    /// store before it ran out here): closed until renewed, and every ticket taken before it is
+    /// void, as after a lapse.
+    pub fn lapsed(&self) {
+        self.state_tx.send_modify(|state| {
+            state.lapses += 1;
+            state.until = Some(Instant::now());
+        });
+    }
+
     pub fn is_open(&self) -> bool {
         let state = *self.state_tx.borrow();
         state.until.is_none_or(|until| Instant::now() < until)
@@ -99,6 +109,24 @@ mod tests {
         let gate = Gate::open();
         assert!(gate.is_open());
         assert_eq!(gate.lapses(), 0);
+    }
+
+    #[test]
+    fn a_lease_known_lost_voids_the_tickets_taken_while_it_held() {
+        let gate = Gate::closed();
+        gate.renewed(Instant::now() + Duration::from_secs(60));
+        let ticket = gate.ticket();
+        assert!(gate.holds(ticket));
+        gate.lapsed();
+        assert!(!gate.is_open());
+        assert!(!gate.holds(ticket));
+        gate.renewed(Instant::now() + Duration::from_secs(60));
+        assert!(gate.is_open());
+        assert!(
+            !gate.holds(ticket),
+            "a ticket from before the loss stays void"
+        );
+        assert!(gate.holds(gate.ticket()));
     }
 
     #[test]

@@ -772,6 +772,88 @@ async fn a_takeover_continues_the_retry_schedule_of_a_dead_node() {
     );
 }
 
+/// A node's liveness lease gone from Redis while the node's own clock says it holds (Redis's
+/// clock stepped ahead, the node's host suspended, a hand deleted it) is lost: its orders may
+/// have been taken over. An order of the node waiting for its turn to call a service (the
+/// step's `concurrency`) meanwhile makes no call at its old epoch once it has its turn.
+#[tokio::test]
+async fn a_lease_gone_from_redis_is_a_lapse_and_no_call_is_made_at_the_old_epoch() {
+    use order_process::store::redis::{keys, RedisStore};
+    use order_process::store::OrderStore;
+    let shop = Shop::start().await;
+    shop.queue("/charge", vec![Answer::Hang]);
+    let redis = RedisServer::start();
+    let held = Timing::new("5s", 0, "50ms", "50ms");
+    let mut config = shop.sections(
+        node_config(&redis, "10ms", &[]),
+        &QUICK,
+        Some(("Processing", held)),
+    );
+    config = config.replace(
+        "[steps.Processing]\n",
+        "[steps.Processing]\nconcurrency = 1\n",
+    );
+    let node = Node::start(&config).await;
+    let user = unique_user("lena");
+    node.create_order(&user, &json!({"sku": "L1"})).await;
+    let deadline = std::time::Instant::now() + TERMINAL;
+    while shop.calls_to("/charge").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no charge\n{}",
+            node.log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    // The second order waits for the first one's call to end.
+    let second = node.create_order(&user, &json!({"sku": "L2"})).await;
+    node.wait_for(&user, &second, TERMINAL, "waiting to charge", |order| {
+        order["current_step"] == "Processing"
+    })
+    .await;
+    // The lease vanishes from Redis and the node's orders go to another node, as a leader
+    // would move them once it saw the lease gone; the node takes its lease again at its next
+    // renewal, long before the first call ends.
+    let node_id = node.service_id_file();
+    redis.cli(&["DEL", &keys::alive_key(&node_id)]);
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).expect("store");
+    let moved = store.reassign(&node_id, "node-b").await.expect("reassign");
+    assert_eq!(moved.len(), 2, "{moved:?}");
+
+    // The first call times out, the second order gets its turn: it is let go, having read that
+    // it was taken over (or, made at its old epoch, its call's outcome is refused).
+    let dropped = |log: &str| {
+        log.lines().any(|line| {
+            line.contains(&second)
+                && (line.contains("dropping it") || line.contains("not resuming"))
+        })
+    };
+    let deadline = std::time::Instant::now() + TERMINAL;
+    while !dropped(&node.log()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second order was not dropped\n{}",
+            node.log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let late: Vec<Call> = shop
+        .calls_to("/charge")
+        .into_iter()
+        .filter(|call| call.body["order_id"] == second.as_str())
+        .collect();
+    assert!(
+        late.is_empty(),
+        "called at its old epoch after the lease was lost: {late:?}"
+    );
+    assert!(
+        node.log()
+            .contains("liveness lease was gone from the store"),
+        "{}",
+        node.log_tail()
+    );
+}
+
 #[tokio::test]
 async fn an_order_waiting_to_retry_does_not_hold_a_worker() {
     let shop = Shop::start().await;

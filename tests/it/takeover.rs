@@ -300,6 +300,38 @@ async fn the_store_tells_how_long_ago_a_liveness_lease_expired() {
     assert!(lapsed < Duration::from_secs(10), "{lapsed:?}");
 }
 
+/// A renewal says whether it kept the lease or took a free one: a lease gone from the store
+/// (expired by its clock, or deleted) while its holder's clock said it held is lost, and the
+/// holder must treat it as a lapse.
+#[tokio::test]
+async fn a_liveness_renewal_tells_a_kept_lease_from_one_taken_afresh() {
+    use order_process::cluster::Renewal;
+    let redis = RedisServer::start();
+    let connections = Connections::connect(&redis.url(), 1, Duration::from_secs(1))
+        .expect("connections to the test redis");
+    let coordinator = RedisCoordinator::new(Arc::new(connections));
+    let lease = order_process::cluster::Liveness {
+        node: "node-r".into(),
+        holder: "node-r:1".into(),
+        http_addr: "127.0.0.1:1".into(),
+    };
+    let ttl = Duration::from_secs(30);
+    let renew = || coordinator.renew_alive(&lease, ttl);
+    assert_eq!(renew().await.expect("renew"), Renewal::Taken);
+    assert_eq!(renew().await.expect("renew"), Renewal::Held);
+    redis.cli(&["DEL", &keys::alive_key("node-r")]);
+    assert_eq!(renew().await.expect("renew"), Renewal::Taken);
+    assert_eq!(renew().await.expect("renew"), Renewal::Held);
+    let other = order_process::cluster::Liveness {
+        holder: "node-r:2".into(),
+        ..lease.clone()
+    };
+    assert_eq!(
+        coordinator.renew_alive(&other, ttl).await.expect("renew"),
+        Renewal::HeldBy("node-r:1".into())
+    );
+}
+
 #[tokio::test]
 async fn a_held_leader_lease_says_how_long_it_has_left_and_is_free_then() {
     let redis = RedisServer::start();
