@@ -246,6 +246,10 @@ async fn transfer(
     match outcome {
         Ok(done) => Ok(json_reply(StatusCode::OK, &done)),
         Err(TransferError::Store(error)) => Err(ApiError::from_store(error, state.retry_after)),
+        Err(TransferError::Stopping) => Err(ApiError::overloaded(
+            "node is stopping; ask another node",
+            state.retry_after,
+        )),
         Err(refused) => Err(ApiError::new(StatusCode::CONFLICT, refused.to_string())),
     }
 }

@@ -79,6 +79,8 @@ pub enum TransferError {
     OwnOrders,
     #[error("node {0} is alive")]
     Alive(String),
+    #[error("this node is stopping")]
+    Stopping,
     #[error("fencing token {given} is older than the current {current}")]
     StaleLeader { given: u64, current: u64 },
     #[error("store: {0}")]
@@ -883,6 +885,11 @@ impl Cluster {
     ) -> Result<Transferred, TransferError> {
         if dead == self.node_id {
             return Err(TransferError::OwnOrders);
+        }
+        // Orders moved here now would not run: they would wait for the sweep after this node
+        // is gone.
+        if self.pool.is_stopping() {
+            return Err(TransferError::Stopping);
         }
         if self.coordinator.is_alive(dead).await? {
             return Err(TransferError::Alive(dead.to_string()));

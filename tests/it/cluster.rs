@@ -6,7 +6,7 @@
 use crate::harness::{pretty, unique_user, Node, RedisServer, POLL};
 use crate::history::assert_completed;
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -537,6 +537,15 @@ async fn a_draining_leader_hands_the_leadership_on_before_its_steps_finish() {
         nodes[position].is_running(),
         "the old leader should still be draining its step"
     );
+    // A draining node takes no one's orders: they would wait there for the sweep after it.
+    let reply = nodes[position]
+        .call(Method::POST, "/service/transfer")
+        .header("X-Cluster-Secret", SECRET)
+        .body(json!({"service_id": uuid::Uuid::new_v4().to_string()}).to_string())
+        .send()
+        .await;
+    nodes[position].expect_error(&reply, 503, "a transfer to a draining node");
+    assert!(reply.header("retry-after").is_some(), "{reply}");
     assert!(
         nodes[position]
             .log()
