@@ -383,6 +383,10 @@ impl Cluster {
     async fn keep_leadership(self: Arc<Self>) {
         let ttl = self.config.leader_lease_ttl;
         let mut leaving_rx = self.leaving_tx.subscribe();
+        // The term whose renewal failed or that ran out here before it was renewed: Redis may
+        // still hold its lease, which then keeps anyone else (a new term of this node too) from
+        // leading until it expires. It is renewed again first.
+        let mut unsure: Option<Term> = None;
         loop {
             let sent = Instant::now();
             // A follower tries again as soon as the holder's lease runs out, when that is sooner.
@@ -409,16 +413,48 @@ impl Cluster {
                         self.set_term(None);
                         self.metrics.leadership_changed(false);
                         info!(token = term.token, error = %error, "leader -> follower: cannot renew lease");
+                        unsure = Some(term);
                     }
                 },
                 None => {
-                    let was_leader = self.term.lock().map(|t| t.is_some()).unwrap_or(false);
-                    if was_leader {
-                        self.set_term(None);
+                    let lapsed = self.term.lock().ok().and_then(|mut term| term.take());
+                    if let Some(term) = lapsed {
                         self.metrics.leadership_changed(false);
-                        info!("leader -> follower: lease expired before renewal");
+                        info!(
+                            token = term.token,
+                            "leader -> follower: lease expired before renewal"
+                        );
+                        unsure = Some(term);
                     }
-                    if self.gate.is_open() {
+                    let renewed = match unsure.take() {
+                        Some(term) if self.gate.is_open() => {
+                            match self.coordinator.renew_leader(&term.holder, ttl).await {
+                                Ok(true) => Some(term),
+                                Ok(false) => None,
+                                // Redis may still hold it: try again next time.
+                                Err(error) => {
+                                    debug!(token = term.token, error = %error, "cannot renew the leader lease again");
+                                    unsure = Some(term);
+                                    None
+                                }
+                            }
+                        }
+                        other => {
+                            unsure = other;
+                            None
+                        }
+                    };
+                    if let Some(term) = renewed {
+                        // The same term, never taken by anyone else meanwhile: its fencing
+                        // token stays current, and its index repair is done.
+                        let token = term.token;
+                        self.set_term(Some(Term {
+                            until: sent + ttl,
+                            ..term
+                        }));
+                        self.metrics.leadership_changed(true);
+                        info!(token, "follower -> leader: lease renewed again");
+                    } else if self.gate.is_open() && unsure.is_none() {
                         let holder = format!("{}:{}", self.node_id, uuid::Uuid::new_v4().simple());
                         match self.coordinator.acquire_leader(&holder, ttl).await {
                             Ok(Acquired::Term(token)) => {

@@ -300,6 +300,68 @@ async fn the_store_tells_how_long_ago_a_liveness_lease_expired() {
     assert!(lapsed < Duration::from_secs(10), "{lapsed:?}");
 }
 
+/// A leader whose renewal got no answer (a reply lost on its way) renews the same term once
+/// Redis answers again: Redis still holds that term's lease, so a new term of its own could
+/// only begin once it expired, leaving the cluster without a leader meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_renewal_got_no_answer_keeps_its_term() {
+    let _turn = cluster_turn().await;
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port).await;
+    let node = Node::start(&config(&proxy.url(), "10ms", "", &[])).await;
+    assert_eq!(leader_of(&node).await, node.service_id_file());
+    let leads = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|line| line.contains("follower -> leader"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(leads(&node.log()).len(), 1, "{}", node.log_tail());
+    // Once a renewal has gone through (Redis knows its script, and runs the next one sent at
+    // once), the next call naming the leader lease (a renewal: nothing else asks for it now)
+    // gets no answer, though Redis runs it.
+    let left = || {
+        redis
+            .cli(&["PTTL", keys::LEADER])
+            .trim()
+            .parse::<i64>()
+            .unwrap_or(-1)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = left();
+    loop {
+        let now = left();
+        if now > last {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lease was never renewed");
+        last = now;
+        tokio::time::sleep(POLL).await;
+    }
+    proxy.lose_replies_after(keys::LEADER, 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let again = loop {
+        let log = node.log();
+        if let Some(line) = leads(&log).get(1) {
+            break line.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never led again\n{}",
+            node.log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    };
+    assert_eq!(proxy.faults_made(), 1);
+    assert!(
+        node.log()
+            .contains("leader -> follower: cannot renew lease"),
+        "{}",
+        node.log_tail()
+    );
+    assert!(again.contains("token=1"), "a new term began: {again}");
+}
+
 /// A renewal says whether it kept the lease or took a free one: a lease gone from the store
 /// (expired by its clock, or deleted) while its holder's clock said it held is lost, and the
 /// holder must treat it as a lapse.
