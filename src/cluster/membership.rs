@@ -83,7 +83,7 @@ impl Membership {
                 initial_interval: config.initial_interval,
                 dead_node_grace_period: config.dead_node_grace_period,
             },
-            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            marked_for_deletion_grace_period: MARKED_FOR_DELETION,
             catchup_callback: None,
             // A draining node announces it is leaving; peers stop counting it as live at once.
             extra_liveness_predicate: Some(Box::new(|state: &NodeState| !state.is_leaving())),
@@ -96,7 +96,9 @@ impl Membership {
             .with_context(|| format!("cannot start gossip on udp {gossip_addr}"))?;
         let live_rx = handle.chitchat().lock().await.live_nodes_watcher();
         let last_seen = Arc::new(Mutex::new(HashMap::new()));
-        let watcher = tokio::spawn(watch_members(live_rx.clone(), Arc::clone(&last_seen)));
+        // Longer than gossip keeps a dead node: by then nothing asks when it was last seen.
+        let kept = config.dead_node_grace_period + MARKED_FOR_DELETION + MARKED_FOR_DELETION;
+        let watcher = tokio::spawn(watch_members(live_rx.clone(), Arc::clone(&last_seen), kept));
         Ok(Membership {
             handle,
             live_rx,
@@ -178,10 +180,29 @@ impl Membership {
     }
 }
 
+/// How long gossip keeps a dead node marked for deletion before it forgets it.
+const MARKED_FOR_DELETION: Duration = Duration::from_secs(3600);
+
+/// Notes `live` nodes as seen `now`, and forgets the nodes not seen for `kept` (a node id that
+/// is gone for good, as every restart on a new data dir makes).
+fn note_seen(
+    seen: &mut HashMap<String, DateTime<Utc>>,
+    live: &[(String, u64)],
+    now: DateTime<Utc>,
+    kept: Duration,
+) {
+    for (node_id, _) in live {
+        seen.insert(node_id.clone(), now);
+    }
+    let kept = chrono::Duration::from_std(kept).unwrap_or(chrono::Duration::MAX);
+    seen.retain(|_, at| now.signed_duration_since(*at) <= kept);
+}
+
 /// Logs membership changes (not key-value updates) and keeps `last_seen` fresh.
 async fn watch_members(
     mut live_rx: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
     last_seen: Arc<Mutex<HashMap<String, DateTime<Utc>>>>,
+    kept: Duration,
 ) {
     let mut previous: Vec<(String, u64)> = Vec::new();
     loop {
@@ -190,11 +211,8 @@ async fn watch_members(
             .keys()
             .map(|id| (id.node_id.to_string(), id.generation_id))
             .collect();
-        let now = Utc::now();
         if let Ok(mut seen) = last_seen.lock() {
-            for (node_id, _) in &current {
-                seen.insert(node_id.clone(), now);
-            }
+            note_seen(&mut seen, &current, Utc::now(), kept);
         }
         if current != previous {
             for joined in current.iter().filter(|node| !previous.contains(node)) {
@@ -208,5 +226,30 @@ async fn watch_members(
         if live_rx.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_not_seen_for_longer_than_kept_are_forgotten() {
+        let mut seen = HashMap::new();
+        let start = Utc::now();
+        let kept = Duration::from_secs(60);
+        let a = ("a".to_string(), 1);
+        let b = ("b".to_string(), 1);
+        note_seen(&mut seen, &[a.clone(), b], start, kept);
+        assert_eq!(seen.len(), 2);
+        note_seen(
+            &mut seen,
+            std::slice::from_ref(&a),
+            start + chrono::Duration::seconds(60),
+            kept,
+        );
+        assert_eq!(seen.len(), 2, "b was seen 60 s ago: kept");
+        note_seen(&mut seen, &[a], start + chrono::Duration::seconds(61), kept);
+        assert_eq!(seen.keys().collect::<Vec<_>>(), ["a"]);
     }
 }
