@@ -611,6 +611,12 @@ impl Order {
         self.phase == Phase::Finished
     }
 
+    /// Whether the order finished before and was re-opened to retry its parked rollback: it
+    /// keeps the error that parked it until the rollback is done. Its end was counted then.
+    pub fn is_reopened(&self) -> bool {
+        self.phase == Phase::RollingBack && self.rollback_error.is_some()
+    }
+
     /// Whether a node still has work to do for the order: its steps or compensations, or the
     /// delivery of its completion webhook. An order that owes work stays in its owner's set, so
     /// a takeover moves it and a reconciliation resumes it.

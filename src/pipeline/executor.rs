@@ -413,11 +413,13 @@ async fn drive(
     loop {
         if let Some((events, scheduled)) = concluded.take() {
             due = scheduled;
-            let was_finished = order.is_finished();
+            // An order is counted once, when it first finishes (not again when a retry of its
+            // parked rollback ends).
+            let counted = order.is_finished() || order.is_reopened();
             match Box::pin(commit(shared, order, events)).await {
                 Some(next) => {
                     tracker.move_to(next.current_step);
-                    if !was_finished {
+                    if !counted {
                         shared.metrics.order_finished(&next);
                     }
                     order = next;
@@ -1224,6 +1226,40 @@ mod tests {
             (failure.step, failure.reason.as_str()),
             (Step::PreProcessing, CANCELLED)
         );
+    }
+
+    /// An order whose rollback parked is counted as failed then; the retry of its rollback
+    /// finishes the same order, and counts it no more.
+    #[tokio::test]
+    async fn a_retried_parked_rollback_counts_its_order_once() {
+        let steps = FakeStep::new();
+        steps.script(Call::run(Step::PreProcessing), [Outcome::Fail]);
+        steps.script(Call::rollback(Step::Scheduling), [Outcome::Fail]);
+        let harness = Harness::new(steps);
+        harness.execute().await;
+        let parked = harness.stored();
+        assert_eq!(parked.rollback_state, Some(RollbackState::Incomplete));
+        assert_eq!(harness.shared.metrics.totals().failed, 1);
+
+        let reopened = crate::store::retry_rollback_outcome(parked, NODE, chrono::Utc::now())
+            .expect("a parked rollback");
+        harness.store.insert(&reopened);
+        harness.shared.active.mark(harness.id());
+        execute(
+            Arc::clone(&harness.shared),
+            Queued {
+                job: Job::Resume(harness.id()),
+                ticket: harness.gate.ticket(),
+                due: None,
+            },
+            None,
+        )
+        .await;
+        assert_eq!(
+            harness.stored().rollback_state,
+            Some(RollbackState::Complete)
+        );
+        assert_eq!(harness.shared.metrics.totals().failed, 1);
     }
 
     #[tokio::test]

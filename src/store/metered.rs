@@ -28,14 +28,18 @@ impl MeteredStore {
         started: Instant,
         result: &Result<T, StoreError>,
     ) {
-        // Not found, not owner and a pending cancellation are answers, not store failures.
-        let failed = matches!(
-            result,
-            Err(StoreError::Unavailable(_)) | Err(StoreError::Corrupt(_))
-        );
         self.metrics
-            .store_observed(operation, started.elapsed(), failed);
+            .store_observed(operation, started.elapsed(), failed(result));
     }
+}
+
+/// Whether `result` is a failure of the store. Not found, not owner and a pending cancellation
+/// are answers, not store failures.
+fn failed<T>(result: &Result<T, StoreError>) -> bool {
+    matches!(
+        result,
+        Err(StoreError::Unavailable(_)) | Err(StoreError::Corrupt(_))
+    )
 }
 
 #[async_trait]
@@ -63,11 +67,14 @@ impl OrderStore for MeteredStore {
     }
 
     async fn get_many(&self, ids: &[OrderId]) -> Vec<Result<Option<Order>, StoreError>> {
+        // One call, timed once: its time is the batch's, and it failed if any read did.
         let started = Instant::now();
         let results = self.inner.get_many(ids).await;
-        for result in &results {
-            self.observe(StoreOperation::Get, started, result);
-        }
+        self.metrics.store_observed(
+            StoreOperation::Get,
+            started.elapsed(),
+            results.iter().any(failed),
+        );
         results
     }
 
@@ -177,5 +184,40 @@ impl OrderStore for MeteredStore {
         let result = self.inner.ping().await;
         self.observe(StoreOperation::Ping, started, &result);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    /// The count of `operation="get"` observations in `metrics`' text.
+    fn gets(metrics: &Metrics) -> String {
+        let text = metrics.render().unwrap_or_default();
+        text.lines()
+            .find(|line| {
+                line.contains("store_operation_duration_seconds_count")
+                    && line.contains("operation=\"get\"")
+            })
+            .and_then(|line| line.split_whitespace().last())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_reads_is_one_store_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let store = MeteredStore::new(
+            Arc::new(EmbeddedStore::open(dir.path()).unwrap()),
+            Arc::clone(&metrics),
+        );
+        let ids: Vec<OrderId> = (0..5).map(|_| OrderId::now_v7()).collect();
+        let read = store.get_many(&ids).await;
+        assert_eq!(read.len(), 5);
+        assert_eq!(gets(&metrics), "1");
+        store.get(ids[0]).await.unwrap();
+        assert_eq!(gets(&metrics), "2");
     }
 }
