@@ -554,7 +554,9 @@ async fn stuck(
             for read in store.get_many(&ids).await {
                 let Ok(Some(order)) = read else { continue };
                 let updated = last_update(&order);
-                if order.owes_work() && updated < cutoff {
+                // Unfinished only: a finished order owing its webhook is retried on its own
+                // schedule, and there is nothing left to cancel.
+                if !order.is_finished() && updated < cutoff {
                     let mut entry = listed(&order);
                     entry["last_update"] = json!(rfc3339(updated));
                     entry["idle_s"] = json!((Utc::now() - updated).num_seconds());

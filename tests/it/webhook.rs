@@ -251,6 +251,32 @@ async fn a_busy_receiver_is_retried_and_each_attempt_shows_on_the_order() {
     }
 }
 
+/// A finished order whose webhook waits for its next attempt is not stuck: the stuck-order list
+/// shows unfinished orders only (whose cancel button could do something).
+#[tokio::test]
+async fn a_finished_order_owing_its_webhook_is_not_listed_as_stuck() {
+    let receiver = Receiver::start().await;
+    receiver.answer(503);
+    let node = Node::start(&format!("{}{}", simulate("10ms"), receiver.section("30s"))).await;
+    let user = unique_user("stella");
+    let id = node.create_order(&user, &json!({"sku": "S3"})).await;
+    receiver.wait_deliveries(1, &node).await;
+    let order = node.wait_terminal(&user, &id, TERMINAL).await;
+    assert_eq!(
+        notification(&order)["state"],
+        "pending",
+        "{}",
+        pretty(&order)
+    );
+    let reply = node
+        .call(reqwest::Method::GET, "/diagnostic/stuck?older_than=0s")
+        .send()
+        .await;
+    let stuck = node.expect_json(&reply, 200, "GET /diagnostic/stuck");
+    assert_eq!(stuck["count"], 0, "{}", pretty(&stuck));
+    assert_eq!(stuck["scanned"], 1, "{}", pretty(&stuck));
+}
+
 #[tokio::test]
 async fn a_receiver_that_refuses_gets_no_retry_and_the_notification_fails() {
     let receiver = Receiver::start().await;
