@@ -236,6 +236,12 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
     use tokio::signal::unix::{signal, SignalKind};
     let terminate = signal(SignalKind::terminate());
     let interrupt = signal(SignalKind::interrupt());
+    // SIGHUP reloads the tokens file once the node runs; until then (a reload sent while the
+    // node waits for Redis or its lease) it must not end the process, as by default it would.
+    // A handler, once installed, stays for the life of the process.
+    if let Err(error) = signal(SignalKind::hangup()) {
+        tracing::error!(error = %error, signal = "SIGHUP", "cannot listen for the signal");
+    }
     async move {
         let received = |stream: std::io::Result<tokio::signal::unix::Signal>,
                         name: &'static str| async move {

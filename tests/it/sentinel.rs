@@ -19,7 +19,7 @@ use order_process_testkit::redis::RedisSentinel;
 use order_process_testkit::Scripted;
 use reqwest::Method;
 use serde_json::Value;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The name the sentinels watch the primary under.
 const MASTER: &str = "orders";
@@ -452,6 +452,101 @@ async fn a_resumed_order_is_acted_on_only_once_a_replica_has_it() {
     );
     wait_all_completed(&node, &user, &ids).await;
     assert!(!shop.calls_to("/schedule").is_empty(), "{:?}", shop.paths());
+}
+
+/// A node starting while its Redis is down waits for it, and is not ended by a SIGHUP meanwhile
+/// (a reload of its tokens sent by systemd, say); once Redis answers, it waits the full 10 s for
+/// `min_replicas` from then, however long Redis was down, as a Redis just back has had no time
+/// for its replicas to connect.
+#[tokio::test]
+async fn a_node_waiting_at_start_for_redis_survives_a_sighup_and_then_waits_for_replicas() {
+    let _turn = cluster_turn().await;
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let config = dir.path().join("config.toml");
+    let config_text = format!(
+        "[cluster]\nsecret = \"{SECRET}\"\n[database]\nurl = \"{}\"\nmin_replicas = 1\n",
+        redis.url()
+    );
+    std::fs::write(&config, config_text).expect("write the config");
+    let port = crate::harness::port();
+    let log = dir.path().join("node.log");
+    let args: Vec<String> = [
+        "--config".to_string(),
+        config.display().to_string(),
+        "--data-dir".to_string(),
+        dir.path().join("data").display().to_string(),
+        "--listen".to_string(),
+        format!("127.0.0.1:{port}"),
+    ]
+    .into();
+    let started = Instant::now();
+    let mut node = crate::harness::spawn(&args, &log, &log);
+    let waiting = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("cannot read redis replication and persistence, retrying")
+    };
+    while !waiting() {
+        assert!(
+            node.try_exit().is_none(),
+            "{}",
+            crate::harness::tail(&log, 40)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never waited for redis"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    assert!(node.signal("HUP"));
+    // Redis stays down longer than the wait for replicas.
+    while started.elapsed() < Duration::from_secs(11) {
+        assert!(
+            node.try_exit().is_none(),
+            "the node ended while waiting for redis\n{}",
+            crate::harness::tail(&log, 40)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    redis.restart();
+    // The node reads Redis once more before any replica has connected.
+    let answered = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("redis replication, persistence and memory")
+    };
+    while !answered() {
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "redis never answered the node\n{}",
+            crate::harness::tail(&log, 40)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let _replica = RedisServer::start_replica_of(&redis);
+    let client = reqwest::Client::new();
+    let heartbeat = format!("http://127.0.0.1:{port}/diagnostic/heartbeat");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = node.try_exit() {
+            panic!(
+                "the node exited ({status})\n{}",
+                crate::harness::tail(&log, 40)
+            );
+        }
+        let answered = client.get(&heartbeat).send().await;
+        if answered.is_ok_and(|reply| reply.status().is_success()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node never started\n{}",
+            crate::harness::tail(&log, 40)
+        );
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// Runs the binary with `config` and asserts it refused to start: a non-zero exit, no panic, and

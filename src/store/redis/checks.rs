@@ -204,7 +204,9 @@ pub async fn read(connections: &Connections) -> Result<Vec<RedisInfo>, StoreErro
 /// [`REPLICAS_WAIT`] first: right after a failover the promoted primary has none for a moment,
 /// until the others follow it.
 pub async fn check(connections: &Connections, database: &DatabaseConfig) -> anyhow::Result<()> {
-    let started = tokio::time::Instant::now();
+    // From Redis's first answer: a Redis just back (restarted, or promoted after a failover)
+    // has had no time for its replicas to connect.
+    let mut answered: Option<tokio::time::Instant> = None;
     let mut delay = Duration::from_millis(100);
     let mut logged = false;
     loop {
@@ -217,6 +219,7 @@ pub async fn check(connections: &Connections, database: &DatabaseConfig) -> anyh
                 continue;
             }
         };
+        let answered = *answered.get_or_insert_with(tokio::time::Instant::now);
         if !logged {
             infos.iter().for_each(|info| log(info, database));
             logged = true;
@@ -228,7 +231,8 @@ pub async fn check(connections: &Connections, database: &DatabaseConfig) -> anyh
             return Ok(());
         };
         let replicas_short = info.connected_replicas < database.min_replicas;
-        if !replicas_short || info.unfit(database).is_some() || started.elapsed() >= REPLICAS_WAIT {
+        if !replicas_short || info.unfit(database).is_some() || answered.elapsed() >= REPLICAS_WAIT
+        {
             return Err(anyhow::anyhow!("refusing to start: {problem}"));
         }
         warn!(
