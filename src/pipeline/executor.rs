@@ -445,11 +445,15 @@ async fn drive(
         // Room for the call (a step's `concurrency`) is taken before the lease is checked, and
         // held for this one call, not while the order waits for a retry: a call never waits
         // for room after the check. The semaphore is never closed, so `acquire` cannot fail.
-        let _room = match next_action(&order) {
+        let turn = match next_action(&order) {
             Action::Run(step) => room(shared, step, false).await,
             Action::Rollback(step) => room(shared, step, true).await,
-            _ => None,
+            _ => Room::Unlimited,
         };
+        if let Room::Stopping = turn {
+            debug!(order_id = %order.order_id, "node stopping while the order waited for its turn, left to resume later");
+            return Ended::Done;
+        }
         // Checked here first: the lease almost always holds, and `confirm`'s future (boxed, as
         // it is large) is then not worth allocating.
         let fresh = if shared.gate.holds(ticket) {
@@ -602,18 +606,30 @@ enum Attempted {
 /// (see [`StepHandler::decided`](super::StepHandler::decided)) is not awaited: the attempt ends
 /// `Later`.
 /// A place among the calls `step`'s handler may have on their way at once, if it limits them.
-async fn room(
-    shared: &Shared,
-    step: Step,
-    rollback: bool,
-) -> Option<tokio::sync::SemaphorePermit<'_>> {
-    shared
-        .handlers
-        .for_step(step)
-        .room(rollback)?
-        .acquire()
-        .await
-        .ok()
+async fn room(shared: &Shared, step: Step, rollback: bool) -> Room<'_> {
+    let Some(room) = shared.handlers.for_step(step).room(rollback) else {
+        return Room::Unlimited;
+    };
+    let mut stop_rx = shared.stop_rx.clone();
+    if *stop_rx.borrow() {
+        return Room::Stopping;
+    }
+    // Either a turn comes, or the node stops: a drain starts no call that has not begun.
+    tokio::select! {
+        taken = room.acquire() => taken.map_or(Room::Unlimited, |permit| Room::Taken { _permit: permit }),
+        _ = stop_rx.changed() => Room::Stopping,
+    }
+}
+
+/// A call's turn under its step's `concurrency` (see `room`), held until dropped.
+enum Room<'a> {
+    /// The step's calls are not limited.
+    Unlimited,
+    Taken {
+        _permit: tokio::sync::SemaphorePermit<'a>,
+    },
+    /// The node began stopping while the order waited for its turn.
+    Stopping,
 }
 
 async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> Attempted {
@@ -1466,6 +1482,24 @@ mod tests {
         assert_eq!(harness.steps.calls(), [], "the service is not called");
         assert_eq!(harness.stored().owner, "node-b");
         assert!(!harness.shared.active.contains(harness.id()));
+    }
+
+    /// An order waiting for its turn to call its step's service when the node begins to stop
+    /// (a drain) starts no call: it is left in the store, to resume later.
+    #[tokio::test]
+    async fn an_order_waiting_for_room_when_the_node_stops_calls_nothing() {
+        let steps = FakeStep::with_room(1);
+        let harness = Harness::new(steps.clone());
+        let taken = steps.take_room().expect("room for one call");
+        let handle = harness.spawn();
+        // A turn for the execution, which then waits for room.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        harness.stop_tx.send(true).expect("the execution listens");
+        finished(handle).await;
+        drop(taken);
+
+        assert_eq!(harness.steps.calls(), [], "the service is not called");
+        assert_eq!(harness.stored().current_step, Step::Scheduling);
     }
 
     #[tokio::test]
