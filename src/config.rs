@@ -975,7 +975,7 @@ impl Config {
             };
         }
         let url = step_url("notify.url", &notify.url)?;
-        if notify.secret.trim().len() < 16 {
+        if notify.secret.trim().chars().count() < 16 {
             return Err(ConfigError::new(
                 "notify.secret",
                 "required with notify.url, at least 16 characters: receivers check each webhook's signature with it",
@@ -1152,10 +1152,10 @@ impl Config {
                 "required when server.listen is a wildcard address: peers need a reachable one",
             ));
         }
-        if cluster.phi_threshold <= 0.0 {
+        if !(cluster.phi_threshold > 0.0 && cluster.phi_threshold.is_finite()) {
             return Err(ConfigError::new(
                 "cluster.phi_threshold",
-                "must be more than 0",
+                "must be a number more than 0",
             ));
         }
         nonzero_durations(&[
@@ -1343,14 +1343,24 @@ fn nonzero_durations(durations: &[(&str, Duration)]) -> Result<(), ConfigError> 
     }
 }
 
-/// A humantime duration such as `500ms`, `5s` or `1m 30s`.
+/// The longest duration any key takes: longer ones are mistakes, and would overflow the
+/// arithmetic of clocks and leases made with them.
+const LONGEST: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// A humantime duration such as `500ms`, `5s` or `1m 30s`, at most [`LONGEST`].
 fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(deserializer)?;
-    humantime::parse_duration(&text).map_err(|error| {
+    let duration = humantime::parse_duration(&text).map_err(|error| {
         de::Error::custom(format!(
             "`{text}` is not a duration like 500ms or 5s: {error}"
         ))
-    })
+    })?;
+    if duration > LONGEST {
+        return Err(de::Error::custom(format!(
+            "`{text}` is longer than 100 years"
+        )));
+    }
+    Ok(duration)
 }
 
 fn duration_opt<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
@@ -1381,7 +1391,7 @@ mod tests {
         let short = Config::from_toml("[orders]\nretention = \"10s\"\n").unwrap();
         short.validate().unwrap();
         assert_eq!(short.orders.retention, Duration::from_secs(10));
-        for bad in ["0s", "500ms", "20000y"] {
+        for bad in ["0s", "500ms", "20y"] {
             let config = Config::from_toml(&format!("[orders]\nretention = \"{bad}\"\n")).unwrap();
             assert_eq!(
                 config.validate().unwrap_err().key,
@@ -1390,6 +1400,7 @@ mod tests {
             );
         }
         assert!(Config::from_toml("[orders]\nretention = \"soon\"\n").is_err());
+        assert!(Config::from_toml("[orders]\nretention = \"20000y\"\n").is_err());
     }
 
     #[test]
@@ -1560,6 +1571,21 @@ mod tests {
         assert!(error.problem.contains("listen_on"), "{error}");
         let error = Config::from_toml("[simulate]\nduration = \"soon\"\n").unwrap_err();
         assert_eq!(error.key, "simulate.duration");
+        let long = "[cluster]\nleader_renew_interval = \"300000000000y\"\n";
+        let error = Config::from_toml(long).unwrap_err();
+        assert_eq!(error.key, "cluster.leader_renew_interval");
+        assert!(error.problem.contains("100 years"), "{error}");
+        for phi in ["nan", "inf", "-1.0", "0.0"] {
+            let config = Config::from_toml(&format!(
+                "[database]\nurl = \"redis://127.0.0.1:6379\"\n[cluster]\nsecret = \"0123456789abcdef\"\nphi_threshold = {phi}\n"
+            ))
+            .unwrap();
+            assert_eq!(
+                config.validate().unwrap_err().key,
+                "cluster.phi_threshold",
+                "{phi}"
+            );
+        }
         let error = Config::from_toml("[server\n").unwrap_err();
         assert_eq!(error.key, "line 1");
         let config = Config::from_toml("[simulate]\nfailure_rate = 2.0\n").unwrap();
@@ -1588,6 +1614,9 @@ mod tests {
         );
         let short = "[notify]\nurl = \"http://127.0.0.1:9/hook\"\nsecret = \"short\"\n";
         assert_eq!(key(short), "notify.secret");
+        // Characters, not bytes: eight two-byte letters are eight.
+        let narrow = "[notify]\nurl = \"http://127.0.0.1:9/hook\"\nsecret = \"éééééééé\"\n";
+        assert_eq!(key(narrow), "notify.secret");
         let bad_url = "[notify]\nurl = \"ftp://host/\"\nsecret = \"0123456789abcdef\"\n";
         assert_eq!(key(bad_url), "notify.url");
         let good = "[notify]\nurl = \"http://127.0.0.1:9/hook\"\nsecret = \"0123456789abcdef\"\n";
