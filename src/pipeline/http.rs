@@ -243,7 +243,9 @@ impl Http {
             header(IDEMPOTENCY_KEY, context.idempotency_key())?,
             (ORDER_EPOCH, HeaderValue::from(context.order.epoch)),
             header(TRACEPARENT, context.traceparent())?,
-        ];
+        ]
+        .into_iter()
+        .chain(crate::trace::tracestate_header(context.order));
         // A payload that cannot be written now never can be: a permanent failure.
         let mut body = Vec::new();
         write_step_call(

@@ -68,7 +68,9 @@ impl Notifier {
             (ORDER_EPOCH, HeaderValue::from(order.epoch)),
             header(TRACEPARENT, crate::trace::child_traceparent(order))?,
             header(ORDER_SIGNATURE, signed)?,
-        ];
+        ]
+        .into_iter()
+        .chain(crate::trace::tracestate_header(order));
         let timeout = self.settings.timeout;
         let answer = self
             .client

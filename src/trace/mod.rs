@@ -271,6 +271,17 @@ pub fn child_traceparent(order: &crate::order::Order) -> String {
     context_of(order).traceparent(SpanId::random())
 }
 
+/// The `tracestate` header a call made for `order` carries with its `traceparent`: the one the
+/// order was submitted with, passed on unchanged (W3C trace context asks it of everyone who
+/// continues a trace); none when it had none.
+pub fn tracestate_header(
+    order: &crate::order::Order,
+) -> Option<(hyper::header::HeaderName, hyper::header::HeaderValue)> {
+    let state = order.trace.as_ref()?.state.as_deref()?;
+    let value = hyper::header::HeaderValue::from_str(state).ok()?;
+    Some((hyper::header::HeaderName::from_static("tracestate"), value))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,7 @@ const SPANS_ARRIVE: Duration = Duration::from_secs(30);
 struct Received {
     path: String,
     traceparent: Option<String>,
+    tracestate: Option<String>,
     body: Bytes,
 }
 
@@ -62,15 +63,20 @@ impl Recorder {
         let routes = warp::post()
             .and(warp::path::full())
             .and(warp::header::optional::<String>("traceparent"))
+            .and(warp::header::optional::<String>("tracestate"))
             .and(warp::body::content_length_limit(16 * 1024 * 1024))
             .and(warp::body::bytes())
             .map(
-                move |path: warp::path::FullPath, traceparent: Option<String>, body: Bytes| {
+                move |path: warp::path::FullPath,
+                      traceparent: Option<String>,
+                      tracestate: Option<String>,
+                      body: Bytes| {
                     let path = path.as_str().to_string();
                     let answer = if path == "/v1/traces" { "" } else { "{}" };
                     kept.lock().expect("recorder lock").push(Received {
                         path,
                         traceparent,
+                        tracestate,
                         body,
                     });
                     warp::reply::with_header(answer, "content-type", "application/json")
@@ -236,8 +242,20 @@ async fn the_callers_trace_is_kept_shown_passed_on_and_logged() {
     let recorder = Recorder::start().await;
     let node = Node::start(&config(&recorder, "")).await;
     let user = unique_user("trace");
-    let id = submit(&node, &user, &[("traceparent", GIVEN)]).await;
+    let id = submit(
+        &node,
+        &user,
+        &[("traceparent", GIVEN), ("tracestate", "congo=t61rcWkgMzE")],
+    )
+    .await;
     let sent = completed_calls(&node, &recorder, &user, &id).await;
+    // The caller's tracestate goes with every call, unchanged.
+    let states: Vec<Option<String>> = recorder
+        .step_calls(&id)
+        .into_iter()
+        .map(|call| call.tracestate)
+        .collect();
+    assert_eq!(states, vec![Some("congo=t61rcWkgMzE".to_string()); 4]);
     let mut span_ids = HashSet::new();
     for traceparent in &sent {
         let (trace_id, span_id, flags) = fields(traceparent);

@@ -215,6 +215,30 @@ async fn a_finished_order_is_posted_signed_to_the_webhook_once() {
         traceparent.starts_with(&format!("00-{trace_id}-")),
         "the order's trace: {traceparent}"
     );
+    assert_eq!(delivery.header("tracestate"), "", "no tracestate was given");
+
+    // A caller's trace, tracestate and all, goes on to the webhook.
+    let reply = node
+        .call(reqwest::Method::POST, "/orders")
+        .user(&user)
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .header("tracestate", "congo=t61rcWkgMzE")
+        .body(r#"{"sku":"W1"}"#)
+        .send()
+        .await;
+    let traced = node.expect_json(&reply, 201, "POST /orders with a trace");
+    let traced = traced["order_id"].as_str().unwrap_or_default();
+    wait_notification(&node, &user, traced, "delivered").await;
+    let deliveries = receiver.deliveries();
+    let delivery = deliveries.last().expect("a second delivery");
+    assert_eq!(delivery.json()["order_id"], traced);
+    assert!(delivery
+        .header("traceparent")
+        .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+    assert_eq!(delivery.header("tracestate"), "congo=t61rcWkgMzE");
 }
 
 #[tokio::test]
