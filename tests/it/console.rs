@@ -289,11 +289,11 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
     let redis = RedisServer::start();
     let shop = Scripted::start().await;
     // The first two refunds fail: the one order that fails after its charge is parked, and
-    // its retry (from the page) finds the refund service back.
-    shop.queue(
-        "/refund",
-        vec![Answer::Status(500, "ledger down".into()); 2],
-    );
+    // its retry (from the page) finds the refund service back, slow to answer once (its call
+    // times out after 5 s and is retried), so the page shows the order rolling back.
+    let mut refunds = vec![Answer::Status(500, "ledger down".into()); 2];
+    refunds.push(Answer::Hang);
+    shop.queue("/refund", refunds);
     let first = Node::start(&shop_config(&redis, &shop, &[])).await;
     let seed = first.port;
     let mut nodes = vec![first];
@@ -458,6 +458,16 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
             "the retry accepted",
         )
         .await;
+    // Rolling back: nothing runs forward any more, and there is nothing to cancel.
+    browser
+        .wait_true(
+            "document.querySelector('#story-step')?.textContent === 'Failed' && \
+             document.querySelector('#story-rollback') === null && \
+             document.querySelector('#order button.cancel') === null && \
+             document.querySelector('#timeline .tl-bar.running') === null",
+            "the order rolling back, shown without a running step or a cancel button",
+        )
+        .await;
     let order = nodes[1]
         .wait_for(&owner, &parked, TERMINAL, "rolled back", |order| {
             order["rollback_state"] == "complete"
@@ -466,8 +476,8 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
     assert_eq!(order["current_step"], "Failed", "{}", pretty(&order));
     assert_eq!(
         shop.calls_to("/refund").len(),
-        3,
-        "two failed refunds, then the retried one"
+        4,
+        "two failed refunds, then the retried one, timed out once"
     );
     browser
         .wait_true(
