@@ -858,6 +858,14 @@ impl Config {
         }
         config.cluster.seeds.extend(overrides.join.iter().cloned());
         if let Some(url) = &overrides.redis {
+            // `--redis "$REDIS_URL"` with the variable unset would quietly make a cluster node
+            // a lone one on its own embedded store.
+            if url.trim().is_empty() {
+                return Err(ConfigError::new(
+                    "--redis",
+                    "must name a Redis (redis://host:port); leave the flag out for the embedded store",
+                ));
+            }
             // The flag names the one Redis to use, in place of any the file names.
             config.database.url = url.clone();
             config.database.sentinels.clear();
@@ -1671,6 +1679,23 @@ mod tests {
             "cluster.secret"
         );
         assert_eq!(Config::load(Some(&path), &bad).unwrap_err().key, "--listen");
+        // An empty --redis (a variable left unset) is refused, not taken for no Redis.
+        std::fs::write(
+            &path,
+            "[database]\nurl = \"redis://127.0.0.1:6390\"\n[cluster]\nsecret = \"0123456789abcdef\"\n",
+        )
+        .unwrap();
+        Config::load(Some(&path), &Overrides::default()).unwrap();
+        for empty in ["", " "] {
+            let unset = Overrides {
+                redis: Some(empty.into()),
+                ..Overrides::default()
+            };
+            assert_eq!(
+                Config::load(Some(&path), &unset).unwrap_err().key,
+                "--redis"
+            );
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 
