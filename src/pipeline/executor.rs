@@ -600,11 +600,6 @@ enum Attempted {
     },
 }
 
-/// Makes one attempt at running (or rolling back) a step and says what happened, as the events
-/// to commit: the attempt (for handlers with a retry policy), then the step's end or the retry;
-/// and, when it scheduled a retry, when that is due. A handler that decides its outcome up front
-/// (see [`StepHandler::decided`](super::StepHandler::decided)) is not awaited: the attempt ends
-/// `Later`.
 /// A place among the calls `step`'s handler may have on their way at once, if it limits them.
 async fn room(shared: &Shared, step: Step, rollback: bool) -> Room<'_> {
     let Some(room) = shared.handlers.for_step(step).room(rollback) else {
@@ -632,6 +627,11 @@ enum Room<'a> {
     Stopping,
 }
 
+/// Makes one attempt at running (or rolling back) a step and says what happened, as the events
+/// to commit: the attempt (for handlers with a retry policy), then the step's end or the retry;
+/// and, when it scheduled a retry, when that is due. A handler that decides its outcome up front
+/// (see [`StepHandler::decided`](super::StepHandler::decided)) is not awaited: the attempt ends
+/// `Later`.
 async fn attempt(shared: &Shared, order: &Order, step: Step, rollback: bool) -> Attempted {
     let handler = shared.handlers.for_step(step);
     let entry = order.entry(step);
