@@ -483,12 +483,12 @@ async fn a_node_waiting_at_start_for_redis_survives_a_sighup_and_then_waits_for_
     .into();
     let started = Instant::now();
     let mut node = crate::harness::spawn(&args, &log, &log);
-    let waiting = || {
+    let logged = |text: &str| {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
-            .contains("cannot read redis replication and persistence, retrying")
+            .contains(text)
     };
-    while !waiting() {
+    while !logged("cannot read redis replication and persistence, retrying") {
         assert!(
             node.try_exit().is_none(),
             "{}",
@@ -512,12 +512,7 @@ async fn a_node_waiting_at_start_for_redis_survives_a_sighup_and_then_waits_for_
     }
     redis.restart();
     // The node reads Redis once more before any replica has connected.
-    let answered = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("redis replication, persistence and memory")
-    };
-    while !answered() {
+    while !logged("redis replication, persistence and memory") {
         assert!(
             started.elapsed() < Duration::from_secs(40),
             "redis never answered the node\n{}",
