@@ -172,7 +172,13 @@ async fn sort(
 ) -> Result<(), StoreError> {
     let reads = store.get_many(ids).await;
     for (id, read) in ids.iter().zip(reads) {
-        let outcome = match read?.filter(|order| scope.covers(order)) {
+        let read = match read {
+            // Its record does not read (its `GET` says so): it stays pending, and the others
+            // are answered for.
+            Err(StoreError::Corrupt(_)) => continue,
+            read => read?,
+        };
+        let outcome = match read.filter(|order| scope.covers(order)) {
             Some(order) if order.is_finished() => Some(Arc::new(order)),
             Some(_) => continue,
             None => None,

@@ -419,6 +419,16 @@ async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
     assert_eq!(ids, vec![first.clone()]);
     let next = node.create_order(&user, &serde_json::json!({})).await;
     assert_completed(&node.wait_terminal(&user, &next, TERMINAL).await);
+    // A wait for many orders that names it still answers for the others; it is not finished.
+    let reply = node
+        .call(reqwest::Method::POST, "/orders/wait")
+        .user(&user)
+        .body(serde_json::json!({"order_ids": [next, id], "wait": "1s"}).to_string())
+        .send()
+        .await;
+    let waited = node.expect_json(&reply, 200, "POST /orders/wait naming an unreadable order");
+    assert_eq!(crate::harness::order_ids(&waited), vec![next.clone()]);
+    assert_eq!(waited["pending"], serde_json::json!([id]), "{waited}");
     let reply = node
         .call(reqwest::Method::GET, "/diagnostic/set-aside?limit=0")
         .send()
