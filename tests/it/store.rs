@@ -2449,6 +2449,35 @@ async fn redis_store_takes_out_owned_entries_left_behind() {
     assert!(!owns(&store, "node-t", order.order_id).await);
 }
 
+/// A parked order is re-opened at a new revision; one whose record has no revision field (no
+/// commit here ever wrote one) is re-opened all the same, judged by owner and epoch.
+#[tokio::test]
+async fn redis_store_reopens_a_parked_order_at_a_new_revision_with_or_without_its_field() {
+    let redis = RedisServer::start();
+    let store = RedisStore::connect(&redis.url(), 2, Duration::from_secs(2)).unwrap();
+    for without_field in [false, true] {
+        let user = format!("reopened-{without_field}");
+        let order = parked(&store, &user, 0).await;
+        let key = keys::order_key(order.order_id);
+        if without_field {
+            redis.cli(&["HDEL", &key, "rev"]);
+        }
+        let outcome = store
+            .retry_rollback(reopen(order.order_id, &user, "node-a"))
+            .await
+            .expect("retry");
+        let RetryRollbackOutcome::Accepted(reopened) = outcome else {
+            panic!("not re-opened: {outcome:?}");
+        };
+        assert_eq!(reopened.revision, order.revision + 1);
+        assert_eq!(
+            redis.cli(&["HGET", &key, "rev"]).trim(),
+            reopened.revision.to_string()
+        );
+        assert_eq!(store.get(order.order_id).await.unwrap(), Some(reopened));
+    }
+}
+
 /// A keyed order's id is picked in its key's shard, also through the store the node uses (timed
 /// for `/metrics`), so that its create is not moved there afterwards.
 #[tokio::test]

@@ -405,7 +405,10 @@ return 1
 const REOPEN: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'state', 'rev')
 if not cur[1] then return 'missing' end
-if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] or (cur[4] or '0') ~= ARGV[10] then return 'changed' end
+if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 'changed' end
+-- A record without a revision field (never written by a commit here) is judged by owner and
+-- epoch alone.
+if cur[4] and cur[4] ~= ARGV[10] then return 'changed' end
 if cur[3] ~= 'finished' and cur[3] ~= 'notifying' then return 'changed' end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'owner', ARGV[4], 'epoch', ARGV[5], 'state', ARGV[6], 'step', ARGV[7], 'rev', ARGV[11])
 if #ARGV > 11 then
