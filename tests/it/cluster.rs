@@ -708,7 +708,7 @@ async fn a_follower(nodes: &[Node]) -> (usize, String) {
 }
 
 /// The coordinator of the cluster on `redis`, for a test to read the node registry.
-fn coordinator_of(redis: &RedisServer) -> order_process::cluster::RedisCoordinator {
+pub(crate) fn coordinator_of(redis: &RedisServer) -> order_process::cluster::RedisCoordinator {
     use order_process::store::redis::Connections;
     let connections = Connections::connect(&redis.url(), 1, Duration::from_secs(1))
         .expect("connections to the test redis");

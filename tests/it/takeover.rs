@@ -263,9 +263,7 @@ async fn a_node_that_says_it_cannot_renew_its_lease_is_taken_over_once_the_lease
 #[tokio::test]
 async fn the_store_tells_how_long_ago_a_liveness_lease_expired() {
     let redis = RedisServer::start();
-    let connections = Connections::connect(&redis.url(), 1, Duration::from_secs(1))
-        .expect("connections to the test redis");
-    let coordinator = RedisCoordinator::new(Arc::new(connections));
+    let coordinator = crate::cluster::coordinator_of(&redis);
     let lease = order_process::cluster::Liveness {
         node: "node-l".into(),
         holder: "node-l:1".into(),
@@ -369,9 +367,7 @@ async fn a_leader_whose_renewal_got_no_answer_keeps_its_term() {
 async fn a_liveness_renewal_tells_a_kept_lease_from_one_taken_afresh() {
     use order_process::cluster::Renewal;
     let redis = RedisServer::start();
-    let connections = Connections::connect(&redis.url(), 1, Duration::from_secs(1))
-        .expect("connections to the test redis");
-    let coordinator = RedisCoordinator::new(Arc::new(connections));
+    let coordinator = crate::cluster::coordinator_of(&redis);
     let lease = order_process::cluster::Liveness {
         node: "node-r".into(),
         holder: "node-r:1".into(),
