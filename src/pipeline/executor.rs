@@ -302,25 +302,9 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
                 return None;
             }
             Err(StoreError::Corrupt(reason)) => {
-                // Reading it again will not help: set it aside for an operator, so it holds
-                // no worker and no reconciliation queues it again.
-                let aside = SetAside {
-                    order_id: id,
-                    node: shared.node_id.clone(),
-                    reason,
-                    // To the microsecond, as the API shows the times of orders.
-                    at: chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6),
-                };
-                match shared.store.set_aside(&aside).await {
-                    Ok(()) => {
-                        error!(order_id = %id, reason = %aside.reason, "order record cannot be read, set aside");
-                        return None;
-                    }
-                    Err(error) => {
-                        warn!(order_id = %id, error = %error, "cannot set aside an unreadable order, retrying");
-                    }
-                }
-                if wait_or_stop(&mut stop_rx, &mut delay).await {
+                if set_aside(shared, id, reason).await
+                    || wait_or_stop(&mut stop_rx, &mut delay).await
+                {
                     return None;
                 }
             }
@@ -330,6 +314,29 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
                     return None;
                 }
             }
+        }
+    }
+}
+
+/// Sets aside an order whose record does not read: reading it again will not help, so it is
+/// left for an operator, holding no worker, and no reconciliation queues it again. False when
+/// the store could not take it (the caller waits and tries again).
+async fn set_aside(shared: &Shared, id: OrderId, reason: String) -> bool {
+    let aside = SetAside {
+        order_id: id,
+        node: shared.node_id.clone(),
+        reason,
+        // To the microsecond, as the API shows the times of orders.
+        at: chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6),
+    };
+    match shared.store.set_aside(&aside).await {
+        Ok(()) => {
+            error!(order_id = %id, reason = %aside.reason, "order record cannot be read, set aside");
+            true
+        }
+        Err(error) => {
+            warn!(order_id = %id, error = %error, "cannot set aside an unreadable order, retrying");
+            false
         }
     }
 }
@@ -903,6 +910,15 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
                 warn!(order_id = %order.order_id, revision = next.revision, "order changed since it was read here, dropping this copy");
                 return None;
             }
+            Err(StoreError::Corrupt(reason)) if record_unreadable(shared, order.order_id).await => {
+                // The stored record no longer decodes, so the commit cannot check its fence,
+                // now or on any retry.
+                if set_aside(shared, order.order_id, reason).await
+                    || wait_or_stop(&mut stop_rx, &mut delay).await
+                {
+                    return None;
+                }
+            }
             Err(error) => {
                 maybe_applied = true;
                 warn!(order_id = %order.order_id, error = %error, "cannot commit transition, retrying");
@@ -912,6 +928,12 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
             }
         }
     }
+}
+
+/// Whether order `id`'s stored record does not decode (a commit answered `Corrupt` may also
+/// mean an answer that did not read, which a retry gets past).
+async fn record_unreadable(shared: &Shared, id: OrderId) -> bool {
+    matches!(shared.store.get(id).await, Err(StoreError::Corrupt(_)))
 }
 
 /// The stored order, marked cancelled, when it is `written` plus a cancellation: the write
@@ -1302,6 +1324,21 @@ mod tests {
             (harness.id(), NODE)
         );
         assert!(aside[0].reason.contains("line 1"), "{}", aside[0].reason);
+        assert!(!harness.shared.active.contains(harness.id()));
+    }
+
+    #[tokio::test]
+    async fn an_order_whose_record_stops_reading_before_a_commit_is_set_aside() {
+        let harness = Harness::new(held_first_step());
+        let handle = harness.spawn_until_first_step().await;
+        harness.store.garble(harness.id());
+        harness.steps.release();
+        finished(handle).await;
+
+        assert_eq!(harness.steps.calls(), runs(&[Step::Scheduling]));
+        let aside = harness.store.set_aside_orders(10).await.unwrap();
+        assert_eq!(aside.len(), 1, "set aside, holding no worker");
+        assert_eq!(aside[0].order_id, harness.id());
         assert!(!harness.shared.active.contains(harness.id()));
     }
 

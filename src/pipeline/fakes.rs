@@ -171,6 +171,12 @@ impl OrderStore for FakeStore {
         if let Some(fault) = self.commit_faults.lock().unwrap().pop_front() {
             return Err(fault);
         }
+        if self.unreadable.lock().unwrap().contains(&order.order_id) {
+            // As the embedded store does: the stored record is read to check the fence.
+            return Err(StoreError::Corrupt(
+                "expected value at line 1 column 1".into(),
+            ));
+        }
         let mut orders = self.orders.lock().unwrap();
         let stored = orders.get(&order.order_id).ok_or(StoreError::NotFound)?;
         let checked = check_commit(Fence::from(stored), order, || Ok(same_order(stored, order)))?;
