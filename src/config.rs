@@ -163,6 +163,13 @@ pub struct OrdersConfig {
 }
 
 /// The shortest `orders.retention` taken.
+/// Most orders held in memory at once, or waiting for a worker, or calls to one step service in
+/// flight: far past what one node's memory holds (about 1.3 KB an order), short of sizes that
+/// abort the process at start.
+pub const MAX_ORDERS: usize = 10_000_000;
+/// Most threads for async tasks, and most shared Redis connections.
+pub const MAX_THREADS: usize = 1024;
+
 pub const MIN_RETENTION: Duration = Duration::from_secs(1);
 /// The longest `orders.retention` taken (about ten years): longer is as good as forever, and
 /// would overflow the stores' clocks.
@@ -924,6 +931,7 @@ impl Config {
                 ),
             ));
         }
+        self.validate_sizes()?;
         self.validate_https()?;
         check_rate("simulate.failure_rate", self.simulate.failure_rate)?;
         for name in self.steps.keys() {
@@ -1061,6 +1069,34 @@ impl Config {
                 "limits.submit_rate",
                 "must be a number of submissions per second, more than 0",
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks the sizes the node allocates or counts permits by at start.
+    fn validate_sizes(&self) -> Result<(), ConfigError> {
+        let sizes = [
+            (
+                "server.worker_threads",
+                self.server.worker_threads,
+                MAX_THREADS,
+            ),
+            ("pipeline.workers", self.pipeline.workers.get(), MAX_ORDERS),
+            (
+                "pipeline.queue_capacity",
+                self.pipeline.queue_capacity.get(),
+                MAX_ORDERS,
+            ),
+            (
+                "database.pool_size",
+                self.database.pool_size.get(),
+                MAX_THREADS,
+            ),
+        ];
+        for (key, size, most) in sizes {
+            if size > most {
+                return Err(ConfigError::new(key, format!("must be at most {most}")));
+            }
         }
         Ok(())
     }
@@ -1265,6 +1301,12 @@ impl Config {
                 }
                 let concurrency = match section.concurrency {
                     None => None,
+                    Some(limit) if limit > MAX_ORDERS => {
+                        return Err(ConfigError::new(
+                            key("concurrency"),
+                            format!("must be at most {MAX_ORDERS}"),
+                        ))
+                    }
                     Some(limit) => Some(NonZeroUsize::new(limit).ok_or_else(|| {
                         ConfigError::new(key("concurrency"), "must be at least 1")
                     })?),
@@ -1593,6 +1635,26 @@ mod tests {
                 "cluster.phi_threshold",
                 "{phi}"
             );
+        }
+        for (section, key, most) in [
+            ("server", "worker_threads", MAX_THREADS),
+            ("pipeline", "workers", MAX_ORDERS),
+            ("pipeline", "queue_capacity", MAX_ORDERS),
+            ("database", "pool_size", MAX_THREADS),
+            ("steps.Processing", "concurrency", MAX_ORDERS),
+        ] {
+            let step = match section {
+                "steps.Processing" => "handler = \"http\"\nurl = \"http://shop/charge\"\n",
+                _ => "",
+            };
+            for (size, fits) in [(most, true), (most + 1, false), (usize::MAX >> 2, false)] {
+                let text = format!("[{section}]\n{step}{key} = {size}\n");
+                let checked = Config::from_toml(&text).and_then(|config| config.validate());
+                match fits {
+                    true => checked.unwrap(),
+                    false => assert_eq!(checked.unwrap_err().key, format!("{section}.{key}")),
+                }
+            }
         }
         let error = Config::from_toml("[server\n").unwrap_err();
         assert_eq!(error.key, "line 1");
