@@ -101,6 +101,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Polled while the node starts too: a node told to stop while it waits for its lease stops.
     let mut shutdown = std::pin::pin!(shutdown);
+    // Before the tokens file is read: a SIGHUP sent while the node starts (waiting for Redis or
+    // its lease) is kept for the reload task, which then reads the file in place.
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     // First, so a bad tokens file stops the node before it touches its store.
     let security = api::auth::Security::from_config(&config)?;
     let server_tls = ServerTls::from_config(&config)?.map(Arc::new);
@@ -246,7 +249,7 @@ pub async fn run(
         activity: orders.activity(),
         peers,
     };
-    let reload = spawn_reload_on_hangup(Arc::clone(&checks.auth), server_tls.clone());
+    let reload = spawn_reload_on_hangup(hangups, Arc::clone(&checks.auth), server_tls.clone());
     let state = ApiState {
         orders: Arc::new(orders),
         security: Arc::new(checks),
@@ -318,12 +321,12 @@ async fn close(file: Arc<EmbeddedStore>) {
 /// Re-reads the tokens file, and the https certificate and key, on each SIGHUP; a bad file
 /// keeps what is in force.
 fn spawn_reload_on_hangup(
+    hangups: std::io::Result<tokio::signal::unix::Signal>,
     auth: Arc<api::auth::Authenticator>,
     tls: Option<Arc<ServerTls>>,
 ) -> tokio::task::JoinHandle<()> {
-    use tokio::signal::unix::{signal, SignalKind};
     let task = async move {
-        let mut hangups = match signal(SignalKind::hangup()) {
+        let mut hangups = match hangups {
             Ok(hangups) => hangups,
             Err(error) => {
                 warn!(error = %error, "cannot listen for SIGHUP: tokens cannot be reloaded");

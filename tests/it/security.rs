@@ -48,7 +48,7 @@ impl Tokens {
         tokens
     }
 
-    fn write(&self, entries: &[Entry<'_>]) {
+    pub(crate) fn write(&self, entries: &[Entry<'_>]) {
         self.write_raw(&text(entries));
     }
 

@@ -12,6 +12,7 @@ use crate::config::run_to_exit;
 use crate::harness::{pretty, unique_user, Node, RedisServer, POLL};
 use crate::history::assert_completed;
 use crate::redis_tls::{Pki, Unready};
+use crate::security::{bearer, Tokens, ALICE, BOB};
 use order_process::order::OrderId;
 use order_process::store::redis::RedisStore;
 use order_process::store::OrderStore;
@@ -463,11 +464,14 @@ async fn a_node_waiting_at_start_for_redis_survives_a_sighup_and_then_waits_for_
     let _turn = cluster_turn().await;
     let mut redis = RedisServer::start();
     redis.kill();
+    let tokens = Tokens::new(&[(ALICE, "alice", "user", ""), (BOB, "bob", "user", "")]);
     let dir = tempfile::tempdir().expect("a temp dir");
     let config = dir.path().join("config.toml");
     let config_text = format!(
-        "[cluster]\nsecret = \"{SECRET}\"\n[database]\nurl = \"{}\"\nmin_replicas = 1\n",
-        redis.url()
+        "[cluster]\nsecret = \"{SECRET}\"\n[database]\nurl = \"{}\"\nmin_replicas = 1\n\
+         [auth]\nmode = \"tokens\"\ntokens_file = \"{}\"\n",
+        redis.url(),
+        tokens.path().display()
     );
     std::fs::write(&config, config_text).expect("write the config");
     let port = crate::harness::port();
@@ -500,6 +504,8 @@ async fn a_node_waiting_at_start_for_redis_survives_a_sighup_and_then_waits_for_
         );
         tokio::time::sleep(POLL).await;
     }
+    // Alice's token is revoked, and the node told, while it waits.
+    tokens.write(&[(BOB, "bob", "user", "")]);
     assert!(node.signal("HUP"));
     // Redis stays down longer than the wait for replicas.
     while started.elapsed() < Duration::from_secs(11) {
@@ -541,6 +547,17 @@ async fn a_node_waiting_at_start_for_redis_survives_a_sighup_and_then_waits_for_
             crate::harness::tail(&log, 40)
         );
         tokio::time::sleep(POLL).await;
+    }
+    // It serves with the tokens file of the last SIGHUP, not the one it read at start.
+    let orders = format!("http://127.0.0.1:{port}/orders");
+    for (token, status) in [(ALICE, 401), (BOB, 200)] {
+        let reply = client
+            .get(&orders)
+            .header("Authorization", bearer(token))
+            .send()
+            .await
+            .expect("the node answers");
+        assert_eq!(reply.status().as_u16(), status, "{token}");
     }
 }
 
