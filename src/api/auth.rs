@@ -525,9 +525,11 @@ impl Security {
     }
 }
 
-/// Logs an admin action (or a cluster-internal call) on the `audit` target: who did what.
+/// Logs an admin action (or a cluster-internal call) on the `audit` target: who did what. The
+/// names come from requests, so line breaks and quotes in them are escaped: none can forge a
+/// line of the log.
 pub fn audit(who: &str, role: &str, action: &str, target: &str) {
-    tracing::info!(target: "audit", who = %who, role = %role, action = %action, target = %target, "admin action");
+    tracing::info!(target: "audit", who = %who.escape_debug(), role = %role, action = %action, target = %target.escape_debug(), "admin action");
 }
 
 /// The tokens-file entry for a token, as `order-process hash-token` prints it.

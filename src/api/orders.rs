@@ -195,7 +195,12 @@ async fn get_order(
     let Some(wait) = wait else {
         let order = state.orders.get(scope(&caller), order_id).await?;
         if order.user != caller.user {
-            audit(&caller.user, caller.role.as_str(), "read order", &id);
+            audit(
+                &caller.user,
+                caller.role.as_str(),
+                "read order",
+                &order_id.to_string(),
+            );
         }
         return Ok(order_reply(StatusCode::OK, &order));
     };
@@ -204,7 +209,12 @@ async fn get_order(
         .wait_one(scope(&caller), order_id, wait)
         .await?;
     if order.user != caller.user {
-        audit(&caller.user, caller.role.as_str(), "read order", &id);
+        audit(
+            &caller.user,
+            caller.role.as_str(),
+            "read order",
+            &order_id.to_string(),
+        );
     }
     Ok(order_reply(StatusCode::OK, &order))
 }
@@ -464,7 +474,7 @@ where
 async fn cancel_order(state: State, credentials: Credentials, id: String) -> Answer {
     let caller = state.caller(&credentials)?;
     let order_id = order_id(&id)?;
-    let user = owner_for(&state, &caller, order_id, "cancel order", &id).await?;
+    let user = owner_for(&state, &caller, order_id, "cancel order").await?;
     let order = state.orders.cancel(&user, order_id).await?;
     Ok(order_reply(StatusCode::ACCEPTED, &order))
 }
@@ -476,14 +486,18 @@ async fn owner_for(
     caller: &Principal,
     order_id: OrderId,
     action: &str,
-    id: &str,
 ) -> Result<String, ApiError> {
     if !caller.is_admin() {
         return Ok(caller.user.clone());
     }
     let order = state.orders.get(Scope::All, order_id).await?;
     if order.user != caller.user {
-        audit(&caller.user, caller.role.as_str(), action, id);
+        audit(
+            &caller.user,
+            caller.role.as_str(),
+            action,
+            &order_id.to_string(),
+        );
     }
     Ok(order.user)
 }
@@ -493,7 +507,7 @@ async fn owner_for(
 async fn retry_parked_rollback(state: State, credentials: Credentials, id: String) -> Answer {
     let caller = state.caller(&credentials)?;
     let order_id = order_id(&id)?;
-    let user = owner_for(&state, &caller, order_id, "retry parked rollback", &id).await?;
+    let user = owner_for(&state, &caller, order_id, "retry parked rollback").await?;
     let order = state.orders.retry_rollback(&user, order_id).await?;
     Ok(order_reply(StatusCode::ACCEPTED, &order))
 }

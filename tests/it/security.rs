@@ -208,6 +208,22 @@ async fn tokens_are_checked_and_roles_enforced() {
         "admin reads alice's order",
     );
     assert_eq!(order["order_id"], Value::String(id.clone()));
+    // The same order named in capitals is audited under its id as the API spells it.
+    let reply = node.get_order(&bearer(ROOT), &id.to_uppercase()).await;
+    node.expect_json(
+        &reply,
+        200,
+        "admin reads alice's order by its id in capitals",
+    );
+    // A name with a line break in it cannot forge a line of the log.
+    let reply = node
+        .list(&bearer(ROOT), &[("user", "eve\nforged audit line")])
+        .await;
+    node.expect_json(
+        &reply,
+        200,
+        "admin lists a user with a line break in the name",
+    );
     let listed = node.list(&bearer(ROOT), &[("user", "alice")]).await;
     let listed = node.expect_json(&listed, 200, "admin lists alice's orders");
     assert_eq!(order_ids(&listed), vec![id.clone()]);
@@ -265,8 +281,13 @@ async fn tokens_are_checked_and_roles_enforced() {
         .count();
     assert_eq!(
         reads,
-        3,
-        "a read, a wait and a wait for many:\n{}",
+        4,
+        "two reads, a wait and a wait for many:\n{}",
+        audit.join("\n")
+    );
+    assert!(
+        !log.lines().any(|line| line.starts_with("forged")),
+        "a user name broke a log line:\n{}",
         audit.join("\n")
     );
     for action in [
