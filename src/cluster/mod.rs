@@ -1035,9 +1035,11 @@ impl Cluster {
         }
         // A leader that is leaving hands the leadership on now, not when its steps are done:
         // should this process be killed while it drains, no peer waits for the lease to expire.
-        let _ = self.leaving_tx.send(true);
+        // `send_replace`, not `send`: with no task listening at this instant (each subscribes
+        // only while it pauses), `send` would drop the value and no task would ever stop.
+        self.leaving_tx.send_replace(true);
         self.pool.shutdown(grace).await;
-        let _ = self.stop_tx.send(true);
+        self.stop_tx.send_replace(true);
         let tasks: Vec<JoinHandle<()>> = self
             .tasks
             .lock()
