@@ -199,8 +199,8 @@ async fn traced(
     .await
 }
 
-/// Waits, without a worker, until an order's retry is due (or a cancellation of it is noted),
-/// then queues it again. When the node stops first, the order is left to resume with the schedule
+/// Waits, without a worker, until an order's retry is due (or a cancellation of it is noted, or
+/// a rerun of it asked for), then queues it again. When the node stops first, the order is left to resume with the schedule
 /// kept in the store.
 fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, retry: RetryWait) {
     let task = async move {
@@ -215,6 +215,7 @@ fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, retry: RetryWait) {
 async fn wait_then_queue(shared: &Shared, id: OrderId, retry: RetryWait) -> bool {
     let mut stop_rx = shared.stop_rx.clone();
     let mut cancel_rx = shared.cancels.subscribe();
+    let mut rerun_rx = shared.active.subscribe_reruns();
     let sleep = tokio::time::sleep_until(retry.due.when);
     tokio::pin!(sleep);
     loop {
@@ -226,8 +227,13 @@ async fn wait_then_queue(shared: &Shared, id: OrderId, retry: RetryWait) -> bool
         if retry.cancellable && shared.cancels.contains(id) {
             break;
         }
-        // The retry is due; or the node stops; or some cancellation was noted, which ends the
-        // wait only if it is this order's.
+        // The order changed in the store (a parked rollback retried while its webhook waits):
+        // it is read again now, and waits again if its retry is still not due.
+        if shared.active.take_rerun(id) {
+            break;
+        }
+        // The retry is due; or the node stops; or some cancellation was noted, or some rerun
+        // asked for, which ends the wait only if it is this order's.
         tokio::select! {
             _ = &mut sleep => break,
             _ = stop_rx.changed() => return false,
@@ -236,6 +242,7 @@ async fn wait_then_queue(shared: &Shared, id: OrderId, retry: RetryWait) -> bool
                     return false;
                 }
             }
+            _ = rerun_rx.changed() => {}
         }
     }
     // Either there is room in the queue, or the node stops and the order resumes later.

@@ -515,6 +515,44 @@ async fn rollback_retried_while_the_webhook_is_out(base: String) {
     );
 }
 
+/// A parked order whose webhook failed and waits a minute for its next try: a retry of its
+/// rollback asked of the same node runs now, not once the webhook's wait is over.
+#[tokio::test]
+async fn a_rollback_retried_while_the_webhook_waits_to_retry_runs_at_once() {
+    let shop = shop_with_refunds_down(2).await;
+    shop.queue(
+        "/order-finished",
+        vec![Answer::Status(500, "receiver down".into())],
+    );
+    let mut config = shop.sections(simulate("10ms"), &QUICK, Some(("Processing", ONE_RETRY)));
+    config.push_str(&format!(
+        "[notify]\nurl = \"{}/order-finished\"\nsecret = \"webhook-secret-0123456789\"\n\
+         retries = 5\nbackoff = \"60s\"\nbackoff_max = \"60s\"\n",
+        shop.base()
+    ));
+    let node = Node::start(&config).await;
+    let user = unique_user("hana");
+    let id = node.create_order(&user, &json!({"sku": "H8"})).await;
+    node.wait_for(&user, &id, TERMINAL, "webhook waiting to retry", |order| {
+        order["notification"]["attempts_made"] == 1
+    })
+    .await;
+
+    let path = format!("/orders/{id}/rollback");
+    let reply = node.call(Method::POST, &path).user(&user).send().await;
+    node.expect_json(
+        &reply,
+        202,
+        "POST /orders/{id}/rollback while the webhook waits",
+    );
+    let order = node
+        .wait_for(&user, &id, TERMINAL, "rolled back", |order| {
+            order["rollback_state"] == "complete"
+        })
+        .await;
+    assert_failed_at(&order, "Post-Processing");
+}
+
 /// Processing's timing for tests that act while an order waits to retry its charge.
 const SLOW_CHARGE: Timing = Timing::new("5s", 3, "2s", "2s");
 
