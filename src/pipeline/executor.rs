@@ -121,6 +121,7 @@ async fn run(
             }
             Some(Start::Unpark(parked)) => {
                 let Parked {
+                    step,
                     order,
                     ticket,
                     attempt,
@@ -132,6 +133,8 @@ async fn run(
                     Err(error) => {
                         // Still in the store, and still owned here: the reconciliation resumes it.
                         error!(order_id = %id, error = %error, "parked order cannot be decoded, leaving it to the reconciliation");
+                        // No longer counted in its step here.
+                        drop(shared.metrics.tracked(step));
                         break;
                     }
                 };
@@ -359,6 +362,8 @@ struct RetryWait {
 /// An order parked while its step's attempt takes its time.
 pub(super) struct Parked {
     order_id: OrderId,
+    /// The step it is counted in while parked (`orders_in_step`).
+    step: Step,
     order: Encoded,
     ticket: Option<u64>,
     attempt: Begun,
@@ -516,6 +521,7 @@ async fn drive(
                 tracker.keep_counted();
                 let parked = Parked {
                     order_id: order.order_id,
+                    step: order.current_step,
                     order: encoded,
                     ticket,
                     attempt,
@@ -856,8 +862,9 @@ async fn still_ours(shared: &Shared, order: &Order) -> Option<Order> {
 }
 
 /// Applies events in order and commits the result as one write, retrying while the store is
-/// unreachable. `None` means this node must let the order go (lost ownership, illegal
-/// transition, stopping).
+/// unreachable (also while the node stops: the pool gives up on it when the grace period ends).
+/// `None` means this node must let the order go (lost ownership, illegal transition, a record
+/// set aside).
 async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option<Order> {
     let mut stop_rx = shared.stop_rx.clone();
     let mut delay = Duration::from_millis(100);
@@ -929,9 +936,10 @@ async fn commit(shared: &Shared, mut order: Order, events: Vec<Event>) -> Option
             Err(error) => {
                 maybe_applied = true;
                 warn!(order_id = %order.order_id, error = %error, "cannot commit transition, retrying");
-                if wait_or_stop(&mut stop_rx, &mut delay).await {
-                    return None;
-                }
+                // Also while the node stops: a step that ran is worth committing for as long as
+                // the grace period lasts (the pool gives up on it then), not run again elsewhere.
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
             }
         }
     }
@@ -961,6 +969,9 @@ fn report_illegal(order: &Order, error: &TransitionError) {
     error!(order_id = %order.order_id, current_step = %order.current_step, error = %error, "illegal transition, dropping order");
 }
 
+/// The longest wait between two tries of a store call.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(2);
+
 /// Sleeps `delay` (doubling it up to 2 s); true when the node began stopping meanwhile.
 async fn wait_or_stop(stop_rx: &mut watch::Receiver<bool>, delay: &mut Duration) -> bool {
     if *stop_rx.borrow() {
@@ -971,7 +982,7 @@ async fn wait_or_stop(stop_rx: &mut watch::Receiver<bool>, delay: &mut Duration)
         _ = tokio::time::sleep(*delay) => false,
         _ = stop_rx.changed() => true,
     };
-    *delay = (*delay * 2).min(Duration::from_secs(2));
+    *delay = (*delay * 2).min(MAX_RETRY_DELAY);
     stopped
 }
 
@@ -1350,22 +1361,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_commit_the_store_keeps_failing_is_given_up_when_the_node_stops() {
-        let harness = Harness::new(FakeStep::new());
+    async fn a_step_done_as_the_node_stops_is_committed_through_store_failures() {
+        let harness = Harness::new(held_first_step());
         harness
             .store
-            .fail_commits((0..1000).map(|_| StoreError::Unavailable("down".into())));
-        let handle = harness.spawn();
-        until("retried commits", || harness.store.commits() >= 3).await;
+            .fail_commits((0..3).map(|_| StoreError::Unavailable("failing over".into())));
+        let handle = harness.spawn_until_first_step().await;
         harness.stop_tx.send(true).unwrap();
+        harness.steps.release();
         finished(handle).await;
 
         assert_eq!(harness.steps.calls(), runs(&[Step::Scheduling]));
         let stored = harness.stored();
-        assert_eq!(
-            stored, harness.order,
-            "the step's result is lost: it runs again where the order resumes"
+        assert!(
+            stored
+                .entry(Step::Scheduling)
+                .and_then(|entry| entry.step_complete_time)
+                .is_some(),
+            "the step's result is kept, not run again where the order resumes"
         );
+        assert_eq!(harness.store.commits(), 4);
         assert!(!harness.shared.active.contains(harness.id()));
     }
 
