@@ -136,90 +136,90 @@ pub async fn run(
     let mut embedded = None;
     // On Redis: the task that keeps checking it can keep orders as configured.
     let mut watch_redis = None;
-    let (store, pool, cluster): (Arc<dyn OrderStore>, Arc<Pool>, Option<Arc<Cluster>>) =
-        if config.is_cluster() {
-            // The order store and the coordinator share one set of connections to Redis.
-            let redis = Arc::new(Connections::open(&config.database)?);
-            tokio::select! {
-                checked = checks::check(&redis, &config.database) => checked?,
-                () = &mut shutdown => {
-                    info!("told to stop while starting; stopping");
-                    return Ok(());
-                }
+    let (store, pool, cluster): (Arc<dyn OrderStore>, Arc<Pool>, Option<Arc<Cluster>>) = if config
+        .is_cluster()
+    {
+        // The order store and the coordinator share one set of connections to Redis.
+        let redis = Arc::new(Connections::open(&config.database)?);
+        tokio::select! {
+            checked = checks::check(&redis, &config.database) => checked?,
+            () = &mut shutdown => {
+                info!("told to stop while starting; stopping");
+                return Ok(());
             }
-            let fitness = Arc::new(checks::Fitness::default());
-            let orders = RedisStore::new(Arc::clone(&redis))
-                .with_fitness(Arc::clone(&fitness))
-                .with_retention(retention)
-                .with_compression(config.database.compress_orders)
-                .with_payload_apart(config.database.payload_apart)
-                .with_split_orders(config.database.split_orders);
-            let orders: Arc<dyn OrderStore> = Arc::new(orders);
-            let coordinator = RedisCoordinator::new(Arc::clone(&redis));
-            let coordinator: Arc<dyn Coordinator> = Arc::new(coordinator);
-            let store: Arc<dyn OrderStore> =
-                Arc::new(MeteredStore::new(Arc::clone(&orders), Arc::clone(&metrics)));
-            // Closed until the first liveness renewal: no step starts before the lease is held.
-            let gate = Arc::new(Gate::closed());
-            let pool = Pool::start(
-                service_id.clone(),
-                Arc::clone(&store),
-                handlers.clone(),
-                Arc::clone(&gate),
-                workers,
-                queue,
-                Arc::clone(&metrics),
-            );
-            let start = Cluster::start(
-                service_id.clone(),
-                generation(data_dir)?,
-                listen,
-                advertised,
-                config.cluster.clone(),
-                coordinator,
-                orders,
-                Arc::clone(&pool),
-                gate,
-                Arc::clone(&metrics),
-                peers.clone(),
-            );
-            let cluster = tokio::select! {
-                cluster = start => cluster?,
-                () = &mut shutdown => {
-                    // Usually still waiting for the lease, so nothing ran yet; an order started
-                    // in the last moments resumes elsewhere once the lease expires, as after a
-                    // crash.
-                    info!("told to stop while starting; stopping");
-                    pool.shutdown(Duration::ZERO).await;
-                    return Ok(());
-                }
-            };
-            watch_redis = Some(tokio::spawn(checks::watch(
-                redis,
-                config.database.clone(),
-                fitness,
-            )));
-            (store, pool, Some(cluster))
-        } else {
-            let file = Arc::new(
-                EmbeddedStore::open_with(data_dir, retention, config.database.compress_orders)?
-                    .with_payload_apart(config.database.payload_apart),
-            );
-            embedded = Some(Arc::clone(&file));
-            let metered = MeteredStore::new(file, Arc::clone(&metrics));
-            let store: Arc<dyn OrderStore> = Arc::new(metered);
-            let pool = Pool::start(
-                service_id.clone(),
-                Arc::clone(&store),
-                handlers.clone(),
-                Arc::new(Gate::open()),
-                workers,
-                queue,
-                Arc::clone(&metrics),
-            );
-            spawn_resume(Arc::clone(&store), Arc::clone(&pool), service_id.clone());
-            (store, pool, None)
+        }
+        let fitness = Arc::new(checks::Fitness::default());
+        let orders = RedisStore::new(Arc::clone(&redis))
+            .with_fitness(Arc::clone(&fitness))
+            .with_retention(retention)
+            .with_compression(config.database.compress_orders)
+            .with_payload_apart(config.database.payload_apart)
+            .with_split_orders(config.database.split_orders);
+        let orders: Arc<dyn OrderStore> = Arc::new(orders);
+        let coordinator = RedisCoordinator::new(Arc::clone(&redis));
+        let coordinator: Arc<dyn Coordinator> = Arc::new(coordinator);
+        let store: Arc<dyn OrderStore> = Arc::new(MeteredStore::new(orders, Arc::clone(&metrics)));
+        // Closed until the first liveness renewal: no step starts before the lease is held.
+        let gate = Arc::new(Gate::closed());
+        let pool = Pool::start(
+            service_id.clone(),
+            Arc::clone(&store),
+            handlers.clone(),
+            Arc::clone(&gate),
+            workers,
+            queue,
+            Arc::clone(&metrics),
+        );
+        let start = Cluster::start(
+            service_id.clone(),
+            generation(data_dir)?,
+            listen,
+            advertised,
+            config.cluster.clone(),
+            coordinator,
+            Arc::clone(&store),
+            Arc::clone(&pool),
+            gate,
+            Arc::clone(&metrics),
+            peers.clone(),
+        );
+        let cluster = tokio::select! {
+            cluster = start => cluster?,
+            () = &mut shutdown => {
+                // Usually still waiting for the lease, so nothing ran yet; an order started
+                // in the last moments resumes elsewhere once the lease expires, as after a
+                // crash.
+                info!("told to stop while starting; stopping");
+                pool.shutdown(Duration::ZERO).await;
+                return Ok(());
+            }
         };
+        watch_redis = Some(tokio::spawn(checks::watch(
+            redis,
+            config.database.clone(),
+            fitness,
+        )));
+        (store, pool, Some(cluster))
+    } else {
+        let file = Arc::new(
+            EmbeddedStore::open_with(data_dir, retention, config.database.compress_orders)?
+                .with_payload_apart(config.database.payload_apart),
+        );
+        embedded = Some(Arc::clone(&file));
+        let metered = MeteredStore::new(file, Arc::clone(&metrics));
+        let store: Arc<dyn OrderStore> = Arc::new(metered);
+        let pool = Pool::start(
+            service_id.clone(),
+            Arc::clone(&store),
+            handlers.clone(),
+            Arc::new(Gate::open()),
+            workers,
+            queue,
+            Arc::clone(&metrics),
+        );
+        spawn_resume(Arc::clone(&store), Arc::clone(&pool), service_id.clone());
+        (store, pool, None)
+    };
 
     // Level-triggered: whatever event was lost, an unfinished order of this node runs again
     // within about one interval.

@@ -277,6 +277,9 @@ async fn cluster_metrics_show_leadership_gossip_and_takeover() {
     let survivors = [&nodes[0], &nodes[2]];
     assert!(sum(&survivors, "order_process_transfers_total").await >= 1.0);
     assert!(sum(&survivors, "order_process_transferred_orders_total").await >= 1.0);
+    // The takeover's move of the orders is a timed store call like the others.
+    let reassigns = "order_process_store_operation_duration_seconds_count{operation=\"reassign\"}";
+    assert!(sum(&survivors, reassigns).await >= 1.0);
     assert!(sum(&survivors, "order_process_orders_completed_total").await >= 1.0);
     assert_eq!(sum(&survivors, "order_process_is_leader").await, 1.0);
     let metrics = scrape(&nodes[0]).await;
