@@ -222,7 +222,8 @@ impl TraceContext {
         let trace_id = TraceId::parse(head.get(3..35)?)?;
         let parent_id = SpanId::parse(head.get(36..52)?)?;
         let flags = head.get(53..55).filter(|flags| is_lower_hex(flags, 2))?;
-        let flags = u8::from_str_radix(flags, 16).ok()?;
+        // Only `sampled` goes on: the spec has a tracer pass no flag it does not know.
+        let flags = u8::from_str_radix(flags, 16).ok()? & SAMPLED;
         let state = tracestate
             .map(str::trim)
             .filter(|state| !state.is_empty() && state.len() <= MAX_TRACESTATE)
@@ -314,6 +315,15 @@ mod tests {
             context.traceparent(SpanId(0xab)),
             "00-00000000000000000000000000000001-00000000000000ab-00"
         );
+    }
+
+    #[test]
+    fn passes_on_only_the_sampled_flag() {
+        for (flags, kept) in [("ff", "01"), ("fe", "00"), ("03", "01")] {
+            let header = format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}");
+            let context = TraceContext::parse(&header, None).unwrap();
+            assert!(context.traceparent(SpanId(1)).ends_with(kept), "{flags}");
+        }
     }
 
     #[test]

@@ -131,9 +131,9 @@ pub fn submission(caller: Option<TraceContext>) -> (TraceContext, Submission) {
     let context = TraceContext {
         trace_id: trace_id(own.trace_id()),
         parent_id: span_id(own.span_id()),
-        flags: caller
-            .as_ref()
-            .map_or(own.trace_flags().to_u8(), |caller| caller.flags),
+        // The sampler's decision (the caller's, with the default parent-based sampler): what
+        // the order's calls tell their services is whether spans of this trace are exported.
+        flags: own.trace_flags().to_u8() & super::SAMPLED,
         state: caller.and_then(|caller| caller.state),
     };
     (context, Submission(Some(span)))
@@ -221,7 +221,8 @@ impl Call {
             .start_with_context(tracer, &parent);
         Call {
             trace_id: trace.trace_id,
-            flags: trace.flags,
+            // Whether this call's span is exported: the span the service's spans hang under.
+            flags: span.span_context().trace_flags().to_u8() & super::SAMPLED,
             span_id: span_id(span.span_context().span_id()),
             span: Some(Box::new(span)),
         }

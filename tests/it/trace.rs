@@ -402,3 +402,27 @@ async fn spans_of_the_order_reach_the_otlp_receiver() {
         recorder.spans()
     );
 }
+
+/// With a sampler that does not follow the caller (`always_on`), an order the caller did not
+/// sample is sampled here, its spans exported, and its calls say so: a service's spans then hang
+/// under spans that exist.
+#[tokio::test]
+async fn the_calls_flags_are_the_samplers_decision_not_the_callers() {
+    let recorder = Recorder::start().await;
+    let telemetry = format!("[telemetry]\notlp_endpoint = \"{}\"\n", recorder.base);
+    let node = Node::start_env(
+        &config(&recorder, &telemetry),
+        &[("OTEL_TRACES_SAMPLER", "always_on")],
+    )
+    .await;
+    let user = unique_user("sampler");
+    let unsampled = GIVEN.replace("-01", "-00");
+    let id = submit(&node, &user, &[("traceparent", &unsampled)]).await;
+    let sent = completed_calls(&node, &recorder, &user, &id).await;
+    for header in &sent {
+        assert_eq!(fields(header).2, "01", "{header}");
+    }
+    until(SPANS_ARRIVE, POLL, || async { spans_of(&recorder, &id) })
+        .await
+        .unwrap_or_else(|| panic!("no spans of {id}: {:#?}", recorder.spans()));
+}
