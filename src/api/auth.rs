@@ -388,6 +388,12 @@ impl Authenticator {
     /// else (tokens mode) by the entry of its client certificate.
     pub fn caller(&self, credentials: &Credentials) -> Result<Principal, ApiError> {
         match (&credentials.authorization, &credentials.certificate) {
+            (None, Some(_)) if self.mode == AuthMode::Tokens && credentials.cross_site_write => {
+                Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "a write another site's page made is not taken on a client certificate: send a token",
+                ))
+            }
             (None, Some(name)) if self.mode == AuthMode::Tokens => self.by_certificate(name),
             (authorization, _) => self.authenticate(authorization.as_deref()),
         }
@@ -464,6 +470,9 @@ impl Authenticator {
 pub struct Credentials {
     pub authorization: Option<String>,
     pub certificate: Option<CertificateName>,
+    /// A browser says the request is a write that another site's page made (`Sec-Fetch-Site`),
+    /// carrying the certificate the browser shows on its own, as it would a cookie.
+    pub cross_site_write: bool,
 }
 
 impl Credentials {
@@ -477,10 +486,18 @@ impl Credentials {
 pub fn credentials() -> impl Filter<Extract = (Credentials,), Error = warp::Rejection> + Clone {
     warp::header::optional::<String>("authorization")
         .and(warp::ext::optional::<CertificateName>())
-        .map(|authorization, certificate| Credentials {
-            authorization,
-            certificate,
-        })
+        .and(warp::method())
+        .and(warp::header::optional::<String>("sec-fetch-site"))
+        .map(
+            |authorization, certificate, method: warp::http::Method, site: Option<String>| {
+                Credentials {
+                    authorization,
+                    certificate,
+                    cross_site_write: !method.is_safe()
+                        && site.is_some_and(|site| site != "same-origin" && site != "none"),
+                }
+            },
+        )
 }
 
 fn unauthorized(message: &str) -> ApiError {
@@ -679,6 +696,7 @@ mod tests {
         let shown = |authorization: Option<&str>, name: Option<&str>| Credentials {
             authorization: authorization.map(String::from),
             certificate: name.map(|name| CertificateName(Arc::from(name))),
+            cross_site_write: false,
         };
         let principal = |user: &str, role| Principal {
             user: user.into(),

@@ -74,7 +74,18 @@ fn root() -> BoxedFilter<(Response,)> {
         .and(warp::header::optional::<String>("accept"))
         .map(|accept: Option<String>| {
             if accept.is_some_and(|accept| accept.contains("text/html")) {
-                warp::reply::html(CONSOLE).into_response()
+                // Never inside another site's frame, whose page could steer its buttons.
+                let mut page = warp::reply::html(CONSOLE).into_response();
+                let headers = page.headers_mut();
+                headers.insert(
+                    "x-frame-options",
+                    warp::http::HeaderValue::from_static("DENY"),
+                );
+                headers.insert(
+                    "content-security-policy",
+                    warp::http::HeaderValue::from_static("frame-ancestors 'none'"),
+                );
+                page
             } else {
                 WELCOME.into_response()
             }

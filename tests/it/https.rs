@@ -306,6 +306,36 @@ async fn a_client_certificate_names_the_caller_that_sends_no_token() {
         .filter_map(|order| order["order_id"].as_str())
         .collect();
     assert_eq!(ids, [id.as_str()], "the shop lists its own order");
+    // A write that another site's page made in a browser holding the certificate is refused;
+    // the console's own (same-origin) writes are not.
+    for (site, expected) in [
+        ("cross-site", 403),
+        ("same-site", 403),
+        ("same-origin", 201),
+    ] {
+        let reply = shop
+            .post(format!("{}/orders", node.base))
+            .header("Sec-Fetch-Site", site)
+            .header("Content-Type", "text/plain")
+            .body("{}")
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(reply.status().as_u16(), expected, "{site}");
+    }
+    let reply = shop
+        .post(format!("{}/orders", node.base))
+        .header("Sec-Fetch-Site", "cross-site")
+        .header("Authorization", bearer(ALICE))
+        .body("{}")
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(
+        reply.status().as_u16(),
+        201,
+        "a token is no ambient credential"
+    );
     let path = format!("/orders/{id}");
     assert_eq!(call(&shop, Method::GET, &path, None).await.0, 200);
     // The same connection with alice's token is alice, who does not see the shop's order.
