@@ -162,14 +162,19 @@ pub struct OrdersConfig {
     pub retention: Duration,
 }
 
-/// The shortest `orders.retention` taken.
 /// Most orders held in memory at once, or waiting for a worker, or calls to one step service in
 /// flight: far past what one node's memory holds (about 1.3 KB an order), short of sizes that
 /// abort the process at start.
 pub const MAX_ORDERS: usize = 10_000_000;
+/// The deepest `limits.max_depth` may let a payload nest: stored, in a step call and in a
+/// view, an order carries it a few levels down, and serde_json reads at most 128.
+pub const MAX_PAYLOAD_DEPTH: usize = 100;
 /// Most threads for async tasks, and most shared Redis connections.
 pub const MAX_THREADS: usize = 1024;
+/// Most connections `limits.max_connections` may let in: past any file limit.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
 
+/// The shortest `orders.retention` taken.
 pub const MIN_RETENTION: Duration = Duration::from_secs(1);
 /// The longest `orders.retention` taken (about ten years): longer is as good as forever, and
 /// would overflow the stores' clocks.
@@ -1064,6 +1069,15 @@ impl Config {
             ("limits.header_read_timeout", limits.header_read_timeout),
             ("limits.body_read_timeout", limits.body_read_timeout),
         ])?;
+        if limits.max_depth.get() > MAX_PAYLOAD_DEPTH {
+            return Err(ConfigError::new(
+                "limits.max_depth",
+                format!(
+                    "must be at most {MAX_PAYLOAD_DEPTH}: an order carries its payload a few levels \
+                     down, within what JSON readers take"
+                ),
+            ));
+        }
         if !(limits.submit_rate.is_finite() && limits.submit_rate > 0.0) {
             return Err(ConfigError::new(
                 "limits.submit_rate",
@@ -1656,6 +1670,11 @@ mod tests {
                 }
             }
         }
+        let config = Config::from_toml("[limits]\nmax_depth = 101\n").unwrap();
+        assert_eq!(config.validate().unwrap_err().key, "limits.max_depth");
+        Config::from_toml("[limits]\nmax_depth = 100\n")
+            .and_then(|config| config.validate())
+            .unwrap();
         let error = Config::from_toml("[server\n").unwrap_err();
         assert_eq!(error.key, "line 1");
         let config = Config::from_toml("[simulate]\nfailure_rate = 2.0\n").unwrap();

@@ -646,6 +646,38 @@ fn nonzero(w: &mut Writer<'_, '_>, name: &[u8], count: u32) {
     }
 }
 
+/// Whether JSON text nests arrays and objects deeper than `max`. A scan of the bytes, so it is
+/// cheap and runs before the parser builds anything; invalid JSON is left to the parser.
+pub fn nests_deeper_than(json: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

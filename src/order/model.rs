@@ -429,6 +429,11 @@ impl<'de> Deserialize<'de> for Payload {
     }
 }
 
+/// The deepest a step's output may nest arrays and objects: later step calls and the order's
+/// views carry it a few levels down, and must stay within what JSON readers take (serde_json:
+/// 128).
+pub const MAX_OUTPUT_DEPTH: usize = 64;
+
 /// A step's output: the JSON its handler answered with, as compact text. It never changes once
 /// the step succeeded, and every stored write of the order, the view and the body of every later
 /// http step call carry it, so it is written once and shared by every copy of the order.

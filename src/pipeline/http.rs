@@ -16,7 +16,7 @@ use super::client::{target, CallError, Client, Target};
 use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
 use crate::config::{ConfigError, HttpSettings, StepTls};
-use crate::order::{write_step_call, Output, Step};
+use crate::order::{nests_deeper_than, write_step_call, Output, Step, MAX_OUTPUT_DEPTH};
 use anyhow::Context;
 use async_trait::async_trait;
 use hyper::header::{HeaderName, HeaderValue, RETRY_AFTER};
@@ -328,7 +328,13 @@ fn output(body: &[u8], truncated: bool, context: &StepContext<'_>) -> Option<Out
         warn!(order_id = %context.order.order_id, step = %context.step, limit = MAX_RESPONSE_BYTES, "step answer too large to keep as output");
         return None;
     }
+    if nests_deeper_than(body, MAX_OUTPUT_DEPTH) {
+        warn!(order_id = %context.order.order_id, step = %context.step, limit = MAX_OUTPUT_DEPTH, "step answer nests too deep to keep as output");
+        return None;
+    }
     match Output::read(body) {
+        // `null` is no output: the order's stored form has no other way to say it.
+        Ok(output) if output.text() == "null" => None,
         Ok(output) => Some(output),
         Err(error) => {
             warn!(order_id = %context.order.order_id, step = %context.step, error = %error, "step answer is not JSON, not kept as output");
@@ -491,6 +497,22 @@ mod tests {
         for bad in ["", "-1", "1.5", "soon", "Wed, 21 Oct 2015"] {
             assert_eq!(wait(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_answer_is_kept_as_output_when_it_is_json_other_than_null_and_not_too_deep() {
+        let order = order();
+        let context = StepContext::attempt(&order, Step::Processing, false, 1);
+        let kept =
+            |body: &str| output(body.as_bytes(), false, &context).map(|o| o.text().to_string());
+        assert_eq!(kept(r#" {"id": 7} "#).as_deref(), Some(r#"{"id":7}"#));
+        assert_eq!(kept("0").as_deref(), Some("0"));
+        for none in ["", "  ", "null", " null\n", "not json"] {
+            assert_eq!(kept(none), None, "{none:?}");
+        }
+        let nested = |depth: usize| "[".repeat(depth) + &"]".repeat(depth);
+        assert!(kept(&nested(MAX_OUTPUT_DEPTH)).is_some());
+        assert_eq!(kept(&nested(MAX_OUTPUT_DEPTH + 1)), None);
     }
 
     #[test]
