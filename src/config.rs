@@ -1174,10 +1174,11 @@ impl Config {
             }
             return Ok(());
         }
-        if cluster.secret.trim().is_empty() {
+        if cluster.secret.trim().chars().count() < 16 {
             return Err(ConfigError::new(
                 "cluster.secret",
-                "required in cluster mode (the store is Redis): the same secret on every node",
+                "required in cluster mode (the store is Redis), at least 16 characters: the same \
+                 secret on every node, which seals gossip and admits peers' transfers",
             ));
         }
         if cluster.id.trim().is_empty() {
@@ -1847,7 +1848,7 @@ mod tests {
     fn sentinel_and_replica_keys_are_checked_against_each_other() {
         let sentinels = "[database]\nsentinels = [\"127.0.0.1:26379\", \"[::1]:26380\"]\n\
                          master_name = \"orders\"\nmin_replicas = 1\nrequire_aof = true\n\
-                         [cluster]\nsecret = \"s\"\n";
+                         [cluster]\nsecret = \"0123456789abcdef\"\n";
         let config = Config::from_toml(sentinels).unwrap();
         config.validate().unwrap();
         assert!(config.is_cluster());
@@ -1860,7 +1861,7 @@ mod tests {
         config.validate().unwrap();
         assert!(config.database.tls);
         let plain = Config::from_toml(
-            "[database]\nurl = \"redis://127.0.0.1:6379\"\nmin_replicas = 2\n[cluster]\nsecret = \"s\"\n",
+            "[database]\nurl = \"redis://127.0.0.1:6379\"\nmin_replicas = 2\n[cluster]\nsecret = \"0123456789abcdef\"\n",
         )
         .unwrap();
         plain.validate().unwrap();
@@ -1926,6 +1927,16 @@ mod tests {
                 "cluster.secret",
                 "required",
             ),
+            (
+                "[database]\nurl = \"redis://127.0.0.1:6390\"\n[cluster]\nsecret = \"change-me\"\n",
+                "cluster.secret",
+                "at least 16 characters",
+            ),
+            (
+                "[database]\nurl = \"redis://127.0.0.1:6390\"\n[cluster]\nsecret = \"   fifteen chars   \"\n",
+                "cluster.secret",
+                "at least 16 characters",
+            ),
         ] {
             let error = Config::from_toml(text).unwrap().validate().unwrap_err();
             assert_eq!(error.key, key, "{text}: {error}");
@@ -1954,12 +1965,12 @@ mod tests {
     #[test]
     fn redis_cluster_keys_are_checked_against_each_other() {
         let cluster = "[database]\ncluster_nodes = [\"127.0.0.1:7000\", \"127.0.0.1:7001\"]\n\
-                       min_replicas = 1\n[cluster]\nsecret = \"s\"\n";
+                       min_replicas = 1\n[cluster]\nsecret = \"0123456789abcdef\"\n";
         let config = Config::from_toml(cluster).unwrap();
         config.validate().unwrap();
         assert!(config.is_cluster());
         let over_tls = "[database]\ncluster_nodes = [\"127.0.0.1:7000\"]\ntls = true\n\
-                        [cluster]\nsecret = \"s\"\n";
+                        [cluster]\nsecret = \"0123456789abcdef\"\n";
         Config::from_toml(over_tls).unwrap().validate().unwrap();
         for (text, key, needle) in [
             (

@@ -16,8 +16,8 @@
 //! random for each datagram. chitchat fills a message up to the most a datagram carries (a
 //! joining node's first state of a cluster of a couple of hundred nodes), which leaves no room
 //! for sealing: such a message is compressed (zstd) first and sent as [`FORMAT_COMPRESSED`].
-//! A datagram replayed later carries heartbeats and versions gossip has already seen, which it
-//! ignores.
+//! There is no replay window: a datagram captured and sent again opens, and is answered, like
+//! any; chitchat ignores the heartbeats and versions it has already seen.
 
 use crate::config::GossipSeal;
 use crate::metrics::Metrics;
@@ -41,6 +41,9 @@ const FORMAT: u8 = 1;
 /// sealed: only a message too large to fit sealed as it is goes so, so that every message a
 /// node of the first sealed version could read still reaches it as [`FORMAT`].
 const FORMAT_COMPRESSED: u8 = 2;
+/// How every plain chitchat message begins: its magic number, 45139, little-endian.
+const PLAIN_MAGIC: [u8; 2] = 45_139_u16.to_le_bytes();
+const _: () = assert!(PLAIN_MAGIC[0] != FORMAT && PLAIN_MAGIC[0] != FORMAT_COMPRESSED);
 /// zstd's level for a message compressed before sealing (rare: only the largest).
 const COMPRESSION_LEVEL: i32 = 3;
 /// The most a UDP datagram carries over IPv4 (IPv6 carries 20 bytes more).
@@ -309,21 +312,22 @@ async fn receive(relays: Arc<Relays>, metrics: Option<Arc<Metrics>>) {
         let Some(datagram) = buf.get_mut(..len) else {
             continue;
         };
-        // Plain gossip may begin like a sealed datagram: kept as it came, in case it does not
-        // open (opening works in place).
-        let plain = relays.seal.hears_plain().then(|| datagram.to_vec());
-        let message: &[u8] = match open(&relays.key, datagram, &mut inflated) {
-            Ok(message) => message,
-            Err(why) => match &plain {
-                Some(plain) => plain,
-                None => {
+        // Plain gossip begins with chitchat's magic number, which no sealed datagram does: a
+        // node that hears plain gossip passes on only that, and drops (and counts) the rest
+        // that does not open, as a node hearing sealed gossip alone does.
+        let message: &[u8] = if relays.seal.hears_plain() && datagram.starts_with(&PLAIN_MAGIC) {
+            datagram
+        } else {
+            match open(&relays.key, datagram, &mut inflated) {
+                Ok(message) => message,
+                Err(why) => {
                     dropped.note(from, why);
                     if let Some(metrics) = &metrics {
                         metrics.gossip_dropped();
                     }
                     continue;
                 }
-            },
+            }
         };
         let stand_in = match relays.stand_in_socket(from) {
             Ok((socket, _)) => socket,
@@ -544,6 +548,62 @@ mod tests {
                 assert_eq!(received.from_addr, sender.local_addr().expect("an address"));
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_node_hearing_plain_gossip_drops_and_counts_what_is_neither_plain_nor_ours() {
+        let metrics = Arc::new(Metrics::new());
+        let both = SealedUdp::new("s", "c", GossipSeal::Send)
+            .expect("a transport")
+            .counting_drops(Arc::clone(&metrics));
+        let mut receiver = socket(&both).await;
+        let to = receiver.local_addr().expect("an address");
+        // Each sender kept until the end: its relays go with it.
+        let stranger = SealedUdp::new("another", "c", GossipSeal::On).expect("a transport");
+        let mut stranger = socket(&stranger).await;
+        stranger
+            .send(to, envelope(ProtocolVersion::V0))
+            .await
+            .expect("sent");
+        let raw = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("a socket");
+        raw.send_to(b"GET / HTTP/1.1\r\n\r\n", to)
+            .await
+            .expect("sent");
+        let plain = SealedUdp::new("s", "c", GossipSeal::Accept).expect("a transport");
+        let mut plain = socket(&plain).await;
+        // Sent once the two before it were counted, so that it arrives after them.
+        let counted = || {
+            metrics
+                .render()
+                .is_ok_and(|text| text.contains("order_process_gossip_dropped_total 2"))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !counted() {
+            assert!(
+                Instant::now() < deadline,
+                "the two were not dropped and counted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        plain
+            .send(to, envelope(ProtocolVersion::V1))
+            .await
+            .expect("sent");
+        assert_eq!(
+            next(&mut receiver).await.envelope,
+            envelope(ProtocolVersion::V1)
+        );
+        let text = metrics.render().expect("the metrics render");
+        assert!(
+            text.contains("order_process_gossip_dropped_total 2"),
+            "{}",
+            text.lines()
+                .filter(|line| line.contains("gossip"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
 
     #[tokio::test]

@@ -390,7 +390,7 @@ async fn idempotency_key_is_per_user() {
 async fn a_key_used_again_with_another_body_is_refused_on_redis() {
     let redis = crate::harness::RedisServer::start();
     let node = Node::start(&format!(
-        "{}[database]\nurl = \"{}\"\npayload_apart = true\n[cluster]\nsecret = \"api-test-secret\"\n",
+        "{}[database]\nurl = \"{}\"\npayload_apart = true\n[cluster]\nsecret = \"api-test-cluster-secret\"\n",
         simulate("10ms"),
         redis.url()
     ))

@@ -206,7 +206,7 @@ async fn bad_http_step_sections_exit_64_naming_the_step_and_key() {
 
 /// Asserts that a cluster node with these `[database]` lines exits with 64 naming `needle`.
 async fn assert_database_refused(database: &str, needle: &str) {
-    let config = format!("[cluster]\nsecret = \"s\"\n[database]\n{database}");
+    let config = format!("[cluster]\nsecret = \"0123456789abcdef\"\n[database]\n{database}");
     let outcome = run_to_exit(Some(&config), &[]).await;
     assert_usage_error(&outcome, needle, &config);
 }
@@ -290,7 +290,8 @@ async fn a_bad_redis_url_exits_64_without_showing_its_password() {
         format!("redis://app:{password}@127.0.0.1:notaport"),
         format!("redis://app:{password}@"),
     ] {
-        let config = format!("[cluster]\nsecret = \"s\"\n[database]\nurl = \"{url}\"\n");
+        let config =
+            format!("[cluster]\nsecret = \"0123456789abcdef\"\n[database]\nurl = \"{url}\"\n");
         let outcome = run_to_exit(Some(&config), &[]).await;
         assert_usage_error(&outcome, "database.url", &url);
         assert!(
@@ -323,7 +324,7 @@ async fn unreadable_tls_files_exit_64_naming_the_key() {
         ),
     ] {
         let config = format!(
-            "[cluster]\nsecret = \"s\"\n[database]\nurl = \"rediss://127.0.0.1:9\"\n{database}"
+            "[cluster]\nsecret = \"0123456789abcdef\"\n[database]\nurl = \"rediss://127.0.0.1:9\"\n{database}"
         );
         assert_refused(&config, needle).await;
     }

@@ -724,7 +724,7 @@ async fn a_node_with_another_secret_is_not_heard_in_gossip() {
     let redis = RedisServer::start();
     let nodes = start_cluster(&redis, 1, "2s").await;
     let stranger = Node::start(&format!(
-        "[database]\nurl = \"{}\"\n[cluster]\nsecret = \"not-the-secret\"\nseeds = [\"127.0.0.1:{}\"]\n",
+        "[database]\nurl = \"{}\"\n[cluster]\nsecret = \"not-the-cluster-secret\"\nseeds = [\"127.0.0.1:{}\"]\n",
         redis.url(),
         nodes[0].port
     ))

@@ -17,7 +17,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 /// The cluster secret of the campaign's nodes.
-pub const SECRET: &str = "chaos-secret";
+pub const SECRET: &str = "chaos-cluster-secret";
 /// The user every order is submitted as.
 pub const USER: &str = "chaos";
 /// How many nodes the campaign runs.
