@@ -236,31 +236,41 @@ impl Orders for OrderService {
         // meanwhile must not take it for one that nothing runs. (One active here already is
         // resumed as before: its run goes once more.)
         let held = self.pool.hold(id);
-        let outcome = self
-            .store
-            .retry_rollback(Reopen {
+        // Re-opening and queueing run in a task of their own, as a submission's do: a client
+        // that hangs up must not leave the order re-opened but not run.
+        let (store, pool) = (Arc::clone(&self.store), Arc::clone(&self.pool));
+        let activity = Arc::clone(&self.activity);
+        let (user, node) = (user.to_string(), self.service_id.clone());
+        let reopened = tokio::spawn(async move {
+            let reopen = Reopen {
                 id,
-                user,
-                node: &self.service_id,
+                user: &user,
+                node: &node,
                 now: chrono::Utc::now(),
-            })
-            .await
-            .map_err(|error| self.order_error(id, error))?;
-        match outcome {
-            RetryRollbackOutcome::Accepted(order) => {
+            };
+            let outcome = store.retry_rollback(reopen).await?;
+            if let RetryRollbackOutcome::Accepted(order) = &outcome {
                 let pending: Vec<&str> = order
                     .pending_rollback
                     .iter()
                     .map(|step| step.as_str())
                     .collect();
-                tracing::info!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(&order), pending = %pending.join(", "), "retrying parked rollback");
+                tracing::info!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(order), pending = %pending.join(", "), "retrying parked rollback");
                 match held {
-                    Some(held) => held.resume(&self.pool),
-                    None => self.pool.resume_all(vec![order.order_id]),
+                    Some(held) => held.resume(&pool),
+                    None => pool.resume_all(vec![order.order_id]),
                 }
-                self.activity.touch();
-                Ok(order)
+                activity.touch();
             }
+            Ok(outcome)
+        })
+        .await
+        .map_err(|error| StoreError::Unavailable(format!("rollback retry stopped: {error}")));
+        match reopened
+            .and_then(|outcome| outcome)
+            .map_err(|error| self.order_error(id, error))?
+        {
+            RetryRollbackOutcome::Accepted(order) => Ok(order),
             RetryRollbackOutcome::NotParked(_) => Err(OrderError::NotParked),
         }
     }

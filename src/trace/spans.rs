@@ -128,6 +128,13 @@ pub fn submission(caller: Option<TraceContext>) -> (TraceContext, Submission) {
         .with_kind(SpanKind::Server)
         .start_with_context(tracer, &parent);
     let own = span.span_context();
+    if !own.is_valid() {
+        // A tracer already shut down gives all-zero ids, which no trace context may carry.
+        return (
+            caller.unwrap_or_else(TraceContext::new_root),
+            Submission(None),
+        );
+    }
     let context = TraceContext {
         trace_id: trace_id(own.trace_id()),
         parent_id: span_id(own.span_id()),
