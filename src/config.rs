@@ -765,6 +765,8 @@ pub struct LimitsConfig {
     pub max_depth: NonZeroUsize,
     /// Unfinished orders one user may have on this node; more submissions get 429.
     pub max_in_flight_per_user: NonZeroUsize,
+    /// Connections served at once; past it new ones wait to be accepted.
+    pub max_connections: NonZeroUsize,
 }
 
 impl Default for LimitsConfig {
@@ -777,6 +779,7 @@ impl Default for LimitsConfig {
             rate_limit_users: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
             max_depth: NonZeroUsize::new(32).unwrap_or(NonZeroUsize::MIN),
             max_in_flight_per_user: NonZeroUsize::new(1000).unwrap_or(NonZeroUsize::MIN),
+            max_connections: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
         }
     }
 }
@@ -1105,6 +1108,11 @@ impl Config {
                 "database.pool_size",
                 self.database.pool_size.get(),
                 MAX_THREADS,
+            ),
+            (
+                "limits.max_connections",
+                self.limits.max_connections.get(),
+                MAX_CONNECTIONS,
             ),
         ];
         for (key, size, most) in sizes {

@@ -262,6 +262,7 @@ pub async fn run(
         api::routes(state),
         listener,
         config.limits.header_read_timeout,
+        config.limits.max_connections.get(),
         server_tls.clone(),
         Arc::clone(&metrics),
         async move {

@@ -1,7 +1,7 @@
 //! https for the node's API: the certificate chain and key of `server.tls_cert` and
 //! `server.tls_key`, read at start and again on SIGHUP (a new certificate is served from the
 //! next handshake; open connections and resumed sessions keep theirs), rustls with the `ring`
-//! provider, HTTP/2 and HTTP/1.1 offered by ALPN; with `server.tls_client_ca` (read again on
+//! provider, HTTP/1.1 offered by ALPN (see [`super::serve`] for why not HTTP/2); with `server.tls_client_ca` (read again on
 //! SIGHUP too), a client certificate from one of its CAs is required of every caller (mutual
 //! TLS). A node that serves https calls its peers over https too ([`Peers`]), trusting the
 //! system's roots and `cluster.ca_file`, and shows them its own certificate when they require
@@ -146,7 +146,7 @@ fn acceptor(current: &Arc<Current>, client_ca: Option<&Path>) -> Result<TlsAccep
         None => builder.with_no_client_auth(),
     };
     let mut tls = builder.with_cert_resolver(Arc::clone(current) as Arc<dyn ResolvesServerCert>);
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(tls)))
 }
 

@@ -617,6 +617,28 @@ async fn slow_clients_are_disconnected_while_others_are_served() {
         tokio::spawn(read_to_close(reader, Duration::from_secs(8))),
     );
 
+    // Silent: connected, and nothing sent, or the first bytes of HTTP/2's preface.
+    let mut silent = Vec::new();
+    for opening in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let stream = TcpStream::connect(&address).await.expect("connect");
+        let (reader, mut writer) = stream.into_split();
+        writer.write_all(opening).await.expect("send the opening");
+        silent.push((
+            writer,
+            tokio::spawn(read_to_close(reader, Duration::from_secs(8))),
+        ));
+    }
+    // Not reading: a thousand requests for the 60 KB OpenAPI document (more than the sockets'
+    // buffers hold), none of the answers read.
+    let stream = TcpStream::connect(&address).await.expect("connect");
+    let (reader, mut writer) = stream.into_split();
+    let requests = "GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+    writer
+        .write_all(requests.as_bytes())
+        .await
+        .expect("send the requests");
+    let unread = (reader, writer);
+
     // Meanwhile others are served.
     let id = node.create_order(&user, &json!({})).await;
     node.order(&user, &id).await;
@@ -660,6 +682,31 @@ async fn slow_clients_are_disconnected_while_others_are_served() {
         "408 without a JSON error: {text:?}"
     );
     slow_body.0.abort();
+    for (index, (writer, reader)) in silent.into_iter().enumerate() {
+        let (_, closed) = reader.await.expect("reader task");
+        let closed =
+            closed.unwrap_or_else(|| panic!("silent client {index} still connected after 8 s"));
+        assert!(
+            closed.duration_since(started) < Duration::from_secs(5),
+            "silent client {index} closed only after {:?}",
+            closed.duration_since(started)
+        );
+        drop(writer);
+    }
+    // The client that never read: once it reads, the connection ends long before the last
+    // answer, the node having given up on it when its writes stalled.
+    let (mut reader, writer) = unread;
+    tokio::time::sleep_until((started + Duration::from_secs(4)).into()).await;
+    let mut taken = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), reader.read_to_end(&mut taken)).await;
+    drop(writer);
+    let answers = String::from_utf8_lossy(&taken)
+        .matches("HTTP/1.1 200")
+        .count();
+    assert!(
+        read.is_ok() && answers < 1000,
+        "the unread connection was kept: {answers} answers, {read:?}"
+    );
 
     // And the node still serves.
     node.create_order(&user, &json!({})).await;
@@ -755,4 +802,60 @@ async fn a_node_with_another_secret_is_not_heard_in_gossip() {
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Past `limits.max_connections` open connections, a new one waits to be served until one of
+/// them closes.
+#[tokio::test]
+async fn connections_past_the_limit_wait_for_one_to_close() {
+    let node = Node::start(&format!(
+        "{}[limits]\nmax_connections = 2\nheader_read_timeout = \"30s\"\n",
+        simulate("10ms")
+    ))
+    .await;
+    let address = format!("127.0.0.1:{}", node.port);
+    // Two idle connections, each proven served so that it holds its place.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(&address).await.expect("connect");
+        stream
+            .write_all(b"GET /diagnostic/heartbeat HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("send");
+        let mut buffer = [0u8; 512];
+        let count = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(String::from_utf8_lossy(&buffer[..count]).starts_with("HTTP/1.1 200"));
+        held.push(stream);
+    }
+    let waiting = tokio::spawn({
+        let address = address.clone();
+        async move {
+            let mut stream = TcpStream::connect(&address).await.expect("connect");
+            stream
+                .write_all(
+                    b"GET /diagnostic/heartbeat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                )
+                .await
+                .expect("send");
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await.expect("read");
+            (Instant::now(), String::from_utf8_lossy(&answer).to_string())
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a third connection was served at once"
+    );
+    let closed = Instant::now();
+    drop(held.pop());
+    let (answered, answer) = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("served once a place is free")
+        .expect("the client task");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answered >= closed);
 }
