@@ -105,6 +105,10 @@ fn openapi() -> BoxedFilter<(Response,)> {
 /// Every route, with errors recovered into JSON; each route group gets only its part of `state`.
 pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
     let auth = Arc::clone(&state.security.auth);
+    // In header mode on loopback (a developer's `cargo run`), a web page could rebind its own
+    // host name to 127.0.0.1 and read and act through the node as any user: only requests
+    // naming the node by a loopback host are served.
+    let loopback_only = !auth.checks_tokens() && state.node.advertised.ip().is_loopback();
     let orders = Arc::new(orders::OrdersApi {
         orders: state.orders,
         checks: Arc::clone(&state.security),
@@ -118,7 +122,7 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
     });
     // The order routes first: each route tried before the one a request takes makes and
     // drops a rejection, and orders are most of the requests.
-    orders::routes(orders)
+    let routes = orders::routes(orders)
         .or(root())
         .unify()
         .or(openapi())
@@ -134,6 +138,12 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
         .unify()
         .or(service::routes(service))
         .unify()
+        .boxed();
+    let routes = match loopback_only {
+        true => foreign_host().or(routes).unify().boxed(),
+        false => routes,
+    };
+    routes
         .recover(error::recover)
         .unify()
         .with(warp::log::custom(|info| {
@@ -147,6 +157,34 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
         }))
         .map(Reply::into_response)
         .boxed()
+}
+
+/// A 403 for a request whose `Host` is not a loopback name or address; any other (one that
+/// sends none too) goes on to the routes.
+fn foreign_host() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<String>("host").and_then(|host: Option<String>| async move {
+        match host.as_deref().is_none_or(is_loopback_host) {
+            true => Err(warp::reject()),
+            false => Ok(ApiError::new(
+                warp::http::StatusCode::FORBIDDEN,
+                "a node in header mode on loopback serves only requests that name it by a \
+                 loopback host (localhost, 127.0.0.1, [::1])",
+            )
+            .into_response()),
+        }
+    })
+}
+
+/// Whether a `Host` header value (`name` or `name:port`) names this machine's loopback.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Either reply: the success, or the error as JSON.
@@ -281,6 +319,32 @@ mod tests {
                 serde_json::Value::Array(items) => stack.extend(items),
                 _ => {}
             }
+        }
+    }
+
+    #[test]
+    fn only_loopback_hosts_are_loopback() {
+        use super::is_loopback_host;
+        for host in [
+            "localhost",
+            "LOCALHOST:8080",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.3.2.1:1",
+            "[::1]",
+            "[::1]:8080",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:8080",
+            "localhost.evil.example",
+            "10.0.0.5:8080",
+            "[fd00::1]:8080",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
         }
     }
 }

@@ -586,7 +586,7 @@ async fn slow_clients_are_disconnected_while_others_are_served() {
         let stream = TcpStream::connect(&address).await.expect("connect");
         let (reader, writer) = stream.into_split();
         let request = format!(
-            "POST /orders HTTP/1.1\r\nHost: x\r\nAuthorization: {user}\r\nContent-Type: application/json\r\nX-Padding: {}\r\n\r\n",
+            "POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {user}\r\nContent-Type: application/json\r\nX-Padding: {}\r\n\r\n",
             "p".repeat(120)
         );
         slow.push((
@@ -604,7 +604,7 @@ async fn slow_clients_are_disconnected_while_others_are_served() {
     writer
         .write_all(
             format!(
-                "POST /orders HTTP/1.1\r\nHost: x\r\nAuthorization: {user}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                "POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {user}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
             )
             .as_bytes(),
         )
@@ -632,7 +632,7 @@ async fn slow_clients_are_disconnected_while_others_are_served() {
     // buffers hold), none of the answers read.
     let stream = TcpStream::connect(&address).await.expect("connect");
     let (reader, mut writer) = stream.into_split();
-    let requests = "GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(1000);
+    let requests = "GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".repeat(1000);
     writer
         .write_all(requests.as_bytes())
         .await
@@ -819,7 +819,7 @@ async fn connections_past_the_limit_wait_for_one_to_close() {
     for _ in 0..2 {
         let mut stream = TcpStream::connect(&address).await.expect("connect");
         stream
-            .write_all(b"GET /diagnostic/heartbeat HTTP/1.1\r\nHost: x\r\n\r\n")
+            .write_all(b"GET /diagnostic/heartbeat HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .await
             .expect("send");
         let mut buffer = [0u8; 512];
@@ -836,7 +836,7 @@ async fn connections_past_the_limit_wait_for_one_to_close() {
             let mut stream = TcpStream::connect(&address).await.expect("connect");
             stream
                 .write_all(
-                    b"GET /diagnostic/heartbeat HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    b"GET /diagnostic/heartbeat HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
                 )
                 .await
                 .expect("send");
@@ -858,4 +858,38 @@ async fn connections_past_the_limit_wait_for_one_to_close() {
         .expect("the client task");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answered >= closed);
+}
+
+/// In header mode on loopback, a request naming the node by another host (a page that rebound
+/// its own name to 127.0.0.1) is refused before it reaches any route; loopback names pass.
+#[tokio::test]
+async fn a_header_mode_node_on_loopback_serves_only_loopback_hosts() {
+    let node = Node::start(&simulate("10ms")).await;
+    let address = format!("127.0.0.1:{}", node.port);
+    let ask = |host: String| {
+        let address = address.clone();
+        async move {
+            let mut stream = TcpStream::connect(&address).await.expect("connect");
+            let request = format!(
+                "GET /orders HTTP/1.1\r\nHost: {host}\r\nAuthorization: alice\r\nConnection: close\r\n\r\n"
+            );
+            stream.write_all(request.as_bytes()).await.expect("send");
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await.expect("read");
+            String::from_utf8_lossy(&answer).to_string()
+        }
+    };
+    let port = node.port;
+    for host in [format!("localhost:{port}"), format!("127.0.0.1:{port}")] {
+        let answer = ask(host.clone()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+    }
+    for host in [
+        format!("rebound.example:{port}"),
+        "evil.example".to_string(),
+    ] {
+        let answer = ask(host.clone()).await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{host}: {answer}");
+        assert!(answer.contains("\"error\""), "{host}: {answer}");
+    }
 }
