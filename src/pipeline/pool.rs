@@ -327,6 +327,9 @@ impl Pool {
     /// what is left (those steps run again wherever the order resumes).
     pub async fn shutdown(&self, grace: Duration) {
         let _ = self.stop_tx.send(true);
+        // Long polls are answered now, with their orders as they are: the HTTP server stops
+        // after the grace period, and would cut them.
+        self.shared.waiters.close();
         let Some(dispatcher) = self.dispatcher.lock().await.take() else {
             return;
         };

@@ -9,10 +9,15 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 #[derive(Default)]
-pub struct Waiters(Mutex<Inner>);
+pub struct Waiters {
+    inner: Mutex<Inner>,
+    /// True once the node begins to stop: every long poll is answered then, with the order as
+    /// it is, rather than cut when the HTTP server stops.
+    closing: watch::Sender<bool>,
+}
 
 #[derive(Default)]
 struct Inner {
@@ -24,7 +29,17 @@ struct Inner {
 
 impl Waiters {
     fn lock(&self) -> Option<MutexGuard<'_, Inner>> {
-        self.0.lock().ok()
+        self.inner.lock().ok()
+    }
+
+    /// Ends every long poll, now and to come: the node stops.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// True (now, or once changed) when long polls are to end at once.
+    pub fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
     }
 
     /// A receiver that resolves with the order once it finishes on this node, or fails when

@@ -50,13 +50,15 @@ pub async fn wait_finished(
     // Released once (watched again once, so that a finish in a new execution here is handed
     // over too), then woken for good.
     let (mut released, mut woken) = (false, false);
-    while !order.is_finished() && Instant::now() < deadline {
+    let mut closing = waiters.closing();
+    while !order.is_finished() && Instant::now() < deadline && !*closing.borrow() {
         // Handed the finished order when it ends on this node; otherwise read again now and
-        // then, since it may be running on another node.
+        // then, since it may be running on another node; or, as the node stops, once more.
         let recheck = deadline.min(Instant::now() + WAIT_RECHECK);
         let (finished, from_watch) = tokio::select! {
             finished = &mut watch, if !woken => (finished, true),
             _ = sleep_until(recheck) => (None, false),
+            _ = closing.changed() => (None, false),
         };
         if from_watch {
             if finished.is_none() && !released {
@@ -103,13 +105,14 @@ pub async fn wait_for_many(
     // Read at least once in this wait; released once (watched again once, so that a finish in
     // a new execution here is handed over too).
     let (mut read, mut released) = (HashSet::new(), HashSet::new());
+    let mut closing = waiters.closing();
     loop {
         if !to_read.is_empty() {
             read.extend(to_read.iter().copied());
             sort(store, scope, &mut waited, &to_read).await?;
             to_read.clear();
         }
-        if waited.pending.is_empty() || Instant::now() >= deadline {
+        if waited.pending.is_empty() || Instant::now() >= deadline || *closing.borrow() {
             break;
         }
         let recheck = deadline.min(Instant::now() + WAIT_RECHECK);
@@ -136,6 +139,8 @@ pub async fn wait_for_many(
                 }
             }
             _ = sleep_until(recheck) => waited.pending.clone(),
+            // The node stops: all are read once more, and the wait answered.
+            _ = closing.changed() => waited.pending.clone(),
         };
     }
     drop(woken);

@@ -649,3 +649,45 @@ async fn full_queue_answers_503_with_retry_after_and_stores_nothing() {
 fn inflight(cluster: &Value) -> u64 {
     cluster["nodes"][0]["inflight"].as_u64().unwrap_or(0)
 }
+
+/// Long polls waiting when the node is told to stop are answered then, with the order as it
+/// is, not cut off when the HTTP server stops after the grace period.
+#[tokio::test]
+async fn long_polls_are_answered_when_the_node_begins_to_stop() {
+    let mut node = Node::start(&format!(
+        "{}[server]\nshutdown_grace = \"20s\"\n",
+        simulate("60s")
+    ))
+    .await;
+    let user = unique_user("poller");
+    let id = node.create_order(&user, &json!({})).await;
+    let client = reqwest::Client::new();
+    let one = client
+        .get(format!("{}/orders/{id}?wait=60s", node.base))
+        .header("Authorization", &user)
+        .send();
+    let many = client
+        .post(format!("{}/orders/wait", node.base))
+        .header("Authorization", &user)
+        .header("Content-Type", "application/json")
+        .body(json!({"order_ids": [id], "wait": "60s"}).to_string())
+        .send();
+    let polls = tokio::spawn(async move { tokio::join!(one, many) });
+    let stopped = Instant::now();
+    node.term();
+    let (one, many) = tokio::time::timeout(Duration::from_secs(10), polls)
+        .await
+        .expect("both polls answered long before the grace period ends")
+        .expect("the polls' task");
+    let one = one.expect("an answer to the wait for one");
+    assert_eq!(one.status().as_u16(), 200);
+    let order: Value = one.json().await.expect("the order");
+    assert_eq!(order["order_id"], id.as_str(), "{order}");
+    assert!(order["complete_time"].is_null(), "still running: {order}");
+    let many = many.expect("an answer to the wait for many");
+    assert_eq!(many.status().as_u16(), 200);
+    let waited: Value = many.json().await.expect("the batch");
+    assert_eq!(waited["pending"], json!([id]), "{waited}");
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+    node.wait_exit(Duration::from_secs(60)).await;
+}
