@@ -11,6 +11,7 @@ use super::conn::{Connections, ScriptCall};
 use super::keys;
 use crate::store::StoreError;
 use deadpool_redis::redis::{Script, Value};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
@@ -23,6 +24,9 @@ const MAX_BATCH: usize = 64;
 /// and the batches after it, mostly for other primaries, go on after this long. Calls to a
 /// primary that answers take a few milliseconds at most, even on two busy cores.
 const SLOW_CALL: std::time::Duration = std::time::Duration::from_millis(20);
+/// How often writes waiting for a free call are looked over, to forget those whose caller gave
+/// up: while Redis does not answer, callers time out much faster than calls free up.
+const FORGET_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The most keys and arguments of one write: a split order's create with every step (see
 /// [`Shape::split_args`]), six keys, its shape and twenty-eight arguments.
@@ -363,13 +367,39 @@ async fn send_batches(
     let script = Arc::new(script);
     let calls = Arc::new(Semaphore::new(redis.write_calls().max(1)));
     let by_shard = redis.is_cluster();
-    while let Some(first) = waiting.recv().await {
-        let Ok(permit) = Arc::clone(&calls).acquire_owned().await else {
+    // Taken off the queue, in order, while every call was busy.
+    let mut ready: VecDeque<Pending> = VecDeque::new();
+    loop {
+        if ready.is_empty() {
+            match waiting.recv().await {
+                Some(first) => ready.push_back(first),
+                None => return,
+            }
+        }
+        // Every call may be on its way to a Redis that does not answer: the writes that come
+        // meanwhile are taken off the queue and those whose caller gave up forgotten, so that
+        // only writes someone waits for are held.
+        let permit = loop {
+            tokio::select! {
+                permit = Arc::clone(&calls).acquire_owned() => break permit,
+                _ = tokio::time::sleep(FORGET_EVERY) => {
+                    while let Ok(next) = waiting.try_recv() {
+                        ready.push_back(next);
+                    }
+                    ready.retain(|pending| !pending.answer.is_closed());
+                }
+            }
+        };
+        let Ok(permit) = permit else {
             return;
         };
-        let mut batch = vec![first];
+        let mut batch = Vec::with_capacity(MAX_BATCH.min(ready.len().max(1)));
         while batch.len() < MAX_BATCH {
-            match waiting.try_recv() {
+            match ready
+                .pop_front()
+                .map(Ok)
+                .unwrap_or_else(|| waiting.try_recv())
+            {
                 Ok(next) => batch.push(next),
                 Err(_) => break,
             }
