@@ -393,6 +393,18 @@ impl Cluster {
             let mut wait = self.config.leader_renew_interval;
             if *leaving_rx.borrow_and_update() {
                 self.step_down().await;
+                // A term whose renewal got no answer may still hold the lease in Redis: it is
+                // released too (only by its holder), so a peer leads now, not once it expires.
+                if let Some(term) = unsure.take() {
+                    match self.coordinator.release_leader(&term.holder).await {
+                        Ok(()) => {
+                            info!(token = term.token, "leaving: unsure leader lease released")
+                        }
+                        Err(error) => {
+                            warn!(token = term.token, error = %error, "cannot release leader lease; it expires on its own")
+                        }
+                    }
+                }
                 if self.pause(self.config.leader_renew_interval).await {
                     return;
                 }
