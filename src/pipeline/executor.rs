@@ -203,8 +203,8 @@ async fn traced(
 }
 
 /// Waits, without a worker, until an order's retry is due (or a cancellation of it is noted, or
-/// a rerun of it asked for), then queues it again. When the node stops first, the order is left to resume with the schedule
-/// kept in the store.
+/// a rerun of it asked for), then queues it again. When the node stops first, the order is left
+/// to resume with the schedule kept in the store.
 fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, retry: RetryWait) {
     let task = async move {
         if !wait_then_queue(&shared, id, retry).await {

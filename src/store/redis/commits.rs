@@ -380,7 +380,11 @@ async fn send_batches(
         // meanwhile are taken off the queue and those whose caller gave up forgotten, so that
         // only writes someone waits for are held.
         let permit = loop {
+            if let Ok(permit) = Arc::clone(&calls).try_acquire_owned() {
+                break Ok(permit);
+            }
             tokio::select! {
+                biased;
                 permit = Arc::clone(&calls).acquire_owned() => break permit,
                 _ = tokio::time::sleep(FORGET_EVERY) => {
                     while let Ok(next) = waiting.try_recv() {
