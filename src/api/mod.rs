@@ -159,11 +159,25 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
+/// A header's value if present, as bytes, not copied: one that is not text is the caller's to
+/// ignore (as W3C trace context asks of a malformed `traceparent`) or refuse.
+pub(crate) fn raw_header(
+    name: &'static str,
+) -> impl Filter<Extract = (Option<warp::http::HeaderValue>,), Error = std::convert::Infallible> + Clone
+{
+    warp::header::value(name)
+        .map(Some)
+        .or(warp::any().map(|| None))
+        .unify()
+}
+
 /// A 403 for a request whose `Host` is not a loopback name or address; any other (one that
 /// sends none too) goes on to the routes.
 fn foreign_host() -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
-    warp::header::optional::<String>("host").and_then(|host: Option<String>| async move {
-        match host.as_deref().is_none_or(is_loopback_host) {
+    // The header as it came (no copy): this runs before every request such a node serves.
+    raw_header("host").and_then(|host: Option<warp::http::HeaderValue>| async move {
+        let host = host.as_ref().map(|host| host.to_str().unwrap_or_default());
+        match host.is_none_or(is_loopback_host) {
             true => Err(warp::reject()),
             false => Ok(ApiError::new(
                 warp::http::StatusCode::FORBIDDEN,

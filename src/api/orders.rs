@@ -8,7 +8,9 @@
 use super::auth::{audit, credentials, Credentials, Principal};
 use super::limits::{body, nests_deeper_than, Body};
 use super::state::{with_state, Checks};
-use super::{json_reply, order_reply, respond, written_reply, ApiError, ANSWER_CAPACITY};
+use super::{
+    json_reply, order_reply, raw_header, respond, written_reply, ApiError, ANSWER_CAPACITY,
+};
 use crate::order::{write_view, Order, OrderId, RollbackState, Step};
 use crate::service::{NewOrder, Orders, Scope};
 use crate::store::ListQuery;
@@ -96,18 +98,6 @@ fn create(state: State) -> BoxedFilter<(Response,)> {
             },
         )
         .boxed()
-}
-
-/// A header's value if present, as bytes: one that is not text is ignored by the caller rather
-/// than refused, as W3C trace context asks of a malformed `traceparent`.
-fn raw_header(
-    name: &'static str,
-) -> impl Filter<Extract = (Option<warp::http::HeaderValue>,), Error = std::convert::Infallible> + Clone
-{
-    warp::header::value(name)
-        .map(Some)
-        .or(warp::any().map(|| None))
-        .unify()
 }
 
 /// The caller's trace context, if its `traceparent` is a valid one.
