@@ -130,7 +130,8 @@ fn failure(error: &std::io::Error) -> TlsFailure {
 }
 
 /// The routes, with the name of the client certificate the connection showed (if it did) put
-/// in each request's extensions, where [`super::auth::credentials`] finds it.
+/// in each request's extensions, where [`super::auth::credentials`] finds it, and a
+/// `tracestate` sent in several headers joined into one (see [`join_tracestate`]).
 #[derive(Clone)]
 struct Named<S> {
     routes: S,
@@ -153,7 +154,28 @@ where
         if let Some(name) = &self.name {
             request.extensions_mut().insert(name.clone());
         }
+        join_tracestate(request.headers_mut());
         self.routes.call(request)
+    }
+}
+
+/// Several `tracestate` headers are one list, in their order (W3C Trace Context, as RFC 9110
+/// combines fields); joined into one, so the routes, which read one header, get all of it.
+fn join_tracestate(headers: &mut warp::http::HeaderMap) {
+    const NAME: &str = "tracestate";
+    let mut values = headers.get_all(NAME).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let joined = headers
+        .get_all(NAME)
+        .iter()
+        .map(|value| value.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&b","[..]);
+    // Parsed header values are valid bytes for one, and so is their join.
+    if let Ok(value) = warp::http::HeaderValue::from_bytes(&joined) {
+        headers.insert(NAME, value);
     }
 }
 

@@ -245,17 +245,24 @@ async fn the_callers_trace_is_kept_shown_passed_on_and_logged() {
     let id = submit(
         &node,
         &user,
-        &[("traceparent", GIVEN), ("tracestate", "congo=t61rcWkgMzE")],
+        &[
+            ("traceparent", GIVEN),
+            ("tracestate", "congo=t61rcWkgMzE"),
+            ("tracestate", "rojo=00f067aa0ba902b7"),
+        ],
     )
     .await;
     let sent = completed_calls(&node, &recorder, &user, &id).await;
-    // The caller's tracestate goes with every call, unchanged.
+    // The caller's tracestate goes with every call, unchanged; two headers are one list.
     let states: Vec<Option<String>> = recorder
         .step_calls(&id)
         .into_iter()
         .map(|call| call.tracestate)
         .collect();
-    assert_eq!(states, vec![Some("congo=t61rcWkgMzE".to_string()); 4]);
+    assert_eq!(
+        states,
+        vec![Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7".to_string()); 4]
+    );
     let mut span_ids = HashSet::new();
     for traceparent in &sent {
         let (trace_id, span_id, flags) = fields(traceparent);
