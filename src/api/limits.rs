@@ -8,11 +8,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use governor::clock::{Clock, DefaultClock, Reference};
 use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::DashMapStateStore;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::StateStore;
 use governor::Quota;
 use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use warp::http::StatusCode;
 use warp::Filter;
@@ -86,11 +88,13 @@ pub fn depth(value: &serde_json::Value) -> usize {
 /// A token bucket per user (GCRA, from `governor`): `burst` submissions at once, refilled at
 /// `rate` per second. At most `capacity` users are remembered: when the table is full, the users
 /// whose bucket has refilled (the same as a forgotten one) are dropped, and while it stays full a
-/// user is checked against one bucket shared by everyone else, so memory stays bounded and an
-/// unknown user is never let through unchecked.
+/// user not in it is checked against one bucket shared by everyone else not in it, so memory
+/// stays bounded, an unknown user is never let through unchecked, and a flood of new names does
+/// not move the users already known onto that shared bucket.
 pub struct RateLimiter<C: Clock = DefaultClock> {
-    buckets:
-        governor::RateLimiter<String, DashMapStateStore<String>, C, NoOpMiddleware<C::Instant>>,
+    buckets: governor::RateLimiter<String, Buckets, C, NoOpMiddleware<C::Instant>>,
+    /// The same table as `buckets`', to ask whether a user is in it.
+    known: Buckets,
     capacity: usize,
     /// When the table was last swept, so a full table is swept at most every [`SWEEP_PERIOD`].
     last_sweep: Mutex<Option<C::Instant>>,
@@ -117,8 +121,10 @@ impl<C: Clock> RateLimiter<C> {
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
             .allow_burst(burst);
+        let known = Buckets::default();
         RateLimiter {
-            buckets: governor::RateLimiter::dashmap_with_clock(quota, clock),
+            buckets: governor::RateLimiter::new(quota, known.clone(), clock),
+            known,
             capacity: capacity.max(1),
             last_sweep: Mutex::new(None),
         }
@@ -127,7 +133,7 @@ impl<C: Clock> RateLimiter<C> {
     /// Takes one submission from `user`'s bucket, or says how long until one is available.
     pub fn check(&self, user: &str) -> Result<(), Duration> {
         let mut key = user;
-        if self.buckets.len() >= self.capacity {
+        if self.buckets.len() >= self.capacity && !self.known.0.contains_key(user) {
             self.sweep();
             if self.buckets.len() >= self.capacity {
                 key = OVERFLOW;
@@ -155,6 +161,36 @@ impl<C: Clock> RateLimiter<C> {
 
     pub fn users(&self) -> usize {
         self.buckets.len()
+    }
+}
+
+/// governor's table of buckets, shared: its rate limiter keeps the store it is given and has
+/// no lookup of a key that leaves the table as it is.
+#[derive(Clone, Default)]
+struct Buckets(Arc<DashMapStateStore<String>>);
+
+impl StateStore for Buckets {
+    type Key = String;
+
+    fn measure_and_replace<T, F, E>(&self, key: &String, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<String> for Buckets {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.0.retain_recent(drop_below)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -212,5 +248,20 @@ mod tests {
         assert!(limiter.check("hot").is_ok());
         assert!(limiter.check("hot").is_err());
         assert!(limiter.users() <= 11);
+    }
+
+    #[test]
+    fn a_user_in_a_full_table_keeps_its_own_bucket() {
+        let clock = FakeRelativeClock::default();
+        let limiter = RateLimiter::with_clock(1.0, 2, 10, clock.clone());
+        assert!(limiter.check("alice").is_ok());
+        // Many newcomers fill the table and empty the bucket they share.
+        for index in 0..1000 {
+            let _ = limiter.check(&format!("user-{index}"));
+        }
+        assert!(limiter.check("newcomer").is_err());
+        // alice was remembered before: her own bucket still has a submission in it.
+        assert!(limiter.check("alice").is_ok());
+        assert!(limiter.check("alice").is_err());
     }
 }
