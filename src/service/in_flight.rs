@@ -4,7 +4,7 @@
 use crate::order::OrderId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Each user's unfinished orders accepted by this node, capped at `max` per user. An order
 /// counts until the node stops executing it (finished, parked, or handed to another node).
@@ -41,7 +41,11 @@ impl InFlight {
 
     /// Room for one more order of `user`, or `None` when the user is at the cap. `running`
     /// tells whether an order still runs here.
-    pub fn admit(&self, user: &str, running: impl Fn(OrderId) -> bool) -> Option<Admission<'_>> {
+    pub fn admit(
+        self: &Arc<Self>,
+        user: &str,
+        running: impl Fn(OrderId) -> bool,
+    ) -> Option<Admission> {
         let mut by_user = match self.by_user.lock() {
             Ok(by_user) => by_user,
             Err(poisoned) => poisoned.into_inner(),
@@ -61,7 +65,7 @@ impl InFlight {
         }
         orders.pending += 1;
         Some(Admission {
-            in_flight: self,
+            in_flight: Arc::clone(self),
             user: user.to_string(),
             created: None,
         })
@@ -100,19 +104,19 @@ impl InFlight {
 
 /// One admitted submission: counted as pending until dropped; [`Admission::created`] makes it
 /// count as that order instead.
-pub struct Admission<'a> {
-    in_flight: &'a InFlight,
+pub struct Admission {
+    in_flight: Arc<InFlight>,
     user: String,
     created: Option<OrderId>,
 }
 
-impl Admission<'_> {
+impl Admission {
     pub fn created(mut self, id: OrderId) {
         self.created = Some(id);
     }
 }
 
-impl Drop for Admission<'_> {
+impl Drop for Admission {
     fn drop(&mut self) {
         self.in_flight.settle(&self.user, self.created);
     }
@@ -124,7 +128,7 @@ mod tests {
 
     #[test]
     fn in_flight_caps_each_user_and_forgets_finished_orders() {
-        let in_flight = InFlight::new(2);
+        let in_flight = Arc::new(InFlight::new(2));
         let first = OrderId::new_v4();
         let second = OrderId::new_v4();
         let all_running = |_| true;

@@ -21,7 +21,7 @@ pub struct OrderService {
     store: Arc<dyn OrderStore>,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
-    in_flight: InFlight,
+    in_flight: Arc<InFlight>,
     activity: Arc<LastActivity>,
     /// How long a client should wait before trying again after an overload.
     retry_after: Duration,
@@ -41,7 +41,7 @@ impl OrderService {
             store,
             pool,
             metrics,
-            in_flight,
+            in_flight: Arc::new(in_flight),
             activity: Arc::new(LastActivity::new(chrono::Utc::now())),
             retry_after,
         }
@@ -137,9 +137,9 @@ impl Orders for OrderService {
         );
         // Held here from before it is stored (a fresh id is never active already).
         slot.claim(order.order_id);
-        // Storing and queueing run in a task of their own: a client that hangs up drops this
-        // future, and must not leave an order stored but never queued. (Its per-user count is
-        // then settled without the order; the reconciliation would resume it in any case.)
+        // Storing and queueing run in a task of their own, the admission with them: a client
+        // that hangs up drops this future, and must not leave an order stored but never queued,
+        // nor one left out of its user's count.
         let store = Arc::clone(&self.store);
         let metrics = Arc::clone(&self.metrics);
         let activity = Arc::clone(&self.activity);
@@ -170,6 +170,7 @@ impl Orders for OrderService {
             metrics.order_accepted();
             activity.touch();
             slot.send(Job::New(order));
+            admission.created(view.order_id);
             Ok(Stored::New(view))
         })
         .await
@@ -187,7 +188,6 @@ impl Orders for OrderService {
             }
             Stored::KeyReused(first) => return Err(OrderError::KeyReused(first)),
         };
-        admission.created(view.order_id);
         Ok(Submitted {
             order: view,
             replayed: false,

@@ -536,6 +536,44 @@ async fn unfinished_orders_per_user_are_capped() {
     }
 }
 
+#[tokio::test]
+async fn a_client_hanging_up_after_its_submission_is_capped_all_the_same() {
+    let node = Node::start(&format!(
+        "{}[limits]\nmax_in_flight_per_user = 2\n",
+        simulate("30s")
+    ))
+    .await;
+    let alice = unique_user("alice");
+    let address = format!("127.0.0.1:{}", node.port);
+    // Each submission's connection is closed as soon as its body is sent, before the answer.
+    for _ in 0..5 {
+        let mut stream = TcpStream::connect(&address).await.expect("connect");
+        let request = format!(
+            "POST /orders HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {alice}\r\n\
+             Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{{}}"
+        );
+        stream.write_all(request.as_bytes()).await.expect("send");
+        drop(stream);
+    }
+    // Submissions answered in full go on until the cap refuses one.
+    let mut refused = false;
+    for _ in 0..10 {
+        let reply = node.post_order(&alice, "{}").await;
+        if reply.status == 429 {
+            refused = true;
+            break;
+        }
+        node.expect_json(&reply, 201, "a submission under the cap");
+    }
+    assert!(refused, "never capped");
+    let ids = node.list_all_ids(&alice, &[]).await;
+    assert!(
+        ids.len() <= 2,
+        "{} unfinished orders with max_in_flight_per_user = 2",
+        ids.len()
+    );
+}
+
 /// Sends `bytes` one at a time, `gap` apart, until the peer closes or `within` passes; returns
 /// when the write side failed (the connection was closed), if it did.
 async fn trickle(
