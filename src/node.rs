@@ -230,7 +230,7 @@ pub async fn run(
         config.pipeline.reconcile_interval,
     );
     let (checks, in_flight) = Checks::split(security, config.server.max_body_bytes);
-    let orders = OrderService::new(
+    let mut orders = OrderService::new(
         service_id.clone(),
         Arc::clone(&store),
         Arc::clone(&pool),
@@ -238,6 +238,9 @@ pub async fn run(
         in_flight,
         config.server.retry_after,
     );
+    if let Some(cluster) = &cluster {
+        orders = orders.with_runners(Arc::clone(cluster) as Arc<dyn crate::service::Runners>);
+    }
     let node = NodeStatus {
         service_id: service_id.clone(),
         advertised,

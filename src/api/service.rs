@@ -3,13 +3,15 @@
 //! line. `GET /service/nodes/{service_id}/orders`: a read-only view of the unfinished orders a
 //! node owns. Both need the cluster secret (`X-Cluster-Secret`) or an admin (token, or client
 //! certificate with an entry); without either it is a 401, for a user a 403, and on a node that
-//! runs alone a 409. `GET /service/backup`: a copy of a node's embedded store, for an admin (in
+//! runs alone a 409. `POST /service/cancels`, with the same checks: a peer took a cancel of an
+//! order this node runs. `GET /service/backup`: a copy of a node's embedded store, for an admin (in
 //! header mode, anyone); a 409 on Redis.
 
 use super::auth::{audit, credentials, Credentials};
 use super::limits::{body, Body};
 use super::{json_reply, respond, with_state, ApiError, State};
-use crate::cluster::{TransferError, SECRET_HEADER};
+use crate::cluster::{Cluster, TransferError, CANCELS_PATH, SECRET_HEADER};
+use crate::order::OrderId;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use warp::filters::BoxedFilter;
@@ -58,12 +60,58 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .then(|service_id, state, secret, credentials| async move {
             respond(owned(state, service_id, secret, credentials).await)
         });
+    let cancels = warp::path!("service" / "cancels")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(warp::header::optional::<String>(SECRET_HEADER))
+        .and(credentials())
+        .and(body())
+        .then(|state, secret, credentials, body| async move {
+            respond(cancel_noted(state, secret, credentials, body).await)
+        });
     let backup = warp::path!("service" / "backup")
         .and(warp::get())
         .and(with_state(state))
         .and(credentials())
         .then(|state, credentials| async move { respond(backup(state, credentials).await) });
-    transfer.or(owned).unify().or(backup).unify().boxed()
+    transfer
+        .or(owned)
+        .unify()
+        .or(cancels)
+        .unify()
+        .or(backup)
+        .unify()
+        .boxed()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelNoted {
+    order_id: OrderId,
+}
+
+/// `POST /service/cancels`: another node took a cancel of an order this node may run; if it
+/// runs here, it stops after its running step or wakes from its retry wait to roll back. The
+/// cancel itself is in the store already: this only hastens it.
+async fn cancel_noted(
+    state: State,
+    secret: Option<String>,
+    credentials: Credentials,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (who, cluster, noted) = peer_request::<CancelNoted>(
+        &state,
+        (secret, credentials, body),
+        CANCELS_PATH,
+        "cancels are taken by POST /orders/{id}/cancel",
+        r#"{"order_id": "<order id>"}"#,
+    )
+    .await?;
+    if who.1 != "peer" {
+        audit(&who.0, who.1, "note a cancel", &noted.order_id.to_string());
+    }
+    cluster.note_cancel(noted.order_id);
+    Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())
 }
 
 /// The bytes a backup is sent in at a time.
@@ -200,8 +248,33 @@ async fn owned(
     ))
 }
 
-/// The largest transfer request body.
-const MAX_TRANSFER_BODY: u64 = 4096;
+/// The largest body of a cluster-internal request.
+const MAX_PEER_BODY: u64 = 4096;
+
+/// The caller (with the cluster secret, a peer; otherwise an admin), this node's cluster and
+/// the JSON body, `shape` as the error says, of a cluster-internal request to `route`; a lone
+/// node refuses it with a 409 that says `alone`.
+async fn peer_request<T: serde::de::DeserializeOwned>(
+    state: &State,
+    (secret, credentials, body): (Option<String>, Credentials, Body),
+    route: &str,
+    alone: &str,
+    shape: &str,
+) -> Result<((String, &'static str), Arc<Cluster>, T), ApiError> {
+    let who = authorize(state, secret, credentials, route)?;
+    let Some(cluster) = state.cluster.as_ref() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("this node runs alone (no database.url or database.sentinels): {alone}"),
+        ));
+    };
+    let body = body
+        .read(MAX_PEER_BODY, state.security.body_read_timeout)
+        .await?;
+    let request = serde_json::from_slice(&body)
+        .map_err(|error| ApiError::bad_request(format!("body must be {shape}: {error}")))?;
+    Ok((who, Arc::clone(cluster), request))
+}
 
 async fn transfer(
     state: State,
@@ -209,29 +282,20 @@ async fn transfer(
     credentials: Credentials,
     body: Body,
 ) -> Result<Response, ApiError> {
-    // With the secret this is a peer; otherwise the caller must be an admin.
-    let who = authorize(&state, secret, credentials, "/service/transfer")?;
-    let Some(cluster) = state.cluster.as_ref() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "this node runs alone (no database.url or database.sentinels): there is nothing to transfer",
-        ));
-    };
-    let body = body
-        .read(MAX_TRANSFER_BODY, state.security.body_read_timeout)
-        .await?;
-    let request: TransferRequest = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::bad_request(format!(
-            "body must be {{\"service_id\": \"<node id>\"}}: {error}"
-        ))
-    })?;
+    let (who, cluster, request) = peer_request::<TransferRequest>(
+        &state,
+        (secret, credentials, body),
+        "/service/transfer",
+        "there is nothing to transfer",
+        r#"{"service_id": "<node id>"}"#,
+    )
+    .await?;
     if request.service_id.trim().is_empty() {
         return Err(ApiError::bad_request("service_id must not be empty"));
     }
     audit(&who.0, who.1, "transfer orders", &request.service_id);
     // The move runs as a task of its own: should the caller give up and close the connection,
     // the orders moved so far are still queued here, not left to the next reconciliation.
-    let cluster = Arc::clone(cluster);
     let moving = tokio::spawn(async move {
         cluster
             .accept_transfer(&request.service_id, request.fence, request.handover)

@@ -31,8 +31,10 @@ use lapsed::LapsedLeases;
 use crate::api::tls::Peers;
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
+use crate::order::OrderId;
 use crate::pipeline::{Gate, Pool};
 use crate::secret::constant_time_eq;
+use crate::service::Runners;
 use crate::store::{OrderStore, PURGE_BATCH};
 use futures_util::StreamExt;
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -57,6 +59,12 @@ const PURGE_PER_PASS: usize = 10_000;
 const TRANSFER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a peer asked to take orders over has to answer before the next one is asked too
 /// (a transfer is answered in tens of milliseconds, also under load).
+/// How long telling a peer of a cancel may take; it is best effort.
+const CANCEL_TELL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a peer is told of a cancel (see [`Cluster::note_cancel`]).
+pub const CANCELS_PATH: &str = "/service/cancels";
+
 const TRANSFER_HEDGE: Duration = Duration::from_millis(500);
 /// How long past the leader lease's expiry, by the store's clock, a follower tries to take it.
 const LEASE_EXPIRY_MARGIN: Duration = Duration::from_millis(25);
@@ -1020,6 +1028,12 @@ impl Cluster {
         }
     }
 
+    /// Order `id` was asked to stop through another node: if it runs here, it stops after its
+    /// running step (or wakes from a retry wait to roll back).
+    pub fn note_cancel(&self, id: OrderId) {
+        self.pool.note_cancel(id);
+    }
+
     /// The cluster view: every node gossip knows, with its role; and the leader's node id.
     pub async fn view(&self) -> (Option<String>, Vec<SeenNode>) {
         let nodes = {
@@ -1275,6 +1289,46 @@ async fn repair(store: &dyn OrderStore, coordinator: &dyn Coordinator, leading: 
 /// Runs one of the cluster's background tasks, its log lines under `span`.
 fn spawn_in(span: Span, task: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
     tokio::spawn(task.instrument(span))
+}
+
+/// A cancel asked of this node for an order a peer runs is passed to that peer, at the address
+/// it registered with its liveness lease (never one gossip alone names: the request carries the
+/// cluster secret).
+#[async_trait::async_trait]
+impl Runners for Cluster {
+    async fn tell_cancelled(&self, owner: &str, id: OrderId) {
+        let registered = match self.coordinator.known_nodes().await {
+            Ok(registered) => registered,
+            Err(error) => {
+                debug!(order_id = %id, owner = %owner, error = %error, "cannot find the node that runs a cancelled order");
+                return;
+            }
+        };
+        let Some(addr) = registered
+            .into_iter()
+            .find(|(node, _)| node == owner)
+            .and_then(|(_, addr)| addr.parse::<SocketAddr>().ok())
+        else {
+            return;
+        };
+        let sent = self
+            .http
+            .post(self.peers.url(addr, CANCELS_PATH))
+            .header(SECRET_HEADER, &self.config.secret)
+            .timeout(CANCEL_TELL_TIMEOUT)
+            .json(&serde_json::json!({ "order_id": id }))
+            .send()
+            .await;
+        match sent {
+            Ok(response) if response.status().is_success() => {}
+            Ok(response) => {
+                debug!(order_id = %id, owner = %owner, status = %response.status(), "node that runs a cancelled order refused to hear of it");
+            }
+            Err(error) => {
+                debug!(order_id = %id, owner = %owner, error = %error, "cannot tell the node that runs a cancelled order");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

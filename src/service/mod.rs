@@ -26,6 +26,16 @@ use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How a cancellation reaches the node that runs the order when that is another node of the
+/// cluster (the cluster implements it).
+#[async_trait]
+pub trait Runners: Send + Sync + 'static {
+    /// Tells node `owner` that order `id`, which it runs, is to stop: it wakes the order if it
+    /// waits to retry, and skips the steps not begun. Best effort: the order's stored flag stops
+    /// it at its next commit in any case.
+    async fn tell_cancelled(&self, owner: &str, id: OrderId);
+}
+
 /// What the REST layer asks of the orders.
 #[async_trait]
 pub trait Orders: Send + Sync + 'static {

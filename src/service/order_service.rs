@@ -1,7 +1,7 @@
 //! [`OrderService`]: the [`Orders`] of this node, over its store and its worker pool.
 
 use super::wait::{wait_finished, wait_for_many, Waited};
-use super::{InFlight, LastActivity, NewOrder, OrderError, Orders, Scope, Submitted};
+use super::{InFlight, LastActivity, NewOrder, OrderError, Orders, Runners, Scope, Submitted};
 use crate::metrics::Metrics;
 use crate::order::{CreatedView, Order, OrderId};
 use crate::pipeline::{Job, Pool};
@@ -25,6 +25,8 @@ pub struct OrderService {
     activity: Arc<LastActivity>,
     /// How long a client should wait before trying again after an overload.
     retry_after: Duration,
+    /// The other nodes that run orders (cluster mode).
+    runners: Option<Arc<dyn Runners>>,
 }
 
 impl OrderService {
@@ -44,7 +46,14 @@ impl OrderService {
             in_flight: Arc::new(in_flight),
             activity: Arc::new(LastActivity::new(chrono::Utc::now())),
             retry_after,
+            runners: None,
         }
+    }
+
+    /// Passes cancellations of orders other nodes run on to them through `runners`.
+    pub fn with_runners(mut self, runners: Arc<dyn Runners>) -> Self {
+        self.runners = Some(runners);
+        self
     }
 
     /// When this node last accepted, cancelled or re-queued an order.
@@ -209,18 +218,31 @@ impl Orders for OrderService {
     }
 
     async fn cancel(&self, user: &str, id: OrderId) -> Result<Order, OrderError> {
-        let outcome = self
-            .store
-            .request_cancel(id, user)
-            .await
-            .map_err(|error| self.order_error(id, error))?;
-        match outcome {
-            CancelOutcome::Accepted(order) => {
-                self.pool.note_cancel(order.order_id);
-                self.activity.touch();
-                tracing::debug!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(&order), "cancellation requested");
-                Ok(order)
+        // In a task of its own, as a submission: a client that hangs up once the store took
+        // the cancel must not keep the node that runs the order from hearing of it.
+        let (store, pool) = (Arc::clone(&self.store), Arc::clone(&self.pool));
+        let (activity, runners) = (Arc::clone(&self.activity), self.runners.clone());
+        let (user, node) = (user.to_string(), self.service_id.clone());
+        let asked = tokio::spawn(async move {
+            let outcome = store.request_cancel(id, &user).await?;
+            if let CancelOutcome::Accepted(order) = &outcome {
+                pool.note_cancel(order.order_id);
+                activity.touch();
+                tracing::debug!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(order), "cancellation requested");
+                if let Some(runners) = runners.filter(|_| order.owner != node) {
+                    let (owner, id) = (order.owner.clone(), order.order_id);
+                    tokio::spawn(async move { runners.tell_cancelled(&owner, id).await });
+                }
             }
+            Ok(outcome)
+        })
+        .await
+        .map_err(|error| StoreError::Unavailable(format!("cancel stopped: {error}")));
+        match asked
+            .and_then(|outcome| outcome)
+            .map_err(|error| self.order_error(id, error))?
+        {
+            CancelOutcome::Accepted(order) => Ok(order),
             CancelOutcome::Finished(_) => Err(OrderError::Finished),
             CancelOutcome::AlreadyFailing(_) => Err(OrderError::AlreadyFailing),
         }

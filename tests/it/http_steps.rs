@@ -680,6 +680,27 @@ async fn cancelling_an_order_waiting_to_retry_does_not_wait_for_the_retry() {
         .is_none());
 }
 
+/// The same, the cancel asked of another node of the cluster: it tells the node that runs the
+/// order, which wakes it.
+#[tokio::test]
+async fn cancelling_through_another_node_an_order_waiting_to_retry_does_not_wait_either() {
+    let _turn = cluster_turn().await;
+    let shop = Shop::start().await;
+    shop.answer("/charge", Answer::Status(503, "busy".into()));
+    let redis = RedisServer::start();
+    let nodes = shop.two_nodes(&redis, PATIENT).await;
+    let user = unique_user("ivan");
+    let id = nodes[0].create_order(&user, &json!({"sku": "H8"})).await;
+    retry_of_the_charge_scheduled(&nodes[0], &user, &id).await;
+    let reply = nodes[1].cancel(&user, &id).await;
+    nodes[1].expect_json(&reply, 202, "POST /orders/{id}/cancel on the other node");
+
+    let order = nodes[1].wait_terminal(&user, &id, TERMINAL).await;
+    assert_failed_at(&order, "Processing");
+    assert_eq!(order["failure"]["reason"], "cancelled");
+    assert_eq!(attempt_numbers(&shop.calls_to("/charge")), [1]);
+}
+
 /// Regression (a paused node, back from SIGSTOP, called the services for orders another node had
 /// already finished): orders queued on a node when it is paused past its lease are taken over
 /// and finished elsewhere; back from the pause, the node calls no service for them.

@@ -177,6 +177,20 @@ async fn tokens_are_checked_and_roles_enforced() {
         .send()
         .await;
     node.expect_error(&reply, 403, "bob calls /service/transfer");
+    let noted = json!({"order_id": "00000000-0000-4000-8000-000000000000"}).to_string();
+    let reply = node
+        .call(Method::POST, "/service/cancels")
+        .user(&bearer(BOB))
+        .body(noted.clone())
+        .send()
+        .await;
+    node.expect_error(&reply, 403, "bob calls /service/cancels");
+    let reply = node
+        .call(Method::POST, "/service/cancels")
+        .body(noted.clone())
+        .send()
+        .await;
+    node.expect_error(&reply, 401, "/service/cancels without the secret");
     let reply = node
         .call(Method::GET, "/service/backup")
         .user(&bearer(BOB))
@@ -256,6 +270,13 @@ async fn tokens_are_checked_and_roles_enforced() {
         .send()
         .await;
     node.expect_error(&reply, 409, "admin calls /service/transfer on a lone node");
+    let reply = node
+        .call(Method::POST, "/service/cancels")
+        .user(&bearer(ROOT))
+        .body(noted)
+        .send()
+        .await;
+    node.expect_error(&reply, 409, "admin calls /service/cancels on a lone node");
     let reply = node
         .call(Method::POST, &format!("/orders/{id}/rollback"))
         .user(&bearer(ROOT))
