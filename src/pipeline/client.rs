@@ -140,11 +140,16 @@ impl Client {
         fields.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         fields.extend(headers);
         let exchange = async {
-            let response = self
-                .pool
-                .request(request)
-                .await
-                .map_err(|error| CallError::failed(&error, None))?;
+            // Kept for a second try: a clone shares the body's bytes.
+            let again = request.clone();
+            let response = match self.pool.request(request).await {
+                Err(error) if closed_unanswered(&error) => {
+                    tracing::debug!(uri = %uri, error = %error, "connection closed as the call went out; sent again");
+                    self.pool.request(again).await
+                }
+                sent => sent,
+            }
+            .map_err(|error| CallError::failed(&error, None))?;
             let (parts, mut body) = response.into_parts();
             let status = parts.status.as_u16();
             let mut answer = Answer::new(status, parts.headers);
@@ -162,6 +167,28 @@ impl Client {
             .await
             .unwrap_or(Err(CallError::Timeout))
     }
+}
+
+/// Whether `error` is a connection closed or reset before any of the answer came: what a call
+/// sent on a kept-alive connection meets when the service closes that connection, idle on its
+/// side, as the call goes out. hyper sends again only a call it had not begun to write; this
+/// one is sent once more, on a new connection (it carries its `Idempotency-Key`, so a service
+/// that did get it answers the repeat as the first).
+fn closed_unanswered(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+            || error
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|error| error.kind() == std::io::ErrorKind::ConnectionReset)
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 const USER_AGENT_VALUE: &str = concat!("order-process/", env!("CARGO_PKG_VERSION"));

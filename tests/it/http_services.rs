@@ -490,6 +490,15 @@ async fn an_https_answer_ended_without_close_notify_is_refused_and_retried() {
 /// A server on a free port that answers every request itself, `{"via":"proxy"}` (as a forward
 /// proxy, or as a service), and keeps each request's head.
 async fn answering_server() -> (String, Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    closing_server(usize::MAX).await
+}
+
+/// [`answering_server`], which closes a connection once it has answered `answers` requests on
+/// it, as the next one arrives: an idle close meeting a call the client sent on the connection
+/// it kept alive. A request it closes on is not kept.
+async fn closing_server(
+    answers: usize,
+) -> (String, Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the proxy");
@@ -503,6 +512,7 @@ async fn answering_server() -> (String, Arc<Mutex<Vec<String>>>, tokio::task::Jo
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut read = Vec::new();
                 let mut buffer = [0u8; 4096];
+                let mut count = 0;
                 // Requests one after another on a kept-alive connection.
                 loop {
                     let Some(end) = read.windows(4).position(|window| window == b"\r\n\r\n") else {
@@ -527,6 +537,10 @@ async fn answering_server() -> (String, Arc<Mutex<Vec<String>>>, tokio::task::Jo
                         continue;
                     }
                     read.drain(..end + 4 + length);
+                    if count == answers {
+                        return;
+                    }
+                    count += 1;
                     noted.lock().expect("the heads").push(head);
                     let body = r#"{"via":"proxy"}"#;
                     let answer = format!(
@@ -584,6 +598,39 @@ async fn calls_go_through_the_proxy_the_environment_names_except_where_no_proxy_
     assert_eq!(lines, ["POST http://shop.invalid/charge HTTP/1.1"]);
     // NO_PROXY: straight to the service.
     assert_eq!(service.calls_to("/ship").len(), 1);
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_call_meeting_the_services_close_of_a_kept_alive_connection_is_sent_again() {
+    let (base, heads, server) = closing_server(1).await;
+    let mut config = simulate("10ms");
+    for step in [
+        "Scheduling",
+        "Pre-Processing",
+        "Processing",
+        "Post-Processing",
+    ] {
+        config.push_str(&format!(
+            "[steps.{step}]\nhandler = \"http\"\nurl = \"{base}/{step}\"\nretries = 0\n"
+        ));
+    }
+    let node = Node::start(&config).await;
+    assert_completed(&run_order(&node, "kai").await);
+    // Each of the second order's calls goes out on the connection the first order's call to
+    // that step kept alive, is dropped by the service, and is answered on a new connection,
+    // not counted as a failed attempt.
+    let order = run_order(&node, "kai").await;
+    assert_completed(&order);
+    for step in [
+        "Scheduling",
+        "Pre-Processing",
+        "Processing",
+        "Post-Processing",
+    ] {
+        assert_eq!(attempts(&order, step).len(), 1, "{}", pretty(&order));
+    }
+    assert_eq!(heads.lock().expect("the heads").len(), 8);
     server.abort();
 }
 
