@@ -46,7 +46,7 @@ struct Claimed {
 impl Drop for Claimed {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
-            self.shared.unmark(id);
+            self.shared.let_go(id);
         }
     }
 }
@@ -200,20 +200,9 @@ impl Pool {
         self.queue_marked(job).await
     }
 
-    /// Queues a job whose order is marked active here, waiting for room; false once the pool
-    /// stops, and the order is no longer marked (it stays in the store).
+    /// See [`Shared::queue_marked`].
     async fn queue_marked(&self, job: Job) -> bool {
-        let id = job.order_id();
-        let mut stop_rx = self.shared.stop_rx.clone();
-        let sent = !*stop_rx.borrow()
-            && tokio::select! {
-                sent = self.queue_tx.send(Queued::bare(job)) => sent.is_ok(),
-                _ = stop_rx.changed() => false,
-            };
-        if !sent {
-            self.shared.unmark(id);
-        }
-        sent
+        self.shared.queue_marked(job).await
     }
 
     /// Queues the resumption of many orders in the background, in order. Each counts as active
@@ -558,6 +547,25 @@ mod tests {
         assert!(pool.is_active(held.order_id), "held while queued");
         until("the held order done", || !pool.is_active(held.order_id)).await;
         assert_eq!(store.order(held.order_id).current_step, Step::Completed);
+        pool.shutdown(DEADLINE).await;
+    }
+
+    #[tokio::test]
+    async fn a_held_order_asked_to_run_meanwhile_runs_when_the_hold_is_dropped() {
+        let (store, steps) = (Arc::new(FakeStore::default()), FakeStep::new());
+        let pool = one_worker(&store, &steps, Arc::new(Gate::open()), 4);
+        let held = order(NODE);
+        store.insert(&held);
+        // One rollback retry holds the order; another re-opens it in the store meanwhile and
+        // asks for a run, which finds it held; the first is refused and lets go.
+        let hold = pool.hold(held.order_id).expect("not active yet");
+        pool.resume_all(vec![held.order_id]);
+        drop(hold);
+        until("the order run", || {
+            store.order(held.order_id).current_step == Step::Completed
+        })
+        .await;
+        until("the order done", || !pool.is_active(held.order_id)).await;
         pool.shutdown(DEADLINE).await;
     }
 

@@ -6,7 +6,7 @@ use super::active::ActiveOrders;
 use super::cancels::Cancellations;
 use super::gate::Gate;
 use super::handler::Handlers;
-use super::job::Queued;
+use super::job::{Job, Queued};
 use super::parking::ParkingLot;
 use super::waiters::Waiters;
 use crate::metrics::Metrics;
@@ -69,6 +69,38 @@ impl Shared {
     pub(super) fn unmark(&self, id: OrderId) {
         self.active.unmark(id);
         self.waiters.ended(id);
+    }
+
+    /// Queues a job whose order is marked active here, waiting for room; false once the pool
+    /// stops, and the order is no longer marked (it stays in the store).
+    pub(super) async fn queue_marked(&self, job: Job) -> bool {
+        let id = job.order_id();
+        let mut stop_rx = self.stop_rx.clone();
+        let sent = !*stop_rx.borrow()
+            && tokio::select! {
+                sent = self.queue_tx.send(Queued::bare(job)) => sent.is_ok(),
+                _ = stop_rx.changed() => false,
+            };
+        if !sent {
+            self.unmark(id);
+        }
+        sent
+    }
+
+    /// Lets go of order `id`, held while a store call ran and then not queued: unless a run of
+    /// it was asked for meanwhile and found it held (another rollback retry re-opened it, a
+    /// takeover moved it here), which is queued now instead of lost with the hold.
+    pub(super) fn let_go(self: &Arc<Self>, id: OrderId) {
+        if !self.finish_or_rerun(id) {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let shared = Arc::clone(self);
+                runtime.spawn(async move { shared.queue_marked(Job::Resume(id)).await });
+            }
+            Err(_) => self.unmark(id),
+        }
     }
 
     /// At the end of an execution: true when the order is to be loaded and driven once more
