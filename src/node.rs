@@ -34,8 +34,7 @@ pub fn service_id(data_dir: &Path) -> anyhow::Result<String> {
         }
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let id = uuid::Uuid::new_v4().to_string();
-            std::fs::write(&path, &id)
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            write_durably(data_dir, "service_id", &id)?;
             Ok(id)
         }
         Err(error) => Err(error).with_context(|| format!("cannot read {}", path.display())),
@@ -58,12 +57,25 @@ pub fn generation(data_dir: &Path) -> anyhow::Result<u64> {
     };
     let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
     let generation = now.max(last.saturating_add(1));
-    // Written aside and renamed, so a crash never leaves a half-written number.
-    let fresh = data_dir.join("generation.new");
-    std::fs::write(&fresh, generation.to_string())
-        .and_then(|()| std::fs::rename(&fresh, &path))
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    write_durably(data_dir, "generation", &generation.to_string())?;
     Ok(generation)
+}
+
+/// Writes `<dir>/<name>` so that a crash or a power loss leaves it whole or as it was: written
+/// aside, flushed to the disk, renamed over, and the rename flushed too. The node id must not
+/// come back empty after the orders stored under it did not.
+fn write_durably(dir: &Path, name: &str, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = dir.join(name);
+    let fresh = dir.join(format!("{name}.new"));
+    let written = std::fs::File::create(&fresh)
+        .and_then(|mut file| {
+            file.write_all(contents.as_bytes())?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&fresh, &path))
+        .and_then(|()| std::fs::File::open(dir)?.sync_all());
+    written.with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The step handlers and the completion webhook the config asks for. `http` steps with the
@@ -389,7 +401,25 @@ fn spawn_resume(store: Arc<dyn OrderStore>, pool: Arc<Pool>, service_id: String)
 
 #[cfg(test)]
 mod tests {
-    use super::generation;
+    use super::{generation, service_id};
+
+    #[test]
+    fn the_node_id_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = service_id(dir.path()).unwrap();
+        assert!(uuid::Uuid::try_parse(&id).is_ok(), "{id}");
+        assert_eq!(service_id(dir.path()).unwrap(), id);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["service_id"], "nothing left aside");
+        std::fs::write(dir.path().join("service_id"), "").unwrap();
+        assert!(
+            service_id(dir.path()).is_err(),
+            "an empty id is not replaced"
+        );
+    }
 
     #[test]
     fn generations_always_grow_even_after_a_clock_that_ran_ahead() {
