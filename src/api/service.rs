@@ -12,6 +12,7 @@ use super::limits::{body, Body};
 use super::{json_reply, respond, with_state, ApiError, State};
 use crate::cluster::{Cluster, TransferError, CANCELS_PATH, SECRET_HEADER};
 use crate::order::OrderId;
+use crate::store::embedded::BackupError;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use warp::filters::BoxedFilter;
@@ -137,18 +138,26 @@ async fn backup(state: State, credentials: Credentials) -> Result<Response, ApiE
              from BGSAVE)",
         ));
     };
-    let backup = store
-        .backup()
-        .await
-        .map_err(|error| ApiError::from_store(error, state.retry_after))?;
+    let backup = store.backup().await.map_err(|error| match error {
+        BackupError::Busy => ApiError::overloaded(
+            "another backup is being made or sent; one at a time",
+            state.retry_after,
+        ),
+        BackupError::NoRoom { .. } => {
+            tracing::warn!(error = %error, "backup refused");
+            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, error.to_string())
+        }
+        BackupError::Store(error) => ApiError::from_store(error, state.retry_after),
+    })?;
     audit(&who, role, "backup", &format!("{} orders", backup.orders));
-    let file = tokio::fs::File::from_std(backup.file);
-    let chunks = futures_util::stream::try_unfold(file, |mut file| async move {
+    // The turn goes with the file, so no other backup is made until this one is sent.
+    let sending = (tokio::fs::File::from_std(backup.file), backup.turn);
+    let chunks = futures_util::stream::try_unfold(sending, |(mut file, turn)| async move {
         use tokio::io::AsyncReadExt;
         let mut chunk = bytes::BytesMut::with_capacity(BACKUP_CHUNK);
         match file.read_buf(&mut chunk).await? {
             0 => Ok::<_, std::io::Error>(None),
-            _ => Ok(Some((chunk.freeze(), file))),
+            _ => Ok(Some((chunk.freeze(), (file, turn)))),
         }
     });
     let mut response = warp::reply::stream(chunks).into_response();

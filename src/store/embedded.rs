@@ -257,6 +257,9 @@ pub struct EmbeddedStore {
     payload_apart: bool,
     /// The data dir, where a backup is written before it is sent.
     dir: PathBuf,
+    /// One backup at a time: each takes as much room in the data dir as the orders, until it
+    /// is sent.
+    backups: Arc<tokio::sync::Semaphore>,
 }
 
 /// A copy of the store's file made by [`EmbeddedStore::backup`]: open for reading, and already
@@ -266,7 +269,24 @@ pub struct Backup {
     pub bytes: u64,
     /// The orders it holds.
     pub orders: u64,
+    /// Held until the copy is dropped: no other backup is made meanwhile.
+    pub turn: tokio::sync::OwnedSemaphorePermit,
 }
+
+/// Why [`EmbeddedStore::backup`] made no copy.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("another backup is being made or sent")]
+    Busy,
+    /// The copy could leave the store too little room for its own writes.
+    #[error("a backup needs {needed} bytes free in the data dir ({BACKUP_HEADROOM} of them left to the store), and {free} are")]
+    NoRoom { needed: u64, free: u64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The room a backup leaves free in the data dir for the store's own writes, besides its copy.
+pub const BACKUP_HEADROOM: u64 = 64 << 20;
 
 impl EmbeddedStore {
     /// [`EmbeddedStore::open_retaining`] with the default retention.
@@ -355,32 +375,54 @@ impl EmbeddedStore {
             compress,
             payload_apart: false,
             dir: dir.to_path_buf(),
+            backups: Arc::new(tokio::sync::Semaphore::new(1)),
         })
     }
 
     /// A copy of the store's file, made from one read transaction (so every table as of one
     /// commit, whatever is written meanwhile, which it does not hold up): a redb file that a node
     /// opens as its `orders.redb`. Written in the data dir first, so it needs as much room there
-    /// as the orders take.
-    pub async fn backup(&self) -> Result<Backup, StoreError> {
+    /// as the orders take: refused unless the data dir has that (the store file's size, which
+    /// the copy does not exceed) and [`BACKUP_HEADROOM`] more free, and while another is made
+    /// or sent.
+    pub async fn backup(&self) -> Result<Backup, BackupError> {
+        let turn = Arc::clone(&self.backups)
+            .try_acquire_owned()
+            .map_err(|_| BackupError::Busy)?;
+        let (needed, free) = self.backup_room().map_err(unavailable_io)?;
+        if free < needed {
+            return Err(BackupError::NoRoom { needed, free });
+        }
         let path = self
             .dir
             .join(format!("{PARTIAL_BACKUP}{}", uuid::Uuid::new_v4()));
-        self.read(move |db| {
-            let copied = copy_file(db, &path).and_then(|orders| {
-                let file = std::fs::File::open(&path).map_err(unavailable_io)?;
-                let bytes = file.metadata().map_err(unavailable_io)?.len();
-                Ok(Backup {
-                    file,
-                    bytes,
-                    orders,
-                })
-            });
-            // Open (or failed), the copy leaves the data dir at once.
-            let _ = std::fs::remove_file(&path);
-            copied
+        let copied = self
+            .read(move |db| {
+                let copied = copy_file(db, &path).and_then(|orders| {
+                    let file = std::fs::File::open(&path).map_err(unavailable_io)?;
+                    let bytes = file.metadata().map_err(unavailable_io)?.len();
+                    Ok((file, bytes, orders))
+                });
+                // Open (or failed), the copy leaves the data dir at once.
+                let _ = std::fs::remove_file(&path);
+                copied
+            })
+            .await?;
+        let (file, bytes, orders) = copied;
+        Ok(Backup {
+            file,
+            bytes,
+            orders,
+            turn,
         })
-        .await
+    }
+
+    /// The room a backup needs in the data dir and the room there is, in bytes.
+    fn backup_room(&self) -> std::io::Result<(u64, u64)> {
+        let size = std::fs::metadata(self.dir.join("orders.redb"))?.len();
+        let stat = rustix::fs::statvfs(&self.dir)?;
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        Ok((size.saturating_add(BACKUP_HEADROOM), free))
     }
 
     /// The store, creating orders with their payload apart from their doc (written once, in a

@@ -4,7 +4,8 @@
 //! restart, the orders accepted before finishing. Redis's: with `appendfsync always` Redis exits
 //! at its first write that does not fit, and with `everysec` it stays up refusing writes
 //! (`MISCONF`) until there is room; in both, submissions meanwhile are answered 503, and every
-//! order accepted before or during it finishes once Redis writes again. Mounting needs root;
+//! order accepted before or during it finishes once Redis writes again. A backup of the
+//! embedded store is refused (507) without the room for it. Mounting needs root;
 //! without it the tests say so and pass.
 
 use std::io::Write;
@@ -76,6 +77,10 @@ async fn the_embedded_store_on_a_full_disk_is_degraded_then_writes_again_once_it
     let Some(full) = FullEmbedded::start().await else {
         return;
     };
+    // A backup, written in the data dir first, is not begun there.
+    let reply = full.node.call(Method::GET, "/service/backup").send().await;
+    full.node
+        .expect_error(&reply, 507, "a backup with the data dir full");
     // redb fails every access of its handle once a write failed on the disk: the store opens
     // its file again, without a restart, and once there is room the orders accepted go on.
     full.make_room_and_finish().await;

@@ -979,6 +979,22 @@ async fn embedded_store_conforms() {
 }
 
 #[tokio::test]
+async fn embedded_backups_are_made_one_at_a_time() {
+    use order_process::store::embedded::BackupError;
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    create(&store, &new_order("alice", "node-a", 0)).await;
+    let first = store.backup().await.expect("a backup");
+    assert_eq!(first.orders, 1);
+    assert!(
+        matches!(store.backup().await, Err(BackupError::Busy)),
+        "a second while the first is held"
+    );
+    drop(first);
+    store.backup().await.expect("once the first is sent");
+}
+
+#[tokio::test]
 async fn embedded_store_keeps_orders_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let order = new_order("alice", "node-a", 0);
