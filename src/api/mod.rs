@@ -55,6 +55,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/diagnostic/parked"),
     ("GET", "/diagnostic/stuck"),
     ("POST", "/service/transfer"),
+    ("POST", "/service/cancels"),
     ("GET", "/service/nodes/{service_id}/orders"),
     ("GET", "/service/backup"),
 ];
