@@ -17,7 +17,7 @@ pub enum OrderError {
     /// The queue is full: nothing was stored.
     #[error("too many orders in progress, try again later")]
     QueueFull { retry_after: Duration },
-    /// The node is draining: nothing was stored.
+    /// The node is draining: it begins nothing (no order stored, no long poll).
     #[error("node is shutting down")]
     Stopping { retry_after: Duration },
     #[error("order is already finished")]

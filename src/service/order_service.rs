@@ -61,6 +61,18 @@ impl OrderService {
         Arc::clone(&self.activity)
     }
 
+    /// A long poll begins only while the node is not stopping: those under way are answered
+    /// as the drain begins, and one begun later would be answered at once, over and over, to a
+    /// client that polls until its order ends. (One that does not wait is a plain read.)
+    fn may_wait(&self, wait: Duration) -> Result<(), OrderError> {
+        if !wait.is_zero() && self.pool.is_stopping() {
+            return Err(OrderError::Stopping {
+                retry_after: self.retry_after,
+            });
+        }
+        Ok(())
+    }
+
     /// A store failure; an order the store does not find (or finds another user's) is not found.
     fn store_error(&self, source: StoreError) -> OrderError {
         match source {
@@ -303,6 +315,7 @@ impl Orders for OrderService {
         id: OrderId,
         wait: Duration,
     ) -> Result<Arc<Order>, OrderError> {
+        self.may_wait(wait)?;
         wait_finished(self.store.as_ref(), self.pool.waiters(), scope, id, wait)
             .await
             .map_err(|error| self.order_error(id, error))?
@@ -315,6 +328,7 @@ impl Orders for OrderService {
         ids: Vec<OrderId>,
         wait: Duration,
     ) -> Result<Waited, OrderError> {
+        self.may_wait(wait)?;
         let runs_here = |id| self.pool.is_active(id);
         wait_for_many(
             self.store.as_ref(),

@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 
 use crate::harness::{order_ids, pretty, simulate, unique_user, Node, POLL, TERMINAL};
 use crate::history::assert_completed;
+use crate::metrics::{scrape, value};
+use order_process_testkit::poll::until;
 
 #[tokio::test]
 async fn bad_requests_get_json_errors_and_the_node_stays_healthy() {
@@ -661,18 +663,28 @@ async fn long_polls_are_answered_when_the_node_begins_to_stop() {
     .await;
     let user = unique_user("poller");
     let id = node.create_order(&user, &json!({})).await;
+    let gets = "order_process_store_operation_duration_seconds_count{operation=\"get\"}";
+    let read_before = value(&scrape(&node).await, gets);
     let client = reqwest::Client::new();
     let one = client
         .get(format!("{}/orders/{id}?wait=60s", node.base))
         .header("Authorization", &user)
         .send();
+    // With an id that does not run here, which the batch reads once it waits.
+    let absent = "00000000-0000-4000-8000-000000000000";
     let many = client
         .post(format!("{}/orders/wait", node.base))
         .header("Authorization", &user)
         .header("Content-Type", "application/json")
-        .body(json!({"order_ids": [id], "wait": "60s"}).to_string())
+        .body(json!({"order_ids": [id, absent], "wait": "60s"}).to_string())
         .send();
     let polls = tokio::spawn(async move { tokio::join!(one, many) });
+    // Each poll reads the store once it is registered to be told of the end.
+    let waiting = until(Duration::from_secs(10), POLL, || async {
+        (value(&scrape(&node).await, gets) >= read_before + 2.0).then_some(())
+    })
+    .await;
+    assert!(waiting.is_some(), "the polls never read the store");
     let stopped = Instant::now();
     node.term();
     let (one, many) = tokio::time::timeout(Duration::from_secs(10), polls)
@@ -689,5 +701,28 @@ async fn long_polls_are_answered_when_the_node_begins_to_stop() {
     let waited: Value = many.json().await.expect("the batch");
     assert_eq!(waited["pending"], json!([id]), "{waited}");
     assert!(stopped.elapsed() < Duration::from_secs(10));
+    // A poll that comes while the node drains is told to ask again later (elsewhere), rather
+    // than answered at once, over and over, by a client that polls until the order ends.
+    let reply = node
+        .call(Method::GET, &format!("/orders/{id}"))
+        .user(&user)
+        .query("wait", "60s")
+        .send()
+        .await;
+    node.expect_error(&reply, 503, "a long poll while the node drains");
+    assert!(reply.header("retry-after").is_some(), "{reply}");
+    let reply = node
+        .call(Method::POST, "/orders/wait")
+        .user(&user)
+        .body(json!({"order_ids": [id], "wait": "60s"}).to_string())
+        .send()
+        .await;
+    node.expect_error(&reply, 503, "a batch long poll while the node drains");
+    // A read that does not wait is answered as ever.
+    node.expect_json(
+        &node.get_order(&user, &id).await,
+        200,
+        "a read while the node drains",
+    );
     node.wait_exit(Duration::from_secs(60)).await;
 }
