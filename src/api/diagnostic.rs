@@ -131,10 +131,18 @@ async fn heartbeat(state: State) -> Response {
         "status": status,
         "version": VERSION,
     });
-    if let Some(problem) = problem {
-        body["problem"] = serde_json::Value::String(problem);
-    }
-    json_reply(code, &body)
+    let Some(problem) = problem else {
+        return json_reply(code, &body);
+    };
+    // A 503 like any other: its problem also as `error`, and when to ask again.
+    body["error"] = serde_json::Value::String(problem.clone());
+    body["problem"] = serde_json::Value::String(problem);
+    let mut reply = json_reply(code, &body);
+    reply.headers_mut().insert(
+        warp::http::header::RETRY_AFTER,
+        STORE_RETRY_AFTER.as_secs().into(),
+    );
+    reply
 }
 
 async fn cluster(state: State) -> Response {
