@@ -231,7 +231,8 @@ fn wait_many(state: State) -> BoxedFilter<(Response,)> {
 /// `POST /orders/wait {"order_ids": [...], "wait": "30s"}`: a long poll for many orders at
 /// once. Answers once every named order is finished, or when the wait is over, with the
 /// finished ones in `orders`, the rest in `pending`, and ids that are not the caller's orders
-/// in `missing`.
+/// in `missing`: in their standard form, as `order_id` shows them, but for text that is not a
+/// UUID, which is given back as it came.
 async fn wait_for_many(
     state: State,
     credentials: Credentials,
@@ -284,7 +285,7 @@ async fn wait_for_many(
 }
 
 /// The answer to `POST /orders/wait`: `{"orders": [views], "pending": [ids], "missing":
-/// [ids as given]}`.
+/// [ids]}`.
 fn write_wait_answer(
     body: &mut Vec<u8>,
     finished: &[Arc<Order>],
