@@ -184,6 +184,8 @@ struct WriteHealth {
     failure: Option<String>,
     /// When it ended, or when a probe was last sent.
     at: Instant,
+    /// When the probe sent since it ended was sent, if one was: no write ended since.
+    probed: Option<Instant>,
 }
 
 /// The open file, shared by the store's readers, its writer thread and its purge thread. Empty
@@ -355,6 +357,7 @@ impl EmbeddedStore {
         let health = Arc::new(Mutex::new(WriteHealth {
             failure: None,
             at: Instant::now(),
+            probed: None,
         }));
         let writer_health = Arc::clone(&health);
         std::thread::Builder::new()
@@ -740,6 +743,7 @@ fn writer_loop(
         *health.lock().unwrap_or_else(PoisonError::into_inner) = WriteHealth {
             failure: outcome.err(),
             at: Instant::now(),
+            probed: None,
         };
         if latched {
             let pause = match reopened {
@@ -814,6 +818,7 @@ fn reopen(
             }
         }
         if since.elapsed() >= pause && old.as_ref().is_none_or(|old| old.strong_count() == 0) {
+            forget_cached_pages(path);
             match open_file(path) {
                 Ok(reopened) => {
                     db.put(reopened);
@@ -829,6 +834,21 @@ fn reopen(
                 }
             }
         }
+    }
+}
+
+/// Drops the file's pages from the page cache before it is opened again after a failed write.
+/// A write that failed on the disk can leave its pages there, marked clean but never written
+/// (Linux reports the error once and keeps the pages): redb's repair would read the failed
+/// commit from them and take it for one on the disk, and later commits would build on pages
+/// that exist only in memory. Dropped, the repair reads what the disk holds.
+fn forget_cached_pages(path: &Path) {
+    let dropped = std::fs::File::open(path).and_then(|file| {
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed)
+            .map_err(std::io::Error::from)
+    });
+    if let Err(error) = dropped {
+        tracing::debug!(path = %path.display(), error = %error, "cannot drop the store file's cached pages");
     }
 }
 
@@ -1694,13 +1714,24 @@ impl OrderStore for EmbeddedStore {
             // Why a lock: concurrent heartbeats must agree on which one probes.
             let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
             if health.at.elapsed() < PROBE_EVERY {
+                // A probe that has not ended for as long (a disk that stalls) is a failure: the
+                // last outcome, from before it, says nothing of the disk now.
+                if let Some(sent) = health.probed.filter(|sent| sent.elapsed() >= PROBE_EVERY) {
+                    return Err(StoreError::Unavailable(format!(
+                        "no store write has ended for {} ms",
+                        sent.elapsed().as_millis()
+                    )));
+                }
                 return health
                     .failure
                     .as_deref()
                     .map_or(Ok(()), |error| Err(stopped_batch(error)));
             }
-            // Later heartbeats within the second read this probe's outcome once it is in.
-            health.at = Instant::now();
+            // Later heartbeats within the second read this probe's outcome once it is in. A
+            // probe sent while one is still out (or was dropped unanswered) keeps its time.
+            let now = Instant::now();
+            health.at = now;
+            health.probed.get_or_insert(now);
         }
         // Commits an empty write transaction, through the writer like any write.
         self.write(|_| Ok(())).await
