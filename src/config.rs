@@ -725,6 +725,11 @@ pub struct NotifyConfig {
     pub backoff: Option<Duration>,
     #[serde(default, deserialize_with = "duration_opt")]
     pub backoff_max: Option<Duration>,
+    /// With an https `url`: a PEM CA bundle trusted besides the system's roots, and a client
+    /// certificate and key for a receiver that asks for one (as a step's keys of those names).
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 /// The completion webhook, validated.
@@ -736,6 +741,7 @@ pub struct NotifySettings {
     pub retries: u32,
     pub backoff: Duration,
     pub backoff_max: Duration,
+    pub tls: StepTls,
 }
 
 impl NotifySettings {
@@ -989,7 +995,10 @@ impl Config {
                 || notify.timeout.is_some()
                 || notify.retries.is_some()
                 || notify.backoff.is_some()
-                || notify.backoff_max.is_some();
+                || notify.backoff_max.is_some()
+                || notify.ca_file.is_some()
+                || notify.client_cert.is_some()
+                || notify.client_key.is_some();
             return match set {
                 true => Err(ConfigError::new(
                     "notify.url",
@@ -1017,6 +1026,23 @@ impl Config {
                 "must be at least backoff",
             ));
         }
+        let tls = StepTls {
+            ca_file: notify.ca_file.clone(),
+            client_cert: notify.client_cert.clone(),
+            client_key: notify.client_key.clone(),
+        };
+        if tls.is_set() {
+            if url.scheme() != "https" {
+                let field = match (&tls.ca_file, &tls.client_cert) {
+                    (Some(_), _) => "notify.ca_file",
+                    (None, Some(_)) => "notify.client_cert",
+                    (None, None) => "notify.client_key",
+                };
+                return Err(ConfigError::new(field, "only used with an https:// url"));
+            }
+            // Reads the files and builds the TLS setup once, to refuse bad ones now.
+            crate::pipeline::http::tls_config(&tls, rustls::RootCertStore::empty(), "notify")?;
+        }
         Ok(Some(NotifySettings {
             url,
             secret: notify.secret.clone(),
@@ -1024,6 +1050,7 @@ impl Config {
             retries: notify.retries.unwrap_or(NotifySettings::DEFAULT_RETRIES),
             backoff,
             backoff_max,
+            tls,
         }))
     }
 
@@ -1726,6 +1753,12 @@ mod tests {
         assert_eq!(settings.retries, NotifySettings::DEFAULT_RETRIES);
         assert_eq!(settings.backoff_max, NotifySettings::DEFAULT_BACKOFF_MAX);
         assert_eq!(Config::default().notify_settings().unwrap(), None);
+        // TLS files only for an https receiver, and only files that read.
+        let plain = format!("{good}ca_file = \"ca.pem\"\n");
+        assert_eq!(key(&plain), "notify.ca_file");
+        let https = good.replace("http://", "https://");
+        let missing = format!("{https}client_cert = \"/nonexistent/client.pem\"\n");
+        assert!(key(&missing).starts_with("notify"), "{}", key(&missing));
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub fn handlers(config: &Config) -> anyhow::Result<Handlers> {
         handlers.set(step, handler);
     }
     if let Some(settings) = config.notify_settings()? {
-        let client = clients.for_notify(&settings.url)?;
+        let client = clients.for_notify(&settings)?;
         handlers.set_notifier(Arc::new(Notifier::new(client, settings)?));
     }
     Ok(handlers)

@@ -15,7 +15,7 @@
 use super::client::{target, CallError, Client, Target};
 use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
-use crate::config::{ConfigError, HttpSettings, StepTls};
+use crate::config::{ConfigError, HttpSettings, NotifySettings, StepTls};
 use crate::order::{nests_deeper_than, write_step_call, Output, Step, MAX_OUTPUT_DEPTH};
 use anyhow::Context;
 use async_trait::async_trait;
@@ -56,9 +56,9 @@ impl Clients {
         self.get(&settings.tls, https, &format!("steps.{step}"))
     }
 
-    /// The client of the completion webhook at `url`: no files of its own, the trusted roots.
-    pub fn for_notify(&mut self, url: &reqwest::Url) -> anyhow::Result<Client> {
-        self.get(&StepTls::default(), url.scheme() == "https", "notify")
+    /// The client of the completion webhook: its TLS files, if any, as a step's.
+    pub fn for_notify(&mut self, settings: &NotifySettings) -> anyhow::Result<Client> {
+        self.get(&settings.tls, settings.url.scheme() == "https", "notify")
     }
 
     fn get(&mut self, files: &StepTls, https: bool, section: &str) -> anyhow::Result<Client> {

@@ -278,6 +278,28 @@ async fn an_https_step_trusts_a_private_ca_and_presents_a_client_certificate() {
 }
 
 #[tokio::test]
+async fn an_https_webhook_trusts_a_private_ca_and_presents_a_client_certificate() {
+    let pki = Pki::new();
+    let receiver = Service::start(Some(server_tls(&pki)), |_, _| Reply::ok()).await;
+    let config = format!(
+        "{}[notify]\nurl = \"{}/finished\"\nsecret = \"webhook-secret-0123456789\"\n{}",
+        simulate("10ms"),
+        receiver.base,
+        tls_lines(&pki, true)
+    );
+    let node = Node::start(&config).await;
+    let user = unique_user("nia");
+    let id = node.create_order(&user, &json!({"sku": "T1"})).await;
+    let order = node
+        .wait_for(&user, &id, TERMINAL, "the webhook delivered", |order| {
+            order["notification"]["state"] == "delivered"
+        })
+        .await;
+    assert_completed(&order);
+    assert_eq!(receiver.calls_to("/finished").len(), 1);
+}
+
+#[tokio::test]
 async fn an_https_step_without_the_ca_fails_on_the_certificate_and_retries() {
     let pki = Pki::new();
     let service = Service::start(Some(server_tls(&pki)), |_, _| Reply::ok()).await;
