@@ -399,25 +399,26 @@ impl EmbeddedStore {
         let path = self
             .dir
             .join(format!("{PARTIAL_BACKUP}{}", uuid::Uuid::new_v4()));
+        // The turn goes with the copy, which goes on in its thread should the caller give up:
+        // no other copy begins until this one is out of the data dir.
         let copied = self
             .read(move |db| {
                 let copied = copy_file(db, &path).and_then(|orders| {
                     let file = std::fs::File::open(&path).map_err(unavailable_io)?;
                     let bytes = file.metadata().map_err(unavailable_io)?.len();
-                    Ok((file, bytes, orders))
+                    Ok(Backup {
+                        file,
+                        bytes,
+                        orders,
+                        turn,
+                    })
                 });
                 // Open (or failed), the copy leaves the data dir at once.
                 let _ = std::fs::remove_file(&path);
                 copied
             })
             .await?;
-        let (file, bytes, orders) = copied;
-        Ok(Backup {
-            file,
-            bytes,
-            orders,
-            turn,
-        })
+        Ok(copied)
     }
 
     /// The room a backup needs in the data dir and the room there is, in bytes.

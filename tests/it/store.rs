@@ -16,6 +16,7 @@ use order_process::store::{
 };
 use order_process_testkit::RedisCluster;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -992,6 +993,56 @@ async fn embedded_backups_are_made_one_at_a_time() {
     );
     drop(first);
     store.backup().await.expect("once the first is sent");
+
+    // A caller that gives up on a backup does not end its copy, which keeps its turn: a backup
+    // asked for meanwhile is refused, or made once that copy is out of the data dir.
+    let padding = "x".repeat(2048);
+    let orders: Vec<Order> = (0..3000)
+        .map(|n| {
+            let mut order = new_order("bulky", "node-a", n);
+            order.payload = Arc::new(serde_json::json!({ "padding": padding }).into());
+            order
+        })
+        .collect();
+    join_all(orders.iter().map(|order| create(&store, order))).await;
+    // How many copies are in the data dir at once, at the most, looked at all along.
+    let (most, done) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let watcher = std::thread::spawn({
+        let (most, done, dir) = (Arc::clone(&most), Arc::clone(&done), dir.path().to_owned());
+        move || {
+            while !done.load(Ordering::SeqCst) {
+                let copies = std::fs::read_dir(&dir)
+                    .map(|entries| {
+                        entries
+                            .flatten()
+                            .filter(|entry| {
+                                entry
+                                    .file_name()
+                                    .to_string_lossy()
+                                    .starts_with("backup-partial-")
+                            })
+                            .count()
+                    })
+                    .unwrap_or(0);
+                most.fetch_max(copies, Ordering::SeqCst);
+            }
+        }
+    });
+    let mut given_up = Box::pin(store.backup());
+    // Begun (its copy runs in a thread of its own), then dropped.
+    assert!(futures_util::poll!(&mut given_up).is_pending());
+    drop(given_up);
+    match store.backup().await {
+        Err(BackupError::Busy) => {}
+        Ok(copy) => assert_eq!(copy.orders, 3001),
+        Err(other) => panic!("{other}"),
+    }
+    done.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    assert!(most.load(Ordering::SeqCst) <= 1, "two copies at once");
 }
 
 #[tokio::test]
