@@ -178,6 +178,10 @@ type Answer = Box<dyn FnOnce(Result<(), &str>) + Send>;
 /// How often at most the heartbeat probes the writer with a write of its own (each one an fsync).
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a heartbeat's probe may stay out before the store is called stalled: as long as
+/// the heartbeat that sent it waits for it, so that every heartbeat then says the same.
+const PROBE_STALLED: Duration = Duration::from_secs(2);
+
 /// How the writer's last write transaction went (a batch, or a heartbeat's probe).
 struct WriteHealth {
     /// Why it failed; `None` when it committed.
@@ -1715,9 +1719,9 @@ impl OrderStore for EmbeddedStore {
             // Why a lock: concurrent heartbeats must agree on which one probes.
             let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
             if health.at.elapsed() < PROBE_EVERY {
-                // A probe that has not ended for as long (a disk that stalls) is a failure: the
-                // last outcome, from before it, says nothing of the disk now.
-                if let Some(sent) = health.probed.filter(|sent| sent.elapsed() >= PROBE_EVERY) {
+                // A probe that has not ended for long (a disk that stalls) is a failure: the last
+                // outcome, from before it, says nothing of the disk now.
+                if let Some(sent) = health.probed.filter(|sent| sent.elapsed() >= PROBE_STALLED) {
                     return Err(StoreError::Unavailable(format!(
                         "no store write has ended for {} ms",
                         sent.elapsed().as_millis()
