@@ -92,8 +92,9 @@ struct CancelNoted {
 }
 
 /// `POST /service/cancels`: another node took a cancel of an order this node may run; if it
-/// runs here, it stops after its running step or wakes from its retry wait to roll back. The
-/// cancel itself is in the store already: this only hastens it.
+/// runs here and its stored record says it is cancelled, it stops after its running step or
+/// wakes from its retry wait to roll back. The cancel itself is in the store already: this only
+/// hastens it, and cancels nothing the store does not.
 async fn cancel_noted(
     state: State,
     secret: Option<String>,
@@ -111,8 +112,14 @@ async fn cancel_noted(
     if who.1 != "peer" {
         audit(&who.0, who.1, "note a cancel", &noted.order_id.to_string());
     }
-    cluster.note_cancel(noted.order_id);
-    Ok(warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response())
+    let stopped = cluster
+        .note_cancel(noted.order_id)
+        .await
+        .map_err(|error| ApiError::from_store(error, state.retry_after))?;
+    Ok(json_reply(
+        StatusCode::OK,
+        &serde_json::json!({ "order_id": noted.order_id, "noted": stopped }),
+    ))
 }
 
 /// The bytes a backup is sent in at a time.

@@ -227,8 +227,13 @@ impl Peers {
         format!("{}://{addr}{path}", self.scheme())
     }
 
-    /// `builder` made to speak TLS as peers are called.
+    /// `builder` made to speak TLS as peers are called, straight to the peer: no proxy the
+    /// environment names for steps, and no redirect followed (requests to peers may carry the
+    /// cluster secret, which must go nowhere else).
     pub fn client(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
+        let builder = builder
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none());
         match &self.tls {
             Some(tls) => builder.use_preconfigured_tls(tls.clone()),
             None => builder,

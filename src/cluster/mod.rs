@@ -60,7 +60,11 @@ const TRANSFER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a peer asked to take orders over has to answer before the next one is asked too
 /// (a transfer is answered in tens of milliseconds, also under load).
 /// How long telling a peer of a cancel may take; it is best effort.
-const CANCEL_TELL_TIMEOUT: Duration = Duration::from_secs(5);
+const CANCEL_TELL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The most peers told of cancels at once; past it a cancel is not told (the order's stored
+/// flag still stops it at its next commit), so repeated cancels cannot pile up connections.
+const CANCEL_TELLS: usize = 32;
 
 /// Where a peer is told of a cancel (see [`Cluster::note_cancel`]).
 pub const CANCELS_PATH: &str = "/service/cancels";
@@ -132,6 +136,8 @@ pub struct Cluster {
     leaving_tx: watch::Sender<bool>,
     /// Wakes the sweep when this node begins a leader term.
     new_term: tokio::sync::Notify,
+    /// Room for peers being told of cancels (see [`CANCEL_TELLS`]).
+    cancel_tells: tokio::sync::Semaphore,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -207,6 +213,7 @@ impl Cluster {
             stop_tx,
             leaving_tx,
             new_term: tokio::sync::Notify::new(),
+            cancel_tells: tokio::sync::Semaphore::new(CANCEL_TELLS),
             tasks: Mutex::new(Vec::new()),
         });
         let tasks = vec![
@@ -1028,10 +1035,19 @@ impl Cluster {
         }
     }
 
-    /// Order `id` was asked to stop through another node: if it runs here, it stops after its
-    /// running step (or wakes from a retry wait to roll back).
-    pub fn note_cancel(&self, id: OrderId) {
+    /// Order `id` was asked to stop through another node: if it runs here and its stored
+    /// record says so, it stops after its running step (or wakes from a retry wait to roll
+    /// back). A word that the store does not bear out is ignored. True when noted.
+    pub async fn note_cancel(&self, id: OrderId) -> Result<bool, crate::store::StoreError> {
+        if !self.pool.is_active(id) {
+            return Ok(false);
+        }
+        let stored = self.store.get(id).await?;
+        if !stored.is_some_and(|order| order.cancel_requested) {
+            return Ok(false);
+        }
         self.pool.note_cancel(id);
+        Ok(true)
     }
 
     /// The cluster view: every node gossip knows, with its role; and the leader's node id.
@@ -1291,25 +1307,38 @@ fn spawn_in(span: Span, task: impl Future<Output = ()> + Send + 'static) -> Join
     tokio::spawn(task.instrument(span))
 }
 
-/// A cancel asked of this node for an order a peer runs is passed to that peer, at the address
-/// it registered with its liveness lease (never one gossip alone names: the request carries the
-/// cluster secret).
+/// A cancel asked of this node for an order a peer runs is passed to that peer while it holds
+/// its liveness lease, at the address it registered with it (never one gossip alone names: the
+/// request carries the cluster secret).
 #[async_trait::async_trait]
 impl Runners for Cluster {
     async fn tell_cancelled(&self, owner: &str, id: OrderId) {
-        let registered = match self.coordinator.known_nodes().await {
-            Ok(registered) => registered,
+        let Ok(_telling) = self.cancel_tells.try_acquire() else {
+            debug!(order_id = %id, owner = %owner, "too many cancels being told; left to the order's next commit");
+            return;
+        };
+        let owners = [owner.to_string()];
+        let found = async {
+            let alive = self.coordinator.node_status(&owners).await?;
+            if !alive.first().is_some_and(|status| status.alive) {
+                return Ok(None);
+            }
+            let registered = self.coordinator.known_nodes().await?;
+            Ok::<_, crate::store::StoreError>(
+                registered
+                    .into_iter()
+                    .find(|(node, _)| node == owner)
+                    .and_then(|(_, addr)| addr.parse::<SocketAddr>().ok()),
+            )
+        };
+        let addr = match found.await {
+            Ok(Some(addr)) => addr,
+            // Not alive: whoever takes its orders over reads the cancel from the store.
+            Ok(None) => return,
             Err(error) => {
                 debug!(order_id = %id, owner = %owner, error = %error, "cannot find the node that runs a cancelled order");
                 return;
             }
-        };
-        let Some(addr) = registered
-            .into_iter()
-            .find(|(node, _)| node == owner)
-            .and_then(|(_, addr)| addr.parse::<SocketAddr>().ok())
-        else {
-            return;
         };
         let sent = self
             .http

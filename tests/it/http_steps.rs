@@ -692,6 +692,15 @@ async fn cancelling_through_another_node_an_order_waiting_to_retry_does_not_wait
     let user = unique_user("ivan");
     let id = nodes[0].create_order(&user, &json!({"sku": "H8"})).await;
     retry_of_the_charge_scheduled(&nodes[0], &user, &id).await;
+    // A word of a cancel the store does not bear out stops nothing.
+    let reply = nodes[0]
+        .call(Method::POST, "/service/cancels")
+        .header("x-cluster-secret", crate::cluster::SECRET)
+        .body(json!({ "order_id": id }).to_string())
+        .send()
+        .await;
+    let heard = nodes[0].expect_json(&reply, 200, "a cancel note with no cancel stored");
+    assert_eq!(heard["noted"], false, "{heard}");
     let reply = nodes[1].cancel(&user, &id).await;
     nodes[1].expect_json(&reply, 202, "POST /orders/{id}/cancel on the other node");
 
