@@ -131,10 +131,14 @@ impl Default for LogConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct PipelineConfig {
     /// At most this many orders execute at once. An order waiting on a step (a timer, a call in
-    /// flight, a retry's backoff) holds no thread, only a few KB of memory: this bounds memory.
+    /// flight) holds no thread, only a few KB of memory.
     pub workers: NonZeroUsize,
     /// Accepted orders waiting for a worker; when full, new orders get 503.
     pub queue_capacity: NonZeroUsize,
+    /// At most this many unfinished orders are held here at once: executing, queued, or waiting
+    /// for a retry of a step or of the webhook (which holds no worker). Past it, new orders get
+    /// 503: this bounds memory. Orders taken over or resumed at start are never refused.
+    pub max_orders: NonZeroUsize,
     /// How often the node looks for unfinished orders of its own that nothing here runs, queues
     /// or waits on, and resumes them: the longest an order can sit unnoticed. At the first pass
     /// and every 12th it also takes back set-aside orders whose record reads again.
@@ -147,6 +151,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             workers: NonZeroUsize::new(50_000).unwrap_or(NonZeroUsize::MIN),
             queue_capacity: NonZeroUsize::new(10_000).unwrap_or(NonZeroUsize::MIN),
+            max_orders: NonZeroUsize::new(200_000).unwrap_or(NonZeroUsize::MIN),
             reconcile_interval: Duration::from_secs(5),
         }
     }
@@ -1132,6 +1137,11 @@ impl Config {
                 MAX_ORDERS,
             ),
             (
+                "pipeline.max_orders",
+                self.pipeline.max_orders.get(),
+                MAX_ORDERS,
+            ),
+            (
                 "database.pool_size",
                 self.database.pool_size.get(),
                 MAX_THREADS,
@@ -1690,6 +1700,7 @@ mod tests {
             ("server", "worker_threads", MAX_THREADS),
             ("pipeline", "workers", MAX_ORDERS),
             ("pipeline", "queue_capacity", MAX_ORDERS),
+            ("pipeline", "max_orders", MAX_ORDERS),
             ("database", "pool_size", MAX_THREADS),
             ("steps.Processing", "concurrency", MAX_ORDERS),
         ] {

@@ -180,6 +180,7 @@ pub async fn run(
             Arc::clone(&gate),
             workers,
             queue,
+            config.pipeline.max_orders.get(),
             Arc::clone(&metrics),
         );
         let start = Cluster::start(
@@ -227,6 +228,7 @@ pub async fn run(
             Arc::new(Gate::open()),
             workers,
             queue,
+            config.pipeline.max_orders.get(),
             Arc::clone(&metrics),
         );
         spawn_resume(Arc::clone(&store), Arc::clone(&pool), service_id.clone());

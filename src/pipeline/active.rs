@@ -3,6 +3,7 @@
 
 use crate::order::{IdMap, OrderId};
 use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use tokio::sync::watch;
 
@@ -13,11 +14,18 @@ use tokio::sync::watch;
 #[derive(Debug, Default)]
 pub struct ActiveOrders {
     orders: Mutex<IdMap<bool>>,
+    /// How many orders `orders` holds, to read without the lock.
+    count: AtomicUsize,
     /// Bumped on each rerun asked for, so orders waiting for a retry look whether it is theirs.
     asked_tx: watch::Sender<u64>,
 }
 
 impl ActiveOrders {
+    /// How many orders are active here (at most a moment old).
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
     pub fn contains(&self, id: OrderId) -> bool {
         self.orders
             .lock()
@@ -50,6 +58,7 @@ impl ActiveOrders {
                 Entry::Occupied(_) => false,
                 Entry::Vacant(slot) => {
                     slot.insert(false);
+                    self.count.fetch_add(1, Ordering::Relaxed);
                     true
                 }
             })
@@ -70,6 +79,7 @@ impl ActiveOrders {
                 }
                 Entry::Vacant(slot) => {
                     slot.insert(false);
+                    self.count.fetch_add(1, Ordering::Relaxed);
                     true
                 }
             })
@@ -93,7 +103,9 @@ impl ActiveOrders {
                 true
             }
             _ => {
-                active.remove(&id);
+                if active.remove(&id).is_some() {
+                    self.count.fetch_sub(1, Ordering::Relaxed);
+                }
                 false
             }
         }
@@ -101,7 +113,9 @@ impl ActiveOrders {
 
     pub fn unmark(&self, id: OrderId) {
         if let Ok(mut active) = self.orders.lock() {
-            active.remove(&id);
+            if active.remove(&id).is_some() {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -116,10 +130,16 @@ mod tests {
         let id = OrderId::new_v4();
         assert!(active.mark(id));
         assert!(!active.mark(id));
+        assert_eq!(active.len(), 1);
         assert!(!active.finish_or_rerun(id), "no rerun was asked for");
+        assert_eq!(active.len(), 0);
         assert!(active.mark(id), "inactive again after its execution");
         active.unmark(id);
+        active.unmark(id);
+        assert_eq!(active.len(), 0, "counted once");
         assert!(active.mark_or_rerun(id), "not active: run it");
+        assert!(!active.mark_or_rerun(id));
+        assert_eq!(active.len(), 1);
     }
 
     #[test]

@@ -111,6 +111,9 @@ pub struct Pool {
     queue_tx: mpsc::Sender<Queued>,
     capacity: usize,
     workers: usize,
+    /// The most orders active here (see [`crate::config::PipelineConfig::max_orders`]) before
+    /// new ones are refused.
+    max_orders: usize,
     stop_tx: watch::Sender<bool>,
     /// Moves of orders to this node under way.
     adoptions: Adoptions,
@@ -121,7 +124,8 @@ pub struct Pool {
 
 impl Pool {
     /// Starts the dispatcher: at most `workers` orders execute at once, `queue_capacity` more
-    /// wait for a worker.
+    /// wait for a worker, and new orders are refused while `max_orders` are active here.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         node_id: String,
         store: Arc<dyn OrderStore>,
@@ -129,6 +133,7 @@ impl Pool {
         gate: Arc<Gate>,
         workers: usize,
         queue_capacity: usize,
+        max_orders: usize,
         metrics: Arc<Metrics>,
     ) -> Arc<Pool> {
         let (queue_tx, queue_rx) = mpsc::channel(queue_capacity);
@@ -155,15 +160,17 @@ impl Pool {
             queue_tx,
             capacity: queue_capacity,
             workers,
+            max_orders,
             stop_tx,
             adoptions: Adoptions::default(),
             dispatcher: tokio::sync::Mutex::new(Some(dispatcher)),
         })
     }
 
-    /// Reserves a queue slot, or `None` when the queue is full or the pool is stopping.
+    /// Reserves a queue slot for a new order, or `None` when the queue is full, `max_orders`
+    /// are active here already, or the pool is stopping.
     pub fn try_reserve(&self) -> Option<Slot> {
-        if *self.stop_tx.borrow() {
+        if *self.stop_tx.borrow() || self.shared.active.len() >= self.max_orders {
             return None;
         }
         self.queue_tx
@@ -419,6 +426,7 @@ mod tests {
             gate,
             1,
             queue,
+            usize::MAX,
             Arc::new(Metrics::new()),
         )
     }

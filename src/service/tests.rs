@@ -38,6 +38,7 @@ fn node(workers: usize, queue: usize, per_user: usize, handler: Arc<dyn StepHand
         Arc::new(Gate::open()),
         workers,
         queue,
+        usize::MAX,
         Arc::clone(&metrics),
     );
     let service = OrderService::new(

@@ -680,6 +680,39 @@ async fn cancelling_an_order_waiting_to_retry_does_not_wait_for_the_retry() {
         .is_none());
 }
 
+/// Orders waiting to retry a step hold no worker, but they are held in memory: past
+/// `pipeline.max_orders` of them, new orders are refused with 503 until some end.
+#[tokio::test]
+async fn orders_waiting_to_retry_count_against_the_nodes_cap() {
+    let shop = Shop::start().await;
+    shop.answer("/charge", Answer::Status(503, "busy".into()));
+    let mut config = shop.config(&QUICK, Some(("Processing", PATIENT)));
+    config.push_str("[pipeline]\nmax_orders = 2\n");
+    let node = Node::start(&config).await;
+    let user = unique_user("jun");
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let (id, _) = waiting_to_retry_the_charge(&node, &user).await;
+        waiting.push(id);
+    }
+    let reply = node.post_order(&user, r#"{"sku": "J1"}"#).await;
+    node.expect_error(&reply, 503, "a third order with two waiting to retry");
+    assert!(reply.header("retry-after").is_some(), "{reply}");
+    // One ends (cancelled): there is room again.
+    node.expect_json(&node.cancel(&user, &waiting[0]).await, 202, "cancel");
+    node.wait_terminal(&user, &waiting[0], TERMINAL).await;
+    let deadline = std::time::Instant::now() + TERMINAL;
+    loop {
+        let reply = node.post_order(&user, r#"{"sku": "J2"}"#).await;
+        if reply.status == 201 {
+            break;
+        }
+        node.expect_error(&reply, 503, "while the cancelled order winds down");
+        assert!(std::time::Instant::now() < deadline, "never room again");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// The same, the cancel asked of another node of the cluster: it tells the node that runs the
 /// order, which wakes it.
 #[tokio::test]
