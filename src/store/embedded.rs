@@ -157,6 +157,10 @@ fn rollback_code(state: Option<RollbackState>) -> u8 {
     }
 }
 
+/// How long the purge leaves a finished order whose record does not read before it looks at
+/// it again, in ms.
+const UNREADABLE_AGAIN_MS: u64 = 3_600_000;
+
 /// How often the purge thread looks for finished orders past their retention.
 const PURGE_EVERY: Duration = Duration::from_secs(1);
 
@@ -1274,9 +1278,17 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
                 }
                 // Re-opened since (and maybe finished again, with an entry of its own), or gone.
                 Ok(_) => {}
-                // Kept as it is, for an operator to look at.
+                // Kept as it is, for an operator to look at, and looked at again in an hour: a
+                // record that reads again (a node rolled back to an older version, then
+                // upgraded) is purged then.
                 Err(StoreError::Corrupt(error)) => {
-                    tracing::warn!(order_id = %id, error = %error, "purge keeps an unreadable order");
+                    tracing::warn!(order_id = %id, error = %error, "purge keeps an unreadable order, to look at again in an hour");
+                    self.finished
+                        .insert(
+                            (cutoff.saturating_add(UNREADABLE_AGAIN_MS), id.as_str()),
+                            revision,
+                        )
+                        .map_err(unavailable)?;
                 }
                 Err(error) => return Err(error),
             }

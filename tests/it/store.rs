@@ -2192,6 +2192,63 @@ async fn embedded_store_purges_orders_finished_before_retention_existed() {
     assert_eq!(store.stored_orders().unwrap(), 1);
 }
 
+/// A finished order whose record does not read when its retention is over is kept for an
+/// operator and filed again to be looked at later, not left out of the purge for good.
+#[tokio::test]
+async fn an_unreadable_finished_order_stays_filed_for_the_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let order = new_order("unreadable", "node-a", 0);
+    {
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        create(&store, &order).await;
+        finish(&store, &order).await;
+    }
+    let id = order.order_id.to_string();
+    let finished = redb::TableDefinition::<(u64, &str), u64>::new("orders_finished");
+    let filed = |db: &redb::Database| {
+        use redb::{ReadableDatabase, ReadableTable};
+        let txn = db.begin_read().unwrap();
+        let table = txn.open_table(finished).unwrap();
+        let mut at = Vec::new();
+        for entry in table.iter().unwrap() {
+            let (key, _) = entry.unwrap();
+            let (when, order) = key.value();
+            if order == id {
+                at.push(when);
+            }
+        }
+        at
+    };
+    let db = open_redb(dir.path()).await;
+    assert_eq!(filed(&db).len(), 1);
+    // A zstd frame naming a dictionary this version does not have.
+    let txn = db.begin_write().unwrap();
+    txn.open_table(redb::TableDefinition::<&str, &[u8]>::new("orders"))
+        .unwrap()
+        .insert(id.as_str(), &[0x28, 0xb5, 0x2f, 0xfd, 0x23, 1, 2, 3, 4][..])
+        .unwrap();
+    txn.commit().unwrap();
+    drop(db);
+
+    // Past its retention of a second, purged (by this call or the purge thread) at least once.
+    let store = EmbeddedStore::open_retaining(dir.path(), Duration::from_secs(1)).unwrap();
+    let past = std::time::Instant::now() + Duration::from_millis(1500);
+    while std::time::Instant::now() < past {
+        store.purge_expired(PURGE_BATCH).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(matches!(
+        store.get(order.order_id).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    drop(store);
+    let db = open_redb(dir.path()).await;
+    let now = u64::try_from(Utc::now().timestamp_millis()).unwrap();
+    let at = filed(&db);
+    assert_eq!(at.len(), 1, "filed again once");
+    assert!(at[0] > now, "looked at again later, not at once");
+}
+
 /// The store's redb file, opened directly once the store that had it open let it go.
 async fn open_redb(dir: &std::path::Path) -> redb::Database {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
