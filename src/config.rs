@@ -288,6 +288,33 @@ impl StepTls {
     fn is_set(&self) -> bool {
         self != &StepTls::default()
     }
+
+    /// These files, for the section `section` whose calls go to `urls`: refused unless one of
+    /// them is https (`why` says so), and read and built into a TLS setup once, to refuse bad
+    /// files at start.
+    fn checked(
+        self,
+        section: &str,
+        urls: &[&reqwest::Url],
+        why: &str,
+    ) -> Result<StepTls, ConfigError> {
+        if !self.is_set() {
+            return Ok(self);
+        }
+        if !urls.iter().any(|url| url.scheme() == "https") {
+            let field = [
+                ("ca_file", &self.ca_file),
+                ("client_cert", &self.client_cert),
+                ("client_key", &self.client_key),
+            ]
+            .into_iter()
+            .find_map(|(field, path)| path.as_ref().map(|_| field))
+            .unwrap_or("ca_file");
+            return Err(ConfigError::new(format!("{section}.{field}"), why));
+        }
+        crate::pipeline::http::tls_config(&self, rustls::RootCertStore::empty(), section)?;
+        Ok(self)
+    }
 }
 
 impl HttpSettings {
@@ -1035,19 +1062,8 @@ impl Config {
             ca_file: notify.ca_file.clone(),
             client_cert: notify.client_cert.clone(),
             client_key: notify.client_key.clone(),
-        };
-        if tls.is_set() {
-            if url.scheme() != "https" {
-                let field = match (&tls.ca_file, &tls.client_cert) {
-                    (Some(_), _) => "notify.ca_file",
-                    (None, Some(_)) => "notify.client_cert",
-                    (None, None) => "notify.client_key",
-                };
-                return Err(ConfigError::new(field, "only used with an https:// url"));
-            }
-            // Reads the files and builds the TLS setup once, to refuse bad ones now.
-            crate::pipeline::http::tls_config(&tls, rustls::RootCertStore::empty(), "notify")?;
         }
+        .checked("notify", &[&url], "only used with an https:// url")?;
         Ok(Some(NotifySettings {
             url,
             secret: notify.secret.clone(),
@@ -1371,36 +1387,17 @@ impl Config {
                         ConfigError::new(key("concurrency"), "must be at least 1")
                     })?),
                 };
+                let urls: Vec<&reqwest::Url> = std::iter::once(&url).chain(&rollback_url).collect();
                 let tls = StepTls {
                     ca_file: section.ca_file.clone(),
                     client_cert: section.client_cert.clone(),
                     client_key: section.client_key.clone(),
-                };
-                if tls.is_set() {
-                    let https = std::iter::once(&url)
-                        .chain(&rollback_url)
-                        .any(|url| url.scheme() == "https");
-                    if !https {
-                        let field = [
-                            ("ca_file", &tls.ca_file),
-                            ("client_cert", &tls.client_cert),
-                            ("client_key", &tls.client_key),
-                        ]
-                        .into_iter()
-                        .find_map(|(field, path)| path.as_ref().map(|_| field))
-                        .unwrap_or("ca_file");
-                        return Err(ConfigError::new(
-                            key(field),
-                            "only used with an https:// url or rollback_url",
-                        ));
-                    }
-                    // Reads the files and builds the TLS setup once, to refuse bad ones now.
-                    crate::pipeline::http::tls_config(
-                        &tls,
-                        rustls::RootCertStore::empty(),
-                        &format!("steps.{step}"),
-                    )?;
                 }
+                .checked(
+                    &format!("steps.{step}"),
+                    &urls,
+                    "only used with an https:// url or rollback_url",
+                )?;
                 Ok(HandlerSettings::Http(Box::new(HttpSettings {
                     url,
                     rollback_url,
