@@ -57,8 +57,7 @@ const PURGE_PER_PASS: usize = 10_000;
 
 /// The longest wait to connect to a peer asked to take orders over.
 const TRANSFER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a peer asked to take orders over has to answer before the next one is asked too
-/// (a transfer is answered in tens of milliseconds, also under load).
+
 /// How long telling a peer of a cancel may take; it is best effort.
 const CANCEL_TELL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -69,6 +68,8 @@ const CANCEL_TELLS: usize = 32;
 /// Where a peer is told of a cancel (see [`Cluster::note_cancel`]).
 pub const CANCELS_PATH: &str = "/service/cancels";
 
+/// How long a peer asked to take orders over has to answer before the next one is asked too
+/// (a transfer is answered in tens of milliseconds, also under load).
 const TRANSFER_HEDGE: Duration = Duration::from_millis(500);
 /// How long past the leader lease's expiry, by the store's clock, a follower tries to take it.
 const LEASE_EXPIRY_MARGIN: Duration = Duration::from_millis(25);

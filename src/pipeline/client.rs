@@ -172,7 +172,7 @@ impl Client {
 /// Whether `error` is a connection closed or reset before any of the answer came: what a call
 /// sent on a kept-alive connection meets when the service closes that connection, idle on its
 /// side, as the call goes out. hyper sends again only a call it had not begun to write; this
-/// one is sent once more, on a new connection (it carries its `Idempotency-Key`, so a service
+/// one is sent once more, on another connection (it carries its `Idempotency-Key`, so a service
 /// that did get it answers the repeat as the first).
 fn closed_unanswered(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause = Some(error);

@@ -409,7 +409,7 @@ impl EmbeddedStore {
             .join(format!("{PARTIAL_BACKUP}{}", uuid::Uuid::new_v4()));
         // The turn goes with the copy, which goes on in its thread should the caller give up:
         // no other copy begins until this one is out of the data dir.
-        let copied = self
+        let copy = self
             .read(move |db| {
                 let copied = copy_file(db, &path).and_then(|orders| {
                     let file = std::fs::File::open(&path).map_err(unavailable_io)?;
@@ -426,7 +426,7 @@ impl EmbeddedStore {
                 copied
             })
             .await?;
-        Ok(copied)
+        Ok(copy)
     }
 
     /// The room a backup needs in the data dir and the room there is, in bytes.
