@@ -164,7 +164,7 @@ impl Orders for OrderService {
         let store = Arc::clone(&self.store);
         let metrics = Arc::clone(&self.metrics);
         let activity = Arc::clone(&self.activity);
-        let stored = tokio::spawn(async move {
+        let stored = detached("order creation", async move {
             let order = match store.create(&order, key.as_deref()).await? {
                 Created::New => {
                     tracing::debug!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(&order), user = %order.user, "new order created");
@@ -194,12 +194,8 @@ impl Orders for OrderService {
             admission.created(view.order_id);
             Ok(Stored::New(view))
         })
-        .await
-        .map_err(|error| StoreError::Unavailable(format!("order creation stopped: {error}")));
-        let view = match stored
-            .and_then(|created| created)
-            .map_err(|error| self.store_error(error))?
-        {
+        .await;
+        let view = match stored.map_err(|error| self.store_error(error))? {
             Stored::New(view) => view,
             Stored::Replayed(view) => {
                 return Ok(Submitted {
@@ -235,7 +231,7 @@ impl Orders for OrderService {
         let (store, pool) = (Arc::clone(&self.store), Arc::clone(&self.pool));
         let (activity, runners) = (Arc::clone(&self.activity), self.runners.clone());
         let (user, node) = (user.to_string(), self.service_id.clone());
-        let asked = tokio::spawn(async move {
+        let asked = detached("cancel", async move {
             let outcome = store.request_cancel(id, &user).await?;
             if let CancelOutcome::Accepted(order) = &outcome {
                 pool.note_cancel(order.order_id);
@@ -248,12 +244,8 @@ impl Orders for OrderService {
             }
             Ok(outcome)
         })
-        .await
-        .map_err(|error| StoreError::Unavailable(format!("cancel stopped: {error}")));
-        match asked
-            .and_then(|outcome| outcome)
-            .map_err(|error| self.order_error(id, error))?
-        {
+        .await;
+        match asked.map_err(|error| self.order_error(id, error))? {
             CancelOutcome::Accepted(order) => Ok(order),
             CancelOutcome::Finished(_) => Err(OrderError::Finished),
             CancelOutcome::AlreadyFailing(_) => Err(OrderError::AlreadyFailing),
@@ -275,7 +267,7 @@ impl Orders for OrderService {
         let (store, pool) = (Arc::clone(&self.store), Arc::clone(&self.pool));
         let activity = Arc::clone(&self.activity);
         let (user, node) = (user.to_string(), self.service_id.clone());
-        let reopened = tokio::spawn(async move {
+        let reopened = detached("rollback retry", async move {
             let reopen = Reopen {
                 id,
                 user: &user,
@@ -298,12 +290,8 @@ impl Orders for OrderService {
             }
             Ok(outcome)
         })
-        .await
-        .map_err(|error| StoreError::Unavailable(format!("rollback retry stopped: {error}")));
-        match reopened
-            .and_then(|outcome| outcome)
-            .map_err(|error| self.order_error(id, error))?
-        {
+        .await;
+        match reopened.map_err(|error| self.order_error(id, error))? {
             RetryRollbackOutcome::Accepted(order) => Ok(order),
             RetryRollbackOutcome::NotParked(_) => Err(OrderError::NotParked),
         }
@@ -341,6 +329,18 @@ impl Orders for OrderService {
         .await
         .map_err(|error| self.store_error(error))
     }
+}
+
+/// Runs `work` in a task of its own, so that a caller hanging up (which drops the future that
+/// awaits it) cannot cut it short between a store write and what must follow it; `what` names
+/// it should the task fail.
+async fn detached<T: Send + 'static>(
+    what: &str,
+    work: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|error| StoreError::Unavailable(format!("{what} stopped: {error}")))?
 }
 
 /// The order if it exists and the scope may see it.
