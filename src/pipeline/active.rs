@@ -4,20 +4,27 @@
 use crate::order::{IdMap, OrderId};
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-use tokio::sync::watch;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
 
-/// Order id → whether it must be loaded and driven once more when its current execution ends.
+/// Order id → what is asked of it.
 ///
 /// Why a lock: the API, the pool and every execution mark and unmark orders from their own
 /// tasks; each call holds it for one map operation.
 #[derive(Debug, Default)]
 pub struct ActiveOrders {
-    orders: Mutex<IdMap<bool>>,
+    orders: Mutex<IdMap<Marked>>,
     /// How many orders `orders` holds, to read without the lock.
     count: AtomicUsize,
-    /// Bumped on each rerun asked for, so orders waiting for a retry look whether it is theirs.
-    asked_tx: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Marked {
+    /// It must be loaded and driven once more when its current execution ends.
+    rerun: bool,
+    /// Woken when a rerun or a cancellation of this order is asked for while it waits for a
+    /// retry; one per order, so that no other order's wait wakes.
+    wake: Option<Arc<Notify>>,
 }
 
 impl ActiveOrders {
@@ -33,9 +40,21 @@ impl ActiveOrders {
             .unwrap_or(false)
     }
 
-    /// Changes whenever a rerun (of any order) is asked for.
-    pub fn subscribe_reruns(&self) -> watch::Receiver<u64> {
-        self.asked_tx.subscribe()
+    /// What wakes the wait for a retry of `id` (see [`ActiveOrders::wake`]); `None` when the
+    /// order is not active. A wake that comes while nobody waits is kept for the next wait.
+    pub fn waker(&self, id: OrderId) -> Option<Arc<Notify>> {
+        let mut active = self.orders.lock().ok()?;
+        let marked = active.get_mut(&id)?;
+        Some(Arc::clone(marked.wake.get_or_insert_with(Default::default)))
+    }
+
+    /// Wakes the order's wait for a retry, if it waits, so it looks at once whether it may go on.
+    pub fn wake(&self, id: OrderId) {
+        if let Ok(active) = self.orders.lock() {
+            if let Some(wake) = active.get(&id).and_then(|marked| marked.wake.as_ref()) {
+                wake.notify_one();
+            }
+        }
     }
 
     /// True (and the flag cleared) when a rerun of `id` was asked for: an order waiting for a
@@ -44,7 +63,7 @@ impl ActiveOrders {
         self.orders
             .lock()
             .map(|mut active| match active.get_mut(&id) {
-                Some(rerun) => std::mem::take(rerun),
+                Some(marked) => std::mem::take(&mut marked.rerun),
                 None => false,
             })
             .unwrap_or(false)
@@ -57,7 +76,7 @@ impl ActiveOrders {
             .map(|mut active| match active.entry(id) {
                 Entry::Occupied(_) => false,
                 Entry::Vacant(slot) => {
-                    slot.insert(false);
+                    slot.insert(Marked::default());
                     self.count.fetch_add(1, Ordering::Relaxed);
                     true
                 }
@@ -69,26 +88,24 @@ impl ActiveOrders {
     /// its execution ends: it may have changed in the store meanwhile (e.g. a parked rollback
     /// retried just as the execution that parked it was ending). True if it was not active.
     pub fn mark_or_rerun(&self, id: OrderId) -> bool {
-        let fresh = self
-            .orders
+        self.orders
             .lock()
             .map(|mut active| match active.entry(id) {
                 Entry::Occupied(mut slot) => {
-                    slot.insert(true);
+                    let marked = slot.get_mut();
+                    marked.rerun = true;
+                    if let Some(wake) = &marked.wake {
+                        wake.notify_one();
+                    }
                     false
                 }
                 Entry::Vacant(slot) => {
-                    slot.insert(false);
+                    slot.insert(Marked::default());
                     self.count.fetch_add(1, Ordering::Relaxed);
                     true
                 }
             })
-            .unwrap_or(true);
-        if !fresh {
-            self.asked_tx
-                .send_modify(|count| *count = count.wrapping_add(1));
-        }
-        fresh
+            .unwrap_or(true)
     }
 
     /// At the end of an execution: true (and the flag cleared) when a rerun was asked for, else
@@ -98,8 +115,8 @@ impl ActiveOrders {
             return false;
         };
         match active.get_mut(&id) {
-            Some(rerun) if *rerun => {
-                *rerun = false;
+            Some(marked) if marked.rerun => {
+                marked.rerun = false;
                 true
             }
             _ => {
@@ -123,6 +140,7 @@ impl ActiveOrders {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn an_order_is_active_once() {
@@ -161,23 +179,49 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_rerun_asked_for_wakes_waits_and_is_taken_once() {
+    async fn a_rerun_asked_for_wakes_only_that_orders_wait_and_is_taken_once() {
         let active = ActiveOrders::default();
         let (id, other) = (OrderId::new_v4(), OrderId::new_v4());
-        let mut asked_rx = active.subscribe_reruns();
-        assert!(active.mark(id));
         assert!(
-            active.mark_or_rerun(other),
-            "not active: no rerun to ask for"
+            active.waker(id).is_none(),
+            "not active: nothing to wait for"
         );
-        assert!(!asked_rx.has_changed().unwrap(), "nobody woken");
+        assert!(active.mark(id));
+        assert!(active.mark(other));
+        let (wake, other_wake) = (active.waker(id).unwrap(), active.waker(other).unwrap());
+        let (woken, other_woken) = (wake.notified(), other_wake.notified());
+        tokio::pin!(woken, other_woken);
         assert!(!active.mark_or_rerun(id));
-        asked_rx.changed().await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), &mut woken)
+            .await
+            .expect("its own wait is woken");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut other_woken)
+                .await
+                .is_err(),
+            "no other order's wait is woken"
+        );
         assert!(!active.take_rerun(other));
         assert!(active.take_rerun(id), "taken by the wait");
         assert!(!active.take_rerun(id), "once");
         assert!(active.contains(id), "still active");
         assert!(!active.finish_or_rerun(id), "taken, so not run once more");
         assert!(active.mark(id));
+    }
+
+    #[tokio::test]
+    async fn a_wake_before_the_wait_is_kept_for_it() {
+        let active = ActiveOrders::default();
+        let id = OrderId::new_v4();
+        assert!(active.mark(id));
+        let wake = active.waker(id).unwrap();
+        active.wake(id);
+        tokio::time::timeout(Duration::from_secs(5), wake.notified())
+            .await
+            .expect("the wake was kept");
+        assert!(
+            Arc::ptr_eq(&wake, &active.waker(id).unwrap()),
+            "one per order"
+        );
     }
 }

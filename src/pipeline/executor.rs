@@ -217,16 +217,18 @@ fn spawn_retry_wait(shared: Arc<Shared>, id: OrderId, retry: RetryWait) {
 /// True once the order is queued again; false if the node stopped first.
 async fn wait_then_queue(shared: &Shared, id: OrderId, retry: RetryWait) -> bool {
     let mut stop_rx = shared.stop_rx.clone();
-    let mut cancel_rx = shared.cancels.subscribe();
-    let mut rerun_rx = shared.active.subscribe_reruns();
+    // Taken before the looks below, so a wake between a look and the wait is kept for it.
+    let Some(wake) = shared.active.waker(id) else {
+        return false;
+    };
     let sleep = tokio::time::sleep_until(retry.due.when);
     tokio::pin!(sleep);
     loop {
         if *stop_rx.borrow() {
             return false;
         }
-        // Looked up after subscribing, so a cancellation noted before the wait began (after the
-        // execution last looked) ends it too, instead of waiting out the retry.
+        // Looked up after the waker was taken, so a cancellation noted before the wait began
+        // (after the execution last looked) ends it too, instead of waiting out the retry.
         if retry.cancellable && shared.cancels.contains(id) {
             break;
         }
@@ -235,17 +237,12 @@ async fn wait_then_queue(shared: &Shared, id: OrderId, retry: RetryWait) -> bool
         if shared.active.take_rerun(id) {
             break;
         }
-        // The retry is due; or the node stops; or some cancellation was noted, or some rerun
-        // asked for, which ends the wait only if it is this order's.
+        // The retry is due; or the node stops; or a cancellation of this order was noted, or a
+        // rerun of it asked for (a wake may be left from before: the looks above tell).
         tokio::select! {
             _ = &mut sleep => break,
             _ = stop_rx.changed() => return false,
-            changed = cancel_rx.changed() => {
-                if changed.is_err() {
-                    return false;
-                }
-            }
-            _ = rerun_rx.changed() => {}
+            _ = wake.notified() => {}
         }
     }
     // Either there is room in the queue, or the node stops and the order resumes later.
@@ -1394,7 +1391,7 @@ mod tests {
             .request_cancel(harness.id(), "alice")
             .await
             .unwrap();
-        harness.shared.cancels.note(harness.id());
+        harness.shared.note_cancel(harness.id());
         harness.steps.release();
         finished(handle).await;
 
@@ -1409,7 +1406,7 @@ mod tests {
     async fn a_cancellation_noted_only_here_fails_the_next_step_before_it_runs() {
         let harness = Harness::new(held_first_step());
         let handle = harness.spawn_until_first_step().await;
-        harness.shared.cancels.note(harness.id());
+        harness.shared.note_cancel(harness.id());
         harness.steps.release();
         finished(handle).await;
 
@@ -1657,7 +1654,7 @@ mod tests {
         if wait_begun {
             let_retry_wait_begin().await;
         }
-        harness.shared.cancels.note(harness.id());
+        harness.shared.note_cancel(harness.id());
 
         let job = tokio::time::timeout(DEADLINE, harness.queue_rx.recv())
             .await
@@ -1685,7 +1682,7 @@ mod tests {
         steps.script(Call::rollback(Step::Scheduling), [Outcome::FailRetryable]);
         let mut harness = Harness::new(steps);
         let handle = harness.spawn_until_first_step().await;
-        harness.shared.cancels.note(harness.id());
+        harness.shared.note_cancel(harness.id());
         harness.steps.release();
         finished(handle).await;
         let_retry_wait_begin().await;

@@ -305,13 +305,7 @@ impl Pool {
     /// noted: the notes stay as many as the orders here. An execution forgets its order's note
     /// after it stops being active, so a note made as it ends is taken back here.
     pub fn note_cancel(&self, id: OrderId) {
-        if !self.shared.active.contains(id) {
-            return;
-        }
-        self.shared.cancels.note(id);
-        if !self.shared.active.contains(id) {
-            self.shared.cancels.forget(id);
-        }
+        self.shared.note_cancel(id);
     }
 
     /// Whether `shutdown` has begun: the pool takes no more jobs.

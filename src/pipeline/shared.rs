@@ -71,6 +71,19 @@ impl Shared {
         self.waiters.ended(id);
     }
 
+    /// Notes a cancellation of `id` (see [`Pool::note_cancel`](super::Pool::note_cancel)) and
+    /// wakes the order if it waits for a retry.
+    pub(super) fn note_cancel(&self, id: OrderId) {
+        if !self.active.contains(id) {
+            return;
+        }
+        self.cancels.note(id);
+        if !self.active.contains(id) {
+            self.cancels.forget(id);
+        }
+        self.active.wake(id);
+    }
+
     /// Queues a job whose order is marked active here, waiting for room; false once the pool
     /// stops, and the order is no longer marked (it stays in the store).
     pub(super) async fn queue_marked(&self, job: Job) -> bool {
