@@ -3,7 +3,9 @@
 //! The n-th retry waits a random time between half and all of `backoff × 2^(n−1)`, capped at
 //! `backoff_max`, and never less than `backoff`. So the first retry waits exactly `backoff`,
 //! waits grow by doubling, and concurrent orders that failed together spread out instead of
-//! hitting a recovering service at the same instant.
+//! hitting a recovering service at the same instant. A wait a busy service asks for with
+//! `Retry-After` is spread too, by up to a tenth more, so orders told the same instant do not all
+//! come back at it.
 
 use crate::config::HttpSettings;
 use std::time::Duration;
@@ -36,20 +38,22 @@ impl RetryPolicy {
             .checked_mul(1u32 << doublings.min(31))
             .unwrap_or(self.backoff_max)
             .min(self.backoff_max);
-        let random = if random.is_finite() {
-            random.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        nominal.mul_f64(1.0 - random / 2.0).max(self.backoff)
+        nominal.mul_f64(1.0 - unit(random) / 2.0).max(self.backoff)
     }
 
     /// The wait before retry number `retry` when the failed attempt's answer asked for
-    /// `retry_after` (a `Retry-After`): that wait, but at least `backoff` and at most
-    /// `backoff_max`; without one, [`RetryPolicy::delay`].
+    /// `retry_after` (a `Retry-After`): that wait and up to a tenth more, but at least `backoff`
+    /// and at most `backoff_max` (at that cap, up to a tenth less); without one,
+    /// [`RetryPolicy::delay`].
     pub fn delay_asked(&self, retry: u32, random: f64, retry_after: Option<Duration>) -> Duration {
+        let spread = unit(random) / 10.0;
         match retry_after {
-            Some(asked) => asked.clamp(self.backoff, self.backoff_max),
+            Some(asked) if asked >= self.backoff_max => {
+                self.backoff_max.mul_f64(1.0 - spread).max(self.backoff)
+            }
+            Some(asked) => asked
+                .mul_f64(1.0 + spread)
+                .clamp(self.backoff, self.backoff_max),
             None => self.delay(retry, random),
         }
     }
@@ -57,6 +61,15 @@ impl RetryPolicy {
     /// Whether another attempt is allowed after `retries_done` retries.
     pub fn allows_retry(&self, retries_done: u32) -> bool {
         retries_done < self.retries
+    }
+}
+
+/// `random` within `[0, 1]` (0 for what is not a number).
+fn unit(random: f64) -> f64 {
+    if random.is_finite() {
+        random.clamp(0.0, 1.0)
+    } else {
+        0.0
     }
 }
 
@@ -117,15 +130,35 @@ mod tests {
     #[test]
     fn an_asked_wait_replaces_the_backoff_within_its_bounds() {
         let policy = policy();
-        let asked =
-            |seconds: f64| policy.delay_asked(3, 0.5, Some(Duration::from_secs_f64(seconds)));
-        assert_eq!(asked(1.0), Duration::from_secs(1));
-        assert_eq!(asked(0.0), policy.backoff, "never sooner than backoff");
+        let asked = |seconds: f64, random: f64| {
+            policy.delay_asked(3, random, Some(Duration::from_secs_f64(seconds)))
+        };
+        assert_eq!(asked(1.0, 0.0), Duration::from_secs(1));
+        assert_eq!(asked(1.0, 0.5), Duration::from_millis(1050), "spread");
         assert_eq!(
-            asked(3600.0),
+            asked(1.0, 0.999_999).as_millis(),
+            1099,
+            "by a tenth at most"
+        );
+        assert_eq!(asked(0.0, 0.5), policy.backoff, "never sooner than backoff");
+        assert_eq!(
+            asked(9.5, 0.9),
             policy.backoff_max,
             "never later than backoff_max"
         );
+        assert_eq!(asked(3600.0, 0.0), policy.backoff_max);
+        assert_eq!(
+            asked(3600.0, 0.5),
+            Duration::from_millis(9500),
+            "spread below the cap"
+        );
+        for random in [f64::NAN, -1.0, 7.0, f64::INFINITY] {
+            let wait = asked(2.0, random);
+            assert!(
+                (Duration::from_secs(2)..=Duration::from_millis(2200)).contains(&wait),
+                "{random}: {wait:?}"
+            );
+        }
         assert_eq!(policy.delay_asked(3, 0.5, None), policy.delay(3, 0.5));
     }
 
