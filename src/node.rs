@@ -257,6 +257,7 @@ pub async fn run(
     }
     let node = NodeStatus {
         service_id: service_id.clone(),
+        listen,
         advertised,
         started_at: chrono::Utc::now(),
         store,

@@ -108,8 +108,9 @@ pub fn routes(state: ApiState) -> BoxedFilter<(Response,)> {
     let auth = Arc::clone(&state.security.auth);
     // In header mode on loopback (a developer's `cargo run`), a web page could rebind its own
     // host name to 127.0.0.1 and read and act through the node as any user: only requests
-    // naming the node by a loopback host are served.
-    let loopback_only = !auth.checks_tokens() && state.node.advertised.ip().is_loopback();
+    // naming the node by a loopback host are served. The listener decides, whatever address
+    // the node advertises to peers.
+    let loopback_only = !auth.checks_tokens() && state.node.listen.ip().is_loopback();
     let orders = Arc::new(orders::OrdersApi {
         orders: state.orders,
         checks: Arc::clone(&state.security),

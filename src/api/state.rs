@@ -63,6 +63,9 @@ impl Checks {
 /// What the diagnostics and the metrics report about this node.
 pub struct NodeStatus {
     pub service_id: String,
+    /// The address the node listens on.
+    pub listen: SocketAddr,
+    /// The address peers reach it at (`cluster.advertise`, else `listen`).
     pub advertised: SocketAddr,
     pub started_at: DateTime<Utc>,
     /// Checked by the heartbeat and the console's overview.
