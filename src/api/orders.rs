@@ -277,6 +277,18 @@ async fn wait_for_many(
             &order.order_id.to_string(),
         );
     }
+    // An order still pending is known to exist, and whose it is is not read here: an admin's
+    // wait on one is audited whoever's it is.
+    if caller.is_admin() {
+        for id in &waited.pending {
+            audit(
+                &caller.user,
+                caller.role.as_str(),
+                "wait for order",
+                &id.to_string(),
+            );
+        }
+    }
     missing.extend(waited.missing.iter().map(OrderId::to_string));
     let capacity = ANSWER_CAPACITY * waited.finished.len().max(1);
     Ok(written_reply(StatusCode::OK, capacity, |body| {

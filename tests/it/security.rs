@@ -229,7 +229,8 @@ async fn tokens_are_checked_and_roles_enforced() {
         200,
         "admin reads alice's order by its id in capitals",
     );
-    // A name with a line break in it cannot forge a line of the log.
+    // A name with a line break in it cannot forge a line of the log, nor one with spaces and
+    // `=` a field of its line.
     let reply = node
         .list(&bearer(ROOT), &[("user", "eve\nforged audit line")])
         .await;
@@ -238,6 +239,10 @@ async fn tokens_are_checked_and_roles_enforced() {
         200,
         "admin lists a user with a line break in the name",
     );
+    let reply = node
+        .list(&bearer(ROOT), &[("user", "bob who=alice role=user")])
+        .await;
+    node.expect_json(&reply, 200, "admin lists a user with fields in the name");
     let listed = node.list(&bearer(ROOT), &[("user", "alice")]).await;
     let listed = node.expect_json(&listed, 200, "admin lists alice's orders");
     assert_eq!(order_ids(&listed), vec![id.clone()]);
@@ -311,6 +316,20 @@ async fn tokens_are_checked_and_roles_enforced() {
         "a user name broke a log line:\n{}",
         audit.join("\n")
     );
+    assert!(
+        audit
+            .iter()
+            .any(|line| line.contains("target=\"bob who=alice role=user\"")),
+        "a user name is not one quoted field:\n{}",
+        audit.join("\n")
+    );
+    assert!(
+        !audit.iter().any(|line| line
+            .replace("\"bob who=alice role=user\"", "")
+            .contains("who=alice")),
+        "a user name forged a field:\n{}",
+        audit.join("\n")
+    );
     for action in [
         "read order",
         "list orders",
@@ -338,6 +357,35 @@ async fn tokens_are_checked_and_roles_enforced() {
             "the log contains a token hash"
         );
     }
+}
+
+/// An admin's long poll on another user's order that is still running tells the admin it
+/// exists and runs: it is audited as a read of a finished one is.
+#[tokio::test]
+async fn an_admins_wait_on_a_running_order_is_audited() {
+    let tokens = standard_tokens();
+    let config = format!(
+        "{}[auth]\nmode = \"tokens\"\ntokens_file = \"{}\"\n",
+        simulate("1h"),
+        tokens.path().display()
+    );
+    let node = Node::start(&config).await;
+    let id = node.create_order(&bearer(ALICE), &json!({})).await;
+    let reply = node
+        .call(Method::POST, "/orders/wait")
+        .user(&bearer(ROOT))
+        .body(json!({"order_ids": [id], "wait": "0s"}).to_string())
+        .send()
+        .await;
+    let waited = node.expect_json(&reply, 200, "admin waits for alice's running order");
+    assert_eq!(waited["pending"], json!([id]), "{waited}");
+    let log = node.log();
+    assert!(
+        log.lines().any(|line| line.contains("audit")
+            && line.contains("wait for order")
+            && line.contains(id.as_str())),
+        "no audit line for the wait:\n{log}"
+    );
 }
 
 #[tokio::test]
