@@ -473,9 +473,20 @@ pub struct Credentials {
     /// A browser says the request is a write that another site's page made (`Sec-Fetch-Site`),
     /// carrying the certificate the browser shows on its own, as it would a cookie.
     pub cross_site_write: bool,
+    /// A browser says another site's page made the request, whatever its method.
+    pub cross_site: bool,
 }
 
 impl Credentials {
+    /// These credentials for a read that costs as a write does (a backup): another site's page
+    /// may not make it on a client certificate either.
+    pub fn as_write(self) -> Self {
+        Credentials {
+            cross_site_write: self.cross_site,
+            ..self
+        }
+    }
+
     /// Whether the caller showed anything to be known by.
     pub fn shown(&self) -> bool {
         self.authorization.is_some() || self.certificate.is_some()
@@ -490,11 +501,12 @@ pub fn credentials() -> impl Filter<Extract = (Credentials,), Error = warp::Reje
         .and(warp::header::optional::<String>("sec-fetch-site"))
         .map(
             |authorization, certificate, method: warp::http::Method, site: Option<String>| {
+                let cross_site = site.is_some_and(|site| site != "same-origin" && site != "none");
                 Credentials {
                     authorization,
                     certificate,
-                    cross_site_write: !method.is_safe()
-                        && site.is_some_and(|site| site != "same-origin" && site != "none"),
+                    cross_site_write: cross_site && !method.is_safe(),
+                    cross_site,
                 }
             },
         )
@@ -697,6 +709,7 @@ mod tests {
             authorization: authorization.map(String::from),
             certificate: name.map(|name| CertificateName(Arc::from(name))),
             cross_site_write: false,
+            cross_site: false,
         };
         let principal = |user: &str, role| Principal {
             user: user.into(),

@@ -131,7 +131,7 @@ const BACKUP_CHUNK: usize = 256 * 1024;
 async fn backup(state: State, credentials: Credentials) -> Result<Response, ApiError> {
     let auth = &state.security.auth;
     let (who, role) = if auth.checks_tokens() {
-        let caller = auth.caller(&credentials)?;
+        let caller = auth.caller(&credentials.as_write())?;
         caller.require_admin("/service/backup")?;
         (caller.user, caller.role.as_str())
     } else {

@@ -357,6 +357,21 @@ async fn a_client_certificate_names_the_caller_that_sends_no_token() {
         call(&shop, Method::GET, "/diagnostic/parked", None).await.0,
         403
     );
+    // A backup costs a copy of the store: another site's page cannot have a browser holding
+    // the admin's certificate ask for one, though it is a GET.
+    for (site, expected) in [
+        ("cross-site", 403),
+        ("same-site", 403),
+        ("same-origin", 200),
+    ] {
+        let reply = admin
+            .get(format!("{}/service/backup", node.base))
+            .header("Sec-Fetch-Site", site)
+            .send()
+            .await
+            .expect("an answer");
+        assert_eq!(reply.status().as_u16(), expected, "a backup asked {site}");
+    }
     for name in ["billing", "stranger"] {
         let (status, refused) = call(&showing(name), Method::POST, "/orders", None).await;
         assert_eq!(status, 401, "{name}'s certificate: {refused}");
