@@ -524,6 +524,31 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
             "the store note gone once redis is mended",
         )
         .await;
+    // Opened from a link that names an order (`/#<id>`): its story, asked for once the page
+    // knows the node's auth mode (in header mode the name goes bare, not as a token).
+    for url in ["about:blank".to_string(), format!("{}/#{done}", nodes[0].base)] {
+        browser.command("Page.navigate", json!({ "url": url })).await;
+    }
+    browser
+        .wait_true(
+            &format!(
+                "document.querySelector('#story-id')?.textContent === {done:?} && \
+                 document.querySelectorAll('#timeline .tl-step').length === 5"
+            ),
+            "the story of the order the link names",
+        )
+        .await;
+    // A link whose fragment is no valid escape still gets the page.
+    for url in ["about:blank".to_string(), format!("{}/#%", nodes[0].base)] {
+        browser.command("Page.navigate", json!({ "url": url })).await;
+    }
+    browser
+        .wait_true(
+            "Number(document.body.dataset.refreshed || 0) > 0 && \
+             document.querySelectorAll('#nodes tbody tr').length === 3",
+            "the page refreshed after a link with a bad escape",
+        )
+        .await;
     eprintln!(
         "console screenshots: {} {} (browser part {:?})",
         overview.display(),
