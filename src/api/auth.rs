@@ -428,6 +428,12 @@ impl Authenticator {
         now: DateTime<Utc>,
     ) -> Result<Principal, ApiError> {
         match self.mode {
+            // A bearer token sent here (a client set up for a node that checks tokens) would
+            // become a user name, and so reach the logs and the store: refused instead.
+            AuthMode::Header if header.and_then(bearer).is_some() => Err(unauthorized(
+                "this node takes the user name itself as Authorization (auth.mode = \"header\"), \
+                 not a bearer token",
+            )),
             AuthMode::Header => header
                 .map(str::trim)
                 .filter(|value| !value.is_empty())
@@ -663,6 +669,18 @@ mod tests {
         assert_eq!(auth.authenticate(Some("alice")).unwrap().role, Role::User);
         assert!(auth.authenticate(Some("  ")).is_err());
         assert!(auth.authenticate(None).is_err());
+        let refused = auth.authenticate(Some("Bearer s3cret-token")).unwrap_err();
+        assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+        assert!(
+            refused.message.contains("not a bearer token"),
+            "{}",
+            refused.message
+        );
+        assert_eq!(
+            auth.authenticate(Some("bearer-fan")).unwrap().user,
+            "bearer-fan",
+            "a name is refused only as a bearer token"
+        );
     }
 
     #[test]
