@@ -174,6 +174,11 @@ pub const MAX_ORDERS: usize = 10_000_000;
 /// The deepest `limits.max_depth` may let a payload nest: stored, in a step call and in a
 /// view, an order carries it a few levels down, and serde_json reads at most 128.
 pub const MAX_PAYLOAD_DEPTH: usize = 100;
+/// The slowest `limits.submit_rate`: the rate limiter counts a bucket's refill time (one period
+/// per submission of the burst) in nanoseconds, which must fit 64 bits.
+pub const MIN_SUBMIT_RATE: f64 = 0.001;
+/// The largest `limits.submit_burst`, for the same reason.
+pub const MAX_SUBMIT_BURST: usize = 1_000_000;
 /// Most threads for async tasks, and most shared Redis connections.
 pub const MAX_THREADS: usize = 1024;
 /// Most connections `limits.max_connections` may let in: past any file limit.
@@ -980,6 +985,13 @@ impl Config {
         self.validate_sizes()?;
         self.validate_https()?;
         check_rate("simulate.failure_rate", self.simulate.failure_rate)?;
+        let most = crate::pipeline::http::MAX_RESPONSE_BYTES;
+        if self.simulate.output_bytes > most {
+            return Err(ConfigError::new(
+                "simulate.output_bytes",
+                format!("must be at most {most}, the most a step service's answer may be"),
+            ));
+        }
         for name in self.steps.keys() {
             let step: Step = name.parse().map_err(|error: crate::order::UnknownStep| {
                 ConfigError::new(format!("steps.{name}"), error.to_string())
@@ -1129,10 +1141,20 @@ impl Config {
                 ),
             ));
         }
-        if !(limits.submit_rate.is_finite() && limits.submit_rate > 0.0) {
+        if !(limits.submit_rate.is_finite() && limits.submit_rate >= MIN_SUBMIT_RATE) {
             return Err(ConfigError::new(
                 "limits.submit_rate",
-                "must be a number of submissions per second, more than 0",
+                format!(
+                    "must be a number of submissions per second, at least {MIN_SUBMIT_RATE} (one \
+                     in {} s)",
+                    1.0 / MIN_SUBMIT_RATE
+                ),
+            ));
+        }
+        if limits.submit_burst.get() > MAX_SUBMIT_BURST {
+            return Err(ConfigError::new(
+                "limits.submit_burst",
+                format!("must be at most {MAX_SUBMIT_BURST}"),
             ));
         }
         Ok(())
@@ -1723,6 +1745,11 @@ mod tests {
         assert_eq!(error.key, "line 1");
         let config = Config::from_toml("[simulate]\nfailure_rate = 2.0\n").unwrap();
         assert_eq!(config.validate().unwrap_err().key, "simulate.failure_rate");
+        let config = Config::from_toml("[simulate]\noutput_bytes = 9223372036854775807\n").unwrap();
+        assert_eq!(config.validate().unwrap_err().key, "simulate.output_bytes");
+        Config::from_toml("[simulate]\noutput_bytes = 65536\n")
+            .and_then(|config| config.validate())
+            .unwrap();
         let config = Config::from_toml("[log]\nlevel = \"loud[\"\n").unwrap();
         assert_eq!(config.validate().unwrap_err().key, "log.level");
         let config = Config::from_toml("[steps.Shipping]\nhandler = \"simulate\"\n").unwrap();
@@ -1870,6 +1897,9 @@ mod tests {
             ("body_read_timeout = \"0s\"", "limits.body_read_timeout"),
             ("submit_rate = 0.0", "limits.submit_rate"),
             ("submit_rate = -1.0", "limits.submit_rate"),
+            ("submit_rate = 1e-300", "limits.submit_rate"),
+            ("submit_rate = 0.000000001", "limits.submit_rate"),
+            ("submit_burst = 1000001", "limits.submit_burst"),
         ] {
             let config = Config::from_toml(&format!("[limits]\n{section}\n")).unwrap();
             assert_eq!(config.validate().unwrap_err().key, key, "{section}");

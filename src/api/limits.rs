@@ -211,6 +211,15 @@ mod tests {
     }
 
     #[test]
+    fn the_slowest_rate_with_the_largest_burst_is_a_limiter() {
+        use crate::config::{MAX_SUBMIT_BURST, MIN_SUBMIT_RATE};
+        let limiter = RateLimiter::new(MIN_SUBMIT_RATE, MAX_SUBMIT_BURST, 4);
+        for _ in 0..3 {
+            assert!(limiter.check("alice").is_ok(), "within the burst");
+        }
+    }
+
+    #[test]
     fn bucket_allows_the_burst_then_the_rate() {
         let clock = FakeRelativeClock::default();
         let limiter = RateLimiter::with_clock(10.0, 3, 100, clock.clone());
