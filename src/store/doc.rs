@@ -169,6 +169,7 @@ fn compressed(
 /// the same (it never changes) is read as it is.
 pub fn read(doc: &[u8], payload: Option<&[u8]>) -> Result<Order, StoreError> {
     let order: Order = serde_json::from_slice(&json_of(doc)?).map_err(corrupt)?;
+    let order = counted(order)?;
     let Some(payload) = payload else {
         if order.lacks_payload() {
             return Err(StoreError::Corrupt(
@@ -178,6 +179,19 @@ pub fn read(doc: &[u8], payload: Option<&[u8]>) -> Result<Order, StoreError> {
         return Ok(order);
     };
     given_payload(order, payload)
+}
+
+/// `order`, unless its revision or epoch is at the largest number it can be: no order's writes
+/// or owners come near it, so the record was changed outside the node, and no next write could
+/// be counted past it.
+fn counted(order: Order) -> Result<Order, StoreError> {
+    if order.revision == u64::MAX || order.epoch == u64::MAX {
+        return Err(StoreError::Corrupt(format!(
+            "revision {} or epoch {} at the largest number it can be",
+            order.revision, order.epoch
+        )));
+    }
+    Ok(order)
 }
 
 /// `order`, read without its payload or with it, with the payload kept apart as `payload`
@@ -221,7 +235,7 @@ pub fn read_split(split: Split<'_>, payload: &[u8]) -> Result<Order, StoreError>
     json.extend_from_slice(b"]}");
     let order: Order = serde_json::from_slice(&json)
         .map_err(|error| corrupt(format_args!("split order: {error}")))?;
-    let order = given_payload(order, payload)?;
+    let order = given_payload(counted(order)?, payload)?;
     order.payload.set_form(StoredForm::Split);
     Ok(order)
 }
@@ -334,6 +348,24 @@ mod tests {
     fn a_json_doc_reads_as_before() {
         let order = order();
         assert_eq!(json(&read(&json(&order), None).unwrap()), json(&order));
+    }
+
+    #[test]
+    fn a_revision_or_epoch_no_write_can_follow_is_corrupt() {
+        for (revision, epoch) in [(u64::MAX, 1), (3, u64::MAX)] {
+            let mut order = order();
+            (order.revision, order.epoch) = (revision, epoch);
+            assert!(
+                matches!(read(&json(&order), None), Err(StoreError::Corrupt(_))),
+                "revision {revision}, epoch {epoch}"
+            );
+        }
+        let mut order = order();
+        order.revision = u64::MAX - 1;
+        assert!(
+            read(&json(&order), None).is_ok(),
+            "one more write can follow"
+        );
     }
 
     #[test]
