@@ -231,10 +231,11 @@ impl FlowView {
                 t: second.t,
                 ..Second::default()
             });
-            into.accepted += second.accepted;
-            into.completed += second.completed;
-            into.failed += second.failed;
-            into.shed += second.shed;
+            // Peers' figures: a huge one must not overflow the sum.
+            into.accepted = into.accepted.saturating_add(second.accepted);
+            into.completed = into.completed.saturating_add(second.completed);
+            into.failed = into.failed.saturating_add(second.failed);
+            into.shed = into.shed.saturating_add(second.shed);
             for (step, counts) in second.latency {
                 if counts.len() != LATENCY_BUCKETS {
                     continue;
@@ -244,7 +245,7 @@ impl FlowView {
                     .entry(step)
                     .or_insert_with(|| vec![0; LATENCY_BUCKETS]);
                 for (total, count) in sum.iter_mut().zip(counts) {
-                    *total += count;
+                    *total = total.saturating_add(count);
                 }
             }
         }
@@ -256,14 +257,16 @@ impl FlowView {
 /// bound of the bucket that reaches it (the last bound for the slowest bucket). `None` when
 /// the histogram is empty.
 pub fn percentile(counts: &[u64], q: f64) -> Option<u64> {
-    let total: u64 = counts.iter().sum();
+    let total = counts
+        .iter()
+        .fold(0u64, |total, count| total.saturating_add(*count));
     if total == 0 {
         return None;
     }
     let rank = ((total as f64) * q).ceil().max(1.0) as u64;
     let mut seen = 0;
     for (index, count) in counts.iter().enumerate() {
-        seen += count;
+        seen = count.saturating_add(seen);
         if seen >= rank {
             return Some(LATENCY_BOUNDS_MS[index.min(LATENCY_BOUNDS_MS.len() - 1)]);
         }
@@ -347,5 +350,25 @@ mod tests {
             percentile(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], 0.5),
             Some(60_000)
         );
+    }
+
+    #[test]
+    fn a_peers_huge_figures_do_not_overflow_the_merge() {
+        let mut merged = Flow::new().view_at(50, None);
+        for _ in 0..2 {
+            let mut huge = Flow::new().view_at(50, None);
+            huge.seconds = vec![Second {
+                t: 50,
+                accepted: u64::MAX,
+                latency: [("Scheduling".to_string(), vec![u64::MAX; LATENCY_BUCKETS])]
+                    .into_iter()
+                    .collect(),
+                ..Second::default()
+            }];
+            merged.merge(huge);
+        }
+        let second = merged.seconds.last().expect("the second merged");
+        assert_eq!(second.accepted, u64::MAX);
+        assert!(percentile(&second.latency["Scheduling"], 0.5).is_some());
     }
 }

@@ -346,7 +346,9 @@ async fn overview(state: State) -> Result<Response, ApiError> {
         .into_iter()
         .chain(TOTALS.iter().map(|name| (*name, &figures["totals"][*name])))
         {
-            *totals.entry(name).or_default() += value.as_u64().unwrap_or(0);
+            // Peers' figures: a huge one must not overflow the sum.
+            let total = totals.entry(name).or_default();
+            *total = total.saturating_add(value.as_u64().unwrap_or(0));
         }
     }
     let answered = rows

@@ -526,8 +526,13 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
         .await;
     // Opened from a link that names an order (`/#<id>`): its story, asked for once the page
     // knows the node's auth mode (in header mode the name goes bare, not as a token).
-    for url in ["about:blank".to_string(), format!("{}/#{done}", nodes[0].base)] {
-        browser.command("Page.navigate", json!({ "url": url })).await;
+    for url in [
+        "about:blank".to_string(),
+        format!("{}/#{done}", nodes[0].base),
+    ] {
+        browser
+            .command("Page.navigate", json!({ "url": url }))
+            .await;
     }
     browser
         .wait_true(
@@ -540,7 +545,9 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
         .await;
     // A link whose fragment is no valid escape still gets the page.
     for url in ["about:blank".to_string(), format!("{}/#%", nodes[0].base)] {
-        browser.command("Page.navigate", json!({ "url": url })).await;
+        browser
+            .command("Page.navigate", json!({ "url": url }))
+            .await;
     }
     browser
         .wait_true(
