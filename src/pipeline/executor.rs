@@ -306,6 +306,11 @@ async fn load(shared: &Shared, id: OrderId) -> Option<Order> {
             }
             Ok(None) => {
                 warn!(order_id = %id, "order to resume is missing from the store");
+                // Its owned-set entry (deleted by hand, a partial restore) would have every
+                // reconciliation queue it again.
+                if let Err(error) = shared.store.disown(&shared.node_id, id).await {
+                    debug!(order_id = %id, error = %error, "cannot tidy the owned set; the next pass tries again");
+                }
                 return None;
             }
             Err(StoreError::Corrupt(reason)) => {

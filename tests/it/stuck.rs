@@ -374,6 +374,32 @@ async fn assert_none_set_aside(node: &Node) {
     );
 }
 
+/// An owned-set entry whose order is gone (its record deleted by hand, or a partial restore) is
+/// taken out by the reconciliation that meets it, instead of being queued again at every pass.
+#[tokio::test]
+async fn an_owned_entry_whose_order_is_gone_is_taken_out() {
+    let redis = RedisServer::start();
+    let (node, _user, _first) = warm_node(&redis, "2s", "vanished").await;
+    let heartbeat = node.heartbeat().await;
+    let owner = heartbeat["service_id"].as_str().expect("service_id");
+    let id = "01a2320c-0000-7000-8000-00000000dead";
+    let owned = keys::owned_key(
+        keys::shard_of(OrderId::parse_str(id).expect("an id")),
+        owner,
+    );
+    assert_eq!(redis.cli(&["SADD", &owned, id]), "1");
+
+    let gone = until(TERMINAL, POLL, || async {
+        (redis.cli(&["SISMEMBER", &owned, id]) == "0").then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the entry of a missing order stayed; log:\n{}",
+        node.log_tail()
+    );
+}
+
 #[tokio::test]
 async fn an_order_whose_record_cannot_be_read_is_set_aside_not_retried() {
     let redis = RedisServer::start();
