@@ -86,11 +86,12 @@ pub enum StoreOperation {
     OwnedUnfinished,
     Reassign,
     RetryRollback,
+    Redeliver,
     Ping,
 }
 
 impl StoreOperation {
-    const ALL: [StoreOperation; 9] = [
+    const ALL: [StoreOperation; 10] = [
         StoreOperation::Create,
         StoreOperation::Get,
         StoreOperation::List,
@@ -99,6 +100,7 @@ impl StoreOperation {
         StoreOperation::OwnedUnfinished,
         StoreOperation::Reassign,
         StoreOperation::RetryRollback,
+        StoreOperation::Redeliver,
         StoreOperation::Ping,
     ];
 
@@ -112,6 +114,7 @@ impl StoreOperation {
             StoreOperation::OwnedUnfinished => "owned_unfinished",
             StoreOperation::Reassign => "reassign",
             StoreOperation::RetryRollback => "retry_rollback",
+            StoreOperation::Redeliver => "redeliver",
             StoreOperation::Ping => "ping",
         }
     }

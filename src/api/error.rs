@@ -141,9 +141,11 @@ impl From<OrderError> for ApiError {
             OrderError::QueueFull { retry_after } | OrderError::Stopping { retry_after } => {
                 ApiError::overloaded(message, retry_after)
             }
-            OrderError::Finished | OrderError::AlreadyFailing | OrderError::NotParked => {
-                ApiError::new(StatusCode::CONFLICT, message)
-            }
+            OrderError::Finished
+            | OrderError::AlreadyFailing
+            | OrderError::NotParked
+            | OrderError::NotifyNotFailed
+            | OrderError::NoNotify => ApiError::new(StatusCode::CONFLICT, message),
             OrderError::KeyReused(_) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, message),
             OrderError::Unreadable => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message),
             OrderError::Store {

@@ -46,6 +46,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/orders/{order_id}"),
     ("POST", "/orders/{order_id}/cancel"),
     ("POST", "/orders/{order_id}/rollback"),
+    ("POST", "/orders/{order_id}/notification"),
     ("GET", "/diagnostic/heartbeat"),
     ("GET", "/diagnostic/cluster"),
     ("GET", "/diagnostic/summary"),

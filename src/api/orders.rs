@@ -77,7 +77,13 @@ pub fn routes(state: State) -> BoxedFilter<(Response,)> {
         .unify()
         .or(order_action(state.clone(), "cancel", cancel_order))
         .unify()
-        .or(order_action(state, "rollback", retry_parked_rollback))
+        .or(order_action(
+            state.clone(),
+            "rollback",
+            retry_parked_rollback,
+        ))
+        .unify()
+        .or(order_action(state, "notification", redeliver_webhook))
         .unify()
         .boxed()
 }
@@ -512,6 +518,17 @@ async fn retry_parked_rollback(state: State, credentials: Credentials, id: Strin
     let order_id = order_id(&id)?;
     let user = owner_for(&state, &caller, order_id, "retry parked rollback").await?;
     let order = state.orders.retry_rollback(&user, order_id).await?;
+    Ok(order_reply(StatusCode::ACCEPTED, &order))
+}
+
+/// Sends the completion webhook of a finished order again, once every attempt at it failed
+/// (its receiver was down longer than its retries); this node sends it. The order's user may
+/// ask, and so may an admin for anyone's order.
+async fn redeliver_webhook(state: State, credentials: Credentials, id: String) -> Answer {
+    let caller = state.caller(&credentials)?;
+    let order_id = order_id(&id)?;
+    let user = owner_for(&state, &caller, order_id, "send webhook again").await?;
+    let order = state.orders.redeliver(&user, order_id).await?;
     Ok(order_reply(StatusCode::ACCEPTED, &order))
 }
 

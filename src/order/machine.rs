@@ -87,6 +87,8 @@ pub enum Event {
     NotifyFailed {
         reason: String,
     },
+    /// Someone asks to send a webhook that failed for good once more, with its retries anew.
+    Redeliver,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -283,6 +285,25 @@ fn transition(order: Order, event: Event, now: DateTime<Utc>) -> Result<Order, T
             notification.state = NotificationState::Failed;
             notification.next_attempt_at = None;
             notification.error = Some(reason);
+        }
+        Event::Redeliver => {
+            let phase = next.phase;
+            let Some(notification) = next
+                .notification
+                .as_mut()
+                .filter(|notification| notification.state == NotificationState::Failed)
+            else {
+                return Err(TransitionError::WrongPhase {
+                    phase,
+                    event: "redeliver",
+                });
+            };
+            // The same notification (its generation, so its Idempotency-Key): a receiver that
+            // took an attempt after all sees a repeat. Its attempts go on being counted.
+            notification.state = NotificationState::Pending;
+            notification.retries = 0;
+            notification.next_attempt_at = None;
+            notification.error = None;
         }
     }
     Ok(next)
@@ -895,20 +916,25 @@ mod tests {
         order
     }
 
-    #[test]
-    fn a_finished_order_owing_its_webhook_notifies_until_delivered() {
-        let order = owing_webhook();
-        assert!(order.is_finished() && order.owes_work());
-        assert_eq!(next_action(&order), Action::Notify);
+    /// `order` after one failed attempt at its webhook, waiting to retry it at second 20.
+    fn webhook_tried_once(order: &Order) -> Order {
         let tried = apply(
-            &order,
+            order,
             Event::NotifyAttempted {
                 attempt: attempt(1, false, 10),
             },
             at(10),
         )
         .unwrap();
-        let waiting = apply(&tried, Event::NotifyRetryScheduled { at: at(20) }, at(10)).unwrap();
+        apply(&tried, Event::NotifyRetryScheduled { at: at(20) }, at(10)).unwrap()
+    }
+
+    #[test]
+    fn a_finished_order_owing_its_webhook_notifies_until_delivered() {
+        let order = owing_webhook();
+        assert!(order.is_finished() && order.owes_work());
+        assert_eq!(next_action(&order), Action::Notify);
+        let waiting = webhook_tried_once(&order);
         assert_eq!(retry_due(&waiting), Some(at(20)));
         assert_eq!(next_action(&waiting), Action::Notify);
         let delivered = apply(&waiting, Event::Notified, at(21)).unwrap();
@@ -932,6 +958,45 @@ mod tests {
             failed.unwrap().notification.unwrap().state,
             NotificationState::Failed
         );
+    }
+
+    #[test]
+    fn a_webhook_failed_for_good_is_sent_again_on_request_with_its_retries_anew() {
+        let waited = webhook_tried_once(&owing_webhook());
+        assert!(
+            apply(&waited, Event::Redeliver, at(11)).is_err(),
+            "still pending"
+        );
+        let failed = apply(
+            &waited,
+            Event::NotifyFailed {
+                reason: "gone".into(),
+            },
+            at(21),
+        )
+        .unwrap();
+        assert!(!failed.owes_work());
+        let again = apply(&failed, Event::Redeliver, at(30)).unwrap();
+        assert!(again.owes_work());
+        assert_eq!(next_action(&again), Action::Notify);
+        assert_eq!(retry_due(&again), None, "due at once");
+        let notification = again.notification.clone().unwrap();
+        assert_eq!(notification.state, NotificationState::Pending);
+        assert_eq!(notification.generation, 1, "the same notification");
+        assert_eq!(notification.retries, 0);
+        assert_eq!(
+            notification.attempts_made, 1,
+            "attempts go on being counted"
+        );
+        assert_eq!(notification.error, None);
+        let delivered = apply(&again, Event::Notified, at(31)).unwrap();
+        assert!(
+            apply(&delivered, Event::Redeliver, at(32)).is_err(),
+            "delivered"
+        );
+        let mut without = failed.clone();
+        without.notification = None;
+        assert!(apply(&without, Event::Redeliver, at(32)).is_err(), "none");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! every order reached satisfies the saga's invariants.
 
 use super::machine::{apply, next_action, retry_due, Action, Event};
-use super::model::{Attempt, Order, Output, Phase, RollbackState, Step, MAX_ATTEMPTS};
+use super::model::{
+    Attempt, NotificationState, Order, Output, Phase, RollbackState, Step, MAX_ATTEMPTS,
+};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use proptest::prelude::*;
 
@@ -47,6 +49,7 @@ fn event() -> impl Strategy<Value = Event> {
         step().prop_map(|step| Event::RolledBack { step }),
         (step(), reason()).prop_map(|(step, reason)| Event::RollbackFailed { step, reason }),
         Just(Event::RetryRollback),
+        Just(Event::Redeliver),
         (step(), any::<bool>(), 0u32..5, any::<Option<u16>>()).prop_map(
             |(step, rollback, attempt, status)| Event::Attempted {
                 step,
@@ -101,6 +104,14 @@ fn expected_event(order: &Order, fail: bool, now: DateTime<Utc>) -> Option<Event
         Action::Notify => Event::Notified,
         Action::Done if order.rollback_state == Some(RollbackState::Incomplete) => {
             Event::RetryRollback
+        }
+        Action::Done
+            if order
+                .notification
+                .as_ref()
+                .is_some_and(|notification| notification.state == NotificationState::Failed) =>
+        {
+            Event::Redeliver
         }
         Action::Done => {
             return order.steps.last().map(|entry| Event::Attempted {

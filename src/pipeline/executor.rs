@@ -1299,8 +1299,13 @@ mod tests {
         assert_eq!(parked.rollback_state, Some(RollbackState::Incomplete));
         assert_eq!(harness.shared.metrics.totals().failed, 1);
 
-        let reopened = crate::store::retry_rollback_outcome(parked, NODE, chrono::Utc::now())
-            .expect("a parked rollback");
+        let reopened = crate::store::reopen_outcome(
+            parked,
+            crate::store::Reopening::RollbackRetry,
+            NODE,
+            chrono::Utc::now(),
+        )
+        .expect("a parked rollback");
         harness.store.insert(&reopened);
         harness.shared.active.mark(harness.id());
         execute(

@@ -6,9 +6,9 @@ use super::handler::{StepContext, StepDone, StepError, StepHandler};
 use super::retry::RetryPolicy;
 use crate::order::{Order, OrderId, Step};
 use crate::store::{
-    cancel_outcome, check_commit, retry_rollback_outcome, same_order, AsidePage, CancelOutcome,
-    Checked, Created, Fence, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
-    RetryRollbackOutcome, SetAside, StoreError, TakenBack,
+    cancel_outcome, check_commit, reopen_outcome, same_order, AsidePage, CancelOutcome, Checked,
+    Created, Fence, ListQuery, OrderStore, OwnedPage, Page, Reopen, Reopened, RepairPage, Repaired,
+    SetAside, StoreError, TakenBack,
 };
 use async_trait::async_trait;
 use chrono::Utc;
@@ -210,16 +210,15 @@ impl OrderStore for FakeStore {
         Ok(outcome)
     }
 
-    async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError> {
-        let (id, user, node, now) = (reopen.id, reopen.user, reopen.node, reopen.now);
+    async fn reopen(&self, reopen: Reopen<'_>) -> Result<Reopened, StoreError> {
         let mut orders = self.orders.lock().unwrap();
-        let stored = users_order(&orders, id, user)?;
-        match retry_rollback_outcome(stored, node, now) {
+        let stored = users_order(&orders, reopen.id, reopen.user)?;
+        match reopen_outcome(stored, reopen.what, reopen.node, reopen.now) {
             Ok(next) => {
-                orders.insert(id, next.clone());
-                Ok(RetryRollbackOutcome::Accepted(next))
+                orders.insert(reopen.id, next.clone());
+                Ok(Reopened::Accepted(next))
             }
-            Err(stored) => Ok(RetryRollbackOutcome::NotParked(*stored)),
+            Err(stored) => Ok(Reopened::Refused(*stored)),
         }
     }
 

@@ -308,6 +308,11 @@ impl Pool {
         self.shared.note_cancel(id);
     }
 
+    /// Whether this node sends completion webhooks (it has a `[notify]` section).
+    pub fn notifies(&self) -> bool {
+        self.shared.handlers.notifier().is_some()
+    }
+
     /// Whether `shutdown` has begun: the pool takes no more jobs.
     pub fn is_stopping(&self) -> bool {
         *self.stop_tx.borrow()

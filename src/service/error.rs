@@ -26,6 +26,12 @@ pub enum OrderError {
     AlreadyFailing,
     #[error("order's rollback is not parked: only a failed order with rollback_state incomplete can retry it")]
     NotParked,
+    #[error(
+        "order's webhook has not failed: only one whose notification state is failed is sent again"
+    )]
+    NotifyNotFailed,
+    #[error("this node sends no webhooks: it has no [notify] section")]
+    NoNotify,
     /// The idempotency key was used before for an order with another body.
     #[error("Idempotency-Key already used for order {0} with a different body; use a new key for a new order")]
     KeyReused(crate::order::OrderId),

@@ -54,6 +54,10 @@ pub trait Orders: Send + Sync + 'static {
     /// Runs the parked compensations of `user`'s failed order again, on this node.
     async fn retry_rollback(&self, user: &str, id: OrderId) -> Result<Order, OrderError>;
 
+    /// Sends the completion webhook of `user`'s finished order, which failed for good, again
+    /// (with its retries anew), from this node.
+    async fn redeliver(&self, user: &str, id: OrderId) -> Result<Order, OrderError>;
+
     /// The order once it is finished, or as it is when `wait` is over.
     async fn wait_one(
         &self,

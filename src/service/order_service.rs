@@ -6,7 +6,7 @@ use crate::metrics::Metrics;
 use crate::order::{CreatedView, Order, OrderId};
 use crate::pipeline::{Job, Pool};
 use crate::store::{
-    CancelOutcome, Created, ListQuery, OrderStore, Page, Reopen, RetryRollbackOutcome, StoreError,
+    CancelOutcome, Created, ListQuery, OrderStore, Page, Reopen, Reopened, Reopening, StoreError,
 };
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -85,6 +85,64 @@ impl OrderService {
     }
 
     /// A store error of a call on order `id` alone: one whose record does not read is said so.
+    /// Re-opens `user`'s finished order `id` for `what` (see [`OrderStore::reopen`]) and runs
+    /// it on this node.
+    async fn reopen(&self, user: &str, id: OrderId, what: Reopening) -> Result<Order, OrderError> {
+        if self.pool.is_stopping() {
+            return Err(OrderError::Stopping {
+                retry_after: self.retry_after,
+            });
+        }
+        // Held from before the store makes it this node's to run: a reconciliation pass
+        // meanwhile must not take it for one that nothing runs. (One active here already is
+        // resumed as before: its run goes once more.)
+        let held = self.pool.hold(id);
+        // Re-opening and queueing run in a task of their own, as a submission's do: a client
+        // that hangs up must not leave the order re-opened but not run.
+        let (store, pool) = (Arc::clone(&self.store), Arc::clone(&self.pool));
+        let activity = Arc::clone(&self.activity);
+        let (user, node) = (user.to_string(), self.service_id.clone());
+        let reopened = detached("re-opening", async move {
+            let reopen = Reopen {
+                id,
+                user: &user,
+                node: &node,
+                now: chrono::Utc::now(),
+                what,
+            };
+            let outcome = store.reopen(reopen).await?;
+            if let Reopened::Accepted(order) = &outcome {
+                match what {
+                    Reopening::RollbackRetry => {
+                        let pending: Vec<&str> = order
+                            .pending_rollback
+                            .iter()
+                            .map(|step| step.as_str())
+                            .collect();
+                        tracing::info!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(order), pending = %pending.join(", "), "retrying parked rollback");
+                    }
+                    Reopening::Redelivery => {
+                        tracing::info!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(order), "sending the webhook again");
+                    }
+                }
+                match held {
+                    Some(held) => held.resume(&pool),
+                    None => pool.resume_all(vec![order.order_id]),
+                }
+                activity.touch();
+            }
+            Ok(outcome)
+        })
+        .await;
+        match reopened.map_err(|error| self.order_error(id, error))? {
+            Reopened::Accepted(order) => Ok(order),
+            Reopened::Refused(_) => Err(match what {
+                Reopening::RollbackRetry => OrderError::NotParked,
+                Reopening::Redelivery => OrderError::NotifyNotFailed,
+            }),
+        }
+    }
+
     fn order_error(&self, id: OrderId, source: StoreError) -> OrderError {
         match source {
             StoreError::Corrupt(reason) => {
@@ -253,48 +311,15 @@ impl Orders for OrderService {
     }
 
     async fn retry_rollback(&self, user: &str, id: OrderId) -> Result<Order, OrderError> {
-        if self.pool.is_stopping() {
-            return Err(OrderError::Stopping {
-                retry_after: self.retry_after,
-            });
+        self.reopen(user, id, Reopening::RollbackRetry).await
+    }
+
+    async fn redeliver(&self, user: &str, id: OrderId) -> Result<Order, OrderError> {
+        // Its owner sends it: a node without a webhook would record it failed at once.
+        if !self.pool.notifies() {
+            return Err(OrderError::NoNotify);
         }
-        // Held from before the store makes it this node's to run: a reconciliation pass
-        // meanwhile must not take it for one that nothing runs. (One active here already is
-        // resumed as before: its run goes once more.)
-        let held = self.pool.hold(id);
-        // Re-opening and queueing run in a task of their own, as a submission's do: a client
-        // that hangs up must not leave the order re-opened but not run.
-        let (store, pool) = (Arc::clone(&self.store), Arc::clone(&self.pool));
-        let activity = Arc::clone(&self.activity);
-        let (user, node) = (user.to_string(), self.service_id.clone());
-        let reopened = detached("rollback retry", async move {
-            let reopen = Reopen {
-                id,
-                user: &user,
-                node: &node,
-                now: chrono::Utc::now(),
-            };
-            let outcome = store.retry_rollback(reopen).await?;
-            if let RetryRollbackOutcome::Accepted(order) = &outcome {
-                let pending: Vec<&str> = order
-                    .pending_rollback
-                    .iter()
-                    .map(|step| step.as_str())
-                    .collect();
-                tracing::info!(order_id = %order.order_id, trace_id = %crate::trace::trace_id(order), pending = %pending.join(", "), "retrying parked rollback");
-                match held {
-                    Some(held) => held.resume(&pool),
-                    None => pool.resume_all(vec![order.order_id]),
-                }
-                activity.touch();
-            }
-            Ok(outcome)
-        })
-        .await;
-        match reopened.map_err(|error| self.order_error(id, error))? {
-            RetryRollbackOutcome::Accepted(order) => Ok(order),
-            RetryRollbackOutcome::NotParked(_) => Err(OrderError::NotParked),
-        }
+        self.reopen(user, id, Reopening::Redelivery).await
     }
 
     async fn wait_one(

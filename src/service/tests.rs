@@ -370,6 +370,15 @@ async fn a_rollback_that_is_not_parked_is_a_conflict() {
 }
 
 #[tokio::test]
+async fn a_node_without_a_webhook_sends_none_again() {
+    let node = running();
+    let id = node.submit("alice").await;
+    node.finished("alice", id).await;
+    let error = node.service.redeliver("alice", id).await.unwrap_err();
+    assert!(matches!(error, OrderError::NoNotify), "{error:?}");
+}
+
+#[tokio::test]
 async fn wait_one_answers_when_the_order_finishes() {
     let node = node(2, 8, 8, simulate(Duration::from_millis(20)));
     let id = node.submit("alice").await;

@@ -12,13 +12,13 @@
 use super::doc;
 use super::{
     cancel_outcome, check_commit, corrupt, created_micros, decode_cursor, encode_cursor, is_parked,
-    retry_rollback_outcome, same_order, AsidePage, CancelOutcome, Checked, Created, Fence,
-    ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired, RetryRollbackOutcome,
-    SetAside, StoreError, TakenBack, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
+    reopen_outcome, same_order, AsidePage, CancelOutcome, Checked, Created, Fence, ListQuery,
+    OrderStore, OwnedPage, Page, Reopen, Reopened, RepairPage, Repaired, SetAside, StoreError,
+    TakenBack, DEFAULT_RETENTION, IDEMPOTENCY_TTL, PURGE_BATCH,
 };
 use crate::order::{IdMap, Order, OrderId, RollbackState, Step};
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
 };
@@ -1184,24 +1184,19 @@ impl<'txn, 'cache> Tables<'txn, 'cache> {
         Ok(moved)
     }
 
-    fn retry_rollback(
-        &mut self,
-        id: OrderId,
-        user: &str,
-        node: &str,
-        now: DateTime<Utc>,
-    ) -> Result<RetryRollbackOutcome, StoreError> {
+    fn reopen(&mut self, reopen: Reopen<'_>) -> Result<Reopened, StoreError> {
+        let id = reopen.id;
         let stored = self
             .read(&id.to_string())?
-            .filter(|order| order.user == user)
+            .filter(|order| order.user == reopen.user)
             .ok_or(StoreError::NotFound)?;
-        match retry_rollback_outcome(stored, node, now) {
+        match reopen_outcome(stored, reopen.what, reopen.node, reopen.now) {
             Ok(next) => {
                 self.write(&next, &doc::encode(&next, self.compress)?, true)?;
                 self.file_parked(&next, &id.to_string())?;
-                Ok(RetryRollbackOutcome::Accepted(next))
+                Ok(Reopened::Accepted(next))
             }
-            Err(stored) => Ok(RetryRollbackOutcome::NotParked(*stored)),
+            Err(stored) => Ok(Reopened::Refused(*stored)),
         }
     }
 
@@ -1563,11 +1558,19 @@ impl OrderStore for EmbeddedStore {
         self.write(move |tables| tables.cancel(id, &user)).await
     }
 
-    async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError> {
-        let (id, user, node, now) = (reopen.id, reopen.user, reopen.node, reopen.now);
-        let (user, node) = (user.to_string(), node.to_string());
-        self.write(move |tables| tables.retry_rollback(id, &user, &node, now))
-            .await
+    async fn reopen(&self, reopen: Reopen<'_>) -> Result<Reopened, StoreError> {
+        let (id, what, now) = (reopen.id, reopen.what, reopen.now);
+        let (user, node) = (reopen.user.to_string(), reopen.node.to_string());
+        self.write(move |tables| {
+            tables.reopen(Reopen {
+                id,
+                user: &user,
+                node: &node,
+                now,
+                what,
+            })
+        })
+        .await
     }
 
     async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError> {

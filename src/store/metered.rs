@@ -3,8 +3,8 @@
 //! clock read per call.
 
 use super::{
-    AsidePage, CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage,
-    RetryRollbackOutcome, SetAside, StoreError, TakenBack,
+    AsidePage, CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, Reopened,
+    Reopening, RepairPage, SetAside, StoreError, TakenBack,
 };
 use crate::metrics::{Metrics, StoreOperation};
 use crate::order::{Order, OrderId};
@@ -95,10 +95,14 @@ impl OrderStore for MeteredStore {
         result
     }
 
-    async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError> {
+    async fn reopen(&self, reopen: Reopen<'_>) -> Result<Reopened, StoreError> {
         let started = Instant::now();
-        let result = self.inner.retry_rollback(reopen).await;
-        self.observe(StoreOperation::RetryRollback, started, &result);
+        let operation = match reopen.what {
+            Reopening::RollbackRetry => StoreOperation::RetryRollback,
+            Reopening::Redelivery => StoreOperation::Redeliver,
+        };
+        let result = self.inner.reopen(reopen).await;
+        self.observe(operation, started, &result);
         result
     }
 

@@ -107,22 +107,35 @@ impl ListQuery {
     }
 }
 
-/// What a request to retry a parked rollback found.
+/// What a request to re-open a finished order found.
 #[derive(Debug)]
-pub enum RetryRollbackOutcome {
-    /// The order rolls back again, now owned by the requesting node.
+pub enum Reopened {
+    /// The order owes work again (see [`Reopening`]), now owned by the requesting node.
     Accepted(Order),
-    /// The order's rollback is not parked (still running, complete, or the order never failed).
-    NotParked(Order),
+    /// The order is not in a state the re-opening asks for (for a rollback retry: not parked,
+    /// as it is still running, complete, or the order never failed; for a redelivery: its
+    /// webhook is not failed, as it is pending, delivered, or there is none).
+    Refused(Order),
 }
 
-/// A request to re-open a parked rollback: `user`'s order `id`, to be run by `node`, at `now`.
+/// What re-opening a finished order is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reopening {
+    /// Run its parked compensations again.
+    RollbackRetry,
+    /// Send its completion webhook, which failed for good, again.
+    Redelivery,
+}
+
+/// A request to re-open a finished order: `user`'s order `id`, for `what`, to be run by
+/// `node`, at `now`.
 #[derive(Clone, Copy, Debug)]
 pub struct Reopen<'a> {
     pub id: OrderId,
     pub user: &'a str,
     pub node: &'a str,
     pub now: DateTime<Utc>,
+    pub what: Reopening,
 }
 
 /// What an index repair went through.
@@ -209,10 +222,11 @@ pub trait OrderStore: Send + Sync + 'static {
     /// Records a user's request to cancel an order.
     async fn request_cancel(&self, id: OrderId, user: &str) -> Result<CancelOutcome, StoreError>;
 
-    /// Re-opens an order whose rollback is parked so that `node` runs the rest of it: the order
-    /// rolls back again and becomes `node`'s (its epoch bumped if it changes hands), atomically,
-    /// so two concurrent requests cannot both re-open it. Another user's order is `NotFound`.
-    async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError>;
+    /// Re-opens a finished order so that `node` does what it owes again (see [`Reopening`]:
+    /// the rest of its parked rollback, or its failed webhook): the order owes work again and
+    /// becomes `node`'s (its epoch bumped if it changes hands), atomically, so two concurrent
+    /// requests cannot both re-open it. Another user's order is `NotFound`.
+    async fn reopen(&self, reopen: Reopen<'_>) -> Result<Reopened, StoreError>;
 
     /// The unfinished orders a node owns.
     async fn owned_unfinished(&self, node: &str) -> Result<Vec<OrderId>, StoreError>;
@@ -376,16 +390,22 @@ pub fn cancel_outcome(stored: Order) -> (CancelOutcome, bool) {
     }
 }
 
-/// The order a parked rollback is retried as (owned by `node`), or the stored order unchanged
-/// when its rollback is not parked. Shared by every store so they agree on the rule. The
-/// re-opened order is a new revision: a commit its owner made of the parked order (its webhook's
-/// outcome, say) and writes after the re-opening is then refused as stale instead of undoing it.
-pub fn retry_rollback_outcome(
+/// The order `stored` is re-opened as for `what` (owned by `node`), or the stored order
+/// unchanged when it is not in a state to be re-opened so. Shared by every store so they agree
+/// on the rule. The re-opened order is a new revision: a commit its owner made of the finished
+/// order (its webhook's outcome, say) and writes after the re-opening is then refused as stale
+/// instead of undoing it.
+pub fn reopen_outcome(
     stored: Order,
+    what: Reopening,
     node: &str,
     now: DateTime<Utc>,
 ) -> Result<Order, Box<Order>> {
-    let Ok(mut next) = apply(&stored, Event::RetryRollback, now) else {
+    let event = match what {
+        Reopening::RollbackRetry => Event::RetryRollback,
+        Reopening::Redelivery => Event::Redeliver,
+    };
+    let Ok(mut next) = apply(&stored, event, now) else {
         return Err(Box::new(stored));
     };
     next.revision = next.revision.saturating_add(1);

@@ -6,13 +6,15 @@ use crate::proxy::Proxy;
 use chrono::{Duration as Span, Utc};
 use futures_util::future::join_all;
 use order_process::metrics::Metrics;
-use order_process::order::{apply, Event, Order, OrderId, Output, Phase, RollbackState, Step};
+use order_process::order::{
+    apply, Event, Notification, Order, OrderId, Output, Phase, RollbackState, Step,
+};
 use order_process::store::embedded::EmbeddedStore;
 use order_process::store::metered::MeteredStore;
 use order_process::store::redis::{keys, RedisStore};
 use order_process::store::{
-    CancelOutcome, Created, ListQuery, OrderStore, Reopen, Repaired, RetryRollbackOutcome,
-    SetAside, StoreError, TakenBack, PURGE_BATCH,
+    CancelOutcome, Created, ListQuery, OrderStore, Reopen, Reopened, Reopening, Repaired, SetAside,
+    StoreError, TakenBack, PURGE_BATCH,
 };
 use order_process_testkit::RedisCluster;
 use std::future::Future;
@@ -54,6 +56,15 @@ fn reopen<'a>(id: OrderId, user: &'a str, node: &'a str) -> Reopen<'a> {
         user,
         node,
         now: Utc::now(),
+        what: Reopening::RollbackRetry,
+    }
+}
+
+/// `user`'s request to send the failed webhook of order `id` again, from `node`, now.
+fn redelivery<'a>(id: OrderId, user: &'a str, node: &'a str) -> Reopen<'a> {
+    Reopen {
+        what: Reopening::Redelivery,
+        ..reopen(id, user, node)
     }
 }
 
@@ -251,10 +262,10 @@ async fn listings_by_state(store: &dyn OrderStore) {
 
     // A parked rollback retried is no longer listed as parked.
     let retried = store
-        .retry_rollback(reopen(failed_parked.order_id, &user, "node-a"))
+        .reopen(reopen(failed_parked.order_id, &user, "node-a"))
         .await
         .expect("retry");
-    assert!(matches!(retried, RetryRollbackOutcome::Accepted(_)));
+    assert!(matches!(retried, Reopened::Accepted(_)));
     assert!(listed(store, &user, None, Some(RollbackState::Incomplete))
         .await
         .is_empty());
@@ -331,11 +342,11 @@ async fn retention(store: &dyn OrderStore) -> String {
     }
     // Re-opened after it finished: kept again.
     match store
-        .retry_rollback(reopen(parked.order_id, &user, "node-a"))
+        .reopen(reopen(parked.order_id, &user, "node-a"))
         .await
         .expect("retry")
     {
-        RetryRollbackOutcome::Accepted(order) => assert!(!order.is_finished()),
+        Reopened::Accepted(order) => assert!(!order.is_finished()),
         other => panic!("{other:?}"),
     }
     assert!(matches!(
@@ -589,6 +600,143 @@ async fn conformance(store: &dyn OrderStore) {
     owned_pages(store).await;
     disown(store).await;
     late_writes(store).await;
+    redeliveries(store).await;
+}
+
+/// `order`, finishing with the event given, its webhook owed in that write, and then failed for
+/// good: as the store keeps an order whose receiver was down longer than its retries.
+async fn webhook_failed(store: &dyn OrderStore, order: &Order, finishing: Event) -> Order {
+    let mut finished = step(order, finishing);
+    assert!(finished.is_finished());
+    finished.notification = Some(Notification::pending(1));
+    store.commit(&finished).await.expect("the finishing commit");
+    let failed = step(
+        &finished,
+        Event::NotifyFailed {
+            reason: "receiver down".into(),
+        },
+    );
+    store.commit(&failed).await.expect("the webhook failed");
+    assert!(!failed.owes_work());
+    failed
+}
+
+/// A webhook that failed for good: sent again once for its order's user only, by (and for) the
+/// node that asks, which owns the order again until it is delivered; a parked order stays
+/// parked meanwhile.
+async fn redeliveries(store: &dyn OrderStore) {
+    let user = format!("notified-{}", uuid::Uuid::new_v4().simple());
+    let mut completing = new_order(&user, "node-a", 0);
+    create(store, &completing).await;
+    for _ in 0..Step::WORK.len() - 1 {
+        completing = succeed(&completing);
+        store.commit(&completing).await.expect("commit");
+    }
+    let last = completing.current_step;
+    let completed = webhook_failed(
+        store,
+        &completing,
+        Event::StepSucceeded {
+            step: last,
+            output: None,
+        },
+    )
+    .await;
+    assert!(!owns(store, "node-a", completed.order_id).await);
+
+    assert!(matches!(
+        store
+            .reopen(redelivery(completed.order_id, "someone-else", "node-b"))
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        store
+            .reopen(reopen(completed.order_id, &user, "node-b"))
+            .await
+            .unwrap(),
+        Reopened::Refused(_)
+    ));
+    let again = match store
+        .reopen(redelivery(completed.order_id, &user, "node-b"))
+        .await
+        .unwrap()
+    {
+        Reopened::Accepted(order) => order,
+        other => panic!("redelivery of a failed webhook: {other:?}"),
+    };
+    assert!(again.is_finished() && again.owes_work());
+    assert_eq!(
+        (again.owner.as_str(), again.epoch),
+        ("node-b", completed.epoch + 1)
+    );
+    assert_eq!(
+        store.get(again.order_id).await.unwrap(),
+        Some(again.clone())
+    );
+    assert!(owns(store, "node-b", again.order_id).await);
+    assert!(
+        matches!(
+            store
+                .reopen(redelivery(completed.order_id, &user, "node-c"))
+                .await
+                .unwrap(),
+            Reopened::Refused(_)
+        ),
+        "only once: it is owed now"
+    );
+    assert!(matches!(
+        store.commit(&completed).await,
+        Err(StoreError::NotOwner)
+    ));
+    let delivered = step(&again, Event::Notified);
+    store.commit(&delivered).await.expect("delivered");
+    assert!(!owns(store, "node-b", again.order_id).await);
+    assert_eq!(
+        store.get(again.order_id).await.unwrap(),
+        Some(delivered.clone())
+    );
+
+    // A parked order whose webhook failed: sent again, and parked all the while.
+    let failing = new_order(&user, "node-a", 10);
+    create(store, &failing).await;
+    let failing = step(
+        &failing,
+        Event::StepFailed {
+            step: Step::Scheduling,
+            reason: "declined".into(),
+        },
+    );
+    store.commit(&failing).await.expect("commit");
+    let parked = webhook_failed(
+        store,
+        &failing,
+        Event::RollbackFailed {
+            step: Step::Scheduling,
+            reason: "refund service down".into(),
+        },
+    )
+    .await;
+    assert!(all_parked(store).await.contains(&parked.order_id));
+    let Reopened::Accepted(again) = store
+        .reopen(redelivery(parked.order_id, &user, "node-b"))
+        .await
+        .unwrap()
+    else {
+        panic!("redelivery of a parked order's failed webhook");
+    };
+    assert_eq!(again.rollback_state, Some(RollbackState::Incomplete));
+    assert!(owns(store, "node-b", parked.order_id).await);
+    assert!(
+        all_parked(store).await.contains(&parked.order_id),
+        "a parked order sent its webhook again is no longer listed as parked"
+    );
+    store
+        .commit(&step(&again, Event::Notified))
+        .await
+        .expect("delivered");
+    assert!(all_parked(store).await.contains(&parked.order_id));
+    assert!(!owns(store, "node-b", parked.order_id).await);
 }
 
 /// A commit is taken only over the revision it was made from: the same write again is done
@@ -911,23 +1059,23 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
 
     assert!(matches!(
         store
-            .retry_rollback(reopen(order.order_id, "someone-else", "node-b"))
+            .reopen(reopen(order.order_id, "someone-else", "node-b"))
             .await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
         store
-            .retry_rollback(reopen(done.order_id, &user, "node-b"))
+            .reopen(reopen(done.order_id, &user, "node-b"))
             .await
             .unwrap(),
-        RetryRollbackOutcome::NotParked(_)
+        Reopened::Refused(_)
     ));
     let reopened = match store
-        .retry_rollback(reopen(order.order_id, &user, "node-b"))
+        .reopen(reopen(order.order_id, &user, "node-b"))
         .await
         .unwrap()
     {
-        RetryRollbackOutcome::Accepted(order) => order,
+        Reopened::Accepted(order) => order,
         other => panic!("retry of a parked rollback: {other:?}"),
     };
     assert_eq!(reopened.phase, Phase::RollingBack);
@@ -945,10 +1093,10 @@ async fn parked_rollbacks(store: &dyn OrderStore) {
     // Only once: it is rolling back now, and the old owner is fenced out.
     assert!(matches!(
         store
-            .retry_rollback(reopen(order.order_id, &user, "node-c"))
+            .reopen(reopen(order.order_id, &user, "node-c"))
             .await
             .unwrap(),
-        RetryRollbackOutcome::NotParked(_)
+        Reopened::Refused(_)
     ));
     assert!(matches!(
         store.commit(&order).await,
@@ -1947,10 +2095,10 @@ async fn redis_filtered_listing_reads_a_page_not_the_history() {
     assert!(read <= 10, "read {read} order hashes for a page of 10");
     // A parked rollback retried leaves the index of parked ones in the same step.
     let retried = store
-        .retry_rollback(reopen(parked_ids[0], user, "node-a"))
+        .reopen(reopen(parked_ids[0], user, "node-a"))
         .await
         .expect("retry");
-    assert!(matches!(retried, RetryRollbackOutcome::Accepted(_)));
+    assert!(matches!(retried, Reopened::Accepted(_)));
     let (read, listed) = hashes_read(&redis, &store, user, incomplete.clone()).await;
     assert_eq!(listed, parked_ids[1..]);
     assert!(read <= 2, "read {read} order hashes for 2 orders");
@@ -2587,10 +2735,10 @@ async fn redis_store_reopens_a_parked_order_at_a_new_revision_with_or_without_it
             redis.cli(&["HDEL", &key, "rev"]);
         }
         let outcome = store
-            .retry_rollback(reopen(order.order_id, &user, "node-a"))
+            .reopen(reopen(order.order_id, &user, "node-a"))
             .await
             .expect("retry");
-        let RetryRollbackOutcome::Accepted(reopened) = outcome else {
+        let Reopened::Accepted(reopened) = outcome else {
             panic!("not re-opened: {outcome:?}");
         };
         assert_eq!(reopened.revision, order.revision + 1);

@@ -324,6 +324,40 @@ async fn a_receiver_that_refuses_gets_no_retry_and_the_notification_fails() {
     );
     assert_eq!(notification(&order)["error"], "answered 400");
     assert_eq!(receiver.deliveries().len(), 1);
+
+    // Mended, the receiver is sent the same notification again on request: once, and only by
+    // the order's user (or an admin).
+    receiver.answer(200);
+    let again = |user: String| {
+        let path = format!("/orders/{id}/notification");
+        let node = &node;
+        async move {
+            node.call(reqwest::Method::POST, &path)
+                .user(&user)
+                .send()
+                .await
+        }
+    };
+    node.expect_error(&again(unique_user("mallory")).await, 404, "another user's");
+    let reply = again(user.clone()).await;
+    let owed = node.expect_json(&reply, 202, "POST /orders/{id}/notification");
+    assert_eq!(notification(&owed)["state"], "pending", "{}", pretty(&owed));
+    let order = wait_notification(&node, &user, &id, "delivered").await;
+    assert_eq!(
+        notification(&order)["attempts_made"],
+        2,
+        "{}",
+        pretty(&order)
+    );
+    let deliveries = receiver.deliveries();
+    assert_eq!(deliveries.len(), 2);
+    assert_eq!(
+        deliveries[1].header("idempotency-key"),
+        format!("{id}:notify:1"),
+        "the same notification"
+    );
+    assert_signed(&deliveries[1]);
+    node.expect_error(&again(user.clone()).await, 409, "a delivered webhook");
 }
 
 #[tokio::test]

@@ -17,9 +17,9 @@ use crate::order::{Order, OrderId, Phase, RollbackState, Step, StoredForm};
 use crate::store::corrupt;
 use crate::store::doc::{self, DOC_CAPACITY};
 use crate::store::{
-    cancel_outcome, decode_cursor, encode_cursor, is_parked, retry_rollback_outcome, AsidePage,
-    CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, RepairPage, Repaired,
-    RetryRollbackOutcome, SetAside, StoreError, TakenBack, DEFAULT_RETENTION, IDEMPOTENCY_TTL,
+    cancel_outcome, decode_cursor, encode_cursor, is_parked, reopen_outcome, AsidePage,
+    CancelOutcome, Created, ListQuery, OrderStore, OwnedPage, Page, Reopen, Reopened, RepairPage,
+    Repaired, SetAside, StoreError, TakenBack, DEFAULT_RETENTION, IDEMPOTENCY_TTL,
 };
 use async_trait::async_trait;
 use deadpool_redis::redis::{self, Value};
@@ -1088,7 +1088,7 @@ impl OrderStore for RedisStore {
         Ok(outcome)
     }
 
-    async fn retry_rollback(&self, reopen: Reopen<'_>) -> Result<RetryRollbackOutcome, StoreError> {
+    async fn reopen(&self, reopen: Reopen<'_>) -> Result<Reopened, StoreError> {
         let (id, user, node, now) = (reopen.id, reopen.user, reopen.node, reopen.now);
         let shard = shard_of(id);
         for _ in 0..REOPEN_TRIES {
@@ -1099,9 +1099,9 @@ impl OrderStore for RedisStore {
                 .ok_or(StoreError::NotFound)?;
             let (read_owner, read_epoch, read_revision) =
                 (stored.owner.clone(), stored.epoch, stored.revision);
-            let next = match retry_rollback_outcome(stored, node, now) {
+            let next = match reopen_outcome(stored, reopen.what, node, now) {
                 Ok(next) => next,
-                Err(stored) => return Ok(RetryRollbackOutcome::NotParked(*stored)),
+                Err(stored) => return Ok(Reopened::Refused(*stored)),
             };
             let mut doc = Vec::with_capacity(DOC_CAPACITY);
             self.write_doc(&mut doc, &next)?;
@@ -1127,14 +1127,14 @@ impl OrderStore for RedisStore {
             }
             let outcome: String = self.redis.write(&reopen).await?;
             match outcome.as_str() {
-                "ok" => return Ok(RetryRollbackOutcome::Accepted(next)),
+                "ok" => return Ok(Reopened::Accepted(next)),
                 "missing" => return Err(StoreError::NotFound),
                 // Changed since read: read again and decide on the new state.
                 _ => continue,
             }
         }
         Err(StoreError::Unavailable(
-            "order kept changing while its rollback was being retried".into(),
+            "order kept changing while it was being re-opened".into(),
         ))
     }
 

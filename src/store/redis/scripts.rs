@@ -391,17 +391,18 @@ redis.call('SADD', KEYS[2], ARGV[2])
 return 1
 ";
 
-/// Re-open a parked order. KEYS: the order, the new owner's owned set, the parked index, the
-/// state index it goes to. ARGV: owner and epoch read, new doc, new owner, new epoch, state,
-/// step, order id, user index member, revision read, new revision; for a split order, `f`, how
-/// many steps it has and its steps (see `SPLIT`), which its next write then gives whole too.
-/// Writes only if the order is still finished (its webhook delivered or not) and unchanged since
-/// it was read (compare-and-set on owner, epoch and revision), so of two concurrent retries
-/// exactly one re-opens it, and a commit of the parked order landing in between (its webhook's
-/// outcome) sends it back to read again; and the re-opened
-/// order joins its owner's set, leaves the parked index, and is kept again (its retention
-/// stopped), in the same step. Its finished index entry stays: the retention pass finds the
-/// order there and only drops the entry.
+/// Re-open a finished order (a parked rollback, or a failed webhook). KEYS: the order, the new
+/// owner's owned set, the parked index, the state index it goes to. ARGV: owner and epoch read, new
+/// doc, new owner, new epoch, state, step, order id, user index member, revision read, new
+/// revision; for a split order, `f`, how many steps it has and its steps (see `SPLIT`), which its
+/// next write then gives whole too. Writes only if the order is still finished (its webhook
+/// delivered or not) and unchanged since it was read (compare-and-set on owner, epoch and
+/// revision), so of two concurrent retries exactly one re-opens it, and a commit of the parked
+/// order landing in between (its webhook's outcome) sends it back to read again; and the re-opened
+/// order joins its owner's set, leaves the parked index (unless it is re-opened to send its webhook
+/// again, state `notifying`: then it stays as parked as it was), and is kept again (its retention
+/// stopped), in the same step. Its finished index entry stays: the retention pass finds the order
+/// there and only drops the entry.
 const REOPEN: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'state', 'rev')
 if not cur[1] then return 'missing' end
@@ -421,7 +422,7 @@ end
 file_state(KEYS[1], KEYS[4], ARGV[9])
 redis.call('PERSIST', KEYS[1])
 redis.call('SADD', KEYS[2], ARGV[8])
-redis.call('ZREM', KEYS[3], ARGV[8])
+if ARGV[6] ~= 'notifying' then redis.call('ZREM', KEYS[3], ARGV[8]) end
 return 'ok'
 ";
 
