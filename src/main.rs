@@ -49,6 +49,19 @@ struct Args {
 enum Command {
     Bench(order_process_bench::BenchArgs),
     HashToken(HashTokenArgs),
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand, name = "check-config")]
+/// check the config (--config, and the other options as a node would take them) and every file it
+/// names, as a node does before it starts: the tokens file, the TLS files, Redis's password file;
+/// contacts nothing. Exits 0 when a node would start with it, 64 (and says why) when it would
+/// refuse it
+struct CheckConfigArgs {
+    /// check this tokens file in place of the config's auth.tokens_file (one about to replace it)
+    #[argh(option)]
+    tokens_file: Option<PathBuf>,
 }
 
 #[derive(FromArgs)]
@@ -119,6 +132,34 @@ fn hash_token(args: HashTokenArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `order-process check-config`: what a node checks before it starts, without starting one.
+fn check_config(mut config: Config, args: CheckConfigArgs) -> ExitCode {
+    if let Some(tokens_file) = args.tokens_file {
+        config.auth.tokens_file = tokens_file;
+    }
+    // Some of what is checked builds clients that expect a runtime around them.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("order-process: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(async { order_process::node::check(&config) }) {
+        Ok(()) => {
+            println!("order-process: config ok");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("order-process: {error:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let raw: Vec<String> = std::env::args().collect();
     let command = raw.first().map(String::as_str).unwrap_or("order-process");
@@ -138,11 +179,12 @@ fn main() -> ExitCode {
             };
         }
     };
-    match args.command {
+    let check = match args.command {
         Some(Command::Bench(bench)) => return order_process_bench::main(bench),
         Some(Command::HashToken(hash)) => return hash_token(hash),
-        None => {}
-    }
+        Some(Command::CheckConfig(check)) => Some(check),
+        None => None,
+    };
     let overrides = Overrides {
         listen: args.listen,
         data_dir: args.data_dir,
@@ -157,6 +199,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if let Some(check) = check {
+        return check_config(config, check);
+    }
     init_tracing(&config);
     // Before the runtime: the exporter sends from a thread of its own with a blocking client.
     let exporter = match order_process::trace::spans::install(&config.telemetry) {

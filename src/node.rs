@@ -104,6 +104,36 @@ pub fn handlers(config: &Config) -> anyhow::Result<Handlers> {
     Ok(handlers)
 }
 
+/// Checks what [`run`] reads before it touches the data dir or the network: the config, the
+/// tokens file, the TLS files (the node's, its peers' CA, Redis's, the steps' and the
+/// webhook's), the step handlers and the webhook, Redis's address and password file, and
+/// `cluster.advertise`. For `order-process check-config`, so that a rollout refuses a config
+/// the node would refuse before it stops the node.
+pub fn check(config: &Config) -> anyhow::Result<()> {
+    api::auth::Security::from_config(config)?;
+    let server_tls = ServerTls::from_config(config)?;
+    Peers::from_config(config, server_tls.as_ref())?;
+    handlers(config)?;
+    if config.is_cluster() {
+        Connections::open(&config.database)?;
+    }
+    advertised_address(config)?;
+    Ok(())
+}
+
+/// `cluster.advertise` as an address, `None` when empty (peers use the listen address).
+fn advertised_address(config: &Config) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if config.cluster.advertise.is_empty() {
+        return Ok(None);
+    }
+    let address = config
+        .cluster
+        .advertise
+        .parse()
+        .context("cluster.advertise is not an address")?;
+    Ok(Some(address))
+}
+
 /// Runs a node on `listener` until `shutdown` resolves, then drains: new orders get 503,
 /// running steps finish and commit (up to `server.shutdown_grace`), and the HTTP server stops.
 pub async fn run(
@@ -130,15 +160,7 @@ pub async fn run(
     let listen = listener
         .local_addr()
         .context("cannot read the listen address")?;
-    let advertised = if config.cluster.advertise.is_empty() {
-        listen
-    } else {
-        config
-            .cluster
-            .advertise
-            .parse()
-            .context("cluster.advertise is not an address")?
-    };
+    let advertised = advertised_address(&config)?.unwrap_or(listen);
     let handlers = handlers(&config)?;
     let workers = config.pipeline.workers.get();
     let queue = config.pipeline.queue_capacity.get();

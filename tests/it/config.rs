@@ -345,3 +345,77 @@ pub(crate) async fn assert_refused(config: &str, needle: &str) {
         outcome.stderr
     );
 }
+
+/// `check-config` checks what a node checks before it starts (the config, the tokens file, the
+/// TLS files, Redis's address) and exits: 0 when a node would start, 64 naming what it would
+/// refuse. It contacts nothing: an unreachable Redis is no reason to refuse.
+#[tokio::test]
+async fn check_config_says_whether_a_node_would_start_without_starting_one() {
+    let files = tempfile::tempdir().expect("create a temp dir");
+    let write = |name: &str, text: &str| {
+        let path = files.path().join(name);
+        fs::write(&path, text).expect("write a file");
+        path.display().to_string()
+    };
+    let hash = "a".repeat(64);
+    let good_tokens = write(
+        "tokens.toml",
+        &format!("[[token]]\nuser = \"alice\"\nsha256 = \"{hash}\"\n"),
+    );
+    let bad_tokens = write(
+        "next-tokens.toml",
+        &format!("[[token]]\nuser = \"alice\"\nsha256 = \"{hash}\"\nexpires = 5\n"),
+    );
+    let not_pem = write("not-pem", "hello\n");
+    let tokens = |file: &str| format!("[auth]\nmode = \"tokens\"\ntokens_file = \"{file}\"\n");
+    let redis =
+        "[cluster]\nsecret = \"0123456789abcdef\"\n[database]\nurl = \"redis://127.0.0.1:9\"\n";
+
+    for config in [String::new(), tokens(&good_tokens), redis.to_string()] {
+        let outcome = run_to_exit(Some(&config), &["check-config"]).await;
+        assert_eq!(
+            outcome.status.code(),
+            Some(0),
+            "{config}: stderr:\n{}",
+            outcome.stderr
+        );
+    }
+    for (config, args, needle) in [
+        (tokens(&bad_tokens), vec!["check-config"], "RFC 3339"),
+        (
+            tokens(&good_tokens),
+            vec!["check-config", "--tokens-file", &bad_tokens],
+            "RFC 3339",
+        ),
+        (
+            format!("[server]\ntls_cert = \"{not_pem}\"\ntls_key = \"{not_pem}\"\n"),
+            vec!["check-config"],
+            "server.tls_cert",
+        ),
+        (
+            format!(
+                "[cluster]\nsecret = \"0123456789abcdef\"\n[database]\nurl = \"rediss://127.0.0.1:9\"\nca_file = \"{not_pem}\"\n"
+            ),
+            vec!["check-config"],
+            "database.ca_file",
+        ),
+        (
+            "[pipeline]\nworkers = 0\n".to_string(),
+            vec!["check-config"],
+            "pipeline.workers",
+        ),
+    ] {
+        let outcome = run_to_exit(Some(&config), &args).await;
+        assert_eq!(
+            outcome.status.code(),
+            Some(64),
+            "{config} {args:?}: stderr:\n{}",
+            outcome.stderr
+        );
+        assert!(
+            outcome.stderr.contains(needle) && !outcome.stderr.contains("panicked"),
+            "{config} {args:?}: stderr should name {needle}:\n{}",
+            outcome.stderr
+        );
+    }
+}
