@@ -261,12 +261,13 @@ impl Browser {
 }
 
 /// The node config with Processing on the scripted shop (its refund is its rollback), every
-/// other step simulated.
+/// other step simulated, and the completion webhook sent to the shop too, without retries.
 fn shop_config(redis: &RedisServer, shop: &Scripted, seeds: &[u16]) -> String {
     format!(
         "{}[steps.Processing]\nhandler = \"http\"\nurl = \"{base}/charge\"\n\
          rollback_url = \"{base}/refund\"\ntimeout = \"5s\"\nretries = 1\nbackoff = \"50ms\"\n\
-         backoff_max = \"50ms\"\n",
+         backoff_max = \"50ms\"\n\
+         [notify]\nurl = \"{base}/notify\"\nsecret = \"console-webhook-secret\"\nretries = 0\n",
         node_config(redis, "20ms", seeds),
         base = shop.base()
     )
@@ -302,8 +303,17 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
     }
     wait_formed(&nodes, 3).await;
 
-    // Orders keep flowing into every node while the console is open.
     let user = unique_user("console");
+    // The first order's webhook is refused (400, which is not retried): its story offers to
+    // send it again.
+    shop.queue("/notify", vec![Answer::Status(400, "unknown shop".into())]);
+    let done = nodes[0].create_order(&user, &json!({"sku": "A1"})).await;
+    nodes[0]
+        .wait_for(&user, &done, TERMINAL, "its webhook failed", |order| {
+            order["notification"]["state"] == "failed"
+        })
+        .await;
+    // Orders keep flowing into every node while the console is open.
     let flowing = Arc::new(AtomicBool::new(true));
     let bases: Vec<String> = nodes.iter().map(|node| node.base.clone()).collect();
     let feeder = {
@@ -324,8 +334,6 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
             }
         })
     };
-    let done = nodes[0].create_order(&user, &json!({"sku": "A1"})).await;
-    nodes[0].wait_terminal(&user, &done, TERMINAL).await;
     // Parked on another node than the one the browser asks.
     let owner = unique_user("parker");
     let parked = nodes[1]
@@ -425,6 +433,33 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
              document.querySelector('#story-step').textContent.startsWith('Completed') && \
              [...document.querySelectorAll('#timeline .tl-name small')].slice(0, 4).every((n) => n.textContent.startsWith('on '))",
             "the completed order's five steps, each with the node that ran it",
+        )
+        .await;
+    // Its webhook was refused: the story says so, and a click has it sent again.
+    browser
+        .wait_true(
+            "document.querySelector('#story-webhook')?.textContent.startsWith('failed · 1 attempt: ')",
+            "the refused webhook",
+        )
+        .await;
+    browser.click("#order button.resend").await;
+    browser
+        .wait_true(
+            "document.querySelector('#action-result').textContent.includes('to be sent again')",
+            "the webhook to be sent again",
+        )
+        .await;
+    nodes[0]
+        .wait_for(&user, &done, TERMINAL, "its webhook delivered", |order| {
+            order["notification"]["state"] == "delivered"
+        })
+        .await;
+    browser.click("#order button.quiet").await;
+    browser
+        .wait_true(
+            "document.querySelector('#story-webhook')?.textContent.startsWith('delivered · 2 attempts') && \
+             document.querySelector('#order button.resend') === null",
+            "the webhook delivered",
         )
         .await;
 
