@@ -287,11 +287,14 @@ fn transition(order: Order, event: Event, now: DateTime<Utc>) -> Result<Order, T
             notification.error = Some(reason);
         }
         Event::Redeliver => {
+            // Only once finished: an order rolling back again owes a new notification when it
+            // ends, not this one.
             let phase = next.phase;
             let Some(notification) = next
                 .notification
                 .as_mut()
                 .filter(|notification| notification.state == NotificationState::Failed)
+                .filter(|_| phase == Phase::Finished)
             else {
                 return Err(TransitionError::WrongPhase {
                     phase,
@@ -997,6 +1000,45 @@ mod tests {
         let mut without = failed.clone();
         without.notification = None;
         assert!(apply(&without, Event::Redeliver, at(32)).is_err(), "none");
+    }
+
+    #[test]
+    fn a_failed_webhook_of_an_order_rolling_back_again_is_not_sent_again() {
+        let mut order = new_order();
+        order = apply(
+            &order,
+            Event::StepFailed {
+                step: Step::Scheduling,
+                reason: "declined".into(),
+            },
+            at(1),
+        )
+        .unwrap();
+        order = apply(
+            &order,
+            Event::RollbackFailed {
+                step: Step::Scheduling,
+                reason: "refund down".into(),
+            },
+            at(2),
+        )
+        .unwrap();
+        order.notification = Some(super::super::model::Notification::pending(1));
+        order = apply(
+            &order,
+            Event::NotifyFailed {
+                reason: "gone".into(),
+            },
+            at(3),
+        )
+        .unwrap();
+        assert!(apply(&order, Event::Redeliver, at(4)).is_ok(), "parked");
+        let rolling_back = apply(&order, Event::RetryRollback, at(5)).unwrap();
+        assert_eq!(rolling_back.phase, Phase::RollingBack);
+        assert!(
+            apply(&rolling_back, Event::Redeliver, at(6)).is_err(),
+            "it owes a new notification when it ends"
+        );
     }
 
     #[test]
