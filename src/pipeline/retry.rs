@@ -42,20 +42,22 @@ impl RetryPolicy {
     }
 
     /// The wait before retry number `retry` when the failed attempt's answer asked for
-    /// `retry_after` (a `Retry-After`): that wait and up to a tenth more, but at least `backoff`
-    /// and at most `backoff_max` (at that cap, up to a tenth less); without one,
-    /// [`RetryPolicy::delay`].
+    /// `retry_after` (a `Retry-After`): that wait (at least `backoff`) and up to a tenth more,
+    /// but at most `backoff_max`; a wait asked for at or past that cap, up to a tenth less than
+    /// it. Without one, [`RetryPolicy::delay`].
     pub fn delay_asked(&self, retry: u32, random: f64, retry_after: Option<Duration>) -> Duration {
-        let spread = unit(random) / 10.0;
-        match retry_after {
-            Some(asked) if asked >= self.backoff_max => {
-                self.backoff_max.mul_f64(1.0 - spread).max(self.backoff)
-            }
-            Some(asked) => asked
-                .mul_f64(1.0 + spread)
-                .clamp(self.backoff, self.backoff_max),
-            None => self.delay(retry, random),
+        let Some(asked) = retry_after else {
+            return self.delay(retry, random);
+        };
+        let asked = asked.max(self.backoff);
+        if asked >= self.backoff_max {
+            return self
+                .backoff_max
+                .mul_f64(1.0 - unit(random) / 10.0)
+                .max(self.backoff);
         }
+        let most = asked.mul_f64(1.1).min(self.backoff_max);
+        asked + (most - asked).mul_f64(unit(random))
     }
 
     /// Whether another attempt is allowed after `retries_done` retries.
@@ -140,10 +142,20 @@ mod tests {
             1099,
             "by a tenth at most"
         );
-        assert_eq!(asked(0.0, 0.5), policy.backoff, "never sooner than backoff");
+        assert_eq!(asked(0.0, 0.0), policy.backoff, "never sooner than backoff");
         assert_eq!(
-            asked(9.5, 0.9),
-            policy.backoff_max,
+            asked(0.0, 0.5),
+            Duration::from_millis(210),
+            "spread from backoff"
+        );
+        assert_eq!(
+            asked(9.5, 0.5),
+            Duration::from_millis(9750),
+            "spread up to backoff_max, just below it"
+        );
+        assert_eq!(
+            asked(9.5, 0.999_999).as_millis(),
+            9999,
             "never later than backoff_max"
         );
         assert_eq!(asked(3600.0, 0.0), policy.backoff_max);
