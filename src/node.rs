@@ -110,15 +110,43 @@ pub fn handlers(config: &Config) -> anyhow::Result<Handlers> {
 /// `cluster.advertise`. For `order-process check-config`, so that a rollout refuses a config
 /// the node would refuse before it stops the node.
 pub fn check(config: &Config) -> anyhow::Result<()> {
-    api::auth::Security::from_config(config)?;
-    let server_tls = ServerTls::from_config(config)?;
-    Peers::from_config(config, server_tls.as_ref())?;
-    handlers(config)?;
-    if config.is_cluster() {
-        Connections::open(&config.database)?;
+    Prepared::from_config(config).map(drop)
+}
+
+/// What a node builds from its config before it touches the data dir or the network (nothing
+/// here contacts anyone): all that can refuse a config at start, shared by [`run`] and
+/// [`check`].
+struct Prepared {
+    security: api::auth::Security,
+    server_tls: Option<Arc<ServerTls>>,
+    peers: Peers,
+    handlers: Handlers,
+    /// The connections to Redis in cluster mode, none made yet.
+    redis: Option<Connections>,
+    advertised: Option<std::net::SocketAddr>,
+}
+
+impl Prepared {
+    fn from_config(config: &Config) -> anyhow::Result<Prepared> {
+        // First, so a bad tokens file stops the node before anything else.
+        let security = api::auth::Security::from_config(config)?;
+        let server_tls = ServerTls::from_config(config)?.map(Arc::new);
+        let peers = Peers::from_config(config, server_tls.as_deref())?;
+        let handlers = handlers(config)?;
+        let redis = if config.is_cluster() {
+            Some(Connections::open(&config.database)?)
+        } else {
+            None
+        };
+        Ok(Prepared {
+            security,
+            server_tls,
+            peers,
+            handlers,
+            redis,
+            advertised: advertised_address(config)?,
+        })
     }
-    advertised_address(config)?;
-    Ok(())
 }
 
 /// `cluster.advertise` as an address, `None` when empty (peers use the listen address).
@@ -146,10 +174,16 @@ pub async fn run(
     // Before the tokens file is read: a SIGHUP sent while the node starts (waiting for Redis or
     // its lease) is kept for the reload task, which then reads the file in place.
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-    // First, so a bad tokens file stops the node before it touches its store.
-    let security = api::auth::Security::from_config(&config)?;
-    let server_tls = ServerTls::from_config(&config)?.map(Arc::new);
-    let peers = Peers::from_config(&config, server_tls.as_deref())?;
+    // First, so a bad config (tokens file, TLS files, ...) stops the node before it touches
+    // its store.
+    let Prepared {
+        security,
+        server_tls,
+        peers,
+        handlers,
+        redis,
+        advertised,
+    } = Prepared::from_config(&config)?;
     if security.auth.names_certificates() && config.server.tls_client_ca.as_os_str().is_empty() {
         warn!("the tokens file has [[certificate]] entries, but server.tls_client_ca is not set: no caller shows a client certificate, so none is used");
     }
@@ -160,8 +194,7 @@ pub async fn run(
     let listen = listener
         .local_addr()
         .context("cannot read the listen address")?;
-    let advertised = advertised_address(&config)?.unwrap_or(listen);
-    let handlers = handlers(&config)?;
+    let advertised = advertised.unwrap_or(listen);
     let workers = config.pipeline.workers.get();
     let queue = config.pipeline.queue_capacity.get();
     let metrics = Arc::new(Metrics::new());
@@ -170,92 +203,92 @@ pub async fn run(
     let mut embedded = None;
     // On Redis: the task that keeps checking it can keep orders as configured.
     let mut watch_redis = None;
-    let (store, pool, cluster): (Arc<dyn OrderStore>, Arc<Pool>, Option<Arc<Cluster>>) = if config
-        .is_cluster()
-    {
-        // The order store and the coordinator share one set of connections to Redis.
-        let redis = Arc::new(Connections::open(&config.database)?);
-        tokio::select! {
-            checked = checks::check(&redis, &config.database) => checked?,
-            () = &mut shutdown => {
-                info!("told to stop while starting; stopping");
-                return Ok(());
+    let (store, pool, cluster): (Arc<dyn OrderStore>, Arc<Pool>, Option<Arc<Cluster>>) =
+        if let Some(redis) = redis {
+            // The order store and the coordinator share one set of connections to Redis.
+            let redis = Arc::new(redis);
+            tokio::select! {
+                checked = checks::check(&redis, &config.database) => checked?,
+                () = &mut shutdown => {
+                    info!("told to stop while starting; stopping");
+                    return Ok(());
+                }
             }
-        }
-        let fitness = Arc::new(checks::Fitness::default());
-        let orders = RedisStore::new(Arc::clone(&redis))
-            .with_fitness(Arc::clone(&fitness))
-            .with_retention(retention)
-            .with_compression(config.database.compress_orders)
-            .with_payload_apart(config.database.payload_apart)
-            .with_split_orders(config.database.split_orders);
-        let orders: Arc<dyn OrderStore> = Arc::new(orders);
-        let coordinator = RedisCoordinator::new(Arc::clone(&redis));
-        let coordinator: Arc<dyn Coordinator> = Arc::new(coordinator);
-        let store: Arc<dyn OrderStore> = Arc::new(MeteredStore::new(orders, Arc::clone(&metrics)));
-        // Closed until the first liveness renewal: no step starts before the lease is held.
-        let gate = Arc::new(Gate::closed());
-        let pool = Pool::start(
-            service_id.clone(),
-            Arc::clone(&store),
-            handlers.clone(),
-            Arc::clone(&gate),
-            workers,
-            queue,
-            config.pipeline.max_orders.get(),
-            Arc::clone(&metrics),
-        );
-        let start = Cluster::start(
-            service_id.clone(),
-            generation(data_dir)?,
-            listen,
-            advertised,
-            config.cluster.clone(),
-            coordinator,
-            Arc::clone(&store),
-            Arc::clone(&pool),
-            gate,
-            Arc::clone(&metrics),
-            peers.clone(),
-        );
-        let cluster = tokio::select! {
-            cluster = start => cluster?,
-            () = &mut shutdown => {
-                // Usually still waiting for the lease, so nothing ran yet; an order started
-                // in the last moments resumes elsewhere once the lease expires, as after a
-                // crash.
-                info!("told to stop while starting; stopping");
-                pool.shutdown(Duration::ZERO).await;
-                return Ok(());
-            }
+            let fitness = Arc::new(checks::Fitness::default());
+            let orders = RedisStore::new(Arc::clone(&redis))
+                .with_fitness(Arc::clone(&fitness))
+                .with_retention(retention)
+                .with_compression(config.database.compress_orders)
+                .with_payload_apart(config.database.payload_apart)
+                .with_split_orders(config.database.split_orders);
+            let orders: Arc<dyn OrderStore> = Arc::new(orders);
+            let coordinator = RedisCoordinator::new(Arc::clone(&redis));
+            let coordinator: Arc<dyn Coordinator> = Arc::new(coordinator);
+            let store: Arc<dyn OrderStore> =
+                Arc::new(MeteredStore::new(orders, Arc::clone(&metrics)));
+            // Closed until the first liveness renewal: no step starts before the lease is held.
+            let gate = Arc::new(Gate::closed());
+            let pool = Pool::start(
+                service_id.clone(),
+                Arc::clone(&store),
+                handlers.clone(),
+                Arc::clone(&gate),
+                workers,
+                queue,
+                config.pipeline.max_orders.get(),
+                Arc::clone(&metrics),
+            );
+            let start = Cluster::start(
+                service_id.clone(),
+                generation(data_dir)?,
+                listen,
+                advertised,
+                config.cluster.clone(),
+                coordinator,
+                Arc::clone(&store),
+                Arc::clone(&pool),
+                gate,
+                Arc::clone(&metrics),
+                peers.clone(),
+            );
+            let cluster = tokio::select! {
+                cluster = start => cluster?,
+                () = &mut shutdown => {
+                    // Usually still waiting for the lease, so nothing ran yet; an order started
+                    // in the last moments resumes elsewhere once the lease expires, as after a
+                    // crash.
+                    info!("told to stop while starting; stopping");
+                    pool.shutdown(Duration::ZERO).await;
+                    return Ok(());
+                }
+            };
+            watch_redis = Some(tokio::spawn(checks::watch(
+                redis,
+                config.database.clone(),
+                fitness,
+            )));
+            (store, pool, Some(cluster))
+        } else {
+            let file = Arc::new(
+                EmbeddedStore::open_with(data_dir, retention, config.database.compress_orders)?
+                    .with_payload_apart(config.database.payload_apart),
+            );
+            embedded = Some(Arc::clone(&file));
+            let metered = MeteredStore::new(file, Arc::clone(&metrics));
+            let store: Arc<dyn OrderStore> = Arc::new(metered);
+            let pool = Pool::start(
+                service_id.clone(),
+                Arc::clone(&store),
+                handlers.clone(),
+                Arc::new(Gate::open()),
+                workers,
+                queue,
+                config.pipeline.max_orders.get(),
+                Arc::clone(&metrics),
+            );
+            spawn_resume(Arc::clone(&store), Arc::clone(&pool), service_id.clone());
+            (store, pool, None)
         };
-        watch_redis = Some(tokio::spawn(checks::watch(
-            redis,
-            config.database.clone(),
-            fitness,
-        )));
-        (store, pool, Some(cluster))
-    } else {
-        let file = Arc::new(
-            EmbeddedStore::open_with(data_dir, retention, config.database.compress_orders)?
-                .with_payload_apart(config.database.payload_apart),
-        );
-        embedded = Some(Arc::clone(&file));
-        let metered = MeteredStore::new(file, Arc::clone(&metrics));
-        let store: Arc<dyn OrderStore> = Arc::new(metered);
-        let pool = Pool::start(
-            service_id.clone(),
-            Arc::clone(&store),
-            handlers.clone(),
-            Arc::new(Gate::open()),
-            workers,
-            queue,
-            config.pipeline.max_orders.get(),
-            Arc::clone(&metrics),
-        );
-        spawn_resume(Arc::clone(&store), Arc::clone(&pool), service_id.clone());
-        (store, pool, None)
-    };
 
     // Level-triggered: whatever event was lost, an unfinished order of this node runs again
     // within about one interval.
