@@ -1120,7 +1120,8 @@ impl OrderStore for RedisStore {
                 .arg(id.to_string())
                 .arg(micros_member(&next))
                 .arg(read_revision)
-                .arg(next.revision);
+                .arg(next.revision)
+                .arg(flag(is_parked(&next)));
             if next.payload.is_split() {
                 // Every step, and the order's next write gives every step too (see `split`).
                 self.split_written.add_reopen(&mut reopen, &next)?;

@@ -392,15 +392,15 @@ return 1
 ";
 
 /// Re-open a finished order (a parked rollback, or a failed webhook). KEYS: the order, the new
-/// owner's owned set, the parked index, the state index it goes to. ARGV: owner and epoch read, new
-/// doc, new owner, new epoch, state, step, order id, user index member, revision read, new
-/// revision; for a split order, `f`, how many steps it has and its steps (see `SPLIT`), which its
-/// next write then gives whole too. Writes only if the order is still finished (its webhook
-/// delivered or not) and unchanged since it was read (compare-and-set on owner, epoch and
-/// revision), so of two concurrent retries exactly one re-opens it, and a commit of the parked
-/// order landing in between (its webhook's outcome) sends it back to read again; and the re-opened
-/// order joins its owner's set, leaves the parked index (unless it is re-opened to send its webhook
-/// again, state `notifying`: then it stays as parked as it was), and is kept again (its retention
+/// owner's owned set, the parked index, the state index it goes to. ARGV: owner and epoch read,
+/// new doc, new owner, new epoch, state, step, order id, user index member, revision read, new
+/// revision, parked (1/0: a failed webhook re-opened stays as parked as it was); for a split
+/// order, `f`, how many steps it has and its steps (see `SPLIT`), which its next write then gives
+/// whole too. Writes only if the order is still finished (its webhook delivered or not) and
+/// unchanged since it was read (compare-and-set on owner, epoch and revision), so of two
+/// concurrent requests exactly one re-opens it, and a commit of the finished order landing in
+/// between (its webhook's outcome) sends it back to read again; and the re-opened order joins its
+/// owner's set, is in the parked index or not as it says, and is kept again (its retention
 /// stopped), in the same step. Its finished index entry stays: the retention pass finds the order
 /// there and only drops the entry.
 const REOPEN: &str = r"
@@ -412,17 +412,21 @@ if cur[1] ~= ARGV[1] or cur[2] ~= ARGV[2] then return 'changed' end
 if cur[4] and cur[4] ~= ARGV[10] then return 'changed' end
 if cur[3] ~= 'finished' and cur[3] ~= 'notifying' then return 'changed' end
 redis.call('HSET', KEYS[1], 'doc', ARGV[3], 'owner', ARGV[4], 'epoch', ARGV[5], 'state', ARGV[6], 'step', ARGV[7], 'rev', ARGV[11])
-if #ARGV > 11 then
+if #ARGV > 12 then
   -- A split order: all its steps, given whole; its next write gives all of them too.
-  local first, last = split_given(11)
+  local first, last = split_given(12)
   if last >= first then redis.call('HSET', KEYS[1], unpack(ARGV, first, last)) end
-  split_trim(KEYS[1], 11)
+  split_trim(KEYS[1], 12)
   redis.call('HDEL', KEYS[1], 'sv')
 end
 file_state(KEYS[1], KEYS[4], ARGV[9])
 redis.call('PERSIST', KEYS[1])
 redis.call('SADD', KEYS[2], ARGV[8])
-if ARGV[6] ~= 'notifying' then redis.call('ZREM', KEYS[3], ARGV[8]) end
+if ARGV[12] == '1' then
+  redis.call('ZADD', KEYS[3], '0', ARGV[8])
+else
+  redis.call('ZREM', KEYS[3], ARGV[8])
+end
 return 'ok'
 ";
 
