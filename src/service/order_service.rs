@@ -84,7 +84,6 @@ impl OrderService {
         }
     }
 
-    /// A store error of a call on order `id` alone: one whose record does not read is said so.
     /// Re-opens `user`'s finished order `id` for `what` (see [`OrderStore::reopen`]) and runs
     /// it on this node.
     async fn reopen(&self, user: &str, id: OrderId, what: Reopening) -> Result<Order, OrderError> {
@@ -143,6 +142,7 @@ impl OrderService {
         }
     }
 
+    /// A store error of a call on order `id` alone: one whose record does not read is said so.
     fn order_error(&self, id: OrderId, source: StoreError) -> OrderError {
         match source {
             StoreError::Corrupt(reason) => {
