@@ -586,7 +586,7 @@ async fn console_shows_the_cluster_its_flow_an_orders_story_and_retries_a_parked
     }
     browser
         .wait_true(
-            "Number(document.body.dataset.refreshed || 0) > 0 && \
+            "Number(document.body?.dataset.refreshed || 0) > 0 && \
              document.querySelectorAll('#nodes tbody tr').length === 3",
             "the page refreshed after a link with a bad escape",
         )
