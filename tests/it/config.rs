@@ -332,16 +332,22 @@ async fn unreadable_tls_files_exit_64_naming_the_key() {
 
 /// Asserts that the binary with `config` exits with 64 naming `needle`, without a panic.
 pub(crate) async fn assert_refused(config: &str, needle: &str) {
-    let outcome = run_to_exit(Some(config), &[]).await;
+    assert_refused_with(config, &[], needle).await;
+}
+
+/// Asserts that the binary with `config` and `args` exits with 64 naming `needle`, without a
+/// panic.
+async fn assert_refused_with(config: &str, args: &[&str], needle: &str) {
+    let outcome = run_to_exit(Some(config), args).await;
     assert_eq!(
         outcome.status.code(),
         Some(64),
-        "{config}: stderr:\n{}",
+        "{config} {args:?}: stderr:\n{}",
         outcome.stderr
     );
     assert!(
         outcome.stderr.contains(needle) && !outcome.stderr.contains("panicked"),
-        "{config}: stderr should name {needle}:\n{}",
+        "{config} {args:?}: stderr should name {needle}:\n{}",
         outcome.stderr
     );
 }
@@ -405,17 +411,6 @@ async fn check_config_says_whether_a_node_would_start_without_starting_one() {
             "pipeline.workers",
         ),
     ] {
-        let outcome = run_to_exit(Some(&config), &args).await;
-        assert_eq!(
-            outcome.status.code(),
-            Some(64),
-            "{config} {args:?}: stderr:\n{}",
-            outcome.stderr
-        );
-        assert!(
-            outcome.stderr.contains(needle) && !outcome.stderr.contains("panicked"),
-            "{config} {args:?}: stderr should name {needle}:\n{}",
-            outcome.stderr
-        );
+        assert_refused_with(&config, &args, needle).await;
     }
 }
